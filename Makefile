@@ -1,0 +1,29 @@
+# Two commands do all the set-up: `make run` (the pipeline on embedded defaults) and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+.PHONY: run test data-source clean-results
+
+run: $(STAMP) data-source
+	$(PY) -m flows.pipeline
+
+test: $(STAMP) data-source
+	$(PY) -m pytest -q
+
+# The virtualenv, rebuilt only when the dependency spec or the lock changes.
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check -c constraints.txt -e '.[test]'
+	touch $@
+
+# Fashion-MNIST from Debian when we may install packages; otherwise the stage tries its other sources.
+data-source:
+	@if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+	  || echo "note: could not install dataset-fashion-mnist; the data stage will try its other sources"; \
+	fi
+
+clean-results:
+	rm -rf data/vision models metrics plots reports checkpoints mlflow.db mlartifacts

@@ -1,0 +1,185 @@
+"""The one typed, strict, frozen view of params.yaml.
+
+``profile`` selects an overlay from ``profiles`` (e.g. ``smoke``) that is deep-merged over the base values
+before validation, so ``dvc exp run -S profile=smoke`` switches every stage at once.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from tasks.errors import ConfigError
+
+PARAMS_FILE = Path("params.yaml")
+Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
+Positive = Annotated[int, Field(gt=0)]
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+VISION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class SplitSizes(Strict):
+    train: Positive
+    val: Positive
+    test: Positive
+
+
+class VisionData(Strict):
+    source_dir: str | None = None
+    system_dir: str
+    url: str
+    download_cache: str
+    sha256: dict[str, Sha256]
+    val_size: Positive
+    seed: int
+    subset: SplitSizes | None = None
+
+    @model_validator(mode="after")
+    def _all_files_pinned(self) -> VisionData:
+        if set(self.sha256) != set(VISION_FILES):
+            raise ValueError(f"sha256 must pin exactly {list(VISION_FILES)}, got {sorted(self.sha256)}")
+        if self.subset and self.subset.val > self.val_size:
+            raise ValueError(f"subset.val ({self.subset.val}) exceeds val_size ({self.val_size})")
+        return self
+
+
+class DataConfig(Strict):
+    vision: VisionData
+
+
+class VisionValidation(Strict):
+    class_balance_tolerance: Annotated[float, Field(gt=0.0, lt=1.0)]
+    max_train_test_duplicate_fraction: Fraction
+
+
+class ValidateConfig(Strict):
+    vision: VisionValidation
+
+
+class ResNetArch(Strict):
+    stem: Positive
+    widths: list[Positive] = Field(min_length=1)
+    blocks: list[Positive] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _same_length(self) -> ResNetArch:
+        if len(self.widths) != len(self.blocks):
+            raise ValueError(f"widths ({len(self.widths)}) and blocks ({len(self.blocks)}) must have the same length")
+        return self
+
+
+class Optimizer(Strict):
+    name: Literal["sgd", "adamw"]
+    lr: Annotated[float, Field(gt=0.0)]
+    momentum: Fraction = 0.9
+    nesterov: bool = True
+    weight_decay: Annotated[float, Field(ge=0.0)]
+
+
+class Schedule(Strict):
+    name: Literal["onecycle", "cosine", "constant"]
+    warmup_fraction: Fraction = 0.0
+
+
+class Augmentation(Strict):
+    crop_padding: Annotated[int, Field(ge=0, le=8)]
+    horizontal_flip: bool
+
+
+class TrainTeacherVision(Strict):
+    arch: ResNetArch
+    epochs: Positive
+    batch_size: Positive
+    optimizer: Optimizer
+    schedule: Schedule
+    label_smoothing: Fraction
+    augmentation: Augmentation
+    seed: int
+    threads: Positive
+    bf16: bool
+    eval_batch_size: Positive = 1024
+
+
+class TeacherConfig(Strict):
+    vision: TrainTeacherVision
+
+
+class TrackingConfig(Strict):
+    experiment: str = Field(min_length=1)
+    uri: str | None = None
+    artifact_root: str
+
+
+class PipelineConfig(Strict):
+    retries: Annotated[int, Field(ge=0, le=10)]
+    retry_delay_seconds: Annotated[float, Field(ge=0.0)]
+
+
+class Config(Strict):
+    profile: str
+    profiles: dict[str, dict[str, Any]]
+    tracking: TrackingConfig
+    pipeline: PipelineConfig
+    data: DataConfig
+    validate_: ValidateConfig = Field(alias="validate")
+    teacher: TeacherConfig
+
+
+def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """Return ``base`` with ``overlay`` merged in recursively (overlay wins on leaves)."""
+    merged = dict(base)
+    for key, value in overlay.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = deep_merge(merged[key], value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def resolve_profile(raw: dict[str, Any], source: str) -> dict[str, Any]:
+    """Apply the overlay named by ``profile`` (``full`` means no overlay)."""
+    profile, profiles = raw.get("profile", "full"), raw.get("profiles") or {}
+    if profile == "full":
+        return raw
+    if not isinstance(profiles, dict) or profile not in profiles:
+        raise ConfigError(f"{source}: profile: unknown profile {profile!r}; choose 'full' or one of {sorted(profiles)}")
+    return deep_merge(raw, profiles[profile])
+
+
+def _format_errors(err: ValidationError, source: str, profile: str) -> str:
+    where = f" (after applying profile {profile!r})" if profile != "full" else ""
+    lines = [f"{source}{where} is invalid:"]
+    for e in err.errors():
+        path = ".".join(str(p) for p in e["loc"]).replace("validate_", "validate")
+        got = "" if e["type"] == "missing" else f" (got {e['input']!r})"
+        lines.append(f"  {path}: {e['msg']}{got}")
+    return "\n".join(lines)
+
+
+def parse_config(raw: Any, source: str = "params.yaml") -> Config:
+    """Validate a raw params mapping; errors name every offending key path."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: top level must be a mapping, got {type(raw).__name__}")
+    merged = resolve_profile(raw, source)
+    try:
+        return Config.model_validate(merged)
+    except ValidationError as err:
+        raise ConfigError(_format_errors(err, source, merged.get("profile", "full"))) from None
+
+
+def load_config(path: Path | str = PARAMS_FILE) -> Config:
+    """Read and validate params.yaml."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: not found; run from the project root or pass the params file") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return parse_config(raw, str(path))

@@ -1,0 +1,45 @@
+"""Typed errors a user can cause, and the CLI wrapper that prints them without a traceback."""
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+#: Exit code of a stage that failed on bad input or config: deterministic, so never retried.
+EXIT_USER_ERROR = 2
+
+
+class PipelineError(Exception):
+    """A failure the user can fix; its message names what and where."""
+
+
+class ConfigError(PipelineError):
+    """params.yaml is malformed: unknown key, wrong type, value out of range."""
+
+
+class DataSourceError(PipelineError):
+    """No source could provide the raw data files."""
+
+
+class ChecksumError(PipelineError):
+    """A raw file's content does not match its pinned SHA-256."""
+
+
+class DataFormatError(PipelineError):
+    """A raw file is truncated, corrupt or not in the expected format."""
+
+
+class DataValidationError(PipelineError):
+    """Processed data failed its expectation suite."""
+
+
+class CheckpointError(PipelineError):
+    """A checkpoint exists but cannot be used."""
+
+
+def run_cli(main: Callable[[], object]) -> None:
+    """Run a stage's ``main``; print a PipelineError as one message and exit non-zero."""
+    try:
+        main()
+    except PipelineError as err:
+        print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)

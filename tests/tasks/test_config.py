@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import pytest
+
+from tasks.config import load_config, parse_config
+from tasks.errors import ConfigError
+
+
+def test_repo_params_load_in_both_profiles(config, smoke_config):
+    assert config.profile == "full" and config.data.vision.subset is None
+    assert smoke_config.teacher.vision.epochs == 1 and smoke_config.data.vision.subset.train == 3000
+    # the overlay changes only what it names
+    assert smoke_config.teacher.vision.optimizer == config.teacher.vision.optimizer
+
+
+def test_unknown_key_names_its_path(raw_params):
+    raw = {**raw_params, "teacher": {"vision": {**raw_params["teacher"]["vision"], "epoch": 3}}}
+    with pytest.raises(ConfigError, match=r"teacher\.vision\.epoch: Extra inputs are not permitted"):
+        parse_config(raw)
+
+
+def test_wrong_type_names_its_path_and_value(raw_params):
+    raw = {**raw_params, "teacher": {"vision": {**raw_params["teacher"]["vision"], "epochs": "ten"}}}
+    with pytest.raises(ConfigError, match=r"teacher\.vision\.epochs: .*got 'ten'"):
+        parse_config(raw)
+
+
+def test_profile_overlay_errors_say_which_profile(raw_params):
+    raw = {**raw_params, "profile": "smoke",
+           "profiles": {"smoke": {"teacher": {"vision": {"batch_size": -1}}}}}
+    with pytest.raises(ConfigError, match=r"after applying profile 'smoke'.*\n.*teacher\.vision\.batch_size"):
+        parse_config(raw)
+
+
+def test_unknown_profile_lists_choices(raw_params):
+    with pytest.raises(ConfigError, match=r"unknown profile 'tiny'.*'smoke'"):
+        parse_config({**raw_params, "profile": "tiny"})
+
+
+@pytest.mark.parametrize("field,value,pattern", [
+    ("sha256", {"train-images-idx3-ubyte": "0" * 64}, r"sha256 must pin exactly"),
+    ("val_size", 0, r"data\.vision\.val_size"),
+    ("subset", {"train": 10, "val": 10}, r"data\.vision\.subset\.test: Field required"),
+])
+def test_data_section_rejects_bad_values(raw_params, field, value, pattern):
+    raw = {**raw_params, "data": {"vision": {**raw_params["data"]["vision"], field: value}}}
+    with pytest.raises(ConfigError, match=pattern):
+        parse_config(raw)
+
+
+def test_arch_lengths_must_agree(raw_params):
+    teacher = {**raw_params["teacher"]["vision"], "arch": {"stem": 8, "widths": [8, 16], "blocks": [1]}}
+    with pytest.raises(ConfigError, match=r"teacher\.vision\.arch: .*same length"):
+        parse_config({**raw_params, "teacher": {"vision": teacher}})
+
+
+def test_malformed_and_missing_files(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("teacher: [unclosed\n")
+    with pytest.raises(ConfigError, match=r"params\.yaml: not valid YAML"):
+        load_config(bad)
+    with pytest.raises(ConfigError, match=r"not found"):
+        load_config(tmp_path / "nope.yaml")
