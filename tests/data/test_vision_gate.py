@@ -1,0 +1,65 @@
+"""The Great Expectations gate passes the real data and catches each kind of corruption by name."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from tasks.config import SplitSizes
+from tasks.validate_vision import failure_message, validate_vision
+
+
+@pytest.fixture
+def gate_config(config, real_splits):
+    sizes = SplitSizes(**{s: len(y) for s, (_, y) in real_splits.items()})
+    return config.model_copy(update={"data": config.data.model_copy(update={
+        "vision": config.data.vision.model_copy(update={"subset": sizes})})})
+
+
+def _copy(splits):
+    return {s: (x.copy(), y.copy()) for s, (x, y) in splits.items()}
+
+
+def _failed(report):
+    return {(c["suite"], c["expectation"]) for c in report["checks"] if not c["success"]}
+
+
+def test_real_data_passes(real_splits, gate_config):
+    report = validate_vision(real_splits, gate_config)
+    assert report["success"], failure_message(report)
+    assert len(report["checks"]) == 3 * 9 + 1
+
+
+def test_label_out_of_range(real_splits, gate_config):
+    splits = _copy(real_splits)
+    splits["train"][1][:3] = 11
+    report = validate_vision(splits, gate_config)
+    assert ("vision_rows_train", "expect_column_values_to_be_in_set") in _failed(report)
+    assert "3 unexpected values, e.g. [11, 11, 11]" in failure_message(report)
+
+
+def test_class_collapse(real_splits, gate_config):
+    x, y = real_splits["test"]
+    keep = y != 7
+    splits = {**real_splits, "test": (x[keep], y[keep])}
+    report = validate_vision(splits, gate_config)
+    failed = _failed(report)
+    assert ("vision_classes_test", "expect_column_values_to_be_between") in failed
+    assert ("vision_rows_test", "expect_table_row_count_to_equal") in failed
+
+
+def test_train_test_leak_above_threshold(real_splits, gate_config):
+    splits = _copy(real_splits)
+    n = len(splits["test"][0]) // 20  # 5 % of test copied from train
+    splits["test"][0][:n] = splits["train"][0][:n]
+    report = validate_vision(splits, gate_config)
+    assert _failed(report) == {("vision_train_test_leak", "expect_column_mean_to_be_between")}
+    assert "observed 0.05" in failure_message(report)
+
+
+def test_wrong_dtype_and_nan(real_splits, gate_config):
+    splits = _copy(real_splits)
+    x = splits["val"][0].astype(np.float32)
+    x[0, 0, 0] = np.nan
+    splits["val"] = (x, splits["val"][1])
+    failed = {e for s, e in _failed(validate_vision(splits, gate_config)) if s == "vision_rows_val"}
+    assert {"expect_column_values_to_be_in_set", "expect_column_values_to_be_between"} <= failed
