@@ -1,0 +1,57 @@
+"""Training checkpoints: written atomically with a SHA-256 sidecar, loaded with ``weights_only=True``.
+
+A checkpoint is reused only when its fingerprint (hash of the params and data it was trained on) matches
+and its content matches the recorded hash; otherwise training starts fresh and says why.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + ".sha256")
+
+
+def save_checkpoint(path: Path, state: dict[str, Any], fingerprint: str) -> None:
+    """Write ``state`` to ``path`` so that a kill at any moment leaves either the old or the new checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save({**state, "fingerprint": fingerprint}, tmp)
+    digest = file_sha256(tmp)
+    side_tmp = _sidecar(tmp)
+    side_tmp.write_text(digest + "\n")
+    os.replace(tmp, path)
+    os.replace(side_tmp, _sidecar(path))
+
+
+def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
+    """Return the checkpoint's state, or None (with the reason on stderr) when it must not be resumed."""
+    if not path.exists():
+        return None
+    side = _sidecar(path)
+    recorded = side.read_text().strip() if side.exists() else None
+    actual = file_sha256(path)
+    if recorded != actual:
+        print(f"warning: checkpoint {path} does not match its recorded SHA-256 "
+              f"({recorded or 'no sidecar'} != {actual}); not loading it, training from scratch", file=sys.stderr)
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if state.get("fingerprint") != fingerprint:
+        print(f"note: checkpoint {path} was made with other params or data; training from scratch", file=sys.stderr)
+        return None
+    print(f"resuming from {path} after epoch {len(state['history'])}", file=sys.stderr)
+    return state

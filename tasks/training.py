@@ -1,0 +1,153 @@
+"""Supervised training loop shared by stages: bf16 autocast, channels_last, checkpoint and resume per epoch."""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from tasks.checkpoints import load_checkpoint, save_checkpoint
+from tasks.config import Augmentation, Optimizer, Schedule
+
+# Fashion-MNIST pixel statistics of the training set; fixed so every stage normalises alike.
+PIXEL_MEAN, PIXEL_STD = 0.2860, 0.3530
+
+
+@dataclass(frozen=True)
+class Split:
+    """Images as uint8 (N, H, W) and labels as int64 (N,)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+
+
+def to_input(x: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, H, W) -> normalised float (N, 1, H, W) in channels_last."""
+    x = (x.float().unsqueeze(1) / 255.0 - PIXEL_MEAN) / PIXEL_STD
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def augment(x: torch.Tensor, cfg: Augmentation, gen: torch.Generator) -> torch.Tensor:
+    """Random crop from a zero-padded image and random horizontal flip, vectorised over the batch."""
+    n, _, h, w = x.shape
+    if cfg.crop_padding:
+        p = cfg.crop_padding
+        padded = F.pad(x, (p, p, p, p), value=float(-PIXEL_MEAN / PIXEL_STD))
+        oy = torch.randint(0, 2 * p + 1, (n,), generator=gen)
+        ox = torch.randint(0, 2 * p + 1, (n,), generator=gen)
+        rows = (torch.arange(h)[None, :] + oy[:, None])[:, :, None]
+        cols = (torch.arange(w)[None, :] + ox[:, None])[:, None, :]
+        x = padded[torch.arange(n)[:, None, None], 0, rows, cols].unsqueeze(1)
+    if cfg.horizontal_flip:
+        flip = torch.rand(n, generator=gen) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return x.contiguous(memory_format=torch.channels_last)
+
+
+def make_optimizer(model: nn.Module, cfg: Optimizer) -> torch.optim.Optimizer:
+    # Weight decay only on conv/linear weights: decaying BN scales and biases hurts small nets.
+    decay = [p for p in model.parameters() if p.ndim > 1]
+    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.name == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def make_scheduler(opt: torch.optim.Optimizer, cfg: Schedule, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    if cfg.name == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
+                                                   total_steps=total_steps, pct_start=max(cfg.warmup_fraction, 0.01))
+    if cfg.name == "cosine":
+        warm = max(1, int(cfg.warmup_fraction * total_steps))
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(
+            math.pi * min(s, total_steps) / total_steps))))
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, batch_size: int, bf16: bool = False) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of ``model`` on ``split``."""
+    model.eval()
+    correct, loss = 0, 0.0
+    for i in range(0, len(split.y), batch_size):
+        x, y = to_input(split.x[i:i + batch_size]), split.y[i:i + batch_size]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            logits = model(x).float()
+        loss += F.cross_entropy(logits, y, reduction="sum").item()
+        correct += (logits.argmax(1) == y).sum().item()
+    return {"accuracy": correct / len(split.y), "loss": loss / len(split.y)}
+
+
+@dataclass(frozen=True)
+class FitSpec:
+    """Everything the loop needs besides model and data."""
+
+    epochs: int
+    batch_size: int
+    optimizer: Optimizer
+    schedule: Schedule
+    augmentation: Augmentation
+    label_smoothing: float
+    seed: int
+    bf16: bool
+    eval_batch_size: int
+
+
+EpochHook = Callable[[int, dict[str, float]], None]
+
+
+def fit(model: nn.Module, train: Split, val: Split, spec: FitSpec, checkpoint: Path, fingerprint: str,
+        on_epoch: EpochHook | None = None) -> list[dict[str, float]]:
+    """Train ``model``; checkpoint after every epoch and resume from ``checkpoint`` when its fingerprint matches."""
+    steps_per_epoch = math.ceil(len(train.y) / spec.batch_size)
+    opt = make_optimizer(model, spec.optimizer)
+    sched = make_scheduler(opt, spec.schedule, spec.epochs * steps_per_epoch)
+    gen = torch.Generator().manual_seed(spec.seed)
+    history: list[dict[str, float]] = []
+    state = load_checkpoint(checkpoint, fingerprint)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        history = list(state["history"])
+    for epoch in range(len(history), spec.epochs):
+        metrics = _train_epoch(model, train, spec, opt, sched, gen, f"epoch {epoch + 1}/{spec.epochs}")
+        metrics.update({f"val_{k}": v for k, v in evaluate(model, val, spec.eval_batch_size, spec.bf16).items()})
+        metrics["lr"] = sched.get_last_lr()[0]
+        history.append(metrics)
+        save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                     "scheduler": sched.state_dict(), "generator": gen.get_state(),
+                                     "history": history}, fingerprint)
+        if on_epoch:
+            on_epoch(epoch, metrics)
+    return history
+
+
+def _train_epoch(model: nn.Module, train: Split, spec: FitSpec, opt: torch.optim.Optimizer,
+                 sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator, desc: str) -> dict[str, float]:
+    model.train()
+    order = torch.randperm(len(train.y), generator=gen)
+    seen, correct, loss_sum = 0, 0, 0.0
+    bar = tqdm(range(0, len(order), spec.batch_size), desc=desc, unit="batch", leave=True, mininterval=2.0)
+    for start in bar:
+        idx = order[start:start + spec.batch_size]
+        x, y = augment(to_input(train.x[idx]), spec.augmentation, gen), train.y[idx]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.bf16):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float(), y, label_smoothing=spec.label_smoothing)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        seen += len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        loss_sum += loss.item() * len(y)
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
+    return {"train_loss": loss_sum / seen, "train_accuracy": correct / seen}

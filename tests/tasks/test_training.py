@@ -1,0 +1,96 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tasks.checkpoints import load_checkpoint, save_checkpoint
+from tasks.config import Augmentation, Optimizer, ResNetArch, Schedule
+from tasks.training import FitSpec, Split, augment, evaluate, fit, to_input
+from tasks.vision_models import ResNetTeacher, count_parameters
+
+ARCH = ResNetArch(stem=4, widths=[8, 16], blocks=[1, 1])
+
+
+def _data(n=96, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return Split(torch.randint(0, 256, (n, 28, 28), generator=gen, dtype=torch.uint8),
+                 torch.randint(0, 10, (n,), generator=gen))
+
+
+def _spec(epochs=2):
+    return FitSpec(epochs=epochs, batch_size=32, optimizer=Optimizer(name="sgd", lr=0.05, weight_decay=5e-4),
+                   schedule=Schedule(name="onecycle", warmup_fraction=0.3),
+                   augmentation=Augmentation(crop_padding=2, horizontal_flip=True),
+                   label_smoothing=0.1, seed=0, bf16=False, eval_batch_size=64)
+
+
+def _model():
+    torch.manual_seed(0)
+    return ResNetTeacher(ARCH).to(memory_format=torch.channels_last)
+
+
+def test_teacher_shapes_and_features():
+    model = _model().eval()
+    x = to_input(_data(4).x)
+    assert model(x).shape == (4, 10)
+    assert [f.shape[1:] for f in model.features(x)] == [(8, 14, 14), (16, 7, 7)]
+    assert count_parameters(model) > 0
+
+
+def test_augment_keeps_shape_and_is_seeded():
+    x = to_input(_data(8).x)
+    cfg = Augmentation(crop_padding=2, horizontal_flip=True)
+    a = augment(x, cfg, torch.Generator().manual_seed(1))
+    b = augment(x, cfg, torch.Generator().manual_seed(1))
+    assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, x)
+
+
+def test_training_learns_a_separable_task(tmp_path):
+    labels = torch.arange(256) % 2
+    gen = torch.Generator().manual_seed(0)
+    dark = torch.randint(0, 100, (256, 28, 28), generator=gen, dtype=torch.uint8)
+    data = Split(torch.where(labels[:, None, None] == 1, dark + 155, dark), labels)  # brightness is the class
+    model = _model()
+    before = evaluate(model, data, 64)["accuracy"]
+    history = fit(model, data, data, _spec(epochs=4), tmp_path / "ck.pt", "fp")
+    assert len(history) == 4 and history[-1]["val_accuracy"] > max(before, 0.8)
+
+
+class _Interrupt(Exception):
+    pass
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
+    train, val = _data(), _data(32, seed=1)
+    uninterrupted = _model()
+    fit(uninterrupted, train, val, _spec(), tmp_path / "a.pt", "fp")
+
+    def stop_after_first(epoch, _metrics):
+        if epoch == 0:
+            raise _Interrupt
+
+    with pytest.raises(_Interrupt):
+        fit(_model(), train, val, _spec(), tmp_path / "b.pt", "fp", on_epoch=stop_after_first)
+    resumed = _model()
+    history = fit(resumed, train, val, _spec(), tmp_path / "b.pt", "fp")
+    assert len(history) == 2
+    for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_corrupted_checkpoint_is_not_loaded(tmp_path, capsys):
+    path = tmp_path / "ck.pt"
+    save_checkpoint(path, {"history": [{"a": 1.0}], "model": {"w": torch.ones(3)}}, "fp")
+    assert load_checkpoint(path, "fp")["history"] == [{"a": 1.0}]
+    blob = bytearray(path.read_bytes())
+    blob[-10] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    assert load_checkpoint(path, "fp") is None
+    assert "does not match its recorded SHA-256" in capsys.readouterr().err
+
+
+def test_checkpoint_of_other_params_is_not_resumed(tmp_path, capsys):
+    path = tmp_path / "ck.pt"
+    save_checkpoint(path, {"history": []}, "fp-a")
+    assert load_checkpoint(path, "fp-b") is None
+    assert "other params or data" in capsys.readouterr().err
