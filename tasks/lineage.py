@@ -1,0 +1,65 @@
+"""Lineage tags for MLflow runs: git commit and dirty flag, DVC hashes of a stage's inputs, params hash."""
+from __future__ import annotations
+
+import hashlib
+import json
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def _git(root: Path, *args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, timeout=30, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def git_state(root: Path = Path(".")) -> dict[str, str]:
+    commit = _git(root, "rev-parse", "HEAD")
+    if commit is None:
+        return {"git.commit": "none", "git.dirty": "unknown"}
+    dirty = _git(root, "status", "--porcelain", "--untracked-files=no")
+    return {"git.commit": commit, "mlflow.source.git.commit": commit, "git.dirty": str(bool(dirty)).lower()}
+
+
+def params_hash(params: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def file_md5(path: Path) -> str:
+    digest = hashlib.md5()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def dvc_input_hashes(stage: str, root: Path = Path(".")) -> dict[str, str]:
+    """DVC's hash of each dep of ``stage``: from dvc.lock for outputs of other stages, else the file's md5."""
+    dvc_yaml, dvc_lock = root / "dvc.yaml", root / "dvc.lock"
+    if not dvc_yaml.exists():
+        return {}
+    spec = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}).get(stage, {})
+    locked: dict[str, str] = {}
+    if dvc_lock.exists():
+        for entry in (yaml.safe_load(dvc_lock.read_text()) or {}).get("stages", {}).values():
+            locked.update({o["path"]: o.get("md5", "") for o in entry.get("outs", [])})
+    hashes = {}
+    for dep in spec.get("deps", []):
+        if dep in locked:
+            hashes[dep] = locked[dep]
+        elif (root / dep).is_file():
+            hashes[dep] = file_md5(root / dep)
+    return hashes
+
+
+def lineage_tags(stage: str | None, params: dict[str, Any], root: Path = Path(".")) -> dict[str, str]:
+    tags = git_state(root)
+    if stage is not None:
+        tags["params.hash"] = params_hash(params)
+        tags.update({f"dvc.dep.{path}": md5 for path, md5 in dvc_input_hashes(stage, root).items()})
+    return tags
