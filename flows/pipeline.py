@@ -1,0 +1,137 @@
+"""The compression pipeline as a Prefect flow: one task per stage of dvc.yaml, each run through ``dvc repro``.
+
+Running a stage through DVC keeps one source of truth for caching: a stage whose deps, params and outputs are
+unchanged is skipped by the flow exactly as by ``dvc repro``. The flow owns the MLflow parent run; each stage
+process logs a child run under it.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, task
+from prefect.client.schemas.objects import TaskRun
+from prefect.states import State
+
+from flows.stage_graph import stage_graph
+from tasks.config import load_config
+from tasks.errors import EXIT_USER_ERROR, PipelineError, run_cli
+from tasks.tracking import PARENT_ENV, pipeline_run, tracking_uri
+
+_TAIL_BYTES = 16_000
+
+
+class StageFailed(PipelineError):
+    """A stage exited non-zero; ``deterministic`` when it rejected its input (never worth a retry)."""
+
+    def __init__(self, stage: str, detail: str, deterministic: bool) -> None:
+        super().__init__(f"stage {stage!r} failed:\n{detail}")
+        self.stage, self.deterministic = stage, deterministic
+
+
+def _dvc(root: Path, env: dict[str, str], *args: str, stream: bool = False) -> tuple[int, str]:
+    """Run ``dvc`` in ``root``; with ``stream`` echo its stderr live (progress bars) and keep the tail."""
+    cmd = [sys.executable, "-m", "dvc", *args]
+    if not stream:
+        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
+        return proc.returncode, proc.stdout + proc.stderr
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stderr=subprocess.PIPE)
+    tail = b""
+    while chunk := os.read(proc.stderr.fileno(), 4096):
+        sys.stderr.buffer.write(chunk)
+        sys.stderr.flush()
+        tail = (tail + chunk)[-_TAIL_BYTES:]
+    return proc.wait(), tail.decode(errors="replace")
+
+
+def stage_is_current(stage: str, root: Path, env: dict[str, str]) -> bool:
+    code, out = _dvc(root, env, "status", "--json", stage)
+    return code == 0 and json.loads(out.strip().splitlines()[-1] or "{}") == {}
+
+
+def _retry_transient(task: Any, task_run: TaskRun, state: State) -> bool:
+    return not getattr(state.data, "deterministic", False)
+
+
+@task(task_run_name="{stage}", retry_condition_fn=_retry_transient)
+def run_stage(stage: str, root: Path, env: dict[str, str]) -> str:
+    """Reproduce one stage; return ``cached`` when DVC finds it up to date, else ``ran``."""
+    if stage_is_current(stage, root, env):
+        print(f"stage {stage}: up to date, nothing to do")
+        return "cached"
+    code, tail = _dvc(root, env, "repro", "--single-item", stage, stream=True)
+    if code != 0:
+        errors = [ln for ln in tail.splitlines() if ln.startswith(("error:", "ERROR:")) or ln.startswith("  ")]
+        raise StageFailed(stage, "\n".join(errors[-40:]) or tail[-2000:],
+                          deterministic=f"exited with {EXIT_USER_ERROR}" in tail)
+    return "ran"
+
+
+def stage_env(root: Path, uri: str, parent_run_id: str) -> dict[str, str]:
+    """Environment for stage processes: this interpreter's tools first, one tracking store, the parent run."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    env.update({"MLFLOW_TRACKING_URI": uri, PARENT_ENV: parent_run_id, "PYTHONPATH": str(root)})
+    return env
+
+
+@flow(name="compression-pipeline", log_prints=True)
+def compression_pipeline(root: str = ".") -> dict[str, Any]:
+    """Run every stage of ``root/dvc.yaml`` in dependency order under one MLflow parent run."""
+    root_path = Path(root).resolve()
+    cfg = load_config(root_path / "params.yaml")
+    uri = tracking_uri(cfg, root_path)
+    stages = stage_graph(root_path)
+    statuses: dict[str, str] = {}
+    with pipeline_run(cfg, "pipeline", root_path) as parent:
+        parent.set_tag("pipeline.stages", ",".join(s.name for s in stages))
+        env = stage_env(root_path, uri, parent.run_id)
+        retrying = run_stage.with_options(retries=cfg.pipeline.retries,
+                                          retry_delay_seconds=cfg.pipeline.retry_delay_seconds)
+        for node in stages:
+            statuses[node.name] = retrying(node.name, root_path, env)
+        parent.set_tags({f"stage.{name}": status for name, status in statuses.items()})
+        metrics = collect_metrics(root_path)
+        parent.log_metrics(metrics)
+    return {"stages": statuses, "metrics": metrics, "parent_run_id": parent.run_id, "tracking_uri": uri}
+
+
+def collect_metrics(root: Path) -> dict[str, float]:
+    """Every numeric metric of the graph's metrics files, keyed ``<family>.<file>.<name>``."""
+    found = {}
+    for path in sorted((root / "metrics").glob("*/*.json")):
+        for key, value in json.loads(path.read_text()).items():
+            if isinstance(value, int | float):
+                found[f"{path.parent.name}.{path.stem}.{key}"] = value
+    return found
+
+
+def summary(result: dict[str, Any], root: Path) -> str:
+    bin_dir = Path(sys.executable).parent
+    lines = ["", "=== compression pipeline: done ==="]
+    lines += [f"  {stage:<24} {status}" for stage, status in result["stages"].items()]
+    lines += ["key metrics:"] + [f"  {k:<40} {v:.4f}" for k, v in result["metrics"].items()]
+    lines += [f"results: models/ metrics/ plots/ reports/ under {root}",
+              f"MLflow parent run {result['parent_run_id']} in {result['tracking_uri']}",
+              "open the MLflow UI:",
+              f"  {bin_dir}/mlflow ui --backend-store-uri {result['tracking_uri']} --port 5000",
+              "open the Prefect UI (the ephemeral runs are kept in Prefect's local database):",
+              f"  {bin_dir}/prefect server start   # then http://127.0.0.1:4200"]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Run the compression pipeline (every stage of dvc.yaml).")
+    parser.add_argument("--root", default=".", help="project root holding dvc.yaml and params.yaml")
+    args = parser.parse_args()
+    result = compression_pipeline(args.root)
+    print(summary(result, Path(args.root).resolve()))
+
+
+if __name__ == "__main__":
+    run_cli(main)

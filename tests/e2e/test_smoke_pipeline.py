@@ -1,0 +1,154 @@
+"""The smoke profile end to end: the Prefect flow and ``dvc repro`` in temporary copies of the repo."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from flows.pipeline import compression_pipeline
+from flows.stage_graph import stage_graph
+from tests.conftest import ROOT, idx_bytes
+
+pytestmark = pytest.mark.e2e
+SOURCES = ("tasks", "flows", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore")
+
+
+def make_repo(dest: Path, **overrides) -> Path:
+    """A git + DVC repo holding this project's pipeline sources, with the smoke profile and ``overrides``."""
+    dest.mkdir(parents=True)
+    for item in SOURCES:
+        src = ROOT / item
+        if src.is_dir():
+            shutil.copytree(src, dest / item, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            (dest / item).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / item)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params["profile"] = "smoke"
+    for dotted, value in overrides.items():
+        node = params
+        *parents, leaf = dotted.split("__")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "smoke"]):
+        subprocess.run(git + cmd, cwd=dest, check=True)
+    return dest
+
+
+def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(repo), "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True, text=True)
+
+
+def locked_outs(repo: Path) -> dict[str, str]:
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    return {o["path"]: o["md5"] for s in lock.values() for o in s.get("outs", [])}
+
+
+@pytest.fixture(scope="module")
+def flow_repo(tmp_path_factory, prefect_server):
+    os.environ.pop("MLFLOW_TRACKING_URI", None)
+    os.environ.pop("PIPELINE_PARENT_RUN_ID", None)
+    repo = make_repo(tmp_path_factory.mktemp("e2e") / "repo")
+    state = compression_pipeline(str(repo), return_state=True)
+    return repo, state, state.result()
+
+
+def test_flow_runs_every_stage_and_tracks_it(flow_repo):
+    repo, _, result = flow_repo
+    names = [n.name for n in stage_graph(repo)]
+    assert result["stages"] == {n: "ran" for n in names}
+    assert 0.0 < result["metrics"]["vision.teacher.test_accuracy"] <= 1.0
+    assert result["tracking_uri"] == f"sqlite:///{repo / 'mlflow.db'}"
+
+    client = MlflowClient(result["tracking_uri"])
+    parent = client.get_run(result["parent_run_id"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["pipeline.profile"] == "smoke"
+    assert "vision.teacher.test_accuracy" in parent.data.metrics
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_stage = {r.data.tags["pipeline.stage"]: r for r in children}
+    assert set(by_stage) == set(names)
+    for run in children:
+        assert run.info.status == "FINISHED"
+        assert run.data.tags["git.commit"] != "none" and run.data.tags["git.dirty"] == "false"
+        assert len(run.data.tags["params.hash"]) == 64
+
+    teacher = by_stage["train_teacher_vision"]
+    assert teacher.data.tags["dvc.dep.data/vision/processed"] == locked_outs(repo)["data/vision/processed"]
+    assert len(client.get_metric_history(teacher.info.run_id, "val_accuracy")) == 1  # one smoke epoch
+    artifacts = {a.path for a in client.list_artifacts(teacher.info.run_id)}
+    assert {"teacher.pt", "teacher.json", "teacher_history.csv", "model_summary.txt"} <= artifacts
+    assert "validation.json" in {a.path for a in client.list_artifacts(by_stage["validate_vision"].info.run_id)}
+
+
+def test_prefect_ran_one_task_per_stage_in_graph_order(flow_repo):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    repo, state, _ = flow_repo
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
+    ordered = [r.name for r in sorted(runs, key=lambda r: r.start_time)]
+    assert ordered == [n.name for n in stage_graph(repo)]
+
+
+def test_nothing_changed_means_nothing_recomputed(flow_repo):
+    repo, _, _ = flow_repo
+    before = locked_outs(repo)
+    again = compression_pipeline(str(repo))
+    assert set(again["stages"].values()) == {"cached"}
+    repro = dvc(repo, "repro")
+    assert repro.returncode == 0, repro.stderr
+    assert "Data and pipelines are up to date" in repro.stdout + repro.stderr
+    assert locked_outs(repo) == before
+
+
+def test_dvc_repro_gives_the_same_outputs_as_the_flow(flow_repo, tmp_path):
+    repo, _, _ = flow_repo
+    other = make_repo(tmp_path / "dvc-only")
+    proc = dvc(other, "repro")
+    assert proc.returncode == 0, proc.stderr
+    assert locked_outs(other) == locked_outs(repo)
+
+
+def test_bad_data_stops_the_pipeline_before_training(tmp_path, prefect_server):
+    """Labels out of range pass the checksum (they are pinned) but not the expectation gate."""
+    src = tmp_path / "bad-source"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    labels = np.repeat(np.arange(10, dtype=np.uint8), 60)
+    labels[:5] = 11
+    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (600, 28, 28), dtype=np.uint8),
+              "train-labels-idx1-ubyte": labels,
+              "t10k-images-idx3-ubyte": rng.integers(0, 256, (200, 28, 28), dtype=np.uint8),
+              "t10k-labels-idx1-ubyte": np.repeat(np.arange(10, dtype=np.uint8), 20)}
+    pins = {}
+    for name, arr in arrays.items():
+        (src / f"{name}.gz").write_bytes(gzip.compress(idx_bytes(arr)))
+        pins[name] = hashlib.sha256(idx_bytes(arr)).hexdigest()
+    repo = make_repo(tmp_path / "repo", data__vision__source_dir=str(src), data__vision__sha256=pins,
+                     profiles__smoke__data__vision__subset={"train": 400, "val": 100, "test": 200},
+                     data__vision__val_size=100)
+    from flows.pipeline import StageFailed
+
+    state = compression_pipeline(str(repo), return_state=True)
+    assert state.is_failed()
+    with pytest.raises(StageFailed, match=r"validate_vision.*\n.*expect_column_values_to_be_in_set\(column=label"):
+        state.result()
+    assert not (repo / "models").exists() and not (repo / "reports" / "vision" / "validation.json").exists()
+    runs = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").search_runs(["1"], "tags.`pipeline.stage` = 'validate_vision'")
+    assert [r.info.status for r in runs] == ["FAILED"]  # a deterministic failure is not retried

@@ -1,0 +1,43 @@
+"""dvc.yaml is the one stage graph: the flow's order derives from it, and every stage declares what it uses."""
+from __future__ import annotations
+
+import re
+
+import yaml
+
+from flows.stage_graph import stage_graph
+from tasks.config import Config
+from tests.conftest import ROOT
+
+DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+
+
+def test_graph_has_exactly_the_stages_of_dvc_yaml_in_a_valid_order():
+    nodes = stage_graph(ROOT)
+    assert sorted(n.name for n in nodes) == sorted(DVC)
+    position = {n.name: i for i, n in enumerate(nodes)}
+    producers = {out if isinstance(out, str) else next(iter(out)): name
+                 for name, spec in DVC.items() for out in spec.get("outs", [])}
+    for name, spec in DVC.items():
+        needed = {producers[d] for d in spec.get("deps", []) if d in producers}
+        assert set(next(n for n in nodes if n.name == name).upstream) == needed
+        assert all(position[u] < position[name] for u in needed)
+
+
+def test_each_stage_lists_its_own_module_and_real_params_keys(raw_params):
+    for name, spec in DVC.items():
+        module = re.search(r"python -m tasks\.(\w+)", spec["cmd"]).group(1)
+        assert module == name and f"tasks/{module}.py" in spec["deps"]
+        for dep in spec["deps"]:
+            assert dep.startswith("data/") or dep.startswith("reports/") or (ROOT / dep).is_file(), dep
+        for key in spec["params"]:
+            node = raw_params
+            for part in key.split("."):
+                assert part in node, f"{name}: params key {key} is not in params.yaml"
+                node = node[part]
+
+
+def test_config_sections_are_all_read_by_some_stage():
+    read = {k.split(".")[0] for spec in DVC.values() for k in spec["params"]}
+    sections = {f.alias or n for n, f in Config.model_fields.items()} - {"tracking", "pipeline"}
+    assert sections <= read
