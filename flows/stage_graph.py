@@ -20,8 +20,8 @@ def stage_graph(root: Path) -> list[StageNode]:
 
     with Repo(str(root)) as repo:
         graph = repo.index.graph  # an edge points from a stage to a stage it depends on
-        stages = {s.addressing: s for s in graph.nodes if isinstance(s, PipelineStage)}
-        upstream = {name: tuple(sorted(u.addressing for u in graph.successors(s) if u.addressing in stages))
+        stages = {s.name: s for s in graph.nodes if isinstance(s, PipelineStage)}
+        upstream = {name: tuple(sorted(u.name for u in graph.successors(s) if isinstance(u, PipelineStage)))
                     for name, s in stages.items()}
     order = nx.DiGraph()
     order.add_nodes_from(upstream)

@@ -147,7 +147,7 @@ def test_bad_data_stops_the_pipeline_before_training(tmp_path, prefect_server):
 
     state = compression_pipeline(str(repo), return_state=True)
     assert state.is_failed()
-    with pytest.raises(StageFailed, match=r"validate_vision.*\n.*expect_column_values_to_be_in_set\(column=label"):
+    with pytest.raises(StageFailed, match=r"(?s)validate_vision.*expect_column_values_to_be_in_set\(column=label.*e\.g\. \[11"):
         state.result()
     assert not (repo / "models").exists() and not (repo / "reports" / "vision" / "validation.json").exists()
     runs = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").search_runs(["1"], "tags.`pipeline.stage` = 'validate_vision'")
