@@ -5,7 +5,6 @@ and its content matches the recorded hash; otherwise training starts fresh and s
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 from pathlib import Path
@@ -13,13 +12,7 @@ from typing import Any
 
 import torch
 
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+from tasks.io import file_digest
 
 
 def _sidecar(path: Path) -> Path:
@@ -31,7 +24,7 @@ def save_checkpoint(path: Path, state: dict[str, Any], fingerprint: str) -> None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save({**state, "fingerprint": fingerprint}, tmp)
-    digest = file_sha256(tmp)
+    digest = file_digest(tmp)
     side_tmp = _sidecar(tmp)
     side_tmp.write_text(digest + "\n")
     os.replace(tmp, path)
@@ -44,7 +37,7 @@ def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
         return None
     side = _sidecar(path)
     recorded = side.read_text().strip() if side.exists() else None
-    actual = file_sha256(path)
+    actual = file_digest(path)
     if recorded != actual:
         print(f"warning: checkpoint {path} does not match its recorded SHA-256 "
               f"({recorded or 'no sidecar'} != {actual}); not loading it, training from scratch", file=sys.stderr)

@@ -1,6 +1,7 @@
 """Small file helpers: atomic writes so a killed stage never leaves a half-written output behind."""
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import os
@@ -8,7 +9,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
+
+
+def file_digest(path: Path, algorithm: str = "sha256") -> str:
+    """Hex digest of a file's content, read in chunks."""
+    digest = hashlib.new(algorithm)
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
 
 
 def write_atomic(path: Path, data: bytes) -> None:
@@ -26,10 +35,3 @@ def save_npy(path: Path, arr: np.ndarray) -> None:
     buffer = io.BytesIO()
     np.save(buffer, np.ascontiguousarray(arr), allow_pickle=False)
     write_atomic(path, buffer.getvalue())
-
-
-def load_split(directory: Path, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Load ``<name>_x.npy`` (uint8 images) and ``<name>_y.npy`` (labels) as tensors."""
-    x = np.load(directory / f"{name}_x.npy", allow_pickle=False)
-    y = np.load(directory / f"{name}_y.npy", allow_pickle=False)
-    return torch.from_numpy(x.copy()), torch.from_numpy(y.astype(np.int64))

@@ -9,6 +9,8 @@ from typing import Any
 
 import yaml
 
+from tasks.io import file_digest
+
 
 def _git(root: Path, *args: str) -> str | None:
     try:
@@ -30,14 +32,6 @@ def params_hash(params: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def file_md5(path: Path) -> str:
-    digest = hashlib.md5()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def dvc_input_hashes(stage: str, root: Path = Path(".")) -> dict[str, str]:
     """DVC's hash of each dep of ``stage``: from dvc.lock for outputs of other stages, else the file's md5."""
     dvc_yaml, dvc_lock = root / "dvc.yaml", root / "dvc.lock"
@@ -53,7 +47,7 @@ def dvc_input_hashes(stage: str, root: Path = Path(".")) -> dict[str, str]:
         if dep in locked:
             hashes[dep] = locked[dep]
         elif (root / dep).is_file():
-            hashes[dep] = file_md5(root / dep)
+            hashes[dep] = file_digest(root / dep, "md5")
     return hashes
 
 

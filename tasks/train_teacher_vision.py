@@ -15,10 +15,9 @@ from pathlib import Path
 
 import torch
 
-from tasks.checkpoints import file_sha256
 from tasks.config import TrainTeacherVision, load_config
 from tasks.errors import run_cli
-from tasks.io import load_split, write_atomic, write_json
+from tasks.io import file_digest, write_atomic, write_json
 from tasks.training import FitSpec, Split, evaluate, fit
 from tasks.vision_models import ResNetTeacher, count_parameters
 
@@ -27,7 +26,7 @@ def fingerprint(cfg: TrainTeacherVision, data_dir: Path) -> str:
     """What a checkpoint must have been trained on to be resumed: these params and these exact arrays."""
     digest = hashlib.sha256(cfg.model_dump_json().encode())
     for name in ("train_x", "train_y", "val_x", "val_y"):
-        digest.update(file_sha256(data_dir / f"{name}.npy").encode())
+        digest.update(file_digest(data_dir / f"{name}.npy").encode())
     return digest.hexdigest()
 
 
@@ -37,7 +36,7 @@ def train_teacher_vision(cfg: TrainTeacherVision, data_dir: Path, checkpoint: Pa
     """Train the teacher on train, select nothing on test; return (model, history, test metrics)."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
-    train, val, test = (Split(*load_split(data_dir, s)) for s in ("train", "val", "test"))
+    train, val, test = (Split.load(data_dir, s) for s in ("train", "val", "test"))
     model = ResNetTeacher(cfg.arch).to(memory_format=torch.channels_last)
     spec = FitSpec(cfg.epochs, cfg.batch_size, cfg.optimizer, cfg.schedule, cfg.augmentation,
                    cfg.label_smoothing, cfg.seed, cfg.bf16, cfg.eval_batch_size)

@@ -6,6 +6,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -24,6 +25,13 @@ class Split:
 
     x: torch.Tensor
     y: torch.Tensor
+
+    @classmethod
+    def load(cls, directory: Path, name: str) -> Split:
+        """Load ``<name>_x.npy`` (uint8 images) and ``<name>_y.npy`` (labels) written by prepare_vision."""
+        x = np.load(directory / f"{name}_x.npy", allow_pickle=False)
+        y = np.load(directory / f"{name}_y.npy", allow_pickle=False)
+        return cls(torch.from_numpy(x.copy()), torch.from_numpy(y.astype(np.int64)))
 
 
 def to_input(x: torch.Tensor) -> torch.Tensor:
@@ -122,6 +130,7 @@ def fit(model: nn.Module, train: Split, val: Split, spec: FitSpec, checkpoint: P
         metrics.update({f"val_{k}": v for k, v in evaluate(model, val, spec.eval_batch_size, spec.bf16).items()})
         metrics["lr"] = sched.get_last_lr()[0]
         history.append(metrics)
+        tqdm.write(f"epoch {epoch + 1}/{spec.epochs}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
         save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                      "scheduler": sched.state_dict(), "generator": gen.get_state(),
                                      "history": history}, fingerprint)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -15,36 +15,16 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from flows.pipeline import compression_pipeline
+from flows.workspace import copy_project
 from flows.stage_graph import stage_graph
-from tests.conftest import ROOT, idx_bytes
+from tests.conftest import idx_bytes
 
 pytestmark = pytest.mark.e2e
-SOURCES = ("tasks", "flows", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore")
 
 
 def make_repo(dest: Path, **overrides) -> Path:
-    """A git + DVC repo holding this project's pipeline sources, with the smoke profile and ``overrides``."""
-    dest.mkdir(parents=True)
-    for item in SOURCES:
-        src = ROOT / item
-        if src.is_dir():
-            shutil.copytree(src, dest / item, ignore=shutil.ignore_patterns("__pycache__"))
-        elif src.exists():
-            (dest / item).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, dest / item)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
-    params["profile"] = "smoke"
-    for dotted, value in overrides.items():
-        node = params
-        *parents, leaf = dotted.split("__")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
-    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "smoke"]):
-        subprocess.run(git + cmd, cwd=dest, check=True)
-    return dest
+    """A scratch git + DVC copy of the project on the smoke profile, with dotted-key params ``overrides``."""
+    return copy_project(dest, {"profile": "smoke", **overrides})
 
 
 def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
@@ -140,9 +120,9 @@ def test_bad_data_stops_the_pipeline_before_training(tmp_path, prefect_server):
     for name, arr in arrays.items():
         (src / f"{name}.gz").write_bytes(gzip.compress(idx_bytes(arr)))
         pins[name] = hashlib.sha256(idx_bytes(arr)).hexdigest()
-    repo = make_repo(tmp_path / "repo", data__vision__source_dir=str(src), data__vision__sha256=pins,
-                     profiles__smoke__data__vision__subset={"train": 400, "val": 100, "test": 200},
-                     data__vision__val_size=100)
+    repo = make_repo(tmp_path / "repo", **{"data.vision.source_dir": str(src), "data.vision.sha256": pins,
+                                           "profiles.smoke.data.vision.subset": {"train": 400, "val": 100, "test": 200},
+                                           "data.vision.val_size": 100})
     from flows.pipeline import StageFailed
 
     state = compression_pipeline(str(repo), return_state=True)
@@ -152,3 +132,16 @@ def test_bad_data_stops_the_pipeline_before_training(tmp_path, prefect_server):
     assert not (repo / "models").exists() and not (repo / "reports" / "vision" / "validation.json").exists()
     runs = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").search_runs(["1"], "tags.`pipeline.stage` = 'validate_vision'")
     assert [r.info.status for r in runs] == ["FAILED"]  # a deterministic failure is not retried
+
+
+def test_benchmark_command_reports_cold_and_cached_runs(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = subprocess.run([sys.executable, "-m", "flows.benchmark", "--profile", "smoke", "--out", str(out)],
+                          capture_output=True, text=True, env={k: v for k, v in os.environ.items()
+                                                               if k != "MLFLOW_TRACKING_URI"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| train_teacher_vision | ran |" in proc.stdout and "| test accuracy |" in proc.stdout
+    numbers = json.loads(out.read_text())
+    assert set(numbers["cold"]["statuses"].values()) == {"ran"}
+    assert set(numbers["warm"]["statuses"].values()) == {"cached"}
+    assert numbers["cold"]["stage_seconds"]["train_teacher_vision"] > 0

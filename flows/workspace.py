@@ -1,0 +1,40 @@
+"""A scratch copy of this project's pipeline sources as its own git + DVC repo (benchmarks and e2e tests)."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROJECT = Path(__file__).resolve().parents[1]
+SOURCES = ("tasks", "flows", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore")
+
+
+def set_param(params: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set ``a.b.c`` in a nested mapping."""
+    *parents, leaf = dotted.split(".")
+    for key in parents:
+        params = params[key]
+    params[leaf] = value
+
+
+def copy_project(dest: Path, overrides: dict[str, Any] | None = None, source: Path = PROJECT) -> Path:
+    """Copy the pipeline sources of ``source`` to ``dest``, apply params ``overrides``, commit them; return ``dest``."""
+    dest.mkdir(parents=True)
+    for item in SOURCES:
+        src = source / item
+        if src.is_dir():
+            shutil.copytree(src, dest / item, ignore=shutil.ignore_patterns("__pycache__"))
+        elif src.exists():
+            (dest / item).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / item)
+    params = yaml.safe_load((dest / "params.yaml").read_text())
+    for dotted, value in (overrides or {}).items():
+        set_param(params, dotted, value)
+    (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    git = ["git", "-c", "user.name=kdq-pipeline", "-c", "user.email=kdq-pipeline@localhost"]
+    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "scratch copy of the pipeline"]):
+        subprocess.run(git + cmd, cwd=dest, check=True, capture_output=True)
+    return dest
