@@ -6,13 +6,17 @@ STAMP  := $(VENV)/.installed
 # Prefect's ephemeral API server must start within this; its 20 s default is tight on a busy 2-core machine.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 
-.PHONY: run test data-source clean-results
+.PHONY: run test benchmark data-source clean-results
 
 run: $(STAMP) data-source
 	$(PY) -m flows.pipeline
 
 test: $(STAMP) data-source
 	$(PY) -m pytest -q
+
+# Cold run + no-change re-run of the whole pipeline in a scratch copy; prints the table the README quotes.
+benchmark: $(STAMP) data-source
+	$(PY) -m flows.benchmark --out reports/benchmarks/pipeline_vision.json
 
 # The virtualenv, rebuilt only when the dependency spec or the lock changes.
 $(STAMP): pyproject.toml constraints.txt
