@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tasks.errors import ConfigError
 
@@ -92,8 +92,9 @@ class Augmentation(Strict):
     horizontal_flip: bool
 
 
-class TrainTeacherVision(Strict):
-    arch: ResNetArch
+class TrainingRecipe(Strict):
+    """The knobs of one supervised training run, shared by teacher and student stages."""
+
     epochs: Positive
     batch_size: Positive
     optimizer: Optimizer
@@ -104,6 +105,114 @@ class TrainTeacherVision(Strict):
     threads: Positive
     bf16: bool
     eval_batch_size: Positive = 1024
+
+
+class TrainTeacherVision(TrainingRecipe):
+    arch: ResNetArch
+
+
+class MobileArch(Strict):
+    """Depthwise-separable (MobileNet-style) blocks; channel counts are scaled by ``width_multiplier``."""
+
+    stem: Positive
+    widths: list[Positive] = Field(min_length=1)
+    strides: list[Literal[1, 2]] = Field(min_length=1)
+    width_multiplier: Annotated[float, Field(gt=0.0, le=4.0)] = 1.0
+
+    @model_validator(mode="after")
+    def _same_length(self) -> MobileArch:
+        if len(self.widths) != len(self.strides):
+            raise ValueError(f"widths ({len(self.widths)}) and strides ({len(self.strides)}) must have the same length")
+        return self
+
+
+class LossWeights(Strict):
+    """total = ground_truth·CE(y) + target·soft-target + feature·hint + label·CE(teacher argmax)."""
+
+    ground_truth: Annotated[float, Field(ge=0.0)]
+    target: Annotated[float, Field(ge=0.0)]
+    feature: Annotated[float, Field(ge=0.0)]
+    label: Annotated[float, Field(ge=0.0)]
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> LossWeights:
+        if not any(self.model_dump().values()):
+            raise ValueError("at least one loss weight must be positive")
+        return self
+
+
+class FeaturePair(Strict):
+    """Align the output of teacher stage ``teacher`` with that of student block ``student`` (0-based)."""
+
+    teacher: Annotated[int, Field(ge=0)]
+    student: Annotated[int, Field(ge=0)]
+
+
+class DistillVision(TrainingRecipe):
+    student: MobileArch
+    temperature: Annotated[float, Field(gt=0.0)]
+    target_loss: Literal["kl", "mse"]
+    weights: LossWeights
+    feature_pairs: list[FeaturePair] = []
+
+
+class DistillConfig(Strict):
+    vision: DistillVision
+
+
+class PruneVision(TrainingRecipe):
+    """Gradual magnitude pruning with KD fine-tuning: ``steps`` pruning steps, ``epochs_per_step`` apart, then
+    fine-tuning at the final sparsity for the remaining ``epochs``."""
+
+    mode: Literal["unstructured", "structured"]
+    scope: Literal["global", "layer"]
+    final_sparsity: Fraction
+    steps: Positive
+    epochs_per_step: Positive
+
+    @model_validator(mode="after")
+    def _schedule_fits(self) -> PruneVision:
+        if self.epochs < self.steps * self.epochs_per_step:
+            raise ValueError(f"epochs ({self.epochs}) must cover steps × epochs_per_step "
+                             f"({self.steps} × {self.epochs_per_step})")
+        return self
+
+
+class PruneConfig(Strict):
+    vision: PruneVision
+
+
+class QatVision(TrainingRecipe):
+    """QAT of the distilled student; the KD loss of ``distill.vision`` stays active when ``distill`` is true."""
+
+    activation_bits: Annotated[int, Field(ge=2, le=8)]
+    distill: bool
+    freeze_observers_after: Annotated[int, Field(ge=0)]
+    freeze_bn_after: Annotated[int, Field(ge=0)]
+
+    @model_validator(mode="after")
+    def _fp32_fake_quant(self) -> QatVision:
+        if self.bf16:
+            raise ValueError("bf16 must be false: fake quantization is simulated in fp32")
+        return self
+
+
+class QatConfig(Strict):
+    vision: QatVision
+
+
+class RecipeConfig(Strict):
+    """Which compression stages apply, per family. A stage left out passes its input through, except distill,
+    which then trains the student on the labels alone (the CE-only baseline)."""
+
+    vision: list[Literal["distill", "prune", "qat"]]
+
+    @field_validator("vision")
+    @classmethod
+    def _no_repeats(cls, stages: list[str]) -> list[str]:
+        if len(set(stages)) != len(stages):
+            raise ValueError(f"lists a stage twice: {stages}")
+        return stages
 
 
 class TeacherConfig(Strict):
@@ -129,6 +238,26 @@ class Config(Strict):
     data: DataConfig
     validate_: ValidateConfig = Field(alias="validate")
     teacher: TeacherConfig
+    recipe: RecipeConfig
+    distill: DistillConfig
+    prune: PruneConfig
+    qat: QatConfig
+
+    @model_validator(mode="after")
+    def _feature_pairs_exist(self) -> Config:
+        kd, stages = self.distill.vision, len(self.teacher.vision.arch.widths)
+        for i, pair in enumerate(kd.feature_pairs):
+            if pair.teacher >= stages:
+                raise ValueError(f"distill.vision.feature_pairs.{i}.teacher: teacher stage {pair.teacher} does not "
+                                 f"exist (the teacher has stages 0..{stages - 1})")
+            if pair.student >= len(kd.student.widths):
+                raise ValueError(f"distill.vision.feature_pairs.{i}.student: student block {pair.student} does not "
+                                 f"exist (the student has blocks 0..{len(kd.student.widths) - 1})")
+        if kd.feature_pairs and kd.weights.feature == 0:
+            raise ValueError("distill.vision.weights.feature is 0 but feature_pairs are set; set a weight or drop the pairs")
+        if kd.weights.feature > 0 and not kd.feature_pairs:
+            raise ValueError("distill.vision.weights.feature > 0 needs at least one entry in distill.vision.feature_pairs")
+        return self
 
 
 def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:

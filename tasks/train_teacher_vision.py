@@ -7,9 +7,6 @@ Outputs: ``<model>`` (``{"arch", "state_dict"}``, loadable with ``weights_only=T
 from __future__ import annotations
 
 import argparse
-import csv
-import hashlib
-import io
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,17 +14,9 @@ import torch
 
 from tasks.config import TrainTeacherVision, load_config
 from tasks.errors import run_cli
-from tasks.io import file_digest, write_atomic, write_json
-from tasks.training import FitSpec, Split, evaluate, fit
+from tasks.artifacts import fingerprint, publish_training
+from tasks.training import Split, evaluate, fit
 from tasks.vision_models import ResNetTeacher, count_parameters
-
-
-def fingerprint(cfg: TrainTeacherVision, data_dir: Path) -> str:
-    """What a checkpoint must have been trained on to be resumed: these params and these exact arrays."""
-    digest = hashlib.sha256(cfg.model_dump_json().encode())
-    for name in ("train_x", "train_y", "val_x", "val_y"):
-        digest.update(file_digest(data_dir / f"{name}.npy").encode())
-    return digest.hexdigest()
 
 
 def train_teacher_vision(cfg: TrainTeacherVision, data_dir: Path, checkpoint: Path,
@@ -38,36 +27,12 @@ def train_teacher_vision(cfg: TrainTeacherVision, data_dir: Path, checkpoint: Pa
     torch.manual_seed(cfg.seed)
     train, val, test = (Split.load(data_dir, s) for s in ("train", "val", "test"))
     model = ResNetTeacher(cfg.arch).to(memory_format=torch.channels_last)
-    spec = FitSpec(cfg.epochs, cfg.batch_size, cfg.optimizer, cfg.schedule, cfg.augmentation,
-                   cfg.label_smoothing, cfg.seed, cfg.bf16, cfg.eval_batch_size)
-    history = fit(model, train, val, spec, checkpoint, fingerprint(cfg, data_dir), on_epoch)
+    inputs = [data_dir / f"{name}.npy" for name in ("train_x", "train_y", "val_x", "val_y")]
+    history = fit(model, train, val, cfg, checkpoint, fingerprint([cfg], inputs), on_epoch)
     # The exported teacher runs in fp32, so that is what the reported metrics measure.
     test_metrics = {f"test_{k}": v for k, v in evaluate(model, test, cfg.eval_batch_size).items()}
     test_metrics["parameters"] = count_parameters(model)
     return model, history, test_metrics
-
-
-def save_teacher(model: ResNetTeacher, cfg: TrainTeacherVision, path: Path) -> None:
-    buffer = io.BytesIO()
-    torch.save({"arch": cfg.arch.model_dump(), "state_dict": model.state_dict()}, buffer)
-    write_atomic(path, buffer.getvalue())
-
-
-def load_teacher(path: Path) -> ResNetTeacher:
-    from tasks.config import ResNetArch
-
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    model = ResNetTeacher(ResNetArch.model_validate(blob["arch"]))
-    model.load_state_dict(blob["state_dict"])
-    return model.eval()
-
-
-def history_csv(history: list[dict[str, float]]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=["epoch", *history[0]])
-    writer.writeheader()
-    writer.writerows({"epoch": i + 1, **row} for i, row in enumerate(history))
-    return out.getvalue()
 
 
 def main() -> None:
@@ -83,13 +48,7 @@ def main() -> None:
     with stage_run("train_teacher_vision", cfg, {"teacher.vision": teacher}) as run:
         model, history, metrics = train_teacher_vision(
             teacher, args.data, args.checkpoint, lambda epoch, m: run.log_metrics(m, step=epoch + 1))
-        save_teacher(model, teacher, args.model)
-        write_json(args.metrics, metrics)
-        write_atomic(args.plots, history_csv(history).encode())
-        run.log_metrics(metrics)
-        run.log_text(f"{model}\n\nparameters: {metrics['parameters']:,}\n", "model_summary.txt")
-        for path in (args.model, args.metrics, args.plots):
-            run.log_artifact(path)
+        publish_training(run, model, "resnet_teacher", teacher.arch, history, metrics, args)
     print(f"teacher test accuracy {metrics['test_accuracy']:.4f} ({metrics['parameters']:,} parameters)")
 
 

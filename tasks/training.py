@@ -13,7 +13,7 @@ from torch import nn
 from tqdm import tqdm
 
 from tasks.checkpoints import load_checkpoint, save_checkpoint
-from tasks.config import Augmentation, Optimizer, Schedule
+from tasks.config import Augmentation, Optimizer, Schedule, TrainingRecipe
 
 # Fashion-MNIST pixel statistics of the training set; fixed so every stage normalises alike.
 PIXEL_MEAN, PIXEL_STD = 0.2860, 0.3530
@@ -92,27 +92,39 @@ def evaluate(model: nn.Module, split: Split, batch_size: int, bf16: bool = False
     return {"accuracy": correct / len(split.y), "loss": loss / len(split.y)}
 
 
-@dataclass(frozen=True)
-class FitSpec:
-    """Everything the loop needs besides model and data."""
-
-    epochs: int
-    batch_size: int
-    optimizer: Optimizer
-    schedule: Schedule
-    augmentation: Augmentation
-    label_smoothing: float
-    seed: int
-    bf16: bool
-    eval_batch_size: int
-
-
 EpochHook = Callable[[int, dict[str, float]], None]
+#: ``loss_fn(model, x, y) -> (loss, logits)``; runs inside the autocast region of a training step.
+LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def fit(model: nn.Module, train: Split, val: Split, spec: FitSpec, checkpoint: Path, fingerprint: str,
-        on_epoch: EpochHook | None = None) -> list[dict[str, float]]:
-    """Train ``model``; checkpoint after every epoch and resume from ``checkpoint`` when its fingerprint matches."""
+def cross_entropy_loss(label_smoothing: float) -> LossFn:
+    def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(x)
+        return F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing), logits
+
+    return loss_fn
+
+
+def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer, loss_fn: LossFn,
+               bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step: gradients zeroed, forward with autograd on, backward, update."""
+    opt.zero_grad(set_to_none=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        loss, logits = loss_fn(model, x, y)
+    loss.backward()
+    opt.step()
+    return loss.detach(), logits.detach()
+
+
+def fit(model: nn.Module, train: Split, val: Split, spec: TrainingRecipe, checkpoint: Path, fingerprint: str,
+        on_epoch: EpochHook | None = None, loss_fn: LossFn | None = None,
+        before_epoch: Callable[[int], None] | None = None) -> list[dict[str, float]]:
+    """Train ``model``; checkpoint after every epoch and resume from ``checkpoint`` when its fingerprint matches.
+
+    ``loss_fn`` defaults to cross-entropy with the spec's label smoothing; distillation passes its own.
+    ``before_epoch(epoch)`` runs at the start of every epoch, resumed ones included (QAT freezes observers there).
+    """
+    loss_fn = loss_fn or cross_entropy_loss(spec.label_smoothing)
     steps_per_epoch = math.ceil(len(train.y) / spec.batch_size)
     opt = make_optimizer(model, spec.optimizer)
     sched = make_scheduler(opt, spec.schedule, spec.epochs * steps_per_epoch)
@@ -126,7 +138,9 @@ def fit(model: nn.Module, train: Split, val: Split, spec: FitSpec, checkpoint: P
         gen.set_state(state["generator"])
         history = list(state["history"])
     for epoch in range(len(history), spec.epochs):
-        metrics = _train_epoch(model, train, spec, opt, sched, gen, f"epoch {epoch + 1}/{spec.epochs}")
+        if before_epoch:
+            before_epoch(epoch)
+        metrics = _train_epoch(model, train, spec, opt, sched, gen, loss_fn, f"epoch {epoch + 1}/{spec.epochs}")
         metrics.update({f"val_{k}": v for k, v in evaluate(model, val, spec.eval_batch_size, spec.bf16).items()})
         metrics["lr"] = sched.get_last_lr()[0]
         history.append(metrics)
@@ -139,8 +153,9 @@ def fit(model: nn.Module, train: Split, val: Split, spec: FitSpec, checkpoint: P
     return history
 
 
-def _train_epoch(model: nn.Module, train: Split, spec: FitSpec, opt: torch.optim.Optimizer,
-                 sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator, desc: str) -> dict[str, float]:
+def _train_epoch(model: nn.Module, train: Split, spec: TrainingRecipe, opt: torch.optim.Optimizer,
+                 sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator, loss_fn: LossFn,
+                 desc: str) -> dict[str, float]:
     model.train()
     order = torch.randperm(len(train.y), generator=gen)
     seen, correct, loss_sum = 0, 0, 0.0
@@ -148,12 +163,7 @@ def _train_epoch(model: nn.Module, train: Split, spec: FitSpec, opt: torch.optim
     for start in bar:
         idx = order[start:start + spec.batch_size]
         x, y = augment(to_input(train.x[idx]), spec.augmentation, gen), train.y[idx]
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=spec.bf16):
-            logits = model(x)
-        loss = F.cross_entropy(logits.float(), y, label_smoothing=spec.label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+        loss, logits = train_step(model, x, y, opt, loss_fn, spec.bf16)
         sched.step()
         seen += len(y)
         correct += (logits.argmax(1) == y).sum().item()

@@ -1,10 +1,14 @@
-"""Vision model architectures: the residual CNN teacher."""
+"""Vision model architectures: the residual CNN teacher and the depthwise-separable student.
+
+Both expose ``forward_features(x) -> (logits, [feature map per stage or block])`` so distillation can align
+features without a second forward pass.
+"""
 from __future__ import annotations
 
 import torch
 from torch import nn
 
-from tasks.config import ResNetArch
+from tasks.config import MobileArch, ResNetArch
 
 
 class BasicBlock(nn.Module):
@@ -50,15 +54,61 @@ class ResNetTeacher(nn.Module):
             if isinstance(block, BasicBlock):
                 nn.init.zeros_(block.bn2.weight)  # each residual branch starts as identity: trains faster
 
-    def features(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         maps, y = [], self.stem(x)
         for stage in self.stages:
             y = stage(y)
             maps.append(y)
-        return maps
+        return self.head(y.mean(dim=(2, 3))), maps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(x)[-1].mean(dim=(2, 3)))
+        return self.forward_features(x)[0]
+
+
+class SeparableBlock(nn.Module):
+    """Depthwise 3x3 then pointwise 1x1, each with batch norm and ReLU; residual when the shape is kept."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.depthwise = nn.Sequential(nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False),
+                                       nn.BatchNorm2d(cin), nn.ReLU(inplace=True))
+        self.pointwise = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        self.relu = nn.ReLU(inplace=True)
+        self.residual = stride == 1 and cin == cout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.pointwise(self.depthwise(x))
+        return self.relu(y + x if self.residual else y)
+
+
+def scaled(channels: int, multiplier: float) -> int:
+    return max(4, int(round(channels * multiplier)))
+
+
+class MobileStudent(nn.Module):
+    """A small MobileNet-style CNN for 1x28x28 inputs."""
+
+    def __init__(self, arch: MobileArch, num_classes: int = 10) -> None:
+        super().__init__()
+        cin = scaled(arch.stem, arch.width_multiplier)
+        self.stem = nn.Sequential(nn.Conv2d(1, cin, 3, 1, 1, bias=False), nn.BatchNorm2d(cin), nn.ReLU(inplace=True))
+        blocks = []
+        for width, stride in zip(arch.widths, arch.strides):
+            cout = scaled(width, arch.width_multiplier)
+            blocks.append(SeparableBlock(cin, cout, stride))
+            cin = cout
+        self.blocks = nn.ModuleList(blocks)
+        self.head = nn.Linear(cin, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        maps, y = [], self.stem(x)
+        for block in self.blocks:
+            y = block(y)
+            maps.append(y)
+        return self.head(y.mean(dim=(2, 3))), maps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)[0]
 
 
 def count_parameters(model: nn.Module) -> int:

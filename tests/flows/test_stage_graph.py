@@ -10,16 +10,16 @@ from tasks.config import Config
 from tests.conftest import ROOT
 
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+PRODUCERS = {out if isinstance(out, str) else next(iter(out)): name
+             for name, spec in DVC.items() for out in spec.get("outs", [])}
 
 
 def test_graph_has_exactly_the_stages_of_dvc_yaml_in_a_valid_order():
     nodes = stage_graph(ROOT)
     assert sorted(n.name for n in nodes) == sorted(DVC)
     position = {n.name: i for i, n in enumerate(nodes)}
-    producers = {out if isinstance(out, str) else next(iter(out)): name
-                 for name, spec in DVC.items() for out in spec.get("outs", [])}
     for name, spec in DVC.items():
-        needed = {producers[d] for d in spec.get("deps", []) if d in producers}
+        needed = {PRODUCERS[d] for d in spec.get("deps", []) if d in PRODUCERS}
         assert set(next(n for n in nodes if n.name == name).upstream) == needed
         assert all(position[u] < position[name] for u in needed)
 
@@ -29,7 +29,7 @@ def test_each_stage_lists_its_own_module_and_real_params_keys(raw_params):
         module = re.search(r"python -m tasks\.(\w+)", spec["cmd"]).group(1)
         assert module == name and f"tasks/{module}.py" in spec["deps"]
         for dep in spec["deps"]:
-            assert dep.startswith("data/") or dep.startswith("reports/") or (ROOT / dep).is_file(), dep
+            assert dep in PRODUCERS or (ROOT / dep).is_file(), f"{name}: dep {dep} is neither a file nor a stage output"
         for key in spec["params"]:
             node = raw_params
             for part in key.split("."):

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from tasks.checkpoints import load_checkpoint, save_checkpoint
-from tasks.config import Augmentation, Optimizer, ResNetArch, Schedule
-from tasks.training import FitSpec, Split, augment, evaluate, fit, to_input
+from tasks.config import Augmentation, Optimizer, ResNetArch, Schedule, TrainingRecipe
+from tasks.training import Split, augment, evaluate, fit, to_input
 from tasks.vision_models import ResNetTeacher, count_parameters
 
 ARCH = ResNetArch(stem=4, widths=[8, 16], blocks=[1, 1])
@@ -18,10 +18,10 @@ def _data(n=96, seed=0):
 
 
 def _spec(epochs=2):
-    return FitSpec(epochs=epochs, batch_size=32, optimizer=Optimizer(name="sgd", lr=0.05, weight_decay=5e-4),
-                   schedule=Schedule(name="onecycle", warmup_fraction=0.3),
-                   augmentation=Augmentation(crop_padding=2, horizontal_flip=True),
-                   label_smoothing=0.1, seed=0, bf16=False, eval_batch_size=64)
+    return TrainingRecipe(epochs=epochs, batch_size=32, optimizer=Optimizer(name="sgd", lr=0.05, weight_decay=5e-4),
+                          schedule=Schedule(name="onecycle", warmup_fraction=0.3),
+                          augmentation=Augmentation(crop_padding=2, horizontal_flip=True),
+                          label_smoothing=0.1, seed=0, threads=2, bf16=False, eval_batch_size=64)
 
 
 def _model():
@@ -33,7 +33,8 @@ def test_teacher_shapes_and_features():
     model = _model().eval()
     x = to_input(_data(4).x)
     assert model(x).shape == (4, 10)
-    assert [f.shape[1:] for f in model.features(x)] == [(8, 14, 14), (16, 7, 7)]
+    logits, maps = model.forward_features(x)
+    assert torch.equal(logits, model(x)) and [f.shape[1:] for f in maps] == [(8, 14, 14), (16, 7, 7)]
     assert count_parameters(model) > 0
 
 

@@ -1,0 +1,88 @@
+"""Model files and training records shared by the training stages.
+
+A model file is ``{"kind", "arch", "state_dict"}`` written atomically with ``torch.save`` and read back with
+``weights_only=True``: plain tensors and primitives, never pickled code.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import io
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+from torch import nn
+
+from tasks.config import MobileArch, ResNetArch
+from tasks.errors import CheckpointError
+from tasks.io import file_digest, write_atomic, write_json
+from tasks.vision_models import MobileStudent, ResNetTeacher
+
+ARCHES = {"resnet_teacher": (ResNetArch, ResNetTeacher), "mobile_student": (MobileArch, MobileStudent)}
+
+
+def save_model(model: nn.Module, kind: str, arch: BaseModel, path: Path, **extra: Any) -> None:
+    """``extra`` holds what rebuilding needs beyond the architecture (e.g. ``activation_bits`` for QAT)."""
+    buffer = io.BytesIO()
+    torch.save({"kind": kind, "arch": arch.model_dump(), "state_dict": model.state_dict(), **extra}, buffer)
+    write_atomic(path, buffer.getvalue())
+
+
+def load_model(path: Path) -> nn.Module:
+    """Rebuild a model saved by ``save_model``, in eval mode."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        arch_cls, model_cls = ARCHES[blob["kind"]]
+    except (OSError, RuntimeError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{path}: not a model file of this pipeline ({err}); re-run the stage that writes it") from err
+    model = model_cls(arch_cls.model_validate(blob["arch"]))
+    if blob.get("activation_bits"):  # a QAT student: rebuild the same fake-quantized graph, then load into it
+        from tasks.quantization import prepare_qat
+
+        model = prepare_qat(model, blob["activation_bits"], torch.zeros(1, 1, 28, 28))
+    model.load_state_dict(blob["state_dict"])
+    return model.eval()
+
+
+def fingerprint(configs: list[BaseModel], inputs: list[Path]) -> str:
+    """What a checkpoint must have been trained with to be resumed: these configs and these exact input files."""
+    digest = hashlib.sha256()
+    for cfg in configs:
+        digest.update(cfg.model_dump_json().encode())
+    for path in inputs:
+        digest.update(file_digest(path).encode())
+    return digest.hexdigest()
+
+
+def history_csv(history: list[dict[str, float]]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=["epoch", *history[0]])
+    writer.writeheader()
+    writer.writerows({"epoch": i + 1, **row} for i, row in enumerate(history))
+    return out.getvalue()
+
+
+def publish_training(run: Any, model: nn.Module, kind: str, arch: BaseModel, history: list[dict[str, float]],
+                     metrics: dict[str, float], paths: argparse.Namespace, **extra: Any) -> None:
+    """Write a training stage's outputs (``paths.model``, ``.metrics``, ``.plots``) and log them to ``run``."""
+    save_model(model, kind, arch, paths.model, **extra)
+    write_json(paths.metrics, metrics)
+    write_atomic(paths.plots, history_csv(history).encode())
+    run.log_metrics(metrics)
+    run.log_text(f"{model}\n\nparameters: {metrics['parameters']:,}\n", "model_summary.txt")
+    for path in (paths.model, paths.metrics, paths.plots):
+        run.log_artifact(path)
+
+
+def pass_through(run: Any, paths: argparse.Namespace, stage: str) -> None:
+    """A compression stage left out of the recipe: its output is its input, so the graph stays coherent."""
+    paths.model.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(paths.student, paths.model)
+    write_json(paths.metrics, {"pass_through": 1})
+    write_atomic(paths.plots, b"epoch\n")
+    run.set_tag("stage.pass_through", "true")
+    print(f"{stage}: not in recipe.vision, the student is passed through unchanged")

@@ -1,0 +1,61 @@
+"""Stage ``distill_vision``: frozen teacher + processed data -> distilled MobileNet-style student (FP32).
+
+Inputs: ``<data>`` splits, ``<teacher>`` model file. Outputs: ``<model>`` (the student only; adapters are
+training scaffolding), ``<metrics>`` (test accuracy, parameters, the teacher's accuracy on the same test split),
+``<plots>`` (per-epoch CSV). Checkpoints every epoch into ``<checkpoint>`` and resumes from it.
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from tasks.artifacts import fingerprint, load_model, publish_training
+from tasks.config import DistillVision, load_config
+from tasks.distillation import Distiller, distillation_loss, loss_config
+from tasks.errors import run_cli
+from tasks.training import Split, evaluate, fit, to_input
+from tasks.vision_models import MobileStudent, count_parameters
+
+
+def distill_vision(cfg: DistillVision, distill: bool, data_dir: Path, teacher_path: Path, checkpoint: Path,
+                   on_epoch: Callable[[int, dict[str, float]], None] | None = None
+                   ) -> tuple[MobileStudent, list[dict[str, float]], dict[str, float]]:
+    """Train the student against the frozen teacher (or on labels alone when ``distill`` is false)."""
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    train, val, test = (Split.load(data_dir, s) for s in ("train", "val", "test"))
+    teacher = load_model(teacher_path).to(memory_format=torch.channels_last)
+    student = MobileStudent(cfg.student).to(memory_format=torch.channels_last)
+    loss = loss_config(cfg, distill, cfg.label_smoothing)
+    distiller = Distiller(student, teacher, loss, to_input(train.x[:2]))
+    inputs = [teacher_path] + [data_dir / f"{name}.npy" for name in ("train_x", "train_y", "val_x", "val_y")]
+    history = fit(distiller, train, val, cfg, checkpoint, fingerprint([cfg, loss], inputs), on_epoch, distillation_loss)
+    metrics = {f"test_{k}": v for k, v in evaluate(student, test, cfg.eval_batch_size).items()}
+    metrics["teacher_test_accuracy"] = evaluate(teacher, test, cfg.eval_batch_size)["accuracy"]
+    metrics["parameters"] = count_parameters(student)
+    return student, history, metrics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    for flag in ("--data", "--teacher", "--checkpoint", "--model", "--metrics", "--plots"):
+        parser.add_argument(flag, type=Path, required=True)
+    args = parser.parse_args()
+    cfg = load_config(args.params)
+    kd = cfg.distill.vision
+    from tasks.tracking import stage_run
+
+    with stage_run("distill_vision", cfg, {"distill.vision": kd, "recipe.vision": cfg.recipe.vision}) as run:
+        student, history, metrics = distill_vision(kd, "distill" in cfg.recipe.vision, args.data, args.teacher, args.checkpoint,
+                                                   lambda epoch, m: run.log_metrics(m, step=epoch + 1))
+        publish_training(run, student, "mobile_student", kd.student, history, metrics, args)
+    print(f"student test accuracy {metrics['test_accuracy']:.4f} ({metrics['parameters']:,} parameters), "
+          f"teacher {metrics['teacher_test_accuracy']:.4f}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

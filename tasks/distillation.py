@@ -1,0 +1,97 @@
+"""Knowledge-distillation losses and the wrapper that trains a student against a frozen teacher.
+
+total = ground_truth·CE(student, y) + target·soft-target + feature·hint + label·CE(student, argmax teacher)
+
+Done right where the source article's sample code was not: the soft-target KL compares *log-probabilities*
+(``log_softmax``), never raw logits; only the teacher runs under ``no_grad``; the training loop zeroes
+gradients every step (``tasks.training.train_step``).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tasks.config import DistillVision, LossWeights
+
+
+def soft_target_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """KL(teacher_T || student_T) on temperature-softened log-probabilities, scaled by T² (Hinton et al.)."""
+    t = temperature
+    return F.kl_div(F.log_softmax(student_logits.float() / t, dim=1), F.log_softmax(teacher_logits.float() / t, dim=1),
+                    reduction="batchmean", log_target=True) * t * t
+
+
+def soft_target_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Squared error between temperature-softened probabilities (summed over classes, averaged over the batch)."""
+    t = temperature
+    diff = F.softmax(student_logits.float() / t, dim=1) - F.softmax(teacher_logits.float() / t, dim=1)
+    return diff.pow(2).sum(dim=1).mean() * t * t
+
+
+def hint_loss(student_map: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
+    """MSE between an adapted student map and the teacher's, pooled to the smaller spatial size."""
+    size = min(student_map.shape[-1], teacher_map.shape[-1])
+    s = F.adaptive_avg_pool2d(student_map.float(), size)
+    t = F.adaptive_avg_pool2d(teacher_map.float(), size)
+    return F.mse_loss(s, t)
+
+
+def loss_config(kd: DistillVision, distill: bool, label_smoothing: float) -> DistillVision:
+    """The loss of a training stage: the distillation loss of ``kd``, or the ground truth alone."""
+    if distill:
+        return kd.model_copy(update={"label_smoothing": label_smoothing})
+    only_ce = LossWeights(ground_truth=1.0, target=0.0, feature=0.0, label=0.0)
+    return kd.model_copy(update={"weights": only_ce, "feature_pairs": [], "label_smoothing": label_smoothing})
+
+
+class Distiller(nn.Module):
+    """Student plus feature adapters; the teacher is held frozen and is not a submodule.
+
+    ``forward`` is the student's, so evaluation and export see only the student. The teacher is kept out of
+    ``state_dict`` and ``parameters`` so that no optimizer can touch it and checkpoints hold the student only.
+    """
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillVision, sample: torch.Tensor) -> None:
+        super().__init__()
+        self.student, self.cfg = student, cfg
+        teacher.eval().requires_grad_(False)
+        object.__setattr__(self, "teacher", teacher)
+        with torch.no_grad():
+            _, s_maps = student.forward_features(sample)
+            _, t_maps = teacher.forward_features(sample)
+        self.adapters = nn.ModuleList(nn.Conv2d(s_maps[p.student].shape[1], t_maps[p.teacher].shape[1], 1)
+                                      for p in cfg.feature_pairs)
+
+    def train(self, mode: bool = True) -> Distiller:
+        super().train(mode)
+        self.teacher.eval()  # batch-norm statistics of the teacher never move
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.student(x)
+
+    def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """(total loss, student logits, each weighted term) for one batch."""
+        cfg, w = self.cfg, self.cfg.weights
+        with torch.no_grad():
+            t_logits, t_maps = self.teacher.forward_features(x)
+        s_logits, s_maps = self.student.forward_features(x)
+        parts: dict[str, torch.Tensor] = {}
+        if w.ground_truth:
+            parts["ground_truth"] = w.ground_truth * F.cross_entropy(s_logits.float(), y, label_smoothing=cfg.label_smoothing)
+        if w.target:
+            soft = soft_target_kl if cfg.target_loss == "kl" else soft_target_mse
+            parts["target"] = w.target * soft(s_logits, t_logits, cfg.temperature)
+        if w.feature:
+            hints = [hint_loss(a(s_maps[p.student]), t_maps[p.teacher]) for a, p in zip(self.adapters, cfg.feature_pairs)]
+            parts["feature"] = w.feature * torch.stack(hints).mean()
+        if w.label:
+            parts["label"] = w.label * F.cross_entropy(s_logits.float(), t_logits.argmax(dim=1))
+        return sum(parts.values()), s_logits, parts
+
+
+def distillation_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``LossFn`` for ``tasks.training.fit`` when ``model`` is a Distiller."""
+    total, logits, _ = model.loss(x, y)
+    return total, logits

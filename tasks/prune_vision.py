@@ -1,0 +1,88 @@
+"""Stage ``prune_vision``: distilled student -> pruned student, fine-tuned with the KD loss between steps.
+
+Inputs: ``<data>`` splits, ``<teacher>``, ``<student>``. Outputs: ``<model>`` (unstructured: same shape with
+zeros; structured: a rebuilt, physically narrower student), ``<metrics>`` (test accuracy, parameters, non-zero
+parameters, per-layer sparsity), ``<plots>``. Left out of ``recipe.vision``, it passes the student through.
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from tasks.artifacts import fingerprint, load_model, pass_through, publish_training
+from tasks.config import DistillVision, MobileArch, PruneVision, load_config
+from tasks.distillation import Distiller, distillation_loss, loss_config
+from tasks.errors import run_cli
+from tasks.pruning import attach_masks, bake, prune_channels, prune_unstructured, shrink, sparsity_report, target_sparsity
+from tasks.training import Split, evaluate, fit, to_input
+from tasks.vision_models import MobileStudent, count_parameters
+
+
+def pruning_schedule(student: MobileStudent, cfg: PruneVision) -> Callable[[int], None]:
+    """``before_epoch`` hook: at every ``epochs_per_step``-th epoch, prune to the next target of the cubic ramp."""
+
+    def before_epoch(epoch: int) -> None:
+        step = epoch // cfg.epochs_per_step + 1
+        if epoch % cfg.epochs_per_step or step > cfg.steps:
+            return
+        sparsity = target_sparsity(step, cfg.steps, cfg.final_sparsity)
+        if cfg.mode == "structured":
+            prune_channels(student, sparsity)
+        else:
+            prune_unstructured(student, sparsity, cfg.scope)
+
+    return before_epoch
+
+
+def prune_vision(cfg: PruneVision, kd: DistillVision, distill: bool, data_dir: Path, teacher_path: Path,
+                 student_path: Path, checkpoint: Path, on_epoch: Callable[[int, dict[str, float]], None] | None = None
+                 ) -> tuple[MobileStudent, MobileArch, list[dict[str, float]], dict[str, float]]:
+    """Prune gradually with fine-tuning; return (pruned student, its architecture, history, metrics)."""
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    train, val, test = (Split.load(data_dir, s) for s in ("train", "val", "test"))
+    teacher, student = load_model(teacher_path), load_model(student_path)
+    attach_masks(student)
+    loss = loss_config(kd, distill, cfg.label_smoothing)
+    distiller = Distiller(student, teacher, loss, to_input(train.x[:2]))
+    inputs = [teacher_path, student_path] + [data_dir / f"{n}.npy" for n in ("train_x", "train_y", "val_x", "val_y")]
+    history = fit(distiller, train, val, cfg, checkpoint, fingerprint([cfg, loss], inputs), on_epoch, distillation_loss,
+                  before_epoch=pruning_schedule(student, cfg))
+    sparsity = sparsity_report(student)
+    arch = kd.student
+    pruned = shrink(student, arch) if cfg.mode == "structured" else (bake(student, arch), arch)
+    model, arch = pruned
+    metrics = {f"test_{k}": v for k, v in evaluate(model, test, cfg.eval_batch_size).items()}
+    metrics.update({"parameters": count_parameters(model), "sparsity": sparsity["overall"],
+                    "nonzero_parameters": sum(int((p != 0).sum()) for p in model.parameters())})
+    metrics.update({f"sparsity.{layer}": value for layer, value in sparsity.items() if layer != "overall"})
+    return model, arch, history, metrics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    for flag in ("--data", "--teacher", "--student", "--checkpoint", "--model", "--metrics", "--plots"):
+        parser.add_argument(flag, type=Path, required=True)
+    args = parser.parse_args()
+    cfg = load_config(args.params)
+    prune, kd, recipe = cfg.prune.vision, cfg.distill.vision, cfg.recipe.vision
+    from tasks.tracking import stage_run
+
+    with stage_run("prune_vision", cfg, {"prune.vision": prune, "recipe.vision": recipe}) as run:
+        if "prune" not in recipe:
+            pass_through(run, args, "prune_vision")
+            return
+        model, arch, history, metrics = prune_vision(prune, kd, "distill" in recipe, args.data, args.teacher,
+                                                     args.student, args.checkpoint,
+                                                     lambda epoch, m: run.log_metrics(m, step=epoch + 1))
+        publish_training(run, model, "mobile_student", arch, history, metrics, args)
+    print(f"pruned student test accuracy {metrics['test_accuracy']:.4f}: {metrics['nonzero_parameters']:,} non-zero "
+          f"of {metrics['parameters']:,} parameters (sparsity {metrics['sparsity']:.2f}, {prune.mode})")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,73 @@
+"""Stage ``qat_vision``: distilled FP32 student -> quantization-aware trained student, KD loss still active.
+
+Inputs: ``<data>`` splits, ``<teacher>``, ``<student>`` (from distill_vision). Outputs: ``<model>`` (the
+fake-quantized FX graph's state; ``tasks.artifacts.load_model`` rebuilds it and ``tasks.quantization.convert_int8``
+turns it into a real INT8 model), ``<metrics>`` (fake-quant and real-INT8 test accuracy), ``<plots>``.
+"""
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from tasks.artifacts import fingerprint, load_model, pass_through, publish_training
+from tasks.config import DistillVision, QatVision, load_config
+from tasks.distillation import Distiller, distillation_loss, loss_config
+from tasks.errors import run_cli
+from tasks.pruning import enforce_masks, keep_pruned_zeros
+from tasks.quantization import QatModel, convert_int8, freeze_schedule, prepare_qat
+from tasks.training import Split, evaluate, fit, to_input
+from tasks.vision_models import count_parameters
+
+
+def qat_vision(cfg: QatVision, kd: DistillVision, data_dir: Path, teacher_path: Path, student_path: Path,
+               checkpoint: Path, on_epoch: Callable[[int, dict[str, float]], None] | None = None
+               ) -> tuple[QatModel, list[dict[str, float]], dict[str, float]]:
+    """Fine-tune the student with fake quantization; return (QAT model, history, test metrics)."""
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    torch.backends.quantized.engine = "x86"
+    train, val, test = (Split.load(data_dir, s) for s in ("train", "val", "test"))
+    teacher, student = load_model(teacher_path), load_model(student_path)
+    sample = to_input(train.x[:2])
+    qat = prepare_qat(student, cfg.activation_bits, sample)
+    keep_pruned_zeros(qat)  # a pruned student stays pruned through QAT
+    loss = loss_config(kd, cfg.distill, cfg.label_smoothing)
+    distiller = Distiller(qat, teacher, loss, sample)
+    inputs = [teacher_path, student_path] + [data_dir / f"{n}.npy" for n in ("train_x", "train_y", "val_x", "val_y")]
+    history = fit(distiller, train, val, cfg, checkpoint, fingerprint([cfg, loss], inputs), on_epoch, distillation_loss,
+                  before_epoch=freeze_schedule(qat, cfg.freeze_observers_after, cfg.freeze_bn_after))
+    enforce_masks(qat)
+    metrics = {"test_accuracy_fake_quant": evaluate(qat, test, cfg.eval_batch_size)["accuracy"],
+               "test_accuracy_int8": evaluate(convert_int8(qat), test, cfg.eval_batch_size)["accuracy"],
+               "parameters": count_parameters(student),
+               "nonzero_parameters": sum(int((p != 0).sum()) for p in student.parameters())}
+    return qat, history, metrics
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    for flag in ("--data", "--teacher", "--student", "--checkpoint", "--model", "--metrics", "--plots"):
+        parser.add_argument(flag, type=Path, required=True)
+    args = parser.parse_args()
+    cfg = load_config(args.params)
+    qat, kd = cfg.qat.vision, cfg.distill.vision
+    from tasks.tracking import stage_run
+
+    with stage_run("qat_vision", cfg, {"qat.vision": qat, "distill.vision": kd, "recipe.vision": cfg.recipe.vision}) as run:
+        if "qat" not in cfg.recipe.vision:
+            pass_through(run, args, "qat_vision")
+            return
+        model, history, metrics = qat_vision(qat, kd, args.data, args.teacher, args.student, args.checkpoint,
+                                             lambda epoch, m: run.log_metrics(m, step=epoch + 1))
+        publish_training(run, model, "mobile_student", kd.student, history, metrics, args,
+                         activation_bits=qat.activation_bits)
+    print(f"QAT student test accuracy: fake-quant {metrics['test_accuracy_fake_quant']:.4f}, "
+          f"real INT8 {metrics['test_accuracy_int8']:.4f}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

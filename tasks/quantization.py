@@ -1,0 +1,87 @@
+"""Quantization-aware training helpers (PyTorch FX): INT8 per-channel weights, N-bit activations, BN folded.
+
+FX is the path that exports: a converted FX model becomes QDQ ONNX that onnxruntime runs, whereas the fused
+fake-quant op of eager QAT does not export. ``prepare_qat_fx`` fuses conv + batch norm (+ ReLU) into QAT
+modules, which folds batch norm into the convolution weights it fake-quantizes.
+"""
+from __future__ import annotations
+
+import copy
+import warnings
+
+import torch
+from torch import nn
+from torch.ao.quantization import (FusedMovingAvgObsFakeQuantize, MovingAverageMinMaxObserver,
+                                   MovingAveragePerChannelMinMaxObserver, QConfig, QConfigMapping,
+                                   disable_observer)
+from torch.ao.nn.intrinsic.qat import freeze_bn_stats
+
+
+def qat_qconfig(activation_bits: int) -> QConfigMapping:
+    """Per-channel symmetric INT8 weights; unsigned ``activation_bits`` activations (8: full range, no reduce_range,
+    which VNNI kernels do not need; fewer bits simulate activation compression)."""
+    activation = FusedMovingAvgObsFakeQuantize.with_args(
+        observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=2 ** activation_bits - 1,
+        dtype=torch.quint8, reduce_range=False)
+    weight = FusedMovingAvgObsFakeQuantize.with_args(
+        observer=MovingAveragePerChannelMinMaxObserver, quant_min=-128, quant_max=127, dtype=torch.qint8,
+        qscheme=torch.per_channel_symmetric)
+    return QConfigMapping().set_global(QConfig(activation=activation, weight=weight))
+
+
+class FeatureOutputs(nn.Module):
+    """Traceable view of a model whose forward returns ``(logits, feature maps)``, so KD hints survive QAT."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor):
+        return self.model.forward_features(x)
+
+
+class QatModel(nn.Module):
+    """A fake-quantized FX graph presented with the ``forward`` / ``forward_features`` interface of our models."""
+
+    def __init__(self, graph: nn.Module) -> None:
+        super().__init__()
+        self.graph = graph
+
+    def forward_features(self, x: torch.Tensor):
+        logits, maps = self.graph(x)
+        return logits, list(maps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.graph(x)[0]
+
+
+def prepare_qat(model: nn.Module, activation_bits: int, example: torch.Tensor) -> QatModel:
+    """Insert fake quantization (and fuse conv + BN) into a copy of ``model``, in train mode."""
+    from torch.ao.quantization.quantize_fx import prepare_qat_fx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FX quantization warns that it is in maintenance mode
+        graph = prepare_qat_fx(FeatureOutputs(copy.deepcopy(model)).train(), qat_qconfig(activation_bits), (example,))
+    return QatModel(graph)
+
+
+def freeze_schedule(model: nn.Module, freeze_observers_after: int, freeze_bn_after: int):
+    """``before_epoch`` hook: from the given epochs on, fix quantization ranges and batch-norm statistics."""
+
+    def before_epoch(epoch: int) -> None:
+        if epoch >= freeze_observers_after:
+            model.apply(disable_observer)
+        if epoch >= freeze_bn_after:
+            model.apply(freeze_bn_stats)
+
+    return before_epoch
+
+
+def convert_int8(model: QatModel) -> nn.Module:
+    """The real INT8 model (quantized kernels), returning logits only."""
+    from torch.ao.quantization.quantize_fx import convert_fx
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        graph = convert_fx(copy.deepcopy(model.graph).eval())
+    return QatModel(graph).eval()

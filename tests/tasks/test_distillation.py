@@ -1,0 +1,119 @@
+"""Distillation is done right: log-probabilities in the KL, a frozen teacher, gradients to the student only,
+gradients zeroed every step."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from tasks.config import (Augmentation, DistillVision, FeaturePair, LossWeights, MobileArch, Optimizer, ResNetArch,
+                          Schedule, parse_config)
+from tasks.distillation import Distiller, distillation_loss, hint_loss, soft_target_kl, soft_target_mse
+from tasks.errors import ConfigError
+from tasks.training import Split, fit, to_input, train_step
+from tasks.vision_models import MobileStudent, ResNetTeacher
+
+
+def _kd_cfg(**weights) -> DistillVision:
+    w = {"ground_truth": 0.3, "target": 0.7, "feature": 0.5, "label": 0.2, **weights}
+    return DistillVision(student=MobileArch(stem=4, widths=[8, 16], strides=[2, 2]), temperature=4.0,
+                         target_loss="kl", weights=LossWeights(**w), feature_pairs=[FeaturePair(teacher=1, student=1)],
+                         epochs=1, batch_size=16, optimizer=Optimizer(name="sgd", lr=0.05, weight_decay=0.0),
+                         schedule=Schedule(name="constant"), augmentation=Augmentation(crop_padding=0, horizontal_flip=False),
+                         label_smoothing=0.0, seed=0, threads=2, bf16=False)
+
+
+def _pair(cfg: DistillVision, x: torch.Tensor) -> Distiller:
+    torch.manual_seed(0)
+    teacher = ResNetTeacher(ResNetArch(stem=4, widths=[8, 12], blocks=[1, 1]))
+    teacher.train()  # a careless caller hands over a teacher in train mode; the Distiller must freeze it
+    return Distiller(MobileStudent(cfg.student), teacher, cfg, x)
+
+
+def _data(n=32):
+    gen = torch.Generator().manual_seed(0)
+    return Split(torch.randint(0, 256, (n, 28, 28), generator=gen, dtype=torch.uint8), torch.randint(0, 10, (n,), generator=gen))
+
+
+def test_kl_compares_log_probabilities_and_scales_by_t_squared():
+    s, t, temp = torch.randn(8, 10), torch.randn(8, 10), 3.0
+    p_t = F.softmax(t / temp, 1)
+    manual = (p_t * (F.log_softmax(t / temp, 1) - F.log_softmax(s / temp, 1))).sum(1).mean() * temp ** 2
+    torch.testing.assert_close(soft_target_kl(s, t, temp), manual)
+    assert soft_target_kl(t, t, temp).abs() < 1e-6 and soft_target_kl(s, t, temp) > 0
+    # the article's bug, KLDivLoss on raw logits, gives a different (and meaningless) number
+    assert not torch.isclose(F.kl_div(s, t, reduction="batchmean"), manual)
+
+
+def test_probability_mse_variant():
+    t = torch.randn(4, 10)
+    assert soft_target_mse(t, t, 2.0) == 0 and soft_target_mse(torch.randn(4, 10), t, 2.0) > 0
+
+
+def test_hint_loss_pools_to_the_smaller_map():
+    assert hint_loss(torch.ones(2, 3, 8, 8), torch.ones(2, 3, 4, 4)) == 0
+
+
+def test_teacher_frozen_and_only_student_and_adapters_learn():
+    cfg, data = _kd_cfg(), _data()
+    model = _pair(cfg, to_input(data.x[:2]))
+    teacher_before = copy.deepcopy(model.teacher.state_dict())  # weights and batch-norm statistics
+    student_before = copy.deepcopy(model.student.state_dict())
+    adapter_before = copy.deepcopy(model.adapters.state_dict())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()
+    x = to_input(data.x)
+    loss, _ = train_step(model, x, data.y, opt, distillation_loss, bf16=False)
+    assert loss > 0 and not model.teacher.training
+    assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
+    for k, v in model.teacher.state_dict().items():
+        assert torch.equal(v, teacher_before[k]), k
+    assert any(not torch.equal(v, student_before[k]) for k, v in model.student.state_dict().items())
+    assert any(not torch.equal(v, adapter_before[k]) for k, v in model.adapters.state_dict().items())
+    assert not any(k.startswith("teacher") for k in model.state_dict())
+    assert all(p.grad is not None for p in model.student.parameters())  # the student's forward ran with autograd
+
+
+def test_gradients_are_zeroed_every_step():
+    cfg, data = _kd_cfg(), _data()
+    model = _pair(cfg, to_input(data.x[:2])).train()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # no update: the same batch must give the same gradient
+    x = to_input(data.x)
+    train_step(model, x, data.y, opt, distillation_loss, bf16=False)
+    first = [p.grad.clone() for p in model.student.parameters()]
+    train_step(model, x, data.y, opt, distillation_loss, bf16=False)
+    for g, p in zip(first, model.student.parameters()):
+        torch.testing.assert_close(p.grad, g)  # accumulated gradients would be twice as large
+
+
+def test_every_term_contributes_and_weights_switch_terms_off():
+    cfg, data = _kd_cfg(), _data()
+    model = _pair(cfg, to_input(data.x[:2]))
+    _, _, parts = model.loss(to_input(data.x), data.y)
+    assert set(parts) == {"ground_truth", "target", "feature", "label"}
+    only_ce = _pair(_kd_cfg(target=0, feature=0, label=0) .model_copy(update={"feature_pairs": []}), to_input(data.x[:2]))
+    _, _, parts = only_ce.loss(to_input(data.x), data.y)
+    assert set(parts) == {"ground_truth"}
+
+
+def test_fit_trains_a_distiller_end_to_end(tmp_path):
+    cfg, data = _kd_cfg(), _data(64)
+    model = _pair(cfg, to_input(data.x[:2]))
+    history = fit(model, data, data, cfg, tmp_path / "ck.pt", "fp", loss_fn=distillation_loss)
+    assert len(history) == 1 and history[0]["train_loss"] > 0
+
+
+@pytest.mark.parametrize("change,pattern", [
+    ({"feature_pairs": [{"teacher": 7, "student": 1}]}, r"feature_pairs\.0\.teacher: teacher stage 7 does not exist"),
+    ({"feature_pairs": [{"teacher": 0, "student": 99}]}, r"feature_pairs\.0\.student: student block 99 does not exist"),
+    ({"weights": {"ground_truth": 0, "target": 0, "feature": 0, "label": 0}}, r"distill\.vision\.weights: .*at least one"),
+    ({"feature_pairs": []}, r"weights\.feature > 0 needs at least one"),
+    ({"temperature": 0}, r"distill\.vision\.temperature"),
+    ({"target_loss": "kld"}, r"distill\.vision\.target_loss"),
+])
+def test_bad_distillation_params_are_rejected_at_load(raw_params, change, pattern):
+    raw = {**raw_params, "distill": {"vision": {**raw_params["distill"]["vision"], **change}}}
+    with pytest.raises(ConfigError, match=pattern):
+        parse_config(raw)

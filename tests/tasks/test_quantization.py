@@ -1,0 +1,78 @@
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.ao.quantization import FakeQuantizeBase
+
+from tasks.artifacts import load_model, save_model
+from tasks.config import MobileArch, parse_config
+from tasks.errors import ConfigError
+from tasks.distillation import loss_config
+from tasks.quantization import convert_int8, freeze_schedule, prepare_qat
+from tasks.vision_models import MobileStudent
+
+ARCH = MobileArch(stem=4, widths=[8, 16, 16], strides=[2, 2, 1])
+
+
+def _qat(bits=8):
+    torch.manual_seed(0)
+    return prepare_qat(MobileStudent(ARCH), bits, torch.randn(2, 1, 28, 28))
+
+
+def _fake_quants(model):
+    return [m for m in model.modules() if isinstance(m, FakeQuantizeBase)]
+
+
+def test_weights_per_channel_int8_and_activations_n_bit():
+    model = _qat(bits=4)
+    weights = [fq for fq in _fake_quants(model) if fq.dtype == torch.qint8]
+    acts = [fq for fq in _fake_quants(model) if fq.dtype == torch.quint8]
+    assert weights and all(fq.qscheme == torch.per_channel_symmetric and fq.quant_max == 127 for fq in weights)
+    assert acts and all(fq.quant_min == 0 and fq.quant_max == 15 for fq in acts)
+    fused = [m for m in model.modules() if type(m).__name__ in ("ConvBn2d", "ConvBnReLU2d")]
+    assert len(fused) == 1 + 2 * 3  # stem + depthwise + pointwise per block: batch norm folded into each conv
+
+
+def test_freeze_schedule_fixes_ranges_and_bn_from_the_given_epoch():
+    model = _qat()
+    hook = freeze_schedule(model, freeze_observers_after=2, freeze_bn_after=3)
+    hook(1)
+    assert all(fq.observer_enabled.item() == 1 for fq in _fake_quants(model))
+    hook(2)
+    assert all(fq.observer_enabled.item() == 0 for fq in _fake_quants(model))
+    assert not any(getattr(m, "freeze_bn", False) for m in model.modules())
+    hook(3)
+    assert all(m.freeze_bn for m in model.modules() if hasattr(m, "freeze_bn"))
+
+
+def test_qat_model_round_trips_through_a_model_file_and_converts_to_int8(tmp_path):
+    model = _qat()
+    x = torch.randn(8, 1, 28, 28)
+    model.train()
+    for _ in range(3):  # let the observers see data
+        model(x)
+    model.eval()
+    save_model(model, "mobile_student", ARCH, tmp_path / "qat.pt", activation_bits=8)
+    again = load_model(tmp_path / "qat.pt")
+    torch.testing.assert_close(again(x), model(x))
+    int8 = convert_int8(again)
+    assert any("Quantized" in type(m).__module__ or "quantized" in type(m).__module__ for m in int8.modules())
+    assert (int8(x) - model(x)).abs().max() < 0.1
+
+
+def test_training_without_kd_uses_ground_truth_only(config):
+    plain = loss_config(config.distill.vision, distill=False, label_smoothing=0.1)
+    assert plain.weights.ground_truth == 1 and plain.weights.target == 0 and plain.feature_pairs == []
+    assert plain.label_smoothing == 0.1
+    kd = loss_config(config.distill.vision, distill=True, label_smoothing=0.0)
+    assert kd.weights == config.distill.vision.weights
+
+
+@pytest.mark.parametrize("change,pattern", [
+    ({"activation_bits": 9}, r"qat\.vision\.activation_bits"),
+    ({"activation_bits": 1}, r"qat\.vision\.activation_bits"),
+    ({"bf16": True}, r"qat\.vision: .*bf16 must be false"),
+])
+def test_bad_qat_params_are_rejected_at_load(raw_params, change, pattern):
+    with pytest.raises(ConfigError, match=pattern):
+        parse_config({**raw_params, "qat": {"vision": {**raw_params["qat"]["vision"], **change}}})
