@@ -5,6 +5,7 @@ before validation, so ``dvc exp run -S profile=smoke`` switches every stage at o
 """
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -312,3 +313,13 @@ def load_config(path: Path | str = PARAMS_FILE) -> Config:
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
     return parse_config(raw, str(path))
+
+
+def stage_args(doc: str, *path_flags: str) -> tuple[argparse.Namespace, Config]:
+    """A stage CLI's arguments: ``--params`` plus required path flags; returns (args, validated config)."""
+    parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
+    parser.add_argument("--params", default=str(PARAMS_FILE), help="the params file (default: params.yaml)")
+    for flag in path_flags:
+        parser.add_argument(flag, type=Path, required=True)
+    args = parser.parse_args()
+    return args, load_config(args.params)

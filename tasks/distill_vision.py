@@ -6,14 +6,13 @@ training scaffolding), ``<metrics>`` (test accuracy, parameters, the teacher's a
 """
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from tasks.artifacts import fingerprint, load_model, publish_training
-from tasks.config import DistillVision, load_config
+from tasks.config import DistillVision, stage_args
 from tasks.distillation import Distiller, distillation_loss, loss_config
 from tasks.errors import run_cli
 from tasks.training import Split, evaluate, fit, to_input
@@ -32,7 +31,8 @@ def distill_vision(cfg: DistillVision, distill: bool, data_dir: Path, teacher_pa
     loss = loss_config(cfg, distill, cfg.label_smoothing)
     distiller = Distiller(student, teacher, loss, to_input(train.x[:2]))
     inputs = [teacher_path] + [data_dir / f"{name}.npy" for name in ("train_x", "train_y", "val_x", "val_y")]
-    history = fit(distiller, train, val, cfg, checkpoint, fingerprint([cfg, loss], inputs), on_epoch, distillation_loss)
+    history = fit(distiller, train, val, cfg, checkpoint, fingerprint([cfg, loss], inputs), on_epoch,
+                  distillation_loss)
     metrics = {f"test_{k}": v for k, v in evaluate(student, test, cfg.eval_batch_size).items()}
     metrics["teacher_test_accuracy"] = evaluate(teacher, test, cfg.eval_batch_size)["accuracy"]
     metrics["parameters"] = count_parameters(student)
@@ -40,17 +40,12 @@ def distill_vision(cfg: DistillVision, distill: bool, data_dir: Path, teacher_pa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    for flag in ("--data", "--teacher", "--checkpoint", "--model", "--metrics", "--plots"):
-        parser.add_argument(flag, type=Path, required=True)
-    args = parser.parse_args()
-    cfg = load_config(args.params)
-    kd = cfg.distill.vision
+    args, cfg = stage_args(__doc__, "--data", "--teacher", "--checkpoint", "--model", "--metrics", "--plots")
+    kd, distill = cfg.distill.vision, "distill" in cfg.recipe.vision
     from tasks.tracking import stage_run
 
     with stage_run("distill_vision", cfg, {"distill.vision": kd, "recipe.vision": cfg.recipe.vision}) as run:
-        student, history, metrics = distill_vision(kd, "distill" in cfg.recipe.vision, args.data, args.teacher, args.checkpoint,
+        student, history, metrics = distill_vision(kd, distill, args.data, args.teacher, args.checkpoint,
                                                    lambda epoch, m: run.log_metrics(m, step=epoch + 1))
         publish_training(run, student, "mobile_student", kd.student, history, metrics, args)
     print(f"student test accuracy {metrics['test_accuracy']:.4f} ({metrics['parameters']:,} parameters), "

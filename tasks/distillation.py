@@ -84,7 +84,7 @@ class Distiller(nn.Module):
             soft = soft_target_kl if cfg.target_loss == "kl" else soft_target_mse
             parts["target"] = w.target * soft(s_logits, t_logits, cfg.temperature)
         if w.feature:
-            hints = [hint_loss(a(s_maps[p.student]), t_maps[p.teacher]) for a, p in zip(self.adapters, cfg.feature_pairs)]
+            hints = [hint_loss(a(s_maps[p.student]), t_maps[p.teacher]) for a, p in zip(self.adapters, cfg.feature_pairs, strict=True)]
             parts["feature"] = w.feature * torch.stack(hints).mean()
         if w.label:
             parts["label"] = w.label * F.cross_entropy(s_logits.float(), t_logits.argmax(dim=1))

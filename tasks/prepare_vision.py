@@ -7,7 +7,6 @@ Outputs: ``<out>/{train,val,test}_{x,y}.npy`` (uint8) and ``<out>/manifest.json`
 """
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import urllib.request
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.config import VISION_FILES, VisionData, load_config
+from tasks.config import VISION_FILES, VisionData, stage_args
 from tasks.errors import ChecksumError, DataSourceError, run_cli
 from tasks.idx import gunzip, parse_idx
 from tasks.io import save_npy, write_atomic, write_json
@@ -85,7 +84,7 @@ def stratified_pick(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.
     classes, counts = np.unique(labels, return_counts=True)
     quotas = np.floor(counts / counts.sum() * n).astype(int)
     quotas[: n - quotas.sum()] += 1  # hand out the rounding remainder to the first classes
-    picks = [rng.choice(np.flatnonzero(labels == c), size=q, replace=False) for c, q in zip(classes, quotas)]
+    picks = [rng.choice(np.flatnonzero(labels == c), size=q, replace=False) for c, q in zip(classes, quotas, strict=True)]
     return np.sort(np.concatenate(picks))
 
 
@@ -120,11 +119,7 @@ def prepare_vision(cfg: VisionData, out_dir: Path) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--out", type=Path, required=True)
-    args = parser.parse_args()
-    cfg = load_config(args.params)
+    args, cfg = stage_args(__doc__, "--out")
     from tasks.tracking import stage_run
 
     with stage_run("prepare_vision", cfg, params={"data.vision": cfg.data.vision}) as run:

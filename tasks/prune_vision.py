@@ -6,19 +6,18 @@ parameters, per-layer sparsity), ``<plots>``. Left out of ``recipe.vision``, it 
 """
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from tasks.artifacts import fingerprint, load_model, pass_through, publish_training
-from tasks.config import DistillVision, MobileArch, PruneVision, load_config
+from tasks.config import DistillVision, MobileArch, PruneVision, stage_args
 from tasks.distillation import Distiller, distillation_loss, loss_config
 from tasks.errors import run_cli
 from tasks.pruning import attach_masks, bake, prune_channels, prune_unstructured, shrink, sparsity_report, target_sparsity
 from tasks.training import Split, evaluate, fit, to_input
-from tasks.vision_models import MobileStudent, count_parameters
+from tasks.vision_models import MobileStudent, count_nonzero, count_parameters
 
 
 def pruning_schedule(student: MobileStudent, cfg: PruneVision) -> Callable[[int], None]:
@@ -57,18 +56,13 @@ def prune_vision(cfg: PruneVision, kd: DistillVision, distill: bool, data_dir: P
     model, arch = pruned
     metrics = {f"test_{k}": v for k, v in evaluate(model, test, cfg.eval_batch_size).items()}
     metrics.update({"parameters": count_parameters(model), "sparsity": sparsity["overall"],
-                    "nonzero_parameters": sum(int((p != 0).sum()) for p in model.parameters())})
+                    "nonzero_parameters": count_nonzero(model)})
     metrics.update({f"sparsity.{layer}": value for layer, value in sparsity.items() if layer != "overall"})
     return model, arch, history, metrics
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    for flag in ("--data", "--teacher", "--student", "--checkpoint", "--model", "--metrics", "--plots"):
-        parser.add_argument(flag, type=Path, required=True)
-    args = parser.parse_args()
-    cfg = load_config(args.params)
+    args, cfg = stage_args(__doc__, "--data", "--teacher", "--student", "--checkpoint", "--model", "--metrics", "--plots")
     prune, kd, recipe = cfg.prune.vision, cfg.distill.vision, cfg.recipe.vision
     from tasks.tracking import stage_run
 

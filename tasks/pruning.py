@@ -130,7 +130,7 @@ def shrink(student: MobileStudent, arch: MobileArch) -> tuple[MobileStudent, Mob
     small = MobileStudent(new_arch)
     small.stem.load_state_dict(student.stem.state_dict(), strict=False)
     previous = torch.arange(student.stem[0].out_channels)
-    for old, new, out_idx in zip(student.blocks, small.blocks, keep):
+    for old, new, out_idx in zip(student.blocks, small.blocks, keep, strict=True):
         _copy_block(old, new, previous, out_idx)
         previous = out_idx
     small.head.weight.data = student.head.weight.data[:, previous].clone()

@@ -6,20 +6,19 @@ turns it into a real INT8 model), ``<metrics>`` (fake-quant and real-INT8 test a
 """
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
 from tasks.artifacts import fingerprint, load_model, pass_through, publish_training
-from tasks.config import DistillVision, QatVision, load_config
+from tasks.config import DistillVision, QatVision, stage_args
 from tasks.distillation import Distiller, distillation_loss, loss_config
 from tasks.errors import run_cli
 from tasks.pruning import enforce_masks, keep_pruned_zeros
 from tasks.quantization import QatModel, convert_int8, freeze_schedule, prepare_qat
 from tasks.training import Split, evaluate, fit, to_input
-from tasks.vision_models import count_parameters
+from tasks.vision_models import count_nonzero, count_parameters
 
 
 def qat_vision(cfg: QatVision, kd: DistillVision, data_dir: Path, teacher_path: Path, student_path: Path,
@@ -43,22 +42,17 @@ def qat_vision(cfg: QatVision, kd: DistillVision, data_dir: Path, teacher_path: 
     metrics = {"test_accuracy_fake_quant": evaluate(qat, test, cfg.eval_batch_size)["accuracy"],
                "test_accuracy_int8": evaluate(convert_int8(qat), test, cfg.eval_batch_size)["accuracy"],
                "parameters": count_parameters(student),
-               "nonzero_parameters": sum(int((p != 0).sum()) for p in student.parameters())}
+               "nonzero_parameters": count_nonzero(student)}
     return qat, history, metrics
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    for flag in ("--data", "--teacher", "--student", "--checkpoint", "--model", "--metrics", "--plots"):
-        parser.add_argument(flag, type=Path, required=True)
-    args = parser.parse_args()
-    cfg = load_config(args.params)
-    qat, kd = cfg.qat.vision, cfg.distill.vision
+    args, cfg = stage_args(__doc__, "--data", "--teacher", "--student", "--checkpoint", "--model", "--metrics", "--plots")
+    qat, kd, recipe = cfg.qat.vision, cfg.distill.vision, cfg.recipe.vision
     from tasks.tracking import stage_run
 
-    with stage_run("qat_vision", cfg, {"qat.vision": qat, "distill.vision": kd, "recipe.vision": cfg.recipe.vision}) as run:
-        if "qat" not in cfg.recipe.vision:
+    with stage_run("qat_vision", cfg, {"qat.vision": qat, "distill.vision": kd, "recipe.vision": recipe}) as run:
+        if "qat" not in recipe:
             pass_through(run, args, "qat_vision")
             return
         model, history, metrics = qat_vision(qat, kd, args.data, args.teacher, args.student, args.checkpoint,

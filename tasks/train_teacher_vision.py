@@ -6,13 +6,12 @@ Outputs: ``<model>`` (``{"arch", "state_dict"}``, loadable with ``weights_only=T
 """
 from __future__ import annotations
 
-import argparse
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
-from tasks.config import TrainTeacherVision, load_config
+from tasks.config import TrainTeacherVision, stage_args
 from tasks.errors import run_cli
 from tasks.artifacts import fingerprint, publish_training
 from tasks.training import Split, evaluate, fit
@@ -36,12 +35,7 @@ def train_teacher_vision(cfg: TrainTeacherVision, data_dir: Path, checkpoint: Pa
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    for flag in ("--data", "--checkpoint", "--model", "--metrics", "--plots"):
-        parser.add_argument(flag, type=Path, required=True)
-    args = parser.parse_args()
-    cfg = load_config(args.params)
+    args, cfg = stage_args(__doc__, "--data", "--checkpoint", "--model", "--metrics", "--plots")
     teacher = cfg.teacher.vision
     from tasks.tracking import stage_run
 

@@ -5,14 +5,13 @@ value). A failed expectation stops the pipeline with a message naming it and the
 """
 from __future__ import annotations
 
-import argparse
 import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from tasks.config import Config, load_config
+from tasks.config import Config, stage_args
 from tasks.errors import DataFormatError, DataValidationError, run_cli
 from tasks.io import write_json
 
@@ -80,12 +79,7 @@ def failure_message(report: dict[str, Any]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--params", default="params.yaml")
-    parser.add_argument("--data", type=Path, required=True)
-    parser.add_argument("--report", type=Path, required=True)
-    args = parser.parse_args()
-    cfg = load_config(args.params)
+    args, cfg = stage_args(__doc__, "--data", "--report")
     from tasks.tracking import stage_run
 
     with stage_run("validate_vision", cfg, {"validate.vision": cfg.validate_.vision}) as run:

@@ -41,7 +41,7 @@ class ResNetTeacher(nn.Module):
         self.stem = nn.Sequential(nn.Conv2d(1, arch.stem, 3, 1, 1, bias=False), nn.BatchNorm2d(arch.stem),
                                   nn.ReLU(inplace=True))
         stages, cin = [], arch.stem
-        for width, blocks in zip(arch.widths, arch.blocks):
+        for width, blocks in zip(arch.widths, arch.blocks, strict=True):
             layers = [BasicBlock(cin if i == 0 else width, width, 2 if i == 0 else 1) for i in range(blocks)]
             stages.append(nn.Sequential(*layers))
             cin = width
@@ -93,7 +93,7 @@ class MobileStudent(nn.Module):
         cin = scaled(arch.stem, arch.width_multiplier)
         self.stem = nn.Sequential(nn.Conv2d(1, cin, 3, 1, 1, bias=False), nn.BatchNorm2d(cin), nn.ReLU(inplace=True))
         blocks = []
-        for width, stride in zip(arch.widths, arch.strides):
+        for width, stride in zip(arch.widths, arch.strides, strict=True):
             cout = scaled(width, arch.width_multiplier)
             blocks.append(SeparableBlock(cin, cout, stride))
             cin = cout
@@ -113,3 +113,7 @@ class MobileStudent(nn.Module):
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def count_nonzero(model: nn.Module) -> int:
+    return sum(int((p != 0).sum()) for p in model.parameters())

@@ -84,7 +84,7 @@ def test_gradients_are_zeroed_every_step():
     train_step(model, x, data.y, opt, distillation_loss, bf16=False)
     first = [p.grad.clone() for p in model.student.parameters()]
     train_step(model, x, data.y, opt, distillation_loss, bf16=False)
-    for g, p in zip(first, model.student.parameters()):
+    for g, p in zip(first, model.student.parameters(), strict=True):
         torch.testing.assert_close(p.grad, g)  # accumulated gradients would be twice as large
 
 

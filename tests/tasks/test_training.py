@@ -75,7 +75,7 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
     resumed = _model()
     history = fit(resumed, train, val, _spec(), tmp_path / "b.pt", "fp")
     assert len(history) == 2
-    for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):
+    for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
 
