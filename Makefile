@@ -5,6 +5,8 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 # Prefect's ephemeral API server must start within this; its 20 s default is tight on a busy 2-core machine.
 export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
+# No phoning home from the embedded server (these machines are offline; it would only log a failed lookup).
+export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
 .PHONY: run test benchmark data-source clean-results
 
