@@ -145,3 +145,30 @@ def test_benchmark_command_reports_cold_and_cached_runs(tmp_path):
     assert set(numbers["cold"]["statuses"].values()) == {"ran"}
     assert set(numbers["warm"]["statuses"].values()) == {"cached"}
     assert numbers["cold"]["stage_seconds"]["train_teacher_vision"] > 0
+
+
+def test_killed_training_resumes_from_its_checkpoint_under_dvc(tmp_path):
+    """SIGKILL the teacher stage after its first checkpoint; ``dvc repro`` then resumes instead of restarting."""
+    import signal
+    import time
+
+    repo = make_repo(tmp_path / "repo", **{"profiles.smoke.teacher.vision.epochs": 3})
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(repo), "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
+    checkpoint = repo / "checkpoints" / "vision" / "teacher" / "last.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "train_teacher_vision"], cwd=repo, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while not checkpoint.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert checkpoint.exists(), "no checkpoint was written before the stage ended"
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole process group: dvc and the stage it runs
+    proc.wait()
+    assert not (repo / "models" / "vision" / "teacher.pt").exists()
+
+    again = dvc(repo, "repro", "train_teacher_vision")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from checkpoints/vision/teacher/last.pt after epoch" in again.stderr
+    history = (repo / "plots" / "vision" / "teacher_history.csv").read_text().strip().splitlines()
+    assert len(history) == 1 + 3  # header + every epoch, the ones before the kill included
+    assert dvc(repo, "status", "train_teacher_vision").stdout.strip().endswith("up to date.")
