@@ -32,13 +32,27 @@ def save_model(model: nn.Module, kind: str, arch: BaseModel, path: Path, **extra
     write_atomic(path, buffer.getvalue())
 
 
-def load_model(path: Path) -> nn.Module:
-    """Rebuild a model saved by ``save_model``, in eval mode."""
+def _read(path: Path) -> dict[str, Any]:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-        arch_cls, model_cls = ARCHES[blob["kind"]]
+        ARCHES[blob["kind"]]
     except (OSError, RuntimeError, KeyError, TypeError) as err:
         raise CheckpointError(f"{path}: not a model file of this pipeline ({err}); re-run the stage that writes it") from err
+    return blob
+
+
+def model_meta(path: Path) -> dict[str, Any]:
+    """A model file's description without its weights: ``kind``, ``arch`` (validated) and any extras."""
+    blob = _read(path)
+    meta = {k: v for k, v in blob.items() if k != "state_dict"}
+    meta["arch"] = ARCHES[blob["kind"]][0].model_validate(blob["arch"])
+    return meta
+
+
+def load_model(path: Path) -> nn.Module:
+    """Rebuild a model saved by ``save_model``, in eval mode."""
+    blob = _read(path)
+    arch_cls, model_cls = ARCHES[blob["kind"]]
     model = model_cls(arch_cls.model_validate(blob["arch"]))
     if blob.get("activation_bits"):  # a QAT student: rebuild the same fake-quantized graph, then load into it
         from tasks.quantization import prepare_qat

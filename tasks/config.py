@@ -183,19 +183,23 @@ class PruneConfig(Strict):
     vision: PruneVision
 
 
-class QatVision(TrainingRecipe):
+class Fp32Recipe(TrainingRecipe):
+    """A recipe that trains through fake quantization, which is simulated in fp32."""
+
+    @model_validator(mode="after")
+    def _fp32_fake_quant(self) -> Fp32Recipe:
+        if self.bf16:
+            raise ValueError("bf16 must be false: fake quantization is simulated in fp32")
+        return self
+
+
+class QatVision(Fp32Recipe):
     """QAT of the distilled student; the KD loss of ``distill.vision`` stays active when ``distill`` is true."""
 
     activation_bits: Annotated[int, Field(ge=2, le=8)]
     distill: bool
     freeze_observers_after: Annotated[int, Field(ge=0)]
     freeze_bn_after: Annotated[int, Field(ge=0)]
-
-    @model_validator(mode="after")
-    def _fp32_fake_quant(self) -> QatVision:
-        if self.bf16:
-            raise ValueError("bf16 must be false: fake quantization is simulated in fp32")
-        return self
 
 
 class QatConfig(Strict):
@@ -206,7 +210,7 @@ class RecipeConfig(Strict):
     """Which compression stages apply, per family. A stage left out passes its input through, except distill,
     which then trains the student on the labels alone (the CE-only baseline)."""
 
-    vision: list[Literal["distill", "prune", "qat"]]
+    vision: list[Literal["distill", "prune", "qat", "share"]]
 
     @field_validator("vision")
     @classmethod
@@ -214,6 +218,16 @@ class RecipeConfig(Strict):
         if len(set(stages)) != len(stages):
             raise ValueError(f"lists a stage twice: {stages}")
         return stages
+
+
+class ShareVision(Fp32Recipe):
+    """Weight sharing after QAT: ``clusters`` centroids per layer (16 = 4-bit indices), fine-tuned with KD."""
+
+    clusters: Annotated[int, Field(ge=2, le=256)]
+
+
+class ShareConfig(Strict):
+    vision: ShareVision
 
 
 class TeacherConfig(Strict):
@@ -243,6 +257,7 @@ class Config(Strict):
     distill: DistillConfig
     prune: PruneConfig
     qat: QatConfig
+    share: ShareConfig
 
     @model_validator(mode="after")
     def _feature_pairs_exist(self) -> Config:

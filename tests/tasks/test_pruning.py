@@ -109,7 +109,7 @@ def test_bad_pruning_params_are_rejected_at_load(raw_params, section, change, pa
 
 
 @pytest.mark.parametrize("stages,pattern", [
-    (["distill", "sparsify"], r"recipe\.vision\.1: Input should be 'distill', 'prune' or 'qat' .*'sparsify'"),
+    (["distill", "sparsify"], r"recipe\.vision\.1: Input should be 'distill', 'prune', 'qat' or 'share' .*'sparsify'"),
     (["qat", "qat"], r"recipe\.vision: .*lists a stage twice"),
 ])
 def test_bad_recipes_are_rejected_at_load(raw_params, stages, pattern):
