@@ -72,6 +72,11 @@ def fingerprint(configs: list[BaseModel], inputs: list[Path]) -> str:
     return digest.hexdigest()
 
 
+def training_inputs(data_dir: Path, *models: Path) -> list[Path]:
+    """The files a training run depends on, for its checkpoint fingerprint: upstream models and train/val arrays."""
+    return [*models, *(data_dir / f"{name}.npy" for name in ("train_x", "train_y", "val_x", "val_y"))]
+
+
 def history_csv(history: list[dict[str, float]]) -> str:
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=["epoch", *history[0]])

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.artifacts import fingerprint, load_model, publish_training
+from tasks.artifacts import fingerprint, load_model, publish_training, training_inputs
 from tasks.config import DistillVision, stage_args
 from tasks.distillation import Distiller, distillation_loss, loss_config
 from tasks.errors import run_cli
@@ -30,7 +30,7 @@ def distill_vision(cfg: DistillVision, distill: bool, data_dir: Path, teacher_pa
     student = MobileStudent(cfg.student).to(memory_format=torch.channels_last)
     loss = loss_config(cfg, distill, cfg.label_smoothing)
     distiller = Distiller(student, teacher, loss, to_input(train.x[:2]))
-    inputs = [teacher_path] + [data_dir / f"{name}.npy" for name in ("train_x", "train_y", "val_x", "val_y")]
+    inputs = training_inputs(data_dir, teacher_path)
     history = fit(distiller, train, val, cfg, checkpoint, fingerprint([cfg, loss], inputs), on_epoch,
                   distillation_loss)
     metrics = {f"test_{k}": v for k, v in evaluate(student, test, cfg.eval_batch_size).items()}

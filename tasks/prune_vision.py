@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.artifacts import fingerprint, load_model, pass_through, publish_training
+from tasks.artifacts import fingerprint, load_model, pass_through, publish_training, training_inputs
 from tasks.config import DistillVision, MobileArch, PruneVision, stage_args
 from tasks.distillation import Distiller, distillation_loss, loss_config
 from tasks.errors import run_cli
@@ -47,7 +47,7 @@ def prune_vision(cfg: PruneVision, kd: DistillVision, distill: bool, data_dir: P
     attach_masks(student)
     loss = loss_config(kd, distill, cfg.label_smoothing)
     distiller = Distiller(student, teacher, loss, to_input(train.x[:2]))
-    inputs = [teacher_path, student_path] + [data_dir / f"{n}.npy" for n in ("train_x", "train_y", "val_x", "val_y")]
+    inputs = training_inputs(data_dir, teacher_path, student_path)
     history = fit(distiller, train, val, cfg, checkpoint, fingerprint([cfg, loss], inputs), on_epoch, distillation_loss,
                   before_epoch=pruning_schedule(student, cfg))
     sparsity = sparsity_report(student)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.artifacts import fingerprint, load_model, pass_through, publish_training
+from tasks.artifacts import fingerprint, load_model, pass_through, publish_training, training_inputs
 from tasks.config import DistillVision, QatVision, stage_args
 from tasks.distillation import Distiller, distillation_loss, loss_config
 from tasks.errors import run_cli
@@ -35,7 +35,7 @@ def qat_vision(cfg: QatVision, kd: DistillVision, data_dir: Path, teacher_path: 
     keep_pruned_zeros(qat)  # a pruned student stays pruned through QAT
     loss = loss_config(kd, cfg.distill, cfg.label_smoothing)
     distiller = Distiller(qat, teacher, loss, sample)
-    inputs = [teacher_path, student_path] + [data_dir / f"{n}.npy" for n in ("train_x", "train_y", "val_x", "val_y")]
+    inputs = training_inputs(data_dir, teacher_path, student_path)
     history = fit(distiller, train, val, cfg, checkpoint, fingerprint([cfg, loss], inputs), on_epoch, distillation_loss,
                   before_epoch=freeze_schedule(qat, cfg.freeze_observers_after, cfg.freeze_bn_after))
     enforce_masks(qat)

@@ -15,7 +15,7 @@ from torch import nn
 from torch.ao.nn.intrinsic.qat import freeze_bn_stats
 from torch.ao.quantization import disable_observer
 
-from tasks.artifacts import fingerprint, load_model, model_meta, pass_through, publish_training
+from tasks.artifacts import fingerprint, load_model, model_meta, pass_through, publish_training, training_inputs
 from tasks.config import DistillVision, ShareVision, stage_args
 from tasks.distillation import Distiller, distillation_loss, loss_config
 from tasks.errors import run_cli
@@ -43,7 +43,7 @@ def share_vision(cfg: ShareVision, kd: DistillVision, distill: bool, data_dir: P
     layers = share_weights(model, cfg.clusters)
     loss = loss_config(kd, distill, cfg.label_smoothing)
     distiller = Distiller(model, teacher, loss, to_input(train.x[:2]))
-    inputs = [teacher_path, student_path] + [data_dir / f"{n}.npy" for n in ("train_x", "train_y", "val_x", "val_y")]
+    inputs = training_inputs(data_dir, teacher_path, student_path)
     history = fit(distiller, train, val, cfg, checkpoint, fingerprint([cfg, loss], inputs), on_epoch,
                   distillation_loss, before_epoch=lambda _epoch: fix_quantization(model))
     codes = bake(model)

@@ -13,7 +13,7 @@ import torch
 
 from tasks.config import TrainTeacherVision, stage_args
 from tasks.errors import run_cli
-from tasks.artifacts import fingerprint, publish_training
+from tasks.artifacts import fingerprint, publish_training, training_inputs
 from tasks.training import Split, evaluate, fit
 from tasks.vision_models import ResNetTeacher, count_parameters
 
@@ -26,7 +26,7 @@ def train_teacher_vision(cfg: TrainTeacherVision, data_dir: Path, checkpoint: Pa
     torch.manual_seed(cfg.seed)
     train, val, test = (Split.load(data_dir, s) for s in ("train", "val", "test"))
     model = ResNetTeacher(cfg.arch).to(memory_format=torch.channels_last)
-    inputs = [data_dir / f"{name}.npy" for name in ("train_x", "train_y", "val_x", "val_y")]
+    inputs = training_inputs(data_dir)
     history = fit(model, train, val, cfg, checkpoint, fingerprint([cfg], inputs), on_epoch)
     # The exported teacher runs in fp32, so that is what the reported metrics measure.
     test_metrics = {f"test_{k}": v for k, v in evaluate(model, test, cfg.eval_batch_size).items()}
