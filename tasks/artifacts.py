@@ -9,6 +9,7 @@ import argparse
 import csv
 import hashlib
 import io
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,7 @@ def _read(path: Path) -> dict[str, Any]:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
         ARCHES[blob["kind"]]
-    except (OSError, RuntimeError, KeyError, TypeError) as err:
+    except (OSError, RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as err:
         raise CheckpointError(f"{path}: not a model file of this pipeline ({err}); re-run the stage that writes it") from err
     return blob
 
