@@ -10,7 +10,6 @@ import csv
 import hashlib
 import io
 import pickle
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -100,8 +99,7 @@ def publish_training(run: Any, model: nn.Module, kind: str, arch: BaseModel, his
 
 def pass_through(run: Any, paths: argparse.Namespace, stage: str) -> None:
     """A compression stage left out of the recipe: its output is its input, so the graph stays coherent."""
-    paths.model.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(paths.student, paths.model)
+    write_atomic(paths.model, paths.student.read_bytes())
     write_json(paths.metrics, {"pass_through": 1})
     write_atomic(paths.plots, b"epoch\n")
     run.set_tag("stage.pass_through", "true")
