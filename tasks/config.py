@@ -230,6 +230,38 @@ class ShareConfig(Strict):
     vision: ShareVision
 
 
+class AblationTargets(Strict):
+    """Targets of the ablation benchmark, checked on seed means."""
+
+    kd_qat_accuracy: Fraction          # the KD + QAT INT8 student at least this accurate
+    max_drop_vs_teacher: Fraction      # ... and at most this far below the teacher
+    min_gain_over_ptq: Fraction        # ... and at least this far above CE-only + PTQ INT8
+
+
+class AblationVision(Strict):
+    """The ablation benchmark: every arm trained once per seed with the stage recipes, where ``distill``, ``prune``,
+    ``qat`` and ``share`` hold overrides of ``<stage>.vision`` for the ablation only (e.g. fewer epochs)."""
+
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
+    calibration_size: Positive         # validation images that calibrate the PTQ baseline (never test images)
+    distill: dict[str, Any] = {}
+    prune: dict[str, Any] = {}
+    qat: dict[str, Any] = {}
+    share: dict[str, Any] = {}
+    targets: AblationTargets
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct(cls, seeds: list[int]) -> list[int]:
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"lists a seed twice: {seeds}")
+        return seeds
+
+
+class AblationConfig(Strict):
+    vision: AblationVision
+
+
 class TeacherConfig(Strict):
     vision: TrainTeacherVision
 
@@ -258,6 +290,26 @@ class Config(Strict):
     prune: PruneConfig
     qat: QatConfig
     share: ShareConfig
+    ablation: AblationConfig
+
+    def ablation_recipes(self, seed: int) -> dict[str, TrainingRecipe]:
+        """The stage recipes of the ablation for one seed: ``<stage>.vision`` with ``ablation.vision.<stage>``
+        merged over it (validated as strictly as params.yaml itself)."""
+        recipes: dict[str, TrainingRecipe] = {}
+        for stage, model in (("distill", DistillVision), ("prune", PruneVision), ("qat", QatVision), ("share", ShareVision)):
+            base = getattr(self, stage).vision.model_dump()
+            merged = deep_merge(base, {**getattr(self.ablation.vision, stage), "seed": seed})
+            try:
+                recipes[stage] = model.model_validate(merged)
+            except ValidationError as err:
+                problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+                raise ValueError(f"ablation.vision.{stage} does not give a valid {stage}.vision: {problems}") from None
+        return recipes
+
+    @model_validator(mode="after")
+    def _ablation_overrides_valid(self) -> Config:
+        self.ablation_recipes(self.ablation.vision.seeds[0])
+        return self
 
     @model_validator(mode="after")
     def _feature_pairs_exist(self) -> Config:

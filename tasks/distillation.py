@@ -71,11 +71,18 @@ class Distiller(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.student(x)
 
+    @torch.no_grad()
+    def teacher_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The frozen teacher's logits and feature maps, always in bf16: it is inference only, and on this CPU
+        bf16 inference is ~1.3x faster than fp32 while the student may train in fp32 (faster for depthwise convs)."""
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            logits, maps = self.teacher.forward_features(x)
+        return logits.float(), [m.float() for m in maps]
+
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """(total loss, student logits, each weighted term) for one batch."""
         cfg, w = self.cfg, self.cfg.weights
-        with torch.no_grad():
-            t_logits, t_maps = self.teacher.forward_features(x)
+        t_logits, t_maps = self.teacher_outputs(x) if (w.target or w.feature or w.label) else (None, [])
         s_logits, s_maps = self.student.forward_features(x)
         parts: dict[str, torch.Tensor] = {}
         if w.ground_truth:

@@ -111,9 +111,10 @@ def stage_run(stage: str, cfg: Config, params: dict[str, Any], client: MlflowCli
 
 
 @contextmanager
-def pipeline_run(cfg: Config, name: str, root: Path, client: MlflowClient | None = None) -> Iterator[RunLogger]:
-    """The parent run of one pipeline execution."""
+def pipeline_run(cfg: Config, name: str, root: Path, client: MlflowClient | None = None,
+                 launcher: str = "prefect") -> Iterator[RunLogger]:
+    """The top-level run of one pipeline execution (``launcher`` prefect) or of a benchmark command."""
     client = client or MlflowClient(tracking_uri(cfg, root))
-    tags = {"pipeline.launcher": "prefect", "pipeline.profile": cfg.profile, **lineage_tags(None, {}, root)}
+    tags = {"pipeline.launcher": launcher, "pipeline.profile": cfg.profile, **lineage_tags(None, {}, root)}
     with _run(client, cfg, name, tags, root) as logger:
         yield logger

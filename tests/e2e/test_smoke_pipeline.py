@@ -172,3 +172,36 @@ def test_killed_training_resumes_from_its_checkpoint_under_dvc(tmp_path):
     history = (repo / "plots" / "vision" / "teacher_history.csv").read_text().strip().splitlines()
     assert len(history) == 1 + 3  # header + every epoch, the ones before the kill included
     assert dvc(repo, "status", "train_teacher_vision").stdout.strip().endswith("up to date.")
+
+
+def test_ablation_command_tables_every_arm_and_resumes(flow_repo):
+    """The ablation on the smoke profile (2 seeds, 1 epoch per arm), on the flow's data and teacher."""
+    repo, _, _ = flow_repo
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(repo), "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
+    command = [sys.executable, "-m", "flows.ablation", "--root", str(repo)]
+    proc = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((repo / "reports" / "ablation" / "vision.json").read_text())
+    rows = doc["rows"]
+    assert list(rows) == ["teacher", "student CE-only", "student KD", "CE-only + PTQ", "KD + PTQ", "QAT without KD",
+                          "KD + QAT", "KD + QAT + pruning", "KD + QAT + weight sharing"]
+    assert rows["teacher"]["n"] == 1 and all(r["n"] == 2 and len(r["accuracies"]) == 2 for a, r in rows.items() if a != "teacher")
+    assert all(0.0 < acc <= 1.0 for r in rows.values() for acc in r["accuracies"])
+    assert rows["KD + QAT"]["bytes"] < rows["student KD"]["bytes"] / 2  # INT8 weights in the stored ONNX file
+    assert rows["KD + PTQ"]["bytes"] < rows["student KD"]["bytes"] / 2
+    assert rows["KD + QAT + pruning"]["nonzero"] < 0.8 * rows["KD + QAT + pruning"]["parameters"]
+    assert [c["key"] for c in doc["targets"]] == ["kd_qat_accuracy", "drop_vs_teacher", "gain_over_ptq"]
+    assert "| KD + QAT + weight sharing | INT8 |" in proc.stdout and "| target |" in proc.stdout
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    [run] = client.search_runs(["1"], "tags.`pipeline.launcher` = 'ablation'")
+    assert run.info.status == "FINISHED" and "kd_qat.accuracy_mean" in run.data.metrics
+    assert {"target.kd_qat_accuracy", "target.gain_over_ptq"} <= set(run.data.tags)
+    assert {"vision.md", "vision.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+
+    again = subprocess.run(command + ["--skip-repro"], cwd=repo, env=env, capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "epoch 1/1:" not in again.stderr  # every arm resumed from its finished checkpoint: nothing retrained
+    rerun = json.loads((repo / "reports" / "ablation" / "vision.json").read_text())["rows"]
+    assert {a: r["accuracies"] for a, r in rerun.items()} == {a: r["accuracies"] for a, r in rows.items()}

@@ -61,3 +61,23 @@ def test_malformed_and_missing_files(tmp_path):
         load_config(bad)
     with pytest.raises(ConfigError, match=r"not found"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_ablation_recipes_merge_overrides_and_seed(config):
+    recipes = config.ablation_recipes(7)
+    assert recipes["distill"].epochs == config.ablation.vision.distill["epochs"] != config.distill.vision.epochs
+    assert recipes["distill"].temperature == config.distill.vision.temperature  # what is not overridden is kept
+    assert {r.seed for r in recipes.values()} == {7}
+
+
+@pytest.mark.parametrize("override,pattern", [
+    ({"qat": {"epochs": 0}}, r"ablation\.vision\.qat does not give a valid qat\.vision: epochs"),
+    ({"distill": {"epoch": 3}}, r"ablation\.vision\.distill .*epoch: Extra inputs"),
+    ({"prune": {"steps": 9}}, r"ablation\.vision\.prune .*must cover steps"),
+    ({"seeds": [1, 1]}, r"ablation\.vision\.seeds: .*lists a seed twice"),
+    ({"seeds": []}, r"ablation\.vision\.seeds: "),
+])
+def test_bad_ablation_overrides_fail_at_load(raw_params, override, pattern):
+    raw = {**raw_params, "ablation": {"vision": {**raw_params["ablation"]["vision"], **override}}}
+    with pytest.raises(ConfigError, match=pattern):
+        parse_config(raw)

@@ -1,0 +1,191 @@
+"""Ablation benchmark of the vision compression recipe: which technique buys what.
+
+Trains every arm once per seed of ``ablation.vision.seeds`` with the stage functions of ``tasks/`` (the code
+``dvc repro`` runs), on the data and teacher the DVC graph produces (``dvc repro train_teacher_vision`` first),
+then measures each model as an ONNX file in onnxruntime on the test split. Writes ``<out>/vision.md`` and
+``<out>/vision.json`` and logs both, with per-arm metrics, to one MLflow run. Re-running resumes: every arm
+checkpoints each epoch under ``<out>/work`` and a finished arm is not trained again.
+
+    python -m flows.ablation [--root .] [--out reports/ablation] [--skip-repro]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from datetime import date
+from pathlib import Path
+
+from torch import nn
+
+from flows.benchmark import machine
+from tasks.artifacts import load_model, save_model
+from tasks.config import Config, load_config
+from tasks.distill_vision import distill_vision
+from tasks.io import write_atomic, write_json
+from tasks.onnx_models import export_fp32, export_int8, file_sizes, onnx_accuracy, quantize_ptq
+from tasks.prune_vision import prune_vision
+from tasks.qat_vision import qat_vision
+from tasks.share_vision import share_vision
+from tasks.training import Split
+from tasks.vision_models import count_nonzero, count_parameters
+
+DATA, TEACHER = Path("data/vision/processed"), Path("models/vision/teacher.pt")
+ARMS = {  # arm -> precision of the measured ONNX model
+    "teacher": "FP32", "student CE-only": "FP32", "student KD": "FP32", "CE-only + PTQ": "INT8",
+    "KD + PTQ": "INT8", "QAT without KD": "INT8", "KD + QAT": "INT8", "KD + QAT + pruning": "INT8",
+    "KD + QAT + weight sharing": "INT8"}
+
+
+@dataclass(frozen=True)
+class Measured:
+    accuracy: float
+    parameters: int
+    nonzero: int
+    bytes: int
+    gzip_bytes: int
+
+
+def measure(model: nn.Module, onnx_path: Path, test: Split, threads: int) -> Measured:
+    sizes = file_sizes(onnx_path)
+    return Measured(onnx_accuracy(onnx_path, test, threads), count_parameters(model), count_nonzero(model),
+                    sizes["bytes"], sizes["gzip_bytes"])
+
+
+def run_seed(cfg: Config, seed: int, root: Path, work: Path) -> dict[str, Measured]:
+    """Train and measure every student arm for one seed; ``work`` holds its checkpoints and models."""
+    r = cfg.ablation_recipes(seed)
+    kd, qat = r["distill"], r["qat"]
+    data, teacher = root / DATA, root / TEACHER
+    ckpt = work / "checkpoints"
+    files = {name: work / f"{name}.pt" for name in ("ce", "kd", "pruned", "qat_kd")}
+    models: dict[str, tuple[nn.Module, Path]] = {}
+
+    ce = distill_vision(kd, False, data, teacher, ckpt / "ce.pt")[0]
+    kd_student = distill_vision(kd, True, data, teacher, ckpt / "kd.pt")[0]
+    for name, model in (("ce", ce), ("kd", kd_student)):
+        save_model(model, "mobile_student", kd.student, files[name])
+    qat_ce = qat_vision(qat.model_copy(update={"distill": False}), kd, data, teacher, files["ce"], ckpt / "qat_ce.pt")[0]
+    qat_kd = qat_vision(qat.model_copy(update={"distill": True}), kd, data, teacher, files["kd"], ckpt / "qat_kd.pt")[0]
+    save_model(qat_kd, "mobile_student", kd.student, files["qat_kd"], activation_bits=qat.activation_bits)
+    pruned, arch = prune_vision(r["prune"], kd, True, data, teacher, files["kd"], ckpt / "prune.pt")[:2]
+    save_model(pruned, "mobile_student", arch, files["pruned"])
+    qat_pruned = qat_vision(qat.model_copy(update={"distill": True}), kd, data, teacher, files["pruned"],
+                            ckpt / "qat_pruned.pt")[0]
+    shared = share_vision(r["share"], kd, True, data, teacher, files["qat_kd"], ckpt / "share.pt")[0]
+
+    calibration = Split.load(data, "val")
+    calibration = Split(calibration.x[:cfg.ablation.vision.calibration_size], calibration.y[:cfg.ablation.vision.calibration_size])
+    ce_onnx, kd_onnx = export_fp32(ce, work / "ce.onnx"), export_fp32(kd_student, work / "kd.onnx")
+    models["student CE-only"] = ce, ce_onnx
+    models["student KD"] = kd_student, kd_onnx
+    models["CE-only + PTQ"] = ce, quantize_ptq(ce_onnx, calibration, work / "ce_ptq.onnx")
+    models["KD + PTQ"] = kd_student, quantize_ptq(kd_onnx, calibration, work / "kd_ptq.onnx")
+    models["QAT without KD"] = qat_ce, export_int8(qat_ce, work / "qat_ce.onnx")
+    models["KD + QAT"] = qat_kd, export_int8(qat_kd, work / "qat_kd.onnx")
+    models["KD + QAT + pruning"] = qat_pruned, export_int8(qat_pruned, work / "qat_pruned.onnx")
+    models["KD + QAT + weight sharing"] = shared, export_int8(shared, work / "shared.onnx")
+    test = Split.load(data, "test")
+    return {arm: measure(model, path, test, kd.threads) for arm, (model, path) in models.items()}
+
+
+def summarise(per_seed: dict[int, dict[str, Measured]], teacher: Measured) -> dict[str, dict]:
+    """Per arm: accuracy mean ± std over seeds (sample std; 0 for one seed), sizes as seed means."""
+    rows = {"teacher": {"precision": ARMS["teacher"], "accuracies": [teacher.accuracy], **_sizes([teacher])}}
+    for arm in list(ARMS)[1:]:
+        measured = [per_seed[seed][arm] for seed in per_seed]
+        rows[arm] = {"precision": ARMS[arm], "accuracies": [m.accuracy for m in measured], **_sizes(measured)}
+    for row in rows.values():
+        acc = row["accuracies"]
+        row.update(mean=statistics.fmean(acc), std=statistics.stdev(acc) if len(acc) > 1 else 0.0, n=len(acc))
+    return rows
+
+
+def _sizes(measured: list[Measured]) -> dict[str, int]:
+    return {key: round(statistics.fmean(getattr(m, key) for m in measured))
+            for key in ("parameters", "nonzero", "bytes", "gzip_bytes")}
+
+
+def check_targets(rows: dict[str, dict], cfg: Config) -> list[dict]:
+    t, kdq = cfg.ablation.vision.targets, rows["KD + QAT"]["mean"]
+    drop, gain = rows["teacher"]["mean"] - kdq, kdq - rows["CE-only + PTQ"]["mean"]
+    checks = [("kd_qat_accuracy", "KD + QAT INT8 accuracy", kdq, "≥", t.kd_qat_accuracy, kdq >= t.kd_qat_accuracy),
+              ("drop_vs_teacher", "teacher − KD + QAT (pt)", drop, "≤", t.max_drop_vs_teacher, drop <= t.max_drop_vs_teacher),
+              ("gain_over_ptq", "KD + QAT − CE-only + PTQ (pt)", gain, "≥", t.min_gain_over_ptq, gain >= t.min_gain_over_ptq)]
+    return [{"key": k, "check": c, "value": v, "op": op, "threshold": th, "met": ok} for k, c, v, op, th, ok in checks]
+
+
+def table(rows: dict[str, dict], checks: list[dict], cfg: Config, wall: float) -> str:
+    seeds = cfg.ablation.vision.seeds
+    lines = [f"Vision ablation, {date.today()}, {machine()}; student seeds {seeds}, teacher trained once by the "
+             f"pipeline; {wall / 60:.0f} min", "",
+             "| arm | precision | test accuracy % (mean ± std, n) | parameters | non-zero | ONNX bytes | gzip bytes |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for arm, r in rows.items():
+        lines.append(f"| {arm} | {r['precision']} | {100 * r['mean']:.2f} ± {100 * r['std']:.2f} (n={r['n']}) | "
+                     f"{r['parameters']:,} | {r['nonzero']:,} | {r['bytes']:,} | {r['gzip_bytes']:,} |")
+    lines += ["", "| target | measured | threshold | |", "|---|---:|---:|---|"]
+    for c in checks:
+        lines.append(f"| {c['check']} | {100 * c['value']:.2f} | {c['op']} {100 * c['threshold']:.2f} | "
+                     f"{'met' if c['met'] else 'MISSED'} |")
+    return "\n".join(lines)
+
+
+def ablation(root: Path, out: Path, repro: bool = True) -> dict:
+    """Run the whole ablation in ``root``; return the JSON document it writes."""
+    cfg = load_config(root / "params.yaml")
+    if repro:  # the data and teacher of the one graph; DVC decides whether anything needs to run
+        subprocess.run([sys.executable, "-m", "dvc", "repro", "train_teacher_vision"], cwd=root, check=True)
+    start = time.perf_counter()
+    per_seed = {seed: run_seed(cfg, seed, root, out / "work" / f"seed{seed}") for seed in cfg.ablation.vision.seeds}
+    teacher = load_model(root / TEACHER)
+    teacher_m = measure(teacher, export_fp32(teacher, out / "work" / "teacher.onnx"),
+                        Split.load(root / DATA, "test"), cfg.distill.vision.threads)
+    rows = summarise(per_seed, teacher_m)
+    checks = check_targets(rows, cfg)
+    wall = time.perf_counter() - start
+    doc = {"date": str(date.today()), "machine": machine(), "profile": cfg.profile, "wall_seconds": wall,
+           "seeds": cfg.ablation.vision.seeds, "rows": rows, "targets": checks,
+           "recipes": {k: v.model_dump() for k, v in cfg.ablation_recipes(cfg.ablation.vision.seeds[0]).items()}}
+    markdown = table(rows, checks, cfg, wall)
+    write_json(out / "vision.json", doc)
+    write_atomic(out / "vision.md", (markdown + "\n").encode())
+    _log(cfg, root, out, rows, checks)
+    print(markdown)
+    return doc
+
+
+def _log(cfg: Config, root: Path, out: Path, rows: dict[str, dict], checks: list[dict]) -> None:
+    from tasks.tracking import pipeline_run
+
+    with pipeline_run(cfg, "ablation-vision", root, launcher="ablation") as run:
+        run.log_params({"seeds": cfg.ablation.vision.seeds, "calibration_size": cfg.ablation.vision.calibration_size,
+                        **{f"ablation.{k}": v for k, v in cfg.ablation.vision.model_dump().items()
+                           if k in ("distill", "prune", "qat", "share")}})
+        slug = {arm: arm.lower().replace(" + ", "_").replace(" ", "_").replace("-", "_") for arm in rows}
+        run.log_metrics({f"{slug[a]}.accuracy_{k}": r[k] for a, r in rows.items() for k in ("mean", "std")})
+        run.log_metrics({f"{slug[a]}.gzip_bytes": r["gzip_bytes"] for a, r in rows.items()})
+        run.set_tags({f"target.{c['key']}": "met" if c["met"] else "missed" for c in checks})
+        for name in ("vision.md", "vision.json"):
+            run.log_artifact(out / name)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=Path("."), help="project root (params.yaml, dvc.yaml)")
+    parser.add_argument("--out", type=Path, default=None, help="default: <root>/reports/ablation")
+    parser.add_argument("--skip-repro", action="store_true", help="use the data and teacher already on disk")
+    args = parser.parse_args()
+    root = args.root.resolve()
+    os.chdir(root)
+    ablation(root, (args.out or root / "reports" / "ablation").resolve(), repro=not args.skip_repro)
+
+
+if __name__ == "__main__":
+    from tasks.errors import run_cli
+
+    run_cli(main)

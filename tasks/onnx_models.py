@@ -1,0 +1,105 @@
+"""ONNX models of the vision family: FP32 export, INT8 QDQ export of a QAT student, onnxruntime static PTQ, and
+evaluation in onnxruntime.
+
+Every exported graph takes ``image``: normalised float (N, 1, 28, 28) as produced by ``tasks.training.to_input``,
+and returns ``logits`` (N, 10), with a dynamic batch axis. Files are written atomically.
+"""
+from __future__ import annotations
+
+import gzip
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from tasks.errors import PipelineError
+from tasks.io import write_atomic
+from tasks.quantization import QatModel, convert_int8
+from tasks.training import Split, to_input
+
+INPUT, OUTPUT = "image", "logits"
+
+
+class OnnxError(PipelineError):
+    """An ONNX file that is missing, unreadable or does not fit the data."""
+
+
+def export_fp32(model: nn.Module, path: Path, opset: int = 17) -> Path:
+    """Export a float model (teacher or FP32 student) to ONNX."""
+    model = model.eval().to(memory_format=torch.contiguous_format)
+    example = torch.zeros(1, 1, 28, 28)
+    with tempfile.TemporaryDirectory() as tmp:
+        scratch = Path(tmp) / "model.onnx"
+        # dynamo=False: the TorchScript exporter is the one that turns converted FX INT8 graphs into QDQ; use the
+        # same exporter for every model so the FP32 and INT8 graphs are comparable.
+        torch.onnx.export(model, (example,), str(scratch), input_names=[INPUT], output_names=[OUTPUT],
+                          dynamic_axes={INPUT: {0: "batch"}, OUTPUT: {0: "batch"}}, opset_version=opset, dynamo=False)
+        write_atomic(path, scratch.read_bytes())
+    return path
+
+
+def export_int8(qat: QatModel, path: Path, opset: int = 17) -> Path:
+    """Convert a QAT student to real INT8 (``convert_fx``) and export it as QDQ ONNX (per-channel weights)."""
+    return export_fp32(convert_int8(qat), path, opset)
+
+
+class _Calibration:
+    """onnxruntime's CalibrationDataReader protocol over a uint8 image split."""
+
+    def __init__(self, images: torch.Tensor, batch_size: int) -> None:
+        self.batches = iter([to_input(images[i:i + batch_size]).contiguous().numpy()
+                             for i in range(0, len(images), batch_size)])
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        batch = next(self.batches, None)
+        return None if batch is None else {INPUT: batch}
+
+
+def quantize_ptq(fp32_path: Path, calibration: Split, path: Path, per_channel: bool = True) -> Path:
+    """The baseline a user would otherwise pick: onnxruntime static post-training quantization (QDQ, INT8
+    per-channel weights, UINT8 activations, MinMax calibration on ``calibration`` — never the test split)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
+
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared, out = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(out), _Calibration(calibration.x, 256), quant_format=QuantFormat.QDQ,
+                        per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        write_atomic(path, out.read_bytes())
+    return path
+
+
+def session(path: Path, threads: int = 2):
+    """An onnxruntime CPU session with a fixed thread count (measurements must not depend on the machine's load)."""
+    import onnxruntime as ort
+
+    if not Path(path).is_file():
+        raise OnnxError(f"{path}: ONNX model not found; re-run the stage that exports it")
+    options = ort.SessionOptions()
+    options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
+        raise OnnxError(f"{path}: onnxruntime cannot load this model ({err})") from err
+
+
+def onnx_logits(path: Path, split: Split, batch_size: int = 1024, threads: int = 2) -> np.ndarray:
+    """Logits of the ONNX model at ``path`` for every image of ``split``."""
+    sess = session(path, threads)
+    shape = sess.get_inputs()[0].shape
+    if list(shape[1:]) != [1, 28, 28]:
+        raise OnnxError(f"{path}: input shape {shape} does not match the data (N, 1, 28, 28)")
+    return np.concatenate([sess.run([OUTPUT], {INPUT: to_input(split.x[i:i + batch_size]).contiguous().numpy()})[0]
+                           for i in range(0, len(split.y), batch_size)])
+
+
+def onnx_accuracy(path: Path, split: Split, threads: int = 2) -> float:
+    return float((onnx_logits(path, split, threads=threads).argmax(1) == split.y.numpy()).mean())
+
+
+def file_sizes(path: Path) -> dict[str, int]:
+    """Stored size: raw bytes and gzip bytes (what a download or a container layer really costs)."""
+    blob = Path(path).read_bytes()
+    return {"bytes": len(blob), "gzip_bytes": len(gzip.compress(blob, compresslevel=9, mtime=0))}
