@@ -149,7 +149,7 @@ def ablation(root: Path, out: Path, repro: bool = True) -> dict:
     checks = check_targets(rows, cfg)
     wall = time.perf_counter() - start
     doc = {"date": str(date.today()), "machine": machine(), "profile": cfg.profile, "wall_seconds": wall,
-           "seeds": cfg.ablation.vision.seeds, "rows": rows, "targets": checks,
+           "seeds": cfg.ablation.vision.seeds, "rows": [{"arm": arm, **row} for arm, row in rows.items()], "targets": checks,
            "recipes": {k: v.model_dump() for k, v in cfg.ablation_recipes(cfg.ablation.vision.seeds[0]).items()}}
     markdown = table(rows, checks, cfg, wall)
     write_json(out / "vision.json", doc)

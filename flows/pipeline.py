@@ -103,11 +103,13 @@ def compression_pipeline(root: str = ".") -> dict[str, Any]:
 
 def collect_metrics(root: Path) -> dict[str, float]:
     """Every numeric metric of the graph's metrics files, keyed ``<family>.<file>.<name>``."""
+    from tasks.tracking import flatten
+
     found = {}
     for path in sorted((root / "metrics").glob("*/*.json")):
-        for key, value in json.loads(path.read_text()).items():
-            if isinstance(value, int | float):
-                found[f"{path.parent.name}.{path.stem}.{key}"] = value
+        for key, value in flatten(f"{path.parent.name}.{path.stem}", json.loads(path.read_text())).items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                found[key] = value
     return found
 
 
@@ -115,7 +117,10 @@ def summary(result: dict[str, Any], root: Path) -> str:
     bin_dir = Path(sys.executable).parent
     lines = ["", "=== compression pipeline: done ==="]
     lines += [f"  {stage:<24} {status}" for stage, status in result["stages"].items()]
-    lines += ["key metrics:"] + [f"  {k:<40} {v:.4f}" for k, v in result["metrics"].items()]
+    key = [k for k in result["metrics"] if k.endswith(("accuracy", "accuracy_int8", "_ratio", "ratio_vs_teacher"))
+           or ".ratios." in k]
+    lines += ["key metrics (all of them are in the MLflow parent run):"]
+    lines += [f"  {k:<56} {result['metrics'][k]:.4f}" for k in key]
     lines += [f"results: models/ metrics/ plots/ reports/ under {root}",
               f"MLflow parent run {result['parent_run_id']} in {result['tracking_uri']}",
               "open the MLflow UI:",

@@ -230,6 +230,38 @@ class ShareConfig(Strict):
     vision: ShareVision
 
 
+class Parity(Strict):
+    """ONNX file vs the PyTorch model it came from, on the test split."""
+
+    min_top1_agreement: Annotated[float, Field(gt=0.0, le=1.0)]
+    max_accuracy_delta: Fraction
+
+
+class ExportVision(Strict):
+    opset: Annotated[int, Field(ge=13, le=21)]   # QDQ with per-channel axes needs 13+
+    calibration_size: Positive                   # validation images that calibrate onnxruntime PTQ
+    threads: Positive
+    parity: Parity
+
+
+class ExportConfig(Strict):
+    vision: ExportVision
+
+
+class EvaluateVision(Strict):
+    """How onnxruntime latency is measured; recorded with the results."""
+
+    threads: Positive                  # intra-op threads (fixed: measurements must not follow the machine's load)
+    warmup: Annotated[int, Field(ge=0)]
+    repeats: Annotated[int, Field(ge=10)]
+    throughput_batch: Positive
+    throughput_repeats: Annotated[int, Field(ge=3)]
+
+
+class EvaluateConfig(Strict):
+    vision: EvaluateVision
+
+
 class AblationTargets(Strict):
     """Targets of the ablation benchmark, checked on seed means."""
 
@@ -290,6 +322,8 @@ class Config(Strict):
     prune: PruneConfig
     qat: QatConfig
     share: ShareConfig
+    export: ExportConfig
+    evaluate: EvaluateConfig
     ablation: AblationConfig
 
     def ablation_recipes(self, seed: int) -> dict[str, TrainingRecipe]:

@@ -26,10 +26,10 @@ class OnnxError(PipelineError):
     """An ONNX file that is missing, unreadable or does not fit the data."""
 
 
-def export_fp32(model: nn.Module, path: Path, opset: int = 17) -> Path:
+def export_fp32(model: nn.Module, path: Path, opset: int = 17, example: torch.Tensor | None = None) -> Path:
     """Export a float model (teacher or FP32 student) to ONNX."""
     model = model.eval().to(memory_format=torch.contiguous_format)
-    example = torch.zeros(1, 1, 28, 28)
+    example = torch.zeros(1, 1, 28, 28) if example is None else example
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp) / "model.onnx"
         # dynamo=False: the TorchScript exporter is the one that turns converted FX INT8 graphs into QDQ; use the
@@ -41,8 +41,21 @@ def export_fp32(model: nn.Module, path: Path, opset: int = 17) -> Path:
 
 
 def export_int8(qat: QatModel, path: Path, opset: int = 17) -> Path:
-    """Convert a QAT student to real INT8 (``convert_fx``) and export it as QDQ ONNX (per-channel weights)."""
-    return export_fp32(convert_int8(qat), path, opset)
+    """Convert a QAT student to real INT8 (``convert_fx``) and export it as QDQ ONNX (per-channel weights).
+
+    The exporter writes INT8 weights as ``Constant`` nodes and puts a no-op ``Cast`` between each activation's
+    QuantizeLinear and DequantizeLinear; onnxruntime's basic (ONNX-only, portable) graph optimisations fold these,
+    leaving plain Q/DQ pairs around each Conv/Gemm with INT8 weight initializers."""
+    import onnxruntime as ort
+
+    export_fp32(convert_int8(qat), path, opset)
+    with tempfile.TemporaryDirectory() as tmp:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+        options.optimized_model_filepath = str(Path(tmp) / "tidy.onnx")
+        ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        write_atomic(path, (Path(tmp) / "tidy.onnx").read_bytes())
+    return path
 
 
 class _Calibration:

@@ -1,0 +1,116 @@
+"""Stage ``evaluate_vision``: the exported ONNX models measured the way a deployment engineer would.
+
+Inputs: ``<data>`` (test split), ``<onnx>`` (export_vision's folder), the PyTorch ``<teacher>``, ``<student_fp32>``
+and final ``<student>`` (for parameter, non-zero and MAC counts). Output ``<metrics>``: per ONNX model its test
+accuracy in onnxruntime, size on disk (bytes, gzip bytes), parameters, non-zero parameters, multiply-accumulates
+per image, batch-1 latency p50 / p95 / p99 and batch-``throughput_batch`` throughput, with the thread count,
+warm-up and repeats used; plus ratios against the teacher and INT8 against FP32.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from tasks.artifacts import load_model
+from tasks.config import EvaluateVision, stage_args
+from tasks.errors import run_cli
+from tasks.io import write_json
+from tasks.onnx_models import INPUT, OUTPUT, file_sizes, onnx_accuracy, session
+from tasks.training import Split, to_input
+from tasks.vision_models import count_nonzero, count_parameters
+
+
+def count_macs(model: nn.Module) -> int:
+    """Multiply-accumulates of one 1x28x28 image through every convolution and linear layer (QAT modules are
+    subclasses of these, so fake-quantized graphs count alike)."""
+    total = 0
+
+    def hook(module: nn.Module, _inputs, output: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Conv2d):
+            per_output = module.in_channels // module.groups * module.kernel_size[0] * module.kernel_size[1]
+            total += output.numel() * per_output
+        else:
+            total += output.numel() * module.in_features
+
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
+    with torch.no_grad():
+        model.eval()(torch.zeros(1, 1, 28, 28))
+    for h in handles:
+        h.remove()
+    return total
+
+
+def latency(path: Path, images: torch.Tensor, cfg: EvaluateVision) -> dict[str, float]:
+    """Batch-1 latency percentiles (ms) and batch-N throughput (images/s) in onnxruntime."""
+    sess = session(path, cfg.threads)
+    one = to_input(images[:1]).contiguous().numpy()
+    batch = to_input(images[:cfg.throughput_batch]).contiguous().numpy()
+    for _ in range(cfg.warmup):
+        sess.run([OUTPUT], {INPUT: one})
+        sess.run([OUTPUT], {INPUT: batch})
+    times = []
+    for _ in range(cfg.repeats):
+        start = time.perf_counter()
+        sess.run([OUTPUT], {INPUT: one})
+        times.append(time.perf_counter() - start)
+    batch_times = []
+    for _ in range(cfg.throughput_repeats):
+        start = time.perf_counter()
+        sess.run([OUTPUT], {INPUT: batch})
+        batch_times.append(time.perf_counter() - start)
+    p50, p95, p99 = np.percentile(np.array(times) * 1000, [50, 95, 99])
+    return {"latency_b1_p50_ms": float(p50), "latency_b1_p95_ms": float(p95), "latency_b1_p99_ms": float(p99),
+            f"throughput_b{cfg.throughput_batch}_ips": float(cfg.throughput_batch / np.median(batch_times))}
+
+
+def evaluate_vision(cfg: EvaluateVision, data_dir: Path, onnx_dir: Path, teacher: Path, student_fp32: Path,
+                    student: Path) -> dict[str, dict[str, float]]:
+    """Measure every ONNX model of ``onnx_dir``; return {model name: metrics}."""
+    torch.set_num_threads(cfg.threads)
+    torch.backends.quantized.engine = "x86"
+    test = Split.load(data_dir, "test")
+    sources = {"teacher_fp32": teacher, "student_fp32": student_fp32, "student_int8": student,
+               "student_ptq_int8": student_fp32}
+    results: dict[str, dict[str, float]] = {}
+    for name, source in sources.items():
+        path, model = onnx_dir / f"{name}.onnx", load_model(source)
+        results[name] = {"accuracy": onnx_accuracy(path, test, cfg.threads), **file_sizes(path),
+                         "parameters": count_parameters(model), "nonzero_parameters": count_nonzero(model),
+                         "macs": count_macs(model), **latency(path, test.x, cfg)}
+    return results
+
+
+def ratios(results: dict[str, dict[str, float]], throughput_key: str) -> dict[str, float]:
+    """The comparisons the gates and the benchmark use, all measured in the same run."""
+    teacher, fp32, int8 = results["teacher_fp32"], results["student_fp32"], results["student_int8"]
+    return {"size_ratio_vs_teacher": teacher["bytes"] / int8["bytes"],
+            "speedup_b1_p50_vs_teacher": teacher["latency_b1_p50_ms"] / int8["latency_b1_p50_ms"],
+            "int8_vs_fp32_throughput_ratio": int8[throughput_key] / fp32[throughput_key],
+            "accuracy_drop_vs_teacher": teacher["accuracy"] - int8["accuracy"],
+            "int8_vs_ptq_accuracy": int8["accuracy"] - results["student_ptq_int8"]["accuracy"]}
+
+
+def main() -> None:
+    args, cfg = stage_args(__doc__, "--data", "--onnx", "--teacher", "--student-fp32", "--student", "--metrics")
+    ev = cfg.evaluate.vision
+    from tasks.tracking import stage_run
+
+    with stage_run("evaluate_vision", cfg, {"evaluate.vision": ev}) as run:
+        results = evaluate_vision(ev, args.data, args.onnx, args.teacher, args.student_fp32, args.student)
+        summary = ratios(results, f"throughput_b{ev.throughput_batch}_ips")
+        doc = {"models": results, "ratios": summary, "settings": ev.model_dump()}
+        write_json(args.metrics, doc)
+        run.log_metrics({f"{m}.{k}": v for m, r in results.items() for k, v in r.items()} | summary)
+        run.log_artifact(args.metrics)
+    for name, r in results.items():
+        print(f"{name}: accuracy {r['accuracy']:.4f}, {r['bytes']:,} bytes, p50 {r['latency_b1_p50_ms']:.3f} ms")
+    print(", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
+
+
+if __name__ == "__main__":
+    run_cli(main)

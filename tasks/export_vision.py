@@ -1,0 +1,102 @@
+"""Stage ``export_vision``: teacher, FP32 student and final compressed student -> ONNX, with a parity check.
+
+Inputs: ``<data>`` splits, ``<teacher>``, ``<student_fp32>`` (distill_vision's student), ``<student>`` (the last
+compression stage's output). Outputs in ``<out>``: ``teacher_fp32.onnx``, ``student_fp32.onnx``,
+``student_int8.onnx`` (the final student: a QAT student is converted to INT8 and exported as QDQ; a recipe
+without ``qat`` gets onnxruntime PTQ of its FP32 student instead) and ``student_ptq_int8.onnx`` (the baseline a
+user would otherwise pick: onnxruntime static PTQ of the FP32 student, calibrated on validation images).
+``<metrics>``: parity of each ONNX file against the PyTorch model it came from, on the test split.
+A parity failure (top-1 agreement or accuracy delta beyond ``export.vision.parity``) stops the pipeline and
+names the disagreeing test images, so nothing is evaluated or promoted.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from tasks.artifacts import load_model, model_meta
+from tasks.config import ExportVision, stage_args
+from tasks.errors import PipelineError, run_cli
+from tasks.io import write_json
+from tasks.onnx_models import export_fp32, export_int8, onnx_logits, quantize_ptq
+from tasks.quantization import convert_int8
+from tasks.training import Split, to_input
+
+FILES = ("teacher_fp32", "student_fp32", "student_int8", "student_ptq_int8")
+
+
+class ParityError(PipelineError):
+    """An ONNX model does not compute what the PyTorch model it was exported from computes."""
+
+
+@torch.no_grad()
+def torch_logits(model: nn.Module, split: Split, batch_size: int = 1024) -> np.ndarray:
+    model.eval()
+    return np.concatenate([model(to_input(split.x[i:i + batch_size])).float().numpy()
+                           for i in range(0, len(split.y), batch_size)])
+
+
+def parity(name: str, reference: np.ndarray, onnx: np.ndarray, labels: np.ndarray, cfg: ExportVision) -> dict:
+    """Top-1 agreement and accuracy delta of ``onnx`` logits against ``reference``; raise ParityError on failure."""
+    ref_top, onnx_top = reference.argmax(1), onnx.argmax(1)
+    agreement = float((ref_top == onnx_top).mean())
+    delta = float(abs((onnx_top == labels).mean() - (ref_top == labels).mean()))
+    result = {"top1_agreement": agreement, "accuracy_delta": delta,
+              "max_abs_logit_diff": float(np.abs(reference - onnx).max())}
+    if agreement < cfg.parity.min_top1_agreement or delta > cfg.parity.max_accuracy_delta:
+        bad = np.flatnonzero(ref_top != onnx_top)
+        shown = ", ".join(f"#{i} (torch {ref_top[i]}, onnx {onnx_top[i]})" for i in bad[:10])
+        raise ParityError(f"{name}: top-1 agreement {agreement:.4f} (min {cfg.parity.min_top1_agreement}), accuracy "
+                          f"delta {delta:.4f} (max {cfg.parity.max_accuracy_delta}); {len(bad)} test images "
+                          f"disagree, e.g. {shown}")
+    return result
+
+
+def export_vision(cfg: ExportVision, data_dir: Path, teacher_path: Path, fp32_path: Path, student_path: Path,
+                  out: Path) -> dict[str, dict]:
+    """Write the four ONNX files into ``out``; return parity metrics per file checked against PyTorch."""
+    torch.set_num_threads(cfg.threads)
+    torch.backends.quantized.engine = "x86"
+    val, test = Split.load(data_dir, "val"), Split.load(data_dir, "test")
+    calibration = Split(val.x[:cfg.calibration_size], val.y[:cfg.calibration_size])
+    paths = {name: out / f"{name}.onnx" for name in FILES}
+    teacher, fp32 = load_model(teacher_path), load_model(fp32_path)
+    references: dict[str, nn.Module] = {"teacher_fp32": teacher, "student_fp32": fp32}
+    export_fp32(teacher, paths["teacher_fp32"], cfg.opset)
+    export_fp32(fp32, paths["student_fp32"], cfg.opset)
+    quantize_ptq(paths["student_fp32"], calibration, paths["student_ptq_int8"])
+    if model_meta(student_path).get("activation_bits"):
+        final = load_model(student_path)
+        export_int8(final, paths["student_int8"], cfg.opset)
+        references["student_int8"] = convert_int8(final)
+    else:  # no QAT in the recipe: the final FP32 student (maybe pruned) goes through onnxruntime PTQ
+        final = load_model(student_path)
+        export_fp32(final, out / "student_final_fp32.onnx", cfg.opset)
+        quantize_ptq(out / "student_final_fp32.onnx", calibration, paths["student_int8"])
+        (out / "student_final_fp32.onnx").unlink()
+    labels = test.y.numpy()
+    return {name: parity(name, torch_logits(model, test), onnx_logits(paths[name], test, threads=cfg.threads),
+                         labels, cfg) for name, model in references.items()}
+
+
+def main() -> None:
+    args, cfg = stage_args(__doc__, "--data", "--teacher", "--student-fp32", "--student", "--out", "--metrics")
+    export = cfg.export.vision
+    from tasks.tracking import stage_run
+
+    with stage_run("export_vision", cfg, {"export.vision": export, "recipe.vision": cfg.recipe.vision}) as run:
+        checks = export_vision(export, args.data, args.teacher, args.student_fp32, args.student, args.out)
+        metrics = {f"{name}.{k}": v for name, result in checks.items() for k, v in result.items()}
+        write_json(args.metrics, metrics)
+        run.log_metrics(metrics)
+        run.log_artifact(args.metrics)
+    for name, result in checks.items():
+        print(f"{name}: top-1 agreement {result['top1_agreement']:.4f} with PyTorch, "
+              f"accuracy delta {result['accuracy_delta']:.4f}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

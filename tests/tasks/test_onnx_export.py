@@ -1,0 +1,117 @@
+"""Export to ONNX and measurement in a real onnxruntime: parity, INT8 QDQ graphs, sizes, latency, bad files."""
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from tasks.artifacts import save_model
+from tasks.config import Config, MobileArch, ResNetArch
+from tasks.evaluate_vision import count_macs, evaluate_vision, ratios
+from tasks.export_vision import ParityError, export_vision, parity
+from tasks.io import save_npy
+from tasks.onnx_models import OnnxError, export_fp32, onnx_logits
+from tasks.quantization import prepare_qat
+from tasks.training import Split, to_input
+from tasks.vision_models import MobileStudent, ResNetTeacher
+
+STUDENT = MobileArch(stem=4, widths=[8, 16, 16], strides=[2, 2, 1])
+TEACHER = ResNetArch(stem=8, widths=[16, 32], blocks=[1, 1])
+
+
+@pytest.fixture
+def models(tmp_path, real_splits):
+    """Real test/val images on disk, a teacher, an FP32 student and a QAT student whose observers saw data."""
+    data = tmp_path / "data"
+    for name in ("val", "test"):
+        x, y = real_splits[name]
+        save_npy(data / f"{name}_x.npy", x)
+        save_npy(data / f"{name}_y.npy", y)
+    torch.manual_seed(0)
+    teacher, student = ResNetTeacher(TEACHER).eval(), MobileStudent(STUDENT).eval()
+    images = to_input(torch.from_numpy(real_splits["val"][0][:256].copy()))
+    qat = prepare_qat(student, 8, images[:2]).train()
+    with torch.no_grad():
+        for i in range(0, 256, 64):
+            qat(images[i:i + 64])
+    paths = {"teacher": tmp_path / "teacher.pt", "fp32": tmp_path / "fp32.pt", "qat": tmp_path / "qat.pt"}
+    save_model(teacher, "resnet_teacher", TEACHER, paths["teacher"])
+    save_model(student, "mobile_student", STUDENT, paths["fp32"])
+    save_model(qat.eval(), "mobile_student", STUDENT, paths["qat"], activation_bits=8)
+    return data, paths
+
+
+def _export_cfg(config: Config):
+    return config.export.vision.model_copy(update={"calibration_size": 200})
+
+
+def test_export_writes_int8_qdq_graphs_that_match_pytorch(config, models, tmp_path):
+    data, paths = models
+    checks = export_vision(_export_cfg(config), data, paths["teacher"], paths["fp32"], paths["qat"], tmp_path / "onnx")
+    assert set(checks) == {"teacher_fp32", "student_fp32", "student_int8"}
+    for result in checks.values():
+        assert result["top1_agreement"] >= 0.995 and result["accuracy_delta"] <= 0.002
+    for name in ("student_int8", "student_ptq_int8"):
+        graph = onnx.load(tmp_path / "onnx" / f"{name}.onnx").graph
+        ops = {n.op_type for n in graph.node}
+        assert {"QuantizeLinear", "DequantizeLinear"} <= ops, name
+        int8_weights = [t for t in graph.initializer if t.data_type == onnx.TensorProto.INT8 and len(t.dims) == 4]
+        assert int8_weights, f"{name}: conv weights are not stored as INT8"
+        per_channel = [n for n in graph.node if n.op_type == "DequantizeLinear"
+                       and any(a.name == "axis" for a in n.attribute)]
+        assert per_channel, f"{name}: weights are not quantized per channel"
+        assert "Cast" not in ops and "Constant" not in ops, name
+    # (that INT8 files are much smaller shows on the real student, in the ablation e2e test; this one is tiny)
+
+
+def test_recipe_without_qat_gets_ptq_for_its_final_student(config, models, tmp_path):
+    data, paths = models
+    checks = export_vision(_export_cfg(config), data, paths["teacher"], paths["fp32"], paths["fp32"], tmp_path / "onnx")
+    assert set(checks) == {"teacher_fp32", "student_fp32"}
+    assert (tmp_path / "onnx" / "student_int8.onnx").is_file()
+    assert not (tmp_path / "onnx" / "student_final_fp32.onnx").exists()
+
+
+def test_parity_failure_names_the_disagreeing_images(config):
+    rng = np.random.default_rng(0)
+    reference = rng.normal(size=(100, 10)).astype(np.float32)
+    broken = reference.copy()
+    broken[[3, 17], :] = broken[[3, 17], ::-1]  # two images now get another class
+    labels = reference.argmax(1)
+    with pytest.raises(ParityError, match=r"student_int8: top-1 agreement 0\.98.*2 test images disagree, e\.g\. #3"):
+        parity("student_int8", reference, broken, labels, config.export.vision)
+    assert parity("student_int8", reference, reference, labels, config.export.vision)["top1_agreement"] == 1.0
+
+
+def test_evaluation_measures_every_model(config, models, tmp_path):
+    data, paths = models
+    export_vision(_export_cfg(config), data, paths["teacher"], paths["fp32"], paths["qat"], tmp_path / "onnx")
+    ev = config.evaluate.vision.model_copy(update={"warmup": 2, "repeats": 20, "throughput_repeats": 3})
+    results = evaluate_vision(ev, data, tmp_path / "onnx", paths["teacher"], paths["fp32"], paths["qat"])
+    assert set(results) == {"teacher_fp32", "student_fp32", "student_int8", "student_ptq_int8"}
+    for r in results.values():
+        assert 0.0 <= r["accuracy"] <= 1.0 and 0 < r["gzip_bytes"] < r["bytes"]
+        assert 0 < r["latency_b1_p50_ms"] <= r["latency_b1_p95_ms"] <= r["latency_b1_p99_ms"]
+        assert r["throughput_b64_ips"] > 0 and r["macs"] > 0 and r["nonzero_parameters"] <= r["parameters"]
+    assert results["teacher_fp32"]["macs"] > results["student_fp32"]["macs"]
+    summary = ratios(results, "throughput_b64_ips")
+    assert summary["size_ratio_vs_teacher"] == results["teacher_fp32"]["bytes"] / results["student_int8"]["bytes"]
+
+
+def test_macs_of_a_known_layer_stack():
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(4 * 28 * 28, 10))
+    assert count_macs(model) == 4 * 28 * 28 * 9 + 4 * 28 * 28 * 10
+
+
+def test_missing_corrupt_or_mismatched_onnx_files_are_clear_errors(tmp_path):
+    split = Split(torch.zeros(4, 28, 28, dtype=torch.uint8), torch.zeros(4, dtype=torch.int64))
+    with pytest.raises(OnnxError, match=r"absent\.onnx: ONNX model not found"):
+        onnx_logits(tmp_path / "absent.onnx", split)
+    (tmp_path / "junk.onnx").write_bytes(b"not a protobuf")
+    with pytest.raises(OnnxError, match=r"junk\.onnx: onnxruntime cannot load this model"):
+        onnx_logits(tmp_path / "junk.onnx", split)
+    wide = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    export_fp32(wide, tmp_path / "rgb.onnx", example=torch.zeros(1, 3, 28, 28))
+    with pytest.raises(OnnxError, match=r"rgb\.onnx: input shape \['batch', 3, 28, 28\] does not match"):
+        onnx_logits(tmp_path / "rgb.onnx", split)
