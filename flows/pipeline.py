@@ -98,7 +98,29 @@ def compression_pipeline(root: str = ".") -> dict[str, Any]:
         parent.set_tags({f"stage.{name}": status for name, status in statuses.items()})
         metrics = collect_metrics(root_path)
         parent.log_metrics(metrics)
-    return {"stages": statuses, "metrics": metrics, "parent_run_id": parent.run_id, "tracking_uri": uri}
+        gate = promote_vision(root_path, uri, parent.run_id)
+        parent.set_tags({"gate.passed": str(gate["passed"]).lower(), "registry.version": gate["version"]})
+    return {"stages": statuses, "metrics": metrics, "parent_run_id": parent.run_id, "tracking_uri": uri,
+            "gate": gate}
+
+
+@task(task_run_name="promote_vision")
+def promote_vision(root: Path, uri: str, parent_run_id: str) -> dict[str, Any]:
+    """Gate the INT8 student and register it (``flows.promotion``); registry state is not DVC's to cache."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.promotion import gate_and_register
+    from tasks.tracking import child_run
+
+    cfg = load_config(root / "params.yaml")
+    client = MlflowClient(uri, registry_uri=uri)
+    params = {"gate.vision": cfg.gate.vision, "evaluate.vision": cfg.evaluate.vision}
+    with child_run("promote_vision", cfg, params, parent_run_id, root, client) as run:
+        report = gate_and_register(root, cfg, client, uri, run.run_id, parent_run_id)
+        run.log_metrics({f"gate.{c['name']}": c["value"] for c in report["checks"]})
+        run.set_tag("registry.unchanged", str(report["unchanged"]).lower())
+        run.set_tags({"gate.passed": str(report["passed"]).lower(), "registry.version": report["version"]})
+    return report
 
 
 def collect_metrics(root: Path) -> dict[str, float]:
@@ -121,6 +143,13 @@ def summary(result: dict[str, Any], root: Path) -> str:
            or ".ratios." in k]
     lines += ["key metrics (all of them are in the MLflow parent run):"]
     lines += [f"  {k:<56} {result['metrics'][k]:.4f}" for k in key]
+    gate = result["gate"]
+    if gate["unchanged"]:
+        lines += [f"gate: candidate unchanged, already {gate['name']} version {gate['version']}; registry untouched"]
+    else:
+        lines += [f"gate: {'PASS' if gate['passed'] else 'FAIL'} (reports/vision/gate.md); registered "
+                  f"{gate['name']} version {gate['version']} as challenger"
+                  + ("; champion moved to it" if gate["champion"] else "; champion unchanged")]
     lines += [f"results: models/ metrics/ plots/ reports/ under {root}",
               f"MLflow parent run {result['parent_run_id']} in {result['tracking_uri']}",
               "open the MLflow UI:",

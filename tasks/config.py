@@ -262,6 +262,43 @@ class EvaluateConfig(Strict):
     vision: EvaluateVision
 
 
+class GateFloors(Strict):
+    min_accuracy: Annotated[float, Field(ge=0.0, le=1.0)]
+    max_p95_latency_ms: Annotated[float, Field(gt=0.0)]
+    max_size_kb: Annotated[float, Field(gt=0.0)]
+
+
+class GateVsTeacher(Strict):
+    """Goals relative to the teacher, measured in the same run (Olive's "max degradation" / "min improvement")."""
+
+    max_accuracy_drop: Annotated[float, Field(ge=0.0, le=1.0)]
+    min_speedup: Annotated[float, Field(gt=0.0)]
+    min_size_ratio: Annotated[float, Field(gt=0.0)]
+
+
+class GateVsChampion(Strict):
+    max_accuracy_drop: Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class GateVision(Strict):
+    registered_model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    floors: GateFloors
+    vs_teacher: GateVsTeacher
+    vs_champion: GateVsChampion
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GateVision:
+        if self.vs_champion.max_accuracy_drop > self.vs_teacher.max_accuracy_drop:
+            raise ValueError(f"vs_champion.max_accuracy_drop ({self.vs_champion.max_accuracy_drop}) exceeds "
+                             f"vs_teacher.max_accuracy_drop ({self.vs_teacher.max_accuracy_drop}): a challenger "
+                             "could then drift below what the teacher goal allows; keep it at most the teacher's")
+        return self
+
+
+class GateConfig(Strict):
+    vision: GateVision
+
+
 class AblationTargets(Strict):
     """Targets of the ablation benchmark, checked on seed means."""
 
@@ -324,6 +361,7 @@ class Config(Strict):
     share: ShareConfig
     export: ExportConfig
     evaluate: EvaluateConfig
+    gate: GateConfig
     ablation: AblationConfig
 
     def ablation_recipes(self, seed: int) -> dict[str, TrainingRecipe]:

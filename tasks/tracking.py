@@ -111,6 +111,17 @@ def stage_run(stage: str, cfg: Config, params: dict[str, Any], client: MlflowCli
 
 
 @contextmanager
+def child_run(name: str, cfg: Config, params: dict[str, Any], parent_run_id: str, root: Path,
+              client: MlflowClient) -> Iterator[RunLogger]:
+    """A child run of the pipeline's parent run for a step that runs inside the flow (not a DVC stage)."""
+    flat = flatten("", params)
+    tags = {"pipeline.stage": name, "mlflow.parentRunId": parent_run_id, **lineage_tags(name, flat, root)}
+    with _run(client, cfg, name, tags, root) as logger:
+        logger.log_params(flat)
+        yield logger
+
+
+@contextmanager
 def pipeline_run(cfg: Config, name: str, root: Path, client: MlflowClient | None = None,
                  launcher: str = "prefect") -> Iterator[RunLogger]:
     """The top-level run of one pipeline execution (``launcher`` prefect) or of a benchmark command."""

@@ -61,7 +61,7 @@ def test_flow_runs_every_stage_and_tracks_it(flow_repo):
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_stage = {r.data.tags["pipeline.stage"]: r for r in children}
-    assert set(by_stage) == set(names)
+    assert set(by_stage) == set(names) | {"promote_vision"}  # every DVC stage, then the gate in the flow
     for run in children:
         assert run.info.status == "FINISHED"
         assert run.data.tags["git.commit"] != "none" and run.data.tags["git.dirty"] == "false"
@@ -80,6 +80,15 @@ def test_flow_runs_every_stage_and_tracks_it(flow_repo):
     assert result["metrics"]["vision.evaluation.ratios.size_ratio_vs_teacher"] > 1
     assert result["metrics"]["vision.evaluation.models.student_int8.latency_b1_p95_ms"] > 0
 
+    gate = result["gate"]  # the smoke gate is lenient: a first candidate passes and becomes champion
+    assert gate["passed"] and gate["version"] == "1" and gate["name"] == "smoke-student-int8"
+    champion = client.get_model_version_by_alias("smoke-student-int8", "champion")
+    assert str(champion.version) == "1" and champion.tags["gate.passed"] == "true"
+    assert champion.tags["parent_run_id"] == parent.info.run_id
+    assert champion.tags["data.hash"] == locked_outs(repo)["data/vision/processed"]
+    assert "Gate: **PASS**" in (repo / "reports" / "vision" / "gate.md").read_text()
+    assert {"gate.md", "gate.json", "model"} <= {a.path for a in client.list_artifacts(by_stage["promote_vision"].info.run_id)}
+
 
 def test_prefect_ran_one_task_per_stage_in_graph_order(flow_repo):
     from prefect.client.orchestration import get_client
@@ -89,7 +98,7 @@ def test_prefect_ran_one_task_per_stage_in_graph_order(flow_repo):
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
     ordered = [r.name for r in sorted(runs, key=lambda r: r.start_time)]
-    assert ordered == [n.name for n in stage_graph(repo)]
+    assert ordered == [n.name for n in stage_graph(repo)] + ["promote_vision"]
 
 
 def test_nothing_changed_means_nothing_recomputed(flow_repo):
@@ -97,6 +106,7 @@ def test_nothing_changed_means_nothing_recomputed(flow_repo):
     before = locked_outs(repo)
     again = compression_pipeline(str(repo))
     assert set(again["stages"].values()) == {"cached"}
+    assert again["gate"]["unchanged"] and again["gate"]["version"] == "1"  # the registry is not touched either
     repro = dvc(repo, "repro")
     assert repro.returncode == 0, repro.stderr
     assert "Data and pipelines are up to date" in repro.stdout + repro.stderr

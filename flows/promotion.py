@@ -1,0 +1,186 @@
+"""Gate and promotion of the INT8 student in the MLflow model registry (aliases only, no deprecated stages).
+
+``gate_and_register`` (called by the pipeline flow after the last stage): scores the candidate and the current
+``champion`` on the same test data in the same run, writes ``reports/vision/gate.{json,md}``, registers the
+candidate as a new version of ``gate.vision.registered_model`` with the ONNX flavor, a signature and an input
+example, tags it with every gate result and its lineage, points ``challenger`` at it, and moves ``champion`` only
+when every check passes. The registry is checked for reachability before anything is written to it.
+
+``promote-model`` (``python -m flows.promotion``) is the separate flow that moves an alias to a given version
+(promotion or rollback), recording who and why as tags on that version.
+"""
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+from prefect import flow
+
+from tasks.config import Config, GateVision, load_config
+from tasks.errors import PipelineError, run_cli
+from tasks.evaluate_vision import latency
+from tasks.gate import gate_checks, gate_markdown
+from tasks.io import write_atomic, write_json
+from tasks.lineage import dvc_input_hashes, git_state, params_hash
+from tasks.onnx_models import OUTPUT, INPUT, onnx_accuracy, session
+from tasks.training import Split, to_input
+
+CANDIDATE, EVALUATION = Path("models/vision/onnx/student_int8.onnx"), Path("metrics/vision/evaluation.json")
+DATA, REPORTS = Path("data/vision/processed"), Path("reports/vision")
+
+
+class RegistryError(PipelineError):
+    """The model registry is unreachable or refused an operation; nothing was changed in it."""
+
+
+def check_registry(client: MlflowClient, uri: str) -> None:
+    try:
+        client.search_registered_models(max_results=1)
+    except Exception as err:  # connection errors surface as MlflowException or requests exceptions
+        raise RegistryError(f"model registry at {uri} is not reachable ({type(err).__name__}: {err}); "
+                            "nothing was registered or promoted") from err
+
+
+def champion_version(client: MlflowClient, name: str) -> Any | None:
+    try:
+        return client.get_model_version_by_alias(name, "champion")
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(err).lower():
+            return None
+        raise
+
+
+def download_onnx(client: MlflowClient, version: Any, dest: Path) -> Path:
+    """The ONNX file of a registered version, fetched through ``client`` (its ``runs:/`` source)."""
+    prefix = f"runs:/{version.run_id}/"
+    if not version.source.startswith(prefix):
+        raise RegistryError(f"version {version.version} has source {version.source}, not a run artifact of this "
+                            "pipeline; promote a version registered by the pipeline")
+    local = Path(client.download_artifacts(version.run_id, version.source.removeprefix(prefix), str(dest)))
+    return next(local.rglob("*.onnx"))
+
+
+def score(path: Path, test: Split, cfg: Config) -> dict[str, float]:
+    ev = cfg.evaluate.vision
+    return {"accuracy": onnx_accuracy(path, test, ev.threads), **latency(path, test.x, ev)}
+
+
+def log_onnx_model(client: MlflowClient, run_id: str, path: Path, sample: np.ndarray) -> str:
+    """Log ``path`` with the ``mlflow.onnx`` flavor, a signature and an input example; return its runs:/ URI."""
+    import mlflow.onnx
+    import onnx
+    from mlflow.models import infer_signature
+
+    logits = session(path).run([OUTPUT], {INPUT: sample})[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(tmp) / "model"
+        mlflow.onnx.save_model(onnx.load(str(path)), str(local), signature=infer_signature(sample, logits),
+                               input_example=sample, save_as_external_data=False)
+        client.log_artifacts(run_id, str(local), "model")
+    return f"runs:/{run_id}/model"
+
+
+def lineage(cfg: Config, root: Path, parent_run_id: str) -> dict[str, str]:
+    """git commit, DVC's hash of the data and of the candidate file, the hash of every param, the parent run."""
+    hashes = dvc_input_hashes("evaluate_vision", root)
+    return {**git_state(root), "params.hash": params_hash(cfg.model_dump(by_alias=True)),
+            "data.hash": hashes.get(str(DATA), "unknown"), "onnx.hash": hashes.get("models/vision/onnx", "unknown"),
+            "parent_run_id": parent_run_id}
+
+
+def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, run_id: str,
+                      parent_run_id: str) -> dict[str, Any]:
+    """Gate the candidate, register it, move aliases; return the report."""
+    gate: GateVision = cfg.gate.vision
+    check_registry(client, uri)
+    tags = lineage(cfg, root, parent_run_id)
+    same = _registered_with(client, gate.registered_model, tags["onnx.hash"])
+    if same is not None:  # a no-change re-run: this exact file was gated and registered before
+        print(f"{gate.registered_model} version {same.version} already holds this candidate; registry unchanged")
+        return {"passed": same.tags.get("gate.passed") == "true", "checks": [], "name": gate.registered_model,
+                "version": str(same.version), "champion": False, "unchanged": True}
+    test = Split.load(root / DATA, "test")
+    evaluation = json.loads((root / EVALUATION).read_text())
+    champ = champion_version(client, gate.registered_model)
+    champion = None
+    with tempfile.TemporaryDirectory() as tmp:
+        if champ is not None:  # the champion and the candidate: same test data, same run, back to back
+            champion = {"version": str(champ.version), **score(download_onnx(client, champ, Path(tmp)), test, cfg)}
+    evaluation["models"]["student_int8"].update(score(root / CANDIDATE, test, cfg))
+    checks = gate_checks(evaluation, champion, gate)
+    passed = all(c.passed for c in checks)
+    report = {"passed": passed, "checks": [c.as_dict() for c in checks], "champion_before": champion,
+              "candidate": evaluation["models"]["student_int8"]}
+    write_json(root / REPORTS / "gate.json", report)
+    write_atomic(root / REPORTS / "gate.md", gate_markdown(checks, passed).encode())
+    for name in ("gate.json", "gate.md"):
+        client.log_artifact(run_id, str(root / REPORTS / name))
+
+    source = log_onnx_model(client, run_id, root / CANDIDATE, to_input(test.x[:1]).contiguous().numpy())
+    if not client.search_registered_models(f"name = '{gate.registered_model}'"):
+        client.create_registered_model(gate.registered_model)
+    tags.update({f"gate.{c.name}": "pass" if c.passed else "fail" for c in checks})
+    tags["gate.passed"] = str(passed).lower()
+    version = client.create_model_version(gate.registered_model, source, run_id, tags=tags)
+    client.set_registered_model_alias(gate.registered_model, "challenger", version.version)
+    if passed:
+        client.set_registered_model_alias(gate.registered_model, "champion", version.version)
+    report.update(name=gate.registered_model, version=str(version.version), champion=passed, unchanged=False)
+    return report
+
+
+def _registered_with(client: MlflowClient, name: str, onnx_hash: str) -> Any | None:
+    if onnx_hash == "unknown" or not client.search_registered_models(f"name = '{name}'"):
+        return None
+    found = client.search_model_versions(f"name = '{name}' and tags.`onnx.hash` = '{onnx_hash}'")
+    return found[0] if found else None
+
+
+@flow(name="promote-model", log_prints=True)
+def promote_model(name: str, version: str, alias: str = "champion", reason: str = "", who: str | None = None,
+                  root: str = ".") -> dict[str, str]:
+    """Point ``alias`` of registered model ``name`` at ``version`` (a promotion or a rollback), recording who/why."""
+    cfg = load_config(Path(root) / "params.yaml")
+    from tasks.tracking import tracking_uri
+
+    uri = tracking_uri(cfg, Path(root).resolve())
+    client = MlflowClient(uri, registry_uri=uri)
+    check_registry(client, uri)
+    try:
+        client.get_model_version(name, version)
+    except MlflowException as err:
+        raise RegistryError(f"{name} version {version} does not exist in {uri}; nothing was changed") from err
+    previous = getattr(champion_version(client, name), "version", None) if alias == "champion" else None
+    who = who or getpass.getuser()
+    when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    client.set_registered_model_alias(name, alias, version)
+    for key, value in {f"{alias}.set_by": who, f"{alias}.reason": reason or "(none given)", f"{alias}.set_at": when,
+                       f"{alias}.previous": str(previous)}.items():
+        client.set_model_version_tag(name, version, key, value)
+    print(f"{name}@{alias} -> version {version} (was {previous}); by {who}: {reason or '(no reason given)'}")
+    return {"name": name, "alias": alias, "version": str(version), "previous": str(previous)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Move a registry alias to a model version (promote or roll back).")
+    parser.add_argument("--name", help="registered model (default: gate.vision.registered_model)")
+    parser.add_argument("--version", required=True)
+    parser.add_argument("--alias", default="champion")
+    parser.add_argument("--reason", default="")
+    parser.add_argument("--who", default=None)
+    parser.add_argument("--root", default=".")
+    args = parser.parse_args()
+    name = args.name or load_config(Path(args.root) / "params.yaml").gate.vision.registered_model
+    promote_model(name, args.version, args.alias, args.reason, args.who, args.root)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,63 @@
+"""Promotion gate: absolute floors, goals relative to the teacher (Olive-style) and challenger vs champion.
+
+Pure functions: ``gate_checks(evaluation, champion, cfg) -> [Check]`` and the report renderers. The candidate is
+the INT8 student of ``metrics/vision/evaluation.json``; ``champion`` is the current champion scored on the same
+test data in the same run (``None`` when the registry has no champion yet: the candidate is then compared with
+the floors and the teacher only).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+from tasks.config import GateVision
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    value: float
+    op: str           # ">=" or "<="
+    threshold: float
+    passed: bool
+    why: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _check(name: str, value: float, op: str, threshold: float, what: str) -> Check:
+    passed = value >= threshold if op == ">=" else value <= threshold
+    verdict = "meets" if passed else "fails"
+    return Check(name, value, op, threshold, passed, f"{what} {value:.4g} {verdict} {op} {threshold:.4g}")
+
+
+def gate_checks(evaluation: dict, champion: dict | None, cfg: GateVision) -> list[Check]:
+    """Every check of the gate, in report order."""
+    cand, teacher = evaluation["models"]["student_int8"], evaluation["models"]["teacher_fp32"]
+    floors, rel = cfg.floors, cfg.vs_teacher
+    checks = [
+        _check("accuracy", cand["accuracy"], ">=", floors.min_accuracy, "test accuracy"),
+        _check("p95_latency_ms", cand["latency_b1_p95_ms"], "<=", floors.max_p95_latency_ms, "batch-1 p95 latency (ms)"),
+        _check("size_kb", cand["bytes"] / 1024, "<=", floors.max_size_kb, "ONNX size (KB)"),
+        _check("accuracy_drop_vs_teacher", teacher["accuracy"] - cand["accuracy"], "<=", rel.max_accuracy_drop,
+               "accuracy drop vs the teacher"),
+        _check("speedup_vs_teacher", teacher["latency_b1_p50_ms"] / cand["latency_b1_p50_ms"], ">=",
+               rel.min_speedup, "batch-1 p50 speed-up vs the teacher"),
+        _check("size_ratio_vs_teacher", teacher["bytes"] / cand["bytes"], ">=", rel.min_size_ratio,
+               "size ratio vs the teacher")]
+    if champion is None:
+        checks.append(Check("vs_champion", 0.0, "<=", cfg.vs_champion.max_accuracy_drop, True,
+                            "no champion yet: nothing to be worse than"))
+    else:
+        drop = champion["accuracy"] - cand["accuracy"]
+        checks.append(_check("accuracy_drop_vs_champion", drop, "<=", cfg.vs_champion.max_accuracy_drop,
+                             f"accuracy drop vs champion v{champion['version']} (same test data, same run)"))
+    return checks
+
+
+def gate_markdown(checks: list[Check], passed: bool) -> str:
+    lines = [f"Gate: **{'PASS' if passed else 'FAIL'}**", "", "| check | value | threshold | result | why |",
+             "|---|---:|---:|---|---|"]
+    lines += [f"| {c.name} | {c.value:.4g} | {c.op} {c.threshold:.4g} | {'pass' if c.passed else 'FAIL'} | {c.why} |"
+              for c in checks]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,148 @@
+"""Gate and registry promotion against a real SQLite MLflow registry and real onnxruntime sessions."""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from flows.promotion import RegistryError, gate_and_register, promote_model
+from tasks.config import MobileArch, parse_config
+from tasks.errors import ConfigError
+from tasks.gate import gate_checks
+from tasks.io import save_npy, write_json
+from tasks.onnx_models import export_fp32
+from tasks.vision_models import MobileStudent
+
+EVALUATION = {"models": {
+    "teacher_fp32": {"accuracy": 0.94, "latency_b1_p50_ms": 2.0, "latency_b1_p95_ms": 2.5, "bytes": 4_800_000},
+    "student_int8": {"accuracy": 0.935, "latency_b1_p50_ms": 0.1, "latency_b1_p95_ms": 0.15, "bytes": 100_000}}}
+
+
+def _cfg(raw_params, **gate):
+    raw = copy.deepcopy(raw_params)
+    for section, values in gate.items():
+        raw["gate"]["vision"][section].update(values)
+    raw["evaluate"]["vision"].update(warmup=1, repeats=10, throughput_repeats=3)
+    return parse_config(raw)
+
+
+def test_gate_lists_every_check_with_value_threshold_and_why(raw_params):
+    checks = gate_checks(EVALUATION, None, _cfg(raw_params).gate.vision)
+    assert [c.name for c in checks] == ["accuracy", "p95_latency_ms", "size_kb", "accuracy_drop_vs_teacher",
+                                        "speedup_vs_teacher", "size_ratio_vs_teacher", "vs_champion"]
+    assert all(c.passed for c in checks)
+    assert checks[4].value == pytest.approx(20.0) and checks[5].value == pytest.approx(48.0)
+    worse = gate_checks(EVALUATION, {"version": "3", "accuracy": 0.94}, _cfg(raw_params).gate.vision)[-1]
+    assert not worse.passed and worse.why.startswith("accuracy drop vs champion v3")
+    slow = gate_checks(EVALUATION, None, _cfg(raw_params, vs_teacher={"min_speedup": 25.0}).gate.vision)
+    assert [c.name for c in slow if not c.passed] == ["speedup_vs_teacher"]
+    assert "fails >= 25" in slow[4].why
+
+
+def test_contradicting_or_out_of_range_thresholds_fail_at_load(raw_params):
+    with pytest.raises(ConfigError, match=r"vs_champion\.max_accuracy_drop .* exceeds vs_teacher"):
+        _cfg(raw_params, vs_champion={"max_accuracy_drop": 0.05})
+    with pytest.raises(ConfigError, match=r"gate\.vision\.floors\.min_accuracy"):
+        _cfg(raw_params, floors={"min_accuracy": 1.5})
+    with pytest.raises(ConfigError, match=r"gate\.vision\.vs_teacher\.min_speedup"):
+        _cfg(raw_params, vs_teacher={"min_speedup": 0})
+
+
+@pytest.fixture
+def project(tmp_path, real_splits):
+    """A project root holding what the gate reads: the test split, the INT8 candidate and its evaluation."""
+    x, y = real_splits["test"]
+    save_npy(tmp_path / "data/vision/processed/test_x.npy", x)
+    save_npy(tmp_path / "data/vision/processed/test_y.npy", y)
+    torch.manual_seed(0)
+    export_fp32(MobileStudent(MobileArch(stem=4, widths=[8, 16], strides=[2, 2])),
+                tmp_path / "models/vision/onnx/student_int8.onnx")
+    write_json(tmp_path / "metrics/vision/evaluation.json", EVALUATION)
+    return tmp_path
+
+
+def _gate(project, cfg, uri):
+    client = MlflowClient(uri, registry_uri=uri)
+    run = client.create_run(client.create_experiment(f"e{len(client.search_experiments())}"))
+    return gate_and_register(project, cfg, client, uri, run.info.run_id, "parent-123"), client
+
+
+def test_passing_candidate_becomes_champion_and_loads_from_the_registry(project, raw_params, mlflow_uri):
+    import mlflow.onnx
+    import onnxruntime as ort
+
+    uri = mlflow_uri  # also $MLFLOW_TRACKING_URI, where mlflow.onnx.load_model looks
+    cfg = _cfg(raw_params, floors={"min_accuracy": 0.0}, vs_teacher={"max_accuracy_drop": 1.0},
+               vs_champion={"max_accuracy_drop": 0.0})
+    report, client = _gate(project, cfg, uri)
+    name = cfg.gate.vision.registered_model
+    assert report["passed"] and report["version"] == "1" and report["champion_before"] is None
+    version = client.get_model_version_by_alias(name, "champion")
+    assert str(version.version) == "1" == str(client.get_model_version_by_alias(name, "challenger").version)
+    assert version.tags["gate.passed"] == "true" and version.tags["gate.accuracy"] == "pass"
+    assert version.tags["parent_run_id"] == "parent-123" and len(version.tags["params.hash"]) == 64
+    assert {"git.commit", "data.hash", "onnx.hash"} <= set(version.tags)
+    gate_md = (project / "reports/vision/gate.md").read_text()
+    assert "Gate: **PASS**" in gate_md and "| size_ratio_vs_teacher |" in gate_md
+
+    model = mlflow.onnx.load_model(f"models:/{name}@champion")  # what a deployment would pull
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    assert sess.run(None, {"image": np.zeros((2, 1, 28, 28), np.float32)})[0].shape == (2, 10)
+
+    # Same candidate again: scored against champion v1 on the same data in the same run; equal, so it passes.
+    again, _ = _gate(project, cfg, uri)
+    assert again["champion_before"]["version"] == "1" and again["passed"] and again["version"] == "2"
+
+
+def test_failing_candidate_is_registered_as_challenger_only(project, raw_params, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    lenient = _cfg(raw_params, floors={"min_accuracy": 0.0}, vs_teacher={"max_accuracy_drop": 1.0})
+    _gate(project, lenient, uri)
+    strict = _cfg(raw_params, floors={"min_accuracy": 0.99})  # forced to fail
+    report, client = _gate(project, strict, uri)
+    name = strict.gate.vision.registered_model
+    assert not report["passed"] and report["version"] == "2"
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    assert str(client.get_model_version_by_alias(name, "challenger").version) == "2"
+    tags = client.get_model_version(name, "2").tags
+    assert tags["gate.passed"] == "false" and tags["gate.accuracy"] == "fail"
+    gate = json.loads((project / "reports/vision/gate.json").read_text())
+    assert [c["name"] for c in gate["checks"] if not c["passed"]][0] == "accuracy"
+
+    # The promotion flow: force version 2 in by hand, then roll back to 1, recording who and why.
+    for version, reason in (("2", "hotfix accepted by review"), ("1", "rollback: v2 misbehaves")):
+        promote_model.fn(name, version, "champion", reason, "alice", str(_root_with_params(tmp_path, uri)))
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    v1 = client.get_model_version(name, "1").tags
+    assert v1["champion.set_by"] == "alice" and v1["champion.reason"] == "rollback: v2 misbehaves"
+    assert v1["champion.previous"] == "2"
+    with pytest.raises(RegistryError, match="version 9 does not exist"):
+        promote_model.fn(name, "9", "champion", "", "alice", str(_root_with_params(tmp_path, uri)))
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+
+
+def _root_with_params(tmp_path, uri):
+    import yaml
+
+    from tests.conftest import ROOT
+
+    root = tmp_path / "params-root"
+    root.mkdir(exist_ok=True)
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["tracking"]["uri"] = uri
+    (root / "params.yaml").write_text(yaml.safe_dump(raw))
+    return root
+
+
+def test_unreachable_registry_is_a_clear_error_and_nothing_is_written(project, raw_params, monkeypatch):
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    uri = "http://127.0.0.1:9"
+    client = MlflowClient(uri, registry_uri=uri)
+    with pytest.raises(RegistryError, match=r"registry at http://127\.0\.0\.1:9 is not reachable"):
+        gate_and_register(project, _cfg(raw_params), client, uri, "run-x", "parent-x")
+    assert not (project / "reports").exists()
