@@ -224,3 +224,16 @@ def test_ablation_command_tables_every_arm_and_resumes(flow_repo):
     assert "epoch 1/1:" not in again.stderr  # every arm resumed from its finished checkpoint: nothing retrained
     rerun = json.loads((repo / "reports" / "ablation" / "vision.json").read_text())["rows"]
     assert {r["arm"]: r["accuracies"] for r in rerun} == {a: r["accuracies"] for a, r in rows.items()}
+
+
+def test_export_benchmark_command_measures_the_flows_onnx_models(flow_repo, tmp_path):
+    repo, _, _ = flow_repo
+    out = tmp_path / "export.json"
+    proc = subprocess.run([sys.executable, "-m", "flows.export_benchmark", "--root", str(repo),
+                           "--onnx-dir", str(repo / "models/vision/onnx"), "--data", str(repo / "data/vision/processed"),
+                           "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| student_int8 |" in proc.stdout and "| student INT8 vs FP32 batch-64 throughput |" in proc.stdout
+    numbers = json.loads(out.read_text())
+    assert set(numbers["models"]) == {"teacher_fp32", "student_fp32", "student_int8", "student_ptq_int8"}
+    assert numbers["settings"]["threads"] == 1 and numbers["ratios"]["size_ratio_vs_teacher"] > 1

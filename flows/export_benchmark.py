@@ -1,0 +1,78 @@
+"""Benchmark of the exported vision models: size, latency, throughput and accuracy, measured in one run.
+
+Reads the four ONNX files ``export_vision`` writes (``--onnx-dir``, default ``models/vision/onnx``) or explicit
+paths, measures them back to back in onnxruntime with ``evaluate.vision``'s threads, warm-up and repeats, and
+prints a markdown table with the deployment targets. ``--out`` also writes the numbers as JSON.
+
+    python -m flows.export_benchmark [--onnx-dir models/vision/onnx] [--out reports/benchmarks/export_vision.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import date
+from pathlib import Path
+
+from flows.benchmark import machine
+from tasks.config import load_config
+from tasks.errors import run_cli
+from tasks.evaluate_vision import latency, ratios
+from tasks.onnx_models import file_sizes, onnx_accuracy
+from tasks.training import Split
+
+NAMES = ("teacher_fp32", "student_fp32", "student_int8", "student_ptq_int8")
+TARGETS = (("size_ratio_vs_teacher", ">=", 40.0, "student INT8 vs teacher FP32 size"),
+           ("speedup_b1_p50_vs_teacher", ">=", 10.0, "batch-1 p50 speed-up vs teacher"),
+           ("int8_vs_fp32_throughput_ratio", ">=", 2.0, "student INT8 vs FP32 batch-64 throughput"),
+           ("accuracy_drop_vs_teacher", "<=", 0.01, "accuracy drop vs teacher"))
+
+
+def measure(paths: dict[str, Path], data: Path, root: Path) -> dict:
+    ev = load_config(root / "params.yaml").evaluate.vision
+    test = Split.load(data, "test")
+    models = {name: {"accuracy": onnx_accuracy(path, test, ev.threads), **file_sizes(path), **latency(path, test.x, ev)}
+              for name, path in paths.items()}
+    return {"models": models, "ratios": ratios(models, f"throughput_b{ev.throughput_batch}_ips"),
+            "settings": ev.model_dump(), "files": {k: str(v) for k, v in paths.items()}}
+
+
+def table(result: dict) -> str:
+    ev, tp = result["settings"], f"throughput_b{result['settings']['throughput_batch']}_ips"
+    lines = [f"ONNX benchmark, {date.today()}, {machine()}; onnxruntime CPU, {ev['threads']} thread(s), "
+             f"{ev['warmup']} warm-up, {ev['repeats']} batch-1 repeats", "",
+             "| model | accuracy % | bytes | gzip bytes | b1 p50 ms | b1 p95 ms | b1 p99 ms | b64 images/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, m in result["models"].items():
+        lines.append(f"| {name} | {100 * m['accuracy']:.2f} | {m['bytes']:,} | {m['gzip_bytes']:,} | "
+                     f"{m['latency_b1_p50_ms']:.3f} | {m['latency_b1_p95_ms']:.3f} | {m['latency_b1_p99_ms']:.3f} | "
+                     f"{m[tp]:,.0f} |")
+    lines += ["", "| target | measured | threshold | |", "|---|---:|---:|---|"]
+    for key, op, threshold, what in TARGETS:
+        value = result["ratios"][key]
+        met = value >= threshold if op == ">=" else value <= threshold
+        lines.append(f"| {what} | {value:.3f} | {op} {threshold:g} | {'met' if met else 'MISSED'} |")
+    r = result["ratios"]
+    lines.append(f"| QAT+KD INT8 vs onnxruntime PTQ INT8 accuracy (pt) | {100 * r['int8_vs_ptq_accuracy']:+.2f} | "
+                 "(side by side) | |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=Path("."))
+    parser.add_argument("--onnx-dir", type=Path, default=Path("models/vision/onnx"))
+    for name in NAMES:
+        parser.add_argument(f"--{name.replace('_', '-')}", type=Path, help=f"override <onnx-dir>/{name}.onnx")
+    parser.add_argument("--data", type=Path, default=Path("data/vision/processed"))
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    paths = {name: getattr(args, name) or args.onnx_dir / f"{name}.onnx" for name in NAMES}
+    result = measure(paths, args.data, args.root)
+    print(table(result))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"date": str(date.today()), "machine": machine(), **result}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    run_cli(main)
