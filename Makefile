@@ -8,7 +8,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 # No phoning home from the embedded server (these machines are offline; it would only log a failed lookup).
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: run test benchmark ablation data-source clean-results
+.PHONY: run test benchmark benchmark-export ablation data-source clean-results
 
 run: $(STAMP) data-source
 	$(PY) -m flows.pipeline
@@ -19,6 +19,10 @@ test: $(STAMP) data-source
 # Cold run + no-change re-run of the whole pipeline in a scratch copy; prints the table the README quotes.
 benchmark: $(STAMP) data-source
 	$(PY) -m flows.benchmark --out reports/benchmarks/pipeline_vision.json
+
+# The pipeline's four ONNX models measured back to back against the deployment targets (after `make run`).
+benchmark-export: $(STAMP)
+	$(PY) -m flows.export_benchmark --out reports/benchmarks/export_vision.json
 
 # Every compression arm x ablation.vision.seeds on the full data, measured as ONNX; writes reports/ablation/.
 ablation: $(STAMP) data-source

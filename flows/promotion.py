@@ -134,7 +134,22 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
     if passed:
         client.set_registered_model_alias(gate.registered_model, "champion", version.version)
     report.update(name=gate.registered_model, version=str(version.version), champion=passed, unchanged=False)
+    write_report(root, cfg, evaluation, report, tags)
+    client.log_artifact(run_id, str(root / REPORTS / "report.html"))
     return report
+
+
+def write_report(root: Path, cfg: Config, evaluation: dict, report: dict, tags: dict[str, str]) -> None:
+    """``reports/vision/report.html``: Pareto plots, models, gate, and the ablation when one was run."""
+    from tasks.report import render_report
+
+    ablation_file = root / "reports" / "ablation" / "vision.json"
+    ablation = json.loads(ablation_file.read_text()) if ablation_file.exists() else None
+    context = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "profile": cfg.profile,
+               "git commit": tags["git.commit"], "pipeline run": tags["parent_run_id"],
+               "registered": f"{report['name']} version {report['version']}"
+                             + (" (champion)" if report["champion"] else " (challenger only)")}
+    write_atomic(root / REPORTS / "report.html", render_report(evaluation, report, ablation, context).encode())
 
 
 def _registered_with(client: MlflowClient, name: str, onnx_hash: str) -> Any | None:

@@ -87,7 +87,9 @@ def test_flow_runs_every_stage_and_tracks_it(flow_repo):
     assert champion.tags["parent_run_id"] == parent.info.run_id
     assert champion.tags["data.hash"] == locked_outs(repo)["data/vision/processed"]
     assert "Gate: **PASS**" in (repo / "reports" / "vision" / "gate.md").read_text()
-    assert {"gate.md", "gate.json", "model"} <= {a.path for a in client.list_artifacts(by_stage["promote_vision"].info.run_id)}
+    promote_artifacts = {a.path for a in client.list_artifacts(by_stage["promote_vision"].info.run_id)}
+    assert {"gate.md", "gate.json", "report.html", "model"} <= promote_artifacts
+    assert (repo / "reports" / "vision" / "report.html").read_text().count("<svg") == 2
 
 
 def test_prefect_ran_one_task_per_stage_in_graph_order(flow_repo):

@@ -17,9 +17,14 @@ from tasks.io import save_npy, write_json
 from tasks.onnx_models import export_fp32
 from tasks.vision_models import MobileStudent
 
-EVALUATION = {"models": {
-    "teacher_fp32": {"accuracy": 0.94, "latency_b1_p50_ms": 2.0, "latency_b1_p95_ms": 2.5, "bytes": 4_800_000},
-    "student_int8": {"accuracy": 0.935, "latency_b1_p50_ms": 0.1, "latency_b1_p95_ms": 0.15, "bytes": 100_000}}}
+def _measured(accuracy, p50, size):
+    return {"accuracy": accuracy, "latency_b1_p50_ms": p50, "latency_b1_p95_ms": 1.25 * p50, "latency_b1_p99_ms": 1.5 * p50,
+            "bytes": size, "gzip_bytes": size // 2, "parameters": size // 4, "macs": size * 10,
+            "throughput_b64_ips": 64 / (20 * p50) * 1000}
+
+
+EVALUATION = {"models": {"teacher_fp32": _measured(0.94, 2.0, 4_800_000), "student_fp32": _measured(0.93, 0.2, 290_000),
+                         "student_int8": _measured(0.935, 0.1, 100_000), "student_ptq_int8": _measured(0.925, 0.1, 110_000)}}
 
 
 def _cfg(raw_params, **gate):
@@ -88,6 +93,9 @@ def test_passing_candidate_becomes_champion_and_loads_from_the_registry(project,
     assert {"git.commit", "data.hash", "onnx.hash"} <= set(version.tags)
     gate_md = (project / "reports/vision/gate.md").read_text()
     assert "Gate: **PASS**" in gate_md and "| size_ratio_vs_teacher |" in gate_md
+    page = (project / "reports/vision/report.html").read_text()
+    assert page.count("<svg") == 2 and "student QAT+KD INT8" in page and "size_ratio_vs_teacher" in page
+    assert "No ablation run yet" in page and f"{name} version 1 (champion)" in page
 
     model = mlflow.onnx.load_model(f"models:/{name}@champion")  # what a deployment would pull
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])

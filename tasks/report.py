@@ -1,0 +1,87 @@
+"""The per-run HTML report: Pareto plots (accuracy vs size, accuracy vs latency), the models' measurements, the
+gate table and, when present, the ablation table. Plots are inline SVG, so the report is one self-contained file.
+
+Pure: ``render_report(evaluation, gate, ablation, context) -> str``.
+"""
+from __future__ import annotations
+
+import html
+import io
+from typing import Any
+
+LABELS = {"teacher_fp32": "teacher FP32", "student_fp32": "student FP32", "student_ptq_int8": "student PTQ INT8",
+          "student_int8": "student QAT+KD INT8"}
+
+
+def pareto_svg(models: dict[str, dict[str, float]], x_key: str, x_label: str, scale: float = 1.0) -> str:
+    """Accuracy against ``x_key`` for every model, log-scaled x, as an SVG string."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # files only, never a display
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    for name, m in models.items():
+        x, y = m[x_key] * scale, 100 * m["accuracy"]
+        ax.scatter([x], [y], s=50)
+        ax.annotate(LABELS.get(name, name), (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    buffer = io.StringIO()
+    fig.savefig(buffer, format="svg")
+    plt.close(fig)
+    svg = buffer.getvalue()
+    return svg[svg.index("<svg"):]  # drop the XML prolog: the SVG is inlined into HTML
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(h))}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(c))}</td>" for c in row) + "</tr>" for row in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def models_table(models: dict[str, dict[str, float]]) -> str:
+    tp = next(k for k in next(iter(models.values())) if k.startswith("throughput_"))
+    rows = [[LABELS.get(n, n), f"{100 * m['accuracy']:.2f}", f"{m['bytes']:,}", f"{m['gzip_bytes']:,}",
+             f"{m.get('parameters', 0):,}", f"{m.get('macs', 0):,}", f"{m['latency_b1_p50_ms']:.3f}",
+             f"{m['latency_b1_p95_ms']:.3f}", f"{m['latency_b1_p99_ms']:.3f}", f"{m[tp]:,.0f}"] for n, m in models.items()]
+    return _table(["model", "accuracy %", "bytes", "gzip bytes", "parameters", "MACs", "p50 ms", "p95 ms", "p99 ms",
+                   tp.replace("_", " ")], rows)
+
+
+def gate_table(gate: dict[str, Any]) -> str:
+    rows = [[c["name"], f"{c['value']:.4g}", f"{c['op']} {c['threshold']:.4g}", "pass" if c["passed"] else "FAIL",
+             c["why"]] for c in gate["checks"]]
+    return f"<p>Gate: <b>{'PASS' if gate['passed'] else 'FAIL'}</b></p>" + _table(
+        ["check", "value", "threshold", "result", "why"], rows)
+
+
+def ablation_table(ablation: dict[str, Any]) -> str:
+    rows = [[r["arm"], r["precision"], f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} (n={r['n']})",
+             f"{r['parameters']:,}", f"{r['nonzero']:,}", f"{r['bytes']:,}", f"{r['gzip_bytes']:,}"]
+            for r in ablation["rows"]]
+    return (f"<p>{html.escape(ablation['date'])}, {html.escape(ablation['machine'])}, seeds {ablation['seeds']}</p>"
+            + _table(["arm", "precision", "accuracy % (mean ± std)", "parameters", "non-zero", "ONNX bytes",
+                      "gzip bytes"], rows))
+
+
+def render_report(evaluation: dict[str, Any], gate: dict[str, Any], ablation: dict[str, Any] | None,
+                  context: dict[str, str]) -> str:
+    models = evaluation["models"]
+    meta = "".join(f"<li>{html.escape(k)}: <code>{html.escape(str(v))}</code></li>" for k, v in context.items())
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'><title>Compression report</title><style>"
+        "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
+        "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child{text-align:left}"
+        ".plots{display:flex;gap:1em;flex-wrap:wrap}</style></head><body>",
+        "<h1>Vision compression report</h1>", f"<ul>{meta}</ul>",
+        "<h2>Accuracy vs size and latency (the Pareto view)</h2><div class='plots'>",
+        pareto_svg(models, "bytes", "ONNX size (KB)", 1 / 1024),
+        pareto_svg(models, "latency_b1_p50_ms", "batch-1 p50 latency (ms)"), "</div>",
+        "<h2>Models</h2>", models_table(models), "<h2>Gate</h2>", gate_table(gate),
+        "<h2>Ablation</h2>", ablation_table(ablation) if ablation else "<p>No ablation run yet "
+        "(<code>make ablation</code>).</p>", "</body></html>"]
+    return "\n".join(parts)
