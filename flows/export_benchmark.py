@@ -16,8 +16,7 @@ from pathlib import Path
 from flows.benchmark import machine
 from tasks.config import load_config
 from tasks.errors import run_cli
-from tasks.evaluate_vision import latency, ratios
-from tasks.onnx_models import file_sizes, onnx_accuracy
+from tasks.evaluate_vision import measure_onnx, ratios
 from tasks.training import Split
 
 NAMES = ("teacher_fp32", "student_fp32", "student_int8", "student_ptq_int8")
@@ -30,8 +29,7 @@ TARGETS = (("size_ratio_vs_teacher", ">=", 40.0, "student INT8 vs teacher FP32 s
 def measure(paths: dict[str, Path], data: Path, root: Path) -> dict:
     ev = load_config(root / "params.yaml").evaluate.vision
     test = Split.load(data, "test")
-    models = {name: {"accuracy": onnx_accuracy(path, test, ev.threads), **file_sizes(path), **latency(path, test.x, ev)}
-              for name, path in paths.items()}
+    models = {name: measure_onnx(path, test, ev) for name, path in paths.items()}
     return {"models": models, "ratios": ratios(models, f"throughput_b{ev.throughput_batch}_ips"),
             "settings": ev.model_dump(), "files": {k: str(v) for k, v in paths.items()}}
 

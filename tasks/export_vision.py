@@ -17,12 +17,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.artifacts import load_model, model_meta
+from tasks.artifacts import load_model
 from tasks.config import ExportVision, stage_args
 from tasks.errors import PipelineError, run_cli
 from tasks.io import write_json
 from tasks.onnx_models import export_fp32, export_int8, onnx_logits, quantize_ptq
-from tasks.quantization import convert_int8
+from tasks.quantization import QatModel, convert_int8
 from tasks.training import Split, to_input
 
 FILES = ("teacher_fp32", "student_fp32", "student_int8", "student_ptq_int8")
@@ -68,12 +68,11 @@ def export_vision(cfg: ExportVision, data_dir: Path, teacher_path: Path, fp32_pa
     export_fp32(teacher, paths["teacher_fp32"], cfg.opset)
     export_fp32(fp32, paths["student_fp32"], cfg.opset)
     quantize_ptq(paths["student_fp32"], calibration, paths["student_ptq_int8"])
-    if model_meta(student_path).get("activation_bits"):
-        final = load_model(student_path)
+    final = load_model(student_path)
+    if isinstance(final, QatModel):
         export_int8(final, paths["student_int8"], cfg.opset)
         references["student_int8"] = convert_int8(final)
     else:  # no QAT in the recipe: the final FP32 student (maybe pruned) goes through onnxruntime PTQ
-        final = load_model(student_path)
         export_fp32(final, out / "student_final_fp32.onnx", cfg.opset)
         quantize_ptq(out / "student_final_fp32.onnx", calibration, paths["student_int8"])
         (out / "student_final_fp32.onnx").unlink()
