@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from tasks.config import MobileArch
-from tasks.vision_models import MobileStudent, SeparableBlock
+from tasks.vision_models import FusedBlock, MobileStudent, SeparableBlock
 
 
 def target_sparsity(step: int, steps: int, final: float, initial: float = 0.0) -> float:
@@ -85,10 +85,11 @@ def channel_groups(student: MobileStudent) -> list[list[int]]:
 
 
 def channel_importance(student: MobileStudent, group: list[int]) -> torch.Tensor:
-    """L1 norm of each output channel's pointwise filter times its BN scale, summed over the group."""
+    """L1 norm of each output channel's filter (pointwise, or the fused 3x3) times its BN scale, summed over the
+    group."""
     score = 0
     for i in group:
-        pw_conv, pw_bn = student.blocks[i].pointwise
+        pw_conv, pw_bn = student.blocks[i].producer
         score = score + pw_conv.weight.detach().abs().sum(dim=(1, 2, 3)) * pw_bn.weight.detach().abs()
     return score
 
@@ -96,9 +97,9 @@ def channel_importance(student: MobileStudent, group: list[int]) -> torch.Tensor
 def prune_channels(student: MobileStudent, fraction: float, min_channels: int = 4) -> None:
     """Mask whole output channels of each group (the least important ``fraction``); weights stay in place.
 
-    A dropped channel is cut where it is made (pointwise rows, BN scale and shift) and where it is read (the
-    pointwise input columns of every block fed by the group, or the head), so the masked model computes exactly
-    what ``shrink`` builds.
+    A dropped channel is cut where it is made (the producing conv's rows, BN scale and shift) and where it is read
+    (the input columns of the pointwise or fused conv of every block fed by the group, or the head), so the masked
+    model computes exactly what ``shrink`` builds. The stem is not pruned.
     """
     for group in channel_groups(student):
         score = channel_importance(student, group)
@@ -106,27 +107,27 @@ def prune_channels(student: MobileStudent, fraction: float, min_channels: int = 
         dropped = torch.ones_like(score, dtype=torch.bool)
         dropped[score.topk(keep).indices] = False
         for i in group:
-            pw_conv, pw_bn = student.blocks[i].pointwise
-            pw_conv.weight_mask[dropped] = 0
-            pw_bn.weight.data[dropped] = 0
-            pw_bn.bias.data[dropped] = 0
-        readers = [student.blocks[i].pointwise[0] for i in group[1:]]
-        readers.append(student.blocks[group[-1] + 1].pointwise[0] if group[-1] + 1 < len(student.blocks) else student.head)
+            conv, bn = student.blocks[i].producer
+            conv.weight_mask[dropped] = 0
+            bn.weight.data[dropped] = 0
+            bn.bias.data[dropped] = 0
+        readers = [student.blocks[i].reader for i in group[1:]]
+        readers.append(student.blocks[group[-1] + 1].reader if group[-1] + 1 < len(student.blocks) else student.head)
         for layer in readers:
             layer.weight_mask[:, dropped] = 0
 
 
 def live_channels(student: MobileStudent) -> list[torch.Tensor]:
     """Per block, the indices of output channels that still carry a weight."""
-    return [block.pointwise[0].weight_mask.flatten(1).any(dim=1).nonzero().flatten() for block in student.blocks]
+    return [block.producer[0].weight_mask.flatten(1).any(dim=1).nonzero().flatten() for block in student.blocks]
 
 
 def shrink(student: MobileStudent, arch: MobileArch) -> tuple[MobileStudent, MobileArch]:
     """Rebuild ``student`` without its masked channels: a physically smaller model with the same function."""
     keep = live_channels(student)
     widths = [len(k) for k in keep]
-    new_arch = arch.model_copy(update={"widths": widths, "width_multiplier": 1.0,
-                                       "stem": student.stem[0].out_channels})
+    new_arch = arch.model_copy(update={"widths": widths, "width_multiplier": 1.0, "stem": student.stem[0].out_channels,
+                                       "residual": [block.residual for block in student.blocks]})
     small = MobileStudent(new_arch)
     small.stem.load_state_dict(student.stem.state_dict(), strict=False)
     previous = torch.arange(student.stem[0].out_channels)
@@ -138,15 +139,16 @@ def shrink(student: MobileStudent, arch: MobileArch) -> tuple[MobileStudent, Mob
     return small.eval(), new_arch
 
 
-def _copy_block(old: SeparableBlock, new: SeparableBlock, in_idx: torch.Tensor, out_idx: torch.Tensor) -> None:
-    dw_old, dw_bn_old = old.depthwise[0], old.depthwise[1]
-    dw_new, dw_bn_new = new.depthwise[0], new.depthwise[1]
-    dw_new.weight.data = (dw_old.weight.data * dw_old.weight_mask)[in_idx].clone()
-    _copy_bn(dw_bn_old, dw_bn_new, in_idx)
-    pw_old, pw_bn_old = old.pointwise
-    pw_new, pw_bn_new = new.pointwise
-    pw_new.weight.data = (pw_old.weight.data * pw_old.weight_mask)[out_idx][:, in_idx].clone()
-    _copy_bn(pw_bn_old, pw_bn_new, out_idx)
+def _copy_block(old: SeparableBlock | FusedBlock, new: SeparableBlock | FusedBlock, in_idx: torch.Tensor,
+                out_idx: torch.Tensor) -> None:
+    if isinstance(old, SeparableBlock):
+        dw_old, dw_bn_old = old.depthwise[0], old.depthwise[1]
+        dw_new, dw_bn_new = new.depthwise[0], new.depthwise[1]
+        dw_new.weight.data = (dw_old.weight.data * dw_old.weight_mask)[in_idx].clone()
+        _copy_bn(dw_bn_old, dw_bn_new, in_idx)
+    (conv_old, bn_old), (conv_new, bn_new) = old.producer, new.producer
+    conv_new.weight.data = (conv_old.weight.data * conv_old.weight_mask)[out_idx][:, in_idx].clone()
+    _copy_bn(bn_old, bn_new, out_idx)
 
 
 def _copy_bn(old: nn.BatchNorm2d, new: nn.BatchNorm2d, idx: torch.Tensor) -> None:

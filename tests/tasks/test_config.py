@@ -54,6 +54,19 @@ def test_arch_lengths_must_agree(raw_params):
         parse_config({**raw_params, "teacher": {"vision": teacher}})
 
 
+@pytest.mark.parametrize("change,pattern", [
+    ({"kinds": ["fused"]}, r"distill\.vision\.student: .*kinds \(1\) and widths \(5\) must have the same length"),
+    ({"kinds": ["dense"] * 5}, r"distill\.vision\.student\.kinds\.0: Input should be 'separable' or 'fused'"),
+    ({"stem_stride": 4}, r"distill\.vision\.student\.stem_stride: Input should be 1 or 2"),
+    ({"residual": [True] + [False] * 4}, r"distill\.vision\.student: .*residual\.0: a residual block needs stride 1"),
+])
+def test_bad_student_arch_is_rejected_at_load(raw_params, change, pattern):
+    kd = raw_params["distill"]["vision"]
+    raw = {**raw_params, "distill": {"vision": {**kd, "student": {**kd["student"], **change}}}}
+    with pytest.raises(ConfigError, match=pattern):
+        parse_config(raw)
+
+
 def test_malformed_and_missing_files(tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text("teacher: [unclosed\n")

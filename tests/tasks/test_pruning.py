@@ -12,11 +12,13 @@ from tasks.quantization import prepare_qat
 from tasks.vision_models import MobileStudent, count_parameters
 
 ARCH = MobileArch(stem=8, widths=[16, 32, 32, 64], strides=[1, 2, 1, 2])
+MIXED = MobileArch(stem=8, stem_stride=2, widths=[16, 32, 32, 64], strides=[1, 2, 1, 2],
+                   kinds=["fused", "fused", "fused", "separable"])
 
 
-def _student():
+def _student(arch: MobileArch = ARCH):
     torch.manual_seed(0)
-    model = MobileStudent(ARCH).eval()
+    model = MobileStudent(arch).eval()
     for m in model.modules():  # non-trivial batch-norm state, as after training
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
@@ -56,17 +58,25 @@ def test_masks_hold_through_training_and_bake_into_a_plain_model():
     assert sparsity_report(plain)["overall"] == pytest.approx(sparsity_report(model)["overall"])
 
 
-def test_structured_pruning_removes_channels_and_keeps_the_function():
-    model = _student()
+@pytest.mark.parametrize("arch", [ARCH, MIXED], ids=["separable", "fused+separable"])
+def test_structured_pruning_removes_channels_and_keeps_the_function(arch):
+    model = _student(arch)
     assert channel_groups(model) == [[0], [1, 2], [3]]
     prune_channels(model, 0.5)
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         reference = model(x)
-        small, arch = shrink(model, ARCH)
+        small, small_arch = shrink(model, arch)
         torch.testing.assert_close(small(x), reference, rtol=1e-3, atol=1e-3)
-    assert arch.widths == [8, 16, 16, 32] and count_parameters(small) < count_parameters(model) / 2
+    assert small_arch.widths == [8, 16, 16, 32] and count_parameters(small) < count_parameters(model) / 2
+    assert small_arch.kinds == arch.kinds and small_arch.stem_stride == arch.stem_stride
     assert small.blocks[2].residual  # the residual group was pruned jointly, so the shortcut survives
+    # block 0 shrinks to the stem's width at stride 1, yet must not gain a shortcut the trained model never had
+    assert not small.blocks[0].residual and small_arch.residual == [False, False, True, False]
+    rebuilt = MobileStudent(small_arch).eval()
+    rebuilt.load_state_dict(small.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), reference, rtol=1e-3, atol=1e-3)
 
 
 def test_pruning_schedule_prunes_only_at_step_boundaries(config):
