@@ -23,7 +23,7 @@ from pathlib import Path
 from torch import nn
 
 from flows.benchmark import machine
-from tasks.artifacts import load_model, save_model
+from tasks.artifacts import load_model, qat_extra, save_model
 from tasks.config import Config, load_config
 from tasks.distill_vision import distill_vision
 from tasks.io import write_atomic, write_json
@@ -71,7 +71,7 @@ def run_seed(cfg: Config, seed: int, root: Path, work: Path) -> dict[str, Measur
         save_model(model, "mobile_student", kd.student, files[name])
     qat_ce = qat_vision(qat.model_copy(update={"distill": False}), kd, data, teacher, files["ce"], ckpt / "qat_ce.pt")[0]
     qat_kd = qat_vision(qat.model_copy(update={"distill": True}), kd, data, teacher, files["kd"], ckpt / "qat_kd.pt")[0]
-    save_model(qat_kd, "mobile_student", kd.student, files["qat_kd"], activation_bits=qat.activation_bits)
+    save_model(qat_kd, "mobile_student", kd.student, files["qat_kd"], **qat_extra(qat))
     pruned, arch = prune_vision(r["prune"], kd, True, data, teacher, files["kd"], ckpt / "prune.pt")[:2]
     save_model(pruned, "mobile_student", arch, files["pruned"])
     qat_pruned = qat_vision(qat.model_copy(update={"distill": True}), kd, data, teacher, files["pruned"],
@@ -83,8 +83,9 @@ def run_seed(cfg: Config, seed: int, root: Path, work: Path) -> dict[str, Measur
     ce_onnx, kd_onnx = export_fp32(ce, work / "ce.onnx"), export_fp32(kd_student, work / "kd.onnx")
     models["student CE-only"] = ce, ce_onnx
     models["student KD"] = kd_student, kd_onnx
-    models["CE-only + PTQ"] = ce, quantize_ptq(ce_onnx, calibration, work / "ce_ptq.onnx")
-    models["KD + PTQ"] = kd_student, quantize_ptq(kd_onnx, calibration, work / "kd_ptq.onnx")
+    floats = qat.float_modules  # PTQ leaves in float what QAT does
+    models["CE-only + PTQ"] = ce, quantize_ptq(ce_onnx, calibration, work / "ce_ptq.onnx", float_modules=floats)
+    models["KD + PTQ"] = kd_student, quantize_ptq(kd_onnx, calibration, work / "kd_ptq.onnx", float_modules=floats)
     models["QAT without KD"] = qat_ce, export_int8(qat_ce, work / "qat_ce.onnx")
     models["KD + QAT"] = qat_kd, export_int8(qat_kd, work / "qat_kd.onnx")
     models["KD + QAT + pruning"] = qat_pruned, export_int8(qat_pruned, work / "qat_pruned.onnx")

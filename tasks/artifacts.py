@@ -26,10 +26,20 @@ ARCHES = {"resnet_teacher": (ResNetArch, ResNetTeacher), "mobile_student": (Mobi
 
 
 def save_model(model: nn.Module, kind: str, arch: BaseModel, path: Path, **extra: Any) -> None:
-    """``extra`` holds what rebuilding needs beyond the architecture (e.g. ``activation_bits`` for QAT)."""
+    """``extra`` holds what rebuilding needs beyond the architecture (``activation_bits`` and ``float_modules`` for
+    QAT: see ``qat_extra``)."""
     buffer = io.BytesIO()
     torch.save({"kind": kind, "arch": arch.model_dump(), "state_dict": model.state_dict(), **extra}, buffer)
     write_atomic(path, buffer.getvalue())
+
+
+def qat_extra(source: Any) -> dict[str, Any]:
+    """What rebuilding a QAT student needs beyond its architecture, from a ``QatVision`` config or a model's meta;
+    empty for a float model."""
+    get = source.get if isinstance(source, dict) else lambda key, default=None: getattr(source, key, default)
+    if not get("activation_bits"):
+        return {}
+    return {"activation_bits": get("activation_bits"), "float_modules": list(get("float_modules", []) or [])}
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -57,7 +67,7 @@ def load_model(path: Path) -> nn.Module:
     if blob.get("activation_bits"):  # a QAT student: rebuild the same fake-quantized graph, then load into it
         from tasks.quantization import prepare_qat
 
-        model = prepare_qat(model, blob["activation_bits"], torch.zeros(1, 1, 28, 28))
+        model = prepare_qat(model, blob["activation_bits"], torch.zeros(1, 1, 28, 28), blob.get("float_modules", []))
     model.load_state_dict(blob["state_dict"])
     return model.eval()
 

@@ -221,6 +221,15 @@ class QatVision(Fp32Recipe):
     distill: bool
     freeze_observers_after: Annotated[int, Field(ge=0)]
     freeze_bn_after: Annotated[int, Field(ge=0)]
+    # Student modules left in float ("stem", "head", "blocks.<i>"); the PTQ baseline leaves out the same ones.
+    float_modules: list[Annotated[str, Field(pattern=r"^(stem|head|blocks\.\d+)$")]] = []
+
+    @field_validator("float_modules")
+    @classmethod
+    def _no_repeated_modules(cls, names: list[str]) -> list[str]:
+        if len(set(names)) != len(names):
+            raise ValueError(f"{names} lists a module twice")
+        return names
 
 
 class QatConfig(Strict):
@@ -402,6 +411,15 @@ class Config(Strict):
     @model_validator(mode="after")
     def _ablation_overrides_valid(self) -> Config:
         self.ablation_recipes(self.ablation.vision.seeds[0])
+        return self
+
+    @model_validator(mode="after")
+    def _float_modules_exist(self) -> Config:
+        blocks = len(self.distill.vision.student.widths)
+        for i, name in enumerate(self.qat.vision.float_modules):
+            if name.startswith("blocks.") and int(name.split(".")[1]) >= blocks:
+                raise ValueError(f"qat.vision.float_modules.{i}: {name} does not exist (the student has blocks "
+                                 f"0..{blocks - 1})")
         return self
 
     @model_validator(mode="after")

@@ -11,6 +11,7 @@ names the disagreeing test images, so nothing is evaluated or promoted.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -56,8 +57,9 @@ def parity(name: str, reference: np.ndarray, onnx: np.ndarray, labels: np.ndarra
 
 
 def export_vision(cfg: ExportVision, data_dir: Path, teacher_path: Path, fp32_path: Path, student_path: Path,
-                  out: Path) -> dict[str, dict]:
-    """Write the four ONNX files into ``out``; return parity metrics per file checked against PyTorch."""
+                  out: Path, float_modules: Sequence[str] = ()) -> dict[str, dict]:
+    """Write the four ONNX files into ``out``; return parity metrics per file checked against PyTorch.
+    onnxruntime PTQ leaves ``float_modules`` in float, as QAT does."""
     torch.set_num_threads(cfg.threads)
     torch.backends.quantized.engine = "x86"
     val, test = Split.load(data_dir, "val"), Split.load(data_dir, "test")
@@ -67,14 +69,14 @@ def export_vision(cfg: ExportVision, data_dir: Path, teacher_path: Path, fp32_pa
     references: dict[str, nn.Module] = {"teacher_fp32": teacher, "student_fp32": fp32}
     export_fp32(teacher, paths["teacher_fp32"], cfg.opset)
     export_fp32(fp32, paths["student_fp32"], cfg.opset)
-    quantize_ptq(paths["student_fp32"], calibration, paths["student_ptq_int8"])
+    quantize_ptq(paths["student_fp32"], calibration, paths["student_ptq_int8"], float_modules=float_modules)
     final = load_model(student_path)
     if isinstance(final, QatModel):
         export_int8(final, paths["student_int8"], cfg.opset)
         references["student_int8"] = convert_int8(final)
     else:  # no QAT in the recipe: the final FP32 student (maybe pruned) goes through onnxruntime PTQ
         export_fp32(final, out / "student_final_fp32.onnx", cfg.opset)
-        quantize_ptq(out / "student_final_fp32.onnx", calibration, paths["student_int8"])
+        quantize_ptq(out / "student_final_fp32.onnx", calibration, paths["student_int8"], float_modules=float_modules)
         (out / "student_final_fp32.onnx").unlink()
     labels = test.y.numpy()
     return {name: parity(name, torch_logits(model, test), onnx_logits(paths[name], test, threads=cfg.threads),
@@ -86,8 +88,11 @@ def main() -> None:
     export = cfg.export.vision
     from tasks.tracking import stage_run
 
-    with stage_run("export_vision", cfg, {"export.vision": export, "recipe.vision": cfg.recipe.vision}) as run:
-        checks = export_vision(export, args.data, args.teacher, args.student_fp32, args.student, args.out)
+    float_modules = cfg.qat.vision.float_modules
+    with stage_run("export_vision", cfg, {"export.vision": export, "recipe.vision": cfg.recipe.vision,
+                                          "qat.vision.float_modules": float_modules}) as run:
+        checks = export_vision(export, args.data, args.teacher, args.student_fp32, args.student, args.out,
+                               float_modules)
         metrics = {f"{name}.{k}": v for name, result in checks.items() for k, v in result.items()}
         write_json(args.metrics, metrics)
         run.log_metrics(metrics)

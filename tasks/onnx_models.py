@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -70,16 +71,30 @@ class _Calibration:
         return None if batch is None else {INPUT: batch}
 
 
-def quantize_ptq(fp32_path: Path, calibration: Split, path: Path, per_channel: bool = True) -> Path:
+def module_nodes(onnx_path: Path, modules: Sequence[str]) -> list[str]:
+    """Names of the nodes the TorchScript exporter made from these modules (it names them ``/stem/stem.0/Conv``)."""
+    import onnx
+
+    prefixes = tuple(f"/{name.replace('.', '/')}/" for name in modules)
+    return [node.name for node in onnx.load(str(onnx_path)).graph.node if prefixes and node.name.startswith(prefixes)]
+
+
+def quantize_ptq(fp32_path: Path, calibration: Split, path: Path, per_channel: bool = True,
+                 float_modules: Sequence[str] = ()) -> Path:
     """The baseline a user would otherwise pick: onnxruntime static post-training quantization (QDQ, INT8
-    per-channel weights, UINT8 activations, MinMax calibration on ``calibration`` — never the test split)."""
+    per-channel weights, UINT8 activations, MinMax calibration on ``calibration`` — never the test split).
+    ``float_modules`` are left in float, as QAT leaves them (``qat.vision.float_modules``)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
 
     with tempfile.TemporaryDirectory() as tmp:
         prepared, out = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        excluded = module_nodes(prepared, float_modules)
+        if float_modules and not excluded:
+            raise OnnxError(f"{fp32_path}: no node belongs to the float modules {list(float_modules)}")
         quantize_static(str(prepared), str(out), _Calibration(calibration.x, 256), quant_format=QuantFormat.QDQ,
-                        per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                        per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        nodes_to_exclude=excluded)
         write_atomic(path, out.read_bytes())
     return path
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.artifacts import fingerprint, load_model, pass_through, publish_training, training_inputs
+from tasks.artifacts import fingerprint, load_model, pass_through, publish_training, qat_extra, training_inputs
 from tasks.config import DistillVision, QatVision, stage_args
 from tasks.distillation import Distiller, distillation_loss, loss_config
 from tasks.errors import run_cli
@@ -31,7 +31,7 @@ def qat_vision(cfg: QatVision, kd: DistillVision, data_dir: Path, teacher_path: 
     train, val, test = (Split.load(data_dir, s) for s in ("train", "val", "test"))
     teacher, student = load_model(teacher_path), load_model(student_path)
     sample = to_input(train.x[:2])
-    qat = prepare_qat(student, cfg.activation_bits, sample)
+    qat = prepare_qat(student, cfg.activation_bits, sample, cfg.float_modules)
     keep_pruned_zeros(qat)  # a pruned student stays pruned through QAT
     loss = loss_config(kd, cfg.distill, cfg.label_smoothing)
     distiller = Distiller(qat, teacher, loss, sample)
@@ -57,8 +57,7 @@ def main() -> None:
             return
         model, history, metrics = qat_vision(qat, kd, args.data, args.teacher, args.student, args.checkpoint,
                                              lambda epoch, m: run.log_metrics(m, step=epoch + 1))
-        publish_training(run, model, "mobile_student", kd.student, history, metrics, args,
-                         activation_bits=qat.activation_bits)
+        publish_training(run, model, "mobile_student", kd.student, history, metrics, args, **qat_extra(qat))
     print(f"QAT student test accuracy: fake-quant {metrics['test_accuracy_fake_quant']:.4f}, "
           f"real INT8 {metrics['test_accuracy_int8']:.4f}")
 

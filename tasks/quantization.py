@@ -8,25 +8,35 @@ from __future__ import annotations
 
 import copy
 import warnings
+from collections.abc import Sequence
 
 import torch
 from torch import nn
-from torch.ao.quantization import (FusedMovingAvgObsFakeQuantize, MovingAverageMinMaxObserver,
-                                   MovingAveragePerChannelMinMaxObserver, QConfig, QConfigMapping,
-                                   disable_observer)
 from torch.ao.nn.intrinsic.qat import freeze_bn_stats
+from torch.ao.quantization import (
+    FusedMovingAvgObsFakeQuantize,
+    MovingAverageMinMaxObserver,
+    MovingAveragePerChannelMinMaxObserver,
+    QConfig,
+    QConfigMapping,
+    disable_observer,
+)
 
 
-def qat_qconfig(activation_bits: int) -> QConfigMapping:
+def qat_qconfig(activation_bits: int, float_modules: Sequence[str] = ()) -> QConfigMapping:
     """Per-channel symmetric INT8 weights; unsigned ``activation_bits`` activations (8: full range, no reduce_range,
-    which VNNI kernels do not need; fewer bits simulate activation compression)."""
+    which VNNI kernels do not need; fewer bits simulate activation compression). ``float_modules`` (student module
+    names such as ``stem``) stay in float: a convolution over one input channel gains nothing from INT8 kernels."""
     activation = FusedMovingAvgObsFakeQuantize.with_args(
         observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=2 ** activation_bits - 1,
         dtype=torch.quint8, reduce_range=False)
     weight = FusedMovingAvgObsFakeQuantize.with_args(
         observer=MovingAveragePerChannelMinMaxObserver, quant_min=-128, quant_max=127, dtype=torch.qint8,
         qscheme=torch.per_channel_symmetric)
-    return QConfigMapping().set_global(QConfig(activation=activation, weight=weight))
+    mapping = QConfigMapping().set_global(QConfig(activation=activation, weight=weight))
+    for name in float_modules:
+        mapping.set_module_name(f"model.{name}", None)  # the student sits under FeatureOutputs.model
+    return mapping
 
 
 class FeatureOutputs(nn.Module):
@@ -55,13 +65,15 @@ class QatModel(nn.Module):
         return self.graph(x)[0]
 
 
-def prepare_qat(model: nn.Module, activation_bits: int, example: torch.Tensor) -> QatModel:
+def prepare_qat(model: nn.Module, activation_bits: int, example: torch.Tensor,
+                float_modules: Sequence[str] = ()) -> QatModel:
     """Insert fake quantization (and fuse conv + BN) into a copy of ``model``, in train mode."""
     from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # FX quantization warns that it is in maintenance mode
-        graph = prepare_qat_fx(FeatureOutputs(copy.deepcopy(model)).train(), qat_qconfig(activation_bits), (example,))
+        graph = prepare_qat_fx(FeatureOutputs(copy.deepcopy(model)).train(),
+                               qat_qconfig(activation_bits, float_modules), (example,))
     return QatModel(graph)
 
 

@@ -20,8 +20,15 @@ STUDENT = MobileArch(stem=4, widths=[8, 16, 16], strides=[2, 2, 1])
 TEACHER = ResNetArch(stem=8, widths=[16, 32], blocks=[1, 1])
 
 
+MIXED = MobileArch(stem=4, stem_stride=2, widths=[8, 16, 16], strides=[1, 2, 1], kinds=["fused", "fused", "separable"])
+
+
 @pytest.fixture
 def models(tmp_path, real_splits):
+    return _models(tmp_path, real_splits, STUDENT)
+
+
+def _models(tmp_path, real_splits, arch: MobileArch, float_modules: tuple[str, ...] = ()):
     """Real test/val images on disk, a teacher, an FP32 student and a QAT student whose observers saw data."""
     data = tmp_path / "data"
     for name in ("val", "test"):
@@ -29,16 +36,16 @@ def models(tmp_path, real_splits):
         save_npy(data / f"{name}_x.npy", x)
         save_npy(data / f"{name}_y.npy", y)
     torch.manual_seed(0)
-    teacher, student = ResNetTeacher(TEACHER).eval(), MobileStudent(STUDENT).eval()
+    teacher, student = ResNetTeacher(TEACHER).eval(), MobileStudent(arch).eval()
     images = to_input(torch.from_numpy(real_splits["val"][0][:256].copy()))
-    qat = prepare_qat(student, 8, images[:2]).train()
+    qat = prepare_qat(student, 8, images[:2], float_modules).train()
     with torch.no_grad():
         for i in range(0, 256, 64):
             qat(images[i:i + 64])
     paths = {"teacher": tmp_path / "teacher.pt", "fp32": tmp_path / "fp32.pt", "qat": tmp_path / "qat.pt"}
     save_model(teacher, "resnet_teacher", TEACHER, paths["teacher"])
-    save_model(student, "mobile_student", STUDENT, paths["fp32"])
-    save_model(qat.eval(), "mobile_student", STUDENT, paths["qat"], activation_bits=8)
+    save_model(student, "mobile_student", arch, paths["fp32"])
+    save_model(qat.eval(), "mobile_student", arch, paths["qat"], activation_bits=8, float_modules=list(float_modules))
     return data, paths
 
 
@@ -63,6 +70,28 @@ def test_export_writes_int8_qdq_graphs_that_match_pytorch(config, models, tmp_pa
         assert per_channel, f"{name}: weights are not quantized per channel"
         assert "Cast" not in ops and "Constant" not in ops, name
     # (that INT8 files are much smaller shows on the real student, in the ablation e2e test; this one is tiny)
+
+
+def test_float_stem_stays_float_in_the_qat_and_ptq_int8_graphs(config, tmp_path, real_splits):
+    data, paths = _models(tmp_path, real_splits, MIXED, float_modules=("stem",))
+    # an untrained student's logits nearly tie, so INT8 rounding may flip an image or two of 400: parity loosened
+    cfg = _export_cfg(config).model_copy(update={"parity": config.export.vision.parity.model_copy(
+        update={"min_top1_agreement": 0.98, "max_accuracy_delta": 0.01})})
+    checks = export_vision(cfg, data, paths["teacher"], paths["fp32"], paths["qat"], tmp_path / "onnx",
+                           float_modules=["stem"])
+    assert checks["student_int8"]["top1_agreement"] >= 0.98
+    for name in ("student_int8", "student_ptq_int8"):
+        graph = onnx.load(tmp_path / "onnx" / f"{name}.onnx").graph
+        producers = {out: node for node in graph.node for out in node.output}
+        weights = {t.name: t.data_type for t in graph.initializer}
+        kinds = []
+        for conv in (n for n in graph.node if n.op_type == "Conv"):
+            weight = conv.input[1]  # a float initializer, or the output of a DequantizeLinear of an INT8 one
+            source = producers[weight].input[0] if weight in producers else weight
+            kinds.append(weights[source])
+        # the stem's convolution is the first, and the only one left in float; the fused and separable ones are INT8
+        assert kinds[0] == onnx.TensorProto.FLOAT, name
+        assert kinds[1:] and set(kinds[1:]) == {onnx.TensorProto.INT8}, name
 
 
 def test_recipe_without_qat_gets_ptq_for_its_final_student(config, models, tmp_path):

@@ -60,6 +60,24 @@ def test_qat_model_round_trips_through_a_model_file_and_converts_to_int8(tmp_pat
     assert (int8(x) - model(x)).abs().max() < 0.1
 
 
+def test_float_modules_stay_float_through_qat_save_and_int8_conversion(tmp_path):
+    torch.manual_seed(0)
+    model = prepare_qat(MobileStudent(ARCH), 8, torch.randn(2, 1, 28, 28), float_modules=["stem"])
+    stem_fakes = [fq for name, fq in model.named_modules() if isinstance(fq, FakeQuantizeBase) and ".stem" in name]
+    assert not stem_fakes and _fake_quants(model)
+    x = torch.randn(8, 1, 28, 28)
+    for _ in range(3):
+        model(x)
+    model.eval()
+    save_model(model, "mobile_student", ARCH, tmp_path / "qat.pt", activation_bits=8, float_modules=["stem"])
+    again = load_model(tmp_path / "qat.pt")
+    torch.testing.assert_close(again(x), model(x))
+    int8 = convert_int8(again)
+    stem = [m for name, m in int8.named_modules() if name.endswith("stem.0")]
+    assert stem and "quantized" not in type(stem[0]).__module__.lower()
+    assert (int8(x) - model(x)).abs().max() < 0.1
+
+
 def test_training_without_kd_uses_ground_truth_only(config):
     plain = loss_config(config.distill.vision, distill=False, label_smoothing=0.1)
     assert plain.weights.ground_truth == 1 and plain.weights.target == 0 and plain.feature_pairs == []
@@ -72,6 +90,9 @@ def test_training_without_kd_uses_ground_truth_only(config):
     ({"activation_bits": 9}, r"qat\.vision\.activation_bits"),
     ({"activation_bits": 1}, r"qat\.vision\.activation_bits"),
     ({"bf16": True}, r"qat\.vision: .*bf16 must be false"),
+    ({"float_modules": ["stem", "stem"]}, r"qat\.vision\.float_modules: .*lists a module twice"),
+    ({"float_modules": ["blocks"]}, r"qat\.vision\.float_modules\.0: String should match pattern"),
+    ({"float_modules": ["blocks.9"]}, r"qat\.vision\.float_modules\.0: blocks\.9 does not exist"),
 ])
 def test_bad_qat_params_are_rejected_at_load(raw_params, change, pattern):
     with pytest.raises(ConfigError, match=pattern):
