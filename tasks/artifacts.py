@@ -108,8 +108,10 @@ def publish_training(run: Any, model: nn.Module, kind: str, arch: BaseModel, his
 
 
 def pass_through(run: Any, paths: argparse.Namespace, stage: str) -> None:
-    """A compression stage left out of the recipe: its output is its input, so the graph stays coherent."""
+    """A compression stage left out of the recipe: its output is its input, so the graph stays coherent. Its
+    checkpoint folder (a DVC output) is created empty: DVC fails a stage whose declared output is missing."""
     write_atomic(paths.model, paths.student.read_bytes())
+    paths.checkpoint.parent.mkdir(parents=True, exist_ok=True)
     write_json(paths.metrics, {"pass_through": 1})
     write_atomic(paths.plots, b"epoch\n")
     run.set_tag("stage.pass_through", "true")
