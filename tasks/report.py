@@ -60,10 +60,17 @@ def gate_table(gate: dict[str, Any]) -> str:
 
 
 def ablation_table(ablation: dict[str, Any]) -> str:
-    rows = [[r["arm"], r["precision"], f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} (n={r['n']})",
-             f"{r['parameters']:,}", f"{r['nonzero']:,}", f"{r['bytes']:,}", f"{r['gzip_bytes']:,}"]
-            for r in ablation["rows"]]
-    return (f"<p>{html.escape(ablation['date'])}, {html.escape(ablation['machine'])}, seeds {ablation['seeds']}</p>"
+    """The ablation's table; an ablation file this code cannot read (e.g. from an older version) is named, not
+    fatal: the report is written after the candidate is registered, and must not fail it."""
+    try:
+        rows = [[r["arm"], r["precision"], f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} (n={r['n']})",
+                 f"{r['parameters']:,}", f"{r['nonzero']:,}", f"{r['bytes']:,}", f"{r['gzip_bytes']:,}"]
+                for r in ablation["rows"]]
+        header = f"<p>{html.escape(ablation['date'])}, {html.escape(ablation['machine'])}, seeds {ablation['seeds']}</p>"
+    except (KeyError, TypeError, ValueError) as err:
+        return (f"<p>The ablation file is not in this version's format ({html.escape(type(err).__name__)}: "
+                f"{html.escape(str(err))}); re-run <code>make ablation</code>.</p>")
+    return (header
             + _table(["arm", "precision", "accuracy % (mean ± std)", "parameters", "non-zero", "ONNX bytes",
                       "gzip bytes"], rows))
 

@@ -1,0 +1,31 @@
+"""The per-run HTML report: plots inlined, tables filled, a stale ablation file named instead of failing."""
+from __future__ import annotations
+
+from tasks.report import ablation_table, render_report
+
+MEASURED = {"accuracy": 0.93, "bytes": 120_000, "gzip_bytes": 90_000, "parameters": 87_866, "macs": 5_000_000,
+            "latency_b1_p50_ms": 0.05, "latency_b1_p95_ms": 0.07, "latency_b1_p99_ms": 0.09,
+            "throughput_b64_ips": 30_000.0}
+EVALUATION = {"models": {"teacher_fp32": {**MEASURED, "accuracy": 0.94, "bytes": 4_800_000},
+                         "student_int8": MEASURED}}
+GATE = {"passed": False, "checks": [{"name": "min_accuracy", "value": 0.93, "op": ">=", "threshold": 0.92,
+                                     "passed": True, "why": "floor"},
+                                    {"name": "max_accuracy_drop_vs_teacher", "value": 0.012, "op": "<=",
+                                     "threshold": 0.01, "passed": False, "why": "relative to the teacher"}]}
+ABLATION = {"date": "2026-11-28", "machine": "test machine", "seeds": [0, 1, 2],
+            "rows": [{"arm": "KD + QAT", "precision": "INT8", "mean": 0.9271, "std": 0.0005, "n": 3,
+                      "parameters": 87_866, "nonzero": 87_866, "bytes": 115_000, "gzip_bytes": 88_000}]}
+
+
+def test_report_inlines_both_plots_and_every_table():
+    page = render_report(EVALUATION, GATE, ABLATION, {"git commit": "abc"})
+    assert page.count("<svg") == 2 and "<?xml" not in page
+    assert "student QAT+KD INT8" in page and "max_accuracy_drop_vs_teacher" in page and "FAIL" in page
+    assert "92.71 ± 0.05 (n=3)" in page and "test machine" in page
+
+
+def test_stale_ablation_file_is_named_not_fatal():
+    stale = {**ABLATION, "rows": {"KD + QAT": ABLATION["rows"][0]}}  # rows keyed by arm, as an older version wrote
+    text = ablation_table(stale)
+    assert "not in this version's format" in text and "make ablation" in text
+    assert "re-run" in render_report(EVALUATION, GATE, stale, {})
