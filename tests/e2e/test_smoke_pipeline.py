@@ -126,6 +126,17 @@ def test_dvc_repro_gives_the_same_outputs_as_the_flow(flow_repo, tmp_path):
     assert theirs == ours
 
 
+def test_stages_left_out_of_the_recipe_pass_the_student_through_under_dvc(tmp_path):
+    """The default full recipe leaves ``share`` out; every left-out stage must still satisfy DVC's outputs."""
+    repo = make_repo(tmp_path / "distill-only", **{"profiles.smoke.recipe.vision": ["distill"]})
+    proc = dvc(repo, "repro", "share_vision")
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    student = (repo / "models/vision/student_kd.pt").read_bytes()
+    for stage in ("pruned", "qat", "shared"):
+        assert (repo / f"models/vision/student_{stage}.pt").read_bytes() == student, stage
+        assert json.loads((repo / f"metrics/vision/student_{stage}.json").read_text()) == {"pass_through": 1}
+
+
 def test_bad_data_stops_the_pipeline_before_training(tmp_path, prefect_server):
     """Labels out of range pass the checksum (they are pinned) but not the expectation gate."""
     src = tmp_path / "bad-source"

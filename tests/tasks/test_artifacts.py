@@ -28,10 +28,11 @@ def test_a_stage_left_out_of_the_recipe_passes_its_student_through(tmp_path, con
     student = tmp_path / "in" / "student.pt"
     save_model(MobileStudent(config.distill.vision.student), "mobile_student", config.distill.vision.student, student)
     paths = argparse.Namespace(student=student, model=tmp_path / "out" / "m.pt", metrics=tmp_path / "out" / "m.json",
-                               plots=tmp_path / "out" / "p.csv")
+                               plots=tmp_path / "out" / "p.csv", checkpoint=tmp_path / "ckpt" / "last.pt")
     with stage_run("share_vision", config, {}) as run:
         pass_through(run, paths, "share_vision")
     assert paths.model.read_bytes() == student.read_bytes()
     assert json.loads(paths.metrics.read_text()) == {"pass_through": 1}
+    assert (tmp_path / "ckpt").is_dir()  # the stage's declared checkpoint output, which DVC requires
     assert MlflowClient(mlflow_uri).get_run(run.run_id).data.tags["stage.pass_through"] == "true"
     assert not list((tmp_path / "out").glob("*.tmp"))
