@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from tasks.config import MobileArch
-from tasks.vision_models import FusedBlock, MobileStudent, SeparableBlock
+from tasks.vision_models import MobileBlock, MobileStudent, SeparableBlock
 
 
 def target_sparsity(step: int, steps: int, final: float, initial: float = 0.0) -> float:
@@ -139,8 +139,7 @@ def shrink(student: MobileStudent, arch: MobileArch) -> tuple[MobileStudent, Mob
     return small.eval(), new_arch
 
 
-def _copy_block(old: SeparableBlock | FusedBlock, new: SeparableBlock | FusedBlock, in_idx: torch.Tensor,
-                out_idx: torch.Tensor) -> None:
+def _copy_block(old: MobileBlock, new: MobileBlock, in_idx: torch.Tensor, out_idx: torch.Tensor) -> None:
     if isinstance(old, SeparableBlock):
         dw_old, dw_bn_old = old.depthwise[0], old.depthwise[1]
         dw_new, dw_bn_new = new.depthwise[0], new.depthwise[1]

@@ -14,7 +14,7 @@ from tasks.config import MobileArch, ResNetArch
 class BasicBlock(nn.Module):
     """Two 3x3 convolutions with batch norm and an identity (or 1x1 projection) shortcut."""
 
-    def __init__(self, cin: int, cout: int, stride: int, residual: bool | None = None) -> None:
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
         self.bn1 = nn.BatchNorm2d(cout)
@@ -65,65 +65,71 @@ class ResNetTeacher(nn.Module):
         return self.forward_features(x)[0]
 
 
-class SeparableBlock(nn.Module):
-    """Depthwise 3x3 then pointwise 1x1, each with batch norm and ReLU; residual when the shape is kept."""
+class MobileBlock(nn.Module):
+    """A student block: a branch whose last (conv, batch norm) pair makes the output channels, then ReLU, adding the
+    input first when the block is residual (by default whenever the shape is kept)."""
 
-    def __init__(self, cin: int, cout: int, stride: int, residual: bool | None = None) -> None:
+    def __init__(self, cin: int, cout: int, stride: int, residual: bool | None) -> None:
         super().__init__()
-        self.depthwise = nn.Sequential(nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False),
-                                       nn.BatchNorm2d(cin), nn.ReLU(inplace=True))
-        self.pointwise = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+        fits = stride == 1 and cin == cout
+        if residual and not fits:
+            raise ValueError(f"a residual block needs stride 1 and equal widths, got {cin} -> {cout} at stride {stride}")
+        self.residual = fits if residual is None else residual
         self.relu = nn.ReLU(inplace=True)
-        self.residual = keeps_input(cin, cout, stride, residual)
 
     @property
     def producer(self) -> nn.Sequential:
         """The (conv, batch norm) pair that makes this block's output channels."""
-        return self.pointwise
+        raise NotImplementedError
 
     @property
     def reader(self) -> nn.Conv2d:
-        """The convolution whose input columns read the incoming channels."""
-        return self.pointwise[0]
+        """The convolution whose input columns read the incoming channels (the producer's, in both kinds)."""
+        return self.producer[0]
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.pointwise(self.depthwise(x))
+        y = self.branch(x)
         return self.relu(y + x if self.residual else y)
 
 
-class FusedBlock(nn.Module):
-    """One regular 3x3 convolution with batch norm and ReLU (Fused-MBConv without expansion); residual when the
-    shape is kept. Dearer in FP32 than a separable block, but INT8 (VNNI) kernels speed it up ~3x, while depthwise
-    convolutions run no faster in INT8 than in FP32 on this CPU."""
+class SeparableBlock(MobileBlock):
+    """Depthwise 3x3 then pointwise 1x1, each with batch norm (ReLU after the depthwise one)."""
 
     def __init__(self, cin: int, cout: int, stride: int, residual: bool | None = None) -> None:
-        super().__init__()
+        super().__init__(cin, cout, stride, residual)
+        self.depthwise = nn.Sequential(nn.Conv2d(cin, cin, 3, stride, 1, groups=cin, bias=False),
+                                       nn.BatchNorm2d(cin), nn.ReLU(inplace=True))
+        self.pointwise = nn.Sequential(nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout))
+
+    @property
+    def producer(self) -> nn.Sequential:
+        return self.pointwise
+
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pointwise(self.depthwise(x))
+
+
+class FusedBlock(MobileBlock):
+    """One regular 3x3 convolution with batch norm (Fused-MBConv without expansion). Dearer in FP32 than a
+    separable block, but INT8 (VNNI) kernels speed it up ~3x, while depthwise convolutions run no faster in INT8
+    than in FP32 on this CPU."""
+
+    def __init__(self, cin: int, cout: int, stride: int, residual: bool | None = None) -> None:
+        super().__init__(cin, cout, stride, residual)
         self.conv = nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout))
-        self.relu = nn.ReLU(inplace=True)
-        self.residual = keeps_input(cin, cout, stride, residual)
 
     @property
     def producer(self) -> nn.Sequential:
         return self.conv
 
-    @property
-    def reader(self) -> nn.Conv2d:
-        return self.conv[0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.conv(x)
-        return self.relu(y + x if self.residual else y)
+    def branch(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
 
 
 BLOCKS = {"separable": SeparableBlock, "fused": FusedBlock}
-
-
-def keeps_input(cin: int, cout: int, stride: int, residual: bool | None) -> bool:
-    """Whether a block adds its input: as asked, else whenever the shape is kept."""
-    fits = stride == 1 and cin == cout
-    if residual and not fits:
-        raise ValueError(f"a residual block needs stride 1 and equal widths, got {cin} -> {cout} at stride {stride}")
-    return fits if residual is None else residual
 
 
 def scaled(channels: int, multiplier: float) -> int:
