@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from tasks.errors import ConfigError
 
@@ -19,6 +19,17 @@ Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 Positive = Annotated[int, Field(gt=0)]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 VISION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+
+
+def distinct(noun: str) -> AfterValidator:
+    """A list validator: no value twice (a recipe stage, an ablation seed, a float module)."""
+
+    def check(values: list) -> list:
+        if len(set(values)) != len(values):
+            raise ValueError(f"lists a {noun} twice: {values}")
+        return values
+
+    return AfterValidator(check)
 
 
 class Strict(BaseModel):
@@ -222,14 +233,7 @@ class QatVision(Fp32Recipe):
     freeze_observers_after: Annotated[int, Field(ge=0)]
     freeze_bn_after: Annotated[int, Field(ge=0)]
     # Student modules left in float ("stem", "head", "blocks.<i>"); the PTQ baseline leaves out the same ones.
-    float_modules: list[Annotated[str, Field(pattern=r"^(stem|head|blocks\.\d+)$")]] = []
-
-    @field_validator("float_modules")
-    @classmethod
-    def _no_repeated_modules(cls, names: list[str]) -> list[str]:
-        if len(set(names)) != len(names):
-            raise ValueError(f"{names} lists a module twice")
-        return names
+    float_modules: Annotated[list[Annotated[str, Field(pattern=r"^(stem|head|blocks\.\d+)$")]], distinct("module")] = []
 
 
 class QatConfig(Strict):
@@ -240,14 +244,7 @@ class RecipeConfig(Strict):
     """Which compression stages apply, per family. A stage left out passes its input through, except distill,
     which then trains the student on the labels alone (the CE-only baseline)."""
 
-    vision: list[Literal["distill", "prune", "qat", "share"]]
-
-    @field_validator("vision")
-    @classmethod
-    def _no_repeats(cls, stages: list[str]) -> list[str]:
-        if len(set(stages)) != len(stages):
-            raise ValueError(f"lists a stage twice: {stages}")
-        return stages
+    vision: Annotated[list[Literal["distill", "prune", "qat", "share"]], distinct("stage")]
 
 
 class ShareVision(Fp32Recipe):
@@ -341,7 +338,7 @@ class AblationVision(Strict):
     """The ablation benchmark: every arm trained once per seed with the stage recipes, where ``distill``, ``prune``,
     ``qat`` and ``share`` hold overrides of ``<stage>.vision`` for the ablation only (e.g. fewer epochs)."""
 
-    seeds: list[Annotated[int, Field(ge=0)]] = Field(min_length=1)
+    seeds: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1), distinct("seed")]
     calibration_size: Positive         # validation images that calibrate the PTQ baseline (never test images)
     distill: dict[str, Any] = {}
     prune: dict[str, Any] = {}
@@ -349,12 +346,6 @@ class AblationVision(Strict):
     share: dict[str, Any] = {}
     targets: AblationTargets
 
-    @field_validator("seeds")
-    @classmethod
-    def _distinct(cls, seeds: list[int]) -> list[int]:
-        if len(set(seeds)) != len(seeds):
-            raise ValueError(f"lists a seed twice: {seeds}")
-        return seeds
 
 
 class AblationConfig(Strict):
