@@ -17,7 +17,7 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from tasks.config import MobileArch, ResNetArch
+from tasks.config import MobileArch, QatVision, ResNetArch
 from tasks.errors import CheckpointError
 from tasks.io import file_digest, write_atomic, write_json
 from tasks.vision_models import MobileStudent, ResNetTeacher
@@ -33,13 +33,9 @@ def save_model(model: nn.Module, kind: str, arch: BaseModel, path: Path, **extra
     write_atomic(path, buffer.getvalue())
 
 
-def qat_extra(source: Any) -> dict[str, Any]:
-    """What rebuilding a QAT student needs beyond its architecture, from a ``QatVision`` config or a model's meta;
-    empty for a float model."""
-    get = source.get if isinstance(source, dict) else lambda key, default=None: getattr(source, key, default)
-    if not get("activation_bits"):
-        return {}
-    return {"activation_bits": get("activation_bits"), "float_modules": list(get("float_modules", []) or [])}
+def qat_extra(cfg: QatVision) -> dict[str, Any]:
+    """What rebuilding a student trained with ``cfg`` needs beyond its architecture."""
+    return {"activation_bits": cfg.activation_bits, "float_modules": list(cfg.float_modules)}
 
 
 def _read(path: Path) -> dict[str, Any]:

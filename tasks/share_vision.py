@@ -15,15 +15,7 @@ from torch import nn
 from torch.ao.nn.intrinsic.qat import freeze_bn_stats
 from torch.ao.quantization import disable_observer
 
-from tasks.artifacts import (
-    fingerprint,
-    load_model,
-    model_meta,
-    pass_through,
-    publish_training,
-    qat_extra,
-    training_inputs,
-)
+from tasks.artifacts import fingerprint, load_model, model_meta, pass_through, publish_training, training_inputs
 from tasks.config import DistillVision, ShareVision, stage_args
 from tasks.distillation import Distiller, distillation_loss, loss_config
 from tasks.errors import run_cli
@@ -76,7 +68,9 @@ def main() -> None:
                                                args.student, args.checkpoint,
                                                lambda epoch, m: run.log_metrics(m, step=epoch + 1))
         meta = model_meta(args.student)
-        publish_training(run, model, meta["kind"], meta["arch"], history, metrics, args, **qat_extra(meta))
+        kind, arch = meta.pop("kind"), meta.pop("arch")
+        # what rebuilding the input needed (a QAT student's bits and float modules) the output needs too
+        publish_training(run, model, kind, arch, history, metrics, args, **meta)
     print(f"weight-shared student ({share.clusters} clusters/layer): test accuracy {metrics['test_accuracy']:.4f}; "
           f"{metrics['float32_bytes']:,.0f} B float32 -> {metrics['index_codebook_bytes']:,.0f} B index+codebook "
           f"-> {metrics['huffman_bytes']:,.0f} B Huffman")
