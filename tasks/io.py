@@ -28,7 +28,9 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    write_atomic(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
+    # numpy scalars (e.g. an observed value of a validation report) are written as the numbers they hold
+    text = json.dumps(obj, indent=2, sort_keys=True, default=lambda o: o.item() if isinstance(o, np.generic) else str(o))
+    write_atomic(path, (text + "\n").encode())
 
 
 def save_npy(path: Path, arr: np.ndarray) -> None:

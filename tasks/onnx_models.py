@@ -47,9 +47,16 @@ def export_int8(qat: QatModel, path: Path, opset: int = 17) -> Path:
     The exporter writes INT8 weights as ``Constant`` nodes and puts a no-op ``Cast`` between each activation's
     QuantizeLinear and DequantizeLinear; onnxruntime's basic (ONNX-only, portable) graph optimisations fold these,
     leaving plain Q/DQ pairs around each Conv/Gemm with INT8 weight initializers."""
+    export_fp32(convert_int8(qat), path, opset)
+    return tidy_qdq(path)
+
+
+def tidy_qdq(path: Path) -> Path:
+    """Rewrite ``path`` after onnxruntime's basic (ONNX-only, portable) optimisations: they fold the exporter's
+    ``Constant`` INT8 weights into initializers and drop its no-op ``Cast`` between QuantizeLinear and
+    DequantizeLinear, leaving plain Q/DQ pairs."""
     import onnxruntime as ort
 
-    export_fp32(convert_int8(qat), path, opset)
     with tempfile.TemporaryDirectory() as tmp:
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC

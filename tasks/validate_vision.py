@@ -5,15 +5,14 @@ value). A failed expectation stops the pipeline with a message naming it and the
 """
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from tasks.config import Config, stage_args
-from tasks.errors import DataFormatError, DataValidationError, run_cli
-from tasks.io import write_json
+from tasks.errors import DataFormatError, run_cli
+from tasks.expectations import ephemeral_context, failure_message, publish_validation, run_suites  # noqa: F401 (failure_message: API)
 
 TRAIN_ROWS, TEST_ROWS = 60000, 10000  # the published Fashion-MNIST split sizes
 SPLITS = ("train", "val", "test")
@@ -36,46 +35,18 @@ def load_arrays(data_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return arrays
 
 
-def _summarise(suite: str, result: Any) -> dict[str, Any]:
-    cfg, res = result.expectation_config, result.result or {}
-    kwargs = {k: v for k, v in cfg.kwargs.items() if k != "batch_id"}
-    return {"suite": suite, "expectation": cfg.type, "kwargs": kwargs, "success": bool(result.success),
-            "observed": res.get("observed_value"), "unexpected_count": res.get("unexpected_count"),
-            "unexpected_examples": res.get("partial_unexpected_list", [])[:10]}
-
-
 def validate_vision(arrays: dict[str, tuple[np.ndarray, np.ndarray]], cfg: Config) -> dict[str, Any]:
     """Run every suite; return the report (``success`` plus one entry per expectation)."""
-    os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
-    import great_expectations as gx
-
+    context = ephemeral_context()
     from tasks import vision_expectations as ve
 
-    context = gx.get_context(mode="ephemeral")  # suites need a current context even before they run
     rules, rows = cfg.validate_.vision, expected_rows(cfg)
     batches = []
     for split, (x, y) in arrays.items():
         batches.append((ve.rows_suite(split, rows[split]), ve.row_frame(x, y)))
         batches.append((ve.classes_suite(split, rows[split], rules), ve.class_frame(y)))
     batches.append((ve.leak_suite(rules), ve.leak_frame(arrays["train"][0], arrays["test"][0])))
-    asset = context.data_sources.add_pandas("vision").add_dataframe_asset("frames")
-    definition = asset.add_batch_definition_whole_dataframe("whole")
-    checks = []
-    for suite, frame in batches:
-        outcome = definition.get_batch(batch_parameters={"dataframe": frame}).validate(suite)
-        checks += [_summarise(suite.name, r) for r in outcome.results]
-    return {"success": all(c["success"] for c in checks), "checks": checks}
-
-
-def failure_message(report: dict[str, Any]) -> str:
-    lines = ["processed data failed validation:"]
-    for c in (c for c in report["checks"] if not c["success"]):
-        args = ", ".join(f"{k}={v}" for k, v in c["kwargs"].items())
-        got = f"observed {c['observed']}" if c["observed"] is not None else ""
-        if c["unexpected_count"]:
-            got = f"{c['unexpected_count']} unexpected values, e.g. {c['unexpected_examples']}"
-        lines.append(f"  [{c['suite']}] {c['expectation']}({args}): {got}")
-    return "\n".join(lines)
+    return run_suites(context, "vision", batches)
 
 
 def main() -> None:
@@ -83,15 +54,7 @@ def main() -> None:
     from tasks.tracking import stage_run
 
     with stage_run("validate_vision", cfg, {"validate.vision": cfg.validate_.vision}) as run:
-        report = validate_vision(load_arrays(args.data), cfg)
-        failed = sum(not c["success"] for c in report["checks"])
-        run.log_metrics({"expectations": len(report["checks"]), "expectations_failed": failed})
-        run.set_tag("validation.success", str(report["success"]).lower())
-        write_json(args.report, report)
-        run.log_artifact(args.report)
-        if not report["success"]:
-            args.report.unlink()  # never leave a failing report where the next stage would take it as a pass
-            raise DataValidationError(failure_message(report))
+        report = publish_validation(run, validate_vision(load_arrays(args.data), cfg), args.report)
     print(f"validation passed: {len(report['checks'])} expectations")
 
 

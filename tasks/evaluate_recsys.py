@@ -1,0 +1,132 @@
+"""Stage ``evaluate_recsys``: the exported CTR models measured in onnxruntime as a serving engineer would.
+
+Inputs: ``<data>``, ``<onnx>`` (export_recsys's folder) and the PyTorch models (for parameter counts). Output
+``<metrics>``: per ONNX model the test AUC and logloss, NDCG@k and Recall@k, stored size, and the latency of one
+request scoring ``candidates`` items for one user (p50 / p95 / p99) with its throughput in items/s; plus ratios
+against the teacher. Ranking protocol: for every user with a positive test row, every item the user has no train or
+validation row for is ranked; the user's positive test items are the relevant ones (Recall@k divides the hits by
+min(k, relevant)).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from tasks.artifacts import load_model
+from tasks.config import EvaluateRecsys, stage_args
+from tasks.ctr_onnx import OUTPUT, onnx_probabilities
+from tasks.ctr_training import CtrSplit, ctr_metrics
+from tasks.errors import run_cli
+from tasks.io import write_json
+from tasks.onnx_models import file_sizes, session
+from tasks.vision_models import count_parameters
+
+SOURCES = {"teacher_fp32": "teacher", "student_fp32": "student_fp32", "student_int8": "student"}
+
+
+class Catalog:
+    """Every user's and item's encoded fields: builds the rows of one user against many items."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.users = np.load(data_dir / "users.npy")
+        self.items = np.load(data_dir / "items.npy")
+        self.item_genres = np.load(data_dir / "items_genres.npy")
+
+    def request(self, user: int, items: np.ndarray) -> dict[str, np.ndarray]:
+        """Inputs scoring ``items`` (0-based) for ``user`` (0-based), in the FIELDS order of prepare_recsys."""
+        u, it = self.users[user], self.items[items]
+        fields = np.column_stack([np.full(len(items), u[0]), it[:, 0], *(np.full(len(items), v) for v in u[1:]),
+                                  it[:, 1]]).astype(np.int64)
+        return {"fields": fields, "genres": self.item_genres[items]}
+
+
+def ranking(path: Path, catalog: Catalog, interactions: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame,
+            k: int, threads: int) -> dict[str, float]:
+    """Mean NDCG@k and Recall@k over users with positive test rows (protocol in the module docstring)."""
+    sess = session(path, threads)
+    user_index, item_index = pd.Index(users.user_id), pd.Index(items.item_id)
+    seen = interactions[interactions.split != "test"].groupby("user_id").item_id.apply(set)
+    positives = interactions[(interactions.split == "test") & (interactions.label == 1)].groupby("user_id").item_id.apply(set)
+    discounts = 1 / np.log2(np.arange(2, k + 2))
+    ndcg, recall = [], []
+    for user_id, relevant in positives.items():
+        candidates = np.array(sorted(set(items.item_id) - seen.get(user_id, set())))
+        scores = sess.run([OUTPUT], catalog.request(user_index.get_loc(user_id), item_index.get_indexer(candidates)))[0]
+        top = candidates[np.argsort(-scores, kind="stable")[:k]]
+        hits = np.isin(top, list(relevant))
+        ndcg.append(float((hits * discounts).sum() / discounts[:min(k, len(relevant))].sum()))
+        recall.append(float(hits.sum() / min(k, len(relevant))))
+    return {f"ndcg@{k}": float(np.mean(ndcg)), f"recall@{k}": float(np.mean(recall)), "ranked_users": len(ndcg)}
+
+
+def request_latency(path: Path, catalog: Catalog, cfg: EvaluateRecsys) -> dict[str, float]:
+    """Latency of scoring ``cfg.candidates`` items for one user, and the items/s that implies."""
+    sess = session(path, cfg.threads)
+    count = min(cfg.candidates, len(catalog.items))
+    request = catalog.request(0, np.arange(count))
+    for _ in range(cfg.warmup):
+        sess.run([OUTPUT], request)
+    times = []
+    for _ in range(cfg.repeats):
+        start = time.perf_counter()
+        sess.run([OUTPUT], request)
+        times.append(time.perf_counter() - start)
+    p50, p95, p99 = np.percentile(np.array(times) * 1000, [50, 95, 99])
+    return {"latency_p50_ms": float(p50), "latency_p95_ms": float(p95), "latency_p99_ms": float(p99),
+            "throughput_items_per_s": float(count / np.median(times)), "candidates": count}
+
+
+def score_onnx(path: Path, data_dir: Path, cfg: EvaluateRecsys) -> dict[str, float]:
+    """Test AUC / logloss and request latency of one ONNX file (what the gate re-measures for a champion)."""
+    test = CtrSplit.load(data_dir, "test")
+    quality = ctr_metrics(test.y.numpy(), onnx_probabilities(path, test, threads=cfg.threads))
+    return {**quality, **request_latency(path, Catalog(data_dir), cfg)}
+
+
+def evaluate_recsys(cfg: EvaluateRecsys, data_dir: Path, onnx_dir: Path, models: dict[str, Path]) -> dict[str, dict]:
+    torch.set_num_threads(cfg.threads)
+    catalog = Catalog(data_dir)
+    tables = {name: pd.read_csv(data_dir / f"{name}.csv", dtype={"zip_code": str})
+              for name in ("interactions", "users", "items")}
+    results = {}
+    for name in SOURCES:
+        path = onnx_dir / f"{name}.onnx"
+        results[name] = {**score_onnx(path, data_dir, cfg), **file_sizes(path),
+                         **ranking(path, catalog, tables["interactions"], tables["users"], tables["items"],
+                                   cfg.ranking_k, cfg.threads),
+                         "parameters": count_parameters(load_model(models[name]))}
+    return results
+
+
+def ratios(results: dict[str, dict]) -> dict[str, float]:
+    teacher, fp32, int8 = results["teacher_fp32"], results["student_fp32"], results["student_int8"]
+    return {"size_ratio_vs_teacher": teacher["bytes"] / int8["bytes"],
+            "speedup_p50_vs_teacher": teacher["latency_p50_ms"] / int8["latency_p50_ms"],
+            "int8_vs_fp32_speedup": fp32["latency_p50_ms"] / int8["latency_p50_ms"],
+            "auc_drop_vs_teacher": teacher["auc"] - int8["auc"]}
+
+
+def main() -> None:
+    args, cfg = stage_args(__doc__, "--data", "--onnx", "--teacher", "--student-fp32", "--student", "--metrics")
+    ev = cfg.evaluate.recsys
+    from tasks.tracking import stage_run
+
+    with stage_run("evaluate_recsys", cfg, {"evaluate.recsys": ev}) as run:
+        models = {"teacher_fp32": args.teacher, "student_fp32": args.student_fp32, "student_int8": args.student}
+        results = evaluate_recsys(ev, args.data, args.onnx, models)
+        summary = ratios(results)
+        write_json(args.metrics, {"models": results, "ratios": summary, "settings": ev.model_dump()})
+        run.log_metrics({f"{m}.{k.replace('@', '_at_')}": v for m, r in results.items() for k, v in r.items()} | summary)
+        run.log_artifact(args.metrics)
+    for name, r in results.items():
+        print(f"{name}: AUC {r['auc']:.4f}, NDCG@{ev.ranking_k} {r[f'ndcg@{ev.ranking_k}']:.4f}, {r['bytes']:,} bytes, "
+              f"p50 {r['latency_p50_ms']:.3f} ms per {r['candidates']} candidates")
+    print(", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,59 @@
+"""Stage ``qat_recsys``: distilled CTR student -> quantization-aware trained student (INT8 tables and MLP).
+
+Inputs: ``<data>``, ``<teacher>``, ``<student>`` (distill_recsys's). Outputs: ``<model>`` (the fake-quantized
+student; the model file records ``ctr_qat`` so it is rebuilt the same way), ``<metrics>``, ``<plots>``.
+Embedding tables are fake-quantized per row, the MLP by FX QAT; the ``distill.recsys`` loss stays active when
+``qat.recsys.distill`` is true. Observers are frozen from epoch ``freeze_observers_after``. Without ``qat`` in
+``recipe.recsys`` the student passes through unchanged (export then quantizes its tables after training).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.ao.quantization import disable_observer
+
+from tasks.artifacts import load_model, pass_through, publish_training
+from tasks.config import DistillRecsys, QatRecsys, stage_args
+from tasks.ctr_training import CtrDistiller, ctr_loss, evaluate_ctr, fit_ctr, load_ctr_data
+from tasks.errors import run_cli
+from tasks.recsys_models import CtrModel, prepare_ctr_qat
+from tasks.vision_models import count_parameters
+
+
+def qat_recsys(cfg: QatRecsys, kd: DistillRecsys, data_dir: Path, teacher_path: Path, student_path: Path,
+               on_epoch: Callable[[int, dict[str, float]], None] | None = None
+               ) -> tuple[CtrModel, dict[str, int], list[dict[str, float]], dict[str, float]]:
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    train, val, test, shape = load_ctr_data(data_dir)
+    qat = prepare_ctr_qat(load_model(student_path))
+    model = CtrDistiller(qat, load_model(teacher_path), kd) if cfg.distill else qat
+
+    def before_epoch(epoch: int) -> None:
+        if epoch >= cfg.freeze_observers_after:
+            qat.apply(disable_observer)
+
+    history = fit_ctr(model, train, val, cfg, ctr_loss(kd.weights if cfg.distill else None), on_epoch, before_epoch)
+    metrics = {f"test_{k}": v for k, v in evaluate_ctr(qat, test, cfg.eval_batch_size).items()}
+    return qat, shape, history, {**metrics, "parameters": count_parameters(qat)}
+
+
+def main() -> None:
+    args, cfg = stage_args(__doc__, "--data", "--teacher", "--student", "--model", "--metrics", "--plots")
+    from tasks.tracking import stage_run
+
+    params = {"qat.recsys": cfg.qat.recsys, "distill.recsys": cfg.distill.recsys, "recipe.recsys": cfg.recipe.recsys}
+    with stage_run("qat_recsys", cfg, params) as run:
+        if "qat" not in cfg.recipe.recsys:
+            pass_through(run, args, "qat_recsys")
+            return
+        student, shape, history, metrics = qat_recsys(cfg.qat.recsys, cfg.distill.recsys, args.data, args.teacher,
+                                                      args.student, lambda epoch, m: run.log_metrics(m, step=epoch + 1))
+        publish_training(run, student, "ctr", student.arch, history, metrics, args, shape=shape, ctr_qat=True)
+    print(f"QAT student test AUC {metrics['test_auc']:.4f}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,50 @@
+"""Stage ``train_teacher_recsys``: processed MovieLens-100K -> DeepFM click-through teacher.
+
+Inputs: ``<data>`` (prepare_recsys's folder; the validation report, so it runs only on validated data).
+Outputs: ``<model>`` (``{"kind", "arch", "shape", "state_dict"}``, loadable with ``weights_only=True``),
+``<metrics>`` (test AUC, logloss, parameters), ``<plots>`` (per-epoch CSV). Training takes seconds, so it keeps the
+best epoch by validation AUC instead of checkpointing.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from tasks.artifacts import publish_training
+from tasks.config import TrainTeacherRecsys, stage_args
+from tasks.ctr_training import evaluate_ctr, fit_ctr, label_loss, load_ctr_data
+from tasks.errors import run_cli
+from tasks.recsys_models import CtrModel
+from tasks.vision_models import count_parameters
+
+
+def train_teacher_recsys(cfg: TrainTeacherRecsys, data_dir: Path,
+                         on_epoch: Callable[[int, dict[str, float]], None] | None = None
+                         ) -> tuple[CtrModel, dict[str, int], list[dict[str, float]], dict[str, float]]:
+    """Train the teacher on train, select its epoch on val; return (model, shape, history, test metrics)."""
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    train, val, test, shape = load_ctr_data(data_dir)
+    model = CtrModel(cfg.arch, **shape)
+    history = fit_ctr(model, train, val, cfg, label_loss, on_epoch)
+    metrics = {f"test_{k}": v for k, v in evaluate_ctr(model, test, cfg.eval_batch_size).items()}
+    return model, shape, history, {**metrics, "parameters": count_parameters(model)}
+
+
+def main() -> None:
+    args, cfg = stage_args(__doc__, "--data", "--model", "--metrics", "--plots")
+    teacher = cfg.teacher.recsys
+    from tasks.tracking import stage_run
+
+    with stage_run("train_teacher_recsys", cfg, {"teacher.recsys": teacher}) as run:
+        model, shape, history, metrics = train_teacher_recsys(
+            teacher, args.data, lambda epoch, m: run.log_metrics(m, step=epoch + 1))
+        publish_training(run, model, "ctr", teacher.arch, history, metrics, args, shape=shape)
+    print(f"teacher test AUC {metrics['test_auc']:.4f}, logloss {metrics['test_logloss']:.4f} "
+          f"({metrics['parameters']:,} parameters)")
+
+
+if __name__ == "__main__":
+    run_cli(main)

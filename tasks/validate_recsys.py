@@ -1,0 +1,113 @@
+"""Stage ``validate_recsys``: the Great Expectations gate on processed MovieLens-100K.
+
+Input: ``<data>`` as written by prepare_recsys. Output: ``<report>`` (JSON, every expectation with its observed
+value). Checked: the schema of every table; ratings within 1-5 and labels consistent with them; no missing value
+in a required field; referential integrity (every rating's user and item exist); no duplicate (user, item,
+timestamp) row; per split a minimum row count and the label balance within a tolerance; every encoded field index
+inside its field's range and genres multi-hot. A failed expectation stops the pipeline naming it and the values.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import great_expectations as gx
+import numpy as np
+import pandas as pd
+
+from tasks.config import Config, RecsysValidation, stage_args
+from tasks.errors import DataFormatError, run_cli
+from tasks.expectations import ephemeral_context, publish_validation, run_suites
+
+E = gx.expectations
+SPLITS = ("train", "val", "test")
+COLUMNS = {"interactions": ["user_id", "item_id", "rating", "timestamp", "label", "split"],
+           "users": ["user_id", "age", "gender", "occupation", "zip_code"],
+           "items": ["item_id", "release_year", "genres"]}
+
+
+def load_tables(data_dir: Path) -> dict[str, Any]:
+    try:
+        tables: dict[str, Any] = {name: pd.read_csv(data_dir / f"{name}.csv", dtype={"zip_code": str},
+                                                    keep_default_na=True) for name in COLUMNS}
+        tables["features"] = json.loads((data_dir / "features.json").read_text())
+        for split in SPLITS:
+            tables[split] = {p: np.load(data_dir / f"{split}_{p}.npy", allow_pickle=False)
+                             for p in ("fields", "genres", "y")}
+    except (OSError, ValueError) as err:
+        raise DataFormatError(f"{data_dir}: cannot be read ({err}); re-run prepare_recsys") from err
+    return tables
+
+
+def _suite(name: str, expectations: list) -> gx.ExpectationSuite:
+    suite = gx.ExpectationSuite(name=name)
+    for exp in expectations:
+        suite.add_expectation(exp)
+    return suite
+
+
+def table_suites(tables: dict[str, Any], positive_min_rating: int) -> list[tuple[gx.ExpectationSuite, pd.DataFrame]]:
+    users, items, rows = tables["users"], tables["items"], tables["interactions"]
+    schema = {name: [E.ExpectTableColumnsToMatchSet(column_set=cols, exact_match=True),
+                     *(E.ExpectColumnValuesToNotBeNull(column=c) for c in cols if c != "genres")]
+              for name, cols in COLUMNS.items()}
+    interactions = _suite("recsys_interactions", schema["interactions"] + [
+        E.ExpectColumnValuesToBeBetween(column="rating", min_value=1, max_value=5),
+        E.ExpectColumnValuesToBeInSet(column="label", value_set=[0, 1]),
+        E.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
+        E.ExpectColumnValuesToBeInSet(column="user_id", value_set=users.user_id.dropna().tolist()),
+        E.ExpectColumnValuesToBeInSet(column="item_id", value_set=items.item_id.dropna().tolist()),
+        E.ExpectCompoundColumnsToBeUnique(column_list=["user_id", "item_id", "timestamp"])])
+    consistent = pd.DataFrame({"label_matches_rating": (rows.label == (rows.rating >= positive_min_rating)).astype(int)})
+    return [(interactions, rows),
+            (_suite("recsys_labels", [E.ExpectColumnValuesToBeInSet(column="label_matches_rating", value_set=[1])]),
+             consistent),
+            (_suite("recsys_users", schema["users"] + [
+                E.ExpectColumnValuesToBeUnique(column="user_id"),
+                E.ExpectColumnValuesToBeBetween(column="age", min_value=1, max_value=100),
+                E.ExpectColumnValuesToBeInSet(column="gender", value_set=["M", "F"])]), users),
+            (_suite("recsys_items", schema["items"] + [
+                E.ExpectColumnValuesToBeUnique(column="item_id"),
+                E.ExpectColumnValuesToBeBetween(column="release_year", min_value=0, max_value=2100)]), items)]
+
+
+def split_suites(tables: dict[str, Any], rules: RecsysValidation) -> list[tuple[gx.ExpectationSuite, pd.DataFrame]]:
+    """Per split: row count, label balance, and the encoded arrays against the field layout."""
+    rows, layout, out = tables["interactions"], tables["features"]["fields"], []
+    for split in SPLITS:
+        part, arrays = rows[rows.split == split], tables[split]
+        fields = arrays["fields"]
+        frame = pd.DataFrame({f["name"]: fields[:, i] if fields.ndim == 2 and fields.shape[1] > i else -1
+                              for i, f in enumerate(layout)})
+        frame["genres_binary"] = np.isin(arrays["genres"], (0, 1)).all(axis=1).astype(int)
+        frame["label"] = arrays["y"].astype(np.float64)
+        out.append((_suite(f"recsys_{split}", [
+            E.ExpectTableRowCountToEqual(value=len(part)),
+            E.ExpectTableRowCountToBeBetween(min_value=rules.min_rows.get(split, 1)),
+            E.ExpectColumnMeanToBeBetween(column="label", min_value=rules.positive_fraction - rules.positive_tolerance,
+                                          max_value=rules.positive_fraction + rules.positive_tolerance),
+            E.ExpectColumnValuesToBeInSet(column="genres_binary", value_set=[1]),
+            *(E.ExpectColumnValuesToBeBetween(column=f["name"], min_value=f["offset"],
+                                              max_value=f["offset"] + f["size"] - 1) for f in layout)]), frame))
+    return out
+
+
+def validate_recsys(tables: dict[str, Any], cfg: Config) -> dict[str, Any]:
+    """Run every suite; return the report."""
+    context = ephemeral_context()
+    batches = table_suites(tables, cfg.data.recsys.positive_min_rating) + split_suites(tables, cfg.validate_.recsys)
+    return run_suites(context, "recsys", batches)
+
+
+def main() -> None:
+    args, cfg = stage_args(__doc__, "--data", "--report")
+    from tasks.tracking import stage_run
+
+    with stage_run("validate_recsys", cfg, {"validate.recsys": cfg.validate_.recsys}) as run:
+        report = publish_validation(run, validate_recsys(load_tables(args.data), cfg), args.report)
+    print(f"validation passed: {len(report['checks'])} expectations")
+
+
+if __name__ == "__main__":
+    run_cli(main)
