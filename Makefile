@@ -8,7 +8,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 # No phoning home from the embedded server (these machines are offline; it would only log a failed lookup).
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: run test benchmark benchmark-export ablation data-source clean-results
+.PHONY: run test benchmark benchmark-export benchmark-recsys ablation data-source clean-results
 
 run: $(STAMP) data-source
 	$(PY) -m flows.pipeline
@@ -23,6 +23,10 @@ benchmark: $(STAMP) data-source
 # The pipeline's four ONNX models measured back to back against the deployment targets (after `make run`).
 benchmark-export: $(STAMP)
 	$(PY) -m flows.export_benchmark --out reports/benchmarks/export_vision.json
+
+# The recommender: LR and FM baselines trained now next to the pipeline's CTR models (after `make run`).
+benchmark-recsys: $(STAMP)
+	$(PY) -m flows.recsys_benchmark --out reports/benchmarks/recsys.json
 
 # Every compression arm x ablation.vision.seeds on the full data, measured as ONNX; writes reports/ablation/.
 ablation: $(STAMP) data-source
@@ -42,4 +46,4 @@ data-source:
 	fi
 
 clean-results:
-	rm -rf data/vision models metrics plots reports checkpoints mlflow.db mlartifacts
+	rm -rf data/vision data/recsys models metrics plots reports checkpoints mlflow.db mlartifacts

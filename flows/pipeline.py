@@ -18,6 +18,7 @@ from prefect import flow, task
 from prefect.client.schemas.objects import TaskRun
 from prefect.states import State
 
+from flows.promotion import FAMILIES
 from flows.stage_graph import stage_graph
 from tasks.config import load_config
 from tasks.errors import EXIT_USER_ERROR, PipelineError, run_cli
@@ -98,15 +99,17 @@ def compression_pipeline(root: str = ".") -> dict[str, Any]:
         parent.set_tags({f"stage.{name}": status for name, status in statuses.items()})
         metrics = collect_metrics(root_path)
         parent.log_metrics(metrics)
-        gate = promote_vision(root_path, uri, parent.run_id)
-        parent.set_tags({"gate.passed": str(gate["passed"]).lower(), "registry.version": gate["version"]})
+        gates = {family: promote(family, root_path, uri, parent.run_id) for family in FAMILIES}
+        for family, gate in gates.items():
+            parent.set_tags({f"gate.{family}.passed": str(gate["passed"]).lower(),
+                             f"registry.{family}.version": gate["version"]})
     return {"stages": statuses, "metrics": metrics, "parent_run_id": parent.run_id, "tracking_uri": uri,
-            "gate": gate}
+            "gates": gates}
 
 
-@task(task_run_name="promote_vision")
-def promote_vision(root: Path, uri: str, parent_run_id: str) -> dict[str, Any]:
-    """Gate the INT8 student and register it (``flows.promotion``); registry state is not DVC's to cache."""
+@task(task_run_name="promote_{family}")
+def promote(family: str, root: Path, uri: str, parent_run_id: str) -> dict[str, Any]:
+    """Gate a family's INT8 student and register it (``flows.promotion``); registry state is not DVC's to cache."""
     from mlflow.tracking import MlflowClient
 
     from flows.promotion import gate_and_register
@@ -114,9 +117,9 @@ def promote_vision(root: Path, uri: str, parent_run_id: str) -> dict[str, Any]:
 
     cfg = load_config(root / "params.yaml")
     client = MlflowClient(uri, registry_uri=uri)
-    params = {"gate.vision": cfg.gate.vision, "evaluate.vision": cfg.evaluate.vision}
-    with child_run("promote_vision", cfg, params, parent_run_id, root, client) as run:
-        report = gate_and_register(root, cfg, client, uri, run.run_id, parent_run_id)
+    params = {f"gate.{family}": getattr(cfg.gate, family), f"evaluate.{family}": getattr(cfg.evaluate, family)}
+    with child_run(f"promote_{family}", cfg, params, parent_run_id, root, client) as run:
+        report = gate_and_register(root, cfg, client, uri, run.run_id, parent_run_id, family)
         run.log_metrics({f"gate.{c['name']}": c["value"] for c in report["checks"]})
         run.set_tag("registry.unchanged", str(report["unchanged"]).lower())
         run.set_tags({"gate.passed": str(report["passed"]).lower(), "registry.version": report["version"]})
@@ -139,17 +142,18 @@ def summary(result: dict[str, Any], root: Path) -> str:
     bin_dir = Path(sys.executable).parent
     lines = ["", "=== compression pipeline: done ==="]
     lines += [f"  {stage:<24} {status}" for stage, status in result["stages"].items()]
-    key = [k for k in result["metrics"] if k.endswith(("accuracy", "accuracy_int8", "_ratio", "ratio_vs_teacher"))
+    key = [k for k in result["metrics"] if k.endswith(("accuracy", "accuracy_int8", "_auc", "_ratio", "ratio_vs_teacher"))
            or ".ratios." in k]
     lines += ["key metrics (all of them are in the MLflow parent run):"]
     lines += [f"  {k:<56} {result['metrics'][k]:.4f}" for k in key]
-    gate = result["gate"]
-    if gate["unchanged"]:
-        lines += [f"gate: candidate unchanged, already {gate['name']} version {gate['version']}; registry untouched"]
-    else:
-        lines += [f"gate: {'PASS' if gate['passed'] else 'FAIL'} (reports/vision/gate.md); registered "
-                  f"{gate['name']} version {gate['version']} as challenger"
-                  + ("; champion moved to it" if gate["champion"] else "; champion unchanged")]
+    for family, gate in result["gates"].items():
+        if gate["unchanged"]:
+            lines += [f"gate {family}: candidate unchanged, already {gate['name']} version {gate['version']}; "
+                      "registry untouched"]
+        else:
+            lines += [f"gate {family}: {'PASS' if gate['passed'] else 'FAIL'} (reports/{family}/gate.md); registered "
+                      f"{gate['name']} version {gate['version']} as challenger"
+                      + ("; champion moved to it" if gate["champion"] else "; champion unchanged")]
     lines += [f"results: models/ metrics/ plots/ reports/ under {root}",
               f"MLflow parent run {result['parent_run_id']} in {result['tracking_uri']}",
               "open the MLflow UI:",

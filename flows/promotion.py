@@ -1,10 +1,10 @@
 """Gate and promotion of the INT8 student in the MLflow model registry (aliases only, no deprecated stages).
 
-``gate_and_register`` (called by the pipeline flow after the last stage): scores the candidate and the current
-``champion`` on the same test data in the same run, writes ``reports/vision/gate.{json,md}``, registers the
-candidate as a new version of ``gate.vision.registered_model`` with the ONNX flavor, a signature and an input
-example, tags it with every gate result and its lineage, points ``challenger`` at it, and moves ``champion`` only
-when every check passes. The registry is checked for reachability before anything is written to it.
+``gate_and_register`` (called by the pipeline flow after the last stage, once per family): scores the candidate
+and the current ``champion`` on the same test data in the same run, writes ``reports/<family>/gate.{json,md}``,
+registers the candidate as a new version of ``gate.<family>.registered_model`` with the ONNX flavor, a signature
+and an input example, tags it with every gate result and its lineage, points ``challenger`` at it, and moves
+``champion`` only when every check passes. The registry is checked for reachability before anything is written.
 
 ``promote-model`` (``python -m flows.promotion``) is the separate flow that moves an alias to a given version
 (promotion or rollback), recording who and why as tags on that version.
@@ -24,17 +24,23 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from prefect import flow
 
-from tasks.config import Config, GateVision, load_config
+from tasks.config import Config, GateRecsys, GateVision, load_config
 from tasks.errors import PipelineError, run_cli
 from tasks.evaluate_vision import latency
-from tasks.gate import gate_checks, gate_markdown
+from tasks.gate import SPECS, gate_checks, gate_markdown
 from tasks.io import write_atomic, write_json
 from tasks.lineage import dvc_input_hashes, git_state, params_hash
-from tasks.onnx_models import OUTPUT, INPUT, onnx_accuracy, session
+from tasks.onnx_models import INPUT, onnx_accuracy, session
 from tasks.training import Split, to_input
 
-CANDIDATE, EVALUATION = Path("models/vision/onnx/student_int8.onnx"), Path("metrics/vision/evaluation.json")
-DATA, REPORTS = Path("data/vision/processed"), Path("reports/vision")
+FAMILIES = ("vision", "recsys")
+
+
+def paths(family: str) -> dict[str, Path]:
+    """Where a family's candidate, evaluation, data and reports are (the dvc.yaml outputs)."""
+    return {"candidate": Path(f"models/{family}/onnx/student_int8.onnx"), "onnx": Path(f"models/{family}/onnx"),
+            "evaluation": Path(f"metrics/{family}/evaluation.json"), "data": Path(f"data/{family}/processed"),
+            "reports": Path(f"reports/{family}")}
 
 
 class RegistryError(PipelineError):
@@ -68,63 +74,79 @@ def download_onnx(client: MlflowClient, version: Any, dest: Path) -> Path:
     return next(local.rglob("*.onnx"))
 
 
-def score(path: Path, test: Split, cfg: Config) -> dict[str, float]:
-    ev = cfg.evaluate.vision
+def score(path: Path, data: Path, cfg: Config, family: str) -> dict[str, float]:
+    """The gate's metric and latency of one ONNX file, measured now (candidate and champion back to back)."""
+    if family == "recsys":
+        from tasks.evaluate_recsys import score_onnx
+
+        return score_onnx(path, data, cfg.evaluate.recsys)
+    ev, test = cfg.evaluate.vision, Split.load(data, "test")
     return {"accuracy": onnx_accuracy(path, test, ev.threads), **latency(path, test.x, ev)}
 
 
-def log_onnx_model(client: MlflowClient, run_id: str, path: Path, sample: np.ndarray) -> str:
+def input_example(data: Path, family: str) -> dict[str, np.ndarray]:
+    """One row of model input, for the registered model's signature and example."""
+    if family == "recsys":
+        from tasks.evaluate_recsys import Catalog
+
+        return Catalog(data).request(0, np.arange(1))
+    return {INPUT: to_input(Split.load(data, "test").x[:1]).contiguous().numpy()}
+
+
+def log_onnx_model(client: MlflowClient, run_id: str, path: Path, sample: dict[str, np.ndarray]) -> str:
     """Log ``path`` with the ``mlflow.onnx`` flavor, a signature and an input example; return its runs:/ URI."""
     import mlflow.onnx
     import onnx
     from mlflow.models import infer_signature
 
-    logits = session(path).run([OUTPUT], {INPUT: sample})[0]
+    outputs = session(path).run(None, sample)[0]
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "model"
-        mlflow.onnx.save_model(onnx.load(str(path)), str(local), signature=infer_signature(sample, logits),
+        mlflow.onnx.save_model(onnx.load(str(path)), str(local), signature=infer_signature(sample, outputs),
                                input_example=sample, save_as_external_data=False)
         client.log_artifacts(run_id, str(local), "model")
     return f"runs:/{run_id}/model"
 
 
-def lineage(cfg: Config, root: Path, parent_run_id: str) -> dict[str, str]:
+def lineage(cfg: Config, root: Path, parent_run_id: str, family: str = "vision") -> dict[str, str]:
     """git commit, DVC's hash of the data and of the candidate file, the hash of every param, the parent run."""
-    hashes = dvc_input_hashes("evaluate_vision", root)
+    hashes, where = dvc_input_hashes(f"evaluate_{family}", root), paths(family)
     return {**git_state(root), "params.hash": params_hash(cfg.model_dump(by_alias=True)),
-            "data.hash": hashes.get(str(DATA), "unknown"), "onnx.hash": hashes.get("models/vision/onnx", "unknown"),
-            "parent_run_id": parent_run_id}
+            "data.hash": hashes.get(str(where["data"]), "unknown"),
+            "onnx.hash": hashes.get(str(where["onnx"]), "unknown"), "parent_run_id": parent_run_id}
 
 
 def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, run_id: str,
-                      parent_run_id: str) -> dict[str, Any]:
-    """Gate the candidate, register it, move aliases; return the report."""
-    gate: GateVision = cfg.gate.vision
+                      parent_run_id: str, family: str = "vision") -> dict[str, Any]:
+    """Gate the family's candidate, register it, move aliases; return the report."""
+    gate: GateVision | GateRecsys = getattr(cfg.gate, family)
+    where, data = paths(family), root / paths(family)["data"]
     check_registry(client, uri)
-    tags = lineage(cfg, root, parent_run_id)
+    tags = lineage(cfg, root, parent_run_id, family)
     same = _registered_with(client, gate.registered_model, tags["onnx.hash"])
     if same is not None:  # a no-change re-run: this exact file was gated and registered before
         print(f"{gate.registered_model} version {same.version} already holds this candidate; registry unchanged")
         return {"passed": same.tags.get("gate.passed") == "true", "checks": [], "name": gate.registered_model,
                 "version": str(same.version), "champion": False, "unchanged": True}
-    test = Split.load(root / DATA, "test")
-    evaluation = json.loads((root / EVALUATION).read_text())
+    evaluation = json.loads((root / where["evaluation"]).read_text())
     champ = champion_version(client, gate.registered_model)
     champion = None
     with tempfile.TemporaryDirectory() as tmp:
         if champ is not None:  # the champion and the candidate: same test data, same run, back to back
-            champion = {"version": str(champ.version), **score(download_onnx(client, champ, Path(tmp)), test, cfg)}
-    evaluation["models"]["student_int8"].update(score(root / CANDIDATE, test, cfg))
-    checks = gate_checks(evaluation, champion, gate)
+            champion = {"version": str(champ.version),
+                        **score(download_onnx(client, champ, Path(tmp)), data, cfg, family)}
+    evaluation["models"]["student_int8"].update(score(root / where["candidate"], data, cfg, family))
+    checks = gate_checks(evaluation, champion, gate, SPECS[family])
     passed = all(c.passed for c in checks)
     report = {"passed": passed, "checks": [c.as_dict() for c in checks], "champion_before": champion,
               "candidate": evaluation["models"]["student_int8"]}
-    write_json(root / REPORTS / "gate.json", report)
-    write_atomic(root / REPORTS / "gate.md", gate_markdown(checks, passed).encode())
+    reports = root / where["reports"]
+    write_json(reports / "gate.json", report)
+    write_atomic(reports / "gate.md", gate_markdown(checks, passed).encode())
     for name in ("gate.json", "gate.md"):
-        client.log_artifact(run_id, str(root / REPORTS / name))
+        client.log_artifact(run_id, str(reports / name))
 
-    source = log_onnx_model(client, run_id, root / CANDIDATE, to_input(test.x[:1]).contiguous().numpy())
+    source = log_onnx_model(client, run_id, root / where["candidate"], input_example(data, family))
     if not client.search_registered_models(f"name = '{gate.registered_model}'"):
         client.create_registered_model(gate.registered_model)
     tags.update({f"gate.{c.name}": "pass" if c.passed else "fail" for c in checks})
@@ -134,8 +156,9 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
     if passed:
         client.set_registered_model_alias(gate.registered_model, "champion", version.version)
     report.update(name=gate.registered_model, version=str(version.version), champion=passed, unchanged=False)
-    write_report(root, cfg, evaluation, report, tags)
-    client.log_artifact(run_id, str(root / REPORTS / "report.html"))
+    if family == "vision":  # the HTML report's Pareto plots and ablation are the vision family's
+        write_report(root, cfg, evaluation, report, tags)
+        client.log_artifact(run_id, str(reports / "report.html"))
     return report
 
 
@@ -149,7 +172,8 @@ def write_report(root: Path, cfg: Config, evaluation: dict, report: dict, tags: 
                "git commit": tags["git.commit"], "pipeline run": tags["parent_run_id"],
                "registered": f"{report['name']} version {report['version']}"
                              + (" (champion)" if report["champion"] else " (challenger only)")}
-    write_atomic(root / REPORTS / "report.html", render_report(evaluation, report, ablation, context).encode())
+    write_atomic(root / paths("vision")["reports"] / "report.html",
+                 render_report(evaluation, report, ablation, context).encode())
 
 
 def _registered_with(client: MlflowClient, name: str, onnx_hash: str) -> Any | None:
@@ -186,14 +210,15 @@ def promote_model(name: str, version: str, alias: str = "champion", reason: str 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="Move a registry alias to a model version (promote or roll back).")
-    parser.add_argument("--name", help="registered model (default: gate.vision.registered_model)")
+    parser.add_argument("--name", help="registered model (default: gate.<family>.registered_model)")
+    parser.add_argument("--family", choices=FAMILIES, default="vision", help="whose registered model, without --name")
     parser.add_argument("--version", required=True)
     parser.add_argument("--alias", default="champion")
     parser.add_argument("--reason", default="")
     parser.add_argument("--who", default=None)
     parser.add_argument("--root", default=".")
     args = parser.parse_args()
-    name = args.name or load_config(Path(args.root) / "params.yaml").gate.vision.registered_model
+    name = args.name or getattr(load_config(Path(args.root) / "params.yaml").gate, args.family).registered_model
     promote_model(name, args.version, args.alias, args.reason, args.who, args.root)
 
 

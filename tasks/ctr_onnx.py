@@ -44,9 +44,11 @@ def quantize_tables(path: Path, model: CtrModel) -> Path:
     graph = graph_model.graph
     initializers = {init.name: init for init in graph.initializer}
     nodes = []
-    for name in (f"model.{table}" for table in TABLES):  # the tables under the Probability wrapper
-        if name not in initializers:
-            raise OnnxError(f"{path}: the exported graph has no initializer {name!r} to quantize")
+    # The tables under the Probability wrapper; one the model does not use (an LR's embeddings) is not exported.
+    present = [name for name in (f"model.{table}" for table in TABLES) if name in initializers]
+    if not present:
+        raise OnnxError(f"{path}: the exported graph has none of the embedding tables {list(TABLES)} to quantize")
+    for name in present:
         weight = torch.from_numpy(numpy_helper.to_array(initializers[name]).copy())
         q, scale = quantize_table(weight)
         graph.initializer.remove(initializers[name])

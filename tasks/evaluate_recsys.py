@@ -60,7 +60,7 @@ def ranking(path: Path, catalog: Catalog, interactions: pd.DataFrame, users: pd.
         hits = np.isin(top, list(relevant))
         ndcg.append(float((hits * discounts).sum() / discounts[:min(k, len(relevant))].sum()))
         recall.append(float(hits.sum() / min(k, len(relevant))))
-    return {f"ndcg@{k}": float(np.mean(ndcg)), f"recall@{k}": float(np.mean(recall)), "ranked_users": len(ndcg)}
+    return {f"ndcg_at_{k}": float(np.mean(ndcg)), f"recall_at_{k}": float(np.mean(recall)), "ranked_users": len(ndcg)}
 
 
 def request_latency(path: Path, catalog: Catalog, cfg: EvaluateRecsys) -> dict[str, float]:
@@ -120,10 +120,10 @@ def main() -> None:
         results = evaluate_recsys(ev, args.data, args.onnx, models)
         summary = ratios(results)
         write_json(args.metrics, {"models": results, "ratios": summary, "settings": ev.model_dump()})
-        run.log_metrics({f"{m}.{k.replace('@', '_at_')}": v for m, r in results.items() for k, v in r.items()} | summary)
+        run.log_metrics({f"{m}.{k}": v for m, r in results.items() for k, v in r.items()} | summary)
         run.log_artifact(args.metrics)
     for name, r in results.items():
-        print(f"{name}: AUC {r['auc']:.4f}, NDCG@{ev.ranking_k} {r[f'ndcg@{ev.ranking_k}']:.4f}, {r['bytes']:,} bytes, "
+        print(f"{name}: AUC {r['auc']:.4f}, NDCG@{ev.ranking_k} {r[f'ndcg_at_{ev.ranking_k}']:.4f}, {r['bytes']:,} bytes, "
               f"p50 {r['latency_p50_ms']:.3f} ms per {r['candidates']} candidates")
     print(", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
 

@@ -1,15 +1,29 @@
 """Promotion gate: absolute floors, goals relative to the teacher (Olive-style) and challenger vs champion.
 
-Pure functions: ``gate_checks(evaluation, champion, cfg) -> [Check]`` and the report renderers. The candidate is
-the INT8 student of ``metrics/vision/evaluation.json``; ``champion`` is the current champion scored on the same
-test data in the same run (``None`` when the registry has no champion yet: the candidate is then compared with
-the floors and the teacher only).
+Pure functions: ``gate_checks(evaluation, champion, cfg, spec) -> [Check]`` and the report renderers. The candidate
+is the INT8 student of ``metrics/<family>/evaluation.json``; ``champion`` is the current champion scored on the
+same test data in the same run (``None`` when the registry has no champion yet: the candidate is then compared
+with the floors and the teacher only). ``spec`` names what a family's quality metric and latency are.
 """
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from tasks.config import GateVision
+from tasks.config import GateRecsys, GateVision
+
+
+@dataclass(frozen=True)
+class GateSpec:
+    """What a family is gated on: its quality metric (``min_<metric>``, ``max_<metric>_drop`` in its gate config)
+    and its latency (``<latency>_p50_ms`` / ``<latency>_p95_ms`` in its evaluation)."""
+
+    metric: str
+    latency: str
+    latency_what: str
+
+
+SPECS = {"vision": GateSpec("accuracy", "latency_b1", "batch-1"),
+         "recsys": GateSpec("auc", "latency", "one-request")}
 
 
 @dataclass(frozen=True)
@@ -31,27 +45,29 @@ def _check(name: str, value: float, op: str, threshold: float, what: str) -> Che
     return Check(name, value, op, threshold, passed, f"{what} {value:.4g} {verdict} {op} {threshold:.4g}")
 
 
-def gate_checks(evaluation: dict, champion: dict | None, cfg: GateVision) -> list[Check]:
+def gate_checks(evaluation: dict, champion: dict | None, cfg: GateVision | GateRecsys,
+                spec: GateSpec = SPECS["vision"]) -> list[Check]:
     """Every check of the gate, in report order."""
     cand, teacher = evaluation["models"]["student_int8"], evaluation["models"]["teacher_fp32"]
-    floors, rel = cfg.floors, cfg.vs_teacher
+    floors, rel, metric, lat = cfg.floors, cfg.vs_teacher, spec.metric, spec.latency
     checks = [
-        _check("accuracy", cand["accuracy"], ">=", floors.min_accuracy, "test accuracy"),
-        _check("p95_latency_ms", cand["latency_b1_p95_ms"], "<=", floors.max_p95_latency_ms, "batch-1 p95 latency (ms)"),
+        _check(metric, cand[metric], ">=", getattr(floors, f"min_{metric}"), f"test {metric}"),
+        _check("p95_latency_ms", cand[f"{lat}_p95_ms"], "<=", floors.max_p95_latency_ms,
+               f"{spec.latency_what} p95 latency (ms)"),
         _check("size_kb", cand["bytes"] / 1024, "<=", floors.max_size_kb, "ONNX size (KB)"),
-        _check("accuracy_drop_vs_teacher", teacher["accuracy"] - cand["accuracy"], "<=", rel.max_accuracy_drop,
-               "accuracy drop vs the teacher"),
-        _check("speedup_vs_teacher", teacher["latency_b1_p50_ms"] / cand["latency_b1_p50_ms"], ">=",
-               rel.min_speedup, "batch-1 p50 speed-up vs the teacher"),
+        _check(f"{metric}_drop_vs_teacher", teacher[metric] - cand[metric], "<=", getattr(rel, f"max_{metric}_drop"),
+               f"{metric} drop vs the teacher"),
+        _check("speedup_vs_teacher", teacher[f"{lat}_p50_ms"] / cand[f"{lat}_p50_ms"], ">=",
+               rel.min_speedup, f"{spec.latency_what} p50 speed-up vs the teacher"),
         _check("size_ratio_vs_teacher", teacher["bytes"] / cand["bytes"], ">=", rel.min_size_ratio,
                "size ratio vs the teacher")]
+    max_drop = getattr(cfg.vs_champion, f"max_{metric}_drop")
     if champion is None:
-        checks.append(Check("vs_champion", 0.0, "<=", cfg.vs_champion.max_accuracy_drop, True,
-                            "no champion yet: nothing to be worse than"))
+        checks.append(Check("vs_champion", 0.0, "<=", max_drop, True, "no champion yet: nothing to be worse than"))
     else:
-        drop = champion["accuracy"] - cand["accuracy"]
-        checks.append(_check("accuracy_drop_vs_champion", drop, "<=", cfg.vs_champion.max_accuracy_drop,
-                             f"accuracy drop vs champion v{champion['version']} (same test data, same run)"))
+        drop = champion[metric] - cand[metric]
+        checks.append(_check(f"{metric}_drop_vs_champion", drop, "<=", max_drop,
+                             f"{metric} drop vs champion v{champion['version']} (same test data, same run)"))
     return checks
 
 

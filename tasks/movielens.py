@@ -160,7 +160,7 @@ def acquire(cfg: RecsysData) -> tuple[str, dict[str, pd.DataFrame]]:
     wheel = _wheel(cfg)
     if isinstance(wheel, Path):
         source = f"{wheel} ({cfg.wheel.member_dir})"
-        check = lambda name, blob: _check(name, blob, cfg.sha256, source)  # noqa: E731
+        check = lambda name, blob: _check(name, blob, cfg.sha256, source)
         return _load(source, parse_recbole, _zip_reader(wheel, cfg.wheel.member_dir, check))
     tried.append(f"PyPI wheel {cfg.wheel.package}=={cfg.wheel.version}: {wheel}")
     archive = _grouplens_zip(cfg, Path(cfg.download_cache))

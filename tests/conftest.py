@@ -67,8 +67,67 @@ def synthetic_source(tmp_path, raw_params):
     data = {**raw_params["data"]["vision"], "source_dir": str(src), "system_dir": str(tmp_path / "absent"),
             "url": "http://127.0.0.1:9/", "download_cache": str(tmp_path / "dl"), "sha256": pins,
             "val_size": 100, "subset": None}
-    cfg = parse_config({**raw_params, "data": {"vision": data}})
+    cfg = parse_config({**raw_params, "data": {**raw_params["data"], "vision": data}})
     return src, cfg
+
+
+def movielens_tables(users: int = 30, items: int = 40, ratings: int = 700, seed: int = 0) -> dict[str, list[list]]:
+    """Rows of a small MovieLens-shaped data set (every rating 1-5 present, unique (user, item) pairs)."""
+    from tasks.movielens import GENRES
+
+    rng = np.random.default_rng(seed)
+    pairs = rng.choice(users * items, size=ratings, replace=False)
+    return {
+        "ratings": [[int(p // items) + 1, int(p % items) + 1, int(rng.integers(1, 6)), 880000000 + i * 97]
+                    for i, p in enumerate(pairs)],
+        "users": [[u, int(rng.integers(12, 70)), "MF"[u % 2], ["writer", "student", "other"][u % 3],
+                   f"{rng.integers(10000, 99999)}"] for u in range(1, users + 1)],
+        "items": [[i, 1970 + i % 30, sorted({GENRES[1 + i % 18], GENRES[1 + (i * 7) % 18]})] for i in range(1, items + 1)],
+    }
+
+
+@pytest.fixture
+def synthetic_movielens(tmp_path, raw_params):
+    """The same small data set as RecBole atomic files and as a GroupLens zip, with params pinning both.
+
+    Returns (RecBole folder, GroupLens folder, Config whose source_dir is the RecBole folder and whose other sources
+    are unreachable)."""
+    import zipfile
+
+    from tasks.movielens import GENRES
+
+    rows = movielens_tables()
+    recbole, grouplens = tmp_path / "recbole", tmp_path / "grouplens"
+    recbole.mkdir()
+    grouplens.mkdir()
+    files = {
+        "ml-100k.inter": "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+                         + "".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in rows["ratings"]),
+        "ml-100k.user": "user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n"
+                        + "".join("\t".join(map(str, u)) + "\n" for u in rows["users"]),
+        "ml-100k.item": "item_id:token\tmovie_title:token_seq\trelease_year:token\tclass:token_seq\n"
+                        + "".join(f"{i}\tMovie {i}\t{y}\t{' '.join(g)}\n" for i, y, g in rows["items"]),
+    }
+    for name, text in files.items():
+        (recbole / name).write_text(text)
+    members = {
+        "u.data": "".join(f"{u}\t{i}\t{r}\t{t}\n" for u, i, r, t in rows["ratings"]),
+        "u.user": "".join("|".join(map(str, u)) + "\n" for u in rows["users"]),
+        "u.item": "".join(f"{i}|Movie {i} ({y})|01-Jan-{y}||http://x|" + "|".join("1" if g in gs else "0" for g in GENRES)
+                          + "\n" for i, y, gs in rows["items"]),
+    }
+    with zipfile.ZipFile(grouplens / "ml-100k.zip", "w") as zf:
+        for name, text in members.items():
+            zf.writestr(f"ml-100k/{name}", text)
+    pins = {name: hashlib.sha256((recbole / name).read_bytes()).hexdigest() for name in files}
+    pins["ml-100k.zip"] = hashlib.sha256((grouplens / "ml-100k.zip").read_bytes()).hexdigest()
+    data = {**raw_params["data"]["recsys"], "source_dir": str(recbole), "url": "http://127.0.0.1:9/ml-100k.zip",
+            "download_cache": str(tmp_path / "dl"), "sha256": pins,
+            "wheel": {**raw_params["data"]["recsys"]["wheel"], "version": "0.0.0.does-not-exist"}}
+    validate = {"positive_fraction": 0.5, "positive_tolerance": 0.2, "min_rows": {"train": 100}}  # uniform ratings
+    cfg = parse_config({**raw_params, "data": {**raw_params["data"], "recsys": data},
+                        "validate": {**raw_params["validate"], "recsys": validate}})
+    return recbole, grouplens, cfg
 
 
 @pytest.fixture(scope="session")

@@ -61,7 +61,7 @@ def test_flow_runs_every_stage_and_tracks_it(flow_repo):
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_stage = {r.data.tags["pipeline.stage"]: r for r in children}
-    assert set(by_stage) == set(names) | {"promote_vision"}  # every DVC stage, then the gate in the flow
+    assert set(by_stage) == set(names) | {"promote_vision", "promote_recsys"}  # every stage, then the gates
     for run in children:
         assert run.info.status == "FINISHED"
         assert run.data.tags["git.commit"] != "none" and run.data.tags["git.dirty"] == "false"
@@ -80,7 +80,7 @@ def test_flow_runs_every_stage_and_tracks_it(flow_repo):
     assert result["metrics"]["vision.evaluation.ratios.size_ratio_vs_teacher"] > 1
     assert result["metrics"]["vision.evaluation.models.student_int8.latency_b1_p95_ms"] > 0
 
-    gate = result["gate"]  # the smoke gate is lenient: a first candidate passes and becomes champion
+    gate = result["gates"]["vision"]  # the smoke gate is lenient: a first candidate passes and becomes champion
     assert gate["passed"] and gate["version"] == "1" and gate["name"] == "smoke-student-int8"
     champion = client.get_model_version_by_alias("smoke-student-int8", "champion")
     assert str(champion.version) == "1" and champion.tags["gate.passed"] == "true"
@@ -100,7 +100,7 @@ def test_prefect_ran_one_task_per_stage_in_graph_order(flow_repo):
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
     ordered = [r.name for r in sorted(runs, key=lambda r: r.start_time)]
-    assert ordered == [n.name for n in stage_graph(repo)] + ["promote_vision"]
+    assert ordered == [n.name for n in stage_graph(repo)] + ["promote_vision", "promote_recsys"]
 
 
 def test_nothing_changed_means_nothing_recomputed(flow_repo):
@@ -108,7 +108,8 @@ def test_nothing_changed_means_nothing_recomputed(flow_repo):
     before = locked_outs(repo)
     again = compression_pipeline(str(repo))
     assert set(again["stages"].values()) == {"cached"}
-    assert again["gate"]["unchanged"] and again["gate"]["version"] == "1"  # the registry is not touched either
+    for gate in again["gates"].values():  # the registry is not touched either
+        assert gate["unchanged"] and gate["version"] == "1"
     repro = dvc(repo, "repro")
     assert repro.returncode == 0, repro.stderr
     assert "Data and pipelines are up to date" in repro.stdout + repro.stderr
@@ -120,9 +121,9 @@ def test_dvc_repro_gives_the_same_outputs_as_the_flow(flow_repo, tmp_path):
     other = make_repo(tmp_path / "dvc-only")
     proc = dvc(other, "repro")
     assert proc.returncode == 0, proc.stderr
-    measured = "metrics/vision/evaluation.json"  # latencies: measured, so never byte-identical
     ours, theirs = locked_outs(repo), locked_outs(other)
-    assert measured in ours and ours.pop(measured) and theirs.pop(measured)
+    for measured in ("metrics/vision/evaluation.json", "metrics/recsys/evaluation.json"):  # latencies: measured
+        assert measured in ours and ours.pop(measured) and theirs.pop(measured)
     assert theirs == ours
 
 
@@ -161,7 +162,8 @@ def test_bad_data_stops_the_pipeline_before_training(tmp_path, prefect_server):
     assert state.is_failed()
     with pytest.raises(StageFailed, match=r"(?s)validate_vision.*expect_column_values_to_be_in_set\(column=label.*e\.g\. \[11"):
         state.result()
-    assert not (repo / "models").exists() and not (repo / "reports" / "vision" / "validation.json").exists()
+    # nothing downstream of the failure ran (the recommender's stages do not depend on it)
+    assert not (repo / "models" / "vision").exists() and not (repo / "reports" / "vision" / "validation.json").exists()
     runs = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").search_runs(["1"], "tags.`pipeline.stage` = 'validate_vision'")
     assert [r.info.status for r in runs] == ["FAILED"]  # a deterministic failure is not retried
 

@@ -154,3 +154,15 @@ def test_unreachable_registry_is_a_clear_error_and_nothing_is_written(project, r
     with pytest.raises(RegistryError, match=r"registry at http://127\.0\.0\.1:9 is not reachable"):
         gate_and_register(project, _cfg(raw_params), client, uri, "run-x", "parent-x")
     assert not (project / "reports").exists()
+
+
+def test_recommender_gate_reads_auc_and_request_latency(raw_params):
+    from tasks.gate import SPECS
+
+    measured = lambda auc, ms, size: {"auc": auc, "latency_p50_ms": ms, "latency_p95_ms": ms * 1.2, "bytes": size}  # noqa: E731
+    evaluation = {"models": {"teacher_fp32": measured(0.86, 2.5, 770_000), "student_int8": measured(0.852, 0.7, 75_000)}}
+    checks = {c.name: c for c in gate_checks(evaluation, None, _cfg(raw_params).gate.recsys, SPECS["recsys"])}
+    assert list(checks) == ["auc", "p95_latency_ms", "size_kb", "auc_drop_vs_teacher", "speedup_vs_teacher",
+                            "size_ratio_vs_teacher", "vs_champion"]
+    assert not checks["auc_drop_vs_teacher"].passed and "auc drop vs the teacher 0.008 fails" in checks["auc_drop_vs_teacher"].why
+    assert checks["speedup_vs_teacher"].passed and checks["size_ratio_vs_teacher"].passed

@@ -94,3 +94,22 @@ def test_bad_ablation_overrides_fail_at_load(raw_params, override, pattern):
     raw = {**raw_params, "ablation": {"vision": {**raw_params["ablation"]["vision"], **override}}}
     with pytest.raises(ConfigError, match=pattern):
         parse_config(raw)
+
+
+@pytest.mark.parametrize("section,change,pattern", [
+    ("data", {"negative_max_rating": 4}, r"data\.recsys: .*negative_max_rating \(4\) must be below positive_min_rating"),
+    ("data", {"sha256": {"ml-100k.inter": "0" * 64}}, r"data\.recsys: .*sha256 must pin exactly"),
+    ("recipe", None, r"recipe\.recsys\.0: Input should be 'distill' or 'qat'"),
+])
+def test_bad_recommender_params_are_rejected_at_load(raw_params, section, change, pattern):
+    family = raw_params[section]["recsys"]
+    value = ["prune"] if change is None else {**family, **change}
+    with pytest.raises(ConfigError, match=pattern):
+        parse_config({**raw_params, section: {**raw_params[section], "recsys": value}})
+
+
+def test_the_two_families_cannot_register_the_same_model(raw_params):
+    gate = raw_params["gate"]
+    same = {**gate, "recsys": {**gate["recsys"], "registered_model": gate["vision"]["registered_model"]}}
+    with pytest.raises(ConfigError, match=r"gate: .*register the same model name"):
+        parse_config({**raw_params, "gate": same})

@@ -114,6 +114,6 @@ def test_fit_trains_a_distiller_end_to_end(tmp_path):
     ({"target_loss": "kld"}, r"distill\.vision\.target_loss"),
 ])
 def test_bad_distillation_params_are_rejected_at_load(raw_params, change, pattern):
-    raw = {**raw_params, "distill": {"vision": {**raw_params["distill"]["vision"], **change}}}
+    raw = {**raw_params, "distill": {**raw_params["distill"], "vision": {**raw_params["distill"]["vision"], **change}}}
     with pytest.raises(ConfigError, match=pattern):
         parse_config(raw)

@@ -96,5 +96,5 @@ def test_training_without_kd_uses_ground_truth_only(config):
 ])
 def test_bad_qat_params_are_rejected_at_load(raw_params, change, pattern):
     with pytest.raises(ConfigError, match=pattern):
-        parse_config({**raw_params, "qat": {"vision": {**raw_params["qat"]["vision"], **change}}})
+        parse_config({**raw_params, "qat": {**raw_params["qat"], "vision": {**raw_params["qat"]["vision"], **change}}})
 

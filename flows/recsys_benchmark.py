@@ -1,0 +1,93 @@
+"""Benchmark of the recommender family in one run: our own LR and FM baselines trained now, next to the pipeline's
+teacher and students measured back to back in onnxruntime, and RecBole's published ML-1M figures for orientation.
+
+Reads what ``dvc repro evaluate_recsys`` (or ``make run``) leaves: ``data/recsys/processed`` and
+``models/recsys/onnx``. The baselines train with ``distill.recsys``'s recipe on labels alone and are exported to
+ONNX like the others, so every AUC in the table is an onnxruntime AUC on the same test split.
+
+    python -m flows.recsys_benchmark [--out reports/benchmarks/recsys.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from datetime import date
+from pathlib import Path
+
+import torch
+
+from flows.benchmark import machine
+from tasks.config import RecArch, load_config
+from tasks.ctr_onnx import export_ctr_fp32
+from tasks.ctr_training import fit_ctr, label_loss, load_ctr_data
+from tasks.errors import run_cli
+from tasks.evaluate_recsys import ratios, score_onnx
+from tasks.onnx_models import file_sizes
+from tasks.recsys_models import CtrModel
+
+NAMES = ("teacher_fp32", "student_fp32", "student_int8")
+#: RecBole's context-aware benchmark on MovieLens-1M (test AUC), for orientation only: another data set.
+RECBOLE_ML1M = {"LR": 0.8699, "FM": 0.8935, "DeepFM": 0.8997}
+BASELINES = {"LR (ours)": RecArch(dim=1, fm=False), "FM (ours)": RecArch(dim=16, fm=True)}
+TARGETS = (("auc_drop_vs_teacher", "<=", 0.005, "student INT8 AUC drop vs teacher"),
+           ("size_ratio_vs_teacher", ">=", 8.0, "teacher FP32 / student INT8 ONNX size"),
+           ("speedup_p50_vs_teacher", ">=", 3.0, "1,000-candidate request p50 speed-up vs teacher"))
+
+
+def train_baselines(root: Path, data: Path, out: Path) -> dict[str, Path]:
+    cfg = load_config(root / "params.yaml").distill.recsys
+    torch.set_num_threads(cfg.threads)
+    train, val, _, shape = load_ctr_data(data)
+    paths = {}
+    for name, arch in BASELINES.items():
+        torch.manual_seed(cfg.seed)
+        model = CtrModel(arch, **shape)
+        fit_ctr(model, train, val, cfg, label_loss)
+        paths[name] = export_ctr_fp32(model, out / f"{name.split()[0].lower()}.onnx")
+    return paths
+
+
+def measure(root: Path, onnx_dir: Path, data: Path) -> dict:
+    ev = load_config(root / "params.yaml").evaluate.recsys
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {**train_baselines(root, data, Path(tmp)), **{n: onnx_dir / f"{n}.onnx" for n in NAMES}}
+        models = {name: {**score_onnx(path, data, ev), **file_sizes(path)} for name, path in paths.items()}
+    return {"models": models, "ratios": ratios(models), "settings": ev.model_dump()}
+
+
+def table(result: dict) -> str:
+    ev = result["settings"]
+    lines = [f"Recommender benchmark, {date.today()}, {machine()}; onnxruntime CPU, {ev['threads']} thread(s), "
+             f"{ev['repeats']} requests of {ev['candidates']} candidates", "",
+             "| model | test AUC | logloss | bytes | request p50 ms | request p95 ms | items/s |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for name, m in result["models"].items():
+        lines.append(f"| {name} | {m['auc']:.4f} | {m['logloss']:.4f} | {m['bytes']:,} | {m['latency_p50_ms']:.3f} | "
+                     f"{m['latency_p95_ms']:.3f} | {m['throughput_items_per_s']:,.0f} |")
+    orientation = ", ".join(f"{k} {v}" for k, v in RECBOLE_ML1M.items())
+    lines += ["", f"RecBole ML-1M test AUC, for orientation (another, larger data set): {orientation}", "",
+              "| target | measured | threshold | |", "|---|---:|---:|---|"]
+    for key, op, threshold, what in TARGETS:
+        value = result["ratios"][key]
+        met = value >= threshold if op == ">=" else value <= threshold
+        lines.append(f"| {what} | {value:.4f} | {op} {threshold:g} | {'met' if met else 'MISSED'} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--root", type=Path, default=Path("."))
+    parser.add_argument("--onnx-dir", type=Path, default=Path("models/recsys/onnx"))
+    parser.add_argument("--data", type=Path, default=Path("data/recsys/processed"))
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    result = measure(args.root, args.onnx_dir, args.data)
+    print(table(result))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"date": str(date.today()), "machine": machine(), **result}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,100 @@
+"""CTR models, distillation and INT8 export on small random tables: real PyTorch, real onnxruntime."""
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+
+from tasks.config import LossWeights, RecArch
+from tasks.ctr_onnx import export_ctr_fp32, export_ctr_int8, onnx_probabilities
+from tasks.ctr_training import CtrDistiller, CtrSplit, ctr_loss, fit_ctr, predict_logits
+from tasks.recsys_models import CtrModel, convert_ctr_int8, prepare_ctr_qat, quantize_table
+
+SHAPE = {"vocabulary": 60, "fields": 3, "genres": 5}
+
+
+def _split(n: int = 512, seed: int = 0) -> CtrSplit:
+    gen = torch.Generator().manual_seed(seed)
+    fields = torch.stack([torch.randint(0, 20, (n,), generator=gen), torch.randint(20, 50, (n,), generator=gen),
+                          torch.randint(50, 60, (n,), generator=gen)], 1)
+    genres = (torch.rand(n, 5, generator=gen) < 0.3).float()
+    y = ((fields[:, 0] % 2 == 0) ^ (fields[:, 1] % 3 == 0)).float()  # learnable from the ids
+    return CtrSplit(fields, genres, y)
+
+
+def _model(seed: int = 0, **arch) -> CtrModel:
+    torch.manual_seed(seed)
+    model = CtrModel(RecArch(**{"dim": 8, "fm": True, "mlp": [16], **arch}), **SHAPE)
+    for table in (model.embedding, model.linear):
+        torch.nn.init.normal_(table.weight, std=0.3)
+    return model
+
+
+def test_fm_term_equals_the_sum_over_field_pairs():
+    model = _model(mlp=[])
+    data = _split(8)
+    with torch.no_grad():
+        model.linear.weight.zero_()
+        model.genre_linear.weight.zero_()
+        logit, vectors = model.forward_features(data.fields, data.genres)
+    pairs = sum((vectors[:, i] * vectors[:, j]).sum(1) for i, j in itertools.combinations(range(vectors.shape[1]), 2))
+    assert torch.allclose(logit, pairs, atol=1e-5)
+
+
+def test_quantized_tables_are_per_row_except_one_column_tables():
+    weight = torch.randn(6, 4) * torch.arange(1, 7).float()[:, None]
+    q, scale = quantize_table(weight)
+    assert q.dtype == torch.int8 and scale.shape == (6, 1)
+    assert (q.abs().amax(1) == 127).all()  # each row uses its full range
+    assert torch.allclose(q.float() * scale, weight, atol=float(scale.max()) / 2 + 1e-6)
+    assert quantize_table(torch.randn(6, 1))[1].shape == (1, 1)
+
+
+def test_distillation_moves_the_student_only_and_learns():
+    teacher, student = _model(seed=1, dim=16, mlp=[32]), _model(seed=2)
+    before = [p.detach().clone() for p in teacher.parameters()]
+    cfg_weights = LossWeights(ground_truth=0.3, target=0.7, feature=0.5, label=0.1)
+    from tasks.config import DistillRecsys, Optimizer, Schedule
+
+    cfg = DistillRecsys(epochs=3, batch_size=64, optimizer=Optimizer(name="adamw", lr=0.01, weight_decay=0.0),
+                        schedule=Schedule(name="constant"), seed=0, threads=1, student=student.arch,
+                        temperature=2.0, weights=cfg_weights)
+    distiller = CtrDistiller(student, teacher, cfg)
+    assert all(p is not q for p in distiller.parameters() for q in teacher.parameters())
+    train = _split()
+    history = fit_ctr(distiller, train, _split(128, seed=1), cfg, ctr_loss(cfg.weights))
+    assert history[-1]["train_loss"] < history[0]["train_loss"]
+    assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters(), strict=True))
+
+
+def test_int8_onnx_stores_int8_tables_and_matches_the_qat_model(tmp_path):
+    torch.backends.quantized.engine = "x86"
+    qat = prepare_ctr_qat(_model())
+    data = _split(256)
+    qat.train()
+    with torch.no_grad():
+        for i in range(0, 256, 64):  # let the activation observers see data
+            qat(data.fields[i:i + 64], data.genres[i:i + 64])
+    path = export_ctr_int8(convert_ctr_int8(qat), tmp_path / "int8.onnx")
+    graph = onnx.load(str(path)).graph
+    tables = {i.name: numpy_helper.to_array(i) for i in graph.initializer if i.name.endswith(".weight.int8")}
+    assert tables["model.embedding.weight.int8"].dtype == np.int8 and tables["model.embedding.weight.int8"].shape == (60, 8)
+    assert sum(n.op_type == "DequantizeLinear" for n in graph.node) >= 4
+    reference = torch.sigmoid(torch.from_numpy(predict_logits(qat, data))).numpy()
+    assert np.abs(onnx_probabilities(path, data) - reference).max() < 0.01
+
+    fp32 = export_ctr_fp32(_model(), tmp_path / "fp32.onnx")
+    assert path.stat().st_size < fp32.stat().st_size
+
+
+@pytest.mark.parametrize("arch", [{"mlp": []}, {"fm": False, "mlp": []}])
+def test_fm_and_lr_students_export_without_an_mlp(tmp_path, arch):
+    model = _model(**arch)
+    path = export_ctr_int8(convert_ctr_int8(prepare_ctr_qat(model)), tmp_path / "m.onnx")
+    data = _split(64)
+    reference = torch.sigmoid(torch.from_numpy(predict_logits(model, data))).numpy()
+    assert np.abs(onnx_probabilities(path, data) - reference).max() < 0.02
