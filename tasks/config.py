@@ -250,6 +250,8 @@ class RecArch(Strict):
     fm: bool
     mlp: list[Positive] = []
     dropout: Fraction = 0.0
+    # Weight sharing: the field-embedding table holds this many shared rows, each id mapped to one (share_recsys).
+    shared_rows: Annotated[int, Field(ge=2, le=65536)] | None = None
 
 
 class TrainTeacherRecsys(Training):
@@ -269,26 +271,37 @@ class DistillConfig(Strict):
     recsys: DistillRecsys
 
 
-class PruneVision(TrainingRecipe):
-    """Gradual magnitude pruning with KD fine-tuning: ``steps`` pruning steps, ``epochs_per_step`` apart, then
-    fine-tuning at the final sparsity for the remaining ``epochs``."""
+class GradualPruning(Training):
+    """A gradual pruning schedule with KD fine-tuning: ``steps`` pruning steps ``epochs_per_step`` apart on Zhu &
+    Gupta's cubic schedule, then fine-tuning at ``final_sparsity`` for the remaining ``epochs``."""
 
-    mode: Literal["unstructured", "structured"]
-    scope: Literal["global", "layer"]
     final_sparsity: Fraction
     steps: Positive
     epochs_per_step: Positive
 
     @model_validator(mode="after")
-    def _schedule_fits(self) -> PruneVision:
+    def _schedule_fits(self) -> GradualPruning:
         if self.epochs < self.steps * self.epochs_per_step:
             raise ValueError(f"epochs ({self.epochs}) must cover steps × epochs_per_step "
                              f"({self.steps} × {self.epochs_per_step})")
         return self
 
 
+class PruneVision(TrainingRecipe, GradualPruning):
+    """Magnitude pruning of the vision student: single weights (unstructured) or whole channels (structured)."""
+
+    mode: Literal["unstructured", "structured"]
+    scope: Literal["global", "layer"]
+
+
+class PruneRecsys(GradualPruning):
+    """Structured pruning of embedding dimensions (``final_sparsity``: the share removed), i.e. the columns of every
+    embedding table and the MLP inputs they feed. The model is rebuilt narrower: smaller and faster, not sparser."""
+
+
 class PruneConfig(Strict):
     vision: PruneVision
+    recsys: PruneRecsys
 
 
 class Fp32Recipe(TrainingRecipe):
@@ -329,7 +342,7 @@ class RecipeConfig(Strict):
     which then trains the student on the labels alone (the CE-only baseline)."""
 
     vision: Annotated[list[Literal["distill", "prune", "qat", "share"]], distinct("stage")]
-    recsys: Annotated[list[Literal["distill", "qat"]], distinct("stage")]
+    recsys: Annotated[list[Literal["distill", "prune", "qat", "share"]], distinct("stage")]
 
 
 class ShareVision(Fp32Recipe):
@@ -338,8 +351,16 @@ class ShareVision(Fp32Recipe):
     clusters: Annotated[int, Field(ge=2, le=256)]
 
 
+class ShareRecsys(Training):
+    """Weight sharing of the field-embedding table: k-means over its rows, each id then points at one of ``clusters``
+    shared rows (a one- or two-byte index instead of its own row); the centroids are fine-tuned with KD."""
+
+    clusters: Annotated[int, Field(ge=2, le=65536)]
+
+
 class ShareConfig(Strict):
     vision: ShareVision
+    recsys: ShareRecsys
 
 
 class Parity(Strict):

@@ -3,7 +3,8 @@
 Every graph takes ``fields`` int64 (N, F) and ``genres`` float (N, G) and returns ``probability`` (N,), with a
 dynamic batch axis. The INT8 graph stores every embedding table as an INT8 initializer with its scales (per row;
 per tensor for the one-column first-order tables) feeding ``DequantizeLinear`` and then ``Gather`` / ``MatMul``;
-its MLP is the QDQ graph of the FX-converted QAT MLP.
+its MLP is the QDQ graph of the FX-converted QAT MLP. A shared table's id -> row map is stored in one or two bytes
+per id and widened by a ``Cast``.
 """
 from __future__ import annotations
 
@@ -58,11 +59,23 @@ def quantize_tables(path: Path, model: CtrModel) -> Path:
                                                           else scale.reshape(()).numpy(), f"{name}.scale")])
         nodes.append(helper.make_node("DequantizeLinear", [f"{name}.int8", f"{name}.scale"], [name],
                                       name=f"dequantize/{name}", **({"axis": 0} if per_row else {})))
+    if "model.row_map" in initializers:  # weight sharing: each id's row index, in one or two bytes
+        nodes.append(_narrow_index(graph, initializers["model.row_map"]))
     for position, node in enumerate(nodes):  # before their consumers: ONNX nodes are topologically ordered
         graph.node.insert(position, node)
     onnx.checker.check_model(graph_model)
     write_atomic(path, graph_model.SerializeToString())
     return path
+
+
+def _narrow_index(graph: onnx.GraphProto, init: onnx.TensorProto) -> onnx.NodeProto:
+    """Store an int64 index initializer as uint8 / uint16 and cast it back where the graph reads it."""
+    values = numpy_helper.to_array(init)
+    dtype = np.uint8 if values.max() < 256 else np.uint16
+    graph.initializer.remove(init)
+    graph.initializer.append(numpy_helper.from_array(values.astype(dtype), f"{init.name}.index"))
+    return helper.make_node("Cast", [f"{init.name}.index"], [init.name], name=f"widen/{init.name}",
+                            to=onnx.TensorProto.INT64)
 
 
 def export_ctr_int8(model: CtrModel, path: Path, opset: int = 17) -> Path:

@@ -46,7 +46,9 @@ class CtrModel(nn.Module):
     def __init__(self, arch: RecArch, vocabulary: int, fields: int, genres: int) -> None:
         super().__init__()
         self.arch, self.num_fields, self.fake_quant_tables = arch, fields, False
-        self.embedding = nn.Embedding(vocabulary, arch.dim)
+        # Weight sharing: ``row_map`` points each id at one of ``shared_rows`` rows (see tasks/recsys_compression.py).
+        self.embedding = nn.Embedding(arch.shared_rows or vocabulary, arch.dim)
+        self.register_buffer("row_map", torch.arange(vocabulary) if arch.shared_rows else None)
         self.genre_embedding = nn.Embedding(genres, arch.dim)
         self.linear = nn.Embedding(vocabulary, 1)
         self.genre_linear = nn.Embedding(genres, 1)
@@ -67,7 +69,8 @@ class CtrModel(nn.Module):
 
     def forward_features(self, fields: torch.Tensor, genres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         count = genres.sum(dim=1, keepdim=True).clamp(min=1.0)
-        vectors = torch.cat([F.embedding(fields, self._table(self.embedding)),
+        rows = fields if self.row_map is None else self.row_map[fields]
+        vectors = torch.cat([F.embedding(rows, self._table(self.embedding)),
                              (genres @ self._table(self.genre_embedding) / count).unsqueeze(1)], dim=1)
         first = (F.embedding(fields, self._table(self.linear)).sum(dim=1)
                  + genres @ self._table(self.genre_linear) / count).squeeze(1)

@@ -92,6 +92,28 @@ def test_flow_runs_every_stage_and_tracks_it(flow_repo):
     assert (repo / "reports" / "vision" / "report.html").read_text().count("<svg") == 2
 
 
+def test_flow_gates_and_registers_the_recommender(flow_repo):
+    """The second family through the same run: every compression stage (smoke recipe), INT8 ONNX, gate, registry."""
+    import onnx
+
+    repo, _, result = flow_repo
+    assert 0.5 < result["metrics"]["recsys.teacher.test_auc"] <= 1.0
+    assert result["metrics"]["recsys.student_pruned.dimensions_after"] < result["metrics"]["recsys.student_pruned.dimensions_before"]
+    graph = onnx.load(str(repo / "models/recsys/onnx/student_int8.onnx")).graph
+    initializers = {i.name: i for i in graph.initializer}
+    assert {"model.embedding.weight.int8", "model.row_map.index"} <= set(initializers)  # INT8 rows, shared
+    assert {"DequantizeLinear", "Gather", "QuantizeLinear"} <= {n.op_type for n in graph.node}
+    assert result["metrics"]["recsys.export.student_int8.rows_within"] >= 0.999
+
+    gate = result["gates"]["recsys"]
+    assert gate["passed"] and gate["version"] == "1" and gate["name"] == "smoke-ctr-student-int8"
+    client = MlflowClient(result["tracking_uri"])
+    champion = client.get_model_version_by_alias("smoke-ctr-student-int8", "champion")
+    assert champion.tags["gate.auc_drop_vs_teacher"] == "pass" and champion.tags["gate.passed"] == "true"
+    assert champion.tags["data.hash"] == locked_outs(repo)["data/recsys/processed"]
+    assert "| auc |" in (repo / "reports" / "recsys" / "gate.md").read_text()
+
+
 def test_prefect_ran_one_task_per_stage_in_graph_order(flow_repo):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId

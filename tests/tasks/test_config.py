@@ -99,11 +99,11 @@ def test_bad_ablation_overrides_fail_at_load(raw_params, override, pattern):
 @pytest.mark.parametrize("section,change,pattern", [
     ("data", {"negative_max_rating": 4}, r"data\.recsys: .*negative_max_rating \(4\) must be below positive_min_rating"),
     ("data", {"sha256": {"ml-100k.inter": "0" * 64}}, r"data\.recsys: .*sha256 must pin exactly"),
-    ("recipe", None, r"recipe\.recsys\.0: Input should be 'distill' or 'qat'"),
+    ("recipe", None, r"recipe\.recsys\.0: Input should be 'distill', 'prune', 'qat' or 'share'"),
 ])
 def test_bad_recommender_params_are_rejected_at_load(raw_params, section, change, pattern):
     family = raw_params[section]["recsys"]
-    value = ["prune"] if change is None else {**family, **change}
+    value = ["distil"] if change is None else {**family, **change}
     with pytest.raises(ConfigError, match=pattern):
         parse_config({**raw_params, section: {**raw_params[section], "recsys": value}})
 

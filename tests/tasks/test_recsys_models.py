@@ -98,3 +98,36 @@ def test_fm_and_lr_students_export_without_an_mlp(tmp_path, arch):
     data = _split(64)
     reference = torch.sigmoid(torch.from_numpy(predict_logits(model, data))).numpy()
     assert np.abs(onnx_probabilities(path, data) - reference).max() < 0.02
+
+
+def test_pruned_dimensions_keep_the_model_function_on_what_is_kept():
+    from tasks.recsys_compression import prune_dimensions
+
+    model, data = _model().eval(), _split(32)
+    assert torch.allclose(prune_dimensions(model, 8).eval()(data.fields, data.genres), model(data.fields, data.genres),
+                          atol=1e-6)
+    with torch.no_grad():  # dimension 3 carries (almost) nothing: it is the one removed
+        model.embedding.weight[:, 3] *= 1e-5
+        model.genre_embedding.weight[:, 3] *= 1e-5
+    narrow = prune_dimensions(model, 7).eval()
+    assert narrow.arch.dim == 7 and narrow.mlp[0].in_features == 7 * (SHAPE["fields"] + 1)
+    assert torch.allclose(narrow(data.fields, data.genres), model(data.fields, data.genres), atol=1e-3)
+
+
+def test_shared_rows_export_a_small_index_and_match_in_onnxruntime(tmp_path):
+    from tasks.recsys_compression import share_rows
+
+    torch.backends.quantized.engine = "x86"
+    model = _model()
+    shared = share_rows(model, 12)
+    assert shared.embedding.num_embeddings == 12 and shared.row_map.shape == (SHAPE["vocabulary"],)
+    assert set(shared.row_map.tolist()) == set(range(12))
+    qat = prepare_ctr_qat(shared)
+    data = _split(128)
+    with torch.no_grad():
+        qat(data.fields, data.genres)
+    path = export_ctr_int8(convert_ctr_int8(qat), tmp_path / "shared.onnx")
+    inits = {i.name: numpy_helper.to_array(i) for i in onnx.load(str(path)).graph.initializer}
+    assert inits["model.row_map.index"].dtype == np.uint8 and inits["model.embedding.weight.int8"].shape == (12, 8)
+    reference = torch.sigmoid(torch.from_numpy(predict_logits(qat, data))).numpy()
+    assert np.abs(onnx_probabilities(path, data) - reference).max() < 0.01

@@ -1,0 +1,74 @@
+"""Stage ``prune_recsys``: distilled CTR student -> student with fewer embedding dimensions, KD fine-tuned.
+
+Inputs: ``<data>``, ``<teacher>``, ``<student>`` (distill_recsys's). Outputs: ``<model>``, ``<metrics>`` (test AUC,
+dimensions before and after, parameters), ``<plots>``. Dimensions go on the cubic schedule of ``prune.recsys``
+(``tasks/recsys_compression.py`` rebuilds the model narrower each step), fine-tuned with the ``distill.recsys`` loss
+when ``distill`` is in ``recipe.recsys``. Left out of the recipe, the student passes through unchanged.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+from tasks.artifacts import load_model, pass_through, publish_training
+from tasks.config import DistillRecsys, PruneRecsys, stage_args
+from tasks.ctr_training import CtrDistiller, ctr_loss, evaluate_ctr, fit_ctr, load_ctr_data
+from tasks.errors import run_cli
+from tasks.recsys_compression import prune_dimensions
+from tasks.recsys_models import CtrModel
+from tasks.vision_models import count_parameters
+
+
+def kept_dimensions(cfg: PruneRecsys, dim: int, step: int) -> int:
+    """Dimensions left after ``step`` of ``cfg.steps`` (Zhu & Gupta: s_k = s_f (1 - (1 - k/steps)^3))."""
+    sparsity = cfg.final_sparsity * (1 - (1 - step / cfg.steps) ** 3)
+    return max(1, dim - round(sparsity * dim))
+
+
+def prune_recsys(cfg: PruneRecsys, kd: DistillRecsys, distill: bool, data_dir: Path, teacher_path: Path,
+                 student_path: Path, on_epoch: Callable[[int, dict[str, float]], None] | None = None
+                 ) -> tuple[CtrModel, dict[str, int], list[dict[str, float]], dict[str, float]]:
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    train, val, test, shape = load_ctr_data(data_dir)
+    teacher, student = load_model(teacher_path), load_model(student_path)
+    before, history = student.arch.dim, []
+
+    def tune(model: CtrModel, epochs: int) -> None:
+        runner = CtrDistiller(model, teacher, kd) if distill else model
+        offset = len(history)
+        history.extend(fit_ctr(runner, train, val, cfg.model_copy(update={"epochs": epochs}),
+                               ctr_loss(kd.weights if distill else None),
+                               on_epoch and (lambda epoch, m: on_epoch(offset + epoch, m))))
+
+    for step in range(1, cfg.steps + 1):
+        student = prune_dimensions(student, kept_dimensions(cfg, before, step))
+        tune(student, cfg.epochs_per_step)
+    if cfg.epochs > cfg.steps * cfg.epochs_per_step:
+        tune(student, cfg.epochs - cfg.steps * cfg.epochs_per_step)
+    metrics = {f"test_{k}": v for k, v in evaluate_ctr(student, test, cfg.eval_batch_size).items()}
+    metrics.update(dimensions_before=before, dimensions_after=student.arch.dim, parameters=count_parameters(student))
+    return student, shape, history, metrics
+
+
+def main() -> None:
+    args, cfg = stage_args(__doc__, "--data", "--teacher", "--student", "--model", "--metrics", "--plots")
+    from tasks.tracking import stage_run
+
+    params = {"prune.recsys": cfg.prune.recsys, "distill.recsys": cfg.distill.recsys, "recipe.recsys": cfg.recipe.recsys}
+    with stage_run("prune_recsys", cfg, params) as run:
+        if "prune" not in cfg.recipe.recsys:
+            pass_through(run, args, "prune_recsys")
+            return
+        student, shape, history, metrics = prune_recsys(
+            cfg.prune.recsys, cfg.distill.recsys, "distill" in cfg.recipe.recsys, args.data, args.teacher,
+            args.student, lambda epoch, m: run.log_metrics(m, step=epoch + 1))
+        publish_training(run, student, "ctr", student.arch, history, metrics, args, shape=shape)
+    print(f"pruned student: {metrics['dimensions_before']} -> {metrics['dimensions_after']} embedding dimensions, "
+          f"test AUC {metrics['test_auc']:.4f}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,61 @@
+"""Stage ``share_recsys``: CTR student -> student whose field-embedding rows are shared k-means centroids.
+
+Inputs: ``<data>``, ``<teacher>``, ``<student>`` (qat_recsys's: QAT or FP32). Outputs: ``<model>`` (the same kind
+as its input, with ``arch.shared_rows`` set and a ``row_map`` buffer), ``<metrics>``, ``<plots>``. The centroids
+(and everything else) are fine-tuned with the ``distill.recsys`` loss when ``distill`` is in ``recipe.recsys``; a
+QAT student keeps its frozen quantization ranges. Left out of the recipe, the student passes through unchanged.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch.ao.quantization import disable_observer
+
+from tasks.artifacts import load_model, pass_through, publish_training
+from tasks.config import DistillRecsys, ShareRecsys, stage_args
+from tasks.ctr_training import CtrDistiller, ctr_loss, evaluate_ctr, fit_ctr, load_ctr_data
+from tasks.errors import run_cli
+from tasks.recsys_compression import share_rows
+from tasks.recsys_models import CtrModel
+from tasks.vision_models import count_parameters
+
+
+def share_recsys(cfg: ShareRecsys, kd: DistillRecsys, distill: bool, data_dir: Path, teacher_path: Path,
+                 student_path: Path, on_epoch: Callable[[int, dict[str, float]], None] | None = None
+                 ) -> tuple[CtrModel, dict[str, int], list[dict[str, float]], dict[str, float]]:
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    train, val, test, shape = load_ctr_data(data_dir)
+    student = share_rows(load_model(student_path), cfg.clusters, cfg.seed)
+    student.apply(disable_observer)  # a QAT student's ranges stay where QAT left them
+    shared_auc = evaluate_ctr(student, test, cfg.eval_batch_size)["auc"]
+    runner = CtrDistiller(student, load_model(teacher_path), kd) if distill else student
+    history = fit_ctr(runner, train, val, cfg, ctr_loss(kd.weights if distill else None), on_epoch)
+    metrics = {f"test_{k}": v for k, v in evaluate_ctr(student, test, cfg.eval_batch_size).items()}
+    metrics.update(test_auc_before_fine_tuning=shared_auc, shared_rows=cfg.clusters, ids=shape["vocabulary"],
+                   parameters=count_parameters(student))
+    return student, shape, history, metrics
+
+
+def main() -> None:
+    args, cfg = stage_args(__doc__, "--data", "--teacher", "--student", "--model", "--metrics", "--plots")
+    from tasks.tracking import stage_run
+
+    params = {"share.recsys": cfg.share.recsys, "distill.recsys": cfg.distill.recsys, "recipe.recsys": cfg.recipe.recsys}
+    with stage_run("share_recsys", cfg, params) as run:
+        if "share" not in cfg.recipe.recsys:
+            pass_through(run, args, "share_recsys")
+            return
+        student, shape, history, metrics = share_recsys(
+            cfg.share.recsys, cfg.distill.recsys, "distill" in cfg.recipe.recsys, args.data, args.teacher,
+            args.student, lambda epoch, m: run.log_metrics(m, step=epoch + 1))
+        publish_training(run, student, "ctr", student.arch, history, metrics, args, shape=shape,
+                         ctr_qat=student.fake_quant_tables)
+    print(f"shared student: {metrics['ids']} ids on {metrics['shared_rows']} rows, test AUC {metrics['test_auc']:.4f} "
+          f"({metrics['test_auc_before_fine_tuning']:.4f} before fine-tuning)")
+
+
+if __name__ == "__main__":
+    run_cli(main)
