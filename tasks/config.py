@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -419,67 +419,73 @@ class EvaluateConfig(Strict):
     recsys: EvaluateRecsys
 
 
-class GateFloors(Strict):
-    min_accuracy: Annotated[float, Field(ge=0.0, le=1.0)]
-    max_p95_latency_ms: Annotated[float, Field(gt=0.0)]
+Score = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class Floors(Strict):
+    max_p95_latency_ms: Annotated[float, Field(gt=0.0)]    # vision: batch 1; recsys: one request of candidates
     max_size_kb: Annotated[float, Field(gt=0.0)]
 
 
-class GateVsTeacher(Strict):
+class VsTeacher(Strict):
     """Goals relative to the teacher, measured in the same run (Olive's "max degradation" / "min improvement")."""
 
-    max_accuracy_drop: Annotated[float, Field(ge=0.0, le=1.0)]
     min_speedup: Annotated[float, Field(gt=0.0)]
     min_size_ratio: Annotated[float, Field(gt=0.0)]
 
 
+class GateFloors(Floors):
+    min_accuracy: Score
+
+
+class GateVsTeacher(VsTeacher):
+    max_accuracy_drop: Score
+
+
 class GateVsChampion(Strict):
-    max_accuracy_drop: Annotated[float, Field(ge=0.0, le=1.0)]
+    max_accuracy_drop: Score
 
 
-class GateVision(Strict):
+class RecsysFloors(Floors):
+    min_auc: Score
+
+
+class RecsysVsTeacher(VsTeacher):
+    max_auc_drop: Score
+
+
+class RecsysVsChampion(Strict):
+    max_auc_drop: Score
+
+
+class Gate(Strict):
+    """A family's promotion gate; ``metric`` names its quality score (``min_<metric>``, ``max_<metric>_drop``)."""
+
+    metric: ClassVar[str]
     registered_model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    floors: GateFloors
-    vs_teacher: GateVsTeacher
-    vs_champion: GateVsChampion
 
     @model_validator(mode="after")
-    def _consistent(self) -> GateVision:
-        if self.vs_champion.max_accuracy_drop > self.vs_teacher.max_accuracy_drop:
-            raise ValueError(f"vs_champion.max_accuracy_drop ({self.vs_champion.max_accuracy_drop}) exceeds "
-                             f"vs_teacher.max_accuracy_drop ({self.vs_teacher.max_accuracy_drop}): a challenger "
+    def _consistent(self) -> Gate:
+        key = f"max_{self.metric}_drop"
+        champion, teacher = getattr(self.vs_champion, key), getattr(self.vs_teacher, key)
+        if champion > teacher:
+            raise ValueError(f"vs_champion.{key} ({champion}) exceeds vs_teacher.{key} ({teacher}): a challenger "
                              "could then drift below what the teacher goal allows; keep it at most the teacher's")
         return self
 
 
-class RecsysFloors(Strict):
-    min_auc: Annotated[float, Field(ge=0.0, le=1.0)]
-    max_p95_latency_ms: Annotated[float, Field(gt=0.0)]    # one request of evaluate.recsys.candidates items
-    max_size_kb: Annotated[float, Field(gt=0.0)]
+class GateVision(Gate):
+    metric: ClassVar[str] = "accuracy"
+    floors: GateFloors
+    vs_teacher: GateVsTeacher
+    vs_champion: GateVsChampion
 
 
-class RecsysVsTeacher(Strict):
-    max_auc_drop: Annotated[float, Field(ge=0.0, le=1.0)]
-    min_speedup: Annotated[float, Field(gt=0.0)]
-    min_size_ratio: Annotated[float, Field(gt=0.0)]
-
-
-class RecsysVsChampion(Strict):
-    max_auc_drop: Annotated[float, Field(ge=0.0, le=1.0)]
-
-
-class GateRecsys(Strict):
-    registered_model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+class GateRecsys(Gate):
+    metric: ClassVar[str] = "auc"
     floors: RecsysFloors
     vs_teacher: RecsysVsTeacher
     vs_champion: RecsysVsChampion
-
-    @model_validator(mode="after")
-    def _consistent(self) -> GateRecsys:
-        if self.vs_champion.max_auc_drop > self.vs_teacher.max_auc_drop:
-            raise ValueError(f"vs_champion.max_auc_drop ({self.vs_champion.max_auc_drop}) exceeds "
-                             f"vs_teacher.max_auc_drop ({self.vs_teacher.max_auc_drop}); keep it at most the teacher's")
-        return self
 
 
 class GateConfig(Strict):

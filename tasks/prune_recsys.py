@@ -12,8 +12,8 @@ from pathlib import Path
 
 import torch
 
-from tasks.artifacts import load_model, pass_through, publish_training
-from tasks.config import DistillRecsys, PruneRecsys, stage_args
+from tasks.artifacts import ctr_compression_stage, load_model
+from tasks.config import DistillRecsys, PruneRecsys
 from tasks.ctr_training import CtrDistiller, ctr_loss, evaluate_ctr, fit_ctr, load_ctr_data
 from tasks.errors import run_cli
 from tasks.recsys_compression import prune_dimensions
@@ -54,20 +54,12 @@ def prune_recsys(cfg: PruneRecsys, kd: DistillRecsys, distill: bool, data_dir: P
 
 
 def main() -> None:
-    args, cfg = stage_args(__doc__, "--data", "--teacher", "--student", "--model", "--metrics", "--plots")
-    from tasks.tracking import stage_run
-
-    params = {"prune.recsys": cfg.prune.recsys, "distill.recsys": cfg.distill.recsys, "recipe.recsys": cfg.recipe.recsys}
-    with stage_run("prune_recsys", cfg, params) as run:
-        if "prune" not in cfg.recipe.recsys:
-            pass_through(run, args, "prune_recsys")
-            return
-        student, shape, history, metrics = prune_recsys(
-            cfg.prune.recsys, cfg.distill.recsys, "distill" in cfg.recipe.recsys, args.data, args.teacher,
-            args.student, lambda epoch, m: run.log_metrics(m, step=epoch + 1))
-        publish_training(run, student, "ctr", student.arch, history, metrics, args, shape=shape)
-    print(f"pruned student: {metrics['dimensions_before']} -> {metrics['dimensions_after']} embedding dimensions, "
-          f"test AUC {metrics['test_auc']:.4f}")
+    ctr_compression_stage(
+        "prune_recsys", "prune", __doc__,
+        lambda cfg, args, on_epoch: prune_recsys(cfg.prune.recsys, cfg.distill.recsys, "distill" in cfg.recipe.recsys,
+                                                 args.data, args.teacher, args.student, on_epoch),
+        lambda m: f"pruned student: {m['dimensions_before']} -> {m['dimensions_after']} embedding dimensions, "
+                  f"test AUC {m['test_auc']:.4f}")
 
 
 if __name__ == "__main__":

@@ -14,8 +14,8 @@ from pathlib import Path
 import torch
 from torch.ao.quantization import disable_observer
 
-from tasks.artifacts import load_model, pass_through, publish_training
-from tasks.config import DistillRecsys, QatRecsys, stage_args
+from tasks.artifacts import ctr_compression_stage, load_model
+from tasks.config import DistillRecsys, QatRecsys
 from tasks.ctr_training import CtrDistiller, ctr_loss, evaluate_ctr, fit_ctr, load_ctr_data
 from tasks.errors import run_cli
 from tasks.recsys_models import CtrModel, prepare_ctr_qat
@@ -41,18 +41,11 @@ def qat_recsys(cfg: QatRecsys, kd: DistillRecsys, data_dir: Path, teacher_path: 
 
 
 def main() -> None:
-    args, cfg = stage_args(__doc__, "--data", "--teacher", "--student", "--model", "--metrics", "--plots")
-    from tasks.tracking import stage_run
-
-    params = {"qat.recsys": cfg.qat.recsys, "distill.recsys": cfg.distill.recsys, "recipe.recsys": cfg.recipe.recsys}
-    with stage_run("qat_recsys", cfg, params) as run:
-        if "qat" not in cfg.recipe.recsys:
-            pass_through(run, args, "qat_recsys")
-            return
-        student, shape, history, metrics = qat_recsys(cfg.qat.recsys, cfg.distill.recsys, args.data, args.teacher,
-                                                      args.student, lambda epoch, m: run.log_metrics(m, step=epoch + 1))
-        publish_training(run, student, "ctr", student.arch, history, metrics, args, shape=shape, ctr_qat=True)
-    print(f"QAT student test AUC {metrics['test_auc']:.4f}")
+    ctr_compression_stage(
+        "qat_recsys", "qat", __doc__,
+        lambda cfg, args, on_epoch: qat_recsys(cfg.qat.recsys, cfg.distill.recsys, args.data, args.teacher,
+                                               args.student, on_epoch),
+        lambda m: f"QAT student test AUC {m['test_auc']:.4f}")
 
 
 if __name__ == "__main__":

@@ -13,8 +13,8 @@ from pathlib import Path
 import torch
 from torch.ao.quantization import disable_observer
 
-from tasks.artifacts import load_model, pass_through, publish_training
-from tasks.config import DistillRecsys, ShareRecsys, stage_args
+from tasks.artifacts import ctr_compression_stage, load_model
+from tasks.config import DistillRecsys, ShareRecsys
 from tasks.ctr_training import CtrDistiller, ctr_loss, evaluate_ctr, fit_ctr, load_ctr_data
 from tasks.errors import run_cli
 from tasks.recsys_compression import share_rows
@@ -40,21 +40,12 @@ def share_recsys(cfg: ShareRecsys, kd: DistillRecsys, distill: bool, data_dir: P
 
 
 def main() -> None:
-    args, cfg = stage_args(__doc__, "--data", "--teacher", "--student", "--model", "--metrics", "--plots")
-    from tasks.tracking import stage_run
-
-    params = {"share.recsys": cfg.share.recsys, "distill.recsys": cfg.distill.recsys, "recipe.recsys": cfg.recipe.recsys}
-    with stage_run("share_recsys", cfg, params) as run:
-        if "share" not in cfg.recipe.recsys:
-            pass_through(run, args, "share_recsys")
-            return
-        student, shape, history, metrics = share_recsys(
-            cfg.share.recsys, cfg.distill.recsys, "distill" in cfg.recipe.recsys, args.data, args.teacher,
-            args.student, lambda epoch, m: run.log_metrics(m, step=epoch + 1))
-        publish_training(run, student, "ctr", student.arch, history, metrics, args, shape=shape,
-                         ctr_qat=student.fake_quant_tables)
-    print(f"shared student: {metrics['ids']} ids on {metrics['shared_rows']} rows, test AUC {metrics['test_auc']:.4f} "
-          f"({metrics['test_auc_before_fine_tuning']:.4f} before fine-tuning)")
+    ctr_compression_stage(
+        "share_recsys", "share", __doc__,
+        lambda cfg, args, on_epoch: share_recsys(cfg.share.recsys, cfg.distill.recsys, "distill" in cfg.recipe.recsys,
+                                                 args.data, args.teacher, args.student, on_epoch),
+        lambda m: f"shared student: {m['ids']} ids on {m['shared_rows']} rows, test AUC {m['test_auc']:.4f} "
+                  f"({m['test_auc_before_fine_tuning']:.4f} before fine-tuning)")
 
 
 if __name__ == "__main__":
