@@ -14,7 +14,8 @@ class StageNode:
 
 
 def stage_graph(root: Path) -> list[StageNode]:
-    """Every pipeline stage of ``root/dvc.yaml`` with its upstream stages, in a deterministic topological order."""
+    """Every pipeline stage of ``root/dvc.yaml`` with its upstream stages, in a deterministic topological order
+    (level by level of the graph)."""
     from dvc.repo import Repo
     from dvc.stage import PipelineStage
 
@@ -26,4 +27,6 @@ def stage_graph(root: Path) -> list[StageNode]:
     order = nx.DiGraph()
     order.add_nodes_from(upstream)
     order.add_edges_from((u, name) for name, ups in upstream.items() for u in ups)
-    return [StageNode(name, upstream[name]) for name in nx.lexicographical_topological_sort(order)]
+    # Level by level (a stage after everything it depends on, alphabetical within a level), so every family's data
+    # is validated before any family trains: bad data fails the run before compute is spent elsewhere.
+    return [StageNode(name, upstream[name]) for level in nx.topological_generations(order) for name in sorted(level)]

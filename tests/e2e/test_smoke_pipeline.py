@@ -184,8 +184,9 @@ def test_bad_data_stops_the_pipeline_before_training(tmp_path, prefect_server):
     assert state.is_failed()
     with pytest.raises(StageFailed, match=r"(?s)validate_vision.*expect_column_values_to_be_in_set\(column=label.*e\.g\. \[11"):
         state.result()
-    # nothing downstream of the failure ran (the recommender's stages do not depend on it)
-    assert not (repo / "models" / "vision").exists() and not (repo / "reports" / "vision" / "validation.json").exists()
+    # every family's data is validated before any trains, so no model at all was trained
+    assert not (repo / "models").exists() and not (repo / "reports" / "vision" / "validation.json").exists()
+    assert (repo / "reports" / "recsys" / "validation.json").exists()
     runs = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").search_runs(["1"], "tags.`pipeline.stage` = 'validate_vision'")
     assert [r.info.status for r in runs] == ["FAILED"]  # a deterministic failure is not retried
 

@@ -44,3 +44,10 @@ def test_config_sections_are_all_read_by_some_stage():
     outside = {"tracking", "pipeline", "gate", "ablation"}
     sections = {f.alias or n for n, f in Config.model_fields.items()} - outside
     assert sections <= read
+
+
+def test_every_family_is_validated_before_any_family_trains():
+    order = [n.name for n in stage_graph(ROOT)]
+    validations = [i for i, name in enumerate(order) if name.startswith("validate_")]
+    trainings = [i for i, name in enumerate(order) if name.startswith("train_teacher_")]
+    assert len(validations) == len(trainings) == 2 and max(validations) < min(trainings)
