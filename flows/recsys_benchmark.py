@@ -43,7 +43,7 @@ def train_baselines(root: Path, data: Path, out: Path) -> dict[str, Path]:
     for name, arch in BASELINES.items():
         torch.manual_seed(cfg.seed)
         model = CtrModel(arch, **shape)
-        fit_ctr(model, train, val, cfg, label_loss)
+        fit_ctr(model, label_loss, train, val, cfg)
         paths[name] = export_ctr_fp32(model, out / f"{name.split()[0].lower()}.onnx")
     return paths
 

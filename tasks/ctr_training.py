@@ -5,11 +5,13 @@ its weights at the end; optimisers and schedules are the shared ones of ``tasks.
 
 Distillation for a binary target: BCE against the teacher's temperature-softened probability σ(t/T), scaled by
 T², mixed with BCE against the label; optional alignment of the student's field vectors to the teacher's through a
-learned linear adapter. Only the teacher runs under ``no_grad``; ``train_step`` zeroes gradients every step.
+learned linear adapter. Only the teacher runs under ``no_grad``; the shared ``tasks.training.train_step`` zeroes
+gradients every step.
 """
 from __future__ import annotations
 
 import copy
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -21,8 +23,9 @@ import torch.nn.functional as F
 from sklearn.metrics import log_loss, roc_auc_score
 from torch import nn
 
-from tasks.config import DistillRecsys, LossWeights, Training
-from tasks.training import make_optimizer, make_scheduler
+from tasks.config import DistillRecsys, Training
+from tasks.distillation import FrozenTeacher
+from tasks.training import make_optimizer, make_scheduler, train_step
 
 
 @dataclass(frozen=True)
@@ -45,8 +48,6 @@ class CtrSplit:
 
 def load_ctr_data(data_dir: Path) -> tuple[CtrSplit, CtrSplit, CtrSplit, dict[str, int]]:
     """(train, val, test, model shape: vocabulary, fields, genres) from prepare_recsys's folder."""
-    import json
-
     features = json.loads((data_dir / "features.json").read_text())
     shape = {"vocabulary": features["vocabulary"], "fields": len(features["fields"]), "genres": len(features["genres"])}
     return (*(CtrSplit.load(data_dir, s) for s in ("train", "val", "test")), shape)
@@ -68,32 +69,22 @@ def evaluate_ctr(model: nn.Module, split: CtrSplit, batch_size: int = 8192) -> d
     return ctr_metrics(split.y.numpy(), 1 / (1 + np.exp(-predict_logits(model, split, batch_size))))
 
 
-#: ``loss_fn(model, fields, genres, y) -> (loss, logits)``
-CtrLossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+#: ``loss_fn(model, (fields, genres), y) -> (loss, logits)``: the ``LossFn`` shape of ``tasks.training.train_step``
+CtrLossFn = Callable[[nn.Module, tuple[torch.Tensor, torch.Tensor], torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
-def label_loss(model: nn.Module, fields: torch.Tensor, genres: torch.Tensor, y: torch.Tensor):
-    logits = model(fields, genres)
+def label_loss(model: nn.Module, inputs: tuple[torch.Tensor, torch.Tensor], y: torch.Tensor):
+    logits = model(*inputs)
     return F.binary_cross_entropy_with_logits(logits, y), logits
 
 
-class CtrDistiller(nn.Module):
-    """Student plus the field-vector adapter; the frozen teacher is held outside ``parameters``/``state_dict``."""
+class CtrDistiller(FrozenTeacher):
+    """Student plus the field-vector adapter, against a frozen CTR teacher."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillRecsys) -> None:
-        super().__init__()
-        self.student, self.temperature, self.weights = student, cfg.temperature, cfg.weights
-        teacher.eval().requires_grad_(False)
-        object.__setattr__(self, "teacher", teacher)
+        super().__init__(student, teacher)
+        self.temperature, self.weights = cfg.temperature, cfg.weights
         self.adapter = nn.Linear(student.arch.dim, teacher.arch.dim) if cfg.weights.feature else None
-
-    def train(self, mode: bool = True) -> CtrDistiller:
-        super().train(mode)
-        self.teacher.eval()
-        return self
-
-    def forward(self, fields: torch.Tensor, genres: torch.Tensor) -> torch.Tensor:
-        return self.student(fields, genres)
 
     def loss(self, fields: torch.Tensor, genres: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         w, t = self.weights, self.temperature
@@ -112,14 +103,19 @@ class CtrDistiller(nn.Module):
         return total, s_logits
 
 
-def ctr_loss(weights: LossWeights | None) -> CtrLossFn:
-    """The loss of a training stage: the distiller's when ``weights`` is set, else BCE on the labels."""
-    if weights is None:
-        return label_loss
-    return lambda model, fields, genres, y: model.loss(fields, genres, y)
+def distilled_loss(model: CtrDistiller, inputs: tuple[torch.Tensor, torch.Tensor], y: torch.Tensor):
+    return model.loss(*inputs, y)
 
 
-def fit_ctr(model: nn.Module, train: CtrSplit, val: CtrSplit, spec: Training, loss_fn: CtrLossFn,
+def ctr_trainer(student: nn.Module, teacher: nn.Module, kd: DistillRecsys | None) -> tuple[nn.Module, CtrLossFn]:
+    """What a stage trains and with which loss: the student against ``teacher`` with ``kd``'s loss, or the student
+    alone on the labels when ``kd`` is None."""
+    if kd is None:
+        return student, label_loss
+    return CtrDistiller(student, teacher, kd), distilled_loss
+
+
+def fit_ctr(model: nn.Module, loss_fn: CtrLossFn, train: CtrSplit, val: CtrSplit, spec: Training,
             on_epoch: Callable[[int, dict[str, float]], None] | None = None,
             before_epoch: Callable[[int], None] | None = None) -> list[dict[str, float]]:
     """Train ``model`` in place; return the history. The best epoch by validation AUC is restored at the end."""
@@ -136,10 +132,7 @@ def fit_ctr(model: nn.Module, train: CtrSplit, val: CtrSplit, spec: Training, lo
         order, loss_sum = torch.randperm(len(train), generator=gen), 0.0
         for start in range(0, len(order), spec.batch_size):
             fields, genres, y = train.batch(order[start:start + spec.batch_size])
-            opt.zero_grad(set_to_none=True)
-            loss, _ = loss_fn(model, fields, genres, y)
-            loss.backward()
-            opt.step()
+            loss, _ = train_step(model, (fields, genres), y, opt, loss_fn, bf16=False)
             sched.step()
             loss_sum += loss.item() * len(y)
         metrics = {"train_loss": loss_sum / len(train),

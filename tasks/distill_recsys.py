@@ -13,7 +13,7 @@ import torch
 
 from tasks.artifacts import load_model, publish_training
 from tasks.config import DistillRecsys, stage_args
-from tasks.ctr_training import CtrDistiller, ctr_loss, evaluate_ctr, fit_ctr, load_ctr_data
+from tasks.ctr_training import ctr_trainer, evaluate_ctr, fit_ctr, load_ctr_data
 from tasks.errors import run_cli
 from tasks.recsys_models import CtrModel
 from tasks.vision_models import count_parameters
@@ -27,8 +27,7 @@ def distill_recsys(cfg: DistillRecsys, distill: bool, data_dir: Path, teacher_pa
     train, val, test, shape = load_ctr_data(data_dir)
     teacher = load_model(teacher_path)
     student = CtrModel(cfg.student, **shape)
-    model = CtrDistiller(student, teacher, cfg) if distill else student
-    history = fit_ctr(model, train, val, cfg, ctr_loss(cfg.weights if distill else None), on_epoch)
+    history = fit_ctr(*ctr_trainer(student, teacher, cfg if distill else None), train, val, cfg, on_epoch)
     metrics = {f"test_{k}": v for k, v in evaluate_ctr(student, test, cfg.eval_batch_size).items()}
     metrics["teacher_test_auc"] = evaluate_ctr(teacher, test, cfg.eval_batch_size)["auc"]
     return student, shape, history, {**metrics, "parameters": count_parameters(student)}

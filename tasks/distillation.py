@@ -45,31 +45,39 @@ def loss_config(kd: DistillVision, distill: bool, label_smoothing: float) -> Dis
     return kd.model_copy(update={"weights": only_ce, "feature_pairs": [], "label_smoothing": label_smoothing})
 
 
-class Distiller(nn.Module):
-    """Student plus feature adapters; the teacher is held frozen and is not a submodule.
+class FrozenTeacher(nn.Module):
+    """A student trained against a teacher that is held frozen and is not a submodule (both families' distillers).
 
     ``forward`` is the student's, so evaluation and export see only the student. The teacher is kept out of
     ``state_dict`` and ``parameters`` so that no optimizer can touch it and checkpoints hold the student only.
     """
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillVision, sample: torch.Tensor) -> None:
+    def __init__(self, student: nn.Module, teacher: nn.Module) -> None:
         super().__init__()
-        self.student, self.cfg = student, cfg
+        self.student = student
         teacher.eval().requires_grad_(False)
         object.__setattr__(self, "teacher", teacher)
+
+    def train(self, mode: bool = True) -> FrozenTeacher:
+        super().train(mode)
+        self.teacher.eval()  # batch-norm statistics and dropout of the teacher never move
+        return self
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.student(*inputs)
+
+
+class Distiller(FrozenTeacher):
+    """Student plus feature adapters (FitNets hints) against a frozen vision teacher."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillVision, sample: torch.Tensor) -> None:
+        super().__init__(student, teacher)
+        self.cfg = cfg
         with torch.no_grad():
             _, s_maps = student.forward_features(sample)
             _, t_maps = teacher.forward_features(sample)
         self.adapters = nn.ModuleList(nn.Conv2d(s_maps[p.student].shape[1], t_maps[p.teacher].shape[1], 1)
                                       for p in cfg.feature_pairs)
-
-    def train(self, mode: bool = True) -> Distiller:
-        super().train(mode)
-        self.teacher.eval()  # batch-norm statistics of the teacher never move
-        return self
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.student(x)
 
     @torch.no_grad()
     def teacher_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:

@@ -14,7 +14,7 @@ import torch
 
 from tasks.artifacts import ctr_compression_stage, load_model
 from tasks.config import DistillRecsys, PruneRecsys
-from tasks.ctr_training import CtrDistiller, ctr_loss, evaluate_ctr, fit_ctr, load_ctr_data
+from tasks.ctr_training import ctr_trainer, evaluate_ctr, fit_ctr, load_ctr_data
 from tasks.errors import run_cli
 from tasks.recsys_compression import prune_dimensions
 from tasks.recsys_models import CtrModel
@@ -37,10 +37,9 @@ def prune_recsys(cfg: PruneRecsys, kd: DistillRecsys, distill: bool, data_dir: P
     before, history = student.arch.dim, []
 
     def tune(model: CtrModel, epochs: int) -> None:
-        runner = CtrDistiller(model, teacher, kd) if distill else model
         offset = len(history)
-        history.extend(fit_ctr(runner, train, val, cfg.model_copy(update={"epochs": epochs}),
-                               ctr_loss(kd.weights if distill else None),
+        history.extend(fit_ctr(*ctr_trainer(model, teacher, kd if distill else None), train, val,
+                               cfg.model_copy(update={"epochs": epochs}),
                                on_epoch and (lambda epoch, m: on_epoch(offset + epoch, m))))
 
     for step in range(1, cfg.steps + 1):

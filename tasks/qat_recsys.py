@@ -16,7 +16,7 @@ from torch.ao.quantization import disable_observer
 
 from tasks.artifacts import ctr_compression_stage, load_model
 from tasks.config import DistillRecsys, QatRecsys
-from tasks.ctr_training import CtrDistiller, ctr_loss, evaluate_ctr, fit_ctr, load_ctr_data
+from tasks.ctr_training import ctr_trainer, evaluate_ctr, fit_ctr, load_ctr_data
 from tasks.errors import run_cli
 from tasks.recsys_models import CtrModel, prepare_ctr_qat
 from tasks.vision_models import count_parameters
@@ -29,13 +29,13 @@ def qat_recsys(cfg: QatRecsys, kd: DistillRecsys, data_dir: Path, teacher_path: 
     torch.manual_seed(cfg.seed)
     train, val, test, shape = load_ctr_data(data_dir)
     qat = prepare_ctr_qat(load_model(student_path))
-    model = CtrDistiller(qat, load_model(teacher_path), kd) if cfg.distill else qat
 
     def before_epoch(epoch: int) -> None:
         if epoch >= cfg.freeze_observers_after:
             qat.apply(disable_observer)
 
-    history = fit_ctr(model, train, val, cfg, ctr_loss(kd.weights if cfg.distill else None), on_epoch, before_epoch)
+    history = fit_ctr(*ctr_trainer(qat, load_model(teacher_path), kd if cfg.distill else None), train, val, cfg,
+                      on_epoch, before_epoch)
     metrics = {f"test_{k}": v for k, v in evaluate_ctr(qat, test, cfg.eval_batch_size).items()}
     return qat, shape, history, {**metrics, "parameters": count_parameters(qat)}
 

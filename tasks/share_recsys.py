@@ -15,7 +15,7 @@ from torch.ao.quantization import disable_observer
 
 from tasks.artifacts import ctr_compression_stage, load_model
 from tasks.config import DistillRecsys, ShareRecsys
-from tasks.ctr_training import CtrDistiller, ctr_loss, evaluate_ctr, fit_ctr, load_ctr_data
+from tasks.ctr_training import ctr_trainer, evaluate_ctr, fit_ctr, load_ctr_data
 from tasks.errors import run_cli
 from tasks.recsys_compression import share_rows
 from tasks.recsys_models import CtrModel
@@ -31,8 +31,8 @@ def share_recsys(cfg: ShareRecsys, kd: DistillRecsys, distill: bool, data_dir: P
     student = share_rows(load_model(student_path), cfg.clusters, cfg.seed)
     student.apply(disable_observer)  # a QAT student's ranges stay where QAT left them
     shared_auc = evaluate_ctr(student, test, cfg.eval_batch_size)["auc"]
-    runner = CtrDistiller(student, load_model(teacher_path), kd) if distill else student
-    history = fit_ctr(runner, train, val, cfg, ctr_loss(kd.weights if distill else None), on_epoch)
+    history = fit_ctr(*ctr_trainer(student, load_model(teacher_path), kd if distill else None), train, val, cfg,
+                      on_epoch)
     metrics = {f"test_{k}": v for k, v in evaluate_ctr(student, test, cfg.eval_batch_size).items()}
     metrics.update(test_auc_before_fine_tuning=shared_auc, shared_rows=cfg.clusters, ids=shape["vocabulary"],
                    parameters=count_parameters(student))

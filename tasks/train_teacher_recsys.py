@@ -28,7 +28,7 @@ def train_teacher_recsys(cfg: TrainTeacherRecsys, data_dir: Path,
     torch.manual_seed(cfg.seed)
     train, val, test, shape = load_ctr_data(data_dir)
     model = CtrModel(cfg.arch, **shape)
-    history = fit_ctr(model, train, val, cfg, label_loss, on_epoch)
+    history = fit_ctr(model, label_loss, train, val, cfg, on_epoch)
     metrics = {f"test_{k}": v for k, v in evaluate_ctr(model, test, cfg.eval_batch_size).items()}
     return model, shape, history, {**metrics, "parameters": count_parameters(model)}
 

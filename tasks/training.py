@@ -105,9 +105,10 @@ def cross_entropy_loss(label_smoothing: float) -> LossFn:
     return loss_fn
 
 
-def train_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, opt: torch.optim.Optimizer, loss_fn: LossFn,
-               bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """One optimisation step: gradients zeroed, forward with autograd on, backward, update."""
+def train_step(model: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...], y: torch.Tensor,
+               opt: torch.optim.Optimizer, loss_fn: LossFn, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimisation step: gradients zeroed, forward with autograd on, backward, update. ``x`` is what
+    ``loss_fn`` feeds the model (a tuple for the recommender's two inputs)."""
     opt.zero_grad(set_to_none=True)
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
         loss, logits = loss_fn(model, x, y)

@@ -11,7 +11,7 @@ from onnx import numpy_helper
 
 from tasks.config import LossWeights, RecArch
 from tasks.ctr_onnx import export_ctr_fp32, export_ctr_int8, onnx_probabilities
-from tasks.ctr_training import CtrDistiller, CtrSplit, ctr_loss, fit_ctr, predict_logits
+from tasks.ctr_training import CtrDistiller, CtrSplit, distilled_loss, fit_ctr, predict_logits
 from tasks.recsys_models import CtrModel, convert_ctr_int8, prepare_ctr_qat, quantize_table
 
 SHAPE = {"vocabulary": 60, "fields": 3, "genres": 5}
@@ -66,7 +66,7 @@ def test_distillation_moves_the_student_only_and_learns():
     distiller = CtrDistiller(student, teacher, cfg)
     assert all(p is not q for p in distiller.parameters() for q in teacher.parameters())
     train = _split()
-    history = fit_ctr(distiller, train, _split(128, seed=1), cfg, ctr_loss(cfg.weights))
+    history = fit_ctr(distiller, distilled_loss, train, _split(128, seed=1), cfg)
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters(), strict=True))
 
