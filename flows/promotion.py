@@ -120,7 +120,8 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
                       parent_run_id: str, family: str = "vision") -> dict[str, Any]:
     """Gate the family's candidate, register it, move aliases; return the report."""
     gate: GateVision | GateRecsys = getattr(cfg.gate, family)
-    where, data = paths(family), root / paths(family)["data"]
+    where = paths(family)
+    data = root / where["data"]
     check_registry(client, uri)
     tags = lineage(cfg, root, parent_run_id, family)
     same = _registered_with(client, gate.registered_model, tags["onnx.hash"])

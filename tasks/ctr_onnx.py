@@ -23,6 +23,7 @@ from tasks.onnx_models import OnnxError, session, tidy_qdq
 from tasks.recsys_models import TABLES, CtrModel, Probability, quantize_table
 
 INPUTS, OUTPUT = ("fields", "genres"), "probability"
+MODELS = ("teacher_fp32", "student_fp32", "student_int8")   # the files export_recsys writes: <name>.onnx
 
 
 def export_ctr_fp32(model: nn.Module, path: Path, opset: int = 17) -> Path:
@@ -37,10 +38,10 @@ def export_ctr_fp32(model: nn.Module, path: Path, opset: int = 17) -> Path:
     return path
 
 
-def quantize_tables(path: Path, model: CtrModel) -> Path:
+def quantize_tables(path: Path) -> Path:
     """Replace each embedding-table initializer of ``path`` by INT8 values, scales and a DequantizeLinear node.
 
-    The model's tables must already sit on their INT8 grid (``convert_ctr_int8``), so this loses nothing."""
+    The exported model's tables must already sit on their INT8 grid (``convert_ctr_int8``), so this loses nothing."""
     graph_model = onnx.load(str(path))
     graph = graph_model.graph
     initializers = {init.name: init for init in graph.initializer}
@@ -82,7 +83,7 @@ def export_ctr_int8(model: CtrModel, path: Path, opset: int = 17) -> Path:
     """``model``: a converted INT8 model (``convert_ctr_int8``) or an FP32 one whose tables are quantized after
     training (a recipe without QAT)."""
     export_ctr_fp32(model, path, opset)
-    return quantize_tables(tidy_qdq(path), model)
+    return quantize_tables(tidy_qdq(path))
 
 
 def onnx_probabilities(path: Path, split: CtrSplit, batch_size: int = 8192, threads: int = 2) -> np.ndarray:

@@ -18,14 +18,14 @@ import torch
 
 from tasks.artifacts import load_model
 from tasks.config import EvaluateRecsys, stage_args
-from tasks.ctr_onnx import OUTPUT, onnx_probabilities
+from tasks.ctr_onnx import MODELS, OUTPUT, onnx_probabilities
 from tasks.ctr_training import CtrSplit, ctr_metrics
 from tasks.errors import run_cli
 from tasks.io import write_json
 from tasks.onnx_models import file_sizes, session
+from tasks.prepare_recsys import assemble_fields
 from tasks.vision_models import count_parameters
 
-SOURCES = {"teacher_fp32": "teacher", "student_fp32": "student_fp32", "student_int8": "student"}
 
 
 class Catalog:
@@ -38,10 +38,8 @@ class Catalog:
 
     def request(self, user: int, items: np.ndarray) -> dict[str, np.ndarray]:
         """Inputs scoring ``items`` (0-based) for ``user`` (0-based), in the FIELDS order of prepare_recsys."""
-        u, it = self.users[user], self.items[items]
-        fields = np.column_stack([np.full(len(items), u[0]), it[:, 0], *(np.full(len(items), v) for v in u[1:]),
-                                  it[:, 1]]).astype(np.int64)
-        return {"fields": fields, "genres": self.item_genres[items]}
+        users = np.broadcast_to(self.users[user], (len(items), self.users.shape[1]))
+        return {"fields": assemble_fields(users, self.items[items]), "genres": self.item_genres[items]}
 
 
 def ranking(path: Path, catalog: Catalog, interactions: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame,
@@ -51,10 +49,10 @@ def ranking(path: Path, catalog: Catalog, interactions: pd.DataFrame, users: pd.
     user_index, item_index = pd.Index(users.user_id), pd.Index(items.item_id)
     seen = interactions[interactions.split != "test"].groupby("user_id").item_id.apply(set)
     positives = interactions[(interactions.split == "test") & (interactions.label == 1)].groupby("user_id").item_id.apply(set)
-    discounts = 1 / np.log2(np.arange(2, k + 2))
+    discounts, catalog_items = 1 / np.log2(np.arange(2, k + 2)), set(items.item_id)
     ndcg, recall = [], []
     for user_id, relevant in positives.items():
-        candidates = np.array(sorted(set(items.item_id) - seen.get(user_id, set())))
+        candidates = np.array(sorted(catalog_items - seen.get(user_id, set())))
         scores = sess.run([OUTPUT], catalog.request(user_index.get_loc(user_id), item_index.get_indexer(candidates)))[0]
         top = candidates[np.argsort(-scores, kind="stable")[:k]]
         hits = np.isin(top, list(relevant))
@@ -93,7 +91,7 @@ def evaluate_recsys(cfg: EvaluateRecsys, data_dir: Path, onnx_dir: Path, models:
     tables = {name: pd.read_csv(data_dir / f"{name}.csv", dtype={"zip_code": str})
               for name in ("interactions", "users", "items")}
     results = {}
-    for name in SOURCES:
+    for name in MODELS:
         path = onnx_dir / f"{name}.onnx"
         results[name] = {**score_onnx(path, data_dir, cfg), **file_sizes(path),
                          **ranking(path, catalog, tables["interactions"], tables["users"], tables["items"],

@@ -16,14 +16,13 @@ from torch import nn
 
 from tasks.artifacts import load_model
 from tasks.config import ExportRecsys, stage_args
-from tasks.ctr_onnx import export_ctr_fp32, export_ctr_int8, onnx_probabilities
+from tasks.ctr_onnx import MODELS, export_ctr_fp32, export_ctr_int8, onnx_probabilities
 from tasks.ctr_training import CtrSplit, ctr_metrics, predict_logits
 from tasks.errors import run_cli
 from tasks.export_vision import ParityError
 from tasks.io import write_json
 from tasks.recsys_models import convert_ctr_int8
 
-FILES = ("teacher_fp32", "student_fp32", "student_int8")
 
 
 def ctr_parity(name: str, reference: np.ndarray, onnx: np.ndarray, labels: np.ndarray, cfg: ExportRecsys) -> dict:
@@ -47,7 +46,7 @@ def export_recsys(cfg: ExportRecsys, data_dir: Path, teacher_path: Path, fp32_pa
     torch.set_num_threads(cfg.threads)
     torch.backends.quantized.engine = "x86"
     test = CtrSplit.load(data_dir, "test")
-    paths = {name: out / f"{name}.onnx" for name in FILES}
+    paths = {name: out / f"{name}.onnx" for name in MODELS}
     references: dict[str, nn.Module] = {"teacher_fp32": load_model(teacher_path), "student_fp32": load_model(fp32_path)}
     export_ctr_fp32(references["teacher_fp32"], paths["teacher_fp32"], cfg.opset)
     export_ctr_fp32(references["student_fp32"], paths["student_fp32"], cfg.opset)

@@ -74,14 +74,18 @@ def genre_matrix(items: pd.DataFrame) -> np.ndarray:
     return np.array([[g in row.split("|") for g in GENRES] for row in items.genres], dtype=np.float32)
 
 
+def assemble_fields(user_codes: np.ndarray, item_codes: np.ndarray) -> np.ndarray:
+    """Rows of ``*_fields.npy`` (FIELDS order) from per-row user codes (N, 5) and item codes (N, 2)."""
+    columns = [user_codes[:, :1], item_codes[:, :1], user_codes[:, 1:], item_codes[:, 1:]]
+    return np.ascontiguousarray(np.concatenate(columns, axis=1), dtype=np.int64)
+
+
 def row_features(rows: pd.DataFrame, user_codes: np.ndarray, item_codes: np.ndarray, item_genres: np.ndarray,
                  users: pd.DataFrame, items: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
     """(fields (N, 7) in FIELDS order, genres (N, 19)) of labelled rows."""
     u = pd.Index(users.user_id).get_indexer(rows.user_id)
     i = pd.Index(items.item_id).get_indexer(rows.item_id)
-    uc, ic = user_codes[u], item_codes[i]
-    fields = np.stack([uc[:, 0], ic[:, 0], uc[:, 1], uc[:, 2], uc[:, 3], uc[:, 4], ic[:, 1]], 1)
-    return fields, item_genres[i]
+    return assemble_fields(user_codes[u], item_codes[i]), item_genres[i]
 
 
 def prepare_recsys(cfg: RecsysData, out: Path) -> dict:
