@@ -48,6 +48,22 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, Python {platform.python_version()}"
 
 
+def target_rows(targets: tuple[tuple[str, str, float, str], ...], ratios: dict[str, float], digits: int) -> list[str]:
+    """The markdown target table of a benchmark: one row per ``(ratio key, ">=" | "<=", threshold, what)``."""
+    lines = ["| target | measured | threshold | |", "|---|---:|---:|---|"]
+    for key, op, threshold, what in targets:
+        value = ratios[key]
+        met = value >= threshold if op == ">=" else value <= threshold
+        lines.append(f"| {what} | {value:.{digits}f} | {op} {threshold:g} | {'met' if met else 'MISSED'} |")
+    return lines
+
+
+def write_result(out: Path, doc: dict) -> None:
+    """A benchmark's numbers as JSON, with the date and the machine they came from."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"date": str(date.today()), "machine": machine(), **doc}, indent=2) + "\n")
+
+
 def table(cold: tuple[float, dict], warm: tuple[float, dict]) -> str:
     lines = [f"Pipeline benchmark, {date.today()}, {machine()}", "",
              "| stage | cold run | stage wall (s) | re-run, nothing changed |", "|---|---|---:|---|"]
@@ -74,10 +90,8 @@ def main() -> None:
         cold, warm = run_pipeline(root), run_pipeline(root)
     print(table(cold, warm))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"date": str(date.today()), "machine": machine(), "profile": args.profile,
-                                        "cold": {"wall_seconds": cold[0], **cold[1]},
-                                        "warm": {"wall_seconds": warm[0], **warm[1]}}, indent=2) + "\n")
+        write_result(args.out, {"profile": args.profile, "cold": {"wall_seconds": cold[0], **cold[1]},
+                                "warm": {"wall_seconds": warm[0], **warm[1]}})
 
 
 if __name__ == "__main__":

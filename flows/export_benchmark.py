@@ -9,11 +9,10 @@ prints a markdown table with the deployment targets. ``--out`` also writes the n
 from __future__ import annotations
 
 import argparse
-import json
 from datetime import date
 from pathlib import Path
 
-from flows.benchmark import machine
+from flows.benchmark import machine, target_rows, write_result
 from tasks.config import load_config
 from tasks.errors import run_cli
 from tasks.evaluate_vision import measure_onnx, ratios
@@ -44,11 +43,7 @@ def table(result: dict) -> str:
         lines.append(f"| {name} | {100 * m['accuracy']:.2f} | {m['bytes']:,} | {m['gzip_bytes']:,} | "
                      f"{m['latency_b1_p50_ms']:.3f} | {m['latency_b1_p95_ms']:.3f} | {m['latency_b1_p99_ms']:.3f} | "
                      f"{m[tp]:,.0f} |")
-    lines += ["", "| target | measured | threshold | |", "|---|---:|---:|---|"]
-    for key, op, threshold, what in TARGETS:
-        value = result["ratios"][key]
-        met = value >= threshold if op == ">=" else value <= threshold
-        lines.append(f"| {what} | {value:.3f} | {op} {threshold:g} | {'met' if met else 'MISSED'} |")
+    lines += ["", *target_rows(TARGETS, result["ratios"], 3)]
     r = result["ratios"]
     lines.append(f"| QAT+KD INT8 vs onnxruntime PTQ INT8 accuracy (pt) | {100 * r['int8_vs_ptq_accuracy']:+.2f} | "
                  "(side by side) | |")
@@ -68,8 +63,7 @@ def main() -> None:
     result = measure(paths, args.data, args.root)
     print(table(result))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"date": str(date.today()), "machine": machine(), **result}, indent=2) + "\n")
+        write_result(args.out, result)
 
 
 if __name__ == "__main__":

@@ -10,23 +10,21 @@ ONNX like the others, so every AUC in the table is an onnxruntime AUC on the sam
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 from datetime import date
 from pathlib import Path
 
 import torch
 
-from flows.benchmark import machine
+from flows.benchmark import machine, target_rows, write_result
 from tasks.config import RecArch, load_config
-from tasks.ctr_onnx import export_ctr_fp32
+from tasks.ctr_onnx import MODELS, export_ctr_fp32
 from tasks.ctr_training import fit_ctr, label_loss, load_ctr_data
 from tasks.errors import run_cli
 from tasks.evaluate_recsys import ratios, score_onnx
 from tasks.onnx_models import file_sizes
 from tasks.recsys_models import CtrModel
 
-NAMES = ("teacher_fp32", "student_fp32", "student_int8")
 #: RecBole's context-aware benchmark on MovieLens-1M (test AUC), for orientation only: another data set.
 RECBOLE_ML1M = {"LR": 0.8699, "FM": 0.8935, "DeepFM": 0.8997}
 BASELINES = {"LR (ours)": RecArch(dim=1, fm=False), "FM (ours)": RecArch(dim=16, fm=True)}
@@ -51,7 +49,7 @@ def train_baselines(root: Path, data: Path, out: Path) -> dict[str, Path]:
 def measure(root: Path, onnx_dir: Path, data: Path) -> dict:
     ev = load_config(root / "params.yaml").evaluate.recsys
     with tempfile.TemporaryDirectory() as tmp:
-        paths = {**train_baselines(root, data, Path(tmp)), **{n: onnx_dir / f"{n}.onnx" for n in NAMES}}
+        paths = {**train_baselines(root, data, Path(tmp)), **{n: onnx_dir / f"{n}.onnx" for n in MODELS}}
         models = {name: {**score_onnx(path, data, ev), **file_sizes(path)} for name, path in paths.items()}
     return {"models": models, "ratios": ratios(models), "settings": ev.model_dump()}
 
@@ -67,11 +65,7 @@ def table(result: dict) -> str:
                      f"{m['latency_p95_ms']:.3f} | {m['throughput_items_per_s']:,.0f} |")
     orientation = ", ".join(f"{k} {v}" for k, v in RECBOLE_ML1M.items())
     lines += ["", f"RecBole ML-1M test AUC, for orientation (another, larger data set): {orientation}", "",
-              "| target | measured | threshold | |", "|---|---:|---:|---|"]
-    for key, op, threshold, what in TARGETS:
-        value = result["ratios"][key]
-        met = value >= threshold if op == ">=" else value <= threshold
-        lines.append(f"| {what} | {value:.4f} | {op} {threshold:g} | {'met' if met else 'MISSED'} |")
+              *target_rows(TARGETS, result["ratios"], 4)]
     return "\n".join(lines)
 
 
@@ -85,8 +79,7 @@ def main() -> None:
     result = measure(args.root, args.onnx_dir, args.data)
     print(table(result))
     if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"date": str(date.today()), "machine": machine(), **result}, indent=2) + "\n")
+        write_result(args.out, result)
 
 
 if __name__ == "__main__":
