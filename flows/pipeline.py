@@ -65,12 +65,17 @@ def run_stage(stage: str, root: Path, env: dict[str, str]) -> str:
     if stage_is_current(stage, root, env):
         print(f"stage {stage}: up to date, nothing to do")
         return "cached"
-    code, tail = _dvc(root, env, "repro", "--single-item", stage, stream=True)
+    reproduce(stage, root, env)
+    return "ran"
+
+
+def reproduce(stage: str, root: Path, env: dict[str, str], stream: bool = True) -> None:
+    """``dvc repro --single-item stage`` in ``root``; raise ``StageFailed`` naming the stage's own error lines."""
+    code, tail = _dvc(root, env, "repro", "--single-item", stage, stream=stream)
     if code != 0:
         errors = [ln for ln in tail.splitlines() if ln.startswith(("error:", "ERROR:")) or ln.startswith("  ")]
         raise StageFailed(stage, "\n".join(errors[-40:]) or tail[-2000:],
                           deterministic=f"exited with {EXIT_USER_ERROR}" in tail)
-    return "ran"
 
 
 def stage_env(root: Path, uri: str, parent_run_id: str) -> dict[str, str]:
@@ -82,12 +87,17 @@ def stage_env(root: Path, uri: str, parent_run_id: str) -> dict[str, str]:
 
 
 @flow(name="compression-pipeline", log_prints=True)
-def compression_pipeline(root: str = ".") -> dict[str, Any]:
-    """Run every stage of ``root/dvc.yaml`` in dependency order under one MLflow parent run."""
+def compression_pipeline(root: str = ".", families: list[str] | None = None) -> dict[str, Any]:
+    """Run every stage of ``root/dvc.yaml`` (of ``families`` only, when given) in dependency order under one MLflow
+    parent run, then gate and register each family's INT8 student."""
     root_path = Path(root).resolve()
     cfg = load_config(root_path / "params.yaml")
     uri = tracking_uri(cfg, root_path)
-    stages = stage_graph(root_path)
+    families = list(families or FAMILIES)
+    unknown = sorted(set(families) - set(FAMILIES))
+    if unknown:
+        raise PipelineError(f"families: unknown {unknown}; choose from {list(FAMILIES)}")
+    stages = [node for node in stage_graph(root_path) if node.family in families]
     statuses: dict[str, str] = {}
     with pipeline_run(cfg, "pipeline", root_path) as parent:
         parent.set_tag("pipeline.stages", ",".join(s.name for s in stages))
@@ -99,7 +109,7 @@ def compression_pipeline(root: str = ".") -> dict[str, Any]:
         parent.set_tags({f"stage.{name}": status for name, status in statuses.items()})
         metrics = collect_metrics(root_path)
         parent.log_metrics(metrics)
-        gates = {family: promote(family, root_path, uri, parent.run_id) for family in FAMILIES}
+        gates = {family: promote(family, root_path, uri, parent.run_id) for family in families}
         for family, gate in gates.items():
             parent.set_tags({f"gate.{family}.passed": str(gate["passed"]).lower(),
                              f"registry.{family}.version": gate["version"]})
@@ -166,8 +176,10 @@ def summary(result: dict[str, Any], root: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Run the compression pipeline (every stage of dvc.yaml).")
     parser.add_argument("--root", default=".", help="project root holding dvc.yaml and params.yaml")
+    parser.add_argument("--family", action="append", choices=FAMILIES, dest="families",
+                        help="run only this family's stages and gate (repeatable; default: every family)")
     args = parser.parse_args()
-    result = compression_pipeline(args.root)
+    result = compression_pipeline(args.root, args.families)
     print(summary(result, Path(args.root).resolve()))
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import getpass
 import json
+import socket
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,6 +25,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from prefect import flow
 
+from flows.registry_lock import registry_lock
 from tasks.config import Config, GateRecsys, GateVision, load_config
 from tasks.errors import PipelineError, run_cli
 from tasks.evaluate_vision import latency
@@ -117,18 +119,52 @@ def lineage(cfg: Config, root: Path, parent_run_id: str, family: str = "vision")
 
 
 def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, run_id: str,
-                      parent_run_id: str, family: str = "vision") -> dict[str, Any]:
-    """Gate the family's candidate, register it, move aliases; return the report."""
+                      parent_run_id: str, family: str = "vision", may_promote: bool = True,
+                      extra_tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """Gate the family's candidate, register it, move aliases; return the report.
+
+    ``champion`` moves only when every check passes and ``may_promote`` (a sweep registers challengers only). The
+    registry part runs under the model's promotion lock, so concurrent runs promote one after another and each
+    version's ``audit.*`` tags name the champion it was compared with."""
     gate: GateVision | GateRecsys = getattr(cfg.gate, family)
-    where = paths(family)
-    data = root / where["data"]
     check_registry(client, uri)
-    tags = lineage(cfg, root, parent_run_id, family)
-    same = _registered_with(client, gate.registered_model, tags["onnx.hash"])
-    if same is not None:  # a no-change re-run: this exact file was gated and registered before
-        print(f"{gate.registered_model} version {same.version} already holds this candidate; registry unchanged")
-        return {"passed": same.tags.get("gate.passed") == "true", "checks": [], "name": gate.registered_model,
-                "version": str(same.version), "champion": False, "unchanged": True}
+    tags = {**lineage(cfg, root, parent_run_id, family), **(extra_tags or {})}
+    with registry_lock(gate.registered_model, cfg.tracking.registry_lock_timeout_seconds):
+        same = _registered_with(client, gate.registered_model, tags["onnx.hash"])
+        if same is not None:  # a no-change re-run: this exact file was gated and registered before
+            print(f"{gate.registered_model} version {same.version} already holds this candidate; registry unchanged")
+            return {"passed": same.tags.get("gate.passed") == "true", "checks": [], "name": gate.registered_model,
+                    "version": str(same.version), "champion": False, "unchanged": True}
+        report, checks = _gate(root, cfg, client, run_id, family)
+        evaluation = report.pop("evaluation")
+        passed, promote = report["passed"], report["passed"] and may_promote
+        tags.update({f"gate.{c.name}": "pass" if c.passed else "fail" for c in checks})
+        tags.update({"gate.passed": str(passed).lower(), **audit_tags(report["champion_before"], promote)})
+        source = log_onnx_model(client, run_id, root / paths(family)["candidate"],
+                                input_example(root / paths(family)["data"], family))
+        if not client.search_registered_models(f"name = '{gate.registered_model}'"):
+            try:
+                client.create_registered_model(gate.registered_model)
+            except MlflowException as err:  # created meanwhile by a run that holds no lock (an older version)
+                if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+        # Tags go in with the version (one call), aliases after: a failure in between leaves a tagged, unaliased
+        # version that says what it is, never an alias on an untagged one.
+        version = client.create_model_version(gate.registered_model, source, run_id, tags=tags)
+        client.set_registered_model_alias(gate.registered_model, "challenger", version.version)
+        if promote:
+            client.set_registered_model_alias(gate.registered_model, "champion", version.version)
+    report.update(name=gate.registered_model, version=str(version.version), champion=promote, unchanged=False)
+    if family == "vision":  # the HTML report's Pareto plots and ablation are the vision family's
+        write_report(root, cfg, evaluation, report, tags)
+        client.log_artifact(run_id, str(root / paths(family)["reports"] / "report.html"))
+    return report
+
+
+def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str, family: str) -> tuple[dict[str, Any], list]:
+    """Score the candidate and the current champion back to back, check the gate, write and log its report."""
+    where, gate = paths(family), getattr(cfg.gate, family)
+    data = root / where["data"]
     evaluation = json.loads((root / where["evaluation"]).read_text())
     champ = champion_version(client, gate.registered_model)
     champion = None
@@ -146,21 +182,19 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
     write_atomic(reports / "gate.md", gate_markdown(checks, passed).encode())
     for name in ("gate.json", "gate.md"):
         client.log_artifact(run_id, str(reports / name))
+    return {**report, "evaluation": evaluation}, checks
 
-    source = log_onnx_model(client, run_id, root / where["candidate"], input_example(data, family))
-    if not client.search_registered_models(f"name = '{gate.registered_model}'"):
-        client.create_registered_model(gate.registered_model)
-    tags.update({f"gate.{c.name}": "pass" if c.passed else "fail" for c in checks})
-    tags["gate.passed"] = str(passed).lower()
-    version = client.create_model_version(gate.registered_model, source, run_id, tags=tags)
-    client.set_registered_model_alias(gate.registered_model, "challenger", version.version)
-    if passed:
-        client.set_registered_model_alias(gate.registered_model, "champion", version.version)
-    report.update(name=gate.registered_model, version=str(version.version), champion=passed, unchanged=False)
-    if family == "vision":  # the HTML report's Pareto plots and ablation are the vision family's
-        write_report(root, cfg, evaluation, report, tags)
-        client.log_artifact(run_id, str(reports / "report.html"))
-    return report
+
+def audit_tags(champion_before: dict | None, promoted: bool) -> dict[str, str]:
+    """Who registered a version, when, from which flow run, against which champion, and what became of it."""
+    from prefect.context import FlowRunContext
+
+    flow_run = FlowRunContext.get()
+    return {"audit.champion_before": champion_before["version"] if champion_before else "none",
+            "audit.decision": "champion" if promoted else "challenger",
+            "audit.registered_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+            "audit.registered_by": f"{getpass.getuser()}@{socket.gethostname()}",
+            "audit.flow_run_id": str(flow_run.flow_run.id) if flow_run and flow_run.flow_run else "none"}
 
 
 def write_report(root: Path, cfg: Config, evaluation: dict, report: dict, tags: dict[str, str]) -> None:
@@ -188,12 +222,39 @@ def _registered_with(client: MlflowClient, name: str, onnx_hash: str) -> Any | N
 def promote_model(name: str, version: str, alias: str = "champion", reason: str = "", who: str | None = None,
                   root: str = ".") -> dict[str, str]:
     """Point ``alias`` of registered model ``name`` at ``version`` (a promotion or a rollback), recording who/why."""
-    cfg = load_config(Path(root) / "params.yaml")
+    client, uri, cfg = _registry(root)
+    with registry_lock(name, cfg.tracking.registry_lock_timeout_seconds):
+        return _move_alias(client, uri, name, version, alias, reason, who)
+
+
+@flow(name="rollback-champion", log_prints=True)
+def rollback_champion(name: str, reason: str = "", who: str | None = None, root: str = ".") -> dict[str, str]:
+    """Point ``champion`` back at the version it pointed at before the current one (as recorded on that version)."""
+    client, uri, cfg = _registry(root)
+    with registry_lock(name, cfg.tracking.registry_lock_timeout_seconds):
+        current = champion_version(client, name)
+        if current is None:
+            raise RegistryError(f"{name} has no champion in {uri}; nothing to roll back")
+        before = current.tags.get("champion.previous") or current.tags.get("audit.champion_before")
+        if before in (None, "", "None", "none"):
+            raise RegistryError(f"{name}@champion (version {current.version}) records no earlier champion "
+                                "(tags champion.previous / audit.champion_before); nothing was changed")
+        return _move_alias(client, uri, name, before, "champion",
+                           reason or f"rollback from version {current.version}", who)
+
+
+def _registry(root: str) -> tuple[MlflowClient, str, Config]:
     from tasks.tracking import tracking_uri
 
+    cfg = load_config(Path(root) / "params.yaml")
     uri = tracking_uri(cfg, Path(root).resolve())
     client = MlflowClient(uri, registry_uri=uri)
     check_registry(client, uri)
+    return client, uri, cfg
+
+
+def _move_alias(client: MlflowClient, uri: str, name: str, version: str, alias: str, reason: str,
+                who: str | None) -> dict[str, str]:
     try:
         client.get_model_version(name, version)
     except MlflowException as err:
@@ -213,14 +274,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="Move a registry alias to a model version (promote or roll back).")
     parser.add_argument("--name", help="registered model (default: gate.<family>.registered_model)")
     parser.add_argument("--family", choices=FAMILIES, default="vision", help="whose registered model, without --name")
-    parser.add_argument("--version", required=True)
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--version")
+    target.add_argument("--rollback", action="store_true", help="champion back to the version before the current one")
     parser.add_argument("--alias", default="champion")
     parser.add_argument("--reason", default="")
     parser.add_argument("--who", default=None)
     parser.add_argument("--root", default=".")
     args = parser.parse_args()
     name = args.name or getattr(load_config(Path(args.root) / "params.yaml").gate, args.family).registered_model
-    promote_model(name, args.version, args.alias, args.reason, args.who, args.root)
+    if args.rollback:
+        rollback_champion(name, args.reason, args.who, args.root)
+    else:
+        promote_model(name, args.version, args.alias, args.reason, args.who, args.root)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,12 @@ import networkx as nx
 class StageNode:
     name: str
     upstream: tuple[str, ...]
+    outs: tuple[str, ...] = ()    # every output path the stage declares (outs, metrics, plots), relative to root
+
+    @property
+    def family(self) -> str:
+        """The model family a stage belongs to: stages are named ``<step>_<family>``."""
+        return self.name.rsplit("_", 1)[-1]
 
 
 def stage_graph(root: Path) -> list[StageNode]:
@@ -24,9 +30,24 @@ def stage_graph(root: Path) -> list[StageNode]:
         stages = {s.name: s for s in graph.nodes if isinstance(s, PipelineStage)}
         upstream = {name: tuple(sorted(u.name for u in graph.successors(s) if isinstance(u, PipelineStage)))
                     for name, s in stages.items()}
+        outs = {name: tuple(str(o.def_path) for o in s.outs) for name, s in stages.items()}
     order = nx.DiGraph()
     order.add_nodes_from(upstream)
     order.add_edges_from((u, name) for name, ups in upstream.items() for u in ups)
     # Level by level (a stage after everything it depends on, alphabetical within a level), so every family's data
     # is validated before any family trains: bad data fails the run before compute is spent elsewhere.
-    return [StageNode(name, upstream[name]) for level in nx.topological_generations(order) for name in sorted(level)]
+    return [StageNode(name, upstream[name], outs[name]) for level in nx.topological_generations(order) for name in sorted(level)]
+
+
+def family_stages(nodes: list[StageNode], family: str) -> list[StageNode]:
+    """The stages of one family, in graph order."""
+    return [n for n in nodes if n.family == family]
+
+
+def downstream_of(nodes: list[StageNode], stage: str) -> list[StageNode]:
+    """Every stage that depends, directly or not, on ``stage``, in graph order."""
+    below = {stage}
+    for node in nodes:  # graph order: a stage comes after everything it depends on
+        if below.intersection(node.upstream):
+            below.add(node.name)
+    return [n for n in nodes if n.name in below and n.name != stage]

@@ -13,10 +13,10 @@ SOURCES = ("tasks", "flows", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcigno
 
 
 def set_param(params: dict[str, Any], dotted: str, value: Any) -> None:
-    """Set ``a.b.c`` in a nested mapping."""
+    """Set ``a.b.c`` in a nested mapping (creating the mappings on the way: a profile overlay may lack them)."""
     *parents, leaf = dotted.split(".")
     for key in parents:
-        params = params[key]
+        params = params.setdefault(key, {})
     params[leaf] = value
 
 

@@ -10,31 +10,17 @@ from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from tasks.errors import ConfigError
 
+from tasks.config_types import Fraction, Positive, Strict, distinct
+from tasks.operations_config import SweepConfig
+
 PARAMS_FILE = Path("params.yaml")
-Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
-Positive = Annotated[int, Field(gt=0)]
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 VISION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 RECSYS_FILES = ("ml-100k.inter", "ml-100k.user", "ml-100k.item", "ml-100k.zip")
-
-
-def distinct(noun: str) -> AfterValidator:
-    """A list validator: no value twice (a recipe stage, an ablation seed, a float module)."""
-
-    def check(values: list) -> list:
-        if len(set(values)) != len(values):
-            raise ValueError(f"lists a {noun} twice: {values}")
-        return values
-
-    return AfterValidator(check)
-
-
-class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class SplitSizes(Strict):
@@ -530,10 +516,20 @@ class TeacherConfig(Strict):
     recsys: TrainTeacherRecsys
 
 
+class TrackingHttp(Strict):
+    """How long a client keeps trying a tracking server that does not answer (MLflow's own HTTP retries)."""
+
+    max_retries: Annotated[int, Field(ge=0, le=20)]
+    backoff_factor: Annotated[int, Field(ge=0)]       # MLflow reads whole seconds
+    timeout_seconds: Positive
+
+
 class TrackingConfig(Strict):
     experiment: str = Field(min_length=1)
     uri: str | None = None
     artifact_root: str
+    http: TrackingHttp
+    registry_lock_timeout_seconds: Annotated[float, Field(gt=0.0)]   # wait for another run's promotion to finish
 
 
 class PipelineConfig(Strict):
@@ -558,6 +554,7 @@ class Config(Strict):
     evaluate: EvaluateConfig
     gate: GateConfig
     ablation: AblationConfig
+    sweep: SweepConfig
 
     def ablation_recipes(self, seed: int) -> dict[str, TrainingRecipe]:
         """The stage recipes of the ablation for one seed: ``<stage>.vision`` with ``ablation.vision.<stage>``
@@ -576,6 +573,18 @@ class Config(Strict):
     @model_validator(mode="after")
     def _ablation_overrides_valid(self) -> Config:
         self.ablation_recipes(self.ablation.vision.seeds[0])
+        return self
+
+    @model_validator(mode="after")
+    def _sweep_keys_exist(self) -> Config:
+        params = self.model_dump(by_alias=True)
+        for family, space in self.sweep.space.items():
+            for key in space:
+                node: Any = params
+                for part in key.split("."):
+                    if not isinstance(node, dict) or part not in node:
+                        raise ValueError(f"sweep.space.{family}: {key!r} is not a key of params.yaml")
+                    node = node[part]
         return self
 
     @model_validator(mode="after")

@@ -26,7 +26,19 @@ PARENT_ENV = "PIPELINE_PARENT_RUN_ID"
 
 
 def tracking_uri(cfg: Config, root: Path = Path(".")) -> str:
+    """Where runs and the registry live; also bounds how long MLflow retries a server that does not answer."""
+    bound_http_retries(cfg)
     return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def bound_http_retries(cfg: Config) -> None:
+    """MLflow's defaults retry an unreachable server for minutes; ``tracking.http`` bounds that (for this process
+    and the stage processes it starts). A value already in the environment wins."""
+    http = cfg.tracking.http
+    for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", http.max_retries),
+                        ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", http.backoff_factor),
+                        ("MLFLOW_HTTP_REQUEST_TIMEOUT", http.timeout_seconds)):
+        os.environ.setdefault(name, str(value))
 
 
 def _is_local(uri: str) -> bool:

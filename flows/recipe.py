@@ -1,0 +1,117 @@
+"""One recipe of a sweep: its params overrides applied to a scratch copy of the project, the family's compression,
+export and evaluation stages reproduced there, the result measured and tracked as one MLflow run.
+
+The copy shares the project's upstream outputs (prepared data, validation report, teacher) by hard link, so a
+recipe never retrains the teacher. Overrides go into the layer of params.yaml that wins: the active profile's
+overlay (``profiles.<profile>``), else the base values.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+import yaml
+from mlflow.tracking import MlflowClient
+from prefect import task
+
+from flows.pipeline import _retry_transient, reproduce, stage_env
+from flows.workspace import copy_project
+from tasks.config import load_config
+from tasks.errors import ConfigError, PipelineError
+from tasks.gate import SPECS, gate_checks
+from tasks.tracking import child_run, ensure_experiment
+
+THREADED = ("distill", "prune", "qat", "share", "export")   # sections whose `threads` a recipe sets
+
+
+class RecipeInvalid(PipelineError):
+    """A recipe's overrides do not make a valid params.yaml: deterministic, never retried."""
+
+    deterministic = True
+
+
+def layered_overrides(raw: dict[str, Any], overrides: dict[str, Any], family: str, threads: int) -> dict[str, Any]:
+    """Dotted overrides for ``copy_project``: the recipe's and the thread limit, in the layer that wins."""
+    profile = raw.get("profile", "full")
+    prefix = "" if profile == "full" else f"profiles.{profile}."
+    limits = {f"{section}.{family}.threads": threads for section in THREADED}
+    return {f"{prefix}{key}": value for key, value in {**limits, **overrides}.items()}
+
+
+def link_outputs(root: Path, dest: Path, outs: list[str]) -> None:
+    """Hard-link (else copy) the upstream stage outputs ``outs`` from ``root`` into ``dest``."""
+    def place(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:  # another file system (a shared work_dir elsewhere)
+            shutil.copy2(src, dst)
+
+    for out in outs:
+        src, dst = root / out, dest / out
+        if not src.exists():
+            raise PipelineError(f"{src}: upstream output missing; run the family's upstream stages first")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, copy_function=place)
+        else:
+            place(str(src), str(dst))
+
+
+def close_abandoned(client: MlflowClient, experiment_id: str, sweep_run_id: str, name: str) -> None:
+    """Mark KILLED the runs of an earlier attempt at this recipe whose worker died (and its stage runs)."""
+    query = (f"tags.mlflow.parentRunId = '{sweep_run_id}' and tags.`sweep.recipe` = '{name}' "
+             "and attributes.status = 'RUNNING'")
+    for run in client.search_runs([experiment_id], query):
+        stages = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{run.info.run_id}' "
+                                                     "and attributes.status = 'RUNNING'")
+        for stale in [*stages, run]:
+            client.set_tag(stale.info.run_id, "sweep.abandoned", "worker lost; the recipe ran again")
+            client.set_terminated(stale.info.run_id, "KILLED")
+
+
+def worker_name() -> str:
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().name)
+    except (ImportError, ValueError):  # not on a Dask worker
+        return "local"
+
+
+@task(task_run_name="recipe-{index}", retry_condition_fn=_retry_transient)
+def run_recipe(index: int, overrides: dict[str, Any], family: str, root: Path, work: Path, uri: str,
+               sweep_run_id: str, upstream_outs: list[str], stages: list[str], threads: int) -> dict[str, Any]:
+    """Run one recipe in ``work/recipe-<index>``; return its measurements and gate verdict (floors, teacher)."""
+    name, dest = f"recipe-{index:03d}", work / f"recipe-{index:03d}"
+    if dest.exists():  # an earlier attempt (a retry, or a worker that died): start clean
+        shutil.rmtree(dest)
+    raw = yaml.safe_load((root / "params.yaml").read_text())
+    copy_project(dest, layered_overrides(raw, overrides, family, threads), source=root)
+    try:
+        cfg = load_config(dest / "params.yaml")
+    except ConfigError as err:
+        raise RecipeInvalid(f"{name} {json.dumps(overrides)}: {err}") from None
+    link_outputs(root, dest, upstream_outs)
+    client = MlflowClient(uri, registry_uri=uri)
+    close_abandoned(client, ensure_experiment(client, cfg, root), sweep_run_id, name)
+    with child_run(name, cfg, {"sweep": overrides}, sweep_run_id, dest, client) as run:
+        run.set_tags({"sweep.recipe": name, "sweep.worker": worker_name(), "sweep.dir": str(dest)})
+        env = stage_env(dest, uri, run.run_id)
+        for stage in stages:
+            reproduce(stage, dest, env, stream=False)
+        evaluation = json.loads((dest / "metrics" / family / "evaluation.json").read_text())
+        gate = getattr(cfg.gate, family)
+        checks = gate_checks(evaluation, None, gate, SPECS[family])
+        cand, lat = evaluation["models"]["student_int8"], SPECS[family].latency
+        measured = {gate.metric: cand[gate.metric], "bytes": cand["bytes"], "latency_p50_ms": cand[f"{lat}_p50_ms"],
+                    "size_ratio_vs_teacher": evaluation["models"]["teacher_fp32"]["bytes"] / cand["bytes"]}
+        passed = all(c.passed for c in checks)
+        run.log_metrics(measured)
+        run.set_tags({"gate.passed": str(passed).lower(),
+                      **{f"gate.{c.name}": "pass" if c.passed else "fail" for c in checks}})
+    return {"index": index, "name": name, "overrides": overrides, "run_id": run.run_id, "dir": str(dest),
+            "worker": worker_name(), "passed": passed, "failed_checks": [c.name for c in checks if not c.passed],
+            **measured}

@@ -1,0 +1,178 @@
+"""Recipe sweep: compression recipes of one family as parallel Prefect tasks on Dask, one MLflow child run each.
+
+    python -m flows.sweep [--root .] [--family recsys] [--address tcp://host:8786] [--workers 2] [--recipes 8]
+
+A recipe is a set of params overrides drawn from ``sweep.space.<family>`` (every combination, or ``recipes`` of them
+drawn with ``seed``). The family's upstream stages (data, validation, teacher) run once in the project, as in the
+pipeline flow; each recipe then runs the family's compression, export and evaluation stages of dvc.yaml in a
+scratch copy of the project (``flows.workspace``) that shares those upstream outputs, on a Dask worker
+(``prefect-dask``: a LocalCluster by default, an existing scheduler when ``address`` is given). A recipe's stage
+runs are children of its recipe run, itself a child of the sweep run. A recipe that fails is recorded as failed
+and the sweep goes on; one whose worker died is run again elsewhere by Dask. Then the sweep writes the Pareto front
+(quality up, bytes down, latency down) to ``reports/sweep/<family>/`` with a plot, logs it, and registers the best
+recipe that passes the gate's floors and teacher-relative goals as ``challenger`` (``champion`` is the promotion
+flow's to move).
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import random
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_client
+
+from flows.pipeline import run_stage, stage_env
+from flows.promotion import FAMILIES
+from flows.recipe import run_recipe
+from flows.stage_graph import downstream_of, family_stages, stage_graph
+from flows.sweep_report import best_passing, pareto_front, write_sweep_report
+from tasks.config import SweepConfig, load_config
+from tasks.errors import PipelineError, run_cli
+from tasks.lineage import git_state
+from tasks.tracking import pipeline_run, tracking_uri
+
+
+def draw_recipes(space: dict[str, list[Any]], method: str, count: int, seed: int) -> list[dict[str, Any]]:
+    """The recipes of a sweep: every combination of ``space`` (grid) or ``count`` of them drawn with ``seed``."""
+    keys = sorted(space)
+    grid = [dict(zip(keys, combo)) for combo in itertools.product(*(space[k] for k in keys))]
+    return grid if method == "grid" else random.Random(seed).sample(grid, min(count, len(grid)))
+
+
+def dask_runner(sweep: SweepConfig, address: str | None, workers: int | None) -> Any:
+    """prefect-dask's runner: an existing scheduler, else a LocalCluster of single-threaded worker processes."""
+    from prefect_dask import DaskTaskRunner
+
+    if address or sweep.address:
+        return DaskTaskRunner(address=address or sweep.address)
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers or sweep.workers, "threads_per_worker": 1,
+                                          "processes": True, "dashboard_address": None})
+
+
+@contextmanager
+def this_prefect_api_for_workers() -> Iterator[None]:
+    """Point the LocalCluster's worker processes at this flow's Prefect API. Without PREFECT_API_URL each worker
+    would start a temporary server of its own (~20 s each) against the same local database."""
+    if os.environ.get("PREFECT_API_URL"):
+        yield
+        return
+    with get_client(sync_client=True) as client:
+        os.environ["PREFECT_API_URL"] = str(client.api_url)
+    try:
+        yield
+    finally:
+        del os.environ["PREFECT_API_URL"]
+
+
+@flow(name="sweep-recipes")
+def fan_out(recipes: list[dict[str, Any]], family: str, root: str, work: str, uri: str, sweep_run_id: str,
+            upstream_outs: list[str], stages: list[str], threads: int, retries: int) -> list[dict[str, Any]]:
+    """Every recipe as one task on the flow's (Dask) task runner; a failed recipe is recorded, never fatal."""
+    task = run_recipe.with_options(retries=retries, retry_delay_seconds=2)
+    futures = [task.submit(i, r, family, Path(root), Path(work), uri, sweep_run_id, upstream_outs, stages, threads)
+               for i, r in enumerate(recipes)]
+    outcomes = []
+    for i, (recipe, future) in enumerate(zip(recipes, futures)):
+        try:
+            outcomes.append({"status": "ok", **future.result()})
+        except Exception as err:  # the task failed (bad params, a stage error) or its worker died too often
+            print(f"recipe-{i:03d} failed: {type(err).__name__}: {err}")
+            outcomes.append({"index": i, "name": f"recipe-{i:03d}", "overrides": recipe, "status": "failed",
+                             "error": f"{type(err).__name__}: {err}"[-4000:]})
+    return outcomes
+
+
+@flow(name="recipe-sweep", log_prints=True)
+def recipe_sweep(root: str = ".", family: str | None = None, address: str | None = None, workers: int | None = None,
+                 recipes: int | None = None, register_best: bool = True) -> dict[str, Any]:
+    """Sweep ``recipes`` compression recipes of ``family`` on Dask; report the Pareto front; register the best."""
+    root_path = Path(root).resolve()
+    cfg = load_config(root_path / "params.yaml")
+    sweep = cfg.sweep
+    family = family or sweep.family
+    if family not in FAMILIES or family not in sweep.space:
+        raise PipelineError(f"family: {family!r} has no sweep.space entry; choose one of {sorted(sweep.space)}")
+    drawn = draw_recipes(sweep.space[family], sweep.method, recipes or sweep.recipes, sweep.seed)
+    uri = tracking_uri(cfg, root_path)
+    nodes = family_stages(stage_graph(root_path), family)
+    below = downstream_of(nodes, f"train_teacher_{family}")
+    upstream = [n for n in nodes if n not in below]
+    with pipeline_run(cfg, f"sweep-{family}", root_path) as parent:
+        parent.set_tags({"sweep.family": family, "sweep.method": sweep.method, "sweep.recipes": str(len(drawn)),
+                         "sweep.scheduler": address or sweep.address or f"LocalCluster({workers or sweep.workers})"})
+        env = stage_env(root_path, uri, parent.run_id)
+        for node in upstream:  # data, validation and teacher: once, in the project, exactly as the pipeline runs them
+            run_stage(node.name, root_path, env)
+        start = time.perf_counter()
+        with this_prefect_api_for_workers():
+            outcomes = fan_out.with_options(task_runner=dask_runner(sweep, address, workers))(
+                drawn, family, str(root_path), str(root_path / sweep.work_dir / parent.run_id), uri, parent.run_id,
+                [o for n in upstream for o in n.outs], [n.name for n in below], sweep.threads_per_worker,
+                sweep.recipe_retries)
+        seconds = time.perf_counter() - start
+        metric = getattr(cfg.gate, family).metric
+        front = pareto_front([o for o in outcomes if o["status"] == "ok"], metric)
+        best = best_passing(outcomes, metric)
+        files = write_sweep_report(root_path / "reports" / "sweep" / family, outcomes, front, best, metric,
+                                   {"family": family, "recipes": len(drawn), "seconds": seconds})
+        for path in files:
+            parent.log_artifact(path, "sweep")
+        ok = [o for o in outcomes if o["status"] == "ok"]
+        parent.log_metrics({"sweep.recipes_ok": len(ok), "sweep.recipes_failed": len(outcomes) - len(ok),
+                            "sweep.seconds": seconds, "sweep.pareto_size": len(front)})
+        registered = _register(best, family, root_path, uri, parent.run_id) if register_best and best else None
+        parent.set_tag("sweep.registered", json.dumps(registered) if registered else "none")
+    return {"sweep_run_id": parent.run_id, "family": family, "outcomes": outcomes, "pareto": front,
+            "best": best, "registered": registered, "recipes_seconds": seconds, "tracking_uri": uri}
+
+
+def _register(best: dict[str, Any], family: str, root: Path, uri: str, sweep_run_id: str) -> dict[str, Any]:
+    """Register the best recipe's INT8 student as ``challenger`` through the pipeline's own gate."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.promotion import gate_and_register
+
+    where = Path(best["dir"])
+    cfg, client = load_config(where / "params.yaml"), MlflowClient(uri, registry_uri=uri)
+    tags = {"sweep.run_id": sweep_run_id, "sweep.recipe": json.dumps(best["overrides"], sort_keys=True),
+            "sweep.source_commit": git_state(root)["git.commit"]}
+    report = gate_and_register(where, cfg, client, uri, best["run_id"], sweep_run_id, family, may_promote=False,
+                               extra_tags=tags)
+    return {"name": report["name"], "version": report["version"], "recipe": best["name"], "unchanged": report["unchanged"]}
+
+
+def summary(result: dict[str, Any]) -> str:
+    ok = [o for o in result["outcomes"] if o["status"] == "ok"]
+    lines = ["", f"=== recipe sweep ({result['family']}): {len(ok)} of {len(result['outcomes'])} recipes ran, "
+                 f"{result['recipes_seconds']:.1f} s ===",
+             f"Pareto front: {', '.join(result['pareto']) or '(empty)'}",
+             f"report: reports/sweep/{result['family']}/sweep.md and pareto.png; MLflow run {result['sweep_run_id']}"]
+    lines += [f"  {o['name']} FAILED: {o['error'].splitlines()[-1] if o['error'] else ''}"
+              for o in result["outcomes"] if o["status"] != "ok"]
+    reg = result["registered"]
+    lines.append(f"registered {reg['name']} version {reg['version']} ({reg['recipe']}) as challenger" if reg
+                 else "no recipe passed the gate: nothing registered")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Sweep compression recipes on Dask (see sweep in params.yaml).")
+    parser.add_argument("--root", default=".")
+    parser.add_argument("--family", choices=FAMILIES, default=None, help="default: sweep.family")
+    parser.add_argument("--address", default=None, help="an existing Dask scheduler (default: sweep.address)")
+    parser.add_argument("--workers", type=int, default=None, help="LocalCluster workers (default: sweep.workers)")
+    parser.add_argument("--recipes", type=int, default=None, help="random draws (default: sweep.recipes)")
+    parser.add_argument("--no-register", dest="register_best", action="store_false")
+    args = parser.parse_args()
+    print(summary(recipe_sweep(args.root, args.family, args.address, args.workers, args.recipes, args.register_best)))
+
+
+if __name__ == "__main__":
+    run_cli(main)
