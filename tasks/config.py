@@ -12,9 +12,8 @@ from typing import Annotated, Any, ClassVar, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from tasks.errors import ConfigError
-
 from tasks.config_types import Fraction, Positive, Strict, distinct
+from tasks.errors import ConfigError
 from tasks.operations_config import SweepConfig
 
 PARAMS_FILE = Path("params.yaml")

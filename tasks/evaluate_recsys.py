@@ -27,7 +27,6 @@ from tasks.prepare_recsys import assemble_fields
 from tasks.vision_models import count_parameters
 
 
-
 class Catalog:
     """Every user's and item's encoded fields: builds the rows of one user against many items."""
 

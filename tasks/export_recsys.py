@@ -24,7 +24,6 @@ from tasks.io import write_json
 from tasks.recsys_models import convert_ctr_int8
 
 
-
 def ctr_parity(name: str, reference: np.ndarray, onnx: np.ndarray, labels: np.ndarray, cfg: ExportRecsys) -> dict:
     """Probability agreement and AUC delta of ``onnx`` against ``reference``; raise ParityError on failure."""
     diff = np.abs(reference - onnx)

@@ -15,7 +15,15 @@ from tasks.artifacts import fingerprint, load_model, pass_through, publish_train
 from tasks.config import DistillVision, MobileArch, PruneVision, stage_args
 from tasks.distillation import Distiller, distillation_loss, loss_config
 from tasks.errors import run_cli
-from tasks.pruning import attach_masks, bake, prune_channels, prune_unstructured, shrink, sparsity_report, target_sparsity
+from tasks.pruning import (
+    attach_masks,
+    bake,
+    prune_channels,
+    prune_unstructured,
+    shrink,
+    sparsity_report,
+    target_sparsity,
+)
 from tasks.training import Split, evaluate, fit, to_input
 from tasks.vision_models import MobileStudent, count_nonzero, count_parameters
 

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
+from tasks.artifacts import fingerprint, publish_training, training_inputs
 from tasks.config import TrainTeacherVision, stage_args
 from tasks.errors import run_cli
-from tasks.artifacts import fingerprint, publish_training, training_inputs
 from tasks.training import Split, evaluate, fit
 from tasks.vision_models import ResNetTeacher, count_parameters
 

@@ -15,8 +15,8 @@ import yaml
 from mlflow.tracking import MlflowClient
 
 from flows.pipeline import compression_pipeline
-from flows.workspace import copy_project
 from flows.stage_graph import stage_graph
+from flows.workspace import copy_project
 from tests.conftest import idx_bytes
 
 pytestmark = pytest.mark.e2e

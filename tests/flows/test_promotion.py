@@ -17,6 +17,7 @@ from tasks.io import save_npy, write_json
 from tasks.onnx_models import export_fp32
 from tasks.vision_models import MobileStudent
 
+
 def _measured(accuracy, p50, size):
     return {"accuracy": accuracy, "latency_b1_p50_ms": p50, "latency_b1_p95_ms": 1.25 * p50, "latency_b1_p99_ms": 1.5 * p50,
             "bytes": size, "gzip_bytes": size // 2, "parameters": size // 4, "macs": size * 10,

@@ -8,8 +8,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tasks.config import (Augmentation, DistillVision, FeaturePair, LossWeights, MobileArch, Optimizer, ResNetArch,
-                          Schedule, parse_config)
+from tasks.config import (
+    Augmentation,
+    DistillVision,
+    FeaturePair,
+    LossWeights,
+    MobileArch,
+    Optimizer,
+    ResNetArch,
+    Schedule,
+    parse_config,
+)
 from tasks.distillation import Distiller, distillation_loss, hint_loss, soft_target_kl, soft_target_mse
 from tasks.errors import ConfigError
 from tasks.training import Split, fit, to_input, train_step

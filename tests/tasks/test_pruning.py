@@ -5,9 +5,19 @@ import torch
 
 from tasks.config import MobileArch, parse_config
 from tasks.errors import ConfigError
-from tasks.pruning import (attach_masks, bake, channel_groups, enforce_masks, keep_pruned_zeros, prune_channels,
-                           prune_unstructured, shrink, sparsity_report, target_sparsity)
 from tasks.prune_vision import pruning_schedule
+from tasks.pruning import (
+    attach_masks,
+    bake,
+    channel_groups,
+    enforce_masks,
+    keep_pruned_zeros,
+    prune_channels,
+    prune_unstructured,
+    shrink,
+    sparsity_report,
+    target_sparsity,
+)
 from tasks.quantization import prepare_qat
 from tasks.vision_models import MobileStudent, count_parameters
 

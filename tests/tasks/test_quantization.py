@@ -6,8 +6,8 @@ from torch.ao.quantization import FakeQuantizeBase
 
 from tasks.artifacts import load_model, save_model
 from tasks.config import MobileArch, parse_config
-from tasks.errors import ConfigError
 from tasks.distillation import loss_config
+from tasks.errors import ConfigError
 from tasks.quantization import convert_int8, freeze_schedule, prepare_qat
 from tasks.vision_models import MobileStudent
 
