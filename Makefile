@@ -8,12 +8,13 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 # No phoning home from the embedded server (these machines are offline; it would only log a failed lookup).
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: run test benchmark benchmark-export benchmark-recsys ablation data-source clean-results
+.PHONY: run test benchmark benchmark-export benchmark-recsys benchmark-sweep ablation sweep deploy worker \
+        data-source services clean-results
 
 run: $(STAMP) data-source
 	$(PY) -m flows.pipeline
 
-test: $(STAMP) data-source
+test: $(STAMP) data-source services
 	$(PY) -m pytest -q
 
 # Cold run + no-change re-run of the whole pipeline in a scratch copy; prints the table the README quotes.
@@ -27,6 +28,22 @@ benchmark-export: $(STAMP)
 # The recommender: LR and FM baselines trained now next to the pipeline's CTR models (after `make run`).
 benchmark-recsys: $(STAMP)
 	$(PY) -m flows.recsys_benchmark --out reports/benchmarks/recsys.json
+
+# Compression recipes of sweep.family on Dask (a LocalCluster, or SWEEP_ARGS='--address tcp://host:8786').
+sweep: $(STAMP) data-source
+	$(PY) -m flows.sweep $(SWEEP_ARGS)
+
+# The same 8 smoke-sized recipes with 1 and with 2 Dask workers, in a scratch copy: the speed-up table.
+benchmark-sweep: $(STAMP) data-source
+	$(PY) -m flows.sweep_benchmark --out reports/benchmarks/sweep.json
+
+# Register prefect.yaml's deployments with the Prefect server at $$PREFECT_API_URL; `make worker` runs them here.
+deploy: $(STAMP)
+	$(VENV)/bin/prefect work-pool create kdq-process --type process --overwrite
+	KDQ_PROJECT_DIR=$(CURDIR) $(VENV)/bin/prefect --no-prompt deploy --all
+
+worker: $(STAMP)
+	KDQ_PROJECT_DIR=$(CURDIR) $(VENV)/bin/prefect worker start --pool kdq-process
 
 # Every compression arm x ablation.vision.seeds on the full data, measured as ONNX; writes reports/ablation/.
 ablation: $(STAMP) data-source
@@ -43,6 +60,12 @@ data-source:
 	@if [ ! -d /usr/share/datasets/fashion-mnist ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
 	  || echo "note: could not install dataset-fashion-mnist; the data stage will try its other sources"; \
+	fi
+
+# The integration suite starts a real PostgreSQL server (Debian's package) as its own process.
+services:
+	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
 	fi
 
 clean-results:

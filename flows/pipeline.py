@@ -56,7 +56,13 @@ def stage_is_current(stage: str, root: Path, env: dict[str, str]) -> bool:
 
 
 def _retry_transient(task: Any, task_run: TaskRun, state: State) -> bool:
-    return not getattr(state.data, "deterministic", False)
+    """Retry what may pass on a later try (a server down, a killed process), never bad input or config."""
+    err = state.data
+    if isinstance(err, StageFailed):
+        return not err.deterministic
+    if isinstance(err, PipelineError):
+        return err.transient
+    return True
 
 
 @task(task_run_name="{stage}", retry_condition_fn=_retry_transient)
@@ -109,12 +115,24 @@ def compression_pipeline(root: str = ".", families: list[str] | None = None) -> 
         parent.set_tags({f"stage.{name}": status for name, status in statuses.items()})
         metrics = collect_metrics(root_path)
         parent.log_metrics(metrics)
-        gates = {family: promote(family, root_path, uri, parent.run_id) for family in families}
+        gates = {family: retrying_promote(cfg)(family, root_path, uri, parent.run_id) for family in families}
         for family, gate in gates.items():
             parent.set_tags({f"gate.{family}.passed": str(gate["passed"]).lower(),
                              f"registry.{family}.version": gate["version"]})
     return {"stages": statuses, "metrics": metrics, "parent_run_id": parent.run_id, "tracking_uri": uri,
             "gates": gates}
+
+
+@flow(name="gate-and-register", log_prints=True)
+def gate_only(root: str = ".", families: list[str] | None = None) -> dict[str, Any]:
+    """Gate and register the families' current candidates without running any stage (after ``dvc repro``)."""
+    root_path = Path(root).resolve()
+    cfg = load_config(root_path / "params.yaml")
+    uri = tracking_uri(cfg, root_path)
+    with pipeline_run(cfg, "gate", root_path) as parent:
+        gates = {family: retrying_promote(cfg)(family, root_path, uri, parent.run_id)
+                 for family in families or FAMILIES}
+    return {"stages": {}, "metrics": {}, "parent_run_id": parent.run_id, "tracking_uri": uri, "gates": gates}
 
 
 @task(task_run_name="promote_{family}")
@@ -134,6 +152,13 @@ def promote(family: str, root: Path, uri: str, parent_run_id: str) -> dict[str, 
         run.set_tag("registry.unchanged", str(report["unchanged"]).lower())
         run.set_tags({"gate.passed": str(report["passed"]).lower(), "registry.version": report["version"]})
     return report
+
+
+def retrying_promote(cfg: Any) -> Any:
+    """The promote task with the pipeline's retries for transient failures (a registry that did not answer);
+    a retry after a partial registration finds its version by the candidate's hash and changes nothing."""
+    return promote.with_options(retries=cfg.pipeline.retries, retry_delay_seconds=cfg.pipeline.retry_delay_seconds,
+                                retry_condition_fn=_retry_transient)
 
 
 def collect_metrics(root: Path) -> dict[str, float]:
@@ -178,8 +203,10 @@ def main() -> None:
     parser.add_argument("--root", default=".", help="project root holding dvc.yaml and params.yaml")
     parser.add_argument("--family", action="append", choices=FAMILIES, dest="families",
                         help="run only this family's stages and gate (repeatable; default: every family)")
+    parser.add_argument("--gate-only", action="store_true", help="no stage: gate and register the current outputs")
     args = parser.parse_args()
-    result = compression_pipeline(args.root, args.families)
+    run = gate_only if args.gate_only else compression_pipeline
+    result = run(args.root, args.families)
     print(summary(result, Path(args.root).resolve()))
 
 

@@ -27,7 +27,7 @@ from prefect import flow
 
 from flows.registry_lock import registry_lock
 from tasks.config import Config, GateRecsys, GateVision, load_config
-from tasks.errors import PipelineError, run_cli
+from tasks.errors import PipelineError, ServiceUnavailable, run_cli
 from tasks.evaluate_vision import latency
 from tasks.gate import SPECS, gate_checks, gate_markdown
 from tasks.io import write_atomic, write_json
@@ -46,14 +46,18 @@ def paths(family: str) -> dict[str, Path]:
 
 
 class RegistryError(PipelineError):
-    """The model registry is unreachable or refused an operation; nothing was changed in it."""
+    """The model registry refused an operation; nothing was changed in it."""
+
+
+class RegistryUnreachable(RegistryError, ServiceUnavailable):
+    """The model registry did not answer after bounded retries; nothing was changed in it."""
 
 
 def check_registry(client: MlflowClient, uri: str) -> None:
     try:
         client.search_registered_models(max_results=1)
     except Exception as err:  # connection errors surface as MlflowException or requests exceptions
-        raise RegistryError(f"model registry at {uri} is not reachable ({type(err).__name__}: {err}); "
+        raise RegistryUnreachable(f"model registry at {uri} is not reachable ({type(err).__name__}: {err}); "
                             "nothing was registered or promoted") from err
 
 

@@ -28,9 +28,7 @@ THREADED = ("distill", "prune", "qat", "share", "export")   # sections whose `th
 
 
 class RecipeInvalid(PipelineError):
-    """A recipe's overrides do not make a valid params.yaml: deterministic, never retried."""
-
-    deterministic = True
+    """A recipe's overrides do not make a valid params.yaml: never retried (PipelineError is not transient)."""
 
 
 def layered_overrides(raw: dict[str, Any], overrides: dict[str, Any], family: str, threads: int) -> dict[str, Any]:
@@ -60,6 +58,15 @@ def link_outputs(root: Path, dest: Path, outs: list[str]) -> None:
             place(str(src), str(dst))
 
 
+def finished_before(client: MlflowClient, experiment_id: str, sweep_run_id: str, name: str) -> dict | None:
+    """The result of this recipe if an earlier attempt finished it: Dask recomputes a task whose finished result
+    was lost with its worker, and a recipe is not worth running twice."""
+    query = (f"tags.mlflow.parentRunId = '{sweep_run_id}' and tags.`sweep.recipe` = '{name}' "
+             "and attributes.status = 'FINISHED'")
+    done = [r for r in client.search_runs([experiment_id], query) if "sweep.result" in r.data.tags]
+    return json.loads(done[0].data.tags["sweep.result"]) if done else None
+
+
 def close_abandoned(client: MlflowClient, experiment_id: str, sweep_run_id: str, name: str) -> None:
     """Mark KILLED the runs of an earlier attempt at this recipe whose worker died (and its stage runs)."""
     query = (f"tags.mlflow.parentRunId = '{sweep_run_id}' and tags.`sweep.recipe` = '{name}' "
@@ -86,6 +93,11 @@ def run_recipe(index: int, overrides: dict[str, Any], family: str, root: Path, w
                sweep_run_id: str, upstream_outs: list[str], stages: list[str], threads: int) -> dict[str, Any]:
     """Run one recipe in ``work/recipe-<index>``; return its measurements and gate verdict (floors, teacher)."""
     name, dest = f"recipe-{index:03d}", work / f"recipe-{index:03d}"
+    client = MlflowClient(uri, registry_uri=uri)
+    experiment = ensure_experiment(client, load_config(root / "params.yaml"), root)
+    if (done := finished_before(client, experiment, sweep_run_id, name)) is not None:
+        return done
+    close_abandoned(client, experiment, sweep_run_id, name)
     if dest.exists():  # an earlier attempt (a retry, or a worker that died): start clean
         shutil.rmtree(dest)
     raw = yaml.safe_load((root / "params.yaml").read_text())
@@ -95,8 +107,6 @@ def run_recipe(index: int, overrides: dict[str, Any], family: str, root: Path, w
     except ConfigError as err:
         raise RecipeInvalid(f"{name} {json.dumps(overrides)}: {err}") from None
     link_outputs(root, dest, upstream_outs)
-    client = MlflowClient(uri, registry_uri=uri)
-    close_abandoned(client, ensure_experiment(client, cfg, root), sweep_run_id, name)
     with child_run(name, cfg, {"sweep": overrides}, sweep_run_id, dest, client) as run:
         run.set_tags({"sweep.recipe": name, "sweep.worker": worker_name(), "sweep.dir": str(dest)})
         env = stage_env(dest, uri, run.run_id)
@@ -109,9 +119,10 @@ def run_recipe(index: int, overrides: dict[str, Any], family: str, root: Path, w
         measured = {gate.metric: cand[gate.metric], "bytes": cand["bytes"], "latency_p50_ms": cand[f"{lat}_p50_ms"],
                     "size_ratio_vs_teacher": evaluation["models"]["teacher_fp32"]["bytes"] / cand["bytes"]}
         passed = all(c.passed for c in checks)
+        result = {"index": index, "name": name, "overrides": overrides, "run_id": run.run_id, "dir": str(dest),
+                  "worker": worker_name(), "passed": passed,
+                  "failed_checks": [c.name for c in checks if not c.passed], **measured}
         run.log_metrics(measured)
-        run.set_tags({"gate.passed": str(passed).lower(),
+        run.set_tags({"gate.passed": str(passed).lower(), "sweep.result": json.dumps(result),
                       **{f"gate.{c.name}": "pass" if c.passed else "fail" for c in checks}})
-    return {"index": index, "name": name, "overrides": overrides, "run_id": run.run_id, "dir": str(dest),
-            "worker": worker_name(), "passed": passed, "failed_checks": [c.name for c in checks if not c.passed],
-            **measured}
+    return result

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_client
+from prefect.futures import as_completed
 
 from flows.pipeline import run_stage, stage_env
 from flows.promotion import FAMILIES
@@ -76,17 +77,18 @@ def fan_out(recipes: list[dict[str, Any]], family: str, root: str, work: str, ur
             upstream_outs: list[str], stages: list[str], threads: int, retries: int) -> list[dict[str, Any]]:
     """Every recipe as one task on the flow's (Dask) task runner; a failed recipe is recorded, never fatal."""
     task = run_recipe.with_options(retries=retries, retry_delay_seconds=2)
-    futures = [task.submit(i, r, family, Path(root), Path(work), uri, sweep_run_id, upstream_outs, stages, threads)
-               for i, r in enumerate(recipes)]
-    outcomes = []
-    for i, (recipe, future) in enumerate(zip(recipes, futures)):
+    futures = {task.submit(i, r, family, Path(root), Path(work), uri, sweep_run_id, upstream_outs, stages,
+                           threads): i for i, r in enumerate(recipes)}
+    outcomes: dict[int, dict[str, Any]] = {}
+    for future in as_completed(list(futures)):  # fetch each result as it lands, not left on a worker that may die
+        i = futures[future]
         try:
-            outcomes.append({"status": "ok", **future.result()})
+            outcomes[i] = {"status": "ok", **future.result()}
         except Exception as err:  # the task failed (bad params, a stage error) or its worker died too often
             print(f"recipe-{i:03d} failed: {type(err).__name__}: {err}")
-            outcomes.append({"index": i, "name": f"recipe-{i:03d}", "overrides": recipe, "status": "failed",
-                             "error": f"{type(err).__name__}: {err}"[-4000:]})
-    return outcomes
+            outcomes[i] = {"index": i, "name": f"recipe-{i:03d}", "overrides": recipes[i], "status": "failed",
+                           "error": f"{type(err).__name__}: {err}"[-4000:]}
+    return [outcomes[i] for i in range(len(recipes))]
 
 
 @flow(name="recipe-sweep", log_prints=True)

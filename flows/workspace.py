@@ -9,7 +9,7 @@ from typing import Any
 import yaml
 
 PROJECT = Path(__file__).resolve().parents[1]
-SOURCES = ("tasks", "flows", "dvc.yaml", "params.yaml", ".dvc/config", ".dvcignore", ".gitignore")
+SOURCES = ("tasks", "flows", "dvc.yaml", "params.yaml", "prefect.yaml", ".dvc/config", ".dvcignore", ".gitignore")
 
 
 def set_param(params: dict[str, Any], dotted: str, value: Any) -> None:

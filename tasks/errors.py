@@ -6,10 +6,20 @@ from collections.abc import Callable
 
 #: Exit code of a stage that failed on bad input or config: deterministic, so never retried.
 EXIT_USER_ERROR = 2
+#: Exit code of a failure that may pass on a later try (a server down): the flow retries it.
+EXIT_TRANSIENT = 75
 
 
 class PipelineError(Exception):
     """A failure the user can fix; its message names what and where."""
+
+    transient = False
+
+
+class ServiceUnavailable(PipelineError):
+    """A server the run needs (tracking, registry, object store) did not answer after bounded retries."""
+
+    transient = True
 
 
 class ConfigError(PipelineError):
@@ -42,4 +52,4 @@ def run_cli(main: Callable[[], object]) -> None:
         main()
     except PipelineError as err:
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
-        sys.exit(EXIT_USER_ERROR)
+        sys.exit(EXIT_TRANSIENT if err.transient else EXIT_USER_ERROR)

@@ -20,6 +20,7 @@ from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
 from tasks.config import Config
+from tasks.errors import ServiceUnavailable
 from tasks.lineage import lineage_tags
 
 PARENT_ENV = "PIPELINE_PARENT_RUN_ID"
@@ -47,7 +48,12 @@ def _is_local(uri: str) -> bool:
 
 def ensure_experiment(client: MlflowClient, cfg: Config, root: Path = Path(".")) -> str:
     """Id of the configured experiment, created (with a local artifact root on local stores) if missing."""
-    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    try:
+        exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    except MlflowException as err:  # the first call to the server: refused, timed out, or failed after retries
+        raise ServiceUnavailable(f"tracking server {client.tracking_uri} is not reachable after "
+                                 f"{cfg.tracking.http.max_retries} retries (tracking.http): {err}; nothing was "
+                                 "recorded") from None
     if exp is not None:
         return exp.experiment_id
     location = (root / cfg.tracking.artifact_root).resolve().as_uri() if _is_local(client.tracking_uri) else None

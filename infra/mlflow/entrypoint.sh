@@ -1,0 +1,17 @@
+#!/bin/sh
+# Writes the basic-auth config from the environment (the auth app reads its user database only from this file),
+# then serves MLflow: runs and registry in PostgreSQL, artifacts proxied to S3, every request authenticated.
+set -eu
+DB="postgresql+psycopg2://${POSTGRES_USER}:${POSTGRES_PASSWORD}@${POSTGRES_HOST:-postgres}:5432"
+umask 077
+cat > /tmp/basic_auth.ini <<INI
+[mlflow]
+default_permission = READ
+database_uri = ${DB}/mlflow_auth
+admin_username = admin
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+INI
+export MLFLOW_AUTH_CONFIG_PATH=/tmp/basic_auth.ini MLFLOW_AUTH_ADMIN_PASSWORD="${MLFLOW_ADMIN_PASSWORD}"
+exec mlflow server --host 0.0.0.0 --port 5000 --workers "${MLFLOW_WORKERS:-2}" \
+  --backend-store-uri "${DB}/mlflow" --artifacts-destination "s3://mlflow/artifacts" \
+  --app-name basic-auth --allowed-hosts "${MLFLOW_ALLOWED_HOSTS:-localhost:5000,mlflow:5000,127.0.0.1:5000}"

@@ -1,0 +1,112 @@
+"""The sweep's pure parts (recipes, Pareto front, choice of the best), its params, and the registry lock."""
+from __future__ import annotations
+
+import copy
+import threading
+import time
+
+import pytest
+import yaml
+
+from flows.pipeline import StageFailed, _retry_transient
+from flows.recipe import RecipeInvalid, layered_overrides
+from flows.registry_lock import registry_lock
+from flows.sweep import draw_recipes
+from flows.sweep_report import best_passing, pareto_front, write_sweep_report
+from flows.workspace import copy_project
+from tasks.config import load_config, parse_config
+from tasks.errors import ConfigError, ServiceUnavailable
+
+SPACE = {"distill.recsys.temperature": [1.0, 2.0], "share.recsys.clusters": [64, 128, 256]}
+
+
+def test_grid_is_every_combination_and_random_draws_are_seeded_and_distinct():
+    grid = draw_recipes(SPACE, "grid", 1, 0)
+    assert len(grid) == 6 and len({tuple(sorted(r.items())) for r in grid}) == 6
+    drawn = draw_recipes(SPACE, "random", 4, 7)
+    assert drawn == draw_recipes(SPACE, "random", 4, 7) and len({tuple(sorted(r.items())) for r in drawn}) == 4
+    assert all(r in grid for r in drawn)
+    assert len(draw_recipes(SPACE, "random", 50, 0)) == 6   # never more than the grid holds
+
+
+def _o(name, auc, size, ms, passed=True, status="ok"):
+    return {"name": name, "status": status, "auc": auc, "bytes": size, "latency_p50_ms": ms, "passed": passed,
+            "failed_checks": [] if passed else ["auc"], "overrides": {"k": name}}
+
+
+def test_pareto_front_keeps_exactly_the_undominated_recipes():
+    points = [_o("a", 0.85, 70_000, 0.8), _o("b", 0.84, 20_000, 0.9), _o("c", 0.83, 30_000, 1.0),  # c < b everywhere
+              _o("d", 0.85, 70_000, 0.7)]                                                         # d beats a on latency
+    assert pareto_front(points, "auc") == ["d", "b"]
+
+
+def test_best_is_the_highest_metric_among_passing_recipes_that_ran():
+    outcomes = [_o("a", 0.86, 70_000, 0.8, passed=False), _o("b", 0.84, 20_000, 0.9), _o("c", 0.84, 10_000, 1.0),
+                {"name": "d", "status": "failed", "overrides": {}, "error": "boom"}]
+    assert best_passing(outcomes, "auc")["name"] == "c"   # tie on AUC: fewer bytes
+    assert best_passing([outcomes[0], outcomes[3]], "auc") is None
+
+
+def test_report_files_list_failed_recipes_and_mark_the_front(tmp_path):
+    outcomes = [_o("recipe-000", 0.85, 70_000, 0.8), {"name": "recipe-001", "status": "failed",
+                                                      "overrides": {"k": 1}, "error": "RecipeInvalid: bad\n"}]
+    files = write_sweep_report(tmp_path, outcomes, ["recipe-000"], outcomes[0], "auc",
+                               {"family": "recsys", "recipes": 2, "seconds": 1.0})
+    md = files[1].read_text()
+    assert "| recipe-000 | ok | 0.8500 | 70,000 |" in md and "| recipe-001 | FAILED |" in md
+    assert "recipe-001 failed: RecipeInvalid: bad" in md and files[2].stat().st_size > 5_000
+
+
+def test_overrides_land_in_the_layer_that_wins(tmp_path, raw_params):
+    smoke = {**copy.deepcopy(raw_params), "profile": "smoke"}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(smoke))
+    dotted = layered_overrides(smoke, {"share.recsys.clusters": 64}, "recsys", 1)
+    assert dotted["profiles.smoke.share.recsys.clusters"] == 64 and dotted["profiles.smoke.qat.recsys.threads"] == 1
+    repo = copy_project(tmp_path / "copy", dotted, source=tmp_path)
+    cfg = load_config(repo / "params.yaml")   # the smoke overlay sets clusters: 128 too; the recipe's value wins
+    assert cfg.share.recsys.clusters == 64 and cfg.distill.recsys.threads == 1
+    full = layered_overrides(raw_params, {"share.recsys.clusters": 64}, "recsys", 2)
+    assert full["share.recsys.clusters"] == 64
+
+
+@pytest.mark.parametrize("key, message", [
+    ("teacher.recsys.epochs", "is not a recsys compression knob"),
+    ("distill.vision.temperature", "is not a recsys compression knob"),
+    ("distill.recsys.temprature", "is not a key of params.yaml"),
+])
+def test_a_sweep_space_key_that_is_not_a_compression_knob_fails_at_load(raw_params, key, message):
+    raw = copy.deepcopy(raw_params)
+    raw["sweep"]["space"]["recsys"] = {key: [1, 2]}
+    with pytest.raises(ConfigError, match=message):
+        parse_config(raw)
+
+
+def test_retries_are_for_transient_failures_only():
+    class State:
+        def __init__(self, data):
+            self.data = data
+
+    assert _retry_transient(None, None, State(ServiceUnavailable("tracking server down")))
+    assert _retry_transient(None, None, State(StageFailed("x", "killed", deterministic=False)))
+    assert _retry_transient(None, None, State(OSError("disk")))
+    assert not _retry_transient(None, None, State(StageFailed("x", "bad data", deterministic=True)))
+    assert not _retry_transient(None, None, State(RecipeInvalid("bad params")))
+    assert not _retry_transient(None, None, State(ConfigError("unknown key")))
+
+
+def test_the_registry_lock_lets_one_holder_in_at_a_time(prefect_server):
+    inside: list[tuple[str, float, float]] = []
+
+    def hold(name: str) -> None:
+        with registry_lock("lock-test-model", timeout_seconds=60):
+            start = time.monotonic()
+            time.sleep(1.0)
+            inside.append((name, start, time.monotonic()))
+
+    threads = [threading.Thread(target=hold, args=(n,)) for n in ("a", "b")]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    (_, s1, e1), (_, s2, _) = sorted(inside, key=lambda x: x[1])
+    assert len(inside) == 2 and s2 >= e1   # the second entered only after the first left

@@ -1,0 +1,267 @@
+"""The scaled setup for real, on loopback: PostgreSQL, an S3-compatible server, MLflow (PostgreSQL backend, S3
+artifacts, basic auth), a Prefect server on PostgreSQL, a Dask scheduler with two worker processes. The smoke
+pipeline, a sweep, concurrent promotions and the deployments run against them; every check goes through the
+servers' own APIs. The module starts each process and stops all of them at the end."""
+from __future__ import annotations
+
+import base64
+import json
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from flows.workspace import copy_project
+from tests.integration.servers import Processes, Stack, start_dask, start_stack
+
+pytestmark = pytest.mark.integration
+CTR_MODEL = "smoke-ctr-student-int8"
+
+
+def api(url: str, stack: Stack, body: dict | None = None) -> Any:
+    """A JSON request with the MLflow admin's basic-auth credentials (the Prefect server ignores them)."""
+    token = base64.b64encode(f"{stack.admin_user}:{stack.admin_password}".encode()).decode()
+    data = json.dumps(body).encode() if body is not None else None
+    req = urllib.request.Request(url, data=data, headers={"Authorization": f"Basic {token}",
+                                                          "Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=30) as resp:  # noqa: S310 - loopback only
+        return json.loads(resp.read() or b"null")
+
+
+def mlflow(stack: Stack, endpoint: str, **query: str) -> Any:
+    return api(f"{stack.mlflow_url}/api/2.0/mlflow/{endpoint}?{urllib.parse.urlencode(query)}", stack)
+
+
+def search_runs(stack: Stack, where: str) -> list[dict]:
+    exp = mlflow(stack, "experiments/get-by-name", experiment_name="model-compression")["experiment"]
+    body = {"experiment_ids": [exp["experiment_id"]], "filter": where, "max_results": 1000}
+    return api(f"{stack.mlflow_url}/api/2.0/mlflow/runs/search", stack, body).get("runs", [])
+
+
+def tags(run_or_version: dict) -> dict[str, str]:
+    holder = run_or_version.get("data", run_or_version)
+    return {t["key"]: t["value"] for t in holder.get("tags", [])}
+
+
+def run(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float = 1500) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    base = tmp_path_factory.mktemp("stack")
+    (base / "logs").mkdir()
+    procs = Processes(base / "logs")
+    try:
+        yield procs, start_stack(procs, base)
+    finally:
+        procs.stop_all()
+
+
+@pytest.fixture(scope="module")
+def pipeline(stack, tmp_path_factory):
+    """The smoke pipeline, both families, run by the CLI against the servers."""
+    _, st = stack
+    repo = copy_project(tmp_path_factory.mktemp("scaled") / "repo", {"profile": "smoke"})
+    env = st.client_env(repo)
+    proc = run([sys.executable, "-m", "flows.pipeline", "--root", str(repo)], env, repo)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+    parent = proc.stdout.split("MLflow parent run ")[1].split()[0]
+    return repo, env, parent
+
+
+def test_pipeline_runs_tracks_and_registers_through_the_servers(stack, pipeline):
+    _, st = stack
+    repo, _, parent = pipeline
+    # Prefect (PostgreSQL): the flow run and one completed task run per stage and per family gate
+    flows = api(f"{st.prefect_api}/flow_runs/filter", st,
+                {"flows": {"name": {"any_": ["compression-pipeline"]}}})
+    assert [f["state_type"] for f in flows] == ["COMPLETED"]
+    task_runs = api(f"{st.prefect_api}/task_runs/filter", st, {"flow_runs": {"id": {"any_": [flows[0]["id"]]}}})
+    stages = yaml.safe_load((repo / "dvc.yaml").read_text())["stages"]
+    assert {t["name"] for t in task_runs} == {*stages, "promote_vision", "promote_recsys"}
+    assert {t["state_type"] for t in task_runs} == {"COMPLETED"}
+    # MLflow (PostgreSQL): the parent run and its children, one per stage and gate
+    children = search_runs(st, f"tags.mlflow.parentRunId = '{parent}'")
+    assert {c["info"]["run_name"] for c in children} == {*stages, "promote_vision", "promote_recsys"}
+    assert {c["info"]["status"] for c in children} == {"FINISHED"}
+    # the registry: both families' champions, with gate, lineage and audit tags
+    for model in ("smoke-student-int8", CTR_MODEL):
+        champion = mlflow(st, "registered-models/alias", name=model, alias="champion")["model_version"]
+        t = tags(champion)
+        assert t["gate.passed"] == "true" and t["audit.decision"] == "champion" and t["parent_run_id"] == parent
+        listed = mlflow(st, "artifacts/list", run_id=champion["run_id"], path="model")["files"]
+        assert {"model/MLmodel", "model/model.onnx"} <= {f["path"] for f in listed}
+    # artifacts went through the server to S3
+    import boto3
+
+    s3 = boto3.client("s3", endpoint_url=st.s3_url, region_name="us-east-1",
+                      aws_access_key_id=st.aws["AWS_ACCESS_KEY_ID"],
+                      aws_secret_access_key=st.aws["AWS_SECRET_ACCESS_KEY"])
+    keys = [o["Key"] for o in s3.list_objects_v2(Bucket="mlflow", Prefix="artifacts/").get("Contents", [])]
+    assert any(k.endswith("model/model.onnx") for k in keys) and any(k.endswith("gate.json") for k in keys)
+    # no secret was recorded as a param or tag of any run
+    recorded = json.dumps(search_runs(st, ""))
+    for secret in (st.admin_password, st.aws["AWS_SECRET_ACCESS_KEY"]):
+        assert secret not in recorded
+
+
+def test_dvc_pushes_the_pipeline_outputs_to_the_s3_remote(stack, pipeline):
+    _, st = stack
+    repo, env, _ = pipeline
+    dvc = [sys.executable, "-m", "dvc"]
+    for args in (["remote", "modify", "--local", "storage", "url", "s3://dvc/cache"],
+                 ["remote", "modify", "--local", "storage", "endpointurl", st.s3_url]):
+        assert run([*dvc, *args], env, repo).returncode == 0
+    pushed = run([*dvc, "push", "-r", "storage"], env, repo)
+    assert pushed.returncode == 0, pushed.stderr[-3000:]
+    status = run([*dvc, "status", "--cloud", "-r", "storage", "--json"], env, repo)
+    assert status.returncode == 0 and json.loads(status.stdout) == {}, status.stdout[-2000:]
+
+
+def _kill_when_busy(procs: Processes, st: Stack, victim: str, done: threading.Event) -> dict:
+    """Kill worker ``victim`` (SIGKILL, with its stage processes) while it runs a recipe, once a recipe finished."""
+    seen: dict = {"killed": False}
+    while not done.is_set():
+        try:
+            recipes = search_runs(st, "tags.`sweep.recipe` LIKE 'recipe-%'")
+        except Exception:  # the experiment may not exist yet
+            recipes = []
+        finished = [r for r in recipes if r["info"]["status"] == "FINISHED"]
+        busy = [r for r in recipes if r["info"]["status"] == "RUNNING" and tags(r).get("sweep.worker") == victim]
+        if finished and busy:
+            time.sleep(3)  # well inside its stages
+            procs.kill(f"dask-{victim}")
+            seen.update(killed=True, recipe=tags(busy[0])["sweep.recipe"])
+            return seen
+        time.sleep(1)
+    return seen
+
+
+@pytest.fixture(scope="module")
+def sweep(stack, pipeline):
+    """A 4-recipe sweep on a real scheduler and two worker processes; one worker is killed in the middle."""
+    procs, st = stack
+    repo, env, _ = pipeline
+    address, names = start_dask(procs, env, repo, workers=2)
+    done = threading.Event()
+    seen: dict = {}
+    watcher = threading.Thread(target=lambda: seen.update(_kill_when_busy(procs, st, names[1], done)))
+    watcher.start()
+    try:
+        proc = run([sys.executable, "-m", "flows.sweep", "--root", str(repo), "--family", "recsys", "--address",
+                    address, "--recipes", "4"], env, repo)
+    finally:
+        done.set()
+        watcher.join()
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-6000:]
+    return repo, json.loads((repo / "reports" / "sweep" / "recsys" / "sweep.json").read_text()), seen, names
+
+
+def test_sweep_fans_out_on_dask_workers_and_survives_a_killed_one(stack, sweep):
+    _, st = stack
+    repo, report, seen, names = sweep
+    assert seen.get("killed"), "the watcher never found the second worker busy with a recipe"
+    assert [o["status"] for o in report["outcomes"]] == ["ok"] * 4   # the killed worker's recipe ran again
+    assert report["pareto"] and report["best"] in {o["name"] for o in report["outcomes"]}
+    assert (repo / "reports" / "sweep" / "recsys" / "pareto.png").stat().st_size > 10_000
+    recipe_runs = search_runs(st, "tags.`sweep.recipe` LIKE 'recipe-%'")
+    assert {tags(r)["sweep.worker"] for r in recipe_runs} == set(names)   # both workers ran recipes
+    killed = [r for r in recipe_runs if r["info"]["status"] == "KILLED"]
+    assert [tags(r)["sweep.recipe"] for r in killed] == [seen["recipe"]]
+    assert len([r for r in recipe_runs if r["info"]["status"] == "FINISHED"]) == 4
+    sweep_run = recipe_runs[0]["data"]["tags"]
+    parent = next(t["value"] for t in sweep_run if t["key"] == "mlflow.parentRunId")
+    assert len({tags(r)["mlflow.parentRunId"] for r in recipe_runs}) == 1
+    registered = json.loads(tags(mlflow(st, "runs/get", run_id=parent)["run"])["sweep.registered"])
+    version = mlflow(st, "model-versions/get", name=CTR_MODEL, version=registered["version"])["model_version"]
+    assert tags(version)["audit.decision"] == "challenger" and tags(version)["sweep.run_id"] == parent
+    challenger = mlflow(st, "registered-models/alias", name=CTR_MODEL, alias="challenger")["model_version"]
+    assert challenger["version"] == registered["version"]
+
+
+def _onnx_hash(root: Path) -> str:
+    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["export_recsys"]["outs"]
+    return next(o["md5"] for o in lock if o["path"] == "models/recsys/onnx")
+
+
+def test_two_promotions_at_once_end_with_one_champion_and_a_consistent_history(stack, sweep):
+    _, st = stack
+    repo, report, _, _ = sweep
+    env = st.client_env(repo)
+    registered = {v["tags"].get("onnx.hash") for v in _versions(st)}
+    candidates: dict[str, Path] = {}
+    for o in report["outcomes"]:
+        digest = _onnx_hash(Path(o["dir"]))
+        if digest not in registered and digest not in candidates:
+            candidates[digest] = Path(o["dir"])
+    assert len(candidates) >= 2, "the sweep gave fewer than two new distinct candidates"
+    before = {v["version"] for v in _versions(st)}
+    cmd = [sys.executable, "-m", "flows.pipeline", "--gate-only", "--family", "recsys", "--root"]
+    procs = [subprocess.Popen([*cmd, str(d)], env=env, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for d in list(candidates.values())[:2]]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[1][-3000:] for o in outs]
+    new = sorted((v for v in _versions(st) if v["version"] not in before), key=lambda v: int(v["version"]))
+    assert len(new) == 2
+    champion = mlflow(st, "registered-models/alias", name=CTR_MODEL, alias="champion")["model_version"]
+    first, second = new
+    # one after the other: the second was compared with the champion the first had just become
+    assert first["tags"]["audit.decision"] == second["tags"]["audit.decision"] == "champion"
+    assert second["tags"]["audit.champion_before"] == first["version"]
+    assert first["tags"]["audit.champion_before"] != first["version"]
+    assert champion["version"] == second["version"]
+    assert all(v["tags"]["audit.flow_run_id"] != "none" for v in new)
+
+
+def _versions(st: Stack) -> list[dict]:
+    found = mlflow(st, "model-versions/search", filter=f"name='{CTR_MODEL}'", max_results="1000")["model_versions"]
+    return [{**v, "tags": tags(v)} for v in found]
+
+
+def test_deployments_register_and_a_worker_runs_the_rollback(stack, pipeline, sweep):
+    procs, st = stack
+    repo, env, _ = pipeline
+    env = {**env, "KDQ_PROJECT_DIR": str(repo)}
+    prefect = [str(Path(sys.executable).parent / "prefect")]
+    made = run([*prefect, "work-pool", "create", "kdq-process", "--type", "process", "--overwrite"], env, repo)
+    assert made.returncode == 0, made.stdout + made.stderr
+    deployed = run([*prefect, "--no-prompt", "deploy", "--all"], env, repo)
+    assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
+    deployments = {d["name"]: d for d in api(f"{st.prefect_api}/deployments/filter", st, {})}
+    assert set(deployments) == {"nightly-vision", "nightly-recsys", "sweep", "promote", "rollback"}
+    for name in ("nightly-vision", "nightly-recsys"):
+        schedule = deployments[name]["schedules"][0]["schedule"]
+        assert schedule["cron"] and schedule["timezone"] == "Europe/Berlin"
+    assert deployments["nightly-recsys"]["parameters"]["families"] == ["recsys"]
+
+    current = mlflow(st, "registered-models/alias", name=CTR_MODEL, alias="champion")["model_version"]
+    expected = tags(current)["audit.champion_before"]
+    triggered = run([*prefect, "deployment", "run", "rollback-champion/rollback", "-p", f"name={CTR_MODEL}",
+                     "-p", "reason=integration test"], env, repo)
+    assert triggered.returncode == 0, triggered.stdout + triggered.stderr
+    worker = run([*prefect, "worker", "start", "--pool", "kdq-process", "--run-once"], env, repo, timeout=600)
+    assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
+    runs = api(f"{st.prefect_api}/flow_runs/filter", st, {"flows": {"name": {"any_": ["rollback-champion"]}}})
+    assert [r["state_type"] for r in runs] == ["COMPLETED"]
+    after = mlflow(st, "registered-models/alias", name=CTR_MODEL, alias="champion")["model_version"]
+    assert after["version"] == expected and tags(after)["champion.reason"] == "integration test"
+
+
+def test_an_unreachable_tracking_server_fails_fast_and_registers_nothing(stack, pipeline):
+    _, st = stack
+    repo, env, _ = pipeline
+    before = len(_versions(st))
+    dead = {**env, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}   # the discard port: nothing listens
+    proc = run([sys.executable, "-m", "flows.pipeline", "--gate-only", "--family", "recsys", "--root", str(repo)],
+               dead, repo, timeout=300)
+    assert proc.returncode != 0
+    assert "http://127.0.0.1:9" in proc.stderr and "Traceback" not in proc.stderr.splitlines()[-1]
+    assert len(_versions(st)) == before
