@@ -15,7 +15,7 @@ run: $(STAMP) data-source
 	$(PY) -m flows.pipeline
 
 test: $(STAMP) data-source services
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 # Cold run + no-change re-run of the whole pipeline in a scratch copy; prints the table the README quotes.
 benchmark: $(STAMP) data-source
