@@ -26,11 +26,13 @@ from flows.workspace import copy_project
 TARGET_ACCURACY, TARGET_SECONDS = 0.94, 600.0
 
 
-def run_pipeline(root: Path) -> tuple[float, dict[str, Any]]:
-    """Run the pipeline as a user would; return (wall seconds, per-stage info of the newest parent run)."""
+def run_pipeline(root: Path, families: list[str] | None = None) -> tuple[float, dict[str, Any]]:
+    """Run the pipeline as a user would (``families`` only, when given); return (wall seconds, per-stage info of the
+    newest parent run)."""
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PIPELINE_PARENT_RUN_ID")}
     start = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "flows.pipeline", "--root", str(root)], cwd=root, env=env)
+    only = [arg for family in families or [] for arg in ("--family", family)]
+    proc = subprocess.run([sys.executable, "-m", "flows.pipeline", "--root", str(root), *only], cwd=root, env=env)
     wall = time.perf_counter() - start
     if proc.returncode:
         raise SystemExit(f"pipeline failed in {root} (exit {proc.returncode})")
@@ -83,11 +85,13 @@ def table(cold: tuple[float, dict], warm: tuple[float, dict]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--profile", default="full", help="params profile for the scratch copy (default: full)")
+    parser.add_argument("--family", action="append", dest="families", choices=("vision", "recsys"),
+                        help="run only this family's stages (repeatable; default: every family)")
     parser.add_argument("--out", type=Path, help="also write the numbers as JSON here")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory(prefix="kdq-bench-") as tmp:
         root = copy_project(Path(tmp) / "project", {"profile": args.profile})
-        cold, warm = run_pipeline(root), run_pipeline(root)
+        cold, warm = run_pipeline(root, args.families), run_pipeline(root, args.families)
     print(table(cold, warm))
     if args.out:
         write_result(args.out, {"profile": args.profile, "cold": {"wall_seconds": cold[0], **cold[1]},

@@ -118,7 +118,7 @@ class Postgres:
         conn.close()
 
 
-def start_postgres(procs: Processes, base: Path) -> Postgres:
+def start_postgres(procs: Processes) -> Postgres:
     """initdb + postgres on a free loopback port (trust auth on loopback only: the suite's own throwaway cluster)."""
     bindir, port = pg_bindir(), free_port()
     user = "postgres" if os.geteuid() == 0 else None
@@ -169,7 +169,7 @@ class Stack:
 
 
 def start_stack(procs: Processes, base: Path) -> Stack:
-    pg = start_postgres(procs, base)
+    pg = start_postgres(procs)
     pg.create_databases("mlflow", "mlflow_auth", "prefect")
 
     s3_port = free_port()
