@@ -99,10 +99,7 @@ def compression_pipeline(root: str = ".", families: list[str] | None = None) -> 
     root_path = Path(root).resolve()
     cfg = load_config(root_path / "params.yaml")
     uri = tracking_uri(cfg, root_path)
-    families = list(families or FAMILIES)
-    unknown = sorted(set(families) - set(FAMILIES))
-    if unknown:
-        raise PipelineError(f"families: unknown {unknown}; choose from {list(FAMILIES)}")
+    families = chosen(families)
     stages = [node for node in stage_graph(root_path) if node.family in families]
     statuses: dict[str, str] = {}
     with pipeline_run(cfg, "pipeline", root_path) as parent:
@@ -123,6 +120,14 @@ def compression_pipeline(root: str = ".", families: list[str] | None = None) -> 
             "gates": gates}
 
 
+def chosen(families: list[str] | None) -> list[str]:
+    """The families a run covers: those given (each must exist), else every family."""
+    unknown = sorted(set(families or ()) - set(FAMILIES))
+    if unknown:
+        raise PipelineError(f"families: unknown {unknown}; choose from {list(FAMILIES)}")
+    return list(families or FAMILIES)
+
+
 @flow(name="gate-and-register", log_prints=True)
 def gate_only(root: str = ".", families: list[str] | None = None) -> dict[str, Any]:
     """Gate and register the families' current candidates without running any stage (after ``dvc repro``)."""
@@ -130,8 +135,7 @@ def gate_only(root: str = ".", families: list[str] | None = None) -> dict[str, A
     cfg = load_config(root_path / "params.yaml")
     uri = tracking_uri(cfg, root_path)
     with pipeline_run(cfg, "gate", root_path) as parent:
-        gates = {family: retrying_promote(cfg)(family, root_path, uri, parent.run_id)
-                 for family in families or FAMILIES}
+        gates = {family: retrying_promote(cfg)(family, root_path, uri, parent.run_id) for family in chosen(families)}
     return {"stages": {}, "metrics": {}, "parent_run_id": parent.run_id, "tracking_uri": uri, "gates": gates}
 
 

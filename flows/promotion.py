@@ -29,7 +29,7 @@ from flows.registry_lock import registry_lock
 from tasks.config import Config, GateRecsys, GateVision, load_config
 from tasks.errors import PipelineError, ServiceUnavailable, run_cli
 from tasks.evaluate_vision import latency
-from tasks.gate import SPECS, gate_checks, gate_markdown
+from tasks.gate import SPECS, Check, gate_checks, gate_markdown, gate_tags
 from tasks.io import write_atomic, write_json
 from tasks.lineage import dvc_input_hashes, git_state, params_hash
 from tasks.onnx_models import INPUT, onnx_accuracy, session
@@ -139,11 +139,9 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
             print(f"{gate.registered_model} version {same.version} already holds this candidate; registry unchanged")
             return {"passed": same.tags.get("gate.passed") == "true", "checks": [], "name": gate.registered_model,
                     "version": str(same.version), "champion": False, "unchanged": True}
-        report, checks = _gate(root, cfg, client, run_id, family)
-        evaluation = report.pop("evaluation")
-        passed, promote = report["passed"], report["passed"] and may_promote
-        tags.update({f"gate.{c.name}": "pass" if c.passed else "fail" for c in checks})
-        tags.update({"gate.passed": str(passed).lower(), **audit_tags(report["champion_before"], promote)})
+        report, checks, evaluation = _gate(root, cfg, client, run_id, family)
+        promote = report["passed"] and may_promote
+        tags.update({**gate_tags(checks), **audit_tags(report["champion_before"], promote)})
         source = log_onnx_model(client, run_id, root / paths(family)["candidate"],
                                 input_example(root / paths(family)["data"], family))
         if not client.search_registered_models(f"name = '{gate.registered_model}'"):
@@ -165,8 +163,10 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
     return report
 
 
-def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str, family: str) -> tuple[dict[str, Any], list]:
-    """Score the candidate and the current champion back to back, check the gate, write and log its report."""
+def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str,
+          family: str) -> tuple[dict[str, Any], list[Check], dict[str, Any]]:
+    """Score the candidate and the current champion back to back, check the gate, write and log its report;
+    return the report, the checks and the evaluation with the candidate's fresh scores."""
     where, gate = paths(family), getattr(cfg.gate, family)
     data = root / where["data"]
     evaluation = json.loads((root / where["evaluation"]).read_text())
@@ -186,7 +186,7 @@ def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str, family: st
     write_atomic(reports / "gate.md", gate_markdown(checks, passed).encode())
     for name in ("gate.json", "gate.md"):
         client.log_artifact(run_id, str(reports / name))
-    return {**report, "evaluation": evaluation}, checks
+    return report, checks, evaluation
 
 
 def audit_tags(champion_before: dict | None, promoted: bool) -> dict[str, str]:

@@ -19,9 +19,9 @@ from prefect import task
 
 from flows.pipeline import _retry_transient, reproduce, stage_env
 from flows.workspace import copy_project
-from tasks.config import load_config
+from tasks.config import load_config, parse_config
 from tasks.errors import ConfigError, PipelineError
-from tasks.gate import SPECS, gate_checks
+from tasks.gate import SPECS, gate_checks, gate_tags
 from tasks.tracking import child_run, ensure_experiment
 
 THREADED = ("distill", "prune", "qat", "share", "export")   # sections whose `threads` a recipe sets
@@ -93,14 +93,14 @@ def run_recipe(index: int, overrides: dict[str, Any], family: str, root: Path, w
                sweep_run_id: str, upstream_outs: list[str], stages: list[str], threads: int) -> dict[str, Any]:
     """Run one recipe in ``work/recipe-<index>``; return its measurements and gate verdict (floors, teacher)."""
     name, dest = f"recipe-{index:03d}", work / f"recipe-{index:03d}"
+    raw = yaml.safe_load((root / "params.yaml").read_text())
     client = MlflowClient(uri, registry_uri=uri)
-    experiment = ensure_experiment(client, load_config(root / "params.yaml"), root)
+    experiment = ensure_experiment(client, parse_config(raw, str(root / "params.yaml")), root)
     if (done := finished_before(client, experiment, sweep_run_id, name)) is not None:
         return done
     close_abandoned(client, experiment, sweep_run_id, name)
     if dest.exists():  # an earlier attempt (a retry, or a worker that died): start clean
         shutil.rmtree(dest)
-    raw = yaml.safe_load((root / "params.yaml").read_text())
     copy_project(dest, layered_overrides(raw, overrides, family, threads), source=root)
     try:
         cfg = load_config(dest / "params.yaml")
@@ -123,6 +123,5 @@ def run_recipe(index: int, overrides: dict[str, Any], family: str, root: Path, w
                   "worker": worker_name(), "passed": passed,
                   "failed_checks": [c.name for c in checks if not c.passed], **measured}
         run.log_metrics(measured)
-        run.set_tags({"gate.passed": str(passed).lower(), "sweep.result": json.dumps(result),
-                      **{f"gate.{c.name}": "pass" if c.passed else "fail" for c in checks}})
+        run.set_tags({**gate_tags(checks), "sweep.result": json.dumps(result)})
     return result

@@ -120,13 +120,13 @@ def recipe_sweep(root: str = ".", family: str | None = None, address: str | None
                 sweep.recipe_retries)
         seconds = time.perf_counter() - start
         metric = getattr(cfg.gate, family).metric
-        front = pareto_front([o for o in outcomes if o["status"] == "ok"], metric)
+        ok = [o for o in outcomes if o["status"] == "ok"]
+        front = pareto_front(ok, metric)
         best = best_passing(outcomes, metric)
         files = write_sweep_report(root_path / "reports" / "sweep" / family, outcomes, front, best, metric,
                                    {"family": family, "recipes": len(drawn), "seconds": seconds})
         for path in files:
             parent.log_artifact(path, "sweep")
-        ok = [o for o in outcomes if o["status"] == "ok"]
         parent.log_metrics({"sweep.recipes_ok": len(ok), "sweep.recipes_failed": len(outcomes) - len(ok),
                             "sweep.seconds": seconds, "sweep.pareto_size": len(front)})
         registered = _register(best, family, root_path, uri, parent.run_id) if register_best and best else None

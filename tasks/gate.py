@@ -69,6 +69,12 @@ def gate_checks(evaluation: dict, champion: dict | None, cfg: GateVision | GateR
     return checks
 
 
+def gate_tags(checks: list[Check]) -> dict[str, str]:
+    """The gate's verdict as registry/run tags: ``gate.<check>`` pass|fail and ``gate.passed``."""
+    return {**{f"gate.{c.name}": "pass" if c.passed else "fail" for c in checks},
+            "gate.passed": str(all(c.passed for c in checks)).lower()}
+
+
 def gate_markdown(checks: list[Check], passed: bool) -> str:
     lines = [f"Gate: **{'PASS' if passed else 'FAIL'}**", "", "| check | value | threshold | result | why |",
              "|---|---:|---:|---|---|"]
