@@ -15,7 +15,7 @@ from tasks.artifacts import fingerprint, load_model, publish_training, training_
 from tasks.config import DistillVision, stage_args
 from tasks.distillation import Distiller, distillation_loss, loss_config
 from tasks.errors import run_cli
-from tasks.training import Split, evaluate, fit, to_input
+from tasks.training import Split, evaluate, fit, memory_format, to_input
 from tasks.vision_models import MobileStudent, count_parameters
 
 
@@ -26,8 +26,8 @@ def distill_vision(cfg: DistillVision, distill: bool, data_dir: Path, teacher_pa
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     train, val, test = (Split.load(data_dir, s) for s in ("train", "val", "test"))
-    teacher = load_model(teacher_path).to(memory_format=torch.channels_last)
-    student = MobileStudent(cfg.student).to(memory_format=torch.channels_last)
+    teacher = load_model(teacher_path).to(memory_format=memory_format())
+    student = MobileStudent(cfg.student).to(memory_format=memory_format())
     loss = loss_config(cfg, distill, cfg.label_smoothing)
     distiller = Distiller(student, teacher, loss, to_input(train.x[:2]))
     inputs = training_inputs(data_dir, teacher_path)

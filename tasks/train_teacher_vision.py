@@ -14,7 +14,7 @@ import torch
 from tasks.artifacts import fingerprint, publish_training, training_inputs
 from tasks.config import TrainTeacherVision, stage_args
 from tasks.errors import run_cli
-from tasks.training import Split, evaluate, fit
+from tasks.training import Split, evaluate, fit, memory_format
 from tasks.vision_models import ResNetTeacher, count_parameters
 
 
@@ -25,7 +25,7 @@ def train_teacher_vision(cfg: TrainTeacherVision, data_dir: Path, checkpoint: Pa
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     train, val, test = (Split.load(data_dir, s) for s in ("train", "val", "test"))
-    model = ResNetTeacher(cfg.arch).to(memory_format=torch.channels_last)
+    model = ResNetTeacher(cfg.arch).to(memory_format=memory_format())
     inputs = training_inputs(data_dir)
     history = fit(model, train, val, cfg, checkpoint, fingerprint([cfg], inputs), on_epoch)
     # The exported teacher runs in fp32, so that is what the reported metrics measure.

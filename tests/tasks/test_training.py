@@ -5,7 +5,7 @@ import torch
 
 from tasks.checkpoints import load_checkpoint, save_checkpoint
 from tasks.config import Augmentation, Optimizer, ResNetArch, Schedule, TrainingRecipe
-from tasks.training import Split, augment, evaluate, fit, to_input
+from tasks.training import Split, augment, evaluate, fit, memory_format, to_input
 from tasks.vision_models import ResNetTeacher, count_parameters
 
 ARCH = ResNetArch(stem=4, widths=[8, 16], blocks=[1, 1])
@@ -26,7 +26,7 @@ def _spec(epochs=2):
 
 def _model():
     torch.manual_seed(0)
-    return ResNetTeacher(ARCH).to(memory_format=torch.channels_last)
+    return ResNetTeacher(ARCH).to(memory_format=memory_format())
 
 
 def test_teacher_shapes_and_features():
@@ -79,6 +79,8 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.fault("runs", "a corrupted checkpoint (one byte changed)",
+                   "SHA-256 mismatch detected, the checkpoint is not loaded, training starts fresh and says why")
 def test_corrupted_checkpoint_is_not_loaded(tmp_path, capsys):
     path = tmp_path / "ck.pt"
     save_checkpoint(path, {"history": [{"a": 1.0}], "model": {"w": torch.ones(3)}}, "fp")
@@ -90,6 +92,8 @@ def test_corrupted_checkpoint_is_not_loaded(tmp_path, capsys):
     assert "does not match its recorded SHA-256" in capsys.readouterr().err
 
 
+@pytest.mark.fault("runs", "a checkpoint made with other params or data",
+                   "not resumed (fingerprint mismatch), training starts fresh and says why")
 def test_checkpoint_of_other_params_is_not_resumed(tmp_path, capsys):
     path = tmp_path / "ck.pt"
     save_checkpoint(path, {"history": []}, "fp-a")
