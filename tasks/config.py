@@ -12,7 +12,7 @@ from typing import Annotated, Any, ClassVar, Literal
 import yaml
 from pydantic import Field, ValidationError, model_validator
 
-from tasks.config_types import Fraction, Positive, Strict, distinct
+from tasks.config_types import Fraction, Positive, ProjectPath, Strict, distinct
 from tasks.errors import ConfigError
 from tasks.operations_config import SweepConfig
 
@@ -32,7 +32,7 @@ class VisionData(Strict):
     source_dir: str | None = None
     system_dir: str
     url: str
-    download_cache: str
+    download_cache: ProjectPath
     sha256: dict[str, Sha256]
     val_size: Positive
     seed: int
@@ -67,7 +67,7 @@ class RecsysData(Strict):
     source_dir: str | None = None      # ml-100k.{inter,user,item} (RecBole) or ml-100k.zip (GroupLens)
     wheel: RecsysWheel
     url: str                           # the GroupLens zip
-    download_cache: str
+    download_cache: ProjectPath
     sha256: dict[str, Sha256]          # every raw file: the three RecBole files and the GroupLens zip
     positive_min_rating: Annotated[int, Field(ge=1, le=5)]
     negative_max_rating: Annotated[int, Field(ge=1, le=5)]
@@ -526,14 +526,22 @@ class TrackingHttp(Strict):
 class TrackingConfig(Strict):
     experiment: str = Field(min_length=1)
     uri: str | None = None
-    artifact_root: str
+    artifact_root: ProjectPath        # on local stores
     http: TrackingHttp
     registry_lock_timeout_seconds: Annotated[float, Field(gt=0.0)]   # wait for another run's promotion to finish
 
 
 class PipelineConfig(Strict):
+    """Prefect retries of a step that failed for a transient reason (a server down, a killed process)."""
+
     retries: Annotated[int, Field(ge=0, le=10)]
-    retry_delay_seconds: Annotated[float, Field(ge=0.0)]
+    retry_delay_seconds: Annotated[float, Field(ge=0.0)]   # before the first retry ...
+    retry_backoff: Annotated[float, Field(ge=1.0, le=10.0)]   # ... each later wait this many times the one before
+
+    def retry_delays(self, retries: int | None = None) -> list[float]:
+        """The wait before each retry (``retries`` of them, default ``retries``)."""
+        count = self.retries if retries is None else retries
+        return [self.retry_delay_seconds * self.retry_backoff ** i for i in range(count)]
 
 
 class Config(Strict):
@@ -666,11 +674,22 @@ def load_config(path: Path | str = PARAMS_FILE) -> Config:
     return parse_config(raw, str(path))
 
 
+#: The path flags that name a stage's outputs (the rest are inputs, and ``--checkpoint``, which persists on its own).
+OUTPUT_FLAGS = ("--out", "--model", "--metrics", "--plots", "--report")
+
+
 def stage_args(doc: str, *path_flags: str) -> tuple[argparse.Namespace, Config]:
-    """A stage CLI's arguments: ``--params`` plus required path flags; returns (args, validated config)."""
+    """A stage CLI's arguments: ``--params`` plus required path flags; returns (args, validated config). Under
+    ``run_cli`` the output paths are staging paths (``tasks.staging``)."""
+    from tasks.staging import staged
+
     parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
     parser.add_argument("--params", default=str(PARAMS_FILE), help="the params file (default: params.yaml)")
     for flag in path_flags:
         parser.add_argument(flag, type=Path, required=True)
     args = parser.parse_args()
-    return args, load_config(args.params)
+    cfg = load_config(args.params)
+    for flag in set(path_flags) & set(OUTPUT_FLAGS):  # written to staging, moved into place when the stage succeeds
+        name = flag.removeprefix("--").replace("-", "_")
+        setattr(args, name, staged(getattr(args, name)))
+    return args, cfg

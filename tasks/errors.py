@@ -22,6 +22,14 @@ class ServiceUnavailable(PipelineError):
     transient = True
 
 
+class AccessDenied(PipelineError):
+    """A server refused the run's credentials (HTTP 401/403): a setting to fix, not worth a retry."""
+
+
+class ArtifactStoreError(PipelineError):
+    """The artifact store refused a write (no space left, not writable): an operator's fix, not worth a retry."""
+
+
 class ConfigError(PipelineError):
     """params.yaml is malformed: unknown key, wrong type, value out of range."""
 
@@ -47,9 +55,12 @@ class CheckpointError(PipelineError):
 
 
 def run_cli(main: Callable[[], object]) -> None:
-    """Run a stage's ``main``; print a PipelineError as one message and exit non-zero."""
+    """Run a stage's ``main`` with atomic outputs; print a PipelineError as one message and exit non-zero."""
+    from tasks.staging import atomic_outputs
+
     try:
-        main()
+        with atomic_outputs():
+            main()
     except PipelineError as err:
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         sys.exit(EXIT_TRANSIENT if err.transient else EXIT_USER_ERROR)

@@ -51,3 +51,14 @@ def test_every_family_is_validated_before_any_family_trains():
     validations = [i for i, name in enumerate(order) if name.startswith("validate_")]
     trainings = [i for i, name in enumerate(order) if name.startswith("train_teacher_")]
     assert len(validations) == len(trainings) == 2 and max(validations) < min(trainings)
+
+
+def test_outputs_persist_so_a_failed_stage_keeps_the_previous_ones():
+    """DVC deletes an output before its stage runs unless it is ``persist``; the stages stage their outputs and move
+    them in on success (tasks/staging.py). Validation reports are the exception: a failed validation leaves none."""
+    for name, spec in DVC.items():
+        for kind in ("outs", "metrics", "plots"):
+            for out in spec.get(kind, []):
+                path, flags = (out, {}) if isinstance(out, str) else next(iter(out.items()))
+                wanted = not name.startswith("validate_")
+                assert flags.get("persist", False) is wanted, f"{name}: {path} persist should be {wanted}"
