@@ -22,7 +22,7 @@ from flows.promotion import FAMILIES
 from flows.stage_graph import stage_graph
 from tasks.config import load_config
 from tasks.errors import EXIT_USER_ERROR, PipelineError, run_cli
-from tasks.tracking import PARENT_ENV, pipeline_run, tracking_uri
+from tasks.tracking import PARENT_ENV, pipeline_run, redact, tracking_uri
 
 _TAIL_BYTES = 16_000
 
@@ -106,7 +106,7 @@ def compression_pipeline(root: str = ".", families: list[str] | None = None) -> 
         parent.set_tag("pipeline.stages", ",".join(s.name for s in stages))
         env = stage_env(root_path, uri, parent.run_id)
         retrying = run_stage.with_options(retries=cfg.pipeline.retries,
-                                          retry_delay_seconds=cfg.pipeline.retry_delay_seconds)
+                                          retry_delay_seconds=cfg.pipeline.retry_delays())
         for node in stages:
             statuses[node.name] = retrying(node.name, root_path, env)
         parent.set_tags({f"stage.{name}": status for name, status in statuses.items()})
@@ -116,7 +116,7 @@ def compression_pipeline(root: str = ".", families: list[str] | None = None) -> 
         for family, gate in gates.items():
             parent.set_tags({f"gate.{family}.passed": str(gate["passed"]).lower(),
                              f"registry.{family}.version": gate["version"]})
-    return {"stages": statuses, "metrics": metrics, "parent_run_id": parent.run_id, "tracking_uri": uri,
+    return {"stages": statuses, "metrics": metrics, "parent_run_id": parent.run_id, "tracking_uri": redact(uri),
             "gates": gates}
 
 
@@ -136,19 +136,17 @@ def gate_only(root: str = ".", families: list[str] | None = None) -> dict[str, A
     uri = tracking_uri(cfg, root_path)
     with pipeline_run(cfg, "gate", root_path) as parent:
         gates = {family: retrying_promote(cfg)(family, root_path, uri, parent.run_id) for family in chosen(families)}
-    return {"stages": {}, "metrics": {}, "parent_run_id": parent.run_id, "tracking_uri": uri, "gates": gates}
+    return {"stages": {}, "metrics": {}, "parent_run_id": parent.run_id, "tracking_uri": redact(uri), "gates": gates}
 
 
 @task(task_run_name="promote_{family}")
 def promote(family: str, root: Path, uri: str, parent_run_id: str) -> dict[str, Any]:
     """Gate a family's INT8 student and register it (``flows.promotion``); registry state is not DVC's to cache."""
-    from mlflow.tracking import MlflowClient
-
     from flows.promotion import gate_and_register
-    from tasks.tracking import child_run
+    from tasks.tracking import child_run, client_for
 
     cfg = load_config(root / "params.yaml")
-    client = MlflowClient(uri, registry_uri=uri)
+    client = client_for(uri)
     params = {f"gate.{family}": getattr(cfg.gate, family), f"evaluate.{family}": getattr(cfg.evaluate, family)}
     with child_run(f"promote_{family}", cfg, params, parent_run_id, root, client) as run:
         report = gate_and_register(root, cfg, client, uri, run.run_id, parent_run_id, family)
@@ -161,7 +159,7 @@ def promote(family: str, root: Path, uri: str, parent_run_id: str) -> dict[str, 
 def retrying_promote(cfg: Any) -> Any:
     """The promote task with the pipeline's retries for transient failures (a registry that did not answer);
     a retry after a partial registration finds its version by the candidate's hash and changes nothing."""
-    return promote.with_options(retries=cfg.pipeline.retries, retry_delay_seconds=cfg.pipeline.retry_delay_seconds,
+    return promote.with_options(retries=cfg.pipeline.retries, retry_delay_seconds=cfg.pipeline.retry_delays(),
                                 retry_condition_fn=_retry_transient)
 
 

@@ -30,12 +30,14 @@ from tasks.config import Config, GateRecsys, GateVision, load_config
 from tasks.errors import PipelineError, ServiceUnavailable, run_cli
 from tasks.evaluate_vision import latency
 from tasks.gate import SPECS, Check, gate_checks, gate_markdown, gate_tags
-from tasks.io import write_atomic, write_json
+from tasks.io import file_digest, write_atomic, write_json
 from tasks.lineage import dvc_input_hashes, git_state, params_hash
 from tasks.onnx_models import INPUT, onnx_accuracy, session
+from tasks.tracking import client_for, redact, server_error
 from tasks.training import Split, to_input
 
 FAMILIES = ("vision", "recsys")
+MODEL_SHA256 = "model.sha256"   # version tag: SHA-256 of the registered ONNX file, checked before it is run
 
 
 def paths(family: str) -> dict[str, Path]:
@@ -57,8 +59,8 @@ def check_registry(client: MlflowClient, uri: str) -> None:
     try:
         client.search_registered_models(max_results=1)
     except Exception as err:  # connection errors surface as MlflowException or requests exceptions
-        raise RegistryUnreachable(f"model registry at {uri} is not reachable ({type(err).__name__}: {err}); "
-                            "nothing was registered or promoted") from err
+        error = server_error(err, f"model registry at {redact(uri)}", "nothing was registered or promoted")
+        raise (RegistryUnreachable(str(error)) if error.transient else error) from err
 
 
 def champion_version(client: MlflowClient, name: str) -> Any | None:
@@ -70,14 +72,38 @@ def champion_version(client: MlflowClient, name: str) -> Any | None:
         raise
 
 
+class CandidateAltered(RegistryError):
+    """The candidate file is not the file whose metrics were evaluated; nothing was registered."""
+
+
 def download_onnx(client: MlflowClient, version: Any, dest: Path) -> Path:
-    """The ONNX file of a registered version, fetched through ``client`` (its ``runs:/`` source)."""
+    """The ONNX file of a registered version, fetched through ``client`` (its ``runs:/`` source) and checked
+    against the SHA-256 recorded on the version before anything runs it."""
     prefix = f"runs:/{version.run_id}/"
     if not version.source.startswith(prefix):
         raise RegistryError(f"version {version.version} has source {version.source}, not a run artifact of this "
                             "pipeline; promote a version registered by the pipeline")
     local = Path(client.download_artifacts(version.run_id, version.source.removeprefix(prefix), str(dest)))
-    return next(local.rglob("*.onnx"))
+    path = next(local.rglob("*.onnx"))
+    recorded, actual = version.tags.get(MODEL_SHA256), file_digest(path)
+    if recorded != actual:
+        raise RegistryError(f"{version.name} version {version.version}: its stored ONNX file has SHA-256 {actual}, "
+                            f"but the version records {recorded or 'none'} ({MODEL_SHA256}); the file was altered in "
+                            "the artifact store (or registered outside the pipeline) and is not run")
+    return path
+
+
+def verify_candidate(root: Path, family: str, evaluation: dict[str, Any]) -> str:
+    """The candidate's SHA-256, which must be the one recorded when it was evaluated: metrics that passed belong to
+    that file only."""
+    where = paths(family)
+    recorded = evaluation.get("sha256", {}).get("student_int8")
+    actual = file_digest(root / where["candidate"])
+    if recorded != actual:
+        raise CandidateAltered(f"{where['candidate']} has SHA-256 {actual}, but {where['evaluation']} measured "
+                               f"{recorded or 'no recorded file'}: the file changed after evaluation; re-run "
+                               f"`dvc repro evaluate_{family}` (nothing was registered)")
+    return actual
 
 
 def score(path: Path, data: Path, cfg: Config, family: str) -> dict[str, float]:
@@ -99,8 +125,9 @@ def input_example(data: Path, family: str) -> dict[str, np.ndarray]:
     return {INPUT: to_input(Split.load(data, "test").x[:1]).contiguous().numpy()}
 
 
-def log_onnx_model(client: MlflowClient, run_id: str, path: Path, sample: dict[str, np.ndarray]) -> str:
-    """Log ``path`` with the ``mlflow.onnx`` flavor, a signature and an input example; return its runs:/ URI."""
+def log_onnx_model(client: MlflowClient, run_id: str, path: Path, sample: dict[str, np.ndarray]) -> tuple[str, str]:
+    """Log ``path`` with the ``mlflow.onnx`` flavor, a signature and an input example (an ONNX file, JSON and YAML:
+    never a pickle); return its runs:/ URI and the SHA-256 of the stored ONNX file."""
     import mlflow.onnx
     import onnx
     from mlflow.models import infer_signature
@@ -110,8 +137,9 @@ def log_onnx_model(client: MlflowClient, run_id: str, path: Path, sample: dict[s
         local = Path(tmp) / "model"
         mlflow.onnx.save_model(onnx.load(str(path)), str(local), signature=infer_signature(sample, outputs),
                                input_example=sample, save_as_external_data=False)
+        digest = file_digest(local / "model.onnx")
         client.log_artifacts(run_id, str(local), "model")
-    return f"runs:/{run_id}/model"
+    return f"runs:/{run_id}/model", digest
 
 
 def lineage(cfg: Config, root: Path, parent_run_id: str, family: str = "vision") -> dict[str, str]:
@@ -142,8 +170,8 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
         report, checks, evaluation = _gate(root, cfg, client, run_id, family)
         promote = report["passed"] and may_promote
         tags.update({**gate_tags(checks), **audit_tags(report["champion_before"], promote)})
-        source = log_onnx_model(client, run_id, root / paths(family)["candidate"],
-                                input_example(root / paths(family)["data"], family))
+        source, tags[MODEL_SHA256] = log_onnx_model(client, run_id, root / paths(family)["candidate"],
+                                                    input_example(root / paths(family)["data"], family))
         if not client.search_registered_models(f"name = '{gate.registered_model}'"):
             try:
                 client.create_registered_model(gate.registered_model)
@@ -170,6 +198,7 @@ def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str,
     where, gate = paths(family), getattr(cfg.gate, family)
     data = root / where["data"]
     evaluation = json.loads((root / where["evaluation"]).read_text())
+    verify_candidate(root, family, evaluation)
     champ = champion_version(client, gate.registered_model)
     champion = None
     with tempfile.TemporaryDirectory() as tmp:
@@ -238,7 +267,7 @@ def rollback_champion(name: str, reason: str = "", who: str | None = None, root:
     with registry_lock(name, cfg.tracking.registry_lock_timeout_seconds):
         current = champion_version(client, name)
         if current is None:
-            raise RegistryError(f"{name} has no champion in {uri}; nothing to roll back")
+            raise RegistryError(f"{name} has no champion in {redact(uri)}; nothing to roll back")
         before = current.tags.get("champion.previous") or current.tags.get("audit.champion_before")
         if before in (None, "", "None", "none"):
             raise RegistryError(f"{name}@champion (version {current.version}) records no earlier champion "
@@ -252,7 +281,7 @@ def _registry(root: str) -> tuple[MlflowClient, str, Config]:
 
     cfg = load_config(Path(root) / "params.yaml")
     uri = tracking_uri(cfg, Path(root).resolve())
-    client = MlflowClient(uri, registry_uri=uri)
+    client = client_for(uri)
     check_registry(client, uri)
     return client, uri, cfg
 
@@ -262,7 +291,7 @@ def _move_alias(client: MlflowClient, uri: str, name: str, version: str, alias: 
     try:
         client.get_model_version(name, version)
     except MlflowException as err:
-        raise RegistryError(f"{name} version {version} does not exist in {uri}; nothing was changed") from err
+        raise RegistryError(f"{name} version {version} does not exist in {redact(uri)}; nothing was changed") from err
     previous = getattr(champion_version(client, name), "version", None) if alias == "champion" else None
     who = who or getpass.getuser()
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")

@@ -22,7 +22,7 @@ from flows.workspace import copy_project
 from tasks.config import load_config, parse_config
 from tasks.errors import ConfigError, PipelineError
 from tasks.gate import SPECS, gate_checks, gate_tags
-from tasks.tracking import child_run, ensure_experiment
+from tasks.tracking import child_run, client_for, ensure_experiment
 
 THREADED = ("distill", "prune", "qat", "share", "export")   # sections whose `threads` a recipe sets
 
@@ -94,7 +94,7 @@ def run_recipe(index: int, overrides: dict[str, Any], family: str, root: Path, w
     """Run one recipe in ``work/recipe-<index>``; return its measurements and gate verdict (floors, teacher)."""
     name, dest = f"recipe-{index:03d}", work / f"recipe-{index:03d}"
     raw = yaml.safe_load((root / "params.yaml").read_text())
-    client = MlflowClient(uri, registry_uri=uri)
+    client = client_for(uri)
     experiment = ensure_experiment(client, parse_config(raw, str(root / "params.yaml")), root)
     if (done := finished_before(client, experiment, sweep_run_id, name)) is not None:
         return done

@@ -37,7 +37,7 @@ from flows.sweep_report import best_passing, pareto_front, write_sweep_report
 from tasks.config import SweepConfig, load_config
 from tasks.errors import PipelineError, run_cli
 from tasks.lineage import git_state
-from tasks.tracking import pipeline_run, tracking_uri
+from tasks.tracking import client_for, pipeline_run, redact, tracking_uri
 
 
 def draw_recipes(space: dict[str, list[Any]], method: str, count: int, seed: int) -> list[dict[str, Any]]:
@@ -74,9 +74,10 @@ def this_prefect_api_for_workers() -> Iterator[None]:
 
 @flow(name="sweep-recipes")
 def fan_out(recipes: list[dict[str, Any]], family: str, root: str, work: str, uri: str, sweep_run_id: str,
-            upstream_outs: list[str], stages: list[str], threads: int, retries: int) -> list[dict[str, Any]]:
+            upstream_outs: list[str], stages: list[str], threads: int,
+            retry_delays: list[float]) -> list[dict[str, Any]]:
     """Every recipe as one task on the flow's (Dask) task runner; a failed recipe is recorded, never fatal."""
-    task = run_recipe.with_options(retries=retries, retry_delay_seconds=2)
+    task = run_recipe.with_options(retries=len(retry_delays), retry_delay_seconds=retry_delays)
     futures = {task.submit(i, r, family, Path(root), Path(work), uri, sweep_run_id, upstream_outs, stages,
                            threads): i for i, r in enumerate(recipes)}
     outcomes: dict[int, dict[str, Any]] = {}
@@ -117,7 +118,7 @@ def recipe_sweep(root: str = ".", family: str | None = None, address: str | None
             outcomes = fan_out.with_options(task_runner=dask_runner(sweep, address, workers))(
                 drawn, family, str(root_path), str(root_path / sweep.work_dir / parent.run_id), uri, parent.run_id,
                 [o for n in upstream for o in n.outs], [n.name for n in below], sweep.threads_per_worker,
-                sweep.recipe_retries)
+                cfg.pipeline.retry_delays(sweep.recipe_retries))
         seconds = time.perf_counter() - start
         metric = getattr(cfg.gate, family).metric
         ok = [o for o in outcomes if o["status"] == "ok"]
@@ -132,17 +133,15 @@ def recipe_sweep(root: str = ".", family: str | None = None, address: str | None
         registered = _register(best, family, root_path, uri, parent.run_id) if register_best and best else None
         parent.set_tag("sweep.registered", json.dumps(registered) if registered else "none")
     return {"sweep_run_id": parent.run_id, "family": family, "outcomes": outcomes, "pareto": front,
-            "best": best, "registered": registered, "recipes_seconds": seconds, "tracking_uri": uri}
+            "best": best, "registered": registered, "recipes_seconds": seconds, "tracking_uri": redact(uri)}
 
 
 def _register(best: dict[str, Any], family: str, root: Path, uri: str, sweep_run_id: str) -> dict[str, Any]:
     """Register the best recipe's INT8 student as ``challenger`` through the pipeline's own gate."""
-    from mlflow.tracking import MlflowClient
-
     from flows.promotion import gate_and_register
 
     where = Path(best["dir"])
-    cfg, client = load_config(where / "params.yaml"), MlflowClient(uri, registry_uri=uri)
+    cfg, client = load_config(where / "params.yaml"), client_for(uri)
     tags = {"sweep.run_id": sweep_run_id, "sweep.recipe": json.dumps(best["overrides"], sort_keys=True),
             "sweep.source_commit": git_state(root)["git.commit"]}
     report = gate_and_register(where, cfg, client, uri, best["run_id"], sweep_run_id, family, may_promote=False,

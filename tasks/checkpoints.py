@@ -6,12 +6,14 @@ and its content matches the recorded hash; otherwise training starts fresh and s
 from __future__ import annotations
 
 import os
+import pickle
 import sys
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from tasks.errors import CheckpointError
 from tasks.io import file_digest
 
 
@@ -42,7 +44,12 @@ def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
         print(f"warning: checkpoint {path} does not match its recorded SHA-256 "
               f"({recorded or 'no sidecar'} != {actual}); not loading it, training from scratch", file=sys.stderr)
         return None
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:  # code or objects weights_only refuses to load
+        raise CheckpointError(f"checkpoint {path} matches its SHA-256 but holds more than tensors and plain values "
+                              f"({type(err).__name__}); refused, nothing of it was run. Delete it to train from "
+                              "scratch") from None
     if state.get("fingerprint") != fingerprint:
         print(f"note: checkpoint {path} was made with other params or data; training from scratch", file=sys.stderr)
         return None

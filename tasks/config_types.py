@@ -1,12 +1,26 @@
 """Building blocks of the typed params: the strict frozen base model and the shared constrained types."""
 from __future__ import annotations
 
+import posixpath
 from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 Positive = Annotated[int, Field(gt=0)]
+
+
+def _inside_project(path: str) -> str:
+    normal = posixpath.normpath(path.replace("\\", "/"))
+    if posixpath.isabs(normal) or normal == ".." or normal.startswith("../"):
+        raise ValueError(f"{path!r} leaves the project: a folder the pipeline writes must be a relative path "
+                         "inside the project (no leading / and no '..' out of it)")
+    return path
+
+
+#: A folder the pipeline writes (caches, artifact store, sweep copies): relative to the project and inside it, so no
+#: params file (a sweep recipe, a profile, a pull request) can make a stage write outside the project.
+ProjectPath = Annotated[str, Field(min_length=1), AfterValidator(_inside_project)]
 
 
 def distinct(noun: str) -> AfterValidator:

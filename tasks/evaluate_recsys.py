@@ -3,7 +3,7 @@
 Inputs: ``<data>``, ``<onnx>`` (export_recsys's folder) and the PyTorch models (for parameter counts). Output
 ``<metrics>``: per ONNX model the test AUC and logloss, NDCG@k and Recall@k, stored size, and the latency of one
 request scoring ``candidates`` items for one user (p50 / p95 / p99) with its throughput in items/s; plus ratios
-against the teacher. Ranking protocol: for every user with a positive test row, every item the user has no train or
+against the teacher, and the SHA-256 of every ONNX file measured (``sha256``). Ranking protocol: for every user with a positive test row, every item the user has no train or
 validation row for is ranked; the user's positive test items are the relevant ones (Recall@k divides the hits by
 min(k, relevant)).
 """
@@ -21,7 +21,7 @@ from tasks.config import EvaluateRecsys, stage_args
 from tasks.ctr_onnx import MODELS, OUTPUT, onnx_probabilities
 from tasks.ctr_training import CtrSplit, ctr_metrics
 from tasks.errors import run_cli
-from tasks.io import write_json
+from tasks.io import digests, write_json
 from tasks.onnx_models import file_sizes, session
 from tasks.prepare_recsys import assemble_fields
 from tasks.vision_models import count_parameters
@@ -116,7 +116,8 @@ def main() -> None:
         models = {"teacher_fp32": args.teacher, "student_fp32": args.student_fp32, "student_int8": args.student}
         results = evaluate_recsys(ev, args.data, args.onnx, models)
         summary = ratios(results)
-        write_json(args.metrics, {"models": results, "ratios": summary, "settings": ev.model_dump()})
+        write_json(args.metrics, {"models": results, "ratios": summary, "settings": ev.model_dump(),
+                                   "sha256": digests(args.onnx, "*.onnx")})
         run.log_metrics({f"{m}.{k}": v for m, r in results.items() for k, v in r.items()} | summary)
         run.log_artifact(args.metrics)
     for name, r in results.items():

@@ -4,7 +4,8 @@ Inputs: ``<data>`` (test split), ``<onnx>`` (export_vision's folder), the PyTorc
 and final ``<student>`` (for parameter, non-zero and MAC counts). Output ``<metrics>``: per ONNX model its test
 accuracy in onnxruntime, size on disk (bytes, gzip bytes), parameters, non-zero parameters, multiply-accumulates
 per image, batch-1 latency p50 / p95 / p99 and batch-``throughput_batch`` throughput, with the thread count,
-warm-up and repeats used; plus ratios against the teacher and INT8 against FP32.
+warm-up and repeats used; plus ratios against the teacher and INT8 against FP32, and the SHA-256 of every ONNX
+file measured (``sha256``: the gate registers only the file that was evaluated).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from torch import nn
 from tasks.artifacts import load_model
 from tasks.config import EvaluateVision, stage_args
 from tasks.errors import run_cli
-from tasks.io import write_json
+from tasks.io import digests, write_json
 from tasks.onnx_models import INPUT, OUTPUT, file_sizes, onnx_accuracy, session
 from tasks.training import Split, to_input
 from tasks.vision_models import count_nonzero, count_parameters
@@ -107,7 +108,7 @@ def main() -> None:
     with stage_run("evaluate_vision", cfg, {"evaluate.vision": ev}) as run:
         results = evaluate_vision(ev, args.data, args.onnx, args.teacher, args.student_fp32, args.student)
         summary = ratios(results, f"throughput_b{ev.throughput_batch}_ips")
-        doc = {"models": results, "ratios": summary, "settings": ev.model_dump()}
+        doc = {"models": results, "ratios": summary, "settings": ev.model_dump(), "sha256": digests(args.onnx, "*.onnx")}
         write_json(args.metrics, doc)
         run.log_metrics({f"{m}.{k}": v for m, r in results.items() for k, v in r.items()} | summary)
         run.log_artifact(args.metrics)

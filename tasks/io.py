@@ -20,6 +20,12 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
     return digest.hexdigest()
 
 
+def digests(folder: Path, pattern: str) -> dict[str, str]:
+    """SHA-256 of every file of ``folder`` matching ``pattern``, by stem: what a stage evaluated, for the gate to
+    check that the file it registers is that file."""
+    return {path.stem: file_digest(path) for path in sorted(folder.glob(pattern))}
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")

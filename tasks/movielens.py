@@ -32,6 +32,9 @@ from tasks.io import write_atomic
 GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
           "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western")
 RECBOLE_FILES = {"ratings": "ml-100k.inter", "users": "ml-100k.user", "items": "ml-100k.item"}
+RECBOLE_COLUMNS = {"ratings": ("user_id", "item_id", "rating", "timestamp"),
+                   "users": ("user_id", "age", "gender", "occupation", "zip_code"),
+                   "items": ("item_id", "release_year", "class")}
 ZIP_NAME = "ml-100k.zip"
 Reader = Callable[[str], bytes]   # a file name -> its bytes
 
@@ -44,8 +47,15 @@ def _year(text: str) -> int:
 def parse_recbole(read: Reader) -> dict[str, pd.DataFrame]:
     """RecBole atomic files: tab-separated with ``name:type`` headers; genres space-separated in ``class``."""
     def table(name: str) -> pd.DataFrame:
-        frame = pd.read_csv(io.BytesIO(read(RECBOLE_FILES[name])), sep="\t", dtype=str, keep_default_na=False)
+        file = RECBOLE_FILES[name]
+        blob = read(file)
+        if not blob.strip():
+            raise DataFormatError(f"{file} is empty")
+        frame = pd.read_csv(io.BytesIO(blob), sep="\t", dtype=str, keep_default_na=False)
         frame.columns = [c.split(":")[0] for c in frame.columns]
+        missing = [c for c in RECBOLE_COLUMNS[name] if c not in frame.columns]
+        if missing:
+            raise DataFormatError(f"{file} has no column {', '.join(missing)} (its columns: {', '.join(frame.columns)})")
         return frame
 
     ratings, users, items = table("ratings"), table("users"), table("items")
@@ -174,6 +184,13 @@ def acquire(cfg: RecsysData) -> tuple[str, dict[str, pd.DataFrame]]:
 
 def _load(source: str, parse: Callable, read: Reader) -> tuple[str, dict[str, pd.DataFrame]]:
     try:
-        return source, normalise(parse(read), source)
-    except (OSError, pd.errors.ParserError, UnicodeDecodeError, zipfile.BadZipFile) as err:
-        raise DataFormatError(f"{source}: cannot be parsed as MovieLens-100K ({err})") from err
+        raw = parse(read)
+    except DataFormatError as err:  # names the file and what is wrong with it
+        raise DataFormatError(f"{source}: {err}") from err
+    except (OSError, ValueError, KeyError, IndexError, UnicodeDecodeError, zipfile.BadZipFile) as err:
+        raise DataFormatError(f"{source}: cannot be parsed as MovieLens-100K ({type(err).__name__}: {err})") from err
+    tables = normalise(raw, source)
+    empty = [name for name, table in tables.items() if table.empty]
+    if empty:
+        raise DataFormatError(f"{source}: no rows in the {', '.join(empty)} table(s); the files hold a header only")
+    return source, tables

@@ -5,7 +5,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from tasks.config_types import Positive, Strict
+from tasks.config_types import Positive, ProjectPath, Strict
 
 SWEEPABLE = ("distill", "prune", "qat", "share", "recipe")   # sections a recipe may change: never data or teacher
 
@@ -20,7 +20,7 @@ class SweepConfig(Strict):
     workers: Positive                          # a Dask LocalCluster of this many single-process workers ...
     threads_per_worker: Positive               # ... each recipe's stages limited to this many torch threads
     address: str | None = None                 # ... unless an existing scheduler is named (tcp://host:8786)
-    work_dir: str = Field(min_length=1)        # scratch copies of the project, one per recipe
+    work_dir: ProjectPath                      # scratch copies of the project, one per recipe
     recipe_retries: Annotated[int, Field(ge=0, le=5)]   # retries of a recipe that failed for a transient reason
     space: dict[Literal["vision", "recsys"], dict[str, Annotated[list[Any], Field(min_length=1)]]]
 

@@ -6,13 +6,17 @@ Location: ``$MLFLOW_TRACKING_URI``, else ``tracking.uri`` in params.yaml, else `
 """
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
@@ -20,7 +24,7 @@ from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
 from tasks.config import Config
-from tasks.errors import ServiceUnavailable
+from tasks.errors import AccessDenied, ArtifactStoreError, PipelineError, ServiceUnavailable
 from tasks.lineage import lineage_tags
 
 PARENT_ENV = "PIPELINE_PARENT_RUN_ID"
@@ -42,8 +46,50 @@ def bound_http_retries(cfg: Config) -> None:
         os.environ.setdefault(name, str(value))
 
 
+def redact(uri: str) -> str:
+    """``uri`` without a password it may carry (``https://user:secret@host`` -> ``https://user:***@host``)."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{parts.hostname}"
+                                            + (f":{parts.port}" if parts.port else "")))
+
+
+def server_error(err: Exception, what: str, outcome: str) -> PipelineError:
+    """The error to raise for a failed call to a tracking, registry or artifact server: refused credentials are
+    the user's to fix (never retried); anything else is a server that did not answer (transient, retried)."""
+    code = getattr(err, "error_code", None)
+    if code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+        return AccessDenied(f"{what} refused the credentials ({code}): set MLFLOW_TRACKING_USERNAME and "
+                            f"MLFLOW_TRACKING_PASSWORD for an account with access; {outcome}")
+    return ServiceUnavailable(f"{what} is not reachable after the bounded retries of tracking.http "
+                              f"({type(err).__name__}: {err}); {outcome}")
+
+
+def _is_client_error(err: Exception) -> bool:
+    """An error of a call to a server (MLflow REST, HTTP, S3), as opposed to a bug in this code."""
+    return isinstance(err, MlflowException) or type(err).__module__.split(".")[0] in ("requests", "urllib3",
+                                                                                      "botocore", "boto3")
+
+
 def _is_local(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def client_for(uri: str) -> MlflowClient:
+    """A client of the tracking store and registry at ``uri``. MLflow opens (and on a new SQLite file creates and
+    migrates) the store in the constructor; on SQLite that happens under an exclusive lock on a file beside the
+    database, since runs starting together on a new store otherwise race on the migrations and all but one fail
+    (alembic: "expected to match one row"; seen with 4 concurrent runs)."""
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(uri, registry_uri=uri)
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        client = MlflowClient(uri, registry_uri=uri)
+        client._get_registry_client()  # the registry store too: it runs the same migrations
+        return client
 
 
 def ensure_experiment(client: MlflowClient, cfg: Config, root: Path = Path(".")) -> str:
@@ -51,9 +97,7 @@ def ensure_experiment(client: MlflowClient, cfg: Config, root: Path = Path("."))
     try:
         exp = client.get_experiment_by_name(cfg.tracking.experiment)
     except MlflowException as err:  # the first call to the server: refused, timed out, or failed after retries
-        raise ServiceUnavailable(f"tracking server {client.tracking_uri} is not reachable after "
-                                 f"{cfg.tracking.http.max_retries} retries (tracking.http): {err}; nothing was "
-                                 "recorded") from None
+        raise server_error(err, f"tracking server {redact(client.tracking_uri)}", "nothing was recorded") from None
     if exp is not None:
         return exp.experiment_id
     location = (root / cfg.tracking.artifact_root).resolve().as_uri() if _is_local(client.tracking_uri) else None
@@ -75,50 +119,79 @@ def flatten(prefix: str, value: Any) -> dict[str, Any]:
     return {prefix: value}
 
 
+def guarded(client: MlflowClient, action: str, call: Callable[[], Any], run_id: str | None = None) -> Any:
+    """``call()``, with a failure of the tracking or artifact store raised as a ``PipelineError`` naming it."""
+    try:
+        return call()
+    except OSError as err:  # a local artifact store: no space left, not a folder, not writable
+        store = redact(client.get_run(run_id).info.artifact_uri) if run_id else "of the experiment"
+        reason = errno.errorcode.get(err.errno or 0, type(err).__name__)
+        raise ArtifactStoreError(f"cannot {action}: the artifact store {store} refused the write ({reason}: "
+                                 f"{err.strerror or err}); free space or fix its permissions and re-run") from None
+    except Exception as err:
+        if not _is_client_error(err):
+            raise
+        raise server_error(err, f"tracking server {redact(client.tracking_uri)}",
+                           f"could not {action}" + (f" (run {run_id})" if run_id else "")) from None
+
+
 class RunLogger:
-    """Logs to one MLflow run through an injected client (no global fluent state)."""
+    """Logs to one MLflow run through an injected client (no global fluent state). A failed call raises a
+    ``PipelineError`` saying what failed and where: a full or unwritable artifact store, refused credentials, or a
+    server that stopped answering in the middle of the run."""
 
     def __init__(self, client: MlflowClient, run_id: str) -> None:
         self.client, self.run_id = client, run_id
 
+    def _call(self, action: str, call: Callable[[], Any]) -> Any:
+        return guarded(self.client, action, call, self.run_id)
+
     def log_params(self, params: dict[str, Any]) -> None:
         items = [Param(k, json.dumps(v) if isinstance(v, list | dict) else str(v)) for k, v in params.items()]
         for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+            self._call("log params", lambda batch=items[i:i + 100]: self.client.log_batch(self.run_id, params=batch))
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step or 0) for k, v in metrics.items()])
+        batch = [Metric(k, float(v), now, step or 0) for k, v in metrics.items()]
+        self._call("log metrics", lambda: self.client.log_batch(self.run_id, metrics=batch))
 
     def set_tag(self, key: str, value: str) -> None:
-        self.client.set_tag(self.run_id, key, value)
+        self._call(f"set tag {key}", lambda: self.client.set_tag(self.run_id, key, value))
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._call("set tags", lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
-        self.client.log_artifact(self.run_id, str(path), artifact_path)
+        self._call(f"log artifact {path.name}", lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
 
     def log_text(self, text: str, name: str) -> None:
-        self.client.log_text(self.run_id, text, name)
+        self._call(f"log artifact {name}", lambda: self.client.log_text(self.run_id, text, name))
+
+    def end(self, status: str) -> None:
+        self._call(f"mark the run {status}", lambda: self.client.set_terminated(self.run_id, status))
 
 
 @contextmanager
 def _run(client: MlflowClient, cfg: Config, name: str, tags: dict[str, str], root: Path) -> Iterator[RunLogger]:
-    run = client.create_run(ensure_experiment(client, cfg, root), run_name=name, tags=tags)
+    experiment = ensure_experiment(client, cfg, root)
+    run = guarded(client, "start a run", lambda: client.create_run(experiment, run_name=name, tags=tags))
     logger = RunLogger(client, run.info.run_id)
     try:
         yield logger
-    except BaseException:
-        client.set_terminated(run.info.run_id, "FAILED")
-        raise
-    client.set_terminated(run.info.run_id, "FINISHED")
+    except BaseException as failure:
+        try:
+            logger.end("FAILED")
+        except PipelineError as err:  # the server went away too: say so, but report the failure that happened first
+            print(f"warning: run {run.info.run_id} could not be marked FAILED ({err})", file=sys.stderr)
+        raise failure
+    logger.end("FINISHED")
 
 
 @contextmanager
 def stage_run(stage: str, cfg: Config, params: dict[str, Any], client: MlflowClient | None = None) -> Iterator[RunLogger]:
     """A child run of the pipeline's parent run (or a top-level run under plain ``dvc repro``)."""
-    client = client or MlflowClient(tracking_uri(cfg))
+    client = client or client_for(tracking_uri(cfg))
     flat = flatten("", params)
     tags = {"pipeline.stage": stage, **lineage_tags(stage, flat)}
     parent = os.environ.get(PARENT_ENV)
@@ -143,7 +216,7 @@ def child_run(name: str, cfg: Config, params: dict[str, Any], parent_run_id: str
 def pipeline_run(cfg: Config, name: str, root: Path, client: MlflowClient | None = None,
                  launcher: str = "prefect") -> Iterator[RunLogger]:
     """The top-level run of one pipeline execution (``launcher`` prefect) or of a benchmark command."""
-    client = client or MlflowClient(tracking_uri(cfg, root))
+    client = client or client_for(tracking_uri(cfg, root))
     tags = {"pipeline.launcher": launcher, "pipeline.profile": cfg.profile, **lineage_tags(None, {}, root)}
     with _run(client, cfg, name, tags, root) as logger:
         yield logger

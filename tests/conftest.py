@@ -45,11 +45,13 @@ def idx_bytes(arr: np.ndarray) -> bytes:
 
 
 @pytest.fixture
-def synthetic_source(tmp_path, raw_params):
+def synthetic_source(tmp_path, raw_params, monkeypatch):
     """A folder with four small, valid Fashion-MNIST-shaped IDX .gz files and params pinning their hashes.
 
-    Returns (directory, Config) with ``source_dir`` pointing at it and the download URL unreachable.
+    Returns (directory, Config) with ``source_dir`` pointing at it and the download URL unreachable. The working
+    directory is ``tmp_path``: the download cache (``dl``, a folder the pipeline writes) must be inside it.
     """
+    monkeypatch.chdir(tmp_path)
     rng = np.random.default_rng(0)
     arrays = {
         "train-images-idx3-ubyte": rng.integers(0, 256, (600, 28, 28), dtype=np.uint8),
@@ -65,7 +67,7 @@ def synthetic_source(tmp_path, raw_params):
         (src / f"{name}.gz").write_bytes(gzip.compress(payload, mtime=0))
         pins[name] = hashlib.sha256(payload).hexdigest()
     data = {**raw_params["data"]["vision"], "source_dir": str(src), "system_dir": str(tmp_path / "absent"),
-            "url": "http://127.0.0.1:9/", "download_cache": str(tmp_path / "dl"), "sha256": pins,
+            "url": "http://127.0.0.1:9/", "download_cache": "dl", "sha256": pins,
             "val_size": 100, "subset": None}
     cfg = parse_config({**raw_params, "data": {**raw_params["data"], "vision": data}})
     return src, cfg
@@ -87,13 +89,14 @@ def movielens_tables(users: int = 30, items: int = 40, ratings: int = 700, seed:
 
 
 @pytest.fixture
-def synthetic_movielens(tmp_path, raw_params):
+def synthetic_movielens(tmp_path, raw_params, monkeypatch):
     """The same small data set as RecBole atomic files and as a GroupLens zip, with params pinning both.
 
     Returns (RecBole folder, GroupLens folder, Config whose source_dir is the RecBole folder and whose other sources
-    are unreachable)."""
+    are unreachable). The working directory is ``tmp_path``, which holds the download cache ``dl``."""
     import zipfile
 
+    monkeypatch.chdir(tmp_path)
     from tasks.movielens import GENRES
 
     rows = movielens_tables()
@@ -122,7 +125,7 @@ def synthetic_movielens(tmp_path, raw_params):
     pins = {name: hashlib.sha256((recbole / name).read_bytes()).hexdigest() for name in files}
     pins["ml-100k.zip"] = hashlib.sha256((grouplens / "ml-100k.zip").read_bytes()).hexdigest()
     data = {**raw_params["data"]["recsys"], "source_dir": str(recbole), "url": "http://127.0.0.1:9/ml-100k.zip",
-            "download_cache": str(tmp_path / "dl"), "sha256": pins,
+            "download_cache": "dl", "sha256": pins,
             "wheel": {**raw_params["data"]["recsys"]["wheel"], "version": "0.0.0.does-not-exist"}}
     validate = {"positive_fraction": 0.5, "positive_tolerance": 0.2, "min_rows": {"train": 100}}  # uniform ratings
     cfg = parse_config({**raw_params, "data": {**raw_params["data"], "recsys": data},

@@ -1,7 +1,9 @@
 """The MovieLens expectation suite on prepared data: it passes clean data and names what breaks."""
 from __future__ import annotations
 
+import numpy as np
 import pandas as pd
+import pytest
 
 from tasks.expectations import failure_message
 from tasks.prepare_recsys import prepare_recsys
@@ -23,18 +25,39 @@ def test_clean_data_passes(synthetic_movielens, tmp_path):
             "expect_column_mean_to_be_between", "expect_column_values_to_not_be_null"} <= kinds
 
 
-def test_orphan_ratings_duplicates_and_bad_ratings_are_named(synthetic_movielens, tmp_path):
-    tables, cfg = _prepared(synthetic_movielens, tmp_path)
+def _set(column: str, row: int, value):
+    def corrupt(tables):
+        tables["interactions"].loc[row, column] = value
+    return corrupt
+
+
+def _duplicate_row(tables):
     rows = tables["interactions"]
-    rows.loc[0, "user_id"] = 999                       # a rating by a user who does not exist
-    rows.loc[1, "rating"] = 7                          # out of range
-    tables["interactions"] = pd.concat([rows, rows.iloc[[5]]], ignore_index=True)  # a duplicate row
+    tables["interactions"] = pd.concat([rows, rows.iloc[[5]]], ignore_index=True)
+
+
+def _fault(scenario: str, expected: str):
+    return pytest.mark.fault("data", scenario, f"validation fails naming {expected} and the bad values")
+
+
+@pytest.mark.parametrize("corrupt,expected", [
+    pytest.param(_set("rating", 0, np.nan), "expect_column_values_to_not_be_null(column=rating",
+                 marks=_fault("a rating that is NaN", "the null check on `rating`"), id="nan-rating"),
+    pytest.param(_set("rating", 1, 7), "expect_column_values_to_be_between(column=rating",
+                 marks=_fault("rating 7 (out of 1-5)", "the range check on `rating`"), id="rating-7"),
+    pytest.param(_set("user_id", 0, 999), "expect_column_values_to_be_in_set(column=user_id",
+                 marks=_fault("a rating by an unknown user id", "the `user_id` set check"), id="unknown-user"),
+    pytest.param(_set("item_id", 2, 4242), "expect_column_values_to_be_in_set(column=item_id",
+                 marks=_fault("a rating of an unknown item id", "the `item_id` set check"), id="unknown-item"),
+    pytest.param(_duplicate_row, "expect_compound_columns_to_be_unique(column_list=['user_id', 'item_id', 'timestamp']",
+                 marks=_fault("a duplicated rating row", "the uniqueness check"), id="duplicate-row"),
+])
+def test_bad_ratings_are_named(synthetic_movielens, tmp_path, corrupt, expected):
+    tables, cfg = _prepared(synthetic_movielens, tmp_path)
+    corrupt(tables)
     report = validate_recsys(tables, cfg)
     message = failure_message(report)
-    assert not report["success"]
-    assert "expect_column_values_to_be_in_set(column=user_id" in message and "[999]" in message
-    assert "expect_column_values_to_be_between(column=rating" in message
-    assert "expect_compound_columns_to_be_unique(column_list=['user_id', 'item_id', 'timestamp']" in message
+    assert not report["success"] and expected in message
 
 
 def test_label_balance_outside_its_tolerance_fails(synthetic_movielens, tmp_path):

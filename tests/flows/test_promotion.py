@@ -3,17 +3,18 @@ from __future__ import annotations
 
 import copy
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from flows.promotion import RegistryError, gate_and_register, promote_model
+from flows.promotion import CandidateAltered, RegistryError, gate_and_register, promote_model
 from tasks.config import MobileArch, parse_config
 from tasks.errors import ConfigError
 from tasks.gate import gate_checks
-from tasks.io import save_npy, write_json
+from tasks.io import file_digest, save_npy, write_json
 from tasks.onnx_models import export_fp32
 from tasks.vision_models import MobileStudent
 
@@ -26,6 +27,9 @@ def _measured(accuracy, p50, size):
 
 EVALUATION = {"models": {"teacher_fp32": _measured(0.94, 2.0, 4_800_000), "student_fp32": _measured(0.93, 0.2, 290_000),
                          "student_int8": _measured(0.935, 0.1, 100_000), "student_ptq_int8": _measured(0.925, 0.1, 110_000)}}
+
+
+ARCH = MobileArch(stem=4, widths=[8, 16], strides=[2, 2])
 
 
 def _cfg(raw_params, **gate):
@@ -49,6 +53,8 @@ def test_gate_lists_every_check_with_value_threshold_and_why(raw_params):
     assert "fails >= 25" in slow[4].why
 
 
+@pytest.mark.fault("params", "contradictory gate thresholds",
+                   "ConfigError at load naming both thresholds")
 def test_contradicting_or_out_of_range_thresholds_fail_at_load(raw_params):
     with pytest.raises(ConfigError, match=r"vs_champion\.max_accuracy_drop .* exceeds vs_teacher"):
         _cfg(raw_params, vs_champion={"max_accuracy_drop": 0.05})
@@ -65,9 +71,9 @@ def project(tmp_path, real_splits):
     save_npy(tmp_path / "data/vision/processed/test_x.npy", x)
     save_npy(tmp_path / "data/vision/processed/test_y.npy", y)
     torch.manual_seed(0)
-    export_fp32(MobileStudent(MobileArch(stem=4, widths=[8, 16], strides=[2, 2])),
-                tmp_path / "models/vision/onnx/student_int8.onnx")
-    write_json(tmp_path / "metrics/vision/evaluation.json", EVALUATION)
+    candidate = export_fp32(MobileStudent(ARCH), tmp_path / "models/vision/onnx/student_int8.onnx")
+    write_json(tmp_path / "metrics/vision/evaluation.json",
+               {**EVALUATION, "sha256": {"student_int8": file_digest(candidate)}})  # as evaluate_vision records it
     return tmp_path
 
 
@@ -98,6 +104,10 @@ def test_passing_candidate_becomes_champion_and_loads_from_the_registry(project,
     assert page.count("<svg") == 2 and "student QAT+KD INT8" in page and "size_ratio_vs_teacher" in page
     assert "No ablation run yet" in page and f"{name} version 1 (champion)" in page
 
+    stored = {a.path for a in client.list_artifacts(version.run_id, "model")}  # ONNX, YAML and JSON: no pickle
+    assert "model/model.onnx" in stored and not [p for p in stored if p.endswith((".pkl", ".pickle", ".pt", ".joblib"))]
+    local = client.download_artifacts(version.run_id, "model/model.onnx", str(project / "pulled"))
+    assert version.tags["model.sha256"] == file_digest(local)  # what the loader checks before running it
     model = mlflow.onnx.load_model(f"models:/{name}@champion")  # what a deployment would pull
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     assert sess.run(None, {"image": np.zeros((2, 1, 28, 28), np.float32)})[0].shape == (2, 10)
@@ -107,6 +117,8 @@ def test_passing_candidate_becomes_champion_and_loads_from_the_registry(project,
     assert again["champion_before"]["version"] == "1" and again["passed"] and again["version"] == "2"
 
 
+@pytest.mark.fault("promotion", "a candidate that fails a gate check",
+                   "registered as challenger only, champion unchanged, the failing check in its tags")
 def test_failing_candidate_is_registered_as_challenger_only(project, raw_params, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     lenient = _cfg(raw_params, floors={"min_accuracy": 0.0}, vs_teacher={"max_accuracy_drop": 1.0})
@@ -147,6 +159,8 @@ def _root_with_params(tmp_path, uri):
     return root
 
 
+@pytest.mark.fault("promotion", "an unreachable model registry",
+                   "RegistryUnreachable naming the URI; nothing registered, no report")
 def test_unreachable_registry_is_a_clear_error_and_nothing_is_written(project, raw_params, monkeypatch):
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
@@ -167,3 +181,41 @@ def test_recommender_gate_reads_auc_and_request_latency(raw_params):
                             "size_ratio_vs_teacher", "vs_champion"]
     assert not checks["auc_drop_vs_teacher"].passed and "auc drop vs the teacher 0.008 fails" in checks["auc_drop_vs_teacher"].why
     assert checks["speedup_vs_teacher"].passed and checks["size_ratio_vs_teacher"].passed
+
+
+def _lenient(raw_params):
+    return _cfg(raw_params, floors={"min_accuracy": 0.0}, vs_teacher={"max_accuracy_drop": 1.0})
+
+
+def _other_model(path):
+    torch.manual_seed(1)  # valid ONNX, other weights: what a stray copy or an edit would leave
+    export_fp32(MobileStudent(ARCH), path)
+
+
+@pytest.mark.fault("promotion", "a candidate whose metrics pass but whose file changed after evaluation",
+                   "CandidateAltered naming the file and both SHA-256s; nothing registered, champion unchanged")
+def test_a_candidate_changed_after_evaluation_is_not_registered(project, raw_params, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    _, client = _gate(project, _lenient(raw_params), uri)
+    _other_model(project / "models/vision/onnx/student_int8.onnx")
+    with pytest.raises(CandidateAltered, match=r"student_int8\.onnx has SHA-256 [0-9a-f]{64}, but "
+                                               r"metrics/vision/evaluation\.json measured [0-9a-f]{64}"):
+        _gate(project, _lenient(raw_params), uri)
+    name = _lenient(raw_params).gate.vision.registered_model
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
+
+
+@pytest.mark.fault("promotion", "the champion's ONNX file altered in the artifact store",
+                   "RegistryError naming the version and both SHA-256s before the file is run; nothing registered")
+def test_a_champion_altered_in_the_artifact_store_is_never_run(project, raw_params, tmp_path):
+    from urllib.parse import urlparse
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    report, client = _gate(project, _lenient(raw_params), uri)
+    name = _lenient(raw_params).gate.vision.registered_model
+    run = client.get_run(client.get_model_version(name, report["version"]).run_id)
+    _other_model(Path(urlparse(run.info.artifact_uri).path) / "model" / "model.onnx")
+    with pytest.raises(RegistryError, match=rf"{name} version 1: its stored ONNX file has SHA-256 [0-9a-f]{{64}}, "
+                                            r"but the version records [0-9a-f]{64} \(model\.sha256\)"):
+        _gate(project, _lenient(raw_params), uri)
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{name}'")] == ["1"]

@@ -165,6 +165,8 @@ def sweep(stack, pipeline):
     return repo, json.loads((repo / "reports" / "sweep" / "recsys" / "sweep.json").read_text()), seen, names
 
 
+@pytest.mark.fault("runs", "a Dask worker SIGKILLed in the middle of a sweep",
+                   "its recipe reruns on the other worker; abandoned MLflow runs marked KILLED; every recipe ends ok")
 def test_sweep_fans_out_on_dask_workers_and_survives_a_killed_one(stack, sweep):
     _, st = stack
     repo, report, seen, names = sweep
@@ -187,38 +189,55 @@ def test_sweep_fans_out_on_dask_workers_and_survives_a_killed_one(stack, sweep):
     assert challenger["version"] == registered["version"]
 
 
-def _onnx_hash(root: Path) -> str:
-    lock = yaml.safe_load((root / "dvc.lock").read_text())["stages"]["export_recsys"]["outs"]
-    return next(o["md5"] for o in lock if o["path"] == "models/recsys/onnx")
+def _distinct_candidates(recipe_dirs: list[Path], dest: Path, count: int) -> list[Path]:
+    """``count`` copies of the sweep's recipe folders, each with a distinct candidate file (same model, its own
+    ONNX doc string) and an evaluation that records that file, as if ``count`` recipes had been run."""
+    import shutil
+
+    import onnx
+
+    from tasks.io import file_digest, write_json
+
+    made = []
+    for i in range(count):
+        root = dest / f"candidate-{i}"
+        shutil.copytree(recipe_dirs[i % len(recipe_dirs)], root, symlinks=True)
+        (root / "dvc.lock").unlink(missing_ok=True)  # no DVC hash: each is a new candidate to the registry
+        path = root / "models/recsys/onnx/student_int8.onnx"
+        model = onnx.load(str(path))
+        model.doc_string = f"candidate {i}"
+        onnx.save(model, str(path))
+        evaluation = json.loads((root / "metrics/recsys/evaluation.json").read_text())
+        evaluation["sha256"]["student_int8"] = file_digest(path)
+        write_json(root / "metrics/recsys/evaluation.json", evaluation)
+        made.append(root)
+    return made
 
 
-def test_two_promotions_at_once_end_with_one_champion_and_a_consistent_history(stack, sweep):
+@pytest.mark.fault("load", "8 promotions of 8 candidates at once against the PostgreSQL-backed registry",
+                   "they run one after another under the registry lock: 8 new versions, each with gate, audit and "
+                   "model.sha256 tags, each compared with the champion of its moment; exactly one champion")
+def test_eight_promotions_at_once_end_with_one_champion_and_a_consistent_history(stack, sweep, tmp_path):
     _, st = stack
     repo, report, _, _ = sweep
     env = st.client_env(repo)
-    registered = {v["tags"].get("onnx.hash") for v in _versions(st)}
-    candidates: dict[str, Path] = {}
-    for o in report["outcomes"]:
-        digest = _onnx_hash(Path(o["dir"]))
-        if digest not in registered and digest not in candidates:
-            candidates[digest] = Path(o["dir"])
-    assert len(candidates) >= 2, "the sweep gave fewer than two new distinct candidates"
+    dirs = _distinct_candidates([Path(o["dir"]) for o in report["outcomes"] if o["status"] == "ok"], tmp_path, 8)
     before = {v["version"] for v in _versions(st)}
+    champion_before = mlflow(st, "registered-models/alias", name=CTR_MODEL, alias="champion")["model_version"]
     cmd = [sys.executable, "-m", "flows.pipeline", "--gate-only", "--family", "recsys", "--root"]
     procs = [subprocess.Popen([*cmd, str(d)], env=env, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for d in list(candidates.values())[:2]]
-    outs = [p.communicate(timeout=600) for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [o[1][-3000:] for o in outs]
+                              text=True) for d in dirs]
+    outs = [p.communicate(timeout=900) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 8, [o[1][-3000:] for o in outs]
     new = sorted((v for v in _versions(st) if v["version"] not in before), key=lambda v: int(v["version"]))
-    assert len(new) == 2
-    champion = mlflow(st, "registered-models/alias", name=CTR_MODEL, alias="champion")["model_version"]
-    first, second = new
-    # one after the other: the second was compared with the champion the first had just become
-    assert first["tags"]["audit.decision"] == second["tags"]["audit.decision"] == "champion"
-    assert second["tags"]["audit.champion_before"] == first["version"]
-    assert first["tags"]["audit.champion_before"] != first["version"]
-    assert champion["version"] == second["version"]
-    assert all(v["tags"]["audit.flow_run_id"] != "none" for v in new)
+    assert len(new) == 8
+    champion = champion_before["version"]
+    for version in new:  # one after the other: each was compared with the champion of its moment
+        assert version["tags"]["audit.champion_before"] == champion
+        assert {"gate.passed", "model.sha256", "audit.registered_at", "audit.flow_run_id"} <= set(version["tags"])
+        if version["tags"]["audit.decision"] == "champion":
+            champion = version["version"]
+    assert mlflow(st, "registered-models/alias", name=CTR_MODEL, alias="champion")["model_version"]["version"] == champion
 
 
 def _versions(st: Stack) -> list[dict]:
@@ -255,6 +274,25 @@ def test_deployments_register_and_a_worker_runs_the_rollback(stack, pipeline, sw
     assert after["version"] == expected and tags(after)["champion.reason"] == "integration test"
 
 
+@pytest.mark.fault("security", "wrong credentials for the authenticated MLflow server",
+                   "AccessDenied naming the server and UNAUTHENTICATED, exit 2 (a user error: not retried); the "
+                   "password is never printed; nothing registered")
+def test_refused_credentials_are_a_user_error_and_never_printed(stack, pipeline):
+    _, st = stack
+    repo, env, _ = pipeline
+    before = len(_versions(st))
+    wrong = {**env, "MLFLOW_TRACKING_PASSWORD": "not-the-password-4711"}
+    proc = run([sys.executable, "-m", "flows.pipeline", "--gate-only", "--family", "recsys", "--root", str(repo)],
+               wrong, repo, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: AccessDenied: tracking server http://127.0.0.1:") and "(UNAUTHENTICATED)" in last
+    assert "not-the-password-4711" not in proc.stdout + proc.stderr and st.admin_password not in proc.stderr
+    assert len(_versions(st)) == before
+
+
+@pytest.mark.fault("runs", "the tracking server unreachable when a run starts",
+                   "bounded retries, then ServiceUnavailable naming the URI, exit 75; nothing registered")
 def test_an_unreachable_tracking_server_fails_fast_and_registers_nothing(stack, pipeline):
     _, st = stack
     repo, env, _ = pipeline

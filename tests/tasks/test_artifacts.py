@@ -6,6 +6,8 @@ from tasks.artifacts import load_model
 from tasks.errors import CheckpointError
 
 
+@pytest.mark.fault("security", "a model file that is not one of ours (garbage, wrong kind)",
+                   "CheckpointError naming the file; nothing loaded")
 @pytest.mark.parametrize("content", [b"", b"\n", b"not a model", b"PK\x03\x04truncated zip"])
 def test_unreadable_model_files_fail_with_a_clear_error(tmp_path, content):
     path = tmp_path / "model.pt"
@@ -36,3 +38,34 @@ def test_a_stage_left_out_of_the_recipe_passes_its_student_through(tmp_path, con
     assert (tmp_path / "ckpt").is_dir()  # the stage's declared checkpoint output, which DVC requires
     assert MlflowClient(mlflow_uri).get_run(run.run_id).data.tags["stage.pass_through"] == "true"
     assert not list((tmp_path / "out").glob("*.tmp"))
+
+
+class _Payload:
+    """A pickle that runs code when loaded: what a planted model or checkpoint would carry."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.fault("security", "a model file or checkpoint carrying a pickle that runs code",
+                   "refused by weights_only loading with CheckpointError naming the file; the code never runs")
+def test_pickled_code_in_model_files_and_checkpoints_never_runs(tmp_path):
+    import torch
+
+    from tasks.checkpoints import load_checkpoint, save_checkpoint
+
+    marker = tmp_path / "pwned"
+    model = tmp_path / "model.pt"
+    torch.save({"kind": "mobile_student", "arch": {}, "state_dict": _Payload(str(marker))}, model)
+    with pytest.raises(CheckpointError, match=r"model\.pt: not a model file of this pipeline"):
+        load_model(model)
+    checkpoint = tmp_path / "ck" / "last.pt"  # its sidecar hash matches: only weights_only stands in the way
+    save_checkpoint(checkpoint, {"model": _Payload(str(marker)), "history": []}, "fp")
+    with pytest.raises(CheckpointError, match=r"last\.pt matches its SHA-256 but holds more than tensors"):
+        load_checkpoint(checkpoint, "fp")
+    assert not marker.exists()

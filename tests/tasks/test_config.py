@@ -13,12 +13,16 @@ def test_repo_params_load_in_both_profiles(config, smoke_config):
     assert smoke_config.teacher.vision.optimizer == config.teacher.vision.optimizer
 
 
+@pytest.mark.fault("params", "an unknown key (a typo)",
+                   "ConfigError at load naming the key path")
 def test_unknown_key_names_its_path(raw_params):
     raw = {**raw_params, "teacher": {"vision": {**raw_params["teacher"]["vision"], "epoch": 3}}}
     with pytest.raises(ConfigError, match=r"teacher\.vision\.epoch: Extra inputs are not permitted"):
         parse_config(raw)
 
 
+@pytest.mark.fault("params", "a value of the wrong type",
+                   "ConfigError at load naming the key path and the value")
 def test_wrong_type_names_its_path_and_value(raw_params):
     raw = {**raw_params, "teacher": {"vision": {**raw_params["teacher"]["vision"], "epochs": "ten"}}}
     with pytest.raises(ConfigError, match=r"teacher\.vision\.epochs: .*got 'ten'"):
@@ -113,3 +117,23 @@ def test_the_two_families_cannot_register_the_same_model(raw_params):
     same = {**gate, "recsys": {**gate["recsys"], "registered_model": gate["vision"]["registered_model"]}}
     with pytest.raises(ConfigError, match=r"gate: .*register the same model name"):
         parse_config({**raw_params, "gate": same})
+
+
+@pytest.mark.parametrize("section,key,value", [
+    ("data.vision", "download_cache", "/etc/fashion-mnist"),
+    ("data.recsys", "download_cache", "../../outside/ml-100k"),
+    ("tracking", "artifact_root", "mlartifacts/../../elsewhere"),
+    ("sweep", "work_dir", "/tmp/sweeps"),
+])
+@pytest.mark.fault("security", "a params path that leaves the project (absolute, or '..' out of it)",
+                   "ConfigError at load naming the key and the rule; no stage starts")
+def test_paths_the_pipeline_writes_cannot_leave_the_project(raw_params, section, key, value):
+    import copy
+
+    raw = copy.deepcopy(raw_params)
+    node = raw
+    for part in section.split("."):
+        node = node[part]
+    node[key] = value
+    with pytest.raises(ConfigError, match=rf"{section}\.{key}: .*leaves the project"):
+        parse_config(raw)
