@@ -8,7 +8,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 # No phoning home from the embedded server (these machines are offline; it would only log a failed lookup).
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: run test benchmark benchmark-export benchmark-recsys benchmark-sweep ablation sweep deploy worker \
+.PHONY: run test faults benchmark benchmark-export benchmark-recsys benchmark-sweep ablation sweep deploy worker \
         data-source services clean-results
 
 run: $(STAMP) data-source
@@ -16,6 +16,10 @@ run: $(STAMP) data-source
 
 test: $(STAMP) data-source services
 	$(PY) -m pytest -q --durations=15
+
+# The fault catalogue: every injected fault or bad input the tests check, as a table with its count.
+faults: $(STAMP)
+	$(PY) -m tests.fault_catalogue
 
 # Cold run + no-change re-run of the whole pipeline in a scratch copy; prints the table the README quotes.
 benchmark: $(STAMP) data-source

@@ -29,6 +29,8 @@ def test_real_data_passes(real_splits, gate_config):
     assert len(report["checks"]) == 3 * 9 + 1
 
 
+@pytest.mark.fault("data", "a label out of range (10 classes, label 10+)",
+                   "validation fails naming the label check and the value")
 def test_label_out_of_range(real_splits, gate_config):
     splits = _copy(real_splits)
     splits["train"][1][:3] = 11
@@ -37,6 +39,8 @@ def test_label_out_of_range(real_splits, gate_config):
     assert "3 unexpected values, e.g. [11, 11, 11]" in failure_message(report)
 
 
+@pytest.mark.fault("data", "every image of one class removed",
+                   "validation fails naming the class-count check")
 def test_class_collapse(real_splits, gate_config):
     x, y = real_splits["test"]
     keep = y != 7
@@ -47,6 +51,8 @@ def test_class_collapse(real_splits, gate_config):
     assert ("vision_rows_test", "expect_table_row_count_to_equal") in failed
 
 
+@pytest.mark.fault("data", "train/test leak above the threshold",
+                   "validation fails naming the leak check and the fraction observed")
 def test_train_test_leak_above_threshold(real_splits, gate_config):
     splits = _copy(real_splits)
     n = len(splits["test"][0]) // 20  # 5 % of test copied from train

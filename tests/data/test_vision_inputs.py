@@ -11,6 +11,8 @@ from tasks.prepare_vision import prepare_vision
 LABELS = "train-labels-idx1-ubyte.gz"
 
 
+@pytest.mark.fault("data", "a truncated .gz file",
+                   "DataFormatError naming the file (not a valid gzip stream); no output folder")
 def test_truncated_file(synthetic_source, tmp_path):
     src, cfg = synthetic_source
     blob = (src / LABELS).read_bytes()
@@ -20,6 +22,8 @@ def test_truncated_file(synthetic_source, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.fault("data", "flipped bytes inside a .gz file",
+                   "DataFormatError or ChecksumError naming the file")
 def test_flipped_bytes(synthetic_source, tmp_path):
     src, cfg = synthetic_source
     blob = bytearray((src / "t10k-images-idx3-ubyte.gz").read_bytes())
@@ -29,6 +33,8 @@ def test_flipped_bytes(synthetic_source, tmp_path):
         prepare_vision(cfg.data.vision, tmp_path / "out")
 
 
+@pytest.mark.fault("data", "a valid file whose content does not match its pinned SHA-256",
+                   "ChecksumError naming the file, its hash and the pinned one")
 def test_checksum_mismatch_names_file_and_both_hashes(synthetic_source, tmp_path):
     src, cfg = synthetic_source
     payload = bytearray(gzip.decompress((src / LABELS).read_bytes()))
@@ -37,3 +43,18 @@ def test_checksum_mismatch_names_file_and_both_hashes(synthetic_source, tmp_path
     expected = cfg.data.vision.sha256["train-labels-idx1-ubyte"]
     with pytest.raises(ChecksumError, match=rf"{LABELS}: SHA-256 of its content is [0-9a-f]{{64}}, expected {expected}"):
         prepare_vision(cfg.data.vision, tmp_path / "out")
+
+
+@pytest.mark.fault("data", "a gzip file whose IDX magic number is wrong (pinned as it is)",
+                   "DataFormatError naming the file, the magic found and the one expected; no output folder")
+def test_wrong_idx_magic_number(synthetic_source, tmp_path):
+    import hashlib
+
+    src, cfg = synthetic_source
+    payload = bytearray(gzip.decompress((src / LABELS).read_bytes()))
+    payload[2] = 0x0D  # float32 instead of unsigned byte
+    (src / LABELS).write_bytes(gzip.compress(bytes(payload)))
+    pins = {**cfg.data.vision.sha256, "train-labels-idx1-ubyte": hashlib.sha256(payload).hexdigest()}
+    with pytest.raises(DataFormatError, match=rf"{LABELS}: IDX magic 00000d01 declares dtype 0x0d .* expected dtype 0x08"):
+        prepare_vision(cfg.data.vision.model_copy(update={"sha256": pins}), tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -160,6 +160,8 @@ def test_stages_left_out_of_the_recipe_pass_the_student_through_under_dvc(tmp_pa
         assert json.loads((repo / f"metrics/vision/student_{stage}.json").read_text()) == {"pass_through": 1}
 
 
+@pytest.mark.fault("data", "bad labels in pinned raw files, through the whole flow",
+                   "the flow fails at validate_vision naming the check; no report, no model of any family trained; not retried")
 def test_bad_data_stops_the_pipeline_before_training(tmp_path, prefect_server):
     """Labels out of range pass the checksum (they are pinned) but not the expectation gate."""
     src = tmp_path / "bad-source"
@@ -207,6 +209,8 @@ def test_benchmark_command_reports_cold_and_cached_runs(tmp_path):
     assert numbers["cold"]["stage_seconds"]["train_teacher_vision"] > 0
 
 
+@pytest.mark.fault("runs", "SIGKILL in the middle of teacher training (dvc repro)",
+                   "no model written; the re-run resumes from the last checkpoint and records every epoch")
 def test_killed_training_resumes_from_its_checkpoint_under_dvc(tmp_path):
     """SIGKILL the teacher stage after its first checkpoint; ``dvc repro`` then resumes instead of restarting."""
     import signal
@@ -232,6 +236,47 @@ def test_killed_training_resumes_from_its_checkpoint_under_dvc(tmp_path):
     history = (repo / "plots" / "vision" / "teacher_history.csv").read_text().strip().splitlines()
     assert len(history) == 1 + 3  # header + every epoch, the ones before the kill included
     assert dvc(repo, "status", "train_teacher_vision").stdout.strip().endswith("up to date.")
+
+
+@pytest.mark.fault("runs", "SIGKILL in the middle of QAT (the flow's `dvc repro --single-item`)",
+                   "the previous QAT outputs stay byte-identical (staged outputs); the re-run resumes from the last "
+                   "checkpoint, records every epoch and leaves DVC up to date")
+def test_killed_qat_keeps_the_previous_outputs_and_resumes(flow_repo, tmp_path):
+    import shutil
+    import signal
+    import time
+
+    source, _, _ = flow_repo
+    repo = tmp_path / "repo"
+    shutil.copytree(source, repo, symlinks=True)
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    params["profiles"]["smoke"]["qat"]["vision"]["epochs"] = 3  # other params: the flow's checkpoint is not resumed
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    outputs = [repo / "models/vision/student_qat.pt", repo / "metrics/vision/student_qat.json",
+               repo / "plots/vision/student_qat_history.csv"]
+    before = {p: p.read_bytes() for p in outputs}
+    checkpoint = repo / "checkpoints/vision/student_qat/last.pt"
+    stamp = checkpoint.stat().st_mtime_ns
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(repo), "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", "qat_vision"], cwd=repo, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 600
+    while checkpoint.stat().st_mtime_ns == stamp and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert proc.poll() is None, "QAT ended before it could be killed"
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert {p: p.read_bytes() for p in outputs} == before  # nothing half-written, nothing replaced
+
+    again = dvc(repo, "repro", "--single-item", "qat_vision")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resuming from checkpoints/vision/student_qat/last.pt after epoch 1" in again.stderr
+    history = (repo / "plots/vision/student_qat_history.csv").read_text().strip().splitlines()
+    assert len(history) == 1 + 3
+    model = repo / "models/vision/student_qat.pt"
+    assert locked_outs(repo)["models/vision/student_qat.pt"] == hashlib.md5(model.read_bytes()).hexdigest()
+    assert not list(repo.rglob(".staging"))
 
 
 def test_ablation_command_tables_every_arm_and_resumes(flow_repo):

@@ -74,6 +74,8 @@ def test_overrides_land_in_the_layer_that_wins(tmp_path, raw_params):
     ("distill.vision.temperature", "is not a recsys compression knob"),
     ("distill.recsys.temprature", "is not a key of params.yaml"),
 ])
+@pytest.mark.fault("params", "a sweep that would change data or teacher params",
+                   "ConfigError at load naming the key and the allowed sections")
 def test_a_sweep_space_key_that_is_not_a_compression_knob_fails_at_load(raw_params, key, message):
     raw = copy.deepcopy(raw_params)
     raw["sweep"]["space"]["recsys"] = {key: [1, 2]}
@@ -81,6 +83,8 @@ def test_a_sweep_space_key_that_is_not_a_compression_knob_fails_at_load(raw_para
         parse_config(raw)
 
 
+@pytest.mark.fault("runs", "transient vs deterministic failures under Prefect retries",
+                   "a server that did not answer is retried; bad data or params are not")
 def test_retries_are_for_transient_failures_only():
     class State:
         def __init__(self, data):
@@ -94,6 +98,8 @@ def test_retries_are_for_transient_failures_only():
     assert not _retry_transient(None, None, State(ConfigError("unknown key")))
 
 
+@pytest.mark.fault("promotion", "two holders of the promotion lock at once",
+                   "the second waits for the first (Prefect global concurrency limit)")
 def test_the_registry_lock_lets_one_holder_in_at_a_time(prefect_server):
     inside: list[tuple[str, float, float]] = []
 

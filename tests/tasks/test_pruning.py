@@ -129,7 +129,11 @@ def test_bad_pruning_params_are_rejected_at_load(raw_params, section, change, pa
 
 
 @pytest.mark.parametrize("stages,pattern", [
-    (["distill", "sparsify"], r"recipe\.vision\.1: Input should be 'distill', 'prune', 'qat' or 'share' .*'sparsify'"),
+    pytest.param(["distill", "sparsify"],
+                 r"recipe\.vision\.1: Input should be 'distill', 'prune', 'qat' or 'share' .*'sparsify'",
+                 marks=pytest.mark.fault("params", "a recipe naming a stage that does not exist",
+                                         "ConfigError at load naming recipe.vision.1, the value and the stages "
+                                         "there are")),
     (["qat", "qat"], r"recipe\.vision: .*lists a stage twice"),
 ])
 def test_bad_recipes_are_rejected_at_load(raw_params, stages, pattern):
