@@ -23,15 +23,17 @@ from torch.ao.quantization import (
 )
 
 
-def qat_qconfig(activation_bits: int, float_modules: Sequence[str] = ()) -> QConfigMapping:
-    """Per-channel symmetric INT8 weights; unsigned ``activation_bits`` activations (8: full range, no reduce_range,
-    which VNNI kernels do not need; fewer bits simulate activation compression). ``float_modules`` (student module
-    names such as ``stem``) stay in float: a convolution over one input channel gains nothing from INT8 kernels."""
+def qat_qconfig(activation_bits: int, float_modules: Sequence[str] = (), weight_bits: int = 8) -> QConfigMapping:
+    """Per-channel symmetric INT8 weights (``weight_bits`` 7: in [-64, 63]); unsigned ``activation_bits`` activations
+    (8: full range, no reduce_range, which VNNI kernels do not need; fewer bits simulate activation compression).
+    ``float_modules`` (student module names such as ``stem``) stay in float: a convolution over one input channel
+    gains nothing from INT8 kernels."""
     activation = FusedMovingAvgObsFakeQuantize.with_args(
         observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=2 ** activation_bits - 1,
         dtype=torch.quint8, reduce_range=False)
     weight = FusedMovingAvgObsFakeQuantize.with_args(
-        observer=MovingAveragePerChannelMinMaxObserver, quant_min=-128, quant_max=127, dtype=torch.qint8,
+        observer=MovingAveragePerChannelMinMaxObserver, quant_min=-2 ** (weight_bits - 1),
+        quant_max=2 ** (weight_bits - 1) - 1, dtype=torch.qint8,
         qscheme=torch.per_channel_symmetric)
     mapping = QConfigMapping().set_global(QConfig(activation=activation, weight=weight))
     for name in float_modules:
