@@ -93,9 +93,9 @@ def download_onnx(client: MlflowClient, version: Any, dest: Path) -> Path:
     return path
 
 
-def verify_candidate(root: Path, family: str, evaluation: dict[str, Any]) -> str:
-    """The candidate's SHA-256, which must be the one recorded when it was evaluated: metrics that passed belong to
-    that file only."""
+def verify_candidate(root: Path, family: str, evaluation: dict[str, Any]) -> None:
+    """The candidate's SHA-256 must be the one recorded when it was evaluated: metrics that passed belong to that
+    file only."""
     where = paths(family)
     recorded = evaluation.get("sha256", {}).get("student_int8")
     actual = file_digest(root / where["candidate"])
@@ -103,7 +103,6 @@ def verify_candidate(root: Path, family: str, evaluation: dict[str, Any]) -> str
         raise CandidateAltered(f"{where['candidate']} has SHA-256 {actual}, but {where['evaluation']} measured "
                                f"{recorded or 'no recorded file'}: the file changed after evaluation; re-run "
                                f"`dvc repro evaluate_{family}` (nothing was registered)")
-    return actual
 
 
 def score(path: Path, data: Path, cfg: Config, family: str) -> dict[str, float]:

@@ -160,7 +160,8 @@ class RunLogger:
         self._call(f"set tag {key}", lambda: self.client.set_tag(self.run_id, key, value))
 
     def set_tags(self, tags: dict[str, str]) -> None:
-        self._call("set tags", lambda: self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
+        batch = [RunTag(k, str(v)) for k, v in tags.items()]
+        self._call("set tags", lambda: self.client.log_batch(self.run_id, tags=batch))
 
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self._call(f"log artifact {path.name}", lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
@@ -179,12 +180,12 @@ def _run(client: MlflowClient, cfg: Config, name: str, tags: dict[str, str], roo
     logger = RunLogger(client, run.info.run_id)
     try:
         yield logger
-    except BaseException as failure:
+    except BaseException:
         try:
             logger.end("FAILED")
         except PipelineError as err:  # the server went away too: say so, but report the failure that happened first
             print(f"warning: run {run.info.run_id} could not be marked FAILED ({err})", file=sys.stderr)
-        raise failure
+        raise
     logger.end("FINISHED")
 
 

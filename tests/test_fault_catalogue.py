@@ -12,7 +12,7 @@ def test_the_fault_catalogue_is_documented_and_complete():
     proc = subprocess.run([sys.executable, "-m", "tests.fault_catalogue", "--check"], cwd=ROOT, capture_output=True,
                           text=True)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    count = int(re.search(r"^(\d+) scenarios in the fault catalogue$", proc.stdout, re.M).group(1))
+    count = int(re.search(r"^(\d+) scenarios in the fault catalogue$", proc.stdout, re.MULTILINE).group(1))
     assert count >= 20
-    groups = set(re.findall(r"^\| \d+ \| (\w+) \|", proc.stdout, re.M))
+    groups = set(re.findall(r"^\| \d+ \| (\w+) \|", proc.stdout, re.MULTILINE))
     assert groups == {"data", "params", "runs", "promotion", "security", "load"}

@@ -70,14 +70,6 @@ def test_four_concurrent_runs_on_a_new_sqlite_store_lose_nothing(tmp_path):
     assert all([a.path for a in client.list_artifacts(r.info.run_id)] == ["note.txt"] for r in runs)
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _runs_on(url: str) -> list[dict]:
     import json
     import urllib.request
@@ -101,13 +93,14 @@ def test_a_tracking_server_lost_mid_run_fails_the_stage_cleanly(synthetic_moviel
 
     from tasks.prepare_recsys import prepare_recsys
     from tests.conftest import ROOT
+    from tests.integration.servers import free_port
 
     _, _, cfg = synthetic_movielens
     prepare_recsys(cfg.data.recsys, tmp_path / "data")
     params = cfg.model_dump(by_alias=True)
     params["teacher"]["recsys"]["epochs"] = 400  # long enough to lose the server in the middle
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
                                "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
