@@ -69,14 +69,14 @@ def run_seed(cfg: Config, seed: int, root: Path, work: Path) -> dict[str, Measur
     kd_student = distill_vision(kd, True, data, teacher, ckpt / "kd.pt")[0]
     for name, model in (("ce", ce), ("kd", kd_student)):
         save_model(model, "mobile_student", kd.student, files[name])
-    qat_ce = qat_vision(qat.model_copy(update={"distill": False}), kd, data, teacher, files["ce"], ckpt / "qat_ce.pt")[0]
-    qat_kd = qat_vision(qat.model_copy(update={"distill": True}), kd, data, teacher, files["kd"], ckpt / "qat_kd.pt")[0]
+    qat_ce = qat_vision(qat, kd, False, data, teacher, files["ce"], ckpt / "qat_ce.pt")[0]
+    qat_kd = qat_vision(qat, kd, True, data, teacher, files["kd"], ckpt / "qat_kd.pt")[0]
     save_model(qat_kd, "mobile_student", kd.student, files["qat_kd"], **qat_extra(qat))
     pruned, arch = prune_vision(r["prune"], kd, True, data, teacher, files["kd"], ckpt / "prune.pt")[:2]
     save_model(pruned, "mobile_student", arch, files["pruned"])
-    qat_pruned = qat_vision(qat.model_copy(update={"distill": True}), kd, data, teacher, files["pruned"],
-                            ckpt / "qat_pruned.pt")[0]
-    shared = share_vision(r["share"], kd, True, data, teacher, files["qat_kd"], ckpt / "share.pt")[0]
+    qat_pruned = qat_vision(qat, kd, True, data, teacher, files["pruned"], ckpt / "qat_pruned.pt")[0]
+    shared = share_vision(r["share"], kd, True, data, teacher, files["qat_kd"], ckpt / "share.pt", cfg.export.vision,
+                          qat.float_modules)[0]
 
     calibration = Split.load(data, "val")
     calibration = Split(calibration.x[:cfg.ablation.vision.calibration_size], calibration.y[:cfg.ablation.vision.calibration_size])

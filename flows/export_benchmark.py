@@ -22,13 +22,13 @@ NAMES = ("teacher_fp32", "student_fp32", "student_int8", "student_ptq_int8")
 TARGETS = (("size_ratio_vs_teacher", ">=", 40.0, "student INT8 vs teacher FP32 size"),
            ("speedup_b1_p50_vs_teacher", ">=", 10.0, "batch-1 p50 speed-up vs teacher"),
            ("int8_vs_fp32_throughput_ratio", ">=", 2.0, "student INT8 vs FP32 batch-64 throughput"),
-           ("accuracy_drop_vs_teacher", "<=", 0.01, "accuracy drop vs teacher"))
+           ("test_accuracy_drop_vs_teacher", "<=", 0.01, "test accuracy drop vs teacher"))
 
 
 def measure(paths: dict[str, Path], data: Path, root: Path) -> dict:
     ev = load_config(root / "params.yaml").evaluate.vision
-    test = Split.load(data, "test")
-    models = {name: measure_onnx(path, test, ev) for name, path in paths.items()}
+    val, test = Split.load(data, "val"), Split.load(data, "test")
+    models = {name: measure_onnx(path, val, test, ev) for name, path in paths.items()}
     return {"models": models, "ratios": ratios(models, f"throughput_b{ev.throughput_batch}_ips"),
             "settings": ev.model_dump(), "files": {k: str(v) for k, v in paths.items()}}
 
@@ -37,15 +37,16 @@ def table(result: dict) -> str:
     ev, tp = result["settings"], f"throughput_b{result['settings']['throughput_batch']}_ips"
     lines = [f"ONNX benchmark, {date.today()}, {machine()}; onnxruntime CPU, {ev['threads']} thread(s), "
              f"{ev['warmup']} warm-up, {ev['repeats']} batch-1 repeats", "",
-             "| model | accuracy % | bytes | gzip bytes | b1 p50 ms | b1 p95 ms | b1 p99 ms | b64 images/s |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| model | val accuracy % | test accuracy % | bytes | gzip bytes | b1 p50 ms | b1 p95 ms | b1 p99 ms "
+             "| b64 images/s |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m in result["models"].items():
-        lines.append(f"| {name} | {100 * m['accuracy']:.2f} | {m['bytes']:,} | {m['gzip_bytes']:,} | "
+        lines.append(f"| {name} | {100 * m['val_accuracy']:.2f} | {100 * m['test_accuracy']:.2f} | {m['bytes']:,} | {m['gzip_bytes']:,} | "
                      f"{m['latency_b1_p50_ms']:.3f} | {m['latency_b1_p95_ms']:.3f} | {m['latency_b1_p99_ms']:.3f} | "
                      f"{m[tp]:,.0f} |")
     lines += ["", *target_rows(TARGETS, result["ratios"], 3)]
     r = result["ratios"]
-    lines.append(f"| QAT+KD INT8 vs onnxruntime PTQ INT8 accuracy (pt) | {100 * r['int8_vs_ptq_accuracy']:+.2f} | "
+    lines.append(f"| QAT+KD INT8 vs onnxruntime PTQ INT8 accuracy (pt) | {100 * r['test_int8_vs_ptq_accuracy']:+.2f} | "
                  "(side by side) | |")
     return "\n".join(lines)
 

@@ -43,6 +43,7 @@ MODEL_SHA256 = "model.sha256"   # version tag: SHA-256 of the registered ONNX fi
 def paths(family: str) -> dict[str, Path]:
     """Where a family's candidate, evaluation, data and reports are (the dvc.yaml outputs)."""
     return {"candidate": Path(f"models/{family}/onnx/student_int8.onnx"), "onnx": Path(f"models/{family}/onnx"),
+            "teacher": Path(f"models/{family}/onnx/teacher_fp32.onnx"),
             "evaluation": Path(f"metrics/{family}/evaluation.json"), "data": Path(f"data/{family}/processed"),
             "reports": Path(f"reports/{family}")}
 
@@ -94,25 +95,35 @@ def download_onnx(client: MlflowClient, version: Any, dest: Path) -> Path:
 
 
 def verify_candidate(root: Path, family: str, evaluation: dict[str, Any]) -> None:
-    """The candidate's SHA-256 must be the one recorded when it was evaluated: metrics that passed belong to that
-    file only."""
+    """The candidate's and the teacher's SHA-256 must be the ones recorded when they were evaluated: metrics that
+    passed belong to those files only."""
     where = paths(family)
-    recorded = evaluation.get("sha256", {}).get("student_int8")
-    actual = file_digest(root / where["candidate"])
-    if recorded != actual:
-        raise CandidateAltered(f"{where['candidate']} has SHA-256 {actual}, but {where['evaluation']} measured "
-                               f"{recorded or 'no recorded file'}: the file changed after evaluation; re-run "
-                               f"`dvc repro evaluate_{family}` (nothing was registered)")
+    for name, path in (("student_int8", where["candidate"]), ("teacher_fp32", where["teacher"])):
+        recorded = evaluation.get("sha256", {}).get(name)
+        actual = file_digest(root / path)
+        if recorded != actual:
+            raise CandidateAltered(f"{path} has SHA-256 {actual}, but {where['evaluation']} measured "
+                                   f"{recorded or 'no recorded file'}: the file changed after evaluation; re-run "
+                                   f"`dvc repro evaluate_{family}` (nothing was registered)")
 
 
 def score(path: Path, data: Path, cfg: Config, family: str) -> dict[str, float]:
-    """The gate's metric and latency of one ONNX file, measured now (candidate and champion back to back)."""
+    """The gate's test metric and latency of one ONNX file, measured now (candidate and champion back to back)."""
     if family == "recsys":
         from tasks.evaluate_recsys import score_onnx
 
         return score_onnx(path, data, cfg.evaluate.recsys)
     ev, test = cfg.evaluate.vision, Split.load(data, "test")
-    return {"accuracy": onnx_accuracy(path, test, ev.threads), **latency(path, test.x, ev)}
+    return {"test_accuracy": onnx_accuracy(path, test, ev.threads), **latency(path, test.x, ev)}
+
+
+def timing(path: Path, data: Path, cfg: Config, family: str) -> dict[str, float]:
+    """The latency of one ONNX file only, measured now (the teacher's, beside the candidate's)."""
+    if family == "recsys":
+        from tasks.evaluate_recsys import Catalog, request_latency
+
+        return request_latency(path, Catalog(data), cfg.evaluate.recsys)
+    return latency(path, Split.load(data, "test").x, cfg.evaluate.vision)
 
 
 def input_example(data: Path, family: str) -> dict[str, np.ndarray]:
@@ -205,10 +216,12 @@ def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str,
             champion = {"version": str(champ.version),
                         **score(download_onnx(client, champ, Path(tmp)), data, cfg, family)}
     evaluation["models"]["student_int8"].update(score(root / where["candidate"], data, cfg, family))
+    # the teacher's latency too, beside the candidate's: a speed-up divides two numbers of one session
+    evaluation["models"]["teacher_fp32"].update(timing(root / where["teacher"], data, cfg, family))
     checks = gate_checks(evaluation, champion, gate, SPECS[family])
     passed = all(c.passed for c in checks)
     report = {"passed": passed, "checks": [c.as_dict() for c in checks], "champion_before": champion,
-              "candidate": evaluation["models"]["student_int8"]}
+              "candidate": evaluation["models"]["student_int8"], "teacher": evaluation["models"]["teacher_fp32"]}
     reports = root / where["reports"]
     write_json(reports / "gate.json", report)
     write_atomic(reports / "gate.md", gate_markdown(checks, passed).encode())

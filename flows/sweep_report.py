@@ -1,5 +1,9 @@
 """What a sweep found: the Pareto front over (quality up, ONNX bytes down, latency down), the best recipe that
-passes the gate, and the report files (``sweep.json``, ``sweep.md``, ``pareto.png``)."""
+passes the gate, and the report files (``sweep.json``, ``sweep.md``, ``pareto.png``).
+
+Quality here is always the validation score (``val_<metric>``): the front and the best recipe are choices, and
+choices are made on validation data. The test score is shown beside it, as the number to report, never to rank by.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -9,37 +13,41 @@ from tasks.io import write_atomic, write_json
 
 
 def _dominates(a: dict[str, Any], b: dict[str, Any], metric: str) -> bool:
+    metric = f"val_{metric}"
     at_least = a[metric] >= b[metric] and a["bytes"] <= b["bytes"] and a["latency_p50_ms"] <= b["latency_p50_ms"]
     better = a[metric] > b[metric] or a["bytes"] < b["bytes"] or a["latency_p50_ms"] < b["latency_p50_ms"]
     return at_least and better
 
 
 def pareto_front(measured: list[dict[str, Any]], metric: str) -> list[str]:
-    """Names of the recipes no other recipe beats on every axis at once, best ``metric`` first."""
+    """Names of the recipes no other recipe beats on every axis at once (validation ``metric``, bytes, latency),
+    best validation ``metric`` first."""
     front = [p for p in measured if not any(_dominates(q, p, metric) for q in measured if q is not p)]
-    return [p["name"] for p in sorted(front, key=lambda p: (-p[metric], p["bytes"]))]
+    return [p["name"] for p in sorted(front, key=lambda p: (-p[f"val_{metric}"], p["bytes"]))]
 
 
 def best_passing(outcomes: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
-    """The recipe with the best ``metric`` (then fewest bytes) among those that ran and pass the gate."""
+    """The recipe with the best validation ``metric`` (then fewest bytes) among those that ran and pass the gate."""
     passing = [o for o in outcomes if o["status"] == "ok" and o["passed"]]
-    return min(passing, key=lambda o: (-o[metric], o["bytes"])) if passing else None
+    return min(passing, key=lambda o: (-o[f"val_{metric}"], o["bytes"])) if passing else None
 
 
 def markdown(outcomes: list[dict[str, Any]], front: list[str], best: dict[str, Any] | None, metric: str,
              context: dict[str, Any]) -> str:
     lines = [f"# Recipe sweep: {context['family']}, {context['recipes']} recipes, {context['seconds']:.1f} s", "",
-             f"| recipe | status | {metric} | bytes | p50 ms | gate | Pareto | overrides |",
-             "|---|---|---:|---:|---:|---|---|---|"]
+             f"| recipe | status | val {metric} (ranked) | test {metric} (reported) | bytes | p50 ms | gate | Pareto "
+             "| overrides |",
+             "|---|---|---:|---:|---:|---:|---|---|---|"]
     for o in outcomes:
         overrides = ", ".join(f"{k}={v}" for k, v in o["overrides"].items())
         if o["status"] != "ok":
-            lines.append(f"| {o['name']} | FAILED | | | | | | {overrides} |")
+            lines.append(f"| {o['name']} | FAILED | | | | | | | {overrides} |")
             continue
         gate = "pass" if o["passed"] else "fail: " + ", ".join(o["failed_checks"])
-        lines.append(f"| {o['name']} | ok | {o[metric]:.4f} | {o['bytes']:,} | {o['latency_p50_ms']:.3f} | {gate} "
+        lines.append(f"| {o['name']} | ok | {o[f'val_{metric}']:.4f} | {o[f'test_{metric}']:.4f} | {o['bytes']:,} "
+                     f"| {o['latency_p50_ms']:.3f} | {gate} "
                      f"| {'yes' if o['name'] in front else ''} | {overrides} |")
-    lines += ["", f"Best recipe passing the gate: {best['name'] if best else 'none'}.",
+    lines += ["", f"Best recipe passing the gate, by validation {metric}: {best['name'] if best else 'none'}.",
               "Latencies were measured while other recipes ran on the other workers: compare them within a sweep."]
     failed = [o for o in outcomes if o["status"] != "ok"]
     lines += [""] + [f"- {o['name']} failed: {o['error'].strip().splitlines()[-1] if o['error'].strip() else ''}"
@@ -59,13 +67,13 @@ def plot(path: Path, outcomes: list[dict[str, Any]], front: list[str], metric: s
         scale = 1024 if key == "bytes" else 1
         for group, style in ((False, {"c": "tab:gray", "marker": "o"}), (True, {"c": "tab:red", "marker": "*", "s": 120})):
             pts = [o for o in ran if (o["name"] in front) is group]
-            ax.scatter([o[key] / scale for o in pts], [o[metric] for o in pts],
+            ax.scatter([o[key] / scale for o in pts], [o[f"val_{metric}"] for o in pts],
                        label="Pareto front" if group else "dominated", **style)
         for o in ran:
-            ax.annotate(o["name"].removeprefix("recipe-"), (o[key] / scale, o[metric]), fontsize=7,
+            ax.annotate(o["name"].removeprefix("recipe-"), (o[key] / scale, o[f"val_{metric}"]), fontsize=7,
                         textcoords="offset points", xytext=(3, 3))
         ax.set_xlabel(label)
-        ax.set_ylabel(f"test {metric}")
+        ax.set_ylabel(f"validation {metric}")
         ax.grid(alpha=0.3)
     axes[0].legend()
     fig.suptitle("Recipe sweep: INT8 students (front over quality, size and latency together)")

@@ -69,7 +69,7 @@ def load_model(path: Path) -> nn.Module:
     elif blob.get("ctr_qat"):
         from tasks.recsys_models import prepare_ctr_qat
 
-        model = prepare_ctr_qat(model)
+        model = prepare_ctr_qat(model, **blob["ctr_qat"])
     model.load_state_dict(blob["state_dict"])
     return model.eval()
 
@@ -137,5 +137,5 @@ def ctr_compression_stage(name: str, stage: str, doc: str, train: Any, summary: 
             return
         student, shape, history, metrics = train(cfg, args, lambda epoch, m: run.log_metrics(m, step=epoch + 1))
         publish_training(run, student, "ctr", student.arch, history, metrics, args, shape=shape,
-                         ctr_qat=student.fake_quant_tables)
+                         ctr_qat=student.qat_settings or False)
     print(summary(metrics))

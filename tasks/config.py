@@ -225,6 +225,8 @@ class DistillVision(TrainingRecipe):
     target_loss: Literal["kl", "mse"]
     weights: LossWeights
     feature_pairs: list[FeaturePair] = []
+    # The frozen teacher's forward in bf16 autocast (inference only), where the CPU computes bf16 natively.
+    teacher_bf16: bool
 
 
 class RecArch(Strict):
@@ -264,6 +266,10 @@ class GradualPruning(Training):
     steps: Positive
     epochs_per_step: Positive
 
+    def sparsity_after(self, step: int) -> float:
+        """Sparsity after pruning step ``step`` (1-based) of ``steps``: s_f (1 - (1 - step/steps)^3)."""
+        return self.final_sparsity * (1 - (1 - step / self.steps) ** 3)
+
     @model_validator(mode="after")
     def _schedule_fits(self) -> GradualPruning:
         if self.epochs < self.steps * self.epochs_per_step:
@@ -277,6 +283,7 @@ class PruneVision(TrainingRecipe, GradualPruning):
 
     mode: Literal["unstructured", "structured"]
     scope: Literal["global", "layer"]
+    min_channels: Positive             # structured: no block keeps fewer output channels
 
 
 class PruneRecsys(GradualPruning):
@@ -299,22 +306,38 @@ class Fp32Recipe(TrainingRecipe):
         return self
 
 
-class QatVision(Fp32Recipe):
-    """QAT of the distilled student; the KD loss of ``distill.vision`` stays active when ``distill`` is true."""
+class ObserverFreeze(Strict):
+    """Quantization ranges are observed on training data for ``freeze_observers_after`` epochs, then fixed: at least
+    one epoch to observe, and fixed before the last epoch ends, so no evaluation or export pass can move them."""
+
+    epochs: Positive
+    freeze_observers_after: Annotated[int, Field(ge=1)]
+
+    @model_validator(mode="after")
+    def _freezes_within_training(self) -> ObserverFreeze:
+        if self.freeze_observers_after >= self.epochs:
+            raise ValueError(f"freeze_observers_after ({self.freeze_observers_after}) must be below epochs "
+                             f"({self.epochs}): quantization ranges must be fixed while training, not by a later pass")
+        return self
+
+
+class QatVision(Fp32Recipe, ObserverFreeze):
+    """QAT of the student; the KD loss of ``distill.vision`` stays active when the recipe has ``distill``."""
 
     activation_bits: Annotated[int, Field(ge=2, le=8)]
-    distill: bool
-    freeze_observers_after: Annotated[int, Field(ge=0)]
     freeze_bn_after: Annotated[int, Field(ge=0)]
+    # A layer whose weights are at least this share zeros counts as pruned: its zeros are held through QAT.
+    pruned_min_sparsity: Annotated[float, Field(gt=0.0, le=1.0)]
     # Student modules left in float ("stem", "head", "blocks.<i>"); the PTQ baseline leaves out the same ones.
     float_modules: Annotated[list[Annotated[str, Field(pattern=r"^(stem|head|blocks\.\d+)$")]], distinct("module")] = []
 
 
-class QatRecsys(Training):
-    """QAT of the distilled CTR student: per-row INT8 embedding tables and an INT8 MLP, fake-quantized."""
+class QatRecsys(Training, ObserverFreeze):
+    """QAT of the CTR student: per-row INT8 embedding tables and an INT8 MLP, fake-quantized; the KD loss of
+    ``distill.recsys`` stays active when the recipe has ``distill``."""
 
-    distill: bool                      # keep the distill.recsys loss active during QAT
-    freeze_observers_after: Annotated[int, Field(ge=0)]
+    mlp_weight_bits: Annotated[int, Field(ge=2, le=8)]   # signed, per channel: [-2^(b-1), 2^(b-1) - 1]
+    float_last_layer: bool             # the MLP's one-output layer left in float
 
 
 class QatConfig(Strict):

@@ -25,6 +25,7 @@ from torch import nn
 
 from tasks.config import DistillRecsys, Training
 from tasks.distillation import FrozenTeacher
+from tasks.quantization import frozen_observers
 from tasks.training import make_optimizer, make_scheduler, train_step
 
 
@@ -55,9 +56,11 @@ def load_ctr_data(data_dir: Path) -> tuple[CtrSplit, CtrSplit, CtrSplit, dict[st
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, split: CtrSplit, batch_size: int = 8192) -> np.ndarray:
+    """Logits of every row of ``split``; quantization ranges stay as they are."""
     model.eval()
-    return np.concatenate([model(*split.batch(slice(i, i + batch_size))[:2]).float().numpy()
-                           for i in range(0, len(split), batch_size)])
+    with frozen_observers(model):
+        return np.concatenate([model(*split.batch(slice(i, i + batch_size))[:2]).float().numpy()
+                               for i in range(0, len(split), batch_size)])
 
 
 def ctr_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:

@@ -82,10 +82,10 @@ class Distiller(FrozenTeacher):
 
     @torch.no_grad()
     def teacher_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The frozen teacher's logits and feature maps, in bf16 where the CPU has it natively: it is inference only,
-        and there bf16 inference is ~1.3x faster than fp32 while the student may train in fp32 (faster for depthwise
-        convs)."""
-        with autocast(True):
+        """The frozen teacher's logits and feature maps, in bf16 when ``teacher_bf16`` and the CPU has it natively: it
+        is inference only, and there bf16 inference is ~1.3x faster than fp32 while the student may train in fp32
+        (faster for depthwise convs)."""
+        with autocast(self.cfg.teacher_bf16):
             logits, maps = self.teacher.forward_features(x)
         return logits.float(), [m.float() for m in maps]
 

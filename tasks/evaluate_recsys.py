@@ -1,7 +1,8 @@
 """Stage ``evaluate_recsys``: the exported CTR models measured in onnxruntime as a serving engineer would.
 
 Inputs: ``<data>``, ``<onnx>`` (export_recsys's folder) and the PyTorch models (for parameter counts). Output
-``<metrics>``: per ONNX model the test AUC and logloss, NDCG@k and Recall@k, stored size, and the latency of one
+``<metrics>``: per ONNX model the validation AUC and logloss (``val_*``: what any choice between models may read),
+the test AUC and logloss, NDCG@k and Recall@k (``test_*``: reported and gated, never chosen on), stored size, and the latency of one
 request scoring ``candidates`` items for one user (p50 / p95 / p99) with its throughput in items/s; plus ratios
 against the teacher, and the SHA-256 of every ONNX file measured (``sha256``). Ranking protocol: for every user with
 a positive test row, every item the user has no train or validation row for is ranked; the user's positive test
@@ -9,7 +10,6 @@ items are the relevant ones (Recall@k divides the hits by min(k, relevant)).
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +22,7 @@ from tasks.ctr_onnx import MODELS, OUTPUT, onnx_probabilities
 from tasks.ctr_training import CtrSplit, ctr_metrics
 from tasks.errors import run_cli
 from tasks.io import digests, write_json
-from tasks.onnx_models import file_sizes, session
+from tasks.onnx_models import file_sizes, percentiles_ms, session, timed_runs
 from tasks.prepare_recsys import assemble_fields
 from tasks.vision_models import count_parameters
 
@@ -57,31 +57,28 @@ def ranking(path: Path, catalog: Catalog, interactions: pd.DataFrame, users: pd.
         hits = np.isin(top, list(relevant))
         ndcg.append(float((hits * discounts).sum() / discounts[:min(k, len(relevant))].sum()))
         recall.append(float(hits.sum() / min(k, len(relevant))))
-    return {f"ndcg_at_{k}": float(np.mean(ndcg)), f"recall_at_{k}": float(np.mean(recall)), "ranked_users": len(ndcg)}
+    return {f"test_ndcg_at_{k}": float(np.mean(ndcg)), f"test_recall_at_{k}": float(np.mean(recall)),
+            "ranked_users": len(ndcg)}
 
 
 def request_latency(path: Path, catalog: Catalog, cfg: EvaluateRecsys) -> dict[str, float]:
     """Latency of scoring ``cfg.candidates`` items for one user, and the items/s that implies."""
-    sess = session(path, cfg.threads)
     count = min(cfg.candidates, len(catalog.items))
-    request = catalog.request(0, np.arange(count))
-    for _ in range(cfg.warmup):
-        sess.run([OUTPUT], request)
-    times = []
-    for _ in range(cfg.repeats):
-        start = time.perf_counter()
-        sess.run([OUTPUT], request)
-        times.append(time.perf_counter() - start)
-    p50, p95, p99 = np.percentile(np.array(times) * 1000, [50, 95, 99])
-    return {"latency_p50_ms": float(p50), "latency_p95_ms": float(p95), "latency_p99_ms": float(p99),
-            "throughput_items_per_s": float(count / np.median(times)), "candidates": count}
+    times = timed_runs(session(path, cfg.threads), catalog.request(0, np.arange(count)), cfg.warmup, cfg.repeats)
+    return {**percentiles_ms(times, "latency"), "throughput_items_per_s": float(count / np.median(times)),
+            "candidates": count}
+
+
+def split_quality(path: Path, data_dir: Path, split: str, threads: int) -> dict[str, float]:
+    """``<split>_auc`` and ``<split>_logloss`` of one ONNX file."""
+    rows = CtrSplit.load(data_dir, split)
+    quality = ctr_metrics(rows.y.numpy(), onnx_probabilities(path, rows, threads=threads))
+    return {f"{split}_{k}": v for k, v in quality.items()}
 
 
 def score_onnx(path: Path, data_dir: Path, cfg: EvaluateRecsys) -> dict[str, float]:
     """Test AUC / logloss and request latency of one ONNX file (what the gate re-measures for a champion)."""
-    test = CtrSplit.load(data_dir, "test")
-    quality = ctr_metrics(test.y.numpy(), onnx_probabilities(path, test, threads=cfg.threads))
-    return {**quality, **request_latency(path, Catalog(data_dir), cfg)}
+    return {**split_quality(path, data_dir, "test", cfg.threads), **request_latency(path, Catalog(data_dir), cfg)}
 
 
 def evaluate_recsys(cfg: EvaluateRecsys, data_dir: Path, onnx_dir: Path, models: dict[str, Path]) -> dict[str, dict]:
@@ -92,7 +89,8 @@ def evaluate_recsys(cfg: EvaluateRecsys, data_dir: Path, onnx_dir: Path, models:
     results = {}
     for name in MODELS:
         path = onnx_dir / f"{name}.onnx"
-        results[name] = {**score_onnx(path, data_dir, cfg), **file_sizes(path),
+        results[name] = {**split_quality(path, data_dir, "val", cfg.threads), **score_onnx(path, data_dir, cfg),
+                         **file_sizes(path),
                          **ranking(path, catalog, tables["interactions"], tables["users"], tables["items"],
                                    cfg.ranking_k, cfg.threads),
                          "parameters": count_parameters(load_model(models[name]))}
@@ -104,7 +102,7 @@ def ratios(results: dict[str, dict]) -> dict[str, float]:
     return {"size_ratio_vs_teacher": teacher["bytes"] / int8["bytes"],
             "speedup_p50_vs_teacher": teacher["latency_p50_ms"] / int8["latency_p50_ms"],
             "int8_vs_fp32_speedup": fp32["latency_p50_ms"] / int8["latency_p50_ms"],
-            "auc_drop_vs_teacher": teacher["auc"] - int8["auc"]}
+            "test_auc_drop_vs_teacher": teacher["test_auc"] - int8["test_auc"]}
 
 
 def main() -> None:
@@ -121,7 +119,8 @@ def main() -> None:
         run.log_metrics({f"{m}.{k}": v for m, r in results.items() for k, v in r.items()} | summary)
         run.log_artifact(args.metrics)
     for name, r in results.items():
-        print(f"{name}: AUC {r['auc']:.4f}, NDCG@{ev.ranking_k} {r[f'ndcg_at_{ev.ranking_k}']:.4f}, {r['bytes']:,} bytes, "
+        print(f"{name}: AUC val {r['val_auc']:.4f}, test {r['test_auc']:.4f}, "
+              f"NDCG@{ev.ranking_k} {r[f'test_ndcg_at_{ev.ranking_k}']:.4f}, {r['bytes']:,} bytes, "
               f"p50 {r['latency_p50_ms']:.3f} ms per {r['candidates']} candidates")
     print(", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
 

@@ -1,15 +1,15 @@
 """Stage ``evaluate_vision``: the exported ONNX models measured the way a deployment engineer would.
 
-Inputs: ``<data>`` (test split), ``<onnx>`` (export_vision's folder), the PyTorch ``<teacher>``, ``<student_fp32>``
-and final ``<student>`` (for parameter, non-zero and MAC counts). Output ``<metrics>``: per ONNX model its test
-accuracy in onnxruntime, size on disk (bytes, gzip bytes), parameters, non-zero parameters, multiply-accumulates
+Inputs: ``<data>`` (validation and test splits), ``<onnx>`` (export_vision's folder), the PyTorch ``<teacher>``,
+``<student_fp32>`` and final ``<student>`` (for parameter, non-zero and MAC counts). Output ``<metrics>``: per ONNX
+model its validation accuracy (``val_accuracy``: what any choice between models may read) and test accuracy
+(``test_accuracy``: reported and gated, never chosen on) in onnxruntime, size on disk (bytes, gzip bytes), parameters, non-zero parameters, multiply-accumulates
 per image, batch-1 latency p50 / p95 / p99 and batch-``throughput_batch`` throughput, with the thread count,
 warm-up and repeats used; plus ratios against the teacher and INT8 against FP32, and the SHA-256 of every ONNX
 file measured (``sha256``: the gate registers only the file that was evaluated).
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ from tasks.artifacts import load_model
 from tasks.config import EvaluateVision, stage_args
 from tasks.errors import run_cli
 from tasks.io import digests, write_json
-from tasks.onnx_models import INPUT, OUTPUT, file_sizes, onnx_accuracy, session
+from tasks.onnx_models import INPUT, file_sizes, onnx_accuracy, percentiles_ms, session, timed_runs
 from tasks.training import Split, to_input
 from tasks.vision_models import count_nonzero, count_parameters
 
@@ -49,29 +49,18 @@ def count_macs(model: nn.Module) -> int:
 def latency(path: Path, images: torch.Tensor, cfg: EvaluateVision) -> dict[str, float]:
     """Batch-1 latency percentiles (ms) and batch-N throughput (images/s) in onnxruntime."""
     sess = session(path, cfg.threads)
-    one = to_input(images[:1]).contiguous().numpy()
-    batch = to_input(images[:cfg.throughput_batch]).contiguous().numpy()
-    for _ in range(cfg.warmup):
-        sess.run([OUTPUT], {INPUT: one})
-        sess.run([OUTPUT], {INPUT: batch})
-    times = []
-    for _ in range(cfg.repeats):
-        start = time.perf_counter()
-        sess.run([OUTPUT], {INPUT: one})
-        times.append(time.perf_counter() - start)
-    batch_times = []
-    for _ in range(cfg.throughput_repeats):
-        start = time.perf_counter()
-        sess.run([OUTPUT], {INPUT: batch})
-        batch_times.append(time.perf_counter() - start)
-    p50, p95, p99 = np.percentile(np.array(times) * 1000, [50, 95, 99])
-    return {"latency_b1_p50_ms": float(p50), "latency_b1_p95_ms": float(p95), "latency_b1_p99_ms": float(p99),
+    one = {INPUT: to_input(images[:1]).contiguous().numpy()}
+    batch = {INPUT: to_input(images[:cfg.throughput_batch]).contiguous().numpy()}
+    times = timed_runs(sess, one, cfg.warmup, cfg.repeats)
+    batch_times = timed_runs(sess, batch, cfg.warmup, cfg.throughput_repeats)
+    return {**percentiles_ms(times, "latency_b1"),
             f"throughput_b{cfg.throughput_batch}_ips": float(cfg.throughput_batch / np.median(batch_times))}
 
 
-def measure_onnx(path: Path, test: Split, cfg: EvaluateVision) -> dict[str, float]:
-    """What onnxruntime says of one ONNX file: test accuracy, stored size, latency and throughput."""
-    return {"accuracy": onnx_accuracy(path, test, cfg.threads), **file_sizes(path), **latency(path, test.x, cfg)}
+def measure_onnx(path: Path, val: Split, test: Split, cfg: EvaluateVision) -> dict[str, float]:
+    """What onnxruntime says of one ONNX file: validation and test accuracy, stored size, latency, throughput."""
+    return {"val_accuracy": onnx_accuracy(path, val, cfg.threads), "test_accuracy": onnx_accuracy(path, test, cfg.threads),
+            **file_sizes(path), **latency(path, test.x, cfg)}
 
 
 def evaluate_vision(cfg: EvaluateVision, data_dir: Path, onnx_dir: Path, teacher: Path, student_fp32: Path,
@@ -79,13 +68,13 @@ def evaluate_vision(cfg: EvaluateVision, data_dir: Path, onnx_dir: Path, teacher
     """Measure every ONNX model of ``onnx_dir``; return {model name: metrics}."""
     torch.set_num_threads(cfg.threads)
     torch.backends.quantized.engine = "x86"
-    test = Split.load(data_dir, "test")
+    val, test = Split.load(data_dir, "val"), Split.load(data_dir, "test")
     sources = {"teacher_fp32": teacher, "student_fp32": student_fp32, "student_int8": student,
                "student_ptq_int8": student_fp32}
     results: dict[str, dict[str, float]] = {}
     for name, source in sources.items():
         path, model = onnx_dir / f"{name}.onnx", load_model(source)
-        results[name] = {**measure_onnx(path, test, cfg), "parameters": count_parameters(model),
+        results[name] = {**measure_onnx(path, val, test, cfg), "parameters": count_parameters(model),
                          "nonzero_parameters": count_nonzero(model), "macs": count_macs(model)}
     return results
 
@@ -96,8 +85,8 @@ def ratios(results: dict[str, dict[str, float]], throughput_key: str) -> dict[st
     return {"size_ratio_vs_teacher": teacher["bytes"] / int8["bytes"],
             "speedup_b1_p50_vs_teacher": teacher["latency_b1_p50_ms"] / int8["latency_b1_p50_ms"],
             "int8_vs_fp32_throughput_ratio": int8[throughput_key] / fp32[throughput_key],
-            "accuracy_drop_vs_teacher": teacher["accuracy"] - int8["accuracy"],
-            "int8_vs_ptq_accuracy": int8["accuracy"] - results["student_ptq_int8"]["accuracy"]}
+            "test_accuracy_drop_vs_teacher": teacher["test_accuracy"] - int8["test_accuracy"],
+            "test_int8_vs_ptq_accuracy": int8["test_accuracy"] - results["student_ptq_int8"]["test_accuracy"]}
 
 
 def main() -> None:
@@ -113,7 +102,7 @@ def main() -> None:
         run.log_metrics({f"{m}.{k}": v for m, r in results.items() for k, v in r.items()} | summary)
         run.log_artifact(args.metrics)
     for name, r in results.items():
-        print(f"{name}: accuracy {r['accuracy']:.4f}, {r['bytes']:,} bytes, p50 {r['latency_b1_p50_ms']:.3f} ms")
+        print(f"{name}: accuracy val {r['val_accuracy']:.4f}, test {r['test_accuracy']:.4f}, {r['bytes']:,} bytes, p50 {r['latency_b1_p50_ms']:.3f} ms")
     print(", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
 
 

@@ -5,12 +5,16 @@ compression stage's output). Outputs in ``<out>``: ``teacher_fp32.onnx``, ``stud
 ``student_int8.onnx`` (the final student: a QAT student is converted to INT8 and exported as QDQ; a recipe
 without ``qat`` gets onnxruntime PTQ of its FP32 student instead) and ``student_ptq_int8.onnx`` (the baseline a
 user would otherwise pick: onnxruntime static PTQ of the FP32 student, calibrated on validation images).
-``<metrics>``: parity of each ONNX file against the PyTorch model it came from, on the test split.
+``<metrics>``: parity of every ONNX file on the test split against an independent reference: a float model against
+the PyTorch model it came from; a QAT student against the fake-quantized model that was trained and scored (not
+against its own conversion, which would share a conversion's mistakes); a PTQ file, which has no PyTorch
+counterpart, against its own QDQ graph run as written (simulated quantization, no fused INT8 kernels).
 A parity failure (top-1 agreement or accuracy delta beyond ``export.vision.parity``) stops the pipeline and
 names the disagreeing test images, so nothing is evaluated or promoted.
 """
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,7 +27,7 @@ from tasks.config import ExportVision, stage_args
 from tasks.errors import PipelineError, run_cli
 from tasks.io import write_json
 from tasks.onnx_models import export_fp32, export_int8, onnx_logits, quantize_ptq
-from tasks.quantization import QatModel, convert_int8
+from tasks.quantization import QatModel, frozen_observers
 from tasks.training import Split, to_input
 
 FILES = ("teacher_fp32", "student_fp32", "student_int8", "student_ptq_int8")
@@ -36,8 +40,9 @@ class ParityError(PipelineError):
 @torch.no_grad()
 def torch_logits(model: nn.Module, split: Split, batch_size: int = 1024) -> np.ndarray:
     model.eval()
-    return np.concatenate([model(to_input(split.x[i:i + batch_size])).float().numpy()
-                           for i in range(0, len(split.y), batch_size)])
+    with frozen_observers(model):
+        return np.concatenate([model(to_input(split.x[i:i + batch_size])).float().numpy()
+                               for i in range(0, len(split.y), batch_size)])
 
 
 def parity(name: str, reference: np.ndarray, onnx: np.ndarray, labels: np.ndarray, cfg: ExportVision) -> dict:
@@ -56,31 +61,38 @@ def parity(name: str, reference: np.ndarray, onnx: np.ndarray, labels: np.ndarra
     return result
 
 
+def export_student_int8(model: nn.Module, path: Path, calibration: Split, opset: int,
+                        float_modules: Sequence[str] = ()) -> Path:
+    """The INT8 ONNX file a student ships as: a QAT student converted and exported as QDQ, any other (FP32, maybe
+    pruned or weight-shared) through onnxruntime static PTQ calibrated on ``calibration``."""
+    if isinstance(model, QatModel):
+        return export_int8(model, path, opset)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = export_fp32(model, Path(tmp) / "student_fp32.onnx", opset)
+        return quantize_ptq(fp32, calibration, path, float_modules=float_modules)
+
+
 def export_vision(cfg: ExportVision, data_dir: Path, teacher_path: Path, fp32_path: Path, student_path: Path,
                   out: Path, float_modules: Sequence[str] = ()) -> dict[str, dict]:
-    """Write the four ONNX files into ``out``; return parity metrics per file checked against PyTorch.
-    onnxruntime PTQ leaves ``float_modules`` in float, as QAT does."""
+    """Write the four ONNX files into ``out``; return the parity metrics of each against its reference (module
+    docstring). onnxruntime PTQ leaves ``float_modules`` in float, as QAT does."""
     torch.set_num_threads(cfg.threads)
     torch.backends.quantized.engine = "x86"
     val, test = Split.load(data_dir, "val"), Split.load(data_dir, "test")
     calibration = Split(val.x[:cfg.calibration_size], val.y[:cfg.calibration_size])
     paths = {name: out / f"{name}.onnx" for name in FILES}
-    teacher, fp32 = load_model(teacher_path), load_model(fp32_path)
-    references: dict[str, nn.Module] = {"teacher_fp32": teacher, "student_fp32": fp32}
+    teacher, fp32, final = load_model(teacher_path), load_model(fp32_path), load_model(student_path)
     export_fp32(teacher, paths["teacher_fp32"], cfg.opset)
     export_fp32(fp32, paths["student_fp32"], cfg.opset)
     quantize_ptq(paths["student_fp32"], calibration, paths["student_ptq_int8"], float_modules=float_modules)
-    final = load_model(student_path)
-    if isinstance(final, QatModel):
-        export_int8(final, paths["student_int8"], cfg.opset)
-        references["student_int8"] = convert_int8(final)
-    else:  # no QAT in the recipe: the final FP32 student (maybe pruned) goes through onnxruntime PTQ
-        export_fp32(final, out / "student_final_fp32.onnx", cfg.opset)
-        quantize_ptq(out / "student_final_fp32.onnx", calibration, paths["student_int8"], float_modules=float_modules)
-        (out / "student_final_fp32.onnx").unlink()
+    export_student_int8(final, paths["student_int8"], calibration, cfg.opset, float_modules)
+    simulated = lambda name: onnx_logits(paths[name], test, threads=cfg.threads, optimized=False)  # noqa: E731
+    references = {"teacher_fp32": torch_logits(teacher, test), "student_fp32": torch_logits(fp32, test),
+                  "student_int8": torch_logits(final, test) if isinstance(final, QatModel) else simulated("student_int8"),
+                  "student_ptq_int8": simulated("student_ptq_int8")}
     labels = test.y.numpy()
-    return {name: parity(name, torch_logits(model, test), onnx_logits(paths[name], test, threads=cfg.threads),
-                         labels, cfg) for name, model in references.items()}
+    return {name: parity(name, reference, onnx_logits(paths[name], test, threads=cfg.threads), labels, cfg)
+            for name, reference in references.items()}
 
 
 def main() -> None:

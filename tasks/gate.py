@@ -3,7 +3,10 @@
 Pure functions: ``gate_checks(evaluation, champion, cfg, spec) -> [Check]`` and the report renderers. The candidate
 is the INT8 student of ``metrics/<family>/evaluation.json``; ``champion`` is the current champion scored on the
 same test data in the same run (``None`` when the registry has no champion yet: the candidate is then compared
-with the floors and the teacher only). ``spec`` names which latency a family is gated on.
+with the floors and the teacher only). ``spec`` names which latency a family is gated on. The gate reads the test
+split's scores (``test_<metric>``): it reports and decides, it never chooses between recipes (sweeps choose on
+``val_<metric>``). The promotion flow re-measures the candidate's, the teacher's and the champion's latencies side
+by side before the checks, so every ratio divides numbers of one session.
 """
 from __future__ import annotations
 
@@ -48,13 +51,14 @@ def gate_checks(evaluation: dict, champion: dict | None, cfg: GateVision | GateR
     """Every check of the gate, in report order."""
     cand, teacher = evaluation["models"]["student_int8"], evaluation["models"]["teacher_fp32"]
     floors, rel, metric, lat = cfg.floors, cfg.vs_teacher, cfg.metric, spec.latency
+    score = f"test_{metric}"
     checks = [
-        _check(metric, cand[metric], ">=", getattr(floors, f"min_{metric}"), f"test {metric}"),
+        _check(metric, cand[score], ">=", getattr(floors, f"min_{metric}"), f"test {metric}"),
         _check("p95_latency_ms", cand[f"{lat}_p95_ms"], "<=", floors.max_p95_latency_ms,
                f"{spec.latency_what} p95 latency (ms)"),
         _check("size_kb", cand["bytes"] / 1024, "<=", floors.max_size_kb, "ONNX size (KB)"),
-        _check(f"{metric}_drop_vs_teacher", teacher[metric] - cand[metric], "<=", getattr(rel, f"max_{metric}_drop"),
-               f"{metric} drop vs the teacher"),
+        _check(f"{metric}_drop_vs_teacher", teacher[score] - cand[score], "<=", getattr(rel, f"max_{metric}_drop"),
+               f"test {metric} drop vs the teacher"),
         _check("speedup_vs_teacher", teacher[f"{lat}_p50_ms"] / cand[f"{lat}_p50_ms"], ">=",
                rel.min_speedup, f"{spec.latency_what} p50 speed-up vs the teacher"),
         _check("size_ratio_vs_teacher", teacher["bytes"] / cand["bytes"], ">=", rel.min_size_ratio,
@@ -63,7 +67,7 @@ def gate_checks(evaluation: dict, champion: dict | None, cfg: GateVision | GateR
     if champion is None:
         checks.append(Check("vs_champion", 0.0, "<=", max_drop, True, "no champion yet: nothing to be worse than"))
     else:
-        drop = champion[metric] - cand[metric]
+        drop = champion[score] - cand[score]
         checks.append(_check(f"{metric}_drop_vs_champion", drop, "<=", max_drop,
                              f"{metric} drop vs champion v{champion['version']} (same test data, same run)"))
     return checks

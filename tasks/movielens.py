@@ -32,6 +32,7 @@ from tasks.io import write_atomic
 GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
           "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western")
 RECBOLE_FILES = {"ratings": "ml-100k.inter", "users": "ml-100k.user", "items": "ml-100k.item"}
+GROUPLENS_FILES = {"ratings": "u.data", "users": "u.user", "items": "u.item"}
 RECBOLE_COLUMNS = {"ratings": ("user_id", "item_id", "rating", "timestamp"),
                    "users": ("user_id", "age", "gender", "occupation", "zip_code"),
                    "items": ("item_id", "release_year", "class")}
@@ -44,14 +45,23 @@ def _year(text: str) -> int:
     return int(digits) if digits.isdigit() else 0
 
 
+def _csv(blob: bytes, file: str, **options) -> pd.DataFrame:
+    """``file``'s rows as strings; a row pandas cannot split raises DataFormatError naming the file (one line)."""
+    try:
+        return pd.read_csv(io.BytesIO(blob), dtype=str, keep_default_na=False, **options)
+    except ValueError as err:  # ParserError, EmptyDataError, UnicodeDecodeError
+        raise DataFormatError(f"{file}: {' '.join(str(err).split())}") from err
+
+
 def parse_recbole(read: Reader) -> dict[str, pd.DataFrame]:
-    """RecBole atomic files: tab-separated with ``name:type`` headers; genres space-separated in ``class``."""
+    """Normalised tables from RecBole atomic files: tab-separated with ``name:type`` headers; genres
+    space-separated in ``class``."""
     def table(name: str) -> pd.DataFrame:
         file = RECBOLE_FILES[name]
         blob = read(file)
         if not blob.strip():
             raise DataFormatError(f"{file} is empty")
-        frame = pd.read_csv(io.BytesIO(blob), sep="\t", dtype=str, keep_default_na=False)
+        frame = _csv(blob, file, sep="\t")
         frame.columns = [c.split(":")[0] for c in frame.columns]
         missing = [c for c in RECBOLE_COLUMNS[name] if c not in frame.columns]
         if missing:
@@ -59,37 +69,58 @@ def parse_recbole(read: Reader) -> dict[str, pd.DataFrame]:
         return frame
 
     ratings, users, items = table("ratings"), table("users"), table("items")
-    return {
+    return normalise({
         "ratings": ratings[["user_id", "item_id", "rating", "timestamp"]],
         "users": users[["user_id", "age", "gender", "occupation", "zip_code"]],
         "items": pd.DataFrame({"item_id": items["item_id"], "release_year": items["release_year"].map(_year),
                                "genres": items["class"].map(lambda c: "|".join(g for g in GENRES if g in c.split()))}),
-    }
+    }, RECBOLE_FILES)
 
 
 def parse_grouplens(read: Reader) -> dict[str, pd.DataFrame]:
-    """GroupLens files: ``u.data`` tab-separated, ``u.user``/``u.item`` pipe-separated (latin-1), 19 genre flags."""
-    ratings = pd.read_csv(io.BytesIO(read("u.data")), sep="\t", header=None, dtype=str,
-                          names=["user_id", "item_id", "rating", "timestamp"])
-    users = pd.read_csv(io.BytesIO(read("u.user")), sep="|", header=None, dtype=str, keep_default_na=False,
-                        names=["user_id", "age", "gender", "occupation", "zip_code"])
-    raw = pd.read_csv(io.BytesIO(read("u.item")), sep="|", header=None, dtype=str, keep_default_na=False,
-                      encoding="latin-1")
+    """Normalised tables from GroupLens files: ``u.data`` tab-separated, ``u.user``/``u.item`` pipe-separated
+    (latin-1), 19 genre flags."""
+    files = GROUPLENS_FILES
+    ratings = _csv(read(files["ratings"]), files["ratings"], sep="\t", header=None,
+                   names=["user_id", "item_id", "rating", "timestamp"])
+    users = _csv(read(files["users"]), files["users"], sep="|", header=None,
+                 names=["user_id", "age", "gender", "occupation", "zip_code"])
+    raw = _csv(read(files["items"]), files["items"], sep="|", header=None, encoding="latin-1")
     flags = raw.iloc[:, 5:5 + len(GENRES)].to_numpy()
     items = pd.DataFrame({"item_id": raw[0], "release_year": raw[2].map(_year),
                           "genres": ["|".join(g for g, f in zip(GENRES, row, strict=True) if f == "1") for row in flags]})
-    return {"ratings": ratings, "users": users, "items": items}
+    return normalise({"ratings": ratings, "users": users, "items": items}, files)
 
 
-def normalise(tables: dict[str, pd.DataFrame], source: str) -> dict[str, pd.DataFrame]:
-    """Typed columns, rows sorted by key: one schema whatever the source format."""
-    try:
-        ratings = tables["ratings"].astype({"user_id": "int64", "item_id": "int64", "rating": "float64",
-                                            "timestamp": "float64"}).astype({"rating": "int64", "timestamp": "int64"})
-        users = tables["users"].astype({"user_id": "int64", "age": "int64"})
-        items = tables["items"].astype({"item_id": "int64", "release_year": "int64"})
-    except (KeyError, ValueError, TypeError) as err:
-        raise DataFormatError(f"{source}: the MovieLens files do not have the expected columns or types ({err})") from err
+def _typed(frame: pd.DataFrame, types: dict[str, str], file: str) -> pd.DataFrame:
+    """``frame`` with ``types``, column by column so that a value that does not fit names its column."""
+    for column, dtype in types.items():
+        try:
+            frame = frame.assign(**{column: frame[column].astype(dtype)})
+        except (ValueError, TypeError, OverflowError) as err:  # OverflowError: an id past 64 bits
+            raise DataFormatError(f"{file}: column {column} does not hold {dtype} values ({err})") from err
+    return frame
+
+
+def _one_row_each(frame: pd.DataFrame, key: str, file: str) -> pd.DataFrame:
+    """``frame``, if no ``key`` is on two rows: ratings are joined to users and items on it."""
+    repeated = frame[key][frame[key].duplicated()].unique().tolist()
+    if repeated:
+        listed = ", ".join(map(str, repeated[:5])) + (" ..." if len(repeated) > 5 else "")
+        raise DataFormatError(f"{file}: {key} {listed} on more than one row; each must be on one row")
+    return frame
+
+
+def normalise(tables: dict[str, pd.DataFrame], files: dict[str, str]) -> dict[str, pd.DataFrame]:
+    """Typed columns, one row per user and per item, rows sorted by key: one schema whatever the source format.
+    ``files`` names the file each table was read from, for the errors."""
+    ratings = _typed(tables["ratings"], {"user_id": "int64", "item_id": "int64", "rating": "float64",
+                                         "timestamp": "float64"}, files["ratings"])
+    ratings = _typed(ratings, {"rating": "int64", "timestamp": "int64"}, files["ratings"])
+    users = _one_row_each(_typed(tables["users"], {"user_id": "int64", "age": "int64"}, files["users"]),
+                          "user_id", files["users"])
+    items = _one_row_each(_typed(tables["items"], {"item_id": "int64", "release_year": "int64"}, files["items"]),
+                          "item_id", files["items"])
     users = users.astype({c: "str" for c in ("gender", "occupation", "zip_code")})
     return {"ratings": ratings.sort_values(["user_id", "item_id", "timestamp"]).reset_index(drop=True),
             "users": users.sort_values("user_id").reset_index(drop=True),
@@ -184,12 +215,11 @@ def acquire(cfg: RecsysData) -> tuple[str, dict[str, pd.DataFrame]]:
 
 def _load(source: str, parse: Callable, read: Reader) -> tuple[str, dict[str, pd.DataFrame]]:
     try:
-        raw = parse(read)
+        tables = parse(read)
     except DataFormatError as err:  # names the file and what is wrong with it
         raise DataFormatError(f"{source}: {err}") from err
     except (OSError, ValueError, KeyError, IndexError, UnicodeDecodeError, zipfile.BadZipFile) as err:
         raise DataFormatError(f"{source}: cannot be parsed as MovieLens-100K ({type(err).__name__}: {err})") from err
-    tables = normalise(raw, source)
     empty = [name for name, table in tables.items() if table.empty]
     if empty:
         raise DataFormatError(f"{source}: no rows in the {', '.join(empty)} table(s); the files hold a header only")

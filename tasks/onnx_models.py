@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from tasks.errors import PipelineError
 from tasks.io import write_atomic
-from tasks.quantization import QatModel, convert_int8
+from tasks.quantization import QatModel, activation_bits, convert_int8
 from tasks.training import Split, to_input
 
 INPUT, OUTPUT = "image", "logits"
@@ -46,9 +47,41 @@ def export_int8(qat: QatModel, path: Path, opset: int = 17) -> Path:
 
     The exporter writes INT8 weights as ``Constant`` nodes and puts a no-op ``Cast`` between each activation's
     QuantizeLinear and DequantizeLinear; onnxruntime's basic (ONNX-only, portable) graph optimisations fold these,
-    leaving plain Q/DQ pairs around each Conv/Gemm with INT8 weight initializers."""
+    leaving plain Q/DQ pairs around each Conv/Gemm with INT8 weight initializers. Activations trained with fewer
+    than 8 bits get their N-bit range back as a ``Clip`` before each QuantizeLinear (``clip_activations``)."""
     export_fp32(convert_int8(qat), path, opset)
-    return tidy_qdq(path)
+    tidy_qdq(path)
+    bits = activation_bits(qat)
+    return clip_activations(path, 2 ** bits - 1) if bits is not None and bits < 8 else path
+
+
+def clip_activations(path: Path, quant_max: int) -> Path:
+    """Insert ``Clip((0 - zp)·s, (quant_max - zp)·s)`` before every UINT8 QuantizeLinear of ``path``: with it,
+    quantize + dequantize computes exactly the N-bit fake quantization that was trained (``convert_fx`` widens it to
+    8 bits). onnxruntime keeps such a Clip, since it is narrower than the UINT8 range it could fold it into."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(path))
+    graph = model.graph
+    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
+    nodes = []
+    for node in graph.node:
+        zero = constants.get(node.input[2]) if node.op_type == "QuantizeLinear" and len(node.input) > 2 else None
+        if zero is not None and zero.dtype == np.uint8:
+            scale, zp = float(constants[node.input[1]]), int(zero)
+            low, high = f"{node.name}/clip_min", f"{node.name}/clip_max"
+            graph.initializer.extend([numpy_helper.from_array(np.array((0 - zp) * scale, np.float32), low),
+                                      numpy_helper.from_array(np.array((quant_max - zp) * scale, np.float32), high)])
+            clipped = f"{node.input[0]}/clipped_{quant_max.bit_length()}bit"
+            nodes.append(helper.make_node("Clip", [node.input[0], low, high], [clipped], name=f"{node.name}/clip"))
+            node.input[0] = clipped
+        nodes.append(node)
+    graph.ClearField("node")
+    graph.node.extend(nodes)
+    onnx.checker.check_model(model)
+    write_atomic(path, model.SerializeToString())
+    return path
 
 
 def tidy_qdq(path: Path) -> Path:
@@ -106,28 +139,53 @@ def quantize_ptq(fp32_path: Path, calibration: Split, path: Path, per_channel: b
     return path
 
 
-def session(path: Path, threads: int = 2):
-    """An onnxruntime CPU session with a fixed thread count (measurements must not depend on the machine's load)."""
+def session(path: Path, threads: int = 2, optimized: bool = True):
+    """An onnxruntime CPU session with a fixed thread count (measurements must not depend on the machine's load).
+    ``optimized=False`` runs the graph as written, without any graph optimisation: QuantizeLinear and
+    DequantizeLinear stay separate float operations around float kernels (the simulated INT8 model), where the
+    optimised session fuses them into the INT8 kernels that deploy."""
     import onnxruntime as ort
 
     if not Path(path).is_file():
         raise OnnxError(f"{path}: ONNX model not found; re-run the stage that exports it")
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads = threads, 1
+    if not optimized:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own Fail/InvalidGraph types
         raise OnnxError(f"{path}: onnxruntime cannot load this model ({err})") from err
 
 
-def onnx_logits(path: Path, split: Split, batch_size: int = 1024, threads: int = 2) -> np.ndarray:
-    """Logits of the ONNX model at ``path`` for every image of ``split``."""
-    sess = session(path, threads)
+def onnx_logits(path: Path, split: Split, batch_size: int = 1024, threads: int = 2, optimized: bool = True
+                ) -> np.ndarray:
+    """Logits of the ONNX model at ``path`` for every image of ``split`` (``optimized``: see ``session``)."""
+    sess = session(path, threads, optimized)
     shape = sess.get_inputs()[0].shape
     if list(shape[1:]) != [1, 28, 28]:
         raise OnnxError(f"{path}: input shape {shape} does not match the data (N, 1, 28, 28)")
     return np.concatenate([sess.run([OUTPUT], {INPUT: to_input(split.x[i:i + batch_size]).contiguous().numpy()})[0]
                            for i in range(0, len(split.y), batch_size)])
+
+
+def timed_runs(sess, feeds: dict[str, np.ndarray], warmup: int, repeats: int) -> np.ndarray:
+    """Seconds of each of ``repeats`` runs of ``sess`` on ``feeds``, after ``warmup`` untimed runs: the one latency
+    loop of every family's evaluation."""
+    for _ in range(warmup):
+        sess.run(None, feeds)
+    times = np.empty(repeats)
+    for i in range(repeats):
+        start = time.perf_counter()
+        sess.run(None, feeds)
+        times[i] = time.perf_counter() - start
+    return times
+
+
+def percentiles_ms(times: np.ndarray, prefix: str) -> dict[str, float]:
+    """``<prefix>_p50_ms``, ``_p95_ms`` and ``_p99_ms`` of run times in seconds."""
+    p50, p95, p99 = np.percentile(times * 1000, [50, 95, 99])
+    return {f"{prefix}_p50_ms": float(p50), f"{prefix}_p95_ms": float(p95), f"{prefix}_p99_ms": float(p99)}
 
 
 def onnx_accuracy(path: Path, split: Split, threads: int = 2) -> float:

@@ -26,7 +26,7 @@ from tasks.movielens import GENRES, acquire
 SPLITS = ("train", "val", "test")
 USER_FIELDS, ITEM_FIELDS = ("user", "age", "gender", "occupation", "zip"), ("item", "year")
 FIELDS = ("user", "item", "age", "gender", "occupation", "zip", "year")   # column order of *_fields.npy
-AGE_BINS = [0, 18, 25, 35, 45, 50, 56, 200]  # the MovieLens-1M age groups
+AGE_EDGES = [18, 25, 35, 45, 50, 56]  # the MovieLens-1M age groups: under 18, 18-24, ..., 56 and over
 
 
 def label(ratings: pd.DataFrame, cfg: RecsysData) -> pd.DataFrame:
@@ -53,7 +53,9 @@ def assign_splits(rows: pd.DataFrame, cfg: RecsysData) -> pd.Series:
 def field_values(users: pd.DataFrame, items: pd.DataFrame, cfg: RecsysData) -> dict[str, pd.Series]:
     """The raw category of every field, per user (user fields) or per item (item fields)."""
     year = items.release_year.where(items.release_year == 0, items.release_year // cfg.year_bucket * cfg.year_bucket)
-    return {"user": users.user_id, "age": pd.cut(users.age, AGE_BINS, right=False, labels=False).astype(np.int64),
+    # any age has a group (the end groups are open), so an impossible age reaches validate_recsys, which names it
+    age = np.digitize(users.age, AGE_EDGES).astype(np.int64)
+    return {"user": users.user_id, "age": pd.Series(age, index=users.index),
             "gender": users.gender, "occupation": users.occupation,
             "zip": users.zip_code.str[: cfg.zip_prefix_length].str.upper(),
             "item": items.item_id, "year": year}

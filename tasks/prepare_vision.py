@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from tasks.config import VISION_FILES, VisionData, stage_args
-from tasks.errors import ChecksumError, DataSourceError, run_cli
+from tasks.errors import ChecksumError, DataFormatError, DataSourceError, run_cli
 from tasks.idx import gunzip, parse_idx
 from tasks.io import save_npy, write_atomic, write_json
 
 NDIM = {"images": 3, "labels": 1}
+TRAIN, TEST = VISION_FILES[:2], VISION_FILES[2:]  # (images, labels) of each part
 
 
 def _read_dir(directory: Path) -> dict[str, bytes] | str:
@@ -79,6 +80,28 @@ def decode(raw: dict[str, bytes], pinned: dict[str, str], source: str) -> dict[s
     return arrays
 
 
+def check_consistent(arrays: dict[str, np.ndarray], val_size: int, source: str) -> None:
+    """Raise DataFormatError unless the decoded files fit together.
+
+    ``parse_idx`` checked each file alone (3-D images, 1-D labels, declared sizes); files from different releases
+    or cut short pass that, then failed in ``split`` (IndexError) or were written misaligned."""
+    for images, labels in (TRAIN, TEST):
+        n_images, n_labels = len(arrays[images]), len(arrays[labels])
+        if n_images != n_labels:
+            raise DataFormatError(f"{source}: {images}.gz has {n_images} images but {labels}.gz has {n_labels} "
+                                  "labels; the two must come from the same release")
+        if not n_images:
+            raise DataFormatError(f"{source}: {images}.gz and {labels}.gz hold no rows")
+    (train_h, train_w), (test_h, test_w) = arrays[TRAIN[0]].shape[1:], arrays[TEST[0]].shape[1:]
+    if (train_h, train_w) != (test_h, test_w):
+        raise DataFormatError(f"{source}: {TEST[0]}.gz holds {test_h}x{test_w} images but {TRAIN[0]}.gz "
+                              f"{train_h}x{train_w}; a model takes one image size")
+    n_train = len(arrays[TRAIN[1]])
+    if val_size >= n_train:  # stratified_pick would fail, or leave no training rows
+        raise DataFormatError(f"{source}: data.vision.val_size ({val_size}) in params.yaml must be smaller than the "
+                              f"{n_train} rows of {TRAIN[1]}.gz; lower it or use the full files")
+
+
 def stratified_pick(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     """Indices of ``n`` rows drawn per class in proportion to the class sizes, sorted."""
     classes, counts = np.unique(labels, return_counts=True)
@@ -108,7 +131,9 @@ def split(arrays: dict[str, np.ndarray], cfg: VisionData) -> dict[str, tuple[np.
 def prepare_vision(cfg: VisionData, out_dir: Path) -> dict:
     """Acquire, verify and split Fashion-MNIST into ``out_dir``; return the manifest."""
     source, raw = acquire(cfg)
-    splits = split(decode(raw, cfg.sha256, source), cfg)
+    arrays = decode(raw, cfg.sha256, source)
+    check_consistent(arrays, cfg.val_size, source)
+    splits = split(arrays, cfg)
     manifest = {"source": source, "splits": {}}
     for name, (x, y) in splits.items():
         for part, arr in (("x", x), ("y", y)):

@@ -22,9 +22,8 @@ from tasks.vision_models import count_parameters
 
 
 def kept_dimensions(cfg: PruneRecsys, dim: int, step: int) -> int:
-    """Dimensions left after ``step`` of ``cfg.steps`` (Zhu & Gupta: s_k = s_f (1 - (1 - k/steps)^3))."""
-    sparsity = cfg.final_sparsity * (1 - (1 - step / cfg.steps) ** 3)
-    return max(1, dim - round(sparsity * dim))
+    """Dimensions left after ``step`` of ``cfg.steps`` on the cubic schedule (``GradualPruning``)."""
+    return max(1, dim - round(cfg.sparsity_after(step) * dim))
 
 
 def prune_recsys(cfg: PruneRecsys, kd: DistillRecsys, distill: bool, data_dir: Path, teacher_path: Path,

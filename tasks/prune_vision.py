@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.artifacts import fingerprint, load_model, pass_through, publish_training, training_inputs
+from tasks.artifacts import fingerprint, load_model, model_meta, pass_through, publish_training, training_inputs
 from tasks.config import DistillVision, MobileArch, PruneVision, stage_args
 from tasks.distillation import Distiller, distillation_loss, loss_config
 from tasks.errors import run_cli
@@ -22,7 +22,6 @@ from tasks.pruning import (
     prune_unstructured,
     shrink,
     sparsity_report,
-    target_sparsity,
 )
 from tasks.training import Split, evaluate, fit, to_input
 from tasks.vision_models import MobileStudent, count_nonzero, count_parameters
@@ -35,9 +34,9 @@ def pruning_schedule(student: MobileStudent, cfg: PruneVision) -> Callable[[int]
         step = epoch // cfg.epochs_per_step + 1
         if epoch % cfg.epochs_per_step or step > cfg.steps:
             return
-        sparsity = target_sparsity(step, cfg.steps, cfg.final_sparsity)
+        sparsity = cfg.sparsity_after(step)
         if cfg.mode == "structured":
-            prune_channels(student, sparsity)
+            prune_channels(student, sparsity, cfg.min_channels)
         else:
             prune_unstructured(student, sparsity, cfg.scope)
 
@@ -56,15 +55,15 @@ def prune_vision(cfg: PruneVision, kd: DistillVision, distill: bool, data_dir: P
     loss = loss_config(kd, distill, cfg.label_smoothing)
     distiller = Distiller(student, teacher, loss, to_input(train.x[:2]))
     inputs = training_inputs(data_dir, teacher_path, student_path)
+    before = count_parameters(student)
     history = fit(distiller, train, val, cfg, checkpoint, fingerprint([cfg, loss], inputs), on_epoch, distillation_loss,
                   before_epoch=pruning_schedule(student, cfg))
-    sparsity = sparsity_report(student)
-    arch = kd.student
-    pruned = shrink(student, arch) if cfg.mode == "structured" else (bake(student, arch), arch)
-    model, arch = pruned
+    arch = model_meta(student_path)["arch"]
+    model, arch = shrink(student, arch) if cfg.mode == "structured" else (bake(student, arch), arch)
+    sparsity = sparsity_report(model)  # of the model that ships: a structured one is narrower, not sparser
     metrics = {f"test_{k}": v for k, v in evaluate(model, test, cfg.eval_batch_size).items()}
-    metrics.update({"parameters": count_parameters(model), "sparsity": sparsity["overall"],
-                    "nonzero_parameters": count_nonzero(model)})
+    metrics.update({"parameters": count_parameters(model), "parameters_before": before,
+                    "sparsity": sparsity["overall"], "nonzero_parameters": count_nonzero(model)})
     metrics.update({f"sparsity.{layer}": value for layer, value in sparsity.items() if layer != "overall"})
     return model, arch, history, metrics
 
@@ -82,8 +81,9 @@ def main() -> None:
                                                      args.student, args.checkpoint,
                                                      lambda epoch, m: run.log_metrics(m, step=epoch + 1))
         publish_training(run, model, "mobile_student", arch, history, metrics, args)
-    print(f"pruned student test accuracy {metrics['test_accuracy']:.4f}: {metrics['nonzero_parameters']:,} non-zero "
-          f"of {metrics['parameters']:,} parameters (sparsity {metrics['sparsity']:.2f}, {prune.mode})")
+    print(f"pruned student test accuracy {metrics['test_accuracy']:.4f}: {metrics['parameters_before']:,} -> "
+          f"{metrics['parameters']:,} parameters, {metrics['nonzero_parameters']:,} non-zero "
+          f"(sparsity {metrics['sparsity']:.2f}, {prune.mode})")
 
 
 if __name__ == "__main__":

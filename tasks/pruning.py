@@ -1,6 +1,7 @@
 """Magnitude pruning: unstructured (global or per layer) and structured channel pruning that rebuilds a
 physically smaller student. Masks are buffers registered up front, so checkpoints keep stable keys and a resumed
-run continues with the same masks; the gradual schedule is Zhu & Gupta's cubic ramp.
+run continues with the same masks; the gradual schedule is Zhu & Gupta's cubic ramp
+(``GradualPruning.sparsity_after`` in tasks/config.py, shared with the recommender).
 """
 from __future__ import annotations
 
@@ -9,11 +10,6 @@ from torch import nn
 
 from tasks.config import MobileArch
 from tasks.vision_models import MobileBlock, MobileStudent, SeparableBlock
-
-
-def target_sparsity(step: int, steps: int, final: float, initial: float = 0.0) -> float:
-    """Sparsity after pruning step ``step`` (1-based) of ``steps``: s_f + (s_i - s_f)(1 - step/steps)^3."""
-    return final + (initial - final) * (1 - step / steps) ** 3
 
 
 def prunable(model: nn.Module) -> list[nn.Module]:
@@ -33,10 +29,10 @@ def attach_masks(model: nn.Module) -> None:
             m.register_forward_pre_hook(_apply_mask)
 
 
-def keep_pruned_zeros(model: nn.Module, min_sparsity: float = 0.01) -> int:
+def keep_pruned_zeros(model: nn.Module, min_sparsity: float) -> int:
     """Keep the exact zeros of already-pruned layers at zero during further training (e.g. QAT).
 
-    The masks are derived from the weights as they are now, registered as non-persistent buffers (the saved
+    A layer counts as pruned when at least ``min_sparsity`` of its weights are zero. The masks are derived from the weights as they are now, registered as non-persistent buffers (the saved
     state dict is unchanged) and applied before every forward; returns how many layers got one.
     """
     count = 0
@@ -94,8 +90,9 @@ def channel_importance(student: MobileStudent, group: list[int]) -> torch.Tensor
     return score
 
 
-def prune_channels(student: MobileStudent, fraction: float, min_channels: int = 4) -> None:
-    """Mask whole output channels of each group (the least important ``fraction``); weights stay in place.
+def prune_channels(student: MobileStudent, fraction: float, min_channels: int) -> None:
+    """Mask whole output channels of each group (the least important ``fraction``, keeping at least
+    ``min_channels``); weights stay in place.
 
     A dropped channel is cut where it is made (the producing conv's rows, BN scale and shift) and where it is read
     (the input columns of the pointwise or fused conv of every block fed by the group, or the head), so the masked

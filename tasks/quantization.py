@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 from torch.ao.nn.intrinsic.qat import freeze_bn_stats
 from torch.ao.quantization import (
+    FakeQuantizeBase,
     FusedMovingAvgObsFakeQuantize,
     MovingAverageMinMaxObserver,
     MovingAveragePerChannelMinMaxObserver,
@@ -91,11 +93,49 @@ def freeze_schedule(model: nn.Module, freeze_observers_after: int, freeze_bn_aft
     return before_epoch
 
 
+def fake_quantizers(model: nn.Module) -> list[FakeQuantizeBase]:
+    return [m for m in model.modules() if isinstance(m, FakeQuantizeBase)]
+
+
+def freeze_observers(model: nn.Module) -> None:
+    """Fix every quantization range for good: the fake quantizers update their observers whenever
+    ``observer_enabled`` is set, in eval mode too, so any later pass over data (validation, test, export, parity)
+    would otherwise move the ranges that ship."""
+    model.apply(disable_observer)
+
+
+@contextmanager
+def frozen_observers(model: nn.Module) -> Iterator[None]:
+    """Observers off for the duration of an evaluation pass, restored after it (a QAT run that is still calibrating
+    goes on calibrating on training data only); afterwards every range is checked to be unchanged."""
+    quantizers = fake_quantizers(model)
+    enabled = [q.observer_enabled.clone() for q in quantizers]
+    ranges = [(q.scale.clone(), q.zero_point.clone()) for q in quantizers]
+    model.apply(disable_observer)
+    try:
+        yield
+    finally:
+        for q, flag in zip(quantizers, enabled, strict=True):
+            q.observer_enabled.copy_(flag)
+    moved = [i for i, (q, (scale, zero)) in enumerate(zip(quantizers, ranges, strict=True))
+             if not (torch.equal(q.scale, scale) and torch.equal(q.zero_point, zero))]
+    assert not moved, f"an evaluation pass moved the quantization ranges of fake quantizers {moved}"
+
+
 def convert_int8(model: QatModel) -> nn.Module:
-    """The real INT8 model (quantized kernels), returning logits only."""
+    """The INT8 model (quantized kernels), returning logits only. Its activations are 8-bit wide whatever the
+    trained width: ``convert_fx`` drops narrower ranges, which ``onnx_models.export_int8`` restores in the ONNX file."""
     from torch.ao.quantization.quantize_fx import convert_fx
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         graph = convert_fx(copy.deepcopy(model.graph).eval())
     return QatModel(graph).eval()
+
+
+def activation_bits(model: nn.Module) -> int | None:
+    """The activation bit width of a QAT model (unsigned activations: quant_max = 2^bits - 1), None without any."""
+    maxima = {int(q.quant_max) for q in fake_quantizers(model) if q.dtype == torch.quint8}
+    if len(maxima) > 1:
+        raise ValueError(f"activation fake quantizers disagree on their range: quant_max {sorted(maxima)}")
+    return next(iter(maxima)).bit_length() if maxima else None

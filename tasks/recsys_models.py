@@ -46,6 +46,7 @@ class CtrModel(nn.Module):
     def __init__(self, arch: RecArch, vocabulary: int, fields: int, genres: int) -> None:
         super().__init__()
         self.arch, self.num_fields, self.fake_quant_tables = arch, fields, False
+        self.qat_settings: dict[str, int | bool] | None = None   # set by prepare_ctr_qat
         # Weight sharing: ``row_map`` points each id at one of ``shared_rows`` rows (see tasks/recsys_compression.py).
         self.embedding = nn.Embedding(arch.shared_rows or vocabulary, arch.dim)
         self.register_buffer("row_map", torch.arange(vocabulary) if arch.shared_rows else None)
@@ -97,22 +98,21 @@ class Probability(nn.Module):
         return torch.sigmoid(self.model(fields, genres))
 
 
-def prepare_ctr_qat(model: CtrModel) -> CtrModel:
-    """A copy of ``model`` with fake-quantized tables and an FX-prepared QAT MLP, in train mode."""
+def prepare_ctr_qat(model: CtrModel, mlp_weight_bits: int, float_last_layer: bool) -> CtrModel:
+    """A copy of ``model`` with fake-quantized tables and an FX-prepared QAT MLP, in train mode; ``qat_settings``
+    records the arguments, so a saved model is rebuilt the same way (``tasks.artifacts``)."""
     from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
     from tasks.quantization import qat_qconfig
 
     qat = copy.deepcopy(model).train()
     qat.fake_quant_tables = True
+    qat.qat_settings = {"mlp_weight_bits": mlp_weight_bits, "float_last_layer": float_last_layer}
     if qat.mlp is not None:
         example = torch.zeros(2, qat.mlp[0].in_features)
-        # The last layer (one output) stays float: quantizing the logit it adds would put a step of ~0.01 on
-        # probabilities near 0.5, and it holds a handful of weights.
-        # Weights in 7 bits: onnxruntime's u8s8 kernels on x86 CPUs without VNNI (AVX2) add pairs of u8 x s8
-        # products in 16 bits, which saturate with full-range weights (seen: 8% of test rows off by up to 0.045
-        # in probability); [-64, 63] cannot saturate, so the model computes the same on every x86 CPU.
-        mapping = qat_qconfig(8, weight_bits=7).set_module_name(str(len(qat.mlp) - 1), None)
+        mapping = qat_qconfig(8, weight_bits=mlp_weight_bits)
+        if float_last_layer:
+            mapping.set_module_name(str(len(qat.mlp) - 1), None)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # FX quantization warns that it is in maintenance mode
             qat.mlp = prepare_qat_fx(qat.mlp, mapping, (example,))

@@ -2,12 +2,15 @@
 
 Deep Compression's order (prune -> quantize -> share): it runs after QAT, with fake quantization active and its
 ranges and batch-norm statistics fixed, so what is fine-tuned is what deploys. Inputs: ``<data>``, ``<teacher>``,
-``<student>``. Outputs: ``<model>``, ``<metrics>`` (test accuracy, float32 / index+codebook / Huffman bytes),
-``<plots>``. Left out of ``recipe.vision``, it passes the student through.
+``<student>``. Outputs: ``<model>``, ``<metrics>`` (test accuracy; the bytes and gzip bytes of the INT8 ONNX file
+the student ships as, before and after sharing: INT8 files store one value per weight, so sharing saves bytes only
+once compressed, and the metrics say how many), ``<plots>``. Left out of ``recipe.vision``, it passes the student
+through.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -16,13 +19,14 @@ from torch.ao.nn.intrinsic.qat import freeze_bn_stats
 from torch.ao.quantization import disable_observer
 
 from tasks.artifacts import fingerprint, load_model, model_meta, pass_through, publish_training, training_inputs
-from tasks.config import DistillVision, ShareVision, stage_args
+from tasks.config import DistillVision, ExportVision, ShareVision, stage_args
 from tasks.distillation import Distiller, distillation_loss, loss_config
 from tasks.errors import run_cli
-from tasks.quantization import QatModel, convert_int8
+from tasks.export_vision import export_student_int8
+from tasks.onnx_models import file_sizes
 from tasks.training import Split, evaluate, fit, to_input
 from tasks.vision_models import count_nonzero, count_parameters
-from tasks.weight_sharing import bake, share_weights, storage_report
+from tasks.weight_sharing import bake, share_weights
 
 
 def fix_quantization(model: nn.Module) -> None:
@@ -31,10 +35,25 @@ def fix_quantization(model: nn.Module) -> None:
     model.apply(freeze_bn_stats)
 
 
+def shipped_sizes(before: nn.Module, after: nn.Module, calibration: Split, export: ExportVision,
+                  float_modules: Sequence[str]) -> dict[str, float]:
+    """Bytes and gzip bytes of the INT8 ONNX file each model ships as (``export_student_int8``), and the savings."""
+    with tempfile.TemporaryDirectory() as tmp:
+        sizes = [file_sizes(export_student_int8(model, Path(tmp) / f"{name}.onnx", calibration, export.opset,
+                                                float_modules))
+                 for name, model in (("before", before), ("after", after))]
+    return {"onnx_int8_bytes_before": sizes[0]["bytes"], "onnx_int8_gzip_bytes_before": sizes[0]["gzip_bytes"],
+            "onnx_int8_bytes": sizes[1]["bytes"], "onnx_int8_gzip_bytes": sizes[1]["gzip_bytes"],
+            "shipped_bytes_saved": sizes[0]["bytes"] - sizes[1]["bytes"],
+            "shipped_gzip_bytes_saved": sizes[0]["gzip_bytes"] - sizes[1]["gzip_bytes"]}
+
+
 def share_vision(cfg: ShareVision, kd: DistillVision, distill: bool, data_dir: Path, teacher_path: Path,
-                 student_path: Path, checkpoint: Path, on_epoch: Callable[[int, dict[str, float]], None] | None = None
+                 student_path: Path, checkpoint: Path, export: ExportVision, float_modules: Sequence[str] = (),
+                 on_epoch: Callable[[int, dict[str, float]], None] | None = None
                  ) -> tuple[nn.Module, list[dict[str, float]], dict[str, float]]:
-    """Cluster every layer's weights and fine-tune the centroids; return (model, history, metrics)."""
+    """Cluster every layer's weights and fine-tune the centroids; return (model, history, metrics). ``export`` and
+    ``float_modules`` say how the student ships (``export.vision``, ``qat.vision.float_modules``)."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     torch.backends.quantized.engine = "x86"
@@ -46,12 +65,12 @@ def share_vision(cfg: ShareVision, kd: DistillVision, distill: bool, data_dir: P
     inputs = training_inputs(data_dir, teacher_path, student_path)
     history = fit(distiller, train, val, cfg, checkpoint, fingerprint([cfg, loss], inputs), on_epoch,
                   distillation_loss, before_epoch=lambda _epoch: fix_quantization(model))
-    codes = bake(model)
+    bake(model)
+    calibration = Split(val.x[:export.calibration_size], val.y[:export.calibration_size])
     metrics = {"test_accuracy": evaluate(model, test, cfg.eval_batch_size)["accuracy"], "shared_layers": layers,
                "clusters": cfg.clusters, "parameters": count_parameters(model),
-               "nonzero_parameters": count_nonzero(model), **storage_report(model, codes)}
-    if isinstance(model, QatModel):
-        metrics["test_accuracy_int8"] = evaluate(convert_int8(model), test, cfg.eval_batch_size)["accuracy"]
+               "nonzero_parameters": count_nonzero(model),
+               **shipped_sizes(load_model(student_path), model, calibration, export, float_modules)}
     return model.eval(), history, metrics
 
 
@@ -60,20 +79,23 @@ def main() -> None:
     share, kd, recipe = cfg.share.vision, cfg.distill.vision, cfg.recipe.vision
     from tasks.tracking import stage_run
 
-    with stage_run("share_vision", cfg, {"share.vision": share, "recipe.vision": recipe}) as run:
+    export, floats = cfg.export.vision, cfg.qat.vision.float_modules
+    params = {"share.vision": share, "recipe.vision": recipe, "export.vision": export,
+              "qat.vision.float_modules": floats}
+    with stage_run("share_vision", cfg, params) as run:
         if "share" not in recipe:
             pass_through(run, args, "share_vision")
             return
         model, history, metrics = share_vision(share, kd, "distill" in recipe, args.data, args.teacher,
-                                               args.student, args.checkpoint,
+                                               args.student, args.checkpoint, export, floats,
                                                lambda epoch, m: run.log_metrics(m, step=epoch + 1))
         meta = model_meta(args.student)
         kind, arch = meta.pop("kind"), meta.pop("arch")
         # what rebuilding the input needed (a QAT student's bits and float modules) the output needs too
         publish_training(run, model, kind, arch, history, metrics, args, **meta)
     print(f"weight-shared student ({share.clusters} clusters/layer): test accuracy {metrics['test_accuracy']:.4f}; "
-          f"{metrics['float32_bytes']:,.0f} B float32 -> {metrics['index_codebook_bytes']:,.0f} B index+codebook "
-          f"-> {metrics['huffman_bytes']:,.0f} B Huffman")
+          f"INT8 ONNX {metrics['onnx_int8_bytes_before']:,} -> {metrics['onnx_int8_bytes']:,} B "
+          f"(gzip {metrics['onnx_int8_gzip_bytes_before']:,} -> {metrics['onnx_int8_gzip_bytes']:,} B)")
 
 
 if __name__ == "__main__":

@@ -5,9 +5,18 @@ A stage that fails or is killed therefore leaves its previous good outputs exact
 the outputs ``persist`` so that DVC does not delete them before the run either), and no half-written file ever sits
 where a later stage or ``dvc repro`` would take it as valid. Staged files keep their names, so what a stage logs to
 MLflow from a staged path is named as the output.
+
+The moves into place are one commit: before the first move, the planned moves are recorded in a manifest
+(``./.staging/commit-<hash>.json``, relative to the working directory, the project root), deleted after the last.
+A manifest left by a stage killed in between is rolled forward when the next stage starts: every output is staged
+complete before the manifest is written, so the new outputs are the ones to keep, and a mix of old and new outputs
+(or a folder missing in the middle of its swap) is never seen by a stage.
 """
 from __future__ import annotations
 
+import fcntl
+import hashlib
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -41,33 +50,89 @@ def staged(final: Path) -> Path:
     return path
 
 
+def _move(final: Path, path: Path) -> None:
+    """Move staged ``path`` to ``final``. Idempotent, so that a commit killed at any step is finished by calling it
+    again: whatever is already in place is left, and the old folder of a swap is dropped."""
+    old = path.with_name(path.name + ".old")
+    if path.exists() or path.is_symlink():
+        if final.is_dir() and not final.is_symlink():  # a folder cannot be replaced in one step: swap, then drop
+            _remove(old)
+            os.replace(final, old)
+        os.replace(path, final)
+    _remove(old)
+
+
+def _sync_dir(folder: Path) -> None:
+    """Make the renames in ``folder`` durable (they survive a kill anyway; this is for a power loss)."""
+    if not folder.is_dir():  # a staging folder another commit's tidy-up already removed: nothing left to sync
+        return
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _finish(manifest: Path, moves: dict[Path, Path]) -> None:
+    """Do the recorded moves, make them durable, then drop the manifest and the emptied staging folders."""
+    for final, path in moves.items():
+        _move(final, path)
+    for folder in {final.parent for final in moves} | {path.parent for path in moves.values()}:
+        _sync_dir(folder)
+    manifest.unlink()
+    for path in moves.values():
+        _tidy(path.parent)
+    _tidy(manifest.parent)
+
+
 def _commit(outputs: dict[Path, Path]) -> None:
     missing = [str(final) for final, path in outputs.items() if not path.exists()]
     if missing:
         raise PipelineError(f"the stage finished without writing {missing}; previous outputs kept")
-    for final, path in outputs.items():
-        if final.is_dir() and not final.is_symlink():  # a folder cannot be replaced in one step: swap, then drop
-            old = path.with_name(path.name + ".old")
-            _remove(old)
-            os.replace(final, old)
-            os.replace(path, final)
-            shutil.rmtree(old)
-        else:
-            os.replace(path, final)
-        _tidy(path.parent)
+    if not outputs:
+        return
+    key = hashlib.sha256("\n".join(sorted(map(str, outputs))).encode()).hexdigest()
+    manifest = Path(STAGING) / f"commit-{key}.json"
+    manifest.parent.mkdir(exist_ok=True)
+    tmp = manifest.with_suffix(".tmp")
+    with open(tmp, "w") as fh:
+        # held until the moves are done (the kernel drops it if we are killed): recovery skips a live commit
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        json.dump({str(final): str(path) for final, path in outputs.items()}, fh)
+        fh.flush()
+        os.fsync(fh.fileno())
+        os.replace(tmp, manifest)  # written whole or not at all: a kill before this leaves the old outputs
+        _sync_dir(manifest.parent)
+        _finish(manifest, outputs)
+
+
+def _recover() -> None:
+    """Roll forward every commit that a killed stage left half done in this working directory."""
+    for manifest in sorted(Path(STAGING).glob("commit-*.json")):
+        with open(manifest) as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # a stage in another process is committing right now
+                continue
+            if os.fstat(fh.fileno()).st_nlink == 0:  # that stage finished (and deleted it) since we listed it
+                continue
+            moves = {Path(final): Path(path) for final, path in json.load(fh).items()}
+            _finish(manifest, moves)
+    _tidy(Path(STAGING))  # also left empty by a stage killed just after deleting its manifest
 
 
 def _tidy(staging: Path) -> None:
     try:
         staging.rmdir()
-    except OSError:  # not empty: another output of this folder is still staged
+    except OSError:  # not empty (another output of this folder is still staged) or already gone
         pass
 
 
 @contextmanager
 def atomic_outputs() -> Iterator[None]:
-    """Around a stage's main: the outputs given out by ``staged`` are moved into place on success, dropped on
-    failure."""
+    """Around a stage's main: first finish any commit a killed stage left; then the outputs given out by ``staged``
+    are moved into place on success, dropped on failure."""
+    _recover()
     outputs: dict[Path, Path] = {}
     token = _ACTIVE.set(outputs)
     try:

@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from tasks.checkpoints import load_checkpoint, save_checkpoint
 from tasks.config import Augmentation, Optimizer, Schedule, TrainingRecipe
+from tasks.quantization import frozen_observers
 
 # Fashion-MNIST pixel statistics of the training set; fixed so every stage normalises alike.
 PIXEL_MEAN, PIXEL_STD = 0.2860, 0.3530
@@ -108,15 +109,16 @@ def autocast(bf16: bool) -> torch.autocast:
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split, batch_size: int, bf16: bool = False) -> dict[str, float]:
-    """Accuracy and mean cross-entropy of ``model`` on ``split``."""
+    """Accuracy and mean cross-entropy of ``model`` on ``split``; quantization ranges stay as they are."""
     model.eval()
     correct, loss = 0, 0.0
-    for i in range(0, len(split.y), batch_size):
-        x, y = to_input(split.x[i:i + batch_size]), split.y[i:i + batch_size]
-        with autocast(bf16):
-            logits = model(x).float()
-        loss += F.cross_entropy(logits, y, reduction="sum").item()
-        correct += (logits.argmax(1) == y).sum().item()
+    with frozen_observers(model):
+        for i in range(0, len(split.y), batch_size):
+            x, y = to_input(split.x[i:i + batch_size]), split.y[i:i + batch_size]
+            with autocast(bf16):
+                logits = model(x).float()
+            loss += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
     return {"accuracy": correct / len(split.y), "loss": loss / len(split.y)}
 
 
@@ -188,7 +190,9 @@ def _train_epoch(model: nn.Module, train: Split, spec: TrainingRecipe, opt: torc
     model.train()
     order = torch.randperm(len(train.y), generator=gen)
     seen, correct, loss_sum = 0, 0, 0.0
-    bar = tqdm(range(0, len(order), spec.batch_size), desc=desc, unit="batch", leave=True, mininterval=2.0)
+    # disable=None: no bar when stderr is not a terminal (CI, Prefect workers, log files), where each redraw is a line
+    bar = tqdm(range(0, len(order), spec.batch_size), desc=desc, unit="batch", leave=True, mininterval=2.0,
+               disable=None)
     for start in bar:
         idx = order[start:start + spec.batch_size]
         x, y = augment(to_input(train.x[idx]), spec.augmentation, gen), train.y[idx]

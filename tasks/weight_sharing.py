@@ -2,14 +2,10 @@
 
 A shared layer's weight is ``centroids[index]``: a parametrization, so the gather's backward sums the gradients of
 every weight in a cluster into its centroid ("gradients pooled per cluster"). Pruned zeros map to a fixed zero
-centroid and stay zero. Storage: ceil(log2 #centroids) bits per weight plus a float32 codebook per layer; the
-Huffman code of the indices gives the entropy-coded bound.
+centroid and stay zero. What ships is the student's INT8 ONNX file, which stores one INT8 value per weight whether
+or not weights are shared: sharing shrinks it only once compressed (``share_vision`` measures both).
 """
 from __future__ import annotations
-
-import heapq
-import math
-from collections import Counter
 
 import torch
 from torch import nn
@@ -94,31 +90,3 @@ def bake(model: nn.Module) -> list[tuple[torch.Tensor, int]]:
         codes.append((shared.index.clone(), len(shared.centroids) + int(shared.has_zero)))
         parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
     return codes
-
-
-def huffman_bits(symbols: torch.Tensor) -> int:
-    """Total bits of the Huffman code of ``symbols`` (at least one bit per symbol)."""
-    counts = list(Counter(symbols.flatten().tolist()).values())
-    if len(counts) == 1:
-        return counts[0]
-    heap = [(c, i, 0) for i, c in enumerate(counts)]  # (weight, tie-breaker, bits so far of this subtree)
-    heapq.heapify(heap)
-    total, tie = 0, len(counts)
-    while len(heap) > 1:
-        a, b = heapq.heappop(heap), heapq.heappop(heap)
-        total += a[0] + b[0]  # every symbol under the merged node gets one more bit
-        heapq.heappush(heap, (a[0] + b[0], tie, 0))
-        tie += 1
-    return total
-
-
-def storage_report(model: nn.Module, codes: list[tuple[torch.Tensor, int]]) -> dict[str, float]:
-    """Bytes of the model as float32, as index + codebook, and with Huffman-coded indices."""
-    shared_weights = sum(index.numel() for index, _ in codes)
-    other = sum(p.numel() for p in model.parameters()) - shared_weights
-    fixed = sum(index.numel() * max(1, math.ceil(math.log2(size))) for index, size in codes)
-    entropy = sum(huffman_bits(index) for index, _ in codes)
-    codebooks = sum(size * 32 for _, size in codes)
-    return {"float32_bytes": 4 * (shared_weights + other),
-            "index_codebook_bytes": (fixed + codebooks) / 8 + 4 * other,
-            "huffman_bytes": (entropy + codebooks) / 8 + 4 * other}

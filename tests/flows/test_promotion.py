@@ -11,16 +11,16 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from flows.promotion import CandidateAltered, RegistryError, gate_and_register, promote_model
-from tasks.config import MobileArch, parse_config
+from tasks.config import MobileArch, ResNetArch, parse_config
 from tasks.errors import ConfigError
 from tasks.gate import gate_checks
 from tasks.io import file_digest, save_npy, write_json
 from tasks.onnx_models import export_fp32
-from tasks.vision_models import MobileStudent
+from tasks.vision_models import MobileStudent, ResNetTeacher
 
 
 def _measured(accuracy, p50, size):
-    return {"accuracy": accuracy, "latency_b1_p50_ms": p50, "latency_b1_p95_ms": 1.25 * p50, "latency_b1_p99_ms": 1.5 * p50,
+    return {"val_accuracy": accuracy, "test_accuracy": accuracy, "latency_b1_p50_ms": p50, "latency_b1_p95_ms": 1.25 * p50, "latency_b1_p99_ms": 1.5 * p50,
             "bytes": size, "gzip_bytes": size // 2, "parameters": size // 4, "macs": size * 10,
             "throughput_b64_ips": 64 / (20 * p50) * 1000}
 
@@ -46,7 +46,7 @@ def test_gate_lists_every_check_with_value_threshold_and_why(raw_params):
                                         "speedup_vs_teacher", "size_ratio_vs_teacher", "vs_champion"]
     assert all(c.passed for c in checks)
     assert checks[4].value == pytest.approx(20.0) and checks[5].value == pytest.approx(48.0)
-    worse = gate_checks(EVALUATION, {"version": "3", "accuracy": 0.94}, _cfg(raw_params).gate.vision)[-1]
+    worse = gate_checks(EVALUATION, {"version": "3", "test_accuracy": 0.94}, _cfg(raw_params).gate.vision)[-1]
     assert not worse.passed and worse.why.startswith("accuracy drop vs champion v3")
     slow = gate_checks(EVALUATION, None, _cfg(raw_params, vs_teacher={"min_speedup": 25.0}).gate.vision)
     assert [c.name for c in slow if not c.passed] == ["speedup_vs_teacher"]
@@ -66,14 +66,17 @@ def test_contradicting_or_out_of_range_thresholds_fail_at_load(raw_params):
 
 @pytest.fixture
 def project(tmp_path, real_splits):
-    """A project root holding what the gate reads: the test split, the INT8 candidate and its evaluation."""
+    """A project root holding what the gate reads: the test split, the INT8 candidate, the teacher and their
+    evaluation (whose latencies are made up: the gate measures them again, side by side)."""
     x, y = real_splits["test"]
     save_npy(tmp_path / "data/vision/processed/test_x.npy", x)
     save_npy(tmp_path / "data/vision/processed/test_y.npy", y)
     torch.manual_seed(0)
     candidate = export_fp32(MobileStudent(ARCH), tmp_path / "models/vision/onnx/student_int8.onnx")
-    write_json(tmp_path / "metrics/vision/evaluation.json",
-               {**EVALUATION, "sha256": {"student_int8": file_digest(candidate)}})  # as evaluate_vision records it
+    teacher = export_fp32(ResNetTeacher(ResNetArch(stem=8, widths=[16, 32], blocks=[1, 1])),
+                          tmp_path / "models/vision/onnx/teacher_fp32.onnx")
+    write_json(tmp_path / "metrics/vision/evaluation.json",  # as evaluate_vision records it
+               {**EVALUATION, "sha256": {"student_int8": file_digest(candidate), "teacher_fp32": file_digest(teacher)}})
     return tmp_path
 
 
@@ -88,11 +91,16 @@ def test_passing_candidate_becomes_champion_and_loads_from_the_registry(project,
     import onnxruntime as ort
 
     uri = mlflow_uri  # also $MLFLOW_TRACKING_URI, where mlflow.onnx.load_model looks
-    cfg = _cfg(raw_params, floors={"min_accuracy": 0.0}, vs_teacher={"max_accuracy_drop": 1.0},
+    cfg = _cfg(raw_params, floors={"min_accuracy": 0.0}, vs_teacher={"max_accuracy_drop": 1.0, "min_speedup": 0.01},
                vs_champion={"max_accuracy_drop": 0.0})
     report, client = _gate(project, cfg, uri)
     name = cfg.gate.vision.registered_model
     assert report["passed"] and report["version"] == "1" and report["champion_before"] is None
+    # the speed-up divides two latencies measured now, one after the other (before: the evaluation's teacher number)
+    speedup = next(c for c in report["checks"] if c["name"] == "speedup_vs_teacher")["value"]
+    teacher_p50, candidate_p50 = report["teacher"]["latency_b1_p50_ms"], report["candidate"]["latency_b1_p50_ms"]
+    assert teacher_p50 != EVALUATION["models"]["teacher_fp32"]["latency_b1_p50_ms"]
+    assert speedup == pytest.approx(teacher_p50 / candidate_p50)
     version = client.get_model_version_by_alias(name, "champion")
     assert str(version.version) == "1" == str(client.get_model_version_by_alias(name, "challenger").version)
     assert version.tags["gate.passed"] == "true" and version.tags["gate.accuracy"] == "pass"
@@ -121,7 +129,7 @@ def test_passing_candidate_becomes_champion_and_loads_from_the_registry(project,
                    "registered as challenger only, champion unchanged, the failing check in its tags")
 def test_failing_candidate_is_registered_as_challenger_only(project, raw_params, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    lenient = _cfg(raw_params, floors={"min_accuracy": 0.0}, vs_teacher={"max_accuracy_drop": 1.0})
+    lenient = _cfg(raw_params, floors={"min_accuracy": 0.0}, vs_teacher={"max_accuracy_drop": 1.0, "min_speedup": 0.01})
     _gate(project, lenient, uri)
     strict = _cfg(raw_params, floors={"min_accuracy": 0.99})  # forced to fail
     report, client = _gate(project, strict, uri)
@@ -174,7 +182,7 @@ def test_unreachable_registry_is_a_clear_error_and_nothing_is_written(project, r
 def test_recommender_gate_reads_auc_and_request_latency(raw_params):
     from tasks.gate import SPECS
 
-    measured = lambda auc, ms, size: {"auc": auc, "latency_p50_ms": ms, "latency_p95_ms": ms * 1.2, "bytes": size}  # noqa: E731
+    measured = lambda auc, ms, size: {"test_auc": auc, "latency_p50_ms": ms, "latency_p95_ms": ms * 1.2, "bytes": size}  # noqa: E731
     evaluation = {"models": {"teacher_fp32": measured(0.86, 2.5, 770_000), "student_int8": measured(0.852, 0.7, 75_000)}}
     checks = {c.name: c for c in gate_checks(evaluation, None, _cfg(raw_params).gate.recsys, SPECS["recsys"])}
     assert list(checks) == ["auc", "p95_latency_ms", "size_kb", "auc_drop_vs_teacher", "speedup_vs_teacher",
@@ -184,7 +192,7 @@ def test_recommender_gate_reads_auc_and_request_latency(raw_params):
 
 
 def _lenient(raw_params):
-    return _cfg(raw_params, floors={"min_accuracy": 0.0}, vs_teacher={"max_accuracy_drop": 1.0})
+    return _cfg(raw_params, floors={"min_accuracy": 0.0}, vs_teacher={"max_accuracy_drop": 1.0, "min_speedup": 0.01})
 
 
 def _other_model(path):

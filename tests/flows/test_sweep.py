@@ -29,9 +29,19 @@ def test_grid_is_every_combination_and_random_draws_are_seeded_and_distinct():
     assert len(draw_recipes(SPACE, "random", 50, 0)) == 6   # never more than the grid holds
 
 
-def _o(name, auc, size, ms, passed=True, status="ok"):
-    return {"name": name, "status": status, "auc": auc, "bytes": size, "latency_p50_ms": ms, "passed": passed,
-            "failed_checks": [] if passed else ["auc"], "overrides": {"k": name}}
+def _o(name, auc, size, ms, passed=True, status="ok", test_auc=None):
+    """A recipe's outcome: ``auc`` is its validation AUC (what a sweep ranks by); the test AUC is reported only."""
+    return {"name": name, "status": status, "val_auc": auc, "test_auc": auc if test_auc is None else test_auc,
+            "bytes": size, "latency_p50_ms": ms, "passed": passed, "failed_checks": [] if passed else ["auc"],
+            "overrides": {"k": name}}
+
+
+def test_recipes_are_ranked_on_validation_never_on_test():
+    """Before: the sweep ranked recipes by the test AUC of their evaluation.json and registered the best."""
+    honest = _o("honest", 0.85, 50_000, 1.0, test_auc=0.80)
+    lucky = _o("lucky", 0.84, 50_000, 1.0, test_auc=0.90)   # better on test only: chosen on test, it would win
+    assert best_passing([honest, lucky], "auc")["name"] == "honest"
+    assert pareto_front([honest, lucky], "auc") == ["honest"]
 
 
 def test_pareto_front_keeps_exactly_the_undominated_recipes():
@@ -53,7 +63,7 @@ def test_report_files_list_failed_recipes_and_mark_the_front(tmp_path):
     files = write_sweep_report(tmp_path, outcomes, ["recipe-000"], outcomes[0], "auc",
                                {"family": "recsys", "recipes": 2, "seconds": 1.0})
     md = files[1].read_text()
-    assert "| recipe-000 | ok | 0.8500 | 70,000 |" in md and "| recipe-001 | FAILED |" in md
+    assert "| recipe-000 | ok | 0.8500 | 0.8500 | 70,000 |" in md and "| recipe-001 | FAILED |" in md
     assert "recipe-001 failed: RecipeInvalid: bad" in md and files[2].stat().st_size > 5_000
 
 

@@ -1,15 +1,21 @@
 """MovieLens sources, checksums, the CTR protocol and the splits, on a small synthetic copy in both formats."""
 from __future__ import annotations
 
+import hashlib
 import json
+import re
+import zipfile
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from tasks.errors import ChecksumError, DataSourceError
+from tasks.errors import ChecksumError, DataFormatError, DataSourceError
+from tasks.expectations import failure_message
 from tasks.movielens import acquire
 from tasks.prepare_recsys import FIELDS, prepare_recsys
+from tasks.validate_recsys import load_tables, validate_recsys
 
 
 def test_recbole_files_and_the_grouplens_zip_give_the_same_tables(synthetic_movielens):
@@ -64,3 +70,77 @@ def test_splits_are_seeded_and_the_temporal_split_puts_the_newest_last(synthetic
     rows = pd.read_csv(tmp_path / "t" / "interactions.csv")
     newest = rows.groupby("split").timestamp.agg(["min", "max"])
     assert newest.loc["train", "max"] <= newest.loc["val", "min"] and newest.loc["val", "max"] <= newest.loc["test", "min"]
+
+
+def _edit_line(number: int, change: Callable[[list[str]], list[str]]) -> Callable[[str], str]:
+    """An edit of line ``number`` (1-based, as an editor counts them, header included) of a file's text."""
+    def edit(text: str) -> str:
+        lines = text.splitlines()
+        sep = "\t" if "\t" in lines[0] else "|"
+        lines[number - 1] = sep.join(change(lines[number - 1].split(sep)))
+        return "\n".join(lines) + "\n"
+    return edit
+
+
+def _edited_source(synthetic_movielens, file: str, edit: Callable[[str], str]):
+    """``data.recsys`` reading ``file`` edited: a RecBole file, or a member of the GroupLens zip; re-pinned, as a
+    user editing params.yaml would."""
+    recbole, grouplens, cfg = synthetic_movielens
+    if file.startswith("ml-100k."):
+        folder, path = recbole, recbole / file
+        path.write_text(edit(path.read_text()))
+    else:
+        folder, path = grouplens, grouplens / "ml-100k.zip"
+        with zipfile.ZipFile(path) as zf:
+            members = {name: zf.read(name).decode("latin-1") for name in zf.namelist()}
+        members[f"ml-100k/{file}"] = edit(members[f"ml-100k/{file}"])
+        with zipfile.ZipFile(path, "w") as zf:
+            for name, text in members.items():
+                zf.writestr(name, text.encode("latin-1"))
+    pins = {**cfg.data.recsys.sha256, path.name: hashlib.sha256(path.read_bytes()).hexdigest()}
+    return folder, cfg.data.recsys.model_copy(update={"source_dir": str(folder), "sha256": pins})
+
+
+REPEATED_ID = pytest.mark.fault("data", "a users or items file with an id on two rows (pinned as it is)",
+                                "DataFormatError naming the file, the column and the id; no output")
+
+
+@pytest.mark.parametrize("file,edit,pattern", [
+    pytest.param("ml-100k.user", _edit_line(5, lambda f: ["1", *f[1:]]),
+                 r"ml-100k\.user: user_id 1 on more than one row", id="repeated-user", marks=REPEATED_ID),
+    pytest.param("u.item", _edit_line(4, lambda f: ["1", *f[1:]]),
+                 r"u\.item: item_id 1 on more than one row", id="repeated-item", marks=REPEATED_ID),
+    pytest.param("ml-100k.inter", _edit_line(6, lambda f: ["1" + "0" * 30, *f[1:]]),
+                 r"ml-100k\.inter: column user_id does not hold int64 values \(.*too large", id="id-too-large",
+                 marks=pytest.mark.fault("data", "a ratings row whose user id does not fit 64 bits (pinned as it is)",
+                                         "DataFormatError naming the file and the column; no output")),
+    pytest.param("u.data", _edit_line(6, lambda f: [*f, "9"]),
+                 r"u\.data: Error tokenizing data\. C error: Expected 4 fields in line 6, saw 5$", id="extra-field",
+                 marks=pytest.mark.fault("data", "a ratings row with a field too many (pinned as it is)",
+                                         "one-line DataFormatError naming the file, the line and the field counts; "
+                                         "no output")),
+])
+def test_inconsistent_movielens_files_are_named_before_anything_is_written(synthetic_movielens, tmp_path, file, edit,
+                                                                          pattern):
+    folder, data = _edited_source(synthetic_movielens, file, edit)
+    with pytest.raises(DataFormatError, match=rf"source_dir \({re.escape(str(folder))}\): {pattern}") as err:
+        prepare_recsys(data, tmp_path / "out")
+    assert "\n" not in str(err.value)  # printed as one line by the stage CLI
+    assert not (tmp_path / "out").exists()
+
+
+def _impossible_ages(text: str) -> str:
+    """Users 2 and 3 (lines 3 and 4, after the header) aged -5 and 500."""
+    text = _edit_line(3, lambda f: [f[0], "-5", *f[2:]])(text)
+    return _edit_line(4, lambda f: [f[0], "500", *f[2:]])(text)
+
+
+@pytest.mark.fault("data", "users aged -5 and 500 (pinned as they are)",
+                   "prepare encodes them in the end age groups; validation fails naming the age range check")
+def test_ages_outside_the_age_groups_reach_validation(synthetic_movielens, tmp_path):
+    _, _, cfg = synthetic_movielens
+    _, data = _edited_source(synthetic_movielens, "ml-100k.user", _impossible_ages)
+    prepare_recsys(data, tmp_path / "out")
+    assert {-5, 500} <= set(pd.read_csv(tmp_path / "out" / "users.csv").age)
+    report = validate_recsys(load_tables(tmp_path / "out"), cfg)
+    assert not report["success"] and "expect_column_values_to_be_between(column=age" in failure_message(report)

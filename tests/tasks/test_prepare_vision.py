@@ -1,12 +1,26 @@
 from __future__ import annotations
 
+import gzip
+import hashlib
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
+import yaml
 
+from tasks.config import SplitSizes
 from tasks.errors import DataFormatError, DataSourceError
 from tasks.idx import parse_idx
 from tasks.prepare_vision import acquire, decode, prepare_vision, split, stratified_pick
-from tests.conftest import idx_bytes
+from tests.conftest import ROOT, idx_bytes
+
+TRAIN_Y, TEST_X, TEST_Y = "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"
+COUNTS = pytest.mark.fault("data", "an images file and its labels file with different counts (pinned as they are)",
+                           "DataFormatError naming both files and both counts, exit 2 without a traceback; no output")
 
 
 def test_parse_idx_round_trip():
@@ -79,3 +93,64 @@ def test_falls_back_to_download_cache(synthetic_source, tmp_path):
 def test_real_fashion_mnist_matches_pins(real_splits):
     train_x, train_y = real_splits["train"]
     assert train_x.shape[1:] == (28, 28) and set(np.unique(train_y)) == set(range(10))
+
+
+def _write_idx(src: Path, arrays: dict[str, np.ndarray]) -> dict[str, str]:
+    """Write ``arrays`` over the source's files; return their pins, as a user re-pinning params.yaml would."""
+    pins = {}
+    for name, arr in arrays.items():
+        payload = idx_bytes(arr)
+        (src / f"{name}.gz").write_bytes(gzip.compress(payload, mtime=0))
+        pins[name] = hashlib.sha256(payload).hexdigest()
+    return pins
+
+
+@pytest.mark.parametrize("arrays,update,pattern", [
+    pytest.param({TRAIN_Y: np.repeat(np.arange(10, dtype=np.uint8), 60)[:599]}, {},
+                 r"train-images-idx3-ubyte\.gz has 600 images but train-labels-idx1-ubyte\.gz has 599 labels",
+                 id="train-counts", marks=COUNTS),
+    pytest.param({TEST_X: np.zeros((150, 28, 28), np.uint8)}, {},
+                 r"t10k-images-idx3-ubyte\.gz has 150 images but t10k-labels-idx1-ubyte\.gz has 200 labels",
+                 id="test-counts", marks=COUNTS),
+    pytest.param({TEST_X: np.zeros((200, 32, 32), np.uint8)}, {},
+                 r"t10k-images-idx3-ubyte\.gz holds 32x32 images but train-images-idx3-ubyte\.gz 28x28",
+                 id="image-size", marks=pytest.mark.fault(
+                     "data", "test images of another size than the training images (pinned as they are)",
+                     "DataFormatError naming both files and both sizes; no output")),
+    pytest.param({TEST_X: np.zeros((0, 28, 28), np.uint8), TEST_Y: np.zeros(0, np.uint8)}, {},
+                 r"t10k-images-idx3-ubyte\.gz and t10k-labels-idx1-ubyte\.gz hold no rows", id="empty-test",
+                 marks=pytest.mark.fault("data", "an images file and its labels file with no rows (pinned as they are)",
+                                         "DataFormatError naming both files; no output")),
+    pytest.param({}, {"val_size": 600},
+                 r"data\.vision\.val_size \(600\) in params\.yaml must be smaller than the 600 rows of "
+                 r"train-labels-idx1-ubyte\.gz", id="val-size", marks=pytest.mark.fault(
+                     "data", "data.vision.val_size not smaller than the training rows",
+                     "DataFormatError naming val_size, the file and its rows; no output")),
+])
+def test_inconsistent_raw_files_are_named_before_anything_is_written(synthetic_source, tmp_path, arrays, update,
+                                                                     pattern):
+    src, cfg = synthetic_source
+    pins = {**cfg.data.vision.sha256, **_write_idx(src, arrays)}
+    # the smoke profile's subset: with it, a test-count mismatch failed in split too (IndexError)
+    subset = SplitSizes(train=300, val=50, test=100)
+    data = cfg.data.vision.model_copy(update={"sha256": pins, "subset": subset, **update})
+    with pytest.raises(DataFormatError, match=rf"source_dir \({re.escape(str(src))}\): {pattern}"):
+        prepare_vision(data, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@COUNTS
+def test_the_stage_cli_reports_inconsistent_files_in_one_line_and_exits_2(synthetic_source, raw_params, tmp_path):
+    src, cfg = synthetic_source
+    pins = {**cfg.data.vision.sha256, **_write_idx(src, {TRAIN_Y: np.zeros(599, np.uint8)})}
+    vision = {**raw_params["data"]["vision"], **cfg.data.vision.model_dump(mode="json"), "sha256": pins}
+    params = {**raw_params, "data": {**raw_params["data"], "vision": vision}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    env.pop("PIPELINE_PARENT_RUN_ID", None)
+    proc = subprocess.run([sys.executable, "-m", "tasks.prepare_vision", "--out", "data/processed", "--params",
+                           "params.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert len(errors) == 1 and errors[0].startswith("error: DataFormatError: ") and "has 599 labels" in errors[0]
+    assert not list((tmp_path / "data").rglob("*.npy"))

@@ -73,7 +73,7 @@ def test_distillation_moves_the_student_only_and_learns():
 
 def test_int8_onnx_stores_int8_tables_and_matches_the_qat_model(tmp_path):
     torch.backends.quantized.engine = "x86"
-    qat = prepare_ctr_qat(_model())
+    qat = prepare_ctr_qat(_model(), 7, True)
     data = _split(256)
     qat.train()
     with torch.no_grad():
@@ -94,7 +94,7 @@ def test_int8_onnx_stores_int8_tables_and_matches_the_qat_model(tmp_path):
 @pytest.mark.parametrize("arch", [{"mlp": []}, {"fm": False, "mlp": []}])
 def test_fm_and_lr_students_export_without_an_mlp(tmp_path, arch):
     model = _model(**arch)
-    path = export_ctr_int8(convert_ctr_int8(prepare_ctr_qat(model)), tmp_path / "m.onnx")
+    path = export_ctr_int8(convert_ctr_int8(prepare_ctr_qat(model, 7, True)), tmp_path / "m.onnx")
     data = _split(64)
     reference = torch.sigmoid(torch.from_numpy(predict_logits(model, data))).numpy()
     assert np.abs(onnx_probabilities(path, data) - reference).max() < 0.02
@@ -122,7 +122,7 @@ def test_shared_rows_export_a_small_index_and_match_in_onnxruntime(tmp_path):
     shared = share_rows(model, 12)
     assert shared.embedding.num_embeddings == 12 and shared.row_map.shape == (SHAPE["vocabulary"],)
     assert set(shared.row_map.tolist()) == set(range(12))
-    qat = prepare_ctr_qat(shared)
+    qat = prepare_ctr_qat(shared, 7, True)
     data = _split(128)
     with torch.no_grad():
         qat(data.fields, data.genres)

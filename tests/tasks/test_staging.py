@@ -1,11 +1,13 @@
-"""Atomic stage outputs, tested on a real stage process (prepare_recsys on a small MovieLens): when the artifact
-store refuses the stage's artifact, the stage fails with one clear line and its previous outputs stay as they were."""
+"""Atomic stage outputs, tested on real processes: when the artifact store refuses a stage's artifact (prepare_recsys
+on a small MovieLens), the stage fails with one clear line and its previous outputs stay as they were; when a stage
+is killed while its outputs move into place, the next stage to start completes the move, so no mix is ever left."""
 from __future__ import annotations
 
 import contextlib
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -78,3 +80,60 @@ def test_a_refused_artifact_leaves_the_previous_outputs(synthetic_movielens, tmp
     assert not list(tmp_path.rglob(".staging"))
     runs = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_runs(["1"], order_by=["start_time DESC"])
     assert [r.info.status for r in runs] == ["FAILED", "FINISHED"]
+
+
+OLD, NEW = {"model.bin": "old", "processed/rows.txt": "old"}, {"model.bin": "new", "processed/rows.txt": "new"}
+
+
+def _outputs(root: Path) -> dict[str, str]:
+    """The outputs in place under data/ and their contents (staged ones left out)."""
+    data = root / "data"
+    return {str(p.relative_to(data)): p.read_text() for p in sorted(data.rglob("*"))
+            if p.is_file() and ".staging" not in p.parts}
+
+
+def _stage_dying_at_move(root: Path, move: int, body: str) -> subprocess.CompletedProcess:
+    """Run ``body`` (with ``staged`` and ``atomic_outputs`` imported) in a fresh process in ``root`` that dies at once
+    (os._exit, like SIGKILL: no cleanup runs) on its ``move``-th os.replace of an output under data/; 0: never."""
+    script = textwrap.dedent(f"""
+        import os
+        from pathlib import Path
+        from tasks.staging import atomic_outputs, staged
+        real_replace, moves = os.replace, []
+        def replace(src, dst):
+            if "data" in Path(src).parts:
+                moves.append(src)
+                if len(moves) == {move}:
+                    os._exit(9)
+            real_replace(src, dst)
+        os.replace = replace
+    """) + textwrap.dedent(body)
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True)
+
+
+@pytest.mark.parametrize("move", [1, 2, 3], ids=["at-the-first-move", "between-outputs", "inside-the-folder-swap"])
+@pytest.mark.fault("runs", "a stage killed (os._exit) while its staged outputs move into place, and killed again "
+                   "while the next stage completes that move",
+                   "the next stage to start moves every remaining staged output in: all outputs new, no mix of old "
+                   "and new, no folder missing, nothing staged or .old left")
+def test_a_stage_killed_while_committing_is_rolled_forward_by_the_next(tmp_path, move):
+    (tmp_path / "data" / "processed").mkdir(parents=True)
+    for name, text in OLD.items():
+        (tmp_path / "data" / name).write_text(text)
+    killed = _stage_dying_at_move(tmp_path, move, """
+        with atomic_outputs():
+            staged(Path("data/model.bin")).write_text("new")
+            folder = staged(Path("data/processed"))
+            folder.mkdir()
+            (folder / "rows.txt").write_text("new")
+    """)
+    assert killed.returncode == 9, killed.stderr[-3000:]
+    assert _outputs(tmp_path) != NEW  # killed mid-commit: left so, the outputs would be old, a mix, or missing
+
+    recovering = _stage_dying_at_move(tmp_path, 1, "with atomic_outputs(): pass")  # killed again, at its first move
+    assert recovering.returncode == 9, (_outputs(tmp_path), recovering.stderr[-3000:])
+    recovered = _stage_dying_at_move(tmp_path, 0, "with atomic_outputs(): pass")
+    assert recovered.returncode == 0, recovered.stderr[-3000:]
+    assert _outputs(tmp_path) == NEW
+    assert not list(tmp_path.rglob(".staging")) and not list(tmp_path.rglob("*.old"))

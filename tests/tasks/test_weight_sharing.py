@@ -9,7 +9,7 @@ from tasks.errors import ConfigError
 from tasks.quantization import convert_int8, prepare_qat
 from tasks.share_vision import fix_quantization
 from tasks.vision_models import MobileStudent
-from tasks.weight_sharing import bake, huffman_bits, kmeans_1d, share_weights, shared_layers, storage_report
+from tasks.weight_sharing import bake, kmeans_1d, share_weights, shared_layers
 
 
 def test_kmeans_finds_separated_clusters():
@@ -34,21 +34,15 @@ def test_shared_layer_has_k_values_keeps_zeros_and_pools_gradients():
     torch.testing.assert_close(shared.centroids.grad, pooled, atol=1e-4, rtol=1e-4)
 
 
-def test_huffman_matches_the_textbook_code():
-    assert huffman_bits(torch.tensor([0, 0, 0, 0, 1, 1, 2, 3])) == 4 * 1 + 2 * 2 + 3 + 3
-    assert huffman_bits(torch.zeros(7)) == 7
-
-
-def test_storage_report_counts_index_codebook_and_entropy_bound():
+def test_bake_leaves_plain_parameters_holding_the_shared_values():
     torch.manual_seed(0)
-    layer = nn.Linear(64, 16)  # 1024 shared weights, 16 float biases
+    layer = nn.Linear(64, 16)
     share_weights(layer, 16)
+    shared = layer.weight.detach().clone()
     codes = bake(layer)
-    report = storage_report(layer, codes)
-    assert report["float32_bytes"] == 4 * (1024 + 16)
-    assert report["index_codebook_bytes"] == 1024 * 4 / 8 + 16 * 4 + 16 * 4
-    assert report["huffman_bytes"] <= report["index_codebook_bytes"]
+    assert [size for _, size in codes] == [16]
     assert not hasattr(layer, "parametrizations") and isinstance(layer.weight, nn.Parameter)
+    assert torch.equal(layer.weight.detach(), shared) and torch.unique(layer.weight).numel() == 16
 
 
 def test_sharing_a_qat_student_keeps_it_convertible_to_int8():
