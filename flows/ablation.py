@@ -23,7 +23,7 @@ from pathlib import Path
 from torch import nn
 
 from flows.benchmark import machine
-from tasks.artifacts import load_model, qat_extra, save_model
+from tasks.artifacts import count_nonzero, count_parameters, load_model, qat_extra, save_model
 from tasks.config import Config, load_config
 from tasks.distill_vision import distill_vision
 from tasks.io import write_atomic, write_json
@@ -32,7 +32,6 @@ from tasks.prune_vision import prune_vision
 from tasks.qat_vision import qat_vision
 from tasks.share_vision import share_vision
 from tasks.training import Split
-from tasks.vision_models import count_nonzero, count_parameters
 
 DATA, TEACHER = Path("data/vision/processed"), Path("models/vision/teacher.pt")
 ARMS = {  # arm -> precision of the measured ONNX model

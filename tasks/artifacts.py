@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import importlib
 import io
 import pickle
 from pathlib import Path
@@ -20,11 +21,20 @@ from torch import nn
 from tasks.config import MobileArch, QatVision, RecArch, ResNetArch
 from tasks.errors import CheckpointError
 from tasks.io import file_digest, write_atomic, write_json
-from tasks.recsys_models import CtrModel
-from tasks.vision_models import MobileStudent, ResNetTeacher
 
-ARCHES = {"resnet_teacher": (ResNetArch, ResNetTeacher), "mobile_student": (MobileArch, MobileStudent),
-          "ctr": (RecArch, CtrModel)}
+# kind -> (architecture config, "module:class" of the model). The model classes are imported when a file of that
+# kind is loaded, so a stage depends on (and DVC re-runs it for) its own family's model code only.
+ARCHES = {"resnet_teacher": (ResNetArch, "tasks.vision_models:ResNetTeacher"),
+          "mobile_student": (MobileArch, "tasks.vision_models:MobileStudent"),
+          "ctr": (RecArch, "tasks.recsys_models:CtrModel")}
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_nonzero(model: nn.Module) -> int:
+    return sum(int((p != 0).sum()) for p in model.parameters())
 
 
 def save_model(model: nn.Module, kind: str, arch: BaseModel, path: Path, **extra: Any) -> None:
@@ -60,16 +70,15 @@ def model_meta(path: Path) -> dict[str, Any]:
 def load_model(path: Path) -> nn.Module:
     """Rebuild a model saved by ``save_model``, in eval mode."""
     blob = _read(path)
-    arch_cls, model_cls = ARCHES[blob["kind"]]
+    arch_cls, where = ARCHES[blob["kind"]]
+    module, name = where.split(":")
+    model_cls = getattr(importlib.import_module(module), name)
     model = model_cls(arch_cls.model_validate(blob["arch"]), **blob.get("shape", {}))
     if blob.get("activation_bits"):  # a QAT student: rebuild the same fake-quantized graph, then load into it
-        from tasks.quantization import prepare_qat
-
+        prepare_qat = importlib.import_module("tasks.quantization").prepare_qat
         model = prepare_qat(model, blob["activation_bits"], torch.zeros(1, 1, 28, 28), blob.get("float_modules", []))
-    elif blob.get("ctr_qat"):
-        from tasks.recsys_models import prepare_ctr_qat
-
-        model = prepare_ctr_qat(model, **blob["ctr_qat"])
+    elif blob.get("ctr_qat"):  # imported like the model classes: only for a file of that family
+        model = importlib.import_module("tasks.recsys_models").prepare_ctr_qat(model, **blob["ctr_qat"])
     model.load_state_dict(blob["state_dict"])
     return model.eval()
 

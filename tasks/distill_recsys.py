@@ -11,12 +11,11 @@ from pathlib import Path
 
 import torch
 
-from tasks.artifacts import load_model, publish_training
+from tasks.artifacts import count_parameters, load_model, publish_training
 from tasks.config import DistillRecsys, stage_args
 from tasks.ctr_training import ctr_trainer, evaluate_ctr, fit_ctr, load_ctr_data
 from tasks.errors import run_cli
 from tasks.recsys_models import CtrModel
-from tasks.vision_models import count_parameters
 
 
 def distill_recsys(cfg: DistillRecsys, distill: bool, data_dir: Path, teacher_path: Path,

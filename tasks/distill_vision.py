@@ -11,12 +11,12 @@ from pathlib import Path
 
 import torch
 
-from tasks.artifacts import fingerprint, load_model, publish_training, training_inputs
+from tasks.artifacts import count_parameters, fingerprint, load_model, publish_training, training_inputs
 from tasks.config import DistillVision, stage_args
 from tasks.distillation import Distiller, distillation_loss, loss_config
 from tasks.errors import run_cli
 from tasks.training import Split, evaluate, fit, memory_format, to_input
-from tasks.vision_models import MobileStudent, count_parameters
+from tasks.vision_models import MobileStudent
 
 
 def distill_vision(cfg: DistillVision, distill: bool, data_dir: Path, teacher_path: Path, checkpoint: Path,

@@ -16,13 +16,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.artifacts import load_model
+from tasks.artifacts import count_nonzero, count_parameters, load_model
 from tasks.config import EvaluateVision, stage_args
 from tasks.errors import run_cli
 from tasks.io import digests, write_json
 from tasks.onnx_models import INPUT, file_sizes, onnx_accuracy, percentiles_ms, session, timed_runs
 from tasks.training import Split, to_input
-from tasks.vision_models import count_nonzero, count_parameters
 
 
 def count_macs(model: nn.Module) -> int:

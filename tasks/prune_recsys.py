@@ -12,13 +12,12 @@ from pathlib import Path
 
 import torch
 
-from tasks.artifacts import ctr_compression_stage, load_model
+from tasks.artifacts import count_parameters, ctr_compression_stage, load_model
 from tasks.config import DistillRecsys, PruneRecsys
 from tasks.ctr_training import ctr_trainer, evaluate_ctr, fit_ctr, load_ctr_data
 from tasks.errors import run_cli
 from tasks.recsys_compression import prune_dimensions
 from tasks.recsys_models import CtrModel
-from tasks.vision_models import count_parameters
 
 
 def kept_dimensions(cfg: PruneRecsys, dim: int, step: int) -> int:

@@ -11,7 +11,16 @@ from pathlib import Path
 
 import torch
 
-from tasks.artifacts import fingerprint, load_model, model_meta, pass_through, publish_training, training_inputs
+from tasks.artifacts import (
+    count_nonzero,
+    count_parameters,
+    fingerprint,
+    load_model,
+    model_meta,
+    pass_through,
+    publish_training,
+    training_inputs,
+)
 from tasks.config import DistillVision, MobileArch, PruneVision, stage_args
 from tasks.distillation import Distiller, distillation_loss, loss_config
 from tasks.errors import run_cli
@@ -24,7 +33,7 @@ from tasks.pruning import (
     sparsity_report,
 )
 from tasks.training import Split, evaluate, fit, to_input
-from tasks.vision_models import MobileStudent, count_nonzero, count_parameters
+from tasks.vision_models import MobileStudent
 
 
 def pruning_schedule(student: MobileStudent, cfg: PruneVision) -> Callable[[int], None]:

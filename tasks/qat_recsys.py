@@ -14,13 +14,12 @@ from pathlib import Path
 
 import torch
 
-from tasks.artifacts import ctr_compression_stage, load_model
+from tasks.artifacts import count_parameters, ctr_compression_stage, load_model
 from tasks.config import DistillRecsys, QatRecsys
 from tasks.ctr_training import ctr_trainer, evaluate_ctr, fit_ctr, load_ctr_data
 from tasks.errors import run_cli
 from tasks.quantization import freeze_observers
 from tasks.recsys_models import CtrModel, prepare_ctr_qat
-from tasks.vision_models import count_parameters
 
 
 def qat_recsys(cfg: QatRecsys, kd: DistillRecsys, distill: bool, data_dir: Path, teacher_path: Path,

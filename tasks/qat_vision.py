@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 from tasks.artifacts import (
+    count_nonzero,
+    count_parameters,
     fingerprint,
     load_model,
     model_meta,
@@ -27,7 +29,6 @@ from tasks.errors import run_cli
 from tasks.pruning import enforce_masks, keep_pruned_zeros
 from tasks.quantization import QatModel, freeze_observers, freeze_schedule, prepare_qat
 from tasks.training import Split, evaluate, fit, to_input
-from tasks.vision_models import count_nonzero, count_parameters
 
 
 def qat_vision(cfg: QatVision, kd: DistillVision, distill: bool, data_dir: Path, teacher_path: Path,

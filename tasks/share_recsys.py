@@ -13,13 +13,12 @@ from pathlib import Path
 import torch
 from torch.ao.quantization import disable_observer
 
-from tasks.artifacts import ctr_compression_stage, load_model
+from tasks.artifacts import count_parameters, ctr_compression_stage, load_model
 from tasks.config import DistillRecsys, ShareRecsys
 from tasks.ctr_training import ctr_trainer, evaluate_ctr, fit_ctr, load_ctr_data
 from tasks.errors import run_cli
 from tasks.recsys_compression import share_rows
 from tasks.recsys_models import CtrModel
-from tasks.vision_models import count_parameters
 
 
 def share_recsys(cfg: ShareRecsys, kd: DistillRecsys, distill: bool, data_dir: Path, teacher_path: Path,

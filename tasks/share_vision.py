@@ -18,14 +18,22 @@ from torch import nn
 from torch.ao.nn.intrinsic.qat import freeze_bn_stats
 from torch.ao.quantization import disable_observer
 
-from tasks.artifacts import fingerprint, load_model, model_meta, pass_through, publish_training, training_inputs
+from tasks.artifacts import (
+    count_nonzero,
+    count_parameters,
+    fingerprint,
+    load_model,
+    model_meta,
+    pass_through,
+    publish_training,
+    training_inputs,
+)
 from tasks.config import DistillVision, ExportVision, ShareVision, stage_args
 from tasks.distillation import Distiller, distillation_loss, loss_config
 from tasks.errors import run_cli
 from tasks.export_vision import export_student_int8
 from tasks.onnx_models import file_sizes
 from tasks.training import Split, evaluate, fit, to_input
-from tasks.vision_models import count_nonzero, count_parameters
 from tasks.weight_sharing import bake, share_weights
 
 

@@ -12,12 +12,11 @@ from pathlib import Path
 
 import torch
 
-from tasks.artifacts import publish_training
+from tasks.artifacts import count_parameters, publish_training
 from tasks.config import TrainTeacherRecsys, stage_args
 from tasks.ctr_training import evaluate_ctr, fit_ctr, label_loss, load_ctr_data
 from tasks.errors import run_cli
 from tasks.recsys_models import CtrModel
-from tasks.vision_models import count_parameters
 
 
 def train_teacher_recsys(cfg: TrainTeacherRecsys, data_dir: Path,

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from tasks.artifacts import fingerprint, publish_training, training_inputs
+from tasks.artifacts import count_parameters, fingerprint, publish_training, training_inputs
 from tasks.config import TrainTeacherVision, stage_args
 from tasks.errors import run_cli
 from tasks.training import Split, evaluate, fit, memory_format
-from tasks.vision_models import ResNetTeacher, count_parameters
+from tasks.vision_models import ResNetTeacher
 
 
 def train_teacher_vision(cfg: TrainTeacherVision, data_dir: Path, checkpoint: Path,

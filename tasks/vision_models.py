@@ -162,11 +162,3 @@ class MobileStudent(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)[0]
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
-def count_nonzero(model: nn.Module) -> int:
-    return sum(int((p != 0).sum()) for p in model.parameters())

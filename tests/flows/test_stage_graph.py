@@ -62,3 +62,46 @@ def test_outputs_persist_so_a_failed_stage_keeps_the_previous_ones():
                 path, flags = (out, {}) if isinstance(out, str) else next(iter(out.items()))
                 wanted = not name.startswith("validate_")
                 assert flags.get("persist", False) is wanted, f"{name}: {path} persist should be {wanted}"
+
+
+def _dvc_stages():
+    """Each stage's code deps and params keys as DVC itself reads them from dvc.yaml."""
+    from dvc.repo import Repo
+    from dvc.stage import PipelineStage
+
+    with Repo(str(ROOT)) as repo:
+        stages = [s for s in repo.index.stages if isinstance(s, PipelineStage)]
+        return {s.name: ({str(d.def_path) for d in s.deps if str(d.def_path).startswith("tasks/")},
+                         {k for d in s.deps if hasattr(d, "params") for k in (d.params or [])}, s.cmd) for s in stages}
+
+
+def test_every_stage_depends_on_exactly_the_code_it_imports():
+    """Before: evaluate_recsys missed tasks/prepare_recsys.py, the recsys compression stages tasks/distillation.py,
+    validate_vision tasks/expectations.py (so DVC served stale results), and every vision stage depended on the
+    recommender's model code through tasks/artifacts.py."""
+    from flows.stage_deps import module_closure
+    from tasks.artifacts import ARCHES
+
+    model_modules = {where.split(":")[0].replace(".", "/") + ".py" for _, where in ARCHES.values()}
+    for name, (code, _, cmd) in _dvc_stages().items():
+        imported = module_closure(re.search(r"python -m (tasks\.\w+)", cmd).group(1), ROOT)
+        assert not imported - code, f"{name}: dvc.yaml misses {sorted(imported - code)}"
+        # beyond its imports, a stage may depend on the model code load_model builds its family's models from
+        assert code - imported <= model_modules, f"{name}: dvc.yaml lists {sorted(code - imported)}, never imported"
+
+
+def test_the_vision_teacher_does_not_depend_on_recommender_code_params_or_unrelated_profile_values(raw_params):
+    """Before: every stage listed tasks/config.py's whole closure and the whole ``profiles`` tree, so editing a
+    smoke-profile value or a recommender knob or module re-ran the 30-minute vision teacher."""
+    stages = _dvc_stages()
+    code, params, _ = stages["train_teacher_vision"]
+    assert not [c for c in code if any(word in c for word in ("recsys", "ctr", "movielens"))], code
+    assert "profiles" not in params and not [p for p in params if "recsys" in p], params
+    assert "profiles.smoke.teacher.vision" in params  # what the smoke profile does overlay is still tracked
+    for name, (_, keys, _) in stages.items():  # every overlaid key tracked, in every profile
+        for profile, overlay in raw_params["profiles"].items():
+            for key in (k for k in keys if not k.startswith("profile")):
+                node = overlay
+                for part in key.split("."):
+                    node = node.get(part) if isinstance(node, dict) else None
+                assert node is None or f"profiles.{profile}.{key}" in keys, f"{name}: profiles.{profile}.{key}"

@@ -3,6 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tasks.artifacts import count_parameters
 from tasks.config import MobileArch, parse_config
 from tasks.errors import ConfigError
 from tasks.prune_vision import pruning_schedule
@@ -18,7 +19,7 @@ from tasks.pruning import (
     sparsity_report,
 )
 from tasks.quantization import prepare_qat
-from tasks.vision_models import MobileStudent, count_parameters
+from tasks.vision_models import MobileStudent
 
 ARCH = MobileArch(stem=8, widths=[16, 32, 32, 64], strides=[1, 2, 1, 2])
 MIXED = MobileArch(stem=8, stem_stride=2, widths=[16, 32, 32, 64], strides=[1, 2, 1, 2],
