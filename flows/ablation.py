@@ -75,16 +75,16 @@ def run_seed(cfg: Config, seed: int, root: Path, work: Path) -> dict[str, Measur
     save_model(pruned, "mobile_student", arch, files["pruned"])
     qat_pruned = qat_vision(qat, kd, True, data, teacher, files["pruned"], ckpt / "qat_pruned.pt")[0]
     shared = share_vision(r["share"], kd, True, data, teacher, files["qat_kd"], ckpt / "share.pt", cfg.export.vision,
-                          qat.float_modules)[0]
+                          qat)[0]
 
     calibration = Split.load(data, "val")
     calibration = Split(calibration.x[:cfg.ablation.vision.calibration_size], calibration.y[:cfg.ablation.vision.calibration_size])
     ce_onnx, kd_onnx = export_fp32(ce, work / "ce.onnx"), export_fp32(kd_student, work / "kd.onnx")
     models["student CE-only"] = ce, ce_onnx
     models["student KD"] = kd_student, kd_onnx
-    floats = qat.float_modules  # PTQ leaves in float what QAT does
-    models["CE-only + PTQ"] = ce, quantize_ptq(ce_onnx, calibration, work / "ce_ptq.onnx", float_modules=floats)
-    models["KD + PTQ"] = kd_student, quantize_ptq(kd_onnx, calibration, work / "kd_ptq.onnx", float_modules=floats)
+    ptq = {"float_modules": qat.float_modules, "weight_bits": qat.weight_bits}  # PTQ quantizes what QAT does, alike
+    models["CE-only + PTQ"] = ce, quantize_ptq(ce_onnx, calibration, work / "ce_ptq.onnx", **ptq)
+    models["KD + PTQ"] = kd_student, quantize_ptq(kd_onnx, calibration, work / "kd_ptq.onnx", **ptq)
     models["QAT without KD"] = qat_ce, export_int8(qat_ce, work / "qat_ce.onnx")
     models["KD + QAT"] = qat_kd, export_int8(qat_kd, work / "qat_kd.onnx")
     models["KD + QAT + pruning"] = qat_pruned, export_int8(qat_pruned, work / "qat_pruned.onnx")

@@ -47,7 +47,8 @@ def save_model(model: nn.Module, kind: str, arch: BaseModel, path: Path, **extra
 
 def qat_extra(cfg: QatVision) -> dict[str, Any]:
     """What rebuilding a student trained with ``cfg`` needs beyond its architecture."""
-    return {"activation_bits": cfg.activation_bits, "float_modules": list(cfg.float_modules)}
+    return {"activation_bits": cfg.activation_bits, "weight_bits": cfg.weight_bits,
+            "float_modules": list(cfg.float_modules)}
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -76,7 +77,8 @@ def load_model(path: Path) -> nn.Module:
     model = model_cls(arch_cls.model_validate(blob["arch"]), **blob.get("shape", {}))
     if blob.get("activation_bits"):  # a QAT student: rebuild the same fake-quantized graph, then load into it
         prepare_qat = importlib.import_module("tasks.quantization").prepare_qat
-        model = prepare_qat(model, blob["activation_bits"], torch.zeros(1, 1, 28, 28), blob.get("float_modules", []))
+        model = prepare_qat(model, blob["activation_bits"], torch.zeros(1, 1, 28, 28), blob.get("float_modules", []),
+                            blob.get("weight_bits", 8))
     elif blob.get("ctr_qat"):  # imported like the model classes: only for a file of that family
         model = importlib.import_module("tasks.recsys_models").prepare_ctr_qat(model, **blob["ctr_qat"])
     model.load_state_dict(blob["state_dict"])

@@ -15,7 +15,6 @@ names the disagreeing test images, so nothing is evaluated or promoted.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +22,7 @@ import torch
 from torch import nn
 
 from tasks.artifacts import load_model
-from tasks.config import ExportVision, stage_args
+from tasks.config import ExportVision, QatVision, stage_args
 from tasks.errors import PipelineError, run_cli
 from tasks.io import write_json
 from tasks.onnx_models import export_fp32, export_int8, onnx_logits, quantize_ptq
@@ -61,21 +60,21 @@ def parity(name: str, reference: np.ndarray, onnx: np.ndarray, labels: np.ndarra
     return result
 
 
-def export_student_int8(model: nn.Module, path: Path, calibration: Split, opset: int,
-                        float_modules: Sequence[str] = ()) -> Path:
+def export_student_int8(model: nn.Module, path: Path, calibration: Split, opset: int, qat: QatVision) -> Path:
     """The INT8 ONNX file a student ships as: a QAT student converted and exported as QDQ, any other (FP32, maybe
-    pruned or weight-shared) through onnxruntime static PTQ calibrated on ``calibration``."""
+    pruned or weight-shared) through onnxruntime static PTQ calibrated on ``calibration``, with ``qat``'s float
+    modules and weight bits."""
     if isinstance(model, QatModel):
         return export_int8(model, path, opset)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = export_fp32(model, Path(tmp) / "student_fp32.onnx", opset)
-        return quantize_ptq(fp32, calibration, path, float_modules=float_modules)
+        return quantize_ptq(fp32, calibration, path, float_modules=qat.float_modules, weight_bits=qat.weight_bits)
 
 
-def export_vision(cfg: ExportVision, data_dir: Path, teacher_path: Path, fp32_path: Path, student_path: Path,
-                  out: Path, float_modules: Sequence[str] = ()) -> dict[str, dict]:
+def export_vision(cfg: ExportVision, qat: QatVision, data_dir: Path, teacher_path: Path, fp32_path: Path,
+                  student_path: Path, out: Path) -> dict[str, dict]:
     """Write the four ONNX files into ``out``; return the parity metrics of each against its reference (module
-    docstring). onnxruntime PTQ leaves ``float_modules`` in float, as QAT does."""
+    docstring). onnxruntime PTQ leaves ``qat.float_modules`` in float and takes ``qat.weight_bits``, as QAT does."""
     torch.set_num_threads(cfg.threads)
     torch.backends.quantized.engine = "x86"
     val, test = Split.load(data_dir, "val"), Split.load(data_dir, "test")
@@ -84,8 +83,9 @@ def export_vision(cfg: ExportVision, data_dir: Path, teacher_path: Path, fp32_pa
     teacher, fp32, final = load_model(teacher_path), load_model(fp32_path), load_model(student_path)
     export_fp32(teacher, paths["teacher_fp32"], cfg.opset)
     export_fp32(fp32, paths["student_fp32"], cfg.opset)
-    quantize_ptq(paths["student_fp32"], calibration, paths["student_ptq_int8"], float_modules=float_modules)
-    export_student_int8(final, paths["student_int8"], calibration, cfg.opset, float_modules)
+    quantize_ptq(paths["student_fp32"], calibration, paths["student_ptq_int8"], float_modules=qat.float_modules,
+                 weight_bits=qat.weight_bits)
+    export_student_int8(final, paths["student_int8"], calibration, cfg.opset, qat)
     simulated = lambda name: onnx_logits(paths[name], test, threads=cfg.threads, optimized=False)  # noqa: E731
     references = {"teacher_fp32": torch_logits(teacher, test), "student_fp32": torch_logits(fp32, test),
                   "student_int8": torch_logits(final, test) if isinstance(final, QatModel) else simulated("student_int8"),
@@ -100,17 +100,17 @@ def main() -> None:
     export = cfg.export.vision
     from tasks.tracking import stage_run
 
-    float_modules = cfg.qat.vision.float_modules
+    qat = cfg.qat.vision  # its float modules and weight bits: how PTQ quantizes, as QAT did
     with stage_run("export_vision", cfg, {"export.vision": export, "recipe.vision": cfg.recipe.vision,
-                                          "qat.vision.float_modules": float_modules}) as run:
-        checks = export_vision(export, args.data, args.teacher, args.student_fp32, args.student, args.out,
-                               float_modules)
+                                          "qat.vision.float_modules": qat.float_modules,
+                                          "qat.vision.weight_bits": qat.weight_bits}) as run:
+        checks = export_vision(export, qat, args.data, args.teacher, args.student_fp32, args.student, args.out)
         metrics = {f"{name}.{k}": v for name, result in checks.items() for k, v in result.items()}
         write_json(args.metrics, metrics)
         run.log_metrics(metrics)
         run.log_artifact(args.metrics)
     for name, result in checks.items():
-        print(f"{name}: top-1 agreement {result['top1_agreement']:.4f} with PyTorch, "
+        print(f"{name}: top-1 agreement {result['top1_agreement']:.4f} with its reference, "
               f"accuracy delta {result['accuracy_delta']:.4f}")
 
 

@@ -18,7 +18,7 @@ from torch import nn
 
 from tasks.errors import PipelineError
 from tasks.io import write_atomic
-from tasks.quantization import QatModel, activation_bits, convert_int8
+from tasks.quantization import QatModel, convert_int8
 from tasks.training import Split, to_input
 
 INPUT, OUTPUT = "image", "logits"
@@ -47,41 +47,9 @@ def export_int8(qat: QatModel, path: Path, opset: int = 17) -> Path:
 
     The exporter writes INT8 weights as ``Constant`` nodes and puts a no-op ``Cast`` between each activation's
     QuantizeLinear and DequantizeLinear; onnxruntime's basic (ONNX-only, portable) graph optimisations fold these,
-    leaving plain Q/DQ pairs around each Conv/Gemm with INT8 weight initializers. Activations trained with fewer
-    than 8 bits get their N-bit range back as a ``Clip`` before each QuantizeLinear (``clip_activations``)."""
+    leaving plain Q/DQ pairs around each Conv/Gemm with INT8 weight initializers."""
     export_fp32(convert_int8(qat), path, opset)
-    tidy_qdq(path)
-    bits = activation_bits(qat)
-    return clip_activations(path, 2 ** bits - 1) if bits is not None and bits < 8 else path
-
-
-def clip_activations(path: Path, quant_max: int) -> Path:
-    """Insert ``Clip((0 - zp)·s, (quant_max - zp)·s)`` before every UINT8 QuantizeLinear of ``path``: with it,
-    quantize + dequantize computes exactly the N-bit fake quantization that was trained (``convert_fx`` widens it to
-    8 bits). onnxruntime keeps such a Clip, since it is narrower than the UINT8 range it could fold it into."""
-    import onnx
-    from onnx import helper, numpy_helper
-
-    model = onnx.load(str(path))
-    graph = model.graph
-    constants = {t.name: numpy_helper.to_array(t) for t in graph.initializer}
-    nodes = []
-    for node in graph.node:
-        zero = constants.get(node.input[2]) if node.op_type == "QuantizeLinear" and len(node.input) > 2 else None
-        if zero is not None and zero.dtype == np.uint8:
-            scale, zp = float(constants[node.input[1]]), int(zero)
-            low, high = f"{node.name}/clip_min", f"{node.name}/clip_max"
-            graph.initializer.extend([numpy_helper.from_array(np.array((0 - zp) * scale, np.float32), low),
-                                      numpy_helper.from_array(np.array((quant_max - zp) * scale, np.float32), high)])
-            clipped = f"{node.input[0]}/clipped_{quant_max.bit_length()}bit"
-            nodes.append(helper.make_node("Clip", [node.input[0], low, high], [clipped], name=f"{node.name}/clip"))
-            node.input[0] = clipped
-        nodes.append(node)
-    graph.ClearField("node")
-    graph.node.extend(nodes)
-    onnx.checker.check_model(model)
-    write_atomic(path, model.SerializeToString())
-    return path
+    return tidy_qdq(path)
 
 
 def tidy_qdq(path: Path) -> Path:
@@ -120,12 +88,15 @@ def module_nodes(onnx_path: Path, modules: Sequence[str]) -> list[str]:
 
 
 def quantize_ptq(fp32_path: Path, calibration: Split, path: Path, per_channel: bool = True,
-                 float_modules: Sequence[str] = ()) -> Path:
+                 float_modules: Sequence[str] = (), weight_bits: int = 8) -> Path:
     """The baseline a user would otherwise pick: onnxruntime static post-training quantization (QDQ, INT8
     per-channel weights, UINT8 activations, MinMax calibration on ``calibration`` — never the test split).
-    ``float_modules`` are left in float, as QAT leaves them (``qat.vision.float_modules``)."""
+    ``float_modules`` are left in float and the weights take ``weight_bits`` (7: onnxruntime's ``reduce_range``), as
+    QAT does (``qat.vision.float_modules``, ``qat.vision.weight_bits``)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
 
+    if weight_bits not in (7, 8):
+        raise OnnxError(f"onnxruntime PTQ takes 7- or 8-bit weights here, not {weight_bits}")
     with tempfile.TemporaryDirectory() as tmp:
         prepared, out = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
@@ -134,7 +105,7 @@ def quantize_ptq(fp32_path: Path, calibration: Split, path: Path, per_channel: b
             raise OnnxError(f"{fp32_path}: no node belongs to the float modules {list(float_modules)}")
         quantize_static(str(prepared), str(out), _Calibration(calibration.x, 256), quant_format=QuantFormat.QDQ,
                         per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
-                        nodes_to_exclude=excluded)
+                        nodes_to_exclude=excluded, reduce_range=weight_bits == 7)
         write_atomic(path, out.read_bytes())
     return path
 

@@ -42,7 +42,7 @@ def qat_vision(cfg: QatVision, kd: DistillVision, distill: bool, data_dir: Path,
     train, val, test = (Split.load(data_dir, s) for s in ("train", "val", "test"))
     teacher, student = load_model(teacher_path), load_model(student_path)
     sample = to_input(train.x[:2])
-    qat = prepare_qat(student, cfg.activation_bits, sample, cfg.float_modules)
+    qat = prepare_qat(student, cfg.activation_bits, sample, cfg.float_modules, cfg.weight_bits)
     keep_pruned_zeros(qat, cfg.pruned_min_sparsity)  # a pruned student stays pruned through QAT
     loss = loss_config(kd, distill, cfg.label_smoothing)
     distiller = Distiller(qat, teacher, loss, sample)

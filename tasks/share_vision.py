@@ -10,7 +10,7 @@ through.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -28,7 +28,7 @@ from tasks.artifacts import (
     publish_training,
     training_inputs,
 )
-from tasks.config import DistillVision, ExportVision, ShareVision, stage_args
+from tasks.config import DistillVision, ExportVision, QatVision, ShareVision, stage_args
 from tasks.distillation import Distiller, distillation_loss, loss_config
 from tasks.errors import run_cli
 from tasks.export_vision import export_student_int8
@@ -44,11 +44,11 @@ def fix_quantization(model: nn.Module) -> None:
 
 
 def shipped_sizes(before: nn.Module, after: nn.Module, calibration: Split, export: ExportVision,
-                  float_modules: Sequence[str]) -> dict[str, float]:
+                  qat: QatVision) -> dict[str, float]:
     """Bytes and gzip bytes of the INT8 ONNX file each model ships as (``export_student_int8``), and the savings."""
     with tempfile.TemporaryDirectory() as tmp:
         sizes = [file_sizes(export_student_int8(model, Path(tmp) / f"{name}.onnx", calibration, export.opset,
-                                                float_modules))
+                                                qat))
                  for name, model in (("before", before), ("after", after))]
     return {"onnx_int8_bytes_before": sizes[0]["bytes"], "onnx_int8_gzip_bytes_before": sizes[0]["gzip_bytes"],
             "onnx_int8_bytes": sizes[1]["bytes"], "onnx_int8_gzip_bytes": sizes[1]["gzip_bytes"],
@@ -57,11 +57,11 @@ def shipped_sizes(before: nn.Module, after: nn.Module, calibration: Split, expor
 
 
 def share_vision(cfg: ShareVision, kd: DistillVision, distill: bool, data_dir: Path, teacher_path: Path,
-                 student_path: Path, checkpoint: Path, export: ExportVision, float_modules: Sequence[str] = (),
+                 student_path: Path, checkpoint: Path, export: ExportVision, qat: QatVision,
                  on_epoch: Callable[[int, dict[str, float]], None] | None = None
                  ) -> tuple[nn.Module, list[dict[str, float]], dict[str, float]]:
     """Cluster every layer's weights and fine-tune the centroids; return (model, history, metrics). ``export`` and
-    ``float_modules`` say how the student ships (``export.vision``, ``qat.vision.float_modules``)."""
+    ``qat`` say how the student ships (``export.vision``; ``qat.vision``'s float modules and weight bits)."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     torch.backends.quantized.engine = "x86"
@@ -78,7 +78,7 @@ def share_vision(cfg: ShareVision, kd: DistillVision, distill: bool, data_dir: P
     metrics = {"test_accuracy": evaluate(model, test, cfg.eval_batch_size)["accuracy"], "shared_layers": layers,
                "clusters": cfg.clusters, "parameters": count_parameters(model),
                "nonzero_parameters": count_nonzero(model),
-               **shipped_sizes(load_model(student_path), model, calibration, export, float_modules)}
+               **shipped_sizes(load_model(student_path), model, calibration, export, qat)}
     return model.eval(), history, metrics
 
 
@@ -87,15 +87,15 @@ def main() -> None:
     share, kd, recipe = cfg.share.vision, cfg.distill.vision, cfg.recipe.vision
     from tasks.tracking import stage_run
 
-    export, floats = cfg.export.vision, cfg.qat.vision.float_modules
+    export, qat = cfg.export.vision, cfg.qat.vision
     params = {"share.vision": share, "recipe.vision": recipe, "export.vision": export,
-              "qat.vision.float_modules": floats}
+              "qat.vision.float_modules": qat.float_modules, "qat.vision.weight_bits": qat.weight_bits}
     with stage_run("share_vision", cfg, params) as run:
         if "share" not in recipe:
             pass_through(run, args, "share_vision")
             return
         model, history, metrics = share_vision(share, kd, "distill" in recipe, args.data, args.teacher,
-                                               args.student, args.checkpoint, export, floats,
+                                               args.student, args.checkpoint, export, qat,
                                                lambda epoch, m: run.log_metrics(m, step=epoch + 1))
         meta = model_meta(args.student)
         kind, arch = meta.pop("kind"), meta.pop("arch")

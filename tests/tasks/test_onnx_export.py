@@ -20,6 +20,7 @@ STUDENT = MobileArch(stem=4, widths=[8, 16, 16], strides=[2, 2, 1])
 TEACHER = ResNetArch(stem=8, widths=[16, 32], blocks=[1, 1])
 
 
+WEIGHT_BITS = 7  # qat.vision.weight_bits: what x86 INT8 kernels without VNNI compute exactly
 MIXED = MobileArch(stem=4, stem_stride=2, widths=[8, 16, 16], strides=[1, 2, 1], kinds=["fused", "fused", "separable"])
 
 
@@ -28,7 +29,7 @@ def models(tmp_path, real_splits):
     return _models(tmp_path, real_splits, STUDENT)
 
 
-def _models(tmp_path, real_splits, arch: MobileArch, float_modules: tuple[str, ...] = (), activation_bits: int = 8):
+def _models(tmp_path, real_splits, arch: MobileArch, float_modules: tuple[str, ...] = ()):
     """Real test/val images on disk, a teacher, an FP32 student trained for a few steps (an untrained one's logits
     tie, and parity on ties measures rounding noise) and a QAT student whose observers saw data, then froze."""
     data = tmp_path / "data"
@@ -47,7 +48,7 @@ def _models(tmp_path, real_splits, arch: MobileArch, float_modules: tuple[str, .
         torch.nn.functional.cross_entropy(student(images[batch]), labels[batch]).backward()
         opt.step()
     student.eval()
-    qat = prepare_qat(student, activation_bits, images[:2], float_modules).train()
+    qat = prepare_qat(student, 8, images[:2], float_modules, WEIGHT_BITS).train()
     with torch.no_grad():
         for i in range(0, 256, 64):
             qat(images[i:i + 64])
@@ -55,31 +56,35 @@ def _models(tmp_path, real_splits, arch: MobileArch, float_modules: tuple[str, .
     paths = {"teacher": tmp_path / "teacher.pt", "fp32": tmp_path / "fp32.pt", "qat": tmp_path / "qat.pt"}
     save_model(teacher, "resnet_teacher", TEACHER, paths["teacher"])
     save_model(student, "mobile_student", arch, paths["fp32"])
-    save_model(qat.eval(), "mobile_student", arch, paths["qat"], activation_bits=activation_bits,
+    save_model(qat.eval(), "mobile_student", arch, paths["qat"], activation_bits=8, weight_bits=WEIGHT_BITS,
                float_modules=list(float_modules))
     return data, paths
 
 
+def _qat_cfg(config: Config, float_modules: tuple[str, ...] = ()):
+    return config.qat.vision.model_copy(update={"float_modules": list(float_modules), "weight_bits": WEIGHT_BITS})
+
+
 def _export_cfg(config: Config, min_top1_agreement: float | None = None):
     """The export params with a small calibration set. The INT8 student is checked against the fake-quantized model
-    it was trained as: on these barely trained tiny students (small logit margins) the converted INT8 model agrees
-    with it on ~97 % of test images, so tests that are not about that gap pass a lower ``min_top1_agreement``."""
+    it was trained as: this separable student's INT8 file agrees with it on 98 % of test images (plain and fused
+    convolutions: 99-100 %; the depthwise gap is not explained yet), so its tests pass ``min_top1_agreement``."""
     cfg = config.export.vision.model_copy(update={"calibration_size": 200})
     if min_top1_agreement is None:
         return cfg
     return cfg.model_copy(update={"parity": cfg.parity.model_copy(
-        update={"min_top1_agreement": min_top1_agreement, "max_accuracy_delta": 0.05})})
+        update={"min_top1_agreement": min_top1_agreement, "max_accuracy_delta": 0.01})})
 
 
 def test_export_writes_int8_qdq_graphs_that_match_pytorch(config, models, tmp_path):
     data, paths = models
-    checks = export_vision(_export_cfg(config, 0.95), data, paths["teacher"], paths["fp32"], paths["qat"],
-                           tmp_path / "onnx")
+    checks = export_vision(_export_cfg(config, 0.97), _qat_cfg(config), data, paths["teacher"], paths["fp32"],
+                           paths["qat"], tmp_path / "onnx")
     assert set(checks) == {"teacher_fp32", "student_fp32", "student_int8", "student_ptq_int8"}  # every shipped file
     for name, result in checks.items():
         if name != "student_int8":  # float files against PyTorch, PTQ files against their simulated QDQ graph
             assert result["top1_agreement"] >= 0.995 and result["accuracy_delta"] <= 0.002, name
-    assert checks["student_int8"]["top1_agreement"] >= 0.95
+    assert checks["student_int8"]["top1_agreement"] >= 0.97 and checks["student_int8"]["accuracy_delta"] <= 0.01
     for name in ("student_int8", "student_ptq_int8"):
         graph = onnx.load(tmp_path / "onnx" / f"{name}.onnx").graph
         ops = {n.op_type for n in graph.node}
@@ -98,8 +103,8 @@ def test_float_stem_stays_float_in_the_qat_and_ptq_int8_graphs(config, tmp_path,
     # a barely trained student's logits nearly tie, so INT8 rounding may flip an image or two of 400: parity loosened
     cfg = _export_cfg(config).model_copy(update={"parity": config.export.vision.parity.model_copy(
         update={"min_top1_agreement": 0.98, "max_accuracy_delta": 0.01})})
-    checks = export_vision(cfg, data, paths["teacher"], paths["fp32"], paths["qat"], tmp_path / "onnx",
-                           float_modules=["stem"])
+    checks = export_vision(cfg, _qat_cfg(config, ("stem",)), data, paths["teacher"], paths["fp32"], paths["qat"],
+                           tmp_path / "onnx")
     assert checks["student_int8"]["top1_agreement"] >= 0.98
     for name in ("student_int8", "student_ptq_int8"):
         graph = onnx.load(tmp_path / "onnx" / f"{name}.onnx").graph
@@ -115,30 +120,20 @@ def test_float_stem_stays_float_in_the_qat_and_ptq_int8_graphs(config, tmp_path,
         assert kinds[1:] and set(kinds[1:]) == {onnx.TensorProto.INT8}, name
 
 
-@pytest.mark.parametrize("bits", [4, 6])
-def test_n_bit_activations_ship_what_the_fake_quantized_model_computes(config, tmp_path, real_splits, bits):
-    """Before: ``convert_fx`` widened N-bit activations to 8 bits, and parity compared the ONNX file with that same
-    conversion, so the exported model computed something else than the one trained and nothing noticed."""
-    data, paths = _models(tmp_path, real_splits, STUDENT, activation_bits=bits)
-    checks = export_vision(_export_cfg(config, 0.9), data, paths["teacher"], paths["fp32"], paths["qat"],
-                           tmp_path / "onnx")
-    assert checks["student_int8"]["top1_agreement"] >= 0.9  # against the fake-quantized model itself
-    graph = onnx.load(tmp_path / "onnx" / "student_int8.onnx").graph
-    producers = {out: node for node in graph.node for out in node.output}
-    constants = {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
-    constants |= {n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t) for n in graph.node if n.op_type == "Constant"}
-    quantizers = [n for n in graph.node if n.op_type == "QuantizeLinear" and constants[n.input[2]].dtype == np.uint8]
-    assert quantizers
-    for q in quantizers:  # every activation: clamped to exactly its N-bit range, then quantized
-        clip = producers[q.input[0]]
-        assert clip.op_type == "Clip", f"{q.name}: not clamped to {bits} bits before quantization"
-        scale, zero = float(constants[q.input[1]]), int(constants[q.input[2]])
-        assert float(constants[clip.input[2]]) == pytest.approx((2 ** bits - 1 - zero) * scale, rel=1e-5)
+def test_n_bit_activations_are_refused_rather_than_shipped_unlike_their_training(raw_params):
+    """Before: ``activation_bits`` 2..7 was accepted; ``convert_fx`` widened the activations to 8 bits and parity
+    compared the ONNX file with that same conversion, so what shipped was not what was trained, unnoticed."""
+    from tasks.config import parse_config
+    from tasks.errors import ConfigError
+
+    qat = {**raw_params["qat"]["vision"], "activation_bits": 6}
+    with pytest.raises(ConfigError, match=r"qat\.vision\.activation_bits: Input should be 8"):
+        parse_config({**raw_params, "qat": {**raw_params["qat"], "vision": qat}})
 
 
 def test_recipe_without_qat_gets_ptq_for_its_final_student(config, models, tmp_path):
     data, paths = models
-    checks = export_vision(_export_cfg(config), data, paths["teacher"], paths["fp32"], paths["fp32"],
+    checks = export_vision(_export_cfg(config), _qat_cfg(config), data, paths["teacher"], paths["fp32"], paths["fp32"],
                            tmp_path / "onnx")
     # the PTQ student ships too, so it is checked too: against its QDQ graph run as written (simulated INT8)
     assert set(checks) == {"teacher_fp32", "student_fp32", "student_int8", "student_ptq_int8"}
@@ -161,7 +156,8 @@ def test_parity_failure_names_the_disagreeing_images(config):
 
 def test_evaluation_measures_every_model(config, models, tmp_path):
     data, paths = models
-    export_vision(_export_cfg(config, 0.95), data, paths["teacher"], paths["fp32"], paths["qat"], tmp_path / "onnx")
+    export_vision(_export_cfg(config, 0.97), _qat_cfg(config), data, paths["teacher"], paths["fp32"], paths["qat"],
+                  tmp_path / "onnx")
     ev = config.evaluate.vision.model_copy(update={"warmup": 2, "repeats": 20, "throughput_repeats": 3})
     results = evaluate_vision(ev, data, tmp_path / "onnx", paths["teacher"], paths["fp32"], paths["qat"])
     assert set(results) == {"teacher_fp32", "student_fp32", "student_int8", "student_ptq_int8"}

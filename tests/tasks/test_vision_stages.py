@@ -75,7 +75,8 @@ def test_structured_pruning_then_qat_share_and_export_load_the_narrower_student(
     # random images: the students' logits tie, so agreement measures rounding noise; loading and exporting is the point
     cfg = export.model_copy(update={"parity": export.parity.model_copy(update={"min_top1_agreement": 0.01,
                                                                              "max_accuracy_delta": 1.0})})
-    checks = export_vision(cfg, project / "data", project / "teacher.pt", project / "student.pt",
+    checks = export_vision(cfg, load_config(project / "params.yaml").qat.vision, project / "data",
+                           project / "teacher.pt", project / "student.pt",
                            project / "shared.pt", project / "onnx")
     assert set(checks) == {"teacher_fp32", "student_fp32", "student_int8", "student_ptq_int8"}
     metrics = json.loads((project / "pruned.json").read_text())
