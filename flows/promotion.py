@@ -155,7 +155,7 @@ def log_onnx_model(client: MlflowClient, run_id: str, path: Path, sample: dict[s
 def lineage(cfg: Config, root: Path, parent_run_id: str, family: str = "vision") -> dict[str, str]:
     """git commit, DVC's hash of the data and of the candidate file, the hash of every param, the parent run."""
     hashes, where = dvc_input_hashes(f"evaluate_{family}", root), paths(family)
-    return {**git_state(root), "params.hash": params_hash(cfg.model_dump(by_alias=True)),
+    return {**git_state(root), "params.hash": params_hash(cfg),
             "data.hash": hashes.get(str(where["data"]), "unknown"),
             "onnx.hash": hashes.get(str(where["onnx"]), "unknown"), "parent_run_id": parent_run_id}
 

@@ -93,7 +93,7 @@ class DataConfig(Strict):
 
 class VisionValidation(Strict):
     class_balance_tolerance: Annotated[float, Field(gt=0.0, lt=1.0)]
-    max_train_test_duplicate_fraction: Fraction
+    max_cross_split_duplicate_fraction: Fraction   # images of a later split that are copies of an earlier split's
 
 
 class RecsysValidation(Strict):

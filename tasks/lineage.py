@@ -28,8 +28,10 @@ def git_state(root: Path = Path(".")) -> dict[str, str]:
     return {"git.commit": commit, "mlflow.source.git.commit": commit, "git.dirty": str(bool(dirty)).lower()}
 
 
-def params_hash(params: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
+def params_hash(cfg: Any) -> str:
+    """``params.hash``, one meaning on every run and registered version: the SHA-256 of the whole resolved params
+    (``cfg``, the profile applied), whatever part of them a run logs as its params."""
+    return hashlib.sha256(json.dumps(cfg.model_dump(by_alias=True), sort_keys=True, default=str).encode()).hexdigest()
 
 
 def dvc_input_hashes(stage: str, root: Path = Path(".")) -> dict[str, str]:
@@ -51,9 +53,9 @@ def dvc_input_hashes(stage: str, root: Path = Path(".")) -> dict[str, str]:
     return hashes
 
 
-def lineage_tags(stage: str | None, params: dict[str, Any], root: Path = Path(".")) -> dict[str, str]:
-    tags = git_state(root)
+def lineage_tags(stage: str | None, cfg: Any, root: Path = Path(".")) -> dict[str, str]:
+    """git state, ``params.hash`` of ``cfg`` and, for a stage, DVC's hash of each of its inputs."""
+    tags = {**git_state(root), "params.hash": params_hash(cfg)}
     if stage is not None:
-        tags["params.hash"] = params_hash(params)
         tags.update({f"dvc.dep.{path}": md5 for path, md5 in dvc_input_hashes(stage, root).items()})
     return tags

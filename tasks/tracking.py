@@ -194,7 +194,7 @@ def stage_run(stage: str, cfg: Config, params: dict[str, Any], client: MlflowCli
     """A child run of the pipeline's parent run (or a top-level run under plain ``dvc repro``)."""
     client = client or client_for(tracking_uri(cfg))
     flat = flatten("", params)
-    tags = {"pipeline.stage": stage, **lineage_tags(stage, flat)}
+    tags = {"pipeline.stage": stage, **lineage_tags(stage, cfg)}
     parent = os.environ.get(PARENT_ENV)
     tags.update({"mlflow.parentRunId": parent} if parent else {"pipeline.launcher": "dvc"})
     with _run(client, cfg, stage, tags, Path(".")) as logger:
@@ -207,7 +207,7 @@ def child_run(name: str, cfg: Config, params: dict[str, Any], parent_run_id: str
               client: MlflowClient) -> Iterator[RunLogger]:
     """A child run of the pipeline's parent run for a step that runs inside the flow (not a DVC stage)."""
     flat = flatten("", params)
-    tags = {"pipeline.stage": name, "mlflow.parentRunId": parent_run_id, **lineage_tags(name, flat, root)}
+    tags = {"pipeline.stage": name, "mlflow.parentRunId": parent_run_id, **lineage_tags(name, cfg, root)}
     with _run(client, cfg, name, tags, root) as logger:
         logger.log_params(flat)
         yield logger
@@ -218,6 +218,6 @@ def pipeline_run(cfg: Config, name: str, root: Path, client: MlflowClient | None
                  launcher: str = "prefect") -> Iterator[RunLogger]:
     """The top-level run of one pipeline execution (``launcher`` prefect) or of a benchmark command."""
     client = client or client_for(tracking_uri(cfg, root))
-    tags = {"pipeline.launcher": launcher, "pipeline.profile": cfg.profile, **lineage_tags(None, {}, root)}
+    tags = {"pipeline.launcher": launcher, "pipeline.profile": cfg.profile, **lineage_tags(None, cfg, root)}
     with _run(client, cfg, name, tags, root) as logger:
         yield logger

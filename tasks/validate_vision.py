@@ -45,7 +45,8 @@ def validate_vision(arrays: dict[str, tuple[np.ndarray, np.ndarray]], cfg: Confi
     for split, (x, y) in arrays.items():
         batches.append((ve.rows_suite(split, rows[split]), ve.row_frame(x, y)))
         batches.append((ve.classes_suite(split, rows[split], rules), ve.class_frame(y)))
-    batches.append((ve.leak_suite(rules), ve.leak_frame(arrays["train"][0], arrays["test"][0])))
+    for earlier, later in ve.LEAK_PAIRS:  # validation is what choices are made on: it must not leak either
+        batches.append((ve.leak_suite(earlier, later, rules), ve.leak_frame(arrays[earlier][0], arrays[later][0])))
     return run_suites(context, "vision", batches)
 
 

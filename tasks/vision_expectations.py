@@ -38,11 +38,15 @@ def class_frame(y: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame({"label": np.arange(NUM_CLASSES), "count": counts})
 
 
-def leak_frame(train_x: np.ndarray, test_x: np.ndarray) -> pd.DataFrame:
-    """One row per test image: 1 when an identical image is in the train split."""
+#: (earlier split, later split): a later split's image must not be a copy of one the model trained or was chosen on
+LEAK_PAIRS = (("train", "test"), ("val", "test"), ("train", "val"))
+
+
+def leak_frame(earlier_x: np.ndarray, later_x: np.ndarray) -> pd.DataFrame:
+    """One row per image of the later split: 1 when an identical image is in the earlier split."""
     digest = lambda a: [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in a.reshape(len(a), -1)]
-    seen = set(digest(train_x))
-    return pd.DataFrame({"in_train": [int(h in seen) for h in digest(test_x)]})
+    seen = set(digest(earlier_x))
+    return pd.DataFrame({"in_earlier": [int(h in seen) for h in digest(later_x)]})
 
 
 def rows_suite(split: str, expected_rows: int) -> gx.ExpectationSuite:
@@ -70,8 +74,8 @@ def classes_suite(split: str, rows: int, cfg: VisionValidation) -> gx.Expectatio
     return suite
 
 
-def leak_suite(cfg: VisionValidation) -> gx.ExpectationSuite:
-    suite = gx.ExpectationSuite(name="vision_train_test_leak")
+def leak_suite(earlier: str, later: str, cfg: VisionValidation) -> gx.ExpectationSuite:
+    suite = gx.ExpectationSuite(name=f"vision_{earlier}_{later}_leak")
     suite.add_expectation(E.ExpectColumnMeanToBeBetween(
-        column="in_train", min_value=0.0, max_value=cfg.max_train_test_duplicate_fraction))
+        column="in_earlier", min_value=0.0, max_value=cfg.max_cross_split_duplicate_fraction))
     return suite

@@ -26,7 +26,7 @@ def _failed(report):
 def test_real_data_passes(real_splits, gate_config):
     report = validate_vision(real_splits, gate_config)
     assert report["success"], failure_message(report)
-    assert len(report["checks"]) == 3 * 9 + 1
+    assert len(report["checks"]) == 3 * 9 + 3  # per split, then a leak check per pair of splits
 
 
 @pytest.mark.fault("data", "a label out of range (10 classes, label 10+)",
@@ -59,6 +59,18 @@ def test_train_test_leak_above_threshold(real_splits, gate_config):
     splits["test"][0][:n] = splits["train"][0][:n]
     report = validate_vision(splits, gate_config)
     assert _failed(report) == {("vision_train_test_leak", "expect_column_mean_to_be_between")}
+    assert "observed 0.05" in failure_message(report)
+
+
+@pytest.mark.fault("data", "validation/test leak above the threshold",
+                   "validation fails naming the val/test leak check and the fraction observed")
+def test_validation_test_leak_above_threshold(real_splits, gate_config):
+    """Before: only train/test copies were checked, while every choice (epoch, recipe) is made on validation data."""
+    splits = _copy(real_splits)
+    n = len(splits["test"][0]) // 20  # 5 % of test copied from validation
+    splits["test"][0][:n] = splits["val"][0][:n]
+    report = validate_vision(splits, gate_config)
+    assert _failed(report) == {("vision_val_test_leak", "expect_column_mean_to_be_between")}
     assert "observed 0.05" in failure_message(report)
 
 

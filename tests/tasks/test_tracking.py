@@ -23,6 +23,23 @@ def test_stage_runs_nest_under_the_pipeline_run(config, mlflow_uri, tmp_path, mo
     assert client.get_run(parent.run_id).info.status == "FINISHED"
 
 
+def test_params_hash_means_the_whole_resolved_params_on_every_run(config, smoke_config, mlflow_uri, tmp_path,
+                                                                   monkeypatch):
+    """Before: a stage run hashed the params it logged, the registered version the whole config: one tag, two
+    meanings, so equal tags could not tell equal configurations."""
+    from flows.promotion import lineage
+    from tasks.lineage import params_hash
+
+    monkeypatch.chdir(tmp_path)
+    with pipeline_run(config, "pipeline", tmp_path) as parent, \
+            stage_run("prepare_vision", config, {"data.vision": config.data.vision}) as a, \
+            stage_run("train_teacher_vision", config, {"teacher.vision": config.teacher.vision}) as b:
+        pass
+    tags = [MlflowClient(mlflow_uri).get_run(r.run_id).data.tags["params.hash"] for r in (parent, a, b)]
+    assert set(tags) == {params_hash(config)} == {lineage(config, tmp_path, parent.run_id)["params.hash"]}
+    assert params_hash(smoke_config) != params_hash(config)
+
+
 def test_failed_stage_is_marked_failed(config, mlflow_uri, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(RuntimeError):
