@@ -67,8 +67,9 @@ def _qat_cfg(config: Config, float_modules: tuple[str, ...] = ()):
 
 def _export_cfg(config: Config, min_top1_agreement: float | None = None):
     """The export params with a small calibration set. The INT8 student is checked against the fake-quantized model
-    it was trained as: this separable student's INT8 file agrees with it on 98 % of test images (plain and fused
-    convolutions: 99-100 %; the depthwise gap is not explained yet), so its tests pass ``min_top1_agreement``."""
+    it was trained as: PyTorch's INT8 model now matches it exactly, the ONNX file of this barely trained separable
+    student on 99.0 % of the 400 test images (measured 2026-12-01), so its tests pass a ``min_top1_agreement``
+    a little below the production 0.99."""
     cfg = config.export.vision.model_copy(update={"calibration_size": 200})
     if min_top1_agreement is None:
         return cfg
@@ -78,13 +79,13 @@ def _export_cfg(config: Config, min_top1_agreement: float | None = None):
 
 def test_export_writes_int8_qdq_graphs_that_match_pytorch(config, models, tmp_path):
     data, paths = models
-    checks = export_vision(_export_cfg(config, 0.97), _qat_cfg(config), data, paths["teacher"], paths["fp32"],
+    checks = export_vision(_export_cfg(config, 0.985), _qat_cfg(config), data, paths["teacher"], paths["fp32"],
                            paths["qat"], tmp_path / "onnx")
     assert set(checks) == {"teacher_fp32", "student_fp32", "student_int8", "student_ptq_int8"}  # every shipped file
     for name, result in checks.items():
         if name != "student_int8":  # float files against PyTorch, PTQ files against their simulated QDQ graph
             assert result["top1_agreement"] >= 0.995 and result["accuracy_delta"] <= 0.002, name
-    assert checks["student_int8"]["top1_agreement"] >= 0.97 and checks["student_int8"]["accuracy_delta"] <= 0.01
+    assert checks["student_int8"]["top1_agreement"] >= 0.985 and checks["student_int8"]["accuracy_delta"] <= 0.01
     for name in ("student_int8", "student_ptq_int8"):
         graph = onnx.load(tmp_path / "onnx" / f"{name}.onnx").graph
         ops = {n.op_type for n in graph.node}
@@ -156,7 +157,7 @@ def test_parity_failure_names_the_disagreeing_images(config):
 
 def test_evaluation_measures_every_model(config, models, tmp_path):
     data, paths = models
-    export_vision(_export_cfg(config, 0.97), _qat_cfg(config), data, paths["teacher"], paths["fp32"], paths["qat"],
+    export_vision(_export_cfg(config, 0.985), _qat_cfg(config), data, paths["teacher"], paths["fp32"], paths["qat"],
                   tmp_path / "onnx")
     ev = config.evaluate.vision.model_copy(update={"warmup": 2, "repeats": 20, "throughput_repeats": 3})
     results = evaluate_vision(ev, data, tmp_path / "onnx", paths["teacher"], paths["fp32"], paths["qat"])
