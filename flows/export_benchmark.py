@@ -41,7 +41,8 @@ def table(result: dict) -> str:
              "| b64 images/s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m in result["models"].items():
-        lines.append(f"| {name} | {100 * m['val_accuracy']:.2f} | {100 * m['test_accuracy']:.2f} | {m['bytes']:,} | {m['gzip_bytes']:,} | "
+        lines.append(f"| {name} | {100 * m['val_accuracy']:.2f} | {100 * m['test_accuracy']:.2f} | {m['bytes']:,} | "
+                     f"{m['gzip_bytes']:,} | "
                      f"{m['latency_b1_p50_ms']:.3f} | {m['latency_b1_p95_ms']:.3f} | {m['latency_b1_p99_ms']:.3f} | "
                      f"{m[tp]:,.0f} |")
     lines += ["", *target_rows(TARGETS, result["ratios"], 3)]

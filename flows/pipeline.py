@@ -179,7 +179,8 @@ def summary(result: dict[str, Any], root: Path) -> str:
     bin_dir = Path(sys.executable).parent
     lines = ["", "=== compression pipeline: done ==="]
     lines += [f"  {stage:<24} {status}" for stage, status in result["stages"].items()]
-    key = [k for k in result["metrics"] if k.endswith(("accuracy", "accuracy_int8", "_auc", "_ratio", "ratio_vs_teacher"))
+    suffixes = ("accuracy", "accuracy_fake_quant", "_auc", "_ratio", "ratio_vs_teacher")
+    key = [k for k in result["metrics"] if k.endswith(suffixes)
            or ".ratios." in k]
     lines += ["key metrics (all of them are in the MLflow parent run):"]
     lines += [f"  {k:<56} {result['metrics'][k]:.4f}" for k in key]

@@ -62,7 +62,8 @@ def table(result: dict) -> str:
              "| model | val AUC | test AUC | test logloss | bytes | request p50 ms | request p95 ms | items/s |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, m in result["models"].items():
-        lines.append(f"| {name} | {m['val_auc']:.4f} | {m['test_auc']:.4f} | {m['test_logloss']:.4f} | {m['bytes']:,} | {m['latency_p50_ms']:.3f} | "
+        lines.append(f"| {name} | {m['val_auc']:.4f} | {m['test_auc']:.4f} | {m['test_logloss']:.4f} | "
+                     f"{m['bytes']:,} | {m['latency_p50_ms']:.3f} | "
                      f"{m['latency_p95_ms']:.3f} | {m['throughput_items_per_s']:,.0f} |")
     orientation = ", ".join(f"{k} {v}" for k, v in RECBOLE_ML1M.items())
     lines += ["", f"RecBole ML-1M test AUC, for orientation (another, larger data set): {orientation}", "",

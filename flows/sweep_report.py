@@ -1,5 +1,6 @@
 """What a sweep found: the Pareto front over (quality up, ONNX bytes down, latency down), the best recipe that
-passes the gate, and the report files (``sweep.json``, ``sweep.md``, ``pareto.png``).
+passes the gate's thresholds on validation scores, and the report files (``sweep.json``, ``sweep.md``,
+``pareto.png``).
 
 Quality here is always the validation score (``val_<metric>``): the front and the best recipe are choices, and
 choices are made on validation data. The test score is shown beside it, as the number to report, never to rank by.
@@ -12,22 +13,23 @@ from typing import Any
 from tasks.io import write_atomic, write_json
 
 
-def _dominates(a: dict[str, Any], b: dict[str, Any], metric: str) -> bool:
-    metric = f"val_{metric}"
-    at_least = a[metric] >= b[metric] and a["bytes"] <= b["bytes"] and a["latency_p50_ms"] <= b["latency_p50_ms"]
-    better = a[metric] > b[metric] or a["bytes"] < b["bytes"] or a["latency_p50_ms"] < b["latency_p50_ms"]
+def _dominates(a: dict[str, Any], b: dict[str, Any], score: str) -> bool:
+    at_least = a[score] >= b[score] and a["bytes"] <= b["bytes"] and a["latency_p50_ms"] <= b["latency_p50_ms"]
+    better = a[score] > b[score] or a["bytes"] < b["bytes"] or a["latency_p50_ms"] < b["latency_p50_ms"]
     return at_least and better
 
 
 def pareto_front(measured: list[dict[str, Any]], metric: str) -> list[str]:
     """Names of the recipes no other recipe beats on every axis at once (validation ``metric``, bytes, latency),
     best validation ``metric`` first."""
-    front = [p for p in measured if not any(_dominates(q, p, metric) for q in measured if q is not p)]
-    return [p["name"] for p in sorted(front, key=lambda p: (-p[f"val_{metric}"], p["bytes"]))]
+    score = f"val_{metric}"
+    front = [p for p in measured if not any(_dominates(q, p, score) for q in measured if q is not p)]
+    return [p["name"] for p in sorted(front, key=lambda p: (-p[score], p["bytes"]))]
 
 
 def best_passing(outcomes: list[dict[str, Any]], metric: str) -> dict[str, Any] | None:
-    """The recipe with the best validation ``metric`` (then fewest bytes) among those that ran and pass the gate."""
+    """The recipe with the best validation ``metric`` (then fewest bytes) among those that ran and pass the gate's
+    thresholds on their validation scores (``passed``; the test gate is applied when the chosen one is registered)."""
     passing = [o for o in outcomes if o["status"] == "ok" and o["passed"]]
     return min(passing, key=lambda o: (-o[f"val_{metric}"], o["bytes"])) if passing else None
 
@@ -35,7 +37,8 @@ def best_passing(outcomes: list[dict[str, Any]], metric: str) -> dict[str, Any] 
 def markdown(outcomes: list[dict[str, Any]], front: list[str], best: dict[str, Any] | None, metric: str,
              context: dict[str, Any]) -> str:
     lines = [f"# Recipe sweep: {context['family']}, {context['recipes']} recipes, {context['seconds']:.1f} s", "",
-             f"| recipe | status | val {metric} (ranked) | test {metric} (reported) | bytes | p50 ms | gate | Pareto "
+             f"| recipe | status | val {metric} (ranked) | test {metric} (reported) | bytes | p50 ms | gate on val "
+             "| Pareto "
              "| overrides |",
              "|---|---|---:|---:|---:|---:|---|---|---|"]
     for o in outcomes:
@@ -47,7 +50,8 @@ def markdown(outcomes: list[dict[str, Any]], front: list[str], best: dict[str, A
         lines.append(f"| {o['name']} | ok | {o[f'val_{metric}']:.4f} | {o[f'test_{metric}']:.4f} | {o['bytes']:,} "
                      f"| {o['latency_p50_ms']:.3f} | {gate} "
                      f"| {'yes' if o['name'] in front else ''} | {overrides} |")
-    lines += ["", f"Best recipe passing the gate, by validation {metric}: {best['name'] if best else 'none'}.",
+    lines += ["", f"Best recipe passing the gate on validation, by validation {metric}: "
+              f"{best['name'] if best else 'none'}.",
               "Latencies were measured while other recipes ran on the other workers: compare them within a sweep."]
     failed = [o for o in outcomes if o["status"] != "ok"]
     lines += [""] + [f"- {o['name']} failed: {o['error'].strip().splitlines()[-1] if o['error'].strip() else ''}"

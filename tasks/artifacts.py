@@ -80,6 +80,9 @@ def load_model(path: Path) -> nn.Module:
         model = prepare_qat(model, blob["activation_bits"], torch.zeros(1, 1, 28, 28), blob.get("float_modules", []),
                             blob.get("weight_bits", 8))
     elif blob.get("ctr_qat"):  # imported like the model classes: only for a file of that family
+        if not isinstance(blob["ctr_qat"], dict):
+            raise CheckpointError(f"{path}: a QAT model file of an older format (ctr_qat without its settings); "
+                                  "re-run qat_recsys and the stages after it")
         model = importlib.import_module("tasks.recsys_models").prepare_ctr_qat(model, **blob["ctr_qat"])
     model.load_state_dict(blob["state_dict"])
     return model.eval()

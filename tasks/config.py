@@ -329,7 +329,7 @@ class QatVision(Fp32Recipe, ObserverFreeze):
     # 88-95 % of test images (4 and 6 bits, small students, 2026-12-01): refused rather than shipped unlike its
     # training.
     activation_bits: Literal[8]
-    weight_bits: Literal[7, 8]         # signed, per channel: [-2^(b-1), 2^(b-1) - 1]; PTQ takes the same
+    weight_bits: Literal[7, 8]         # signed, per channel, narrow: ±(2^(b-1) - 1); PTQ quantizes to 7 or 8 bits alike
     freeze_bn_after: Annotated[int, Field(ge=0)]
     # A layer whose weights are at least this share zeros counts as pruned: its zeros are held through QAT.
     pruned_min_sparsity: Annotated[float, Field(gt=0.0, le=1.0)]
@@ -341,7 +341,7 @@ class QatRecsys(Training, ObserverFreeze):
     """QAT of the CTR student: per-row INT8 embedding tables and an INT8 MLP, fake-quantized; the KD loss of
     ``distill.recsys`` stays active when the recipe has ``distill``."""
 
-    mlp_weight_bits: Annotated[int, Field(ge=2, le=8)]   # signed, per channel: [-2^(b-1), 2^(b-1) - 1]
+    mlp_weight_bits: Annotated[int, Field(ge=2, le=8)]   # signed, per channel, narrow: ±(2^(b-1) - 1)
     float_last_layer: bool             # the MLP's one-output layer left in float
 
 

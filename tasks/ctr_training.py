@@ -25,7 +25,7 @@ from torch import nn
 
 from tasks.config import DistillRecsys, Training
 from tasks.distillation import FrozenTeacher
-from tasks.quantization import frozen_observers
+from tasks.observers import frozen_observers
 from tasks.training import make_optimizer, make_scheduler, train_step
 
 

@@ -50,6 +50,10 @@ class DataValidationError(PipelineError):
     """Processed data failed its expectation suite."""
 
 
+class ParityError(PipelineError):
+    """An exported ONNX model does not compute what its reference (the model it was exported from) computes."""
+
+
 class CheckpointError(PipelineError):
     """A checkpoint exists but cannot be used."""
 

@@ -2,11 +2,11 @@
 
 Inputs: ``<data>``, ``<onnx>`` (export_recsys's folder) and the PyTorch models (for parameter counts). Output
 ``<metrics>``: per ONNX model the validation AUC and logloss (``val_*``: what any choice between models may read),
-the test AUC and logloss, NDCG@k and Recall@k (``test_*``: reported and gated, never chosen on), stored size, and the latency of one
-request scoring ``candidates`` items for one user (p50 / p95 / p99) with its throughput in items/s; plus ratios
-against the teacher, and the SHA-256 of every ONNX file measured (``sha256``). Ranking protocol: for every user with
-a positive test row, every item the user has no train or validation row for is ranked; the user's positive test
-items are the relevant ones (Recall@k divides the hits by min(k, relevant)).
+the test AUC and logloss, NDCG@k and Recall@k (``test_*``: reported and gated, never chosen on), stored size, and
+the latency of one request scoring ``candidates`` items for one user (p50 / p95 / p99) with its throughput in
+items/s; plus ratios against the teacher, and the SHA-256 of every ONNX file measured (``sha256``). Ranking
+protocol: for every user with a positive test row, every item the user has no train or validation row for is
+ranked; the user's positive test items are the relevant ones (Recall@k divides the hits by min(k, relevant)).
 """
 from __future__ import annotations
 

@@ -3,8 +3,9 @@
 Inputs: ``<data>`` (validation and test splits), ``<onnx>`` (export_vision's folder), the PyTorch ``<teacher>``,
 ``<student_fp32>`` and final ``<student>`` (for parameter, non-zero and MAC counts). Output ``<metrics>``: per ONNX
 model its validation accuracy (``val_accuracy``: what any choice between models may read) and test accuracy
-(``test_accuracy``: reported and gated, never chosen on) in onnxruntime, size on disk (bytes, gzip bytes), parameters, non-zero parameters, multiply-accumulates
-per image, batch-1 latency p50 / p95 / p99 and batch-``throughput_batch`` throughput, with the thread count,
+(``test_accuracy``: reported and gated, never chosen on) in onnxruntime, size on disk (bytes, gzip bytes),
+parameters, non-zero parameters, multiply-accumulates per image, batch-1 latency p50 / p95 / p99 and
+batch-``throughput_batch`` throughput, with the thread count,
 warm-up and repeats used; plus ratios against the teacher and INT8 against FP32, and the SHA-256 of every ONNX
 file measured (``sha256``: the gate registers only the file that was evaluated).
 """
@@ -58,7 +59,8 @@ def latency(path: Path, images: torch.Tensor, cfg: EvaluateVision) -> dict[str, 
 
 def measure_onnx(path: Path, val: Split, test: Split, cfg: EvaluateVision) -> dict[str, float]:
     """What onnxruntime says of one ONNX file: validation and test accuracy, stored size, latency, throughput."""
-    return {"val_accuracy": onnx_accuracy(path, val, cfg.threads), "test_accuracy": onnx_accuracy(path, test, cfg.threads),
+    return {"val_accuracy": onnx_accuracy(path, val, cfg.threads),
+            "test_accuracy": onnx_accuracy(path, test, cfg.threads),
             **file_sizes(path), **latency(path, test.x, cfg)}
 
 
@@ -101,7 +103,8 @@ def main() -> None:
         run.log_metrics({f"{m}.{k}": v for m, r in results.items() for k, v in r.items()} | summary)
         run.log_artifact(args.metrics)
     for name, r in results.items():
-        print(f"{name}: accuracy val {r['val_accuracy']:.4f}, test {r['test_accuracy']:.4f}, {r['bytes']:,} bytes, p50 {r['latency_b1_p50_ms']:.3f} ms")
+        print(f"{name}: accuracy val {r['val_accuracy']:.4f}, test {r['test_accuracy']:.4f}, {r['bytes']:,} bytes, "
+              f"p50 {r['latency_b1_p50_ms']:.3f} ms")
     print(", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
 
 

@@ -14,7 +14,6 @@ names the disagreeing test images, so nothing is evaluated or promoted.
 """
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -23,17 +22,14 @@ from torch import nn
 
 from tasks.artifacts import load_model
 from tasks.config import ExportVision, QatVision, stage_args
-from tasks.errors import PipelineError, run_cli
+from tasks.errors import ParityError, run_cli
 from tasks.io import write_json
-from tasks.onnx_models import export_fp32, export_int8, onnx_logits, quantize_ptq
-from tasks.quantization import QatModel, frozen_observers
+from tasks.observers import frozen_observers
+from tasks.onnx_models import export_fp32, export_student_int8, onnx_logits, quantize_ptq
+from tasks.quantization import QatModel
 from tasks.training import Split, to_input
 
 FILES = ("teacher_fp32", "student_fp32", "student_int8", "student_ptq_int8")
-
-
-class ParityError(PipelineError):
-    """An ONNX model does not compute what the PyTorch model it was exported from computes."""
 
 
 @torch.no_grad()
@@ -60,17 +56,6 @@ def parity(name: str, reference: np.ndarray, onnx: np.ndarray, labels: np.ndarra
     return result
 
 
-def export_student_int8(model: nn.Module, path: Path, calibration: Split, opset: int, qat: QatVision) -> Path:
-    """The INT8 ONNX file a student ships as: a QAT student converted and exported as QDQ, any other (FP32, maybe
-    pruned or weight-shared) through onnxruntime static PTQ calibrated on ``calibration``, with ``qat``'s float
-    modules and weight bits."""
-    if isinstance(model, QatModel):
-        return export_int8(model, path, opset)
-    with tempfile.TemporaryDirectory() as tmp:
-        fp32 = export_fp32(model, Path(tmp) / "student_fp32.onnx", opset)
-        return quantize_ptq(fp32, calibration, path, float_modules=qat.float_modules, weight_bits=qat.weight_bits)
-
-
 def export_vision(cfg: ExportVision, qat: QatVision, data_dir: Path, teacher_path: Path, fp32_path: Path,
                   student_path: Path, out: Path) -> dict[str, dict]:
     """Write the four ONNX files into ``out``; return the parity metrics of each against its reference (module
@@ -86,10 +71,13 @@ def export_vision(cfg: ExportVision, qat: QatVision, data_dir: Path, teacher_pat
     quantize_ptq(paths["student_fp32"], calibration, paths["student_ptq_int8"], float_modules=qat.float_modules,
                  weight_bits=qat.weight_bits)
     export_student_int8(final, paths["student_int8"], calibration, cfg.opset, qat)
-    simulated = lambda name: onnx_logits(paths[name], test, threads=cfg.threads, optimized=False)  # noqa: E731
+
+    def simulated(name: str) -> np.ndarray:  # a PTQ file's QDQ graph run as written: no fused INT8 kernels
+        return onnx_logits(paths[name], test, threads=cfg.threads, optimized=False)
+
+    trained = torch_logits(final, test) if isinstance(final, QatModel) else simulated("student_int8")
     references = {"teacher_fp32": torch_logits(teacher, test), "student_fp32": torch_logits(fp32, test),
-                  "student_int8": torch_logits(final, test) if isinstance(final, QatModel) else simulated("student_int8"),
-                  "student_ptq_int8": simulated("student_ptq_int8")}
+                  "student_int8": trained, "student_ptq_int8": simulated("student_ptq_int8")}
     labels = test.y.numpy()
     return {name: parity(name, reference, onnx_logits(paths[name], test, threads=cfg.threads), labels, cfg)
             for name, reference in references.items()}

@@ -47,18 +47,19 @@ def _check(name: str, value: float, op: str, threshold: float, what: str) -> Che
 
 
 def gate_checks(evaluation: dict, champion: dict | None, cfg: GateVision | GateRecsys,
-                spec: GateSpec = SPECS["vision"]) -> list[Check]:
-    """Every check of the gate, in report order."""
+                spec: GateSpec = SPECS["vision"], split: str = "test") -> list[Check]:
+    """Every check of the gate, in report order, on the ``split`` scores: ``test`` for the gate itself, ``val``
+    where a sweep asks which recipes may be chosen at all (a choice the test split must not make)."""
     cand, teacher = evaluation["models"]["student_int8"], evaluation["models"]["teacher_fp32"]
     floors, rel, metric, lat = cfg.floors, cfg.vs_teacher, cfg.metric, spec.latency
-    score = f"test_{metric}"
+    score = f"{split}_{metric}"
     checks = [
-        _check(metric, cand[score], ">=", getattr(floors, f"min_{metric}"), f"test {metric}"),
+        _check(metric, cand[score], ">=", getattr(floors, f"min_{metric}"), f"{split} {metric}"),
         _check("p95_latency_ms", cand[f"{lat}_p95_ms"], "<=", floors.max_p95_latency_ms,
                f"{spec.latency_what} p95 latency (ms)"),
         _check("size_kb", cand["bytes"] / 1024, "<=", floors.max_size_kb, "ONNX size (KB)"),
         _check(f"{metric}_drop_vs_teacher", teacher[score] - cand[score], "<=", getattr(rel, f"max_{metric}_drop"),
-               f"test {metric} drop vs the teacher"),
+               f"{split} {metric} drop vs the teacher"),
         _check("speedup_vs_teacher", teacher[f"{lat}_p50_ms"] / cand[f"{lat}_p50_ms"], ">=",
                rel.min_speedup, f"{spec.latency_what} p50 speed-up vs the teacher"),
         _check("size_ratio_vs_teacher", teacher["bytes"] / cand["bytes"], ">=", rel.min_size_ratio,

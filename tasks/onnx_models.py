@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tasks.config import QatVision
 from tasks.errors import PipelineError
 from tasks.io import write_atomic
 from tasks.quantization import QatModel, convert_int8
@@ -167,3 +168,14 @@ def file_sizes(path: Path) -> dict[str, int]:
     """Stored size: raw bytes and gzip bytes (what a download or a container layer really costs)."""
     blob = Path(path).read_bytes()
     return {"bytes": len(blob), "gzip_bytes": len(gzip.compress(blob, compresslevel=9, mtime=0))}
+
+
+def export_student_int8(model: nn.Module, path: Path, calibration: Split, opset: int, qat: QatVision) -> Path:
+    """The INT8 ONNX file a student ships as: a QAT student converted and exported as QDQ, any other (FP32, maybe
+    pruned or weight-shared) through onnxruntime static PTQ calibrated on ``calibration``, with ``qat``'s float
+    modules and weight bits."""
+    if isinstance(model, QatModel):
+        return export_int8(model, path, opset)
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = export_fp32(model, Path(tmp) / "student_fp32.onnx", opset)
+        return quantize_ptq(fp32, calibration, path, float_modules=qat.float_modules, weight_bits=qat.weight_bits)

@@ -32,8 +32,9 @@ def attach_masks(model: nn.Module) -> None:
 def keep_pruned_zeros(model: nn.Module, min_sparsity: float) -> int:
     """Keep the exact zeros of already-pruned layers at zero during further training (e.g. QAT).
 
-    A layer counts as pruned when at least ``min_sparsity`` of its weights are zero. The masks are derived from the weights as they are now, registered as non-persistent buffers (the saved
-    state dict is unchanged) and applied before every forward; returns how many layers got one.
+    A layer counts as pruned when at least ``min_sparsity`` of its weights are zero. The masks are derived from the
+    weights as they are now, registered as non-persistent buffers (the saved state dict is unchanged) and applied
+    before every forward; returns how many layers got one.
     """
     count = 0
     for m in model.modules():

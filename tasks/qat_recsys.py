@@ -18,7 +18,7 @@ from tasks.artifacts import count_parameters, ctr_compression_stage, load_model
 from tasks.config import DistillRecsys, QatRecsys
 from tasks.ctr_training import ctr_trainer, evaluate_ctr, fit_ctr, load_ctr_data
 from tasks.errors import run_cli
-from tasks.quantization import freeze_observers
+from tasks.observers import freeze_observers
 from tasks.recsys_models import CtrModel, prepare_ctr_qat
 
 

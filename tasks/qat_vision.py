@@ -26,8 +26,9 @@ from tasks.artifacts import (
 from tasks.config import DistillVision, QatVision, stage_args
 from tasks.distillation import Distiller, distillation_loss, loss_config
 from tasks.errors import run_cli
+from tasks.observers import freeze_observers
 from tasks.pruning import enforce_masks, keep_pruned_zeros
-from tasks.quantization import QatModel, freeze_observers, freeze_schedule, prepare_qat
+from tasks.quantization import QatModel, freeze_schedule, prepare_qat
 from tasks.training import Split, evaluate, fit, to_input
 
 

@@ -45,10 +45,12 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
 
 def models_table(models: dict[str, dict[str, float]]) -> str:
     tp = next(k for k in next(iter(models.values())) if k.startswith("throughput_"))
-    rows = [[LABELS.get(n, n), f"{100 * m['val_accuracy']:.2f}", f"{100 * m['test_accuracy']:.2f}", f"{m['bytes']:,}", f"{m['gzip_bytes']:,}",
+    rows = [[LABELS.get(n, n), f"{100 * m['val_accuracy']:.2f}", f"{100 * m['test_accuracy']:.2f}", f"{m['bytes']:,}",
+             f"{m['gzip_bytes']:,}",
              f"{m.get('parameters', 0):,}", f"{m.get('macs', 0):,}", f"{m['latency_b1_p50_ms']:.3f}",
              f"{m['latency_b1_p95_ms']:.3f}", f"{m['latency_b1_p99_ms']:.3f}", f"{m[tp]:,.0f}"] for n, m in models.items()]
-    return _table(["model", "val accuracy %", "test accuracy %", "bytes", "gzip bytes", "parameters", "MACs", "p50 ms", "p95 ms", "p99 ms",
+    return _table(["model", "val accuracy %", "test accuracy %", "bytes", "gzip bytes", "parameters", "MACs", "p50 ms",
+                   "p95 ms", "p99 ms",
                    tp.replace("_", " ")], rows)
 
 

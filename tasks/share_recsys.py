@@ -11,12 +11,12 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from torch.ao.quantization import disable_observer
 
 from tasks.artifacts import count_parameters, ctr_compression_stage, load_model
 from tasks.config import DistillRecsys, ShareRecsys
 from tasks.ctr_training import ctr_trainer, evaluate_ctr, fit_ctr, load_ctr_data
 from tasks.errors import run_cli
+from tasks.observers import freeze_observers
 from tasks.recsys_compression import share_rows
 from tasks.recsys_models import CtrModel
 
@@ -28,7 +28,7 @@ def share_recsys(cfg: ShareRecsys, kd: DistillRecsys, distill: bool, data_dir: P
     torch.manual_seed(cfg.seed)
     train, val, test, shape = load_ctr_data(data_dir)
     student = share_rows(load_model(student_path), cfg.clusters, cfg.seed)
-    student.apply(disable_observer)  # a QAT student's ranges stay where QAT left them
+    freeze_observers(student)  # a QAT student's ranges stay where QAT left them
     shared_auc = evaluate_ctr(student, test, cfg.eval_batch_size)["auc"]
     history = fit_ctr(*ctr_trainer(student, load_model(teacher_path), kd if distill else None), train, val, cfg,
                       on_epoch)

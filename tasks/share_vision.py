@@ -16,7 +16,6 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.ao.nn.intrinsic.qat import freeze_bn_stats
-from torch.ao.quantization import disable_observer
 
 from tasks.artifacts import (
     count_nonzero,
@@ -31,15 +30,15 @@ from tasks.artifacts import (
 from tasks.config import DistillVision, ExportVision, QatVision, ShareVision, stage_args
 from tasks.distillation import Distiller, distillation_loss, loss_config
 from tasks.errors import run_cli
-from tasks.export_vision import export_student_int8
-from tasks.onnx_models import file_sizes
+from tasks.observers import freeze_observers
+from tasks.onnx_models import export_student_int8, file_sizes
 from tasks.training import Split, evaluate, fit, to_input
 from tasks.weight_sharing import bake, share_weights
 
 
 def fix_quantization(model: nn.Module) -> None:
     """Keep QAT's learned ranges and folded batch-norm statistics while the centroids move."""
-    model.apply(disable_observer)
+    freeze_observers(model)
     model.apply(freeze_bn_stats)
 
 

@@ -93,9 +93,8 @@ def _commit(outputs: dict[Path, Path]) -> None:
         return
     key = hashlib.sha256("\n".join(sorted(map(str, outputs))).encode()).hexdigest()
     manifest = Path(STAGING) / f"commit-{key}.json"
-    manifest.parent.mkdir(exist_ok=True)
     tmp = manifest.with_suffix(".tmp")
-    with open(tmp, "w") as fh:
+    with _create(tmp) as fh:
         # held until the moves are done (the kernel drops it if we are killed): recovery skips a live commit
         fcntl.flock(fh, fcntl.LOCK_EX)
         json.dump({str(final): str(path) for final, path in outputs.items()}, fh)
@@ -106,10 +105,24 @@ def _commit(outputs: dict[Path, Path]) -> None:
         _finish(manifest, outputs)
 
 
+def _create(path: Path):
+    """``path`` opened for writing, its folder created first."""
+    path.parent.mkdir(exist_ok=True)
+    try:
+        return open(path, "w")
+    except FileNotFoundError:  # another stage's recovery removed the (then empty) folder in between: once more
+        path.parent.mkdir(exist_ok=True)
+        return open(path, "w")
+
+
 def _recover() -> None:
     """Roll forward every commit that a killed stage left half done in this working directory."""
     for manifest in sorted(Path(STAGING).glob("commit-*.json")):
-        with open(manifest) as fh:
+        try:
+            fh = open(manifest)
+        except FileNotFoundError:  # its stage finished (and deleted it) since we listed it
+            continue
+        with fh:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:  # a stage in another process is committing right now

@@ -17,7 +17,7 @@ from tqdm import tqdm
 
 from tasks.checkpoints import load_checkpoint, save_checkpoint
 from tasks.config import Augmentation, Optimizer, Schedule, TrainingRecipe
-from tasks.quantization import frozen_observers
+from tasks.observers import frozen_observers
 
 # Fashion-MNIST pixel statistics of the training set; fixed so every stage normalises alike.
 PIXEL_MEAN, PIXEL_STD = 0.2860, 0.3530

@@ -86,8 +86,11 @@ def test_every_stage_depends_on_exactly_the_code_it_imports():
     for name, (code, _, cmd) in _dvc_stages().items():
         imported = module_closure(re.search(r"python -m (tasks\.\w+)", cmd).group(1), ROOT)
         assert not imported - code, f"{name}: dvc.yaml misses {sorted(imported - code)}"
-        # beyond its imports, a stage may depend on the model code load_model builds its family's models from
+        # beyond its imports, a stage depends on the model code load_model builds its family's models from
         assert code - imported <= model_modules, f"{name}: dvc.yaml lists {sorted(code - imported)}, never imported"
+        family_models = {m for m in model_modules if m.startswith(f"tasks/{name.rsplit('_', 1)[1]}")}
+        if "tasks/artifacts.py" in imported and not name.startswith("prepare"):
+            assert family_models <= code, f"{name}: loads models built by {sorted(family_models)}, not in its deps"
 
 
 def test_the_vision_teacher_does_not_depend_on_recommender_code_params_or_unrelated_profile_values(raw_params):
@@ -96,6 +99,7 @@ def test_the_vision_teacher_does_not_depend_on_recommender_code_params_or_unrela
     stages = _dvc_stages()
     code, params, _ = stages["train_teacher_vision"]
     assert not [c for c in code if any(word in c for word in ("recsys", "ctr", "movielens"))], code
+    assert "tasks/quantization.py" not in code  # editing QAT code does not re-run the teacher
     assert "profiles" not in params and not [p for p in params if "recsys" in p], params
     assert "profiles.smoke.teacher.vision" in params  # what the smoke profile does overlay is still tracked
     for name, (_, keys, _) in stages.items():  # every overlaid key tracked, in every profile

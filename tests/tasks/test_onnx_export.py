@@ -8,11 +8,13 @@ import torch
 
 from tasks.artifacts import save_model
 from tasks.config import Config, MobileArch, ResNetArch
+from tasks.errors import ParityError
 from tasks.evaluate_vision import count_macs, evaluate_vision, ratios
-from tasks.export_vision import ParityError, export_vision, parity
+from tasks.export_vision import export_vision, parity
 from tasks.io import save_npy
+from tasks.observers import freeze_observers
 from tasks.onnx_models import OnnxError, export_fp32, onnx_logits
-from tasks.quantization import freeze_observers, prepare_qat
+from tasks.quantization import prepare_qat
 from tasks.training import Split, to_input
 from tasks.vision_models import MobileStudent, ResNetTeacher
 
