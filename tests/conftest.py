@@ -144,6 +144,20 @@ def real_splits():
     return split(decode(raw, data.sha256, source), data)
 
 
+def briefly_trained(student, images, labels, steps: int):
+    """``student`` after ``steps`` SGD steps on the first 256 of ``images`` (normalised) and ``labels``, in eval mode:
+    an untrained student's logits tie, and a comparison of its INT8 and float forms would measure rounding noise."""
+    import torch
+
+    opt = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
+    for step in range(steps):
+        batch = slice(64 * step % 256, 64 * step % 256 + 64)
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(student(images[batch]), labels[batch]).backward()
+        opt.step()
+    return student.eval()
+
+
 def _subset(train: int, val: int, test: int):
     from tasks.config import SplitSizes
 

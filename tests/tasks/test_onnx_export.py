@@ -17,6 +17,7 @@ from tasks.onnx_models import OnnxError, export_fp32, onnx_logits
 from tasks.quantization import prepare_qat
 from tasks.training import Split, to_input
 from tasks.vision_models import MobileStudent, ResNetTeacher
+from tests.conftest import briefly_trained
 
 STUDENT = MobileArch(stem=4, widths=[8, 16, 16], strides=[2, 2, 1])
 TEACHER = ResNetArch(stem=8, widths=[16, 32], blocks=[1, 1])
@@ -40,16 +41,10 @@ def _models(tmp_path, real_splits, arch: MobileArch, float_modules: tuple[str, .
         save_npy(data / f"{name}_x.npy", x)
         save_npy(data / f"{name}_y.npy", y)
     torch.manual_seed(0)
-    teacher, student = ResNetTeacher(TEACHER).eval(), MobileStudent(arch)
     images = to_input(torch.from_numpy(real_splits["val"][0].copy()))
     labels = torch.from_numpy(real_splits["val"][1].astype(np.int64))
-    opt = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
-    for step in range(200):
-        batch = slice(64 * step % 256, 64 * step % 256 + 64)
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(student(images[batch]), labels[batch]).backward()
-        opt.step()
-    student.eval()
+    teacher = ResNetTeacher(TEACHER).eval()
+    student = briefly_trained(MobileStudent(arch), images, labels, steps=200)
     qat = prepare_qat(student, 8, images[:2], float_modules, WEIGHT_BITS).train()
     with torch.no_grad():
         for i in range(0, 256, 64):

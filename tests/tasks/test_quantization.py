@@ -107,19 +107,14 @@ def test_the_int8_model_computes_with_the_weights_that_were_trained(real_splits)
     trained (seen: 3 % to 87 % of test images changing class)."""
     from tasks.observers import freeze_observers
     from tasks.training import to_input
+    from tests.conftest import briefly_trained
 
     torch.backends.quantized.engine = "x86"
     images = to_input(torch.from_numpy(real_splits["val"][0].copy()))
     labels = torch.from_numpy(real_splits["val"][1].astype("int64"))
     torch.manual_seed(0)
-    student = MobileStudent(ARCH)
-    opt = torch.optim.SGD(student.parameters(), lr=0.1, momentum=0.9)
-    for step in range(100):
-        batch = slice(64 * step % 256, 64 * step % 256 + 64)
-        opt.zero_grad()
-        torch.nn.functional.cross_entropy(student(images[batch]), labels[batch]).backward()
-        opt.step()
-    qat = prepare_qat(student.eval(), 8, images[:2], weight_bits=7).train()
+    student = briefly_trained(MobileStudent(ARCH), images, labels, steps=100)
+    qat = prepare_qat(student, 8, images[:2], weight_bits=7).train()
     with torch.no_grad():
         for i in range(0, 256, 64):  # observers and batch-norm statistics both move, as in a first QAT epoch
             qat(images[i:i + 64])
