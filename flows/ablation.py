@@ -82,9 +82,8 @@ def run_seed(cfg: Config, seed: int, root: Path, work: Path) -> dict[str, Measur
     ce_onnx, kd_onnx = export_fp32(ce, work / "ce.onnx"), export_fp32(kd_student, work / "kd.onnx")
     models["student CE-only"] = ce, ce_onnx
     models["student KD"] = kd_student, kd_onnx
-    ptq = {"float_modules": qat.float_modules, "weight_bits": qat.weight_bits}  # PTQ quantizes what QAT does, alike
-    models["CE-only + PTQ"] = ce, quantize_ptq(ce_onnx, calibration, work / "ce_ptq.onnx", **ptq)
-    models["KD + PTQ"] = kd_student, quantize_ptq(kd_onnx, calibration, work / "kd_ptq.onnx", **ptq)
+    models["CE-only + PTQ"] = ce, quantize_ptq(ce_onnx, calibration, work / "ce_ptq.onnx", qat)
+    models["KD + PTQ"] = kd_student, quantize_ptq(kd_onnx, calibration, work / "kd_ptq.onnx", qat)
     models["QAT without KD"] = qat_ce, export_int8(qat_ce, work / "qat_ce.onnx")
     models["KD + QAT"] = qat_kd, export_int8(qat_kd, work / "qat_kd.onnx")
     models["KD + QAT + pruning"] = qat_pruned, export_int8(qat_pruned, work / "qat_pruned.onnx")

@@ -68,8 +68,7 @@ def export_vision(cfg: ExportVision, qat: QatVision, data_dir: Path, teacher_pat
     teacher, fp32, final = load_model(teacher_path), load_model(fp32_path), load_model(student_path)
     export_fp32(teacher, paths["teacher_fp32"], cfg.opset)
     export_fp32(fp32, paths["student_fp32"], cfg.opset)
-    quantize_ptq(paths["student_fp32"], calibration, paths["student_ptq_int8"], float_modules=qat.float_modules,
-                 weight_bits=qat.weight_bits)
+    quantize_ptq(paths["student_fp32"], calibration, paths["student_ptq_int8"], qat)
     export_student_int8(final, paths["student_int8"], calibration, cfg.opset, qat)
 
     def simulated(name: str) -> np.ndarray:  # a PTQ file's QDQ graph run as written: no fused INT8 kernels

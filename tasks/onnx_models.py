@@ -88,14 +88,14 @@ def module_nodes(onnx_path: Path, modules: Sequence[str]) -> list[str]:
     return [node.name for node in onnx.load(str(onnx_path)).graph.node if prefixes and node.name.startswith(prefixes)]
 
 
-def quantize_ptq(fp32_path: Path, calibration: Split, path: Path, per_channel: bool = True,
-                 float_modules: Sequence[str] = (), weight_bits: int = 8) -> Path:
+def quantize_ptq(fp32_path: Path, calibration: Split, path: Path, qat: QatVision, per_channel: bool = True) -> Path:
     """The baseline a user would otherwise pick: onnxruntime static post-training quantization (QDQ, INT8
     per-channel weights, UINT8 activations, MinMax calibration on ``calibration`` — never the test split).
-    ``float_modules`` are left in float and the weights take ``weight_bits`` (7: onnxruntime's ``reduce_range``), as
-    QAT does (``qat.vision.float_modules``, ``qat.vision.weight_bits``)."""
+    Quantized as ``qat`` quantizes: its ``float_modules`` left in float, weights in its ``weight_bits`` (7:
+    onnxruntime's ``reduce_range``)."""
     from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
 
+    float_modules, weight_bits = qat.float_modules, qat.weight_bits
     if weight_bits not in (7, 8):
         raise OnnxError(f"onnxruntime PTQ takes 7- or 8-bit weights here, not {weight_bits}")
     with tempfile.TemporaryDirectory() as tmp:
@@ -178,4 +178,4 @@ def export_student_int8(model: nn.Module, path: Path, calibration: Split, opset:
         return export_int8(model, path, opset)
     with tempfile.TemporaryDirectory() as tmp:
         fp32 = export_fp32(model, Path(tmp) / "student_fp32.onnx", opset)
-        return quantize_ptq(fp32, calibration, path, float_modules=qat.float_modules, weight_bits=qat.weight_bits)
+        return quantize_ptq(fp32, calibration, path, qat)
