@@ -13,7 +13,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import yaml
 from mlflow.tracking import MlflowClient
 from prefect import task
 
@@ -22,6 +21,7 @@ from flows.workspace import copy_project
 from tasks.config import load_config, parse_config
 from tasks.errors import ConfigError, PipelineError
 from tasks.gate import SPECS, gate_checks, gate_tags
+from tasks.io import load_yaml
 from tasks.tracking import child_run, client_for, ensure_experiment
 
 THREADED = ("distill", "prune", "qat", "share", "export")   # sections whose `threads` a recipe sets
@@ -93,7 +93,7 @@ def run_recipe(index: int, overrides: dict[str, Any], family: str, root: Path, w
                sweep_run_id: str, upstream_outs: list[str], stages: list[str], threads: int) -> dict[str, Any]:
     """Run one recipe in ``work/recipe-<index>``; return its measurements and gate verdict (floors, teacher)."""
     name, dest = f"recipe-{index:03d}", work / f"recipe-{index:03d}"
-    raw = yaml.safe_load((root / "params.yaml").read_text())
+    raw = load_yaml((root / "params.yaml").read_text())
     client = client_for(uri)
     experiment = ensure_experiment(client, parse_config(raw, str(root / "params.yaml")), root)
     if (done := finished_before(client, experiment, sweep_run_id, name)) is not None:
@@ -111,7 +111,7 @@ def run_recipe(index: int, overrides: dict[str, Any], family: str, root: Path, w
         run.set_tags({"sweep.recipe": name, "sweep.worker": worker_name(), "sweep.dir": str(dest)})
         env = stage_env(dest, uri, run.run_id)
         for stage in stages:
-            reproduce(stage, dest, env, stream=False)
+            reproduce(stage, dest, env, log=False)
         evaluation = json.loads((dest / "metrics" / family / "evaluation.json").read_text())
         gate = getattr(cfg.gate, family)
         # Which recipes may be chosen is a choice too: the gate's thresholds on the validation scores decide it

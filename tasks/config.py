@@ -14,6 +14,7 @@ from pydantic import Field, ValidationError, model_validator
 
 from tasks.config_types import Fraction, Positive, ProjectPath, Strict, distinct
 from tasks.errors import ConfigError
+from tasks.io import load_yaml
 from tasks.operations_config import SweepConfig
 
 PARAMS_FILE = Path("params.yaml")
@@ -694,7 +695,7 @@ def load_config(path: Path | str = PARAMS_FILE) -> Config:
     """Read and validate params.yaml."""
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = load_yaml(path.read_text())
     except FileNotFoundError:
         raise ConfigError(f"{path}: not found; run from the project root or pass the params file") from None
     except yaml.YAMLError as err:

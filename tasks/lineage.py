@@ -7,9 +7,7 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from tasks.io import file_digest
+from tasks.io import file_digest, load_yaml
 
 
 def _git(root: Path, *args: str) -> str | None:
@@ -39,10 +37,10 @@ def dvc_input_hashes(stage: str, root: Path = Path(".")) -> dict[str, str]:
     dvc_yaml, dvc_lock = root / "dvc.yaml", root / "dvc.lock"
     if not dvc_yaml.exists():
         return {}
-    spec = (yaml.safe_load(dvc_yaml.read_text()) or {}).get("stages", {}).get(stage, {})
+    spec = (load_yaml(dvc_yaml.read_text()) or {}).get("stages", {}).get(stage, {})
     locked: dict[str, str] = {}
     if dvc_lock.exists():
-        for entry in (yaml.safe_load(dvc_lock.read_text()) or {}).get("stages", {}).values():
+        for entry in (load_yaml(dvc_lock.read_text()) or {}).get("stages", {}).values():
             locked.update({o["path"]: o.get("md5", "") for o in entry.get("outs", [])})
     hashes = {}
     for dep in spec.get("deps", []):
