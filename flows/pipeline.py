@@ -11,20 +11,24 @@ import json
 import os
 import subprocess
 import sys
+from collections import deque
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, task
+from prefect import flow, get_run_logger, task
 from prefect.client.schemas.objects import TaskRun
+from prefect.exceptions import MissingContextError
 from prefect.states import State
 
 from flows.promotion import FAMILIES
+from flows.run_artifacts import publish_gate, publish_run
 from flows.stage_graph import stage_graph
 from tasks.config import load_config
 from tasks.errors import EXIT_USER_ERROR, PipelineError, run_cli
 from tasks.tracking import PARENT_ENV, pipeline_run, redact, tracking_uri
 
-_TAIL_BYTES = 16_000
+_TAIL_LINES = 400
 
 
 class StageFailed(PipelineError):
@@ -35,24 +39,24 @@ class StageFailed(PipelineError):
         self.stage, self.deterministic = stage, deterministic
 
 
-def _dvc(root: Path, env: dict[str, str], *args: str, stream: bool = False) -> tuple[int, str]:
-    """Run ``dvc`` in ``root``; with ``stream`` echo its stderr live (progress bars) and keep the tail."""
-    cmd = [sys.executable, "-m", "dvc", *args]
-    if not stream:
-        proc = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True)
-        return proc.returncode, proc.stdout + proc.stderr
-    proc = subprocess.Popen(cmd, cwd=root, env=env, stderr=subprocess.PIPE)
-    tail = b""
-    while chunk := os.read(proc.stderr.fileno(), 4096):
-        sys.stderr.buffer.write(chunk)
-        sys.stderr.flush()
-        tail = (tail + chunk)[-_TAIL_BYTES:]
-    return proc.wait(), tail.decode(errors="replace")
+def _dvc(root: Path, env: dict[str, str], *args: str, log: Callable[[str], None] | None = None) -> tuple[int, str]:
+    """Run ``dvc`` in ``root``; hand each line it (and the stage it runs) prints to ``log``; keep the tail."""
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=root, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace")
+    tail: deque[str] = deque(maxlen=_TAIL_LINES)
+    for line in proc.stdout:
+        tail.append(line)
+        if log is not None:
+            log(line.rstrip("\n"))
+    return proc.wait(), "".join(tail)
 
 
-def stage_is_current(stage: str, root: Path, env: dict[str, str]) -> bool:
-    code, out = _dvc(root, env, "status", "--json", stage)
-    return code == 0 and json.loads(out.strip().splitlines()[-1] or "{}") == {}
+def stage_logger() -> Callable[[str], None]:
+    """Where a stage's output goes: the Prefect run's logger (the UI shows it under the task run), else stderr."""
+    try:
+        return get_run_logger().info
+    except MissingContextError:
+        return lambda line: print(line, file=sys.stderr, flush=True)
 
 
 def _retry_transient(task: Any, task_run: TaskRun, state: State) -> bool:
@@ -67,21 +71,19 @@ def _retry_transient(task: Any, task_run: TaskRun, state: State) -> bool:
 
 @task(task_run_name="{stage}", retry_condition_fn=_retry_transient)
 def run_stage(stage: str, root: Path, env: dict[str, str]) -> str:
-    """Reproduce one stage; return ``cached`` when DVC finds it up to date, else ``ran``."""
-    if stage_is_current(stage, root, env):
-        print(f"stage {stage}: up to date, nothing to do")
-        return "cached"
-    reproduce(stage, root, env)
-    return "ran"
+    """Reproduce one stage; return ``cached`` when DVC found it up to date (nothing ran), else ``ran``."""
+    return "ran" if reproduce(stage, root, env) else "cached"
 
 
-def reproduce(stage: str, root: Path, env: dict[str, str], stream: bool = True) -> None:
-    """``dvc repro --single-item stage`` in ``root``; raise ``StageFailed`` naming the stage's own error lines."""
-    code, tail = _dvc(root, env, "repro", "--single-item", stage, stream=stream)
+def reproduce(stage: str, root: Path, env: dict[str, str], log: bool = True) -> bool:
+    """``dvc repro --single-item stage`` in ``root`` (its output to the run's log when ``log``); return whether the
+    stage ran, False when DVC found it up to date; raise ``StageFailed`` naming the stage's own error lines."""
+    code, tail = _dvc(root, env, "repro", "--single-item", stage, log=stage_logger() if log else None)
     if code != 0:
-        errors = [ln for ln in tail.splitlines() if ln.startswith(("error:", "ERROR:")) or ln.startswith("  ")]
+        errors = [ln for ln in tail.splitlines() if ln.startswith(("error:", "ERROR:", "  "))]
         raise StageFailed(stage, "\n".join(errors[-40:]) or tail[-2000:],
                           deterministic=f"exited with {EXIT_USER_ERROR}" in tail)
+    return f"Running stage '{stage}'" in tail
 
 
 def stage_env(root: Path, uri: str, parent_run_id: str) -> dict[str, str]:
@@ -116,6 +118,7 @@ def compression_pipeline(root: str = ".", families: list[str] | None = None) -> 
         for family, gate in gates.items():
             parent.set_tags({f"gate.{family}.passed": str(gate["passed"]).lower(),
                              f"registry.{family}.version": gate["version"]})
+        publish_run(statuses, root_path, families, uri, parent.experiment_id, parent.run_id)
     return {"stages": statuses, "metrics": metrics, "parent_run_id": parent.run_id, "tracking_uri": redact(uri),
             "gates": gates}
 
@@ -153,6 +156,7 @@ def promote(family: str, root: Path, uri: str, parent_run_id: str) -> dict[str, 
         run.log_metrics({f"gate.{c['name']}": c["value"] for c in report["checks"]})
         run.set_tag("registry.unchanged", str(report["unchanged"]).lower())
         run.set_tags({"gate.passed": str(report["passed"]).lower(), "registry.version": report["version"]})
+    publish_gate(family, report)
     return report
 
 

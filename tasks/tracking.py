@@ -140,8 +140,8 @@ class RunLogger:
     ``PipelineError`` saying what failed and where: a full or unwritable artifact store, refused credentials, or a
     server that stopped answering in the middle of the run."""
 
-    def __init__(self, client: MlflowClient, run_id: str) -> None:
-        self.client, self.run_id = client, run_id
+    def __init__(self, client: MlflowClient, run_id: str, experiment_id: str) -> None:
+        self.client, self.run_id, self.experiment_id = client, run_id, experiment_id
 
     def _call(self, action: str, call: Callable[[], Any]) -> Any:
         return guarded(self.client, action, call, self.run_id)
@@ -177,7 +177,7 @@ class RunLogger:
 def _run(client: MlflowClient, cfg: Config, name: str, tags: dict[str, str], root: Path) -> Iterator[RunLogger]:
     experiment = ensure_experiment(client, cfg, root)
     run = guarded(client, "start a run", lambda: client.create_run(experiment, run_name=name, tags=tags))
-    logger = RunLogger(client, run.info.run_id)
+    logger = RunLogger(client, run.info.run_id, run.info.experiment_id)
     try:
         yield logger
     except BaseException:

@@ -1,0 +1,81 @@
+"""What a pipeline run shows in the Prefect UI: Prefect artifacts beside its logs.
+
+Each flow run publishes the stages it ran or found cached, each family's evaluation (one row per ONNX model), each
+family's gate table with pass/fail and why, and where its MLflow parent run is (a link when the tracking store is a
+server, the ``mlflow ui`` command for a local store). Keys make them show on the Artifacts page too, one version
+per run, so a model's gate history is one click away.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
+
+from tasks.gate import Check, gate_markdown
+from tasks.tracking import redact
+
+# Per-model columns of the evaluation table, in this order, where the family's evaluation has them
+_COLUMNS = ("val_accuracy", "test_accuracy", "val_auc", "test_auc", "test_logloss", "test_ndcg_at_10",
+            "latency_b1_p95_ms", "latency_p95_ms", "bytes", "parameters", "nonzero_parameters")
+
+
+def evaluation_rows(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
+    """One row per model of a family's ``evaluation.json``: its scores, latency and size, rounded for reading."""
+    rows = []
+    for model, measured in evaluation["models"].items():
+        row: dict[str, Any] = {"model": model}
+        for column in _COLUMNS:
+            if column in measured:
+                value = measured[column]
+                row[column] = round(value, 4) if isinstance(value, float) else value
+        rows.append(row)
+    return rows
+
+
+def mlflow_run_link(uri: str, experiment_id: str, run_id: str) -> str | None:
+    """The MLflow UI's page of a run on a tracking server (credentials left out), or None for a local store."""
+    if not uri.startswith(("http://", "https://")):
+        return None
+    base = redact(uri).rstrip("/")
+    if "@" in base.split("//", 1)[1]:  # https://user:***@host: no credentials in a link
+        scheme, rest = base.split("//", 1)
+        base = f"{scheme}//{rest.split('@', 1)[1]}"
+    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def publish_run(statuses: dict[str, str], root: Path, families: list[str], uri: str, experiment_id: str,
+                parent_run_id: str) -> None:
+    """The flow run's artifacts: stage statuses, each family's evaluation table and the MLflow parent run."""
+    create_table_artifact([{"stage": stage, "status": status} for stage, status in statuses.items()],
+                          key="pipeline-stages", description="Stages of dvc.yaml: ran, or cached by DVC")
+    for family in families:
+        path = root / "metrics" / family / "evaluation.json"
+        if path.exists():
+            create_table_artifact(evaluation_rows(json.loads(path.read_text())), key=f"{family}-evaluation",
+                                  description=f"{family}: every ONNX model on the validation and test splits "
+                                              f"({path.relative_to(root)})")
+    link = mlflow_run_link(uri, experiment_id, parent_run_id)
+    if link is not None:
+        create_link_artifact(link, link_text=f"MLflow parent run {parent_run_id}", key="mlflow-run",
+                             description="Every stage's child run, metrics, figures and models")
+    else:
+        create_markdown_artifact(
+            f"MLflow parent run `{parent_run_id}` (experiment {experiment_id}) in `{redact(uri)}`.\n\n"
+            f"Open it with `mlflow ui --backend-store-uri {redact(uri)}`.",
+            key="mlflow-run", description="Every stage's child run, metrics, figures and models")
+
+
+def publish_gate(family: str, report: dict[str, Any]) -> None:
+    """A family's gate as a markdown table: each check with its value, threshold, pass/fail and why."""
+    if report["unchanged"]:
+        text = (f"Candidate unchanged: {report['name']} version {report['version']} already holds this file "
+                f"(gate {'passed' if report['passed'] else 'failed'} then); the registry was not touched.\n")
+    else:
+        checks = [Check(**c) for c in report["checks"]]
+        decision = ("champion moved to it" if report["champion"] else "champion unchanged")
+        text = (gate_markdown(checks, report["passed"])
+                + f"\nRegistered {report['name']} version {report['version']} as challenger; {decision}.\n")
+    create_markdown_artifact(text, key=f"{family}-gate",
+                             description=f"{family} promotion gate: {'PASS' if report['passed'] else 'FAIL'}")
