@@ -8,7 +8,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 # No phoning home from the embedded server (these machines are offline; it would only log a failed lookup).
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: run test faults benchmark benchmark-export benchmark-recsys benchmark-sweep ablation sweep deploy worker \
+.PHONY: run test check smoke faults benchmark benchmark-export benchmark-recsys benchmark-sweep ablation sweep deploy worker \
         data-source services clean-results
 
 run: $(STAMP) data-source
@@ -16,6 +16,15 @@ run: $(STAMP) data-source
 
 test: $(STAMP) data-source services
 	$(PY) -m pytest -q --durations=15
+
+# Fast feedback while editing: the unit, data-gate and flow tests, no whole-pipeline run and no server stack.
+check: $(STAMP)
+	$(PY) -m pytest -q -m "not e2e and not integration and not slow" -p no:cacheprovider
+
+# The whole stage graph and both gates on small data, in a scratch copy (.smoke/project) with its own MLflow
+# store and registry: params.yaml, this project's outputs and its registry are never touched.
+smoke: $(STAMP) data-source
+	$(PY) -m flows.smoke $(SMOKE_ARGS)
 
 # The fault catalogue: every injected fault or bad input the tests check, as a table with its count.
 faults: $(STAMP)
@@ -44,7 +53,7 @@ benchmark-sweep: $(STAMP) data-source
 # Register prefect.yaml's deployments with the Prefect server at $$PREFECT_API_URL; `make worker` runs them here.
 deploy: $(STAMP)
 	$(VENV)/bin/prefect work-pool create kdq-process --type process --overwrite
-	KDQ_PROJECT_DIR=$(CURDIR) $(VENV)/bin/prefect --no-prompt deploy --all
+	$(VENV)/bin/prefect --no-prompt deploy --all
 
 worker: $(STAMP)
 	KDQ_PROJECT_DIR=$(CURDIR) $(VENV)/bin/prefect worker start --pool kdq-process

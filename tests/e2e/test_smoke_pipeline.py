@@ -129,6 +129,33 @@ def test_prefect_ran_one_task_per_stage_in_graph_order(flow_repo):
     assert ordered == [n.name for n in stage_graph(repo)] + ["promote_vision", "promote_recsys"]
 
 
+def test_the_prefect_run_shows_what_each_stage_printed_the_gates_and_the_evaluations(flow_repo):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+
+    repo, state, result = flow_repo
+    flow_run_id = state.state_details.flow_run_id
+    with get_client(sync_client=True) as client:
+        artifacts = {a.key: a for a in client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))}
+        tasks = {t.id: t.name for t in client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))}
+        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+    assert {"pipeline-stages", "vision-evaluation", "recsys-evaluation", "vision-gate", "recsys-gate",
+            "mlflow-run"} <= set(artifacts)
+    assert "Gate: **PASS**" in artifacts["vision-gate"].data and "| size_kb |" in artifacts["vision-gate"].data
+    assert "| auc_drop_vs_teacher |" in artifacts["recsys-gate"].data
+    rows = json.loads(artifacts["vision-evaluation"].data)
+    int8 = next(r for r in rows if r["model"] == "student_int8")
+    measured = json.loads((repo / "metrics/vision/evaluation.json").read_text())["models"]["student_int8"]
+    assert int8["test_accuracy"] == round(measured["test_accuracy"], 4) and int8["bytes"] == measured["bytes"]
+    assert json.loads(artifacts["pipeline-stages"].data)[0] == {"stage": "prepare_recsys", "status": "ran"}
+    assert result["parent_run_id"] in artifacts["mlflow-run"].data
+    # what a stage printed is in its task run's log (the UI shows it there), not only on the terminal
+    teacher = [log.message for log in logs if tasks.get(log.task_run_id) == "train_teacher_vision"]
+    assert any(m.startswith("epoch 1/1:") for m in teacher), teacher[-10:]
+
+
 def test_nothing_changed_means_nothing_recomputed(flow_repo):
     repo, _, _ = flow_repo
     before = locked_outs(repo)
@@ -142,14 +169,28 @@ def test_nothing_changed_means_nothing_recomputed(flow_repo):
     assert locked_outs(repo) == before
 
 
-def test_dvc_repro_gives_the_same_outputs_as_the_flow(flow_repo, tmp_path):
+def test_make_smoke_runs_a_family_in_its_own_copy_with_the_flows_outputs(flow_repo, tmp_path):
+    """``python -m flows.smoke`` (``make smoke``): a fresh scratch copy, its own stores, and the very bytes the
+    flow wrote: every stage is deterministic across processes. (One family: the other runs the same generic stage
+    code.) The project it was started from is not touched."""
     repo, _, _ = flow_repo
-    other = make_repo(tmp_path / "dvc-only")
-    proc = dvc(other, "repro")
-    assert proc.returncode == 0, proc.stderr
-    ours, theirs = locked_outs(repo), locked_outs(other)
-    for measured in ("metrics/vision/evaluation.json", "metrics/recsys/evaluation.json"):  # latencies: measured
-        assert measured in ours and ours.pop(measured) and theirs.pop(measured)
+    watched = [Path("params.yaml"), Path("dvc.yaml"), Path("mlflow.db"), Path("dvc.lock")]
+    before = {p: p.read_bytes() if p.exists() else None for p in watched}
+    dest = tmp_path / "smoke"
+    env = {**os.environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}  # a server it must not use
+    proc = subprocess.run([sys.executable, "-m", "flows.smoke", "--dir", str(dest), "--family", "recsys"],
+                          capture_output=True, text=True, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "smoke run: 9 stages and 1 gate(s)" in proc.stdout and "gate recsys: PASS" in proc.stdout
+    assert {p: p.read_bytes() if p.exists() else None for p in watched} == before
+    champion = MlflowClient(f"sqlite:///{dest / 'mlflow.db'}").get_model_version_by_alias(
+        "smoke-ctr-student-int8", "champion")
+    assert champion.version == "1"
+    theirs = locked_outs(dest)
+    ours = {path: md5 for path, md5 in locked_outs(repo).items() if path in theirs}
+    assert len(theirs) >= 9 and "models/recsys/student_qat.pt" in theirs
+    measured = "metrics/recsys/evaluation.json"  # latencies: measured, never the same twice
+    assert ours.pop(measured) and theirs.pop(measured)
     assert theirs == ours
 
 
