@@ -1,0 +1,26 @@
+#!/bin/sh
+# Entry point of the pipeline image: run the command in $KDQ_PROJECT_DIR.
+#
+# With KDQ_SYNC_SOURCES=1 (Kubernetes), that folder is a shared volume: the image's sources are synced into it
+# (outputs left alone) and committed, so it is a git + DVC checkout where the pipeline's outputs, dvc.lock, the DVC
+# cache and the sweeps' work_dir live. Every worker then sees what upstream stages wrote, results outlive a pod
+# restart, and DVC re-runs what a new image changed. Without it (compose bind-mounts the host's checkout) the folder
+# is used as it is.
+set -eu
+dest="${KDQ_PROJECT_DIR:?set KDQ_PROJECT_DIR to the project folder}"
+if [ "${KDQ_SYNC_SOURCES:-0}" = 1 ]; then
+  mkdir -p "$dest"
+  # one pod at a time: several start together on the same volume
+  flock "$dest/.kdq-sync.lock" sh -eu -c '
+    src=$1; cd "$2"
+    set -- tasks flows dvc.yaml params.yaml prefect.yaml pyproject.toml constraints.txt .dvcignore .gitignore .dvc/config
+    for item in "$@"; do
+      rm -rf "./$item"; mkdir -p "$(dirname "./$item")"; cp -a "$src/$item" "./$item"
+    done
+    [ -d .git ] || { git init -q && printf "%s\n" .kdq-sync.lock >> .git/info/exclude; }
+    git add -A -- "$@"
+    git diff --cached --quiet || git -c user.name=kdq-image -c user.email=kdq-image@localhost commit -qm "pipeline image sources"
+  ' sync "${KDQ_IMAGE_SOURCES:-/opt/kdq-src}" "$dest"
+fi
+cd "$dest"
+exec "$@"

@@ -1,0 +1,119 @@
+"""The shipped infrastructure: Kubernetes manifests against the API's schemas, the compose file's invariants, the
+deployments' pull steps, and the pipeline image's entry point run for real on a scratch "volume"."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from flows.workspace import PROJECT, copy_project
+
+INFRA = PROJECT / "infra"
+K8S_VERSION = "1.33.0"
+
+
+def k8s_documents() -> list[tuple[str, dict]]:
+    kustomization = yaml.safe_load((INFRA / "k8s" / "kustomization.yaml").read_text())
+    return [(name, doc) for name in kustomization["resources"]
+            for doc in yaml.safe_load_all((INFRA / "k8s" / name).read_text()) if doc]
+
+
+def containers(doc: dict) -> list[dict]:
+    spec = doc.get("spec", {})
+    pod = spec.get("template", {}).get("spec", {}) or spec.get("jobTemplate", {}).get("spec", {})
+    return pod.get("containers", [])
+
+
+def test_every_kubernetes_manifest_is_valid_against_the_api_schema():
+    docs = k8s_documents()
+    assert {d["kind"] for _, d in docs} >= {"Deployment", "StatefulSet", "Service", "Job", "ConfigMap",
+                                             "PersistentVolumeClaim"}
+    for name, doc in docs:  # strict: an unknown or misspelt field is an error, as `kubectl apply` would say
+        kubernetes_validate.validate(doc, K8S_VERSION, strict=True)
+    with pytest.raises(kubernetes_validate.ValidationError):  # and the check can fail
+        kubernetes_validate.validate({**docs[0][1], "spec": {"replica": 1}}, K8S_VERSION, strict=True)
+
+
+def test_kubernetes_servers_and_workers_have_requests_probes_and_pinned_images():
+    kustomization = yaml.safe_load((INFRA / "k8s" / "kustomization.yaml").read_text())
+    assert all(str(i["newTag"]) not in ("", "latest") for i in kustomization["images"])
+    for name, doc in k8s_documents():
+        for c in containers(doc):
+            image = c["image"]
+            assert ":" in image and not image.endswith(":latest") or image in {i["name"] for i in kustomization["images"]}, image
+            assert c.get("resources", {}).get("requests"), f"{name}: {c['name']} has no resource requests"
+            if doc["kind"] in ("Deployment", "StatefulSet"):
+                assert "livenessProbe" in c, f"{name}: {c['name']} has no liveness probe"
+
+
+def test_kubernetes_workers_share_the_whole_project_folder_and_mlflow_accepts_a_port_forward():
+    docs = {doc["metadata"]["name"]: doc for _, doc in k8s_documents() if doc["kind"] != "Service"}
+    client = docs["kdq-client"]["data"]
+    assert client["KDQ_SYNC_SOURCES"] == "1"
+    for name in ("prefect-worker", "dask-worker"):  # upstream outputs, dvc.lock and sweeps: one volume for all
+        pod = docs[name]["spec"]["template"]["spec"]
+        (c,) = pod["containers"]
+        assert "command" not in c, f"{name}: `command` would replace the image's entry point"
+        assert {m["mountPath"] for m in c["volumeMounts"]} == {client["KDQ_PROJECT_DIR"]}
+        (volume,) = pod["volumes"]
+        claim = docs[volume["persistentVolumeClaim"]["claimName"]]
+        assert claim["spec"]["accessModes"] == ["ReadWriteMany"]
+    mlflow = next(c for c in containers(docs["mlflow"]))
+    hosts = next(e["value"] for e in mlflow["env"] if e["name"] == "MLFLOW_ALLOWED_HOSTS").split(",")
+    assert {"localhost:5000", "mlflow:5000"} <= set(hosts)
+
+
+def test_compose_pins_images_and_checks_the_servers_health():
+    compose = yaml.safe_load((INFRA / "compose.yaml").read_text())
+    for name, service in compose["services"].items():
+        image = service.get("image", "")
+        assert image and ":" in image and not image.endswith(":latest"), f"{name}: image {image!r} is not pinned"
+    for name in ("postgres", "minio", "mlflow", "prefect-server"):
+        assert compose["services"][name]["healthcheck"]["test"], name
+    entry = (INFRA / "mlflow" / "entrypoint.sh").read_text()
+    assert "localhost:5000" in entry.split("--allowed-hosts", 1)[1]
+
+
+def test_deployments_find_the_project_when_the_run_starts_not_when_deployed():
+    pull = yaml.safe_load((PROJECT / "prefect.yaml").read_text())["pull"]
+    assert "{{ $" not in yaml.safe_dump(pull)   # `{{ $VAR }}` is resolved by `prefect deploy`, on its machine
+    script = pull[0]["prefect.deployments.steps.run_shell_script"]
+    assert script["shell"] and "${KDQ_PROJECT_DIR" in script["script"]
+    result = subprocess.run(["sh", "-c", script["script"]], env={"PATH": os.environ["PATH"]}, capture_output=True,
+                            text=True)
+    assert result.returncode != 0 and "set KDQ_PROJECT_DIR on the worker" in result.stderr
+
+
+def _entrypoint(env: dict[str, str], *cmd: str) -> subprocess.CompletedProcess:
+    full = {"PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **env}
+    return subprocess.run(["sh", str(INFRA / "project-entrypoint.sh"), *cmd], env=full, capture_output=True,
+                          text=True)
+
+
+def test_the_image_entry_point_makes_a_shared_volume_a_dvc_checkout_that_keeps_outputs(tmp_path):
+    image = copy_project(tmp_path / "image")          # what the Dockerfile copies and commits
+    for name in ("pyproject.toml", "constraints.txt"):
+        shutil.copy2(PROJECT / name, image / name)
+    volume = tmp_path / "volume" / "kdq"
+    env = {"KDQ_PROJECT_DIR": str(volume), "KDQ_IMAGE_SOURCES": str(image), "KDQ_SYNC_SOURCES": "1"}
+    first = _entrypoint(env, sys.executable, "-m", "dvc", "status", "prepare_recsys")
+    assert first.returncode == 0, first.stderr          # a git + DVC repository DVC accepts
+    assert "changed outs" in first.stdout or "always changed" in first.stdout or "deleted" in first.stdout
+    (volume / "models").mkdir()
+    (volume / "models" / "kept.pt").write_text("an output of an earlier pod")
+    (image / "tasks" / "io.py").write_text((image / "tasks" / "io.py").read_text() + "\n# a new image\n")
+    second = _entrypoint(env, "git", "log", "--format=%s")
+    assert second.returncode == 0, second.stderr
+    assert second.stdout.splitlines() == ["pipeline image sources"] * 2   # the new image's sources, committed
+    assert (volume / "models" / "kept.pt").exists() and "# a new image" in (volume / "tasks" / "io.py").read_text()
+    clean = _entrypoint(env, "git", "status", "--porcelain", "--untracked-files=no")
+    assert clean.stdout == ""
+    # without KDQ_SYNC_SOURCES (compose bind-mounts the host's checkout) the folder is used as it is
+    plain = _entrypoint({"KDQ_PROJECT_DIR": str(image)}, "pwd")
+    assert plain.stdout.strip() == str(image) and "# a new image" in (image / "tasks" / "io.py").read_text()
