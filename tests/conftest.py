@@ -14,6 +14,14 @@ from tasks.config import Config, load_config, parse_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that needs the session's Prefect server is ``slow``: starting one costs ~20 s, so ``make check``
+    (``-m "not slow"``) leaves them to ``make test``."""
+    for item in items:
+        if "prefect_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.slow)
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """One temporary Prefect server for the whole session (starting one costs ~20 s)."""

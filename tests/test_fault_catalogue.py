@@ -5,9 +5,12 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 
+@pytest.mark.slow
 def test_the_fault_catalogue_is_documented_and_complete():
     proc = subprocess.run([sys.executable, "-m", "tests.fault_catalogue", "--check"], cwd=ROOT, capture_output=True,
                           text=True)

@@ -12,6 +12,8 @@ admin_username = admin
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 INI
 export MLFLOW_AUTH_CONFIG_PATH=/tmp/basic_auth.ini MLFLOW_AUTH_ADMIN_PASSWORD="${MLFLOW_ADMIN_PASSWORD}"
+# MLflow's job runner (huey consumer processes) serves GenAI features this stack does not use
+export MLFLOW_SERVER_ENABLE_JOB_EXECUTION="${MLFLOW_SERVER_ENABLE_JOB_EXECUTION:-false}"
 exec mlflow server --host 0.0.0.0 --port 5000 --workers "${MLFLOW_WORKERS:-2}" \
   --backend-store-uri "${DB}/mlflow" --artifacts-destination "s3://mlflow/artifacts" \
   --app-name basic-auth --allowed-hosts "${MLFLOW_ALLOWED_HOSTS:-localhost:5000,127.0.0.1:5000,mlflow:5000}"

@@ -65,9 +65,10 @@ def test_contradicting_or_out_of_range_thresholds_fail_at_load(raw_params):
 
 
 @pytest.fixture
-def project(tmp_path, real_splits):
+def project(tmp_path, real_splits, prefect_server):
     """A project root holding what the gate reads: the test split, the INT8 candidate, the teacher and their
-    evaluation (whose latencies are made up: the gate measures them again, side by side)."""
+    evaluation (whose latencies are made up: the gate measures them again, side by side). The gate takes the
+    registry lock (a Prefect concurrency limit): from the session's Prefect server."""
     x, y = real_splits["test"]
     save_npy(tmp_path / "data/vision/processed/test_x.npy", x)
     save_npy(tmp_path / "data/vision/processed/test_y.npy", y)

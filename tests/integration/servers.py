@@ -193,7 +193,8 @@ def start_stack(procs: Processes, base: Path) -> Stack:
                         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
     mlflow_port = free_port()
     env = {**os.environ, **aws, "MLFLOW_S3_ENDPOINT_URL": s3_url, "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini),
-           "MLFLOW_AUTH_ADMIN_PASSWORD": password, "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
+           "MLFLOW_AUTH_ADMIN_PASSWORD": password, "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+           "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}  # as infra/mlflow: no GenAI job runner processes
     proc = procs.start("mlflow", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
                                   "--backend-store-uri", pg.url("mlflow", "+psycopg2"),
                                   "--artifacts-destination", "s3://mlflow/artifacts", "--app-name", "basic-auth",

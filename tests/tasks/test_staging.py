@@ -61,6 +61,7 @@ def _unwritable(store: Path):
         "ArtifactStoreError naming the store and ENOTDIR, exit 2; previous outputs byte-identical, nothing staged "
         "left, MLflow run FAILED")),
 ])
+@pytest.mark.slow
 def test_a_refused_artifact_leaves_the_previous_outputs(synthetic_movielens, tmp_path, fault, reason):
     _, _, cfg = synthetic_movielens
     params = cfg.model_dump(by_alias=True)

@@ -64,6 +64,7 @@ for i in range(3):
 """
 
 
+@pytest.mark.slow
 @pytest.mark.fault("load", "4 local runs at once on a new embedded SQLite store",
                    "no run lost: the store's creation is serialised by a file lock (without it 3 of 4 runs died in "
                    "the schema migrations); all 12 runs FINISHED with their params, metrics and artifacts")
@@ -97,6 +98,7 @@ def _runs_on(url: str) -> list[dict]:
         return json.loads(resp.read()).get("runs", [])
 
 
+@pytest.mark.slow
 @pytest.mark.fault("runs", "the tracking server killed in the middle of a training stage",
                    "ServiceUnavailable naming the server and what could not be logged, exit 75 (transient: the "
                    "flow retries it); no model or metrics file written, nothing staged left")
@@ -123,6 +125,7 @@ def test_a_tracking_server_lost_mid_run_fails_the_stage_cleanly(synthetic_moviel
                                "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
                                "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
                               cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                              env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},  # no job runners
                               start_new_session=True)
     try:
         deadline = time.monotonic() + 120
