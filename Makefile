@@ -8,7 +8,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 # No phoning home from the embedded server (these machines are offline; it would only log a failed lookup).
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: run test check smoke faults benchmark benchmark-export benchmark-recsys benchmark-sweep ablation sweep deploy worker \
+.PHONY: run test check smoke serve faults benchmark benchmark-export benchmark-recsys benchmark-sweep ablation sweep deploy worker \
         data-source services clean-results
 
 run: $(STAMP) data-source
@@ -49,6 +49,11 @@ sweep: $(STAMP) data-source
 # The same 8 smoke-sized recipes with 1 and with 2 Dask workers, in a scratch copy: the speed-up table.
 benchmark-sweep: $(STAMP) data-source
 	$(PY) -m flows.sweep_benchmark --out reports/benchmarks/sweep.json
+
+# The registry's champion over HTTP with MLflow's scoring server (POST /invocations on 127.0.0.1:5001); e.g.
+# SERVE_ARGS='--family recsys --port 5002'. Runs against $$MLFLOW_TRACKING_URI, else the project's store.
+serve: $(STAMP)
+	$(PY) -m flows.serve $(SERVE_ARGS)
 
 # Register prefect.yaml's deployments with the Prefect server at $$PREFECT_API_URL; `make worker` runs them here.
 deploy: $(STAMP)

@@ -51,3 +51,23 @@ def downstream_of(nodes: list[StageNode], stage: str) -> list[StageNode]:
         if below.intersection(node.upstream):
             below.add(node.name)
     return [n for n in nodes if n.name in below and n.name != stage]
+
+
+def mermaid(nodes: list[StageNode]) -> str:
+    """The stage graph as a mermaid flowchart, reduced to its direct dependencies (an edge implied by a longer
+    path is left out: ``dvc dag --mermaid`` draws every one), in graph order."""
+    graph = nx.DiGraph()
+    graph.add_nodes_from(n.name for n in nodes)
+    graph.add_edges_from((u, n.name) for n in nodes for u in n.upstream)
+    reduced = nx.transitive_reduction(graph)
+    order = {n.name: i for i, n in enumerate(nodes)}
+    edges = sorted(reduced.edges, key=lambda e: (order[e[1]], order[e[0]]))
+    return "\n".join(["flowchart LR", *(f"  {u} --> {v}" for u, v in edges)])
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Print the stage graph of dvc.yaml as a mermaid flowchart.")
+    parser.add_argument("--root", type=Path, default=Path("."))
+    print(mermaid(stage_graph(parser.parse_args().root)))

@@ -109,3 +109,11 @@ def test_the_vision_teacher_does_not_depend_on_recommender_code_params_or_unrela
                 for part in key.split("."):
                     node = node.get(part) if isinstance(node, dict) else None
                 assert node is None or f"profiles.{profile}.{key}" in keys, f"{name}: profiles.{profile}.{key}"
+
+
+def test_the_readmes_stage_graph_is_dvc_yamls():
+    from flows.stage_graph import mermaid
+
+    readme = (ROOT / "README.md").read_text()
+    drawn = readme.split("```mermaid\n", 1)[1].split("```", 1)[0].strip()
+    assert drawn == mermaid(stage_graph(ROOT)), "README's graph is stale: paste `python -m flows.stage_graph`"

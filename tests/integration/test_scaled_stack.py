@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -116,6 +117,48 @@ def test_pipeline_runs_tracks_and_registers_through_the_servers(stack, pipeline)
     recorded = json.dumps(search_runs(st, ""))
     for secret in (st.admin_password, st.aws["AWS_SECRET_ACCESS_KEY"]):
         assert secret not in recorded
+
+
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=60) as resp:  # noqa: S310 - loopback only
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read() or b"{}")
+
+
+def test_the_champion_serves_over_http_with_mlflows_scoring_server(stack, pipeline):
+    """``make serve`` (``python -m flows.serve``): models:/<model>@champion from the MLflow server and S3, answered
+    by MLflow's scoring server; real test rows get the evaluation's probabilities, bad requests a 400."""
+    import numpy as np
+
+    from tasks.ctr_onnx import onnx_probabilities
+    from tasks.ctr_training import CtrSplit
+    from tests.integration.servers import free_port, wait_http
+
+    procs, _ = stack
+    repo, env, _ = pipeline
+    port = free_port()
+    proc = procs.start("serve", [sys.executable, "-m", "flows.serve", "--family", "recsys", "--root", str(repo),
+                                 "--port", str(port)], env=env, cwd=repo)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(f"{url}/ping", proc, procs.log("serve"))
+    test = CtrSplit.load(repo / "data/recsys/processed", "test")
+    rows = CtrSplit(test.fields[:200], test.genres[:200], test.y[:200])
+    expected = onnx_probabilities(repo / "models/recsys/onnx/student_int8.onnx", rows)   # as evaluate_recsys scores
+    body = {"inputs": {"fields": rows.fields.tolist(), "genres": rows.genres.tolist()}}
+    status, answer = _post(f"{url}/invocations", body)
+    assert status == 200, answer
+    assert np.allclose(np.asarray(answer["predictions"]["probability"]).ravel(), expected.ravel(), atol=1e-6)
+    # a wrong shape, then a wrong dtype: a 4xx naming the problem, and the server keeps serving
+    status, answer = _post(f"{url}/invocations", {"inputs": {"fields": [[1, 2, 3]], "genres": body["inputs"]["genres"][:1]}})
+    assert 400 <= status < 500 and "does not match expected shape" in answer["message"], answer
+    status, answer = _post(f"{url}/invocations", {"inputs": {"fields": [["user-1"] * 7], "genres": body["inputs"]["genres"][:1]}})
+    assert 400 <= status < 500 and "user-1" in answer["message"], answer
+    status, answer = _post(f"{url}/invocations", body)
+    assert status == 200 and proc.poll() is None
+    procs.kill("serve")
 
 
 def test_dvc_pushes_the_pipeline_outputs_to_the_s3_remote(stack, pipeline):
