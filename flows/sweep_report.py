@@ -1,6 +1,6 @@
 """What a sweep found: the Pareto front over (quality up, ONNX bytes down, latency down), the best recipe that
 passes the gate's thresholds on validation scores, and the report files (``sweep.json``, ``sweep.md``,
-``pareto.png``).
+``pareto.png``, ``recipes.csv`` for ``dvc plots``).
 
 Quality here is always the validation score (``val_<metric>``): the front and the best recipe are choices, and
 choices are made on validation data. The test score is shown beside it, as the number to report, never to rank by.
@@ -90,9 +90,18 @@ def plot(path: Path, outcomes: list[dict[str, Any]], front: list[str], metric: s
 def write_sweep_report(out: Path, outcomes: list[dict[str, Any]], front: list[str], best: dict[str, Any] | None,
                        metric: str, context: dict[str, Any]) -> list[Path]:
     """Write the sweep's JSON, Markdown table and Pareto plot under ``out``; return their paths."""
-    files = [out / "sweep.json", out / "sweep.md", out / "pareto.png"]
+    files = [out / "sweep.json", out / "sweep.md", out / "pareto.png", out / "recipes.csv"]
     write_json(files[0], {**context, "metric": metric, "pareto": front, "best": best and best["name"],
                           "outcomes": outcomes})
     write_atomic(files[1], markdown(outcomes, front, best, metric, context).encode())
     plot(files[2], outcomes, front, metric)
+    write_atomic(files[3], recipes_csv(outcomes, front, metric).encode())
     return files
+
+
+def recipes_csv(outcomes: list[dict[str, Any]], front: list[str], metric: str) -> str:
+    """One row per recipe that ran: what ``dvc plots show`` draws as the sweep's Pareto scatter (dvc.yaml)."""
+    lines = [f"recipe,val_{metric},test_{metric},bytes,latency_p50_ms,pareto"]
+    lines += [f"{o['name']},{o[f'val_{metric}']:.6f},{o[f'test_{metric}']:.6f},{o['bytes']},{o['latency_p50_ms']:.4f},"
+              f"{'yes' if o['name'] in front else 'no'}" for o in outcomes if o["status"] == "ok"]
+    return "\n".join(lines) + "\n"

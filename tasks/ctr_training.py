@@ -138,7 +138,9 @@ def fit_ctr(model: nn.Module, loss_fn: CtrLossFn, train: CtrSplit, val: CtrSplit
             loss, _ = train_step(model, (fields, genres), y, opt, loss_fn, bf16=False)
             sched.step()
             loss_sum += loss.item() * len(y)
+        # the training rows scored as the validation rows are (eval mode, after the epoch): one curve each
         metrics = {"train_loss": loss_sum / len(train),
+                   **{f"train_{k}": v for k, v in evaluate_ctr(model, train, spec.eval_batch_size).items()},
                    **{f"val_{k}": v for k, v in evaluate_ctr(model, val, spec.eval_batch_size).items()},
                    "lr": sched.get_last_lr()[0]}
         history.append(metrics)

@@ -156,6 +156,26 @@ def test_the_prefect_run_shows_what_each_stage_printed_the_gates_and_the_evaluat
     assert any(m.startswith("epoch 1/1:") for m in teacher), teacher[-10:]
 
 
+def test_dvc_plots_and_metrics_show_every_family(flow_repo):
+    """dvc.yaml's top-level plots render train and validation curves of every model in one chart per family, and
+    ``dvc metrics show`` covers every family's metrics files."""
+    repo, _, _ = flow_repo
+    shown = dvc(repo, "plots", "show", "--json")
+    assert shown.returncode == 0, shown.stderr
+    plots = json.loads(shown.stdout)
+    for chart, metric in (("vision_accuracy", "accuracy"), ("recsys_auc", "auc")):
+        (spec,) = plots["data"][chart]
+        drawn = {v["filename::field"] for v in spec["content"]["data"]["values"]}   # one line per file and field
+        assert drawn == {f"{model}_history.csv::{split}_{metric}" for split in ("train", "val")
+                         for model in ("teacher", "student_kd", "student_pruned", "student_qat", "student_shared")}
+    # the sweeps' scatter waits for `make sweep`: a missing file, not a broken definition
+    assert {e["name"] for e in plots.get("errors", [])} <= {"recsys_sweep_pareto", "vision_sweep_pareto"}
+    metrics = dvc(repo, "metrics", "show", "--json")
+    assert metrics.returncode == 0, metrics.stderr
+    files = set(json.loads(metrics.stdout)[""]["data"])
+    assert {"metrics/vision/evaluation.json", "metrics/recsys/evaluation.json"} <= files
+
+
 def test_nothing_changed_means_nothing_recomputed(flow_repo):
     repo, _, _ = flow_repo
     before = locked_outs(repo)

@@ -65,6 +65,9 @@ def test_report_files_list_failed_recipes_and_mark_the_front(tmp_path):
     md = files[1].read_text()
     assert "| recipe-000 | ok | 0.8500 | 0.8500 | 70,000 |" in md and "| recipe-001 | FAILED |" in md
     assert "recipe-001 failed: RecipeInvalid: bad" in md and files[2].stat().st_size > 5_000
+    # the rows dvc.yaml's Pareto plot reads: recipes that ran, on validation (and test, reported)
+    assert files[3].read_text().splitlines() == ["recipe,val_auc,test_auc,bytes,latency_p50_ms,pareto",
+                                                 "recipe-000,0.850000,0.850000,70000,0.8000,yes"]
 
 
 def test_overrides_land_in_the_layer_that_wins(tmp_path, raw_params):
