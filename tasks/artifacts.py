@@ -121,6 +121,10 @@ def publish_training(run: Any, model: nn.Module, kind: str, arch: BaseModel, his
     run.log_text(f"{model}\n\nparameters: {metrics['parameters']:,}\n", "model_summary.txt")
     for path in (paths.model, paths.metrics, paths.plots):
         run.log_artifact(path)
+    from tasks.figures import learning_curves
+
+    if (figure := learning_curves(history, f"{Path(paths.model).stem}: train vs validation")) is not None:
+        run.log_figure(figure, "learning_curves.png")
 
 
 def pass_through(run: Any, paths: argparse.Namespace, stage: str) -> None:

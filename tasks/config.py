@@ -558,6 +558,7 @@ class TrackingConfig(Strict):
     artifact_root: ProjectPath        # on local stores
     http: TrackingHttp
     registry_lock_timeout_seconds: Annotated[float, Field(gt=0.0)]   # wait for another run's promotion to finish
+    system_metrics_seconds: Annotated[float, Field(gt=0.0)] | None    # sampling of a stage run's system/* metrics
 
 
 class PipelineConfig(Strict):

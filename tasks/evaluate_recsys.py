@@ -117,6 +117,11 @@ def main() -> None:
                                    "sha256": digests(args.onnx, "*.onnx")})
         run.log_metrics({f"{m}.{k}": v for m, r in results.items() for k, v in r.items()} | summary)
         run.log_artifact(args.metrics)
+        from tasks.figures import ctr_curves
+
+        test = CtrSplit.load(args.data, "test")
+        run.log_figure(ctr_curves(test.y.numpy(), onnx_probabilities(args.student, test, threads=ev.threads),
+                                  "INT8 student, test split"), "student_int8_roc_pr_calibration.png")
     for name, r in results.items():
         print(f"{name}: AUC val {r['val_auc']:.4f}, test {r['test_auc']:.4f}, "
               f"NDCG@{ev.ranking_k} {r[f'test_ndcg_at_{ev.ranking_k}']:.4f}, {r['bytes']:,} bytes, "

@@ -21,7 +21,15 @@ from tasks.artifacts import count_nonzero, count_parameters, load_model
 from tasks.config import EvaluateVision, stage_args
 from tasks.errors import run_cli
 from tasks.io import digests, write_json
-from tasks.onnx_models import INPUT, file_sizes, onnx_accuracy, percentiles_ms, session, timed_runs
+from tasks.onnx_models import (
+    INPUT,
+    file_sizes,
+    onnx_accuracy,
+    onnx_logits,
+    percentiles_ms,
+    session,
+    timed_runs,
+)
 from tasks.training import Split, to_input
 
 
@@ -102,6 +110,12 @@ def main() -> None:
         write_json(args.metrics, doc)
         run.log_metrics({f"{m}.{k}": v for m, r in results.items() for k, v in r.items()} | summary)
         run.log_artifact(args.metrics)
+        from tasks.figures import FASHION_CLASSES, confusion
+
+        test = Split.load(args.data, "test")
+        predicted = onnx_logits(args.student, test, threads=ev.threads).argmax(1)
+        run.log_figure(confusion(test.y.numpy(), predicted, FASHION_CLASSES, "INT8 student, test split"),
+                       "student_int8_confusion.png")
     for name, r in results.items():
         print(f"{name}: accuracy val {r['val_accuracy']:.4f}, test {r['test_accuracy']:.4f}, {r['bytes']:,} bytes, "
               f"p50 {r['latency_b1_p50_ms']:.3f} ms")

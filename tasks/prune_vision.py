@@ -10,6 +10,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from tasks.artifacts import (
     count_nonzero,
@@ -65,6 +66,7 @@ def prune_vision(cfg: PruneVision, kd: DistillVision, distill: bool, data_dir: P
     distiller = Distiller(student, teacher, loss, to_input(train.x[:2]))
     inputs = training_inputs(data_dir, teacher_path, student_path)
     before = count_parameters(student)
+    layer_weights = {name: m.weight.numel() for name, m in student.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
     history = fit(distiller, train, val, cfg, checkpoint, fingerprint([cfg, loss], inputs), on_epoch, distillation_loss,
                   before_epoch=pruning_schedule(student, cfg))
     arch = model_meta(student_path)["arch"]
@@ -74,6 +76,10 @@ def prune_vision(cfg: PruneVision, kd: DistillVision, distill: bool, data_dir: P
     metrics.update({"parameters": count_parameters(model), "parameters_before": before,
                     "sparsity": sparsity["overall"], "nonzero_parameters": count_nonzero(model)})
     metrics.update({f"sparsity.{layer}": value for layer, value in sparsity.items() if layer != "overall"})
+    # per layer, the weights the shipped model keeps: fewer channels (structured) or fewer non-zero (unstructured)
+    kept = {name: float((m.weight != 0).sum()) / layer_weights[name] for name, m in model.named_modules()
+            if isinstance(m, nn.Conv2d | nn.Linear)}
+    metrics.update({f"kept.{layer}": value for layer, value in kept.items()})
     return model, arch, history, metrics
 
 
@@ -90,6 +96,11 @@ def main() -> None:
                                                      args.student, args.checkpoint,
                                                      lambda epoch, m: run.log_metrics(m, step=epoch + 1))
         publish_training(run, model, "mobile_student", arch, history, metrics, args)
+        from tasks.figures import weights_kept
+
+        kept = {k.removeprefix("kept."): v for k, v in metrics.items() if k.startswith("kept.")}
+        run.log_figure(weights_kept(kept, f"{prune.mode} pruning: {metrics['parameters_before']:,} -> "
+                                          f"{metrics['nonzero_parameters']:,} weights"), "weights_kept.png")
     print(f"pruned student test accuracy {metrics['test_accuracy']:.4f}: {metrics['parameters_before']:,} -> "
           f"{metrics['parameters']:,} parameters, {metrics['nonzero_parameters']:,} non-zero "
           f"(sparsity {metrics['sparsity']:.2f}, {prune.mode})")

@@ -169,6 +169,15 @@ class RunLogger:
     def log_text(self, text: str, name: str) -> None:
         self._call(f"log artifact {name}", lambda: self.client.log_text(self.run_id, text, name))
 
+    def log_figure(self, figure: Any, name: str) -> None:
+        """Log a matplotlib figure as the image ``name`` (shown in the run's artifacts), then close it."""
+        import matplotlib.pyplot as plt
+
+        try:
+            self._call(f"log figure {name}", lambda: self.client.log_figure(self.run_id, figure, name))
+        finally:
+            plt.close(figure)
+
     def end(self, status: str) -> None:
         self._call(f"mark the run {status}", lambda: self.client.set_terminated(self.run_id, status))
 
@@ -197,9 +206,27 @@ def stage_run(stage: str, cfg: Config, params: dict[str, Any], client: MlflowCli
     tags = {"pipeline.stage": stage, **lineage_tags(stage, cfg)}
     parent = os.environ.get(PARENT_ENV)
     tags.update({"mlflow.parentRunId": parent} if parent else {"pipeline.launcher": "dvc"})
-    with _run(client, cfg, stage, tags, Path(".")) as logger:
+    with _run(client, cfg, stage, tags, Path(".")) as logger, system_metrics(logger, cfg.tracking.system_metrics_seconds):
         logger.log_params(flat)
         yield logger
+
+
+@contextmanager
+def system_metrics(run: RunLogger, seconds: float | None) -> Iterator[None]:
+    """MLflow's system metrics of this process's run (``system/cpu_utilization_percentage``, memory, disk, network),
+    sampled every ``seconds`` by MLflow's monitor thread; nothing when ``seconds`` is None."""
+    if seconds is None:
+        yield
+        return
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(run.run_id, sampling_interval=seconds, samples_before_logging=1,
+                                   tracking_uri=run.client.tracking_uri)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
 
 
 @contextmanager

@@ -70,8 +70,15 @@ def test_flow_runs_every_stage_and_tracks_it(flow_repo):
     teacher = by_stage["train_teacher_vision"]
     assert teacher.data.tags["dvc.dep.data/vision/processed"] == locked_outs(repo)["data/vision/processed"]
     assert len(client.get_metric_history(teacher.info.run_id, "val_accuracy")) == 1  # one smoke epoch
+    assert "system/cpu_utilization_percentage" in teacher.data.metrics   # MLflow's system metrics of the stage
     artifacts = {a.path for a in client.list_artifacts(teacher.info.run_id)}
-    assert {"teacher.pt", "teacher.json", "teacher_history.csv", "model_summary.txt"} <= artifacts
+    assert {"teacher.pt", "teacher.json", "teacher_history.csv", "model_summary.txt", "learning_curves.png"} <= artifacts
+    figures = {stage: {a.path for a in client.list_artifacts(by_stage[stage].info.run_id) if a.path.endswith(".png")}
+               for stage in ("prune_vision", "evaluate_vision", "evaluate_recsys", "qat_recsys")}
+    assert figures == {"prune_vision": {"learning_curves.png", "weights_kept.png"},
+                       "evaluate_vision": {"student_int8_confusion.png"},
+                       "evaluate_recsys": {"student_int8_roc_pr_calibration.png"},
+                       "qat_recsys": {"learning_curves.png"}}
     assert "validation.json" in {a.path for a in client.list_artifacts(by_stage["validate_vision"].info.run_id)}
 
     onnx_files = {p.name for p in (repo / "models" / "vision" / "onnx").iterdir()}

@@ -23,6 +23,21 @@ def test_stage_runs_nest_under_the_pipeline_run(config, mlflow_uri, tmp_path, mo
     assert client.get_run(parent.run_id).info.status == "FINISHED"
 
 
+def test_a_stage_run_records_system_metrics_while_it_works(config, mlflow_uri, tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.chdir(tmp_path)
+    sampled = config.model_copy(update={"tracking": config.tracking.model_copy(update={"system_metrics_seconds": 0.2})})
+    with stage_run("train_teacher_vision", sampled, {}) as run:
+        time.sleep(1.0)
+    recorded = MlflowClient(mlflow_uri).get_run(run.run_id).data.metrics
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(recorded)
+    off = config.model_copy(update={"tracking": config.tracking.model_copy(update={"system_metrics_seconds": None})})
+    with stage_run("train_teacher_vision", off, {}) as quiet:
+        time.sleep(0.5)
+    assert not [k for k in MlflowClient(mlflow_uri).get_run(quiet.run_id).data.metrics if k.startswith("system/")]
+
+
 def test_params_hash_means_the_whole_resolved_params_on_every_run(config, smoke_config, mlflow_uri, tmp_path,
                                                                    monkeypatch):
     """Before: a stage run hashed the params it logged, the registered version the whole config: one tag, two
