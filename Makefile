@@ -80,10 +80,16 @@ data-source:
 	  || echo "note: could not install dataset-fashion-mnist; the data stage will try its other sources"; \
 	fi
 
-# The integration suite starts a real PostgreSQL server (Debian's package) as its own process.
+# The integration suite starts a real PostgreSQL server (Debian's package) as its own process; the end-to-end suite
+# opens our HTML pages in Debian's headless Chromium.
 services:
 	@if ! ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null; \
+	fi
+	@if ! command -v chromium-headless-shell >/dev/null && ! command -v chromium >/dev/null \
+	    && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    chromium-headless-shell fonts-dejavu-core >/dev/null; \
 	fi
 
 clean-results:

@@ -22,7 +22,7 @@ from prefect.exceptions import MissingContextError
 from prefect.states import State
 
 from flows.promotion import FAMILIES
-from flows.run_artifacts import publish_gate, publish_run
+from flows.run_artifacts import DATA_DOCS, publish_data_docs, publish_gate, publish_run
 from flows.stage_graph import stage_graph
 from tasks.config import load_config
 from tasks.errors import EXIT_USER_ERROR, PipelineError, run_cli
@@ -70,9 +70,26 @@ def _retry_transient(task: Any, task_run: TaskRun, state: State) -> bool:
 
 
 @task(task_run_name="{stage}", retry_condition_fn=_retry_transient)
-def run_stage(stage: str, root: Path, env: dict[str, str]) -> str:
-    """Reproduce one stage; return ``cached`` when DVC found it up to date (nothing ran), else ``ran``."""
-    return "ran" if reproduce(stage, root, env) else "cached"
+def run_stage(stage: str, root: Path, env: dict[str, str], data_docs: bool = False) -> str:
+    """Reproduce one stage; return ``cached`` when DVC found it up to date (nothing ran), else ``ran``. A stage
+    that renders Great Expectations Data Docs gets a Prefect artifact saying where they are, pass or fail."""
+    try:
+        ran = reproduce(stage, root, env)
+    except StageFailed:
+        if data_docs:
+            _point_at_data_docs(stage, env)
+        raise
+    if data_docs and ran:
+        _point_at_data_docs(stage, env)
+    return "ran" if ran else "cached"
+
+
+def _point_at_data_docs(stage: str, env: dict[str, str]) -> None:
+    """``publish_data_docs``, never failing the stage for it (the Data Docs are in the MLflow run regardless)."""
+    try:
+        publish_data_docs(stage, env["MLFLOW_TRACKING_URI"], env[PARENT_ENV])
+    except Exception as err:  # noqa: BLE001 - a missing pointer is not worth a failed stage
+        stage_logger()(f"warning: no Prefect artifact for {stage}'s Data Docs ({type(err).__name__}: {err})")
 
 
 def reproduce(stage: str, root: Path, env: dict[str, str], log: bool = True) -> bool:
@@ -110,7 +127,7 @@ def compression_pipeline(root: str = ".", families: list[str] | None = None) -> 
         retrying = run_stage.with_options(retries=cfg.pipeline.retries,
                                           retry_delay_seconds=cfg.pipeline.retry_delays())
         for node in stages:
-            statuses[node.name] = retrying(node.name, root_path, env)
+            statuses[node.name] = retrying(node.name, root_path, env, DATA_DOCS in {Path(o).name for o in node.outs})
         parent.set_tags({f"stage.{name}": status for name, status in statuses.items()})
         metrics = collect_metrics(root_path)
         parent.log_metrics(metrics)

@@ -16,6 +16,8 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 from tasks.gate import Check, gate_markdown
 from tasks.tracking import redact
 
+DATA_DOCS = "data_docs"   # the output folder (and MLflow artifact folder) of a stage's Great Expectations Data Docs
+
 # Per-model columns of the evaluation table, in this order, where the family's evaluation has them
 _COLUMNS = ("val_accuracy", "test_accuracy", "val_auc", "test_auc", "test_logloss", "test_ndcg_at_10",
             "latency_b1_p95_ms", "latency_p95_ms", "bytes", "parameters", "nonzero_parameters")
@@ -79,3 +81,30 @@ def publish_gate(family: str, report: dict[str, Any]) -> None:
                 + f"\nRegistered {report['name']} version {report['version']} as challenger; {decision}.\n")
     create_markdown_artifact(text, key=f"{family}-gate",
                              description=f"{family} promotion gate: {'PASS' if report['passed'] else 'FAIL'}")
+
+
+def publish_data_docs(stage: str, uri: str, parent_run_id: str) -> None:
+    """Where the Data Docs of ``stage``'s latest run under ``parent_run_id`` are: a link to its MLflow run on a
+    tracking server, else the local path of its ``data_docs/index.html`` artifact. Published whether the
+    validation passed or failed: a failure's Data Docs show the offending values."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(uri)
+    experiment = client.get_run(parent_run_id).info.experiment_id
+    found = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent_run_id}' and "
+                                             f"tags.`pipeline.stage` = '{stage}'", order_by=["start_time DESC"],
+                               max_results=1)
+    if not found:
+        return
+    run = found[0]
+    key, verdict = f"{stage.replace('_', '-')}-data-docs", run.data.tags.get("validation.success", "unknown")
+    what = f"Great Expectations Data Docs of {stage} (validation success: {verdict})"
+    link = mlflow_run_link(uri, experiment, run.info.run_id)
+    if link is not None:
+        create_link_artifact(f"{link}/artifacts/{DATA_DOCS}/index.html", link_text=what, key=key,
+                             description="Every expectation with its observed value; failures with the offending values")
+    else:
+        index = f"{run.info.artifact_uri.removeprefix('file://')}/{DATA_DOCS}/index.html"
+        create_markdown_artifact(f"{what}: open `{index}` in a browser (MLflow run `{run.info.run_id}`, artifact "
+                                 f"folder `{DATA_DOCS}`).", key=key,
+                                 description="Every expectation with its observed value; failures with the offending values")

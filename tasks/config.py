@@ -705,7 +705,7 @@ def load_config(path: Path | str = PARAMS_FILE) -> Config:
 
 
 #: The path flags that name a stage's outputs (the rest are inputs, and ``--checkpoint``, which persists on its own).
-OUTPUT_FLAGS = ("--out", "--model", "--metrics", "--plots", "--report")
+OUTPUT_FLAGS = ("--out", "--model", "--metrics", "--plots", "--report", "--docs")
 
 
 def stage_args(doc: str, *path_flags: str) -> tuple[argparse.Namespace, Config]:

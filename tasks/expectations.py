@@ -9,6 +9,9 @@ from tasks.errors import DataValidationError
 from tasks.io import write_json
 
 
+DOCS_SITE = "pipeline"   # the Data Docs site every validation stage renders into
+
+
 def _summarise(suite: str, result: Any) -> dict[str, Any]:
     cfg, res = result.expectation_config, result.result or {}
     kwargs = {k: v for k, v in cfg.kwargs.items() if k != "batch_id"}
@@ -25,15 +28,32 @@ def ephemeral_context() -> Any:
     return gx.get_context(mode="ephemeral")
 
 
-def run_suites(context: Any, source: str, batches: list[tuple[Any, Any]]) -> dict[str, Any]:
-    """Validate each (suite, frame) pair in ``context``; return the report (``success`` plus one entry per
-    expectation)."""
+def run_suites(context: Any, source: str, batches: list[tuple[Any, Any]], docs: Path | None = None) -> dict[str, Any]:
+    """Validate each (suite, frame) pair through a Great Expectations Checkpoint of its own (the suite, and a
+    validation definition on the frame's batch); return the report (``success`` plus one entry per expectation).
+
+    With ``docs``, every checkpoint's ``UpdateDataDocsAction`` renders the results into a Data Docs site there:
+    the index, each suite, and each validation with its observed values and, for a failed expectation, the
+    offending values and their counts."""
+    import great_expectations as gx
+
     asset = context.data_sources.add_pandas(source).add_dataframe_asset("frames")
     definition = asset.add_batch_definition_whole_dataframe("whole")
+    actions = []
+    if docs is not None:
+        context.add_data_docs_site(DOCS_SITE, {
+            "class_name": "SiteBuilder", "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
+            "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs.resolve())}})
+        actions = [gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=[DOCS_SITE])]
     checks = []
     for suite, frame in batches:
-        outcome = definition.get_batch(batch_parameters={"dataframe": frame}).validate(suite)
-        checks += [_summarise(suite.name, r) for r in outcome.results]
+        name = f"{source}-{suite.name}"
+        validation = context.validation_definitions.add(
+            gx.ValidationDefinition(name=name, data=definition, suite=context.suites.add(suite)))
+        checkpoint = context.checkpoints.add(gx.Checkpoint(name=name, validation_definitions=[validation],
+                                                           actions=actions))
+        outcome = checkpoint.run(batch_parameters={"dataframe": frame})
+        checks += [_summarise(suite.name, r) for result in outcome.run_results.values() for r in result.results]
     return {"success": all(c["success"] for c in checks), "checks": checks}
 
 
@@ -48,13 +68,17 @@ def failure_message(report: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def publish_validation(run: Any, report: dict[str, Any], path: Path) -> dict[str, Any]:
-    """Write and log ``report``; on failure remove it (so no later stage takes it as a pass) and raise."""
+def publish_validation(run: Any, report: dict[str, Any], path: Path, docs: Path | None = None) -> dict[str, Any]:
+    """Write and log ``report`` and the Data Docs site ``docs`` (artifact folder ``data_docs``, passed or not: a
+    failure's offending values are there); on failure remove the report (so no later stage takes it as a pass)
+    and raise."""
     failed = sum(not c["success"] for c in report["checks"])
     run.log_metrics({"expectations": len(report["checks"]), "expectations_failed": failed})
     run.set_tag("validation.success", str(report["success"]).lower())
     write_json(path, report)
     run.log_artifact(path)
+    if docs is not None:
+        run.log_artifacts(docs, "data_docs")
     if not report["success"]:
         path.unlink()
         raise DataValidationError(failure_message(report))

@@ -166,6 +166,10 @@ class RunLogger:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         self._call(f"log artifact {path.name}", lambda: self.client.log_artifact(self.run_id, str(path), artifact_path))
 
+    def log_artifacts(self, folder: Path, artifact_path: str) -> None:
+        self._call(f"log artifacts {folder.name}",
+                   lambda: self.client.log_artifacts(self.run_id, str(folder), artifact_path))
+
     def log_text(self, text: str, name: str) -> None:
         self._call(f"log artifact {name}", lambda: self.client.log_text(self.run_id, text, name))
 

@@ -93,19 +93,20 @@ def split_suites(tables: dict[str, Any], rules: RecsysValidation) -> list[tuple[
     return out
 
 
-def validate_recsys(tables: dict[str, Any], cfg: Config) -> dict[str, Any]:
-    """Run every suite; return the report."""
+def validate_recsys(tables: dict[str, Any], cfg: Config, docs: Path | None = None) -> dict[str, Any]:
+    """Run every suite (through GE Checkpoints, rendering Data Docs into ``docs`` when given); return the report."""
     context = ephemeral_context()
     batches = table_suites(tables, cfg.data.recsys.positive_min_rating) + split_suites(tables, cfg.validate_.recsys)
-    return run_suites(context, "recsys", batches)
+    return run_suites(context, "recsys", batches, docs)
 
 
 def main() -> None:
-    args, cfg = stage_args(__doc__, "--data", "--report")
+    args, cfg = stage_args(__doc__, "--data", "--report", "--docs")
     from tasks.tracking import stage_run
 
     with stage_run("validate_recsys", cfg, {"validate.recsys": cfg.validate_.recsys}) as run:
-        report = publish_validation(run, validate_recsys(load_tables(args.data), cfg), args.report)
+        report = publish_validation(run, validate_recsys(load_tables(args.data), cfg, args.docs), args.report,
+                                    args.docs)
     print(f"validation passed: {len(report['checks'])} expectations")
 
 

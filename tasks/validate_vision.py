@@ -35,8 +35,10 @@ def load_arrays(data_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return arrays
 
 
-def validate_vision(arrays: dict[str, tuple[np.ndarray, np.ndarray]], cfg: Config) -> dict[str, Any]:
-    """Run every suite; return the report (``success`` plus one entry per expectation)."""
+def validate_vision(arrays: dict[str, tuple[np.ndarray, np.ndarray]], cfg: Config,
+                    docs: Path | None = None) -> dict[str, Any]:
+    """Run every suite (through GE Checkpoints, rendering Data Docs into ``docs`` when given); return the report
+    (``success`` plus one entry per expectation)."""
     context = ephemeral_context()
     from tasks import vision_expectations as ve
 
@@ -47,15 +49,15 @@ def validate_vision(arrays: dict[str, tuple[np.ndarray, np.ndarray]], cfg: Confi
         batches.append((ve.classes_suite(split, rows[split], rules), ve.class_frame(y)))
     for earlier, later in ve.LEAK_PAIRS:  # validation is what choices are made on: it must not leak either
         batches.append((ve.leak_suite(earlier, later, rules), ve.leak_frame(arrays[earlier][0], arrays[later][0])))
-    return run_suites(context, "vision", batches)
+    return run_suites(context, "vision", batches, docs)
 
 
 def main() -> None:
-    args, cfg = stage_args(__doc__, "--data", "--report")
+    args, cfg = stage_args(__doc__, "--data", "--report", "--docs")
     from tasks.tracking import stage_run
 
     with stage_run("validate_vision", cfg, {"validate.vision": cfg.validate_.vision}) as run:
-        report = publish_validation(run, validate_vision(load_arrays(args.data), cfg), args.report)
+        report = publish_validation(run, validate_vision(load_arrays(args.data), cfg, args.docs), args.report, args.docs)
     print(f"validation passed: {len(report['checks'])} expectations")
 
 

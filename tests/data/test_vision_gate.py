@@ -39,6 +39,23 @@ def test_label_out_of_range(real_splits, gate_config):
     assert "3 unexpected values, e.g. [11, 11, 11]" in failure_message(report)
 
 
+def test_data_docs_of_a_failed_validation_show_the_offending_values(real_splits, gate_config, tmp_path):
+    """Validation runs through GE Checkpoints whose Data Docs (what GE users open) render every suite, and for a
+    failed expectation its unexpected values."""
+    import re
+
+    splits = _copy(real_splits)
+    splits["train"][1][:3] = 11
+    docs = tmp_path / "docs"
+    assert not validate_vision(splits, gate_config, docs)["success"]
+    index = (docs / "index.html").read_text()
+    assert "'_expectation_suite_name_sort': 'vision_rows_train'" in index and "vision_train_test_leak" in index
+    (page,) = (docs / "validations" / "vision_rows_train").rglob("*.html")
+    text = re.sub(r"\s+", " ", re.sub(r"<[^>]+>", " ", page.read_text()))
+    assert "values must belong to this set: 0 1 2 3 4 5 6 7 8 9 . 3 unexpected values found." in text
+    assert "Unexpected Value Count 11 3 " in text   # the offending label and how often it occurs
+
+
 @pytest.mark.fault("data", "every image of one class removed",
                    "validation fails naming the class-count check")
 def test_class_collapse(real_splits, gate_config):

@@ -5,6 +5,7 @@ import gzip
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -79,7 +80,9 @@ def test_flow_runs_every_stage_and_tracks_it(flow_repo):
                        "evaluate_vision": {"student_int8_confusion.png"},
                        "evaluate_recsys": {"student_int8_roc_pr_calibration.png"},
                        "qat_recsys": {"learning_curves.png"}}
-    assert "validation.json" in {a.path for a in client.list_artifacts(by_stage["validate_vision"].info.run_id)}
+    validation = {a.path for a in client.list_artifacts(by_stage["validate_vision"].info.run_id)}
+    assert {"validation.json", "data_docs"} <= validation   # GE's Data Docs beside the report
+    assert (repo / "reports/vision/data_docs/index.html").exists()
 
     onnx_files = {p.name for p in (repo / "models" / "vision" / "onnx").iterdir()}
     assert onnx_files == {"teacher_fp32.onnx", "student_fp32.onnx", "student_int8.onnx", "student_ptq_int8.onnx"}
@@ -138,16 +141,17 @@ def test_prefect_ran_one_task_per_stage_in_graph_order(flow_repo):
 
 def test_the_prefect_run_shows_what_each_stage_printed_the_gates_and_the_evaluations(flow_repo):
     from prefect.client.orchestration import get_client
-    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterFlowRunId
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId, LogFilter, LogFilterTaskRunId
 
     repo, state, result = flow_repo
     flow_run_id = state.state_details.flow_run_id
     with get_client(sync_client=True) as client:
         artifacts = {a.key: a for a in client.read_artifacts(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))}
-        tasks = {t.id: t.name for t in client.read_task_runs(
+        tasks = {t.name: t.id for t in client.read_task_runs(
             flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))}
-        logs = client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])))
+        teacher = [log.message for log in client.read_logs(
+            LogFilter(task_run_id=LogFilterTaskRunId(any_=[tasks["train_teacher_vision"]])), limit=200)]
     assert {"pipeline-stages", "vision-evaluation", "recsys-evaluation", "vision-gate", "recsys-gate",
             "mlflow-run"} <= set(artifacts)
     assert "Gate: **PASS**" in artifacts["vision-gate"].data and "| size_kb |" in artifacts["vision-gate"].data
@@ -158,8 +162,11 @@ def test_the_prefect_run_shows_what_each_stage_printed_the_gates_and_the_evaluat
     assert int8["test_accuracy"] == round(measured["test_accuracy"], 4) and int8["bytes"] == measured["bytes"]
     assert json.loads(artifacts["pipeline-stages"].data)[0] == {"stage": "prepare_recsys", "status": "ran"}
     assert result["parent_run_id"] in artifacts["mlflow-run"].data
+    for family in ("vision", "recsys"):   # where the Data Docs are (a local store: the path of the MLflow artifact)
+        docs = artifacts[f"validate-{family}-data-docs"].data
+        assert "(validation success: true)" in docs and docs.split("`")[1].endswith("/data_docs/index.html")
+        assert Path(docs.split("`")[1]).exists()
     # what a stage printed is in its task run's log (the UI shows it there), not only on the terminal
-    teacher = [log.message for log in logs if tasks.get(log.task_run_id) == "train_teacher_vision"]
     assert any(m.startswith("epoch 1/1:") for m in teacher), teacher[-10:]
 
 
@@ -181,6 +188,36 @@ def test_dvc_plots_and_metrics_show_every_family(flow_repo):
     assert metrics.returncode == 0, metrics.stderr
     files = set(json.loads(metrics.stdout)[""]["data"])
     assert {"metrics/vision/evaluation.json", "metrics/recsys/evaluation.json"} <= files
+
+
+def _browser(*args: str) -> subprocess.CompletedProcess:
+    """Debian's headless Chromium (``make services`` installs ``chromium-headless-shell``), offline and sandboxed
+    by its user namespace only when it may."""
+    binary = shutil.which("chromium-headless-shell") or shutil.which("chromium")
+    assert binary, "no headless Chromium: apt-get install chromium-headless-shell (make services does, as root)"
+    return subprocess.run([binary, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars", *args],
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_our_html_pages_render_in_a_real_browser(flow_repo, tmp_path):
+    """The gate's HTML report and a validation page of the Data Docs, opened by Chromium as a user would: the
+    rendered DOM has the plots and the tables, and the screenshot is not blank."""
+    from PIL import Image
+
+    repo, _, _ = flow_repo
+    report = repo / "reports/vision/report.html"
+    (page,) = (repo / "reports/vision/data_docs/validations/vision_rows_train").rglob("*.html")
+    for name, html, expected in (("report", report, ("<svg", "Gate: <b>PASS</b>", "size_ratio_vs_teacher")),
+                                 ("data_docs", page, ("Expectation Validation Result", "values must belong to this set"))):
+        dom = _browser("--dump-dom", html.as_uri())
+        assert dom.returncode == 0, dom.stderr[-2000:]
+        for text in expected:
+            assert text in dom.stdout, (name, text)
+        shot = tmp_path / f"{name}.png"
+        done = _browser(f"--screenshot={shot}", "--window-size=1280,1600", html.as_uri())
+        assert done.returncode == 0 and shot.exists(), done.stderr[-2000:]
+        pixels = np.asarray(Image.open(shot).convert("L"))
+        assert pixels.shape == (1600, 1280) and pixels.std() > 10 and (pixels < 128).mean() > 0.01, name
 
 
 def test_nothing_changed_means_nothing_recomputed(flow_repo):
@@ -216,8 +253,8 @@ def test_make_smoke_runs_a_family_in_its_own_copy_with_the_flows_outputs(flow_re
     theirs = locked_outs(dest)
     ours = {path: md5 for path, md5 in locked_outs(repo).items() if path in theirs}
     assert len(theirs) >= 9 and "models/recsys/student_qat.pt" in theirs
-    measured = "metrics/recsys/evaluation.json"  # latencies: measured, never the same twice
-    assert ours.pop(measured) and theirs.pop(measured)
+    for measured in ("metrics/recsys/evaluation.json", "reports/recsys/data_docs"):  # latencies; run times
+        assert ours.pop(measured) and theirs.pop(measured)
     assert theirs == ours
 
 
@@ -261,8 +298,21 @@ def test_bad_data_stops_the_pipeline_before_training(tmp_path, prefect_server):
     # every family's data is validated before any trains, so no model at all was trained
     assert not (repo / "models").exists() and not (repo / "reports" / "vision" / "validation.json").exists()
     assert (repo / "reports" / "recsys" / "validation.json").exists()
-    runs = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").search_runs(["1"], "tags.`pipeline.stage` = 'validate_vision'")
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    runs = client.search_runs(["1"], "tags.`pipeline.stage` = 'validate_vision'")
     assert [r.info.status for r in runs] == ["FAILED"]  # a deterministic failure is not retried
+    # its Data Docs show the offending labels, and the Prefect run says where they are
+    assert "index.html" in {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(runs[0].info.run_id, "data_docs")}
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as prefect:
+        artifacts = {a.key: a.data for a in prefect.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))}
+    docs = artifacts["validate-vision-data-docs"]
+    assert "(validation success: false)" in docs
+    (page,) = Path(docs.split("`")[1]).parent.glob("validations/vision_rows_train/*/*/*.html")
+    assert "Unexpected Value" in page.read_text() and ">11<" in page.read_text().replace(" ", "").replace("\n", "")
 
 
 def test_benchmark_command_reports_cold_and_cached_runs(tmp_path):
