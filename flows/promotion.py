@@ -195,9 +195,8 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
         if promote:
             client.set_registered_model_alias(gate.registered_model, "champion", version.version)
     report.update(name=gate.registered_model, version=str(version.version), champion=promote, unchanged=False)
-    if family == "vision":  # the HTML report's Pareto plots and ablation are the vision family's
-        write_report(root, cfg, evaluation, report, tags)
-        client.log_artifact(run_id, str(root / paths(family)["reports"] / "report.html"))
+    write_report(root, cfg, evaluation, report, tags, family)
+    client.log_artifact(run_id, str(root / paths(family)["reports"] / "report.html"))
     return report
 
 
@@ -242,18 +241,22 @@ def audit_tags(champion_before: dict | None, promoted: bool) -> dict[str, str]:
             "audit.flow_run_id": str(flow_run.flow_run.id) if flow_run and flow_run.flow_run else "none"}
 
 
-def write_report(root: Path, cfg: Config, evaluation: dict, report: dict, tags: dict[str, str]) -> None:
-    """``reports/vision/report.html``: Pareto plots, models, gate, and the ablation when one was run."""
-    from tasks.report import render_report
+def write_report(root: Path, cfg: Config, evaluation: dict, report: dict, tags: dict[str, str],
+                 family: str = "vision") -> None:
+    """``reports/<family>/report.html``: Pareto plots, models, gate, and the family's ablation when one was run."""
+    from tasks.report import ReportView, render_report
 
-    ablation_file = root / "reports" / "ablation" / "vision.json"
+    spec = SPECS[family]
+    view = ReportView(f"{family.capitalize()} compression report", getattr(cfg.gate, family).metric, spec.latency,
+                      spec.latency_what, ablation=family == "vision")   # `make ablation` measures the vision family
+    ablation_file = root / "reports" / "ablation" / f"{family}.json"
     ablation = json.loads(ablation_file.read_text()) if ablation_file.exists() else None
     context = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "profile": cfg.profile,
                "git commit": tags["git.commit"], "pipeline run": tags["parent_run_id"],
                "registered": f"{report['name']} version {report['version']}"
                              + (" (champion)" if report["champion"] else " (challenger only)")}
-    write_atomic(root / paths("vision")["reports"] / "report.html",
-                 render_report(evaluation, report, ablation, context).encode())
+    write_atomic(root / paths(family)["reports"] / "report.html",
+                 render_report(evaluation, report, ablation, context, view).encode())
 
 
 def _registered_with(client: MlflowClient, name: str, onnx_hash: str) -> Any | None:

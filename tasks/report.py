@@ -1,20 +1,38 @@
-"""The per-run HTML report: Pareto plots (accuracy vs size, accuracy vs latency), the models' measurements, the
-gate table and, when present, the ablation table. Plots are inline SVG, so the report is one self-contained file.
+"""The per-run HTML report of a family: Pareto plots (the gate's quality metric vs size and vs latency), the
+models' measurements, the gate table and, when present, the ablation table. Plots are inline SVG, so the report is
+one self-contained file.
 
-Pure: ``render_report(evaluation, gate, ablation, context) -> str``.
+Pure: ``render_report(evaluation, gate, ablation, context, view) -> str``; ``view`` says which metric and latency
+the family is measured by (``ReportView``).
 """
 from __future__ import annotations
 
 import html
 import io
+from dataclasses import dataclass
 from typing import Any
 
 LABELS = {"teacher_fp32": "teacher FP32", "student_fp32": "student FP32", "student_ptq_int8": "student PTQ INT8",
-          "student_int8": "student QAT+KD INT8"}
+          "student_int8": "student INT8 (the candidate)"}
 
 
-def pareto_svg(models: dict[str, dict[str, float]], x_key: str, x_label: str, scale: float = 1.0) -> str:
-    """Accuracy against ``x_key`` for every model, log-scaled x, as an SVG string."""
+@dataclass(frozen=True)
+class ReportView:
+    """What a family's report shows: its title, its quality metric (``val_``/``test_<metric>`` in the evaluation)
+    and its latency (``<latency>_p50_ms`` ...), described for the axis."""
+
+    title: str
+    metric: str
+    latency: str
+    latency_what: str
+    ablation: bool = False   # the family has an ablation command (`make ablation`) whose table the report shows
+
+
+VISION_VIEW = ReportView("Vision compression report", "accuracy", "latency_b1", "batch-1", ablation=True)
+
+
+def pareto_svg(models: dict[str, dict[str, float]], x_key: str, x_label: str, metric: str, scale: float = 1.0) -> str:
+    """Test ``metric`` against ``x_key`` for every model, log-scaled x, as an SVG string."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, never a display
@@ -22,12 +40,12 @@ def pareto_svg(models: dict[str, dict[str, float]], x_key: str, x_label: str, sc
 
     fig, ax = plt.subplots(figsize=(5.5, 3.6))
     for name, m in models.items():
-        x, y = m[x_key] * scale, 100 * m["test_accuracy"]
+        x, y = m[x_key] * scale, m[f"test_{metric}"]
         ax.scatter([x], [y], s=50)
         ax.annotate(LABELS.get(name, name), (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
     ax.set_xscale("log")
     ax.set_xlabel(x_label)
-    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylabel(f"test {metric}")
     ax.grid(True, which="both", alpha=0.3)
     fig.tight_layout()
     buffer = io.StringIO()
@@ -43,15 +61,16 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def models_table(models: dict[str, dict[str, float]]) -> str:
-    tp = next(k for k in next(iter(models.values())) if k.startswith("throughput_"))
-    rows = [[LABELS.get(n, n), f"{100 * m['val_accuracy']:.2f}", f"{100 * m['test_accuracy']:.2f}", f"{m['bytes']:,}",
-             f"{m['gzip_bytes']:,}",
-             f"{m.get('parameters', 0):,}", f"{m.get('macs', 0):,}", f"{m['latency_b1_p50_ms']:.3f}",
-             f"{m['latency_b1_p95_ms']:.3f}", f"{m['latency_b1_p99_ms']:.3f}", f"{m[tp]:,.0f}"] for n, m in models.items()]
-    return _table(["model", "val accuracy %", "test accuracy %", "bytes", "gzip bytes", "parameters", "MACs", "p50 ms",
-                   "p95 ms", "p99 ms",
-                   tp.replace("_", " ")], rows)
+def models_table(models: dict[str, dict[str, float]], view: ReportView) -> str:
+    first = next(iter(models.values()))
+    tp = next((k for k in first if k.startswith("throughput_")), None)
+    lat, metric = view.latency, view.metric
+    rows = [[LABELS.get(n, n), f"{m[f'val_{metric}']:.4f}", f"{m[f'test_{metric}']:.4f}", f"{m['bytes']:,}",
+             f"{m['gzip_bytes']:,}", f"{m.get('parameters', 0):,}",
+             *(f"{m[f'{lat}_{q}_ms']:.3f}" for q in ("p50", "p95", "p99")),
+             *([f"{m[tp]:,.0f}"] if tp else [])] for n, m in models.items()]
+    return _table(["model", f"val {metric}", f"test {metric}", "bytes", "gzip bytes", "parameters",
+                   f"{view.latency_what} p50 ms", "p95 ms", "p99 ms", *([tp.replace("_", " ")] if tp else [])], rows)
 
 
 def gate_table(gate: dict[str, Any]) -> str:
@@ -78,19 +97,20 @@ def ablation_table(ablation: dict[str, Any]) -> str:
 
 
 def render_report(evaluation: dict[str, Any], gate: dict[str, Any], ablation: dict[str, Any] | None,
-                  context: dict[str, str]) -> str:
-    models = evaluation["models"]
+                  context: dict[str, str], view: ReportView = VISION_VIEW) -> str:
+    models, metric = evaluation["models"], view.metric
     meta = "".join(f"<li>{html.escape(k)}: <code>{html.escape(str(v))}</code></li>" for k, v in context.items())
     parts = [
-        "<!doctype html><html><head><meta charset='utf-8'><title>Compression report</title><style>"
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(view.title)}</title><style>"
         "body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse;margin:1em 0}"
         "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}td:first-child{text-align:left}"
         ".plots{display:flex;gap:1em;flex-wrap:wrap}</style></head><body>",
-        "<h1>Vision compression report</h1>", f"<ul>{meta}</ul>",
-        "<h2>Accuracy vs size and latency (the Pareto view)</h2><div class='plots'>",
-        pareto_svg(models, "bytes", "ONNX size (KB)", 1 / 1024),
-        pareto_svg(models, "latency_b1_p50_ms", "batch-1 p50 latency (ms)"), "</div>",
-        "<h2>Models</h2>", models_table(models), "<h2>Gate</h2>", gate_table(gate),
-        "<h2>Ablation</h2>", ablation_table(ablation) if ablation else "<p>No ablation run yet "
-        "(<code>make ablation</code>).</p>", "</body></html>"]
-    return "\n".join(parts)
+        f"<h1>{html.escape(view.title)}</h1>", f"<ul>{meta}</ul>",
+        f"<h2>Test {metric} vs size and latency (the Pareto view)</h2><div class='plots'>",
+        pareto_svg(models, "bytes", "ONNX size (KB)", metric, 1 / 1024),
+        pareto_svg(models, f"{view.latency}_p50_ms", f"{view.latency_what} p50 latency (ms)", metric), "</div>",
+        "<h2>Models</h2>", models_table(models, view), "<h2>Gate</h2>", gate_table(gate)]
+    if view.ablation:
+        parts += ["<h2>Ablation</h2>", ablation_table(ablation) if ablation else
+                  "<p>No ablation run yet (<code>make ablation</code>).</p>"]
+    return "\n".join([*parts, "</body></html>"])

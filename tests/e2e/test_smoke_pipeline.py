@@ -126,6 +126,7 @@ def test_flow_gates_and_registers_the_recommender(flow_repo):
     assert champion.tags["gate.auc_drop_vs_teacher"] == "pass" and champion.tags["gate.passed"] == "true"
     assert champion.tags["data.hash"] == locked_outs(repo)["data/recsys/processed"]
     assert "| auc |" in (repo / "reports" / "recsys" / "gate.md").read_text()
+    assert (repo / "reports" / "recsys" / "report.html").read_text().count("<svg") == 2   # the same HTML report
 
 
 def test_prefect_ran_one_task_per_stage_in_graph_order(flow_repo):

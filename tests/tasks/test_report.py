@@ -1,7 +1,7 @@
 """The per-run HTML report: plots inlined, tables filled, a stale ablation file named instead of failing."""
 from __future__ import annotations
 
-from tasks.report import ablation_table, render_report
+from tasks.report import ReportView, ablation_table, render_report
 
 MEASURED = {"val_accuracy": 0.931, "test_accuracy": 0.93, "bytes": 120_000, "gzip_bytes": 90_000, "parameters": 87_866, "macs": 5_000_000,
             "latency_b1_p50_ms": 0.05, "latency_b1_p95_ms": 0.07, "latency_b1_p99_ms": 0.09,
@@ -20,7 +20,7 @@ ABLATION = {"date": "2026-11-28", "machine": "test machine", "seeds": [0, 1, 2],
 def test_report_inlines_both_plots_and_every_table():
     page = render_report(EVALUATION, GATE, ABLATION, {"git commit": "abc"})
     assert page.count("<svg") == 2 and "<?xml" not in page
-    assert "student QAT+KD INT8" in page and "max_accuracy_drop_vs_teacher" in page and "FAIL" in page
+    assert "student INT8 (the candidate)" in page and "max_accuracy_drop_vs_teacher" in page and "FAIL" in page
     assert "92.71 ± 0.05 (n=3)" in page and "test machine" in page
 
 
@@ -29,3 +29,14 @@ def test_stale_ablation_file_is_named_not_fatal():
     text = ablation_table(stale)
     assert "not in this version's format" in text and "make ablation" in text
     assert "re-run" in render_report(EVALUATION, GATE, stale, {})
+
+
+def test_the_recommender_gets_the_same_report_on_its_own_metric_and_latency():
+    measured = {"val_auc": 0.85, "test_auc": 0.8512, "bytes": 20_000, "gzip_bytes": 15_000, "parameters": 10_840,
+                "latency_p50_ms": 1.0, "latency_p95_ms": 1.1, "latency_p99_ms": 1.2}
+    evaluation = {"models": {"teacher_fp32": {**measured, "test_auc": 0.86, "bytes": 230_000},
+                             "student_int8": measured}}
+    view = ReportView("Recsys compression report", "auc", "latency", "one-request")
+    page = render_report(evaluation, GATE, None, {"git commit": "abc"}, view)
+    assert page.count("<svg") == 2 and "Recsys compression report" in page and "test auc" in page
+    assert "<td>0.8512</td>" in page and "one-request p50 ms" in page and "Ablation" not in page
