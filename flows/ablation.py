@@ -2,7 +2,10 @@
 
 Trains every arm once per seed of ``ablation.vision.seeds`` with the stage functions of ``tasks/`` (the code
 ``dvc repro`` runs), on the data and teacher the DVC graph produces (``dvc repro train_teacher_vision`` first),
-then measures each model as an ONNX file in onnxruntime on the test split. Writes ``<out>/vision.md`` and
+then measures each model as an ONNX file in onnxruntime on the validation split (what a choice may read) and the
+test split (reported), after checking each file against its reference with the export stage's parity thresholds
+(a float file against its PyTorch model, a QAT file against the fake-quantized model that was trained, a PTQ file
+against its QDQ graph run as written); a file that fails stops the ablation. Writes ``<out>/vision.md`` and
 ``<out>/vision.json`` and logs both, with per-arm metrics, to one MLflow run. Re-running resumes: every arm
 checkpoints each epoch under ``<out>/work`` and a finished arm is not trained again.
 
@@ -20,14 +23,16 @@ from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
+import numpy as np
 from torch import nn
 
 from flows.benchmark import machine
 from tasks.artifacts import count_nonzero, count_parameters, load_model, qat_extra, save_model
-from tasks.config import Config, load_config
+from tasks.config import Config, ExportVision, load_config
 from tasks.distill_vision import distill_vision
+from tasks.export_vision import parity, torch_logits
 from tasks.io import write_atomic, write_json
-from tasks.onnx_models import export_fp32, export_int8, file_sizes, onnx_accuracy, quantize_ptq
+from tasks.onnx_models import export_fp32, export_int8, file_sizes, onnx_accuracy, onnx_logits, quantize_ptq
 from tasks.prune_vision import prune_vision
 from tasks.qat_vision import qat_vision
 from tasks.share_vision import share_vision
@@ -42,17 +47,25 @@ ARMS = {  # arm -> precision of the measured ONNX model
 
 @dataclass(frozen=True)
 class Measured:
-    accuracy: float
+    accuracy: float          # test split: reported
+    val_accuracy: float      # validation split: what any choice made from this table must read
     parameters: int
     nonzero: int
     bytes: int
     gzip_bytes: int
+    top1_agreement: float    # the ONNX file against its reference (the export stage's parity check)
 
 
-def measure(model: nn.Module, onnx_path: Path, test: Split, threads: int) -> Measured:
+def measure(model: nn.Module, onnx_path: Path, val: Split, test: Split, threads: int, reference: np.ndarray,
+            arm: str, export: ExportVision) -> Measured:
+    """An arm's ONNX file on both splits, after checking it against ``reference`` (its PyTorch model's test
+    logits, or for a PTQ file its QDQ graph run as written) with the export stage's parity thresholds."""
+    logits = onnx_logits(onnx_path, test, threads=threads)
+    checked = parity(arm, reference, logits, test.y.numpy(), export)
     sizes = file_sizes(onnx_path)
-    return Measured(onnx_accuracy(onnx_path, test, threads), count_parameters(model), count_nonzero(model),
-                    sizes["bytes"], sizes["gzip_bytes"])
+    return Measured(float((logits.argmax(1) == test.y.numpy()).mean()), onnx_accuracy(onnx_path, val, threads),
+                    count_parameters(model), count_nonzero(model), sizes["bytes"], sizes["gzip_bytes"],
+                    checked["top1_agreement"])
 
 
 def run_seed(cfg: Config, seed: int, root: Path, work: Path) -> dict[str, Measured]:
@@ -77,8 +90,9 @@ def run_seed(cfg: Config, seed: int, root: Path, work: Path) -> dict[str, Measur
     shared = share_vision(r["share"], kd, True, data, teacher, files["qat_kd"], ckpt / "share.pt", cfg.export.vision,
                           qat)[0]
 
-    calibration = Split.load(data, "val")
-    calibration = Split(calibration.x[:cfg.ablation.vision.calibration_size], calibration.y[:cfg.ablation.vision.calibration_size])
+    val, test = Split.load(data, "val"), Split.load(data, "test")
+    size = cfg.ablation.vision.calibration_size
+    calibration = Split(val.x[:size], val.y[:size])
     ce_onnx, kd_onnx = export_fp32(ce, work / "ce.onnx"), export_fp32(kd_student, work / "kd.onnx")
     models["student CE-only"] = ce, ce_onnx
     models["student KD"] = kd_student, kd_onnx
@@ -88,20 +102,28 @@ def run_seed(cfg: Config, seed: int, root: Path, work: Path) -> dict[str, Measur
     models["KD + QAT"] = qat_kd, export_int8(qat_kd, work / "qat_kd.onnx")
     models["KD + QAT + pruning"] = qat_pruned, export_int8(qat_pruned, work / "qat_pruned.onnx")
     models["KD + QAT + weight sharing"] = shared, export_int8(shared, work / "shared.onnx")
-    test = Split.load(data, "test")
-    return {arm: measure(model, path, test, kd.threads) for arm, (model, path) in models.items()}
+
+    def reference(arm: str, model: nn.Module, path: Path) -> np.ndarray:  # as the export stage checks its files
+        if arm.endswith("+ PTQ"):  # onnxruntime's own quantization: its QDQ graph run as written
+            return onnx_logits(path, test, threads=kd.threads, optimized=False)
+        return torch_logits(model, test)   # a float model, or the fake-quantized model QAT trained
+
+    return {arm: measure(model, path, val, test, kd.threads, reference(arm, model, path), arm, cfg.export.vision)
+            for arm, (model, path) in models.items()}
 
 
 def summarise(per_seed: dict[int, dict[str, Measured]], teacher: Measured) -> dict[str, dict]:
-    """Per arm: accuracy mean ± std over seeds (sample std; 0 for one seed), sizes as seed means."""
-    rows = {"teacher": {"precision": ARMS["teacher"], "accuracies": [teacher.accuracy], **_sizes([teacher])}}
-    for arm in list(ARMS)[1:]:
-        measured = [per_seed[seed][arm] for seed in per_seed]
-        rows[arm] = {"precision": ARMS[arm], "accuracies": [m.accuracy for m in measured], **_sizes(measured)}
-    for row in rows.values():
-        acc = row["accuracies"]
-        row.update(mean=statistics.fmean(acc), std=statistics.stdev(acc) if len(acc) > 1 else 0.0, n=len(acc))
-    return rows
+    """Per arm: test accuracy mean ± std over seeds (sample std; 0 for one seed), validation accuracy mean, the
+    lowest top-1 agreement of its ONNX files with their references, sizes as seed means."""
+    def row(arm: str, measured: list[Measured]) -> dict:
+        acc = [m.accuracy for m in measured]
+        return {"precision": ARMS[arm], "accuracies": acc, "val_accuracies": [m.val_accuracy for m in measured],
+                "val_mean": statistics.fmean(m.val_accuracy for m in measured),
+                "min_top1_agreement": min(m.top1_agreement for m in measured), **_sizes(measured),
+                "mean": statistics.fmean(acc), "std": statistics.stdev(acc) if len(acc) > 1 else 0.0, "n": len(acc)}
+
+    return {"teacher": row("teacher", [teacher]),
+            **{arm: row(arm, [per_seed[seed][arm] for seed in per_seed]) for arm in list(ARMS)[1:]}}
 
 
 def _sizes(measured: list[Measured]) -> dict[str, int]:
@@ -122,10 +144,12 @@ def table(rows: dict[str, dict], checks: list[dict], cfg: Config, wall: float) -
     seeds = cfg.ablation.vision.seeds
     lines = [f"Vision ablation, {date.today()}, {machine()}; student seeds {seeds}, teacher trained once by the "
              f"pipeline; {wall / 60:.0f} min", "",
-             "| arm | precision | test accuracy % (mean ± std, n) | parameters | non-zero | ONNX bytes | gzip bytes |",
-             "|---|---|---:|---:|---:|---:|---:|"]
+             "| arm | precision | val accuracy % (mean) | test accuracy % (mean ± std, n) | ONNX parity (min top-1 "
+             "agreement) | parameters | non-zero | ONNX bytes | gzip bytes |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for arm, r in rows.items():
-        lines.append(f"| {arm} | {r['precision']} | {100 * r['mean']:.2f} ± {100 * r['std']:.2f} (n={r['n']}) | "
+        lines.append(f"| {arm} | {r['precision']} | {100 * r['val_mean']:.2f} | "
+                     f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} (n={r['n']}) | {r['min_top1_agreement']:.4f} | "
                      f"{r['parameters']:,} | {r['nonzero']:,} | {r['bytes']:,} | {r['gzip_bytes']:,} |")
     lines += ["", "| target | measured | threshold | |", "|---|---:|---:|---|"]
     for c in checks:
@@ -142,8 +166,9 @@ def ablation(root: Path, out: Path, repro: bool = True) -> dict:
     start = time.perf_counter()
     per_seed = {seed: run_seed(cfg, seed, root, out / "work" / f"seed{seed}") for seed in cfg.ablation.vision.seeds}
     teacher = load_model(root / TEACHER)
-    teacher_m = measure(teacher, export_fp32(teacher, out / "work" / "teacher.onnx"),
-                        Split.load(root / DATA, "test"), cfg.distill.vision.threads)
+    val, test = Split.load(root / DATA, "val"), Split.load(root / DATA, "test")
+    teacher_m = measure(teacher, export_fp32(teacher, out / "work" / "teacher.onnx"), val, test,
+                        cfg.distill.vision.threads, torch_logits(teacher, test), "teacher", cfg.export.vision)
     rows = summarise(per_seed, teacher_m)
     checks = check_targets(rows, cfg)
     wall = time.perf_counter() - start
