@@ -120,7 +120,8 @@ def main() -> None:
         from tasks.figures import ctr_curves
 
         test = CtrSplit.load(args.data, "test")
-        run.log_figure(ctr_curves(test.y.numpy(), onnx_probabilities(args.student, test, threads=ev.threads),
+        candidate = onnx_probabilities(args.onnx / "student_int8.onnx", test, threads=ev.threads)
+        run.log_figure(ctr_curves(test.y.numpy(), candidate,
                                   "INT8 student, test split"), "student_int8_roc_pr_calibration.png")
     for name, r in results.items():
         print(f"{name}: AUC val {r['val_auc']:.4f}, test {r['test_auc']:.4f}, "

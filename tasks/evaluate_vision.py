@@ -113,7 +113,7 @@ def main() -> None:
         from tasks.figures import FASHION_CLASSES, confusion
 
         test = Split.load(args.data, "test")
-        predicted = onnx_logits(args.student, test, threads=ev.threads).argmax(1)
+        predicted = onnx_logits(args.onnx / "student_int8.onnx", test, threads=ev.threads).argmax(1)
         run.log_figure(confusion(test.y.numpy(), predicted, FASHION_CLASSES, "INT8 student, test split"),
                        "student_int8_confusion.png")
     for name, r in results.items():
