@@ -39,16 +39,20 @@ class StageFailed(PipelineError):
         self.stage, self.deterministic = stage, deterministic
 
 
-def _dvc(root: Path, env: dict[str, str], *args: str, log: Callable[[str], None] | None = None) -> tuple[int, str]:
-    """Run ``dvc`` in ``root``; hand each line it (and the stage it runs) prints to ``log``; keep the tail."""
+def _dvc(root: Path, env: dict[str, str], *args: str, log: Callable[[str], None] | None = None,
+         marker: str | None = None) -> tuple[int, str, bool]:
+    """Run ``dvc`` in ``root``; hand each line it (and the stage it runs) prints to ``log``; return its exit code,
+    the tail of its output, and whether any line started with ``marker`` (however long the output grew)."""
     proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=root, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace")
     tail: deque[str] = deque(maxlen=_TAIL_LINES)
+    seen = False
     for line in proc.stdout:
         tail.append(line)
+        seen = seen or (marker is not None and line.startswith(marker))
         if log is not None:
             log(line.rstrip("\n"))
-    return proc.wait(), "".join(tail)
+    return proc.wait(), "".join(tail), seen
 
 
 def stage_logger() -> Callable[[str], None]:
@@ -95,12 +99,13 @@ def _point_at_data_docs(stage: str, env: dict[str, str]) -> None:
 def reproduce(stage: str, root: Path, env: dict[str, str], log: bool = True) -> bool:
     """``dvc repro --single-item stage`` in ``root`` (its output to the run's log when ``log``); return whether the
     stage ran, False when DVC found it up to date; raise ``StageFailed`` naming the stage's own error lines."""
-    code, tail = _dvc(root, env, "repro", "--single-item", stage, log=stage_logger() if log else None)
+    code, tail, ran = _dvc(root, env, "repro", "--single-item", stage, log=stage_logger() if log else None,
+                           marker=f"Running stage '{stage}'")
     if code != 0:
         errors = [ln for ln in tail.splitlines() if ln.startswith(("error:", "ERROR:", "  "))]
         raise StageFailed(stage, "\n".join(errors[-40:]) or tail[-2000:],
                           deterministic=f"exited with {EXIT_USER_ERROR}" in tail)
-    return f"Running stage '{stage}'" in tail
+    return ran
 
 
 def stage_env(root: Path, uri: str, parent_run_id: str) -> dict[str, str]:

@@ -45,7 +45,7 @@ def main() -> None:
     args = parser.parse_args()
     root = args.root.resolve()
     cmd, env = serve_command(load_config(root / "params.yaml"), root, args.family, args.host, args.port, args.alias)
-    print(f"serving {cmd[5]} on http://{args.host}:{args.port}/invocations", file=sys.stderr, flush=True)
+    print(f"serving {cmd[4]} on http://{args.host}:{args.port}/invocations", file=sys.stderr, flush=True)
     os.execve(cmd[0], cmd, env)
 
 

@@ -14,14 +14,23 @@ from pathlib import Path
 from flows.benchmark import run_pipeline
 from flows.promotion import FAMILIES
 from flows.workspace import copy_project
+from tasks.errors import PipelineError, run_cli
+
+# In every smoke copy, the only kind of folder a new smoke run may replace (inside .git: an untracked file would
+# mark the copy's runs dirty)
+MARK = ".git/kdq-smoke-copy"
 
 
 def smoke(dest: Path, families: list[str] | None = None) -> tuple[float, dict]:
-    """Copy the project to ``dest`` (replacing an older copy) on the smoke profile and run the pipeline there;
-    return its wall seconds and the per-stage statuses, seconds and metrics of its MLflow parent run."""
+    """Copy the project to ``dest`` (replacing an older smoke copy) on the smoke profile, with the copy's own
+    SQLite tracking store whatever params.yaml names, and run the pipeline there; return its wall seconds and the
+    per-stage statuses, seconds and metrics of its MLflow parent run."""
     if dest.exists():
+        if not (dest / MARK).exists():
+            raise PipelineError(f"{dest}: exists and is not a smoke copy; give --dir a new folder (nothing was removed)")
         shutil.rmtree(dest)
-    root = copy_project(dest, {"profile": "smoke"})
+    root = copy_project(dest, {"profile": "smoke", "tracking.uri": None})
+    (root / MARK).write_text("a scratch copy made by `make smoke`; replaced by the next one\n")
     return run_pipeline(root, families)
 
 
@@ -40,4 +49,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -24,11 +24,13 @@ def _plt() -> Any:
 
 def learning_curves(history: list[dict[str, float]], title: str) -> Any | None:
     """One panel per metric recorded for both the training and the validation rows (``train_<m>`` and ``val_<m>``),
-    the two curves over the epochs; None when the history has no such pair."""
+    the two curves over the epochs; None when the history has no such pair. ``loss`` is never paired: the training
+    loss is the stage's objective (distillation terms included), the validation loss plain cross-entropy."""
     if not history:
         return None
     keys = history[0].keys()
-    pairs = [k.removeprefix("val_") for k in keys if k.startswith("val_") and f"train_{k.removeprefix('val_')}" in keys]
+    pairs = [k.removeprefix("val_") for k in keys
+             if k.startswith("val_") and k != "val_loss" and f"train_{k.removeprefix('val_')}" in keys]
     if not pairs:
         return None
     plt = _plt()
