@@ -24,8 +24,12 @@ def ephemeral_context() -> Any:
     """An in-memory Great Expectations context; suites can only be built once one exists."""
     os.environ.setdefault("GX_ANALYTICS_ENABLED", "False")
     import great_expectations as gx
+    from great_expectations.data_context.types.base import ProgressBarsConfig
 
-    return gx.get_context(mode="ephemeral")
+    context = gx.get_context(mode="ephemeral")
+    # no progress bars: a stage's output is its log (Prefect's too), where every redraw would be a line
+    context.variables.progress_bars = ProgressBarsConfig(globally=False)
+    return context
 
 
 def run_suites(context: Any, source: str, batches: list[tuple[Any, Any]], docs: Path | None = None) -> dict[str, Any]:
