@@ -110,7 +110,7 @@ def test_passing_candidate_becomes_champion_and_loads_from_the_registry(project,
     gate_md = (project / "reports/vision/gate.md").read_text()
     assert "Gate: **PASS**" in gate_md and "| size_ratio_vs_teacher |" in gate_md
     page = (project / "reports/vision/report.html").read_text()
-    assert page.count("<svg") == 2 and "student QAT+KD INT8" in page and "size_ratio_vs_teacher" in page
+    assert page.count("<svg") == 2 and "student INT8 (the candidate)" in page and "size_ratio_vs_teacher" in page
     assert "No ablation run yet" in page and f"{name} version 1 (champion)" in page
 
     stored = {a.path for a in client.list_artifacts(version.run_id, "model")}  # ONNX, YAML and JSON: no pickle
