@@ -39,6 +39,7 @@ def test_label_out_of_range(real_splits, gate_config):
     assert "3 unexpected values, e.g. [11, 11, 11]" in failure_message(report)
 
 
+@pytest.mark.slow
 def test_data_docs_of_a_failed_validation_show_the_offending_values(real_splits, gate_config, tmp_path):
     """Validation runs through GE Checkpoints whose Data Docs (what GE users open) render every suite, and for a
     failed expectation its unexpected values."""

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from flows.pipeline import reproduce
 
 
@@ -20,6 +22,7 @@ def _repo(root: Path, lines: int) -> dict[str, str]:
     return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
 
+@pytest.mark.slow
 def test_a_stage_that_prints_more_than_the_kept_tail_is_still_reported_as_ran(tmp_path):
     """Before: whether a stage ran was read from the last 400 lines of output, where DVC's "Running stage" line is
     no longer found once the stage prints more; it was reported as cached."""
