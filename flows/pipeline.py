@@ -22,10 +22,11 @@ from prefect.exceptions import MissingContextError
 from prefect.states import State
 
 from flows.promotion import FAMILIES
-from flows.run_artifacts import DATA_DOCS, publish_data_docs, publish_gate, publish_run
+from flows.run_artifacts import publish_data_docs, publish_gate, publish_run
 from flows.stage_graph import stage_graph
 from tasks.config import load_config
 from tasks.errors import EXIT_USER_ERROR, PipelineError, run_cli
+from tasks.expectations import DATA_DOCS
 from tasks.tracking import PARENT_ENV, pipeline_run, redact, tracking_uri
 
 _TAIL_LINES = 400

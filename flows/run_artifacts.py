@@ -10,13 +10,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
+from tasks.expectations import DATA_DOCS
 from tasks.gate import Check, gate_markdown
 from tasks.tracking import redact
-
-DATA_DOCS = "data_docs"   # the output folder (and MLflow artifact folder) of a stage's Great Expectations Data Docs
 
 # Per-model columns of the evaluation table, in this order, where the family's evaluation has them
 _COLUMNS = ("val_accuracy", "test_accuracy", "val_auc", "test_auc", "test_logloss", "test_ndcg_at_10",
@@ -38,13 +38,11 @@ def evaluation_rows(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
 
 def mlflow_run_link(uri: str, experiment_id: str, run_id: str) -> str | None:
     """The MLflow UI's page of a run on a tracking server (credentials left out), or None for a local store."""
-    if not uri.startswith(("http://", "https://")):
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
         return None
-    base = redact(uri).rstrip("/")
-    if "@" in base.split("//", 1)[1]:  # https://user:***@host: no credentials in a link
-        scheme, rest = base.split("//", 1)
-        base = f"{scheme}//{rest.split('@', 1)[1]}"
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+    host = parts.hostname + (f":{parts.port}" if parts.port else "")   # user and password left out
+    return f"{urlunsplit(parts._replace(netloc=host)).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def publish_run(statuses: dict[str, str], root: Path, families: list[str], uri: str, experiment_id: str,

@@ -8,8 +8,8 @@ from typing import Any
 from tasks.errors import DataValidationError
 from tasks.io import write_json
 
-
 DOCS_SITE = "pipeline"   # the Data Docs site every validation stage renders into
+DATA_DOCS = "data_docs"  # a validation stage's Data Docs: its output folder's name and its MLflow artifact folder
 
 
 def _summarise(suite: str, result: Any) -> dict[str, Any]:
@@ -82,7 +82,7 @@ def publish_validation(run: Any, report: dict[str, Any], path: Path, docs: Path 
     write_json(path, report)
     run.log_artifact(path)
     if docs is not None:
-        run.log_artifacts(docs, "data_docs")
+        run.log_artifacts(docs, DATA_DOCS)
     if not report["success"]:
         path.unlink()
         raise DataValidationError(failure_message(report))
