@@ -84,7 +84,8 @@ def ablation_table(ablation: dict[str, Any]) -> str:
     """The ablation's table; an ablation file this code cannot read (e.g. from an older version) is named, not
     fatal: the report is written after the candidate is registered, and must not fail it."""
     try:
-        rows = [[r["arm"], r["precision"], f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} (n={r['n']})",
+        rows = [[r["arm"], r["precision"], f"{100 * r['val_mean']:.2f}",
+                 f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} (n={r['n']})", f"{r['min_top1_agreement']:.4f}",
                  f"{r['parameters']:,}", f"{r['nonzero']:,}", f"{r['bytes']:,}", f"{r['gzip_bytes']:,}"]
                 for r in ablation["rows"]]
         header = f"<p>{html.escape(ablation['date'])}, {html.escape(ablation['machine'])}, seeds {ablation['seeds']}</p>"
@@ -92,8 +93,8 @@ def ablation_table(ablation: dict[str, Any]) -> str:
         return (f"<p>The ablation file is not in this version's format ({html.escape(type(err).__name__)}: "
                 f"{html.escape(str(err))}); re-run <code>make ablation</code>.</p>")
     return (header
-            + _table(["arm", "precision", "accuracy % (mean ± std)", "parameters", "non-zero", "ONNX bytes",
-                      "gzip bytes"], rows))
+            + _table(["arm", "precision", "val accuracy % (mean)", "test accuracy % (mean ± std)",
+                      "ONNX parity (min top-1 agreement)", "parameters", "non-zero", "ONNX bytes", "gzip bytes"], rows))
 
 
 def render_report(evaluation: dict[str, Any], gate: dict[str, Any], ablation: dict[str, Any] | None,

@@ -13,7 +13,8 @@ GATE = {"passed": False, "checks": [{"name": "min_accuracy", "value": 0.93, "op"
                                     {"name": "max_accuracy_drop_vs_teacher", "value": 0.012, "op": "<=",
                                      "threshold": 0.01, "passed": False, "why": "relative to the teacher"}]}
 ABLATION = {"date": "2026-11-28", "machine": "test machine", "seeds": [0, 1, 2],
-            "rows": [{"arm": "KD + QAT", "precision": "INT8", "mean": 0.9271, "std": 0.0005, "n": 3,
+            "rows": [{"arm": "KD + QAT", "precision": "INT8", "val_mean": 0.9302, "mean": 0.9271, "std": 0.0005, "n": 3,
+                      "min_top1_agreement": 0.9931,
                       "parameters": 87_866, "nonzero": 87_866, "bytes": 115_000, "gzip_bytes": 88_000}]}
 
 
@@ -22,6 +23,12 @@ def test_report_inlines_both_plots_and_every_table():
     assert page.count("<svg") == 2 and "<?xml" not in page
     assert "student INT8 (the candidate)" in page and "max_accuracy_drop_vs_teacher" in page and "FAIL" in page
     assert "92.71 ± 0.05 (n=3)" in page and "test machine" in page
+    assert "<td>93.02</td>" in page and "val accuracy" in page and "<td>0.9931</td>" in page
+
+
+def test_an_ablation_file_without_validation_scores_asks_for_a_rerun():
+    old = {**ABLATION, "rows": [{k: v for k, v in ABLATION["rows"][0].items() if k != "val_mean"}]}
+    assert "make ablation" in ablation_table(old)
 
 
 def test_stale_ablation_file_is_named_not_fatal():
