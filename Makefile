@@ -14,12 +14,16 @@ export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 run: $(STAMP) data-source
 	$(PY) -m flows.pipeline
 
+# One pytest-xdist worker per core (TEST_WORKERS=0: no workers), each running a test file at a time, so a file's
+# module fixtures (the e2e flow run, the integration stack) are made once; tests/conftest.py sends the longest first.
+TEST_WORKERS ?= auto
+XDIST = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: $(STAMP) data-source services
-	$(PY) -m pytest -q --durations=15
+	$(PY) -m pytest -q --durations=15 $(XDIST)
 
 # Fast feedback while editing: the unit, data-gate and flow tests, no whole-pipeline run and no server stack.
 check: $(STAMP)
-	$(PY) -m pytest -q -m "not e2e and not integration and not slow" -p no:cacheprovider
+	$(PY) -m pytest -q -m "not e2e and not integration and not slow" -p no:cacheprovider $(XDIST)
 
 # The whole stage graph and both gates on small data, in a scratch copy (.smoke/project) with its own MLflow
 # store and registry: params.yaml, this project's outputs and its registry are never touched.

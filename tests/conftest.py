@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,12 +16,28 @@ from tasks.config import Config, load_config, parse_config
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# Under pytest-xdist (make test/check: one worker per core, a test file per worker at a time) the files that run
+# whole pipelines go out first, longest first, so that no worker picks one up last.
+FIRST = ("tests/integration/test_scaled_stack.py", "tests/e2e/test_smoke_pipeline.py", "tests/e2e/test_stage_commands.py")
+if worker := os.environ.get("PYTEST_XDIST_WORKER"):
+    workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
+    # the cores are shared: torch and onnxruntime work in a test's own process gets its share (before torch is
+    # imported; the stage processes a test starts keep their params' threads) ...
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
+    # ... and the ephemeral Prefect servers that the flows a test starts bring up keep their SQLite database per
+    # worker (one database file written by two servers at once fails with "database is locked")
+    os.environ["PREFECT_HOME"] = str(Path(tempfile.gettempdir()) / f"kdq-tests-prefect-{worker}")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """A test that needs the session's Prefect server is ``slow``: starting one costs ~20 s, so ``make check``
-    (``-m "not slow"``) leaves them to ``make test``."""
+    (``-m "not slow"``) leaves them to ``make test``. The files in FIRST go first (the sort is stable: each file's
+    tests stay together and in order)."""
     for item in items:
         if "prefect_server" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.slow)
+    rank = {path: i for i, path in enumerate(FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.relative_to(ROOT).as_posix(), len(rank)))
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,27 @@
+"""Scratch copies of the project for the e2e tests, and ``dvc`` run in one."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from flows.workspace import copy_project
+
+
+def make_repo(dest: Path, **overrides) -> Path:
+    """A scratch git + DVC copy of the project on the smoke profile, with dotted-key params ``overrides``."""
+    return copy_project(dest, {"profile": "smoke", **overrides})
+
+
+def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+           "PYTHONPATH": str(repo), "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True, text=True)
+
+
+def locked_outs(repo: Path) -> dict[str, str]:
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    return {o["path"]: o["md5"] for s in lock.values() for o in s.get("outs", [])}
