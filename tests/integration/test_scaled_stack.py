@@ -24,6 +24,7 @@ from tests.integration.servers import Processes, Stack, start_dask, start_stack
 
 pytestmark = pytest.mark.integration
 CTR_MODEL = "smoke-ctr-student-int8"
+RECIPES = 3   # the sweep's: one more than the workers, so that a recipe waits for the worker that is killed
 
 
 def api(url: str, stack: Stack, body: dict | None = None) -> Any:
@@ -195,7 +196,7 @@ def _kill_when_busy(procs: Processes, st: Stack, victim: str, done: threading.Ev
 
 @pytest.fixture(scope="module")
 def sweep(stack, pipeline):
-    """A 4-recipe sweep on a real scheduler and two worker processes; one worker is killed in the middle."""
+    """A 3-recipe sweep on a real scheduler and two worker processes; one worker is killed in the middle."""
     procs, st = stack
     repo, env, _ = pipeline
     address, names = start_dask(procs, env, repo, workers=2)
@@ -205,7 +206,7 @@ def sweep(stack, pipeline):
     watcher.start()
     try:
         proc = run([sys.executable, "-m", "flows.sweep", "--root", str(repo), "--family", "recsys", "--address",
-                    address, "--recipes", "4"], env, repo)
+                    address, "--recipes", str(RECIPES)], env, repo)
     finally:
         done.set()
         watcher.join()
@@ -219,14 +220,14 @@ def test_sweep_fans_out_on_dask_workers_and_survives_a_killed_one(stack, sweep):
     _, st = stack
     repo, report, seen, names = sweep
     assert seen.get("killed"), "the watcher never found the second worker busy with a recipe"
-    assert [o["status"] for o in report["outcomes"]] == ["ok"] * 4   # the killed worker's recipe ran again
+    assert [o["status"] for o in report["outcomes"]] == ["ok"] * RECIPES   # the killed worker's recipe ran again
     assert report["pareto"] and report["best"] in {o["name"] for o in report["outcomes"]}
     assert (repo / "reports" / "sweep" / "recsys" / "pareto.png").stat().st_size > 10_000
     recipe_runs = search_runs(st, "tags.`sweep.recipe` LIKE 'recipe-%'")
     assert {tags(r)["sweep.worker"] for r in recipe_runs} == set(names)   # both workers ran recipes
     killed = [r for r in recipe_runs if r["info"]["status"] == "KILLED"]
     assert [tags(r)["sweep.recipe"] for r in killed] == [seen["recipe"]]
-    assert len([r for r in recipe_runs if r["info"]["status"] == "FINISHED"]) == 4
+    assert len([r for r in recipe_runs if r["info"]["status"] == "FINISHED"]) == RECIPES
     sweep_run = recipe_runs[0]["data"]["tags"]
     parent = next(t["value"] for t in sweep_run if t["key"] == "mlflow.parentRunId")
     assert len({tags(r)["mlflow.parentRunId"] for r in recipe_runs}) == 1
