@@ -157,9 +157,13 @@ def summary(result: dict[str, Any]) -> str:
              f"report: reports/sweep/{result['family']}/sweep.md and pareto.png; MLflow run {result['sweep_run_id']}"]
     lines += [f"  {o['name']} FAILED: {o['error'].splitlines()[-1] if o['error'] else ''}"
               for o in result["outcomes"] if o["status"] != "ok"]
-    reg = result["registered"]
-    lines.append(f"registered {reg['name']} version {reg['version']} ({reg['recipe']}) as challenger" if reg
-                 else "no recipe passed the gate: nothing registered")
+    reg, best = result["registered"], result["best"]
+    if reg:
+        lines.append(f"registered {reg['name']} version {reg['version']} ({reg['recipe']}) as challenger")
+    elif best:   # only with --no-register: a passing best is otherwise always registered
+        lines.append(f"best recipe passing the gate on validation: {best['name']} (not registered: --no-register)")
+    else:
+        lines.append("no recipe passed the gate: nothing registered")
     return "\n".join(lines)
 
 

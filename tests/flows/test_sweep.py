@@ -11,7 +11,7 @@ import yaml
 from flows.pipeline import StageFailed, _retry_transient
 from flows.recipe import RecipeInvalid, layered_overrides
 from flows.registry_lock import registry_lock
-from flows.sweep import draw_recipes
+from flows.sweep import draw_recipes, summary
 from flows.sweep_report import best_passing, pareto_front, write_sweep_report
 from flows.workspace import copy_project
 from tasks.config import load_config, parse_config
@@ -55,6 +55,17 @@ def test_best_is_the_highest_metric_among_passing_recipes_that_ran():
                 {"name": "d", "status": "failed", "overrides": {}, "error": "boom"}]
     assert best_passing(outcomes, "auc")["name"] == "c"   # tie on AUC: fewer bytes
     assert best_passing([outcomes[0], outcomes[3]], "auc") is None
+
+
+def test_the_summary_names_the_passing_best_even_when_it_is_not_registered():
+    """Before: a sweep run with --no-register said "no recipe passed the gate" although one had."""
+    best = _o("recipe-002", 0.85, 70_000, 0.8)
+    result = {"family": "recsys", "outcomes": [best], "recipes_seconds": 1.0, "pareto": ["recipe-002"],
+              "sweep_run_id": "abc", "best": best, "registered": None}
+    assert "best recipe passing the gate on validation: recipe-002 (not registered" in summary(result)
+    assert "no recipe passed the gate" in summary({**result, "best": None})
+    registered = {"name": "ctr", "version": 3, "recipe": "recipe-002"}
+    assert "registered ctr version 3 (recipe-002) as challenger" in summary({**result, "registered": registered})
 
 
 def test_report_files_list_failed_recipes_and_mark_the_front(tmp_path):
