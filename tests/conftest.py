@@ -25,7 +25,7 @@ if worker := os.environ.get("PYTEST_XDIST_WORKER"):
     # imported; the stage processes a test starts keep their params' threads) ...
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
     # ... and the ephemeral Prefect servers that the flows a test starts bring up keep their SQLite database per
-    # worker (one database file written by two servers at once fails with "database is locked")
+    # worker (two servers writing one database file at once risk "database is locked")
     os.environ["PREFECT_HOME"] = str(Path(tempfile.gettempdir()) / f"kdq-tests-prefect-{worker}")
 
 
