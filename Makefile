@@ -16,6 +16,7 @@ run: $(STAMP) data-source
 
 # One pytest-xdist worker per core (TEST_WORKERS=0: no workers), each running a test file at a time, so a file's
 # module fixtures (the e2e flow run, the integration stack) are made once; tests/conftest.py sends the longest first.
+# (Not --dist loadgroup: under pytest 9.2 it groups nothing, pytest-dev/pytest-xdist#1386.)
 TEST_WORKERS ?= auto
 XDIST = -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 test: $(STAMP) data-source services
