@@ -16,10 +16,16 @@ def make_repo(dest: Path, **overrides) -> Path:
     return copy_project(dest, {"profile": "smoke", **overrides})
 
 
+def repo_env(repo: Path) -> dict[str, str]:
+    """The environment of a command run in ``repo``: this interpreter's tools first, the repo's code and its own
+    SQLite tracking store."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "PYTHONPATH": str(repo), "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
+
+
 def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": str(repo), "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
-    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=env, capture_output=True, text=True)
+    return subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, env=repo_env(repo), capture_output=True,
+                          text=True)
 
 
 def locked_outs(repo: Path) -> dict[str, str]:

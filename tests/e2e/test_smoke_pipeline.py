@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from flows.pipeline import compression_pipeline
 from flows.stage_graph import stage_graph
-from tests.e2e.scratch import dvc, locked_outs, make_repo
+from tests.e2e.scratch import dvc, locked_outs, make_repo, repo_env
 
 pytestmark = pytest.mark.e2e
 
@@ -265,8 +265,7 @@ def test_killed_qat_keeps_the_previous_outputs_and_resumes(flow_repo, tmp_path):
     before = {p: p.read_bytes() for p in outputs}
     checkpoint = repo / "checkpoints/vision/student_qat/last.pt"
     stamp = checkpoint.stat().st_mtime_ns
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": str(repo), "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
+    env = repo_env(repo)
     proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "--single-item", "qat_vision"], cwd=repo, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     deadline = time.monotonic() + 600
@@ -290,8 +289,7 @@ def test_killed_qat_keeps_the_previous_outputs_and_resumes(flow_repo, tmp_path):
 def test_ablation_command_tables_every_arm_and_resumes(flow_repo):
     """The ablation on the smoke profile (2 seeds, 1 epoch per arm), on the flow's data and teacher."""
     repo, _, _ = flow_repo
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": str(repo), "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
+    env = repo_env(repo)
     command = [sys.executable, "-m", "flows.ablation", "--root", str(repo)]
     proc = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -18,7 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from flows.pipeline import compression_pipeline
 from tests.conftest import idx_bytes
-from tests.e2e.scratch import dvc, make_repo
+from tests.e2e.scratch import dvc, make_repo, repo_env
 
 pytestmark = pytest.mark.e2e
 
@@ -103,8 +103,7 @@ def test_killed_training_resumes_from_its_checkpoint_under_dvc(tmp_path):
     import signal
 
     repo = make_repo(tmp_path / "repo", **{"profiles.smoke.teacher.vision.epochs": 3})
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
-           "PYTHONPATH": str(repo), "MLFLOW_TRACKING_URI": f"sqlite:///{repo / 'mlflow.db'}"}
+    env = repo_env(repo)
     checkpoint = repo / "checkpoints" / "vision" / "teacher" / "last.pt"
     proc = subprocess.Popen([sys.executable, "-m", "dvc", "repro", "train_teacher_vision"], cwd=repo, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
