@@ -65,27 +65,31 @@ def latency(path: Path, images: torch.Tensor, cfg: EvaluateVision) -> dict[str, 
             f"throughput_b{cfg.throughput_batch}_ips": float(cfg.throughput_batch / np.median(batch_times))}
 
 
-def measure_onnx(path: Path, val: Split, test: Split, cfg: EvaluateVision) -> dict[str, float]:
-    """What onnxruntime says of one ONNX file: validation and test accuracy, stored size, latency, throughput."""
+def measure_onnx(path: Path, val: Split, test: Split, cfg: EvaluateVision) -> tuple[dict[str, float], np.ndarray]:
+    """What onnxruntime says of one ONNX file: validation and test accuracy, stored size, latency, throughput; and
+    its class for each test image (the confusion matrix reads them: the file is not run twice)."""
+    predicted = onnx_logits(path, test, threads=cfg.threads).argmax(1)
     return {"val_accuracy": onnx_accuracy(path, val, cfg.threads),
-            "test_accuracy": onnx_accuracy(path, test, cfg.threads),
-            **file_sizes(path), **latency(path, test.x, cfg)}
+            "test_accuracy": float((predicted == test.y.numpy()).mean()),
+            **file_sizes(path), **latency(path, test.x, cfg)}, predicted
 
 
 def evaluate_vision(cfg: EvaluateVision, data_dir: Path, onnx_dir: Path, teacher: Path, student_fp32: Path,
-                    student: Path) -> dict[str, dict[str, float]]:
-    """Measure every ONNX model of ``onnx_dir``; return {model name: metrics}."""
+                    student: Path) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
+    """Measure every ONNX model of ``onnx_dir``; return {model name: metrics} and {model name: test predictions}."""
     torch.set_num_threads(cfg.threads)
     torch.backends.quantized.engine = "x86"
     val, test = Split.load(data_dir, "val"), Split.load(data_dir, "test")
     sources = {"teacher_fp32": teacher, "student_fp32": student_fp32, "student_int8": student,
                "student_ptq_int8": student_fp32}
     results: dict[str, dict[str, float]] = {}
+    predictions: dict[str, np.ndarray] = {}
     for name, source in sources.items():
         path, model = onnx_dir / f"{name}.onnx", load_model(source)
-        results[name] = {**measure_onnx(path, val, test, cfg), "parameters": count_parameters(model),
+        measured, predictions[name] = measure_onnx(path, val, test, cfg)
+        results[name] = {**measured, "parameters": count_parameters(model),
                          "nonzero_parameters": count_nonzero(model), "macs": count_macs(model)}
-    return results
+    return results, predictions
 
 
 def ratios(results: dict[str, dict[str, float]], throughput_key: str) -> dict[str, float]:
@@ -104,7 +108,7 @@ def main() -> None:
     from tasks.tracking import stage_run
 
     with stage_run("evaluate_vision", cfg, {"evaluate.vision": ev}) as run:
-        results = evaluate_vision(ev, args.data, args.onnx, args.teacher, args.student_fp32, args.student)
+        results, predicted = evaluate_vision(ev, args.data, args.onnx, args.teacher, args.student_fp32, args.student)
         summary = ratios(results, f"throughput_b{ev.throughput_batch}_ips")
         doc = {"models": results, "ratios": summary, "settings": ev.model_dump(), "sha256": digests(args.onnx, "*.onnx")}
         write_json(args.metrics, doc)
@@ -112,9 +116,8 @@ def main() -> None:
         run.log_artifact(args.metrics)
         from tasks.figures import FASHION_CLASSES, confusion
 
-        test = Split.load(args.data, "test")
-        predicted = onnx_logits(args.onnx / "student_int8.onnx", test, threads=ev.threads).argmax(1)
-        run.log_figure(confusion(test.y.numpy(), predicted, FASHION_CLASSES, "INT8 student, test split"),
+        labels = Split.load(args.data, "test").y.numpy()
+        run.log_figure(confusion(labels, predicted["student_int8"], FASHION_CLASSES, "INT8 student, test split"),
                        "student_int8_confusion.png")
     for name, r in results.items():
         print(f"{name}: accuracy val {r['val_accuracy']:.4f}, test {r['test_accuracy']:.4f}, {r['bytes']:,} bytes, "

@@ -157,8 +157,10 @@ def test_evaluation_measures_every_model(config, models, tmp_path):
     export_vision(_export_cfg(config, 0.985), _qat_cfg(config), data, paths["teacher"], paths["fp32"], paths["qat"],
                   tmp_path / "onnx")
     ev = config.evaluate.vision.model_copy(update={"warmup": 2, "repeats": 20, "throughput_repeats": 3})
-    results = evaluate_vision(ev, data, tmp_path / "onnx", paths["teacher"], paths["fp32"], paths["qat"])
-    assert set(results) == {"teacher_fp32", "student_fp32", "student_int8", "student_ptq_int8"}
+    results, predicted = evaluate_vision(ev, data, tmp_path / "onnx", paths["teacher"], paths["fp32"], paths["qat"])
+    assert set(results) == set(predicted) == {"teacher_fp32", "student_fp32", "student_int8", "student_ptq_int8"}
+    labels = Split.load(data, "test").y.numpy()
+    assert all(results[m]["test_accuracy"] == (predicted[m] == labels).mean() for m in results)
     for r in results.values():
         assert 0.0 <= r["val_accuracy"] <= 1.0 and 0.0 <= r["test_accuracy"] <= 1.0 and 0 < r["gzip_bytes"] < r["bytes"]
         assert 0 < r["latency_b1_p50_ms"] <= r["latency_b1_p95_ms"] <= r["latency_b1_p99_ms"]
