@@ -89,18 +89,16 @@ def _compose_binary() -> Path:
     return Path(find_spec("compose").origin).parent / "docker-compose"
 
 
-def _compose(tmp_path: Path, text: str, *args: str, env_file: Path | None = INFRA / ".env.example"
+def _compose(tmp_path: Path, text: str, *args: str, env_file: Path = INFRA / ".env.example"
              ) -> subprocess.CompletedProcess:
     """``docker compose config`` of ``text`` as infra/compose.yaml would be read (paths relative to infra/), with
-    nothing from this shell's environment but PATH and HOME: what it needs must come from ``env_file``."""
-    path = INFRA / f".compose-check-{os.getpid()}-{tmp_path.name}.yaml"   # in infra/: its build paths resolve alike
+    nothing from this shell's environment but PATH and HOME: its variables must come from ``env_file``."""
+    path = tmp_path / "compose.yaml"
     path.write_text(text)
-    try:
-        return subprocess.run([str(_compose_binary()), *(["--env-file", str(env_file)] if env_file else []), "-f", str(path),
-                               "config", *args], env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)},
-                              capture_output=True, text=True, timeout=120)
-    finally:
-        path.unlink()
+    return subprocess.run([str(_compose_binary()), "--project-directory", str(INFRA), "-f", str(path),
+                           "--env-file", str(env_file), "config", *args],
+                          env={"PATH": os.environ["PATH"], "HOME": str(tmp_path)}, capture_output=True, text=True,
+                          timeout=120)
 
 
 @pytest.mark.skipif(not (sys.platform == "linux" and os.uname().machine == "x86_64"),
