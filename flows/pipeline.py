@@ -175,6 +175,7 @@ def promote(family: str, root: Path, uri: str, parent_run_id: str) -> dict[str, 
     client = client_for(uri)
     params = {f"gate.{family}": getattr(cfg.gate, family), f"evaluate.{family}": getattr(cfg.evaluate, family)}
     with child_run(f"promote_{family}", cfg, params, parent_run_id, root, client) as run:
+        run.log_data_inputs(f"evaluate_{family}", root, "evaluation")   # the gate scores on evaluate's data
         report = gate_and_register(root, cfg, client, uri, run.run_id, parent_run_id, family)
         run.log_metrics({f"gate.{c['name']}": c["value"] for c in report["checks"]})
         run.set_tag("registry.unchanged", str(report["unchanged"]).lower())

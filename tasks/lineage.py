@@ -32,23 +32,30 @@ def params_hash(cfg: Any) -> str:
     return hashlib.sha256(json.dumps(cfg.model_dump(by_alias=True), sort_keys=True, default=str).encode()).hexdigest()
 
 
-def dvc_input_hashes(stage: str, root: Path = Path(".")) -> dict[str, str]:
-    """DVC's hash of each dep of ``stage``: from dvc.lock for outputs of other stages, else the file's md5."""
+def dvc_inputs(stage: str, root: Path = Path(".")) -> dict[str, dict[str, Any]]:
+    """Each dep of ``stage`` with DVC's hash (``md5``): from dvc.lock for outputs of other stages (with their
+    ``size`` and ``nfiles``), else the file's md5."""
     dvc_yaml, dvc_lock = root / "dvc.yaml", root / "dvc.lock"
     if not dvc_yaml.exists():
         return {}
     spec = (load_yaml(dvc_yaml.read_text()) or {}).get("stages", {}).get(stage, {})
-    locked: dict[str, str] = {}
+    locked: dict[str, dict[str, Any]] = {}
     if dvc_lock.exists():
         for entry in (load_yaml(dvc_lock.read_text()) or {}).get("stages", {}).values():
-            locked.update({o["path"]: o.get("md5", "") for o in entry.get("outs", [])})
-    hashes = {}
+            locked.update({o["path"]: {"md5": o.get("md5", ""), **{k: o[k] for k in ("size", "nfiles") if k in o}}
+                           for o in entry.get("outs", [])})
+    found = {}
     for dep in spec.get("deps", []):
         if dep in locked:
-            hashes[dep] = locked[dep]
+            found[dep] = locked[dep]
         elif (root / dep).is_file():
-            hashes[dep] = file_digest(root / dep, "md5")
-    return hashes
+            found[dep] = {"md5": file_digest(root / dep, "md5"), "size": (root / dep).stat().st_size}
+    return found
+
+
+def dvc_input_hashes(stage: str, root: Path = Path(".")) -> dict[str, str]:
+    """DVC's hash of each dep of ``stage``: from dvc.lock for outputs of other stages, else the file's md5."""
+    return {dep: found["md5"] for dep, found in dvc_inputs(stage, root).items()}
 
 
 def lineage_tags(stage: str | None, cfg: Any, root: Path = Path(".")) -> dict[str, str]:

@@ -25,9 +25,13 @@ from pydantic import BaseModel
 
 from tasks.config import Config
 from tasks.errors import AccessDenied, ArtifactStoreError, PipelineError, ServiceUnavailable
-from tasks.lineage import lineage_tags
+from tasks.lineage import dvc_inputs, lineage_tags
 
 PARENT_ENV = "PIPELINE_PARENT_RUN_ID"
+DATA_ROOT = "data"   # a stage's inputs under it are data sets: MLflow dataset inputs of its run
+#: What a run does with the data it reads (MLflow's ``mlflow.data.context``), by the kind of stage: a stage's name
+#: without its family suffix. Any other stage trains on it.
+DATA_CONTEXT = {"validate": "validation", "export": "evaluation", "evaluate": "evaluation"}
 
 
 def tracking_uri(cfg: Config, root: Path = Path(".")) -> str:
@@ -182,8 +186,27 @@ class RunLogger:
         finally:
             plt.close(figure)
 
+    def log_data_inputs(self, stage: str, root: Path, context: str | None = None) -> None:
+        """Log the data sets ``stage`` of dvc.yaml reads as MLflow dataset inputs: name = the path, digest = DVC's
+        hash, source = the folder, profile = its size and file count, so the run shows which data it saw."""
+        inputs = data_inputs(stage, root, context or DATA_CONTEXT.get(stage.rsplit("_", 1)[0], "training"))
+        if inputs:
+            self._call("log dataset inputs", lambda: self.client.log_inputs(self.run_id, datasets=inputs))
+
     def end(self, status: str) -> None:
         self._call(f"mark the run {status}", lambda: self.client.set_terminated(self.run_id, status))
+
+
+def data_inputs(stage: str, root: Path, context: str) -> list[Any]:
+    """The MLflow dataset inputs of ``stage``: its deps under ``DATA_ROOT`` with the hashes dvc.lock records."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    return [DatasetInput(Dataset(name=path, digest=found["md5"], source_type="local",
+                                 source=json.dumps({"uri": str((root / path).resolve())}),
+                                 profile=json.dumps({k: found[k] for k in ("size", "nfiles") if k in found})),
+                         tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+            for path, found in dvc_inputs(stage, root).items() if Path(path).parts[0] == DATA_ROOT and found["md5"]]
 
 
 @contextmanager
@@ -212,6 +235,7 @@ def stage_run(stage: str, cfg: Config, params: dict[str, Any], client: MlflowCli
     tags.update({"mlflow.parentRunId": parent} if parent else {"pipeline.launcher": "dvc"})
     with _run(client, cfg, stage, tags, Path(".")) as logger, system_metrics(logger, cfg.tracking.system_metrics_seconds):
         logger.log_params(flat)
+        logger.log_data_inputs(stage, Path("."))
         yield logger
 
 

@@ -54,6 +54,12 @@ def test_flow_runs_every_stage_and_tracks_it(flow_repo):
 
     teacher = by_stage["train_teacher_vision"]
     assert teacher.data.tags["dvc.dep.data/vision/processed"] == locked_outs(repo)["data/vision/processed"]
+    for stage, context in (("train_teacher_vision", "training"), ("evaluate_recsys", "evaluation"),
+                           ("promote_vision", "evaluation")):   # MLflow's dataset inputs: the data each run saw
+        (seen,) = client.get_run(by_stage[stage].info.run_id).inputs.dataset_inputs
+        family = stage.rsplit("_", 1)[1]
+        assert seen.dataset.digest == locked_outs(repo)[f"data/{family}/processed"], stage
+        assert [t.value for t in seen.tags if t.key == "mlflow.data.context"] == [context], stage
     assert len(client.get_metric_history(teacher.info.run_id, "val_accuracy")) == 1  # one smoke epoch
     assert "system/cpu_utilization_percentage" in teacher.data.metrics   # MLflow's system metrics of the stage
     artifacts = {a.path for a in client.list_artifacts(teacher.info.run_id)}

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import json
 import os
 
 import pytest
@@ -21,6 +22,34 @@ def test_stage_runs_nest_under_the_pipeline_run(config, mlflow_uri, tmp_path, mo
     assert len(run.data.tags["params.hash"]) == 64 and run.data.tags["git.commit"]
     assert run.data.metrics["rows"] == 3.0 and run.info.status == "FINISHED"
     assert client.get_run(parent.run_id).info.status == "FINISHED"
+
+
+def test_a_stage_run_names_the_data_it_read_as_mlflow_dataset_inputs(config, mlflow_uri, tmp_path, monkeypatch):
+    import mlflow.data
+    import yaml
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    (tmp_path / "models" / "teacher.pt").write_bytes(b"weights")   # an input, but a model, not data
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "prepare_x": {"cmd": "true", "outs": ["data/x/processed"]},
+        "distill_x": {"cmd": "true", "deps": ["data/x/processed", "models/teacher.pt"]},
+        "evaluate_x": {"cmd": "true", "deps": ["data/x/processed"]}}}))
+    md5 = "a818818cfc78162d5a7363799bdfada8.dir"
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"prepare_x": {
+        "cmd": "true", "outs": [{"path": "data/x/processed", "hash": "md5", "md5": md5, "size": 1234, "nfiles": 5}]}}}))
+    with stage_run("distill_x", config, {}) as trained, stage_run("evaluate_x", config, {}) as evaluated, \
+            stage_run("prepare_x", config, {}) as prepared:
+        pass
+    client = MlflowClient(mlflow_uri)
+    (seen,) = client.get_run(trained.run_id).inputs.dataset_inputs
+    assert (seen.dataset.name, seen.dataset.digest) == ("data/x/processed", md5)
+    assert json.loads(seen.dataset.profile) == {"size": 1234, "nfiles": 5}
+    assert {t.key: t.value for t in seen.tags}["mlflow.data.context"] == "training"
+    assert mlflow.data.get_source(seen).uri == str(tmp_path / "data/x/processed")   # MLflow's own reader of it
+    (scored,) = client.get_run(evaluated.run_id).inputs.dataset_inputs
+    assert {t.key: t.value for t in scored.tags}["mlflow.data.context"] == "evaluation"
+    assert not client.get_run(prepared.run_id).inputs.dataset_inputs   # it writes the data set, reads none
 
 
 def test_a_stage_run_records_system_metrics_while_it_works(config, mlflow_uri, tmp_path, monkeypatch):
