@@ -29,7 +29,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 120.0) -> None:
+def wait_http(url: str, proc: subprocess.Popen, log: Path, timeout: float = 300.0) -> None:
     """Wait until ``url`` answers (any HTTP status); fail with the server's log if it exits or never answers."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -52,7 +52,8 @@ def tags(run_or_version: dict) -> dict[str, str]:
     return {t["key"]: t["value"] for t in holder.get("tags", [])}
 
 
-def run(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float = 1500) -> subprocess.CompletedProcess:
+def run(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float = 3600) -> subprocess.CompletedProcess:
+    """``cmd`` to its end; the timeout only stops a hang (a sweep under load took 14 of the 25 min it once had)."""
     return subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
@@ -87,8 +88,15 @@ def test_pipeline_runs_tracks_and_registers_through_the_servers(stack, pipeline)
     flows = api(f"{st.prefect_api}/flow_runs/filter", st,
                 {"flows": {"name": {"any_": ["compression-pipeline"]}}})
     assert [f["state_type"] for f in flows] == ["COMPLETED"]
-    task_runs = api(f"{st.prefect_api}/task_runs/filter", st, {"flow_runs": {"id": {"any_": [flows[0]["id"]]}}})
     stages = [s for s in yaml.safe_load((repo / "dvc.yaml").read_text())["stages"] if s.endswith("_recsys")]
+    deadline = time.monotonic() + 60   # task states reach the server's database as events, a moment after the flow
+    while True:
+        task_runs = api(f"{st.prefect_api}/task_runs/filter", st, {"flow_runs": {"id": {"any_": [flows[0]["id"]]}}})
+        settled = {t["name"] for t in task_runs} == {*stages, "promote_recsys"} \
+            and {t["state_type"] for t in task_runs} == {"COMPLETED"}
+        if settled or time.monotonic() > deadline:
+            break
+        time.sleep(1)
     assert {t["name"] for t in task_runs} == {*stages, "promote_recsys"}
     assert {t["state_type"] for t in task_runs} == {"COMPLETED"}
     # the flow run's artifacts: the gate table and a link to the MLflow parent run on the tracking server
@@ -274,10 +282,14 @@ def test_eight_promotions_at_once_end_with_one_champion_and_a_consistent_history
     before = {v["version"] for v in _versions(st)}
     champion_before = mlflow(st, "registered-models/alias", name=CTR_MODEL, alias="champion")["model_version"]
     cmd = [sys.executable, "-m", "flows.pipeline", "--gate-only", "--family", "recsys", "--root"]
-    procs = [subprocess.Popen([*cmd, str(d)], env=env, cwd=repo, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for d in dirs]
-    outs = [p.communicate(timeout=900) for p in procs]
-    assert [p.returncode for p in procs] == [0] * 8, [o[1][-3000:] for o in outs]
+    logs = [tmp_path / f"promotion-{i}.log" for i in range(len(dirs))]   # files, not pipes: a full pipe would stall
+    outputs = [log.open("w") for log in logs]                            # a lock holder, and all behind it
+    procs = [subprocess.Popen([*cmd, str(d)], env=env, cwd=repo, stdout=out, stderr=subprocess.STDOUT)
+             for d, out in zip(dirs, outputs, strict=True)]
+    codes = [p.wait(timeout=1800) for p in procs]
+    for out in outputs:
+        out.close()
+    assert codes == [0] * 8, [log.read_text()[-3000:] for log in logs]
     new = sorted((v for v in _versions(st) if v["version"] not in before), key=lambda v: int(v["version"]))
     assert len(new) == 8
     champion = champion_before["version"]
