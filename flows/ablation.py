@@ -187,6 +187,7 @@ def _log(cfg: Config, root: Path, out: Path, rows: dict[str, dict], checks: list
     from tasks.tracking import pipeline_run
 
     with pipeline_run(cfg, "ablation-vision", root, launcher="ablation") as run:
+        run.log_data([str(DATA)], root, "training")   # what every arm trained on (MLflow's dataset inputs)
         run.log_params({"seeds": cfg.ablation.vision.seeds, "calibration_size": cfg.ablation.vision.calibration_size,
                         **{f"ablation.{k}": v for k, v in cfg.ablation.vision.model_dump().items()
                            if k in ("distill", "prune", "qat", "share")}})

@@ -32,18 +32,24 @@ def params_hash(cfg: Any) -> str:
     return hashlib.sha256(json.dumps(cfg.model_dump(by_alias=True), sort_keys=True, default=str).encode()).hexdigest()
 
 
+def locked_outputs(root: Path = Path(".")) -> dict[str, dict[str, Any]]:
+    """Every stage output dvc.lock records, with DVC's hash (``md5``) and its ``size`` and ``nfiles``."""
+    dvc_lock = root / "dvc.lock"
+    if not dvc_lock.exists():
+        return {}
+    return {o["path"]: {"md5": o.get("md5", ""), **{k: o[k] for k in ("size", "nfiles") if k in o}}
+            for entry in (load_yaml(dvc_lock.read_text()) or {}).get("stages", {}).values()
+            for o in entry.get("outs", [])}
+
+
 def dvc_inputs(stage: str, root: Path = Path(".")) -> dict[str, dict[str, Any]]:
     """Each dep of ``stage`` with DVC's hash (``md5``): from dvc.lock for outputs of other stages (with their
     ``size`` and ``nfiles``), else the file's md5."""
-    dvc_yaml, dvc_lock = root / "dvc.yaml", root / "dvc.lock"
+    dvc_yaml = root / "dvc.yaml"
     if not dvc_yaml.exists():
         return {}
     spec = (load_yaml(dvc_yaml.read_text()) or {}).get("stages", {}).get(stage, {})
-    locked: dict[str, dict[str, Any]] = {}
-    if dvc_lock.exists():
-        for entry in (load_yaml(dvc_lock.read_text()) or {}).get("stages", {}).values():
-            locked.update({o["path"]: {"md5": o.get("md5", ""), **{k: o[k] for k in ("size", "nfiles") if k in o}}
-                           for o in entry.get("outs", [])})
+    locked = locked_outputs(root)
     found = {}
     for dep in spec.get("deps", []):
         if dep in locked:

@@ -318,6 +318,8 @@ def test_ablation_command_tables_every_arm_and_resumes(flow_repo):
     assert run.info.status == "FINISHED" and "kd_qat.accuracy_mean" in run.data.metrics
     assert {"target.kd_qat_accuracy", "target.gain_over_ptq"} <= set(run.data.tags)
     assert {"vision.md", "vision.json"} <= {a.path for a in client.list_artifacts(run.info.run_id)}
+    (data,) = client.get_run(run.info.run_id).inputs.dataset_inputs   # the data every arm trained on
+    assert (data.dataset.name, data.dataset.digest) == ("data/vision/processed", locked_outs(repo)["data/vision/processed"])
 
     again = subprocess.run(command + ["--skip-repro"], cwd=repo, env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]

@@ -50,6 +50,9 @@ def test_a_stage_run_names_the_data_it_read_as_mlflow_dataset_inputs(config, mlf
     (scored,) = client.get_run(evaluated.run_id).inputs.dataset_inputs
     assert {t.key: t.value for t in scored.tags}["mlflow.data.context"] == "evaluation"
     assert not client.get_run(prepared.run_id).inputs.dataset_inputs   # it writes the data set, reads none
+    with pipeline_run(config, "ablation", tmp_path, launcher="ablation") as other:   # a run that is not a stage
+        other.log_data(["data/x/processed", "data/y/absent"], tmp_path, "training")
+    assert [d.dataset.digest for d in client.get_run(other.run_id).inputs.dataset_inputs] == [md5]
 
 
 def test_a_stage_run_records_system_metrics_while_it_works(config, mlflow_uri, tmp_path, monkeypatch):
