@@ -183,21 +183,28 @@ def test_dvc_pushes_the_pipeline_outputs_to_the_s3_remote(stack, pipeline):
     assert status.returncode == 0 and json.loads(status.stdout) == {}, status.stdout[-2000:]
 
 
-def _kill_when_busy(procs: Processes, st: Stack, victim: str, done: threading.Event) -> dict:
-    """Kill worker ``victim`` (SIGKILL, with its stage processes) while it runs a recipe, once a recipe finished."""
+def _kill_when_busy(procs: Processes, st: Stack, done: threading.Event) -> dict:
+    """Kill the worker (SIGKILL, with its stage processes) that runs a recipe, once another recipe finished: whichever
+    worker that is (which one gets the third recipe is Dask's choice), and only if it still runs it a moment later."""
+    def recipe_runs() -> list[dict]:
+        try:
+            return search_runs(st, "tags.`sweep.recipe` LIKE 'recipe-%'")
+        except Exception:  # the experiment may not exist yet
+            return []
+
     seen: dict = {"killed": False}
     while not done.is_set():
-        try:
-            recipes = search_runs(st, "tags.`sweep.recipe` LIKE 'recipe-%'")
-        except Exception:  # the experiment may not exist yet
-            recipes = []
-        finished = [r for r in recipes if r["info"]["status"] == "FINISHED"]
-        busy = [r for r in recipes if r["info"]["status"] == "RUNNING" and tags(r).get("sweep.worker") == victim]
-        if finished and busy:
+        recipes = recipe_runs()
+        busy = [r for r in recipes if r["info"]["status"] == "RUNNING"]
+        if busy and any(r["info"]["status"] == "FINISHED" for r in recipes):
             time.sleep(3)  # well inside its stages
-            procs.kill(f"dask-{victim}")
-            seen.update(killed=True, recipe=tags(busy[0])["sweep.recipe"])
-            return seen
+            name = tags(busy[0])["sweep.recipe"]
+            still = [r for r in recipe_runs() if r["info"]["status"] == "RUNNING" and tags(r)["sweep.recipe"] == name]
+            if still:
+                worker = tags(still[0])["sweep.worker"]
+                procs.kill(f"dask-{worker}")
+                seen.update(killed=True, recipe=name, worker=worker)
+                return seen
         time.sleep(1)
     return seen
 
@@ -210,7 +217,7 @@ def sweep(stack, pipeline):
     address, names = start_dask(procs, env, repo, workers=2)
     done = threading.Event()
     seen: dict = {}
-    watcher = threading.Thread(target=lambda: seen.update(_kill_when_busy(procs, st, names[1], done)))
+    watcher = threading.Thread(target=lambda: seen.update(_kill_when_busy(procs, st, done)))
     watcher.start()
     try:
         proc = run([sys.executable, "-m", "flows.sweep", "--root", str(repo), "--family", "recsys", "--address",
@@ -227,7 +234,7 @@ def sweep(stack, pipeline):
 def test_sweep_fans_out_on_dask_workers_and_survives_a_killed_one(stack, sweep):
     _, st = stack
     repo, report, seen, names = sweep
-    assert seen.get("killed"), "the watcher never found the second worker busy with a recipe"
+    assert seen.get("killed"), "the watcher never found a worker busy with a recipe after another had finished"
     assert [o["status"] for o in report["outcomes"]] == ["ok"] * RECIPES   # the killed worker's recipe ran again
     assert report["pareto"] and report["best"] in {o["name"] for o in report["outcomes"]}
     assert (repo / "reports" / "sweep" / "recsys" / "pareto.png").stat().st_size > 10_000
