@@ -64,6 +64,29 @@ def dvc_input_hashes(stage: str, root: Path = Path(".")) -> dict[str, str]:
     return {dep: found["md5"] for dep, found in dvc_inputs(stage, root).items()}
 
 
+DATA_ROOT = "data"   # a stage's inputs under it are data sets: MLflow dataset inputs of its run
+#: What a run does with the data it reads (MLflow's ``mlflow.data.context``), by the kind of stage: a stage's name
+#: without its family suffix. Any other stage trains on it.
+DATA_CONTEXT = {"validate": "validation", "export": "evaluation", "evaluate": "evaluation"}
+
+
+def data_context(stage: str) -> str:
+    return DATA_CONTEXT.get(stage.rsplit("_", 1)[0], "training")
+
+
+def dataset_inputs(found: dict[str, dict[str, Any]], root: Path, context: str) -> list[Any]:
+    """MLflow dataset inputs for the paths of ``found`` (path -> DVC's md5, size, nfiles) under ``DATA_ROOT``:
+    name = the path, digest = DVC's hash, source = the folder, profile = its size and file count."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    return [DatasetInput(Dataset(name=path, digest=entry["md5"], source_type="local",
+                                 source=json.dumps({"uri": str((root / path).resolve())}),
+                                 profile=json.dumps({k: entry[k] for k in ("size", "nfiles") if k in entry})),
+                         tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
+            for path, entry in found.items() if Path(path).parts[0] == DATA_ROOT and entry["md5"]]
+
+
 def lineage_tags(stage: str | None, cfg: Any, root: Path = Path(".")) -> dict[str, str]:
     """git state, ``params.hash`` of ``cfg`` and, for a stage, DVC's hash of each of its inputs."""
     tags = {**git_state(root), "params.hash": params_hash(cfg)}

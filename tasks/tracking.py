@@ -25,13 +25,9 @@ from pydantic import BaseModel
 
 from tasks.config import Config
 from tasks.errors import AccessDenied, ArtifactStoreError, PipelineError, ServiceUnavailable
-from tasks.lineage import dvc_inputs, lineage_tags, locked_outputs
+from tasks.lineage import data_context, dataset_inputs, dvc_inputs, lineage_tags, locked_outputs
 
 PARENT_ENV = "PIPELINE_PARENT_RUN_ID"
-DATA_ROOT = "data"   # a stage's inputs under it are data sets: MLflow dataset inputs of its run
-#: What a run does with the data it reads (MLflow's ``mlflow.data.context``), by the kind of stage: a stage's name
-#: without its family suffix. Any other stage trains on it.
-DATA_CONTEXT = {"validate": "validation", "export": "evaluation", "evaluate": "evaluation"}
 
 
 def tracking_uri(cfg: Config, root: Path = Path(".")) -> str:
@@ -189,7 +185,7 @@ class RunLogger:
     def log_data_inputs(self, stage: str, root: Path, context: str | None = None) -> None:
         """Log the data sets ``stage`` of dvc.yaml reads as MLflow dataset inputs: name = the path, digest = DVC's
         hash, source = the folder, profile = its size and file count, so the run shows which data it saw."""
-        self._log_datasets(dvc_inputs(stage, root), root, context or DATA_CONTEXT.get(stage.rsplit("_", 1)[0], "training"))
+        self._log_datasets(dvc_inputs(stage, root), root, context or data_context(stage))
 
     def log_data(self, paths: list[str], root: Path, context: str) -> None:
         """Log the stage outputs at ``paths`` (data sets dvc.lock records) as dataset inputs of a run that is not a
@@ -197,24 +193,12 @@ class RunLogger:
         self._log_datasets({p: found for p, found in locked_outputs(root).items() if p in paths}, root, context)
 
     def _log_datasets(self, found: dict[str, dict[str, Any]], root: Path, context: str) -> None:
-        inputs = data_inputs(found, root, context)
+        inputs = dataset_inputs(found, root, context)
         if inputs:
             self._call("log dataset inputs", lambda: self.client.log_inputs(self.run_id, datasets=inputs))
 
     def end(self, status: str) -> None:
         self._call(f"mark the run {status}", lambda: self.client.set_terminated(self.run_id, status))
-
-
-def data_inputs(found: dict[str, dict[str, Any]], root: Path, context: str) -> list[Any]:
-    """MLflow dataset inputs for the paths of ``found`` (path -> DVC's md5, size, nfiles) under ``DATA_ROOT``."""
-    from mlflow.entities import Dataset, DatasetInput, InputTag
-    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
-
-    return [DatasetInput(Dataset(name=path, digest=entry["md5"], source_type="local",
-                                 source=json.dumps({"uri": str((root / path).resolve())}),
-                                 profile=json.dumps({k: entry[k] for k in ("size", "nfiles") if k in entry})),
-                         tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])
-            for path, entry in found.items() if Path(path).parts[0] == DATA_ROOT and entry["md5"]]
 
 
 @contextmanager
