@@ -71,9 +71,14 @@ def prune_unstructured(model: nn.Module, sparsity: float, scope: str) -> None:
 
 
 def channel_groups(student: MobileStudent) -> list[list[int]]:
-    """Blocks that share one channel space: a residual block's output space is its input's, so they prune together."""
+    """Blocks that share one channel space: a residual block's output space is its input's, so they prune together.
+    Blocks residual on the stem share the stem's channels, which are not pruned: they are in no group."""
     groups: list[list[int]] = []
+    on_stem = True   # still in the stem's channel space
     for i, block in enumerate(student.blocks):
+        on_stem = on_stem and block.residual
+        if on_stem:
+            continue
         if block.residual and groups:
             groups[-1].append(i)
         else:

@@ -90,6 +90,22 @@ def test_structured_pruning_removes_channels_and_keeps_the_function(arch):
         torch.testing.assert_close(rebuilt(x), reference, rtol=1e-3, atol=1e-3)
 
 
+def test_blocks_residual_on_the_unpruned_stem_keep_their_channels():
+    """Block 0 (and residual blocks after it) add the stem's output, which is never pruned: their channels must
+    stay. Before: block 0 formed a group of its own, was pruned, and shrink failed (16 -> 12 residual)."""
+    arch = MobileArch(stem=16, widths=[16, 16, 32], strides=[1, 1, 2])
+    model = _student(arch)
+    assert model.blocks[0].residual and model.blocks[1].residual
+    assert channel_groups(model) == [[2]]
+    prune_channels(model, 0.25, min_channels=4)
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        reference = model(x)
+        small, small_arch = shrink(model, arch)
+        torch.testing.assert_close(small(x), reference, rtol=1e-3, atol=1e-3)
+    assert small_arch.widths == [16, 16, 24] and small_arch.residual == [True, True, False]
+
+
 def test_pruning_schedule_prunes_only_at_step_boundaries(config):
     cfg = config.prune.vision.model_copy(update={"steps": 2, "epochs_per_step": 2, "epochs": 5, "final_sparsity": 0.5})
     model = _student()
