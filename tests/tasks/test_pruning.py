@@ -69,16 +69,23 @@ def test_masks_hold_through_training_and_bake_into_a_plain_model():
     assert sparsity_report(plain)["overall"] == pytest.approx(sparsity_report(model)["overall"])
 
 
-@pytest.mark.parametrize("arch", [ARCH, MIXED], ids=["separable", "fused+separable"])
-def test_structured_pruning_removes_channels_and_keeps_the_function(arch):
-    model = _student(arch)
-    assert channel_groups(model) == [[0], [1, 2], [3]]
-    prune_channels(model, 0.5, min_channels=4)
+def _pruned_and_shrunk(model, arch, fraction):
+    """Prune ``fraction`` of the channels, shrink, and check the narrower model computes what the masked one did;
+    return the small model, its arch, the input and the reference output."""
+    prune_channels(model, fraction, min_channels=4)
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         reference = model(x)
         small, small_arch = shrink(model, arch)
         torch.testing.assert_close(small(x), reference, rtol=1e-3, atol=1e-3)
+    return small, small_arch, x, reference
+
+
+@pytest.mark.parametrize("arch", [ARCH, MIXED], ids=["separable", "fused+separable"])
+def test_structured_pruning_removes_channels_and_keeps_the_function(arch):
+    model = _student(arch)
+    assert channel_groups(model) == [[0], [1, 2], [3]]
+    small, small_arch, x, reference = _pruned_and_shrunk(model, arch, 0.5)
     assert small_arch.widths == [8, 16, 16, 32] and count_parameters(small) < count_parameters(model) / 2
     assert small_arch.kinds == arch.kinds and small_arch.stem_stride == arch.stem_stride
     assert small.blocks[2].residual  # the residual group was pruned jointly, so the shortcut survives
@@ -97,12 +104,7 @@ def test_blocks_residual_on_the_unpruned_stem_keep_their_channels():
     model = _student(arch)
     assert model.blocks[0].residual and model.blocks[1].residual
     assert channel_groups(model) == [[2]]
-    prune_channels(model, 0.25, min_channels=4)
-    x = torch.randn(4, 1, 28, 28)
-    with torch.no_grad():
-        reference = model(x)
-        small, small_arch = shrink(model, arch)
-        torch.testing.assert_close(small(x), reference, rtol=1e-3, atol=1e-3)
+    _, small_arch, _, _ = _pruned_and_shrunk(model, arch, 0.25)
     assert small_arch.widths == [16, 16, 24] and small_arch.residual == [True, True, False]
 
 
