@@ -220,10 +220,18 @@ class FeaturePair(Strict):
     student: Annotated[int, Field(ge=0)]
 
 
+class Dkd(Strict):
+    """Decoupled KD (Zhao et al., CVPR 2022): alpha·TCKD (target vs the rest) + beta·NCKD (among the non-targets)."""
+
+    alpha: Annotated[float, Field(ge=0.0)] = 1.0
+    beta: Annotated[float, Field(ge=0.0)] = 8.0
+
+
 class DistillVision(TrainingRecipe):
     student: MobileArch
     temperature: Annotated[float, Field(gt=0.0)]
-    target_loss: Literal["kl", "mse"]
+    target_loss: Literal["kl", "mse", "dkd"]
+    dkd: Dkd = Dkd()   # read when target_loss is dkd
     weights: LossWeights
     feature_pairs: list[FeaturePair] = []
     # The frozen teacher's forward in bf16 autocast (inference only), where the CPU computes bf16 natively.

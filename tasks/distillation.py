@@ -1,6 +1,7 @@
 """Knowledge-distillation losses and the wrapper that trains a student against a frozen teacher.
 
-total = ground_truth·CE(student, y) + target·soft-target + feature·hint + label·CE(student, argmax teacher)
+total = ground_truth·CE(student, y) + target·soft-target + feature·hint + label·CE(student, argmax teacher), the
+soft target being KL, probability MSE or decoupled KD (``target_loss``).
 
 Done right where the source article's sample code was not: the soft-target KL compares *log-probabilities*
 (``log_softmax``), never raw logits; only the teacher runs under ``no_grad``; the training loop zeroes
@@ -28,6 +29,24 @@ def soft_target_mse(student_logits: torch.Tensor, teacher_logits: torch.Tensor, 
     t = temperature
     diff = F.softmax(student_logits.float() / t, dim=1) - F.softmax(teacher_logits.float() / t, dim=1)
     return diff.pow(2).sum(dim=1).mean() * t * t
+
+
+def decoupled_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+                 temperature: float, alpha: float, beta: float) -> torch.Tensor:
+    """Decoupled KD (Zhao et al. 2022): KL splits into TCKD, the binary target-vs-rest KL, plus (1 − p_t)·NCKD, the
+    KL among the non-target classes; DKD weighs them alpha and beta (no longer coupled by the teacher's confidence).
+    Both scaled by T², averaged over the batch."""
+    t = temperature
+    s, te = student_logits.float() / t, teacher_logits.float() / t
+    target = F.one_hot(labels, s.shape[1]).bool()
+    p_s, p_t = F.softmax(s, dim=1), F.softmax(te, dim=1)
+    b_s = torch.stack([p_s[target], (p_s * ~target).sum(dim=1)], dim=1)
+    b_t = torch.stack([p_t[target], (p_t * ~target).sum(dim=1)], dim=1)
+    tckd = F.kl_div(b_s.clamp_min(1e-12).log(), b_t, reduction="batchmean")
+    hidden = 1000.0 * target   # the target class out of both softmaxes: exp(-1000) is 0 in float32
+    nckd = F.kl_div(F.log_softmax(s - hidden, dim=1), F.log_softmax(te - hidden, dim=1), reduction="batchmean",
+                    log_target=True)
+    return (alpha * tckd + beta * nckd) * t * t
 
 
 def hint_loss(student_map: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
@@ -97,7 +116,9 @@ class Distiller(FrozenTeacher):
         parts: dict[str, torch.Tensor] = {}
         if w.ground_truth:
             parts["ground_truth"] = w.ground_truth * F.cross_entropy(s_logits.float(), y, label_smoothing=cfg.label_smoothing)
-        if w.target:
+        if w.target and cfg.target_loss == "dkd":
+            parts["target"] = w.target * decoupled_kd(s_logits, t_logits, y, cfg.temperature, cfg.dkd.alpha, cfg.dkd.beta)
+        elif w.target:
             soft = soft_target_kl if cfg.target_loss == "kl" else soft_target_mse
             parts["target"] = w.target * soft(s_logits, t_logits, cfg.temperature)
         if w.feature:

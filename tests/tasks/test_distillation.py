@@ -19,7 +19,7 @@ from tasks.config import (
     Schedule,
     parse_config,
 )
-from tasks.distillation import Distiller, distillation_loss, hint_loss, soft_target_kl, soft_target_mse
+from tasks.distillation import Distiller, decoupled_kd, distillation_loss, hint_loss, soft_target_kl, soft_target_mse
 from tasks.errors import ConfigError
 from tasks.training import Split, fit, to_input, train_step
 from tasks.vision_models import MobileStudent, ResNetTeacher
@@ -59,6 +59,31 @@ def test_kl_compares_log_probabilities_and_scales_by_t_squared():
 def test_probability_mse_variant():
     t = torch.randn(4, 10)
     assert soft_target_mse(t, t, 2.0) == 0 and soft_target_mse(torch.randn(4, 10), t, 2.0) > 0
+
+
+def test_decoupled_kd_splits_kl_into_target_and_non_target_parts():
+    """Per image, KL = TCKD + (1 − p_t)·NCKD (Zhao et al., eq. 1): with alpha 1 and beta 1 − p_t, DKD is the KL."""
+    gen = torch.Generator().manual_seed(0)
+    s, t, y = torch.randn(5, 10, generator=gen), torch.randn(5, 10, generator=gen) * 3, torch.arange(5)
+    for i in range(5):
+        p_t = torch.softmax(t[i] / 4.0, 0)[y[i]].item()
+        kl = soft_target_kl(s[i:i + 1], t[i:i + 1], 4.0)
+        torch.testing.assert_close(decoupled_kd(s[i:i + 1], t[i:i + 1], y[i:i + 1], 4.0, 1.0, 1.0 - p_t), kl)
+    assert decoupled_kd(t, t, y, 4.0, 1.0, 8.0).abs() < 1e-5 and decoupled_kd(s, t, y, 4.0, 1.0, 8.0) > 0
+    # the weights decouple: beta 0 leaves the target-vs-rest part alone, alpha 0 the part among the non-targets
+    parts = decoupled_kd(s, t, y, 4.0, 1.0, 0.0), decoupled_kd(s, t, y, 4.0, 0.0, 1.0)
+    torch.testing.assert_close(decoupled_kd(s, t, y, 4.0, 2.0, 8.0), 2.0 * parts[0] + 8.0 * parts[1])
+
+
+def test_distiller_trains_on_decoupled_kd():
+    cfg, data = _kd_cfg().model_copy(update={"target_loss": "dkd"}), _data()
+    model = _pair(cfg, to_input(data.x[:2]))
+    total, _, parts = model.loss(to_input(data.x), data.y)
+    expected = decoupled_kd(model.student(to_input(data.x)), model.teacher_outputs(to_input(data.x))[0], data.y,
+                            cfg.temperature, cfg.dkd.alpha, cfg.dkd.beta)
+    torch.testing.assert_close(parts["target"], cfg.weights.target * expected)
+    total.backward()
+    assert all(p.grad is not None for p in model.student.parameters() if p.requires_grad)
 
 
 def test_hint_loss_pools_to_the_smaller_map():
