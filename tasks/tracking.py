@@ -194,8 +194,15 @@ class RunLogger:
 
     def _log_datasets(self, found: dict[str, dict[str, Any]], root: Path, context: str) -> None:
         inputs = dataset_inputs(found, root, context)
+
+        def log() -> None:
+            try:
+                self.client.log_inputs(self.run_id, datasets=inputs)
+            except MlflowException:  # runs creating the same new data set's row at once: one wins the unique key,
+                self.client.log_inputs(self.run_id, datasets=inputs)   # the others find it on a second try
+
         if inputs:
-            self._call("log dataset inputs", lambda: self.client.log_inputs(self.run_id, datasets=inputs))
+            self._call("log dataset inputs", log)
 
     def end(self, status: str) -> None:
         self._call(f"mark the run {status}", lambda: self.client.set_terminated(self.run_id, status))

@@ -138,6 +138,53 @@ def test_four_concurrent_runs_on_a_new_sqlite_store_lose_nothing(tmp_path):
     assert all([a.path for a in client.list_artifacts(r.info.run_id)] == ["note.txt"] for r in runs)
 
 
+_DATA_WORKER = """
+import sys
+import time
+from pathlib import Path
+
+from tasks.config import load_config
+from tasks.tracking import RunLogger, client_for, ensure_experiment, tracking_uri
+
+cfg = load_config(Path(sys.argv[1]))
+client = client_for(tracking_uri(cfg))
+experiment = ensure_experiment(client, cfg)
+run = client.create_run(experiment)
+while time.time() < float(sys.argv[2]):   # all at once
+    time.sleep(0.001)
+RunLogger(client, run.info.run_id, experiment).log_data(["data/x"], Path("."), "training")
+"""
+
+
+@pytest.mark.slow
+def test_runs_logging_the_same_new_data_set_at_once_all_log_it(tmp_path):
+    """MLflow keys a data set on (experiment, name, digest): of runs creating its row at the same moment on SQLite,
+    all but one hit the unique constraint. Before: that run failed ("tracking server ... not reachable")."""
+    import subprocess
+    import sys
+    import time
+
+    import yaml
+
+    from tests.conftest import ROOT
+
+    md5 = "a818818cfc78162d5a7363799bdfada8.dir"
+    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"prepare": {
+        "cmd": "true", "outs": [{"path": "data/x", "hash": "md5", "md5": md5, "size": 1, "nfiles": 1}]}}}))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    MlflowClient(uri, registry_uri=uri).search_experiments()   # the store exists before the race
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": uri}
+    start = str(time.time() + 20)
+    procs = [subprocess.Popen([sys.executable, "-c", _DATA_WORKER, str(ROOT / "params.yaml"), start], cwd=tmp_path,
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [o[1][-2000:] for o in outs]
+    client = MlflowClient(uri)
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert len(runs) == 4
+    assert all([d.dataset.digest for d in client.get_run(r.info.run_id).inputs.dataset_inputs] == [md5] for r in runs)
+
+
 def _runs_on(url: str) -> list[dict]:
     import json
     import urllib.request
