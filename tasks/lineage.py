@@ -87,9 +87,12 @@ def dataset_inputs(found: dict[str, dict[str, Any]], root: Path, context: str) -
             for path, entry in found.items() if Path(path).parts[0] == DATA_ROOT and entry["md5"]]
 
 
-def lineage_tags(stage: str | None, cfg: Any, root: Path = Path(".")) -> dict[str, str]:
-    """git state, ``params.hash`` of ``cfg`` and, for a stage, DVC's hash of each of its inputs."""
+def lineage_tags(stage: str | None, cfg: Any, root: Path = Path("."),
+                 inputs: dict[str, dict[str, Any]] | None = None) -> dict[str, str]:
+    """git state, ``params.hash`` of ``cfg`` and, for a stage, DVC's hash of each of its inputs (``inputs``: what
+    ``dvc_inputs`` returned for it, when the caller has read them already)."""
     tags = {**git_state(root), "params.hash": params_hash(cfg)}
     if stage is not None:
-        tags.update({f"dvc.dep.{path}": md5 for path, md5 in dvc_input_hashes(stage, root).items()})
+        found = dvc_inputs(stage, root) if inputs is None else inputs
+        tags.update({f"dvc.dep.{path}": entry["md5"] for path, entry in found.items()})
     return tags

@@ -185,14 +185,15 @@ class RunLogger:
     def log_data_inputs(self, stage: str, root: Path, context: str | None = None) -> None:
         """Log the data sets ``stage`` of dvc.yaml reads as MLflow dataset inputs: name = the path, digest = DVC's
         hash, source = the folder, profile = its size and file count, so the run shows which data it saw."""
-        self._log_datasets(dvc_inputs(stage, root), root, context or data_context(stage))
+        self.log_datasets(dvc_inputs(stage, root), root, context or data_context(stage))
 
     def log_data(self, paths: list[str], root: Path, context: str) -> None:
         """Log the stage outputs at ``paths`` (data sets dvc.lock records) as dataset inputs of a run that is not a
         stage (the ablation trains on them)."""
-        self._log_datasets({p: found for p, found in locked_outputs(root).items() if p in paths}, root, context)
+        self.log_datasets({p: found for p, found in locked_outputs(root).items() if p in paths}, root, context)
 
-    def _log_datasets(self, found: dict[str, dict[str, Any]], root: Path, context: str) -> None:
+    def log_datasets(self, found: dict[str, dict[str, Any]], root: Path, context: str) -> None:
+        """Log the data sets among ``found`` (path -> DVC's md5, size, nfiles; ``dvc_inputs``) as dataset inputs."""
         inputs = dataset_inputs(found, root, context)
 
         def log() -> None:
@@ -229,12 +230,13 @@ def stage_run(stage: str, cfg: Config, params: dict[str, Any], client: MlflowCli
     """A child run of the pipeline's parent run (or a top-level run under plain ``dvc repro``)."""
     client = client or client_for(tracking_uri(cfg))
     flat = flatten("", params)
-    tags = {"pipeline.stage": stage, **lineage_tags(stage, cfg)}
+    inputs = dvc_inputs(stage)   # read once: for the lineage tags and the dataset inputs
+    tags = {"pipeline.stage": stage, **lineage_tags(stage, cfg, inputs=inputs)}
     parent = os.environ.get(PARENT_ENV)
     tags.update({"mlflow.parentRunId": parent} if parent else {"pipeline.launcher": "dvc"})
     with _run(client, cfg, stage, tags, Path(".")) as logger, system_metrics(logger, cfg.tracking.system_metrics_seconds):
         logger.log_params(flat)
-        logger.log_data_inputs(stage, Path("."))
+        logger.log_datasets(inputs, Path("."), data_context(stage))
         yield logger
 
 
