@@ -24,6 +24,16 @@ def test_stage_runs_nest_under_the_pipeline_run(config, mlflow_uri, tmp_path, mo
     assert client.get_run(parent.run_id).info.status == "FINISHED"
 
 
+def _lock_data(root, path: str, size: int, nfiles: int) -> str:
+    """A dvc.lock in ``root`` recording the folder ``path`` as a stage output, as DVC writes it; its md5."""
+    import yaml
+
+    md5 = "a818818cfc78162d5a7363799bdfada8.dir"
+    (root / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"prepare_x": {
+        "cmd": "true", "outs": [{"path": path, "hash": "md5", "md5": md5, "size": size, "nfiles": nfiles}]}}}))
+    return md5
+
+
 def test_a_stage_run_names_the_data_it_read_as_mlflow_dataset_inputs(config, mlflow_uri, tmp_path, monkeypatch):
     import mlflow.data
     import yaml
@@ -35,9 +45,7 @@ def test_a_stage_run_names_the_data_it_read_as_mlflow_dataset_inputs(config, mlf
         "prepare_x": {"cmd": "true", "outs": ["data/x/processed"]},
         "distill_x": {"cmd": "true", "deps": ["data/x/processed", "models/teacher.pt"]},
         "evaluate_x": {"cmd": "true", "deps": ["data/x/processed"]}}}))
-    md5 = "a818818cfc78162d5a7363799bdfada8.dir"
-    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"prepare_x": {
-        "cmd": "true", "outs": [{"path": "data/x/processed", "hash": "md5", "md5": md5, "size": 1234, "nfiles": 5}]}}}))
+    md5 = _lock_data(tmp_path, "data/x/processed", size=1234, nfiles=5)
     with stage_run("distill_x", config, {}) as trained, stage_run("evaluate_x", config, {}) as evaluated, \
             stage_run("prepare_x", config, {}) as prepared:
         pass
@@ -164,13 +172,9 @@ def test_runs_logging_the_same_new_data_set_at_once_all_log_it(tmp_path):
     import sys
     import time
 
-    import yaml
-
     from tests.conftest import ROOT
 
-    md5 = "a818818cfc78162d5a7363799bdfada8.dir"
-    (tmp_path / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"prepare": {
-        "cmd": "true", "outs": [{"path": "data/x", "hash": "md5", "md5": md5, "size": 1, "nfiles": 1}]}}}))
+    md5 = _lock_data(tmp_path, "data/x", size=1, nfiles=1)
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     MlflowClient(uri, registry_uri=uri).search_experiments()   # the store exists before the race
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": uri}
