@@ -18,7 +18,7 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from tasks.config import MobileArch, QatVision, RecArch, ResNetArch
+from tasks.config import MobileArch, OnnxArch, QatVision, RecArch, ResNetArch
 from tasks.errors import CheckpointError
 from tasks.io import file_digest, write_atomic, write_json
 
@@ -26,14 +26,19 @@ from tasks.io import file_digest, write_atomic, write_json
 # kind is loaded, so a stage depends on (and DVC re-runs it for) its own family's model code only.
 ARCHES = {"resnet_teacher": (ResNetArch, "tasks.vision_models:ResNetTeacher"),
           "mobile_student": (MobileArch, "tasks.vision_models:MobileStudent"),
-          "ctr": (RecArch, "tasks.recsys_models:CtrModel")}
+          "ctr": (RecArch, "tasks.recsys_models:CtrModel"),
+          "onnx": (OnnxArch, "tasks.imported_teacher:OnnxTeacher")}   # an imported teacher: graph in ``onnx``
 
 
 def count_parameters(model: nn.Module) -> int:
+    if hasattr(model, "counts"):   # an ONNX teacher: its weights are the graph's, not torch parameters
+        return model.counts()["parameters"]
     return sum(p.numel() for p in model.parameters())
 
 
 def count_nonzero(model: nn.Module) -> int:
+    if hasattr(model, "counts"):
+        return model.counts()["nonzero"]
     return sum(int((p != 0).sum()) for p in model.parameters())
 
 
@@ -74,6 +79,8 @@ def load_model(path: Path) -> nn.Module:
     arch_cls, where = ARCHES[blob["kind"]]
     module, name = where.split(":")
     model_cls = getattr(importlib.import_module(module), name)
+    if "onnx" in blob:
+        return model_cls(arch_cls.model_validate(blob["arch"]), blob["onnx"].numpy().tobytes()).eval()
     model = model_cls(arch_cls.model_validate(blob["arch"]), **blob.get("shape", {}))
     if blob.get("activation_bits"):  # a QAT student: rebuild the same fake-quantized graph, then load into it
         prepare_qat = importlib.import_module("tasks.quantization").prepare_qat
@@ -104,6 +111,8 @@ def training_inputs(data_dir: Path, *models: Path) -> list[Path]:
 
 
 def history_csv(history: list[dict[str, float]]) -> str:
+    if not history:   # nothing trained (an imported teacher): DVC still gets its plots file
+        return "epoch\n"
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=["epoch", *history[0]])
     writer.writeheader()

@@ -158,8 +158,43 @@ class TrainingRecipe(Training):
     bf16: bool
 
 
+class PretrainedTeacher(Strict):
+    """A teacher imported instead of trained (``tasks.imported_teacher``); the training knobs are then unused."""
+
+    path: str = Field(min_length=1)    # relative to the project, or absolute
+    sha256: Sha256                     # the file is read only when its content has this checksum
+    format: Literal["onnx", "state_dict"]   # state_dict: weights of ``arch``
+    logits: str | None = None          # onnx: the output holding the logits; omitted, the first output
+    features: list[str] = []           # onnx: values that feature_pairs' teacher indices name, in this order
+
+
+class OnnxArch(Strict):
+    """What a model file of kind ``onnx`` says of its graph (the file holds the graph itself)."""
+
+    input: str
+    logits: str
+    features: list[str]
+    sha256: str        # of the file as imported (before normalisation)
+    parameters: int    # float initializer elements
+    nonzero: int
+    macs: int          # per example, Conv/Gemm/MatMul only
+
+
 class TrainTeacherVision(TrainingRecipe):
     arch: ResNetArch
+    pretrained: PretrainedTeacher | None = None
+
+    @model_validator(mode="after")
+    def _features_for_onnx(self) -> TrainTeacherVision:
+        if self.pretrained and self.pretrained.features and self.pretrained.format != "onnx":
+            raise ValueError("pretrained.features names ONNX values; a state_dict teacher has the stages of arch")
+        return self
+
+    def feature_stages(self) -> int:
+        """How many feature maps the teacher offers to feature distillation."""
+        if self.pretrained and self.pretrained.format == "onnx":
+            return len(self.pretrained.features)
+        return len(self.arch.widths)
 
 
 class MobileArch(Strict):
@@ -643,11 +678,12 @@ class Config(Strict):
 
     @model_validator(mode="after")
     def _feature_pairs_exist(self) -> Config:
-        kd, stages = self.distill.vision, len(self.teacher.vision.arch.widths)
+        kd, stages = self.distill.vision, self.teacher.vision.feature_stages()
+        offered = f"stages 0..{stages - 1}" if stages else "no feature maps: name them in teacher.vision.pretrained.features"
         for i, pair in enumerate(kd.feature_pairs):
             if pair.teacher >= stages:
                 raise ValueError(f"distill.vision.feature_pairs.{i}.teacher: teacher stage {pair.teacher} does not "
-                                 f"exist (the teacher has stages 0..{stages - 1})")
+                                 f"exist (the teacher has {offered})")
             if pair.student >= len(kd.student.widths):
                 raise ValueError(f"distill.vision.feature_pairs.{i}.student: student block {pair.student} does not "
                                  f"exist (the student has blocks 0..{len(kd.student.widths) - 1})")

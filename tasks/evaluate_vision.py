@@ -35,7 +35,9 @@ from tasks.training import Split, to_input
 
 def count_macs(model: nn.Module) -> int:
     """Multiply-accumulates of one 1x28x28 image through every convolution and linear layer (QAT modules are
-    subclasses of these, so fake-quantized graphs count alike)."""
+    subclasses of these, so fake-quantized graphs count alike); an imported ONNX teacher's come from its graph."""
+    if hasattr(model, "counts"):
+        return model.counts()["macs"]
     total = 0
 
     def hook(module: nn.Module, _inputs, output: torch.Tensor) -> None:

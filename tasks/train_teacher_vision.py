@@ -1,4 +1,5 @@
-"""Stage ``train_teacher_vision``: processed Fashion-MNIST -> trained residual CNN teacher.
+"""Stage ``train_teacher_vision``: processed Fashion-MNIST -> trained residual CNN teacher, or the pretrained
+teacher of ``teacher.vision.pretrained`` (an ONNX file or a state dict of ``arch``) imported and scored instead.
 
 Inputs: ``<data>/{train,val,test}_{x,y}.npy`` (and the validation report, so it runs only on validated data).
 Outputs: ``<model>`` (``{"arch", "state_dict"}``, loadable with ``weights_only=True``), ``<metrics>`` (JSON),
@@ -10,11 +11,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from tasks.artifacts import count_parameters, fingerprint, publish_training, training_inputs
 from tasks.config import TrainTeacherVision, stage_args
 from tasks.errors import run_cli
-from tasks.training import Split, evaluate, fit, memory_format
+from tasks.imported_teacher import import_onnx, import_state_dict, verified_bytes
+from tasks.training import Split, evaluate, fit, memory_format, to_input
 from tasks.vision_models import ResNetTeacher
 
 
@@ -34,15 +37,44 @@ def train_teacher_vision(cfg: TrainTeacherVision, data_dir: Path, checkpoint: Pa
     return model, history, test_metrics
 
 
+def import_teacher_vision(cfg: TrainTeacherVision, data_dir: Path) -> tuple[nn.Module, dict[str, float]]:
+    """The pretrained teacher of ``cfg.pretrained``, checksum verified, with its validation and test metrics."""
+    spec = cfg.pretrained
+    assert spec is not None
+    torch.set_num_threads(cfg.threads)
+    val, test = Split.load(data_dir, "val"), Split.load(data_dir, "test")
+    blob = verified_bytes(spec.path, spec.sha256, "teacher.vision.pretrained")
+    if spec.format == "onnx":
+        model: nn.Module = import_onnx(blob, spec.sha256, spec.path, spec.logits, spec.features,
+                                       to_input(val.x[:2]), classes=10)
+    else:
+        model = import_state_dict(blob, spec.path, lambda: ResNetTeacher(cfg.arch))
+    metrics = {f"{name}_{k}": v for name, split in (("val", val), ("test", test))
+               for k, v in evaluate(model, split, cfg.eval_batch_size).items()}
+    metrics["parameters"] = count_parameters(model)
+    return model, metrics
+
+
 def main() -> None:
     args, cfg = stage_args(__doc__, "--data", "--checkpoint", "--model", "--metrics", "--plots")
     teacher = cfg.teacher.vision
     from tasks.tracking import stage_run
 
     with stage_run("train_teacher_vision", cfg, {"teacher.vision": teacher}) as run:
-        model, history, metrics = train_teacher_vision(
-            teacher, args.data, args.checkpoint, lambda epoch, m: run.log_metrics(m, step=epoch + 1))
-        publish_training(run, model, "resnet_teacher", teacher.arch, history, metrics, args)
+        if (spec := teacher.pretrained) is not None:
+            model, metrics = import_teacher_vision(teacher, args.data)
+            run.set_tags({"teacher.imported.format": spec.format, "teacher.imported.sha256": spec.sha256,
+                          "teacher.imported.path": spec.path})
+            args.checkpoint.parent.mkdir(parents=True, exist_ok=True)   # a DVC output, empty: nothing trained
+            if spec.format == "onnx":
+                graph = torch.frombuffer(bytearray(model.graph), dtype=torch.uint8)
+                publish_training(run, model, "onnx", model.arch, [], metrics, args, onnx=graph)
+            else:
+                publish_training(run, model, "resnet_teacher", teacher.arch, [], metrics, args)
+        else:
+            model, history, metrics = train_teacher_vision(
+                teacher, args.data, args.checkpoint, lambda epoch, m: run.log_metrics(m, step=epoch + 1))
+            publish_training(run, model, "resnet_teacher", teacher.arch, history, metrics, args)
     print(f"teacher test accuracy {metrics['test_accuracy']:.4f} ({metrics['parameters']:,} parameters)")
 
 

@@ -1,0 +1,204 @@
+"""A pretrained teacher imported instead of trained: an ONNX file run by onnxruntime, or a state dict of the family's
+own teacher architecture. Either is verified against the SHA-256 pinned in params before anything reads it.
+
+An ONNX teacher is enough for target and label distillation (its logits), and for feature distillation when it
+exposes intermediate values named in ``features`` (feature pairs' teacher indices count through that list). It is
+frozen by nature: onnxruntime computes no gradient, and it has no parameter for an optimizer to find. Its model file
+holds the normalised ONNX bytes (one input, the logits and the named features as outputs) and their counts.
+"""
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from tasks.config import OnnxArch
+from tasks.errors import ChecksumError, DataSourceError, PipelineError
+
+
+class TeacherImportError(PipelineError):
+    """A pretrained teacher file that cannot serve as this family's teacher."""
+
+
+def verified_bytes(path: str, sha256: str, key: str) -> bytes:
+    """The file's content, when its SHA-256 is the one params pin at ``key``."""
+    file = Path(path)
+    if not file.is_file():
+        raise DataSourceError(f"{key}.path: {file} not found; put the teacher file there or fix the path")
+    blob = file.read_bytes()
+    if (digest := hashlib.sha256(blob).hexdigest()) != sha256:
+        raise ChecksumError(f"{key}.sha256: {file} has SHA-256 {digest}, params pin {sha256}; pin the new "
+                            "checksum only once you trust the file")
+    return blob
+
+
+class OnnxTeacher(nn.Module):
+    """A frozen teacher computed by onnxruntime: ``forward`` gives logits, ``forward_features`` (logits, feature
+    maps), both as torch tensors on the input's device. The session starts on first use, with this process's torch
+    thread count."""
+
+    def __init__(self, arch: OnnxArch, graph: bytes) -> None:
+        super().__init__()
+        self.arch, self.graph = arch, graph
+        self._session: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:  # copies and pickles rebuild the session
+        return {**self.__dict__, "_session": None}
+
+    def _run(self, names: list[str], x: torch.Tensor) -> list[torch.Tensor]:
+        if self._session is None:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
+            self._session = ort.InferenceSession(self.graph, options, providers=["CPUExecutionProvider"])
+        feed = {self.arch.input: x.detach().float().contiguous().cpu().numpy()}
+        return [torch.from_numpy(out).to(x.device) for out in self._session.run(names, feed)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._run([self.arch.logits], x)[0]
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        logits, *maps = self._run([self.arch.logits, *self.arch.features], x)
+        return logits, maps
+
+    def counts(self) -> dict[str, int]:
+        """Parameters, non-zero parameters and MACs per example, read from the graph."""
+        return {"parameters": self.arch.parameters, "nonzero": self.arch.nonzero, "macs": self.arch.macs}
+
+    def onnx_for_export(self, input_name: str, output_name: str) -> bytes:
+        """The graph with only the logits as output, its input and output renamed to the pipeline's names."""
+        import onnx
+        from onnx import helper
+
+        model = onnx.load_from_string(self.graph)
+        graph = model.graph
+        logits = next(o for o in graph.output if o.name == self.arch.logits)
+        del graph.output[:]
+        graph.output.append(logits)
+        if self.arch.input != input_name:   # an Identity keeps every node (and any subgraph) as it was
+            source = next(i for i in graph.input if i.name == self.arch.input)
+            renamed = onnx.ValueInfoProto()
+            renamed.CopyFrom(source)
+            renamed.name = input_name
+            graph.input.remove(source)
+            graph.input.insert(0, renamed)
+            graph.node.insert(0, helper.make_node("Identity", [input_name], [self.arch.input]))
+        if self.arch.logits != output_name:
+            graph.node.append(helper.make_node("Identity", [self.arch.logits], [output_name]))
+            graph.output[0].name = output_name
+        return model.SerializeToString()
+
+
+def _graph_inputs(graph: Any) -> list[Any]:
+    """The graph's real inputs (older exporters also list the initializers as inputs)."""
+    initializers = {t.name for t in graph.initializer}
+    return [i for i in graph.input if i.name not in initializers]
+
+
+def _exposed(model: Any, wanted: list[str], file: str) -> None:
+    """Make each of ``wanted`` a graph output; an intermediate value becomes one, a name the graph lacks fails."""
+    from onnx import TensorProto, helper
+
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    values = {name for node in graph.node for name in node.output}
+    for name in wanted:
+        if name in outputs:
+            continue
+        if name not in values:
+            raise TeacherImportError(f"{file}: the graph has no value {name!r} (outputs: {sorted(outputs)})")
+        graph.output.append(helper.make_tensor_value_info(name, TensorProto.FLOAT, None))
+        outputs.add(name)
+
+
+def _macs(model: Any, example_shape: list[int]) -> int:
+    """Multiply-accumulates of one example through the graph's Conv, Gemm and MatMul nodes (shape inference with
+    the batch axis set to 1); other operators are not counted."""
+    import onnx
+
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    dims = _graph_inputs(fixed.graph)[0].type.tensor_type.shape.dim
+    for dim, size in zip(dims, [1, *example_shape], strict=True):
+        dim.Clear()
+        dim.dim_value = size
+    inferred = onnx.shape_inference.infer_shapes(fixed).graph
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in [*inferred.value_info, *inferred.output, *inferred.input]}
+    weights = {t.name: list(t.dims) for t in inferred.initializer}
+    total = 0
+    for node in inferred.node:
+        out, weight = shapes.get(node.output[0]), weights.get(node.input[1]) if len(node.input) > 1 else None
+        if not out or weight is None or 0 in out:
+            continue
+        if node.op_type == "Conv":
+            total += int(np.prod(out)) * int(np.prod(weight[1:]))
+        elif node.op_type in ("Gemm", "MatMul"):
+            transposed = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+            total += int(np.prod(out)) * (weight[-1] if transposed else weight[0])
+    return total
+
+
+def import_onnx(blob: bytes, sha256: str, file: str, logits: str | None, features: list[str],
+                example: torch.Tensor, classes: int) -> OnnxTeacher:
+    """An ``OnnxTeacher`` from verified ONNX bytes: one input taking ``example``'s shape with a free batch axis,
+    ``logits`` (default: the first output) of ``classes`` columns, every name of ``features`` a 4-D map."""
+    import onnx
+    from onnx import numpy_helper
+
+    try:
+        model = onnx.load_from_string(blob)
+        onnx.checker.check_model(model)
+    except Exception as err:  # onnx raises DecodeError, ValidationError, ...
+        raise TeacherImportError(f"{file}: not a valid ONNX model ({str(err).splitlines()[0]})") from err
+    inputs = _graph_inputs(model.graph)
+    if len(inputs) != 1:
+        raise TeacherImportError(f"{file}: a teacher takes one input, this graph takes {[i.name for i in inputs]}")
+    logits = logits or model.graph.output[0].name
+    _exposed(model, [logits, *features], file)
+    floats = [numpy_helper.to_array(t) for t in model.graph.initializer
+              if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)]
+    arch = OnnxArch(input=inputs[0].name, logits=logits, features=list(features), sha256=sha256,
+                    parameters=sum(a.size for a in floats), nonzero=sum(int(np.count_nonzero(a)) for a in floats),
+                    macs=_macs(model, list(example.shape[1:])))
+    teacher = OnnxTeacher(arch, model.SerializeToString())
+    for batch in (example[:1], example[:2]):
+        try:
+            out, maps = teacher.forward_features(batch)
+        except Exception as err:  # onnxruntime's own error types
+            raise TeacherImportError(f"{file}: onnxruntime cannot run it on a batch of {len(batch)} examples of "
+                                     f"shape {list(batch.shape[1:])} ({str(err).splitlines()[0]})") from err
+        if list(out.shape) != [len(batch), classes]:
+            raise TeacherImportError(f"{file}: output {logits!r} has shape {list(out.shape)} for a batch of "
+                                     f"{len(batch)}; the data has {classes} classes (name the logits output)")
+        for name, fmap in zip(features, maps, strict=True):
+            if fmap.dim() != 4 or len(fmap) != len(batch):
+                raise TeacherImportError(f"{file}: feature {name!r} has shape {list(fmap.shape)}; feature "
+                                         "distillation aligns (N, C, H, W) maps")
+    return teacher
+
+
+def import_state_dict(blob: bytes, file: str, build: Callable[[], nn.Module]) -> nn.Module:
+    """``build()`` with the weights of a ``torch.save``d state dict (plain tensors only: loaded with
+    ``weights_only``); a dict holding it under ``state_dict`` works too."""
+    try:
+        state = torch.load(io.BytesIO(blob), map_location="cpu", weights_only=True)
+    except Exception as err:  # pickle and zip errors of every kind
+        raise TeacherImportError(f"{file}: not a torch state dict ({str(err).splitlines()[0]})") from err
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    model = build()
+    try:
+        model.load_state_dict(state)
+    except (RuntimeError, TypeError, AttributeError) as err:
+        problem = " ".join(line.strip() for line in str(err).splitlines())
+        raise TeacherImportError(f"{file}: does not fit the teacher architecture in params ({problem[:300]})") from err
+    return model.eval()
+

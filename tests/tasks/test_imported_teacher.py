@@ -1,0 +1,228 @@
+"""A pretrained teacher brought as an ONNX file or a state dict: verified by checksum, loaded through the pipeline's
+model files, and driving distillation exactly as the torch teacher it was exported from would."""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from tasks.artifacts import count_nonzero, count_parameters, load_model, model_meta
+from tasks.config import DistillVision, FeaturePair, LossWeights, ResNetArch, load_config
+from tasks.distillation import Distiller
+from tasks.errors import ChecksumError
+from tasks.imported_teacher import TeacherImportError, import_onnx, import_state_dict, verified_bytes
+from tasks.training import Split, to_input
+from tasks.vision_models import MobileStudent, ResNetTeacher
+from tests.conftest import briefly_trained
+
+ARCH = ResNetArch(stem=8, widths=[16, 32], blocks=[1, 1])
+
+
+class WithMaps(nn.Module):
+    """What a user's exporter writes: logits and each stage's map as named outputs."""
+
+    def __init__(self, teacher: ResNetTeacher) -> None:
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, x: torch.Tensor):
+        logits, maps = self.teacher.forward_features(x)
+        return (logits, *maps)
+
+
+def export_teacher(teacher: nn.Module, path, names=("scores", "stage0", "stage1"), dynamic: bool = True) -> str:
+    torch.onnx.export(WithMaps(teacher).eval(), (torch.zeros(2, 1, 28, 28),), str(path), input_names=["pixels"],
+                      output_names=list(names), opset_version=17, dynamo=False,
+                      dynamic_axes={"pixels": {0: "n"}, **{n: {0: "n"} for n in names}} if dynamic else None)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def teacher_and_data(real_splits):
+    torch.manual_seed(0)
+    train, val = (Split(torch.from_numpy(real_splits[s][0].copy()), torch.from_numpy(real_splits[s][1].astype("int64")))
+                  for s in ("train", "val"))
+    teacher = briefly_trained(ResNetTeacher(ARCH), to_input(train.x[:256]), train.y[:256], steps=40)
+    return teacher, train, val
+
+
+def _kd(target: float, label: float, feature: float = 0.0, pairs=()) -> DistillVision:
+    cfg = load_config().distill.vision
+    return cfg.model_copy(update={"weights": LossWeights(ground_truth=0.0, target=target, feature=feature, label=label),
+                                  "feature_pairs": list(pairs), "label_smoothing": 0.0, "teacher_bf16": False})
+
+
+def test_an_onnx_teacher_computes_the_losses_of_the_torch_teacher_it_came_from(teacher_and_data, tmp_path):
+    teacher, _, val = teacher_and_data
+    sha = export_teacher(teacher, tmp_path / "t.onnx")
+    imported = import_onnx(verified_bytes(str(tmp_path / "t.onnx"), sha, "k"), sha, "t.onnx", "scores",
+                           ["stage0", "stage1"], to_input(val.x[:2]), classes=10)
+    x, y = to_input(val.x[:64]), val.y[:64]
+    with torch.no_grad():
+        torch.testing.assert_close(imported(x), teacher(x), atol=1e-4, rtol=1e-4)
+    from tasks.evaluate_vision import count_macs
+
+    assert count_macs(imported) == count_macs(teacher)
+    # the exporter folds each batch norm into its convolution: the graph holds a few parameters fewer
+    assert 0.98 < count_parameters(imported) / count_parameters(teacher) <= 1.0
+    # target, label and feature terms: each equal to the torch teacher's, and gradients reach the student only
+    student = MobileStudent(load_config().distill.vision.student)
+    pairs = [FeaturePair(teacher=1, student=1)]
+    for kd in (_kd(1.0, 0.0), _kd(0.0, 1.0), _kd(0.0, 0.0, 1.0, pairs)):
+        torch.manual_seed(1)
+        via_onnx = Distiller(student, imported, kd, x[:2]).train()
+        torch.manual_seed(1)
+        via_torch = Distiller(student, teacher, kd, x[:2]).train()
+        onnx_total, _, _ = via_onnx.loss(x, y)
+        torch_total, _, _ = via_torch.loss(x, y)
+        torch.testing.assert_close(onnx_total, torch_total, atol=1e-4, rtol=1e-4)
+        onnx_total.backward()
+        assert next(student.parameters()).grad.abs().sum() > 0   # the stem learns from every term
+        student.zero_grad(set_to_none=True)
+    assert list(via_onnx.parameters()) and not list(imported.parameters())
+
+
+def test_target_and_label_distillation_from_an_onnx_teacher_teach_the_student_its_answers(teacher_and_data, tmp_path):
+    teacher, train, val = teacher_and_data
+    sha = export_teacher(teacher, tmp_path / "t.onnx")
+    imported = import_onnx((tmp_path / "t.onnx").read_bytes(), sha, "t.onnx", None, [], to_input(val.x[:2]), 10)
+    torch.manual_seed(0)
+    student = MobileStudent(load_config().distill.vision.student)
+    distiller = Distiller(student, imported, _kd(1.0, 1.0), to_input(train.x[:2]))
+    x = to_input(train.x[:512])
+    with torch.no_grad():
+        answers = imported(x).argmax(1)
+        before = (student.eval()(x).argmax(1) == answers).float().mean().item()
+    opt = torch.optim.AdamW(distiller.parameters(), lr=3e-3)
+    distiller.train()
+    for step in range(60):   # no ground truth in the loss: whatever the student learns, it learns from the teacher
+        batch = slice(64 * (step % 8), 64 * (step % 8) + 64)
+        opt.zero_grad()
+        distiller.loss(x[batch], train.y[batch])[0].backward()
+        opt.step()
+    with torch.no_grad():
+        after = (student.eval()(x).argmax(1) == answers).float().mean().item()
+    assert len(answers.unique()) >= 8 and before < 0.5 and after > 0.85, (before, after)
+
+
+def test_an_intermediate_value_of_the_graph_serves_as_a_feature_map(teacher_and_data, tmp_path):
+    import onnx
+
+    teacher, _, val = teacher_and_data
+    sha = export_teacher(teacher, tmp_path / "t.onnx", names=("scores",))
+    blob = (tmp_path / "t.onnx").read_bytes()
+    last_relu = [n.output[0] for n in onnx.load_from_string(blob).graph.node if n.op_type == "Relu"][-1]
+    imported = import_onnx(blob, sha, "t.onnx", None, [last_relu], to_input(val.x[:2]), 10)
+    x = to_input(val.x[:16])
+    with torch.no_grad():
+        logits, maps = imported.forward_features(x)
+        expected_logits, expected_maps = teacher.forward_features(x)
+    torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(maps[0], expected_maps[-1], atol=1e-4, rtol=1e-4)   # the last stage's output
+
+
+def test_an_onnx_file_that_does_not_fit_is_refused_with_what_is_wrong(teacher_and_data, tmp_path):
+    teacher, _, val = teacher_and_data
+    sample = to_input(val.x[:2])
+    sha = export_teacher(teacher, tmp_path / "t.onnx")
+    with pytest.raises(ChecksumError, match=r"teacher\.vision\.pretrained\.sha256: .*t\.onnx has SHA-256"):
+        verified_bytes(str(tmp_path / "t.onnx"), "0" * 64, "teacher.vision.pretrained")
+    blob = (tmp_path / "t.onnx").read_bytes()
+    with pytest.raises(TeacherImportError, match="no value 'stage7'"):
+        import_onnx(blob, sha, "t.onnx", "scores", ["stage7"], sample, 10)
+    with pytest.raises(TeacherImportError, match="has shape .* 10 classes"):
+        import_onnx(blob, sha, "t.onnx", "stage0", [], sample, 10)
+    with pytest.raises(TeacherImportError, match="feature 'scores' .* \\(N, C, H, W\\)"):
+        import_onnx(blob, sha, "t.onnx", "scores", ["scores"], sample, 10)
+    fixed = export_teacher(teacher, tmp_path / "fixed.onnx", dynamic=False)
+    with pytest.raises(TeacherImportError, match="batch of 1"):
+        import_onnx((tmp_path / "fixed.onnx").read_bytes(), fixed, "fixed.onnx", None, [], sample, 10)
+    with pytest.raises(TeacherImportError, match="not a valid ONNX model"):
+        import_onnx(b"not onnx", sha, "junk.onnx", None, [], sample, 10)
+
+
+def test_a_state_dict_must_fit_the_architecture_in_params(teacher_and_data, tmp_path):
+    teacher, _, val = teacher_and_data
+    torch.save(teacher.state_dict(), tmp_path / "w.pt")
+    loaded = import_state_dict((tmp_path / "w.pt").read_bytes(), "w.pt", lambda: ResNetTeacher(ARCH))
+    x = to_input(val.x[:8])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), teacher.eval()(x))
+    with pytest.raises(TeacherImportError, match="w.pt: does not fit the teacher architecture .*size mismatch"):
+        import_state_dict((tmp_path / "w.pt").read_bytes(), "w.pt",
+                          lambda: ResNetTeacher(ResNetArch(stem=8, widths=[16, 64], blocks=[1, 1])))
+
+
+def test_the_teacher_stage_imports_an_onnx_teacher_that_distillation_and_export_then_use(
+        teacher_and_data, synthetic_source, raw_params, mlflow_uri, tmp_path, monkeypatch):
+    """The stages as ``dvc repro`` runs them: train_teacher_vision with ``pretrained`` set publishes a model file of
+    kind onnx (no training); distill_vision trains against it; export writes it under the pipeline's names."""
+    from tasks import distill_vision, train_teacher_vision
+    from tasks.export_vision import export_vision
+    from tasks.onnx_models import INPUT, OUTPUT, session
+    from tasks.prepare_vision import prepare_vision
+
+    teacher, _, _ = teacher_and_data
+    _, cfg = synthetic_source
+    prepare_vision(cfg.data.vision, tmp_path / "data")
+    sha = export_teacher(teacher, tmp_path / "mine.onnx")
+    params = cfg.model_dump(by_alias=True)
+    params["teacher"]["vision"]["pretrained"] = {"path": "mine.onnx", "sha256": sha, "format": "onnx",
+                                                 "logits": "scores", "features": ["stage0", "stage1"]}
+    params["distill"]["vision"] |= {"epochs": 1, "batch_size": 128, "threads": 1,
+                                    "feature_pairs": [{"teacher": 1, "student": 1}]}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    monkeypatch.setattr(sys, "argv", ["train_teacher_vision", "--data", "data", "--checkpoint", "ck/t/last.pt",
+                                      "--model", "teacher.pt", "--metrics", "teacher.json", "--plots", "teacher.csv"])
+    train_teacher_vision.main()
+    meta = model_meta(tmp_path / "teacher.pt")
+    assert meta["kind"] == "onnx" and meta["arch"].sha256 == sha and meta["arch"].features == ["stage0", "stage1"]
+    metrics = json.loads((tmp_path / "teacher.json").read_text())
+    test = Split.load(tmp_path / "data", "test")
+    with torch.no_grad():
+        expected = (teacher(to_input(test.x)).argmax(1) == test.y).float().mean().item()
+    assert metrics["test_accuracy"] == pytest.approx(expected, abs=1e-3)
+    assert metrics["parameters"] == count_parameters(load_model(tmp_path / "teacher.pt")) > 0
+    assert (tmp_path / "teacher.csv").read_text() == "epoch\n" and (tmp_path / "ck" / "t").is_dir()
+    assert 0 < count_nonzero(load_model(tmp_path / "teacher.pt")) <= metrics["parameters"]
+
+    import mlflow
+    run = mlflow.search_runs(search_all_experiments=True, filter_string=f"tags.`teacher.imported.sha256` = '{sha}'")
+    assert len(run) == 1
+
+    monkeypatch.setattr(sys, "argv", ["distill_vision", "--data", "data", "--teacher", "teacher.pt",
+                                      "--checkpoint", "ck/s/last.pt", "--model", "student.pt",
+                                      "--metrics", "student.json", "--plots", "student.csv"])
+    distill_vision.main()
+    assert json.loads((tmp_path / "student.json").read_text())["teacher_test_accuracy"] == pytest.approx(expected, abs=1e-3)
+
+    cfg = load_config(tmp_path / "params.yaml")
+    export = cfg.export.vision.model_copy(update={"calibration_size": 64})
+    checks = export_vision(export, cfg.qat.vision, tmp_path / "data", tmp_path / "teacher.pt",
+                           tmp_path / "student.pt", tmp_path / "student.pt", tmp_path / "onnx")
+    assert checks["teacher_fp32"]["top1_agreement"] == 1.0
+    sess = session(tmp_path / "onnx" / "teacher_fp32.onnx")
+    assert [i.name for i in sess.get_inputs()] == [INPUT] and [o.name for o in sess.get_outputs()] == [OUTPUT]
+    out = sess.run([OUTPUT], {INPUT: to_input(test.x[:4]).numpy()})[0]
+    np.testing.assert_allclose(out, teacher(to_input(test.x[:4])).detach().numpy(), atol=1e-4)
+
+
+def test_feature_pairs_need_features_the_onnx_teacher_names(raw_params):
+    from tasks.config import parse_config
+    from tasks.errors import ConfigError
+
+    teacher = {**raw_params["teacher"]["vision"],
+               "pretrained": {"path": "t.onnx", "sha256": "0" * 64, "format": "onnx"}}
+    params = {**raw_params, "teacher": {**raw_params["teacher"], "vision": teacher}}
+    if raw_params["distill"]["vision"].get("feature_pairs"):
+        with pytest.raises(ConfigError, match="feature_pairs.0.teacher: .*name them in teacher.vision.pretrained.features"):
+            parse_config(params)
+    teacher["pretrained"]["features"] = ["a", "b", "c", "d"]
+    parse_config(params)
