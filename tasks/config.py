@@ -165,15 +165,22 @@ class PretrainedTeacher(Strict):
     sha256: Sha256                     # the file is read only when its content has this checksum
     format: Literal["onnx", "state_dict"]   # state_dict: weights of ``arch``
     logits: str | None = None          # onnx: the output holding the logits; omitted, the first output
-    features: list[str] = []           # onnx: values that feature_pairs' teacher indices name, in this order
+    features: list[str] = []           # onnx: the values feature distillation aligns, in the family's order
+
+    @model_validator(mode="after")
+    def _features_for_onnx(self) -> PretrainedTeacher:
+        if self.features and self.format != "onnx":
+            raise ValueError("features names ONNX values; a state_dict teacher has the features of its arch")
+        return self
 
 
 class OnnxArch(Strict):
     """What a model file of kind ``onnx`` says of its graph (the file holds the graph itself)."""
 
-    input: str
+    inputs: list[str]
     logits: str
     features: list[str]
+    feature_shapes: list[list[int]]   # each feature's shape for one example (no batch axis)
     sha256: str        # of the file as imported (before normalisation)
     parameters: int    # float initializer elements
     nonzero: int
@@ -183,12 +190,6 @@ class OnnxArch(Strict):
 class TrainTeacherVision(TrainingRecipe):
     arch: ResNetArch
     pretrained: PretrainedTeacher | None = None
-
-    @model_validator(mode="after")
-    def _features_for_onnx(self) -> TrainTeacherVision:
-        if self.pretrained and self.pretrained.features and self.pretrained.format != "onnx":
-            raise ValueError("pretrained.features names ONNX values; a state_dict teacher has the stages of arch")
-        return self
 
     def feature_stages(self) -> int:
         """How many feature maps the teacher offers to feature distillation."""
@@ -287,6 +288,7 @@ class RecArch(Strict):
 
 class TrainTeacherRecsys(Training):
     arch: RecArch
+    pretrained: PretrainedTeacher | None = None   # features: the one (N, fields + 1, dim) field-vector tensor
 
 
 class DistillRecsys(Training):
@@ -674,6 +676,14 @@ class Config(Strict):
             if name.startswith("blocks.") and int(name.split(".")[1]) >= blocks:
                 raise ValueError(f"qat.vision.float_modules.{i}: {name} does not exist (the student has blocks "
                                  f"0..{blocks - 1})")
+        return self
+
+    @model_validator(mode="after")
+    def _recsys_teacher_offers_features(self) -> Config:
+        spec = self.teacher.recsys.pretrained
+        if spec and spec.format == "onnx" and self.distill.recsys.weights.feature > 0 and len(spec.features) != 1:
+            raise ValueError("distill.recsys.weights.feature > 0 aligns the teacher's field vectors: name that one "
+                             "output in teacher.recsys.pretrained.features, or set the weight to 0")
         return self
 
     @model_validator(mode="after")

@@ -27,7 +27,11 @@ MODELS = ("teacher_fp32", "student_fp32", "student_int8")   # the files export_r
 
 
 def export_ctr_fp32(model: nn.Module, path: Path, opset: int = 17) -> Path:
-    """Export ``model`` (logits) as a probability graph."""
+    """Export ``model`` (logits) as a probability graph; an imported ONNX teacher is written as it was imported,
+    with a sigmoid on its logits and the pipeline's input and output names."""
+    if hasattr(model, "onnx_for_export"):
+        write_atomic(path, model.onnx_for_export(list(INPUTS), OUTPUT, head="Sigmoid"))
+        return path
     example = (torch.zeros(2, model.num_fields, dtype=torch.int64), torch.zeros(2, model.genre_embedding.num_embeddings))
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp) / "model.onnx"

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from sklearn.metrics import log_loss, roc_auc_score
 from torch import nn
 
-from tasks.config import DistillRecsys, Training
+from tasks.config import DistillRecsys, OnnxArch, Training
 from tasks.distillation import FrozenTeacher
 from tasks.observers import frozen_observers
 from tasks.training import make_optimizer, make_scheduler, train_step
@@ -87,12 +87,16 @@ class CtrDistiller(FrozenTeacher):
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillRecsys) -> None:
         super().__init__(student, teacher)
         self.temperature, self.weights = cfg.temperature, cfg.weights
-        self.adapter = nn.Linear(student.arch.dim, teacher.arch.dim) if cfg.weights.feature else None
+        # an imported ONNX teacher's field vectors are as wide as its graph says
+        width = teacher.arch.feature_shapes[0][-1] if isinstance(teacher.arch, OnnxArch) else teacher.arch.dim
+        self.adapter = nn.Linear(student.arch.dim, width) if cfg.weights.feature else None
 
     def loss(self, fields: torch.Tensor, genres: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         w, t = self.weights, self.temperature
         with torch.no_grad():
             t_logits, t_vectors = self.teacher.forward_features(fields, genres)
+        if isinstance(t_vectors, list):   # an imported ONNX teacher's named features: the field vectors, if any
+            t_vectors = t_vectors[0] if t_vectors else None
         s_logits, s_vectors = self.student.forward_features(fields, genres)
         total = s_logits.new_zeros(())
         if w.ground_truth:

@@ -2,9 +2,10 @@
 own teacher architecture. Either is verified against the SHA-256 pinned in params before anything reads it.
 
 An ONNX teacher is enough for target and label distillation (its logits), and for feature distillation when it
-exposes intermediate values named in ``features`` (feature pairs' teacher indices count through that list). It is
+exposes intermediate values named in ``features`` (the family's feature pairs count through that list). It is
 frozen by nature: onnxruntime computes no gradient, and it has no parameter for an optimizer to find. Its model file
-holds the normalised ONNX bytes (one input, the logits and the named features as outputs) and their counts.
+holds the ONNX bytes (the logits and the named features as outputs) and what the family needs to know of them.
+Nothing here knows a family: each passes its example inputs and the shapes it expects.
 """
 from __future__ import annotations
 
@@ -16,9 +17,10 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel
 from torch import nn
 
-from tasks.config import OnnxArch
+from tasks.config import OnnxArch, PretrainedTeacher
 from tasks.errors import ChecksumError, DataSourceError, PipelineError
 
 
@@ -39,9 +41,9 @@ def verified_bytes(path: str, sha256: str, key: str) -> bytes:
 
 
 class OnnxTeacher(nn.Module):
-    """A frozen teacher computed by onnxruntime: ``forward`` gives logits, ``forward_features`` (logits, feature
-    maps), both as torch tensors on the input's device. The session starts on first use, with this process's torch
-    thread count."""
+    """A frozen teacher computed by onnxruntime: ``forward(*inputs)`` gives logits, ``forward_features(*inputs)``
+    (logits, features), as torch tensors on the inputs' device. The session starts on first use, with this process's
+    torch thread count."""
 
     def __init__(self, arch: OnnxArch, graph: bytes) -> None:
         super().__init__()
@@ -51,48 +53,59 @@ class OnnxTeacher(nn.Module):
     def __getstate__(self) -> dict[str, Any]:  # copies and pickles rebuild the session
         return {**self.__dict__, "_session": None}
 
-    def _run(self, names: list[str], x: torch.Tensor) -> list[torch.Tensor]:
+    def _run(self, names: list[str], inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         if self._session is None:
             import onnxruntime as ort
 
             options = ort.SessionOptions()
             options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
             self._session = ort.InferenceSession(self.graph, options, providers=["CPUExecutionProvider"])
-        feed = {self.arch.input: x.detach().float().contiguous().cpu().numpy()}
-        return [torch.from_numpy(out).to(x.device) for out in self._session.run(names, feed)]
+        feed = {name: x.detach().contiguous().cpu().numpy() for name, x in zip(self.arch.inputs, inputs, strict=True)}
+        return [torch.from_numpy(out).to(inputs[0].device) for out in self._session.run(names, feed)]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._run([self.arch.logits], x)[0]
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self._run([self.arch.logits], inputs)[0]
 
-    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        logits, *maps = self._run([self.arch.logits, *self.arch.features], x)
-        return logits, maps
+    def forward_features(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        logits, *features = self._run([self.arch.logits, *self.arch.features], inputs)
+        return logits, features
 
     def counts(self) -> dict[str, int]:
         """Parameters, non-zero parameters and MACs per example, read from the graph."""
         return {"parameters": self.arch.parameters, "nonzero": self.arch.nonzero, "macs": self.arch.macs}
 
-    def onnx_for_export(self, input_name: str, output_name: str) -> bytes:
-        """The graph with only the logits as output, its input and output renamed to the pipeline's names."""
+    def onnx_for_export(self, input_names: list[str], output_name: str, head: str = "Identity") -> bytes:
+        """The graph with one output, ``head`` (an ONNX operator: ``Sigmoid`` for a probability) of the logits,
+        named ``output_name``; its inputs renamed, in order, to ``input_names``."""
         import onnx
         from onnx import helper
 
         model = onnx.load_from_string(self.graph)
         graph = model.graph
-        logits = next(o for o in graph.output if o.name == self.arch.logits)
-        del graph.output[:]
-        graph.output.append(logits)
-        if self.arch.input != input_name:   # an Identity keeps every node (and any subgraph) as it was
-            source = next(i for i in graph.input if i.name == self.arch.input)
+        if len(input_names) != len(self.arch.inputs):
+            raise ValueError(f"the teacher takes {self.arch.inputs}, not {input_names}")
+        for position, (old, new) in enumerate(zip(self.arch.inputs, input_names, strict=True)):
+            if old == new:
+                continue
+            source = next(i for i in graph.input if i.name == old)
             renamed = onnx.ValueInfoProto()
             renamed.CopyFrom(source)
-            renamed.name = input_name
+            renamed.name = new
             graph.input.remove(source)
-            graph.input.insert(0, renamed)
-            graph.node.insert(0, helper.make_node("Identity", [input_name], [self.arch.input]))
-        if self.arch.logits != output_name:
-            graph.node.append(helper.make_node("Identity", [self.arch.logits], [output_name]))
-            graph.output[0].name = output_name
+            graph.input.insert(position, renamed)
+            # an Identity keeps every node (and any subgraph) reading the old name as it was
+            graph.node.insert(0, helper.make_node("Identity", [new], [old]))
+        logits = next(o for o in graph.output if o.name == self.arch.logits)
+        if head == "Identity" and self.arch.logits == output_name:
+            del graph.output[:]
+            graph.output.append(logits)
+            return model.SerializeToString()
+        output = onnx.ValueInfoProto()
+        output.CopyFrom(logits)
+        output.name = output_name
+        del graph.output[:]
+        graph.output.append(output)
+        graph.node.append(helper.make_node(head, [self.arch.logits], [output_name]))
         return model.SerializeToString()
 
 
@@ -118,17 +131,17 @@ def _exposed(model: Any, wanted: list[str], file: str) -> None:
         outputs.add(name)
 
 
-def _macs(model: Any, example_shape: list[int]) -> int:
+def _macs(model: Any, examples: tuple[torch.Tensor, ...]) -> int:
     """Multiply-accumulates of one example through the graph's Conv, Gemm and MatMul nodes (shape inference with
     the batch axis set to 1); other operators are not counted."""
     import onnx
 
     fixed = onnx.ModelProto()
     fixed.CopyFrom(model)
-    dims = _graph_inputs(fixed.graph)[0].type.tensor_type.shape.dim
-    for dim, size in zip(dims, [1, *example_shape], strict=True):
-        dim.Clear()
-        dim.dim_value = size
+    for graph_input, example in zip(_graph_inputs(fixed.graph), examples, strict=True):
+        for dim, size in zip(graph_input.type.tensor_type.shape.dim, [1, *example.shape[1:]], strict=True):
+            dim.Clear()
+            dim.dim_value = size
     inferred = onnx.shape_inference.infer_shapes(fixed).graph
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
               for v in [*inferred.value_info, *inferred.output, *inferred.input]}
@@ -147,9 +160,10 @@ def _macs(model: Any, example_shape: list[int]) -> int:
 
 
 def import_onnx(blob: bytes, sha256: str, file: str, logits: str | None, features: list[str],
-                example: torch.Tensor, classes: int) -> OnnxTeacher:
-    """An ``OnnxTeacher`` from verified ONNX bytes: one input taking ``example``'s shape with a free batch axis,
-    ``logits`` (default: the first output) of ``classes`` columns, every name of ``features`` a 4-D map."""
+                examples: tuple[torch.Tensor, ...], logits_shape: list[int], feature_rank: int) -> OnnxTeacher:
+    """An ``OnnxTeacher`` from verified ONNX bytes: its inputs take a batch of ``examples`` (any batch size),
+    ``logits`` (default: the first output) has ``logits_shape`` per example, every name of ``features`` is a tensor
+    of ``feature_rank`` axes (batch included)."""
     import onnx
     from onnx import numpy_helper
 
@@ -158,30 +172,33 @@ def import_onnx(blob: bytes, sha256: str, file: str, logits: str | None, feature
         onnx.checker.check_model(model)
     except Exception as err:  # onnx raises DecodeError, ValidationError, ...
         raise TeacherImportError(f"{file}: not a valid ONNX model ({str(err).splitlines()[0]})") from err
-    inputs = _graph_inputs(model.graph)
-    if len(inputs) != 1:
-        raise TeacherImportError(f"{file}: a teacher takes one input, this graph takes {[i.name for i in inputs]}")
+    inputs = [i.name for i in _graph_inputs(model.graph)]
+    if len(inputs) != len(examples):
+        raise TeacherImportError(f"{file}: the family's teacher takes {len(examples)} input(s), this graph takes "
+                                 f"{inputs}")
     logits = logits or model.graph.output[0].name
     _exposed(model, [logits, *features], file)
     floats = [numpy_helper.to_array(t) for t in model.graph.initializer
               if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)]
-    arch = OnnxArch(input=inputs[0].name, logits=logits, features=list(features), sha256=sha256,
-                    parameters=sum(a.size for a in floats), nonzero=sum(int(np.count_nonzero(a)) for a in floats),
-                    macs=_macs(model, list(example.shape[1:])))
+    arch = OnnxArch(inputs=inputs, logits=logits, features=list(features), feature_shapes=[[] for _ in features],
+                    sha256=sha256, parameters=sum(a.size for a in floats),
+                    nonzero=sum(int(np.count_nonzero(a)) for a in floats), macs=_macs(model, examples))
     teacher = OnnxTeacher(arch, model.SerializeToString())
-    for batch in (example[:1], example[:2]):
+    for size in (1, 2):
+        batch = tuple(x[:size] for x in examples)
         try:
-            out, maps = teacher.forward_features(batch)
+            out, maps = teacher.forward_features(*batch)
         except Exception as err:  # onnxruntime's own error types
-            raise TeacherImportError(f"{file}: onnxruntime cannot run it on a batch of {len(batch)} examples of "
-                                     f"shape {list(batch.shape[1:])} ({str(err).splitlines()[0]})") from err
-        if list(out.shape) != [len(batch), classes]:
-            raise TeacherImportError(f"{file}: output {logits!r} has shape {list(out.shape)} for a batch of "
-                                     f"{len(batch)}; the data has {classes} classes (name the logits output)")
+            raise TeacherImportError(f"{file}: onnxruntime cannot run it on a batch of {size} of "
+                                     f"{[list(x.shape[1:]) for x in batch]} ({str(err).splitlines()[0]})") from err
+        if list(out.shape) != [size, *logits_shape]:
+            raise TeacherImportError(f"{file}: output {logits!r} has shape {list(out.shape)} for a batch of {size}, "
+                                     f"not {['N', *logits_shape]} (name the logits output)")
         for name, fmap in zip(features, maps, strict=True):
-            if fmap.dim() != 4 or len(fmap) != len(batch):
-                raise TeacherImportError(f"{file}: feature {name!r} has shape {list(fmap.shape)}; feature "
-                                         "distillation aligns (N, C, H, W) maps")
+            if fmap.dim() != feature_rank or len(fmap) != size:
+                raise TeacherImportError(f"{file}: feature {name!r} has shape {list(fmap.shape)} for a batch of "
+                                         f"{size}; this family aligns features of {feature_rank} axes")
+    teacher.arch = arch.model_copy(update={"feature_shapes": [list(m.shape[1:]) for m in maps]})
     return teacher
 
 
@@ -202,3 +219,21 @@ def import_state_dict(blob: bytes, file: str, build: Callable[[], nn.Module]) ->
         raise TeacherImportError(f"{file}: does not fit the teacher architecture in params ({problem[:300]})") from err
     return model.eval()
 
+
+def publish_imported(run: Any, model: nn.Module, spec: PretrainedTeacher, metrics: dict[str, float], paths: Any,
+                     kind: str, arch: BaseModel, **extra: Any) -> None:
+    """A teacher stage's outputs for an imported teacher, logged to ``run`` with its provenance as tags: an ONNX
+    teacher as a model file of kind ``onnx`` holding its graph, a state-dict one as the family's ``kind`` and
+    ``arch`` (with ``extra``). Nothing was trained: the history is empty and a checkpoint folder, a DVC output of
+    the stage, is created empty."""
+    from tasks.artifacts import publish_training
+
+    run.set_tags({"teacher.imported.format": spec.format, "teacher.imported.sha256": spec.sha256,
+                  "teacher.imported.path": spec.path})
+    if getattr(paths, "checkpoint", None) is not None:
+        paths.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    if isinstance(model, OnnxTeacher):
+        graph = torch.frombuffer(bytearray(model.graph), dtype=torch.uint8)
+        publish_training(run, model, "onnx", model.arch, [], metrics, paths, onnx=graph)
+    else:
+        publish_training(run, model, kind, arch, [], metrics, paths, **extra)

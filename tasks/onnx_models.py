@@ -33,7 +33,7 @@ def export_fp32(model: nn.Module, path: Path, opset: int = 17, example: torch.Te
     """Export a float model (teacher or FP32 student) to ONNX; an imported ONNX teacher is written as it was
     imported, with the pipeline's input and output names."""
     if hasattr(model, "onnx_for_export"):
-        write_atomic(path, model.onnx_for_export(INPUT, OUTPUT))
+        write_atomic(path, model.onnx_for_export([INPUT], OUTPUT))
         return path
     model = model.eval().to(memory_format=torch.contiguous_format)
     example = torch.zeros(1, 1, 28, 28) if example is None else example

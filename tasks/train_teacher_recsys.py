@@ -1,4 +1,5 @@
-"""Stage ``train_teacher_recsys``: processed MovieLens-100K -> DeepFM click-through teacher.
+"""Stage ``train_teacher_recsys``: processed MovieLens-100K -> DeepFM click-through teacher, or the pretrained teacher
+of ``teacher.recsys.pretrained`` (an ONNX file or a state dict of ``arch``) imported and scored instead.
 
 Inputs: ``<data>`` (prepare_recsys's folder; the validation report, so it runs only on validated data).
 Outputs: ``<model>`` (``{"kind", "arch", "shape", "state_dict"}``, loadable with ``weights_only=True``),
@@ -11,11 +12,13 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from torch import nn
 
 from tasks.artifacts import count_parameters, publish_training
 from tasks.config import TrainTeacherRecsys, stage_args
 from tasks.ctr_training import evaluate_ctr, fit_ctr, label_loss, load_ctr_data
 from tasks.errors import run_cli
+from tasks.imported_teacher import import_onnx, import_state_dict, publish_imported, verified_bytes
 from tasks.recsys_models import CtrModel
 
 
@@ -32,15 +35,37 @@ def train_teacher_recsys(cfg: TrainTeacherRecsys, data_dir: Path,
     return model, shape, history, {**metrics, "parameters": count_parameters(model)}
 
 
+def import_teacher_recsys(cfg: TrainTeacherRecsys, data_dir: Path
+                          ) -> tuple[nn.Module, dict[str, int], dict[str, float]]:
+    """The pretrained teacher of ``cfg.pretrained``, checksum verified: (model, shape, validation and test metrics)."""
+    spec = cfg.pretrained
+    assert spec is not None
+    torch.set_num_threads(cfg.threads)
+    _, val, test, shape = load_ctr_data(data_dir)
+    blob = verified_bytes(spec.path, spec.sha256, "teacher.recsys.pretrained")
+    if spec.format == "onnx":
+        model: nn.Module = import_onnx(blob, spec.sha256, spec.path, spec.logits, spec.features,
+                                       val.batch(slice(0, 2))[:2], logits_shape=[], feature_rank=3)
+    else:
+        model = import_state_dict(blob, spec.path, lambda: CtrModel(cfg.arch, **shape))
+    metrics = {f"{name}_{k}": v for name, split in (("val", val), ("test", test))
+               for k, v in evaluate_ctr(model, split, cfg.eval_batch_size).items()}
+    return model, shape, {**metrics, "parameters": count_parameters(model)}
+
+
 def main() -> None:
     args, cfg = stage_args(__doc__, "--data", "--model", "--metrics", "--plots")
     teacher = cfg.teacher.recsys
     from tasks.tracking import stage_run
 
     with stage_run("train_teacher_recsys", cfg, {"teacher.recsys": teacher}) as run:
-        model, shape, history, metrics = train_teacher_recsys(
-            teacher, args.data, lambda epoch, m: run.log_metrics(m, step=epoch + 1))
-        publish_training(run, model, "ctr", teacher.arch, history, metrics, args, shape=shape)
+        if (spec := teacher.pretrained) is not None:
+            model, shape, metrics = import_teacher_recsys(teacher, args.data)
+            publish_imported(run, model, spec, metrics, args, "ctr", teacher.arch, shape=shape)
+        else:
+            model, shape, history, metrics = train_teacher_recsys(
+                teacher, args.data, lambda epoch, m: run.log_metrics(m, step=epoch + 1))
+            publish_training(run, model, "ctr", teacher.arch, history, metrics, args, shape=shape)
     print(f"teacher test AUC {metrics['test_auc']:.4f}, logloss {metrics['test_logloss']:.4f} "
           f"({metrics['parameters']:,} parameters)")
 

@@ -16,7 +16,7 @@ from torch import nn
 from tasks.artifacts import count_parameters, fingerprint, publish_training, training_inputs
 from tasks.config import TrainTeacherVision, stage_args
 from tasks.errors import run_cli
-from tasks.imported_teacher import import_onnx, import_state_dict, verified_bytes
+from tasks.imported_teacher import import_onnx, import_state_dict, publish_imported, verified_bytes
 from tasks.training import Split, evaluate, fit, memory_format, to_input
 from tasks.vision_models import ResNetTeacher
 
@@ -46,7 +46,7 @@ def import_teacher_vision(cfg: TrainTeacherVision, data_dir: Path) -> tuple[nn.M
     blob = verified_bytes(spec.path, spec.sha256, "teacher.vision.pretrained")
     if spec.format == "onnx":
         model: nn.Module = import_onnx(blob, spec.sha256, spec.path, spec.logits, spec.features,
-                                       to_input(val.x[:2]), classes=10)
+                                       (to_input(val.x[:2]),), logits_shape=[10], feature_rank=4)
     else:
         model = import_state_dict(blob, spec.path, lambda: ResNetTeacher(cfg.arch))
     metrics = {f"{name}_{k}": v for name, split in (("val", val), ("test", test))
@@ -63,14 +63,7 @@ def main() -> None:
     with stage_run("train_teacher_vision", cfg, {"teacher.vision": teacher}) as run:
         if (spec := teacher.pretrained) is not None:
             model, metrics = import_teacher_vision(teacher, args.data)
-            run.set_tags({"teacher.imported.format": spec.format, "teacher.imported.sha256": spec.sha256,
-                          "teacher.imported.path": spec.path})
-            args.checkpoint.parent.mkdir(parents=True, exist_ok=True)   # a DVC output, empty: nothing trained
-            if spec.format == "onnx":
-                graph = torch.frombuffer(bytearray(model.graph), dtype=torch.uint8)
-                publish_training(run, model, "onnx", model.arch, [], metrics, args, onnx=graph)
-            else:
-                publish_training(run, model, "resnet_teacher", teacher.arch, [], metrics, args)
+            publish_imported(run, model, spec, metrics, args, "resnet_teacher", teacher.arch)
         else:
             model, history, metrics = train_teacher_vision(
                 teacher, args.data, args.checkpoint, lambda epoch, m: run.log_metrics(m, step=epoch + 1))

@@ -62,7 +62,7 @@ def test_an_onnx_teacher_computes_the_losses_of_the_torch_teacher_it_came_from(t
     teacher, _, val = teacher_and_data
     sha = export_teacher(teacher, tmp_path / "t.onnx")
     imported = import_onnx(verified_bytes(str(tmp_path / "t.onnx"), sha, "k"), sha, "t.onnx", "scores",
-                           ["stage0", "stage1"], to_input(val.x[:2]), classes=10)
+                           ["stage0", "stage1"], (to_input(val.x[:2]),), [10], 4)
     x, y = to_input(val.x[:64]), val.y[:64]
     with torch.no_grad():
         torch.testing.assert_close(imported(x), teacher(x), atol=1e-4, rtol=1e-4)
@@ -91,7 +91,7 @@ def test_an_onnx_teacher_computes_the_losses_of_the_torch_teacher_it_came_from(t
 def test_target_and_label_distillation_from_an_onnx_teacher_teach_the_student_its_answers(teacher_and_data, tmp_path):
     teacher, train, val = teacher_and_data
     sha = export_teacher(teacher, tmp_path / "t.onnx")
-    imported = import_onnx((tmp_path / "t.onnx").read_bytes(), sha, "t.onnx", None, [], to_input(val.x[:2]), 10)
+    imported = import_onnx((tmp_path / "t.onnx").read_bytes(), sha, "t.onnx", None, [], (to_input(val.x[:2]),), [10], 4)
     torch.manual_seed(0)
     student = MobileStudent(load_config().distill.vision.student)
     distiller = Distiller(student, imported, _kd(1.0, 1.0), to_input(train.x[:2]))
@@ -118,7 +118,7 @@ def test_an_intermediate_value_of_the_graph_serves_as_a_feature_map(teacher_and_
     sha = export_teacher(teacher, tmp_path / "t.onnx", names=("scores",))
     blob = (tmp_path / "t.onnx").read_bytes()
     last_relu = [n.output[0] for n in onnx.load_from_string(blob).graph.node if n.op_type == "Relu"][-1]
-    imported = import_onnx(blob, sha, "t.onnx", None, [last_relu], to_input(val.x[:2]), 10)
+    imported = import_onnx(blob, sha, "t.onnx", None, [last_relu], (to_input(val.x[:2]),), [10], 4)
     x = to_input(val.x[:16])
     with torch.no_grad():
         logits, maps = imported.forward_features(x)
@@ -129,22 +129,22 @@ def test_an_intermediate_value_of_the_graph_serves_as_a_feature_map(teacher_and_
 
 def test_an_onnx_file_that_does_not_fit_is_refused_with_what_is_wrong(teacher_and_data, tmp_path):
     teacher, _, val = teacher_and_data
-    sample = to_input(val.x[:2])
+    sample = (to_input(val.x[:2]),)
     sha = export_teacher(teacher, tmp_path / "t.onnx")
     with pytest.raises(ChecksumError, match=r"teacher\.vision\.pretrained\.sha256: .*t\.onnx has SHA-256"):
         verified_bytes(str(tmp_path / "t.onnx"), "0" * 64, "teacher.vision.pretrained")
     blob = (tmp_path / "t.onnx").read_bytes()
     with pytest.raises(TeacherImportError, match="no value 'stage7'"):
-        import_onnx(blob, sha, "t.onnx", "scores", ["stage7"], sample, 10)
-    with pytest.raises(TeacherImportError, match="has shape .* 10 classes"):
-        import_onnx(blob, sha, "t.onnx", "stage0", [], sample, 10)
-    with pytest.raises(TeacherImportError, match="feature 'scores' .* \\(N, C, H, W\\)"):
-        import_onnx(blob, sha, "t.onnx", "scores", ["scores"], sample, 10)
+        import_onnx(blob, sha, "t.onnx", "scores", ["stage7"], sample, [10], 4)
+    with pytest.raises(TeacherImportError, match=r"output .stage0. has shape \[1, 16, 14, 14\] for a batch of 1, not"):
+        import_onnx(blob, sha, "t.onnx", "stage0", [], sample, [10], 4)
+    with pytest.raises(TeacherImportError, match="feature 'scores' has shape \\[1, 10\\] .* features of 4 axes"):
+        import_onnx(blob, sha, "t.onnx", "scores", ["scores"], sample, [10], 4)
     fixed = export_teacher(teacher, tmp_path / "fixed.onnx", dynamic=False)
     with pytest.raises(TeacherImportError, match="batch of 1"):
-        import_onnx((tmp_path / "fixed.onnx").read_bytes(), fixed, "fixed.onnx", None, [], sample, 10)
+        import_onnx((tmp_path / "fixed.onnx").read_bytes(), fixed, "fixed.onnx", None, [], sample, [10], 4)
     with pytest.raises(TeacherImportError, match="not a valid ONNX model"):
-        import_onnx(b"not onnx", sha, "junk.onnx", None, [], sample, 10)
+        import_onnx(b"not onnx", sha, "junk.onnx", None, [], sample, [10], 4)
 
 
 def test_a_state_dict_must_fit_the_architecture_in_params(teacher_and_data, tmp_path):

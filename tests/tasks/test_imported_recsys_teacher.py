@@ -1,0 +1,159 @@
+"""The recommender's teacher brought as an ONNX file (two inputs, a logit per row, field vectors as a named output)
+or as a state dict: it drives target, label and feature distillation as the torch teacher it came from, and the
+stages publish, distil from and export it."""
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from torch import nn
+
+from tasks.artifacts import load_model, model_meta
+from tasks.config import DistillRecsys, LossWeights, Optimizer, RecArch, Schedule
+from tasks.ctr_training import CtrDistiller, evaluate_ctr, load_ctr_data
+from tasks.imported_teacher import TeacherImportError, import_onnx
+from tasks.recsys_models import CtrModel
+from tests.tasks.test_recsys_models import SHAPE, _model, _split
+
+
+class WithVectors(nn.Module):
+    def __init__(self, teacher: CtrModel) -> None:
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, fields: torch.Tensor, genres: torch.Tensor):
+        return self.teacher.forward_features(fields, genres)
+
+
+def export_teacher(teacher: CtrModel, path, inputs=("user_fields", "user_genres")) -> str:
+    example = (torch.zeros(2, teacher.num_fields, dtype=torch.int64), torch.zeros(2, teacher.genre_embedding.num_embeddings))
+    torch.onnx.export(WithVectors(teacher).eval(), example, str(path), input_names=list(inputs),
+                      output_names=["logit", "vectors"], opset_version=17, dynamo=False,
+                      dynamic_axes={n: {0: "n"} for n in (*inputs, "logit", "vectors")})
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _kd(student: CtrModel, weights: LossWeights) -> DistillRecsys:
+    return DistillRecsys(epochs=1, batch_size=64, optimizer=Optimizer(name="adamw", lr=0.01, weight_decay=0.0),
+                         schedule=Schedule(name="constant"), seed=0, threads=1, student=student.arch,
+                         temperature=2.0, weights=weights)
+
+
+def test_an_onnx_ctr_teacher_computes_the_losses_of_the_torch_teacher_it_came_from(tmp_path):
+    teacher = _model(seed=1, dim=16, mlp=[32]).eval()
+    sha = export_teacher(teacher, tmp_path / "t.onnx")
+    data = _split(256)
+    imported = import_onnx((tmp_path / "t.onnx").read_bytes(), sha, "t.onnx", "logit", ["vectors"],
+                           (data.fields[:2], data.genres[:2]), logits_shape=[], feature_rank=3)
+    assert imported.arch.feature_shapes == [[SHAPE["fields"] + 1, 16]]
+    with torch.no_grad():
+        torch.testing.assert_close(imported(data.fields, data.genres), teacher(data.fields, data.genres),
+                                   atol=1e-5, rtol=1e-5)
+    student = _model(seed=2)
+    for weights in (LossWeights(ground_truth=0.0, target=1.0, feature=0.0, label=0.0),
+                    LossWeights(ground_truth=0.0, target=0.0, feature=0.0, label=1.0),
+                    LossWeights(ground_truth=0.0, target=0.0, feature=1.0, label=0.0)):
+        torch.manual_seed(3)
+        via_onnx = CtrDistiller(student, imported, _kd(student, weights)).train()
+        torch.manual_seed(3)
+        via_torch = CtrDistiller(student, teacher, _kd(student, weights)).train()
+        onnx_total, _ = via_onnx.loss(data.fields, data.genres, data.y)
+        torch_total, _ = via_torch.loss(data.fields, data.genres, data.y)
+        torch.testing.assert_close(onnx_total, torch_total, atol=1e-5, rtol=1e-5)
+        onnx_total.backward()
+        assert student.embedding.weight.grad.abs().sum() > 0
+        student.zero_grad(set_to_none=True)
+
+
+def test_an_onnx_ctr_teacher_must_take_the_familys_two_inputs_and_give_a_logit_per_row(tmp_path):
+    teacher = _model(seed=1).eval()
+    sha = export_teacher(teacher, tmp_path / "t.onnx")
+    data = _split(8)
+    blob = (tmp_path / "t.onnx").read_bytes()
+    with pytest.raises(TeacherImportError, match=r"takes 1 input\(s\), this graph takes \['user_fields', 'user_genres'\]"):
+        import_onnx(blob, sha, "t.onnx", "logit", [], (data.fields[:2],), [], 3)
+    with pytest.raises(TeacherImportError, match=r"output 'vectors' has shape \[1, 4, 8\] for a batch of 1, not \['N'\]"):
+        import_onnx(blob, sha, "t.onnx", "vectors", [], (data.fields[:2], data.genres[:2]), [], 3)
+
+
+def test_the_recsys_stages_import_distil_from_and_export_an_onnx_teacher(synthetic_movielens, mlflow_uri, tmp_path,
+                                                                        monkeypatch):
+    from tasks import distill_recsys, train_teacher_recsys
+    from tasks.ctr_onnx import INPUTS, MODELS, OUTPUT, onnx_probabilities
+    from tasks.export_recsys import export_recsys
+    from tasks.onnx_models import session
+    from tasks.prepare_recsys import prepare_recsys
+
+    _, _, cfg = synthetic_movielens
+    prepare_recsys(cfg.data.recsys, tmp_path / "data")
+    _, _, test, shape = load_ctr_data(tmp_path / "data")
+    torch.manual_seed(0)
+    teacher = CtrModel(RecArch(dim=8, fm=True, mlp=[16]), **shape).eval()
+    sha = export_teacher(teacher, tmp_path / "mine.onnx")
+    params = cfg.model_dump(by_alias=True)
+    params["teacher"]["recsys"]["pretrained"] = {"path": "mine.onnx", "sha256": sha, "format": "onnx",
+                                                 "logits": "logit", "features": ["vectors"]}
+    params["distill"]["recsys"] |= {"epochs": 1, "threads": 1}
+    params["distill"]["recsys"]["weights"]["feature"] = 0.5
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    monkeypatch.setattr(sys, "argv", ["train_teacher_recsys", "--data", "data", "--model", "teacher.pt",
+                                      "--metrics", "teacher.json", "--plots", "teacher.csv"])
+    train_teacher_recsys.main()
+    assert model_meta(tmp_path / "teacher.pt")["kind"] == "onnx"
+    expected = evaluate_ctr(teacher, test)["auc"]
+    assert json.loads((tmp_path / "teacher.json").read_text())["test_auc"] == pytest.approx(expected, abs=1e-6)
+    assert (tmp_path / "teacher.csv").read_text() == "epoch\n"
+
+    monkeypatch.setattr(sys, "argv", ["distill_recsys", "--data", "data", "--teacher", "teacher.pt",
+                                      "--model", "student.pt", "--metrics", "student.json", "--plots", "student.csv"])
+    distill_recsys.main()
+    assert json.loads((tmp_path / "student.json").read_text())["teacher_test_auc"] == pytest.approx(expected, abs=1e-6)
+
+    from tasks.config import load_config
+
+    export = load_config(tmp_path / "params.yaml").export.recsys
+    checks = export_recsys(export, tmp_path / "data", tmp_path / "teacher.pt", tmp_path / "student.pt",
+                           tmp_path / "student.pt", tmp_path / "onnx")
+    assert set(checks) == set(MODELS)
+    sess = session(tmp_path / "onnx" / "teacher_fp32.onnx")
+    assert [i.name for i in sess.get_inputs()] == list(INPUTS) and [o.name for o in sess.get_outputs()] == [OUTPUT]
+    with torch.no_grad():
+        reference = torch.sigmoid(teacher(test.fields, test.genres)).numpy()
+    np.testing.assert_allclose(onnx_probabilities(tmp_path / "onnx" / "teacher_fp32.onnx", test), reference, atol=1e-5)
+    assert load_model(tmp_path / "teacher.pt").counts()["parameters"] > 0
+
+
+def test_feature_distillation_needs_the_field_vectors_named(raw_params):
+    from tasks.config import parse_config
+    from tasks.errors import ConfigError
+
+    spec = {"path": "t.onnx", "sha256": "0" * 64, "format": "onnx"}
+    teacher = {**raw_params["teacher"]["recsys"], "pretrained": spec}
+    distill = {**raw_params["distill"]["recsys"],
+               "weights": {**raw_params["distill"]["recsys"]["weights"], "feature": 0.5}}
+    params = {**raw_params, "teacher": {**raw_params["teacher"], "recsys": teacher},
+              "distill": {**raw_params["distill"], "recsys": distill}}
+    with pytest.raises(ConfigError, match="name that one output in teacher.recsys.pretrained.features"):
+        parse_config(params)
+    spec["features"] = ["vectors"]
+    parse_config(params)
+
+
+def test_a_ctr_state_dict_is_imported_into_the_arch_of_params(tmp_path):
+    from tasks.imported_teacher import import_state_dict
+
+    teacher = _model(seed=1).eval()
+    torch.save({"state_dict": teacher.state_dict()}, tmp_path / "w.pt")
+    loaded = import_state_dict((tmp_path / "w.pt").read_bytes(), "w.pt", lambda: CtrModel(teacher.arch, **SHAPE))
+    data = _split(16)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(data.fields, data.genres), teacher(data.fields, data.genres))
+    with pytest.raises(TeacherImportError, match="w.pt: does not fit"):
+        import_state_dict((tmp_path / "w.pt").read_bytes(), "w.pt",
+                          lambda: CtrModel(RecArch(dim=4, fm=True, mlp=[16]), **SHAPE))
