@@ -21,10 +21,9 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.exceptions import MissingContextError
 from prefect.states import State
 
-from flows.promotion import FAMILIES
 from flows.run_artifacts import publish_data_docs, publish_gate, publish_run
 from flows.stage_graph import stage_graph
-from tasks.config import load_config
+from tasks.config import Config, load_config
 from tasks.errors import EXIT_USER_ERROR, PipelineError, run_cli
 from tasks.expectations import DATA_DOCS
 from tasks.tracking import PARENT_ENV, pipeline_run, redact, tracking_uri
@@ -124,7 +123,7 @@ def compression_pipeline(root: str = ".", families: list[str] | None = None) -> 
     root_path = Path(root).resolve()
     cfg = load_config(root_path / "params.yaml")
     uri = tracking_uri(cfg, root_path)
-    families = chosen(families)
+    families = chosen(cfg, families)
     stages = [node for node in stage_graph(root_path) if node.family in families]
     statuses: dict[str, str] = {}
     with pipeline_run(cfg, "pipeline", root_path) as parent:
@@ -146,12 +145,12 @@ def compression_pipeline(root: str = ".", families: list[str] | None = None) -> 
             "gates": gates}
 
 
-def chosen(families: list[str] | None) -> list[str]:
-    """The families a run covers: those given (each must exist), else every family."""
-    unknown = sorted(set(families or ()) - set(FAMILIES))
+def chosen(cfg: Config, families: list[str] | None) -> list[str]:
+    """The families a run covers: those given (each one of params.yaml's ``families``), else all of those."""
+    unknown = sorted(set(families or ()) - set(cfg.families))
     if unknown:
-        raise PipelineError(f"families: unknown {unknown}; choose from {list(FAMILIES)}")
-    return list(families or FAMILIES)
+        raise PipelineError(f"families: unknown {unknown}; choose from {cfg.families} (params.yaml's families)")
+    return list(families or cfg.families)
 
 
 @flow(name="gate-and-register", log_prints=True)
@@ -161,7 +160,7 @@ def gate_only(root: str = ".", families: list[str] | None = None) -> dict[str, A
     cfg = load_config(root_path / "params.yaml")
     uri = tracking_uri(cfg, root_path)
     with pipeline_run(cfg, "gate", root_path) as parent:
-        gates = {family: retrying_promote(cfg)(family, root_path, uri, parent.run_id) for family in chosen(families)}
+        gates = {family: retrying_promote(cfg)(family, root_path, uri, parent.run_id) for family in chosen(cfg, families)}
     return {"stages": {}, "metrics": {}, "parent_run_id": parent.run_id, "tracking_uri": redact(uri), "gates": gates}
 
 
@@ -232,7 +231,7 @@ def summary(result: dict[str, Any], root: Path) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Run the compression pipeline (every stage of dvc.yaml).")
     parser.add_argument("--root", default=".", help="project root holding dvc.yaml and params.yaml")
-    parser.add_argument("--family", action="append", choices=FAMILIES, dest="families",
+    parser.add_argument("--family", action="append", dest="families",
                         help="run only this family's stages and gate (repeatable; default: every family)")
     parser.add_argument("--gate-only", action="store_true", help="no stage: gate and register the current outputs")
     args = parser.parse_args()

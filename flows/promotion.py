@@ -26,17 +26,15 @@ from mlflow.tracking import MlflowClient
 from prefect import flow
 
 from flows.registry_lock import registry_lock
-from tasks.config import Config, GateRecsys, GateVision, load_config
+from tasks.config import Config, load_config
 from tasks.errors import PipelineError, ServiceUnavailable, run_cli
-from tasks.evaluate_vision import latency
-from tasks.gate import SPECS, Check, gate_checks, gate_markdown, gate_tags
+from tasks.family import load_family
+from tasks.gate import Check, gate_checks, gate_markdown, gate_tags
 from tasks.io import file_digest, write_atomic, write_json
 from tasks.lineage import dvc_input_hashes, git_state, params_hash
-from tasks.onnx_models import INPUT, onnx_accuracy, session
+from tasks.onnx_models import session
 from tasks.tracking import client_for, redact, server_error
-from tasks.training import Split, to_input
 
-FAMILIES = ("vision", "recsys")
 MODEL_SHA256 = "model.sha256"   # version tag: SHA-256 of the registered ONNX file, checked before it is run
 
 
@@ -107,34 +105,6 @@ def verify_candidate(root: Path, family: str, evaluation: dict[str, Any]) -> Non
                                    f"`dvc repro evaluate_{family}` (nothing was registered)")
 
 
-def score(path: Path, data: Path, cfg: Config, family: str) -> dict[str, float]:
-    """The gate's test metric and latency of one ONNX file, measured now (candidate and champion back to back)."""
-    if family == "recsys":
-        from tasks.evaluate_recsys import score_onnx
-
-        return score_onnx(path, data, cfg.evaluate.recsys)
-    ev, test = cfg.evaluate.vision, Split.load(data, "test")
-    return {"test_accuracy": onnx_accuracy(path, test, ev.threads), **latency(path, test.x, ev)}
-
-
-def timing(path: Path, data: Path, cfg: Config, family: str) -> dict[str, float]:
-    """The latency of one ONNX file only, measured now (the teacher's, beside the candidate's)."""
-    if family == "recsys":
-        from tasks.evaluate_recsys import Catalog, request_latency
-
-        return request_latency(path, Catalog(data), cfg.evaluate.recsys)
-    return latency(path, Split.load(data, "test").x, cfg.evaluate.vision)
-
-
-def input_example(data: Path, family: str) -> dict[str, np.ndarray]:
-    """One row of model input, for the registered model's signature and example."""
-    if family == "recsys":
-        from tasks.evaluate_recsys import Catalog
-
-        return Catalog(data).request(0, np.arange(1))
-    return {INPUT: to_input(Split.load(data, "test").x[:1]).contiguous().numpy()}
-
-
 def log_onnx_model(client: MlflowClient, run_id: str, path: Path, sample: dict[str, np.ndarray]) -> tuple[str, str]:
     """Log ``path`` with the ``mlflow.onnx`` flavor, a signature and an input example (an ONNX file, JSON and YAML:
     never a pickle); return its runs:/ URI and the SHA-256 of the stored ONNX file."""
@@ -152,7 +122,7 @@ def log_onnx_model(client: MlflowClient, run_id: str, path: Path, sample: dict[s
     return f"runs:/{run_id}/model", digest
 
 
-def lineage(cfg: Config, root: Path, parent_run_id: str, family: str = "vision") -> dict[str, str]:
+def lineage(cfg: Config, root: Path, parent_run_id: str, family: str) -> dict[str, str]:
     """git commit, DVC's hash of the data and of the candidate file, the hash of every param, the parent run."""
     hashes, where = dvc_input_hashes(f"evaluate_{family}", root), paths(family)
     return {**git_state(root), "params.hash": params_hash(cfg),
@@ -161,14 +131,14 @@ def lineage(cfg: Config, root: Path, parent_run_id: str, family: str = "vision")
 
 
 def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, run_id: str,
-                      parent_run_id: str, family: str = "vision", may_promote: bool = True,
+                      parent_run_id: str, family: str, may_promote: bool = True,
                       extra_tags: dict[str, str] | None = None) -> dict[str, Any]:
     """Gate the family's candidate, register it, move aliases; return the report.
 
     ``champion`` moves only when every check passes and ``may_promote`` (a sweep registers challengers only). The
     registry part runs under the model's promotion lock, so concurrent runs promote one after another and each
     version's ``audit.*`` tags name the champion it was compared with."""
-    gate: GateVision | GateRecsys = getattr(cfg.gate, family)
+    gate = getattr(cfg.gate, family)
     check_registry(client, uri)
     tags = {**lineage(cfg, root, parent_run_id, family), **(extra_tags or {})}
     with registry_lock(gate.registered_model, cfg.tracking.registry_lock_timeout_seconds):
@@ -181,7 +151,7 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
         promote = report["passed"] and may_promote
         tags.update({**gate_tags(checks), **audit_tags(report["champion_before"], promote)})
         source, tags[MODEL_SHA256] = log_onnx_model(client, run_id, root / paths(family)["candidate"],
-                                                    input_example(root / paths(family)["data"], family))
+                                                    load_family(family).input_example(root / paths(family)["data"]))
         if not client.search_registered_models(f"name = '{gate.registered_model}'"):
             try:
                 client.create_registered_model(gate.registered_model)
@@ -204,7 +174,7 @@ def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str,
           family: str) -> tuple[dict[str, Any], list[Check], dict[str, Any]]:
     """Score the candidate and the current champion back to back, check the gate, write and log its report;
     return the report, the checks and the evaluation with the candidate's fresh scores."""
-    where, gate = paths(family), getattr(cfg.gate, family)
+    where, gate, contract = paths(family), getattr(cfg.gate, family), load_family(family)
     data = root / where["data"]
     evaluation = json.loads((root / where["evaluation"]).read_text())
     verify_candidate(root, family, evaluation)
@@ -213,11 +183,11 @@ def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str,
     with tempfile.TemporaryDirectory() as tmp:
         if champ is not None:  # the champion and the candidate: same test data, same run, back to back
             champion = {"version": str(champ.version),
-                        **score(download_onnx(client, champ, Path(tmp)), data, cfg, family)}
-    evaluation["models"]["student_int8"].update(score(root / where["candidate"], data, cfg, family))
+                        **contract.score(download_onnx(client, champ, Path(tmp)), data, cfg)}
+    evaluation["models"]["student_int8"].update(contract.score(root / where["candidate"], data, cfg))
     # the teacher's latency too, beside the candidate's: a speed-up divides two numbers of one session
-    evaluation["models"]["teacher_fp32"].update(timing(root / where["teacher"], data, cfg, family))
-    checks = gate_checks(evaluation, champion, gate, SPECS[family])
+    evaluation["models"]["teacher_fp32"].update(contract.timing(root / where["teacher"], data, cfg))
+    checks = gate_checks(evaluation, champion, gate, contract.gate)
     passed = all(c.passed for c in checks)
     report = {"passed": passed, "checks": [c.as_dict() for c in checks], "champion_before": champion,
               "candidate": evaluation["models"]["student_int8"], "teacher": evaluation["models"]["teacher_fp32"]}
@@ -242,13 +212,13 @@ def audit_tags(champion_before: dict | None, promoted: bool) -> dict[str, str]:
 
 
 def write_report(root: Path, cfg: Config, evaluation: dict, report: dict, tags: dict[str, str],
-                 family: str = "vision") -> None:
+                 family: str) -> None:
     """``reports/<family>/report.html``: Pareto plots, models, gate, and the family's ablation when one was run."""
     from tasks.report import ReportView, render_report
 
-    spec = SPECS[family]
-    view = ReportView(f"{family.capitalize()} compression report", getattr(cfg.gate, family).metric, spec.latency,
-                      spec.latency_what, ablation=family == "vision")   # `make ablation` measures the vision family
+    contract = load_family(family)
+    view = ReportView(contract.title, getattr(cfg.gate, family).metric, contract.gate.latency,
+                      contract.gate.latency_what, ablation=contract.ablation)
     ablation_file = root / "reports" / "ablation" / f"{family}.json"
     ablation = json.loads(ablation_file.read_text()) if ablation_file.exists() else None
     context = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "profile": cfg.profile,
@@ -318,10 +288,19 @@ def _move_alias(client: MlflowClient, uri: str, name: str, version: str, alias: 
     return {"name": name, "alias": alias, "version": str(version), "previous": str(previous)}
 
 
+def registered_model(cfg: Config, family: str | None) -> str:
+    """``gate.<family>.registered_model`` of a family of ``families`` (default: the first)."""
+    family = family or cfg.families[0]
+    if family not in cfg.families:
+        raise PipelineError(f"--family: {family!r} is not one of params.yaml's families {cfg.families}")
+    return getattr(cfg.gate, family).registered_model
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Move a registry alias to a model version (promote or roll back).")
     parser.add_argument("--name", help="registered model (default: gate.<family>.registered_model)")
-    parser.add_argument("--family", choices=FAMILIES, default="vision", help="whose registered model, without --name")
+    parser.add_argument("--family", default=None, help="whose registered model, without --name (default: the "
+                        "first of params.yaml's families)")
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--version")
     target.add_argument("--rollback", action="store_true", help="champion back to the version before the current one")
@@ -330,7 +309,7 @@ def main() -> None:
     parser.add_argument("--who", default=None)
     parser.add_argument("--root", default=".")
     args = parser.parse_args()
-    name = args.name or getattr(load_config(Path(args.root) / "params.yaml").gate, args.family).registered_model
+    name = args.name or registered_model(load_config(Path(args.root) / "params.yaml"), args.family)
     if args.rollback:
         rollback_champion(name, args.reason, args.who, args.root)
     else:

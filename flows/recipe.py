@@ -20,7 +20,8 @@ from flows.pipeline import _retry_transient, reproduce, stage_env
 from flows.workspace import copy_project
 from tasks.config import load_config, parse_config
 from tasks.errors import ConfigError, PipelineError
-from tasks.gate import SPECS, gate_checks, gate_tags
+from tasks.family import load_family
+from tasks.gate import gate_checks, gate_tags
 from tasks.io import load_yaml
 from tasks.tracking import child_run, client_for, ensure_experiment
 
@@ -116,9 +117,10 @@ def run_recipe(index: int, overrides: dict[str, Any], family: str, root: Path, w
         gate = getattr(cfg.gate, family)
         # Which recipes may be chosen is a choice too: the gate's thresholds on the validation scores decide it
         # ("passed"); the test gate is reported beside it and decides only at registration, for the chosen one.
-        eligible = gate_checks(evaluation, None, gate, SPECS[family], split="val")
-        checks = gate_checks(evaluation, None, gate, SPECS[family])
-        cand, lat = evaluation["models"]["student_int8"], SPECS[family].latency
+        spec = load_family(family).gate
+        eligible = gate_checks(evaluation, None, gate, spec, split="val")
+        checks = gate_checks(evaluation, None, gate, spec)
+        cand, lat = evaluation["models"]["student_int8"], spec.latency
         # val_<metric> is what the sweep ranks recipes by; test_<metric> is reported (and gated) only
         measured = {**{f"{split}_{gate.metric}": cand[f"{split}_{gate.metric}"] for split in ("val", "test")},
                     "bytes": cand["bytes"], "latency_p50_ms": cand[f"{lat}_p50_ms"],

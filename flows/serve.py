@@ -17,17 +17,18 @@ import os
 import sys
 from pathlib import Path
 
-from flows.promotion import FAMILIES
+from flows.promotion import registered_model
 from tasks.config import Config, load_config
 from tasks.errors import run_cli
 from tasks.tracking import tracking_uri
 
 
-def serve_command(cfg: Config, root: Path, family: str, host: str, port: int,
+def serve_command(cfg: Config, root: Path, family: str | None, host: str, port: int,
                   alias: str = "champion") -> tuple[list[str], dict[str, str]]:
-    """The ``mlflow models serve`` command line and environment that serve ``family``'s ``alias``."""
+    """The ``mlflow models serve`` command line and environment that serve ``family``'s ``alias`` (default: the first
+    of params.yaml's families)."""
     bin_dir = Path(sys.executable).parent
-    model = getattr(cfg.gate, family).registered_model
+    model = registered_model(cfg, family)
     env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(cfg, root),
            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}   # the scoring server runs uvicorn from here
     cmd = [str(bin_dir / "mlflow"), "models", "serve", "-m", f"models:/{model}@{alias}", "--env-manager", "local",
@@ -37,7 +38,7 @@ def serve_command(cfg: Config, root: Path, family: str, host: str, port: int,
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", choices=FAMILIES, default="vision")
+    parser.add_argument("--family", default=None, help="default: the first of params.yaml's families")
     parser.add_argument("--alias", default="champion")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=5001)

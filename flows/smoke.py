@@ -12,8 +12,8 @@ import shutil
 from pathlib import Path
 
 from flows.benchmark import run_pipeline
-from flows.promotion import FAMILIES
 from flows.workspace import copy_project
+from tasks.config import load_config
 from tasks.errors import PipelineError, run_cli
 
 # In every smoke copy, the only kind of folder a new smoke run may replace (inside .git: an untracked file would
@@ -38,13 +38,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", type=Path, default=Path(".smoke") / "project",
                         help="where the scratch copy goes (replaced on each run; default: .smoke/project)")
-    parser.add_argument("--family", action="append", dest="families", choices=FAMILIES,
+    parser.add_argument("--family", action="append", dest="families",
                         help="only this family's stages and gate (repeatable; default: every family)")
     args = parser.parse_args()
     dest = args.dir.resolve()
     wall, info = smoke(dest, args.families)
     ran = sum(status == "ran" for status in info["statuses"].values())
-    print(f"\nsmoke run: {ran} stages and {len(args.families or FAMILIES)} gate(s) in {wall:.0f} s, in {dest} "
+    gates = len(args.families or load_config(dest / "params.yaml").families)
+    print(f"\nsmoke run: {ran} stages and {gates} gate(s) in {wall:.0f} s, in {dest} "
           f"(its MLflow store: sqlite:///{dest / 'mlflow.db'}); this project was not touched")
 
 

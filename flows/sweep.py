@@ -30,7 +30,6 @@ from prefect import flow, get_client
 from prefect.futures import as_completed
 
 from flows.pipeline import run_stage, stage_env
-from flows.promotion import FAMILIES
 from flows.recipe import run_recipe
 from flows.stage_graph import downstream_of, family_stages, stage_graph
 from flows.sweep_report import best_passing, pareto_front, write_sweep_report
@@ -100,7 +99,7 @@ def recipe_sweep(root: str = ".", family: str | None = None, address: str | None
     cfg = load_config(root_path / "params.yaml")
     sweep = cfg.sweep
     family = family or sweep.family
-    if family not in FAMILIES or family not in sweep.space:
+    if family not in cfg.families or family not in sweep.space:
         raise PipelineError(f"family: {family!r} has no sweep.space entry; choose one of {sorted(sweep.space)}")
     drawn = draw_recipes(sweep.space[family], sweep.method, recipes or sweep.recipes, sweep.seed)
     uri = tracking_uri(cfg, root_path)
@@ -170,7 +169,7 @@ def summary(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description="Sweep compression recipes on Dask (see sweep in params.yaml).")
     parser.add_argument("--root", default=".")
-    parser.add_argument("--family", choices=FAMILIES, default=None, help="default: sweep.family")
+    parser.add_argument("--family", default=None, help="default: sweep.family")
     parser.add_argument("--address", default=None, help="an existing Dask scheduler (default: sweep.address)")
     parser.add_argument("--workers", type=int, default=None, help="LocalCluster workers (default: sweep.workers)")
     parser.add_argument("--recipes", type=int, default=None, help="random draws (default: sweep.recipes)")

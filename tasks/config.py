@@ -622,6 +622,9 @@ class PipelineConfig(Strict):
 class Config(Strict):
     profile: str
     profiles: dict[str, dict[str, Any]]
+    # The families this project runs, each described by tasks/<name>_family.py (tasks.family) and its blocks under
+    # the stage keys below.
+    families: Annotated[list[str], Field(min_length=1), distinct("family")]
     tracking: TrackingConfig
     pipeline: PipelineConfig
     data: DataConfig
@@ -653,12 +656,23 @@ class Config(Strict):
         return recipes
 
     @model_validator(mode="after")
+    def _families_have_blocks(self) -> Config:
+        for i, name in enumerate(self.families):
+            missing = [key for key in ("teacher", "recipe", "distill", "export", "evaluate", "gate")
+                       if name not in type(getattr(self, key)).model_fields]
+            if missing:
+                raise ValueError(f"families.{i}: {name!r} has no block under {', '.join(missing)}")
+        return self
+
+    @model_validator(mode="after")
     def _ablation_overrides_valid(self) -> Config:
         self.ablation_recipes(self.ablation.vision.seeds[0])
         return self
 
     @model_validator(mode="after")
     def _sweep_keys_exist(self) -> Config:
+        for family in sorted({self.sweep.family, *self.sweep.space} - set(self.families)):
+            raise ValueError(f"sweep: {family!r} is not one of families {self.families}")
         params = self.model_dump(by_alias=True)
         for family, space in self.sweep.space.items():
             for key in space:

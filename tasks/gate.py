@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from tasks.config import GateRecsys, GateVision
+from tasks.config import Gate
 
 
 @dataclass(frozen=True)
@@ -22,9 +22,6 @@ class GateSpec:
 
     latency: str
     latency_what: str
-
-
-SPECS = {"vision": GateSpec("latency_b1", "batch-1"), "recsys": GateSpec("latency", "one-request")}
 
 
 @dataclass(frozen=True)
@@ -46,8 +43,8 @@ def _check(name: str, value: float, op: str, threshold: float, what: str) -> Che
     return Check(name, value, op, threshold, passed, f"{what} {value:.4g} {verdict} {op} {threshold:.4g}")
 
 
-def gate_checks(evaluation: dict, champion: dict | None, cfg: GateVision | GateRecsys,
-                spec: GateSpec = SPECS["vision"], split: str = "test") -> list[Check]:
+def gate_checks(evaluation: dict, champion: dict | None, cfg: Gate, spec: GateSpec,
+                split: str = "test") -> list[Check]:
     """Every check of the gate, in report order, on the ``split`` scores: ``test`` for the gate itself, ``val``
     where a sweep asks which recipes may be chosen at all (a choice the test split must not make)."""
     cand, teacher = evaluation["models"]["student_int8"], evaluation["models"]["teacher_fp32"]

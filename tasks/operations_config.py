@@ -13,7 +13,7 @@ SWEEPABLE = ("distill", "prune", "qat", "share", "recipe")   # sections a recipe
 class SweepConfig(Strict):
     """A sweep of compression recipes for one family: ``space`` maps dotted params keys to the values to try."""
 
-    family: Literal["vision", "recsys"]
+    family: str = Field(min_length=1)          # one of params.yaml's families (checked with them)
     method: Literal["grid", "random"]          # grid: every combination; random: `recipes` of them, drawn with `seed`
     recipes: Positive
     seed: Annotated[int, Field(ge=0)]
@@ -22,7 +22,7 @@ class SweepConfig(Strict):
     address: str | None = None                 # ... unless an existing scheduler is named (tcp://host:8786)
     work_dir: ProjectPath                      # scratch copies of the project, one per recipe
     recipe_retries: Annotated[int, Field(ge=0, le=5)]   # retries of a recipe that failed for a transient reason
-    space: dict[Literal["vision", "recsys"], dict[str, Annotated[list[Any], Field(min_length=1)]]]
+    space: dict[str, dict[str, Annotated[list[Any], Field(min_length=1)]]]
 
     @model_validator(mode="after")
     def _keys_are_compression_knobs(self) -> SweepConfig:

@@ -13,10 +13,13 @@ from mlflow.tracking import MlflowClient
 from flows.promotion import CandidateAltered, RegistryError, gate_and_register, promote_model
 from tasks.config import MobileArch, ResNetArch, parse_config
 from tasks.errors import ConfigError
+from tasks.family import load_family
 from tasks.gate import gate_checks
 from tasks.io import file_digest, save_npy, write_json
 from tasks.onnx_models import export_fp32
 from tasks.vision_models import MobileStudent, ResNetTeacher
+
+VISION = load_family("vision").gate
 
 
 def _measured(accuracy, p50, size):
@@ -41,14 +44,14 @@ def _cfg(raw_params, **gate):
 
 
 def test_gate_lists_every_check_with_value_threshold_and_why(raw_params):
-    checks = gate_checks(EVALUATION, None, _cfg(raw_params).gate.vision)
+    checks = gate_checks(EVALUATION, None, _cfg(raw_params).gate.vision, VISION)
     assert [c.name for c in checks] == ["accuracy", "p95_latency_ms", "size_kb", "accuracy_drop_vs_teacher",
                                         "speedup_vs_teacher", "size_ratio_vs_teacher", "vs_champion"]
     assert all(c.passed for c in checks)
     assert checks[4].value == pytest.approx(20.0) and checks[5].value == pytest.approx(48.0)
-    worse = gate_checks(EVALUATION, {"version": "3", "test_accuracy": 0.94}, _cfg(raw_params).gate.vision)[-1]
+    worse = gate_checks(EVALUATION, {"version": "3", "test_accuracy": 0.94}, _cfg(raw_params).gate.vision, VISION)[-1]
     assert not worse.passed and worse.why.startswith("accuracy drop vs champion v3")
-    slow = gate_checks(EVALUATION, None, _cfg(raw_params, vs_teacher={"min_speedup": 25.0}).gate.vision)
+    slow = gate_checks(EVALUATION, None, _cfg(raw_params, vs_teacher={"min_speedup": 25.0}).gate.vision, VISION)
     assert [c.name for c in slow if not c.passed] == ["speedup_vs_teacher"]
     assert "fails >= 25" in slow[4].why
 
@@ -93,7 +96,7 @@ def _lenient(raw_params, **gate):
 def _gate(project, cfg, uri):
     client = MlflowClient(uri, registry_uri=uri)
     run = client.create_run(client.create_experiment(f"e{len(client.search_experiments())}"))
-    return gate_and_register(project, cfg, client, uri, run.info.run_id, "parent-123"), client
+    return gate_and_register(project, cfg, client, uri, run.info.run_id, "parent-123", "vision"), client
 
 
 def test_passing_candidate_becomes_champion_and_loads_from_the_registry(project, raw_params, mlflow_uri):
@@ -183,16 +186,15 @@ def test_unreachable_registry_is_a_clear_error_and_nothing_is_written(project, r
     uri = "http://127.0.0.1:9"
     client = MlflowClient(uri, registry_uri=uri)
     with pytest.raises(RegistryError, match=r"registry at http://127\.0\.0\.1:9 is not reachable"):
-        gate_and_register(project, _cfg(raw_params), client, uri, "run-x", "parent-x")
+        gate_and_register(project, _cfg(raw_params), client, uri, "run-x", "parent-x", "vision")
     assert not (project / "reports").exists()
 
 
 def test_recommender_gate_reads_auc_and_request_latency(raw_params):
-    from tasks.gate import SPECS
 
     measured = lambda auc, ms, size: {"test_auc": auc, "latency_p50_ms": ms, "latency_p95_ms": ms * 1.2, "bytes": size}  # noqa: E731
     evaluation = {"models": {"teacher_fp32": measured(0.86, 2.5, 770_000), "student_int8": measured(0.852, 0.7, 75_000)}}
-    checks = {c.name: c for c in gate_checks(evaluation, None, _cfg(raw_params).gate.recsys, SPECS["recsys"])}
+    checks = {c.name: c for c in gate_checks(evaluation, None, _cfg(raw_params).gate.recsys, load_family("recsys").gate)}
     assert list(checks) == ["auc", "p95_latency_ms", "size_kb", "auc_drop_vs_teacher", "speedup_vs_teacher",
                             "size_ratio_vs_teacher", "vs_champion"]
     assert not checks["auc_drop_vs_teacher"].passed and "auc drop vs the teacher 0.008 fails" in checks["auc_drop_vs_teacher"].why

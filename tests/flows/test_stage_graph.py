@@ -39,9 +39,9 @@ def test_each_stage_lists_its_own_module_and_real_params_keys(raw_params):
 
 def test_config_sections_are_all_read_by_some_stage():
     read = {k.split(".")[0] for spec in DVC.values() for k in spec["params"]}
-    # tracking, pipeline and gate configure the flow (the gate moves registry state, not DVC's to cache);
+    # tracking, pipeline, families and gate configure the flow (the gate moves registry state, not DVC's to cache);
     # ablation and sweep configure commands outside the graph
-    outside = {"tracking", "pipeline", "gate", "ablation", "sweep"}
+    outside = {"tracking", "pipeline", "families", "gate", "ablation", "sweep"}
     sections = {f.alias or n for n, f in Config.model_fields.items()} - outside
     assert sections <= read
 

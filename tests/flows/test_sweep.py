@@ -146,12 +146,13 @@ def test_which_recipes_may_be_chosen_is_decided_on_validation_scores(raw_params)
     """Before: a recipe was eligible only if it passed the gate on its test scores, so the test split filtered the
     choice; now the gate's thresholds are read on validation scores for that, and the test gate is reported."""
     from tasks.config import parse_config
-    from tasks.gate import SPECS, gate_checks
+    from tasks.family import load_family
+    from tasks.gate import gate_checks
 
     gate = parse_config(raw_params).gate.recsys
     scores = lambda val, test: {"val_auc": val, "test_auc": test, "latency_p50_ms": 0.5,  # noqa: E731
                                 "latency_p95_ms": 0.6, "bytes": 50_000}
     evaluation = {"models": {"teacher_fp32": {**scores(0.86, 0.86), "latency_p50_ms": 2.0, "bytes": 800_000},
                              "student_int8": scores(0.858, 0.79)}}   # fine on validation, below the floor on test
-    assert all(c.passed for c in gate_checks(evaluation, None, gate, SPECS["recsys"], split="val"))
-    assert not all(c.passed for c in gate_checks(evaluation, None, gate, SPECS["recsys"]))
+    assert all(c.passed for c in gate_checks(evaluation, None, gate, load_family("recsys").gate, split="val"))
+    assert not all(c.passed for c in gate_checks(evaluation, None, gate, load_family("recsys").gate))

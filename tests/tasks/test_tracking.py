@@ -94,7 +94,7 @@ def test_params_hash_means_the_whole_resolved_params_on_every_run(config, smoke_
             stage_run("train_teacher_vision", config, {"teacher.vision": config.teacher.vision}) as b:
         pass
     tags = [MlflowClient(mlflow_uri).get_run(r.run_id).data.tags["params.hash"] for r in (parent, a, b)]
-    assert set(tags) == {params_hash(config)} == {lineage(config, tmp_path, parent.run_id)["params.hash"]}
+    assert set(tags) == {params_hash(config)} == {lineage(config, tmp_path, parent.run_id, "vision")["params.hash"]}
     assert params_hash(smoke_config) != params_hash(config)
 
 

@@ -1,0 +1,48 @@
+"""The family contract, as far as the gate, the registry, serving and the report reach.
+
+A family (data + teacher + student + metric) is listed in params.yaml's ``families`` and described by a module
+``tasks/<name>_family.py`` whose ``FAMILY`` is a ``Family``: how one of its ONNX files is scored on the test split
+and timed, what one request to it looks like, and which latency its gate reads. The generic flows ask a family
+through this contract and never name one.
+"""
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.errors import ConfigError
+from tasks.gate import GateSpec
+
+#: ``score(onnx file, processed data folder, Config) -> {"test_<metric>": ..., "<latency>_p50_ms": ..., ...}``
+Score = Callable[[Path, Path, Any], dict[str, float]]
+
+
+@dataclass(frozen=True)
+class Family:
+    name: str
+    title: str                  # as reports head it
+    gate: GateSpec              # which latency its gate reads
+    score: Score                # test metric and latency of one ONNX file, measured now
+    timing: Score               # its latency only
+    input_example: Callable[[Path], dict[str, np.ndarray]]   # one request, from the processed data folder
+    ablation: bool = False      # `make ablation` measures it: its report shows the ablation
+
+
+def load_family(name: str) -> Family:
+    """The ``FAMILY`` of ``tasks/<name>_family.py``."""
+    module_name = f"tasks.{name}_family"
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as err:
+        if err.name != module_name:
+            raise
+        raise ConfigError(f"families: {name!r} has no contract module tasks/{name}_family.py") from None
+    family = getattr(module, "FAMILY", None)
+    if not isinstance(family, Family) or family.name != name:
+        raise ConfigError(f"tasks/{name}_family.py: FAMILY must be the Family named {name!r}")
+    return family
