@@ -27,6 +27,7 @@ import numpy as np
 from torch import nn
 
 from flows.benchmark import machine
+from flows.stage_graph import stage_paths
 from tasks.artifacts import count_nonzero, count_parameters, load_model, qat_extra, save_model
 from tasks.config import Config, ExportVision, load_config
 from tasks.distill_vision import distill_vision
@@ -38,11 +39,17 @@ from tasks.qat_vision import qat_vision
 from tasks.share_vision import share_vision
 from tasks.training import Split
 
-DATA, TEACHER = Path("data/vision/processed"), Path("models/vision/teacher.pt")
 ARMS = {  # arm -> precision of the measured ONNX model
     "teacher": "FP32", "student CE-only": "FP32", "student KD": "FP32", "CE-only + PTQ": "INT8",
     "KD + PTQ": "INT8", "QAT without KD": "INT8", "KD + QAT": "INT8", "KD + QAT + pruning": "INT8",
     "KD + QAT + weight sharing": "INT8"}
+
+
+def inputs(root: Path) -> tuple[Path, Path]:
+    """The processed data and the teacher every arm trains from (relative to ``root``): distill_vision's, as dvc.yaml
+    names them."""
+    where = stage_paths(root, "distill_vision")
+    return where["data"], where["teacher"]
 
 
 @dataclass(frozen=True)
@@ -72,7 +79,7 @@ def run_seed(cfg: Config, seed: int, root: Path, work: Path) -> dict[str, Measur
     """Train and measure every student arm for one seed; ``work`` holds its checkpoints and models."""
     r = cfg.ablation_recipes(seed)
     kd, qat = r["distill"], r["qat"]
-    data, teacher = root / DATA, root / TEACHER
+    data, teacher = (root / path for path in inputs(root))
     ckpt = work / "checkpoints"
     files = {name: work / f"{name}.pt" for name in ("ce", "kd", "pruned", "qat_kd")}
     models: dict[str, tuple[nn.Module, Path]] = {}
@@ -165,8 +172,9 @@ def ablation(root: Path, out: Path, repro: bool = True) -> dict:
         subprocess.run([sys.executable, "-m", "dvc", "repro", "train_teacher_vision"], cwd=root, check=True)
     start = time.perf_counter()
     per_seed = {seed: run_seed(cfg, seed, root, out / "work" / f"seed{seed}") for seed in cfg.ablation.vision.seeds}
-    teacher = load_model(root / TEACHER)
-    val, test = Split.load(root / DATA, "val"), Split.load(root / DATA, "test")
+    data, teacher_file = inputs(root)
+    teacher = load_model(root / teacher_file)
+    val, test = Split.load(root / data, "val"), Split.load(root / data, "test")
     teacher_m = measure(teacher, export_fp32(teacher, out / "work" / "teacher.onnx"), val, test,
                         cfg.distill.vision.threads, torch_logits(teacher, test), "teacher", cfg.export.vision)
     rows = summarise(per_seed, teacher_m)
@@ -187,7 +195,7 @@ def _log(cfg: Config, root: Path, out: Path, rows: dict[str, dict], checks: list
     from tasks.tracking import pipeline_run
 
     with pipeline_run(cfg, "ablation-vision", root, launcher="ablation") as run:
-        run.log_data([str(DATA)], root, "training")   # what every arm trained on (MLflow's dataset inputs)
+        run.log_data([str(inputs(root)[0])], root, "training")   # what every arm trained on (MLflow's dataset inputs)
         run.log_params({"seeds": cfg.ablation.vision.seeds, "calibration_size": cfg.ablation.vision.calibration_size,
                         **{f"ablation.{k}": v for k, v in cfg.ablation.vision.model_dump().items()
                            if k in ("distill", "prune", "qat", "share")}})

@@ -26,6 +26,7 @@ from mlflow.tracking import MlflowClient
 from prefect import flow
 
 from flows.registry_lock import registry_lock
+from flows.stage_graph import stage_paths
 from tasks.config import Config, load_config
 from tasks.errors import PipelineError, ServiceUnavailable, run_cli
 from tasks.family import load_family
@@ -38,12 +39,13 @@ from tasks.tracking import client_for, redact, server_error
 MODEL_SHA256 = "model.sha256"   # version tag: SHA-256 of the registered ONNX file, checked before it is run
 
 
-def paths(family: str) -> dict[str, Path]:
-    """Where a family's candidate, evaluation, data and reports are (the dvc.yaml outputs)."""
-    return {"candidate": Path(f"models/{family}/onnx/student_int8.onnx"), "onnx": Path(f"models/{family}/onnx"),
-            "teacher": Path(f"models/{family}/onnx/teacher_fp32.onnx"),
-            "evaluation": Path(f"metrics/{family}/evaluation.json"), "data": Path(f"data/{family}/processed"),
-            "reports": Path(f"reports/{family}")}
+def paths(root: Path, family: str) -> dict[str, Path]:
+    """Where a family's candidate, teacher, evaluation, data and reports are (relative to ``root``), as its evaluate
+    and validate stages' commands in dvc.yaml name them."""
+    evaluate, validate = stage_paths(root, f"evaluate_{family}"), stage_paths(root, f"validate_{family}")
+    return {"candidate": evaluate["onnx"] / "student_int8.onnx", "onnx": evaluate["onnx"],
+            "teacher": evaluate["onnx"] / "teacher_fp32.onnx", "evaluation": evaluate["metrics"],
+            "data": evaluate["data"], "reports": validate["report"].parent}
 
 
 class RegistryError(PipelineError):
@@ -95,7 +97,7 @@ def download_onnx(client: MlflowClient, version: Any, dest: Path) -> Path:
 def verify_candidate(root: Path, family: str, evaluation: dict[str, Any]) -> None:
     """The candidate's and the teacher's SHA-256 must be the ones recorded when they were evaluated: metrics that
     passed belong to those files only."""
-    where = paths(family)
+    where = paths(root, family)
     for name, path in (("student_int8", where["candidate"]), ("teacher_fp32", where["teacher"])):
         recorded = evaluation.get("sha256", {}).get(name)
         actual = file_digest(root / path)
@@ -124,7 +126,7 @@ def log_onnx_model(client: MlflowClient, run_id: str, path: Path, sample: dict[s
 
 def lineage(cfg: Config, root: Path, parent_run_id: str, family: str) -> dict[str, str]:
     """git commit, DVC's hash of the data and of the candidate file, the hash of every param, the parent run."""
-    hashes, where = dvc_input_hashes(f"evaluate_{family}", root), paths(family)
+    hashes, where = dvc_input_hashes(f"evaluate_{family}", root), paths(root, family)
     return {**git_state(root), "params.hash": params_hash(cfg),
             "data.hash": hashes.get(str(where["data"]), "unknown"),
             "onnx.hash": hashes.get(str(where["onnx"]), "unknown"), "parent_run_id": parent_run_id}
@@ -150,8 +152,9 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
         report, checks, evaluation = _gate(root, cfg, client, run_id, family)
         promote = report["passed"] and may_promote
         tags.update({**gate_tags(checks), **audit_tags(report["champion_before"], promote)})
-        source, tags[MODEL_SHA256] = log_onnx_model(client, run_id, root / paths(family)["candidate"],
-                                                    load_family(family).input_example(root / paths(family)["data"]))
+        where = paths(root, family)
+        source, tags[MODEL_SHA256] = log_onnx_model(client, run_id, root / where["candidate"],
+                                                    load_family(family).input_example(root / where["data"]))
         if not client.search_registered_models(f"name = '{gate.registered_model}'"):
             try:
                 client.create_registered_model(gate.registered_model)
@@ -166,7 +169,7 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
             client.set_registered_model_alias(gate.registered_model, "champion", version.version)
     report.update(name=gate.registered_model, version=str(version.version), champion=promote, unchanged=False)
     write_report(root, cfg, evaluation, report, tags, family)
-    client.log_artifact(run_id, str(root / paths(family)["reports"] / "report.html"))
+    client.log_artifact(run_id, str(root / where["reports"] / "report.html"))
     return report
 
 
@@ -174,7 +177,7 @@ def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str,
           family: str) -> tuple[dict[str, Any], list[Check], dict[str, Any]]:
     """Score the candidate and the current champion back to back, check the gate, write and log its report;
     return the report, the checks and the evaluation with the candidate's fresh scores."""
-    where, gate, contract = paths(family), getattr(cfg.gate, family), load_family(family)
+    where, gate, contract = paths(root, family), getattr(cfg.gate, family), load_family(family)
     data = root / where["data"]
     evaluation = json.loads((root / where["evaluation"]).read_text())
     verify_candidate(root, family, evaluation)
@@ -225,7 +228,7 @@ def write_report(root: Path, cfg: Config, evaluation: dict, report: dict, tags: 
                "git commit": tags["git.commit"], "pipeline run": tags["parent_run_id"],
                "registered": f"{report['name']} version {report['version']}"
                              + (" (champion)" if report["champion"] else " (challenger only)")}
-    write_atomic(root / paths(family)["reports"] / "report.html",
+    write_atomic(root / paths(root, family)["reports"] / "report.html",
                  render_report(evaluation, report, ablation, context, view).encode())
 
 

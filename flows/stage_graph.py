@@ -1,6 +1,8 @@
 """Read the stage graph from dvc.yaml through DVC itself, so the flow never restates the stage order."""
 from __future__ import annotations
 
+import itertools
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +39,22 @@ def stage_graph(root: Path) -> list[StageNode]:
     # Level by level (a stage after everything it depends on, alphabetical within a level), so every family's data
     # is validated before any family trains: bad data fails the run before compute is spent elsewhere.
     return [StageNode(name, upstream[name], outs[name]) for level in nx.topological_generations(order) for name in sorted(level)]
+
+
+def stage_paths(root: Path, stage: str) -> dict[str, Path]:
+    """The ``--flag path`` arguments of ``stage``'s command in ``root/dvc.yaml``, keyed by flag name without dashes
+    (``{"data": Path("data/vision/processed"), ...}``): how the flows find a stage's inputs and outputs without
+    restating them."""
+    import yaml
+
+    from tasks.errors import PipelineError
+
+    stages = yaml.safe_load((root / "dvc.yaml").read_text()).get("stages", {})
+    if stage not in stages:
+        raise PipelineError(f"{root / 'dvc.yaml'}: no stage {stage!r}")
+    words = shlex.split(stages[stage]["cmd"])
+    return {flag[2:].replace("-", "_"): Path(value) for flag, value in itertools.pairwise(words)
+            if flag.startswith("--") and not value.startswith("--")}
 
 
 def family_stages(nodes: list[StageNode], family: str) -> list[StageNode]:

@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 
+import pytest
 import yaml
 
 from flows.stage_graph import stage_graph
@@ -117,3 +119,22 @@ def test_the_readmes_stage_graph_is_dvc_yamls():
     readme = (ROOT / "README.md").read_text()
     drawn = readme.split("```mermaid\n", 1)[1].split("```", 1)[0].strip()
     assert drawn == mermaid(stage_graph(ROOT)), "README's graph is stale: paste `python -m flows.stage_graph`"
+
+
+def test_the_gate_finds_each_familys_files_where_dvc_yaml_puts_them(raw_params):
+    """Before: flows.promotion.paths restated every path of dvc.yaml (and the ablation its data and teacher)."""
+    from flows.promotion import paths
+    from flows.stage_graph import stage_paths
+    from tasks.errors import PipelineError
+
+    declared = {stage: {next(iter(o)) if isinstance(o, dict) else o for kind in ("outs", "metrics", "plots")
+                        for o in spec.get(kind, [])} for stage, spec in DVC.items()}
+    for family in raw_params["families"]:
+        where = paths(ROOT, family)
+        assert str(where["onnx"]) in declared[f"export_{family}"]
+        assert str(where["evaluation"]) in declared[f"evaluate_{family}"]
+        assert str(where["data"]) in declared[f"prepare_{family}"]
+        assert where["candidate"].parent == where["teacher"].parent == where["onnx"]
+        assert any(Path(out).parent == where["reports"] for out in declared[f"validate_{family}"])
+    with pytest.raises(PipelineError, match="no stage 'evaluate_audio'"):
+        stage_paths(ROOT, "evaluate_audio")

@@ -85,10 +85,14 @@ def test_params_hash_means_the_whole_resolved_params_on_every_run(config, smoke_
                                                                    monkeypatch):
     """Before: a stage run hashed the params it logged, the registered version the whole config: one tag, two
     meanings, so equal tags could not tell equal configurations."""
+    import shutil
+    from pathlib import Path
+
     from flows.promotion import lineage
     from tasks.lineage import params_hash
 
     monkeypatch.chdir(tmp_path)
+    shutil.copy(Path(__file__).resolve().parents[2] / "dvc.yaml", tmp_path / "dvc.yaml")   # the gate's paths
     with pipeline_run(config, "pipeline", tmp_path) as parent, \
             stage_run("prepare_vision", config, {"data.vision": config.data.vision}) as a, \
             stage_run("train_teacher_vision", config, {"teacher.vision": config.teacher.vision}) as b:
