@@ -29,7 +29,7 @@ from torch import nn
 from flows.benchmark import machine
 from flows.stage_graph import stage_paths
 from tasks.artifacts import count_nonzero, count_parameters, load_model, qat_extra, save_model
-from tasks.config import Config, ExportVision, load_config
+from tasks.config import Config, load_config
 from tasks.distill_vision import distill_vision
 from tasks.export_vision import parity, torch_logits
 from tasks.io import write_atomic, write_json
@@ -38,6 +38,7 @@ from tasks.prune_vision import prune_vision
 from tasks.qat_vision import qat_vision
 from tasks.share_vision import share_vision
 from tasks.training import Split
+from tasks.vision_config import ExportVision, ablation_recipes
 
 ARMS = {  # arm -> precision of the measured ONNX model
     "teacher": "FP32", "student CE-only": "FP32", "student KD": "FP32", "CE-only + PTQ": "INT8",
@@ -77,7 +78,7 @@ def measure(model: nn.Module, onnx_path: Path, val: Split, test: Split, threads:
 
 def run_seed(cfg: Config, seed: int, root: Path, work: Path) -> dict[str, Measured]:
     """Train and measure every student arm for one seed; ``work`` holds its checkpoints and models."""
-    r = cfg.ablation_recipes(seed)
+    r = ablation_recipes(cfg, seed)
     kd, qat = r["distill"], r["qat"]
     data, teacher = (root / path for path in inputs(root))
     ckpt = work / "checkpoints"
@@ -182,7 +183,7 @@ def ablation(root: Path, out: Path, repro: bool = True) -> dict:
     wall = time.perf_counter() - start
     doc = {"date": str(date.today()), "machine": machine(), "profile": cfg.profile, "wall_seconds": wall,
            "seeds": cfg.ablation.vision.seeds, "rows": [{"arm": arm, **row} for arm, row in rows.items()], "targets": checks,
-           "recipes": {k: v.model_dump() for k, v in cfg.ablation_recipes(cfg.ablation.vision.seeds[0]).items()}}
+           "recipes": {k: v.model_dump() for k, v in ablation_recipes(cfg, cfg.ablation.vision.seeds[0]).items()}}
     markdown = table(rows, checks, cfg, wall)
     write_json(out / "vision.json", doc)
     write_atomic(out / "vision.md", (markdown + "\n").encode())

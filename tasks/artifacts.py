@@ -12,22 +12,30 @@ import importlib
 import io
 import pickle
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from pydantic import BaseModel
 from torch import nn
 
-from tasks.config import MobileArch, OnnxArch, QatVision, RecArch, ResNetArch
 from tasks.errors import CheckpointError
 from tasks.io import file_digest, write_atomic, write_json
 
-# kind -> (architecture config, "module:class" of the model). The model classes are imported when a file of that
-# kind is loaded, so a stage depends on (and DVC re-runs it for) its own family's model code only.
-ARCHES = {"resnet_teacher": (ResNetArch, "tasks.vision_models:ResNetTeacher"),
-          "mobile_student": (MobileArch, "tasks.vision_models:MobileStudent"),
-          "ctr": (RecArch, "tasks.recsys_models:CtrModel"),
-          "onnx": (OnnxArch, "tasks.imported_teacher:OnnxTeacher")}   # an imported teacher: graph in ``onnx``
+if TYPE_CHECKING:
+    from tasks.vision_config import QatVision
+
+# kind -> ("module:class" of its architecture config, "module:class" of the model). Both are imported when a file of
+# that kind is loaded, so a stage depends on (and DVC re-runs it for) its own family's code only.
+ARCHES = {"resnet_teacher": ("tasks.vision_config:ResNetArch", "tasks.vision_models:ResNetTeacher"),
+          "mobile_student": ("tasks.vision_config:MobileArch", "tasks.vision_models:MobileStudent"),
+          "ctr": ("tasks.recsys_config:RecArch", "tasks.recsys_models:CtrModel"),
+          # an imported teacher: its graph in the file's ``onnx``
+          "onnx": ("tasks.family_config:OnnxArch", "tasks.imported_teacher:OnnxTeacher")}
+
+
+def _class(where: str) -> Any:
+    module, name = where.split(":")
+    return getattr(importlib.import_module(module), name)
 
 
 def count_parameters(model: nn.Module) -> int:
@@ -69,16 +77,14 @@ def model_meta(path: Path) -> dict[str, Any]:
     """A model file's description without its weights: ``kind``, ``arch`` (validated) and any extras."""
     blob = _read(path)
     meta = {k: v for k, v in blob.items() if k != "state_dict"}
-    meta["arch"] = ARCHES[blob["kind"]][0].model_validate(blob["arch"])
+    meta["arch"] = _class(ARCHES[blob["kind"]][0]).model_validate(blob["arch"])
     return meta
 
 
 def load_model(path: Path) -> nn.Module:
     """Rebuild a model saved by ``save_model``, in eval mode."""
     blob = _read(path)
-    arch_cls, where = ARCHES[blob["kind"]]
-    module, name = where.split(":")
-    model_cls = getattr(importlib.import_module(module), name)
+    arch_cls, model_cls = (_class(where) for where in ARCHES[blob["kind"]])
     if "onnx" in blob:
         return model_cls(arch_cls.model_validate(blob["arch"]), blob["onnx"].numpy().tobytes()).eval()
     model = model_cls(arch_cls.model_validate(blob["arch"]), **blob.get("shape", {}))

@@ -23,9 +23,10 @@ import torch.nn.functional as F
 from sklearn.metrics import log_loss, roc_auc_score
 from torch import nn
 
-from tasks.config import DistillRecsys, OnnxArch, Training
 from tasks.distillation import FrozenTeacher
+from tasks.family_config import OnnxArch, Training
 from tasks.observers import frozen_observers
+from tasks.recsys_config import DistillRecsys
 from tasks.training import make_optimizer, make_scheduler, train_step
 
 

@@ -12,9 +12,10 @@ from pathlib import Path
 import torch
 
 from tasks.artifacts import count_parameters, load_model, publish_training
-from tasks.config import DistillRecsys, stage_args
+from tasks.config import stage_args
 from tasks.ctr_training import ctr_trainer, evaluate_ctr, fit_ctr, load_ctr_data
 from tasks.errors import run_cli
+from tasks.recsys_config import DistillRecsys
 from tasks.recsys_models import CtrModel
 
 

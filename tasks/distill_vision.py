@@ -12,10 +12,11 @@ from pathlib import Path
 import torch
 
 from tasks.artifacts import count_parameters, fingerprint, load_model, publish_training, training_inputs
-from tasks.config import DistillVision, stage_args
+from tasks.config import stage_args
 from tasks.distillation import Distiller, distillation_loss, loss_config
 from tasks.errors import run_cli
 from tasks.training import Split, evaluate, fit, memory_format, to_input
+from tasks.vision_config import DistillVision
 from tasks.vision_models import MobileStudent
 
 

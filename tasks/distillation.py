@@ -9,12 +9,17 @@ gradients every step (``tasks.training.train_step``).
 """
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.config import DistillVision, LossWeights
+from tasks.family_config import LossWeights
 from tasks.training import autocast
+
+if TYPE_CHECKING:  # annotations only: the recommender runs this code without the vision config
+    from tasks.vision_config import DistillVision
 
 
 def soft_target_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -17,13 +17,14 @@ import pandas as pd
 import torch
 
 from tasks.artifacts import count_parameters, load_model
-from tasks.config import EvaluateRecsys, stage_args
+from tasks.config import stage_args
 from tasks.ctr_onnx import MODELS, OUTPUT, onnx_probabilities
 from tasks.ctr_training import CtrSplit, ctr_metrics
 from tasks.errors import run_cli
 from tasks.io import digests, write_json
 from tasks.onnx_models import file_sizes, percentiles_ms, session, timed_runs
 from tasks.prepare_recsys import assemble_fields
+from tasks.recsys_config import EvaluateRecsys
 
 
 class Catalog:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from tasks.artifacts import count_nonzero, count_parameters, load_model
-from tasks.config import EvaluateVision, stage_args
+from tasks.config import stage_args
 from tasks.errors import run_cli
 from tasks.io import digests, write_json
 from tasks.onnx_models import (
@@ -31,6 +31,7 @@ from tasks.onnx_models import (
     timed_runs,
 )
 from tasks.training import Split, to_input
+from tasks.vision_config import EvaluateVision
 
 
 def count_macs(model: nn.Module) -> int:

@@ -15,11 +15,12 @@ import torch
 from torch import nn
 
 from tasks.artifacts import load_model
-from tasks.config import ExportRecsys, stage_args
+from tasks.config import stage_args
 from tasks.ctr_onnx import MODELS, export_ctr_fp32, export_ctr_int8, onnx_probabilities
 from tasks.ctr_training import CtrSplit, ctr_metrics, predict_logits
 from tasks.errors import ParityError, run_cli
 from tasks.io import write_json
+from tasks.recsys_config import ExportRecsys
 from tasks.recsys_models import convert_ctr_int8
 
 

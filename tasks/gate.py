@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
-from tasks.config import Gate
+from tasks.family_config import Gate
 
 
 @dataclass(frozen=True)

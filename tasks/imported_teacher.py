@@ -20,8 +20,8 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
-from tasks.config import OnnxArch, PretrainedTeacher
 from tasks.errors import ChecksumError, DataSourceError, PipelineError
+from tasks.family_config import OnnxArch, PretrainedTeacher
 
 
 class TeacherImportError(PipelineError):

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pandas as pd
 
-from tasks.config import RecsysData
 from tasks.errors import ChecksumError, DataFormatError, DataSourceError
 from tasks.io import write_atomic
+from tasks.recsys_config import RecsysData
 
 GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
           "Fantasy", "Film-Noir", "Horror", "Musical", "Mystery", "Romance", "Sci-Fi", "Thriller", "War", "Western")

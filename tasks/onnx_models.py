@@ -11,16 +11,19 @@ import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from torch import nn
 
-from tasks.config import QatVision
 from tasks.errors import PipelineError
 from tasks.io import write_atomic
 from tasks.quantization import QatModel, convert_int8
 from tasks.training import Split, to_input
+
+if TYPE_CHECKING:  # annotations only: the recommender's export runs this module without the vision config
+    from tasks.vision_config import QatVision
 
 INPUT, OUTPUT = "image", "logits"
 

@@ -18,10 +18,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks.config import RecsysData, stage_args
+from tasks.config import stage_args
 from tasks.errors import run_cli
 from tasks.io import save_npy, write_atomic, write_json
 from tasks.movielens import GENRES, acquire
+from tasks.recsys_config import RecsysData
 
 SPLITS = ("train", "val", "test")
 USER_FIELDS, ITEM_FIELDS = ("user", "age", "gender", "occupation", "zip"), ("item", "year")

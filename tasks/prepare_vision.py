@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 
-from tasks.config import VISION_FILES, VisionData, stage_args
+from tasks.config import stage_args
 from tasks.errors import ChecksumError, DataFormatError, DataSourceError, run_cli
 from tasks.idx import gunzip, parse_idx
 from tasks.io import save_npy, write_atomic, write_json
+from tasks.vision_config import VISION_FILES, VisionData
 
 NDIM = {"images": 3, "labels": 1}
 TRAIN, TEST = VISION_FILES[:2], VISION_FILES[2:]  # (images, labels) of each part

@@ -13,10 +13,10 @@ from pathlib import Path
 import torch
 
 from tasks.artifacts import count_parameters, ctr_compression_stage, load_model
-from tasks.config import DistillRecsys, PruneRecsys
 from tasks.ctr_training import ctr_trainer, evaluate_ctr, fit_ctr, load_ctr_data
 from tasks.errors import run_cli
 from tasks.recsys_compression import prune_dimensions
+from tasks.recsys_config import DistillRecsys, PruneRecsys
 from tasks.recsys_models import CtrModel
 
 

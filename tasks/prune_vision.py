@@ -22,7 +22,7 @@ from tasks.artifacts import (
     publish_training,
     training_inputs,
 )
-from tasks.config import DistillVision, MobileArch, PruneVision, stage_args
+from tasks.config import stage_args
 from tasks.distillation import Distiller, distillation_loss, loss_config
 from tasks.errors import run_cli
 from tasks.pruning import (
@@ -34,6 +34,7 @@ from tasks.pruning import (
     sparsity_report,
 )
 from tasks.training import Split, evaluate, fit, to_input
+from tasks.vision_config import DistillVision, MobileArch, PruneVision
 from tasks.vision_models import MobileStudent
 
 

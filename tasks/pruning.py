@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tasks.config import MobileArch
+from tasks.vision_config import MobileArch
 from tasks.vision_models import MobileBlock, MobileStudent, SeparableBlock
 
 

@@ -15,10 +15,10 @@ from pathlib import Path
 import torch
 
 from tasks.artifacts import count_parameters, ctr_compression_stage, load_model
-from tasks.config import DistillRecsys, QatRecsys
 from tasks.ctr_training import ctr_trainer, evaluate_ctr, fit_ctr, load_ctr_data
 from tasks.errors import run_cli
 from tasks.observers import freeze_observers
+from tasks.recsys_config import DistillRecsys, QatRecsys
 from tasks.recsys_models import CtrModel, prepare_ctr_qat
 
 

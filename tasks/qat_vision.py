@@ -23,13 +23,14 @@ from tasks.artifacts import (
     qat_extra,
     training_inputs,
 )
-from tasks.config import DistillVision, QatVision, stage_args
+from tasks.config import stage_args
 from tasks.distillation import Distiller, distillation_loss, loss_config
 from tasks.errors import run_cli
 from tasks.observers import freeze_observers
 from tasks.pruning import enforce_masks, keep_pruned_zeros
 from tasks.quantization import QatModel, freeze_schedule, prepare_qat
 from tasks.training import Split, evaluate, fit, to_input
+from tasks.vision_config import DistillVision, QatVision
 
 
 def qat_vision(cfg: QatVision, kd: DistillVision, distill: bool, data_dir: Path, teacher_path: Path,

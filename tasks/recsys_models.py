@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.config import RecArch
+from tasks.recsys_config import RecArch
 
 TABLES = ("embedding.weight", "genre_embedding.weight", "linear.weight", "genre_linear.weight")
 

@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 
 from tasks.artifacts import count_parameters, ctr_compression_stage, load_model
-from tasks.config import DistillRecsys, ShareRecsys
 from tasks.ctr_training import ctr_trainer, evaluate_ctr, fit_ctr, load_ctr_data
 from tasks.errors import run_cli
 from tasks.observers import freeze_observers
 from tasks.recsys_compression import share_rows
+from tasks.recsys_config import DistillRecsys, ShareRecsys
 from tasks.recsys_models import CtrModel
 
 

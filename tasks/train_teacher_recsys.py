@@ -15,10 +15,11 @@ import torch
 from torch import nn
 
 from tasks.artifacts import count_parameters, publish_training
-from tasks.config import TrainTeacherRecsys, stage_args
+from tasks.config import stage_args
 from tasks.ctr_training import evaluate_ctr, fit_ctr, label_loss, load_ctr_data
 from tasks.errors import run_cli
 from tasks.imported_teacher import import_onnx, import_state_dict, publish_imported, verified_bytes
+from tasks.recsys_config import TrainTeacherRecsys
 from tasks.recsys_models import CtrModel
 
 

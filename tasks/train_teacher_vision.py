@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 from tasks.artifacts import count_parameters, fingerprint, publish_training, training_inputs
-from tasks.config import TrainTeacherVision, stage_args
+from tasks.config import stage_args
 from tasks.errors import run_cli
 from tasks.imported_teacher import import_onnx, import_state_dict, publish_imported, verified_bytes
 from tasks.training import Split, evaluate, fit, memory_format, to_input
+from tasks.vision_config import TrainTeacherVision
 from tasks.vision_models import ResNetTeacher
 
 

@@ -8,6 +8,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -16,8 +17,11 @@ from torch import nn
 from tqdm import tqdm
 
 from tasks.checkpoints import load_checkpoint, save_checkpoint
-from tasks.config import Augmentation, Optimizer, Schedule, TrainingRecipe
+from tasks.family_config import Optimizer, Schedule
 from tasks.observers import frozen_observers
+
+if TYPE_CHECKING:  # annotations only: the recommender runs this code without the vision config
+    from tasks.vision_config import Augmentation, TrainingRecipe
 
 # Fashion-MNIST pixel statistics of the training set; fixed so every stage normalises alike.
 PIXEL_MEAN, PIXEL_STD = 0.2860, 0.3530

@@ -16,9 +16,10 @@ import great_expectations as gx
 import numpy as np
 import pandas as pd
 
-from tasks.config import Config, RecsysValidation, stage_args
+from tasks.config import Config, stage_args
 from tasks.errors import DataFormatError, run_cli
 from tasks.expectations import ephemeral_context, publish_validation, run_suites
+from tasks.recsys_config import RecsysValidation
 
 E = gx.expectations
 SPLITS = ("train", "val", "test")

@@ -11,7 +11,7 @@ import great_expectations as gx
 import numpy as np
 import pandas as pd
 
-from tasks.config import VisionValidation
+from tasks.vision_config import VisionValidation
 
 NUM_CLASSES, IMAGE_SHAPE = 10, (28, 28)
 E = gx.expectations

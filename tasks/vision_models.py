@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tasks.config import MobileArch, ResNetArch
+from tasks.vision_config import MobileArch, ResNetArch
 
 
 class BasicBlock(nn.Module):

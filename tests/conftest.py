@@ -188,7 +188,7 @@ def briefly_trained(student, images, labels, steps: int):
 
 
 def _subset(train: int, val: int, test: int):
-    from tasks.config import SplitSizes
+    from tasks.vision_config import SplitSizes
 
     return SplitSizes(train=train, val=val, test=test)
 

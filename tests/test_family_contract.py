@@ -19,8 +19,9 @@ FAMILY_WORDS = ("vision", "recsys", "fashion", "movielens", "mnist", "ctr")
 # still assumes Fashion-MNIST's image shape.)
 NOT_YET_GENERIC = {
     "flows/ablation.py", "flows/benchmark.py", "flows/export_benchmark.py", "flows/recsys_benchmark.py",
-    "flows/sweep_benchmark.py", "tasks/artifacts.py", "tasks/config.py", "tasks/figures.py", "tasks/pruning.py",
-    "tasks/report.py",
+    "flows/sweep_benchmark.py", "tasks/artifacts.py", "tasks/figures.py", "tasks/pruning.py", "tasks/report.py",
+    # typed with the vision family's config: image training, FitNets distillation, ONNX PTQ of an image student
+    "tasks/training.py", "tasks/distillation.py", "tasks/onnx_models.py",
 }
 
 
@@ -80,5 +81,20 @@ def test_a_family_without_a_contract_module_is_named(raw_params):
         load_family("audio")
     from tasks.config import parse_config
 
-    with pytest.raises(ConfigError, match=r"families.2: 'audio' has no block under teacher"):
+    with pytest.raises(ConfigError, match=r"families: 'audio' has no config module tasks/audio_config.py"):
         parse_config({**raw_params, "families": ["vision", "recsys", "audio"]})
+    with pytest.raises(ConfigError, match=r"families: a list of family names is required"):
+        parse_config({k: v for k, v in raw_params.items() if k != "families"})
+
+
+def test_a_project_of_one_family_needs_only_that_familys_blocks(raw_params):
+    """The params model is built from ``families``: a recommender-only project has no vision block anywhere."""
+    from tasks.config import SECTION_KEYS, parse_config
+
+    only = {k: ({f: b for f, b in v.items() if f != "vision"} if k in SECTION_KEYS else v) for k, v in raw_params.items()}
+    only.update(families=["recsys"], profiles={}, sweep={**raw_params["sweep"], "family": "recsys",
+                                                          "space": {"recsys": raw_params["sweep"]["space"]["recsys"]}})
+    cfg = parse_config(only)
+    assert cfg.families == ["recsys"] and not hasattr(cfg.distill, "vision") and cfg.distill.recsys.epochs > 0
+    with pytest.raises(ConfigError, match=r"distill\.vision: Extra inputs are not permitted"):
+        parse_config({**only, "distill": raw_params["distill"]})

@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.config import SplitSizes
 from tasks.validate_vision import failure_message, validate_vision
+from tasks.vision_config import SplitSizes
 
 
 @pytest.fixture

@@ -12,12 +12,13 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from flows.promotion import CandidateAltered, RegistryError, gate_and_register, promote_model
-from tasks.config import MobileArch, ResNetArch, parse_config
+from tasks.config import parse_config
 from tasks.errors import ConfigError
 from tasks.family import load_family
 from tasks.gate import gate_checks
 from tasks.io import file_digest, save_npy, write_json
 from tasks.onnx_models import export_fp32
+from tasks.vision_config import MobileArch, ResNetArch
 from tasks.vision_models import MobileStudent, ResNetTeacher
 
 VISION = load_family("vision").gate

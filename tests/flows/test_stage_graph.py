@@ -84,12 +84,16 @@ def test_every_stage_depends_on_exactly_the_code_it_imports():
     from flows.stage_deps import module_closure
     from tasks.artifacts import ARCHES
 
-    model_modules = {where.split(":")[0].replace(".", "/") + ".py" for _, where in ARCHES.values()}
+    model_modules = {where.split(":")[0].replace(".", "/") + ".py" for pair in ARCHES.values() for where in pair}
     for name, (code, _, cmd) in _dvc_stages().items():
         imported = module_closure(re.search(r"python -m (tasks\.\w+)", cmd).group(1), ROOT)
         assert not imported - code, f"{name}: dvc.yaml misses {sorted(imported - code)}"
+        # its family's params model (tasks.config loads it by name): its defaults and checks shape what the stage runs
+        family_config = module_closure(f"tasks.{name.rsplit('_', 1)[1]}_config", ROOT)
+        assert family_config <= code, f"{name}: dvc.yaml misses {sorted(family_config - code)}"
         # beyond its imports, a stage depends on the model code load_model builds its family's models from
-        assert code - imported <= model_modules, f"{name}: dvc.yaml lists {sorted(code - imported)}, never imported"
+        assert code - imported <= model_modules | family_config, \
+            f"{name}: dvc.yaml lists {sorted(code - imported)}, never imported"
         family_models = {m for m in model_modules if m.startswith(f"tasks/{name.rsplit('_', 1)[1]}")}
         if "tasks/artifacts.py" in imported and not name.startswith("prepare"):
             assert family_models <= code, f"{name}: loads models built by {sorted(family_models)}, not in its deps"

@@ -14,9 +14,10 @@ import yaml
 from torch import nn
 
 from tasks.artifacts import load_model, model_meta
-from tasks.config import DistillRecsys, LossWeights, Optimizer, RecArch, Schedule
 from tasks.ctr_training import CtrDistiller, evaluate_ctr, load_ctr_data
+from tasks.family_config import LossWeights, Optimizer, Schedule
 from tasks.imported_teacher import TeacherImportError, import_onnx
+from tasks.recsys_config import DistillRecsys, RecArch
 from tasks.recsys_models import CtrModel
 from tests.tasks.test_recsys_models import SHAPE, _model, _split
 

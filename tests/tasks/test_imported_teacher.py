@@ -13,11 +13,13 @@ import yaml
 from torch import nn
 
 from tasks.artifacts import count_nonzero, count_parameters, load_model, model_meta
-from tasks.config import DistillVision, FeaturePair, LossWeights, ResNetArch, load_config
+from tasks.config import load_config
 from tasks.distillation import Distiller
 from tasks.errors import ChecksumError
+from tasks.family_config import LossWeights
 from tasks.imported_teacher import TeacherImportError, import_onnx, import_state_dict, verified_bytes
 from tasks.training import Split, to_input
+from tasks.vision_config import DistillVision, FeaturePair, ResNetArch
 from tasks.vision_models import MobileStudent, ResNetTeacher
 from tests.conftest import briefly_trained
 

@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import yaml
 
-from tasks.config import SplitSizes
 from tasks.errors import DataFormatError, DataSourceError
 from tasks.idx import parse_idx
 from tasks.prepare_vision import acquire, decode, prepare_vision, split, stratified_pick
+from tasks.vision_config import SplitSizes
 from tests.conftest import ROOT, idx_bytes
 
 TRAIN_Y, TEST_X, TEST_Y = "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from tasks.artifacts import count_parameters
-from tasks.config import MobileArch, parse_config
+from tasks.config import parse_config
 from tasks.errors import ConfigError
 from tasks.prune_vision import pruning_schedule
 from tasks.pruning import (
@@ -19,6 +19,7 @@ from tasks.pruning import (
     sparsity_report,
 )
 from tasks.quantization import prepare_qat
+from tasks.vision_config import MobileArch
 from tasks.vision_models import MobileStudent
 
 ARCH = MobileArch(stem=8, widths=[16, 32, 32, 64], strides=[1, 2, 1, 2])

@@ -5,10 +5,11 @@ import torch
 from torch.ao.quantization import FakeQuantizeBase
 
 from tasks.artifacts import load_model, save_model
-from tasks.config import MobileArch, parse_config
+from tasks.config import parse_config
 from tasks.distillation import loss_config
 from tasks.errors import ConfigError
 from tasks.quantization import convert_int8, freeze_schedule, prepare_qat
+from tasks.vision_config import MobileArch
 from tasks.vision_models import MobileStudent
 
 ARCH = MobileArch(stem=4, widths=[8, 16, 16], strides=[2, 2, 1])

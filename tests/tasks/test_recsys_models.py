@@ -9,9 +9,10 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from tasks.config import LossWeights, RecArch
 from tasks.ctr_onnx import export_ctr_fp32, export_ctr_int8, onnx_probabilities
 from tasks.ctr_training import CtrDistiller, CtrSplit, distilled_loss, fit_ctr, predict_logits
+from tasks.family_config import LossWeights
+from tasks.recsys_config import RecArch
 from tasks.recsys_models import CtrModel, convert_ctr_int8, prepare_ctr_qat, quantize_table
 
 SHAPE = {"vocabulary": 60, "fields": 3, "genres": 5}
@@ -58,7 +59,8 @@ def test_distillation_moves_the_student_only_and_learns():
     teacher, student = _model(seed=1, dim=16, mlp=[32]), _model(seed=2)
     before = [p.detach().clone() for p in teacher.parameters()]
     cfg_weights = LossWeights(ground_truth=0.3, target=0.7, feature=0.5, label=0.1)
-    from tasks.config import DistillRecsys, Optimizer, Schedule
+    from tasks.family_config import Optimizer, Schedule
+    from tasks.recsys_config import DistillRecsys
 
     cfg = DistillRecsys(epochs=3, batch_size=64, optimizer=Optimizer(name="adamw", lr=0.01, weight_decay=0.0),
                         schedule=Schedule(name="constant"), seed=0, threads=1, student=student.arch,

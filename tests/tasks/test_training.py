@@ -5,8 +5,9 @@ import torch
 
 from tasks.artifacts import count_parameters
 from tasks.checkpoints import load_checkpoint, save_checkpoint
-from tasks.config import Augmentation, Optimizer, ResNetArch, Schedule, TrainingRecipe
+from tasks.family_config import Optimizer, Schedule
 from tasks.training import Split, augment, evaluate, fit, memory_format, to_input
+from tasks.vision_config import Augmentation, ResNetArch, TrainingRecipe
 from tasks.vision_models import ResNetTeacher
 
 ARCH = ResNetArch(stem=4, widths=[8, 16], blocks=[1, 1])

@@ -11,9 +11,10 @@ import yaml
 from torch.ao.quantization import FakeQuantizeBase
 
 from tasks.artifacts import load_model, model_meta, save_model
-from tasks.config import MobileArch, ResNetArch, load_config
+from tasks.config import load_config
 from tasks.prepare_vision import prepare_vision
 from tasks.training import Split, evaluate
+from tasks.vision_config import MobileArch, ResNetArch
 from tasks.vision_models import MobileStudent, ResNetTeacher
 
 TEACHER = ResNetArch(stem=8, widths=[16, 32], blocks=[1, 1])

@@ -1,0 +1,155 @@
+"""Config blocks every family builds its params sections from: a training run (optimizer, schedule), distillation
+loss weights, a gradual pruning schedule, QAT observer freezing, a pretrained teacher, ONNX parity, and the
+promotion gate's floors and goals. A family's own sections live in ``tasks/<name>_config.py``.
+"""
+from __future__ import annotations
+
+from typing import Annotated, ClassVar, Literal
+
+from pydantic import Field, model_validator
+
+from tasks.config_types import Fraction, Positive, Strict
+
+Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
+
+
+class Optimizer(Strict):
+    name: Literal["sgd", "adamw"]
+    lr: Annotated[float, Field(gt=0.0)]
+    momentum: Fraction = 0.9
+    nesterov: bool = True
+    weight_decay: Annotated[float, Field(ge=0.0)]
+
+
+class Schedule(Strict):
+    name: Literal["onecycle", "cosine", "constant"]
+    warmup_fraction: Fraction = 0.0
+
+
+class Training(Strict):
+    """The knobs of one supervised training run that every family shares."""
+
+    epochs: Positive
+    batch_size: Positive
+    optimizer: Optimizer
+    schedule: Schedule
+    seed: int
+    threads: Positive
+    eval_batch_size: Positive = 1024
+
+
+class PretrainedTeacher(Strict):
+    """A teacher imported instead of trained (``tasks.imported_teacher``); the training knobs are then unused."""
+
+    path: str = Field(min_length=1)    # relative to the project, or absolute
+    sha256: Sha256                     # the file is read only when its content has this checksum
+    format: Literal["onnx", "state_dict"]   # state_dict: weights of ``arch``
+    logits: str | None = None          # onnx: the output holding the logits; omitted, the first output
+    features: list[str] = []           # onnx: the values feature distillation aligns, in the family's order
+
+    @model_validator(mode="after")
+    def _features_for_onnx(self) -> PretrainedTeacher:
+        if self.features and self.format != "onnx":
+            raise ValueError("features names ONNX values; a state_dict teacher has the features of its arch")
+        return self
+
+
+class OnnxArch(Strict):
+    """What a model file of kind ``onnx`` says of its graph (the file holds the graph itself)."""
+
+    inputs: list[str]
+    logits: str
+    features: list[str]
+    feature_shapes: list[list[int]]   # each feature's shape for one example (no batch axis)
+    sha256: str        # of the file as imported (before normalisation)
+    parameters: int    # float initializer elements
+    nonzero: int
+    macs: int          # per example, Conv/Gemm/MatMul only
+
+
+class LossWeights(Strict):
+    """total = ground_truth·CE(y) + target·soft-target + feature·hint + label·CE(teacher argmax)."""
+
+    ground_truth: Annotated[float, Field(ge=0.0)]
+    target: Annotated[float, Field(ge=0.0)]
+    feature: Annotated[float, Field(ge=0.0)]
+    label: Annotated[float, Field(ge=0.0)]
+
+    @model_validator(mode="after")
+    def _some_weight(self) -> LossWeights:
+        if not any(self.model_dump().values()):
+            raise ValueError("at least one loss weight must be positive")
+        return self
+
+
+class GradualPruning(Training):
+    """A gradual pruning schedule with KD fine-tuning: ``steps`` pruning steps ``epochs_per_step`` apart on Zhu &
+    Gupta's cubic schedule, then fine-tuning at ``final_sparsity`` for the remaining ``epochs``."""
+
+    final_sparsity: Fraction
+    steps: Positive
+    epochs_per_step: Positive
+
+    def sparsity_after(self, step: int) -> float:
+        """Sparsity after pruning step ``step`` (1-based) of ``steps``: s_f (1 - (1 - step/steps)^3)."""
+        return self.final_sparsity * (1 - (1 - step / self.steps) ** 3)
+
+    @model_validator(mode="after")
+    def _schedule_fits(self) -> GradualPruning:
+        if self.epochs < self.steps * self.epochs_per_step:
+            raise ValueError(f"epochs ({self.epochs}) must cover steps × epochs_per_step "
+                             f"({self.steps} × {self.epochs_per_step})")
+        return self
+
+
+class ObserverFreeze(Strict):
+    """Quantization ranges are observed on training data for ``freeze_observers_after`` epochs, then fixed: at least
+    one epoch to observe, and fixed before the last epoch ends, so no evaluation or export pass can move them."""
+
+    epochs: Positive
+    freeze_observers_after: Annotated[int, Field(ge=1)]
+
+    @model_validator(mode="after")
+    def _freezes_within_training(self) -> ObserverFreeze:
+        if self.freeze_observers_after >= self.epochs:
+            raise ValueError(f"freeze_observers_after ({self.freeze_observers_after}) must be below epochs "
+                             f"({self.epochs}): quantization ranges must be fixed while training, not by a later pass")
+        return self
+
+
+class Parity(Strict):
+    """ONNX file vs the PyTorch model it came from, on the test split."""
+
+    min_top1_agreement: Annotated[float, Field(gt=0.0, le=1.0)]
+    max_accuracy_delta: Fraction
+
+
+Score = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class Floors(Strict):
+    max_p95_latency_ms: Annotated[float, Field(gt=0.0)]    # vision: batch 1; recsys: one request of candidates
+    max_size_kb: Annotated[float, Field(gt=0.0)]
+
+
+class VsTeacher(Strict):
+    """Goals relative to the teacher, measured in the same run (Olive's "max degradation" / "min improvement")."""
+
+    min_speedup: Annotated[float, Field(gt=0.0)]
+    min_size_ratio: Annotated[float, Field(gt=0.0)]
+
+
+class Gate(Strict):
+    """A family's promotion gate; ``metric`` names its quality score (``min_<metric>``, ``max_<metric>_drop``)."""
+
+    metric: ClassVar[str]
+    registered_model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Gate:
+        key = f"max_{self.metric}_drop"
+        champion, teacher = getattr(self.vs_champion, key), getattr(self.vs_teacher, key)
+        if champion > teacher:
+            raise ValueError(f"vs_champion.{key} ({champion}) exceeds vs_teacher.{key} ({teacher}): a challenger "
+                             "could then drift below what the teacher goal allows; keep it at most the teacher's")
+        return self
