@@ -8,7 +8,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from tasks.config_types import Fraction, Positive, Strict
+from tasks.config_types import Fraction, Positive, Strict, distinct
 
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
@@ -153,3 +153,8 @@ class Gate(Strict):
             raise ValueError(f"vs_champion.{key} ({champion}) exceeds vs_teacher.{key} ({teacher}): a challenger "
                              "could then drift below what the teacher goal allows; keep it at most the teacher's")
         return self
+
+
+#: ``recipe.<family>``: which compression stages apply. A stage left out passes its input through, except distill,
+#: which then trains the student on the labels alone (the CE-only baseline).
+Recipe = Annotated[list[Literal["distill", "prune", "qat", "share"]], distinct("stage")]

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from tasks.config_types import Fraction, Positive, ProjectPath, Strict, distinct
+from tasks.config_types import Fraction, Positive, ProjectPath, Strict
 from tasks.family_config import (
     Floors,
     Gate,
@@ -15,6 +15,7 @@ from tasks.family_config import (
     LossWeights,
     ObserverFreeze,
     PretrainedTeacher,
+    Recipe,
     Score,
     Sha256,
     Training,
@@ -160,7 +161,7 @@ class GateRecsys(Gate):
 
 SECTIONS: dict[str, Any] = {
     "data": RecsysData, "validate": RecsysValidation, "teacher": TrainTeacherRecsys,
-    "recipe": Annotated[list[Literal["distill", "prune", "qat", "share"]], distinct("stage")],
+    "recipe": Recipe,
     "distill": DistillRecsys, "prune": PruneRecsys, "qat": QatRecsys, "share": ShareRecsys, "export": ExportRecsys,
     "evaluate": EvaluateRecsys, "gate": GateRecsys}
 

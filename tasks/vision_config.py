@@ -16,6 +16,7 @@ from tasks.family_config import (
     ObserverFreeze,
     Parity,
     PretrainedTeacher,
+    Recipe,
     Score,
     Sha256,
     Training,
@@ -254,7 +255,7 @@ class AblationVision(Strict):
 
 SECTIONS: dict[str, Any] = {
     "data": VisionData, "validate": VisionValidation, "teacher": TrainTeacherVision,
-    "recipe": Annotated[list[Literal["distill", "prune", "qat", "share"]], distinct("stage")],
+    "recipe": Recipe,
     "distill": DistillVision, "prune": PruneVision, "qat": QatVision, "share": ShareVision, "export": ExportVision,
     "evaluate": EvaluateVision, "gate": GateVision, "ablation": AblationVision}
 
