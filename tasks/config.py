@@ -84,6 +84,10 @@ class Config(Strict):
     pipeline: PipelineConfig
     sweep: SweepConfig
 
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        # the model class is built at load time (config_model): a pickle rebuilds it from the families
+        return _rebuild, (tuple(self.families), self.model_dump(by_alias=True))
+
     @model_validator(mode="after")
     def _families_consistent(self) -> Config:
         for name in self.families:
@@ -125,6 +129,10 @@ def config_model(families: tuple[str, ...]) -> type[Config]:
         # ``validate`` would shadow a pydantic method: the field is ``validate_``, read from params' ``validate``
         fields["validate_" if key == "validate" else key] = (section, Field(alias="validate") if key == "validate" else ...)
     return create_model("ProjectConfig", __base__=Config, **fields)
+
+
+def _rebuild(families: tuple[str, ...], params: dict[str, Any]) -> Config:
+    return config_model(families).model_validate(params)
 
 
 def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:

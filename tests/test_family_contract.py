@@ -98,3 +98,11 @@ def test_a_project_of_one_family_needs_only_that_familys_blocks(raw_params):
     assert cfg.families == ["recsys"] and not hasattr(cfg.distill, "vision") and cfg.distill.recsys.epochs > 0
     with pytest.raises(ConfigError, match=r"distill\.vision: Extra inputs are not permitted"):
         parse_config({**only, "distill": raw_params["distill"]})
+
+
+def test_a_config_built_from_the_families_survives_pickling(config):
+    """Its model class is made at load time: a pickle (a process pool, a Dask worker) must rebuild it by families."""
+    import pickle
+
+    again = pickle.loads(pickle.dumps(config))
+    assert again == config and type(again) is type(config)
