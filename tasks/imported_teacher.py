@@ -23,6 +23,8 @@ from torch import nn
 from tasks.errors import ChecksumError, DataSourceError, PipelineError
 from tasks.family_config import OnnxArch, PretrainedTeacher
 
+PREFIX = "teacher/"   # of every name of an imported graph once exported under the pipeline's names
+
 
 class TeacherImportError(PipelineError):
     """A pretrained teacher file that cannot serve as this family's teacher."""
@@ -76,36 +78,34 @@ class OnnxTeacher(nn.Module):
 
     def onnx_for_export(self, input_names: list[str], output_name: str, head: str = "Identity") -> bytes:
         """The graph with one output, ``head`` (an ONNX operator: ``Sigmoid`` for a probability) of the logits,
-        named ``output_name``; its inputs renamed, in order, to ``input_names``."""
+        named ``output_name``, and its inputs named, in order, ``input_names``. Every name of the imported graph
+        gets a prefix first, so none can collide with the pipeline's (an input already called ``fields``, a logits
+        output called ``probability``)."""
         import onnx
-        from onnx import helper
+        from onnx import compose, helper
 
-        model = onnx.load_from_string(self.graph)
-        graph = model.graph
         if len(input_names) != len(self.arch.inputs):
             raise ValueError(f"the teacher takes {self.arch.inputs}, not {input_names}")
-        for position, (old, new) in enumerate(zip(self.arch.inputs, input_names, strict=True)):
-            if old == new:
-                continue
-            source = next(i for i in graph.input if i.name == old)
-            renamed = onnx.ValueInfoProto()
-            renamed.CopyFrom(source)
-            renamed.name = new
-            graph.input.remove(source)
-            graph.input.insert(position, renamed)
-            # an Identity keeps every node (and any subgraph) reading the old name as it was
-            graph.node.insert(0, helper.make_node("Identity", [new], [old]))
-        logits = next(o for o in graph.output if o.name == self.arch.logits)
-        if head == "Identity" and self.arch.logits == output_name:
-            del graph.output[:]
-            graph.output.append(logits)
-            return model.SerializeToString()
+        model = compose.add_prefix(onnx.load_from_string(self.graph), PREFIX)
+        graph = model.graph
+        by_name = {i.name: i for i in graph.input}
+        renamed = []
+        for old, new in zip(self.arch.inputs, input_names, strict=True):
+            info = onnx.ValueInfoProto()
+            info.CopyFrom(by_name[PREFIX + old])
+            info.name = new
+            renamed.append(info)
+            graph.node.insert(0, helper.make_node("Identity", [new], [PREFIX + old]))
+        kept = [i for i in graph.input if i.name not in {PREFIX + old for old in self.arch.inputs}]   # initializers
+        del graph.input[:]
+        graph.input.extend([*renamed, *kept])
         output = onnx.ValueInfoProto()
-        output.CopyFrom(logits)
+        output.CopyFrom(next(o for o in graph.output if o.name == PREFIX + self.arch.logits))
         output.name = output_name
         del graph.output[:]
         graph.output.append(output)
-        graph.node.append(helper.make_node(head, [self.arch.logits], [output_name]))
+        graph.node.append(helper.make_node(head, [PREFIX + self.arch.logits], [output_name]))
+        onnx.checker.check_model(model)
         return model.SerializeToString()
 
 
@@ -182,7 +182,7 @@ def import_onnx(blob: bytes, sha256: str, file: str, logits: str | None, feature
               if t.data_type in (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.DOUBLE)]
     arch = OnnxArch(inputs=inputs, logits=logits, features=list(features), feature_shapes=[[] for _ in features],
                     sha256=sha256, parameters=sum(a.size for a in floats),
-                    nonzero=sum(int(np.count_nonzero(a)) for a in floats), macs=_macs(model, examples))
+                    nonzero=sum(int(np.count_nonzero(a)) for a in floats), macs=0)
     teacher = OnnxTeacher(arch, model.SerializeToString())
     for size in (1, 2):
         batch = tuple(x[:size] for x in examples)
@@ -198,7 +198,11 @@ def import_onnx(blob: bytes, sha256: str, file: str, logits: str | None, feature
             if fmap.dim() != feature_rank or len(fmap) != size:
                 raise TeacherImportError(f"{file}: feature {name!r} has shape {list(fmap.shape)} for a batch of "
                                          f"{size}; this family aligns features of {feature_rank} axes")
-    teacher.arch = arch.model_copy(update={"feature_shapes": [list(m.shape[1:]) for m in maps]})
+    try:   # once the graph is known to run on the family's examples
+        macs = _macs(model, examples)
+    except Exception as err:  # onnx shape inference raises its own types
+        raise TeacherImportError(f"{file}: ONNX shape inference fails on it ({str(err).splitlines()[0]})") from err
+    teacher.arch = arch.model_copy(update={"feature_shapes": [list(m.shape[1:]) for m in maps], "macs": macs})
     return teacher
 
 
@@ -218,6 +222,17 @@ def import_state_dict(blob: bytes, file: str, build: Callable[[], nn.Module]) ->
         problem = " ".join(line.strip() for line in str(err).splitlines())
         raise TeacherImportError(f"{file}: does not fit the teacher architecture in params ({problem[:300]})") from err
     return model.eval()
+
+
+def load_pretrained(spec: PretrainedTeacher, key: str, examples: tuple[torch.Tensor, ...], logits_shape: list[int],
+                    feature_rank: int, build: Callable[[], nn.Module]) -> nn.Module:
+    """The teacher ``spec`` (params key ``key``) names, checksum verified: an ``OnnxTeacher`` checked against the
+    family's ``examples`` and shapes (see ``import_onnx``), or ``build()`` with the state dict's weights."""
+    blob = verified_bytes(spec.path, spec.sha256, key)
+    if spec.format == "onnx":
+        return import_onnx(blob, spec.sha256, spec.path, spec.logits, spec.features, examples, logits_shape,
+                           feature_rank)
+    return import_state_dict(blob, spec.path, build)
 
 
 def publish_imported(run: Any, model: nn.Module, spec: PretrainedTeacher, metrics: dict[str, float], paths: Any,

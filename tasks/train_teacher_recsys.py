@@ -18,7 +18,7 @@ from tasks.artifacts import count_parameters, publish_training
 from tasks.config import stage_args
 from tasks.ctr_training import evaluate_ctr, fit_ctr, label_loss, load_ctr_data
 from tasks.errors import run_cli
-from tasks.imported_teacher import import_onnx, import_state_dict, publish_imported, verified_bytes
+from tasks.imported_teacher import load_pretrained, publish_imported
 from tasks.recsys_config import TrainTeacherRecsys
 from tasks.recsys_models import CtrModel
 
@@ -43,12 +43,8 @@ def import_teacher_recsys(cfg: TrainTeacherRecsys, data_dir: Path
     assert spec is not None
     torch.set_num_threads(cfg.threads)
     _, val, test, shape = load_ctr_data(data_dir)
-    blob = verified_bytes(spec.path, spec.sha256, "teacher.recsys.pretrained")
-    if spec.format == "onnx":
-        model: nn.Module = import_onnx(blob, spec.sha256, spec.path, spec.logits, spec.features,
-                                       val.batch(slice(0, 2))[:2], logits_shape=[], feature_rank=3)
-    else:
-        model = import_state_dict(blob, spec.path, lambda: CtrModel(cfg.arch, **shape))
+    model = load_pretrained(spec, "teacher.recsys.pretrained", val.batch(slice(0, 2))[:2], logits_shape=[],
+                            feature_rank=3, build=lambda: CtrModel(cfg.arch, **shape))
     metrics = {f"{name}_{k}": v for name, split in (("val", val), ("test", test))
                for k, v in evaluate_ctr(model, split, cfg.eval_batch_size).items()}
     return model, shape, {**metrics, "parameters": count_parameters(model)}

@@ -16,7 +16,7 @@ from torch import nn
 from tasks.artifacts import count_parameters, fingerprint, publish_training, training_inputs
 from tasks.config import stage_args
 from tasks.errors import run_cli
-from tasks.imported_teacher import import_onnx, import_state_dict, publish_imported, verified_bytes
+from tasks.imported_teacher import load_pretrained, publish_imported
 from tasks.training import Split, evaluate, fit, memory_format, to_input
 from tasks.vision_config import TrainTeacherVision
 from tasks.vision_models import ResNetTeacher
@@ -44,12 +44,8 @@ def import_teacher_vision(cfg: TrainTeacherVision, data_dir: Path) -> tuple[nn.M
     assert spec is not None
     torch.set_num_threads(cfg.threads)
     val, test = Split.load(data_dir, "val"), Split.load(data_dir, "test")
-    blob = verified_bytes(spec.path, spec.sha256, "teacher.vision.pretrained")
-    if spec.format == "onnx":
-        model: nn.Module = import_onnx(blob, spec.sha256, spec.path, spec.logits, spec.features,
-                                       (to_input(val.x[:2]),), logits_shape=[10], feature_rank=4)
-    else:
-        model = import_state_dict(blob, spec.path, lambda: ResNetTeacher(cfg.arch))
+    model = load_pretrained(spec, "teacher.vision.pretrained", (to_input(val.x[:2]),), logits_shape=[10],
+                            feature_rank=4, build=lambda: ResNetTeacher(cfg.arch))
     metrics = {f"{name}_{k}": v for name, split in (("val", val), ("test", test))
                for k, v in evaluate(model, split, cfg.eval_batch_size).items()}
     metrics["parameters"] = count_parameters(model)

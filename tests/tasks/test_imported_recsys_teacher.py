@@ -71,6 +71,24 @@ def test_an_onnx_ctr_teacher_computes_the_losses_of_the_torch_teacher_it_came_fr
         student.zero_grad(set_to_none=True)
 
 
+def test_an_onnx_ctr_teacher_whose_names_collide_with_the_pipelines_exports(tmp_path):
+    """Before: inputs called ("genres", "fields") in that order, or a logit output called ``probability``, made
+    export_ctr_fp32 write a graph the ONNX checker refuses."""
+    from tasks.ctr_onnx import export_ctr_fp32, onnx_probabilities
+
+    teacher = _model(seed=1).eval()
+    path = tmp_path / "t.onnx"
+    example = (torch.zeros(2, teacher.num_fields, dtype=torch.int64), torch.zeros(2, teacher.genre_embedding.num_embeddings))
+    torch.onnx.export(teacher, example, str(path), input_names=["genres", "fields"], output_names=["probability"],
+                      opset_version=17, dynamo=False, dynamic_axes={n: {0: "n"} for n in ("genres", "fields", "probability")})
+    data = _split(64)
+    imported = import_onnx(path.read_bytes(), "0" * 64, "t.onnx", None, [], (data.fields[:2], data.genres[:2]), [], 3)
+    export_ctr_fp32(imported, tmp_path / "teacher_fp32.onnx")
+    with torch.no_grad():
+        expected = torch.sigmoid(teacher(data.fields, data.genres)).numpy()
+    np.testing.assert_allclose(onnx_probabilities(tmp_path / "teacher_fp32.onnx", data), expected, atol=1e-5)
+
+
 def test_an_onnx_ctr_teacher_must_take_the_familys_two_inputs_and_give_a_logit_per_row(tmp_path):
     teacher = _model(seed=1).eval()
     sha = export_teacher(teacher, tmp_path / "t.onnx")

@@ -129,6 +129,24 @@ def test_an_intermediate_value_of_the_graph_serves_as_a_feature_map(teacher_and_
     torch.testing.assert_close(maps[0], expected_maps[-1], atol=1e-4, rtol=1e-4)   # the last stage's output
 
 
+def test_the_exported_teacher_takes_the_pipelines_names_even_where_its_own_collide(teacher_and_data, tmp_path):
+    """Before: an input already called like the pipeline's output (or the reverse) gave an invalid graph at export."""
+    import onnxruntime as ort
+
+    teacher, _, val = teacher_and_data
+    path = tmp_path / "swapped.onnx"
+    torch.onnx.export(teacher.eval(), (torch.zeros(2, 1, 28, 28),), str(path), input_names=["logits"],
+                      output_names=["image"], opset_version=17, dynamo=False,
+                      dynamic_axes={"logits": {0: "n"}, "image": {0: "n"}})
+    sha = hashlib.sha256(path.read_bytes()).hexdigest()
+    imported = import_onnx(path.read_bytes(), sha, "swapped.onnx", None, [], (to_input(val.x[:2]),), [10], 4)
+    session = ort.InferenceSession(imported.onnx_for_export(["image"], "logits"), providers=["CPUExecutionProvider"])
+    x = to_input(val.x[:8])
+    out = session.run(["logits"], {"image": x.numpy()})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(out, teacher(x).numpy(), atol=1e-4)
+
+
 def test_an_onnx_file_that_does_not_fit_is_refused_with_what_is_wrong(teacher_and_data, tmp_path):
     teacher, _, val = teacher_and_data
     sample = (to_input(val.x[:2]),)
@@ -145,6 +163,11 @@ def test_an_onnx_file_that_does_not_fit_is_refused_with_what_is_wrong(teacher_an
     fixed = export_teacher(teacher, tmp_path / "fixed.onnx", dynamic=False)
     with pytest.raises(TeacherImportError, match="batch of 1"):
         import_onnx((tmp_path / "fixed.onnx").read_bytes(), fixed, "fixed.onnx", None, [], sample, [10], 4)
+    flat = tmp_path / "flat.onnx"   # takes (N, 784): the wrong rank for the family's images
+    torch.onnx.export(nn.Linear(784, 10), (torch.zeros(2, 784),), str(flat), input_names=["x"], output_names=["y"],
+                      opset_version=17, dynamo=False, dynamic_axes={"x": {0: "n"}, "y": {0: "n"}})
+    with pytest.raises(TeacherImportError, match=r"flat.onnx: onnxruntime cannot run it on a batch of 1 of \[\[1, 28, 28\]\]"):
+        import_onnx(flat.read_bytes(), "0" * 64, "flat.onnx", None, [], sample, [10], 4)
     with pytest.raises(TeacherImportError, match="not a valid ONNX model"):
         import_onnx(b"not onnx", sha, "junk.onnx", None, [], sample, [10], 4)
 
