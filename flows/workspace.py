@@ -20,6 +20,16 @@ def set_param(params: dict[str, Any], dotted: str, value: Any) -> None:
     params[leaf] = value
 
 
+def pretrained_teachers(params: dict[str, Any]) -> list[str]:
+    """The files ``teacher.<family>.pretrained.path`` of raw params (its active profile applied) name."""
+    from tasks.config import resolve_profile
+
+    resolved = resolve_profile(params, "params.yaml")
+    teachers = resolved.get("teacher") or {}
+    return [block["pretrained"]["path"] for block in teachers.values()
+            if isinstance(block, dict) and isinstance(block.get("pretrained"), dict) and block["pretrained"].get("path")]
+
+
 def copy_project(dest: Path, overrides: dict[str, Any] | None = None, source: Path = PROJECT) -> Path:
     """Copy the pipeline sources of ``source`` to ``dest``, apply params ``overrides``, commit them; return ``dest``."""
     dest.mkdir(parents=True)
@@ -34,6 +44,10 @@ def copy_project(dest: Path, overrides: dict[str, Any] | None = None, source: Pa
     for dotted, value in (overrides or {}).items():
         set_param(params, dotted, value)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for teacher in pretrained_teachers(params):   # imported teachers are files of the project, not sources
+        if not Path(teacher).is_absolute() and (source / teacher).is_file():
+            (dest / teacher).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source / teacher, dest / teacher)
     git = ["git", "-c", "user.name=kdq-pipeline", "-c", "user.email=kdq-pipeline@localhost"]
     for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "scratch copy of the pipeline"]):
         subprocess.run(git + cmd, cwd=dest, check=True, capture_output=True)

@@ -61,15 +61,20 @@ class PipelineConfig(Strict):
         return [self.retry_delay_seconds * self.retry_backoff ** i for i in range(count)]
 
 
-def family_config(name: str) -> ModuleType:
-    """``tasks/<name>_config.py``: a family's ``SECTIONS`` and ``check``."""
-    module_name = f"tasks.{name}_config"
+def family_module(name: str, part: str) -> ModuleType:
+    """``tasks/<name>_<part>.py``, a module of family ``name`` (``config``: its params; ``family``: its contract)."""
+    module_name = f"tasks.{name}_{part}"
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as err:
         if err.name != module_name:
             raise
-        raise ConfigError(f"families: {name!r} has no config module tasks/{name}_config.py") from None
+        raise ConfigError(f"families: {name!r} has no {part} module tasks/{name}_{part}.py") from None
+
+
+def family_config(name: str) -> ModuleType:
+    """``tasks/<name>_config.py``: a family's ``SECTIONS`` and ``check``."""
+    return family_module(name, "config")
 
 
 class Config(Strict):
@@ -125,9 +130,14 @@ def config_model(families: tuple[str, ...]) -> type[Config]:
     fields: dict[str, Any] = {}
     for key in SECTION_KEYS:
         blocks = {name: (found[key], ...) for name, found in sections.items() if key in found}
-        section = create_model(f"{key.capitalize()}Config", __base__=Strict, **blocks)
+        section: Any = create_model(f"{key.capitalize()}Config", __base__=Strict, **blocks)
+        # a key no family uses (the ablation, in a project without the vision family) may be left out
+        default = ... if blocks else None
+        if not blocks:
+            section = section | None
         # ``validate`` would shadow a pydantic method: the field is ``validate_``, read from params' ``validate``
-        fields["validate_" if key == "validate" else key] = (section, Field(alias="validate") if key == "validate" else ...)
+        fields["validate_" if key == "validate" else key] = (
+            section, Field(default, alias="validate") if key == "validate" else default)
     return create_model("ProjectConfig", __base__=Config, **fields)
 
 

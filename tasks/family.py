@@ -7,7 +7,6 @@ through this contract and never name one.
 """
 from __future__ import annotations
 
-import importlib
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from tasks.config import family_module
 from tasks.errors import ConfigError
 from tasks.gate import GateSpec
 
@@ -35,14 +35,7 @@ class Family:
 
 def load_family(name: str) -> Family:
     """The ``FAMILY`` of ``tasks/<name>_family.py``."""
-    module_name = f"tasks.{name}_family"
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as err:
-        if err.name != module_name:
-            raise
-        raise ConfigError(f"families: {name!r} has no contract module tasks/{name}_family.py") from None
-    family = getattr(module, "FAMILY", None)
+    family = getattr(family_module(name, "family"), "FAMILY", None)
     if not isinstance(family, Family) or family.name != name:
         raise ConfigError(f"tasks/{name}_family.py: FAMILY must be the Family named {name!r}")
     return family

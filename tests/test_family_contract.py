@@ -77,7 +77,7 @@ def test_every_family_of_params_has_a_contract():
 
 
 def test_a_family_without_a_contract_module_is_named(raw_params):
-    with pytest.raises(ConfigError, match=r"families: 'audio' has no contract module tasks/audio_family.py"):
+    with pytest.raises(ConfigError, match=r"families: 'audio' has no family module tasks/audio_family.py"):
         load_family("audio")
     from tasks.config import parse_config
 
@@ -96,6 +96,7 @@ def test_a_project_of_one_family_needs_only_that_familys_blocks(raw_params):
                                                           "space": {"recsys": raw_params["sweep"]["space"]["recsys"]}})
     cfg = parse_config(only)
     assert cfg.families == ["recsys"] and not hasattr(cfg.distill, "vision") and cfg.distill.recsys.epochs > 0
+    assert parse_config({k: v for k, v in only.items() if k != "ablation"}).ablation is None   # no family has one
     with pytest.raises(ConfigError, match=r"distill\.vision: Extra inputs are not permitted"):
         parse_config({**only, "distill": raw_params["distill"]})
 

@@ -8,10 +8,11 @@ import pytest
 import yaml
 
 from flows.stage_graph import stage_graph
-from tasks.config import Config
+from tasks.config import config_model
 from tests.conftest import ROOT
 
 DVC = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+FAMILIES = yaml.safe_load((ROOT / "params.yaml").read_text())["families"]
 PRODUCERS = {out if isinstance(out, str) else next(iter(out)): name
              for name, spec in DVC.items() for out in spec.get("outs", [])}
 
@@ -44,7 +45,9 @@ def test_config_sections_are_all_read_by_some_stage():
     # tracking, pipeline, families and gate configure the flow (the gate moves registry state, not DVC's to cache);
     # ablation and sweep configure commands outside the graph
     outside = {"tracking", "pipeline", "families", "gate", "ablation", "sweep"}
-    sections = {f.alias or n for n, f in Config.model_fields.items()} - outside
+    model = config_model(tuple(FAMILIES))
+    sections = {f.alias or n for n, f in model.model_fields.items()} - outside
+    assert {"distill", "validate", "teacher"} <= sections   # the families' stage keys, not only the generic ones
     assert sections <= read
 
 
@@ -89,8 +92,14 @@ def test_every_stage_depends_on_exactly_the_code_it_imports():
         imported = module_closure(re.search(r"python -m (tasks\.\w+)", cmd).group(1), ROOT)
         assert not imported - code, f"{name}: dvc.yaml misses {sorted(imported - code)}"
         # its family's params model (tasks.config loads it by name): its defaults and checks shape what the stage runs
-        family_config = module_closure(f"tasks.{name.rsplit('_', 1)[1]}_config", ROOT)
+        family = name.rsplit("_", 1)[1]
+        family_config = module_closure(f"tasks.{family}_config", ROOT)
         assert family_config <= code, f"{name}: dvc.yaml misses {sorted(family_config - code)}"
+        others = {f"tasks/{f}_config.py" for f in FAMILIES if f != family} & code
+        assert not others, f"{name}: depends on another family's config {sorted(others)}"
+        if "tasks/artifacts.py" in imported and not name.startswith(("prepare", "validate")):
+            # any teacher file may hold an imported ONNX graph, which that module runs
+            assert "tasks/imported_teacher.py" in code, f"{name}: loads models but misses tasks/imported_teacher.py"
         # beyond its imports, a stage depends on the model code load_model builds its family's models from
         assert code - imported <= model_modules | family_config, \
             f"{name}: dvc.yaml lists {sorted(code - imported)}, never imported"
