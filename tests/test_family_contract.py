@@ -76,6 +76,8 @@ def test_every_family_of_params_has_a_contract():
         assert isinstance(family, Family) and family.name == name
 
 
+@pytest.mark.fault("params", "families lists a family without its modules, or no families at all",
+                   "ConfigError at load naming the missing module tasks/<name>_config.py or _family.py")
 def test_a_family_without_a_contract_module_is_named(raw_params):
     with pytest.raises(ConfigError, match=r"families: 'audio' has no family module tasks/audio_family.py"):
         load_family("audio")

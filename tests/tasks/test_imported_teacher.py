@@ -147,6 +147,9 @@ def test_the_exported_teacher_takes_the_pipelines_names_even_where_its_own_colli
         np.testing.assert_allclose(out, teacher(x).numpy(), atol=1e-4)
 
 
+@pytest.mark.fault("data", "an imported teacher file changed after its checksum was pinned, or an ONNX graph that does "
+                   "not fit the family (inputs, batch axis, logits, features), or not ONNX at all",
+                   "ChecksumError or TeacherImportError naming the file and what is wrong; the teacher stage stops")
 def test_an_onnx_file_that_does_not_fit_is_refused_with_what_is_wrong(teacher_and_data, tmp_path):
     teacher, _, val = teacher_and_data
     sample = (to_input(val.x[:2]),)
@@ -172,6 +175,8 @@ def test_an_onnx_file_that_does_not_fit_is_refused_with_what_is_wrong(teacher_an
         import_onnx(b"not onnx", sha, "junk.onnx", None, [], sample, [10], 4)
 
 
+@pytest.mark.fault("data", "an imported teacher state dict that does not fit teacher.<family>.arch",
+                   "TeacherImportError naming the file and the mismatching tensor")
 def test_a_state_dict_must_fit_the_architecture_in_params(teacher_and_data, tmp_path):
     teacher, _, val = teacher_and_data
     torch.save(teacher.state_dict(), tmp_path / "w.pt")
