@@ -61,6 +61,7 @@ class OnnxTeacher(nn.Module):
 
             options = ort.SessionOptions()
             options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self._session = ort.InferenceSession(self.graph, options, providers=["CPUExecutionProvider"])
         feed = {name: x.detach().contiguous().cpu().numpy() for name, x in zip(self.arch.inputs, inputs, strict=True)}
         return [torch.from_numpy(out).to(inputs[0].device) for out in self._session.run(names, feed)]

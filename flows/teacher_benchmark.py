@@ -1,0 +1,120 @@
+"""Benchmark: distillation's frozen teacher run by PyTorch vs the same teacher as ONNX in onnxruntime.
+
+Exports the params' vision teacher architecture with its stage maps (fresh weights: speed does not depend on them),
+imports it as an imported teacher would be (``tasks.imported_teacher``), and times, alternating the two in one run,
+the teacher's forward and a whole distillation step (``distill.vision``'s loss and student, SGD) at
+``distill.vision.threads`` threads. Prints a markdown table of medians and their ratio; ``--out`` writes JSON too.
+
+    python -m flows.teacher_benchmark [--batch 256] [--steps 10] [--repeats 3] [--out reports/benchmarks/teacher.json]
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from datetime import date
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from flows.benchmark import machine, write_result
+from tasks.config import Config, load_config
+from tasks.distillation import Distiller
+from tasks.errors import run_cli
+from tasks.imported_teacher import OnnxTeacher, import_onnx
+from tasks.vision_models import MobileStudent, ResNetTeacher
+
+
+class _WithMaps(nn.Module):
+    def __init__(self, teacher: ResNetTeacher) -> None:
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits, maps = self.teacher.forward_features(x)
+        return (logits, *maps)
+
+
+def onnx_twin(teacher: ResNetTeacher, folder: Path) -> OnnxTeacher:
+    """``teacher`` exported with its stage maps and imported back as an ``OnnxTeacher``."""
+    stages = [f"stage{i}" for i in range(len(teacher.stages))]
+    path = folder / "teacher.onnx"
+    # the wrapper in eval mode: the exporter restores the mode it found, which would otherwise put the teacher in
+    # training mode (batch-norm on batch statistics) after the export
+    torch.onnx.export(_WithMaps(teacher).eval(), (torch.zeros(2, 1, 28, 28),), str(path), input_names=["image"],
+                      output_names=["logits", *stages], opset_version=17, dynamo=False,
+                      dynamic_axes={name: {0: "n"} for name in ("image", "logits", *stages)})
+    blob = path.read_bytes()
+    return import_onnx(blob, hashlib.sha256(blob).hexdigest(), str(path), "logits", stages,
+                       (torch.zeros(2, 1, 28, 28),), [10], 4)
+
+
+def _median_seconds(run: Callable[[], object], steps: int) -> float:
+    run()   # warm-up: first-call allocations, onnxruntime's session start
+    start = time.perf_counter()
+    for _ in range(steps):
+        run()
+    return (time.perf_counter() - start) / steps
+
+
+def measure(cfg: Config, batch: int, steps: int, repeats: int) -> dict[str, dict[str, float]]:
+    """Median seconds of the teacher's forward and of a distillation step, per teacher kind."""
+    kd = cfg.distill.vision.model_copy(update={"teacher_bf16": False})   # both in fp32: the same arithmetic
+    torch.set_num_threads(kd.threads)
+    torch.manual_seed(0)
+    teacher = ResNetTeacher(cfg.teacher.vision.arch).eval()
+    x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+    with tempfile.TemporaryDirectory() as tmp:
+        teachers = {"pytorch": teacher, "onnxruntime": onnx_twin(teacher, Path(tmp))}
+    times: dict[str, dict[str, list[float]]] = {name: {"forward": [], "step": []} for name in teachers}
+    for _ in range(repeats):   # alternating, so both see the same machine load
+        for name, frozen in teachers.items():
+            torch.manual_seed(0)
+            distiller = Distiller(MobileStudent(kd.student), frozen, kd, x[:2]).train()
+            opt = torch.optim.SGD(distiller.parameters(), lr=0.01)
+
+            def step(d: Distiller = distiller, o: torch.optim.Optimizer = opt) -> None:
+                o.zero_grad()
+                d.loss(x, y)[0].backward()
+                o.step()
+
+            def forward(t: nn.Module = frozen) -> None:
+                with torch.no_grad():
+                    t.forward_features(x)
+
+            times[name]["step"].append(_median_seconds(step, steps))
+            times[name]["forward"].append(_median_seconds(forward, steps))
+    return {name: {kind: statistics.median(values) for kind, values in kinds.items()} for name, kinds in times.items()}
+
+
+def table(result: dict[str, dict[str, float]], batch: int, threads: int) -> str:
+    torch_t, onnx_t = result["pytorch"], result["onnxruntime"]
+    lines = [f"Teacher benchmark, {date.today()}, {machine()}; batch {batch}, {threads} thread(s), fp32", "",
+             "| teacher run by | forward ms | distillation step ms |", "|---|---:|---:|"]
+    lines += [f"| {name} | {r['forward'] * 1000:.1f} | {r['step'] * 1000:.1f} |" for name, r in result.items()]
+    lines.append(f"| onnxruntime / pytorch | {onnx_t['forward'] / torch_t['forward']:.2f}× | "
+                 f"{onnx_t['step'] / torch_t['step']:.2f}× |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating measurements per teacher (median)")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"))
+    parser.add_argument("--out", type=Path, help="also write the numbers as JSON here")
+    args = parser.parse_args()
+    cfg = load_config(args.params)
+    result = measure(cfg, args.batch, args.steps, args.repeats)
+    print(table(result, args.batch, cfg.distill.vision.threads))
+    if args.out:
+        write_result(args.out, {"batch": args.batch, "threads": cfg.distill.vision.threads, "seconds": result})
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,32 @@
+"""The teacher benchmark compares like with like: the ONNX twin computes what the PyTorch teacher computes, and the
+command times both and prints their ratio."""
+from __future__ import annotations
+
+import torch
+
+from flows.teacher_benchmark import measure, onnx_twin, table
+from tasks.config import parse_config
+from tasks.vision_models import ResNetTeacher
+
+
+def test_the_onnx_twin_computes_the_teachers_logits_and_maps(config, tmp_path):
+    torch.manual_seed(0)
+    teacher = ResNetTeacher(config.teacher.vision.arch).eval()
+    twin = onnx_twin(teacher, tmp_path)
+    x = torch.randn(4, 1, 28, 28)
+    with torch.no_grad():
+        (logits, maps), (t_logits, t_maps) = twin.forward_features(x), teacher.forward_features(x)
+    assert not teacher.training   # exporting it left it as it was
+    torch.testing.assert_close(logits, t_logits, atol=1e-4, rtol=1e-4)
+    for got, want in zip(maps, t_maps, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+def test_the_benchmark_times_both_teachers_and_prints_their_ratio(raw_params):
+    small = {**raw_params, "teacher": {**raw_params["teacher"], "vision": {
+        **raw_params["teacher"]["vision"], "arch": {"stem": 8, "widths": [8, 16], "blocks": [1, 1]}, "threads": 1}}}
+    small["distill"] = {**raw_params["distill"], "vision": {**raw_params["distill"]["vision"], "threads": 1}}
+    result = measure(parse_config(small), batch=8, steps=1, repeats=1)
+    assert set(result) == {"pytorch", "onnxruntime"}
+    assert all(r["forward"] > 0 and r["step"] > 0 for r in result.values())
+    assert "| onnxruntime / pytorch |" in table(result, 8, 1)
