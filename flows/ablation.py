@@ -150,8 +150,9 @@ def check_targets(rows: dict[str, dict], cfg: Config) -> list[dict]:
 
 def table(rows: dict[str, dict], checks: list[dict], cfg: Config, wall: float) -> str:
     seeds = cfg.ablation.vision.seeds
-    lines = [f"Vision ablation, {date.today()}, {machine()}; student seeds {seeds}, teacher trained once by the "
-             f"pipeline; {wall / 60:.0f} min", "",
+    made = "imported (teacher.vision.pretrained)" if cfg.teacher.vision.pretrained else "trained once by the pipeline"
+    lines = [f"Vision ablation, {date.today()}, {machine()}; student seeds {seeds}, teacher {made}; "
+             f"{wall / 60:.0f} min", "",
              "| arm | precision | val accuracy % (mean) | test accuracy % (mean ± std, n) | ONNX parity (min top-1 "
              "agreement) | parameters | non-zero | ONNX bytes | gzip bytes |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
