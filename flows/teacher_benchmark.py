@@ -1,18 +1,17 @@
 """Benchmark: distillation's frozen teacher run by PyTorch vs the same teacher as ONNX in onnxruntime.
 
-Exports the params' vision teacher architecture with its stage maps (fresh weights: speed does not depend on them),
-imports it as an imported teacher would be (``tasks.imported_teacher``), and times, alternating the two in one run,
-the teacher's forward and a whole distillation step (``distill.vision``'s loss and student, SGD) at
-``distill.vision.threads`` threads. Prints a markdown table of medians and their ratio; ``--out`` writes JSON too.
+Exports the params' vision teacher architecture with its stage maps (fresh weights: speed does not depend on them)
+as ``distill.vision.teacher_runtime: onnxruntime`` does (``tasks.imported_teacher.onnx_twin``), and times,
+alternating the two in one run, the teacher's forward and a whole distillation step (``distill.vision``'s loss and
+student, SGD) at ``distill.vision.threads`` threads. Prints a markdown table of medians and their ratio; ``--out``
+writes JSON too.
 
     python -m flows.teacher_benchmark [--batch 256] [--steps 10] [--repeats 3] [--out reports/benchmarks/teacher.json]
 """
 from __future__ import annotations
 
 import argparse
-import hashlib
 import statistics
-import tempfile
 import time
 from collections.abc import Callable
 from datetime import date
@@ -25,32 +24,8 @@ from flows.benchmark import machine, write_result
 from tasks.config import Config, load_config
 from tasks.distillation import Distiller
 from tasks.errors import run_cli
-from tasks.imported_teacher import OnnxTeacher, import_onnx
+from tasks.imported_teacher import onnx_twin
 from tasks.vision_models import MobileStudent, ResNetTeacher
-
-
-class _WithMaps(nn.Module):
-    def __init__(self, teacher: ResNetTeacher) -> None:
-        super().__init__()
-        self.teacher = teacher
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        logits, maps = self.teacher.forward_features(x)
-        return (logits, *maps)
-
-
-def onnx_twin(teacher: ResNetTeacher, folder: Path) -> OnnxTeacher:
-    """``teacher`` exported with its stage maps and imported back as an ``OnnxTeacher``."""
-    stages = [f"stage{i}" for i in range(len(teacher.stages))]
-    path = folder / "teacher.onnx"
-    # the wrapper in eval mode: the exporter restores the mode it found, which would otherwise put the teacher in
-    # training mode (batch-norm on batch statistics) after the export
-    torch.onnx.export(_WithMaps(teacher).eval(), (torch.zeros(2, 1, 28, 28),), str(path), input_names=["image"],
-                      output_names=["logits", *stages], opset_version=17, dynamo=False,
-                      dynamic_axes={name: {0: "n"} for name in ("image", "logits", *stages)})
-    blob = path.read_bytes()
-    return import_onnx(blob, hashlib.sha256(blob).hexdigest(), str(path), "logits", stages,
-                       (torch.zeros(2, 1, 28, 28),), [10], 4)
 
 
 def _median_seconds(run: Callable[[], object], steps: int) -> float:
@@ -63,13 +38,13 @@ def _median_seconds(run: Callable[[], object], steps: int) -> float:
 
 def measure(cfg: Config, batch: int, steps: int, repeats: int) -> dict[str, dict[str, float]]:
     """Median seconds of the teacher's forward and of a distillation step, per teacher kind."""
-    kd = cfg.distill.vision.model_copy(update={"teacher_bf16": False})   # both in fp32: the same arithmetic
+    # both in fp32 (the same arithmetic); the Distiller runs each teacher as given
+    kd = cfg.distill.vision.model_copy(update={"teacher_bf16": False, "teacher_runtime": "pytorch"})
     torch.set_num_threads(kd.threads)
     torch.manual_seed(0)
     teacher = ResNetTeacher(cfg.teacher.vision.arch).eval()
     x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
-    with tempfile.TemporaryDirectory() as tmp:
-        teachers = {"pytorch": teacher, "onnxruntime": onnx_twin(teacher, Path(tmp))}
+    teachers = {"pytorch": teacher, "onnxruntime": onnx_twin(teacher, (x[:2],), feature_rank=4)}
     times: dict[str, dict[str, list[float]]] = {name: {"forward": [], "step": []} for name in teachers}
     for _ in range(repeats):   # alternating, so both see the same machine load
         for name, frozen in teachers.items():

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.family_config import LossWeights
+from tasks.imported_teacher import OnnxTeacher, onnx_twin
 from tasks.training import autocast
 
 if TYPE_CHECKING:  # annotations only: the recommender runs this code without the vision config
@@ -96,6 +97,8 @@ class Distiller(FrozenTeacher):
     """Student plus feature adapters (FitNets hints) against a frozen vision teacher."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillVision, sample: torch.Tensor) -> None:
+        if cfg.teacher_runtime == "onnxruntime" and not isinstance(teacher, OnnxTeacher):
+            teacher = onnx_twin(teacher, (sample,), feature_rank=4)
         super().__init__(student, teacher)
         self.cfg = cfg
         with torch.no_grad():

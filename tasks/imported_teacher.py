@@ -236,6 +236,38 @@ def load_pretrained(spec: PretrainedTeacher, key: str, examples: tuple[torch.Ten
     return import_state_dict(blob, spec.path, build)
 
 
+class _Features(nn.Module):
+    """``forward`` as ``(logits, *feature maps)``: what an exporter can name output by output."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits, maps = self.model.forward_features(*inputs)
+        return (logits, *maps)
+
+
+def onnx_twin(model: nn.Module, examples: tuple[torch.Tensor, ...], feature_rank: int) -> OnnxTeacher:
+    """``model`` (whose ``forward_features`` gives logits and a list of feature maps) exported to ONNX and imported
+    back: the same frozen teacher, run by onnxruntime."""
+    import tempfile
+
+    model.eval()
+    with torch.no_grad():
+        logits, maps = model.forward_features(*examples)
+    inputs, features = [f"input{i}" for i in range(len(examples))], [f"feature{i}" for i in range(len(maps))]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "teacher.onnx"
+        # the wrapper in eval mode: the exporter restores the mode it finds, and would leave the model training
+        torch.onnx.export(_Features(model).eval(), tuple(x.contiguous() for x in examples), str(path),
+                          input_names=inputs, output_names=["logits", *features], opset_version=17, dynamo=False,
+                          dynamic_axes={name: {0: "n"} for name in (*inputs, "logits", *features)})
+        blob = path.read_bytes()
+    return import_onnx(blob, hashlib.sha256(blob).hexdigest(), "the teacher's ONNX twin", "logits", features,
+                       examples, list(logits.shape[1:]), feature_rank)
+
+
 def publish_imported(run: Any, model: nn.Module, spec: PretrainedTeacher, metrics: dict[str, float], paths: Any,
                      kind: str, arch: BaseModel, **extra: Any) -> None:
     """A teacher stage's outputs for an imported teacher, logged to ``run`` with its provenance as tags: an ONNX

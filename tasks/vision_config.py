@@ -154,6 +154,9 @@ class DistillVision(TrainingRecipe):
     feature_pairs: list[FeaturePair] = []
     # The frozen teacher's forward in bf16 autocast (inference only), where the CPU computes bf16 natively.
     teacher_bf16: bool
+    # Who runs the frozen teacher while students distil (distill, prune, qat and share): PyTorch, or onnxruntime on
+    # its ONNX twin (fp32; teacher_bf16 then does not apply). `make benchmark-teacher` measures both on a machine.
+    teacher_runtime: Literal["pytorch", "onnxruntime"] = "pytorch"
 
 
 class PruneVision(TrainingRecipe, GradualPruning):

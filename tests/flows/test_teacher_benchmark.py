@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import torch
 
-from flows.teacher_benchmark import measure, onnx_twin, table
+from flows.teacher_benchmark import measure, table
 from tasks.config import parse_config
+from tasks.imported_teacher import onnx_twin
 from tasks.vision_models import ResNetTeacher
 
 
 def test_the_onnx_twin_computes_the_teachers_logits_and_maps(config, tmp_path):
     torch.manual_seed(0)
     teacher = ResNetTeacher(config.teacher.vision.arch).eval()
-    twin = onnx_twin(teacher, tmp_path)
+    twin = onnx_twin(teacher, (torch.zeros(2, 1, 28, 28),), feature_rank=4)
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():
         (logits, maps), (t_logits, t_maps) = twin.forward_features(x), teacher.forward_features(x)

@@ -90,6 +90,23 @@ def test_an_onnx_teacher_computes_the_losses_of_the_torch_teacher_it_came_from(t
     assert list(via_onnx.parameters()) and not list(imported.parameters())
 
 
+def test_teacher_runtime_onnxruntime_distils_from_the_teachers_onnx_twin(teacher_and_data):
+    """distill.vision.teacher_runtime: onnxruntime: the Distiller runs the frozen teacher's ONNX twin, whose losses
+    are the PyTorch teacher's, and leaves the PyTorch teacher as it was."""
+    from tasks.imported_teacher import OnnxTeacher
+
+    teacher, _, val = teacher_and_data
+    x, y = to_input(val.x[:64]), val.y[:64]
+    student = MobileStudent(load_config().distill.vision.student)
+    kd = _kd(0.7, 0.1, 0.5, [FeaturePair(teacher=1, student=1)])
+    torch.manual_seed(1)
+    via_torch = Distiller(student, teacher, kd, x[:2]).train()
+    torch.manual_seed(1)
+    via_onnx = Distiller(student, teacher, kd.model_copy(update={"teacher_runtime": "onnxruntime"}), x[:2]).train()
+    assert isinstance(via_onnx.teacher, OnnxTeacher) and via_torch.teacher is teacher and not teacher.training
+    torch.testing.assert_close(via_onnx.loss(x, y)[0], via_torch.loss(x, y)[0], atol=1e-4, rtol=1e-4)
+
+
 def test_target_and_label_distillation_from_an_onnx_teacher_teach_the_student_its_answers(teacher_and_data, tmp_path):
     teacher, train, val = teacher_and_data
     sha = export_teacher(teacher, tmp_path / "t.onnx")

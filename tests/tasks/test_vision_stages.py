@@ -129,3 +129,22 @@ def test_observer_freeze_must_fall_inside_training(raw_params, epochs, freeze, p
     qat = {**raw_params["qat"]["vision"], "epochs": epochs, "freeze_observers_after": freeze}
     with pytest.raises(ConfigError, match=pattern):
         parse_config({**raw_params, "qat": {**raw_params["qat"], "vision": qat}})
+
+
+def test_distill_and_qat_stages_run_with_the_teacher_in_onnxruntime(project, monkeypatch):
+    """distill.vision.teacher_runtime: onnxruntime, through the stages' CLIs: each distils from the teacher's ONNX
+    twin and publishes a student the next stage loads."""
+    import json
+
+    from tasks import distill_vision, qat_vision
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["distill"]["vision"] |= {**FAST, "epochs": 1, "teacher_runtime": "onnxruntime"}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    monkeypatch.setattr(sys, "argv", ["distill_vision", "--data", "data", "--teacher", "teacher.pt",
+                                      "--checkpoint", "ckpt/kd/last.pt", "--model", "kd.pt", "--metrics", "kd.json",
+                                      "--plots", "kd.csv"])
+    distill_vision.main()
+    assert json.loads((project / "kd.json").read_text())["test_accuracy"] >= 0.0
+    run_stage(monkeypatch, project, qat_vision, ["distill", "qat"], "kd.pt", "qat")
+    assert load_model(project / "qat.pt") is not None
