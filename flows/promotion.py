@@ -94,10 +94,9 @@ def download_onnx(client: MlflowClient, version: Any, dest: Path) -> Path:
     return path
 
 
-def verify_candidate(root: Path, family: str, evaluation: dict[str, Any]) -> None:
+def verify_candidate(root: Path, family: str, evaluation: dict[str, Any], where: dict[str, Path]) -> None:
     """The candidate's and the teacher's SHA-256 must be the ones recorded when they were evaluated: metrics that
-    passed belong to those files only."""
-    where = paths(root, family)
+    passed belong to those files only (``where``: the family's ``paths``)."""
     for name, path in (("student_int8", where["candidate"]), ("teacher_fp32", where["teacher"])):
         recorded = evaluation.get("sha256", {}).get(name)
         actual = file_digest(root / path)
@@ -142,6 +141,7 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
     version's ``audit.*`` tags name the champion it was compared with."""
     gate = getattr(cfg.gate, family)
     check_registry(client, uri)
+    where = paths(root, family)
     tags = {**lineage(cfg, root, parent_run_id, family), **(extra_tags or {})}
     with registry_lock(gate.registered_model, cfg.tracking.registry_lock_timeout_seconds):
         same = _registered_with(client, gate.registered_model, tags["onnx.hash"])
@@ -149,10 +149,9 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
             print(f"{gate.registered_model} version {same.version} already holds this candidate; registry unchanged")
             return {"passed": same.tags.get("gate.passed") == "true", "checks": [], "name": gate.registered_model,
                     "version": str(same.version), "champion": False, "unchanged": True}
-        report, checks, evaluation = _gate(root, cfg, client, run_id, family)
+        report, checks, evaluation = _gate(root, cfg, client, run_id, family, where)
         promote = report["passed"] and may_promote
         tags.update({**gate_tags(checks), **audit_tags(report["champion_before"], promote)})
-        where = paths(root, family)
         source, tags[MODEL_SHA256] = log_onnx_model(client, run_id, root / where["candidate"],
                                                     load_family(family).input_example(root / where["data"]))
         if not client.search_registered_models(f"name = '{gate.registered_model}'"):
@@ -168,19 +167,19 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
         if promote:
             client.set_registered_model_alias(gate.registered_model, "champion", version.version)
     report.update(name=gate.registered_model, version=str(version.version), champion=promote, unchanged=False)
-    write_report(root, cfg, evaluation, report, tags, family)
+    write_report(root, cfg, evaluation, report, tags, family, where)
     client.log_artifact(run_id, str(root / where["reports"] / "report.html"))
     return report
 
 
-def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str,
-          family: str) -> tuple[dict[str, Any], list[Check], dict[str, Any]]:
+def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str, family: str,
+          where: dict[str, Path]) -> tuple[dict[str, Any], list[Check], dict[str, Any]]:
     """Score the candidate and the current champion back to back, check the gate, write and log its report;
     return the report, the checks and the evaluation with the candidate's fresh scores."""
-    where, gate, contract = paths(root, family), getattr(cfg.gate, family), load_family(family)
+    gate, contract = getattr(cfg.gate, family), load_family(family)
     data = root / where["data"]
     evaluation = json.loads((root / where["evaluation"]).read_text())
-    verify_candidate(root, family, evaluation)
+    verify_candidate(root, family, evaluation, where)
     champ = champion_version(client, gate.registered_model)
     champion = None
     with tempfile.TemporaryDirectory() as tmp:
@@ -215,7 +214,7 @@ def audit_tags(champion_before: dict | None, promoted: bool) -> dict[str, str]:
 
 
 def write_report(root: Path, cfg: Config, evaluation: dict, report: dict, tags: dict[str, str],
-                 family: str) -> None:
+                 family: str, where: dict[str, Path]) -> None:
     """``reports/<family>/report.html``: Pareto plots, models, gate, and the family's ablation when one was run."""
     from tasks.report import ReportView, render_report
 
@@ -228,7 +227,7 @@ def write_report(root: Path, cfg: Config, evaluation: dict, report: dict, tags: 
                "git commit": tags["git.commit"], "pipeline run": tags["parent_run_id"],
                "registered": f"{report['name']} version {report['version']}"
                              + (" (champion)" if report["champion"] else " (challenger only)")}
-    write_atomic(root / paths(root, family)["reports"] / "report.html",
+    write_atomic(root / where["reports"] / "report.html",
                  render_report(evaluation, report, ablation, context, view).encode())
 
 

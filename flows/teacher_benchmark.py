@@ -28,7 +28,7 @@ from tasks.imported_teacher import onnx_twin
 from tasks.vision_models import MobileStudent, ResNetTeacher
 
 
-def _median_seconds(run: Callable[[], object], steps: int) -> float:
+def _mean_seconds(run: Callable[[], object], steps: int) -> float:
     run()   # warm-up: first-call allocations, onnxruntime's session start
     start = time.perf_counter()
     for _ in range(steps):
@@ -37,7 +37,8 @@ def _median_seconds(run: Callable[[], object], steps: int) -> float:
 
 
 def measure(cfg: Config, batch: int, steps: int, repeats: int) -> dict[str, dict[str, float]]:
-    """Median seconds of the teacher's forward and of a distillation step, per teacher kind."""
+    """Seconds of the teacher's forward and of a distillation step, per teacher kind: the median over ``repeats`` of
+    the mean over ``steps``."""
     # both in fp32 (the same arithmetic); the Distiller runs each teacher as given
     kd = cfg.distill.vision.model_copy(update={"teacher_bf16": False, "teacher_runtime": "pytorch"})
     torch.set_num_threads(kd.threads)
@@ -61,8 +62,8 @@ def measure(cfg: Config, batch: int, steps: int, repeats: int) -> dict[str, dict
                 with torch.no_grad():
                     t.forward_features(x)
 
-            times[name]["step"].append(_median_seconds(step, steps))
-            times[name]["forward"].append(_median_seconds(forward, steps))
+            times[name]["step"].append(_mean_seconds(step, steps))
+            times[name]["forward"].append(_mean_seconds(forward, steps))
     return {name: {kind: statistics.median(values) for kind, values in kinds.items()} for name, kinds in times.items()}
 
 

@@ -142,12 +142,18 @@ def publish_training(run: Any, model: nn.Module, kind: str, arch: BaseModel, his
         run.log_figure(figure, "learning_curves.png")
 
 
-def pass_through(run: Any, paths: argparse.Namespace, stage: str) -> None:
-    """A compression stage left out of the recipe: its output is its input, so the graph stays coherent. Its
-    checkpoint folder (a DVC output) is created empty: DVC fails a stage whose declared output is missing."""
-    write_atomic(paths.model, paths.student.read_bytes())
+def empty_checkpoint(paths: argparse.Namespace) -> None:
+    """A stage that trained nothing creates its checkpoint folder (a DVC output) empty: DVC fails a stage whose
+    declared output is missing."""
     if getattr(paths, "checkpoint", None) is not None:
         paths.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+
+
+def pass_through(run: Any, paths: argparse.Namespace, stage: str) -> None:
+    """A compression stage left out of the recipe: its output is its input, so the graph stays coherent (its
+    checkpoint folder, if it has one, created empty)."""
+    write_atomic(paths.model, paths.student.read_bytes())
+    empty_checkpoint(paths)
     write_json(paths.metrics, {"pass_through": 1})
     write_atomic(paths.plots, b"epoch\n")
     run.set_tag("stage.pass_through", "true")

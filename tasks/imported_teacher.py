@@ -251,19 +251,16 @@ class _Features(nn.Module):
 def onnx_twin(model: nn.Module, examples: tuple[torch.Tensor, ...], feature_rank: int) -> OnnxTeacher:
     """``model`` (whose ``forward_features`` gives logits and a list of feature maps) exported to ONNX and imported
     back: the same frozen teacher, run by onnxruntime."""
-    import tempfile
-
     model.eval()
     with torch.no_grad():
         logits, maps = model.forward_features(*examples)
     inputs, features = [f"input{i}" for i in range(len(examples))], [f"feature{i}" for i in range(len(maps))]
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "teacher.onnx"
-        # the wrapper in eval mode: the exporter restores the mode it finds, and would leave the model training
-        torch.onnx.export(_Features(model).eval(), tuple(x.contiguous() for x in examples), str(path),
-                          input_names=inputs, output_names=["logits", *features], opset_version=17, dynamo=False,
-                          dynamic_axes={name: {0: "n"} for name in (*inputs, "logits", *features)})
-        blob = path.read_bytes()
+    buffer = io.BytesIO()
+    # the wrapper in eval mode: the exporter restores the mode it finds, and would leave the model training
+    torch.onnx.export(_Features(model).eval(), tuple(x.contiguous() for x in examples), buffer,
+                      input_names=inputs, output_names=["logits", *features], opset_version=17, dynamo=False,
+                      dynamic_axes={name: {0: "n"} for name in (*inputs, "logits", *features)})
+    blob = buffer.getvalue()
     return import_onnx(blob, hashlib.sha256(blob).hexdigest(), "the teacher's ONNX twin", "logits", features,
                        examples, list(logits.shape[1:]), feature_rank)
 
@@ -274,12 +271,11 @@ def publish_imported(run: Any, model: nn.Module, spec: PretrainedTeacher, metric
     teacher as a model file of kind ``onnx`` holding its graph, a state-dict one as the family's ``kind`` and
     ``arch`` (with ``extra``). Nothing was trained: the history is empty and a checkpoint folder, a DVC output of
     the stage, is created empty."""
-    from tasks.artifacts import publish_training
+    from tasks.artifacts import empty_checkpoint, publish_training
 
     run.set_tags({"teacher.imported.format": spec.format, "teacher.imported.sha256": spec.sha256,
                   "teacher.imported.path": spec.path})
-    if getattr(paths, "checkpoint", None) is not None:
-        paths.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    empty_checkpoint(paths)
     if isinstance(model, OnnxTeacher):
         graph = torch.frombuffer(bytearray(model.graph), dtype=torch.uint8)
         publish_training(run, model, "onnx", model.arch, [], metrics, paths, onnx=graph)
