@@ -2,9 +2,10 @@
 
 Exports the params' vision teacher architecture with its stage maps (fresh weights: speed does not depend on them)
 as ``distill.vision.teacher_runtime: onnxruntime`` does (``tasks.imported_teacher.onnx_twin``), and times,
-alternating the two in one run, the teacher's forward and a whole distillation step (``distill.vision``'s loss and
-student, SGD) at ``distill.vision.threads`` threads. Prints a markdown table of medians and their ratio; ``--out``
-writes JSON too.
+alternating them in one run, the teacher's forward and a whole distillation step (``distill.vision``'s loss and
+student, SGD) at ``distill.vision.threads`` threads: PyTorch fp32, onnxruntime fp32 and, where the CPU has native
+bf16, PyTorch under bf16 autocast (``teacher_bf16: true``). Prints a markdown table of medians and their ratios;
+``--out`` writes JSON too.
 
     python -m flows.teacher_benchmark [--batch 256] [--steps 10] [--repeats 3] [--out reports/benchmarks/teacher.json]
 """
@@ -25,7 +26,10 @@ from tasks.config import Config, load_config
 from tasks.distillation import Distiller
 from tasks.errors import run_cli
 from tasks.imported_teacher import onnx_twin
+from tasks.training import autocast, native_bf16
 from tasks.vision_models import MobileStudent, ResNetTeacher
+
+BF16 = "pytorch bf16"   # PyTorch's bf16 autocast, measured only where the CPU has native bf16
 
 
 def _mean_seconds(run: Callable[[], object], steps: int) -> float:
@@ -39,18 +43,23 @@ def _mean_seconds(run: Callable[[], object], steps: int) -> float:
 def measure(cfg: Config, batch: int, steps: int, repeats: int) -> dict[str, dict[str, float]]:
     """Seconds of the teacher's forward and of a distillation step, per teacher kind: the median over ``repeats`` of
     the mean over ``steps``."""
-    # both in fp32 (the same arithmetic); the Distiller runs each teacher as given
+    # the Distiller runs each teacher as given: fp32, plus PyTorch's bf16 autocast where the CPU has native bf16
+    # (what ``teacher_bf16: true`` runs there)
     kd = cfg.distill.vision.model_copy(update={"teacher_bf16": False, "teacher_runtime": "pytorch"})
     torch.set_num_threads(kd.threads)
     torch.manual_seed(0)
     teacher = ResNetTeacher(cfg.teacher.vision.arch).eval()
     x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
     teachers = {"pytorch": teacher, "onnxruntime": onnx_twin(teacher, (x[:2],), feature_rank=4)}
+    if native_bf16():
+        teachers[BF16] = teacher
     times: dict[str, dict[str, list[float]]] = {name: {"forward": [], "step": []} for name in teachers}
-    for _ in range(repeats):   # alternating, so both see the same machine load
+    for _ in range(repeats):   # alternating, so all see the same machine load
         for name, frozen in teachers.items():
             torch.manual_seed(0)
-            distiller = Distiller(MobileStudent(kd.student), frozen, kd, x[:2]).train()
+            bf16 = name == BF16
+            run_kd = kd.model_copy(update={"teacher_bf16": True}) if bf16 else kd
+            distiller = Distiller(MobileStudent(kd.student), frozen, run_kd, x[:2]).train()
             opt = torch.optim.SGD(distiller.parameters(), lr=0.01)
 
             def step(d: Distiller = distiller, o: torch.optim.Optimizer = opt) -> None:
@@ -58,8 +67,8 @@ def measure(cfg: Config, batch: int, steps: int, repeats: int) -> dict[str, dict
                 d.loss(x, y)[0].backward()
                 o.step()
 
-            def forward(t: nn.Module = frozen) -> None:
-                with torch.no_grad():
+            def forward(t: nn.Module = frozen, bf16: bool = bf16) -> None:
+                with torch.no_grad(), autocast(bf16):
                     t.forward_features(x)
 
             times[name]["step"].append(_mean_seconds(step, steps))
@@ -68,12 +77,14 @@ def measure(cfg: Config, batch: int, steps: int, repeats: int) -> dict[str, dict
 
 
 def table(result: dict[str, dict[str, float]], batch: int, threads: int) -> str:
-    torch_t, onnx_t = result["pytorch"], result["onnxruntime"]
-    lines = [f"Teacher benchmark, {date.today()}, {machine()}; batch {batch}, {threads} thread(s), fp32", "",
-             "| teacher run by | forward ms | distillation step ms |", "|---|---:|---:|"]
+    onnx_t = result["onnxruntime"]
+    lines = [f"Teacher benchmark, {date.today()}, {machine()}; batch {batch}, {threads} thread(s), student in fp32",
+             "", "| teacher run by | forward ms | distillation step ms |", "|---|---:|---:|"]
     lines += [f"| {name} | {r['forward'] * 1000:.1f} | {r['step'] * 1000:.1f} |" for name, r in result.items()]
-    lines.append(f"| onnxruntime / pytorch | {onnx_t['forward'] / torch_t['forward']:.2f}× | "
-                 f"{onnx_t['step'] / torch_t['step']:.2f}× |")
+    for base in ("pytorch", BF16):
+        if base in result:
+            lines.append(f"| onnxruntime / {base} | {onnx_t['forward'] / result[base]['forward']:.2f}× | "
+                         f"{onnx_t['step'] / result[base]['step']:.2f}× |")
     return "\n".join(lines)
 
 

@@ -97,7 +97,7 @@ class Distiller(FrozenTeacher):
     """Student plus feature adapters (FitNets hints) against a frozen vision teacher."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillVision, sample: torch.Tensor) -> None:
-        if cfg.teacher_runtime == "onnxruntime" and not isinstance(teacher, OnnxTeacher):
+        if cfg.teacher_in_onnxruntime() and not isinstance(teacher, OnnxTeacher):
             teacher = onnx_twin(teacher, (sample,), feature_rank=4)
         super().__init__(student, teacher)
         self.cfg = cfg

@@ -225,13 +225,24 @@ def _run(client: MlflowClient, cfg: Config, name: str, tags: dict[str, str], roo
     logger.end("FINISHED")
 
 
+def host_tags() -> dict[str, str]:
+    """What of the machine changes a stage's arithmetic or its ``auto`` choices: the CPU's vector extension as PyTorch
+    dispatches to it, and whether it computes bf16 natively (bf16 autocast, ``teacher_runtime: auto``)."""
+    import torch
+
+    from tasks.training import native_bf16
+
+    return {"host.cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "host.native_bf16": str(native_bf16()).lower()}
+
+
 @contextmanager
 def stage_run(stage: str, cfg: Config, params: dict[str, Any], client: MlflowClient | None = None) -> Iterator[RunLogger]:
     """A child run of the pipeline's parent run (or a top-level run under plain ``dvc repro``)."""
     client = client or client_for(tracking_uri(cfg))
     flat = flatten("", params)
     inputs = dvc_inputs(stage)   # read once: for the lineage tags and the dataset inputs
-    tags = {"pipeline.stage": stage, **lineage_tags(stage, cfg, inputs=inputs)}
+    tags = {"pipeline.stage": stage, **lineage_tags(stage, cfg, inputs=inputs), **host_tags()}
     parent = os.environ.get(PARENT_ENV)
     tags.update({"mlflow.parentRunId": parent} if parent else {"pipeline.launcher": "dvc"})
     with _run(client, cfg, stage, tags, Path(".")) as logger, system_metrics(logger, cfg.tracking.system_metrics_seconds):

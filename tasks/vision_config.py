@@ -155,8 +155,17 @@ class DistillVision(TrainingRecipe):
     # The frozen teacher's forward in bf16 autocast (inference only), where the CPU computes bf16 natively.
     teacher_bf16: bool
     # Who runs the frozen teacher while students distil (distill, prune, qat and share): PyTorch, or onnxruntime on
-    # its ONNX twin (fp32; teacher_bf16 then does not apply). `make benchmark-teacher` measures both on a machine.
-    teacher_runtime: Literal["pytorch", "onnxruntime"] = "pytorch"
+    # its ONNX twin (fp32; teacher_bf16 then does not apply); auto: PyTorch where it runs the teacher in bf16
+    # (teacher_bf16 and a CPU with native bf16), else onnxruntime. `make benchmark-teacher` measures them.
+    teacher_runtime: Literal["auto", "pytorch", "onnxruntime"] = "auto"
+
+    def teacher_in_onnxruntime(self) -> bool:
+        """Whether the frozen teacher runs as its ONNX twin on this machine (``auto`` resolved)."""
+        from tasks.training import native_bf16
+
+        if self.teacher_runtime == "auto":
+            return not (self.teacher_bf16 and native_bf16())
+        return self.teacher_runtime == "onnxruntime"
 
 
 class PruneVision(TrainingRecipe, GradualPruning):
