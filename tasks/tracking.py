@@ -25,6 +25,7 @@ from pydantic import BaseModel
 
 from tasks.config import Config
 from tasks.errors import AccessDenied, ArtifactStoreError, PipelineError, ServiceUnavailable
+from tasks.hardware import host_tags
 from tasks.lineage import data_context, dataset_inputs, dvc_inputs, lineage_tags, locked_outputs
 
 PARENT_ENV = "PIPELINE_PARENT_RUN_ID"
@@ -223,17 +224,6 @@ def _run(client: MlflowClient, cfg: Config, name: str, tags: dict[str, str], roo
             print(f"warning: run {run.info.run_id} could not be marked FAILED ({err})", file=sys.stderr)
         raise
     logger.end("FINISHED")
-
-
-def host_tags() -> dict[str, str]:
-    """What of the machine changes a stage's arithmetic or its ``auto`` choices: the CPU's vector extension as PyTorch
-    dispatches to it, and whether it computes bf16 natively (bf16 autocast, ``teacher_runtime: auto``)."""
-    import torch
-
-    from tasks.training import native_bf16
-
-    return {"host.cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "host.native_bf16": str(native_bf16()).lower()}
 
 
 @contextmanager

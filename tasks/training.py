@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +17,7 @@ from tqdm import tqdm
 
 from tasks.checkpoints import load_checkpoint, save_checkpoint
 from tasks.family_config import Optimizer, Schedule
+from tasks.hardware import native_bf16
 from tasks.observers import frozen_observers
 
 if TYPE_CHECKING:  # annotations only: the recommender runs this code without the vision config
@@ -92,18 +92,6 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: Schedule, total_steps: int) 
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(
             math.pi * min(s, total_steps) / total_steps))))
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
-
-
-@functools.cache
-def native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX). Without it oneDNN emulates bf16 convolutions,
-    so slowly that one small batch's backward pass takes minutes (seen on an AVX2-only EPYC): ``bf16: true`` in
-    params then trains and evaluates in fp32 instead, with a note."""
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    if not native:
-        print("note: this CPU has no native bf16 (AVX512-BF16 / AMX); bf16 autocast is off, training in fp32",
-              file=sys.stderr)
-    return native
 
 
 def autocast(bf16: bool) -> torch.autocast:

@@ -161,7 +161,7 @@ class DistillVision(TrainingRecipe):
 
     def teacher_in_onnxruntime(self) -> bool:
         """Whether the frozen teacher runs as its ONNX twin on this machine (``auto`` resolved)."""
-        from tasks.training import native_bf16
+        from tasks.hardware import native_bf16
 
         if self.teacher_runtime == "auto":
             return not (self.teacher_bf16 and native_bf16())

@@ -57,7 +57,8 @@ def teacher_and_data(real_splits):
 def _kd(target: float, label: float, feature: float = 0.0, pairs=()) -> DistillVision:
     cfg = load_config().distill.vision
     return cfg.model_copy(update={"weights": LossWeights(ground_truth=0.0, target=target, feature=feature, label=label),
-                                  "feature_pairs": list(pairs), "label_smoothing": 0.0, "teacher_bf16": False})
+                                  "feature_pairs": list(pairs), "label_smoothing": 0.0, "teacher_bf16": False,
+                                  "teacher_runtime": "pytorch"})
 
 
 def test_an_onnx_teacher_computes_the_losses_of_the_torch_teacher_it_came_from(teacher_and_data, tmp_path):
@@ -114,9 +115,9 @@ def test_teacher_runtime_auto_keeps_pytorch_only_where_it_infers_in_bf16(runtime
                                                                         monkeypatch):
     """auto: PyTorch where the teacher infers in bf16 (1.23x faster than onnxruntime on AVX512-BF16), onnxruntime
     where PyTorch would run it in fp32 (0.73x the step time on AVX2); an explicit choice is kept."""
-    import tasks.training
+    import tasks.hardware
 
-    monkeypatch.setattr(tasks.training, "native_bf16", lambda: native)
+    monkeypatch.setattr(tasks.hardware, "native_bf16", lambda: native)
     kd = load_config().distill.vision.model_copy(update={"teacher_runtime": runtime, "teacher_bf16": bf16_param})
     assert kd.teacher_in_onnxruntime() is expected
 

@@ -1,0 +1,29 @@
+"""What this machine's CPU computes natively: read at run time, never assumed (the pipeline's machines differ)."""
+from __future__ import annotations
+
+import functools
+import sys
+
+
+@functools.cache
+def native_bf16() -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX). Without it oneDNN emulates bf16 convolutions,
+    so slowly that one small batch's backward pass takes minutes (seen on an AVX2-only EPYC): ``bf16: true`` in
+    params then trains and evaluates in fp32 instead, with a note."""
+    import torch
+
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    if not native:
+        print("note: this CPU has no native bf16 (AVX512-BF16 / AMX); bf16 autocast is off, training in fp32",
+              file=sys.stderr)
+    return native
+
+
+def host_tags() -> dict[str, str]:
+    """What of the machine changes a stage's arithmetic or its ``auto`` choices, as MLflow tags: the CPU's vector
+    extension as PyTorch dispatches to it, and whether it computes bf16 natively (bf16 autocast,
+    ``teacher_runtime: auto``)."""
+    import torch
+
+    return {"host.cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "host.native_bf16": str(native_bf16()).lower()}
