@@ -2,6 +2,7 @@
 command times both and prints their ratio."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from flows.teacher_benchmark import measure, table
@@ -23,11 +24,19 @@ def test_the_onnx_twin_computes_the_teachers_logits_and_maps(config, tmp_path):
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
 
 
-def test_the_benchmark_times_both_teachers_and_prints_their_ratio(raw_params):
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_the_benchmark_times_the_teachers_and_prints_their_ratios(raw_params, native_bf16, monkeypatch):
+    """PyTorch fp32 and onnxruntime everywhere; PyTorch under bf16 autocast too where the CPU has native bf16 (what
+    ``teacher_runtime: auto`` weighs the twin against there)."""
+    import flows.teacher_benchmark
+
+    monkeypatch.setattr(flows.teacher_benchmark, "native_bf16", lambda: native_bf16)
     small = {**raw_params, "teacher": {**raw_params["teacher"], "vision": {
         **raw_params["teacher"]["vision"], "arch": {"stem": 8, "widths": [8, 16], "blocks": [1, 1]}, "threads": 1}}}
     small["distill"] = {**raw_params["distill"], "vision": {**raw_params["distill"]["vision"], "threads": 1}}
     result = measure(parse_config(small), batch=8, steps=1, repeats=1)
-    assert set(result) == {"pytorch", "onnxruntime"}
+    assert set(result) == {"pytorch", "onnxruntime"} | ({"pytorch bf16"} if native_bf16 else set())
     assert all(r["forward"] > 0 and r["step"] > 0 for r in result.values())
-    assert "| onnxruntime / pytorch |" in table(result, 8, 1)
+    printed = table(result, 8, 1)
+    assert "| onnxruntime / pytorch |" in printed
+    assert ("| onnxruntime / pytorch bf16 |" in printed) is native_bf16
