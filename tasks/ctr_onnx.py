@@ -19,6 +19,7 @@ from torch import nn
 
 from tasks.ctr_training import CtrSplit
 from tasks.io import write_atomic
+from tasks.int4 import pack_int4
 from tasks.onnx_models import OnnxError, session, tidy_qdq
 from tasks.recsys_models import TABLES, CtrModel, Probability, quantize_table
 
@@ -85,9 +86,13 @@ def _narrow_index(graph: onnx.GraphProto, init: onnx.TensorProto) -> onnx.NodePr
 
 def export_ctr_int8(model: CtrModel, path: Path, opset: int = 17) -> Path:
     """``model``: a converted INT8 model (``convert_ctr_int8``) or an FP32 one whose tables are quantized after
-    training (a recipe without QAT)."""
+    training (a recipe without QAT). MLP weights trained at 4 bits or fewer are stored as INT4 (``tasks.int4``;
+    the tables stay INT8)."""
     export_ctr_fp32(model, path, opset)
-    return quantize_tables(tidy_qdq(path))
+    quantize_tables(tidy_qdq(path))
+    if getattr(model, "qat_settings", {}).get("mlp_weight_bits", 8) <= 4:
+        pack_int4(path)
+    return path
 
 
 def onnx_probabilities(path: Path, split: CtrSplit, batch_size: int = 8192, threads: int = 2) -> np.ndarray:

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from tasks.errors import PipelineError
+from tasks.int4 import pack_int4, upgrade_opset, weight_types
 from tasks.io import write_atomic
 from tasks.quantization import QatModel, convert_int8
 from tasks.training import Split, to_input
@@ -51,13 +52,20 @@ def export_fp32(model: nn.Module, path: Path, opset: int = 17, example: torch.Te
 
 
 def export_int8(qat: QatModel, path: Path, opset: int = 17) -> Path:
-    """Convert a QAT student to real INT8 (``convert_fx``) and export it as QDQ ONNX (per-channel weights).
+    """Convert a QAT student to real INT8 (``convert_fx``) and export it as QDQ ONNX (per-channel weights; INT4
+    weights at opset 21 when it was trained with 4-bit weights, see ``tasks.int4``).
 
     The exporter writes INT8 weights as ``Constant`` nodes and puts a no-op ``Cast`` between each activation's
     QuantizeLinear and DequantizeLinear; onnxruntime's basic (ONNX-only, portable) graph optimisations fold these,
     leaving plain Q/DQ pairs around each Conv/Gemm with INT8 weight initializers."""
     export_fp32(convert_int8(qat), path, opset)
-    return tidy_qdq(path)
+    tidy_qdq(path)
+    if qat.weight_bits <= 4:   # stored as INT4 (opset 21): half the weight bytes, the same numbers
+        pack_int4(path)
+        left = weight_types(path)
+        if set(left) != {"INT4"}:
+            raise OnnxError(f"{path}: weights trained at {qat.weight_bits} bits did not all fit INT4 ({left})")
+    return path
 
 
 def tidy_qdq(path: Path) -> Path:
@@ -99,20 +107,24 @@ def quantize_ptq(fp32_path: Path, calibration: Split, path: Path, qat: QatVision
     """The baseline a user would otherwise pick: onnxruntime static post-training quantization (QDQ, INT8
     per-channel weights, UINT8 activations, MinMax calibration on ``calibration`` — never the test split).
     Quantized as ``qat`` quantizes: its ``float_modules`` left in float, weights in its ``weight_bits`` (7:
-    onnxruntime's ``reduce_range``)."""
+    onnxruntime's ``reduce_range``; 4: its INT4 weights, symmetric on [-8, 7], at opset 21)."""
+    import onnx
     from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
 
     float_modules, weight_bits = qat.float_modules, qat.weight_bits
-    if weight_bits not in (7, 8):
-        raise OnnxError(f"onnxruntime PTQ takes 7- or 8-bit weights here, not {weight_bits}")
+    if weight_bits not in (4, 7, 8):
+        raise OnnxError(f"onnxruntime PTQ takes 4-, 7- or 8-bit weights here, not {weight_bits}")
     with tempfile.TemporaryDirectory() as tmp:
         prepared, out = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        if weight_bits == 4:   # standard INT4 QDQ needs opset 21 (older graphs get com.microsoft's Q/DQ instead)
+            onnx.save(upgrade_opset(onnx.load(str(prepared))), str(prepared))
         excluded = module_nodes(prepared, float_modules)
         if float_modules and not excluded:
             raise OnnxError(f"{fp32_path}: no node belongs to the float modules {list(float_modules)}")
         quantize_static(str(prepared), str(out), _Calibration(calibration.x, 256), quant_format=QuantFormat.QDQ,
-                        per_channel=per_channel, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        per_channel=per_channel, activation_type=QuantType.QUInt8,
+                        weight_type=QuantType.QInt4 if weight_bits == 4 else QuantType.QInt8,
                         nodes_to_exclude=excluded, reduce_range=weight_bits == 7)
         write_atomic(path, out.read_bytes())
     return path

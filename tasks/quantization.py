@@ -1,4 +1,5 @@
-"""Quantization-aware training helpers (PyTorch FX): INT8 per-channel weights, N-bit activations, BN folded.
+"""Quantization-aware training helpers (PyTorch FX): 8-, 7- or 4-bit per-channel weights, INT8 activations, BN
+folded.
 
 FX is the path that exports: a converted FX model becomes QDQ ONNX that onnxruntime runs, whereas the fused
 fake-quant op of eager QAT does not export. ``prepare_qat_fx`` fuses conv + batch norm (+ ReLU) into QAT
@@ -26,7 +27,7 @@ from tasks.observers import freeze_observers
 
 
 def qat_qconfig(activation_bits: int, float_modules: Sequence[str] = (), weight_bits: int = 8) -> QConfigMapping:
-    """Per-channel symmetric weights on the narrow range (``weight_bits`` 8: [-127, 127]; 7: [-63, 63]); unsigned
+    """Per-channel symmetric weights on the narrow range (``weight_bits`` 8: [-127, 127]; 7: [-63, 63]; 4: [-7, 7]); unsigned
     ``activation_bits`` activations (8: full range, no reduce_range; the pipeline refuses fewer, see QatVision).
     ``float_modules`` (student module names such as ``stem``) stay in float: a convolution over one input channel
     gains nothing from INT8 kernels."""
@@ -60,11 +61,13 @@ class FeatureOutputs(nn.Module):
 
 
 class QatModel(nn.Module):
-    """A fake-quantized FX graph presented with the ``forward`` / ``forward_features`` interface of our models."""
+    """A fake-quantized FX graph presented with the ``forward`` / ``forward_features`` interface of our models;
+    ``weight_bits``: the bits its weights were quantized to (4 or fewer export as INT4)."""
 
-    def __init__(self, graph: nn.Module) -> None:
+    def __init__(self, graph: nn.Module, weight_bits: int = 8) -> None:
         super().__init__()
         self.graph = graph
+        self.weight_bits = weight_bits
 
     def forward_features(self, x: torch.Tensor):
         logits, maps = self.graph(x)
@@ -83,7 +86,7 @@ def prepare_qat(model: nn.Module, activation_bits: int, example: torch.Tensor,
         warnings.simplefilter("ignore")  # FX quantization warns that it is in maintenance mode
         graph = prepare_qat_fx(FeatureOutputs(copy.deepcopy(model)).train(),
                                qat_qconfig(activation_bits, float_modules, weight_bits), (example,))
-    return QatModel(graph)
+    return QatModel(graph, weight_bits)
 
 
 def freeze_schedule(model: nn.Module, freeze_observers_after: int, freeze_bn_after: int):
@@ -107,7 +110,7 @@ def convert_int8(model: QatModel) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         graph = convert_fx(graph)
-    return QatModel(graph).eval()
+    return QatModel(graph, model.weight_bits).eval()
 
 
 @torch.no_grad()

@@ -194,7 +194,9 @@ class QatVision(Fp32Recipe, ObserverFreeze):
     # 88-95 % of test images (4 and 6 bits, small students, 2026-12-01): refused rather than shipped unlike its
     # training.
     activation_bits: Literal[8]
-    weight_bits: Literal[7, 8]         # signed, per channel, narrow: ±(2^(b-1) - 1); PTQ quantizes to 7 or 8 bits alike
+    # signed, per channel, narrow: ±(2^(b-1) - 1); 4 ships INT4 weights (opset 21, tasks/int4.py); PTQ quantizes
+    # to the same bits (4: onnxruntime's INT4, [-8, 7])
+    weight_bits: Literal[4, 7, 8]
     freeze_bn_after: Annotated[int, Field(ge=0)]
     # A layer whose weights are at least this share zeros counts as pruned: its zeros are held through QAT.
     pruned_min_sparsity: Annotated[float, Field(gt=0.0, le=1.0)]

@@ -33,7 +33,8 @@ def models(tmp_path, real_splits):
     return _models(tmp_path, real_splits, STUDENT)
 
 
-def _models(tmp_path, real_splits, arch: MobileArch, float_modules: tuple[str, ...] = ()):
+def _models(tmp_path, real_splits, arch: MobileArch, float_modules: tuple[str, ...] = (),
+            weight_bits: int = WEIGHT_BITS):
     """Real test/val images on disk, a teacher, an FP32 student trained for a few steps (an untrained one's logits
     tie, and parity on ties measures rounding noise) and a QAT student whose observers saw data, then froze."""
     data = tmp_path / "data"
@@ -46,7 +47,7 @@ def _models(tmp_path, real_splits, arch: MobileArch, float_modules: tuple[str, .
     labels = torch.from_numpy(real_splits["val"][1].astype(np.int64))
     teacher = ResNetTeacher(TEACHER).eval()
     student = briefly_trained(MobileStudent(arch), images, labels, steps=200)
-    qat = prepare_qat(student, 8, images[:2], float_modules, WEIGHT_BITS).train()
+    qat = prepare_qat(student, 8, images[:2], float_modules, weight_bits).train()
     with torch.no_grad():
         for i in range(0, 256, 64):
             qat(images[i:i + 64])
@@ -54,13 +55,13 @@ def _models(tmp_path, real_splits, arch: MobileArch, float_modules: tuple[str, .
     paths = {"teacher": tmp_path / "teacher.pt", "fp32": tmp_path / "fp32.pt", "qat": tmp_path / "qat.pt"}
     save_model(teacher, "resnet_teacher", TEACHER, paths["teacher"])
     save_model(student, "mobile_student", arch, paths["fp32"])
-    save_model(qat.eval(), "mobile_student", arch, paths["qat"], activation_bits=8, weight_bits=WEIGHT_BITS,
+    save_model(qat.eval(), "mobile_student", arch, paths["qat"], activation_bits=8, weight_bits=weight_bits,
                float_modules=list(float_modules))
     return data, paths
 
 
-def _qat_cfg(config: Config, float_modules: tuple[str, ...] = ()):
-    return config.qat.vision.model_copy(update={"float_modules": list(float_modules), "weight_bits": WEIGHT_BITS})
+def _qat_cfg(config: Config, float_modules: tuple[str, ...] = (), weight_bits: int = WEIGHT_BITS):
+    return config.qat.vision.model_copy(update={"float_modules": list(float_modules), "weight_bits": weight_bits})
 
 
 def _export_cfg(config: Config, min_top1_agreement: float | None = None):
@@ -97,6 +98,53 @@ def test_export_writes_int8_qdq_graphs_that_match_pytorch(config, models, tmp_pa
     # (that INT8 files are much smaller shows on the real student, in the ablation e2e test; this one is tiny)
 
 
+def test_4_bit_weights_ship_as_int4_that_computes_what_qat_trained(config, tmp_path, real_splits):
+    """qat.vision.weight_bits 4: the QAT student's file stores its weights as INT4 (opset 21), losslessly: it
+    computes exactly what the same graph with INT8 storage computes, and passes parity against the fake-quantized
+    model; onnxruntime's PTQ baseline quantizes to INT4 as well; the float stem stays float."""
+    from tasks.artifacts import load_model
+    from tasks.int4 import weight_types
+    from tasks.onnx_models import tidy_qdq
+    from tasks.quantization import convert_int8
+
+    data, paths = _models(tmp_path, real_splits, MIXED, float_modules=("stem",), weight_bits=4)
+    checks = export_vision(_export_cfg(config, 0.98), _qat_cfg(config, ("stem",), 4), data, paths["teacher"],
+                           paths["fp32"], paths["qat"], tmp_path / "onnx")
+    assert checks["student_int8"]["top1_agreement"] >= 0.98   # against the fake-quantized model QAT trained
+    assert checks["student_ptq_int8"]["top1_agreement"] >= 0.995
+    int4, ptq = tmp_path / "onnx" / "student_int8.onnx", tmp_path / "onnx" / "student_ptq_int8.onnx"
+    assert set(weight_types(int4)) == {"INT4"} and set(weight_types(ptq)) == {"INT4"}
+    for path in (int4, ptq):
+        assert next(o.version for o in onnx.load(str(path)).opset_import if o.domain == "") == 21
+    qat = load_model(paths["qat"])
+    assert qat.weight_bits == 4   # saved and rebuilt with its bits
+    unpacked = export_fp32(convert_int8(qat), tmp_path / "int8_storage.onnx")
+    tidy_qdq(unpacked)
+    assert set(weight_types(unpacked)) == {"INT8"}
+    test = Split.load(data, "test")
+    # lossless: run as written (no INT8 kernels for the one, none for the other), both compute the same numbers
+    np.testing.assert_array_equal(onnx_logits(int4, test, optimized=False), onnx_logits(unpacked, test, optimized=False))
+
+    def weight_bytes(path) -> int:   # two INT4 values per byte, an odd count rounded up
+        model = onnx.load(str(path))
+        kinds = {onnx.TensorProto.INT4, onnx.TensorProto.INT8}
+        return sum(len(t.raw_data) for t in model.graph.initializer if t.data_type in kinds and len(t.dims) >= 2)
+
+    packed, wide = weight_bytes(int4), weight_bytes(unpacked)
+    assert packed <= wide / 2 + sum(weight_types(int4).values()) and int4.stat().st_size < unpacked.stat().st_size
+
+
+def test_packing_leaves_8_bit_files_alone(config, models, tmp_path):
+    from tasks.artifacts import load_model
+    from tasks.int4 import pack_int4
+    from tasks.onnx_models import export_int8
+
+    _, paths = models
+    path = export_int8(load_model(paths["qat"]), tmp_path / "int8.onnx")
+    before = path.read_bytes()
+    assert pack_int4(path) == 0 and path.read_bytes() == before
+
+
 def test_float_stem_stays_float_in_the_qat_and_ptq_int8_graphs(config, tmp_path, real_splits):
     data, paths = _models(tmp_path, real_splits, MIXED, float_modules=("stem",))
     # a barely trained student's logits nearly tie, so INT8 rounding may flip an image or two of 400: parity loosened
@@ -128,6 +176,21 @@ def test_n_bit_activations_are_refused_rather_than_shipped_unlike_their_training
     qat = {**raw_params["qat"]["vision"], "activation_bits": 6}
     with pytest.raises(ConfigError, match=r"qat\.vision\.activation_bits: Input should be 8"):
         parse_config({**raw_params, "qat": {**raw_params["qat"], "vision": qat}})
+
+
+@pytest.mark.parametrize("bits", [4, 7, 8])
+def test_weight_bits_are_those_that_ship_and_have_a_ptq_baseline(raw_params, bits):
+    """4 (INT4 storage, onnxruntime INT4 PTQ), 7 and 8; 5 or 6 would ship as INT8 bytes with no PTQ twin."""
+    from tasks.config import parse_config
+    from tasks.errors import ConfigError
+
+    def parsed(weight_bits: int):
+        qat = {**raw_params["qat"]["vision"], "weight_bits": weight_bits}
+        return parse_config({**raw_params, "qat": {**raw_params["qat"], "vision": qat}})
+
+    assert parsed(bits).qat.vision.weight_bits == bits
+    with pytest.raises(ConfigError, match=r"qat\.vision\.weight_bits: Input should be 4, 7 or 8"):
+        parsed(bits - 2 if bits == 8 else 5)
 
 
 def test_recipe_without_qat_gets_ptq_for_its_final_student(config, models, tmp_path):

@@ -73,9 +73,13 @@ def test_distillation_moves_the_student_only_and_learns():
     assert all(torch.equal(a, b) for a, b in zip(before, teacher.parameters(), strict=True))
 
 
-def test_int8_onnx_stores_int8_tables_and_matches_the_qat_model(tmp_path):
+@pytest.mark.parametrize("mlp_bits", [7, 4])
+def test_int8_onnx_stores_int8_tables_and_matches_the_qat_model(tmp_path, mlp_bits):
+    """4-bit MLP weights are stored as INT4 (opset 21) beside the INT8 tables, computing the same numbers."""
+    from tasks.int4 import weight_types
+
     torch.backends.quantized.engine = "x86"
-    qat = prepare_ctr_qat(_model(), 7, True)
+    qat = prepare_ctr_qat(_model(), mlp_bits, True)
     data = _split(256)
     qat.train()
     with torch.no_grad():
@@ -86,6 +90,10 @@ def test_int8_onnx_stores_int8_tables_and_matches_the_qat_model(tmp_path):
     tables = {i.name: numpy_helper.to_array(i) for i in graph.initializer if i.name.endswith(".weight.int8")}
     assert tables["model.embedding.weight.int8"].dtype == np.int8 and tables["model.embedding.weight.int8"].shape == (60, 8)
     assert sum(n.op_type == "DequantizeLinear" for n in graph.node) >= 4
+    # the three tables (full INT8 range per row) stay INT8; the two quantized MLP weights follow QAT
+    assert weight_types(path) == ({"INT8": 3, "INT4": 2} if mlp_bits == 4 else {"INT8": 5})
+    opset = next(o.version for o in onnx.load(str(path)).opset_import if o.domain == "")
+    assert opset == (21 if mlp_bits == 4 else 17)
     reference = torch.sigmoid(torch.from_numpy(predict_logits(qat, data))).numpy()
     assert np.abs(onnx_probabilities(path, data) - reference).max() < 0.01
 

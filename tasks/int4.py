@@ -1,0 +1,101 @@
+"""4-bit weights in ONNX: INT8 weight initializers that INT4 holds exactly, stored as INT4 (opset 21).
+
+QAT with ``weight_bits`` 4 trains weights on the grid [-7, 7] per channel; ``convert_fx`` and the TorchScript
+exporter still write them as INT8 ``DequantizeLinear`` inputs. Stored as INT4 (two per byte) the same values take
+half the bytes and the graph computes the same numbers: the packing is lossless by construction (a tensor is packed
+only when every value lies in [-8, 7]), and the file is checked by the export stage's parity like any other.
+
+onnxruntime has no INT4 convolution or Gemm kernels on the CPU: it dequantizes INT4 weights to float on every run
+and computes in float, so an INT4 file is smaller but slower than its INT8 twin (the evaluation measures it).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from tasks.errors import PipelineError
+from tasks.io import write_atomic
+
+INT4_OPSET = 21   # the first opset whose QuantizeLinear / DequantizeLinear take INT4
+
+
+def upgrade_opset(model, opset: int = INT4_OPSET):
+    """``model`` (an ``onnx.ModelProto``) converted to ``opset`` of the default domain when it is older."""
+    from onnx import version_converter
+
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if current >= opset:
+        return model
+    try:
+        converted = version_converter.convert_version(model, opset)
+    except Exception as err:   # the converter raises its own ConvertError and checker errors
+        raise PipelineError(f"cannot convert the ONNX graph from opset {current} to {opset} for INT4 weights "
+                            f"({err})") from err
+    del converted.graph.value_info[:]   # the converter's inferred shapes: optional, and bytes in every file
+    return converted
+
+
+def pack_int4(path: Path) -> int:
+    """Rewrite the ONNX file at ``path`` with every constant INT8 weight (rank ≥ 2) of a ``DequantizeLinear`` that
+    INT4 holds exactly stored as INT4, its zero point too, at opset 21, unused initializers dropped. Returns how
+    many weights it packed (0: the file is left as it was)."""
+    import ml_dtypes
+    import onnx
+    from onnx import TensorProto, numpy_helper
+
+    model = onnx.load(str(path))
+
+    def packable(node: onnx.NodeProto, inits: dict[str, onnx.TensorProto]) -> bool:
+        def fits(name: str) -> bool:
+            tensor = inits.get(name)
+            if tensor is None or tensor.data_type != TensorProto.INT8:
+                return False
+            values = numpy_helper.to_array(tensor)
+            return values.size > 0 and int(values.min()) >= -8 and int(values.max()) <= 7
+
+        if node.op_type != "DequantizeLinear":
+            return False
+        weight = inits.get(node.input[0])
+        return (weight is not None and len(weight.dims) >= 2 and fits(node.input[0])
+                and (len(node.input) < 3 or fits(node.input[2])))
+
+    if not any(packable(n, {t.name: t for t in model.graph.initializer}) for n in model.graph.node):
+        return 0
+    model = upgrade_opset(model)
+    inits = {t.name: t for t in model.graph.initializer}
+    converted: dict[str, str] = {}   # INT8 initializer -> its INT4 copy (a zero point may be shared)
+    packed = 0
+    for node in model.graph.node:
+        if not packable(node, inits):
+            continue
+        for i in range(0, len(node.input), 2):   # the weight (0) and its zero point (2), not the scale (1)
+            source = node.input[i]
+            if source not in converted:
+                int4 = numpy_helper.from_array(numpy_helper.to_array(inits[source]).astype(ml_dtypes.int4),
+                                               f"{source}_int4")
+                model.graph.initializer.append(int4)
+                converted[source] = int4.name
+            node.input[i] = converted[source]
+        packed += 1
+    used = {name for n in model.graph.node for name in n.input} | {o.name for o in model.graph.output}
+    kept = [t for t in model.graph.initializer if t.name in used]
+    del model.graph.initializer[:]
+    model.graph.initializer.extend(kept)
+    onnx.checker.check_model(model)
+    write_atomic(path, model.SerializeToString())
+    return packed
+
+
+def weight_types(path: Path) -> dict[str, int]:
+    """How many constant weights (rank ≥ 2) of the file's ``DequantizeLinear`` nodes are stored in each integer
+    type, e.g. ``{"INT4": 9}``."""
+    import onnx
+
+    model = onnx.load(str(path))
+    inits = {t.name: t for t in model.graph.initializer}
+    counts: dict[str, int] = {}
+    for node in model.graph.node:
+        tensor = inits.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
+        if tensor is not None and len(tensor.dims) >= 2:
+            kind = onnx.TensorProto.DataType.Name(tensor.data_type)
+            counts[kind] = counts.get(kind, 0) + 1
+    return counts
