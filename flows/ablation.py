@@ -5,7 +5,9 @@ Trains every arm once per seed of ``ablation.vision.seeds`` with the stage funct
 then measures each model as an ONNX file in onnxruntime on the validation split (what a choice may read) and the
 test split (reported), after checking each file against its reference with the export stage's parity thresholds
 (a float file against its PyTorch model, a QAT file against the fake-quantized model that was trained, a PTQ file
-against its QDQ graph run as written); a file that fails stops the ablation. Writes ``<out>/vision.md`` and
+against its QDQ graph run as written); a file that fails stops the ablation. With ``ablation.vision.low_bit``,
+three more arms quantize the same students with 4-bit weights (INT4 in the ONNX file): PTQ, QAT without KD,
+KD + QAT. Writes ``<out>/vision.md`` and
 ``<out>/vision.json`` and logs both, with per-arm metrics, to one MLflow run. Re-running resumes: every arm
 checkpoints each epoch under ``<out>/work`` and a finished arm is not trained again.
 
@@ -38,12 +40,25 @@ from tasks.prune_vision import prune_vision
 from tasks.qat_vision import qat_vision
 from tasks.share_vision import share_vision
 from tasks.training import Split
-from tasks.vision_config import ExportVision, ablation_recipes
+from tasks.vision_config import ExportVision, QatVision, ablation_recipes
 
 ARMS = {  # arm -> precision of the measured ONNX model
     "teacher": "FP32", "student CE-only": "FP32", "student KD": "FP32", "CE-only + PTQ": "INT8",
     "KD + PTQ": "INT8", "QAT without KD": "INT8", "KD + QAT": "INT8", "KD + QAT + pruning": "INT8",
     "KD + QAT + weight sharing": "INT8"}
+LOW_BIT_ARMS = ("CE-only + PTQ", "QAT without KD", "KD + QAT")   # again with ablation.vision.low_bit's weights
+
+
+def arms(cfg: Config) -> dict[str, str]:
+    """Every arm of this configuration, in table order, with the precision of its measured ONNX model."""
+    low = cfg.ablation.vision.low_bit
+    if low is None:
+        return dict(ARMS)
+    return {**ARMS, **{low_bit_arm(arm, low.weight_bits): f"W{low.weight_bits}A8" for arm in LOW_BIT_ARMS}}
+
+
+def low_bit_arm(arm: str, weight_bits: int) -> str:
+    return f"W{weight_bits}A8 {arm}"
 
 
 def inputs(root: Path) -> tuple[Path, Path]:
@@ -97,6 +112,12 @@ def run_seed(cfg: Config, seed: int, root: Path, work: Path) -> dict[str, Measur
     qat_pruned = qat_vision(qat, kd, True, data, teacher, files["pruned"], ckpt / "qat_pruned.pt")[0]
     shared = share_vision(r["share"], kd, True, data, teacher, files["qat_kd"], ckpt / "share.pt", cfg.export.vision,
                           qat)[0]
+    low = cfg.ablation.vision.low_bit
+    if low is not None:   # the same students, quantized with low.weight_bits-bit weights
+        qat_low = QatVision.model_validate({**qat.model_dump(), "weight_bits": low.weight_bits})
+        tag = f"w{low.weight_bits}"
+        low_ce = qat_vision(qat_low, kd, False, data, teacher, files["ce"], ckpt / f"qat_ce_{tag}.pt")[0]
+        low_kd = qat_vision(qat_low, kd, True, data, teacher, files["kd"], ckpt / f"qat_kd_{tag}.pt")[0]
 
     val, test = Split.load(data, "val"), Split.load(data, "test")
     size = cfg.ablation.vision.calibration_size
@@ -110,6 +131,11 @@ def run_seed(cfg: Config, seed: int, root: Path, work: Path) -> dict[str, Measur
     models["KD + QAT"] = qat_kd, export_int8(qat_kd, work / "qat_kd.onnx")
     models["KD + QAT + pruning"] = qat_pruned, export_int8(qat_pruned, work / "qat_pruned.onnx")
     models["KD + QAT + weight sharing"] = shared, export_int8(shared, work / "shared.onnx")
+    if low is not None:
+        models[low_bit_arm("CE-only + PTQ", low.weight_bits)] = ce, quantize_ptq(
+            ce_onnx, calibration, work / f"ce_ptq_{tag}.onnx", qat_low)
+        models[low_bit_arm("QAT without KD", low.weight_bits)] = low_ce, export_int8(low_ce, work / f"qat_ce_{tag}.onnx")
+        models[low_bit_arm("KD + QAT", low.weight_bits)] = low_kd, export_int8(low_kd, work / f"qat_kd_{tag}.onnx")
 
     def reference(arm: str, model: nn.Module, path: Path) -> np.ndarray:  # as the export stage checks its files
         if arm.endswith("+ PTQ"):  # onnxruntime's own quantization: its QDQ graph run as written
@@ -120,18 +146,20 @@ def run_seed(cfg: Config, seed: int, root: Path, work: Path) -> dict[str, Measur
             for arm, (model, path) in models.items()}
 
 
-def summarise(per_seed: dict[int, dict[str, Measured]], teacher: Measured) -> dict[str, dict]:
-    """Per arm: test accuracy mean ± std over seeds (sample std; 0 for one seed), validation accuracy mean, the
-    lowest top-1 agreement of its ONNX files with their references, sizes as seed means."""
+def summarise(per_seed: dict[int, dict[str, Measured]], teacher: Measured, precision: dict[str, str]
+              ) -> dict[str, dict]:
+    """Per arm of ``precision`` (arm -> precision, in table order): test accuracy mean ± std over seeds (sample
+    std; 0 for one seed), validation accuracy mean, the lowest top-1 agreement of its ONNX files with their
+    references, sizes as seed means."""
     def row(arm: str, measured: list[Measured]) -> dict:
         acc = [m.accuracy for m in measured]
-        return {"precision": ARMS[arm], "accuracies": acc, "val_accuracies": [m.val_accuracy for m in measured],
+        return {"precision": precision[arm], "accuracies": acc, "val_accuracies": [m.val_accuracy for m in measured],
                 "val_mean": statistics.fmean(m.val_accuracy for m in measured),
                 "min_top1_agreement": min(m.top1_agreement for m in measured), **_sizes(measured),
                 "mean": statistics.fmean(acc), "std": statistics.stdev(acc) if len(acc) > 1 else 0.0, "n": len(acc)}
 
     return {"teacher": row("teacher", [teacher]),
-            **{arm: row(arm, [per_seed[seed][arm] for seed in per_seed]) for arm in list(ARMS)[1:]}}
+            **{arm: row(arm, [per_seed[seed][arm] for seed in per_seed]) for arm in list(precision)[1:]}}
 
 
 def _sizes(measured: list[Measured]) -> dict[str, int]:
@@ -145,6 +173,16 @@ def check_targets(rows: dict[str, dict], cfg: Config) -> list[dict]:
     checks = [("kd_qat_accuracy", "KD + QAT INT8 accuracy", kdq, "≥", t.kd_qat_accuracy, kdq >= t.kd_qat_accuracy),
               ("drop_vs_teacher", "teacher − KD + QAT (pt)", drop, "≤", t.max_drop_vs_teacher, drop <= t.max_drop_vs_teacher),
               ("gain_over_ptq", "KD + QAT − CE-only + PTQ (pt)", gain, "≥", t.min_gain_over_ptq, gain >= t.min_gain_over_ptq)]
+    low = cfg.ablation.vision.low_bit
+    if low is not None:
+        name = f"W{low.weight_bits}A8"
+        kdq_low = rows[low_bit_arm("KD + QAT", low.weight_bits)]
+        gain_low = kdq_low["mean"] - rows[low_bit_arm("CE-only + PTQ", low.weight_bits)]["mean"]
+        ratio = kdq_low["bytes"] / rows["KD + QAT"]["bytes"]
+        checks += [("low_bit_gain_over_ptq", f"{name} KD + QAT − {name} CE-only + PTQ (pt)", gain_low, "≥",
+                    low.min_gain_over_ptq, gain_low >= low.min_gain_over_ptq),
+                   ("low_bit_size_ratio", f"{name} KD + QAT bytes / KD + QAT bytes (%)", ratio, "≤",
+                    low.max_size_ratio, ratio <= low.max_size_ratio)]
     return [{"key": k, "check": c, "value": v, "op": op, "threshold": th, "met": ok} for k, c, v, op, th, ok in checks]
 
 
@@ -179,7 +217,7 @@ def ablation(root: Path, out: Path, repro: bool = True) -> dict:
     val, test = Split.load(root / data, "val"), Split.load(root / data, "test")
     teacher_m = measure(teacher, export_fp32(teacher, out / "work" / "teacher.onnx"), val, test,
                         cfg.distill.vision.threads, torch_logits(teacher, test), "teacher", cfg.export.vision)
-    rows = summarise(per_seed, teacher_m)
+    rows = summarise(per_seed, teacher_m, arms(cfg))
     checks = check_targets(rows, cfg)
     wall = time.perf_counter() - start
     doc = {"date": str(date.today()), "machine": machine(), "profile": cfg.profile, "wall_seconds": wall,

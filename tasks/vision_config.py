@@ -254,6 +254,15 @@ class AblationTargets(Strict):
     min_gain_over_ptq: Fraction        # ... and at least this far above CE-only + PTQ INT8
 
 
+class LowBitArms(Strict):
+    """W<weight_bits>A8 arms beside the 8-bit ones: CE-only + PTQ, QAT without KD and KD + QAT with weights at
+    ``weight_bits`` (QAT's own schedule, onnxruntime's PTQ at the same bits), and their targets."""
+
+    weight_bits: Literal[4]
+    min_gain_over_ptq: Fraction        # KD + QAT at least this far above CE-only + PTQ, both at weight_bits
+    max_size_ratio: Annotated[float, Field(gt=0.0)]   # KD + QAT file bytes at most this share of the 8-bit one's
+
+
 class AblationVision(Strict):
     """The ablation benchmark: every arm trained once per seed with the stage recipes, where ``distill``, ``prune``,
     ``qat`` and ``share`` hold overrides of ``<stage>.vision`` for the ablation only (e.g. fewer epochs)."""
@@ -265,6 +274,7 @@ class AblationVision(Strict):
     qat: dict[str, Any] = {}
     share: dict[str, Any] = {}
     targets: AblationTargets
+    low_bit: LowBitArms | None = None  # null: the 8-bit arms only
 
 
 SECTIONS: dict[str, Any] = {

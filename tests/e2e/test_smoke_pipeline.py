@@ -302,7 +302,8 @@ def test_ablation_command_tables_every_arm_and_resumes(flow_repo):
     doc = json.loads((repo / "reports" / "ablation" / "vision.json").read_text())
     rows = {row["arm"]: row for row in doc["rows"]}  # a list, in table order
     assert list(rows) == ["teacher", "student CE-only", "student KD", "CE-only + PTQ", "KD + PTQ", "QAT without KD",
-                          "KD + QAT", "KD + QAT + pruning", "KD + QAT + weight sharing"]
+                          "KD + QAT", "KD + QAT + pruning", "KD + QAT + weight sharing", "W4A8 CE-only + PTQ",
+                          "W4A8 QAT without KD", "W4A8 KD + QAT"]
     assert rows["teacher"]["n"] == 1 and all(r["n"] == 2 and len(r["accuracies"]) == 2 for a, r in rows.items() if a != "teacher")
     assert all(0.0 < acc <= 1.0 for r in rows.values() for acc in r["accuracies"] + r["val_accuracies"])
     assert all(r["min_top1_agreement"] >= 0.8 for r in rows.values())   # every file passed the smoke parity check
@@ -310,7 +311,10 @@ def test_ablation_command_tables_every_arm_and_resumes(flow_repo):
     assert rows["KD + PTQ"]["bytes"] < rows["student KD"]["bytes"] / 2
     # structured on the smoke profile: fewer parameters; unstructured: fewer non-zero ones; either way, fewer weights
     assert rows["KD + QAT + pruning"]["nonzero"] < 0.8 * rows["KD + QAT"]["parameters"]
-    assert [c["key"] for c in doc["targets"]] == ["kd_qat_accuracy", "drop_vs_teacher", "gain_over_ptq"]
+    assert rows["W4A8 KD + QAT"]["bytes"] < rows["KD + QAT"]["bytes"]   # INT4 weights in the stored file
+    assert rows["W4A8 CE-only + PTQ"]["bytes"] < rows["CE-only + PTQ"]["bytes"]
+    assert [c["key"] for c in doc["targets"]] == ["kd_qat_accuracy", "drop_vs_teacher", "gain_over_ptq",
+                                                 "low_bit_gain_over_ptq", "low_bit_size_ratio"]
     assert "| KD + QAT + weight sharing | INT8 |" in proc.stdout and "| target |" in proc.stdout
 
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
