@@ -90,7 +90,7 @@ def export_ctr_int8(model: CtrModel, path: Path, opset: int = 17) -> Path:
     the tables stay INT8)."""
     export_ctr_fp32(model, path, opset)
     quantize_tables(tidy_qdq(path))
-    if getattr(model, "qat_settings", {}).get("mlp_weight_bits", 8) <= 4:
+    if (model.qat_settings or {}).get("mlp_weight_bits", 8) <= 4:
         pack_int4(path)
     return path
 
