@@ -33,6 +33,7 @@ from flows.stage_graph import stage_paths
 from tasks.artifacts import count_nonzero, count_parameters, load_model, qat_extra, save_model
 from tasks.config import Config, load_config
 from tasks.distill_vision import distill_vision
+from tasks.evaluate_vision import latency
 from tasks.export_vision import parity, torch_logits
 from tasks.io import write_atomic, write_json
 from tasks.onnx_models import export_fp32, export_int8, file_sizes, onnx_accuracy, onnx_logits, quantize_ptq
@@ -40,7 +41,7 @@ from tasks.prune_vision import prune_vision
 from tasks.qat_vision import qat_vision
 from tasks.share_vision import share_vision
 from tasks.training import Split
-from tasks.vision_config import ExportVision, QatVision, ablation_recipes
+from tasks.vision_config import QatVision, ablation_recipes
 
 ARMS = {  # arm -> precision of the measured ONNX model
     "teacher": "FP32", "student CE-only": "FP32", "student KD": "FP32", "CE-only + PTQ": "INT8",
@@ -77,18 +78,23 @@ class Measured:
     bytes: int
     gzip_bytes: int
     top1_agreement: float    # the ONNX file against its reference (the export stage's parity check)
+    latency_ms: float        # batch-1 p50 in onnxruntime, as evaluate_vision measures it
+    throughput_ips: float    # images per second at evaluate.vision.throughput_batch
 
 
-def measure(model: nn.Module, onnx_path: Path, val: Split, test: Split, threads: int, reference: np.ndarray,
-            arm: str, export: ExportVision) -> Measured:
+def measure(model: nn.Module, onnx_path: Path, val: Split, test: Split, cfg: Config, reference: np.ndarray,
+            arm: str) -> Measured:
     """An arm's ONNX file on both splits, after checking it against ``reference`` (its PyTorch model's test
-    logits, or for a PTQ file its QDQ graph run as written) with the export stage's parity thresholds."""
+    logits, or for a PTQ file its QDQ graph run as written) with the export stage's parity thresholds; its speed
+    as the evaluation stage measures it."""
+    threads = cfg.distill.vision.threads
     logits = onnx_logits(onnx_path, test, threads=threads)
-    checked = parity(arm, reference, logits, test.y.numpy(), export)
-    sizes = file_sizes(onnx_path)
+    checked = parity(arm, reference, logits, test.y.numpy(), cfg.export.vision)
+    sizes, speed = file_sizes(onnx_path), latency(onnx_path, test.x, cfg.evaluate.vision)
     return Measured(float((logits.argmax(1) == test.y.numpy()).mean()), onnx_accuracy(onnx_path, val, threads),
                     count_parameters(model), count_nonzero(model), sizes["bytes"], sizes["gzip_bytes"],
-                    checked["top1_agreement"])
+                    checked["top1_agreement"], speed["latency_b1_p50_ms"],
+                    speed[f"throughput_b{cfg.evaluate.vision.throughput_batch}_ips"])
 
 
 def run_seed(cfg: Config, seed: int, root: Path, work: Path) -> dict[str, Measured]:
@@ -142,7 +148,7 @@ def run_seed(cfg: Config, seed: int, root: Path, work: Path) -> dict[str, Measur
             return onnx_logits(path, test, threads=kd.threads, optimized=False)
         return torch_logits(model, test)   # a float model, or the fake-quantized model QAT trained
 
-    return {arm: measure(model, path, val, test, kd.threads, reference(arm, model, path), arm, cfg.export.vision)
+    return {arm: measure(model, path, val, test, cfg, reference(arm, model, path), arm)
             for arm, (model, path) in models.items()}
 
 
@@ -162,9 +168,12 @@ def summarise(per_seed: dict[int, dict[str, Measured]], teacher: Measured, preci
             **{arm: row(arm, [per_seed[seed][arm] for seed in per_seed]) for arm in list(precision)[1:]}}
 
 
-def _sizes(measured: list[Measured]) -> dict[str, int]:
-    return {key: round(statistics.fmean(getattr(m, key) for m in measured))
-            for key in ("parameters", "nonzero", "bytes", "gzip_bytes")}
+def _sizes(measured: list[Measured]) -> dict[str, float]:
+    """Sizes and speed as seed means."""
+    sizes = {key: round(statistics.fmean(getattr(m, key) for m in measured))
+             for key in ("parameters", "nonzero", "bytes", "gzip_bytes")}
+    return {**sizes, **{key: statistics.fmean(getattr(m, key) for m in measured)
+                        for key in ("latency_ms", "throughput_ips")}}
 
 
 def check_targets(rows: dict[str, dict], cfg: Config) -> list[dict]:
@@ -187,17 +196,19 @@ def check_targets(rows: dict[str, dict], cfg: Config) -> list[dict]:
 
 
 def table(rows: dict[str, dict], checks: list[dict], cfg: Config, wall: float) -> str:
-    seeds = cfg.ablation.vision.seeds
+    seeds, batch = cfg.ablation.vision.seeds, cfg.evaluate.vision.throughput_batch
     made = "imported (teacher.vision.pretrained)" if cfg.teacher.vision.pretrained else "trained once by the pipeline"
     lines = [f"Vision ablation, {date.today()}, {machine()}; student seeds {seeds}, teacher {made}; "
              f"{wall / 60:.0f} min", "",
              "| arm | precision | val accuracy % (mean) | test accuracy % (mean ± std, n) | ONNX parity (min top-1 "
-             "agreement) | parameters | non-zero | ONNX bytes | gzip bytes |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             f"agreement) | parameters | non-zero | ONNX bytes | gzip bytes | batch-1 p50 ms | batch-{batch} "
+             "images/s |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for arm, r in rows.items():
         lines.append(f"| {arm} | {r['precision']} | {100 * r['val_mean']:.2f} | "
                      f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} (n={r['n']}) | {r['min_top1_agreement']:.4f} | "
-                     f"{r['parameters']:,} | {r['nonzero']:,} | {r['bytes']:,} | {r['gzip_bytes']:,} |")
+                     f"{r['parameters']:,} | {r['nonzero']:,} | {r['bytes']:,} | {r['gzip_bytes']:,} | "
+                     f"{r['latency_ms']:.3f} | {r['throughput_ips']:,.0f} |")
     lines += ["", "| target | measured | threshold | |", "|---|---:|---:|---|"]
     for c in checks:
         lines.append(f"| {c['check']} | {100 * c['value']:.2f} | {c['op']} {100 * c['threshold']:.2f} | "
@@ -215,8 +226,8 @@ def ablation(root: Path, out: Path, repro: bool = True) -> dict:
     data, teacher_file = inputs(root)
     teacher = load_model(root / teacher_file)
     val, test = Split.load(root / data, "val"), Split.load(root / data, "test")
-    teacher_m = measure(teacher, export_fp32(teacher, out / "work" / "teacher.onnx"), val, test,
-                        cfg.distill.vision.threads, torch_logits(teacher, test), "teacher", cfg.export.vision)
+    teacher_m = measure(teacher, export_fp32(teacher, out / "work" / "teacher.onnx"), val, test, cfg,
+                        torch_logits(teacher, test), "teacher")
     rows = summarise(per_seed, teacher_m, arms(cfg))
     checks = check_targets(rows, cfg)
     wall = time.perf_counter() - start

@@ -307,6 +307,7 @@ def test_ablation_command_tables_every_arm_and_resumes(flow_repo):
     assert rows["teacher"]["n"] == 1 and all(r["n"] == 2 and len(r["accuracies"]) == 2 for a, r in rows.items() if a != "teacher")
     assert all(0.0 < acc <= 1.0 for r in rows.values() for acc in r["accuracies"] + r["val_accuracies"])
     assert all(r["min_top1_agreement"] >= 0.8 for r in rows.values())   # every file passed the smoke parity check
+    assert all(r["latency_ms"] > 0 and r["throughput_ips"] > 0 for r in rows.values())   # each file timed
     assert rows["KD + QAT"]["bytes"] < rows["student KD"]["bytes"] / 2  # INT8 weights in the stored ONNX file
     assert rows["KD + PTQ"]["bytes"] < rows["student KD"]["bytes"] / 2
     # structured on the smoke profile: fewer parameters; unstructured: fewer non-zero ones; either way, fewer weights
