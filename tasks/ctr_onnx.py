@@ -19,7 +19,7 @@ from torch import nn
 
 from tasks.ctr_training import CtrSplit
 from tasks.io import write_atomic
-from tasks.int4 import pack_int4
+from tasks.int4 import pack_int4, require_int4
 from tasks.onnx_models import OnnxError, session, tidy_qdq
 from tasks.recsys_models import TABLES, CtrModel, Probability, quantize_table
 
@@ -90,8 +90,11 @@ def export_ctr_int8(model: CtrModel, path: Path, opset: int = 17) -> Path:
     the tables stay INT8)."""
     export_ctr_fp32(model, path, opset)
     quantize_tables(tidy_qdq(path))
-    if (model.qat_settings or {}).get("mlp_weight_bits", 8) <= 4:
+    bits = (model.qat_settings or {}).get("mlp_weight_bits", 8)
+    if bits <= 4:
         pack_int4(path)
+        tables = {f"model.{table}.int8" for table in TABLES}   # the tables stay INT8 (quantize_tables)
+        require_int4(path, bits, keep=tables.__contains__)
     return path
 
 

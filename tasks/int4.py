@@ -10,6 +10,7 @@ and computes in float, so an INT4 file is smaller but slower than its INT8 twin 
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 from tasks.errors import PipelineError
@@ -18,9 +19,10 @@ from tasks.io import write_atomic
 INT4_OPSET = 21   # the first opset whose QuantizeLinear / DequantizeLinear take INT4
 
 
-def upgrade_opset(model, opset: int = INT4_OPSET):
-    """``model`` (an ``onnx.ModelProto``) converted to ``opset`` of the default domain when it is older."""
-    from onnx import version_converter
+def upgrade_opset(model, where: Path, opset: int = INT4_OPSET):
+    """``model`` (an ``onnx.ModelProto``, read from ``where``) converted to ``opset`` of the default domain when it
+    is older, with the IR version that opset needs."""
+    from onnx import helper, version_converter
 
     current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
     if current >= opset:
@@ -28,9 +30,12 @@ def upgrade_opset(model, opset: int = INT4_OPSET):
     try:
         converted = version_converter.convert_version(model, opset)
     except Exception as err:   # the converter raises its own ConvertError and checker errors
-        raise PipelineError(f"cannot convert the ONNX graph from opset {current} to {opset} for INT4 weights "
-                            f"({err})") from err
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PipelineError(f"{where}: cannot convert the ONNX graph from opset {current} to {opset} for INT4 "
+                            f"weights ({first})") from err
     del converted.graph.value_info[:]   # the converter's inferred shapes: optional, and bytes in every file
+    converted.ir_version = max(converted.ir_version,
+                               helper.find_min_ir_version_for(converted.opset_import, ignore_unknown=True))
     return converted
 
 
@@ -60,7 +65,7 @@ def pack_int4(path: Path) -> int:
 
     if not any(packable(n, {t.name: t for t in model.graph.initializer}) for n in model.graph.node):
         return 0
-    model = upgrade_opset(model)
+    model = upgrade_opset(model, path)
     inits = {t.name: t for t in model.graph.initializer}
     converted: dict[str, str] = {}   # INT8 initializer -> its INT4 copy (a zero point may be shared)
     packed = 0
@@ -85,17 +90,33 @@ def pack_int4(path: Path) -> int:
     return packed
 
 
-def weight_types(path: Path) -> dict[str, int]:
-    """How many constant weights (rank ≥ 2) of the file's ``DequantizeLinear`` nodes are stored in each integer
-    type, e.g. ``{"INT4": 9}``."""
+def quantized_weights(path: Path) -> dict[str, list[str]]:
+    """The constant weights (rank ≥ 2) of the file's ``DequantizeLinear`` nodes by storage type, e.g.
+    ``{"INT4": ["/graph/0/Constant_output_0_int4", ...]}``."""
     import onnx
 
     model = onnx.load(str(path))
     inits = {t.name: t for t in model.graph.initializer}
-    counts: dict[str, int] = {}
+    found: dict[str, list[str]] = {}
     for node in model.graph.node:
         tensor = inits.get(node.input[0]) if node.op_type == "DequantizeLinear" else None
         if tensor is not None and len(tensor.dims) >= 2:
-            kind = onnx.TensorProto.DataType.Name(tensor.data_type)
-            counts[kind] = counts.get(kind, 0) + 1
-    return counts
+            found.setdefault(onnx.TensorProto.DataType.Name(tensor.data_type), []).append(tensor.name)
+    return found
+
+
+def weight_types(path: Path) -> dict[str, int]:
+    """How many such weights are stored in each type, e.g. ``{"INT4": 9}``."""
+    return {kind: len(names) for kind, names in quantized_weights(path).items()}
+
+
+def require_int4(path: Path, bits: int, keep: Callable[[str], bool] = lambda name: False) -> None:
+    """Fail unless every quantized weight of the file at ``path``, except those ``keep`` names, is stored as INT4
+    (what a model trained with ``bits``-bit weights must ship as)."""
+    found = quantized_weights(path)
+    wide = [name for kind, names in found.items() if kind != "INT4" for name in names if not keep(name)]
+    if wide:
+        raise PipelineError(f"{path}: weights trained at {bits} bits that INT4 does not hold: {', '.join(wide)}")
+    if not found.get("INT4"):
+        raise PipelineError(f"{path}: no quantized weight to store as INT4, though the model was trained with "
+                            f"{bits}-bit weights (every quantized layer left in float?)")

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from tasks.errors import PipelineError
-from tasks.int4 import pack_int4, upgrade_opset, weight_types
+from tasks.int4 import pack_int4, require_int4, upgrade_opset
 from tasks.io import write_atomic
 from tasks.quantization import QatModel, convert_int8
 from tasks.training import Split, to_input
@@ -62,9 +62,7 @@ def export_int8(qat: QatModel, path: Path, opset: int = 17) -> Path:
     tidy_qdq(path)
     if qat.weight_bits <= 4:   # stored as INT4 (opset 21): half the weight bytes, the same numbers
         pack_int4(path)
-        left = weight_types(path)
-        if set(left) != {"INT4"}:
-            raise OnnxError(f"{path}: weights trained at {qat.weight_bits} bits did not all fit INT4 ({left})")
+        require_int4(path, qat.weight_bits)
     return path
 
 
@@ -118,7 +116,7 @@ def quantize_ptq(fp32_path: Path, calibration: Split, path: Path, qat: QatVision
         prepared, out = Path(tmp) / "prepared.onnx", Path(tmp) / "int8.onnx"
         quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
         if weight_bits == 4:   # standard INT4 QDQ needs opset 21 (older graphs get com.microsoft's Q/DQ instead)
-            onnx.save(upgrade_opset(onnx.load(str(prepared))), str(prepared))
+            onnx.save(upgrade_opset(onnx.load(str(prepared)), fp32_path), str(prepared))
         excluded = module_nodes(prepared, float_modules)
         if float_modules and not excluded:
             raise OnnxError(f"{fp32_path}: no node belongs to the float modules {list(float_modules)}")

@@ -124,6 +124,8 @@ def convert_ctr_int8(qat: CtrModel) -> CtrModel:
     reference-quantized FX graph (which the TorchScript exporter writes as QDQ)."""
     from torch.ao.quantization.quantize_fx import convert_fx
 
+    from tasks.quantization import bake_weight_quantization
+
     model = copy.deepcopy(qat).eval()
     with torch.no_grad():
         for name in TABLES:
@@ -131,6 +133,9 @@ def convert_ctr_int8(qat: CtrModel) -> CtrModel:
             module.weight.copy_(fake_quantize_table(module.weight))
     model.fake_quant_tables = False
     if model.mlp is not None and isinstance(model.mlp, torch.fx.GraphModule):
+        # the weights the MLP trained with, on their grid: convert_fx would quantize weights that grew past their
+        # frozen observer range anew (see tasks.quantization.bake_weight_quantization)
+        bake_weight_quantization(model.mlp)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             model.mlp = convert_fx(model.mlp)

@@ -86,7 +86,8 @@ def ablation_table(ablation: dict[str, Any]) -> str:
     try:
         rows = [[r["arm"], r["precision"], f"{100 * r['val_mean']:.2f}",
                  f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} (n={r['n']})", f"{r['min_top1_agreement']:.4f}",
-                 f"{r['parameters']:,}", f"{r['nonzero']:,}", f"{r['bytes']:,}", f"{r['gzip_bytes']:,}"]
+                 f"{r['parameters']:,}", f"{r['nonzero']:,}", f"{r['bytes']:,}", f"{r['gzip_bytes']:,}",
+                 f"{r['latency_ms']:.3f}", f"{r['throughput_ips']:,.0f}"]
                 for r in ablation["rows"]]
         header = f"<p>{html.escape(ablation['date'])}, {html.escape(ablation['machine'])}, seeds {ablation['seeds']}</p>"
     except (KeyError, TypeError, ValueError) as err:
@@ -94,7 +95,8 @@ def ablation_table(ablation: dict[str, Any]) -> str:
                 f"{html.escape(str(err))}); re-run <code>make ablation</code>.</p>")
     return (header
             + _table(["arm", "precision", "val accuracy % (mean)", "test accuracy % (mean ± std)",
-                      "ONNX parity (min top-1 agreement)", "parameters", "non-zero", "ONNX bytes", "gzip bytes"], rows))
+                      "ONNX parity (min top-1 agreement)", "parameters", "non-zero", "ONNX bytes", "gzip bytes",
+                      "batch-1 p50 ms", "batch throughput images/s"], rows))
 
 
 def render_report(evaluation: dict[str, Any], gate: dict[str, Any], ablation: dict[str, Any] | None,

@@ -275,6 +275,7 @@ def pipeline_run(cfg: Config, name: str, root: Path, client: MlflowClient | None
                  launcher: str = "prefect") -> Iterator[RunLogger]:
     """The top-level run of one pipeline execution (``launcher`` prefect) or of a benchmark command."""
     client = client or client_for(tracking_uri(cfg, root))
-    tags = {"pipeline.launcher": launcher, "pipeline.profile": cfg.profile, **lineage_tags(None, cfg, root)}
+    tags = {"pipeline.launcher": launcher, "pipeline.profile": cfg.profile, **lineage_tags(None, cfg, root),
+            **host_tags()}
     with _run(client, cfg, name, tags, root) as logger:
         yield logger

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +97,15 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: Schedule, total_steps: int) 
 
 def autocast(bf16: bool) -> torch.autocast:
     """bf16 autocast on the CPU when asked for and native here, else a no-op region."""
+    if bf16 and not native_bf16():
+        _note_no_bf16()
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and native_bf16())
+
+
+@functools.cache
+def _note_no_bf16() -> None:
+    print("note: this CPU has no native bf16 (AVX512-BF16 / AMX); bf16 autocast is off, training in fp32",
+          file=sys.stderr)
 
 
 @torch.no_grad()

@@ -159,6 +159,15 @@ class DistillVision(TrainingRecipe):
     # (teacher_bf16 and a CPU with native bf16), else onnxruntime. `make benchmark-teacher` measures them.
     teacher_runtime: Literal["auto", "pytorch", "onnxruntime"] = "auto"
 
+    @model_validator(mode="after")
+    def _resolve_auto(self) -> DistillVision:
+        """``auto`` becomes what this machine runs when params are read, so checkpoints' fingerprints and the
+        params MLflow logs name the runtime that really ran (a checkpoint resumed on another kind of CPU must not
+        mix the two teachers' targets)."""
+        if self.teacher_runtime != "auto":
+            return self
+        return self.model_copy(update={"teacher_runtime": "onnxruntime" if self.teacher_in_onnxruntime() else "pytorch"})
+
     def teacher_in_onnxruntime(self) -> bool:
         """Whether the frozen teacher runs as its ONNX twin on this machine (``auto`` resolved)."""
         from tasks.hardware import native_bf16

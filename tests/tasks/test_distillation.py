@@ -23,7 +23,8 @@ def _kd_cfg(**weights) -> DistillVision:
                          target_loss="kl", weights=LossWeights(**w), feature_pairs=[FeaturePair(teacher=1, student=1)],
                          epochs=1, batch_size=16, optimizer=Optimizer(name="sgd", lr=0.05, weight_decay=0.0),
                          schedule=Schedule(name="constant"), augmentation=Augmentation(crop_padding=0, horizontal_flip=False),
-                         label_smoothing=0.0, seed=0, threads=2, bf16=False, teacher_bf16=False)
+                         label_smoothing=0.0, seed=0, threads=2, bf16=False, teacher_bf16=False,
+                         teacher_runtime="pytorch")   # a PyTorch teacher: what FrozenTeacher must freeze
 
 
 def _pair(cfg: DistillVision, x: torch.Tensor) -> Distiller:

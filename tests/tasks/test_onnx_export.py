@@ -114,8 +114,9 @@ def test_4_bit_weights_ship_as_int4_that_computes_what_qat_trained(config, tmp_p
     assert checks["student_ptq_int8"]["top1_agreement"] >= 0.995
     int4, ptq = tmp_path / "onnx" / "student_int8.onnx", tmp_path / "onnx" / "student_ptq_int8.onnx"
     assert set(weight_types(int4)) == {"INT4"} and set(weight_types(ptq)) == {"INT4"}
-    for path in (int4, ptq):
-        assert next(o.version for o in onnx.load(str(path)).opset_import if o.domain == "") == 21
+    for path in (int4, ptq):   # INT4 needs opset 21, and opset 21 IR version 10
+        model = onnx.load(str(path))
+        assert next(o.version for o in model.opset_import if o.domain == "") == 21 and model.ir_version >= 10
     qat = load_model(paths["qat"])
     assert qat.weight_bits == 4   # saved and rebuilt with its bits
     unpacked = export_fp32(convert_int8(qat), tmp_path / "int8_storage.onnx")
@@ -143,6 +144,22 @@ def test_packing_leaves_8_bit_files_alone(config, models, tmp_path):
     path = export_int8(load_model(paths["qat"]), tmp_path / "int8.onnx")
     before = path.read_bytes()
     assert pack_int4(path) == 0 and path.read_bytes() == before
+
+
+def test_a_4_bit_model_whose_file_holds_no_int4_weights_is_named(config, models, tmp_path):
+    """The export stops with the file and the weights named, instead of shipping INT8 bytes as a 4-bit model."""
+    from tasks.artifacts import load_model
+    from tasks.errors import PipelineError
+    from tasks.int4 import require_int4
+    from tasks.onnx_models import export_int8
+
+    _, paths = models
+    wide = export_int8(load_model(paths["qat"]), tmp_path / "wide.onnx")   # 7-bit weights: INT8 in the file
+    with pytest.raises(PipelineError, match=r"wide\.onnx: weights trained at 4 bits that INT4 does not hold: \S+"):
+        require_int4(wide, 4)
+    floats = export_fp32(load_model(paths["fp32"]), tmp_path / "float.onnx")
+    with pytest.raises(PipelineError, match=r"float\.onnx: no quantized weight to store as INT4"):
+        require_int4(floats, 4)
 
 
 def test_float_stem_stays_float_in_the_qat_and_ptq_int8_graphs(config, tmp_path, real_splits):

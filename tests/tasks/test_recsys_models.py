@@ -101,6 +101,32 @@ def test_int8_onnx_stores_int8_tables_and_matches_the_qat_model(tmp_path, mlp_bi
     assert path.stat().st_size < fp32.stat().st_size
 
 
+@pytest.mark.parametrize("mlp_bits", [7, 4])
+def test_weights_that_grew_past_their_frozen_range_export_as_trained(tmp_path, mlp_bits):
+    """Before: observers freeze before QAT ends, weights keep moving, and ``convert_fx`` quantized the grown weights
+    anew (values up to ±9 where training clamped to ±7), so the ONNX file computed something else than the trained
+    model, and at 4 bits such weights no longer fitted INT4 and silently stayed INT8."""
+    from tasks.int4 import weight_types
+    from tasks.observers import freeze_observers
+
+    torch.backends.quantized.engine = "x86"
+    qat = prepare_ctr_qat(_model(), mlp_bits, True)
+    data = _split(256)
+    with torch.no_grad():
+        for i in range(0, 256, 64):
+            qat(data.fields[i:i + 64], data.genres[i:i + 64])
+        freeze_observers(qat)
+        for layer in qat.mlp.modules():   # training after the freeze moved the weights past the observed range
+            if hasattr(layer, "weight_fake_quant"):
+                layer.weight.mul_(1.15)
+    qat.eval()
+    path = export_ctr_int8(convert_ctr_int8(qat), tmp_path / "int8.onnx")
+    if mlp_bits == 4:
+        assert weight_types(path) == {"INT8": 3, "INT4": 2}
+    reference = torch.sigmoid(torch.from_numpy(predict_logits(qat, data))).numpy()
+    assert np.abs(onnx_probabilities(path, data) - reference).max() < 1e-3
+
+
 @pytest.mark.parametrize("arch", [{"mlp": []}, {"fm": False, "mlp": []}])
 def test_fm_and_lr_students_export_without_an_mlp(tmp_path, arch):
     model = _model(**arch)

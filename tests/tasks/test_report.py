@@ -15,7 +15,8 @@ GATE = {"passed": False, "checks": [{"name": "min_accuracy", "value": 0.93, "op"
 ABLATION = {"date": "2026-11-28", "machine": "test machine", "seeds": [0, 1, 2],
             "rows": [{"arm": "KD + QAT", "precision": "INT8", "val_mean": 0.9302, "mean": 0.9271, "std": 0.0005, "n": 3,
                       "min_top1_agreement": 0.9931,
-                      "parameters": 87_866, "nonzero": 87_866, "bytes": 115_000, "gzip_bytes": 88_000}]}
+                      "parameters": 87_866, "nonzero": 87_866, "bytes": 115_000, "gzip_bytes": 88_000,
+                      "latency_ms": 0.125, "throughput_ips": 41_000.0}]}
 
 
 def test_report_inlines_both_plots_and_every_table():
@@ -24,6 +25,7 @@ def test_report_inlines_both_plots_and_every_table():
     assert "student INT8 (the candidate)" in page and "max_accuracy_drop_vs_teacher" in page and "FAIL" in page
     assert "92.71 ± 0.05 (n=3)" in page and "test machine" in page
     assert "<td>93.02</td>" in page and "val accuracy" in page and "<td>0.9931</td>" in page
+    assert "<td>0.125</td>" in page and "<td>41,000</td>" in page   # each arm's speed beside its size
 
 
 def test_an_ablation_file_without_validation_scores_asks_for_a_rerun():
