@@ -146,6 +146,8 @@ def test_packing_leaves_8_bit_files_alone(config, models, tmp_path):
     assert pack_int4(path) == 0 and path.read_bytes() == before
 
 
+@pytest.mark.fault("promotion", "a model trained with 4-bit weights whose ONNX file holds wider (or no) quantized "
+                   "weights", "the export stops, naming the file and each weight INT4 does not hold")
 def test_a_4_bit_model_whose_file_holds_no_int4_weights_is_named(config, models, tmp_path):
     """The export stops with the file and the weights named, instead of shipping INT8 bytes as a 4-bit model."""
     from tasks.artifacts import load_model
