@@ -42,7 +42,7 @@ def distill_vision(cfg: DistillVision, distill: bool, data_dir: Path, teacher_pa
 
 def main() -> None:
     args, cfg = stage_args(__doc__, "--data", "--teacher", "--checkpoint", "--model", "--metrics", "--plots")
-    kd, distill = cfg.distill.vision, "distill" in cfg.recipe.vision
+    kd, distill = cfg.distill.vision.resolved(), "distill" in cfg.recipe.vision
     from tasks.tracking import stage_run
 
     with stage_run("distill_vision", cfg, {"distill.vision": kd, "recipe.vision": cfg.recipe.vision}) as run:

@@ -86,10 +86,11 @@ def prune_vision(cfg: PruneVision, kd: DistillVision, distill: bool, data_dir: P
 
 def main() -> None:
     args, cfg = stage_args(__doc__, "--data", "--teacher", "--student", "--checkpoint", "--model", "--metrics", "--plots")
-    prune, kd, recipe = cfg.prune.vision, cfg.distill.vision, cfg.recipe.vision
+    prune, kd, recipe = cfg.prune.vision, cfg.distill.vision.resolved(), cfg.recipe.vision
     from tasks.tracking import stage_run
 
-    with stage_run("prune_vision", cfg, {"prune.vision": prune, "recipe.vision": recipe}) as run:
+    with stage_run("prune_vision", cfg, {"prune.vision": prune, "recipe.vision": recipe,
+                                         "distill.vision.teacher_runtime": kd.teacher_runtime}) as run:
         if "prune" not in recipe:
             pass_through(run, args, "prune_vision")
             return

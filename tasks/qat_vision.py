@@ -62,7 +62,7 @@ def qat_vision(cfg: QatVision, kd: DistillVision, distill: bool, data_dir: Path,
 
 def main() -> None:
     args, cfg = stage_args(__doc__, "--data", "--teacher", "--student", "--checkpoint", "--model", "--metrics", "--plots")
-    qat, kd, recipe = cfg.qat.vision, cfg.distill.vision, cfg.recipe.vision
+    qat, kd, recipe = cfg.qat.vision, cfg.distill.vision.resolved(), cfg.recipe.vision
     from tasks.tracking import stage_run
 
     with stage_run("qat_vision", cfg, {"qat.vision": qat, "distill.vision": kd, "recipe.vision": recipe}) as run:

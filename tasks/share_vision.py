@@ -84,12 +84,13 @@ def share_vision(cfg: ShareVision, kd: DistillVision, distill: bool, data_dir: P
 
 def main() -> None:
     args, cfg = stage_args(__doc__, "--data", "--teacher", "--student", "--checkpoint", "--model", "--metrics", "--plots")
-    share, kd, recipe = cfg.share.vision, cfg.distill.vision, cfg.recipe.vision
+    share, kd, recipe = cfg.share.vision, cfg.distill.vision.resolved(), cfg.recipe.vision
     from tasks.tracking import stage_run
 
     export, qat = cfg.export.vision, cfg.qat.vision
     params = {"share.vision": share, "recipe.vision": recipe, "export.vision": export,
-              "qat.vision.float_modules": qat.float_modules, "qat.vision.weight_bits": qat.weight_bits}
+              "qat.vision.float_modules": qat.float_modules, "qat.vision.weight_bits": qat.weight_bits,
+              "distill.vision.teacher_runtime": kd.teacher_runtime}
     with stage_run("share_vision", cfg, params) as run:
         if "share" not in recipe:
             pass_through(run, args, "share_vision")

@@ -159,11 +159,11 @@ class DistillVision(TrainingRecipe):
     # (teacher_bf16 and a CPU with native bf16), else onnxruntime. `make benchmark-teacher` measures them.
     teacher_runtime: Literal["auto", "pytorch", "onnxruntime"] = "auto"
 
-    @model_validator(mode="after")
-    def _resolve_auto(self) -> DistillVision:
-        """``auto`` becomes what this machine runs when params are read, so checkpoints' fingerprints and the
-        params MLflow logs name the runtime that really ran (a checkpoint resumed on another kind of CPU must not
-        mix the two teachers' targets)."""
+    def resolved(self) -> DistillVision:
+        """This recipe with ``auto`` replaced by what runs on this machine: what the distilling stages train,
+        fingerprint their checkpoints and log with, so neither names "auto" (a checkpoint resumed on another kind of
+        CPU must not mix the two teachers' targets). Not at params load: that would import PyTorch into every
+        process that reads params."""
         if self.teacher_runtime != "auto":
             return self
         return self.model_copy(update={"teacher_runtime": "onnxruntime" if self.teacher_in_onnxruntime() else "pytorch"})
@@ -304,6 +304,8 @@ def ablation_recipes(cfg: Config, seed: int) -> dict[str, TrainingRecipe]:
         merged = deep_merge(base, {**getattr(cfg.ablation.vision, stage), "seed": seed})
         try:
             recipes[stage] = model.model_validate(merged)
+            if isinstance(recipes[stage], DistillVision):
+                recipes[stage] = recipes[stage].resolved()
         except ValidationError as err:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
             raise ValueError(f"ablation.vision.{stage} does not give a valid {stage}.vision: {problems}") from None

@@ -120,9 +120,8 @@ def test_teacher_runtime_auto_keeps_pytorch_only_where_it_infers_in_bf16(runtime
     monkeypatch.setattr(tasks.hardware, "native_bf16", lambda: native)
     kd = load_config().distill.vision.model_copy(update={"teacher_runtime": runtime, "teacher_bf16": bf16_param})
     assert kd.teacher_in_onnxruntime() is expected
-    # resolved when params are read: checkpoint fingerprints and MLflow params name the runtime that ran
-    read = DistillVision.model_validate(kd.model_dump())
-    assert read.teacher_runtime == ("onnxruntime" if expected else "pytorch")
+    # what the stages train, fingerprint and log with names the runtime that ran, never "auto"
+    assert kd.resolved().teacher_runtime == ("onnxruntime" if expected else "pytorch")
 
 
 def test_target_and_label_distillation_from_an_onnx_teacher_teach_the_student_its_answers(teacher_and_data, tmp_path):

@@ -131,20 +131,27 @@ def test_observer_freeze_must_fall_inside_training(raw_params, epochs, freeze, p
         parse_config({**raw_params, "qat": {**raw_params["qat"], "vision": qat}})
 
 
-def test_distill_and_qat_stages_run_with_the_teacher_in_onnxruntime(project, monkeypatch):
+@pytest.mark.parametrize("runtime", ["onnxruntime", "auto"])
+def test_distill_and_qat_stages_run_with_the_teacher_in_onnxruntime(project, monkeypatch, mlflow_uri, runtime):
     """distill.vision.teacher_runtime: onnxruntime, through the stages' CLIs: each distils from the teacher's ONNX
-    twin and publishes a student the next stage loads."""
+    twin and publishes a student the next stage loads. The stage logs the runtime that ran, never "auto"."""
     import json
 
+    from mlflow.tracking import MlflowClient
+
     from tasks import distill_vision, qat_vision
+    from tasks.config import load_config
 
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["distill"]["vision"] |= {**FAST, "epochs": 1, "teacher_runtime": "onnxruntime"}
+    params["distill"]["vision"] |= {**FAST, "epochs": 1, "teacher_runtime": runtime}
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     monkeypatch.setattr(sys, "argv", ["distill_vision", "--data", "data", "--teacher", "teacher.pt",
                                       "--checkpoint", "ckpt/kd/last.pt", "--model", "kd.pt", "--metrics", "kd.json",
                                       "--plots", "kd.csv"])
     distill_vision.main()
     assert json.loads((project / "kd.json").read_text())["test_accuracy"] >= 0.0
+    (run,) = MlflowClient(mlflow_uri).search_runs(["1"], "tags.`pipeline.stage` = 'distill_vision'")
+    expected = load_config(project / "params.yaml").distill.vision.resolved().teacher_runtime
+    assert run.data.params["distill.vision.teacher_runtime"] == expected != "auto"
     run_stage(monkeypatch, project, qat_vision, ["distill", "qat"], "kd.pt", "qat")
     assert load_model(project / "qat.pt") is not None
