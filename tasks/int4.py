@@ -81,7 +81,8 @@ def pack_int4(path: Path) -> int:
                 converted[source] = int4.name
             node.input[i] = converted[source]
         packed += 1
-    used = {name for n in model.graph.node for name in n.input} | {o.name for o in model.graph.output}
+    used = ({name for n in model.graph.node for name in n.input} | {o.name for o in model.graph.output}
+            | {i.name for i in model.graph.input})
     kept = [t for t in model.graph.initializer if t.name in used]
     del model.graph.initializer[:]
     model.graph.initializer.extend(kept)

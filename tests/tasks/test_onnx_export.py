@@ -135,6 +135,38 @@ def test_4_bit_weights_ship_as_int4_that_computes_what_qat_trained(config, tmp_p
     assert packed <= wide / 2 + sum(weight_types(int4).values()) and int4.stat().st_size < unpacked.stat().st_size
 
 
+def test_biases_stored_as_floats_compute_the_same_numbers_in_fewer_bytes(config, models, tmp_path, real_splits):
+    """The exporter writes each quantized bias as INT32 values, scales and zero points (12 bytes a channel); stored
+    as the floats they dequantize to (4 bytes), the INT8 file computes exactly the same logits with the INT8
+    kernels onnxruntime fuses, and is smaller."""
+    import onnxruntime as ort
+
+    from tasks.artifacts import load_model
+    from tasks.onnx_models import export_int8
+    from tasks.quantization import convert_int8
+
+    _, paths = models
+    qat = load_model(paths["qat"])
+    folded = export_int8(qat, tmp_path / "folded.onnx")
+    raw = export_fp32(convert_int8(qat), tmp_path / "raw.onnx")
+    options = ort.SessionOptions()   # the same onnxruntime tidy-up, without the fold
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(tmp_path / "unfolded.onnx")
+    ort.InferenceSession(str(raw), options, providers=["CPUExecutionProvider"])
+    unfolded = tmp_path / "unfolded.onnx"
+
+    def int32_dequantized(path) -> int:
+        graph = onnx.load(str(path)).graph
+        int32 = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT32}
+        return sum(n.op_type == "DequantizeLinear" and n.input[0] in int32 for n in graph.node)
+
+    assert int32_dequantized(unfolded) > 0 and int32_dequantized(folded) == 0
+    assert folded.stat().st_size < unfolded.stat().st_size
+    x, _ = real_splits["test"]
+    test = Split(torch.from_numpy(x.copy()), torch.zeros(len(x), dtype=torch.long))
+    np.testing.assert_array_equal(onnx_logits(folded, test), onnx_logits(unfolded, test))
+
+
 def test_packing_leaves_8_bit_files_alone(config, models, tmp_path):
     from tasks.artifacts import load_model
     from tasks.int4 import pack_int4
