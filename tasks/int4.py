@@ -63,7 +63,8 @@ def pack_int4(path: Path) -> int:
         return (weight is not None and len(weight.dims) >= 2 and fits(node.input[0])
                 and (len(node.input) < 3 or fits(node.input[2])))
 
-    if not any(packable(n, {t.name: t for t in model.graph.initializer}) for n in model.graph.node):
+    inits = {t.name: t for t in model.graph.initializer}
+    if not any(packable(n, inits) for n in model.graph.node):
         return 0
     model = upgrade_opset(model, path)
     inits = {t.name: t for t in model.graph.initializer}
@@ -81,14 +82,20 @@ def pack_int4(path: Path) -> int:
                 converted[source] = int4.name
             node.input[i] = converted[source]
         packed += 1
-    used = ({name for n in model.graph.node for name in n.input} | {o.name for o in model.graph.output}
-            | {i.name for i in model.graph.input})
-    kept = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
+    drop_unused_initializers(model)
     onnx.checker.check_model(model)
     write_atomic(path, model.SerializeToString())
     return packed
+
+
+def drop_unused_initializers(model) -> None:
+    """Remove from ``model`` (an ``onnx.ModelProto``) the initializers no node, graph input or output names."""
+    graph = model.graph
+    used = ({name for n in graph.node for name in n.input} | {o.name for o in graph.output}
+            | {i.name for i in graph.input})
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
 
 
 def quantized_weights(path: Path) -> dict[str, list[str]]:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from tasks.errors import PipelineError
-from tasks.int4 import pack_int4, require_int4, upgrade_opset
+from tasks.int4 import drop_unused_initializers, pack_int4, require_int4, upgrade_opset
 from tasks.io import write_atomic
 from tasks.quantization import QatModel, convert_int8
 from tasks.training import Split, to_input
@@ -108,10 +108,7 @@ def fold_bias_dequantize(model) -> int:
         folded.append(node)
     for node in folded:
         model.graph.node.remove(node)
-    used = {name for n in model.graph.node for name in n.input} | outputs | {i.name for i in model.graph.input}
-    kept = [t for t in model.graph.initializer if t.name in used]
-    del model.graph.initializer[:]
-    model.graph.initializer.extend(kept)
+    drop_unused_initializers(model)
     return len(folded)
 
 
