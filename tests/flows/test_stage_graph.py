@@ -55,7 +55,7 @@ def test_every_family_is_validated_before_any_family_trains():
     order = [n.name for n in stage_graph(ROOT)]
     validations = [i for i, name in enumerate(order) if name.startswith("validate_")]
     trainings = [i for i, name in enumerate(order) if name.startswith("train_teacher_")]
-    assert len(validations) == len(trainings) == 2 and max(validations) < min(trainings)
+    assert len(validations) == len(trainings) == len(FAMILIES) and max(validations) < min(trainings)
 
 
 def test_outputs_persist_so_a_failed_stage_keeps_the_previous_ones():

