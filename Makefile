@@ -8,7 +8,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 # No phoning home from the embedded server (these machines are offline; it would only log a failed lookup).
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: run test check smoke serve faults benchmark benchmark-export benchmark-recsys benchmark-sweep benchmark-teacher ablation sweep deploy worker \
+.PHONY: run test check smoke serve faults benchmark benchmark-export benchmark-recsys benchmark-sweep benchmark-teacher benchmark-text ablation sweep deploy worker \
         data-source services clean-results
 
 run: $(STAMP) data-source
@@ -46,6 +46,10 @@ benchmark-export: $(STAMP)
 # The recommender: LR and FM baselines trained now next to the pipeline's CTR models (after `make run`).
 benchmark-recsys: $(STAMP)
 	$(PY) -m flows.recsys_benchmark --out reports/benchmarks/recsys.json
+
+# The text family: teacher, labels-only and distilled students (FP32 and INT8), 3 student seeds (after `make run`).
+benchmark-text: $(STAMP)
+	$(PY) -m tasks.text_benchmark --out reports/benchmarks/text.json
 
 # Distillation's frozen teacher in PyTorch vs the same teacher as ONNX in onnxruntime (an imported teacher).
 benchmark-teacher: $(STAMP)

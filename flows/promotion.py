@@ -106,6 +106,20 @@ def verify_candidate(root: Path, family: str, evaluation: dict[str, Any], where:
                                    f"`dvc repro evaluate_{family}` (nothing was registered)")
 
 
+def graph_signature(model: Any, inferred: Any) -> Any:
+    """``inferred`` (from one request) with each input's shape as the ONNX graph declares it: an axis the graph
+    leaves open (the batch, a sentence's length) is -1, so the scoring server takes any size there, not only the
+    example's."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+
+    declared = {i.name: [d.dim_value if d.HasField("dim_value") else -1 for d in i.type.tensor_type.shape.dim]
+                for i in model.graph.input}
+    inputs = [TensorSpec(spec.type, tuple(declared.get(spec.name, spec.shape)), spec.name)
+              for spec in inferred.inputs.inputs]
+    return ModelSignature(Schema(inputs), inferred.outputs)
+
+
 def log_onnx_model(client: MlflowClient, run_id: str, path: Path, sample: dict[str, np.ndarray]) -> tuple[str, str]:
     """Log ``path`` with the ``mlflow.onnx`` flavor, a signature and an input example (an ONNX file, JSON and YAML:
     never a pickle); return its runs:/ URI and the SHA-256 of the stored ONNX file."""
@@ -114,9 +128,10 @@ def log_onnx_model(client: MlflowClient, run_id: str, path: Path, sample: dict[s
     from mlflow.models import infer_signature
 
     outputs = session(path).run(None, sample)[0]
+    model = onnx.load(str(path))
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "model"
-        mlflow.onnx.save_model(onnx.load(str(path)), str(local), signature=infer_signature(sample, outputs),
+        mlflow.onnx.save_model(model, str(local), signature=graph_signature(model, infer_signature(sample, outputs)),
                                input_example=sample, save_as_external_data=False)
         digest = file_digest(local / "model.onnx")
         client.log_artifacts(run_id, str(local), "model")

@@ -52,7 +52,7 @@ def masked_max(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 class EncoderLayer(nn.Module):
     def __init__(self, arch: TransformerArch) -> None:
         super().__init__()
-        self.heads = arch.heads
+        self.heads, self.width, self.scale = arch.heads, arch.dim // arch.heads, 1 / math.sqrt(arch.dim // arch.heads)
         self.norm1, self.norm2 = nn.LayerNorm(arch.dim), nn.LayerNorm(arch.dim)
         self.qkv, self.out = nn.Linear(arch.dim, 3 * arch.dim), nn.Linear(arch.dim, arch.dim)
         self.ff = nn.Sequential(nn.Linear(arch.dim, arch.ff), nn.GELU(), nn.Dropout(arch.dropout),
@@ -60,10 +60,10 @@ class EncoderLayer(nn.Module):
         self.drop = nn.Dropout(arch.dropout)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        n, t, d = x.shape
-        q, k, v = self.qkv(self.norm1(x)).view(n, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // self.heads) + bias, dim=-1)
-        x = x + self.drop(self.out((attn @ v).transpose(1, 2).reshape(n, t, d)))
+        n, t = x.shape[:2]
+        q, k, v = self.qkv(self.norm1(x)).view(n, t, 3, self.heads, self.width).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = torch.softmax(q @ k.transpose(-1, -2) * self.scale + bias, dim=-1)
+        x = x + self.drop(self.out((attn @ v).transpose(1, 2).reshape(n, t, self.heads * self.width)))
         return x + self.drop(self.ff(self.norm2(x)))
 
 
@@ -155,7 +155,7 @@ class BertLayer(nn.Module):
 
     def __init__(self, arch: BertArch) -> None:
         super().__init__()
-        self.heads = arch.heads
+        self.heads, self.width, self.scale = arch.heads, arch.dim // arch.heads, 1 / math.sqrt(arch.dim // arch.heads)
         self.query, self.key, self.value = (nn.Linear(arch.dim, arch.dim) for _ in range(3))
         self.attn_out, self.attn_norm = nn.Linear(arch.dim, arch.dim), nn.LayerNorm(arch.dim, eps=arch.eps)
         self.ff_in, self.ff_out = nn.Linear(arch.dim, arch.ff), nn.Linear(arch.ff, arch.dim)
@@ -163,11 +163,12 @@ class BertLayer(nn.Module):
         self.drop = nn.Dropout(arch.dropout)
 
     def forward(self, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-        n, t, d = x.shape
-        q, k, v = (proj(x).view(n, t, self.heads, d // self.heads).transpose(1, 2)
+        n, t = x.shape[:2]
+        q, k, v = (proj(x).view(n, t, self.heads, self.width).transpose(1, 2)
                    for proj in (self.query, self.key, self.value))
-        attn = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d // self.heads) + bias, dim=-1)
-        x = self.attn_norm(x + self.drop(self.attn_out((self.drop(attn) @ v).transpose(1, 2).reshape(n, t, d))))
+        attn = torch.softmax(q @ k.transpose(-1, -2) * self.scale + bias, dim=-1)
+        context = (self.drop(attn) @ v).transpose(1, 2).reshape(n, t, self.heads * self.width)
+        x = self.attn_norm(x + self.drop(self.attn_out(context)))
         return self.ff_norm(x + self.drop(self.ff_out(F.gelu(self.ff_in(x)))))
 
 

@@ -46,6 +46,9 @@ def _names_a_family(path: Path) -> list[str]:
                   if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef)
                   and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
     words = re.compile(rf"(?<![a-z])({'|'.join(FAMILY_WORDS)})(?![a-z])", re.IGNORECASE)
+    # a family's own modules (tasks.<family>_x, tasks.x_<family>): "text" is too common a word to search for
+    families = load_config(ROOT / "params.yaml").families
+    own = re.compile(rf"^tasks\.(({'|'.join(families)})_\w+|\w+_({'|'.join(families)}))$")
     found = []
     for node in ast.walk(tree):
         texts: list[str] = []
@@ -59,7 +62,10 @@ def _names_a_family(path: Path) -> list[str]:
             texts = [node.module, *(a.name for a in node.names)]
         elif isinstance(node, ast.Import):
             texts = [a.name for a in node.names]
+        modules = [node.module] if isinstance(node, ast.ImportFrom) and node.module else \
+            [a.name for a in node.names] if isinstance(node, ast.Import) else []
         found += [f"line {node.lineno}: {t!r}" for t in texts if words.search(t)]
+        found += [f"line {node.lineno}: imports {m}" for m in modules if own.match(m) and not m.endswith("_family")]
     return found
 
 

@@ -46,7 +46,7 @@ def test_flow_runs_every_stage_and_tracks_it(flow_repo):
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_stage = {r.data.tags["pipeline.stage"]: r for r in children}
-    assert set(by_stage) == set(names) | {"promote_vision", "promote_recsys"}  # every stage, then the gates
+    assert set(by_stage) == set(names) | {"promote_vision", "promote_recsys", "promote_text"}  # stages, then gates
     for run in children:
         assert run.info.status == "FINISHED"
         assert run.data.tags["git.commit"] != "none" and run.data.tags["git.dirty"] == "false"
@@ -119,6 +119,39 @@ def test_flow_gates_and_registers_the_recommender(flow_repo):
     assert (repo / "reports" / "recsys" / "report.html").read_text().count("<svg") == 2   # the same HTML report
 
 
+def test_the_text_family_runs_through_the_same_graph_gate_and_registry(flow_repo):
+    """The third family: a pretrained encoder fine-tuned as teacher, a BiLSTM distilled on the transfer set, a dynamic
+    INT8 ONNX file that carries its tokenizer, gated and registered with a signature of word ids and lengths."""
+    import onnx
+
+    from tasks.text_onnx import onnx_text_logits, tokenizer_of
+
+    repo, _, result = flow_repo
+    client = MlflowClient(result["tracking_uri"])
+    parent = client.get_run(result["parent_run_id"])
+    teacher_run = client.search_runs([parent.info.experiment_id], "tags.`pipeline.stage` = 'train_teacher_text'")[0]
+    assert teacher_run.data.tags["teacher.origin"].startswith("all-MiniLM-L6-v2 from ")
+    student_kd = json.loads((repo / "metrics/text/student_kd.json").read_text())
+    train_rows = json.loads((repo / "data/text/processed/manifest.json").read_text())["splits"]["train"]["rows"]
+    assert student_kd["training_rows"] == 2 * train_rows   # the training sentences and one transfer copy of each
+    path = repo / "models/text/onnx/student_int8.onnx"
+    assert "DynamicQuantizeLSTM" in {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert tokenizer_of(path).kind == "words" and tokenizer_of(repo / "models/text/onnx/teacher_fp32.onnx").kind == \
+        "wordpiece"
+    assert result["metrics"]["text.export.student_int8.top1_agreement"] >= 0.8
+    gate = result["gates"]["text"]
+    assert gate["passed"] and gate["name"] == "smoke-text-student-int8"
+    champion = client.get_model_version_by_alias("smoke-text-student-int8", "champion")
+    assert champion.tags["data.hash"] == locked_outs(repo)["data/text/processed"]
+    from mlflow.models import get_model_info
+
+    signature = get_model_info(champion.source).signature
+    assert {i.name: i.shape for i in signature.inputs.inputs} == {"ids": (-1, -1), "lengths": (-1,)}   # any length
+    texts = ["A wonderful, moving film.", "Dull."]
+    assert onnx_text_logits(path, texts).shape == (2, 2)
+    assert "| accuracy |" in (repo / "reports" / "text" / "gate.md").read_text()
+
+
 def test_prefect_ran_one_task_per_stage_in_graph_order(flow_repo):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -127,7 +160,7 @@ def test_prefect_ran_one_task_per_stage_in_graph_order(flow_repo):
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
     ordered = [r.name for r in sorted(runs, key=lambda r: r.start_time)]
-    assert ordered == [n.name for n in stage_graph(repo)] + ["promote_vision", "promote_recsys"]
+    assert ordered == [n.name for n in stage_graph(repo)] + ["promote_vision", "promote_recsys", "promote_text"]
 
 
 def test_the_prefect_run_shows_what_each_stage_printed_the_gates_and_the_evaluations(flow_repo):
@@ -157,7 +190,7 @@ def test_the_prefect_run_shows_what_each_stage_printed_the_gates_and_the_evaluat
     assert int8["test_accuracy"] == round(measured["test_accuracy"], 4) and int8["bytes"] == measured["bytes"]
     assert json.loads(artifacts["pipeline-stages"].data)[0] == {"stage": "prepare_recsys", "status": "ran"}
     assert result["parent_run_id"] in artifacts["mlflow-run"].data
-    for family in ("vision", "recsys"):   # where the Data Docs are (a local store: the path of the MLflow artifact)
+    for family in ("vision", "recsys", "text"):   # where the Data Docs are (a local store: the path of the MLflow artifact)
         docs = artifacts[f"validate-{family}-data-docs"].data
         assert "(validation success: true)" in docs and docs.split("`")[1].endswith("/data_docs/index.html")
         assert Path(docs.split("`")[1]).exists()
@@ -177,12 +210,15 @@ def test_dvc_plots_and_metrics_show_every_family(flow_repo):
         drawn = {v["filename::field"] for v in spec["content"]["data"]["values"]}   # one line per file and field
         assert drawn == {f"{model}_history.csv::{split}_{metric}" for split in ("train", "val")
                          for model in ("teacher", "student_kd", "student_qat")}
+    (spec,) = plots["data"]["text_accuracy"]
+    assert {v["filename::field"] for v in spec["content"]["data"]["values"]} == {
+        f"{model}_history.csv::{split}_accuracy" for split in ("train", "val") for model in ("teacher", "student_kd")}
     # the sweeps' scatter waits for `make sweep`: a missing file, not a broken definition
     assert {e["name"] for e in plots.get("errors", [])} <= {"recsys_sweep_pareto", "vision_sweep_pareto"}
     metrics = dvc(repo, "metrics", "show", "--json")
     assert metrics.returncode == 0, metrics.stderr
     files = set(json.loads(metrics.stdout)[""]["data"])
-    assert {"metrics/vision/evaluation.json", "metrics/recsys/evaluation.json"} <= files
+    assert {f"metrics/{f}/evaluation.json" for f in ("vision", "recsys", "text")} <= files
 
 
 def _browser(*args: str) -> subprocess.CompletedProcess:

