@@ -10,9 +10,7 @@ gradients every step.
 """
 from __future__ import annotations
 
-import copy
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +25,7 @@ from tasks.distillation import FrozenTeacher
 from tasks.family_config import OnnxArch, Training
 from tasks.observers import frozen_observers
 from tasks.recsys_config import DistillRecsys
-from tasks.training import make_optimizer, make_scheduler, train_step
+from tasks.training import fit_best
 
 
 @dataclass(frozen=True)
@@ -127,32 +125,13 @@ def fit_ctr(model: nn.Module, loss_fn: CtrLossFn, train: CtrSplit, val: CtrSplit
             on_epoch: Callable[[int, dict[str, float]], None] | None = None,
             before_epoch: Callable[[int], None] | None = None) -> list[dict[str, float]]:
     """Train ``model`` in place; return the history. The best epoch by validation AUC is restored at the end."""
-    steps = math.ceil(len(train) / spec.batch_size)
-    opt = make_optimizer(model, spec.optimizer)
-    sched = make_scheduler(opt, spec.schedule, spec.epochs * steps)
-    gen = torch.Generator().manual_seed(spec.seed)
-    history: list[dict[str, float]] = []
-    best: tuple[float, dict] = (-1.0, copy.deepcopy(model.state_dict()))
-    for epoch in range(spec.epochs):
-        if before_epoch:
-            before_epoch(epoch)
-        model.train()
-        order, loss_sum = torch.randperm(len(train), generator=gen), 0.0
-        for start in range(0, len(order), spec.batch_size):
-            fields, genres, y = train.batch(order[start:start + spec.batch_size])
-            loss, _ = train_step(model, (fields, genres), y, opt, loss_fn, bf16=False)
-            sched.step()
-            loss_sum += loss.item() * len(y)
-        # the training rows scored as the validation rows are (eval mode, after the epoch): one curve each
-        metrics = {"train_loss": loss_sum / len(train),
-                   **{f"train_{k}": v for k, v in evaluate_ctr(model, train, spec.eval_batch_size).items()},
-                   **{f"val_{k}": v for k, v in evaluate_ctr(model, val, spec.eval_batch_size).items()},
-                   "lr": sched.get_last_lr()[0]}
-        history.append(metrics)
-        print(f"epoch {epoch + 1}/{spec.epochs}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        if metrics["val_auc"] > best[0]:
-            best = (metrics["val_auc"], copy.deepcopy(model.state_dict()))
-        if on_epoch:
-            on_epoch(epoch, metrics)
-    model.load_state_dict(best[1])
-    return history
+    def batch(idx: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        fields, genres, y = train.batch(idx)
+        return (fields, genres), y
+
+    # the training rows scored as the validation rows are (eval mode, after the epoch): one curve each
+    def scores() -> dict[str, float]:
+        return {**{f"train_{k}": v for k, v in evaluate_ctr(model, train, spec.eval_batch_size).items()},
+                **{f"val_{k}": v for k, v in evaluate_ctr(model, val, spec.eval_batch_size).items()}}
+
+    return fit_best(model, loss_fn, len(train), batch, spec, scores, "val_auc", on_epoch, before_epoch)

@@ -20,7 +20,7 @@ from tasks.artifacts import load_model, publish_training
 from tasks.config import stage_args
 from tasks.errors import run_cli
 from tasks.text_config import DistillText
-from tasks.text_data import transfer_texts
+from tasks.text_data import SPECIALS, transfer_texts
 from tasks.text_models import RecurrentStudent
 from tasks.text_training import (
     Encoded,
@@ -45,6 +45,24 @@ def distillation_rows(cfg: DistillText, train: TextSplit, teacher: nn.Module, st
     return TrainingRows(rows, Encoded.of(student, rows.texts), torch.from_numpy(logits), torch.from_numpy(features))
 
 
+@torch.no_grad()
+def embeddings_from_teacher(student: RecurrentStudent, teacher: nn.Module) -> None:
+    """Set the student's word embeddings to the teacher's input embedding of each of its words, projected on their
+    first principal components and scaled to unit variance (the scale of the default initialisation); padding
+    stays zero, the unknown word gets the mean (zero)."""
+    words = student.tokenizer.vocabulary[len(SPECIALS):]
+    vectors = teacher.word_vectors(words).float()
+    centered = vectors - vectors.mean(0)
+    width = student.arch.embedding
+    components = torch.linalg.svd(centered, full_matrices=False).Vh[:width]
+    projected = centered @ components.T
+    projected = projected / projected.std()
+    table = student.embed.weight
+    table[:len(SPECIALS)] = 0.0
+    table[len(SPECIALS):, : projected.shape[1]] = projected
+    table[len(SPECIALS):, projected.shape[1]:] = 0.0   # a student wider than the teacher's table
+
+
 def distill_text(cfg: DistillText, distill: bool, data_dir: Path, teacher_path: Path,
                  on_epoch: Callable[[int, dict[str, float]], None] | None = None
                  ) -> tuple[RecurrentStudent, dict, list[dict[str, float]], dict[str, float]]:
@@ -55,6 +73,8 @@ def distill_text(cfg: DistillText, distill: bool, data_dir: Path, teacher_path: 
     teacher = load_model(teacher_path)
     student = RecurrentStudent(cfg.student, **shape)
     if distill:
+        if cfg.embeddings_from_teacher:
+            embeddings_from_teacher(student, teacher)
         rows = distillation_rows(cfg, train, teacher, student)
         model = TextDistiller(student, teacher.feature_width, cfg.weights, cfg.temperature)
         history = fit_text(model, distilled_loss, rows, val, cfg, on_epoch)

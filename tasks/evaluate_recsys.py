@@ -21,7 +21,6 @@ from tasks.config import stage_args
 from tasks.ctr_onnx import MODELS, OUTPUT, onnx_probabilities
 from tasks.ctr_training import CtrSplit, ctr_metrics
 from tasks.errors import run_cli
-from tasks.io import digests, write_json
 from tasks.onnx_models import file_sizes, percentiles_ms, session, timed_runs
 from tasks.prepare_recsys import assemble_fields
 from tasks.recsys_config import EvaluateRecsys
@@ -114,10 +113,7 @@ def main() -> None:
         models = {"teacher_fp32": args.teacher, "student_fp32": args.student_fp32, "student_int8": args.student}
         results = evaluate_recsys(ev, args.data, args.onnx, models)
         summary = ratios(results)
-        write_json(args.metrics, {"models": results, "ratios": summary, "settings": ev.model_dump(),
-                                   "sha256": digests(args.onnx, "*.onnx")})
-        run.log_metrics({f"{m}.{k}": v for m, r in results.items() for k, v in r.items()} | summary)
-        run.log_artifact(args.metrics)
+        run.publish_evaluation(args.metrics, results, summary, ev, args.onnx)
         from tasks.figures import ctr_curves
 
         test = CtrSplit.load(args.data, "test")

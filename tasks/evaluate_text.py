@@ -17,7 +17,6 @@ import torch
 from tasks.artifacts import count_parameters, load_model
 from tasks.config import stage_args
 from tasks.errors import run_cli
-from tasks.io import digests, write_json
 from tasks.onnx_models import file_sizes, percentiles_ms, session
 from tasks.text_config import EvaluateText
 from tasks.text_onnx import feeds, onnx_text_logits, tokenizer_of
@@ -85,10 +84,7 @@ def main() -> None:
         models = {"teacher_fp32": args.teacher, "student_fp32": args.student, "student_int8": args.student}
         results = evaluate_text(ev, args.data, args.onnx, models)
         summary = ratios(results)
-        write_json(args.metrics, {"models": results, "ratios": summary, "settings": ev.model_dump(),
-                                   "sha256": digests(args.onnx, "*.onnx")})
-        run.log_metrics({f"{m}.{k}": v for m, r in results.items() for k, v in r.items()} | summary)
-        run.log_artifact(args.metrics)
+        run.publish_evaluation(args.metrics, results, summary, ev, args.onnx)
     for name, r in results.items():
         print(f"{name}: accuracy val {r['val_accuracy']:.4f}, test {r['test_accuracy']:.4f}, {r['bytes']:,} bytes, "
               f"p50 {r['sentence_p50_ms']:.3f} ms, p95 {r['sentence_p95_ms']:.3f} ms per sentence")

@@ -20,7 +20,6 @@ from torch import nn
 from tasks.artifacts import count_nonzero, count_parameters, load_model
 from tasks.config import stage_args
 from tasks.errors import run_cli
-from tasks.io import digests, write_json
 from tasks.onnx_models import (
     INPUT,
     file_sizes,
@@ -113,10 +112,7 @@ def main() -> None:
     with stage_run("evaluate_vision", cfg, {"evaluate.vision": ev}) as run:
         results, predicted = evaluate_vision(ev, args.data, args.onnx, args.teacher, args.student_fp32, args.student)
         summary = ratios(results, f"throughput_b{ev.throughput_batch}_ips")
-        doc = {"models": results, "ratios": summary, "settings": ev.model_dump(), "sha256": digests(args.onnx, "*.onnx")}
-        write_json(args.metrics, doc)
-        run.log_metrics({f"{m}.{k}": v for m, r in results.items() for k, v in r.items()} | summary)
-        run.log_artifact(args.metrics)
+        run.publish_evaluation(args.metrics, results, summary, ev, args.onnx)
         from tasks.figures import FASHION_CLASSES, confusion
 
         labels = Split.load(args.data, "test").y.numpy()

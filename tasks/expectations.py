@@ -32,6 +32,16 @@ def ephemeral_context() -> Any:
     return context
 
 
+def suite(name: str, expectations: list) -> Any:
+    """A Great Expectations suite named ``name`` holding ``expectations`` (an ephemeral context must exist)."""
+    import great_expectations as gx
+
+    built = gx.ExpectationSuite(name=name)
+    for exp in expectations:
+        built.add_expectation(exp)
+    return built
+
+
 def run_suites(context: Any, source: str, batches: list[tuple[Any, Any]], docs: Path | None = None) -> dict[str, Any]:
     """Validate each (suite, frame) pair through a Great Expectations Checkpoint of its own (the suite, and a
     validation definition on the frame's batch); return the report (``success`` plus one entry per expectation).

@@ -173,6 +173,9 @@ class DistillText(Training):
     weights: LossWeights
     transfer: TransferSet
     teacher_bf16: bool = False   # the teacher labels the transfer set in bf16 where the CPU has it natively
+    # the student's word embeddings start from the teacher's input embedding of each word (its word pieces
+    # averaged), projected on their principal components; else random. Only when distilling.
+    embeddings_from_teacher: bool = False
 
 
 class ExportText(Strict):

@@ -84,6 +84,10 @@ class WordPieceTokenizer:
         rows = [e.ids for e in self._tok.encode_batch([t.replace(MASK, "[MASK]") for t in texts])]
         return _padded(rows)
 
+    def pieces(self, word: str) -> list[int]:
+        """The word pieces of one word, without [CLS] and [SEP]."""
+        return self._tok.encode(word, add_special_tokens=False).ids
+
     def spec(self) -> dict:
         return {"kind": self.kind, "vocabulary": self.vocabulary, "max_tokens": self.max_tokens, "lowercase": True}
 

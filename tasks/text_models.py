@@ -33,6 +33,14 @@ class Tokenized(nn.Module):
         ids, lengths = self.tokenizer.encode(texts)
         return torch.from_numpy(ids), torch.from_numpy(lengths)
 
+    @torch.no_grad()
+    def word_vectors(self, words: list[str]) -> torch.Tensor:
+        """(len(words), width) this model's input embedding of each word: the mean of its tokens' rows (an unknown
+        word gets the unknown token's)."""
+        table = self.input_embeddings().weight   # each model class says which table that is
+        rows = [self.tokenizer.pieces(word) or [1] for word in words]
+        return torch.stack([table[r].mean(0) for r in rows])
+
 
 def valid_mask(ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
     """(N, T) bool: True at a sentence's tokens. An empty sentence keeps its first position (a padding token)."""
@@ -79,6 +87,9 @@ class TextTransformer(Tokenized):
         self.head = nn.Linear(arch.dim, classes)
         self.feature_width = arch.dim
 
+    def input_embeddings(self) -> nn.Embedding:
+        return self.embed
+
     def forward_features(self, ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mask = valid_mask(ids, lengths)
         positions = torch.arange(ids.shape[1], device=ids.device).unsqueeze(0)
@@ -118,6 +129,9 @@ class RecurrentStudent(Tokenized):
         self.hidden = nn.Linear(2 * width, arch.head)
         self.head = nn.Linear(arch.head, classes)
         self.feature_width = arch.head
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self.embed
 
     def _encode(self, x: torch.Tensor, ids: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
         mask = valid_mask(ids, lengths)
@@ -187,6 +201,9 @@ class BertClassifier(Tokenized):
         self.drop = nn.Dropout(arch.dropout)
         self.head = nn.Linear(arch.dim, classes)
         self.feature_width = arch.dim
+
+    def input_embeddings(self) -> nn.Embedding:
+        return self.word
 
     def forward_features(self, ids: torch.Tensor, lengths: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         mask = valid_mask(ids, lengths)

@@ -11,9 +11,7 @@ without gradients; the shared ``train_step`` zeroes them every step.
 """
 from __future__ import annotations
 
-import copy
 import json
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +24,7 @@ from torch import nn
 
 from tasks.distillation import soft_target_kl
 from tasks.family_config import LossWeights, Training
-from tasks.training import autocast, make_optimizer, make_scheduler, train_step
+from tasks.training import autocast, fit_best
 
 SPLITS = ("train", "val", "test")
 
@@ -167,32 +165,12 @@ def fit_text(model: nn.Module, loss_fn: Callable, rows: TrainingRows, val: TextS
              ) -> list[dict[str, float]]:
     """Train ``model`` in place (under bf16 autocast with ``bf16`` where native); return the history. The best epoch
     by validation accuracy is restored at the end."""
-    torch.manual_seed(spec.seed)
-    steps = math.ceil(len(rows.split) / spec.batch_size)
-    opt = make_optimizer(model, spec.optimizer)
-    sched = make_scheduler(opt, spec.schedule, spec.epochs * steps)
-    gen = torch.Generator().manual_seed(spec.seed)
-    history: list[dict[str, float]] = []
-    best: tuple[float, dict] = (-1.0, copy.deepcopy(model.state_dict()))
-    for epoch in range(spec.epochs):
-        model.train()
-        order, loss_sum = torch.randperm(len(rows.split), generator=gen), 0.0
-        for start in range(0, len(order), spec.batch_size):
-            inputs, y = rows.batch(order[start:start + spec.batch_size])
-            loss, _ = train_step(model, inputs, y, opt, loss_fn, bf16=bf16)
-            sched.step()
-            loss_sum += loss.item() * len(y)
-        keep = (rows.split.y >= 0).numpy()
-        labelled = TextSplit([t for t, k in zip(rows.split.texts, keep, strict=True) if k], rows.split.y[keep])
-        metrics = {"train_loss": loss_sum / len(rows.split),
-                   **{f"train_{k}": v for k, v in evaluate_text(model, labelled, spec.eval_batch_size, bf16).items()},
-                   **{f"val_{k}": v for k, v in evaluate_text(model, val, spec.eval_batch_size, bf16).items()},
-                   "lr": sched.get_last_lr()[0]}
-        history.append(metrics)
-        print(f"epoch {epoch + 1}/{spec.epochs}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-        if metrics["val_accuracy"] > best[0]:
-            best = (metrics["val_accuracy"], copy.deepcopy(model.state_dict()))
-        if on_epoch:
-            on_epoch(epoch, metrics)
-    model.load_state_dict(best[1])
-    return history
+    keep = (rows.split.y >= 0).numpy()
+    labelled = TextSplit([t for t, k in zip(rows.split.texts, keep, strict=True) if k], rows.split.y[keep])
+
+    def scores() -> dict[str, float]:   # the labelled training sentences scored as the validation ones are
+        return {**{f"train_{k}": v for k, v in evaluate_text(model, labelled, spec.eval_batch_size, bf16).items()},
+                **{f"val_{k}": v for k, v in evaluate_text(model, val, spec.eval_batch_size, bf16).items()}}
+
+    torch.manual_seed(spec.seed)   # dropout's draws: a stage's result depends on its params only
+    return fit_best(model, loss_fn, len(rows.split), rows.batch, spec, scores, "val_accuracy", on_epoch, bf16=bf16)

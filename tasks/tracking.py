@@ -183,6 +183,17 @@ class RunLogger:
         finally:
             plt.close(figure)
 
+    def publish_evaluation(self, path: Path, results: dict[str, dict], summary: dict[str, float],
+                           settings: BaseModel, onnx_dir: Path) -> None:
+        """An evaluate stage's output ``path`` (per model its measurements, the ratios, the settings, and the SHA-256
+        of every ONNX file measured: the gate registers only those files), logged as metrics and an artifact."""
+        from tasks.io import digests, write_json
+
+        write_json(path, {"models": results, "ratios": summary, "settings": settings.model_dump(),
+                          "sha256": digests(onnx_dir, "*.onnx")})
+        self.log_metrics({f"{m}.{k}": v for m, r in results.items() for k, v in r.items()} | summary)
+        self.log_artifact(path)
+
     def log_data_inputs(self, stage: str, root: Path, context: str | None = None) -> None:
         """Log the data sets ``stage`` of dvc.yaml reads as MLflow dataset inputs: name = the path, digest = DVC's
         hash, source = the folder, profile = its size and file count, so the run shows which data it saw."""

@@ -2,13 +2,14 @@
 checkpoint and resume per epoch."""
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -146,6 +147,41 @@ def train_step(model: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...], y: 
     loss.backward()
     opt.step()
     return loss.detach(), logits.detach()
+
+
+def fit_best(model: nn.Module, loss_fn: Callable, count: int,
+             batch: Callable[[torch.Tensor], tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor]],
+             spec: Any, scores: Callable[[], dict[str, float]], key: str, on_epoch: EpochHook | None = None,
+             before_epoch: Callable[[int], None] | None = None, bf16: bool = False) -> list[dict[str, float]]:
+    """Train ``model`` in place for ``spec.epochs`` over ``count`` rows, ``batch(indices)`` giving a batch's inputs
+    and targets in a seeded order; after each epoch ``scores()`` (``train_*`` and ``val_*``, in eval mode). The
+    epoch with the best ``key`` (a validation score: higher is better) is restored at the end; return the history.
+    The loop of the families whose training takes minutes (no checkpoint to resume)."""
+    steps = math.ceil(count / spec.batch_size)
+    opt = make_optimizer(model, spec.optimizer)
+    sched = make_scheduler(opt, spec.schedule, spec.epochs * steps)
+    gen = torch.Generator().manual_seed(spec.seed)
+    history: list[dict[str, float]] = []
+    best: tuple[float, dict] = (-math.inf, copy.deepcopy(model.state_dict()))
+    for epoch in range(spec.epochs):
+        if before_epoch:
+            before_epoch(epoch)
+        model.train()
+        order, loss_sum = torch.randperm(count, generator=gen), 0.0
+        for start in range(0, count, spec.batch_size):
+            inputs, y = batch(order[start:start + spec.batch_size])
+            loss, _ = train_step(model, inputs, y, opt, loss_fn, bf16=bf16)
+            sched.step()
+            loss_sum += loss.item() * len(y)
+        metrics = {"train_loss": loss_sum / count, **scores(), "lr": sched.get_last_lr()[0]}
+        history.append(metrics)
+        print(f"epoch {epoch + 1}/{spec.epochs}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+        if metrics[key] > best[0]:
+            best = (metrics[key], copy.deepcopy(model.state_dict()))
+        if on_epoch:
+            on_epoch(epoch, metrics)
+    model.load_state_dict(best[1])
+    return history
 
 
 def fit(model: nn.Module, train: Split, val: Split, spec: TrainingRecipe, checkpoint: Path, fingerprint: str,

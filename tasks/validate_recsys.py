@@ -18,7 +18,7 @@ import pandas as pd
 
 from tasks.config import Config, stage_args
 from tasks.errors import DataFormatError, run_cli
-from tasks.expectations import ephemeral_context, publish_validation, run_suites
+from tasks.expectations import ephemeral_context, publish_validation, run_suites, suite
 from tasks.recsys_config import RecsysValidation
 
 E = gx.expectations
@@ -41,19 +41,12 @@ def load_tables(data_dir: Path) -> dict[str, Any]:
     return tables
 
 
-def _suite(name: str, expectations: list) -> gx.ExpectationSuite:
-    suite = gx.ExpectationSuite(name=name)
-    for exp in expectations:
-        suite.add_expectation(exp)
-    return suite
-
-
 def table_suites(tables: dict[str, Any], positive_min_rating: int) -> list[tuple[gx.ExpectationSuite, pd.DataFrame]]:
     users, items, rows = tables["users"], tables["items"], tables["interactions"]
     schema = {name: [E.ExpectTableColumnsToMatchSet(column_set=cols, exact_match=True),
                      *(E.ExpectColumnValuesToNotBeNull(column=c) for c in cols if c != "genres")]
               for name, cols in COLUMNS.items()}
-    interactions = _suite("recsys_interactions", schema["interactions"] + [
+    interactions = suite("recsys_interactions", schema["interactions"] + [
         E.ExpectColumnValuesToBeBetween(column="rating", min_value=1, max_value=5),
         E.ExpectColumnValuesToBeInSet(column="label", value_set=[0, 1]),
         E.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
@@ -62,13 +55,13 @@ def table_suites(tables: dict[str, Any], positive_min_rating: int) -> list[tuple
         E.ExpectCompoundColumnsToBeUnique(column_list=["user_id", "item_id", "timestamp"])])
     consistent = pd.DataFrame({"label_matches_rating": (rows.label == (rows.rating >= positive_min_rating)).astype(int)})
     return [(interactions, rows),
-            (_suite("recsys_labels", [E.ExpectColumnValuesToBeInSet(column="label_matches_rating", value_set=[1])]),
+            (suite("recsys_labels", [E.ExpectColumnValuesToBeInSet(column="label_matches_rating", value_set=[1])]),
              consistent),
-            (_suite("recsys_users", schema["users"] + [
+            (suite("recsys_users", schema["users"] + [
                 E.ExpectColumnValuesToBeUnique(column="user_id"),
                 E.ExpectColumnValuesToBeBetween(column="age", min_value=1, max_value=100),
                 E.ExpectColumnValuesToBeInSet(column="gender", value_set=["M", "F"])]), users),
-            (_suite("recsys_items", schema["items"] + [
+            (suite("recsys_items", schema["items"] + [
                 E.ExpectColumnValuesToBeUnique(column="item_id"),
                 E.ExpectColumnValuesToBeBetween(column="release_year", min_value=0, max_value=2100)]), items)]
 
@@ -83,7 +76,7 @@ def split_suites(tables: dict[str, Any], rules: RecsysValidation) -> list[tuple[
                               for i, f in enumerate(layout)})
         frame["genres_binary"] = np.isin(arrays["genres"], (0, 1)).all(axis=1).astype(int)
         frame["label"] = arrays["y"].astype(np.float64)
-        out.append((_suite(f"recsys_{split}", [
+        out.append((suite(f"recsys_{split}", [
             E.ExpectTableRowCountToEqual(value=len(part)),
             E.ExpectTableRowCountToBeBetween(min_value=rules.min_rows.get(split, 1)),
             E.ExpectColumnMeanToBeBetween(column="label", min_value=rules.positive_fraction - rules.positive_tolerance,

@@ -18,7 +18,7 @@ import pandas as pd
 
 from tasks.config import Config, stage_args
 from tasks.errors import DataFormatError, run_cli
-from tasks.expectations import ephemeral_context, publish_validation, run_suites
+from tasks.expectations import ephemeral_context, publish_validation, run_suites, suite
 from tasks.text_data import tokenize
 
 E = gx.expectations
@@ -36,13 +36,6 @@ def load_tables(data_dir: Path) -> dict[str, Any]:
     return tables
 
 
-def _suite(name: str, expectations: list) -> gx.ExpectationSuite:
-    suite = gx.ExpectationSuite(name=name)
-    for exp in expectations:
-        suite.add_expectation(exp)
-    return suite
-
-
 def sentence_suites(tables: dict[str, Any], cfg: Config) -> list[tuple[gx.ExpectationSuite, pd.DataFrame]]:
     rows, rules, data = tables["sentences"], cfg.validate_.text, cfg.data.text
     frame = rows.assign(chars=rows.text.astype(str).str.strip().str.len())
@@ -50,14 +43,14 @@ def sentence_suites(tables: dict[str, Any], cfg: Config) -> list[tuple[gx.Expect
     held_out = rows[rows.split != "train"]
     leaks = pd.DataFrame({"text": held_out.text,
                           "also_in_train": [int(" ".join(tokenize(t)) in train) for t in held_out.text]})
-    return [(_suite("text_schema", [E.ExpectTableColumnsToMatchSet(column_set=COLUMNS, exact_match=True)]), rows),
-            (_suite("text_sentences", [
+    return [(suite("text_schema", [E.ExpectTableColumnsToMatchSet(column_set=COLUMNS, exact_match=True)]), rows),
+            (suite("text_sentences", [
         E.ExpectColumnValuesToNotBeNull(column="text"),
         E.ExpectColumnValuesToBeBetween(column="chars", min_value=rules.min_chars, max_value=rules.max_chars),
         E.ExpectColumnValuesToBeInSet(column="category", value_set=sorted(data.labels)),
         E.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
         E.ExpectColumnValuesToBeUnique(column="text")]), frame),
-        (_suite("text_leakage", [E.ExpectColumnValuesToBeInSet(column="also_in_train", value_set=[0])]), leaks)]
+        (suite("text_leakage", [E.ExpectColumnValuesToBeInSet(column="also_in_train", value_set=[0])]), leaks)]
 
 
 def split_suites(tables: dict[str, Any], cfg: Config) -> list[tuple[gx.ExpectationSuite, pd.DataFrame]]:
@@ -69,7 +62,7 @@ def split_suites(tables: dict[str, Any], cfg: Config) -> list[tuple[gx.Expectati
         frame = pd.DataFrame({"label": part.label, "tokens": part.tokens})
         for c, name in enumerate(labels):
             frame[f"is_{name}"] = (part.label == c).astype(float)
-        out.append((_suite(f"text_{split}", [
+        out.append((suite(f"text_{split}", [
             E.ExpectTableRowCountToEqual(value=manifest["splits"].get(split, {}).get("rows", -1)),
             E.ExpectTableRowCountToBeBetween(min_value=rules.min_rows.get(split, 1)),
             E.ExpectColumnValuesToBeBetween(column="label", min_value=0, max_value=len(labels) - 1),

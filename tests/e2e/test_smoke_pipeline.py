@@ -119,7 +119,7 @@ def test_flow_gates_and_registers_the_recommender(flow_repo):
     assert (repo / "reports" / "recsys" / "report.html").read_text().count("<svg") == 2   # the same HTML report
 
 
-def test_the_text_family_runs_through_the_same_graph_gate_and_registry(flow_repo):
+def test_the_text_family_runs_through_the_same_graph_gate_and_registry(flow_repo, tmp_path):
     """The third family: a pretrained encoder fine-tuned as teacher, a BiLSTM distilled on the transfer set, a dynamic
     INT8 ONNX file that carries its tokenizer, gated and registered with a signature of word ids and lengths."""
     import onnx
@@ -143,9 +143,9 @@ def test_the_text_family_runs_through_the_same_graph_gate_and_registry(flow_repo
     assert gate["passed"] and gate["name"] == "smoke-text-student-int8"
     champion = client.get_model_version_by_alias("smoke-text-student-int8", "champion")
     assert champion.tags["data.hash"] == locked_outs(repo)["data/text/processed"]
-    from mlflow.models import get_model_info
+    from mlflow.models import Model
 
-    signature = get_model_info(champion.source).signature
+    signature = Model.load(client.download_artifacts(champion.run_id, "model/MLmodel", str(tmp_path))).signature
     assert {i.name: i.shape for i in signature.inputs.inputs} == {"ids": (-1, -1), "lengths": (-1,)}   # any length
     texts = ["A wonderful, moving film.", "Dull."]
     assert onnx_text_logits(path, texts).shape == (2, 2)

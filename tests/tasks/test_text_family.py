@@ -229,3 +229,26 @@ def test_the_registered_signature_leaves_open_what_the_graph_leaves_open(tmp_pat
     signature = graph_signature(onnx.load(str(path)), infer_signature(sample, np.zeros((1, 2), np.float32)))
     assert {s.name: s.shape for s in signature.inputs.inputs} == {"ids": (-1, -1), "lengths": (-1,)}
     assert signature.outputs.inputs[0].shape == (-1, 2)
+
+
+def test_the_students_embeddings_can_start_from_the_teachers_word_pieces():
+    from tasks.distill_text import embeddings_from_teacher
+
+    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "film", "##s", "movie", ".", "!", ","]
+    arch = BertArch(dim=8, heads=2, layers=1, ff=16, positions=16, type_vocabulary=2, eps=1e-12)
+    torch.manual_seed(0)
+    teacher = BertClassifier(arch, pieces, max_tokens=8, classes=2)
+    words = ["<pad>", "<unk>", "good", "films", "film", "bad", "zebra"]
+    student = RecurrentStudent(RecurrentArch(kind="bilstm", embedding=4, hidden=3, head=3), words, 8, 2)
+    embeddings_from_teacher(student, teacher)
+    table = student.embed.weight.detach()
+    assert torch.equal(table[:2], torch.zeros(2, 4))        # padding and unknown
+    assert abs(table[2:].std().item() - 1.0) < 1e-4         # the default initialisation's scale
+    vectors = teacher.word_vectors(words[2:])
+    # "films" is film + ##s: the mean of their rows; an unknown word is [UNK]'s row
+    torch.testing.assert_close(vectors[1], teacher.word.weight[[7, 8]].mean(0).detach())
+    torch.testing.assert_close(vectors[4], teacher.word.weight[1].detach())
+    # the projection keeps the teacher's geometry: distances between words in the same order
+    projected = torch.cdist(table[2:], table[2:])
+    original = torch.cdist(vectors - vectors.mean(0), vectors - vectors.mean(0))
+    assert torch.corrcoef(torch.stack([projected.flatten(), original.flatten()]))[0, 1] > 0.9
