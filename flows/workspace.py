@@ -44,10 +44,12 @@ def copy_project(dest: Path, overrides: dict[str, Any] | None = None, source: Pa
     for dotted, value in (overrides or {}).items():
         set_param(params, dotted, value)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # the download caches: pinned by checksum and moved in whole, so copies share the project's instead of each
+    # fetching the same files again
     downloads = source / ".cache" / "downloads"
-    if downloads.is_dir():   # pinned by checksum and written atomically: a copy reads them instead of fetching again
-        (dest / ".cache").mkdir(exist_ok=True)
-        (dest / ".cache" / "downloads").symlink_to(downloads.resolve(), target_is_directory=True)
+    downloads.mkdir(parents=True, exist_ok=True)
+    (dest / ".cache").mkdir(exist_ok=True)
+    (dest / ".cache" / "downloads").symlink_to(downloads.resolve(), target_is_directory=True)
     for teacher in pretrained_teachers(params):   # imported teachers are files of the project, not sources
         if not Path(teacher).is_absolute() and (source / teacher).is_file():
             (dest / teacher).parent.mkdir(parents=True, exist_ok=True)

@@ -60,15 +60,21 @@ def save_npy(path: Path, arr: np.ndarray) -> None:
 
 def pip_wheel(cache: Path, package: str, version: str) -> Path | str:
     """``package==version``'s wheel in the download folder ``cache``, fetched with ``pip download --no-deps`` (which
-    checks the index's hash) when missing, never installed; a string saying why when there is none."""
+    checks the index's hash) when missing, never installed; a string saying why when there is none. The wheel is
+    downloaded beside the folder and moved in whole, so processes sharing the folder never read half a file."""
+    import tempfile
+
     # a wheel's file name spells the project name with runs of "-", "_" and "." as one "_" (PEP 427 / 491)
     pattern = f"{re.sub(r'[-_.]+', '_', package)}-{version}-*.whl"
     if not list(cache.glob(pattern)):
         cache.mkdir(parents=True, exist_ok=True)
-        proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
-                               "--disable-pip-version-check", "-q", "-d", str(cache), f"{package}=={version}"],
-                              capture_output=True, text=True)
-        if proc.returncode != 0:
-            return f"pip download failed: {(proc.stderr.strip().splitlines() or [proc.returncode])[-1]}"
+        with tempfile.TemporaryDirectory(dir=cache, prefix=".pip-") as tmp:
+            proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:",
+                                   "--disable-pip-version-check", "-q", "-d", tmp, f"{package}=={version}"],
+                                  capture_output=True, text=True)
+            if proc.returncode != 0:
+                return f"pip download failed: {(proc.stderr.strip().splitlines() or [proc.returncode])[-1]}"
+            for wheel in Path(tmp).glob(pattern):
+                os.replace(wheel, cache / wheel.name)
     found = sorted(cache.glob(pattern))
     return found[0] if found else f"no {pattern} in {cache}"
