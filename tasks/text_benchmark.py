@@ -1,5 +1,6 @@
 """Benchmark of the text family in one run: the teacher, the student trained on the labels alone, the distilled
-student, each student also as the INT8 file it ships as, over several student seeds, all measured as ONNX in
+student, each student also as the INT8 file it ships as (onnxruntime dynamic INT8; the distilled one also as static
+QDQ INT8, the alternative), over several student seeds, all measured as ONNX in
 onnxruntime on the same splits (accuracy mean ± std over seeds; bytes and one-sentence latency of the first seed).
 
 Reads what ``dvc repro train_teacher_text`` (or ``make run``) leaves: ``data/text/processed`` and
@@ -24,7 +25,13 @@ from tasks.distill_text import distill_text
 from tasks.errors import run_cli
 from tasks.evaluate_text import sentence_latency
 from tasks.onnx_models import file_sizes
-from tasks.text_onnx import attach_tokenizer, export_text_fp32, onnx_text_logits, quantize_text_int8
+from tasks.text_onnx import (
+    attach_tokenizer,
+    export_text_fp32,
+    onnx_text_logits,
+    quantize_text_int8,
+    quantize_text_static,
+)
 from tasks.text_training import TextSplit, accuracy, manifest
 
 TARGETS = (("kd_int8_drop_vs_teacher", "<=", 0.01, "KD INT8 student: test accuracy drop vs teacher"),
@@ -52,7 +59,12 @@ def students(root: Path, data: Path, teacher: Path, seed: int, kind: str, out: P
         fp32, int8 = out / f"{seed}_{distill}_fp32.onnx", out / f"{seed}_{distill}_int8.onnx"
         export_text_fp32(student, fp32, cfg.export.text.opset, test.texts)
         quantize_text_int8(fp32, int8)
-        for path, precision in ((fp32, "FP32"), (int8, "INT8")):
+        files = [(fp32, "FP32"), (int8, "INT8")]
+        if distill:   # the alternative: static QDQ, calibrated on validation sentences
+            static = quantize_text_static(fp32, out / f"{seed}_static.onnx", student.tokenizer,
+                                          TextSplit.load(data, "val").texts)
+            files.append((static, "INT8 static QDQ"))
+        for path, precision in files:
             attach_tokenizer(path, student.tokenizer, labels)
             found[f"student {name} {precision}"] = {**measure_file(path, data, cfg.evaluate.text),
                                                     "parameters": metrics["parameters"]}

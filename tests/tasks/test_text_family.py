@@ -166,6 +166,9 @@ def test_empty_sentences_stop_at_the_data_gate(text_csv, tmp_path):
     write(rows[:-2] + [("", "fresh"), ("   ", "rotten")])
     report = _prepare_and_validate(cfg, tmp_path)
     assert ("text_sentences", "expect_column_values_to_be_between") in _failed(report)
+    from tasks.expectations import failure_message
+
+    assert "[text_sentences] expect_column_values_to_be_between(column=chars, min_value=3" in failure_message(report)
 
 
 @pytest.mark.fault("data", "a text corpus with a category params does not name",
@@ -178,6 +181,10 @@ def test_unknown_categories_stop_at_the_data_gate(text_csv, tmp_path):
     assert ("text_sentences", "expect_column_values_to_be_in_set") in _failed(report)
     assert "meh" in next(c for c in failed if c["expectation"] == "expect_column_values_to_be_in_set")[
         "unexpected_examples"]
+    from tasks.expectations import failure_message
+
+    assert "expect_column_values_to_be_in_set(column=category, value_set=['fresh', 'rotten']): 3 unexpected values, " \
+           "e.g. ['meh', 'meh', 'meh']" in failure_message(report)
 
 
 @pytest.mark.fault("data", "a text corpus that is not UTF-8 (or a corrupt compressed file)",
@@ -252,3 +259,20 @@ def test_the_students_embeddings_can_start_from_the_teachers_word_pieces():
     projected = torch.cdist(table[2:], table[2:])
     original = torch.cdist(vectors - vectors.mean(0), vectors - vectors.mean(0))
     assert torch.corrcoef(torch.stack([projected.flatten(), original.flatten()]))[0, 1] > 0.9
+
+
+def test_static_int8_quantizes_the_matrix_products_and_leaves_the_lstm_float(tmp_path):
+    import onnx
+
+    from tasks.text_onnx import export_text_fp32, onnx_text_logits, quantize_text_static
+    from tasks.text_training import predict
+
+    student = _students()[0].eval()
+    fp32 = export_text_fp32(student, tmp_path / "fp32.onnx", 17, SENTENCES)
+    static = quantize_text_static(fp32, tmp_path / "static.onnx", student.tokenizer, SENTENCES)
+    ops = [n.op_type for n in onnx.load(str(static)).graph.node]
+    assert "QuantizeLinear" in ops and "LSTM" in ops and "DynamicQuantizeLSTM" not in ops
+    from tasks.text_onnx import attach_tokenizer
+
+    attach_tokenizer(static, student.tokenizer, ["rotten", "fresh"])
+    assert np.abs(onnx_text_logits(static, SENTENCES) - predict(student, SENTENCES)).max() < 0.1
