@@ -108,7 +108,7 @@ def verify_candidate(root: Path, family: str, evaluation: dict[str, Any], where:
 
 def graph_signature(model: Any, inferred: Any) -> Any:
     """``inferred`` (from one request) with each input's shape as the ONNX graph declares it: an axis the graph
-    leaves open (the batch, a sentence's length) is -1, so the scoring server takes any size there, not only the
+    leaves open (the batch, a variable length) is -1, so the scoring server takes any size there, not only the
     example's."""
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec

@@ -47,9 +47,13 @@ def copy_project(dest: Path, overrides: dict[str, Any] | None = None, source: Pa
     # the download caches: pinned by checksum and moved in whole, so copies share the project's instead of each
     # fetching the same files again
     downloads = source / ".cache" / "downloads"
-    downloads.mkdir(parents=True, exist_ok=True)
-    (dest / ".cache").mkdir(exist_ok=True)
-    (dest / ".cache" / "downloads").symlink_to(downloads.resolve(), target_is_directory=True)
+    try:
+        downloads.mkdir(parents=True, exist_ok=True)
+    except OSError:   # a read-only source: the copy fetches into its own cache
+        pass
+    if downloads.is_dir():
+        (dest / ".cache").mkdir(exist_ok=True)
+        (dest / ".cache" / "downloads").symlink_to(downloads.resolve(), target_is_directory=True)
     for teacher in pretrained_teachers(params):   # imported teachers are files of the project, not sources
         if not Path(teacher).is_absolute() and (source / teacher).is_file():
             (dest / teacher).parent.mkdir(parents=True, exist_ok=True)

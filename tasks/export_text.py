@@ -24,14 +24,15 @@ from tasks.text_training import TextSplit, accuracy, manifest, predict
 MODELS = ("teacher_fp32", "student_fp32", "student_int8")
 
 
-def text_parity(name: str, reference: np.ndarray, onnx: np.ndarray, labels: np.ndarray, cfg: ExportText) -> dict:
+def text_parity(name: str, reference: np.ndarray, onnx: np.ndarray, labels: np.ndarray, cfg: ExportText,
+                texts: list[str]) -> dict:
     """Top-1 agreement and accuracy delta of ``onnx`` logits against ``reference``; raise ParityError on failure."""
     agree = reference.argmax(1) == onnx.argmax(1)
     delta = abs(accuracy(onnx, labels) - accuracy(reference, labels))
     result = {"top1_agreement": float(agree.mean()), "accuracy_delta": delta,
               "max_logit_diff": float(np.abs(reference - onnx).max())}
     if agree.mean() < cfg.parity.min_top1_agreement or delta > cfg.parity.max_accuracy_delta:
-        shown = ", ".join(f"#{i}" for i in np.flatnonzero(~agree)[:10])
+        shown = ", ".join(f"#{i} {texts[i][:40]!r}" for i in np.flatnonzero(~agree)[:5])
         raise ParityError(f"{name}: predicted class agrees with PyTorch on {agree.mean():.4%} of test sentences (min "
                           f"{cfg.parity.min_top1_agreement:.2%}), accuracy delta {delta:.4f} (max "
                           f"{cfg.parity.max_accuracy_delta}); disagreeing sentences: {shown}")
@@ -53,7 +54,8 @@ def export_text(cfg: ExportText, data_dir: Path, teacher_path: Path, student_pat
     for name, model in references.items():
         attach_tokenizer(paths[name], model.tokenizer, labels)
     return {name: text_parity(name, predict(model, test.texts),
-                              onnx_text_logits(paths[name], test.texts, threads=cfg.threads), test.y.numpy(), cfg)
+                              onnx_text_logits(paths[name], test.texts, threads=cfg.threads), test.y.numpy(), cfg,
+                              test.texts)
             for name, model in references.items()}
 
 

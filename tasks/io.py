@@ -40,10 +40,19 @@ def digests(folder: Path, pattern: str) -> dict[str, str]:
 
 
 def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` to a temporary file of its own beside ``path``, then move it into place: a reader (or another
+    writer of the same file, such as two runs filling a shared download cache) never sees half a file."""
+    import tempfile
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -74,7 +83,10 @@ def pip_wheel(cache: Path, package: str, version: str) -> Path | str:
                                   capture_output=True, text=True)
             if proc.returncode != 0:
                 return f"pip download failed: {(proc.stderr.strip().splitlines() or [proc.returncode])[-1]}"
-            for wheel in Path(tmp).glob(pattern):
+            fetched = sorted(Path(tmp).glob("*.whl"))   # pip keeps the index's spelling of the name
+            for wheel in fetched:
                 os.replace(wheel, cache / wheel.name)
+            if fetched:
+                return cache / fetched[0].name
     found = sorted(cache.glob(pattern))
     return found[0] if found else f"no {pattern} in {cache}"

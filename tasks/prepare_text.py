@@ -20,7 +20,7 @@ from tasks.config import stage_args
 from tasks.errors import run_cli
 from tasks.io import write_atomic, write_json
 from tasks.text_config import TextData
-from tasks.text_data import acquire, build_vocabulary, tokenize
+from tasks.text_data import TOKEN, acquire, build_vocabulary, tokenize
 
 SPLITS = ("train", "val", "test")
 
@@ -60,7 +60,7 @@ def prepare_text(cfg: TextData, out: Path) -> dict:
     vocabulary = build_vocabulary(rows.text[rows.split == "train"], cfg.min_count, cfg.max_vocabulary)
     labels = sorted(cfg.labels, key=cfg.labels.get)
     manifest = {"source": source, "labels": labels, "vocabulary": vocabulary, "max_tokens": cfg.max_tokens,
-                "splits": {}}
+                "pattern": TOKEN, "splits": {}}
     for name in SPLITS:
         part = rows[rows.split == name]
         manifest["splits"][name] = {"rows": len(part),

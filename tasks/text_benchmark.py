@@ -90,7 +90,8 @@ def measure(root: Path, data: Path, teacher: Path, seeds: list[int], kind: str) 
         rows = [run[name] for run in runs]
         models[name] = {**rows[0], "seeds": len(rows),
                         **{f"{s}_accuracy": float(np.mean([r[f"{s}_accuracy"] for r in rows])) for s in ("val", "test")},
-                        **{f"{s}_accuracy_std": float(np.std([r[f"{s}_accuracy"] for r in rows])) for s in ("val", "test")}}
+                        **{f"{s}_accuracy_std": float(np.std([r[f"{s}_accuracy"] for r in rows], ddof=1)) if len(rows) > 1
+                           else 0.0 for s in ("val", "test")}}
     t, kd, ce = models["teacher FP32"], models["student KD INT8"], models["student labels only INT8"]
     ratios = {"kd_int8_drop_vs_teacher": t["test_accuracy"] - kd["test_accuracy"],
               "kd_int8_gain_over_labels_only": kd["test_accuracy"] - ce["test_accuracy"],

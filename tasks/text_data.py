@@ -12,10 +12,12 @@ folded to ASCII; ids 0 padding, 1 unknown, then the training vocabulary by frequ
 from __future__ import annotations
 
 import bz2
+import functools
 import gzip
 import hashlib
 import io
 import re
+import unicodedata
 import zipfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -31,13 +33,20 @@ from tasks.text_config import TextData, TransferSet
 PAD, UNK = 0, 1
 SPECIALS = ("<pad>", "<unk>")
 MASK = "[mask]"   # a masked word of the transfer set: unknown to the word tokenizer, BERT's [MASK] to WordPiece
-TOKEN = r"\[mask\]|[a-z0-9]+(?:'[a-z0-9]+)*|[^\sa-z0-9]"
-_FOLD = str.maketrans({"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-", "\u2014": "-"})
-_TOKEN = re.compile(TOKEN)
+#: words of letters and digits in any script (with inner apostrophes), then any other non-space character alone
+TOKEN = r"\[mask\]|[^\W_]+(?:'[^\W_]+)*|[^\w\s]|_"
+FOLD = {"\u2019": "'", "\u2018": "'", "\u201c": '"', "\u201d": '"', "\u2013": "-", "\u2014": "-"}
+_FOLD = str.maketrans(FOLD)
 
 
-def tokenize(text: str) -> list[str]:
-    return _TOKEN.findall(text.translate(_FOLD).lower())
+@functools.cache
+def _compiled(pattern: str) -> re.Pattern:
+    return re.compile(pattern)
+
+
+def tokenize(text: str, pattern: str = TOKEN) -> list[str]:
+    """NFKC-normalised, typographic quotes and dashes folded to ASCII, lower-cased, then ``pattern``'s matches."""
+    return _compiled(pattern).findall(unicodedata.normalize("NFKC", text).translate(_FOLD).lower())
 
 
 def build_vocabulary(texts: Iterable[str], min_count: int, max_size: int) -> list[str]:
@@ -52,20 +61,20 @@ class WordTokenizer:
 
     kind = "words"
 
-    def __init__(self, vocabulary: list[str], max_tokens: int) -> None:
-        self.vocabulary, self.max_tokens = vocabulary, max_tokens
+    def __init__(self, vocabulary: list[str], max_tokens: int, pattern: str = TOKEN) -> None:
+        self.vocabulary, self.max_tokens, self.pattern = vocabulary, max_tokens, pattern
         self.index = {tok: i for i, tok in enumerate(vocabulary)}
 
     def pieces(self, text: str) -> list[int]:
-        return [self.index.get(tok, UNK) for tok in tokenize(text)][: self.max_tokens]
+        return [self.index.get(tok, UNK) for tok in tokenize(text, self.pattern)][: self.max_tokens]
 
     def encode(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         """(ids (N, longest) int64 right-padded with PAD, lengths (N,) int64; an empty text has length 0)."""
         return _padded([self.pieces(t) for t in texts])
 
     def spec(self) -> dict:
-        return {"kind": self.kind, "vocabulary": self.vocabulary, "max_tokens": self.max_tokens, "lowercase": True,
-                "pattern": TOKEN, "pad": PAD, "unknown": UNK}
+        return {"kind": self.kind, "vocabulary": self.vocabulary, "max_tokens": self.max_tokens, "normalization": "NFKC",
+                "fold": FOLD, "lowercase": True, "pattern": self.pattern, "pad": PAD, "unknown": UNK}
 
 
 class WordPieceTokenizer:
@@ -93,10 +102,15 @@ class WordPieceTokenizer:
 
 
 def tokenizer_from_spec(spec: dict) -> WordTokenizer | WordPieceTokenizer:
-    kinds = {"words": WordTokenizer, "wordpiece": WordPieceTokenizer}
-    if spec.get("kind") not in kinds:
-        raise DataFormatError(f"unknown tokenizer kind {spec.get('kind')!r}; expected one of {sorted(kinds)}")
-    return kinds[spec["kind"]](spec["vocabulary"], spec["max_tokens"])
+    """The tokenizer a model file or ONNX file describes, with the rules it was trained with."""
+    if spec.get("kind") == "wordpiece":
+        return WordPieceTokenizer(spec["vocabulary"], spec["max_tokens"])
+    if spec.get("kind") != "words":
+        raise DataFormatError(f"unknown tokenizer kind {spec.get('kind')!r}; expected 'words' or 'wordpiece'")
+    if spec.get("fold", FOLD) != FOLD or spec.get("normalization", "NFKC") != "NFKC":
+        raise DataFormatError("the tokenizer folds or normalises text otherwise than this version does; re-export "
+                              "the model")
+    return WordTokenizer(spec["vocabulary"], spec["max_tokens"], spec.get("pattern", TOKEN))
 
 
 def _padded(rows: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -136,7 +150,7 @@ def _check(name: str, blob: bytes, pinned: str, source: str) -> bytes:
     actual = hashlib.sha256(blob).hexdigest()
     if actual != pinned:
         raise ChecksumError(f"{source}: {name} has SHA-256 {actual}, expected {pinned} (data.text.sha256 in "
-                            "params.yaml); it is not the published corpus")
+                            "params.yaml); it is not the published corpus (delete it to fetch it again)")
     return blob
 
 

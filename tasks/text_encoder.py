@@ -96,10 +96,13 @@ def bert_arch(config: dict, dropout: float) -> BertArch:
     if config.get("model_type") != "bert" or config.get("hidden_act", "gelu") != "gelu":
         raise DataSourceError(f"config.json describes a {config.get('model_type')!r} model with "
                               f"{config.get('hidden_act')!r} activations; only BERT encoders with GELU are supported")
-    return BertArch(dim=config["hidden_size"], heads=config["num_attention_heads"],
-                    layers=config["num_hidden_layers"], ff=config["intermediate_size"],
-                    positions=config["max_position_embeddings"], type_vocabulary=config["type_vocab_size"],
-                    eps=float(config["layer_norm_eps"]), dropout=dropout)
+    try:
+        return BertArch(dim=config["hidden_size"], heads=config["num_attention_heads"],
+                        layers=config["num_hidden_layers"], ff=config["intermediate_size"],
+                        positions=config["max_position_embeddings"], type_vocabulary=config["type_vocab_size"],
+                        eps=float(config["layer_norm_eps"]), dropout=dropout)
+    except KeyError as err:
+        raise DataSourceError(f"config.json has no {err.args[0]!r}: not a BERT configuration") from None
 
 
 def pretrained_classifier(cfg: PretrainedEncoder, classes: int, seed: int) -> tuple[BertClassifier, str]:
@@ -117,6 +120,9 @@ def pretrained_classifier(cfg: PretrainedEncoder, classes: int, seed: int) -> tu
     missing = [name for name in state if not name.startswith("head.") and prefix + checkpoint_name(name) not in weights]
     if missing:
         raise DataSourceError(f"{source}: model.safetensors has no {missing[:3]} for this BERT layout")
-    model.load_state_dict({name: weights[prefix + checkpoint_name(name)] if not name.startswith("head.") else value
-                           for name, value in state.items()})
+    try:
+        model.load_state_dict({name: weights[prefix + checkpoint_name(name)] if not name.startswith("head.") else value
+                               for name, value in state.items()})
+    except RuntimeError as err:   # a tensor of another shape than config.json describes
+        raise DataSourceError(f"{source}: model.safetensors does not fit its config.json ({err})") from None
     return model, source

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.text_config import BertArch, RecurrentArch, TransformerArch
-from tasks.text_data import WordPieceTokenizer, WordTokenizer
+from tasks.text_data import TOKEN, WordPieceTokenizer, WordTokenizer
 
 
 class Tokenized(nn.Module):
@@ -76,9 +76,10 @@ class EncoderLayer(nn.Module):
 
 
 class TextTransformer(Tokenized):
-    def __init__(self, arch: TransformerArch, vocabulary: list[str], max_tokens: int, classes: int) -> None:
+    def __init__(self, arch: TransformerArch, vocabulary: list[str], max_tokens: int, classes: int,
+                 pattern: str = TOKEN) -> None:
         super().__init__()
-        self.arch, self.tokenizer = arch, WordTokenizer(vocabulary, max_tokens)
+        self.arch, self.tokenizer = arch, WordTokenizer(vocabulary, max_tokens, pattern)
         self.embed = nn.Embedding(len(vocabulary), arch.dim, padding_idx=0)
         self.position = nn.Embedding(max_tokens, arch.dim)
         self.layers = nn.ModuleList(EncoderLayer(arch) for _ in range(arch.layers))
@@ -114,9 +115,10 @@ def reverse_within(x: torch.Tensor, lengths: torch.Tensor) -> torch.Tensor:
 
 
 class RecurrentStudent(Tokenized):
-    def __init__(self, arch: RecurrentArch, vocabulary: list[str], max_tokens: int, classes: int) -> None:
+    def __init__(self, arch: RecurrentArch, vocabulary: list[str], max_tokens: int, classes: int,
+                 pattern: str = TOKEN) -> None:
         super().__init__()
-        self.arch, self.tokenizer = arch, WordTokenizer(vocabulary, max_tokens)
+        self.arch, self.tokenizer = arch, WordTokenizer(vocabulary, max_tokens, pattern)
         self.embed = nn.Embedding(len(vocabulary), arch.embedding, padding_idx=0)
         if arch.kind == "bilstm":
             self.forward_rnn = nn.LSTM(arch.embedding, arch.hidden, batch_first=True)

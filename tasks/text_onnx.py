@@ -93,7 +93,10 @@ def tokenizer_of(path: Path) -> WordTokenizer | WordPieceTokenizer:
     props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
     if "tokenizer" not in props:
         raise OnnxError(f"{path}: no tokenizer in its metadata; it was not exported by export_text")
-    return tokenizer_from_spec(json.loads(props["tokenizer"]))
+    try:
+        return tokenizer_from_spec(json.loads(props["tokenizer"]))
+    except (ValueError, KeyError, TypeError) as err:   # DataFormatError is a ValueError
+        raise OnnxError(f"{path}: its tokenizer metadata cannot be used ({type(err).__name__}: {err})") from None
 
 
 def feeds(ids: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:

@@ -67,9 +67,11 @@ def manifest(data_dir: Path) -> dict:
 
 
 def student_shape(data_dir: Path) -> dict:
-    """What building a word-level model for this data takes: vocabulary, longest input, number of classes."""
+    """What building a word-level model for this data takes: vocabulary, longest input, number of classes, and the
+    pattern its words were split with."""
     found = manifest(data_dir)
-    return {"vocabulary": found["vocabulary"], "max_tokens": found["max_tokens"], "classes": len(found["labels"])}
+    return {"vocabulary": found["vocabulary"], "max_tokens": found["max_tokens"], "classes": len(found["labels"]),
+            "pattern": found["pattern"]}
 
 
 @torch.no_grad()
