@@ -8,7 +8,6 @@ sentences/s that implies; plus ratios against the teacher, and the SHA-256 of ev
 """
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +16,7 @@ import torch
 from tasks.artifacts import count_parameters, load_model
 from tasks.config import stage_args
 from tasks.errors import run_cli
-from tasks.onnx_models import file_sizes, percentiles_ms, session
+from tasks.onnx_models import file_sizes, percentiles_ms, session, timed_runs
 from tasks.text_config import EvaluateText
 from tasks.text_onnx import feeds, onnx_text_logits, tokenizer_of
 from tasks.text_training import TextSplit, accuracy
@@ -34,16 +33,7 @@ def requests(path: Path, texts: list[str]) -> list[dict[str, np.ndarray]]:
 def sentence_latency(path: Path, texts: list[str], cfg: EvaluateText) -> dict[str, float]:
     """Latency of one request of one sentence (tokenized beforehand: the model's time only), ``texts`` in turn,
     after ``cfg.warmup`` runs."""
-    sess = session(path, cfg.threads)
-    batch = requests(path, texts[: cfg.repeats])
-    for i in range(cfg.warmup):
-        sess.run(None, batch[i % len(batch)])
-    times = np.empty(cfg.repeats)
-    for i in range(cfg.repeats):
-        feed = batch[i % len(batch)]
-        start = time.perf_counter()
-        sess.run(None, feed)
-        times[i] = time.perf_counter() - start
+    times = timed_runs(session(path, cfg.threads), requests(path, texts[: cfg.repeats]), cfg.warmup, cfg.repeats)
     return {**percentiles_ms(times, "sentence"), "throughput_sentences_per_s": float(1 / np.mean(times))}
 
 

@@ -189,15 +189,18 @@ def onnx_logits(path: Path, split: Split, batch_size: int = 1024, threads: int =
                            for i in range(0, len(split.y), batch_size)])
 
 
-def timed_runs(sess, feeds: dict[str, np.ndarray], warmup: int, repeats: int) -> np.ndarray:
-    """Seconds of each of ``repeats`` runs of ``sess`` on ``feeds``, after ``warmup`` untimed runs: the one latency
-    loop of every family's evaluation."""
-    for _ in range(warmup):
-        sess.run(None, feeds)
+def timed_runs(sess, feeds: dict[str, np.ndarray] | list[dict[str, np.ndarray]], warmup: int, repeats: int
+               ) -> np.ndarray:
+    """Seconds of each of ``repeats`` runs of ``sess`` on ``feeds`` (one request, or a list of requests taken in
+    turn), after ``warmup`` untimed runs: the one latency loop of every family's evaluation."""
+    requests = feeds if isinstance(feeds, list) else [feeds]
+    for i in range(warmup):
+        sess.run(None, requests[i % len(requests)])
     times = np.empty(repeats)
     for i in range(repeats):
+        feed = requests[i % len(requests)]
         start = time.perf_counter()
-        sess.run(None, feeds)
+        sess.run(None, feed)
         times[i] = time.perf_counter() - start
     return times
 
