@@ -90,7 +90,7 @@ def measure(model: nn.Module, onnx_path: Path, val: Split, test: Split, cfg: Con
     threads = cfg.distill.vision.threads
     logits = onnx_logits(onnx_path, test, threads=threads)
     checked = parity(arm, reference, logits, test.y.numpy(), cfg.export.vision)
-    sizes, speed = file_sizes(onnx_path), latency(onnx_path, test.x, cfg.evaluate.vision)
+    sizes, speed = file_sizes(onnx_path), latency(onnx_path, test, cfg.evaluate.vision)
     return Measured(float((logits.argmax(1) == test.y.numpy()).mean()), onnx_accuracy(onnx_path, val, threads),
                     count_parameters(model), count_nonzero(model), sizes["bytes"], sizes["gzip_bytes"],
                     checked["top1_agreement"], speed["latency_b1_p50_ms"],
@@ -127,7 +127,7 @@ def run_seed(cfg: Config, seed: int, root: Path, work: Path) -> dict[str, Measur
 
     val, test = Split.load(data, "val"), Split.load(data, "test")
     size = cfg.ablation.vision.calibration_size
-    calibration = Split(val.x[:size], val.y[:size])
+    calibration = val.head(size)
     ce_onnx, kd_onnx = export_fp32(ce, work / "ce.onnx"), export_fp32(kd_student, work / "kd.onnx")
     models["student CE-only"] = ce, ce_onnx
     models["student KD"] = kd_student, kd_onnx

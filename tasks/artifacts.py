@@ -54,8 +54,9 @@ def count_nonzero(model: nn.Module) -> int:
 
 
 def save_model(model: nn.Module, kind: str, arch: BaseModel, path: Path, **extra: Any) -> None:
-    """``extra`` holds what rebuilding needs beyond the architecture (``activation_bits`` and ``float_modules`` for
-    QAT: see ``qat_extra``; ``shape`` for a CTR model's table sizes, ``ctr_qat`` for its QAT form)."""
+    """``extra`` holds what rebuilding needs beyond the architecture: ``shape``, the constructor's arguments for
+    the data (an image model's classes and input shape: ``Split.model_shape``; a CTR model's table sizes),
+    ``activation_bits`` and ``float_modules`` for QAT (see ``qat_extra``), ``ctr_qat`` for a CTR model's QAT form."""
     buffer = io.BytesIO()
     torch.save({"kind": kind, "arch": arch.model_dump(), "state_dict": model.state_dict(), **extra}, buffer)
     write_atomic(path, buffer.getvalue())
@@ -93,8 +94,8 @@ def load_model(path: Path) -> nn.Module:
     model = model_cls(arch_cls.model_validate(blob["arch"]), **blob.get("shape", {}))
     if blob.get("activation_bits"):  # a QAT student: rebuild the same fake-quantized graph, then load into it
         prepare_qat = importlib.import_module("tasks.quantization").prepare_qat
-        model = prepare_qat(model, blob["activation_bits"], torch.zeros(1, 1, 28, 28), blob.get("float_modules", []),
-                            blob.get("weight_bits", 8))
+        model = prepare_qat(model, blob["activation_bits"], torch.zeros(1, *model.input_shape),
+                            blob.get("float_modules", []), blob.get("weight_bits", 8))
     elif blob.get("ctr_qat"):  # imported like the model classes: only for a file of that family
         if not isinstance(blob["ctr_qat"], dict):
             raise CheckpointError(f"{path}: a QAT model file of an older format (ctr_qat without its settings); "

@@ -15,7 +15,7 @@ from tasks.artifacts import count_parameters, fingerprint, load_model, publish_t
 from tasks.config import stage_args
 from tasks.distillation import Distiller, distillation_loss, loss_config
 from tasks.errors import run_cli
-from tasks.training import Split, evaluate, fit, memory_format, to_input
+from tasks.training import Split, evaluate, fit, memory_format, model_shape
 from tasks.vision_config import DistillVision
 from tasks.vision_models import MobileStudent
 
@@ -28,9 +28,9 @@ def distill_vision(cfg: DistillVision, distill: bool, data_dir: Path, teacher_pa
     torch.manual_seed(cfg.seed)
     train, val, test = (Split.load(data_dir, s) for s in ("train", "val", "test"))
     teacher = load_model(teacher_path).to(memory_format=memory_format())
-    student = MobileStudent(cfg.student).to(memory_format=memory_format())
+    student = MobileStudent(cfg.student, **train.model_shape()).to(memory_format=memory_format())
     loss = loss_config(cfg, distill, cfg.label_smoothing)
-    distiller = Distiller(student, teacher, loss, to_input(train.x[:2]))
+    distiller = Distiller(student, teacher, loss, train.inputs(slice(2)))
     inputs = training_inputs(data_dir, teacher_path)
     history = fit(distiller, train, val, cfg, checkpoint, fingerprint([cfg, loss], inputs), on_epoch,
                   distillation_loss)
@@ -48,7 +48,8 @@ def main() -> None:
     with stage_run("distill_vision", cfg, {"distill.vision": kd, "recipe.vision": cfg.recipe.vision}) as run:
         student, history, metrics = distill_vision(kd, distill, args.data, args.teacher, args.checkpoint,
                                                    lambda epoch, m: run.log_metrics(m, step=epoch + 1))
-        publish_training(run, student, "mobile_student", kd.student, history, metrics, args)
+        publish_training(run, student, "mobile_student", kd.student, history, metrics, args,
+                         shape=model_shape(args.data))
     print(f"student test accuracy {metrics['test_accuracy']:.4f} ({metrics['parameters']:,} parameters), "
           f"teacher {metrics['teacher_test_accuracy']:.4f}")
 

@@ -29,12 +29,12 @@ from tasks.onnx_models import (
     session,
     timed_runs,
 )
-from tasks.training import Split, to_input
+from tasks.training import Split
 from tasks.vision_config import EvaluateVision
 
 
-def count_macs(model: nn.Module) -> int:
-    """Multiply-accumulates of one 1x28x28 image through every convolution and linear layer (QAT modules are
+def count_macs(model: nn.Module, image_shape: tuple[int, ...]) -> int:
+    """Multiply-accumulates of one image of ``image_shape`` (C, H, W) through every convolution and linear layer (QAT modules are
     subclasses of these, so fake-quantized graphs count alike); an imported ONNX teacher's come from its graph."""
     if hasattr(model, "counts"):
         return model.counts()["macs"]
@@ -50,17 +50,17 @@ def count_macs(model: nn.Module) -> int:
 
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
     with torch.no_grad():
-        model.eval()(torch.zeros(1, 1, 28, 28))
+        model.eval()(torch.zeros(1, *image_shape))
     for h in handles:
         h.remove()
     return total
 
 
-def latency(path: Path, images: torch.Tensor, cfg: EvaluateVision) -> dict[str, float]:
-    """Batch-1 latency percentiles (ms) and batch-N throughput (images/s) in onnxruntime."""
+def latency(path: Path, images: Split, cfg: EvaluateVision) -> dict[str, float]:
+    """Batch-1 latency percentiles (ms) and batch-N throughput (images/s) in onnxruntime, on ``images``' first."""
     sess = session(path, cfg.threads)
-    one = {INPUT: to_input(images[:1]).contiguous().numpy()}
-    batch = {INPUT: to_input(images[:cfg.throughput_batch]).contiguous().numpy()}
+    one = {INPUT: images.inputs(slice(1)).contiguous().numpy()}
+    batch = {INPUT: images.inputs(slice(cfg.throughput_batch)).contiguous().numpy()}
     times = timed_runs(sess, one, cfg.warmup, cfg.repeats)
     batch_times = timed_runs(sess, batch, cfg.warmup, cfg.throughput_repeats)
     return {**percentiles_ms(times, "latency_b1"),
@@ -73,7 +73,7 @@ def measure_onnx(path: Path, val: Split, test: Split, cfg: EvaluateVision) -> tu
     predicted = onnx_logits(path, test, threads=cfg.threads).argmax(1)
     return {"val_accuracy": onnx_accuracy(path, val, cfg.threads),
             "test_accuracy": float((predicted == test.y.numpy()).mean()),
-            **file_sizes(path), **latency(path, test.x, cfg)}, predicted
+            **file_sizes(path), **latency(path, test, cfg)}, predicted
 
 
 def evaluate_vision(cfg: EvaluateVision, data_dir: Path, onnx_dir: Path, teacher: Path, student_fp32: Path,
@@ -90,7 +90,7 @@ def evaluate_vision(cfg: EvaluateVision, data_dir: Path, onnx_dir: Path, teacher
         path, model = onnx_dir / f"{name}.onnx", load_model(source)
         measured, predictions[name] = measure_onnx(path, val, test, cfg)
         results[name] = {**measured, "parameters": count_parameters(model),
-                         "nonzero_parameters": count_nonzero(model), "macs": count_macs(model)}
+                         "nonzero_parameters": count_nonzero(model), "macs": count_macs(model, test.image_shape)}
     return results, predictions
 
 
@@ -113,10 +113,10 @@ def main() -> None:
         results, predicted = evaluate_vision(ev, args.data, args.onnx, args.teacher, args.student_fp32, args.student)
         summary = ratios(results, f"throughput_b{ev.throughput_batch}_ips")
         run.publish_evaluation(args.metrics, results, summary, ev, args.onnx)
-        from tasks.figures import FASHION_CLASSES, confusion
+        from tasks.figures import confusion
 
-        labels = Split.load(args.data, "test").y.numpy()
-        run.log_figure(confusion(labels, predicted["student_int8"], FASHION_CLASSES, "INT8 student, test split"),
+        test = Split.load(args.data, "test")
+        run.log_figure(confusion(test.y.numpy(), predicted["student_int8"], test.classes, "INT8 student, test split"),
                        "student_int8_confusion.png")
     for name, r in results.items():
         print(f"{name}: accuracy val {r['val_accuracy']:.4f}, test {r['test_accuracy']:.4f}, {r['bytes']:,} bytes, "

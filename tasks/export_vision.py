@@ -27,7 +27,7 @@ from tasks.io import write_json
 from tasks.observers import frozen_observers
 from tasks.onnx_models import export_fp32, export_student_int8, onnx_logits, quantize_ptq
 from tasks.quantization import QatModel
-from tasks.training import Split, to_input
+from tasks.training import Split
 from tasks.vision_config import ExportVision, QatVision
 
 FILES = ("teacher_fp32", "student_fp32", "student_int8", "student_ptq_int8")
@@ -37,7 +37,7 @@ FILES = ("teacher_fp32", "student_fp32", "student_int8", "student_ptq_int8")
 def torch_logits(model: nn.Module, split: Split, batch_size: int = 1024) -> np.ndarray:
     model.eval()
     with frozen_observers(model):
-        return np.concatenate([model(to_input(split.x[i:i + batch_size])).float().numpy()
+        return np.concatenate([model(split.inputs(slice(i, i + batch_size))).float().numpy()
                                for i in range(0, len(split.y), batch_size)])
 
 
@@ -64,7 +64,7 @@ def export_vision(cfg: ExportVision, qat: QatVision, data_dir: Path, teacher_pat
     torch.set_num_threads(cfg.threads)
     torch.backends.quantized.engine = "x86"
     val, test = Split.load(data_dir, "val"), Split.load(data_dir, "test")
-    calibration = Split(val.x[:cfg.calibration_size], val.y[:cfg.calibration_size])
+    calibration = val.head(cfg.calibration_size)
     paths = {name: out / f"{name}.onnx" for name in FILES}
     teacher, fp32, final = load_model(teacher_path), load_model(fp32_path), load_model(student_path)
     export_fp32(teacher, paths["teacher_fp32"], cfg.opset)

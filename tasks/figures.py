@@ -8,10 +8,6 @@ from typing import Any
 
 import numpy as np
 
-# The labels of Fashion-MNIST's ten classes, in label order (the data set's README)
-FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
-                   "Ankle boot")
-
 
 def _plt() -> Any:
     import matplotlib

@@ -1,8 +1,9 @@
 """ONNX models of the vision family: FP32 export, INT8 QDQ export of a QAT student, onnxruntime static PTQ, and
 evaluation in onnxruntime.
 
-Every exported graph takes ``image``: normalised float (N, 1, 28, 28) as produced by ``tasks.training.to_input``,
-and returns ``logits`` (N, 10), with a dynamic batch axis. Files are written atomically.
+Every exported graph takes ``image``: normalised float (N, C, H, W) as produced by ``tasks.training.to_input`` (the
+data's channels and size: Fashion-MNIST's (N, 1, 28, 28)), and returns ``logits`` (N, classes), with a dynamic
+batch axis. Files are written atomically.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from tasks.errors import PipelineError
 from tasks.int4 import drop_unused_initializers, pack_int4, require_int4, upgrade_opset
 from tasks.io import write_atomic
 from tasks.quantization import QatModel, convert_int8
-from tasks.training import Split, to_input
+from tasks.training import Split
 
 if TYPE_CHECKING:  # annotations only: the recommender's export runs this module without the vision config
     from tasks.vision_config import QatVision
@@ -40,7 +41,7 @@ def export_fp32(model: nn.Module, path: Path, opset: int = 17, example: torch.Te
         write_atomic(path, model.onnx_for_export([INPUT], OUTPUT))
         return path
     model = model.eval().to(memory_format=torch.contiguous_format)
-    example = torch.zeros(1, 1, 28, 28) if example is None else example
+    example = torch.zeros(1, *model.input_shape) if example is None else example.contiguous()
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp) / "model.onnx"
         # dynamo=False: the TorchScript exporter is the one that turns converted FX INT8 graphs into QDQ; use the
@@ -115,9 +116,9 @@ def fold_bias_dequantize(model) -> int:
 class _Calibration:
     """onnxruntime's CalibrationDataReader protocol over a uint8 image split."""
 
-    def __init__(self, images: torch.Tensor, batch_size: int) -> None:
-        self.batches = iter([to_input(images[i:i + batch_size]).contiguous().numpy()
-                             for i in range(0, len(images), batch_size)])
+    def __init__(self, images: Split, batch_size: int) -> None:
+        self.batches = iter([images.inputs(slice(i, i + batch_size)).contiguous().numpy()
+                             for i in range(0, len(images.y), batch_size)])
 
     def get_next(self) -> dict[str, np.ndarray] | None:
         batch = next(self.batches, None)
@@ -151,7 +152,7 @@ def quantize_ptq(fp32_path: Path, calibration: Split, path: Path, qat: QatVision
         excluded = module_nodes(prepared, float_modules)
         if float_modules and not excluded:
             raise OnnxError(f"{fp32_path}: no node belongs to the float modules {list(float_modules)}")
-        quantize_static(str(prepared), str(out), _Calibration(calibration.x, 256), quant_format=QuantFormat.QDQ,
+        quantize_static(str(prepared), str(out), _Calibration(calibration, 256), quant_format=QuantFormat.QDQ,
                         per_channel=per_channel, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt4 if weight_bits == 4 else QuantType.QInt8,
                         nodes_to_exclude=excluded, reduce_range=weight_bits == 7)
@@ -183,9 +184,10 @@ def onnx_logits(path: Path, split: Split, batch_size: int = 1024, threads: int =
     """Logits of the ONNX model at ``path`` for every image of ``split`` (``optimized``: see ``session``)."""
     sess = session(path, threads, optimized)
     shape = sess.get_inputs()[0].shape
-    if list(shape[1:]) != [1, 28, 28]:
-        raise OnnxError(f"{path}: input shape {shape} does not match the data (N, 1, 28, 28)")
-    return np.concatenate([sess.run([OUTPUT], {INPUT: to_input(split.x[i:i + batch_size]).contiguous().numpy()})[0]
+    if list(shape[1:]) != list(split.image_shape):
+        expected = ", ".join(map(str, split.image_shape))
+        raise OnnxError(f"{path}: input shape {shape} does not match the data (N, {expected})")
+    return np.concatenate([sess.run([OUTPUT], {INPUT: split.inputs(slice(i, i + batch_size)).contiguous().numpy()})[0]
                            for i in range(0, len(split.y), batch_size)])
 
 

@@ -1,9 +1,11 @@
-"""Stage ``prepare_vision``: raw Fashion-MNIST IDX files -> verified, split arrays.
+"""Stage ``prepare_vision``: raw images -> verified, split arrays.
 
-Inputs: the four ``.gz`` files from the first source that has them (``data.vision.source_dir``, the Debian
-package ``dataset-fashion-mnist``, the official URL into a download cache). Each file's decompressed IDX payload
-must match its SHA-256 pinned in params.yaml (payload, not ``.gz``: Debian recompressed the files).
-Outputs: ``<out>/{train,val,test}_{x,y}.npy`` (uint8) and ``<out>/manifest.json``.
+Inputs: a user's image folder (``data.vision.image_folder``, see ``tasks.image_folder``), else Fashion-MNIST's four
+IDX ``.gz`` files from the first source that has them (``data.vision.source_dir``, the Debian package
+``dataset-fashion-mnist``, the official URL into a download cache). Each file's decompressed IDX payload must match
+its SHA-256 pinned in params.yaml (payload, not ``.gz``: Debian recompressed the files).
+Outputs: ``<out>/{train,val,test}_{x,y}.npy`` (uint8 images, one channel as (N, H, W), more as (N, C, H, W)) and
+``<out>/manifest.json`` (source, image shape, pixel statistics, class names, rows and class counts per split).
 """
 from __future__ import annotations
 
@@ -17,8 +19,9 @@ import numpy as np
 from tasks.config import stage_args
 from tasks.errors import ChecksumError, DataFormatError, DataSourceError, run_cli
 from tasks.idx import gunzip, parse_idx
+from tasks.image_folder import read_folder
 from tasks.io import save_npy, write_atomic, write_json
-from tasks.vision_config import VISION_FILES, VisionData
+from tasks.vision_config import VISION_FILES, ImageFolder, SplitSizes, VisionData
 
 NDIM = {"images": 3, "labels": 1}
 TRAIN, TEST = VISION_FILES[:2], VISION_FILES[2:]  # (images, labels) of each part
@@ -112,34 +115,82 @@ def stratified_pick(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.
     return np.sort(np.concatenate(picks))
 
 
-def split(arrays: dict[str, np.ndarray], cfg: VisionData) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Train / seeded stratified validation carved from train / test; optionally a seeded subset of each."""
-    rng = np.random.default_rng(cfg.seed)
-    x, y = arrays["train-images-idx3-ubyte"], arrays["train-labels-idx1-ubyte"]
-    val_idx = stratified_pick(y, cfg.val_size, rng)
+def split(parts: dict[str, tuple[np.ndarray, np.ndarray]], val_size: int, test_size: int, seed: int,
+          subset: SplitSizes | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Train / seeded stratified validation carved from train / test (given, or carved from train first when
+    ``parts`` has none); optionally a seeded subset of each."""
+    rng = np.random.default_rng(seed)
+    x, y = parts["train"]
+    if "test" not in parts:
+        test_idx = stratified_pick(y, test_size, rng)
+        rest = np.ones(len(y), dtype=bool)
+        rest[test_idx] = False
+        parts = {"train": (x[rest], y[rest]), "test": (x[test_idx], y[test_idx])}
+        x, y = parts["train"]
+    val_idx = stratified_pick(y, val_size, rng)
     train_mask = np.ones(len(y), dtype=bool)
     train_mask[val_idx] = False
-    splits = {"train": (x[train_mask], y[train_mask]), "val": (x[val_idx], y[val_idx]),
-              "test": (arrays["t10k-images-idx3-ubyte"], arrays["t10k-labels-idx1-ubyte"])}
-    if cfg.subset:
-        sizes = cfg.subset.model_dump()
+    splits = {"train": (x[train_mask], y[train_mask]), "val": (x[val_idx], y[val_idx]), "test": parts["test"]}
+    if subset:
+        sizes = subset.model_dump()
         for name, (sx, sy) in splits.items():
             keep = stratified_pick(sy, min(sizes[name], len(sy)), rng)
             splits[name] = (sx[keep], sy[keep])
     return splits
 
 
-def prepare_vision(cfg: VisionData, out_dir: Path) -> dict:
-    """Acquire, verify and split Fashion-MNIST into ``out_dir``; return the manifest."""
+def pixel_stats(x: np.ndarray) -> dict[str, list[float]]:
+    """Per-channel mean and standard deviation of pixel/255 over ``x`` (N, H, W) or (N, C, H, W)."""
+    per_channel = (x[:, None] if x.ndim == 3 else x).swapaxes(0, 1).reshape(x.shape[1] if x.ndim == 4 else 1, -1)
+    scaled = per_channel.astype(np.float64) / 255.0
+    return {"mean": [round(float(v), 6) for v in scaled.mean(1)], "std": [round(max(float(v), 1e-3), 6)
+                                                                        for v in scaled.std(1)]}
+
+
+def from_idx(cfg: VisionData) -> tuple[str, list[str], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """(source, class names, train and test parts) of the IDX files (Fashion-MNIST), verified."""
     source, raw = acquire(cfg)
     arrays = decode(raw, cfg.sha256, source)
     check_consistent(arrays, cfg.val_size, source)
-    splits = split(arrays, cfg)
-    manifest = {"source": source, "splits": {}}
+    n_labels = int(max(arrays[TRAIN[1]].max(), arrays[TEST[1]].max())) + 1
+    classes = cfg.class_names or [str(i) for i in range(n_labels)]
+    if n_labels > len(classes):
+        raise DataFormatError(f"{source}: label {n_labels - 1} has no name in data.vision.class_names of params.yaml "
+                              f"({len(classes)} names)")
+    return source, classes, {"train": (arrays[TRAIN[0]], arrays[TRAIN[1]]), "test": (arrays[TEST[0]], arrays[TEST[1]])}
+
+
+def from_folder(cfg: ImageFolder) -> tuple[str, list[str], dict[str, tuple[np.ndarray, np.ndarray]]]:
+    root = Path(cfg.path)
+    digest, classes, parts = read_folder(root, cfg.channels, cfg.size, cfg.sha256, "data.vision.image_folder")
+    return f"image folder {root} (content sha256 {digest})", classes, parts
+
+
+def prepare_vision(cfg: VisionData, out_dir: Path) -> dict:
+    """Acquire, verify and split the images into ``out_dir``; return the manifest."""
+    source, classes, parts = from_folder(cfg.image_folder) if cfg.image_folder else from_idx(cfg)
+    n = len(parts["train"][1])
+    folder = cfg.image_folder
+    test_size = 0 if "test" in parts else max(1, round(n * folder.test_fraction))
+    val_size = max(1, round((n - test_size) * folder.val_fraction)) if folder else cfg.val_size
+    if n - test_size - val_size < 1:
+        raise DataFormatError(f"{source}: {n} training images leave none to train on after {test_size} test and "
+                              f"{val_size} validation images")
+    splits = split(parts, val_size, test_size, cfg.seed, cfg.subset)
+    x_train = splits["train"][0]
+    pixels = cfg.pixels.model_dump() if cfg.pixels else pixel_stats(x_train)
+    channels = 1 if x_train.ndim == 3 else x_train.shape[1]
+    if len(pixels["mean"]) != channels:
+        raise DataFormatError(f"{source}: the images have {channels} channel(s) but data.vision.pixels in params.yaml "
+                              f"gives {len(pixels['mean'])}")
+    manifest = {"source": source, "image": {"channels": channels, "height": int(x_train.shape[-2]),
+                                            "width": int(x_train.shape[-1]), **pixels, "classes": classes},
+                "splits": {}}
     for name, (x, y) in splits.items():
         for part, arr in (("x", x), ("y", y)):
             save_npy(out_dir / f"{name}_{part}.npy", arr)
-        manifest["splits"][name] = {"rows": int(len(y)), "class_counts": np.bincount(y, minlength=10).tolist()}
+        manifest["splits"][name] = {"rows": len(y),
+                                    "class_counts": np.bincount(y, minlength=len(classes)).tolist()}
     write_json(out_dir / "manifest.json", manifest)
     return manifest
 

@@ -33,7 +33,7 @@ from tasks.pruning import (
     shrink,
     sparsity_report,
 )
-from tasks.training import Split, evaluate, fit, to_input
+from tasks.training import Split, evaluate, fit, model_shape
 from tasks.vision_config import DistillVision, MobileArch, PruneVision
 from tasks.vision_models import MobileStudent
 
@@ -64,7 +64,7 @@ def prune_vision(cfg: PruneVision, kd: DistillVision, distill: bool, data_dir: P
     teacher, student = load_model(teacher_path), load_model(student_path)
     attach_masks(student)
     loss = loss_config(kd, distill, cfg.label_smoothing)
-    distiller = Distiller(student, teacher, loss, to_input(train.x[:2]))
+    distiller = Distiller(student, teacher, loss, train.inputs(slice(2)))
     inputs = training_inputs(data_dir, teacher_path, student_path)
     before = count_parameters(student)
     layer_weights = {name: m.weight.numel() for name, m in student.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
@@ -97,7 +97,7 @@ def main() -> None:
         model, arch, history, metrics = prune_vision(prune, kd, "distill" in recipe, args.data, args.teacher,
                                                      args.student, args.checkpoint,
                                                      lambda epoch, m: run.log_metrics(m, step=epoch + 1))
-        publish_training(run, model, "mobile_student", arch, history, metrics, args)
+        publish_training(run, model, "mobile_student", arch, history, metrics, args, shape=model_shape(args.data))
         from tasks.figures import weights_kept
 
         kept = {k.removeprefix("kept."): v for k, v in metrics.items() if k.startswith("kept.")}

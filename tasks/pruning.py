@@ -131,7 +131,7 @@ def shrink(student: MobileStudent, arch: MobileArch) -> tuple[MobileStudent, Mob
     widths = [len(k) for k in keep]
     new_arch = arch.model_copy(update={"widths": widths, "width_multiplier": 1.0, "stem": student.stem[0].out_channels,
                                        "residual": [block.residual for block in student.blocks]})
-    small = MobileStudent(new_arch)
+    small = MobileStudent(new_arch, student.num_classes, student.input_shape)
     small.stem.load_state_dict(student.stem.state_dict(), strict=False)
     previous = torch.arange(student.stem[0].out_channels)
     for old, new, out_idx in zip(student.blocks, small.blocks, keep, strict=True):
@@ -178,6 +178,6 @@ def bake(student: MobileStudent, arch: MobileArch) -> MobileStudent:
             continue
         mask_key = key.removesuffix("weight") + "weight_mask"
         state[key] = value * student.state_dict()[mask_key] if key.endswith("weight") and mask_key in student.state_dict() else value
-    plain = MobileStudent(arch)
+    plain = MobileStudent(arch, student.num_classes, student.input_shape)
     plain.load_state_dict(state)
     return plain.eval()

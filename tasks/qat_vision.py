@@ -29,7 +29,7 @@ from tasks.errors import run_cli
 from tasks.observers import freeze_observers
 from tasks.pruning import enforce_masks, keep_pruned_zeros
 from tasks.quantization import QatModel, freeze_schedule, prepare_qat
-from tasks.training import Split, evaluate, fit, to_input
+from tasks.training import Split, evaluate, fit, model_shape
 from tasks.vision_config import DistillVision, QatVision
 
 
@@ -43,7 +43,7 @@ def qat_vision(cfg: QatVision, kd: DistillVision, distill: bool, data_dir: Path,
     torch.backends.quantized.engine = "x86"
     train, val, test = (Split.load(data_dir, s) for s in ("train", "val", "test"))
     teacher, student = load_model(teacher_path), load_model(student_path)
-    sample = to_input(train.x[:2])
+    sample = train.inputs(slice(2))
     qat = prepare_qat(student, cfg.activation_bits, sample, cfg.float_modules, cfg.weight_bits)
     keep_pruned_zeros(qat, cfg.pruned_min_sparsity)  # a pruned student stays pruned through QAT
     loss = loss_config(kd, distill, cfg.label_smoothing)
@@ -73,7 +73,8 @@ def main() -> None:
                                              args.checkpoint, lambda epoch, m: run.log_metrics(m, step=epoch + 1))
         # the architecture of the student that was trained (a structurally pruned one is narrower than kd.student)
         arch = model_meta(args.student)["arch"]
-        publish_training(run, model, "mobile_student", arch, history, metrics, args, **qat_extra(qat))
+        publish_training(run, model, "mobile_student", arch, history, metrics, args, **qat_extra(qat),
+                         shape=model_shape(args.data))
     print(f"QAT student test accuracy (fake-quantized): {metrics['test_accuracy_fake_quant']:.4f}")
 
 

@@ -62,12 +62,14 @@ class FeatureOutputs(nn.Module):
 
 class QatModel(nn.Module):
     """A fake-quantized FX graph presented with the ``forward`` / ``forward_features`` interface of our models;
-    ``weight_bits``: the bits its weights were quantized to (4 or fewer export as INT4)."""
+    ``weight_bits``: the bits its weights were quantized to (4 or fewer export as INT4); ``input_shape``: (C, H, W)
+    of the example it was traced with, as the models carry it."""
 
-    def __init__(self, graph: nn.Module, weight_bits: int = 8) -> None:
+    def __init__(self, graph: nn.Module, weight_bits: int = 8, input_shape: Sequence[int] = ()) -> None:
         super().__init__()
         self.graph = graph
         self.weight_bits = weight_bits
+        self.input_shape = tuple(input_shape)
 
     def forward_features(self, x: torch.Tensor):
         logits, maps = self.graph(x)
@@ -86,7 +88,7 @@ def prepare_qat(model: nn.Module, activation_bits: int, example: torch.Tensor,
         warnings.simplefilter("ignore")  # FX quantization warns that it is in maintenance mode
         graph = prepare_qat_fx(FeatureOutputs(copy.deepcopy(model)).train(),
                                qat_qconfig(activation_bits, float_modules, weight_bits), (example,))
-    return QatModel(graph, weight_bits)
+    return QatModel(graph, weight_bits, example.shape[1:])
 
 
 def freeze_schedule(model: nn.Module, freeze_observers_after: int, freeze_bn_after: int):
@@ -110,7 +112,7 @@ def convert_int8(model: QatModel) -> nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         graph = convert_fx(graph)
-    return QatModel(graph, model.weight_bits).eval()
+    return QatModel(graph, model.weight_bits, model.input_shape).eval()
 
 
 @torch.no_grad()

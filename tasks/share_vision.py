@@ -32,7 +32,7 @@ from tasks.distillation import Distiller, distillation_loss, loss_config
 from tasks.errors import run_cli
 from tasks.observers import freeze_observers
 from tasks.onnx_models import export_student_int8, file_sizes
-from tasks.training import Split, evaluate, fit, to_input
+from tasks.training import Split, evaluate, fit, model_shape
 from tasks.vision_config import DistillVision, ExportVision, QatVision, ShareVision
 from tasks.weight_sharing import bake, share_weights
 
@@ -69,12 +69,12 @@ def share_vision(cfg: ShareVision, kd: DistillVision, distill: bool, data_dir: P
     teacher, model = load_model(teacher_path), load_model(student_path)
     layers = share_weights(model, cfg.clusters)
     loss = loss_config(kd, distill, cfg.label_smoothing)
-    distiller = Distiller(model, teacher, loss, to_input(train.x[:2]))
+    distiller = Distiller(model, teacher, loss, train.inputs(slice(2)))
     inputs = training_inputs(data_dir, teacher_path, student_path)
     history = fit(distiller, train, val, cfg, checkpoint, fingerprint([cfg, loss], inputs), on_epoch,
                   distillation_loss, before_epoch=lambda _epoch: fix_quantization(model))
     bake(model)
-    calibration = Split(val.x[:export.calibration_size], val.y[:export.calibration_size])
+    calibration = val.head(export.calibration_size)
     metrics = {"test_accuracy": evaluate(model, test, cfg.eval_batch_size)["accuracy"], "shared_layers": layers,
                "clusters": cfg.clusters, "parameters": count_parameters(model),
                "nonzero_parameters": count_nonzero(model),
@@ -101,7 +101,7 @@ def main() -> None:
         meta = model_meta(args.student)
         kind, arch = meta.pop("kind"), meta.pop("arch")
         # what rebuilding the input needed (a QAT student's bits and float modules) the output needs too
-        publish_training(run, model, kind, arch, history, metrics, args, **meta)
+        publish_training(run, model, kind, arch, history, metrics, args, **{**meta, "shape": model_shape(args.data)})
     print(f"weight-shared student ({share.clusters} clusters/layer): test accuracy {metrics['test_accuracy']:.4f}; "
           f"INT8 ONNX {metrics['onnx_int8_bytes_before']:,} -> {metrics['onnx_int8_bytes']:,} B "
           f"(gzip {metrics['onnx_int8_gzip_bytes_before']:,} -> {metrics['onnx_int8_gzip_bytes']:,} B)")

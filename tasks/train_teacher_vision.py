@@ -17,7 +17,7 @@ from tasks.artifacts import count_parameters, fingerprint, publish_training, tra
 from tasks.config import stage_args
 from tasks.errors import run_cli
 from tasks.imported_teacher import load_pretrained, publish_imported
-from tasks.training import Split, evaluate, fit, memory_format, to_input
+from tasks.training import Split, evaluate, fit, memory_format, model_shape
 from tasks.vision_config import TrainTeacherVision
 from tasks.vision_models import ResNetTeacher
 
@@ -29,7 +29,7 @@ def train_teacher_vision(cfg: TrainTeacherVision, data_dir: Path, checkpoint: Pa
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     train, val, test = (Split.load(data_dir, s) for s in ("train", "val", "test"))
-    model = ResNetTeacher(cfg.arch).to(memory_format=memory_format())
+    model = ResNetTeacher(cfg.arch, **train.model_shape()).to(memory_format=memory_format())
     inputs = training_inputs(data_dir)
     history = fit(model, train, val, cfg, checkpoint, fingerprint([cfg], inputs), on_epoch)
     # The exported teacher runs in fp32, so that is what the reported metrics measure.
@@ -44,8 +44,9 @@ def import_teacher_vision(cfg: TrainTeacherVision, data_dir: Path) -> tuple[nn.M
     assert spec is not None
     torch.set_num_threads(cfg.threads)
     val, test = Split.load(data_dir, "val"), Split.load(data_dir, "test")
-    model = load_pretrained(spec, "teacher.vision.pretrained", (to_input(val.x[:2]),), logits_shape=[10],
-                            feature_rank=4, build=lambda: ResNetTeacher(cfg.arch))
+    model = load_pretrained(spec, "teacher.vision.pretrained", (val.inputs(slice(2)),),
+                            logits_shape=[val.num_classes], feature_rank=4,
+                            build=lambda: ResNetTeacher(cfg.arch, **val.model_shape()))
     metrics = {f"{name}_{k}": v for name, split in (("val", val), ("test", test))
                for k, v in evaluate(model, split, cfg.eval_batch_size).items()}
     metrics["parameters"] = count_parameters(model)
@@ -60,11 +61,13 @@ def main() -> None:
     with stage_run("train_teacher_vision", cfg, {"teacher.vision": teacher}) as run:
         if (spec := teacher.pretrained) is not None:
             model, metrics = import_teacher_vision(teacher, args.data)
-            publish_imported(run, model, spec, metrics, args, "resnet_teacher", teacher.arch)
+            publish_imported(run, model, spec, metrics, args, "resnet_teacher", teacher.arch,
+                             shape=model_shape(args.data))
         else:
             model, history, metrics = train_teacher_vision(
                 teacher, args.data, args.checkpoint, lambda epoch, m: run.log_metrics(m, step=epoch + 1))
-            publish_training(run, model, "resnet_teacher", teacher.arch, history, metrics, args)
+            publish_training(run, model, "resnet_teacher", teacher.arch, history, metrics, args,
+                             shape=model_shape(args.data))
     print(f"teacher test accuracy {metrics['test_accuracy']:.4f} ({metrics['parameters']:,} parameters)")
 
 

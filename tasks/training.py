@@ -3,7 +3,9 @@ checkpoint and resume per epoch."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import functools
+import json
 import math
 import sys
 from collections.abc import Callable
@@ -18,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from tasks.checkpoints import load_checkpoint, save_checkpoint
+from tasks.errors import DataFormatError
 from tasks.family_config import Optimizer, Schedule
 from tasks.hardware import native_bf16
 from tasks.observers import frozen_observers
@@ -25,23 +28,70 @@ from tasks.observers import frozen_observers
 if TYPE_CHECKING:  # annotations only: the recommender runs this code without the vision config
     from tasks.vision_config import Augmentation, TrainingRecipe
 
-# Fashion-MNIST pixel statistics of the training set; fixed so every stage normalises alike.
-PIXEL_MEAN, PIXEL_STD = 0.2860, 0.3530
+@dataclass(frozen=True)
+class Pixels:
+    """Per-channel normalisation of uint8 images, ``(x / 255 - mean) / std``: the data's own (its manifest's), so
+    every stage and the exported model's callers normalise alike. The default (none) is for a split built by hand."""
+
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
 
 
 @dataclass(frozen=True)
 class Split:
-    """Images as uint8 (N, H, W) and labels as int64 (N,)."""
+    """Images as uint8 (N, H, W) for one channel or (N, C, H, W), labels as int64 (N,), and what the data's manifest
+    says of them: the pixel normalisation and the class names (their order is the label's)."""
 
     x: torch.Tensor
     y: torch.Tensor
+    pixels: Pixels = Pixels()
+    classes: tuple[str, ...] = ()
 
     @classmethod
     def load(cls, directory: Path, name: str) -> Split:
-        """Load ``<name>_x.npy`` (uint8 images) and ``<name>_y.npy`` (labels) written by prepare_vision."""
+        """Load ``<name>_x.npy`` (uint8 images) and ``<name>_y.npy`` (labels) with ``manifest.json``'s pixel
+        statistics and classes, as prepare_vision wrote them."""
         x = np.load(directory / f"{name}_x.npy", allow_pickle=False)
         y = np.load(directory / f"{name}_y.npy", allow_pickle=False)
-        return cls(torch.from_numpy(x.copy()), torch.from_numpy(y.astype(np.int64)))
+        image = image_manifest(directory)
+        return cls(torch.from_numpy(x.copy()), torch.from_numpy(y.astype(np.int64)),
+                   Pixels(tuple(image["mean"]), tuple(image["std"])), tuple(image["classes"]))
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of one image, as the models take it."""
+        return (1, *self.x.shape[1:]) if self.x.ndim == 3 else tuple(self.x.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes) if self.classes else int(self.y.max()) + 1
+
+    def model_shape(self) -> dict[str, Any]:
+        """The constructor arguments of a model for this data (``tasks.vision_models``); saved with it."""
+        return {"num_classes": self.num_classes, "input_shape": list(self.image_shape)}
+
+    def inputs(self, index: Any = slice(None)) -> torch.Tensor:
+        """The model inputs of ``x[index]``: see ``to_input``."""
+        return to_input(self.x[index], self.pixels)
+
+    def head(self, n: int) -> Split:
+        """The first ``n`` rows, same normalisation and classes."""
+        return dataclasses.replace(self, x=self.x[:n], y=self.y[:n])
+
+
+def model_shape(directory: Path) -> dict[str, Any]:
+    """``Split.model_shape`` of the processed data in ``directory``, from its manifest."""
+    image = image_manifest(directory)
+    return {"num_classes": len(image["classes"]), "input_shape": [image["channels"], image["height"], image["width"]]}
+
+
+def image_manifest(directory: Path) -> dict[str, Any]:
+    """``manifest.json``'s ``image`` section of processed image data: channels, height, width, mean, std, classes."""
+    try:
+        return json.loads((directory / "manifest.json").read_text())["image"]
+    except (OSError, ValueError, KeyError) as err:
+        raise DataFormatError(f"{directory}/manifest.json: no image description ({err!r}); re-run prepare_vision"
+                              ) from err
 
 
 @functools.cache
@@ -52,23 +102,30 @@ def memory_format() -> torch.memory_format:
     return torch.channels_last if torch.cpu._is_avx512_supported() else torch.contiguous_format
 
 
-def to_input(x: torch.Tensor) -> torch.Tensor:
-    """uint8 (N, H, W) -> normalised float (N, 1, H, W) in ``memory_format()``."""
-    x = (x.float().unsqueeze(1) / 255.0 - PIXEL_MEAN) / PIXEL_STD
+def to_input(x: torch.Tensor, pixels: Pixels) -> torch.Tensor:
+    """uint8 (N, H, W) or (N, C, H, W) -> float (N, C, H, W) normalised per channel, in ``memory_format()``."""
+    x = x.float() / 255.0
+    x = x.unsqueeze(1) if x.ndim == 3 else x
+    if len(pixels.mean) == 1:  # python scalars: the arithmetic every stage has always done on one channel
+        x = (x - pixels.mean[0]) / pixels.std[0]
+    else:
+        x = (x - torch.tensor(pixels.mean).view(1, -1, 1, 1)) / torch.tensor(pixels.std).view(1, -1, 1, 1)
     return x.contiguous(memory_format=memory_format())
 
 
-def augment(x: torch.Tensor, cfg: Augmentation, gen: torch.Generator) -> torch.Tensor:
-    """Random crop from a zero-padded image and random horizontal flip, vectorised over the batch."""
-    n, _, h, w = x.shape
+def augment(x: torch.Tensor, cfg: Augmentation, gen: torch.Generator, pixels: Pixels) -> torch.Tensor:
+    """Random crop from an image padded with black and random horizontal flip, vectorised over the batch."""
+    n, c, h, w = x.shape
     if cfg.crop_padding:
         p = cfg.crop_padding
-        padded = F.pad(x, (p, p, p, p), value=float(-PIXEL_MEAN / PIXEL_STD))
+        black = [float(-m / s) for m, s in zip(pixels.mean, pixels.std, strict=True)]
+        padded = torch.cat([F.pad(x[:, i:i + 1], (p, p, p, p), value=black[i]) for i in range(c)], 1) if c > 1 \
+            else F.pad(x, (p, p, p, p), value=black[0])
         oy = torch.randint(0, 2 * p + 1, (n,), generator=gen)
         ox = torch.randint(0, 2 * p + 1, (n,), generator=gen)
-        rows = (torch.arange(h)[None, :] + oy[:, None])[:, :, None]
-        cols = (torch.arange(w)[None, :] + ox[:, None])[:, None, :]
-        x = padded[torch.arange(n)[:, None, None], 0, rows, cols].unsqueeze(1)
+        rows = (torch.arange(h)[None, :] + oy[:, None])[:, None, :, None]
+        cols = (torch.arange(w)[None, :] + ox[:, None])[:, None, None, :]
+        x = padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
     if cfg.horizontal_flip:
         flip = torch.rand(n, generator=gen) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
@@ -116,7 +173,7 @@ def evaluate(model: nn.Module, split: Split, batch_size: int, bf16: bool = False
     correct, loss = 0, 0.0
     with frozen_observers(model):
         for i in range(0, len(split.y), batch_size):
-            x, y = to_input(split.x[i:i + batch_size]), split.y[i:i + batch_size]
+            x, y = split.inputs(slice(i, i + batch_size)), split.y[i:i + batch_size]
             with autocast(bf16):
                 logits = model(x).float()
             loss += F.cross_entropy(logits, y, reduction="sum").item()
@@ -232,7 +289,7 @@ def _train_epoch(model: nn.Module, train: Split, spec: TrainingRecipe, opt: torc
                disable=None)
     for start in bar:
         idx = order[start:start + spec.batch_size]
-        x, y = augment(to_input(train.x[idx]), spec.augmentation, gen), train.y[idx]
+        x, y = augment(train.inputs(idx), spec.augmentation, gen, train.pixels), train.y[idx]
         loss, logits = train_step(model, x, y, opt, loss_fn, spec.bf16)
         sched.step()
         seen += len(y)

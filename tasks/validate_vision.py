@@ -1,10 +1,13 @@
-"""Stage ``validate_vision``: the Great Expectations gate on processed Fashion-MNIST.
+"""Stage ``validate_vision``: the Great Expectations gate on processed images.
 
-Input: ``<data>/{train,val,test}_{x,y}.npy``. Output: ``<report>`` (JSON, every expectation with its observed
+Input: ``<data>/{train,val,test}_{x,y}.npy`` and ``<data>/manifest.json``. The contract: Fashion-MNIST's published
+split sizes and image shape for the IDX files; for a user's image folder, the sizes, shape and classes its
+manifest records (the folder is its own reference). Output: ``<report>`` (JSON, every expectation with its observed
 value). A failed expectation stops the pipeline with a message naming it and the offending values.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,7 @@ from tasks.errors import DataFormatError, run_cli
 from tasks.expectations import ephemeral_context, failure_message, publish_validation, run_suites  # noqa: F401 (failure_message: API)
 
 TRAIN_ROWS, TEST_ROWS = 60000, 10000  # the published Fashion-MNIST split sizes
+IDX_IMAGE = {"channels": 1, "height": 28, "width": 28}  # and its published image shape
 SPLITS = ("train", "val", "test")
 
 
@@ -23,6 +27,19 @@ def expected_rows(cfg: Config) -> dict[str, int]:
     if data.subset:
         return data.subset.model_dump()
     return {"train": TRAIN_ROWS - data.val_size, "val": data.val_size, "test": TEST_ROWS}
+
+
+def contract(cfg: Config, manifest: dict | None) -> tuple[dict[str, int], dict]:
+    """(rows per split, image: channels, height, width, classes) the processed data must have."""
+    data = cfg.data.vision
+    if data.image_folder:
+        if manifest is None:
+            raise DataFormatError("an image folder's data is checked against its manifest.json; none was given")
+        return {s: v["rows"] for s, v in manifest["splits"].items()}, manifest["image"]
+    classes = manifest["image"]["classes"] if manifest else data.class_names
+    if not classes:
+        raise DataFormatError("the IDX labels need data.vision.class_names in params.yaml, or the data's manifest")
+    return expected_rows(cfg), {**IDX_IMAGE, "classes": classes}
 
 
 def load_arrays(data_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -35,18 +52,26 @@ def load_arrays(data_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return arrays
 
 
+def load_manifest(data_dir: Path) -> dict:
+    try:
+        return json.loads((data_dir / "manifest.json").read_text())
+    except (OSError, ValueError) as err:
+        raise DataFormatError(f"{data_dir}/manifest.json: cannot be read ({err}); re-run prepare_vision") from err
+
+
 def validate_vision(arrays: dict[str, tuple[np.ndarray, np.ndarray]], cfg: Config,
-                    docs: Path | None = None) -> dict[str, Any]:
+                    docs: Path | None = None, manifest: dict | None = None) -> dict[str, Any]:
     """Run every suite (through GE Checkpoints, rendering Data Docs into ``docs`` when given); return the report
     (``success`` plus one entry per expectation)."""
     context = ephemeral_context()
     from tasks import vision_expectations as ve
 
-    rules, rows = cfg.validate_.vision, expected_rows(cfg)
+    rules, (rows, image) = cfg.validate_.vision, contract(cfg, manifest)
     batches = []
     for split, (x, y) in arrays.items():
-        batches.append((ve.rows_suite(split, rows[split]), ve.row_frame(x, y)))
-        batches.append((ve.classes_suite(split, rows[split], rules), ve.class_frame(y)))
+        batches.append((ve.rows_suite(split, rows[split], image), ve.row_frame(x, y)))
+        batches.append((ve.classes_suite(split, rows[split], len(image["classes"]), rules),
+                        ve.class_frame(y, len(image["classes"]))))
     for earlier, later in ve.LEAK_PAIRS:  # validation is what choices are made on: it must not leak either
         batches.append((ve.leak_suite(earlier, later, rules), ve.leak_frame(arrays[earlier][0], arrays[later][0])))
     return run_suites(context, "vision", batches, docs)
@@ -57,7 +82,8 @@ def main() -> None:
     from tasks.tracking import stage_run
 
     with stage_run("validate_vision", cfg, {"validate.vision": cfg.validate_.vision}) as run:
-        report = publish_validation(run, validate_vision(load_arrays(args.data), cfg, args.docs), args.report, args.docs)
+        report = validate_vision(load_arrays(args.data), cfg, args.docs, load_manifest(args.data))
+        report = publish_validation(run, report, args.report, args.docs)
     print(f"validation passed: {len(report['checks'])} expectations")
 
 

@@ -35,12 +35,44 @@ class SplitSizes(Strict):
     test: Positive
 
 
+class PixelStats(Strict):
+    """Per-channel mean and standard deviation of pixel/255 (one value per channel)."""
+    mean: list[Annotated[float, Field(ge=0.0, le=1.0)]] = Field(min_length=1, max_length=4)
+    std: list[Annotated[float, Field(gt=0.0, le=1.0)]] = Field(min_length=1, max_length=4)
+
+    @model_validator(mode="after")
+    def _one_per_channel(self) -> PixelStats:
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"mean has {len(self.mean)} channels but std {len(self.std)}")
+        return self
+
+
+class ImageFolder(Strict):
+    """A user's own images: ``<path>/<class>/<image>`` (one folder per class; its name is the class), or
+    ``<path>/train/<class>/...`` beside ``<path>/test/<class>/...`` to keep a given test split. Any format Pillow
+    reads; ``channels`` 1 (grey) or 3 (RGB) converts every image, null takes the first image's; ``size`` [height,
+    width] resizes every image, null requires one size. ``test_fraction`` carves a seeded stratified test split when
+    there is no test folder, ``val_fraction`` the validation split from what is left (``data.vision.val_size`` is
+for the IDX files). ``sha256``: optional pin of the folder's content (``image_folder.folder_digest``)."""
+    path: str
+    channels: Literal[1, 3] | None = None
+    size: Annotated[list[Positive], Field(min_length=2, max_length=2)] | None = None
+    test_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
+    val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1   # of the images left after the test split
+    sha256: Sha256 | None = None
+
+
 class VisionData(Strict):
+    # The images: a user's folder when set, else the Fashion-MNIST IDX files from the first source that has them.
+    image_folder: ImageFolder | None = None
     source_dir: str | None = None
     system_dir: str
     url: str
     download_cache: ProjectPath
     sha256: dict[str, Sha256]
+    class_names: list[str] | None = None   # of the IDX labels 0, 1, ...; null: the label numbers
+    # normalisation of every model input; null: measured on the training split (and recorded in the data's manifest)
+    pixels: PixelStats | None = None
     val_size: Positive
     seed: int
     subset: SplitSizes | None = None

@@ -1,4 +1,5 @@
-"""The vision family's contract (``tasks.family``): Fashion-MNIST images, accuracy, batch-1 latency."""
+"""The vision family's contract (``tasks.family``): image classification (Fashion-MNIST or a user's image folder),
+accuracy, batch-1 latency."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,20 +11,20 @@ from tasks.evaluate_vision import latency
 from tasks.family import Family
 from tasks.gate import GateSpec
 from tasks.onnx_models import INPUT, onnx_accuracy
-from tasks.training import Split, to_input
+from tasks.training import Split
 
 
 def score(path: Path, data: Path, cfg: Any) -> dict[str, float]:
     ev, test = cfg.evaluate.vision, Split.load(data, "test")
-    return {"test_accuracy": onnx_accuracy(path, test, ev.threads), **latency(path, test.x, ev)}
+    return {"test_accuracy": onnx_accuracy(path, test, ev.threads), **latency(path, test, ev)}
 
 
 def timing(path: Path, data: Path, cfg: Any) -> dict[str, float]:
-    return latency(path, Split.load(data, "test").x, cfg.evaluate.vision)
+    return latency(path, Split.load(data, "test"), cfg.evaluate.vision)
 
 
 def input_example(data: Path) -> dict[str, np.ndarray]:
-    return {INPUT: to_input(Split.load(data, "test").x[:1]).contiguous().numpy()}
+    return {INPUT: Split.load(data, "test").inputs(slice(1)).contiguous().numpy()}
 
 
 FAMILY = Family("vision", "Vision compression report", GateSpec("latency_b1", "batch-1"), score, timing,

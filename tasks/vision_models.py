@@ -5,6 +5,8 @@ features without a second forward pass.
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -31,14 +33,16 @@ class BasicBlock(nn.Module):
 
 
 class ResNetTeacher(nn.Module):
-    """A small ResNet for 1x28x28 inputs; every stage halves the resolution.
+    """A small ResNet for (C, H, W) images (``input_shape``, the data's; Fashion-MNIST's by default, the shape of
+    model files written before it was saved with them); every stage halves the resolution.
 
     ``features`` returns the feature map of each stage, so distillation can align them later.
     """
 
-    def __init__(self, arch: ResNetArch, num_classes: int = 10) -> None:
+    def __init__(self, arch: ResNetArch, num_classes: int = 10, input_shape: Sequence[int] = (1, 28, 28)) -> None:
         super().__init__()
-        self.stem = nn.Sequential(nn.Conv2d(1, arch.stem, 3, 1, 1, bias=False), nn.BatchNorm2d(arch.stem),
+        self.num_classes, self.input_shape = num_classes, tuple(input_shape)
+        self.stem = nn.Sequential(nn.Conv2d(input_shape[0], arch.stem, 3, 1, 1, bias=False), nn.BatchNorm2d(arch.stem),
                                   nn.ReLU(inplace=True))
         stages, cin = [], arch.stem
         for width, blocks in zip(arch.widths, arch.blocks, strict=True):
@@ -137,12 +141,14 @@ def scaled(channels: int, multiplier: float) -> int:
 
 
 class MobileStudent(nn.Module):
-    """A small MobileNet-style CNN for 1x28x28 inputs."""
+    """A small MobileNet-style CNN for (C, H, W) images (``input_shape``: as ``ResNetTeacher``)."""
 
-    def __init__(self, arch: MobileArch, num_classes: int = 10) -> None:
+    def __init__(self, arch: MobileArch, num_classes: int = 10, input_shape: Sequence[int] = (1, 28, 28)) -> None:
         super().__init__()
+        self.num_classes, self.input_shape = num_classes, tuple(input_shape)
         cin = scaled(arch.stem, arch.width_multiplier)
-        self.stem = nn.Sequential(nn.Conv2d(1, cin, 3, arch.stem_stride, 1, bias=False), nn.BatchNorm2d(cin),
+        self.stem = nn.Sequential(nn.Conv2d(input_shape[0], cin, 3, arch.stem_stride, 1, bias=False),
+                                  nn.BatchNorm2d(cin),
                                   nn.ReLU(inplace=True))
         blocks = []
         residual = arch.residual or [None] * len(arch.widths)

@@ -165,12 +165,38 @@ def synthetic_movielens(tmp_path, raw_params, monkeypatch):
 @pytest.fixture(scope="session")
 def real_splits():
     """A stratified subset of the real Fashion-MNIST splits (needs the Debian package or source_dir)."""
-    from tasks.prepare_vision import acquire, decode, split
+    from tasks.prepare_vision import from_idx, split
 
     cfg = load_config(ROOT / "params.yaml")
     data = cfg.data.vision.model_copy(update={"subset": cfg.data.vision.subset or _subset(1200, 300, 400)})
-    source, raw = acquire(data)
-    return split(decode(raw, data.sha256, source), data)
+    return split(from_idx(data)[2], data.val_size, 0, data.seed, data.subset)
+
+
+def fashion_pixels():
+    """The pixel statistics params.yaml gives Fashion-MNIST (what its stages normalise with)."""
+    from tasks.training import Pixels
+
+    stats = load_config(ROOT / "params.yaml").data.vision.pixels
+    return Pixels(tuple(stats.mean), tuple(stats.std))
+
+
+def write_processed(directory, splits):
+    """``splits`` ({name: (x, y)} of Fashion-MNIST images) written as prepare_vision writes processed data: the
+    arrays and a manifest with params.yaml's pixel statistics and class names."""
+    import numpy as np
+
+    from tasks.io import save_npy, write_json
+
+    data = load_config(ROOT / "params.yaml").data.vision
+    for name, (x, y) in splits.items():
+        save_npy(directory / f"{name}_x.npy", x)
+        save_npy(directory / f"{name}_y.npy", y)
+    x = next(iter(splits.values()))[0]
+    write_json(directory / "manifest.json", {
+        "source": "test", "image": {"channels": 1, "height": int(x.shape[1]), "width": int(x.shape[2]),
+                                    **data.pixels.model_dump(), "classes": data.class_names},
+        "splits": {name: {"rows": len(y), "class_counts": np.bincount(y, minlength=10).tolist()}
+                   for name, (_, y) in splits.items()}})
 
 
 def briefly_trained(student, images, labels, steps: int):

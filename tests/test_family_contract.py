@@ -20,7 +20,7 @@ FAMILY_WORDS = ("vision", "recsys", "fashion", "movielens", "mnist", "ctr", "rot
 # still assumes Fashion-MNIST's image shape.)
 NOT_YET_GENERIC = {
     "flows/ablation.py", "flows/benchmark.py", "flows/export_benchmark.py", "flows/recsys_benchmark.py",
-    "flows/sweep_benchmark.py", "flows/teacher_benchmark.py", "tasks/artifacts.py", "tasks/figures.py", "tasks/pruning.py", "tasks/report.py",
+    "flows/sweep_benchmark.py", "flows/teacher_benchmark.py", "tasks/artifacts.py", "tasks/pruning.py", "tasks/report.py",
     # typed with the vision family's config: image training, FitNets distillation, ONNX PTQ of an image student
     "tasks/training.py", "tasks/distillation.py", "tasks/onnx_models.py",
 }

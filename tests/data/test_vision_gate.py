@@ -26,7 +26,7 @@ def _failed(report):
 def test_real_data_passes(real_splits, gate_config):
     report = validate_vision(real_splits, gate_config)
     assert report["success"], failure_message(report)
-    assert len(report["checks"]) == 3 * 9 + 3  # per split, then a leak check per pair of splits
+    assert len(report["checks"]) == 3 * 10 + 3  # per split, then a leak check per pair of splits
 
 
 @pytest.mark.fault("data", "a label out of range (10 classes, label 10+)",

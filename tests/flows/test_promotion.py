@@ -16,10 +16,11 @@ from tasks.config import parse_config
 from tasks.errors import ConfigError
 from tasks.family import load_family
 from tasks.gate import gate_checks
-from tasks.io import file_digest, save_npy, write_json
+from tasks.io import file_digest, write_json
 from tasks.onnx_models import export_fp32
 from tasks.vision_config import MobileArch, ResNetArch
 from tasks.vision_models import MobileStudent, ResNetTeacher
+from tests.conftest import write_processed
 
 VISION = load_family("vision").gate
 ROOT = Path(__file__).resolve().parents[2]
@@ -77,8 +78,7 @@ def project(tmp_path, real_splits, prefect_server):
     registry lock (a Prefect concurrency limit): from the session's Prefect server."""
     x, y = real_splits["test"]
     shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")   # where the gate finds each file
-    save_npy(tmp_path / "data/vision/processed/test_x.npy", x)
-    save_npy(tmp_path / "data/vision/processed/test_y.npy", y)
+    write_processed(tmp_path / "data/vision/processed", {"test": (x, y)})
     torch.manual_seed(0)
     candidate = export_fp32(MobileStudent(ARCH), tmp_path / "models/vision/onnx/student_int8.onnx")
     teacher = export_fp32(ResNetTeacher(ResNetArch(stem=8, widths=[16, 32], blocks=[1, 1])),

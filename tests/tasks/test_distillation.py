@@ -12,7 +12,7 @@ from tasks.config import parse_config
 from tasks.distillation import Distiller, decoupled_kd, distillation_loss, hint_loss, soft_target_kl, soft_target_mse
 from tasks.errors import ConfigError
 from tasks.family_config import LossWeights, Optimizer, Schedule
-from tasks.training import Split, fit, to_input, train_step
+from tasks.training import Split, fit, train_step
 from tasks.vision_config import Augmentation, DistillVision, FeaturePair, MobileArch, ResNetArch
 from tasks.vision_models import MobileStudent, ResNetTeacher
 
@@ -70,9 +70,9 @@ def test_decoupled_kd_splits_kl_into_target_and_non_target_parts():
 
 def test_distiller_trains_on_decoupled_kd():
     cfg, data = _kd_cfg().model_copy(update={"target_loss": "dkd"}), _data()
-    model = _pair(cfg, to_input(data.x[:2]))
-    total, _, parts = model.loss(to_input(data.x), data.y)
-    expected = decoupled_kd(model.student(to_input(data.x)), model.teacher_outputs(to_input(data.x))[0], data.y,
+    model = _pair(cfg, data.inputs(slice(2)))
+    total, _, parts = model.loss(data.inputs(), data.y)
+    expected = decoupled_kd(model.student(data.inputs()), model.teacher_outputs(data.inputs())[0], data.y,
                             cfg.temperature, cfg.dkd.alpha, cfg.dkd.beta)
     torch.testing.assert_close(parts["target"], cfg.weights.target * expected)
     total.backward()
@@ -85,13 +85,13 @@ def test_hint_loss_pools_to_the_smaller_map():
 
 def test_teacher_frozen_and_only_student_and_adapters_learn():
     cfg, data = _kd_cfg(), _data()
-    model = _pair(cfg, to_input(data.x[:2]))
+    model = _pair(cfg, data.inputs(slice(2)))
     teacher_before = copy.deepcopy(model.teacher.state_dict())  # weights and batch-norm statistics
     student_before = copy.deepcopy(model.student.state_dict())
     adapter_before = copy.deepcopy(model.adapters.state_dict())
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     model.train()
-    x = to_input(data.x)
+    x = data.inputs()
     loss, _ = train_step(model, x, data.y, opt, distillation_loss, bf16=False)
     assert loss > 0 and not model.teacher.training
     assert all(p.grad is None and not p.requires_grad for p in model.teacher.parameters())
@@ -105,9 +105,9 @@ def test_teacher_frozen_and_only_student_and_adapters_learn():
 
 def test_gradients_are_zeroed_every_step():
     cfg, data = _kd_cfg(), _data()
-    model = _pair(cfg, to_input(data.x[:2])).train()
+    model = _pair(cfg, data.inputs(slice(2))).train()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)  # no update: the same batch must give the same gradient
-    x = to_input(data.x)
+    x = data.inputs()
     train_step(model, x, data.y, opt, distillation_loss, bf16=False)
     first = [p.grad.clone() for p in model.student.parameters()]
     train_step(model, x, data.y, opt, distillation_loss, bf16=False)
@@ -117,17 +117,17 @@ def test_gradients_are_zeroed_every_step():
 
 def test_every_term_contributes_and_weights_switch_terms_off():
     cfg, data = _kd_cfg(), _data()
-    model = _pair(cfg, to_input(data.x[:2]))
-    _, _, parts = model.loss(to_input(data.x), data.y)
+    model = _pair(cfg, data.inputs(slice(2)))
+    _, _, parts = model.loss(data.inputs(), data.y)
     assert set(parts) == {"ground_truth", "target", "feature", "label"}
-    only_ce = _pair(_kd_cfg(target=0, feature=0, label=0) .model_copy(update={"feature_pairs": []}), to_input(data.x[:2]))
-    _, _, parts = only_ce.loss(to_input(data.x), data.y)
+    only_ce = _pair(_kd_cfg(target=0, feature=0, label=0) .model_copy(update={"feature_pairs": []}), data.inputs(slice(2)))
+    _, _, parts = only_ce.loss(data.inputs(), data.y)
     assert set(parts) == {"ground_truth"}
 
 
 def test_fit_trains_a_distiller_end_to_end(tmp_path):
     cfg, data = _kd_cfg(), _data(64)
-    model = _pair(cfg, to_input(data.x[:2]))
+    model = _pair(cfg, data.inputs(slice(2)))
     history = fit(model, data, data, cfg, tmp_path / "ck.pt", "fp", loss_fn=distillation_loss)
     assert len(history) == 1 and history[0]["train_loss"] > 0
 

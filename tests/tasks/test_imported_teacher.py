@@ -18,7 +18,7 @@ from tasks.distillation import Distiller
 from tasks.errors import ChecksumError
 from tasks.family_config import LossWeights
 from tasks.imported_teacher import TeacherImportError, import_onnx, import_state_dict, verified_bytes
-from tasks.training import Split, to_input
+from tasks.training import Split
 from tasks.vision_config import DistillVision, FeaturePair, ResNetArch
 from tasks.vision_models import MobileStudent, ResNetTeacher
 from tests.conftest import briefly_trained
@@ -50,7 +50,7 @@ def teacher_and_data(real_splits):
     torch.manual_seed(0)
     train, val = (Split(torch.from_numpy(real_splits[s][0].copy()), torch.from_numpy(real_splits[s][1].astype("int64")))
                   for s in ("train", "val"))
-    teacher = briefly_trained(ResNetTeacher(ARCH), to_input(train.x[:256]), train.y[:256], steps=40)
+    teacher = briefly_trained(ResNetTeacher(ARCH), train.inputs(slice(256)), train.y[:256], steps=40)
     return teacher, train, val
 
 
@@ -65,13 +65,13 @@ def test_an_onnx_teacher_computes_the_losses_of_the_torch_teacher_it_came_from(t
     teacher, _, val = teacher_and_data
     sha = export_teacher(teacher, tmp_path / "t.onnx")
     imported = import_onnx(verified_bytes(str(tmp_path / "t.onnx"), sha, "k"), sha, "t.onnx", "scores",
-                           ["stage0", "stage1"], (to_input(val.x[:2]),), [10], 4)
-    x, y = to_input(val.x[:64]), val.y[:64]
+                           ["stage0", "stage1"], (val.inputs(slice(2)),), [10], 4)
+    x, y = val.inputs(slice(64)), val.y[:64]
     with torch.no_grad():
         torch.testing.assert_close(imported(x), teacher(x), atol=1e-4, rtol=1e-4)
     from tasks.evaluate_vision import count_macs
 
-    assert count_macs(imported) == count_macs(teacher)
+    assert count_macs(imported, (1, 28, 28)) == count_macs(teacher, (1, 28, 28))
     # the exporter folds each batch norm into its convolution: the graph holds a few parameters fewer
     assert 0.98 < count_parameters(imported) / count_parameters(teacher) <= 1.0
     # target, label and feature terms: each equal to the torch teacher's, and gradients reach the student only
@@ -97,7 +97,7 @@ def test_teacher_runtime_onnxruntime_distils_from_the_teachers_onnx_twin(teacher
     from tasks.imported_teacher import OnnxTeacher
 
     teacher, _, val = teacher_and_data
-    x, y = to_input(val.x[:64]), val.y[:64]
+    x, y = val.inputs(slice(64)), val.y[:64]
     student = MobileStudent(load_config().distill.vision.student)
     kd = _kd(0.7, 0.1, 0.5, [FeaturePair(teacher=1, student=1)])
     torch.manual_seed(1)
@@ -127,11 +127,11 @@ def test_teacher_runtime_auto_keeps_pytorch_only_where_it_infers_in_bf16(runtime
 def test_target_and_label_distillation_from_an_onnx_teacher_teach_the_student_its_answers(teacher_and_data, tmp_path):
     teacher, train, val = teacher_and_data
     sha = export_teacher(teacher, tmp_path / "t.onnx")
-    imported = import_onnx((tmp_path / "t.onnx").read_bytes(), sha, "t.onnx", None, [], (to_input(val.x[:2]),), [10], 4)
+    imported = import_onnx((tmp_path / "t.onnx").read_bytes(), sha, "t.onnx", None, [], (val.inputs(slice(2)),), [10], 4)
     torch.manual_seed(0)
     student = MobileStudent(load_config().distill.vision.student)
-    distiller = Distiller(student, imported, _kd(1.0, 1.0), to_input(train.x[:2]))
-    x = to_input(train.x[:512])
+    distiller = Distiller(student, imported, _kd(1.0, 1.0), train.inputs(slice(2)))
+    x = train.inputs(slice(512))
     with torch.no_grad():
         answers = imported(x).argmax(1)
         before = (student.eval()(x).argmax(1) == answers).float().mean().item()
@@ -154,8 +154,8 @@ def test_an_intermediate_value_of_the_graph_serves_as_a_feature_map(teacher_and_
     sha = export_teacher(teacher, tmp_path / "t.onnx", names=("scores",))
     blob = (tmp_path / "t.onnx").read_bytes()
     last_relu = [n.output[0] for n in onnx.load_from_string(blob).graph.node if n.op_type == "Relu"][-1]
-    imported = import_onnx(blob, sha, "t.onnx", None, [last_relu], (to_input(val.x[:2]),), [10], 4)
-    x = to_input(val.x[:16])
+    imported = import_onnx(blob, sha, "t.onnx", None, [last_relu], (val.inputs(slice(2)),), [10], 4)
+    x = val.inputs(slice(16))
     with torch.no_grad():
         logits, maps = imported.forward_features(x)
         expected_logits, expected_maps = teacher.forward_features(x)
@@ -173,9 +173,9 @@ def test_the_exported_teacher_takes_the_pipelines_names_even_where_its_own_colli
                       output_names=["image"], opset_version=17, dynamo=False,
                       dynamic_axes={"logits": {0: "n"}, "image": {0: "n"}})
     sha = hashlib.sha256(path.read_bytes()).hexdigest()
-    imported = import_onnx(path.read_bytes(), sha, "swapped.onnx", None, [], (to_input(val.x[:2]),), [10], 4)
+    imported = import_onnx(path.read_bytes(), sha, "swapped.onnx", None, [], (val.inputs(slice(2)),), [10], 4)
     session = ort.InferenceSession(imported.onnx_for_export(["image"], "logits"), providers=["CPUExecutionProvider"])
-    x = to_input(val.x[:8])
+    x = val.inputs(slice(8))
     out = session.run(["logits"], {"image": x.numpy()})[0]
     with torch.no_grad():
         np.testing.assert_allclose(out, teacher(x).numpy(), atol=1e-4)
@@ -186,7 +186,7 @@ def test_the_exported_teacher_takes_the_pipelines_names_even_where_its_own_colli
                    "ChecksumError or TeacherImportError naming the file and what is wrong; the teacher stage stops")
 def test_an_onnx_file_that_does_not_fit_is_refused_with_what_is_wrong(teacher_and_data, tmp_path):
     teacher, _, val = teacher_and_data
-    sample = (to_input(val.x[:2]),)
+    sample = (val.inputs(slice(2)),)
     sha = export_teacher(teacher, tmp_path / "t.onnx")
     with pytest.raises(ChecksumError, match=r"teacher\.vision\.pretrained\.sha256: .*t\.onnx has SHA-256"):
         verified_bytes(str(tmp_path / "t.onnx"), "0" * 64, "teacher.vision.pretrained")
@@ -215,7 +215,7 @@ def test_a_state_dict_must_fit_the_architecture_in_params(teacher_and_data, tmp_
     teacher, _, val = teacher_and_data
     torch.save(teacher.state_dict(), tmp_path / "w.pt")
     loaded = import_state_dict((tmp_path / "w.pt").read_bytes(), "w.pt", lambda: ResNetTeacher(ARCH))
-    x = to_input(val.x[:8])
+    x = val.inputs(slice(8))
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), teacher.eval()(x))
     with pytest.raises(TeacherImportError, match="w.pt: does not fit the teacher architecture .*size mismatch"):
@@ -251,7 +251,7 @@ def test_the_teacher_stage_imports_an_onnx_teacher_that_distillation_and_export_
     metrics = json.loads((tmp_path / "teacher.json").read_text())
     test = Split.load(tmp_path / "data", "test")
     with torch.no_grad():
-        expected = (teacher(to_input(test.x)).argmax(1) == test.y).float().mean().item()
+        expected = (teacher(test.inputs()).argmax(1) == test.y).float().mean().item()
     assert metrics["test_accuracy"] == pytest.approx(expected, abs=1e-3)
     assert metrics["parameters"] == count_parameters(load_model(tmp_path / "teacher.pt")) > 0
     assert (tmp_path / "teacher.csv").read_text() == "epoch\n" and (tmp_path / "ck" / "t").is_dir()
@@ -274,8 +274,8 @@ def test_the_teacher_stage_imports_an_onnx_teacher_that_distillation_and_export_
     assert checks["teacher_fp32"]["top1_agreement"] == 1.0
     sess = session(tmp_path / "onnx" / "teacher_fp32.onnx")
     assert [i.name for i in sess.get_inputs()] == [INPUT] and [o.name for o in sess.get_outputs()] == [OUTPUT]
-    out = sess.run([OUTPUT], {INPUT: to_input(test.x[:4]).numpy()})[0]
-    np.testing.assert_allclose(out, teacher(to_input(test.x[:4])).detach().numpy(), atol=1e-4)
+    out = sess.run([OUTPUT], {INPUT: test.inputs(slice(4)).numpy()})[0]
+    np.testing.assert_allclose(out, teacher(test.inputs(slice(4))).detach().numpy(), atol=1e-4)
 
 
 def test_feature_pairs_need_features_the_onnx_teacher_names(raw_params):

@@ -11,14 +11,13 @@ from tasks.config import Config
 from tasks.errors import ParityError
 from tasks.evaluate_vision import count_macs, evaluate_vision, ratios
 from tasks.export_vision import export_vision, parity
-from tasks.io import save_npy
 from tasks.observers import freeze_observers
 from tasks.onnx_models import OnnxError, export_fp32, onnx_logits
 from tasks.quantization import prepare_qat
 from tasks.training import Split, to_input
 from tasks.vision_config import MobileArch, ResNetArch
 from tasks.vision_models import MobileStudent, ResNetTeacher
-from tests.conftest import briefly_trained
+from tests.conftest import briefly_trained, fashion_pixels, write_processed
 
 STUDENT = MobileArch(stem=4, widths=[8, 16, 16], strides=[2, 2, 1])
 TEACHER = ResNetArch(stem=8, widths=[16, 32], blocks=[1, 1])
@@ -38,12 +37,9 @@ def _models(tmp_path, real_splits, arch: MobileArch, float_modules: tuple[str, .
     """Real test/val images on disk, a teacher, an FP32 student trained for a few steps (an untrained one's logits
     tie, and parity on ties measures rounding noise) and a QAT student whose observers saw data, then froze."""
     data = tmp_path / "data"
-    for name in ("val", "test"):
-        x, y = real_splits[name]
-        save_npy(data / f"{name}_x.npy", x)
-        save_npy(data / f"{name}_y.npy", y)
+    write_processed(data, {name: real_splits[name] for name in ("val", "test")})
     torch.manual_seed(0)
-    images = to_input(torch.from_numpy(real_splits["val"][0].copy()))
+    images = to_input(torch.from_numpy(real_splits["val"][0].copy()), fashion_pixels())
     labels = torch.from_numpy(real_splits["val"][1].astype(np.int64))
     teacher = ResNetTeacher(TEACHER).eval()
     student = briefly_trained(MobileStudent(arch), images, labels, steps=200)
@@ -287,7 +283,7 @@ def test_evaluation_measures_every_model(config, models, tmp_path):
 
 def test_macs_of_a_known_layer_stack():
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.Flatten(), torch.nn.Linear(4 * 28 * 28, 10))
-    assert count_macs(model) == 4 * 28 * 28 * 9 + 4 * 28 * 28 * 10
+    assert count_macs(model, (1, 28, 28)) == 4 * 28 * 28 * 9 + 4 * 28 * 28 * 10
 
 
 @pytest.mark.fault("promotion", "a missing, corrupt or mismatched ONNX file at evaluation",

@@ -14,7 +14,7 @@ import yaml
 
 from tasks.errors import DataFormatError, DataSourceError
 from tasks.idx import parse_idx
-from tasks.prepare_vision import acquire, decode, prepare_vision, split, stratified_pick
+from tasks.prepare_vision import acquire, decode, from_idx, prepare_vision, split, stratified_pick
 from tasks.vision_config import SplitSizes
 from tests.conftest import ROOT, idx_bytes
 
@@ -53,9 +53,9 @@ def test_prepare_prefers_source_dir_and_writes_splits(synthetic_source, tmp_path
 
 def test_split_is_seeded_and_disjoint(synthetic_source):
     src, cfg = synthetic_source
-    _, raw = acquire(cfg.data.vision)
-    arrays = decode(raw, cfg.data.vision.sha256, "src")
-    a, b = split(arrays, cfg.data.vision), split(arrays, cfg.data.vision)
+    data = cfg.data.vision
+    parts = from_idx(data)[2]
+    a, b = (split(parts, data.val_size, 0, data.seed, data.subset) for _ in range(2))
     for name in a:
         np.testing.assert_array_equal(a[name][0], b[name][0])
     train_rows = {r.tobytes() for r in a["train"][0]}

@@ -108,10 +108,10 @@ def test_the_int8_model_computes_with_the_weights_that_were_trained(real_splits)
     trained (seen: 3 % to 87 % of test images changing class)."""
     from tasks.observers import freeze_observers
     from tasks.training import to_input
-    from tests.conftest import briefly_trained
+    from tests.conftest import briefly_trained, fashion_pixels
 
     torch.backends.quantized.engine = "x86"
-    images = to_input(torch.from_numpy(real_splits["val"][0].copy()))
+    images = to_input(torch.from_numpy(real_splits["val"][0].copy()), fashion_pixels())
     labels = torch.from_numpy(real_splits["val"][1].astype("int64"))
     torch.manual_seed(0)
     student = briefly_trained(MobileStudent(ARCH), images, labels, steps=100)
@@ -121,7 +121,7 @@ def test_the_int8_model_computes_with_the_weights_that_were_trained(real_splits)
             qat(images[i:i + 64])
     freeze_observers(qat)
     qat.eval()
-    test = to_input(torch.from_numpy(real_splits["test"][0].copy()))
+    test = to_input(torch.from_numpy(real_splits["test"][0].copy()), fashion_pixels())
     with torch.no_grad():
         trained, int8 = qat(test), convert_int8(qat)(test)
     assert (trained.argmax(1) == int8.argmax(1)).float().mean() == 1.0

@@ -6,7 +6,7 @@ import torch
 from tasks.artifacts import count_parameters
 from tasks.checkpoints import load_checkpoint, save_checkpoint
 from tasks.family_config import Optimizer, Schedule
-from tasks.training import Split, augment, evaluate, fit, memory_format, to_input
+from tasks.training import Pixels, Split, augment, evaluate, fit, memory_format
 from tasks.vision_config import Augmentation, ResNetArch, TrainingRecipe
 from tasks.vision_models import ResNetTeacher
 
@@ -33,7 +33,7 @@ def _model():
 
 def test_teacher_shapes_and_features():
     model = _model().eval()
-    x = to_input(_data(4).x)
+    x = _data(4).inputs()
     assert model(x).shape == (4, 10)
     logits, maps = model.forward_features(x)
     assert torch.equal(logits, model(x)) and [f.shape[1:] for f in maps] == [(8, 14, 14), (16, 7, 7)]
@@ -41,10 +41,10 @@ def test_teacher_shapes_and_features():
 
 
 def test_augment_keeps_shape_and_is_seeded():
-    x = to_input(_data(8).x)
+    x = _data(8).inputs()
     cfg = Augmentation(crop_padding=2, horizontal_flip=True)
-    a = augment(x, cfg, torch.Generator().manual_seed(1))
-    b = augment(x, cfg, torch.Generator().manual_seed(1))
+    a = augment(x, cfg, torch.Generator().manual_seed(1), Pixels())
+    b = augment(x, cfg, torch.Generator().manual_seed(1), Pixels())
     assert a.shape == x.shape and torch.equal(a, b) and not torch.equal(a, x)
 
 

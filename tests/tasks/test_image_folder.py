@@ -1,0 +1,146 @@
+"""A user's own image folder through the vision stages: any channels, size and number of classes, the shapes and
+classes taken from the data's manifest (never Fashion-MNIST's), and every bad folder named in one line."""
+from __future__ import annotations
+
+import json
+import sys
+
+import numpy as np
+import onnx
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from tasks.artifacts import load_model
+from tasks.errors import ChecksumError, DataFormatError, DataSourceError
+from tasks.image_folder import folder_digest
+from tasks.prepare_vision import prepare_vision
+from tasks.training import Split
+from tasks.validate_vision import load_arrays, load_manifest, validate_vision
+
+CLASSES = ("cat", "dog", "fox")   # each class one dominant colour: a tiny net learns it in a few steps
+COLOURS = {"cat": (200, 40, 40), "dog": (40, 200, 40), "fox": (40, 40, 200)}
+TINY = {"teacher": {"arch": {"stem": 8, "widths": [16, 32], "blocks": [1, 1]}, "epochs": 3, "batch_size": 32,
+                    "threads": 1, "eval_batch_size": 64},
+        "student": {"stem": 8, "stem_stride": 1, "widths": [16, 16], "strides": [2, 1], "kinds": ["fused", "separable"]}}
+
+
+def image_folder(root, per_class=30, size=(12, 10), mode="RGB", seed=0):
+    """``root/<class>/<i>.png``: noisy images of each class's colour (grey when ``mode`` is L)."""
+    rng = np.random.default_rng(seed)
+    for name in CLASSES:
+        (root / name).mkdir(parents=True)
+        for i in range(per_class):
+            pixels = np.clip(np.array(COLOURS[name]) + rng.normal(0, 30, (*size, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(pixels, "RGB").convert(mode).save(root / name / f"{i}.png")
+    return root
+
+
+def folder_config(raw_params, root, **folder):
+    from tasks.config import parse_config
+
+    data = {**raw_params["data"]["vision"], "image_folder": {"path": str(root), **folder}, "pixels": None,
+            "class_names": None, "subset": None}
+    return parse_config({**raw_params, "data": {**raw_params["data"], "vision": data}})
+
+
+def test_an_rgb_folder_is_prepared_and_validated_from_its_own_manifest(tmp_path, raw_params):
+    root = image_folder(tmp_path / "photos")
+    cfg = folder_config(raw_params, root)
+    manifest = prepare_vision(cfg.data.vision, tmp_path / "data")
+    image = manifest["image"]
+    assert (image["channels"], image["height"], image["width"], image["classes"]) == (3, 12, 10, list(CLASSES))
+    assert {s: v["rows"] for s, v in manifest["splits"].items()} == {"train": 65, "val": 7, "test": 18}
+    assert image["mean"][0] > image["mean"][1] * 0.9 and len(image["std"]) == 3   # measured on the training split
+    assert folder_digest(root) in manifest["source"]
+    train = Split.load(tmp_path / "data", "train")
+    assert train.image_shape == (3, 12, 10) and train.num_classes == 3
+    inputs = train.inputs()
+    assert inputs.shape == (65, 3, 12, 10)
+    assert np.allclose(inputs.mean(dim=(0, 2, 3)).numpy(), 0, atol=1e-4)   # normalised with its own statistics
+    arrays = load_arrays(tmp_path / "data")
+    report = validate_vision(arrays, cfg, manifest=load_manifest(tmp_path / "data"))
+    assert report["success"]
+    arrays["val"] = (arrays["val"][0][:, :1], arrays["val"][1])   # one channel where the manifest says three
+    failed = {(c["suite"], c["expectation"]) for c in validate_vision(arrays, cfg, manifest=manifest)["checks"]
+              if not c["success"]}
+    assert ("vision_rows_val", "expect_column_values_to_be_between") in failed
+
+
+def test_given_train_and_test_folders_keep_their_test_split_and_grey_images_stay_one_channel(tmp_path, raw_params):
+    image_folder(tmp_path / "scans/train", per_class=20, mode="L")
+    image_folder(tmp_path / "scans/test", per_class=5, mode="L", seed=1)
+    cfg = folder_config(raw_params, tmp_path / "scans", size=[8, 8])
+    manifest = prepare_vision(cfg.data.vision, tmp_path / "data")
+    assert manifest["image"]["channels"] == 1 and manifest["splits"]["test"]["rows"] == 15
+    assert np.load(tmp_path / "data/test_x.npy").shape == (15, 8, 8)   # resized to the size asked for
+
+
+@pytest.mark.fault("data", "an image folder that is not usable (unreadable file, mixed sizes, one class, a content "
+                           "digest that differs from its pin)", "a one-line error naming the file or folder")
+def test_bad_folders_are_named(tmp_path, raw_params):
+    root = image_folder(tmp_path / "photos", per_class=4)
+    (root / "dog" / "notes.png").write_text("not an image")
+    with pytest.raises(DataFormatError, match=r"dog/notes\.png: not an image Pillow can read"):
+        prepare_vision(folder_config(raw_params, root).data.vision, tmp_path / "out")
+    (root / "dog" / "notes.png").unlink()
+    Image.new("RGB", (20, 20)).save(root / "fox" / "big.png")
+    with pytest.raises(DataFormatError, match=r"fox/big\.png: image of shape \(3, 20, 20\).*image_folder\.size"):
+        prepare_vision(folder_config(raw_params, root).data.vision, tmp_path / "out")
+    with pytest.raises(ChecksumError, match="photos: content digest .* is not the pinned 0{64}"):
+        prepare_vision(folder_config(raw_params, root, sha256="0" * 64, size=[12, 10]).data.vision, tmp_path / "out")
+    with pytest.raises(DataSourceError, match="absent: data.vision.image_folder.path in params.yaml is not a folder"):
+        prepare_vision(folder_config(raw_params, tmp_path / "absent").data.vision, tmp_path / "out")
+    single = image_folder(tmp_path / "one", per_class=2)
+    for name in CLASSES[1:]:
+        for f in (single / name).iterdir():
+            f.unlink()
+        (single / name).rmdir()
+    with pytest.raises(DataFormatError, match="one class folder"):
+        prepare_vision(folder_config(raw_params, single).data.vision, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+def run(monkeypatch, module, *args: str) -> None:
+    monkeypatch.setattr(sys, "argv", [module.__name__, *args])
+    module.main()
+
+
+def test_a_three_class_rgb_folder_runs_from_teacher_to_an_int8_onnx_file(tmp_path, raw_params, mlflow_uri,
+                                                                         monkeypatch):
+    """Every stage takes the data's shape and classes: the teacher, the distilled and QAT students and the four ONNX
+    files take (N, 3, 12, 10) images and give three logits, and the INT8 student learned the colours."""
+    from tasks import distill_vision, evaluate_vision, export_vision, qat_vision, train_teacher_vision
+
+    monkeypatch.chdir(tmp_path)
+    cfg = folder_config(raw_params, image_folder(tmp_path / "photos", per_class=40))
+    params = cfg.model_dump(by_alias=True)
+    params["teacher"]["vision"] |= TINY["teacher"]
+    fast = {"epochs": 2, "batch_size": 32, "threads": 1, "eval_batch_size": 64}
+    params["distill"]["vision"] |= {**fast, "student": TINY["student"], "feature_pairs": [{"teacher": 1, "student": 1}]}
+    params["qat"]["vision"] |= {**fast, "freeze_observers_after": 1, "freeze_bn_after": 1, "float_modules": []}
+    params["export"]["vision"] |= {"calibration_size": 16}
+    params["evaluate"]["vision"] |= {"warmup": 1, "repeats": 10, "throughput_repeats": 3, "throughput_batch": 8}
+    params["recipe"]["vision"] = ["distill", "qat"]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    prepare_vision(cfg.data.vision, tmp_path / "data")
+    torch.manual_seed(0)
+    run(monkeypatch, train_teacher_vision, "--data", "data", "--checkpoint", "ckpt/t/last.pt", "--model", "teacher.pt",
+        "--metrics", "teacher.json", "--plots", "teacher.csv")
+    student = ("--data", "data", "--teacher", "teacher.pt")
+    run(monkeypatch, distill_vision, *student, "--checkpoint", "ckpt/s/last.pt", "--model", "kd.pt",
+        "--metrics", "kd.json", "--plots", "kd.csv")
+    run(monkeypatch, qat_vision, *student, "--student", "kd.pt", "--checkpoint", "ckpt/q/last.pt", "--model", "qat.pt",
+        "--metrics", "qat.json", "--plots", "qat.csv")
+    run(monkeypatch, export_vision, *student, "--student-fp32", "kd.pt", "--student", "qat.pt", "--out", "onnx",
+        "--metrics", "export.json")
+    run(monkeypatch, evaluate_vision, "--data", "data", "--onnx", "onnx", "--teacher", "teacher.pt",
+        "--student-fp32", "kd.pt", "--student", "qat.pt", "--metrics", "evaluation.json")
+    assert load_model(tmp_path / "qat.pt").input_shape == (3, 12, 10)
+    for name in ("teacher_fp32", "student_fp32", "student_int8", "student_ptq_int8"):
+        graph = onnx.load(str(tmp_path / "onnx" / f"{name}.onnx")).graph
+        dims = [[d.dim_param or d.dim_value for d in t.type.tensor_type.shape.dim] for t in (graph.input[0], graph.output[0])]
+        assert dims == [["batch", 3, 12, 10], ["batch", 3]], name
+    evaluation = json.loads((tmp_path / "evaluation.json").read_text())
+    assert evaluation["models"]["student_int8"]["test_accuracy"] >= 0.9, evaluation["models"]["student_int8"]
