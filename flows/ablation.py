@@ -40,7 +40,7 @@ from tasks.onnx_models import export_fp32, export_int8, file_sizes, onnx_accurac
 from tasks.prune_vision import prune_vision
 from tasks.qat_vision import qat_vision
 from tasks.share_vision import share_vision
-from tasks.training import Split
+from tasks.training import Split, model_shape
 from tasks.vision_config import QatVision, ablation_recipes
 
 ARMS = {  # arm -> precision of the measured ONNX model
@@ -105,16 +105,17 @@ def run_seed(cfg: Config, seed: int, root: Path, work: Path) -> dict[str, Measur
     ckpt = work / "checkpoints"
     files = {name: work / f"{name}.pt" for name in ("ce", "kd", "pruned", "qat_kd")}
     models: dict[str, tuple[nn.Module, Path]] = {}
+    shape = model_shape(data)
 
     ce = distill_vision(kd, False, data, teacher, ckpt / "ce.pt")[0]
     kd_student = distill_vision(kd, True, data, teacher, ckpt / "kd.pt")[0]
     for name, model in (("ce", ce), ("kd", kd_student)):
-        save_model(model, "mobile_student", kd.student, files[name])
+        save_model(model, "mobile_student", kd.student, files[name], shape=shape)
     qat_ce = qat_vision(qat, kd, False, data, teacher, files["ce"], ckpt / "qat_ce.pt")[0]
     qat_kd = qat_vision(qat, kd, True, data, teacher, files["kd"], ckpt / "qat_kd.pt")[0]
-    save_model(qat_kd, "mobile_student", kd.student, files["qat_kd"], **qat_extra(qat))
+    save_model(qat_kd, "mobile_student", kd.student, files["qat_kd"], **qat_extra(qat), shape=shape)
     pruned, arch = prune_vision(r["prune"], kd, True, data, teacher, files["kd"], ckpt / "prune.pt")[:2]
-    save_model(pruned, "mobile_student", arch, files["pruned"])
+    save_model(pruned, "mobile_student", arch, files["pruned"], shape=shape)
     qat_pruned = qat_vision(qat, kd, True, data, teacher, files["pruned"], ckpt / "qat_pruned.pt")[0]
     shared = share_vision(r["share"], kd, True, data, teacher, files["qat_kd"], ckpt / "share.pt", cfg.export.vision,
                           qat)[0]

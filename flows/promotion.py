@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import hashlib
 import json
 import socket
 import tempfile
@@ -37,6 +38,7 @@ from tasks.onnx_models import session
 from tasks.tracking import client_for, redact, server_error
 
 MODEL_SHA256 = "model.sha256"   # version tag: SHA-256 of the registered ONNX file, checked before it is run
+DATA_TAG = "data.description"   # version tag: digest of what its data says a request and an answer are (Family.describe_data)
 
 
 def paths(root: Path, family: str) -> dict[str, Path]:
@@ -120,6 +122,38 @@ def graph_signature(model: Any, inferred: Any) -> Any:
     return ModelSignature(Schema(inputs), inferred.outputs)
 
 
+def io_signature(path: Path) -> list[list[tuple[str, int, list[int]]]]:
+    """(inputs, outputs) of an ONNX file: each value's element type and shape, an open axis as -1."""
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    spec = lambda v: (v.type.tensor_type.elem_type, [d.dim_value if d.HasField("dim_value") else -1  # noqa: E731
+                                                    for d in v.type.tensor_type.shape.dim])
+    return [[spec(v) for v in graph.input], [spec(v) for v in graph.output]]
+
+
+def data_description(family: str, data: Path) -> str:
+    """A digest of what the family says a model of ``data`` takes and answers in ("" when it says nothing)."""
+    describe = load_family(family).describe_data
+    return hashlib.sha256(json.dumps(describe(data), sort_keys=True).encode()).hexdigest() if describe else ""
+
+
+def check_comparable(name: str, champ: Any, champion_file: Path, candidate_file: Path, description: str,
+                     family: str) -> None:
+    """Raise RegistryError when the champion was made for other data than the candidate (other inputs, outputs or
+    data description): their scores on this data would compare nothing, and clients of the champion would break."""
+    why = ""
+    if description and champ.tags.get(DATA_TAG, description) != description:
+        why = f"its data description ({DATA_TAG} {champ.tags[DATA_TAG][:12]}…) differs from the candidate's " \
+              f"({description[:12]}…)"
+    elif (theirs := io_signature(champion_file)) != (ours := io_signature(candidate_file)):
+        why = f"it takes {theirs[0]} and gives {theirs[1]}; the candidate takes {ours[0]} and gives {ours[1]}"
+    if why:
+        raise RegistryError(f"{name}@champion (version {champ.version}) was made for other data: {why}. Register "
+                            f"this data's models under a name of their own (gate.{family}.registered_model in "
+                            "params.yaml); nothing was registered")
+
+
 def log_onnx_model(client: MlflowClient, run_id: str, path: Path, sample: dict[str, np.ndarray]) -> tuple[str, str]:
     """Log ``path`` with the ``mlflow.onnx`` flavor, a signature and an input example (an ONNX file, JSON and YAML:
     never a pickle); return its runs:/ URI and the SHA-256 of the stored ONNX file."""
@@ -158,6 +192,8 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
     check_registry(client, uri)
     where = paths(root, family)
     tags = {**lineage(cfg, root, parent_run_id, family), **(extra_tags or {})}
+    if description := data_description(family, root / where["data"]):
+        tags[DATA_TAG] = description
     with registry_lock(gate.registered_model, cfg.tracking.registry_lock_timeout_seconds):
         same = _registered_with(client, gate.registered_model, tags["onnx.hash"])
         if same is not None:  # a no-change re-run: this exact file was gated and registered before
@@ -199,8 +235,10 @@ def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str, family: st
     champion = None
     with tempfile.TemporaryDirectory() as tmp:
         if champ is not None:  # the champion and the candidate: same test data, same run, back to back
-            champion = {"version": str(champ.version),
-                        **contract.score(download_onnx(client, champ, Path(tmp)), data, cfg)}
+            champion_file = download_onnx(client, champ, Path(tmp))
+            check_comparable(gate.registered_model, champ, champion_file, root / where["candidate"],
+                             data_description(family, data), family)
+            champion = {"version": str(champ.version), **contract.score(champion_file, data, cfg)}
     evaluation["models"]["student_int8"].update(contract.score(root / where["candidate"], data, cfg))
     # the teacher's latency too, beside the candidate's: a speed-up divides two numbers of one session
     evaluation["models"]["teacher_fp32"].update(contract.timing(root / where["teacher"], data, cfg))

@@ -116,8 +116,10 @@ def fingerprint(configs: list[BaseModel], inputs: list[Path]) -> str:
 
 
 def training_inputs(data_dir: Path, *models: Path) -> list[Path]:
-    """The files a training run depends on, for its checkpoint fingerprint: upstream models and train/val arrays."""
-    return [*models, *(data_dir / f"{name}.npy" for name in ("train_x", "train_y", "val_x", "val_y"))]
+    """The files an image training run depends on, for its checkpoint fingerprint: upstream models, the train/val
+    arrays and the manifest (its pixel statistics normalise every input)."""
+    return [*models, *(data_dir / f"{name}.npy" for name in ("train_x", "train_y", "val_x", "val_y")),
+            data_dir / "manifest.json"]
 
 
 def history_csv(history: list[dict[str, float]]) -> str:

@@ -31,6 +31,9 @@ class Family:
     timing: Score               # its latency only
     input_example: Callable[[Path], dict[str, np.ndarray]]   # one request, from the processed data folder
     ablation: bool = False      # `make ablation` measures it: its report shows the ablation
+    # what a request must look like and an answer means (e.g. image shape, normalisation, class names), from the
+    # processed data folder: the gate never compares a candidate with a champion made for other data
+    describe_data: Callable[[Path], dict[str, Any]] | None = None
 
 
 def load_family(name: str) -> Family:

@@ -25,6 +25,7 @@ from tasks.vision_config import VISION_FILES, ImageFolder, SplitSizes, VisionDat
 
 NDIM = {"images": 3, "labels": 1}
 TRAIN, TEST = VISION_FILES[:2], VISION_FILES[2:]  # (images, labels) of each part
+FOLDER_KEY = "data.vision.image_folder"
 
 
 def _read_dir(directory: Path) -> dict[str, bytes] | str:
@@ -107,30 +108,38 @@ def check_consistent(arrays: dict[str, np.ndarray], val_size: int, source: str) 
 
 
 def stratified_pick(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Indices of ``n`` rows drawn per class in proportion to the class sizes, sorted."""
+    """Indices of ``n`` rows drawn per class in proportion to the class sizes, sorted; the rounding remainder goes to
+    the classes with the largest fractional quotas (ties: the first)."""
     classes, counts = np.unique(labels, return_counts=True)
-    quotas = np.floor(counts / counts.sum() * n).astype(int)
-    quotas[: n - quotas.sum()] += 1  # hand out the rounding remainder to the first classes
+    exact = counts / counts.sum() * n
+    quotas = np.floor(exact).astype(int)
+    quotas[np.argsort(-(exact - quotas), kind="stable")[: n - quotas.sum()]] += 1
     picks = [rng.choice(np.flatnonzero(labels == c), size=q, replace=False) for c, q in zip(classes, quotas, strict=True)]
     return np.sort(np.concatenate(picks))
 
 
+def carve(x: np.ndarray, y: np.ndarray, n: int, rng: np.random.Generator
+          ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """(rest, carved): ``n`` rows drawn stratified from (x, y), and the others."""
+    idx = stratified_pick(y, n, rng)
+    rest = np.ones(len(y), dtype=bool)
+    rest[idx] = False
+    return (x[rest], y[rest]), (x[idx], y[idx])
+
+
 def split(parts: dict[str, tuple[np.ndarray, np.ndarray]], val_size: int, test_size: int, seed: int,
           subset: SplitSizes | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Train / seeded stratified validation carved from train / test (given, or carved from train first when
-    ``parts`` has none); optionally a seeded subset of each."""
+    """Train / validation / test: the given ones, the others carved from train, seeded and stratified (test first,
+    then validation); optionally a seeded subset of each."""
     rng = np.random.default_rng(seed)
-    x, y = parts["train"]
-    if "test" not in parts:
-        test_idx = stratified_pick(y, test_size, rng)
-        rest = np.ones(len(y), dtype=bool)
-        rest[test_idx] = False
-        parts = {"train": (x[rest], y[rest]), "test": (x[test_idx], y[test_idx])}
-        x, y = parts["train"]
-    val_idx = stratified_pick(y, val_size, rng)
-    train_mask = np.ones(len(y), dtype=bool)
-    train_mask[val_idx] = False
-    splits = {"train": (x[train_mask], y[train_mask]), "val": (x[val_idx], y[val_idx]), "test": parts["test"]}
+    train = parts["train"]
+    test = parts.get("test")
+    if test is None:
+        train, test = carve(*train, test_size, rng)
+    val = parts.get("val")
+    if val is None:
+        train, val = carve(*train, val_size, rng)
+    splits = {"train": train, "val": val, "test": test}
     if subset:
         sizes = subset.model_dump()
         for name, (sx, sy) in splits.items():
@@ -140,11 +149,18 @@ def split(parts: dict[str, tuple[np.ndarray, np.ndarray]], val_size: int, test_s
 
 
 def pixel_stats(x: np.ndarray) -> dict[str, list[float]]:
-    """Per-channel mean and standard deviation of pixel/255 over ``x`` (N, H, W) or (N, C, H, W)."""
-    per_channel = (x[:, None] if x.ndim == 3 else x).swapaxes(0, 1).reshape(x.shape[1] if x.ndim == 4 else 1, -1)
-    scaled = per_channel.astype(np.float64) / 255.0
-    return {"mean": [round(float(v), 6) for v in scaled.mean(1)], "std": [round(max(float(v), 1e-3), 6)
-                                                                        for v in scaled.std(1)]}
+    """Per-channel mean and standard deviation of pixel/255 over ``x`` (N, H, W) or (N, C, H, W), summed in chunks."""
+    channels = 1 if x.ndim == 3 else x.shape[1]
+    total, squares, count = np.zeros(channels), np.zeros(channels), 0
+    for i in range(0, len(x), 4096):
+        chunk = x[i:i + 4096].astype(np.float64) / 255.0
+        chunk = chunk[:, None] if x.ndim == 3 else chunk
+        total += chunk.sum(axis=(0, 2, 3))
+        squares += (chunk ** 2).sum(axis=(0, 2, 3))
+        count += chunk.shape[0] * chunk.shape[2] * chunk.shape[3]
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean ** 2, 0.0))
+    return {"mean": [round(float(v), 6) for v in mean], "std": [round(max(float(v), 1e-3), 6) for v in std]}
 
 
 def from_idx(cfg: VisionData) -> tuple[str, list[str], dict[str, tuple[np.ndarray, np.ndarray]]]:
@@ -160,38 +176,62 @@ def from_idx(cfg: VisionData) -> tuple[str, list[str], dict[str, tuple[np.ndarra
     return source, classes, {"train": (arrays[TRAIN[0]], arrays[TRAIN[1]]), "test": (arrays[TEST[0]], arrays[TEST[1]])}
 
 
-def from_folder(cfg: ImageFolder) -> tuple[str, list[str], dict[str, tuple[np.ndarray, np.ndarray]]]:
+def from_folder(cfg: ImageFolder) -> tuple[str, list[str], dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
     root = Path(cfg.path)
-    digest, classes, parts = read_folder(root, cfg.channels, cfg.size, cfg.sha256, "data.vision.image_folder")
-    return f"image folder {root} (content sha256 {digest})", classes, parts
+    digest, classes, parts, skipped = read_folder(root, cfg.channels, cfg.size, cfg.sha256, FOLDER_KEY)
+    return f"image folder {root} (content sha256 {digest})", classes, parts, skipped
+
+
+def split_sizes(cfg: VisionData, parts: dict[str, tuple[np.ndarray, np.ndarray]], source: str) -> tuple[int, int]:
+    """(validation, test) rows to carve from the training images (0 for a split the source gives)."""
+    folder, n = cfg.image_folder, len(parts["train"][1])
+    if folder is None:
+        return cfg.val_size, 0
+    test = 0 if "test" in parts else max(1, round(n * folder.test_fraction))
+    val = 0 if "val" in parts else max(1, round((n - test) * folder.val_fraction))
+    if n - test - val < 1:
+        raise DataFormatError(f"{source}: {n} training images leave none to train on after {test} test and {val} "
+                              "validation images")
+    return val, test
+
+
+def check_every_class_in_every_split(splits: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str],
+                                     source: str) -> None:
+    for name, (_, y) in splits.items():
+        counts = np.bincount(y, minlength=len(classes))
+        if (missing := [classes[c] for c in np.flatnonzero(counts == 0)]):
+            raise DataFormatError(f"{source}: no image of class {', '.join(map(repr, missing))} in the {name} split; "
+                                  "give each class at least a few images per split")
 
 
 def prepare_vision(cfg: VisionData, out_dir: Path) -> dict:
     """Acquire, verify and split the images into ``out_dir``; return the manifest."""
-    source, classes, parts = from_folder(cfg.image_folder) if cfg.image_folder else from_idx(cfg)
-    n = len(parts["train"][1])
-    folder = cfg.image_folder
-    test_size = 0 if "test" in parts else max(1, round(n * folder.test_fraction))
-    val_size = max(1, round((n - test_size) * folder.val_fraction)) if folder else cfg.val_size
-    if n - test_size - val_size < 1:
-        raise DataFormatError(f"{source}: {n} training images leave none to train on after {test_size} test and "
-                              f"{val_size} validation images")
-    splits = split(parts, val_size, test_size, cfg.seed, cfg.subset)
+    skipped: list[str] = []
+    if cfg.image_folder:
+        source, classes, parts, skipped = from_folder(cfg.image_folder)
+    else:
+        source, classes, parts = from_idx(cfg)
+    splits = split(parts, *split_sizes(cfg, parts, source), cfg.seed, cfg.subset)
+    check_every_class_in_every_split(splits, classes, source)
     x_train = splits["train"][0]
-    pixels = cfg.pixels.model_dump() if cfg.pixels else pixel_stats(x_train)
+    pinned = cfg.image_folder.pixels if cfg.image_folder else cfg.pixels
+    pixels = pinned.model_dump() if pinned else pixel_stats(x_train)
     channels = 1 if x_train.ndim == 3 else x_train.shape[1]
     if len(pixels["mean"]) != channels:
-        raise DataFormatError(f"{source}: the images have {channels} channel(s) but data.vision.pixels in params.yaml "
-                              f"gives {len(pixels['mean'])}")
+        raise DataFormatError(f"{source}: the images have {channels} channel(s) but the pixel statistics in params.yaml "
+                              f"give {len(pixels['mean'])}")
     manifest = {"source": source, "image": {"channels": channels, "height": int(x_train.shape[-2]),
                                             "width": int(x_train.shape[-1]), **pixels, "classes": classes},
-                "splits": {}}
+                "splits": {}, **({"skipped_files": skipped} if skipped else {})}
     for name, (x, y) in splits.items():
         for part, arr in (("x", x), ("y", y)):
             save_npy(out_dir / f"{name}_{part}.npy", arr)
         manifest["splits"][name] = {"rows": len(y),
                                     "class_counts": np.bincount(y, minlength=len(classes)).tolist()}
     write_json(out_dir / "manifest.json", manifest)
+    if skipped:
+        print(f"skipped {len(skipped)} file(s) without an image extension: {', '.join(skipped[:5])}"
+              + (" ..." if len(skipped) > 5 else ""))
     return manifest
 
 

@@ -48,18 +48,20 @@ class PixelStats(Strict):
 
 
 class ImageFolder(Strict):
-    """A user's own images: ``<path>/<class>/<image>`` (one folder per class; its name is the class), or
-    ``<path>/train/<class>/...`` beside ``<path>/test/<class>/...`` to keep a given test split. Any format Pillow
-    reads; ``channels`` 1 (grey) or 3 (RGB) converts every image, null takes the first image's; ``size`` [height,
-    width] resizes every image, null requires one size. ``test_fraction`` carves a seeded stratified test split when
-    there is no test folder, ``val_fraction`` the validation split from what is left (``data.vision.val_size`` is
-for the IDX files). ``sha256``: optional pin of the folder's content (``image_folder.folder_digest``)."""
+    """A user's own images (``tasks/image_folder.py``): ``<path>/<class>/<image>`` (one folder per class; its name is
+    the class), or ``<path>/train/<class>/...`` with ``test/`` (and ``val/``) beside it to keep given splits.
+    ``channels`` 1 (grey) or 3 (RGB) converts every image, null keeps grey only when every image is grey; ``size``
+    [height, width] resizes every image, null requires one size. ``test_fraction`` carves a seeded stratified test
+    split when there is no test folder, ``val_fraction`` the validation split from what is left when there is no
+    val folder (``data.vision.val_size`` and ``data.vision.pixels`` are the IDX files'). ``sha256``: optional pin of
+    the folder's content (printed in the manifest's source)."""
     path: str
     channels: Literal[1, 3] | None = None
     size: Annotated[list[Positive], Field(min_length=2, max_length=2)] | None = None
     test_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.2
     val_fraction: Annotated[float, Field(gt=0.0, lt=1.0)] = 0.1   # of the images left after the test split
     sha256: Sha256 | None = None
+    pixels: PixelStats | None = None   # null: measured on the training split
 
 
 class VisionData(Strict):
@@ -71,7 +73,7 @@ class VisionData(Strict):
     download_cache: ProjectPath
     sha256: dict[str, Sha256]
     class_names: list[str] | None = None   # of the IDX labels 0, 1, ...; null: the label numbers
-    # normalisation of every model input; null: measured on the training split (and recorded in the data's manifest)
+    # the IDX images' normalisation; null: measured on the training split (either way recorded in the data's manifest)
     pixels: PixelStats | None = None
     val_size: Positive
     seed: int
@@ -81,7 +83,7 @@ class VisionData(Strict):
     def _all_files_pinned(self) -> VisionData:
         if set(self.sha256) != set(VISION_FILES):
             raise ValueError(f"sha256 must pin exactly {list(VISION_FILES)}, got {sorted(self.sha256)}")
-        if self.subset and self.subset.val > self.val_size:
+        if self.subset and self.image_folder is None and self.subset.val > self.val_size:
             raise ValueError(f"subset.val ({self.subset.val}) exceeds val_size ({self.val_size})")
         return self
 

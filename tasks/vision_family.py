@@ -11,7 +11,7 @@ from tasks.evaluate_vision import latency
 from tasks.family import Family
 from tasks.gate import GateSpec
 from tasks.onnx_models import INPUT, onnx_accuracy
-from tasks.training import Split
+from tasks.training import Split, image_manifest
 
 
 def score(path: Path, data: Path, cfg: Any) -> dict[str, float]:
@@ -27,5 +27,10 @@ def input_example(data: Path) -> dict[str, np.ndarray]:
     return {INPUT: Split.load(data, "test").inputs(slice(1)).contiguous().numpy()}
 
 
+def describe_data(data: Path) -> dict[str, Any]:
+    """The image shape, normalisation and class names a model of this data takes and answers in."""
+    return image_manifest(data)
+
+
 FAMILY = Family("vision", "Vision compression report", GateSpec("latency_b1", "batch-1"), score, timing,
-                input_example, ablation=True)
+                input_example, ablation=True, describe_data=describe_data)

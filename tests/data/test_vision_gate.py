@@ -26,7 +26,7 @@ def _failed(report):
 def test_real_data_passes(real_splits, gate_config):
     report = validate_vision(real_splits, gate_config)
     assert report["success"], failure_message(report)
-    assert len(report["checks"]) == 3 * 10 + 3  # per split, then a leak check per pair of splits
+    assert len(report["checks"]) == 3 * 11 + 3  # per split (9 on the rows, 2 on the class counts), then a leak check per pair
 
 
 @pytest.mark.fault("data", "a label out of range (10 classes, label 10+)",
@@ -65,7 +65,7 @@ def test_class_collapse(real_splits, gate_config):
     splits = {**real_splits, "test": (x[keep], y[keep])}
     report = validate_vision(splits, gate_config)
     failed = _failed(report)
-    assert ("vision_classes_test", "expect_column_values_to_be_between") in failed
+    assert ("vision_classes_test", "expect_column_pair_values_a_to_be_greater_than_b") in failed
     assert ("vision_rows_test", "expect_table_row_count_to_equal") in failed
 
 

@@ -238,3 +238,32 @@ def test_a_champion_altered_in_the_artifact_store_is_never_run(project, raw_para
                                             r"but the version records [0-9a-f]{64} \(model\.sha256\)"):
         _gate(project, _lenient(raw_params), uri)
     assert [str(v.version) for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
+
+
+@pytest.mark.fault("promotion", "a champion made for other data (other classes, or other input/output shapes)",
+                   "RegistryError naming the champion, what differs and the params key to rename; nothing registered")
+def test_a_champion_made_for_other_data_is_never_compared(project, raw_params, tmp_path):
+    """Before: a user's image folder gated under the default registered name scored Fashion-MNIST's champion on its
+    own test images (an unrelated class set), or failed inside onnxruntime on another input shape."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    report, client = _gate(project, _lenient(raw_params), uri)
+    assert report["champion"] and client.get_model_version_by_alias(report["name"], "champion").tags["data.description"]
+    manifest = project / "data/vision/processed/manifest.json"
+    relabelled = json.loads(manifest.read_text())
+    relabelled["image"]["classes"] = [f"part {i}" for i in range(10)]   # same shapes, other meaning
+    manifest.write_text(json.dumps(relabelled))
+    with pytest.raises(RegistryError, match=r"@champion \(version 1\) was made for other data: its data description "
+                                            r".*gate\.vision\.registered_model"):
+        _gate(project, _lenient(raw_params), uri)
+    torch.manual_seed(0)
+    candidate = export_fp32(MobileStudent(ARCH, num_classes=3), project / "models/vision/onnx/student_int8.onnx")
+    evaluation = project / "metrics/vision/evaluation.json"
+    recorded = json.loads(evaluation.read_text())
+    recorded["sha256"]["student_int8"] = file_digest(candidate)
+    evaluation.write_text(json.dumps(recorded))
+    version = client.get_model_version_by_alias(report["name"], "champion")
+    client.delete_model_version_tag(report["name"], version.version, "data.description")   # an older version's tags
+    with pytest.raises(RegistryError, match=r"was made for other data: it takes \[\(1, \[-1, 1, 28, 28\]\)\] and "
+                                            r"gives \[\(1, \[-1, 10\]\)\]; the candidate .* gives \[\(1, \[-1, 3\]\)\]"):
+        _gate(project, _lenient(raw_params), uri)
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{report['name']}'")] == ["1"]

@@ -3,6 +3,7 @@ classes taken from the data's manifest (never Fashion-MNIST's), and every bad fo
 from __future__ import annotations
 
 import json
+import re
 import sys
 
 import numpy as np
@@ -14,7 +15,6 @@ from PIL import Image
 
 from tasks.artifacts import load_model
 from tasks.errors import ChecksumError, DataFormatError, DataSourceError
-from tasks.image_folder import folder_digest
 from tasks.prepare_vision import prepare_vision
 from tasks.training import Split
 from tasks.validate_vision import load_arrays, load_manifest, validate_vision
@@ -53,7 +53,7 @@ def test_an_rgb_folder_is_prepared_and_validated_from_its_own_manifest(tmp_path,
     assert (image["channels"], image["height"], image["width"], image["classes"]) == (3, 12, 10, list(CLASSES))
     assert {s: v["rows"] for s, v in manifest["splits"].items()} == {"train": 65, "val": 7, "test": 18}
     assert image["mean"][0] > image["mean"][1] * 0.9 and len(image["std"]) == 3   # measured on the training split
-    assert folder_digest(root) in manifest["source"]
+    assert re.search(r"content sha256 [0-9a-f]{64}", manifest["source"])
     train = Split.load(tmp_path / "data", "train")
     assert train.image_shape == (3, 12, 10) and train.num_classes == 3
     inputs = train.inputs()
@@ -68,17 +68,36 @@ def test_an_rgb_folder_is_prepared_and_validated_from_its_own_manifest(tmp_path,
     assert ("vision_rows_val", "expect_column_values_to_be_between") in failed
 
 
-def test_given_train_and_test_folders_keep_their_test_split_and_grey_images_stay_one_channel(tmp_path, raw_params):
+def test_given_splits_are_kept_grey_stays_one_channel_and_other_files_are_skipped(tmp_path, raw_params):
     image_folder(tmp_path / "scans/train", per_class=20, mode="L")
+    image_folder(tmp_path / "scans/valid", per_class=4, mode="L", seed=2)
     image_folder(tmp_path / "scans/test", per_class=5, mode="L", seed=1)
+    (tmp_path / "scans/train/cat/README.md").write_text("cats, scanned in 2019")
+    sixteen = Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)   # mode I;16
+    sixteen.save(tmp_path / "scans/train/dog/deep.png")   # 16-bit grey: scaled to 8 bits, not clipped to white
     cfg = folder_config(raw_params, tmp_path / "scans", size=[8, 8])
     manifest = prepare_vision(cfg.data.vision, tmp_path / "data")
-    assert manifest["image"]["channels"] == 1 and manifest["splits"]["test"]["rows"] == 15
+    assert manifest["image"]["channels"] == 1
+    assert {s: v["rows"] for s, v in manifest["splits"].items()} == {"train": 61, "val": 12, "test": 15}
+    assert manifest["skipped_files"] == ["train/cat/README.md"]
     assert np.load(tmp_path / "data/test_x.npy").shape == (15, 8, 8)   # resized to the size asked for
+    train_x = np.load(tmp_path / "data/train_x.npy")
+    assert any(0 < a.max() < 255 and a.min() == 0 for a in train_x)   # the 16-bit image kept its gradient
 
 
-@pytest.mark.fault("data", "an image folder that is not usable (unreadable file, mixed sizes, one class, a content "
-                           "digest that differs from its pin)", "a one-line error naming the file or folder")
+def test_an_imbalanced_folder_passes_its_own_class_mix(tmp_path, raw_params):
+    root = image_folder(tmp_path / "photos", per_class=30)
+    for f in sorted((root / "fox").iterdir())[6:]:   # 30 cats, 30 dogs, 6 foxes
+        f.unlink()
+    cfg = folder_config(raw_params, root)
+    manifest = prepare_vision(cfg.data.vision, tmp_path / "data")
+    assert [v["class_counts"][2] for v in manifest["splits"].values()] == [4, 1, 1]
+    assert validate_vision(load_arrays(tmp_path / "data"), cfg, manifest=manifest)["success"]
+
+
+@pytest.mark.fault("data", "an image folder that is not usable (unreadable image, mixed sizes, one class, a nested or "
+                           "unknown folder, a class missing from a split, a content digest that differs from its pin)",
+                   "a one-line error naming the file or folder")
 def test_bad_folders_are_named(tmp_path, raw_params):
     root = image_folder(tmp_path / "photos", per_class=4)
     (root / "dog" / "notes.png").write_text("not an image")
@@ -86,7 +105,7 @@ def test_bad_folders_are_named(tmp_path, raw_params):
         prepare_vision(folder_config(raw_params, root).data.vision, tmp_path / "out")
     (root / "dog" / "notes.png").unlink()
     Image.new("RGB", (20, 20)).save(root / "fox" / "big.png")
-    with pytest.raises(DataFormatError, match=r"fox/big\.png: image of shape \(3, 20, 20\).*image_folder\.size"):
+    with pytest.raises(DataFormatError, match=r"fox/big\.png: an image of 20x20 pixels.*image_folder\.size"):
         prepare_vision(folder_config(raw_params, root).data.vision, tmp_path / "out")
     with pytest.raises(ChecksumError, match="photos: content digest .* is not the pinned 0{64}"):
         prepare_vision(folder_config(raw_params, root, sha256="0" * 64, size=[12, 10]).data.vision, tmp_path / "out")
@@ -99,6 +118,18 @@ def test_bad_folders_are_named(tmp_path, raw_params):
         (single / name).rmdir()
     with pytest.raises(DataFormatError, match="one class folder"):
         prepare_vision(folder_config(raw_params, single).data.vision, tmp_path / "out")
+    nested = image_folder(tmp_path / "nested", per_class=2)
+    (nested / "cat" / "more").mkdir()
+    with pytest.raises(DataFormatError, match=r"cat/more: a folder inside the class folder"):
+        prepare_vision(folder_config(raw_params, nested).data.vision, tmp_path / "out")
+    splits = tmp_path / "splits"
+    image_folder(splits / "train", per_class=3)
+    image_folder(splits / "holdout", per_class=1)
+    with pytest.raises(DataFormatError, match=r"holdout: beside .*train only test, train, val, valid, validation"):
+        prepare_vision(folder_config(raw_params, splits).data.vision, tmp_path / "out")
+    few = image_folder(tmp_path / "few", per_class=2)
+    with pytest.raises(DataFormatError, match=r"no image of class .* in the val split"):
+        prepare_vision(folder_config(raw_params, few).data.vision, tmp_path / "out")
     assert not (tmp_path / "out").exists()
 
 
