@@ -158,13 +158,19 @@ class MobileStudent(nn.Module):
             cin = cout
         self.blocks = nn.ModuleList(blocks)
         self.head = nn.Linear(cin, num_classes)
+        # Small images can leave a 1x1 map before the head, where torch's INT8 model cannot take the mean of a
+        # quantized map ("required rank 4 tensor to use channels_last format", seen on 8x8 digits): flatten it.
+        h, w = input_shape[1:]
+        for stride in (arch.stem_stride, *arch.strides):
+            h, w = (h - 1) // stride + 1, (w - 1) // stride + 1
+        self.one_pixel = h * w == 1
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         maps, y = [], self.stem(x)
         for block in self.blocks:
             y = block(y)
             maps.append(y)
-        return self.head(y.mean(dim=(2, 3))), maps
+        return self.head(y.flatten(1) if self.one_pixel else y.mean(dim=(2, 3))), maps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)[0]

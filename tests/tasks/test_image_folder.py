@@ -175,3 +175,26 @@ def test_a_three_class_rgb_folder_runs_from_teacher_to_an_int8_onnx_file(tmp_pat
         assert dims == [["batch", 3, 12, 10], ["batch", 3]], name
     evaluation = json.loads((tmp_path / "evaluation.json").read_text())
     assert evaluation["models"]["student_int8"]["test_accuracy"] >= 0.9, evaluation["models"]["student_int8"]
+
+
+def test_images_small_enough_to_leave_one_pixel_before_the_head_still_export_to_int8(tmp_path, raw_params):
+    """Before: on 8x8 images (scikit-learn's digits) the default student's last map is 1x1, and torch's INT8 model
+    cannot take the mean of a 1x1 quantized map: export_vision died ("required rank 4 tensor to use channels_last
+    format") on the full profile's architecture."""
+    from tasks.config import parse_config
+    from tasks.onnx_models import export_int8, session
+    from tasks.quantization import prepare_qat
+    from tasks.vision_models import MobileStudent
+
+    cfg = parse_config(raw_params)
+    qat = cfg.qat.vision
+    torch.backends.quantized.engine = "x86"
+    student = MobileStudent(cfg.distill.vision.student, 10, (1, 8, 8))
+    model = prepare_qat(student, 8, torch.zeros(2, 1, 8, 8), list(qat.float_modules), qat.weight_bits).train()
+    model(torch.randn(16, 1, 8, 8))
+    x = torch.randn(4, 1, 8, 8)
+    path = export_int8(model.eval(), tmp_path / "small.onnx")
+    out = session(path).run(None, {"image": x.numpy()})[0]
+    assert out.shape == (4, 10)
+    with torch.no_grad():
+        assert np.abs(out - model(x).numpy()).max() < 0.1
