@@ -198,3 +198,20 @@ def test_images_small_enough_to_leave_one_pixel_before_the_head_still_export_to_
     assert out.shape == (4, 10)
     with torch.no_grad():
         assert np.abs(out - model(x).numpy()).max() < 0.1
+
+
+def test_throughput_counts_the_images_that_ran_when_the_test_split_is_smaller_than_the_batch(tmp_path, monkeypatch):
+    """Before: 64 / time even when only 5 test images made the batch (a small folder), a 13x overstatement."""
+    from tasks import evaluate_vision
+    from tasks.config import load_config
+    from tasks.onnx_models import export_fp32
+    from tasks.vision_models import MobileStudent
+    from tests.conftest import ROOT
+
+    cfg = load_config(ROOT / "params.yaml").evaluate.vision.model_copy(update={"throughput_batch": 64, "warmup": 1,
+                                                                               "repeats": 10, "throughput_repeats": 3})
+    student = MobileStudent(load_config(ROOT / "params.yaml").distill.vision.student, 3, (3, 12, 10))
+    path = export_fp32(student, tmp_path / "s.onnx")
+    monkeypatch.setattr(evaluate_vision, "timed_runs", lambda sess, feeds, warmup, repeats: np.full(repeats, 0.01))
+    split = Split(torch.zeros(5, 3, 12, 10, dtype=torch.uint8), torch.zeros(5, dtype=torch.int64))
+    assert evaluate_vision.latency(path, split, cfg)["throughput_b64_ips"] == pytest.approx(500)
