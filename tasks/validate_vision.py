@@ -36,7 +36,7 @@ def contract(cfg: Config, manifest: dict | None) -> tuple[dict[str, int], dict]:
         if manifest is None:
             raise DataFormatError("an image folder's data is checked against its manifest.json; none was given")
         return {s: v["rows"] for s, v in manifest["splits"].items()}, manifest["image"]
-    classes = manifest["image"]["classes"] if manifest else data.class_names
+    classes = data.class_names or (manifest["image"]["classes"] if manifest else None)   # the published classes
     if not classes:
         raise DataFormatError("the IDX labels need data.vision.class_names in params.yaml, or the data's manifest")
     return expected_rows(cfg), {**IDX_IMAGE, "classes": classes}
