@@ -138,6 +138,7 @@ def run(monkeypatch, module, *args: str) -> None:
     module.main()
 
 
+@pytest.mark.slow   # every stage in process (~25 s): make test runs it, make check does not
 def test_a_three_class_rgb_folder_runs_from_teacher_to_an_int8_onnx_file(tmp_path, raw_params, mlflow_uri,
                                                                          monkeypatch):
     """Every stage takes the data's shape and classes: the teacher, the distilled and QAT students and the four ONNX
