@@ -101,7 +101,12 @@ def load_model(path: Path) -> nn.Module:
             raise CheckpointError(f"{path}: a QAT model file of an older format (ctr_qat without its settings); "
                                   "re-run qat_recsys and the stages after it")
         model = importlib.import_module("tasks.recsys_models").prepare_ctr_qat(model, **blob["ctr_qat"])
-    model.load_state_dict(blob["state_dict"])
+    try:
+        model.load_state_dict(blob["state_dict"])
+    except RuntimeError as err:   # weights of another shape than the file's own architecture and data shape say
+        first = str(err).splitlines()[1:2] or [str(err)[:200]]
+        raise CheckpointError(f"{path}: its weights do not fit the {blob['kind']} it describes ({first[0].strip()}); "
+                              "re-run the stage that writes it") from err
     return model.eval()
 
 

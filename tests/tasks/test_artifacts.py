@@ -16,6 +16,24 @@ def test_unreadable_model_files_fail_with_a_clear_error(tmp_path, content):
         load_model(path)
 
 
+def test_a_model_file_whose_weights_do_not_fit_its_description_is_named(tmp_path):
+    """Before: a bare torch RuntimeError (state_dict size mismatch) with no file name, e.g. a student saved without
+    its data's shape (three classes) read back as the ten-class default."""
+    import torch
+
+    from tasks.artifacts import save_model
+    from tasks.vision_config import MobileArch
+    from tasks.vision_models import MobileStudent
+
+    arch = MobileArch(stem=4, widths=[8], strides=[2])
+    blob_path = tmp_path / "student.pt"
+    save_model(MobileStudent(arch, num_classes=3), "mobile_student", arch, blob_path)   # no shape saved with it
+    assert isinstance(torch.load(blob_path, weights_only=True), dict)
+    with pytest.raises(CheckpointError, match=r"student\.pt: its weights do not fit the mobile_student it describes "
+                                              r"\(size mismatch for head\.weight"):
+        load_model(blob_path)
+
+
 def test_a_stage_left_out_of_the_recipe_passes_its_student_through(tmp_path, config, mlflow_uri, monkeypatch):
     import argparse
     import json
