@@ -193,14 +193,14 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
     where = paths(root, family)
     tags = {**lineage(cfg, root, parent_run_id, family), **(extra_tags or {})}
     if description := data_description(family, root / where["data"]):
-        tags[DATA_TAG] = description
+        tags[DATA_TAG] = description   # the gate holds the champion to it
     with registry_lock(gate.registered_model, cfg.tracking.registry_lock_timeout_seconds):
         same = _registered_with(client, gate.registered_model, tags["onnx.hash"])
         if same is not None:  # a no-change re-run: this exact file was gated and registered before
             print(f"{gate.registered_model} version {same.version} already holds this candidate; registry unchanged")
             return {"passed": same.tags.get("gate.passed") == "true", "checks": [], "name": gate.registered_model,
                     "version": str(same.version), "champion": False, "unchanged": True}
-        report, checks, evaluation = _gate(root, cfg, client, run_id, family, where)
+        report, checks, evaluation = _gate(root, cfg, client, run_id, family, where, description)
         promote = report["passed"] and may_promote
         tags.update({**gate_tags(checks), **audit_tags(report["champion_before"], promote)})
         source, tags[MODEL_SHA256] = log_onnx_model(client, run_id, root / where["candidate"],
@@ -223,8 +223,8 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
     return report
 
 
-def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str, family: str,
-          where: dict[str, Path]) -> tuple[dict[str, Any], list[Check], dict[str, Any]]:
+def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str, family: str, where: dict[str, Path],
+          description: str) -> tuple[dict[str, Any], list[Check], dict[str, Any]]:
     """Score the candidate and the current champion back to back, check the gate, write and log its report;
     return the report, the checks and the evaluation with the candidate's fresh scores."""
     gate, contract = getattr(cfg.gate, family), load_family(family)
@@ -236,8 +236,8 @@ def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str, family: st
     with tempfile.TemporaryDirectory() as tmp:
         if champ is not None:  # the champion and the candidate: same test data, same run, back to back
             champion_file = download_onnx(client, champ, Path(tmp))
-            check_comparable(gate.registered_model, champ, champion_file, root / where["candidate"],
-                             data_description(family, data), family)
+            check_comparable(gate.registered_model, champ, champion_file, root / where["candidate"], description,
+                             family)
             champion = {"version": str(champ.version), **contract.score(champion_file, data, cfg)}
     evaluation["models"]["student_int8"].update(contract.score(root / where["candidate"], data, cfg))
     # the teacher's latency too, beside the candidate's: a speed-up divides two numbers of one session

@@ -61,6 +61,17 @@ def write_json(path: Path, obj: Any) -> None:
     write_atomic(path, (text + "\n").encode())
 
 
+def read_manifest(data_dir: Path, stage: str) -> dict[str, Any]:
+    """``<data_dir>/manifest.json`` as the prepare ``stage`` wrote it; unreadable, one line naming it and the stage
+    to re-run."""
+    from tasks.errors import DataFormatError
+
+    try:
+        return json.loads((data_dir / "manifest.json").read_text())
+    except (OSError, ValueError) as err:
+        raise DataFormatError(f"{data_dir}/manifest.json: cannot be read ({err}); re-run {stage}") from err
+
+
 def save_npy(path: Path, arr: np.ndarray) -> None:
     buffer = io.BytesIO()
     np.save(buffer, np.ascontiguousarray(arr), allow_pickle=False)

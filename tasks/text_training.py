@@ -11,7 +11,6 @@ without gradients; the shared ``train_step`` zeroes them every step.
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from torch import nn
 
 from tasks.distillation import soft_target_kl
 from tasks.family_config import LossWeights, Training
+from tasks.io import read_manifest
 from tasks.training import autocast, fit_best
 
 SPLITS = ("train", "val", "test")
@@ -63,7 +63,7 @@ class Encoded:
 
 
 def manifest(data_dir: Path) -> dict:
-    return json.loads((data_dir / "manifest.json").read_text())
+    return read_manifest(data_dir, "prepare_text")
 
 
 def student_shape(data_dir: Path) -> dict:

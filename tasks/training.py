@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import json
 import math
 import sys
 from collections.abc import Callable
@@ -23,6 +22,7 @@ from tasks.checkpoints import load_checkpoint, save_checkpoint
 from tasks.errors import DataFormatError
 from tasks.family_config import Optimizer, Schedule
 from tasks.hardware import native_bf16
+from tasks.io import read_manifest
 from tasks.observers import frozen_observers
 
 if TYPE_CHECKING:  # annotations only: the recommender runs this code without the vision config
@@ -87,11 +87,10 @@ def model_shape(directory: Path) -> dict[str, Any]:
 
 def image_manifest(directory: Path) -> dict[str, Any]:
     """``manifest.json``'s ``image`` section of processed image data: channels, height, width, mean, std, classes."""
-    try:
-        return json.loads((directory / "manifest.json").read_text())["image"]
-    except (OSError, ValueError, KeyError) as err:
-        raise DataFormatError(f"{directory}/manifest.json: no image description ({err!r}); re-run prepare_vision"
-                              ) from err
+    manifest = read_manifest(directory, "prepare_vision")
+    if "image" not in manifest:
+        raise DataFormatError(f"{directory}/manifest.json: no image description; re-run prepare_vision")
+    return manifest["image"]
 
 
 @functools.cache

@@ -7,7 +7,6 @@ value). A failed expectation stops the pipeline with a message naming it and the
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import numpy as np
 from tasks.config import Config, stage_args
 from tasks.errors import DataFormatError, run_cli
 from tasks.expectations import ephemeral_context, failure_message, publish_validation, run_suites  # noqa: F401 (failure_message: API)
+from tasks.io import read_manifest
 
 TRAIN_ROWS, TEST_ROWS = 60000, 10000  # the published Fashion-MNIST split sizes
 IDX_IMAGE = {"channels": 1, "height": 28, "width": 28}  # and its published image shape
@@ -61,13 +61,6 @@ def class_shares(cfg: Config, manifest: dict | None, num_classes: int) -> list[f
     return (counts / counts.sum()).tolist()
 
 
-def load_manifest(data_dir: Path) -> dict:
-    try:
-        return json.loads((data_dir / "manifest.json").read_text())
-    except (OSError, ValueError) as err:
-        raise DataFormatError(f"{data_dir}/manifest.json: cannot be read ({err}); re-run prepare_vision") from err
-
-
 def validate_vision(arrays: dict[str, tuple[np.ndarray, np.ndarray]], cfg: Config,
                     docs: Path | None = None, manifest: dict | None = None) -> dict[str, Any]:
     """Run every suite (through GE Checkpoints, rendering Data Docs into ``docs`` when given); return the report
@@ -91,7 +84,7 @@ def main() -> None:
     from tasks.tracking import stage_run
 
     with stage_run("validate_vision", cfg, {"validate.vision": cfg.validate_.vision}) as run:
-        report = validate_vision(load_arrays(args.data), cfg, args.docs, load_manifest(args.data))
+        report = validate_vision(load_arrays(args.data), cfg, args.docs, read_manifest(args.data, "prepare_vision"))
         report = publish_validation(run, report, args.report, args.docs)
     print(f"validation passed: {len(report['checks'])} expectations")
 

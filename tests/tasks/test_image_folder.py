@@ -17,7 +17,8 @@ from tasks.artifacts import load_model
 from tasks.errors import ChecksumError, DataFormatError, DataSourceError
 from tasks.prepare_vision import prepare_vision
 from tasks.training import Split
-from tasks.validate_vision import load_arrays, load_manifest, validate_vision
+from tasks.io import read_manifest
+from tasks.validate_vision import load_arrays, validate_vision
 
 CLASSES = ("cat", "dog", "fox")   # each class one dominant colour: a tiny net learns it in a few steps
 COLOURS = {"cat": (200, 40, 40), "dog": (40, 200, 40), "fox": (40, 40, 200)}
@@ -60,7 +61,7 @@ def test_an_rgb_folder_is_prepared_and_validated_from_its_own_manifest(tmp_path,
     assert inputs.shape == (65, 3, 12, 10)
     assert np.allclose(inputs.mean(dim=(0, 2, 3)).numpy(), 0, atol=1e-4)   # normalised with its own statistics
     arrays = load_arrays(tmp_path / "data")
-    report = validate_vision(arrays, cfg, manifest=load_manifest(tmp_path / "data"))
+    report = validate_vision(arrays, cfg, manifest=read_manifest(tmp_path / "data", "prepare_vision"))
     assert report["success"]
     arrays["val"] = (arrays["val"][0][:, :1], arrays["val"][1])   # one channel where the manifest says three
     failed = {(c["suite"], c["expectation"]) for c in validate_vision(arrays, cfg, manifest=manifest)["checks"]
