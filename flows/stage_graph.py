@@ -36,9 +36,14 @@ def stage_graph(root: Path) -> list[StageNode]:
     order = nx.DiGraph()
     order.add_nodes_from(upstream)
     order.add_edges_from((u, name) for name, ups in upstream.items() for u in ups)
-    # Level by level (a stage after everything it depends on, alphabetical within a level), so every family's data
-    # is validated before any family trains: bad data fails the run before compute is spent elsewhere.
-    return [StageNode(name, upstream[name], outs[name]) for level in nx.topological_generations(order) for name in sorted(level)]
+    # Every family's data is validated before any family trains (bad data fails the run before compute is spent
+    # elsewhere): first the validation stages and what they depend on, then the rest; each part level by level (a
+    # stage after everything it depends on, alphabetical within a level).
+    checks = {name for name in upstream if name.startswith("validate_")}
+    first = checks.union(*(nx.ancestors(order, name) for name in checks))
+    parts = (order.subgraph(first), order.subgraph(set(upstream) - first))
+    return [StageNode(name, upstream[name], outs[name])
+            for part in parts for level in nx.topological_generations(part) for name in sorted(level)]
 
 
 def stage_paths(root: Path, stage: str) -> dict[str, Path]:

@@ -27,7 +27,7 @@ from tasks.operations_config import SweepConfig
 
 PARAMS_FILE = Path("params.yaml")
 #: The keys of params.yaml that hold one block per family.
-SECTION_KEYS = ("data", "validate", "teacher", "recipe", "distill", "prune", "qat", "share", "export", "evaluate",
+SECTION_KEYS = ("ingest", "data", "validate", "teacher", "recipe", "distill", "prune", "qat", "share", "export", "evaluate",
                 "gate", "ablation")
 
 

@@ -55,6 +55,8 @@ def run_suites(context: Any, source: str, batches: list[tuple[Any, Any]], docs: 
     definition = asset.add_batch_definition_whole_dataframe("whole")
     actions = []
     if docs is not None:
+        if DOCS_SITE in context.get_site_names():   # a second call renders into the same site
+            context.delete_data_docs_site(DOCS_SITE)
         context.add_data_docs_site(DOCS_SITE, {
             "class_name": "SiteBuilder", "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
             "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs.resolve())}})
@@ -71,10 +73,17 @@ def run_suites(context: Any, source: str, batches: list[tuple[Any, Any]], docs: 
     return {"success": all(c["success"] for c in checks), "checks": checks}
 
 
+def _short(value: Any) -> Any:
+    """A long value set (every known id) as its first values and its length: the message stays one line each."""
+    if isinstance(value, list) and len(value) > 8:
+        return f"[{', '.join(map(str, value[:5]))}, ... ({len(value)} values)]"
+    return value
+
+
 def failure_message(report: dict[str, Any]) -> str:
     lines = ["processed data failed validation:"]
     for c in (c for c in report["checks"] if not c["success"]):
-        args = ", ".join(f"{k}={v}" for k, v in c["kwargs"].items())
+        args = ", ".join(f"{k}={_short(v)}" for k, v in c["kwargs"].items())
         got = f"observed {c['observed']}" if c["observed"] is not None else ""
         if c["unexpected_count"]:
             got = f"{c['unexpected_count']} unexpected values, e.g. {c['unexpected_examples']}"

@@ -90,7 +90,7 @@ def parse_grouplens(read: Reader) -> dict[str, pd.DataFrame]:
     return normalise({"ratings": ratings, "users": users, "items": items}, files)
 
 
-def _typed(frame: pd.DataFrame, types: dict[str, str], file: str) -> pd.DataFrame:
+def typed(frame: pd.DataFrame, types: dict[str, str], file: str) -> pd.DataFrame:
     """``frame`` with ``types``, column by column so that a value that does not fit names its column."""
     for column, dtype in types.items():
         try:
@@ -112,12 +112,12 @@ def _one_row_each(frame: pd.DataFrame, key: str, file: str) -> pd.DataFrame:
 def normalise(tables: dict[str, pd.DataFrame], files: dict[str, str]) -> dict[str, pd.DataFrame]:
     """Typed columns, one row per user and per item, rows sorted by key: one schema whatever the source format.
     ``files`` names the file each table was read from, for the errors."""
-    ratings = _typed(tables["ratings"], {"user_id": "int64", "item_id": "int64", "rating": "float64",
+    ratings = typed(tables["ratings"], {"user_id": "int64", "item_id": "int64", "rating": "float64",
                                          "timestamp": "float64"}, files["ratings"])
-    ratings = _typed(ratings, {"rating": "int64", "timestamp": "int64"}, files["ratings"])
-    users = _one_row_each(_typed(tables["users"], {"user_id": "int64", "age": "int64"}, files["users"]),
+    ratings = typed(ratings, {"rating": "int64", "timestamp": "int64"}, files["ratings"])
+    users = _one_row_each(typed(tables["users"], {"user_id": "int64", "age": "int64"}, files["users"]),
                           "user_id", files["users"])
-    items = _one_row_each(_typed(tables["items"], {"item_id": "int64", "release_year": "int64"}, files["items"]),
+    items = _one_row_each(typed(tables["items"], {"item_id": "int64", "release_year": "int64"}, files["items"]),
                           "item_id", files["items"])
     users = users.astype({c: "str" for c in ("gender", "occupation", "zip_code")})
     return {"ratings": ratings.sort_values(["user_id", "item_id", "timestamp"]).reset_index(drop=True),

@@ -1,11 +1,13 @@
-"""Stage ``prepare_recsys``: raw MovieLens-100K -> click-through splits with encoded field features.
+"""Stage ``prepare_recsys``: the raw snapshot (MovieLens-100K and accepted batches) -> click-through splits with
+encoded field features.
 
 Protocol (RecBole's CTR convention): ratings >= ``positive_min_rating`` are label 1, ratings <=
 ``negative_max_rating`` label 0, the ones between are dropped. Fields: user id, item id, age bucket, gender,
 occupation, zip prefix, release-year bucket (one embedding row each, in one table with per-field offsets) and the
 19 genres as a multi-hot vector. Split: seeded random ``train/val/test`` by row, or temporal (newest last).
 
-Outputs in ``<out>``: ``{train,val,test}_{fields,genres,y}.npy``; ``users.npy`` / ``items.npy`` /
+Input: ``<raw>``, the family's snapshot (``tasks.snapshot``: the published data set and every batch
+``flows.ingest`` accepted). Outputs in ``<out>``: ``{train,val,test}_{fields,genres,y}.npy``; ``users.npy`` / ``items.npy`` /
 ``items_genres.npy`` (every user's and item's encoded fields, for ranking and candidate scoring);
 ``interactions.csv`` (the labelled rows with their split), ``users.csv``, ``items.csv`` (the normalised tables, for
 validation); ``features.json`` (field offsets and sizes, source, row counts).
@@ -24,6 +26,8 @@ from tasks.io import save_npy, write_atomic, write_json
 from tasks.movielens import GENRES, acquire
 from tasks.recsys_config import RecsysData
 
+Source = tuple[str, dict[str, pd.DataFrame]]   # (where the tables came from, the normalised tables)
+
 SPLITS = ("train", "val", "test")
 USER_FIELDS, ITEM_FIELDS = ("user", "age", "gender", "occupation", "zip"), ("item", "year")
 FIELDS = ("user", "item", "age", "gender", "occupation", "zip", "year")   # column order of *_fields.npy
@@ -39,14 +43,14 @@ def label(ratings: pd.DataFrame, cfg: RecsysData) -> pd.DataFrame:
 def assign_splits(rows: pd.DataFrame, cfg: RecsysData) -> pd.Series:
     """``train``/``val``/``test`` per row: a seeded permutation, or by timestamp (ties broken by user, item)."""
     n = len(rows)
-    n_test, n_val = round(n * cfg.split.test), round(n * cfg.split.val)
+    n_train, n_val, n_test = cfg.split.sizes(n)
     if cfg.split.method == "random":
         order = np.random.default_rng(cfg.seed).permutation(n)
     else:
         order = np.lexsort((rows.item_id.to_numpy(), rows.user_id.to_numpy(), rows.timestamp.to_numpy()))
     names = np.empty(n, dtype=object)
-    names[order[: n - n_val - n_test]] = "train"
-    names[order[n - n_val - n_test: n - n_test]] = "val"
+    names[order[:n_train]] = "train"
+    names[order[n_train: n - n_test]] = "val"
     names[order[n - n_test:]] = "test"
     return pd.Series(names, index=rows.index, name="split")
 
@@ -91,16 +95,18 @@ def row_features(rows: pd.DataFrame, user_codes: np.ndarray, item_codes: np.ndar
     return assemble_fields(user_codes[u], item_codes[i]), item_genres[i]
 
 
-def prepare_recsys(cfg: RecsysData, out: Path) -> dict:
-    """Acquire, label, encode and split MovieLens-100K into ``out``; return the manifest."""
-    source, tables = acquire(cfg)
+def prepare_recsys(cfg: RecsysData, out: Path, found: Source | None = None) -> dict:
+    """Label, encode and split the tables of ``found`` (default: the published data set, acquired now) into
+    ``out``; return the manifest."""
+    source, tables = found if found is not None else acquire(cfg)
     users, items = tables["users"], tables["items"]
     rows = label(tables["ratings"], cfg)
     rows["split"] = assign_splits(rows, cfg)
     user_codes, item_codes, layout = encode(users, items, cfg)
     item_genres = genre_matrix(items)
     manifest = {"source": source, "fields": layout, "genres": list(GENRES),
-                "vocabulary": layout[-1]["offset"] + layout[-1]["size"], "splits": {}}
+                "vocabulary": layout[-1]["offset"] + layout[-1]["size"],
+                "read": {name: len(frame) for name, frame in tables.items()}, "labelled": len(rows), "splits": {}}
     for name in SPLITS:
         part = rows[rows.split == name]
         fields, genres = row_features(part, user_codes, item_codes, item_genres, users, items)
@@ -117,11 +123,15 @@ def prepare_recsys(cfg: RecsysData, out: Path) -> dict:
 
 
 def main() -> None:
-    args, cfg = stage_args(__doc__, "--out")
+    args, cfg = stage_args(__doc__, "--raw", "--out")
+    from tasks.recsys_intake import INTAKE
+    from tasks.snapshot import tables
     from tasks.tracking import stage_run
 
     with stage_run("prepare_recsys", cfg, params={"data.recsys": cfg.data.recsys}) as run:
-        manifest = prepare_recsys(cfg.data.recsys, args.out)
+        batches, found = tables(args.raw, INTAKE)
+        source = f"snapshot {args.raw} of {len(batches)} batch(es): {', '.join(batches)}"
+        manifest = prepare_recsys(cfg.data.recsys, args.out, (source, found))
         run.log_metrics({f"{s}_rows": v["rows"] for s, v in manifest["splits"].items()}
                         | {"vocabulary": manifest["vocabulary"]})
         run.set_tag("data.source", manifest["source"])

@@ -41,6 +41,11 @@ class RecsysSplit(Strict):
     val: Annotated[float, Field(gt=0.0, lt=0.5)]
     test: Annotated[float, Field(gt=0.0, lt=0.5)]
 
+    def sizes(self, n: int) -> tuple[int, int, int]:
+        """Rows of train, val and test for ``n`` labelled ratings."""
+        n_test, n_val = round(n * self.test), round(n * self.val)
+        return n - n_val - n_test, n_val, n_test
+
 
 class RecsysData(Strict):
     """MovieLens-100K as click-through data (RecBole's CTR convention)."""
@@ -70,7 +75,40 @@ class RecsysData(Strict):
 class RecsysValidation(Strict):
     positive_fraction: Fraction        # expected share of label 1 per split ...
     positive_tolerance: Fraction       # ... within this absolute tolerance
-    min_rows: dict[str, Positive]      # per split
+    min_kept_fraction: Fraction        # share of the snapshot's ratings that must be labelled (not neutral)
+
+
+Share = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class RecsysDrift(Strict):
+    """Largest change a new batch may bring against the accepted data (TFX's comparators); more is drift."""
+
+    rating_linf: Share                 # L-infinity between the batch's and the accepted rating histograms (1-5)
+    click_rate_delta: Share            # |click rate of the batch - click rate of the accepted data|
+    unseen_user_share: Share           # share of the batch's ratings by users with no accepted rating
+    unseen_item_share: Share           # ... of items with no accepted rating
+    age_js: Share                      # Jensen-Shannon divergence (base 2) of the raters' age groups
+    gender_js: Share                   # ... of the raters' genders
+    occupation_js: Share               # ... of the raters' occupations
+    genre_js: Share                    # ... of the rated items' genres
+
+
+class RecsysReplay(Strict):
+    """``python -m flows.replay``: MovieLens-100K cut by time into an initial window and batches that arrive."""
+
+    initial_fraction: Annotated[float, Field(gt=0.0, lt=1.0)]   # the oldest ratings: the first batch
+    period_days: Positive              # then one batch per this many days ...
+    min_rows: Positive                 # ... a period with fewer ratings joins the next
+
+
+class RecsysIngest(Strict):
+    """``python -m flows.ingest --family recsys``: what a new batch must satisfy to join the snapshot."""
+
+    bootstrap: Literal["published", "empty"]   # the snapshot starts as the published data set, or with no batch
+    min_rows: Positive                 # ratings in a batch
+    drift: RecsysDrift
+    replay: RecsysReplay
 
 
 class RecArch(Strict):
@@ -163,7 +201,7 @@ SECTIONS: dict[str, Any] = {
     "data": RecsysData, "validate": RecsysValidation, "teacher": TrainTeacherRecsys,
     "recipe": Recipe,
     "distill": DistillRecsys, "prune": PruneRecsys, "qat": QatRecsys, "share": ShareRecsys, "export": ExportRecsys,
-    "evaluate": EvaluateRecsys, "gate": GateRecsys}
+    "evaluate": EvaluateRecsys, "gate": GateRecsys, "ingest": RecsysIngest}
 
 
 def check(cfg: Config) -> None:

@@ -1,14 +1,18 @@
 """Stage ``validate_recsys``: the Great Expectations gate on processed MovieLens-100K.
 
-Input: ``<data>`` as written by prepare_recsys. Output: ``<report>`` (JSON, every expectation with its observed
-value). Checked: the schema of every table; ratings within 1-5 and labels consistent with them; no missing value
-in a required field; referential integrity (every rating's user and item exist); no duplicate (user, item,
-timestamp) row; per split a minimum row count and the label balance within a tolerance; every encoded field index
-inside its field's range and genres multi-hot. A failed expectation stops the pipeline naming it and the values.
+Input: ``<data>`` as written by prepare_recsys from the raw snapshot ``<snapshot>``. Output: ``<report>`` (JSON,
+every expectation with its observed value). Checked: the schema of every table; ratings within 1-5 and labels
+consistent with them; no missing value in a required field; referential integrity (every rating's user and item
+exist); no duplicate (user, item, timestamp) row; sizes derived from the snapshot's own manifest, never from the
+published data set's: every rating the snapshot accepted was read, at least ``min_kept_fraction`` of them labelled,
+and each split holds its share of the labelled rows exactly; per split the label balance within a tolerance; every
+encoded field index inside its field's range and genres multi-hot. A failed expectation stops the pipeline naming
+it and the values.
 """
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -66,9 +70,21 @@ def table_suites(tables: dict[str, Any], positive_min_rating: int) -> list[tuple
                 E.ExpectColumnValuesToBeBetween(column="release_year", min_value=0, max_value=2100)]), items)]
 
 
-def split_suites(tables: dict[str, Any], rules: RecsysValidation) -> list[tuple[gx.ExpectationSuite, pd.DataFrame]]:
+def size_suite(tables: dict[str, Any], rules: RecsysValidation, ratings: int) -> tuple[gx.ExpectationSuite, pd.DataFrame]:
+    """Sizes against the ``ratings`` the raw snapshot holds: all of them read, enough of them labelled."""
+    labelled = len(tables["interactions"])
+    read = tables["features"].get("read", {}).get("ratings", -1)
+    frame = pd.DataFrame({"ratings_read": [read], "ratings_labelled": [labelled]})
+    return suite("recsys_sizes", [
+        E.ExpectColumnValuesToBeInSet(column="ratings_read", value_set=[ratings]),
+        E.ExpectColumnValuesToBeBetween(column="ratings_labelled", min_value=math.ceil(rules.min_kept_fraction * ratings),
+                                        max_value=ratings)]), frame
+
+
+def split_suites(tables: dict[str, Any], cfg: Config) -> list[tuple[gx.ExpectationSuite, pd.DataFrame]]:
     """Per split: row count, label balance, and the encoded arrays against the field layout."""
     rows, layout, out = tables["interactions"], tables["features"]["fields"], []
+    rules, sizes = cfg.validate_.recsys, dict(zip(SPLITS, cfg.data.recsys.split.sizes(len(rows)), strict=True))
     for split in SPLITS:
         part, arrays = rows[rows.split == split], tables[split]
         fields = arrays["fields"]
@@ -77,8 +93,8 @@ def split_suites(tables: dict[str, Any], rules: RecsysValidation) -> list[tuple[
         frame["genres_binary"] = np.isin(arrays["genres"], (0, 1)).all(axis=1).astype(int)
         frame["label"] = arrays["y"].astype(np.float64)
         out.append((suite(f"recsys_{split}", [
-            E.ExpectTableRowCountToEqual(value=len(part)),
-            E.ExpectTableRowCountToBeBetween(min_value=rules.min_rows.get(split, 1)),
+            E.ExpectTableRowCountToEqual(value=len(part)),     # the arrays hold the split's rows ...
+            E.ExpectTableRowCountToEqual(value=sizes[split]),  # ... and the split its share of the labelled rows
             E.ExpectColumnMeanToBeBetween(column="label", min_value=rules.positive_fraction - rules.positive_tolerance,
                                           max_value=rules.positive_fraction + rules.positive_tolerance),
             E.ExpectColumnValuesToBeInSet(column="genres_binary", value_set=[1]),
@@ -87,19 +103,35 @@ def split_suites(tables: dict[str, Any], rules: RecsysValidation) -> list[tuple[
     return out
 
 
-def validate_recsys(tables: dict[str, Any], cfg: Config, docs: Path | None = None) -> dict[str, Any]:
-    """Run every suite (through GE Checkpoints, rendering Data Docs into ``docs`` when given); return the report."""
+def snapshot_ratings(snapshot: Path) -> int:
+    """The ratings the raw snapshot's manifest says its batches hold."""
+    from tasks.snapshot import read
+
+    try:
+        return sum(int(b["rows"]["ratings"]) for b in read(snapshot)["batches"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise DataFormatError(f"{snapshot}: a batch of its manifest has no ratings row count ({err})") from err
+
+
+def validate_recsys(tables: dict[str, Any], cfg: Config, docs: Path | None = None,
+                    ratings: int | None = None) -> dict[str, Any]:
+    """Run every suite (through GE Checkpoints, rendering Data Docs into ``docs`` when given); return the report.
+    ``ratings``: what the raw data holds (the stage passes its snapshot's count; default: what prepare read)."""
     context = ephemeral_context()
-    batches = table_suites(tables, cfg.data.recsys.positive_min_rating) + split_suites(tables, cfg.validate_.recsys)
+    if ratings is None:
+        ratings = tables["features"].get("read", {}).get("ratings", 0)
+    batches = (table_suites(tables, cfg.data.recsys.positive_min_rating) + [size_suite(tables, cfg.validate_.recsys, ratings)]
+               + split_suites(tables, cfg))
     return run_suites(context, "recsys", batches, docs)
 
 
 def main() -> None:
-    args, cfg = stage_args(__doc__, "--data", "--report", "--docs")
+    args, cfg = stage_args(__doc__, "--data", "--snapshot", "--report", "--docs")
     from tasks.tracking import stage_run
 
     with stage_run("validate_recsys", cfg, {"validate.recsys": cfg.validate_.recsys}) as run:
-        report = publish_validation(run, validate_recsys(load_tables(args.data), cfg, args.docs), args.report,
+        report = publish_validation(run, validate_recsys(load_tables(args.data), cfg, args.docs,
+                                                                   snapshot_ratings(args.snapshot)), args.report,
                                     args.docs)
     print(f"validation passed: {len(report['checks'])} expectations")
 

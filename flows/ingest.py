@@ -1,0 +1,255 @@
+"""Ingestion: new batches of a family's raw data are checked and join its snapshot, or are quarantined.
+
+    python -m flows.ingest --family recsys BATCH [BATCH ...]    # batch folders, in this order
+    python -m flows.ingest --family recsys --landing DIR        # every batch folder of DIR not seen yet, by name
+    python -m flows.ingest --family recsys --landing DIR --run  # ... then the family's pipeline, if one was accepted
+
+Each batch is checked with Great Expectations (through Checkpoints, with Data Docs) against
+
+- the **contract** (``tasks/<family>_intake.py``): schema, types, ranges, label set, referential integrity,
+  duplicates — on the batch alone and against the data already accepted;
+- the **reference profile** of the accepted data (drift): distances TFX's data validation uses, each under its
+  ``ingest.<family>.drift`` limit.
+
+A batch that passes joins the snapshot (``data/<family>/raw``, the output of stage ``snapshot_<family>``) and
+``dvc commit`` records the new version in ``dvc.lock`` (and its cache), so the next ``dvc repro`` trains on it. A
+batch that fails is **quarantined**: copied to ``data/<family>/quarantine/<batch>/`` with its report and Data Docs,
+named as ``invalid`` (the contract), ``drift`` (valid but shifted) or ``unreadable``; nothing else changes. Each
+batch gets an MLflow run (``ingest_<family>``: status, reason, drift distances, the report, the Data Docs, the batch
+as a dataset input); the Prefect flow ``ingest`` runs the same code, and ``continuous-training`` (``--run``) follows
+it with the compression pipeline when a batch was accepted (with nothing new it does nothing, in seconds).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from prefect import flow
+
+from flows.pipeline import compression_pipeline, reproduce, stage_env, stage_logger
+from flows.stage_graph import stage_paths
+from tasks.config import Config, load_config
+from tasks.errors import EXIT_USER_ERROR, DataFormatError, PipelineError, run_cli
+from tasks.expectations import DATA_DOCS, ephemeral_context, failure_message, run_suites
+from tasks.intake import Intake, load_intake
+from tasks.io import write_json
+from tasks.snapshot import add_batch, batch_digest, batch_tables, folder_digests, read
+from tasks.tracking import pipeline_run, tracking_uri
+
+QUARANTINE = "quarantine"
+
+
+@dataclass
+class Outcome:
+    batch: str
+    status: str            # accepted | quarantined | skipped
+    reason: str = ""       # quarantined: invalid | drift | unreadable; skipped: why
+    detail: str = ""       # the failed checks, one per line
+    report: str = ""       # where the report and Data Docs are
+
+
+def snapshot_stage(root: Path, family: str) -> tuple[str, Path]:
+    """The stage that owns the family's snapshot and its folder, as dvc.yaml's command names it."""
+    stage = f"snapshot_{family}"
+    folder = stage_paths(root, stage).get("snapshot")
+    if folder is None:
+        raise PipelineError(f"dvc.yaml: stage {stage} names no --snapshot folder")
+    return stage, root / folder
+
+
+def _seen(snapshot: Path, quarantine: Path, folder: Path) -> str | None:
+    """Why ``folder`` is not ingested again: accepted (same name or same files) or quarantined before."""
+    manifest, files = read(snapshot), folder_digests(folder)
+    digest = batch_digest(files)
+    for batch in manifest["batches"]:
+        if batch["id"] == folder.name or batch.get("digest") == digest:
+            return f"already accepted as {batch['id']}"
+    if (quarantine / folder.name).is_dir():
+        return f"quarantined before ({quarantine / folder.name}); remove it there to try again"
+    return None
+
+
+def check(intake: Intake, cfg: Config, batch: Any, accepted: Any, docs: Path) -> tuple[str, dict[str, Any]]:
+    """("" when the batch passes, else ``invalid`` or ``drift``; the report) — contract first, drift only for a
+    valid batch against accepted data."""
+    context = ephemeral_context()
+    contract = run_suites(context, "contract", intake.contract(batch, accepted, cfg), docs)
+    report: dict[str, Any] = {"contract": contract, "drift": None, "profile": None}
+    if not contract["success"]:
+        return "invalid", report
+    if accepted is None:
+        return "", report
+    stats, suites = intake.drift(batch, accepted, cfg)
+    drift = run_suites(context, "drift", suites, docs)
+    report.update(drift={**drift, "distances": stats}, profile=intake.profile(accepted, cfg))
+    return ("" if drift["success"] else "drift"), report
+
+
+def ingest_batch(root: Path, family: str, cfg: Config, folder: Path, env: dict[str, str]) -> Outcome:
+    """Check one batch folder; add it to the snapshot or quarantine it; log it to MLflow."""
+    intake = load_intake(family)
+    stage, snapshot = snapshot_stage(root, family)
+    quarantine = snapshot.parent / QUARANTINE
+    seen = _seen(snapshot, quarantine, folder)
+    if seen:
+        return Outcome(folder.name, "skipped", seen)
+    reports = root / "reports" / family / "ingest" / folder.name
+    if reports.exists():
+        shutil.rmtree(reports)
+    reports.mkdir(parents=True)
+    docs = reports / DATA_DOCS
+    try:
+        batch = intake.read_batch(folder)
+    except DataFormatError as err:
+        reason, report = "unreadable", {"error": str(err)}
+    else:
+        accepted_batches = batch_tables(snapshot, intake)
+        accepted = intake.combine([t for _, t in accepted_batches]) if accepted_batches else None
+        reason, report = check(intake, cfg, batch, accepted, docs)
+    report.update(batch=folder.name, source=str(folder.resolve()), status="quarantined" if reason else "accepted",
+                  reason=reason)
+    detail = _detail(report)
+    with pipeline_run(cfg, f"ingest_{family}", root, launcher="ingest") as run:
+        run.set_tags({"ingest.family": family, "ingest.batch": folder.name, "ingest.status": report["status"],
+                      "ingest.reason": reason or "none"})
+        files = folder_digests(folder)
+        _log_batch(run, folder, batch_digest(files))
+        distances = (report.get("drift") or {}).get("distances") or {}
+        run.log_metrics({f"drift.{k}": v for k, v in distances.items()})
+        if reason:
+            target = quarantine / folder.name
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.copytree(folder, target / "batch")
+            write_json(reports / "report.json", report)
+            shutil.copytree(reports, target, dirs_exist_ok=True)
+            run.log_artifact(reports / "report.json")
+            if docs.is_dir():
+                run.log_artifacts(docs, DATA_DOCS)
+            return Outcome(folder.name, "quarantined", reason, detail, str(target))
+        entry = add_batch(snapshot, folder.name, folder, {"rows": intake.rows(batch), "source": str(folder.resolve())})
+        report["digest"] = entry["digest"]
+        write_json(reports / "report.json", report)
+        run.log_artifact(reports / "report.json")
+        if docs.is_dir():
+            run.log_artifacts(docs, DATA_DOCS)
+        _record(root, stage, env)
+        run.log_data([str(snapshot.relative_to(root))], root, "snapshot")
+    return Outcome(folder.name, "accepted", "", "", str(reports))
+
+
+def _log_batch(run: Any, folder: Path, digest: str) -> None:
+    """The batch as an MLflow dataset input (context ``batch``; digest: its files' SHA-256, shortened to MLflow's
+    digest length)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    dataset = Dataset(name=folder.name, digest=digest[:32], source_type="local",
+                      source=json.dumps({"uri": str(folder.resolve())}))
+    run._call("log the batch as a dataset input", lambda: run.client.log_inputs(
+        run.run_id, datasets=[DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, "batch")])]))
+
+
+def _record(root: Path, stage: str, env: dict[str, str]) -> None:
+    """``dvc commit`` the stage's grown output (dvc.lock and the cache hold the new version); ``dvc push`` it when
+    the project has a default remote."""
+    import subprocess
+
+    for args in (["commit", "--force", stage], ["push", stage]):
+        if args[0] == "push" and not _default_remote(root, env):
+            continue
+        done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            raise PipelineError(f"dvc {' '.join(args)} failed in {root}: {(done.stderr or done.stdout).strip()[-800:]}")
+
+
+def _default_remote(root: Path, env: dict[str, str]) -> bool:
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "dvc", "remote", "default"], cwd=root, env=env, capture_output=True,
+                          text=True, check=False)
+    return done.returncode == 0 and bool(done.stdout.strip())
+
+
+def _detail(report: dict[str, Any]) -> str:
+    if "error" in report:
+        return report["error"]
+    failed = report["contract"] if not report["contract"]["success"] else report.get("drift")
+    return failure_message(failed).split("\n", 1)[1] if failed and not failed["success"] else ""
+
+
+def landed(landing: Path) -> list[Path]:
+    """The batch folders of a landing folder, by name (hidden ones are being written)."""
+    if not landing.is_dir():
+        raise PipelineError(f"{landing}: no such landing folder")
+    return sorted(p for p in landing.iterdir() if p.is_dir() and not p.name.startswith("."))
+
+
+@flow(name="ingest", log_prints=True)
+def ingest(root: str, family: str, batches: list[str] | None = None,
+           landing: str | None = None) -> list[dict[str, str]]:
+    """Ingest ``batches`` (folders) or every new batch of ``landing`` into ``family``'s snapshot, in order."""
+    root_path = Path(root).resolve()
+    cfg = load_config(root_path / "params.yaml")
+    if family not in cfg.families:
+        raise PipelineError(f"--family: {family!r} is not one of families {cfg.families}")
+    folders = [Path(b) for b in batches or []] + (landed(Path(landing)) if landing else [])
+    env = stage_env(root_path, tracking_uri(cfg, root_path), "")   # no parent: the snapshot stage's run stands alone
+    log = stage_logger()
+    stage, _ = snapshot_stage(root_path, family)
+    reproduce(stage, root_path, env)   # the snapshot exists and is intact before anything joins it
+    outcomes = []
+    for folder in folders:
+        outcome = ingest_batch(root_path, family, cfg, folder, env)
+        log(f"{outcome.batch}: {outcome.status}" + (f" ({outcome.reason})" if outcome.reason else "")
+            + (f"\n{outcome.detail}" if outcome.detail else ""))
+        outcomes.append(asdict(outcome))
+    return outcomes
+
+
+@flow(name="continuous-training", log_prints=True)
+def continuous_training(root: str, family: str, landing: str) -> dict[str, Any]:
+    """Ingest what arrived in ``landing``; when a batch was accepted, run the family's pipeline (its stages re-run
+    on the new snapshot, then the gate); with nothing new, nothing else runs."""
+    root_path = Path(root).resolve()
+    outcomes = ingest(str(root_path), family, landing=str(root_path / landing))
+    accepted = [o["batch"] for o in outcomes if o["status"] == "accepted"]
+    result = compression_pipeline(str(root_path), [family]) if accepted else None
+    return {"ingested": outcomes, "pipeline": result}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("batches", nargs="*", type=Path, help="batch folders, ingested in this order")
+    parser.add_argument("--family", required=True)
+    parser.add_argument("--landing", type=Path, help="ingest every batch folder of this folder not seen yet")
+    parser.add_argument("--run", action="store_true", help="then run the family's pipeline if a batch was accepted")
+    parser.add_argument("--root", type=Path, default=Path("."))
+    args = parser.parse_args()
+    if not args.batches and args.landing is None:
+        parser.error("name batch folders or --landing")
+    if args.run:
+        if args.batches:
+            parser.error("--run takes --landing only")
+        result = continuous_training(str(args.root), args.family, str(args.landing.resolve()))
+        outcomes = result["ingested"]
+    else:
+        outcomes = ingest(str(args.root), args.family, [str(b) for b in args.batches],
+                          str(args.landing) if args.landing else None)
+    for o in outcomes:
+        print(f"{o['batch']}: {o['status']}" + (f" ({o['reason']})" if o["reason"] else "")
+              + (f" -> {o['report']}" if o["report"] else ""))
+    quarantined = [o for o in outcomes if o["status"] == "quarantined"]
+    if quarantined:
+        for o in quarantined:
+            print(f"error: batch {o['batch']} quarantined ({o['reason']}):\n{o['detail']}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,178 @@
+"""Stage ``snapshot_<family>``: a family's raw data as a versioned snapshot, the bootstrap plus every accepted batch.
+
+Layout of ``<snapshot>`` (``data/<family>/raw``, a DVC output with ``persist: true``: ``dvc repro`` never deletes it)::
+
+    snapshot.json        {"family", "batches": [{"id", "files": {name: sha256}, "rows": {...}, "source", ...}]}
+    <batch id>/<files>   one folder per batch, written once and never rewritten
+
+The stage creates an absent snapshot: the family's published data set (read from its pinned, checksum-verified
+sources) as batch ``0000-bootstrap``, or no batch at all when ``ingest.<family>.bootstrap`` is ``empty`` (data that
+only arrives by ``python -m flows.ingest``). An existing snapshot is verified: every batch's files must have the
+digests it was accepted with, and a published bootstrap must come from today's pinned sources. ``flows.ingest``
+adds batches that passed their contract and drift checks and records the new version with ``dvc commit``, so
+``dvc.lock`` holds the snapshot's hash and every stage downstream re-runs on the new data.
+
+What a family's files hold is its ``tasks/<family>_intake.py``'s business (``tasks.intake.Intake``); this module only
+stores, hashes and lists them.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from tasks.config import load_config
+from tasks.errors import DataFormatError
+from tasks.intake import Intake
+from tasks.io import file_digest, write_json
+
+MANIFEST = "snapshot.json"
+BOOTSTRAP = "0000-bootstrap"
+
+
+def read(snapshot: Path) -> dict[str, Any]:
+    """The snapshot's manifest; a missing or unreadable one names the folder."""
+    try:
+        manifest = json.loads((snapshot / MANIFEST).read_text())
+    except FileNotFoundError:
+        raise DataFormatError(f"{snapshot}: no {MANIFEST}; create the snapshot with `dvc repro` first") from None
+    except (OSError, ValueError) as err:
+        raise DataFormatError(f"{snapshot / MANIFEST}: cannot be read ({err})") from err
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("batches"), list):
+        raise DataFormatError(f"{snapshot / MANIFEST}: has no list of batches")
+    return manifest
+
+
+def folder_digests(folder: Path) -> dict[str, str]:
+    """SHA-256 of every file of a batch folder, by name (sub-folders are not part of a batch)."""
+    return {p.name: file_digest(p) for p in sorted(folder.iterdir()) if p.is_file() and not p.name.startswith(".")}
+
+
+def batch_digest(files: dict[str, str]) -> str:
+    """One digest for a batch: its files' names and digests (the same content under another id is the same batch)."""
+    import hashlib
+
+    return hashlib.sha256(json.dumps(files, sort_keys=True).encode()).hexdigest()
+
+
+def verify(snapshot: Path) -> dict[str, Any]:
+    """The manifest, once every batch's files are there with the digests they were accepted with."""
+    manifest = read(snapshot)
+    for batch in manifest["batches"]:
+        folder = snapshot / batch["id"]
+        if not folder.is_dir():
+            raise DataFormatError(f"{folder}: batch {batch['id']} of {snapshot / MANIFEST} is missing")
+        found = folder_digests(folder)
+        if found != batch["files"]:
+            changed = sorted(set(found) ^ set(batch["files"]) | {n for n in found if batch["files"].get(n) != found[n]})
+            raise DataFormatError(f"{folder}: {', '.join(changed)} differ from what was accepted (snapshot.json); "
+                                  "an accepted batch is never edited: restore it with `dvc checkout`")
+    return manifest
+
+
+def batch_tables(snapshot: Path, intake: Intake) -> list[tuple[str, Any]]:
+    """(id, tables) of every batch, in the order they were accepted."""
+    return [(b["id"], intake.read_batch(snapshot / b["id"])) for b in verify(snapshot)["batches"]]
+
+
+def tables(snapshot: Path, intake: Intake) -> tuple[list[str], Any]:
+    """(batch ids, the family's tables of the whole snapshot); a snapshot without a batch names the command that
+    adds one."""
+    batches = batch_tables(snapshot, intake)
+    if not batches:
+        raise DataFormatError(f"{snapshot}: the snapshot holds no batch yet; add one with "
+                              f"`python -m flows.ingest --family {read(snapshot)['family']} <batch folder>`")
+    return [b for b, _ in batches], intake.combine([t for _, t in batches])
+
+
+def add_batch(snapshot: Path, batch_id: str, source: Path, entry: dict[str, Any]) -> dict[str, Any]:
+    """Copy the batch folder ``source`` into the snapshot as ``batch_id`` and list it in the manifest; return the
+    manifest entry. The folder lands whole (copied beside, then renamed) before the manifest names it, and the
+    manifest is replaced atomically: a kill leaves the snapshot as it was (plus at most an unlisted folder)."""
+    manifest = verify(snapshot)
+    if any(b["id"] == batch_id for b in manifest["batches"]):
+        raise DataFormatError(f"{snapshot}: already holds a batch {batch_id}")
+    target = snapshot / batch_id
+    if target.exists():   # an unlisted folder left by a kill between the copy and the manifest
+        shutil.rmtree(target)
+    scratch = Path(tempfile.mkdtemp(dir=snapshot, prefix=f".{batch_id}."))
+    scratch.chmod(0o755)   # mkdtemp makes it private
+    try:
+        for path in sorted(source.iterdir()):
+            if path.is_file() and not path.name.startswith("."):
+                shutil.copy2(path, scratch / path.name)
+        os.replace(scratch, target)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    files = folder_digests(target)
+    record = {"id": batch_id, "files": files, "digest": batch_digest(files),
+              "accepted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **entry}
+    write_json(snapshot / MANIFEST, {**manifest, "batches": [*manifest["batches"], record]})
+    return record
+
+
+def create(snapshot: Path, family: str, intake: Intake, cfg: Any) -> dict[str, Any]:
+    """A new snapshot in ``snapshot``: the published data as its first batch, or none (``bootstrap: empty``)."""
+    spec = intake.settings(cfg)
+    snapshot.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=snapshot.parent, prefix=f".{snapshot.name}."))
+    scratch.chmod(0o755)
+    try:
+        batches = []
+        if spec.bootstrap == "published":
+            source, found, pins = intake.bootstrap(cfg)
+            intake.write_batch(found, scratch / BOOTSTRAP)
+            files = folder_digests(scratch / BOOTSTRAP)
+            batches.append({"id": BOOTSTRAP, "files": files, "digest": batch_digest(files), "source": source,
+                            "pins": pins, "rows": intake.rows(found)})
+        write_json(scratch / MANIFEST, {"family": family, "batches": batches})
+        os.replace(scratch, snapshot)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    return read(snapshot)
+
+
+def ensure(snapshot: Path, family: str, intake: Intake, cfg: Any) -> dict[str, Any]:
+    """Create the snapshot when it is absent, else verify it (and that a published bootstrap is today's)."""
+    if not snapshot.exists():
+        return create(snapshot, family, intake, cfg)
+    manifest = verify(snapshot)
+    if manifest.get("family") != family:
+        raise DataFormatError(f"{snapshot / MANIFEST}: holds family {manifest.get('family')!r}, not {family!r}")
+    first = next(iter(manifest["batches"]), None)
+    if first is not None and first["id"] == BOOTSTRAP:
+        pins = intake.pins(cfg)
+        if first.get("pins") != pins:
+            raise DataFormatError(f"{snapshot}: was bootstrapped from other published files than params.yaml pins "
+                                  f"now ({intake.pins_key}); move the folder away to bootstrap it anew")
+    return manifest
+
+
+def describe(manifest: dict[str, Any]) -> str:
+    return "; ".join(f"{b['id']} ({', '.join(f'{k} {v}' for k, v in b.get('rows', {}).items())})"
+                     for b in manifest["batches"]) or "no batch yet"
+
+
+def stage_main(family: str, intake: Intake) -> None:
+    """``python -m tasks.snapshot_<family> --snapshot data/<family>/raw``: the stage's command line."""
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--snapshot", type=Path, required=True)
+    args = parser.parse_args()
+    cfg = load_config(args.params)
+    from tasks.tracking import stage_run
+
+    with stage_run(f"snapshot_{family}", cfg, params={f"ingest.{family}.bootstrap": intake.settings(cfg).bootstrap}) as run:
+        manifest = ensure(args.snapshot, family, intake, cfg)
+        run.log_metrics({"batches": len(manifest["batches"])})
+        if manifest["batches"] and manifest["batches"][0]["id"] == BOOTSTRAP:
+            run.set_tag("data.source", manifest["batches"][0]["source"])
+        run.log_artifact(args.snapshot / MANIFEST)
+    print(f"{args.snapshot}: {len(manifest['batches'])} batch(es): {describe(manifest)}")

@@ -1,0 +1,193 @@
+"""The recommender's intake on the real MovieLens-100K: its weeks as they arrived pass the contract and the drift
+limits, a broken or a shifted batch is named for what it is, and the snapshot stores what was accepted, intact."""
+from __future__ import annotations
+
+import itertools
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from flows.ingest import check
+from tasks.errors import DataFormatError
+from tasks.expectations import ephemeral_context, run_suites
+from tasks.prepare_recsys import prepare_recsys
+from tasks.recsys_intake import INTAKE
+from tasks.snapshot import BOOTSTRAP, add_batch, create, ensure, tables, verify
+
+
+@pytest.fixture(scope="module")
+def replayed(tmp_path_factory, raw_params):
+    from tasks.config import parse_config
+
+    cfg = parse_config(raw_params)
+    landing = tmp_path_factory.mktemp("landing")
+    return cfg, INTAKE.replay(cfg, landing)
+
+
+def _accepted(batches: list[Path]):
+    return INTAKE.combine([INTAKE.read_batch(b) for b in batches])
+
+
+def _failed(report: dict) -> set[tuple[str, str]]:
+    return {(c["expectation"], c["kwargs"].get("column", "")) for part in ("contract", "drift")
+            if report.get(part) for c in report[part]["checks"] if not c["success"]}
+
+
+def test_the_replay_cuts_movielens_by_time_into_an_initial_window_and_weekly_batches(replayed):
+    cfg, batches = replayed
+    ratings = [INTAKE.read_batch(b)["ratings"] for b in batches]
+    assert batches[0].name == "0000-initial" and len(batches) >= 5
+    assert sum(map(len, ratings)) == 100_000
+    assert abs(len(ratings[0]) - 50_000) < 100
+    for before, after in itertools.pairwise(ratings):   # time-ordered, no overlap
+        assert before.timestamp.max() <= after.timestamp.min()
+    assert all(len(r) >= cfg.ingest.recsys.replay.min_rows for r in ratings)
+    users = pd.concat([INTAKE.read_batch(b)["users"] for b in batches])
+    assert users.user_id.is_unique and len(users) == 943   # each user arrives with its first rating
+
+
+def test_every_real_week_passes_its_contract_and_the_drift_limits(replayed, tmp_path):
+    cfg, batches = replayed
+    for n in range(1, len(batches)):
+        reason, report = check(INTAKE, cfg, INTAKE.read_batch(batches[n]), _accepted(batches[:n]), tmp_path / str(n))
+        assert reason == "", (batches[n].name, _failed(report))
+        assert set(report["drift"]["distances"]) >= {"rating_linf", "click_rate_delta", "unseen_item_share"}
+
+
+def _week(replayed, tmp_path: Path, edit) -> Path:
+    _, batches = replayed
+    folder = tmp_path / "batch"
+    shutil.copytree(batches[1], folder)
+    edit(folder)
+    return folder
+
+
+def _edit_csv(folder: Path, name: str, change) -> None:
+    """Rewrite ``folder/name`` as ``change`` returns its frame (read as text, as a producer would write it)."""
+    frame = pd.read_csv(folder / name, dtype=str, keep_default_na=False)
+    change(frame).to_csv(folder / name, index=False)
+
+
+@pytest.mark.fault("data", "an arriving batch with a rating of 7 and a rating by a user nobody knows",
+                   "quarantined as invalid: the contract names the rating range and the unknown user")
+def test_a_broken_batch_is_invalid_and_names_what_is_broken(replayed, tmp_path):
+    cfg, batches = replayed
+
+    def edit(frame):
+        frame.loc[:4, "rating"] = "7"
+        frame.loc[5, "user_id"] = "99999"
+        return frame
+
+    folder = _week(replayed, tmp_path, lambda f: _edit_csv(f, "ratings.csv", edit))
+    reason, report = check(INTAKE, cfg, INTAKE.read_batch(folder), _accepted(batches[:1]), tmp_path / "docs")
+    assert reason == "invalid"
+    assert _failed(report) == {("expect_column_values_to_be_between", "rating"),
+                               ("expect_column_values_to_be_in_set", "user_id")}
+    assert report["drift"] is None   # an invalid batch is not measured for drift
+    assert (tmp_path / "docs" / "index.html").is_file()
+
+
+@pytest.mark.fault("data", "an arriving batch that is valid but shifted (every rating a 1)",
+                   "quarantined as drift, not as invalid: the rating histogram's and click rate's distances named")
+def test_a_valid_but_shifted_batch_is_drift_not_corruption(replayed, tmp_path):
+    cfg, batches = replayed
+    folder = _week(replayed, tmp_path, lambda f: _edit_csv(f, "ratings.csv", lambda r: r.assign(rating="1")))
+    reason, report = check(INTAKE, cfg, INTAKE.read_batch(folder), _accepted(batches[:1]), tmp_path / "docs")
+    assert reason == "drift"
+    assert report["contract"]["success"]
+    assert {c for _, c in _failed(report)} == {"rating_linf", "click_rate_delta"}
+    assert report["drift"]["distances"]["rating_linf"] > 0.9
+    assert report["profile"]["ratings"] == len(INTAKE.read_batch(batches[0])["ratings"])
+
+
+@pytest.mark.fault("data", "an arriving batch re-sending accepted ratings, or a known user with another age",
+                   "quarantined as invalid: the repeated ratings and the changed user named")
+def test_a_batch_may_not_repeat_accepted_ratings_or_change_a_known_user(replayed, tmp_path):
+    cfg, batches = replayed
+    first = INTAKE.read_batch(batches[0])
+
+    def edit(folder: Path) -> None:
+        old = first["ratings"].head(3)
+        ratings = pd.read_csv(folder / "ratings.csv")
+        pd.concat([ratings, old]).to_csv(folder / "ratings.csv", index=False)
+        user = first["users"].head(1).assign(age=99)
+        users = pd.read_csv(folder / "users.csv", dtype=str, keep_default_na=False)
+        pd.concat([users, user.astype(str)]).to_csv(folder / "users.csv", index=False)
+
+    folder = _week(replayed, tmp_path, edit)
+    reason, report = check(INTAKE, cfg, INTAKE.read_batch(folder), _accepted(batches[:1]), tmp_path / "docs")
+    assert reason == "invalid"
+    assert {c for _, c in _failed(report)} == {"accepted_before", "changes_accepted"}
+
+
+@pytest.mark.fault("data", "an arriving batch whose ratings.csv has no timestamp column",
+                   "refused as unreadable, naming the file and the columns it has")
+def test_a_batch_without_a_column_is_unreadable_and_named(replayed, tmp_path):
+    folder = _week(replayed, tmp_path, lambda f: _edit_csv(f, "ratings.csv", lambda r: r.drop(columns="timestamp")))
+    with pytest.raises(DataFormatError, match=r"ratings\.csv: columns \['user_id', 'item_id', 'rating'\]"):
+        INTAKE.read_batch(folder)
+
+
+def test_the_published_snapshot_prepares_exactly_what_the_published_files_did(config, tmp_path):
+    """The snapshot is the published data set, stored: training on it changes no number."""
+    snapshot = tmp_path / "raw"
+    manifest = ensure(snapshot, "recsys", INTAKE, config)
+    assert [b["id"] for b in manifest["batches"]] == [BOOTSTRAP]
+    assert manifest["batches"][0]["rows"] == {"ratings": 100_000, "users": 943, "items": 1682}
+    _ids, found = tables(snapshot, INTAKE)
+    prepare_recsys(config.data.recsys, tmp_path / "from_snapshot", ("snapshot", found))
+    prepare_recsys(config.data.recsys, tmp_path / "from_source")
+    for path in sorted((tmp_path / "from_source").glob("*")):
+        if path.suffix == ".npy":
+            assert np.array_equal(np.load(path), np.load(tmp_path / "from_snapshot" / path.name)), path.name
+        elif path.suffix == ".csv":
+            assert path.read_bytes() == (tmp_path / "from_snapshot" / path.name).read_bytes(), path.name
+
+
+@pytest.mark.fault("data", "a file of an accepted batch edited in place in the snapshot",
+                   "the snapshot stage stops naming the batch folder and the file")
+def test_an_accepted_batch_edited_in_place_is_named(replayed, tmp_path):
+    cfg, batches = replayed
+    snapshot = tmp_path / "raw"
+    create(snapshot, "recsys", INTAKE, cfg.model_copy(update={"ingest": cfg.ingest.model_copy(update={
+        "recsys": cfg.ingest.recsys.model_copy(update={"bootstrap": "empty"})})}))
+    with pytest.raises(DataFormatError, match="holds no batch yet"):
+        tables(snapshot, INTAKE)
+    add_batch(snapshot, batches[0].name, batches[0], {"rows": {}})
+    add_batch(snapshot, batches[1].name, batches[1], {"rows": {}})
+    assert [b["id"] for b in verify(snapshot)["batches"]] == [batches[0].name, batches[1].name]
+    with pytest.raises(DataFormatError, match="already holds a batch"):
+        add_batch(snapshot, batches[1].name, batches[1], {"rows": {}})
+    with (snapshot / batches[1].name / "ratings.csv").open("a") as fh:
+        fh.write("1,1,5,1\n")
+    with pytest.raises(DataFormatError, match=rf"{batches[1].name}: ratings\.csv differ from what was accepted"):
+        verify(snapshot)
+
+
+@pytest.mark.fault("data", "params pin other published files than the ones the snapshot was bootstrapped from",
+                   "the snapshot stage stops: move the snapshot away to bootstrap it anew")
+def test_a_snapshot_bootstrapped_from_other_files_is_not_reused(config, tmp_path):
+    snapshot = tmp_path / "raw"
+    ensure(snapshot, "recsys", INTAKE, config)
+    manifest = json.loads((snapshot / "snapshot.json").read_text())
+    manifest["batches"][0]["pins"]["ml-100k.inter"] = "0" * 64
+    (snapshot / "snapshot.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataFormatError, match=r"bootstrapped from other published files.*data\.recsys\.sha256"):
+        ensure(snapshot, "recsys", INTAKE, config)
+
+
+def test_failure_messages_shorten_long_value_sets():
+    import great_expectations as gx
+
+    from tasks.expectations import failure_message, suite
+
+    context = ephemeral_context()
+    frame = pd.DataFrame({"user_id": [1, 2, 999]})
+    report = run_suites(context, "t", [(suite("s", [gx.expectations.ExpectColumnValuesToBeInSet(
+        column="user_id", value_set=list(range(100)))]), frame)])
+    message = failure_message(report)
+    assert "(100 values)" in message and "99," not in message and "[999]" in message
