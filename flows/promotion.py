@@ -15,6 +15,7 @@ import argparse
 import getpass
 import hashlib
 import json
+import shutil
 import socket
 import tempfile
 from datetime import datetime, timezone
@@ -154,9 +155,11 @@ def check_comparable(name: str, champ: Any, champion_file: Path, candidate_file:
                             "params.yaml); nothing was registered")
 
 
-def log_onnx_model(client: MlflowClient, run_id: str, path: Path, sample: dict[str, np.ndarray]) -> tuple[str, str]:
+def log_onnx_model(client: MlflowClient, run_id: str, path: Path, sample: dict[str, np.ndarray],
+                   files: tuple[Path, ...] = ()) -> tuple[str, str]:
     """Log ``path`` with the ``mlflow.onnx`` flavor, a signature and an input example (an ONNX file, JSON and YAML:
-    never a pickle); return its runs:/ URI and the SHA-256 of the stored ONNX file."""
+    never a pickle), and ``files`` beside it (what the model needs to read raw data); return its runs:/ URI and the
+    SHA-256 of the stored ONNX file."""
     import mlflow.onnx
     import onnx
     from mlflow.models import infer_signature
@@ -168,6 +171,8 @@ def log_onnx_model(client: MlflowClient, run_id: str, path: Path, sample: dict[s
         mlflow.onnx.save_model(model, str(local), signature=graph_signature(model, infer_signature(sample, outputs)),
                                input_example=sample, save_as_external_data=False)
         digest = file_digest(local / "model.onnx")
+        for extra in files:
+            shutil.copy2(extra, local / extra.name)
         client.log_artifacts(run_id, str(local), "model")
     return f"runs:/{run_id}/model", digest
 
@@ -203,8 +208,10 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
         report, checks, evaluation = _gate(root, cfg, client, run_id, family, where, description)
         promote = report["passed"] and may_promote
         tags.update({**gate_tags(checks), **audit_tags(report["champion_before"], promote)})
+        contract = load_family(family)
         source, tags[MODEL_SHA256] = log_onnx_model(client, run_id, root / where["candidate"],
-                                                    load_family(family).input_example(root / where["data"]))
+                                                    contract.input_example(root / where["data"]),
+                                                    tuple(root / where["data"] / f for f in contract.model_files))
         if not client.search_registered_models(f"name = '{gate.registered_model}'"):
             try:
                 client.create_registered_model(gate.registered_model)
@@ -238,7 +245,11 @@ def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str, family: st
             champion_file = download_onnx(client, champ, Path(tmp))
             check_comparable(gate.registered_model, champ, champion_file, root / where["candidate"], description,
                              family)
-            champion = {"version": str(champ.version), **contract.score(champion_file, data, cfg)}
+            pair = contract.paired_data(champion_file.parent, data, Path(tmp) / "paired", cfg) \
+                if contract.paired_data else None
+            champion = {"version": str(champ.version), **contract.score(champion_file, pair[0] if pair else data, cfg)}
+            if pair:   # it reads the data in its own encoding: both are compared on the rows it can read
+                champion["candidate"] = contract.score(root / where["candidate"], pair[1], cfg)
     evaluation["models"]["student_int8"].update(contract.score(root / where["candidate"], data, cfg))
     # the teacher's latency too, beside the candidate's: a speed-up divides two numbers of one session
     evaluation["models"]["teacher_fp32"].update(contract.timing(root / where["teacher"], data, cfg))

@@ -34,6 +34,13 @@ class Family:
     # what a request must look like and an answer means (e.g. image shape, normalisation, class names), from the
     # processed data folder: the gate never compares a candidate with a champion made for other data
     describe_data: Callable[[Path], dict[str, Any]] | None = None
+    # files of the processed data folder a model needs beside its ONNX file to read raw data (e.g. the recommender's
+    # vocabulary): registered with every version
+    model_files: tuple[str, ...] = ()
+    # ``paired_data(champion folder, data, scratch, Config)``: when the champion's files say it encodes this data
+    # otherwise (a vocabulary of an older snapshot), (the data in the champion's encoding, the same rows in the
+    # candidate's), both limited to the rows the champion can read; None when the data serves both as is
+    paired_data: Callable[[Path, Path, Path, Any], tuple[Path, Path] | None] | None = None
 
 
 def load_family(name: str) -> Family:

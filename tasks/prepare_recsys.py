@@ -10,7 +10,9 @@ Input: ``<raw>``, the family's snapshot (``tasks.snapshot``: the published data 
 ``flows.ingest`` accepted). Outputs in ``<out>``: ``{train,val,test}_{fields,genres,y}.npy``; ``users.npy`` / ``items.npy`` /
 ``items_genres.npy`` (every user's and item's encoded fields, for ranking and candidate scoring);
 ``interactions.csv`` (the labelled rows with their split), ``users.csv``, ``items.csv`` (the normalised tables, for
-validation); ``features.json`` (field offsets and sizes, source, row counts).
+validation); ``features.json`` (field offsets and sizes, source, row counts); ``vocabulary.json`` (each field's
+values in embedding-row order: shipped with every registered model, so a champion trained on an older snapshot is
+scored on new data in its own encoding).
 """
 from __future__ import annotations
 
@@ -30,6 +32,7 @@ Source = tuple[str, dict[str, pd.DataFrame]]   # (where the tables came from, th
 
 SPLITS = ("train", "val", "test")
 USER_FIELDS, ITEM_FIELDS = ("user", "age", "gender", "occupation", "zip"), ("item", "year")
+VOCABULARY = "vocabulary.json"   # each field's values in embedding-row order: how a model reads raw ids
 FIELDS = ("user", "item", "age", "gender", "occupation", "zip", "year")   # column order of *_fields.npy
 AGE_EDGES = [18, 25, 35, 45, 50, 56]  # the MovieLens-1M age groups: under 18, 18-24, ..., 56 and over
 
@@ -66,15 +69,29 @@ def field_values(users: pd.DataFrame, items: pd.DataFrame, cfg: RecsysData) -> d
             "item": items.item_id, "year": year}
 
 
-def encode(users: pd.DataFrame, items: pd.DataFrame, cfg: RecsysData) -> tuple[np.ndarray, np.ndarray, list[dict]]:
-    """Global embedding-row indices of every user's and every item's fields, and the field layout."""
+def vocabulary(users: pd.DataFrame, items: pd.DataFrame, cfg: RecsysData) -> dict[str, list]:
+    """Every field's values in the order of their embedding rows (what ``vocabulary.json`` holds)."""
+    values = field_values(users, items, cfg)
+    return {name: sorted(values[name].unique().tolist()) for name in FIELDS}
+
+
+def encode_with(users: pd.DataFrame, items: pd.DataFrame, cfg: RecsysData,
+                vocab: dict[str, list]) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """Global embedding-row indices of every user's and every item's fields in ``vocab`` (-1 for a value it does not
+    hold), and the field layout."""
     values, offset, layout, codes = field_values(users, items, cfg), 0, [], {}
     for name in FIELDS:
-        vocab = sorted(values[name].unique().tolist())
-        codes[name] = values[name].map({v: i for i, v in enumerate(vocab)}).to_numpy(np.int64) + offset
-        layout.append({"name": name, "offset": offset, "size": len(vocab)})
-        offset += len(vocab)
+        index = {str(v): i for i, v in enumerate(vocab[name])}
+        found = values[name].astype(str).map(index)
+        codes[name] = np.where(found.isna(), -1, found.fillna(0).to_numpy(np.int64) + offset)
+        layout.append({"name": name, "offset": offset, "size": len(vocab[name])})
+        offset += len(vocab[name])
     return (np.stack([codes[f] for f in USER_FIELDS], 1), np.stack([codes[f] for f in ITEM_FIELDS], 1), layout)
+
+
+def encode(users: pd.DataFrame, items: pd.DataFrame, cfg: RecsysData) -> tuple[np.ndarray, np.ndarray, list[dict]]:
+    """Global embedding-row indices of every user's and every item's fields, and the field layout."""
+    return encode_with(users, items, cfg, vocabulary(users, items, cfg))
 
 
 def genre_matrix(items: pd.DataFrame) -> np.ndarray:
@@ -118,6 +135,7 @@ def prepare_recsys(cfg: RecsysData, out: Path, found: Source | None = None) -> d
     save_npy(out / "items_genres.npy", item_genres)
     for name, frame in (("interactions", rows), ("users", users), ("items", items)):
         write_atomic(out / f"{name}.csv", frame.to_csv(index=False, lineterminator="\n").encode())
+    write_json(out / VOCABULARY, vocabulary(users, items, cfg))   # shipped with every registered model
     write_json(out / "features.json", manifest)
     return manifest
 

@@ -1,14 +1,19 @@
 """The recommender family's contract (``tasks.family``): MovieLens-100K clicks, AUC, one-request latency."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
+from tasks.errors import PipelineError
 from tasks.evaluate_recsys import Catalog, request_latency, score_onnx
 from tasks.family import Family
 from tasks.gate import GateSpec
+from tasks.io import save_npy
+from tasks.prepare_recsys import VOCABULARY, assemble_fields, encode_with
 
 
 def score(path: Path, data: Path, cfg: Any) -> dict[str, float]:
@@ -23,5 +28,44 @@ def input_example(data: Path) -> dict[str, np.ndarray]:
     return Catalog(data).request(0, np.arange(1))
 
 
+def paired_data(champion: Path, data: Path, scratch: Path, cfg: Any) -> tuple[Path, Path] | None:
+    """The test rows of ``data`` whose user and item fields the champion's vocabulary holds, encoded in it and in the
+    candidate's: a champion of an older snapshot scored on new data (new users and items shift every index)."""
+    theirs_file = champion / VOCABULARY
+    if not theirs_file.is_file():   # registered before models carried their vocabulary: it reads the data as is
+        return None
+    theirs, ours = json.loads(theirs_file.read_text()), json.loads((data / VOCABULARY).read_text())
+    if theirs == ours:
+        return None
+    tables = {name: pd.read_csv(data / f"{name}.csv", dtype={"zip_code": str}) for name in ("users", "items")}
+    rows = pd.read_csv(data / "interactions.csv", usecols=["user_id", "item_id", "split"])
+    users, items, layout = encode_with(tables["users"], tables["items"], cfg.data.recsys, theirs)
+    known_users, known_items = (users >= 0).all(axis=1), (items >= 0).all(axis=1)
+    test = rows[rows.split == "test"]
+    u = pd.Index(tables["users"].user_id).get_indexer(test.user_id)
+    i = pd.Index(tables["items"].item_id).get_indexer(test.item_id)
+    keep = known_users[u] & known_items[i]
+    if not keep.any():
+        raise PipelineError(f"the champion's vocabulary ({theirs_file.name}) holds none of the users and items of the "
+                            f"{len(test)} test rows in {data}: nothing to compare it on")
+    genres = np.load(data / "items_genres.npy")
+    mine, paired = scratch / "candidate", scratch / "champion"
+    for folder in (mine, paired):
+        folder.mkdir(parents=True)
+    for part in ("fields", "genres", "y"):
+        save_npy(mine / f"test_{part}.npy", np.load(data / f"test_{part}.npy")[keep])
+    for name in ("users", "items", "items_genres"):
+        save_npy(mine / f"{name}.npy", np.load(data / f"{name}.npy"))
+    save_npy(paired / "test_fields.npy", assemble_fields(users[u[keep]], items[i[keep]]))
+    save_npy(paired / "test_genres.npy", genres[i[keep]])
+    save_npy(paired / "test_y.npy", np.load(data / "test_y.npy")[keep])
+    save_npy(paired / "users.npy", users[known_users])
+    save_npy(paired / "items.npy", items[known_items])
+    save_npy(paired / "items_genres.npy", genres[known_items])
+    print(f"champion scored in its own vocabulary on the {int(keep.sum())} of {len(test)} test rows whose users "
+          f"and items it knows (vocabulary of {sum(f['size'] for f in layout)} rows)")
+    return paired, mine
+
+
 FAMILY = Family("recsys", "Recsys compression report", GateSpec("latency", "one-request"), score, timing,
-                input_example)
+                input_example, model_files=(VOCABULARY,), paired_data=paired_data)

@@ -1,0 +1,62 @@
+"""A champion trained on an older snapshot reads new data in its own vocabulary: new users and items shift every
+embedding index, so the gate scores it on the rows it knows, encoded as it was trained, beside the candidate."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from tasks.gate import gate_checks
+from tasks.movielens import acquire
+from tasks.prepare_recsys import FIELDS, VOCABULARY, prepare_recsys
+from tasks.recsys_family import FAMILY, paired_data
+
+
+def _decode(fields: np.ndarray, vocabulary: dict[str, list]) -> list[tuple]:
+    """Raw values of encoded rows (FIELDS order), through the vocabulary and the layout it implies."""
+    offsets = np.cumsum([0] + [len(vocabulary[f]) for f in FIELDS])[:-1]
+    return [tuple(str(vocabulary[f][code - off]) for f, code, off in zip(FIELDS, row, offsets, strict=True))
+            for row in fields]
+
+
+def test_a_champion_of_an_older_snapshot_reads_the_rows_it_knows_in_its_own_encoding(synthetic_movielens, tmp_path):
+    _, _, cfg = synthetic_movielens
+    source, tables = acquire(cfg.data.recsys)
+    old = {**tables, "users": tables["users"].iloc[: len(tables["users"]) * 2 // 3],
+           "items": tables["items"].iloc[: len(tables["items"]) * 2 // 3]}
+    old["ratings"] = tables["ratings"][tables["ratings"].user_id.isin(old["users"].user_id)
+                                       & tables["ratings"].item_id.isin(old["items"].item_id)]
+    prepare_recsys(cfg.data.recsys, tmp_path / "old", (source, old))
+    prepare_recsys(cfg.data.recsys, tmp_path / "new", (source, tables))
+    champion = tmp_path / "registered"
+    champion.mkdir()
+    (champion / VOCABULARY).write_text((tmp_path / "old" / VOCABULARY).read_text())
+    theirs = json.loads((champion / VOCABULARY).read_text())
+    ours = json.loads((tmp_path / "new" / VOCABULARY).read_text())
+    assert theirs != ours and FAMILY.model_files == (VOCABULARY,)
+
+    paired, mine = paired_data(champion, tmp_path / "new", tmp_path / "scratch", cfg)
+    theirs_rows, our_rows = np.load(paired / "test_fields.npy"), np.load(mine / "test_fields.npy")
+    assert 0 < len(theirs_rows) < len(np.load(tmp_path / "new" / "test_fields.npy"))   # only the rows it knows
+    assert _decode(theirs_rows, theirs) == _decode(our_rows, ours)   # the same ratings, each in its own encoding
+    assert theirs_rows.max() < sum(len(v) for v in theirs.values())   # every index inside the champion's table
+    np.testing.assert_array_equal(np.load(paired / "test_y.npy"), np.load(mine / "test_y.npy"))
+    assert np.load(paired / "users.npy").max() < sum(len(v) for v in theirs.values())
+
+    assert paired_data(champion, tmp_path / "old", tmp_path / "same", cfg) is None   # its own data: as is
+    (champion / VOCABULARY).unlink()
+    assert paired_data(champion, tmp_path / "new", tmp_path / "none", cfg) is None   # registered without one
+
+
+def test_the_gate_compares_a_champion_on_the_rows_it_read_with_the_candidate_on_the_same_rows(raw_params):
+    from tasks.config import parse_config
+
+    gate = parse_config(raw_params).gate.recsys
+    measured = {"test_auc": 0.80, "latency_p95_ms": 0.1, "latency_p50_ms": 0.1, "bytes": 1000}
+    evaluation = {"models": {"student_int8": measured, "teacher_fp32": {**measured, "latency_p50_ms": 10,
+                                                                         "bytes": 10**6, "test_auc": 0.801}}}
+    champion = {"version": "1", "test_auc": 0.79, "candidate": {"test_auc": 0.70}}   # worse on the rows it knows
+    checks = {c.name: c for c in gate_checks(evaluation, champion, gate, FAMILY.gate)}
+    assert checks["auc_drop_vs_champion"].value == pytest.approx(0.09) and not checks["auc_drop_vs_champion"].passed
+    assert "the test rows both can read" in checks["auc_drop_vs_champion"].why
