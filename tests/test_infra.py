@@ -128,6 +128,19 @@ def test_docker_compose_accepts_the_stack_with_the_example_env_and_names_a_missi
     assert missing.returncode != 0 and "MINIO_ROOT_PASSWORD" in missing.stderr and "set in infra/.env" in missing.stderr
 
 
+def test_every_deployment_names_a_flow_its_parameters_fit():
+    """What `prefect deploy` would only find out on the server: the entry point loads as a flow, and the parameters
+    bind to its signature (per-run ones aside)."""
+    import inspect
+
+    from prefect.flows import load_flow_from_entrypoint
+
+    for deployment in yaml.safe_load((PROJECT / "prefect.yaml").read_text())["deployments"]:
+        flow = load_flow_from_entrypoint(str(PROJECT / deployment["entrypoint"]))
+        inspect.signature(flow.fn).bind_partial(**deployment.get("parameters", {}))
+        assert deployment["work_pool"]["name"] == "kdq-process", deployment["name"]
+
+
 def test_deployments_find_the_project_when_the_run_starts_not_when_deployed():
     pull = yaml.safe_load((PROJECT / "prefect.yaml").read_text())["pull"]
     assert "{{ $" not in yaml.safe_dump(pull)   # `{{ $VAR }}` is resolved by `prefect deploy`, on its machine
