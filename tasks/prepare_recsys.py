@@ -4,7 +4,8 @@ encoded field features.
 Protocol (RecBole's CTR convention): ratings >= ``positive_min_rating`` are label 1, ratings <=
 ``negative_max_rating`` label 0, the ones between are dropped. Fields: user id, item id, age bucket, gender,
 occupation, zip prefix, release-year bucket (one embedding row each, in one table with per-field offsets) and the
-19 genres as a multi-hot vector. Split: seeded random ``train/val/test`` by row, or temporal (newest last).
+19 genres as a multi-hot vector. Split: ``train/val/test`` by a seeded hash of each rating (a rating keeps its
+split as the snapshot grows), or temporal (newest last).
 
 Input: ``<raw>``, the family's snapshot (``tasks.snapshot``: the published data set and every batch
 ``flows.ingest`` accepted). Outputs in ``<out>``: ``{train,val,test}_{fields,genres,y}.npy``; ``users.npy`` / ``items.npy`` /
@@ -16,6 +17,7 @@ scored on new data in its own encoding).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -44,14 +46,18 @@ def label(ratings: pd.DataFrame, cfg: RecsysData) -> pd.DataFrame:
 
 
 def assign_splits(rows: pd.DataFrame, cfg: RecsysData) -> pd.Series:
-    """``train``/``val``/``test`` per row: a seeded permutation, or by timestamp (ties broken by user, item)."""
+    """``train``/``val``/``test`` per row: by a seeded hash of the rating (stable as the data grows: a rating keeps
+    its split in every later snapshot), or by timestamp (ties broken by user, item)."""
     n = len(rows)
-    n_train, n_val, n_test = cfg.split.sizes(n)
-    if cfg.split.method == "random":
-        order = np.random.default_rng(cfg.seed).permutation(n)
-    else:
-        order = np.lexsort((rows.item_id.to_numpy(), rows.user_id.to_numpy(), rows.timestamp.to_numpy()))
     names = np.empty(n, dtype=object)
+    if cfg.split.method == "hash":
+        keys = zip(rows.user_id.to_numpy(), rows.item_id.to_numpy(), rows.timestamp.to_numpy(), strict=True)
+        u = np.array([int.from_bytes(hashlib.sha256(f"{cfg.seed}:{a}:{b}:{c}".encode()).digest()[:8], "big")
+                      for a, b, c in keys], dtype=np.float64) / 2.0**64
+        names[:] = np.where(u < cfg.split.test, "test", np.where(u < cfg.split.test + cfg.split.val, "val", "train"))
+        return pd.Series(names, index=rows.index, name="split")
+    n_train, n_val, n_test = cfg.split.sizes(n)
+    order = np.lexsort((rows.item_id.to_numpy(), rows.user_id.to_numpy(), rows.timestamp.to_numpy()))
     names[order[:n_train]] = "train"
     names[order[n_train: n - n_test]] = "val"
     names[order[n - n_test:]] = "test"

@@ -37,7 +37,10 @@ class RecsysWheel(Strict):
 
 
 class RecsysSplit(Strict):
-    method: Literal["random", "temporal"]   # temporal: the newest ratings are validation, then test
+    # hash: each rating's split follows from a seeded hash of (user, item, timestamp) alone, so it never changes when
+    # batches arrive (a re-drawn split would put a champion's training rows in the new test split); temporal: the
+    # newest ratings are validation, then test
+    method: Literal["hash", "temporal"]
     val: Annotated[float, Field(gt=0.0, lt=0.5)]
     test: Annotated[float, Field(gt=0.0, lt=0.5)]
 
@@ -76,6 +79,8 @@ class RecsysValidation(Strict):
     positive_fraction: Fraction        # expected share of label 1 per split ...
     positive_tolerance: Fraction       # ... within this absolute tolerance
     min_kept_fraction: Fraction        # share of the snapshot's ratings that must be labelled (not neutral)
+    split_tolerance: Fraction          # a split's share of the labelled rows may differ from its configured share by this
+    min_rows: dict[Literal["train", "val", "test"], Positive]   # a floor per split
 
 
 Share = Annotated[float, Field(ge=0.0, le=1.0)]

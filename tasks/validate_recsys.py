@@ -5,7 +5,7 @@ every expectation with its observed value). Checked: the schema of every table; 
 consistent with them; no missing value in a required field; referential integrity (every rating's user and item
 exist); no duplicate (user, item, timestamp) row; sizes derived from the snapshot's own manifest, never from the
 published data set's: every rating the snapshot accepted was read, at least ``min_kept_fraction`` of them labelled,
-and each split holds its share of the labelled rows exactly; per split the label balance within a tolerance; every
+and each split holds its share of the labelled rows (within ``split_tolerance``, above a ``min_rows`` floor); per split the label balance within a tolerance; every
 encoded field index inside its field's range and genres multi-hot. A failed expectation stops the pipeline naming
 it and the values.
 """
@@ -94,7 +94,9 @@ def split_suites(tables: dict[str, Any], cfg: Config) -> list[tuple[gx.Expectati
         frame["label"] = arrays["y"].astype(np.float64)
         out.append((suite(f"recsys_{split}", [
             E.ExpectTableRowCountToEqual(value=len(part)),     # the arrays hold the split's rows ...
-            E.ExpectTableRowCountToEqual(value=sizes[split]),  # ... and the split its share of the labelled rows
+            E.ExpectTableRowCountToBeBetween(                  # ... and the split its share of the labelled rows
+                min_value=max(rules.min_rows.get(split, 1), math.floor(sizes[split] - rules.split_tolerance * len(rows))),
+                max_value=math.ceil(sizes[split] + rules.split_tolerance * len(rows))),
             E.ExpectColumnMeanToBeBetween(column="label", min_value=rules.positive_fraction - rules.positive_tolerance,
                                           max_value=rules.positive_fraction + rules.positive_tolerance),
             E.ExpectColumnValuesToBeInSet(column="genres_binary", value_set=[1]),

@@ -156,7 +156,8 @@ def synthetic_movielens(tmp_path, raw_params, monkeypatch):
     data = {**raw_params["data"]["recsys"], "source_dir": str(recbole), "url": "http://127.0.0.1:9/ml-100k.zip",
             "download_cache": "dl", "sha256": pins,
             "wheel": {**raw_params["data"]["recsys"]["wheel"], "version": "0.0.0.does-not-exist"}}
-    validate = {"positive_fraction": 0.5, "positive_tolerance": 0.2, "min_kept_fraction": 0.5}  # uniform ratings
+    validate = {"positive_fraction": 0.5, "positive_tolerance": 0.2, "min_kept_fraction": 0.5, "split_tolerance": 0.05,
+                "min_rows": {"train": 100}}  # uniform ratings
     cfg = parse_config({**raw_params, "data": {**raw_params["data"], "recsys": data},
                         "validate": {**raw_params["validate"], "recsys": validate}})
     return recbole, grouplens, cfg

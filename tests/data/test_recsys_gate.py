@@ -66,3 +66,28 @@ def test_label_balance_outside_its_tolerance_fails(synthetic_movielens, tmp_path
     report = validate_recsys(tables, cfg)
     assert not report["success"]
     assert "[recsys_test] expect_column_mean_to_be_between(column=label" in failure_message(report)
+
+
+@pytest.mark.fault("data", "processed ratings that do not account for the raw snapshot's (a batch lost on the way, "
+                   "or a labelling that drops most ratings)",
+                   "validation fails naming the size check against the snapshot's manifest")
+def test_sizes_come_from_the_snapshot_not_from_the_published_data_set(synthetic_movielens, tmp_path):
+    tables, cfg = _prepared(synthetic_movielens, tmp_path)
+    read = tables["features"]["read"]["ratings"]
+    assert validate_recsys(tables, cfg, ratings=read)["success"]   # any size: no published row count is assumed
+    lost = validate_recsys(tables, cfg, ratings=read + 10)
+    assert "[recsys_sizes] expect_column_values_to_be_in_set(column=ratings_read" in failure_message(lost)
+    rules = cfg.validate_.recsys.model_copy(update={"min_kept_fraction": 1.0})
+    few = cfg.model_copy(update={"validate_": cfg.validate_.model_copy(update={"recsys": rules})})
+    assert "expect_column_values_to_be_between(column=ratings_labelled" in failure_message(
+        validate_recsys(tables, few, ratings=read))
+
+
+def test_each_split_holds_its_share_of_the_labelled_rows(synthetic_movielens, tmp_path):
+    tables, cfg = _prepared(synthetic_movielens, tmp_path)
+    rows = tables["interactions"]
+    half = int((rows.split == "test").sum()) * 9 // 10   # most of the test rows, moved to train
+    rows.loc[rows.index[rows.split == "test"][:half], "split"] = "train"
+    tables["train"] = {k: np.concatenate([v, tables["test"][k][:half]]) for k, v in tables["train"].items()}
+    tables["test"] = {k: v[half:] for k, v in tables["test"].items()}
+    assert "[recsys_test] expect_table_row_count_to_be_between" in failure_message(validate_recsys(tables, cfg))

@@ -72,6 +72,25 @@ def test_splits_are_seeded_and_the_temporal_split_puts_the_newest_last(synthetic
     assert newest.loc["train", "max"] <= newest.loc["val", "min"] and newest.loc["val", "max"] <= newest.loc["test", "min"]
 
 
+def test_a_rating_keeps_its_split_when_the_snapshot_grows(synthetic_movielens, tmp_path):
+    """Before: a seeded permutation of all rows, re-drawn whenever a batch arrived — about 80 % of the new test split
+    had been the champion's training rows, and the gate scored the champion on them."""
+    from tasks.movielens import acquire
+
+    _, _, cfg = synthetic_movielens
+    source, tables = acquire(cfg.data.recsys)
+    ratings = tables["ratings"].sort_values("timestamp", kind="stable")
+    older = {**tables, "ratings": ratings.iloc[: len(ratings) * 2 // 3]}
+    prepare_recsys(cfg.data.recsys, tmp_path / "old", (source, older))
+    prepare_recsys(cfg.data.recsys, tmp_path / "new", (source, tables))
+    key = ["user_id", "item_id", "timestamp"]
+    old, new = (pd.read_csv(tmp_path / d / "interactions.csv") for d in ("old", "new"))
+    both = old.merge(new, on=key, suffixes=("_old", "_new"))
+    assert len(both) == len(old) and (both.split_old == both.split_new).all()
+    shares = new.split.value_counts(normalize=True)
+    assert abs(shares["test"] - cfg.data.recsys.split.test) < 0.05 and abs(shares["val"] - cfg.data.recsys.split.val) < 0.05
+
+
 def _edit_line(number: int, change: Callable[[list[str]], list[str]]) -> Callable[[str], str]:
     """An edit of line ``number`` (1-based, as an editor counts them, header included) of a file's text."""
     def edit(text: str) -> str:
