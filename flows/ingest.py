@@ -32,13 +32,14 @@ from typing import Any
 from prefect import flow
 
 from flows.pipeline import compression_pipeline, reproduce, stage_env, stage_logger
+from flows.registry_lock import data_lock
 from flows.stage_graph import stage_paths
 from tasks.config import Config, load_config
 from tasks.errors import EXIT_USER_ERROR, DataFormatError, PipelineError, run_cli
 from tasks.expectations import DATA_DOCS, ephemeral_context, failure_message, run_suites
 from tasks.intake import Intake, load_intake
-from tasks.io import write_json
-from tasks.snapshot import add_batch, batch_digest, batch_tables, folder_digests, read
+from tasks.io import write_atomic, write_json
+from tasks.snapshot import MANIFEST, add_batch, batch_digest, batch_tables, folder_digests, read
 from tasks.tracking import pipeline_run, tracking_uri
 
 QUARANTINE = "quarantine"
@@ -132,13 +133,23 @@ def ingest_batch(root: Path, family: str, cfg: Config, folder: Path, env: dict[s
             if docs.is_dir():
                 run.log_artifacts(docs, DATA_DOCS)
             return Outcome(folder.name, "quarantined", reason, detail, str(target))
+        before = (snapshot / MANIFEST).read_bytes()
         entry = add_batch(snapshot, folder.name, folder, {"rows": intake.rows(batch), "source": str(folder.resolve())})
+        try:   # dvc.lock and the cache hold the new version: the next `dvc repro` trains on it
+            _dvc(root, env, "commit", "--force", stage)
+        except PipelineError as err:   # not versioned: the batch leaves the snapshot again, to be ingested anew
+            write_atomic(snapshot / MANIFEST, before)
+            shutil.rmtree(snapshot / folder.name, ignore_errors=True)
+            run.set_tags({"ingest.status": "failed", "ingest.reason": "versioning"})
+            raise PipelineError(f"batch {folder.name} was not accepted, the snapshot is as it was: {err}") from err
         report["digest"] = entry["digest"]
+        if unpushed := _push(root, stage, env):
+            print(f"warning: batch {folder.name} is accepted but not on the DVC remote: {unpushed}", file=sys.stderr)
+            run.set_tag("ingest.pushed", "false")
         write_json(reports / "report.json", report)
         run.log_artifact(reports / "report.json")
         if docs.is_dir():
             run.log_artifacts(docs, DATA_DOCS)
-        _record(root, stage, env)
         run.log_data([str(snapshot.relative_to(root))], root, "snapshot")
     return Outcome(folder.name, "accepted", "", "", str(reports))
 
@@ -155,17 +166,25 @@ def _log_batch(run: Any, folder: Path, digest: str) -> None:
         run.run_id, datasets=[DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, "batch")])]))
 
 
-def _record(root: Path, stage: str, env: dict[str, str]) -> None:
-    """``dvc commit`` the stage's grown output (dvc.lock and the cache hold the new version); ``dvc push`` it when
-    the project has a default remote."""
+def _dvc(root: Path, env: dict[str, str], *args: str) -> None:
     import subprocess
 
-    for args in (["commit", "--force", stage], ["push", stage]):
-        if args[0] == "push" and not _default_remote(root, env):
-            continue
-        done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True, check=False)
-        if done.returncode != 0:
-            raise PipelineError(f"dvc {' '.join(args)} failed in {root}: {(done.stderr or done.stdout).strip()[-800:]}")
+    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True,
+                          check=False)
+    if done.returncode != 0:
+        raise PipelineError(f"dvc {' '.join(args)} failed in {root}: {(done.stderr or done.stdout).strip()[-800:]}")
+
+
+def _push(root: Path, stage: str, env: dict[str, str]) -> str:
+    """``dvc push`` the stage's output when the project has a default remote; "" when done (or no remote), else why
+    not (the version stays in the local cache, and the next accepted batch pushes the snapshot again)."""
+    if not _default_remote(root, env):
+        return ""
+    try:
+        _dvc(root, env, "push", stage)
+    except PipelineError as err:
+        return str(err)
+    return ""
 
 
 def _default_remote(root: Path, env: dict[str, str]) -> bool:
@@ -199,16 +218,19 @@ def ingest(root: str, family: str, batches: list[str] | None = None,
     if family not in cfg.families:
         raise PipelineError(f"--family: {family!r} is not one of families {cfg.families}")
     folders = [Path(b) for b in batches or []] + (landed(Path(landing)) if landing else [])
+    if missing := [str(f) for f in folders if not f.is_dir()]:
+        raise PipelineError(f"not a batch folder: {', '.join(missing)}")
     env = stage_env(root_path, tracking_uri(cfg, root_path), "")   # no parent: the snapshot stage's run stands alone
     log = stage_logger()
     stage, _ = snapshot_stage(root_path, family)
-    reproduce(stage, root_path, env)   # the snapshot exists and is intact before anything joins it
     outcomes = []
-    for folder in folders:
-        outcome = ingest_batch(root_path, family, cfg, folder, env)
-        log(f"{outcome.batch}: {outcome.status}" + (f" ({outcome.reason})" if outcome.reason else "")
-            + (f"\n{outcome.detail}" if outcome.detail else ""))
-        outcomes.append(asdict(outcome))
+    with data_lock(root_path, [family], cfg.pipeline.data_lock_timeout_seconds):   # no pipeline run reads it now
+        reproduce(stage, root_path, env)   # the snapshot exists and is intact before anything joins it
+        for folder in folders:
+            outcome = ingest_batch(root_path, family, cfg, folder, env)
+            log(f"{outcome.batch}: {outcome.status}" + (f" ({outcome.reason})" if outcome.reason else "")
+                + (f"\n{outcome.detail}" if outcome.detail else ""))
+            outcomes.append(asdict(outcome))
     return outcomes
 
 
@@ -219,8 +241,21 @@ def continuous_training(root: str, family: str, landing: str) -> dict[str, Any]:
     root_path = Path(root).resolve()
     outcomes = ingest(str(root_path), family, landing=str(root_path / landing))
     accepted = [o["batch"] for o in outcomes if o["status"] == "accepted"]
-    result = compression_pipeline(str(root_path), [family]) if accepted else None
+    train = bool(accepted) or stale(root_path, family)   # also a version an earlier, failed run left untrained
+    result = compression_pipeline(str(root_path), [family]) if train else None
     return {"ingested": outcomes, "pipeline": result}
+
+
+def stale(root: Path, family: str) -> bool:
+    """Whether DVC finds the family's last stage, or a stage it depends on, out of date."""
+    import subprocess
+
+    from flows.stage_graph import family_stages, stage_graph
+
+    last = family_stages(stage_graph(root), family)[-1].name
+    done = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", "--with-deps", last], cwd=root,
+                          capture_output=True, text=True, check=False)
+    return done.returncode != 0 or json.loads(done.stdout or "{}") != {}
 
 
 def main() -> None:

@@ -21,6 +21,7 @@ from prefect.client.schemas.objects import TaskRun
 from prefect.exceptions import MissingContextError
 from prefect.states import State
 
+from flows.registry_lock import data_lock
 from flows.run_artifacts import publish_data_docs, publish_gate, publish_run
 from flows.stage_graph import stage_graph
 from tasks.config import Config, load_config
@@ -117,16 +118,17 @@ def stage_env(root: Path, uri: str, parent_run_id: str) -> dict[str, str]:
 
 
 @flow(name="compression-pipeline", log_prints=True)
-def compression_pipeline(root: str = ".", families: list[str] | None = None) -> dict[str, Any]:
+def compression_pipeline(root: str = ".", families: list[str] | None = None, promote: bool = True) -> dict[str, Any]:
     """Run every stage of ``root/dvc.yaml`` (of ``families`` only, when given) in dependency order under one MLflow
-    parent run, then gate and register each family's INT8 student."""
+    parent run, then gate and register each family's INT8 student (as ``challenger`` only when not ``promote``)."""
     root_path = Path(root).resolve()
     cfg = load_config(root_path / "params.yaml")
     uri = tracking_uri(cfg, root_path)
     families = chosen(cfg, families)
     stages = [node for node in stage_graph(root_path) if node.family in families]
     statuses: dict[str, str] = {}
-    with pipeline_run(cfg, "pipeline", root_path) as parent:
+    with data_lock(root_path, families, cfg.pipeline.data_lock_timeout_seconds), \
+            pipeline_run(cfg, "pipeline", root_path) as parent:
         parent.set_tag("pipeline.stages", ",".join(s.name for s in stages))
         env = stage_env(root_path, uri, parent.run_id)
         retrying = run_stage.with_options(retries=cfg.pipeline.retries,
@@ -136,7 +138,7 @@ def compression_pipeline(root: str = ".", families: list[str] | None = None) -> 
         parent.set_tags({f"stage.{name}": status for name, status in statuses.items()})
         metrics = collect_metrics(root_path)
         parent.log_metrics(metrics)
-        gates = {family: retrying_promote(cfg)(family, root_path, uri, parent.run_id) for family in families}
+        gates = {family: retrying_promote(cfg)(family, root_path, uri, parent.run_id, promote) for family in families}
         for family, gate in gates.items():
             parent.set_tags({f"gate.{family}.passed": str(gate["passed"]).lower(),
                              f"registry.{family}.version": gate["version"]})
@@ -165,7 +167,7 @@ def gate_only(root: str = ".", families: list[str] | None = None) -> dict[str, A
 
 
 @task(task_run_name="promote_{family}")
-def promote(family: str, root: Path, uri: str, parent_run_id: str) -> dict[str, Any]:
+def promote(family: str, root: Path, uri: str, parent_run_id: str, may_promote: bool = True) -> dict[str, Any]:
     """Gate a family's INT8 student and register it (``flows.promotion``); registry state is not DVC's to cache."""
     from flows.promotion import gate_and_register
     from tasks.tracking import child_run, client_for
@@ -175,7 +177,7 @@ def promote(family: str, root: Path, uri: str, parent_run_id: str) -> dict[str, 
     params = {f"gate.{family}": getattr(cfg.gate, family), f"evaluate.{family}": getattr(cfg.evaluate, family)}
     with child_run(f"promote_{family}", cfg, params, parent_run_id, root, client) as run:
         run.log_data_inputs(f"evaluate_{family}", root, "evaluation")   # the gate scores on evaluate's data
-        report = gate_and_register(root, cfg, client, uri, run.run_id, parent_run_id, family)
+        report = gate_and_register(root, cfg, client, uri, run.run_id, parent_run_id, family, may_promote)
         run.log_metrics({f"gate.{c['name']}": c["value"] for c in report["checks"]})
         run.set_tag("registry.unchanged", str(report["unchanged"]).lower())
         run.set_tags({"gate.passed": str(report["passed"]).lower(), "registry.version": report["version"]})
@@ -234,9 +236,13 @@ def main() -> None:
     parser.add_argument("--family", action="append", dest="families",
                         help="run only this family's stages and gate (repeatable; default: every family)")
     parser.add_argument("--gate-only", action="store_true", help="no stage: gate and register the current outputs")
+    parser.add_argument("--no-promote", action="store_true",
+                        help="register the candidate as challenger only, even when it passes the gate")
     args = parser.parse_args()
-    run = gate_only if args.gate_only else compression_pipeline
-    result = run(args.root, args.families)
+    if args.gate_only and args.no_promote:
+        parser.error("--no-promote runs the stages; --gate-only does not")
+    result = gate_only(args.root, args.families) if args.gate_only else \
+        compression_pipeline(args.root, args.families, not args.no_promote)
     print(summary(result, Path(args.root).resolve()))
 
 

@@ -39,6 +39,7 @@ from tasks.onnx_models import session
 from tasks.tracking import client_for, redact, server_error
 
 MODEL_SHA256 = "model.sha256"   # version tag: SHA-256 of the registered ONNX file, checked before it is run
+LINEAGE, LINEAGE_FILES = "lineage", ("params.yaml", "dvc.lock")   # artifacts of the registering run
 DATA_TAG = "data.description"   # version tag: digest of what its data says a request and an answer are (Family.describe_data)
 
 
@@ -197,6 +198,9 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
     check_registry(client, uri)
     where = paths(root, family)
     tags = {**lineage(cfg, root, parent_run_id, family), **(extra_tags or {})}
+    for name in LINEAGE_FILES:   # what `python -m flows.restore` needs beside the git commit to re-create the run
+        if (root / name).is_file():
+            client.log_artifact(run_id, str(root / name), LINEAGE)
     if description := data_description(family, root / where["data"]):
         tags[DATA_TAG] = description   # the gate holds the champion to it
     with registry_lock(gate.registered_model, cfg.tracking.registry_lock_timeout_seconds):

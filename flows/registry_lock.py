@@ -7,9 +7,11 @@ named after the model around read-champion → score → register → move-alias
 """
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 
 from prefect import get_client
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
@@ -28,9 +30,9 @@ def lock_name(model: str) -> str:
 
 
 @contextmanager
-def registry_lock(model: str, timeout_seconds: float) -> Iterator[None]:
-    """Hold the one promotion slot of registered model ``model`` (created on first use)."""
-    name = lock_name(model)
+def _slot(name: str, timeout_seconds: float, busy: str) -> Iterator[None]:
+    """Hold the one slot of Prefect global concurrency limit ``name`` (created on first use); raise
+    ``RegistryBusy(busy)`` when it stays taken for ``timeout_seconds``."""
     with get_client(sync_client=True) as client:
         try:
             client.read_global_concurrency_limit_by_name(name)
@@ -47,6 +49,32 @@ def registry_lock(model: str, timeout_seconds: float) -> Iterator[None]:
     except TimeoutError as err:
         if acquired:  # raised by the work under the lock, not by waiting for it
             raise
-        raise RegistryBusy(f"{model}: another promotion held the registry lock {name!r} for more than "
-                           f"{timeout_seconds:g} s (tracking.registry_lock_timeout_seconds); nothing was "
-                           "registered") from err
+        raise RegistryBusy(busy) from err
+
+
+@contextmanager
+def registry_lock(model: str, timeout_seconds: float) -> Iterator[None]:
+    """Hold the one promotion slot of registered model ``model`` (created on first use)."""
+    name = lock_name(model)
+    with _slot(name, timeout_seconds, f"{model}: another promotion held the registry lock {name!r} for more than "
+                                      f"{timeout_seconds:g} s (tracking.registry_lock_timeout_seconds); nothing was "
+                                      "registered"):
+        yield
+
+
+def data_lock_name(root: Path, family: str) -> str:
+    return f"data-{family}-{hashlib.sha256(str(root.resolve()).encode()).hexdigest()[:12]}"
+
+
+@contextmanager
+def data_lock(root: Path, families: list[str], timeout_seconds: float) -> Iterator[None]:
+    """Hold the data slot of each family of the project at ``root``: ingestion changes a family's raw snapshot only
+    while no pipeline run of that project reads it, and the reverse (DVC hashes a stage's inputs after it ran: a
+    batch added meanwhile would be recorded as trained on). Copies of a project (sweeps) have slots of their own."""
+    with ExitStack() as stack:
+        for family in sorted(families):
+            name = data_lock_name(root, family)
+            stack.enter_context(_slot(name, timeout_seconds, f"{root}: the {family} data was held by another run "
+                                      f"(ingestion or a pipeline run, lock {name!r}) for more than {timeout_seconds:g} s "
+                                      "(pipeline.data_lock_timeout_seconds); nothing was changed"))
+        yield

@@ -131,7 +131,7 @@ def create(snapshot: Path, family: str, intake: Intake, cfg: Any) -> dict[str, A
             files = folder_digests(scratch / BOOTSTRAP)
             batches.append({"id": BOOTSTRAP, "files": files, "digest": batch_digest(files), "source": source,
                             "pins": pins, "rows": intake.rows(found)})
-        write_json(scratch / MANIFEST, {"family": family, "batches": batches})
+        write_json(scratch / MANIFEST, {"family": family, "bootstrap": spec.bootstrap, "batches": batches})
         os.replace(scratch, snapshot)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -147,6 +147,14 @@ def ensure(snapshot: Path, family: str, intake: Intake, cfg: Any) -> dict[str, A
     if manifest.get("family") != family:
         raise DataFormatError(f"{snapshot / MANIFEST}: holds family {manifest.get('family')!r}, not {family!r}")
     first = next(iter(manifest["batches"]), None)
+    made = manifest.get("bootstrap", "published" if first is not None and first["id"] == BOOTSTRAP else "empty")
+    wanted = intake.settings(cfg).bootstrap
+    if made != wanted:
+        raise DataFormatError(f"{snapshot}: was created with ingest.{family}.bootstrap {made}, params.yaml says "
+                              f"{wanted}; move it (and {snapshot.parent / 'quarantine'}) away to start anew")
+    for left in snapshot.glob(".*"):   # a batch's scratch copy left by a kill: never part of the snapshot
+        if left.is_dir():
+            shutil.rmtree(left, ignore_errors=True)
     if first is not None and first["id"] == BOOTSTRAP:
         pins = intake.pins(cfg)
         if first.get("pins") != pins:

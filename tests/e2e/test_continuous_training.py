@@ -105,3 +105,46 @@ def test_arriving_weeks_are_versioned_trained_on_and_gated_and_bad_ones_quaranti
     # its own vocabulary, beside the candidate on the same rows (before: onnxruntime's Gather out of bounds)
     before = json.loads((repo / "reports/recsys/gate.json").read_text())["champion_before"]
     assert before and before["version"] == first_version and "test_auc" in before["candidate"]
+
+    # From the registered version alone, the code, params and the three-week snapshot it was trained on come back
+    # and re-run; the re-run builds the very same INT8 file, so the registry already holds it
+    restored = tmp_path / "restored"
+    again = subprocess.run([sys.executable, "-m", "flows.restore", "--family", "recsys", "--version", first_version,
+                            str(restored)], cwd=repo, env=repo_env(repo), capture_output=True, text=True, check=False)
+    assert again.returncode == 0, again.stderr[-3000:]
+    version = client.get_model_version(pipeline["gates"]["recsys"]["name"], first_version)
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=restored, capture_output=True, text=True, check=True)
+    assert head.stdout.strip() == version.tags["git.commit"]
+    assert locked_outs(restored)[SNAPSHOT] == versions[-1]   # the snapshot of the first three weeks, not four
+    kept = json.loads((restored / SNAPSHOT / "snapshot.json").read_text())
+    assert [b["id"] for b in kept["batches"]] == [w.name for w in weeks[:3]]
+    assert f"already {version.name} version {first_version}" in again.stdout, again.stdout[-3000:]
+
+
+@pytest.mark.fault("data", "DVC cannot record an accepted batch (its repository lock held by another DVC process)",
+                   "the batch leaves the snapshot again, named in one line; ingested again later, it is accepted")
+def test_a_batch_dvc_cannot_version_leaves_the_snapshot_as_it_was(tmp_path, monkeypatch):
+    """Before: the batch stayed in snapshot.json unversioned, and every later run skipped it as already accepted."""
+    import zc.lockfile
+
+    from flows.ingest import ingest_batch
+    from tasks.config import load_config
+    from tasks.errors import PipelineError
+    from tasks.recsys_intake import INTAKE
+
+    repo = make_repo(tmp_path / "repo", **{"ingest.recsys.bootstrap": "empty"})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlflow.db'}")
+    monkeypatch.delenv("PIPELINE_PARENT_RUN_ID", raising=False)
+    cfg = load_config(repo / "params.yaml")
+    first = INTAKE.replay(cfg, tmp_path / "all")[0]
+    assert dvc(repo, "repro", "snapshot_recsys").returncode == 0
+    lock = zc.lockfile.LockFile(str(repo / ".dvc" / "tmp" / "lock"))
+    try:
+        with pytest.raises(PipelineError, match=f"batch {first.name} was not accepted, the snapshot is as it was"):
+            ingest_batch(repo, "recsys", cfg, first, repo_env(repo))
+    finally:
+        lock.close()
+    assert json.loads((repo / SNAPSHOT / "snapshot.json").read_text())["batches"] == []
+    assert not (repo / SNAPSHOT / first.name).exists()
+    assert ingest_batch(repo, "recsys", cfg, first, repo_env(repo)).status == "accepted"
+    assert locked_outs(repo)[SNAPSHOT] and (repo / ".dvc-storage").is_dir()   # versioned, and pushed to the remote

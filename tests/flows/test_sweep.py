@@ -142,6 +142,23 @@ def test_the_registry_lock_lets_one_holder_in_at_a_time(prefect_server):
     assert len(inside) == 2 and s2 >= e1   # the second entered only after the first left
 
 
+@pytest.mark.fault("data", "a batch ingested while a pipeline run of the same project reads the family's data",
+                   "the ingestion waits for the run's data lock (and gives up after "
+                   "pipeline.data_lock_timeout_seconds, naming the lock); a copy of the project is not held up")
+def test_ingestion_and_a_pipeline_run_never_hold_one_family_data_at_once(prefect_server, tmp_path):
+    from flows.registry_lock import RegistryBusy, data_lock
+
+    project, copy = tmp_path / "project", tmp_path / "copy"
+    with data_lock(project, ["recsys"], timeout_seconds=60):
+        with pytest.raises(RegistryBusy, match=r"recsys data was held by another run.*data_lock_timeout_seconds"):
+            with data_lock(project, ["recsys"], timeout_seconds=1):
+                pass
+        with data_lock(copy, ["recsys"], timeout_seconds=1), data_lock(project, ["vision"], timeout_seconds=1):
+            pass   # another project's data, another family's data: free
+    with data_lock(project, ["recsys"], timeout_seconds=1):
+        pass   # released
+
+
 def test_which_recipes_may_be_chosen_is_decided_on_validation_scores(raw_params):
     """Before: a recipe was eligible only if it passed the gate on its test scores, so the test split filtered the
     choice; now the gate's thresholds are read on validation scores for that, and the test gate is reported."""

@@ -180,6 +180,22 @@ def test_a_snapshot_bootstrapped_from_other_files_is_not_reused(config, tmp_path
         ensure(snapshot, "recsys", INTAKE, config)
 
 
+@pytest.mark.fault("data", "a snapshot bootstrapped from the published data set while params now say `bootstrap: "
+                   "empty` (a user about to replay MovieLens into it)",
+                   "the snapshot stage stops naming both settings (before: every replayed week was quarantined as "
+                   "a repeat of the bootstrap)")
+def test_a_snapshot_made_with_another_bootstrap_setting_is_named(config, tmp_path):
+    snapshot = tmp_path / "raw"
+    ensure(snapshot, "recsys", INTAKE, config)
+    (snapshot / ".0001-week.abc").mkdir()   # a batch's scratch copy, left by a kill
+    ensure(snapshot, "recsys", INTAKE, config)
+    assert not (snapshot / ".0001-week.abc").exists()
+    empty = config.model_copy(update={"ingest": config.ingest.model_copy(update={
+        "recsys": config.ingest.recsys.model_copy(update={"bootstrap": "empty"})})})
+    with pytest.raises(DataFormatError, match="created with ingest.recsys.bootstrap published, params.yaml says empty"):
+        ensure(snapshot, "recsys", INTAKE, empty)
+
+
 def test_failure_messages_shorten_long_value_sets():
     import great_expectations as gx
 

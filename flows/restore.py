@@ -1,0 +1,169 @@
+"""Restore what a registered model version was trained on — its code, params and raw data — and re-run it.
+
+    python -m flows.restore --family recsys --version 3 DEST             # restore into DEST, then run the family there
+    python -m flows.restore --name NAME --version 3 DEST --no-run        # restore only
+
+Everything comes from the version and its registering run: the code is the git commit the version records
+(``git.commit``), checked out of this project's repository into DEST; ``params.yaml`` and ``dvc.lock`` are the
+run's ``lineage/`` artifacts (params overridden at run time included), checked against the version's ``params.hash``
+by DEST's own code; the raw data is the version of the family's snapshot stage (``snapshot_<family>``) that
+``dvc.lock`` records, pulled from DEST's default DVC remote, else this project's, else this project's DVC cache (a
+family without a snapshot stage reads its pinned, checksum-verified sources). The re-run is DEST's own
+``python -m flows.pipeline --family F --no-promote``, tracked where ``MLFLOW_TRACKING_URI`` points (else DEST's own
+store): a re-run that builds the same INT8 file finds it already registered and changes nothing; one that differs
+(another CPU, other threads) is registered as a challenger and never moves ``champion``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from mlflow.exceptions import MlflowException
+
+from flows.promotion import LINEAGE, LINEAGE_FILES, registered_model
+from tasks.config import load_config
+from tasks.errors import PipelineError, run_cli
+from tasks.tracking import client_for, redact, tracking_uri
+
+
+def _run(args: list[str], cwd: Path, what: str, env: dict[str, str] | None = None) -> str:
+    done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise PipelineError(f"{what} failed in {cwd}: {(done.stderr or done.stdout).strip()[-800:]}")
+    return done.stdout.strip()
+
+
+def _env(dest: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(dest),
+            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
+def checkout_code(root: Path, commit: str, dest: Path) -> None:
+    """DEST as a clone of ``root``'s repository at ``commit`` (detached)."""
+    if dest.exists() and any(dest.iterdir()):
+        raise PipelineError(f"{dest}: not empty; restore writes into an empty or new folder")
+    _run(["git", "clone", "--quiet", "--no-checkout", str(root), str(dest)], root, "git clone")
+    try:
+        _run(["git", "checkout", "--quiet", "--detach", commit], dest, f"git checkout {commit}")
+    except PipelineError as err:
+        raise PipelineError(f"commit {commit} is not in {root}'s history (was it pushed?): {err}") from err
+
+
+def restore_lineage(client, version, dest: Path) -> None:
+    """params.yaml and dvc.lock of the registering run into DEST."""
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = Path(client.download_artifacts(version.run_id, LINEAGE, tmp))
+        except Exception as err:  # noqa: BLE001 — any store's "not found"
+            raise PipelineError(f"{version.name} version {version.version}: its run {version.run_id} holds no "
+                                f"{LINEAGE}/ artifacts (registered before they were logged): {err}") from err
+        for name in LINEAGE_FILES:
+            if (local / name).is_file():
+                shutil.copy2(local / name, dest / name)
+    missing = [name for name in LINEAGE_FILES if not (dest / name).is_file()]
+    if missing:
+        raise PipelineError(f"run {version.run_id}: {LINEAGE}/ lacks {', '.join(missing)}; without them the data "
+                            "and params it was trained on are not known")
+
+
+def check_params(dest: Path, expected: str | None) -> None:
+    """The restored params resolve to the hash the version records (computed by DEST's own code)."""
+    got = _run([sys.executable, "-c", "from tasks.config import load_config; from tasks.lineage import params_hash; "
+                "print(params_hash(load_config('params.yaml')))"], dest, "hashing the restored params", _env(dest))
+    if expected and got.splitlines()[-1] != expected:
+        raise PipelineError(f"{dest / 'params.yaml'}: resolves to params.hash {got[:12]}…, the version records "
+                            f"{expected[:12]}…")
+
+
+def _remote_candidates(root: Path, dest: Path) -> list[str | None]:
+    """Where the data can come from: DEST's default remote (None), this project's default remote, its cache."""
+    found: list[str | None] = [None]
+    env = _env(root)
+    try:
+        default = _run([sys.executable, "-m", "dvc", "remote", "default"], root, "dvc remote default", env)
+        for line in _run([sys.executable, "-m", "dvc", "remote", "list"], root, "dvc remote list", env).splitlines():
+            name, url, *_ = line.split()
+            if name == default:
+                found.append(url)
+    except (PipelineError, ValueError):
+        pass
+    found.append(str((root / ".dvc" / "cache").resolve()))
+    return found
+
+
+def restore_data(root: Path, dest: Path, family: str) -> str:
+    """Check out the family's snapshot as DEST's dvc.lock records it; return where it came from."""
+    from flows.stage_graph import stage_paths
+
+    stage = f"snapshot_{family}"
+    try:
+        stage_paths(dest, stage)
+    except PipelineError:
+        return "pinned sources (no snapshot stage at that commit)"
+    dvc, env, errors = [sys.executable, "-m", "dvc"], _env(dest), []
+    for url in _remote_candidates(root, dest):
+        try:
+            if url is None:
+                _run([*dvc, "pull", "--quiet", stage], dest, f"dvc pull {stage}", env)
+                return "DEST's default DVC remote"
+            _run([*dvc, "remote", "add", "--local", "--force", "restore-source", url], dest, "dvc remote add", env)
+            _run([*dvc, "pull", "--quiet", "-r", "restore-source", stage], dest, f"dvc pull {stage}", env)
+            return url
+        except PipelineError as err:
+            errors.append(str(err).splitlines()[-1])
+    raise PipelineError(f"{stage}: the data version dvc.lock records is in no DVC remote or cache tried "
+                        f"({'; '.join(errors)})")
+
+
+def restore(root: Path, family: str, name: str, version_id: str, dest: Path, run: bool) -> int:
+    cfg = load_config(root / "params.yaml")
+    uri = tracking_uri(cfg, root)
+    client = client_for(uri)
+    try:
+        version = client.get_model_version(name, version_id)
+    except MlflowException as err:
+        raise PipelineError(f"--version {version_id}: {name} has no such version in {redact(uri)} "
+                            f"({err.error_code})") from err
+    commit = version.tags.get("git.commit", "none")
+    if commit == "none":
+        raise PipelineError(f"{name} version {version_id} records no git commit: it cannot be restored")
+    checkout_code(root, commit, dest)
+    restore_lineage(client, version, dest)
+    check_params(dest, version.tags.get("params.hash"))
+    source = restore_data(root, dest, family)
+    if version.tags.get("git.dirty") == "true":
+        print(f"warning: version {version_id} was trained from uncommitted changes on top of {commit[:12]}; "
+              "only the commit is restored", file=sys.stderr)
+    print(f"restored {name} version {version_id} into {dest}: code {commit[:12]}, params and dvc.lock of run "
+          f"{version.run_id}, data from {source}")
+    if not run:
+        return 0
+    # a rebuild never moves champion: built elsewhere (other CPU, other threads) it may differ from what was gated
+    return subprocess.run([sys.executable, "-m", "flows.pipeline", "--family", family, "--no-promote"], cwd=dest,
+                          env=_env(dest), check=False).returncode
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser.add_argument("dest", type=Path, help="an empty or new folder")
+    parser.add_argument("--version", required=True)
+    parser.add_argument("--name", help="registered model (default: gate.<family>.registered_model)")
+    parser.add_argument("--family", help="whose registered model, without --name")
+    parser.add_argument("--no-run", action="store_true", help="restore only; do not re-run the pipeline")
+    parser.add_argument("--root", type=Path, default=Path("."))
+    args = parser.parse_args()
+    root = args.root.resolve()
+    cfg = load_config(root / "params.yaml")
+    name = args.name or registered_model(cfg, args.family)
+    family = args.family or next((f for f in cfg.families if getattr(cfg.gate, f).registered_model == name), None)
+    if family is None:
+        raise PipelineError(f"--name {name}: no family of params.yaml registers it; name it with --family")
+    sys.exit(restore(root, family, name, args.version, args.dest.resolve(), not args.no_run))
+
+if __name__ == "__main__":
+    run_cli(main)
