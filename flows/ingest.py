@@ -17,7 +17,9 @@ batch that fails is **quarantined**: copied to ``data/<family>/quarantine/<batch
 named as ``invalid`` (the contract), ``drift`` (valid but shifted) or ``unreadable``; nothing else changes. Each
 batch gets an MLflow run (``ingest_<family>``: status, reason, drift distances, the report, the Data Docs, the batch
 as a dataset input); the Prefect flow ``ingest`` runs the same code, and ``continuous-training`` (``--run``) follows
-it with the compression pipeline when a batch was accepted (with nothing new it does nothing, in seconds).
+it with the compression pipeline when a batch was accepted or the family's stages are out of date (with nothing new
+it does nothing, in seconds). Ingestion holds the family's data lock (``flows.registry_lock.data_lock``), as pipeline
+runs do: the snapshot never changes under a stage that reads it.
 """
 from __future__ import annotations
 
@@ -236,8 +238,8 @@ def ingest(root: str, family: str, batches: list[str] | None = None,
 
 @flow(name="continuous-training", log_prints=True)
 def continuous_training(root: str, family: str, landing: str) -> dict[str, Any]:
-    """Ingest what arrived in ``landing``; when a batch was accepted, run the family's pipeline (its stages re-run
-    on the new snapshot, then the gate); with nothing new, nothing else runs."""
+    """Ingest what arrived in ``landing``; when a batch was accepted, or DVC finds the family's stages out of date,
+    run the family's pipeline (its stages re-run on the new snapshot, then the gate); else nothing else runs."""
     root_path = Path(root).resolve()
     outcomes = ingest(str(root_path), family, landing=str(root_path / landing))
     accepted = [o["batch"] for o in outcomes if o["status"] == "accepted"]
@@ -255,7 +257,10 @@ def stale(root: Path, family: str) -> bool:
     last = family_stages(stage_graph(root), family)[-1].name
     done = subprocess.run([sys.executable, "-m", "dvc", "status", "--json", "--with-deps", last], cwd=root,
                           capture_output=True, text=True, check=False)
-    return done.returncode != 0 or json.loads(done.stdout or "{}") != {}
+    try:
+        return done.returncode != 0 or json.loads(done.stdout or "{}") != {}
+    except ValueError:   # not DVC's JSON: nothing shows the family is up to date
+        return True
 
 
 def main() -> None:
