@@ -21,7 +21,14 @@ def _run_stage(tmp_path: Path, params: dict) -> subprocess.CompletedProcess:
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     env.pop("PIPELINE_PARENT_RUN_ID", None)
-    return subprocess.run([sys.executable, "-m", "tasks.prepare_recsys", "--out", "data/processed"], cwd=tmp_path,
+    from tasks.config import parse_config
+    from tasks.recsys_intake import INTAKE
+    from tasks.snapshot import ensure
+
+    if not (tmp_path / "data" / "raw").exists():   # the raw snapshot prepare reads (its own stage in dvc.yaml)
+        ensure(tmp_path / "data" / "raw", "recsys", INTAKE, parse_config(params))
+    return subprocess.run([sys.executable, "-m", "tasks.prepare_recsys", "--raw", "data/raw", "--out", "data/processed"],
+                          cwd=tmp_path,
                           env=env, capture_output=True, text=True)
 
 
