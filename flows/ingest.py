@@ -33,7 +33,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows.pipeline import compression_pipeline, reproduce, stage_env, stage_logger
+from flows.pipeline import compression_pipeline, reproduce, run_dvc, stage_env, stage_logger
 from flows.registry_lock import data_lock
 from flows.stage_graph import stage_paths
 from tasks.config import Config, load_config
@@ -169,12 +169,9 @@ def _log_batch(run: Any, folder: Path, digest: str) -> None:
 
 
 def _dvc(root: Path, env: dict[str, str], *args: str) -> None:
-    import subprocess
-
-    done = subprocess.run([sys.executable, "-m", "dvc", *args], cwd=root, env=env, capture_output=True, text=True,
-                          check=False)
-    if done.returncode != 0:
-        raise PipelineError(f"dvc {' '.join(args)} failed in {root}: {(done.stderr or done.stdout).strip()[-800:]}")
+    code, tail, _ = run_dvc(root, env, *args)
+    if code != 0:
+        raise PipelineError(f"dvc {' '.join(args)} failed in {root}: {tail.strip()[-800:]}")
 
 
 def _push(root: Path, stage: str, env: dict[str, str]) -> str:
@@ -190,11 +187,8 @@ def _push(root: Path, stage: str, env: dict[str, str]) -> str:
 
 
 def _default_remote(root: Path, env: dict[str, str]) -> bool:
-    import subprocess
-
-    done = subprocess.run([sys.executable, "-m", "dvc", "remote", "default"], cwd=root, env=env, capture_output=True,
-                          text=True, check=False)
-    return done.returncode == 0 and bool(done.stdout.strip())
+    code, tail, _ = run_dvc(root, env, "remote", "default")
+    return code == 0 and bool(tail.strip())
 
 
 def _detail(report: dict[str, Any]) -> str:

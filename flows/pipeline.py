@@ -40,7 +40,7 @@ class StageFailed(PipelineError):
         self.stage, self.deterministic = stage, deterministic
 
 
-def _dvc(root: Path, env: dict[str, str], *args: str, log: Callable[[str], None] | None = None,
+def run_dvc(root: Path, env: dict[str, str], *args: str, log: Callable[[str], None] | None = None,
          marker: str | None = None) -> tuple[int, str, bool]:
     """Run ``dvc`` in ``root``; hand each line it (and the stage it runs) prints to ``log``; return its exit code,
     the tail of its output, and whether any line started with ``marker`` (however long the output grew)."""
@@ -100,7 +100,7 @@ def _point_at_data_docs(stage: str, env: dict[str, str]) -> None:
 def reproduce(stage: str, root: Path, env: dict[str, str], log: bool = True) -> bool:
     """``dvc repro --single-item stage`` in ``root`` (its output to the run's log when ``log``); return whether the
     stage ran, False when DVC found it up to date; raise ``StageFailed`` naming the stage's own error lines."""
-    code, tail, ran = _dvc(root, env, "repro", "--single-item", stage, log=stage_logger() if log else None,
+    code, tail, ran = run_dvc(root, env, "repro", "--single-item", stage, log=stage_logger() if log else None,
                            marker=f"Running stage '{stage}'")
     if code != 0:
         errors = [ln for ln in tail.splitlines() if ln.startswith(("error:", "ERROR:", "  "))]
