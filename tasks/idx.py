@@ -35,3 +35,22 @@ def parse_idx(payload: bytes, name: str, ndim: int) -> np.ndarray:
     if len(payload) != expected:
         raise DataFormatError(f"{name}: IDX declares shape {dims} ({expected} bytes) but has {len(payload)} bytes")
     return np.frombuffer(payload, dtype=np.uint8, offset=header).reshape(dims)
+
+
+def read_idx(payload: bytes, name: str, ndims: tuple[int, ...]) -> np.ndarray:
+    """Parse an IDX payload whose number of dimensions (its magic's last byte) is one of ``ndims``."""
+    ndim = payload[3] if len(payload) >= 4 and payload[3] in ndims else ndims[0]
+    return parse_idx(payload, name, ndim)
+
+
+def idx_bytes(array: np.ndarray) -> bytes:
+    """The IDX payload of an unsigned-byte array (what ``parse_idx`` reads back)."""
+    if array.dtype != np.uint8:
+        raise DataFormatError(f"IDX holds unsigned bytes; got {array.dtype} values")
+    header = bytes([0, 0, _UBYTE, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + np.ascontiguousarray(array).tobytes()
+
+
+def gzip_bytes(payload: bytes) -> bytes:
+    """``payload`` gzipped reproducibly (no timestamp, no file name): the same array is the same file."""
+    return gzip.compress(payload, compresslevel=6, mtime=0)

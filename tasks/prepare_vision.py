@@ -1,9 +1,12 @@
-"""Stage ``prepare_vision``: raw images -> verified, split arrays.
+"""Stage ``prepare_vision``: the raw snapshot of images -> verified, split arrays.
 
-Inputs: a user's image folder (``data.vision.image_folder``, see ``tasks.image_folder``), else Fashion-MNIST's four
-IDX ``.gz`` files from the first source that has them (``data.vision.source_dir``, the Debian package
-``dataset-fashion-mnist``, the official URL into a download cache). Each file's decompressed IDX payload must match
-its SHA-256 pinned in params.yaml (payload, not ``.gz``: Debian recompressed the files).
+Input: ``<raw>``, the family's snapshot (``tasks.snapshot``, ``tasks.vision_intake``): the published images and every
+batch ``flows.ingest`` accepted. The published images are a user's image folder (``data.vision.image_folder``, see
+``tasks.image_folder``), else Fashion-MNIST's four IDX ``.gz`` files from the first source that has them
+(``data.vision.source_dir``, the Debian package ``dataset-fashion-mnist``, the official URL into a download cache),
+each file's decompressed IDX payload matching its SHA-256 pinned in params.yaml (payload, not ``.gz``: Debian
+recompressed the files). The first batch's test part is the test split; validation is carved from its training
+images, and from each later batch's by the same share (seeded per batch, so a batch's split never moves).
 Outputs: ``<out>/{train,val,test}_{x,y}.npy`` (uint8 images, one channel as (N, H, W), more as (N, C, H, W)) and
 ``<out>/manifest.json`` (source, image shape, pixel statistics, class names, rows and class counts per split).
 """
@@ -128,9 +131,12 @@ def carve(x: np.ndarray, y: np.ndarray, n: int, rng: np.random.Generator
 
 
 def split(parts: dict[str, tuple[np.ndarray, np.ndarray]], val_size: int, test_size: int, seed: int,
-          subset: SplitSizes | None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+          subset: SplitSizes | None, later: list[tuple[np.ndarray, np.ndarray]] | None = None
+          ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Train / validation / test: the given ones, the others carved from train, seeded and stratified (test first,
-    then validation); optionally a seeded subset of each."""
+    then validation); images of ``later`` batches (training images that arrived since) each give validation the
+    share the first batch gave it, drawn with the batch's own seed (a batch's split never moves as more arrive);
+    optionally a seeded subset of each."""
     rng = np.random.default_rng(seed)
     train = parts["train"]
     test = parts.get("test")
@@ -139,6 +145,14 @@ def split(parts: dict[str, tuple[np.ndarray, np.ndarray]], val_size: int, test_s
     val = parts.get("val")
     if val is None:
         train, val = carve(*train, val_size, rng)
+    if later:
+        share = len(val[1]) / (len(val[1]) + len(train[1]))
+        trains, vals = [train], [val]
+        for n, (x, y) in enumerate(later, start=1):
+            rest, carved = carve(x, y, round(len(y) * share), np.random.default_rng([seed, n]))
+            trains.append(rest)
+            vals.append(carved)
+        train, val = (tuple(np.concatenate(p) for p in zip(*group, strict=True)) for group in (trains, vals))
     splits = {"train": train, "val": val, "test": test}
     if subset:
         sizes = subset.model_dump()
@@ -146,6 +160,23 @@ def split(parts: dict[str, tuple[np.ndarray, np.ndarray]], val_size: int, test_s
             keep = stratified_pick(sy, min(sizes[name], len(sy)), rng)
             splits[name] = (sx[keep], sy[keep])
     return splits
+
+
+def planned_rows(cfg: VisionData, batches: list[dict[str, int]], source: str) -> dict[str, int]:
+    """The rows ``split`` gives each split of a snapshot whose batches hold ``batches`` rows per part (what the data
+    contract expects of prepared data, from the snapshot's manifest)."""
+    first = batches[0]
+    val, test = carve_sizes(cfg, first, source)
+    train = first["train"] - val - test
+    val, test = first.get("val", val), first.get("test", test)
+    share = val / (val + train)
+    for later in batches[1:]:
+        carved = round(later["train"] * share)
+        train, val = train + later["train"] - carved, val + carved
+    planned = {"train": train, "val": val, "test": test}
+    if cfg.subset:
+        planned = {name: min(rows, getattr(cfg.subset, name)) for name, rows in planned.items()}
+    return planned
 
 
 def pixel_stats(x: np.ndarray) -> dict[str, list[float]]:
@@ -182,17 +213,26 @@ def from_folder(cfg: ImageFolder) -> tuple[str, list[str], dict[str, tuple[np.nd
     return f"image folder {root} (content sha256 {digest})", classes, parts, skipped
 
 
-def split_sizes(cfg: VisionData, parts: dict[str, tuple[np.ndarray, np.ndarray]], source: str) -> tuple[int, int]:
-    """(validation, test) rows to carve from the training images (0 for a split the source gives)."""
-    folder, n = cfg.image_folder, len(parts["train"][1])
+def carve_sizes(cfg: VisionData, rows: dict[str, int], source: str) -> tuple[int, int]:
+    """(validation, test) rows to carve from the first batch's ``rows["train"]`` images (0 for a split it gives)."""
+    folder, n = cfg.image_folder, rows["train"]
     if folder is None:
-        return cfg.val_size, 0
-    test = 0 if "test" in parts else max(1, round(n * folder.test_fraction))
-    val = 0 if "val" in parts else max(1, round((n - test) * folder.val_fraction))
+        if "test" not in rows:
+            raise DataFormatError(f"{source}: the first batch has no test part; give it test-images-idx3-ubyte.gz and "
+                                  "test-labels-idx1-ubyte.gz (the fixed test set every model is reported on)")
+        test, val = 0, 0 if "val" in rows else cfg.val_size
+    else:
+        test = 0 if "test" in rows else max(1, round(n * folder.test_fraction))
+        val = 0 if "val" in rows else max(1, round((n - test) * folder.val_fraction))
     if n - test - val < 1:
         raise DataFormatError(f"{source}: {n} training images leave none to train on after {test} test and {val} "
                               "validation images")
     return val, test
+
+
+def split_sizes(cfg: VisionData, parts: dict[str, tuple[np.ndarray, np.ndarray]], source: str) -> tuple[int, int]:
+    """(validation, test) rows to carve from the training images (0 for a split the source gives)."""
+    return carve_sizes(cfg, {name: len(y) for name, (_, y) in parts.items()}, source)
 
 
 def check_every_class_in_every_split(splits: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str],
@@ -204,14 +244,35 @@ def check_every_class_in_every_split(splits: dict[str, tuple[np.ndarray, np.ndar
                                   "give each class at least a few images per split")
 
 
-def prepare_vision(cfg: VisionData, out_dir: Path) -> dict:
-    """Acquire, verify and split the images into ``out_dir``; return the manifest."""
+def from_snapshot(cfg: VisionData, batches: list[dict]
+                  ) -> tuple[list[str], dict[str, tuple[np.ndarray, np.ndarray]], list[tuple[np.ndarray, np.ndarray]]]:
+    """(class names, the first batch's parts, the training images of every later batch) of a snapshot's batches
+    (``tasks.vision_intake``). Class names: the first batch's (``classes.json``), else the IDX labels' names in
+    params, else the label numbers."""
+    first = batches[0]
+    parts = {name: first[name] for name in ("train", "val", "test") if first.get(name) is not None}
+    later = [b["train"] for b in batches[1:]]
+    n_labels = int(max(int(y.max(initial=0)) for _, y in [*parts.values(), *later])) + 1
+    names = first.get("classes") or (cfg.class_names if cfg.image_folder is None else None) or []
+    # a label past the named classes is kept (named by its number): validate_vision, whose contract is the named
+    # classes, stops the pipeline on it and its Data Docs show the offending values
+    return [*names, *(str(i) for i in range(len(names), n_labels))], parts, later
+
+
+def prepare_vision(cfg: VisionData, out_dir: Path, snapshot: tuple[str, list[dict]] | None = None) -> dict:
+    """Split a snapshot's images (``(source, batches)``; default: the published images, read and verified now, as
+    its one batch) into ``out_dir``; return the manifest."""
     skipped: list[str] = []
-    if cfg.image_folder:
-        source, classes, parts, skipped = from_folder(cfg.image_folder)
+    if snapshot is None:
+        if cfg.image_folder:
+            source, classes, parts, skipped = from_folder(cfg.image_folder)
+        else:
+            source, classes, parts = from_idx(cfg)
+        later: list[tuple[np.ndarray, np.ndarray]] = []
     else:
-        source, classes, parts = from_idx(cfg)
-    splits = split(parts, *split_sizes(cfg, parts, source), cfg.seed, cfg.subset)
+        source, batches = snapshot
+        classes, parts, later = from_snapshot(cfg, batches)
+    splits = split(parts, *split_sizes(cfg, parts, source), cfg.seed, cfg.subset, later)
     if cfg.image_folder:   # the IDX data set's contract (validate_vision) checks its published classes instead
         check_every_class_in_every_split(splits, classes, source)
     x_train = splits["train"][0]
@@ -237,11 +298,18 @@ def prepare_vision(cfg: VisionData, out_dir: Path) -> dict:
 
 
 def main() -> None:
-    args, cfg = stage_args(__doc__, "--out")
+    args, cfg = stage_args(__doc__, "--raw", "--out")
+    from tasks.snapshot import batch_tables
     from tasks.tracking import stage_run
+    from tasks.vision_intake import INTAKE
 
     with stage_run("prepare_vision", cfg, params={"data.vision": cfg.data.vision}) as run:
-        manifest = prepare_vision(cfg.data.vision, args.out)
+        batches = batch_tables(args.raw, INTAKE)
+        if not batches:
+            raise DataFormatError(f"{args.raw}: the snapshot holds no batch yet; add one with "
+                                  "`python -m flows.ingest --family vision <batch folder>`")
+        source = f"snapshot {args.raw} of {len(batches)} batch(es): {', '.join(b for b, _ in batches)}"
+        manifest = prepare_vision(cfg.data.vision, args.out, (source, [t for _, t in batches]))
         run.log_metrics({f"{s}_rows": v["rows"] for s, v in manifest["splits"].items()})
         run.set_tag("data.source", manifest["source"])
         run.log_artifact(args.out / "manifest.json")

@@ -8,7 +8,8 @@ Layout of ``<snapshot>`` (``data/<family>/raw``, a DVC output with ``persist: tr
 The stage creates an absent snapshot: the family's published data set (read from its pinned, checksum-verified
 sources) as batch ``0000-bootstrap``, or no batch at all when ``ingest.<family>.bootstrap`` is ``empty`` (data that
 only arrives by ``python -m flows.ingest``). An existing snapshot is verified: every batch's files must have the
-digests it was accepted with, and a published bootstrap must come from today's pinned sources. ``flows.ingest``
+digests it was accepted with, and a published bootstrap must come from today's pinned sources (a snapshot that
+holds only its bootstrap is remade from the sources params pin now; one with accepted batches is refused). ``flows.ingest``
 adds batches that passed their contract and drift checks and records the new version with ``dvc commit``, so
 ``dvc.lock`` holds the snapshot's hash and every stage downstream re-runs on the new data.
 
@@ -155,11 +156,22 @@ def ensure(snapshot: Path, family: str, intake: Intake, cfg: Any) -> dict[str, A
     for left in snapshot.glob(".*"):   # a batch's scratch copy left by a kill: never part of the snapshot
         if left.is_dir():
             shutil.rmtree(left, ignore_errors=True)
-    if first is not None and first["id"] == BOOTSTRAP:
-        pins = intake.pins(cfg)
-        if first.get("pins") != pins:
+    if first is not None and first["id"] == BOOTSTRAP and first.get("pins") != intake.pins(cfg):
+        if len(manifest["batches"]) > 1:
             raise DataFormatError(f"{snapshot}: was bootstrapped from other published files than params.yaml pins "
-                                  f"now ({intake.pins_key}); move the folder away to bootstrap it anew")
+                                  f"now ({intake.pins_key}) and holds accepted batches; move the folder away to "
+                                  "bootstrap it anew")
+        # nothing arrived on top of the published data: the snapshot is remade from what params pin now (the
+        # version it replaces stays in DVC's cache and dvc.lock's history)
+        old = Path(tempfile.mkdtemp(dir=snapshot.parent, prefix=f".{snapshot.name}.old."))
+        os.replace(snapshot, old / snapshot.name)
+        try:
+            manifest = create(snapshot, family, intake, cfg)
+        except BaseException:
+            os.replace(old / snapshot.name, snapshot)
+            raise
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
     return manifest
 
 

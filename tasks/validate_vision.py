@@ -17,29 +17,38 @@ from tasks.errors import DataFormatError, run_cli
 from tasks.expectations import ephemeral_context, failure_message, publish_validation, run_suites  # noqa: F401 (failure_message: API)
 from tasks.io import read_manifest
 
-TRAIN_ROWS, TEST_ROWS = 60000, 10000  # the published Fashion-MNIST split sizes
+PUBLISHED_ROWS = {"train": 60000, "test": 10000}   # the published Fashion-MNIST parts: a snapshot's bootstrap batch
 IDX_IMAGE = {"channels": 1, "height": 28, "width": 28}  # and its published image shape
 SPLITS = ("train", "val", "test")
 
 
-def expected_rows(cfg: Config) -> dict[str, int]:
-    data = cfg.data.vision
-    if data.subset:
-        return data.subset.model_dump()
-    return {"train": TRAIN_ROWS - data.val_size, "val": data.val_size, "test": TEST_ROWS}
+def expected_rows(cfg: Config, batches: list[dict[str, int]] | None = None) -> dict[str, int]:
+    """Rows per split of the snapshot whose batches hold ``batches`` rows per part (default: the published data)."""
+    from tasks.prepare_vision import planned_rows
+
+    return planned_rows(cfg.data.vision, batches or [PUBLISHED_ROWS], "the raw snapshot")
 
 
-def contract(cfg: Config, manifest: dict | None) -> tuple[dict[str, int], dict]:
-    """(rows per split, image: channels, height, width, classes) the processed data must have."""
+def contract(cfg: Config, manifest: dict | None, snapshot: dict | None = None) -> tuple[dict[str, int], dict]:
+    """(rows per split, image: channels, height, width, classes) the processed data must have. Rows follow from the
+    raw snapshot's manifest (``snapshot``; default: the published data alone); the image shape is Fashion-MNIST's
+    when the snapshot starts with the published IDX files, else the one the data's manifest records (the intake
+    contract kept every batch to the first one's)."""
     data = cfg.data.vision
+    batches = [b["rows"] for b in snapshot["batches"]] if snapshot else None
     if data.image_folder:
         if manifest is None:
             raise DataFormatError("an image folder's data is checked against its manifest.json; none was given")
-        return {s: v["rows"] for s, v in manifest["splits"].items()}, manifest["image"]
+        rows = expected_rows(cfg, batches) if batches else {s: v["rows"] for s, v in manifest["splits"].items()}
+        return rows, manifest["image"]
     classes = data.class_names or (manifest["image"]["classes"] if manifest else None)   # the published classes
     if not classes:
         raise DataFormatError("the IDX labels need data.vision.class_names in params.yaml, or the data's manifest")
-    return expected_rows(cfg), {**IDX_IMAGE, "classes": classes}
+    published = snapshot is None or (bool(snapshot["batches"]) and "pins" in snapshot["batches"][0])
+    if not published and manifest is None:
+        raise DataFormatError("images that arrived in batches are checked against their manifest.json; none was given")
+    shape = IDX_IMAGE if published else {k: manifest["image"][k] for k in IDX_IMAGE}
+    return expected_rows(cfg, batches), {**shape, "classes": classes}
 
 
 def load_arrays(data_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -62,13 +71,14 @@ def class_shares(cfg: Config, manifest: dict | None, num_classes: int) -> list[f
 
 
 def validate_vision(arrays: dict[str, tuple[np.ndarray, np.ndarray]], cfg: Config,
-                    docs: Path | None = None, manifest: dict | None = None) -> dict[str, Any]:
+                    docs: Path | None = None, manifest: dict | None = None, snapshot: dict | None = None
+                    ) -> dict[str, Any]:
     """Run every suite (through GE Checkpoints, rendering Data Docs into ``docs`` when given); return the report
-    (``success`` plus one entry per expectation)."""
+    (``success`` plus one entry per expectation). ``snapshot``: the raw snapshot's manifest the data came from."""
     context = ephemeral_context()
     from tasks import vision_expectations as ve
 
-    rules, (rows, image) = cfg.validate_.vision, contract(cfg, manifest)
+    rules, (rows, image) = cfg.validate_.vision, contract(cfg, manifest, snapshot)
     shares = class_shares(cfg, manifest, len(image["classes"]))
     batches = []
     for split, (x, y) in arrays.items():
@@ -80,11 +90,13 @@ def validate_vision(arrays: dict[str, tuple[np.ndarray, np.ndarray]], cfg: Confi
 
 
 def main() -> None:
-    args, cfg = stage_args(__doc__, "--data", "--report", "--docs")
+    args, cfg = stage_args(__doc__, "--data", "--snapshot", "--report", "--docs")
+    from tasks.snapshot import read
     from tasks.tracking import stage_run
 
     with stage_run("validate_vision", cfg, {"validate.vision": cfg.validate_.vision}) as run:
-        report = validate_vision(load_arrays(args.data), cfg, args.docs, read_manifest(args.data, "prepare_vision"))
+        report = validate_vision(load_arrays(args.data), cfg, args.docs, read_manifest(args.data, "prepare_vision"),
+                                 read(args.snapshot))
         report = publish_validation(run, report, args.report, args.docs)
     print(f"validation passed: {len(report['checks'])} expectations")
 

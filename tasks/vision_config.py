@@ -93,6 +93,37 @@ class VisionValidation(Strict):
     max_cross_split_duplicate_fraction: Fraction   # images of a later split that are copies of an earlier split's
 
 
+Share = Annotated[float, Field(ge=0.0, le=1.0)]
+
+
+class VisionDrift(Strict):
+    """Largest change a new batch of images may bring against the accepted ones (TFX's comparators); more is drift."""
+
+    class_linf: Share                  # L-infinity between the batch's and the accepted class mix
+    mean_intensity_js: Share           # Jensen-Shannon divergence (base 2) of the per-image mean intensity histograms
+    ink_js: Share                      # ... of the per-image share of inked (non-background) pixels
+    blank_share: Share                 # share of the batch's images that are blank or near-constant
+
+
+class VisionReplay(Strict):
+    """``python -m flows.replay --family vision``: the published training images released as an initial set (with the
+    published test images, the fixed golden set) and labelled batches of ``batch_rows``."""
+
+    initial_fraction: Annotated[float, Field(gt=0.0, lt=1.0)]
+    batch_rows: Positive
+
+
+class VisionIngest(Strict):
+    """``python -m flows.ingest --family vision``: what a new batch of images must satisfy to join the snapshot."""
+
+    bootstrap: Literal["published", "empty"]   # the snapshot starts as the published data (or image folder), or empty
+    min_rows: Positive                 # images in a batch
+    blank_std: Annotated[float, Field(ge=0.0)]   # an image whose pixel standard deviation (0-255) is below this is blank
+    max_repeated_fraction: Fraction    # images that are byte-for-byte copies of an accepted one (or of another in the batch)
+    drift: VisionDrift
+    replay: VisionReplay
+
+
 class ResNetArch(Strict):
     stem: Positive
     widths: list[Positive] = Field(min_length=1)
@@ -324,7 +355,7 @@ SECTIONS: dict[str, Any] = {
     "data": VisionData, "validate": VisionValidation, "teacher": TrainTeacherVision,
     "recipe": Recipe,
     "distill": DistillVision, "prune": PruneVision, "qat": QatVision, "share": ShareVision, "export": ExportVision,
-    "evaluate": EvaluateVision, "gate": GateVision, "ablation": AblationVision}
+    "evaluate": EvaluateVision, "gate": GateVision, "ablation": AblationVision, "ingest": VisionIngest}
 
 
 def ablation_recipes(cfg: Config, seed: int) -> dict[str, TrainingRecipe]:

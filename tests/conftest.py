@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Under pytest-xdist (make test/check: one worker per core, a test file per worker at a time) the files that run
 # whole pipelines go out first, longest first, so that no worker picks one up last.
-FIRST = ("tests/integration/test_scaled_stack.py", "tests/e2e/test_smoke_pipeline.py", "tests/e2e/test_stage_commands.py")
+FIRST = ("tests/integration/test_scaled_stack.py", "tests/e2e/test_smoke_pipeline.py", "tests/e2e/test_stage_commands.py",
+         "tests/e2e/test_continuous_training.py", "tests/e2e/test_continuous_vision.py")
 # as the Makefile sets it, for a plain `pytest` too: the flows a test starts bring up their own ephemeral Prefect
 # server, whose 20 s default start-up limit is tight on a busy 2-core machine
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")

@@ -31,3 +31,22 @@ def dvc(repo: Path, *args: str) -> subprocess.CompletedProcess:
 def locked_outs(repo: Path) -> dict[str, str]:
     lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
     return {o["path"]: o["md5"] for s in lock.values() for o in s.get("outs", [])}
+
+
+def ingest_runs(repo: Path, family: str) -> list:
+    """The ``ingest_<family>`` MLflow runs of ``repo``'s store, oldest first."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("model-compression")
+    return client.search_runs([experiment.experiment_id], f"tags.`ingest.family` = '{family}'",
+                              order_by=["attributes.start_time ASC"])
+
+
+def dataset_inputs(repo: Path, run_id: str) -> dict:
+    """{context: MLflow dataset} of a run's dataset inputs."""
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").get_run(run_id)
+    return {next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset
+            for d in run.inputs.dataset_inputs}

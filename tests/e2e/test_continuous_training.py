@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.ingest import continuous_training
-from tests.e2e.scratch import dvc, locked_outs, make_repo, repo_env
+from tests.e2e.scratch import dataset_inputs, dvc, ingest_runs, locked_outs, make_repo, repo_env
 
 pytestmark = pytest.mark.e2e
 SNAPSHOT = "data/recsys/raw"
@@ -27,10 +27,7 @@ def _copy_week(source: Path, target: Path, change) -> None:
 
 
 def _ingest_runs(repo: Path) -> list:
-    client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
-    experiment = client.get_experiment_by_name("model-compression")
-    return client.search_runs([experiment.experiment_id], "tags.`ingest.family` = 'recsys'",
-                              order_by=["attributes.start_time ASC"])
+    return ingest_runs(repo, "recsys")
 
 
 @pytest.mark.fault("data", "a replayed week with ratings of 7 and one shifted to all 1s arrive beside good weeks",
@@ -74,8 +71,7 @@ def test_arriving_weeks_are_versioned_trained_on_and_gated_and_bad_ones_quaranti
     versions = []
     client = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}")
     for run in runs[:3]:   # each accepted week is a new version of the snapshot, the run's dataset input
-        contexts = {next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset
-                    for d in client.get_run(run.info.run_id).inputs.dataset_inputs}
+        contexts = dataset_inputs(repo, run.info.run_id)
         assert set(contexts) == {"batch", "snapshot"}
         versions.append(contexts["snapshot"].digest)
     assert len(set(versions)) == 3 and versions[-1] == locked_outs(repo)[SNAPSHOT]

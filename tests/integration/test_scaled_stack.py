@@ -329,7 +329,8 @@ def test_deployments_register_and_a_worker_runs_the_rollback(stack, pipeline, sw
     deployed = run([*prefect, "--no-prompt", "deploy", "--all"], deploying, repo)
     assert deployed.returncode == 0, deployed.stdout[-3000:] + deployed.stderr[-3000:]
     deployments = {d["name"]: d for d in api(f"{st.prefect_api}/deployments/filter", st, {})}
-    assert set(deployments) == {"nightly-vision", "nightly-recsys", "continuous-recsys", "sweep", "promote", "rollback"}
+    assert set(deployments) == {"nightly-vision", "nightly-recsys", "continuous-recsys", "continuous-vision", "sweep",
+                                "promote", "rollback"}
     assert str(repo) not in json.dumps(deployments["rollback"]["pull_steps"])   # nothing frozen at deploy time
     env = {**env, "KDQ_PROJECT_DIR": str(repo)}
     for name in ("nightly-vision", "nightly-recsys"):

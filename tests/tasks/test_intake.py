@@ -169,14 +169,25 @@ def test_an_accepted_batch_edited_in_place_is_named(replayed, tmp_path):
 
 
 @pytest.mark.fault("data", "params pin other published files than the ones the snapshot was bootstrapped from",
-                   "the snapshot stage stops: move the snapshot away to bootstrap it anew")
-def test_a_snapshot_bootstrapped_from_other_files_is_not_reused(config, tmp_path):
+                   "a snapshot of the bootstrap alone is remade from the files pinned now; one holding accepted "
+                   "batches stops the snapshot stage: move it away to bootstrap it anew")
+def test_a_snapshot_bootstrapped_from_other_files_is_remade_or_refused(replayed, config, tmp_path):
     snapshot = tmp_path / "raw"
     ensure(snapshot, "recsys", INTAKE, config)
     manifest = json.loads((snapshot / "snapshot.json").read_text())
     manifest["batches"][0]["pins"]["ml-100k.inter"] = "0" * 64
     (snapshot / "snapshot.json").write_text(json.dumps(manifest))
-    with pytest.raises(DataFormatError, match=r"bootstrapped from other published files.*data\.recsys\.sha256"):
+    remade = ensure(snapshot, "recsys", INTAKE, config)
+    assert remade["batches"][0]["pins"] == dict(config.data.recsys.sha256) and verify(snapshot) == remade
+    assert [p.name for p in tmp_path.iterdir()] == ["raw"]   # nothing of the old one left beside it
+    _, batches = replayed
+    extra = batches[1].parent / "extra"
+    shutil.copytree(batches[1], extra)
+    add_batch(snapshot, "0001-extra", extra, {"rows": {}})
+    manifest = json.loads((snapshot / "snapshot.json").read_text())
+    manifest["batches"][0]["pins"]["ml-100k.inter"] = "0" * 64
+    (snapshot / "snapshot.json").write_text(json.dumps(manifest))
+    with pytest.raises(DataFormatError, match=r"from other published files.*data\.recsys\.sha256.*holds accepted"):
         ensure(snapshot, "recsys", INTAKE, config)
 
 

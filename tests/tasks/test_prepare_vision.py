@@ -148,9 +148,10 @@ def test_the_stage_cli_reports_inconsistent_files_in_one_line_and_exits_2(synthe
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     env.pop("PIPELINE_PARENT_RUN_ID", None)
-    proc = subprocess.run([sys.executable, "-m", "tasks.prepare_vision", "--out", "data/processed", "--params",
+    # the published files are read where they join the raw snapshot (stage snapshot_vision): nothing is kept of them
+    proc = subprocess.run([sys.executable, "-m", "tasks.snapshot_vision", "--snapshot", "data/raw", "--params",
                            "params.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert len(errors) == 1 and errors[0].startswith("error: DataFormatError: ") and "has 599 labels" in errors[0]
-    assert not list((tmp_path / "data").rglob("*.npy"))
+    assert not (tmp_path / "data" / "raw").exists() and not list((tmp_path / "data").rglob("*.gz"))

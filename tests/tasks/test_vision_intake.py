@@ -1,0 +1,194 @@
+"""The vision family's intake on the real Fashion-MNIST: its training images released in batches pass the contract
+and the drift limits, a broken or a shifted batch is named for what it is, and a snapshot of batches prepares into
+splits that never move as batches arrive."""
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from flows.ingest import check
+from tasks.errors import DataFormatError
+from tasks.idx import gzip_bytes, idx_bytes
+from tasks.prepare_vision import prepare_vision
+from tasks.snapshot import BOOTSTRAP, add_batch, batch_tables, create, ensure, read
+from tasks.validate_vision import validate_vision
+from tasks.vision_intake import INTAKE
+
+IMAGES, LABELS = "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"
+
+
+@pytest.fixture(scope="module")
+def replayed(tmp_path_factory, raw_params):
+    from tasks.config import parse_config
+
+    cfg = parse_config(raw_params)
+    return cfg, INTAKE.replay(cfg, tmp_path_factory.mktemp("landing"))
+
+
+@pytest.fixture(scope="module")
+def initial(replayed):
+    return INTAKE.read_batch(replayed[1][0])
+
+
+def _failed(report: dict) -> set[str]:
+    return {c["kwargs"].get("column", c["expectation"]) for part in ("contract", "drift")
+            if report.get(part) for c in report[part]["checks"] if not c["success"]}
+
+
+def _batch(replayed, tmp_path: Path, change=None, labels=None) -> Path:
+    """A copy of the second replayed batch with its images (and labels) changed."""
+    folder = tmp_path / "batch"
+    shutil.copytree(replayed[1][1], folder)
+    x, y = INTAKE.read_batch(folder)["train"]
+    if change is not None:
+        (folder / IMAGES).write_bytes(gzip_bytes(idx_bytes(change(x.copy()))))
+    if labels is not None:
+        (folder / LABELS).write_bytes(gzip_bytes(idx_bytes(labels(y.copy()))))
+    return folder
+
+
+def test_the_replay_releases_the_training_images_as_an_initial_set_and_batches(replayed, initial):
+    cfg, batches = replayed
+    assert batches[0].name == "0000-initial" and len(batches) == 7
+    assert INTAKE.rows(initial) == {"train": 30_000, "test": 10_000}
+    later = [INTAKE.read_batch(b) for b in batches[1:]]
+    assert [INTAKE.rows(b) for b in later] == [{"train": 5_000}] * 6   # training images only
+    assert initial["classes"] == cfg.data.vision.class_names
+    everything = INTAKE.combine([initial, *later])
+    assert len(everything["train"][1]) == 60_000 and len(everything["test"][1]) == 10_000
+
+
+def test_every_replayed_batch_passes_its_contract_and_the_drift_limits(replayed, initial, tmp_path):
+    cfg, batches = replayed
+    accepted = [initial]
+    for n, folder in enumerate(batches[1:], start=1):
+        batch = INTAKE.read_batch(folder)
+        reason, report = check(INTAKE, cfg, batch, INTAKE.combine(accepted), tmp_path / str(n))
+        assert reason == "", (folder.name, _failed(report))
+        assert set(report["drift"]["distances"]) == {"class_linf", "mean_intensity_js", "ink_js", "blank_share"}
+        accepted.append(batch)
+
+
+@pytest.mark.fault("data", "an arriving batch of images with labels 11 and 200 and a 32x32 image shape",
+                   "quarantined as invalid: the contract names the label set and the image shape")
+def test_a_broken_batch_of_images_is_invalid_and_names_what_is_broken(replayed, initial, tmp_path):
+    cfg, _ = replayed
+    folder = _batch(replayed, tmp_path, change=lambda x: np.pad(x, ((0, 0), (2, 2), (2, 2))),
+                    labels=lambda y: np.where(np.arange(len(y)) < 3, np.uint8(11), y).astype(np.uint8))
+    reason, report = check(INTAKE, cfg, INTAKE.read_batch(folder), initial, tmp_path / "docs")
+    assert reason == "invalid" and _failed(report) == {"label", "shape"}
+    assert report["drift"] is None and (tmp_path / "docs" / "index.html").is_file()
+
+
+@pytest.mark.fault("data", "an arriving batch that brings test images of its own, or repeats accepted images",
+                   "quarantined as invalid: the golden test set stays fixed; the repeated share is named")
+def test_a_later_batch_may_not_bring_test_images_or_repeat_accepted_ones(replayed, initial, tmp_path):
+    cfg, _ = replayed
+    folder = _batch(replayed, tmp_path, change=lambda x: np.concatenate([x[:4000], initial["train"][0][:1000]]))
+    x, y = initial["test"]
+    (folder / "test-images-idx3-ubyte.gz").write_bytes(gzip_bytes(idx_bytes(x[:10])))
+    (folder / "test-labels-idx1-ubyte.gz").write_bytes(gzip_bytes(idx_bytes(y[:10])))
+    reason, report = check(INTAKE, cfg, INTAKE.read_batch(folder), initial, tmp_path / "docs")
+    assert reason == "invalid" and _failed(report) == {"part", "repeated"}
+
+
+def _blank_every_tenth(x: np.ndarray) -> np.ndarray:
+    """Every tenth image near-constant grey (a dead sensor's noise: no two alike, so not repeats)."""
+    noise = np.random.default_rng(0).integers(0, 3, size=x[::10].shape)
+    x[::10] = (120 + noise).astype(np.uint8)
+    return x
+
+
+@pytest.mark.fault("data", "arriving images that are valid but shifted: inverted (white background), or a tenth "
+                   "of them near-constant grey, or all of one class",
+                   "quarantined as drift, not as invalid: the intensity, ink, blank-share and class-mix distances "
+                   "named")
+@pytest.mark.parametrize("change, labels, named", [
+    (lambda x: 255 - x, None, {"mean_intensity_js", "ink_js"}),
+    (lambda x: _blank_every_tenth(x), None, {"blank_share", "ink_js"}),   # grey ink everywhere, too
+    (None, lambda y: np.zeros_like(y), {"class_linf"}),
+], ids=["inverted", "blank", "one-class"])
+def test_a_valid_but_shifted_batch_of_images_is_drift_not_corruption(replayed, initial, tmp_path, change, labels,
+                                                                     named):
+    cfg, _ = replayed
+    folder = _batch(replayed, tmp_path, change=change, labels=labels)
+    reason, report = check(INTAKE, cfg, INTAKE.read_batch(folder), initial, tmp_path / "docs")
+    assert reason == "drift" and report["contract"]["success"]
+    assert _failed(report) == named
+    assert report["profile"]["images"] == 30_000 and report["profile"]["shape"] == "28x28"
+
+
+@pytest.mark.fault("data", "an arriving batch folder with 5,000 images but 4,999 labels, a stray file, or no labels",
+                   "refused as unreadable, naming the files")
+def test_a_batch_folder_that_does_not_fit_together_is_unreadable_and_named(replayed, tmp_path):
+    folder = _batch(replayed, tmp_path, labels=lambda y: y[:-1])
+    with pytest.raises(DataFormatError, match=rf"{IMAGES} holds 5000 images but {LABELS} 4999 labels"):
+        INTAKE.read_batch(folder)
+    (folder / LABELS).unlink()
+    with pytest.raises(DataFormatError, match=f"{IMAGES} has no train-labels file beside it"):
+        INTAKE.read_batch(folder)
+    folder = _batch(replayed, tmp_path / "2")
+    (folder / "notes.txt").write_text("x")
+    with pytest.raises(DataFormatError, match=r"notes\.txt: not part of a batch"):
+        INTAKE.read_batch(folder)
+    (folder / "notes.txt").unlink()
+    (folder / IMAGES).write_bytes(gzip.compress(b"\x00\x00\x08\x03" + b"\x00" * 8))
+    with pytest.raises(DataFormatError, match=IMAGES):
+        INTAKE.read_batch(folder)
+
+
+def test_the_published_snapshot_prepares_exactly_what_the_published_files_did(config, tmp_path):
+    """The snapshot is Fashion-MNIST, stored: training on it changes no number."""
+    snapshot = tmp_path / "raw"
+    manifest = ensure(snapshot, "vision", INTAKE, config)
+    assert [b["id"] for b in manifest["batches"]] == [BOOTSTRAP]
+    assert manifest["batches"][0]["rows"] == {"train": 60_000, "test": 10_000}
+    batches = [t for _, t in batch_tables(snapshot, INTAKE)]
+    prepare_vision(config.data.vision, tmp_path / "from_snapshot", ("snapshot", batches))
+    prepare_vision(config.data.vision, tmp_path / "from_source")
+    for path in sorted((tmp_path / "from_source").glob("*.npy")):
+        assert path.read_bytes() == (tmp_path / "from_snapshot" / path.name).read_bytes(), path.name
+
+
+def test_arriving_batches_grow_every_split_but_test_and_no_image_changes_split(replayed, tmp_path):
+    cfg, batches = replayed
+    empty = cfg.model_copy(update={"ingest": cfg.ingest.model_copy(update={
+        "vision": cfg.ingest.vision.model_copy(update={"bootstrap": "empty"})})})
+    snapshot = tmp_path / "raw"
+    create(snapshot, "vision", INTAKE, empty)
+    splits, added = {}, 0
+    for n in (2, 3):   # the initial set and one batch, then one more batch
+        for folder in batches[added:n]:
+            add_batch(snapshot, folder.name, folder, {"rows": INTAKE.rows(INTAKE.read_batch(folder))})
+        added = n
+        out = tmp_path / f"out{n}"
+        manifest = prepare_vision(cfg.data.vision, out, ("snapshot", [t for _, t in batch_tables(snapshot, INTAKE)]))
+        arrays = {f"{s}_{p}": np.load(out / f"{s}_{p}.npy") for s in ("train", "val", "test") for p in "xy"}
+        report = validate_vision({s: (arrays[f"{s}_x"], arrays[f"{s}_y"]) for s in ("train", "val", "test")}, cfg,
+                                 manifest=manifest, snapshot=read(snapshot))
+        assert report["success"], [c for c in report["checks"] if not c["success"]]
+        splits[n] = arrays
+    # the initial 30,000 give validation val_size (5,000): each later batch gives it the same share, 1/6
+    assert {s: len(splits[2][f"{s}_y"]) for s in ("train", "val", "test")} == {"train": 29_167, "val": 5_833,
+                                                                              "test": 10_000}
+    assert len(splits[3]["val_y"]) == 5_833 + 833
+    for name in ("train_x", "val_x"):   # what was in a split stays in it, in order, as batches arrive
+        assert np.array_equal(splits[3][name][:len(splits[2][name])], splits[2][name])
+    assert np.array_equal(splits[3]["test_x"], splits[2]["test_x"])
+
+
+@pytest.mark.fault("data", "a first batch of images without a test part (nothing to report every model on)",
+                   "quarantined as invalid by the contract; prepare_vision names the missing test files")
+def test_a_first_batch_without_test_images_is_refused(replayed, tmp_path):
+    cfg, _ = replayed
+    folder = _batch(replayed, tmp_path)
+    reason, report = check(INTAKE, cfg, INTAKE.read_batch(folder), None, tmp_path / "docs")
+    assert reason == "invalid" and _failed(report) == {"part"}
+    with pytest.raises(DataFormatError, match="the first batch has no test part; give it test-images-idx3-ubyte.gz"):
+        prepare_vision(cfg.data.vision, tmp_path / "out", ("snapshot", [INTAKE.read_batch(folder)]))
+    assert json.loads((replayed[1][0] / "classes.json").read_text()) == cfg.data.vision.class_names
