@@ -64,28 +64,41 @@ def assign_splits(rows: pd.DataFrame, cfg: RecsysData) -> pd.Series:
     return pd.Series(names, index=rows.index, name="split")
 
 
-def field_values(users: pd.DataFrame, items: pd.DataFrame, cfg: RecsysData) -> dict[str, pd.Series]:
-    """The raw category of every field, per user (user fields) or per item (item fields)."""
-    year = items.release_year.where(items.release_year == 0, items.release_year // cfg.year_bucket * cfg.year_bucket)
+ENCODING = "encoding"   # vocabulary.json's record of how raw values become categories (params of prepare_recsys)
+
+
+def encoding(cfg: RecsysData) -> dict[str, int]:
+    return {"year_bucket": cfg.year_bucket, "zip_prefix_length": cfg.zip_prefix_length}
+
+
+def field_values(users: pd.DataFrame, items: pd.DataFrame, cfg: RecsysData,
+                 recorded: dict[str, int] | None = None) -> dict[str, pd.Series]:
+    """The raw category of every field, per user (user fields) or per item (item fields); ``recorded``: the encoding
+    a vocabulary was made with (default: params')."""
+    spec = {**encoding(cfg), **(recorded or {})}
+    year = items.release_year.where(items.release_year == 0,
+                                    items.release_year // spec["year_bucket"] * spec["year_bucket"])
     # any age has a group (the end groups are open), so an impossible age reaches validate_recsys, which names it
     age = np.digitize(users.age, AGE_EDGES).astype(np.int64)
     return {"user": users.user_id, "age": pd.Series(age, index=users.index),
             "gender": users.gender, "occupation": users.occupation,
-            "zip": users.zip_code.str[: cfg.zip_prefix_length].str.upper(),
+            "zip": users.zip_code.str[: spec["zip_prefix_length"]].str.upper(),
             "item": items.item_id, "year": year}
 
 
 def vocabulary(users: pd.DataFrame, items: pd.DataFrame, cfg: RecsysData) -> dict[str, list]:
-    """Every field's values in the order of their embedding rows (what ``vocabulary.json`` holds)."""
+    """Every field's values in the order of their embedding rows, and the encoding that made them (what
+    ``vocabulary.json`` holds)."""
     values = field_values(users, items, cfg)
-    return {name: sorted(values[name].unique().tolist()) for name in FIELDS}
+    return {**{name: sorted(values[name].unique().tolist()) for name in FIELDS}, ENCODING: encoding(cfg)}
 
 
 def encode_with(users: pd.DataFrame, items: pd.DataFrame, cfg: RecsysData,
                 vocab: dict[str, list]) -> tuple[np.ndarray, np.ndarray, list[dict]]:
     """Global embedding-row indices of every user's and every item's fields in ``vocab`` (-1 for a value it does not
-    hold), and the field layout."""
-    values, offset, layout, codes = field_values(users, items, cfg), 0, [], {}
+    hold), read with the encoding ``vocab`` records (a vocabulary made before it recorded one: params'), and the
+    field layout."""
+    values, offset, layout, codes = field_values(users, items, cfg, vocab.get(ENCODING)), 0, [], {}
     for name in FIELDS:
         index = {str(v): i for i, v in enumerate(vocab[name])}
         found = values[name].astype(str).map(index)

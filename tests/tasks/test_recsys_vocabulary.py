@@ -40,13 +40,35 @@ def test_a_champion_of_an_older_snapshot_reads_the_rows_it_knows_in_its_own_enco
     theirs_rows, our_rows = np.load(paired / "test_fields.npy"), np.load(mine / "test_fields.npy")
     assert 0 < len(theirs_rows) < len(np.load(tmp_path / "new" / "test_fields.npy"))   # only the rows it knows
     assert _decode(theirs_rows, theirs) == _decode(our_rows, ours)   # the same ratings, each in its own encoding
-    assert theirs_rows.max() < sum(len(v) for v in theirs.values())   # every index inside the champion's table
+    assert theirs_rows.max() < sum(len(theirs[f]) for f in FIELDS)   # every index inside the champion's table
     np.testing.assert_array_equal(np.load(paired / "test_y.npy"), np.load(mine / "test_y.npy"))
-    assert np.load(paired / "users.npy").max() < sum(len(v) for v in theirs.values())
+    assert np.load(paired / "users.npy").max() < sum(len(theirs[f]) for f in FIELDS)
 
     assert paired_data(champion, tmp_path / "old", tmp_path / "same", cfg) is None   # its own data: as is
     (champion / VOCABULARY).unlink()
     assert paired_data(champion, tmp_path / "new", tmp_path / "none", cfg) is None   # registered without one
+
+
+def test_a_champion_made_with_other_encoding_params_reads_the_data_in_its_own(synthetic_movielens, tmp_path):
+    """Before: the champion's rows were bucketed with the candidate's params (year_bucket, zip_prefix_length), so a
+    champion of 5-year buckets read a 1995 film as 1990's row of its table."""
+    _, _, cfg = synthetic_movielens
+    source, tables = acquire(cfg.data.recsys)
+    tables["items"] = tables["items"].assign(release_year=1990 + np.arange(len(tables["items"])) % 10)
+    theirs_cfg = cfg.data.recsys.model_copy(update={"year_bucket": 5, "zip_prefix_length": 2})
+    ours_cfg = cfg.data.recsys.model_copy(update={"year_bucket": 10, "zip_prefix_length": 1})
+    prepare_recsys(theirs_cfg, tmp_path / "old", (source, tables))
+    prepare_recsys(ours_cfg, tmp_path / "new", (source, tables))
+    champion = tmp_path / "registered"
+    champion.mkdir()
+    (champion / VOCABULARY).write_text((tmp_path / "old" / VOCABULARY).read_text())
+    theirs = json.loads((champion / VOCABULARY).read_text())
+    assert theirs["year"] == [1990, 1995] and theirs["encoding"] == {"year_bucket": 5, "zip_prefix_length": 2}
+
+    paired, _ = paired_data(champion, tmp_path / "new", tmp_path / "scratch", cfg.model_copy(update={
+        "data": cfg.data.model_copy(update={"recsys": ours_cfg})}))
+    # the champion reads exactly the test rows it was prepared with: the same data, in its own encoding
+    np.testing.assert_array_equal(np.load(paired / "test_fields.npy"), np.load(tmp_path / "old" / "test_fields.npy"))
 
 
 def test_the_gate_compares_a_champion_on_the_rows_it_read_with_the_candidate_on_the_same_rows(raw_params):
