@@ -39,6 +39,7 @@ from tasks.onnx_models import session
 from tasks.tracking import client_for, redact, server_error
 
 MODEL_SHA256 = "model.sha256"   # version tag: SHA-256 of the registered ONNX file, checked before it is run
+FILES_SHA256 = "model.files.sha256"   # version tag: {name: SHA-256} of the files registered beside it (a vocabulary)
 LINEAGE, LINEAGE_FILES = "lineage", ("params.yaml", "dvc.lock")   # artifacts of the registering run
 DATA_TAG = "data.description"   # version tag: digest of what its data says a request and an answer are (Family.describe_data)
 
@@ -95,6 +96,14 @@ def download_onnx(client: MlflowClient, version: Any, dest: Path) -> Path:
         raise RegistryError(f"{version.name} version {version.version}: its stored ONNX file has SHA-256 {actual}, "
                             f"but the version records {recorded or 'none'} ({MODEL_SHA256}); the file was altered in "
                             "the artifact store (or registered outside the pipeline) and is not run")
+    # the files it reads data with (a version registered before they were pinned carries none)
+    for name, pinned in json.loads(version.tags.get(FILES_SHA256, "{}")).items():
+        found = path.parent / name
+        digest = file_digest(found) if found.is_file() else "none (missing)"
+        if digest != pinned:
+            raise RegistryError(f"{version.name} version {version.version}: its stored {name} has SHA-256 {digest}, "
+                                f"but the version records {pinned} ({FILES_SHA256}); the file was altered in the "
+                                "artifact store and the model is not run")
     return path
 
 
@@ -213,9 +222,11 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
         promote = report["passed"] and may_promote
         tags.update({**gate_tags(checks), **audit_tags(report["champion_before"], promote)})
         contract = load_family(family)
+        files = tuple(root / where["data"] / f for f in contract.model_files)
         source, tags[MODEL_SHA256] = log_onnx_model(client, run_id, root / where["candidate"],
-                                                    contract.input_example(root / where["data"]),
-                                                    tuple(root / where["data"] / f for f in contract.model_files))
+                                                    contract.input_example(root / where["data"]), files)
+        if files:
+            tags[FILES_SHA256] = json.dumps({f.name: file_digest(f) for f in files}, sort_keys=True)
         if not client.search_registered_models(f"name = '{gate.registered_model}'"):
             try:
                 client.create_registered_model(gate.registered_model)

@@ -267,3 +267,30 @@ def test_a_champion_made_for_other_data_is_never_compared(project, raw_params, t
                                             r"gives \[\(1, \[-1, 10\]\)\]; the candidate .* gives \[\(1, \[-1, 3\]\)\]"):
         _gate(project, _lenient(raw_params), uri)
     assert [str(v.version) for v in client.search_model_versions(f"name = '{report['name']}'")] == ["1"]
+
+
+@pytest.mark.fault("promotion", "the vocabulary registered beside a champion altered in the artifact store",
+                   "RegistryError naming the version, the file and both SHA-256s before the model reads any data")
+def test_a_file_registered_beside_a_model_is_checked_like_the_model(tmp_path):
+    """Before: only model.onnx was pinned; an edited vocabulary.json would have encoded the gate's rows silently wrong."""
+    from urllib.parse import urlparse
+
+    from flows.promotion import FILES_SHA256, MODEL_SHA256, download_onnx, log_onnx_model
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("e", artifact_location=str(tmp_path / "artifacts"))).info.run_id
+    torch.manual_seed(0)
+    model = export_fp32(MobileStudent(ARCH), tmp_path / "student.onnx")
+    vocabulary = tmp_path / "vocabulary.json"
+    vocabulary.write_text('{"user": [1, 2]}')
+    source, digest = log_onnx_model(client, run_id, model, {"image": np.zeros((1, 1, 28, 28), np.float32)},
+                                    (vocabulary,))
+    client.create_registered_model("m")
+    version = client.create_model_version("m", source, run_id, tags={
+        MODEL_SHA256: digest, FILES_SHA256: json.dumps({"vocabulary.json": file_digest(vocabulary)})})
+    assert download_onnx(client, version, tmp_path / "ok").name == "model.onnx"
+    stored = Path(urlparse(client.get_run(run_id).info.artifact_uri).path) / "model" / "vocabulary.json"
+    stored.write_text('{"user": [2, 1]}')
+    with pytest.raises(RegistryError, match=r"m version 1: its stored vocabulary\.json has SHA-256 [0-9a-f]{64}, but "
+                                            r"the version records [0-9a-f]{64} \(model\.files\.sha256\)"):
+        download_onnx(client, version, tmp_path / "altered")
