@@ -253,10 +253,16 @@ def from_snapshot(cfg: VisionData, batches: list[dict]
     parts = {name: first[name] for name in ("train", "val", "test") if first.get(name) is not None}
     later = [b["train"] for b in batches[1:]]
     n_labels = int(max(int(y.max(initial=0)) for _, y in [*parts.values(), *later])) + 1
-    names = first.get("classes") or (cfg.class_names if cfg.image_folder is None else None) or []
+    names = declared_classes(cfg, first)
     # a label past the named classes is kept (named by its number): validate_vision, whose contract is the named
     # classes, stops the pipeline on it and its Data Docs show the offending values
     return [*names, *(str(i) for i in range(len(names), n_labels))], parts, later
+
+
+def declared_classes(cfg: VisionData, first: dict) -> list[str]:
+    """The class names the data declares: the first batch's ``classes.json``, else the IDX labels' names in params
+    (the published bootstrap's ``classes.json`` holds those: params pin them)."""
+    return first.get("classes") or (cfg.class_names if cfg.image_folder is None else None) or []
 
 
 def prepare_vision(cfg: VisionData, out_dir: Path, snapshot: tuple[str, list[dict]] | None = None) -> dict:
@@ -269,9 +275,11 @@ def prepare_vision(cfg: VisionData, out_dir: Path, snapshot: tuple[str, list[dic
         else:
             source, classes, parts = from_idx(cfg)
         later: list[tuple[np.ndarray, np.ndarray]] = []
+        declared = classes if cfg.image_folder else (cfg.class_names or [])
     else:
         source, batches = snapshot
         classes, parts, later = from_snapshot(cfg, batches)
+        declared = declared_classes(cfg, batches[0])
     splits = split(parts, *split_sizes(cfg, parts, source), cfg.seed, cfg.subset, later)
     if cfg.image_folder:   # the IDX data set's contract (validate_vision) checks its published classes instead
         check_every_class_in_every_split(splits, classes, source)
@@ -284,7 +292,8 @@ def prepare_vision(cfg: VisionData, out_dir: Path, snapshot: tuple[str, list[dic
                               f"give {len(pixels['mean'])}")
     manifest = {"source": source, "image": {"channels": channels, "height": int(x_train.shape[-2]),
                                             "width": int(x_train.shape[-1]), **pixels, "classes": classes},
-                "splits": {}, **({"skipped_files": skipped} if skipped else {})}
+                "splits": {}, **({"declared_classes": declared} if declared else {}),
+                **({"skipped_files": skipped} if skipped else {})}
     for name, (x, y) in splits.items():
         for part, arr in (("x", x), ("y", y)):
             save_npy(out_dir / f"{name}_{part}.npy", arr)

@@ -142,6 +142,8 @@ def create(snapshot: Path, family: str, intake: Intake, cfg: Any) -> dict[str, A
 
 def ensure(snapshot: Path, family: str, intake: Intake, cfg: Any) -> dict[str, Any]:
     """Create the snapshot when it is absent, else verify it (and that a published bootstrap is today's)."""
+    for left in snapshot.parent.glob(f".{snapshot.name}.old.*"):   # a remade bootstrap's old copy, left by a kill
+        shutil.rmtree(left, ignore_errors=True)
     if not snapshot.exists():
         return create(snapshot, family, intake, cfg)
     manifest = verify(snapshot)
@@ -168,10 +170,11 @@ def ensure(snapshot: Path, family: str, intake: Intake, cfg: Any) -> dict[str, A
         try:
             manifest = create(snapshot, family, intake, cfg)
         except BaseException:
-            os.replace(old / snapshot.name, snapshot)
+            if not snapshot.exists():   # the old one comes back (else it stays in the hidden folder, named)
+                os.replace(old / snapshot.name, snapshot)
+                old.rmdir()
             raise
-        finally:
-            shutil.rmtree(old, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
     return manifest
 
 

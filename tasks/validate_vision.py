@@ -41,10 +41,12 @@ def contract(cfg: Config, manifest: dict | None, snapshot: dict | None = None) -
             raise DataFormatError("an image folder's data is checked against its manifest.json; none was given")
         rows = expected_rows(cfg, batches) if batches else {s: v["rows"] for s, v in manifest["splits"].items()}
         return rows, manifest["image"]
-    classes = data.class_names or (manifest["image"]["classes"] if manifest else None)   # the published classes
+    # the declared classes (a label past them is named by its number in the data's classes, and fails the contract)
+    classes = (manifest or {}).get("declared_classes") or data.class_names or \
+        (manifest["image"]["classes"] if manifest else None)
     if not classes:
         raise DataFormatError("the IDX labels need data.vision.class_names in params.yaml, or the data's manifest")
-    published = snapshot is None or (bool(snapshot["batches"]) and "pins" in snapshot["batches"][0])
+    published = snapshot is None or (bool(snapshot["batches"]) and "pins" in snapshot["batches"][0])   # its shape
     if not published and manifest is None:
         raise DataFormatError("images that arrived in batches are checked against their manifest.json; none was given")
     shape = IDX_IMAGE if published else {k: manifest["image"][k] for k in IDX_IMAGE}
@@ -61,13 +63,29 @@ def load_arrays(data_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return arrays
 
 
-def class_shares(cfg: Config, manifest: dict | None, num_classes: int) -> list[float]:
-    """Each class's expected share of every split: equal for the IDX data set (balanced by publication), an image
-    folder's own class mix over all its images (the splits are stratified)."""
-    if not cfg.data.vision.image_folder or manifest is None:
-        return [1.0 / num_classes] * num_classes
-    counts = np.sum([v["class_counts"] for v in manifest["splits"].values()], axis=0)
-    return (counts / counts.sum()).tolist()
+def published_only(snapshot: dict | None) -> bool:
+    """Whether the data is the published IDX data set alone (no snapshot given, or one of its bootstrap only)."""
+    return snapshot is None or (len(snapshot["batches"]) == 1 and "pins" in snapshot["batches"][0])
+
+
+def class_shares(cfg: Config, manifest: dict | None, num_classes: int, snapshot: dict | None = None
+                 ) -> dict[str, list[float]]:
+    """Each class's expected share of each split: equal for the published IDX data set (balanced by publication);
+    else the data's own class mix — an image folder's over all its images (the splits are stratified), for images
+    that arrived in batches the mix of the training and validation images (carved stratified per batch), while the
+    test split, the first batch's fixed part, is equal when it is the published one and its own mix otherwise."""
+    equal = [1.0 / num_classes] * num_classes
+    if manifest is None or (not cfg.data.vision.image_folder and published_only(snapshot)):
+        return dict.fromkeys(SPLITS, equal)
+
+    def mix(*splits: str) -> list[float]:
+        counts = np.sum([manifest["splits"][s]["class_counts"] for s in splits], axis=0)
+        return (counts / counts.sum()).tolist()
+
+    if cfg.data.vision.image_folder:
+        return dict.fromkeys(SPLITS, mix(*SPLITS))
+    published = bool(snapshot and snapshot["batches"] and "pins" in snapshot["batches"][0])
+    return {"train": mix("train", "val"), "val": mix("train", "val"), "test": equal if published else mix("test")}
 
 
 def validate_vision(arrays: dict[str, tuple[np.ndarray, np.ndarray]], cfg: Config,
@@ -79,11 +97,11 @@ def validate_vision(arrays: dict[str, tuple[np.ndarray, np.ndarray]], cfg: Confi
     from tasks import vision_expectations as ve
 
     rules, (rows, image) = cfg.validate_.vision, contract(cfg, manifest, snapshot)
-    shares = class_shares(cfg, manifest, len(image["classes"]))
+    shares = class_shares(cfg, manifest, len(image["classes"]), snapshot)
     batches = []
     for split, (x, y) in arrays.items():
         batches.append((ve.rows_suite(split, rows[split], image), ve.row_frame(x, y)))
-        batches.append((ve.classes_suite(split), ve.class_frame(y, shares, rules.class_balance_tolerance)))
+        batches.append((ve.classes_suite(split), ve.class_frame(y, shares[split], rules.class_balance_tolerance)))
     for earlier, later in ve.LEAK_PAIRS:  # validation is what choices are made on: it must not leak either
         batches.append((ve.leak_suite(earlier, later, rules), ve.leak_frame(arrays[earlier][0], arrays[later][0])))
     return run_suites(context, "vision", batches, docs)

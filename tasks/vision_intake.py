@@ -48,9 +48,10 @@ def settings(cfg: Any) -> Any:
 def pins(cfg: Any) -> dict[str, Any]:
     """What the published bootstrap was read from: the IDX files' pins, or the image folder's settings."""
     folder = cfg.data.vision.image_folder
-    if folder is not None:
-        return {"image_folder": folder.path, "channels": folder.channels, "size": folder.size, "sha256": folder.sha256}
-    return dict(cfg.data.vision.sha256)
+    if folder is not None:   # a pinned folder is its content, wherever it lies
+        return {"channels": folder.channels, "size": folder.size,
+                **({"sha256": folder.sha256} if folder.sha256 else {"image_folder": folder.path})}
+    return {**cfg.data.vision.sha256, "class_names": cfg.data.vision.class_names}
 
 
 def bootstrap(cfg: Any) -> tuple[str, Images, dict[str, Any]]:
@@ -100,6 +101,9 @@ def read_batch(folder: Path) -> Images:
                                   f"{part}-{'labels' if labels is None else 'images'} file beside it")
         known |= {images.name, labels.name}
         x, y = _read(images, (3, 4)), _read(labels, (1,))
+        if x.ndim == 4 and x.shape[1] not in (1, 3):
+            raise DataFormatError(f"{images}: holds images of shape {x.shape[1:]}; an idx4 file is (N, C, H, W) with "
+                                  "1 (grey) or 3 (RGB) channels first")
         if len(x) != len(y):
             raise DataFormatError(f"{folder}: {images.name} holds {len(x)} images but {labels.name} {len(y)} labels")
         batch[part] = (x, y)
@@ -162,32 +166,42 @@ def _shape(x: np.ndarray) -> str:
 
 
 def contract(batch: Images, accepted: Images | None, cfg: Any) -> Suites:
-    """The batch against the accepted images: class set and names, image shape, repeated images, and — after the
-    first batch — training images only (the golden test set stays fixed)."""
-    spec = settings(cfg)
-    classes = (accepted or {}).get("classes") or batch.get("classes")
-    frames = []
-    seen = set(_digests(accepted["train"][0])) if accepted else set()
-    for part in PARTS:
-        if batch.get(part) is None:
-            continue
+    """The batch against the accepted images: class set and names, image shape, repeated images (never a copy of a
+    test image), and — after the first batch — training images only (the golden test set stays fixed); a first
+    batch brings a test part and more training images than validation takes."""
+    spec, data = settings(cfg), cfg.data.vision
+    classes = (accepted or {}).get("classes") or batch.get("classes") or (
+        data.class_names if data.image_folder is None else None)
+    present = [part for part in PARTS if batch.get(part) is not None]
+    digests = {part: _digests(batch[part][0]) for part in present}
+    known = {part: set(_digests(accepted[part][0])) for part in PARTS if (accepted or {}).get(part) is not None}
+    accepted_digests = set().union(*known.values())
+    tests = set(digests.get("test", [])) | known.get("test", set())
+    within = pd.Series(np.concatenate([digests[p] for p in present])).duplicated(keep=False).to_numpy()
+    frames, start = [], 0
+    for part in present:
         x, y = batch[part]
-        digests = _digests(x)
-        repeated = pd.Series(digests).duplicated().to_numpy() | np.isin(digests, list(seen))
+        repeated = within[start:start + len(x)] | np.isin(digests[part], list(accepted_digests))
+        start += len(x)
+        leak = np.zeros(len(x), bool) if part == "test" else np.isin(digests[part], list(tests))
         frames.append(pd.DataFrame({"part": part, "label": y.astype(np.int64), "shape": _shape(x),
-                                    "repeated": repeated.astype(np.int64)}))
+                                    "repeated": repeated.astype(np.int64), "copies_a_test_image": leak.astype(np.int64)}))
     frame = pd.concat(frames, ignore_index=True)
     checks = [E.ExpectTableRowCountToBeBetween(min_value=spec.min_rows),
-              E.ExpectColumnValuesToNotBeNull(column="label"),
-              E.ExpectColumnMeanToBeBetween(column="repeated", min_value=0.0, max_value=spec.max_repeated_fraction)]
+              E.ExpectColumnMeanToBeBetween(column="repeated", min_value=0.0, max_value=spec.max_repeated_fraction),
+              E.ExpectColumnValuesToBeInSet(column="copies_a_test_image", value_set=[0])]
     if classes:
         checks.append(E.ExpectColumnValuesToBeInSet(column="label", value_set=list(range(len(classes)))))
     if accepted:
         checks += [E.ExpectColumnValuesToBeInSet(column="shape", value_set=[_shape(accepted["train"][0])]),
                    E.ExpectColumnValuesToBeInSet(column="part", value_set=["train"])]
-    else:   # the first batch brings the fixed test set every model is reported on
+    else:   # the first batch brings the fixed test set every model is reported on, and enough to train on
         checks.append(E.ExpectColumnDistinctValuesToContainSet(column="part", value_set=["train", "test"]))
     out = [(suite("ingest_images", checks), frame)]
+    if accepted is None and data.image_folder is None and batch.get("val") is None:
+        out.append((suite("ingest_first_batch", [E.ExpectColumnValuesToBeBetween(
+            column="training_images", min_value=data.val_size + 1)]),
+            pd.DataFrame({"training_images": [len(batch["train"][1])]})))   # validation takes data.vision.val_size
     if accepted and accepted.get("classes") and batch.get("classes"):
         out.append((suite("ingest_classes", [E.ExpectColumnValuesToBeInSet(
             column="classes", value_set=[json.dumps(accepted["classes"])])]),
@@ -249,6 +263,9 @@ def replay(cfg: Any, landing: Path) -> list[Path]:
     val) part and the class names as batch ``0000-initial``, then batches of ``batch_rows`` (a short tail joins the
     last)."""
     spec = settings(cfg).replay
+    if cfg.data.vision.image_folder is not None:
+        raise DataFormatError("data.vision.image_folder: an image folder has no arrivals to replay (its images are "
+                              "read class by class); replay releases the published Fashion-MNIST IDX files")
     _, published, _ = bootstrap(cfg)
     x, y = published["train"]
     cut = round(len(y) * spec.initial_fraction)

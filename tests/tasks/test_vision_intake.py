@@ -104,6 +104,60 @@ def _blank_every_tenth(x: np.ndarray) -> np.ndarray:
     return x
 
 
+@pytest.mark.fault("data", "an arriving batch whose training images include 20 copies of golden test images",
+                   "quarantined as invalid: a copy of a test image never reaches training (before: only copies of "
+                   "training images were counted, and under 1 % passed)")
+def test_a_batch_may_not_copy_a_test_image_into_training(replayed, initial, tmp_path):
+    cfg, _ = replayed
+    folder = _batch(replayed, tmp_path, change=lambda x: np.concatenate([x[:-20], initial["test"][0][:20]]))
+    reason, report = check(INTAKE, cfg, INTAKE.read_batch(folder), initial, tmp_path / "docs")
+    assert reason == "invalid" and _failed(report) == {"copies_a_test_image"}
+
+
+@pytest.mark.fault("data", "a first batch of images with fewer training images than validation takes (600 for "
+                   "data.vision.val_size 5,000), or an idx4 file stored channels last",
+                   "quarantined as invalid naming the count; the idx4 file refused as unreadable, naming its shape")
+def test_a_first_batch_too_small_to_split_or_stored_channels_last_is_refused(replayed, initial, tmp_path):
+    cfg, batches = replayed
+    small = {**initial, "train": tuple(a[:600] for a in initial["train"])}
+    reason, report = check(INTAKE, cfg, small, None, tmp_path / "docs")
+    assert reason == "invalid" and _failed(report) == {"training_images"}
+    folder = tmp_path / "rgb"
+    shutil.copytree(batches[1], folder)
+    (folder / IMAGES).unlink()
+    (folder / "train-images-idx4-ubyte.gz").write_bytes(gzip_bytes(idx_bytes(np.zeros((5000, 28, 28, 3), np.uint8))))
+    with pytest.raises(DataFormatError, match=r"idx4-ubyte\.gz: holds images of shape \(28, 28, 3\); an idx4 file is "
+                                              r"\(N, C, H, W\)"):
+        INTAKE.read_batch(folder)
+
+
+def test_batches_with_another_class_mix_within_the_drift_limit_still_validate(replayed, tmp_path):
+    """Before: validation held every split to equal class shares (Fashion-MNIST's published balance), so two
+    accepted batches heavy in one class (each within the drift limit) failed every later run."""
+    cfg, batches = replayed
+    pool = INTAKE.combine([INTAKE.read_batch(b) for b in batches[1:]])["train"]
+    rng = np.random.default_rng(0)
+    quota = {0: 725, 9: 275, **dict.fromkeys(range(1, 9), 500)}   # class 0 at 14.5 %, class 9 at 5.5 %
+    picks = {c: rng.permutation(np.flatnonzero(pool[1] == c)) for c in quota}
+    snapshot = tmp_path / "raw"
+    create(snapshot, "vision", INTAKE, cfg.model_copy(update={"ingest": cfg.ingest.model_copy(update={
+        "vision": cfg.ingest.vision.model_copy(update={"bootstrap": "empty"})})}))
+    add_batch(snapshot, batches[0].name, batches[0], {"rows": INTAKE.rows(INTAKE.read_batch(batches[0]))})
+    for n in range(2):
+        rows = np.sort(np.concatenate([picks[c][n * q:(n + 1) * q] for c, q in quota.items()]))
+        folder = tmp_path / f"skewed{n}"
+        INTAKE.write_batch({"classes": None, "train": (pool[0][rows], pool[1][rows])}, folder)
+        batch, accepted = INTAKE.read_batch(folder), INTAKE.combine([t for _, t in batch_tables(snapshot, INTAKE)])
+        reason, report = check(INTAKE, cfg, batch, accepted, tmp_path / f"docs{n}")
+        assert reason == "", _failed(report)
+        add_batch(snapshot, folder.name, folder, {"rows": INTAKE.rows(batch)})
+    out = tmp_path / "out"
+    manifest = prepare_vision(cfg.data.vision, out, ("snapshot", [t for _, t in batch_tables(snapshot, INTAKE)]))
+    arrays = {s: (np.load(out / f"{s}_x.npy"), np.load(out / f"{s}_y.npy")) for s in ("train", "val", "test")}
+    report = validate_vision(arrays, cfg, manifest=manifest, snapshot=read(snapshot))
+    assert report["success"], [c["kwargs"] for c in report["checks"] if not c["success"]]
+
+
 @pytest.mark.fault("data", "arriving images that are valid but shifted: inverted (white background), or a tenth "
                    "of them near-constant grey, or all of one class",
                    "quarantined as drift, not as invalid: the intensity, ink, blank-share and class-mix distances "
@@ -188,7 +242,7 @@ def test_a_first_batch_without_test_images_is_refused(replayed, tmp_path):
     cfg, _ = replayed
     folder = _batch(replayed, tmp_path)
     reason, report = check(INTAKE, cfg, INTAKE.read_batch(folder), None, tmp_path / "docs")
-    assert reason == "invalid" and _failed(report) == {"part"}
+    assert reason == "invalid" and _failed(report) == {"part", "training_images"}   # 5,000: all validation's
     with pytest.raises(DataFormatError, match="the first batch has no test part; give it test-images-idx3-ubyte.gz"):
         prepare_vision(cfg.data.vision, tmp_path / "out", ("snapshot", [INTAKE.read_batch(folder)]))
     assert json.loads((replayed[1][0] / "classes.json").read_text()) == cfg.data.vision.class_names
