@@ -181,7 +181,13 @@ def promote(family: str, root: Path, uri: str, parent_run_id: str, may_promote: 
         run.log_metrics({f"gate.{c['name']}": c["value"] for c in report["checks"]})
         run.set_tag("registry.unchanged", str(report["unchanged"]).lower())
         run.set_tags({"gate.passed": str(report["passed"]).lower(), "registry.version": report["version"]})
+        if (health := report.get("champion_health")) is not None:
+            run.set_tag("champion.health", "degraded" if health["degraded"] else "healthy")
+            run.log_metrics({"champion.recent_drop": health["drop"]})
     publish_gate(family, report)
+    if health is not None and health["degraded"] and not report["passed"]:
+        get_run_logger().error(f"ALERT: {family} champion v{health['version']} degraded on the recent window (drop "
+                               f"{health['drop']:.4g} > {health['max_drop']:.4g}) and no challenger passed the gate")
     return report
 
 

@@ -32,13 +32,14 @@ from flows.stage_graph import stage_paths
 from tasks.config import Config, load_config
 from tasks.errors import PipelineError, ServiceUnavailable, run_cli
 from tasks.family import load_family
-from tasks.gate import Check, gate_checks, gate_markdown, gate_tags
+from tasks.gate import Check, champion_health, gate_checks, gate_markdown, gate_tags, health_markdown
 from tasks.io import file_digest, write_atomic, write_json
 from tasks.lineage import dvc_input_hashes, git_state, params_hash
 from tasks.onnx_models import session
 from tasks.tracking import client_for, redact, server_error
 
 MODEL_SHA256 = "model.sha256"   # version tag: SHA-256 of the registered ONNX file, checked before it is run
+QUALITY_TAG = "quality.test_"   # version tag: the test score a version was registered with (its health's baseline)
 FILES_SHA256 = "model.files.sha256"   # version tag: {name: SHA-256} of the files registered beside it (a vocabulary)
 LINEAGE, LINEAGE_FILES = "lineage", ("params.yaml", "dvc.lock")   # artifacts of the registering run
 DATA_TAG = "data.description"   # version tag: digest of what its data says a request and an answer are (Family.describe_data)
@@ -220,7 +221,8 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
                     "version": str(same.version), "champion": False, "unchanged": True}
         report, checks, evaluation = _gate(root, cfg, client, run_id, family, where, description)
         promote = report["passed"] and may_promote
-        tags.update({**gate_tags(checks), **audit_tags(report["champion_before"], promote)})
+        tags.update({**gate_tags(checks), **audit_tags(report["champion_before"], promote),
+                     f"{QUALITY_TAG}{gate.metric}": repr(evaluation["models"]["student_int8"][f"test_{gate.metric}"])})
         contract = load_family(family)
         files = tuple(root / where["data"] / f for f in contract.model_files)
         source, tags[MODEL_SHA256] = log_onnx_model(client, run_id, root / where["candidate"],
@@ -270,11 +272,14 @@ def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str, family: st
     evaluation["models"]["teacher_fp32"].update(contract.timing(root / where["teacher"], data, cfg))
     checks = gate_checks(evaluation, champion, gate, contract.gate)
     passed = all(c.passed for c in checks)
+    registered = champ.tags.get(f"{QUALITY_TAG}{gate.metric}") if champ is not None else None
+    health = champion_health(champion, float(registered) if registered else None, gate)
     report = {"passed": passed, "checks": [c.as_dict() for c in checks], "champion_before": champion,
+              "champion_health": health,
               "candidate": evaluation["models"]["student_int8"], "teacher": evaluation["models"]["teacher_fp32"]}
     reports = root / where["reports"]
     write_json(reports / "gate.json", report)
-    write_atomic(reports / "gate.md", gate_markdown(checks, passed).encode())
+    write_atomic(reports / "gate.md", (gate_markdown(checks, passed) + health_markdown(health, passed)).encode())
     for name in ("gate.json", "gate.md"):
         client.log_artifact(run_id, str(reports / name))
     return report, checks, evaluation

@@ -15,7 +15,7 @@ from urllib.parse import urlsplit, urlunsplit
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
 from tasks.expectations import DATA_DOCS
-from tasks.gate import Check, gate_markdown
+from tasks.gate import Check, gate_markdown, health_markdown
 from tasks.tracking import redact
 
 # Per-model columns of the evaluation table, in this order, where the family's evaluation has them
@@ -75,7 +75,7 @@ def publish_gate(family: str, report: dict[str, Any]) -> None:
     else:
         checks = [Check(**c) for c in report["checks"]]
         decision = ("champion moved to it" if report["champion"] else "champion unchanged")
-        text = (gate_markdown(checks, report["passed"])
+        text = (gate_markdown(checks, report["passed"]) + health_markdown(report.get("champion_health"), report["passed"])
                 + f"\nRegistered {report['name']} version {report['version']} as challenger; {decision}.\n")
     create_markdown_artifact(text, key=f"{family}-gate",
                              description=f"{family} promotion gate: {'PASS' if report['passed'] else 'FAIL'}")

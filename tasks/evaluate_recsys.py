@@ -2,7 +2,8 @@
 
 Inputs: ``<data>``, ``<onnx>`` (export_recsys's folder) and the PyTorch models (for parameter counts). Output
 ``<metrics>``: per ONNX model the validation AUC and logloss (``val_*``: what any choice between models may read),
-the test AUC and logloss, NDCG@k and Recall@k (``test_*``: reported and gated, never chosen on), stored size, and
+the test AUC and logloss, NDCG@k and Recall@k (``test_*``: reported and gated, never chosen on), AUC and logloss on
+each evaluation window of the test split (``golden_*``, ``recent_*``: ``tasks.prepare_recsys``), stored size, and
 the latency of one request scoring ``candidates`` items for one user (p50 / p95 / p99) with its throughput in
 items/s; plus ratios against the teacher, and the SHA-256 of every ONNX file measured (``sha256``). Ranking
 protocol: for every user with a positive test row, every item the user has no train or validation row for is
@@ -10,6 +11,7 @@ ranked; the user's positive test items are the relevant ones (Recall@k divides t
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +24,7 @@ from tasks.ctr_onnx import MODELS, OUTPUT, onnx_probabilities
 from tasks.ctr_training import CtrSplit, ctr_metrics
 from tasks.errors import run_cli
 from tasks.onnx_models import file_sizes, percentiles_ms, session, timed_runs
-from tasks.prepare_recsys import assemble_fields
+from tasks.prepare_recsys import WINDOWS, assemble_fields
 from tasks.recsys_config import EvaluateRecsys
 
 
@@ -75,9 +77,28 @@ def split_quality(path: Path, data_dir: Path, split: str, threads: int) -> dict[
     return {f"{split}_{k}": v for k, v in quality.items()}
 
 
+def window_quality(labels: np.ndarray, probabilities: np.ndarray, data_dir: Path) -> dict[str, float]:
+    """``<window>_auc``, ``<window>_logloss`` and ``<window>_rows`` on the test rows of each evaluation window of
+    ``windows.json`` (golden, recent; a window whose rows hold one class only has no AUC: its rows are reported)."""
+    found = data_dir / WINDOWS
+    if not found.is_file():
+        return {}
+    out: dict[str, float] = {}
+    for name, positions in json.loads(found.read_text()).items():
+        y = labels[np.asarray(positions, dtype=np.int64)]
+        out[f"{name}_rows"] = len(y)
+        if len(np.unique(y)) == 2:
+            out.update({f"{name}_{k}": v for k, v in ctr_metrics(y, probabilities[positions]).items()})
+    return out
+
+
 def score_onnx(path: Path, data_dir: Path, cfg: EvaluateRecsys) -> dict[str, float]:
-    """Test AUC / logloss and request latency of one ONNX file (what the gate re-measures for a champion)."""
-    return {**split_quality(path, data_dir, "test", cfg.threads), **request_latency(path, Catalog(data_dir), cfg)}
+    """Test AUC / logloss, the same on each evaluation window, and the request latency of one ONNX file (what the
+    gate re-measures for a champion)."""
+    rows = CtrSplit.load(data_dir, "test")
+    labels, probabilities = rows.y.numpy(), onnx_probabilities(path, rows, threads=cfg.threads)
+    return {**{f"test_{k}": v for k, v in ctr_metrics(labels, probabilities).items()},
+            **window_quality(labels, probabilities, data_dir), **request_latency(path, Catalog(data_dir), cfg)}
 
 
 def evaluate_recsys(cfg: EvaluateRecsys, data_dir: Path, onnx_dir: Path, models: dict[str, Path]) -> dict[str, dict]:

@@ -139,11 +139,19 @@ class VsTeacher(Strict):
     min_size_ratio: Annotated[float, Field(gt=0.0)]
 
 
+class ChampionHealth(Strict):
+    """How far the champion's score on the recent window (data no model trained on) may fall below the test score
+    it was registered with before a run reports it as degraded."""
+
+    max_drop: Annotated[float, Field(ge=0.0)]
+
+
 class Gate(Strict):
     """A family's promotion gate; ``metric`` names its quality score (``min_<metric>``, ``max_<metric>_drop``)."""
 
     metric: ClassVar[str]
     registered_model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    champion_health: ChampionHealth | None = None   # for a family whose data has a recent window
 
     @model_validator(mode="after")
     def _consistent(self) -> Gate:

@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass
 
 from tasks.family_config import Gate
 
+WINDOWS = ("golden", "recent")   # evaluation windows of a test split a family may score (``<window>_<metric>``)
+
 
 @dataclass(frozen=True)
 class GateSpec:
@@ -71,7 +73,35 @@ def gate_checks(evaluation: dict, champion: dict | None, cfg: Gate, spec: GateSp
         rows = "the test rows both can read" if "candidate" in champion else "same test data"
         checks.append(_check(f"{metric}_drop_vs_champion", drop, "<=", max_drop,
                              f"{metric} drop vs champion v{champion['version']} ({rows}, same run)"))
+        for window in WINDOWS if split == "test" else ():   # not worse on either evaluation window
+            key = f"{window}_{metric}"
+            if key in champion and key in mine:
+                checks.append(_check(f"{metric}_drop_vs_champion_{window}", champion[key] - mine[key], "<=", max_drop,
+                                     f"{window} window {metric} drop vs champion v{champion['version']} "
+                                     f"({int(mine.get(f'{window}_rows', 0))} test rows, same run)"))
     return checks
+
+
+def champion_health(champion: dict | None, registered: float | None, cfg: Gate) -> dict | None:
+    """The champion's score on the recent window against the test score it was registered with (``None`` when
+    there is no champion, no recent window, no recorded score or no ``champion_health`` limit)."""
+    key = f"recent_{cfg.metric}"
+    if champion is None or cfg.champion_health is None or registered is None or key not in champion:
+        return None
+    drop = registered - champion[key]
+    return {"version": champion["version"], f"registered_test_{cfg.metric}": registered, key: champion[key],
+            "recent_rows": int(champion.get("recent_rows", 0)), "drop": drop,
+            "max_drop": cfg.champion_health.max_drop, "degraded": drop > cfg.champion_health.max_drop}
+
+
+def health_markdown(health: dict | None, passed: bool) -> str:
+    if health is None:
+        return ""
+    verdict = "**DEGRADED**" if health["degraded"] else "healthy"
+    alarm = " and no challenger passed the gate: the champion serves worse than it was registered to" \
+        if health["degraded"] and not passed else ""
+    return (f"\nChampion v{health['version']} on the recent window ({health['recent_rows']} test rows): {verdict}, "
+            f"drop {health['drop']:.4g} from its registered test score (limit {health['max_drop']:.4g}){alarm}.\n")
 
 
 def gate_tags(checks: list[Check]) -> dict[str, str]:

@@ -13,7 +13,10 @@ Input: ``<raw>``, the family's snapshot (``tasks.snapshot``: the published data 
 ``interactions.csv`` (the labelled rows with their split), ``users.csv``, ``items.csv`` (the normalised tables, for
 validation); ``features.json`` (field offsets and sizes, source, row counts); ``vocabulary.json`` (each field's
 values in embedding-row order: shipped with every registered model, so a champion trained on an older snapshot is
-scored on new data in its own encoding).
+scored on new data in its own encoding); ``windows.json``: the test rows of each evaluation window, by position in
+``test_*.npy`` — ``golden``, the test rows of the snapshot's first batch (the same ratings in every later snapshot,
+for comparability across runs), and ``recent``, those of its newest batch (data no model trained on before this
+run: a true temporal evaluation of the champion beside the challenger).
 """
 from __future__ import annotations
 
@@ -25,12 +28,14 @@ import numpy as np
 import pandas as pd
 
 from tasks.config import stage_args
-from tasks.errors import run_cli
+from tasks.errors import DataFormatError, run_cli
 from tasks.io import save_npy, write_atomic, write_json
 from tasks.movielens import GENRES, acquire
 from tasks.recsys_config import RecsysData
 
 Source = tuple[str, dict[str, pd.DataFrame]]   # (where the tables came from, the normalised tables)
+WINDOWS = "windows.json"
+KEY = ["user_id", "item_id", "timestamp"]   # a rating (the intake's contract keeps it unique)
 
 SPLITS = ("train", "val", "test")
 USER_FIELDS, ITEM_FIELDS = ("user", "age", "gender", "occupation", "zip"), ("item", "year")
@@ -131,9 +136,18 @@ def row_features(rows: pd.DataFrame, user_codes: np.ndarray, item_codes: np.ndar
     return assemble_fields(user_codes[u], item_codes[i]), item_genres[i]
 
 
-def prepare_recsys(cfg: RecsysData, out: Path, found: Source | None = None) -> dict:
+def test_windows(test: pd.DataFrame, windows: dict[str, pd.DataFrame]) -> dict[str, list[int]]:
+    """{window: positions in ``test`` of the ratings ``windows[window]`` holds}."""
+    return {name: np.flatnonzero(test[KEY].merge(ratings[KEY].drop_duplicates(), how="left", on=KEY,
+                                                 indicator=True)["_merge"].eq("both").to_numpy()).tolist()
+            for name, ratings in windows.items()}
+
+
+def prepare_recsys(cfg: RecsysData, out: Path, found: Source | None = None,
+                   windows: dict[str, pd.DataFrame] | None = None) -> dict:
     """Label, encode and split the tables of ``found`` (default: the published data set, acquired now) into
-    ``out``; return the manifest."""
+    ``out``; return the manifest. ``windows``: the ratings of each evaluation window (default: all of them are the
+    golden window)."""
     source, tables = found if found is not None else acquire(cfg)
     users, items = tables["users"], tables["items"]
     rows = label(tables["ratings"], cfg)
@@ -149,6 +163,9 @@ def prepare_recsys(cfg: RecsysData, out: Path, found: Source | None = None) -> d
         for suffix, arr in (("fields", fields), ("genres", genres), ("y", part.label.to_numpy(np.float32))):
             save_npy(out / f"{name}_{suffix}.npy", arr)
         manifest["splits"][name] = {"rows": len(part), "positive_fraction": float(part.label.mean())}
+    positions = test_windows(rows[rows.split == "test"], windows or {"golden": tables["ratings"]})
+    write_json(out / WINDOWS, positions)
+    manifest["windows"] = {name: len(found_rows) for name, found_rows in positions.items()}
     save_npy(out / "users.npy", user_codes)
     save_npy(out / "items.npy", item_codes)
     save_npy(out / "items_genres.npy", item_genres)
@@ -162,14 +179,22 @@ def prepare_recsys(cfg: RecsysData, out: Path, found: Source | None = None) -> d
 def main() -> None:
     args, cfg = stage_args(__doc__, "--raw", "--out")
     from tasks.recsys_intake import INTAKE
-    from tasks.snapshot import tables
+    from tasks.snapshot import batch_tables
     from tasks.tracking import stage_run
 
     with stage_run("prepare_recsys", cfg, params={"data.recsys": cfg.data.recsys}) as run:
-        batches, found = tables(args.raw, INTAKE)
-        source = f"snapshot {args.raw} of {len(batches)} batch(es): {', '.join(batches)}"
-        manifest = prepare_recsys(cfg.data.recsys, args.out, (source, found))
+        batches = batch_tables(args.raw, INTAKE)
+        if not batches:
+            raise DataFormatError(f"{args.raw}: the snapshot holds no batch yet; add one with "
+                                  "`python -m flows.ingest --family recsys <batch folder>`")
+        found = INTAKE.combine([t for _, t in batches])
+        source = f"snapshot {args.raw} of {len(batches)} batch(es): {', '.join(b for b, _ in batches)}"
+        # golden: the first batch's ratings, always; recent: the newest batch's, once one arrived after it
+        windows = {"golden": batches[0][1]["ratings"], **({"recent": batches[-1][1]["ratings"]}
+                                                          if len(batches) > 1 else {})}
+        manifest = prepare_recsys(cfg.data.recsys, args.out, (source, found), windows)
         run.log_metrics({f"{s}_rows": v["rows"] for s, v in manifest["splits"].items()}
+                        | {f"{w}_test_rows": n for w, n in manifest["windows"].items()}
                         | {"vocabulary": manifest["vocabulary"]})
         run.set_tag("data.source", manifest["source"])
         run.log_artifact(args.out / "features.json")

@@ -99,8 +99,16 @@ def test_arriving_weeks_are_versioned_trained_on_and_gated_and_bad_ones_quaranti
     assert locked_outs(repo)[SNAPSHOT] != versions[-1]
     # the week's new users and items moved every embedding index: the champion of the earlier snapshot was scored in
     # its own vocabulary, beside the candidate on the same rows (before: onnxruntime's Gather out of bounds)
-    before = json.loads((repo / "reports/recsys/gate.json").read_text())["champion_before"]
+    gate = json.loads((repo / "reports/recsys/gate.json").read_text())
+    before = gate["champion_before"]
     assert before and before["version"] == first_version and "test_auc" in before["candidate"]
+    # both are scored on the golden window (the first week's test rows) and on the recent one (the new week's, which
+    # neither trained on), and the champion's health on the recent window is reported against its registered AUC
+    assert {"golden_auc", "recent_auc"} <= set(before) and {"golden_auc", "recent_auc"} <= set(before["candidate"])
+    assert {c["name"] for c in gate["checks"]} >= {"auc_drop_vs_champion_golden", "auc_drop_vs_champion_recent"}
+    health = gate["champion_health"]
+    assert health["version"] == first_version and health["recent_auc"] == before["recent_auc"]
+    assert health["registered_test_auc"] == pytest.approx(pipeline["gates"]["recsys"]["candidate"]["test_auc"])
 
     # From the registered version alone, the code, params and the three-week snapshot it was trained on come back
     # and re-run; the re-run builds the very same INT8 file, so the registry already holds it

@@ -218,3 +218,36 @@ def test_failure_messages_shorten_long_value_sets():
         column="user_id", value_set=list(range(100)))]), frame)])
     message = failure_message(report)
     assert "(100 values)" in message and "99," not in message and "[999]" in message
+
+
+def test_the_test_split_has_a_golden_window_that_never_changes_and_a_recent_one_of_the_newest_batch(replayed,
+                                                                                                     tmp_path):
+    import json as json_
+
+    from tasks.evaluate_recsys import window_quality
+    from tasks.prepare_recsys import WINDOWS
+
+    cfg, batches = replayed
+    found = [INTAKE.read_batch(b) for b in batches[:3]]
+    keys = ["user_id", "item_id", "timestamp"]
+    golden = []
+    for n in (2, 3):
+        out = tmp_path / str(n)
+        manifest = prepare_recsys(cfg.data.recsys, out, ("replay", INTAKE.combine(found[:n])),
+                                  {"golden": found[0]["ratings"], "recent": found[n - 1]["ratings"]})
+        windows = json_.loads((out / WINDOWS).read_text())
+        rows = pd.read_csv(out / "interactions.csv")
+        test = rows[rows.split == "test"].reset_index(drop=True)
+        for name, batch in (("golden", found[0]), ("recent", found[n - 1])):
+            chosen = test.iloc[windows[name]][keys]
+            inside = chosen.merge(batch["ratings"][keys], on=keys, how="left", indicator=True)["_merge"]
+            assert len(chosen) and (inside == "both").all()   # each window's rows come from its batch ...
+            others = test.drop(index=windows[name])[keys].merge(batch["ratings"][keys], on=keys, how="inner")
+            assert others.empty                                # ... and every test row of that batch is in it
+        assert manifest["windows"] == {"golden": len(windows["golden"]), "recent": len(windows["recent"])}
+        golden.append(set(map(tuple, test.iloc[windows["golden"]][keys].to_numpy().tolist())))
+    assert golden[0] == golden[1]   # the same ratings as the snapshot grows
+    y = np.load(tmp_path / "3" / "test_y.npy")
+    quality = window_quality(y, np.where(y > 0, 0.9, 0.1), tmp_path / "3")
+    assert quality["golden_auc"] == 1.0 and quality["recent_auc"] == 1.0
+    assert quality["recent_rows"] == len(json_.loads((tmp_path / "3" / WINDOWS).read_text())["recent"])
