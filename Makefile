@@ -8,7 +8,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 # No phoning home from the embedded server (these machines are offline; it would only log a failed lookup).
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: run test check smoke serve faults benchmark benchmark-export benchmark-recsys benchmark-sweep benchmark-teacher benchmark-text ablation sweep deploy worker \
+.PHONY: run test check smoke serve faults benchmark benchmark-export benchmark-recsys benchmark-replay benchmark-sweep benchmark-teacher benchmark-text ablation sweep deploy worker \
         data-source services clean-results
 
 run: $(STAMP) data-source
@@ -58,6 +58,13 @@ benchmark-teacher: $(STAMP)
 # Compression recipes of sweep.family on Dask (a LocalCluster, or SWEEP_ARGS='--address tcp://host:8786').
 sweep: $(STAMP) data-source
 	$(PY) -m flows.sweep $(SWEEP_ARGS)
+
+# MovieLens-100K replayed batch by batch through ingestion, retraining and the gate (full profile, a scratch copy):
+# per batch the challenger's and the champion's AUC on the recent and golden windows, the decision, the time.
+# REPLAY_ARGS='--batches 6' replays the first six only.
+benchmark-replay: $(STAMP) data-source
+	$(PY) -m flows.replay_benchmark --family recsys --out reports/benchmarks/replay_recsys.json \
+	    --plot reports/benchmarks/replay_recsys.png $(REPLAY_ARGS)
 
 # The same 8 smoke-sized recipes with 1 and with 2 Dask workers, in a scratch copy: the speed-up table.
 benchmark-sweep: $(STAMP) data-source

@@ -50,3 +50,17 @@ def dataset_inputs(repo: Path, run_id: str) -> dict:
     run = MlflowClient(f"sqlite:///{repo / 'mlflow.db'}").get_run(run_id)
     return {next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset
             for d in run.inputs.dataset_inputs}
+
+
+def replayed_repo(tmp_path: Path, monkeypatch, family: str, **overrides) -> tuple[Path, list[Path], Path]:
+    """A scratch copy whose ``family`` snapshot starts empty, its own MLflow store in this process, the family's
+    published data replayed by ``flows.replay`` into ``tmp_path/all``: (repo, batch folders, an empty landing)."""
+    repo = make_repo(tmp_path / "repo", **{f"ingest.{family}.bootstrap": "empty", **overrides})
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlflow.db'}")
+    monkeypatch.delenv("PIPELINE_PARENT_RUN_ID", raising=False)
+    replay = subprocess.run([sys.executable, "-m", "flows.replay", "--family", family, str(tmp_path / "all")],
+                            cwd=repo, env=repo_env(repo), capture_output=True, text=True, check=False)
+    assert replay.returncode == 0, replay.stderr
+    landing = repo / "landing"
+    landing.mkdir()
+    return repo, sorted((tmp_path / "all").iterdir()), landing

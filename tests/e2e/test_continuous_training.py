@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.ingest import continuous_training
-from tests.e2e.scratch import dataset_inputs, dvc, ingest_runs, locked_outs, make_repo, repo_env
+from tests.e2e.scratch import dataset_inputs, dvc, ingest_runs, locked_outs, make_repo, replayed_repo, repo_env
 
 pytestmark = pytest.mark.e2e
 SNAPSHOT = "data/recsys/raw"
@@ -36,16 +36,7 @@ def _ingest_runs(repo: Path) -> list:
 def test_arriving_weeks_are_versioned_trained_on_and_gated_and_bad_ones_quarantined(tmp_path, prefect_server,
                                                                                    monkeypatch):
     # the snapshot holds only what arrives; a few weeks' share of likes differs more from the whole data set's
-    repo = make_repo(tmp_path / "repo", **{"ingest.recsys.bootstrap": "empty",
-                                           "validate.recsys.positive_tolerance": 0.06})
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlflow.db'}")
-    monkeypatch.delenv("PIPELINE_PARENT_RUN_ID", raising=False)
-    replay = subprocess.run([sys.executable, "-m", "flows.replay", "--family", "recsys", str(tmp_path / "all")],
-                            cwd=repo, env=repo_env(repo), capture_output=True, text=True, check=False)
-    assert replay.returncode == 0, replay.stderr
-    weeks = sorted((tmp_path / "all").iterdir())
-    landing = repo / "landing"
-    landing.mkdir()
+    repo, weeks, landing = replayed_repo(tmp_path, monkeypatch, "recsys", **{"validate.recsys.positive_tolerance": 0.06})
     for week in weeks[:3]:
         shutil.copytree(week, landing / week.name)
     _copy_week(weeks[3], landing / "0002-z-broken", lambda r: r.assign(rating=r.rating.where(r.index > 4, 7)))

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,7 @@ from mlflow.tracking import MlflowClient
 from flows.ingest import continuous_training
 from tasks.idx import gzip_bytes, idx_bytes
 from tasks.vision_intake import INTAKE
-from tests.e2e.scratch import dataset_inputs, dvc, ingest_runs, locked_outs, make_repo, repo_env
+from tests.e2e.scratch import dataset_inputs, dvc, ingest_runs, locked_outs, replayed_repo
 
 pytestmark = pytest.mark.e2e
 SNAPSHOT = "data/vision/raw"
@@ -37,15 +35,7 @@ def _changed_copy(source: Path, target: Path, images=None, labels=None) -> None:
                    "change only for the good batches")
 def test_arriving_images_are_versioned_trained_on_and_gated_and_bad_ones_quarantined(tmp_path, prefect_server,
                                                                                    monkeypatch):
-    repo = make_repo(tmp_path / "repo", **{"ingest.vision.bootstrap": "empty"})
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlflow.db'}")
-    monkeypatch.delenv("PIPELINE_PARENT_RUN_ID", raising=False)
-    replay = subprocess.run([sys.executable, "-m", "flows.replay", "--family", "vision", str(tmp_path / "all")],
-                            cwd=repo, env=repo_env(repo), capture_output=True, text=True, check=False)
-    assert replay.returncode == 0, replay.stderr
-    batches = sorted((tmp_path / "all").iterdir())
-    landing = repo / "landing"
-    landing.mkdir()
+    repo, batches, landing = replayed_repo(tmp_path, monkeypatch, "vision")
     shutil.copytree(batches[0], landing / batches[0].name)
     _changed_copy(batches[1], landing / "0001-z-broken", labels=lambda y: np.where(y == 3, np.uint8(11), y))
     _changed_copy(batches[1], landing / "0001-z-inverted", images=lambda x: 255 - x)
