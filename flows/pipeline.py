@@ -185,9 +185,10 @@ def promote(family: str, root: Path, uri: str, parent_run_id: str, may_promote: 
             run.set_tag("champion.health", "degraded" if health["degraded"] else "healthy")
             run.log_metrics({"champion.recent_drop": health["drop"]})
     publish_gate(family, report)
-    if health is not None and health["degraded"] and not report["passed"]:
+    if health is not None and health["degraded"] and not report["champion"]:
         get_run_logger().error(f"ALERT: {family} champion v{health['version']} degraded on the recent window (drop "
-                               f"{health['drop']:.4g} > {health['max_drop']:.4g}) and no challenger passed the gate")
+                               f"{health['drop']:.4g} > {health['max_drop']:.4g}) and it stays champion (no "
+                               "challenger passed the gate, or none may be promoted)")
     return report
 
 

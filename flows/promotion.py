@@ -39,7 +39,6 @@ from tasks.onnx_models import session
 from tasks.tracking import client_for, redact, server_error
 
 MODEL_SHA256 = "model.sha256"   # version tag: SHA-256 of the registered ONNX file, checked before it is run
-QUALITY_TAG = "quality.test_"   # version tag: the test score a version was registered with (its health's baseline)
 FILES_SHA256 = "model.files.sha256"   # version tag: {name: SHA-256} of the files registered beside it (a vocabulary)
 LINEAGE, LINEAGE_FILES = "lineage", ("params.yaml", "dvc.lock")   # artifacts of the registering run
 DATA_TAG = "data.description"   # version tag: digest of what its data says a request and an answer are (Family.describe_data)
@@ -222,7 +221,9 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
         report, checks, evaluation = _gate(root, cfg, client, run_id, family, where, description)
         promote = report["passed"] and may_promote
         tags.update({**gate_tags(checks), **audit_tags(report["champion_before"], promote),
-                     f"{QUALITY_TAG}{gate.metric}": repr(evaluation["models"]["student_int8"][f"test_{gate.metric}"])})
+                     **{f"quality.{window}_{gate.metric}": repr(evaluation["models"]["student_int8"][key])
+                        for window in ("test", "recent")
+                        if (key := f"{window}_{gate.metric}") in evaluation["models"]["student_int8"]}})
         contract = load_family(family)
         files = tuple(root / where["data"] / f for f in contract.model_files)
         source, tags[MODEL_SHA256] = log_onnx_model(client, run_id, root / where["candidate"],
@@ -272,8 +273,7 @@ def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str, family: st
     evaluation["models"]["teacher_fp32"].update(contract.timing(root / where["teacher"], data, cfg))
     checks = gate_checks(evaluation, champion, gate, contract.gate)
     passed = all(c.passed for c in checks)
-    registered = champ.tags.get(f"{QUALITY_TAG}{gate.metric}") if champ is not None else None
-    health = champion_health(champion, float(registered) if registered else None, gate)
+    health = champion_health(champion, registered_scores(champ, gate.metric), gate)
     report = {"passed": passed, "checks": [c.as_dict() for c in checks], "champion_before": champion,
               "champion_health": health,
               "candidate": evaluation["models"]["student_int8"], "teacher": evaluation["models"]["teacher_fp32"]}
@@ -283,6 +283,18 @@ def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str, family: st
     for name in ("gate.json", "gate.md"):
         client.log_artifact(run_id, str(reports / name))
     return report, checks, evaluation
+
+
+def registered_scores(version: Any | None, metric: str) -> dict[str, float]:
+    """The scores a version was registered with (tags ``quality.test_<metric>``, ``quality.recent_<metric>``): the
+    baseline of its health; a tag that is not a number is left out."""
+    found = {}
+    for window in ("test", "recent"):
+        try:
+            found[window] = float(version.tags[f"quality.{window}_{metric}"]) if version is not None else None
+        except (KeyError, ValueError):
+            continue
+    return {k: v for k, v in found.items() if v is not None}
 
 
 def audit_tags(champion_before: dict | None, promoted: bool) -> dict[str, str]:

@@ -35,17 +35,18 @@ def _scores(report: dict[str, Any], metric: str) -> dict[str, float | None]:
     mine = (champion or {}).get("candidate", report.get("candidate") or {})
 
     def window(scores: dict[str, Any] | None, name: str) -> float | None:
-        if not scores:
-            return None
-        value = scores.get(f"{name}_{metric}", scores.get(f"test_{metric}") if name == "golden" else None)
+        value = (scores or {}).get(f"{name}_{metric}")
         return float(value) if value is not None else None
 
-    return {f"{who}_{name}": window(scores, name) for who, scores in (("challenger", mine), ("champion", champion))
-            for name in ("recent", "golden")}
+    return {**{f"{who}_{name}": window(scores, name) for who, scores in (("challenger", mine), ("champion", champion))
+               for name in ("recent", "golden")},
+            "recent_rows": int(mine.get("recent_rows", 0))}   # what both were scored on (the rows the champion reads)
 
 
-def replay_benchmark(family: str, profile: str, batches: int | None, work: Path) -> list[dict[str, Any]]:
-    """Replay ``family`` batch by batch in a scratch copy under ``work``; one row per batch."""
+def replay_benchmark(family: str, profile: str, batches: int | None, work: Path,
+                     out: Path | None = None) -> list[dict[str, Any]]:
+    """Replay ``family`` batch by batch in a scratch copy under ``work``; one row per batch (also written to ``out``
+    after each batch, so a failure keeps what was measured)."""
     from flows.ingest import continuous_training
 
     root = copy_project(work / "project", {"profile": profile, f"ingest.{family}.bootstrap": "empty"})
@@ -60,21 +61,26 @@ def replay_benchmark(family: str, profile: str, batches: int | None, work: Path)
         start = time.perf_counter()
         result = continuous_training(str(root), family, str(landing))
         seconds = time.perf_counter() - start
-        outcome = next(o for o in result["ingested"] if o["batch"] == folder.name)
+        outcome = next((o for o in result["ingested"] if o["batch"] == folder.name),
+                       {"status": "missing", "reason": "ingest reported nothing of it"})
         snapshot = json.loads((root / "data" / family / "raw" / "snapshot.json").read_text())
         entry = next((b for b in snapshot["batches"] if b["id"] == folder.name), {})
         report = (result["pipeline"] or {}).get("gates", {}).get(family) or {}
         health = report.get("champion_health") or {}
         failed = [c["name"] for c in report.get("checks", []) if not c["passed"]]
-        decision = ("promoted" if report.get("champion") else
+        decision = ("not trained" if not report else "unchanged" if report.get("unchanged") else
+                    "promoted" if report.get("champion") else
                     f"kept v{report['champion_before']['version']}" if report.get("champion_before") else
-                    "no champion") if report else "not trained"
+                    "no champion")
         rows.append({"batch": folder.name, "rows": entry.get("rows", {}), "status": outcome["status"],
                      "reason": outcome["reason"], "seconds": round(seconds, 1), "version": report.get("version"),
                      "decision": decision, "failed_checks": failed,
-                     "champion_health": "degraded" if health.get("degraded") else ("healthy" if health else ""),
+                     "champion_health": "" if not health else "not judged" if not health["compared"] else
+                     "degraded" if health["degraded"] else "healthy",
                      **_scores(report, metric)})
         print(table(rows[-1:], metric, header=False), flush=True)
+        if out:
+            write_result(out, {"family": family, "profile": profile, "policy": "scratch", "batches": rows})
     return rows
 
 
@@ -83,13 +89,13 @@ def _fmt(value: float | None) -> str:
 
 
 def table(rows: list[dict[str, Any]], metric: str, header: bool = True) -> str:
-    head = (f"| batch | rows | challenger {metric} recent | champion {metric} recent | challenger {metric} golden | "
-            f"champion {metric} golden | decision | failed checks | champion health | s |")
-    lines = [head, "|---|---|---:|---:|---:|---:|---|---|---|---:|"] if header else []
+    head = (f"| batch | rows | challenger {metric} recent | champion {metric} recent | recent rows compared | "
+            f"challenger {metric} golden | champion {metric} golden | decision | failed checks | champion health | s |")
+    lines = [head, "|---|---|---:|---:|---:|---:|---:|---|---|---|---:|"] if header else []
     for r in rows:
         size = ", ".join(f"{k} {v:,}" for k, v in r["rows"].items()) or "–"
         lines.append(f"| {r['batch']} | {size} | {_fmt(r['challenger_recent'])} | {_fmt(r['champion_recent'])} | "
-                     f"{_fmt(r['challenger_golden'])} | {_fmt(r['champion_golden'])} | {r['decision']} | "
+                     f"{r['recent_rows'] or '–'} | {_fmt(r['challenger_golden'])} | {_fmt(r['champion_golden'])} | {r['decision']} | "
                      f"{', '.join(r['failed_checks']) or '–'} | {r['champion_health'] or '–'} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
@@ -137,9 +143,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="kdq-replay-") as tmp:
         work = args.keep or Path(tmp)
         started = time.perf_counter()
-        rows = replay_benchmark(args.family, args.profile, args.batches, work)
+        rows = replay_benchmark(args.family, args.profile, args.batches, work, args.out)
         total = time.perf_counter() - started
-    metric = getattr(load_config("params.yaml").gate, args.family).metric
+        metric = getattr(load_config(work / "project" / "params.yaml").gate, args.family).metric
     title = f"{args.family} replay ({args.profile} profile), {date.today()}, {machine()}"
     print(f"\n{title}\n\n{table(rows, metric)}\n\n{len(rows)} batches in {total:.0f} s; champion moved "
           f"{sum(r['decision'] == 'promoted' for r in rows)} times")

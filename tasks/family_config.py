@@ -139,9 +139,20 @@ class VsTeacher(Strict):
     min_size_ratio: Annotated[float, Field(gt=0.0)]
 
 
+class WindowGate(Strict):
+    """How the gate compares champion and challenger on each evaluation window of the test split (golden, recent).
+    A window holds far fewer rows than the whole split, so its score moves more by chance: ``max_drop`` is its own
+    tolerance, and a window with fewer than ``min_rows`` rows both can read (or one class only) is reported as not
+    compared rather than decided on noise."""
+
+    min_rows: Annotated[int, Field(gt=0)]
+    max_drop: Annotated[float, Field(ge=0.0)]
+
+
 class ChampionHealth(Strict):
-    """How far the champion's score on the recent window (data no model trained on) may fall below the test score
-    it was registered with before a run reports it as degraded."""
+    """How far the champion's score on the recent window (data that arrived after it was trained) may fall below
+    the one it was registered with — on its own recent window then, else on its whole test split — before a run
+    reports it as degraded."""
 
     max_drop: Annotated[float, Field(ge=0.0)]
 
@@ -151,7 +162,8 @@ class Gate(Strict):
 
     metric: ClassVar[str]
     registered_model: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    champion_health: ChampionHealth | None = None   # for a family whose data has a recent window
+    windows: WindowGate | None = None               # for a family whose test split has evaluation windows
+    champion_health: ChampionHealth | None = None   # ... and a recent one
 
     @model_validator(mode="after")
     def _consistent(self) -> Gate:

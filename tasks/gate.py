@@ -73,30 +73,45 @@ def gate_checks(evaluation: dict, champion: dict | None, cfg: Gate, spec: GateSp
         rows = "the test rows both can read" if "candidate" in champion else "same test data"
         checks.append(_check(f"{metric}_drop_vs_champion", drop, "<=", max_drop,
                              f"{metric} drop vs champion v{champion['version']} ({rows}, same run)"))
-        for window in WINDOWS if split == "test" else ():   # not worse on either evaluation window
-            key = f"{window}_{metric}"
-            if key in champion and key in mine:
-                checks.append(_check(f"{metric}_drop_vs_champion_{window}", champion[key] - mine[key], "<=", max_drop,
+        windows = cfg.windows if split == "test" else None
+        for window in WINDOWS if windows else ():   # not worse on either evaluation window
+            key, name = f"{window}_{metric}", f"{metric}_drop_vs_champion_{window}"
+            rows = int(min(mine.get(f"{window}_rows", 0), champion.get(f"{window}_rows", 0)))
+            if key in champion and key in mine and rows >= windows.min_rows:
+                checks.append(_check(name, champion[key] - mine[key], "<=", windows.max_drop,
                                      f"{window} window {metric} drop vs champion v{champion['version']} "
-                                     f"({int(mine.get(f'{window}_rows', 0))} test rows, same run)"))
+                                     f"({rows} test rows both read, same run)"))
+            else:
+                checks.append(Check(name, 0.0, "<=", windows.max_drop, True,
+                                    f"{window} window not compared: {rows} test rows both read"
+                                    + (f" (fewer than {windows.min_rows})" if rows < windows.min_rows else
+                                       " of one class only")))
     return checks
 
 
-def champion_health(champion: dict | None, registered: float | None, cfg: Gate) -> dict | None:
-    """The champion's score on the recent window against the test score it was registered with (``None`` when
-    there is no champion, no recent window, no recorded score or no ``champion_health`` limit)."""
+def champion_health(champion: dict | None, registered: dict[str, float], cfg: Gate) -> dict | None:
+    """The champion's score on the recent window against the one it was registered with (``registered``: its
+    ``recent`` score then, like with like, else its ``test`` score). ``None`` when there is no champion, no recent
+    window, no recorded score or no ``champion_health`` limit; not compared on fewer than ``windows.min_rows``."""
     key = f"recent_{cfg.metric}"
-    if champion is None or cfg.champion_health is None or registered is None or key not in champion:
+    baseline = "recent" if "recent" in registered else "test"
+    if champion is None or cfg.champion_health is None or baseline not in registered or key not in champion:
         return None
-    drop = registered - champion[key]
-    return {"version": champion["version"], f"registered_test_{cfg.metric}": registered, key: champion[key],
-            "recent_rows": int(champion.get("recent_rows", 0)), "drop": drop,
-            "max_drop": cfg.champion_health.max_drop, "degraded": drop > cfg.champion_health.max_drop}
+    rows, least = int(champion.get("recent_rows", 0)), cfg.windows.min_rows if cfg.windows else 1
+    drop = registered[baseline] - champion[key]
+    compared = rows >= least
+    return {"version": champion["version"], "baseline": f"registered {baseline} {cfg.metric}",
+            f"registered_{cfg.metric}": registered[baseline], key: champion[key], "recent_rows": rows,
+            "drop": drop, "max_drop": cfg.champion_health.max_drop, "compared": compared,
+            "degraded": compared and drop > cfg.champion_health.max_drop}
 
 
 def health_markdown(health: dict | None, passed: bool) -> str:
     if health is None:
         return ""
+    if not health["compared"]:
+        return (f"\nChampion v{health['version']} on the recent window: not judged, {health['recent_rows']} test "
+                "rows it can read.\n")
     verdict = "**DEGRADED**" if health["degraded"] else "healthy"
     alarm = " and no challenger passed the gate: the champion serves worse than it was registered to" \
         if health["degraded"] and not passed else ""

@@ -90,20 +90,25 @@ def test_the_champion_moves_only_when_the_challenger_is_not_worse_on_either_wind
 
     gate = parse_config(raw_params).gate.recsys
     measured = {"test_auc": 0.85, "val_auc": 0.85, "latency_p95_ms": 0.1, "latency_p50_ms": 0.1, "bytes": 1000,
-                "golden_auc": 0.86, "golden_rows": 7000, "recent_auc": 0.80, "recent_rows": 300}
+                "golden_auc": 0.86, "golden_rows": 7000, "recent_auc": 0.79, "recent_rows": 300}
     evaluation = {"models": {"student_int8": measured, "teacher_fp32": {**measured, "latency_p50_ms": 10,
                                                                          "bytes": 10**6}}}
-    champion = {"version": "1", "test_auc": 0.85, "val_auc": 0.85, "golden_auc": 0.86, "recent_auc": 0.83,
-                "recent_rows": 300}
+    champion = {"version": "1", "test_auc": 0.85, "val_auc": 0.85, "golden_auc": 0.86, "golden_rows": 7000,
+                "recent_auc": 0.83, "recent_rows": 300}
     checks = {c.name: c for c in gate_checks(evaluation, champion, gate, FAMILY.gate)}
     assert checks["auc_drop_vs_champion"].passed and checks["auc_drop_vs_champion_golden"].passed
     assert not checks["auc_drop_vs_champion_recent"].passed    # worse on the newest data: the champion stays
-    assert checks["auc_drop_vs_champion_recent"].value == pytest.approx(0.03)
-    assert "recent window auc drop vs champion v1 (300 test rows" in checks["auc_drop_vs_champion_recent"].why
+    assert checks["auc_drop_vs_champion_recent"].value == pytest.approx(0.04)   # over the windows' own 0.03
+    assert "recent window auc drop vs champion v1 (300 test rows both read" in checks["auc_drop_vs_champion_recent"].why
+    few = {**champion, "recent_rows": 40}   # a week the champion reads 40 rows of: reported, not decided on noise
+    check = next(c for c in gate_checks(evaluation, few, gate, FAMILY.gate) if c.name == "auc_drop_vs_champion_recent")
+    assert check.passed and check.why == "recent window not compared: 40 test rows both read (fewer than 100)"
     assert "auc_drop_vs_champion_recent" not in {c.name for c in gate_checks(evaluation, champion, gate, FAMILY.gate,
                                                                               split="val")}
 
-    health = champion_health(champion, 0.89, gate)   # registered at 0.89 test AUC, 0.83 on the recent window now
+    health = champion_health(champion, {"test": 0.89}, gate)   # registered at 0.89 test AUC, 0.83 recent now
     assert health["degraded"] and health["drop"] == pytest.approx(0.06) and health["max_drop"] == 0.05
-    assert not champion_health(champion, 0.86, gate)["degraded"]
-    assert champion_health(champion, None, gate) is None   # registered before versions recorded their score
+    like = champion_health(champion, {"test": 0.89, "recent": 0.86}, gate)   # its recent AUC then: like with like
+    assert not like["degraded"] and like["baseline"] == "registered recent auc" and like["drop"] == pytest.approx(0.03)
+    assert not champion_health(few, {"test": 0.95}, gate)["compared"]   # 40 rows: not judged
+    assert champion_health(champion, {}, gate) is None   # registered before versions recorded their score
