@@ -8,13 +8,17 @@ named after the model around read-champion → score → register → move-alias
 from __future__ import annotations
 
 import hashlib
+import json
+import os
 import re
+import socket
+import tempfile
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from prefect import get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
 from prefect.concurrency.sync import concurrency
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
 
@@ -29,23 +33,59 @@ def lock_name(model: str) -> str:
     return "registry-" + re.sub(r"[^A-Za-z0-9_.-]", "-", model)  # limit names may not hold / % & > <
 
 
+def holder_file(name: str) -> Path:
+    """Where this machine records which of its processes holds slot ``name``."""
+    return Path(tempfile.gettempdir()) / "kdq-locks" / f"{name}.json"
+
+
+def _started(pid: int) -> str | None:
+    """The start time of process ``pid`` (field 22 of /proc/<pid>/stat), or None when it is not running."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _orphaned(name: str) -> bool:
+    """Whether slot ``name`` was taken by a process of this machine that is gone (killed while holding it)."""
+    try:
+        holder = json.loads(holder_file(name).read_text())
+    except (OSError, ValueError):
+        return False
+    return holder.get("host") == socket.gethostname() and _started(int(holder.get("pid", 0))) != holder.get("started")
+
+
 @contextmanager
 def _slot(name: str, timeout_seconds: float, busy: str) -> Iterator[None]:
     """Hold the one slot of Prefect global concurrency limit ``name`` (created on first use); raise
-    ``RegistryBusy(busy)`` when it stays taken for ``timeout_seconds``."""
+    ``RegistryBusy(busy)`` when it stays taken for ``timeout_seconds``. A slot whose holder on this machine was
+    killed is given back first: under an ephemeral Prefect server the holder's lease died with its process, so
+    nothing else would ever free it."""
     with get_client(sync_client=True) as client:
         try:
-            client.read_global_concurrency_limit_by_name(name)
+            limit = client.read_global_concurrency_limit_by_name(name)
         except ObjectNotFound:  # first use: create it; a concurrent creator may win that race, which is fine
             try:
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
             except ObjectAlreadyExists:
                 pass
+        else:
+            if limit.active_slots and _orphaned(name):
+                print(f"lock {name!r}: its holder on this machine is gone (killed while holding it); freeing it")
+                client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=0))
+                holder_file(name).unlink(missing_ok=True)
     acquired = False
     try:
         with concurrency(name, occupy=1, timeout_seconds=timeout_seconds, strict=True):
             acquired = True
-            yield
+            record = holder_file(name)
+            record.parent.mkdir(parents=True, exist_ok=True)
+            record.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                          "started": _started(os.getpid())}))
+            try:
+                yield
+            finally:
+                record.unlink(missing_ok=True)
     except TimeoutError as err:
         if acquired:  # raised by the work under the lock, not by waiting for it
             raise

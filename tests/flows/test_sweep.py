@@ -159,6 +159,32 @@ def test_ingestion_and_a_pipeline_run_never_hold_one_family_data_at_once(prefect
         pass   # released
 
 
+@pytest.mark.fault("data", "a run killed (SIGKILL) while it holds a family's data lock",
+                   "the next run on the machine finds the holder gone and frees the lock, instead of waiting "
+                   "pipeline.data_lock_timeout_seconds and failing (an ephemeral Prefect server's lease dies with it)")
+def test_a_data_lock_whose_holder_was_killed_is_freed(prefect_server, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from prefect.settings import PREFECT_API_URL
+
+    from flows.registry_lock import data_lock
+
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from pathlib import Path; from flows.registry_lock import data_lock\n"
+         f"with data_lock(Path({str(tmp_path)!r}), ['recsys'], 60):\n    print('held', flush=True); time.sleep(600)"],
+        env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait()
+    with data_lock(tmp_path, ["recsys"], timeout_seconds=5):
+        pass
+
+
 def test_which_recipes_may_be_chosen_is_decided_on_validation_scores(raw_params):
     """Before: a recipe was eligible only if it passed the gate on its test scores, so the test split filtered the
     choice; now the gate's thresholds are read on validation scores for that, and the test gate is reported."""
