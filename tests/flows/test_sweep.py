@@ -172,10 +172,10 @@ def test_a_data_lock_whose_holder_was_killed_is_freed(prefect_server, tmp_path):
 
     from flows.registry_lock import data_lock
 
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from pathlib import Path; from flows.registry_lock import data_lock\n"
-         f"with data_lock(Path({str(tmp_path)!r}), ['recsys'], 60):\n    print('held', flush=True); time.sleep(600)"],
-        env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()}, stdout=subprocess.PIPE, text=True)
+    script = ("import sys, time; from pathlib import Path; from flows.registry_lock import data_lock\n"
+              f"with data_lock(Path({str(tmp_path)!r}), ['recsys'], 60):\n    print('held', flush=True); time.sleep(600)")
+    holder = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()},
+                              stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"
     finally:
