@@ -131,7 +131,7 @@ def plot(rows: list[dict[str, Any]], metric: str, path: Path, title: str) -> Non
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
-    parser.add_argument("--family", default="recsys")
+    parser.add_argument("--family", required=True)
     parser.add_argument("--profile", default="full", help="params profile of the scratch copy (default: full)")
     parser.add_argument("--batches", type=int, help="replay only the first N batches (default: all)")
     parser.add_argument("--out", type=Path, help="also write the numbers as JSON here")

@@ -61,8 +61,9 @@ def bootstrap(cfg: Any) -> tuple[str, Images, dict[str, Any]]:
     data = cfg.data.vision
     if data.image_folder is not None:
         source, classes, parts, _ = from_folder(data.image_folder)
-    else:
-        source, classes, parts = from_idx(data)
+    else:   # the declared names only: a label past them is validate_vision's to refuse, not a class to name
+        source, _, parts = from_idx(data)
+        classes = data.class_names
     return source, {"classes": classes, **parts}, pins(cfg)
 
 
