@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.config import stage_args
-from tasks.errors import DataFormatError, run_cli
+from tasks.errors import run_cli
 from tasks.io import save_npy, write_atomic, write_json
 from tasks.movielens import GENRES, acquire
 from tasks.recsys_config import RecsysData
@@ -179,16 +179,12 @@ def prepare_recsys(cfg: RecsysData, out: Path, found: Source | None = None,
 def main() -> None:
     args, cfg = stage_args(__doc__, "--raw", "--out")
     from tasks.recsys_intake import INTAKE
-    from tasks.snapshot import batch_tables
+    from tasks.snapshot import stage_batches
     from tasks.tracking import stage_run
 
     with stage_run("prepare_recsys", cfg, params={"data.recsys": cfg.data.recsys}) as run:
-        batches = batch_tables(args.raw, INTAKE)
-        if not batches:
-            raise DataFormatError(f"{args.raw}: the snapshot holds no batch yet; add one with "
-                                  "`python -m flows.ingest --family recsys <batch folder>`")
+        source, batches = stage_batches(args.raw, INTAKE)
         found = INTAKE.combine([t for _, t in batches])
-        source = f"snapshot {args.raw} of {len(batches)} batch(es): {', '.join(b for b, _ in batches)}"
         # golden: the first batch's ratings, always; recent: the newest batch's, once one arrived after it
         windows = {"golden": batches[0][1]["ratings"], **({"recent": batches[-1][1]["ratings"]}
                                                           if len(batches) > 1 else {})}

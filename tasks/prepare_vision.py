@@ -308,16 +308,12 @@ def prepare_vision(cfg: VisionData, out_dir: Path, snapshot: tuple[str, list[dic
 
 def main() -> None:
     args, cfg = stage_args(__doc__, "--raw", "--out")
-    from tasks.snapshot import batch_tables
+    from tasks.snapshot import stage_batches
     from tasks.tracking import stage_run
     from tasks.vision_intake import INTAKE
 
     with stage_run("prepare_vision", cfg, params={"data.vision": cfg.data.vision}) as run:
-        batches = batch_tables(args.raw, INTAKE)
-        if not batches:
-            raise DataFormatError(f"{args.raw}: the snapshot holds no batch yet; add one with "
-                                  "`python -m flows.ingest --family vision <batch folder>`")
-        source = f"snapshot {args.raw} of {len(batches)} batch(es): {', '.join(b for b, _ in batches)}"
+        source, batches = stage_batches(args.raw, INTAKE)
         manifest = prepare_vision(cfg.data.vision, args.out, (source, [t for _, t in batches]))
         run.log_metrics({f"{s}_rows": v["rows"] for s, v in manifest["splits"].items()})
         run.set_tag("data.source", manifest["source"])

@@ -81,13 +81,20 @@ def batch_tables(snapshot: Path, intake: Intake) -> list[tuple[str, Any]]:
     return [(b["id"], intake.read_batch(snapshot / b["id"])) for b in verify(snapshot)["batches"]]
 
 
-def tables(snapshot: Path, intake: Intake) -> tuple[list[str], Any]:
-    """(batch ids, the family's tables of the whole snapshot); a snapshot without a batch names the command that
-    adds one."""
+def stage_batches(snapshot: Path, intake: Intake) -> tuple[str, list[tuple[str, Any]]]:
+    """(a description of the snapshot as a stage's data source, (id, tables) of every batch in order); a snapshot
+    without a batch names the command that adds one."""
     batches = batch_tables(snapshot, intake)
     if not batches:
         raise DataFormatError(f"{snapshot}: the snapshot holds no batch yet; add one with "
                               f"`python -m flows.ingest --family {read(snapshot)['family']} <batch folder>`")
+    return f"snapshot {snapshot} of {len(batches)} batch(es): {', '.join(b for b, _ in batches)}", batches
+
+
+def tables(snapshot: Path, intake: Intake) -> tuple[list[str], Any]:
+    """(batch ids, the family's tables of the whole snapshot); a snapshot without a batch names the command that
+    adds one."""
+    _, batches = stage_batches(snapshot, intake)
     return [b for b, _ in batches], intake.combine([t for _, t in batches])
 
 

@@ -46,7 +46,7 @@ def contract(cfg: Config, manifest: dict | None, snapshot: dict | None = None) -
         (manifest["image"]["classes"] if manifest else None)
     if not classes:
         raise DataFormatError("the IDX labels need data.vision.class_names in params.yaml, or the data's manifest")
-    published = snapshot is None or (bool(snapshot["batches"]) and "pins" in snapshot["batches"][0])   # its shape
+    published = snapshot is None or starts_published(snapshot)   # its shape
     if not published and manifest is None:
         raise DataFormatError("images that arrived in batches are checked against their manifest.json; none was given")
     shape = IDX_IMAGE if published else {k: manifest["image"][k] for k in IDX_IMAGE}
@@ -63,9 +63,14 @@ def load_arrays(data_dir: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     return arrays
 
 
+def starts_published(snapshot: dict) -> bool:
+    """Whether the raw snapshot's first batch is the published bootstrap (the only batch that records pins)."""
+    return bool(snapshot["batches"]) and "pins" in snapshot["batches"][0]
+
+
 def published_only(snapshot: dict | None) -> bool:
     """Whether the data is the published IDX data set alone (no snapshot given, or one of its bootstrap only)."""
-    return snapshot is None or (len(snapshot["batches"]) == 1 and "pins" in snapshot["batches"][0])
+    return snapshot is None or (len(snapshot["batches"]) == 1 and starts_published(snapshot))
 
 
 def class_shares(cfg: Config, manifest: dict | None, num_classes: int, snapshot: dict | None = None
@@ -84,7 +89,7 @@ def class_shares(cfg: Config, manifest: dict | None, num_classes: int, snapshot:
 
     if cfg.data.vision.image_folder:
         return dict.fromkeys(SPLITS, mix(*SPLITS))
-    published = bool(snapshot and snapshot["batches"] and "pins" in snapshot["batches"][0])
+    published = snapshot is not None and starts_published(snapshot)
     return {"train": mix("train", "val"), "val": mix("train", "val"), "test": equal if published else mix("test")}
 
 
