@@ -63,8 +63,8 @@ sweep: $(STAMP) data-source
 # per batch the challenger's and the champion's AUC on the recent and golden windows, the decision, the time.
 # REPLAY_ARGS='--batches 6' replays the first six only.
 benchmark-replay: $(STAMP) data-source
-	$(PY) -m flows.replay_benchmark --family recsys --out reports/benchmarks/replay_recsys.json \
-	    --plot reports/benchmarks/replay_recsys.png $(REPLAY_ARGS)
+	$(PY) -m flows.replay_benchmark --family recsys --policy scratch --policy fine_tune,teacher_every=4 \
+	    --out reports/benchmarks/replay_recsys.json --plot reports/benchmarks/replay_recsys.png $(REPLAY_ARGS)
 
 # The same 8 smoke-sized recipes with 1 and with 2 Dask workers, in a scratch copy: the speed-up table.
 benchmark-sweep: $(STAMP) data-source

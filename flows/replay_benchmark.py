@@ -3,12 +3,15 @@
 In a scratch copy of the project whose snapshot starts empty, ``flows.replay`` cuts the data into batches (for the
 recommender: MovieLens-100K's oldest half, then a batch a week); each batch lands and ``continuous_training`` (the
 ``continuous-<family>`` deployment's flow) ingests it, retrains the family and gates it. Per batch the table gives
-the rows accepted, the challenger's and the champion's score on the recent window (the newest batch's test rows,
-which no model trained on) and on the golden window (the first batch's test rows), the gate's decision and the wall
-time of the run. ``--out`` writes the numbers as JSON, ``--plot`` the scores per batch as a PNG.
+the rows accepted, where training started (``warm_start.<family>``'s plan: the teacher and the student from scratch,
+fine-tuned from the champion's, or the champion's teacher reused), the challenger's and the champion's score on the
+recent window (the newest batch's test rows, which no model trained on) and on the golden window (the first batch's
+test rows), the gate's decision and the wall time of the run. Each ``--policy`` (a training policy:
+``scratch`` or ``fine_tune``, optionally ``,teacher_every=K``) replays the same batches in a copy of its own, one
+after the other; a last table compares them. ``--out`` writes the numbers as JSON, ``--plot`` the scores per batch.
 
-    python -m flows.replay_benchmark --family recsys --out reports/benchmarks/replay_recsys.json \\
-        --plot docs/figures/replay_recsys.png
+    python -m flows.replay_benchmark --family recsys --policy scratch --policy fine_tune,teacher_every=4 \\
+        --out reports/benchmarks/replay_recsys.json --plot docs/figures/replay_recsys.png
 """
 from __future__ import annotations
 
@@ -43,13 +46,30 @@ def _scores(report: dict[str, Any], metric: str) -> dict[str, float | None]:
             "recent_rows": int(mine.get("recent_rows", 0))}   # what both were scored on (the rows the champion reads)
 
 
-def replay_benchmark(family: str, profile: str, batches: int | None, work: Path,
-                     out: Path | None = None) -> list[dict[str, Any]]:
-    """Replay ``family`` batch by batch in a scratch copy under ``work``; one row per batch (also written to ``out``
-    after each batch, so a failure keeps what was measured)."""
+def parse_policy(text: str) -> dict[str, Any]:
+    """``fine_tune,teacher_every=4`` -> ``{"policy": "fine_tune", "teacher_every": 4}``."""
+    name, *rest = text.split(",")
+    policy: dict[str, Any] = {"policy": name.strip(), "teacher_every": 1}
+    for item in rest:
+        key, _, value = item.partition("=")
+        if key.strip() != "teacher_every" or not value.strip().isdigit():
+            raise SystemExit(f"--policy {text!r}: expected scratch|fine_tune[,teacher_every=K]")
+        policy["teacher_every"] = int(value)
+    return policy
+
+
+def policy_name(policy: dict[str, Any]) -> str:
+    return policy["policy"] + (f", teacher every {policy['teacher_every']}" if policy["teacher_every"] > 1 else "")
+
+
+def replay_benchmark(family: str, profile: str, batches: int | None, work: Path, policy: dict[str, Any],
+                     record: Any = None) -> list[dict[str, Any]]:
+    """Replay ``family`` batch by batch in a scratch copy under ``work`` trained by ``policy``; one row per batch
+    (``record(rows)`` after each batch, so a failure keeps what was measured)."""
     from flows.ingest import continuous_training
 
-    root = copy_project(work / "project", {"profile": profile, f"ingest.{family}.bootstrap": "empty"})
+    root = copy_project(work / "project", {"profile": profile, f"ingest.{family}.bootstrap": "empty",
+                                           **{f"warm_start.{family}.{k}": v for k, v in policy.items()}})
     cfg = load_config(root / "params.yaml")
     metric = getattr(cfg.gate, family).metric
     released = load_intake(family).replay(cfg, work / "released")[:batches]
@@ -72,15 +92,18 @@ def replay_benchmark(family: str, profile: str, batches: int | None, work: Path,
                     "promoted" if report.get("champion") else
                     f"kept v{report['champion_before']['version']}" if report.get("champion_before") else
                     "no champion")
+        plan_file = root / "models" / family / "warm_start" / "plan.json"
+        plan = json.loads(plan_file.read_text()) if report and plan_file.is_file() else {}
         rows.append({"batch": folder.name, "rows": entry.get("rows", {}), "status": outcome["status"],
+                     "teacher": plan.get("teacher", ""), "student": plan.get("student", ""),
                      "reason": outcome["reason"], "seconds": round(seconds, 1), "version": report.get("version"),
                      "decision": decision, "failed_checks": failed,
                      "champion_health": "" if not health else "not judged" if not health["compared"] else
                      "degraded" if health["degraded"] else "healthy",
                      **_scores(report, metric)})
         print(table(rows[-1:], metric, header=False), flush=True)
-        if out:
-            write_result(out, {"family": family, "profile": profile, "policy": "scratch", "batches": rows})
+        if record:
+            record(rows)
     return rows
 
 
@@ -89,39 +112,69 @@ def _fmt(value: float | None) -> str:
 
 
 def table(rows: list[dict[str, Any]], metric: str, header: bool = True) -> str:
-    head = (f"| batch | rows | challenger {metric} recent | champion {metric} recent | recent rows compared | "
-            f"challenger {metric} golden | champion {metric} golden | decision | failed checks | champion health | s |")
-    lines = [head, "|---|---|---:|---:|---:|---:|---:|---|---|---|---:|"] if header else []
+    head = (f"| batch | rows | teacher / student | challenger {metric} recent | champion {metric} recent | "
+            f"recent rows compared | challenger {metric} golden | champion {metric} golden | decision | failed checks | "
+            "champion health | s |")
+    lines = [head, "|---|---|---|---:|---:|---:|---:|---:|---|---|---|---:|"] if header else []
     for r in rows:
         size = ", ".join(f"{k} {v:,}" for k, v in r["rows"].items()) or "–"
-        lines.append(f"| {r['batch']} | {size} | {_fmt(r['challenger_recent'])} | {_fmt(r['champion_recent'])} | "
+        start = f"{r['teacher']} / {r['student']}" if r.get("teacher") else "–"
+        lines.append(f"| {r['batch']} | {size} | {start} | {_fmt(r['challenger_recent'])} | {_fmt(r['champion_recent'])} | "
                      f"{r['recent_rows'] or '–'} | {_fmt(r['challenger_golden'])} | {_fmt(r['champion_golden'])} | {r['decision']} | "
                      f"{', '.join(r['failed_checks']) or '–'} | {r['champion_health'] or '–'} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict[str, Any]], metric: str, path: Path, title: str) -> None:
+def summary(results: dict[str, dict[str, Any]], metric: str) -> str:
+    """One line per policy: time, mean scores of the challengers, the last champion's golden score, promotions."""
+    def mean(values: list[float | None]) -> str:
+        found = [v for v in values if v is not None]
+        return _fmt(sum(found) / len(found)) if found else "–"
+
+    head = (f"| policy | batches | total s | s per batch | mean challenger {metric} recent | mean challenger {metric} "
+            f"golden | last champion {metric} golden | champion moved |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for name, result in results.items():
+        rows = [r for r in result["batches"] if r["decision"] != "not trained"]
+        last = rows[-1] if rows else {}
+        final = last.get("challenger_golden") if last.get("decision") == "promoted" else last.get("champion_golden")
+        seconds = sum(r["seconds"] for r in result["batches"])
+        lines.append(f"| {name} | {len(rows)} | {seconds:.0f} | {seconds / max(len(result['batches']), 1):.0f} | "
+                     f"{mean([r['challenger_recent'] for r in rows])} | {mean([r['challenger_golden'] for r in rows])} "
+                     f"| {_fmt(final)} | {sum(r['decision'] == 'promoted' for r in rows)} |")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, dict[str, Any]], metric: str, path: Path, title: str) -> None:
+    """The challenger's and the champion's score per batch on each window, and the time per batch, per policy."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    x = list(range(len(rows)))
-    for ax, window in zip(axes, ("recent", "golden"), strict=True):
-        for who, style in (("challenger", "o-"), ("champion", "s--")):
-            ys = [r[f"{who}_{window}"] for r in rows]
-            ax.plot([i for i, y in zip(x, ys, strict=True) if y is not None], [y for y in ys if y is not None], style,
-                    label=who)
-        for i, r in enumerate(rows):
-            if r["decision"] == "promoted":
-                ax.axvline(i, color="green", alpha=0.15)
-        ax.set_title(f"{window} window")
-        ax.set_xticks(x, [r["batch"].split("-", 1)[-1] for r in rows], rotation=60, fontsize=7)
-        ax.set_xlabel("batch (green: champion moved)")
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for (name, result), color in zip(results.items(), colors, strict=False):
+        rows = result["batches"]
+        x = list(range(len(rows)))
+        for ax, window in zip(axes, ("recent", "golden"), strict=False):
+            for who, style in (("challenger", "o-"), ("champion", "s--")):
+                points = [(i, r[f"{who}_{window}"]) for i, r in enumerate(rows) if r[f"{who}_{window}"] is not None]
+                ax.plot([i for i, _ in points], [y for _, y in points], style, color=color, alpha=0.9 if who ==
+                        "challenger" else 0.5, markersize=4, label=f"{who}, {name}")
+            ax.set_title(f"{window} window")
+        axes[2].plot(x, [r["seconds"] for r in rows], "o-", color=color, label=name)
+        ticks = [r["batch"].split("-", 1)[-1] for r in rows]
+    for ax in axes:
+        ax.set_xticks(range(len(ticks)), ticks, rotation=60, fontsize=7)
+        ax.set_xlabel("batch")
         ax.grid(alpha=0.3)
     axes[0].set_ylabel(metric)
-    axes[0].legend()
+    axes[1].set_ylabel(metric)
+    axes[2].set_ylabel("seconds (ingest + pipeline + gate)")
+    axes[2].set_title("time per batch")
+    axes[0].legend(fontsize=7)
+    axes[2].legend(fontsize=7)
     fig.suptitle(title)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -133,6 +186,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--family", required=True)
     parser.add_argument("--profile", default="full", help="params profile of the scratch copy (default: full)")
+    parser.add_argument("--policy", action="append", type=parse_policy,
+                        help="a training policy, scratch|fine_tune[,teacher_every=K]; repeat to compare (default: "
+                             "the family's warm_start params)")
     parser.add_argument("--batches", type=int, help="replay only the first N batches (default: all)")
     parser.add_argument("--out", type=Path, help="also write the numbers as JSON here")
     parser.add_argument("--plot", type=Path, help="also draw the scores per batch into this PNG")
@@ -140,20 +196,34 @@ def main() -> None:
     args = parser.parse_args()
     for name in ("MLFLOW_TRACKING_URI", "PIPELINE_PARENT_RUN_ID"):   # the scratch copy's own store, its own runs
         os.environ.pop(name, None)
+    own = getattr(load_config().warm_start, args.family)
+    policies = args.policy or [{"policy": own.policy, "teacher_every": own.teacher_every}]
+    metric = getattr(load_config().gate, args.family).metric
+    results: dict[str, dict[str, Any]] = {}
+
+    def record() -> None:
+        if args.out:
+            write_result(args.out, {"family": args.family, "profile": args.profile, "policies": results})
+
     with tempfile.TemporaryDirectory(prefix="kdq-replay-") as tmp:
         work = args.keep or Path(tmp)
-        started = time.perf_counter()
-        rows = replay_benchmark(args.family, args.profile, args.batches, work, args.out)
-        total = time.perf_counter() - started
-        metric = getattr(load_config(work / "project" / "params.yaml").gate, args.family).metric
+        for index, policy in enumerate(policies):
+            name = policy_name(policy)
+            print(f"\n{name}:")
+            results[name] = {**policy, "batches": []}
+            started = time.perf_counter()
+            results[name]["batches"] = replay_benchmark(
+                args.family, args.profile, args.batches, work / f"policy-{index}", policy,
+                lambda rows, name=name: (results[name].update(batches=rows), record()))
+            results[name]["seconds"] = round(time.perf_counter() - started, 1)
+            record()
     title = f"{args.family} replay ({args.profile} profile), {date.today()}, {machine()}"
-    print(f"\n{title}\n\n{table(rows, metric)}\n\n{len(rows)} batches in {total:.0f} s; champion moved "
-          f"{sum(r['decision'] == 'promoted' for r in rows)} times")
-    if args.out:
-        write_result(args.out, {"family": args.family, "profile": args.profile, "policy": "scratch",
-                                "seconds": round(total, 1), "batches": rows})
+    print(f"\n{title}")
+    for name, result in results.items():
+        print(f"\n{name} ({result['seconds']:.0f} s):\n\n{table(result['batches'], metric)}")
+    print(f"\n{summary(results, metric)}")
     if args.plot:
-        plot(rows, metric, args.plot, f"{args.family} replay, {args.profile} profile")
+        plot(results, metric, args.plot, f"{args.family} replay, {args.profile} profile")
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@ Everything comes from the version and its registering run: the code is the git c
 (``git.commit``), checked out of this project's repository into DEST; ``params.yaml`` and ``dvc.lock`` are the
 run's ``lineage/`` artifacts (params overridden at run time included), checked against the version's ``params.hash``
 by DEST's own code; the raw data is the version of the family's snapshot stage (``snapshot_<family>``) that
-``dvc.lock`` records, pulled from DEST's default DVC remote, else this project's, else this project's DVC cache (a
+``dvc.lock`` records (and the champion's weights a warm-started run began from, ``warm_start_<family>``), pulled
+from DEST's default DVC remote, else this project's, else this project's DVC cache (a
 family without a snapshot stage reads its pinned, checksum-verified sources). The re-run is DEST's own
 ``python -m flows.pipeline --family F --no-promote``, tracked where ``MLFLOW_TRACKING_URI`` points (else DEST's own
 store): a re-run that builds the same INT8 file finds it already registered and changes nothing; one that differs
@@ -59,7 +60,7 @@ def restore_lineage(client, version, dest: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         try:
             local = Path(client.download_artifacts(version.run_id, LINEAGE, tmp))
-        except Exception as err:  # noqa: BLE001 — any store's "not found"
+        except Exception as err:
             raise PipelineError(f"{version.name} version {version.version}: its run {version.run_id} holds no "
                                 f"{LINEAGE}/ artifacts (registered before they were logged): {err}") from err
         for name in LINEAGE_FILES:
@@ -105,14 +106,20 @@ def restore_data(root: Path, dest: Path, family: str) -> str:
         stage_paths(dest, stage)
     except PipelineError:
         return "pinned sources (no snapshot stage at that commit)"
+    stages = [stage]
+    try:   # and the weights its training started from, when it was warm-started (read from the registry then)
+        stage_paths(dest, f"warm_start_{family}")
+        stages.append(f"warm_start_{family}")
+    except PipelineError:
+        pass
     dvc, env, errors = [sys.executable, "-m", "dvc"], _env(dest), []
     for url in _remote_candidates(root, dest):
         try:
             if url is None:
-                _run([*dvc, "pull", "--quiet", stage], dest, f"dvc pull {stage}", env)
+                _run([*dvc, "pull", "--quiet", *stages], dest, f"dvc pull {' '.join(stages)}", env)
                 return "DEST's default DVC remote"
             _run([*dvc, "remote", "add", "--local", "--force", "restore-source", url], dest, "dvc remote add", env)
-            _run([*dvc, "pull", "--quiet", "-r", "restore-source", stage], dest, f"dvc pull {stage}", env)
+            _run([*dvc, "pull", "--quiet", "-r", "restore-source", *stages], dest, f"dvc pull {' '.join(stages)}", env)
             return url
         except PipelineError as err:
             errors.append(str(err).splitlines()[-1])

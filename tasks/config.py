@@ -28,7 +28,7 @@ from tasks.operations_config import SweepConfig
 PARAMS_FILE = Path("params.yaml")
 #: The keys of params.yaml that hold one block per family.
 SECTION_KEYS = ("ingest", "data", "validate", "teacher", "recipe", "distill", "prune", "qat", "share", "export", "evaluate",
-                "gate", "ablation")
+                "gate", "ablation", "warm_start")
 
 
 class TrackingHttp(Strict):

@@ -1,6 +1,7 @@
 """Stage ``distill_vision``: frozen teacher + processed data -> distilled MobileNet-style student (FP32).
 
-Inputs: ``<data>`` splits, ``<teacher>`` model file. Outputs: ``<model>`` (the student only; adapters are
+Inputs: ``<data>`` splits, ``<teacher>`` model file, ``<warm-start>`` (``tasks.warm_start``'s plan: the student
+from scratch or fine-tuned from the champion's). Outputs: ``<model>`` (the student only; adapters are
 training scaffolding), ``<metrics>`` (test accuracy, parameters, the teacher's accuracy on the same test split),
 ``<plots>`` (per-epoch CSV). Checkpoints every epoch into ``<checkpoint>`` and resumes from it.
 """
@@ -15,13 +16,16 @@ from tasks.artifacts import count_parameters, fingerprint, load_model, publish_t
 from tasks.config import stage_args
 from tasks.distillation import Distiller, distillation_loss, loss_config
 from tasks.errors import run_cli
+from tasks.family_config import WarmStart
 from tasks.training import Split, evaluate, fit, memory_format, model_shape
 from tasks.vision_config import DistillVision
 from tasks.vision_models import MobileStudent
+from tasks.warm_plan import start_from, started_from
 
 
 def distill_vision(cfg: DistillVision, distill: bool, data_dir: Path, teacher_path: Path, checkpoint: Path,
-                   on_epoch: Callable[[int, dict[str, float]], None] | None = None
+                   on_epoch: Callable[[int, dict[str, float]], None] | None = None, *,
+                   warm: Path | None = None, policy: WarmStart | None = None
                    ) -> tuple[MobileStudent, list[dict[str, float]], dict[str, float]]:
     """Train the student against the frozen teacher (or on labels alone when ``distill`` is false)."""
     torch.set_num_threads(cfg.threads)
@@ -29,10 +33,11 @@ def distill_vision(cfg: DistillVision, distill: bool, data_dir: Path, teacher_pa
     train, val, test = (Split.load(data_dir, s) for s in ("train", "val", "test"))
     teacher = load_model(teacher_path).to(memory_format=memory_format())
     student = MobileStudent(cfg.student, **train.model_shape()).to(memory_format=memory_format())
-    loss = loss_config(cfg, distill, cfg.label_smoothing)
+    _, spec = start_from(warm, "student", student, cfg.student, model_shape(data_dir), cfg, policy)
+    loss = loss_config(spec, distill, spec.label_smoothing)
     distiller = Distiller(student, teacher, loss, train.inputs(slice(2)))
-    inputs = training_inputs(data_dir, teacher_path)
-    history = fit(distiller, train, val, cfg, checkpoint, fingerprint([cfg, loss], inputs), on_epoch,
+    inputs = training_inputs(data_dir, teacher_path) + started_from(warm)
+    history = fit(distiller, train, val, spec, checkpoint, fingerprint([spec, loss], inputs), on_epoch,
                   distillation_loss)
     metrics = {f"test_{k}": v for k, v in evaluate(student, test, cfg.eval_batch_size).items()}
     metrics["teacher_test_accuracy"] = evaluate(teacher, test, cfg.eval_batch_size)["accuracy"]
@@ -41,13 +46,16 @@ def distill_vision(cfg: DistillVision, distill: bool, data_dir: Path, teacher_pa
 
 
 def main() -> None:
-    args, cfg = stage_args(__doc__, "--data", "--teacher", "--checkpoint", "--model", "--metrics", "--plots")
+    args, cfg = stage_args(__doc__, "--data", "--teacher", "--warm-start", "--checkpoint", "--model", "--metrics", "--plots")
     kd, distill = cfg.distill.vision.resolved(), "distill" in cfg.recipe.vision
     from tasks.tracking import stage_run
 
-    with stage_run("distill_vision", cfg, {"distill.vision": kd, "recipe.vision": cfg.recipe.vision}) as run:
+    policy = cfg.warm_start.vision
+    with stage_run("distill_vision", cfg, {"distill.vision": kd, "recipe.vision": cfg.recipe.vision,
+                                           "warm_start.vision": policy}) as run:
         student, history, metrics = distill_vision(kd, distill, args.data, args.teacher, args.checkpoint,
-                                                   lambda epoch, m: run.log_metrics(m, step=epoch + 1))
+                                                   lambda epoch, m: run.log_metrics(m, step=epoch + 1),
+                                                   warm=args.warm_start, policy=policy)
         publish_training(run, student, "mobile_student", kd.student, history, metrics, args,
                          shape=model_shape(args.data))
     print(f"student test accuracy {metrics['test_accuracy']:.4f} ({metrics['parameters']:,} parameters), "

@@ -175,6 +175,25 @@ class Gate(Strict):
         return self
 
 
+class FineTune(Strict):
+    """A warm-started run: the champion's weights trained on for fewer epochs at a lower peak learning rate (the
+    stage's own schedule shape, its peak times ``lr_scale``)."""
+
+    teacher_epochs: Positive
+    student_epochs: Positive
+    lr_scale: Annotated[float, Field(gt=0.0, le=1.0)]
+
+
+class WarmStart(Strict):
+    """Where training starts when the family's data grows (stage ``warm_start_<family>``): from scratch, or from the
+    champion's teacher and FP32 student (``fine_tune``). The teacher is trained on every ``teacher_every``-th data
+    version; in between the champion's teacher serves as it is (1: trained every time)."""
+
+    policy: Literal["scratch", "fine_tune"]
+    teacher_every: Positive
+    fine_tune: FineTune
+
+
 #: ``recipe.<family>``: which compression stages apply. A stage left out passes its input through, except distill,
 #: which then trains the student on the labels alone (the CE-only baseline).
 Recipe = Annotated[list[Literal["distill", "prune", "qat", "share"]], distinct("stage")]

@@ -20,6 +20,7 @@ from tasks.family_config import (
     Sha256,
     Training,
     VsTeacher,
+    WarmStart,
 )
 
 if TYPE_CHECKING:
@@ -206,7 +207,7 @@ SECTIONS: dict[str, Any] = {
     "data": RecsysData, "validate": RecsysValidation, "teacher": TrainTeacherRecsys,
     "recipe": Recipe,
     "distill": DistillRecsys, "prune": PruneRecsys, "qat": QatRecsys, "share": ShareRecsys, "export": ExportRecsys,
-    "evaluate": EvaluateRecsys, "gate": GateRecsys, "ingest": RecsysIngest}
+    "evaluate": EvaluateRecsys, "gate": GateRecsys, "ingest": RecsysIngest, "warm_start": WarmStart}
 
 
 def check(cfg: Config) -> None:

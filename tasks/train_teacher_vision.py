@@ -1,7 +1,8 @@
 """Stage ``train_teacher_vision``: processed Fashion-MNIST -> trained residual CNN teacher, or the pretrained
 teacher of ``teacher.vision.pretrained`` (an ONNX file or a state dict of ``arch``) imported and scored instead.
 
-Inputs: ``<data>/{train,val,test}_{x,y}.npy`` (and the validation report, so it runs only on validated data).
+Inputs: ``<data>/{train,val,test}_{x,y}.npy`` (and the validation report, so it runs only on validated data),
+``<warm-start>`` (``tasks.warm_start``'s plan: train from scratch, fine-tune the champion's teacher, or reuse it).
 Outputs: ``<model>`` (``{"arch", "state_dict"}``, loadable with ``weights_only=True``), ``<metrics>`` (JSON),
 ``<plots>`` (per-epoch CSV). Checkpoints every epoch into ``<checkpoint>`` and resumes from it when re-run.
 """
@@ -16,22 +17,28 @@ from torch import nn
 from tasks.artifacts import count_parameters, fingerprint, publish_training, training_inputs
 from tasks.config import stage_args
 from tasks.errors import run_cli
+from tasks.family_config import WarmStart
 from tasks.imported_teacher import load_pretrained, publish_imported
 from tasks.training import Split, evaluate, fit, memory_format, model_shape
 from tasks.vision_config import TrainTeacherVision
 from tasks.vision_models import ResNetTeacher
+from tasks.warm_plan import start_from, started_from
 
 
 def train_teacher_vision(cfg: TrainTeacherVision, data_dir: Path, checkpoint: Path,
-                         on_epoch: Callable[[int, dict[str, float]], None] | None = None
+                         on_epoch: Callable[[int, dict[str, float]], None] | None = None, *,
+                         warm: Path | None = None, policy: WarmStart | None = None
                          ) -> tuple[ResNetTeacher, list[dict[str, float]], dict[str, float]]:
-    """Train the teacher on train, select nothing on test; return (model, history, test metrics)."""
+    """Train the teacher on train (from where the plan in ``warm`` starts it), select nothing on test; return
+    (model, history, test metrics)."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     train, val, test = (Split.load(data_dir, s) for s in ("train", "val", "test"))
     model = ResNetTeacher(cfg.arch, **train.model_shape()).to(memory_format=memory_format())
-    inputs = training_inputs(data_dir)
-    history = fit(model, train, val, cfg, checkpoint, fingerprint([cfg], inputs), on_epoch)
+    mode, spec = start_from(warm, "teacher", model, cfg.arch, model_shape(data_dir), cfg, policy)
+    inputs = training_inputs(data_dir) + started_from(warm)
+    history = [] if mode == "reuse" else fit(model, train, val, spec, checkpoint, fingerprint([spec], inputs),
+                                             on_epoch)
     # The exported teacher runs in fp32, so that is what the reported metrics measure.
     test_metrics = {f"test_{k}": v for k, v in evaluate(model, test, cfg.eval_batch_size).items()}
     test_metrics["parameters"] = count_parameters(model)
@@ -54,18 +61,20 @@ def import_teacher_vision(cfg: TrainTeacherVision, data_dir: Path) -> tuple[nn.M
 
 
 def main() -> None:
-    args, cfg = stage_args(__doc__, "--data", "--checkpoint", "--model", "--metrics", "--plots")
+    args, cfg = stage_args(__doc__, "--data", "--warm-start", "--checkpoint", "--model", "--metrics", "--plots")
     teacher = cfg.teacher.vision
     from tasks.tracking import stage_run
 
-    with stage_run("train_teacher_vision", cfg, {"teacher.vision": teacher}) as run:
+    with stage_run("train_teacher_vision", cfg, {"teacher.vision": teacher, "warm_start.vision": cfg.warm_start.vision}
+                   ) as run:
         if (spec := teacher.pretrained) is not None:
             model, metrics = import_teacher_vision(teacher, args.data)
             publish_imported(run, model, spec, metrics, args, "resnet_teacher", teacher.arch,
                              shape=model_shape(args.data))
         else:
             model, history, metrics = train_teacher_vision(
-                teacher, args.data, args.checkpoint, lambda epoch, m: run.log_metrics(m, step=epoch + 1))
+                teacher, args.data, args.checkpoint, lambda epoch, m: run.log_metrics(m, step=epoch + 1),
+                warm=args.warm_start, policy=cfg.warm_start.vision)
             publish_training(run, model, "resnet_teacher", teacher.arch, history, metrics, args,
                              shape=model_shape(args.data))
     print(f"teacher test accuracy {metrics['test_accuracy']:.4f} ({metrics['parameters']:,} parameters)")

@@ -21,6 +21,7 @@ from tasks.family_config import (
     Sha256,
     Training,
     VsTeacher,
+    WarmStart,
 )
 
 if TYPE_CHECKING:
@@ -355,7 +356,8 @@ SECTIONS: dict[str, Any] = {
     "data": VisionData, "validate": VisionValidation, "teacher": TrainTeacherVision,
     "recipe": Recipe,
     "distill": DistillVision, "prune": PruneVision, "qat": QatVision, "share": ShareVision, "export": ExportVision,
-    "evaluate": EvaluateVision, "gate": GateVision, "ablation": AblationVision, "ingest": VisionIngest}
+    "evaluate": EvaluateVision, "gate": GateVision, "ablation": AblationVision, "ingest": VisionIngest,
+    "warm_start": WarmStart}
 
 
 def ablation_recipes(cfg: Config, seed: int) -> dict[str, TrainingRecipe]:

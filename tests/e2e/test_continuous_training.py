@@ -17,7 +17,7 @@ from flows.ingest import continuous_training
 from tests.e2e.scratch import dataset_inputs, dvc, ingest_runs, locked_outs, make_repo, replayed_repo, repo_env
 
 pytestmark = pytest.mark.e2e
-SNAPSHOT = "data/recsys/raw"
+SNAPSHOT, WARM_START = "data/recsys/raw", "models/recsys/warm_start/plan.json"
 
 
 def _copy_week(source: Path, target: Path, change) -> None:
@@ -36,7 +36,10 @@ def _ingest_runs(repo: Path) -> list:
 def test_arriving_weeks_are_versioned_trained_on_and_gated_and_bad_ones_quarantined(tmp_path, prefect_server,
                                                                                    monkeypatch):
     # the snapshot holds only what arrives; a few weeks' share of likes differs more from the whole data set's
-    repo, weeks, landing = replayed_repo(tmp_path, monkeypatch, "recsys", **{"validate.recsys.positive_tolerance": 0.06})
+    # training policy: fine-tune from the champion, the teacher trained on every second data version only
+    repo, weeks, landing = replayed_repo(tmp_path, monkeypatch, "recsys", **{
+        "validate.recsys.positive_tolerance": 0.06, "warm_start.recsys.policy": "fine_tune",
+        "warm_start.recsys.teacher_every": 2})
     for week in weeks[:3]:
         shutil.copytree(week, landing / week.name)
     _copy_week(weeks[3], landing / "0002-z-broken", lambda r: r.assign(rating=r.rating.where(r.index > 4, 7)))
@@ -56,6 +59,8 @@ def test_arriving_weeks_are_versioned_trained_on_and_gated_and_bad_ones_quaranti
     pipeline = first["pipeline"]
     assert pipeline["stages"]["prepare_recsys"] == "ran" and "recsys" in pipeline["gates"]   # trained and gated
     assert pipeline["gates"]["recsys"]["version"]
+    plan = json.loads((repo / WARM_START).read_text())   # no champion yet: everything trained from scratch
+    assert (plan["teacher"], plan["student"], plan["champion"], plan["versions"]) == ("scratch", "scratch", None, 3)
 
     runs = _ingest_runs(repo)
     assert [r.data.tags["ingest.status"] for r in runs] == ["accepted"] * 3 + ["quarantined"] * 2
@@ -88,6 +93,13 @@ def test_arriving_weeks_are_versioned_trained_on_and_gated_and_bad_ones_quaranti
     assert [o["batch"] for o in third["ingested"] if o["status"] == "accepted"] == [weeks[3].name]
     assert third["pipeline"]["stages"]["prepare_recsys"] == "ran" and third["pipeline"]["gates"]["recsys"]["version"]
     assert locked_outs(repo)[SNAPSHOT] != versions[-1]
+    # warm start: the champion's teacher (trained on version 3 of 4) serves as it is, its student is fine-tuned
+    plan = json.loads((repo / WARM_START).read_text())
+    assert (plan["teacher"], plan["student"], plan["champion"], plan["teacher_versions"]) == (
+        "reuse", "fine_tune", first_version, 3)
+    teacher = client.search_runs([runs[0].info.experiment_id], "tags.`pipeline.stage` = 'train_teacher_recsys'")
+    assert len(teacher) == 2 and not client.get_metric_history(teacher[0].info.run_id, "val_auc")   # not trained
+    assert third["pipeline"]["stages"]["warm_start_recsys"] == "ran"
     # the week's new users and items moved every embedding index: the champion of the earlier snapshot was scored in
     # its own vocabulary, beside the candidate on the same rows (before: onnxruntime's Gather out of bounds)
     gate = json.loads((repo / "reports/recsys/gate.json").read_text())
@@ -101,19 +113,28 @@ def test_arriving_weeks_are_versioned_trained_on_and_gated_and_bad_ones_quaranti
     assert health["version"] == first_version and health["recent_auc"] == before["recent_auc"]
     assert health["registered_auc"] == pytest.approx(pipeline["gates"]["recsys"]["candidate"]["recent_auc"])
 
-    # From the registered version alone, the code, params and the three-week snapshot it was trained on come back
-    # and re-run; the re-run builds the very same INT8 file, so the registry already holds it
+    # From the registered version alone, the code, params, the four-week snapshot it was trained on and the champion's
+    # weights it started from come back and re-run; the re-run builds the very same INT8 file, so the registry
+    # already holds it
+    warm_version = third["pipeline"]["gates"]["recsys"]["version"]
+    four_weeks = locked_outs(repo)[SNAPSHOT]
+    promoted = subprocess.run([sys.executable, "-m", "flows.promotion", "--family", "recsys", "--version",
+                               warm_version, "--reason", "the warm-started week"], cwd=repo, env=repo_env(repo),
+                              capture_output=True, text=True, check=False)
+    assert promoted.returncode == 0, promoted.stderr
+    # (the champion is now the warm-started version: a re-run that asked the registry would start elsewhere)
     restored = tmp_path / "restored"
-    again = subprocess.run([sys.executable, "-m", "flows.restore", "--family", "recsys", "--version", first_version,
+    again = subprocess.run([sys.executable, "-m", "flows.restore", "--family", "recsys", "--version", warm_version,
                             str(restored)], cwd=repo, env=repo_env(repo), capture_output=True, text=True, check=False)
     assert again.returncode == 0, again.stderr[-3000:]
-    version = client.get_model_version(pipeline["gates"]["recsys"]["name"], first_version)
+    version = client.get_model_version(pipeline["gates"]["recsys"]["name"], warm_version)
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=restored, capture_output=True, text=True, check=True)
     assert head.stdout.strip() == version.tags["git.commit"]
-    assert locked_outs(restored)[SNAPSHOT] == versions[-1]   # the snapshot of the first three weeks, not four
+    assert locked_outs(restored)[SNAPSHOT] == four_weeks
     kept = json.loads((restored / SNAPSHOT / "snapshot.json").read_text())
-    assert [b["id"] for b in kept["batches"]] == [w.name for w in weeks[:3]]
-    assert f"already {version.name} version {first_version}" in again.stdout, again.stdout[-3000:]
+    assert [b["id"] for b in kept["batches"]] == [w.name for w in weeks[:4]]
+    assert json.loads((restored / WARM_START).read_text())["champion"] == first_version
+    assert f"already {version.name} version {warm_version}" in again.stdout, again.stdout[-3000:]
 
 
 @pytest.mark.fault("data", "DVC cannot record an accepted batch (its repository lock held by another DVC process)",

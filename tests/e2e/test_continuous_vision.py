@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +16,7 @@ from mlflow.tracking import MlflowClient
 from flows.ingest import continuous_training
 from tasks.idx import gzip_bytes, idx_bytes
 from tasks.vision_intake import INTAKE
-from tests.e2e.scratch import dataset_inputs, dvc, ingest_runs, locked_outs, replayed_repo
+from tests.e2e.scratch import dataset_inputs, dvc, ingest_runs, locked_outs, replayed_repo, repo_env
 
 pytestmark = pytest.mark.e2e
 SNAPSHOT = "data/vision/raw"
@@ -35,7 +37,7 @@ def _changed_copy(source: Path, target: Path, images=None, labels=None) -> None:
                    "change only for the good batches")
 def test_arriving_images_are_versioned_trained_on_and_gated_and_bad_ones_quarantined(tmp_path, prefect_server,
                                                                                    monkeypatch):
-    repo, batches, landing = replayed_repo(tmp_path, monkeypatch, "vision")
+    repo, batches, landing = replayed_repo(tmp_path, monkeypatch, "vision", **{"warm_start.vision.policy": "fine_tune"})
     shutil.copytree(batches[0], landing / batches[0].name)
     _changed_copy(batches[1], landing / "0001-z-broken", labels=lambda y: np.where(y == 3, np.uint8(11), y))
     _changed_copy(batches[1], landing / "0001-z-inverted", images=lambda x: 255 - x)
@@ -50,6 +52,12 @@ def test_arriving_images_are_versioned_trained_on_and_gated_and_bad_ones_quarant
         assert (kept / "batch" / "train-images-idx3-ubyte.gz").is_file() and (kept / "data_docs" / "index.html").is_file()
     assert first["pipeline"]["stages"]["prepare_vision"] == "ran" and first["pipeline"]["gates"]["vision"]["version"]
     first_version = locked_outs(repo)[SNAPSHOT]
+    champion = first["pipeline"]["gates"]["vision"]["version"]
+    if not first["pipeline"]["gates"]["vision"]["champion"]:   # whatever the smoke gate said: the next run starts here
+        promoted = subprocess.run([sys.executable, "-m", "flows.promotion", "--family", "vision", "--version",
+                                   champion, "--reason", "the first batch's model"], cwd=repo, env=repo_env(repo),
+                                  capture_output=True, text=True, check=False)
+        assert promoted.returncode == 0, promoted.stderr
 
     # three more batches: each a version of its own; the family is retrained and gated on all four
     for folder in batches[1:4]:
@@ -63,6 +71,10 @@ def test_arriving_images_are_versioned_trained_on_and_gated_and_bad_ones_quarant
     assert gates[1]["version"] != gates[0]["version"]   # a gate decision on the new data: a new registered version
     manifest = json.loads((repo / SNAPSHOT / "snapshot.json").read_text())
     assert [b["id"] for b in manifest["batches"]] == [b.name for b in batches[:4]]
+    # warm start: the teacher and the student were fine-tuned from the champion's, on all four batches
+    plan = json.loads((repo / "models/vision/warm_start/plan.json").read_text())
+    assert (plan["teacher"], plan["student"], plan["champion"], plan["versions"]) == ("fine_tune", "fine_tune",
+                                                                                      champion, 4)
 
     runs = ingest_runs(repo, "vision")
     assert [r.data.tags["ingest.status"] for r in runs] == ["accepted", "quarantined", "quarantined"] + ["accepted"] * 3

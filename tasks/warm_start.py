@@ -1,0 +1,116 @@
+"""Stage ``warm_start_<family>``: where the family's next training starts — from scratch, or from the champion.
+
+Inputs: ``--snapshot`` (its manifest counts the data versions), ``--data`` (the processed folder the next models
+read), params ``warm_start.<family>`` and the registry (the champion of ``gate.<family>.registered_model``).
+Output: ``--out``, a folder with ``plan.json`` (``teacher``: scratch | fine_tune | reuse, ``student``: scratch |
+fine_tune, the champion version it starts from, the data versions the teacher in use was trained on) and, when the
+plan starts from the champion, its teacher and FP32 student (``teacher.pt``, ``student.pt``) fitted to this data by
+the family's ``adapt`` (the recommender carries its embedding rows over by vocabulary).
+
+The champion's weights are what its registering run kept under ``warm_start/`` (``flows.promotion``). The stage
+runs when the snapshot, the processed data or these params change — once per new data version — so the champion it
+reads is the one of that moment, and dvc.lock records what it wrote (``flows.restore`` pulls it back). With
+``policy: scratch`` and ``teacher_every: 1`` it asks the registry nothing.
+"""
+from __future__ import annotations
+
+import io
+import json
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from tasks.family_config import WarmStart
+from tasks.io import write_atomic, write_json
+from tasks.snapshot import read
+from tasks.warm_plan import ARTIFACTS, FILES, PLAN
+
+#: ``adapt(model file content, champion's folder, processed data folder)``: the content fitted to this data, or None
+#: when it cannot be (the next run then trains that model from scratch).
+Adapt = Callable[[dict[str, Any], Path, Path], dict[str, Any] | None]
+
+
+def plan_training(cfg: WarmStart, versions: int, champion: dict[str, Any] | None) -> dict[str, Any]:
+    """What the next run trains how. ``champion``: ``{"version", "teacher_versions" (int or None), "teacher",
+    "student" (whether its file is there)}``, None without one."""
+    plan = {"policy": cfg.policy, "teacher_every": cfg.teacher_every, "versions": versions, "champion": None,
+            "teacher": "scratch", "student": "scratch", "teacher_versions": versions}
+    if champion is None:
+        return plan
+    plan["champion"] = champion["version"]
+    trained_at = champion.get("teacher_versions")
+    if champion["teacher"] and isinstance(trained_at, int) and 0 <= versions - trained_at < cfg.teacher_every:
+        plan.update(teacher="reuse", teacher_versions=trained_at)
+    elif champion["teacher"] and cfg.policy == "fine_tune":
+        plan["teacher"] = "fine_tune"
+    if champion["student"] and cfg.policy == "fine_tune":
+        plan["student"] = "fine_tune"
+    return plan
+
+
+def champion_files(cfg: Any, family: str, scratch: Path) -> tuple[dict[str, Any], Path] | None:
+    """The champion (as ``plan_training`` takes it) and the folder its ``warm_start/`` artifacts were downloaded
+    to; None when the registered model has no champion."""
+    from mlflow.exceptions import MlflowException
+
+    from tasks.tracking import client_for, tracking_uri
+
+    client, name = client_for(tracking_uri(cfg)), getattr(cfg.gate, family).registered_model
+    try:
+        version = client.get_model_version_by_alias(name, "champion")
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(err).lower():
+            return None
+        raise
+    try:
+        local = Path(client.download_artifacts(version.run_id, ARTIFACTS, str(scratch)))
+    except Exception:  # noqa: BLE001 — any store's "not found": registered before versions kept their weights
+        print(f"note: {name} version {version.version} kept no {ARTIFACTS}/ weights; training from scratch",
+              file=sys.stderr)
+        local = scratch
+    earlier = json.loads((local / PLAN).read_text()) if (local / PLAN).is_file() else {}
+    return ({"version": str(version.version), "teacher_versions": earlier.get("teacher_versions"),
+             **{role: (local / file).is_file() for role, file in FILES.items()}}, local)
+
+
+def warm_start(cfg: Any, family: str, snapshot: Path, data: Path, out: Path, adapt: Adapt | None) -> dict[str, Any]:
+    """Write the plan and the champion's adapted weights into ``out``; return the plan."""
+    import torch
+
+    spec: WarmStart = getattr(cfg.warm_start, family)
+    versions = len(read(snapshot)["batches"])
+    out.mkdir(parents=True, exist_ok=True)
+    for file in FILES.values():   # what an earlier plan started from is not this one's
+        (out / file).unlink(missing_ok=True)
+    if spec.policy == "scratch" and spec.teacher_every == 1:
+        plan = plan_training(spec, versions, None)
+    else:
+        with tempfile.TemporaryDirectory() as tmp:
+            found = champion_files(cfg, family, Path(tmp))
+            plan = plan_training(spec, versions, found[0] if found else None)
+            for role, file in FILES.items():
+                if plan[role] == "scratch" or found is None:
+                    continue
+                blob = torch.load(found[1] / file, map_location="cpu", weights_only=True)
+                fitted = adapt(blob, found[1], data) if adapt else blob
+                if fitted is None:
+                    print(f"note: the champion's {role} cannot read this data; the {role} trains from scratch",
+                          file=sys.stderr)
+                    plan.update({role: "scratch"}, **({"teacher_versions": versions} if role == "teacher" else {}))
+                    continue
+                buffer = io.BytesIO()
+                torch.save(fitted, buffer)
+                write_atomic(out / file, buffer.getvalue())
+    write_json(out / PLAN, plan)
+    return plan
+
+
+def stage_main(family: str, adapt: Adapt | None = None) -> None:
+    from tasks.config import stage_args
+
+    args, cfg = stage_args(__doc__, "--snapshot", "--data", "--out")
+    plan = warm_start(cfg, family, args.snapshot, args.data, args.out, adapt)
+    print(f"{family}: teacher {plan['teacher']}, student {plan['student']}"
+          + (f" (from champion version {plan['champion']})" if plan["champion"] else ""))

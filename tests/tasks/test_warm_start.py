@@ -1,0 +1,167 @@
+"""Warm start: the plan (scratch, fine-tune, reuse the teacher for k versions), the champion's weights fetched from
+its registering run and fitted to today's data, and the training knobs of a fine-tuning run."""
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from tasks.artifacts import save_model
+from tasks.ctr_training import load_ctr_data
+from tasks.family_config import WarmStart
+from tasks.movielens import acquire
+from tasks.prepare_recsys import VOCABULARY, prepare_recsys
+from tasks.recsys_family import paired_data
+from tasks.recsys_models import CtrModel
+from tasks.warm_plan import ARTIFACTS, FILES, PLAN, fine_tuned, start_from
+from tasks.warm_start import plan_training, warm_start
+from tasks.warm_start_recsys import adapt
+
+
+def _policy(policy: str = "fine_tune", every: int = 1) -> WarmStart:
+    return WarmStart(policy=policy, teacher_every=every,
+                     fine_tune={"teacher_epochs": 2, "student_epochs": 3, "lr_scale": 0.25})
+
+
+def _champion(trained_at: int | None) -> dict:
+    return {"version": "4", "teacher_versions": trained_at, "teacher": True, "student": True}
+
+
+def test_the_plan_trains_from_scratch_without_a_champion_and_reuses_the_teacher_for_k_versions():
+    assert plan_training(_policy(), 5, None)["teacher"] == "scratch"
+    fine = plan_training(_policy(), 5, _champion(4))
+    assert (fine["teacher"], fine["student"], fine["champion"], fine["teacher_versions"]) == ("fine_tune",
+                                                                                            "fine_tune", "4", 5)
+    # teacher every 3 versions: trained on version 4, it serves 5 and 6 as it is, and is trained again on 7
+    assert [plan_training(_policy(every=3), v, _champion(4))["teacher"] for v in (5, 6, 7)] == \
+        ["reuse", "reuse", "fine_tune"]
+    assert plan_training(_policy(every=3), 6, _champion(4))["teacher_versions"] == 4
+    scratch = plan_training(_policy("scratch", every=3), 7, _champion(4))
+    assert (scratch["teacher"], scratch["student"]) == ("scratch", "scratch")   # scratch: the weights start anew
+    assert plan_training(_policy("scratch", every=3), 5, _champion(4))["teacher"] == "reuse"
+    # a champion registered before versions kept a plan (or a snapshot that shrank): the teacher is trained
+    assert plan_training(_policy(every=3), 5, _champion(None))["teacher"] == "fine_tune"
+    assert plan_training(_policy(every=3), 3, _champion(4))["teacher"] == "fine_tune"
+
+
+def test_fine_tuning_knobs_scale_the_peak_rate_and_keep_the_type(config):
+    spec = config.distill.recsys
+    tuned = fine_tuned(spec, _policy().fine_tune, 3)
+    assert type(tuned) is type(spec) and tuned.epochs == 3
+    assert tuned.optimizer.lr == pytest.approx(spec.optimizer.lr * 0.25)
+    assert tuned.schedule == spec.schedule and tuned.student == spec.student
+
+
+def _old_and_new(cfg, tmp_path):
+    """The recommender's data prepared from two thirds of its users and items, and from all of them."""
+    source, tables = acquire(cfg.data.recsys)
+    old = {**tables, "users": tables["users"].iloc[: len(tables["users"]) * 2 // 3],
+           "items": tables["items"].iloc[: len(tables["items"]) * 2 // 3]}
+    old["ratings"] = tables["ratings"][tables["ratings"].user_id.isin(old["users"].user_id)
+                                       & tables["ratings"].item_id.isin(old["items"].item_id)]
+    prepare_recsys(cfg.data.recsys, tmp_path / "old", (source, old))
+    prepare_recsys(cfg.data.recsys, tmp_path / "new", (source, tables))
+    return tmp_path / "old", tmp_path / "new"
+
+
+def _blob(model: CtrModel, shape: dict) -> dict:
+    """A model file's content, as the training stages write it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        save_model(model, "ctr", model.arch, Path(tmp) / "model.pt", shape=shape)
+        return torch.load(Path(tmp) / "model.pt", weights_only=True)
+
+
+def test_the_champions_model_reads_new_data_by_vocabulary_and_scores_known_rows_as_before(synthetic_movielens,
+                                                                                          tmp_path):
+    """New users and items shift every embedding row: the champion's rows are carried to their values' new rows, so
+    on the ratings both vocabularies hold the adapted model scores exactly what the champion scored."""
+    _, _, cfg = synthetic_movielens
+    old, new = _old_and_new(cfg, tmp_path)
+    torch.manual_seed(0)
+    *_, old_shape = load_ctr_data(old)
+    champion = CtrModel(cfg.teacher.recsys.arch, **old_shape).eval()
+    with torch.no_grad():   # rows that differ, so a row carried to the wrong place shows
+        champion.linear.weight.normal_()
+        champion.embedding.weight.normal_()
+    folder = tmp_path / "registered"
+    folder.mkdir()
+    (folder / VOCABULARY).write_text((old / VOCABULARY).read_text())
+
+    fitted = adapt(_blob(champion, old_shape), folder, new)
+    *_, new_shape = load_ctr_data(new)
+    assert fitted["shape"] == new_shape and new_shape["vocabulary"] > old_shape["vocabulary"]
+    model = CtrModel(cfg.teacher.recsys.arch, **new_shape).eval()
+    model.load_state_dict(fitted["state_dict"])
+    paired, mine = paired_data(folder, new, tmp_path / "pairs", cfg)
+    with torch.no_grad():
+        before = champion(torch.from_numpy(np.load(paired / "test_fields.npy")),
+                          torch.from_numpy(np.load(paired / "test_genres.npy")))
+        after = model(torch.from_numpy(np.load(mine / "test_fields.npy")),
+                      torch.from_numpy(np.load(mine / "test_genres.npy")))
+    torch.testing.assert_close(after, before)
+    # a user the champion never saw starts at the user field's mean row
+    theirs, ours = (json.loads((d / VOCABULARY).read_text()) for d in (old, new))
+    unseen = next(i for i, v in enumerate(ours["user"]) if v not in theirs["user"])
+    torch.testing.assert_close(fitted["state_dict"]["embedding.weight"][unseen],
+                               champion.embedding.weight[: len(theirs["user"])].mean(0))
+    assert adapt(_blob(champion, old_shape), tmp_path / "pairs", new) is None   # no vocabulary kept: from scratch
+
+
+def test_a_champion_of_another_architecture_is_not_started_from(synthetic_movielens, tmp_path, capsys):
+    _, _, cfg = synthetic_movielens
+    *_, shape = load_ctr_data(_old_and_new(cfg, tmp_path)[1])
+    teacher = CtrModel(cfg.teacher.recsys.arch, **shape)
+    warm = tmp_path / "warm"
+    warm.mkdir()
+    torch.save(_blob(teacher, shape), warm / FILES["teacher"])
+    (warm / PLAN).write_text(json.dumps({"teacher": "fine_tune", "student": "scratch", "champion": "2"}))
+    spec = cfg.teacher.recsys
+    fresh = CtrModel(spec.arch, **shape)
+    mode, tuned = start_from(warm, "teacher", fresh, spec.arch, shape, spec, _policy())
+    assert mode == "fine_tune" and tuned.epochs == 2
+    torch.testing.assert_close(fresh.state_dict()["embedding.weight"], teacher.state_dict()["embedding.weight"])
+    other = spec.arch.model_copy(update={"dim": spec.arch.dim * 2})
+    mode, same = start_from(warm, "teacher", CtrModel(other, **shape), other, shape, spec, _policy())
+    assert (mode, same) == ("scratch", spec) and "another architecture" in capsys.readouterr().err
+
+
+def test_the_stage_fetches_the_champions_weights_from_its_registering_run(synthetic_movielens, tmp_path,
+                                                                          mlflow_uri):
+    _, _, cfg = synthetic_movielens
+    old, new = _old_and_new(cfg, tmp_path)
+    *_, old_shape = load_ctr_data(old)
+    kept = tmp_path / "kept"
+    kept.mkdir()
+    for role in FILES:
+        torch.save(_blob(CtrModel(cfg.teacher.recsys.arch, **old_shape), old_shape), kept / FILES[role])
+    (kept / PLAN).write_text(json.dumps({"teacher_versions": 2}))
+    (kept / VOCABULARY).write_text((old / VOCABULARY).read_text())
+    client = MlflowClient(mlflow_uri)
+    run = client.create_run(client.create_experiment("warm")).info.run_id
+    client.log_artifacts(run, str(kept), ARTIFACTS)
+    name = cfg.gate.recsys.registered_model
+    client.create_registered_model(name)
+    version = client.create_model_version(name, f"runs:/{run}/model", run)
+    snapshot = tmp_path / "raw"
+    snapshot.mkdir()
+    (snapshot / "snapshot.json").write_text(json.dumps({"batches": [{"id": f"b{i}"} for i in range(3)]}))
+    tuned = cfg.model_copy(update={"warm_start": cfg.warm_start.model_copy(
+        update={"recsys": _policy(every=2)})})
+
+    out = tmp_path / "out"
+    plan = warm_start(tuned, "recsys", snapshot, new, out, adapt)
+    assert (plan["teacher"], plan["student"], plan["champion"]) == ("scratch", "scratch", None)   # no champion yet
+    assert sorted(p.name for p in out.iterdir()) == [PLAN]
+
+    client.set_registered_model_alias(name, "champion", version.version)
+    plan = warm_start(tuned, "recsys", snapshot, new, out, adapt)
+    assert (plan["teacher"], plan["student"], plan["champion"]) == ("reuse", "fine_tune", str(version.version))
+    assert plan["teacher_versions"] == 2 and json.loads((out / PLAN).read_text()) == plan
+    *_, new_shape = load_ctr_data(new)
+    for role in FILES:   # in today's vocabulary
+        assert torch.load(out / FILES[role], weights_only=True)["shape"] == new_shape
