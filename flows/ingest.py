@@ -18,8 +18,10 @@ named as ``invalid`` (the contract), ``drift`` (valid but shifted) or ``unreadab
 batch gets an MLflow run (``ingest_<family>``: status, reason, drift distances, the report, the Data Docs, the batch
 as a dataset input); the Prefect flow ``ingest`` runs the same code, and ``continuous-training`` (``--run``) follows
 it with the compression pipeline when a batch was accepted or the family's stages are out of date (with nothing new
-it does nothing, in seconds). Ingestion holds the family's data lock (``flows.registry_lock.data_lock``), as pipeline
-runs do: the snapshot never changes under a stage that reads it.
+it does nothing, in seconds). Accepted batches, and then what was trained on them, are each committed in
+``dvc.lock`` (``flows.lock_commit``; ``pipeline.commit_lock``).
+Ingestion holds the family's data lock (``flows.registry_lock.data_lock``), as pipeline runs do: the snapshot never
+changes under a stage that reads it.
 """
 from __future__ import annotations
 
@@ -33,7 +35,8 @@ from typing import Any
 
 from prefect import flow
 
-from flows.pipeline import compression_pipeline, reproduce, run_dvc, stage_env, stage_logger
+from flows.lock_commit import commit_lock
+from flows.pipeline import compression_pipeline, push_outputs, reproduce, run_dvc, stage_env, stage_logger
 from flows.registry_lock import data_lock
 from flows.stage_graph import stage_paths
 from tasks.config import Config, load_config
@@ -145,7 +148,7 @@ def ingest_batch(root: Path, family: str, cfg: Config, folder: Path, env: dict[s
             run.set_tags({"ingest.status": "failed", "ingest.reason": "versioning"})
             raise PipelineError(f"batch {folder.name} was not accepted, the snapshot is as it was: {err}") from err
         report["digest"] = entry["digest"]
-        if unpushed := _push(root, stage, env):
+        if unpushed := push_outputs(root, env, stage):
             print(f"warning: batch {folder.name} is accepted but not on the DVC remote: {unpushed}", file=sys.stderr)
             run.set_tag("ingest.pushed", "false")
         write_json(reports / "report.json", report)
@@ -172,23 +175,6 @@ def _dvc(root: Path, env: dict[str, str], *args: str) -> None:
     code, tail, _ = run_dvc(root, env, *args)
     if code != 0:
         raise PipelineError(f"dvc {' '.join(args)} failed in {root}: {tail.strip()[-800:]}")
-
-
-def _push(root: Path, stage: str, env: dict[str, str]) -> str:
-    """``dvc push`` the stage's output when the project has a default remote; "" when done (or no remote), else why
-    not (the version stays in the local cache, and the next accepted batch pushes the snapshot again)."""
-    if not _default_remote(root, env):
-        return ""
-    try:
-        _dvc(root, env, "push", stage)
-    except PipelineError as err:
-        return str(err)
-    return ""
-
-
-def _default_remote(root: Path, env: dict[str, str]) -> bool:
-    code, tail, _ = run_dvc(root, env, "remote", "default")
-    return code == 0 and bool(tail.strip())
 
 
 def _detail(report: dict[str, Any]) -> str:
@@ -227,6 +213,8 @@ def ingest(root: str, family: str, batches: list[str] | None = None,
             log(f"{outcome.batch}: {outcome.status}" + (f" ({outcome.reason})" if outcome.reason else "")
                 + (f"\n{outcome.detail}" if outcome.detail else ""))
             outcomes.append(asdict(outcome))
+    if (accepted := [o["batch"] for o in outcomes if o["status"] == "accepted"]) and cfg.pipeline.commit_lock:
+        commit_lock(root_path, f"{family}: batches {', '.join(accepted)} accepted into the snapshot")
     return outcomes
 
 
@@ -239,7 +227,17 @@ def continuous_training(root: str, family: str, landing: str) -> dict[str, Any]:
     accepted = [o["batch"] for o in outcomes if o["status"] == "accepted"]
     train = bool(accepted) or stale(root_path, family)   # also a version an earlier, failed run left untrained
     result = compression_pipeline(str(root_path), [family]) if train else None
-    return {"ingested": outcomes, "pipeline": result}
+    commit = None
+    if train and load_config(root_path / "params.yaml").pipeline.commit_lock:
+        commit = commit_lock(root_path, _lock_message(family, accepted, result))
+    return {"ingested": outcomes, "pipeline": result, "lock_commit": commit}
+
+
+def _lock_message(family: str, accepted: list[str], result: dict[str, Any] | None) -> str:
+    gate = (result or {}).get("gates", {}).get(family) or {}
+    data = f"batches {', '.join(accepted)}" if accepted else "its data version"
+    gated = f", gated as {gate['name']} version {gate['version']}" if gate.get("version") else ""
+    return f"{family}: trained on {data}{gated}"
 
 
 def stale(root: Path, family: str) -> bool:

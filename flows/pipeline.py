@@ -97,6 +97,16 @@ def _point_at_data_docs(stage: str, env: dict[str, str]) -> None:
         stage_logger()(f"warning: no Prefect artifact for {stage}'s Data Docs ({type(err).__name__}: {err})")
 
 
+def push_outputs(root: Path, env: dict[str, str], stage: str) -> str:
+    """``dvc push`` the stage's outputs when the project has a default remote; "" when done (or no remote), else why
+    not (they stay in the local DVC cache)."""
+    code, tail, _ = run_dvc(root, env, "remote", "default")
+    if code != 0 or not tail.strip():
+        return ""
+    code, tail, _ = run_dvc(root, env, "push", stage)
+    return "" if code == 0 else f"dvc push {stage} failed in {root}: {tail.strip()[-800:]}"
+
+
 def reproduce(stage: str, root: Path, env: dict[str, str], log: bool = True) -> bool:
     """``dvc repro --single-item stage`` in ``root`` (its output to the run's log when ``log``); return whether the
     stage ran, False when DVC found it up to date; raise ``StageFailed`` naming the stage's own error lines."""
@@ -136,6 +146,10 @@ def compression_pipeline(root: str = ".", families: list[str] | None = None, pro
         for node in stages:
             statuses[node.name] = retrying(node.name, root_path, env, DATA_DOCS in {Path(o).name for o in node.outs})
         parent.set_tags({f"stage.{name}": status for name, status in statuses.items()})
+        for name in [n for n, status in statuses.items() if status == "ran" and n.startswith("warm_start_")]:
+            # the weights a warm-started model began from, where flows.restore on another machine finds them
+            if unpushed := push_outputs(root_path, env, name):
+                stage_logger()(f"warning: {name}'s output is not on the DVC remote: {unpushed}")
         metrics = collect_metrics(root_path)
         parent.log_metrics(metrics)
         gates = {family: retrying_promote(cfg)(family, root_path, uri, parent.run_id, promote) for family in families}

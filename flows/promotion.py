@@ -18,7 +18,7 @@ import json
 import shutil
 import socket
 import tempfile
-from datetime import UTC, datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -138,7 +138,7 @@ def io_signature(path: Path) -> list[list[tuple[str, int, list[int]]]]:
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    spec = lambda v: (v.type.tensor_type.elem_type, [d.dim_value if d.HasField("dim_value") else -1
+    spec = lambda v: (v.type.tensor_type.elem_type, [d.dim_value if d.HasField("dim_value") else -1  # noqa: E731
                                                     for d in v.type.tensor_type.shape.dim])
     return [[spec(v) for v in graph.input], [spec(v) for v in graph.output]]
 
@@ -230,7 +230,6 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
     for name in LINEAGE_FILES:   # what `python -m flows.restore` needs beside the git commit to re-create the run
         if (root / name).is_file():
             client.log_artifact(run_id, str(root / name), LINEAGE)
-    keep_warm_start(client, run_id, root, family, where["data"])
     if description := data_description(family, root / where["data"]):
         tags[DATA_TAG] = description   # the gate holds the champion to it
     with registry_lock(gate.registered_model, cfg.tracking.registry_lock_timeout_seconds):
@@ -239,6 +238,7 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
             print(f"{gate.registered_model} version {same.version} already holds this candidate; registry unchanged")
             return {"passed": same.tags.get("gate.passed") == "true", "checks": [], "name": gate.registered_model,
                     "version": str(same.version), "champion": False, "unchanged": True}
+        keep_warm_start(client, run_id, root, family, where["data"])   # a new version: what the next run may start from
         report, checks, evaluation = _gate(root, cfg, client, run_id, family, where, description)
         promote = report["passed"] and may_promote
         tags.update({**gate_tags(checks), **audit_tags(report["champion_before"], promote),
@@ -325,7 +325,7 @@ def audit_tags(champion_before: dict | None, promoted: bool) -> dict[str, str]:
     flow_run = FlowRunContext.get()
     return {"audit.champion_before": champion_before["version"] if champion_before else "none",
             "audit.decision": "champion" if promoted else "challenger",
-            "audit.registered_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "audit.registered_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
             "audit.registered_by": f"{getpass.getuser()}@{socket.gethostname()}",
             "audit.flow_run_id": str(flow_run.flow_run.id) if flow_run and flow_run.flow_run else "none"}
 
@@ -340,7 +340,7 @@ def write_report(root: Path, cfg: Config, evaluation: dict, report: dict, tags: 
                       contract.gate.latency_what, ablation=contract.ablation)
     ablation_file = root / "reports" / "ablation" / f"{family}.json"
     ablation = json.loads(ablation_file.read_text()) if ablation_file.exists() else None
-    context = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "profile": cfg.profile,
+    context = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "profile": cfg.profile,
                "git commit": tags["git.commit"], "pipeline run": tags["parent_run_id"],
                "registered": f"{report['name']} version {report['version']}"
                              + (" (champion)" if report["champion"] else " (challenger only)")}
@@ -398,7 +398,7 @@ def _move_alias(client: MlflowClient, uri: str, name: str, version: str, alias: 
         raise RegistryError(f"{name} version {version} does not exist in {redact(uri)}; nothing was changed") from err
     previous = getattr(champion_version(client, name), "version", None) if alias == "champion" else None
     who = who or getpass.getuser()
-    when = datetime.now(UTC).isoformat(timespec="seconds")
+    when = datetime.now(timezone.utc).isoformat(timespec="seconds")
     client.set_registered_model_alias(name, alias, version)
     for key, value in {f"{alias}.set_by": who, f"{alias}.reason": reason or "(none given)", f"{alias}.set_at": when,
                        f"{alias}.previous": str(previous)}.items():

@@ -43,6 +43,8 @@ def _scores(report: dict[str, Any], metric: str) -> dict[str, float | None]:
 
     return {**{f"{who}_{name}": window(scores, name) for who, scores in (("challenger", mine), ("champion", champion))
                for name in ("recent", "golden")},
+            # what a policy is chosen on: the challenger's validation score (the windows are test rows: reported)
+            "challenger_val": window(report.get("candidate"), "val"),
             "recent_rows": int(mine.get("recent_rows", 0))}   # what both were scored on (the rows the champion reads)
 
 
@@ -52,9 +54,11 @@ def parse_policy(text: str) -> dict[str, Any]:
     policy: dict[str, Any] = {"policy": name.strip(), "teacher_every": 1}
     for item in rest:
         key, _, value = item.partition("=")
-        if key.strip() != "teacher_every" or not value.strip().isdigit():
-            raise SystemExit(f"--policy {text!r}: expected scratch|fine_tune[,teacher_every=K]")
+        if key.strip() != "teacher_every" or not value.strip().isdigit() or int(value) < 1:
+            raise argparse.ArgumentTypeError(f"{text!r}: expected scratch|fine_tune[,teacher_every=K], K >= 1")
         policy["teacher_every"] = int(value)
+    if policy["policy"] not in ("scratch", "fine_tune"):
+        raise argparse.ArgumentTypeError(f"{text!r}: the policy is scratch or fine_tune")
     return policy
 
 
@@ -112,15 +116,17 @@ def _fmt(value: float | None) -> str:
 
 
 def table(rows: list[dict[str, Any]], metric: str, header: bool = True) -> str:
-    head = (f"| batch | rows | teacher / student | challenger {metric} recent | champion {metric} recent | "
+    head = (f"| batch | rows | teacher / student | challenger {metric} val | challenger {metric} recent | "
+            f"champion {metric} recent | "
             f"recent rows compared | challenger {metric} golden | champion {metric} golden | decision | failed checks | "
             "champion health | s |")
-    lines = [head, "|---|---|---|---:|---:|---:|---:|---:|---|---|---|---:|"] if header else []
+    lines = [head, "|---|---|---|---:|---:|---:|---:|---:|---:|---|---|---|---:|"] if header else []
     for r in rows:
         size = ", ".join(f"{k} {v:,}" for k, v in r["rows"].items()) or "–"
         start = f"{r['teacher']} / {r['student']}" if r.get("teacher") else "–"
-        lines.append(f"| {r['batch']} | {size} | {start} | {_fmt(r['challenger_recent'])} | {_fmt(r['champion_recent'])} | "
-                     f"{r['recent_rows'] or '–'} | {_fmt(r['challenger_golden'])} | {_fmt(r['champion_golden'])} | {r['decision']} | "
+        lines.append(f"| {r['batch']} | {size} | {start} | {_fmt(r.get('challenger_val'))} | "
+                     f"{_fmt(r['challenger_recent'])} | {_fmt(r['champion_recent'])} | {r['recent_rows'] or '–'} | "
+                     f"{_fmt(r['challenger_golden'])} | {_fmt(r['champion_golden'])} | {r['decision']} | "
                      f"{', '.join(r['failed_checks']) or '–'} | {r['champion_health'] or '–'} | {r['seconds']:.0f} |")
     return "\n".join(lines)
 
@@ -131,15 +137,16 @@ def summary(results: dict[str, dict[str, Any]], metric: str) -> str:
         found = [v for v in values if v is not None]
         return _fmt(sum(found) / len(found)) if found else "–"
 
-    head = (f"| policy | batches | total s | s per batch | mean challenger {metric} recent | mean challenger {metric} "
-            f"golden | last champion {metric} golden | champion moved |")
-    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    head = (f"| policy | batches trained | s | s per batch | mean challenger {metric} val | mean challenger {metric} "
+            f"recent | mean challenger {metric} golden | last champion {metric} golden | champion moved |")
+    lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, result in results.items():
         rows = [r for r in result["batches"] if r["decision"] != "not trained"]
         last = rows[-1] if rows else {}
         final = last.get("challenger_golden") if last.get("decision") == "promoted" else last.get("champion_golden")
-        seconds = sum(r["seconds"] for r in result["batches"])
-        lines.append(f"| {name} | {len(rows)} | {seconds:.0f} | {seconds / max(len(result['batches']), 1):.0f} | "
+        seconds = sum(r["seconds"] for r in rows)
+        lines.append(f"| {name} | {len(rows)} | {seconds:.0f} | {seconds / max(len(rows), 1):.0f} | "
+                     f"{mean([r.get('challenger_val') for r in rows])} | "
                      f"{mean([r['challenger_recent'] for r in rows])} | {mean([r['challenger_golden'] for r in rows])} "
                      f"| {_fmt(final)} | {sum(r['decision'] == 'promoted' for r in rows)} |")
     return "\n".join(lines)
@@ -154,7 +161,8 @@ def plot(results: dict[str, dict[str, Any]], metric: str, path: Path, title: str
 
     fig, axes = plt.subplots(1, 3, figsize=(16, 4.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for (name, result), color in zip(results.items(), colors, strict=False):
+    for index, (name, result) in enumerate(results.items()):
+        color = colors[index % len(colors)]
         rows = result["batches"]
         x = list(range(len(rows)))
         for ax, window in zip(axes, ("recent", "golden"), strict=False):
@@ -164,7 +172,8 @@ def plot(results: dict[str, dict[str, Any]], metric: str, path: Path, title: str
                         "challenger" else 0.5, markersize=4, label=f"{who}, {name}")
             ax.set_title(f"{window} window")
         axes[2].plot(x, [r["seconds"] for r in rows], "o-", color=color, label=name)
-        ticks = [r["batch"].split("-", 1)[-1] for r in rows]
+    longest = max((result["batches"] for result in results.values()), key=len, default=[])
+    ticks = [r["batch"].split("-", 1)[-1] for r in longest]
     for ax in axes:
         ax.set_xticks(range(len(ticks)), ticks, rotation=60, fontsize=7)
         ax.set_xlabel("batch")
@@ -209,6 +218,8 @@ def main() -> None:
         work = args.keep or Path(tmp)
         for index, policy in enumerate(policies):
             name = policy_name(policy)
+            if name in results:
+                parser.error(f"--policy {name} given twice")
             print(f"\n{name}:")
             results[name] = {**policy, "batches": []}
             started = time.perf_counter()

@@ -60,7 +60,7 @@ def restore_lineage(client, version, dest: Path) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         try:
             local = Path(client.download_artifacts(version.run_id, LINEAGE, tmp))
-        except Exception as err:
+        except Exception as err:  # noqa: BLE001 — any store's "not found"
             raise PipelineError(f"{version.name} version {version.version}: its run {version.run_id} holds no "
                                 f"{LINEAGE}/ artifacts (registered before they were logged): {err}") from err
         for name in LINEAGE_FILES:
@@ -98,7 +98,9 @@ def _remote_candidates(root: Path, dest: Path) -> list[str | None]:
 
 
 def restore_data(root: Path, dest: Path, family: str) -> str:
-    """Check out the family's snapshot as DEST's dvc.lock records it; return where it came from."""
+    """Check out the family's snapshot as DEST's dvc.lock records it, and the weights a warm-started version began
+    from (``warm_start_<family>``, when the graph has it: re-run, that stage would ask today's registry); return
+    where the data came from."""
     from flows.stage_graph import stage_paths
 
     stage = f"snapshot_{family}"
@@ -106,25 +108,30 @@ def restore_data(root: Path, dest: Path, family: str) -> str:
         stage_paths(dest, stage)
     except PipelineError:
         return "pinned sources (no snapshot stage at that commit)"
-    stages = [stage]
-    try:   # and the weights its training started from, when it was warm-started (read from the registry then)
+    source = _pull(root, dest, stage, "the data version dvc.lock records")
+    try:
         stage_paths(dest, f"warm_start_{family}")
-        stages.append(f"warm_start_{family}")
     except PipelineError:
-        pass
+        return source
+    _pull(root, dest, f"warm_start_{family}", "the weights its training started from (pushed by the pipeline run "
+          "that made them; a run without a default DVC remote keeps them in its machine's DVC cache only)")
+    return source
+
+
+def _pull(root: Path, dest: Path, stage: str, what: str) -> str:
+    """``dvc pull`` the stage's outputs into DEST from the first place that has them; return which."""
     dvc, env, errors = [sys.executable, "-m", "dvc"], _env(dest), []
     for url in _remote_candidates(root, dest):
         try:
             if url is None:
-                _run([*dvc, "pull", "--quiet", *stages], dest, f"dvc pull {' '.join(stages)}", env)
+                _run([*dvc, "pull", "--quiet", stage], dest, f"dvc pull {stage}", env)
                 return "DEST's default DVC remote"
             _run([*dvc, "remote", "add", "--local", "--force", "restore-source", url], dest, "dvc remote add", env)
-            _run([*dvc, "pull", "--quiet", "-r", "restore-source", *stages], dest, f"dvc pull {' '.join(stages)}", env)
+            _run([*dvc, "pull", "--quiet", "-r", "restore-source", stage], dest, f"dvc pull {stage}", env)
             return url
         except PipelineError as err:
             errors.append(str(err).splitlines()[-1])
-    raise PipelineError(f"{stage}: the data version dvc.lock records is in no DVC remote or cache tried "
-                        f"({'; '.join(errors)})")
+    raise PipelineError(f"{stage}: {what} is in no DVC remote or cache tried ({'; '.join(errors)})")
 
 
 def restore(root: Path, family: str, name: str, version_id: str, dest: Path, run: bool) -> int:

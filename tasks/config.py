@@ -55,6 +55,7 @@ class PipelineConfig(Strict):
     retry_delay_seconds: Annotated[float, Field(ge=0.0)]   # before the first retry ...
     retry_backoff: Annotated[float, Field(ge=1.0, le=10.0)]   # ... each later wait this many times the one before
     data_lock_timeout_seconds: Annotated[float, Field(gt=0.0)]   # ingestion and a pipeline run wait for each other
+    commit_lock: bool = True   # continuous training commits dvc.lock after each run (flows.lock_commit)
 
     def retry_delays(self, retries: int | None = None) -> list[float]:
         """The wait before each retry (``retries`` of them, default ``retries``)."""

@@ -123,8 +123,9 @@ def ctr_trainer(student: nn.Module, teacher: nn.Module, kd: DistillRecsys | None
 
 def fit_ctr(model: nn.Module, loss_fn: CtrLossFn, train: CtrSplit, val: CtrSplit, spec: Training,
             on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-            before_epoch: Callable[[int], None] | None = None) -> list[dict[str, float]]:
-    """Train ``model`` in place; return the history. The best epoch by validation AUC is restored at the end."""
+            before_epoch: Callable[[int], None] | None = None, from_start: bool = False) -> list[dict[str, float]]:
+    """Train ``model`` in place; return the history. The best epoch by validation AUC is restored at the end (or,
+    ``from_start``, the starting weights when no epoch beat them)."""
     def batch(idx: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
         fields, genres, y = train.batch(idx)
         return (fields, genres), y
@@ -134,4 +135,5 @@ def fit_ctr(model: nn.Module, loss_fn: CtrLossFn, train: CtrSplit, val: CtrSplit
         return {**{f"train_{k}": v for k, v in evaluate_ctr(model, train, spec.eval_batch_size).items()},
                 **{f"val_{k}": v for k, v in evaluate_ctr(model, val, spec.eval_batch_size).items()}}
 
-    return fit_best(model, loss_fn, len(train), batch, spec, scores, "val_auc", on_epoch, before_epoch)
+    return fit_best(model, loss_fn, len(train), batch, spec, scores, "val_auc", on_epoch, before_epoch,
+                    from_start=from_start)

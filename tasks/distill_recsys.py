@@ -19,23 +19,24 @@ from tasks.errors import run_cli
 from tasks.family_config import WarmStart
 from tasks.recsys_config import DistillRecsys
 from tasks.recsys_models import CtrModel
-from tasks.warm_plan import start_from
+from tasks.warm_plan import MODE, start_from, warm_tags
 
 
 def distill_recsys(cfg: DistillRecsys, distill: bool, data_dir: Path, teacher_path: Path,
                    on_epoch: Callable[[int, dict[str, float]], None] | None = None, *,
                    warm: Path | None = None, policy: WarmStart | None = None
-                   ) -> tuple[CtrModel, dict[str, int], list[dict[str, float]], dict[str, float]]:
+                   ) -> tuple[CtrModel, dict[str, int], list[dict[str, float]], dict[str, float], str]:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     train, val, test, shape = load_ctr_data(data_dir)
     teacher = load_model(teacher_path)
     student = CtrModel(cfg.student, **shape)
-    _, spec = start_from(warm, "student", student, cfg.student, shape, cfg, policy)
-    history = fit_ctr(*ctr_trainer(student, teacher, spec if distill else None), train, val, spec, on_epoch)
+    mode, spec = start_from(warm, "student", student, cfg.student, shape, cfg, policy)
+    history = fit_ctr(*ctr_trainer(student, teacher, spec if distill else None), train, val, spec, on_epoch,
+                      from_start=mode == "fine_tune")
     metrics = {f"test_{k}": v for k, v in evaluate_ctr(student, test, cfg.eval_batch_size).items()}
     metrics["teacher_test_auc"] = evaluate_ctr(teacher, test, cfg.eval_batch_size)["auc"]
-    return student, shape, history, {**metrics, "parameters": count_parameters(student)}
+    return student, shape, history, {**metrics, "parameters": count_parameters(student)}, mode
 
 
 def main() -> None:
@@ -46,10 +47,11 @@ def main() -> None:
     policy = cfg.warm_start.recsys
     with stage_run("distill_recsys", cfg, {"distill.recsys": kd, "recipe.recsys": cfg.recipe.recsys,
                                            "warm_start.recsys": policy}) as run:
-        student, shape, history, metrics = distill_recsys(kd, distill, args.data, args.teacher,
-                                                          lambda epoch, m: run.log_metrics(m, step=epoch + 1),
-                                                          warm=args.warm_start, policy=policy)
-        publish_training(run, student, "ctr", kd.student, history, metrics, args, shape=shape)
+        student, shape, history, metrics, mode = distill_recsys(
+            kd, distill, args.data, args.teacher, lambda epoch, m: run.log_metrics(m, step=epoch + 1),
+            warm=args.warm_start, policy=policy)
+        run.set_tags(warm_tags(args.warm_start, "student", mode))
+        publish_training(run, student, "ctr", kd.student, history, metrics, args, shape=shape, **{MODE: mode})
     print(f"student test AUC {metrics['test_auc']:.4f} ({metrics['parameters']:,} parameters), "
           f"teacher {metrics['teacher_test_auc']:.4f}")
 

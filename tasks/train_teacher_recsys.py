@@ -23,23 +23,24 @@ from tasks.family_config import WarmStart
 from tasks.imported_teacher import load_pretrained, publish_imported
 from tasks.recsys_config import TrainTeacherRecsys
 from tasks.recsys_models import CtrModel
-from tasks.warm_plan import start_from
+from tasks.warm_plan import MODE, start_from, warm_tags
 
 
 def train_teacher_recsys(cfg: TrainTeacherRecsys, data_dir: Path,
                          on_epoch: Callable[[int, dict[str, float]], None] | None = None, *,
                          warm: Path | None = None, policy: WarmStart | None = None
-                         ) -> tuple[CtrModel, dict[str, int], list[dict[str, float]], dict[str, float]]:
+                         ) -> tuple[CtrModel, dict[str, int], list[dict[str, float]], dict[str, float], str]:
     """Train the teacher on train (from where the plan in ``warm`` starts it), select its epoch on val; return
-    (model, shape, history, test metrics)."""
+    (model, shape, history, test metrics, how it started: scratch, fine_tune or reuse)."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     train, val, test, shape = load_ctr_data(data_dir)
     model = CtrModel(cfg.arch, **shape)
     mode, spec = start_from(warm, "teacher", model, cfg.arch, shape, cfg, policy)
-    history = [] if mode == "reuse" else fit_ctr(model, label_loss, train, val, spec, on_epoch)
+    history = [] if mode == "reuse" else fit_ctr(model, label_loss, train, val, spec, on_epoch,
+                                                 from_start=mode == "fine_tune")
     metrics = {f"test_{k}": v for k, v in evaluate_ctr(model, test, cfg.eval_batch_size).items()}
-    return model, shape, history, {**metrics, "parameters": count_parameters(model)}
+    return model, shape, history, {**metrics, "parameters": count_parameters(model)}, mode
 
 
 def import_teacher_recsys(cfg: TrainTeacherRecsys, data_dir: Path
@@ -67,10 +68,11 @@ def main() -> None:
             model, shape, metrics = import_teacher_recsys(teacher, args.data)
             publish_imported(run, model, spec, metrics, args, "ctr", teacher.arch, shape=shape)
         else:
-            model, shape, history, metrics = train_teacher_recsys(
+            model, shape, history, metrics, mode = train_teacher_recsys(
                 teacher, args.data, lambda epoch, m: run.log_metrics(m, step=epoch + 1), warm=args.warm_start,
                 policy=cfg.warm_start.recsys)
-            publish_training(run, model, "ctr", teacher.arch, history, metrics, args, shape=shape)
+            run.set_tags(warm_tags(args.warm_start, "teacher", mode))
+            publish_training(run, model, "ctr", teacher.arch, history, metrics, args, shape=shape, **{MODE: mode})
     print(f"teacher test AUC {metrics['test_auc']:.4f}, logloss {metrics['test_logloss']:.4f} "
           f"({metrics['parameters']:,} parameters)")
 

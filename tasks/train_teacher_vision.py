@@ -22,27 +22,29 @@ from tasks.imported_teacher import load_pretrained, publish_imported
 from tasks.training import Split, evaluate, fit, memory_format, model_shape
 from tasks.vision_config import TrainTeacherVision
 from tasks.vision_models import ResNetTeacher
-from tasks.warm_plan import start_from, started_from
+from tasks.warm_plan import MODE, start_from, started_from, warm_tags
 
 
 def train_teacher_vision(cfg: TrainTeacherVision, data_dir: Path, checkpoint: Path,
                          on_epoch: Callable[[int, dict[str, float]], None] | None = None, *,
                          warm: Path | None = None, policy: WarmStart | None = None
-                         ) -> tuple[ResNetTeacher, list[dict[str, float]], dict[str, float]]:
+                         ) -> tuple[ResNetTeacher, list[dict[str, float]], dict[str, float], str]:
     """Train the teacher on train (from where the plan in ``warm`` starts it), select nothing on test; return
-    (model, history, test metrics)."""
+    (model, history, test metrics, how it started: scratch, fine_tune or reuse)."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     train, val, test = (Split.load(data_dir, s) for s in ("train", "val", "test"))
     model = ResNetTeacher(cfg.arch, **train.model_shape()).to(memory_format=memory_format())
     mode, spec = start_from(warm, "teacher", model, cfg.arch, model_shape(data_dir), cfg, policy)
     inputs = training_inputs(data_dir) + started_from(warm)
+    if mode == "reuse":   # trained nothing: its checkpoint folder (a DVC output) is created empty
+        checkpoint.parent.mkdir(parents=True, exist_ok=True)
     history = [] if mode == "reuse" else fit(model, train, val, spec, checkpoint, fingerprint([spec], inputs),
                                              on_epoch)
     # The exported teacher runs in fp32, so that is what the reported metrics measure.
     test_metrics = {f"test_{k}": v for k, v in evaluate(model, test, cfg.eval_batch_size).items()}
     test_metrics["parameters"] = count_parameters(model)
-    return model, history, test_metrics
+    return model, history, test_metrics, mode
 
 
 def import_teacher_vision(cfg: TrainTeacherVision, data_dir: Path) -> tuple[nn.Module, dict[str, float]]:
@@ -72,11 +74,12 @@ def main() -> None:
             publish_imported(run, model, spec, metrics, args, "resnet_teacher", teacher.arch,
                              shape=model_shape(args.data))
         else:
-            model, history, metrics = train_teacher_vision(
+            model, history, metrics, mode = train_teacher_vision(
                 teacher, args.data, args.checkpoint, lambda epoch, m: run.log_metrics(m, step=epoch + 1),
                 warm=args.warm_start, policy=cfg.warm_start.vision)
+            run.set_tags(warm_tags(args.warm_start, "teacher", mode))
             publish_training(run, model, "resnet_teacher", teacher.arch, history, metrics, args,
-                             shape=model_shape(args.data))
+                             shape=model_shape(args.data), **{MODE: mode})
     print(f"teacher test accuracy {metrics['test_accuracy']:.4f} ({metrics['parameters']:,} parameters)")
 
 

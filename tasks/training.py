@@ -208,17 +208,19 @@ def train_step(model: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...], y: 
 def fit_best(model: nn.Module, loss_fn: Callable, count: int,
              batch: Callable[[torch.Tensor], tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor]],
              spec: Any, scores: Callable[[], dict[str, float]], key: str, on_epoch: EpochHook | None = None,
-             before_epoch: Callable[[int], None] | None = None, bf16: bool = False) -> list[dict[str, float]]:
+             before_epoch: Callable[[int], None] | None = None, bf16: bool = False,
+             from_start: bool = False) -> list[dict[str, float]]:
     """Train ``model`` in place for ``spec.epochs`` over ``count`` rows, ``batch(indices)`` giving a batch's inputs
     and targets in a seeded order; after each epoch ``scores()`` (``train_*`` and ``val_*``, in eval mode). The
     epoch with the best ``key`` (a validation score: higher is better) is restored at the end; return the history.
+    ``from_start``: the weights it starts from (a warm start's) compete too, scored before the first epoch.
     The loop of the families whose training takes minutes (no checkpoint to resume)."""
     steps = math.ceil(count / spec.batch_size)
     opt = make_optimizer(model, spec.optimizer)
     sched = make_scheduler(opt, spec.schedule, spec.epochs * steps)
     gen = torch.Generator().manual_seed(spec.seed)
     history: list[dict[str, float]] = []
-    best: tuple[float, dict] = (-math.inf, copy.deepcopy(model.state_dict()))
+    best: tuple[float, dict] = (scores()[key] if from_start else -math.inf, copy.deepcopy(model.state_dict()))
     for epoch in range(spec.epochs):
         if before_epoch:
             before_epoch(epoch)
@@ -236,6 +238,8 @@ def fit_best(model: nn.Module, loss_fn: Callable, count: int,
             best = (metrics[key], copy.deepcopy(model.state_dict()))
         if on_epoch:
             on_epoch(epoch, metrics)
+    if from_start and not any(m[key] >= best[0] for m in history):
+        print(f"no epoch beat the starting weights' {key} {best[0]:.4f}: kept them", flush=True)
     model.load_state_dict(best[1])
     return history
 

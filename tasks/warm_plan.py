@@ -17,6 +17,7 @@ if TYPE_CHECKING:   # torch is imported where weights are read: flows.promotion 
 
 PLAN, ARTIFACTS = "plan.json", "warm_start"   # ARTIFACTS: the registering run's folder of what the next run reads
 FILES = {"teacher": "teacher.pt", "student": "student.pt"}
+MODE = "warm_start"   # key of a model file: how its training started (scratch, fine_tune, reuse)
 T = TypeVar("T", bound=BaseModel)
 
 
@@ -30,23 +31,34 @@ def warm_state(folder: Path, role: str, arch: BaseModel, shape: dict[str, Any]
     architecture or data shape than this run's (params changed since it was trained) is not started from."""
     import torch
 
-    mode = read_plan(folder)[role]
-    if mode == "scratch":
-        return mode, None
+    plan = read_plan(folder)
+    mode = plan[role]
+    if mode not in ("fine_tune", "reuse"):
+        return "scratch", None
     blob = torch.load(folder / FILES[role], map_location="cpu", weights_only=True)
-    if blob.get("arch") != arch.model_dump() or blob.get("shape") != shape:
+    if not _same_arch(arch, blob.get("arch")) or blob.get("shape") != shape:
         print(f"note: the champion's {role} has another architecture or data shape than params and data give now; "
               f"the {role} trains from scratch", file=sys.stderr)
         return "scratch", None
     how = "the champion's, as it is" if mode == "reuse" else "fine-tuned from the champion's"
-    print(f"{role}: {how} (version {read_plan(folder)['champion']})")
+    print(f"{role}: {how} (version {plan['champion']})")
     return mode, blob["state_dict"]
+
+
+def _same_arch(arch: BaseModel, recorded: Any) -> bool:
+    from pydantic import ValidationError
+
+    try:
+        return type(arch).model_validate(recorded) == arch
+    except ValidationError:   # a field since renamed or removed: another architecture
+        return False
 
 
 def fine_tuned(spec: T, tune: FineTune, epochs: int) -> T:
     """``spec`` (a stage's training knobs) for a warm-started run: ``epochs``, the peak LR times ``lr_scale``."""
     raw = spec.model_dump(by_alias=True)
-    raw.update(epochs=epochs, optimizer={**raw["optimizer"], "lr": spec.optimizer.lr * tune.lr_scale})  # type: ignore[attr-defined]
+    lr = spec.optimizer.lr * tune.lr_scale  # type: ignore[attr-defined]
+    raw.update(epochs=epochs, optimizer={**raw["optimizer"], "lr": lr})
     return type(spec).model_validate(raw)
 
 
@@ -68,3 +80,8 @@ def start_from(warm: Path | None, role: str, model: torch.nn.Module, arch: BaseM
 def started_from(warm: Path | None) -> list[Path]:
     """The files of ``warm`` a training run's fingerprint covers (a checkpoint is not resumed across plans)."""
     return sorted(p for p in warm.iterdir() if p.is_file()) if warm is not None and warm.is_dir() else []
+
+
+def warm_tags(warm: Path, role: str, mode: str) -> dict[str, str]:
+    """MLflow tags of a training stage's run: how ``role`` started, and from which champion version."""
+    return {f"warm_start.{role}": mode, "warm_start.champion": str(read_plan(warm).get("champion") or "none")}

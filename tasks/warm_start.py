@@ -14,6 +14,7 @@ reads is the one of that moment, and dvc.lock records what it wrote (``flows.res
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import sys
@@ -23,25 +24,32 @@ from pathlib import Path
 from typing import Any
 
 from tasks.family_config import WarmStart
-from tasks.io import write_atomic, write_json
-from tasks.snapshot import read
-from tasks.warm_plan import ARTIFACTS, FILES, PLAN
+from tasks.io import file_digest, write_atomic, write_json
+from tasks.snapshot import MANIFEST, read
+from tasks.warm_plan import ARTIFACTS, FILES, MODE, PLAN
 
 #: ``adapt(model file content, champion's folder, processed data folder)``: the content fitted to this data, or None
 #: when it cannot be (the next run then trains that model from scratch).
 Adapt = Callable[[dict[str, Any], Path, Path], dict[str, Any] | None]
 
 
+def data_params(cfg: Any, family: str) -> str:
+    """The SHA-256 of ``data.<family>``: the params that decide which rows are training, validation and test."""
+    return hashlib.sha256(json.dumps(getattr(cfg.data, family).model_dump(by_alias=True), sort_keys=True,
+                                     default=str).encode()).hexdigest()
+
+
 def plan_training(cfg: WarmStart, versions: int, champion: dict[str, Any] | None) -> dict[str, Any]:
-    """What the next run trains how. ``champion``: ``{"version", "teacher_versions" (int or None), "teacher",
-    "student" (whether its file is there)}``, None without one."""
+    """What the next run trains how. ``champion``: ``{"version", "trained_at" (the data versions its teacher was
+    trained on, None when unknown), "teacher", "student" (whether its file is there)}``, None without one."""
     plan = {"policy": cfg.policy, "teacher_every": cfg.teacher_every, "versions": versions, "champion": None,
             "teacher": "scratch", "student": "scratch", "teacher_versions": versions}
     if champion is None:
         return plan
     plan["champion"] = champion["version"]
-    trained_at = champion.get("teacher_versions")
-    if champion["teacher"] and isinstance(trained_at, int) and 0 <= versions - trained_at < cfg.teacher_every:
+    trained_at = champion.get("trained_at")
+    if (champion["teacher"] and cfg.teacher_every > 1 and isinstance(trained_at, int)
+            and 0 <= versions - trained_at < cfg.teacher_every):
         plan.update(teacher="reuse", teacher_versions=trained_at)
     elif champion["teacher"] and cfg.policy == "fine_tune":
         plan["teacher"] = "fine_tune"
@@ -50,67 +58,87 @@ def plan_training(cfg: WarmStart, versions: int, champion: dict[str, Any] | None
     return plan
 
 
-def champion_files(cfg: Any, family: str, scratch: Path) -> tuple[dict[str, Any], Path] | None:
-    """The champion (as ``plan_training`` takes it) and the folder its ``warm_start/`` artifacts were downloaded
-    to; None when the registered model has no champion."""
+def champion_files(cfg: Any, family: str, scratch: Path, pinned: str | None = None
+                   ) -> tuple[dict[str, Any], Path] | None:
+    """The champion (version ``pinned``, else the one the alias names now), as ``plan_training`` takes it, and the
+    folder its ``warm_start/`` artifacts were downloaded to; None when there is none, or when it was trained on rows
+    split by other ``data.<family>`` params (today's test rows may have been its training rows)."""
+    import torch
     from mlflow.exceptions import MlflowException
 
     from tasks.tracking import client_for, tracking_uri
 
     client, name = client_for(tracking_uri(cfg)), getattr(cfg.gate, family).registered_model
     try:
-        version = client.get_model_version_by_alias(name, "champion")
+        version = (client.get_model_version(name, pinned) if pinned else
+                   client.get_model_version_by_alias(name, "champion"))
     except MlflowException as err:
         if err.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(err).lower():
             return None
         raise
     try:
         local = Path(client.download_artifacts(version.run_id, ARTIFACTS, str(scratch)))
-    except Exception:  # noqa: BLE001 — any store's "not found": registered before versions kept their weights
+    except (MlflowException, OSError):   # registered before versions kept their weights
         print(f"note: {name} version {version.version} kept no {ARTIFACTS}/ weights; training from scratch",
               file=sys.stderr)
-        local = scratch
+        return None
     earlier = json.loads((local / PLAN).read_text()) if (local / PLAN).is_file() else {}
-    return ({"version": str(version.version), "teacher_versions": earlier.get("teacher_versions"),
+    if earlier.get("data_params") != data_params(cfg, family):
+        print(f"note: {name} version {version.version} was trained on data split by other data.{family} params; "
+              "training from scratch", file=sys.stderr)
+        return None
+    teacher = local / FILES["teacher"]
+    # what its teacher stage did (a reused teacher was trained on an earlier version), not only what was planned
+    done = torch.load(teacher, map_location="cpu", weights_only=True).get(MODE) if teacher.is_file() else None
+    trained_at = earlier.get("teacher_versions") if done in (None, "reuse") else earlier.get("versions")
+    return ({"version": str(version.version), "trained_at": trained_at,
              **{role: (local / file).is_file() for role, file in FILES.items()}}, local)
 
 
-def warm_start(cfg: Any, family: str, snapshot: Path, data: Path, out: Path, adapt: Adapt | None) -> dict[str, Any]:
-    """Write the plan and the champion's adapted weights into ``out``; return the plan."""
+def warm_start(cfg: Any, family: str, snapshot: Path, data: Path, out: Path, adapt: Adapt | None,
+               previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write the plan and the champion's adapted weights into ``out``; return the plan. ``previous``: the plan this
+    stage wrote last; on the same snapshot under the same policy it keeps that plan's champion (a re-run for a code
+    or params change starts where the first run of this data version did, not from a model of this very data)."""
     import torch
 
     spec: WarmStart = getattr(cfg.warm_start, family)
-    versions = len(read(snapshot)["batches"])
+    versions, digest = len(read(snapshot)["batches"]), file_digest(snapshot / MANIFEST)
     out.mkdir(parents=True, exist_ok=True)
     for file in FILES.values():   # what an earlier plan started from is not this one's
         (out / file).unlink(missing_ok=True)
-    if spec.policy == "scratch" and spec.teacher_every == 1:
-        plan = plan_training(spec, versions, None)
-    else:
-        with tempfile.TemporaryDirectory() as tmp:
-            found = champion_files(cfg, family, Path(tmp))
-            plan = plan_training(spec, versions, found[0] if found else None)
-            for role, file in FILES.items():
-                if plan[role] == "scratch" or found is None:
-                    continue
-                blob = torch.load(found[1] / file, map_location="cpu", weights_only=True)
-                fitted = adapt(blob, found[1], data) if adapt else blob
-                if fitted is None:
-                    print(f"note: the champion's {role} cannot read this data; the {role} trains from scratch",
-                          file=sys.stderr)
-                    plan.update({role: "scratch"}, **({"teacher_versions": versions} if role == "teacher" else {}))
-                    continue
-                buffer = io.BytesIO()
-                torch.save(fitted, buffer)
-                write_atomic(out / file, buffer.getvalue())
+    same = previous is not None and all(previous.get(k) == v for k, v in (
+        ("snapshot", digest), ("policy", spec.policy), ("teacher_every", spec.teacher_every)))
+    found = None
+    with tempfile.TemporaryDirectory() as tmp:
+        if not (spec.policy == "scratch" and spec.teacher_every == 1) and not (same and previous["champion"] is None):
+            found = champion_files(cfg, family, Path(tmp), previous["champion"] if same else None)
+        plan = plan_training(spec, versions, found[0] if found else None)
+        for role, file in FILES.items():
+            if plan[role] == "scratch" or found is None:
+                continue
+            blob = torch.load(found[1] / file, map_location="cpu", weights_only=True)
+            fitted = adapt(blob, found[1], data) if adapt else blob
+            if fitted is None:
+                print(f"note: the champion's {role} cannot read this data; the {role} trains from scratch",
+                      file=sys.stderr)
+                plan.update({role: "scratch"}, **({"teacher_versions": versions} if role == "teacher" else {}))
+                continue
+            buffer = io.BytesIO()
+            torch.save(fitted, buffer)
+            write_atomic(out / file, buffer.getvalue())
+    plan.update(snapshot=digest, data_params=data_params(cfg, family))
     write_json(out / PLAN, plan)
     return plan
 
 
 def stage_main(family: str, adapt: Adapt | None = None) -> None:
     from tasks.config import stage_args
+    from tasks.staging import STAGING
 
     args, cfg = stage_args(__doc__, "--snapshot", "--data", "--out")
-    plan = warm_start(cfg, family, args.snapshot, args.data, args.out, adapt)
+    final = args.out.parent.parent / args.out.name if args.out.parent.name == STAGING else args.out
+    previous = json.loads((final / PLAN).read_text()) if (final / PLAN).is_file() else None
+    plan = warm_start(cfg, family, args.snapshot, args.data, args.out, adapt, previous)
     print(f"{family}: teacher {plan['teacher']}, student {plan['student']}"
           + (f" (from champion version {plan['champion']})" if plan["champion"] else ""))

@@ -26,6 +26,14 @@ def _copy_week(source: Path, target: Path, change) -> None:
     change(ratings).to_csv(target / "ratings.csv", index=False)
 
 
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def _lock_log(repo: Path) -> list[str]:
+    return _git(repo, "log", "--format=%s", "--", "dvc.lock").splitlines()
+
+
 def _ingest_runs(repo: Path) -> list:
     return ingest_runs(repo, "recsys")
 
@@ -76,10 +84,19 @@ def test_arriving_weeks_are_versioned_trained_on_and_gated_and_bad_ones_quaranti
     (seen,) = client.get_run(prepare.info.run_id).inputs.dataset_inputs   # the model's data is that version
     assert seen.dataset.name == SNAPSHOT and seen.dataset.digest == versions[-1]
 
+    # dvc.lock in git: the new data version, then what was trained on it, each a commit of the lock alone
+    name, three = pipeline["gates"]["recsys"]["name"], ", ".join(w.name for w in weeks[:3])
+    gated = f"{name} version {pipeline['gates']['recsys']['version']}"
+    assert _lock_log(repo)[:2] == [f"recsys: trained on batches {three}, gated as {gated}",
+                                   f"recsys: batches {three} accepted into the snapshot"]
+    assert first["lock_commit"] and not _git(repo, "status", "--porcelain", "--", "dvc.lock")
+    assert client.get_model_version(name, pipeline["gates"]["recsys"]["version"]).tags["git.dirty"] == "false"
+
     lock = (repo / "dvc.lock").read_text()
     again = continuous_training(str(repo), "recsys", str(landing))   # nothing new arrived
     assert {o["status"] for o in again["ingested"]} == {"skipped"} and again["pipeline"] is None
     assert (repo / "dvc.lock").read_text() == lock and len(_ingest_runs(repo)) == 5
+    assert again["lock_commit"] is None and len(_lock_log(repo)) == 2
     status = dvc(repo, "status", "--json", "--with-deps", "evaluate_recsys")
     assert status.returncode == 0 and json.loads(status.stdout or "{}") == {}, status.stdout
 
@@ -100,6 +117,9 @@ def test_arriving_weeks_are_versioned_trained_on_and_gated_and_bad_ones_quaranti
     teacher = client.search_runs([runs[0].info.experiment_id], "tags.`pipeline.stage` = 'train_teacher_recsys'")
     assert len(teacher) == 2 and not client.get_metric_history(teacher[0].info.run_id, "val_auc")   # not trained
     assert third["pipeline"]["stages"]["warm_start_recsys"] == "ran"
+    # with the lock in git, DVC compares the two trained data versions across commits
+    diff = dvc(repo, "metrics", "diff", "--all", "--json", first["lock_commit"], third["lock_commit"])
+    assert diff.returncode == 0 and "metrics/recsys/teacher.json" in json.loads(diff.stdout), diff.stdout[-2000:]
     # the week's new users and items moved every embedding index: the champion of the earlier snapshot was scored in
     # its own vocabulary, beside the candidate on the same rows (before: onnxruntime's Gather out of bounds)
     gate = json.loads((repo / "reports/recsys/gate.json").read_text())

@@ -155,3 +155,28 @@ def test_distill_and_qat_stages_run_with_the_teacher_in_onnxruntime(project, mon
     assert run.data.params["distill.vision.teacher_runtime"] == expected != "auto"
     run_stage(monkeypatch, project, qat_vision, ["distill", "qat"], "kd.pt", "qat")
     assert load_model(project / "qat.pt") is not None
+
+
+def test_a_reused_teacher_is_the_champions_and_its_stage_still_writes_every_output(project, monkeypatch):
+    """Before: a teacher reused by the warm-start plan left its checkpoint folder (a DVC output) uncreated, so DVC
+    failed the stage in any fresh workspace."""
+    from tasks import train_teacher_vision
+    from tasks.training import model_shape
+
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["teacher"]["vision"] |= {**FAST, "arch": TEACHER.model_dump()}
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    warm = project / "warm"
+    champion = ResNetTeacher(TEACHER, **model_shape(project / "data"))
+    save_model(champion, "resnet_teacher", TEACHER, warm / "teacher.pt", shape=model_shape(project / "data"))
+    (warm / "plan.json").write_text(json.dumps({"teacher": "reuse", "student": "scratch", "champion": "3"}))
+    monkeypatch.setattr(sys, "argv", ["train_teacher_vision", "--data", "data", "--warm-start", "warm",
+                                      "--checkpoint", "ckpt/teacher/last.pt", "--model", "teacher_out.pt",
+                                      "--metrics", "teacher.json", "--plots", "teacher.csv"])
+    train_teacher_vision.main()
+    assert (project / "ckpt" / "teacher").is_dir() and not any((project / "ckpt" / "teacher").iterdir())
+    reused = torch.load(project / "teacher_out.pt", weights_only=True)
+    assert reused["warm_start"] == "reuse"
+    for key, value in champion.state_dict().items():
+        torch.testing.assert_close(reused["state_dict"][key], value)
+    assert (project / "teacher.csv").read_text() == "epoch\n"   # nothing trained

@@ -18,8 +18,8 @@ from tasks.movielens import acquire
 from tasks.prepare_recsys import VOCABULARY, prepare_recsys
 from tasks.recsys_family import paired_data
 from tasks.recsys_models import CtrModel
-from tasks.warm_plan import ARTIFACTS, FILES, PLAN, fine_tuned, start_from
-from tasks.warm_start import plan_training, warm_start
+from tasks.warm_plan import ARTIFACTS, FILES, MODE, PLAN, fine_tuned, start_from
+from tasks.warm_start import data_params, plan_training, warm_start
 from tasks.warm_start_recsys import adapt
 
 
@@ -29,7 +29,7 @@ def _policy(policy: str = "fine_tune", every: int = 1) -> WarmStart:
 
 
 def _champion(trained_at: int | None) -> dict:
-    return {"version": "4", "teacher_versions": trained_at, "teacher": True, "student": True}
+    return {"version": "4", "trained_at": trained_at, "teacher": True, "student": True}
 
 
 def test_the_plan_trains_from_scratch_without_a_champion_and_reuses_the_teacher_for_k_versions():
@@ -47,6 +47,8 @@ def test_the_plan_trains_from_scratch_without_a_champion_and_reuses_the_teacher_
     # a champion registered before versions kept a plan (or a snapshot that shrank): the teacher is trained
     assert plan_training(_policy(every=3), 5, _champion(None))["teacher"] == "fine_tune"
     assert plan_training(_policy(every=3), 3, _champion(4))["teacher"] == "fine_tune"
+    # teacher every version: trained again even on the data version its champion was trained on (a re-run)
+    assert plan_training(_policy(every=1), 4, _champion(4))["teacher"] == "fine_tune"
 
 
 def test_fine_tuning_knobs_scale_the_peak_rate_and_keep_the_type(config):
@@ -131,37 +133,58 @@ def test_a_champion_of_another_architecture_is_not_started_from(synthetic_moviel
 
 
 def test_the_stage_fetches_the_champions_weights_from_its_registering_run(synthetic_movielens, tmp_path,
-                                                                          mlflow_uri):
+                                                                          mlflow_uri, capsys):
     _, _, cfg = synthetic_movielens
+    tuned = cfg.model_copy(update={"warm_start": cfg.warm_start.model_copy(update={"recsys": _policy(every=2)})})
     old, new = _old_and_new(cfg, tmp_path)
     *_, old_shape = load_ctr_data(old)
-    kept = tmp_path / "kept"
-    kept.mkdir()
-    for role in FILES:
-        torch.save(_blob(CtrModel(cfg.teacher.recsys.arch, **old_shape), old_shape), kept / FILES[role])
-    (kept / PLAN).write_text(json.dumps({"teacher_versions": 2}))
-    (kept / VOCABULARY).write_text((old / VOCABULARY).read_text())
     client = MlflowClient(mlflow_uri)
-    run = client.create_run(client.create_experiment("warm")).info.run_id
-    client.log_artifacts(run, str(kept), ARTIFACTS)
-    name = cfg.gate.recsys.registered_model
+    experiment, name = client.create_experiment("warm"), cfg.gate.recsys.registered_model
     client.create_registered_model(name)
-    version = client.create_model_version(name, f"runs:/{run}/model", run)
+
+    def register(teacher_mode: str, params: str) -> str:
+        """A version whose registering run kept its weights (its teacher trained as ``teacher_mode``) and its plan:
+        trained on 2 data versions, its teacher on the first."""
+        kept = tmp_path / f"kept-{teacher_mode}-{params[:4]}"
+        kept.mkdir()
+        model = CtrModel(cfg.teacher.recsys.arch, **old_shape)
+        for role in FILES:
+            path = kept / FILES[role]
+            save_model(model, "ctr", model.arch, path, shape=old_shape, **({MODE: teacher_mode} if role ==
+                                                                             "teacher" else {}))
+        (kept / PLAN).write_text(json.dumps({"versions": 2, "teacher_versions": 1, "data_params": params}))
+        (kept / VOCABULARY).write_text((old / VOCABULARY).read_text())
+        run = client.create_run(experiment).info.run_id
+        client.log_artifacts(run, str(kept), ARTIFACTS)
+        return str(client.create_model_version(name, f"runs:/{run}/model", run).version)
+
     snapshot = tmp_path / "raw"
     snapshot.mkdir()
     (snapshot / "snapshot.json").write_text(json.dumps({"batches": [{"id": f"b{i}"} for i in range(3)]}))
-    tuned = cfg.model_copy(update={"warm_start": cfg.warm_start.model_copy(
-        update={"recsys": _policy(every=2)})})
-
     out = tmp_path / "out"
     plan = warm_start(tuned, "recsys", snapshot, new, out, adapt)
     assert (plan["teacher"], plan["student"], plan["champion"]) == ("scratch", "scratch", None)   # no champion yet
     assert sorted(p.name for p in out.iterdir()) == [PLAN]
 
-    client.set_registered_model_alias(name, "champion", version.version)
+    reused = register("reuse", data_params(cfg, "recsys"))
+    client.set_registered_model_alias(name, "champion", reused)
     plan = warm_start(tuned, "recsys", snapshot, new, out, adapt)
-    assert (plan["teacher"], plan["student"], plan["champion"]) == ("reuse", "fine_tune", str(version.version))
-    assert plan["teacher_versions"] == 2 and json.loads((out / PLAN).read_text()) == plan
+    # its teacher was reused on version 2, so trained on version 1: two versions ago, it is trained again
+    assert (plan["teacher"], plan["student"], plan["champion"]) == ("fine_tune", "fine_tune", reused)
+    assert json.loads((out / PLAN).read_text()) == plan
     *_, new_shape = load_ctr_data(new)
     for role in FILES:   # in today's vocabulary
         assert torch.load(out / FILES[role], weights_only=True)["shape"] == new_shape
+
+    trained = register("fine_tune", data_params(cfg, "recsys"))   # its teacher trained on version 2: reused now
+    client.set_registered_model_alias(name, "champion", trained)
+    pinned = warm_start(tuned, "recsys", snapshot, new, out, adapt, previous=plan)
+    assert pinned["champion"] == reused   # a re-run on the same snapshot starts where the first did
+    plan = warm_start(tuned, "recsys", snapshot, new, out, adapt)
+    assert (plan["teacher"], plan["teacher_versions"], plan["champion"]) == ("reuse", 2, trained)
+
+    other = register("fine_tune", "0" * 64)   # trained on rows split by other data params: never started from
+    client.set_registered_model_alias(name, "champion", other)
+    plan = warm_start(tuned, "recsys", snapshot, new, out, adapt)
+    assert (plan["teacher"], plan["student"], plan["champion"]) == ("scratch", "scratch", None)
+    assert "split by other data.recsys params" in capsys.readouterr().err

@@ -1,0 +1,57 @@
+"""dvc.lock is committed after a run, alone: the user's other changes stay uncommitted, an ignored lock or a folder
+outside git gets no commit, and a machine without a git identity still records it."""
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from flows.lock_commit import commit_lock
+from tasks.lineage import git_state
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(["git", *args], cwd=repo, capture_output=True, text=True, check=True).stdout.strip()
+
+
+@pytest.fixture
+def repo(tmp_path, monkeypatch) -> Path:
+    """A git work tree whose git knows no user (no global or system config)."""
+    monkeypatch.setenv("GIT_CONFIG_GLOBAL", str(tmp_path / "gitconfig"))
+    monkeypatch.setenv("GIT_CONFIG_NOSYSTEM", "1")
+    repo = tmp_path / "repo"
+    repo.mkdir()
+    _git(repo, "init", "--quiet")
+    (repo / "params.yaml").write_text("a: 1\n")
+    _git(repo, "add", "params.yaml")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "sources")
+    return repo
+
+
+def test_the_lock_alone_is_committed_with_the_pipelines_identity(repo):
+    (repo / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    (repo / "params.yaml").write_text("a: 2\n")   # the user's edit, staged: not the pipeline's to commit
+    _git(repo, "add", "params.yaml")
+    commit = commit_lock(repo, "recsys: batches 0003 accepted")
+    assert commit == _git(repo, "rev-parse", "HEAD")
+    assert _git(repo, "show", "--name-only", "--format=%an|%s", "HEAD").splitlines() == [
+        "kdq-pipeline|recsys: batches 0003 accepted", "", "dvc.lock"]
+    assert _git(repo, "status", "--porcelain") == "M  params.yaml"   # still staged, still uncommitted
+    assert commit_lock(repo, "again") is None   # nothing changed since
+    (repo / "dvc.lock").write_text("schema: '2.0'\nstages: {a: {}}\n")
+    assert git_state(repo)["git.dirty"] == "true"   # the params edit; a changed lock alone is not code
+    _git(repo, "reset", "--quiet", "--hard")
+    (repo / "dvc.lock").write_text("schema: '2.0'\nstages: {b: {}}\n")
+    assert git_state(repo)["git.dirty"] == "false"
+
+
+def test_an_ignored_lock_or_a_folder_outside_git_gets_no_commit(repo, tmp_path):
+    (repo / ".gitignore").write_text("dvc.lock\n")
+    (repo / "dvc.lock").write_text("stages: {}\n")
+    head = _git(repo, "rev-parse", "HEAD")
+    assert commit_lock(repo, "m") is None and _git(repo, "rev-parse", "HEAD") == head
+    outside = tmp_path / "plain"
+    outside.mkdir()
+    (outside / "dvc.lock").write_text("stages: {}\n")
+    assert commit_lock(outside, "m") is None
