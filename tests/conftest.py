@@ -164,6 +164,22 @@ def synthetic_movielens(tmp_path, raw_params, monkeypatch):
     return recbole, grouplens, cfg
 
 
+def older_and_grown(cfg, tmp_path):
+    """The recommender's data prepared twice into ``tmp_path``: ``old``, two thirds of its users and items (and their
+    ratings), and ``new``, all of them — a snapshot and the one it grew into; returns (old, new) folders."""
+    from tasks.movielens import acquire
+    from tasks.prepare_recsys import prepare_recsys
+
+    source, tables = acquire(cfg.data.recsys)
+    old = {**tables, "users": tables["users"].iloc[: len(tables["users"]) * 2 // 3],
+           "items": tables["items"].iloc[: len(tables["items"]) * 2 // 3]}
+    old["ratings"] = tables["ratings"][tables["ratings"].user_id.isin(old["users"].user_id)
+                                       & tables["ratings"].item_id.isin(old["items"].item_id)]
+    prepare_recsys(cfg.data.recsys, tmp_path / "old", (source, old))
+    prepare_recsys(cfg.data.recsys, tmp_path / "new", (source, tables))
+    return tmp_path / "old", tmp_path / "new"
+
+
 @pytest.fixture(scope="session")
 def real_splits():
     """A stratified subset of the real Fashion-MNIST splits (needs the Debian package or source_dir)."""

@@ -11,6 +11,7 @@ from tasks.gate import gate_checks
 from tasks.movielens import acquire
 from tasks.prepare_recsys import FIELDS, VOCABULARY, prepare_recsys
 from tasks.recsys_family import FAMILY, paired_data
+from tests.conftest import older_and_grown
 
 
 def _decode(fields: np.ndarray, vocabulary: dict[str, list]) -> list[tuple]:
@@ -22,13 +23,7 @@ def _decode(fields: np.ndarray, vocabulary: dict[str, list]) -> list[tuple]:
 
 def test_a_champion_of_an_older_snapshot_reads_the_rows_it_knows_in_its_own_encoding(synthetic_movielens, tmp_path):
     _, _, cfg = synthetic_movielens
-    source, tables = acquire(cfg.data.recsys)
-    old = {**tables, "users": tables["users"].iloc[: len(tables["users"]) * 2 // 3],
-           "items": tables["items"].iloc[: len(tables["items"]) * 2 // 3]}
-    old["ratings"] = tables["ratings"][tables["ratings"].user_id.isin(old["users"].user_id)
-                                       & tables["ratings"].item_id.isin(old["items"].item_id)]
-    prepare_recsys(cfg.data.recsys, tmp_path / "old", (source, old))
-    prepare_recsys(cfg.data.recsys, tmp_path / "new", (source, tables))
+    older_and_grown(cfg, tmp_path)
     champion = tmp_path / "registered"
     champion.mkdir()
     (champion / VOCABULARY).write_text((tmp_path / "old" / VOCABULARY).read_text())

@@ -14,13 +14,13 @@ from mlflow.tracking import MlflowClient
 from tasks.artifacts import save_model
 from tasks.ctr_training import load_ctr_data
 from tasks.family_config import WarmStart
-from tasks.movielens import acquire
-from tasks.prepare_recsys import VOCABULARY, prepare_recsys
+from tasks.prepare_recsys import VOCABULARY
 from tasks.recsys_family import paired_data
 from tasks.recsys_models import CtrModel
 from tasks.warm_plan import ARTIFACTS, FILES, MODE, PLAN, fine_tuned, start_from
 from tasks.warm_start import data_params, plan_training, warm_start
 from tasks.warm_start_recsys import adapt
+from tests.conftest import older_and_grown
 
 
 def _policy(policy: str = "fine_tune", every: int = 1) -> WarmStart:
@@ -59,18 +59,6 @@ def test_fine_tuning_knobs_scale_the_peak_rate_and_keep_the_type(config):
     assert tuned.schedule == spec.schedule and tuned.student == spec.student
 
 
-def _old_and_new(cfg, tmp_path):
-    """The recommender's data prepared from two thirds of its users and items, and from all of them."""
-    source, tables = acquire(cfg.data.recsys)
-    old = {**tables, "users": tables["users"].iloc[: len(tables["users"]) * 2 // 3],
-           "items": tables["items"].iloc[: len(tables["items"]) * 2 // 3]}
-    old["ratings"] = tables["ratings"][tables["ratings"].user_id.isin(old["users"].user_id)
-                                       & tables["ratings"].item_id.isin(old["items"].item_id)]
-    prepare_recsys(cfg.data.recsys, tmp_path / "old", (source, old))
-    prepare_recsys(cfg.data.recsys, tmp_path / "new", (source, tables))
-    return tmp_path / "old", tmp_path / "new"
-
-
 def _blob(model: CtrModel, shape: dict) -> dict:
     """A model file's content, as the training stages write it."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,7 +71,7 @@ def test_the_champions_model_reads_new_data_by_vocabulary_and_scores_known_rows_
     """New users and items shift every embedding row: the champion's rows are carried to their values' new rows, so
     on the ratings both vocabularies hold the adapted model scores exactly what the champion scored."""
     _, _, cfg = synthetic_movielens
-    old, new = _old_and_new(cfg, tmp_path)
+    old, new = older_and_grown(cfg, tmp_path)
     torch.manual_seed(0)
     *_, old_shape = load_ctr_data(old)
     champion = CtrModel(cfg.teacher.recsys.arch, **old_shape).eval()
@@ -116,7 +104,7 @@ def test_the_champions_model_reads_new_data_by_vocabulary_and_scores_known_rows_
 
 def test_a_champion_of_another_architecture_is_not_started_from(synthetic_movielens, tmp_path, capsys):
     _, _, cfg = synthetic_movielens
-    *_, shape = load_ctr_data(_old_and_new(cfg, tmp_path)[1])
+    *_, shape = load_ctr_data(older_and_grown(cfg, tmp_path)[1])
     teacher = CtrModel(cfg.teacher.recsys.arch, **shape)
     warm = tmp_path / "warm"
     warm.mkdir()
@@ -136,7 +124,7 @@ def test_the_stage_fetches_the_champions_weights_from_its_registering_run(synthe
                                                                           mlflow_uri, capsys):
     _, _, cfg = synthetic_movielens
     tuned = cfg.model_copy(update={"warm_start": cfg.warm_start.model_copy(update={"recsys": _policy(every=2)})})
-    old, new = _old_and_new(cfg, tmp_path)
+    old, new = older_and_grown(cfg, tmp_path)
     *_, old_shape = load_ctr_data(old)
     client = MlflowClient(mlflow_uri)
     experiment, name = client.create_experiment("warm"), cfg.gate.recsys.registered_model
