@@ -145,11 +145,10 @@ def compression_pipeline(root: str = ".", families: list[str] | None = None, pro
                                           retry_delay_seconds=cfg.pipeline.retry_delays())
         for node in stages:
             statuses[node.name] = retrying(node.name, root_path, env, DATA_DOCS in {Path(o).name for o in node.outs})
+            if node.name.startswith("warm_start_") and (unpushed := push_outputs(root_path, env, node.name)):
+                # the weights a warm-started model began from, where flows.restore on another machine finds them
+                stage_logger()(f"warning: {node.name}'s output is not on the DVC remote: {unpushed}")
         parent.set_tags({f"stage.{name}": status for name, status in statuses.items()})
-        for name in [n for n, status in statuses.items() if status == "ran" and n.startswith("warm_start_")]:
-            # the weights a warm-started model began from, where flows.restore on another machine finds them
-            if unpushed := push_outputs(root_path, env, name):
-                stage_logger()(f"warning: {name}'s output is not on the DVC remote: {unpushed}")
         metrics = collect_metrics(root_path)
         parent.log_metrics(metrics)
         gates = {family: retrying_promote(cfg)(family, root_path, uri, parent.run_id, promote) for family in families}

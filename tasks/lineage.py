@@ -24,7 +24,7 @@ def git_state(root: Path = Path(".")) -> dict[str, str]:
         return {"git.commit": "none", "git.dirty": "unknown"}
     # dvc.lock records data and results, not code: it changes with every run and is committed after it
     # (flows.lock_commit), and each registered version keeps the one it was made with
-    dirty = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock")
+    dirty = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ":(exclude)dvc.lock")
     return {"git.commit": commit, "mlflow.source.git.commit": commit, "git.dirty": str(bool(dirty)).lower()}
 
 

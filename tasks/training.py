@@ -220,7 +220,8 @@ def fit_best(model: nn.Module, loss_fn: Callable, count: int,
     sched = make_scheduler(opt, spec.schedule, spec.epochs * steps)
     gen = torch.Generator().manual_seed(spec.seed)
     history: list[dict[str, float]] = []
-    best: tuple[float, dict] = (scores()[key] if from_start else -math.inf, copy.deepcopy(model.state_dict()))
+    start = scores()[key] if from_start else -math.inf
+    best: tuple[float, dict] = (start, copy.deepcopy(model.state_dict()))
     for epoch in range(spec.epochs):
         if before_epoch:
             before_epoch(epoch)
@@ -238,7 +239,7 @@ def fit_best(model: nn.Module, loss_fn: Callable, count: int,
             best = (metrics[key], copy.deepcopy(model.state_dict()))
         if on_epoch:
             on_epoch(epoch, metrics)
-    if from_start and not any(m[key] >= best[0] for m in history):
+    if from_start and not any(m[key] > start for m in history):
         print(f"no epoch beat the starting weights' {key} {best[0]:.4f}: kept them", flush=True)
     model.load_state_dict(best[1])
     return history

@@ -84,4 +84,5 @@ def started_from(warm: Path | None) -> list[Path]:
 
 def warm_tags(warm: Path, role: str, mode: str) -> dict[str, str]:
     """MLflow tags of a training stage's run: how ``role`` started, and from which champion version."""
-    return {f"warm_start.{role}": mode, "warm_start.champion": str(read_plan(warm).get("champion") or "none")}
+    champion = read_plan(warm).get("champion") if mode != "scratch" else None
+    return {f"warm_start.{role}": mode, f"warm_start.{role}_champion": str(champion or "none")}

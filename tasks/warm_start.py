@@ -8,9 +8,11 @@ plan starts from the champion, its teacher and FP32 student (``teacher.pt``, ``s
 the family's ``adapt`` (the recommender carries its embedding rows over by vocabulary).
 
 The champion's weights are what its registering run kept under ``warm_start/`` (``flows.promotion``). The stage
-runs when the snapshot, the processed data or these params change — once per new data version — so the champion it
-reads is the one of that moment, and dvc.lock records what it wrote (``flows.restore`` pulls it back). With
-``policy: scratch`` and ``teacher_every: 1`` it asks the registry nothing.
+runs when the snapshot, the processed data, these params or its code change (as a rule once per new data version),
+so the champion it reads is the one of that moment, and dvc.lock records what it wrote (``flows.restore`` pulls it back). A re-run on
+the same snapshot under the same policy (a code change) starts from the champion the first run of that data version
+started from, never from a model of this very data; a champion trained on data split by other ``data.<family>``
+params is never started from. With ``policy: scratch`` and ``teacher_every: 1`` it asks the registry nothing.
 """
 from __future__ import annotations
 
@@ -74,18 +76,22 @@ def champion_files(cfg: Any, family: str, scratch: Path, pinned: str | None = No
                    client.get_model_version_by_alias(name, "champion"))
     except MlflowException as err:
         if err.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(err).lower():
+            if pinned:
+                print(f"note: {name} version {pinned}, which this data version's first run started from, is gone; "
+                      "training from scratch", file=sys.stderr)
             return None
         raise
     try:
         local = Path(client.download_artifacts(version.run_id, ARTIFACTS, str(scratch)))
-    except (MlflowException, OSError):   # registered before versions kept their weights
-        print(f"note: {name} version {version.version} kept no {ARTIFACTS}/ weights; training from scratch",
-              file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 — any store's "not found" (MLflow, local files, S3)
+        print(f"note: {name} version {version.version}: no {ARTIFACTS}/ weights to read ({type(err).__name__}: "
+              f"{str(err)[:200]}); training from scratch", file=sys.stderr)
         return None
     earlier = json.loads((local / PLAN).read_text()) if (local / PLAN).is_file() else {}
     if earlier.get("data_params") != data_params(cfg, family):
-        print(f"note: {name} version {version.version} was trained on data split by other data.{family} params; "
-              "training from scratch", file=sys.stderr)
+        why = ("recorded no data params (registered before they were)" if "data_params" not in earlier else
+               f"was trained on data split by other data.{family} params (its training rows may be today's test rows)")
+        print(f"note: {name} version {version.version} {why}; training from scratch", file=sys.stderr)
         return None
     teacher = local / FILES["teacher"]
     # what its teacher stage did (a reused teacher was trained on an earlier version), not only what was planned
@@ -107,8 +113,9 @@ def warm_start(cfg: Any, family: str, snapshot: Path, data: Path, out: Path, ada
     out.mkdir(parents=True, exist_ok=True)
     for file in FILES.values():   # what an earlier plan started from is not this one's
         (out / file).unlink(missing_ok=True)
+    model = getattr(cfg.gate, family).registered_model
     same = previous is not None and all(previous.get(k) == v for k, v in (
-        ("snapshot", digest), ("policy", spec.policy), ("teacher_every", spec.teacher_every)))
+        ("snapshot", digest), ("policy", spec.policy), ("teacher_every", spec.teacher_every), ("model", model)))
     found = None
     with tempfile.TemporaryDirectory() as tmp:
         if not (spec.policy == "scratch" and spec.teacher_every == 1) and not (same and previous["champion"] is None):
@@ -127,7 +134,7 @@ def warm_start(cfg: Any, family: str, snapshot: Path, data: Path, out: Path, ada
             buffer = io.BytesIO()
             torch.save(fitted, buffer)
             write_atomic(out / file, buffer.getvalue())
-    plan.update(snapshot=digest, data_params=data_params(cfg, family))
+    plan.update(snapshot=digest, data_params=data_params(cfg, family), model=model)
     write_json(out / PLAN, plan)
     return plan
 

@@ -55,3 +55,28 @@ def test_an_ignored_lock_or_a_folder_outside_git_gets_no_commit(repo, tmp_path):
     outside.mkdir()
     (outside / "dvc.lock").write_text("stages: {}\n")
     assert commit_lock(outside, "m") is None
+
+
+def test_a_refused_commit_or_a_held_dvc_lock_leaves_the_lock_as_it_was(repo, monkeypatch, capsys):
+    import zc.lockfile
+
+    from flows import lock_commit
+
+    (repo / "dvc.lock").write_text("stages: {}\n")
+    hook = repo / ".git" / "hooks" / "pre-commit"
+    hook.write_text("#!/bin/sh\necho 'no commits today' >&2\nexit 1\n")
+    hook.chmod(0o755)
+    assert commit_lock(repo, "m") is None and "no commits today" in capsys.readouterr().err
+    assert _git(repo, "status", "--porcelain", "--", "dvc.lock") == "?? dvc.lock"   # not left staged
+    hook.unlink()
+    (repo / ".dvc" / "tmp").mkdir(parents=True, exist_ok=True)
+    held = zc.lockfile.LockFile(str(repo / ".dvc" / "tmp" / "lock"))   # a DVC command writing the lock now
+    monkeypatch.setattr(lock_commit, "LOCK_WAIT_SECONDS", 0)
+    try:
+        assert commit_lock(repo, "m") is None and "repository lock" in capsys.readouterr().err
+    finally:
+        held.close()
+    (repo / "dvc.lock").write_text("stages: [unclosed\n")   # half-written
+    assert commit_lock(repo, "m") is None and "does not parse" in capsys.readouterr().err
+    (repo / "dvc.lock").write_text("stages: {}\n")
+    assert commit_lock(repo, "m") is not None
