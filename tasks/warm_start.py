@@ -9,10 +9,11 @@ the family's ``adapt`` (the recommender carries its embedding rows over by vocab
 
 The champion's weights are what its registering run kept under ``warm_start/`` (``flows.promotion``). The stage
 runs when the snapshot, the processed data, these params or its code change (as a rule once per new data version),
-so the champion it reads is the one of that moment, and dvc.lock records what it wrote (``flows.restore`` pulls it back). A re-run on
-the same snapshot under the same policy (a code change) starts from the champion the first run of that data version
-started from, never from a model of this very data; a champion trained on data split by other ``data.<family>``
-params is never started from. With ``policy: scratch`` and ``teacher_every: 1`` it asks the registry nothing.
+so the champion it reads is the one of that moment, and dvc.lock records what it wrote (``flows.restore`` pulls it
+back). A re-run on the same snapshot under the same policy (a code change) starts from the champion the first run of
+that data version started from, never from a model of this very data; a champion trained on data split by other
+``data.<family>`` params is never started from. With ``policy: scratch`` and ``teacher_every: 1`` it asks the
+registry nothing.
 """
 from __future__ import annotations
 
