@@ -59,9 +59,9 @@ benchmark-teacher: $(STAMP)
 sweep: $(STAMP) data-source
 	$(PY) -m flows.sweep $(SWEEP_ARGS)
 
-# MovieLens-100K replayed batch by batch through ingestion, retraining and the gate (full profile, a scratch copy):
-# per batch the challenger's and the champion's AUC on the recent and golden windows, the decision, the time.
-# REPLAY_ARGS='--batches 6' replays the first six only.
+# MovieLens-100K replayed batch by batch through ingestion, retraining and the gate (full profile, a scratch copy per
+# training policy): per batch the challenger's validation AUC, both models' AUC on the recent and golden windows, the
+# decision, the time. Both policies: about 80 minutes on 2 cores. REPLAY_ARGS='--batches 6' replays the first six.
 benchmark-replay: $(STAMP) data-source
 	$(PY) -m flows.replay_benchmark --family recsys --policy scratch --policy fine_tune,teacher_every=4 \
 	    --out reports/benchmarks/replay_recsys.json --plot reports/benchmarks/replay_recsys.png $(REPLAY_ARGS)
