@@ -278,7 +278,7 @@ def test_make_smoke_runs_a_family_in_its_own_copy_with_the_flows_outputs(flow_re
     proc = subprocess.run([sys.executable, "-m", "flows.smoke", "--dir", str(dest), "--family", "recsys"],
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "smoke run: 10 stages and 1 gate(s)" in proc.stdout and "gate recsys: PASS" in proc.stdout
+    assert "smoke run: 11 stages and 1 gate(s)" in proc.stdout and "gate recsys: PASS" in proc.stdout
     assert {p: p.read_bytes() if p.exists() else None for p in watched} == before
     champion = MlflowClient(f"sqlite:///{dest / 'mlflow.db'}").get_model_version_by_alias(
         "smoke-ctr-student-int8", "champion")
