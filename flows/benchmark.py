@@ -71,7 +71,8 @@ def table(cold: tuple[float, dict], warm: tuple[float, dict]) -> str:
              "| stage | cold run | stage wall (s) | re-run, nothing changed |", "|---|---|---:|---|"]
     for stage, status in cold[1]["statuses"].items():
         seconds = cold[1]["stage_seconds"].get(stage)
-        lines.append(f"| {stage} | {status} | {seconds:.1f} | {warm[1]['statuses'].get(stage)} |")
+        wall = "–" if seconds is None else f"{seconds:.1f}"   # a stage that tracks no run of its own
+        lines.append(f"| {stage} | {status} | {wall} | {warm[1]['statuses'].get(stage)} |")
     lines.append(f"| **whole `python -m flows.pipeline`** | | **{cold[0]:.1f}** | **{warm[0]:.1f} s** |")
     m = cold[1]["metrics"]
     acc, train_s = m.get("vision.teacher.test_accuracy", float("nan")), cold[1]["stage_seconds"].get("train_teacher_vision", 0)

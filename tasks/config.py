@@ -211,15 +211,17 @@ def load_config(path: Path | str = PARAMS_FILE) -> Config:
 OUTPUT_FLAGS = ("--out", "--model", "--metrics", "--plots", "--report", "--docs")
 
 
-def stage_args(doc: str, *path_flags: str) -> tuple[argparse.Namespace, Config]:
-    """A stage CLI's arguments: ``--params`` plus required path flags; returns (args, validated config). Under
-    ``run_cli`` the output paths are staging paths (``tasks.staging``)."""
+def stage_args(doc: str, *path_flags: str, optional: tuple[str, ...] = ()) -> tuple[argparse.Namespace, Config]:
+    """A stage CLI's arguments: ``--params`` plus required path flags (and ``optional`` ones, None when absent);
+    returns (args, validated config). Under ``run_cli`` the output paths are staging paths (``tasks.staging``)."""
     from tasks.staging import staged
 
     parser = argparse.ArgumentParser(description=doc.strip().splitlines()[0])
     parser.add_argument("--params", default=str(PARAMS_FILE), help="the params file (default: params.yaml)")
     for flag in path_flags:
         parser.add_argument(flag, type=Path, required=True)
+    for flag in optional:
+        parser.add_argument(flag, type=Path, default=None)
     args = parser.parse_args()
     cfg = load_config(args.params)
     for flag in set(path_flags) & set(OUTPUT_FLAGS):  # written to staging, moved into place when the stage succeeds

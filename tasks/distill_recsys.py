@@ -40,7 +40,8 @@ def distill_recsys(cfg: DistillRecsys, distill: bool, data_dir: Path, teacher_pa
 
 
 def main() -> None:
-    args, cfg = stage_args(__doc__, "--data", "--teacher", "--warm-start", "--model", "--metrics", "--plots")
+    args, cfg = stage_args(__doc__, "--data", "--teacher", "--model", "--metrics", "--plots",
+                           optional=("--warm-start",))
     kd, distill = cfg.distill.recsys, "distill" in cfg.recipe.recsys
     from tasks.tracking import stage_run
 

@@ -46,8 +46,8 @@ def distill_vision(cfg: DistillVision, distill: bool, data_dir: Path, teacher_pa
 
 
 def main() -> None:
-    args, cfg = stage_args(__doc__, "--data", "--teacher", "--warm-start", "--checkpoint", "--model", "--metrics",
-                           "--plots")
+    args, cfg = stage_args(__doc__, "--data", "--teacher", "--checkpoint", "--model", "--metrics",
+                           "--plots", optional=("--warm-start",))
     kd, distill = cfg.distill.vision.resolved(), "distill" in cfg.recipe.vision
     from tasks.tracking import stage_run
 

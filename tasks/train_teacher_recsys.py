@@ -58,7 +58,8 @@ def import_teacher_recsys(cfg: TrainTeacherRecsys, data_dir: Path
 
 
 def main() -> None:
-    args, cfg = stage_args(__doc__, "--data", "--warm-start", "--model", "--metrics", "--plots")
+    args, cfg = stage_args(__doc__, "--data", "--model", "--metrics", "--plots",
+                           optional=("--warm-start",))
     teacher = cfg.teacher.recsys
     from tasks.tracking import stage_run
 

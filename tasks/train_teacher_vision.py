@@ -63,7 +63,8 @@ def import_teacher_vision(cfg: TrainTeacherVision, data_dir: Path) -> tuple[nn.M
 
 
 def main() -> None:
-    args, cfg = stage_args(__doc__, "--data", "--warm-start", "--checkpoint", "--model", "--metrics", "--plots")
+    args, cfg = stage_args(__doc__, "--data", "--checkpoint", "--model", "--metrics", "--plots",
+                           optional=("--warm-start",))
     teacher = cfg.teacher.vision
     from tasks.tracking import stage_run
 

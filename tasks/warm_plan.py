@@ -82,7 +82,7 @@ def started_from(warm: Path | None) -> list[Path]:
     return sorted(p for p in warm.iterdir() if p.is_file()) if warm is not None and warm.is_dir() else []
 
 
-def warm_tags(warm: Path, role: str, mode: str) -> dict[str, str]:
+def warm_tags(warm: Path | None, role: str, mode: str) -> dict[str, str]:
     """MLflow tags of a training stage's run: how ``role`` started, and from which champion version."""
-    champion = read_plan(warm).get("champion") if mode != "scratch" else None
+    champion = read_plan(warm).get("champion") if mode != "scratch" and warm is not None else None
     return {f"warm_start.{role}": mode, f"warm_start.{role}_champion": str(champion or "none")}

@@ -144,9 +144,16 @@ def stage_main(family: str, adapt: Adapt | None = None) -> None:
     from tasks.config import stage_args
     from tasks.staging import STAGING
 
+    from tasks.tracking import stage_run
+
     args, cfg = stage_args(__doc__, "--snapshot", "--data", "--out")
     final = args.out.parent.parent / args.out.name if args.out.parent.name == STAGING else args.out
     previous = json.loads((final / PLAN).read_text()) if (final / PLAN).is_file() else None
-    plan = warm_start(cfg, family, args.snapshot, args.data, args.out, adapt, previous)
+    spec = getattr(cfg.warm_start, family)
+    with stage_run(f"warm_start_{family}", cfg, {f"warm_start.{family}": spec}) as run:
+        plan = warm_start(cfg, family, args.snapshot, args.data, args.out, adapt, previous)
+        run.set_tags({f"warm_start.{role}": plan[role] for role in FILES} | {
+            "warm_start.champion": str(plan["champion"] or "none")})
+        run.log_artifact(args.out / PLAN)
     print(f"{family}: teacher {plan['teacher']}, student {plan['student']}"
           + (f" (from champion version {plan['champion']})" if plan["champion"] else ""))
