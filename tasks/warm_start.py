@@ -29,7 +29,7 @@ from typing import Any
 from tasks.family_config import WarmStart
 from tasks.io import file_digest, write_atomic, write_json
 from tasks.snapshot import MANIFEST, read
-from tasks.warm_plan import ARTIFACTS, FILES, MODE, PLAN
+from tasks.warm_plan import ARTIFACTS, FILES, MODE, PLAN, read_plan
 
 #: ``adapt(model file content, champion's folder, processed data folder)``: the content fitted to this data, or None
 #: when it cannot be (the next run then trains that model from scratch).
@@ -143,12 +143,11 @@ def warm_start(cfg: Any, family: str, snapshot: Path, data: Path, out: Path, ada
 def stage_main(family: str, adapt: Adapt | None = None) -> None:
     from tasks.config import stage_args
     from tasks.staging import STAGING
-
     from tasks.tracking import stage_run
 
     args, cfg = stage_args(__doc__, "--snapshot", "--data", "--out")
     final = args.out.parent.parent / args.out.name if args.out.parent.name == STAGING else args.out
-    previous = json.loads((final / PLAN).read_text()) if (final / PLAN).is_file() else None
+    previous = read_plan(final) if (final / PLAN).is_file() else None
     spec = getattr(cfg.warm_start, family)
     with stage_run(f"warm_start_{family}", cfg, {f"warm_start.{family}": spec}) as run:
         plan = warm_start(cfg, family, args.snapshot, args.data, args.out, adapt, previous)
