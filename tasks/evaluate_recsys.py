@@ -11,7 +11,6 @@ ranked; the user's positive test items are the relevant ones (Recall@k divides t
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -23,8 +22,9 @@ from tasks.config import stage_args
 from tasks.ctr_onnx import MODELS, OUTPUT, onnx_probabilities
 from tasks.ctr_training import CtrSplit, ctr_metrics
 from tasks.errors import run_cli
+from tasks.io import read_windows
 from tasks.onnx_models import file_sizes, percentiles_ms, session, timed_runs
-from tasks.prepare_recsys import WINDOWS, assemble_fields
+from tasks.prepare_recsys import assemble_fields
 from tasks.recsys_config import EvaluateRecsys
 
 
@@ -80,12 +80,9 @@ def split_quality(path: Path, data_dir: Path, split: str, threads: int) -> dict[
 def window_quality(labels: np.ndarray, probabilities: np.ndarray, data_dir: Path) -> dict[str, float]:
     """``<window>_auc``, ``<window>_logloss`` and ``<window>_rows`` on the test rows of each evaluation window of
     ``windows.json`` (golden, recent; a window whose rows hold one class only has no AUC: its rows are reported)."""
-    found = data_dir / WINDOWS
-    if not found.is_file():
-        return {}
     out: dict[str, float] = {}
-    for name, positions in json.loads(found.read_text()).items():
-        y = labels[np.asarray(positions, dtype=np.int64)]
+    for name, positions in read_windows(data_dir).items():
+        y = labels[positions]
         out[f"{name}_rows"] = len(y)
         if len(np.unique(y)) == 2:
             out.update({f"{name}_{k}": v for k, v in ctr_metrics(y, probabilities[positions]).items()})

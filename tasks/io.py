@@ -72,6 +72,18 @@ def read_manifest(data_dir: Path, stage: str) -> dict[str, Any]:
         raise DataFormatError(f"{data_dir}/manifest.json: cannot be read ({err}); re-run {stage}") from err
 
 
+WINDOWS = "windows.json"   # beside prepared data: {window: positions in its test split} (golden, recent)
+
+
+def read_windows(data_dir: Path) -> dict[str, np.ndarray]:
+    """The evaluation windows of ``data_dir``'s test split, {window: row positions}; none when it has no
+    ``windows.json`` (data prepared before windows were)."""
+    found = Path(data_dir) / WINDOWS
+    if not found.is_file():
+        return {}
+    return {name: np.asarray(rows, dtype=np.int64) for name, rows in json.loads(found.read_text()).items()}
+
+
 def save_npy(path: Path, arr: np.ndarray) -> None:
     buffer = io.BytesIO()
     np.save(buffer, np.ascontiguousarray(arr), allow_pickle=False)

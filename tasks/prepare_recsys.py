@@ -29,12 +29,11 @@ import pandas as pd
 
 from tasks.config import stage_args
 from tasks.errors import run_cli
-from tasks.io import save_npy, write_atomic, write_json
+from tasks.io import WINDOWS, save_npy, write_atomic, write_json
 from tasks.movielens import GENRES, acquire
 from tasks.recsys_config import RecsysData
 
 Source = tuple[str, dict[str, pd.DataFrame]]   # (where the tables came from, the normalised tables)
-WINDOWS = "windows.json"
 KEY = ["user_id", "item_id", "timestamp"]   # a rating (the intake's contract keeps it unique)
 
 SPLITS = ("train", "val", "test")

@@ -12,8 +12,8 @@ from tasks.errors import PipelineError
 from tasks.evaluate_recsys import Catalog, request_latency, score_onnx
 from tasks.family import Family
 from tasks.gate import GateSpec
-from tasks.io import save_npy, write_json
-from tasks.prepare_recsys import VOCABULARY, WINDOWS, assemble_fields, encode_with
+from tasks.io import WINDOWS, read_windows, save_npy, write_json
+from tasks.prepare_recsys import VOCABULARY, assemble_fields, encode_with
 
 
 def score(path: Path, data: Path, cfg: Any) -> dict[str, float]:
@@ -62,10 +62,9 @@ def paired_data(champion: Path, data: Path, scratch: Path, cfg: Any) -> tuple[Pa
     save_npy(paired / "users.npy", users[known_users])
     save_npy(paired / "items.npy", items[known_items])
     save_npy(paired / "items_genres.npy", genres[known_items])
-    if (data / WINDOWS).is_file():   # each window's rows among the kept ones, at their new positions
+    if (windows := read_windows(data)):   # each window's rows among the kept ones, at their new positions
         position = np.cumsum(keep) - 1
-        kept = {name: [int(position[i]) for i in rows if keep[i]]
-                for name, rows in json.loads((data / WINDOWS).read_text()).items()}
+        kept = {name: [int(position[i]) for i in rows if keep[i]] for name, rows in windows.items()}
         for folder in (mine, paired):
             write_json(folder / WINDOWS, kept)
     print(f"champion scored in its own vocabulary on the {int(keep.sum())} of {len(test)} test rows whose users "

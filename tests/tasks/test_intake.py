@@ -225,7 +225,7 @@ def test_the_test_split_has_a_golden_window_that_never_changes_and_a_recent_one_
     import json as json_
 
     from tasks.evaluate_recsys import window_quality
-    from tasks.prepare_recsys import WINDOWS
+    from tasks.io import WINDOWS
 
     cfg, batches = replayed
     found = [INTAKE.read_batch(b) for b in batches[:3]]
