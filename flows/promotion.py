@@ -36,7 +36,7 @@ from tasks.gate import Check, champion_health, gate_checks, gate_markdown, gate_
 from tasks.io import file_digest, write_atomic, write_json
 from tasks.lineage import dvc_input_hashes, git_state, params_hash
 from tasks.onnx_models import session
-from tasks.tracking import client_for, redact, server_error
+from tasks.tracking import client_for, redact, registered_version, server_error
 
 MODEL_SHA256 = "model.sha256"   # version tag: SHA-256 of the registered ONNX file, checked before it is run
 FILES_SHA256 = "model.files.sha256"   # version tag: {name: SHA-256} of the files registered beside it (a vocabulary)
@@ -67,15 +67,6 @@ def check_registry(client: MlflowClient, uri: str) -> None:
     except Exception as err:  # connection errors surface as MlflowException or requests exceptions
         error = server_error(err, f"model registry at {redact(uri)}", "nothing was registered or promoted")
         raise (RegistryUnreachable(str(error)) if error.transient else error) from err
-
-
-def champion_version(client: MlflowClient, name: str) -> Any | None:
-    try:
-        return client.get_model_version_by_alias(name, "champion")
-    except MlflowException as err:
-        if err.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(err).lower():
-            return None
-        raise
 
 
 class CandidateAltered(RegistryError):
@@ -277,7 +268,7 @@ def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str, family: st
     data = root / where["data"]
     evaluation = json.loads((root / where["evaluation"]).read_text())
     verify_candidate(root, family, evaluation, where)
-    champ = champion_version(client, gate.registered_model)
+    champ = registered_version(client, gate.registered_model)
     champion = None
     with tempfile.TemporaryDirectory() as tmp:
         if champ is not None:  # the champion and the candidate: same test data, same run, back to back
@@ -369,7 +360,7 @@ def rollback_champion(name: str, reason: str = "", who: str | None = None, root:
     """Point ``champion`` back at the version it pointed at before the current one (as recorded on that version)."""
     client, uri, cfg = _registry(root)
     with registry_lock(name, cfg.tracking.registry_lock_timeout_seconds):
-        current = champion_version(client, name)
+        current = registered_version(client, name)
         if current is None:
             raise RegistryError(f"{name} has no champion in {redact(uri)}; nothing to roll back")
         before = current.tags.get("champion.previous") or current.tags.get("audit.champion_before")
@@ -396,7 +387,7 @@ def _move_alias(client: MlflowClient, uri: str, name: str, version: str, alias: 
         client.get_model_version(name, version)
     except MlflowException as err:
         raise RegistryError(f"{name} version {version} does not exist in {redact(uri)}; nothing was changed") from err
-    previous = getattr(champion_version(client, name), "version", None) if alias == "champion" else None
+    previous = getattr(registered_version(client, name), "version", None) if alias == "champion" else None
     who = who or getpass.getuser()
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")
     client.set_registered_model_alias(name, alias, version)

@@ -77,6 +77,18 @@ def _is_local(uri: str) -> bool:
     return uri.startswith(("sqlite:", "file:")) or "://" not in uri
 
 
+def registered_version(client: MlflowClient, name: str, version: str | None = None, alias: str = "champion"
+                       ) -> Any | None:
+    """Version ``version`` of registered model ``name``, else the one ``alias`` names; None when there is none (no
+    such model, version or alias)."""
+    try:
+        return client.get_model_version(name, version) if version else client.get_model_version_by_alias(name, alias)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(err).lower():
+            return None
+        raise
+
+
 def client_for(uri: str) -> MlflowClient:
     """A client of the tracking store and registry at ``uri``. MLflow opens (and on a new SQLite file creates and
     migrates) the store in the constructor; on SQLite that happens under an exclusive lock on a file beside the

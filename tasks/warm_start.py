@@ -67,21 +67,16 @@ def champion_files(cfg: Any, family: str, scratch: Path, pinned: str | None = No
     folder its ``warm_start/`` artifacts were downloaded to; None when there is none, or when it was trained on rows
     split by other ``data.<family>`` params (today's test rows may have been its training rows)."""
     import torch
-    from mlflow.exceptions import MlflowException
 
-    from tasks.tracking import client_for, tracking_uri
+    from tasks.tracking import client_for, registered_version, tracking_uri
 
     client, name = client_for(tracking_uri(cfg)), getattr(cfg.gate, family).registered_model
-    try:
-        version = (client.get_model_version(name, pinned) if pinned else
-                   client.get_model_version_by_alias(name, "champion"))
-    except MlflowException as err:
-        if err.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(err).lower():
-            if pinned:
-                print(f"note: {name} version {pinned}, which this data version's first run started from, is gone; "
-                      "training from scratch", file=sys.stderr)
-            return None
-        raise
+    version = registered_version(client, name, pinned)
+    if version is None:
+        if pinned:
+            print(f"note: {name} version {pinned}, which this data version's first run started from, is gone; "
+                  "training from scratch", file=sys.stderr)
+        return None
     try:
         local = Path(client.download_artifacts(version.run_id, ARTIFACTS, str(scratch)))
     except Exception as err:  # noqa: BLE001 — any store's "not found" (MLflow, local files, S3)
