@@ -22,7 +22,7 @@ from prefect.exceptions import MissingContextError
 from prefect.states import State
 
 from flows.registry_lock import data_lock
-from flows.run_artifacts import publish_data_docs, publish_gate, publish_run
+from flows.run_artifacts import flag_degraded_champion, publish_data_docs, publish_gate, publish_run
 from flows.stage_graph import stage_graph
 from tasks.config import Config, load_config
 from tasks.errors import EXIT_USER_ERROR, PipelineError, run_cli
@@ -198,10 +198,7 @@ def promote(family: str, root: Path, uri: str, parent_run_id: str, may_promote: 
             run.set_tag("champion.health", "degraded" if health["degraded"] else "healthy")
             run.log_metrics({"champion.recent_drop": health["drop"]})
     publish_gate(family, report)
-    if health is not None and health["degraded"] and not report["champion"]:
-        get_run_logger().error(f"ALERT: {family} champion v{health['version']} degraded on the recent window (drop "
-                               f"{health['drop']:.4g} > {health['max_drop']:.4g}) and it stays champion (no "
-                               "challenger passed the gate, or none may be promoted)")
+    flag_degraded_champion(family, report)
     return report
 
 

@@ -81,6 +81,29 @@ def publish_gate(family: str, report: dict[str, Any]) -> None:
                              description=f"{family} promotion gate: {'PASS' if report['passed'] else 'FAIL'}")
 
 
+DEGRADED = "champion-degraded"   # flow-run tag: a family's champion degraded on the recent window and stays champion
+
+
+def flag_degraded_champion(family: str, report: dict[str, Any]) -> bool:
+    """When the champion degraded on the recent window and stays champion (no challenger passed the gate, or none
+    may be promoted), say so loudly: an ``ALERT`` at error level and tags ``champion-degraded`` and
+    ``champion-degraded-<family>`` on the flow run (the UI filters runs by tag); True when it did."""
+    from prefect import get_client, get_run_logger
+    from prefect.runtime import flow_run
+
+    health = report.get("champion_health")
+    if health is None or not health["degraded"] or report["champion"]:
+        return False
+    get_run_logger().error(f"ALERT: {family} champion v{health['version']} degraded on the recent window (drop "
+                           f"{health['drop']:.4g} > {health['max_drop']:.4g}) and it stays champion (no challenger "
+                           "passed the gate, or none may be promoted)")
+    if flow_run.id:
+        with get_client(sync_client=True) as client:
+            tags = client.read_flow_run(flow_run.id).tags
+            client.update_flow_run(flow_run.id, tags=sorted({*tags, DEGRADED, f"{DEGRADED}-{family}"}))
+    return True
+
+
 def publish_data_docs(stage: str, uri: str, parent_run_id: str) -> None:
     """Where the Data Docs of ``stage``'s latest run under ``parent_run_id`` are: a link to its MLflow run on a
     tracking server, else the local path of its ``data_docs/index.html`` artifact. Published whether the

@@ -21,3 +21,38 @@ def test_an_mlflow_link_points_at_the_servers_run_page_and_never_carries_credent
     assert mlflow_run_link("https://admin:s3cret@mlflow.example.org", "1", "r") == \
         "https://mlflow.example.org/#/experiments/1/runs/r"
     assert mlflow_run_link("sqlite:///tmp/mlflow.db", "1", "r") is None  # a local store has no page to link
+
+
+def _health(degraded: bool) -> dict:
+    return {"version": "3", "degraded": degraded, "drop": 0.08 if degraded else 0.01, "max_drop": 0.05}
+
+
+def test_a_degraded_champion_that_stays_champion_flags_the_flow_run(prefect_server, capfd):
+    """A champion that fell on the recent window and stays champion tags the flow run it was gated in (and logs an
+    ALERT); a healthy one, or one replaced by a passing challenger, leaves the run as it is."""
+    from prefect import flow, get_client, task
+    from prefect.runtime import flow_run
+
+    from flows.run_artifacts import flag_degraded_champion
+
+    @task
+    def gate(report: dict) -> bool:
+        return flag_degraded_champion("vision", report)
+
+    @flow
+    def run(report: dict) -> tuple[bool, str]:
+        return gate(report), flow_run.id
+
+    cases = {"degraded, stays": ({"champion_health": _health(True), "champion": False}, True),
+             "degraded, replaced": ({"champion_health": _health(True), "champion": True}, False),
+             "healthy": ({"champion_health": _health(False), "champion": False}, False),
+             "no champion": ({"champion_health": None, "champion": True}, False)}
+    for name, (report, flagged) in cases.items():
+        said, run_id = run(report)
+        with get_client(sync_client=True) as client:
+            tags = set(client.read_flow_run(run_id).tags)
+        assert said is flagged and (tags == {"champion-degraded", "champion-degraded-vision"}) is flagged, name
+        assert not flagged or not tags - {"champion-degraded", "champion-degraded-vision"}, name
+    alerts = [line for line in capfd.readouterr().err.splitlines() if "ALERT" in line]   # Prefect's console log
+    assert len(alerts) == 1 and "ERROR" in alerts[0]
+    assert "ALERT: vision champion v3 degraded on the recent window (drop 0.08 > 0.05)" in alerts[0]
