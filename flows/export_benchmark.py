@@ -28,7 +28,7 @@ TARGETS = (("size_ratio_vs_teacher", ">=", 40.0, "student INT8 vs teacher FP32 s
 def measure(paths: dict[str, Path], data: Path, root: Path) -> dict:
     ev = load_config(root / "params.yaml").evaluate.vision
     val, test = Split.load(data, "val"), Split.load(data, "test")
-    models = {name: measure_onnx(path, val, test, ev)[0] for name, path in paths.items()}
+    models = {name: measure_onnx(path, val, test, data, ev)[0] for name, path in paths.items()}
     return {"models": models, "ratios": ratios(models, f"throughput_b{ev.throughput_batch}_ips"),
             "settings": ev.model_dump(), "files": {k: str(v) for k, v in paths.items()}}
 

@@ -3,7 +3,9 @@
 Inputs: ``<data>`` (validation and test splits), ``<onnx>`` (export_vision's folder), the PyTorch ``<teacher>``,
 ``<student_fp32>`` and final ``<student>`` (for parameter, non-zero and MAC counts). Output ``<metrics>``: per ONNX
 model its validation accuracy (``val_accuracy``: what any choice between models may read) and test accuracy
-(``test_accuracy``: reported and gated, never chosen on) in onnxruntime, size on disk (bytes, gzip bytes),
+(``test_accuracy``: reported and gated, never chosen on) in onnxruntime, the same on each evaluation window of the
+test split (``golden_accuracy``, ``recent_accuracy`` and their ``_rows``, ``windows.json``), size on disk (bytes,
+gzip bytes),
 parameters, non-zero parameters, multiply-accumulates per image, batch-1 latency p50 / p95 / p99 and
 batch-``throughput_batch`` throughput, with the thread count,
 warm-up and repeats used; plus ratios against the teacher and INT8 against FP32, and the SHA-256 of every ONNX
@@ -20,6 +22,7 @@ from torch import nn
 from tasks.artifacts import count_nonzero, count_parameters, load_model
 from tasks.config import stage_args
 from tasks.errors import run_cli
+from tasks.io import read_windows
 from tasks.onnx_models import (
     INPUT,
     file_sizes,
@@ -68,12 +71,26 @@ def latency(path: Path, images: Split, cfg: EvaluateVision) -> dict[str, float]:
             f"throughput_b{cfg.throughput_batch}_ips": float(len(batch[INPUT]) / np.median(batch_times))}
 
 
-def measure_onnx(path: Path, val: Split, test: Split, cfg: EvaluateVision) -> tuple[dict[str, float], np.ndarray]:
-    """What onnxruntime says of one ONNX file: validation and test accuracy, stored size, latency, throughput; and
-    its class for each test image (the confusion matrix reads them: the file is not run twice)."""
-    predicted = onnx_logits(path, test, threads=cfg.threads).argmax(1)
-    return {"val_accuracy": onnx_accuracy(path, val, cfg.threads),
-            "test_accuracy": float((predicted == test.y.numpy()).mean()),
+def test_accuracy(path: Path, test: Split, data_dir: Path, threads: int) -> tuple[dict[str, float], np.ndarray]:
+    """``test_accuracy`` of one ONNX file, ``<window>_accuracy`` and ``<window>_rows`` on each evaluation window of
+    the test split (an empty window: its rows only); and its class for each test image."""
+    predicted = onnx_logits(path, test, threads=threads).argmax(1)
+    correct = predicted == test.y.numpy()
+    scores = {"test_accuracy": float(correct.mean())}
+    for name, rows in read_windows(data_dir).items():
+        scores[f"{name}_rows"] = len(rows)
+        if len(rows):
+            scores[f"{name}_accuracy"] = float(correct[rows].mean())
+    return scores, predicted
+
+
+def measure_onnx(path: Path, val: Split, test: Split, data_dir: Path, cfg: EvaluateVision
+                 ) -> tuple[dict[str, float], np.ndarray]:
+    """What onnxruntime says of one ONNX file: validation and test accuracy (on each window too), stored size,
+    latency, throughput; and its class for each test image (the confusion matrix reads them: the file is not run
+    twice)."""
+    scores, predicted = test_accuracy(path, test, data_dir, cfg.threads)
+    return {"val_accuracy": onnx_accuracy(path, val, cfg.threads), **scores,
             **file_sizes(path), **latency(path, test, cfg)}, predicted
 
 
@@ -89,7 +106,7 @@ def evaluate_vision(cfg: EvaluateVision, data_dir: Path, onnx_dir: Path, teacher
     predictions: dict[str, np.ndarray] = {}
     for name, source in sources.items():
         path, model = onnx_dir / f"{name}.onnx", load_model(source)
-        measured, predictions[name] = measure_onnx(path, val, test, cfg)
+        measured, predictions[name] = measure_onnx(path, val, test, data_dir, cfg)
         results[name] = {**measured, "parameters": count_parameters(model),
                          "nonzero_parameters": count_nonzero(model), "macs": count_macs(model, test.image_shape)}
     return results, predictions

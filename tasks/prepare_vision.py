@@ -5,10 +5,14 @@ batch ``flows.ingest`` accepted. The published images are a user's image folder 
 ``tasks.image_folder``), else Fashion-MNIST's four IDX ``.gz`` files from the first source that has them
 (``data.vision.source_dir``, the Debian package ``dataset-fashion-mnist``, the official URL into a download cache),
 each file's decompressed IDX payload matching its SHA-256 pinned in params.yaml (payload, not ``.gz``: Debian
-recompressed the files). The first batch's test part is the test split; validation is carved from its training
-images, and from each later batch's by the same share (seeded per batch, so a batch's split never moves).
-Outputs: ``<out>/{train,val,test}_{x,y}.npy`` (uint8 images, one channel as (N, H, W), more as (N, C, H, W)) and
-``<out>/manifest.json`` (source, image shape, pixel statistics, class names, rows and class counts per split).
+recompressed the files). The first batch's test part is the test split's golden window; each later batch holds
+out ``data.vision.batch_test_fraction`` of its images as test rows too (the newest batch's are the recent window:
+images no model was trained on), then gives validation the share the first batch's training images gave it (seeded
+per batch, so a batch's split never moves).
+Outputs: ``<out>/{train,val,test}_{x,y}.npy`` (uint8 images, one channel as (N, H, W), more as (N, C, H, W)),
+``<out>/windows.json`` (the test rows of each evaluation window, by position: ``golden``, ``recent``) and
+``<out>/manifest.json`` (source, image shape, pixel statistics, class names, rows and class counts per split, rows
+per window).
 """
 from __future__ import annotations
 
@@ -23,7 +27,7 @@ from tasks.config import stage_args
 from tasks.errors import ChecksumError, DataFormatError, DataSourceError, run_cli
 from tasks.idx import gunzip, parse_idx
 from tasks.image_folder import read_folder
-from tasks.io import save_npy, write_atomic, write_json
+from tasks.io import WINDOWS, save_npy, write_atomic, write_json
 from tasks.vision_config import VISION_FILES, ImageFolder, SplitSizes, VisionData
 
 NDIM = {"images": 3, "labels": 1}
@@ -130,13 +134,21 @@ def carve(x: np.ndarray, y: np.ndarray, n: int, rng: np.random.Generator
     return (x[rest], y[rest]), (x[idx], y[idx])
 
 
-def split(parts: dict[str, tuple[np.ndarray, np.ndarray]], val_size: int, test_size: int, seed: int,
-          subset: SplitSizes | None, later: list[tuple[np.ndarray, np.ndarray]] | None = None
-          ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Train / validation / test: the given ones, the others carved from train, seeded and stratified (test first,
-    then validation); images of ``later`` batches (training images that arrived since) each give validation the
-    share the first batch gave it, drawn with the batch's own seed (a batch's split never moves as more arrive);
-    optionally a seeded subset of each."""
+Part = tuple[np.ndarray, np.ndarray]   # (images, labels)
+
+
+def _joined(parts: list[Part]) -> Part:
+    return tuple(np.concatenate(p) for p in zip(*parts, strict=True))
+
+
+def split(parts: dict[str, Part], val_size: int, test_size: int, seed: int, subset: SplitSizes | None,
+          later: list[Part] | None = None, test_share: float = 0.0) -> tuple[dict[str, Part], dict[str, list[int]]]:
+    """(splits, windows). Train / validation / test: the given ones, the others carved from train, seeded and
+    stratified (test first, then validation); images of ``later`` batches (training images that arrived since) each
+    hold out ``test_share`` of them as test rows, then give validation the share the first batch gave it, both drawn
+    with the batch's own seeds (a batch's split never moves as more arrive); optionally a seeded subset of each (of
+    the test split: of the first batch's part). Windows: the test positions of the first batch's part (``golden``)
+    and, once a batch arrived after it, of the newest batch's (``recent``)."""
     rng = np.random.default_rng(seed)
     train = parts["train"]
     test = parts.get("test")
@@ -145,21 +157,26 @@ def split(parts: dict[str, tuple[np.ndarray, np.ndarray]], val_size: int, test_s
     val = parts.get("val")
     if val is None:
         train, val = carve(*train, val_size, rng)
-    if later:
-        share = len(val[1]) / (len(val[1]) + len(train[1]))
-        trains, vals = [train], [val]
-        for n, (x, y) in enumerate(later, start=1):
-            rest, carved = carve(x, y, round(len(y) * share), np.random.default_rng([seed, n]))
-            trains.append(rest)
-            vals.append(carved)
-        train, val = (tuple(np.concatenate(p) for p in zip(*group, strict=True)) for group in (trains, vals))
-    splits = {"train": train, "val": val, "test": test}
+    trains, vals, tests = [train], [val], [test]
+    share = len(val[1]) / (len(val[1]) + len(train[1]))
+    for n, (x, y) in enumerate(later or [], start=1):
+        (x, y), held = carve(x, y, round(len(y) * test_share), np.random.default_rng([seed, n, 1]))
+        rest, carved = carve(x, y, round(len(y) * share), np.random.default_rng([seed, n]))
+        trains.append(rest)
+        vals.append(carved)
+        tests.append(held)
+    splits = {"train": _joined(trains), "val": _joined(vals), "test": tests[0]}
     if subset:
         sizes = subset.model_dump()
         for name, (sx, sy) in splits.items():
             keep = stratified_pick(sy, min(sizes[name], len(sy)), rng)
             splits[name] = (sx[keep], sy[keep])
-    return splits
+    golden = len(splits["test"][1])
+    splits["test"] = _joined([splits["test"], *tests[1:]])
+    windows = {"golden": list(range(golden))}
+    if later:
+        windows["recent"] = list(range(len(splits["test"][1]) - len(tests[-1][1]), len(splits["test"][1])))
+    return splits, windows
 
 
 def planned_rows(cfg: VisionData, batches: list[dict[str, int]], source: str) -> dict[str, int]:
@@ -169,14 +186,15 @@ def planned_rows(cfg: VisionData, batches: list[dict[str, int]], source: str) ->
     val, test = carve_sizes(cfg, first, source)
     train = first["train"] - val - test
     val, test = first.get("val", val), first.get("test", test)
-    share = val / (val + train)
+    share, held_out = val / (val + train), 0
     for later in batches[1:]:
-        carved = round(later["train"] * share)
-        train, val = train + later["train"] - carved, val + carved
+        held = round(later["train"] * cfg.batch_test_fraction)
+        carved = round((later["train"] - held) * share)
+        train, val, held_out = train + later["train"] - held - carved, val + carved, held_out + held
     planned = {"train": train, "val": val, "test": test}
     if cfg.subset:
         planned = {name: min(rows, getattr(cfg.subset, name)) for name, rows in planned.items()}
-    return planned
+    return planned | {"test": planned["test"] + held_out}
 
 
 def pixel_stats(x: np.ndarray) -> dict[str, list[float]]:
@@ -280,7 +298,8 @@ def prepare_vision(cfg: VisionData, out_dir: Path, snapshot: tuple[str, list[dic
         source, batches = snapshot
         classes, parts, later = from_snapshot(cfg, batches)
         declared = declared_classes(cfg, batches[0])
-    splits = split(parts, *split_sizes(cfg, parts, source), cfg.seed, cfg.subset, later)
+    splits, windows = split(parts, *split_sizes(cfg, parts, source), cfg.seed, cfg.subset, later,
+                            cfg.batch_test_fraction)
     if cfg.image_folder:   # the IDX data set's contract (validate_vision) checks its published classes instead
         check_every_class_in_every_split(splits, classes, source)
     x_train = splits["train"][0]
@@ -292,13 +311,15 @@ def prepare_vision(cfg: VisionData, out_dir: Path, snapshot: tuple[str, list[dic
                               f"give {len(pixels['mean'])}")
     manifest = {"source": source, "image": {"channels": channels, "height": int(x_train.shape[-2]),
                                             "width": int(x_train.shape[-1]), **pixels, "classes": classes},
-                "splits": {}, **({"declared_classes": declared} if declared else {}),
+                "splits": {}, "windows": {name: len(rows) for name, rows in windows.items()},
+                **({"declared_classes": declared} if declared else {}),
                 **({"skipped_files": skipped} if skipped else {})}
     for name, (x, y) in splits.items():
         for part, arr in (("x", x), ("y", y)):
             save_npy(out_dir / f"{name}_{part}.npy", arr)
         manifest["splits"][name] = {"rows": len(y),
                                     "class_counts": np.bincount(y, minlength=len(classes)).tolist()}
+    write_json(out_dir / WINDOWS, windows)
     write_json(out_dir / "manifest.json", manifest)
     if skipped:
         print(f"skipped {len(skipped)} file(s) without an image extension: {', '.join(skipped[:5])}"
@@ -315,7 +336,8 @@ def main() -> None:
     with stage_run("prepare_vision", cfg, params={"data.vision": cfg.data.vision}) as run:
         source, batches = stage_batches(args.raw, INTAKE)
         manifest = prepare_vision(cfg.data.vision, args.out, (source, [t for _, t in batches]))
-        run.log_metrics({f"{s}_rows": v["rows"] for s, v in manifest["splits"].items()})
+        run.log_metrics({f"{s}_rows": v["rows"] for s, v in manifest["splits"].items()}
+                        | {f"{w}_test_rows": n for w, n in manifest["windows"].items()})
         run.set_tag("data.source", manifest["source"])
         run.log_artifact(args.out / "manifest.json")
     print(json.dumps({s: v["rows"] for s, v in manifest["splits"].items()}), f"from {manifest['source']}")

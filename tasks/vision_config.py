@@ -77,8 +77,11 @@ class VisionData(Strict):
     # the IDX images' normalisation; null: measured on the training split (either way recorded in the data's manifest)
     pixels: PixelStats | None = None
     val_size: Positive
+    # each batch after the first holds out this share of its images as test rows (the recent window of the run it
+    # arrives in: images no model trained on); 0: later batches only grow training and validation
+    batch_test_fraction: Fraction = 0.0
     seed: int
-    subset: SplitSizes | None = None
+    subset: SplitSizes | None = None   # of the test split: of the first batch's test rows (the golden window)
 
     @model_validator(mode="after")
     def _all_files_pinned(self) -> VisionData:

@@ -7,16 +7,16 @@ from typing import Any
 
 import numpy as np
 
-from tasks.evaluate_vision import latency
+from tasks.evaluate_vision import latency, test_accuracy
 from tasks.family import Family
 from tasks.gate import GateSpec
-from tasks.onnx_models import INPUT, onnx_accuracy
+from tasks.onnx_models import INPUT
 from tasks.training import Split, image_manifest
 
 
 def score(path: Path, data: Path, cfg: Any) -> dict[str, float]:
     ev, test = cfg.evaluate.vision, Split.load(data, "test")
-    return {"test_accuracy": onnx_accuracy(path, test, ev.threads), **latency(path, test, ev)}
+    return {**test_accuracy(path, test, data, ev.threads)[0], **latency(path, test, ev)}
 
 
 def timing(path: Path, data: Path, cfg: Any) -> dict[str, float]:

@@ -3,7 +3,8 @@
 A batch is a folder with ``train-images-idx3-ubyte.gz`` (unsigned bytes, (N, H, W); ``idx4`` for (N, C, H, W)) and
 ``train-labels-idx1-ubyte.gz`` (the class of each image, 0, 1, ...), plain or gzipped, and optionally
 ``classes.json`` (the class names, in label order). The snapshot's first batch may also hold ``test-*`` (the fixed
-*golden* test set) and ``val-*`` parts; a later batch brings training images only. The published data set is the
+*golden* test set) and ``val-*`` parts; a later batch brings ``train-*`` images only (``prepare_vision`` holds out
+a share of them as test rows: the recent window). The published data set is the
 bootstrap batch: Fashion-MNIST's four files (pinned by SHA-256; its ``t10k`` part is the test part), or the user's
 image folder of ``data.vision.image_folder`` (``tasks.image_folder``).
 

@@ -187,7 +187,7 @@ def real_splits():
 
     cfg = load_config(ROOT / "params.yaml")
     data = cfg.data.vision.model_copy(update={"subset": cfg.data.vision.subset or _subset(1200, 300, 400)})
-    return split(from_idx(data)[2], data.val_size, 0, data.seed, data.subset)
+    return split(from_idx(data)[2], data.val_size, 0, data.seed, data.subset)[0]
 
 
 def fashion_pixels():

@@ -71,6 +71,19 @@ def test_arriving_images_are_versioned_trained_on_and_gated_and_bad_ones_quarant
     assert gates[1]["version"] != gates[0]["version"]   # a gate decision on the new data: a new registered version
     manifest = json.loads((repo / SNAPSHOT / "snapshot.json").read_text())
     assert [b["id"] for b in manifest["batches"]] == [b.name for b in batches[:4]]
+    # each new batch held out 750 of its 5,000 images as test rows; the newest one's are the recent window, which
+    # neither the champion (first batch) nor the challenger (trained on the rest) saw: both scored on it, and on the
+    # golden window (the published test images), side by side; the champion's health is judged on it
+    gate = json.loads((repo / "reports/vision/gate.json").read_text())
+    before = gate["champion_before"]
+    assert before["version"] == champion and before["recent_rows"] == gate["candidate"]["recent_rows"] == 750
+    assert before["golden_rows"] == 1000 and {"golden_accuracy", "recent_accuracy"} <= set(before)
+    compared = {c["name"]: c["why"] for c in gate["checks"]}
+    assert "750 test rows both read" in compared["accuracy_drop_vs_champion_recent"]
+    assert "1000 test rows both read" in compared["accuracy_drop_vs_champion_golden"]
+    health = gate["champion_health"]   # registered on one batch: no recent window then, its test accuracy instead
+    assert health["compared"] and health["baseline"] == "registered test accuracy"
+    assert health["recent_accuracy"] == before["recent_accuracy"]
     # warm start: the teacher and the student were fine-tuned from the champion's, on all four batches
     plan = json.loads((repo / "models/vision/warm_start/plan.json").read_text())
     assert (plan["teacher"], plan["student"], plan["champion"], plan["versions"]) == ("fine_tune", "fine_tune",

@@ -53,8 +53,13 @@ def test_gate_lists_every_check_with_value_threshold_and_why(raw_params):
                                         "speedup_vs_teacher", "size_ratio_vs_teacher", "vs_champion"]
     assert all(c.passed for c in checks)
     assert checks[4].value == pytest.approx(20.0) and checks[5].value == pytest.approx(48.0)
-    worse = gate_checks(EVALUATION, {"version": "3", "test_accuracy": 0.94}, _cfg(raw_params).gate.vision, VISION)[-1]
+    worse, *windows = gate_checks(EVALUATION, {"version": "3", "test_accuracy": 0.94}, _cfg(raw_params).gate.vision,
+                                  VISION)[-3:]
     assert not worse.passed and worse.why.startswith("accuracy drop vs champion v3")
+    # data prepared without evaluation windows: both listed, not compared
+    assert [(c.name, c.passed, c.why) for c in windows] == [
+        (f"accuracy_drop_vs_champion_{w}", True, f"{w} window not compared: 0 test rows both read (fewer than 500)")
+        for w in ("golden", "recent")]
     slow = gate_checks(EVALUATION, None, _cfg(raw_params, vs_teacher={"min_speedup": 25.0}).gate.vision, VISION)
     assert [c.name for c in slow if not c.passed] == ["speedup_vs_teacher"]
     assert "fails >= 25" in slow[4].why

@@ -14,7 +14,7 @@ import yaml
 
 from tasks.errors import DataFormatError, DataSourceError
 from tasks.idx import parse_idx
-from tasks.prepare_vision import acquire, decode, from_idx, prepare_vision, split, stratified_pick
+from tasks.prepare_vision import acquire, decode, from_idx, planned_rows, prepare_vision, split, stratified_pick
 from tasks.vision_config import SplitSizes
 from tests.conftest import ROOT, idx_bytes
 
@@ -55,11 +55,29 @@ def test_split_is_seeded_and_disjoint(synthetic_source):
     src, cfg = synthetic_source
     data = cfg.data.vision
     parts = from_idx(data)[2]
-    a, b = (split(parts, data.val_size, 0, data.seed, data.subset) for _ in range(2))
+    (a, windows), (b, _) = (split(parts, data.val_size, 0, data.seed, data.subset) for _ in range(2))
+    assert windows == {"golden": list(range(len(a["test"][1])))}   # no batch after the first: no recent window
     for name in a:
         np.testing.assert_array_equal(a[name][0], b[name][0])
     train_rows = {r.tobytes() for r in a["train"][0]}
     assert not any(r.tobytes() in train_rows for r in a["val"][0])
+
+
+def test_a_subset_caps_the_golden_window_and_keeps_each_later_batchs_held_out_images(synthetic_source):
+    """The smoke profile's subset: training, validation and the first batch's test rows are capped; the images later
+    batches hold out (a few hundred) are kept whole, so the recent window still holds enough to decide on."""
+    _, cfg = synthetic_source
+    data = cfg.data.vision.model_copy(update={"subset": SplitSizes(train=300, val=40, test=60),
+                                              "batch_test_fraction": 0.2})
+    parts = from_idx(data)[2]
+    rng = np.random.default_rng(7)
+    later = [(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), np.arange(n, dtype=np.uint8) % 10) for n in (97, 130)]
+    splits, windows = split(parts, data.val_size, 0, data.seed, data.subset, later, data.batch_test_fraction)
+    assert windows == {"golden": list(range(60)), "recent": list(range(60 + 19, 60 + 19 + 26))}
+    assert np.array_equal(splits["test"][0][windows["recent"][0]:], later[1][0][np.isin(
+        [x.tobytes() for x in later[1][0]], [x.tobytes() for x in splits["test"][0]])])
+    counts = [{"train": len(parts["train"][1]), "test": len(parts["test"][1])}, {"train": 97}, {"train": 130}]
+    assert planned_rows(data, counts, "synthetic") == {name: len(y) for name, (_, y) in splits.items()}
 
 
 def test_stratified_pick_hands_out_remainder():

@@ -209,13 +209,14 @@ def test_the_published_snapshot_prepares_exactly_what_the_published_files_did(co
         assert path.read_bytes() == (tmp_path / "from_snapshot" / path.name).read_bytes(), path.name
 
 
-def test_arriving_batches_grow_every_split_but_test_and_no_image_changes_split(replayed, tmp_path):
+def test_arriving_batches_grow_every_split_hold_out_a_recent_window_and_no_image_changes_split(replayed, tmp_path):
     cfg, batches = replayed
+    assert cfg.data.vision.batch_test_fraction == 0.15
     empty = cfg.model_copy(update={"ingest": cfg.ingest.model_copy(update={
         "vision": cfg.ingest.vision.model_copy(update={"bootstrap": "empty"})})})
     snapshot = tmp_path / "raw"
     create(snapshot, "vision", INTAKE, empty)
-    splits, added = {}, 0
+    splits, windows, added = {}, {}, 0
     for n in (2, 3):   # the initial set and one batch, then one more batch
         for folder in batches[added:n]:
             add_batch(snapshot, folder.name, folder, {"rows": INTAKE.rows(INTAKE.read_batch(folder))})
@@ -226,14 +227,23 @@ def test_arriving_batches_grow_every_split_but_test_and_no_image_changes_split(r
         report = validate_vision({s: (arrays[f"{s}_x"], arrays[f"{s}_y"]) for s in ("train", "val", "test")}, cfg,
                                  manifest=manifest, snapshot=read(snapshot))
         assert report["success"], [c for c in report["checks"] if not c["success"]]
-        splits[n] = arrays
-    # the initial 30,000 give validation val_size (5,000): each later batch gives it the same share, 1/6
-    assert {s: len(splits[2][f"{s}_y"]) for s in ("train", "val", "test")} == {"train": 29_167, "val": 5_833,
-                                                                              "test": 10_000}
-    assert len(splits[3]["val_y"]) == 5_833 + 833
-    for name in ("train_x", "val_x"):   # what was in a split stays in it, in order, as batches arrive
+        splits[n], windows[n] = arrays, json.loads((out / "windows.json").read_text())
+        assert manifest["windows"] == {name: len(rows) for name, rows in windows[n].items()}
+    # a batch of 5,000 holds out 750 test images (the recent window); the initial 30,000 gave validation val_size
+    # (5,000), so the other 4,250 give it the same share, 1/6
+    assert {s: len(splits[2][f"{s}_y"]) for s in ("train", "val", "test")} == {"train": 28_542, "val": 5_708,
+                                                                              "test": 10_750}
+    assert (len(splits[3]["val_y"]), len(splits[3]["test_y"])) == (5_708 + 708, 10_750 + 750)
+    for name in ("train_x", "val_x", "test_x"):   # what was in a split stays in it, in order, as batches arrive
         assert np.array_equal(splits[3][name][:len(splits[2][name])], splits[2][name])
-    assert np.array_equal(splits[3]["test_x"], splits[2]["test_x"])
+    # golden: the published test images, always; recent: the newest batch's held-out images, stratified by class
+    assert windows[2]["golden"] == windows[3]["golden"] == list(range(10_000))
+    assert windows[2]["recent"] == list(range(10_000, 10_750)) and windows[3]["recent"] == list(range(10_750, 11_500))
+    assert np.bincount(splits[3]["test_y"][windows[3]["recent"]]).min() >= 70
+    third = INTAKE.read_batch(batches[2])["train"][0]   # the recent window holds the third batch's images
+    recent = {x.tobytes() for x in splits[3]["test_x"][windows[3]["recent"]]}
+    assert recent <= {x.tobytes() for x in third}
+    assert not recent & {x.tobytes() for x in np.concatenate([splits[3]["train_x"], splits[3]["val_x"]])}
 
 
 @pytest.mark.fault("data", "a first batch of images without a test part (nothing to report every model on)",
