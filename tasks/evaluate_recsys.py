@@ -89,11 +89,25 @@ def window_quality(labels: np.ndarray, probabilities: np.ndarray, data_dir: Path
     return out
 
 
+STANDS_FOR = "test_stands_for.npy"   # beside expanded test rows: the test row each one is a sample of
+
+
+def probabilities_on_test(path: Path, data_dir: Path, threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, probabilities) of the test rows of ``data_dir``; rows written as several samples (``STANDS_FOR``: a
+    champion's cold-start rows) are scored as the mean of their samples' probabilities."""
+    rows = CtrSplit.load(data_dir, "test")
+    labels, probabilities = rows.y.numpy(), onnx_probabilities(path, rows, threads=threads).ravel()
+    if (data_dir / STANDS_FOR).is_file():
+        stands_for = np.load(data_dir / STANDS_FOR)
+        probabilities = np.bincount(stands_for, weights=probabilities) / np.bincount(stands_for)
+        labels = labels[np.unique(stands_for, return_index=True)[1]]
+    return labels, probabilities
+
+
 def score_onnx(path: Path, data_dir: Path, cfg: EvaluateRecsys) -> dict[str, float]:
     """Test AUC / logloss, the same on each evaluation window, and the request latency of one ONNX file (what the
     gate re-measures for a champion)."""
-    rows = CtrSplit.load(data_dir, "test")
-    labels, probabilities = rows.y.numpy(), onnx_probabilities(path, rows, threads=cfg.threads)
+    labels, probabilities = probabilities_on_test(path, data_dir, cfg.threads)
     return {**{f"test_{k}": v for k, v in ctr_metrics(labels, probabilities).items()},
             **window_quality(labels, probabilities, data_dir), **request_latency(path, Catalog(data_dir), cfg)}
 

@@ -71,7 +71,7 @@ def latency(path: Path, images: Split, cfg: EvaluateVision) -> dict[str, float]:
             f"throughput_b{cfg.throughput_batch}_ips": float(len(batch[INPUT]) / np.median(batch_times))}
 
 
-def test_accuracy(path: Path, test: Split, data_dir: Path, threads: int) -> tuple[dict[str, float], np.ndarray]:
+def accuracy_on_test(path: Path, test: Split, data_dir: Path, threads: int) -> tuple[dict[str, float], np.ndarray]:
     """``test_accuracy`` of one ONNX file, ``<window>_accuracy`` and ``<window>_rows`` on each evaluation window of
     the test split (an empty window: its rows only); and its class for each test image."""
     predicted = onnx_logits(path, test, threads=threads).argmax(1)
@@ -89,7 +89,7 @@ def measure_onnx(path: Path, val: Split, test: Split, data_dir: Path, cfg: Evalu
     """What onnxruntime says of one ONNX file: validation and test accuracy (on each window too), stored size,
     latency, throughput; and its class for each test image (the confusion matrix reads them: the file is not run
     twice)."""
-    scores, predicted = test_accuracy(path, test, data_dir, cfg.threads)
+    scores, predicted = accuracy_on_test(path, test, data_dir, cfg.threads)
     return {"val_accuracy": onnx_accuracy(path, val, cfg.threads), **scores,
             **file_sizes(path), **latency(path, test, cfg)}, predicted
 

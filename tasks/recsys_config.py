@@ -182,6 +182,9 @@ class EvaluateRecsys(Strict):
     repeats: Annotated[int, Field(ge=10)]
     candidates: Positive               # items scored per request: latency is one user's request of this size
     ranking_k: Positive                # NDCG@k and Recall@k
+    # a champion of an older vocabulary scores a row with a value it lacks as the mean over this many of its known
+    # values of that field (tasks.recsys_family.cold_start_rows); 0: such rows are left out
+    cold_start_samples: Annotated[int, Field(ge=0)] = 0
 
 
 class RecsysFloors(Floors):

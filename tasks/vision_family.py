@@ -7,7 +7,7 @@ from typing import Any
 
 import numpy as np
 
-from tasks.evaluate_vision import latency, test_accuracy
+from tasks.evaluate_vision import accuracy_on_test, latency
 from tasks.family import Family
 from tasks.gate import GateSpec
 from tasks.onnx_models import INPUT
@@ -16,7 +16,7 @@ from tasks.training import Split, image_manifest
 
 def score(path: Path, data: Path, cfg: Any) -> dict[str, float]:
     ev, test = cfg.evaluate.vision, Split.load(data, "test")
-    return {**test_accuracy(path, test, data, ev.threads)[0], **latency(path, test, ev)}
+    return {**accuracy_on_test(path, test, data, ev.threads)[0], **latency(path, test, ev)}
 
 
 def timing(path: Path, data: Path, cfg: Any) -> dict[str, float]:

@@ -180,6 +180,13 @@ def older_and_grown(cfg, tmp_path):
     return tmp_path / "old", tmp_path / "new"
 
 
+def known_rows_only(cfg):
+    """``cfg`` whose champion pairing leaves out the test rows a champion's vocabulary lacks a value of
+    (``evaluate.recsys.cold_start_samples: 0``): the rows both models read as they are."""
+    return cfg.model_copy(update={"evaluate": cfg.evaluate.model_copy(update={
+        "recsys": cfg.evaluate.recsys.model_copy(update={"cold_start_samples": 0})})})
+
+
 @pytest.fixture(scope="session")
 def real_splits():
     """A stratified subset of the real Fashion-MNIST splits (needs the Debian package or source_dir)."""

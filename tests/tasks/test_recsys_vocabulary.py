@@ -7,11 +7,12 @@ import json
 import numpy as np
 import pytest
 
+from tasks.evaluate_recsys import STANDS_FOR, probabilities_on_test
 from tasks.gate import gate_checks
 from tasks.movielens import acquire
 from tasks.prepare_recsys import FIELDS, VOCABULARY, prepare_recsys
 from tasks.recsys_family import FAMILY, paired_data
-from tests.conftest import older_and_grown
+from tests.conftest import known_rows_only, older_and_grown
 
 
 def _decode(fields: np.ndarray, vocabulary: dict[str, list]) -> list[tuple]:
@@ -31,9 +32,10 @@ def test_a_champion_of_an_older_snapshot_reads_the_rows_it_knows_in_its_own_enco
     ours = json.loads((tmp_path / "new" / VOCABULARY).read_text())
     assert theirs != ours and FAMILY.model_files == (VOCABULARY,)
 
-    paired, mine = paired_data(champion, tmp_path / "new", tmp_path / "scratch", cfg)
+    paired, mine = paired_data(champion, tmp_path / "new", tmp_path / "scratch", known_rows_only(cfg))
     theirs_rows, our_rows = np.load(paired / "test_fields.npy"), np.load(mine / "test_fields.npy")
     assert 0 < len(theirs_rows) < len(np.load(tmp_path / "new" / "test_fields.npy"))   # only the rows it knows
+    assert not (paired / STANDS_FOR).exists()
     assert _decode(theirs_rows, theirs) == _decode(our_rows, ours)   # the same ratings, each in its own encoding
     assert theirs_rows.max() < sum(len(theirs[f]) for f in FIELDS)   # every index inside the champion's table
     np.testing.assert_array_equal(np.load(paired / "test_y.npy"), np.load(mine / "test_y.npy"))
@@ -42,6 +44,53 @@ def test_a_champion_of_an_older_snapshot_reads_the_rows_it_knows_in_its_own_enco
     assert paired_data(champion, tmp_path / "old", tmp_path / "same", cfg) is None   # its own data: as is
     (champion / VOCABULARY).unlink()
     assert paired_data(champion, tmp_path / "new", tmp_path / "none", cfg) is None   # registered without one
+
+
+def test_a_champion_scores_users_and_items_it_never_saw_as_the_mean_over_known_ones(synthetic_movielens, tmp_path):
+    """Before: a champion of an older snapshot was compared on the test rows whose users and items it knew only; a
+    replayed MovieLens week's recent window (mostly new users) then held too few of them to decide on, every week."""
+    import torch
+
+    from tasks.ctr_onnx import export_ctr_fp32, onnx_probabilities
+    from tasks.ctr_training import CtrSplit
+    from tasks.recsys_config import RecArch
+    from tasks.recsys_models import CtrModel
+
+    _, _, cfg = synthetic_movielens
+    samples = cfg.evaluate.recsys.cold_start_samples
+    assert samples == 16
+    older_and_grown(cfg, tmp_path)
+    champion = tmp_path / "registered"
+    champion.mkdir()
+    (champion / VOCABULARY).write_text((tmp_path / "old" / VOCABULARY).read_text())
+    theirs = json.loads((champion / VOCABULARY).read_text())
+    ours = json.loads((tmp_path / "new" / VOCABULARY).read_text())
+    shape = json.loads((tmp_path / "old" / "features.json").read_text())
+    torch.manual_seed(0)
+    model = CtrModel(RecArch(dim=8, fm=True, mlp=[16]), shape["vocabulary"], len(shape["fields"]), len(shape["genres"]))
+    torch.nn.init.normal_(model.embedding.weight, std=0.5)
+    path = export_ctr_fp32(model, champion / "model.onnx")
+
+    paired, mine = paired_data(champion, tmp_path / "new", tmp_path / "scratch", cfg)
+    our_rows, rows = np.load(mine / "test_fields.npy"), np.load(paired / "test_fields.npy")
+    assert len(our_rows) == len(np.load(tmp_path / "new" / "test_fields.npy"))   # every test row is compared
+    stands_for = np.load(paired / STANDS_FOR)
+    counts = np.bincount(stands_for)
+    assert set(counts) == {1, samples} and len(counts) == len(our_rows)
+    assert 0 <= rows.min() and rows.max() < sum(len(theirs[f]) for f in FIELDS)   # inside the champion's table
+    known = counts[stands_for] == 1
+    assert _decode(rows[known], theirs) == _decode(our_rows[stands_for[known]], ours)   # as it reads them
+    for drawn, own in zip(_decode(rows[~known], theirs), _decode(our_rows[stands_for[~known]], ours), strict=True):
+        assert all(d == o for d, o, f in zip(drawn, own, FIELDS, strict=True) if o in map(str, theirs[f]))   # known: own
+        assert any(o not in map(str, theirs[f]) for o, f in zip(own, FIELDS, strict=True))   # something it never saw
+    assert len(set(_decode(rows[~known][:samples], theirs))) > 1   # drawn from its table, not one fallback row
+
+    labels, probabilities = probabilities_on_test(path, paired, 1)   # each row: its samples' mean probability
+    every = onnx_probabilities(path, CtrSplit.load(paired, "test")).ravel()
+    np.testing.assert_array_equal(labels, np.load(mine / "test_y.npy"))
+    np.testing.assert_allclose(probabilities, [every[stands_for == r].mean() for r in range(len(counts))], rtol=1e-6)
+    again, _ = paired_data(champion, tmp_path / "new", tmp_path / "again", cfg)   # seeded: the same draw
+    np.testing.assert_array_equal(np.load(again / "test_fields.npy"), rows)
 
 
 def test_a_champion_made_with_other_encoding_params_reads_the_data_in_its_own(synthetic_movielens, tmp_path):

@@ -20,7 +20,7 @@ from tasks.recsys_models import CtrModel
 from tasks.warm_plan import ARTIFACTS, FILES, MODE, PLAN, fine_tuned, start_from
 from tasks.warm_start import data_params, plan_training, warm_start
 from tasks.warm_start_recsys import adapt
-from tests.conftest import older_and_grown
+from tests.conftest import known_rows_only, older_and_grown
 
 
 def _policy(policy: str = "fine_tune", every: int = 1) -> WarmStart:
@@ -87,7 +87,7 @@ def test_the_champions_model_reads_new_data_by_vocabulary_and_scores_known_rows_
     assert fitted["shape"] == new_shape and new_shape["vocabulary"] > old_shape["vocabulary"]
     model = CtrModel(cfg.teacher.recsys.arch, **new_shape).eval()
     model.load_state_dict(fitted["state_dict"])
-    paired, mine = paired_data(folder, new, tmp_path / "pairs", cfg)
+    paired, mine = paired_data(folder, new, tmp_path / "pairs", known_rows_only(cfg))
     with torch.no_grad():
         before = champion(torch.from_numpy(np.load(paired / "test_fields.npy")),
                           torch.from_numpy(np.load(paired / "test_genres.npy")))
