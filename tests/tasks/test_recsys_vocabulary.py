@@ -22,14 +22,18 @@ def _decode(fields: np.ndarray, vocabulary: dict[str, list]) -> list[tuple]:
             for row in fields]
 
 
-def test_a_champion_of_an_older_snapshot_reads_the_rows_it_knows_in_its_own_encoding(synthetic_movielens, tmp_path):
-    _, _, cfg = synthetic_movielens
+def _older_champion(cfg, tmp_path) -> tuple:
+    """(the folder of a champion registered on the older snapshot, its vocabulary, the grown data's vocabulary)."""
     older_and_grown(cfg, tmp_path)
     champion = tmp_path / "registered"
     champion.mkdir()
     (champion / VOCABULARY).write_text((tmp_path / "old" / VOCABULARY).read_text())
-    theirs = json.loads((champion / VOCABULARY).read_text())
-    ours = json.loads((tmp_path / "new" / VOCABULARY).read_text())
+    return champion, *(json.loads((d / VOCABULARY).read_text()) for d in (champion, tmp_path / "new"))
+
+
+def test_a_champion_of_an_older_snapshot_reads_the_rows_it_knows_in_its_own_encoding(synthetic_movielens, tmp_path):
+    _, _, cfg = synthetic_movielens
+    champion, theirs, ours = _older_champion(cfg, tmp_path)
     assert theirs != ours and FAMILY.model_files == (VOCABULARY,)
 
     paired, mine = paired_data(champion, tmp_path / "new", tmp_path / "scratch", known_rows_only(cfg))
@@ -59,12 +63,7 @@ def test_a_champion_scores_users_and_items_it_never_saw_as_the_mean_over_known_o
     _, _, cfg = synthetic_movielens
     samples = cfg.evaluate.recsys.cold_start_samples
     assert samples == 16
-    older_and_grown(cfg, tmp_path)
-    champion = tmp_path / "registered"
-    champion.mkdir()
-    (champion / VOCABULARY).write_text((tmp_path / "old" / VOCABULARY).read_text())
-    theirs = json.loads((champion / VOCABULARY).read_text())
-    ours = json.loads((tmp_path / "new" / VOCABULARY).read_text())
+    champion, theirs, ours = _older_champion(cfg, tmp_path)
     shape = json.loads((tmp_path / "old" / "features.json").read_text())
     torch.manual_seed(0)
     model = CtrModel(RecArch(dim=8, fm=True, mlp=[16]), shape["vocabulary"], len(shape["fields"]), len(shape["genres"]))
