@@ -11,8 +11,8 @@ images no model was trained on), then gives validation the share the first batch
 per batch, so a batch's split never moves).
 Outputs: ``<out>/{train,val,test}_{x,y}.npy`` (uint8 images, one channel as (N, H, W), more as (N, C, H, W)),
 ``<out>/windows.json`` (the test rows of each evaluation window, by position: ``golden``, ``recent``) and
-``<out>/manifest.json`` (source, image shape, pixel statistics, class names, rows and class counts per split, rows
-per window).
+``<out>/manifest.json`` (source, image shape, pixel statistics, class names, rows and class counts per split — of
+the test split's held-out rows too — and rows per window).
 """
 from __future__ import annotations
 
@@ -168,8 +168,9 @@ def split(parts: dict[str, Part], val_size: int, test_size: int, seed: int, subs
     splits = {"train": _joined(trains), "val": _joined(vals), "test": tests[0]}
     if subset:
         sizes = subset.model_dump()
-        for name, (sx, sy) in splits.items():
-            keep = stratified_pick(sy, min(sizes[name], len(sy)), rng)
+        for name, (sx, sy) in splits.items():   # the golden rows with their own seed: the same in every snapshot
+            keep = stratified_pick(sy, min(sizes[name], len(sy)), rng if name != "test" else
+                                   np.random.default_rng([seed, 0, 1]))
             splits[name] = (sx[keep], sy[keep])
     golden = len(splits["test"][1])
     splits["test"] = _joined([splits["test"], *tests[1:]])
@@ -319,6 +320,9 @@ def prepare_vision(cfg: VisionData, out_dir: Path, snapshot: tuple[str, list[dic
             save_npy(out_dir / f"{name}_{part}.npy", arr)
         manifest["splits"][name] = {"rows": len(y),
                                     "class_counts": np.bincount(y, minlength=len(classes)).tolist()}
+    # the test rows later batches held out (after the golden ones): stratified by their batch's own class mix
+    held_out = splits["test"][1][len(windows["golden"]):]
+    manifest["splits"]["test"]["held_out_class_counts"] = np.bincount(held_out, minlength=len(classes)).tolist()
     write_json(out_dir / WINDOWS, windows)
     write_json(out_dir / "manifest.json", manifest)
     if skipped:

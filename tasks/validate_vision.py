@@ -78,7 +78,8 @@ def class_shares(cfg: Config, manifest: dict | None, num_classes: int, snapshot:
     """Each class's expected share of each split: equal for the published IDX data set (balanced by publication);
     else the data's own class mix — an image folder's over all its images (the splits are stratified), for images
     that arrived in batches the mix of the training and validation images (carved stratified per batch), while the
-    test split, the first batch's fixed part, is equal when it is the published one and its own mix otherwise."""
+    test split is its own mix, or, when its first batch's fixed part is the published one, equal shares over those
+    (golden) rows plus the mix of the rows later batches held out (stratified by each batch's own mix)."""
     equal = [1.0 / num_classes] * num_classes
     if manifest is None or (not cfg.data.vision.image_folder and published_only(snapshot)):
         return dict.fromkeys(SPLITS, equal)
@@ -89,8 +90,13 @@ def class_shares(cfg: Config, manifest: dict | None, num_classes: int, snapshot:
 
     if cfg.data.vision.image_folder:
         return dict.fromkeys(SPLITS, mix(*SPLITS))
-    published = snapshot is not None and starts_published(snapshot)
-    return {"train": mix("train", "val"), "val": mix("train", "val"), "test": equal if published else mix("test")}
+    if not (snapshot is not None and starts_published(snapshot)):
+        return {"train": mix("train", "val"), "val": mix("train", "val"), "test": mix("test")}
+    test = manifest["splits"]["test"]
+    held = np.asarray(test.get("held_out_class_counts", [0] * num_classes), dtype=float)
+    golden = test["rows"] - held.sum()
+    return {"train": mix("train", "val"), "val": mix("train", "val"),
+            "test": ((np.asarray(equal) * golden + held) / test["rows"]).tolist()}
 
 
 def validate_vision(arrays: dict[str, tuple[np.ndarray, np.ndarray]], cfg: Config,

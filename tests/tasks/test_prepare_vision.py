@@ -78,6 +78,8 @@ def test_a_subset_caps_the_golden_window_and_keeps_each_later_batchs_held_out_im
         [x.tobytes() for x in later[1][0]], [x.tobytes() for x in splits["test"][0]])])
     counts = [{"train": len(parts["train"][1]), "test": len(parts["test"][1])}, {"train": 97}, {"train": 130}]
     assert planned_rows(data, counts, "synthetic") == {name: len(y) for name, (_, y) in splits.items()}
+    fewer, _ = split(parts, data.val_size, 0, data.seed, data.subset, later[:1], data.batch_test_fraction)
+    assert np.array_equal(fewer["test"][0][:60], splits["test"][0][:60])   # the golden rows do not move
 
 
 def test_stratified_pick_hands_out_remainder():
