@@ -91,17 +91,21 @@ def gate_checks(evaluation: dict, champion: dict | None, cfg: Gate, spec: GateSp
 
 def champion_health(champion: dict | None, registered: dict[str, float], cfg: Gate) -> dict | None:
     """The champion's score on the recent window against the one it was registered with (``registered``: its
-    ``recent`` score then, like with like, else its ``test`` score). ``None`` when there is no champion, no recent
-    window, no recorded score or no ``champion_health`` limit; not compared on fewer than ``windows.min_rows``."""
-    key = f"recent_{cfg.metric}"
+    ``recent`` score then, like with like, else its ``test`` score) — on the recent rows it reads as they are
+    (``recent_known``) when some hold values it never saw, as the rows it was registered on did not. ``None`` when
+    there is no champion, no recent window, no recorded score or no ``champion_health`` limit; not compared on fewer
+    than ``windows.min_rows``."""
+    window = "recent_known" if "recent_known_rows" in (champion or {}) else "recent"
+    key = f"{window}_{cfg.metric}"
     baseline = "recent" if "recent" in registered else "test"
     if champion is None or cfg.champion_health is None or baseline not in registered or key not in champion:
         return None
-    rows, least = int(champion.get("recent_rows", 0)), cfg.windows.min_rows if cfg.windows else 1
+    rows, least = int(champion.get(f"{window}_rows", 0)), cfg.windows.min_rows if cfg.windows else 1
     drop = registered[baseline] - champion[key]
     compared = rows >= least
     return {"version": champion["version"], "baseline": f"registered {baseline} {cfg.metric}",
-            f"registered_{cfg.metric}": registered[baseline], key: champion[key], "recent_rows": rows,
+            f"registered_{cfg.metric}": registered[baseline], f"recent_{cfg.metric}": champion[key], "window": window,
+            "recent_rows": rows,
             "drop": drop, "max_drop": cfg.champion_health.max_drop, "compared": compared,
             "degraded": compared and drop > cfg.champion_health.max_drop}
 
@@ -109,14 +113,14 @@ def champion_health(champion: dict | None, registered: dict[str, float], cfg: Ga
 def health_markdown(health: dict | None, passed: bool) -> str:
     if health is None:
         return ""
+    rows = "test rows" + (" whose users and items it knows" if health.get("window") == "recent_known" else "")
     if not health["compared"]:
-        return (f"\nChampion v{health['version']} on the recent window: not judged, {health['recent_rows']} test "
-                "rows it can read.\n")
+        return f"\nChampion v{health['version']} on the recent window: not judged, {health['recent_rows']} {rows}.\n"
     verdict = "**DEGRADED**" if health["degraded"] else "healthy"
     alarm = " and no challenger passed the gate: the champion serves worse than it was registered to" \
         if health["degraded"] and not passed else ""
-    return (f"\nChampion v{health['version']} on the recent window ({health['recent_rows']} test rows): {verdict}, "
-            f"drop {health['drop']:.4g} from its registered test score (limit {health['max_drop']:.4g}){alarm}.\n")
+    return (f"\nChampion v{health['version']} on the recent window ({health['recent_rows']} {rows}): {verdict}, "
+            f"drop {health['drop']:.4g} from its {health['baseline']} (limit {health['max_drop']:.4g}){alarm}.\n")
 
 
 def gate_tags(checks: list[Check]) -> dict[str, str]:

@@ -46,7 +46,9 @@ def paired_data(champion: Path, data: Path, scratch: Path, cfg: Any) -> tuple[Pa
     """The test rows of ``data`` encoded in the champion's vocabulary and in the candidate's: a champion of an older
     snapshot scored on new data (new users and items shift every index). A row with a user or item (or another
     field's value) the champion never saw is scored as the mean over ``evaluate.recsys.cold_start_samples`` known
-    ones (``cold_start_rows``); with 0 samples, such rows are left out for both."""
+    ones (``cold_start_rows``); with 0 samples, such rows are left out for both. The recent window's rows it does
+    read as they are are also window ``recent_known`` (its health is judged on them, like the rows it was registered
+    with)."""
     theirs_file = champion / VOCABULARY
     if not theirs_file.is_file():   # registered before models carried their vocabulary: it reads the data as is
         return None
@@ -87,6 +89,8 @@ def paired_data(champion: Path, data: Path, scratch: Path, cfg: Any) -> tuple[Pa
     if (windows := read_windows(data)):   # each window's rows among the kept ones, at their new positions
         position = np.cumsum(keep) - 1
         kept = {name: [int(position[i]) for i in rows if keep[i]] for name, rows in windows.items()}
+        if "recent" in windows and not known[keep].all():   # and the recent rows it reads as they are: its health
+            kept["recent_known"] = [int(position[i]) for i in windows["recent"] if known[i]]
         for folder in (mine, paired):
             write_json(folder / WINDOWS, kept)
     cold = int((keep & ~known).sum())

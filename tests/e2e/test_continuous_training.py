@@ -129,8 +129,10 @@ def test_arriving_weeks_are_versioned_trained_on_and_gated_and_bad_ones_quaranti
     # neither trained on), and the champion's health on the recent window is reported against its registered AUC
     assert {"golden_auc", "recent_auc"} <= set(before) and {"golden_auc", "recent_auc"} <= set(before["candidate"])
     assert {c["name"] for c in gate["checks"]} >= {"auc_drop_vs_champion_golden", "auc_drop_vs_champion_recent"}
-    health = gate["champion_health"]   # against the recent AUC it was registered with (three weeks: the third's)
-    assert health["version"] == first_version and health["recent_auc"] == before["recent_auc"]
+    health = gate["champion_health"]   # against the recent AUC it was registered with (three weeks: the third's),
+    # on the new week's test rows it reads as they are (rows of users it never saw: scored as an average known user)
+    assert health["version"] == first_version and health["window"] == "recent_known"
+    assert health["recent_auc"] == before["recent_known_auc"] and before["recent_rows"] > before["recent_known_rows"]
     assert health["registered_auc"] == pytest.approx(pipeline["gates"]["recsys"]["candidate"]["recent_auc"])
 
     # From the registered version alone, the code, params, the four-week snapshot it was trained on and the champion's

@@ -9,6 +9,7 @@ import pytest
 
 from tasks.evaluate_recsys import STANDS_FOR, probabilities_on_test
 from tasks.gate import gate_checks
+from tasks.io import WINDOWS, read_windows
 from tasks.movielens import acquire
 from tasks.prepare_recsys import FIELDS, VOCABULARY, prepare_recsys
 from tasks.recsys_family import FAMILY, paired_data
@@ -69,6 +70,9 @@ def test_a_champion_scores_users_and_items_it_never_saw_as_the_mean_over_known_o
     model = CtrModel(RecArch(dim=8, fm=True, mlp=[16]), shape["vocabulary"], len(shape["fields"]), len(shape["genres"]))
     torch.nn.init.normal_(model.embedding.weight, std=0.5)
     path = export_ctr_fp32(model, champion / "model.onnx")
+    test_rows = len(np.load(tmp_path / "new" / "test_y.npy"))
+    recent = list(range(0, test_rows, 2))
+    (tmp_path / "new" / WINDOWS).write_text(json.dumps({"golden": list(range(test_rows)), "recent": recent}))
 
     paired, mine = paired_data(champion, tmp_path / "new", tmp_path / "scratch", cfg)
     our_rows, rows = np.load(mine / "test_fields.npy"), np.load(paired / "test_fields.npy")
@@ -88,6 +92,10 @@ def test_a_champion_scores_users_and_items_it_never_saw_as_the_mean_over_known_o
     every = onnx_probabilities(path, CtrSplit.load(paired, "test")).ravel()
     np.testing.assert_array_equal(labels, np.load(mine / "test_y.npy"))
     np.testing.assert_allclose(probabilities, [every[stands_for == r].mean() for r in range(len(counts))], rtol=1e-6)
+    # every recent row is compared; its health is judged on those it reads as they are
+    windows = read_windows(paired)
+    assert windows["recent"].tolist() == recent and read_windows(mine)["recent_known"].tolist() == \
+        windows["recent_known"].tolist() == [r for r in recent if counts[r] == 1] != recent
     again, _ = paired_data(champion, tmp_path / "new", tmp_path / "again", cfg)   # seeded: the same draw
     np.testing.assert_array_equal(np.load(again / "test_fields.npy"), rows)
 
@@ -129,7 +137,7 @@ def test_the_gate_compares_a_champion_on_the_rows_it_read_with_the_candidate_on_
 
 def test_the_champion_moves_only_when_the_challenger_is_not_worse_on_either_window(raw_params):
     from tasks.config import parse_config
-    from tasks.gate import champion_health
+    from tasks.gate import champion_health, health_markdown
 
     gate = parse_config(raw_params).gate.recsys
     measured = {"test_auc": 0.85, "val_auc": 0.85, "latency_p95_ms": 0.1, "latency_p50_ms": 0.1, "bytes": 1000,
@@ -154,4 +162,10 @@ def test_the_champion_moves_only_when_the_challenger_is_not_worse_on_either_wind
     like = champion_health(champion, {"test": 0.89, "recent": 0.86}, gate)   # its recent AUC then: like with like
     assert not like["degraded"] and like["baseline"] == "registered recent auc" and like["drop"] == pytest.approx(0.03)
     assert not champion_health(few, {"test": 0.95}, gate)["compared"]   # 40 rows: not judged
+    # some recent rows hold users it never saw (scored as an average known one): judged on the rows it knows
+    cold = {**champion, "recent_auc": 0.70, "recent_known_auc": 0.85, "recent_known_rows": 120}
+    judged = champion_health(cold, {"test": 0.89, "recent": 0.86}, gate)
+    assert judged["window"] == "recent_known" and judged["recent_auc"] == 0.85 and judged["recent_rows"] == 120
+    assert not judged["degraded"] and judged["drop"] == pytest.approx(0.01)
+    assert "(120 test rows whose users and items it knows): healthy" in health_markdown(judged, False)
     assert champion_health(champion, {}, gate) is None   # registered before versions recorded their score
