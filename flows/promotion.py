@@ -34,13 +34,14 @@ from tasks.errors import PipelineError, ServiceUnavailable, run_cli
 from tasks.family import load_family
 from tasks.gate import Check, champion_health, gate_checks, gate_markdown, gate_tags, health_markdown
 from tasks.io import file_digest, write_atomic, write_json
-from tasks.lineage import dvc_input_hashes, git_state, params_hash
+from tasks.lineage import data_params, dvc_input_hashes, git_state, params_hash
 from tasks.onnx_models import session
 from tasks.tracking import client_for, redact, registered_version, server_error
 
 MODEL_SHA256 = "model.sha256"   # version tag: SHA-256 of the registered ONNX file, checked before it is run
 FILES_SHA256 = "model.files.sha256"   # version tag: {name: SHA-256} of the files registered beside it (a vocabulary)
 LINEAGE, LINEAGE_FILES = "lineage", ("params.yaml", "dvc.lock")   # artifacts of the registering run
+SPLIT_TAG = "data.split_params"   # version tag: SHA-256 of the data.<family> params its rows were split by
 DATA_TAG = "data.description"   # version tag: digest of what its data says a request and an answer are (Family.describe_data)
 
 
@@ -140,6 +141,21 @@ def data_description(family: str, data: Path) -> str:
     return hashlib.sha256(json.dumps(describe(data), sort_keys=True).encode()).hexdigest() if describe else ""
 
 
+def split_by(client: MlflowClient, version: Any) -> str | None:
+    """The ``data.<family>`` params hash a registered version's data was split by: its tag, else the warm start
+    plan its run kept (versions registered before the tag); None when neither says."""
+    from tasks.warm_plan import ARTIFACTS, PLAN
+
+    if version.tags.get(SPLIT_TAG):
+        return version.tags[SPLIT_TAG]
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            return json.loads(Path(client.download_artifacts(version.run_id, f"{ARTIFACTS}/{PLAN}", tmp))
+                              .read_text()).get("data_params")
+    except Exception:  # noqa: BLE001 - any store's "not found" (MLflow, local files, S3): not known
+        return None
+
+
 def check_comparable(name: str, champ: Any, champion_file: Path, candidate_file: Path, description: str,
                      family: str) -> None:
     """Raise RegistryError when the champion was made for other data than the candidate (other inputs, outputs or
@@ -223,6 +239,7 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
             client.log_artifact(run_id, str(root / name), LINEAGE)
     if description := data_description(family, root / where["data"]):
         tags[DATA_TAG] = description   # the gate holds the champion to it
+    tags[SPLIT_TAG] = data_params(cfg, family)   # a later gate compares with it only on data split the same way
     with registry_lock(gate.registered_model, cfg.tracking.registry_lock_timeout_seconds):
         same = _registered_with(client, gate.registered_model, tags["onnx.hash"])
         if same is not None:  # a no-change re-run: this exact file was gated and registered before
@@ -270,8 +287,14 @@ def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str, family: st
     verify_candidate(root, family, evaluation, where)
     champ = registered_version(client, gate.registered_model)
     champion = None
+    if champ is not None and (theirs := split_by(client, champ)) not in (None, data_params(cfg, family)):
+        # other split params: today's test rows may be the champion's training rows, its scores would flatter it
+        champion = {"version": str(champ.version), "incomparable":
+                    f"champion v{champ.version} was split by other data.{family} params ({theirs[:12]}…): today's "
+                    "test rows may be its training rows, not compared (floors and teacher only)"}
+        print(champion["incomparable"])
     with tempfile.TemporaryDirectory() as tmp:
-        if champ is not None:  # the champion and the candidate: same test data, same run, back to back
+        if champ is not None and champion is None:  # the champion and the candidate: same test data, same run
             champion_file = download_onnx(client, champ, Path(tmp))
             check_comparable(gate.registered_model, champ, champion_file, root / where["candidate"], description,
                              family)

@@ -64,8 +64,9 @@ def gate_checks(evaluation: dict, champion: dict | None, cfg: Gate, spec: GateSp
         _check("size_ratio_vs_teacher", teacher["bytes"] / cand["bytes"], ">=", rel.min_size_ratio,
                "size ratio vs the teacher")]
     max_drop = getattr(cfg.vs_champion, f"max_{metric}_drop")
-    if champion is None:
-        checks.append(Check("vs_champion", 0.0, "<=", max_drop, True, "no champion yet: nothing to be worse than"))
+    if champion is None or "incomparable" in champion:
+        checks.append(Check("vs_champion", 0.0, "<=", max_drop, True, (champion or {}).get(
+            "incomparable", "no champion yet: nothing to be worse than")))
     else:
         # a champion reading the data in its own encoding (an older vocabulary) is compared on the rows it can read
         mine = champion.get("candidate", cand)

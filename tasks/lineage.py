@@ -34,6 +34,13 @@ def params_hash(cfg: Any) -> str:
     return hashlib.sha256(json.dumps(cfg.model_dump(by_alias=True), sort_keys=True, default=str).encode()).hexdigest()
 
 
+def data_params(cfg: Any, family: str) -> str:
+    """The SHA-256 of ``data.<family>``: the params that decide which rows are training, validation and test (two
+    models split by different ones may each have trained on the other's test rows)."""
+    return hashlib.sha256(json.dumps(getattr(cfg.data, family).model_dump(by_alias=True), sort_keys=True,
+                                     default=str).encode()).hexdigest()
+
+
 def locked_outputs(root: Path = Path(".")) -> dict[str, dict[str, Any]]:
     """Every stage output dvc.lock records, with DVC's hash (``md5``) and its ``size`` and ``nfiles``."""
     dvc_lock = root / "dvc.lock"

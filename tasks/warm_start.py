@@ -17,7 +17,6 @@ registry nothing.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import sys
@@ -28,18 +27,13 @@ from typing import Any
 
 from tasks.family_config import WarmStart
 from tasks.io import file_digest, write_atomic, write_json
+from tasks.lineage import data_params
 from tasks.snapshot import MANIFEST, read
 from tasks.warm_plan import ARTIFACTS, FILES, MODE, PLAN, read_plan
 
 #: ``adapt(model file content, champion's folder, processed data folder)``: the content fitted to this data, or None
 #: when it cannot be (the next run then trains that model from scratch).
 Adapt = Callable[[dict[str, Any], Path, Path], dict[str, Any] | None]
-
-
-def data_params(cfg: Any, family: str) -> str:
-    """The SHA-256 of ``data.<family>``: the params that decide which rows are training, validation and test."""
-    return hashlib.sha256(json.dumps(getattr(cfg.data, family).model_dump(by_alias=True), sort_keys=True,
-                                     default=str).encode()).hexdigest()
 
 
 def plan_training(cfg: WarmStart, versions: int, champion: dict[str, Any] | None) -> dict[str, Any]:

@@ -146,6 +146,29 @@ def test_passing_candidate_becomes_champion_and_loads_from_the_registry(project,
     assert again["champion_before"]["version"] == "1" and again["passed"] and again["version"] == "2"
 
 
+@pytest.mark.fault("promotion", "the data's split params change (a new seed or held-out share) under a registered champion",
+                   "the champion is not compared on test rows it may have trained on: the gate says so and judges the "
+                   "candidate on the floors and the teacher")
+def test_a_champion_split_by_other_data_params_is_not_compared_on_todays_test_rows(project, raw_params, tmp_path):
+    from tasks.lineage import data_params
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = _lenient(raw_params)
+    first, client = _gate(project, cfg, uri)
+    name = cfg.gate.vision.registered_model
+    assert first["champion"] and client.get_model_version(name, "1").tags["data.split_params"] == data_params(cfg,
+                                                                                                               "vision")
+    same, _ = _gate(project, cfg, uri)   # split alike: scored side by side
+    assert same["champion_before"]["version"] == "1" and "test_accuracy" in same["champion_before"]
+    moved = copy.deepcopy(raw_params)
+    moved["data"]["vision"]["seed"] += 1
+    report, _ = _gate(project, _lenient(moved), uri)
+    assert report["champion_before"] == {"version": "2", "incomparable": report["champion_before"]["incomparable"]}
+    (check,) = [c for c in report["checks"] if c["name"] == "vs_champion"]
+    assert check["passed"] and check["why"].startswith("champion v2 was split by other data.vision params")
+    assert report["champion"] and report["champion_health"] is None
+
+
 @pytest.mark.fault("promotion", "a candidate that fails a gate check",
                    "registered as challenger only, champion unchanged, the failing check in its tags")
 def test_failing_candidate_is_registered_as_challenger_only(project, raw_params, tmp_path):
