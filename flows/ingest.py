@@ -80,9 +80,9 @@ def _seen(snapshot: Path, quarantine: Path, folder: Path) -> str | None:
     return None
 
 
-def check(intake: Intake, cfg: Config, batch: Any, accepted: Any, docs: Path) -> tuple[str, dict[str, Any]]:
+def check(intake: Intake, cfg: Config, batch: Any, accepted: Any, docs: Path | None) -> tuple[str, dict[str, Any]]:
     """("" when the batch passes, else ``invalid`` or ``drift``; the report) — contract first, drift only for a
-    valid batch against accepted data."""
+    valid batch against accepted data; Data Docs rendered into ``docs`` when given."""
     context = ephemeral_context()
     contract = run_suites(context, "contract", intake.contract(batch, accepted, cfg), docs)
     report: dict[str, Any] = {"contract": contract, "drift": None, "profile": None}

@@ -63,12 +63,12 @@ def test_the_replay_releases_the_training_images_as_an_initial_set_and_batches(r
     assert len(everything["train"][1]) == 60_000 and len(everything["test"][1]) == 10_000
 
 
-def test_every_replayed_batch_passes_its_contract_and_the_drift_limits(replayed, initial, tmp_path):
+def test_every_replayed_batch_passes_its_contract_and_the_drift_limits(replayed, initial):
     cfg, batches = replayed
     accepted = [initial]
-    for n, folder in enumerate(batches[1:], start=1):
+    for folder in batches[1:]:   # the checks only (their Data Docs are rendered in the other tests)
         batch = INTAKE.read_batch(folder)
-        reason, report = check(INTAKE, cfg, batch, INTAKE.combine(accepted), tmp_path / str(n))
+        reason, report = check(INTAKE, cfg, batch, INTAKE.combine(accepted), None)
         assert reason == "", (folder.name, _failed(report))
         assert set(report["drift"]["distances"]) == {"class_linf", "mean_intensity_js", "ink_js", "blank_share"}
         accepted.append(batch)
