@@ -17,9 +17,10 @@ from tasks.artifacts import load_model
 from tasks.config import stage_args
 from tasks.errors import ParityError, run_cli
 from tasks.io import write_json
+from tasks.onnx_models import accuracy_delta
 from tasks.text_config import ExportText
 from tasks.text_onnx import attach_tokenizer, export_text_fp32, onnx_text_logits, quantize_text_int8
-from tasks.text_training import TextSplit, accuracy, manifest, predict
+from tasks.text_training import TextSplit, manifest, predict
 
 MODELS = ("teacher_fp32", "student_fp32", "student_int8")
 
@@ -28,7 +29,7 @@ def text_parity(name: str, reference: np.ndarray, onnx: np.ndarray, labels: np.n
                 texts: list[str]) -> dict:
     """Top-1 agreement and accuracy delta of ``onnx`` logits against ``reference``; raise ParityError on failure."""
     agree = reference.argmax(1) == onnx.argmax(1)
-    delta = abs(accuracy(onnx, labels) - accuracy(reference, labels))
+    delta = accuracy_delta(reference, onnx, labels)
     result = {"top1_agreement": float(agree.mean()), "accuracy_delta": delta,
               "max_logit_diff": float(np.abs(reference - onnx).max())}
     if agree.mean() < cfg.parity.min_top1_agreement or delta > cfg.parity.max_accuracy_delta:

@@ -25,7 +25,7 @@ from tasks.config import stage_args
 from tasks.errors import ParityError, run_cli
 from tasks.io import write_json
 from tasks.observers import frozen_observers
-from tasks.onnx_models import export_fp32, export_student_int8, onnx_logits, quantize_ptq
+from tasks.onnx_models import accuracy_delta, export_fp32, export_student_int8, onnx_logits, quantize_ptq
 from tasks.quantization import QatModel
 from tasks.training import Split
 from tasks.vision_config import ExportVision, QatVision
@@ -45,7 +45,7 @@ def parity(name: str, reference: np.ndarray, onnx: np.ndarray, labels: np.ndarra
     """Top-1 agreement and accuracy delta of ``onnx`` logits against ``reference``; raise ParityError on failure."""
     ref_top, onnx_top = reference.argmax(1), onnx.argmax(1)
     agreement = float((ref_top == onnx_top).mean())
-    delta = float(abs((onnx_top == labels).mean() - (ref_top == labels).mean()))
+    delta = accuracy_delta(reference, onnx, labels)
     result = {"top1_agreement": agreement, "accuracy_delta": delta,
               "max_abs_logit_diff": float(np.abs(reference - onnx).max())}
     if agreement < cfg.parity.min_top1_agreement or delta > cfg.parity.max_accuracy_delta:

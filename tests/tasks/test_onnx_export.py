@@ -250,6 +250,24 @@ def test_recipe_without_qat_gets_ptq_for_its_final_student(config, models, tmp_p
     assert not (tmp_path / "onnx" / "student_final_fp32.onnx").exists()
 
 
+def test_an_accuracy_delta_equal_to_its_limit_passes_parity(config):
+    """Before: the delta was the difference of two rounded means, 349/400 - 345/400 = 0.010000000000000009, so an
+    INT8 file exactly at the 0.01 limit failed export (seen on a CI run of the 400-image export fixture)."""
+    from tasks.export_text import text_parity
+    from tasks.family_config import Parity
+
+    labels = np.arange(400) % 10
+    reference = np.eye(10, dtype=np.float32)[np.where(np.arange(400) < 345, labels, (labels + 1) % 10)]
+    onnx = reference.copy()
+    onnx[345:349] = np.eye(10, dtype=np.float32)[labels[345:349]]   # four more right: 349 against 345
+    limit = Parity(min_top1_agreement=0.99, max_accuracy_delta=0.01)
+    result = parity("student_int8", reference, onnx, labels, config.export.vision.model_copy(update={"parity": limit}))
+    assert (result["accuracy_delta"], result["top1_agreement"]) == (0.01, 0.99)
+    text = text_parity("student_int8", reference, onnx, labels, config.export.text.model_copy(update={"parity": limit}),
+                       [""] * 400)
+    assert text["accuracy_delta"] == 0.01
+
+
 @pytest.mark.fault("promotion", "an INT8 ONNX model that fails parity with PyTorch",
                    "export fails naming the agreement, the threshold and the disagreeing images")
 def test_parity_failure_names_the_disagreeing_images(config):
