@@ -1,6 +1,8 @@
 """The Prefect artifacts of a pipeline run: rows and links built from a family's evaluation and the MLflow store."""
 from __future__ import annotations
 
+import logging
+
 from flows.run_artifacts import evaluation_rows, mlflow_run_link
 
 
@@ -27,7 +29,7 @@ def _health(degraded: bool) -> dict:
     return {"version": "3", "degraded": degraded, "drop": 0.08 if degraded else 0.01, "max_drop": 0.05}
 
 
-def test_a_degraded_champion_that_stays_champion_flags_the_flow_run(prefect_server, capfd):
+def test_a_degraded_champion_that_stays_champion_flags_the_flow_run(prefect_server, caplog):
     """A champion that fell on the recent window and stays champion tags the flow run it was gated in (and logs an
     ALERT); a healthy one, or one replaced by a passing challenger, leaves the run as it is."""
     from prefect import flow, get_client, task
@@ -47,11 +49,18 @@ def test_a_degraded_champion_that_stays_champion_flags_the_flow_run(prefect_serv
              "degraded, replaced": ({"champion_health": _health(True), "champion": True}, False),
              "healthy": ({"champion_health": _health(False), "champion": False}, False),
              "no champion": ({"champion_health": None, "champion": True}, False)}
-    for name, (report, flagged) in cases.items():
-        said, run_id = run(report)
-        with get_client(sync_client=True) as client:
-            tags = set(client.read_flow_run(run_id).tags)
-        assert said is flagged and tags == ({"champion-degraded", "champion-degraded-vision"} if flagged else set()), name
-    alerts = [line for line in capfd.readouterr().err.splitlines() if "ALERT" in line]   # Prefect's console log
-    assert len(alerts) == 1 and "ERROR" in alerts[0]
-    assert "ALERT: vision champion v3 degraded on the recent window (drop 0.08 > 0.05)" in alerts[0]
+    task_log = logging.getLogger("prefect.task_runs")   # Prefect's loggers do not propagate to the root's capture
+    task_log.addHandler(caplog.handler)
+    try:
+        for name, (report, flagged) in cases.items():
+            said, run_id = run(report)
+            with get_client(sync_client=True) as client:
+                tags = set(client.read_flow_run(run_id).tags)
+            assert said is flagged and tags == ({"champion-degraded", "champion-degraded-vision"} if flagged else
+                                                set()), name
+    finally:
+        task_log.removeHandler(caplog.handler)
+    # one record (it may reach the capture twice: through this handler and, when Prefect's loggers propagate, the root)
+    alerts = list({id(r): r for r in caplog.records if "ALERT" in r.getMessage()}.values())
+    assert [r.levelno for r in alerts] == [logging.ERROR]
+    assert "ALERT: vision champion v3 degraded on the recent window (drop 0.08 > 0.05)" in alerts[0].getMessage()
