@@ -168,9 +168,8 @@ def split(parts: dict[str, Part], val_size: int, test_size: int, seed: int, subs
     splits = {"train": _joined(trains), "val": _joined(vals), "test": tests[0]}
     if subset:
         sizes = subset.model_dump()
-        for name, (sx, sy) in splits.items():   # the golden rows with their own seed: the same in every snapshot
-            keep = stratified_pick(sy, min(sizes[name], len(sy)), rng if name != "test" else
-                                   np.random.default_rng([seed, 0, 1]))
+        for name, (sx, sy) in splits.items():
+            keep = stratified_pick(sy, min(sizes[name], len(sy)), rng)
             splits[name] = (sx[keep], sy[keep])
     golden = len(splits["test"][1])
     splits["test"] = _joined([splits["test"], *tests[1:]])
