@@ -144,14 +144,14 @@ def data_description(family: str, data: Path) -> str:
 def split_by(client: MlflowClient, version: Any) -> str | None:
     """The ``data.<family>`` params hash a registered version's data was split by: its tag, else the warm start
     plan its run kept (versions registered before the tag); None when neither says."""
-    from tasks.warm_plan import ARTIFACTS, PLAN
+    from tasks.warm_plan import ARTIFACTS, PLAN, read_plan
 
     if version.tags.get(SPLIT_TAG):
         return version.tags[SPLIT_TAG]
     try:
         with tempfile.TemporaryDirectory() as tmp:
-            return json.loads(Path(client.download_artifacts(version.run_id, f"{ARTIFACTS}/{PLAN}", tmp))
-                              .read_text()).get("data_params")
+            return read_plan(Path(client.download_artifacts(version.run_id, f"{ARTIFACTS}/{PLAN}", tmp)).parent
+                             ).get("data_params")
     except Exception:  # noqa: BLE001 - any store's "not found" (MLflow, local files, S3): not known
         return None
 

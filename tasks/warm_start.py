@@ -18,7 +18,6 @@ registry nothing.
 from __future__ import annotations
 
 import io
-import json
 import sys
 import tempfile
 from collections.abc import Callable
@@ -77,7 +76,7 @@ def champion_files(cfg: Any, family: str, scratch: Path, pinned: str | None = No
         print(f"note: {name} version {version.version}: no {ARTIFACTS}/ weights to read ({type(err).__name__}: "
               f"{str(err)[:200]}); training from scratch", file=sys.stderr)
         return None
-    earlier = json.loads((local / PLAN).read_text()) if (local / PLAN).is_file() else {}
+    earlier = read_plan(local) if (local / PLAN).is_file() else {}
     if earlier.get("data_params") != data_params(cfg, family):
         why = ("recorded no data params (registered before they were)" if "data_params" not in earlier else
                f"was trained on data split by other data.{family} params (its training rows may be today's test rows)")
