@@ -36,6 +36,7 @@ from tasks.gate import Check, champion_health, gate_checks, gate_markdown, gate_
 from tasks.io import file_digest, write_atomic, write_json
 from tasks.lineage import data_params, dvc_input_hashes, git_state, params_hash
 from tasks.onnx_models import session
+from tasks.speedup import paired_timing
 from tasks.tracking import client_for, redact, registered_version, server_error
 
 MODEL_SHA256 = "model.sha256"   # version tag: SHA-256 of the registered ONNX file, checked before it is run
@@ -303,9 +304,15 @@ def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str, family: st
             champion = {"version": str(champ.version), **contract.score(champion_file, pair[0] if pair else data, cfg)}
             if pair:   # it reads the data in its own encoding: both are compared on the rows it can read
                 champion["candidate"] = contract.score(root / where["candidate"], pair[1], cfg)
-    evaluation["models"]["student_int8"].update(contract.score(root / where["candidate"], data, cfg))
-    # the teacher's latency too, beside the candidate's: a speed-up divides two numbers of one session
-    evaluation["models"]["teacher_fp32"].update(contract.timing(root / where["teacher"], data, cfg))
+    candidate, teacher = evaluation["models"]["student_int8"], evaluation["models"]["teacher_fp32"]
+    candidate.update(contract.score(root / where["candidate"], data, cfg))
+    # the latencies again, the candidate's and the teacher's in alternating rounds: the speed-up is the median of
+    # ratios of two numbers measured back to back, which a change of load between them cannot decide
+    mine, theirs, speed = paired_timing(lambda: contract.timing(root / where["candidate"], data, cfg),
+                                        lambda: contract.timing(root / where["teacher"], data, cfg),
+                                        gate.vs_teacher.speedup_rounds, f"{contract.gate.latency}_p50_ms")
+    candidate.update({**mine, **speed})
+    teacher.update(theirs)
     checks = gate_checks(evaluation, champion, gate, contract.gate)
     passed = all(c.passed for c in checks)
     health = champion_health(champion, registered_scores(champ, gate.metric), gate)
