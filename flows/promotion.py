@@ -306,11 +306,11 @@ def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str, family: st
                 champion["candidate"] = contract.score(root / where["candidate"], pair[1], cfg)
     candidate, teacher = evaluation["models"]["student_int8"], evaluation["models"]["teacher_fp32"]
     candidate.update(contract.score(root / where["candidate"], data, cfg))
-    # the latencies again, the candidate's and the teacher's in alternating rounds: the speed-up is the median of
-    # ratios of two numbers measured back to back, which a change of load between them cannot decide
+    # the latencies again, the candidate's and the teacher's in pairs of alternating rounds (tasks.speedup): a load
+    # that changes while the gate measures weighs on both alike
     mine, theirs, speed = paired_timing(lambda: contract.timing(root / where["candidate"], data, cfg),
                                         lambda: contract.timing(root / where["teacher"], data, cfg),
-                                        gate.vs_teacher.speedup_rounds, f"{contract.gate.latency}_p50_ms")
+                                        gate.vs_teacher.speedup_pairs, f"{contract.gate.latency}_p50_ms")
     candidate.update({**mine, **speed})
     teacher.update(theirs)
     checks = gate_checks(evaluation, champion, gate, contract.gate)

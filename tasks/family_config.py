@@ -137,9 +137,9 @@ class VsTeacher(Strict):
 
     min_speedup: Annotated[float, Field(gt=0.0)]
     min_size_ratio: Annotated[float, Field(gt=0.0)]
-    # the gate times candidate and teacher in this many alternating rounds; the speed-up is the median of the
-    # rounds' ratios (tasks/speedup.py)
-    speedup_rounds: Annotated[int, Field(ge=1, le=51)]
+    # the gate times candidate and teacher in this many pairs of rounds (candidate, teacher, teacher, candidate);
+    # the speed-up is the median of the pairs' (tasks/speedup.py)
+    speedup_pairs: Annotated[int, Field(ge=1, le=25)]
 
 
 class WindowGate(Strict):

@@ -5,8 +5,8 @@ is the INT8 student of ``metrics/<family>/evaluation.json``; ``champion`` is the
 same test data in the same run (``None`` when the registry has no champion yet: the candidate is then compared
 with the floors and the teacher only). ``spec`` names which latency a family is gated on. The gate reads the test
 split's scores (``test_<metric>``): it reports and decides, it never chooses between recipes (sweeps choose on
-``val_<metric>``). The promotion flow re-measures the candidate's, the teacher's and the champion's latencies side
-by side before the checks, so every ratio divides numbers of one session.
+``val_<metric>``). The promotion flow re-measures the candidate's and the teacher's latencies before the checks, in
+pairs of alternating rounds (``tasks.speedup``): the speed-up divides numbers measured back to back.
 """
 from __future__ import annotations
 
@@ -67,7 +67,7 @@ def gate_checks(evaluation: dict, champion: dict | None, cfg: Gate, spec: GateSp
                f"{split} {metric} drop vs the teacher"),
         _check("speedup_vs_teacher", speedup(cand, teacher, lat), ">=", rel.min_speedup,
                f"{spec.latency_what} p50 speed-up vs the teacher"
-               + (f" (median of {cand['speedup_rounds']} alternating rounds)" if "speedup_rounds" in cand else "")),
+               + (f" (median of {cand['speedup_pairs']} paired rounds)" if "speedup_pairs" in cand else "")),
         _check("size_ratio_vs_teacher", teacher["bytes"] / cand["bytes"], ">=", rel.min_size_ratio,
                "size ratio vs the teacher")]
     max_drop = getattr(cfg.vs_champion, f"max_{metric}_drop")
