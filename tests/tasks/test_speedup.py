@@ -32,7 +32,7 @@ def _before(candidate, teacher) -> float:
 def test_a_neighbour_starting_between_the_two_timings_does_not_decide_the_speedup():
     """Before: a neighbour that started between the two timings made a 3x student look 6x faster (or, the other way
     round, a passing one fail its floor)."""
-    neighbour = lambda n: 2.0 if n >= 1 else 1.0   # noqa: E731 - from the second timing on, everything twice as slow
+    neighbour = lambda n: 2.0 if n >= 1 else 1.0   # from the second timing on, everything twice as slow
     assert _before(*_machine(neighbour)) == pytest.approx(6.0)
     mine, theirs, speed = paired_timing(*_machine(neighbour), pairs=3, key="latency_p50_ms")
     assert speed["speedup_vs_teacher"] == pytest.approx(3.0)   # the first pair's 4.24x is outvoted
@@ -41,7 +41,7 @@ def test_a_neighbour_starting_between_the_two_timings_does_not_decide_the_speedu
 
 
 def test_a_load_that_rises_steadily_cancels_within_each_pair():
-    rising = lambda n: 1.05 ** n   # noqa: E731 - 5 % slower with every timing
+    rising = lambda n: 1.05 ** n   # 5 % slower with every timing
     assert _before(*_machine(rising)) == pytest.approx(3.15)
     _, _, speed = paired_timing(*_machine(rising), pairs=3, key="latency_p50_ms")
     assert speed["speedup_vs_teacher"] == pytest.approx(3.0, abs=0.005)
