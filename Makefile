@@ -8,7 +8,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 # No phoning home from the embedded server (these machines are offline; it would only log a failed lookup).
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: run test check smoke serve faults benchmark benchmark-export benchmark-recsys benchmark-replay benchmark-sweep benchmark-teacher benchmark-text ablation sweep deploy worker \
+.PHONY: run test check smoke serve faults benchmark benchmark-export benchmark-recsys benchmark-replay benchmark-speedup benchmark-sweep benchmark-teacher benchmark-text ablation sweep deploy worker \
         data-source services clean-results
 
 run: $(STAMP) data-source
@@ -50,6 +50,10 @@ benchmark-recsys: $(STAMP)
 # The text family: teacher, labels-only and distilled students (FP32 and INT8), 3 student seeds (after `make run`).
 benchmark-text: $(STAMP)
 	$(PY) -m tasks.text_benchmark --out reports/benchmarks/text.json
+
+# How steady the gate's speed-up is: paired rounds vs one timing each, on a family's exported files (after `make run`).
+benchmark-speedup: $(STAMP)
+	$(PY) -m flows.speedup_benchmark --family $(or $(FAMILY),recsys) --out reports/benchmarks/speedup_$(or $(FAMILY),recsys).json
 
 # Distillation's frozen teacher in PyTorch vs the same teacher as ONNX in onnxruntime (an imported teacher).
 benchmark-teacher: $(STAMP)

@@ -1,0 +1,38 @@
+"""``python -m flows.speedup_benchmark``: the gate's speed-up measured both ways on a family's exported files."""
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from tasks.onnx_models import export_fp32
+from tasks.vision_config import MobileArch, ResNetArch
+from tasks.vision_models import MobileStudent, ResNetTeacher
+from tests.conftest import write_processed
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_the_command_tables_both_measurements_on_the_exported_files(tmp_path, real_splits):
+    for name in ("params.yaml", "dvc.yaml"):   # where the exported files are, how often to time them
+        shutil.copy(ROOT / name, tmp_path / name)
+    x, y = real_splits["test"]
+    write_processed(tmp_path / "data/vision/processed", {"test": (x[:64], y[:64])})
+    torch.manual_seed(0)
+    onnx = tmp_path / "models/vision/onnx"
+    export_fp32(MobileStudent(MobileArch(stem=4, widths=[8, 16], strides=[2, 2])), onnx / "student_int8.onnx")
+    export_fp32(ResNetTeacher(ResNetArch(stem=8, widths=[16, 32], blocks=[1, 1])), onnx / "teacher_fp32.onnx")
+    out = tmp_path / "speedup.json"
+    proc = subprocess.run([sys.executable, "-m", "flows.speedup_benchmark", "--family", "vision", "--repeats", "2",
+                           "--root", str(tmp_path), "--out", str(out)], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| one timing of each, in turn (before) | 2 |" in proc.stdout
+    assert "| 3 pairs of rounds, the median pair (the gate's) | 2 |" in proc.stdout
+    import json
+
+    result = json.loads(out.read_text())
+    assert result["pairs"] == 3 and result["floor"] == 10.0 and "machine" in result
+    assert all(len(result[k]["speedup"]) == 2 and min(result[k]["speedup"]) > 0 for k in ("before", "paired"))
