@@ -31,7 +31,7 @@ def measure(root: Path, family: str, repeats: int) -> dict:
     onnx, data = root / where["onnx"], root / where["data"]
     key, pairs = f"{contract.gate.latency}_p50_ms", getattr(cfg.gate, family).vs_teacher.speedup_pairs
     candidate = lambda: contract.timing(onnx / "student_int8.onnx", data, cfg)
-    teacher = lambda: contract.timing(onnx / "teacher_fp32.onnx", data, cfg)  
+    teacher = lambda: contract.timing(onnx / "teacher_fp32.onnx", data, cfg)
     found: dict[str, dict[str, list[float]]] = {"before": {"speedup": [], "seconds": []},
                                                  "paired": {"speedup": [], "seconds": []}}
     for i in range(repeats):
