@@ -29,7 +29,8 @@ def measure(root: Path, family: str, repeats: int) -> dict:
     cfg = load_config(root / "params.yaml")
     contract, where = load_family(family), stage_paths(root, f"evaluate_{family}")
     onnx, data = root / where["onnx"], root / where["data"]
-    key, pairs = f"{contract.gate.latency}_p50_ms", getattr(cfg.gate, family).vs_teacher.speedup_pairs
+    rel = getattr(cfg.gate, family).vs_teacher
+    key, pairs = f"{contract.gate.latency}_p50_ms", rel.speedup_pairs
     candidate = lambda: contract.timing(onnx / "student_int8.onnx", data, cfg)
     teacher = lambda: contract.timing(onnx / "teacher_fp32.onnx", data, cfg)
     found: dict[str, dict[str, list[float]]] = {"before": {"speedup": [], "seconds": []},
@@ -44,8 +45,7 @@ def measure(root: Path, family: str, repeats: int) -> dict:
         found["paired"]["seconds"].append(time.perf_counter() - start)
         print(f"{i + 1}/{repeats}: before {found['before']['speedup'][-1]:.3f}x, "
               f"paired {found['paired']['speedup'][-1]:.3f}x", flush=True)
-    return {"family": family, "pairs": pairs, "repeats": repeats,
-            "floor": getattr(cfg.gate, family).vs_teacher.min_speedup, **found}
+    return {"family": family, "pairs": pairs, "repeats": repeats, "floor": rel.min_speedup, **found}
 
 
 def table(result: dict) -> str:

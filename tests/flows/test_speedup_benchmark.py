@@ -1,6 +1,7 @@
 """``python -m flows.speedup_benchmark``: the gate's speed-up measured both ways on a family's exported files."""
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -32,8 +33,6 @@ def test_the_command_tables_both_measurements_on_the_exported_files(tmp_path, re
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "| one timing of each, in turn (before) | 2 |" in proc.stdout
     assert "| 3 pairs of rounds, the median pair (the gate's) | 2 |" in proc.stdout
-    import json
-
     result = json.loads(out.read_text())
     assert result["pairs"] == 3 and result["floor"] == 0.01 and "machine" in result
     assert all(len(result[k]["speedup"]) == 2 and min(result[k]["speedup"]) > 0 for k in ("before", "paired"))

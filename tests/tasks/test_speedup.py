@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Callable
 
 import pytest
 
@@ -9,7 +10,7 @@ from tasks.gate import speedup
 from tasks.speedup import paired_timing
 
 
-def _machine(load: callable):
+def _machine(load: Callable[[int], float]):
     """Two models on one machine, 1 ms and 3 ms alone (a true speed-up of 3x); the n-th timing on it is slowed by the
     factor ``load(n)``."""
     calls = itertools.count()
