@@ -46,30 +46,30 @@ def run_suites(context: Any, source: str, batches: list[tuple[Any, Any]], docs: 
     """Validate each (suite, frame) pair through a Great Expectations Checkpoint of its own (the suite, and a
     validation definition on the frame's batch); return the report (``success`` plus one entry per expectation).
 
-    With ``docs``, every checkpoint's ``UpdateDataDocsAction`` renders the results into a Data Docs site there:
-    the index, each suite, and each validation with its observed values and, for a failed expectation, the
-    offending values and their counts."""
+    With ``docs``, the results are rendered into a Data Docs site there once all checkpoints ran (the index, each
+    suite, and each validation with its observed values and, for a failed expectation, the offending values and
+    their counts): one build of the site, not one per checkpoint (an ``UpdateDataDocsAction`` on each rebuilt it
+    every time, 0.3-0.6 s apiece)."""
     import great_expectations as gx
 
     asset = context.data_sources.add_pandas(source).add_dataframe_asset("frames")
     definition = asset.add_batch_definition_whole_dataframe("whole")
-    actions = []
     if docs is not None:
         if DOCS_SITE in context.get_site_names():   # a second call renders into the same site
             context.delete_data_docs_site(DOCS_SITE)
         context.add_data_docs_site(DOCS_SITE, {
             "class_name": "SiteBuilder", "site_index_builder": {"class_name": "DefaultSiteIndexBuilder"},
             "store_backend": {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(docs.resolve())}})
-        actions = [gx.checkpoint.UpdateDataDocsAction(name="data_docs", site_names=[DOCS_SITE])]
     checks = []
     for suite, frame in batches:
         name = f"{source}-{suite.name}"
         validation = context.validation_definitions.add(
             gx.ValidationDefinition(name=name, data=definition, suite=context.suites.add(suite)))
-        checkpoint = context.checkpoints.add(gx.Checkpoint(name=name, validation_definitions=[validation],
-                                                           actions=actions))
+        checkpoint = context.checkpoints.add(gx.Checkpoint(name=name, validation_definitions=[validation]))
         outcome = checkpoint.run(batch_parameters={"dataframe": frame})
         checks += [_summarise(suite.name, r) for result in outcome.run_results.values() for r in result.results]
+    if docs is not None:
+        context.build_data_docs(site_names=[DOCS_SITE])
     return {"success": all(c["success"] for c in checks), "checks": checks}
 
 
