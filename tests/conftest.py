@@ -46,11 +46,18 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def prefect_server():
-    """One temporary Prefect server for the whole session (starting one costs ~20 s)."""
+    """One temporary Prefect server for the whole session (starting one costs ~20 s). The flows that tests start
+    in processes of their own (``make smoke``, the benchmark, the promotion and restore commands) report to it too,
+    instead of each bringing up an ephemeral server of its own (20-30 s apiece on a busy machine)."""
+    from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
     with prefect_test_harness(server_startup_timeout=120):
-        yield
+        os.environ["PREFECT_API_URL"] = PREFECT_API_URL.value()
+        try:
+            yield
+        finally:
+            del os.environ["PREFECT_API_URL"]
 
 
 @pytest.fixture(scope="session")
