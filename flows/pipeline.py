@@ -181,8 +181,8 @@ def gate_only(root: str = ".", families: list[str] | None = None) -> dict[str, A
 
 @task(task_run_name="promote_{family}")
 def promote(family: str, root: Path, uri: str, parent_run_id: str, may_promote: bool = True) -> dict[str, Any]:
-    """Gate a family's INT8 student and register it (``flows.promotion``); registry state is not DVC's to cache."""
-    from flows.promotion import gate_and_register
+    """Gate a family's INT8 student and register it (``flows.gating``); registry state is not DVC's to cache."""
+    from flows.gating import gate_and_register
     from tasks.tracking import child_run, client_for
 
     cfg = load_config(root / "params.yaml")

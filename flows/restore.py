@@ -26,7 +26,8 @@ from pathlib import Path
 
 from mlflow.exceptions import MlflowException
 
-from flows.promotion import LINEAGE, LINEAGE_FILES, registered_model
+from flows.gating import LINEAGE, LINEAGE_FILES
+from flows.registry import registered_model
 from tasks.config import load_config
 from tasks.errors import PipelineError, run_cli
 from tasks.tracking import client_for, redact, tracking_uri

@@ -17,7 +17,7 @@ import os
 import sys
 from pathlib import Path
 
-from flows.promotion import registered_model
+from flows.registry import registered_model
 from tasks.config import Config, load_config
 from tasks.errors import run_cli
 from tasks.tracking import tracking_uri

@@ -137,7 +137,7 @@ def recipe_sweep(root: str = ".", family: str | None = None, address: str | None
 
 def _register(best: dict[str, Any], family: str, root: Path, uri: str, sweep_run_id: str) -> dict[str, Any]:
     """Register the best recipe's INT8 student as ``challenger`` through the pipeline's own gate."""
-    from flows.promotion import gate_and_register
+    from flows.gating import gate_and_register
 
     where = Path(best["dir"])
     cfg, client = load_config(where / "params.yaml"), client_for(uri)

@@ -12,7 +12,7 @@ from pydantic import BaseModel
 
 from tasks.family_config import FineTune, WarmStart
 
-if TYPE_CHECKING:   # torch is imported where weights are read: flows.promotion reads this module's names only
+if TYPE_CHECKING:   # torch is imported where weights are read: flows.gating reads this module's names only
     import torch
 
 PLAN, ARTIFACTS = "plan.json", "warm_start"   # ARTIFACTS: the registering run's folder of what the next run reads

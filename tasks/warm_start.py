@@ -7,7 +7,7 @@ fine_tune, the champion version it starts from, the data versions the teacher in
 plan starts from the champion, its teacher and FP32 student (``teacher.pt``, ``student.pt``) fitted to this data by
 the family's ``adapt`` (the recommender carries its embedding rows over by vocabulary).
 
-The champion's weights are what its registering run kept under ``warm_start/`` (``flows.promotion``). The stage
+The champion's weights are what its registering run kept under ``warm_start/`` (``flows.gating``). The stage
 runs when the snapshot, the processed data, these params or its code change (as a rule once per new data version),
 so the champion it reads is the one of that moment, and dvc.lock records what it wrote (``flows.restore`` pulls it
 back). A re-run on the same snapshot under the same policy (a code change) starts from the champion the first run of

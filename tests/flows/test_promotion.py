@@ -11,7 +11,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
-from flows.promotion import CandidateAltered, RegistryError, gate_and_register, promote_model
+from flows.gating import CandidateAltered, gate_and_register
+from flows.promotion import promote_model
+from flows.registry import RegistryError
 from tasks.config import parse_config
 from tasks.errors import ConfigError
 from tasks.family import load_family
@@ -307,7 +309,7 @@ def test_a_file_registered_beside_a_model_is_checked_like_the_model(tmp_path):
     """Before: only model.onnx was pinned; an edited vocabulary.json would have encoded the gate's rows silently wrong."""
     from urllib.parse import urlparse
 
-    from flows.promotion import FILES_SHA256, MODEL_SHA256, download_onnx, log_onnx_model
+    from flows.registry import FILES_SHA256, MODEL_SHA256, download_onnx, log_onnx_model
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_id = client.create_run(client.create_experiment("e", artifact_location=str(tmp_path / "artifacts"))).info.run_id

@@ -135,8 +135,8 @@ def test_the_readmes_stage_graph_is_dvc_yamls():
 
 
 def test_the_gate_finds_each_familys_files_where_dvc_yaml_puts_them(raw_params):
-    """Before: flows.promotion.paths restated every path of dvc.yaml (and the ablation its data and teacher)."""
-    from flows.promotion import paths
+    """Before: the gate (flows.gating.paths) restated every path of dvc.yaml (and the ablation its data and teacher)."""
+    from flows.gating import paths
     from flows.stage_graph import stage_paths
     from tasks.errors import PipelineError
 

@@ -231,7 +231,7 @@ def test_the_registered_signature_leaves_open_what_the_graph_leaves_open(tmp_pat
     import onnx
     from mlflow.models import infer_signature
 
-    from flows.promotion import graph_signature
+    from flows.registry import graph_signature
     from tasks.text_onnx import export_text_fp32, feeds
 
     student = _students()[0].eval()

@@ -95,7 +95,7 @@ def test_params_hash_means_the_whole_resolved_params_on_every_run(config, smoke_
     import shutil
     from pathlib import Path
 
-    from flows.promotion import lineage
+    from flows.gating import lineage
     from tasks.lineage import params_hash
 
     monkeypatch.chdir(tmp_path)

@@ -1,0 +1,227 @@
+"""The gate step of a pipeline run (once per family, after the last stage): ``gate_and_register`` scores the
+candidate and the current ``champion`` on the same test data in the same run, writes
+``reports/<family>/gate.{json,md}`` and ``report.html``, registers the candidate as a new version of
+``gate.<family>.registered_model`` (``flows.registry``) tagged with every gate result and its lineage, points
+``challenger`` at it, and moves ``champion`` only when every check passes. The registry is checked for reachability
+before anything is written."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from flows.registry import (
+    DATA_TAG,
+    FILES_SHA256,
+    MODEL_SHA256,
+    SPLIT_TAG,
+    RegistryError,
+    audit_tags,
+    check_comparable,
+    check_registry,
+    download_onnx,
+    log_onnx_model,
+    registered_scores,
+    registered_with,
+    split_by,
+)
+from flows.registry_lock import registry_lock
+from flows.stage_graph import stage_paths
+from tasks.config import Config
+from tasks.errors import PipelineError
+from tasks.family import load_family
+from tasks.gate import Check, champion_health, gate_checks, gate_markdown, gate_tags, health_markdown
+from tasks.io import file_digest, write_atomic, write_json
+from tasks.lineage import data_params, dvc_input_hashes, git_state, params_hash
+from tasks.speedup import paired_timing
+from tasks.tracking import registered_version
+
+LINEAGE, LINEAGE_FILES = "lineage", ("params.yaml", "dvc.lock")   # artifacts of the registering run
+
+
+def paths(root: Path, family: str) -> dict[str, Path]:
+    """Where a family's candidate, teacher, evaluation, data and reports are (relative to ``root``), as its evaluate
+    and validate stages' commands in dvc.yaml name them."""
+    evaluate, validate = stage_paths(root, f"evaluate_{family}"), stage_paths(root, f"validate_{family}")
+    return {"candidate": evaluate["onnx"] / "student_int8.onnx", "onnx": evaluate["onnx"],
+            "teacher": evaluate["onnx"] / "teacher_fp32.onnx", "evaluation": evaluate["metrics"],
+            "data": evaluate["data"], "reports": validate["report"].parent}
+
+
+class CandidateAltered(RegistryError):
+    """The candidate file is not the file whose metrics were evaluated; nothing was registered."""
+
+
+def verify_candidate(root: Path, family: str, evaluation: dict[str, Any], where: dict[str, Path]) -> None:
+    """The candidate's and the teacher's SHA-256 must be the ones recorded when they were evaluated: metrics that
+    passed belong to those files only (``where``: the family's ``paths``)."""
+    for name, path in (("student_int8", where["candidate"]), ("teacher_fp32", where["teacher"])):
+        recorded = evaluation.get("sha256", {}).get(name)
+        actual = file_digest(root / path)
+        if recorded != actual:
+            raise CandidateAltered(f"{path} has SHA-256 {actual}, but {where['evaluation']} measured "
+                                   f"{recorded or 'no recorded file'}: the file changed after evaluation; re-run "
+                                   f"`dvc repro evaluate_{family}` (nothing was registered)")
+
+
+def data_description(family: str, data: Path) -> str:
+    """A digest of what the family says a model of ``data`` takes and answers in ("" when it says nothing)."""
+    describe = load_family(family).describe_data
+    return hashlib.sha256(json.dumps(describe(data), sort_keys=True).encode()).hexdigest() if describe else ""
+
+
+def lineage(cfg: Config, root: Path, parent_run_id: str, family: str) -> dict[str, str]:
+    """git commit, DVC's hash of the data and of the candidate file, the hash of every param, the parent run."""
+    hashes, where = dvc_input_hashes(f"evaluate_{family}", root), paths(root, family)
+    return {**git_state(root), "params.hash": params_hash(cfg),
+            "data.hash": hashes.get(str(where["data"]), "unknown"),
+            "onnx.hash": hashes.get(str(where["onnx"]), "unknown"), "parent_run_id": parent_run_id}
+
+
+def keep_warm_start(client: MlflowClient, run_id: str, root: Path, family: str, data: Path) -> None:
+    """What the next run's warm start reads should this version become champion (``tasks.warm_start``): its teacher
+    and FP32 student, the plan they came from, the files its model reads data with; for a family whose stage graph
+    has a warm start."""
+    from tasks.warm_plan import ARTIFACTS, FILES, PLAN
+
+    try:
+        plan = stage_paths(root, f"warm_start_{family}")["out"] / PLAN
+    except PipelineError:
+        return
+    kept = {FILES["teacher"]: stage_paths(root, f"train_teacher_{family}")["model"],
+            FILES["student"]: stage_paths(root, f"distill_{family}")["model"], PLAN: plan,
+            **{name: data / name for name in load_family(family).model_files}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, path in kept.items():
+            if (root / path).is_file():
+                shutil.copy2(root / path, Path(tmp) / name)
+        client.log_artifacts(run_id, tmp, ARTIFACTS)
+
+
+def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, run_id: str,
+                      parent_run_id: str, family: str, may_promote: bool = True,
+                      extra_tags: dict[str, str] | None = None) -> dict[str, Any]:
+    """Gate the family's candidate, register it, move aliases; return the report.
+
+    ``champion`` moves only when every check passes and ``may_promote`` (a sweep registers challengers only). The
+    registry part runs under the model's promotion lock, so concurrent runs promote one after another and each
+    version's ``audit.*`` tags name the champion it was compared with."""
+    gate = getattr(cfg.gate, family)
+    check_registry(client, uri)
+    where = paths(root, family)
+    tags = {**lineage(cfg, root, parent_run_id, family), **(extra_tags or {})}
+    for name in LINEAGE_FILES:   # what `python -m flows.restore` needs beside the git commit to re-create the run
+        if (root / name).is_file():
+            client.log_artifact(run_id, str(root / name), LINEAGE)
+    if description := data_description(family, root / where["data"]):
+        tags[DATA_TAG] = description   # the gate holds the champion to it
+    tags[SPLIT_TAG] = data_params(cfg, family)   # a later gate compares with it only on data split the same way
+    with registry_lock(gate.registered_model, cfg.tracking.registry_lock_timeout_seconds):
+        same = registered_with(client, gate.registered_model, tags["onnx.hash"])
+        if same is not None:  # a no-change re-run: this exact file was gated and registered before
+            print(f"{gate.registered_model} version {same.version} already holds this candidate; registry unchanged")
+            return {"passed": same.tags.get("gate.passed") == "true", "checks": [], "name": gate.registered_model,
+                    "version": str(same.version), "champion": False, "unchanged": True}
+        keep_warm_start(client, run_id, root, family, where["data"])   # a new version: what the next run may start from
+        report, checks, evaluation = _gate(root, cfg, client, run_id, family, where, description)
+        promote = report["passed"] and may_promote
+        tags.update({**gate_tags(checks), **audit_tags(report["champion_before"], promote),
+                     **{f"quality.{window}_{gate.metric}": repr(evaluation["models"]["student_int8"][key])
+                        for window in ("test", "recent")
+                        if (key := f"{window}_{gate.metric}") in evaluation["models"]["student_int8"]}})
+        contract = load_family(family)
+        files = tuple(root / where["data"] / f for f in contract.model_files)
+        source, tags[MODEL_SHA256] = log_onnx_model(client, run_id, root / where["candidate"],
+                                                    contract.input_example(root / where["data"]), files)
+        if files:
+            tags[FILES_SHA256] = json.dumps({f.name: file_digest(f) for f in files}, sort_keys=True)
+        if not client.search_registered_models(f"name = '{gate.registered_model}'"):
+            try:
+                client.create_registered_model(gate.registered_model)
+            except MlflowException as err:  # created meanwhile by a run that holds no lock (an older version)
+                if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+        # Tags go in with the version (one call), aliases after: a failure in between leaves a tagged, unaliased
+        # version that says what it is, never an alias on an untagged one.
+        version = client.create_model_version(gate.registered_model, source, run_id, tags=tags)
+        client.set_registered_model_alias(gate.registered_model, "challenger", version.version)
+        if promote:
+            client.set_registered_model_alias(gate.registered_model, "champion", version.version)
+    report.update(name=gate.registered_model, version=str(version.version), champion=promote, unchanged=False)
+    write_report(root, cfg, evaluation, report, tags, family, where)
+    client.log_artifact(run_id, str(root / where["reports"] / "report.html"))
+    return report
+
+
+def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str, family: str, where: dict[str, Path],
+          description: str) -> tuple[dict[str, Any], list[Check], dict[str, Any]]:
+    """Score the candidate and the current champion back to back, check the gate, write and log its report;
+    return the report, the checks and the evaluation with the candidate's fresh scores."""
+    gate, contract = getattr(cfg.gate, family), load_family(family)
+    data = root / where["data"]
+    evaluation = json.loads((root / where["evaluation"]).read_text())
+    verify_candidate(root, family, evaluation, where)
+    champ = registered_version(client, gate.registered_model)
+    champion = None
+    if champ is not None and (theirs := split_by(client, champ)) not in (None, data_params(cfg, family)):
+        # other split params: today's test rows may be the champion's training rows, its scores would flatter it
+        champion = {"version": str(champ.version), "incomparable":
+                    f"champion v{champ.version} was split by other data.{family} params ({theirs[:12]}…): today's "
+                    "test rows may be its training rows, not compared (floors and teacher only)"}
+        print(champion["incomparable"])
+    with tempfile.TemporaryDirectory() as tmp:
+        if champ is not None and champion is None:  # the champion and the candidate: same test data, same run
+            champion_file = download_onnx(client, champ, Path(tmp))
+            check_comparable(gate.registered_model, champ, champion_file, root / where["candidate"], description,
+                             family)
+            pair = contract.paired_data(champion_file.parent, data, Path(tmp) / "paired", cfg) \
+                if contract.paired_data else None
+            champion = {"version": str(champ.version), **contract.score(champion_file, pair[0] if pair else data, cfg)}
+            if pair:   # it reads the data in its own encoding: both are compared on the rows it can read
+                champion["candidate"] = contract.score(root / where["candidate"], pair[1], cfg)
+    candidate, teacher = evaluation["models"]["student_int8"], evaluation["models"]["teacher_fp32"]
+    candidate.update(contract.score(root / where["candidate"], data, cfg))
+    # the latencies again, the candidate's and the teacher's in pairs of alternating rounds (tasks.speedup): a load
+    # that changes while the gate measures weighs on both alike
+    mine, theirs, speed = paired_timing(lambda: contract.timing(root / where["candidate"], data, cfg),
+                                        lambda: contract.timing(root / where["teacher"], data, cfg),
+                                        gate.vs_teacher.speedup_pairs, f"{contract.gate.latency}_p50_ms")
+    candidate.update({**mine, **speed})
+    teacher.update(theirs)
+    checks = gate_checks(evaluation, champion, gate, contract.gate)
+    passed = all(c.passed for c in checks)
+    health = champion_health(champion, registered_scores(champ, gate.metric), gate)
+    report = {"passed": passed, "checks": [c.as_dict() for c in checks], "champion_before": champion,
+              "champion_health": health,
+              "candidate": evaluation["models"]["student_int8"], "teacher": evaluation["models"]["teacher_fp32"]}
+    reports = root / where["reports"]
+    write_json(reports / "gate.json", report)
+    write_atomic(reports / "gate.md", (gate_markdown(checks, passed) + health_markdown(health, passed)).encode())
+    for name in ("gate.json", "gate.md"):
+        client.log_artifact(run_id, str(reports / name))
+    return report, checks, evaluation
+
+
+def write_report(root: Path, cfg: Config, evaluation: dict, report: dict, tags: dict[str, str],
+                 family: str, where: dict[str, Path]) -> None:
+    """``reports/<family>/report.html``: Pareto plots, models, gate, and the family's ablation when one was run."""
+    from tasks.report import ReportView, render_report
+
+    contract = load_family(family)
+    view = ReportView(contract.title, getattr(cfg.gate, family).metric, contract.gate.latency,
+                      contract.gate.latency_what, ablation=contract.ablation)
+    ablation_file = root / "reports" / "ablation" / f"{family}.json"
+    ablation = json.loads(ablation_file.read_text()) if ablation_file.exists() else None
+    context = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "profile": cfg.profile,
+               "git commit": tags["git.commit"], "pipeline run": tags["parent_run_id"],
+               "registered": f"{report['name']} version {report['version']}"
+                             + (" (champion)" if report["champion"] else " (challenger only)")}
+    write_atomic(root / where["reports"] / "report.html",
+                 render_report(evaluation, report, ablation, context, view).encode())
