@@ -50,6 +50,7 @@ def test_the_replay_cuts_movielens_by_time_into_an_initial_window_and_weekly_bat
     assert users.user_id.is_unique and len(users) == 943   # each user arrives with its first rating
 
 
+@pytest.mark.slow   # every real week through its contract and drift checks: ~40 s
 def test_every_real_week_passes_its_contract_and_the_drift_limits(replayed):
     cfg, batches = replayed
     for n in range(1, len(batches)):   # the checks only (their Data Docs are rendered in the other tests)

@@ -159,6 +159,7 @@ def test_inconsistent_raw_files_are_named_before_anything_is_written(synthetic_s
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow   # the stage as a process of its own: ~17 s
 @COUNTS
 def test_the_stage_cli_reports_inconsistent_files_in_one_line_and_exits_2(synthetic_source, raw_params, tmp_path):
     src, cfg = synthetic_source
