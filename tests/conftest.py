@@ -20,15 +20,16 @@ ROOT = Path(__file__).resolve().parents[1]
 # whole pipelines go out first, longest first, so that no worker picks one up last.
 FIRST = ("tests/integration/test_scaled_stack.py", "tests/e2e/test_smoke_pipeline.py", "tests/e2e/test_stage_commands.py",
          "tests/e2e/test_continuous_training.py", "tests/e2e/test_continuous_vision.py")
-# as the Makefile sets it, for a plain `pytest` too: the flows a test starts bring up their own ephemeral Prefect
-# server, whose 20 s default start-up limit is tight on a busy 2-core machine
+# as the Makefile sets it, for a plain `pytest` too: a flow a test starts before the session's Prefect server is up
+# (the ``prefect_server`` fixture) brings up an ephemeral server of its own, whose 20 s default start-up limit is
+# tight on a busy 2-core machine
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 if worker := os.environ.get("PYTEST_XDIST_WORKER"):
     workers = int(os.environ["PYTEST_XDIST_WORKER_COUNT"])
     # the cores are shared: torch and onnxruntime work in a test's own process gets its share (before torch is
     # imported; the stage processes a test starts keep their params' threads) ...
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // workers)))
-    # ... and the ephemeral Prefect servers that the flows a test starts bring up keep their SQLite database per
+    # ... and the Prefect servers of the worker (its session server, any ephemeral one) keep their SQLite database per
     # worker (two servers writing one database file at once risk "database is locked")
     os.environ["PREFECT_HOME"] = str(Path(tempfile.gettempdir()) / f"kdq-tests-prefect-{worker}")
 
@@ -52,12 +53,9 @@ def prefect_server():
     from prefect.settings import PREFECT_API_URL
     from prefect.testing.utilities import prefect_test_harness
 
-    with prefect_test_harness(server_startup_timeout=120):
-        os.environ["PREFECT_API_URL"] = PREFECT_API_URL.value()
-        try:
-            yield
-        finally:
-            del os.environ["PREFECT_API_URL"]
+    with prefect_test_harness(server_startup_timeout=120), pytest.MonkeyPatch.context() as env:
+        env.setenv("PREFECT_API_URL", PREFECT_API_URL.value())   # restored (or unset) as it was at the end
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -205,7 +205,8 @@ def start_stack(procs: Processes, base: Path) -> Stack:
     prefect_port = free_port()
     home = base / "prefect-home"
     home.mkdir()
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    env = {**{k: v for k, v in os.environ.items() if k != "PREFECT_API_URL"},   # a server, not a client of one
+           "PREFECT_HOME": str(home), "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
            "PREFECT_API_DATABASE_CONNECTION_URL": pg.url("prefect", "+asyncpg"), "PREFECT_UI_ENABLED": "false"}
     proc = procs.start("prefect", [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1",
                                    "--port", str(prefect_port)], env=env)
