@@ -163,6 +163,12 @@ def _digests(x: np.ndarray) -> np.ndarray:
     return np.array([hashlib.blake2b(row.tobytes(), digest_size=16).hexdigest() for row in flat], dtype=object)
 
 
+def _member(digests: np.ndarray, known: set[str]) -> np.ndarray:
+    """Which of ``digests`` are in ``known``, by hashing (``np.isin`` sorts object arrays: ~2 s a 5,000-image batch
+    against 40,000 accepted images, most of a batch's check)."""
+    return np.fromiter((d in known for d in digests), dtype=bool, count=len(digests))
+
+
 def _shape(x: np.ndarray) -> str:
     return "x".join(str(d) for d in x.shape[1:])
 
@@ -183,9 +189,9 @@ def contract(batch: Images, accepted: Images | None, cfg: Any) -> Suites:
     frames, start = [], 0
     for part in present:
         x, y = batch[part]
-        repeated = within[start:start + len(x)] | np.isin(digests[part], list(accepted_digests))
+        repeated = within[start:start + len(x)] | _member(digests[part], accepted_digests)
         start += len(x)
-        leak = np.zeros(len(x), bool) if part == "test" else np.isin(digests[part], list(tests))
+        leak = np.zeros(len(x), bool) if part == "test" else _member(digests[part], tests)
         frames.append(pd.DataFrame({"part": part, "label": y.astype(np.int64), "shape": _shape(x),
                                     "repeated": repeated.astype(np.int64), "copies_a_test_image": leak.astype(np.int64)}))
     frame = pd.concat(frames, ignore_index=True)

@@ -27,9 +27,10 @@ WEIGHT_BITS = 7  # qat.vision.weight_bits: what x86 INT8 kernels without VNNI co
 MIXED = MobileArch(stem=4, stem_stride=2, widths=[8, 16, 16], strides=[1, 2, 1], kinds=["fused", "fused", "separable"])
 
 
-@pytest.fixture
-def models(tmp_path, real_splits):
-    return _models(tmp_path, real_splits, STUDENT)
+@pytest.fixture(scope="module")
+def models(tmp_path_factory, real_splits):
+    """Built once for the module (~6 s on a 2-core AVX2 machine): its tests only read these files."""
+    return _models(tmp_path_factory.mktemp("models"), real_splits, STUDENT)
 
 
 def _models(tmp_path, real_splits, arch: MobileArch, float_modules: tuple[str, ...] = (),

@@ -63,7 +63,6 @@ def test_the_replay_releases_the_training_images_as_an_initial_set_and_batches(r
     assert len(everything["train"][1]) == 60_000 and len(everything["test"][1]) == 10_000
 
 
-@pytest.mark.slow   # every replayed batch through its contract and drift checks: ~38 s
 def test_every_replayed_batch_passes_its_contract_and_the_drift_limits(replayed, initial):
     cfg, batches = replayed
     accepted = [initial]
@@ -132,7 +131,7 @@ def test_a_first_batch_too_small_to_split_or_stored_channels_last_is_refused(rep
         INTAKE.read_batch(folder)
 
 
-@pytest.mark.slow   # 10-15 s each
+@pytest.mark.slow   # 5-8 s each (2-core AVX2)
 @pytest.mark.parametrize("bootstrap", ["empty", "published"])
 def test_batches_with_another_class_mix_within_the_drift_limit_still_validate(replayed, tmp_path, bootstrap):
     """Before: validation held every split to equal class shares (Fashion-MNIST's published balance), so two
