@@ -35,12 +35,12 @@ from tasks.config import Config, load_config
 from tasks.distill_vision import distill_vision
 from tasks.evaluate_vision import latency
 from tasks.export_vision import parity, torch_logits
+from tasks.image_training import Split, model_shape
 from tasks.io import write_atomic, write_json
 from tasks.onnx_models import export_fp32, export_int8, file_sizes, onnx_accuracy, onnx_logits, quantize_ptq
 from tasks.prune_vision import prune_vision
 from tasks.qat_vision import qat_vision
 from tasks.share_vision import share_vision
-from tasks.training import Split, model_shape
 from tasks.vision_config import QatVision, ablation_recipes
 
 ARMS = {  # arm -> precision of the measured ONNX model

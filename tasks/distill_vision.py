@@ -17,7 +17,7 @@ from tasks.config import stage_args
 from tasks.distillation import Distiller, distillation_loss, loss_config
 from tasks.errors import run_cli
 from tasks.family_config import WarmStart
-from tasks.training import Split, evaluate, fit, memory_format, model_shape
+from tasks.image_training import Split, evaluate, fit, memory_format, model_shape
 from tasks.vision_config import DistillVision
 from tasks.vision_models import MobileStudent
 from tasks.warm_plan import MODE, start_from, started_from, warm_tags

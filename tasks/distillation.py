@@ -138,6 +138,6 @@ class Distiller(FrozenTeacher):
 
 
 def distillation_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The ``LossFn`` for ``tasks.training.fit`` when ``model`` is a Distiller."""
+    """The ``LossFn`` for ``tasks.image_training.fit`` when ``model`` is a Distiller."""
     total, logits, _ = model.loss(x, y)
     return total, logits

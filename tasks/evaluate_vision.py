@@ -22,6 +22,7 @@ from torch import nn
 from tasks.artifacts import count_nonzero, count_parameters, load_model
 from tasks.config import stage_args
 from tasks.errors import run_cli
+from tasks.image_training import Split
 from tasks.io import read_windows
 from tasks.onnx_models import (
     INPUT,
@@ -32,7 +33,6 @@ from tasks.onnx_models import (
     session,
     timed_runs,
 )
-from tasks.training import Split
 from tasks.vision_config import EvaluateVision
 
 

@@ -23,11 +23,11 @@ from torch import nn
 from tasks.artifacts import load_model
 from tasks.config import stage_args
 from tasks.errors import ParityError, run_cli
+from tasks.image_training import Split
 from tasks.io import write_json
 from tasks.observers import frozen_observers
 from tasks.onnx_models import accuracy_delta, export_fp32, export_student_int8, onnx_logits, quantize_ptq
 from tasks.quantization import QatModel
-from tasks.training import Split
 from tasks.vision_config import ExportVision, QatVision
 
 FILES = ("teacher_fp32", "student_fp32", "student_int8", "student_ptq_int8")

@@ -1,7 +1,7 @@
 """ONNX models of the vision family: FP32 export, INT8 QDQ export of a QAT student, onnxruntime static PTQ, and
 evaluation in onnxruntime.
 
-Every exported graph takes ``image``: normalised float (N, C, H, W) as produced by ``tasks.training.to_input`` (the
+Every exported graph takes ``image``: normalised float (N, C, H, W) as produced by ``tasks.image_training.to_input`` (the
 data's channels and size: Fashion-MNIST's (N, 1, 28, 28)), and returns ``logits`` (N, classes), with a dynamic
 batch axis. Files are written atomically.
 """
@@ -19,10 +19,10 @@ import torch
 from torch import nn
 
 from tasks.errors import PipelineError
+from tasks.image_training import Split
 from tasks.int4 import drop_unused_initializers, pack_int4, require_int4, upgrade_opset
 from tasks.io import write_atomic
 from tasks.quantization import QatModel, convert_int8
-from tasks.training import Split
 
 if TYPE_CHECKING:  # annotations only: the recommender's export runs this module without the vision config
     from tasks.vision_config import QatVision

@@ -25,6 +25,7 @@ from tasks.artifacts import (
 from tasks.config import stage_args
 from tasks.distillation import Distiller, distillation_loss, loss_config
 from tasks.errors import run_cli
+from tasks.image_training import Split, evaluate, fit, model_shape
 from tasks.pruning import (
     attach_masks,
     bake,
@@ -33,7 +34,6 @@ from tasks.pruning import (
     shrink,
     sparsity_report,
 )
-from tasks.training import Split, evaluate, fit, model_shape
 from tasks.vision_config import DistillVision, MobileArch, PruneVision
 from tasks.vision_models import MobileStudent
 

@@ -26,10 +26,10 @@ from tasks.artifacts import (
 from tasks.config import stage_args
 from tasks.distillation import Distiller, distillation_loss, loss_config
 from tasks.errors import run_cli
+from tasks.image_training import Split, evaluate, fit, model_shape
 from tasks.observers import freeze_observers
 from tasks.pruning import enforce_masks, keep_pruned_zeros
 from tasks.quantization import QatModel, freeze_schedule, prepare_qat
-from tasks.training import Split, evaluate, fit, model_shape
 from tasks.vision_config import DistillVision, QatVision
 
 

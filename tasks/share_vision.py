@@ -30,9 +30,9 @@ from tasks.artifacts import (
 from tasks.config import stage_args
 from tasks.distillation import Distiller, distillation_loss, loss_config
 from tasks.errors import run_cli
+from tasks.image_training import Split, evaluate, fit, model_shape
 from tasks.observers import freeze_observers
 from tasks.onnx_models import export_student_int8, file_sizes
-from tasks.training import Split, evaluate, fit, model_shape
 from tasks.vision_config import DistillVision, ExportVision, QatVision, ShareVision
 from tasks.weight_sharing import bake, share_weights
 

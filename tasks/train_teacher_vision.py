@@ -18,8 +18,8 @@ from tasks.artifacts import count_parameters, fingerprint, publish_training, tra
 from tasks.config import stage_args
 from tasks.errors import run_cli
 from tasks.family_config import WarmStart
+from tasks.image_training import Split, evaluate, fit, memory_format, model_shape
 from tasks.imported_teacher import load_pretrained, publish_imported
-from tasks.training import Split, evaluate, fit, memory_format, model_shape
 from tasks.vision_config import TrainTeacherVision
 from tasks.vision_models import ResNetTeacher
 from tasks.warm_plan import MODE, start_from, started_from, warm_tags

@@ -10,8 +10,8 @@ import numpy as np
 from tasks.evaluate_vision import accuracy_on_test, latency
 from tasks.family import Family
 from tasks.gate import GateSpec
+from tasks.image_training import Split, image_manifest
 from tasks.onnx_models import INPUT
-from tasks.training import Split, image_manifest
 
 
 def score(path: Path, data: Path, cfg: Any) -> dict[str, float]:

@@ -204,7 +204,7 @@ def real_splits():
 
 def fashion_pixels():
     """The pixel statistics params.yaml gives Fashion-MNIST (what its stages normalise with)."""
-    from tasks.training import Pixels
+    from tasks.image_training import Pixels
 
     stats = load_config(ROOT / "params.yaml").data.vision.pixels
     return Pixels(tuple(stats.mean), tuple(stats.std))

@@ -21,8 +21,8 @@ FAMILY_WORDS = ("vision", "recsys", "fashion", "movielens", "mnist", "ctr", "rot
 NOT_YET_GENERIC = {
     "flows/ablation.py", "flows/benchmark.py", "flows/export_benchmark.py", "flows/recsys_benchmark.py",
     "flows/sweep_benchmark.py", "flows/teacher_benchmark.py", "tasks/artifacts.py", "tasks/pruning.py", "tasks/report.py",
-    # typed with the vision family's config: image training, FitNets distillation, ONNX PTQ of an image student
-    "tasks/training.py", "tasks/distillation.py", "tasks/onnx_models.py",
+    # typed with the vision family's config: image training (Split, fit), FitNets distillation, ONNX PTQ of an image student
+    "tasks/image_training.py", "tasks/distillation.py", "tasks/onnx_models.py",
 }
 
 

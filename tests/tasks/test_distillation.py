@@ -12,7 +12,8 @@ from tasks.config import parse_config
 from tasks.distillation import Distiller, decoupled_kd, distillation_loss, hint_loss, soft_target_kl, soft_target_mse
 from tasks.errors import ConfigError
 from tasks.family_config import LossWeights, Optimizer, Schedule
-from tasks.training import Split, fit, train_step
+from tasks.image_training import Split, fit
+from tasks.training import train_step
 from tasks.vision_config import Augmentation, DistillVision, FeaturePair, MobileArch, ResNetArch
 from tasks.vision_models import MobileStudent, ResNetTeacher
 

@@ -15,9 +15,9 @@ from PIL import Image
 
 from tasks.artifacts import load_model
 from tasks.errors import ChecksumError, DataFormatError, DataSourceError
-from tasks.prepare_vision import prepare_vision
-from tasks.training import Split
+from tasks.image_training import Split
 from tasks.io import read_manifest
+from tasks.prepare_vision import prepare_vision
 from tasks.validate_vision import load_arrays, validate_vision
 
 CLASSES = ("cat", "dog", "fox")   # each class one dominant colour: a tiny net learns it in a few steps

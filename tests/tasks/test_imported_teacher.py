@@ -17,8 +17,8 @@ from tasks.config import load_config
 from tasks.distillation import Distiller
 from tasks.errors import ChecksumError
 from tasks.family_config import LossWeights
+from tasks.image_training import Split
 from tasks.imported_teacher import TeacherImportError, import_onnx, import_state_dict, verified_bytes
-from tasks.training import Split
 from tasks.vision_config import DistillVision, FeaturePair, ResNetArch
 from tasks.vision_models import MobileStudent, ResNetTeacher
 from tests.conftest import briefly_trained

@@ -11,10 +11,10 @@ from tasks.config import Config
 from tasks.errors import ParityError
 from tasks.evaluate_vision import count_macs, evaluate_vision, ratios
 from tasks.export_vision import export_vision, parity
+from tasks.image_training import Split, to_input
 from tasks.observers import freeze_observers
 from tasks.onnx_models import OnnxError, export_fp32, onnx_logits
 from tasks.quantization import prepare_qat
-from tasks.training import Split, to_input
 from tasks.vision_config import MobileArch, ResNetArch
 from tasks.vision_models import MobileStudent, ResNetTeacher
 from tests.conftest import briefly_trained, fashion_pixels, write_processed

@@ -106,8 +106,8 @@ def test_the_int8_model_computes_with_the_weights_that_were_trained(real_splits)
     fake-quant op had trained on others, an affine zero point for a channel whose weights share a sign, and no clamp
     to the narrower 7-bit range of a weight that outgrew its observed range — so the INT8 model was not the model
     trained (seen: 3 % to 87 % of test images changing class)."""
+    from tasks.image_training import to_input
     from tasks.observers import freeze_observers
-    from tasks.training import to_input
     from tests.conftest import briefly_trained, fashion_pixels
 
     torch.backends.quantized.engine = "x86"

@@ -6,7 +6,7 @@ import torch
 from tasks.artifacts import count_parameters
 from tasks.checkpoints import load_checkpoint, save_checkpoint
 from tasks.family_config import Optimizer, Schedule
-from tasks.training import Pixels, Split, augment, evaluate, fit, memory_format
+from tasks.image_training import Pixels, Split, augment, evaluate, fit, memory_format
 from tasks.vision_config import Augmentation, ResNetArch, TrainingRecipe
 from tasks.vision_models import ResNetTeacher
 

@@ -12,8 +12,8 @@ from torch.ao.quantization import FakeQuantizeBase
 
 from tasks.artifacts import load_model, model_meta, save_model
 from tasks.config import load_config
+from tasks.image_training import Split, evaluate
 from tasks.prepare_vision import prepare_vision
-from tasks.training import Split, evaluate
 from tasks.vision_config import MobileArch, ResNetArch
 from tasks.vision_models import MobileStudent, ResNetTeacher
 
@@ -161,7 +161,7 @@ def test_a_reused_teacher_is_the_champions_and_its_stage_still_writes_every_outp
     """Before: a teacher reused by the warm-start plan left its checkpoint folder (a DVC output) uncreated, so DVC
     failed the stage in any fresh workspace."""
     from tasks import train_teacher_vision
-    from tasks.training import model_shape
+    from tasks.image_training import model_shape
 
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["teacher"]["vision"] |= {**FAST, "arch": TEACHER.model_dump()}

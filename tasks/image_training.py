@@ -1,0 +1,203 @@
+"""Image data and the image families' training loop: uint8 splits with their normalisation and class names (from
+the processed data's manifest), channels_last where the CPU has AVX512, random crop and flip, evaluation, and
+``fit``, which checkpoints after every epoch and resumes (a vision teacher trains for tens of minutes)."""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from tasks.checkpoints import load_checkpoint, save_checkpoint
+from tasks.errors import DataFormatError
+from tasks.io import read_manifest
+from tasks.observers import frozen_observers
+from tasks.training import EpochHook, LossFn, autocast, cross_entropy_loss, make_optimizer, make_scheduler, train_step
+
+if TYPE_CHECKING:  # annotations only
+    from tasks.vision_config import Augmentation, TrainingRecipe
+
+
+@dataclass(frozen=True)
+class Pixels:
+    """Per-channel normalisation of uint8 images, ``(x / 255 - mean) / std``: the data's own (its manifest's), so
+    every stage and the exported model's callers normalise alike. The default (none) is for a split built by hand."""
+
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+
+
+@dataclass(frozen=True)
+class Split:
+    """Images as uint8 (N, H, W) for one channel or (N, C, H, W), labels as int64 (N,), and what the data's manifest
+    says of them: the pixel normalisation and the class names (their order is the label's)."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    pixels: Pixels = Pixels()
+    classes: tuple[str, ...] = ()
+
+    @classmethod
+    def load(cls, directory: Path, name: str) -> Split:
+        """Load ``<name>_x.npy`` (uint8 images) and ``<name>_y.npy`` (labels) with ``manifest.json``'s pixel
+        statistics and classes, as prepare_vision wrote them."""
+        x = np.load(directory / f"{name}_x.npy", allow_pickle=False)
+        y = np.load(directory / f"{name}_y.npy", allow_pickle=False)
+        image = image_manifest(directory)
+        return cls(torch.from_numpy(x.copy()), torch.from_numpy(y.astype(np.int64)),
+                   Pixels(tuple(image["mean"]), tuple(image["std"])), tuple(image["classes"]))
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, height, width) of one image, as the models take it."""
+        return (1, *self.x.shape[1:]) if self.x.ndim == 3 else tuple(self.x.shape[1:])
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes) if self.classes else int(self.y.max()) + 1
+
+    def model_shape(self) -> dict[str, Any]:
+        """The constructor arguments of a model for this data (``tasks.vision_models``); saved with it."""
+        return {"num_classes": self.num_classes, "input_shape": list(self.image_shape)}
+
+    def inputs(self, index: Any = slice(None)) -> torch.Tensor:
+        """The model inputs of ``x[index]``: see ``to_input``."""
+        return to_input(self.x[index], self.pixels)
+
+    def head(self, n: int) -> Split:
+        """The first ``n`` rows, same normalisation and classes."""
+        return dataclasses.replace(self, x=self.x[:n], y=self.y[:n])
+
+
+def model_shape(directory: Path) -> dict[str, Any]:
+    """``Split.model_shape`` of the processed data in ``directory``, from its manifest."""
+    image = image_manifest(directory)
+    return {"num_classes": len(image["classes"]), "input_shape": [image["channels"], image["height"], image["width"]]}
+
+
+def image_manifest(directory: Path) -> dict[str, Any]:
+    """``manifest.json``'s ``image`` section of processed image data: channels, height, width, mean, std, classes."""
+    manifest = read_manifest(directory, "prepare_vision")
+    if "image" not in manifest:
+        raise DataFormatError(f"{directory}/manifest.json: no image description; re-run prepare_vision")
+    return manifest["image"]
+
+
+@functools.cache
+def memory_format() -> torch.memory_format:
+    """``channels_last`` where the CPU has AVX512 (with bf16 autocast it trains ~4x faster there); the default
+    layout elsewhere: on an AVX2-only CPU, torch 2.13's channels_last convolution backward hangs with 2 threads and
+    corrupts memory with 1 (seen on an AVX2 EPYC)."""
+    return torch.channels_last if torch.cpu._is_avx512_supported() else torch.contiguous_format
+
+
+def to_input(x: torch.Tensor, pixels: Pixels) -> torch.Tensor:
+    """uint8 (N, H, W) or (N, C, H, W) -> float (N, C, H, W) normalised per channel, in ``memory_format()``."""
+    x = x.float() / 255.0
+    x = x.unsqueeze(1) if x.ndim == 3 else x
+    if len(pixels.mean) == 1:  # python scalars: the arithmetic every stage has always done on one channel
+        x = (x - pixels.mean[0]) / pixels.std[0]
+    else:
+        x = (x - torch.tensor(pixels.mean).view(1, -1, 1, 1)) / torch.tensor(pixels.std).view(1, -1, 1, 1)
+    return x.contiguous(memory_format=memory_format())
+
+
+def augment(x: torch.Tensor, cfg: Augmentation, gen: torch.Generator, pixels: Pixels) -> torch.Tensor:
+    """Random crop from an image padded with black and random horizontal flip, vectorised over the batch."""
+    n, c, h, w = x.shape
+    if cfg.crop_padding:
+        p = cfg.crop_padding
+        black = [float(-m / s) for m, s in zip(pixels.mean, pixels.std, strict=True)]
+        padded = torch.cat([F.pad(x[:, i:i + 1], (p, p, p, p), value=black[i]) for i in range(c)], 1) if c > 1 \
+            else F.pad(x, (p, p, p, p), value=black[0])
+        oy = torch.randint(0, 2 * p + 1, (n,), generator=gen)
+        ox = torch.randint(0, 2 * p + 1, (n,), generator=gen)
+        rows = (torch.arange(h)[None, :] + oy[:, None])[:, None, :, None]
+        cols = (torch.arange(w)[None, :] + ox[:, None])[:, None, None, :]
+        x = padded[torch.arange(n)[:, None, None, None], torch.arange(c)[None, :, None, None], rows, cols]
+    if cfg.horizontal_flip:
+        flip = torch.rand(n, generator=gen) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return x.contiguous(memory_format=memory_format())
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, split: Split, batch_size: int, bf16: bool = False) -> dict[str, float]:
+    """Accuracy and mean cross-entropy of ``model`` on ``split``; quantization ranges stay as they are."""
+    model.eval()
+    correct, loss = 0, 0.0
+    with frozen_observers(model):
+        for i in range(0, len(split.y), batch_size):
+            x, y = split.inputs(slice(i, i + batch_size)), split.y[i:i + batch_size]
+            with autocast(bf16):
+                logits = model(x).float()
+            loss += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += (logits.argmax(1) == y).sum().item()
+    return {"accuracy": correct / len(split.y), "loss": loss / len(split.y)}
+
+
+def fit(model: nn.Module, train: Split, val: Split, spec: TrainingRecipe, checkpoint: Path, fingerprint: str,
+        on_epoch: EpochHook | None = None, loss_fn: LossFn | None = None,
+        before_epoch: Callable[[int], None] | None = None) -> list[dict[str, float]]:
+    """Train ``model``; checkpoint after every epoch and resume from ``checkpoint`` when its fingerprint matches.
+
+    ``loss_fn`` defaults to cross-entropy with the spec's label smoothing; distillation passes its own.
+    ``before_epoch(epoch)`` runs at the start of every epoch, resumed ones included (QAT freezes observers there).
+    """
+    loss_fn = loss_fn or cross_entropy_loss(spec.label_smoothing)
+    steps_per_epoch = math.ceil(len(train.y) / spec.batch_size)
+    opt = make_optimizer(model, spec.optimizer)
+    sched = make_scheduler(opt, spec.schedule, spec.epochs * steps_per_epoch)
+    gen = torch.Generator().manual_seed(spec.seed)
+    history: list[dict[str, float]] = []
+    state = load_checkpoint(checkpoint, fingerprint)
+    if state is not None:
+        model.load_state_dict(state["model"])
+        opt.load_state_dict(state["optimizer"])
+        sched.load_state_dict(state["scheduler"])
+        gen.set_state(state["generator"])
+        history = list(state["history"])
+    for epoch in range(len(history), spec.epochs):
+        if before_epoch:
+            before_epoch(epoch)
+        metrics = _train_epoch(model, train, spec, opt, sched, gen, loss_fn, f"epoch {epoch + 1}/{spec.epochs}")
+        metrics.update({f"val_{k}": v for k, v in evaluate(model, val, spec.eval_batch_size, spec.bf16).items()})
+        metrics["lr"] = sched.get_last_lr()[0]
+        history.append(metrics)
+        tqdm.write(f"epoch {epoch + 1}/{spec.epochs}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": opt.state_dict(),
+                                     "scheduler": sched.state_dict(), "generator": gen.get_state(),
+                                     "history": history}, fingerprint)
+        if on_epoch:
+            on_epoch(epoch, metrics)
+    return history
+
+
+def _train_epoch(model: nn.Module, train: Split, spec: TrainingRecipe, opt: torch.optim.Optimizer,
+                 sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator, loss_fn: LossFn,
+                 desc: str) -> dict[str, float]:
+    model.train()
+    order = torch.randperm(len(train.y), generator=gen)
+    seen, correct, loss_sum = 0, 0, 0.0
+    # disable=None: no bar when stderr is not a terminal (CI, Prefect workers, log files), where each redraw is a line
+    bar = tqdm(range(0, len(order), spec.batch_size), desc=desc, unit="batch", leave=True, mininterval=2.0,
+               disable=None)
+    for start in bar:
+        idx = order[start:start + spec.batch_size]
+        x, y = augment(train.inputs(idx), spec.augmentation, gen, train.pixels), train.y[idx]
+        loss, logits = train_step(model, x, y, opt, loss_fn, spec.bf16)
+        sched.step()
+        seen += len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        loss_sum += loss.item() * len(y)
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
+    return {"train_loss": loss_sum / seen, "train_accuracy": correct / seen}
