@@ -28,7 +28,7 @@ from tasks.errors import ChecksumError, DataFormatError, DataSourceError, run_cl
 from tasks.idx import gunzip, parse_idx
 from tasks.image_folder import read_folder
 from tasks.io import WINDOWS, save_npy, write_atomic, write_json
-from tasks.vision_config import VISION_FILES, ImageFolder, SplitSizes, VisionData
+from tasks.vision_data_config import VISION_FILES, ImageFolder, SplitSizes, VisionData
 
 NDIM = {"images": 3, "labels": 1}
 TRAIN, TEST = VISION_FILES[:2], VISION_FILES[2:]  # (images, labels) of each part

@@ -11,7 +11,7 @@ import great_expectations as gx
 import numpy as np
 import pandas as pd
 
-from tasks.vision_config import VisionValidation
+from tasks.vision_data_config import VisionValidation
 
 E = gx.expectations
 

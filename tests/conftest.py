@@ -244,7 +244,7 @@ def briefly_trained(student, images, labels, steps: int):
 
 
 def _subset(train: int, val: int, test: int):
-    from tasks.vision_config import SplitSizes
+    from tasks.vision_data_config import SplitSizes
 
     return SplitSizes(train=train, val=val, test=test)
 

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from tasks.validate_vision import failure_message, validate_vision
-from tasks.vision_config import SplitSizes
+from tasks.vision_data_config import SplitSizes
 
 
 @pytest.fixture
