@@ -1,11 +1,8 @@
 """Stage ``prepare_vision``: the raw snapshot of images -> verified, split arrays.
 
-Input: ``<raw>``, the family's snapshot (``tasks.snapshot``, ``tasks.vision_intake``): the published images and every
-batch ``flows.ingest`` accepted. The published images are a user's image folder (``data.vision.image_folder``, see
-``tasks.image_folder``), else Fashion-MNIST's four IDX ``.gz`` files from the first source that has them
-(``data.vision.source_dir``, the Debian package ``dataset-fashion-mnist``, the official URL into a download cache),
-each file's decompressed IDX payload matching its SHA-256 pinned in params.yaml (payload, not ``.gz``: Debian
-recompressed the files). The first batch's test part is the test split's golden window; each later batch holds
+Input: ``<raw>``, the family's snapshot (``tasks.snapshot``, ``tasks.vision_intake``): the published images (a
+user's image folder or Fashion-MNIST's IDX files, verified by checksum: ``tasks.vision_source``) and every batch
+``flows.ingest`` accepted. The first batch's test part is the test split's golden window; each later batch holds
 out ``data.vision.batch_test_fraction`` of its images as test rows too (the newest batch's are the recent window:
 images no model was trained on), then gives validation the share the first batch's training images gave it (seeded
 per batch, so a batch's split never moves).
@@ -16,102 +13,16 @@ the test split's held-out rows too — and rows per window).
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 
 from tasks.config import stage_args
-from tasks.errors import ChecksumError, DataFormatError, DataSourceError, run_cli
-from tasks.idx import gunzip, parse_idx
-from tasks.image_folder import read_folder
-from tasks.io import WINDOWS, save_npy, write_atomic, write_json
-from tasks.vision_data_config import VISION_FILES, ImageFolder, SplitSizes, VisionData
-
-NDIM = {"images": 3, "labels": 1}
-TRAIN, TEST = VISION_FILES[:2], VISION_FILES[2:]  # (images, labels) of each part
-FOLDER_KEY = "data.vision.image_folder"
-
-
-def _read_dir(directory: Path) -> dict[str, bytes] | str:
-    """The four ``.gz`` files of ``directory``, or the reason they are not there."""
-    missing = [f"{n}.gz" for n in VISION_FILES if not (directory / f"{n}.gz").is_file()]
-    if missing:
-        return f"missing {', '.join(missing)}"
-    return {n: (directory / f"{n}.gz").read_bytes() for n in VISION_FILES}
-
-
-def _download(url: str, cache: Path) -> dict[str, bytes] | str:
-    """Fetch missing files from ``url`` into ``cache``; the reason on failure."""
-    cache.mkdir(parents=True, exist_ok=True)
-    for name in VISION_FILES:
-        target = cache / f"{name}.gz"
-        if target.is_file():
-            continue
-        try:
-            with urllib.request.urlopen(f"{url.rstrip('/')}/{name}.gz", timeout=30) as resp:
-                write_atomic(target, resp.read())
-        except OSError as err:
-            return f"download of {name}.gz failed: {err}"
-    return _read_dir(cache)
-
-
-def acquire(cfg: VisionData) -> tuple[str, dict[str, bytes]]:
-    """Return (source description, raw ``.gz`` bytes per file) from the first source that has all four."""
-    tried: list[str] = []
-    candidates = [("params data.vision.source_dir", cfg.source_dir), ("Debian dataset-fashion-mnist", cfg.system_dir)]
-    for label, directory in candidates:
-        if directory is None:
-            tried.append(f"{label}: not set")
-            continue
-        found = _read_dir(Path(directory))
-        if isinstance(found, dict):
-            return f"{label} ({directory})", found
-        tried.append(f"{label} ({directory}): {found}")
-    found = _download(cfg.url, Path(cfg.download_cache))
-    if isinstance(found, dict):
-        return f"download {cfg.url} (cached in {cfg.download_cache})", found
-    tried.append(f"official URL {cfg.url}: {found}")
-    raise DataSourceError("no source has the Fashion-MNIST files; tried, in order:\n  " + "\n  ".join(tried) +
-                          "\nInstall the Debian package (apt-get install dataset-fashion-mnist) or set "
-                          "data.vision.source_dir in params.yaml to a folder with the four .gz files.")
-
-
-def decode(raw: dict[str, bytes], pinned: dict[str, str], source: str) -> dict[str, np.ndarray]:
-    """Decompress, verify each payload's SHA-256 and parse the IDX arrays."""
-    arrays = {}
-    for name, blob in raw.items():
-        payload = gunzip(blob, f"{source}: {name}.gz")
-        actual = hashlib.sha256(payload).hexdigest()
-        if actual != pinned[name]:
-            raise ChecksumError(f"{source}: {name}.gz: SHA-256 of its content is {actual}, expected {pinned[name]} "
-                                "(data.vision.sha256 in params.yaml); the file is not the published data set")
-        arrays[name] = parse_idx(payload, f"{name}.gz", NDIM[name.split("-")[1]])
-    return arrays
-
-
-def check_consistent(arrays: dict[str, np.ndarray], val_size: int, source: str) -> None:
-    """Raise DataFormatError unless the decoded files fit together.
-
-    ``parse_idx`` checked each file alone (3-D images, 1-D labels, declared sizes); files from different releases
-    or cut short pass that, then failed in ``split`` (IndexError) or were written misaligned."""
-    for images, labels in (TRAIN, TEST):
-        n_images, n_labels = len(arrays[images]), len(arrays[labels])
-        if n_images != n_labels:
-            raise DataFormatError(f"{source}: {images}.gz has {n_images} images but {labels}.gz has {n_labels} "
-                                  "labels; the two must come from the same release")
-        if not n_images:
-            raise DataFormatError(f"{source}: {images}.gz and {labels}.gz hold no rows")
-    (train_h, train_w), (test_h, test_w) = arrays[TRAIN[0]].shape[1:], arrays[TEST[0]].shape[1:]
-    if (train_h, train_w) != (test_h, test_w):
-        raise DataFormatError(f"{source}: {TEST[0]}.gz holds {test_h}x{test_w} images but {TRAIN[0]}.gz "
-                              f"{train_h}x{train_w}; a model takes one image size")
-    n_train = len(arrays[TRAIN[1]])
-    if val_size >= n_train:  # stratified_pick would fail, or leave no training rows
-        raise DataFormatError(f"{source}: data.vision.val_size ({val_size}) in params.yaml must be smaller than the "
-                              f"{n_train} rows of {TRAIN[1]}.gz; lower it or use the full files")
+from tasks.errors import DataFormatError, run_cli
+from tasks.io import WINDOWS, save_npy, write_json
+from tasks.vision_data_config import SplitSizes, VisionData
+from tasks.vision_source import from_folder, from_idx
 
 
 def stratified_pick(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -210,25 +121,6 @@ def pixel_stats(x: np.ndarray) -> dict[str, list[float]]:
     mean = total / count
     std = np.sqrt(np.maximum(squares / count - mean ** 2, 0.0))
     return {"mean": [round(float(v), 6) for v in mean], "std": [round(max(float(v), 1e-3), 6) for v in std]}
-
-
-def from_idx(cfg: VisionData) -> tuple[str, list[str], dict[str, tuple[np.ndarray, np.ndarray]]]:
-    """(source, class names, train and test parts) of the IDX files (Fashion-MNIST), verified."""
-    source, raw = acquire(cfg)
-    arrays = decode(raw, cfg.sha256, source)
-    check_consistent(arrays, cfg.val_size, source)
-    n_labels = int(max(arrays[TRAIN[1]].max(), arrays[TEST[1]].max())) + 1
-    names = cfg.class_names or []
-    # a label past the named classes is written as it is (named by its number): validate_vision, whose contract is
-    # the named classes, stops the pipeline on it and its Data Docs show the offending values
-    classes = [*names, *(str(i) for i in range(len(names), n_labels))]
-    return source, classes, {"train": (arrays[TRAIN[0]], arrays[TRAIN[1]]), "test": (arrays[TEST[0]], arrays[TEST[1]])}
-
-
-def from_folder(cfg: ImageFolder) -> tuple[str, list[str], dict[str, tuple[np.ndarray, np.ndarray]], list[str]]:
-    root = Path(cfg.path)
-    digest, classes, parts, skipped = read_folder(root, cfg.channels, cfg.size, cfg.sha256, FOLDER_KEY)
-    return f"image folder {root} (content sha256 {digest})", classes, parts, skipped
 
 
 def carve_sizes(cfg: VisionData, rows: dict[str, int], source: str) -> tuple[int, int]:

@@ -57,7 +57,7 @@ def pins(cfg: Any) -> dict[str, Any]:
 
 def bootstrap(cfg: Any) -> tuple[str, Images, dict[str, Any]]:
     """The published images (IDX files or the image folder) as one batch."""
-    from tasks.prepare_vision import from_folder, from_idx
+    from tasks.vision_source import from_folder, from_idx
 
     data = cfg.data.vision
     if data.image_folder is not None:

@@ -195,7 +195,8 @@ def known_rows_only(cfg):
 @pytest.fixture(scope="session")
 def real_splits():
     """A stratified subset of the real Fashion-MNIST splits (needs the Debian package or source_dir)."""
-    from tasks.prepare_vision import from_idx, split
+    from tasks.prepare_vision import split
+    from tasks.vision_source import from_idx
 
     cfg = load_config(ROOT / "params.yaml")
     data = cfg.data.vision.model_copy(update={"subset": cfg.data.vision.subset or _subset(1200, 300, 400)})

@@ -14,8 +14,9 @@ import yaml
 
 from tasks.errors import DataFormatError, DataSourceError
 from tasks.idx import parse_idx
-from tasks.prepare_vision import acquire, decode, from_idx, planned_rows, prepare_vision, split, stratified_pick
+from tasks.prepare_vision import planned_rows, prepare_vision, split, stratified_pick
 from tasks.vision_data_config import SplitSizes
+from tasks.vision_source import acquire, decode, from_idx
 from tests.conftest import ROOT, idx_bytes
 
 TRAIN_Y, TEST_X, TEST_Y = "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"
