@@ -40,8 +40,8 @@ from tasks.family import load_family
 from tasks.gate import Check, champion_health, gate_checks, gate_markdown, gate_tags, health_markdown
 from tasks.io import file_digest, write_atomic, write_json
 from tasks.lineage import data_params, dvc_input_hashes, git_state, params_hash
+from tasks.mlflow_store import registered_version
 from tasks.speedup import paired_timing
-from tasks.tracking import registered_version
 
 LINEAGE, LINEAGE_FILES = "lineage", ("params.yaml", "dvc.lock")   # artifacts of the registering run
 

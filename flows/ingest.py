@@ -44,8 +44,9 @@ from tasks.errors import EXIT_USER_ERROR, DataFormatError, PipelineError, run_cl
 from tasks.expectations import DATA_DOCS, ephemeral_context, failure_message, run_suites
 from tasks.intake import Intake, load_intake
 from tasks.io import write_atomic, write_json
+from tasks.mlflow_store import tracking_uri
 from tasks.snapshot import MANIFEST, add_batch, batch_digest, batch_tables, folder_digests, read
-from tasks.tracking import pipeline_run, tracking_uri
+from tasks.tracking import pipeline_run
 
 QUARANTINE = "quarantine"
 

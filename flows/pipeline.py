@@ -27,7 +27,8 @@ from flows.stage_graph import stage_graph
 from tasks.config import Config, load_config
 from tasks.errors import EXIT_USER_ERROR, PipelineError, run_cli
 from tasks.expectations import DATA_DOCS
-from tasks.tracking import PARENT_ENV, pipeline_run, redact, tracking_uri
+from tasks.mlflow_store import redact, tracking_uri
+from tasks.tracking import PARENT_ENV, pipeline_run
 
 _TAIL_LINES = 400
 
@@ -183,7 +184,8 @@ def gate_only(root: str = ".", families: list[str] | None = None) -> dict[str, A
 def promote(family: str, root: Path, uri: str, parent_run_id: str, may_promote: bool = True) -> dict[str, Any]:
     """Gate a family's INT8 student and register it (``flows.gating``); registry state is not DVC's to cache."""
     from flows.gating import gate_and_register
-    from tasks.tracking import child_run, client_for
+    from tasks.mlflow_store import client_for
+    from tasks.tracking import child_run
 
     cfg = load_config(root / "params.yaml")
     client = client_for(uri)

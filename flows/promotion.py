@@ -17,7 +17,7 @@ from flows.registry import RegistryError, check_registry, registered_model
 from flows.registry_lock import registry_lock
 from tasks.config import Config, load_config
 from tasks.errors import run_cli
-from tasks.tracking import client_for, redact, registered_version
+from tasks.mlflow_store import client_for, redact, registered_version
 
 
 @flow(name="promote-model", log_prints=True)
@@ -46,7 +46,7 @@ def rollback_champion(name: str, reason: str = "", who: str | None = None, root:
 
 
 def _registry(root: str) -> tuple[MlflowClient, str, Config]:
-    from tasks.tracking import tracking_uri
+    from tasks.mlflow_store import tracking_uri
 
     cfg = load_config(Path(root) / "params.yaml")
     uri = tracking_uri(cfg, Path(root).resolve())

@@ -23,7 +23,8 @@ from tasks.errors import ConfigError, PipelineError
 from tasks.family import load_family
 from tasks.gate import gate_checks, gate_tags
 from tasks.io import load_yaml
-from tasks.tracking import child_run, client_for, ensure_experiment
+from tasks.mlflow_store import client_for, ensure_experiment
+from tasks.tracking import child_run
 
 THREADED = ("distill", "prune", "qat", "share", "export")   # sections whose `threads` a recipe sets
 

@@ -18,8 +18,8 @@ from mlflow.tracking import MlflowClient
 from tasks.config import Config
 from tasks.errors import PipelineError, ServiceUnavailable
 from tasks.io import file_digest
+from tasks.mlflow_store import redact, server_error
 from tasks.onnx_models import session
-from tasks.tracking import redact, server_error
 
 MODEL_SHA256 = "model.sha256"   # version tag: SHA-256 of the registered ONNX file, checked before it is run
 FILES_SHA256 = "model.files.sha256"   # version tag: {name: SHA-256} of the files registered beside it (a vocabulary)

@@ -30,7 +30,7 @@ from flows.gating import LINEAGE, LINEAGE_FILES
 from flows.registry import registered_model
 from tasks.config import load_config
 from tasks.errors import PipelineError, run_cli
-from tasks.tracking import client_for, redact, tracking_uri
+from tasks.mlflow_store import client_for, redact, tracking_uri
 
 
 def _run(args: list[str], cwd: Path, what: str, env: dict[str, str] | None = None) -> str:

@@ -16,7 +16,7 @@ from prefect.artifacts import create_link_artifact, create_markdown_artifact, cr
 
 from tasks.expectations import DATA_DOCS
 from tasks.gate import Check, gate_markdown, health_markdown
-from tasks.tracking import redact
+from tasks.mlflow_store import redact
 
 # Per-model columns of the evaluation table, in this order, where the family's evaluation has them
 _COLUMNS = ("val_accuracy", "test_accuracy", "val_auc", "test_auc", "test_logloss", "test_ndcg_at_10",

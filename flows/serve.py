@@ -20,7 +20,7 @@ from pathlib import Path
 from flows.registry import registered_model
 from tasks.config import Config, load_config
 from tasks.errors import run_cli
-from tasks.tracking import tracking_uri
+from tasks.mlflow_store import tracking_uri
 
 
 def serve_command(cfg: Config, root: Path, family: str | None, host: str, port: int,

@@ -36,7 +36,8 @@ from flows.sweep_report import best_passing, pareto_front, write_sweep_report
 from tasks.config import SweepConfig, load_config
 from tasks.errors import PipelineError, run_cli
 from tasks.lineage import git_state
-from tasks.tracking import client_for, pipeline_run, redact, tracking_uri
+from tasks.mlflow_store import client_for, redact, tracking_uri
+from tasks.tracking import pipeline_run
 
 
 def draw_recipes(space: dict[str, list[Any]], method: str, count: int, seed: int) -> list[dict[str, Any]]:

@@ -61,7 +61,7 @@ def champion_files(cfg: Any, family: str, scratch: Path, pinned: str | None = No
     split by other ``data.<family>`` params (today's test rows may have been its training rows)."""
     import torch
 
-    from tasks.tracking import client_for, registered_version, tracking_uri
+    from tasks.mlflow_store import client_for, registered_version, tracking_uri
 
     client, name = client_for(tracking_uri(cfg)), getattr(cfg.gate, family).registered_model
     version = registered_version(client, name, pinned)

@@ -163,7 +163,8 @@ import time
 from pathlib import Path
 
 from tasks.config import load_config
-from tasks.tracking import RunLogger, client_for, ensure_experiment, tracking_uri
+from tasks.tracking import RunLogger
+from tasks.mlflow_store import client_for, ensure_experiment, tracking_uri
 
 cfg = load_config(Path(sys.argv[1]))
 client = client_for(tracking_uri(cfg))

@@ -1,0 +1,105 @@
+"""Where MLflow's tracking store and registry live and how this code reaches them: the URI (``$MLFLOW_TRACKING_URI``,
+else ``tracking.uri`` in params.yaml, else ``sqlite:///mlflow.db``), bounded HTTP retries, a client (SQLite stores
+created under a lock), the experiment, credentials kept out of messages, and which failures are the server's."""
+from __future__ import annotations
+
+import fcntl
+import os
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from tasks.config import Config
+from tasks.errors import AccessDenied, PipelineError, ServiceUnavailable
+
+
+def tracking_uri(cfg: Config, root: Path = Path(".")) -> str:
+    """Where runs and the registry live; also bounds how long MLflow retries a server that does not answer."""
+    bound_http_retries(cfg)
+    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+
+
+def bound_http_retries(cfg: Config) -> None:
+    """MLflow's defaults retry an unreachable server for minutes; ``tracking.http`` bounds that (for this process
+    and the stage processes it starts). A value already in the environment wins."""
+    http = cfg.tracking.http
+    for name, value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", http.max_retries),
+                        ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", http.backoff_factor),
+                        ("MLFLOW_HTTP_REQUEST_TIMEOUT", http.timeout_seconds)):
+        os.environ.setdefault(name, str(value))
+
+
+def redact(uri: str) -> str:
+    """``uri`` without a password it may carry (``https://user:secret@host`` -> ``https://user:***@host``)."""
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{parts.hostname}"
+                                            + (f":{parts.port}" if parts.port else "")))
+
+
+def server_error(err: Exception, what: str, outcome: str) -> PipelineError:
+    """The error to raise for a failed call to a tracking, registry or artifact server: refused credentials are
+    the user's to fix (never retried); anything else is a server that did not answer (transient, retried)."""
+    code = getattr(err, "error_code", None)
+    if code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
+        return AccessDenied(f"{what} refused the credentials ({code}): set MLFLOW_TRACKING_USERNAME and "
+                            f"MLFLOW_TRACKING_PASSWORD for an account with access; {outcome}")
+    return ServiceUnavailable(f"{what} is not reachable after the bounded retries of tracking.http "
+                              f"({type(err).__name__}: {err}); {outcome}")
+
+
+def is_server_call_error(err: Exception) -> bool:
+    """An error of a call to a server (MLflow REST, HTTP, S3), as opposed to a bug in this code."""
+    return isinstance(err, MlflowException) or type(err).__module__.split(".")[0] in ("requests", "urllib3",
+                                                                                      "botocore", "boto3")
+
+
+def _is_local(uri: str) -> bool:
+    return uri.startswith(("sqlite:", "file:")) or "://" not in uri
+
+
+def registered_version(client: MlflowClient, name: str, version: str | None = None, alias: str = "champion"
+                       ) -> Any | None:
+    """Version ``version`` of registered model ``name``, else the one ``alias`` names; None when there is none (no
+    such model, version or alias)."""
+    try:
+        return client.get_model_version(name, version) if version else client.get_model_version_by_alias(name, alias)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST" or "not found" in str(err).lower():
+            return None
+        raise
+
+
+def client_for(uri: str) -> MlflowClient:
+    """A client of the tracking store and registry at ``uri``. MLflow opens (and on a new SQLite file creates and
+    migrates) the store in the constructor; on SQLite that happens under an exclusive lock on a file beside the
+    database, since runs starting together on a new store otherwise race on the migrations and all but one fail
+    (alembic: "expected to match one row"; seen with 4 concurrent runs)."""
+    if not uri.startswith("sqlite:///"):
+        return MlflowClient(uri, registry_uri=uri)
+    database = Path(uri.removeprefix("sqlite:///"))
+    database.parent.mkdir(parents=True, exist_ok=True)
+    with open(database.with_name(database.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        client = MlflowClient(uri, registry_uri=uri)
+        client._get_registry_client()  # the registry store too: it runs the same migrations
+        return client
+
+
+def ensure_experiment(client: MlflowClient, cfg: Config, root: Path = Path(".")) -> str:
+    """Id of the configured experiment, created (with a local artifact root on local stores) if missing."""
+    try:
+        exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    except MlflowException as err:  # the first call to the server: refused, timed out, or failed after retries
+        raise server_error(err, f"tracking server {redact(client.tracking_uri)}", "nothing was recorded") from None
+    if exp is not None:
+        return exp.experiment_id
+    location = (root / cfg.tracking.artifact_root).resolve().as_uri() if _is_local(client.tracking_uri) else None
+    try:
+        return client.create_experiment(cfg.tracking.experiment, artifact_location=location)
+    except MlflowException:  # created concurrently by another stage or run
+        return client.get_experiment_by_name(cfg.tracking.experiment).experiment_id
