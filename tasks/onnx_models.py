@@ -19,12 +19,12 @@ import torch
 from torch import nn
 
 from tasks.errors import PipelineError
-from tasks.image_training import Split
 from tasks.int4 import drop_unused_initializers, pack_int4, require_int4, upgrade_opset
 from tasks.io import write_atomic
 from tasks.quantization import QatModel, convert_int8
 
 if TYPE_CHECKING:  # annotations only: the recommender's export runs this module without the vision config
+    from tasks.image_training import Split
     from tasks.vision_config import QatVision
 
 INPUT, OUTPUT = "image", "logits"
