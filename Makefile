@@ -49,7 +49,7 @@ benchmark-recsys: $(STAMP)
 
 # The text family: teacher, labels-only and distilled students (FP32 and INT8), 3 student seeds (after `make run`).
 benchmark-text: $(STAMP)
-	$(PY) -m tasks.text_benchmark --out reports/benchmarks/text.json
+	$(PY) -m tasks.text.benchmark --out reports/benchmarks/text.json
 
 # How steady the gate's speed-up is: paired rounds vs one timing each, on a family's exported files (after `make run`).
 benchmark-speedup: $(STAMP)

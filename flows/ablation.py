@@ -32,16 +32,16 @@ from flows.benchmark import machine
 from flows.stage_graph import stage_paths
 from tasks.artifacts import count_nonzero, count_parameters, load_model, qat_extra, save_model
 from tasks.config import Config, load_config
-from tasks.distill_vision import distill_vision
-from tasks.evaluate_vision import latency
-from tasks.export_vision import parity, torch_logits
 from tasks.image_training import Split, model_shape
 from tasks.io import write_atomic, write_json
 from tasks.onnx_models import export_fp32, export_int8, file_sizes, onnx_accuracy, onnx_logits, quantize_ptq
-from tasks.prune_vision import prune_vision
-from tasks.qat_vision import qat_vision
-from tasks.share_vision import share_vision
-from tasks.vision_config import QatVision, ablation_recipes
+from tasks.vision.config import QatVision, ablation_recipes
+from tasks.vision.distill import distill_vision
+from tasks.vision.evaluate import latency
+from tasks.vision.export import parity, torch_logits
+from tasks.vision.prune import prune_vision
+from tasks.vision.qat import qat_vision
+from tasks.vision.share import share_vision
 
 ARMS = {  # arm -> precision of the measured ONNX model
     "teacher": "FP32", "student CE-only": "FP32", "student KD": "FP32", "CE-only + PTQ": "INT8",

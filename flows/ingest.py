@@ -6,7 +6,7 @@
 
 Each batch is checked with Great Expectations (through Checkpoints, with Data Docs) against
 
-- the **contract** (``tasks/<family>_intake.py``): schema, types, ranges, label set, referential integrity,
+- the **contract** (``tasks/<family>/intake.py``): schema, types, ranges, label set, referential integrity,
   duplicates — on the batch alone and against the data already accepted;
 - the **reference profile** of the accepted data (drift): distances TFX's data validation uses, each under its
   ``ingest.<family>.drift`` limit.

@@ -22,16 +22,16 @@ from tasks.errors import CheckpointError
 from tasks.io import file_digest, write_atomic, write_json
 
 if TYPE_CHECKING:
-    from tasks.vision_config import QatVision
+    from tasks.vision.config import QatVision
 
 # kind -> ("module:class" of its architecture config, "module:class" of the model). Both are imported when a file of
 # that kind is loaded, so a stage depends on (and DVC re-runs it for) its own family's code only.
-ARCHES = {"resnet_teacher": ("tasks.vision_config:ResNetArch", "tasks.vision_models:ResNetTeacher"),
-          "mobile_student": ("tasks.vision_config:MobileArch", "tasks.vision_models:MobileStudent"),
-          "ctr": ("tasks.recsys_config:RecArch", "tasks.recsys_models:CtrModel"),
-          "text_transformer": ("tasks.text_config:TransformerArch", "tasks.text_models:TextTransformer"),
-          "text_bert": ("tasks.text_config:BertArch", "tasks.text_models:BertClassifier"),
-          "text_student": ("tasks.text_config:RecurrentArch", "tasks.text_models:RecurrentStudent"),
+ARCHES = {"resnet_teacher": ("tasks.vision.config:ResNetArch", "tasks.vision.models:ResNetTeacher"),
+          "mobile_student": ("tasks.vision.config:MobileArch", "tasks.vision.models:MobileStudent"),
+          "ctr": ("tasks.recsys.config:RecArch", "tasks.recsys.models:CtrModel"),
+          "text_transformer": ("tasks.text.config:TransformerArch", "tasks.text.models:TextTransformer"),
+          "text_bert": ("tasks.text.config:BertArch", "tasks.text.models:BertClassifier"),
+          "text_student": ("tasks.text.config:RecurrentArch", "tasks.text.models:RecurrentStudent"),
           # an imported teacher: its graph in the file's ``onnx``
           "onnx": ("tasks.family_config:OnnxArch", "tasks.imported_teacher:OnnxTeacher")}
 
@@ -100,7 +100,7 @@ def load_model(path: Path) -> nn.Module:
         if not isinstance(blob["ctr_qat"], dict):
             raise CheckpointError(f"{path}: a QAT model file of an older format (ctr_qat without its settings); "
                                   "re-run qat_recsys and the stages after it")
-        model = importlib.import_module("tasks.recsys_models").prepare_ctr_qat(model, **blob["ctr_qat"])
+        model = importlib.import_module("tasks.recsys.models").prepare_ctr_qat(model, **blob["ctr_qat"])
     try:
         model.load_state_dict(blob["state_dict"])
     except RuntimeError as err:   # weights of another shape than the file's own architecture and data shape say

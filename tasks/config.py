@@ -4,7 +4,7 @@
 before validation, so ``dvc exp run -S profile=smoke`` switches every stage at once.
 
 The stage keys (``data``, ``teacher``, ``distill``, ...) hold one block per family of ``families``; each family's
-``tasks/<name>_config.py`` says in ``SECTIONS`` which class validates its block under each key, and its ``check``
+``tasks/<name>/config.py`` says in ``SECTIONS`` which class validates its block under each key, and its ``check``
 what spans blocks. The model of a project's params is built from its families (``config_model``): this module names
 no family.
 """
@@ -64,18 +64,19 @@ class PipelineConfig(Strict):
 
 
 def family_module(name: str, part: str) -> ModuleType:
-    """``tasks/<name>_<part>.py``, a module of family ``name`` (``config``: its params; ``family``: its contract)."""
-    module_name = f"tasks.{name}_{part}"
+    """``tasks/<name>/<part>.py``, a module of family ``name``'s package (``config``: its params; ``family``: its
+    contract)."""
+    module_name = f"tasks.{name}.{part}"
     try:
         return importlib.import_module(module_name)
     except ModuleNotFoundError as err:
-        if err.name != module_name:
+        if err.name not in (module_name, f"tasks.{name}"):   # not a module the family's own code failed to import
             raise
-        raise ConfigError(f"families: {name!r} has no {part} module tasks/{name}_{part}.py") from None
+        raise ConfigError(f"families: {name!r} has no {part} module tasks/{name}/{part}.py") from None
 
 
 def family_config(name: str) -> ModuleType:
-    """``tasks/<name>_config.py``: a family's ``SECTIONS`` and ``check``."""
+    """``tasks/<name>/config.py``: a family's ``SECTIONS`` and ``check``."""
     return family_module(name, "config")
 
 
@@ -84,8 +85,8 @@ class Config(Strict):
 
     profile: str
     profiles: dict[str, dict[str, Any]]
-    # The families this project runs, each described by tasks/<name>_config.py (its params) and
-    # tasks/<name>_family.py (tasks.family), with its block under each stage key.
+    # The families this project runs, each a package tasks/<name>/: its config.py (its params) and
+    # family.py (tasks.family), with its block under each stage key.
     families: Annotated[list[str], Field(min_length=1), distinct("family")]
     tracking: TrackingConfig
     pipeline: PipelineConfig

@@ -20,7 +20,7 @@ from tasks.imported_teacher import OnnxTeacher, onnx_twin
 from tasks.training import autocast
 
 if TYPE_CHECKING:  # annotations only: the recommender runs this code without the vision config
-    from tasks.vision_config import DistillVision
+    from tasks.vision.config import DistillVision
 
 
 def soft_target_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:

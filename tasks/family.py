@@ -1,7 +1,7 @@
 """The family contract, as far as the gate, the registry, serving and the report reach.
 
 A family (data + teacher + student + metric) is listed in params.yaml's ``families`` and described by a module
-``tasks/<name>_family.py`` whose ``FAMILY`` is a ``Family``: how one of its ONNX files is scored on the test split
+``tasks/<name>/family.py`` whose ``FAMILY`` is a ``Family``: how one of its ONNX files is scored on the test split
 and timed, what one request to it looks like, and which latency its gate reads. The generic flows ask a family
 through this contract and never name one.
 """
@@ -44,8 +44,8 @@ class Family:
 
 
 def load_family(name: str) -> Family:
-    """The ``FAMILY`` of ``tasks/<name>_family.py``."""
+    """The ``FAMILY`` of ``tasks/<name>/family.py``."""
     family = getattr(family_module(name, "family"), "FAMILY", None)
     if not isinstance(family, Family) or family.name != name:
-        raise ConfigError(f"tasks/{name}_family.py: FAMILY must be the Family named {name!r}")
+        raise ConfigError(f"tasks/{name}/family.py: FAMILY must be the Family named {name!r}")
     return family

@@ -1,6 +1,6 @@
 """Config blocks every family builds its params sections from: a training run (optimizer, schedule), distillation
 loss weights, a gradual pruning schedule, QAT observer freezing, a pretrained teacher, ONNX parity, and the
-promotion gate's floors and goals. A family's own sections live in ``tasks/<name>_config.py``.
+promotion gate's floors and goals. A family's own sections live in ``tasks/<name>/config.py``.
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The intake contract: how a family's raw data arrives, is checked and is stored (``tasks/<family>_intake.py``).
+"""The intake contract: how a family's raw data arrives, is checked and is stored (``tasks/<family>/intake.py``).
 
 A family that takes arriving data describes it with an ``Intake``: how its published data set bootstraps the
 snapshot, how a batch folder is read and written, how batches combine, and which Great Expectations suites check a
@@ -41,10 +41,10 @@ class Intake:
 
 
 def load_intake(family: str) -> Intake:
-    """The ``INTAKE`` of ``tasks/<family>_intake.py``."""
+    """The ``INTAKE`` of ``tasks/<family>/intake.py``."""
     intake = getattr(family_module(family, "intake"), "INTAKE", None)
     if not isinstance(intake, Intake):
-        raise ConfigError(f"tasks/{family}_intake.py: INTAKE must be an Intake")
+        raise ConfigError(f"tasks/{family}/intake.py: INTAKE must be an Intake")
     return intake
 
 

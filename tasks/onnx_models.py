@@ -25,7 +25,7 @@ from tasks.quantization import QatModel, convert_int8
 
 if TYPE_CHECKING:  # annotations only: the recommender's export runs this module without the vision config
     from tasks.image_training import Split
-    from tasks.vision_config import QatVision
+    from tasks.vision.config import QatVision
 
 INPUT, OUTPUT = "image", "logits"
 

@@ -13,7 +13,7 @@ holds only its bootstrap is remade from the sources params pin now; one with acc
 adds batches that passed their contract and drift checks and records the new version with ``dvc commit``, so
 ``dvc.lock`` holds the snapshot's hash and every stage downstream re-runs on the new data.
 
-What a family's files hold is its ``tasks/<family>_intake.py``'s business (``tasks.intake.Intake``); this module only
+What a family's files hold is its ``tasks/<family>/intake.py``'s business (``tasks.intake.Intake``); this module only
 stores, hashes and lists them.
 """
 from __future__ import annotations
@@ -191,7 +191,7 @@ def describe(manifest: dict[str, Any]) -> str:
 
 
 def stage_main(family: str, intake: Intake) -> None:
-    """``python -m tasks.snapshot_<family> --snapshot data/<family>/raw``: the stage's command line."""
+    """``python -m tasks.<family>.snapshot --snapshot data/<family>/raw``: the stage's command line."""
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--snapshot", type=Path, required=True)

@@ -110,7 +110,7 @@ def synthetic_source(tmp_path, raw_params, monkeypatch):
 
 def movielens_tables(users: int = 30, items: int = 40, ratings: int = 700, seed: int = 0) -> dict[str, list[list]]:
     """Rows of a small MovieLens-shaped data set (every rating 1-5 present, unique (user, item) pairs)."""
-    from tasks.movielens import GENRES
+    from tasks.recsys.movielens import GENRES
 
     rng = np.random.default_rng(seed)
     pairs = rng.choice(users * items, size=ratings, replace=False)
@@ -132,7 +132,7 @@ def synthetic_movielens(tmp_path, raw_params, monkeypatch):
     import zipfile
 
     monkeypatch.chdir(tmp_path)
-    from tasks.movielens import GENRES
+    from tasks.recsys.movielens import GENRES
 
     rows = movielens_tables()
     recbole, grouplens = tmp_path / "recbole", tmp_path / "grouplens"
@@ -172,8 +172,8 @@ def synthetic_movielens(tmp_path, raw_params, monkeypatch):
 def older_and_grown(cfg, tmp_path):
     """The recommender's data prepared twice into ``tmp_path``: ``old``, two thirds of its users and items (and their
     ratings), and ``new``, all of them — a snapshot and the one it grew into; returns (old, new) folders."""
-    from tasks.movielens import acquire
-    from tasks.prepare_recsys import prepare_recsys
+    from tasks.recsys.movielens import acquire
+    from tasks.recsys.prepare import prepare_recsys
 
     source, tables = acquire(cfg.data.recsys)
     old = {**tables, "users": tables["users"].iloc[: len(tables["users"]) * 2 // 3],
@@ -195,8 +195,8 @@ def known_rows_only(cfg):
 @pytest.fixture(scope="session")
 def real_splits():
     """A stratified subset of the real Fashion-MNIST splits (needs the Debian package or source_dir)."""
-    from tasks.prepare_vision import split
-    from tasks.vision_source import from_idx
+    from tasks.vision.prepare import split
+    from tasks.vision.source import from_idx
 
     cfg = load_config(ROOT / "params.yaml")
     data = cfg.data.vision.model_copy(update={"subset": cfg.data.vision.subset or _subset(1200, 300, 400)})
@@ -245,7 +245,7 @@ def briefly_trained(student, images, labels, steps: int):
 
 
 def _subset(train: int, val: int, test: int):
-    from tasks.vision_data_config import SplitSizes
+    from tasks.vision.data_config import SplitSizes
 
     return SplitSizes(train=train, val=val, test=test)
 

@@ -6,8 +6,8 @@ import pandas as pd
 import pytest
 
 from tasks.expectations import failure_message
-from tasks.prepare_recsys import prepare_recsys
-from tasks.validate_recsys import load_tables, validate_recsys
+from tasks.recsys.prepare import prepare_recsys
+from tasks.recsys.validate import load_tables, validate_recsys
 
 
 def _prepared(synthetic_movielens, tmp_path):

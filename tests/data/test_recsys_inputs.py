@@ -8,7 +8,7 @@ import re
 import pytest
 
 from tasks.errors import DataFormatError
-from tasks.prepare_recsys import prepare_recsys
+from tasks.recsys.prepare import prepare_recsys
 
 
 def _drop_column(text: str) -> str:

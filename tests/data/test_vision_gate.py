@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.validate_vision import failure_message, validate_vision
-from tasks.vision_data_config import SplitSizes
+from tasks.vision.data_config import SplitSizes
+from tasks.vision.validate import failure_message, validate_vision
 
 
 @pytest.fixture

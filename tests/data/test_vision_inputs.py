@@ -6,7 +6,7 @@ import gzip
 import pytest
 
 from tasks.errors import ChecksumError, DataFormatError
-from tasks.prepare_vision import prepare_vision
+from tasks.vision.prepare import prepare_vision
 
 LABELS = "train-labels-idx1-ubyte.gz"
 

@@ -168,7 +168,7 @@ def test_a_batch_dvc_cannot_version_leaves_the_snapshot_as_it_was(tmp_path, monk
     from flows.ingest import ingest_batch
     from tasks.config import load_config
     from tasks.errors import PipelineError
-    from tasks.recsys_intake import INTAKE
+    from tasks.recsys.intake import INTAKE
 
     repo = make_repo(tmp_path / "repo", **{"ingest.recsys.bootstrap": "empty"})
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlflow.db'}")

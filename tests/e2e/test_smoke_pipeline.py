@@ -124,7 +124,7 @@ def test_the_text_family_runs_through_the_same_graph_gate_and_registry(flow_repo
     INT8 ONNX file that carries its tokenizer, gated and registered with a signature of word ids and lengths."""
     import onnx
 
-    from tasks.text_onnx import onnx_text_logits, tokenizer_of
+    from tasks.text.onnx_graph import onnx_text_logits, tokenizer_of
 
     repo, _, result = flow_repo
     client = MlflowClient(result["tracking_uri"])

@@ -20,8 +20,8 @@ from tasks.family import load_family
 from tasks.gate import gate_checks
 from tasks.io import file_digest, write_json
 from tasks.onnx_models import export_fp32
-from tasks.vision_config import MobileArch, ResNetArch
-from tasks.vision_models import MobileStudent, ResNetTeacher
+from tasks.vision.config import MobileArch, ResNetArch
+from tasks.vision.models import MobileStudent, ResNetTeacher
 from tests.conftest import write_processed
 
 VISION = load_family("vision").gate

@@ -10,8 +10,8 @@ from pathlib import Path
 import torch
 
 from tasks.onnx_models import export_fp32
-from tasks.vision_config import MobileArch, ResNetArch
-from tasks.vision_models import MobileStudent, ResNetTeacher
+from tasks.vision.config import MobileArch, ResNetArch
+from tasks.vision.models import MobileStudent, ResNetTeacher
 from tests.conftest import write_processed
 
 ROOT = Path(__file__).resolve().parents[2]

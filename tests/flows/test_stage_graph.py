@@ -29,8 +29,10 @@ def test_graph_has_exactly_the_stages_of_dvc_yaml_in_a_valid_order():
 
 def test_each_stage_lists_its_own_module_and_real_params_keys(raw_params):
     for name, spec in DVC.items():
-        module = re.search(r"python -m tasks\.(\w+)", spec["cmd"]).group(1)
-        assert module == name and f"tasks/{module}.py" in spec["deps"]
+        # stage <kind>_<family> runs its family's module tasks/<family>/<kind>.py
+        kind, family = name.rsplit("_", 1)
+        assert re.search(r"python -m ([\w.]+)", spec["cmd"]).group(1) == f"tasks.{family}.{kind}", name
+        assert f"tasks/{family}/{kind}.py" in spec["deps"]
         for dep in spec["deps"]:
             assert dep in PRODUCERS or (ROOT / dep).is_file(), f"{name}: dep {dep} is neither a file nor a stage output"
         for key in spec["params"]:
@@ -81,7 +83,7 @@ def _dvc_stages():
 
 
 def test_every_stage_depends_on_exactly_the_code_it_imports():
-    """Before: evaluate_recsys missed tasks/prepare_recsys.py, the recsys compression stages tasks/distillation.py,
+    """Before: evaluate_recsys missed tasks/recsys/prepare.py, the recsys compression stages tasks/distillation.py,
     validate_vision tasks/expectations.py (so DVC served stale results), and every vision stage depended on the
     recommender's model code through tasks/artifacts.py."""
     from flows.stage_deps import module_closure
@@ -89,21 +91,21 @@ def test_every_stage_depends_on_exactly_the_code_it_imports():
 
     model_modules = {where.split(":")[0].replace(".", "/") + ".py" for pair in ARCHES.values() for where in pair}
     for name, (code, _, cmd) in _dvc_stages().items():
-        imported = module_closure(re.search(r"python -m (tasks\.\w+)", cmd).group(1), ROOT)
+        imported = module_closure(re.search(r"python -m (tasks\.[\w.]+)", cmd).group(1), ROOT)
         assert not imported - code, f"{name}: dvc.yaml misses {sorted(imported - code)}"
         # its family's params model (tasks.config loads it by name): its defaults and checks shape what the stage runs
         family = name.rsplit("_", 1)[1]
-        family_config = module_closure(f"tasks.{family}_config", ROOT)
+        family_config = module_closure(f"tasks.{family}.config", ROOT)
         assert family_config <= code, f"{name}: dvc.yaml misses {sorted(family_config - code)}"
-        others = {f"tasks/{f}_config.py" for f in FAMILIES if f != family} & code
-        assert not others, f"{name}: depends on another family's config {sorted(others)}"
+        others = {d for d in code if d.startswith(tuple(f"tasks/{f}/" for f in FAMILIES if f != family))}
+        assert not others, f"{name}: depends on another family's modules {sorted(others)}"
         if "tasks/artifacts.py" in imported and not name.startswith(("prepare", "validate")):
             # any teacher file may hold an imported ONNX graph, which that module runs
             assert "tasks/imported_teacher.py" in code, f"{name}: loads models but misses tasks/imported_teacher.py"
         # beyond its imports, a stage depends on the model code load_model builds its family's models from
         assert code - imported <= model_modules | family_config, \
             f"{name}: dvc.yaml lists {sorted(code - imported)}, never imported"
-        family_models = {m for m in model_modules if m.startswith(f"tasks/{name.rsplit('_', 1)[1]}")}
+        family_models = {m for m in model_modules if m.startswith(f"tasks/{name.rsplit('_', 1)[1]}/")}
         if "tasks/artifacts.py" in imported and not name.startswith("prepare"):
             assert family_models <= code, f"{name}: loads models built by {sorted(family_models)}, not in its deps"
 

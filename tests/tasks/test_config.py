@@ -81,7 +81,7 @@ def test_malformed_and_missing_files(tmp_path):
 
 
 def test_ablation_recipes_merge_overrides_and_seed(config):
-    from tasks.vision_config import ablation_recipes
+    from tasks.vision.config import ablation_recipes
 
     recipes = ablation_recipes(config, 7)
     assert recipes["distill"].epochs == config.ablation.vision.distill["epochs"] != config.distill.vision.epochs

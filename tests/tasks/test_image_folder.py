@@ -17,8 +17,8 @@ from tasks.artifacts import load_model
 from tasks.errors import ChecksumError, DataFormatError, DataSourceError
 from tasks.image_training import Split
 from tasks.io import read_manifest
-from tasks.prepare_vision import prepare_vision
-from tasks.validate_vision import load_arrays, validate_vision
+from tasks.vision.prepare import prepare_vision
+from tasks.vision.validate import load_arrays, validate_vision
 
 CLASSES = ("cat", "dog", "fox")   # each class one dominant colour: a tiny net learns it in a few steps
 COLOURS = {"cat": (200, 40, 40), "dog": (40, 200, 40), "fox": (40, 40, 200)}
@@ -144,7 +144,11 @@ def test_a_three_class_rgb_folder_runs_from_teacher_to_an_int8_onnx_file(tmp_pat
                                                                          monkeypatch):
     """Every stage takes the data's shape and classes: the teacher, the distilled and QAT students and the four ONNX
     files take (N, 3, 12, 10) images and give three logits, and the INT8 student learned the colours."""
-    from tasks import distill_vision, evaluate_vision, export_vision, qat_vision, train_teacher_vision
+    import tasks.vision.distill as distill_vision
+    import tasks.vision.evaluate as evaluate_vision
+    import tasks.vision.export as export_vision
+    import tasks.vision.qat as qat_vision
+    import tasks.vision.train_teacher as train_teacher_vision
 
     monkeypatch.chdir(tmp_path)
     cfg = folder_config(raw_params, image_folder(tmp_path / "photos", per_class=40))
@@ -186,7 +190,7 @@ def test_images_small_enough_to_leave_one_pixel_before_the_head_still_export_to_
     from tasks.config import parse_config
     from tasks.onnx_models import export_int8, session
     from tasks.quantization import prepare_qat
-    from tasks.vision_models import MobileStudent
+    from tasks.vision.models import MobileStudent
 
     cfg = parse_config(raw_params)
     qat = cfg.qat.vision
@@ -204,10 +208,10 @@ def test_images_small_enough_to_leave_one_pixel_before_the_head_still_export_to_
 
 def test_throughput_counts_the_images_that_ran_when_the_test_split_is_smaller_than_the_batch(tmp_path, monkeypatch):
     """Before: 64 / time even when only 5 test images made the batch (a small folder), a 13x overstatement."""
-    from tasks import evaluate_vision
+    import tasks.vision.evaluate as evaluate_vision
     from tasks.config import load_config
     from tasks.onnx_models import export_fp32
-    from tasks.vision_models import MobileStudent
+    from tasks.vision.models import MobileStudent
     from tests.conftest import ROOT
 
     cfg = load_config(ROOT / "params.yaml").evaluate.vision.model_copy(update={"throughput_batch": 64, "warmup": 1,

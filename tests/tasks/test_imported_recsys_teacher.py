@@ -14,11 +14,11 @@ import yaml
 from torch import nn
 
 from tasks.artifacts import load_model, model_meta
-from tasks.ctr_training import CtrDistiller, evaluate_ctr, load_ctr_data
 from tasks.family_config import LossWeights, Optimizer, Schedule
 from tasks.imported_teacher import TeacherImportError, import_onnx
-from tasks.recsys_config import DistillRecsys, RecArch
-from tasks.recsys_models import CtrModel
+from tasks.recsys.config import DistillRecsys, RecArch
+from tasks.recsys.ctr_training import CtrDistiller, evaluate_ctr, load_ctr_data
+from tasks.recsys.models import CtrModel
 from tests.tasks.test_recsys_models import SHAPE, _model, _split
 
 
@@ -74,7 +74,7 @@ def test_an_onnx_ctr_teacher_computes_the_losses_of_the_torch_teacher_it_came_fr
 def test_an_onnx_ctr_teacher_whose_names_collide_with_the_pipelines_exports(tmp_path):
     """Before: inputs called ("genres", "fields") in that order, or a logit output called ``probability``, made
     export_ctr_fp32 write a graph the ONNX checker refuses."""
-    from tasks.ctr_onnx import export_ctr_fp32, onnx_probabilities
+    from tasks.recsys.ctr_onnx import export_ctr_fp32, onnx_probabilities
 
     teacher = _model(seed=1).eval()
     path = tmp_path / "t.onnx"
@@ -102,11 +102,12 @@ def test_an_onnx_ctr_teacher_must_take_the_familys_two_inputs_and_give_a_logit_p
 
 def test_the_recsys_stages_import_distil_from_and_export_an_onnx_teacher(synthetic_movielens, mlflow_uri, tmp_path,
                                                                         monkeypatch):
-    from tasks import distill_recsys, train_teacher_recsys
-    from tasks.ctr_onnx import INPUTS, MODELS, OUTPUT, onnx_probabilities
-    from tasks.export_recsys import export_recsys
+    import tasks.recsys.distill as distill_recsys
+    import tasks.recsys.train_teacher as train_teacher_recsys
     from tasks.onnx_models import session
-    from tasks.prepare_recsys import prepare_recsys
+    from tasks.recsys.ctr_onnx import INPUTS, MODELS, OUTPUT, onnx_probabilities
+    from tasks.recsys.export import export_recsys
+    from tasks.recsys.prepare import prepare_recsys
 
     _, _, cfg = synthetic_movielens
     prepare_recsys(cfg.data.recsys, tmp_path / "data")

@@ -19,8 +19,8 @@ from tasks.errors import ChecksumError
 from tasks.family_config import LossWeights
 from tasks.image_training import Split
 from tasks.imported_teacher import TeacherImportError, import_onnx, import_state_dict, verified_bytes
-from tasks.vision_config import DistillVision, FeaturePair, ResNetArch
-from tasks.vision_models import MobileStudent, ResNetTeacher
+from tasks.vision.config import DistillVision, FeaturePair, ResNetArch
+from tasks.vision.models import MobileStudent, ResNetTeacher
 from tests.conftest import briefly_trained
 
 ARCH = ResNetArch(stem=8, widths=[16, 32], blocks=[1, 1])
@@ -69,7 +69,7 @@ def test_an_onnx_teacher_computes_the_losses_of_the_torch_teacher_it_came_from(t
     x, y = val.inputs(slice(64)), val.y[:64]
     with torch.no_grad():
         torch.testing.assert_close(imported(x), teacher(x), atol=1e-4, rtol=1e-4)
-    from tasks.evaluate_vision import count_macs
+    from tasks.vision.evaluate import count_macs
 
     assert count_macs(imported, (1, 28, 28)) == count_macs(teacher, (1, 28, 28))
     # the exporter folds each batch norm into its convolution: the graph holds a few parameters fewer
@@ -227,10 +227,11 @@ def test_the_teacher_stage_imports_an_onnx_teacher_that_distillation_and_export_
         teacher_and_data, synthetic_source, raw_params, mlflow_uri, tmp_path, monkeypatch):
     """The stages as ``dvc repro`` runs them: train_teacher_vision with ``pretrained`` set publishes a model file of
     kind onnx (no training); distill_vision trains against it; export writes it under the pipeline's names."""
-    from tasks import distill_vision, train_teacher_vision
-    from tasks.export_vision import export_vision
+    import tasks.vision.distill as distill_vision
+    import tasks.vision.train_teacher as train_teacher_vision
     from tasks.onnx_models import INPUT, OUTPUT, session
-    from tasks.prepare_vision import prepare_vision
+    from tasks.vision.export import export_vision
+    from tasks.vision.prepare import prepare_vision
 
     teacher, _, _ = teacher_and_data
     _, cfg = synthetic_source

@@ -14,8 +14,8 @@ import pytest
 from flows.ingest import check
 from tasks.errors import DataFormatError
 from tasks.expectations import ephemeral_context, run_suites
-from tasks.prepare_recsys import prepare_recsys
-from tasks.recsys_intake import INTAKE
+from tasks.recsys.intake import INTAKE
+from tasks.recsys.prepare import prepare_recsys
 from tasks.snapshot import BOOTSTRAP, add_batch, create, ensure, tables, verify
 
 
@@ -225,8 +225,8 @@ def test_the_test_split_has_a_golden_window_that_never_changes_and_a_recent_one_
                                                                                                      tmp_path):
     import json as json_
 
-    from tasks.evaluate_recsys import window_quality
     from tasks.io import WINDOWS
+    from tasks.recsys.evaluate import window_quality
 
     cfg, batches = replayed
     found = [INTAKE.read_batch(b) for b in batches[:3]]

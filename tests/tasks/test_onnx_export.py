@@ -9,14 +9,14 @@ import torch
 from tasks.artifacts import save_model
 from tasks.config import Config
 from tasks.errors import ParityError
-from tasks.evaluate_vision import count_macs, evaluate_vision, ratios
-from tasks.export_vision import export_vision, parity
 from tasks.image_training import Split, to_input
 from tasks.observers import freeze_observers
 from tasks.onnx_models import OnnxError, export_fp32, onnx_logits
 from tasks.quantization import prepare_qat
-from tasks.vision_config import MobileArch, ResNetArch
-from tasks.vision_models import MobileStudent, ResNetTeacher
+from tasks.vision.config import MobileArch, ResNetArch
+from tasks.vision.evaluate import count_macs, evaluate_vision, ratios
+from tasks.vision.export import export_vision, parity
+from tasks.vision.models import MobileStudent, ResNetTeacher
 from tests.conftest import briefly_trained, fashion_pixels, write_processed
 
 STUDENT = MobileArch(stem=4, widths=[8, 16, 16], strides=[2, 2, 1])
@@ -254,8 +254,8 @@ def test_recipe_without_qat_gets_ptq_for_its_final_student(config, models, tmp_p
 def test_an_accuracy_delta_equal_to_its_limit_passes_parity(config):
     """Before: the delta was the difference of two rounded means, 349/400 - 345/400 = 0.010000000000000009, so an
     INT8 file exactly at the 0.01 limit failed export (seen on a CI run of the 400-image export fixture)."""
-    from tasks.export_text import text_parity
     from tasks.family_config import Parity
+    from tasks.text.export import text_parity
 
     labels = np.arange(400) % 10
     reference = np.eye(10, dtype=np.float32)[np.where(np.arange(400) < 345, labels, (labels + 1) % 10)]

@@ -13,9 +13,9 @@ import pytest
 
 from tasks.errors import ChecksumError, DataFormatError, DataSourceError
 from tasks.expectations import failure_message
-from tasks.movielens import acquire
-from tasks.prepare_recsys import FIELDS, prepare_recsys
-from tasks.validate_recsys import load_tables, validate_recsys
+from tasks.recsys.movielens import acquire
+from tasks.recsys.prepare import FIELDS, prepare_recsys
+from tasks.recsys.validate import load_tables, validate_recsys
 
 
 def test_recbole_files_and_the_grouplens_zip_give_the_same_tables(synthetic_movielens):
@@ -75,7 +75,7 @@ def test_splits_are_seeded_and_the_temporal_split_puts_the_newest_last(synthetic
 def test_a_rating_keeps_its_split_when_the_snapshot_grows(synthetic_movielens, tmp_path):
     """Before: a seeded permutation of all rows, re-drawn whenever a batch arrived — about 80 % of the new test split
     had been the champion's training rows, and the gate scored the champion on them."""
-    from tasks.movielens import acquire
+    from tasks.recsys.movielens import acquire
 
     _, _, cfg = synthetic_movielens
     source, tables = acquire(cfg.data.recsys)

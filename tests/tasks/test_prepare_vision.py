@@ -13,10 +13,10 @@ import pytest
 import yaml
 
 from tasks.errors import DataFormatError, DataSourceError
-from tasks.idx import parse_idx
-from tasks.prepare_vision import planned_rows, prepare_vision, split, stratified_pick
-from tasks.vision_data_config import SplitSizes
-from tasks.vision_source import acquire, decode, from_idx
+from tasks.vision.data_config import SplitSizes
+from tasks.vision.idx import parse_idx
+from tasks.vision.prepare import planned_rows, prepare_vision, split, stratified_pick
+from tasks.vision.source import acquire, decode, from_idx
 from tests.conftest import ROOT, idx_bytes
 
 TRAIN_Y, TEST_X, TEST_Y = "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"
@@ -171,7 +171,7 @@ def test_the_stage_cli_reports_inconsistent_files_in_one_line_and_exits_2(synthe
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     env.pop("PIPELINE_PARENT_RUN_ID", None)
     # the published files are read where they join the raw snapshot (stage snapshot_vision): nothing is kept of them
-    proc = subprocess.run([sys.executable, "-m", "tasks.snapshot_vision", "--snapshot", "data/raw", "--params",
+    proc = subprocess.run([sys.executable, "-m", "tasks.vision.snapshot", "--snapshot", "data/raw", "--params",
                            "params.yaml"], cwd=tmp_path, env=env, capture_output=True, text=True)
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr

@@ -6,7 +6,6 @@ import torch
 from tasks.artifacts import count_parameters
 from tasks.config import parse_config
 from tasks.errors import ConfigError
-from tasks.prune_vision import pruning_schedule
 from tasks.pruning import (
     attach_masks,
     bake,
@@ -19,8 +18,9 @@ from tasks.pruning import (
     sparsity_report,
 )
 from tasks.quantization import prepare_qat
-from tasks.vision_config import MobileArch
-from tasks.vision_models import MobileStudent
+from tasks.vision.config import MobileArch
+from tasks.vision.models import MobileStudent
+from tasks.vision.prune import pruning_schedule
 
 ARCH = MobileArch(stem=8, widths=[16, 32, 32, 64], strides=[1, 2, 1, 2])
 MIXED = MobileArch(stem=8, stem_stride=2, widths=[16, 32, 32, 64], strides=[1, 2, 1, 2],

@@ -9,11 +9,11 @@ import pytest
 import torch
 from onnx import numpy_helper
 
-from tasks.ctr_onnx import export_ctr_fp32, export_ctr_int8, onnx_probabilities
-from tasks.ctr_training import CtrDistiller, CtrSplit, distilled_loss, fit_ctr, predict_logits
 from tasks.family_config import LossWeights
-from tasks.recsys_config import RecArch
-from tasks.recsys_models import CtrModel, convert_ctr_int8, prepare_ctr_qat, quantize_table
+from tasks.recsys.config import RecArch
+from tasks.recsys.ctr_onnx import export_ctr_fp32, export_ctr_int8, onnx_probabilities
+from tasks.recsys.ctr_training import CtrDistiller, CtrSplit, distilled_loss, fit_ctr, predict_logits
+from tasks.recsys.models import CtrModel, convert_ctr_int8, prepare_ctr_qat, quantize_table
 
 SHAPE = {"vocabulary": 60, "fields": 3, "genres": 5}
 
@@ -60,7 +60,7 @@ def test_distillation_moves_the_student_only_and_learns():
     before = [p.detach().clone() for p in teacher.parameters()]
     cfg_weights = LossWeights(ground_truth=0.3, target=0.7, feature=0.5, label=0.1)
     from tasks.family_config import Optimizer, Schedule
-    from tasks.recsys_config import DistillRecsys
+    from tasks.recsys.config import DistillRecsys
 
     cfg = DistillRecsys(epochs=3, batch_size=64, optimizer=Optimizer(name="adamw", lr=0.01, weight_decay=0.0),
                         schedule=Schedule(name="constant"), seed=0, threads=1, student=student.arch,
@@ -137,7 +137,7 @@ def test_fm_and_lr_students_export_without_an_mlp(tmp_path, arch):
 
 
 def test_pruned_dimensions_keep_the_model_function_on_what_is_kept():
-    from tasks.recsys_compression import prune_dimensions
+    from tasks.recsys.compression import prune_dimensions
 
     model, data = _model().eval(), _split(32)
     assert torch.allclose(prune_dimensions(model, 8).eval()(data.fields, data.genres), model(data.fields, data.genres),
@@ -151,7 +151,7 @@ def test_pruned_dimensions_keep_the_model_function_on_what_is_kept():
 
 
 def test_shared_rows_export_a_small_index_and_match_in_onnxruntime(tmp_path):
-    from tasks.recsys_compression import share_rows
+    from tasks.recsys.compression import share_rows
 
     torch.backends.quantized.engine = "x86"
     model = _model()

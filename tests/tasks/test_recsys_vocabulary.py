@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 
-from tasks.evaluate_recsys import STANDS_FOR, probabilities_on_test
 from tasks.gate import gate_checks
 from tasks.io import WINDOWS, read_windows
-from tasks.movielens import acquire
-from tasks.prepare_recsys import FIELDS, VOCABULARY, prepare_recsys
-from tasks.recsys_family import FAMILY, paired_data
+from tasks.recsys.evaluate import STANDS_FOR, probabilities_on_test
+from tasks.recsys.family import FAMILY, paired_data
+from tasks.recsys.movielens import acquire
+from tasks.recsys.prepare import FIELDS, VOCABULARY, prepare_recsys
 from tests.conftest import known_rows_only, older_and_grown
 
 
@@ -56,10 +56,10 @@ def test_a_champion_scores_users_and_items_it_never_saw_as_the_mean_over_known_o
     replayed MovieLens week's recent window (mostly new users) then held too few of them to decide on, every week."""
     import torch
 
-    from tasks.ctr_onnx import export_ctr_fp32, onnx_probabilities
-    from tasks.ctr_training import CtrSplit
-    from tasks.recsys_config import RecArch
-    from tasks.recsys_models import CtrModel
+    from tasks.recsys.config import RecArch
+    from tasks.recsys.ctr_onnx import export_ctr_fp32, onnx_probabilities
+    from tasks.recsys.ctr_training import CtrSplit
+    from tasks.recsys.models import CtrModel
 
     _, _, cfg = synthetic_movielens
     samples = cfg.evaluate.recsys.cold_start_samples

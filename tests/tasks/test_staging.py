@@ -22,12 +22,12 @@ def _run_stage(tmp_path: Path, params: dict) -> subprocess.CompletedProcess:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
     env.pop("PIPELINE_PARENT_RUN_ID", None)
     from tasks.config import parse_config
-    from tasks.recsys_intake import INTAKE
+    from tasks.recsys.intake import INTAKE
     from tasks.snapshot import ensure
 
     if not (tmp_path / "data" / "raw").exists():   # the raw snapshot prepare reads (its own stage in dvc.yaml)
         ensure(tmp_path / "data" / "raw", "recsys", INTAKE, parse_config(params))
-    return subprocess.run([sys.executable, "-m", "tasks.prepare_recsys", "--raw", "data/raw", "--out", "data/processed"],
+    return subprocess.run([sys.executable, "-m", "tasks.recsys.prepare", "--raw", "data/raw", "--out", "data/processed"],
                           cwd=tmp_path,
                           env=env, capture_output=True, text=True)
 

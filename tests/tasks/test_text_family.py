@@ -12,9 +12,9 @@ import torch
 from tasks.config import parse_config
 from tasks.errors import ChecksumError, DataFormatError
 from tasks.family_config import LossWeights
-from tasks.text_config import BertArch, RecurrentArch, TransferSet, TransformerArch
-from tasks.text_data import MASK, UNK, WordTokenizer, build_vocabulary, tokenize, tokenizer_from_spec, transfer_texts
-from tasks.text_models import BertClassifier, RecurrentStudent, TextTransformer
+from tasks.text.config import BertArch, RecurrentArch, TransferSet, TransformerArch
+from tasks.text.data import MASK, UNK, WordTokenizer, build_vocabulary, tokenize, tokenizer_from_spec, transfer_texts
+from tasks.text.models import BertClassifier, RecurrentStudent, TextTransformer
 
 SENTENCES = ["A wonderful, moving film.", "Dull and tedious; I hated it.", "It's not bad at all",
              "The best movie of the year!", "Pete\u2019s screenplay is flat", "ok"]
@@ -83,7 +83,7 @@ def test_the_transfer_set_masks_replaces_and_samples_ngrams_reproducibly():
 
 
 def test_distillation_trains_the_student_only_and_skips_labels_of_transfer_copies():
-    from tasks.text_training import TextDistiller
+    from tasks.text.training import TextDistiller
 
     student = _students()[0]
     model = TextDistiller(student, teacher_width=7, weights=LossWeights(ground_truth=1.0, target=0.0, feature=0.0,
@@ -100,8 +100,14 @@ def test_distillation_trains_the_student_only_and_skips_labels_of_transfer_copie
 
 
 def test_the_onnx_files_carry_their_tokenizer_and_the_int8_file_agrees(tmp_path):
-    from tasks.text_onnx import attach_tokenizer, export_text_fp32, onnx_text_logits, quantize_text_int8, tokenizer_of
-    from tasks.text_training import predict
+    from tasks.text.onnx_graph import (
+        attach_tokenizer,
+        export_text_fp32,
+        onnx_text_logits,
+        quantize_text_int8,
+        tokenizer_of,
+    )
+    from tasks.text.training import predict
 
     student = _students()[0].eval()
     fp32, int8 = tmp_path / "student_fp32.onnx", tmp_path / "student_int8.onnx"
@@ -141,8 +147,8 @@ def text_csv(tmp_path, raw_params, monkeypatch):
 
 
 def _prepare_and_validate(cfg, tmp_path):
-    from tasks.prepare_text import prepare_text
-    from tasks.validate_text import load_tables, validate_text
+    from tasks.text.prepare import prepare_text
+    from tasks.text.validate import load_tables, validate_text
 
     prepare_text(cfg.data.text, tmp_path / "out")
     return validate_text(load_tables(tmp_path / "out"), cfg)
@@ -196,7 +202,7 @@ def test_unknown_categories_stop_at_the_data_gate(text_csv, tmp_path):
 def test_a_corpus_in_another_encoding_is_refused_in_one_line(text_csv, tmp_path):
     rows, write, cfg = text_csv
     write(rows[:-1] + [("un film tr\u00e8s r\u00e9ussi", "fresh")], encoding="latin-1")
-    from tasks.prepare_text import prepare_text
+    from tasks.text.prepare import prepare_text
 
     with pytest.raises(DataFormatError, match=r"^params data\.text\.source_file \(.*corpus\.csv\): not UTF-8 "
                                               r"text \(byte \d+: invalid continuation byte\); save it as UTF-8$"):
@@ -214,7 +220,7 @@ def test_leaked_test_sentences_and_a_wheel_that_is_not_the_published_one_are_ref
     report = _prepare_and_validate(cfg, tmp_path)
     # seed 42 puts the two copies in train and test: the tokenized copy is a leak
     assert ("text_leakage", "expect_column_values_to_be_in_set") in _failed(report) and not report["success"]
-    from tasks.text_data import acquire
+    from tasks.text.data import acquire
 
     wheel_dir = tmp_path / "dl"
     wheel_dir.mkdir(exist_ok=True)
@@ -232,7 +238,7 @@ def test_the_registered_signature_leaves_open_what_the_graph_leaves_open(tmp_pat
     from mlflow.models import infer_signature
 
     from flows.registry import graph_signature
-    from tasks.text_onnx import export_text_fp32, feeds
+    from tasks.text.onnx_graph import export_text_fp32, feeds
 
     student = _students()[0].eval()
     path = export_text_fp32(student, tmp_path / "student.onnx", 17, SENTENCES)
@@ -243,7 +249,7 @@ def test_the_registered_signature_leaves_open_what_the_graph_leaves_open(tmp_pat
 
 
 def test_the_students_embeddings_can_start_from_the_teachers_word_pieces():
-    from tasks.distill_text import embeddings_from_teacher
+    from tasks.text.distill import embeddings_from_teacher
 
     pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "film", "##s", "movie", ".", "!", ","]
     arch = BertArch(dim=8, heads=2, layers=1, ff=16, positions=16, type_vocabulary=2, eps=1e-12)
@@ -268,15 +274,15 @@ def test_the_students_embeddings_can_start_from_the_teachers_word_pieces():
 def test_static_int8_quantizes_the_matrix_products_and_leaves_the_lstm_float(tmp_path):
     import onnx
 
-    from tasks.text_onnx import export_text_fp32, onnx_text_logits, quantize_text_static
-    from tasks.text_training import predict
+    from tasks.text.onnx_graph import export_text_fp32, onnx_text_logits, quantize_text_static
+    from tasks.text.training import predict
 
     student = _students()[0].eval()
     fp32 = export_text_fp32(student, tmp_path / "fp32.onnx", 17, SENTENCES)
     static = quantize_text_static(fp32, tmp_path / "static.onnx", student.tokenizer, SENTENCES)
     ops = [n.op_type for n in onnx.load(str(static)).graph.node]
     assert "QuantizeLinear" in ops and "LSTM" in ops and "DynamicQuantizeLSTM" not in ops
-    from tasks.text_onnx import attach_tokenizer
+    from tasks.text.onnx_graph import attach_tokenizer
 
     attach_tokenizer(static, student.tokenizer, ["rotten", "fresh"])
     assert np.abs(onnx_text_logits(static, SENTENCES) - predict(student, SENTENCES)).max() < 0.1

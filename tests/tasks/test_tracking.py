@@ -223,7 +223,7 @@ def test_a_tracking_server_lost_mid_run_fails_the_stage_cleanly(synthetic_moviel
 
     import yaml
 
-    from tasks.prepare_recsys import prepare_recsys
+    from tasks.recsys.prepare import prepare_recsys
     from tests.conftest import ROOT
     from tests.integration.servers import free_port
 
@@ -256,7 +256,7 @@ def test_a_tracking_server_lost_mid_run_fails_the_stage_cleanly(synthetic_moviel
                "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "1", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "0",
                "MLFLOW_HTTP_REQUEST_TIMEOUT": "30"}
         env.pop("PIPELINE_PARENT_RUN_ID", None)
-        stage = subprocess.Popen([sys.executable, "-m", "tasks.train_teacher_recsys", "--data", "data",
+        stage = subprocess.Popen([sys.executable, "-m", "tasks.recsys.train_teacher", "--data", "data",
                                   "--model", "out/teacher.pt", "--metrics", "out/teacher.json",
                                   "--plots", "out/history.csv"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                                  stderr=subprocess.PIPE, text=True)

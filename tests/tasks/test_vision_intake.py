@@ -13,11 +13,11 @@ import pytest
 
 from flows.ingest import check
 from tasks.errors import DataFormatError
-from tasks.idx import gzip_bytes, idx_bytes
-from tasks.prepare_vision import prepare_vision
 from tasks.snapshot import BOOTSTRAP, add_batch, batch_tables, create, ensure, read
-from tasks.validate_vision import validate_vision
-from tasks.vision_intake import INTAKE
+from tasks.vision.idx import gzip_bytes, idx_bytes
+from tasks.vision.intake import INTAKE
+from tasks.vision.prepare import prepare_vision
+from tasks.vision.validate import validate_vision
 
 IMAGES, LABELS = "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"
 

@@ -13,9 +13,9 @@ from torch.ao.quantization import FakeQuantizeBase
 from tasks.artifacts import load_model, model_meta, save_model
 from tasks.config import load_config
 from tasks.image_training import Split, evaluate
-from tasks.prepare_vision import prepare_vision
-from tasks.vision_config import MobileArch, ResNetArch
-from tasks.vision_models import MobileStudent, ResNetTeacher
+from tasks.vision.config import MobileArch, ResNetArch
+from tasks.vision.models import MobileStudent, ResNetTeacher
+from tasks.vision.prepare import prepare_vision
 
 TEACHER = ResNetArch(stem=8, widths=[16, 32], blocks=[1, 1])
 STUDENT = MobileArch(stem=8, stem_stride=2, widths=[16, 16, 32], strides=[1, 2, 1], kinds=["fused", "separable", "separable"])
@@ -58,8 +58,10 @@ def _observing(model) -> list[str]:
 def test_structured_pruning_then_qat_share_and_export_load_the_narrower_student(project, monkeypatch):
     """Before: qat_vision published the un-pruned architecture, so loading its model failed (state_dict size
     mismatch) in share, export and evaluate after structured pruning."""
-    from tasks import prune_vision, qat_vision, share_vision
-    from tasks.export_vision import export_vision
+    import tasks.vision.prune as prune_vision
+    import tasks.vision.qat as qat_vision
+    import tasks.vision.share as share_vision
+    from tasks.vision.export import export_vision
 
     recipe = ["distill", "prune", "qat", "share"]
     run_stage(monkeypatch, project, prune_vision, recipe, "student.pt", "pruned")
@@ -89,7 +91,7 @@ def test_structured_pruning_then_qat_share_and_export_load_the_narrower_student(
 
 def test_qat_follows_the_recipes_distill_flag(project, monkeypatch):
     """Before: QAT read its own ``qat.vision.distill`` (true), so the CE-only recipe was distilled during QAT."""
-    from tasks import qat_vision
+    import tasks.vision.qat as qat_vision
 
     cfg = load_config(project / "params.yaml")
     run_stage(monkeypatch, project, qat_vision, ["qat"], "student.pt", "ce")
@@ -105,7 +107,7 @@ def test_qat_follows_the_recipes_distill_flag(project, monkeypatch):
 def test_qat_ships_frozen_ranges_that_no_evaluation_moves(project, monkeypatch):
     """Before: observers stayed on when ``freeze_observers_after`` was not reached, and every evaluation pass (val
     each epoch, test, export) moved the ranges that ship."""
-    from tasks import qat_vision
+    import tasks.vision.qat as qat_vision
 
     run_stage(monkeypatch, project, qat_vision, ["distill", "qat"], "student.pt", "qat")
     model = load_model(project / "qat.pt")
@@ -139,7 +141,8 @@ def test_distill_and_qat_stages_run_with_the_teacher_in_onnxruntime(project, mon
 
     from mlflow.tracking import MlflowClient
 
-    from tasks import distill_vision, qat_vision
+    import tasks.vision.distill as distill_vision
+    import tasks.vision.qat as qat_vision
     from tasks.config import load_config
 
     params = yaml.safe_load((project / "params.yaml").read_text())
@@ -160,7 +163,7 @@ def test_distill_and_qat_stages_run_with_the_teacher_in_onnxruntime(project, mon
 def test_a_reused_teacher_is_the_champions_and_its_stage_still_writes_every_output(project, monkeypatch):
     """Before: a teacher reused by the warm-start plan left its checkpoint folder (a DVC output) uncreated, so DVC
     failed the stage in any fresh workspace."""
-    from tasks import train_teacher_vision
+    import tasks.vision.train_teacher as train_teacher_vision
     from tasks.image_training import model_shape
 
     params = yaml.safe_load((project / "params.yaml").read_text())

@@ -12,14 +12,14 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from tasks.artifacts import save_model
-from tasks.ctr_training import load_ctr_data
 from tasks.family_config import WarmStart
-from tasks.prepare_recsys import VOCABULARY
-from tasks.recsys_family import paired_data
-from tasks.recsys_models import CtrModel
+from tasks.recsys.ctr_training import load_ctr_data
+from tasks.recsys.family import paired_data
+from tasks.recsys.models import CtrModel
+from tasks.recsys.prepare import VOCABULARY
+from tasks.recsys.warm_start import adapt
 from tasks.warm_plan import ARTIFACTS, FILES, MODE, PLAN, fine_tuned, start_from
 from tasks.warm_start import data_params, plan_training, warm_start
-from tasks.warm_start_recsys import adapt
 from tests.conftest import known_rows_only, older_and_grown
 
 

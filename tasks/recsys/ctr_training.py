@@ -1,0 +1,139 @@
+"""Training and scoring of click-through models: data splits, the loss (labels or distillation), AUC / logloss.
+
+The loop keeps the epoch with the best validation AUC (embedding models overfit within a few epochs), restoring
+its weights at the end; optimisers and schedules are the shared ones of ``tasks.training``.
+
+Distillation for a binary target: BCE against the teacher's temperature-softened probability σ(t/T), scaled by
+T², mixed with BCE against the label; optional alignment of the student's field vectors to the teacher's through a
+learned linear adapter. Only the teacher runs under ``no_grad``; the shared ``tasks.training.train_step`` zeroes
+gradients every step.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import log_loss, roc_auc_score
+from torch import nn
+
+from tasks.distillation import FrozenTeacher
+from tasks.family_config import OnnxArch, Training
+from tasks.observers import frozen_observers
+from tasks.recsys.config import DistillRecsys
+from tasks.training import fit_best
+
+
+@dataclass(frozen=True)
+class CtrSplit:
+    fields: torch.Tensor   # int64 (N, F)
+    genres: torch.Tensor   # float32 (N, G)
+    y: torch.Tensor        # float32 (N,)
+
+    @classmethod
+    def load(cls, directory: Path, name: str) -> CtrSplit:
+        arrays = [np.load(directory / f"{name}_{part}.npy", allow_pickle=False) for part in ("fields", "genres", "y")]
+        return cls(*(torch.from_numpy(a.copy()) for a in arrays))
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def batch(self, idx: torch.Tensor | slice) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.fields[idx], self.genres[idx], self.y[idx]
+
+
+def load_ctr_data(data_dir: Path) -> tuple[CtrSplit, CtrSplit, CtrSplit, dict[str, int]]:
+    """(train, val, test, model shape: vocabulary, fields, genres) from prepare_recsys's folder."""
+    features = json.loads((data_dir / "features.json").read_text())
+    shape = {"vocabulary": features["vocabulary"], "fields": len(features["fields"]), "genres": len(features["genres"])}
+    return (*(CtrSplit.load(data_dir, s) for s in ("train", "val", "test")), shape)
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, split: CtrSplit, batch_size: int = 8192) -> np.ndarray:
+    """Logits of every row of ``split``; quantization ranges stay as they are."""
+    model.eval()
+    with frozen_observers(model):
+        return np.concatenate([model(*split.batch(slice(i, i + batch_size))[:2]).float().numpy()
+                               for i in range(0, len(split), batch_size)])
+
+
+def ctr_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
+    p = np.clip(probabilities.astype(np.float64), 1e-7, 1 - 1e-7)
+    return {"auc": float(roc_auc_score(labels, p)), "logloss": float(log_loss(labels, p, labels=[0, 1]))}
+
+
+def evaluate_ctr(model: nn.Module, split: CtrSplit, batch_size: int = 8192) -> dict[str, float]:
+    return ctr_metrics(split.y.numpy(), 1 / (1 + np.exp(-predict_logits(model, split, batch_size))))
+
+
+#: ``loss_fn(model, (fields, genres), y) -> (loss, logits)``: the ``LossFn`` shape of ``tasks.training.train_step``
+CtrLossFn = Callable[[nn.Module, tuple[torch.Tensor, torch.Tensor], torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+def label_loss(model: nn.Module, inputs: tuple[torch.Tensor, torch.Tensor], y: torch.Tensor):
+    logits = model(*inputs)
+    return F.binary_cross_entropy_with_logits(logits, y), logits
+
+
+class CtrDistiller(FrozenTeacher):
+    """Student plus the field-vector adapter, against a frozen CTR teacher."""
+
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillRecsys) -> None:
+        super().__init__(student, teacher)
+        self.temperature, self.weights = cfg.temperature, cfg.weights
+        # an imported ONNX teacher's field vectors are as wide as its graph says
+        width = teacher.arch.feature_shapes[0][-1] if isinstance(teacher.arch, OnnxArch) else teacher.arch.dim
+        self.adapter = nn.Linear(student.arch.dim, width) if cfg.weights.feature else None
+
+    def loss(self, fields: torch.Tensor, genres: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        w, t = self.weights, self.temperature
+        with torch.no_grad():
+            t_logits, t_vectors = self.teacher.forward_features(fields, genres)
+        if isinstance(t_vectors, list):   # an imported ONNX teacher's named features: the field vectors, if any
+            t_vectors = t_vectors[0] if t_vectors else None
+        s_logits, s_vectors = self.student.forward_features(fields, genres)
+        total = s_logits.new_zeros(())
+        if w.ground_truth:
+            total = total + w.ground_truth * F.binary_cross_entropy_with_logits(s_logits, y)
+        if w.target:
+            total = total + w.target * t * t * F.binary_cross_entropy_with_logits(s_logits / t, torch.sigmoid(t_logits / t))
+        if w.feature:
+            total = total + w.feature * F.mse_loss(self.adapter(s_vectors), t_vectors)
+        if w.label:
+            total = total + w.label * F.binary_cross_entropy_with_logits(s_logits, (t_logits > 0).float())
+        return total, s_logits
+
+
+def distilled_loss(model: CtrDistiller, inputs: tuple[torch.Tensor, torch.Tensor], y: torch.Tensor):
+    return model.loss(*inputs, y)
+
+
+def ctr_trainer(student: nn.Module, teacher: nn.Module, kd: DistillRecsys | None) -> tuple[nn.Module, CtrLossFn]:
+    """What a stage trains and with which loss: the student against ``teacher`` with ``kd``'s loss, or the student
+    alone on the labels when ``kd`` is None."""
+    if kd is None:
+        return student, label_loss
+    return CtrDistiller(student, teacher, kd), distilled_loss
+
+
+def fit_ctr(model: nn.Module, loss_fn: CtrLossFn, train: CtrSplit, val: CtrSplit, spec: Training,
+            on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+            before_epoch: Callable[[int], None] | None = None, from_start: bool = False) -> list[dict[str, float]]:
+    """Train ``model`` in place; return the history. The best epoch by validation AUC is restored at the end (or,
+    ``from_start``, the starting weights when no epoch beat them)."""
+    def batch(idx: torch.Tensor) -> tuple[tuple[torch.Tensor, torch.Tensor], torch.Tensor]:
+        fields, genres, y = train.batch(idx)
+        return (fields, genres), y
+
+    # the training rows scored as the validation rows are (eval mode, after the epoch): one curve each
+    def scores() -> dict[str, float]:
+        return {**{f"train_{k}": v for k, v in evaluate_ctr(model, train, spec.eval_batch_size).items()},
+                **{f"val_{k}": v for k, v in evaluate_ctr(model, val, spec.eval_batch_size).items()}}
+
+    return fit_best(model, loss_fn, len(train), batch, spec, scores, "val_auc", on_epoch, before_epoch,
+                    from_start=from_start)

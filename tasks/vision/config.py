@@ -1,0 +1,274 @@
+"""The vision family's params sections (Fashion-MNIST, a ResNet teacher, a MobileNet-style student), the checks
+that span them, and the ablation's recipes. ``SECTIONS`` says which class validates ``<key>.vision`` of params.yaml.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
+
+from pydantic import Field, ValidationError, model_validator
+
+from tasks.config_types import Fraction, Positive, Strict, distinct
+from tasks.family_config import (
+    Floors,
+    Gate,
+    GradualPruning,
+    LossWeights,
+    ObserverFreeze,
+    Parity,
+    PretrainedTeacher,
+    Recipe,
+    Score,
+    Training,
+    VsTeacher,
+    WarmStart,
+)
+from tasks.vision.ablation_config import AblationVision
+from tasks.vision.data_config import VisionData, VisionIngest, VisionValidation
+
+if TYPE_CHECKING:
+    from tasks.config import Config
+
+class ResNetArch(Strict):
+    stem: Positive
+    widths: list[Positive] = Field(min_length=1)
+    blocks: list[Positive] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _same_length(self) -> ResNetArch:
+        if len(self.widths) != len(self.blocks):
+            raise ValueError(f"widths ({len(self.widths)}) and blocks ({len(self.blocks)}) must have the same length")
+        return self
+
+
+class Augmentation(Strict):
+    crop_padding: Annotated[int, Field(ge=0, le=8)]
+    horizontal_flip: bool
+
+
+class TrainingRecipe(Training):
+    """An image training run, shared by the vision teacher and student stages."""
+
+    label_smoothing: Fraction
+    augmentation: Augmentation
+    bf16: bool
+
+
+class TrainTeacherVision(TrainingRecipe):
+    arch: ResNetArch
+    pretrained: PretrainedTeacher | None = None
+
+    def feature_stages(self) -> int:
+        """How many feature maps the teacher offers to feature distillation."""
+        if self.pretrained and self.pretrained.format == "onnx":
+            return len(self.pretrained.features)
+        return len(self.arch.widths)
+
+
+class MobileArch(Strict):
+    """MobileNet-style blocks; channel counts are scaled by ``width_multiplier``.
+
+    Each block is ``separable`` (depthwise 3x3 + pointwise 1x1) or ``fused`` (one regular 3x3 convolution, the
+    Fused-MBConv of EfficientNetV2 without expansion); ``kinds`` omitted means all separable.
+    """
+
+    stem: Positive
+    stem_stride: Literal[1, 2] = 1
+    widths: list[Positive] = Field(min_length=1)
+    strides: list[Literal[1, 2]] = Field(min_length=1)
+    kinds: list[Literal["separable", "fused"]] | None = None
+    # Which blocks add their input; omitted: every block that keeps the shape (stride 1, same width). Structured
+    # pruning writes it out, so a pruned block whose widths happen to match does not gain a shortcut.
+    residual: list[bool] | None = None
+    width_multiplier: Annotated[float, Field(gt=0.0, le=4.0)] = 1.0
+
+    @model_validator(mode="after")
+    def _same_length(self) -> MobileArch:
+        if len(self.widths) != len(self.strides):
+            raise ValueError(f"widths ({len(self.widths)}) and strides ({len(self.strides)}) must have the same length")
+        for name in ("kinds", "residual"):
+            value = getattr(self, name)
+            if value is not None and len(value) != len(self.widths):
+                raise ValueError(f"{name} ({len(value)}) and widths ({len(self.widths)}) must have the same length")
+        inputs = [self.stem, *self.widths[:-1]]
+        for i, wanted in enumerate(self.residual or []):
+            if wanted and (self.strides[i] != 1 or inputs[i] != self.widths[i]):
+                raise ValueError(f"residual.{i}: a residual block needs stride 1 and the width of its input "
+                                 f"({inputs[i]} -> {self.widths[i]} at stride {self.strides[i]})")
+        return self
+
+    def block_kinds(self) -> list[str]:
+        return list(self.kinds) if self.kinds is not None else ["separable"] * len(self.widths)
+
+
+class FeaturePair(Strict):
+    """Align the output of teacher stage ``teacher`` with that of student block ``student`` (0-based)."""
+
+    teacher: Annotated[int, Field(ge=0)]
+    student: Annotated[int, Field(ge=0)]
+
+
+class Dkd(Strict):
+    """Decoupled KD (Zhao et al., CVPR 2022): alpha·TCKD (target vs the rest) + beta·NCKD (among the non-targets)."""
+
+    alpha: Annotated[float, Field(ge=0.0)] = 1.0
+    beta: Annotated[float, Field(ge=0.0)] = 8.0
+
+
+class DistillVision(TrainingRecipe):
+    student: MobileArch
+    temperature: Annotated[float, Field(gt=0.0)]
+    target_loss: Literal["kl", "mse", "dkd"]
+    dkd: Dkd = Dkd()   # read when target_loss is dkd
+    weights: LossWeights
+    feature_pairs: list[FeaturePair] = []
+    # The frozen teacher's forward in bf16 autocast (inference only), where the CPU computes bf16 natively.
+    teacher_bf16: bool
+    # Who runs the frozen teacher while students distil (distill, prune, qat and share): PyTorch, or onnxruntime on
+    # its ONNX twin (fp32; teacher_bf16 then does not apply); auto: PyTorch where it runs the teacher in bf16
+    # (teacher_bf16 and a CPU with native bf16), else onnxruntime. `make benchmark-teacher` measures them.
+    teacher_runtime: Literal["auto", "pytorch", "onnxruntime"] = "auto"
+
+    def resolved(self) -> DistillVision:
+        """This recipe with ``auto`` replaced by what runs on this machine: what the distilling stages train,
+        fingerprint their checkpoints and log with, so neither names "auto" (a checkpoint resumed on another kind of
+        CPU must not mix the two teachers' targets). Not at params load: that would import PyTorch into every
+        process that reads params."""
+        if self.teacher_runtime != "auto":
+            return self
+        return self.model_copy(update={"teacher_runtime": "onnxruntime" if self.teacher_in_onnxruntime() else "pytorch"})
+
+    def teacher_in_onnxruntime(self) -> bool:
+        """Whether the frozen teacher runs as its ONNX twin on this machine (``auto`` resolved)."""
+        from tasks.hardware import native_bf16
+
+        if self.teacher_runtime == "auto":
+            return not (self.teacher_bf16 and native_bf16())
+        return self.teacher_runtime == "onnxruntime"
+
+
+class PruneVision(TrainingRecipe, GradualPruning):
+    """Magnitude pruning of the vision student: single weights (unstructured) or whole channels (structured)."""
+
+    mode: Literal["unstructured", "structured"]
+    scope: Literal["global", "layer"]
+    min_channels: Positive             # structured: no block keeps fewer output channels
+
+
+class Fp32Recipe(TrainingRecipe):
+    """A recipe that trains through fake quantization, which is simulated in fp32."""
+
+    @model_validator(mode="after")
+    def _fp32_fake_quant(self) -> Fp32Recipe:
+        if self.bf16:
+            raise ValueError("bf16 must be false: fake quantization is simulated in fp32")
+        return self
+
+
+class QatVision(Fp32Recipe, ObserverFreeze):
+    """QAT of the student; the KD loss of ``distill.vision`` stays active when the recipe has ``distill``."""
+
+    # Only 8: convert_fx widens narrower activation ranges to 8 bits, and even with each activation clamped to its
+    # N-bit range (a Clip before every QuantizeLinear) the INT8 file agreed with the fake-quantized student on only
+    # 88-95 % of test images (4 and 6 bits, small students, 2026-12-01): refused rather than shipped unlike its
+    # training.
+    activation_bits: Literal[8]
+    # signed, per channel, narrow: ±(2^(b-1) - 1); 4 ships INT4 weights (opset 21, tasks/int4.py); PTQ quantizes
+    # to the same bits (4: onnxruntime's INT4, [-8, 7])
+    weight_bits: Literal[4, 7, 8]
+    freeze_bn_after: Annotated[int, Field(ge=0)]
+    # A layer whose weights are at least this share zeros counts as pruned: its zeros are held through QAT.
+    pruned_min_sparsity: Annotated[float, Field(gt=0.0, le=1.0)]
+    # Student modules left in float ("stem", "head", "blocks.<i>"); the PTQ baseline leaves out the same ones.
+    float_modules: Annotated[list[Annotated[str, Field(pattern=r"^(stem|head|blocks\.\d+)$")]], distinct("module")] = []
+
+
+class ShareVision(Fp32Recipe):
+    """Weight sharing after QAT: ``clusters`` centroids per layer (16 = 4-bit indices), fine-tuned with KD."""
+
+    clusters: Annotated[int, Field(ge=2, le=256)]
+
+
+class ExportVision(Strict):
+    opset: Annotated[int, Field(ge=13, le=21)]   # QDQ with per-channel axes needs 13+
+    calibration_size: Positive                   # validation images that calibrate onnxruntime PTQ
+    threads: Positive
+    parity: Parity
+
+
+class EvaluateVision(Strict):
+    """How onnxruntime latency is measured; recorded with the results."""
+
+    threads: Positive                  # intra-op threads (fixed: measurements must not follow the machine's load)
+    warmup: Annotated[int, Field(ge=0)]
+    repeats: Annotated[int, Field(ge=10)]
+    throughput_batch: Positive
+    throughput_repeats: Annotated[int, Field(ge=3)]
+
+
+class GateFloors(Floors):
+    min_accuracy: Score
+
+
+class GateVsTeacher(VsTeacher):
+    max_accuracy_drop: Score
+
+
+class GateVsChampion(Strict):
+    max_accuracy_drop: Score
+
+
+class GateVision(Gate):
+    metric: ClassVar[str] = "accuracy"
+    floors: GateFloors
+    vs_teacher: GateVsTeacher
+    vs_champion: GateVsChampion
+
+
+SECTIONS: dict[str, Any] = {
+    "data": VisionData, "validate": VisionValidation, "teacher": TrainTeacherVision,
+    "recipe": Recipe,
+    "distill": DistillVision, "prune": PruneVision, "qat": QatVision, "share": ShareVision, "export": ExportVision,
+    "evaluate": EvaluateVision, "gate": GateVision, "ablation": AblationVision, "ingest": VisionIngest,
+    "warm_start": WarmStart}
+
+
+def ablation_recipes(cfg: Config, seed: int) -> dict[str, TrainingRecipe]:
+    """The stage recipes of the ablation for one seed: ``<stage>.vision`` with ``ablation.vision.<stage>`` merged
+    over it (validated as strictly as params.yaml itself)."""
+    from tasks.config import deep_merge
+
+    recipes: dict[str, TrainingRecipe] = {}
+    for stage, model in (("distill", DistillVision), ("prune", PruneVision), ("qat", QatVision), ("share", ShareVision)):
+        base = getattr(cfg, stage).vision.model_dump()
+        merged = deep_merge(base, {**getattr(cfg.ablation.vision, stage), "seed": seed})
+        try:
+            recipes[stage] = model.model_validate(merged)
+            if isinstance(recipes[stage], DistillVision):
+                recipes[stage] = recipes[stage].resolved()
+        except ValidationError as err:
+            problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+            raise ValueError(f"ablation.vision.{stage} does not give a valid {stage}.vision: {problems}") from None
+    return recipes
+
+
+def check(cfg: Config) -> None:
+    """What no single section can check: the ablation's overrides, QAT's float modules, the feature pairs."""
+    ablation_recipes(cfg, cfg.ablation.vision.seeds[0])
+    blocks = len(cfg.distill.vision.student.widths)
+    for i, name in enumerate(cfg.qat.vision.float_modules):
+        if name.startswith("blocks.") and int(name.split(".")[1]) >= blocks:
+            raise ValueError(f"qat.vision.float_modules.{i}: {name} does not exist (the student has blocks "
+                             f"0..{blocks - 1})")
+    kd, stages = cfg.distill.vision, cfg.teacher.vision.feature_stages()
+    offered = f"stages 0..{stages - 1}" if stages else "no feature maps: name them in teacher.vision.pretrained.features"
+    for i, pair in enumerate(kd.feature_pairs):
+        if pair.teacher >= stages:
+            raise ValueError(f"distill.vision.feature_pairs.{i}.teacher: teacher stage {pair.teacher} does not "
+                             f"exist (the teacher has {offered})")
+        if pair.student >= len(kd.student.widths):
+            raise ValueError(f"distill.vision.feature_pairs.{i}.student: student block {pair.student} does not "
+                             f"exist (the student has blocks 0..{len(kd.student.widths) - 1})")
+    if kd.feature_pairs and kd.weights.feature == 0:
+        raise ValueError("distill.vision.weights.feature is 0 but feature_pairs are set; set a weight or drop the pairs")
+    if kd.weights.feature > 0 and not kd.feature_pairs:
+        raise ValueError("distill.vision.weights.feature > 0 needs at least one entry in distill.vision.feature_pairs")
