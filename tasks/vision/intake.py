@@ -1,10 +1,8 @@
 """The vision family's intake (``tasks.intake``): labelled images that arrive in batches, as IDX files.
 
-A batch is a folder with ``train-images-idx3-ubyte.gz`` (unsigned bytes, (N, H, W); ``idx4`` for (N, C, H, W)) and
-``train-labels-idx1-ubyte.gz`` (the class of each image, 0, 1, ...), plain or gzipped, and optionally
-``classes.json`` (the class names, in label order). The snapshot's first batch may also hold ``test-*`` (the fixed
-*golden* test set) and ``val-*`` parts; a later batch brings ``train-*`` images only (``prepare_vision`` holds out
-a share of them as test rows: the recent window). The published data set is the
+A batch is a folder of IDX files (``tasks.vision.batches``): training images and labels, and in the snapshot's
+first batch the fixed *golden* test set and validation images too; ``prepare_vision`` holds out a share of a later
+batch's images as test rows (the recent window). The published data set is the
 bootstrap batch: Fashion-MNIST's four files (pinned by SHA-256; its ``t10k`` part is the test part), or the user's
 image folder of ``data.vision.image_folder`` (``tasks.image_folder``).
 
@@ -28,18 +26,12 @@ import pandas as pd
 from tasks.errors import DataFormatError
 from tasks.expectations import suite
 from tasks.intake import Intake, Suites, jensen_shannon, linf, shares
-from tasks.io import write_atomic
-from tasks.vision.idx import gunzip, gzip_bytes, idx_bytes, read_idx
+from tasks.vision.batches import PARTS, Images, combine, read_batch, rows, write_batch
 
 E = gx.expectations
-PARTS = ("train", "val", "test")   # the order a snapshot's images are read in
-CLASSES = "classes.json"
 INK_LEVEL = 25        # a pixel brighter than this (of 255) is ink, not background
 MEAN_BINS = np.linspace(0.0, 255.0, 33)
 INK_BINS = np.linspace(0.0, 1.0, 21)
-
-# A batch: {"classes": [names] | None, "train": (x, y), and in a first batch "val" / "test": (x, y)}
-Images = dict[str, Any]
 
 
 def settings(cfg: Any) -> Any:
@@ -67,95 +59,6 @@ def bootstrap(cfg: Any) -> tuple[str, Images, dict[str, Any]]:
         classes = data.class_names
     return source, {"classes": classes, **parts}, pins(cfg)
 
-
-def _file(folder: Path, part: str, kind: str) -> Path | None:
-    """The ``<part>-<kind>-idxN-ubyte[.gz]`` file of ``folder``; two spellings of one file are refused."""
-    found = [p for p in folder.iterdir() if p.is_file() and p.name.startswith(f"{part}-{kind}-idx")
-             and p.name.removesuffix(".gz").endswith("-ubyte")]
-    if len(found) > 1:
-        raise DataFormatError(f"{folder}: {', '.join(sorted(p.name for p in found))} are one file twice; keep one")
-    return found[0] if found else None
-
-
-def _read(path: Path, ndims: tuple[int, ...]) -> np.ndarray:
-    payload = path.read_bytes()
-    if path.name.endswith(".gz"):
-        payload = gunzip(payload, str(path))
-    return read_idx(payload, str(path), ndims)
-
-
-def read_batch(folder: Path) -> Images:
-    """The images of a batch folder. File names, IDX structure, sizes and shapes are checked here (a file that does
-    not fit names itself); labels and values by the contract."""
-    if not folder.is_dir():
-        raise DataFormatError(f"{folder}: not a folder (a batch is a folder with train-images-idx3-ubyte.gz and "
-                              "train-labels-idx1-ubyte.gz)")
-    known = {CLASSES}
-    batch: Images = {"classes": None}
-    for part in PARTS:
-        images, labels = _file(folder, part, "images"), _file(folder, part, "labels")
-        if images is None and labels is None:
-            if part == "train":
-                raise DataFormatError(f"{folder}: has no train-images-idx3-ubyte.gz and train-labels-idx1-ubyte.gz")
-            continue
-        if images is None or labels is None:
-            raise DataFormatError(f"{folder}: {(images or labels).name} has no "
-                                  f"{part}-{'labels' if labels is None else 'images'} file beside it")
-        known |= {images.name, labels.name}
-        x, y = _read(images, (3, 4)), _read(labels, (1,))
-        if x.ndim == 4 and x.shape[1] not in (1, 3):
-            raise DataFormatError(f"{images}: holds images of shape {x.shape[1:]}; an idx4 file is (N, C, H, W) with "
-                                  "1 (grey) or 3 (RGB) channels first")
-        if len(x) != len(y):
-            raise DataFormatError(f"{folder}: {images.name} holds {len(x)} images but {labels.name} {len(y)} labels")
-        batch[part] = (x, y)
-    shapes = {part: batch[part][0].shape[1:] for part in PARTS if part in batch}
-    if len(set(shapes.values())) > 1:
-        raise DataFormatError(f"{folder}: its parts hold images of different shapes {shapes}; a model takes one")
-    if extra := sorted(p.name for p in folder.iterdir() if not p.name.startswith(".") and p.name not in known):
-        raise DataFormatError(f"{folder}: {', '.join(extra)}: not part of a batch (the IDX files of train, val and "
-                              f"test, and {CLASSES})")
-    if (folder / CLASSES).is_file():
-        try:
-            classes = json.loads((folder / CLASSES).read_text())
-        except (OSError, ValueError) as err:
-            raise DataFormatError(f"{folder / CLASSES}: cannot be read ({err})") from err
-        if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes) \
-                or len(set(classes)) != len(classes):
-            raise DataFormatError(f"{folder / CLASSES}: must be a list of distinct class names, got {classes!r}")
-        batch["classes"] = classes
-    return batch
-
-
-def write_batch(batch: Images, folder: Path) -> None:
-    """``batch`` as a batch folder (gzipped IDX files, written reproducibly, and its class names)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    for part in PARTS:
-        if batch.get(part) is None:
-            continue
-        x, y = batch[part]
-        if len(y) and int(np.max(y)) > 255:
-            raise DataFormatError(f"{folder}: IDX labels are bytes; {int(np.max(y)) + 1} classes do not fit")
-        write_atomic(folder / f"{part}-images-idx{x.ndim}-ubyte.gz", gzip_bytes(idx_bytes(np.asarray(x, np.uint8))))
-        write_atomic(folder / f"{part}-labels-idx1-ubyte.gz", gzip_bytes(idx_bytes(np.asarray(y, np.uint8))))
-    if batch.get("classes"):
-        write_atomic(folder / CLASSES, (json.dumps(batch["classes"]) + "\n").encode())
-
-
-def combine(batches: list[Images]) -> Images:
-    """Every batch's training images in order; the class names and the val / test parts of the first batch that has
-    them (the contract keeps them in the first batch)."""
-    def first(key: str) -> Any:
-        return next((b[key] for b in batches if b.get(key) is not None), None)
-
-    trains = [b["train"] for b in batches]
-    return {"classes": first("classes"), "train": (np.concatenate([x for x, _ in trains]),
-                                                   np.concatenate([y for _, y in trains])),
-            **{part: first(part) for part in ("val", "test") if first(part) is not None}}
-
-
-def rows(batch: Images) -> dict[str, int]:
-    return {part: len(batch[part][1]) for part in PARTS if batch.get(part) is not None}
 
 
 def _digests(x: np.ndarray) -> np.ndarray:
