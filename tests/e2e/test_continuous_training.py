@@ -165,7 +165,7 @@ def test_a_batch_dvc_cannot_version_leaves_the_snapshot_as_it_was(tmp_path, monk
     """Before: the batch stayed in snapshot.json unversioned, and every later run skipped it as already accepted."""
     import zc.lockfile
 
-    from flows.ingest import ingest_batch
+    from flows.batch_admission import ingest_batch
     from tasks.config import load_config
     from tasks.errors import PipelineError
     from tasks.recsys.intake import INTAKE

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from flows.ingest import check
+from flows.batch_admission import check
 from tasks.errors import DataFormatError
 from tasks.expectations import ephemeral_context, run_suites
 from tasks.recsys.intake import INTAKE

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from flows.ingest import check
+from flows.batch_admission import check
 from tasks.errors import DataFormatError
 from tasks.snapshot import BOOTSTRAP, add_batch, batch_tables, create, ensure, read
 from tasks.vision.idx import gzip_bytes, idx_bytes

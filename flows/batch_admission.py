@@ -1,0 +1,162 @@
+"""One arriving batch of a family's raw data, checked and admitted to its snapshot or quarantined (``flows.ingest``).
+
+``check`` runs the family's contract suites (Great Expectations, through Checkpoints, with Data Docs) on the batch
+alone and against the accepted data, then, for a valid batch, its drift suites against the accepted data's profile.
+``ingest_batch`` adds a passing batch to the snapshot and records the new version with ``dvc commit`` (undone if DVC
+fails), or copies a failing one to ``data/<family>/quarantine/<batch>/`` with its report and Data Docs; either way
+the batch gets an MLflow run ``ingest_<family>``.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flows.pipeline import push_outputs, run_dvc
+from flows.stage_graph import stage_paths
+from tasks.config import Config
+from tasks.errors import DataFormatError, PipelineError
+from tasks.expectations import DATA_DOCS, ephemeral_context, failure_message, run_suites
+from tasks.intake import Intake, load_intake
+from tasks.io import write_atomic, write_json
+from tasks.snapshot import MANIFEST, add_batch, batch_digest, batch_tables, folder_digests, read
+from tasks.tracking import pipeline_run
+
+QUARANTINE = "quarantine"
+
+
+@dataclass
+class Outcome:
+    batch: str
+    status: str            # accepted | quarantined | skipped
+    reason: str = ""       # quarantined: invalid | drift | unreadable; skipped: why
+    detail: str = ""       # the failed checks, one per line
+    report: str = ""       # where the report and Data Docs are
+
+
+def snapshot_stage(root: Path, family: str) -> tuple[str, Path]:
+    """The stage that owns the family's snapshot and its folder, as dvc.yaml's command names it."""
+    stage = f"snapshot_{family}"
+    folder = stage_paths(root, stage).get("snapshot")
+    if folder is None:
+        raise PipelineError(f"dvc.yaml: stage {stage} names no --snapshot folder")
+    return stage, root / folder
+
+
+def _seen(snapshot: Path, quarantine: Path, folder: Path) -> str | None:
+    """Why ``folder`` is not ingested again: accepted (same name or same files) or quarantined before."""
+    manifest, files = read(snapshot), folder_digests(folder)
+    digest = batch_digest(files)
+    for batch in manifest["batches"]:
+        if batch["id"] == folder.name or batch.get("digest") == digest:
+            return f"already accepted as {batch['id']}"
+    if (quarantine / folder.name).is_dir():
+        return f"quarantined before ({quarantine / folder.name}); remove it there to try again"
+    return None
+
+
+def check(intake: Intake, cfg: Config, batch: Any, accepted: Any, docs: Path | None) -> tuple[str, dict[str, Any]]:
+    """("" when the batch passes, else ``invalid`` or ``drift``; the report) — contract first, drift only for a
+    valid batch against accepted data; Data Docs rendered into ``docs`` when given."""
+    context = ephemeral_context()
+    contract = run_suites(context, "contract", intake.contract(batch, accepted, cfg), docs)
+    report: dict[str, Any] = {"contract": contract, "drift": None, "profile": None}
+    if not contract["success"]:
+        return "invalid", report
+    if accepted is None:
+        return "", report
+    stats, suites = intake.drift(batch, accepted, cfg)
+    drift = run_suites(context, "drift", suites, docs)
+    report.update(drift={**drift, "distances": stats}, profile=intake.profile(accepted, cfg))
+    return ("" if drift["success"] else "drift"), report
+
+
+def ingest_batch(root: Path, family: str, cfg: Config, folder: Path, env: dict[str, str]) -> Outcome:
+    """Check one batch folder; add it to the snapshot or quarantine it; log it to MLflow."""
+    intake = load_intake(family)
+    stage, snapshot = snapshot_stage(root, family)
+    quarantine = snapshot.parent / QUARANTINE
+    seen = _seen(snapshot, quarantine, folder)
+    if seen:
+        return Outcome(folder.name, "skipped", seen)
+    reports = root / "reports" / family / "ingest" / folder.name
+    if reports.exists():
+        shutil.rmtree(reports)
+    reports.mkdir(parents=True)
+    docs = reports / DATA_DOCS
+    try:
+        batch = intake.read_batch(folder)
+    except DataFormatError as err:
+        reason, report = "unreadable", {"error": str(err)}
+    else:
+        accepted_batches = batch_tables(snapshot, intake)
+        accepted = intake.combine([t for _, t in accepted_batches]) if accepted_batches else None
+        reason, report = check(intake, cfg, batch, accepted, docs)
+    report.update(batch=folder.name, source=str(folder.resolve()), status="quarantined" if reason else "accepted",
+                  reason=reason)
+    detail = _detail(report)
+    with pipeline_run(cfg, f"ingest_{family}", root, launcher="ingest") as run:
+        run.set_tags({"ingest.family": family, "ingest.batch": folder.name, "ingest.status": report["status"],
+                      "ingest.reason": reason or "none"})
+        files = folder_digests(folder)
+        _log_batch(run, folder, batch_digest(files))
+        distances = (report.get("drift") or {}).get("distances") or {}
+        run.log_metrics({f"drift.{k}": v for k, v in distances.items()})
+        if reason:
+            target = quarantine / folder.name
+            if target.exists():
+                shutil.rmtree(target)
+            shutil.copytree(folder, target / "batch")
+            write_json(reports / "report.json", report)
+            shutil.copytree(reports, target, dirs_exist_ok=True)
+            run.log_artifact(reports / "report.json")
+            if docs.is_dir():
+                run.log_artifacts(docs, DATA_DOCS)
+            return Outcome(folder.name, "quarantined", reason, detail, str(target))
+        before = (snapshot / MANIFEST).read_bytes()
+        entry = add_batch(snapshot, folder.name, folder, {"rows": intake.rows(batch), "source": str(folder.resolve())})
+        try:   # dvc.lock and the cache hold the new version: the next `dvc repro` trains on it
+            _dvc(root, env, "commit", "--force", stage)
+        except PipelineError as err:   # not versioned: the batch leaves the snapshot again, to be ingested anew
+            write_atomic(snapshot / MANIFEST, before)
+            shutil.rmtree(snapshot / folder.name, ignore_errors=True)
+            run.set_tags({"ingest.status": "failed", "ingest.reason": "versioning"})
+            raise PipelineError(f"batch {folder.name} was not accepted, the snapshot is as it was: {err}") from err
+        report["digest"] = entry["digest"]
+        if unpushed := push_outputs(root, env, stage):
+            print(f"warning: batch {folder.name} is accepted but not on the DVC remote: {unpushed}", file=sys.stderr)
+            run.set_tag("ingest.pushed", "false")
+        write_json(reports / "report.json", report)
+        run.log_artifact(reports / "report.json")
+        if docs.is_dir():
+            run.log_artifacts(docs, DATA_DOCS)
+        run.log_data([str(snapshot.relative_to(root))], root, "snapshot")
+    return Outcome(folder.name, "accepted", "", "", str(reports))
+
+
+def _log_batch(run: Any, folder: Path, digest: str) -> None:
+    """The batch as an MLflow dataset input (context ``batch``; digest: its files' SHA-256, shortened to MLflow's
+    digest length)."""
+    from mlflow.entities import Dataset, DatasetInput, InputTag
+    from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+    dataset = Dataset(name=folder.name, digest=digest[:32], source_type="local",
+                      source=json.dumps({"uri": str(folder.resolve())}))
+    run._call("log the batch as a dataset input", lambda: run.client.log_inputs(
+        run.run_id, datasets=[DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, "batch")])]))
+
+
+def _dvc(root: Path, env: dict[str, str], *args: str) -> None:
+    code, tail, _ = run_dvc(root, env, *args)
+    if code != 0:
+        raise PipelineError(f"dvc {' '.join(args)} failed in {root}: {tail.strip()[-800:]}")
+
+
+def _detail(report: dict[str, Any]) -> str:
+    if "error" in report:
+        return report["error"]
+    failed = report["contract"] if not report["contract"]["success"] else report.get("drift")
+    return failure_message(failed).split("\n", 1)[1] if failed and not failed["success"] else ""
