@@ -33,7 +33,7 @@ ARCHES = {"resnet_teacher": ("tasks.vision.config:ResNetArch", "tasks.vision.mod
           "text_bert": ("tasks.text.config:BertArch", "tasks.text.models:BertClassifier"),
           "text_student": ("tasks.text.config:RecurrentArch", "tasks.text.models:RecurrentStudent"),
           # an imported teacher: its graph in the file's ``onnx``
-          "onnx": ("tasks.family_config:OnnxArch", "tasks.imported_teacher:OnnxTeacher")}
+          "onnx": ("tasks.family_config:OnnxArch", "tasks.onnx_teacher:OnnxTeacher")}
 
 
 def _class(where: str) -> Any:

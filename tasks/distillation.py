@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.family_config import LossWeights
-from tasks.imported_teacher import OnnxTeacher, onnx_twin
+from tasks.imported_teacher import onnx_twin
+from tasks.onnx_teacher import OnnxTeacher
 from tasks.training import autocast
 
 if TYPE_CHECKING:  # annotations only: the recommender runs this code without the vision config

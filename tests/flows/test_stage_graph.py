@@ -101,7 +101,7 @@ def test_every_stage_depends_on_exactly_the_code_it_imports():
         assert not others, f"{name}: depends on another family's modules {sorted(others)}"
         if "tasks/artifacts.py" in imported and not name.startswith(("prepare", "validate")):
             # any teacher file may hold an imported ONNX graph, which that module runs
-            assert "tasks/imported_teacher.py" in code, f"{name}: loads models but misses tasks/imported_teacher.py"
+            assert "tasks/onnx_teacher.py" in code, f"{name}: loads models but misses tasks/onnx_teacher.py"
         # beyond its imports, a stage depends on the model code load_model builds its family's models from
         assert code - imported <= model_modules | family_config, \
             f"{name}: dvc.yaml lists {sorted(code - imported)}, never imported"

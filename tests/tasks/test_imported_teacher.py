@@ -94,7 +94,7 @@ def test_an_onnx_teacher_computes_the_losses_of_the_torch_teacher_it_came_from(t
 def test_teacher_runtime_onnxruntime_distils_from_the_teachers_onnx_twin(teacher_and_data):
     """distill.vision.teacher_runtime: onnxruntime: the Distiller runs the frozen teacher's ONNX twin, whose losses
     are the PyTorch teacher's, and leaves the PyTorch teacher as it was."""
-    from tasks.imported_teacher import OnnxTeacher
+    from tasks.onnx_teacher import OnnxTeacher
 
     teacher, _, val = teacher_and_data
     x, y = val.inputs(slice(64)), val.y[:64]

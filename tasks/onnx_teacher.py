@@ -1,0 +1,81 @@
+"""A frozen teacher computed by onnxruntime from an ONNX graph: what an imported ONNX teacher (``tasks.imported_teacher``)
+and a trained teacher's ONNX twin run as during distillation, and the graph a teacher's ONNX file is exported from.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from tasks.family_config import OnnxArch
+
+PREFIX = "teacher/"   # of every name of an imported graph once exported under the pipeline's names
+
+
+class OnnxTeacher(nn.Module):
+    """A frozen teacher computed by onnxruntime: ``forward(*inputs)`` gives logits, ``forward_features(*inputs)``
+    (logits, features), as torch tensors on the inputs' device. The session starts on first use, with this process's
+    torch thread count."""
+
+    def __init__(self, arch: OnnxArch, graph: bytes) -> None:
+        super().__init__()
+        self.arch, self.graph = arch, graph
+        self._session: Any = None
+
+    def __getstate__(self) -> dict[str, Any]:  # copies and pickles rebuild the session
+        return {**self.__dict__, "_session": None}
+
+    def _run(self, names: list[str], inputs: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        if self._session is None:
+            import onnxruntime as ort
+
+            options = ort.SessionOptions()
+            options.intra_op_num_threads, options.inter_op_num_threads = torch.get_num_threads(), 1
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            self._session = ort.InferenceSession(self.graph, options, providers=["CPUExecutionProvider"])
+        feed = {name: x.detach().contiguous().cpu().numpy() for name, x in zip(self.arch.inputs, inputs, strict=True)}
+        return [torch.from_numpy(out).to(inputs[0].device) for out in self._session.run(names, feed)]
+
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self._run([self.arch.logits], inputs)[0]
+
+    def forward_features(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        logits, *features = self._run([self.arch.logits, *self.arch.features], inputs)
+        return logits, features
+
+    def counts(self) -> dict[str, int]:
+        """Parameters, non-zero parameters and MACs per example, read from the graph."""
+        return {"parameters": self.arch.parameters, "nonzero": self.arch.nonzero, "macs": self.arch.macs}
+
+    def onnx_for_export(self, input_names: list[str], output_name: str, head: str = "Identity") -> bytes:
+        """The graph with one output, ``head`` (an ONNX operator: ``Sigmoid`` for a probability) of the logits,
+        named ``output_name``, and its inputs named, in order, ``input_names``. Every name of the imported graph
+        gets a prefix first, so none can collide with the pipeline's (an input already called ``fields``, a logits
+        output called ``probability``)."""
+        import onnx
+        from onnx import compose, helper
+
+        if len(input_names) != len(self.arch.inputs):
+            raise ValueError(f"the teacher takes {self.arch.inputs}, not {input_names}")
+        model = compose.add_prefix(onnx.load_from_string(self.graph), PREFIX)
+        graph = model.graph
+        by_name = {i.name: i for i in graph.input}
+        renamed = []
+        for old, new in zip(self.arch.inputs, input_names, strict=True):
+            info = onnx.ValueInfoProto()
+            info.CopyFrom(by_name[PREFIX + old])
+            info.name = new
+            renamed.append(info)
+            graph.node.insert(0, helper.make_node("Identity", [new], [PREFIX + old]))
+        kept = [i for i in graph.input if i.name not in {PREFIX + old for old in self.arch.inputs}]   # initializers
+        del graph.input[:]
+        graph.input.extend([*renamed, *kept])
+        output = onnx.ValueInfoProto()
+        output.CopyFrom(next(o for o in graph.output if o.name == PREFIX + self.arch.logits))
+        output.name = output_name
+        del graph.output[:]
+        graph.output.append(output)
+        graph.node.append(helper.make_node(head, [PREFIX + self.arch.logits], [output_name]))
+        onnx.checker.check_model(model)
+        return model.SerializeToString()
