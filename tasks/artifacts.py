@@ -26,8 +26,8 @@ if TYPE_CHECKING:
 
 # kind -> ("module:class" of its architecture config, "module:class" of the model). Both are imported when a file of
 # that kind is loaded, so a stage depends on (and DVC re-runs it for) its own family's code only.
-ARCHES = {"resnet_teacher": ("tasks.vision.config:ResNetArch", "tasks.vision.models:ResNetTeacher"),
-          "mobile_student": ("tasks.vision.config:MobileArch", "tasks.vision.models:MobileStudent"),
+ARCHES = {"resnet_teacher": ("tasks.vision.arch_config:ResNetArch", "tasks.vision.models:ResNetTeacher"),
+          "mobile_student": ("tasks.vision.arch_config:MobileArch", "tasks.vision.models:MobileStudent"),
           "ctr": ("tasks.recsys.config:RecArch", "tasks.recsys.models:CtrModel"),
           "text_transformer": ("tasks.text.config:TransformerArch", "tasks.text.models:TextTransformer"),
           "text_bert": ("tasks.text.config:BertArch", "tasks.text.models:BertClassifier"),

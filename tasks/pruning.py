@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tasks.vision.config import MobileArch
+from tasks.vision.arch_config import MobileArch
 from tasks.vision.models import MobileBlock, MobileStudent, SeparableBlock
 
 

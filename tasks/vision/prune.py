@@ -34,7 +34,8 @@ from tasks.pruning import (
     shrink,
     sparsity_report,
 )
-from tasks.vision.config import DistillVision, MobileArch, PruneVision
+from tasks.vision.arch_config import MobileArch
+from tasks.vision.config import DistillVision, PruneVision
 from tasks.vision.models import MobileStudent
 
 

@@ -20,7 +20,7 @@ from tasks.family import load_family
 from tasks.gate import gate_checks
 from tasks.io import file_digest, write_json
 from tasks.onnx_models import export_fp32
-from tasks.vision.config import MobileArch, ResNetArch
+from tasks.vision.arch_config import MobileArch, ResNetArch
 from tasks.vision.models import MobileStudent, ResNetTeacher
 from tests.conftest import write_processed
 

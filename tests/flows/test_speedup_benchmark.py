@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from tasks.onnx_models import export_fp32
-from tasks.vision.config import MobileArch, ResNetArch
+from tasks.vision.arch_config import MobileArch, ResNetArch
 from tasks.vision.models import MobileStudent, ResNetTeacher
 from tests.conftest import write_processed
 

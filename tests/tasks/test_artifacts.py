@@ -22,7 +22,7 @@ def test_a_model_file_whose_weights_do_not_fit_its_description_is_named(tmp_path
     import torch
 
     from tasks.artifacts import save_model
-    from tasks.vision.config import MobileArch
+    from tasks.vision.arch_config import MobileArch
     from tasks.vision.models import MobileStudent
 
     arch = MobileArch(stem=4, widths=[8], strides=[2])

@@ -14,7 +14,8 @@ from tasks.errors import ConfigError
 from tasks.family_config import LossWeights, Optimizer, Schedule
 from tasks.image_training import Split, fit
 from tasks.training import train_step
-from tasks.vision.config import Augmentation, DistillVision, FeaturePair, MobileArch, ResNetArch
+from tasks.vision.arch_config import MobileArch, ResNetArch
+from tasks.vision.config import Augmentation, DistillVision, FeaturePair
 from tasks.vision.models import MobileStudent, ResNetTeacher
 
 

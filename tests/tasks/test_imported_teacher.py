@@ -19,7 +19,8 @@ from tasks.errors import ChecksumError
 from tasks.family_config import LossWeights
 from tasks.image_training import Split
 from tasks.imported_teacher import TeacherImportError, import_onnx, import_state_dict, verified_bytes
-from tasks.vision.config import DistillVision, FeaturePair, ResNetArch
+from tasks.vision.arch_config import ResNetArch
+from tasks.vision.config import DistillVision, FeaturePair
 from tasks.vision.models import MobileStudent, ResNetTeacher
 from tests.conftest import briefly_trained
 

@@ -13,7 +13,7 @@ from tasks.image_training import Split, to_input
 from tasks.observers import freeze_observers
 from tasks.onnx_models import OnnxError, export_fp32, onnx_logits
 from tasks.quantization import prepare_qat
-from tasks.vision.config import MobileArch, ResNetArch
+from tasks.vision.arch_config import MobileArch, ResNetArch
 from tasks.vision.evaluate import count_macs, evaluate_vision, ratios
 from tasks.vision.export import export_vision, parity
 from tasks.vision.models import MobileStudent, ResNetTeacher

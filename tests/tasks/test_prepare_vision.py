@@ -16,7 +16,7 @@ from tasks.errors import DataFormatError, DataSourceError
 from tasks.vision.data_config import SplitSizes
 from tasks.vision.idx import parse_idx
 from tasks.vision.prepare import planned_rows, prepare_vision, split, stratified_pick
-from tasks.vision.source import acquire, decode, from_idx
+from tasks.vision.source import acquire, from_idx
 from tests.conftest import ROOT, idx_bytes
 
 TRAIN_Y, TEST_X, TEST_Y = "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"

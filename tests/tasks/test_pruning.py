@@ -18,7 +18,7 @@ from tasks.pruning import (
     sparsity_report,
 )
 from tasks.quantization import prepare_qat
-from tasks.vision.config import MobileArch
+from tasks.vision.arch_config import MobileArch
 from tasks.vision.models import MobileStudent
 from tasks.vision.prune import pruning_schedule
 

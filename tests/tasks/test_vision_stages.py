@@ -13,7 +13,7 @@ from torch.ao.quantization import FakeQuantizeBase
 from tasks.artifacts import load_model, model_meta, save_model
 from tasks.config import load_config
 from tasks.image_training import Split, evaluate
-from tasks.vision.config import MobileArch, ResNetArch
+from tasks.vision.arch_config import MobileArch, ResNetArch
 from tasks.vision.models import MobileStudent, ResNetTeacher
 from tasks.vision.prepare import prepare_vision
 
