@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from flows.pipeline import push_outputs, run_dvc
+from flows.dvc_stage import push_outputs, run_dvc
 from flows.stage_graph import stage_paths
 from tasks.config import Config
 from tasks.errors import DataFormatError, PipelineError

@@ -35,8 +35,9 @@ from typing import Any
 from prefect import flow
 
 from flows.batch_admission import ingest_batch, snapshot_stage
+from flows.dvc_stage import reproduce, stage_env, stage_logger
 from flows.lock_commit import commit_lock
-from flows.pipeline import compression_pipeline, reproduce, stage_env, stage_logger
+from flows.pipeline import compression_pipeline
 from flows.registry_lock import data_lock
 from tasks.config import load_config
 from tasks.errors import EXIT_USER_ERROR, PipelineError, run_cli

@@ -8,124 +8,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-from collections import deque
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from prefect import flow, get_run_logger, task
-from prefect.client.schemas.objects import TaskRun
-from prefect.exceptions import MissingContextError
-from prefect.states import State
+from prefect import flow, task
 
+from flows.dvc_stage import push_outputs, retry_transient, run_stage, stage_env, stage_logger
 from flows.registry_lock import data_lock
-from flows.run_artifacts import flag_degraded_champion, publish_data_docs, publish_gate, publish_run
+from flows.run_artifacts import flag_degraded_champion, publish_gate, publish_run
 from flows.stage_graph import stage_graph
 from tasks.config import Config, load_config
-from tasks.errors import EXIT_USER_ERROR, PipelineError, run_cli
+from tasks.errors import PipelineError, run_cli
 from tasks.expectations import DATA_DOCS
 from tasks.mlflow_store import redact, tracking_uri
-from tasks.tracking import PARENT_ENV, pipeline_run
-
-_TAIL_LINES = 400
-
-
-class StageFailed(PipelineError):
-    """A stage exited non-zero; ``deterministic`` when it rejected its input (never worth a retry)."""
-
-    def __init__(self, stage: str, detail: str, deterministic: bool) -> None:
-        super().__init__(f"stage {stage!r} failed:\n{detail}")
-        self.stage, self.deterministic = stage, deterministic
-
-
-def run_dvc(root: Path, env: dict[str, str], *args: str, log: Callable[[str], None] | None = None,
-         marker: str | None = None) -> tuple[int, str, bool]:
-    """Run ``dvc`` in ``root``; hand each line it (and the stage it runs) prints to ``log``; return its exit code,
-    the tail of its output, and whether any line started with ``marker`` (however long the output grew)."""
-    proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=root, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, errors="replace")
-    tail: deque[str] = deque(maxlen=_TAIL_LINES)
-    seen = False
-    for line in proc.stdout:
-        tail.append(line)
-        seen = seen or (marker is not None and line.startswith(marker))
-        if log is not None:
-            log(line.rstrip("\n"))
-    return proc.wait(), "".join(tail), seen
-
-
-def stage_logger() -> Callable[[str], None]:
-    """Where a stage's output goes: the Prefect run's logger (the UI shows it under the task run), else stderr."""
-    try:
-        return get_run_logger().info
-    except MissingContextError:
-        return lambda line: print(line, file=sys.stderr, flush=True)
-
-
-def _retry_transient(task: Any, task_run: TaskRun, state: State) -> bool:
-    """Retry what may pass on a later try (a server down, a killed process), never bad input or config."""
-    err = state.data
-    if isinstance(err, StageFailed):
-        return not err.deterministic
-    if isinstance(err, PipelineError):
-        return err.transient
-    return True
-
-
-@task(task_run_name="{stage}", retry_condition_fn=_retry_transient)
-def run_stage(stage: str, root: Path, env: dict[str, str], data_docs: bool = False) -> str:
-    """Reproduce one stage; return ``cached`` when DVC found it up to date (nothing ran), else ``ran``. A stage
-    that renders Great Expectations Data Docs gets a Prefect artifact saying where they are, pass or fail."""
-    try:
-        ran = reproduce(stage, root, env)
-    except StageFailed:
-        if data_docs:
-            _point_at_data_docs(stage, env)
-        raise
-    if data_docs and ran:
-        _point_at_data_docs(stage, env)
-    return "ran" if ran else "cached"
-
-
-def _point_at_data_docs(stage: str, env: dict[str, str]) -> None:
-    """``publish_data_docs``, never failing the stage for it (the Data Docs are in the MLflow run regardless)."""
-    try:
-        publish_data_docs(stage, env["MLFLOW_TRACKING_URI"], env[PARENT_ENV])
-    except Exception as err:  # noqa: BLE001 - a missing pointer is not worth a failed stage
-        stage_logger()(f"warning: no Prefect artifact for {stage}'s Data Docs ({type(err).__name__}: {err})")
-
-
-def push_outputs(root: Path, env: dict[str, str], stage: str) -> str:
-    """``dvc push`` the stage's outputs when the project has a default remote; "" when done (or no remote), else why
-    not (they stay in the local DVC cache)."""
-    code, tail, _ = run_dvc(root, env, "remote", "default")
-    if code != 0 or not tail.strip():
-        return ""
-    code, tail, _ = run_dvc(root, env, "push", stage)
-    return "" if code == 0 else f"dvc push {stage} failed in {root}: {tail.strip()[-800:]}"
-
-
-def reproduce(stage: str, root: Path, env: dict[str, str], log: bool = True) -> bool:
-    """``dvc repro --single-item stage`` in ``root`` (its output to the run's log when ``log``); return whether the
-    stage ran, False when DVC found it up to date; raise ``StageFailed`` naming the stage's own error lines."""
-    code, tail, ran = run_dvc(root, env, "repro", "--single-item", stage, log=stage_logger() if log else None,
-                           marker=f"Running stage '{stage}'")
-    if code != 0:
-        errors = [ln for ln in tail.splitlines() if ln.startswith(("error:", "ERROR:", "  "))]
-        raise StageFailed(stage, "\n".join(errors[-40:]) or tail[-2000:],
-                          deterministic=f"exited with {EXIT_USER_ERROR}" in tail)
-    return ran
-
-
-def stage_env(root: Path, uri: str, parent_run_id: str) -> dict[str, str]:
-    """Environment for stage processes: this interpreter's tools first, one tracking store, the parent run."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update({"MLFLOW_TRACKING_URI": uri, PARENT_ENV: parent_run_id, "PYTHONPATH": str(root)})
-    return env
+from tasks.tracking import pipeline_run
 
 
 @flow(name="compression-pipeline", log_prints=True)
@@ -208,7 +105,7 @@ def retrying_promote(cfg: Any) -> Any:
     """The promote task with the pipeline's retries for transient failures (a registry that did not answer);
     a retry after a partial registration finds its version by the candidate's hash and changes nothing."""
     return promote.with_options(retries=cfg.pipeline.retries, retry_delay_seconds=cfg.pipeline.retry_delays(),
-                                retry_condition_fn=_retry_transient)
+                                retry_condition_fn=retry_transient)
 
 
 def collect_metrics(root: Path) -> dict[str, float]:

@@ -16,7 +16,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 from prefect import task
 
-from flows.pipeline import _retry_transient, reproduce, stage_env
+from flows.dvc_stage import reproduce, retry_transient, stage_env
 from flows.workspace import copy_project
 from tasks.config import load_config, parse_config
 from tasks.errors import ConfigError, PipelineError
@@ -90,7 +90,7 @@ def worker_name() -> str:
         return "local"
 
 
-@task(task_run_name="recipe-{index}", retry_condition_fn=_retry_transient)
+@task(task_run_name="recipe-{index}", retry_condition_fn=retry_transient)
 def run_recipe(index: int, overrides: dict[str, Any], family: str, root: Path, work: Path, uri: str,
                sweep_run_id: str, upstream_outs: list[str], stages: list[str], threads: int) -> dict[str, Any]:
     """Run one recipe in ``work/recipe-<index>``; return its measurements and gate verdict (floors, teacher)."""

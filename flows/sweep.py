@@ -29,7 +29,7 @@ from typing import Any
 from prefect import flow, get_client
 from prefect.futures import as_completed
 
-from flows.pipeline import run_stage, stage_env
+from flows.dvc_stage import run_stage, stage_env
 from flows.recipe import run_recipe
 from flows.stage_graph import downstream_of, family_stages, stage_graph
 from flows.sweep_report import best_passing, pareto_front, write_sweep_report

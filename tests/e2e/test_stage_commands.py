@@ -54,7 +54,7 @@ def test_bad_data_stops_the_pipeline_before_training(tmp_path, prefect_server):
     repo = make_repo(tmp_path / "repo", **{"data.vision.source_dir": str(src), "data.vision.sha256": pins,
                                            "profiles.smoke.data.vision.subset": {"train": 400, "val": 100, "test": 200},
                                            "data.vision.val_size": 100})
-    from flows.pipeline import StageFailed
+    from flows.dvc_stage import StageFailed
 
     # the vision family's stages only: that every family's data is validated before any family trains is the stage
     # graph's order (tests/flows/test_stage_graph.py), the same for one family as for three

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from flows.pipeline import reproduce
+from flows.dvc_stage import reproduce
 
 
 def _repo(root: Path, lines: int) -> dict[str, str]:

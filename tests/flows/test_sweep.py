@@ -8,7 +8,7 @@ import time
 import pytest
 import yaml
 
-from flows.pipeline import StageFailed, _retry_transient
+from flows.dvc_stage import StageFailed, retry_transient
 from flows.recipe import RecipeInvalid, layered_overrides
 from flows.registry_lock import registry_lock
 from flows.sweep import draw_recipes, summary
@@ -114,12 +114,12 @@ def test_retries_are_for_transient_failures_only():
         def __init__(self, data):
             self.data = data
 
-    assert _retry_transient(None, None, State(ServiceUnavailable("tracking server down")))
-    assert _retry_transient(None, None, State(StageFailed("x", "killed", deterministic=False)))
-    assert _retry_transient(None, None, State(OSError("disk")))
-    assert not _retry_transient(None, None, State(StageFailed("x", "bad data", deterministic=True)))
-    assert not _retry_transient(None, None, State(RecipeInvalid("bad params")))
-    assert not _retry_transient(None, None, State(ConfigError("unknown key")))
+    assert retry_transient(None, None, State(ServiceUnavailable("tracking server down")))
+    assert retry_transient(None, None, State(StageFailed("x", "killed", deterministic=False)))
+    assert retry_transient(None, None, State(OSError("disk")))
+    assert not retry_transient(None, None, State(StageFailed("x", "bad data", deterministic=True)))
+    assert not retry_transient(None, None, State(RecipeInvalid("bad params")))
+    assert not retry_transient(None, None, State(ConfigError("unknown key")))
 
 
 @pytest.mark.fault("promotion", "two holders of the promotion lock at once",
