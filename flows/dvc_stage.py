@@ -36,7 +36,9 @@ def run_dvc(root: Path, env: dict[str, str], *args: str, log: Callable[[str], No
          marker: str | None = None) -> tuple[int, str, bool]:
     """Run ``dvc`` in ``root``; hand each line it (and the stage it runs) prints to ``log``; return its exit code,
     the tail of its output, and whether any line started with ``marker`` (however long the output grew)."""
-    proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=root, env=env, stdout=subprocess.PIPE,
+    # another DVC process of this project (a stage running beside this one, a push) may hold the repository lock
+    # for a moment: wait for it rather than fail (DVC releases it while a stage's command runs)
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", "--wait-for-lock", *args], cwd=root, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace")
     tail: deque[str] = deque(maxlen=_TAIL_LINES)
     seen = False

@@ -9,15 +9,17 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, task
+from prefect.futures import PrefectFuture, as_completed
 
 from flows.dvc_stage import push_outputs, retry_transient, run_stage, stage_env, stage_logger
 from flows.registry_lock import data_lock
 from flows.run_artifacts import flag_degraded_champion, publish_gate, publish_run
-from flows.stage_graph import stage_graph
+from flows.stage_graph import StageNode, stage_graph
 from tasks.config import Config, load_config
 from tasks.errors import PipelineError, run_cli
 from tasks.expectations import DATA_DOCS
@@ -34,18 +36,20 @@ def compression_pipeline(root: str = ".", families: list[str] | None = None, pro
     uri = tracking_uri(cfg, root_path)
     families = chosen(cfg, families)
     stages = [node for node in stage_graph(root_path) if node.family in families]
-    statuses: dict[str, str] = {}
     with data_lock(root_path, families, cfg.pipeline.data_lock_timeout_seconds), \
             pipeline_run(cfg, "pipeline", root_path) as parent:
         parent.set_tag("pipeline.stages", ",".join(s.name for s in stages))
         env = stage_env(root_path, uri, parent.run_id)
         retrying = run_stage.with_options(retries=cfg.pipeline.retries,
                                           retry_delay_seconds=cfg.pipeline.retry_delays())
-        for node in stages:
-            statuses[node.name] = retrying(node.name, root_path, env, DATA_DOCS in {Path(o).name for o in node.outs})
-            if node.name.startswith("warm_start_") and (unpushed := push_outputs(root_path, env, node.name)):
+
+        def finished(stage: str) -> None:
+            if stage.startswith("warm_start_") and (unpushed := push_outputs(root_path, env, stage)):
                 # the weights a warm-started model began from, where flows.restore on another machine finds them
-                stage_logger()(f"warning: {node.name}'s output is not on the DVC remote: {unpushed}")
+                stage_logger()(f"warning: {stage}'s output is not on the DVC remote: {unpushed}")
+
+        statuses = run_graph(stages, cfg.pipeline.parallel_stages, lambda node: retrying.submit(
+            node.name, root_path, env, DATA_DOCS in {Path(o).name for o in node.outs}), finished)
         parent.set_tags({f"stage.{name}": status for name, status in statuses.items()})
         metrics = collect_metrics(root_path)
         parent.log_metrics(metrics)
@@ -56,6 +60,38 @@ def compression_pipeline(root: str = ".", families: list[str] | None = None, pro
         publish_run(statuses, root_path, families, uri, parent.experiment_id, parent.run_id)
     return {"stages": statuses, "metrics": metrics, "parent_run_id": parent.run_id, "tracking_uri": redact(uri),
             "gates": gates}
+
+
+def run_graph(stages: list[StageNode], width: int, submit: Callable[[StageNode], PrefectFuture],
+              finished: Callable[[str], None]) -> dict[str, str]:
+    """Run ``stages`` (in graph order), at most ``width`` at a time, each once every stage it depends on has
+    finished and, unless it is one of them, once every validation stage has (bad data stops a run before any
+    training); ``finished(stage)`` after each. Return each stage's status. After a failure no stage starts; those
+    running finish, then the first failure is raised. With ``width`` 1 the stages run one by one in graph order."""
+    names, checks = {s.name for s in stages}, {s.name for s in stages if s.checks}
+    waiting, running, statuses = list(stages), {}, {}
+    failure: BaseException | None = None
+    while waiting or running:
+        while failure is None and len(running) < width:
+            ready = next((s for s in waiting if all(u in statuses for u in s.upstream if u in names)
+                          and (s.checks or checks <= statuses.keys())), None)
+            if ready is None:
+                break
+            waiting.remove(ready)
+            running[ready.name] = submit(ready)
+        if not running:
+            break
+        done = next(as_completed(list(running.values())))
+        stage = next(name for name, future in running.items() if future is done)
+        del running[stage]
+        try:
+            statuses[stage] = done.result()
+            finished(stage)
+        except Exception as err:  # noqa: BLE001 - raised once the running stages have finished
+            failure = failure or err
+    if failure is not None:
+        raise failure
+    return statuses
 
 
 def chosen(cfg: Config, families: list[str] | None) -> list[str]:

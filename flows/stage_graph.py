@@ -14,6 +14,8 @@ class StageNode:
     name: str
     upstream: tuple[str, ...]
     outs: tuple[str, ...] = ()    # every output path the stage declares (outs, metrics, plots), relative to root
+    # a validation stage or what it depends on: every one of them finishes before any other stage starts
+    checks: bool = False
 
     @property
     def family(self) -> str:
@@ -42,7 +44,7 @@ def stage_graph(root: Path) -> list[StageNode]:
     checks = {name for name in upstream if name.startswith("validate_")}
     first = checks.union(*(nx.ancestors(order, name) for name in checks))
     parts = (order.subgraph(first), order.subgraph(set(upstream) - first))
-    return [StageNode(name, upstream[name], outs[name])
+    return [StageNode(name, upstream[name], outs[name], name in first)
             for part in parts for level in nx.topological_generations(part) for name in sorted(level)]
 
 

@@ -56,6 +56,7 @@ class PipelineConfig(Strict):
     retry_backoff: Annotated[float, Field(ge=1.0, le=10.0)]   # ... each later wait this many times the one before
     data_lock_timeout_seconds: Annotated[float, Field(gt=0.0)]   # ingestion and a pipeline run wait for each other
     commit_lock: bool = True   # continuous training commits dvc.lock after each run (flows.lock_commit)
+    parallel_stages: Annotated[int, Field(ge=1, le=32)] = 1   # stages run at once where the graph allows
 
     def retry_delays(self, retries: int | None = None) -> list[float]:
         """The wait before each retry (``retries`` of them, default ``retries``)."""
