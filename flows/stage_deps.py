@@ -1,9 +1,9 @@
 """The code a stage depends on, read from the imports of its module: what dvc.yaml must list as its code deps.
 
-A stage ``python -m tasks.<name>`` depends on ``tasks/<name>.py`` and every project module it imports, directly or
-through another (imports inside functions included: they run too). A test compares this with dvc.yaml, so the
-listed deps cannot drift from the code, and DVC neither serves stale results nor re-runs a stage for an edit of
-code it never runs.
+A stage ``python -m tasks.<family>.<kind>`` depends on ``tasks/<family>/<kind>.py`` and every project module it
+imports, directly or through another (imports inside functions included: they run too). A test compares this with
+dvc.yaml, so the listed deps cannot drift from the code, and DVC neither serves stale results nor re-runs a stage
+for an edit of code it never runs.
 """
 from __future__ import annotations
 
@@ -25,22 +25,29 @@ def _runs(tree: ast.AST) -> list[ast.AST]:
     return nodes
 
 
-def imported_modules(path: Path) -> set[str]:
-    """The ``tasks.*`` modules that the file at ``path`` imports when it runs."""
+def imported_modules(path: Path, package: str = "tasks") -> set[str]:
+    """The ``tasks.*`` modules that the file at ``path`` (a module of ``package``) imports when it runs: ``import
+    tasks.a.b``, ``from tasks.a import b`` (module ``tasks.a.b`` when it is one), and relative imports resolved
+    against ``package``. Names that are not modules (``from tasks.a import Config``) drop out in ``module_closure``."""
     found: set[str] = set()
     for node in _runs(ast.parse(path.read_text())):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names if alias.name.startswith("tasks."))
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            if node.module.startswith("tasks."):
-                found.add(node.module)
-            elif node.module == "tasks":
-                found.update(f"tasks.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level == 0:
+                base = node.module or ""
+            else:   # from .x import y / from .. import x: against this module's package
+                parts = package.split(".")
+                base = ".".join([*parts[:len(parts) - node.level + 1], *([node.module] if node.module else [])])
+            if base == "tasks" or base.startswith("tasks."):
+                found.add(base)
+                found.update(f"{base}.{alias.name}" for alias in node.names)
     return found
 
 
 def module_closure(module: str, root: Path) -> set[str]:
-    """``module`` and every project module it imports, as paths relative to ``root`` (``tasks/x.py``)."""
+    """``module`` and every project module it imports, as paths relative to ``root`` (``tasks/x.py``,
+    ``tasks/<family>/x.py``; a package's ``__init__.py``, a docstring only, is not counted)."""
     seen: set[str] = set()
     todo = [module]
     while todo:
@@ -49,5 +56,5 @@ def module_closure(module: str, root: Path) -> set[str]:
         if name in seen or not path.is_file():
             continue
         seen.add(name)
-        todo.extend(imported_modules(path))
+        todo.extend(imported_modules(path, name.rsplit(".", 1)[0]))
     return {name.replace(".", "/") + ".py" for name in seen}

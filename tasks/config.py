@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import re
 from pathlib import Path
 from types import ModuleType
 from typing import Annotated, Any
@@ -62,6 +63,9 @@ class PipelineConfig(Strict):
         """The wait before each retry (``retries`` of them, default ``retries``)."""
         count = self.retries if retries is None else retries
         return [self.retry_delay_seconds * self.retry_backoff ** i for i in range(count)]
+
+
+FAMILY_NAME = re.compile(r"[a-z][a-z0-9]*")
 
 
 def family_module(name: str, part: str) -> ModuleType:
@@ -191,6 +195,10 @@ def parse_config(raw: Any, source: str = "params.yaml") -> Config:
     families = merged.get("families")
     if not isinstance(families, list) or not families or not all(isinstance(f, str) for f in families):
         raise ConfigError(f"{source}: families: a list of family names is required, got {families!r}")
+    # a name is a package (tasks/<name>/) and the last word of its stages' names (<kind>_<name>)
+    if bad := [f for f in families if not FAMILY_NAME.fullmatch(f)]:
+        raise ConfigError(f"{source}: families: {bad[0]!r} is not a family name (lower-case letters and digits, a "
+                          "letter first: it names the package tasks/<name>/ and ends its stages' names <kind>_<name>)")
     try:
         return config_model(tuple(families)).model_validate(merged)
     except ValidationError as err:

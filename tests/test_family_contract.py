@@ -19,8 +19,9 @@ FAMILY_WORDS = ("vision", "recsys", "fashion", "movielens", "mnist", "ctr", "rot
 # a family, so the list can only shrink. (Naming is what this checks: onnx_models.py, for one, names no family but
 # still assumes Fashion-MNIST's image shape.)
 NOT_YET_GENERIC = {
-    "flows/ablation.py", "flows/ablation_report.py", "flows/benchmark.py", "flows/export_benchmark.py", "flows/recsys_benchmark.py",
-    "flows/sweep_benchmark.py", "flows/teacher_benchmark.py", "tasks/artifacts.py", "tasks/pruning.py", "tasks/report.py",
+    "flows/ablation.py", "flows/ablation_report.py", "flows/benchmark.py", "flows/export_benchmark.py",
+    "flows/recsys_benchmark.py", "flows/sweep_benchmark.py", "flows/teacher_benchmark.py", "tasks/artifacts.py",
+    "tasks/pruning.py", "tasks/report.py",
     # typed with the vision family's config: image training (Split, fit), FitNets distillation, ONNX PTQ of an image student
     "tasks/image_training.py", "tasks/distillation.py", "tasks/onnx_models.py",
 }
@@ -83,8 +84,9 @@ def test_every_family_of_params_has_a_contract():
         assert isinstance(family, Family) and family.name == name
 
 
-@pytest.mark.fault("params", "families lists a family without its modules, or no families at all",
-                   "ConfigError at load naming the missing module tasks/<name>/config.py or family.py")
+@pytest.mark.fault("params", "families lists a family without its modules, a name that cannot be a package and "
+                   "a stage suffix (my_images), or no families at all",
+                   "ConfigError at load naming the missing module tasks/<name>/config.py or family.py, or the name")
 def test_a_family_without_a_contract_module_is_named(raw_params):
     with pytest.raises(ConfigError, match=r"families: 'audio' has no family module tasks/audio/family.py"):
         load_family("audio")
@@ -94,6 +96,8 @@ def test_a_family_without_a_contract_module_is_named(raw_params):
         parse_config({**raw_params, "families": ["vision", "recsys", "audio"]})
     with pytest.raises(ConfigError, match=r"families: a list of family names is required"):
         parse_config({k: v for k, v in raw_params.items() if k != "families"})
+    with pytest.raises(ConfigError, match=r"families: 'my_images' is not a family name \(lower-case letters"):
+        parse_config({**raw_params, "families": ["vision", "my_images"]})
 
 
 def test_a_project_of_one_family_needs_only_that_familys_blocks(raw_params):

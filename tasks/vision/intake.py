@@ -60,7 +60,6 @@ def bootstrap(cfg: Any) -> tuple[str, Images, dict[str, Any]]:
     return source, {"classes": classes, **parts}, pins(cfg)
 
 
-
 def _digests(x: np.ndarray) -> np.ndarray:
     flat = np.ascontiguousarray(x).reshape(len(x), -1)
     return np.array([hashlib.blake2b(row.tobytes(), digest_size=16).hexdigest() for row in flat], dtype=object)

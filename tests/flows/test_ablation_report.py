@@ -13,14 +13,15 @@ def _measured(accuracy: float, val: float, size: int = 100_000) -> Measured:
 
 
 def _seeds(config, kd_qat: list[float], ce_ptq: list[float]) -> dict[int, dict[str, Measured]]:
-    """Two seeds: every arm at 0.90 except KD + QAT and CE-only + PTQ (and their 4-bit twins, 1 pt lower and at
+    """Two seeds: every arm at 0.90 except KD + QAT and CE-only + PTQ (and their low-bit twins, 1 pt lower and at
     half the bytes)."""
     out = {}
     for seed, (kdq, ptq) in enumerate(zip(kd_qat, ce_ptq, strict=True)):
         row = {arm: _measured(0.90, 0.91) for arm in arms(config)}
         row["KD + QAT"], row["CE-only + PTQ"] = _measured(kdq, kdq + 0.01), _measured(ptq, ptq + 0.01)
-        row[low_bit_arm("KD + QAT", 4)] = _measured(kdq - 0.01, kdq, size=50_000)
-        row[low_bit_arm("CE-only + PTQ", 4)] = _measured(ptq - 0.03, ptq, size=50_000)
+        bits = config.ablation.vision.low_bit.weight_bits
+        row[low_bit_arm("KD + QAT", bits)] = _measured(kdq - 0.01, kdq, size=50_000)
+        row[low_bit_arm("CE-only + PTQ", bits)] = _measured(ptq - 0.03, ptq, size=50_000)
         out[seed] = row
     return out
 
@@ -32,7 +33,9 @@ def test_rows_are_seed_means_with_the_sample_std_and_the_validation_mean(config)
     assert kdq["mean"] == pytest.approx(0.94) and kdq["std"] == pytest.approx(0.0141421, rel=1e-4) and kdq["n"] == 2
     assert kdq["val_mean"] == pytest.approx(0.95) and kdq["precision"] == "INT8"
     assert rows["teacher"]["std"] == 0.0 and rows["teacher"]["n"] == 1
-    assert rows[low_bit_arm("KD + QAT", 4)]["precision"] == "W4A8" and rows[low_bit_arm("KD + QAT", 4)]["bytes"] == 50_000
+    bits = config.ablation.vision.low_bit.weight_bits
+    low = rows[low_bit_arm("KD + QAT", bits)]
+    assert low["precision"] == f"W{bits}A8" and low["bytes"] == 50_000
 
 
 def test_targets_are_met_or_missed_by_the_thresholds_of_params(config):

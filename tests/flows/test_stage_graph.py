@@ -110,6 +110,24 @@ def test_every_stage_depends_on_exactly_the_code_it_imports():
             assert family_models <= code, f"{name}: loads models built by {sorted(family_models)}, not in its deps"
 
 
+def test_every_import_form_of_a_family_package_counts_as_a_dependency(tmp_path):
+    """Inside a family's package ``from tasks.<family> import models`` and ``from .data import X`` are natural; both
+    were missed (the closure stopped at the package), so dvc.yaml could leave out code the stage runs."""
+    from flows.stage_deps import module_closure
+
+    package = tmp_path / "tasks" / "fam"
+    package.mkdir(parents=True)
+    (package / "prepare.py").write_text("from tasks.fam import models\nfrom .data import load\nfrom .. import io\n")
+    (package / "models.py").write_text("from tasks.config import Config\n")
+    (package / "data.py").write_text("import tasks.fam.shapes as shapes\n")
+    (package / "shapes.py").write_text("")
+    for name in ("io.py", "config.py"):
+        (tmp_path / "tasks" / name).write_text("")
+    assert module_closure("tasks.fam.prepare", tmp_path) == {
+        "tasks/fam/prepare.py", "tasks/fam/models.py", "tasks/fam/data.py", "tasks/fam/shapes.py", "tasks/io.py",
+        "tasks/config.py"}
+
+
 def test_the_vision_teacher_does_not_depend_on_recommender_code_params_or_unrelated_profile_values(raw_params):
     """Before: every stage listed tasks/config.py's whole closure and the whole ``profiles`` tree, so editing a
     smoke-profile value or a recommender knob or module re-ran the 30-minute vision teacher."""
