@@ -32,15 +32,15 @@ from flows.stage_graph import stage_paths
 from tasks.artifacts import count_nonzero, count_parameters, load_model, qat_extra, save_model
 from tasks.config import Config, load_config
 from tasks.image_training import Split, model_shape
+from tasks.images.config import QatImages, ablation_recipes
+from tasks.images.distill import distill_images
+from tasks.images.evaluate import latency
+from tasks.images.export import parity, torch_logits
+from tasks.images.prune import prune_images
+from tasks.images.qat import qat_images
+from tasks.images.share import share_images
 from tasks.io import write_atomic, write_json
 from tasks.onnx_models import export_fp32, export_int8, file_sizes, onnx_accuracy, onnx_logits, quantize_ptq
-from tasks.vision.config import QatVision, ablation_recipes
-from tasks.vision.distill import distill_vision
-from tasks.vision.evaluate import latency
-from tasks.vision.export import parity, torch_logits
-from tasks.vision.prune import prune_vision
-from tasks.vision.qat import qat_vision
-from tasks.vision.share import share_vision
 
 
 def inputs(root: Path) -> tuple[Path, Path]:
@@ -67,7 +67,7 @@ def measure(model: nn.Module, onnx_path: Path, val: Split, test: Split, cfg: Con
 
 def run_seed(cfg: Config, seed: int, root: Path, work: Path) -> dict[str, Measured]:
     """Train and measure every student arm for one seed; ``work`` holds its checkpoints and models."""
-    r = ablation_recipes(cfg, seed)
+    r = ablation_recipes(cfg, seed, "vision")
     kd, qat = r["distill"], r["qat"]
     data, teacher = (root / path for path in inputs(root))
     ckpt = work / "checkpoints"
@@ -75,24 +75,24 @@ def run_seed(cfg: Config, seed: int, root: Path, work: Path) -> dict[str, Measur
     models: dict[str, tuple[nn.Module, Path]] = {}
     shape = model_shape(data)
 
-    ce = distill_vision(kd, False, data, teacher, ckpt / "ce.pt")[0]
-    kd_student = distill_vision(kd, True, data, teacher, ckpt / "kd.pt")[0]
+    ce = distill_images(kd, False, data, teacher, ckpt / "ce.pt")[0]
+    kd_student = distill_images(kd, True, data, teacher, ckpt / "kd.pt")[0]
     for name, model in (("ce", ce), ("kd", kd_student)):
         save_model(model, "mobile_student", kd.student, files[name], shape=shape)
-    qat_ce = qat_vision(qat, kd, False, data, teacher, files["ce"], ckpt / "qat_ce.pt")[0]
-    qat_kd = qat_vision(qat, kd, True, data, teacher, files["kd"], ckpt / "qat_kd.pt")[0]
+    qat_ce = qat_images(qat, kd, False, data, teacher, files["ce"], ckpt / "qat_ce.pt")[0]
+    qat_kd = qat_images(qat, kd, True, data, teacher, files["kd"], ckpt / "qat_kd.pt")[0]
     save_model(qat_kd, "mobile_student", kd.student, files["qat_kd"], **qat_extra(qat), shape=shape)
-    pruned, arch = prune_vision(r["prune"], kd, True, data, teacher, files["kd"], ckpt / "prune.pt")[:2]
+    pruned, arch = prune_images(r["prune"], kd, True, data, teacher, files["kd"], ckpt / "prune.pt")[:2]
     save_model(pruned, "mobile_student", arch, files["pruned"], shape=shape)
-    qat_pruned = qat_vision(qat, kd, True, data, teacher, files["pruned"], ckpt / "qat_pruned.pt")[0]
-    shared = share_vision(r["share"], kd, True, data, teacher, files["qat_kd"], ckpt / "share.pt", cfg.export.vision,
+    qat_pruned = qat_images(qat, kd, True, data, teacher, files["pruned"], ckpt / "qat_pruned.pt")[0]
+    shared = share_images(r["share"], kd, True, data, teacher, files["qat_kd"], ckpt / "share.pt", cfg.export.vision,
                           qat)[0]
     low = cfg.ablation.vision.low_bit
     if low is not None:   # the same students, quantized with low.weight_bits-bit weights
-        qat_low = QatVision.model_validate({**qat.model_dump(), "weight_bits": low.weight_bits})
+        qat_low = QatImages.model_validate({**qat.model_dump(), "weight_bits": low.weight_bits})
         tag = f"w{low.weight_bits}"
-        low_ce = qat_vision(qat_low, kd, False, data, teacher, files["ce"], ckpt / f"qat_ce_{tag}.pt")[0]
-        low_kd = qat_vision(qat_low, kd, True, data, teacher, files["kd"], ckpt / f"qat_kd_{tag}.pt")[0]
+        low_ce = qat_images(qat_low, kd, False, data, teacher, files["ce"], ckpt / f"qat_ce_{tag}.pt")[0]
+        low_kd = qat_images(qat_low, kd, True, data, teacher, files["kd"], ckpt / f"qat_kd_{tag}.pt")[0]
 
     val, test = Split.load(data, "val"), Split.load(data, "test")
     size = cfg.ablation.vision.calibration_size
@@ -138,7 +138,8 @@ def ablation(root: Path, out: Path, repro: bool = True) -> dict:
     wall = time.perf_counter() - start
     doc = {"date": str(date.today()), "machine": machine(), "profile": cfg.profile, "wall_seconds": wall,
            "seeds": cfg.ablation.vision.seeds, "rows": [{"arm": arm, **row} for arm, row in rows.items()], "targets": checks,
-           "recipes": {k: v.model_dump() for k, v in ablation_recipes(cfg, cfg.ablation.vision.seeds[0]).items()}}
+           "recipes": {k: v.model_dump()
+                       for k, v in ablation_recipes(cfg, cfg.ablation.vision.seeds[0], "vision").items()}}
     markdown = table(rows, checks, cfg, wall)
     write_json(out / "vision.json", doc)
     write_atomic(out / "vision.md", (markdown + "\n").encode())

@@ -16,7 +16,7 @@ from flows.benchmark import machine, target_rows, write_result
 from tasks.config import load_config
 from tasks.errors import run_cli
 from tasks.image_training import Split
-from tasks.vision.evaluate import measure_onnx, ratios
+from tasks.images.evaluate import measure_onnx, ratios
 
 NAMES = ("teacher_fp32", "student_fp32", "student_int8", "student_ptq_int8")
 TARGETS = (("size_ratio_vs_teacher", ">=", 40.0, "student INT8 vs teacher FP32 size"),

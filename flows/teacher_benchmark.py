@@ -26,9 +26,9 @@ from tasks.config import Config, load_config
 from tasks.distillation import Distiller
 from tasks.errors import run_cli
 from tasks.hardware import native_bf16
+from tasks.images.models import MobileStudent, ResNetTeacher
 from tasks.imported_teacher import onnx_twin
 from tasks.training import autocast
-from tasks.vision.models import MobileStudent, ResNetTeacher
 
 BF16 = "pytorch bf16"   # PyTorch's bf16 autocast, measured only where the CPU has native bf16
 

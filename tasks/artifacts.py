@@ -22,12 +22,12 @@ from tasks.errors import CheckpointError
 from tasks.io import file_digest, write_atomic, write_json
 
 if TYPE_CHECKING:
-    from tasks.vision.config import QatVision
+    from tasks.images.config import QatImages
 
 # kind -> ("module:class" of its architecture config, "module:class" of the model). Both are imported when a file of
 # that kind is loaded, so a stage depends on (and DVC re-runs it for) its own family's code only.
-ARCHES = {"resnet_teacher": ("tasks.vision.arch_config:ResNetArch", "tasks.vision.models:ResNetTeacher"),
-          "mobile_student": ("tasks.vision.arch_config:MobileArch", "tasks.vision.models:MobileStudent"),
+ARCHES = {"resnet_teacher": ("tasks.images.arch_config:ResNetArch", "tasks.images.models:ResNetTeacher"),
+          "mobile_student": ("tasks.images.arch_config:MobileArch", "tasks.images.models:MobileStudent"),
           "ctr": ("tasks.recsys.config:RecArch", "tasks.recsys.models:CtrModel"),
           "text_transformer": ("tasks.text.config:TransformerArch", "tasks.text.models:TextTransformer"),
           "text_bert": ("tasks.text.config:BertArch", "tasks.text.models:BertClassifier"),
@@ -62,7 +62,7 @@ def save_model(model: nn.Module, kind: str, arch: BaseModel, path: Path, **extra
     write_atomic(path, buffer.getvalue())
 
 
-def qat_extra(cfg: QatVision) -> dict[str, Any]:
+def qat_extra(cfg: QatImages) -> dict[str, Any]:
     """What rebuilding a student trained with ``cfg`` needs beyond its architecture."""
     return {"activation_bits": cfg.activation_bits, "weight_bits": cfg.weight_bits,
             "float_modules": list(cfg.float_modules)}

@@ -97,6 +97,10 @@ class Config(Strict):
     pipeline: PipelineConfig
     sweep: SweepConfig
 
+    def block(self, key: str, family: str) -> Any:
+        """``<key>.<family>`` of params.yaml (``block("distill", name)``): how code shared by families reads one's."""
+        return getattr(getattr(self, "validate_" if key == "validate" else key), family)
+
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
         # the model class is built at load time (config_model): a pickle rebuilds it from the families
         return _rebuild, (tuple(self.families), self.model_dump(by_alias=True))

@@ -21,7 +21,7 @@ from tasks.onnx_teacher import OnnxTeacher
 from tasks.training import autocast
 
 if TYPE_CHECKING:  # annotations only: the recommender runs this code without the vision config
-    from tasks.vision.config import DistillVision
+    from tasks.images.config import DistillImages
 
 
 def soft_target_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float) -> torch.Tensor:
@@ -64,7 +64,7 @@ def hint_loss(student_map: torch.Tensor, teacher_map: torch.Tensor) -> torch.Ten
     return F.mse_loss(s, t)
 
 
-def loss_config(kd: DistillVision, distill: bool, label_smoothing: float) -> DistillVision:
+def loss_config(kd: DistillImages, distill: bool, label_smoothing: float) -> DistillImages:
     """The loss of a training stage: the distillation loss of ``kd``, or the ground truth alone."""
     if distill:
         return kd.model_copy(update={"label_smoothing": label_smoothing})
@@ -97,7 +97,7 @@ class FrozenTeacher(nn.Module):
 class Distiller(FrozenTeacher):
     """Student plus feature adapters (FitNets hints) against a frozen vision teacher."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillVision, sample: torch.Tensor) -> None:
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillImages, sample: torch.Tensor) -> None:
         if cfg.teacher_in_onnxruntime() and not isinstance(teacher, OnnxTeacher):
             teacher = onnx_twin(teacher, (sample,), feature_rank=4)
         super().__init__(student, teacher)

@@ -24,7 +24,7 @@ from tasks.observers import frozen_observers
 from tasks.training import EpochHook, LossFn, autocast, cross_entropy_loss, make_optimizer, make_scheduler, train_step
 
 if TYPE_CHECKING:  # annotations only
-    from tasks.vision.config import Augmentation, TrainingRecipe
+    from tasks.images.config import Augmentation, TrainingRecipe
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class Split:
         return len(self.classes) if self.classes else int(self.y.max()) + 1
 
     def model_shape(self) -> dict[str, Any]:
-        """The constructor arguments of a model for this data (``tasks.vision.models``); saved with it."""
+        """The constructor arguments of a model for this data (``tasks.images.models``); saved with it."""
         return {"num_classes": self.num_classes, "input_shape": list(self.image_shape)}
 
     def inputs(self, index: Any = slice(None)) -> torch.Tensor:

@@ -25,7 +25,7 @@ from tasks.quantization import QatModel, convert_int8
 
 if TYPE_CHECKING:  # annotations only: the recommender's export runs this module without the vision config
     from tasks.image_training import Split
-    from tasks.vision.config import QatVision
+    from tasks.images.config import QatImages
 
 INPUT, OUTPUT = "image", "logits"
 
@@ -133,7 +133,7 @@ def module_nodes(onnx_path: Path, modules: Sequence[str]) -> list[str]:
     return [node.name for node in onnx.load(str(onnx_path)).graph.node if prefixes and node.name.startswith(prefixes)]
 
 
-def quantize_ptq(fp32_path: Path, calibration: Split, path: Path, qat: QatVision, per_channel: bool = True) -> Path:
+def quantize_ptq(fp32_path: Path, calibration: Split, path: Path, qat: QatImages, per_channel: bool = True) -> Path:
     """The baseline a user would otherwise pick: onnxruntime static post-training quantization (QDQ, INT8
     per-channel weights, UINT8 activations, MinMax calibration on ``calibration`` — never the test split).
     Quantized as ``qat`` quantizes: its ``float_modules`` left in float, weights in its ``weight_bits`` (7:
@@ -230,7 +230,7 @@ def file_sizes(path: Path) -> dict[str, int]:
     return {"bytes": len(blob), "gzip_bytes": len(gzip.compress(blob, compresslevel=9, mtime=0))}
 
 
-def export_student_int8(model: nn.Module, path: Path, calibration: Split, opset: int, qat: QatVision) -> Path:
+def export_student_int8(model: nn.Module, path: Path, calibration: Split, opset: int, qat: QatImages) -> Path:
     """The INT8 ONNX file a student ships as: a QAT student converted and exported as QDQ, any other (FP32, maybe
     pruned or weight-shared) through onnxruntime static PTQ calibrated on ``calibration``, with ``qat``'s float
     modules and weight bits."""

@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from tasks.vision.arch_config import MobileArch
-from tasks.vision.models import MobileBlock, MobileStudent, SeparableBlock
+from tasks.images.arch_config import MobileArch
+from tasks.images.models import MobileBlock, MobileStudent, SeparableBlock
 
 
 def prunable(model: nn.Module) -> list[nn.Module]:

@@ -28,7 +28,7 @@ from tasks.observers import freeze_observers
 
 def qat_qconfig(activation_bits: int, float_modules: Sequence[str] = (), weight_bits: int = 8) -> QConfigMapping:
     """Per-channel symmetric weights on the narrow range (``weight_bits`` 8: [-127, 127]; 7: [-63, 63]; 4: [-7, 7]); unsigned
-    ``activation_bits`` activations (8: full range, no reduce_range; the pipeline refuses fewer, see QatVision).
+    ``activation_bits`` activations (8: full range, no reduce_range; the pipeline refuses fewer, see QatImages).
     ``float_modules`` (student module names such as ``stem``) stay in float: a convolution over one input channel
     gains nothing from INT8 kernels."""
     activation = FusedMovingAvgObsFakeQuantize.with_args(

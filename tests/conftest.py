@@ -195,12 +195,12 @@ def known_rows_only(cfg):
 @pytest.fixture(scope="session")
 def real_splits():
     """A stratified subset of the real Fashion-MNIST splits (needs the Debian package or source_dir)."""
-    from tasks.vision.prepare import split
-    from tasks.vision.source import from_idx
+    from tasks.images.prepare import split
+    from tasks.images.source import from_idx
 
     cfg = load_config(ROOT / "params.yaml")
     data = cfg.data.vision.model_copy(update={"subset": cfg.data.vision.subset or _subset(1200, 300, 400)})
-    return split(from_idx(data)[2], data.val_size, 0, data.seed, data.subset)[0]
+    return split(from_idx(data, "data.vision")[2], data.val_size, 0, data.seed, data.subset)[0]
 
 
 def fashion_pixels():
@@ -245,7 +245,7 @@ def briefly_trained(student, images, labels, steps: int):
 
 
 def _subset(train: int, val: int, test: int):
-    from tasks.vision.data_config import SplitSizes
+    from tasks.images.data_config import SplitSizes
 
     return SplitSizes(train=train, val=val, test=test)
 

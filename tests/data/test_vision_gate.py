@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from tasks.vision.data_config import SplitSizes
-from tasks.vision.validate import failure_message, validate_vision
+from tasks.images.data_config import SplitSizes
+from tasks.images.validate import failure_message, validate_images
 
 
 @pytest.fixture
@@ -24,7 +24,7 @@ def _failed(report):
 
 
 def test_real_data_passes(real_splits, gate_config):
-    report = validate_vision(real_splits, gate_config)
+    report = validate_images(real_splits, gate_config, "vision")
     assert report["success"], failure_message(report)
     assert len(report["checks"]) == 3 * 11 + 3  # per split (9 on the rows, 2 on the class counts), then a leak check per pair
 
@@ -34,7 +34,7 @@ def test_real_data_passes(real_splits, gate_config):
 def test_label_out_of_range(real_splits, gate_config):
     splits = _copy(real_splits)
     splits["train"][1][:3] = 11
-    report = validate_vision(splits, gate_config)
+    report = validate_images(splits, gate_config, "vision")
     assert ("vision_rows_train", "expect_column_values_to_be_in_set") in _failed(report)
     assert "3 unexpected values, e.g. [11, 11, 11]" in failure_message(report)
 
@@ -48,7 +48,7 @@ def test_data_docs_of_a_failed_validation_show_the_offending_values(real_splits,
     splits = _copy(real_splits)
     splits["train"][1][:3] = 11
     docs = tmp_path / "docs"
-    assert not validate_vision(splits, gate_config, docs)["success"]
+    assert not validate_images(splits, gate_config, "vision", docs)["success"]
     index = (docs / "index.html").read_text()
     assert "'_expectation_suite_name_sort': 'vision_rows_train'" in index and "vision_train_test_leak" in index
     (page,) = (docs / "validations" / "vision_rows_train").rglob("*.html")
@@ -63,7 +63,7 @@ def test_class_collapse(real_splits, gate_config):
     x, y = real_splits["test"]
     keep = y != 7
     splits = {**real_splits, "test": (x[keep], y[keep])}
-    report = validate_vision(splits, gate_config)
+    report = validate_images(splits, gate_config, "vision")
     failed = _failed(report)
     assert ("vision_classes_test", "expect_column_pair_values_a_to_be_greater_than_b") in failed
     assert ("vision_rows_test", "expect_table_row_count_to_equal") in failed
@@ -81,7 +81,7 @@ def test_leak_into_test_above_threshold(real_splits, gate_config, earlier):
     splits = _copy(real_splits)
     n = len(splits["test"][0]) // 20  # 5 % of test copied from an earlier split
     splits["test"][0][:n] = splits[earlier][0][:n]
-    report = validate_vision(splits, gate_config)
+    report = validate_images(splits, gate_config, "vision")
     assert _failed(report) == {(f"vision_{earlier}_test_leak", "expect_column_mean_to_be_between")}
     assert "observed 0.05" in failure_message(report)
 
@@ -91,5 +91,5 @@ def test_wrong_dtype_and_nan(real_splits, gate_config):
     x = splits["val"][0].astype(np.float32)
     x[0, 0, 0] = np.nan
     splits["val"] = (x, splits["val"][1])
-    failed = {e for s, e in _failed(validate_vision(splits, gate_config)) if s == "vision_rows_val"}
+    failed = {e for s, e in _failed(validate_images(splits, gate_config, "vision")) if s == "vision_rows_val"}
     assert {"expect_column_values_to_be_in_set", "expect_column_values_to_be_between"} <= failed

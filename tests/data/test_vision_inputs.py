@@ -6,7 +6,7 @@ import gzip
 import pytest
 
 from tasks.errors import ChecksumError, DataFormatError
-from tasks.vision.prepare import prepare_vision
+from tasks.images.prepare import prepare_images
 
 LABELS = "train-labels-idx1-ubyte.gz"
 
@@ -18,7 +18,7 @@ def test_truncated_file(synthetic_source, tmp_path):
     blob = (src / LABELS).read_bytes()
     (src / LABELS).write_bytes(blob[: len(blob) // 2])
     with pytest.raises(DataFormatError, match=r"train-labels-idx1-ubyte\.gz: not a valid gzip stream"):
-        prepare_vision(cfg.data.vision, tmp_path / "out")
+        prepare_images(cfg.data.vision, tmp_path / "out", "vision")
     assert not (tmp_path / "out").exists()
 
 
@@ -30,7 +30,7 @@ def test_flipped_bytes(synthetic_source, tmp_path):
     blob[len(blob) // 2] ^= 0xFF
     (src / "t10k-images-idx3-ubyte.gz").write_bytes(bytes(blob))
     with pytest.raises((DataFormatError, ChecksumError), match=r"t10k-images-idx3-ubyte\.gz"):
-        prepare_vision(cfg.data.vision, tmp_path / "out")
+        prepare_images(cfg.data.vision, tmp_path / "out", "vision")
 
 
 @pytest.mark.fault("data", "a valid file whose content does not match its pinned SHA-256",
@@ -42,7 +42,7 @@ def test_checksum_mismatch_names_file_and_both_hashes(synthetic_source, tmp_path
     (src / LABELS).write_bytes(gzip.compress(bytes(payload)))
     expected = cfg.data.vision.sha256["train-labels-idx1-ubyte"]
     with pytest.raises(ChecksumError, match=rf"{LABELS}: SHA-256 of its content is [0-9a-f]{{64}}, expected {expected}"):
-        prepare_vision(cfg.data.vision, tmp_path / "out")
+        prepare_images(cfg.data.vision, tmp_path / "out", "vision")
 
 
 @pytest.mark.fault("data", "a gzip file whose IDX magic number is wrong (pinned as it is)",
@@ -56,5 +56,5 @@ def test_wrong_idx_magic_number(synthetic_source, tmp_path):
     (src / LABELS).write_bytes(gzip.compress(bytes(payload)))
     pins = {**cfg.data.vision.sha256, "train-labels-idx1-ubyte": hashlib.sha256(payload).hexdigest()}
     with pytest.raises(DataFormatError, match=rf"{LABELS}: IDX magic 00000d01 declares dtype 0x0d .* expected dtype 0x08"):
-        prepare_vision(cfg.data.vision.model_copy(update={"sha256": pins}), tmp_path / "out")
+        prepare_images(cfg.data.vision.model_copy(update={"sha256": pins}), tmp_path / "out", "vision")
     assert not (tmp_path / "out").exists()

@@ -14,7 +14,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from flows.ingest import continuous_training
-from tasks.vision.idx import gzip_bytes, idx_bytes
+from tasks.images.idx import gzip_bytes, idx_bytes
 from tasks.vision.intake import INTAKE
 from tests.e2e.scratch import dataset_inputs, dvc, ingest_runs, locked_outs, replayed_repo, repo_env
 

@@ -18,10 +18,10 @@ from tasks.config import parse_config
 from tasks.errors import ConfigError
 from tasks.family import load_family
 from tasks.gate import gate_checks
+from tasks.images.arch_config import MobileArch, ResNetArch
+from tasks.images.models import MobileStudent, ResNetTeacher
 from tasks.io import file_digest, write_json
 from tasks.onnx_models import export_fp32
-from tasks.vision.arch_config import MobileArch, ResNetArch
-from tasks.vision.models import MobileStudent, ResNetTeacher
 from tests.conftest import write_processed
 
 VISION = load_family("vision").gate

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
+from tasks.images.arch_config import MobileArch, ResNetArch
+from tasks.images.models import MobileStudent, ResNetTeacher
 from tasks.onnx_models import export_fp32
-from tasks.vision.arch_config import MobileArch, ResNetArch
-from tasks.vision.models import MobileStudent, ResNetTeacher
 from tests.conftest import write_processed
 
 ROOT = Path(__file__).resolve().parents[2]

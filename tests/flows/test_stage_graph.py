@@ -105,7 +105,9 @@ def test_every_stage_depends_on_exactly_the_code_it_imports():
         # beyond its imports, a stage depends on the model code load_model builds its family's models from
         assert code - imported <= model_modules | family_config, \
             f"{name}: dvc.yaml lists {sorted(code - imported)}, never imported"
-        family_models = {m for m in model_modules if m.startswith(f"tasks/{name.rsplit('_', 1)[1]}/")}
+        # ... of its own package, or of a kit it builds on (tasks/images for an image family)
+        kits = {m.rsplit("/", 1)[0] + "/" for m in imported if m.count("/") == 2 and m.split("/")[1] not in FAMILIES}
+        family_models = {m for m in model_modules if m.startswith((f"tasks/{family}/", *kits))}
         if "tasks/artifacts.py" in imported and not name.startswith("prepare"):
             assert family_models <= code, f"{name}: loads models built by {sorted(family_models)}, not in its deps"
 

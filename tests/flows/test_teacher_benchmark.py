@@ -7,8 +7,8 @@ import torch
 
 from flows.teacher_benchmark import measure, table
 from tasks.config import parse_config
+from tasks.images.models import ResNetTeacher
 from tasks.imported_teacher import onnx_twin
-from tasks.vision.models import ResNetTeacher
 
 
 def test_the_onnx_twin_computes_the_teachers_logits_and_maps(config, tmp_path):

@@ -22,8 +22,8 @@ def test_a_model_file_whose_weights_do_not_fit_its_description_is_named(tmp_path
     import torch
 
     from tasks.artifacts import save_model
-    from tasks.vision.arch_config import MobileArch
-    from tasks.vision.models import MobileStudent
+    from tasks.images.arch_config import MobileArch
+    from tasks.images.models import MobileStudent
 
     arch = MobileArch(stem=4, widths=[8], strides=[2])
     blob_path = tmp_path / "student.pt"
@@ -41,8 +41,8 @@ def test_a_stage_left_out_of_the_recipe_passes_its_student_through(tmp_path, con
     from mlflow.tracking import MlflowClient
 
     from tasks.artifacts import pass_through, save_model
+    from tasks.images.models import MobileStudent
     from tasks.tracking import stage_run
-    from tasks.vision.models import MobileStudent
 
     monkeypatch.chdir(tmp_path)
     student = tmp_path / "in" / "student.pt"

@@ -81,9 +81,9 @@ def test_malformed_and_missing_files(tmp_path):
 
 
 def test_ablation_recipes_merge_overrides_and_seed(config):
-    from tasks.vision.config import ablation_recipes
+    from tasks.images.config import ablation_recipes
 
-    recipes = ablation_recipes(config, 7)
+    recipes = ablation_recipes(config, 7, "vision")
     assert recipes["distill"].epochs == config.ablation.vision.distill["epochs"] != config.distill.vision.epochs
     assert recipes["distill"].temperature == config.distill.vision.temperature  # what is not overridden is kept
     assert {r.seed for r in recipes.values()} == {7}

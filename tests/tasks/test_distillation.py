@@ -13,15 +13,15 @@ from tasks.distillation import Distiller, decoupled_kd, distillation_loss, hint_
 from tasks.errors import ConfigError
 from tasks.family_config import LossWeights, Optimizer, Schedule
 from tasks.image_training import Split, fit
+from tasks.images.arch_config import MobileArch, ResNetArch
+from tasks.images.config import Augmentation, DistillImages, FeaturePair
+from tasks.images.models import MobileStudent, ResNetTeacher
 from tasks.training import train_step
-from tasks.vision.arch_config import MobileArch, ResNetArch
-from tasks.vision.config import Augmentation, DistillVision, FeaturePair
-from tasks.vision.models import MobileStudent, ResNetTeacher
 
 
-def _kd_cfg(**weights) -> DistillVision:
+def _kd_cfg(**weights) -> DistillImages:
     w = {"ground_truth": 0.3, "target": 0.7, "feature": 0.5, "label": 0.2, **weights}
-    return DistillVision(student=MobileArch(stem=4, widths=[8, 16], strides=[2, 2]), temperature=4.0,
+    return DistillImages(student=MobileArch(stem=4, widths=[8, 16], strides=[2, 2]), temperature=4.0,
                          target_loss="kl", weights=LossWeights(**w), feature_pairs=[FeaturePair(teacher=1, student=1)],
                          epochs=1, batch_size=16, optimizer=Optimizer(name="sgd", lr=0.05, weight_decay=0.0),
                          schedule=Schedule(name="constant"), augmentation=Augmentation(crop_padding=0, horizontal_flip=False),
@@ -29,7 +29,7 @@ def _kd_cfg(**weights) -> DistillVision:
                          teacher_runtime="pytorch")   # a PyTorch teacher: what FrozenTeacher must freeze
 
 
-def _pair(cfg: DistillVision, x: torch.Tensor) -> Distiller:
+def _pair(cfg: DistillImages, x: torch.Tensor) -> Distiller:
     torch.manual_seed(0)
     teacher = ResNetTeacher(ResNetArch(stem=4, widths=[8, 12], blocks=[1, 1]))
     teacher.train()  # a careless caller hands over a teacher in train mode; the Distiller must freeze it

@@ -16,9 +16,9 @@ from PIL import Image
 from tasks.artifacts import load_model
 from tasks.errors import ChecksumError, DataFormatError, DataSourceError
 from tasks.image_training import Split
+from tasks.images.prepare import prepare_images
+from tasks.images.validate import load_arrays, validate_images
 from tasks.io import read_manifest
-from tasks.vision.prepare import prepare_vision
-from tasks.vision.validate import load_arrays, validate_vision
 
 CLASSES = ("cat", "dog", "fox")   # each class one dominant colour: a tiny net learns it in a few steps
 COLOURS = {"cat": (200, 40, 40), "dog": (40, 200, 40), "fox": (40, 40, 200)}
@@ -49,7 +49,7 @@ def folder_config(raw_params, root, **folder):
 def test_an_rgb_folder_is_prepared_and_validated_from_its_own_manifest(tmp_path, raw_params):
     root = image_folder(tmp_path / "photos")
     cfg = folder_config(raw_params, root)
-    manifest = prepare_vision(cfg.data.vision, tmp_path / "data")
+    manifest = prepare_images(cfg.data.vision, tmp_path / "data", "vision")
     image = manifest["image"]
     assert (image["channels"], image["height"], image["width"], image["classes"]) == (3, 12, 10, list(CLASSES))
     assert {s: v["rows"] for s, v in manifest["splits"].items()} == {"train": 65, "val": 7, "test": 18}
@@ -60,11 +60,11 @@ def test_an_rgb_folder_is_prepared_and_validated_from_its_own_manifest(tmp_path,
     inputs = train.inputs()
     assert inputs.shape == (65, 3, 12, 10)
     assert np.allclose(inputs.mean(dim=(0, 2, 3)).numpy(), 0, atol=1e-4)   # normalised with its own statistics
-    arrays = load_arrays(tmp_path / "data")
-    report = validate_vision(arrays, cfg, manifest=read_manifest(tmp_path / "data", "prepare_vision"))
+    arrays = load_arrays(tmp_path / "data", "vision")
+    report = validate_images(arrays, cfg, "vision", manifest=read_manifest(tmp_path / "data", "prepare_vision"))
     assert report["success"]
     arrays["val"] = (arrays["val"][0][:, :1], arrays["val"][1])   # one channel where the manifest says three
-    failed = {(c["suite"], c["expectation"]) for c in validate_vision(arrays, cfg, manifest=manifest)["checks"]
+    failed = {(c["suite"], c["expectation"]) for c in validate_images(arrays, cfg, "vision", manifest=manifest)["checks"]
               if not c["success"]}
     assert ("vision_rows_val", "expect_column_values_to_be_between") in failed
 
@@ -77,7 +77,7 @@ def test_given_splits_are_kept_grey_stays_one_channel_and_other_files_are_skippe
     sixteen = Image.fromarray(np.arange(64, dtype=np.uint16).reshape(8, 8) * 1000)   # mode I;16
     sixteen.save(tmp_path / "scans/train/dog/deep.png")   # 16-bit grey: scaled to 8 bits, not clipped to white
     cfg = folder_config(raw_params, tmp_path / "scans", size=[8, 8])
-    manifest = prepare_vision(cfg.data.vision, tmp_path / "data")
+    manifest = prepare_images(cfg.data.vision, tmp_path / "data", "vision")
     assert manifest["image"]["channels"] == 1
     assert {s: v["rows"] for s, v in manifest["splits"].items()} == {"train": 61, "val": 12, "test": 15}
     assert manifest["skipped_files"] == ["train/cat/README.md"]
@@ -91,9 +91,9 @@ def test_an_imbalanced_folder_passes_its_own_class_mix(tmp_path, raw_params):
     for f in sorted((root / "fox").iterdir())[6:]:   # 30 cats, 30 dogs, 6 foxes
         f.unlink()
     cfg = folder_config(raw_params, root)
-    manifest = prepare_vision(cfg.data.vision, tmp_path / "data")
+    manifest = prepare_images(cfg.data.vision, tmp_path / "data", "vision")
     assert [v["class_counts"][2] for v in manifest["splits"].values()] == [4, 1, 1]
-    assert validate_vision(load_arrays(tmp_path / "data"), cfg, manifest=manifest)["success"]
+    assert validate_images(load_arrays(tmp_path / "data", "vision"), cfg, "vision", manifest=manifest)["success"]
 
 
 @pytest.mark.fault("data", "an image folder that is not usable (unreadable image, mixed sizes, one class, a nested or "
@@ -103,40 +103,40 @@ def test_bad_folders_are_named(tmp_path, raw_params):
     root = image_folder(tmp_path / "photos", per_class=4)
     (root / "dog" / "notes.png").write_text("not an image")
     with pytest.raises(DataFormatError, match=r"dog/notes\.png: not an image Pillow can read"):
-        prepare_vision(folder_config(raw_params, root).data.vision, tmp_path / "out")
+        prepare_images(folder_config(raw_params, root).data.vision, tmp_path / "out", "vision")
     (root / "dog" / "notes.png").unlink()
     Image.new("RGB", (20, 20)).save(root / "fox" / "big.png")
     with pytest.raises(DataFormatError, match=r"fox/big\.png: an image of 20x20 pixels.*image_folder\.size"):
-        prepare_vision(folder_config(raw_params, root).data.vision, tmp_path / "out")
+        prepare_images(folder_config(raw_params, root).data.vision, tmp_path / "out", "vision")
     with pytest.raises(ChecksumError, match="photos: content digest .* is not the pinned 0{64}"):
-        prepare_vision(folder_config(raw_params, root, sha256="0" * 64, size=[12, 10]).data.vision, tmp_path / "out")
+        prepare_images(folder_config(raw_params, root, sha256="0" * 64, size=[12, 10]).data.vision, tmp_path / "out", "vision")
     with pytest.raises(DataSourceError, match="absent: data.vision.image_folder.path in params.yaml is not a folder"):
-        prepare_vision(folder_config(raw_params, tmp_path / "absent").data.vision, tmp_path / "out")
+        prepare_images(folder_config(raw_params, tmp_path / "absent").data.vision, tmp_path / "out", "vision")
     single = image_folder(tmp_path / "one", per_class=2)
     for name in CLASSES[1:]:
         for f in (single / name).iterdir():
             f.unlink()
         (single / name).rmdir()
     with pytest.raises(DataFormatError, match="one class folder"):
-        prepare_vision(folder_config(raw_params, single).data.vision, tmp_path / "out")
+        prepare_images(folder_config(raw_params, single).data.vision, tmp_path / "out", "vision")
     nested = image_folder(tmp_path / "nested", per_class=2)
     (nested / "cat" / "more").mkdir()
     with pytest.raises(DataFormatError, match=r"cat/more: a folder inside the class folder"):
-        prepare_vision(folder_config(raw_params, nested).data.vision, tmp_path / "out")
+        prepare_images(folder_config(raw_params, nested).data.vision, tmp_path / "out", "vision")
     splits = tmp_path / "splits"
     image_folder(splits / "train", per_class=3)
     image_folder(splits / "holdout", per_class=1)
     with pytest.raises(DataFormatError, match=r"holdout: beside .*train only test, train, val, valid, validation"):
-        prepare_vision(folder_config(raw_params, splits).data.vision, tmp_path / "out")
+        prepare_images(folder_config(raw_params, splits).data.vision, tmp_path / "out", "vision")
     few = image_folder(tmp_path / "few", per_class=2)
     with pytest.raises(DataFormatError, match=r"no image of class .* in the val split"):
-        prepare_vision(folder_config(raw_params, few).data.vision, tmp_path / "out")
+        prepare_images(folder_config(raw_params, few).data.vision, tmp_path / "out", "vision")
     assert not (tmp_path / "out").exists()
 
 
 def run(monkeypatch, module, *args: str) -> None:
     monkeypatch.setattr(sys, "argv", [module.__name__, *args])
-    module.main()
+    module.main("vision")
 
 
 @pytest.mark.slow   # every stage in process (~25 s): make test runs it, make check does not
@@ -144,11 +144,11 @@ def test_a_three_class_rgb_folder_runs_from_teacher_to_an_int8_onnx_file(tmp_pat
                                                                          monkeypatch):
     """Every stage takes the data's shape and classes: the teacher, the distilled and QAT students and the four ONNX
     files take (N, 3, 12, 10) images and give three logits, and the INT8 student learned the colours."""
-    import tasks.vision.distill as distill_vision
-    import tasks.vision.evaluate as evaluate_vision
-    import tasks.vision.export as export_vision
-    import tasks.vision.qat as qat_vision
-    import tasks.vision.train_teacher as train_teacher_vision
+    import tasks.images.distill as distill_vision
+    import tasks.images.evaluate as evaluate_vision
+    import tasks.images.export as export_vision
+    import tasks.images.qat as qat_vision
+    import tasks.images.train_teacher as train_teacher_vision
 
     monkeypatch.chdir(tmp_path)
     cfg = folder_config(raw_params, image_folder(tmp_path / "photos", per_class=40))
@@ -161,7 +161,7 @@ def test_a_three_class_rgb_folder_runs_from_teacher_to_an_int8_onnx_file(tmp_pat
     params["evaluate"]["vision"] |= {"warmup": 1, "repeats": 10, "throughput_repeats": 3, "throughput_batch": 8}
     params["recipe"]["vision"] = ["distill", "qat"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    prepare_vision(cfg.data.vision, tmp_path / "data")
+    prepare_images(cfg.data.vision, tmp_path / "data", "vision")
     torch.manual_seed(0)
     run(monkeypatch, train_teacher_vision, "--data", "data", "--checkpoint", "ckpt/t/last.pt", "--model", "teacher.pt",
         "--metrics", "teacher.json", "--plots", "teacher.csv")
@@ -188,9 +188,9 @@ def test_images_small_enough_to_leave_one_pixel_before_the_head_still_export_to_
     cannot take the mean of a 1x1 quantized map: export_vision died ("required rank 4 tensor to use channels_last
     format") on the full profile's architecture."""
     from tasks.config import parse_config
+    from tasks.images.models import MobileStudent
     from tasks.onnx_models import export_int8, session
     from tasks.quantization import prepare_qat
-    from tasks.vision.models import MobileStudent
 
     cfg = parse_config(raw_params)
     qat = cfg.qat.vision
@@ -208,10 +208,10 @@ def test_images_small_enough_to_leave_one_pixel_before_the_head_still_export_to_
 
 def test_throughput_counts_the_images_that_ran_when_the_test_split_is_smaller_than_the_batch(tmp_path, monkeypatch):
     """Before: 64 / time even when only 5 test images made the batch (a small folder), a 13x overstatement."""
-    import tasks.vision.evaluate as evaluate_vision
+    import tasks.images.evaluate as evaluate_vision
     from tasks.config import load_config
+    from tasks.images.models import MobileStudent
     from tasks.onnx_models import export_fp32
-    from tasks.vision.models import MobileStudent
     from tests.conftest import ROOT
 
     cfg = load_config(ROOT / "params.yaml").evaluate.vision.model_copy(update={"throughput_batch": 64, "warmup": 1,

@@ -18,10 +18,10 @@ from tasks.distillation import Distiller
 from tasks.errors import ChecksumError
 from tasks.family_config import LossWeights
 from tasks.image_training import Split
+from tasks.images.arch_config import ResNetArch
+from tasks.images.config import DistillImages, FeaturePair
+from tasks.images.models import MobileStudent, ResNetTeacher
 from tasks.imported_teacher import TeacherImportError, import_onnx, import_state_dict, verified_bytes
-from tasks.vision.arch_config import ResNetArch
-from tasks.vision.config import DistillVision, FeaturePair
-from tasks.vision.models import MobileStudent, ResNetTeacher
 from tests.conftest import briefly_trained
 
 ARCH = ResNetArch(stem=8, widths=[16, 32], blocks=[1, 1])
@@ -55,7 +55,7 @@ def teacher_and_data(real_splits):
     return teacher, train, val
 
 
-def _kd(target: float, label: float, feature: float = 0.0, pairs=()) -> DistillVision:
+def _kd(target: float, label: float, feature: float = 0.0, pairs=()) -> DistillImages:
     cfg = load_config().distill.vision
     return cfg.model_copy(update={"weights": LossWeights(ground_truth=0.0, target=target, feature=feature, label=label),
                                   "feature_pairs": list(pairs), "label_smoothing": 0.0, "teacher_bf16": False,
@@ -70,7 +70,7 @@ def test_an_onnx_teacher_computes_the_losses_of_the_torch_teacher_it_came_from(t
     x, y = val.inputs(slice(64)), val.y[:64]
     with torch.no_grad():
         torch.testing.assert_close(imported(x), teacher(x), atol=1e-4, rtol=1e-4)
-    from tasks.vision.evaluate import count_macs
+    from tasks.images.evaluate import count_macs
 
     assert count_macs(imported, (1, 28, 28)) == count_macs(teacher, (1, 28, 28))
     # the exporter folds each batch norm into its convolution: the graph holds a few parameters fewer
@@ -228,15 +228,15 @@ def test_the_teacher_stage_imports_an_onnx_teacher_that_distillation_and_export_
         teacher_and_data, synthetic_source, raw_params, mlflow_uri, tmp_path, monkeypatch):
     """The stages as ``dvc repro`` runs them: train_teacher_vision with ``pretrained`` set publishes a model file of
     kind onnx (no training); distill_vision trains against it; export writes it under the pipeline's names."""
-    import tasks.vision.distill as distill_vision
-    import tasks.vision.train_teacher as train_teacher_vision
+    import tasks.images.distill as distill_vision
+    import tasks.images.train_teacher as train_teacher_vision
+    from tasks.images.export import export_images
+    from tasks.images.prepare import prepare_images
     from tasks.onnx_models import INPUT, OUTPUT, session
-    from tasks.vision.export import export_vision
-    from tasks.vision.prepare import prepare_vision
 
     teacher, _, _ = teacher_and_data
     _, cfg = synthetic_source
-    prepare_vision(cfg.data.vision, tmp_path / "data")
+    prepare_images(cfg.data.vision, tmp_path / "data", "vision")
     sha = export_teacher(teacher, tmp_path / "mine.onnx")
     params = cfg.model_dump(by_alias=True)
     params["teacher"]["vision"]["pretrained"] = {"path": "mine.onnx", "sha256": sha, "format": "onnx",
@@ -247,7 +247,7 @@ def test_the_teacher_stage_imports_an_onnx_teacher_that_distillation_and_export_
 
     monkeypatch.setattr(sys, "argv", ["train_teacher_vision", "--data", "data", "--checkpoint", "ck/t/last.pt",
                                       "--model", "teacher.pt", "--metrics", "teacher.json", "--plots", "teacher.csv"])
-    train_teacher_vision.main()
+    train_teacher_vision.main("vision")
     meta = model_meta(tmp_path / "teacher.pt")
     assert meta["kind"] == "onnx" and meta["arch"].sha256 == sha and meta["arch"].features == ["stage0", "stage1"]
     metrics = json.loads((tmp_path / "teacher.json").read_text())
@@ -266,12 +266,12 @@ def test_the_teacher_stage_imports_an_onnx_teacher_that_distillation_and_export_
     monkeypatch.setattr(sys, "argv", ["distill_vision", "--data", "data", "--teacher", "teacher.pt",
                                       "--checkpoint", "ck/s/last.pt", "--model", "student.pt",
                                       "--metrics", "student.json", "--plots", "student.csv"])
-    distill_vision.main()
+    distill_vision.main("vision")
     assert json.loads((tmp_path / "student.json").read_text())["teacher_test_accuracy"] == pytest.approx(expected, abs=1e-3)
 
     cfg = load_config(tmp_path / "params.yaml")
     export = cfg.export.vision.model_copy(update={"calibration_size": 64})
-    checks = export_vision(export, cfg.qat.vision, tmp_path / "data", tmp_path / "teacher.pt",
+    checks = export_images(export, cfg.qat.vision, tmp_path / "data", tmp_path / "teacher.pt",
                            tmp_path / "student.pt", tmp_path / "student.pt", tmp_path / "onnx")
     assert checks["teacher_fp32"]["top1_agreement"] == 1.0
     sess = session(tmp_path / "onnx" / "teacher_fp32.onnx")

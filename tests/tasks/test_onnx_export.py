@@ -10,13 +10,13 @@ from tasks.artifacts import save_model
 from tasks.config import Config
 from tasks.errors import ParityError
 from tasks.image_training import Split, to_input
+from tasks.images.arch_config import MobileArch, ResNetArch
+from tasks.images.evaluate import count_macs, evaluate_images, ratios
+from tasks.images.export import export_images, parity
+from tasks.images.models import MobileStudent, ResNetTeacher
 from tasks.observers import freeze_observers
 from tasks.onnx_models import OnnxError, export_fp32, onnx_logits
 from tasks.quantization import prepare_qat
-from tasks.vision.arch_config import MobileArch, ResNetArch
-from tasks.vision.evaluate import count_macs, evaluate_vision, ratios
-from tasks.vision.export import export_vision, parity
-from tasks.vision.models import MobileStudent, ResNetTeacher
 from tests.conftest import briefly_trained, fashion_pixels, write_processed
 
 STUDENT = MobileArch(stem=4, widths=[8, 16, 16], strides=[2, 2, 1])
@@ -75,7 +75,7 @@ def _export_cfg(config: Config, min_top1_agreement: float | None = None):
 
 def test_export_writes_int8_qdq_graphs_that_match_pytorch(config, models, tmp_path):
     data, paths = models
-    checks = export_vision(_export_cfg(config, 0.985), _qat_cfg(config), data, paths["teacher"], paths["fp32"],
+    checks = export_images(_export_cfg(config, 0.985), _qat_cfg(config), data, paths["teacher"], paths["fp32"],
                            paths["qat"], tmp_path / "onnx")
     assert set(checks) == {"teacher_fp32", "student_fp32", "student_int8", "student_ptq_int8"}  # every shipped file
     for name, result in checks.items():
@@ -105,7 +105,7 @@ def test_4_bit_weights_ship_as_int4_that_computes_what_qat_trained(config, tmp_p
     from tasks.quantization import convert_int8
 
     data, paths = _models(tmp_path, real_splits, MIXED, float_modules=("stem",), weight_bits=4)
-    checks = export_vision(_export_cfg(config, 0.98), _qat_cfg(config, ("stem",), 4), data, paths["teacher"],
+    checks = export_images(_export_cfg(config, 0.98), _qat_cfg(config, ("stem",), 4), data, paths["teacher"],
                            paths["fp32"], paths["qat"], tmp_path / "onnx")
     assert checks["student_int8"]["top1_agreement"] >= 0.98   # against the fake-quantized model QAT trained
     assert checks["student_ptq_int8"]["top1_agreement"] >= 0.995
@@ -198,7 +198,7 @@ def test_float_stem_stays_float_in_the_qat_and_ptq_int8_graphs(config, tmp_path,
     # a barely trained student's logits nearly tie, so INT8 rounding may flip an image or two of 400: parity loosened
     cfg = _export_cfg(config).model_copy(update={"parity": config.export.vision.parity.model_copy(
         update={"min_top1_agreement": 0.98, "max_accuracy_delta": 0.01})})
-    checks = export_vision(cfg, _qat_cfg(config, ("stem",)), data, paths["teacher"], paths["fp32"], paths["qat"],
+    checks = export_images(cfg, _qat_cfg(config, ("stem",)), data, paths["teacher"], paths["fp32"], paths["qat"],
                            tmp_path / "onnx")
     assert checks["student_int8"]["top1_agreement"] >= 0.98
     for name in ("student_int8", "student_ptq_int8"):
@@ -243,7 +243,7 @@ def test_weight_bits_are_those_that_ship_and_have_a_ptq_baseline(raw_params, bit
 
 def test_recipe_without_qat_gets_ptq_for_its_final_student(config, models, tmp_path):
     data, paths = models
-    checks = export_vision(_export_cfg(config), _qat_cfg(config), data, paths["teacher"], paths["fp32"], paths["fp32"],
+    checks = export_images(_export_cfg(config), _qat_cfg(config), data, paths["teacher"], paths["fp32"], paths["fp32"],
                            tmp_path / "onnx")
     # the PTQ student ships too, so it is checked too: against its QDQ graph run as written (simulated INT8)
     assert set(checks) == {"teacher_fp32", "student_fp32", "student_int8", "student_ptq_int8"}
@@ -284,10 +284,10 @@ def test_parity_failure_names_the_disagreeing_images(config):
 
 def test_evaluation_measures_every_model(config, models, tmp_path):
     data, paths = models
-    export_vision(_export_cfg(config, 0.985), _qat_cfg(config), data, paths["teacher"], paths["fp32"], paths["qat"],
+    export_images(_export_cfg(config, 0.985), _qat_cfg(config), data, paths["teacher"], paths["fp32"], paths["qat"],
                   tmp_path / "onnx")
     ev = config.evaluate.vision.model_copy(update={"warmup": 2, "repeats": 20, "throughput_repeats": 3})
-    results, predicted = evaluate_vision(ev, data, tmp_path / "onnx", paths["teacher"], paths["fp32"], paths["qat"])
+    results, predicted = evaluate_images(ev, data, tmp_path / "onnx", paths["teacher"], paths["fp32"], paths["qat"])
     assert set(results) == set(predicted) == {"teacher_fp32", "student_fp32", "student_int8", "student_ptq_int8"}
     labels = Split.load(data, "test").y.numpy()
     assert all(results[m]["test_accuracy"] == (predicted[m] == labels).mean() for m in results)

@@ -13,10 +13,10 @@ import pytest
 import yaml
 
 from tasks.errors import DataFormatError, DataSourceError
-from tasks.vision.data_config import SplitSizes
-from tasks.vision.idx import parse_idx
-from tasks.vision.prepare import planned_rows, prepare_vision, split, stratified_pick
-from tasks.vision.source import acquire, from_idx
+from tasks.images.data_config import SplitSizes
+from tasks.images.idx import parse_idx
+from tasks.images.prepare import planned_rows, prepare_images, split, stratified_pick
+from tasks.images.source import acquire, from_idx
 from tests.conftest import ROOT, idx_bytes
 
 TRAIN_Y, TEST_X, TEST_Y = "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"
@@ -43,7 +43,7 @@ def test_parse_idx_rejects_malformed(mutate, pattern):
 
 def test_prepare_prefers_source_dir_and_writes_splits(synthetic_source, tmp_path):
     src, cfg = synthetic_source
-    manifest = prepare_vision(cfg.data.vision, tmp_path / "out")
+    manifest = prepare_images(cfg.data.vision, tmp_path / "out", "vision")
     assert manifest["source"].startswith("params data.vision.source_dir")
     rows = {s: v["rows"] for s, v in manifest["splits"].items()}
     assert rows == {"train": 500, "val": 100, "test": 200}
@@ -55,7 +55,7 @@ def test_prepare_prefers_source_dir_and_writes_splits(synthetic_source, tmp_path
 def test_split_is_seeded_and_disjoint(synthetic_source):
     src, cfg = synthetic_source
     data = cfg.data.vision
-    parts = from_idx(data)[2]
+    parts = from_idx(data, "data.vision")[2]
     (a, windows), (b, _) = (split(parts, data.val_size, 0, data.seed, data.subset) for _ in range(2))
     assert windows == {"golden": list(range(len(a["test"][1])))}   # no batch after the first: no recent window
     for name in a:
@@ -70,7 +70,7 @@ def test_a_subset_caps_the_golden_window_and_keeps_each_later_batchs_held_out_im
     _, cfg = synthetic_source
     data = cfg.data.vision.model_copy(update={"subset": SplitSizes(train=300, val=40, test=60),
                                               "batch_test_fraction": 0.2})
-    parts = from_idx(data)[2]
+    parts = from_idx(data, "data.vision")[2]
     rng = np.random.default_rng(7)
     later = [(rng.integers(0, 256, (n, 28, 28), dtype=np.uint8), np.arange(n, dtype=np.uint8) % 10) for n in (97, 130)]
     splits, windows = split(parts, data.val_size, 0, data.seed, data.subset, later, data.batch_test_fraction)
@@ -93,7 +93,7 @@ def test_no_source_lists_every_source_tried(synthetic_source, tmp_path):
     _, cfg = synthetic_source
     data = cfg.data.vision.model_copy(update={"source_dir": str(tmp_path / "empty")})
     with pytest.raises(DataSourceError) as err:
-        acquire(data)
+        acquire(data, "data.vision")
     text = str(err.value)
     assert "params data.vision.source_dir" in text and "Debian dataset-fashion-mnist" in text
     assert "official URL http://127.0.0.1:9/" in text and "missing train-images-idx3-ubyte.gz" in text
@@ -107,7 +107,7 @@ def test_falls_back_to_download_cache(synthetic_source, tmp_path):
     for f in src.iterdir():
         (cache / f.name).write_bytes(f.read_bytes())
     data = cfg.data.vision.model_copy(update={"source_dir": None})
-    source, raw = acquire(data)
+    source, raw = acquire(data, "data.vision")
     assert source.startswith("download") and set(raw) == set(cfg.data.vision.sha256)
 
 
@@ -156,7 +156,7 @@ def test_inconsistent_raw_files_are_named_before_anything_is_written(synthetic_s
     subset = SplitSizes(train=300, val=50, test=100)
     data = cfg.data.vision.model_copy(update={"sha256": pins, "subset": subset, **update})
     with pytest.raises(DataFormatError, match=rf"source_dir \({re.escape(str(src))}\): {pattern}"):
-        prepare_vision(data, tmp_path / "out")
+        prepare_images(data, tmp_path / "out", "vision")
     assert not (tmp_path / "out").exists()
 
 

@@ -6,6 +6,9 @@ import torch
 from tasks.artifacts import count_parameters
 from tasks.config import parse_config
 from tasks.errors import ConfigError
+from tasks.images.arch_config import MobileArch
+from tasks.images.models import MobileStudent
+from tasks.images.prune import pruning_schedule
 from tasks.pruning import (
     attach_masks,
     bake,
@@ -18,9 +21,6 @@ from tasks.pruning import (
     sparsity_report,
 )
 from tasks.quantization import prepare_qat
-from tasks.vision.arch_config import MobileArch
-from tasks.vision.models import MobileStudent
-from tasks.vision.prune import pruning_schedule
 
 ARCH = MobileArch(stem=8, widths=[16, 32, 32, 64], strides=[1, 2, 1, 2])
 MIXED = MobileArch(stem=8, stem_stride=2, widths=[16, 32, 32, 64], strides=[1, 2, 1, 2],

@@ -8,9 +8,9 @@ from tasks.artifacts import load_model, save_model
 from tasks.config import parse_config
 from tasks.distillation import loss_config
 from tasks.errors import ConfigError
+from tasks.images.arch_config import MobileArch
+from tasks.images.models import MobileStudent
 from tasks.quantization import convert_int8, freeze_schedule, prepare_qat
-from tasks.vision.arch_config import MobileArch
-from tasks.vision.models import MobileStudent
 
 ARCH = MobileArch(stem=4, widths=[8, 16, 16], strides=[2, 2, 1])
 

@@ -7,9 +7,9 @@ from tasks.artifacts import count_parameters
 from tasks.checkpoints import load_checkpoint, save_checkpoint
 from tasks.family_config import Optimizer, Schedule
 from tasks.image_training import Pixels, Split, augment, evaluate, fit, memory_format
-from tasks.vision.arch_config import ResNetArch
-from tasks.vision.config import Augmentation, TrainingRecipe
-from tasks.vision.models import ResNetTeacher
+from tasks.images.arch_config import ResNetArch
+from tasks.images.config import Augmentation, TrainingRecipe
+from tasks.images.models import ResNetTeacher
 
 ARCH = ResNetArch(stem=4, widths=[8, 16], blocks=[1, 1])
 

@@ -13,11 +13,11 @@ import pytest
 
 from flows.batch_admission import check
 from tasks.errors import DataFormatError
+from tasks.images.idx import gzip_bytes, idx_bytes
+from tasks.images.prepare import prepare_images
+from tasks.images.validate import validate_images
 from tasks.snapshot import BOOTSTRAP, add_batch, batch_tables, create, ensure, read
-from tasks.vision.idx import gzip_bytes, idx_bytes
 from tasks.vision.intake import INTAKE
-from tasks.vision.prepare import prepare_vision
-from tasks.vision.validate import validate_vision
 
 IMAGES, LABELS = "train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz"
 
@@ -160,9 +160,9 @@ def test_batches_with_another_class_mix_within_the_drift_limit_still_validate(re
             assert reason == "", _failed(report)
         add_batch(snapshot, folder.name, folder, {"rows": INTAKE.rows(batch)})
     out = tmp_path / "out"
-    manifest = prepare_vision(cfg.data.vision, out, ("snapshot", [t for _, t in batch_tables(snapshot, INTAKE)]))
+    manifest = prepare_images(cfg.data.vision, out, "vision", ("snapshot", [t for _, t in batch_tables(snapshot, INTAKE)]))
     arrays = {s: (np.load(out / f"{s}_x.npy"), np.load(out / f"{s}_y.npy")) for s in ("train", "val", "test")}
-    report = validate_vision(arrays, cfg, manifest=manifest, snapshot=read(snapshot))
+    report = validate_images(arrays, cfg, "vision", manifest=manifest, snapshot=read(snapshot))
     assert report["success"], [c["kwargs"] for c in report["checks"] if not c["success"]]
 
 
@@ -211,8 +211,8 @@ def test_the_published_snapshot_prepares_exactly_what_the_published_files_did(co
     assert [b["id"] for b in manifest["batches"]] == [BOOTSTRAP]
     assert manifest["batches"][0]["rows"] == {"train": 60_000, "test": 10_000}
     batches = [t for _, t in batch_tables(snapshot, INTAKE)]
-    prepare_vision(config.data.vision, tmp_path / "from_snapshot", ("snapshot", batches))
-    prepare_vision(config.data.vision, tmp_path / "from_source")
+    prepare_images(config.data.vision, tmp_path / "from_snapshot", "vision", ("snapshot", batches))
+    prepare_images(config.data.vision, tmp_path / "from_source", "vision")
     for path in sorted((tmp_path / "from_source").glob("*.npy")):
         assert path.read_bytes() == (tmp_path / "from_snapshot" / path.name).read_bytes(), path.name
 
@@ -230,9 +230,9 @@ def test_arriving_batches_grow_every_split_hold_out_a_recent_window_and_no_image
             add_batch(snapshot, folder.name, folder, {"rows": INTAKE.rows(INTAKE.read_batch(folder))})
         added = n
         out = tmp_path / f"out{n}"
-        manifest = prepare_vision(cfg.data.vision, out, ("snapshot", [t for _, t in batch_tables(snapshot, INTAKE)]))
+        manifest = prepare_images(cfg.data.vision, out, "vision", ("snapshot", [t for _, t in batch_tables(snapshot, INTAKE)]))
         arrays = {f"{s}_{p}": np.load(out / f"{s}_{p}.npy") for s in ("train", "val", "test") for p in "xy"}
-        report = validate_vision({s: (arrays[f"{s}_x"], arrays[f"{s}_y"]) for s in ("train", "val", "test")}, cfg,
+        report = validate_images({s: (arrays[f"{s}_x"], arrays[f"{s}_y"]) for s in ("train", "val", "test")}, cfg, "vision",
                                  manifest=manifest, snapshot=read(snapshot))
         assert report["success"], [c for c in report["checks"] if not c["success"]]
         splits[n], windows[n] = arrays, json.loads((out / "windows.json").read_text())
@@ -262,5 +262,5 @@ def test_a_first_batch_without_test_images_is_refused(replayed, tmp_path):
     reason, report = check(INTAKE, cfg, INTAKE.read_batch(folder), None, tmp_path / "docs")
     assert reason == "invalid" and _failed(report) == {"part", "training_images"}   # 5,000: all validation's
     with pytest.raises(DataFormatError, match="the first batch has no test part; give it test-images-idx3-ubyte.gz"):
-        prepare_vision(cfg.data.vision, tmp_path / "out", ("snapshot", [INTAKE.read_batch(folder)]))
+        prepare_images(cfg.data.vision, tmp_path / "out", "vision", ("snapshot", [INTAKE.read_batch(folder)]))
     assert json.loads((replayed[1][0] / "classes.json").read_text()) == cfg.data.vision.class_names

@@ -13,9 +13,9 @@ from torch.ao.quantization import FakeQuantizeBase
 from tasks.artifacts import load_model, model_meta, save_model
 from tasks.config import load_config
 from tasks.image_training import Split, evaluate
-from tasks.vision.arch_config import MobileArch, ResNetArch
-from tasks.vision.models import MobileStudent, ResNetTeacher
-from tasks.vision.prepare import prepare_vision
+from tasks.images.arch_config import MobileArch, ResNetArch
+from tasks.images.models import MobileStudent, ResNetTeacher
+from tasks.images.prepare import prepare_images
 
 TEACHER = ResNetArch(stem=8, widths=[16, 32], blocks=[1, 1])
 STUDENT = MobileArch(stem=8, stem_stride=2, widths=[16, 16, 32], strides=[1, 2, 1], kinds=["fused", "separable", "separable"])
@@ -26,7 +26,7 @@ FAST = {"epochs": 2, "batch_size": 128, "threads": 1, "eval_batch_size": 256}
 def project(synthetic_source, raw_params, mlflow_uri, tmp_path):
     """Processed data, a tiny teacher and student, and a params.yaml of short schedules (working dir: tmp_path)."""
     _, cfg = synthetic_source
-    prepare_vision(cfg.data.vision, tmp_path / "data")
+    prepare_images(cfg.data.vision, tmp_path / "data", "vision")
     torch.manual_seed(0)
     save_model(ResNetTeacher(TEACHER), "resnet_teacher", TEACHER, tmp_path / "teacher.pt")
     save_model(MobileStudent(STUDENT), "mobile_student", STUDENT, tmp_path / "student.pt")
@@ -48,7 +48,7 @@ def run_stage(monkeypatch, project, module, recipe: list[str], student: str, out
     monkeypatch.setattr(sys, "argv", [module.__name__, "--data", "data", "--teacher", "teacher.pt", "--student", student,
                                       "--checkpoint", f"ckpt/{out}/last.pt", "--model", f"{out}.pt",
                                       "--metrics", f"{out}.json", "--plots", f"{out}.csv"])
-    module.main()
+    module.main("vision")
 
 
 def _observing(model) -> list[str]:
@@ -58,10 +58,10 @@ def _observing(model) -> list[str]:
 def test_structured_pruning_then_qat_share_and_export_load_the_narrower_student(project, monkeypatch):
     """Before: qat_vision published the un-pruned architecture, so loading its model failed (state_dict size
     mismatch) in share, export and evaluate after structured pruning."""
-    import tasks.vision.prune as prune_vision
-    import tasks.vision.qat as qat_vision
-    import tasks.vision.share as share_vision
-    from tasks.vision.export import export_vision
+    import tasks.images.prune as prune_vision
+    import tasks.images.qat as qat_vision
+    import tasks.images.share as share_vision
+    from tasks.images.export import export_images
 
     recipe = ["distill", "prune", "qat", "share"]
     run_stage(monkeypatch, project, prune_vision, recipe, "student.pt", "pruned")
@@ -78,7 +78,7 @@ def test_structured_pruning_then_qat_share_and_export_load_the_narrower_student(
     # random images: the students' logits tie, so agreement measures rounding noise; loading and exporting is the point
     cfg = export.model_copy(update={"parity": export.parity.model_copy(update={"min_top1_agreement": 0.01,
                                                                              "max_accuracy_delta": 1.0})})
-    checks = export_vision(cfg, load_config(project / "params.yaml").qat.vision, project / "data",
+    checks = export_images(cfg, load_config(project / "params.yaml").qat.vision, project / "data",
                            project / "teacher.pt", project / "student.pt",
                            project / "shared.pt", project / "onnx")
     assert set(checks) == {"teacher_fp32", "student_fp32", "student_int8", "student_ptq_int8"}
@@ -91,14 +91,14 @@ def test_structured_pruning_then_qat_share_and_export_load_the_narrower_student(
 
 def test_qat_follows_the_recipes_distill_flag(project, monkeypatch):
     """Before: QAT read its own ``qat.vision.distill`` (true), so the CE-only recipe was distilled during QAT."""
-    import tasks.vision.qat as qat_vision
+    import tasks.images.qat as qat_vision
 
     cfg = load_config(project / "params.yaml")
     run_stage(monkeypatch, project, qat_vision, ["qat"], "student.pt", "ce")
     args = (cfg.qat.vision, cfg.distill.vision)
     paths = (project / "data", project / "teacher.pt", project / "student.pt")
-    labels_only = qat_vision.qat_vision(*args, False, *paths, project / "ckpt" / "a" / "last.pt")[0]
-    distilled = qat_vision.qat_vision(*args, True, *paths, project / "ckpt" / "b" / "last.pt")[0]
+    labels_only = qat_vision.qat_images(*args, False, *paths, project / "ckpt" / "a" / "last.pt")[0]
+    distilled = qat_vision.qat_images(*args, True, *paths, project / "ckpt" / "b" / "last.pt")[0]
     shipped = load_model(project / "ce.pt").state_dict()
     same = lambda state: all(torch.equal(shipped[k], v) for k, v in state.items())  # noqa: E731
     assert same(labels_only.state_dict()) and not same(distilled.state_dict())
@@ -107,7 +107,7 @@ def test_qat_follows_the_recipes_distill_flag(project, monkeypatch):
 def test_qat_ships_frozen_ranges_that_no_evaluation_moves(project, monkeypatch):
     """Before: observers stayed on when ``freeze_observers_after`` was not reached, and every evaluation pass (val
     each epoch, test, export) moved the ranges that ship."""
-    import tasks.vision.qat as qat_vision
+    import tasks.images.qat as qat_vision
 
     run_stage(monkeypatch, project, qat_vision, ["distill", "qat"], "student.pt", "qat")
     model = load_model(project / "qat.pt")
@@ -141,8 +141,8 @@ def test_distill_and_qat_stages_run_with_the_teacher_in_onnxruntime(project, mon
 
     from mlflow.tracking import MlflowClient
 
-    import tasks.vision.distill as distill_vision
-    import tasks.vision.qat as qat_vision
+    import tasks.images.distill as distill_vision
+    import tasks.images.qat as qat_vision
     from tasks.config import load_config
 
     params = yaml.safe_load((project / "params.yaml").read_text())
@@ -151,7 +151,7 @@ def test_distill_and_qat_stages_run_with_the_teacher_in_onnxruntime(project, mon
     monkeypatch.setattr(sys, "argv", ["distill_vision", "--data", "data", "--teacher", "teacher.pt",
                                       "--checkpoint", "ckpt/kd/last.pt", "--model", "kd.pt", "--metrics", "kd.json",
                                       "--plots", "kd.csv"])
-    distill_vision.main()
+    distill_vision.main("vision")
     assert json.loads((project / "kd.json").read_text())["test_accuracy"] >= 0.0
     (run,) = MlflowClient(mlflow_uri).search_runs(["1"], "tags.`pipeline.stage` = 'distill_vision'")
     expected = load_config(project / "params.yaml").distill.vision.resolved().teacher_runtime
@@ -163,7 +163,7 @@ def test_distill_and_qat_stages_run_with_the_teacher_in_onnxruntime(project, mon
 def test_a_reused_teacher_is_the_champions_and_its_stage_still_writes_every_output(project, monkeypatch):
     """Before: a teacher reused by the warm-start plan left its checkpoint folder (a DVC output) uncreated, so DVC
     failed the stage in any fresh workspace."""
-    import tasks.vision.train_teacher as train_teacher_vision
+    import tasks.images.train_teacher as train_teacher_vision
     from tasks.image_training import model_shape
 
     params = yaml.safe_load((project / "params.yaml").read_text())
@@ -176,7 +176,7 @@ def test_a_reused_teacher_is_the_champions_and_its_stage_still_writes_every_outp
     monkeypatch.setattr(sys, "argv", ["train_teacher_vision", "--data", "data", "--warm-start", "warm",
                                       "--checkpoint", "ckpt/teacher/last.pt", "--model", "teacher_out.pt",
                                       "--metrics", "teacher.json", "--plots", "teacher.csv"])
-    train_teacher_vision.main()
+    train_teacher_vision.main("vision")
     assert (project / "ckpt" / "teacher").is_dir() and not any((project / "ckpt" / "teacher").iterdir())
     reused = torch.load(project / "teacher_out.pt", weights_only=True)
     assert reused["warm_start"] == "reuse"

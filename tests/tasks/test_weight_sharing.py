@@ -6,10 +6,10 @@ from torch import nn
 
 from tasks.config import parse_config
 from tasks.errors import ConfigError
+from tasks.images.arch_config import MobileArch
+from tasks.images.models import MobileStudent
+from tasks.images.share import fix_quantization
 from tasks.quantization import convert_int8, prepare_qat
-from tasks.vision.arch_config import MobileArch
-from tasks.vision.models import MobileStudent
-from tasks.vision.share import fix_quantization
 from tasks.weight_sharing import bake, kmeans_1d, share_weights, shared_layers
 
 

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from tasks.vision.arch_config import MobileArch, ResNetArch
+from tasks.images.arch_config import MobileArch, ResNetArch
 
 
 class BasicBlock(nn.Module):

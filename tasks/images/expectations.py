@@ -1,4 +1,5 @@
-"""Great Expectations suites for processed images (Fashion-MNIST or a user's folder), kept as code.
+"""Great Expectations suites for an image family's processed images (a published IDX data set or a user's folder),
+kept as code.
 
 The images are summarised into small frames (one row per image, one row per class, one row per test image
 with its leak flag) so that the expectations read like the data contract they enforce.
@@ -11,7 +12,7 @@ import great_expectations as gx
 import numpy as np
 import pandas as pd
 
-from tasks.vision.data_config import VisionValidation
+from tasks.images.data_config import ImageValidation
 
 E = gx.expectations
 
@@ -55,9 +56,9 @@ def leak_frame(earlier_x: np.ndarray, later_x: np.ndarray) -> pd.DataFrame:
     return pd.DataFrame({"in_earlier": [int(h in seen) for h in digest(later_x)]})
 
 
-def rows_suite(split: str, expected_rows: int, image: dict) -> gx.ExpectationSuite:
+def rows_suite(family: str, split: str, expected_rows: int, image: dict) -> gx.ExpectationSuite:
     """Row count, dtype, the image's shape (``image``: channels, height, width, classes) and the label set."""
-    suite = gx.ExpectationSuite(name=f"vision_rows_{split}")
+    suite = gx.ExpectationSuite(name=f"{family}_rows_{split}")
     for exp in (
         E.ExpectTableRowCountToEqual(value=expected_rows),
         E.ExpectColumnValuesToBeInSet(column="dtype", value_set=["uint8"]),
@@ -72,16 +73,16 @@ def rows_suite(split: str, expected_rows: int, image: dict) -> gx.ExpectationSui
     return suite
 
 
-def classes_suite(split: str) -> gx.ExpectationSuite:
+def classes_suite(family: str, split: str) -> gx.ExpectationSuite:
     """Every class's count inside the range of its share (``class_frame``)."""
-    suite = gx.ExpectationSuite(name=f"vision_classes_{split}")
+    suite = gx.ExpectationSuite(name=f"{family}_classes_{split}")
     suite.add_expectation(E.ExpectColumnPairValuesAToBeGreaterThanB(column_A="count", column_B="low", or_equal=True))
     suite.add_expectation(E.ExpectColumnPairValuesAToBeGreaterThanB(column_A="high", column_B="count", or_equal=True))
     return suite
 
 
-def leak_suite(earlier: str, later: str, cfg: VisionValidation) -> gx.ExpectationSuite:
-    suite = gx.ExpectationSuite(name=f"vision_{earlier}_{later}_leak")
+def leak_suite(family: str, earlier: str, later: str, cfg: ImageValidation) -> gx.ExpectationSuite:
+    suite = gx.ExpectationSuite(name=f"{family}_{earlier}_{later}_leak")
     suite.add_expectation(E.ExpectColumnMeanToBeBetween(
         column="in_earlier", min_value=0.0, max_value=cfg.max_cross_split_duplicate_fraction))
     return suite

@@ -1,5 +1,6 @@
-"""The vision family's data params: where its images come from (Fashion-MNIST's files or an image folder), how they
-split, what validation holds every split to, and how arriving batches are checked (``ingest.vision``)."""
+"""An image family's data params (``data.<family>``): where its images come from (an image folder, or a published
+data set's IDX files such as Fashion-MNIST's), how they split, what validation holds every split to, and how
+arriving batches are checked (``ingest.<family>``)."""
 from __future__ import annotations
 
 from typing import Annotated, Literal
@@ -9,7 +10,7 @@ from pydantic import Field, model_validator
 from tasks.config_types import Fraction, Positive, ProjectPath, Strict
 from tasks.family_config import Sha256
 
-VISION_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
+IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
 
 
 class SplitSizes(Strict):
@@ -36,7 +37,7 @@ class ImageFolder(Strict):
     ``channels`` 1 (grey) or 3 (RGB) converts every image, null keeps grey only when every image is grey; ``size``
     [height, width] resizes every image, null requires one size. ``test_fraction`` carves a seeded stratified test
     split when there is no test folder, ``val_fraction`` the validation split from what is left when there is no
-    val folder (``data.vision.val_size`` and ``data.vision.pixels`` are the IDX files'). ``sha256``: optional pin of
+    val folder (``val_size`` and ``pixels`` beside it are the IDX files'). ``sha256``: optional pin of
     the folder's content (printed in the manifest's source)."""
     path: str
     channels: Literal[1, 3] | None = None
@@ -47,18 +48,20 @@ class ImageFolder(Strict):
     pixels: PixelStats | None = None   # null: measured on the training split
 
 
-class VisionData(Strict):
-    # The images: a user's folder when set, else the Fashion-MNIST IDX files from the first source that has them.
+class ImageData(Strict):
+    # The images: a user's folder when set, else the published IDX files (the four of IDX_FILES, each pinned by
+    # sha256) from the first source that has them: source_dir, system_dir, then url into download_cache.
     image_folder: ImageFolder | None = None
     source_dir: str | None = None
-    system_dir: str
-    url: str
-    download_cache: ProjectPath
-    sha256: dict[str, Sha256]
+    system_dir: str | None = None
+    system_package: str | None = None   # the Debian package that installs system_dir
+    url: str | None = None
+    download_cache: ProjectPath | None = None
+    sha256: dict[str, Sha256] = {}
     class_names: list[str] | None = None   # of the IDX labels 0, 1, ...; null: the label numbers
     # the IDX images' normalisation; null: measured on the training split (either way recorded in the data's manifest)
     pixels: PixelStats | None = None
-    val_size: Positive
+    val_size: Positive | None = None   # of the IDX training images, held out for validation
     # each batch after the first holds out this share of its images as test rows (the recent window of the run it
     # arrives in: images no model trained on); 0: later batches only grow training and validation
     batch_test_fraction: Fraction = 0.0
@@ -66,15 +69,19 @@ class VisionData(Strict):
     subset: SplitSizes | None = None   # of the test split: of the first batch's test rows (the golden window)
 
     @model_validator(mode="after")
-    def _all_files_pinned(self) -> VisionData:
-        if set(self.sha256) != set(VISION_FILES):
-            raise ValueError(f"sha256 must pin exactly {list(VISION_FILES)}, got {sorted(self.sha256)}")
-        if self.subset and self.image_folder is None and self.subset.val > self.val_size:
+    def _all_files_pinned(self) -> ImageData:
+        if self.image_folder is not None:
+            return self
+        if set(self.sha256) != set(IDX_FILES):
+            raise ValueError(f"sha256 must pin exactly {list(IDX_FILES)}, got {sorted(self.sha256)}")
+        if self.val_size is None or self.download_cache is None:
+            raise ValueError("the IDX files need val_size and download_cache (or set image_folder)")
+        if self.subset and self.subset.val > self.val_size:
             raise ValueError(f"subset.val ({self.subset.val}) exceeds val_size ({self.val_size})")
         return self
 
 
-class VisionValidation(Strict):
+class ImageValidation(Strict):
     class_balance_tolerance: Annotated[float, Field(gt=0.0, lt=1.0)]
     max_cross_split_duplicate_fraction: Fraction   # images of a later split that are copies of an earlier split's
 
@@ -82,7 +89,7 @@ class VisionValidation(Strict):
 Share = Annotated[float, Field(ge=0.0, le=1.0)]
 
 
-class VisionDrift(Strict):
+class ImageDrift(Strict):
     """Largest change a new batch of images may bring against the accepted ones (TFX's comparators); more is drift."""
 
     class_linf: Share                  # L-infinity between the batch's and the accepted class mix
@@ -91,20 +98,20 @@ class VisionDrift(Strict):
     blank_share: Share                 # share of the batch's images that are blank or near-constant
 
 
-class VisionReplay(Strict):
-    """``python -m flows.replay --family vision``: the published training images released as an initial set (with the
+class ImageReplay(Strict):
+    """``python -m flows.replay --family <family>``: the published training images released as an initial set (with the
     published test images, the fixed golden set) and labelled batches of ``batch_rows``."""
 
     initial_fraction: Annotated[float, Field(gt=0.0, lt=1.0)]
     batch_rows: Positive
 
 
-class VisionIngest(Strict):
-    """``python -m flows.ingest --family vision``: what a new batch of images must satisfy to join the snapshot."""
+class ImageIngest(Strict):
+    """``python -m flows.ingest --family <family>``: what a new batch of images must satisfy to join the snapshot."""
 
     bootstrap: Literal["published", "empty"]   # the snapshot starts as the published data (or image folder), or empty
     min_rows: Positive                 # images in a batch
     blank_std: Annotated[float, Field(ge=0.0)]   # an image whose pixel standard deviation (0-255) is below this is blank
     max_repeated_fraction: Fraction    # images that are byte-for-byte copies of an accepted one (or of another in the batch)
-    drift: VisionDrift
-    replay: VisionReplay
+    drift: ImageDrift
+    replay: ImageReplay

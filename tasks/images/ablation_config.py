@@ -1,5 +1,5 @@
-"""The vision ablation's params (``ablation.vision``): its seeds, per-stage overrides, targets and low-bit arms.
-``tasks.vision.config.ablation_recipes`` merges the overrides into the stage recipes."""
+"""An image family's ablation params (``ablation.<family>``): its seeds, per-stage overrides, targets and low-bit arms.
+``tasks.images.config.ablation_recipes`` merges the overrides into the stage recipes."""
 from __future__ import annotations
 
 from typing import Annotated, Any, Literal
@@ -26,9 +26,9 @@ class LowBitArms(Strict):
     max_size_ratio: Annotated[float, Field(gt=0.0)]   # KD + QAT file bytes at most this share of the 8-bit one's
 
 
-class AblationVision(Strict):
+class AblationImages(Strict):
     """The ablation benchmark: every arm trained once per seed with the stage recipes, where ``distill``, ``prune``,
-    ``qat`` and ``share`` hold overrides of ``<stage>.vision`` for the ablation only (e.g. fewer epochs)."""
+    ``qat`` and ``share`` hold overrides of ``<stage>.<family>`` for the ablation only (e.g. fewer epochs)."""
 
     seeds: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1), distinct("seed")]
     calibration_size: Positive         # validation images that calibrate the PTQ baseline (never test images)

@@ -1,4 +1,4 @@
-"""The vision family's model architectures, as params give them and every model file records them (``arch``):
+"""An image family's model architectures, as params give them and every model file records them (``arch``):
 the ResNet teacher and the MobileNet-style student."""
 from __future__ import annotations
 

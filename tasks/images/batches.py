@@ -1,10 +1,10 @@
-"""The vision family's batch folders: labelled images as IDX files, read, written and combined (``tasks.intake``).
+"""An image family's batch folders: labelled images as IDX files, read, written and combined (``tasks.intake``).
 
 A batch is a folder with ``train-images-idx3-ubyte.gz`` (unsigned bytes, (N, H, W); ``idx4`` for (N, C, H, W)) and
 ``train-labels-idx1-ubyte.gz`` (the class of each image, 0, 1, ...), plain or gzipped, and optionally
 ``classes.json`` (the class names, in label order). The snapshot's first batch may also hold ``test-*`` (the fixed
 *golden* test set) and ``val-*`` parts; a later batch brings ``train-*`` images only. File names, IDX structure,
-sizes and shapes are checked here; labels and values by the contract (``tasks.vision.intake``).
+sizes and shapes are checked here; labels and values by the contract (``tasks.images.intake``).
 """
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from typing import Any
 import numpy as np
 
 from tasks.errors import DataFormatError
+from tasks.images.idx import gunzip, gzip_bytes, idx_bytes, read_idx
 from tasks.io import write_atomic
-from tasks.vision.idx import gunzip, gzip_bytes, idx_bytes, read_idx
 
 PARTS = ("train", "val", "test")   # the order a snapshot's images are read in
 CLASSES = "classes.json"

@@ -1,0 +1,241 @@
+"""Stage ``prepare_<family>``: the raw snapshot of images -> verified, split arrays.
+
+Input: ``<raw>``, the family's snapshot (``tasks.snapshot``, ``tasks.images.intake``): the published images (a
+user's image folder or a published data set's IDX files, verified by checksum: ``tasks.images.source``) and every batch
+``flows.ingest`` accepted. The first batch's test part is the test split's golden window; each later batch holds
+out ``data.<family>.batch_test_fraction`` of its images as test rows too (the newest batch's are the recent window:
+images no model was trained on), then gives validation the share the first batch's training images gave it (seeded
+per batch, so a batch's split never moves).
+Outputs: ``<out>/{train,val,test}_{x,y}.npy`` (uint8 images, one channel as (N, H, W), more as (N, C, H, W)),
+``<out>/windows.json`` (the test rows of each evaluation window, by position: ``golden``, ``recent``) and
+``<out>/manifest.json`` (source, image shape, pixel statistics, class names, rows and class counts per split — of
+the test split's held-out rows too — and rows per window).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from tasks.config import stage_args
+from tasks.errors import DataFormatError
+from tasks.images.data_config import ImageData, SplitSizes
+from tasks.images.source import from_folder, from_idx
+from tasks.io import WINDOWS, save_npy, write_json
+
+
+def stratified_pick(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of ``n`` rows drawn per class in proportion to the class sizes, sorted; the rounding remainder goes to
+    the classes with the largest fractional quotas (ties: the first)."""
+    classes, counts = np.unique(labels, return_counts=True)
+    exact = counts / counts.sum() * n
+    quotas = np.floor(exact).astype(int)
+    quotas[np.argsort(-(exact - quotas), kind="stable")[: n - quotas.sum()]] += 1
+    picks = [rng.choice(np.flatnonzero(labels == c), size=q, replace=False) for c, q in zip(classes, quotas, strict=True)]
+    return np.sort(np.concatenate(picks))
+
+
+def carve(x: np.ndarray, y: np.ndarray, n: int, rng: np.random.Generator
+          ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """(rest, carved): ``n`` rows drawn stratified from (x, y), and the others."""
+    idx = stratified_pick(y, n, rng)
+    rest = np.ones(len(y), dtype=bool)
+    rest[idx] = False
+    return (x[rest], y[rest]), (x[idx], y[idx])
+
+
+Part = tuple[np.ndarray, np.ndarray]   # (images, labels)
+
+
+def _joined(parts: list[Part]) -> Part:
+    return tuple(np.concatenate(p) for p in zip(*parts, strict=True))
+
+
+def split(parts: dict[str, Part], val_size: int, test_size: int, seed: int, subset: SplitSizes | None,
+          later: list[Part] | None = None, test_share: float = 0.0) -> tuple[dict[str, Part], dict[str, list[int]]]:
+    """(splits, windows). Train / validation / test: the given ones, the others carved from train, seeded and
+    stratified (test first, then validation); images of ``later`` batches (training images that arrived since) each
+    hold out ``test_share`` of them as test rows, then give validation the share the first batch gave it, both drawn
+    with the batch's own seeds (a batch's split never moves as more arrive); optionally a seeded subset of each (of
+    the test split: of the first batch's part). Windows: the test positions of the first batch's part (``golden``)
+    and, once a batch arrived after it, of the newest batch's (``recent``)."""
+    rng = np.random.default_rng(seed)
+    train = parts["train"]
+    test = parts.get("test")
+    if test is None:
+        train, test = carve(*train, test_size, rng)
+    val = parts.get("val")
+    if val is None:
+        train, val = carve(*train, val_size, rng)
+    trains, vals, tests = [train], [val], [test]
+    share = len(val[1]) / (len(val[1]) + len(train[1]))
+    for n, (x, y) in enumerate(later or [], start=1):
+        (x, y), held = carve(x, y, round(len(y) * test_share), np.random.default_rng([seed, n, 1]))
+        rest, carved = carve(x, y, round(len(y) * share), np.random.default_rng([seed, n]))
+        trains.append(rest)
+        vals.append(carved)
+        tests.append(held)
+    splits = {"train": _joined(trains), "val": _joined(vals), "test": tests[0]}
+    if subset:
+        sizes = subset.model_dump()
+        for name, (sx, sy) in splits.items():
+            keep = stratified_pick(sy, min(sizes[name], len(sy)), rng)
+            splits[name] = (sx[keep], sy[keep])
+    golden = len(splits["test"][1])
+    splits["test"] = _joined([splits["test"], *tests[1:]])
+    windows = {"golden": list(range(golden))}
+    if later:
+        windows["recent"] = list(range(len(splits["test"][1]) - len(tests[-1][1]), len(splits["test"][1])))
+    return splits, windows
+
+
+def planned_rows(cfg: ImageData, batches: list[dict[str, int]], source: str) -> dict[str, int]:
+    """The rows ``split`` gives each split of a snapshot whose batches hold ``batches`` rows per part (what the data
+    contract expects of prepared data, from the snapshot's manifest)."""
+    first = batches[0]
+    val, test = carve_sizes(cfg, first, source)
+    train = first["train"] - val - test
+    val, test = first.get("val", val), first.get("test", test)
+    share, held_out = val / (val + train), 0
+    for later in batches[1:]:
+        held = round(later["train"] * cfg.batch_test_fraction)
+        carved = round((later["train"] - held) * share)
+        train, val, held_out = train + later["train"] - held - carved, val + carved, held_out + held
+    planned = {"train": train, "val": val, "test": test}
+    if cfg.subset:
+        planned = {name: min(rows, getattr(cfg.subset, name)) for name, rows in planned.items()}
+    return planned | {"test": planned["test"] + held_out}
+
+
+def pixel_stats(x: np.ndarray) -> dict[str, list[float]]:
+    """Per-channel mean and standard deviation of pixel/255 over ``x`` (N, H, W) or (N, C, H, W), summed in chunks."""
+    channels = 1 if x.ndim == 3 else x.shape[1]
+    total, squares, count = np.zeros(channels), np.zeros(channels), 0
+    for i in range(0, len(x), 4096):
+        chunk = x[i:i + 4096].astype(np.float64) / 255.0
+        chunk = chunk[:, None] if x.ndim == 3 else chunk
+        total += chunk.sum(axis=(0, 2, 3))
+        squares += (chunk ** 2).sum(axis=(0, 2, 3))
+        count += chunk.shape[0] * chunk.shape[2] * chunk.shape[3]
+    mean = total / count
+    std = np.sqrt(np.maximum(squares / count - mean ** 2, 0.0))
+    return {"mean": [round(float(v), 6) for v in mean], "std": [round(max(float(v), 1e-3), 6) for v in std]}
+
+
+def carve_sizes(cfg: ImageData, rows: dict[str, int], source: str) -> tuple[int, int]:
+    """(validation, test) rows to carve from the first batch's ``rows["train"]`` images (0 for a split it gives)."""
+    folder, n = cfg.image_folder, rows["train"]
+    if folder is None:
+        if "test" not in rows:
+            raise DataFormatError(f"{source}: the first batch has no test part; give it test-images-idx3-ubyte.gz and "
+                                  "test-labels-idx1-ubyte.gz (the fixed test set every model is reported on)")
+        test, val = 0, 0 if "val" in rows else cfg.val_size
+    else:
+        test = 0 if "test" in rows else max(1, round(n * folder.test_fraction))
+        val = 0 if "val" in rows else max(1, round((n - test) * folder.val_fraction))
+    if n - test - val < 1:
+        raise DataFormatError(f"{source}: {n} training images leave none to train on after {test} test and {val} "
+                              "validation images")
+    return val, test
+
+
+def split_sizes(cfg: ImageData, parts: dict[str, tuple[np.ndarray, np.ndarray]], source: str) -> tuple[int, int]:
+    """(validation, test) rows to carve from the training images (0 for a split the source gives)."""
+    return carve_sizes(cfg, {name: len(y) for name, (_, y) in parts.items()}, source)
+
+
+def check_every_class_in_every_split(splits: dict[str, tuple[np.ndarray, np.ndarray]], classes: list[str],
+                                     source: str) -> None:
+    for name, (_, y) in splits.items():
+        counts = np.bincount(y, minlength=len(classes))
+        if (missing := [classes[c] for c in np.flatnonzero(counts == 0)]):
+            raise DataFormatError(f"{source}: no image of class {', '.join(map(repr, missing))} in the {name} split; "
+                                  "give each class at least a few images per split")
+
+
+def from_snapshot(cfg: ImageData, batches: list[dict]
+                  ) -> tuple[list[str], dict[str, tuple[np.ndarray, np.ndarray]], list[tuple[np.ndarray, np.ndarray]]]:
+    """(class names, the first batch's parts, the training images of every later batch) of a snapshot's batches
+    (``tasks.images.intake``). Class names: the first batch's (``classes.json``), else the IDX labels' names in
+    params, else the label numbers."""
+    first = batches[0]
+    parts = {name: first[name] for name in ("train", "val", "test") if first.get(name) is not None}
+    later = [b["train"] for b in batches[1:]]
+    n_labels = int(max(int(y.max(initial=0)) for _, y in [*parts.values(), *later])) + 1
+    names = declared_classes(cfg, first)
+    # a label past the named classes is kept (named by its number): validate_<family>, whose contract is the named
+    # classes, stops the pipeline on it and its Data Docs show the offending values
+    return [*names, *(str(i) for i in range(len(names), n_labels))], parts, later
+
+
+def declared_classes(cfg: ImageData, first: dict) -> list[str]:
+    """The class names the data declares: the first batch's ``classes.json``, else the IDX labels' names in params
+    (the published bootstrap's ``classes.json`` holds those: params pin them)."""
+    return first.get("classes") or (cfg.class_names if cfg.image_folder is None else None) or []
+
+
+def prepare_images(cfg: ImageData, out_dir: Path, family: str, snapshot: tuple[str, list[dict]] | None = None
+                   ) -> dict:
+    """Split a snapshot's images (``(source, batches)``; default: the published images, read and verified now, as
+    its one batch) into ``out_dir``; return the manifest. ``cfg`` is ``data.<family>``."""
+    skipped: list[str] = []
+    if snapshot is None:
+        if cfg.image_folder:
+            source, classes, parts, skipped = from_folder(cfg.image_folder, f"data.{family}.image_folder")
+        else:
+            source, classes, parts = from_idx(cfg, f"data.{family}")
+        later: list[tuple[np.ndarray, np.ndarray]] = []
+        declared = classes if cfg.image_folder else (cfg.class_names or [])
+    else:
+        source, batches = snapshot
+        classes, parts, later = from_snapshot(cfg, batches)
+        declared = declared_classes(cfg, batches[0])
+    splits, windows = split(parts, *split_sizes(cfg, parts, source), cfg.seed, cfg.subset, later,
+                            cfg.batch_test_fraction)
+    if cfg.image_folder:   # the IDX data set's contract (validate_<family>) checks its published classes instead
+        check_every_class_in_every_split(splits, classes, source)
+    x_train = splits["train"][0]
+    pinned = cfg.image_folder.pixels if cfg.image_folder else cfg.pixels
+    pixels = pinned.model_dump() if pinned else pixel_stats(x_train)
+    channels = 1 if x_train.ndim == 3 else x_train.shape[1]
+    if len(pixels["mean"]) != channels:
+        raise DataFormatError(f"{source}: the images have {channels} channel(s) but the pixel statistics in params.yaml "
+                              f"give {len(pixels['mean'])}")
+    manifest = {"source": source, "image": {"channels": channels, "height": int(x_train.shape[-2]),
+                                            "width": int(x_train.shape[-1]), **pixels, "classes": classes},
+                "splits": {}, "windows": {name: len(rows) for name, rows in windows.items()},
+                **({"declared_classes": declared} if declared else {}),
+                **({"skipped_files": skipped} if skipped else {})}
+    for name, (x, y) in splits.items():
+        for part, arr in (("x", x), ("y", y)):
+            save_npy(out_dir / f"{name}_{part}.npy", arr)
+        manifest["splits"][name] = {"rows": len(y),
+                                    "class_counts": np.bincount(y, minlength=len(classes)).tolist()}
+    # the test rows later batches held out (after the golden ones): stratified by their batch's own class mix
+    held_out = splits["test"][1][len(windows["golden"]):]
+    manifest["splits"]["test"]["held_out_class_counts"] = np.bincount(held_out, minlength=len(classes)).tolist()
+    write_json(out_dir / WINDOWS, windows)
+    write_json(out_dir / "manifest.json", manifest)
+    if skipped:
+        print(f"skipped {len(skipped)} file(s) without an image extension: {', '.join(skipped[:5])}"
+              + (" ..." if len(skipped) > 5 else ""))
+    return manifest
+
+
+def main(family: str) -> None:
+    args, cfg = stage_args(__doc__, "--raw", "--out")
+    from tasks.images.intake import image_intake
+    from tasks.snapshot import stage_batches
+    from tasks.tracking import stage_run
+
+    data = cfg.block("data", family)
+    with stage_run(f"prepare_{family}", cfg, params={f"data.{family}": data}) as run:
+        source, batches = stage_batches(args.raw, image_intake(family))
+        manifest = prepare_images(data, args.out, family, (source, [t for _, t in batches]))
+        run.log_metrics({f"{s}_rows": v["rows"] for s, v in manifest["splits"].items()}
+                        | {f"{w}_test_rows": n for w, n in manifest["windows"].items()})
+        run.set_tag("data.source", manifest["source"])
+        run.log_artifact(args.out / "manifest.json")
+    print(json.dumps({s: v["rows"] for s, v in manifest["splits"].items()}), f"from {manifest['source']}")
+
