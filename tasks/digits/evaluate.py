@@ -1,0 +1,6 @@
+"""Stage ``evaluate_digits``: the image kit's ``tasks.images.evaluate`` on the digits family's blocks."""
+from tasks.errors import run_cli
+from tasks.images.evaluate import main
+
+if __name__ == "__main__":
+    run_cli(lambda: main("digits"))

@@ -1,0 +1,6 @@
+"""Stage ``prune_digits``: the image kit's ``tasks.images.prune`` on the digits family's blocks."""
+from tasks.errors import run_cli
+from tasks.images.prune import main
+
+if __name__ == "__main__":
+    run_cli(lambda: main("digits"))
