@@ -21,6 +21,7 @@ from flows.stage_graph import stage_graph
 from tests.e2e.scratch import dvc, locked_outs, make_repo, repo_env
 
 pytestmark = pytest.mark.e2e
+FAMILIES = ["vision", "recsys", "text", "digits"]   # params.yaml's, in its order
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +47,7 @@ def test_flow_runs_every_stage_and_tracks_it(flow_repo):
     children = client.search_runs([parent.info.experiment_id],
                                   f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     by_stage = {r.data.tags["pipeline.stage"]: r for r in children}
-    assert set(by_stage) == set(names) | {"promote_vision", "promote_recsys", "promote_text"}  # stages, then gates
+    assert set(by_stage) == set(names) | {f"promote_{f}" for f in FAMILIES}  # stages, then gates
     for run in children:
         assert run.info.status == "FINISHED"
         assert run.data.tags["git.commit"] != "none" and run.data.tags["git.dirty"] == "false"
@@ -152,6 +153,31 @@ def test_the_text_family_runs_through_the_same_graph_gate_and_registry(flow_repo
     assert "| accuracy |" in (repo / "reports" / "text" / "gate.md").read_text()
 
 
+def test_the_digits_family_added_through_the_contract_runs_the_graph_gate_and_registry(flow_repo):
+    """The fourth family, added as a package of the image kit, its params blocks and its stages: scikit-learn's digits
+    written out as an image folder, read back as a user's images, compressed, gated and registered."""
+    from PIL import Image
+
+    repo, _, result = flow_repo
+    folders = sorted(p for p in (repo / "data/digits/images").iterdir())
+    assert [p.name for p in folders] == [str(d) for d in range(10)]
+    pngs = sorted((repo / "data/digits/images").glob("*/*.png"))
+    assert len(pngs) == 1797 and Image.open(pngs[0]).size == (8, 8) and Image.open(pngs[0]).mode == "L"
+    manifest = json.loads((repo / "data/digits/processed/manifest.json").read_text())
+    snapshot = json.loads((repo / "data/digits/raw/snapshot.json").read_text())
+    assert snapshot["batches"][0]["source"].startswith("image folder data/digits/images (content sha256 ")
+    assert manifest["image"] | {"mean": None, "std": None} == {"channels": 1, "height": 8, "width": 8, "mean": None,
+                                                               "std": None, "classes": [str(d) for d in range(10)]}
+    assert sum(s["rows"] for s in manifest["splits"].values()) == 1797
+    evaluation = json.loads((repo / "metrics/digits/evaluation.json").read_text())
+    assert evaluation["models"]["student_int8"]["test_accuracy"] >= 0.5   # six epochs learn 8x8 digits: the smoke gate's floor
+    gate = result["gates"]["digits"]
+    assert gate["passed"] and gate["version"] == "1" and gate["name"] == "smoke-digits-student-int8"
+    champion = MlflowClient(result["tracking_uri"]).get_model_version_by_alias("smoke-digits-student-int8", "champion")
+    assert champion.tags["data.hash"] == locked_outs(repo)["data/digits/processed"]
+    assert "| accuracy |" in (repo / "reports" / "digits" / "gate.md").read_text()
+
+
 def test_prefect_ran_one_task_per_stage_in_graph_order(flow_repo):
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -159,8 +185,17 @@ def test_prefect_ran_one_task_per_stage_in_graph_order(flow_repo):
     repo, state, _ = flow_repo
     with get_client(sync_client=True) as client:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id])))
-    ordered = [r.name for r in sorted(runs, key=lambda r: r.start_time)]
-    assert ordered == [n.name for n in stage_graph(repo)] + ["promote_vision", "promote_recsys", "promote_text"]
+    # the smoke profile runs two stages at once (pipeline.parallel_stages): each starts once its upstream has ended
+    timed = {r.name: r for r in runs}
+    graph = stage_graph(repo)
+    assert set(timed) == {n.name for n in graph} | {f"promote_{f}" for f in FAMILIES}
+    for node in graph:
+        for upstream in node.upstream:
+            assert timed[upstream].end_time <= timed[node.name].start_time, (upstream, node.name)
+    last_stage = max(timed[n.name].end_time for n in graph)
+    promotes = sorted((r for r in runs if r.name.startswith("promote_")), key=lambda r: r.start_time)
+    assert [r.name for r in promotes] == [f"promote_{f}" for f in FAMILIES]   # then the gates, in families' order
+    assert all(r.start_time >= last_stage for r in promotes)
 
 
 def test_the_prefect_run_shows_what_each_stage_printed_the_gates_and_the_evaluations(flow_repo):
@@ -192,7 +227,7 @@ def test_the_prefect_run_shows_what_each_stage_printed_the_gates_and_the_evaluat
     names = [s["stage"] for s in stages]
     assert names.index("snapshot_recsys") < names.index("prepare_recsys") and {s["status"] for s in stages} == {"ran"}
     assert result["parent_run_id"] in artifacts["mlflow-run"].data
-    for family in ("vision", "recsys", "text"):   # where the Data Docs are (a local store: the path of the MLflow artifact)
+    for family in FAMILIES:   # where the Data Docs are (a local store: the path of the MLflow artifact)
         docs = artifacts[f"validate-{family}-data-docs"].data
         assert "(validation success: true)" in docs and docs.split("`")[1].endswith("/data_docs/index.html")
         assert Path(docs.split("`")[1]).exists()
@@ -220,7 +255,7 @@ def test_dvc_plots_and_metrics_show_every_family(flow_repo):
     metrics = dvc(repo, "metrics", "show", "--json")
     assert metrics.returncode == 0, metrics.stderr
     files = set(json.loads(metrics.stdout)[""]["data"])
-    assert {f"metrics/{f}/evaluation.json" for f in ("vision", "recsys", "text")} <= files
+    assert {f"metrics/{f}/evaluation.json" for f in FAMILIES} <= files
 
 
 def _browser(*args: str) -> subprocess.CompletedProcess:
