@@ -117,4 +117,4 @@ services:
 	fi
 
 clean-results:
-	rm -rf data/vision data/recsys models metrics plots reports checkpoints mlflow.db mlartifacts
+	rm -rf data/vision data/recsys data/text data/digits models metrics plots reports checkpoints mlflow.db mlartifacts

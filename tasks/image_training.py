@@ -1,6 +1,6 @@
 """Image data and the image families' training loop: uint8 splits with their normalisation and class names (from
 the processed data's manifest), channels_last where the CPU has AVX512, random crop and flip, evaluation, and
-``fit``, which checkpoints after every epoch and resumes (a vision teacher trains for tens of minutes)."""
+``fit``, which checkpoints after every epoch and resumes (an image teacher trains for tens of minutes)."""
 from __future__ import annotations
 
 import dataclasses
@@ -49,7 +49,7 @@ class Split:
     @classmethod
     def load(cls, directory: Path, name: str) -> Split:
         """Load ``<name>_x.npy`` (uint8 images) and ``<name>_y.npy`` (labels) with ``manifest.json``'s pixel
-        statistics and classes, as prepare_vision wrote them."""
+        statistics and classes, as the family's prepare stage wrote them."""
         x = np.load(directory / f"{name}_x.npy", allow_pickle=False)
         y = np.load(directory / f"{name}_y.npy", allow_pickle=False)
         image = image_manifest(directory)
@@ -84,11 +84,14 @@ def model_shape(directory: Path) -> dict[str, Any]:
     return {"num_classes": len(image["classes"]), "input_shape": [image["channels"], image["height"], image["width"]]}
 
 
+PREPARE = "its prepare stage (prepare_<family>)"   # what wrote a processed image folder
+
+
 def image_manifest(directory: Path) -> dict[str, Any]:
     """``manifest.json``'s ``image`` section of processed image data: channels, height, width, mean, std, classes."""
-    manifest = read_manifest(directory, "prepare_vision")
+    manifest = read_manifest(directory, PREPARE)
     if "image" not in manifest:
-        raise DataFormatError(f"{directory}/manifest.json: no image description; re-run prepare_vision")
+        raise DataFormatError(f"{directory}/manifest.json: no image description; re-run {PREPARE}")
     return manifest["image"]
 
 

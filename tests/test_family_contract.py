@@ -21,7 +21,7 @@ FAMILY_WORDS = ("vision", "recsys", "fashion", "movielens", "mnist", "ctr", "rot
 NOT_YET_GENERIC = {
     "flows/ablation.py", "flows/ablation_report.py", "flows/benchmark.py", "flows/export_benchmark.py",
     "flows/recsys_benchmark.py", "flows/sweep_benchmark.py", "flows/teacher_benchmark.py", "tasks/artifacts.py",
-    "tasks/report.py", "tasks/image_training.py",
+    "tasks/report.py",
 }
 
 

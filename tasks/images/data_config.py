@@ -74,8 +74,10 @@ class ImageData(Strict):
             return self
         if set(self.sha256) != set(IDX_FILES):
             raise ValueError(f"sha256 must pin exactly {list(IDX_FILES)}, got {sorted(self.sha256)}")
-        if self.val_size is None or self.download_cache is None:
-            raise ValueError("the IDX files need val_size and download_cache (or set image_folder)")
+        if self.val_size is None:
+            raise ValueError("the IDX files need val_size (or set image_folder)")
+        if self.url is not None and self.download_cache is None:
+            raise ValueError("url needs download_cache, the folder its downloads are kept in")
         if self.subset and self.subset.val > self.val_size:
             raise ValueError(f"subset.val ({self.subset.val}) exceeds val_size ({self.val_size})")
         return self

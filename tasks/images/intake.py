@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -40,17 +41,20 @@ def settings(family: str, cfg: Any) -> Any:
     return cfg.block("ingest", family)
 
 
-def pins(family: str, cfg: Any) -> dict[str, Any]:
-    """What the published bootstrap was read from: the IDX files' pins, or the image folder's settings."""
+def pins(family: str, cfg: Any, extra: Callable[[Any], dict[str, Any]] | None = None) -> dict[str, Any]:
+    """What the published bootstrap was read from: the IDX files' pins, or the image folder's settings; plus
+    ``extra(cfg)``, what else the family says the images come from (a bootstrap is remade when any of it changes)."""
     data = cfg.block("data", family)
     folder = data.image_folder
+    more = extra(cfg) if extra is not None else {}
     if folder is not None:   # a pinned folder is its content, wherever it lies
         return {"channels": folder.channels, "size": folder.size,
-                **({"sha256": folder.sha256} if folder.sha256 else {"image_folder": folder.path})}
-    return {**data.sha256, "class_names": data.class_names}
+                **({"sha256": folder.sha256} if folder.sha256 else {"image_folder": folder.path}), **more}
+    return {**data.sha256, "class_names": data.class_names, **more}
 
 
-def bootstrap(family: str, cfg: Any) -> tuple[str, Images, dict[str, Any]]:
+def bootstrap(family: str, cfg: Any, extra: Callable[[Any], dict[str, Any]] | None = None
+              ) -> tuple[str, Images, dict[str, Any]]:
     """The published images (IDX files or the image folder) as one batch."""
     from tasks.images.source import from_folder, from_idx
 
@@ -60,7 +64,7 @@ def bootstrap(family: str, cfg: Any) -> tuple[str, Images, dict[str, Any]]:
     else:   # the declared names only: a label past them is validate_<family>'s to refuse, not a class to name
         source, _, parts = from_idx(data, f"data.{family}")
         classes = data.class_names
-    return source, {"classes": classes, **parts}, pins(family, cfg)
+    return source, {"classes": classes, **parts}, pins(family, cfg, extra)
 
 
 def _digests(x: np.ndarray) -> np.ndarray:
@@ -197,12 +201,18 @@ def replay(family: str, cfg: Any, landing: Path) -> list[Path]:
 
 
 @functools.cache
-def image_intake(family: str) -> Intake:
-    """The intake of image family ``family`` (its ``tasks/<family>/intake.py`` holds it as ``INTAKE``)."""
+def image_intake(family: str, extra_pins: Callable[[Any], dict[str, Any]] | None = None,
+                 pins_key: str | None = None) -> Intake:
+    """The intake of image family ``family`` (its ``tasks/<family>/intake.py`` holds it as ``INTAKE``).
+    ``extra_pins(cfg)``: what else the images come from, recorded with the bootstrap (``pins_key`` names where
+    params pin it): a family that writes its image folder from a pinned source gives that pin, so a new source
+    remakes the bootstrap even though the folder's path stays the same."""
     def bound(fn: Any) -> Any:
         return functools.partial(fn, family)
 
-    return Intake(settings=bound(settings), pins_key=f"data.{family}.sha256 (or data.{family}.image_folder)",
-                  pins=bound(pins), bootstrap=bound(bootstrap), read_batch=read_batch, write_batch=write_batch,
+    return Intake(settings=bound(settings),
+                  pins_key=pins_key or f"data.{family}.sha256 (or data.{family}.image_folder)",
+                  pins=functools.partial(pins, family, extra=extra_pins),
+                  bootstrap=functools.partial(bootstrap, family, extra=extra_pins), read_batch=read_batch, write_batch=write_batch,
                   combine=combine, rows=rows, contract=bound(contract), profile=bound(profile), drift=bound(drift),
                   replay=bound(replay))

@@ -59,11 +59,14 @@ def acquire(cfg: ImageData, key: str) -> tuple[str, dict[str, bytes]]:
         if isinstance(found, dict):
             return f"{label} ({directory})", found
         tried.append(f"{label} ({directory}): {found}")
-    assert cfg.url is not None and cfg.download_cache is not None   # ImageData requires them for IDX files
-    found = _download(cfg.url, Path(cfg.download_cache))
-    if isinstance(found, dict):
-        return f"download {cfg.url} (cached in {cfg.download_cache})", found
-    tried.append(f"official URL {cfg.url}: {found}")
+    if cfg.url is None:
+        tried.append(f"params {key}.url: not set")
+    else:
+        assert cfg.download_cache is not None   # ImageData requires it beside a url
+        found = _download(cfg.url, Path(cfg.download_cache))
+        if isinstance(found, dict):
+            return f"download {cfg.url} (cached in {cfg.download_cache})", found
+        tried.append(f"official URL {cfg.url}: {found}")
     raise DataSourceError("no source has the IDX files; tried, in order:\n  " + "\n  ".join(tried) +
                           (f"\nInstall the Debian package (apt-get install {cfg.system_package}) or set "
                            if cfg.system_package else "\nSet ") +

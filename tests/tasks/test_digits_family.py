@@ -61,3 +61,28 @@ def test_the_digits_are_read_as_an_image_folder_only(raw_params):
     raw = {**raw_params, "data": {**raw_params["data"], "digits": {**raw_params["data"]["digits"], "image_folder": None}}}
     with pytest.raises(ConfigError, match=r"data.digits: Value error, image_folder: the digits are read as the image folder"):
         parse_config(raw)
+
+
+def test_a_re_pinned_bundle_remakes_the_digits_bootstrap(config, pinned, tmp_path):
+    """Before: the digits' bootstrap recorded the unpinned folder's path alone, so a bundle pinned anew (and the new
+    images fetch_digits wrote from it) left the old images in the snapshot and every later stage stale."""
+    import shutil
+
+    from tasks.digits.intake import INTAKE
+    from tasks.snapshot import ensure
+
+    images, labels = read_bundle(bundle_path(), pinned)
+    folder = tmp_path / "images"
+    write_folder(images[:300], labels[:300], folder)
+    data = config.data.digits
+    cfg = config.model_copy(update={"data": config.data.model_copy(update={"digits": data.model_copy(update={
+        "image_folder": data.image_folder.model_copy(update={"path": str(folder)})})})})
+    first = ensure(tmp_path / "raw", "digits", INTAKE, cfg)["batches"][0]
+    assert first["rows"] == {"train": 300} and first["pins"]["bundle_sha256"] == pinned
+    shutil.rmtree(folder)
+    write_folder(images[300:700], labels[300:700], folder)   # what another bundle would write, at the same path
+    repinned = cfg.model_copy(update={"data": cfg.data.model_copy(update={"digits": cfg.data.digits.model_copy(
+        update={"bundle": cfg.data.digits.bundle.model_copy(update={"sha256": "f" * 64})})})})
+    again = ensure(tmp_path / "raw", "digits", INTAKE, repinned)["batches"][0]
+    assert again["rows"] == {"train": 400} and again["pins"]["bundle_sha256"] == "f" * 64
+    assert ensure(tmp_path / "raw", "digits", INTAKE, repinned)["batches"][0] == again   # unchanged pins: kept

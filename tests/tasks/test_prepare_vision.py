@@ -97,6 +97,9 @@ def test_no_source_lists_every_source_tried(synthetic_source, tmp_path):
     text = str(err.value)
     assert "params data.vision.source_dir" in text and "Debian dataset-fashion-mnist" in text
     assert "official URL http://127.0.0.1:9/" in text and "missing train-images-idx3-ubyte.gz" in text
+    # a data set without a download URL: the sources tried, not an AssertionError's traceback
+    with pytest.raises(DataSourceError, match=r"params data.vision.url: not set"):
+        acquire(data.model_copy(update={"url": None}), "data.vision")
 
 
 def test_falls_back_to_download_cache(synthetic_source, tmp_path):
