@@ -31,6 +31,17 @@ class PixelStats(Strict):
         return self
 
 
+class PublishedIdx(Strict):
+    """What a published IDX data set holds, its contract beside the checksums (validate_<family> holds the data to
+    it): images in its training and test parts, their size, and whether every class has the same share
+    (Fashion-MNIST: 60,000 + 10,000 images of 28x28, balanced; MNIST's are not)."""
+    train: Positive
+    test: Positive
+    height: Positive
+    width: Positive
+    balanced: bool
+
+
 class ImageFolder(Strict):
     """A user's own images (``tasks/image_folder.py``): ``<path>/<class>/<image>`` (one folder per class; its name is
     the class), or ``<path>/train/<class>/...`` with ``test/`` (and ``val/``) beside it to keep given splits.
@@ -62,6 +73,7 @@ class ImageData(Strict):
     # the IDX images' normalisation; null: measured on the training split (either way recorded in the data's manifest)
     pixels: PixelStats | None = None
     val_size: Positive | None = None   # of the IDX training images, held out for validation
+    published: PublishedIdx | None = None   # the IDX data set's contract
     # each batch after the first holds out this share of its images as test rows (the recent window of the run it
     # arrives in: images no model trained on); 0: later batches only grow training and validation
     batch_test_fraction: Fraction = 0.0
@@ -74,8 +86,8 @@ class ImageData(Strict):
             return self
         if set(self.sha256) != set(IDX_FILES):
             raise ValueError(f"sha256 must pin exactly {list(IDX_FILES)}, got {sorted(self.sha256)}")
-        if self.val_size is None:
-            raise ValueError("the IDX files need val_size (or set image_folder)")
+        if self.val_size is None or self.published is None:
+            raise ValueError("the IDX files need val_size and published (or set image_folder)")
         if self.url is not None and self.download_cache is None:
             raise ValueError("url needs download_cache, the folder its downloads are kept in")
         if self.subset and self.subset.val > self.val_size:

@@ -17,8 +17,7 @@ from tasks.errors import DataFormatError
 from tasks.expectations import ephemeral_context, failure_message, publish_validation, run_suites  # noqa: F401 (failure_message: API)
 from tasks.io import read_manifest
 
-PUBLISHED_ROWS = {"train": 60000, "test": 10000}   # the published IDX parts: a snapshot's bootstrap batch
-IDX_IMAGE = {"channels": 1, "height": 28, "width": 28}  # and its published image shape
+SHAPE = ("channels", "height", "width")
 SPLITS = ("train", "val", "test")
 
 
@@ -26,7 +25,9 @@ def expected_rows(cfg: Config, family: str, batches: list[dict[str, int]] | None
     """Rows per split of the snapshot whose batches hold ``batches`` rows per part (default: the published data)."""
     from tasks.images.prepare import planned_rows
 
-    return planned_rows(cfg.block("data", family), batches or [PUBLISHED_ROWS], "the raw snapshot")
+    data = cfg.block("data", family)
+    published = [{"train": data.published.train, "test": data.published.test}] if data.published else []
+    return planned_rows(data, batches or published, "the raw snapshot")
 
 
 def contract(cfg: Config, family: str, manifest: dict | None, snapshot: dict | None = None
@@ -50,7 +51,8 @@ def contract(cfg: Config, family: str, manifest: dict | None, snapshot: dict | N
     published = snapshot is None or starts_published(snapshot)   # its shape
     if not published and manifest is None:
         raise DataFormatError("images that arrived in batches are checked against their manifest.json; none was given")
-    shape = IDX_IMAGE if published else {k: manifest["image"][k] for k in IDX_IMAGE}
+    shape = {"channels": 1, "height": data.published.height, "width": data.published.width} if published else \
+        {k: manifest["image"][k] for k in SHAPE}
     return expected_rows(cfg, family, batches), {**shape, "classes": classes}
 
 
@@ -76,14 +78,16 @@ def published_only(snapshot: dict | None) -> bool:
 
 def class_shares(cfg: Config, family: str, manifest: dict | None, num_classes: int, snapshot: dict | None = None
                  ) -> dict[str, list[float]]:
-    """Each class's expected share of each split: equal for the published IDX data set (balanced by publication);
+    """Each class's expected share of each split: equal for a published IDX data set balanced by publication
+    (``data.<family>.published.balanced``; one that is not: its own mix, as for batches);
     else the data's own class mix — an image folder's over all its images (the splits are stratified), for images
     that arrived in batches the mix of the training and validation images (carved stratified per batch), while the
     test split is its own mix, or, when its first batch's fixed part is the published one, equal shares over those
     (golden) rows plus the mix of the rows later batches held out (stratified by each batch's own mix)."""
     equal = [1.0 / num_classes] * num_classes
-    folder = cfg.block("data", family).image_folder
-    if manifest is None or (not folder and published_only(snapshot)):
+    data = cfg.block("data", family)
+    folder, balanced = data.image_folder, data.published is not None and data.published.balanced
+    if manifest is None or (not folder and balanced and published_only(snapshot)):
         return dict.fromkeys(SPLITS, equal)
 
     def mix(*splits: str) -> list[float]:
@@ -92,7 +96,7 @@ def class_shares(cfg: Config, family: str, manifest: dict | None, num_classes: i
 
     if folder:
         return dict.fromkeys(SPLITS, mix(*SPLITS))
-    if not (snapshot is not None and starts_published(snapshot)):
+    if not (snapshot is not None and starts_published(snapshot)) or not balanced:
         return {"train": mix("train", "val"), "val": mix("train", "val"), "test": mix("test")}
     test = manifest["splits"]["test"]
     held = np.asarray(test.get("held_out_class_counts", [0] * num_classes), dtype=float)

@@ -93,3 +93,20 @@ def test_wrong_dtype_and_nan(real_splits, gate_config):
     splits["val"] = (x, splits["val"][1])
     failed = {e for s, e in _failed(validate_images(splits, gate_config, "vision")) if s == "vision_rows_val"}
     assert {"expect_column_values_to_be_in_set", "expect_column_values_to_be_between"} <= failed
+
+
+def test_a_published_idx_set_that_is_not_balanced_is_held_to_its_own_class_mix(config):
+    """The kit's IDX contract was Fashion-MNIST's alone (equal class shares, 60,000 + 10,000 images of 28x28): an
+    MNIST-like data set, whose classes differ by 12 %, would have failed a 5 % balance check. ``published`` says it."""
+    from tasks.images.validate import class_shares, contract
+
+    vision = config.data.vision
+    unbalanced = config.model_copy(update={"data": config.data.model_copy(update={"vision": vision.model_copy(
+        update={"published": vision.published.model_copy(update={"balanced": False, "height": 20, "width": 24})})})})
+    manifest = {"splits": {"train": {"class_counts": [3, 1]}, "val": {"class_counts": [1, 1]},
+                           "test": {"class_counts": [1, 3]}}}
+    assert class_shares(unbalanced, "vision", manifest, 2) == {
+        "train": pytest.approx([2 / 3, 1 / 3]), "val": pytest.approx([2 / 3, 1 / 3]), "test": pytest.approx([0.25, 0.75])}
+    assert class_shares(config, "vision", manifest, 2)["test"] == [0.5, 0.5]   # Fashion-MNIST: balanced, published
+    _, image = contract(unbalanced, "vision", None)
+    assert (image["height"], image["width"]) == (20, 24)
