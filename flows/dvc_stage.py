@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
@@ -22,6 +23,7 @@ from tasks.errors import EXIT_USER_ERROR, PipelineError
 from tasks.tracking import PARENT_ENV
 
 _TAIL_LINES = 400
+LOCK_BUSY = "Unable to acquire lock"   # what DVC says when another DVC process of the project holds its lock
 
 
 class StageFailed(PipelineError):
@@ -33,12 +35,27 @@ class StageFailed(PipelineError):
 
 
 def run_dvc(root: Path, env: dict[str, str], *args: str, log: Callable[[str], None] | None = None,
-         marker: str | None = None) -> tuple[int, str, bool]:
+            marker: str | None = None, lock_wait: float = 0.0) -> tuple[int, str, bool]:
     """Run ``dvc`` in ``root``; hand each line it (and the stage it runs) prints to ``log``; return its exit code,
-    the tail of its output, and whether any line started with ``marker`` (however long the output grew)."""
-    # another DVC process of this project (a stage running beside this one, a push) may hold the repository lock
-    # for a moment: wait for it rather than fail (DVC releases it while a stage's command runs)
-    proc = subprocess.Popen([sys.executable, "-m", "dvc", "--wait-for-lock", *args], cwd=root, env=env, stdout=subprocess.PIPE,
+    the tail of its output, and whether any line started with ``marker`` (however long the output grew).
+
+    ``lock_wait``: for how many seconds to try again while another DVC process of the project holds its lock (a
+    stage running beside this one, a push: DVC takes it for moments, releasing it while a stage's command runs),
+    0 to fail at once. Bounded: DVC's own ``--wait-for-lock`` waits forever on a lock a stuck process keeps."""
+    deadline, delay = time.monotonic() + lock_wait, 0.5
+    while True:
+        code, tail, seen = _run_dvc_once(root, env, args, log, marker)
+        if code == 0 or LOCK_BUSY not in tail or time.monotonic() + delay > deadline:
+            return code, tail, seen
+        if log is not None:
+            log(f"(the DVC lock is busy: trying again in {delay:.1f} s)")
+        time.sleep(delay)
+        delay = min(delay * 2, 10.0)
+
+
+def _run_dvc_once(root: Path, env: dict[str, str], args: tuple[str, ...], log: Callable[[str], None] | None,
+                  marker: str | None) -> tuple[int, str, bool]:
+    proc = subprocess.Popen([sys.executable, "-m", "dvc", *args], cwd=root, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, errors="replace")
     tail: deque[str] = deque(maxlen=_TAIL_LINES)
     seen = False
@@ -69,11 +86,12 @@ def retry_transient(task: Any, task_run: TaskRun, state: State) -> bool:
 
 
 @task(task_run_name="{stage}", retry_condition_fn=retry_transient)
-def run_stage(stage: str, root: Path, env: dict[str, str], data_docs: bool = False) -> str:
-    """Reproduce one stage; return ``cached`` when DVC found it up to date (nothing ran), else ``ran``. A stage
-    that renders Great Expectations Data Docs gets a Prefect artifact saying where they are, pass or fail."""
+def run_stage(stage: str, root: Path, env: dict[str, str], data_docs: bool = False, lock_wait: float = 0.0) -> str:
+    """Reproduce one stage (``lock_wait``: ``run_dvc``'s); return ``cached`` when DVC found it up to date (nothing
+    ran), else ``ran``. A stage that renders Great Expectations Data Docs gets a Prefect artifact saying where they
+    are, pass or fail."""
     try:
-        ran = reproduce(stage, root, env)
+        ran = reproduce(stage, root, env, lock_wait=lock_wait)
     except StageFailed:
         if data_docs:
             _point_at_data_docs(stage, env)
@@ -91,21 +109,21 @@ def _point_at_data_docs(stage: str, env: dict[str, str]) -> None:
         stage_logger()(f"warning: no Prefect artifact for {stage}'s Data Docs ({type(err).__name__}: {err})")
 
 
-def push_outputs(root: Path, env: dict[str, str], stage: str) -> str:
+def push_outputs(root: Path, env: dict[str, str], stage: str, lock_wait: float = 0.0) -> str:
     """``dvc push`` the stage's outputs when the project has a default remote; "" when done (or no remote), else why
     not (they stay in the local DVC cache)."""
     code, tail, _ = run_dvc(root, env, "remote", "default")
     if code != 0 or not tail.strip():
         return ""
-    code, tail, _ = run_dvc(root, env, "push", stage)
+    code, tail, _ = run_dvc(root, env, "push", stage, lock_wait=lock_wait)
     return "" if code == 0 else f"dvc push {stage} failed in {root}: {tail.strip()[-800:]}"
 
 
-def reproduce(stage: str, root: Path, env: dict[str, str], log: bool = True) -> bool:
+def reproduce(stage: str, root: Path, env: dict[str, str], log: bool = True, lock_wait: float = 0.0) -> bool:
     """``dvc repro --single-item stage`` in ``root`` (its output to the run's log when ``log``); return whether the
     stage ran, False when DVC found it up to date; raise ``StageFailed`` naming the stage's own error lines."""
     code, tail, ran = run_dvc(root, env, "repro", "--single-item", stage, log=stage_logger() if log else None,
-                           marker=f"Running stage '{stage}'")
+                           marker=f"Running stage '{stage}'", lock_wait=lock_wait)
     if code != 0:
         errors = [ln for ln in tail.splitlines() if ln.startswith(("error:", "ERROR:", "  "))]
         raise StageFailed(stage, "\n".join(errors[-40:]) or tail[-2000:],

@@ -40,16 +40,17 @@ def compression_pipeline(root: str = ".", families: list[str] | None = None, pro
             pipeline_run(cfg, "pipeline", root_path) as parent:
         parent.set_tag("pipeline.stages", ",".join(s.name for s in stages))
         env = stage_env(root_path, uri, parent.run_id)
+        wait = cfg.pipeline.data_lock_timeout_seconds   # for DVC's lock, held a moment by a stage beside this one
         retrying = run_stage.with_options(retries=cfg.pipeline.retries,
                                           retry_delay_seconds=cfg.pipeline.retry_delays())
 
         def finished(stage: str) -> None:
-            if stage.startswith("warm_start_") and (unpushed := push_outputs(root_path, env, stage)):
+            if stage.startswith("warm_start_") and (unpushed := push_outputs(root_path, env, stage, wait)):
                 # the weights a warm-started model began from, where flows.restore on another machine finds them
                 stage_logger()(f"warning: {stage}'s output is not on the DVC remote: {unpushed}")
 
         statuses = run_graph(stages, cfg.pipeline.parallel_stages, lambda node: retrying.submit(
-            node.name, root_path, env, DATA_DOCS in {Path(o).name for o in node.outs}), finished)
+            node.name, root_path, env, DATA_DOCS in {Path(o).name for o in node.outs}, wait), finished)
         parent.set_tags({f"stage.{name}": status for name, status in statuses.items()})
         metrics = collect_metrics(root_path)
         parent.log_metrics(metrics)

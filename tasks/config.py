@@ -55,7 +55,8 @@ class PipelineConfig(Strict):
     retries: Annotated[int, Field(ge=0, le=10)]
     retry_delay_seconds: Annotated[float, Field(ge=0.0)]   # before the first retry ...
     retry_backoff: Annotated[float, Field(ge=1.0, le=10.0)]   # ... each later wait this many times the one before
-    data_lock_timeout_seconds: Annotated[float, Field(gt=0.0)]   # ingestion and a pipeline run wait for each other
+    # ingestion and a pipeline run wait for each other (and a stage for DVC's lock) at most this long
+    data_lock_timeout_seconds: Annotated[float, Field(gt=0.0)]
     commit_lock: bool = True   # continuous training commits dvc.lock after each run (flows.lock_commit)
     parallel_stages: Annotated[int, Field(ge=1, le=32)] = 1   # stages run at once where the graph allows
 

@@ -30,3 +30,37 @@ def test_a_stage_that_prints_more_than_the_kept_tail_is_still_reported_as_ran(tm
     assert reproduce("talk", tmp_path / "repo", env, log=False) is True
     assert (tmp_path / "repo" / "out.txt").read_text() == "x"
     assert reproduce("talk", tmp_path / "repo", env, log=False) is False   # nothing changed: DVC skips it
+
+
+@pytest.mark.fault("runs", "another process keeps the project's DVC lock (a stuck dvc command, a test holding it)",
+                   "a stage tries again for at most pipeline.data_lock_timeout_seconds, then fails as a retryable "
+                   "StageFailed naming the busy lock; an ingestion's dvc commit fails at once and leaves the "
+                   "snapshot as it was; nothing waits forever")
+def test_a_stage_waits_a_bounded_time_for_a_dvc_lock_another_process_holds(tmp_path):
+    """Before: every DVC call ran with ``--wait-for-lock``, which waits forever: an ingestion whose ``dvc commit``
+    met a lock another process kept hung (the continuous-training e2e test did) instead of leaving the snapshot as it
+    was. Now a stage tries again while the lock is busy, for at most ``lock_wait`` seconds; other calls fail at once."""
+    import threading
+    import time
+
+    import zc.lockfile
+
+    from flows.dvc_stage import LOCK_BUSY, StageFailed
+
+    root = tmp_path / "repo"
+    env = _repo(root, lines=1)
+    lock = zc.lockfile.LockFile(str(root / ".dvc" / "tmp" / "lock"))
+    try:
+        with pytest.raises(StageFailed, match=LOCK_BUSY) as failed:   # no wait: at once, and worth a retry
+            reproduce("talk", root, env, log=False)
+        assert not failed.value.deterministic
+        start = time.monotonic()
+        with pytest.raises(StageFailed, match=LOCK_BUSY):   # held throughout: given up after the wait
+            reproduce("talk", root, env, log=False, lock_wait=3)
+        assert time.monotonic() - start < 30
+    finally:
+        lock.close()
+    lock = zc.lockfile.LockFile(str(root / ".dvc" / "tmp" / "lock"))
+    threading.Timer(2.0, lock.close).start()   # released while the stage waits: it runs
+    assert reproduce("talk", root, env, log=False, lock_wait=60) is True
+    assert (root / "out.txt").read_text() == "x"
