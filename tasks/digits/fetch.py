@@ -62,8 +62,9 @@ def main() -> None:
     with stage_run("fetch_digits", cfg, {"data.digits.bundle": data.bundle}) as run:
         images, labels = read_bundle(bundle_path(), data.bundle.sha256)
         write_folder(images, labels, args.out)
-        run.log_metrics({"images": len(labels), "classes": len(np.unique(labels))})
-    print(f"{len(labels)} digits of {len(np.unique(labels))} classes written to {args.out}")
+        classes = len(np.unique(labels))
+        run.log_metrics({"images": len(labels), "classes": classes})
+    print(f"{len(labels)} digits of {classes} classes written to {args.out}")
 
 
 if __name__ == "__main__":

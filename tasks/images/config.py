@@ -195,8 +195,8 @@ def ablation_recipes(cfg: Config, seed: int, family: str) -> dict[str, TrainingR
     recipes: dict[str, TrainingRecipe] = {}
     stages = (("distill", DistillImages), ("prune", PruneImages), ("qat", QatImages), ("share", ShareImages))
     for stage, model in stages:
-        base = getattr(getattr(cfg, stage), family).model_dump()
-        merged = deep_merge(base, {**getattr(getattr(cfg.ablation, family), stage), "seed": seed})
+        base = cfg.block(stage, family).model_dump()
+        merged = deep_merge(base, {**getattr(cfg.block("ablation", family), stage), "seed": seed})
         try:
             recipes[stage] = model.model_validate(merged)
             if isinstance(recipes[stage], DistillImages):
@@ -212,7 +212,7 @@ def check(cfg: Config, family: str) -> None:
     pairs."""
     if cfg.ablation is not None and (ablation := getattr(cfg.ablation, family, None)) is not None:
         ablation_recipes(cfg, ablation.seeds[0], family)
-    kd, qat, teacher = (getattr(getattr(cfg, key), family) for key in ("distill", "qat", "teacher"))
+    kd, qat, teacher = (cfg.block(key, family) for key in ("distill", "qat", "teacher"))
     blocks = len(kd.student.widths)
     for i, name in enumerate(qat.float_modules):
         if name.startswith("blocks.") and int(name.split(".")[1]) >= blocks:

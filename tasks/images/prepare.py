@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -23,6 +24,9 @@ from tasks.errors import DataFormatError
 from tasks.images.data_config import ImageData, SplitSizes
 from tasks.images.source import from_folder, from_idx
 from tasks.io import WINDOWS, save_npy, write_json
+
+if TYPE_CHECKING:
+    from tasks.intake import Intake
 
 
 def stratified_pick(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
@@ -223,15 +227,15 @@ def prepare_images(cfg: ImageData, out_dir: Path, family: str, snapshot: tuple[s
     return manifest
 
 
-def main(family: str) -> None:
+def main(family: str, intake: Intake) -> None:
+    """The stage of image family ``family`` whose batches ``intake`` reads (its ``tasks/<family>/intake.py``)."""
     args, cfg = stage_args(__doc__, "--raw", "--out")
-    from tasks.images.intake import image_intake
     from tasks.snapshot import stage_batches
     from tasks.tracking import stage_run
 
     data = cfg.block("data", family)
     with stage_run(f"prepare_{family}", cfg, params={f"data.{family}": data}) as run:
-        source, batches = stage_batches(args.raw, image_intake(family))
+        source, batches = stage_batches(args.raw, intake)
         manifest = prepare_images(data, args.out, family, (source, [t for _, t in batches]))
         run.log_metrics({f"{s}_rows": v["rows"] for s, v in manifest["splits"].items()}
                         | {f"{w}_test_rows": n for w, n in manifest["windows"].items()})
