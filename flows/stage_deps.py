@@ -58,3 +58,22 @@ def module_closure(module: str, root: Path) -> set[str]:
         seen.add(name)
         todo.extend(imported_modules(path, name.rsplit(".", 1)[0]))
     return {name.replace(".", "/") + ".py" for name in seen}
+
+
+def model_modules(root: Path) -> set[str]:
+    """The modules ``tasks.artifacts.load_model`` may import to rebuild a model file: each ``ModelArch`` subclass's
+    module and that of the model it names (``MODEL``), found in the config modules of the kits and families
+    (``tasks/config_types.py``, ``tasks/family_config.py``, ``tasks/<package>/config.py`` and ``arch_config.py``)."""
+    import importlib
+
+    from tasks.config_types import ModelArch
+
+    for path in [*root.glob("tasks/*config*.py"), *root.glob("tasks/*/config.py"), *root.glob("tasks/*/arch_config.py")]:
+        importlib.import_module(".".join(path.relative_to(root).with_suffix("").parts))
+    found: set[str] = set()
+    todo = list(ModelArch.__subclasses__())
+    while todo:
+        cls = todo.pop()
+        todo.extend(cls.__subclasses__())
+        found |= {cls.__module__.replace(".", "/") + ".py", cls.MODEL.split(":")[0].replace(".", "/") + ".py"}
+    return found

@@ -18,22 +18,33 @@ import torch
 from pydantic import BaseModel
 from torch import nn
 
+from tasks.config_types import ModelArch
 from tasks.errors import CheckpointError
 from tasks.io import file_digest, write_atomic, write_json
 
 if TYPE_CHECKING:
     from tasks.images.config import QatImages
 
-# kind -> ("module:class" of its architecture config, "module:class" of the model). Both are imported when a file of
-# that kind is loaded, so a stage depends on (and DVC re-runs it for) its own family's code only.
-ARCHES = {"resnet_teacher": ("tasks.images.arch_config:ResNetArch", "tasks.images.models:ResNetTeacher"),
-          "mobile_student": ("tasks.images.arch_config:MobileArch", "tasks.images.models:MobileStudent"),
-          "ctr": ("tasks.recsys.config:RecArch", "tasks.recsys.models:CtrModel"),
-          "text_transformer": ("tasks.text.config:TransformerArch", "tasks.text.models:TextTransformer"),
-          "text_bert": ("tasks.text.config:BertArch", "tasks.text.models:BertClassifier"),
-          "text_student": ("tasks.text.config:RecurrentArch", "tasks.text.models:RecurrentStudent"),
-          # an imported teacher: its graph in the file's ``onnx``
-          "onnx": ("tasks.family_config:OnnxArch", "tasks.onnx_teacher:OnnxTeacher")}
+PROJECT = "tasks."   # a model file names its architecture class; only this project's code is imported for it
+
+
+def arch_class(blob: dict[str, Any], path: Path) -> type[ModelArch]:
+    """The architecture class a model file names (``arch_class``, ``"<module>:<class>"``). Imported when a file of it
+    is loaded, with the model class it names, so a stage depends on (and DVC re-runs it for) its own family's code
+    only; anything but a ``ModelArch`` of this project is refused."""
+    where = blob.get("arch_class")
+    if not isinstance(where, str) or where.count(":") != 1 or not where.startswith(PROJECT):
+        raise CheckpointError(f"{path}: a model file of an older format or of another program (arch_class "
+                              f"{where!r}); re-run the stage that writes it")
+    module, name = where.split(":")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise CheckpointError(f"{path}: its architecture {where} is not in this code ({err}); re-run the stage that "
+                              "writes it") from err
+    if not (isinstance(cls, type) and issubclass(cls, ModelArch)):
+        raise CheckpointError(f"{path}: {where} is no model architecture; re-run the stage that writes it")
+    return cls
 
 
 def _class(where: str) -> Any:
@@ -53,12 +64,15 @@ def count_nonzero(model: nn.Module) -> int:
     return sum(int((p != 0).sum()) for p in model.parameters())
 
 
-def save_model(model: nn.Module, kind: str, arch: BaseModel, path: Path, **extra: Any) -> None:
-    """``extra`` holds what rebuilding needs beyond the architecture: ``shape``, the constructor's arguments for
+def save_model(model: nn.Module, kind: str, arch: ModelArch, path: Path, **extra: Any) -> None:
+    """``kind`` names the model in messages; ``arch``'s class (its ``MODEL``) says what ``load_model`` builds.
+    ``extra`` holds what rebuilding needs beyond the architecture: ``shape``, the constructor's arguments for
     the data (an image model's classes and input shape: ``Split.model_shape``; a CTR model's table sizes),
-    ``activation_bits`` and ``float_modules`` for QAT (see ``qat_extra``), ``ctr_qat`` for a CTR model's QAT form."""
+    ``activation_bits`` and ``float_modules`` for FX QAT (see ``qat_extra``), or ``qat_form``: the settings of the
+    model's own QAT form (its ``qat_form(**settings)`` rebuilds it)."""
     buffer = io.BytesIO()
-    torch.save({"kind": kind, "arch": arch.model_dump(), "state_dict": model.state_dict(), **extra}, buffer)
+    torch.save({"kind": kind, "arch_class": f"{type(arch).__module__}:{type(arch).__qualname__}",
+                "arch": arch.model_dump(), "state_dict": model.state_dict(), **extra}, buffer)
     write_atomic(path, buffer.getvalue())
 
 
@@ -71,7 +85,7 @@ def qat_extra(cfg: QatImages) -> dict[str, Any]:
 def _read(path: Path) -> dict[str, Any]:
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-        ARCHES[blob["kind"]]
+        blob["kind"], blob["arch"], blob["state_dict"]
     except (OSError, RuntimeError, KeyError, TypeError, EOFError, pickle.UnpicklingError) as err:
         raise CheckpointError(f"{path}: not a model file of this pipeline ({err}); re-run the stage that writes it") from err
     return blob
@@ -81,14 +95,15 @@ def model_meta(path: Path) -> dict[str, Any]:
     """A model file's description without its weights: ``kind``, ``arch`` (validated) and any extras."""
     blob = _read(path)
     meta = {k: v for k, v in blob.items() if k != "state_dict"}
-    meta["arch"] = _class(ARCHES[blob["kind"]][0]).model_validate(blob["arch"])
+    meta["arch"] = arch_class(blob, path).model_validate(blob["arch"])
     return meta
 
 
 def load_model(path: Path) -> nn.Module:
     """Rebuild a model saved by ``save_model``, in eval mode."""
     blob = _read(path)
-    arch_cls, model_cls = (_class(where) for where in ARCHES[blob["kind"]])
+    arch_cls = arch_class(blob, path)
+    model_cls = _class(arch_cls.MODEL)
     if "onnx" in blob:
         return model_cls(arch_cls.model_validate(blob["arch"]), blob["onnx"].numpy().tobytes()).eval()
     model = model_cls(arch_cls.model_validate(blob["arch"]), **blob.get("shape", {}))
@@ -96,11 +111,8 @@ def load_model(path: Path) -> nn.Module:
         prepare_qat = importlib.import_module("tasks.quantization").prepare_qat
         model = prepare_qat(model, blob["activation_bits"], torch.zeros(1, *model.input_shape),
                             blob.get("float_modules", []), blob.get("weight_bits", 8))
-    elif blob.get("ctr_qat"):  # imported like the model classes: only for a file of that family
-        if not isinstance(blob["ctr_qat"], dict):
-            raise CheckpointError(f"{path}: a QAT model file of an older format (ctr_qat without its settings); "
-                                  "re-run qat_recsys and the stages after it")
-        model = importlib.import_module("tasks.recsys.models").prepare_ctr_qat(model, **blob["ctr_qat"])
+    elif blob.get("qat_form"):  # a model with a QAT form of its own (not FX's): its class rebuilds it
+        model = model.qat_form(**blob["qat_form"])
     try:
         model.load_state_dict(blob["state_dict"])
     except RuntimeError as err:   # weights of another shape than the file's own architecture and data shape say
@@ -137,7 +149,7 @@ def history_csv(history: list[dict[str, float]]) -> str:
     return out.getvalue()
 
 
-def publish_training(run: Any, model: nn.Module, kind: str, arch: BaseModel, history: list[dict[str, float]],
+def publish_training(run: Any, model: nn.Module, kind: str, arch: ModelArch, history: list[dict[str, float]],
                      metrics: dict[str, float], paths: argparse.Namespace, **extra: Any) -> None:
     """Write a training stage's outputs (``paths.model``, ``.metrics``, ``.plots``) and log them to ``run``."""
     save_model(model, kind, arch, paths.model, **extra)
@@ -169,23 +181,3 @@ def pass_through(run: Any, paths: argparse.Namespace, stage: str) -> None:
     write_atomic(paths.plots, b"epoch\n")
     run.set_tag("stage.pass_through", "true")
     print(f"{stage}: not in the family's recipe, the student is passed through unchanged")
-
-
-def ctr_compression_stage(name: str, stage: str, doc: str, train: Any, summary: Any) -> None:
-    """The CLI of a recommender compression stage (``prune``, ``qat``, ``share``): its params logged, passed through
-    when ``stage`` is not in ``recipe.recsys``, else ``train(cfg, args, on_epoch) -> (student, shape, history,
-    metrics)`` and the outputs published; ``summary(metrics)`` is printed."""
-    from tasks.config import stage_args
-    from tasks.tracking import stage_run
-
-    args, cfg = stage_args(doc, "--data", "--teacher", "--student", "--model", "--metrics", "--plots")
-    params = {f"{stage}.recsys": getattr(cfg, stage).recsys, "distill.recsys": cfg.distill.recsys,
-              "recipe.recsys": cfg.recipe.recsys}
-    with stage_run(name, cfg, params) as run:
-        if stage not in cfg.recipe.recsys:
-            pass_through(run, args, name)
-            return
-        student, shape, history, metrics = train(cfg, args, lambda epoch, m: run.log_metrics(m, step=epoch + 1))
-        publish_training(run, student, "ctr", student.arch, history, metrics, args, shape=shape,
-                         ctr_qat=student.qat_settings or False)
-    print(summary(metrics))

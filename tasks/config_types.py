@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import posixpath
-from typing import Annotated
+from typing import Annotated, ClassVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
@@ -36,3 +36,10 @@ def distinct(noun: str) -> AfterValidator:
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+class ModelArch(Strict):
+    """A model's architecture, as its model file records it (``tasks.artifacts``): ``MODEL`` names the ``nn.Module``
+    built from it, ``"<module>:<class>"``, imported only when a file of it is loaded."""
+
+    MODEL: ClassVar[str]

@@ -8,7 +8,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from tasks.config_types import Fraction, Positive, Strict, distinct
+from tasks.config_types import Fraction, ModelArch, Positive, Strict, distinct
 
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
@@ -54,9 +54,10 @@ class PretrainedTeacher(Strict):
         return self
 
 
-class OnnxArch(Strict):
+class OnnxArch(ModelArch):
     """What a model file of kind ``onnx`` says of its graph (the file holds the graph itself)."""
 
+    MODEL: ClassVar[str] = "tasks.onnx_teacher:OnnxTeacher"
     inputs: list[str]
     logits: str
     features: list[str]

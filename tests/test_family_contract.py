@@ -20,7 +20,7 @@ FAMILY_WORDS = ("vision", "recsys", "fashion", "movielens", "mnist", "ctr", "rot
 # still assumes Fashion-MNIST's image shape.)
 NOT_YET_GENERIC = {
     "flows/ablation.py", "flows/ablation_report.py", "flows/benchmark.py", "flows/export_benchmark.py",
-    "flows/recsys_benchmark.py", "flows/sweep_benchmark.py", "flows/teacher_benchmark.py", "tasks/artifacts.py",
+    "flows/recsys_benchmark.py", "flows/sweep_benchmark.py", "flows/teacher_benchmark.py",
     "tasks/report.py",
 }
 

@@ -2,14 +2,15 @@
 the ResNet teacher and the MobileNet-style student."""
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from tasks.config_types import Positive, Strict
+from tasks.config_types import ModelArch, Positive
 
 
-class ResNetArch(Strict):
+class ResNetArch(ModelArch):
+    MODEL: ClassVar[str] = "tasks.images.models:ResNetTeacher"
     stem: Positive
     widths: list[Positive] = Field(min_length=1)
     blocks: list[Positive] = Field(min_length=1)
@@ -21,13 +22,14 @@ class ResNetArch(Strict):
         return self
 
 
-class MobileArch(Strict):
+class MobileArch(ModelArch):
     """MobileNet-style blocks; channel counts are scaled by ``width_multiplier``.
 
     Each block is ``separable`` (depthwise 3x3 + pointwise 1x1) or ``fused`` (one regular 3x3 convolution, the
     Fused-MBConv of EfficientNetV2 without expansion); ``kinds`` omitted means all separable.
     """
 
+    MODEL: ClassVar[str] = "tasks.images.models:MobileStudent"
     stem: Positive
     stem_stride: Literal[1, 2] = 1
     widths: list[Positive] = Field(min_length=1)

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from tasks.config_types import Fraction, Positive, ProjectPath, Strict
+from tasks.config_types import Fraction, ModelArch, Positive, ProjectPath, Strict
 from tasks.family_config import (
     Floors,
     Gate,
@@ -117,10 +117,11 @@ class RecsysIngest(Strict):
     replay: RecsysReplay
 
 
-class RecArch(Strict):
+class RecArch(ModelArch):
     """A click-through model over field embeddings: first-order weights, FM pairwise interactions (``fm``) and an
     MLP over the concatenated field embeddings (``mlp``; empty for none). DeepFM: both; FM: fm only; LR: neither."""
 
+    MODEL: ClassVar[str] = "tasks.recsys.models:CtrModel"
     dim: Positive
     fm: bool
     mlp: list[Positive] = []

@@ -65,6 +65,10 @@ class CtrModel(nn.Module):
             width = hidden
         self.mlp = nn.Sequential(*layers, nn.Linear(width, 1)) if arch.mlp else None
 
+    def qat_form(self, mlp_weight_bits: int, float_last_layer: bool) -> CtrModel:
+        """Its QAT form, as ``prepare_ctr_qat`` makes it (how ``tasks.artifacts`` rebuilds a saved QAT model)."""
+        return prepare_ctr_qat(self, mlp_weight_bits, float_last_layer)
+
     def _table(self, module: nn.Embedding) -> torch.Tensor:
         return fake_quantize_table(module.weight) if self.fake_quant_tables else module.weight
 

@@ -12,12 +12,13 @@ from pathlib import Path
 
 import torch
 
-from tasks.artifacts import count_parameters, ctr_compression_stage, load_model
+from tasks.artifacts import count_parameters, load_model
 from tasks.errors import run_cli
 from tasks.recsys.compression import prune_dimensions
 from tasks.recsys.config import DistillRecsys, PruneRecsys
 from tasks.recsys.ctr_training import ctr_trainer, evaluate_ctr, fit_ctr, load_ctr_data
 from tasks.recsys.models import CtrModel
+from tasks.recsys.stage import ctr_compression_stage
 
 
 def kept_dimensions(cfg: PruneRecsys, dim: int, step: int) -> int:

@@ -1,7 +1,7 @@
 """Stage ``qat_recsys``: distilled CTR student -> quantization-aware trained student (INT8 tables and MLP).
 
 Inputs: ``<data>``, ``<teacher>``, ``<student>`` (distill_recsys's). Outputs: ``<model>`` (the fake-quantized
-student; the model file records ``ctr_qat`` so it is rebuilt the same way), ``<metrics>``, ``<plots>``.
+student; the model file records ``qat_form`` so it is rebuilt the same way), ``<metrics>``, ``<plots>``.
 Embedding tables are fake-quantized per row, the MLP by FX QAT; the ``distill.recsys`` loss stays active when
 ``distill`` is in ``recipe.recsys``. Observers are frozen from epoch ``freeze_observers_after``, and for good
 before the model is scored or saved. Without ``qat`` in ``recipe.recsys`` the student passes through unchanged
@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 
-from tasks.artifacts import count_parameters, ctr_compression_stage, load_model
+from tasks.artifacts import count_parameters, load_model
 from tasks.errors import run_cli
 from tasks.observers import freeze_observers
 from tasks.recsys.config import DistillRecsys, QatRecsys
 from tasks.recsys.ctr_training import ctr_trainer, evaluate_ctr, fit_ctr, load_ctr_data
 from tasks.recsys.models import CtrModel, prepare_ctr_qat
+from tasks.recsys.stage import ctr_compression_stage
 
 
 def qat_recsys(cfg: QatRecsys, kd: DistillRecsys, distill: bool, data_dir: Path, teacher_path: Path,

@@ -12,13 +12,14 @@ from pathlib import Path
 
 import torch
 
-from tasks.artifacts import count_parameters, ctr_compression_stage, load_model
+from tasks.artifacts import count_parameters, load_model
 from tasks.errors import run_cli
 from tasks.observers import freeze_observers
 from tasks.recsys.compression import share_rows
 from tasks.recsys.config import DistillRecsys, ShareRecsys
 from tasks.recsys.ctr_training import ctr_trainer, evaluate_ctr, fit_ctr, load_ctr_data
 from tasks.recsys.models import CtrModel
+from tasks.recsys.stage import ctr_compression_stage
 
 
 def share_recsys(cfg: ShareRecsys, kd: DistillRecsys, distill: bool, data_dir: Path, teacher_path: Path,

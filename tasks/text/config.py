@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from tasks.config_types import Fraction, Positive, ProjectPath, Strict
+from tasks.config_types import Fraction, ModelArch, Positive, ProjectPath, Strict
 from tasks.family_config import Floors, Gate, LossWeights, Parity, Score, Sha256, Training, VsTeacher
 
 if TYPE_CHECKING:
@@ -64,9 +64,10 @@ class TextValidation(Strict):
     min_rows: dict[Literal["train", "val", "test"], Positive]
 
 
-class TransformerArch(Strict):
+class TransformerArch(ModelArch):
     """An encoder-only Transformer over token ids (learned positions, pre-norm layers, masked mean pooling)."""
 
+    MODEL: ClassVar[str] = "tasks.text.models:TextTransformer"
     kind: Literal["transformer"] = "transformer"
     dim: Positive
     heads: Positive
@@ -81,10 +82,11 @@ class TransformerArch(Strict):
         return self
 
 
-class RecurrentArch(Strict):
+class RecurrentArch(ModelArch):
     """The student: token embeddings, then a BiLSTM (``bilstm``) or parallel 1-D convolutions (``cnn``, Kim 2014),
     masked mean and max pooling, one hidden layer."""
 
+    MODEL: ClassVar[str] = "tasks.text.models:RecurrentStudent"
     kind: Literal["bilstm", "cnn"]
     embedding: Positive
     hidden: Positive                   # LSTM units per direction, or filters per width
@@ -93,10 +95,11 @@ class RecurrentArch(Strict):
     dropout: Fraction = 0.3
 
 
-class BertArch(Strict):
+class BertArch(ModelArch):
     """A BERT encoder as its pretrained checkpoint's ``config.json`` describes it, with a classification head over
     the mean-pooled tokens (``tasks.text.encoder``)."""
 
+    MODEL: ClassVar[str] = "tasks.text.models:BertClassifier"
     kind: Literal["bert"] = "bert"
     dim: Positive
     heads: Positive

@@ -34,6 +34,32 @@ def test_a_model_file_whose_weights_do_not_fit_its_description_is_named(tmp_path
         load_model(blob_path)
 
 
+@pytest.mark.fault("security", "a model file naming an architecture outside this project's code, a class that is "
+                   "no ModelArch, or none (an older format)",
+                   "CheckpointError naming the file and the class; nothing imported beyond tasks.*, nothing built")
+@pytest.mark.parametrize(("arch_class", "why"), [
+    ("os:system", "of another program"), ("tasks.io:write_json", "is no model architecture"),
+    ("tasks.nowhere:Arch", "is not in this code"), (None, "of an older format")])
+def test_a_model_file_names_a_model_architecture_of_this_project(tmp_path, arch_class, why):
+    """A model file says which architecture class rebuilds it (no registry naming every family's models); what it
+    names is imported only when it is this project's and a ``ModelArch``."""
+    import torch
+
+    from tasks.artifacts import model_meta, save_model
+    from tasks.images.arch_config import MobileArch
+    from tasks.images.models import MobileStudent
+
+    arch = MobileArch(stem=4, widths=[8], strides=[2])
+    path = tmp_path / "student.pt"
+    save_model(MobileStudent(arch, num_classes=3), "mobile_student", arch, path, shape={"num_classes": 3})
+    assert model_meta(path)["arch"] == arch and isinstance(load_model(path), MobileStudent)
+    blob = torch.load(path, weights_only=True)
+    blob["arch_class"] = arch_class
+    torch.save(blob, path)
+    with pytest.raises(CheckpointError, match=rf"student\.pt: .*{why}"):
+        load_model(path)
+
+
 def test_a_stage_left_out_of_the_recipe_passes_its_student_through(tmp_path, config, mlflow_uri, monkeypatch):
     import argparse
     import json
