@@ -37,11 +37,11 @@ faults: $(STAMP)
 
 # Cold run + no-change re-run of the whole pipeline in a scratch copy; prints the table the README quotes.
 benchmark: $(STAMP) data-source
-	$(PY) -m flows.benchmark --out reports/benchmarks/pipeline_vision.json
+	$(PY) -m flows.benchmark --teacher-target vision=0.95 --teacher-seconds vision=900 --out reports/benchmarks/pipeline.json
 
 # The pipeline's four ONNX models measured back to back against the deployment targets (after `make run`).
 benchmark-export: $(STAMP)
-	$(PY) -m flows.export_benchmark --out reports/benchmarks/export_vision.json
+	$(PY) -m flows.export_benchmark --family $(or $(FAMILY),vision) --out reports/benchmarks/export_$(or $(FAMILY),vision).json
 
 # The recommender: LR and FM baselines trained now next to the pipeline's CTR models (after `make run`).
 benchmark-recsys: $(STAMP)
@@ -57,7 +57,7 @@ benchmark-speedup: $(STAMP)
 
 # Distillation's frozen teacher in PyTorch vs the same teacher as ONNX in onnxruntime (an imported teacher).
 benchmark-teacher: $(STAMP)
-	$(PY) -m flows.teacher_benchmark --out reports/benchmarks/teacher.json
+	$(PY) -m flows.teacher_benchmark --family $(or $(FAMILY),vision) --out reports/benchmarks/teacher_$(or $(FAMILY),vision).json
 
 # Compression recipes of sweep.family on Dask (a LocalCluster, or SWEEP_ARGS='--address tcp://host:8786').
 sweep: $(STAMP) data-source
@@ -87,9 +87,10 @@ deploy: $(STAMP)
 worker: $(STAMP)
 	KDQ_PROJECT_DIR=$(CURDIR) $(VENV)/bin/prefect worker start --pool kdq-process
 
-# Every compression arm x ablation.vision.seeds on the full data, measured as ONNX; writes reports/ablation/.
+# Every compression arm x ablation.<family>.seeds on the full data, measured as ONNX; writes reports/ablation/.
+# FAMILY=<name>: an image family with an ablation block (default: the first one in params.yaml).
 ablation: $(STAMP) data-source
-	$(PY) -m flows.ablation
+	$(PY) -m flows.ablation $(if $(FAMILY),--family $(FAMILY))
 
 # The virtualenv, rebuilt only when the dependency spec or the lock changes.
 $(STAMP): pyproject.toml constraints.txt

@@ -1,17 +1,18 @@
-"""Ablation benchmark of the vision compression recipe: which technique buys what.
+"""Ablation benchmark of an image family's compression recipe: which technique buys what.
 
-Trains every arm once per seed of ``ablation.vision.seeds`` with the stage functions of ``tasks/`` (the code
-``dvc repro`` runs), on the data and teacher the DVC graph produces (``dvc repro train_teacher_vision`` first),
+For ``--family`` (by default the first family of params.yaml with an ``ablation`` block): trains every arm once per
+seed of ``ablation.<family>.seeds`` with the stage functions of ``tasks/`` (the code ``dvc repro`` runs), on the
+data and teacher the DVC graph produces (``dvc repro train_teacher_<family>`` first),
 then measures each model as an ONNX file in onnxruntime on the validation split (what a choice may read) and the
 test split (reported), after checking each file against its reference with the export stage's parity thresholds
 (a float file against its PyTorch model, a QAT file against the fake-quantized model that was trained, a PTQ file
-against its QDQ graph run as written); a file that fails stops the ablation. With ``ablation.vision.low_bit``,
+against its QDQ graph run as written); a file that fails stops the ablation. With ``ablation.<family>.low_bit``,
 three more arms quantize the same students with 4-bit weights (INT4 in the ONNX file): PTQ, QAT without KD,
-KD + QAT. Writes ``<out>/vision.md`` and
-``<out>/vision.json`` and logs both, with per-arm metrics, to one MLflow run. Re-running resumes: every arm
-checkpoints each epoch under ``<out>/work`` and a finished arm is not trained again.
+KD + QAT. Writes ``<out>/<family>.md`` and ``<out>/<family>.json`` (the family's HTML report shows the table) and
+logs both, with per-arm metrics, to one MLflow run. Re-running resumes: every arm checkpoints each epoch under
+``<out>/work/<family>`` and a finished arm is not trained again.
 
-    python -m flows.ablation [--root .] [--out reports/ablation] [--skip-repro]
+    python -m flows.ablation [--family F] [--root .] [--out reports/ablation] [--skip-repro]
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from flows.benchmark import machine
 from flows.stage_graph import stage_paths
 from tasks.artifacts import count_nonzero, count_parameters, load_model, qat_extra, save_model
 from tasks.config import Config, load_config
+from tasks.errors import ConfigError
 from tasks.image_training import Split, model_shape
 from tasks.images.config import QatImages, ablation_recipes
 from tasks.images.distill import distill_images
@@ -43,33 +45,33 @@ from tasks.io import write_atomic, write_json
 from tasks.onnx_models import export_fp32, export_int8, file_sizes, onnx_accuracy, onnx_logits, quantize_ptq
 
 
-def inputs(root: Path) -> tuple[Path, Path]:
-    """The processed data and the teacher every arm trains from (relative to ``root``): distill_vision's, as dvc.yaml
-    names them."""
-    where = stage_paths(root, "distill_vision")
+def inputs(root: Path, family: str) -> tuple[Path, Path]:
+    """The processed data and the teacher every arm trains from (relative to ``root``): distill_<family>'s, as
+    dvc.yaml names them."""
+    where = stage_paths(root, f"distill_{family}")
     return where["data"], where["teacher"]
 
 
-def measure(model: nn.Module, onnx_path: Path, val: Split, test: Split, cfg: Config, reference: np.ndarray,
-            arm: str) -> Measured:
+def measure(model: nn.Module, onnx_path: Path, val: Split, test: Split, cfg: Config, family: str,
+            reference: np.ndarray, arm: str) -> Measured:
     """An arm's ONNX file on both splits, after checking it against ``reference`` (its PyTorch model's test
     logits, or for a PTQ file its QDQ graph run as written) with the export stage's parity thresholds; its speed
     as the evaluation stage measures it."""
-    threads = cfg.distill.vision.threads
+    threads, ev = cfg.block("distill", family).threads, cfg.block("evaluate", family)
     logits = onnx_logits(onnx_path, test, threads=threads)
-    checked = parity(arm, reference, logits, test.y.numpy(), cfg.export.vision)
-    sizes, speed = file_sizes(onnx_path), latency(onnx_path, test, cfg.evaluate.vision)
+    checked = parity(arm, reference, logits, test.y.numpy(), cfg.block("export", family))
+    sizes, speed = file_sizes(onnx_path), latency(onnx_path, test, ev)
     return Measured(float((logits.argmax(1) == test.y.numpy()).mean()), onnx_accuracy(onnx_path, val, threads),
                     count_parameters(model), count_nonzero(model), sizes["bytes"], sizes["gzip_bytes"],
                     checked["top1_agreement"], speed["latency_b1_p50_ms"],
-                    speed[f"throughput_b{cfg.evaluate.vision.throughput_batch}_ips"])
+                    speed[f"throughput_b{ev.throughput_batch}_ips"])
 
 
-def run_seed(cfg: Config, seed: int, root: Path, work: Path) -> dict[str, Measured]:
+def run_seed(cfg: Config, family: str, seed: int, root: Path, work: Path) -> dict[str, Measured]:
     """Train and measure every student arm for one seed; ``work`` holds its checkpoints and models."""
-    r = ablation_recipes(cfg, seed, "vision")
-    kd, qat = r["distill"], r["qat"]
-    data, teacher = (root / path for path in inputs(root))
+    r = ablation_recipes(cfg, seed, family)
+    kd, qat, spec = r["distill"], r["qat"], cfg.block("ablation", family)
+    data, teacher = (root / path for path in inputs(root, family))
     ckpt = work / "checkpoints"
     files = {name: work / f"{name}.pt" for name in ("ce", "kd", "pruned", "qat_kd")}
     models: dict[str, tuple[nn.Module, Path]] = {}
@@ -85,9 +87,9 @@ def run_seed(cfg: Config, seed: int, root: Path, work: Path) -> dict[str, Measur
     pruned, arch = prune_images(r["prune"], kd, True, data, teacher, files["kd"], ckpt / "prune.pt")[:2]
     save_model(pruned, "mobile_student", arch, files["pruned"], shape=shape)
     qat_pruned = qat_images(qat, kd, True, data, teacher, files["pruned"], ckpt / "qat_pruned.pt")[0]
-    shared = share_images(r["share"], kd, True, data, teacher, files["qat_kd"], ckpt / "share.pt", cfg.export.vision,
-                          qat)[0]
-    low = cfg.ablation.vision.low_bit
+    shared = share_images(r["share"], kd, True, data, teacher, files["qat_kd"], ckpt / "share.pt",
+                          cfg.block("export", family), qat)[0]
+    low = spec.low_bit
     if low is not None:   # the same students, quantized with low.weight_bits-bit weights
         qat_low = QatImages.model_validate({**qat.model_dump(), "weight_bits": low.weight_bits})
         tag = f"w{low.weight_bits}"
@@ -95,8 +97,7 @@ def run_seed(cfg: Config, seed: int, root: Path, work: Path) -> dict[str, Measur
         low_kd = qat_images(qat_low, kd, True, data, teacher, files["kd"], ckpt / f"qat_kd_{tag}.pt")[0]
 
     val, test = Split.load(data, "val"), Split.load(data, "test")
-    size = cfg.ablation.vision.calibration_size
-    calibration = val.head(size)
+    calibration = val.head(spec.calibration_size)
     ce_onnx, kd_onnx = export_fp32(ce, work / "ce.onnx"), export_fp32(kd_student, work / "kd.onnx")
     models["student CE-only"] = ce, ce_onnx
     models["student KD"] = kd_student, kd_onnx
@@ -117,62 +118,77 @@ def run_seed(cfg: Config, seed: int, root: Path, work: Path) -> dict[str, Measur
             return onnx_logits(path, test, threads=kd.threads, optimized=False)
         return torch_logits(model, test)   # a float model, or the fake-quantized model QAT trained
 
-    return {arm: measure(model, path, val, test, cfg, reference(arm, model, path), arm)
+    return {arm: measure(model, path, val, test, cfg, family, reference(arm, model, path), arm)
             for arm, (model, path) in models.items()}
 
 
-def ablation(root: Path, out: Path, repro: bool = True) -> dict:
-    """Run the whole ablation in ``root``; return the JSON document it writes."""
+def ablated_family(cfg: Config, family: str | None) -> str:
+    """``family``, or the first family of params.yaml with an ablation block; a family without one is named."""
+    blocks = [name for name in cfg.families if getattr(cfg.ablation, name, None) is not None]
+    family = family or (blocks[0] if blocks else "")
+    if family not in blocks:
+        raise ConfigError(f"params.yaml: no ablation.{family or '<family>'} block (families with one: "
+                          f"{', '.join(blocks) or 'none'})")
+    return family
+
+
+def ablation(root: Path, out: Path, family: str | None = None, repro: bool = True) -> dict:
+    """Run the whole ablation of ``family`` in ``root``; return the JSON document it writes."""
     cfg = load_config(root / "params.yaml")
+    family = ablated_family(cfg, family)
+    spec = cfg.block("ablation", family)
     if repro:  # the data and teacher of the one graph; DVC decides whether anything needs to run
-        subprocess.run([sys.executable, "-m", "dvc", "repro", "train_teacher_vision"], cwd=root, check=True)
+        subprocess.run([sys.executable, "-m", "dvc", "repro", f"train_teacher_{family}"], cwd=root, check=True)
     start = time.perf_counter()
-    per_seed = {seed: run_seed(cfg, seed, root, out / "work" / f"seed{seed}") for seed in cfg.ablation.vision.seeds}
-    data, teacher_file = inputs(root)
+    per_seed = {seed: run_seed(cfg, family, seed, root, out / "work" / family / f"seed{seed}") for seed in spec.seeds}
+    data, teacher_file = inputs(root, family)
     teacher = load_model(root / teacher_file)
     val, test = Split.load(root / data, "val"), Split.load(root / data, "test")
-    teacher_m = measure(teacher, export_fp32(teacher, out / "work" / "teacher.onnx"), val, test, cfg,
+    teacher_m = measure(teacher, export_fp32(teacher, out / "work" / family / "teacher.onnx"), val, test, cfg, family,
                         torch_logits(teacher, test), "teacher")
-    rows = summarise(per_seed, teacher_m, arms(cfg))
-    checks = check_targets(rows, cfg)
+    rows = summarise(per_seed, teacher_m, arms(spec))
+    checks = check_targets(rows, spec)
     wall = time.perf_counter() - start
-    doc = {"date": str(date.today()), "machine": machine(), "profile": cfg.profile, "wall_seconds": wall,
-           "seeds": cfg.ablation.vision.seeds, "rows": [{"arm": arm, **row} for arm, row in rows.items()], "targets": checks,
-           "recipes": {k: v.model_dump()
-                       for k, v in ablation_recipes(cfg, cfg.ablation.vision.seeds[0], "vision").items()}}
-    markdown = table(rows, checks, cfg, wall)
-    write_json(out / "vision.json", doc)
-    write_atomic(out / "vision.md", (markdown + "\n").encode())
-    _log(cfg, root, out, rows, checks)
+    doc = {"date": str(date.today()), "machine": machine(), "family": family, "profile": cfg.profile,
+           "wall_seconds": wall, "seeds": spec.seeds, "rows": [{"arm": arm, **row} for arm, row in rows.items()],
+           "targets": checks,
+           "recipes": {k: v.model_dump() for k, v in ablation_recipes(cfg, spec.seeds[0], family).items()}}
+    markdown = table(rows, checks, cfg, family, wall)
+    write_json(out / f"{family}.json", doc)
+    write_atomic(out / f"{family}.md", (markdown + "\n").encode())
+    _log(cfg, family, root, out, rows, checks)
     print(markdown)
     return doc
 
 
-def _log(cfg: Config, root: Path, out: Path, rows: dict[str, dict], checks: list[dict]) -> None:
+def _log(cfg: Config, family: str, root: Path, out: Path, rows: dict[str, dict], checks: list[dict]) -> None:
     from tasks.tracking import pipeline_run
 
-    with pipeline_run(cfg, "ablation-vision", root, launcher="ablation") as run:
-        run.log_data([str(inputs(root)[0])], root, "training")   # what every arm trained on (MLflow's dataset inputs)
-        run.log_params({"seeds": cfg.ablation.vision.seeds, "calibration_size": cfg.ablation.vision.calibration_size,
-                        **{f"ablation.{k}": v for k, v in cfg.ablation.vision.model_dump().items()
+    spec = cfg.block("ablation", family)
+    with pipeline_run(cfg, f"ablation-{family}", root, launcher="ablation") as run:
+        # what every arm trained on (MLflow's dataset inputs)
+        run.log_data([str(inputs(root, family)[0])], root, "training")
+        run.log_params({"family": family, "seeds": spec.seeds, "calibration_size": spec.calibration_size,
+                        **{f"ablation.{k}": v for k, v in spec.model_dump().items()
                            if k in ("distill", "prune", "qat", "share")}})
         slug = {arm: arm.lower().replace(" + ", "_").replace(" ", "_").replace("-", "_") for arm in rows}
         run.log_metrics({f"{slug[a]}.accuracy_{k}": r[k] for a, r in rows.items() for k in ("mean", "std")})
         run.log_metrics({f"{slug[a]}.gzip_bytes": r["gzip_bytes"] for a, r in rows.items()})
         run.set_tags({f"target.{c['key']}": "met" if c["met"] else "missed" for c in checks})
-        for name in ("vision.md", "vision.json"):
+        for name in (f"{family}.md", f"{family}.json"):
             run.log_artifact(out / name)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", help="an image family with an ablation block (default: the first one)")
     parser.add_argument("--root", type=Path, default=Path("."), help="project root (params.yaml, dvc.yaml)")
     parser.add_argument("--out", type=Path, default=None, help="default: <root>/reports/ablation")
     parser.add_argument("--skip-repro", action="store_true", help="use the data and teacher already on disk")
     args = parser.parse_args()
     root = args.root.resolve()
     os.chdir(root)
-    ablation(root, (args.out or root / "reports" / "ablation").resolve(), repro=not args.skip_repro)
+    ablation(root, (args.out or root / "reports" / "ablation").resolve(), args.family, repro=not args.skip_repro)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
-"""The vision ablation's arms and what is made of their measurements (``flows.ablation``): the rows (test accuracy
-mean ± std over seeds, the validation mean any choice must read, parity, sizes, speed), the targets of
-``ablation.vision.targets`` checked against them, and the markdown table.
+"""An image family's ablation arms and what is made of their measurements (``flows.ablation``): the rows (test
+accuracy mean ± std over seeds, the validation mean any choice must read, parity, sizes, speed), the targets of
+``ablation.<family>.targets`` checked against them, and the markdown table.
 """
 from __future__ import annotations
 
@@ -10,17 +10,18 @@ from datetime import date
 
 from flows.benchmark import machine
 from tasks.config import Config
+from tasks.images.ablation_config import AblationImages
 
 ARMS = {  # arm -> precision of the measured ONNX model
     "teacher": "FP32", "student CE-only": "FP32", "student KD": "FP32", "CE-only + PTQ": "INT8",
     "KD + PTQ": "INT8", "QAT without KD": "INT8", "KD + QAT": "INT8", "KD + QAT + pruning": "INT8",
     "KD + QAT + weight sharing": "INT8"}
-LOW_BIT_ARMS = ("CE-only + PTQ", "QAT without KD", "KD + QAT")   # again with ablation.vision.low_bit's weights
+LOW_BIT_ARMS = ("CE-only + PTQ", "QAT without KD", "KD + QAT")   # again with ablation.<family>.low_bit's weights
 
 
-def arms(cfg: Config) -> dict[str, str]:
-    """Every arm of this configuration, in table order, with the precision of its measured ONNX model."""
-    low = cfg.ablation.vision.low_bit
+def arms(spec: AblationImages) -> dict[str, str]:
+    """Every arm of this ablation, in table order, with the precision of its measured ONNX model."""
+    low = spec.low_bit
     if low is None:
         return dict(ARMS)
     return {**ARMS, **{low_bit_arm(arm, low.weight_bits): f"W{low.weight_bits}A8" for arm in LOW_BIT_ARMS}}
@@ -39,8 +40,8 @@ class Measured:
     bytes: int
     gzip_bytes: int
     top1_agreement: float    # the ONNX file against its reference (the export stage's parity check)
-    latency_ms: float        # batch-1 p50 in onnxruntime, as evaluate_vision measures it
-    throughput_ips: float    # images per second at evaluate.vision.throughput_batch
+    latency_ms: float        # batch-1 p50 in onnxruntime, as evaluate_<family> measures it
+    throughput_ips: float    # images per second at evaluate.<family>.throughput_batch
 
 
 def summarise(per_seed: dict[int, dict[str, Measured]], teacher: Measured, precision: dict[str, str]
@@ -67,13 +68,13 @@ def _sizes(measured: list[Measured]) -> dict[str, float]:
                         for key in ("latency_ms", "throughput_ips")}}
 
 
-def check_targets(rows: dict[str, dict], cfg: Config) -> list[dict]:
-    t, kdq = cfg.ablation.vision.targets, rows["KD + QAT"]["mean"]
+def check_targets(rows: dict[str, dict], spec: AblationImages) -> list[dict]:
+    t, kdq = spec.targets, rows["KD + QAT"]["mean"]
     drop, gain = rows["teacher"]["mean"] - kdq, kdq - rows["CE-only + PTQ"]["mean"]
     checks = [("kd_qat_accuracy", "KD + QAT INT8 accuracy", kdq, "≥", t.kd_qat_accuracy, kdq >= t.kd_qat_accuracy),
               ("drop_vs_teacher", "teacher − KD + QAT (pt)", drop, "≤", t.max_drop_vs_teacher, drop <= t.max_drop_vs_teacher),
               ("gain_over_ptq", "KD + QAT − CE-only + PTQ (pt)", gain, "≥", t.min_gain_over_ptq, gain >= t.min_gain_over_ptq)]
-    low = cfg.ablation.vision.low_bit
+    low = spec.low_bit
     if low is not None:
         name = f"W{low.weight_bits}A8"
         kdq_low = rows[low_bit_arm("KD + QAT", low.weight_bits)]
@@ -86,10 +87,11 @@ def check_targets(rows: dict[str, dict], cfg: Config) -> list[dict]:
     return [{"key": k, "check": c, "value": v, "op": op, "threshold": th, "met": ok} for k, c, v, op, th, ok in checks]
 
 
-def table(rows: dict[str, dict], checks: list[dict], cfg: Config, wall: float) -> str:
-    seeds, batch = cfg.ablation.vision.seeds, cfg.evaluate.vision.throughput_batch
-    made = "imported (teacher.vision.pretrained)" if cfg.teacher.vision.pretrained else "trained once by the pipeline"
-    lines = [f"Vision ablation, {date.today()}, {machine()}; student seeds {seeds}, teacher {made}; "
+def table(rows: dict[str, dict], checks: list[dict], cfg: Config, family: str, wall: float) -> str:
+    seeds, batch = cfg.block("ablation", family).seeds, cfg.block("evaluate", family).throughput_batch
+    made = (f"imported (teacher.{family}.pretrained)" if cfg.block("teacher", family).pretrained
+            else "trained once by the pipeline")
+    lines = [f"Ablation of {family}, {date.today()}, {machine()}; student seeds {seeds}, teacher {made}; "
              f"{wall / 60:.0f} min", "",
              "| arm | precision | val accuracy % (mean) | test accuracy % (mean ± std, n) | ONNX parity (min top-1 "
              f"agreement) | parameters | non-zero | ONNX bytes | gzip bytes | batch-1 p50 ms | batch-{batch} "

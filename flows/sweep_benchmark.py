@@ -5,7 +5,9 @@ and are not timed); each sweep times its recipe phase (LocalCluster start, every
 worker is one single-threaded process and every recipe's stages use one torch thread, so the ratio measures how
 well recipes spread over workers, the target being >= 1.7x with 2 workers on 2 cores.
 
-    python -m flows.sweep_benchmark [--family recsys] [--recipes 8] [--workers 2] [--out reports/benchmarks/sweep.json]
+    python -m flows.sweep_benchmark [--family F] [--recipes 8] [--workers 2] [--out reports/benchmarks/sweep.json]
+
+``--family``: any family of params.yaml with a ``sweep.space.<family>``; by default ``sweep.family``.
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ from typing import Any
 from flows.benchmark import machine, target_rows, write_result
 from flows.sweep import recipe_sweep
 from flows.workspace import copy_project
+from tasks.config import load_config
 from tasks.errors import run_cli
 
 TARGET = (("speedup", ">=", 1.7, "recipe phase, 1 worker / N workers"),)
@@ -45,11 +48,12 @@ def table(runs: list[dict[str, Any]], family: str, recipes: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--family", default="recsys", choices=("recsys", "vision"))
+    parser.add_argument("--family", help="default: sweep.family of params.yaml")
     parser.add_argument("--recipes", type=int, default=8)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, help="also write the numbers as JSON here")
     args = parser.parse_args()
+    args.family = args.family or load_config(Path("params.yaml")).sweep.family
     with tempfile.TemporaryDirectory(prefix="kdq-sweep-bench-") as tmp:
         root = copy_project(Path(tmp) / "project", {"profile": "smoke"})
         runs = [timed_sweep(root, args.family, args.recipes, w) for w in (1, args.workers)]

@@ -1,13 +1,14 @@
 """Benchmark: distillation's frozen teacher run by PyTorch vs the same teacher as ONNX in onnxruntime.
 
-Exports the params' vision teacher architecture with its stage maps (fresh weights: speed does not depend on them)
-as ``distill.vision.teacher_runtime: onnxruntime`` does (``tasks.imported_teacher.onnx_twin``), and times,
-alternating them in one run, the teacher's forward and a whole distillation step (``distill.vision``'s loss and
-student, SGD) at ``distill.vision.threads`` threads: PyTorch fp32, onnxruntime fp32 and, where the CPU has native
-bf16, PyTorch under bf16 autocast (``teacher_bf16: true``). Prints a markdown table of medians and their ratios;
-``--out`` writes JSON too.
+For an image family (``--family``): exports the params' teacher architecture (``teacher.<family>.arch``) with its
+stage maps (fresh weights: speed does not depend on them) as ``distill.<family>.teacher_runtime: onnxruntime``
+does (``tasks.imported_teacher.onnx_twin``), and times, alternating them in one run, the teacher's forward and a
+whole distillation step (``distill.<family>``'s loss and student, SGD) at ``distill.<family>.threads`` threads:
+PyTorch fp32, onnxruntime fp32 and, where the CPU has native bf16, PyTorch under bf16 autocast (``teacher_bf16:
+true``). Inputs are random images of the shape and classes of the family's processed data (``--data``, by default
+what its distill stage reads). Prints a markdown table of medians and their ratios; ``--out`` writes JSON too.
 
-    python -m flows.teacher_benchmark [--batch 256] [--steps 10] [--repeats 3] [--out reports/benchmarks/teacher.json]
+    python -m flows.teacher_benchmark --family vision [--batch 256] [--steps 10] [--repeats 3] [--out teacher.json]
 """
 from __future__ import annotations
 
@@ -17,15 +18,19 @@ import time
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from flows.benchmark import machine, write_result
+from flows.stage_graph import stage_paths
 from tasks.config import Config, load_config
 from tasks.distillation import Distiller
-from tasks.errors import run_cli
+from tasks.errors import ConfigError, run_cli
 from tasks.hardware import native_bf16
+from tasks.image_training import model_shape
+from tasks.images.arch_config import ResNetArch
 from tasks.images.models import MobileStudent, ResNetTeacher
 from tasks.imported_teacher import onnx_twin
 from tasks.training import autocast
@@ -41,16 +46,17 @@ def _mean_seconds(run: Callable[[], object], steps: int) -> float:
     return (time.perf_counter() - start) / steps
 
 
-def measure(cfg: Config, batch: int, steps: int, repeats: int) -> dict[str, dict[str, float]]:
+def measure(cfg: Config, family: str, shape: dict[str, Any], batch: int, steps: int, repeats: int
+            ) -> dict[str, dict[str, float]]:
     """Seconds of the teacher's forward and of a distillation step, per teacher kind: the median over ``repeats`` of
-    the mean over ``steps``."""
+    the mean over ``steps``. ``shape``: the models' ``num_classes`` and ``input_shape``."""
     # the Distiller runs each teacher as given: fp32, plus PyTorch's bf16 autocast where the CPU has native bf16
     # (what ``teacher_bf16: true`` runs there)
-    kd = cfg.distill.vision.model_copy(update={"teacher_bf16": False, "teacher_runtime": "pytorch"})
+    kd = cfg.block("distill", family).model_copy(update={"teacher_bf16": False, "teacher_runtime": "pytorch"})
     torch.set_num_threads(kd.threads)
     torch.manual_seed(0)
-    teacher = ResNetTeacher(cfg.teacher.vision.arch).eval()
-    x, y = torch.randn(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+    teacher = ResNetTeacher(cfg.block("teacher", family).arch, **shape).eval()
+    x, y = torch.randn(batch, *shape["input_shape"]), torch.randint(0, shape["num_classes"], (batch,))
     teachers = {"pytorch": teacher, "onnxruntime": onnx_twin(teacher, (x[:2],), feature_rank=4)}
     if native_bf16():
         teachers[BF16] = teacher
@@ -60,7 +66,7 @@ def measure(cfg: Config, batch: int, steps: int, repeats: int) -> dict[str, dict
             torch.manual_seed(0)
             bf16 = name == BF16
             run_kd = kd.model_copy(update={"teacher_bf16": True}) if bf16 else kd
-            distiller = Distiller(MobileStudent(kd.student), frozen, run_kd, x[:2]).train()
+            distiller = Distiller(MobileStudent(kd.student, **shape), frozen, run_kd, x[:2]).train()
             opt = torch.optim.SGD(distiller.parameters(), lr=0.01)
 
             def step(d: Distiller = distiller, o: torch.optim.Optimizer = opt) -> None:
@@ -77,9 +83,10 @@ def measure(cfg: Config, batch: int, steps: int, repeats: int) -> dict[str, dict
     return {name: {kind: statistics.median(values) for kind, values in kinds.items()} for name, kinds in times.items()}
 
 
-def table(result: dict[str, dict[str, float]], batch: int, threads: int) -> str:
+def table(result: dict[str, dict[str, float]], family: str, batch: int, threads: int) -> str:
     onnx_t = result["onnxruntime"]
-    lines = [f"Teacher benchmark, {date.today()}, {machine()}; batch {batch}, {threads} thread(s), student in fp32",
+    lines = [f"Teacher benchmark ({family}), {date.today()}, {machine()}; batch {batch}, {threads} thread(s), "
+             "student in fp32",
              "", "| teacher run by | forward ms | distillation step ms |", "|---|---:|---:|"]
     lines += [f"| {name} | {r['forward'] * 1000:.1f} | {r['step'] * 1000:.1f} |" for name, r in result.items()]
     for base in ("pytorch", BF16):
@@ -91,6 +98,8 @@ def table(result: dict[str, dict[str, float]], batch: int, threads: int) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--family", required=True, help="an image family of params.yaml")
+    parser.add_argument("--data", type=Path, help="its processed data (default: what distill_<family> reads)")
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--steps", type=int, default=10, help="timed steps per measurement")
     parser.add_argument("--repeats", type=int, default=3, help="alternating measurements per teacher (median)")
@@ -98,10 +107,16 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the numbers as JSON here")
     args = parser.parse_args()
     cfg = load_config(args.params)
-    result = measure(cfg, args.batch, args.steps, args.repeats)
-    print(table(result, args.batch, cfg.distill.vision.threads))
+    if args.family not in cfg.families or not isinstance(getattr(cfg.block("teacher", args.family), "arch", None),
+                                                         ResNetArch):
+        raise ConfigError(f"{args.params}: --family {args.family} is no image family with a teacher architecture "
+                          f"of its own (families: {', '.join(cfg.families)})")
+    threads = cfg.block("distill", args.family).threads
+    data = args.data or args.params.parent / stage_paths(args.params.parent, f"distill_{args.family}")["data"]
+    result = measure(cfg, args.family, model_shape(data), args.batch, args.steps, args.repeats)
+    print(table(result, args.family, args.batch, threads))
     if args.out:
-        write_result(args.out, {"batch": args.batch, "threads": cfg.distill.vision.threads, "seconds": result})
+        write_result(args.out, {"family": args.family, "batch": args.batch, "threads": threads, "seconds": result})
 
 
 if __name__ == "__main__":

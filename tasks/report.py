@@ -28,8 +28,6 @@ class ReportView:
     ablation: bool = False   # the family has an ablation command (`make ablation`) whose table the report shows
 
 
-VISION_VIEW = ReportView("Vision compression report", "accuracy", "latency_b1", "batch-1", ablation=True)
-
 
 def pareto_svg(models: dict[str, dict[str, float]], x_key: str, x_label: str, metric: str, scale: float = 1.0) -> str:
     """Test ``metric`` against ``x_key`` for every model, log-scaled x, as an SVG string."""
@@ -100,7 +98,7 @@ def ablation_table(ablation: dict[str, Any]) -> str:
 
 
 def render_report(evaluation: dict[str, Any], gate: dict[str, Any], ablation: dict[str, Any] | None,
-                  context: dict[str, str], view: ReportView = VISION_VIEW) -> str:
+                  context: dict[str, str], view: ReportView) -> str:
     models, metric = evaluation["models"], view.metric
     meta = "".join(f"<li>{html.escape(k)}: <code>{html.escape(str(v))}</code></li>" for k, v in context.items())
     parts = [

@@ -15,14 +15,6 @@ from tasks.family import Family, load_family
 ROOT = Path(__file__).resolve().parents[1]
 FAMILY_WORDS = ("vision", "recsys", "fashion", "movielens", "mnist", "ctr", "rotten", "tomatoes", "scattertext",
                 "minilm")
-# Generic code still wired to the two families, to be moved behind the contract (issue 17); each must still name
-# a family, so the list can only shrink. (Naming is what this checks: onnx_models.py, for one, names no family but
-# still assumes Fashion-MNIST's image shape.)
-NOT_YET_GENERIC = {
-    "flows/ablation.py", "flows/ablation_report.py", "flows/benchmark.py", "flows/export_benchmark.py",
-    "flows/recsys_benchmark.py", "flows/sweep_benchmark.py", "flows/teacher_benchmark.py",
-    "tasks/report.py",
-}
 
 
 def test_a_familys_modules_live_in_its_package():
@@ -75,13 +67,10 @@ def _kits() -> list[Path]:
 def test_generic_modules_name_no_family():
     kits = [module for kit in _kits() for module in kit.glob("*.py")]
     assert kits, "the image kit (tasks/images) is generic code too"
-    generic = [p for p in sorted([*(ROOT / "tasks").glob("*.py"), *(ROOT / "flows").glob("*.py"), *kits])
-               if str(p.relative_to(ROOT)) not in NOT_YET_GENERIC]
+    generic = sorted([*(ROOT / "tasks").glob("*.py"), *(ROOT / "flows").glob("*.py"), *kits])
     assert {"flows/gating.py", "flows/registry.py", "flows/promotion.py"} <= {str(p.relative_to(ROOT)) for p in generic}
     offenders = {str(p.relative_to(ROOT)): hits for p in generic if (hits := _names_a_family(p))}
     assert not offenders, f"generic modules naming a family (ask tasks.family instead): {offenders}"
-    still = [m for m in NOT_YET_GENERIC if not _names_a_family(ROOT / m)]
-    assert not still, f"{still} no longer name a family: take them off NOT_YET_GENERIC"
 
 
 def test_every_family_of_params_has_a_contract():

@@ -409,7 +409,7 @@ def test_ablation_command_tables_every_arm_and_resumes(flow_repo):
 def test_export_benchmark_command_measures_the_flows_onnx_models(flow_repo, tmp_path):
     repo, _, _ = flow_repo
     out = tmp_path / "export.json"
-    proc = subprocess.run([sys.executable, "-m", "flows.export_benchmark", "--root", str(repo),
+    proc = subprocess.run([sys.executable, "-m", "flows.export_benchmark", "--family", "vision", "--root", str(repo),
                            "--onnx-dir", str(repo / "models/vision/onnx"), "--data", str(repo / "data/vision/processed"),
                            "--out", str(out)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-3000:]

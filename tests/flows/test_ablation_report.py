@@ -17,7 +17,7 @@ def _seeds(config, kd_qat: list[float], ce_ptq: list[float]) -> dict[int, dict[s
     half the bytes)."""
     out = {}
     for seed, (kdq, ptq) in enumerate(zip(kd_qat, ce_ptq, strict=True)):
-        row = {arm: _measured(0.90, 0.91) for arm in arms(config)}
+        row = {arm: _measured(0.90, 0.91) for arm in arms(config.ablation.vision)}
         row["KD + QAT"], row["CE-only + PTQ"] = _measured(kdq, kdq + 0.01), _measured(ptq, ptq + 0.01)
         bits = config.ablation.vision.low_bit.weight_bits
         row[low_bit_arm("KD + QAT", bits)] = _measured(kdq - 0.01, kdq, size=50_000)
@@ -27,8 +27,8 @@ def _seeds(config, kd_qat: list[float], ce_ptq: list[float]) -> dict[int, dict[s
 
 
 def test_rows_are_seed_means_with_the_sample_std_and_the_validation_mean(config):
-    rows = summarise(_seeds(config, [0.93, 0.95], [0.92, 0.92]), _measured(0.945, 0.95), arms(config))
-    assert list(rows) == list(arms(config))
+    rows = summarise(_seeds(config, [0.93, 0.95], [0.92, 0.92]), _measured(0.945, 0.95), arms(config.ablation.vision))
+    assert list(rows) == list(arms(config.ablation.vision))
     kdq = rows["KD + QAT"]
     assert kdq["mean"] == pytest.approx(0.94) and kdq["std"] == pytest.approx(0.0141421, rel=1e-4) and kdq["n"] == 2
     assert kdq["val_mean"] == pytest.approx(0.95) and kdq["precision"] == "INT8"
@@ -41,15 +41,27 @@ def test_rows_are_seed_means_with_the_sample_std_and_the_validation_mean(config)
 def test_targets_are_met_or_missed_by_the_thresholds_of_params(config):
     t = config.ablation.vision.targets
     assert (t.kd_qat_accuracy, t.max_drop_vs_teacher, t.min_gain_over_ptq) == (0.93, 0.01, 0.005)
-    rows = summarise(_seeds(config, [0.93, 0.95], [0.92, 0.92]), _measured(0.945, 0.95), arms(config))
-    met = {c["key"]: c["met"] for c in check_targets(rows, config)}
+    rows = summarise(_seeds(config, [0.93, 0.95], [0.92, 0.92]), _measured(0.945, 0.95), arms(config.ablation.vision))
+    met = {c["key"]: c["met"] for c in check_targets(rows, config.ablation.vision)}
     # KD + QAT 0.94 >= 0.93; teacher 0.945 - 0.94 <= 0.01; 0.94 - 0.92 >= 0.005; W4A8: 0.93 - 0.89 >= 0.01, 0.5x <= 0.6x
     assert met == {"kd_qat_accuracy": True, "drop_vs_teacher": True, "gain_over_ptq": True,
                    "low_bit_gain_over_ptq": True, "low_bit_size_ratio": True}
-    rows = summarise(_seeds(config, [0.92, 0.92], [0.92, 0.92]), _measured(0.945, 0.95), arms(config))
-    checks = {c["key"]: c for c in check_targets(rows, config)}
+    rows = summarise(_seeds(config, [0.92, 0.92], [0.92, 0.92]), _measured(0.945, 0.95), arms(config.ablation.vision))
+    checks = {c["key"]: c for c in check_targets(rows, config.ablation.vision)}
     assert not checks["kd_qat_accuracy"]["met"] and not checks["gain_over_ptq"]["met"]
     assert checks["drop_vs_teacher"]["value"] == pytest.approx(0.025) and not checks["drop_vs_teacher"]["met"]
-    markdown = table(rows, list(checks.values()), config, wall=600.0)
+    markdown = table(rows, list(checks.values()), config, "vision", wall=600.0)
     assert "| KD + QAT | INT8 | 93.00 | 92.00 ± 0.00 (n=2) |" in markdown
     assert "| teacher − KD + QAT (pt) | 2.50 | ≤ 1.00 | MISSED |" in markdown
+
+
+@pytest.mark.fault("params", "the ablation asked for a family without an ablation block (digits) or not in params",
+                   "ConfigError naming the missing ablation.<family> block and the families that have one")
+@pytest.mark.parametrize("family", ["digits", "audio"])
+def test_the_ablation_runs_a_family_that_has_an_ablation_block(config, family):
+    from flows.ablation import ablated_family
+    from tasks.errors import ConfigError
+
+    assert ablated_family(config, None) == "vision" == ablated_family(config, "vision")   # the first with a block
+    with pytest.raises(ConfigError, match=rf"no ablation\.{family} block \(families with one: vision\)"):
+        ablated_family(config, family)

@@ -27,16 +27,29 @@ def test_the_onnx_twin_computes_the_teachers_logits_and_maps(config, tmp_path):
 @pytest.mark.parametrize("native_bf16", [False, True])
 def test_the_benchmark_times_the_teachers_and_prints_their_ratios(raw_params, native_bf16, monkeypatch):
     """PyTorch fp32 and onnxruntime everywhere; PyTorch under bf16 autocast too where the CPU has native bf16 (what
-    ``teacher_runtime: auto`` weighs the twin against there)."""
+    ``teacher_runtime: auto`` weighs the twin against there). Any image family, in its own data's shape (before:
+    Fashion-MNIST's, hard-coded): here the digits' 8x8 images."""
     import flows.teacher_benchmark
 
     monkeypatch.setattr(flows.teacher_benchmark, "native_bf16", lambda: native_bf16)
-    small = {**raw_params, "teacher": {**raw_params["teacher"], "vision": {
-        **raw_params["teacher"]["vision"], "arch": {"stem": 8, "widths": [8, 16], "blocks": [1, 1]}, "threads": 1}}}
-    small["distill"] = {**raw_params["distill"], "vision": {**raw_params["distill"]["vision"], "threads": 1}}
-    result = measure(parse_config(small), batch=8, steps=1, repeats=1)
+    shape = {"num_classes": 10, "input_shape": [1, 8, 8]}
+    result = measure(parse_config(raw_params), "digits", shape, batch=8, steps=1, repeats=1)
     assert set(result) == {"pytorch", "onnxruntime"} | ({"pytorch bf16"} if native_bf16 else set())
     assert all(r["forward"] > 0 and r["step"] > 0 for r in result.values())
-    printed = table(result, 8, 1)
+    printed = table(result, "digits", 8, 1)
     assert "| onnxruntime / pytorch |" in printed
     assert ("| onnxruntime / pytorch bf16 |" in printed) is native_bf16
+
+
+@pytest.mark.fault("params", "the teacher benchmark asked for a family that is no image family (recsys) or none of "
+                   "params.yaml", "ConfigError naming the family and the families there; nothing timed")
+@pytest.mark.parametrize("family", ["recsys", "audio"])
+def test_the_benchmark_refuses_a_family_without_an_image_teacher(family, monkeypatch):
+    import sys
+
+    from flows.teacher_benchmark import main
+    from tasks.errors import ConfigError
+
+    monkeypatch.setattr(sys, "argv", ["teacher_benchmark", "--family", family])
+    with pytest.raises(ConfigError, match=rf"--family {family} is no image family .*families: vision, recsys"):
+        main()

@@ -17,10 +17,11 @@ ABLATION = {"date": "2026-11-28", "machine": "test machine", "seeds": [0, 1, 2],
                       "min_top1_agreement": 0.9931,
                       "parameters": 87_866, "nonzero": 87_866, "bytes": 115_000, "gzip_bytes": 88_000,
                       "latency_ms": 0.125, "throughput_ips": 41_000.0}]}
+IMAGES = ReportView("Fashion-MNIST compression report", "accuracy", "latency_b1", "batch-1", ablation=True)
 
 
 def test_report_inlines_both_plots_and_every_table():
-    page = render_report(EVALUATION, GATE, ABLATION, {"git commit": "abc"})
+    page = render_report(EVALUATION, GATE, ABLATION, {"git commit": "abc"}, IMAGES)
     assert page.count("<svg") == 2 and "<?xml" not in page
     assert "student INT8 (the candidate)" in page and "max_accuracy_drop_vs_teacher" in page and "FAIL" in page
     assert "92.71 ± 0.05 (n=3)" in page and "test machine" in page
@@ -37,7 +38,7 @@ def test_stale_ablation_file_is_named_not_fatal():
     stale = {**ABLATION, "rows": {"KD + QAT": ABLATION["rows"][0]}}  # rows keyed by arm, as an older version wrote
     text = ablation_table(stale)
     assert "not in this version's format" in text and "make ablation" in text
-    assert "re-run" in render_report(EVALUATION, GATE, stale, {})
+    assert "re-run" in render_report(EVALUATION, GATE, stale, {}, IMAGES)
 
 
 def test_the_recommender_gets_the_same_report_on_its_own_metric_and_latency():

@@ -5,7 +5,7 @@ Reads what ``dvc repro evaluate_recsys`` (or ``make run``) leaves: ``data/recsys
 ``models/recsys/onnx``. The baselines train with ``distill.recsys``'s recipe on labels alone and are exported to
 ONNX like the others, so every AUC in the table is an onnxruntime AUC on the same test split.
 
-    python -m flows.recsys_benchmark [--out reports/benchmarks/recsys.json]
+    python -m tasks.recsys.benchmark [--out reports/benchmarks/recsys.json]
 """
 from __future__ import annotations
 
