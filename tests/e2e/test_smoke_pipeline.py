@@ -406,6 +406,21 @@ def test_ablation_command_tables_every_arm_and_resumes(flow_repo):
     assert {r["arm"]: r["accuracies"] for r in rerun} == {a: r["accuracies"] for a, r in rows.items()}
 
 
+def test_recsys_benchmark_command_measures_baselines_beside_the_flows_models(flow_repo, tmp_path):
+    """The recommender's own benchmark (its package's, not a generic command): our LR and FM trained now, then every
+    model as ONNX on the same splits; it had no test before it moved into tasks/recsys/."""
+    repo, _, _ = flow_repo
+    out = tmp_path / "recsys.json"
+    proc = subprocess.run([sys.executable, "-m", "tasks.recsys.benchmark", "--root", str(repo),
+                           "--onnx-dir", str(repo / "models/recsys/onnx"), "--data", str(repo / "data/recsys/processed"),
+                           "--out", str(out)], capture_output=True, text=True, cwd=repo)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "| LR (ours) |" in proc.stdout and "| student INT8 AUC drop vs teacher |" in proc.stdout
+    numbers = json.loads(out.read_text())
+    assert {"LR (ours)", "FM (ours)", "teacher_fp32", "student_int8"} <= set(numbers["models"])
+    assert all(0.0 < m["test_auc"] <= 1.0 and m["bytes"] > 0 for m in numbers["models"].values())
+
+
 def test_export_benchmark_command_measures_the_flows_onnx_models(flow_repo, tmp_path):
     repo, _, _ = flow_repo
     out = tmp_path / "export.json"
