@@ -113,7 +113,7 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
     ``champion`` moves only when every check passes and ``may_promote`` (a sweep registers challengers only). The
     registry part runs under the model's promotion lock, so concurrent runs promote one after another and each
     version's ``audit.*`` tags name the champion it was compared with."""
-    gate = getattr(cfg.gate, family)
+    gate = cfg.block("gate", family)
     check_registry(client, uri)
     where = paths(root, family)
     tags = {**lineage(cfg, root, parent_run_id, family), **(extra_tags or {})}
@@ -164,7 +164,7 @@ def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str, family: st
           description: str) -> tuple[dict[str, Any], list[Check], dict[str, Any]]:
     """Score the candidate and the current champion back to back, check the gate, write and log its report;
     return the report, the checks and the evaluation with the candidate's fresh scores."""
-    gate, contract = getattr(cfg.gate, family), load_family(family)
+    gate, contract = cfg.block("gate", family), load_family(family)
     data = root / where["data"]
     evaluation = json.loads((root / where["evaluation"]).read_text())
     verify_candidate(root, family, evaluation, where)
@@ -215,7 +215,7 @@ def write_report(root: Path, cfg: Config, evaluation: dict, report: dict, tags: 
     from tasks.report import ReportView, render_report
 
     contract = load_family(family)
-    view = ReportView(contract.title, getattr(cfg.gate, family).metric, contract.gate.latency,
+    view = ReportView(contract.title, cfg.block("gate", family).metric, contract.gate.latency,
                       contract.gate.latency_what, ablation=contract.ablation)
     ablation_file = root / "reports" / "ablation" / f"{family}.json"
     ablation = json.loads(ablation_file.read_text()) if ablation_file.exists() else None

@@ -123,7 +123,7 @@ def promote(family: str, root: Path, uri: str, parent_run_id: str, may_promote: 
 
     cfg = load_config(root / "params.yaml")
     client = client_for(uri)
-    params = {f"gate.{family}": getattr(cfg.gate, family), f"evaluate.{family}": getattr(cfg.evaluate, family)}
+    params = {f"gate.{family}": cfg.block("gate", family), f"evaluate.{family}": cfg.block("evaluate", family)}
     with child_run(f"promote_{family}", cfg, params, parent_run_id, root, client) as run:
         run.log_data_inputs(f"evaluate_{family}", root, "evaluation")   # the gate scores on evaluate's data
         report = gate_and_register(root, cfg, client, uri, run.run_id, parent_run_id, family, may_promote)

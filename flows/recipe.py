@@ -115,7 +115,7 @@ def run_recipe(index: int, overrides: dict[str, Any], family: str, root: Path, w
         for stage in stages:
             reproduce(stage, dest, env, log=False)
         evaluation = json.loads((dest / "metrics" / family / "evaluation.json").read_text())
-        gate = getattr(cfg.gate, family)
+        gate = cfg.block("gate", family)
         # Which recipes may be chosen is a choice too: the gate's thresholds on the validation scores decide it
         # ("passed"); the test gate is reported beside it and decides only at registration, for the chosen one.
         spec = load_family(family).gate

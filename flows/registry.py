@@ -186,4 +186,4 @@ def registered_model(cfg: Config, family: str | None) -> str:
     family = family or cfg.families[0]
     if family not in cfg.families:
         raise PipelineError(f"--family: {family!r} is not one of params.yaml's families {cfg.families}")
-    return getattr(cfg.gate, family).registered_model
+    return cfg.block("gate", family).registered_model

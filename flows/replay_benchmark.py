@@ -75,7 +75,7 @@ def replay_benchmark(family: str, profile: str, batches: int | None, work: Path,
     root = copy_project(work / "project", {"profile": profile, f"ingest.{family}.bootstrap": "empty",
                                            **{f"warm_start.{family}.{k}": v for k, v in policy.items()}})
     cfg = load_config(root / "params.yaml")
-    metric = getattr(cfg.gate, family).metric
+    metric = cfg.block("gate", family).metric
     released = load_intake(family).replay(cfg, work / "released")[:batches]
     landing = root / "landing"
     landing.mkdir()

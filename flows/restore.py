@@ -175,7 +175,7 @@ def main() -> None:
     root = args.root.resolve()
     cfg = load_config(root / "params.yaml")
     name = args.name or registered_model(cfg, args.family)
-    family = args.family or next((f for f in cfg.families if getattr(cfg.gate, f).registered_model == name), None)
+    family = args.family or next((f for f in cfg.families if cfg.block("gate", f).registered_model == name), None)
     if family is None:
         raise PipelineError(f"--name {name}: no family of params.yaml registers it; name it with --family")
     sys.exit(restore(root, family, name, args.version, args.dest.resolve(), not args.no_run))

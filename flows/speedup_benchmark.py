@@ -29,7 +29,7 @@ def measure(root: Path, family: str, repeats: int) -> dict:
     cfg = load_config(root / "params.yaml")
     contract, where = load_family(family), stage_paths(root, f"evaluate_{family}")
     onnx, data = root / where["onnx"], root / where["data"]
-    rel = getattr(cfg.gate, family).vs_teacher
+    rel = cfg.block("gate", family).vs_teacher
     key, pairs = f"{contract.gate.latency}_p50_ms", rel.speedup_pairs
     candidate = lambda: contract.timing(onnx / "student_int8.onnx", data, cfg)
     teacher = lambda: contract.timing(onnx / "teacher_fp32.onnx", data, cfg)

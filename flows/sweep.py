@@ -120,7 +120,7 @@ def recipe_sweep(root: str = ".", family: str | None = None, address: str | None
                 [o for n in upstream for o in n.outs], [n.name for n in below], sweep.threads_per_worker,
                 cfg.pipeline.retry_delays(sweep.recipe_retries))
         seconds = time.perf_counter() - start
-        metric = getattr(cfg.gate, family).metric
+        metric = cfg.block("gate", family).metric
         ok = [o for o in outcomes if o["status"] == "ok"]
         front = pareto_front(ok, metric)
         best = best_passing(outcomes, metric)

@@ -37,7 +37,7 @@ def params_hash(cfg: Any) -> str:
 def data_params(cfg: Any, family: str) -> str:
     """The SHA-256 of ``data.<family>``: the params that decide which rows are training, validation and test (two
     models split by different ones may each have trained on the other's test rows)."""
-    return hashlib.sha256(json.dumps(getattr(cfg.data, family).model_dump(by_alias=True), sort_keys=True,
+    return hashlib.sha256(json.dumps(cfg.block("data", family).model_dump(by_alias=True), sort_keys=True,
                                      default=str).encode()).hexdigest()
 
 

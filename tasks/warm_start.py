@@ -63,7 +63,7 @@ def champion_files(cfg: Any, family: str, scratch: Path, pinned: str | None = No
 
     from tasks.mlflow_store import client_for, registered_version, tracking_uri
 
-    client, name = client_for(tracking_uri(cfg)), getattr(cfg.gate, family).registered_model
+    client, name = client_for(tracking_uri(cfg)), cfg.block("gate", family).registered_model
     version = registered_version(client, name, pinned)
     if version is None:
         if pinned:
@@ -97,12 +97,12 @@ def warm_start(cfg: Any, family: str, snapshot: Path, data: Path, out: Path, ada
     or params change starts where the first run of this data version did, not from a model of this very data)."""
     import torch
 
-    spec: WarmStart = getattr(cfg.warm_start, family)
+    spec: WarmStart = cfg.block("warm_start", family)
     versions, digest = len(read(snapshot)["batches"]), file_digest(snapshot / MANIFEST)
     out.mkdir(parents=True, exist_ok=True)
     for file in FILES.values():   # what an earlier plan started from is not this one's
         (out / file).unlink(missing_ok=True)
-    model = getattr(cfg.gate, family).registered_model
+    model = cfg.block("gate", family).registered_model
     same = previous is not None and all(previous.get(k) == v for k, v in (
         ("snapshot", digest), ("policy", spec.policy), ("teacher_every", spec.teacher_every), ("model", model)))
     found = None
@@ -136,7 +136,7 @@ def stage_main(family: str, adapt: Adapt | None = None) -> None:
     args, cfg = stage_args(__doc__, "--snapshot", "--data", "--out")
     final = args.out.parent.parent / args.out.name if args.out.parent.name == STAGING else args.out
     previous = read_plan(final) if (final / PLAN).is_file() else None
-    spec = getattr(cfg.warm_start, family)
+    spec = cfg.block("warm_start", family)
     with stage_run(f"warm_start_{family}", cfg, {f"warm_start.{family}": spec}) as run:
         plan = warm_start(cfg, family, args.snapshot, args.data, args.out, adapt, previous)
         run.set_tags({f"warm_start.{role}": plan[role] for role in FILES} | {
