@@ -68,8 +68,9 @@ def save_model(model: nn.Module, kind: str, arch: ModelArch, path: Path, **extra
     """``kind`` names the model in messages; ``arch``'s class (its ``MODEL``) says what ``load_model`` builds.
     ``extra`` holds what rebuilding needs beyond the architecture: ``shape``, the constructor's arguments for
     the data (an image model's classes and input shape: ``Split.model_shape``; a CTR model's table sizes),
-    ``activation_bits`` and ``float_modules`` for FX QAT (see ``qat_extra``), or ``qat_form``: the settings of the
-    model's own QAT form (its ``qat_form(**settings)`` rebuilds it)."""
+    ``channels`` for a structurally pruned model (``tasks.channel_pruning.channel_widths``: its layers are narrower
+    than ``arch`` builds them), ``activation_bits`` and ``float_modules`` for FX QAT (see ``qat_extra``), or
+    ``qat_form``: the settings of the model's own QAT form (its ``qat_form(**settings)`` rebuilds it)."""
     buffer = io.BytesIO()
     torch.save({"kind": kind, "arch_class": f"{type(arch).__module__}:{type(arch).__qualname__}",
                 "arch": arch.model_dump(), "state_dict": model.state_dict(), **extra}, buffer)
@@ -80,6 +81,13 @@ def qat_extra(cfg: QatImages) -> dict[str, Any]:
     """What rebuilding a student trained with ``cfg`` needs beyond its architecture."""
     return {"activation_bits": cfg.activation_bits, "weight_bits": cfg.weight_bits,
             "float_modules": list(cfg.float_modules)}
+
+
+def derived_extra(path: Path) -> dict[str, Any]:
+    """What a model trained from the model file at ``path`` (a QAT student of a pruned one) records to be rebuilt
+    like it: the layer widths of a structurally pruned model."""
+    meta = model_meta(path)
+    return {"channels": meta["channels"]} if meta.get("channels") else {}
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -107,6 +115,14 @@ def load_model(path: Path) -> nn.Module:
     if "onnx" in blob:
         return model_cls(arch_cls.model_validate(blob["arch"]), blob["onnx"].numpy().tobytes()).eval()
     model = model_cls(arch_cls.model_validate(blob["arch"]), **blob.get("shape", {}))
+    if blob.get("channels"):   # structurally pruned: narrower layers than its architecture builds
+        from tasks.channel_pruning import conform
+
+        try:
+            conform(model, blob["channels"])
+        except ValueError as err:
+            raise CheckpointError(f"{path}: its layer widths do not fit the {blob['kind']} it describes ({err}); "
+                                  "re-run the stage that writes it") from err
     if blob.get("activation_bits"):  # a QAT student: rebuild the same fake-quantized graph, then load into it
         prepare_qat = importlib.import_module("tasks.quantization").prepare_qat
         model = prepare_qat(model, blob["activation_bits"], torch.zeros(1, *model.input_shape),

@@ -106,7 +106,7 @@ class PruneImages(TrainingRecipe, GradualPruning):
 
     mode: Literal["unstructured", "structured"]
     scope: Literal["global", "layer"]
-    min_channels: Positive             # structured: no block keeps fewer output channels
+    min_channels: Positive             # structured: no channel group (tasks.channel_pruning) keeps fewer channels
 
 
 class Fp32Recipe(TrainingRecipe):

@@ -22,24 +22,19 @@ from tasks.artifacts import (
     publish_training,
     training_inputs,
 )
+from tasks.channel_pruning import ChannelGroups, channel_groups, channel_widths, prune_channels, shrink
 from tasks.config import stage_args
 from tasks.distillation import Distiller, distillation_loss, loss_config
 from tasks.image_training import Split, evaluate, fit, model_shape
 from tasks.images.arch_config import MobileArch
 from tasks.images.config import DistillImages, PruneImages
-from tasks.images.models import MobileStudent
-from tasks.pruning import (
-    attach_masks,
-    bake,
-    prune_channels,
-    prune_unstructured,
-    shrink,
-    sparsity_report,
-)
+from tasks.pruning import attach_masks, bake, prune_unstructured, sparsity_report
 
 
-def pruning_schedule(student: MobileStudent, cfg: PruneImages) -> Callable[[int], None]:
-    """``before_epoch`` hook: at every ``epochs_per_step``-th epoch, prune to the next target of the cubic ramp."""
+def pruning_schedule(student: nn.Module, cfg: PruneImages, groups: ChannelGroups | None = None
+                     ) -> Callable[[int], None]:
+    """``before_epoch`` hook: at every ``epochs_per_step``-th epoch, prune to the next target of the cubic ramp
+    (structured: the channels of ``groups``, ``tasks.channel_pruning.channel_groups`` of the student)."""
 
     def before_epoch(epoch: int) -> None:
         step = epoch // cfg.epochs_per_step + 1
@@ -47,7 +42,7 @@ def pruning_schedule(student: MobileStudent, cfg: PruneImages) -> Callable[[int]
             return
         sparsity = cfg.sparsity_after(step)
         if cfg.mode == "structured":
-            prune_channels(student, sparsity, cfg.min_channels)
+            prune_channels(groups, sparsity, cfg.min_channels)
         else:
             prune_unstructured(student, sparsity, cfg.scope)
 
@@ -56,22 +51,25 @@ def pruning_schedule(student: MobileStudent, cfg: PruneImages) -> Callable[[int]
 
 def prune_images(cfg: PruneImages, kd: DistillImages, distill: bool, data_dir: Path, teacher_path: Path,
                  student_path: Path, checkpoint: Path, on_epoch: Callable[[int, dict[str, float]], None] | None = None
-                 ) -> tuple[MobileStudent, MobileArch, list[dict[str, float]], dict[str, float]]:
-    """Prune gradually with fine-tuning; return (pruned student, its architecture, history, metrics)."""
+                 ) -> tuple[nn.Module, MobileArch, list[dict[str, float]], dict[str, float]]:
+    """Prune gradually with fine-tuning; return (pruned student, its architecture, history, metrics). A structurally
+    pruned student is narrower than its architecture builds it: save it with ``channels=channel_widths(model)``."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     train, val, test = (Split.load(data_dir, s) for s in ("train", "val", "test"))
     teacher, student = load_model(teacher_path), load_model(student_path)
     attach_masks(student)
+    example = train.inputs(slice(1))
+    groups = channel_groups(student, example) if cfg.mode == "structured" else None
     loss = loss_config(kd, distill, cfg.label_smoothing)
     distiller = Distiller(student, teacher, loss, train.inputs(slice(2)))
     inputs = training_inputs(data_dir, teacher_path, student_path)
     before = count_parameters(student)
     layer_weights = {name: m.weight.numel() for name, m in student.named_modules() if isinstance(m, nn.Conv2d | nn.Linear)}
     history = fit(distiller, train, val, cfg, checkpoint, fingerprint([cfg, loss], inputs), on_epoch, distillation_loss,
-                  before_epoch=pruning_schedule(student, cfg))
+                  before_epoch=pruning_schedule(student, cfg, groups))
     arch = model_meta(student_path)["arch"]
-    model, arch = shrink(student, arch) if cfg.mode == "structured" else (bake(student, arch), arch)
+    model = shrink(student.eval(), example) if cfg.mode == "structured" else bake(student)
     sparsity = sparsity_report(model)  # of the model that ships: a structured one is narrower, not sparser
     metrics = {f"test_{k}": v for k, v in evaluate(model, test, cfg.eval_batch_size).items()}
     metrics.update({"parameters": count_parameters(model), "parameters_before": before,
@@ -97,7 +95,8 @@ def main(family: str) -> None:
         model, arch, history, metrics = prune_images(prune, kd, "distill" in recipe, args.data, args.teacher,
                                                      args.student, args.checkpoint,
                                                      lambda epoch, m: run.log_metrics(m, step=epoch + 1))
-        publish_training(run, model, "mobile_student", arch, history, metrics, args, shape=model_shape(args.data))
+        publish_training(run, model, "mobile_student", arch, history, metrics, args, shape=model_shape(args.data),
+                         channels=channel_widths(model))
         from tasks.figures import weights_kept
 
         kept = {k.removeprefix("kept."): v for k, v in metrics.items() if k.startswith("kept.")}

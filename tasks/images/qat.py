@@ -15,6 +15,7 @@ import torch
 from tasks.artifacts import (
     count_nonzero,
     count_parameters,
+    derived_extra,
     fingerprint,
     load_model,
     model_meta,
@@ -71,9 +72,9 @@ def main(family: str) -> None:
             return
         model, history, metrics = qat_images(qat, kd, "distill" in recipe, args.data, args.teacher, args.student,
                                              args.checkpoint, lambda epoch, m: run.log_metrics(m, step=epoch + 1))
-        # the architecture of the student that was trained (a structurally pruned one is narrower than kd.student)
+        # the architecture of the student that was trained, and the layer widths of a structurally pruned one
         arch = model_meta(args.student)["arch"]
         publish_training(run, model, "mobile_student", arch, history, metrics, args, **qat_extra(qat),
-                         shape=model_shape(args.data))
+                         **derived_extra(args.student), shape=model_shape(args.data))
     print(f"QAT student test accuracy (fake-quantized): {metrics['test_accuracy_fake_quant']:.4f}")
 

@@ -3,21 +3,19 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.artifacts import count_parameters
+from tasks.artifacts import count_parameters, derived_extra, load_model, qat_extra, save_model
+from tasks.channel_pruning import channel_groups, channel_widths, prune_channels, shrink
 from tasks.config import parse_config
 from tasks.errors import ConfigError
-from tasks.images.arch_config import MobileArch
-from tasks.images.models import MobileStudent
+from tasks.images.arch_config import MobileArch, ResNetArch
+from tasks.images.models import MobileStudent, ResNetTeacher
 from tasks.images.prune import pruning_schedule
 from tasks.pruning import (
     attach_masks,
     bake,
-    channel_groups,
     enforce_masks,
     keep_pruned_zeros,
-    prune_channels,
     prune_unstructured,
-    shrink,
     sparsity_report,
 )
 from tasks.quantization import prepare_qat
@@ -27,9 +25,9 @@ MIXED = MobileArch(stem=8, stem_stride=2, widths=[16, 32, 32, 64], strides=[1, 2
                    kinds=["fused", "fused", "fused", "separable"])
 
 
-def _student(arch: MobileArch = ARCH):
+def _student(arch: MobileArch | ResNetArch = ARCH):
     torch.manual_seed(0)
-    model = MobileStudent(arch).eval()
+    model = (MobileStudent(arch) if isinstance(arch, MobileArch) else ResNetTeacher(arch)).eval()
     for m in model.modules():  # non-trivial batch-norm state, as after training
         if isinstance(m, torch.nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
@@ -65,48 +63,80 @@ def test_masks_hold_through_training_and_bake_into_a_plain_model():
         model(torch.randn(4, 1, 28, 28)).sum().backward()
         opt.step()
     enforce_masks(model)
-    plain = bake(model, ARCH)
-    assert not any(hasattr(m, "weight_mask") for m in plain.modules())
+    plain = bake(model)
+    assert not any(hasattr(m, "weight_mask") for m in plain.modules()) and not plain._forward_pre_hooks
+    assert not any(m._forward_pre_hooks for m in plain.modules())
+    x = torch.randn(2, 1, 28, 28)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model.eval()(x))
     assert sparsity_report(plain)["overall"] == pytest.approx(sparsity_report(model)["overall"])
 
 
-def _pruned_and_shrunk(model, arch, fraction):
-    """Prune ``fraction`` of the channels, shrink, and check the narrower model computes what the masked one did;
-    return the small model, its arch, the input and the reference output."""
-    prune_channels(model, fraction, min_channels=4)
+def _pruned_and_shrunk(model, fraction):
+    """Prune ``fraction`` of every channel group in two steps, shrink, and check the narrower model computes what the
+    masked one did; return the small model, the input and the reference output."""
     x = torch.randn(4, 1, 28, 28)
+    groups = channel_groups(model, x[:1])
+    prune_channels(groups, fraction / 2, min_channels=4)
+    prune_channels(groups, fraction, min_channels=4)   # what the first step dropped stays dropped
     with torch.no_grad():
         reference = model(x)
-        small, small_arch = shrink(model, arch)
-        torch.testing.assert_close(small(x), reference, rtol=1e-3, atol=1e-3)
-    return small, small_arch, x, reference
+        small = shrink(model, x[:1])
+        torch.testing.assert_close(small(x), reference, rtol=1e-4, atol=1e-5)
+    return small, x, reference
 
 
-@pytest.mark.parametrize("arch", [ARCH, MIXED], ids=["separable", "fused+separable"])
-def test_structured_pruning_removes_channels_and_keeps_the_function(arch):
+RESNET = ResNetArch(stem=8, widths=[16, 32], blocks=[2, 1])
+
+
+@pytest.mark.parametrize("arch", [ARCH, MIXED, RESNET], ids=["separable", "fused+separable", "resnet"])
+def test_structured_pruning_removes_channels_of_any_cnn_and_keeps_the_function(arch, tmp_path):
+    """Before: channel pruning knew one class (MobileStudent: its blocks, producers and readers named in code); the
+    dependency graph finds the coupled channels of any traced CNN, the ResNet teacher's residual stages included."""
     model = _student(arch)
-    assert channel_groups(model) == [[0], [1, 2], [3]]
-    small, small_arch, x, reference = _pruned_and_shrunk(model, arch, 0.5)
-    assert small_arch.widths == [8, 16, 16, 32] and count_parameters(small) < count_parameters(model) / 2
-    assert small_arch.kinds == arch.kinds and small_arch.stem_stride == arch.stem_stride
-    assert small.blocks[2].residual  # the residual group was pruned jointly, so the shortcut survives
-    # block 0 shrinks to the stem's width at stride 1, yet must not gain a shortcut the trained model never had
-    assert not small.blocks[0].residual and small_arch.residual == [False, False, True, False]
-    rebuilt = MobileStudent(small_arch).eval()
-    rebuilt.load_state_dict(small.state_dict())
+    small, x, reference = _pruned_and_shrunk(model, 0.5)
+    assert count_parameters(small) < count_parameters(model) / 2.5
+    widths, full = channel_widths(small), channel_widths(model)
+    assert widths["head"][0] == 10   # the classifier keeps its classes
+    assert widths.keys() == full.keys() and all(w[0] <= full[name][0] for name, w in widths.items())
+    assert sum(w[0] for w in widths.values()) < 0.6 * sum(w[0] for w in full.values())
+    if isinstance(model, MobileStudent):
+        assert [b.residual for b in small.blocks] == [b.residual for b in model.blocks]   # shortcuts survive
+    # the model file: the unpruned architecture and the pruned layer widths; load_model conforms, then loads
+    path = tmp_path / "pruned.pt"
+    save_model(small, "pruned", arch, path, channels=widths)
     with torch.no_grad():
-        torch.testing.assert_close(rebuilt(x), reference, rtol=1e-3, atol=1e-3)
+        torch.testing.assert_close(load_model(path)(x), reference, rtol=1e-4, atol=1e-5)
 
 
-def test_blocks_residual_on_the_unpruned_stem_keep_their_channels():
-    """Block 0 (and residual blocks after it) add the stem's output, which is never pruned: their channels must
-    stay. Before: block 0 formed a group of its own, was pruned, and shrink failed (16 -> 12 residual)."""
+def test_blocks_residual_on_the_stem_are_pruned_with_it():
+    """Block 0 (and residual blocks after it) add the stem's output: one channel space, pruned as one group. Before:
+    block 0 formed a group of its own, was pruned, and shrink failed (16 -> 12 residual); then the stem and the blocks
+    on it were never pruned at all."""
     arch = MobileArch(stem=16, widths=[16, 16, 32], strides=[1, 1, 2])
     model = _student(arch)
     assert model.blocks[0].residual and model.blocks[1].residual
-    assert channel_groups(model) == [[2]]
-    _, small_arch, _, _ = _pruned_and_shrunk(model, arch, 0.25)
-    assert small_arch.widths == [16, 16, 24] and small_arch.residual == [True, True, False]
+    small, _, _ = _pruned_and_shrunk(model, 0.25)
+    widths = channel_widths(small)
+    assert widths["stem.0"][0] == widths["blocks.0.pointwise.0"][0] == widths["blocks.1.pointwise.0"][0] == 12
+    assert [b.residual for b in small.blocks] == [True, True, False]
+
+
+def test_a_qat_student_of_a_structurally_pruned_one_is_rebuilt_from_its_file(tmp_path):
+    """QAT trains the narrower student; its file carries the pruned widths (derived_extra) beside the QAT settings,
+    so load_model conforms the float model before preparing it for QAT and loading the weights."""
+    from tasks.images.config import QatImages
+
+    small, x, _ = _pruned_and_shrunk(_student(MIXED), 0.5)
+    pruned = tmp_path / "pruned.pt"
+    save_model(small, "mobile_student", MIXED, pruned, channels=channel_widths(small))
+    qat = prepare_qat(load_model(pruned), 8, x[:2])
+    qat(x)   # observers see data
+    cfg = QatImages.model_construct(activation_bits=8, weight_bits=8, float_modules=[])
+    save_model(qat, "mobile_student", MIXED, tmp_path / "qat.pt", **qat_extra(cfg), **derived_extra(pruned))
+    rebuilt = load_model(tmp_path / "qat.pt")
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x), qat.eval()(x))
 
 
 def test_pruning_schedule_prunes_only_at_step_boundaries(config):
@@ -123,7 +153,7 @@ def test_pruning_schedule_prunes_only_at_step_boundaries(config):
 def test_pruned_zeros_survive_qat_training():
     model = _student()
     prune_unstructured(model, 0.5, "global")
-    qat = prepare_qat(bake(model, ARCH), 8, torch.randn(2, 1, 28, 28))
+    qat = prepare_qat(bake(model), 8, torch.randn(2, 1, 28, 28))
     assert keep_pruned_zeros(qat, min_sparsity=0.01) > 0
     opt = torch.optim.SGD(qat.parameters(), lr=0.1, momentum=0.9)
     for _ in range(3):

@@ -65,14 +65,18 @@ def test_structured_pruning_then_qat_share_and_export_load_the_narrower_student(
 
     recipe = ["distill", "prune", "qat", "share"]
     run_stage(monkeypatch, project, prune_vision, recipe, "student.pt", "pruned")
-    pruned = model_meta(project / "pruned.pt")["arch"]
-    assert sum(pruned.widths) < sum(STUDENT.widths)
+    from tasks.channel_pruning import channel_widths
+
+    pruned = model_meta(project / "pruned.pt")   # the student's architecture, and its narrower layer widths
+    full = channel_widths(load_model(project / "student.pt"))
+    assert pruned["arch"] == STUDENT and sum(w[0] for w in pruned["channels"].values()) < sum(w[0] for w in full.values())
+    assert channel_widths(load_model(project / "pruned.pt")) == pruned["channels"]
     run_stage(monkeypatch, project, qat_vision, recipe, "pruned.pt", "qat")
-    assert model_meta(project / "qat.pt")["arch"] == pruned
+    assert {k: model_meta(project / "qat.pt")[k] for k in ("arch", "channels")} == {k: pruned[k] for k in ("arch", "channels")}
     qat = load_model(project / "qat.pt")
     assert json.loads((project / "qat.json").read_text())["parameters"] == sum(p.numel() for p in qat.parameters())
     run_stage(monkeypatch, project, share_vision, recipe, "qat.pt", "shared")
-    assert model_meta(project / "shared.pt")["arch"] == pruned
+    assert model_meta(project / "shared.pt")["channels"] == pruned["channels"]
     load_model(project / "shared.pt")
     export = load_config(project / "params.yaml").export.vision
     # random images: the students' logits tie, so agreement measures rounding noise; loading and exporting is the point
