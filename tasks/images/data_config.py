@@ -3,7 +3,7 @@ data set's IDX files such as Fashion-MNIST's), how they split, what validation h
 arriving batches are checked (``ingest.<family>``)."""
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -62,6 +62,9 @@ class ImageFolder(Strict):
 class ImageData(Strict):
     # The images: a user's folder when set, else the published IDX files (the four of IDX_FILES, each pinned by
     # sha256) from the first source that has them: source_dir, system_dir, then url into download_cache.
+    # where the pinned files are found and what the published set holds: no row depends on them (tasks.lineage)
+    LOCATION: ClassVar[frozenset[str]] = frozenset({"source_dir", "system_dir", "system_package", "url",
+                                                    "download_cache", "published"})
     image_folder: ImageFolder | None = None
     source_dir: str | None = None
     system_dir: str | None = None

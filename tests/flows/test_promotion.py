@@ -175,6 +175,24 @@ def test_a_champion_split_by_other_data_params_is_not_compared_on_todays_test_ro
     assert report["champion"] and report["champion_health"] is None
 
 
+@pytest.mark.parametrize(("family", "where"), [
+    ("vision", {"source_dir": "/elsewhere/fashion-mnist", "system_package": None, "system_dir": "/mnt/idx"}),
+    ("recsys", {"source_dir": "/elsewhere/ml-100k", "url": "https://mirror.example/ml-100k.zip"}),
+    ("text", {"download_cache": "elsewhere/downloads"})])
+def test_where_the_data_is_found_is_no_split_param(raw_params, family, where):
+    """Before: a release that added ``data.vision.published`` and ``system_package`` (where the pinned files come
+    from, what the published set holds) changed every vision champion's data params, so none was warm-started from
+    or compared any more; moving the data would too. Rows depend on the pinned content and the split params only."""
+    from tasks.config import parse_config
+    from tasks.lineage import data_params
+
+    moved = copy.deepcopy(raw_params)
+    moved["data"][family].update(where)
+    assert data_params(parse_config(moved), family) == data_params(parse_config(raw_params), family)
+    moved["data"][family]["seed"] += 1
+    assert data_params(parse_config(moved), family) != data_params(parse_config(raw_params), family)
+
+
 @pytest.mark.fault("promotion", "a candidate that fails a gate check",
                    "registered as challenger only, champion unchanged, the failing check in its tags")
 def test_failing_candidate_is_registered_as_challenger_only(project, raw_params, tmp_path):
