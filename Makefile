@@ -45,7 +45,7 @@ benchmark-export: $(STAMP)
 
 # The recommender: LR and FM baselines trained now next to the pipeline's CTR models (after `make run`).
 benchmark-recsys: $(STAMP)
-	$(PY) -m flows.recsys_benchmark --out reports/benchmarks/recsys.json
+	$(PY) -m tasks.recsys.benchmark --out reports/benchmarks/recsys.json
 
 # The text family: teacher, labels-only and distilled students (FP32 and INT8), 3 student seeds (after `make run`).
 benchmark-text: $(STAMP)
@@ -55,7 +55,8 @@ benchmark-text: $(STAMP)
 benchmark-speedup: $(STAMP)
 	$(PY) -m flows.speedup_benchmark --family $(or $(FAMILY),recsys) --out reports/benchmarks/speedup_$(or $(FAMILY),recsys).json
 
-# Distillation's frozen teacher in PyTorch vs the same teacher as ONNX in onnxruntime (an imported teacher).
+# Distillation's frozen teacher in PyTorch vs the same teacher as ONNX in onnxruntime (an imported teacher);
+# FAMILY=<image family>, in the shape of its data (after `dvc repro prepare_<family>`).
 benchmark-teacher: $(STAMP)
 	$(PY) -m flows.teacher_benchmark --family $(or $(FAMILY),vision) --out reports/benchmarks/teacher_$(or $(FAMILY),vision).json
 

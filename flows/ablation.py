@@ -31,7 +31,6 @@ from flows.ablation_report import Measured, arms, check_targets, low_bit_arm, su
 from flows.benchmark import machine
 from flows.stage_graph import stage_paths
 from tasks.artifacts import count_nonzero, count_parameters, load_model, qat_extra, save_model
-from tasks.channel_pruning import channel_widths
 from tasks.config import Config, load_config
 from tasks.errors import ConfigError
 from tasks.image_training import Split, model_shape
@@ -43,6 +42,7 @@ from tasks.images.prune import prune_images
 from tasks.images.qat import qat_images
 from tasks.images.share import share_images
 from tasks.io import write_atomic, write_json
+from tasks.layer_widths import channel_widths
 from tasks.onnx_models import export_fp32, export_int8, file_sizes, onnx_accuracy, onnx_logits, quantize_ptq
 
 
@@ -86,7 +86,8 @@ def run_seed(cfg: Config, family: str, seed: int, root: Path, work: Path) -> dic
     qat_kd = qat_images(qat, kd, True, data, teacher, files["kd"], ckpt / "qat_kd.pt")[0]
     save_model(qat_kd, "mobile_student", kd.student, files["qat_kd"], **qat_extra(qat), shape=shape)
     pruned, arch = prune_images(r["prune"], kd, True, data, teacher, files["kd"], ckpt / "prune.pt")[:2]
-    save_model(pruned, "mobile_student", arch, files["pruned"], shape=shape, channels=channel_widths(pruned))
+    narrower = {"channels": channel_widths(pruned)} if r["prune"].mode == "structured" else {}
+    save_model(pruned, "mobile_student", arch, files["pruned"], shape=shape, **narrower)
     qat_pruned = qat_images(qat, kd, True, data, teacher, files["pruned"], ckpt / "qat_pruned.pt")[0]
     shared = share_images(r["share"], kd, True, data, teacher, files["qat_kd"], ckpt / "share.pt",
                           cfg.block("export", family), qat)[0]

@@ -17,7 +17,7 @@ from pathlib import Path
 from flows.benchmark import machine, target_rows, write_result
 from flows.stage_graph import stage_paths
 from tasks.config import load_config
-from tasks.errors import run_cli
+from tasks.errors import ConfigError, run_cli
 from tasks.family_config import VsTeacher
 from tasks.image_training import Split
 from tasks.images.evaluate import measure_onnx, ratios
@@ -75,6 +75,10 @@ def main() -> None:
     parser.add_argument("--data", type=Path, help="default: the processed data evaluate_<family> reads")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    cfg = load_config(args.root / "params.yaml")
+    if args.family not in cfg.families or not hasattr(cfg.block("gate", args.family).vs_teacher, "max_accuracy_drop"):
+        raise ConfigError(f"{args.root / 'params.yaml'}: --family {args.family} is no image family (families: "
+                          f"{', '.join(cfg.families)})")
     where = stage_paths(args.root, f"evaluate_{args.family}")
     onnx_dir, data = args.onnx_dir or args.root / where["onnx"], args.data or args.root / where["data"]
     paths = {name: getattr(args, name) or onnx_dir / f"{name}.onnx" for name in NAMES}

@@ -39,7 +39,7 @@ from tasks.errors import PipelineError
 from tasks.family import load_family
 from tasks.gate import Check, champion_health, gate_checks, gate_markdown, gate_tags, health_markdown
 from tasks.io import file_digest, write_atomic, write_json
-from tasks.lineage import data_params, dvc_input_hashes, git_state, params_hash
+from tasks.lineage import data_params, dvc_input_hashes, git_state, params_hash, same_split
 from tasks.mlflow_store import registered_version
 from tasks.speedup import paired_timing
 
@@ -170,7 +170,7 @@ def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str, family: st
     verify_candidate(root, family, evaluation, where)
     champ = registered_version(client, gate.registered_model)
     champion = None
-    if champ is not None and (theirs := split_by(client, champ)) not in (None, data_params(cfg, family)):
+    if champ is not None and (theirs := split_by(client, champ)) is not None and not same_split(theirs, cfg, family):
         # other split params: today's test rows may be the champion's training rows, its scores would flatter it
         champion = {"version": str(champ.version), "incomparable":
                     f"champion v{champ.version} was split by other data.{family} params ({theirs[:12]}…): today's "

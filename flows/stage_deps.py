@@ -63,7 +63,8 @@ def module_closure(module: str, root: Path) -> set[str]:
 def model_modules(root: Path) -> set[str]:
     """The modules ``tasks.artifacts.load_model`` may import to rebuild a model file: each ``ModelArch`` subclass's
     module and that of the model it names (``MODEL``), found in the config modules of the kits and families
-    (``tasks/config_types.py``, ``tasks/family_config.py``, ``tasks/<package>/config.py`` and ``arch_config.py``)."""
+    (``tasks/config_types.py``, ``tasks/family_config.py``, ``tasks/<package>/config.py`` and ``arch_config.py``:
+    where an architecture must be defined for this to find it)."""
     import importlib
 
     from tasks.config_types import ModelArch
@@ -75,5 +76,7 @@ def model_modules(root: Path) -> set[str]:
     while todo:
         cls = todo.pop()
         todo.extend(cls.__subclasses__())
-        found |= {cls.__module__.replace(".", "/") + ".py", cls.MODEL.split(":")[0].replace(".", "/") + ".py"}
+        found.add(cls.__module__.replace(".", "/") + ".py")
+        if isinstance(getattr(cls, "MODEL", None), str):   # an abstract architecture names no model
+            found.add(cls.MODEL.split(":")[0].replace(".", "/") + ".py")
     return found

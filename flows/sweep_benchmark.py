@@ -21,7 +21,7 @@ from flows.benchmark import machine, target_rows, write_result
 from flows.sweep import recipe_sweep
 from flows.workspace import copy_project
 from tasks.config import load_config
-from tasks.errors import run_cli
+from tasks.errors import ConfigError, run_cli
 
 TARGET = (("speedup", ">=", 1.7, "recipe phase, 1 worker / N workers"),)
 
@@ -53,7 +53,11 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, help="also write the numbers as JSON here")
     args = parser.parse_args()
-    args.family = args.family or load_config(Path("params.yaml")).sweep.family
+    cfg = load_config(Path("params.yaml"))
+    args.family = args.family or cfg.sweep.family
+    if args.family not in cfg.families or args.family not in cfg.sweep.space:
+        raise ConfigError(f"params.yaml: --family {args.family} has no sweep.space entry (families with one: "
+                          f"{', '.join(f for f in cfg.families if f in cfg.sweep.space)})")
     with tempfile.TemporaryDirectory(prefix="kdq-sweep-bench-") as tmp:
         root = copy_project(Path(tmp) / "project", {"profile": "smoke"})
         runs = [timed_sweep(root, args.family, args.recipes, w) for w in (1, args.workers)]

@@ -6,7 +6,7 @@ does (``tasks.imported_teacher.onnx_twin``), and times, alternating them in one 
 whole distillation step (``distill.<family>``'s loss and student, SGD) at ``distill.<family>.threads`` threads:
 PyTorch fp32, onnxruntime fp32 and, where the CPU has native bf16, PyTorch under bf16 autocast (``teacher_bf16:
 true``). Inputs are random images of the shape and classes of the family's processed data (``--data``, by default
-what its distill stage reads). Prints a markdown table of medians and their ratios; ``--out`` writes JSON too.
+what its distill stage reads: run ``dvc repro prepare_<family>`` first). Prints a markdown table of medians and their ratios; ``--out`` writes JSON too.
 
     python -m flows.teacher_benchmark --family vision [--batch 256] [--steps 10] [--repeats 3] [--out teacher.json]
 """

@@ -42,7 +42,7 @@ def arch_class(blob: dict[str, Any], path: Path) -> type[ModelArch]:
     except (ImportError, AttributeError) as err:
         raise CheckpointError(f"{path}: its architecture {where} is not in this code ({err}); re-run the stage that "
                               "writes it") from err
-    if not (isinstance(cls, type) and issubclass(cls, ModelArch)):
+    if not (isinstance(cls, type) and issubclass(cls, ModelArch) and isinstance(getattr(cls, "MODEL", None), str)):
         raise CheckpointError(f"{path}: {where} is no model architecture; re-run the stage that writes it")
     return cls
 
@@ -116,7 +116,7 @@ def load_model(path: Path) -> nn.Module:
         return model_cls(arch_cls.model_validate(blob["arch"]), blob["onnx"].numpy().tobytes()).eval()
     model = model_cls(arch_cls.model_validate(blob["arch"]), **blob.get("shape", {}))
     if blob.get("channels"):   # structurally pruned: narrower layers than its architecture builds
-        from tasks.channel_pruning import conform
+        from tasks.layer_widths import conform
 
         try:
             conform(model, blob["channels"])
@@ -128,6 +128,9 @@ def load_model(path: Path) -> nn.Module:
         model = prepare_qat(model, blob["activation_bits"], torch.zeros(1, *model.input_shape),
                             blob.get("float_modules", []), blob.get("weight_bits", 8))
     elif blob.get("qat_form"):  # a model with a QAT form of its own (not FX's): its class rebuilds it
+        if not (isinstance(blob["qat_form"], dict) and hasattr(model, "qat_form")):
+            raise CheckpointError(f"{path}: a QAT form its {blob['kind']} has no way to rebuild; re-run the stage "
+                                  "that writes it")
         model = model.qat_form(**blob["qat_form"])
     try:
         model.load_state_dict(blob["state_dict"])

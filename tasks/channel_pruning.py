@@ -21,15 +21,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from tasks.layer_widths import KINDS
 from tasks.pruning import bake
 
 
 def output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
     """The layers whose output is the model's output (its classifier): never pruned, or the model's output would
-    change its meaning. Found by running ``example``; a model whose output comes after its last layer (a reshape)
-    falls back to the last linear layer."""
-    seen: dict[int, nn.Module] = {}
-    hooks = [m.register_forward_hook(lambda m, _i, out: seen.__setitem__(id(out), m))
+    change its meaning. Found by running ``example``; a model whose output comes after its last layer (a reshape,
+    a pooling) falls back to the last linear layer, and ``shrink`` refuses a result whose output changed."""
+    seen: list[tuple[nn.Module, torch.Tensor]] = []   # the outputs themselves, kept alive: compared by identity
+    hooks = [m.register_forward_hook(lambda m, _i, out: seen.append((m, out)))
              for m in model.modules() if isinstance(m, nn.Conv2d | nn.Linear)]
     try:
         with torch.no_grad():
@@ -38,7 +39,7 @@ def output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
         for hook in hooks:
             hook.remove()
     outputs = out if isinstance(out, tuple | list) else (out,)
-    found = [seen[id(o)] for o in outputs if id(o) in seen]
+    found = [layer for layer, made in seen if any(made is o for o in outputs)]
     return found or [m for m in model.modules() if isinstance(m, nn.Linear)][-1:]
 
 
@@ -60,6 +61,15 @@ def channel_groups(model: nn.Module, example: torch.Tensor) -> ChannelGroups:
     groups = [group for group in graph.get_all_groups(ignored_layers=output_layers(model, example),
                                                       root_module_types=[nn.Conv2d, nn.Linear])
               if _root(group)[0] is not None]
+    names = {m: name for name, m in model.named_modules()}
+    for group in groups:   # a layer whose width a model file cannot restore (tasks.layer_widths), or a GroupNorm
+        for item in group:  # whose statistics would mix kept and dropped channels: refused, not silently changed
+            layer = item.dep.target.module
+            if isinstance(layer, nn.Module) and not isinstance(layer, KINDS) and any(
+                    True for _ in layer.parameters(recurse=False)):
+                raise ValueError(f"{names.get(layer, layer)}: a {type(layer).__name__} shares channels with "
+                                 f"{names[_root(group)[0]]}; structured pruning rebuilds only Conv2d, Linear and "
+                                 "BatchNorm layers (use unstructured pruning for this model)")
     return ChannelGroups(graph, groups)
 
 
@@ -127,7 +137,9 @@ def _mask(graph: Any, group: Any, root_idxs: list[int]) -> None:
 
 
 def shrink(model: nn.Module, example: torch.Tensor) -> nn.Module:
-    """A plain copy of masked ``model`` without its dropped channels: physically narrower, same function."""
+    """A plain copy of masked ``model`` (put in eval mode) without its dropped channels: physically narrower, same
+    function, checked on ``example``: a result that computes anything else is a ValueError."""
+    model.eval()
     dropped = {name: dropped_channels(m) for name, m in model.named_modules() if hasattr(m, "weight_mask")}
     small = bake(model)
     names = {m: name for name, m in small.named_modules()}
@@ -142,52 +154,10 @@ def shrink(model: nn.Module, example: torch.Tensor) -> nn.Module:
     for root, handler, channels in planned:
         if channels:
             found.graph.get_pruning_group(root, handler, idxs=channels).prune()
-    return small.eval()
-
-
-def channel_widths(model: nn.Module) -> dict[str, list[int]]:
-    """What ``conform`` needs to rebuild ``model``'s layers: ``[out, in]`` of each convolution and linear layer,
-    ``[features]`` of each batch norm."""
-    widths: dict[str, list[int]] = {}
-    for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d):
-            widths[name] = [m.out_channels, m.in_channels]
-        elif isinstance(m, nn.Linear):
-            widths[name] = [m.out_features, m.in_features]
-        elif isinstance(m, nn.BatchNorm2d | nn.BatchNorm1d):
-            widths[name] = [m.num_features]
-    return widths
-
-
-def conform(model: nn.Module, widths: dict[str, list[int]]) -> nn.Module:
-    """Give ``model`` (built from its unpruned architecture) the layer widths of a pruned one, in place; weights
-    are left uninitialised, to be loaded. A layer named but missing, or of another kind, is a ValueError."""
-    layers = dict(model.named_modules())
-    for name, width in widths.items():
-        layer = layers.get(name)
-        if isinstance(layer, nn.Conv2d) and len(width) == 2:
-            out, inp = width
-            depthwise = layer.groups > 1 and layer.groups == layer.in_channels == layer.out_channels
-            layer.out_channels, layer.in_channels, layer.groups = out, inp, (inp if depthwise else layer.groups)
-            layer.weight = nn.Parameter(layer.weight.new_empty(out, inp // layer.groups, *layer.kernel_size))
-            _resize_bias(layer, out)
-        elif isinstance(layer, nn.Linear) and len(width) == 2:
-            layer.out_features, layer.in_features = width
-            layer.weight = nn.Parameter(layer.weight.new_empty(*width))
-            _resize_bias(layer, width[0])
-        elif isinstance(layer, nn.BatchNorm2d | nn.BatchNorm1d) and len(width) == 1:
-            (layer.num_features,) = width
-            for key in ("weight", "bias"):
-                if getattr(layer, key) is not None:
-                    setattr(layer, key, nn.Parameter(getattr(layer, key).new_empty(width[0])))
-            for key in ("running_mean", "running_var"):
-                if getattr(layer, key) is not None:
-                    setattr(layer, key, getattr(layer, key).new_empty(width[0]))
-        else:
-            raise ValueError(f"{name}: no layer of that name and kind to give widths {width}")
-    return model
-
-
-def _resize_bias(layer: nn.Conv2d | nn.Linear, out: int) -> None:
-    if layer.bias is not None:
-        layer.bias = nn.Parameter(layer.bias.new_empty(out))
+    with torch.no_grad():
+        want, got = model(example), small.eval()(example)
+    same = want.shape == got.shape and torch.allclose(got, want, rtol=1e-3, atol=1e-4 * (1 + float(want.abs().max())))
+    if not same:
+        raise ValueError(f"cutting the dropped channels changed what the model computes (output {tuple(want.shape)} "
+                         f"-> {tuple(got.shape)}): its classifier may not be the layer that makes its output")
+    return small

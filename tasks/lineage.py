@@ -40,8 +40,18 @@ def data_params(cfg: Any, family: str) -> str:
     lists in ``LOCATION`` (where the pinned files are found, what a published set is expected to hold) decide no
     row and are left out: moving the data, or a release adding such a field, keeps a champion comparable."""
     block = cfg.block("data", family)
-    rows = block.model_dump(by_alias=True, exclude=set(getattr(type(block), "LOCATION", ())))
-    return hashlib.sha256(json.dumps(rows, sort_keys=True, default=str).encode()).hexdigest()
+    return _digest(block.model_dump(by_alias=True, exclude=set(getattr(type(block), "LOCATION", ()))))
+
+
+def same_split(recorded: str | None, cfg: Any, family: str) -> bool:
+    """Whether ``recorded`` (a champion's ``data_params``) is today's, or the one the same params gave before
+    ``LOCATION`` fields were left out (the whole block's hash, recorded until 2026-12-04)."""
+    block = cfg.block("data", family)
+    return recorded in (data_params(cfg, family), _digest(block.model_dump(by_alias=True)))
+
+
+def _digest(params: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def locked_outputs(root: Path = Path(".")) -> dict[str, dict[str, Any]]:

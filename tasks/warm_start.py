@@ -26,7 +26,7 @@ from typing import Any
 
 from tasks.family_config import WarmStart
 from tasks.io import file_digest, write_atomic, write_json
-from tasks.lineage import data_params
+from tasks.lineage import data_params, same_split
 from tasks.snapshot import MANIFEST, read
 from tasks.warm_plan import ARTIFACTS, FILES, MODE, PLAN, read_plan
 
@@ -77,7 +77,7 @@ def champion_files(cfg: Any, family: str, scratch: Path, pinned: str | None = No
               f"{str(err)[:200]}); training from scratch", file=sys.stderr)
         return None
     earlier = read_plan(local) if (local / PLAN).is_file() else {}
-    if earlier.get("data_params") != data_params(cfg, family):
+    if not same_split(earlier.get("data_params"), cfg, family):
         why = ("recorded no data params (registered before they were)" if "data_params" not in earlier else
                f"was trained on data split by other data.{family} params (its training rows may be today's test rows)")
         print(f"note: {name} version {version.version} {why}; training from scratch", file=sys.stderr)

@@ -22,12 +22,13 @@ from tasks.artifacts import (
     publish_training,
     training_inputs,
 )
-from tasks.channel_pruning import ChannelGroups, channel_groups, channel_widths, prune_channels, shrink
+from tasks.channel_pruning import ChannelGroups, channel_groups, prune_channels, shrink
 from tasks.config import stage_args
 from tasks.distillation import Distiller, distillation_loss, loss_config
 from tasks.image_training import Split, evaluate, fit, model_shape
 from tasks.images.arch_config import MobileArch
 from tasks.images.config import DistillImages, PruneImages
+from tasks.layer_widths import channel_widths
 from tasks.pruning import attach_masks, bake, prune_unstructured, sparsity_report
 
 
@@ -95,8 +96,9 @@ def main(family: str) -> None:
         model, arch, history, metrics = prune_images(prune, kd, "distill" in recipe, args.data, args.teacher,
                                                      args.student, args.checkpoint,
                                                      lambda epoch, m: run.log_metrics(m, step=epoch + 1))
+        narrower = {"channels": channel_widths(model)} if prune.mode == "structured" else {}
         publish_training(run, model, "mobile_student", arch, history, metrics, args, shape=model_shape(args.data),
-                         channels=channel_widths(model))
+                         **narrower)
         from tasks.figures import weights_kept
 
         kept = {k.removeprefix("kept."): v for k, v in metrics.items() if k.startswith("kept.")}

@@ -183,14 +183,23 @@ def test_where_the_data_is_found_is_no_split_param(raw_params, family, where):
     """Before: a release that added ``data.vision.published`` and ``system_package`` (where the pinned files come
     from, what the published set holds) changed every vision champion's data params, so none was warm-started from
     or compared any more; moving the data would too. Rows depend on the pinned content and the split params only."""
+    import hashlib
+    import json
+
     from tasks.config import parse_config
-    from tasks.lineage import data_params
+    from tasks.lineage import data_params, same_split
 
     moved = copy.deepcopy(raw_params)
     moved["data"][family].update(where)
     assert data_params(parse_config(moved), family) == data_params(parse_config(raw_params), family)
+    # a champion registered before: the whole block's hash, recorded then, still matches the same params
+    cfg = parse_config(raw_params)
+    before = hashlib.sha256(json.dumps(cfg.block("data", family).model_dump(by_alias=True), sort_keys=True,
+                                       default=str).encode()).hexdigest()
+    assert same_split(before, cfg, family) and same_split(data_params(cfg, family), cfg, family)
     moved["data"][family]["seed"] += 1
     assert data_params(parse_config(moved), family) != data_params(parse_config(raw_params), family)
+    assert not same_split(before, parse_config(moved), family) and not same_split(None, cfg, family)
 
 
 @pytest.mark.fault("promotion", "a candidate that fails a gate check",

@@ -39,6 +39,7 @@ def test_a_model_file_whose_weights_do_not_fit_its_description_is_named(tmp_path
                    "CheckpointError naming the file and the class; nothing imported beyond tasks.*, nothing built")
 @pytest.mark.parametrize(("arch_class", "why"), [
     ("os:system", "of another program"), ("tasks.io:write_json", "is no model architecture"),
+    ("tasks.config_types:ModelArch", "is no model architecture"),   # the base: it names no model
     ("tasks.nowhere:Arch", "is not in this code"), (None, "of an older format")])
 def test_a_model_file_names_a_model_architecture_of_this_project(tmp_path, arch_class, why):
     """A model file says which architecture class rebuilds it (no registry naming every family's models); what it
@@ -57,6 +58,10 @@ def test_a_model_file_names_a_model_architecture_of_this_project(tmp_path, arch_
     blob["arch_class"] = arch_class
     torch.save(blob, path)
     with pytest.raises(CheckpointError, match=rf"student\.pt: .*{why}"):
+        load_model(path)
+    blob["arch_class"] = "tasks.images.arch_config:MobileArch"
+    torch.save({**blob, "qat_form": {"bits": 4}}, path)   # a QAT form this model has no way to rebuild
+    with pytest.raises(CheckpointError, match=r"student\.pt: a QAT form its mobile_student has no way to rebuild"):
         load_model(path)
 
 

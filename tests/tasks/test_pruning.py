@@ -4,12 +4,13 @@ import pytest
 import torch
 
 from tasks.artifacts import count_parameters, derived_extra, load_model, qat_extra, save_model
-from tasks.channel_pruning import channel_groups, channel_widths, prune_channels, shrink
+from tasks.channel_pruning import channel_groups, prune_channels, shrink
 from tasks.config import parse_config
 from tasks.errors import ConfigError
 from tasks.images.arch_config import MobileArch, ResNetArch
 from tasks.images.models import MobileStudent, ResNetTeacher
 from tasks.images.prune import pruning_schedule
+from tasks.layer_widths import channel_widths
 from tasks.pruning import (
     attach_masks,
     bake,
@@ -189,3 +190,41 @@ def test_bad_pruning_params_are_rejected_at_load(raw_params, section, change, pa
 def test_bad_recipes_are_rejected_at_load(raw_params, stages, pattern):
     with pytest.raises(ConfigError, match=pattern):
         parse_config({**raw_params, "recipe": {"vision": stages}})
+
+
+class _GroupNormNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.norm = torch.nn.Conv2d(1, 8, 3), torch.nn.GroupNorm(2, 8)
+        self.head = torch.nn.Linear(8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.norm(self.conv(x)).mean(dim=(2, 3)))
+
+
+class _ConvClassifier(torch.nn.Module):
+    """Its classifier is a 1x1 convolution whose output is averaged: no layer makes the output itself."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.classify = torch.nn.Conv2d(1, 8, 3), torch.nn.Conv2d(8, 10, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classify(torch.relu(self.conv(x))).mean(dim=(2, 3))
+
+
+@pytest.mark.fault("data", "structured pruning asked of a CNN it cannot rebuild or whose classifier it cannot find "
+                   "(a GroupNorm in a channel group; a 1x1-conv classifier averaged into the output)",
+                   "ValueError naming the layer, or saying the shrunk model computes something else; no model written")
+def test_a_model_structured_pruning_cannot_keep_whole_is_refused_not_changed():
+    """Review finding: a GroupNorm's statistics mix kept and dropped channels and its width is not in the model file;
+    a classifier that is no output layer was pruned too, silently turning 10 logits into 5."""
+    x = torch.randn(2, 1, 12, 12)
+    with pytest.raises(ValueError, match=r"norm: a GroupNorm shares channels with conv; structured pruning rebuilds "
+                                         r"only Conv2d, Linear and BatchNorm"):
+        channel_groups(_GroupNormNet(), x)
+    model = _ConvClassifier()
+    attach_masks(model)
+    prune_channels(channel_groups(model, x), 0.5, min_channels=1)
+    with pytest.raises(ValueError, match=r"changed what the model computes \(output \(2, 10\) -> \(2, 5\)\)"):
+        shrink(model, x)

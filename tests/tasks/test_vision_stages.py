@@ -65,7 +65,7 @@ def test_structured_pruning_then_qat_share_and_export_load_the_narrower_student(
 
     recipe = ["distill", "prune", "qat", "share"]
     run_stage(monkeypatch, project, prune_vision, recipe, "student.pt", "pruned")
-    from tasks.channel_pruning import channel_widths
+    from tasks.layer_widths import channel_widths
 
     pruned = model_meta(project / "pruned.pt")   # the student's architecture, and its narrower layer widths
     full = channel_widths(load_model(project / "student.pt"))
