@@ -1,4 +1,4 @@
-"""The digits family's params sections: the image kit's (``tasks.images.config``), no ablation, and a data block that
+"""The digits family's params sections: the image kit's (``tasks.images.config``), its ablation included, and a data block that
 also pins the bundled source the images are written from (``fetch_digits``)."""
 from __future__ import annotations
 
@@ -35,7 +35,7 @@ class DigitsData(ImageData):
         return data
 
 
-SECTIONS: dict[str, Any] = {**{k: v for k, v in IMAGE_SECTIONS.items() if k != "ablation"}, "data": DigitsData}
+SECTIONS: dict[str, Any] = {**IMAGE_SECTIONS, "data": DigitsData}
 
 
 def check(cfg: Config) -> None:

@@ -97,7 +97,7 @@ def test_ablation_recipes_merge_overrides_and_seed(config):
     ({"seeds": []}, r"ablation\.vision\.seeds: "),
 ])
 def test_bad_ablation_overrides_fail_at_load(raw_params, override, pattern):
-    raw = {**raw_params, "ablation": {"vision": {**raw_params["ablation"]["vision"], **override}}}
+    raw = {**raw_params, "ablation": {**raw_params["ablation"], "vision": {**raw_params["ablation"]["vision"], **override}}}
     with pytest.raises(ConfigError, match=pattern):
         parse_config(raw)
 
