@@ -38,11 +38,10 @@ from tasks.images.config import QatImages, ablation_recipes
 from tasks.images.distill import distill_images
 from tasks.images.evaluate import latency
 from tasks.images.export import parity, torch_logits
-from tasks.images.prune import prune_images
+from tasks.images.prune import prune_images, pruned_extra
 from tasks.images.qat import qat_images
 from tasks.images.share import share_images
 from tasks.io import write_atomic, write_json
-from tasks.layer_widths import channel_widths
 from tasks.onnx_models import export_fp32, export_int8, file_sizes, onnx_accuracy, onnx_logits, quantize_ptq
 
 
@@ -86,8 +85,7 @@ def run_seed(cfg: Config, family: str, seed: int, root: Path, work: Path) -> dic
     qat_kd = qat_images(qat, kd, True, data, teacher, files["kd"], ckpt / "qat_kd.pt")[0]
     save_model(qat_kd, "mobile_student", kd.student, files["qat_kd"], **qat_extra(qat), shape=shape)
     pruned, arch = prune_images(r["prune"], kd, True, data, teacher, files["kd"], ckpt / "prune.pt")[:2]
-    narrower = {"channels": channel_widths(pruned)} if r["prune"].mode == "structured" else {}
-    save_model(pruned, "mobile_student", arch, files["pruned"], shape=shape, **narrower)
+    save_model(pruned, "mobile_student", arch, files["pruned"], shape=shape, **pruned_extra(pruned, r["prune"]))
     qat_pruned = qat_images(qat, kd, True, data, teacher, files["pruned"], ckpt / "qat_pruned.pt")[0]
     shared = share_images(r["share"], kd, True, data, teacher, files["qat_kd"], ckpt / "share.pt",
                           cfg.block("export", family), qat)[0]

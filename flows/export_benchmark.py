@@ -16,10 +16,11 @@ from pathlib import Path
 
 from flows.benchmark import machine, target_rows, write_result
 from flows.stage_graph import stage_paths
-from tasks.config import load_config
+from tasks.config import Config, load_config
 from tasks.errors import ConfigError, run_cli
 from tasks.family_config import VsTeacher
 from tasks.image_training import Split
+from tasks.images.config import image_families
 from tasks.images.evaluate import measure_onnx, ratios
 
 NAMES = ("teacher_fp32", "student_fp32", "student_int8", "student_ptq_int8")
@@ -35,8 +36,7 @@ def targets(goals: VsTeacher, batch: int) -> tuple[tuple[str, str, float, str], 
             ("test_accuracy_drop_vs_teacher", "<=", goals.max_accuracy_drop, "test accuracy drop vs teacher"))
 
 
-def measure(paths: dict[str, Path], data: Path, root: Path, family: str) -> dict:
-    cfg = load_config(root / "params.yaml")
+def measure(paths: dict[str, Path], data: Path, cfg: Config, family: str) -> dict:
     ev, goals = cfg.block("evaluate", family), cfg.block("gate", family).vs_teacher
     val, test = Split.load(data, "val"), Split.load(data, "test")
     models = {name: measure_onnx(path, val, test, data, ev)[0] for name, path in paths.items()}
@@ -76,13 +76,13 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     cfg = load_config(args.root / "params.yaml")
-    if args.family not in cfg.families or not hasattr(cfg.block("gate", args.family).vs_teacher, "max_accuracy_drop"):
+    if args.family not in image_families(cfg):
         raise ConfigError(f"{args.root / 'params.yaml'}: --family {args.family} is no image family (families: "
                           f"{', '.join(cfg.families)})")
     where = stage_paths(args.root, f"evaluate_{args.family}")
     onnx_dir, data = args.onnx_dir or args.root / where["onnx"], args.data or args.root / where["data"]
     paths = {name: getattr(args, name) or onnx_dir / f"{name}.onnx" for name in NAMES}
-    result = measure(paths, data, args.root, args.family)
+    result = measure(paths, data, cfg, args.family)
     print(table(result))
     if args.out:
         write_result(args.out, result)

@@ -83,10 +83,9 @@ def qat_extra(cfg: QatImages) -> dict[str, Any]:
             "float_modules": list(cfg.float_modules)}
 
 
-def derived_extra(path: Path) -> dict[str, Any]:
-    """What a model trained from the model file at ``path`` (a QAT student of a pruned one) records to be rebuilt
-    like it: the layer widths of a structurally pruned model."""
-    meta = model_meta(path)
+def derived_extra(meta: dict[str, Any]) -> dict[str, Any]:
+    """What a model trained from a model file (``meta``: its ``model_meta``; a QAT student of a pruned one) records
+    to be rebuilt like it: the layer widths of a structurally pruned model."""
     return {"channels": meta["channels"]} if meta.get("channels") else {}
 
 

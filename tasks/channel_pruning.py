@@ -148,7 +148,7 @@ def shrink(model: nn.Module, example: torch.Tensor) -> nn.Module:
     for group in found.groups:
         root, handler = _root(group)
         channels = dropped.get(names[root], torch.zeros(0, dtype=torch.long)).tolist()
-        if len(channels) >= len(importance(group)):
+        if len(channels) >= root.weight.shape[0]:   # the root's output channels: the group's
             raise ValueError(f"{names[root]}: every output channel of its group was dropped")
         planned.append((root, handler, channels))
     for root, handler, channels in planned:

@@ -187,6 +187,11 @@ SECTIONS: dict[str, Any] = {
     "warm_start": WarmStart}
 
 
+def image_families(cfg: Config) -> list[str]:
+    """The families of ``cfg`` built on this kit (their ``distill`` block is the kit's)."""
+    return [name for name in cfg.families if isinstance(cfg.block("distill", name), DistillImages)]
+
+
 def ablation_recipes(cfg: Config, seed: int, family: str) -> dict[str, TrainingRecipe]:
     """The stage recipes of ``family``'s ablation for one seed: ``<stage>.<family>`` with
     ``ablation.<family>.<stage>`` merged over it (validated as strictly as params.yaml itself)."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -50,11 +51,17 @@ def pruning_schedule(student: nn.Module, cfg: PruneImages, groups: ChannelGroups
     return before_epoch
 
 
+def pruned_extra(model: nn.Module, cfg: PruneImages) -> dict[str, Any]:
+    """What a pruned student's model file records beyond its architecture: a structurally pruned one's layer widths
+    (it is narrower than its architecture builds it)."""
+    return {"channels": channel_widths(model)} if cfg.mode == "structured" else {}
+
+
 def prune_images(cfg: PruneImages, kd: DistillImages, distill: bool, data_dir: Path, teacher_path: Path,
                  student_path: Path, checkpoint: Path, on_epoch: Callable[[int, dict[str, float]], None] | None = None
                  ) -> tuple[nn.Module, MobileArch, list[dict[str, float]], dict[str, float]]:
     """Prune gradually with fine-tuning; return (pruned student, its architecture, history, metrics). A structurally
-    pruned student is narrower than its architecture builds it: save it with ``channels=channel_widths(model)``."""
+    pruned student is narrower than its architecture builds it: save it with ``pruned_extra``."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     train, val, test = (Split.load(data_dir, s) for s in ("train", "val", "test"))
@@ -96,9 +103,8 @@ def main(family: str) -> None:
         model, arch, history, metrics = prune_images(prune, kd, "distill" in recipe, args.data, args.teacher,
                                                      args.student, args.checkpoint,
                                                      lambda epoch, m: run.log_metrics(m, step=epoch + 1))
-        narrower = {"channels": channel_widths(model)} if prune.mode == "structured" else {}
         publish_training(run, model, "mobile_student", arch, history, metrics, args, shape=model_shape(args.data),
-                         **narrower)
+                         **pruned_extra(model, prune))
         from tasks.figures import weights_kept
 
         kept = {k.removeprefix("kept."): v for k, v in metrics.items() if k.startswith("kept.")}

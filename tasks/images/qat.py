@@ -73,8 +73,8 @@ def main(family: str) -> None:
         model, history, metrics = qat_images(qat, kd, "distill" in recipe, args.data, args.teacher, args.student,
                                              args.checkpoint, lambda epoch, m: run.log_metrics(m, step=epoch + 1))
         # the architecture of the student that was trained, and the layer widths of a structurally pruned one
-        arch = model_meta(args.student)["arch"]
-        publish_training(run, model, "mobile_student", arch, history, metrics, args, **qat_extra(qat),
-                         **derived_extra(args.student), shape=model_shape(args.data))
+        student = model_meta(args.student)
+        publish_training(run, model, "mobile_student", student["arch"], history, metrics, args, **qat_extra(qat),
+                         **derived_extra(student), shape=model_shape(args.data))
     print(f"QAT student test accuracy (fake-quantized): {metrics['test_accuracy_fake_quant']:.4f}")
 

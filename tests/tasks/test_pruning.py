@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tasks.artifacts import count_parameters, derived_extra, load_model, qat_extra, save_model
+from tasks.artifacts import count_parameters, derived_extra, load_model, model_meta, qat_extra, save_model
 from tasks.channel_pruning import channel_groups, prune_channels, shrink
 from tasks.config import parse_config
 from tasks.errors import ConfigError
@@ -134,7 +134,8 @@ def test_a_qat_student_of_a_structurally_pruned_one_is_rebuilt_from_its_file(tmp
     qat = prepare_qat(load_model(pruned), 8, x[:2])
     qat(x)   # observers see data
     cfg = QatImages.model_construct(activation_bits=8, weight_bits=8, float_modules=[])
-    save_model(qat, "mobile_student", MIXED, tmp_path / "qat.pt", **qat_extra(cfg), **derived_extra(pruned))
+    save_model(qat, "mobile_student", MIXED, tmp_path / "qat.pt", **qat_extra(cfg),
+               **derived_extra(model_meta(pruned)))
     rebuilt = load_model(tmp_path / "qat.pt")
     with torch.no_grad():
         torch.testing.assert_close(rebuilt(x), qat.eval()(x))
