@@ -9,6 +9,7 @@ gradients every step (``tasks.training.train_step``).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 import torch
@@ -85,6 +86,12 @@ class FrozenTeacher(nn.Module):
         teacher.eval().requires_grad_(False)
         object.__setattr__(self, "teacher", teacher)
 
+    def _apply(self, fn: Callable, recurse: bool = True) -> FrozenTeacher:
+        """``to``, ``cuda``, ``cpu``, ... move the teacher along with the student: it computes on the same batches."""
+        super()._apply(fn, recurse)
+        self.teacher._apply(fn, recurse)
+        return self
+
     def train(self, mode: bool = True) -> FrozenTeacher:
         super().train(mode)
         self.teacher.eval()  # batch-norm statistics and dropout of the teacher never move
@@ -113,7 +120,7 @@ class Distiller(FrozenTeacher):
         """The frozen teacher's logits and feature maps, in bf16 when ``teacher_bf16`` and the CPU has it natively: it
         is inference only, and there bf16 inference is ~1.3x faster than fp32 while the student may train in fp32
         (faster for depthwise convs)."""
-        with autocast(self.cfg.teacher_bf16):
+        with autocast(self.cfg.teacher_bf16, x.device.type):
             logits, maps = self.teacher.forward_features(x)
         return logits.float(), [m.float() for m in maps]
 

@@ -36,6 +36,10 @@ class Training(Strict):
     seed: int
     threads: Positive
     eval_batch_size: Positive = 1024
+    # Where it trains: auto is the first CUDA device when PyTorch sees one (bf16 autocast there when the recipe has
+    # bf16 and the GPU computes it), else the CPU; cuda on a machine without one stops the stage before it starts.
+    # Models are saved, scored on test and exported on the CPU either way.
+    device: Literal["auto", "cpu", "cuda"] = "auto"
 
 
 class PretrainedTeacher(Strict):

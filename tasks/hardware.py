@@ -3,25 +3,58 @@ from __future__ import annotations
 
 import functools
 import sys
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
 
 
 @functools.cache
-def native_bf16() -> bool:
-    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX). Without it oneDNN emulates bf16 convolutions,
-    so slowly that one small batch's backward pass takes minutes (seen on an AVX2-only EPYC): ``bf16: true`` in
-    params then trains and evaluates in fp32 instead (``tasks.training.autocast`` says so)."""
+def native_bf16(device_type: str = "cpu") -> bool:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX), or with ``device_type`` "cuda", whether the GPU
+    does. Without it oneDNN emulates bf16 convolutions, so slowly that one small batch's backward pass takes minutes
+    (seen on an AVX2-only EPYC): ``bf16: true`` in params then trains and evaluates in fp32 instead
+    (``tasks.training.autocast`` says so)."""
     import torch
 
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+
+
+def training_device(name: str, where: str = "device") -> torch.device:
+    """The device a training run's ``device`` knob names: ``auto`` is the first CUDA device when this PyTorch sees
+    one, else the CPU; ``cuda`` without one is a ``ConfigError`` naming ``where`` (the knob's params key)."""
+    import torch
+
+    if name == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if name == "cuda":
+        from tasks.errors import ConfigError
+
+        raise ConfigError(f"{where}: cuda, but this PyTorch ({torch.__version__}) sees no CUDA device; "
+                          "set it to auto or cpu")
+    return torch.device("cpu")
+
+
+def check_devices(params: dict[str, Any]) -> None:
+    """Refuse, before a stage starts, a training block of ``params`` (params key -> its config) that asks for a
+    device this machine lacks."""
+    for key, block in params.items():
+        if getattr(block, "device", "auto") == "cuda":
+            training_device("cuda", f"{key}.device")
 
 
 def host_tags() -> dict[str, str]:
     """What of the machine changes a stage's arithmetic or its ``auto`` choices, as MLflow tags: the CPU's vector
-    extension as PyTorch dispatches to it, and whether it computes bf16 natively (bf16 autocast,
-    ``teacher_runtime: auto``). Empty for a process that does not compute with PyTorch (it is not imported)."""
+    extension as PyTorch dispatches to it, whether it computes bf16 natively (bf16 autocast,
+    ``teacher_runtime: auto``), and the CUDA device ``device: auto`` trains on ("none": the CPU). Empty for a process that does not compute with PyTorch (it is not imported)."""
     if "torch" not in sys.modules:
         return {}
     import torch
 
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     return {"host.cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "host.native_bf16": str(native_bf16()).lower()}
+            "host.native_bf16": str(native_bf16()).lower(), "host.cuda": cuda}

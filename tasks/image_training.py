@@ -21,7 +21,17 @@ from tasks.checkpoints import load_checkpoint, save_checkpoint
 from tasks.errors import DataFormatError
 from tasks.io import read_manifest
 from tasks.observers import frozen_observers
-from tasks.training import EpochHook, LossFn, autocast, cross_entropy_loss, make_optimizer, make_scheduler, train_step
+from tasks.training import (
+    EpochHook,
+    LossFn,
+    autocast,
+    cross_entropy_loss,
+    device_of,
+    make_optimizer,
+    make_scheduler,
+    on_device,
+    train_step,
+)
 
 if TYPE_CHECKING:  # annotations only
     from tasks.images.config import Augmentation, TrainingRecipe
@@ -96,11 +106,20 @@ def image_manifest(directory: Path) -> dict[str, Any]:
 
 
 @functools.cache
-def memory_format() -> torch.memory_format:
-    """``channels_last`` where the CPU has AVX512 (with bf16 autocast it trains ~4x faster there); the default
-    layout elsewhere: on an AVX2-only CPU, torch 2.13's channels_last convolution backward hangs with 2 threads and
-    corrupts memory with 1 (seen on an AVX2 EPYC)."""
-    return torch.channels_last if torch.cpu._is_avx512_supported() else torch.contiguous_format
+def memory_format(device_type: str = "cpu") -> torch.memory_format:
+    """``channels_last`` on CUDA and where the CPU has AVX512 (with bf16 autocast it trains ~4x faster there); the
+    default layout elsewhere: on an AVX2-only CPU, torch 2.13's channels_last convolution backward hangs with 2
+    threads and corrupts memory with 1 (seen on an AVX2 EPYC)."""
+    if device_type == "cuda" or torch.cpu._is_avx512_supported():
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def on(x: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Model inputs made on the CPU, on ``device`` in its layout (on the CPU: ``x`` itself)."""
+    if device.type == "cpu":
+        return x
+    return x.to(device, non_blocking=True).contiguous(memory_format=memory_format(device.type))
 
 
 def to_input(x: torch.Tensor, pixels: Pixels) -> torch.Tensor:
@@ -135,13 +154,15 @@ def augment(x: torch.Tensor, cfg: Augmentation, gen: torch.Generator, pixels: Pi
 
 @torch.no_grad()
 def evaluate(model: nn.Module, split: Split, batch_size: int, bf16: bool = False) -> dict[str, float]:
-    """Accuracy and mean cross-entropy of ``model`` on ``split``; quantization ranges stay as they are."""
+    """Accuracy and mean cross-entropy of ``model`` on ``split`` (on the model's device); quantization ranges stay
+    as they are."""
     model.eval()
     correct, loss = 0, 0.0
+    device = device_of(model)
     with frozen_observers(model):
         for i in range(0, len(split.y), batch_size):
-            x, y = split.inputs(slice(i, i + batch_size)), split.y[i:i + batch_size]
-            with autocast(bf16):
+            x, y = on(split.inputs(slice(i, i + batch_size)), device), split.y[i:i + batch_size].to(device)
+            with autocast(bf16, device.type):
                 logits = model(x).float()
             loss += F.cross_entropy(logits, y, reduction="sum").item()
             correct += (logits.argmax(1) == y).sum().item()
@@ -155,7 +176,21 @@ def fit(model: nn.Module, train: Split, val: Split, spec: TrainingRecipe, checkp
 
     ``loss_fn`` defaults to cross-entropy with the spec's label smoothing; distillation passes its own.
     ``before_epoch(epoch)`` runs at the start of every epoch, resumed ones included (QAT freezes observers there).
+    Trains on ``spec.device`` (``tasks.training.on_device``); the model is back on the CPU at the end.
     """
+    with on_device(model, spec) as device:
+        if device.type == "cpu":
+            return _fit(model, train, val, spec, checkpoint, fingerprint, on_epoch, loss_fn, before_epoch, device)
+        model.to(memory_format=memory_format(device.type))
+        try:
+            return _fit(model, train, val, spec, checkpoint, fingerprint, on_epoch, loss_fn, before_epoch, device)
+        finally:
+            model.to(memory_format=memory_format())
+
+
+def _fit(model: nn.Module, train: Split, val: Split, spec: TrainingRecipe, checkpoint: Path, fingerprint: str,
+         on_epoch: EpochHook | None, loss_fn: LossFn | None, before_epoch: Callable[[int], None] | None,
+         device: torch.device) -> list[dict[str, float]]:
     loss_fn = loss_fn or cross_entropy_loss(spec.label_smoothing)
     steps_per_epoch = math.ceil(len(train.y) / spec.batch_size)
     opt = make_optimizer(model, spec.optimizer)
@@ -172,7 +207,8 @@ def fit(model: nn.Module, train: Split, val: Split, spec: TrainingRecipe, checkp
     for epoch in range(len(history), spec.epochs):
         if before_epoch:
             before_epoch(epoch)
-        metrics = _train_epoch(model, train, spec, opt, sched, gen, loss_fn, f"epoch {epoch + 1}/{spec.epochs}")
+        metrics = _train_epoch(model, train, spec, opt, sched, gen, loss_fn, f"epoch {epoch + 1}/{spec.epochs}",
+                               device)
         metrics.update({f"val_{k}": v for k, v in evaluate(model, val, spec.eval_batch_size, spec.bf16).items()})
         metrics["lr"] = sched.get_last_lr()[0]
         history.append(metrics)
@@ -187,7 +223,7 @@ def fit(model: nn.Module, train: Split, val: Split, spec: TrainingRecipe, checkp
 
 def _train_epoch(model: nn.Module, train: Split, spec: TrainingRecipe, opt: torch.optim.Optimizer,
                  sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator, loss_fn: LossFn,
-                 desc: str) -> dict[str, float]:
+                 desc: str, device: torch.device) -> dict[str, float]:
     model.train()
     order = torch.randperm(len(train.y), generator=gen)
     seen, correct, loss_sum = 0, 0, 0.0
@@ -197,6 +233,7 @@ def _train_epoch(model: nn.Module, train: Split, spec: TrainingRecipe, opt: torc
     for start in bar:
         idx = order[start:start + spec.batch_size]
         x, y = augment(train.inputs(idx), spec.augmentation, gen, train.pixels), train.y[idx]
+        x, y = on(x, device), y.to(device)
         loss, logits = train_step(model, x, y, opt, loss_fn, spec.bf16)
         sched.step()
         seen += len(y)

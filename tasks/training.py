@@ -1,14 +1,15 @@
-"""The training loop every family shares: optimizer and schedule from params, bf16 autocast where the CPU computes
-bf16 natively, one optimisation step (gradients zeroed, forward with autograd on, backward, update), and
+"""The training loop every family shares: optimizer and schedule from params, the device (``device``: the CPU, or
+CUDA when present), bf16 autocast where the device computes bf16 natively, one optimisation step (gradients zeroed, forward with autograd on, backward, update), and
 ``fit_best``, the loop of the families whose training takes minutes. Image data and the image families' loop with
 per-epoch checkpoints are in ``tasks.image_training``."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -16,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.family_config import Optimizer, Schedule
-from tasks.hardware import native_bf16
+from tasks.hardware import native_bf16, training_device
 
 
 def make_optimizer(model: nn.Module, cfg: Optimizer) -> torch.optim.Optimizer:
@@ -40,17 +41,48 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: Schedule, total_steps: int) 
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
 
 
-def autocast(bf16: bool) -> torch.autocast:
-    """bf16 autocast on the CPU when asked for and native here, else a no-op region."""
-    if bf16 and not native_bf16():
-        _note_no_bf16()
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16 and native_bf16())
+def autocast(bf16: bool, device_type: str = "cpu") -> torch.autocast:
+    """bf16 autocast on ``device_type`` ("cpu" or "cuda") when asked for and native there, else a no-op region."""
+    native = native_bf16(device_type)
+    if bf16 and not native:
+        _note_no_bf16(device_type)
+    return torch.autocast(device_type, dtype=torch.bfloat16, enabled=bf16 and native)
 
 
 @functools.cache
-def _note_no_bf16() -> None:
-    print("note: this CPU has no native bf16 (AVX512-BF16 / AMX); bf16 autocast is off, training in fp32",
-          file=sys.stderr)
+def _note_no_bf16(device_type: str) -> None:
+    what = "this GPU has" if device_type == "cuda" else "this CPU has (AVX512-BF16 / AMX)"
+    print(f"note: {what} no native bf16; bf16 autocast is off, training in fp32", file=sys.stderr)
+
+
+Inputs = torch.Tensor | tuple[torch.Tensor, ...]
+
+
+def to_device(x: Inputs, device: torch.device) -> Inputs:
+    """A batch's tensor (or tuple of tensors) on ``device``; the same objects when they are there already."""
+    if isinstance(x, tuple):
+        return tuple(t.to(device, non_blocking=True) for t in x)
+    return x.to(device, non_blocking=True)
+
+
+def device_of(model: nn.Module) -> torch.device:
+    """Where ``model``'s parameters are (the CPU for a model without any, such as an ONNX teacher)."""
+    return next((p.device for p in model.parameters()), torch.device("cpu"))
+
+
+@contextlib.contextmanager
+def on_device(model: nn.Module, spec: Any) -> Iterator[torch.device]:
+    """``model`` on the device of ``spec.device`` (``tasks.hardware.training_device``) for a training run, and back
+    on the CPU after it, where it is saved, scored on test and exported. On the CPU nothing moves."""
+    device = training_device(spec.device)
+    if device.type == "cpu":
+        yield device
+        return
+    model.to(device)
+    try:
+        yield device
+    finally:
+        model.to("cpu")
 
 
 EpochHook = Callable[[int, dict[str, float]], None]
@@ -66,12 +98,12 @@ def cross_entropy_loss(label_smoothing: float) -> LossFn:
     return loss_fn
 
 
-def train_step(model: nn.Module, x: torch.Tensor | tuple[torch.Tensor, ...], y: torch.Tensor,
+def train_step(model: nn.Module, x: Inputs, y: torch.Tensor,
                opt: torch.optim.Optimizer, loss_fn: LossFn, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """One optimisation step: gradients zeroed, forward with autograd on, backward, update. ``x`` is what
-    ``loss_fn`` feeds the model (a tuple for the recommender's two inputs)."""
+    ``loss_fn`` feeds the model (a tuple for the recommender's two inputs), on the model's device."""
     opt.zero_grad(set_to_none=True)
-    with autocast(bf16):
+    with autocast(bf16, y.device.type):
         loss, logits = loss_fn(model, x, y)
     loss.backward()
     opt.step()
@@ -84,10 +116,20 @@ def fit_best(model: nn.Module, loss_fn: Callable, count: int,
              before_epoch: Callable[[int], None] | None = None, bf16: bool = False,
              from_start: bool = False) -> list[dict[str, float]]:
     """Train ``model`` in place for ``spec.epochs`` over ``count`` rows, ``batch(indices)`` giving a batch's inputs
-    and targets in a seeded order; after each epoch ``scores()`` (``train_*`` and ``val_*``, in eval mode). The
-    epoch with the best ``key`` (a validation score: higher is better) is restored at the end; return the history.
-    ``from_start``: the weights it starts from (a warm start's) compete too, scored before the first epoch.
-    The loop of the families whose training takes minutes (no checkpoint to resume)."""
+    and targets in a seeded order; after each epoch ``scores()`` (``train_*`` and ``val_*``, in eval mode, on the
+    model's device). The epoch with the best ``key`` (a validation score: higher is better) is restored at the end;
+    return the history. ``from_start``: the weights it starts from (a warm start's) compete too, scored before the
+    first epoch. On ``spec.device``, the model back on the CPU at the end. The loop of the families whose training
+    takes minutes (no checkpoint to resume)."""
+    with on_device(model, spec) as device:
+        return _fit_best(model, loss_fn, count, batch, spec, scores, key, on_epoch, before_epoch, bf16, from_start,
+                         device)
+
+
+def _fit_best(model: nn.Module, loss_fn: Callable, count: int, batch: Callable, spec: Any,
+              scores: Callable[[], dict[str, float]], key: str, on_epoch: EpochHook | None,
+              before_epoch: Callable[[int], None] | None, bf16: bool, from_start: bool, device: torch.device
+              ) -> list[dict[str, float]]:
     steps = math.ceil(count / spec.batch_size)
     opt = make_optimizer(model, spec.optimizer)
     sched = make_scheduler(opt, spec.schedule, spec.epochs * steps)
@@ -102,7 +144,7 @@ def fit_best(model: nn.Module, loss_fn: Callable, count: int,
         order, loss_sum = torch.randperm(count, generator=gen), 0.0
         for start in range(0, count, spec.batch_size):
             inputs, y = batch(order[start:start + spec.batch_size])
-            loss, _ = train_step(model, inputs, y, opt, loss_fn, bf16=bf16)
+            loss, _ = train_step(model, to_device(inputs, device), y.to(device), opt, loss_fn, bf16=bf16)
             sched.step()
             loss_sum += loss.item() * len(y)
         metrics = {"train_loss": loss_sum / count, **scores(), "lr": sched.get_last_lr()[0]}

@@ -79,8 +79,8 @@ class DistillImages(TrainingRecipe):
     # The frozen teacher's forward in bf16 autocast (inference only), where the CPU computes bf16 natively.
     teacher_bf16: bool
     # Who runs the frozen teacher while students distil (distill, prune, qat and share): PyTorch, or onnxruntime on
-    # its ONNX twin (fp32; teacher_bf16 then does not apply); auto: PyTorch where it runs the teacher in bf16
-    # (teacher_bf16 and a CPU with native bf16), else onnxruntime. `make benchmark-teacher` measures them.
+    # its ONNX twin (fp32; teacher_bf16 then does not apply); auto: PyTorch on a GPU and where it runs the teacher in
+    # bf16 (teacher_bf16 and a CPU with native bf16), else onnxruntime. `make benchmark-teacher` measures them.
     teacher_runtime: Literal["auto", "pytorch", "onnxruntime"] = "auto"
 
     def resolved(self) -> DistillImages:
@@ -93,10 +93,15 @@ class DistillImages(TrainingRecipe):
         return self.model_copy(update={"teacher_runtime": "onnxruntime" if self.teacher_in_onnxruntime() else "pytorch"})
 
     def teacher_in_onnxruntime(self) -> bool:
-        """Whether the frozen teacher runs as its ONNX twin on this machine (``auto`` resolved)."""
+        """Whether the frozen teacher runs as its ONNX twin on this machine (``auto`` resolved: never when the
+        students train on a GPU, where the PyTorch teacher computes beside them)."""
+        import torch
+
         from tasks.hardware import native_bf16
 
         if self.teacher_runtime == "auto":
+            if self.device != "cpu" and torch.cuda.is_available():
+                return False
             return not (self.teacher_bf16 and native_bf16())
         return self.teacher_runtime == "onnxruntime"
 

@@ -25,7 +25,7 @@ from tasks.distillation import FrozenTeacher
 from tasks.family_config import OnnxArch, Training
 from tasks.observers import frozen_observers
 from tasks.recsys.config import DistillRecsys
-from tasks.training import fit_best
+from tasks.training import device_of, fit_best, to_device
 
 
 @dataclass(frozen=True)
@@ -55,10 +55,11 @@ def load_ctr_data(data_dir: Path) -> tuple[CtrSplit, CtrSplit, CtrSplit, dict[st
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, split: CtrSplit, batch_size: int = 8192) -> np.ndarray:
-    """Logits of every row of ``split``; quantization ranges stay as they are."""
+    """Logits of every row of ``split`` (computed on the model's device); quantization ranges stay as they are."""
     model.eval()
+    device = device_of(model)
     with frozen_observers(model):
-        return np.concatenate([model(*split.batch(slice(i, i + batch_size))[:2]).float().numpy()
+        return np.concatenate([model(*to_device(split.batch(slice(i, i + batch_size))[:2], device)).float().cpu().numpy()
                                for i in range(0, len(split), batch_size)])
 
 

@@ -34,6 +34,7 @@ from tasks.text.training import (
     predict,
     student_shape,
 )
+from tasks.training import on_device
 
 
 def distillation_rows(cfg: DistillText, train: TextSplit, teacher: nn.Module, student: RecurrentStudent
@@ -41,7 +42,8 @@ def distillation_rows(cfg: DistillText, train: TextSplit, teacher: nn.Module, st
     """The training rows plus the transfer set (label -1), each with the frozen teacher's logits and features."""
     extra = transfer_texts(train.texts, cfg.transfer, student.tokenizer.vocabulary, np.random.default_rng(cfg.seed))
     rows = TextSplit(train.texts + extra, torch.cat([train.y, torch.full((len(extra),), -1, dtype=torch.int64)]))
-    logits, features = predict(teacher, rows.texts, cfg.eval_batch_size, features=True, bf16=cfg.teacher_bf16)
+    with on_device(teacher, cfg):   # the teacher labels on the students' device
+        logits, features = predict(teacher, rows.texts, cfg.eval_batch_size, features=True, bf16=cfg.teacher_bf16)
     return TrainingRows(rows, Encoded.of(student, rows.texts), torch.from_numpy(logits), torch.from_numpy(features))
 
 

@@ -24,7 +24,7 @@ from torch import nn
 from tasks.distillation import soft_target_kl
 from tasks.family_config import LossWeights, Training
 from tasks.io import read_manifest
-from tasks.training import autocast, fit_best
+from tasks.training import autocast, device_of, fit_best, to_device
 
 SPLITS = ("train", "val", "test")
 
@@ -83,11 +83,12 @@ def predict(model: nn.Module, texts: list[str], batch_size: int = 512, features:
     encoded = Encoded.of(model, texts)
     order = torch.argsort(encoded.lengths, stable=True)
     logits, feats = [], []
+    device = device_of(model)
     for i in range(0, len(texts), batch_size):
-        with autocast(bf16):
-            out = model.forward_features(*encoded.batch(order[i:i + batch_size]))
-        logits.append(out[0].float())
-        feats.append(out[1].float())
+        with autocast(bf16, device.type):
+            out = model.forward_features(*to_device(encoded.batch(order[i:i + batch_size]), device))
+        logits.append(out[0].float().cpu())
+        feats.append(out[1].float().cpu())
     unsort = torch.argsort(order)
     logits_all = torch.cat(logits)[unsort].numpy() if logits else np.zeros((0, 0), np.float32)
     if not features:
