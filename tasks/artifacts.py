@@ -141,10 +141,12 @@ def load_model(path: Path) -> nn.Module:
 
 
 def fingerprint(configs: list[BaseModel], inputs: list[Path]) -> str:
-    """What a checkpoint must have been trained with to be resumed: these configs and these exact input files."""
+    """What a checkpoint must have been trained with to be resumed: these configs and these exact input files.
+    Knobs at their defaults are left out, so a knob added later (whose default trains as before) keeps checkpoints
+    resumable, and so is the device (a checkpoint resumes on another one)."""
     digest = hashlib.sha256()
     for cfg in configs:
-        digest.update(cfg.model_dump_json().encode())
+        digest.update(cfg.model_dump_json(exclude_defaults=True, exclude={"device"}).encode())
     for path in inputs:
         digest.update(file_digest(path).encode())
     return digest.hexdigest()

@@ -17,8 +17,8 @@ def native_bf16(device_type: str = "cpu") -> bool:
     (``tasks.training.autocast`` says so)."""
     import torch
 
-    if device_type == "cuda":
-        return torch.cuda.is_bf16_supported()
+    if device_type == "cuda":   # computed, not emulated (a T4 or V100 emulates it)
+        return torch.cuda.is_bf16_supported(including_emulation=False)
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
@@ -39,22 +39,20 @@ def training_device(name: str, where: str = "device") -> torch.device:
     return torch.device("cpu")
 
 
-def check_devices(params: dict[str, Any]) -> None:
-    """Refuse, before a stage starts, a training block of ``params`` (params key -> its config) that asks for a
-    device this machine lacks."""
-    for key, block in params.items():
-        if getattr(block, "device", "auto") == "cuda":
-            training_device("cuda", f"{key}.device")
+def check_device(key: str, block: Any) -> None:
+    """Refuse, before a stage starts, its training block (``key`` in params) asking for a device this machine lacks."""
+    if getattr(block, "device", "auto") == "cuda":
+        training_device("cuda", f"{key}.device")
 
 
 def host_tags() -> dict[str, str]:
     """What of the machine changes a stage's arithmetic or its ``auto`` choices, as MLflow tags: the CPU's vector
     extension as PyTorch dispatches to it, whether it computes bf16 natively (bf16 autocast,
-    ``teacher_runtime: auto``), and the CUDA device ``device: auto`` trains on ("none": the CPU). Empty for a process that does not compute with PyTorch (it is not imported)."""
+    ``teacher_runtime: auto``), and how many CUDA devices ``device: auto`` finds (0: it trains on the CPU). Empty for a process that does not compute with PyTorch (it is not imported)."""
     if "torch" not in sys.modules:
         return {}
     import torch
 
-    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    # the count, not the GPU's name: asking for that would start a CUDA context in every stage process
     return {"host.cpu_capability": torch.backends.cpu.get_cpu_capability(),
-            "host.native_bf16": str(native_bf16()).lower(), "host.cuda": cuda}
+            "host.native_bf16": str(native_bf16()).lower(), "host.cuda_devices": str(torch.cuda.device_count())}

@@ -31,10 +31,11 @@ from tasks.training import (
     make_scheduler,
     on_device,
     train_step,
+    weight_average,
 )
 
 if TYPE_CHECKING:  # annotations only
-    from tasks.images.config import Augmentation, TrainingRecipe
+    from tasks.images.config import Augmentation, Erasing, TrainingRecipe
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,8 @@ def to_input(x: torch.Tensor, pixels: Pixels) -> torch.Tensor:
 
 
 def augment(x: torch.Tensor, cfg: Augmentation, gen: torch.Generator, pixels: Pixels) -> torch.Tensor:
-    """Random crop from an image padded with black and random horizontal flip, vectorised over the batch."""
+    """Random crop from an image padded with black, random horizontal flip and random erasing (each where ``cfg``
+    asks for it), vectorised over the batch."""
     n, c, h, w = x.shape
     if cfg.crop_padding:
         p = cfg.crop_padding
@@ -149,7 +151,27 @@ def augment(x: torch.Tensor, cfg: Augmentation, gen: torch.Generator, pixels: Pi
     if cfg.horizontal_flip:
         flip = torch.rand(n, generator=gen) < 0.5
         x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    if cfg.erasing is not None and cfg.erasing.probability > 0:
+        x = erase(x, cfg.erasing, gen)
     return x.contiguous(memory_format=memory_format())
+
+
+def erase(x: torch.Tensor, cfg: Erasing, gen: torch.Generator) -> torch.Tensor:
+    """Random erasing of normalised images (N, C, H, W): see ``tasks.images.config.Erasing``."""
+    n, _, h, w = x.shape
+    chosen = torch.rand(n, generator=gen) < cfg.probability
+    low, high = cfg.area
+    area = (low + (high - low) * torch.rand(n, generator=gen)) * (h * w)
+    aspect = torch.exp((2 * torch.rand(n, generator=gen) - 1) * math.log(cfg.max_aspect))
+    tall = (area * aspect).sqrt().round().clamp(1, h).long()
+    wide = (area / aspect).sqrt().round().clamp(1, w).long()
+    top = (torch.rand(n, generator=gen) * (h - tall + 1)).long()
+    left = (torch.rand(n, generator=gen) * (w - wide + 1)).long()
+    rows, cols = torch.arange(h)[None, :], torch.arange(w)[None, :]
+    in_rows = (rows >= top[:, None]) & (rows < (top + tall)[:, None])
+    in_cols = (cols >= left[:, None]) & (cols < (left + wide)[:, None])
+    box = in_rows[:, :, None] & in_cols[:, None, :] & chosen[:, None, None]
+    return x.masked_fill(box[:, None], 0.0)
 
 
 @torch.no_grad()
@@ -197,6 +219,10 @@ def _fit(model: nn.Module, train: Split, val: Split, spec: TrainingRecipe, check
     sched = make_scheduler(opt, spec.schedule, spec.epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(spec.seed)
     history: list[dict[str, float]] = []
+    # what is kept: a distiller's student (tasks.distillation.FrozenTeacher; adapters are scaffolding), as a moving
+    # average with ``ema``
+    kept = getattr(model, "student", model)
+    average = weight_average(kept, spec.ema.decay) if spec.ema else None
     state = load_checkpoint(checkpoint, fingerprint)
     if state is not None:
         model.load_state_dict(state["model"])
@@ -204,26 +230,33 @@ def _fit(model: nn.Module, train: Split, val: Split, spec: TrainingRecipe, check
         sched.load_state_dict(state["scheduler"])
         gen.set_state(state["generator"])
         history = list(state["history"])
+        if average is not None:
+            average.load_state_dict(state["ema"])
+    scored = average.module if average is not None else model
+    after_step = (lambda: average.update_parameters(kept)) if average is not None else None
     for epoch in range(len(history), spec.epochs):
         if before_epoch:
             before_epoch(epoch)
         metrics = _train_epoch(model, train, spec, opt, sched, gen, loss_fn, f"epoch {epoch + 1}/{spec.epochs}",
-                               device)
-        metrics.update({f"val_{k}": v for k, v in evaluate(model, val, spec.eval_batch_size, spec.bf16).items()})
+                               device, after_step)
+        metrics.update({f"val_{k}": v for k, v in evaluate(scored, val, spec.eval_batch_size, spec.bf16).items()})
         metrics["lr"] = sched.get_last_lr()[0]
         history.append(metrics)
         tqdm.write(f"epoch {epoch + 1}/{spec.epochs}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+        extra = {"ema": average.state_dict()} if average is not None else {}
         save_checkpoint(checkpoint, {"model": model.state_dict(), "optimizer": opt.state_dict(),
                                      "scheduler": sched.state_dict(), "generator": gen.get_state(),
-                                     "history": history}, fingerprint)
+                                     "history": history, **extra}, fingerprint)
         if on_epoch:
             on_epoch(epoch, metrics)
+    if average is not None:   # the average is the model trained
+        kept.load_state_dict(average.module.state_dict())
     return history
 
 
 def _train_epoch(model: nn.Module, train: Split, spec: TrainingRecipe, opt: torch.optim.Optimizer,
                  sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator, loss_fn: LossFn,
-                 desc: str, device: torch.device) -> dict[str, float]:
+                 desc: str, device: torch.device, after_step: Callable[[], None] | None = None) -> dict[str, float]:
     model.train()
     order = torch.randperm(len(train.y), generator=gen)
     seen, correct, loss_sum = 0, 0, 0.0
@@ -236,6 +269,8 @@ def _train_epoch(model: nn.Module, train: Split, spec: TrainingRecipe, opt: torc
         x, y = on(x, device), y.to(device)
         loss, logits = train_step(model, x, y, opt, loss_fn, spec.bf16)
         sched.step()
+        if after_step:
+            after_step()
         seen += len(y)
         correct += (logits.argmax(1) == y).sum().item()
         loss_sum += loss.item() * len(y)

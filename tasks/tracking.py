@@ -23,7 +23,7 @@ from pydantic import BaseModel
 
 from tasks.config import Config
 from tasks.errors import ArtifactStoreError, PipelineError
-from tasks.hardware import check_devices, host_tags
+from tasks.hardware import check_device, host_tags
 from tasks.lineage import data_context, dataset_inputs, dvc_inputs, lineage_tags, locked_outputs
 from tasks.mlflow_store import client_for, ensure_experiment, is_server_call_error, redact, server_error, tracking_uri
 
@@ -161,8 +161,10 @@ def _run(client: MlflowClient, cfg: Config, name: str, tags: dict[str, str], roo
 
 @contextmanager
 def stage_run(stage: str, cfg: Config, params: dict[str, Any], client: MlflowClient | None = None) -> Iterator[RunLogger]:
-    """A child run of the pipeline's parent run (or a top-level run under plain ``dvc repro``)."""
-    check_devices(params)   # before any run exists: a device this machine lacks is a params error
+    """A child run of the pipeline's parent run (or a top-level run under plain ``dvc repro``). ``params``: the
+    blocks the stage reads, its own first (``prune.vision`` for ``prune_vision``)."""
+    if params:   # before any run exists: a device this machine lacks is a params error
+        check_device(*next(iter(params.items())))
     client = client or client_for(tracking_uri(cfg))
     flat = flatten("", params)
     inputs = dvc_inputs(stage)   # read once: for the lineage tags and the dataset inputs

@@ -51,8 +51,8 @@ def autocast(bf16: bool, device_type: str = "cpu") -> torch.autocast:
 
 @functools.cache
 def _note_no_bf16(device_type: str) -> None:
-    what = "this GPU has" if device_type == "cuda" else "this CPU has (AVX512-BF16 / AMX)"
-    print(f"note: {what} no native bf16; bf16 autocast is off, training in fp32", file=sys.stderr)
+    what = "this GPU has no native bf16" if device_type == "cuda" else "this CPU has no native bf16 (AVX512-BF16 / AMX)"
+    print(f"note: {what}; bf16 autocast is off, training in fp32", file=sys.stderr)
 
 
 Inputs = torch.Tensor | tuple[torch.Tensor, ...]
@@ -83,6 +83,23 @@ def on_device(model: nn.Module, spec: Any) -> Iterator[torch.device]:
         yield device
     finally:
         model.to("cpu")
+
+
+def weight_average(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
+    """PyTorch's ``AveragedModel`` of ``model`` as an exponential moving average (``decay`` per update) of its
+    parameters and float buffers (batch-norm statistics); integer buffers (batch counters) follow the model."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    lerp = get_ema_multi_avg_fn(decay)
+
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], steps: torch.Tensor) -> None:
+        if averaged[0].is_floating_point():
+            lerp(averaged, current, steps)
+        else:   # the torch helper would scale counters as floats and truncate them
+            for mine, theirs in zip(averaged, current, strict=True):
+                mine.copy_(theirs)
+
+    return AveragedModel(model, multi_avg_fn=update, use_buffers=True)
 
 
 EpochHook = Callable[[int, dict[str, float]], None]

@@ -14,6 +14,10 @@ class ResNetArch(ModelArch):
     stem: Positive
     widths: list[Positive] = Field(min_length=1)
     blocks: list[Positive] = Field(min_length=1)
+    # Flip test-time augmentation: in eval mode the logits and feature maps are the average of the image's and its
+    # mirror's (maps mirrored back), so its scores, its soft targets for students and its ONNX file all see both;
+    # training is unchanged. Twice the teacher's inference cost. Only for data whose mirror keeps the label.
+    flip_average: bool = False
 
     @model_validator(mode="after")
     def _same_length(self) -> ResNetArch:

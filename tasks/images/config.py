@@ -31,9 +31,33 @@ if TYPE_CHECKING:
     from tasks.config import Config
 
 
+class Erasing(Strict):
+    """Random erasing (Zhong et al., AAAI 2020): with ``probability`` an image gets a rectangle set to the data's mean
+    pixel (0 once normalised), its area drawn uniformly from ``area`` (fractions of the image) and its aspect ratio
+    log-uniformly from 1/``max_aspect`` to ``max_aspect``; a rectangle larger than the image is cut to it."""
+
+    probability: Fraction
+    area: Annotated[list[Fraction], Field(min_length=2, max_length=2)] = [0.02, 0.4]   # [low, high]
+    max_aspect: Annotated[float, Field(ge=1.0)] = 3.3
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Erasing:
+        if not 0.0 < self.area[0] <= self.area[1]:
+            raise ValueError(f"area must be [low, high] with 0 < low <= high, got {self.area}")
+        return self
+
+
 class Augmentation(Strict):
     crop_padding: Annotated[int, Field(ge=0, le=8)]
     horizontal_flip: bool
+    erasing: Erasing | None = None
+
+
+class Ema(Strict):
+    """An exponential moving average of the weights (and batch-norm statistics), updated after every step: what is
+    scored on validation each epoch and kept at the end (the live weights are what the checkpoint resumes)."""
+
+    decay: Annotated[float, Field(gt=0.0, lt=1.0)]
 
 
 class TrainingRecipe(Training):
@@ -42,6 +66,19 @@ class TrainingRecipe(Training):
     label_smoothing: Fraction
     augmentation: Augmentation
     bf16: bool
+    ema: Ema | None = None   # the teacher's and the distilled student's; the compression stages refuse it
+
+
+class NoEma(TrainingRecipe):
+    """A compression stage's recipe: no weight average. Pruning masks, fake quantization's observed ranges and shared
+    weights' cluster indices are state an average of the weights would not follow."""
+
+    @model_validator(mode="after")
+    def _no_ema(self) -> NoEma:
+        if self.ema is not None:
+            raise ValueError("ema must be unset: a compression stage's masks, observers or clusters would not follow "
+                             "averaged weights")
+        return self
 
 
 class TrainTeacherImages(TrainingRecipe):
@@ -83,30 +120,32 @@ class DistillImages(TrainingRecipe):
     # bf16 (teacher_bf16 and a CPU with native bf16), else onnxruntime. `make benchmark-teacher` measures them.
     teacher_runtime: Literal["auto", "pytorch", "onnxruntime"] = "auto"
 
-    def resolved(self) -> DistillImages:
+    def resolved(self, device: str | None = None) -> DistillImages:
         """This recipe with ``auto`` replaced by what runs on this machine: what the distilling stages train,
         fingerprint their checkpoints and log with, so neither names "auto" (a checkpoint resumed on another kind of
-        CPU must not mix the two teachers' targets). Not at params load: that would import PyTorch into every
-        process that reads params."""
+        CPU must not mix the two teachers' targets). ``device``: the device knob of the stage that trains against
+        the teacher (prune, qat, share), when not this block's. Not at params load: that would import PyTorch into
+        every process that reads params."""
         if self.teacher_runtime != "auto":
             return self
-        return self.model_copy(update={"teacher_runtime": "onnxruntime" if self.teacher_in_onnxruntime() else "pytorch"})
+        runtime = "onnxruntime" if self.teacher_in_onnxruntime(device) else "pytorch"
+        return self.model_copy(update={"teacher_runtime": runtime})
 
-    def teacher_in_onnxruntime(self) -> bool:
+    def teacher_in_onnxruntime(self, device: str | None = None) -> bool:
         """Whether the frozen teacher runs as its ONNX twin on this machine (``auto`` resolved: never when the
-        students train on a GPU, where the PyTorch teacher computes beside them)."""
+        student trains on a GPU (``device``, else this block's), where the PyTorch teacher computes beside it)."""
         import torch
 
         from tasks.hardware import native_bf16
 
         if self.teacher_runtime == "auto":
-            if self.device != "cpu" and torch.cuda.is_available():
+            if (device or self.device) != "cpu" and torch.cuda.is_available():
                 return False
             return not (self.teacher_bf16 and native_bf16())
         return self.teacher_runtime == "onnxruntime"
 
 
-class PruneImages(TrainingRecipe, GradualPruning):
+class PruneImages(NoEma, GradualPruning):
     """Magnitude pruning of the student: single weights (unstructured) or whole channels (structured)."""
 
     mode: Literal["unstructured", "structured"]
@@ -114,7 +153,7 @@ class PruneImages(TrainingRecipe, GradualPruning):
     min_channels: Positive             # structured: no channel group (tasks.channel_pruning) keeps fewer channels
 
 
-class Fp32Recipe(TrainingRecipe):
+class Fp32Recipe(NoEma):
     """A recipe that trains through fake quantization, which is simulated in fp32."""
 
     @model_validator(mode="after")

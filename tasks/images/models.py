@@ -42,6 +42,7 @@ class ResNetTeacher(nn.Module):
     def __init__(self, arch: ResNetArch, num_classes: int = 10, input_shape: Sequence[int] = (1, 28, 28)) -> None:
         super().__init__()
         self.num_classes, self.input_shape = num_classes, tuple(input_shape)
+        self.flip_average = arch.flip_average
         self.stem = nn.Sequential(nn.Conv2d(input_shape[0], arch.stem, 3, 1, 1, bias=False), nn.BatchNorm2d(arch.stem),
                                   nn.ReLU(inplace=True))
         stages, cin = [], arch.stem
@@ -59,6 +60,12 @@ class ResNetTeacher(nn.Module):
                 nn.init.zeros_(block.bn2.weight)  # each residual branch starts as identity: trains faster
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if self.flip_average and not self.training:
+            (logits, maps), (mirrored, mirror_maps) = self._features(x), self._features(x.flip(-1))
+            return (logits + mirrored) / 2, [(m + f.flip(-1)) / 2 for m, f in zip(maps, mirror_maps, strict=True)]
+        return self._features(x)
+
+    def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         maps, y = [], self.stem(x)
         for stage in self.stages:
             y = stage(y)

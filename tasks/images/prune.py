@@ -92,7 +92,8 @@ def prune_images(cfg: PruneImages, kd: DistillImages, distill: bool, data_dir: P
 
 def main(family: str) -> None:
     args, cfg = stage_args(__doc__, "--data", "--teacher", "--student", "--checkpoint", "--model", "--metrics", "--plots")
-    prune, kd, recipe = cfg.block("prune", family), cfg.block("distill", family).resolved(), cfg.block("recipe", family)
+    prune, recipe = cfg.block("prune", family), cfg.block("recipe", family)
+    kd = cfg.block("distill", family).resolved(prune.device)   # the teacher beside this stage's student
     from tasks.tracking import stage_run
 
     with stage_run(f"prune_{family}", cfg, {f"prune.{family}": prune, f"recipe.{family}": recipe,

@@ -62,7 +62,8 @@ def qat_images(cfg: QatImages, kd: DistillImages, distill: bool, data_dir: Path,
 
 def main(family: str) -> None:
     args, cfg = stage_args(__doc__, "--data", "--teacher", "--student", "--checkpoint", "--model", "--metrics", "--plots")
-    qat, kd, recipe = cfg.block("qat", family), cfg.block("distill", family).resolved(), cfg.block("recipe", family)
+    qat, recipe = cfg.block("qat", family), cfg.block("recipe", family)
+    kd = cfg.block("distill", family).resolved(qat.device)   # the teacher beside this stage's student
     from tasks.tracking import stage_run
 
     params = {f"qat.{family}": qat, f"distill.{family}": kd, f"recipe.{family}": recipe}

@@ -83,7 +83,8 @@ def share_images(cfg: ShareImages, kd: DistillImages, distill: bool, data_dir: P
 
 def main(family: str) -> None:
     args, cfg = stage_args(__doc__, "--data", "--teacher", "--student", "--checkpoint", "--model", "--metrics", "--plots")
-    share, kd, recipe = cfg.block("share", family), cfg.block("distill", family).resolved(), cfg.block("recipe", family)
+    share, recipe = cfg.block("share", family), cfg.block("recipe", family)
+    kd = cfg.block("distill", family).resolved(share.device)   # the teacher beside this stage's student
     from tasks.tracking import stage_run
 
     export, qat = cfg.block("export", family), cfg.block("qat", family)

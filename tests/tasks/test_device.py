@@ -58,6 +58,20 @@ def test_a_gpu_asked_for_without_one_stops_the_stage_before_its_run(raw_params, 
     assert not (tmp_path / "m.pt").exists()
 
 
+@NO_GPU
+def test_only_the_stages_own_block_decides_its_device(config, mlflow_uri, tmp_path, monkeypatch):
+    """A QAT stage on the CPU runs though ``distill.vision`` (whose teacher settings it reads) asks for a GPU."""
+    from tasks.tracking import stage_run
+
+    monkeypatch.chdir(tmp_path)
+    kd = config.distill.vision.model_copy(update={"device": "cuda"})
+    with stage_run("qat_vision", config, {"qat.vision": config.qat.vision, "distill.vision": kd}) as run:
+        run.log_metrics({"ran": 1.0})
+    with pytest.raises(ConfigError, match=r"^distill\.vision\.device: cuda"), stage_run("distill_vision", config,
+                                                                                      {"distill.vision": kd}):
+        pass
+
+
 def test_a_distillers_teacher_moves_with_it():
     """``to(device)`` of a student training against a frozen teacher moves the teacher too (it is no submodule, so
     that no optimizer or checkpoint sees it): shown with a dtype, the same ``Module._apply`` path as a device."""
@@ -99,6 +113,8 @@ def test_a_student_distils_on_the_gpu_from_a_pytorch_teacher_beside_it(tmp_path)
     data = _separable(64)
     cfg = _kd_cfg().model_copy(update={"device": "cuda", "teacher_runtime": "auto"})
     assert not cfg.teacher_in_onnxruntime()   # auto: on a GPU the PyTorch teacher runs beside the student
+    # ... of the stage that trains against it: a compression stage on the CPU gets the ONNX twin (fp32 teacher)
+    assert cfg.resolved("cpu").teacher_runtime == "onnxruntime" and cfg.resolved().teacher_runtime == "pytorch"
     model = _pair(cfg, data.inputs(slice(2)))
     history = fit(model, data, data, cfg, tmp_path / "ck.pt", "fp", loss_fn=distillation_loss)
     assert history[0]["train_loss"] > 0

@@ -27,7 +27,7 @@ def test_stage_runs_nest_under_the_pipeline_run(config, mlflow_uri, tmp_path, mo
 
     assert run.data.tags["host.cpu_capability"] == torch.backends.cpu.get_cpu_capability()
     assert run.data.tags["host.native_bf16"] == str(native_bf16()).lower()
-    assert run.data.tags["host.cuda"] == (torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none")
+    assert run.data.tags["host.cuda_devices"] == str(torch.cuda.device_count())
     assert run.data.metrics["rows"] == 3.0 and run.info.status == "FINISHED"
     assert client.get_run(parent.run_id).info.status == "FINISHED"
 
