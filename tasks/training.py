@@ -86,16 +86,19 @@ def on_device(model: nn.Module, spec: Any) -> Iterator[torch.device]:
 
 
 def weight_average(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
-    """PyTorch's ``AveragedModel`` of ``model`` as an exponential moving average (``decay`` per update) of its
-    parameters and float buffers (batch-norm statistics); integer buffers (batch counters) follow the model."""
-    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+    """PyTorch's ``AveragedModel`` of ``model`` as an exponential moving average of its parameters and float buffers
+    (batch-norm statistics); integer buffers (batch counters) follow the model. The decay warms up as TensorFlow's
+    ``ExponentialMovingAverage(num_updates=...)`` does, ``min(decay, (1 + n) / (10 + n))`` at update ``n``: early on
+    the average follows the model instead of holding on to its random start (with 0.998 from the first step, a
+    Fashion-MNIST teacher's average still scored 15 % after three epochs of 215 steps), and a short schedule (the
+    smoke profile's one epoch) keeps a usable model."""
+    from torch.optim.swa_utils import AveragedModel
 
-    lerp = get_ema_multi_avg_fn(decay)
-
-    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], steps: torch.Tensor) -> None:
+    def update(averaged: list[torch.Tensor], current: list[torch.Tensor], updates: torch.Tensor) -> None:
         if averaged[0].is_floating_point():
-            lerp(averaged, current, steps)
-        else:   # the torch helper would scale counters as floats and truncate them
+            n = float(updates)
+            torch._foreach_lerp_(averaged, current, 1.0 - min(decay, (1.0 + n) / (10.0 + n)))
+        else:   # batch counters: the model's (a float average would truncate them)
             for mine, theirs in zip(averaged, current, strict=True):
                 mine.copy_(theirs)
 
