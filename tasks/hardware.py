@@ -48,7 +48,8 @@ def check_device(key: str, block: Any) -> None:
 def host_tags() -> dict[str, str]:
     """What of the machine changes a stage's arithmetic or its ``auto`` choices, as MLflow tags: the CPU's vector
     extension as PyTorch dispatches to it, whether it computes bf16 natively (bf16 autocast,
-    ``teacher_runtime: auto``), and how many CUDA devices ``device: auto`` finds (0: it trains on the CPU). Empty for a process that does not compute with PyTorch (it is not imported)."""
+    ``teacher_runtime: auto``), and how many CUDA devices ``device: auto`` finds (0: it trains on the CPU). Empty
+    for a process that does not compute with PyTorch (it is not imported)."""
     if "torch" not in sys.modules:
         return {}
     import torch

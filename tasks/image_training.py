@@ -200,14 +200,8 @@ def fit(model: nn.Module, train: Split, val: Split, spec: TrainingRecipe, checkp
     ``before_epoch(epoch)`` runs at the start of every epoch, resumed ones included (QAT freezes observers there).
     Trains on ``spec.device`` (``tasks.training.on_device``); the model is back on the CPU at the end.
     """
-    with on_device(model, spec) as device:
-        if device.type == "cpu":
-            return _fit(model, train, val, spec, checkpoint, fingerprint, on_epoch, loss_fn, before_epoch, device)
-        model.to(memory_format=memory_format(device.type))
-        try:
-            return _fit(model, train, val, spec, checkpoint, fingerprint, on_epoch, loss_fn, before_epoch, device)
-        finally:
-            model.to(memory_format=memory_format())
+    with on_device(model, spec, memory_format) as device:
+        return _fit(model, train, val, spec, checkpoint, fingerprint, on_epoch, loss_fn, before_epoch, device)
 
 
 def _fit(model: nn.Module, train: Split, val: Split, spec: TrainingRecipe, checkpoint: Path, fingerprint: str,

@@ -1,6 +1,6 @@
 """The training loop every family shares: optimizer and schedule from params, the device (``device``: the CPU, or
-CUDA when present), bf16 autocast where the device computes bf16 natively, one optimisation step (gradients zeroed, forward with autograd on, backward, update), and
-``fit_best``, the loop of the families whose training takes minutes. Image data and the image families' loop with
+CUDA when present), bf16 autocast where the device computes bf16 natively, one optimisation step (gradients
+zeroed, forward with autograd on, backward, update), and ``fit_best``, the loop of the families whose training takes minutes. Image data and the image families' loop with
 per-epoch checkpoints are in ``tasks.image_training``."""
 from __future__ import annotations
 
@@ -71,18 +71,20 @@ def device_of(model: nn.Module) -> torch.device:
 
 
 @contextlib.contextmanager
-def on_device(model: nn.Module, spec: Any) -> Iterator[torch.device]:
+def on_device(model: nn.Module, spec: Any, layout: Callable[[str], torch.memory_format] | None = None
+              ) -> Iterator[torch.device]:
     """``model`` on the device of ``spec.device`` (``tasks.hardware.training_device``) for a training run, and back
-    on the CPU after it, where it is saved, scored on test and exported. On the CPU nothing moves."""
+    on the CPU after it, where it is saved, scored on test and exported; ``layout(device_type)``: the memory format
+    its weights take on each (the image kit's). On the CPU nothing moves."""
     device = training_device(spec.device)
     if device.type == "cpu":
         yield device
         return
-    model.to(device)
+    model.to(device, **({"memory_format": layout(device.type)} if layout else {}))
     try:
         yield device
     finally:
-        model.to("cpu")
+        model.to("cpu", **({"memory_format": layout("cpu")} if layout else {}))
 
 
 def weight_average(model: nn.Module, decay: float) -> torch.optim.swa_utils.AveragedModel:
