@@ -187,3 +187,26 @@ def test_the_image_entry_point_makes_a_shared_volume_a_dvc_checkout_that_keeps_o
     # and a folder that does not exist yet (a container without a volume) is created, not a crash
     fresh = _entrypoint({"KDQ_PROJECT_DIR": str(tmp_path / "nothing-here")}, "pwd")
     assert fresh.returncode == 0 and fresh.stdout.strip() == str(tmp_path / "nothing-here"), fresh.stderr
+
+
+def test_the_mlflow_entrypoint_writes_an_auth_config_mlflow_reads_with_the_credential_cache_on(tmp_path, monkeypatch):
+    """MLflow's default (no cache) checks the password's PBKDF2 hash on every request: stages logging system metrics
+    every second kept the integration stack's server workers busy for minutes of CPU. The entrypoint turns MLflow's own
+    cache on (a TTL, overridable); what it writes is read by MLflow's own config reader."""
+    from mlflow.server.auth.config import read_auth_config
+
+    seen = tmp_path / "seen.ini"
+    stub = tmp_path / "bin"
+    stub.mkdir()   # stands in for the image's `mlflow server` only: records the config it would have been given
+    (stub / "mlflow").write_text(f'#!/bin/sh\ncp "$MLFLOW_AUTH_CONFIG_PATH" {seen}\n')
+    (stub / "mlflow").chmod(0o755)
+    base = {"PATH": f"{stub}{os.pathsep}{os.environ['PATH']}", "POSTGRES_USER": "u", "POSTGRES_PASSWORD": "p",
+            "MLFLOW_ADMIN_PASSWORD": "secret"}
+    for extra, ttl in (({}, 60), ({"MLFLOW_AUTH_CACHE_TTL_SECONDS": "0"}, 0)):
+        done = subprocess.run(["sh", str(INFRA / "mlflow" / "entrypoint.sh")], env={**base, **extra}, check=False,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 0, done.stderr
+        monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(seen))
+        config = read_auth_config()
+        assert config.auth_cache_ttl_seconds == ttl
+        assert config.database_uri == "postgresql+psycopg2://u:p@postgres:5432/mlflow_auth"

@@ -1,6 +1,9 @@
 #!/bin/sh
 # Writes the basic-auth config from the environment (the auth app reads its user database only from this file),
 # then serves MLflow: runs and registry in PostgreSQL, artifacts proxied to S3, every request authenticated.
+# A checked credential is cached for MLFLOW_AUTH_CACHE_TTL_SECONDS (MLflow's default, 0, hashes the password with
+# PBKDF2 on every request: stages logging system metrics every few seconds kept the server's workers busy; a changed
+# password or removed user is refused by every worker within the TTL; 0 turns the cache off).
 set -eu
 DB="postgresql+psycopg2://${POSTGRES_USER}:${POSTGRES_PASSWORD}@${POSTGRES_HOST:-postgres}:5432"
 umask 077
@@ -10,6 +13,7 @@ default_permission = READ
 database_uri = ${DB}/mlflow_auth
 admin_username = admin
 authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+auth_cache_ttl_seconds = ${MLFLOW_AUTH_CACHE_TTL_SECONDS:-60}
 INI
 export MLFLOW_AUTH_CONFIG_PATH=/tmp/basic_auth.ini MLFLOW_AUTH_ADMIN_PASSWORD="${MLFLOW_ADMIN_PASSWORD}"
 # MLflow's job runner (huey consumer processes) serves GenAI features this stack does not use

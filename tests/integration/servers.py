@@ -190,7 +190,8 @@ def start_stack(procs: Processes, base: Path) -> Stack:
     auth_ini = base / "basic_auth.ini"
     auth_ini.write_text("[mlflow]\ndefault_permission = READ\n"
                         f"database_uri = {pg.url('mlflow_auth', '+psycopg2')}\nadmin_username = admin\n"
-                        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+                        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                        "auth_cache_ttl_seconds = 60\n")   # as infra/mlflow: no PBKDF2 hash per request
     mlflow_port = free_port()
     env = {**os.environ, **aws, "MLFLOW_S3_ENDPOINT_URL": s3_url, "MLFLOW_AUTH_CONFIG_PATH": str(auth_ini),
            "MLFLOW_AUTH_ADMIN_PASSWORD": password, "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
