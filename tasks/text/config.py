@@ -135,6 +135,7 @@ class PretrainedEncoder(Strict):
     sha256: dict[Literal["model.safetensors", "vocab.txt", "config.json"], Sha256]
     max_tokens: Annotated[int, Field(ge=8, le=512)]   # word pieces per sentence, [CLS] and [SEP] included
     dropout: Fraction = 0.1
+    layers: Positive | None = None   # keep the encoder's first N Transformer layers (None: all): a shallower teacher
 
     @model_validator(mode="after")
     def _pins_every_file(self) -> PretrainedEncoder:

