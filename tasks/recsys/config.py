@@ -185,6 +185,7 @@ class EvaluateRecsys(Strict):
     repeats: Annotated[int, Field(ge=10)]
     candidates: Positive               # items scored per request: latency is one user's request of this size
     ranking_k: Positive                # NDCG@k and Recall@k
+    ranking_users: Positive | None = None   # rank a seeded sample of this many test users (None: every one)
     # a champion of an older vocabulary scores a row with a value it lacks as the mean over this many of its known
     # values of that field (tasks.recsys.family.cold_start_rows); 0: such rows are left out
     cold_start_samples: Annotated[int, Field(ge=0)] = 0

@@ -6,8 +6,9 @@ the test AUC and logloss, NDCG@k and Recall@k (``test_*``: reported and gated, n
 each evaluation window of the test split (``golden_*``, ``recent_*``: ``tasks.recsys.prepare``), stored size, and
 the latency of one request scoring ``candidates`` items for one user (p50 / p95 / p99) with its throughput in
 items/s; plus ratios against the teacher, and the SHA-256 of every ONNX file measured (``sha256``). Ranking
-protocol: for every user with a positive test row, every item the user has no train or validation row for is
-ranked; the user's positive test items are the relevant ones (Recall@k divides the hits by min(k, relevant)).
+protocol: for every user with a positive test row (or a seeded sample of them: ``ranking_users``), every item the
+user has no train or validation row for is ranked; the user's positive test items are the relevant ones (Recall@k
+divides the hits by min(k, relevant)).
 """
 from __future__ import annotations
 
@@ -43,12 +44,15 @@ class Catalog:
 
 
 def ranking(path: Path, catalog: Catalog, interactions: pd.DataFrame, users: pd.DataFrame, items: pd.DataFrame,
-            k: int, threads: int) -> dict[str, float]:
-    """Mean NDCG@k and Recall@k over users with positive test rows (protocol in the module docstring)."""
+            k: int, threads: int, sample: int | None = None) -> dict[str, float]:
+    """Mean NDCG@k and Recall@k over users with positive test rows (protocol in the module docstring); over a
+    seeded ``sample`` of them when given (the same users for every model)."""
     sess = session(path, threads)
     user_index, item_index = pd.Index(users.user_id), pd.Index(items.item_id)
     seen = interactions[interactions.split != "test"].groupby("user_id").item_id.apply(set)
     positives = interactions[(interactions.split == "test") & (interactions.label == 1)].groupby("user_id").item_id.apply(set)
+    if sample is not None and sample < len(positives):
+        positives = positives.iloc[np.sort(np.random.default_rng(0).choice(len(positives), sample, replace=False))]
     discounts, catalog_items = 1 / np.log2(np.arange(2, k + 2)), set(items.item_id)
     ndcg, recall = [], []
     for user_id, relevant in positives.items():
@@ -123,7 +127,7 @@ def evaluate_recsys(cfg: EvaluateRecsys, data_dir: Path, onnx_dir: Path, models:
         results[name] = {**split_quality(path, data_dir, "val", cfg.threads), **score_onnx(path, data_dir, cfg),
                          **file_sizes(path),
                          **ranking(path, catalog, tables["interactions"], tables["users"], tables["items"],
-                                   cfg.ranking_k, cfg.threads),
+                                   cfg.ranking_k, cfg.threads, cfg.ranking_users),
                          "parameters": count_parameters(load_model(models[name]))}
     return results
 

@@ -163,3 +163,32 @@ def test_ages_outside_the_age_groups_reach_validation(synthetic_movielens, tmp_p
     assert {-5, 500} <= set(pd.read_csv(tmp_path / "out" / "users.csv").age)
     report = validate_recsys(load_tables(tmp_path / "out"), cfg)
     assert not report["success"] and "expect_column_values_to_be_between(column=age" in failure_message(report)
+
+
+def test_ranking_a_seeded_sample_of_users_ranks_the_same_users_for_every_model(synthetic_movielens, tmp_path):
+    """``evaluate.recsys.ranking_users`` (the smoke profile's): NDCG and Recall over a seeded sample of the test users
+    with positives, the same sample for each model; a sample as large as all of them is all of them."""
+    import torch
+
+    from tasks.recsys.config import RecArch
+    from tasks.recsys.ctr_onnx import export_ctr_fp32
+    from tasks.recsys.ctr_training import load_ctr_data
+    from tasks.recsys.evaluate import Catalog, ranking
+    from tasks.recsys.models import CtrModel
+
+    _, _, cfg = synthetic_movielens
+    data = tmp_path / "out"
+    prepare_recsys(cfg.data.recsys, data)
+    tables = {name: pd.read_csv(data / f"{name}.csv", dtype={"zip_code": str}) for name in ("interactions", "users", "items")}
+    args = (Catalog(data), tables["interactions"], tables["users"], tables["items"], 5, 1)
+    paths = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        paths.append(export_ctr_fp32(CtrModel(RecArch(dim=4, fm=True, mlp=[8]), **load_ctr_data(data)[3]),
+                                     tmp_path / f"model{seed}.onnx"))
+    every = ranking(paths[0], *args)
+    assert every["ranked_users"] > 6
+    assert ranking(paths[0], *args, sample=every["ranked_users"]) == every
+    sampled = [ranking(path, *args, sample=6) for path in paths]
+    assert [r["ranked_users"] for r in sampled] == [6, 6] and ranking(paths[0], *args, sample=6) == sampled[0]
+    assert sampled[0] != every   # another mean: fewer users
