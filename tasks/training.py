@@ -1,7 +1,7 @@
 """The training loop every family shares: optimizer and schedule from params, the device (``device``: the CPU, or
 CUDA when present), bf16 autocast where the device computes bf16 natively, one optimisation step (gradients
-zeroed, forward with autograd on, backward, update), and ``fit_best``, the loop of the families whose training takes minutes. Image data and the image families' loop with
-per-epoch checkpoints are in ``tasks.image_training``."""
+zeroed, forward with autograd on, backward, update), and ``fit_best``, the loop of the families whose training
+takes minutes. Image data and the image families' loop with per-epoch checkpoints are in ``tasks.image_training``."""
 from __future__ import annotations
 
 import contextlib

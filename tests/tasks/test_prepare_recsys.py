@@ -165,9 +165,11 @@ def test_ages_outside_the_age_groups_reach_validation(synthetic_movielens, tmp_p
     assert not report["success"] and "expect_column_values_to_be_between(column=age" in failure_message(report)
 
 
-def test_ranking_a_seeded_sample_of_users_ranks_the_same_users_for_every_model(synthetic_movielens, tmp_path):
+def test_ranking_a_seeded_sample_of_users_is_reproducible_and_all_of_them_when_as_large(synthetic_movielens,
+                                                                                     tmp_path):
     """``evaluate.recsys.ranking_users`` (the smoke profile's): NDCG and Recall over a seeded sample of the test users
-    with positives, the same sample for each model; a sample as large as all of them is all of them."""
+    with positives, drawn from the test rows alone (so the same users for each model, which the means cannot show);
+    the same sample on every call; a sample as large as all of them is all of them."""
     import torch
 
     from tasks.recsys.config import RecArch
@@ -179,7 +181,8 @@ def test_ranking_a_seeded_sample_of_users_ranks_the_same_users_for_every_model(s
     _, _, cfg = synthetic_movielens
     data = tmp_path / "out"
     prepare_recsys(cfg.data.recsys, data)
-    tables = {name: pd.read_csv(data / f"{name}.csv", dtype={"zip_code": str}) for name in ("interactions", "users", "items")}
+    tables = {name: pd.read_csv(data / f"{name}.csv", dtype={"zip_code": str})
+              for name in ("interactions", "users", "items")}
     args = (Catalog(data), tables["interactions"], tables["users"], tables["items"], 5, 1)
     paths = []
     for seed in (0, 1):

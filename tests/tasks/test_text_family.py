@@ -301,7 +301,8 @@ def _tiny_bert_source(folder, layers: int) -> dict[str, str]:
     arch = BertArch(dim=8, heads=2, layers=layers, ff=16, positions=16, type_vocabulary=2, eps=1e-12)
     torch.manual_seed(1)
     published = BertClassifier(arch, pieces, max_tokens=8, classes=2)
-    weights = {checkpoint_name(k): v.contiguous() for k, v in published.state_dict().items() if not k.startswith("head.")}
+    weights = {checkpoint_name(k): v.contiguous() for k, v in published.state_dict().items()
+               if not k.startswith("head.")}
     folder.mkdir(parents=True)
     files = {"model.safetensors": save(weights), "vocab.txt": "\n".join(pieces).encode(),
              "config.json": json.dumps({"model_type": "bert", "hidden_act": "gelu", "hidden_size": 8,
