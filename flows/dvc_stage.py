@@ -4,6 +4,7 @@ the default remote, and the environment stage processes get (one tracking store,
 """
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -86,10 +87,14 @@ def retry_transient(task: Any, task_run: TaskRun, state: State) -> bool:
 
 
 @task(task_run_name="{stage}", retry_condition_fn=retry_transient)
-def run_stage(stage: str, root: Path, env: dict[str, str], data_docs: bool = False, lock_wait: float = 0.0) -> str:
+def run_stage(stage: str, root: Path, env: dict[str, str], data_docs: bool = False, lock_wait: float = 0.0,
+              unchanged: bool = False) -> str:
     """Reproduce one stage (``lock_wait``: ``run_dvc``'s); return ``cached`` when DVC found it up to date (nothing
     ran), else ``ran``. A stage that renders Great Expectations Data Docs gets a Prefect artifact saying where they
-    are, pass or fail."""
+    are, pass or fail. ``unchanged``: DVC already found it up to date (``changed_stages``), so no DVC process."""
+    if unchanged:
+        stage_logger()(f"Stage '{stage}' didn't change (dvc status), skipping")
+        return "cached"
     try:
         ran = reproduce(stage, root, env, lock_wait=lock_wait)
     except StageFailed:
@@ -129,6 +134,25 @@ def reproduce(stage: str, root: Path, env: dict[str, str], log: bool = True, loc
         raise StageFailed(stage, "\n".join(errors[-40:]) or tail[-2000:],
                           deterministic=f"exited with {EXIT_USER_ERROR}" in tail)
     return ran
+
+
+def changed_stages(root: Path, env: dict[str, str], stages: list[str]) -> set[str]:
+    """Those of ``stages`` that ``dvc status`` finds out of date (a dependency, parameter, command or output differs
+    from dvc.lock, or the stage never ran), from one DVC process: a stage that is not, and that nothing before it
+    in the run reproduces, is up to date without a ``dvc repro`` process of its own (each reads dvc.yaml, dvc.lock
+    and params.yaml again). Every stage when DVC cannot tell (no dvc.lock yet, its lock busy, an error): then each
+    goes through ``dvc repro``, which reports any error itself. (All of the project's stages are asked about: DVC
+    takes several times longer for a list of stages than for all of them.)"""
+    if not (root / "dvc.lock").exists():
+        return set(stages)
+    proc = subprocess.run([sys.executable, "-m", "dvc", "status", "--json"], cwd=root, env=env, check=False,
+                          capture_output=True, text=True, errors="replace")
+    lines = proc.stdout.strip().splitlines()
+    try:
+        report = json.loads(lines[-1]) if proc.returncode == 0 and lines else None
+    except json.JSONDecodeError:
+        report = None
+    return set(stages) if not isinstance(report, dict) else set(stages) & set(report)
 
 
 def stage_env(root: Path, uri: str, parent_run_id: str) -> dict[str, str]:

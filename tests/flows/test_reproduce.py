@@ -64,3 +64,49 @@ def test_a_stage_waits_a_bounded_time_for_a_dvc_lock_another_process_holds(tmp_p
     threading.Timer(2.0, lock.close).start()   # released while the stage waits: it runs
     assert reproduce("talk", root, env, log=False, lock_wait=60) is True
     assert (root / "out.txt").read_text() == "x"
+
+
+@pytest.mark.slow
+def test_dvc_status_names_the_stages_out_of_date_and_every_stage_when_it_cannot_tell(tmp_path):
+    """What the pipeline runs ``dvc repro`` for (``changed_stages``): a stage that never ran, whose dependency
+    changed or whose output is gone; nothing when all are up to date; every stage when DVC cannot tell."""
+    import zc.lockfile
+
+    from flows.dvc_stage import changed_stages
+
+    root = tmp_path / "repo"
+    env = _repo(root, lines=1)
+    (root / "in.txt").write_text("1")
+    (root / "dvc.yaml").write_text(
+        "stages:\n"
+        "  make:\n    cmd: python -c \"open('a.txt', 'w').write(open('in.txt').read())\"\n"
+        "    deps: [in.txt]\n    outs: [a.txt]\n"
+        "  use:\n    cmd: python -c \"open('b.txt', 'w').write(open('a.txt').read() * 2)\"\n"
+        "    deps: [a.txt]\n    outs: [b.txt]\n")
+    both = ["make", "use"]
+    assert changed_stages(root, env, both) == {"make", "use"}   # no dvc.lock: nothing ran yet
+    subprocess.run([sys.executable, "-m", "dvc", "repro", "-q"], cwd=root, env=env, check=True)
+    assert changed_stages(root, env, both) == set()
+    assert changed_stages(root, env, ["use"]) == set()
+    (root / "in.txt").write_text("2")
+    assert changed_stages(root, env, both) == {"make"}   # "use" too, once make has run: the pipeline's part
+    (root / "in.txt").write_text("1")
+    (root / "b.txt").unlink()
+    assert changed_stages(root, env, both) == {"use"}
+    lock = zc.lockfile.LockFile(str(root / ".dvc" / "tmp" / "lock"))
+    try:
+        (root / "b.txt").write_text("11")
+        assert changed_stages(root, env, both) == {"make", "use"}   # DVC's lock busy: every stage is reproduced
+    finally:
+        lock.close()
+    assert changed_stages(root, env, both) == set()
+
+
+def test_dvc_reads_yaml_with_libyamls_parser():
+    """Every DVC command parses dvc.yaml and dvc.lock, and params.yaml once per stage; ruamel.yaml 0.19 made its C
+    parser an optional install, without which a cached ``dvc repro --single-item`` took twice as long."""
+    from dvc.utils.serialize._yaml import parse_yaml
+    from ruamel.yaml import YAML
+
+    assert YAML(typ="safe").Parser.__module__.startswith("ruamel.yaml.clib")
+    assert parse_yaml("a: [1, 2]\n", "x.yaml") == {"a": [1, 2]}
