@@ -1,7 +1,7 @@
 """The compression pipeline as a Prefect flow: one task per stage of dvc.yaml, each run through ``dvc repro``.
 
 Running a stage through DVC keeps one source of truth for caching: a stage whose deps, params and outputs are
-unchanged is skipped by the flow exactly as by ``dvc repro``. (One ``dvc status`` at the start tells which are up to
+unchanged is skipped by the flow exactly as by ``dvc repro``. (DVC, asked once at the start, tells which are up to
 date: such a stage, when nothing before it was reproduced in the run, is skipped without a DVC process of its own.)
 The flow owns the MLflow parent run; each stage process logs a child run under it.
 """
@@ -50,7 +50,7 @@ def compression_pipeline(root: str = ".", families: list[str] | None = None, pro
                 # the weights a warm-started model began from, where flows.restore on another machine finds them
                 stage_logger()(f"warning: {stage}'s output is not on the DVC remote: {unpushed}")
 
-        changed = changed_stages(root_path, env, [s.name for s in stages])
+        changed = changed_stages(root_path, [s.name for s in stages])
         statuses = run_graph(stages, cfg.pipeline.parallel_stages, lambda node, upstream_ran: retrying.submit(
             node.name, root_path, env, DATA_DOCS in {Path(o).name for o in node.outs}, wait,
             unchanged=node.name not in changed and not upstream_ran), finished)

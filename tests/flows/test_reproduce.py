@@ -84,22 +84,22 @@ def test_dvc_status_names_the_stages_out_of_date_and_every_stage_when_it_cannot_
         "  use:\n    cmd: python -c \"open('b.txt', 'w').write(open('a.txt').read() * 2)\"\n"
         "    deps: [a.txt]\n    outs: [b.txt]\n")
     both = ["make", "use"]
-    assert changed_stages(root, env, both) == {"make", "use"}   # no dvc.lock: nothing ran yet
+    assert changed_stages(root, both) == {"make", "use"}   # no dvc.lock: nothing ran yet
     subprocess.run([sys.executable, "-m", "dvc", "repro", "-q"], cwd=root, env=env, check=True)
-    assert changed_stages(root, env, both) == set()
-    assert changed_stages(root, env, ["use"]) == set()
+    assert changed_stages(root, both) == set()
+    assert changed_stages(root, ["use"]) == set()
     (root / "in.txt").write_text("2")
-    assert changed_stages(root, env, both) == {"make"}   # "use" too, once make has run: the pipeline's part
+    assert changed_stages(root, both) == {"make"}   # "use" too, once make has run: the pipeline's part
     (root / "in.txt").write_text("1")
     (root / "b.txt").unlink()
-    assert changed_stages(root, env, both) == {"use"}
+    assert changed_stages(root, both) == {"use"}
     lock = zc.lockfile.LockFile(str(root / ".dvc" / "tmp" / "lock"))
     try:
         (root / "b.txt").write_text("11")
-        assert changed_stages(root, env, both) == {"make", "use"}   # DVC's lock busy: every stage is reproduced
+        assert changed_stages(root, both) == {"make", "use"}   # DVC's lock busy: every stage is reproduced
     finally:
         lock.close()
-    assert changed_stages(root, env, both) == set()
+    assert changed_stages(root, both) == set()
 
 
 def test_dvc_reads_yaml_with_libyamls_parser():
