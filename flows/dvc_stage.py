@@ -11,7 +11,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import get_run_logger, task
 from prefect.client.schemas.objects import TaskRun
@@ -21,6 +21,9 @@ from prefect.states import State
 from flows.run_artifacts import publish_data_docs
 from tasks.errors import EXIT_USER_ERROR, PipelineError
 from tasks.tracking import PARENT_ENV
+
+if TYPE_CHECKING:
+    from flows.stage_graph import StageNode
 
 _TAIL_LINES = 400
 LOCK_BUSY = "Unable to acquire lock"   # what DVC says when another DVC process of the project holds its lock
@@ -90,9 +93,9 @@ def run_stage(stage: str, root: Path, env: dict[str, str], data_docs: bool = Fal
               unchanged: bool = False) -> str:
     """Reproduce one stage (``lock_wait``: ``run_dvc``'s); return ``cached`` when DVC found it up to date (nothing
     ran), else ``ran``. A stage that renders Great Expectations Data Docs gets a Prefect artifact saying where they
-    are, pass or fail. ``unchanged``: DVC already found it up to date (``changed_stages``), so no DVC process."""
+    are, pass or fail. ``unchanged``: DVC found it up to date when the run started (``stale_stages``): no DVC process."""
     if unchanged:
-        stage_logger()(f"Stage '{stage}' didn't change (dvc status), skipping")
+        stage_logger()(f"Stage '{stage}' didn't change (DVC, at the start of the run), skipping")
         return "cached"
     try:
         ran = reproduce(stage, root, env, lock_wait=lock_wait)
@@ -135,12 +138,29 @@ def reproduce(stage: str, root: Path, env: dict[str, str], log: bool = True, loc
     return ran
 
 
+def stale_stages(root: Path, nodes: list[StageNode]) -> set[str]:
+    """The stages of ``nodes`` (graph order) a run reproduces: those DVC finds out of date when it starts
+    (``changed_stages``) and every stage downstream of one of them. The others are up to date without a ``dvc repro``
+    process of their own (each starts DVC and reads dvc.yaml, dvc.lock and params.yaml again). Decided once, up front:
+    a stage's outputs may change even when DVC reports it cached (restored from its run cache), so what follows a
+    stale stage is never skipped."""
+    return below(nodes, changed_stages(root, [n.name for n in nodes]))
+
+
+def below(nodes: list[StageNode], changed: set[str]) -> set[str]:
+    """``changed`` and every stage of ``nodes`` (graph order) that depends on one of them, directly or not."""
+    stale: set[str] = set()
+    for node in nodes:
+        if node.name in changed or stale.intersection(node.upstream):
+            stale.add(node.name)
+    return stale
+
+
 def changed_stages(root: Path, stages: list[str]) -> set[str]:
     """Those of ``stages`` that DVC finds out of date (as ``dvc status`` would: a dependency, parameter, command or
-    output differs from dvc.lock, or the stage never ran), asked once, in this process: a stage that is not, and
-    that nothing before it in the run reproduces, is up to date without a ``dvc repro`` process of its own (each
-    starts DVC and reads dvc.yaml, dvc.lock and params.yaml again). Every stage when DVC cannot tell (no dvc.lock
-    yet, its lock busy, an error): then each goes through ``dvc repro``, which reports any error itself."""
+    output differs from dvc.lock, or the stage never ran), asked in this process. Every stage when DVC cannot tell
+    (no dvc.lock yet, its lock busy, an error; said in the run's log): then each goes through ``dvc repro``, which
+    reports any error itself."""
     if not (root / "dvc.lock").exists():
         return set(stages)
     from dvc.repo import Repo
@@ -150,7 +170,9 @@ def changed_stages(root: Path, stages: list[str]) -> set[str]:
         with Repo(str(root)) as repo, repo.lock:
             found = {s.name: s for s in repo.index.stages if isinstance(s, PipelineStage) and s.name in stages}
             return {name for name in stages if name not in found or found[name].status()}
-    except Exception:  # noqa: BLE001 - DVC cannot tell: every stage is reproduced, and reports its own error
+    except Exception as err:  # noqa: BLE001 - DVC cannot tell: every stage is reproduced, and reports its own error
+        stage_logger()(f"warning: DVC could not tell which stages are up to date ({type(err).__name__}: {err}); "
+                       "every stage goes through dvc repro")
         return set(stages)
 
 

@@ -1,8 +1,10 @@
-"""The compression pipeline as a Prefect flow: one task per stage of dvc.yaml, each run through ``dvc repro``.
+"""The compression pipeline as a Prefect flow: one task per stage of dvc.yaml, each run through ``dvc repro``
+unless DVC found it up to date when the run started.
 
 Running a stage through DVC keeps one source of truth for caching: a stage whose deps, params and outputs are
-unchanged is skipped by the flow exactly as by ``dvc repro``. (DVC, asked once at the start, tells which are up to
-date: such a stage, when nothing before it was reproduced in the run, is skipped without a DVC process of its own.)
+unchanged is skipped by the flow as by ``dvc repro``. DVC is asked once, at the start, which stages are out of date;
+those and every stage downstream of them go through ``dvc repro --single-item``, the others are ``cached`` without a
+DVC process of their own (so a file edited while the run goes on counts from the next run).
 The flow owns the MLflow parent run; each stage process logs a child run under it.
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.futures import PrefectFuture, as_completed
 
-from flows.dvc_stage import changed_stages, push_outputs, retry_transient, run_stage, stage_env, stage_logger
+from flows.dvc_stage import push_outputs, retry_transient, run_stage, stage_env, stage_logger, stale_stages
 from flows.registry_lock import data_lock
 from flows.run_artifacts import flag_degraded_champion, publish_gate, publish_run
 from flows.stage_graph import StageNode, stage_graph
@@ -50,10 +52,10 @@ def compression_pipeline(root: str = ".", families: list[str] | None = None, pro
                 # the weights a warm-started model began from, where flows.restore on another machine finds them
                 stage_logger()(f"warning: {stage}'s output is not on the DVC remote: {unpushed}")
 
-        changed = changed_stages(root_path, [s.name for s in stages])
-        statuses = run_graph(stages, cfg.pipeline.parallel_stages, lambda node, upstream_ran: retrying.submit(
+        stale = stale_stages(root_path, stages)
+        statuses = run_graph(stages, cfg.pipeline.parallel_stages, lambda node: retrying.submit(
             node.name, root_path, env, DATA_DOCS in {Path(o).name for o in node.outs}, wait,
-            unchanged=node.name not in changed and not upstream_ran), finished)
+            unchanged=node.name not in stale), finished)
         parent.set_tags({f"stage.{name}": status for name, status in statuses.items()})
         metrics = collect_metrics(root_path)
         parent.log_metrics(metrics)
@@ -66,12 +68,11 @@ def compression_pipeline(root: str = ".", families: list[str] | None = None, pro
             "gates": gates}
 
 
-def run_graph(stages: list[StageNode], width: int, submit: Callable[[StageNode, bool], PrefectFuture],
+def run_graph(stages: list[StageNode], width: int, submit: Callable[[StageNode], PrefectFuture],
               finished: Callable[[str], None]) -> dict[str, str]:
     """Run ``stages`` (in graph order), at most ``width`` at a time, each once every stage it depends on has
     finished and, unless it is one of them, once every validation stage has (bad data stops a run before any
-    training): ``submit(stage, upstream_ran)``, whether any of those it depends on returned ``ran``;
-    ``finished(stage)`` after each. Return each stage's status. After a failure no stage starts; those
+    training); ``finished(stage)`` after each. Return each stage's status. After a failure no stage starts; those
     running finish, then the first failure is raised. With ``width`` 1 the stages run one by one in graph order."""
     names, checks = {s.name for s in stages}, {s.name for s in stages if s.checks}
     waiting, running, statuses = list(stages), {}, {}
@@ -83,7 +84,7 @@ def run_graph(stages: list[StageNode], width: int, submit: Callable[[StageNode, 
             if ready is None:
                 break
             waiting.remove(ready)
-            running[ready.name] = submit(ready, any(statuses.get(u) == "ran" for u in ready.upstream))
+            running[ready.name] = submit(ready)
         if not running:
             break
         done = next(as_completed(list(running.values())))

@@ -29,7 +29,7 @@ from typing import Any
 from prefect import flow, get_client
 from prefect.futures import as_completed
 
-from flows.dvc_stage import changed_stages, run_stage, stage_env
+from flows.dvc_stage import run_stage, stage_env, stale_stages
 from flows.recipe import run_recipe
 from flows.stage_graph import downstream_of, family_stages, stage_graph
 from flows.sweep_report import best_passing, pareto_front, write_sweep_report
@@ -111,11 +111,9 @@ def recipe_sweep(root: str = ".", family: str | None = None, address: str | None
         parent.set_tags({"sweep.family": family, "sweep.method": sweep.method, "sweep.recipes": str(len(drawn)),
                          "sweep.scheduler": address or sweep.address or f"LocalCluster({workers or sweep.workers})"})
         env = stage_env(root_path, uri, parent.run_id)
-        changed, ran = changed_stages(root_path, [n.name for n in upstream]), set()
+        stale = stale_stages(root_path, upstream)
         for node in upstream:  # data, validation and teacher: once, in the project, exactly as the pipeline runs them
-            if run_stage(node.name, root_path, env,
-                         unchanged=node.name not in changed and not ran.intersection(node.upstream)) == "ran":
-                ran.add(node.name)
+            run_stage(node.name, root_path, env, unchanged=node.name not in stale)
         start = time.perf_counter()
         with this_prefect_api_for_workers():
             outcomes = fan_out.with_options(task_runner=dask_runner(sweep, address, workers))(

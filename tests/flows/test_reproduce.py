@@ -67,12 +67,14 @@ def test_a_stage_waits_a_bounded_time_for_a_dvc_lock_another_process_holds(tmp_p
 
 
 @pytest.mark.slow
-def test_dvc_status_names_the_stages_out_of_date_and_every_stage_when_it_cannot_tell(tmp_path):
-    """What the pipeline runs ``dvc repro`` for (``changed_stages``): a stage that never ran, whose dependency
-    changed or whose output is gone; nothing when all are up to date; every stage when DVC cannot tell."""
+def test_a_run_reproduces_what_dvc_finds_out_of_date_and_everything_below_it(tmp_path):
+    """What the pipeline runs ``dvc repro`` for (``stale_stages``): a stage that never ran, whose dependency changed
+    or whose output is gone, and every stage after it (its outputs may change even when DVC restores them from its
+    run cache and calls it cached); nothing when all are up to date; every stage when DVC cannot tell."""
     import zc.lockfile
 
-    from flows.dvc_stage import changed_stages
+    from flows.dvc_stage import changed_stages, stale_stages
+    from flows.stage_graph import StageNode
 
     root = tmp_path / "repo"
     env = _repo(root, lines=1)
@@ -83,23 +85,36 @@ def test_dvc_status_names_the_stages_out_of_date_and_every_stage_when_it_cannot_
         "    deps: [in.txt]\n    outs: [a.txt]\n"
         "  use:\n    cmd: python -c \"open('b.txt', 'w').write(open('a.txt').read() * 2)\"\n"
         "    deps: [a.txt]\n    outs: [b.txt]\n")
-    both = ["make", "use"]
-    assert changed_stages(root, both) == {"make", "use"}   # no dvc.lock: nothing ran yet
+    nodes = [StageNode("make", ()), StageNode("use", ("make",))]
+    assert stale_stages(root, nodes) == {"make", "use"}   # no dvc.lock: nothing ran yet
     subprocess.run([sys.executable, "-m", "dvc", "repro", "-q"], cwd=root, env=env, check=True)
-    assert changed_stages(root, both) == set()
-    assert changed_stages(root, ["use"]) == set()
+    assert stale_stages(root, nodes) == set()
     (root / "in.txt").write_text("2")
-    assert changed_stages(root, both) == {"make"}   # "use" too, once make has run: the pipeline's part
+    assert changed_stages(root, ["make", "use"]) == {"make"}   # DVC sees "use" change only once "make" has run
+    assert stale_stages(root, nodes) == {"make", "use"}
     (root / "in.txt").write_text("1")
     (root / "b.txt").unlink()
-    assert changed_stages(root, both) == {"use"}
+    assert stale_stages(root, nodes) == {"use"}
     lock = zc.lockfile.LockFile(str(root / ".dvc" / "tmp" / "lock"))
     try:
         (root / "b.txt").write_text("11")
-        assert changed_stages(root, both) == {"make", "use"}   # DVC's lock busy: every stage is reproduced
+        assert stale_stages(root, nodes) == {"make", "use"}   # DVC's lock busy: every stage is reproduced
     finally:
         lock.close()
-    assert changed_stages(root, both) == set()
+    assert stale_stages(root, nodes) == set()
+
+
+def test_below_a_changed_stage_every_stage_that_depends_on_it_is_stale():
+    """Directly or not, and whichever other stage it also depends on."""
+    from flows.dvc_stage import below
+    from flows.stage_graph import StageNode
+
+    nodes = [StageNode("a", ()), StageNode("b", ()), StageNode("c", ("a",)), StageNode("d", ("b", "c")),
+             StageNode("e", ("b",)), StageNode("f", ("d",))]
+    assert below(nodes, {"a"}) == {"a", "c", "d", "f"}
+    assert below(nodes, {"b"}) == {"b", "d", "e", "f"}
+    assert below(nodes, {"e", "f"}) == {"e", "f"}
+    assert below(nodes, set()) == set()
 
 
 def test_dvc_reads_yaml_with_libyamls_parser():

@@ -18,16 +18,14 @@ GRAPH = [StageNode("validate_a", (), checks=True), StageNode("validate_b", (), c
 
 
 class Log:
-    def __init__(self, meet: set[str] = frozenset(), cached: set[str] = frozenset()) -> None:
+    def __init__(self, meet: set[str] = frozenset()) -> None:
         self.lock, self.started, self.done, self.seen = threading.Lock(), [], [], {}
-        self.cached, self.upstream_ran = cached, {}   # these stages return "cached"; what each was told
         self.met = {}
         self.meet = meet   # these stages wait (at most 10 s) until all of them have started
         self.barrier = threading.Barrier(len(meet)) if meet else None
 
-    def run(self, name: str, fail: str | None, upstream_ran: bool) -> str:
+    def run(self, name: str, fail: str | None) -> str:
         with self.lock:
-            self.upstream_ran[name] = upstream_ran
             self.started.append(name)
             self.seen[name] = set(self.done)   # what had finished when it started
         if name in self.meet:
@@ -40,22 +38,21 @@ class Log:
             raise RuntimeError(f"{name} failed")
         with self.lock:
             self.done.append(name)
-        return "cached" if name in self.cached else "ran"
+        return "ran"
 
 
 LOGS: dict[str, Log] = {}   # by test: the flow's and tasks' parameters stay plain strings
 
 
 @task(task_run_name="{name}", cache_policy=NO_CACHE)
-def fake_stage(log: str, name: str, fail: str | None, upstream_ran: bool) -> str:
-    return LOGS[log].run(name, fail, upstream_ran)
+def fake_stage(log: str, name: str, fail: str | None) -> str:
+    return LOGS[log].run(name, fail)
 
 
 @flow
 def graph_flow(log: str, width: int, fail: str | None = None) -> dict:
     after: list[str] = []
-    return {"statuses": run_graph(GRAPH, width, lambda node, ran: fake_stage.submit(log, node.name, fail, ran),
-                                     after.append),
+    return {"statuses": run_graph(GRAPH, width, lambda node: fake_stage.submit(log, node.name, fail), after.append),
             "finished": after}
 
 
@@ -81,17 +78,6 @@ def test_one_at_a_time_runs_the_stages_in_graph_order(prefect_server):
     out = _run(log, 1)
     assert log.started == [n.name for n in GRAPH] and out["finished"] == log.started
     assert out["statuses"] == {n.name: "ran" for n in GRAPH}
-
-
-def test_each_stage_is_told_whether_a_stage_it_depends_on_ran(prefect_server):
-    """What lets the pipeline skip ``dvc repro`` for a stage ``dvc status`` found up to date: only while nothing it
-    depends on was reproduced in this run (a stage after a cached one was not)."""
-    log = Log(cached={"validate_a", "train_a"})
-    out = _run(log, 1)
-    assert log.upstream_ran == {"validate_a": False, "validate_b": False, "train_a": False, "train_b": True,
-                                "export_a": False}
-    assert out["statuses"] == {"validate_a": "cached", "validate_b": "ran", "train_a": "cached", "train_b": "ran",
-                               "export_a": "ran"}
 
 
 def test_two_at_a_time_runs_independent_stages_together_and_keeps_the_order_that_matters(prefect_server):
