@@ -32,8 +32,14 @@ def make_optimizer(model: nn.Module, cfg: Optimizer) -> torch.optim.Optimizer:
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: Schedule, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
     if cfg.name == "onecycle":
+        pct = max(cfg.warmup_fraction, 0.01)
+        if math.isclose(pct * total_steps, 1.0):
+            # a warm-up of exactly one step: torch's first phase would end on the step it starts at and divide by
+            # zero there (e.g. 0.25 of 4 steps: one epoch of 400 images in batches of 128); a hair longer, it is
+            # the one-step warm-up meant (the first step at the start rate, the second at the peak)
+            pct *= 1 + 1e-6
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
-                                                   total_steps=total_steps, pct_start=max(cfg.warmup_fraction, 0.01))
+                                                   total_steps=total_steps, pct_start=pct)
     if cfg.name == "cosine":
         warm = max(1, int(cfg.warmup_fraction * total_steps))
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(

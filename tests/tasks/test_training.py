@@ -102,3 +102,19 @@ def test_checkpoint_of_other_params_is_not_resumed(tmp_path, capsys):
     save_checkpoint(path, {"history": []}, "fp-a")
     assert load_checkpoint(path, "fp-b") is None
     assert "other params or data" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("warmup,steps", [(0.25, 4), (0.5, 2), (0.1, 10), (0.3, 3)])
+def test_a_one_step_warm_up_schedules_instead_of_dividing_by_zero(warmup, steps):
+    """Before: one epoch of 400 images in batches of 128 (4 steps) with the vision teacher's 0.25 warm-up made
+    torch's OneCycleLR divide by zero as the stage built it, a crash the user could read nothing from."""
+    from tasks.training import make_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = make_scheduler(opt, Schedule(name="onecycle", warmup_fraction=warmup), steps)
+    rates = [opt.param_groups[0]["lr"]]
+    for _ in range(steps - 1):
+        opt.step()
+        sched.step()
+        rates.append(opt.param_groups[0]["lr"])
+    assert all(0 < rate <= 0.1 for rate in rates) and rates[-1] == min(rates)   # up to the peak at most, then down
