@@ -19,6 +19,7 @@ from prefect.exceptions import MissingContextError
 from prefect.states import State
 
 from flows.run_artifacts import publish_data_docs
+from flows.stage_graph import below
 from tasks.errors import EXIT_USER_ERROR, PipelineError
 from tasks.tracking import PARENT_ENV
 
@@ -145,15 +146,6 @@ def stale_stages(root: Path, nodes: list[StageNode]) -> set[str]:
     a stage's outputs may change even when DVC reports it cached (restored from its run cache), so what follows a
     stale stage is never skipped."""
     return below(nodes, changed_stages(root, [n.name for n in nodes]))
-
-
-def below(nodes: list[StageNode], changed: set[str]) -> set[str]:
-    """``changed`` and every stage of ``nodes`` (graph order) that depends on one of them, directly or not."""
-    stale: set[str] = set()
-    for node in nodes:
-        if node.name in changed or stale.intersection(node.upstream):
-            stale.add(node.name)
-    return stale
 
 
 def changed_stages(root: Path, stages: list[str]) -> set[str]:

@@ -69,13 +69,19 @@ def family_stages(nodes: list[StageNode], family: str) -> list[StageNode]:
     return [n for n in nodes if n.family == family]
 
 
+def below(nodes: list[StageNode], changed: set[str]) -> set[str]:
+    """``changed`` and every stage of ``nodes`` (graph order) that depends on one of them, directly or not."""
+    stale: set[str] = set()
+    for node in nodes:  # graph order: a stage comes after everything it depends on
+        if node.name in changed or stale.intersection(node.upstream):
+            stale.add(node.name)
+    return stale
+
+
 def downstream_of(nodes: list[StageNode], stage: str) -> list[StageNode]:
     """Every stage that depends, directly or not, on ``stage``, in graph order."""
-    below = {stage}
-    for node in nodes:  # graph order: a stage comes after everything it depends on
-        if below.intersection(node.upstream):
-            below.add(node.name)
-    return [n for n in nodes if n.name in below and n.name != stage]
+    found = below(nodes, {stage}) - {stage}
+    return [n for n in nodes if n.name in found]
 
 
 def mermaid(nodes: list[StageNode]) -> str:

@@ -106,8 +106,7 @@ def test_a_run_reproduces_what_dvc_finds_out_of_date_and_everything_below_it(tmp
 
 def test_below_a_changed_stage_every_stage_that_depends_on_it_is_stale():
     """Directly or not, and whichever other stage it also depends on."""
-    from flows.dvc_stage import below
-    from flows.stage_graph import StageNode
+    from flows.stage_graph import StageNode, below
 
     nodes = [StageNode("a", ()), StageNode("b", ()), StageNode("c", ("a",)), StageNode("d", ("b", "c")),
              StageNode("e", ("b",)), StageNode("f", ("d",))]
