@@ -31,6 +31,7 @@ from prefect.futures import as_completed
 
 from flows.dvc_stage import run_stage, stage_env, stale_stages
 from flows.recipe import run_recipe
+from flows.registry_lock import data_lock
 from flows.stage_graph import downstream_of, family_stages, stage_graph
 from flows.sweep_report import best_passing, pareto_front, write_sweep_report
 from tasks.config import SweepConfig, load_config
@@ -107,7 +108,10 @@ def recipe_sweep(root: str = ".", family: str | None = None, address: str | None
     nodes = family_stages(stage_graph(root_path), family)
     below = downstream_of(nodes, f"train_teacher_{family}")
     upstream = [n for n in nodes if n not in below]
-    with pipeline_run(cfg, f"sweep-{family}", root_path) as parent:
+    # the family's data lock, as a pipeline run holds it, until the last recipe ends: the upstream stages read its
+    # raw snapshot and every recipe links their outputs (flows.recipe.link_outputs) when it starts
+    with data_lock(root_path, [family], cfg.pipeline.data_lock_timeout_seconds), \
+            pipeline_run(cfg, f"sweep-{family}", root_path) as parent:
         parent.set_tags({"sweep.family": family, "sweep.method": sweep.method, "sweep.recipes": str(len(drawn)),
                          "sweep.scheduler": address or sweep.address or f"LocalCluster({workers or sweep.workers})"})
         env = stage_env(root_path, uri, parent.run_id)

@@ -199,3 +199,20 @@ def test_which_recipes_may_be_chosen_is_decided_on_validation_scores(raw_params)
                              "student_int8": scores(0.858, 0.79)}}   # fine on validation, below the floor on test
     assert all(c.passed for c in gate_checks(evaluation, None, gate, load_family("recsys").gate, split="val"))
     assert not all(c.passed for c in gate_checks(evaluation, None, gate, load_family("recsys").gate))
+
+
+@pytest.mark.fault("data", "a sweep started while an ingestion (or a pipeline run) holds the family's data",
+                   "the sweep waits for the family's data lock, as a pipeline run does, and gives up after "
+                   "pipeline.data_lock_timeout_seconds naming the lock, before any stage or MLflow run starts")
+def test_a_sweep_takes_the_familys_data_lock_before_it_runs_a_stage(prefect_server, tmp_path):
+    """Before: the sweep ran the family's upstream stages (its raw snapshot in) and its recipes on their outputs
+    holding no lock, so an ingestion could change the data under it."""
+    from flows.registry_lock import RegistryBusy, data_lock
+    from flows.sweep import recipe_sweep
+
+    project = copy_project(tmp_path / "project", {"pipeline.data_lock_timeout_seconds": 1})
+    with data_lock(project, ["recsys"], timeout_seconds=60), \
+            pytest.raises(RegistryBusy, match=r"recsys data was held by another run"):   # an ingestion, say
+        recipe_sweep.fn(root=str(project), family="recsys", register_best=False)
+    assert sorted(p.name for p in project.iterdir() if p.name not in {".git", ".cache"}) == sorted(
+        ["tasks", "flows", "dvc.yaml", "params.yaml", "prefect.yaml", ".dvc", ".dvcignore", ".gitignore"])
