@@ -22,16 +22,14 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import great_expectations as gx
 import numpy as np
 import pandas as pd
 
 from tasks.errors import DataFormatError
-from tasks.expectations import suite
+from tasks.expectations import expectation_types, suite
 from tasks.images.batches import PARTS, Images, combine, read_batch, rows, write_batch
 from tasks.intake import Intake, Suites, jensen_shannon, linf, shares
 
-E = gx.expectations
 INK_LEVEL = 25        # a pixel brighter than this (of 255) is ink, not background
 MEAN_BINS = np.linspace(0.0, 255.0, 33)
 INK_BINS = np.linspace(0.0, 1.0, 21)
@@ -86,6 +84,7 @@ def contract(family: str, batch: Images, accepted: Images | None, cfg: Any) -> S
     """The batch against the accepted images: class set and names, image shape, repeated images (never a copy of a
     test image), and — after the first batch — training images only (the golden test set stays fixed); a first
     batch brings a test part and more training images than validation takes."""
+    E = expectation_types()
     spec, data = settings(family, cfg), cfg.block("data", family)
     classes = (accepted or {}).get("classes") or batch.get("classes") or (
         data.class_names if data.image_folder is None else None)
@@ -167,6 +166,7 @@ def drift_stats(family: str, batch: Images, accepted: Images, cfg: Any) -> dict[
 
 def drift(family: str, batch: Images, accepted: Images, cfg: Any) -> tuple[dict[str, float], Suites]:
     """The batch's distances from the accepted images, and the suite that holds each under its threshold."""
+    E = expectation_types()
     limits = settings(family, cfg).drift
     stats = drift_stats(family, batch, accepted, cfg)
     frame = pd.DataFrame({name: [value] for name, value in stats.items()})

@@ -15,17 +15,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import great_expectations as gx
 import numpy as np
 import pandas as pd
 
 from tasks.errors import DataFormatError
-from tasks.expectations import suite
+from tasks.expectations import expectation_types, suite
 from tasks.intake import Intake, Suites, Tables, jensen_shannon, linf, shares
 from tasks.io import write_atomic
 from tasks.recsys.movielens import GENRES, acquire, typed
 
-E = gx.expectations
 COLUMNS = {"ratings": ["user_id", "item_id", "rating", "timestamp"],
            "users": ["user_id", "age", "gender", "occupation", "zip_code"],
            "items": ["item_id", "release_year", "genres"]}
@@ -118,6 +116,7 @@ def _changed(frame: pd.DataFrame, accepted: pd.DataFrame | None, key: str) -> np
 
 def contract(batch: Tables, accepted: Tables | None, cfg: Any) -> Suites:
     """The batch against the schema and the accepted data: values in range, labels, references, duplicates."""
+    E = expectation_types()
     spec = settings(cfg)
     ratings, users, items = batch["ratings"], batch["users"], batch["items"]
     known_users = set(users.user_id.tolist()) | set(accepted["users"].user_id.tolist() if accepted else [])
@@ -197,6 +196,7 @@ def drift_stats(batch: Tables, accepted: Tables, cfg: Any) -> dict[str, float]:
 
 def drift(batch: Tables, accepted: Tables, cfg: Any) -> tuple[dict[str, float], Suites]:
     """The batch's distances from the accepted data, and the suite that holds each under its threshold."""
+    E = expectation_types()
     limits = settings(cfg).drift
     stats = drift_stats(batch, accepted, cfg)
     bound = {name: getattr(limits, name) for name in stats}
