@@ -236,9 +236,10 @@ def image_families(cfg: Config) -> list[str]:
     return [name for name in cfg.families if isinstance(cfg.block("distill", name), DistillImages)]
 
 
-def ablation_recipes(cfg: Config, seed: int, family: str) -> dict[str, TrainingRecipe]:
+def ablation_recipes(cfg: Config, seed: int, family: str, resolve: bool = True) -> dict[str, TrainingRecipe]:
     """The stage recipes of ``family``'s ablation for one seed: ``<stage>.<family>`` with
-    ``ablation.<family>.<stage>`` merged over it (validated as strictly as params.yaml itself)."""
+    ``ablation.<family>.<stage>`` merged over it (validated as strictly as params.yaml itself), the distillation
+    recipe ``resolved`` for this machine unless not ``resolve`` (params' check at load: that imports PyTorch)."""
     from tasks.config import deep_merge
 
     recipes: dict[str, TrainingRecipe] = {}
@@ -248,7 +249,7 @@ def ablation_recipes(cfg: Config, seed: int, family: str) -> dict[str, TrainingR
         merged = deep_merge(base, {**getattr(cfg.block("ablation", family), stage), "seed": seed})
         try:
             recipes[stage] = model.model_validate(merged)
-            if isinstance(recipes[stage], DistillImages):
+            if resolve and isinstance(recipes[stage], DistillImages):
                 recipes[stage] = recipes[stage].resolved()
         except ValidationError as err:
             problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
@@ -260,7 +261,7 @@ def check(cfg: Config, family: str) -> None:
     """What no single section of ``family`` can check: the ablation's overrides, QAT's float modules, the feature
     pairs."""
     if cfg.ablation is not None and (ablation := getattr(cfg.ablation, family, None)) is not None:
-        ablation_recipes(cfg, ablation.seeds[0], family)
+        ablation_recipes(cfg, ablation.seeds[0], family, resolve=False)
     kd, qat, teacher = (cfg.block(key, family) for key in ("distill", "qat", "teacher"))
     blocks = len(kd.student.widths)
     for i, name in enumerate(qat.float_modules):
