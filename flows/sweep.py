@@ -22,7 +22,7 @@ import os
 import random
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -108,35 +108,39 @@ def recipe_sweep(root: str = ".", family: str | None = None, address: str | None
     nodes = family_stages(stage_graph(root_path), family)
     below = downstream_of(nodes, f"train_teacher_{family}")
     upstream = [n for n in nodes if n not in below]
-    # the family's data lock, as a pipeline run holds it, until the last recipe ends: the upstream stages read its
-    # raw snapshot and every recipe links their outputs (flows.recipe.link_outputs) when it starts
-    with data_lock(root_path, [family], cfg.pipeline.data_lock_timeout_seconds), \
-            pipeline_run(cfg, f"sweep-{family}", root_path) as parent:
-        parent.set_tags({"sweep.family": family, "sweep.method": sweep.method, "sweep.recipes": str(len(drawn)),
-                         "sweep.scheduler": address or sweep.address or f"LocalCluster({workers or sweep.workers})"})
-        env = stage_env(root_path, uri, parent.run_id)
-        stale = stale_stages(root_path, upstream)
-        for node in upstream:  # data, validation and teacher: once, in the project, exactly as the pipeline runs them
-            run_stage(node.name, root_path, env, unchanged=node.name not in stale)
-        start = time.perf_counter()
-        with this_prefect_api_for_workers():
-            outcomes = fan_out.with_options(task_runner=dask_runner(sweep, address, workers))(
-                drawn, family, str(root_path), str(root_path / sweep.work_dir / parent.run_id), uri, parent.run_id,
-                [o for n in upstream for o in n.outs], [n.name for n in below], sweep.threads_per_worker,
-                cfg.pipeline.retry_delays(sweep.recipe_retries))
-        seconds = time.perf_counter() - start
-        metric = cfg.block("gate", family).metric
-        ok = [o for o in outcomes if o["status"] == "ok"]
-        front = pareto_front(ok, metric)
-        best = best_passing(outcomes, metric)
-        files = write_sweep_report(root_path / "reports" / "sweep" / family, outcomes, front, best, metric,
-                                   {"family": family, "recipes": len(drawn), "seconds": seconds})
-        for path in files:
-            parent.log_artifact(path, "sweep")
-        parent.log_metrics({"sweep.recipes_ok": len(ok), "sweep.recipes_failed": len(outcomes) - len(ok),
-                            "sweep.seconds": seconds, "sweep.pareto_size": len(front)})
-        registered = _register(best, family, root_path, uri, parent.run_id) if register_best and best else None
-        parent.set_tag("sweep.registered", json.dumps(registered) if registered else "none")
+    # the family's data lock, as a pipeline run holds it, from before its MLflow run (a busy lock starts nothing)
+    # until the last recipe ended: the upstream stages read the raw snapshot and every recipe links their outputs
+    # (flows.recipe.link_outputs) when it starts; the report and the registration read only the recipes' copies
+    with ExitStack() as data_held:
+        data_held.enter_context(data_lock(root_path, [family], cfg.pipeline.data_lock_timeout_seconds))
+        with pipeline_run(cfg, f"sweep-{family}", root_path) as parent:
+            scheduler = address or sweep.address or f"LocalCluster({workers or sweep.workers})"
+            parent.set_tags({"sweep.family": family, "sweep.method": sweep.method, "sweep.recipes": str(len(drawn)),
+                             "sweep.scheduler": scheduler})
+            env = stage_env(root_path, uri, parent.run_id)
+            stale = stale_stages(root_path, upstream)
+            for node in upstream:  # data, validation and teacher: once, in the project, as the pipeline runs them
+                run_stage(node.name, root_path, env, unchanged=node.name not in stale)
+            start = time.perf_counter()
+            with this_prefect_api_for_workers():
+                outcomes = fan_out.with_options(task_runner=dask_runner(sweep, address, workers))(
+                    drawn, family, str(root_path), str(root_path / sweep.work_dir / parent.run_id), uri, parent.run_id,
+                    [o for n in upstream for o in n.outs], [n.name for n in below], sweep.threads_per_worker,
+                    cfg.pipeline.retry_delays(sweep.recipe_retries))
+            seconds = time.perf_counter() - start
+            data_held.close()   # ingestion and pipeline runs may change the family's data again
+            metric = cfg.block("gate", family).metric
+            ok = [o for o in outcomes if o["status"] == "ok"]
+            front = pareto_front(ok, metric)
+            best = best_passing(outcomes, metric)
+            files = write_sweep_report(root_path / "reports" / "sweep" / family, outcomes, front, best, metric,
+                                       {"family": family, "recipes": len(drawn), "seconds": seconds})
+            for path in files:
+                parent.log_artifact(path, "sweep")
+            parent.log_metrics({"sweep.recipes_ok": len(ok), "sweep.recipes_failed": len(outcomes) - len(ok),
+                                "sweep.seconds": seconds, "sweep.pareto_size": len(front)})
+            registered = _register(best, family, root_path, uri, parent.run_id) if register_best and best else None
+            parent.set_tag("sweep.registered", json.dumps(registered) if registered else "none")
     return {"sweep_run_id": parent.run_id, "family": family, "outcomes": outcomes, "pareto": front,
             "best": best, "registered": registered, "recipes_seconds": seconds, "tracking_uri": redact(uri)}
 

@@ -204,15 +204,19 @@ def test_which_recipes_may_be_chosen_is_decided_on_validation_scores(raw_params)
 @pytest.mark.fault("data", "a sweep started while an ingestion (or a pipeline run) holds the family's data",
                    "the sweep waits for the family's data lock, as a pipeline run does, and gives up after "
                    "pipeline.data_lock_timeout_seconds naming the lock, before any stage or MLflow run starts")
-def test_a_sweep_takes_the_familys_data_lock_before_it_runs_a_stage(prefect_server, tmp_path):
+def test_a_sweep_takes_the_familys_data_lock_before_it_runs_a_stage(prefect_server, tmp_path, monkeypatch):
     """Before: the sweep ran the family's upstream stages (its raw snapshot in) and its recipes on their outputs
     holding no lock, so an ingestion could change the data under it."""
     from flows.registry_lock import RegistryBusy, data_lock
     from flows.sweep import recipe_sweep
 
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)   # the project's own store: mlflow.db in it
     project = copy_project(tmp_path / "project", {"pipeline.data_lock_timeout_seconds": 1})
+    listing = lambda: sorted(p.relative_to(project) for p in project.rglob("*")   # DVC's own state (.dvc/tmp) aside
+                             if not {".git", ".cache", ".dvc"} & set(p.relative_to(project).parts))
+    before = listing()
     with data_lock(project, ["recsys"], timeout_seconds=60), \
             pytest.raises(RegistryBusy, match=r"recsys data was held by another run"):   # an ingestion, say
         recipe_sweep.fn(root=str(project), family="recsys", register_best=False)
-    assert sorted(p.name for p in project.iterdir() if p.name not in {".git", ".cache"}) == sorted(
-        ["tasks", "flows", "dvc.yaml", "params.yaml", "prefect.yaml", ".dvc", ".dvcignore", ".gitignore"])
+    # no stage ran and no MLflow store was opened: nothing was written into the project (no data, dvc.lock, mlflow.db)
+    assert listing() == before
