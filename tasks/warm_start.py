@@ -95,8 +95,6 @@ def warm_start(cfg: Any, family: str, snapshot: Path, data: Path, out: Path, ada
     """Write the plan and the champion's adapted weights into ``out``; return the plan. ``previous``: the plan this
     stage wrote last; on the same snapshot under the same policy it keeps that plan's champion (a re-run for a code
     or params change starts where the first run of this data version did, not from a model of this very data)."""
-    import torch
-
     spec: WarmStart = cfg.block("warm_start", family)
     versions, digest = len(read(snapshot)["batches"]), file_digest(snapshot / MANIFEST)
     out.mkdir(parents=True, exist_ok=True)
@@ -113,6 +111,8 @@ def warm_start(cfg: Any, family: str, snapshot: Path, data: Path, out: Path, ada
         for role, file in FILES.items():
             if plan[role] == "scratch" or found is None:
                 continue
+            import torch  # here: a stage that starts from scratch (the default policy) never needs it
+
             blob = torch.load(found[1] / file, map_location="cpu", weights_only=True)
             fitted = adapt(blob, found[1], data) if adapt else blob
             if fitted is None:

@@ -6,19 +6,22 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from tasks.errors import run_cli
 from tasks.recsys.prepare import ENCODING, FIELDS, VOCABULARY
 from tasks.warm_start import stage_main
+
+if TYPE_CHECKING:
+    import torch
 
 ROW_TABLES = ("embedding.weight", "linear.weight")   # one row per vocabulary entry, fields in FIELDS order
 
 
 def carried_rows(table: torch.Tensor, theirs: dict[str, list], ours: dict[str, list]) -> torch.Tensor:
     """``table``'s rows (the champion's vocabulary ``theirs``) in the order of vocabulary ``ours``."""
+    import torch  # here: the stage imports this module, and starts from scratch (the default) without PyTorch
+
     parts, offset = [], 0
     for name in FIELDS:
         old = table[offset: offset + len(theirs[name])]
