@@ -79,7 +79,7 @@ def below(nodes: list[StageNode], changed: set[str]) -> set[str]:
 
 
 def downstream_of(nodes: list[StageNode], stage: str) -> list[StageNode]:
-    """Every stage that depends, directly or not, on ``stage``, in graph order."""
+    """Every stage of ``nodes`` that depends, directly or not, on ``stage`` (one of them), in graph order."""
     found = below(nodes, {stage}) - {stage}
     return [n for n in nodes if n.name in found]
 

@@ -100,7 +100,8 @@ def test_reading_params_imports_no_pytorch():
     import sys
 
     probe = ("import sys\nfrom tasks.config import load_config\ncfg = load_config('params.yaml')\n"
-             "assert cfg.ablation is not None\nprint(sorted(m for m in ('torch', 'onnxruntime') if m in sys.modules))")
+             "assert cfg.ablation is not None and any(getattr(cfg.block('distill', f), 'teacher_runtime', None) "
+             "== 'auto' for f in cfg.families)\nprint(sorted(m for m in ('torch', 'onnxruntime') if m in sys.modules))")
     found = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     assert found.stdout.strip() == "[]"
 

@@ -10,6 +10,8 @@ from tasks.tracking import PARENT_ENV, pipeline_run, stage_run
 
 
 def test_stage_runs_nest_under_the_pipeline_run(config, mlflow_uri, tmp_path, monkeypatch):
+    import torch  # a stage that computes with PyTorch (it imported it) records the host's facts below
+
     monkeypatch.chdir(tmp_path)
     with pipeline_run(config, "pipeline", tmp_path) as parent:
         monkeypatch.setenv(PARENT_ENV, parent.run_id)
@@ -21,8 +23,6 @@ def test_stage_runs_nest_under_the_pipeline_run(config, mlflow_uri, tmp_path, mo
     assert run.data.params["data.vision.val_size"] == "5000"
     assert len(run.data.tags["params.hash"]) == 64 and run.data.tags["git.commit"]
     # the machine facts that change a stage's arithmetic (bf16 autocast, teacher_runtime: auto)
-    import torch
-
     from tasks.hardware import native_bf16
 
     assert run.data.tags["host.cpu_capability"] == torch.backends.cpu.get_cpu_capability()
