@@ -73,6 +73,17 @@ def smoke_config(raw_params) -> Config:
     return parse_config({**raw_params, "profile": "smoke"})
 
 
+def imported_by(code: str, watched: tuple[str, ...]) -> list[str]:
+    """Which of the ``watched`` modules ``code`` imports, run in a fresh interpreter in the project (this process
+    has imported most of them long ago)."""
+    import subprocess
+    import sys
+
+    probe = f"import sys\n{code}\nprint(','.join(m for m in {watched!r} if m in sys.modules))"
+    found = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
+    return [m for m in found.stdout.strip().split(",") if m]
+
+
 def idx_bytes(arr: np.ndarray) -> bytes:
     """Encode a uint8 array in the IDX format."""
     header = bytes([0, 0, 0x08, arr.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in arr.shape)

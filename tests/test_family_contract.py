@@ -122,14 +122,10 @@ def test_stages_that_only_read_a_familys_data_import_neither_great_expectations_
     family paid for Great Expectations for nothing while the intakes imported it at the top (9 s to start
     ``snapshot_recsys``, 1.4 s now), and the recommender's warm-start stage for PyTorch though it starts from
     scratch by default (``warm_start.<family>.policy``) and needs it only to adapt a champion."""
-    import subprocess
-    import sys
+    from tests.conftest import imported_by
 
     families = load_config(ROOT / "params.yaml").families
     modules = [f"tasks.{f}.{m}" for f in families for m in ("snapshot", "prepare", "intake", "warm_start")
                if (ROOT / "tasks" / f / f"{m}.py").is_file()]
     assert any(m.endswith(".intake") for m in modules) and any(m.endswith(".warm_start") for m in modules)
-    probe = (f"import sys\nfor m in {modules!r}:\n    __import__(m)\n"
-             "print(sorted(m for m in ('great_expectations', 'torch') if m in sys.modules))")
-    found = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert found.stdout.strip() == "[]", f"{modules} import {found.stdout.strip()}"
+    assert imported_by(f"for m in {modules!r}:\n    __import__(m)", ("great_expectations", "torch")) == [], modules

@@ -1,13 +1,10 @@
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from tasks.config import load_config, parse_config
 from tasks.errors import ConfigError
-
-ROOT = Path(__file__).resolve().parents[2]
+from tests.conftest import imported_by
 
 
 def test_repo_params_load_in_both_profiles(config, smoke_config):
@@ -96,14 +93,10 @@ def test_ablation_recipes_merge_overrides_and_seed(config):
 def test_reading_params_imports_no_pytorch():
     """Before: params' check of the ablation blocks resolved teacher_runtime ``auto``, which asks PyTorch about the
     CPU: every process that read params.yaml (each stage, the flows, the CLI commands) imported torch (~3 s)."""
-    import subprocess
-    import sys
-
-    probe = ("import sys\nfrom tasks.config import load_config\ncfg = load_config('params.yaml')\n"
+    loads = ("from tasks.config import load_config\ncfg = load_config('params.yaml')\n"
              "assert cfg.ablation is not None and any(getattr(cfg.block('distill', f), 'teacher_runtime', None) "
-             "== 'auto' for f in cfg.families)\nprint(sorted(m for m in ('torch', 'onnxruntime') if m in sys.modules))")
-    found = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert found.stdout.strip() == "[]"
+             "== 'auto' for f in cfg.families)")
+    assert imported_by(loads, ("torch", "onnxruntime")) == []
 
 
 @pytest.mark.parametrize("override,pattern", [
