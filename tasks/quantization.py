@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 import torch
 from torch import nn
@@ -79,13 +80,30 @@ class QatModel(nn.Module):
         return self.graph(x)[0]
 
 
+@contextmanager
+def fx_quantization() -> Iterator[None]:
+    """Around FX graph-mode quantization (``prepare_qat_fx``, ``convert_fx``): its maintenance-mode warnings silenced,
+    and no Python stack trace captured per traced node (``torch.fx.config.do_not_emit_stack_traces``). Symbolizing
+    those traces imports torch._dynamo and torch._inductor, ~2.5 s of a stage process's start on two cores, for
+    debugging metadata nothing here reads."""
+    import torch.fx.config as fx_config
+
+    before = fx_config.do_not_emit_stack_traces
+    fx_config.do_not_emit_stack_traces = True
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        fx_config.do_not_emit_stack_traces = before
+
+
 def prepare_qat(model: nn.Module, activation_bits: int, example: torch.Tensor,
                 float_modules: Sequence[str] = (), weight_bits: int = 8) -> QatModel:
     """Insert fake quantization (and fuse conv + BN) into a copy of ``model``, in train mode."""
     from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # FX quantization warns that it is in maintenance mode
+    with fx_quantization():
         graph = prepare_qat_fx(FeatureOutputs(copy.deepcopy(model)).train(),
                                qat_qconfig(activation_bits, float_modules, weight_bits), (example,))
     return QatModel(graph, weight_bits, example.shape[1:])
@@ -109,8 +127,7 @@ def convert_int8(model: QatModel) -> nn.Module:
 
     graph = copy.deepcopy(model.graph).eval()
     bake_weight_quantization(graph)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
+    with fx_quantization():
         graph = convert_fx(graph)
     return QatModel(graph, model.weight_bits, model.input_shape).eval()
 

@@ -11,7 +11,6 @@ weights, per tensor), which is where this model's bytes are; the MLP is fake-qua
 from __future__ import annotations
 
 import copy
-import warnings
 
 import torch
 import torch.nn.functional as F
@@ -107,7 +106,7 @@ def prepare_ctr_qat(model: CtrModel, mlp_weight_bits: int, float_last_layer: boo
     records the arguments, so a saved model is rebuilt the same way (``tasks.artifacts``)."""
     from torch.ao.quantization.quantize_fx import prepare_qat_fx
 
-    from tasks.quantization import qat_qconfig
+    from tasks.quantization import fx_quantization, qat_qconfig
 
     qat = copy.deepcopy(model).train()
     qat.fake_quant_tables = True
@@ -117,8 +116,7 @@ def prepare_ctr_qat(model: CtrModel, mlp_weight_bits: int, float_last_layer: boo
         mapping = qat_qconfig(8, weight_bits=mlp_weight_bits)
         if float_last_layer:
             mapping.set_module_name(str(len(qat.mlp) - 1), None)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # FX quantization warns that it is in maintenance mode
+        with fx_quantization():
             qat.mlp = prepare_qat_fx(qat.mlp, mapping, (example,))
     return qat
 
@@ -128,7 +126,7 @@ def convert_ctr_int8(qat: CtrModel) -> CtrModel:
     reference-quantized FX graph (which the TorchScript exporter writes as QDQ)."""
     from torch.ao.quantization.quantize_fx import convert_fx
 
-    from tasks.quantization import bake_weight_quantization
+    from tasks.quantization import bake_weight_quantization, fx_quantization
 
     model = copy.deepcopy(qat).eval()
     with torch.no_grad():
@@ -140,7 +138,6 @@ def convert_ctr_int8(qat: CtrModel) -> CtrModel:
         # the weights the MLP trained with, on their grid: convert_fx would quantize weights that grew past their
         # frozen observer range anew (see tasks.quantization.bake_weight_quantization)
         bake_weight_quantization(model.mlp)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with fx_quantization():
             model.mlp = convert_fx(model.mlp)
     return model
