@@ -16,6 +16,8 @@ from pathlib import Path
 
 import yaml
 
+from tasks.io import load_yaml
+
 IDENTITY = ("-c", "user.name=kdq-pipeline", "-c", "user.email=kdq-pipeline@localhost")
 LOCK_WAIT_SECONDS = 120
 
@@ -61,7 +63,7 @@ def _commit(root: Path, message: str) -> str | None:
     if not _git(root, "status", "--porcelain", "--", "dvc.lock").stdout.strip():
         return None
     try:
-        yaml.safe_load((root / "dvc.lock").read_text())
+        load_yaml((root / "dvc.lock").read_text())   # libyaml: 0.1 s, not 1.4 s, for 40 stages
     except yaml.YAMLError as err:
         _warn(root, f"it does not parse ({err})")
         return None

@@ -52,11 +52,10 @@ def stage_paths(root: Path, stage: str) -> dict[str, Path]:
     """The ``--flag path`` arguments of ``stage``'s command in ``root/dvc.yaml``, keyed by flag name without dashes
     (``{"data": Path("data/vision/processed"), ...}``): how the flows find a stage's inputs and outputs without
     restating them."""
-    import yaml
-
     from tasks.errors import PipelineError
+    from tasks.io import load_yaml
 
-    stages = yaml.safe_load((root / "dvc.yaml").read_text()).get("stages", {})
+    stages = load_yaml((root / "dvc.yaml").read_text()).get("stages", {})
     if stage not in stages:
         raise PipelineError(f"{root / 'dvc.yaml'}: no stage {stage!r}")
     words = shlex.split(stages[stage]["cmd"])

@@ -8,6 +8,8 @@ from typing import Any
 
 import yaml
 
+from tasks.io import load_yaml
+
 PROJECT = Path(__file__).resolve().parents[1]
 SOURCES = ("tasks", "flows", "dvc.yaml", "params.yaml", "prefect.yaml", ".dvc/config", ".dvcignore", ".gitignore")
 
@@ -40,7 +42,7 @@ def copy_project(dest: Path, overrides: dict[str, Any] | None = None, source: Pa
         elif src.exists():
             (dest / item).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / item)
-    params = yaml.safe_load((dest / "params.yaml").read_text())
+    params = load_yaml((dest / "params.yaml").read_text())
     for dotted, value in (overrides or {}).items():
         set_param(params, dotted, value)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
