@@ -37,7 +37,9 @@ def _changed_copy(source: Path, target: Path, images=None, labels=None) -> None:
                    "change only for the good batches")
 def test_arriving_images_are_versioned_trained_on_and_gated_and_bad_ones_quarantined(tmp_path, prefect_server,
                                                                                    monkeypatch):
-    repo, batches, landing = replayed_repo(tmp_path, monkeypatch, "vision", **{"warm_start.vision.policy": "fine_tune"})
+    # a third of the smoke profile's training images (what is checked is versions, windows and gates, not learning)
+    repo, batches, landing = replayed_repo(tmp_path, monkeypatch, "vision", **{
+        "warm_start.vision.policy": "fine_tune", "profiles.smoke.data.vision.subset.train": 1000})
     shutil.copytree(batches[0], landing / batches[0].name)
     _changed_copy(batches[1], landing / "0001-z-broken", labels=lambda y: np.where(y == 3, np.uint8(11), y))
     _changed_copy(batches[1], landing / "0001-z-inverted", images=lambda x: 255 - x)
