@@ -83,9 +83,9 @@ class QatModel(nn.Module):
 @contextmanager
 def fx_quantization() -> Iterator[None]:
     """Around FX graph-mode quantization (``prepare_qat_fx``, ``convert_fx``): its maintenance-mode warnings silenced,
-    and no Python stack trace captured per traced node (``torch.fx.config.do_not_emit_stack_traces``). Symbolizing
-    those traces imports torch._dynamo and torch._inductor, ~2.5 s of a stage process's start on two cores, for
-    debugging metadata nothing here reads."""
+    and no Python stack trace captured per node ``prepare_qat_fx`` traces (``torch.fx.config.do_not_emit_stack_traces``,
+    read by its tracer; ``convert_fx`` traces nothing). Symbolizing those traces imports torch._dynamo and
+    torch._inductor, ~2.5 s of a stage process's start on two cores, for debugging metadata nothing here reads."""
     import torch.fx.config as fx_config
 
     before = fx_config.do_not_emit_stack_traces

@@ -369,6 +369,8 @@ def test_ablation_command_tables_every_arm_and_resumes(flow_repo):
     """The ablation on the smoke profile (2 seeds, structured pruning), on the flow's data and teacher: of the digits,
     the smallest image family (the command is generic; vision's arms run the same code on 28x28 images, ~6x the
     time)."""
+    import onnx
+
     repo, _, _ = flow_repo
     env = repo_env(repo)
     command = [sys.executable, "-m", "flows.ablation", "--root", str(repo), "--family", "digits"]
@@ -383,10 +385,12 @@ def test_ablation_command_tables_every_arm_and_resumes(flow_repo):
     assert all(0.0 < acc <= 1.0 for r in rows.values() for acc in r["accuracies"] + r["val_accuracies"])
     assert all(r["min_top1_agreement"] >= 0.8 for r in rows.values())   # every file passed the smoke parity check
     assert all(r["latency_ms"] > 0 and r["throughput_ips"] > 0 for r in rows.values())   # each file timed
-    # INT8 weights in the stored ONNX files: a 2,354-parameter model's file is mostly graph (QDQ nodes and all), so
-    # compressed, where float weights stay about their size and the graph's names shrink
-    assert rows["KD + QAT"]["gzip_bytes"] < 0.6 * rows["student KD"]["gzip_bytes"]
-    assert rows["KD + PTQ"]["gzip_bytes"] < 0.6 * rows["student KD"]["gzip_bytes"]
+    # the weights each arm's ONNX file stores (a 2,354-parameter model's file is mostly graph: its bytes say little)
+    work = repo / "reports" / "ablation" / "work" / "digits" / "seed0"
+    weights = lambda name: {onnx.TensorProto.DataType.Name(t.data_type)
+                            for t in onnx.load(str(work / name)).graph.initializer if len(t.dims) >= 2}
+    assert weights("kd.onnx") == {"FLOAT"} and weights("qat_kd.onnx") == weights("kd_ptq.onnx") == {"INT8"}
+    assert weights("qat_kd_w4.onnx") == weights("ce_ptq_w4.onnx") == {"INT4"}
     # structured on the smoke profile: a narrower model, fewer weights
     assert rows["KD + QAT + pruning"]["parameters"] < rows["KD + QAT"]["parameters"]
     assert rows["KD + QAT + pruning"]["nonzero"] < 0.8 * rows["KD + QAT"]["parameters"]
@@ -407,7 +411,7 @@ def test_ablation_command_tables_every_arm_and_resumes(flow_repo):
 
     again = subprocess.run(command + ["--skip-repro"], cwd=repo, env=env, capture_output=True, text=True)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "epoch 1/" not in again.stderr  # every arm resumed from its finished checkpoint: nothing retrained
+    assert "epoch 1/" in proc.stdout and "epoch 1/" not in again.stdout   # every arm resumed: nothing retrained
     rerun = json.loads((repo / "reports" / "ablation" / "digits.json").read_text())["rows"]
     assert {r["arm"]: r["accuracies"] for r in rerun} == {a: r["accuracies"] for a, r in rows.items()}
 

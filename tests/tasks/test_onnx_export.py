@@ -92,7 +92,7 @@ def test_export_writes_int8_qdq_graphs_that_match_pytorch(config, models, tmp_pa
                        and any(a.name == "axis" for a in n.attribute)]
         assert per_channel, f"{name}: weights are not quantized per channel"
         assert "Cast" not in ops and "Constant" not in ops, name
-    # (that INT8 files are much smaller shows on the real student, in the ablation e2e test; this one is tiny)
+    # (how much smaller a real student's INT8 file is: docs/results.md; this student is tiny, its file mostly graph)
 
 
 def test_4_bit_weights_ship_as_int4_that_computes_what_qat_trained(config, tmp_path, real_splits):
