@@ -1,5 +1,6 @@
-"""The recommender family's params sections (MovieLens-100K as click-through data, DeepFM teacher and student) and
-the check that spans them. ``SECTIONS`` says which class validates ``<key>.recsys`` of params.yaml.
+"""The recommender family's params sections: the click-through kit's (``tasks.ctr.config``: DeepFM teacher and
+student, compression, export, gate) and its own — MovieLens-100K as click-through data, its validation, drift,
+replay and ranking evaluation. ``SECTIONS`` says which class validates ``<key>.recsys`` of params.yaml.
 """
 from __future__ import annotations
 
@@ -7,21 +8,13 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from tasks.config_types import Fraction, ModelArch, Positive, ProjectPath, Strict
-from tasks.family_config import (
-    Floors,
-    Gate,
-    GradualPruning,
-    LossWeights,
-    ObserverFreeze,
-    PretrainedTeacher,
-    Recipe,
-    Score,
-    Sha256,
-    Training,
-    VsTeacher,
-    WarmStart,
-)
+from tasks.config_types import Fraction, Positive, ProjectPath, Strict
+from tasks.ctr.config import SECTIONS as CTR_SECTIONS
+
+# model files saved before the kit (tasks.ctr) name their architecture tasks.recsys.config:RecArch
+from tasks.ctr.config import RecArch as RecArch
+from tasks.ctr.config import check as check_ctr
+from tasks.family_config import Sha256
 
 if TYPE_CHECKING:
     from tasks.config import Config
@@ -119,66 +112,6 @@ class RecsysIngest(Strict):
     replay: RecsysReplay
 
 
-class RecArch(ModelArch):
-    """A click-through model over field embeddings: first-order weights, FM pairwise interactions (``fm``) and an
-    MLP over the concatenated field embeddings (``mlp``; empty for none). DeepFM: both; FM: fm only; LR: neither."""
-
-    MODEL: ClassVar[str] = "tasks.recsys.models:CtrModel"
-    dim: Positive
-    fm: bool
-    mlp: list[Positive] = []
-    dropout: Fraction = 0.0
-    # Weight sharing: the field-embedding table holds this many shared rows, each id mapped to one (share_recsys).
-    shared_rows: Annotated[int, Field(ge=2, le=65536)] | None = None
-
-
-class TrainTeacherRecsys(Training):
-    arch: RecArch
-    pretrained: PretrainedTeacher | None = None   # features: the one (N, fields + 1, dim) field-vector tensor
-
-
-class DistillRecsys(Training):
-    """total = ground_truth·BCE(y) + target·BCE(σ(s/T), σ(t/T))·T² + feature·embedding MSE + label·BCE(t > 0)."""
-
-    student: RecArch
-    temperature: Annotated[float, Field(gt=0.0)]
-    weights: LossWeights
-
-
-class PruneRecsys(GradualPruning):
-    """Structured pruning of embedding dimensions (``final_sparsity``: the share removed), i.e. the columns of every
-    embedding table and the MLP inputs they feed. The model is rebuilt narrower: smaller and faster, not sparser."""
-
-
-class QatRecsys(Training, ObserverFreeze):
-    """QAT of the CTR student: per-row INT8 embedding tables and an INT8 MLP, fake-quantized; the KD loss of
-    ``distill.recsys`` stays active when the recipe has ``distill``."""
-
-    mlp_weight_bits: Annotated[int, Field(ge=2, le=8)]   # signed, per channel, narrow: ±(2^(b-1) - 1)
-    float_last_layer: bool             # the MLP's one-output layer left in float
-
-
-class ShareRecsys(Training):
-    """Weight sharing of the field-embedding table: k-means over its rows, each id then points at one of ``clusters``
-    shared rows (a one- or two-byte index instead of its own row); the centroids are fine-tuned with KD."""
-
-    clusters: Annotated[int, Field(ge=2, le=65536)]
-
-
-class RecsysParity(Strict):
-    """ONNX file vs the PyTorch model it came from: predicted probabilities and AUC on the test split."""
-
-    max_probability_diff: Annotated[float, Field(gt=0.0, lt=1.0)]
-    min_rows_within: Annotated[float, Field(gt=0.0, le=1.0)]   # share of rows within max_probability_diff
-    max_auc_delta: Fraction
-
-
-class ExportRecsys(Strict):
-    opset: Annotated[int, Field(ge=13, le=21)]
-    threads: Positive
-    parity: RecsysParity
-
-
 class EvaluateRecsys(Strict):
     threads: Positive
     warmup: Annotated[int, Field(ge=0)]
@@ -191,35 +124,9 @@ class EvaluateRecsys(Strict):
     cold_start_samples: Annotated[int, Field(ge=0)] = 0
 
 
-class RecsysFloors(Floors):
-    min_auc: Score
-
-
-class RecsysVsTeacher(VsTeacher):
-    max_auc_drop: Score
-
-
-class RecsysVsChampion(Strict):
-    max_auc_drop: Score
-
-
-class GateRecsys(Gate):
-    metric: ClassVar[str] = "auc"
-    floors: RecsysFloors
-    vs_teacher: RecsysVsTeacher
-    vs_champion: RecsysVsChampion
-
-
-SECTIONS: dict[str, Any] = {
-    "data": RecsysData, "validate": RecsysValidation, "teacher": TrainTeacherRecsys,
-    "recipe": Recipe,
-    "distill": DistillRecsys, "prune": PruneRecsys, "qat": QatRecsys, "share": ShareRecsys, "export": ExportRecsys,
-    "evaluate": EvaluateRecsys, "gate": GateRecsys, "ingest": RecsysIngest, "warm_start": WarmStart}
+SECTIONS: dict[str, Any] = {**CTR_SECTIONS, "data": RecsysData, "validate": RecsysValidation,
+                            "evaluate": EvaluateRecsys, "ingest": RecsysIngest}
 
 
 def check(cfg: Config) -> None:
-    """What no single section can check: feature distillation from an imported ONNX teacher needs its vectors."""
-    spec = cfg.teacher.recsys.pretrained
-    if spec and spec.format == "onnx" and cfg.distill.recsys.weights.feature > 0 and len(spec.features) != 1:
-        raise ValueError("distill.recsys.weights.feature > 0 aligns the teacher's field vectors: name that one "
-                         "output in teacher.recsys.pretrained.features, or set the weight to 0")
+    check_ctr(cfg, "recsys")

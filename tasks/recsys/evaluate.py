@@ -20,12 +20,12 @@ import torch
 
 from tasks.artifacts import count_parameters, load_model
 from tasks.config import stage_args
+from tasks.ctr.ctr_onnx import MODELS, OUTPUT, onnx_probabilities
+from tasks.ctr.ctr_training import CtrSplit, ctr_metrics
 from tasks.errors import run_cli
 from tasks.io import read_windows
 from tasks.onnx_models import file_sizes, percentiles_ms, session, timed_runs
 from tasks.recsys.config import EvaluateRecsys
-from tasks.recsys.ctr_onnx import MODELS, OUTPUT, onnx_probabilities
-from tasks.recsys.ctr_training import CtrSplit, ctr_metrics
 from tasks.recsys.prepare import assemble_fields
 
 

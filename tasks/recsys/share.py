@@ -1,52 +1,6 @@
-"""Stage ``share_recsys``: CTR student -> student whose field-embedding rows are shared k-means centroids.
-
-Inputs: ``<data>``, ``<teacher>``, ``<student>`` (qat_recsys's: QAT or FP32). Outputs: ``<model>`` (the same kind
-as its input, with ``arch.shared_rows`` set and a ``row_map`` buffer), ``<metrics>``, ``<plots>``. The centroids
-(and everything else) are fine-tuned with the ``distill.recsys`` loss when ``distill`` is in ``recipe.recsys``; a
-QAT student keeps its frozen quantization ranges. Left out of the recipe, the student passes through unchanged.
-"""
-from __future__ import annotations
-
-from collections.abc import Callable
-from pathlib import Path
-
-import torch
-
-from tasks.artifacts import count_parameters, load_model
+"""Stage ``share_recsys``: the click-through kit's ``tasks.ctr.share`` on the recommender's blocks."""
+from tasks.ctr.share import main
 from tasks.errors import run_cli
-from tasks.observers import freeze_observers
-from tasks.recsys.compression import share_rows
-from tasks.recsys.config import DistillRecsys, ShareRecsys
-from tasks.recsys.ctr_training import ctr_trainer, evaluate_ctr, fit_ctr, load_ctr_data
-from tasks.recsys.models import CtrModel
-from tasks.recsys.stage import ctr_compression_stage
-
-
-def share_recsys(cfg: ShareRecsys, kd: DistillRecsys, distill: bool, data_dir: Path, teacher_path: Path,
-                 student_path: Path, on_epoch: Callable[[int, dict[str, float]], None] | None = None
-                 ) -> tuple[CtrModel, dict[str, int], list[dict[str, float]], dict[str, float]]:
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    train, val, test, shape = load_ctr_data(data_dir)
-    student = share_rows(load_model(student_path), cfg.clusters, cfg.seed)
-    freeze_observers(student)  # a QAT student's ranges stay where QAT left them
-    shared_auc = evaluate_ctr(student, test, cfg.eval_batch_size)["auc"]
-    history = fit_ctr(*ctr_trainer(student, load_model(teacher_path), kd if distill else None), train, val, cfg,
-                      on_epoch)
-    metrics = {f"test_{k}": v for k, v in evaluate_ctr(student, test, cfg.eval_batch_size).items()}
-    metrics.update(test_auc_before_fine_tuning=shared_auc, shared_rows=cfg.clusters, ids=shape["vocabulary"],
-                   parameters=count_parameters(student))
-    return student, shape, history, metrics
-
-
-def main() -> None:
-    ctr_compression_stage(
-        "share_recsys", "share", __doc__,
-        lambda cfg, args, on_epoch: share_recsys(cfg.share.recsys, cfg.distill.recsys, "distill" in cfg.recipe.recsys,
-                                                 args.data, args.teacher, args.student, on_epoch),
-        lambda m: f"shared student: {m['ids']} ids on {m['shared_rows']} rows, test AUC {m['test_auc']:.4f} "
-                  f"({m['test_auc_before_fine_tuning']:.4f} before fine-tuning)")
-
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(lambda: main("recsys"))

@@ -142,8 +142,8 @@ def test_the_champion_serves_over_http_with_mlflows_scoring_server(stack, pipeli
     by MLflow's scoring server; real test rows get the evaluation's probabilities, bad requests a 400."""
     import numpy as np
 
-    from tasks.recsys.ctr_onnx import onnx_probabilities
-    from tasks.recsys.ctr_training import CtrSplit
+    from tasks.ctr.ctr_onnx import onnx_probabilities
+    from tasks.ctr.ctr_training import CtrSplit
     from tests.integration.servers import free_port, wait_http
 
     procs, _ = stack

@@ -123,14 +123,14 @@ def test_a_student_distils_on_the_gpu_from_a_pytorch_teacher_beside_it(tmp_path)
 
 @GPU
 def test_a_click_through_student_distils_on_the_gpu():
-    from tasks.recsys.config import DistillRecsys
-    from tasks.recsys.ctr_training import CtrDistiller, distilled_loss, fit_ctr
+    from tasks.ctr.config import DistillCtr
+    from tasks.ctr.ctr_training import CtrDistiller, distilled_loss, fit_ctr
     from tests.tasks.test_recsys_models import _model, _split
 
     teacher, student = _model(seed=1, dim=16, mlp=[32]), _model(seed=2)
-    cfg = DistillRecsys(epochs=3, batch_size=64, optimizer=Optimizer(name="adamw", lr=0.01, weight_decay=0.0),
-                        schedule=Schedule(name="constant"), seed=0, threads=1, student=student.arch, temperature=2.0,
-                        weights=LossWeights(ground_truth=0.3, target=0.7, feature=0.5, label=0.1), device="cuda")
+    cfg = DistillCtr(epochs=3, batch_size=64, optimizer=Optimizer(name="adamw", lr=0.01, weight_decay=0.0),
+                     schedule=Schedule(name="constant"), seed=0, threads=1, student=student.arch, temperature=2.0,
+                     weights=LossWeights(ground_truth=0.3, target=0.7, feature=0.5, label=0.1), device="cuda")
     distiller = CtrDistiller(student, teacher, cfg)
     history = fit_ctr(distiller, distilled_loss, _split(), _split(128, seed=1), cfg)
     assert history[-1]["train_loss"] < history[0]["train_loss"]

@@ -14,11 +14,11 @@ import yaml
 from torch import nn
 
 from tasks.artifacts import load_model, model_meta
+from tasks.ctr.config import DistillCtr, RecArch
+from tasks.ctr.ctr_training import CtrDistiller, evaluate_ctr, load_ctr_data
+from tasks.ctr.models import CtrModel
 from tasks.family_config import LossWeights, Optimizer, Schedule
 from tasks.imported_teacher import TeacherImportError, import_onnx
-from tasks.recsys.config import DistillRecsys, RecArch
-from tasks.recsys.ctr_training import CtrDistiller, evaluate_ctr, load_ctr_data
-from tasks.recsys.models import CtrModel
 from tests.tasks.test_recsys_models import SHAPE, _model, _split
 
 
@@ -39,10 +39,10 @@ def export_teacher(teacher: CtrModel, path, inputs=("user_fields", "user_genres"
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _kd(student: CtrModel, weights: LossWeights) -> DistillRecsys:
-    return DistillRecsys(epochs=1, batch_size=64, optimizer=Optimizer(name="adamw", lr=0.01, weight_decay=0.0),
-                         schedule=Schedule(name="constant"), seed=0, threads=1, student=student.arch,
-                         temperature=2.0, weights=weights)
+def _kd(student: CtrModel, weights: LossWeights) -> DistillCtr:
+    return DistillCtr(epochs=1, batch_size=64, optimizer=Optimizer(name="adamw", lr=0.01, weight_decay=0.0),
+                      schedule=Schedule(name="constant"), seed=0, threads=1, student=student.arch,
+                      temperature=2.0, weights=weights)
 
 
 def test_an_onnx_ctr_teacher_computes_the_losses_of_the_torch_teacher_it_came_from(tmp_path):
@@ -74,7 +74,7 @@ def test_an_onnx_ctr_teacher_computes_the_losses_of_the_torch_teacher_it_came_fr
 def test_an_onnx_ctr_teacher_whose_names_collide_with_the_pipelines_exports(tmp_path):
     """Before: inputs called ("genres", "fields") in that order, or a logit output called ``probability``, made
     export_ctr_fp32 write a graph the ONNX checker refuses."""
-    from tasks.recsys.ctr_onnx import export_ctr_fp32, onnx_probabilities
+    from tasks.ctr.ctr_onnx import export_ctr_fp32, onnx_probabilities
 
     teacher = _model(seed=1).eval()
     path = tmp_path / "t.onnx"
@@ -102,11 +102,11 @@ def test_an_onnx_ctr_teacher_must_take_the_familys_two_inputs_and_give_a_logit_p
 
 def test_the_recsys_stages_import_distil_from_and_export_an_onnx_teacher(synthetic_movielens, mlflow_uri, tmp_path,
                                                                         monkeypatch):
-    import tasks.recsys.distill as distill_recsys
-    import tasks.recsys.train_teacher as train_teacher_recsys
+    import tasks.ctr.distill as distill_ctr
+    import tasks.ctr.train_teacher as train_ctr_teacher
+    from tasks.ctr.ctr_onnx import INPUTS, MODELS, OUTPUT, onnx_probabilities
+    from tasks.ctr.export import export_ctr
     from tasks.onnx_models import session
-    from tasks.recsys.ctr_onnx import INPUTS, MODELS, OUTPUT, onnx_probabilities
-    from tasks.recsys.export import export_recsys
     from tasks.recsys.prepare import prepare_recsys
 
     _, _, cfg = synthetic_movielens
@@ -124,7 +124,7 @@ def test_the_recsys_stages_import_distil_from_and_export_an_onnx_teacher(synthet
 
     monkeypatch.setattr(sys, "argv", ["train_teacher_recsys", "--data", "data", "--model", "teacher.pt",
                                       "--metrics", "teacher.json", "--plots", "teacher.csv"])
-    train_teacher_recsys.main()
+    train_ctr_teacher.main("recsys")
     assert model_meta(tmp_path / "teacher.pt")["kind"] == "onnx"
     expected = evaluate_ctr(teacher, test)["auc"]
     assert json.loads((tmp_path / "teacher.json").read_text())["test_auc"] == pytest.approx(expected, abs=1e-6)
@@ -132,13 +132,13 @@ def test_the_recsys_stages_import_distil_from_and_export_an_onnx_teacher(synthet
 
     monkeypatch.setattr(sys, "argv", ["distill_recsys", "--data", "data", "--teacher", "teacher.pt",
                                       "--model", "student.pt", "--metrics", "student.json", "--plots", "student.csv"])
-    distill_recsys.main()
+    distill_ctr.main("recsys")
     assert json.loads((tmp_path / "student.json").read_text())["teacher_test_auc"] == pytest.approx(expected, abs=1e-6)
 
     from tasks.config import load_config
 
     export = load_config(tmp_path / "params.yaml").export.recsys
-    checks = export_recsys(export, tmp_path / "data", tmp_path / "teacher.pt", tmp_path / "student.pt",
+    checks = export_ctr(export, tmp_path / "data", tmp_path / "teacher.pt", tmp_path / "student.pt",
                            tmp_path / "student.pt", tmp_path / "onnx")
     assert set(checks) == set(MODELS)
     sess = session(tmp_path / "onnx" / "teacher_fp32.onnx")

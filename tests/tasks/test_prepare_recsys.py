@@ -172,11 +172,11 @@ def test_ranking_a_seeded_sample_of_users_is_reproducible_and_all_of_them_when_a
     the same sample on every call; a sample as large as all of them is all of them."""
     import torch
 
-    from tasks.recsys.config import RecArch
-    from tasks.recsys.ctr_onnx import export_ctr_fp32
-    from tasks.recsys.ctr_training import load_ctr_data
+    from tasks.ctr.config import RecArch
+    from tasks.ctr.ctr_onnx import export_ctr_fp32
+    from tasks.ctr.ctr_training import load_ctr_data
+    from tasks.ctr.models import CtrModel
     from tasks.recsys.evaluate import Catalog, ranking
-    from tasks.recsys.models import CtrModel
 
     _, _, cfg = synthetic_movielens
     data = tmp_path / "out"

@@ -135,8 +135,8 @@ def test_fx_quantization_of_either_family_imports_no_compiler_and_keeps_the_fx_s
     code = (
         "import torch, torch.fx.config\n"
         "from tasks.images.arch_config import MobileArch\nfrom tasks.images.models import MobileStudent\n"
-        "from tasks.quantization import convert_int8, prepare_qat\nfrom tasks.recsys.config import RecArch\n"
-        "from tasks.recsys.models import CtrModel, convert_ctr_int8, prepare_ctr_qat\n"
+        "from tasks.quantization import convert_int8, prepare_qat\nfrom tasks.ctr.config import RecArch\n"
+        "from tasks.ctr.models import CtrModel, convert_ctr_int8, prepare_ctr_qat\n"
         "qat = prepare_qat(MobileStudent(MobileArch(stem=4, widths=[8], strides=[2])), 8, torch.randn(2, 1, 28, 28))\n"
         "convert_int8(qat)\n"
         "ctr = CtrModel(RecArch(dim=4, fm=True, mlp=[8]), vocabulary=10, fields=2, genres=3)\n"

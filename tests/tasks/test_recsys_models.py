@@ -9,11 +9,11 @@ import pytest
 import torch
 from onnx import numpy_helper
 
+from tasks.ctr.config import RecArch
+from tasks.ctr.ctr_onnx import export_ctr_fp32, export_ctr_int8, onnx_probabilities
+from tasks.ctr.ctr_training import CtrDistiller, CtrSplit, distilled_loss, fit_ctr, predict_logits
+from tasks.ctr.models import CtrModel, convert_ctr_int8, prepare_ctr_qat, quantize_table
 from tasks.family_config import LossWeights
-from tasks.recsys.config import RecArch
-from tasks.recsys.ctr_onnx import export_ctr_fp32, export_ctr_int8, onnx_probabilities
-from tasks.recsys.ctr_training import CtrDistiller, CtrSplit, distilled_loss, fit_ctr, predict_logits
-from tasks.recsys.models import CtrModel, convert_ctr_int8, prepare_ctr_qat, quantize_table
 
 SHAPE = {"vocabulary": 60, "fields": 3, "genres": 5}
 
@@ -59,12 +59,12 @@ def test_distillation_moves_the_student_only_and_learns():
     teacher, student = _model(seed=1, dim=16, mlp=[32]), _model(seed=2)
     before = [p.detach().clone() for p in teacher.parameters()]
     cfg_weights = LossWeights(ground_truth=0.3, target=0.7, feature=0.5, label=0.1)
+    from tasks.ctr.config import DistillCtr
     from tasks.family_config import Optimizer, Schedule
-    from tasks.recsys.config import DistillRecsys
 
-    cfg = DistillRecsys(epochs=3, batch_size=64, optimizer=Optimizer(name="adamw", lr=0.01, weight_decay=0.0),
-                        schedule=Schedule(name="constant"), seed=0, threads=1, student=student.arch,
-                        temperature=2.0, weights=cfg_weights)
+    cfg = DistillCtr(epochs=3, batch_size=64, optimizer=Optimizer(name="adamw", lr=0.01, weight_decay=0.0),
+                     schedule=Schedule(name="constant"), seed=0, threads=1, student=student.arch,
+                     temperature=2.0, weights=cfg_weights)
     distiller = CtrDistiller(student, teacher, cfg)
     assert all(p is not q for p in distiller.parameters() for q in teacher.parameters())
     train = _split()
@@ -137,7 +137,7 @@ def test_fm_and_lr_students_export_without_an_mlp(tmp_path, arch):
 
 
 def test_pruned_dimensions_keep_the_model_function_on_what_is_kept():
-    from tasks.recsys.compression import prune_dimensions
+    from tasks.ctr.compression import prune_dimensions
 
     model, data = _model().eval(), _split(32)
     assert torch.allclose(prune_dimensions(model, 8).eval()(data.fields, data.genres), model(data.fields, data.genres),
@@ -151,7 +151,7 @@ def test_pruned_dimensions_keep_the_model_function_on_what_is_kept():
 
 
 def test_shared_rows_export_a_small_index_and_match_in_onnxruntime(tmp_path):
-    from tasks.recsys.compression import share_rows
+    from tasks.ctr.compression import share_rows
 
     torch.backends.quantized.engine = "x86"
     model = _model()
@@ -167,3 +167,18 @@ def test_shared_rows_export_a_small_index_and_match_in_onnxruntime(tmp_path):
     assert inits["model.row_map.index"].dtype == np.uint8 and inits["model.embedding.weight.int8"].shape == (12, 8)
     reference = torch.sigmoid(torch.from_numpy(predict_logits(qat, data))).numpy()
     assert np.abs(onnx_probabilities(path, data) - reference).max() < 0.01
+
+
+def test_a_model_file_saved_before_the_click_through_kit_still_loads(tmp_path):
+    """Model files written before the recommender's model code moved to ``tasks.ctr`` name their architecture
+    ``tasks.recsys.config:RecArch``: a champion registered then is still loaded (to warm-start from, to compare)."""
+    from tasks.artifacts import load_model, save_model
+
+    model = _model(seed=3, mlp=[8])
+    save_model(model, "ctr", model.arch, tmp_path / "new.pt", shape=SHAPE)
+    blob = torch.load(tmp_path / "new.pt", weights_only=True)
+    assert blob["arch_class"] == "tasks.ctr.config:RecArch"
+    torch.save({**blob, "arch_class": "tasks.recsys.config:RecArch"}, tmp_path / "old.pt")
+    loaded = load_model(tmp_path / "old.pt")
+    fields, genres = torch.randint(0, SHAPE["vocabulary"], (4, SHAPE["fields"])), torch.rand(4, SHAPE["genres"])
+    assert isinstance(loaded, CtrModel) and torch.equal(loaded(fields, genres), model.eval()(fields, genres))

@@ -56,10 +56,10 @@ def test_a_champion_scores_users_and_items_it_never_saw_as_the_mean_over_known_o
     replayed MovieLens week's recent window (mostly new users) then held too few of them to decide on, every week."""
     import torch
 
-    from tasks.recsys.config import RecArch
-    from tasks.recsys.ctr_onnx import export_ctr_fp32, onnx_probabilities
-    from tasks.recsys.ctr_training import CtrSplit
-    from tasks.recsys.models import CtrModel
+    from tasks.ctr.config import RecArch
+    from tasks.ctr.ctr_onnx import export_ctr_fp32, onnx_probabilities
+    from tasks.ctr.ctr_training import CtrSplit
+    from tasks.ctr.models import CtrModel
 
     _, _, cfg = synthetic_movielens
     samples = cfg.evaluate.recsys.cold_start_samples

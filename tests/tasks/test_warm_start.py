@@ -12,10 +12,10 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from tasks.artifacts import save_model
+from tasks.ctr.ctr_training import load_ctr_data
+from tasks.ctr.models import CtrModel
 from tasks.family_config import WarmStart
-from tasks.recsys.ctr_training import load_ctr_data
 from tasks.recsys.family import paired_data
-from tasks.recsys.models import CtrModel
 from tasks.recsys.prepare import VOCABULARY
 from tasks.recsys.warm_start import adapt
 from tasks.warm_plan import ARTIFACTS, FILES, MODE, PLAN, fine_tuned, start_from

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 from sklearn.metrics import log_loss, roc_auc_score
 from torch import nn
 
+from tasks.ctr.config import DistillCtr
 from tasks.distillation import FrozenTeacher
 from tasks.family_config import OnnxArch, Training
 from tasks.observers import frozen_observers
-from tasks.recsys.config import DistillRecsys
 from tasks.training import device_of, fit_best, to_device
 
 
@@ -47,7 +47,7 @@ class CtrSplit:
 
 
 def load_ctr_data(data_dir: Path) -> tuple[CtrSplit, CtrSplit, CtrSplit, dict[str, int]]:
-    """(train, val, test, model shape: vocabulary, fields, genres) from prepare_recsys's folder."""
+    """(train, val, test, model shape: vocabulary, fields, genres) from a prepare stage's folder."""
     features = json.loads((data_dir / "features.json").read_text())
     shape = {"vocabulary": features["vocabulary"], "fields": len(features["fields"]), "genres": len(features["genres"])}
     return (*(CtrSplit.load(data_dir, s) for s in ("train", "val", "test")), shape)
@@ -84,7 +84,7 @@ def label_loss(model: nn.Module, inputs: tuple[torch.Tensor, torch.Tensor], y: t
 class CtrDistiller(FrozenTeacher):
     """Student plus the field-vector adapter, against a frozen CTR teacher."""
 
-    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillRecsys) -> None:
+    def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillCtr) -> None:
         super().__init__(student, teacher)
         self.temperature, self.weights = cfg.temperature, cfg.weights
         # an imported ONNX teacher's field vectors are as wide as its graph says
@@ -114,7 +114,7 @@ def distilled_loss(model: CtrDistiller, inputs: tuple[torch.Tensor, torch.Tensor
     return model.loss(*inputs, y)
 
 
-def ctr_trainer(student: nn.Module, teacher: nn.Module, kd: DistillRecsys | None) -> tuple[nn.Module, CtrLossFn]:
+def ctr_trainer(student: nn.Module, teacher: nn.Module, kd: DistillCtr | None) -> tuple[nn.Module, CtrLossFn]:
     """What a stage trains and with which loss: the student against ``teacher`` with ``kd``'s loss, or the student
     alone on the labels when ``kd`` is None."""
     if kd is None:

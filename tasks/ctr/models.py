@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from tasks.recsys.config import RecArch
+from tasks.ctr.config import RecArch
 
 TABLES = ("embedding.weight", "genre_embedding.weight", "linear.weight", "genre_linear.weight")
 
@@ -46,7 +46,7 @@ class CtrModel(nn.Module):
         super().__init__()
         self.arch, self.num_fields, self.fake_quant_tables = arch, fields, False
         self.qat_settings: dict[str, int | bool] | None = None   # set by prepare_ctr_qat
-        # Weight sharing: ``row_map`` points each id at one of ``shared_rows`` rows (see tasks/recsys/compression.py).
+        # Weight sharing: ``row_map`` points each id at one of ``shared_rows`` rows (see tasks/ctr/compression.py).
         self.embedding = nn.Embedding(arch.shared_rows or vocabulary, arch.dim)
         self.register_buffer("row_map", torch.arange(vocabulary) if arch.shared_rows else None)
         self.genre_embedding = nn.Embedding(genres, arch.dim)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from tasks.recsys.models import CtrModel
+from tasks.ctr.models import CtrModel
 
 
 def dimension_importance(model: CtrModel) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""ONNX models of the recommender family: FP32 export, INT8 export, scoring in onnxruntime.
+"""ONNX models of the click-through kit: FP32 export, INT8 export, scoring in onnxruntime.
 
 Every graph takes ``fields`` int64 (N, F) and ``genres`` float (N, G) and returns ``probability`` (N,), with a
 dynamic batch axis. The INT8 graph stores every embedding table as an INT8 initializer with its scales (per row;
@@ -17,14 +17,14 @@ import torch
 from onnx import helper, numpy_helper
 from torch import nn
 
+from tasks.ctr.ctr_training import CtrSplit
+from tasks.ctr.models import TABLES, CtrModel, Probability, quantize_table
 from tasks.int4 import pack_int4, require_int4
 from tasks.io import write_atomic
 from tasks.onnx_models import OnnxError, session, tidy_qdq
-from tasks.recsys.ctr_training import CtrSplit
-from tasks.recsys.models import TABLES, CtrModel, Probability, quantize_table
 
 INPUTS, OUTPUT = ("fields", "genres"), "probability"
-MODELS = ("teacher_fp32", "student_fp32", "student_int8")   # the files export_recsys writes: <name>.onnx
+MODELS = ("teacher_fp32", "student_fp32", "student_int8")   # the files the export stage writes: <name>.onnx
 
 
 def export_ctr_fp32(model: nn.Module, path: Path, opset: int = 17) -> Path:
@@ -102,7 +102,7 @@ def onnx_probabilities(path: Path, split: CtrSplit, batch_size: int = 8192, thre
     sess = session(path, threads)
     names = [i.name for i in sess.get_inputs()]
     if names != list(INPUTS):
-        raise OnnxError(f"{path}: inputs {names} are not the recommender's {list(INPUTS)}")
+        raise OnnxError(f"{path}: inputs {names} are not a click-through model's {list(INPUTS)}")
     return np.concatenate([sess.run([OUTPUT], {"fields": split.fields[i:i + batch_size].numpy(),
                                                "genres": split.genres[i:i + batch_size].numpy()})[0]
                            for i in range(0, len(split), batch_size)])

@@ -1,0 +1,78 @@
+"""Stage ``train_teacher_<family>``: processed click-through data -> DeepFM teacher, or the pretrained teacher of
+``teacher.<family>.pretrained`` (an ONNX file or a state dict of ``arch``) imported and scored instead.
+
+Inputs: ``<data>`` (the prepare stage's folder; the validation report, so it runs only on validated data),
+``<warm-start>`` (``tasks.warm_start``'s plan: train from scratch, fine-tune the champion's teacher, or reuse it).
+Outputs: ``<model>`` (``{"kind", "arch", "shape", "state_dict"}``, loadable with ``weights_only=True``),
+``<metrics>`` (test AUC, logloss, parameters), ``<plots>`` (per-epoch CSV). Training takes seconds, so it keeps the
+best epoch by validation AUC instead of checkpointing.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from tasks.artifacts import count_parameters, publish_training
+from tasks.config import stage_args
+from tasks.ctr.config import TrainTeacherCtr
+from tasks.ctr.ctr_training import evaluate_ctr, fit_ctr, label_loss, load_ctr_data
+from tasks.ctr.models import CtrModel
+from tasks.family_config import WarmStart
+from tasks.imported_teacher import load_pretrained, publish_imported
+from tasks.warm_plan import MODE, start_from, warm_tags
+
+
+def train_ctr_teacher(cfg: TrainTeacherCtr, data_dir: Path,
+                         on_epoch: Callable[[int, dict[str, float]], None] | None = None, *,
+                         warm: Path | None = None, policy: WarmStart | None = None
+                         ) -> tuple[CtrModel, dict[str, int], list[dict[str, float]], dict[str, float], str]:
+    """Train the teacher on train (from where the plan in ``warm`` starts it), select its epoch on val; return
+    (model, shape, history, test metrics, how it started: scratch, fine_tune or reuse)."""
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    train, val, test, shape = load_ctr_data(data_dir)
+    model = CtrModel(cfg.arch, **shape)
+    mode, spec = start_from(warm, "teacher", model, cfg.arch, shape, cfg, policy)
+    history = [] if mode == "reuse" else fit_ctr(model, label_loss, train, val, spec, on_epoch,
+                                                 from_start=mode == "fine_tune")
+    metrics = {f"test_{k}": v for k, v in evaluate_ctr(model, test, cfg.eval_batch_size).items()}
+    return model, shape, history, {**metrics, "parameters": count_parameters(model)}, mode
+
+
+def import_ctr_teacher(cfg: TrainTeacherCtr, data_dir: Path, where: str
+                          ) -> tuple[nn.Module, dict[str, int], dict[str, float]]:
+    """The pretrained teacher of ``cfg.pretrained``, checksum verified: (model, shape, validation and test metrics)."""
+    spec = cfg.pretrained
+    assert spec is not None
+    torch.set_num_threads(cfg.threads)
+    _, val, test, shape = load_ctr_data(data_dir)
+    model = load_pretrained(spec, where, val.batch(slice(0, 2))[:2], logits_shape=[],
+                            feature_rank=3, build=lambda: CtrModel(cfg.arch, **shape))
+    metrics = {f"{name}_{k}": v for name, split in (("val", val), ("test", test))
+               for k, v in evaluate_ctr(model, split, cfg.eval_batch_size).items()}
+    return model, shape, {**metrics, "parameters": count_parameters(model)}
+
+
+def main(family: str) -> None:
+    args, cfg = stage_args(__doc__, "--data", "--model", "--metrics", "--plots",
+                           optional=("--warm-start",))
+    teacher, policy = cfg.block("teacher", family), cfg.block("warm_start", family)
+    from tasks.tracking import stage_run
+
+    with stage_run(f"train_teacher_{family}", cfg, {f"teacher.{family}": teacher, f"warm_start.{family}": policy}
+                   ) as run:
+        if (spec := teacher.pretrained) is not None:
+            model, shape, metrics = import_ctr_teacher(teacher, args.data, f"teacher.{family}.pretrained")
+            publish_imported(run, model, spec, metrics, args, "ctr", teacher.arch, shape=shape)
+        else:
+            model, shape, history, metrics, mode = train_ctr_teacher(
+                teacher, args.data, lambda epoch, m: run.log_metrics(m, step=epoch + 1), warm=args.warm_start,
+                policy=policy)
+            run.set_tags(warm_tags(args.warm_start, "teacher", mode))
+            publish_training(run, model, "ctr", teacher.arch, history, metrics, args, shape=shape, **{MODE: mode})
+    print(f"teacher test AUC {metrics['test_auc']:.4f}, logloss {metrics['test_logloss']:.4f} "
+          f"({metrics['parameters']:,} parameters)")
+
