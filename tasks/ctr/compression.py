@@ -30,12 +30,12 @@ def prune_dimensions(model: CtrModel, keep: int) -> CtrModel:
         raise ValueError(f"keep must be within 1..{model.arch.dim}, got {keep}")
     kept = dimension_importance(model).argsort(descending=True)[:keep].sort().values
     vocabulary, genres = model.linear.num_embeddings, model.genre_linear.num_embeddings
-    narrow = CtrModel(model.arch.model_copy(update={"dim": keep}), vocabulary, model.num_fields, genres)
+    narrow = CtrModel(model.arch.model_copy(update={"dim": keep}), vocabulary, model.num_fields, genres, model.groups)
     state = copy.deepcopy(model.state_dict())
     for name in ("embedding.weight", "genre_embedding.weight"):
         state[name] = state[name][:, kept]
     if model.mlp is not None:
-        columns = torch.cat([f * model.arch.dim + kept for f in range(model.num_fields + 1)])
+        columns = torch.cat([f * model.arch.dim + kept for f in range(model.num_fields + model.num_groups)])
         state["mlp.0.weight"] = state["mlp.0.weight"][:, columns]
     narrow.load_state_dict(state)
     return narrow

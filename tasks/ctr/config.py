@@ -112,6 +112,12 @@ SECTIONS: dict[str, Any] = {
     "share": ShareCtr, "export": ExportCtr, "gate": GateCtr, "warm_start": WarmStart}
 
 
+def warm_start_policy(cfg: Config, family: str) -> WarmStart | None:
+    """``warm_start.<family>``, or None for a family without a warm start (it always trains from scratch)."""
+    section = getattr(cfg, "warm_start", None)
+    return getattr(section, family, None) if section is not None else None
+
+
 def check(cfg: Config, family: str) -> None:
     """What no single section can check: feature distillation from an imported ONNX teacher needs its vectors."""
     spec = cfg.block("teacher", family).pretrained

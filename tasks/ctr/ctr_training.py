@@ -47,9 +47,12 @@ class CtrSplit:
 
 
 def load_ctr_data(data_dir: Path) -> tuple[CtrSplit, CtrSplit, CtrSplit, dict[str, int]]:
-    """(train, val, test, model shape: vocabulary, fields, genres) from a prepare stage's folder."""
+    """(train, val, test, model shape: vocabulary, fields, genres, and the multi-hot groups' sizes when the data has
+    several) from a prepare stage's folder."""
     features = json.loads((data_dir / "features.json").read_text())
     shape = {"vocabulary": features["vocabulary"], "fields": len(features["fields"]), "genres": len(features["genres"])}
+    if len(features.get("groups", [])) > 1:
+        shape["groups"] = [group["size"] for group in features["groups"]]
     return (*(CtrSplit.load(data_dir, s) for s in ("train", "val", "test")), shape)
 
 

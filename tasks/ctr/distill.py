@@ -14,7 +14,7 @@ import torch
 
 from tasks.artifacts import count_parameters, load_model, publish_training
 from tasks.config import stage_args
-from tasks.ctr.config import DistillCtr
+from tasks.ctr.config import DistillCtr, warm_start_policy
 from tasks.ctr.ctr_training import ctr_trainer, evaluate_ctr, fit_ctr, load_ctr_data
 from tasks.ctr.models import CtrModel
 from tasks.family_config import WarmStart
@@ -44,9 +44,10 @@ def main(family: str) -> None:
     kd, recipe = cfg.block("distill", family), cfg.block("recipe", family)
     from tasks.tracking import stage_run
 
-    policy = cfg.block("warm_start", family)
-    with stage_run(f"distill_{family}", cfg, {f"distill.{family}": kd, f"recipe.{family}": recipe,
-                                           f"warm_start.{family}": policy}) as run:
+    policy = warm_start_policy(cfg, family)
+    params = {f"distill.{family}": kd, f"recipe.{family}": recipe,
+              **({f"warm_start.{family}": policy} if policy else {})}
+    with stage_run(f"distill_{family}", cfg, params) as run:
         student, shape, history, metrics, mode = distill_ctr(
             kd, "distill" in recipe, args.data, args.teacher, lambda epoch, m: run.log_metrics(m, step=epoch + 1),
             warm=args.warm_start, policy=policy)

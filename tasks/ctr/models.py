@@ -1,8 +1,10 @@
 """Click-through models over field embeddings (DeepFM, FM, LR by ``RecArch``) and their INT8 form.
 
 Input: ``fields`` int64 (N, F), each column an embedding row of one field (user, item, age, ... with per-field
-offsets into one table), and ``genres`` float (N, G) multi-hot, embedded as the mean of its genre rows.
-``forward_features`` returns ``(logit (N,), field vectors (N, F + 1, dim))`` so distillation can align embeddings.
+offsets into one table), and ``genres`` float (N, G) multi-hot, embedded as the mean of its tag rows: one group
+(MovieLens's genres), or several side by side (``groups``: the columns of each, in order; a table with several
+multi-hot columns), each group one vector. ``forward_features`` returns ``(logit (N,), field vectors (N, F + K,
+dim))`` for K groups, so distillation can align embeddings.
 
 INT8: embedding tables are quantized per row (symmetric, one scale per row; a one-column table, the first-order
 weights, per tensor), which is where this model's bytes are; the MLP is fake-quantized by PyTorch FX
@@ -42,8 +44,13 @@ def fake_quantize_table(weight: torch.Tensor) -> torch.Tensor:
 class CtrModel(nn.Module):
     """bias + first-order weights + FM pairwise interactions (``arch.fm``) + MLP on the field vectors (``arch.mlp``)."""
 
-    def __init__(self, arch: RecArch, vocabulary: int, fields: int, genres: int) -> None:
+    def __init__(self, arch: RecArch, vocabulary: int, fields: int, genres: int,
+                 groups: list[int] | None = None) -> None:
         super().__init__()
+        if groups is not None and (sum(groups) != genres or min(groups, default=0) < 1):
+            raise ValueError(f"groups {groups} must split the {genres} multi-hot columns into non-empty groups")
+        # one group (None): the graph of a model made before groups existed, byte for byte
+        self.groups = None if groups is None or len(groups) == 1 else list(groups)
         self.arch, self.num_fields, self.fake_quant_tables = arch, fields, False
         self.qat_settings: dict[str, int | bool] | None = None   # set by prepare_ctr_qat
         # Weight sharing: ``row_map`` points each id at one of ``shared_rows`` rows (see tasks/ctr/compression.py).
@@ -58,7 +65,7 @@ class CtrModel(nn.Module):
         for table in (self.linear, self.genre_linear):
             nn.init.zeros_(table.weight)
         layers: list[nn.Module] = []
-        width = (fields + 1) * arch.dim
+        width = (fields + self.num_groups) * arch.dim
         for hidden in arch.mlp:
             layers += [nn.Linear(width, hidden), nn.ReLU(), nn.Dropout(arch.dropout)]
             width = hidden
@@ -68,16 +75,38 @@ class CtrModel(nn.Module):
         """Its QAT form, as ``prepare_ctr_qat`` makes it (how ``tasks.artifacts`` rebuilds a saved QAT model)."""
         return prepare_ctr_qat(self, mlp_weight_bits, float_last_layer)
 
+    @property
+    def num_groups(self) -> int:
+        return 1 if self.groups is None else len(self.groups)
+
     def _table(self, module: nn.Embedding) -> torch.Tensor:
         return fake_quantize_table(module.weight) if self.fake_quant_tables else module.weight
 
+    def _group_terms(self, genres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the groups' vectors (N, K, dim), their first-order sum (N, 1)): each group the mean of its tags' rows."""
+        table, linear = self._table(self.genre_embedding), self._table(self.genre_linear)
+        vectors, first, start = [], 0, 0
+        for size in self.groups or []:
+            part = genres[:, start:start + size]
+            count = part.sum(dim=1, keepdim=True).clamp(min=1.0)
+            vectors.append(part @ table[start:start + size] / count)
+            first = first + part @ linear[start:start + size] / count
+            start += size
+        return torch.stack(vectors, dim=1), first
+
     def forward_features(self, fields: torch.Tensor, genres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        count = genres.sum(dim=1, keepdim=True).clamp(min=1.0)
-        rows = fields if self.row_map is None else self.row_map[fields]
-        vectors = torch.cat([F.embedding(rows, self._table(self.embedding)),
-                             (genres @ self._table(self.genre_embedding) / count).unsqueeze(1)], dim=1)
-        first = (F.embedding(fields, self._table(self.linear)).sum(dim=1)
-                 + genres @ self._table(self.genre_linear) / count).squeeze(1)
+        if self.groups is None:   # one group, in the order of operations its exported graphs have always had
+            count = genres.sum(dim=1, keepdim=True).clamp(min=1.0)
+            rows = fields if self.row_map is None else self.row_map[fields]
+            vectors = torch.cat([F.embedding(rows, self._table(self.embedding)),
+                                 (genres @ self._table(self.genre_embedding) / count).unsqueeze(1)], dim=1)
+            first = (F.embedding(fields, self._table(self.linear)).sum(dim=1)
+                     + genres @ self._table(self.genre_linear) / count).squeeze(1)
+        else:
+            rows = fields if self.row_map is None else self.row_map[fields]
+            group_vectors, group_first = self._group_terms(genres)
+            vectors = torch.cat([F.embedding(rows, self._table(self.embedding)), group_vectors], dim=1)
+            first = (F.embedding(fields, self._table(self.linear)).sum(dim=1) + group_first).squeeze(1)
         logit = self.bias + first
         if self.arch.fm:
             total = vectors.sum(dim=1)

@@ -17,7 +17,7 @@ from torch import nn
 
 from tasks.artifacts import count_parameters, publish_training
 from tasks.config import stage_args
-from tasks.ctr.config import TrainTeacherCtr
+from tasks.ctr.config import TrainTeacherCtr, warm_start_policy
 from tasks.ctr.ctr_training import evaluate_ctr, fit_ctr, label_loss, load_ctr_data
 from tasks.ctr.models import CtrModel
 from tasks.family_config import WarmStart
@@ -59,11 +59,11 @@ def import_ctr_teacher(cfg: TrainTeacherCtr, data_dir: Path, where: str
 def main(family: str) -> None:
     args, cfg = stage_args(__doc__, "--data", "--model", "--metrics", "--plots",
                            optional=("--warm-start",))
-    teacher, policy = cfg.block("teacher", family), cfg.block("warm_start", family)
+    teacher, policy = cfg.block("teacher", family), warm_start_policy(cfg, family)
     from tasks.tracking import stage_run
 
-    with stage_run(f"train_teacher_{family}", cfg, {f"teacher.{family}": teacher, f"warm_start.{family}": policy}
-                   ) as run:
+    params = {f"teacher.{family}": teacher, **({f"warm_start.{family}": policy} if policy else {})}
+    with stage_run(f"train_teacher_{family}", cfg, params) as run:
         if (spec := teacher.pretrained) is not None:
             model, shape, metrics = import_ctr_teacher(teacher, args.data, f"teacher.{family}.pretrained")
             publish_imported(run, model, spec, metrics, args, "ctr", teacher.arch, shape=shape)

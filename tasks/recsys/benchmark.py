@@ -22,9 +22,10 @@ from tasks.ctr.config import RecArch
 from tasks.ctr.ctr_onnx import MODELS, export_ctr_fp32
 from tasks.ctr.ctr_training import fit_ctr, label_loss, load_ctr_data
 from tasks.ctr.models import CtrModel
+from tasks.ctr.scores import ratios, split_quality
 from tasks.errors import run_cli
 from tasks.onnx_models import file_sizes
-from tasks.recsys.evaluate import ratios, score_onnx, split_quality
+from tasks.recsys.evaluate import score_onnx
 
 #: RecBole's context-aware benchmark on MovieLens-1M (test AUC), for orientation only: another data set.
 RECBOLE_ML1M = {"LR": 0.8699, "FM": 0.8935, "DeepFM": 0.8997}

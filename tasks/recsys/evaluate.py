@@ -22,6 +22,7 @@ from tasks.artifacts import count_parameters, load_model
 from tasks.config import stage_args
 from tasks.ctr.ctr_onnx import MODELS, OUTPUT, onnx_probabilities
 from tasks.ctr.ctr_training import CtrSplit, ctr_metrics
+from tasks.ctr.scores import ratios, split_quality
 from tasks.errors import run_cli
 from tasks.io import read_windows
 from tasks.onnx_models import file_sizes, percentiles_ms, session, timed_runs
@@ -74,13 +75,6 @@ def request_latency(path: Path, catalog: Catalog, cfg: EvaluateRecsys) -> dict[s
             "candidates": count}
 
 
-def split_quality(path: Path, data_dir: Path, split: str, threads: int) -> dict[str, float]:
-    """``<split>_auc`` and ``<split>_logloss`` of one ONNX file."""
-    rows = CtrSplit.load(data_dir, split)
-    quality = ctr_metrics(rows.y.numpy(), onnx_probabilities(path, rows, threads=threads))
-    return {f"{split}_{k}": v for k, v in quality.items()}
-
-
 def window_quality(labels: np.ndarray, probabilities: np.ndarray, data_dir: Path) -> dict[str, float]:
     """``<window>_auc``, ``<window>_logloss`` and ``<window>_rows`` on the test rows of each evaluation window of
     ``windows.json`` (golden, recent; a window whose rows hold one class only has no AUC: its rows are reported)."""
@@ -130,14 +124,6 @@ def evaluate_recsys(cfg: EvaluateRecsys, data_dir: Path, onnx_dir: Path, models:
                                    cfg.ranking_k, cfg.threads, cfg.ranking_users),
                          "parameters": count_parameters(load_model(models[name]))}
     return results
-
-
-def ratios(results: dict[str, dict]) -> dict[str, float]:
-    teacher, fp32, int8 = results["teacher_fp32"], results["student_fp32"], results["student_int8"]
-    return {"size_ratio_vs_teacher": teacher["bytes"] / int8["bytes"],
-            "speedup_p50_vs_teacher": teacher["latency_p50_ms"] / int8["latency_p50_ms"],
-            "int8_vs_fp32_speedup": fp32["latency_p50_ms"] / int8["latency_p50_ms"],
-            "test_auc_drop_vs_teacher": teacher["test_auc"] - int8["test_auc"]}
 
 
 def main() -> None:

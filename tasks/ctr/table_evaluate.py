@@ -1,0 +1,93 @@
+"""Stage ``evaluate_<family>`` of a table family, and its contract (``table_family``): the exported click-through
+models measured in onnxruntime.
+
+Inputs: ``<data>`` (the prepare stage's folder), ``<onnx>`` (the export stage's) and the PyTorch models (for
+parameter counts). Output ``<metrics>``: per ONNX model the validation AUC and logloss (``val_*``: what a choice
+between models may read), the test AUC and logloss (``test_*``: reported and gated, never chosen on), stored size,
+and the latency of one request scoring ``request_rows`` test rows (p50 / p95 / p99) with its throughput in rows/s;
+plus ratios against the teacher, and the SHA-256 of every ONNX file measured.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tasks.artifacts import count_parameters, load_model
+from tasks.config import stage_args
+from tasks.ctr.ctr_onnx import MODELS, onnx_probabilities
+from tasks.ctr.ctr_training import CtrSplit
+from tasks.ctr.scores import ratios, split_quality
+from tasks.ctr.table import FEATURES, VOCABULARY
+from tasks.ctr.table_config import EvaluateTable
+from tasks.family import Family
+from tasks.gate import GateSpec
+from tasks.onnx_models import file_sizes, percentiles_ms, session, timed_runs
+
+
+def request(data_dir: Path, rows: int) -> dict[str, np.ndarray]:
+    """One request: the first ``rows`` test rows (fewer when the split holds fewer)."""
+    test = CtrSplit.load(data_dir, "test")
+    return {"fields": test.fields[:rows].numpy(), "genres": test.genres[:rows].numpy()}
+
+
+def request_latency(path: Path, data_dir: Path, cfg: EvaluateTable) -> dict[str, float]:
+    feeds = request(data_dir, cfg.request_rows)
+    count = len(feeds["fields"])
+    times = timed_runs(session(path, cfg.threads), feeds, cfg.warmup, cfg.repeats)
+    return {**percentiles_ms(times, "latency"), "throughput_rows_per_s": float(count / np.median(times)),
+            "request_rows": count}
+
+
+def score_onnx(path: Path, data_dir: Path, cfg: EvaluateTable) -> dict[str, float]:
+    """Test AUC / logloss and the request latency of one ONNX file (what the gate re-measures for a champion)."""
+    return {**split_quality(path, data_dir, "test", cfg.threads), **request_latency(path, data_dir, cfg)}
+
+
+def evaluate_table(cfg: EvaluateTable, data_dir: Path, onnx_dir: Path, models: dict[str, Path]) -> dict[str, dict]:
+    return {name: {**split_quality(onnx_dir / f"{name}.onnx", data_dir, "val", cfg.threads),
+                   **score_onnx(onnx_dir / f"{name}.onnx", data_dir, cfg), **file_sizes(onnx_dir / f"{name}.onnx"),
+                   "parameters": count_parameters(load_model(models[name]))}
+            for name in MODELS}
+
+
+def describe_data(data_dir: Path) -> dict[str, Any]:
+    """What a request means: the fields and groups in input order and the digest of the vocabulary that encodes
+    them (a champion of another vocabulary reads the same indices as other values: it is never compared)."""
+    features = json.loads((data_dir / FEATURES).read_text())
+    return {"fields": [f["name"] for f in features["fields"]], "groups": [g["name"] for g in features["groups"]],
+            "vocabulary_sha256": hashlib.sha256((data_dir / VOCABULARY).read_bytes()).hexdigest()}
+
+
+def table_family(name: str, title: str) -> Family:
+    """The contract of click-through family ``name`` on this kit: test AUC, the latency of one request of
+    ``evaluate.<name>.request_rows`` rows, the vocabulary shipped with every registered model."""
+    return Family(name, title, GateSpec("latency", "one-request"),
+                  lambda path, data, cfg: score_onnx(path, data, cfg.block("evaluate", name)),
+                  lambda path, data, cfg: request_latency(path, data, cfg.block("evaluate", name)),
+                  lambda data: request(data, 1), describe_data=describe_data, model_files=(VOCABULARY,))
+
+
+def main(family: str) -> None:
+    args, cfg = stage_args(__doc__, "--data", "--onnx", "--teacher", "--student-fp32", "--student", "--metrics")
+    ev = cfg.block("evaluate", family)
+    from tasks.tracking import stage_run
+
+    with stage_run(f"evaluate_{family}", cfg, {f"evaluate.{family}": ev}) as run:
+        models = {"teacher_fp32": args.teacher, "student_fp32": args.student_fp32, "student_int8": args.student}
+        results = evaluate_table(ev, args.data, args.onnx, models)
+        summary = ratios(results)
+        run.publish_evaluation(args.metrics, results, summary, ev, args.onnx)
+        from tasks.figures import ctr_curves
+
+        test = CtrSplit.load(args.data, "test")
+        candidate = onnx_probabilities(args.onnx / "student_int8.onnx", test, threads=ev.threads)
+        run.log_figure(ctr_curves(test.y.numpy(), candidate, "INT8 student, test split"),
+                       "student_int8_roc_pr_calibration.png")
+    for name, r in results.items():
+        print(f"{name}: AUC val {r['val_auc']:.4f}, test {r['test_auc']:.4f}, {r['bytes']:,} bytes, "
+              f"p50 {r['latency_p50_ms']:.3f} ms per {r['request_rows']} rows")
+    print(", ".join(f"{k} {v:.3f}" for k, v in summary.items()))
