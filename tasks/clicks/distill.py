@@ -1,0 +1,6 @@
+"""Stage ``distill_clicks``: the click-through kit's ``tasks.ctr.distill`` on the clicks family's blocks."""
+from tasks.ctr.distill import main
+from tasks.errors import run_cli
+
+if __name__ == "__main__":
+    run_cli(lambda: main("clicks"))

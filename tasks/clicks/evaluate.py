@@ -1,0 +1,6 @@
+"""Stage ``evaluate_clicks``: the click-through kit's ``tasks.ctr.table_evaluate`` on the clicks family's blocks."""
+from tasks.ctr.table_evaluate import main
+from tasks.errors import run_cli
+
+if __name__ == "__main__":
+    run_cli(lambda: main("clicks"))

@@ -1,0 +1,6 @@
+"""Stage ``prepare_clicks``: the click-through kit's ``tasks.ctr.table`` on the clicks family's blocks."""
+from tasks.ctr.table import main
+from tasks.errors import run_cli
+
+if __name__ == "__main__":
+    run_cli(lambda: main("clicks"))

@@ -1,0 +1,6 @@
+"""Stage ``prune_clicks``: the click-through kit's ``tasks.ctr.prune`` on the clicks family's blocks."""
+from tasks.ctr.prune import main
+from tasks.errors import run_cli
+
+if __name__ == "__main__":
+    run_cli(lambda: main("clicks"))

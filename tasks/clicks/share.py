@@ -1,0 +1,6 @@
+"""Stage ``share_clicks``: the click-through kit's ``tasks.ctr.share`` on the clicks family's blocks."""
+from tasks.ctr.share import main
+from tasks.errors import run_cli
+
+if __name__ == "__main__":
+    run_cli(lambda: main("clicks"))
