@@ -21,7 +21,7 @@ from flows.stage_graph import stage_graph
 from tests.e2e.scratch import dvc, locked_outs, make_repo, repo_env
 
 pytestmark = pytest.mark.e2e
-FAMILIES = ["vision", "recsys", "text", "digits"]   # params.yaml's, in its order
+FAMILIES = ["vision", "recsys", "text", "digits", "clicks"]   # params.yaml's, in its order
 
 
 @pytest.fixture(scope="module")
@@ -235,6 +235,33 @@ def test_the_prefect_run_shows_what_each_stage_printed_the_gates_and_the_evaluat
     assert any(m.startswith("epoch 1/1:") for m in teacher), teacher[-10:]
 
 
+def test_a_click_table_family_added_through_the_contract_runs_the_graph_gate_and_registry(flow_repo):
+    """The fifth family, a table family of the click-through kit: MovieLens's ratings written out as one Parquet table,
+    read back only through the schema params.yaml declares, compressed, gated and registered with its vocabulary."""
+    import pandas as pd
+
+    repo, _, result = flow_repo
+    table = pd.read_parquet(repo / "data/clicks/table/ratings.parquet")
+    assert len(table) == 72855 and set(table.click.unique()) == {0, 1}
+    features = json.loads((repo / "data/clicks/processed/features.json").read_text())
+    assert [f["name"] for f in features["fields"]] == ["user_id", "item_id", "age", "gender", "occupation",
+                                                       "zip_code", "release_year"]
+    assert features["groups"] == [{"name": "genres", "offset": 0, "size": 19}]   # MovieLens's 19 genres
+    assert sum(s["rows"] for s in features["splits"].values()) == 20000   # the smoke profile's subset
+    assert json.loads((repo / "reports/clicks/validation.json").read_text())["success"]
+    evaluation = json.loads((repo / "metrics/clicks/evaluation.json").read_text())
+    assert evaluation["models"]["student_int8"]["test_auc"] > 0.6    # two epochs on 16,000 rows learn something
+    assert evaluation["models"]["student_int8"]["request_rows"] == 1000
+    gate = result["gates"]["clicks"]
+    assert gate["passed"] and gate["version"] == "1" and gate["name"] == "smoke-clicks-student-int8"
+    client = MlflowClient(result["tracking_uri"])
+    champion = client.get_model_version_by_alias("smoke-clicks-student-int8", "champion")
+    assert champion.tags["data.hash"] == locked_outs(repo)["data/clicks/processed"]
+    registered = {a.path.rsplit("/", 1)[-1] for a in client.list_artifacts(champion.run_id, "model")}
+    assert {"model.onnx", "vocabulary.json"} <= registered   # what a client encodes raw rows with
+    assert "| auc |" in (repo / "reports" / "clicks" / "gate.md").read_text()
+
+
 def test_dvc_plots_and_metrics_show_every_family(flow_repo):
     """dvc.yaml's top-level plots render train and validation curves of the trained models in one chart per family, and
     ``dvc metrics show`` covers every family's metrics files."""
@@ -242,7 +269,7 @@ def test_dvc_plots_and_metrics_show_every_family(flow_repo):
     shown = dvc(repo, "plots", "show", "--json")
     assert shown.returncode == 0, shown.stderr
     plots = json.loads(shown.stdout)
-    for chart, metric in (("vision_accuracy", "accuracy"), ("recsys_auc", "auc")):
+    for chart, metric in (("vision_accuracy", "accuracy"), ("recsys_auc", "auc"), ("clicks_auc", "auc")):
         (spec,) = plots["data"][chart]
         drawn = {v["filename::field"] for v in spec["content"]["data"]["values"]}   # one line per file and field
         assert drawn == {f"{model}_history.csv::{split}_{metric}" for split in ("train", "val")
@@ -310,18 +337,18 @@ def test_make_smoke_runs_a_family_in_its_own_copy_with_the_flows_outputs(flow_re
     before = {p: p.read_bytes() if p.exists() else None for p in watched}
     dest = tmp_path / "smoke"
     env = {**os.environ, "MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}  # a server it must not use
-    proc = subprocess.run([sys.executable, "-m", "flows.smoke", "--dir", str(dest), "--family", "recsys"],
+    proc = subprocess.run([sys.executable, "-m", "flows.smoke", "--dir", str(dest), "--family", "clicks"],
                           capture_output=True, text=True, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "smoke run: 11 stages and 1 gate(s)" in proc.stdout and "gate recsys: PASS" in proc.stdout
+    assert "smoke run: 10 stages and 1 gate(s)" in proc.stdout and "gate clicks: PASS" in proc.stdout
     assert {p: p.read_bytes() if p.exists() else None for p in watched} == before
     champion = MlflowClient(f"sqlite:///{dest / 'mlflow.db'}").get_model_version_by_alias(
-        "smoke-ctr-student-int8", "champion")
+        "smoke-clicks-student-int8", "champion")
     assert str(champion.version) == "1"
     theirs = locked_outs(dest)
     ours = {path: md5 for path, md5 in locked_outs(repo).items() if path in theirs}
-    assert len(theirs) >= 9 and "models/recsys/student_qat.pt" in theirs
-    for measured in ("metrics/recsys/evaluation.json", "reports/recsys/data_docs"):  # latencies; run times
+    assert len(theirs) >= 9 and "models/clicks/student_qat.pt" in theirs
+    for measured in ("metrics/clicks/evaluation.json", "reports/clicks/data_docs"):  # latencies; run times
         assert ours.pop(measured) and theirs.pop(measured)
     assert theirs == ours
 
