@@ -180,7 +180,7 @@ def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str, family: st
         if champ is not None and champion is None:  # the champion and the candidate: same test data, same run
             champion_file = download_onnx(client, champ, Path(tmp))
             check_comparable(gate.registered_model, champ, champion_file, root / where["candidate"], description,
-                             family)
+                             family, paired=contract.paired_data is not None)
             pair = contract.paired_data(champion_file.parent, data, Path(tmp) / "paired", cfg) \
                 if contract.paired_data else None
             champion = {"version": str(champ.version), **contract.score(champion_file, pair[0] if pair else data, cfg)}

@@ -112,14 +112,19 @@ def split_by(client: MlflowClient, version: Any) -> str | None:
 
 
 def check_comparable(name: str, champ: Any, champion_file: Path, candidate_file: Path, description: str,
-                     family: str) -> None:
+                     family: str, paired: bool = False) -> None:
     """Raise RegistryError when the champion was made for other data than the candidate (other inputs, outputs or
-    data description): their scores on this data would compare nothing, and clients of the champion would break."""
+    data description): their scores on this data would compare nothing, and clients of the champion would break.
+    ``paired``: the family scores a champion on the data in its own encoding (``Family.paired_data``), whose widths
+    may differ from today's (a table's tags): then the inputs' and outputs' types and ranks must match, not sizes."""
+    def kinds(signature: list) -> list:
+        return [[(elem, len(shape)) for elem, shape in values] for values in signature] if paired else signature
+
     why = ""
     if description and champ.tags.get(DATA_TAG, description) != description:
         why = f"its data description ({DATA_TAG} {champ.tags[DATA_TAG][:12]}…) differs from the candidate's " \
               f"({description[:12]}…)"
-    elif (theirs := io_signature(champion_file)) != (ours := io_signature(candidate_file)):
+    elif kinds(theirs := io_signature(champion_file)) != kinds(ours := io_signature(candidate_file)):
         why = f"it takes {theirs[0]} and gives {theirs[1]}; the candidate takes {ours[0]} and gives {ours[1]}"
     if why:
         raise RegistryError(f"{name}@champion (version {champ.version}) was made for other data: {why}. Register "

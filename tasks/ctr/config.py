@@ -43,7 +43,7 @@ class RecArch(ModelArch):
 
 class TrainTeacherCtr(Training):
     arch: RecArch
-    pretrained: PretrainedTeacher | None = None   # features: the one (N, fields + 1, dim) field-vector tensor
+    pretrained: PretrainedTeacher | None = None   # features: the one (N, fields + groups, dim) field-vector tensor
 
 
 class DistillCtr(Training):

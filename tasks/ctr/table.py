@@ -1,21 +1,26 @@
 """Stage ``prepare_<family>`` of a table family: a user's click-through table (CSV or Parquet) -> encoded splits,
 read only through the schema ``data.<family>`` declares (``tasks.ctr.table_config.TableData``).
 
-Rows: every row of the table (or a seeded ``subset``), labelled by its ``label`` column (0/1, true/false). Split:
-a seeded hash of each row's ``split.key`` values (a row keeps its split when the table grows), or the table's own
-split column. Encoding, from the training rows only: a categorical field gets one embedding row per value seen at
-least ``min_count`` times there, after row 0, which every other value (unseen, rare, missing) shares; a multi-hot
-column one column per tag seen that often (other tags are dropped). Without a multi-hot column ``genres`` is one
-all-zero column.
+Values: every declared column is read as text, the same from either format (a missing value is an empty cell, a
+Parquet null or empty text; "NA" is a value; a whole-number float column, as Parquet stores integers beside nulls,
+reads as integers). Rows: every
+row of the table (or a seeded ``subset``), labelled by its ``label`` column (0/1, true/false). Split: a seeded hash
+of each row's ``split.key`` values (a row keeps its split when the table grows), or the table's own split column.
+Encoding, from the training rows only: a categorical field gets one embedding row per value seen at least
+``min_count`` times there, after row 0, which every other value (unseen, rare, missing) shares; a multi-hot column
+one column per tag seen that often (other tags are dropped; a column left with none keeps one all-zero column).
+Without a multi-hot column ``genres`` is one all-zero column.
 
 Output in ``<out>``: ``{train,val,test}_{fields,genres,y}.npy`` (the kit's format, ``tasks.ctr.ctr_training``),
-``features.json`` (field layout with offsets and sizes, multi-hot groups, rows per split, source), and
-``vocabulary.json`` (each field's and group's values in embedding-row order: shipped with every registered model,
-so a client encodes a raw row as the model was trained).
+``features.json`` (field layout with offsets and sizes, multi-hot groups, rows per split, source), ``vocabulary.json``
+(registered with every model: each field and group in input order with its offset and values in row order, all a
+client needs to encode a raw row as the model was trained: ``encode_with``), and ``test_rows.parquet`` (the test
+rows' declared columns as read: a champion of an older vocabulary is scored on them in its own encoding).
 """
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -26,14 +31,14 @@ import pandas as pd
 from tasks.config import stage_args
 from tasks.ctr.table_config import SPLITS, TableData, TableFile
 from tasks.errors import DataFormatError, DataSourceError
-from tasks.io import save_npy, write_json
+from tasks.io import save_npy, write_atomic, write_json
 
-VOCABULARY, FEATURES = "vocabulary.json", "features.json"
+VOCABULARY, FEATURES, TEST_ROWS = "vocabulary.json", "features.json", "test_rows.parquet"
 OTHER = "<other>"   # a field's row 0: any value the training rows did not hold often enough
 TRUE, FALSE = frozenset({"1", "1.0", "true", "True", "TRUE"}), frozenset({"0", "0.0", "false", "False", "FALSE"})
 
 
-def table_format(spec: TableFile) -> str:
+def table_format(spec: TableFile, where: str) -> str:
     if spec.format:
         return spec.format
     name = spec.path.lower()
@@ -41,41 +46,54 @@ def table_format(spec: TableFile) -> str:
         return "parquet"
     if name.endswith((".csv", ".csv.gz", ".csv.bz2")):
         return "csv"
-    raise DataFormatError(f"{spec.path}: cannot tell its format from the name; set format: csv or parquet")
+    raise DataFormatError(f"{spec.path}: cannot tell its format from the name; set {where}.table.format: csv or "
+                          "parquet")
 
 
-def read_table(cfg: TableData, root: Path = Path()) -> pd.DataFrame:
-    """The declared columns of the table, every value a string (missing: NaN); a seeded ``subset`` of its rows."""
+def as_text(column: pd.Series, path: str) -> pd.Series:
+    """A Parquet column as the text a CSV cell of it would hold (None where missing)."""
+    if column.map(lambda v: isinstance(v, list | tuple | np.ndarray)).any():
+        raise DataFormatError(f"{path}: column {column.name!r} holds lists; write tags as one text value joined by "
+                              "the column's separator")
+    if pd.api.types.is_float_dtype(column) and (column.dropna() % 1 == 0).all():
+        column = column.astype("Int64")   # integers stored as floats beside nulls read as 123, not 123.0
+    return pd.Series([None if pd.isna(v) or v == "" else str(v) for v in column], index=column.index, dtype=object)
+
+
+def read_table(cfg: TableData, where: str, root: Path = Path()) -> pd.DataFrame:
+    """The declared columns (and split key columns) of the table as text (missing: None), a seeded ``subset`` of its
+    rows; the index is each row's position in the file."""
     path = root / cfg.table.path
     if not path.is_file():
-        raise DataSourceError(f"{cfg.table.path}: no such table (data.table.path)")
-    wanted = cfg.columns()
+        raise DataSourceError(f"{cfg.table.path}: no such table ({where}.table.path)")
+    wanted = list(dict.fromkeys(cfg.columns() + cfg.split.key))
+    fmt = table_format(cfg.table, where)
     try:
-        if table_format(cfg.table) == "parquet":
+        if fmt == "parquet":
             frame = pd.read_parquet(path)
-            frame = frame.astype({c: str for c in frame.columns if c in wanted}).where(frame.notna())
-        else:
-            frame = pd.read_csv(path, dtype=str, keep_default_na=True)
+        else:   # only an empty cell is missing: "NA" or "null" is a value, as it is in Parquet
+            frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
     except (OSError, ValueError, ImportError) as err:   # pandas' ParserError is a ValueError; pyarrow's errors too
-        raise DataFormatError(f"{cfg.table.path}: cannot be read as {table_format(cfg.table)} "
-                              f"({' '.join(str(err).split())[:300]})") from err
-    missing = [c for c in wanted + cfg.split.key if c not in frame.columns]
+        raise DataFormatError(f"{cfg.table.path}: cannot be read as {fmt} ({' '.join(str(err).split())[:300]})"
+                              ) from err
+    missing = [c for c in wanted if c not in frame.columns]
     if missing:
-        raise DataFormatError(f"{cfg.table.path}: has no column {', '.join(missing)} (its columns: "
-                              f"{', '.join(map(str, frame.columns))[:300]})")
-    frame = frame[wanted + [c for c in cfg.split.key if c not in wanted]]
+        raise DataFormatError(f"{cfg.table.path}: has no column {', '.join(missing)} declared in {where} (its "
+                              f"columns: {', '.join(map(str, frame.columns))[:300]})")
+    frame = pd.DataFrame({c: as_text(frame[c], cfg.table.path) if fmt == "parquet"
+                          else frame[c].astype(object).where(frame[c].notna(), None) for c in wanted})
     if cfg.subset is not None and cfg.subset < len(frame):
         frame = frame.iloc[np.sort(np.random.default_rng(cfg.seed).choice(len(frame), cfg.subset, replace=False))]
-    return frame.reset_index(drop=True)
+    return frame
 
 
 def labels(frame: pd.DataFrame, cfg: TableData) -> np.ndarray:
-    """The label column as 0.0 / 1.0; a value that is neither stops the stage naming rows."""
+    """The label column as 0.0 / 1.0; a value that is neither stops the stage naming rows of the file."""
     values = frame[cfg.label]
     ones, zeros = values.isin(TRUE), values.isin(FALSE)
     bad = np.flatnonzero(~(ones | zeros).to_numpy())
     if len(bad):
-        shown = ", ".join(f"row {i}: {values.iloc[i]!r}" for i in bad[:5])
+        shown = ", ".join(f"row {frame.index[i]}: {values.iloc[i]!r}" for i in bad[:5])
         raise DataFormatError(f"{cfg.table.path}: label column {cfg.label!r} holds {len(bad)} value(s) that are not "
                               f"0/1 or true/false ({shown})")
     return ones.to_numpy(np.float32)
@@ -88,10 +106,9 @@ def assign_splits(frame: pd.DataFrame, cfg: TableData) -> np.ndarray:
         bad = np.flatnonzero(~np.isin(names, SPLITS))
         if len(bad):
             raise DataFormatError(f"{cfg.table.path}: split column {cfg.split.column!r} holds values other than "
-                                  f"{list(SPLITS)} (row {bad[0]}: {names[bad[0]]!r}, {len(bad)} rows)")
+                                  f"{list(SPLITS)} (row {frame.index[bad[0]]}: {names[bad[0]]!r}, {len(bad)} rows)")
         return names
-    key = cfg.split.key or cfg.columns()
-    joined = frame[key].fillna("").astype(str).agg("\x1f".join, axis=1)
+    joined = frame[cfg.split_key()].fillna("").astype(str).agg("\x1f".join, axis=1)
     u = np.array([int.from_bytes(hashlib.sha256(f"{cfg.seed}:{row}".encode()).digest()[:8], "big")
                   for row in joined], dtype=np.float64) / 2.0**64
     return np.where(u < cfg.split.test, "test", np.where(u < cfg.split.test + cfg.split.val, "val", "train"))
@@ -102,71 +119,70 @@ def tags(column: pd.Series, separator: str) -> pd.Series:
     return column.fillna("").map(lambda text: [t.strip() for t in text.split(separator) if t.strip()])
 
 
-def vocabulary(train: pd.DataFrame, cfg: TableData) -> dict[str, list[str]]:
-    """Each field's values after row 0 (``OTHER``), and each multi-hot column's tags, in embedding-row order: those
-    the training rows hold at least ``min_count`` times, sorted."""
+def vocabulary(train: pd.DataFrame, cfg: TableData) -> dict[str, Any]:
+    """What ``vocabulary.json`` holds: each field (input order) with its embedding rows' offset and values (row
+    offset + 1 + i holds values[i]; row offset the other values), each multi-hot group with its columns' offset in
+    ``genres``, its separator and tags (a group left without tags keeps one all-zero column)."""
     def frequent(values: pd.Series) -> list[str]:
         counts = values.value_counts()
         return sorted(str(v) for v in counts[counts >= cfg.min_count].index)
 
-    vocab = {name: frequent(train[name].dropna()) for name in cfg.categorical}
-    for group in cfg.multi_hot:
-        vocab[group.column] = frequent(tags(train[group.column], group.separator).explode().dropna())
-    return vocab
-
-
-def layout(vocab: dict[str, list[str]], cfg: TableData) -> tuple[list[dict], list[dict]]:
-    """(the fields' embedding rows: name, offset, size with row 0 for other values; the multi-hot groups: name,
-    offset and size in ``genres``' columns)."""
     fields, offset = [], 0
     for name in cfg.categorical:
-        fields.append({"name": name, "offset": offset, "size": 1 + len(vocab[name])})
-        offset += 1 + len(vocab[name])
+        values = frequent(train[name].dropna())
+        fields.append({"name": name, "offset": offset, "size": 1 + len(values), "values": values})
+        offset += 1 + len(values)
     groups, column = [], 0
-    for group in cfg.multi_hot:
-        size = max(1, len(vocab[group.column]))   # a column whose every tag is rare still has its (zero) column
-        groups.append({"name": group.column, "offset": column, "size": size})
-        column += size
-    return fields, groups or [{"name": "", "offset": 0, "size": 1}]
+    for spec in cfg.multi_hot:
+        found = frequent(tags(train[spec.column], spec.separator).explode().dropna())
+        groups.append({"name": spec.column, "separator": spec.separator, "offset": column, "size": max(1, len(found)),
+                       "tags": found})
+        column += max(1, len(found))
+    return {"other": OTHER, "fields": fields,
+            "groups": groups or [{"name": "", "separator": "", "offset": 0, "size": 1, "tags": []}]}
 
 
-def encode(frame: pd.DataFrame, vocab: dict[str, list[str]], cfg: TableData) -> tuple[np.ndarray, np.ndarray]:
-    """(fields (N, F) int64 global embedding rows, genres (N, G) float32 multi-hot) of ``frame``'s rows."""
-    fields_layout, groups = layout(vocab, cfg)
+def encode_with(frame: pd.DataFrame, vocab: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """(fields (N, F) int64 global embedding rows, genres (N, G) float32 multi-hot) of ``frame``'s raw rows in the
+    encoding of ``vocab`` (a ``vocabulary.json``)."""
     codes = []
-    for field in fields_layout:
-        index = {v: i + 1 for i, v in enumerate(vocab[field["name"]])}
+    for field in vocab["fields"]:
+        index = {v: i + 1 for i, v in enumerate(field["values"])}
         codes.append(frame[field["name"]].map(index).fillna(0).to_numpy(np.int64) + field["offset"])
-    genres = np.zeros((len(frame), sum(g["size"] for g in groups)), dtype=np.float32)
-    for group, spec in zip(groups, cfg.multi_hot, strict=False):
-        index = {t: group["offset"] + i for i, t in enumerate(vocab[spec.column])}
-        for row, found in enumerate(tags(frame[spec.column], spec.separator)):
+    genres = np.zeros((len(frame), sum(g["size"] for g in vocab["groups"])), dtype=np.float32)
+    for group in vocab["groups"]:
+        if not group["name"]:
+            continue
+        index = {t: group["offset"] + i for i, t in enumerate(group["tags"])}
+        for row, found in enumerate(tags(frame[group["name"]], group["separator"])):
             genres[row, [index[t] for t in found if t in index]] = 1.0
     fields = np.stack(codes, axis=1) if codes else np.zeros((len(frame), 0), np.int64)
     return np.ascontiguousarray(fields), genres
 
 
-def prepare_table(cfg: TableData, out: Path, root: Path = Path()) -> dict[str, Any]:
+def prepare_table(cfg: TableData, out: Path, where: str, root: Path = Path()) -> dict[str, Any]:
     """Read, label, split and encode the table into ``out``; return the manifest (``features.json``)."""
-    frame = read_table(cfg, root)
+    frame = read_table(cfg, where, root)
     y, split = labels(frame, cfg), assign_splits(frame, cfg)
     vocab = vocabulary(frame[split == "train"], cfg)
-    fields_layout, groups = layout(vocab, cfg)
     manifest: dict[str, Any] = {
-        "source": f"{cfg.table.path} ({table_format(cfg.table)})", "fields": fields_layout, "groups": groups,
-        "genres": [name for spec in cfg.multi_hot
-                   for name in ([f"{spec.column}={t}" for t in vocab[spec.column]] or [f"{spec.column}=(no tag)"])]
-        or ["(none)"],
-        "vocabulary": sum(f["size"] for f in fields_layout), "read": {"rows": len(frame)}, "splits": {}}
+        "source": f"{cfg.table.path} ({table_format(cfg.table, where)})",
+        "fields": [{k: f[k] for k in ("name", "offset", "size")} for f in vocab["fields"]],
+        "groups": [{k: g[k] for k in ("name", "offset", "size")} for g in vocab["groups"]],
+        "genres": [f"{g['name']}={t}" if g["name"] else "(none)" for g in vocab["groups"]
+                   for t in (g["tags"] or ["(no tag)"])],
+        "vocabulary": sum(f["size"] for f in vocab["fields"]), "read": {"rows": len(frame)}, "splits": {}}
     for name in SPLITS:
         rows = split == name
-        fields, genres = encode(frame[rows], vocab, cfg)
+        fields, genres = encode_with(frame[rows], vocab)
         for suffix, arr in (("fields", fields), ("genres", genres), ("y", y[rows])):
             save_npy(out / f"{name}_{suffix}.npy", arr)
         manifest["splits"][name] = {"rows": int(rows.sum()),
                                     "positive_fraction": float(y[rows].mean()) if rows.any() else 0.0}
-    write_json(out / VOCABULARY, {"other": OTHER, "fields": {f: vocab[f] for f in cfg.categorical},
-                                  "multi_hot": {g.column: vocab[g.column] for g in cfg.multi_hot}})
+    buffer = io.BytesIO()
+    frame[split == "test"].reset_index(drop=True).to_parquet(buffer, index=False)
+    write_atomic(out / TEST_ROWS, buffer.getvalue())
+    write_json(out / VOCABULARY, vocab)
     write_json(out / FEATURES, manifest)
     return manifest
 
@@ -177,7 +193,7 @@ def main(family: str) -> None:
     from tasks.tracking import stage_run
 
     with stage_run(f"prepare_{family}", cfg, params={f"data.{family}": data}) as run:
-        manifest = prepare_table(data, args.out)
+        manifest = prepare_table(data, args.out, f"data.{family}")
         run.log_metrics({f"{s}_rows": v["rows"] for s, v in manifest["splits"].items()}
                         | {"vocabulary": manifest["vocabulary"]})
         run.set_tag("data.source", manifest["source"])

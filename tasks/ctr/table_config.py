@@ -37,13 +37,20 @@ class TableSplit(Strict):
     method: Literal["hash", "column"]
     val: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.1
     test: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.1
-    key: Annotated[list[str], distinct("key column")] = []   # hash: the columns that identify a row (default: all)
+    # hash: the columns that identify a row (default: the categorical and multi-hot columns; never the label, so a
+    # corrected label leaves its row where it was)
+    key: Annotated[list[str], distinct("key column")] = []
     column: str | None = None
 
     @model_validator(mode="after")
     def _method_needs(self) -> TableSplit:
-        if self.method == "column" and not self.column:
-            raise ValueError("method column needs `column`, the column that says train, val or test")
+        if self.method == "column":
+            if not self.column:
+                raise ValueError("method column needs `column`, the column that says train, val or test")
+            if ignored := sorted({"val", "test", "key"} & self.model_fields_set):
+                raise ValueError(f"method column takes the split from the table: {ignored} would be ignored")
+        elif self.column is not None:
+            raise ValueError("method hash hashes `key`: `column` would be ignored (method column reads it)")
         return self
 
 
@@ -75,9 +82,13 @@ class TableData(Strict):
         return self
 
     def columns(self) -> list[str]:
-        """Every column the schema reads."""
+        """Every column the schema reads (the split key's aside)."""
         return [self.label, *self.categorical, *(m.column for m in self.multi_hot),
                 *([self.split.column] if self.split.method == "column" and self.split.column else [])]
+
+    def split_key(self) -> list[str]:
+        """The columns a hashed split hashes."""
+        return self.split.key or [*self.categorical, *(m.column for m in self.multi_hot)]
 
 
 class TableValidation(Strict):

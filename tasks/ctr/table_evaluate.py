@@ -9,22 +9,23 @@ plus ratios against the teacher, and the SHA-256 of every ONNX file measured.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 
 from tasks.artifacts import count_parameters, load_model
 from tasks.config import stage_args
 from tasks.ctr.ctr_onnx import MODELS, onnx_probabilities
 from tasks.ctr.ctr_training import CtrSplit
 from tasks.ctr.scores import ratios, split_quality
-from tasks.ctr.table import FEATURES, VOCABULARY
+from tasks.ctr.table import TEST_ROWS, VOCABULARY, encode_with
 from tasks.ctr.table_config import EvaluateTable
 from tasks.family import Family
 from tasks.gate import GateSpec
+from tasks.io import save_npy
 from tasks.onnx_models import file_sizes, percentiles_ms, session, timed_runs
 
 
@@ -55,11 +56,29 @@ def evaluate_table(cfg: EvaluateTable, data_dir: Path, onnx_dir: Path, models: d
 
 
 def describe_data(data_dir: Path) -> dict[str, Any]:
-    """What a request means: the fields and groups in input order and the digest of the vocabulary that encodes
-    them (a champion of another vocabulary reads the same indices as other values: it is never compared)."""
-    features = json.loads((data_dir / FEATURES).read_text())
-    return {"fields": [f["name"] for f in features["fields"]], "groups": [g["name"] for g in features["groups"]],
-            "vocabulary_sha256": hashlib.sha256((data_dir / VOCABULARY).read_bytes()).hexdigest()}
+    """What a request means: the fields and the tag columns in input order (which values a model knows is its
+    vocabulary's, registered with it: ``paired_data`` scores a champion of another one in its own encoding)."""
+    vocab = json.loads((data_dir / VOCABULARY).read_text())
+    return {"fields": [f["name"] for f in vocab["fields"]],
+            "groups": [[g["name"], g["separator"]] for g in vocab["groups"]]}
+
+
+def paired_data(champion: Path, data: Path, scratch: Path, cfg: Any) -> tuple[Path, Path] | None:
+    """The test rows of ``data`` encoded in the champion's registered vocabulary, beside ``data`` itself: a champion
+    trained on an older version of the table (other values, other tags, so other rows and columns) scored on
+    today's test rows as it would serve them (a value it never saw: its field's row 0). None when both vocabularies
+    are the same."""
+    theirs, ours = (json.loads(p.read_text()) for p in (champion / VOCABULARY, data / VOCABULARY))
+    if theirs == ours:
+        return None
+    fields, genres = encode_with(pd.read_parquet(data / TEST_ROWS), theirs)
+    paired = scratch / "champion"
+    save_npy(paired / "test_fields.npy", fields)
+    save_npy(paired / "test_genres.npy", genres)
+    save_npy(paired / "test_y.npy", np.load(data / "test_y.npy"))
+    print(f"champion scored in its own vocabulary ({sum(f['size'] for f in theirs['fields'])} rows, "
+          f"{genres.shape[1]} tag columns) on the {len(fields)} test rows")
+    return paired, data
 
 
 def table_family(name: str, title: str) -> Family:
@@ -68,7 +87,8 @@ def table_family(name: str, title: str) -> Family:
     return Family(name, title, GateSpec("latency", "one-request"),
                   lambda path, data, cfg: score_onnx(path, data, cfg.block("evaluate", name)),
                   lambda path, data, cfg: request_latency(path, data, cfg.block("evaluate", name)),
-                  lambda data: request(data, 1), describe_data=describe_data, model_files=(VOCABULARY,))
+                  lambda data: request(data, 1), describe_data=describe_data, model_files=(VOCABULARY,),
+                  paired_data=paired_data)
 
 
 def main(family: str) -> None:
