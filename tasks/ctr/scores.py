@@ -3,6 +3,7 @@ student's ratios against the teacher and the FP32 student."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from tasks.ctr.ctr_onnx import onnx_probabilities
 from tasks.ctr.ctr_training import CtrSplit, ctr_metrics
@@ -13,6 +14,16 @@ def split_quality(path: Path, data_dir: Path, split: str, threads: int) -> dict[
     rows = CtrSplit.load(data_dir, split)
     quality = ctr_metrics(rows.y.numpy(), onnx_probabilities(path, rows, threads=threads))
     return {f"{split}_{k}": v for k, v in quality.items()}
+
+
+def log_int8_curves(run: Any, onnx_dir: Path, data_dir: Path, threads: int) -> None:
+    """The INT8 student's ROC, precision-recall and calibration on the test split, as a figure of ``run``."""
+    from tasks.figures import ctr_curves
+
+    test = CtrSplit.load(data_dir, "test")
+    candidate = onnx_probabilities(onnx_dir / "student_int8.onnx", test, threads=threads)
+    run.log_figure(ctr_curves(test.y.numpy(), candidate, "INT8 student, test split"),
+                   "student_int8_roc_pr_calibration.png")
 
 
 def ratios(results: dict[str, dict]) -> dict[str, float]:

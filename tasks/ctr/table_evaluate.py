@@ -18,9 +18,9 @@ import pandas as pd
 
 from tasks.artifacts import count_parameters, load_model
 from tasks.config import stage_args
-from tasks.ctr.ctr_onnx import MODELS, onnx_probabilities
+from tasks.ctr.ctr_onnx import MODELS
 from tasks.ctr.ctr_training import CtrSplit
-from tasks.ctr.scores import ratios, split_quality
+from tasks.ctr.scores import log_int8_curves, ratios, split_quality
 from tasks.ctr.table import TEST_ROWS, VOCABULARY, encode_with
 from tasks.ctr.table_config import EvaluateTable
 from tasks.family import Family
@@ -101,12 +101,7 @@ def main(family: str) -> None:
         results = evaluate_table(ev, args.data, args.onnx, models)
         summary = ratios(results)
         run.publish_evaluation(args.metrics, results, summary, ev, args.onnx)
-        from tasks.figures import ctr_curves
-
-        test = CtrSplit.load(args.data, "test")
-        candidate = onnx_probabilities(args.onnx / "student_int8.onnx", test, threads=ev.threads)
-        run.log_figure(ctr_curves(test.y.numpy(), candidate, "INT8 student, test split"),
-                       "student_int8_roc_pr_calibration.png")
+        log_int8_curves(run, args.onnx, args.data, ev.threads)
     for name, r in results.items():
         print(f"{name}: AUC val {r['val_auc']:.4f}, test {r['test_auc']:.4f}, {r['bytes']:,} bytes, "
               f"p50 {r['latency_p50_ms']:.3f} ms per {r['request_rows']} rows")

@@ -22,7 +22,7 @@ from tasks.artifacts import count_parameters, load_model
 from tasks.config import stage_args
 from tasks.ctr.ctr_onnx import MODELS, OUTPUT, onnx_probabilities
 from tasks.ctr.ctr_training import CtrSplit, ctr_metrics
-from tasks.ctr.scores import ratios, split_quality
+from tasks.ctr.scores import log_int8_curves, ratios, split_quality
 from tasks.errors import run_cli
 from tasks.io import read_windows
 from tasks.onnx_models import file_sizes, percentiles_ms, session, timed_runs
@@ -136,12 +136,7 @@ def main() -> None:
         results = evaluate_recsys(ev, args.data, args.onnx, models)
         summary = ratios(results)
         run.publish_evaluation(args.metrics, results, summary, ev, args.onnx)
-        from tasks.figures import ctr_curves
-
-        test = CtrSplit.load(args.data, "test")
-        candidate = onnx_probabilities(args.onnx / "student_int8.onnx", test, threads=ev.threads)
-        run.log_figure(ctr_curves(test.y.numpy(), candidate,
-                                  "INT8 student, test split"), "student_int8_roc_pr_calibration.png")
+        log_int8_curves(run, args.onnx, args.data, ev.threads)
     for name, r in results.items():
         print(f"{name}: AUC val {r['val_auc']:.4f}, test {r['test_auc']:.4f}, "
               f"NDCG@{ev.ranking_k} {r[f'test_ndcg_at_{ev.ranking_k}']:.4f}, {r['bytes']:,} bytes, "
