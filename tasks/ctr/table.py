@@ -2,20 +2,23 @@
 read only through the schema ``data.<family>`` declares (``tasks.ctr.table_config.TableData``).
 
 Values: every declared column is read as text, the same from either format (a missing value is an empty cell, a
-Parquet null or empty text; "NA" is a value; a whole-number float column, as Parquet stores integers beside nulls,
-reads as integers). Rows: every
+Parquet null or empty text, or one of ``na_values``; "NA" is a value unless listed there; a whole-number float
+column, as Parquet stores integers beside nulls, reads as integers). Rows: every
 row of the table (or a seeded ``subset``), labelled by its ``label`` column (0/1, true/false). Split: a seeded hash
 of each row's ``split.key`` values (a row keeps its split when the table grows), or the table's own split column.
 Encoding, from the training rows only: a categorical field gets one embedding row per value seen at least
-``min_count`` times there, after row 0, which every other value (unseen, rare, missing) shares; a multi-hot column
-one column per tag seen that often (other tags are dropped; a column left with none keeps one all-zero column).
-Without a multi-hot column ``genres`` is one all-zero column.
+``min_count`` times there, after row 0, which every other value (unseen, rare, missing) shares; a numeric field one
+row per bin between the edges at its ``buckets`` quantiles there (a value on an edge goes to the bin above it), after
+row 0, which a missing value takes (a value that is not a finite number stops the stage naming rows); a multi-hot
+column one column per tag seen that often (other tags are dropped; a column left with none keeps one all-zero
+column). Without a multi-hot column ``genres`` is one all-zero column.
 
 Output in ``<out>``: ``{train,val,test}_{fields,genres,y}.npy`` (the kit's format, ``tasks.ctr.ctr_training``),
 ``features.json`` (field layout with offsets and sizes, multi-hot groups, rows per split, source), ``vocabulary.json``
-(registered with every model: each field and group in input order with its offset and values in row order, all a
-client needs to encode a raw row as the model was trained: ``encode_with``), and ``test_rows.parquet`` (the test
-rows' declared columns as read: a champion of an older vocabulary is scored on them in its own encoding).
+(registered with every model: each field and group in input order with its offset and values in row order, or a
+numeric field's bin edges, all a client needs to encode a raw row as the model was trained: ``encode_with``), and
+``test_rows.parquet`` (the test rows' declared columns as read: a champion of an older vocabulary is scored on them
+in its own encoding).
 """
 from __future__ import annotations
 
@@ -82,6 +85,8 @@ def read_table(cfg: TableData, where: str, root: Path = Path()) -> pd.DataFrame:
                               f"columns: {', '.join(map(str, frame.columns))[:300]})")
     frame = pd.DataFrame({c: as_text(frame[c], cfg.table.path) if fmt == "parquet"
                           else frame[c].astype(object).where(frame[c].notna(), None) for c in wanted})
+    if cfg.na_values:
+        frame = frame.mask(frame.isin(cfg.na_values), None)
     if cfg.subset is not None and cfg.subset < len(frame):
         frame = frame.iloc[np.sort(np.random.default_rng(cfg.seed).choice(len(frame), cfg.subset, replace=False))]
     return frame
@@ -97,6 +102,19 @@ def labels(frame: pd.DataFrame, cfg: TableData) -> np.ndarray:
         raise DataFormatError(f"{cfg.table.path}: label column {cfg.label!r} holds {len(bad)} value(s) that are not "
                               f"0/1 or true/false ({shown})")
     return ones.to_numpy(np.float32)
+
+
+def numbers(frame: pd.DataFrame, column: str, path: str = "") -> np.ndarray:
+    """A numeric column's values as float64 (NaN where missing); with ``path``, a value that is not a finite number
+    stops the stage naming rows of the file (without, it reads as missing: a client's row)."""
+    values = pd.to_numeric(frame[column], errors="coerce").to_numpy(np.float64)
+    if path:
+        bad = np.flatnonzero(frame[column].notna().to_numpy() & ~np.isfinite(values))
+        if len(bad):
+            shown = ", ".join(f"row {frame.index[i]}: {frame[column].iloc[i]!r}" for i in bad[:5])
+            raise DataFormatError(f"{path}: numeric column {column!r} holds {len(bad)} value(s) that are not finite "
+                                  f"numbers ({shown})")
+    return np.where(np.isfinite(values), values, np.nan)
 
 
 def assign_splits(frame: pd.DataFrame, cfg: TableData) -> np.ndarray:
@@ -120,9 +138,11 @@ def tags(column: pd.Series, separator: str) -> pd.Series:
 
 
 def vocabulary(train: pd.DataFrame, cfg: TableData) -> dict[str, Any]:
-    """What ``vocabulary.json`` holds: each field (input order) with its embedding rows' offset and values (row
-    offset + 1 + i holds values[i]; row offset the other values), each multi-hot group with its columns' offset in
-    ``genres``, its separator and tags (a group left without tags keeps one all-zero column)."""
+    """What ``vocabulary.json`` holds: each field (input order) with its embedding rows' offset and, categorical, its
+    values (row offset + 1 + i holds values[i]; row offset the other values) or, numeric, its bin edges (row offset
+    + 1 + i holds the values with i edges at or below them; row offset the missing ones), each multi-hot group with
+    its columns' offset in ``genres``, its separator and tags (a group left without tags keeps one all-zero
+    column)."""
     def frequent(values: pd.Series) -> list[str]:
         counts = values.value_counts()
         return sorted(str(v) for v in counts[counts >= cfg.min_count].index)
@@ -130,8 +150,16 @@ def vocabulary(train: pd.DataFrame, cfg: TableData) -> dict[str, Any]:
     fields, offset = [], 0
     for name in cfg.categorical:
         values = frequent(train[name].dropna())
-        fields.append({"name": name, "offset": offset, "size": 1 + len(values), "values": values})
+        fields.append({"name": name, "kind": "categorical", "offset": offset, "size": 1 + len(values),
+                       "values": values})
         offset += 1 + len(values)
+    for spec in cfg.numeric:
+        seen = numbers(train, spec.column)
+        seen = seen[~np.isnan(seen)]
+        edges = np.unique(np.quantile(seen, np.arange(1, spec.buckets) / spec.buckets)).tolist() if len(seen) else []
+        fields.append({"name": spec.column, "kind": "numeric", "offset": offset, "size": 2 + len(edges),
+                       "edges": edges})
+        offset += 2 + len(edges)
     groups, column = [], 0
     for spec in cfg.multi_hot:
         found = frequent(tags(train[spec.column], spec.separator).explode().dropna())
@@ -147,6 +175,11 @@ def encode_with(frame: pd.DataFrame, vocab: dict[str, Any]) -> tuple[np.ndarray,
     encoding of ``vocab`` (a ``vocabulary.json``)."""
     codes = []
     for field in vocab["fields"]:
+        if field.get("kind") == "numeric":   # (a vocabulary written before numeric fields names no kind)
+            values = numbers(frame, field["name"])
+            bins = np.searchsorted(np.asarray(field["edges"], np.float64), values, side="right") + 1
+            codes.append(np.where(np.isnan(values), 0, bins).astype(np.int64) + field["offset"])
+            continue
         index = {v: i + 1 for i, v in enumerate(field["values"])}
         codes.append(frame[field["name"]].map(index).fillna(0).to_numpy(np.int64) + field["offset"])
     genres = np.zeros((len(frame), sum(g["size"] for g in vocab["groups"])), dtype=np.float32)
@@ -164,6 +197,8 @@ def prepare_table(cfg: TableData, out: Path, where: str, root: Path = Path()) ->
     """Read, label, split and encode the table into ``out``; return the manifest (``features.json``)."""
     frame = read_table(cfg, where, root)
     y, split = labels(frame, cfg), assign_splits(frame, cfg)
+    for column in cfg.numeric_columns():
+        numbers(frame, column, cfg.table.path)
     vocab = vocabulary(frame[split == "train"], cfg)
     manifest: dict[str, Any] = {
         "source": f"{cfg.table.path} ({table_format(cfg.table, where)})",

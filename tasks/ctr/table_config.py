@@ -31,14 +31,22 @@ class MultiHot(Strict):
     separator: str = Field(default="|", min_length=1)
 
 
+class Numeric(Strict):
+    """A numeric column (a price, an age, a count): its training values cut at ``buckets`` quantiles into bins, one
+    embedding row each (bins of equal edges merge), after row 0, which a missing value takes."""
+
+    column: str = Field(min_length=1)
+    buckets: Annotated[int, Field(ge=2, le=1000)] = 10
+
+
 class TableSplit(Strict):
     # hash: a seeded hash of the ``key`` columns' values puts each row in train, val or test (a row keeps its split
     # when the table grows); column: the table's own ``column`` says train, val or test
     method: Literal["hash", "column"]
     val: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.1
     test: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.1
-    # hash: the columns that identify a row (default: the categorical and multi-hot columns; never the label, so a
-    # corrected label leaves its row where it was)
+    # hash: the columns that identify a row (default: the categorical, numeric and multi-hot columns; never the
+    # label, so a corrected label leaves its row where it was)
     key: Annotated[list[str], distinct("key column")] = []
     column: str | None = None
 
@@ -57,15 +65,19 @@ class TableSplit(Strict):
 class TableData(Strict):
     """A click-through table and its declared schema. Every categorical field gets one embedding row per value
     seen at least ``min_count`` times in the training rows, plus one row for any other value (unseen, rare or
-    missing); every multi-hot column one group of tag rows. Without a multi-hot column the model's ``genres`` input
-    is one all-zero column (its ONNX file still takes it)."""
+    missing); every numeric column one row per bin of its training values' quantiles, plus one for a missing value;
+    every multi-hot column one group of tag rows. Fields come in that order: categorical, then numeric. Without a
+    multi-hot column the model's ``genres`` input is one all-zero column (its ONNX file still takes it)."""
 
     # where the file is found: no row depends on it (tasks.lineage.data_params)
     LOCATION: ClassVar[frozenset[str]] = frozenset({"table"})
     table: TableFile
     label: str = Field(min_length=1)   # 0/1, or true/false
-    categorical: Annotated[list[str], Field(min_length=1), distinct("categorical column")]
+    categorical: Annotated[list[str], distinct("categorical column")] = []
+    numeric: list[Numeric] = []
     multi_hot: list[MultiHot] = []
+    # values that mean "missing" in any declared column, besides an empty cell and a null (e.g. "unknown", "n/a")
+    na_values: Annotated[list[str], distinct("na value")] = []
     split: TableSplit
     seed: int
     min_count: Positive = 1
@@ -73,30 +85,43 @@ class TableData(Strict):
 
     @model_validator(mode="after")
     def _columns_once(self) -> TableData:
-        named = [self.label, *self.categorical, *(m.column for m in self.multi_hot),
-                 *([self.split.column] if self.split.method == "column" else [])]
+        if not self.categorical and not self.numeric:
+            raise ValueError("no field: declare at least one categorical or numeric column")
+        named = self.columns()
         twice = sorted({c for c in named if named.count(c) > 1})
         if twice:
-            raise ValueError(f"columns {twice} are declared in more than one role (label, categorical, multi_hot, "
+            raise ValueError(f"columns {twice} are declared more than once (label, categorical, numeric, multi_hot, "
                              "split column)")
         return self
 
+    def numeric_columns(self) -> list[str]:
+        return [n.column for n in self.numeric]
+
     def columns(self) -> list[str]:
         """Every column the schema reads (the split key's aside)."""
-        return [self.label, *self.categorical, *(m.column for m in self.multi_hot),
+        return [self.label, *self.categorical, *self.numeric_columns(), *(m.column for m in self.multi_hot),
                 *([self.split.column] if self.split.method == "column" and self.split.column else [])]
 
     def split_key(self) -> list[str]:
         """The columns a hashed split hashes."""
-        return self.split.key or [*self.categorical, *(m.column for m in self.multi_hot)]
+        return self.split.key or [*self.categorical, *self.numeric_columns(), *(m.column for m in self.multi_hot)]
 
 
 class TableValidation(Strict):
     positive_fraction: Fraction        # expected share of label 1 per split ...
     positive_tolerance: Fraction       # ... within this absolute tolerance
     split_tolerance: Fraction          # a hashed split's share of the rows may differ from its configured share by this
-    max_missing: dict[str, Fraction] = {}   # a categorical column's share of missing values (default 0)
+    max_missing: dict[str, Fraction] = {}   # a categorical or numeric column's share of missing values (default 0)
     min_rows: dict[Literal["train", "val", "test"], Positive]   # a floor per split
+    # a numeric column's values within [low, high] (missing ones aside)
+    ranges: dict[str, Annotated[list[float], Field(min_length=2, max_length=2)]] = {}
+
+    @model_validator(mode="after")
+    def _ranges_ordered(self) -> TableValidation:
+        reversed_ = sorted(c for c, (low, high) in self.ranges.items() if low > high)
+        if reversed_:
+            raise ValueError(f"ranges of {reversed_}: low is above high")
+        return self
 
 
 class EvaluateTable(Strict):
@@ -112,10 +137,11 @@ SECTIONS: dict[str, Any] = {**{k: v for k, v in CTR_SECTIONS.items() if k != "wa
 
 
 def check(cfg: Config, family: str) -> None:
-    """The kit's checks, and that the contract's per-column allowances name declared categorical columns."""
+    """The kit's checks, and that the contract's per-column rules name declared columns of their kind."""
     check_ctr(cfg, family)
     data, rules = cfg.block("data", family), cfg.block("validate", family)
-    unknown = sorted(set(rules.max_missing) - set(data.categorical))
-    if unknown:
-        raise ValueError(f"validate.{family}.max_missing: {unknown} are not categorical columns of data.{family} "
-                         f"({data.categorical})")
+    fields = [*data.categorical, *data.numeric_columns()]
+    for key, names, kind in (("max_missing", fields, "categorical or numeric"),
+                             ("ranges", data.numeric_columns(), "numeric")):
+        if unknown := sorted(set(getattr(rules, key)) - set(names)):
+            raise ValueError(f"validate.{family}.{key}: {unknown} are not {kind} columns of data.{family} ({names})")

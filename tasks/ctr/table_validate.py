@@ -2,9 +2,10 @@
 
 Inputs: the table ``data.<family>.table`` and ``<data>`` as the prepare stage wrote it from it. Output:
 ``<report>`` (JSON, every expectation with its observed value) and ``<docs>`` (Data Docs). (A declared column the
-table lacks and a label that is no click stop the prepare stage before this one.) Checked: each categorical
-column's missing values within ``validate.<family>.max_missing`` (none by default); every row read into a split,
-each split above its
+table lacks, a label that is no click and a numeric value that is no number stop the prepare stage before this
+one.) Checked: each categorical and numeric column's missing values within ``validate.<family>.max_missing`` (none
+by default), each numeric column's values within its ``ranges`` entry, if any; every row read into a split, each
+split above its
 ``min_rows`` floor and, hashed, within ``split_tolerance`` of its share; per split the label balance within
 ``positive_tolerance`` of ``positive_fraction``, labels 0/1, every encoded field index inside its field's rows and
 the multi-hot columns 0/1. A failed expectation stops the pipeline naming it and the values.
@@ -20,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from tasks.config import stage_args
-from tasks.ctr.table import FEATURES, read_table
+from tasks.ctr.table import FEATURES, numbers, read_table
 from tasks.ctr.table_config import SPLITS, TableData, TableValidation
 from tasks.errors import DataFormatError
 from tasks.expectations import ephemeral_context, expectation_types, publish_validation, run_suites, suite
@@ -39,10 +40,13 @@ def load_splits(data_dir: Path) -> dict[str, Any]:
 
 def table_suite(family: str, table: pd.DataFrame, data: TableData, rules: TableValidation) -> tuple[Any, Any]:
     E = expectation_types()
-    # an empty multi-hot value is a row without tags
+    # an empty multi-hot value is a row without tags; numeric columns are checked as the numbers they hold
+    checked = table.assign(**{c: numbers(table, c) for c in data.numeric_columns()})
     return suite(f"{family}_table", [
-        E.ExpectColumnValuesToNotBeNull(column=column, mostly=1.0 - rules.max_missing.get(column, 0.0))
-        for column in data.categorical]), table
+        *(E.ExpectColumnValuesToNotBeNull(column=column, mostly=1.0 - rules.max_missing.get(column, 0.0))
+          for column in [*data.categorical, *data.numeric_columns()]),
+        *(E.ExpectColumnValuesToBeBetween(column=column, min_value=low, max_value=high)
+          for column, (low, high) in rules.ranges.items())]), checked
 
 
 def split_suites(family: str, found: dict[str, Any], data: TableData, rules: TableValidation,

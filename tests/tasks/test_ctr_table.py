@@ -1,7 +1,7 @@
 """A user's click-through table through the click-through kit: read by its declared schema (CSV or Parquet, the same
 values from either), encoded from the training rows, encodable by a client from the registered vocabulary alone,
-checked by its contract, learned by a model with several multi-hot groups that exports to ONNX, and a champion of an
-older version of the table scored in its own encoding. Real files, real Great Expectations, PyTorch and onnxruntime."""
+numeric columns binned at their training quantiles, checked by its contract, learned by a model with several multi-hot
+groups that exports to ONNX, and a champion of an older version of the table scored in its own encoding. Real files, real Great Expectations, PyTorch and onnxruntime."""
 from __future__ import annotations
 
 import json
@@ -32,6 +32,21 @@ def _table(rows: int = 2000, seed: int = 0) -> pd.DataFrame:
     p = 0.2 + 0.5 * (device == "phone") + 0.2 * np.array(["sport" in t for t in topics])
     return pd.DataFrame({"event": np.arange(rows), "device": device, "country": country, "topics": topics,
                          "ads": ads, "clicked": np.where(rng.random(rows) < p, "true", "false")})
+
+
+def _priced(rows: int = 2000, seed: int = 0) -> pd.DataFrame:
+    """Clicks that fall with a price: learnable only through the numeric column; an age beside it that does not
+    matter; the split from a column, so that the training rows are known."""
+    frame = _table(rows, seed)
+    rng = np.random.default_rng(seed + 7)
+    price = np.round(rng.gamma(2.0, 20.0, rows), 2)
+    return frame.assign(price=price, age=rng.integers(18, 80, rows), part=np.where(
+        frame.index >= rows * 0.9, "test", np.where(frame.index >= rows * 0.8, "val", "train")),
+        clicked=np.where(rng.random(rows) < np.where(price < 30, 0.8, 0.2), "true", "false"))
+
+
+NUMERIC = {"numeric": [{"column": "price", "buckets": 8}, {"column": "age", "buckets": 4}],
+           "split": {"method": "column", "column": "part"}}
 
 
 def _schema(path: str, **extra) -> TableData:
@@ -126,7 +141,8 @@ def test_rare_values_share_the_other_row_and_a_table_without_tags_gets_one_zero_
     assert not np.load(tmp_path / "out" / "val_genres.npy").any()
 
 
-@pytest.mark.fault("data", "a user's click table without a declared column, or with a label that is no click",
+@pytest.mark.fault("data", "a user's click table without a declared column, with a label that is no click, or "
+                   "with a numeric column's value that is no finite number",
                    "the prepare stage stops in one line naming the file, the column and rows; nothing is written")
 def test_a_table_that_does_not_match_its_schema_is_refused_in_one_line(tmp_path):
     frame = _table()
@@ -138,7 +154,13 @@ def test_a_table_that_does_not_match_its_schema_is_refused_in_one_line(tmp_path)
     frame.to_csv(tmp_path / "bad-label.csv", index=False)
     with pytest.raises(DataFormatError, match=r"label column 'clicked' holds 1 value\(s\).*row 1207: 'maybe'"):
         prepare_table(_schema("bad-label.csv", subset=1500, seed=3), tmp_path / "b", WHERE, tmp_path)
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+    priced = _priced().astype({"price": object})
+    priced.loc[[42, 1900], "price"] = ["cheap", "inf"]
+    priced.to_csv(tmp_path / "bad-price.csv", index=False)
+    with pytest.raises(DataFormatError, match=r"^bad-price\.csv: numeric column 'price' holds 2 value\(s\) that are "
+                                              r"not finite numbers \(row 42: 'cheap', row 1900: 'inf'\)$"):
+        prepare_table(_schema("bad-price.csv", **NUMERIC), tmp_path / "c", WHERE, tmp_path)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
 
 
 def test_a_split_setting_the_method_would_ignore_is_refused():
@@ -150,6 +172,80 @@ def test_a_split_setting_the_method_would_ignore_is_refused():
         with pytest.raises(ValueError, match=why):
             TableSplit(**wrong)
     assert _schema("t.csv", split={"method": "hash"}).split_key() == ["device", "country", "topics", "ads"]
+
+
+def test_a_schema_without_fields_or_with_a_column_twice_and_reversed_ranges_are_refused(raw_params):
+    from tasks.config import parse_config
+    from tasks.errors import ConfigError
+
+    assert _schema("t.csv", categorical=[], **NUMERIC).columns()[:3] == ["clicked", "price", "age"]   # numeric only
+    with pytest.raises(ValueError, match="no field: declare at least one categorical or numeric column"):
+        _schema("t.csv", categorical=[])
+    with pytest.raises(ValueError, match=r"columns \['device'\] are declared more than once"):
+        _schema("t.csv", numeric=[{"column": "device"}])
+    with pytest.raises(ValueError, match=r"ranges of \['price'\]: low is above high"):
+        RULES.model_validate({**RULES.model_dump(), "ranges": {"price": [10, 1]}})
+    for key, value, kind in (("ranges", {"user_id": [0, 1]}, "numeric"), ("max_missing", {"click": 0.1},
+                                                                          "categorical or numeric")):
+        rules = {**raw_params["validate"], "clicks": {**raw_params["validate"]["clicks"], key: value}}
+        with pytest.raises(ConfigError, match=rf"validate\.clicks\.{key}: \[.*\] are not {kind} columns of "
+                                              r"data\.clicks"):
+            parse_config({**raw_params, "validate": rules})
+
+
+def test_numeric_columns_are_cut_at_their_training_quantiles_and_a_client_encodes_them_alike(tmp_path):
+    frame = _priced()
+    frame.loc[[3, 1950], "price"] = np.nan                 # missing: row 0 of its field, in training and in test
+    frame.to_parquet(tmp_path / "t.parquet", index=False)
+    manifest = _prepare(frame, tmp_path, "out", **NUMERIC)
+    vocab = json.loads((tmp_path / "out" / "vocabulary.json").read_text())
+    _, country, price, age = vocab["fields"]
+    assert [f["kind"] for f in vocab["fields"]] == ["categorical", "categorical", "numeric", "numeric"]
+    train = frame[frame.part == "train"]
+    edges = np.unique(np.quantile(train.price.dropna(), np.arange(1, 8) / 8))
+    assert price["edges"] == pytest.approx(edges.tolist()) and price["size"] == 2 + 7
+    assert price["offset"] == country["offset"] + country["size"] and age["offset"] == price["offset"] + 9
+    assert age["size"] == 2 + len(age["edges"]) <= 2 + 3 and manifest["vocabulary"] == age["offset"] + age["size"]
+    codes = np.load(tmp_path / "out" / "train_fields.npy")[:, 2] - price["offset"]
+    assert codes[3] == 0 and np.array_equal(np.delete(codes, 3), 1 + np.searchsorted(
+        edges, np.delete(train.price.to_numpy(), 3), side="right"))
+    assert np.bincount(np.delete(codes, 3))[1:].min() > 0.1 * len(train)   # eight bins of about an eighth each
+    probe = frame.iloc[:3].astype({"price": object}).assign(price=[str(price["edges"][0]), None, "1e9"])
+    fields, _ = encode_with(probe, vocab)                  # on an edge: the bin above it; missing: row 0
+    assert fields[:, 2].tolist() == [price["offset"] + 2, price["offset"], price["offset"] + 8]
+    test_rows = pd.read_parquet(tmp_path / "out" / "test_rows.parquet")
+    assert np.array_equal(encode_with(test_rows, vocab)[0], np.load(tmp_path / "out" / "test_fields.npy"))
+    prepare_table(_schema("t.parquet", **NUMERIC), tmp_path / "pq", WHERE, tmp_path)   # the same from Parquet
+    assert json.loads((tmp_path / "pq" / "vocabulary.json").read_text()) == vocab
+    assert np.array_equal(np.load(tmp_path / "pq" / "train_fields.npy"), np.load(tmp_path / "out" / "train_fields.npy"))
+
+
+def test_values_declared_as_missing_read_as_missing_in_every_column(tmp_path):
+    """A real export writes "unknown" where it knows nothing (MovieLens's release years: "unkonwn"): named in
+    ``na_values``, such a value is missing, in a numeric column (row 0, not a refused number) as in a categorical."""
+    frame = _priced().astype({"price": object})
+    frame.loc[[10, 11], "price"] = "unknown"
+    frame.loc[12, "device"] = "n/a"
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    with pytest.raises(DataFormatError, match=r"numeric column 'price' holds 2 value\(s\)"):
+        prepare_table(_schema("t.csv", **NUMERIC), tmp_path / "strict", WHERE, tmp_path)
+    cfg = _schema("t.csv", na_values=["unknown", "n/a"], **NUMERIC)
+    table = read_table(cfg, WHERE, tmp_path)
+    assert table.price[10] is None and table.price[11] is None and table.device[12] is None
+    prepare_table(cfg, tmp_path / "out", WHERE, tmp_path)
+    vocab = json.loads((tmp_path / "out" / "vocabulary.json").read_text())
+    fields = np.load(tmp_path / "out" / "train_fields.npy")
+    assert fields[10, 2] == fields[11, 2] == vocab["fields"][2]["offset"] and fields[12, 0] == 0
+    assert "n/a" not in vocab["fields"][0]["values"]
+
+
+def test_a_model_learns_what_only_a_numeric_column_says(tmp_path):
+    from tasks.ctr.ctr_training import CtrSplit, evaluate_ctr, load_ctr_data
+
+    _prepare(_priced(4000), tmp_path, "out", **NUMERIC)
+    *_, test, shape = load_ctr_data(tmp_path / "out")
+    assert evaluate_ctr(_trained_int8(shape, tmp_path / "out"), test)["auc"] > 0.7   # price < 30: 0.8 against 0.2
+    assert len(CtrSplit.load(tmp_path / "out", "train")) == 3200
 
 
 def test_the_contract_passes_a_good_table_and_names_a_column_with_too_many_missing_values(tmp_path):
@@ -169,6 +265,21 @@ def test_the_contract_passes_a_good_table_and_names_a_column_with_too_many_missi
     relaxed = RULES.model_copy(update={"max_missing": {"country": 0.2}})
     table = read_table(cfg, WHERE, tmp_path)
     assert validate_table("mine", table, load_splits(tmp_path / "t"), cfg, relaxed)["success"]
+
+
+def test_the_contract_checks_numeric_columns_missing_values_and_declared_ranges(tmp_path):
+    frame = _priced()
+    frame.loc[frame.index[:10], "price"] = np.nan          # 0.5 % missing
+    _prepare(frame, tmp_path, "t", **NUMERIC)
+    cfg = _schema("t.csv", **NUMERIC)
+    table, found = read_table(cfg, WHERE, tmp_path), load_splits(tmp_path / "t")
+    fair = RULES.model_copy(update={"max_missing": {"price": 0.01}, "ranges": {"price": [0.0, 1e6], "age": [18, 79]}})
+    assert validate_table("mine", table, found, cfg, fair)["success"]
+    strict = RULES.model_copy(update={"ranges": {"price": [0.0, 100.0]}})
+    failed = [c for c in validate_table("mine", table, found, cfg, strict)["checks"] if not c["success"]]
+    assert [(c["expectation"], c["kwargs"]["column"]) for c in failed] == [
+        ("expect_column_values_to_not_be_null", "price"), ("expect_column_values_to_be_between", "price")]
+    assert failed[1]["unexpected_count"] > 0 and all(v > 100 for v in failed[1]["unexpected_examples"])
 
 
 def _trained_int8(shape: dict, data_dir, steps: int = 30):
