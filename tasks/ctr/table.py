@@ -5,7 +5,9 @@ Values: every declared column is read as text, the same from either format (a mi
 Parquet null or empty text, or one of ``na_values``; "NA" is a value unless listed there; a whole-number float
 column, as Parquet stores integers beside nulls, reads as integers). Rows: every
 row of the table (or a seeded ``subset``), labelled by its ``label`` column (0/1, true/false). Split: a seeded hash
-of each row's ``split.key`` values (a row keeps its split when the table grows), or the table's own split column.
+of each row's ``split.key`` values (a row keeps its split when the table grows), the table's own split column, or
+time: the newest rows by the split column's times are test, the ones before them val (a row's split moves forward as
+newer rows arrive; a champion trained on an older table never saw today's test rows if rows arrive in time order).
 Encoding, from the training rows only: a categorical field gets one embedding row per value seen at least
 ``min_count`` times there, after row 0, which every other value (unseen, rare, missing) shares; a numeric field one
 row per bin between the edges at its ``buckets`` quantiles there (a value on an edge goes to the bin above it), after
@@ -14,7 +16,8 @@ column one column per tag seen that often (other tags are dropped; a column left
 column). Without a multi-hot column ``genres`` is one all-zero column.
 
 Output in ``<out>``: ``{train,val,test}_{fields,genres,y}.npy`` (the kit's format, ``tasks.ctr.ctr_training``),
-``features.json`` (field layout with offsets and sizes, multi-hot groups, rows per split, source), ``vocabulary.json``
+``features.json`` (field layout with offsets and sizes, multi-hot groups, rows per split, source, and by time the
+times val and test start from), ``vocabulary.json``
 (registered with every model: each field and group in input order with its offset and values in row order, or a
 numeric field's bin edges, all a client needs to encode a raw row as the model was trained: ``encode_with``), and
 ``test_rows.parquet`` (the test rows' declared columns as read: a champion of an older vocabulary is scored on them
@@ -22,7 +25,6 @@ in its own encoding).
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 from pathlib import Path
@@ -33,6 +35,7 @@ import pandas as pd
 
 from tasks.config import stage_args
 from tasks.ctr.table_config import SPLITS, TableData, TableFile
+from tasks.ctr.table_split import assign_splits
 from tasks.errors import DataFormatError, DataSourceError
 from tasks.io import save_npy, write_atomic, write_json
 
@@ -117,21 +120,6 @@ def numbers(frame: pd.DataFrame, column: str, path: str = "") -> np.ndarray:
     return np.where(np.isfinite(values), values, np.nan)
 
 
-def assign_splits(frame: pd.DataFrame, cfg: TableData) -> np.ndarray:
-    """``train``/``val``/``test`` per row: by a seeded hash of its key values, or as its split column says."""
-    if cfg.split.method == "column":
-        names = frame[cfg.split.column].to_numpy(dtype=object)
-        bad = np.flatnonzero(~np.isin(names, SPLITS))
-        if len(bad):
-            raise DataFormatError(f"{cfg.table.path}: split column {cfg.split.column!r} holds values other than "
-                                  f"{list(SPLITS)} (row {frame.index[bad[0]]}: {names[bad[0]]!r}, {len(bad)} rows)")
-        return names
-    joined = frame[cfg.split_key()].fillna("").astype(str).agg("\x1f".join, axis=1)
-    u = np.array([int.from_bytes(hashlib.sha256(f"{cfg.seed}:{row}".encode()).digest()[:8], "big")
-                  for row in joined], dtype=np.float64) / 2.0**64
-    return np.where(u < cfg.split.test, "test", np.where(u < cfg.split.test + cfg.split.val, "val", "train"))
-
-
 def tags(column: pd.Series, separator: str) -> pd.Series:
     """Each row's tags (an empty list for a missing value)."""
     return column.fillna("").map(lambda text: [t.strip() for t in text.split(separator) if t.strip()])
@@ -196,7 +184,7 @@ def encode_with(frame: pd.DataFrame, vocab: dict[str, Any]) -> tuple[np.ndarray,
 def prepare_table(cfg: TableData, out: Path, where: str, root: Path = Path()) -> dict[str, Any]:
     """Read, label, split and encode the table into ``out``; return the manifest (``features.json``)."""
     frame = read_table(cfg, where, root)
-    y, split = labels(frame, cfg), assign_splits(frame, cfg)
+    y, (split, starts) = labels(frame, cfg), assign_splits(frame, cfg)
     for column in cfg.numeric_columns():
         numbers(frame, column, cfg.table.path)
     vocab = vocabulary(frame[split == "train"], cfg)
@@ -206,7 +194,8 @@ def prepare_table(cfg: TableData, out: Path, where: str, root: Path = Path()) ->
         "groups": [{k: g[k] for k in ("name", "offset", "size")} for g in vocab["groups"]],
         "genres": [f"{g['name']}={t}" if g["name"] else "(none)" for g in vocab["groups"]
                    for t in (g["tags"] or ["(no tag)"])],
-        "vocabulary": sum(f["size"] for f in vocab["fields"]), "read": {"rows": len(frame)}, "splits": {}}
+        "vocabulary": sum(f["size"] for f in vocab["fields"]), "read": {"rows": len(frame)}, "splits": {},
+        **({"split_times": starts} if starts else {})}
     for name in SPLITS:
         rows = split == name
         fields, genres = encode_with(frame[rows], vocab)

@@ -41,8 +41,10 @@ class Numeric(Strict):
 
 class TableSplit(Strict):
     # hash: a seeded hash of the ``key`` columns' values puts each row in train, val or test (a row keeps its split
-    # when the table grows); column: the table's own ``column`` says train, val or test
-    method: Literal["hash", "column"]
+    # when the table grows); column: the table's own ``column`` says train, val or test; time: the newest ``test``
+    # share of the rows by the time ``column`` (numbers, or dates and times) is test, the ``val`` share before it
+    # val, the older rows train (rows of one time stay together)
+    method: Literal["hash", "column", "time"]
     val: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.1
     test: Annotated[float, Field(gt=0.0, lt=0.5)] = 0.1
     # hash: the columns that identify a row (default: the categorical, numeric and multi-hot columns; never the
@@ -57,8 +59,13 @@ class TableSplit(Strict):
                 raise ValueError("method column needs `column`, the column that says train, val or test")
             if ignored := sorted({"val", "test", "key"} & self.model_fields_set):
                 raise ValueError(f"method column takes the split from the table: {ignored} would be ignored")
+        elif self.method == "time":
+            if not self.column:
+                raise ValueError("method time needs `column`, the column that says when a row happened")
+            if self.key:
+                raise ValueError("method time splits by `column`: `key` would be ignored (method hash hashes it)")
         elif self.column is not None:
-            raise ValueError("method hash hashes `key`: `column` would be ignored (method column reads it)")
+            raise ValueError("method hash hashes `key`: `column` would be ignored (methods column and time read it)")
         return self
 
 
@@ -100,7 +107,7 @@ class TableData(Strict):
     def columns(self) -> list[str]:
         """Every column the schema reads (the split key's aside)."""
         return [self.label, *self.categorical, *self.numeric_columns(), *(m.column for m in self.multi_hot),
-                *([self.split.column] if self.split.method == "column" and self.split.column else [])]
+                *([self.split.column] if self.split.column else [])]
 
     def split_key(self) -> list[str]:
         """The columns a hashed split hashes."""

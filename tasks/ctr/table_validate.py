@@ -63,7 +63,7 @@ def split_suites(family: str, found: dict[str, Any], data: TableData, rules: Tab
         frame["genres_binary"] = np.isin(arrays["genres"], (0, 1)).all(axis=1).astype(int)
         frame["label"] = arrays["y"].astype(np.float64)
         low, high = rules.min_rows.get(split, 1), read
-        if data.split.method == "hash":
+        if data.split.method != "column":   # hashed or by time: each split near its share
             low = max(low, math.floor((share[split] - rules.split_tolerance) * read))
             high = math.ceil((share[split] + rules.split_tolerance) * read)
         out.append((suite(f"{family}_{split}", [

@@ -172,6 +172,46 @@ def test_a_split_setting_the_method_would_ignore_is_refused():
         with pytest.raises(ValueError, match=why):
             TableSplit(**wrong)
     assert _schema("t.csv", split={"method": "hash"}).split_key() == ["device", "country", "topics", "ads"]
+    assert TableSplit(method="time", column="when", test=0.2).column == "when"
+    for wrong, why in (({"method": "time"}, "method time needs `column`"),
+                       ({"method": "time", "column": "when", "key": ["id"]}, "`key` would be ignored")):
+        with pytest.raises(ValueError, match=why):
+            TableSplit(**wrong)
+
+
+def test_a_time_split_tests_on_the_newest_rows_and_keeps_rows_of_one_time_together(tmp_path):
+    """The newest 10 % by time are test, the 10 % before them val: what a model trained today meets tomorrow. Epoch
+    seconds and ISO dates split alike; a row without a readable time stops the stage naming it."""
+    frame = _table().sample(frac=1.0, random_state=1)                  # rows not in time order in the file
+    frame["when"] = 1_700_000_000 + 3600 * (frame.event // 4)          # four rows an hour: ties at every cut
+    frame.to_csv(tmp_path / "epoch.csv", index=False)
+    frame.assign(when=pd.to_datetime(frame.when, unit="s", utc=True).dt.strftime("%Y-%m-%dT%H:%M:%SZ")).to_csv(
+        tmp_path / "iso.csv", index=False)
+    by_time = {"split": {"method": "time", "column": "when", "val": 0.1, "test": 0.1}}
+    manifest = prepare_table(_schema("epoch.csv", **by_time), tmp_path / "epoch", WHERE, tmp_path)
+    assert {k: v["rows"] for k, v in manifest["splits"].items()} == {"train": 1600, "val": 200, "test": 200}
+    assert manifest["split_times"] == {"val_from": 1_700_000_000 + 3600 * 400, "test_from": 1_700_000_000 + 3600 * 450}
+    test_rows = pd.read_parquet(tmp_path / "epoch" / "test_rows.parquet")
+    assert sorted(test_rows.when.astype(int)) == sorted(frame.when[frame.event >= 1800])
+    iso = prepare_table(_schema("iso.csv", **by_time), tmp_path / "iso", WHERE, tmp_path)
+    assert iso["splits"] == manifest["splits"] and iso["split_times"] == manifest["split_times"]   # in seconds
+    for split in ("train", "val", "test"):
+        assert np.array_equal(*(np.load(tmp_path / kind / f"{split}_y.npy") for kind in ("iso", "epoch")))
+    frame.loc[frame.event == 1999, "when"] = 1_700_000_000 + 3600 * 449   # five rows in the hour at the test cut
+    frame.to_csv(tmp_path / "tie.csv", index=False)
+    tie = prepare_table(_schema("tie.csv", **by_time), tmp_path / "tie", WHERE, tmp_path)
+    assert {k: v["rows"] for k, v in tie["splits"].items()} == {"train": 1600, "val": 196, "test": 204}   # all five
+    assert tie["split_times"]["test_from"] == 1_700_000_000 + 3600 * 449
+    frame.astype({"when": object}).assign(when=lambda f: f.when.where(f.event != 7, "yesterday")).to_csv(
+        tmp_path / "bad.csv", index=False)
+    with pytest.raises(DataFormatError, match=r"^bad\.csv: time column 'when' holds 1 value\(s\) that are neither "
+                                              r"numbers nor dates \(row \d+: 'yesterday'\)$"):
+        prepare_table(_schema("bad.csv", **by_time), tmp_path / "bad", WHERE, tmp_path)
+    pd.read_csv(tmp_path / "iso.csv").assign(when=lambda f: f.when.where(f.event != 7, "2023-13-45")).to_csv(
+        tmp_path / "bad-date.csv", index=False)
+    with pytest.raises(DataFormatError, match=r"holds 1 value\(s\) that are neither numbers nor dates \(row \d+: "
+                                              r"'2023-13-45'\)$"):
+        prepare_table(_schema("bad-date.csv", **by_time), tmp_path / "bad", WHERE, tmp_path)
 
 
 def test_a_schema_without_fields_or_with_a_column_twice_and_reversed_ranges_are_refused(raw_params):

@@ -1,0 +1,61 @@
+"""How a table family's rows are split (``data.<family>.split``): by a seeded hash of key columns (a row keeps its
+split when the table grows), by time (the newest rows are test, the ones before them val), or as the table's own
+split column says."""
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import pandas as pd
+
+from tasks.ctr.table_config import SPLITS, TableData
+from tasks.errors import DataFormatError
+
+
+def times(frame: pd.DataFrame, column: str, path: str) -> np.ndarray:
+    """The time column as numbers to order by: its values as numbers (epoch seconds, a day count) or as dates and times
+    (ISO 8601, as seconds since 1970 UTC), whichever reads more of them; a value that reading leaves missing or
+    unread stops the stage naming rows."""
+    values = frame[column]
+    found = pd.to_numeric(values, errors="coerce").to_numpy(np.float64)
+    if np.isnan(found).any():
+        stamps = pd.to_datetime(values, errors="coerce", utc=True, format="ISO8601")
+        dates = ((stamps - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).to_numpy(np.float64, na_value=np.nan)
+        found = dates if np.isnan(dates).sum() < np.isnan(found).sum() else found
+    bad = np.flatnonzero(np.isnan(found))
+    if len(bad):
+        shown = ", ".join(f"row {frame.index[i]}: {values.iloc[i]!r}" for i in bad[:5])
+        raise DataFormatError(f"{path}: time column {column!r} holds {len(bad)} value(s) that are neither numbers nor "
+                              f"dates ({shown})")
+    return found
+
+
+def time_splits(when: np.ndarray, val: float, test: float) -> tuple[np.ndarray, dict[str, float]]:
+    """``train``/``val``/``test`` per row by time: test from the time of the row at the newest ``test`` share on,
+    val from the one at the ``val`` share before it (rows of one time stay in one split); and those two times."""
+    ordered = np.sort(when)
+    cut = {name: float(ordered[min(len(when) - 1, int(len(when) * (1.0 - share)))]) if len(when) else 0.0
+           for name, share in (("val_from", val + test), ("test_from", test))}
+    return np.where(when >= cut["test_from"], "test", np.where(when >= cut["val_from"], "val", "train")), cut
+
+
+def assign_splits(frame: pd.DataFrame, cfg: TableData) -> tuple[np.ndarray, dict[str, float]]:
+    """``train``/``val``/``test`` per row: by a seeded hash of its key values, by time, or as its split column says;
+    and, by time, the times val and test start from (in the column's numbers)."""
+    if cfg.split.method == "time":
+        return time_splits(times(frame, cfg.split.column, cfg.table.path), cfg.split.val, cfg.split.test)
+    return _hash_or_column(frame, cfg), {}
+
+
+def _hash_or_column(frame: pd.DataFrame, cfg: TableData) -> np.ndarray:
+    if cfg.split.method == "column":
+        names = frame[cfg.split.column].to_numpy(dtype=object)
+        bad = np.flatnonzero(~np.isin(names, SPLITS))
+        if len(bad):
+            raise DataFormatError(f"{cfg.table.path}: split column {cfg.split.column!r} holds values other than "
+                                  f"{list(SPLITS)} (row {frame.index[bad[0]]}: {names[bad[0]]!r}, {len(bad)} rows)")
+        return names
+    joined = frame[cfg.split_key()].fillna("").astype(str).agg("\x1f".join, axis=1)
+    u = np.array([int.from_bytes(hashlib.sha256(f"{cfg.seed}:{row}".encode()).digest()[:8], "big")
+                  for row in joined], dtype=np.float64) / 2.0**64
+    return np.where(u < cfg.split.test, "test", np.where(u < cfg.split.test + cfg.split.val, "val", "train"))
