@@ -38,9 +38,15 @@ def data_params(cfg: Any, family: str) -> str:
     """The SHA-256 of ``data.<family>``: the params that decide which rows are training, validation and test (two
     models split by different ones may each have trained on the other's test rows). Fields the data block's class
     lists in ``LOCATION`` (where the pinned files are found, what a published set is expected to hold) decide no
-    row and are left out: moving the data, or a release adding such a field, keeps a champion comparable."""
+    row and are left out: moving the data, or a release adding such a field, keeps a champion comparable. So are the
+    fields it lists in ``ADDED`` (added in a later release) while they hold the value that reads the data as before:
+    a champion registered before them stays comparable until one is used."""
     block = cfg.block("data", family)
-    return _digest(block.model_dump(by_alias=True, exclude=set(getattr(type(block), "LOCATION", ()))))
+    dumped = block.model_dump(by_alias=True, exclude=set(getattr(type(block), "LOCATION", ())))
+    for key, before in getattr(type(block), "ADDED", {}).items():
+        if dumped.get(key) == before:
+            del dumped[key]
+    return _digest(dumped)
 
 
 def same_split(recorded: str | None, cfg: Any, family: str) -> bool:

@@ -2,8 +2,8 @@
 read only through the schema ``data.<family>`` declares (``tasks.ctr.table_config.TableData``).
 
 Values: every declared column is read as text, the same from either format (a missing value is an empty cell, a
-Parquet null or empty text, or one of ``na_values``; "NA" is a value unless listed there; a whole-number float
-column, as Parquet stores integers beside nulls, reads as integers). Rows: every
+Parquet null or empty text, or, in a feature column, one of ``na_values``; "NA" is a value unless listed there; a
+whole-number float column, as Parquet stores integers beside nulls, reads as integers). Rows: every
 row of the table (or a seeded ``subset``), labelled by its ``label`` column (0/1, true/false). Split: a seeded hash
 of each row's ``split.key`` values (a row keeps its split when the table grows), the table's own split column, or
 time: the newest rows by the split column's times are test, the ones before them val (a row's split moves forward as
@@ -61,7 +61,8 @@ def as_text(column: pd.Series, path: str) -> pd.Series:
     if column.map(lambda v: isinstance(v, list | tuple | np.ndarray)).any():
         raise DataFormatError(f"{path}: column {column.name!r} holds lists; write tags as one text value joined by "
                               "the column's separator")
-    if pd.api.types.is_float_dtype(column) and (column.dropna() % 1 == 0).all():
+    known = column.dropna() if pd.api.types.is_float_dtype(column) else None
+    if known is not None and (known % 1 == 0).all() and (known.abs() < 2.0**53).all():
         column = column.astype("Int64")   # integers stored as floats beside nulls read as 123, not 123.0
     return pd.Series([None if pd.isna(v) or v == "" else str(v) for v in column], index=column.index, dtype=object)
 
@@ -88,10 +89,26 @@ def read_table(cfg: TableData, where: str, root: Path = Path()) -> pd.DataFrame:
                               f"columns: {', '.join(map(str, frame.columns))[:300]})")
     frame = pd.DataFrame({c: as_text(frame[c], cfg.table.path) if fmt == "parquet"
                           else frame[c].astype(object).where(frame[c].notna(), None) for c in wanted})
-    if cfg.na_values:
-        frame = frame.mask(frame.isin(cfg.na_values), None)
+    frame = mark_missing(frame, cfg.na_values, [*cfg.categorical, *(m.column for m in cfg.multi_hot)],
+                         cfg.numeric_columns())
     if cfg.subset is not None and cfg.subset < len(frame):
         frame = frame.iloc[np.sort(np.random.default_rng(cfg.seed).choice(len(frame), cfg.subset, replace=False))]
+    return frame
+
+
+def mark_missing(frame: pd.DataFrame, na_values: list[str], text: list[str], numeric: list[str]) -> pd.DataFrame:
+    """``frame`` with ``na_values`` missing (None) in its feature columns: a whole cell of ``text`` columns equal to
+    one; in ``numeric`` columns also a value equal to one as a number (-1.0 for "-1")."""
+    if not na_values:
+        return frame
+    frame = frame.copy()
+    marks = pd.to_numeric(pd.Series(na_values, dtype=object), errors="coerce").dropna().to_numpy(np.float64)
+    for column in [*text, *numeric]:
+        cells = frame[column]
+        found = cells.isin(na_values)
+        if column in numeric and len(marks):
+            found |= pd.to_numeric(cells, errors="coerce").isin(marks)
+        frame[column] = cells.where(~found, None)
     return frame
 
 
@@ -116,7 +133,7 @@ def numbers(frame: pd.DataFrame, column: str, path: str = "") -> np.ndarray:
         if len(bad):
             shown = ", ".join(f"row {frame.index[i]}: {frame[column].iloc[i]!r}" for i in bad[:5])
             raise DataFormatError(f"{path}: numeric column {column!r} holds {len(bad)} value(s) that are not finite "
-                                  f"numbers ({shown})")
+                                  f"numbers ({shown}); text that means missing belongs in na_values")
     return np.where(np.isfinite(values), values, np.nan)
 
 
@@ -144,7 +161,10 @@ def vocabulary(train: pd.DataFrame, cfg: TableData) -> dict[str, Any]:
     for spec in cfg.numeric:
         seen = numbers(train, spec.column)
         seen = seen[~np.isnan(seen)]
-        edges = np.unique(np.quantile(seen, np.arange(1, spec.buckets) / spec.buckets)).tolist() if len(seen) else []
+        if not len(seen):
+            raise DataFormatError(f"{cfg.table.path}: numeric column {spec.column!r} holds no value in the training "
+                                  "rows: nothing to cut into bins")
+        edges = np.unique(np.quantile(seen, np.arange(1, spec.buckets) / spec.buckets)).tolist()
         fields.append({"name": spec.column, "kind": "numeric", "offset": offset, "size": 2 + len(edges),
                        "edges": edges})
         offset += 2 + len(edges)
@@ -154,13 +174,17 @@ def vocabulary(train: pd.DataFrame, cfg: TableData) -> dict[str, Any]:
         groups.append({"name": spec.column, "separator": spec.separator, "offset": column, "size": max(1, len(found)),
                        "tags": found})
         column += max(1, len(found))
-    return {"other": OTHER, "fields": fields,
+    return {"other": OTHER, "na_values": cfg.na_values, "fields": fields,
             "groups": groups or [{"name": "", "separator": "", "offset": 0, "size": 1, "tags": []}]}
 
 
 def encode_with(frame: pd.DataFrame, vocab: dict[str, Any]) -> tuple[np.ndarray, np.ndarray]:
     """(fields (N, F) int64 global embedding rows, genres (N, G) float32 multi-hot) of ``frame``'s raw rows in the
-    encoding of ``vocab`` (a ``vocabulary.json``)."""
+    encoding of ``vocab`` (a ``vocabulary.json``; one written before numeric fields and ``na_values`` has neither)."""
+    numeric = [f["name"] for f in vocab["fields"] if f.get("kind") == "numeric"]
+    text = [f["name"] for f in vocab["fields"] if f["name"] not in numeric] + [g["name"] for g in vocab["groups"]
+                                                                              if g["name"]]
+    frame = mark_missing(frame, vocab.get("na_values", []), text, numeric)
     codes = []
     for field in vocab["fields"]:
         if field.get("kind") == "numeric":   # (a vocabulary written before numeric fields names no kind)

@@ -5,6 +5,7 @@ to the kit's (``tasks.ctr.config``) for a family built on ``tasks.ctr.table``.
 """
 from __future__ import annotations
 
+import math
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
@@ -78,12 +79,17 @@ class TableData(Strict):
 
     # where the file is found: no row depends on it (tasks.lineage.data_params)
     LOCATION: ClassVar[frozenset[str]] = frozenset({"table"})
+    # added after table families had registered models, with the value that reads a table as before them: the data
+    # params digest leaves them out while they hold it (tasks.lineage.data_params)
+    ADDED: ClassVar[dict[str, Any]] = {"numeric": [], "na_values": []}
     table: TableFile
     label: str = Field(min_length=1)   # 0/1, or true/false
     categorical: Annotated[list[str], distinct("categorical column")] = []
     numeric: list[Numeric] = []
     multi_hot: list[MultiHot] = []
-    # values that mean "missing" in any declared column, besides an empty cell and a null (e.g. "unknown", "n/a")
+    # text that means "missing" in a categorical, numeric or multi-hot column (a whole cell), besides an empty cell
+    # and a null, e.g. ["unknown", "-1"] (quoted in YAML); in a numeric column also the same number (-1 is -1.0). The
+    # label, split and key columns are read as they are
     na_values: Annotated[list[str], distinct("na value")] = []
     split: TableSplit
     seed: int
@@ -117,7 +123,7 @@ class TableData(Strict):
 class TableValidation(Strict):
     positive_fraction: Fraction        # expected share of label 1 per split ...
     positive_tolerance: Fraction       # ... within this absolute tolerance
-    split_tolerance: Fraction          # a hashed split's share of the rows may differ from its configured share by this
+    split_tolerance: Fraction          # a split's share of the rows (hashed or by time) may differ from it by this
     max_missing: dict[str, Fraction] = {}   # a categorical or numeric column's share of missing values (default 0)
     min_rows: dict[Literal["train", "val", "test"], Positive]   # a floor per split
     # a numeric column's values within [low, high] (missing ones aside)
@@ -125,8 +131,9 @@ class TableValidation(Strict):
 
     @model_validator(mode="after")
     def _ranges_ordered(self) -> TableValidation:
-        reversed_ = sorted(c for c, (low, high) in self.ranges.items() if low > high)
-        if reversed_:
+        if odd := sorted(c for c, pair in self.ranges.items() if not all(math.isfinite(v) for v in pair)):
+            raise ValueError(f"ranges of {odd}: low and high must be finite numbers")
+        if reversed_ := sorted(c for c, (low, high) in self.ranges.items() if low > high):
             raise ValueError(f"ranges of {reversed_}: low is above high")
         return self
 

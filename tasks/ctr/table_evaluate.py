@@ -63,13 +63,23 @@ def describe_data(data_dir: Path) -> dict[str, Any]:
             "groups": [[g["name"], g["separator"]] for g in vocab["groups"]]}
 
 
+def same_encoding(theirs: dict[str, Any], ours: dict[str, Any]) -> bool:
+    """Whether two vocabularies encode every row alike (one written before numeric fields and ``na_values`` names
+    no field's kind and no list: its fields are categorical, its list empty)."""
+    def settled(vocab: dict[str, Any]) -> dict[str, Any]:
+        return {**vocab, "na_values": vocab.get("na_values", []),
+                "fields": [{"kind": "categorical", **f} for f in vocab["fields"]]}
+
+    return settled(theirs) == settled(ours)
+
+
 def paired_data(champion: Path, data: Path, scratch: Path, cfg: Any) -> tuple[Path, Path] | None:
     """The test rows of ``data`` encoded in the champion's registered vocabulary, beside ``data`` itself: a champion
     trained on an older version of the table (other values, other tags, so other rows and columns) scored on
     today's test rows as it would serve them (a value it never saw: its field's row 0). None when both vocabularies
     are the same."""
     theirs, ours = (json.loads(p.read_text()) for p in (champion / VOCABULARY, data / VOCABULARY))
-    if theirs == ours:
+    if same_encoding(theirs, ours):
         return None
     fields, genres = encode_with(pd.read_parquet(data / TEST_ROWS), theirs)
     paired = scratch / "champion"

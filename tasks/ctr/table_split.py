@@ -18,33 +18,44 @@ def times(frame: pd.DataFrame, column: str, path: str) -> np.ndarray:
     unread stops the stage naming rows."""
     values = frame[column]
     found = pd.to_numeric(values, errors="coerce").to_numpy(np.float64)
-    if np.isnan(found).any():
+    if not np.isfinite(found).all():
         stamps = pd.to_datetime(values, errors="coerce", utc=True, format="ISO8601")
-        dates = ((stamps - pd.Timestamp(0, tz="UTC")) / pd.Timedelta(seconds=1)).to_numpy(np.float64, na_value=np.nan)
-        found = dates if np.isnan(dates).sum() < np.isnan(found).sum() else found
-    bad = np.flatnonzero(np.isnan(found))
+        epoch = pd.Timestamp(0, tz="UTC").as_unit(stamps.dt.unit)   # (the years 1677-2262 fit nanoseconds only)
+        dates = ((stamps - epoch) / pd.Timedelta(seconds=1)).to_numpy(np.float64, na_value=np.nan)
+        found = dates if np.isfinite(dates).sum() > np.isfinite(found).sum() else found
+    bad = np.flatnonzero(~np.isfinite(found))
     if len(bad):
-        shown = ", ".join(f"row {frame.index[i]}: {values.iloc[i]!r}" for i in bad[:5])
-        raise DataFormatError(f"{path}: time column {column!r} holds {len(bad)} value(s) that are neither numbers nor "
-                              f"dates ({shown})")
+        shown = ", ".join(f"row {frame.index[i]}: " + ("missing" if values.iloc[i] is None else repr(values.iloc[i]))
+                          for i in bad[:5])
+        raise DataFormatError(f"{path}: time column {column!r} holds {len(bad)} value(s) that are neither finite "
+                              f"numbers nor dates ({shown})")
     return found
 
 
 def time_splits(when: np.ndarray, val: float, test: float) -> tuple[np.ndarray, dict[str, float]]:
     """``train``/``val``/``test`` per row by time: test from the time of the row at the newest ``test`` share on,
     val from the one at the ``val`` share before it (rows of one time stay in one split); and those two times."""
-    ordered = np.sort(when)
-    cut = {name: float(ordered[min(len(when) - 1, int(len(when) * (1.0 - share)))]) if len(when) else 0.0
+    ordered, n = np.sort(when), len(when)
+    cut = {name: float(ordered[min(n - 1, max(0, n - round(n * share)))]) if n else 0.0
            for name, share in (("val_from", val + test), ("test_from", test))}
     return np.where(when >= cut["test_from"], "test", np.where(when >= cut["val_from"], "val", "train")), cut
 
 
 def assign_splits(frame: pd.DataFrame, cfg: TableData) -> tuple[np.ndarray, dict[str, float]]:
     """``train``/``val``/``test`` per row: by a seeded hash of its key values, by time, or as its split column says;
-    and, by time, the times val and test start from (in the column's numbers)."""
-    if cfg.split.method == "time":
-        return time_splits(times(frame, cfg.split.column, cfg.table.path), cfg.split.val, cfg.split.test)
-    return _hash_or_column(frame, cfg), {}
+    and, by time, the times val and test start from (in the column's numbers). A split that time leaves empty (one
+    time shared by the rows around a cut) stops the stage naming it."""
+    if cfg.split.method != "time":
+        return _hash_or_column(frame, cfg), {}
+    when = times(frame, cfg.split.column, cfg.table.path)
+    names, cut = time_splits(when, cfg.split.val, cfg.split.test)
+    for name in SPLITS:
+        if len(when) and not (names == name).any():
+            at = cut["test_from"] if name == "test" else cut["val_from"]
+            raise DataFormatError(f"{cfg.table.path}: the split by time column {cfg.split.column!r} leaves no {name} "
+                                  f"rows: {int((when == at).sum())} rows share the time {at:g} at its cut (rows of one "
+                                  "time stay in one split)")
+    return names, cut
 
 
 def _hash_or_column(frame: pd.DataFrame, cfg: TableData) -> np.ndarray:

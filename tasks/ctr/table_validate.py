@@ -6,7 +6,7 @@ table lacks, a label that is no click and a numeric value that is no number stop
 one.) Checked: each categorical and numeric column's missing values within ``validate.<family>.max_missing`` (none
 by default), each numeric column's values within its ``ranges`` entry, if any; every row read into a split, each
 split above its
-``min_rows`` floor and, hashed, within ``split_tolerance`` of its share; per split the label balance within
+``min_rows`` floor and, hashed or by time, within ``split_tolerance`` of its share; per split the label balance within
 ``positive_tolerance`` of ``positive_fraction``, labels 0/1, every encoded field index inside its field's rows and
 the multi-hot columns 0/1. A failed expectation stops the pipeline naming it and the values.
 """
@@ -51,8 +51,8 @@ def table_suite(family: str, table: pd.DataFrame, data: TableData, rules: TableV
 
 def split_suites(family: str, found: dict[str, Any], data: TableData, rules: TableValidation,
                  read: int) -> list[tuple[Any, Any]]:
-    """Per split: its rows (a floor; hashed, its share of what was read), label balance and values, and the encoded
-    arrays against the field layout."""
+    """Per split: its rows (a floor; hashed or by time, its share of what was read), label balance and values, and
+    the encoded arrays against the field layout."""
     E, layout, out = expectation_types(), found["features"]["fields"], []
     share = {"train": 1.0 - data.split.val - data.split.test, "val": data.split.val, "test": data.split.test}
     for split in SPLITS:

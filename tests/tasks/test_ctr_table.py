@@ -1,7 +1,8 @@
 """A user's click-through table through the click-through kit: read by its declared schema (CSV or Parquet, the same
 values from either), encoded from the training rows, encodable by a client from the registered vocabulary alone,
 numeric columns binned at their training quantiles, checked by its contract, learned by a model with several multi-hot
-groups that exports to ONNX, and a champion of an older version of the table scored in its own encoding. Real files, real Great Expectations, PyTorch and onnxruntime."""
+groups that exports to ONNX, and a champion of an older version of the table scored in its own encoding. Real
+files, real Great Expectations, PyTorch and onnxruntime."""
 from __future__ import annotations
 
 import json
@@ -142,7 +143,7 @@ def test_rare_values_share_the_other_row_and_a_table_without_tags_gets_one_zero_
 
 
 @pytest.mark.fault("data", "a user's click table without a declared column, with a label that is no click, or "
-                   "with a numeric column's value that is no finite number",
+                   "with a numeric column's value that is no finite number (or no value of it in the training rows)",
                    "the prepare stage stops in one line naming the file, the column and rows; nothing is written")
 def test_a_table_that_does_not_match_its_schema_is_refused_in_one_line(tmp_path):
     frame = _table()
@@ -158,9 +159,13 @@ def test_a_table_that_does_not_match_its_schema_is_refused_in_one_line(tmp_path)
     priced.loc[[42, 1900], "price"] = ["cheap", "inf"]
     priced.to_csv(tmp_path / "bad-price.csv", index=False)
     with pytest.raises(DataFormatError, match=r"^bad-price\.csv: numeric column 'price' holds 2 value\(s\) that are "
-                                              r"not finite numbers \(row 42: 'cheap', row 1900: 'inf'\)$"):
+                                              r"not finite numbers \(row 42: 'cheap', row 1900: 'inf'\); text that "
+                                              r"means missing belongs in na_values$"):
         prepare_table(_schema("bad-price.csv", **NUMERIC), tmp_path / "c", WHERE, tmp_path)
-    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists() and not (tmp_path / "c").exists()
+    _priced().assign(price=lambda f: f.price.where(f.part != "train")).to_csv(tmp_path / "no-price.csv", index=False)
+    with pytest.raises(DataFormatError, match=r"numeric column 'price' holds no value in the training rows"):
+        prepare_table(_schema("no-price.csv", **NUMERIC), tmp_path / "d", WHERE, tmp_path)
+    assert not any((tmp_path / name).exists() for name in "abcd")
 
 
 def test_a_split_setting_the_method_would_ignore_is_refused():
@@ -183,7 +188,7 @@ def test_a_time_split_tests_on_the_newest_rows_and_keeps_rows_of_one_time_togeth
     """The newest 10 % by time are test, the 10 % before them val: what a model trained today meets tomorrow. Epoch
     seconds and ISO dates split alike; a row without a readable time stops the stage naming it."""
     frame = _table().sample(frac=1.0, random_state=1)                  # rows not in time order in the file
-    frame["when"] = 1_700_000_000 + 3600 * (frame.event // 4)          # four rows an hour: ties at every cut
+    frame["when"] = 1_700_000_000 + 3600 * (frame.event // 4)          # four rows an hour (ties: below)
     frame.to_csv(tmp_path / "epoch.csv", index=False)
     frame.assign(when=pd.to_datetime(frame.when, unit="s", utc=True).dt.strftime("%Y-%m-%dT%H:%M:%SZ")).to_csv(
         tmp_path / "iso.csv", index=False)
@@ -205,13 +210,22 @@ def test_a_time_split_tests_on_the_newest_rows_and_keeps_rows_of_one_time_togeth
     frame.astype({"when": object}).assign(when=lambda f: f.when.where(f.event != 7, "yesterday")).to_csv(
         tmp_path / "bad.csv", index=False)
     with pytest.raises(DataFormatError, match=r"^bad\.csv: time column 'when' holds 1 value\(s\) that are neither "
-                                              r"numbers nor dates \(row \d+: 'yesterday'\)$"):
+                                              r"finite numbers nor dates \(row \d+: 'yesterday'\)$"):
         prepare_table(_schema("bad.csv", **by_time), tmp_path / "bad", WHERE, tmp_path)
     pd.read_csv(tmp_path / "iso.csv").assign(when=lambda f: f.when.where(f.event != 7, "2023-13-45")).to_csv(
         tmp_path / "bad-date.csv", index=False)
-    with pytest.raises(DataFormatError, match=r"holds 1 value\(s\) that are neither numbers nor dates \(row \d+: "
-                                              r"'2023-13-45'\)$"):
+    with pytest.raises(DataFormatError, match=r"holds 1 value\(s\) that are neither finite numbers nor dates \(row "
+                                              r"\d+: '2023-13-45'\)$"):
         prepare_table(_schema("bad-date.csv", **by_time), tmp_path / "bad", WHERE, tmp_path)
+    far = pd.read_csv(tmp_path / "iso.csv").assign(when=lambda f: f.when.where(f.event != 7, "9999-12-31T00:00:00Z"))
+    far.to_csv(tmp_path / "far.csv", index=False)   # an open-ended date beyond nanoseconds' range: the newest row
+    prepare_table(_schema("far.csv", **by_time), tmp_path / "far", WHERE, tmp_path)
+    assert "9999-12-31T00:00:00Z" in pd.read_parquet(tmp_path / "far" / "test_rows.parquet").when.tolist()
+    frame.assign(when=np.where(frame.event < 1900, 5, 6)).to_csv(tmp_path / "flat.csv", index=False)
+    with pytest.raises(DataFormatError, match=r"^flat\.csv: the split by time column 'when' leaves no train rows: "
+                                              r"1900 rows share the time 5 at its cut \(rows of one time stay in one "
+                                              r"split\)$"):
+        prepare_table(_schema("flat.csv", **by_time), tmp_path / "flat", WHERE, tmp_path)
 
 
 def test_a_schema_without_fields_or_with_a_column_twice_and_reversed_ranges_are_refused(raw_params):
@@ -225,6 +239,8 @@ def test_a_schema_without_fields_or_with_a_column_twice_and_reversed_ranges_are_
         _schema("t.csv", numeric=[{"column": "device"}])
     with pytest.raises(ValueError, match=r"ranges of \['price'\]: low is above high"):
         RULES.model_validate({**RULES.model_dump(), "ranges": {"price": [10, 1]}})
+    with pytest.raises(ValueError, match=r"ranges of \['price'\]: low and high must be finite numbers"):
+        RULES.model_validate({**RULES.model_dump(), "ranges": {"price": [float("nan"), 1]}})
     for key, value, kind in (("ranges", {"user_id": [0, 1]}, "numeric"), ("max_missing", {"click": 0.1},
                                                                           "categorical or numeric")):
         rules = {**raw_params["validate"], "clicks": {**raw_params["validate"]["clicks"], key: value}}
@@ -245,7 +261,7 @@ def test_numeric_columns_are_cut_at_their_training_quantiles_and_a_client_encode
     edges = np.unique(np.quantile(train.price.dropna(), np.arange(1, 8) / 8))
     assert price["edges"] == pytest.approx(edges.tolist()) and price["size"] == 2 + 7
     assert price["offset"] == country["offset"] + country["size"] and age["offset"] == price["offset"] + 9
-    assert age["size"] == 2 + len(age["edges"]) <= 2 + 3 and manifest["vocabulary"] == age["offset"] + age["size"]
+    assert age["size"] == 2 + 3 and manifest["vocabulary"] == age["offset"] + age["size"]   # 18-79: 3 distinct edges
     codes = np.load(tmp_path / "out" / "train_fields.npy")[:, 2] - price["offset"]
     assert codes[3] == 0 and np.array_equal(np.delete(codes, 3), 1 + np.searchsorted(
         edges, np.delete(train.price.to_numpy(), 3), side="right"))
@@ -269,14 +285,48 @@ def test_values_declared_as_missing_read_as_missing_in_every_column(tmp_path):
     frame.to_csv(tmp_path / "t.csv", index=False)
     with pytest.raises(DataFormatError, match=r"numeric column 'price' holds 2 value\(s\)"):
         prepare_table(_schema("t.csv", **NUMERIC), tmp_path / "strict", WHERE, tmp_path)
-    cfg = _schema("t.csv", na_values=["unknown", "n/a"], **NUMERIC)
+    frame.loc[13, "price"] = -1.0                        # a sentinel number: written "-1.0", listed as "-1"
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    cfg = _schema("t.csv", na_values=["unknown", "n/a", "-1", "false"], **NUMERIC)   # "false": a label, read as is
     table = read_table(cfg, WHERE, tmp_path)
-    assert table.price[10] is None and table.price[11] is None and table.device[12] is None
+    assert table.price[10] is None and table.price[11] is None and table.device[12] is None and table.price[13] is None
+    assert (table.clicked == "false").sum() == (frame.clicked == "false").sum()   # the label column is not a feature
     prepare_table(cfg, tmp_path / "out", WHERE, tmp_path)
     vocab = json.loads((tmp_path / "out" / "vocabulary.json").read_text())
     fields = np.load(tmp_path / "out" / "train_fields.npy")
-    assert fields[10, 2] == fields[11, 2] == vocab["fields"][2]["offset"] and fields[12, 0] == 0
-    assert "n/a" not in vocab["fields"][0]["values"]
+    price = vocab["fields"][2]["offset"]
+    assert fields[10, 2] == fields[11, 2] == fields[13, 2] == price and fields[12, 0] == 0
+    assert "n/a" not in vocab["fields"][0]["values"] and vocab["na_values"] == ["unknown", "n/a", "-1", "false"]
+    # a client encodes the raw row as training did, from vocabulary.json alone (before: -1.0 went into a bin)
+    raw = frame.loc[[13]].astype({"price": object}).assign(price="-1.0")
+    assert encode_with(raw, vocab)[0][0, 2] == price
+
+
+def test_a_vocabulary_written_before_numeric_fields_encodes_as_it_did(tmp_path):
+    """A champion's vocabulary.json of the first table release names no kind and no na_values: its fields are
+    categorical, and it is the same encoding as today's of the same data (no re-encoding of the test rows)."""
+    from tasks.ctr.table_evaluate import same_encoding
+
+    _prepare(_table(), tmp_path, "out")
+    vocab = json.loads((tmp_path / "out" / "vocabulary.json").read_text())
+    older = {k: v for k, v in vocab.items() if k != "na_values"}
+    older["fields"] = [{k: v for k, v in f.items() if k != "kind"} for f in vocab["fields"]]
+    rows = pd.read_parquet(tmp_path / "out" / "test_rows.parquet")
+    assert all(np.array_equal(a, b) for a, b in zip(encode_with(rows, older), encode_with(rows, vocab), strict=True))
+    assert same_encoding(older, vocab) and not same_encoding(older, {**vocab, "na_values": ["x"]})
+
+
+def test_a_champion_registered_before_numeric_columns_and_na_values_stays_comparable(config, raw_params):
+    """The clicks family's data params digest before these fields existed (c5bd6f0) is still today's while they hold
+    their defaults; before the fix every table family's champion read as made for another split, and the gate
+    compared a candidate with none. Using one of them makes another split."""
+    from tasks.config import parse_config
+    from tasks.lineage import same_split
+
+    assert same_split("b49c10289a3fe387bc8c45eda697d62ef835e61b5690368804e1eef1fceeb3cd", config, "clicks")
+    data = raw_params["data"]
+    marked = parse_config({**raw_params, "data": {**data, "clicks": {**data["clicks"], "na_values": ["unkonwn"]}}})
+    assert not same_split("b49c10289a3fe387bc8c45eda697d62ef835e61b5690368804e1eef1fceeb3cd", marked, "clicks")
 
 
 def test_a_model_learns_what_only_a_numeric_column_says(tmp_path):
