@@ -61,10 +61,10 @@ def as_text(column: pd.Series, path: str) -> pd.Series:
     if column.map(lambda v: isinstance(v, list | tuple | np.ndarray)).any():
         raise DataFormatError(f"{path}: column {column.name!r} holds lists; write tags as one text value joined by "
                               "the column's separator")
-    known = column.dropna() if pd.api.types.is_float_dtype(column) else None
-    if known is not None and (known % 1 == 0).all() and (known.abs() < 2.0**53).all():
-        column = column.astype("Int64")   # integers stored as floats beside nulls read as 123, not 123.0
-    return pd.Series([None if pd.isna(v) or v == "" else str(v) for v in column], index=column.index, dtype=object)
+    # integers stored as floats beside nulls read as 123, not 123.0 (when every value of the column is whole)
+    whole = pd.api.types.is_float_dtype(column) and bool((column.dropna() % 1 == 0).all())
+    return pd.Series([None if pd.isna(v) or v == "" else str(int(v)) if whole else str(v) for v in column],
+                     index=column.index, dtype=object)
 
 
 def read_table(cfg: TableData, where: str, root: Path = Path()) -> pd.DataFrame:

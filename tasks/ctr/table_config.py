@@ -89,7 +89,7 @@ class TableData(Strict):
     multi_hot: list[MultiHot] = []
     # text that means "missing" in a categorical, numeric or multi-hot column (a whole cell), besides an empty cell
     # and a null, e.g. ["unknown", "-1"] (quoted in YAML); in a numeric column also the same number (-1 is -1.0). The
-    # label, split and key columns are read as they are
+    # label, the split column and key columns that are no feature are read as they are
     na_values: Annotated[list[str], distinct("na value")] = []
     split: TableSplit
     seed: int

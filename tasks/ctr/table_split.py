@@ -36,8 +36,10 @@ def time_splits(when: np.ndarray, val: float, test: float) -> tuple[np.ndarray, 
     """``train``/``val``/``test`` per row by time: test from the time of the row at the newest ``test`` share on,
     val from the one at the ``val`` share before it (rows of one time stay in one split); and those two times."""
     ordered, n = np.sort(when), len(when)
-    cut = {name: float(ordered[min(n - 1, max(0, n - round(n * share)))]) if n else 0.0
-           for name, share in (("val_from", val + test), ("test_from", test))}
+    tested, validated = (max(1, int(n * share + 0.5)) for share in (test, val))   # at least a row each
+    if n <= tested + validated:
+        raise ValueError(f"{n} rows are too few to split by time: test takes {tested}, val {validated}")
+    cut = {"val_from": float(ordered[n - tested - validated]), "test_from": float(ordered[n - tested])}
     return np.where(when >= cut["test_from"], "test", np.where(when >= cut["val_from"], "val", "train")), cut
 
 
@@ -48,13 +50,16 @@ def assign_splits(frame: pd.DataFrame, cfg: TableData) -> tuple[np.ndarray, dict
     if cfg.split.method != "time":
         return _hash_or_column(frame, cfg), {}
     when = times(frame, cfg.split.column, cfg.table.path)
-    names, cut = time_splits(when, cfg.split.val, cfg.split.test)
+    try:
+        names, cut = time_splits(when, cfg.split.val, cfg.split.test)
+    except ValueError as err:
+        raise DataFormatError(f"{cfg.table.path}: {err}") from None
     for name in SPLITS:
-        if len(when) and not (names == name).any():
-            at = cut["test_from"] if name == "test" else cut["val_from"]
+        if not (names == name).any():
+            at = np.flatnonzero(when == (cut["test_from"] if name == "test" else cut["val_from"]))
             raise DataFormatError(f"{cfg.table.path}: the split by time column {cfg.split.column!r} leaves no {name} "
-                                  f"rows: {int((when == at).sum())} rows share the time {at:g} at its cut (rows of one "
-                                  "time stay in one split)")
+                                  f"rows: {len(at)} rows share the time {frame[cfg.split.column].iloc[at[0]]!r} at its "
+                                  "cut (rows of one time stay in one split)")
     return names, cut
 
 

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import torch
 
-from tasks.ctr.table import encode_with, prepare_table, read_table
+from tasks.ctr.table import as_text, encode_with, prepare_table, read_table
 from tasks.ctr.table_config import TableData, TableSplit, TableValidation
 from tasks.ctr.table_validate import load_splits, validate_table
 from tasks.errors import DataFormatError
@@ -76,6 +76,8 @@ def test_a_parquet_table_and_its_csv_read_the_same_values(tmp_path):
     pd.testing.assert_frame_equal(from_csv, from_parquet)
     assert from_csv.device[3] is None and from_csv.device[4] == "NA" and from_csv.country[6] == "6"
     assert from_csv.country[5] is None
+    big = as_text(pd.Series([2.0**63 * 10, np.nan, 3.0]), "t.parquet")   # whole floats past int64 too
+    assert big.tolist() == ["92233720368547758080", None, "3"]
     csv, parquet = (prepare_table(_schema(f"t.{kind}"), tmp_path / kind, WHERE, tmp_path)
                     for kind in ("csv", "parquet"))
     assert csv["splits"] == parquet["splits"] and sum(s["rows"] for s in csv["splits"].values()) == 2000
@@ -221,11 +223,15 @@ def test_a_time_split_tests_on_the_newest_rows_and_keeps_rows_of_one_time_togeth
     far.to_csv(tmp_path / "far.csv", index=False)   # an open-ended date beyond nanoseconds' range: the newest row
     prepare_table(_schema("far.csv", **by_time), tmp_path / "far", WHERE, tmp_path)
     assert "9999-12-31T00:00:00Z" in pd.read_parquet(tmp_path / "far" / "test_rows.parquet").when.tolist()
-    frame.assign(when=np.where(frame.event < 1900, 5, 6)).to_csv(tmp_path / "flat.csv", index=False)
+    frame.assign(when=np.where(frame.event < 1900, "2024-05-01", "2024-05-02")).to_csv(tmp_path / "flat.csv",
+                                                                                        index=False)
     with pytest.raises(DataFormatError, match=r"^flat\.csv: the split by time column 'when' leaves no train rows: "
-                                              r"1900 rows share the time 5 at its cut \(rows of one time stay in one "
-                                              r"split\)$"):
+                                              r"1900 rows share the time '2024-05-01' at its cut \(rows of one time "
+                                              r"stay in one split\)$"):
         prepare_table(_schema("flat.csv", **by_time), tmp_path / "flat", WHERE, tmp_path)
+    frame.head(2).to_csv(tmp_path / "tiny.csv", index=False)
+    with pytest.raises(DataFormatError, match=r"^tiny\.csv: 2 rows are too few to split by time: test takes 1, val 1$"):
+        prepare_table(_schema("tiny.csv", **by_time), tmp_path / "tiny", WHERE, tmp_path)
 
 
 def test_a_schema_without_fields_or_with_a_column_twice_and_reversed_ranges_are_refused(raw_params):
