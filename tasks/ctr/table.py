@@ -17,11 +17,10 @@ column). Without a multi-hot column ``genres`` is one all-zero column.
 
 Output in ``<out>``: ``{train,val,test}_{fields,genres,y}.npy`` (the kit's format, ``tasks.ctr.ctr_training``),
 ``features.json`` (field layout with offsets and sizes, multi-hot groups, rows per split, source, and by time the
-times val and test start from), ``vocabulary.json``
-(registered with every model: each field and group in input order with its offset and values in row order, or a
-numeric field's bin edges, all a client needs to encode a raw row as the model was trained: ``encode_with``), and
-``test_rows.parquet`` (the test rows' declared columns as read: a champion of an older vocabulary is scored on them
-in its own encoding).
+times val and test start from), ``vocabulary.json`` (registered with every model: each field and group in input
+order with its offset and values in row order, or a numeric field's bin edges, and ``na_values``: all a client needs
+to encode a raw row as the model was trained, ``encode_with``), and ``test_rows.parquet`` (the test rows' declared
+columns as read: a champion of an older vocabulary is scored on them in its own encoding).
 """
 from __future__ import annotations
 
@@ -182,8 +181,8 @@ def encode_with(frame: pd.DataFrame, vocab: dict[str, Any]) -> tuple[np.ndarray,
     """(fields (N, F) int64 global embedding rows, genres (N, G) float32 multi-hot) of ``frame``'s raw rows in the
     encoding of ``vocab`` (a ``vocabulary.json``; one written before numeric fields and ``na_values`` has neither)."""
     numeric = [f["name"] for f in vocab["fields"] if f.get("kind") == "numeric"]
-    text = [f["name"] for f in vocab["fields"] if f["name"] not in numeric] + [g["name"] for g in vocab["groups"]
-                                                                              if g["name"]]
+    text = [f["name"] for f in vocab["fields"] if f["name"] not in numeric]
+    text += [g["name"] for g in vocab["groups"] if g["name"]]
     frame = mark_missing(frame, vocab.get("na_values", []), text, numeric)
     codes = []
     for field in vocab["fields"]:
