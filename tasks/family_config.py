@@ -56,14 +56,23 @@ class PretrainedTeacher(Strict):
 
     path: str = Field(min_length=1)    # relative to the project, or absolute
     sha256: Sha256                     # the file is read only when its content has this checksum
-    format: Literal["onnx", "state_dict"]   # state_dict: weights of ``arch``
+    format: Literal["onnx", "torchscript", "state_dict"]   # state_dict: weights of ``arch``
     logits: str | None = None          # onnx: the output holding the logits; omitted, the first output
-    features: list[str] = []           # onnx: the values feature distillation aligns, in the family's order
+    # onnx: the values feature distillation aligns, in the family's order; torchscript: names for the feature maps
+    # its forward returns after the logits, in that order
+    features: list[str] = []
 
     @model_validator(mode="after")
-    def _features_for_onnx(self) -> PretrainedTeacher:
-        if self.features and self.format != "onnx":
-            raise ValueError("features names ONNX values; a state_dict teacher has the features of its arch")
+    def _features_for_graphs(self) -> PretrainedTeacher:
+        if self.features and self.format == "state_dict":
+            raise ValueError("features names the values of an ONNX or TorchScript teacher; a state_dict teacher has "
+                             "the features of its arch")
+        if self.logits is not None and self.format != "onnx":
+            raise ValueError(f"logits names an ONNX output; a {self.format} teacher's logits are its forward's "
+                             "(first) output")
+        logits = self.logits if self.format == "onnx" else "logits"   # a TorchScript teacher's ONNX export names it so
+        if len(set(self.features)) < len(self.features) or logits in self.features:
+            raise ValueError(f"features must be distinct names, none of them the logits' ({self.features})")
         return self
 
 

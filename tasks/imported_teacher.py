@@ -1,16 +1,19 @@
-"""A pretrained teacher imported instead of trained: an ONNX file run by onnxruntime, or a state dict of the family's
-own teacher architecture. Either is verified against the SHA-256 pinned in params before anything reads it.
+"""A pretrained teacher imported instead of trained: an ONNX file run by onnxruntime, a TorchScript module (run as
+its ONNX export), or a state dict of the family's own teacher architecture. Each is verified against the SHA-256
+pinned in params before anything reads it.
 
 An ONNX teacher is enough for target and label distillation (its logits), and for feature distillation when it
 exposes intermediate values named in ``features`` (the family's feature pairs count through that list). It is
 frozen by nature: onnxruntime computes no gradient, and it has no parameter for an optimizer to find. Its model file
 holds the ONNX bytes (the logits and the named features as outputs) and what the family needs to know of them.
+A TorchScript teacher becomes one: exported once at import, checked to give the module's own answers.
 Nothing here knows a family: each passes its example inputs and the shapes it expects.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ from torch import nn
 
 from tasks.errors import ChecksumError, DataSourceError, PipelineError
 from tasks.family_config import OnnxArch, PretrainedTeacher
-from tasks.onnx_teacher import OnnxTeacher
+from tasks.onnx_teacher import OnnxTeacher, graph_inputs, graph_macs
 
 
 class TeacherImportError(PipelineError):
@@ -41,12 +44,6 @@ def verified_bytes(path: str, sha256: str, key: str) -> bytes:
     return blob
 
 
-def _graph_inputs(graph: Any) -> list[Any]:
-    """The graph's real inputs (older exporters also list the initializers as inputs)."""
-    initializers = {t.name for t in graph.initializer}
-    return [i for i in graph.input if i.name not in initializers]
-
-
 def _exposed(model: Any, wanted: list[str], file: str) -> None:
     """Make each of ``wanted`` a graph output; an intermediate value becomes one, a name the graph lacks fails."""
     from onnx import TensorProto, helper
@@ -63,34 +60,6 @@ def _exposed(model: Any, wanted: list[str], file: str) -> None:
         outputs.add(name)
 
 
-def _macs(model: Any, examples: tuple[torch.Tensor, ...]) -> int:
-    """Multiply-accumulates of one example through the graph's Conv, Gemm and MatMul nodes (shape inference with
-    the batch axis set to 1); other operators are not counted."""
-    import onnx
-
-    fixed = onnx.ModelProto()
-    fixed.CopyFrom(model)
-    for graph_input, example in zip(_graph_inputs(fixed.graph), examples, strict=True):
-        for dim, size in zip(graph_input.type.tensor_type.shape.dim, [1, *example.shape[1:]], strict=True):
-            dim.Clear()
-            dim.dim_value = size
-    inferred = onnx.shape_inference.infer_shapes(fixed).graph
-    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
-              for v in [*inferred.value_info, *inferred.output, *inferred.input]}
-    weights = {t.name: list(t.dims) for t in inferred.initializer}
-    total = 0
-    for node in inferred.node:
-        out, weight = shapes.get(node.output[0]), weights.get(node.input[1]) if len(node.input) > 1 else None
-        if not out or weight is None or 0 in out:
-            continue
-        if node.op_type == "Conv":
-            total += int(np.prod(out)) * int(np.prod(weight[1:]))
-        elif node.op_type in ("Gemm", "MatMul"):
-            transposed = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
-            total += int(np.prod(out)) * (weight[-1] if transposed else weight[0])
-    return total
-
-
 def import_onnx(blob: bytes, sha256: str, file: str, logits: str | None, features: list[str],
                 examples: tuple[torch.Tensor, ...], logits_shape: list[int], feature_rank: int) -> OnnxTeacher:
     """An ``OnnxTeacher`` from verified ONNX bytes: its inputs take a batch of ``examples`` (any batch size),
@@ -104,7 +73,7 @@ def import_onnx(blob: bytes, sha256: str, file: str, logits: str | None, feature
         onnx.checker.check_model(model)
     except Exception as err:  # onnx raises DecodeError, ValidationError, ...
         raise TeacherImportError(f"{file}: not a valid ONNX model ({str(err).splitlines()[0]})") from err
-    inputs = [i.name for i in _graph_inputs(model.graph)]
+    inputs = [i.name for i in graph_inputs(model.graph)]
     if len(inputs) != len(examples):
         raise TeacherImportError(f"{file}: the family's teacher takes {len(examples)} input(s), this graph takes "
                                  f"{inputs}")
@@ -131,10 +100,59 @@ def import_onnx(blob: bytes, sha256: str, file: str, logits: str | None, feature
                 raise TeacherImportError(f"{file}: feature {name!r} has shape {list(fmap.shape)} for a batch of "
                                          f"{size}; this family aligns features of {feature_rank} axes")
     try:   # once the graph is known to run on the family's examples
-        macs = _macs(model, examples)
+        macs = graph_macs(model, examples)
     except Exception as err:  # onnx shape inference raises its own types
         raise TeacherImportError(f"{file}: ONNX shape inference fails on it ({str(err).splitlines()[0]})") from err
     teacher.arch = arch.model_copy(update={"feature_shapes": [list(m.shape[1:]) for m in maps], "macs": macs})
+    return teacher
+
+
+def _line(err: BaseException, last: bool = False) -> str:
+    """One line of ``err``'s message (TorchScript's run errors end with the one that says what went wrong)."""
+    lines = str(err).strip().splitlines() or [type(err).__name__]
+    return lines[-1] if last else lines[0]
+
+
+def import_torchscript(blob: bytes, sha256: str, file: str, features: list[str], examples: tuple[torch.Tensor, ...],
+                       logits_shape: list[int], feature_rank: int) -> OnnxTeacher:
+    """The ``OnnxTeacher`` of a TorchScript teacher (``torch.jit.save`` of a scripted or traced module), through its
+    ONNX export: ``forward(*inputs)`` returns the logits, or a tuple of the logits and then the feature maps
+    ``features`` names, in order (later items unused). The export must give the module's own answers on
+    ``examples``; then ``import_onnx`` checks it as any ONNX teacher."""
+    try:
+        module = torch.jit.load(io.BytesIO(blob), map_location="cpu").eval()
+    except Exception as err:  # TorchScript raises RuntimeError, zip errors, ...
+        raise TeacherImportError(f"{file}: not a TorchScript module saved by torch.jit.save ({_line(err)})") from err
+    try:
+        with torch.no_grad():
+            out = module(*examples)
+    except Exception as err:  # TorchScript's interpreter errors
+        raise TeacherImportError(f"{file}: the module cannot run on a batch of {len(examples[0])} of "
+                                 f"{[list(x.shape[1:]) for x in examples]} ({_line(err, last=True)})") from err
+    outs = list(out) if isinstance(out, tuple | list) else [out]
+    if len(outs) < 1 + len(features) or not all(isinstance(o, torch.Tensor) for o in outs[:1 + len(features)]):
+        raise TeacherImportError(f"{file}: forward returns {len(outs)} output(s); the logits and the features "
+                                 f"{features} need {1 + len(features)} tensors, the logits first")
+    if list(outs[0].shape) != [len(examples[0]), *logits_shape]:
+        raise TeacherImportError(f"{file}: forward's first output, the logits, has shape {list(outs[0].shape)} for a "
+                                 f"batch of {len(examples[0])}, not {['N', *logits_shape]}")
+    buffer = io.BytesIO()
+    inputs = [f"input{i}" for i in range(len(examples))]
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="no signature found")   # a ScriptModule has none to read
+            # later outputs keep the exporter's names, and go unused
+            torch.onnx.export(module, tuple(x.contiguous() for x in examples), buffer, input_names=inputs,
+                              output_names=["logits", *features], opset_version=17, dynamo=False,
+                              dynamic_axes={name: {0: "n"} for name in (*inputs, "logits", *features)})
+    except Exception as err:  # the exporter's errors of every kind
+        raise TeacherImportError(f"{file}: does not export to ONNX ({_line(err)})") from err
+    teacher = import_onnx(buffer.getvalue(), sha256, file, "logits", features, examples, logits_shape, feature_rank)
+    logits, maps = teacher.forward_features(*examples)
+    for name, got, want in zip(["logits", *features], [logits, *maps], outs, strict=False):
+        gap = float((got - want.float()).abs().max())
+        if gap > 1e-3 * max(1.0, float(want.float().abs().max())):
+            raise TeacherImportError(f"{file}: its ONNX export computes {name} up to {gap:.3g} away from TorchScript's")
     return teacher
 
 
@@ -159,11 +177,14 @@ def import_state_dict(blob: bytes, file: str, build: Callable[[], nn.Module]) ->
 def load_pretrained(spec: PretrainedTeacher, key: str, examples: tuple[torch.Tensor, ...], logits_shape: list[int],
                     feature_rank: int, build: Callable[[], nn.Module]) -> nn.Module:
     """The teacher ``spec`` (params key ``key``) names, checksum verified: an ``OnnxTeacher`` checked against the
-    family's ``examples`` and shapes (see ``import_onnx``), or ``build()`` with the state dict's weights."""
+    family's ``examples`` and shapes (see ``import_onnx``; a TorchScript module through ``import_torchscript``), or
+    ``build()`` with the state dict's weights."""
     blob = verified_bytes(spec.path, spec.sha256, key)
     if spec.format == "onnx":
         return import_onnx(blob, spec.sha256, spec.path, spec.logits, spec.features, examples, logits_shape,
                            feature_rank)
+    if spec.format == "torchscript":
+        return import_torchscript(blob, spec.sha256, spec.path, spec.features, examples, logits_shape, feature_rank)
     return import_state_dict(blob, spec.path, build)
 
 

@@ -1,16 +1,52 @@
 """A frozen teacher computed by onnxruntime from an ONNX graph: what an imported ONNX teacher (``tasks.imported_teacher``)
-and a trained teacher's ONNX twin run as during distillation, and the graph a teacher's ONNX file is exported from.
+and a trained teacher's ONNX twin run as during distillation, and the graph a teacher's ONNX file is exported from;
+with what is read from such a graph (its real inputs, its multiply-accumulates).
 """
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from tasks.family_config import OnnxArch
 
 PREFIX = "teacher/"   # of every name of an imported graph once exported under the pipeline's names
+
+
+def graph_inputs(graph: Any) -> list[Any]:
+    """The graph's real inputs (older exporters also list the initializers as inputs)."""
+    initializers = {t.name for t in graph.initializer}
+    return [i for i in graph.input if i.name not in initializers]
+
+
+def graph_macs(model: Any, examples: tuple[torch.Tensor, ...]) -> int:
+    """Multiply-accumulates of one example through the graph's Conv, Gemm and MatMul nodes (shape inference with
+    the batch axis set to 1); other operators are not counted."""
+    import onnx
+
+    fixed = onnx.ModelProto()
+    fixed.CopyFrom(model)
+    for graph_input, example in zip(graph_inputs(fixed.graph), examples, strict=True):
+        for dim, size in zip(graph_input.type.tensor_type.shape.dim, [1, *example.shape[1:]], strict=True):
+            dim.Clear()
+            dim.dim_value = size
+    inferred = onnx.shape_inference.infer_shapes(fixed).graph
+    shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
+              for v in [*inferred.value_info, *inferred.output, *inferred.input]}
+    weights = {t.name: list(t.dims) for t in inferred.initializer}
+    total = 0
+    for node in inferred.node:
+        out, weight = shapes.get(node.output[0]), weights.get(node.input[1]) if len(node.input) > 1 else None
+        if not out or weight is None or 0 in out:
+            continue
+        if node.op_type == "Conv":
+            total += int(np.prod(out)) * int(np.prod(weight[1:]))
+        elif node.op_type in ("Gemm", "MatMul"):
+            transposed = node.op_type == "Gemm" and any(a.name == "transB" and a.i for a in node.attribute)
+            total += int(np.prod(out)) * (weight[-1] if transposed else weight[0])
+    return total
 
 
 class OnnxTeacher(nn.Module):

@@ -119,8 +119,9 @@ def warm_start_policy(cfg: Config, family: str) -> WarmStart | None:
 
 
 def check(cfg: Config, family: str) -> None:
-    """What no single section can check: feature distillation from an imported ONNX teacher needs its vectors."""
+    """What no single section can check: feature distillation from an imported ONNX or TorchScript teacher needs its
+    vectors."""
     spec = cfg.block("teacher", family).pretrained
-    if spec and spec.format == "onnx" and cfg.block("distill", family).weights.feature > 0 and len(spec.features) != 1:
+    if spec and spec.format != "state_dict" and cfg.block("distill", family).weights.feature > 0 and len(spec.features) != 1:
         raise ValueError(f"distill.{family}.weights.feature > 0 aligns the teacher's field vectors: name that one "
                          f"output in teacher.{family}.pretrained.features, or set the weight to 0")

@@ -87,7 +87,7 @@ class TrainTeacherImages(TrainingRecipe):
 
     def feature_stages(self) -> int:
         """How many feature maps the teacher offers to feature distillation."""
-        if self.pretrained and self.pretrained.format == "onnx":
+        if self.pretrained and self.pretrained.format != "state_dict":
             return len(self.pretrained.features)
         return len(self.arch.widths)
 

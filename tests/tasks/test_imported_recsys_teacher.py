@@ -100,8 +100,11 @@ def test_an_onnx_ctr_teacher_must_take_the_familys_two_inputs_and_give_a_logit_p
         import_onnx(blob, sha, "t.onnx", "vectors", [], (data.fields[:2], data.genres[:2]), [], 3)
 
 
-def test_the_recsys_stages_import_distil_from_and_export_an_onnx_teacher(synthetic_movielens, mlflow_uri, tmp_path,
-                                                                        monkeypatch):
+@pytest.mark.parametrize("form", ["onnx", "torchscript"])
+def test_the_recsys_stages_import_distil_from_and_export_an_imported_teacher(form, synthetic_movielens, mlflow_uri,
+                                                                             tmp_path, monkeypatch):
+    """The teacher as an ONNX file, or as a TorchScript module traced on the family's two inputs (ids and multi-hot
+    genres): published as a model file of kind onnx, distilled from with its field vectors, exported."""
     import tasks.ctr.distill as distill_ctr
     import tasks.ctr.train_teacher as train_ctr_teacher
     from tasks.ctr.ctr_onnx import INPUTS, MODELS, OUTPUT, onnx_probabilities
@@ -114,10 +117,15 @@ def test_the_recsys_stages_import_distil_from_and_export_an_onnx_teacher(synthet
     _, _, test, shape = load_ctr_data(tmp_path / "data")
     torch.manual_seed(0)
     teacher = CtrModel(RecArch(dim=8, fm=True, mlp=[16]), **shape).eval()
-    sha = export_teacher(teacher, tmp_path / "mine.onnx")
+    if form == "onnx":
+        sha, path, logits = export_teacher(teacher, tmp_path / "mine.onnx"), "mine.onnx", {"logits": "logit"}
+    else:
+        example = (test.fields[:2], test.genres[:2])
+        torch.jit.save(torch.jit.trace(WithVectors(teacher).eval(), example), str(tmp_path / "mine.pt"))
+        sha, path, logits = hashlib.sha256((tmp_path / "mine.pt").read_bytes()).hexdigest(), "mine.pt", {}
     params = cfg.model_dump(by_alias=True)
-    params["teacher"]["recsys"]["pretrained"] = {"path": "mine.onnx", "sha256": sha, "format": "onnx",
-                                                 "logits": "logit", "features": ["vectors"]}
+    params["teacher"]["recsys"]["pretrained"] = {"path": path, "sha256": sha, "format": form, **logits,
+                                                 "features": ["vectors"]}
     params["distill"]["recsys"] |= {"epochs": 1, "threads": 1}
     params["distill"]["recsys"]["weights"]["feature"] = 0.5
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -125,7 +133,8 @@ def test_the_recsys_stages_import_distil_from_and_export_an_onnx_teacher(synthet
     monkeypatch.setattr(sys, "argv", ["train_teacher_recsys", "--data", "data", "--model", "teacher.pt",
                                       "--metrics", "teacher.json", "--plots", "teacher.csv"])
     train_ctr_teacher.main("recsys")
-    assert model_meta(tmp_path / "teacher.pt")["kind"] == "onnx"
+    meta = model_meta(tmp_path / "teacher.pt")
+    assert meta["kind"] == "onnx" and meta["arch"].sha256 == sha and meta["arch"].features == ["vectors"]
     expected = evaluate_ctr(teacher, test)["auc"]
     assert json.loads((tmp_path / "teacher.json").read_text())["test_auc"] == pytest.approx(expected, abs=1e-6)
     assert (tmp_path / "teacher.csv").read_text() == "epoch\n"

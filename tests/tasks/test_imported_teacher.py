@@ -1,5 +1,6 @@
-"""A pretrained teacher brought as an ONNX file or a state dict: verified by checksum, loaded through the pipeline's
-model files, and driving distillation exactly as the torch teacher it was exported from would."""
+"""A pretrained teacher brought as an ONNX file, a TorchScript module or a state dict: verified by checksum, loaded
+through the pipeline's model files, and driving distillation exactly as the torch teacher it was exported from
+would."""
 from __future__ import annotations
 
 import hashlib
@@ -16,12 +17,19 @@ from tasks.artifacts import count_nonzero, count_parameters, load_model, model_m
 from tasks.config import load_config
 from tasks.distillation import Distiller
 from tasks.errors import ChecksumError
-from tasks.family_config import LossWeights
+from tasks.family_config import LossWeights, PretrainedTeacher
 from tasks.image_training import Split
 from tasks.images.arch_config import ResNetArch
 from tasks.images.config import DistillImages, FeaturePair
 from tasks.images.models import MobileStudent, ResNetTeacher
-from tasks.imported_teacher import TeacherImportError, import_onnx, import_state_dict, verified_bytes
+from tasks.imported_teacher import (
+    TeacherImportError,
+    import_onnx,
+    import_state_dict,
+    import_torchscript,
+    load_pretrained,
+    verified_bytes,
+)
 from tests.conftest import briefly_trained
 
 ARCH = ResNetArch(stem=8, widths=[16, 32], blocks=[1, 1])
@@ -125,10 +133,41 @@ def test_teacher_runtime_auto_keeps_pytorch_only_where_it_infers_in_bf16(runtime
     assert kd.resolved().teacher_runtime == ("onnxruntime" if expected else "pytorch")
 
 
+def save_torchscript(module: nn.Module, path, example: torch.Tensor, script: bool = False) -> bytes:
+    """What a user's ``torch.jit.save`` writes: the module traced on ``example`` (or scripted)."""
+    compiled = torch.jit.script(module.eval()) if script else torch.jit.trace(module.eval(), (example,))
+    torch.jit.save(compiled, str(path))
+    return path.read_bytes()
+
+
 def test_target_and_label_distillation_from_an_onnx_teacher_teach_the_student_its_answers(teacher_and_data, tmp_path):
     teacher, train, val = teacher_and_data
     sha = export_teacher(teacher, tmp_path / "t.onnx")
     imported = import_onnx((tmp_path / "t.onnx").read_bytes(), sha, "t.onnx", None, [], (val.inputs(slice(2)),), [10], 4)
+    assert_students_learn_its_answers(imported, train)
+
+
+def test_a_torchscript_teacher_runs_as_its_onnx_export_and_teaches_the_student_its_answers(teacher_and_data, tmp_path):
+    """A traced module returning (logits, *stage maps): the teacher gives the module's logits and named maps, and
+    target and label distillation from it teach the student its answers."""
+    teacher, train, val = teacher_and_data
+    blob = save_torchscript(WithMaps(teacher), tmp_path / "t.pt", val.inputs(slice(2)))
+    sha = hashlib.sha256(blob).hexdigest()
+    imported = load_pretrained(PretrainedTeacher(path=str(tmp_path / "t.pt"), sha256=sha, format="torchscript",
+                                                 features=["stage0", "stage1"]),
+                               "teacher.vision.pretrained", (val.inputs(slice(2)),), [10], 4, build=None)
+    assert imported.arch.sha256 == sha and imported.arch.features == ["stage0", "stage1"]
+    assert imported.arch.feature_shapes == [[16, 14, 14], [32, 7, 7]] and imported.counts()["macs"] > 0
+    x = val.inputs(slice(16))
+    with torch.no_grad():
+        logits, maps = imported.forward_features(x)
+        expected_logits, expected_maps = teacher.forward_features(x)
+    torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(maps[1], expected_maps[1], atol=1e-4, rtol=1e-4)
+    assert_students_learn_its_answers(imported, train)
+
+
+def assert_students_learn_its_answers(imported: nn.Module, train: Split) -> None:
     torch.manual_seed(0)
     student = MobileStudent(load_config().distill.vision.student)
     distiller = Distiller(student, imported, _kd(1.0, 1.0), train.inputs(slice(2)))
@@ -222,6 +261,42 @@ def test_a_state_dict_must_fit_the_architecture_in_params(teacher_and_data, tmp_
     with pytest.raises(TeacherImportError, match="w.pt: does not fit the teacher architecture .*size mismatch"):
         import_state_dict((tmp_path / "w.pt").read_bytes(), "w.pt",
                           lambda: ResNetTeacher(ResNetArch(stem=8, widths=[16, 64], blocks=[1, 1])))
+
+
+class Noisy(nn.Module):
+    """A scripted teacher whose forward draws noise: its ONNX export cannot give its answers."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(784, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x.flatten(1)) + torch.rand(x.size(0), 10)
+
+
+@pytest.mark.fault("data", "an imported TorchScript teacher that is no TorchScript archive, does not run on the "
+                   "family's inputs, returns fewer outputs than its named features or logits of the wrong shape, or "
+                   "whose ONNX export computes other answers",
+                   "TeacherImportError naming the file and what is wrong; the teacher stage stops")
+def test_a_torchscript_teacher_that_does_not_fit_is_refused_with_what_is_wrong(teacher_and_data, tmp_path):
+    teacher, _, val = teacher_and_data
+    sample = (val.inputs(slice(2)),)
+    blob = save_torchscript(WithMaps(teacher), tmp_path / "t.pt", sample[0])
+    with pytest.raises(TeacherImportError, match=r"junk.pt: not a TorchScript module saved by torch.jit.save"):
+        import_torchscript(b"not a zip", "0" * 64, "junk.pt", [], sample, [10], 4)
+    with pytest.raises(TeacherImportError, match=r"t.pt: the module cannot run on a batch of 2 of \[\[3, 28, 28\]\]"):
+        import_torchscript(blob, "0" * 64, "t.pt", [], (torch.zeros(2, 3, 28, 28),), [10], 4)
+    with pytest.raises(TeacherImportError, match=r"forward returns 3 output\(s\); .* need 4 tensors, the logits first"):
+        import_torchscript(blob, "0" * 64, "t.pt", ["a", "b", "c"], sample, [10], 4)
+    with pytest.raises(TeacherImportError, match=r"the logits, has shape \[2, 10\] for a batch of 2, not \['N', 12\]"):
+        import_torchscript(blob, "0" * 64, "t.pt", [], sample, [12], 4)
+    noisy = save_torchscript(Noisy(), tmp_path / "noisy.pt", sample[0], script=True)
+    with pytest.raises(TeacherImportError, match="noisy.pt: its ONNX export computes logits up to .* away from TorchScript"):
+        import_torchscript(noisy, "0" * 64, "noisy.pt", [], sample, [10], 4)
+    with pytest.raises(ValueError, match="logits names an ONNX output"):
+        PretrainedTeacher(path="t.pt", sha256="0" * 64, format="torchscript", logits="scores")
+    with pytest.raises(ValueError, match="features must be distinct names, none of them the logits'"):
+        PretrainedTeacher(path="t.pt", sha256="0" * 64, format="torchscript", features=["logits"])
 
 
 def test_the_teacher_stage_imports_an_onnx_teacher_that_distillation_and_export_then_use(
