@@ -95,16 +95,19 @@ def read_table(cfg: TableData, where: str, root: Path = Path()) -> pd.DataFrame:
     return frame
 
 
-def mark_missing(frame: pd.DataFrame, na_values: list[str], text: list[str], numeric: list[str]) -> pd.DataFrame:
-    """``frame`` with ``na_values`` missing (None) in its feature columns: a whole cell of ``text`` columns equal to
-    one; in ``numeric`` columns also a value equal to one as a number (-1.0 for "-1")."""
+def mark_missing(frame: pd.DataFrame, na_values: list[str] | dict[str, list[str]], text: list[str],
+                 numeric: list[str]) -> pd.DataFrame:
+    """``frame`` with ``na_values`` (a list for every column, or per column) missing (None) in its feature columns: a
+    whole cell of ``text`` columns equal to one; in ``numeric`` ones also the same number (-1.0 for "-1")."""
     if not na_values:
         return frame
     frame = frame.copy()
-    marks = pd.to_numeric(pd.Series(na_values, dtype=object), errors="coerce").dropna().to_numpy(np.float64)
     for column in [*text, *numeric]:
+        if not (listed := na_values.get(column, []) if isinstance(na_values, dict) else na_values):
+            continue
         cells = frame[column]
-        found = cells.isin(na_values)
+        found = cells.isin(listed)
+        marks = pd.to_numeric(pd.Series(listed, dtype=object), errors="coerce").dropna().to_numpy(np.float64)
         if column in numeric and len(marks):
             found |= pd.to_numeric(cells, errors="coerce").isin(marks)
         frame[column] = cells.where(~found, None)

@@ -88,9 +88,10 @@ class TableData(Strict):
     numeric: list[Numeric] = []
     multi_hot: list[MultiHot] = []
     # text that means "missing" in a categorical, numeric or multi-hot column (a whole cell), besides an empty cell
-    # and a null, e.g. ["unknown", "-1"] (quoted in YAML); in a numeric column also the same number (-1 is -1.0). The
+    # and a null, e.g. ["unknown", "-1"] (quoted in YAML); in a numeric column also the same number (-1 is -1.0). A
+    # list holds for every feature column; a mapping only for the columns it names ({age: ["0"], zip: ["?"]}). The
     # label, the split column and key columns that are no feature are read as they are
-    na_values: Annotated[list[str], distinct("na value")] = []
+    na_values: Annotated[list[str], distinct("na value")] | dict[str, Annotated[list[str], distinct("na value")]] = []
     split: TableSplit
     seed: int
     min_count: Positive = 1
@@ -105,7 +106,14 @@ class TableData(Strict):
         if twice:
             raise ValueError(f"columns {twice} are declared more than once (label, categorical, numeric, multi_hot, "
                              "split column)")
+        features = self.feature_columns()
+        if isinstance(self.na_values, dict) and (unknown := sorted(set(self.na_values) - set(features))):
+            raise ValueError(f"na_values names {unknown}, which are no categorical, numeric or multi_hot column "
+                             f"({features})")
         return self
+
+    def feature_columns(self) -> list[str]:
+        return [*self.categorical, *self.numeric_columns(), *(m.column for m in self.multi_hot)]
 
     def numeric_columns(self) -> list[str]:
         return [n.column for n in self.numeric]
@@ -117,7 +125,7 @@ class TableData(Strict):
 
     def split_key(self) -> list[str]:
         """The columns a hashed split hashes."""
-        return self.split.key or [*self.categorical, *self.numeric_columns(), *(m.column for m in self.multi_hot)]
+        return self.split.key or self.feature_columns()
 
 
 class TableValidation(Strict):

@@ -308,6 +308,30 @@ def test_values_declared_as_missing_read_as_missing_in_every_column(tmp_path):
     assert encode_with(raw, vocab)[0][0, 2] == price
 
 
+def test_na_values_per_column_mark_only_the_columns_they_name(tmp_path):
+    """A 0 that means "unknown" in one column is a real value in another: ``na_values`` as a mapping marks only the
+    columns it names, in the training table as in a client's rows (vocabulary.json carries the mapping)."""
+    frame = _priced()
+    frame.loc[[20, 21], "age"] = 0                     # the export's "no age"
+    frame.loc[22, "price"] = 0.0                       # a free item: a price, not a missing one
+    frame.loc[23, "country"] = "0"
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    cfg = _schema("t.csv", na_values={"age": ["0"], "country": ["0"]}, **NUMERIC)
+    table = read_table(cfg, WHERE, tmp_path)
+    assert table.age[20] is None and table.age[21] is None and table.country[23] is None
+    assert float(table.price[22]) == 0.0 and table.device.notna().all()
+    prepare_table(cfg, tmp_path / "out", WHERE, tmp_path)
+    vocab = json.loads((tmp_path / "out" / "vocabulary.json").read_text())
+    assert vocab["na_values"] == {"age": ["0"], "country": ["0"]}
+    fields = np.load(tmp_path / "out" / "train_fields.npy")
+    age, price = vocab["fields"][3]["offset"], vocab["fields"][2]["offset"]
+    assert fields[20, 3] == fields[21, 3] == age and fields[22, 2] != price   # missing age: row 0; price 0: a bin
+    encoded = encode_with(frame.loc[[20, 22]].astype(str), vocab)[0]
+    assert encoded[0, 3] == age and encoded[1, 2] == fields[22, 2]
+    with pytest.raises(ValueError, match=r"na_values names \['label'\], which are no categorical, numeric or "):
+        _schema("t.csv", na_values={"label": ["0"]}, **NUMERIC)
+
+
 def test_a_vocabulary_written_before_numeric_fields_encodes_as_it_did(tmp_path):
     """A champion's vocabulary.json of the first table release names no kind and no na_values: its fields are
     categorical, and it is the same encoding as today's of the same data (no re-encoding of the test rows)."""
