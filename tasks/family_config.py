@@ -67,12 +67,13 @@ class PretrainedTeacher(Strict):
         if self.features and self.format == "state_dict":
             raise ValueError("features names the values of an ONNX or TorchScript teacher; a state_dict teacher has "
                              "the features of its arch")
-        if self.logits is not None and self.format != "onnx":
-            raise ValueError(f"logits names an ONNX output; a {self.format} teacher's logits are its forward's "
-                             "(first) output")
-        logits = self.logits if self.format == "onnx" else "logits"   # a TorchScript teacher's ONNX export names it so
-        if len(set(self.features)) < len(self.features) or logits in self.features:
-            raise ValueError(f"features must be distinct names, none of them the logits' ({self.features})")
+        if self.format != "torchscript":
+            return self
+        if self.logits is not None:
+            raise ValueError("logits names an ONNX output; a torchscript teacher's logits are its forward's first")
+        if len(set(self.features)) < len(self.features) or "logits" in self.features:   # its export's output names
+            raise ValueError(f"features of a torchscript teacher must be distinct names, none of them 'logits' "
+                             f"({self.features})")
         return self
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -107,55 +106,6 @@ def import_onnx(blob: bytes, sha256: str, file: str, logits: str | None, feature
     return teacher
 
 
-def _line(err: BaseException, last: bool = False) -> str:
-    """One line of ``err``'s message (TorchScript's run errors end with the one that says what went wrong)."""
-    lines = str(err).strip().splitlines() or [type(err).__name__]
-    return lines[-1] if last else lines[0]
-
-
-def import_torchscript(blob: bytes, sha256: str, file: str, features: list[str], examples: tuple[torch.Tensor, ...],
-                       logits_shape: list[int], feature_rank: int) -> OnnxTeacher:
-    """The ``OnnxTeacher`` of a TorchScript teacher (``torch.jit.save`` of a scripted or traced module), through its
-    ONNX export: ``forward(*inputs)`` returns the logits, or a tuple of the logits and then the feature maps
-    ``features`` names, in order (later items unused). The export must give the module's own answers on
-    ``examples``; then ``import_onnx`` checks it as any ONNX teacher."""
-    try:
-        module = torch.jit.load(io.BytesIO(blob), map_location="cpu").eval()
-    except Exception as err:  # TorchScript raises RuntimeError, zip errors, ...
-        raise TeacherImportError(f"{file}: not a TorchScript module saved by torch.jit.save ({_line(err)})") from err
-    try:
-        with torch.no_grad():
-            out = module(*examples)
-    except Exception as err:  # TorchScript's interpreter errors
-        raise TeacherImportError(f"{file}: the module cannot run on a batch of {len(examples[0])} of "
-                                 f"{[list(x.shape[1:]) for x in examples]} ({_line(err, last=True)})") from err
-    outs = list(out) if isinstance(out, tuple | list) else [out]
-    if len(outs) < 1 + len(features) or not all(isinstance(o, torch.Tensor) for o in outs[:1 + len(features)]):
-        raise TeacherImportError(f"{file}: forward returns {len(outs)} output(s); the logits and the features "
-                                 f"{features} need {1 + len(features)} tensors, the logits first")
-    if list(outs[0].shape) != [len(examples[0]), *logits_shape]:
-        raise TeacherImportError(f"{file}: forward's first output, the logits, has shape {list(outs[0].shape)} for a "
-                                 f"batch of {len(examples[0])}, not {['N', *logits_shape]}")
-    buffer = io.BytesIO()
-    inputs = [f"input{i}" for i in range(len(examples))]
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="no signature found")   # a ScriptModule has none to read
-            # later outputs keep the exporter's names, and go unused
-            torch.onnx.export(module, tuple(x.contiguous() for x in examples), buffer, input_names=inputs,
-                              output_names=["logits", *features], opset_version=17, dynamo=False,
-                              dynamic_axes={name: {0: "n"} for name in (*inputs, "logits", *features)})
-    except Exception as err:  # the exporter's errors of every kind
-        raise TeacherImportError(f"{file}: does not export to ONNX ({_line(err)})") from err
-    teacher = import_onnx(buffer.getvalue(), sha256, file, "logits", features, examples, logits_shape, feature_rank)
-    logits, maps = teacher.forward_features(*examples)
-    for name, got, want in zip(["logits", *features], [logits, *maps], outs, strict=False):
-        gap = float((got - want.float()).abs().max())
-        if gap > 1e-3 * max(1.0, float(want.float().abs().max())):
-            raise TeacherImportError(f"{file}: its ONNX export computes {name} up to {gap:.3g} away from TorchScript's")
-    return teacher
-
-
 def import_state_dict(blob: bytes, file: str, build: Callable[[], nn.Module]) -> nn.Module:
     """``build()`` with the weights of a ``torch.save``d state dict (plain tensors only: loaded with
     ``weights_only``); a dict holding it under ``state_dict`` works too."""
@@ -184,6 +134,8 @@ def load_pretrained(spec: PretrainedTeacher, key: str, examples: tuple[torch.Ten
         return import_onnx(blob, spec.sha256, spec.path, spec.logits, spec.features, examples, logits_shape,
                            feature_rank)
     if spec.format == "torchscript":
+        from tasks.torchscript_teacher import import_torchscript
+
         return import_torchscript(blob, spec.sha256, spec.path, spec.features, examples, logits_shape, feature_rank)
     return import_state_dict(blob, spec.path, build)
 

@@ -122,6 +122,7 @@ def check(cfg: Config, family: str) -> None:
     """What no single section can check: feature distillation from an imported ONNX or TorchScript teacher needs its
     vectors."""
     spec = cfg.block("teacher", family).pretrained
-    if spec and spec.format != "state_dict" and cfg.block("distill", family).weights.feature > 0 and len(spec.features) != 1:
+    feature = cfg.block("distill", family).weights.feature
+    if spec and spec.format != "state_dict" and feature > 0 and len(spec.features) != 1:
         raise ValueError(f"distill.{family}.weights.feature > 0 aligns the teacher's field vectors: name that one "
                          f"output in teacher.{family}.pretrained.features, or set the weight to 0")

@@ -3,6 +3,7 @@ through the pipeline's model files, and driving distillation exactly as the torc
 would."""
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import sys
@@ -26,10 +27,10 @@ from tasks.imported_teacher import (
     TeacherImportError,
     import_onnx,
     import_state_dict,
-    import_torchscript,
     load_pretrained,
     verified_bytes,
 )
+from tasks.torchscript_teacher import import_torchscript
 from tests.conftest import briefly_trained
 
 ARCH = ResNetArch(stem=8, widths=[16, 32], blocks=[1, 1])
@@ -133,9 +134,12 @@ def test_teacher_runtime_auto_keeps_pytorch_only_where_it_infers_in_bf16(runtime
     assert kd.resolved().teacher_runtime == ("onnxruntime" if expected else "pytorch")
 
 
-def save_torchscript(module: nn.Module, path, example: torch.Tensor, script: bool = False) -> bytes:
-    """What a user's ``torch.jit.save`` writes: the module traced on ``example`` (or scripted)."""
-    compiled = torch.jit.script(module.eval()) if script else torch.jit.trace(module.eval(), (example,))
+def save_torchscript(module: nn.Module, path, example: torch.Tensor, script: bool = False,
+                     train: bool = False) -> bytes:
+    """What a user's ``torch.jit.save`` writes: the module traced on ``example`` (or scripted), in eval mode unless
+    ``train``."""
+    module = module.train(train)
+    compiled = torch.jit.script(module) if script else torch.jit.trace(module, (example,))
     torch.jit.save(compiled, str(path))
     return path.read_bytes()
 
@@ -163,7 +167,8 @@ def test_a_torchscript_teacher_runs_as_its_onnx_export_and_teaches_the_student_i
         logits, maps = imported.forward_features(x)
         expected_logits, expected_maps = teacher.forward_features(x)
     torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=1e-4)
-    torch.testing.assert_close(maps[1], expected_maps[1], atol=1e-4, rtol=1e-4)
+    for got, expected in zip(maps, expected_maps, strict=True):
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     assert_students_learn_its_answers(imported, train)
 
 
@@ -264,7 +269,7 @@ def test_a_state_dict_must_fit_the_architecture_in_params(teacher_and_data, tmp_
 
 
 class Noisy(nn.Module):
-    """A scripted teacher whose forward draws noise: its ONNX export cannot give its answers."""
+    """A scripted teacher whose forward draws noise (as dropout traced in train mode does)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -274,29 +279,58 @@ class Noisy(nn.Module):
         return self.head(x.flatten(1)) + torch.rand(x.size(0), 10)
 
 
-@pytest.mark.fault("data", "an imported TorchScript teacher that is no TorchScript archive, does not run on the "
-                   "family's inputs, returns fewer outputs than its named features or logits of the wrong shape, or "
-                   "whose ONNX export computes other answers",
-                   "TeacherImportError naming the file and what is wrong; the teacher stage stops")
+class Listed(nn.Module):
+    """A scripted teacher returning a list (or a dict) where a tuple belongs."""
+
+    def __init__(self, as_dict: bool) -> None:
+        super().__init__()
+        self.head, self.as_dict = nn.Linear(784, 10), as_dict
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor] | list[torch.Tensor]:
+        logits = self.head(x.flatten(1))
+        if self.as_dict:
+            return {"logits": logits}
+        return [logits, x]
+
+
+@pytest.mark.fault("data", "an imported TorchScript teacher that is no TorchScript archive (or a torch.save file), "
+                   "does not run on the family's inputs, returns a list or dict, fewer outputs than its named "
+                   "features or logits of the wrong shape, or answers that depend on the batch (traced in train "
+                   "mode, random noise); or a torchscript setting naming logits",
+                   "TeacherImportError naming the file and what is wrong (the setting: a ConfigError at load); the "
+                   "teacher stage stops")
 def test_a_torchscript_teacher_that_does_not_fit_is_refused_with_what_is_wrong(teacher_and_data, tmp_path):
     teacher, _, val = teacher_and_data
     sample = (val.inputs(slice(2)),)
     blob = save_torchscript(WithMaps(teacher), tmp_path / "t.pt", sample[0])
-    with pytest.raises(TeacherImportError, match=r"junk.pt: not a TorchScript module saved by torch.jit.save"):
-        import_torchscript(b"not a zip", "0" * 64, "junk.pt", [], sample, [10], 4)
-    with pytest.raises(TeacherImportError, match=r"t.pt: the module cannot run on a batch of 2 of \[\[3, 28, 28\]\]"):
-        import_torchscript(blob, "0" * 64, "t.pt", [], (torch.zeros(2, 3, 28, 28),), [10], 4)
-    with pytest.raises(TeacherImportError, match=r"forward returns 3 output\(s\); .* need 4 tensors, the logits first"):
-        import_torchscript(blob, "0" * 64, "t.pt", ["a", "b", "c"], sample, [10], 4)
-    with pytest.raises(TeacherImportError, match=r"the logits, has shape \[2, 10\] for a batch of 2, not \['N', 12\]"):
-        import_torchscript(blob, "0" * 64, "t.pt", [], sample, [12], 4)
-    noisy = save_torchscript(Noisy(), tmp_path / "noisy.pt", sample[0], script=True)
-    with pytest.raises(TeacherImportError, match="noisy.pt: its ONNX export computes logits up to .* away from TorchScript"):
-        import_torchscript(noisy, "0" * 64, "noisy.pt", [], sample, [10], 4)
+
+    def refused(message: str, blob: bytes, features=(), inputs=sample, logits=(10,)) -> None:
+        with pytest.raises(TeacherImportError, match=message):
+            import_torchscript(blob, "0" * 64, "t.pt", list(features), inputs, list(logits), 4)
+
+    refused(r"t.pt: not a TorchScript module saved by torch.jit.save", b"not a zip")
+    torch.save(teacher.state_dict(), tmp_path / "w.pt")
+    refused(r"t.pt: a torch.save file \(a state dict or a pickled model\), not TorchScript: use format: state_dict",
+            (tmp_path / "w.pt").read_bytes())
+    refused(r"t.pt: the module cannot run on a batch of 2 of \[\[3, 28, 28\]\]", blob,
+            inputs=(torch.zeros(2, 3, 28, 28),))
+    refused(r"forward returns 3 output\(s\); the logits and the features \['a', 'b', 'c'\] need 4", blob,
+            features=["a", "b", "c"])
+    refused(r"the logits, has shape \[2, 10\] for a batch of 2, not \['N', 12\]", blob, logits=[12])
+    for as_dict, kind in ((True, "dict"), (False, "list")):
+        refused(f"forward returns a {kind}; return the logits, or a tuple of the logits and the feature maps",
+                save_torchscript(Listed(as_dict), tmp_path / "l.pt", sample[0], script=True))
+    training = copy.deepcopy(teacher).train()   # forgot model.eval(): batch norm traced with the batch's statistics
+    refused(r"t.pt: its answer for a row depends on the batch the row is in \(traced in train mode\? trace model.eval",
+            save_torchscript(WithMaps(training), tmp_path / "train.pt", sample[0], train=True))
+    refused(r"depends on the batch", save_torchscript(Noisy(), tmp_path / "noisy.pt", sample[0], script=True))
     with pytest.raises(ValueError, match="logits names an ONNX output"):
         PretrainedTeacher(path="t.pt", sha256="0" * 64, format="torchscript", logits="scores")
-    with pytest.raises(ValueError, match="features must be distinct names, none of them the logits'"):
+    with pytest.raises(ValueError, match="features of a torchscript teacher must be distinct names, none of them"):
         PretrainedTeacher(path="t.pt", sha256="0" * 64, format="torchscript", features=["logits"])
+    # what loaded before stays loading: an ONNX value named twice, a logits key beside a state dict
+    PretrainedTeacher(path="t.onnx", sha256="0" * 64, format="onnx", logits="out", features=["h", "h", "out"])
+    PretrainedTeacher(path="w.pt", sha256="0" * 64, format="state_dict", logits="logits")
 
 
 def test_the_teacher_stage_imports_an_onnx_teacher_that_distillation_and_export_then_use(
