@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from tasks.config_types import Fraction, Positive, ProjectPath, Strict, distinct
 from tasks.ctr.config import SECTIONS as CTR_SECTIONS
@@ -96,6 +96,11 @@ class TableData(Strict):
     seed: int
     min_count: Positive = 1
     subset: Positive | None = None     # a seeded sample of this many rows (the smoke profile)
+
+    @field_validator("na_values", mode="before")
+    @classmethod
+    def _no_mapping_is_no_list(cls, value: Any) -> Any:   # {} reads as [] does, and must hash as it does
+        return [] if value == {} else value
 
     @model_validator(mode="after")
     def _columns_once(self) -> TableData:
