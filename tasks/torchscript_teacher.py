@@ -47,6 +47,8 @@ def import_torchscript(blob: bytes, sha256: str, file: str, features: list[str],
     if list(whole[0].shape) != [len(examples[0]), *logits_shape]:
         raise TeacherImportError(f"{file}: forward's first output, the logits, has shape {list(whole[0].shape)} for a "
                                  f"batch of {len(examples[0])}, not {['N', *logits_shape]}")
+    if not torch.isfinite(whole[0]).all():
+        raise TeacherImportError(f"{file}: its logits for the family's example rows are not all finite numbers")
     if _gap(alone[0], whole[0][:1]):
         raise TeacherImportError(f"{file}: its answer for a row depends on the batch the row is in (traced in train "
                                  "mode? trace model.eval())")
@@ -85,6 +87,13 @@ def _run_torchscript(module: Any, examples: tuple[torch.Tensor, ...], file: str)
 
 
 def _gap(got: torch.Tensor, want: torch.Tensor) -> float:
-    """The largest difference between two answers when it is more than 0.1 % of ``want``'s scale, else 0."""
-    gap = float((got.float() - want.float()).abs().max()) if got.shape == want.shape else float("inf")
-    return gap if gap > 1e-3 * max(1.0, float(want.float().abs().max())) else 0.0
+    """The largest difference between two answers when it is more than 0.1 % of ``want``'s scale, else 0 (infinite
+    for other shapes, or a value finite in one and not in the other)."""
+    got, want = got.float(), want.float()
+    if got.shape != want.shape or not torch.equal(torch.isfinite(got), torch.isfinite(want)):
+        return float("inf")
+    finite = torch.isfinite(want)
+    if not finite.any():
+        return 0.0
+    gap = float((got[finite] - want[finite]).abs().max())
+    return gap if gap > 1e-3 * max(1.0, float(want[finite].abs().max())) else 0.0

@@ -279,6 +279,38 @@ class Noisy(nn.Module):
         return self.head(x.flatten(1)) + torch.rand(x.size(0), 10)
 
 
+class Scaled(nn.Module):
+    """A teacher whose logits are multiplied by ``factor`` (NaN: a model whose weights went bad)."""
+
+    def __init__(self, factor: float) -> None:
+        super().__init__()
+        self.head, self.factor = nn.Linear(784, 10), factor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(x.flatten(1)) * self.factor
+
+
+def test_an_onnx_export_that_computes_other_answers_than_the_torchscript_module_is_refused(teacher_and_data,
+                                                                                          tmp_path, monkeypatch):
+    """The exporter's fault, injected: onnxruntime's logits shifted by 1 from what the module computes."""
+    from tasks.onnx_teacher import OnnxTeacher
+
+    _, _, val = teacher_and_data
+    sample = (val.inputs(slice(2)),)
+    blob = save_torchscript(Scaled(1.0), tmp_path / "t.pt", sample[0])
+    import_torchscript(blob, "0" * 64, "t.pt", [], sample, [10], 4)   # as exported: accepted
+    honest = OnnxTeacher.forward_features
+
+    def shifted(self, *inputs):
+        logits, maps = honest(self, *inputs)
+        return logits + 1.0, maps
+
+    monkeypatch.setattr(OnnxTeacher, "forward_features", shifted)
+    with pytest.raises(TeacherImportError, match=r"t.pt: its ONNX export computes logits up to 1 away from "
+                                                 r"TorchScript's \(a random operation in forward"):
+        import_torchscript(blob, "0" * 64, "t.pt", [], sample, [10], 4)
+
+
 class Listed(nn.Module):
     """A scripted teacher returning a list (or a dict) where a tuple belongs."""
 
@@ -324,6 +356,8 @@ def test_a_torchscript_teacher_that_does_not_fit_is_refused_with_what_is_wrong(t
     refused(r"t.pt: its answer for a row depends on the batch the row is in \(traced in train mode\? trace model.eval",
             save_torchscript(WithMaps(training), tmp_path / "train.pt", sample[0], train=True))
     refused(r"depends on the batch", save_torchscript(Noisy(), tmp_path / "noisy.pt", sample[0], script=True))
+    refused(r"t.pt: its logits for the family's example rows are not all finite numbers",
+            save_torchscript(Scaled(float("nan")), tmp_path / "nan.pt", sample[0]))
     with pytest.raises(ValueError, match="logits names an ONNX output"):
         PretrainedTeacher(path="t.pt", sha256="0" * 64, format="torchscript", logits="scores")
     with pytest.raises(ValueError, match="features of a torchscript teacher must be distinct names, none of them"):
