@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
 from tasks.config_types import Fraction, Positive, ProjectPath, Strict, distinct
 from tasks.ctr.config import SECTIONS as CTR_SECTIONS
@@ -91,7 +91,9 @@ class TableData(Strict):
     # and a null, e.g. ["unknown", "-1"] (quoted in YAML); in a numeric column also the same number (-1 is -1.0). A
     # list holds for every feature column; a mapping only for the columns it names ({age: ["0"], zip: ["?"]}). The
     # label, the split column and key columns that are no feature are read as they are
-    na_values: Annotated[list[str], distinct("na value")] | dict[str, Annotated[list[str], distinct("na value")]] = []
+    na_values: Annotated[Annotated[list[str], distinct("na value"), Tag("list")]
+                         | Annotated[dict[str, Annotated[list[str], distinct("na value")]], Tag("mapping")],
+                         Discriminator(lambda v: "mapping" if isinstance(v, dict) else "list")] = []
     split: TableSplit
     seed: int
     min_count: Positive = 1
@@ -99,8 +101,12 @@ class TableData(Strict):
 
     @field_validator("na_values", mode="before")
     @classmethod
-    def _no_mapping_is_no_list(cls, value: Any) -> Any:   # {} reads as [] does, and must hash as it does
-        return [] if value == {} else value
+    def _no_mapping_is_no_list(cls, value: Any) -> Any:
+        """A mapping without its empty lists ({age: []} marks nothing), and [] for none left: it reads as [] does, so
+        it must hash as [] does (the data params digest a champion records)."""
+        if isinstance(value, dict):
+            value = {column: listed for column, listed in value.items() if listed != []}
+        return value or []
 
     @model_validator(mode="after")
     def _columns_once(self) -> TableData:
