@@ -158,15 +158,22 @@ def onnx_twin(model: nn.Module, examples: tuple[torch.Tensor, ...], feature_rank
     model.eval()
     with torch.no_grad():
         logits, maps = model.forward_features(*examples)
-    inputs, features = [f"input{i}" for i in range(len(examples))], [f"feature{i}" for i in range(len(maps))]
-    buffer = io.BytesIO()
+    features = [f"feature{i}" for i in range(len(maps))]
     # the wrapper in eval mode: the exporter restores the mode it finds, and would leave the model training
-    torch.onnx.export(_Features(model).eval(), tuple(x.contiguous() for x in examples), buffer,
-                      input_names=inputs, output_names=["logits", *features], opset_version=17, dynamo=False,
-                      dynamic_axes={name: {0: "n"} for name in (*inputs, "logits", *features)})
-    blob = buffer.getvalue()
+    blob = export_teacher_graph(_Features(model).eval(), examples, features)
     return import_onnx(blob, hashlib.sha256(blob).hexdigest(), "the teacher's ONNX twin", "logits", features,
                        examples, list(logits.shape[1:]), feature_rank)
+
+
+def export_teacher_graph(module: nn.Module, examples: tuple[torch.Tensor, ...], features: list[str]) -> bytes:
+    """``module``'s ONNX graph (opset 17, a free batch axis) with inputs ``input0``, … and its outputs named
+    ``logits``, then ``features`` (later outputs keep the exporter's names): what ``import_onnx`` reads back."""
+    buffer = io.BytesIO()
+    inputs = [f"input{i}" for i in range(len(examples))]
+    torch.onnx.export(module, tuple(x.contiguous() for x in examples), buffer, input_names=inputs,
+                      output_names=["logits", *features], opset_version=17, dynamo=False,
+                      dynamic_axes={name: {0: "n"} for name in (*inputs, "logits", *features)})
+    return buffer.getvalue()
 
 
 def publish_imported(run: Any, model: nn.Module, spec: PretrainedTeacher, metrics: dict[str, float], paths: Any,

@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from tasks.imported_teacher import TeacherImportError, import_onnx
+from tasks.imported_teacher import TeacherImportError, export_teacher_graph, import_onnx
 from tasks.onnx_teacher import OnnxTeacher
 
 
@@ -52,18 +52,13 @@ def import_torchscript(blob: bytes, sha256: str, file: str, features: list[str],
     if _gap(alone[0], whole[0][:1]):
         raise TeacherImportError(f"{file}: its answer for a row depends on the batch the row is in (traced in train "
                                  "mode? trace model.eval())")
-    buffer = io.BytesIO()
-    inputs = [f"input{i}" for i in range(len(examples))]
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="no signature found")   # a ScriptModule has none to read
-            # later outputs keep the exporter's names, and go unused
-            torch.onnx.export(module, tuple(x.contiguous() for x in examples), buffer, input_names=inputs,
-                              output_names=["logits", *features], opset_version=17, dynamo=False,
-                              dynamic_axes={name: {0: "n"} for name in (*inputs, "logits", *features)})
+            graph = export_teacher_graph(module, examples, features)   # later outputs go unused
     except Exception as err:  # the exporter's errors of every kind
         raise TeacherImportError(f"{file}: does not export to ONNX ({_line(err)})") from err
-    teacher = import_onnx(buffer.getvalue(), sha256, file, "logits", features, examples, logits_shape, feature_rank)
+    teacher = import_onnx(graph, sha256, file, "logits", features, examples, logits_shape, feature_rank)
     logits, maps = teacher.forward_features(*examples)
     for name, got, want in zip(["logits", *features], [logits, *maps], whole, strict=False):
         if gap := _gap(got, want):
