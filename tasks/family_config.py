@@ -56,24 +56,25 @@ class PretrainedTeacher(Strict):
 
     path: str = Field(min_length=1)    # relative to the project, or absolute
     sha256: Sha256                     # the file is read only when its content has this checksum
-    format: Literal["onnx", "torchscript", "state_dict"]   # state_dict: weights of ``arch``
+    format: Literal["onnx", "torchscript", "exported_program", "state_dict"]   # state_dict: weights of ``arch``
     logits: str | None = None          # onnx: the output holding the logits; omitted, the first output
-    # onnx: the values feature distillation aligns, in the family's order; torchscript: names for the feature maps
-    # its forward returns after the logits, in that order
+    # onnx: the values feature distillation aligns, in the family's order; torchscript, exported_program: names for
+    # the feature maps its forward returns after the logits, in that order
     features: list[str] = []
 
     @model_validator(mode="after")
     def _features_for_graphs(self) -> PretrainedTeacher:
         if self.features and self.format == "state_dict":
-            raise ValueError("features names the values of an ONNX or TorchScript teacher; a state_dict teacher has "
-                             "the features of its arch")
-        if self.format != "torchscript":
+            raise ValueError("features names the values of an ONNX teacher or a PyTorch program; a state_dict "
+                             "teacher has the features of its arch")
+        if self.format not in ("torchscript", "exported_program"):
             return self
         if self.logits is not None:
-            raise ValueError("logits names an ONNX output; a torchscript teacher's logits are its forward's first")
+            raise ValueError(f"logits names an ONNX output; with format: {self.format} the logits are forward's first "
+                             "output")
         if len(set(self.features)) < len(self.features) or "logits" in self.features:   # its export's output names
-            raise ValueError(f"features of a torchscript teacher must be distinct names, none of them 'logits' "
-                             f"({self.features})")
+            raise ValueError(f"features of a teacher in format {self.format} must be distinct names, none of them "
+                             f"'logits' ({self.features})")
         return self
 
 

@@ -1,18 +1,19 @@
-"""A pretrained teacher imported instead of trained: an ONNX file run by onnxruntime, a TorchScript module (run as
-its ONNX export), or a state dict of the family's own teacher architecture. Each is verified against the SHA-256
-pinned in params before anything reads it.
+"""A pretrained teacher imported instead of trained: an ONNX file run by onnxruntime, a TorchScript module or a
+``torch.export`` program (each run as its ONNX export), or a state dict of the family's own teacher architecture.
+Each is verified against the SHA-256 pinned in params before anything reads it.
 
 An ONNX teacher is enough for target and label distillation (its logits), and for feature distillation when it
 exposes intermediate values named in ``features`` (the family's feature pairs count through that list). It is
 frozen by nature: onnxruntime computes no gradient, and it has no parameter for an optimizer to find. Its model file
 holds the ONNX bytes (the logits and the named features as outputs) and what the family needs to know of them.
-A TorchScript teacher becomes one: exported once at import, checked to give the module's own answers.
+A PyTorch program becomes one: exported once at import, checked to give the program's own answers.
 Nothing here knows a family: each passes its example inputs and the shapes it expects.
 """
 from __future__ import annotations
 
 import hashlib
 import io
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -124,20 +125,50 @@ def import_state_dict(blob: bytes, file: str, build: Callable[[], nn.Module]) ->
     return model.eval()
 
 
+# what each format's file is, as the refusal of a file in another format names it
+SAVED_AS = {"onnx": "an ONNX model", "torchscript": "a TorchScript archive (torch.jit.save)",
+            "exported_program": "a torch.export program (torch.export.save, .pt2)",
+            "state_dict": "a torch.save file (a state dict or a pickled model)"}
+
+
+def saved_format(blob: bytes) -> str | None:
+    """The PyTorch format a file's bytes are in, read from their layout (the records of its zip archive, or the
+    pickle of torch.save's legacy format): a key of ``SAVED_AS``, or None for anything else (ONNX included)."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(blob)) as archive:
+            records = {name.partition("/")[2] for name in archive.namelist()}   # below the archive's folder
+    except zipfile.BadZipFile:
+        return "state_dict" if blob[:2] == b"\x80\x02" else None   # torch.save's format before PyTorch 1.6
+    if "archive_format" in records:
+        return "exported_program"
+    if "constants.pkl" in records:
+        return "torchscript"
+    return "state_dict" if "data.pkl" in records else None
+
+
 def load_pretrained(spec: PretrainedTeacher, key: str, examples: tuple[torch.Tensor, ...], logits_shape: list[int],
                     feature_rank: int, build: Callable[[], nn.Module]) -> nn.Module:
     """The teacher ``spec`` (params key ``key``) names, checksum verified: an ``OnnxTeacher`` checked against the
-    family's ``examples`` and shapes (see ``import_onnx``; a TorchScript module through ``import_torchscript``), or
-    ``build()`` with the state dict's weights."""
+    family's ``examples`` and shapes (see ``import_onnx``; a PyTorch program through ``tasks.program_teacher``), or
+    ``build()`` with the state dict's weights. A refusal names ``key`` and the file."""
     blob = verified_bytes(spec.path, spec.sha256, key)
-    if spec.format == "onnx":
-        return import_onnx(blob, spec.sha256, spec.path, spec.logits, spec.features, examples, logits_shape,
-                           feature_rank)
-    if spec.format == "torchscript":
-        from tasks.torchscript_teacher import import_torchscript
+    found = saved_format(blob)
+    if found is not None and found != spec.format:
+        raise TeacherImportError(f"{key}: {spec.path} is {SAVED_AS[found]}, not {SAVED_AS[spec.format]}: "
+                                 f"use format: {found}")
+    try:
+        if spec.format == "onnx":
+            return import_onnx(blob, spec.sha256, spec.path, spec.logits, spec.features, examples, logits_shape,
+                               feature_rank)
+        if spec.format == "state_dict":
+            return import_state_dict(blob, spec.path, build)
+        from tasks import program_teacher
 
-        return import_torchscript(blob, spec.sha256, spec.path, spec.features, examples, logits_shape, feature_rank)
-    return import_state_dict(blob, spec.path, build)
+        load = {"torchscript": program_teacher.import_torchscript,
+                "exported_program": program_teacher.import_exported_program}[spec.format]
+        return load(blob, spec.sha256, spec.path, spec.features, examples, logits_shape, feature_rank)
+    except TeacherImportError as err:
+        raise TeacherImportError(f"{key}: {err}") from err
 
 
 class _Features(nn.Module):

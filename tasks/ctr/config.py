@@ -119,7 +119,7 @@ def warm_start_policy(cfg: Config, family: str) -> WarmStart | None:
 
 
 def check(cfg: Config, family: str) -> None:
-    """What no single section can check: feature distillation from an imported ONNX or TorchScript teacher needs its
+    """What no single section can check: feature distillation from an imported ONNX teacher or PyTorch program needs its
     vectors."""
     spec = cfg.block("teacher", family).pretrained
     feature = cfg.block("distill", family).weights.feature

@@ -1,6 +1,6 @@
 """Stage ``train_teacher_<family>``: processed click-through data -> DeepFM teacher, or the pretrained teacher of
-``teacher.<family>.pretrained`` (an ONNX file, a TorchScript module or a state dict of ``arch``) imported and scored
-instead.
+``teacher.<family>.pretrained`` (an ONNX file, a TorchScript module, a ``torch.export`` program or a state dict of
+``arch``) imported and scored instead.
 
 Inputs: ``<data>`` (the prepare stage's folder; the validation report, so it runs only on validated data),
 ``<warm-start>`` (``tasks.warm_start``'s plan: train from scratch, fine-tune the champion's teacher, or reuse it).

@@ -100,11 +100,12 @@ def test_an_onnx_ctr_teacher_must_take_the_familys_two_inputs_and_give_a_logit_p
         import_onnx(blob, sha, "t.onnx", "vectors", [], (data.fields[:2], data.genres[:2]), [], 3)
 
 
-@pytest.mark.parametrize("form", ["onnx", "torchscript"])
+@pytest.mark.parametrize("form", ["onnx", "torchscript", "exported_program"])
 def test_the_recsys_stages_import_distil_from_and_export_an_imported_teacher(form, synthetic_movielens, mlflow_uri,
                                                                              tmp_path, monkeypatch):
-    """The teacher as an ONNX file, or as a TorchScript module traced on the family's two inputs (ids and multi-hot
-    genres): published as a model file of kind onnx, distilled from with its field vectors, exported."""
+    """The teacher as an ONNX file, a TorchScript module traced on the family's two inputs (ids and multi-hot
+    genres) or a torch.export program of them (a free batch axis): published as a model file of kind onnx, distilled
+    from with its field vectors, exported."""
     import tasks.ctr.distill as distill_ctr
     import tasks.ctr.train_teacher as train_ctr_teacher
     from tasks.ctr.ctr_onnx import INPUTS, MODELS, OUTPUT, onnx_probabilities
@@ -120,9 +121,14 @@ def test_the_recsys_stages_import_distil_from_and_export_an_imported_teacher(for
     if form == "onnx":
         sha, path, logits = export_teacher(teacher, tmp_path / "mine.onnx"), "mine.onnx", {"logits": "logit"}
     else:
-        example = (test.fields[:2], test.genres[:2])
-        torch.jit.save(torch.jit.trace(WithVectors(teacher).eval(), example), str(tmp_path / "mine.pt"))
-        sha, path, logits = hashlib.sha256((tmp_path / "mine.pt").read_bytes()).hexdigest(), "mine.pt", {}
+        example, path, logits = (test.fields[:4], test.genres[:4]), "mine.pt", {}
+        if form == "torchscript":
+            torch.jit.save(torch.jit.trace(WithVectors(teacher).eval(), example), str(tmp_path / path))
+        else:
+            batch = torch.export.Dim.AUTO
+            torch.export.save(torch.export.export(WithVectors(teacher).eval(), example,
+                                                  dynamic_shapes=({0: batch}, {0: batch})), str(tmp_path / path))
+        sha = hashlib.sha256((tmp_path / path).read_bytes()).hexdigest()
     params = cfg.model_dump(by_alias=True)
     params["teacher"]["recsys"]["pretrained"] = {"path": path, "sha256": sha, "format": form, **logits,
                                                  "features": ["vectors"]}

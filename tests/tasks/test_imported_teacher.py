@@ -1,4 +1,5 @@
-"""A pretrained teacher brought as an ONNX file, a TorchScript module or a state dict: verified by checksum, loaded
+"""A pretrained teacher brought as an ONNX file, a TorchScript module, a ``torch.export`` program or a state dict:
+verified by checksum, loaded
 through the pipeline's model files, and driving distillation exactly as the torch teacher it was exported from
 would."""
 from __future__ import annotations
@@ -30,7 +31,7 @@ from tasks.imported_teacher import (
     load_pretrained,
     verified_bytes,
 )
-from tasks.torchscript_teacher import import_torchscript
+from tasks.program_teacher import import_torchscript
 from tests.conftest import briefly_trained
 
 ARCH = ResNetArch(stem=8, widths=[16, 32], blocks=[1, 1])
@@ -325,7 +326,7 @@ class Listed(nn.Module):
         return [logits, x]
 
 
-@pytest.mark.fault("data", "an imported TorchScript teacher that is no TorchScript archive (or a torch.save file), "
+@pytest.mark.fault("data", "an imported TorchScript teacher that is no TorchScript archive, "
                    "does not run on the family's inputs, returns a list or dict, fewer outputs than its named "
                    "features or logits of the wrong shape, or answers that depend on the batch (traced in train "
                    "mode, random noise); or a torchscript setting naming logits",
@@ -341,9 +342,6 @@ def test_a_torchscript_teacher_that_does_not_fit_is_refused_with_what_is_wrong(t
             import_torchscript(blob, "0" * 64, "t.pt", list(features), inputs, list(logits), 4)
 
     refused(r"t.pt: not a TorchScript module saved by torch.jit.save", b"not a zip")
-    torch.save(teacher.state_dict(), tmp_path / "w.pt")
-    refused(r"t.pt: a torch.save file \(a state dict or a pickled model\), not TorchScript: use format: state_dict",
-            (tmp_path / "w.pt").read_bytes())
     refused(r"t.pt: the module cannot run on a batch of 2 of \[\[3, 28, 28\]\]", blob,
             inputs=(torch.zeros(2, 3, 28, 28),))
     refused(r"forward returns 3 output\(s\); the logits and the features \['a', 'b', 'c'\] need 4", blob,
@@ -353,18 +351,104 @@ def test_a_torchscript_teacher_that_does_not_fit_is_refused_with_what_is_wrong(t
         refused(f"forward returns a {kind}; return the logits, or a tuple of the logits and the feature maps",
                 save_torchscript(Listed(as_dict), tmp_path / "l.pt", sample[0], script=True))
     training = copy.deepcopy(teacher).train()   # forgot model.eval(): batch norm traced with the batch's statistics
-    refused(r"t.pt: its answer for a row depends on the batch the row is in \(traced in train mode\? trace model.eval",
+    refused(r"t.pt: its answer for a row depends on the batch the row is in \(traced or exported in train mode\? "
+            r"save it from model.eval",
             save_torchscript(WithMaps(training), tmp_path / "train.pt", sample[0], train=True))
     refused(r"depends on the batch", save_torchscript(Noisy(), tmp_path / "noisy.pt", sample[0], script=True))
     refused(r"t.pt: its logits for the family's example rows are not all finite numbers",
             save_torchscript(Scaled(float("nan")), tmp_path / "nan.pt", sample[0]))
     with pytest.raises(ValueError, match="logits names an ONNX output"):
         PretrainedTeacher(path="t.pt", sha256="0" * 64, format="torchscript", logits="scores")
-    with pytest.raises(ValueError, match="features of a torchscript teacher must be distinct names, none of them"):
+    with pytest.raises(ValueError, match="features of a teacher in format torchscript must be distinct names, none of"):
         PretrainedTeacher(path="t.pt", sha256="0" * 64, format="torchscript", features=["logits"])
     # what loaded before stays loading: an ONNX value named twice, a logits key beside a state dict
     PretrainedTeacher(path="t.onnx", sha256="0" * 64, format="onnx", logits="out", features=["h", "h", "out"])
     PretrainedTeacher(path="w.pt", sha256="0" * 64, format="state_dict", logits="logits")
+
+
+def save_exported(module: nn.Module, path, example: torch.Tensor, dynamic: bool = True, train: bool = False) -> bytes:
+    """What a user's ``torch.export.save`` writes: the module exported on ``example`` with a free batch axis (unless
+    not ``dynamic``), in eval mode unless ``train``."""
+    shapes = ({0: torch.export.Dim.AUTO},) if dynamic else None
+    torch.export.save(torch.export.export(module.train(train), (example,), dynamic_shapes=shapes), str(path))
+    return path.read_bytes()
+
+
+def test_a_torch_export_program_runs_as_its_onnx_export_and_teaches_the_student_its_answers(teacher_and_data,
+                                                                                           tmp_path):
+    """``torch.export.save`` of a module returning (logits, *stage maps), the ``.pt2`` format PyTorch 2 saves: the
+    teacher gives the module's logits and named maps for a batch of any size, and distillation from it teaches the
+    student its answers."""
+    teacher, train, val = teacher_and_data
+    blob = save_exported(WithMaps(copy.deepcopy(teacher)), tmp_path / "t.pt2", val.inputs(slice(4)))
+    sha = hashlib.sha256(blob).hexdigest()
+    imported = load_pretrained(PretrainedTeacher(path=str(tmp_path / "t.pt2"), sha256=sha, format="exported_program",
+                                                 features=["stage0", "stage1"]),
+                               "teacher.vision.pretrained", (val.inputs(slice(2)),), [10], 4, build=None)
+    assert imported.arch.sha256 == sha and imported.arch.features == ["stage0", "stage1"]
+    assert imported.arch.feature_shapes == [[16, 14, 14], [32, 7, 7]]
+    script = save_torchscript(WithMaps(copy.deepcopy(teacher)), tmp_path / "t.ts", val.inputs(slice(2)))
+    traced = import_torchscript(script, "0" * 64, "t.ts", ["stage0", "stage1"], (val.inputs(slice(2)),), [10], 4)
+    assert imported.counts() == traced.counts() and imported.counts()["parameters"] > 0   # weights as initializers
+    for rows in (1, 16):
+        x = val.inputs(slice(rows))
+        with torch.no_grad():
+            logits, maps = imported.forward_features(x)
+            expected_logits, expected_maps = teacher.eval().forward_features(x)
+        torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=1e-4)
+        for got, expected in zip(maps, expected_maps, strict=True):
+            torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    assert_students_learn_its_answers(imported, train)
+
+
+@pytest.mark.fault("data", "an imported torch.export program exported with a fixed batch size or in train mode, or "
+                   "not a program; a teacher file in another format than its setting says (a .pt2 or a torch.save "
+                   "file as torchscript, TorchScript as a state dict, any of them as ONNX)",
+                   "TeacherImportError naming the params key, the file and what is wrong (the format it is in, "
+                   "and how to export it); the teacher stage stops")
+def test_a_teacher_file_in_another_format_or_a_program_that_does_not_fit_is_refused_naming_its_key(
+        teacher_and_data, tmp_path):
+    teacher, _, val = teacher_and_data
+    sample = (val.inputs(slice(2)),)
+    key = "teacher.vision.pretrained"
+    files = {"t.pt2": save_exported(WithMaps(copy.deepcopy(teacher)), tmp_path / "t.pt2", val.inputs(slice(4))),
+             "t.ts": save_torchscript(WithMaps(copy.deepcopy(teacher)), tmp_path / "t.ts", sample[0])}
+    torch.save(teacher.state_dict(), tmp_path / "w.pt")
+    torch.save(teacher.state_dict(), tmp_path / "old.pt", _use_new_zipfile_serialization=False)   # PyTorch < 1.6
+    files |= {name: (tmp_path / name).read_bytes() for name in ("w.pt", "old.pt")}
+    export_teacher(teacher, tmp_path / "t.onnx")
+    files["t.onnx"] = (tmp_path / "t.onnx").read_bytes()
+
+    def refused(message: str, name: str, form: str, features=()) -> None:
+        spec = PretrainedTeacher(path=str(tmp_path / name), sha256=hashlib.sha256(files[name]).hexdigest(),
+                                 format=form, features=list(features))
+        with pytest.raises(TeacherImportError, match=message):
+            load_pretrained(spec, key, sample, [10], 4, build=lambda: ResNetTeacher(ARCH))
+
+    program, script = r"a torch.export program \(torch.export.save, .pt2\)", r"a TorchScript archive \(torch.jit.save\)"
+    saved = r"a torch.save file \(a state dict or a pickled model\)"
+    refused(rf"^{key}: .*t.pt2 is {program}, not {script}: use format: exported_program$", "t.pt2", "torchscript")
+    refused(rf"^{key}: .*w.pt is {saved}, not {script}: use format: state_dict$", "w.pt", "torchscript")
+    refused(rf"^{key}: .*old.pt is {saved}, not {program}: use format: state_dict$", "old.pt", "exported_program")
+    refused(rf"^{key}: .*t.ts is {script}, not {saved}: use format: torchscript$", "t.ts", "state_dict")
+    refused(rf"^{key}: .*t.pt2 is {program}, not an ONNX model: use format: exported_program$", "t.pt2", "onnx")
+    refused(rf"^{key}: .*t.onnx: not a torch.export program saved by torch.export.save", "t.onnx", "exported_program")
+    # a program exported for one batch size only, or from a model in train mode
+    files["fixed.pt2"] = save_exported(WithMaps(copy.deepcopy(teacher)), tmp_path / "fixed.pt2", val.inputs(slice(4)),
+                                       dynamic=False)
+    refused(rf"^{key}: .*fixed.pt2: the module cannot run on a batch of 2 of \[\[1, 28, 28\]\] \(.*\); export it "
+            r"with a free batch axis: dynamic_shapes=\{0: Dim.AUTO\} for each input$", "fixed.pt2", "exported_program")
+    files["train.pt2"] = save_exported(WithMaps(copy.deepcopy(teacher)), tmp_path / "train.pt2", val.inputs(slice(4)),
+                                       train=True)
+    refused(rf"^{key}: .*train.pt2: its answer for a row depends on the batch the row is in \(traced or exported in "
+            r"train mode\?", "train.pt2", "exported_program")
+    with pytest.raises(ValueError, match="logits names an ONNX output; with format: exported_program the logits are "
+                                         "forward's first"):
+        PretrainedTeacher(path="t.pt2", sha256="0" * 64, format="exported_program", logits="scores")
+    # each file loads in its own format (and the old torch.save format still loads as a state dict)
+    for name, form in (("t.pt2", "exported_program"), ("t.ts", "torchscript"), ("old.pt", "state_dict")):
+        spec = PretrainedTeacher(path=str(tmp_path / name), sha256=hashlib.sha256(files[name]).hexdigest(), format=form)
+        load_pretrained(spec, key, sample, [10], 4, build=lambda: ResNetTeacher(ARCH))
 
 
 def test_the_teacher_stage_imports_an_onnx_teacher_that_distillation_and_export_then_use(
