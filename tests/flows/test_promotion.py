@@ -67,6 +67,19 @@ def test_gate_lists_every_check_with_value_threshold_and_why(raw_params):
     assert "fails >= 25" in slow[4].why
 
 
+def test_a_drop_equal_to_its_limit_meets_it(raw_params):
+    """0.935 - 0.925 is 0.010000000000000009 in floating point: a drop of exactly the limit used to fail it."""
+    models = copy.deepcopy(EVALUATION["models"])
+    models["teacher_fp32"]["test_accuracy"], models["student_int8"]["test_accuracy"] = 0.935, 0.925
+    checks = {c.name: c for c in gate_checks({"models": models}, {"version": "3", "test_accuracy": 0.927},
+                                             _cfg(raw_params).gate.vision, VISION)}
+    for name in ("accuracy_drop_vs_teacher", "accuracy_drop_vs_champion"):
+        assert checks[name].passed and "meets <= " in checks[name].why, checks[name]
+    models["student_int8"]["test_accuracy"] = 0.9249   # a hair more is still too much
+    assert not next(c for c in gate_checks({"models": models}, None, _cfg(raw_params).gate.vision, VISION)
+                    if c.name == "accuracy_drop_vs_teacher").passed
+
+
 @pytest.mark.fault("params", "contradictory gate thresholds",
                    "ConfigError at load naming both thresholds")
 def test_contradicting_or_out_of_range_thresholds_fail_at_load(raw_params):
