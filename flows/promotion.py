@@ -38,11 +38,11 @@ def rollback_champion(name: str, reason: str = "", who: str | None = None, root:
         if current is None:
             raise RegistryError(f"{name} has no champion in {redact(uri)}; nothing to roll back")
         before = current.tags.get("champion.previous") or current.tags.get("audit.champion_before")
-        if before in (None, "", "None", "none"):
+        if before in (None, "", "None", "none", str(current.version)):
             raise RegistryError(f"{name}@champion (version {current.version}) records no earlier champion "
                                 "(tags champion.previous / audit.champion_before); nothing was changed")
         return _move_alias(client, uri, name, before, "champion",
-                           reason or f"rollback from version {current.version}", who)
+                           reason or f"rollback from version {current.version}", who, rollback=True)
 
 
 def _registry(root: str) -> tuple[MlflowClient, str, Config]:
@@ -56,7 +56,11 @@ def _registry(root: str) -> tuple[MlflowClient, str, Config]:
 
 
 def _move_alias(client: MlflowClient, uri: str, name: str, version: str, alias: str, reason: str,
-                who: str | None) -> dict[str, str]:
+                who: str | None, rollback: bool = False) -> dict[str, str]:
+    """Point ``alias`` at ``version`` and tag it with who, why and when. ``<alias>.previous`` names the version it
+    replaced, what a rollback returns to — except after a rollback (the version rolled back from is recorded as
+    ``<alias>.rolled_back_from``: the next rollback goes further back, not forth) and on a version that already held
+    the alias (it keeps the one it replaced then)."""
     try:
         client.get_model_version(name, version)
     except MlflowException as err:
@@ -65,8 +69,12 @@ def _move_alias(client: MlflowClient, uri: str, name: str, version: str, alias: 
     who = who or getpass.getuser()
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")
     client.set_registered_model_alias(name, alias, version)
-    for key, value in {f"{alias}.set_by": who, f"{alias}.reason": reason or "(none given)", f"{alias}.set_at": when,
-                       f"{alias}.previous": str(previous)}.items():
+    tags = {f"{alias}.set_by": who, f"{alias}.reason": reason or "(none given)", f"{alias}.set_at": when}
+    if rollback:
+        tags[f"{alias}.rolled_back_from"] = str(previous)
+    elif str(previous) != str(version):
+        tags[f"{alias}.previous"] = str(previous)
+    for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     print(f"{name}@{alias} -> version {version} (was {previous}); by {who}: {reason or '(no reason given)'}")
     return {"name": name, "alias": alias, "version": str(version), "previous": str(previous)}

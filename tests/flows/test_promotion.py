@@ -243,6 +243,37 @@ def test_failing_candidate_is_registered_as_challenger_only(project, raw_params,
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
 
 
+def test_each_rollback_goes_one_champion_further_back_and_a_repeated_promotion_keeps_the_chain(tmp_path,
+                                                                                               prefect_server):
+    """The gate promoted v1, v2, v3 in turn (each compared with the one before). Rolling back twice reaches v1, not
+    v3 again; promoting the champion once more (a retry) leaves what it replaced, so a rollback still works."""
+    from flows.promotion import rollback_champion
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client, name, root = MlflowClient(uri, registry_uri=uri), "m", str(_root_with_params(tmp_path, uri))
+    run = client.create_run(client.create_experiment("e")).info.run_id
+    client.create_registered_model(name)
+    for v in (1, 2, 3):
+        client.create_model_version(name, f"runs:/{run}/model", run,
+                                    tags={"audit.champion_before": str(v - 1) if v > 1 else "none"})
+    client.set_registered_model_alias(name, "champion", "3")
+    champion = lambda: str(client.get_model_version_by_alias(name, "champion").version)
+    rollback_champion.fn(name, "v3 misbehaves", "alice", root)
+    assert champion() == "2" and client.get_model_version(name, "2").tags["champion.rolled_back_from"] == "3"
+    rollback_champion.fn(name, "v2 misbehaves too", "alice", root)
+    assert champion() == "1"
+    with pytest.raises(RegistryError, match="records no earlier champion"):
+        rollback_champion.fn(name, "", "alice", root)
+    assert champion() == "1"
+
+    client.set_registered_model_alias(name, "champion", "2")
+    for reason in ("canary ok", "canary ok (again)"):
+        promote_model.fn(name, "3", "champion", reason, "bob", root)
+    assert client.get_model_version(name, "3").tags["champion.previous"] == "2"
+    rollback_champion.fn(name, "", "bob", root)
+    assert champion() == "2"
+
+
 def _root_with_params(tmp_path, uri):
     import yaml
 
