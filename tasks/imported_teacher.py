@@ -139,6 +139,8 @@ def saved_format(blob: bytes) -> str | None:
             records = {name.partition("/")[2] for name in archive.namelist()}   # below the archive's folder
     except zipfile.BadZipFile:
         return "state_dict" if blob[:2] == b"\x80\x02" else None   # torch.save's format before PyTorch 1.6
+    except Exception:  # noqa: BLE001 -- a damaged archive (a name that is no text): its loader says what is wrong
+        return None
     if "archive_format" in records:
         return "exported_program"
     if "constants.pkl" in records:

@@ -5,12 +5,16 @@ batch, and checked to give the program's own answers there.
 """
 from __future__ import annotations
 
+import contextlib
 import io
+import json
+import re
 import warnings
+import zipfile
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch import nn
 
 from tasks.imported_teacher import TeacherImportError, export_teacher_graph, import_onnx
 from tasks.onnx_teacher import OnnxTeacher
@@ -31,23 +35,47 @@ def import_torchscript(blob: bytes, sha256: str, file: str, features: list[str],
         module = torch.jit.load(io.BytesIO(blob), map_location="cpu").eval()
     except Exception as err:  # TorchScript raises RuntimeError, zip errors, ...
         raise TeacherImportError(f"{file}: not a TorchScript module saved by torch.jit.save ({_line(err)})") from err
-    return import_program(module, "TorchScript's", sha256, file, features, examples, logits_shape, feature_rank)
+    def onnx_graph() -> bytes:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="no signature found")   # a ScriptModule has none to read
+            return export_teacher_graph(module, examples, features)   # later outputs go unused
+
+    return import_program(module, "TorchScript's", onnx_graph, sha256, file, features, examples, logits_shape,
+                          feature_rank)
 
 
-class _Program(nn.Module):
-    """A ``torch.export`` program's module, frozen, behind a module the ONNX exporter can switch to eval mode: the
-    program's own module refuses ``train()`` and ``eval()``, so it is held out of the module tree."""
+def safe_program_archive(blob: bytes, file: str) -> bytes:
+    """A ``torch.export.save`` archive that loads without unpickling anything: its weights and constants stored as
+    plain tensors (``torch.export.load`` unpickles a tensor subclass's payload, a script object or an opaque
+    object, with no ``weights_only`` guard), no AOTInductor package, and without its sample inputs (a pickle the
+    loader retries without the guard: emptied, which it reads as none; the family's own example rows serve)."""
+    records = {}
+    with zipfile.ZipFile(io.BytesIO(blob)) as archive:
+        for info in archive.infolist():
+            record = info.filename.partition("/")[2]
+            if record.startswith("data/aotinductor/"):
+                raise TeacherImportError(f"{file}: an AOTInductor package (compiled code), not a torch.export "
+                                         "program: save the program with torch.export.save")
+            if record.startswith("data/constants/") and record.endswith(".pt"):   # the old pickled constants
+                raise TeacherImportError(f"{file}: holds its constants as a pickle (a program saved by an older "
+                                         "PyTorch): save it again with torch.export.save")
+            records[info.filename] = b"" if record.startswith("data/sample_inputs/") else archive.read(info)
+    for name, content in records.items():
+        if not name.endswith("_config.json"):
+            continue
+        payloads = json.loads(content).get("config", {})
+        if pickled := sorted(fqn for fqn, meta in payloads.items()
+                             if meta.get("use_pickle") or not str(meta.get("path_name", "")).startswith(PLAIN)):
+            raise TeacherImportError(f"{file}: holds pickled objects ({', '.join(pickled[:3])}): only plain tensors "
+                                     "are read, as no pickle from a file is ever run")
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as archive:
+        for name, content in records.items():
+            archive.writestr(name, content)
+    return out.getvalue()
 
-    def __init__(self, program: nn.Module) -> None:
-        super().__init__()
-        object.__setattr__(self, "program", program)
-        # the program's tensors as this module's own, so that the exporter stores them as the graph's initializers
-        self.weights = nn.ParameterList(tensor.requires_grad_(False) for tensor in program.parameters())
-        for i, tensor in enumerate(program.buffers()):
-            self.register_buffer(f"buffer{i}", tensor)
 
-    def forward(self, *inputs: torch.Tensor) -> Any:
-        return self.program(*inputs)
+PLAIN = ("weight_", "tensor_")   # payload files of plain tensors (torch.export's weight and tensor constant names)
 
 
 def import_exported_program(blob: bytes, sha256: str, file: str, features: list[str],
@@ -55,27 +83,36 @@ def import_exported_program(blob: bytes, sha256: str, file: str, features: list[
                             feature_rank: int) -> OnnxTeacher:
     """The ``OnnxTeacher`` of a ``torch.export`` program (``torch.export.save``), exported in eval mode and with a
     free batch axis (``dynamic_shapes`` with ``Dim.AUTO`` or a ``Dim`` on axis 0 of each input): its module returns
-    the logits, or a tuple of the logits and then the feature maps ``features`` names. See ``import_program``."""
+    the logits, or a tuple of the logits and then the feature maps ``features`` names. Converted by torch.onnx's
+    exporter of exported programs (onnxscript), which keeps the sizes the program computes from its inputs (a
+    ``view(x.size(0), -1)``). See ``import_program``."""
     try:
-        program = torch.export.load(io.BytesIO(blob)).module()
+        program = torch.export.load(io.BytesIO(safe_program_archive(blob, file)))
+    except TeacherImportError:
+        raise
     except Exception as err:  # deserialisation errors of every kind
         raise TeacherImportError(f"{file}: not a torch.export program saved by torch.export.save "
                                  f"({_line(err)})") from err
-    with warnings.catch_warnings():
-        # the program checks its inputs' shapes in Python: the tracer notes those checks as constants
-        warnings.filterwarnings("ignore", category=torch.jit.TracerWarning)
-        return import_program(_Program(program), "the program's", sha256, file, features, examples, logits_shape,
-                              feature_rank,
-                              hint="export it with a free batch axis: dynamic_shapes={0: Dim.AUTO} for each input")
+
+    def onnx_graph() -> bytes:
+        inputs = [f"input{i}" for i in range(len(examples))]
+        with contextlib.redirect_stdout(io.StringIO()):   # the exporter reports its steps on stdout
+            exported = torch.onnx.export(program, (), dynamo=True, input_names=inputs,
+                                         output_names=["logits", *features], verbose=False)
+        return exported.model_proto.SerializeToString()
+
+    return import_program(program.module(), "the program's", onnx_graph, sha256, file, features, examples,
+                          logits_shape, feature_rank,
+                          hint="export it with a free batch axis: dynamic_shapes={0: Dim.AUTO} for each input")
 
 
-def import_program(module: nn.Module, theirs: str, sha256: str, file: str, features: list[str],
-                   examples: tuple[torch.Tensor, ...], logits_shape: list[int], feature_rank: int,
-                   hint: str = "") -> OnnxTeacher:
-    """``module`` (a loaded PyTorch program, in eval mode) as the ``OnnxTeacher`` of its ONNX export. Its answer for
-    a row must not depend on the batch (a module traced or exported in train mode normalises by the batch), and the
-    export must give ``theirs`` (the module's) answers on ``examples``; then ``import_onnx`` checks it as any ONNX
-    teacher. ``hint`` says what to do when the module runs on a batch of one size and not another."""
+def import_program(module: Any, theirs: str, onnx_graph: Callable[[], bytes], sha256: str, file: str,
+                   features: list[str], examples: tuple[torch.Tensor, ...], logits_shape: list[int],
+                   feature_rank: int, hint: str = "") -> OnnxTeacher:
+    """``module`` (a loaded PyTorch program, in eval mode) as the ``OnnxTeacher`` of ``onnx_graph()``, its ONNX
+    export. Its answer for a row must not depend on the batch (a module traced or exported in train mode normalises
+    by the batch), and the export must give ``theirs`` (the module's) answers on ``examples``; then ``import_onnx``
+    checks it as any ONNX teacher. ``hint`` says what to do when the module refuses a batch of another size."""
     whole = _run(module, examples, file, hint)
     alone = _run(module, tuple(x[:1] for x in examples), file, hint)
     needed = 1 + len(features)
@@ -95,9 +132,7 @@ def import_program(module: nn.Module, theirs: str, sha256: str, file: str, featu
         raise TeacherImportError(f"{file}: its answer for a row depends on the batch the row is in (traced or "
                                  "exported in train mode? save it from model.eval())")
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="no signature found")   # a ScriptModule has none to read
-            graph = export_teacher_graph(module, examples, features)   # later outputs go unused
+        graph = onnx_graph()
     except Exception as err:  # the exporter's errors of every kind
         raise TeacherImportError(f"{file}: does not export to ONNX ({_line(err)})") from err
     teacher = import_onnx(graph, sha256, file, "logits", features, examples, logits_shape, feature_rank)
@@ -109,15 +144,17 @@ def import_program(module: nn.Module, theirs: str, sha256: str, file: str, featu
     return teacher
 
 
-def _run(module: nn.Module, examples: tuple[torch.Tensor, ...], file: str, hint: str = "") -> list[Any]:
-    """The module's outputs on ``examples``, as a list: one tensor, or the items of a tuple."""
+def _run(module: Any, examples: tuple[torch.Tensor, ...], file: str, hint: str = "") -> list[Any]:
+    """The module's outputs on ``examples``, as a list: one tensor, or the items of a tuple. ``hint`` joins the
+    refusal of a batch whose size a program's guard fixes."""
     try:
         with torch.no_grad():
             out = module(*examples)
     except Exception as err:  # TorchScript's interpreter errors, a program's shape guards, ...
+        batch = hint and re.search(r"size\(\)\[0\]|shape\[0\]", str(err))
         raise TeacherImportError(f"{file}: the module cannot run on a batch of {len(examples[0])} of "
                                  f"{[list(x.shape[1:]) for x in examples]} ({_line(err, last=True)})"
-                                 + (f"; {hint}" if hint else "")) from err
+                                 + (f"; {hint}" if batch else "")) from err
     if not isinstance(out, torch.Tensor | tuple):
         raise TeacherImportError(f"{file}: forward returns a {type(out).__name__}; return the logits, or a tuple of "
                                  "the logits and the feature maps")

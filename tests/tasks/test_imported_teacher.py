@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import io
 import json
 import sys
+import zipfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -31,7 +34,7 @@ from tasks.imported_teacher import (
     load_pretrained,
     verified_bytes,
 )
-from tasks.program_teacher import import_torchscript
+from tasks.program_teacher import import_exported_program, import_torchscript
 from tests.conftest import briefly_trained
 
 ARCH = ResNetArch(stem=8, widths=[16, 32], blocks=[1, 1])
@@ -399,6 +402,71 @@ def test_a_torch_export_program_runs_as_its_onnx_export_and_teaches_the_student_
         for got, expected in zip(maps, expected_maps, strict=True):
             torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
     assert_students_learn_its_answers(imported, train)
+
+
+class ViewHead(nn.Module):
+    """The commonest CNN head: flattened by ``view(x.size(0), -1)``, a size the program computes from its input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv, self.head = nn.Conv2d(1, 4, 3, stride=2), nn.Linear(4 * 13 * 13, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.conv(x))
+        return self.head(h.view(h.size(0), -1))
+
+
+class Planted:
+    """What a crafted file could unpickle: writing a file stands for running any code."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (Path(self.path).write_text, ("pwned",))
+
+
+@pytest.mark.fault("security", "an imported torch.export program carrying pickles (planted sample inputs, a payload "
+                   "stored as a pickle)",
+                   "the sample inputs are never read; a pickled payload is refused with TeacherImportError naming "
+                   "it; no code from the file runs")
+def test_a_program_reading_its_batch_size_imports_and_no_pickle_in_it_is_ever_run(teacher_and_data, tmp_path):
+    """A head that flattens with the batch size it reads answers for a batch of any size; a program archive's
+    pickles (its sample inputs, a payload stored as a pickle) are never unpickled: the sample inputs are left out,
+    pickled payloads refused."""
+    _, _, val = teacher_and_data
+    module = ViewHead().eval()
+    blob = save_exported(module, tmp_path / "v.pt2", val.inputs(slice(4)))
+    imported = import_exported_program(blob, "0" * 64, "v.pt2", [], (val.inputs(slice(2)),), [10], 4)
+    for rows in (1, 5):
+        with torch.no_grad():
+            torch.testing.assert_close(imported(val.inputs(slice(rows))), module(val.inputs(slice(rows))),
+                                       atol=1e-4, rtol=1e-4)
+
+    def rewritten(change) -> bytes:
+        out = io.BytesIO()
+        with zipfile.ZipFile(io.BytesIO(blob)) as src, zipfile.ZipFile(out, "w") as dst:
+            for info in src.infolist():
+                dst.writestr(info.filename, change(info.filename, src.read(info)))
+        return out.getvalue()
+
+    marker = tmp_path / "ran"
+    planted = io.BytesIO()
+    torch.save(Planted(marker), planted)
+    inputs_planted = rewritten(lambda name, content: planted.getvalue() if "sample_inputs/" in name else content)
+    import_exported_program(inputs_planted, "0" * 64, "v.pt2", [], (val.inputs(slice(2)),), [10], 4)
+    assert not marker.exists()
+
+    def pickled_weight(name: str, content: bytes) -> bytes:
+        if not name.endswith("model_weights_config.json"):
+            return content
+        config = json.loads(content)
+        next(iter(config["config"].values()))["use_pickle"] = True
+        return json.dumps(config).encode()
+
+    with pytest.raises(TeacherImportError, match=r"v.pt2: holds pickled objects \(conv.\w+\): only plain tensors"):
+        import_exported_program(rewritten(pickled_weight), "0" * 64, "v.pt2", [], (val.inputs(slice(2)),), [10], 4)
+    assert not marker.exists()
 
 
 @pytest.mark.fault("data", "an imported torch.export program exported with a fixed batch size or in train mode, or "
