@@ -44,6 +44,7 @@ from tasks.mlflow_store import registered_version
 from tasks.speedup import paired_timing
 
 LINEAGE, LINEAGE_FILES = "lineage", ("params.yaml", "dvc.lock")   # artifacts of the registering run
+ALIASES_TAG = "registry.aliases"   # "pending" on a new version until the aliases it earned have moved, then "moved"
 
 
 def paths(root: Path, family: str) -> dict[str, Path]:
@@ -125,6 +126,8 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
     tags[SPLIT_TAG] = data_params(cfg, family)   # a later gate compares with it only on data split the same way
     with registry_lock(gate.registered_model, cfg.tracking.registry_lock_timeout_seconds):
         same = registered_with(client, gate.registered_model, tags["onnx.hash"])
+        if same is not None and same.tags.get(ALIASES_TAG) == "pending":
+            same = _interrupted(client, gate.registered_model, same)
         if same is not None:  # a no-change re-run: this exact file was gated and registered before
             print(f"{gate.registered_model} version {same.version} already holds this candidate; registry unchanged")
             return {"passed": same.tags.get("gate.passed") == "true", "checks": [], "name": gate.registered_model,
@@ -148,16 +151,33 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
             except MlflowException as err:  # created meanwhile by a run that holds no lock (an older version)
                 if err.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
-        # Tags go in with the version (one call), aliases after: a failure in between leaves a tagged, unaliased
-        # version that says what it is, never an alias on an untagged one.
-        version = client.create_model_version(gate.registered_model, source, run_id, tags=tags)
+        # Tags go in with the version (one call), aliases after: a failure in between leaves a tagged version
+        # marked pending (never an alias on an untagged one), which the retry registers again (``_interrupted``).
+        version = client.create_model_version(gate.registered_model, source, run_id,
+                                              tags={**tags, ALIASES_TAG: "pending"})
         client.set_registered_model_alias(gate.registered_model, "challenger", version.version)
         if promote:
             client.set_registered_model_alias(gate.registered_model, "champion", version.version)
+        client.set_model_version_tag(gate.registered_model, version.version, ALIASES_TAG, "moved")
     report.update(name=gate.registered_model, version=str(version.version), champion=promote, unchanged=False)
     write_report(root, cfg, evaluation, report, tags, family, where)
     client.log_artifact(run_id, str(root / where["reports"] / "report.html"))
     return report
+
+
+def _interrupted(client: MlflowClient, name: str, version: Any) -> Any | None:
+    """A version whose registration stopped before its aliases had moved (a registry that failed mid-way, the
+    process killed): when it holds ``champion``, only the last tag was lost and it is complete; else it is deleted
+    (the aliases it got go with it), and the candidate is gated and registered again against today's champion —
+    a retry that found it by its hash would otherwise report it unchanged, tagged as champion and never promoted."""
+    champion = registered_version(client, name)
+    if champion is not None and str(champion.version) == str(version.version):
+        client.set_model_version_tag(name, version.version, ALIASES_TAG, "moved")
+        return version
+    client.delete_model_version(name, version.version)
+    print(f"{name} version {version.version}: its registration stopped before its aliases moved; deleted, the "
+          "candidate is gated and registered again")
+    return None
 
 
 def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str, family: str, where: dict[str, Path],

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from flows.gating import CandidateAltered, gate_and_register
@@ -241,6 +242,42 @@ def test_failing_candidate_is_registered_as_challenger_only(project, raw_params,
     with pytest.raises(RegistryError, match="version 9 does not exist"):
         promote_model.fn(name, "9", "champion", "", "alice", str(_root_with_params(tmp_path, uri)))
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+
+
+@pytest.mark.fault("promotion", "the registry fails between registering a passing version and moving champion to "
+                   "it (then Prefect retries the promote task)",
+                   "the retry deletes the interrupted version and gates and registers the candidate again: it "
+                   "becomes champion (before: reported unchanged, tagged champion, never promoted)")
+def test_a_retry_after_an_interrupted_registration_promotes_the_candidate(project, raw_params, tmp_path,
+                                                                          monkeypatch):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = _lenient(raw_params)
+    name = cfg.gate.vision.registered_model
+    (project / "dvc.lock").write_text(   # what DVC recorded of the export: the candidate's hash, found on a retry
+        "schema: '2.0'\nstages:\n  export_vision:\n    outs:\n    - path: models/vision/onnx\n"
+        "      md5: 0123456789abcdef0123456789abcdef.dir\n")
+    honest = MlflowClient.set_registered_model_alias
+
+    def refused(self, model, alias, version):
+        if alias == "champion":
+            raise MlflowException("the registry did not answer")
+        return honest(self, model, alias, version)
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", refused)
+    with pytest.raises(MlflowException, match="did not answer"):
+        _gate(project, cfg, uri)
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", honest)
+    client = MlflowClient(uri, registry_uri=uri)
+    (interrupted,) = client.search_model_versions(f"name = '{name}'")
+    assert interrupted.tags["audit.decision"] == "champion" and "champion" not in interrupted.aliases
+
+    report, _ = _gate(project, cfg, uri)   # the retry
+    assert report["passed"] and report["champion"] and not report["unchanged"] and report["version"] == "2"
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{name}'")] == ["2"]
+    champion = client.get_model_version_by_alias(name, "champion")
+    assert str(champion.version) == "2" and champion.tags["registry.aliases"] == "moved"
+    again, _ = _gate(project, cfg, uri)   # then a no-change re-run changes nothing
+    assert again["unchanged"] and again["version"] == "2"
 
 
 def test_each_rollback_goes_one_champion_further_back_and_a_repeated_promotion_keeps_the_chain(tmp_path,
