@@ -59,15 +59,18 @@ def ingest(root: str, family: str, batches: list[str] | None = None,
     cfg = load_config(root_path / "params.yaml")
     if family not in cfg.families:
         raise PipelineError(f"--family: {family!r} is not one of families {cfg.families}")
-    folders = [Path(b) for b in batches or []] + (landed(Path(landing)) if landing else [])
+    folders = [Path(b).resolve() for b in batches or []] + (landed(Path(landing)) if landing else [])
     if missing := [str(f) for f in folders if not f.is_dir()]:
         raise PipelineError(f"not a batch folder: {', '.join(missing)}")
+    if hidden := [str(f) for f in folders if f.name.startswith(".")]:   # a scratch copy, or being written
+        raise PipelineError(f"a hidden folder is no batch: {', '.join(hidden)}")
     env = stage_env(root_path, tracking_uri(cfg, root_path), "")   # no parent: the snapshot stage's run stands alone
     log = stage_logger()
     stage, _ = snapshot_stage(root_path, family)
     outcomes = []
     with data_lock(root_path, [family], cfg.pipeline.data_lock_timeout_seconds):   # no pipeline run reads it now
-        reproduce(stage, root_path, env)   # the snapshot exists and is intact before anything joins it
+        # the snapshot exists and is intact before anything joins it (DVC's lock: waited for, as ingest_batch does)
+        reproduce(stage, root_path, env, lock_wait=cfg.pipeline.data_lock_timeout_seconds)
         for folder in folders:
             outcome = ingest_batch(root_path, family, cfg, folder, env)
             log(f"{outcome.batch}: {outcome.status}" + (f" ({outcome.reason})" if outcome.reason else "")

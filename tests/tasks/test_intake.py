@@ -169,6 +169,23 @@ def test_an_accepted_batch_edited_in_place_is_named(replayed, tmp_path):
         verify(snapshot)
 
 
+@pytest.mark.fault("data", "a batch folder named like the bootstrap, hidden, '.' or the manifest",
+                   "refused before anything is copied, naming the folder (before: the snapshot stage later deleted "
+                   "it, or the snapshot folder itself was deleted)")
+def test_a_batch_named_like_what_the_snapshot_keeps_for_itself_is_refused(replayed, tmp_path):
+    cfg, batches = replayed
+    snapshot = tmp_path / "raw"
+    empty = cfg.model_copy(update={"ingest": cfg.ingest.model_copy(update={
+        "recsys": cfg.ingest.recsys.model_copy(update={"bootstrap": "empty"})})})
+    create(snapshot, "recsys", INTAKE, empty)
+    for name in (BOOTSTRAP, ".week-12", "", ".", "snapshot.json"):
+        with pytest.raises(DataFormatError, match="cannot name a batch"):
+            add_batch(snapshot, name, batches[0], {"rows": {}})
+    assert verify(snapshot)["batches"] == [] and sorted(p.name for p in snapshot.iterdir()) == ["snapshot.json"]
+    add_batch(snapshot, batches[0].name, batches[0], {"rows": {}})
+    assert [b["id"] for b in ensure(snapshot, "recsys", INTAKE, empty)["batches"]] == [batches[0].name]
+
+
 @pytest.mark.fault("data", "params pin other published files than the ones the snapshot was bootstrapped from",
                    "a snapshot of the bootstrap alone is remade from the files pinned now; one holding accepted "
                    "batches stops the snapshot stage: move it away to bootstrap it anew")
