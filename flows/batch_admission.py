@@ -118,15 +118,16 @@ def ingest_batch(root: Path, family: str, cfg: Config, folder: Path, env: dict[s
             return Outcome(folder.name, "quarantined", reason, detail, str(target))
         before = (snapshot / MANIFEST).read_bytes()
         entry = add_batch(snapshot, folder.name, folder, {"rows": intake.rows(batch), "source": str(folder.resolve())})
+        wait = cfg.pipeline.data_lock_timeout_seconds   # for DVC's lock, held a moment by another family's run
         try:   # dvc.lock and the cache hold the new version: the next `dvc repro` trains on it
-            _dvc(root, env, "commit", "--force", stage)
+            _dvc(root, env, "commit", "--force", stage, lock_wait=wait)
         except PipelineError as err:   # not versioned: the batch leaves the snapshot again, to be ingested anew
             write_atomic(snapshot / MANIFEST, before)
             shutil.rmtree(snapshot / folder.name, ignore_errors=True)
             run.set_tags({"ingest.status": "failed", "ingest.reason": "versioning"})
             raise PipelineError(f"batch {folder.name} was not accepted, the snapshot is as it was: {err}") from err
         report["digest"] = entry["digest"]
-        if unpushed := push_outputs(root, env, stage):
+        if unpushed := push_outputs(root, env, stage, wait):
             print(f"warning: batch {folder.name} is accepted but not on the DVC remote: {unpushed}", file=sys.stderr)
             run.set_tag("ingest.pushed", "false")
         write_json(reports / "report.json", report)
@@ -149,8 +150,8 @@ def _log_batch(run: Any, folder: Path, digest: str) -> None:
         run.run_id, datasets=[DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, "batch")])]))
 
 
-def _dvc(root: Path, env: dict[str, str], *args: str) -> None:
-    code, tail, _ = run_dvc(root, env, *args)
+def _dvc(root: Path, env: dict[str, str], *args: str, lock_wait: float = 0.0) -> None:
+    code, tail, _ = run_dvc(root, env, *args, lock_wait=lock_wait)
     if code != 0:
         raise PipelineError(f"dvc {' '.join(args)} failed in {root}: {tail.strip()[-800:]}")
 
