@@ -123,10 +123,15 @@ def test_the_int8_model_computes_with_the_weights_that_were_trained(real_splits)
     freeze_observers(qat)
     qat.eval()
     test = to_input(torch.from_numpy(real_splits["test"][0].copy()), fashion_pixels())
+    converted = convert_int8(qat)
     with torch.no_grad():
-        trained, int8 = qat(test), convert_int8(qat)(test)
+        trained, int8 = qat(test), converted(test)
     assert (trained.argmax(1) == int8.argmax(1)).float().mean() == 1.0
-    assert (trained - int8).abs().max() < 0.05
+    # both answers lie on the logits' INT8 grid: where they differ, by one step of it (a rounding tie the CPU's INT8
+    # kernels break otherwise: seen on a CPU with AMX, 4 of 4,000 logits), and rarely
+    (step,) = [float(m.scale) for name, m in converted.named_modules() if name.endswith("head")]
+    gap = (trained - int8).abs()
+    assert gap.max() <= 1.01 * step and (gap > 1e-6).float().mean() < 0.005, (float(gap.max()), step)
 
 
 def test_fx_quantization_of_either_family_imports_no_compiler_and_keeps_the_fx_setting():
