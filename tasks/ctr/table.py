@@ -56,14 +56,21 @@ def table_format(spec: TableFile, where: str) -> str:
 
 
 def as_text(column: pd.Series, path: str) -> pd.Series:
-    """A Parquet column as the text a CSV cell of it would hold (None where missing)."""
+    """A typed column (Parquet's, a client's rows) as the text a CSV cell of it would hold (None where missing). A
+    whole float reads as an integer, value by value: an integer column with nulls comes as floats, and one
+    fractional value must not turn every other value's text (and the rows' split hash) from 88 into 88.0."""
     if column.map(lambda v: isinstance(v, list | tuple | np.ndarray)).any():
         raise DataFormatError(f"{path}: column {column.name!r} holds lists; write tags as one text value joined by "
                               "the column's separator")
-    # integers stored as floats beside nulls read as 123, not 123.0 (when every value of the column is whole)
-    whole = pd.api.types.is_float_dtype(column) and bool((column.dropna() % 1 == 0).all())
-    return pd.Series([None if pd.isna(v) or v == "" else str(int(v)) if whole else str(v) for v in column],
-                     index=column.index, dtype=object)
+    return pd.Series([_cell_text(v) for v in column], index=column.index, dtype=object)
+
+
+def _cell_text(value: Any) -> str | None:
+    if value is None or (not isinstance(value, str) and pd.isna(value)) or value == "":
+        return None
+    if isinstance(value, float | np.floating) and float(value).is_integer():
+        return str(int(value))
+    return str(value)
 
 
 def read_table(cfg: TableData, where: str, root: Path = Path()) -> pd.DataFrame:
@@ -75,8 +82,8 @@ def read_table(cfg: TableData, where: str, root: Path = Path()) -> pd.DataFrame:
     wanted = list(dict.fromkeys(cfg.columns() + cfg.split.key))
     fmt = table_format(cfg.table, where)
     try:
-        if fmt == "parquet":
-            frame = pd.read_parquet(path)
+        if fmt == "parquet":   # nullable types: an int64 column with nulls keeps its values (as floats, ids > 2**53 merge)
+            frame = pd.read_parquet(path, dtype_backend="numpy_nullable")
         else:   # only an empty cell is missing: "NA" or "null" is a value, as it is in Parquet
             frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
     except (OSError, ValueError, ImportError) as err:   # pandas' ParserError is a ValueError; pyarrow's errors too
@@ -186,6 +193,8 @@ def encode_with(frame: pd.DataFrame, vocab: dict[str, Any]) -> tuple[np.ndarray,
     numeric = [f["name"] for f in vocab["fields"] if f.get("kind") == "numeric"]
     text = [f["name"] for f in vocab["fields"] if f["name"] not in numeric]
     text += [g["name"] for g in vocab["groups"] if g["name"]]
+    # the cells as training read them (a client's 196 or 196.0 is the training rows' "196")
+    frame = frame.assign(**{name: as_text(frame[name], "the rows to encode") for name in text})
     frame = mark_missing(frame, vocab.get("na_values", []), text, numeric)
     codes = []
     for field in vocab["fields"]:

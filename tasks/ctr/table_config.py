@@ -70,6 +70,9 @@ class TableSplit(Strict):
         return self
 
 
+VALIDATION_COLUMNS = ("label", "genres_binary")   # tasks.ctr.table_validate's checks of the labels and tags
+
+
 class TableData(Strict):
     """A click-through table and its declared schema. Every categorical field gets one embedding row per value
     seen at least ``min_count`` times in the training rows, plus one row for any other value (unseen, rare or
@@ -118,6 +121,9 @@ class TableData(Strict):
             raise ValueError(f"columns {twice} are declared more than once (label, categorical, numeric, multi_hot, "
                              "split column)")
         features = self.feature_columns()
+        if taken := sorted(set(features) & set(VALIDATION_COLUMNS)):   # the validation's own columns beside the fields
+            raise ValueError(f"feature columns may not be named {taken}: rename the column in the table (the "
+                             f"validation's own columns are {list(VALIDATION_COLUMNS)})")
         if isinstance(self.na_values, dict) and (unknown := sorted(set(self.na_values) - set(features))):
             raise ValueError(f"na_values names {unknown}, which are no categorical, numeric or multi_hot column "
                              f"({features})")

@@ -88,6 +88,39 @@ def test_a_parquet_table_and_its_csv_read_the_same_values(tmp_path):
         read_table(_schema("lists.parquet"), WHERE, tmp_path)
 
 
+def test_typed_cells_read_as_the_training_rows_text_value_by_value(tmp_path):
+    """A client's typed rows (ids as numbers) encode as the training rows did (before: every such id fell to the
+    'other' row); one fractional value in a float column leaves every other value's text, and so each row's split
+    hash, as it was (before: 88 became 88.0 for all); an int64 id past 2**53 beside a null keeps its digits (before:
+    read as a float, two ids merged)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    frame = _table()
+    frame["country"] = (frame.event % 37).astype(float)   # integer ids, stored as floats beside a null
+    frame.loc[7, "country"] = np.nan
+    frame.to_parquet(tmp_path / "t.parquet", index=False)
+    prepare_table(_schema("t.parquet"), tmp_path / "out", WHERE, tmp_path)
+    vocab = json.loads((tmp_path / "out" / "vocabulary.json").read_text())
+    text = pd.read_parquet(tmp_path / "out" / "test_rows.parquet")
+    typed = text.assign(country=pd.to_numeric(text.country))   # what a client's JSON request holds: 3, not "3"
+    assert np.array_equal(encode_with(typed, vocab)[0], np.load(tmp_path / "out" / "test_fields.npy"))
+    assert (encode_with(typed, vocab)[0][:, 1] > vocab["fields"][1]["offset"]).mean() > 0.9   # known, not row 0
+
+    before = read_table(_schema("t.parquet"), WHERE, tmp_path)
+    grown = pd.concat([frame, frame.iloc[[0]].assign(event=len(frame), country=12.5)], ignore_index=True)
+    grown.to_parquet(tmp_path / "grown.parquet", index=False)
+    after = read_table(_schema("grown.parquet"), WHERE, tmp_path)
+    assert after.country[: len(frame)].tolist() == before.country.tolist() and after.country.iloc[-1] == "12.5"
+
+    ids = [1234567890123456789, 1234567890123456790, None, 7]
+    pq.write_table(pa.table({"event": pa.array(ids, pa.int64()), "device": ["a", "b", "c", "d"],   # as Spark writes
+                             "country": ["x"] * 4, "topics": [""] * 4, "ads": ["a"] * 4,
+                             "clicked": ["true", "false", "true", "false"]}), tmp_path / "ids.parquet")
+    assert read_table(_schema("ids.parquet"), WHERE, tmp_path).event.tolist() == [
+        "1234567890123456789", "1234567890123456790", None, "7"]
+
+
 def test_fields_and_tags_are_encoded_from_the_training_rows_with_a_row_for_other_values(tmp_path):
     frame = _table()
     frame["part"] = np.where(frame.index >= 1950, "test", np.where(frame.index >= 1750, "val", "train"))
@@ -253,6 +286,8 @@ def test_a_schema_without_fields_or_with_a_column_twice_and_reversed_ranges_are_
         with pytest.raises(ConfigError, match=rf"validate\.clicks\.{key}: \[.*\] are not {kind} columns of "
                                               r"data\.clicks"):
             parse_config({**raw_params, "validate": rules})
+    with pytest.raises(ValueError, match=r"feature columns may not be named \['label'\]: rename the column"):
+        _schema("t.csv", categorical=["device", "label"])
 
 
 def test_numeric_columns_are_cut_at_their_training_quantiles_and_a_client_encodes_them_alike(tmp_path):
