@@ -2,15 +2,17 @@
 new data version, and what was trained on it, is committed — so ``git log dvc.lock`` is the data's history and
 ``dvc params diff`` / ``dvc metrics diff`` compare runs across commits.
 
-Only ``dvc.lock`` goes into the commit; anything else, staged or not, stays as it was. The commit is made holding
-DVC's repository lock (DVC rewrites ``dvc.lock`` in place: another family's run must not be writing it), and only of
-a lock that parses. The user's git identity and hooks apply; without an identity the commit is signed
+Only ``dvc.lock`` goes into the commit; anything else, staged or not, stays as it was. Its content is read holding
+DVC's repository lock (DVC rewrites ``dvc.lock`` in place: another family's run must not be writing it), and only a
+lock that parses is committed. The user's git identity and hooks apply; without an identity the commit is signed
 ``kdq-pipeline``. A project that keeps ``dvc.lock`` out of git (``.gitignore``) or is no git work tree gets no commit.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -32,7 +34,11 @@ def _warn(root: Path, why: str) -> None:
 
 def commit_lock(root: Path, message: str) -> str | None:
     """Commit ``root/dvc.lock`` alone; the new commit, or None when there is nothing to commit (no work tree, no lock,
-    an ignored lock, no change) or it could not be (said on stderr; the lock stays as it was, unstaged)."""
+    an ignored lock, no change) or it could not be (said on stderr; the lock stays as it was, unstaged).
+
+    DVC's lock is held only while the lock's content is read into git's object store: the commit itself (and the
+    user's hooks, such as the pre-commit ``dvc status`` that ``dvc install`` writes, which takes that lock too) runs
+    after it is released, from that content."""
     from dvc.lock import LockError, make_lock
 
     if not (root / "dvc.lock").is_file() or _git(root, "rev-parse", "--is-inside-work-tree").returncode != 0:
@@ -40,41 +46,60 @@ def commit_lock(root: Path, message: str) -> str | None:
     if _git(root, "check-ignore", "--quiet", "dvc.lock").returncode == 0:
         return None
     if not (root / ".dvc").is_dir():   # no DVC project: no DVC command writes this lock
-        return _commit(root, message)
-    tmp = root / ".dvc" / "tmp"
-    tmp.mkdir(exist_ok=True)
-    lock, deadline = make_lock(str(tmp / "lock"), tmp_dir=str(tmp)), time.monotonic() + LOCK_WAIT_SECONDS
-    while True:
+        blob = _stored(root)
+    else:
+        tmp = root / ".dvc" / "tmp"
+        tmp.mkdir(exist_ok=True)
+        lock, deadline = make_lock(str(tmp / "lock"), tmp_dir=str(tmp)), time.monotonic() + LOCK_WAIT_SECONDS
+        while True:
+            try:
+                lock.lock()
+                break
+            except LockError:
+                if time.monotonic() > deadline:
+                    _warn(root, f"DVC's repository lock stayed held for {LOCK_WAIT_SECONDS} s")
+                    return None
+                time.sleep(2)
         try:
-            lock.lock()
-            break
-        except LockError:
-            if time.monotonic() > deadline:
-                _warn(root, f"DVC's repository lock stayed held for {LOCK_WAIT_SECONDS} s")
-                return None
-            time.sleep(2)
-    try:
-        return _commit(root, message)
-    finally:
-        lock.unlock()
+            blob = _stored(root)
+        finally:
+            lock.unlock()
+    return _commit(root, blob, message) if blob else None
 
 
-def _commit(root: Path, message: str) -> str | None:
+def _stored(root: Path) -> str | None:
+    """The object id of ``dvc.lock``'s content, written to git's object store; None when it has not changed since
+    the last commit or does not parse (said on stderr)."""
     if not _git(root, "status", "--porcelain", "--", "dvc.lock").stdout.strip():
         return None
+    content = (root / "dvc.lock").read_bytes()
     try:
-        load_yaml((root / "dvc.lock").read_text())   # libyaml: 0.14 s, not 1.4 s, for 40 stages
-    except yaml.YAMLError as err:
+        load_yaml(content.decode())   # libyaml: 0.14 s, not 1.4 s, for 40 stages
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
         _warn(root, f"it does not parse ({err})")
         return None
-    staged_before = bool(_git(root, "diff", "--cached", "--name-only", "--", "dvc.lock").stdout.strip())
-    identity = [] if _git(root, "config", "user.email").stdout.strip() else list(IDENTITY)
-    done = _git(root, "add", "--", "dvc.lock")
-    if done.returncode == 0:
-        done = _git(root, *identity, "commit", "--quiet", "-m", message, "--", "dvc.lock")
+    done = subprocess.run(["git", "hash-object", "-w", "--stdin"], cwd=root, input=content, capture_output=True,
+                          check=False)
     if done.returncode != 0:
-        if not staged_before:   # as it was: not staged for the user's next commit
-            _git(root, "reset", "--quiet", "--", "dvc.lock")
-        _warn(root, (done.stderr or done.stdout).strip()[-400:])
+        _warn(root, done.stderr.decode(errors="replace").strip()[-400:])
         return None
+    return done.stdout.decode().strip()
+
+
+def _commit(root: Path, blob: str, message: str) -> str | None:
+    """A commit of HEAD with ``dvc.lock`` replaced by ``blob``, made through an index of its own (what the user has
+    staged stays staged, and out of it); the user's index then holds ``dvc.lock`` as committed."""
+    identity = [] if _git(root, "config", "user.email").stdout.strip() else list(IDENTITY)
+    with tempfile.TemporaryDirectory() as scratch:
+        env = {**os.environ, "GIT_INDEX_FILE": str(Path(scratch) / "index")}
+        has_head = _git(root, "rev-parse", "--verify", "--quiet", "HEAD").returncode == 0
+        steps = [["read-tree", "HEAD" if has_head else "--empty"],
+                 ["update-index", "--add", "--cacheinfo", f"100644,{blob},dvc.lock"],
+                 [*identity, "commit", "--quiet", "-m", message]]
+        for step in steps:
+            done = subprocess.run(["git", *step], cwd=root, env=env, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                _warn(root, (done.stderr or done.stdout).strip()[-400:])
+                return None
+    _git(root, "reset", "--quiet", "--", "dvc.lock")   # the index entry: the committed lock, as git status shows it
     return _git(root, "rev-parse", "HEAD").stdout.strip()

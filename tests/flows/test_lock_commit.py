@@ -80,3 +80,22 @@ def test_a_refused_commit_or_a_held_dvc_lock_leaves_the_lock_as_it_was(repo, mon
     assert commit_lock(repo, "m") is None and "does not parse" in capsys.readouterr().err
     (repo / "dvc.lock").write_text("stages: {}\n")
     assert commit_lock(repo, "m") is not None
+
+
+def test_the_lock_is_committed_where_dvc_install_put_dvcs_git_hooks(repo, monkeypatch):
+    """DVC's pre-commit hook runs ``dvc status``, which takes DVC's repository lock: the commit was made holding that
+    lock, so with the hooks installed every commit failed ("Unable to acquire lock") and dvc.lock was never
+    committed."""
+    import os
+    import sys
+
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")   # where dvc is
+    for args in (["init", "--quiet"], ["install"]):
+        subprocess.run([sys.executable, "-m", "dvc", *args], cwd=repo, check=True, capture_output=True)
+    assert "dvc git-hook pre-commit" in (repo / ".git" / "hooks" / "pre-commit").read_text()
+    (repo / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    commit = commit_lock(repo, "recsys: batches 0003 accepted")
+    assert commit is not None and commit == _git(repo, "rev-parse", "HEAD")
+    assert _git(repo, "show", "--name-only", "--format=%s", "HEAD").splitlines() == [
+        "recsys: batches 0003 accepted", "", "dvc.lock"]
+    assert _git(repo, "status", "--porcelain", "--", "dvc.lock") == ""
