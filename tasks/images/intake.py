@@ -118,10 +118,13 @@ def contract(family: str, batch: Images, accepted: Images | None, cfg: Any) -> S
         out.append((suite("ingest_first_batch", [E.ExpectColumnValuesToBeBetween(
             column="training_images", min_value=data.val_size + 1)]),
             pd.DataFrame({"training_images": [len(batch["train"][1])]})))   # validation takes data.<family>.val_size
-    if accepted and accepted.get("classes") and batch.get("classes"):
+    # the names a batch's classes.json gives must be the accepted data's, or params' where that has none (a snapshot
+    # started empty from a first batch without names); an image folder family's first batch names them
+    names = (accepted or {}).get("classes") or (data.class_names if data.image_folder is None else None)
+    if names and batch.get("classes"):
         out.append((suite("ingest_classes", [E.ExpectColumnValuesToBeInSet(
-            column="classes", value_set=[json.dumps(accepted["classes"])])]),
-            pd.DataFrame({"classes": [json.dumps(batch["classes"])]})))
+            column="classes", value_set=[json.dumps(list(names))])]),
+            pd.DataFrame({"classes": [json.dumps(list(batch["classes"]))]})))
     return out
 
 

@@ -97,6 +97,20 @@ def test_a_later_batch_may_not_bring_test_images_or_repeat_accepted_ones(replaye
     assert reason == "invalid" and _failed(report) == {"part", "repeated"}
 
 
+@pytest.mark.fault("data", "an arriving batch whose classes.json names other classes than the accepted data's, or "
+                   "than params' class_names where no accepted batch named them",
+                   "quarantined as invalid: the contract names the classes (before: accepted when the first batch "
+                   "had brought no names)")
+def test_a_batch_naming_other_classes_is_refused_even_where_no_accepted_batch_named_them(replayed, initial, tmp_path):
+    cfg, batches = replayed
+    names = cfg.data.vision.class_names
+    later = INTAKE.read_batch(batches[1])
+    for accepted in (initial, {**initial, "classes": None}):   # named by the first batch; by params alone
+        for given, ok in ((names, True), (list(reversed(names)), False), ([f"x{i}" for i in range(10)], False)):
+            reason, report = check(INTAKE, cfg, {**later, "classes": given}, accepted, None)
+            assert (reason == "") is ok and ("classes" in _failed(report)) is not ok, (given, reason)
+
+
 def _blank_every_tenth(x: np.ndarray) -> np.ndarray:
     """Every tenth image near-constant grey (a dead sensor's noise: no two alike, so not repeats)."""
     noise = np.random.default_rng(0).integers(0, 3, size=x[::10].shape)
