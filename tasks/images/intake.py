@@ -214,7 +214,7 @@ def image_intake(family: str, extra_pins: Callable[[Any], dict[str, Any]] | None
         return functools.partial(fn, family)
 
     return Intake(settings=bound(settings),
-                  pins_key=pins_key or f"data.{family}.sha256 (or data.{family}.image_folder)",
+                  pins_key=pins_key or f"data.{family}.sha256 and class_names (or data.{family}.image_folder)",
                   pins=functools.partial(pins, family, extra=extra_pins),
                   bootstrap=functools.partial(bootstrap, family, extra=extra_pins), read_batch=read_batch, write_batch=write_batch,
                   combine=combine, rows=rows, contract=bound(contract), profile=bound(profile), drift=bound(drift),
