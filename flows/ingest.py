@@ -42,6 +42,7 @@ from flows.registry_lock import data_lock
 from tasks.config import load_config
 from tasks.errors import EXIT_USER_ERROR, PipelineError, run_cli
 from tasks.mlflow_store import tracking_uri
+from tasks.snapshot import unfit_batch_name
 
 
 def landed(landing: Path) -> list[Path]:
@@ -59,11 +60,12 @@ def ingest(root: str, family: str, batches: list[str] | None = None,
     cfg = load_config(root_path / "params.yaml")
     if family not in cfg.families:
         raise PipelineError(f"--family: {family!r} is not one of families {cfg.families}")
-    folders = [Path(b).resolve() for b in batches or []] + (landed(Path(landing)) if landing else [])
+    # absolute: "." is the folder's own name; a symlink keeps its name
+    folders = [Path(b).absolute() for b in batches or []] + (landed(Path(landing)) if landing else [])
     if missing := [str(f) for f in folders if not f.is_dir()]:
         raise PipelineError(f"not a batch folder: {', '.join(missing)}")
-    if hidden := [str(f) for f in folders if f.name.startswith(".")]:   # a scratch copy, or being written
-        raise PipelineError(f"a hidden folder is no batch: {', '.join(hidden)}")
+    if unfit := [f"{f}: {problem}" for f in folders if (problem := unfit_batch_name(f.name))]:
+        raise PipelineError("; ".join(unfit))   # before anything is read, checked or copied
     env = stage_env(root_path, tracking_uri(cfg, root_path), "")   # no parent: the snapshot stage's run stands alone
     log = stage_logger()
     stage, _ = snapshot_stage(root_path, family)

@@ -78,8 +78,8 @@ def _stored(root: Path) -> str | None:
     except (yaml.YAMLError, UnicodeDecodeError) as err:
         _warn(root, f"it does not parse ({err})")
         return None
-    done = subprocess.run(["git", "hash-object", "-w", "--stdin"], cwd=root, input=content, capture_output=True,
-                          check=False)
+    done = subprocess.run(["git", "hash-object", "-w", "--path=dvc.lock", "--stdin"], cwd=root, input=content,
+                          capture_output=True, check=False)   # --path: the file's .gitattributes filters apply
     if done.returncode != 0:
         _warn(root, done.stderr.decode(errors="replace").strip()[-400:])
         return None
@@ -93,8 +93,9 @@ def _commit(root: Path, blob: str, message: str) -> str | None:
     with tempfile.TemporaryDirectory() as scratch:
         env = {**os.environ, "GIT_INDEX_FILE": str(Path(scratch) / "index")}
         has_head = _git(root, "rev-parse", "--verify", "--quiet", "HEAD").returncode == 0
+        where = _git(root, "rev-parse", "--show-prefix").stdout.strip()   # a DVC project in a folder of the repo
         steps = [["read-tree", "HEAD" if has_head else "--empty"],
-                 ["update-index", "--add", "--cacheinfo", f"100644,{blob},dvc.lock"],
+                 ["update-index", "--add", "--cacheinfo", f"100644,{blob},{where}dvc.lock"],
                  [*identity, "commit", "--quiet", "-m", message]]
         for step in steps:
             done = subprocess.run(["git", *step], cwd=root, env=env, capture_output=True, text=True, check=False)

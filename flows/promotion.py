@@ -37,8 +37,10 @@ def rollback_champion(name: str, reason: str = "", who: str | None = None, root:
         current = registered_version(client, name)
         if current is None:
             raise RegistryError(f"{name} has no champion in {redact(uri)}; nothing to roll back")
-        before = current.tags.get("champion.previous") or current.tags.get("audit.champion_before")
-        if before in (None, "", "None", "none", str(current.version)):
+        # (a version re-promoted by hand before 2026-12-06 may name itself as champion.previous: not a predecessor)
+        before = next((tag for tag in (current.tags.get("champion.previous"), current.tags.get("audit.champion_before"))
+                       if tag not in (None, "", "None", "none", str(current.version))), None)
+        if before is None:
             raise RegistryError(f"{name}@champion (version {current.version}) records no earlier champion "
                                 "(tags champion.previous / audit.champion_before); nothing was changed")
         return _move_alias(client, uri, name, before, "champion",

@@ -56,9 +56,9 @@ def safe_program_archive(blob: bytes, file: str) -> bytes:
             if record.startswith("data/aotinductor/"):
                 raise TeacherImportError(f"{file}: an AOTInductor package (compiled code), not a torch.export "
                                          "program: save the program with torch.export.save")
-            if record.startswith("data/constants/") and record.endswith(".pt"):   # the old pickled constants
-                raise TeacherImportError(f"{file}: holds its constants as a pickle (a program saved by an older "
-                                         "PyTorch): save it again with torch.export.save")
+            if record.startswith(("data/weights/", "data/constants/")) and record.endswith(".pt"):
+                raise TeacherImportError(f"{file}: holds its weights or constants as a pickle ({record}, the format "
+                                         "of an older PyTorch): save it again with torch.export.save")
             records[info.filename] = b"" if record.startswith("data/sample_inputs/") else archive.read(info)
     for name, content in records.items():
         if not name.endswith("_config.json"):

@@ -98,13 +98,20 @@ def tables(snapshot: Path, intake: Intake) -> tuple[list[str], Any]:
     return [b for b, _ in batches], intake.combine([t for _, t in batches])
 
 
+def unfit_batch_name(batch_id: str) -> str | None:
+    """Why ``batch_id`` (a batch folder's name) cannot name a batch of a snapshot, else None."""
+    if batch_id in ("", ".", "..", BOOTSTRAP, MANIFEST) or batch_id.startswith(".") or "/" in batch_id:
+        return (f"{batch_id!r} cannot name a batch (empty, hidden, a path, or a name a snapshot keeps for itself: "
+                f"{BOOTSTRAP}, {MANIFEST}); rename the folder")
+    return None
+
+
 def add_batch(snapshot: Path, batch_id: str, source: Path, entry: dict[str, Any]) -> dict[str, Any]:
     """Copy the batch folder ``source`` into the snapshot as ``batch_id`` and list it in the manifest; return the
     manifest entry. The folder lands whole (copied beside, then renamed) before the manifest names it, and the
     manifest is replaced atomically: a kill leaves the snapshot as it was (plus at most an unlisted folder)."""
-    if batch_id in ("", ".", "..", BOOTSTRAP, MANIFEST) or batch_id.startswith(".") or "/" in batch_id:
-        raise DataFormatError(f"{source}: {batch_id!r} cannot name a batch of {snapshot} (empty, hidden, a path, or "
-                              f"a name the snapshot keeps for itself: {BOOTSTRAP}, {MANIFEST}); rename the folder")
+    if problem := unfit_batch_name(batch_id):
+        raise DataFormatError(f"{source}: {problem}")
     manifest = verify(snapshot)
     if any(b["id"] == batch_id for b in manifest["batches"]):
         raise DataFormatError(f"{snapshot}: already holds a batch {batch_id}")

@@ -121,9 +121,9 @@ class TableData(Strict):
             raise ValueError(f"columns {twice} are declared more than once (label, categorical, numeric, multi_hot, "
                              "split column)")
         features = self.feature_columns()
-        if taken := sorted(set(features) & set(VALIDATION_COLUMNS)):   # the validation's own columns beside the fields
-            raise ValueError(f"feature columns may not be named {taken}: rename the column in the table (the "
-                             f"validation's own columns are {list(VALIDATION_COLUMNS)})")
+        if taken := sorted({*self.categorical, *self.numeric_columns()} & set(VALIDATION_COLUMNS)):
+            raise ValueError(f"categorical or numeric columns may not be named {taken}: rename the column in the "
+                             f"table (the validation's own columns beside the fields: {list(VALIDATION_COLUMNS)})")
         if isinstance(self.na_values, dict) and (unknown := sorted(set(self.na_values) - set(features))):
             raise ValueError(f"na_values names {unknown}, which are no categorical, numeric or multi_hot column "
                              f"({features})")

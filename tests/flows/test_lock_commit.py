@@ -99,3 +99,13 @@ def test_the_lock_is_committed_where_dvc_install_put_dvcs_git_hooks(repo, monkey
     assert _git(repo, "show", "--name-only", "--format=%s", "HEAD").splitlines() == [
         "recsys: batches 0003 accepted", "", "dvc.lock"]
     assert _git(repo, "status", "--porcelain", "--", "dvc.lock") == ""
+
+
+def test_a_dvc_project_in_a_folder_of_the_repository_commits_its_own_lock(repo):
+    """``dvc init --subdir`` (a monorepo): the lock is the folder's, committed at its path, and the index agrees."""
+    project = repo / "proj"
+    project.mkdir()
+    (project / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    assert commit_lock(project, "m") is not None
+    assert _git(repo, "show", "--name-only", "--format=", "HEAD").splitlines() == ["proj/dvc.lock"]
+    assert _git(repo, "status", "--porcelain") == ""

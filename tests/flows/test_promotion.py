@@ -309,6 +309,27 @@ def test_each_rollback_goes_one_champion_further_back_and_a_repeated_promotion_k
     assert client.get_model_version(name, "3").tags["champion.previous"] == "2"
     rollback_champion.fn(name, "", "bob", root)
     assert champion() == "2"
+    client.set_model_version_tag(name, "2", "champion.previous", "2")   # what the old code wrote on a re-promotion
+    rollback_champion.fn(name, "", "bob", root)
+    assert champion() == "1"   # its audit.champion_before, not a refusal
+
+
+def test_an_interrupted_registration_overtaken_by_later_versions_is_kept(tmp_path):
+    """Only the newest version is registered again: a later one may have been compared with it (its
+    audit.champion_before), and a rollback would then name a deleted version."""
+    from flows.gating import _interrupted
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client, name = MlflowClient(uri, registry_uri=uri), "m"
+    run = client.create_run(client.create_experiment("e")).info.run_id
+    client.create_registered_model(name)
+    client.create_model_version(name, f"runs:/{run}/model", run, tags={"registry.aliases": "pending"})
+    client.create_model_version(name, f"runs:/{run}/model", run, tags={"audit.champion_before": "1"})
+    client.set_registered_model_alias(name, "champion", "2")
+    kept = _interrupted(client, name, client.get_model_version(name, "1"))
+    assert kept is not None and str(kept.version) == "1"
+    assert client.get_model_version(name, "1").tags["registry.aliases"] == "moved"
+    assert sorted(str(v.version) for v in client.search_model_versions(f"name = '{name}'")) == ["1", "2"]
 
 
 def _root_with_params(tmp_path, uri):

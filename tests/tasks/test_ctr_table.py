@@ -286,7 +286,7 @@ def test_a_schema_without_fields_or_with_a_column_twice_and_reversed_ranges_are_
         with pytest.raises(ConfigError, match=rf"validate\.clicks\.{key}: \[.*\] are not {kind} columns of "
                                               r"data\.clicks"):
             parse_config({**raw_params, "validate": rules})
-    with pytest.raises(ValueError, match=r"feature columns may not be named \['label'\]: rename the column"):
+    with pytest.raises(ValueError, match=r"categorical or numeric columns may not be named \['label'\]: rename"):
         _schema("t.csv", categorical=["device", "label"])
 
 

@@ -466,6 +466,13 @@ def test_a_program_reading_its_batch_size_imports_and_no_pickle_in_it_is_ever_ru
 
     with pytest.raises(TeacherImportError, match=r"v.pt2: holds pickled objects \(conv.\w+\): only plain tensors"):
         import_exported_program(rewritten(pickled_weight), "0" * 64, "v.pt2", [], (val.inputs(slice(2)),), [10], 4)
+    out = io.BytesIO()   # the weights file of an older format, which the loader reads before the config
+    with zipfile.ZipFile(io.BytesIO(blob)) as src, zipfile.ZipFile(out, "w") as dst:
+        for info in src.infolist():
+            dst.writestr(info.filename, src.read(info))
+        dst.writestr(f"{src.namelist()[0].partition('/')[0]}/data/weights/model.pt", planted.getvalue())
+    with pytest.raises(TeacherImportError, match=r"v.pt2: holds its weights or constants as a pickle"):
+        import_exported_program(out.getvalue(), "0" * 64, "v.pt2", [], (val.inputs(slice(2)),), [10], 4)
     assert not marker.exists()
 
 
