@@ -167,14 +167,16 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
 
 def _interrupted(client: MlflowClient, name: str, version: Any) -> Any | None:
     """A version whose registration stopped before its aliases had moved (a registry that failed mid-way, the
-    process killed): when it holds ``champion``, only the last tag was lost and it is complete; when a later version
-    exists, it is kept as it is (that one may have been compared with it); else it is deleted (the aliases it got go
-    with it), and the candidate is gated and registered again against today's champion — a retry that found it by
-    its hash would otherwise report it unchanged, tagged as champion and never promoted."""
-    champion = registered_version(client, name)
-    newest = max(int(v.version) for v in client.search_model_versions(f"name = '{name}'"))
-    if int(version.version) < newest or (champion is not None and str(champion.version) == str(version.version)):
-        # complete, or overtaken by later versions (one may have been compared with it): kept as it is
+    process killed): when it holds ``champion``, or a later version names it as the champion it was compared with or
+    replaced, it became champion and only the last tag was lost: it is complete; else it is deleted (the aliases it
+    got go with it), and the candidate is gated and registered again against today's champion — a retry that found
+    it by its hash would otherwise report it unchanged, tagged as champion and never promoted."""
+    champion, mine = registered_version(client, name), str(version.version)
+    named = any(v.tags.get(tag) == mine for v in client.search_model_versions(f"name = '{name}'")
+                if int(v.version) > int(mine)
+                for tag in ("audit.champion_before", "champion.previous", "champion.rolled_back_from"))
+    if named or (champion is not None and str(champion.version) == mine):
+        # complete (it became champion: a later version was compared with it, or it holds the alias): kept as it is
         client.set_model_version_tag(name, version.version, ALIASES_TAG, "moved")
         return version
     client.delete_model_version(name, version.version)

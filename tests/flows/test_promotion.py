@@ -314,9 +314,9 @@ def test_each_rollback_goes_one_champion_further_back_and_a_repeated_promotion_k
     assert champion() == "1"   # its audit.champion_before, not a refusal
 
 
-def test_an_interrupted_registration_overtaken_by_later_versions_is_kept(tmp_path):
-    """Only the newest version is registered again: a later one may have been compared with it (its
-    audit.champion_before), and a rollback would then name a deleted version."""
+def test_an_interrupted_registration_a_later_version_was_compared_with_is_kept(tmp_path):
+    """A pending version that a later one names as the champion it was compared with did become champion: deleted,
+    a rollback would name a deleted version. One no later version names is registered again."""
     from flows.gating import _interrupted
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -330,6 +330,10 @@ def test_an_interrupted_registration_overtaken_by_later_versions_is_kept(tmp_pat
     assert kept is not None and str(kept.version) == "1"
     assert client.get_model_version(name, "1").tags["registry.aliases"] == "moved"
     assert sorted(str(v.version) for v in client.search_model_versions(f"name = '{name}'")) == ["1", "2"]
+    client.create_model_version(name, f"runs:/{run}/model", run, tags={"registry.aliases": "pending"})   # v3
+    client.create_model_version(name, f"runs:/{run}/model", run, tags={"audit.champion_before": "2"})    # v4
+    assert _interrupted(client, name, client.get_model_version(name, "3")) is None   # never champion: redone
+    assert sorted(str(v.version) for v in client.search_model_versions(f"name = '{name}'")) == ["1", "2", "4"]
 
 
 def _root_with_params(tmp_path, uri):
