@@ -186,6 +186,22 @@ def test_a_batch_named_like_what_the_snapshot_keeps_for_itself_is_refused(replay
     assert [b["id"] for b in ensure(snapshot, "recsys", INTAKE, empty)["batches"]] == [batches[0].name]
 
 
+def test_the_ingest_flow_refuses_an_unfit_batch_name_before_reading_anything(tmp_path):
+    """``python -m flows.ingest --batch …/0000-bootstrap`` stops at once, naming the folder: no snapshot stage, no
+    check, no MLflow run, nothing copied (before: refused only when the checked batch was added, which aborted the
+    rest of a landing folder mid-way)."""
+    from flows.ingest import ingest
+    from tasks.errors import PipelineError
+    from tests.conftest import ROOT
+
+    shutil.copy(ROOT / "params.yaml", tmp_path / "params.yaml")
+    folder = tmp_path / "landing" / BOOTSTRAP
+    folder.mkdir(parents=True)
+    with pytest.raises(PipelineError, match=rf"{folder}: '{BOOTSTRAP}' cannot name a batch"):
+        ingest.fn(str(tmp_path), "recsys", [str(folder)])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["landing", "params.yaml"]
+
+
 @pytest.mark.fault("data", "params pin other published files than the ones the snapshot was bootstrapped from",
                    "a snapshot of the bootstrap alone is remade from the files pinned now; one holding accepted "
                    "batches stops the snapshot stage: move it away to bootstrap it anew")
