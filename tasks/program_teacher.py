@@ -35,6 +35,7 @@ def import_torchscript(blob: bytes, sha256: str, file: str, features: list[str],
         module = torch.jit.load(io.BytesIO(blob), map_location="cpu").eval()
     except Exception as err:  # TorchScript raises RuntimeError, zip errors, ...
         raise TeacherImportError(f"{file}: not a TorchScript module saved by torch.jit.save ({_line(err)})") from err
+
     def onnx_graph() -> bytes:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message="no signature found")   # a ScriptModule has none to read
@@ -42,6 +43,9 @@ def import_torchscript(blob: bytes, sha256: str, file: str, features: list[str],
 
     return import_program(module, "TorchScript's", onnx_graph, sha256, file, features, examples, logits_shape,
                           feature_rank)
+
+
+PLAIN = ("weight_", "tensor_")   # payload files of plain tensors (torch.export's weight and tensor constant names)
 
 
 def safe_program_archive(blob: bytes, file: str) -> bytes:
@@ -73,9 +77,6 @@ def safe_program_archive(blob: bytes, file: str) -> bytes:
         for name, content in records.items():
             archive.writestr(name, content)
     return out.getvalue()
-
-
-PLAIN = ("weight_", "tensor_")   # payload files of plain tensors (torch.export's weight and tensor constant names)
 
 
 def import_exported_program(blob: bytes, sha256: str, file: str, features: list[str],
