@@ -100,7 +100,7 @@ def tables(snapshot: Path, intake: Intake) -> tuple[list[str], Any]:
 
 def unfit_batch_name(batch_id: str) -> str | None:
     """Why ``batch_id`` (a batch folder's name) cannot name a batch of a snapshot, else None."""
-    if batch_id in ("", ".", "..", BOOTSTRAP, MANIFEST) or batch_id.startswith(".") or "/" in batch_id:
+    if batch_id in ("", BOOTSTRAP, MANIFEST) or batch_id.startswith(".") or "/" in batch_id:   # "." and ".." hidden
         return (f"{batch_id!r} cannot name a batch (empty, hidden, a path, or a name a snapshot keeps for itself: "
                 f"{BOOTSTRAP}, {MANIFEST}); rename the folder")
     return None

@@ -82,7 +82,7 @@ def read_table(cfg: TableData, where: str, root: Path = Path()) -> pd.DataFrame:
     wanted = list(dict.fromkeys(cfg.columns() + cfg.split.key))
     fmt = table_format(cfg.table, where)
     try:
-        if fmt == "parquet":   # nullable types: an int64 column with nulls keeps its values (as floats, ids > 2**53 merge)
+        if fmt == "parquet":   # nullable types: an int64 column with nulls stays int64 (as floats, ids > 2**53 merge)
             frame = pd.read_parquet(path, dtype_backend="numpy_nullable")
         else:   # only an empty cell is missing: "NA" or "null" is a value, as it is in Parquet
             frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
@@ -193,8 +193,10 @@ def encode_with(frame: pd.DataFrame, vocab: dict[str, Any]) -> tuple[np.ndarray,
     numeric = [f["name"] for f in vocab["fields"] if f.get("kind") == "numeric"]
     text = [f["name"] for f in vocab["fields"] if f["name"] not in numeric]
     text += [g["name"] for g in vocab["groups"] if g["name"]]
-    # the cells as training read them (a client's 196 or 196.0 is the training rows' "196")
-    frame = frame.assign(**{name: as_text(frame[name], "the rows to encode") for name in text})
+    # the cells as training read them (a client's 196 or 196.0 is the training rows' "196"); columns of text already,
+    # as the prepare stage's own rows are, as they are
+    frame = frame.assign(**{name: as_text(frame[name], "the rows to encode") for name in text
+                            if pd.api.types.infer_dtype(frame[name], skipna=True) not in ("string", "empty")})
     frame = mark_missing(frame, vocab.get("na_values", []), text, numeric)
     codes = []
     for field in vocab["fields"]:

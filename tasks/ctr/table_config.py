@@ -70,7 +70,10 @@ class TableSplit(Strict):
         return self
 
 
-VALIDATION_COLUMNS = ("label", "genres_binary")   # tasks.ctr.table_validate's checks of the labels and tags
+# tasks.ctr.table_validate's own columns beside the fields in each split's frame: the label, and whether every tag
+# column holds only 0 and 1
+LABEL_COLUMN, TAGS_COLUMN = "label", "genres_binary"
+VALIDATION_COLUMNS = (LABEL_COLUMN, TAGS_COLUMN)
 
 
 class TableData(Strict):

@@ -21,7 +21,7 @@ import pandas as pd
 
 from tasks.config import stage_args
 from tasks.ctr.table import FEATURES, numbers, read_table
-from tasks.ctr.table_config import SPLITS, TableData, TableValidation
+from tasks.ctr.table_config import LABEL_COLUMN, SPLITS, TAGS_COLUMN, TableData, TableValidation
 from tasks.errors import DataFormatError
 from tasks.expectations import ephemeral_context, expectation_types, publish_validation, run_suites, suite
 
@@ -59,18 +59,19 @@ def split_suites(family: str, found: dict[str, Any], data: TableData, rules: Tab
         fields = arrays["fields"]
         frame = pd.DataFrame({f["name"]: fields[:, i] if fields.ndim == 2 and fields.shape[1] > i else -1
                               for i, f in enumerate(layout)})
-        frame["genres_binary"] = np.isin(arrays["genres"], (0, 1)).all(axis=1).astype(int)
-        frame["label"] = arrays["y"].astype(np.float64)
+        frame[TAGS_COLUMN] = np.isin(arrays["genres"], (0, 1)).all(axis=1).astype(int)
+        frame[LABEL_COLUMN] = arrays["y"].astype(np.float64)
         low, high = rules.min_rows.get(split, 1), read
         if data.split.method != "column":   # hashed or by time: each split near its share
             low = max(low, math.floor((share[split] - rules.split_tolerance) * read))
             high = math.ceil((share[split] + rules.split_tolerance) * read)
         out.append((suite(f"{family}_{split}", [
             E.ExpectTableRowCountToBeBetween(min_value=low, max_value=high),
-            E.ExpectColumnValuesToBeInSet(column="label", value_set=[0.0, 1.0]),
-            E.ExpectColumnMeanToBeBetween(column="label", min_value=rules.positive_fraction - rules.positive_tolerance,
+            E.ExpectColumnValuesToBeInSet(column=LABEL_COLUMN, value_set=[0.0, 1.0]),
+            E.ExpectColumnMeanToBeBetween(column=LABEL_COLUMN,
+                                          min_value=rules.positive_fraction - rules.positive_tolerance,
                                           max_value=rules.positive_fraction + rules.positive_tolerance),
-            E.ExpectColumnValuesToBeInSet(column="genres_binary", value_set=[1]),
+            E.ExpectColumnValuesToBeInSet(column=TAGS_COLUMN, value_set=[1]),
             *(E.ExpectColumnValuesToBeBetween(column=f["name"], min_value=f["offset"],
                                               max_value=f["offset"] + f["size"] - 1) for f in layout)]), frame))
     counts = pd.DataFrame({"rows_read": [read], "rows_in_splits": [sum(len(found[s]["y"]) for s in SPLITS)]})
