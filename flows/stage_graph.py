@@ -23,13 +23,31 @@ class StageNode:
         return self.name.rsplit("_", 1)[-1]
 
 
+def _stage_file(root: Path) -> Path:
+    """``root/dvc.yaml``, or a one-line error naming it when ``root`` is no project folder."""
+    from tasks.errors import PipelineError
+
+    path = Path(root) / "dvc.yaml"
+    if not path.is_file():
+        raise PipelineError(f"{path}: no such file: {root} is not a project folder (its dvc.yaml holds the stages)")
+    return path
+
+
 def stage_graph(root: Path) -> list[StageNode]:
     """Every pipeline stage of ``root/dvc.yaml`` with its upstream stages, in a deterministic topological order
     (level by level of the graph)."""
+    from dvc.exceptions import NotDvcRepoError
     from dvc.repo import Repo
     from dvc.stage import PipelineStage
 
-    with Repo(str(root)) as repo:
+    from tasks.errors import PipelineError
+
+    _stage_file(root)
+    try:
+        repo = Repo(str(root))
+    except NotDvcRepoError:
+        raise PipelineError(f"{root}: not a DVC project (no .dvc folder; `dvc init` makes one)") from None
+    with repo:
         graph = repo.index.graph  # an edge points from a stage to a stage it depends on
         stages = {s.name: s for s in graph.nodes if isinstance(s, PipelineStage)}
         upstream = {name: tuple(sorted(u.name for u in graph.successors(s) if isinstance(u, PipelineStage)))
@@ -55,7 +73,7 @@ def stage_paths(root: Path, stage: str) -> dict[str, Path]:
     from tasks.errors import PipelineError
     from tasks.io import load_yaml
 
-    stages = load_yaml((root / "dvc.yaml").read_text()).get("stages", {})
+    stages = load_yaml(_stage_file(root).read_text()).get("stages", {})
     if stage not in stages:
         raise PipelineError(f"{root / 'dvc.yaml'}: no stage {stage!r}")
     words = shlex.split(stages[stage]["cmd"])

@@ -174,3 +174,24 @@ def test_the_gate_finds_each_familys_files_where_dvc_yaml_puts_them(raw_params):
         assert any(Path(out).parent == where["reports"] for out in declared[f"validate_{family}"])
     with pytest.raises(PipelineError, match="no stage 'evaluate_audio'"):
         stage_paths(ROOT, "evaluate_audio")
+
+
+def test_a_folder_that_is_no_project_is_a_one_line_error(tmp_path):
+    """Before: ``flows.export_benchmark --root <a folder with params.yaml alone>`` ended in FileNotFoundError's
+    traceback, and the flows reading the graph (pipeline, sweep, ingest) in DVC's NotDvcRepoError."""
+    import subprocess
+    import sys
+
+    from tasks.errors import PipelineError
+
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    proc = subprocess.run([sys.executable, "-m", "flows.export_benchmark", "--family", "vision", "--root", str(tmp_path)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [f"error: PipelineError: {tmp_path / 'dvc.yaml'}: no such file: "
+                                                f"{tmp_path} is not a project folder (its dvc.yaml holds the stages)"]
+    with pytest.raises(PipelineError, match=r"dvc\.yaml: no such file"):
+        stage_graph(tmp_path)
+    (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    with pytest.raises(PipelineError, match="not a DVC project"):
+        stage_graph(tmp_path)
