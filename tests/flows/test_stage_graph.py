@@ -185,11 +185,12 @@ def test_a_folder_that_is_no_project_is_a_one_line_error(tmp_path):
     from tasks.errors import PipelineError
 
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
-    proc = subprocess.run([sys.executable, "-m", "flows.export_benchmark", "--family", "vision", "--root", str(tmp_path)],
-                          capture_output=True, text=True, cwd=ROOT)
+    command = [sys.executable, "-m", "flows.export_benchmark", "--family", "vision", "--root", str(tmp_path)]
+    proc = subprocess.run(command, check=False, capture_output=True, text=True, cwd=ROOT)
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: PipelineError: {tmp_path / 'dvc.yaml'}: no such file: "
-                                                f"{tmp_path} is not a project folder (its dvc.yaml holds the stages)"]
+    line = (f"error: PipelineError: {tmp_path / 'dvc.yaml'}: no such file: {tmp_path} is not a project folder "
+            "(its dvc.yaml holds the stages)")
+    assert proc.stderr.strip().splitlines() == [line]
     with pytest.raises(PipelineError, match=r"dvc\.yaml: no such file"):
         stage_graph(tmp_path)
     (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
