@@ -11,7 +11,7 @@ import json
 import re
 import warnings
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
@@ -65,6 +65,12 @@ def safe_program_archive(blob: bytes, file: str) -> bytes:
                                          "of an older PyTorch): save it again with torch.export.save")
             records[info.filename] = b"" if record.startswith("data/sample_inputs/") else archive.read(info)
     for name, content in records.items():
+        if not name.endswith(".json"):
+            continue
+        if away := sorted(set(_devices(json.loads(content))) - {"cpu"}):
+            raise TeacherImportError(f"{file}: a program exported on {', '.join(away)} (its tensors are stored there; "
+                                     "the teacher runs on the CPU): export it from the model moved to the CPU, "
+                                     "model.cpu()")
         if not name.endswith("_config.json"):
             continue
         payloads = json.loads(content).get("config", {})
@@ -77,6 +83,20 @@ def safe_program_archive(blob: bytes, file: str) -> bytes:
         for name, content in records.items():
             archive.writestr(name, content)
     return out.getvalue()
+
+
+def _devices(node: Any) -> Iterator[str]:
+    """Every device type a ``torch.export`` archive's JSON records (``{"device": {"type": "cuda", ...}}``: where a
+    weight, a constant or a value of the graph lives)."""
+    if isinstance(node, dict):
+        device = node.get("device")
+        if isinstance(device, dict) and isinstance(device.get("type"), str):
+            yield device["type"]
+        for value in node.values():
+            yield from _devices(value)
+    elif isinstance(node, list):
+        for value in node:
+            yield from _devices(value)
 
 
 def import_exported_program(blob: bytes, sha256: str, file: str, features: list[str],

@@ -8,6 +8,7 @@ import copy
 import hashlib
 import io
 import json
+import re
 import sys
 import zipfile
 from pathlib import Path
@@ -481,6 +482,19 @@ def test_a_program_reading_its_batch_size_imports_and_no_pickle_in_it_is_ever_ru
                    "file as torchscript, TorchScript as a state dict, any of them as ONNX)",
                    "TeacherImportError naming the params key, the file and what is wrong (the format it is in, "
                    "and how to export it); the teacher stage stops")
+def on_device(program: bytes, device: str) -> bytes:
+    """A ``torch.export.save`` archive as it reads when saved from a model on ``device`` (every device record)."""
+    out = io.BytesIO()
+    with zipfile.ZipFile(io.BytesIO(program)) as src, zipfile.ZipFile(out, "w", zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            data = src.read(info)
+            if info.filename.endswith(".json"):
+                data = re.sub(rb'"device": \{"type": "cpu", "index": null\}',
+                              b'"device": {"type": "%s", "index": 0}' % device.encode(), data)
+            dst.writestr(info, data)
+    return out.getvalue()
+
+
 def test_a_teacher_file_in_another_format_or_a_program_that_does_not_fit_is_refused_naming_its_key(
         teacher_and_data, tmp_path):
     teacher, _, val = teacher_and_data
@@ -517,6 +531,12 @@ def test_a_teacher_file_in_another_format_or_a_program_that_does_not_fit_is_refu
                                        train=True)
     refused(rf"^{key}: .*train.pt2: its answer for a row depends on the batch the row is in \(traced or exported in "
             r"train mode\?", "train.pt2", "exported_program")
+    # exported from a model on a GPU: its tensors are stored on the device (before: "not a torch.export program
+    # saved by torch.export.save (Torch not compiled with CUDA enabled)" on a machine without CUDA)
+    files["gpu.pt2"] = on_device(files["t.pt2"], "cuda")
+    (tmp_path / "gpu.pt2").write_bytes(files["gpu.pt2"])
+    refused(rf"^{key}: .*gpu.pt2: a program exported on cuda \(its tensors are stored there; the teacher runs on the "
+            r"CPU\): export it from the model moved to the CPU, model.cpu\(\)$", "gpu.pt2", "exported_program")
     with pytest.raises(ValueError, match="logits names an ONNX output; with format: exported_program the logits are "
                                          "forward's first"):
         PretrainedTeacher(path="t.pt2", sha256="0" * 64, format="exported_program", logits="scores")
