@@ -102,17 +102,17 @@ def restore_data(root: Path, dest: Path, family: str) -> str:
     """Check out the family's snapshot as DEST's dvc.lock records it, and the weights a warm-started version began
     from (``warm_start_<family>``, when the graph has it: re-run, that stage would ask today's registry); return
     where the data came from."""
-    from flows.stage_graph import stage_paths
+    from flows.stage_graph import NoStage, stage_paths
 
     stage = f"snapshot_{family}"
     try:
         stage_paths(dest, stage)
-    except PipelineError:
+    except NoStage:
         return "pinned sources (no snapshot stage at that commit)"
     source = _pull(root, dest, stage, "the data version dvc.lock records")
     try:
         stage_paths(dest, f"warm_start_{family}")
-    except PipelineError:
+    except NoStage:
         return source
     _pull(root, dest, f"warm_start_{family}", "the weights its training started from (pushed by the pipeline run "
           "that made them; a run without a default DVC remote keeps them in its machine's DVC cache only)")

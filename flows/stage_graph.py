@@ -8,6 +8,8 @@ from pathlib import Path
 
 import networkx as nx
 
+from tasks.errors import PipelineError
+
 
 @dataclass(frozen=True)
 class StageNode:
@@ -23,10 +25,12 @@ class StageNode:
         return self.name.rsplit("_", 1)[-1]
 
 
+class NoStage(PipelineError):
+    """dvc.yaml has no stage of that name."""
+
+
 def _stage_file(root: Path) -> Path:
     """``root/dvc.yaml``, or a one-line error naming it when ``root`` is no project folder."""
-    from tasks.errors import PipelineError
-
     path = Path(root) / "dvc.yaml"
     if not path.is_file():
         raise PipelineError(f"{path}: no such file: {root} is not a project folder (its dvc.yaml holds the stages)")
@@ -39,8 +43,6 @@ def stage_graph(root: Path) -> list[StageNode]:
     from dvc.exceptions import NotDvcRepoError
     from dvc.repo import Repo
     from dvc.stage import PipelineStage
-
-    from tasks.errors import PipelineError
 
     _stage_file(root)
     try:
@@ -70,12 +72,11 @@ def stage_paths(root: Path, stage: str) -> dict[str, Path]:
     """The ``--flag path`` arguments of ``stage``'s command in ``root/dvc.yaml``, keyed by flag name without dashes
     (``{"data": Path("data/vision/processed"), ...}``): how the flows find a stage's inputs and outputs without
     restating them."""
-    from tasks.errors import PipelineError
     from tasks.io import load_yaml
 
     stages = load_yaml(_stage_file(root).read_text()).get("stages", {})
     if stage not in stages:
-        raise PipelineError(f"{root / 'dvc.yaml'}: no stage {stage!r}")
+        raise NoStage(f"{root / 'dvc.yaml'}: no stage {stage!r}")
     words = shlex.split(stages[stage]["cmd"])
     return {flag[2:].replace("-", "_"): Path(value) for flag, value in itertools.pairwise(words)
             if flag.startswith("--") and not value.startswith("--")}

@@ -64,8 +64,8 @@ def safe_program_archive(blob: bytes, file: str) -> bytes:
                 raise TeacherImportError(f"{file}: holds its weights or constants as a pickle ({record}, the format "
                                          "of an older PyTorch): save it again with torch.export.save")
             records[info.filename] = b"" if record.startswith("data/sample_inputs/") else archive.read(info)
-    for name, content in records.items():
-        if not name.endswith(".json"):
+    for name, content in records.items():   # the program's own records (extra/ holds files of the user's)
+        if not (name.endswith(".json") and name.partition("/")[2].startswith(("models/", "data/"))):
             continue
         if away := sorted(set(_devices(json.loads(content))) - {"cpu"}):
             raise TeacherImportError(f"{file}: a program exported on {', '.join(away)} (its tensors are stored there; "

@@ -182,6 +182,7 @@ def test_a_folder_that_is_no_project_is_a_one_line_error(tmp_path):
     import subprocess
     import sys
 
+    from flows.restore import restore_data
     from tasks.errors import PipelineError
 
     (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
@@ -193,6 +194,11 @@ def test_a_folder_that_is_no_project_is_a_one_line_error(tmp_path):
     assert proc.stderr.strip().splitlines() == [line]
     with pytest.raises(PipelineError, match=r"dvc\.yaml: no such file"):
         stage_graph(tmp_path)
+    # restoring a version: a commit without a snapshot stage has its data from pinned sources, one without a
+    # dvc.yaml is no project (it was not taken for one without a snapshot stage)
+    assert restore_data(ROOT, ROOT, "text") == "pinned sources (no snapshot stage at that commit)"
+    with pytest.raises(PipelineError, match=r"dvc\.yaml: no such file"):
+        restore_data(ROOT, tmp_path, "vision")
     (tmp_path / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
     with pytest.raises(PipelineError, match="not a DVC project"):
         stage_graph(tmp_path)

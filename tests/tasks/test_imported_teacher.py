@@ -477,11 +477,6 @@ def test_a_program_reading_its_batch_size_imports_and_no_pickle_in_it_is_ever_ru
     assert not marker.exists()
 
 
-@pytest.mark.fault("data", "an imported torch.export program exported with a fixed batch size or in train mode, or "
-                   "not a program; a teacher file in another format than its setting says (a .pt2 or a torch.save "
-                   "file as torchscript, TorchScript as a state dict, any of them as ONNX)",
-                   "TeacherImportError naming the params key, the file and what is wrong (the format it is in, "
-                   "and how to export it); the teacher stage stops")
 def on_device(program: bytes, device: str) -> bytes:
     """A ``torch.export.save`` archive as it reads when saved from a model on ``device`` (every device record)."""
     out = io.BytesIO()
@@ -495,6 +490,11 @@ def on_device(program: bytes, device: str) -> bytes:
     return out.getvalue()
 
 
+@pytest.mark.fault("data", "an imported torch.export program exported with a fixed batch size, in train mode or "
+                   "on a GPU, or not a program; a teacher file in another format than its setting says (a .pt2 or a "
+                   "torch.save file as torchscript, TorchScript as a state dict, any of them as ONNX)",
+                   "TeacherImportError naming the params key, the file and what is wrong (the format it is in, "
+                   "and how to export it); the teacher stage stops")
 def test_a_teacher_file_in_another_format_or_a_program_that_does_not_fit_is_refused_naming_its_key(
         teacher_and_data, tmp_path):
     teacher, _, val = teacher_and_data
@@ -535,13 +535,18 @@ def test_a_teacher_file_in_another_format_or_a_program_that_does_not_fit_is_refu
     # saved by torch.export.save (Torch not compiled with CUDA enabled)" on a machine without CUDA)
     files["gpu.pt2"] = on_device(files["t.pt2"], "cuda")
     (tmp_path / "gpu.pt2").write_bytes(files["gpu.pt2"])
+    program = torch.export.load(tmp_path / "t.pt2")   # a file of the user's beside it is none of the program's records
+    torch.export.save(program, tmp_path / "notes.pt2", extra_files={"notes.json": "trained on a GPU, not JSON",
+                                                                    "device.json": '{"device": {"type": "cuda"}}'})
+    files["notes.pt2"] = (tmp_path / "notes.pt2").read_bytes()
     refused(rf"^{key}: .*gpu.pt2: a program exported on cuda \(its tensors are stored there; the teacher runs on the "
             r"CPU\): export it from the model moved to the CPU, model.cpu\(\)$", "gpu.pt2", "exported_program")
     with pytest.raises(ValueError, match="logits names an ONNX output; with format: exported_program the logits are "
                                          "forward's first"):
         PretrainedTeacher(path="t.pt2", sha256="0" * 64, format="exported_program", logits="scores")
     # each file loads in its own format (and the old torch.save format still loads as a state dict)
-    for name, form in (("t.pt2", "exported_program"), ("t.ts", "torchscript"), ("old.pt", "state_dict")):
+    for name, form in (("t.pt2", "exported_program"), ("notes.pt2", "exported_program"), ("t.ts", "torchscript"),
+                       ("old.pt", "state_dict")):
         spec = PretrainedTeacher(path=str(tmp_path / name), sha256=hashlib.sha256(files[name]).hexdigest(), format=form)
         load_pretrained(spec, key, sample, [10], 4, build=lambda: ResNetTeacher(ARCH))
 
