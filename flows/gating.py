@@ -33,9 +33,8 @@ from flows.registry import (
     split_by,
 )
 from flows.registry_lock import registry_lock
-from flows.stage_graph import stage_paths
+from flows.stage_graph import NoStage, stage_paths
 from tasks.config import Config
-from tasks.errors import PipelineError
 from tasks.family import load_family
 from tasks.gate import Check, champion_health, gate_checks, gate_markdown, gate_tags, health_markdown
 from tasks.io import file_digest, write_atomic, write_json
@@ -94,7 +93,7 @@ def keep_warm_start(client: MlflowClient, run_id: str, root: Path, family: str, 
 
     try:
         plan = stage_paths(root, f"warm_start_{family}")["out"] / PLAN
-    except PipelineError:
+    except NoStage:   # a family without a warm start
         return
     kept = {FILES["teacher"]: stage_paths(root, f"train_teacher_{family}")["model"],
             FILES["student"]: stage_paths(root, f"distill_{family}")["model"], PLAN: plan,
