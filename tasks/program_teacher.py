@@ -67,13 +67,14 @@ def safe_program_archive(blob: bytes, file: str) -> bytes:
     for name, content in records.items():   # the program's own records (extra/ holds files of the user's)
         if not (name.endswith(".json") and name.partition("/")[2].startswith(("models/", "data/"))):
             continue
-        if away := sorted(set(_devices(json.loads(content))) - {"cpu"}):
+        record_json = json.loads(content)
+        if away := sorted(set(_devices(record_json)) - {"cpu"}):
             raise TeacherImportError(f"{file}: a program exported on {', '.join(away)} (its tensors are stored there; "
                                      "the teacher runs on the CPU): export it from the model moved to the CPU, "
                                      "model.cpu()")
         if not name.endswith("_config.json"):
             continue
-        payloads = json.loads(content).get("config", {})
+        payloads = record_json.get("config", {})
         if pickled := sorted(fqn for fqn, meta in payloads.items()
                              if meta.get("use_pickle") or not str(meta.get("path_name", "")).startswith(PLAIN)):
             raise TeacherImportError(f"{file}: holds pickled objects ({', '.join(pickled[:3])}): only plain tensors "
