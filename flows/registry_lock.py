@@ -7,20 +7,25 @@ named after the model around read-champion → score → register → move-alias
 """
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import re
 import socket
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
+from uuid import UUID
 
 from prefect import get_client
-from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
-from prefect.concurrency.sync import concurrency
-from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound
+from prefect.client.base import ServerType
+from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency._leases import maintain_concurrency_lease
+from prefect.concurrency._sync import acquire_concurrency_slots_with_lease, release_concurrency_slots_with_lease
+from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound, PrefectHTTPStatusError
 
 from tasks.errors import PipelineError
 
@@ -46,21 +51,70 @@ def _started(pid: int) -> str | None:
         return None
 
 
-def _orphaned(name: str) -> bool:
-    """Whether slot ``name`` was taken by a process of this machine that is gone (killed while holding it)."""
+# A slot is held by a lease, acquired, renewed and released as prefect.concurrency.sync.concurrency does it (from
+# the parts it is made of), so that the holder knows and records its lease: a killed holder's slot is then given back
+# by that lease, exactly once. Prefect's default term: the holder renews it while it lives, the server frees it after.
+LEASE_SECONDS = 300.0
+
+
+def _dead_holder(name: str) -> dict | None:
+    """The record of slot ``name``'s holder when that holder was a process of this machine that is gone (killed
+    while holding it), else None."""
     try:
         holder = json.loads(holder_file(name).read_text())
     except (OSError, ValueError):
-        return False
-    return holder.get("host") == socket.gethostname() and _started(int(holder.get("pid", 0))) != holder.get("started")
+        return None
+    gone = holder.get("host") == socket.gethostname() and _started(int(holder.get("pid", 0))) != holder.get("started")
+    return holder if gone else None
+
+
+@contextmanager
+def _machine_guard(name: str) -> Iterator[None]:
+    """One process of this machine at a time looks for (and gives back) a dead holder's slot ``name``."""
+    path = holder_file(name).with_suffix(".guard")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _give_back(client, name: str) -> None:
+    """Give back slot ``name`` when its holder on this machine was killed while holding it, by the lease that holder
+    recorded: the server frees that lease's slot once, whoever asks first (before, the count was reset to 0, and the
+    server's repossessor freed the dead lease again when it expired: a second holder got in beside the next one).
+    A lease the server no longer knows was either freed on expiry already (a server that outlives its clients:
+    nothing to give back) or died with the holder's own ephemeral server, whose slot count outlives it in the local
+    database: then one slot is given back."""
+    with _machine_guard(name):
+        holder = _dead_holder(name)
+        if holder is None:
+            return
+        known = False
+        if holder.get("lease"):
+            try:
+                client.renew_concurrency_lease(UUID(holder["lease"]), lease_duration=60)
+                known = True
+            except PrefectHTTPStatusError as err:
+                if err.response.status_code != 410:   # Gone: expired and freed, or never known to this server
+                    raise
+        if known:
+            print(f"lock {name!r}: its holder on this machine is gone (killed while holding it); freeing its lease")
+            client.release_concurrency_slots_with_lease(UUID(holder["lease"]))
+        elif client.server_type == ServerType.EPHEMERAL:
+            print(f"lock {name!r}: its holder on this machine is gone with its lease; freeing its slot")
+            held = time.time() - float(holder.get("since", 0))   # the server's occupancy statistics want > 0 s
+            client.release_concurrency_slots([name], slots=1, occupancy_seconds=max(held, 0.001))
+        holder_file(name).unlink(missing_ok=True)
 
 
 @contextmanager
 def _slot(name: str, timeout_seconds: float, busy: str) -> Iterator[None]:
     """Hold the one slot of Prefect global concurrency limit ``name`` (created on first use); raise
     ``RegistryBusy(busy)`` when it stays taken for ``timeout_seconds``. A slot whose holder on this machine was
-    killed is given back first: under an ephemeral Prefect server the holder's lease died with its process, so
-    nothing else would ever free it."""
+    killed is given back first (``_give_back``)."""
     with get_client(sync_client=True) as client:
         try:
             limit = client.read_global_concurrency_limit_by_name(name)
@@ -70,26 +124,26 @@ def _slot(name: str, timeout_seconds: float, busy: str) -> Iterator[None]:
             except ObjectAlreadyExists:
                 pass
         else:
-            if limit.active_slots and _orphaned(name):
-                print(f"lock {name!r}: its holder on this machine is gone (killed while holding it); freeing it")
-                client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=0))
-                holder_file(name).unlink(missing_ok=True)
-    acquired = False
+            if limit.active_slots:
+                _give_back(client, name)
     try:
-        with concurrency(name, occupy=1, timeout_seconds=timeout_seconds, strict=True):
-            acquired = True
+        lease = acquire_concurrency_slots_with_lease([name], 1, timeout_seconds=timeout_seconds,
+                                                     lease_duration=LEASE_SECONDS, strict=True)
+    except TimeoutError as err:
+        raise RegistryBusy(busy) from err
+    try:
+        with maintain_concurrency_lease(lease.lease_id, LEASE_SECONDS, raise_on_lease_renewal_failure=True):
             record = holder_file(name)
             record.parent.mkdir(parents=True, exist_ok=True)
             record.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                          "started": _started(os.getpid())}))
+                                          "started": _started(os.getpid()), "lease": str(lease.lease_id),
+                                          "since": time.time()}))
             try:
                 yield
             finally:
                 record.unlink(missing_ok=True)
-    except TimeoutError as err:
-        if acquired:  # raised by the work under the lock, not by waiting for it
-            raise
-        raise RegistryBusy(busy) from err
+    finally:
+        release_concurrency_slots_with_lease(lease.lease_id)
 
 
 @contextmanager

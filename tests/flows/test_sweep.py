@@ -162,17 +162,24 @@ def test_ingestion_and_a_pipeline_run_never_hold_one_family_data_at_once(prefect
 
 
 @pytest.mark.fault("data", "a run killed (SIGKILL) while it holds a family's data lock",
-                   "the next run on the machine finds the holder gone and frees the lock, instead of waiting "
-                   "pipeline.data_lock_timeout_seconds and failing (an ephemeral Prefect server's lease dies with it)")
+                   "the next run on the machine finds the holder gone and gives back its lease, instead of waiting "
+                   "pipeline.data_lock_timeout_seconds and failing; once: when the server's repossessor later frees "
+                   "the dead lease on expiry, the slot stays the next holder's")
 def test_a_data_lock_whose_holder_was_killed_is_freed(prefect_server, tmp_path):
+    """Before: the slot count was reset to 0, and a Prefect server that frees expired leases (``prefect server
+    start``'s repossessor) freed the dead run's lease again five minutes later: a second holder got in beside the
+    next one (an ingestion changing the snapshot under a running pipeline)."""
+    import json
     import os
     import signal
     import subprocess
     import sys
+    from uuid import UUID
 
+    from prefect import get_client
     from prefect.settings import PREFECT_API_URL
 
-    from flows.registry_lock import data_lock
+    from flows.registry_lock import RegistryBusy, data_lock, data_lock_name, holder_file
 
     script = ("import sys, time; from pathlib import Path; from flows.registry_lock import data_lock\n"
               f"with data_lock(Path({str(tmp_path)!r}), ['recsys'], 60):\n    print('held', flush=True); time.sleep(600)")
@@ -183,8 +190,45 @@ def test_a_data_lock_whose_holder_was_killed_is_freed(prefect_server, tmp_path):
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
+    name = data_lock_name(tmp_path, "recsys")
+    dead_lease = UUID(json.loads(holder_file(name).read_text())["lease"])
+    with data_lock(tmp_path, ["recsys"], timeout_seconds=5):
+        with get_client(sync_client=True) as client:
+            client.release_concurrency_slots_with_lease(dead_lease)   # the repossessor, when the dead lease expires
+            assert client.read_global_concurrency_limit_by_name(name).active_slots == 1
+        with pytest.raises(RegistryBusy), data_lock(tmp_path, ["recsys"], timeout_seconds=1):
+            pass
     with data_lock(tmp_path, ["recsys"], timeout_seconds=5):
         pass
+
+
+@pytest.mark.parametrize("server_type, given_back", [("EPHEMERAL", 1), ("SERVER", 0)])
+def test_a_dead_holders_lease_the_server_no_longer_knows(prefect_server, tmp_path, server_type, given_back):
+    """An ephemeral server frees no expired lease (its repossessor does not run there) and the dead holder's lease
+    died with that holder's own server: the slot is given back. A server that outlives its clients freed the lease
+    on expiry already: nothing is given back (its slot may be another machine's holder's by now)."""
+    import json
+    import socket
+    import uuid
+
+    from prefect import get_client
+    from prefect.client.base import ServerType
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
+
+    from flows.registry_lock import _give_back, holder_file
+
+    name = f"data-test-{uuid.uuid4().hex[:12]}"
+    record = holder_file(name)
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps({"host": socket.gethostname(), "pid": 2 ** 22 + 1, "started": "0",
+                                  "lease": str(uuid.uuid4())}))   # a process that is gone, a lease never known here
+    with get_client(sync_client=True) as client:
+        client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
+        client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=1))
+        client.server_type = ServerType[server_type]   # which kind of server this client is talking to
+        _give_back(client, name)
+        assert client.read_global_concurrency_limit_by_name(name).active_slots == 1 - given_back
+    assert not record.exists()
 
 
 def test_which_recipes_may_be_chosen_is_decided_on_validation_scores(raw_params):
