@@ -18,6 +18,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from flows.registry import (
+    CHAMPION_CHAIN,
     DATA_TAG,
     FILES_SHA256,
     MODEL_SHA256,
@@ -173,7 +174,7 @@ def _interrupted(client: MlflowClient, name: str, version: Any) -> Any | None:
     champion, mine = registered_version(client, name), str(version.version)
     named = any(v.tags.get(tag) == mine for v in client.search_model_versions(f"name = '{name}'")
                 if int(v.version) > int(mine)
-                for tag in ("audit.champion_before", "champion.previous", "champion.rolled_back_from"))
+                for tag in CHAMPION_CHAIN)
     if named or (champion is not None and str(champion.version) == mine):
         # complete (it became champion: a later version was compared with it, or it holds the alias): kept as it is
         client.set_model_version_tag(name, version.version, ALIASES_TAG, "moved")

@@ -13,7 +13,14 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from prefect import flow
 
-from flows.registry import RegistryError, check_registry, registered_model
+from flows.registry import (
+    CHAMPION_BEFORE,
+    RegistryError,
+    check_registry,
+    previous_tag,
+    registered_model,
+    rolled_back_tag,
+)
 from flows.registry_lock import registry_lock
 from tasks.config import Config, load_config
 from tasks.errors import run_cli
@@ -38,7 +45,7 @@ def rollback_champion(name: str, reason: str = "", who: str | None = None, root:
         if current is None:
             raise RegistryError(f"{name} has no champion in {redact(uri)}; nothing to roll back")
         # (a version re-promoted by hand before 2026-12-06 may name itself as champion.previous: not a predecessor)
-        before = next((tag for tag in (current.tags.get("champion.previous"), current.tags.get("audit.champion_before"))
+        before = next((tag for tag in (current.tags.get(previous_tag("champion")), current.tags.get(CHAMPION_BEFORE))
                        if tag not in (None, "", "None", "none", str(current.version))), None)
         if before is None:
             raise RegistryError(f"{name}@champion (version {current.version}) records no earlier champion "
@@ -73,9 +80,9 @@ def _move_alias(client: MlflowClient, uri: str, name: str, version: str, alias: 
     client.set_registered_model_alias(name, alias, version)
     tags = {f"{alias}.set_by": who, f"{alias}.reason": reason or "(none given)", f"{alias}.set_at": when}
     if rollback:
-        tags[f"{alias}.rolled_back_from"] = str(previous)
+        tags[rolled_back_tag(alias)] = str(previous)
     elif str(previous) != str(version):
-        tags[f"{alias}.previous"] = str(previous)
+        tags[previous_tag(alias)] = str(previous)
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
     print(f"{name}@{alias} -> version {version} (was {previous}); by {who}: {reason or '(no reason given)'}")

@@ -30,6 +30,23 @@ SPLIT_TAG = "data.split_params"   # version tag: SHA-256 of the data.<family> pa
 
 DATA_TAG = "data.description"   # version tag: digest of what its data says a request and an answer are (Family.describe_data)
 
+# The version tags that chain champions, each naming an earlier version: the champion a version was compared with at
+# registration (audit_tags), the version an alias move replaced (``<alias>.previous``) and the one a rollback left
+# (``<alias>.rolled_back_from``; both by flows.promotion). Read by the rollback and by gating's interrupted-registration
+# check.
+CHAMPION_BEFORE = "audit.champion_before"
+
+
+def previous_tag(alias: str) -> str:
+    return f"{alias}.previous"
+
+
+def rolled_back_tag(alias: str) -> str:
+    return f"{alias}.rolled_back_from"
+
+
+CHAMPION_CHAIN = (CHAMPION_BEFORE, previous_tag("champion"), rolled_back_tag("champion"))
+
 
 class RegistryError(PipelineError):
     """The model registry refused an operation; nothing was changed in it."""
@@ -180,7 +197,7 @@ def audit_tags(champion_before: dict | None, promoted: bool) -> dict[str, str]:
     from prefect.context import FlowRunContext
 
     flow_run = FlowRunContext.get()
-    return {"audit.champion_before": champion_before["version"] if champion_before else "none",
+    return {CHAMPION_BEFORE: champion_before["version"] if champion_before else "none",
             "audit.decision": "champion" if promoted else "challenger",
             "audit.registered_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
             "audit.registered_by": f"{getpass.getuser()}@{socket.gethostname()}",
