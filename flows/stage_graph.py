@@ -33,7 +33,8 @@ def _stage_file(root: Path) -> Path:
     """``root/dvc.yaml``, or a one-line error naming it when ``root`` is no project folder."""
     path = Path(root) / "dvc.yaml"
     if not path.is_file():
-        raise PipelineError(f"{path}: no such file: {root} is not a project folder (its dvc.yaml holds the stages)")
+        raise PipelineError(f"{path}: no such file: {Path(root).resolve()} is not a project folder (its dvc.yaml "
+                            "holds the stages)")   # resolved: `--root .` names the folder
     return path
 
 

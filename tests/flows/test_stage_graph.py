@@ -176,7 +176,7 @@ def test_the_gate_finds_each_familys_files_where_dvc_yaml_puts_them(raw_params):
         stage_paths(ROOT, "evaluate_audio")
 
 
-def test_a_folder_that_is_no_project_is_a_one_line_error(tmp_path):
+def test_a_folder_that_is_no_project_is_a_one_line_error(tmp_path, monkeypatch):
     """Before: ``flows.export_benchmark --root <a folder with params.yaml alone>`` ended in FileNotFoundError's
     traceback, and the flows reading the graph (pipeline, sweep, ingest) in DVC's NotDvcRepoError."""
     import subprocess
@@ -194,6 +194,9 @@ def test_a_folder_that_is_no_project_is_a_one_line_error(tmp_path):
     assert proc.stderr.strip().splitlines() == [line]
     with pytest.raises(PipelineError, match=r"dvc\.yaml: no such file"):
         stage_graph(tmp_path)
+    monkeypatch.chdir(tmp_path)   # `--root .` names the folder it means (it read "... . is not a project folder")
+    with pytest.raises(PipelineError, match=f"{re.escape(str(tmp_path.resolve()))} is not a project folder"):
+        stage_graph(Path("."))
     # restoring a version: a commit without a snapshot stage has its data from pinned sources, one without a
     # dvc.yaml is no project (it was not taken for one without a snapshot stage)
     assert restore_data(ROOT, ROOT, "text") == "pinned sources (no snapshot stage at that commit)"
