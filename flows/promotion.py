@@ -49,7 +49,7 @@ def rollback_champion(name: str, reason: str = "", who: str | None = None, root:
                        if tag not in (None, "", "None", "none", str(current.version))), None)
         if before is None:
             raise RegistryError(f"{name}@champion (version {current.version}) records no earlier champion "
-                                "(tags champion.previous / audit.champion_before); nothing was changed")
+                                f"(tags {previous_tag('champion')} / {CHAMPION_BEFORE}); nothing was changed")
         return _move_alias(client, uri, name, before, "champion",
                            reason or f"rollback from version {current.version}", who, rollback=True)
 

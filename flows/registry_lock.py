@@ -23,9 +23,11 @@ from uuid import UUID
 from prefect import get_client
 from prefect.client.base import ServerType
 from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+from prefect.concurrency._events import emit_concurrency_acquisition_events, emit_concurrency_release_events
 from prefect.concurrency._leases import maintain_concurrency_lease
 from prefect.concurrency._sync import acquire_concurrency_slots_with_lease, release_concurrency_slots_with_lease
 from prefect.exceptions import ObjectAlreadyExists, ObjectNotFound, PrefectHTTPStatusError
+from prefect.settings import get_current_settings
 
 from tasks.errors import PipelineError
 
@@ -51,10 +53,20 @@ def _started(pid: int) -> str | None:
         return None
 
 
-# A slot is held by a lease, acquired, renewed and released as prefect.concurrency.sync.concurrency does it (from
-# the parts it is made of), so that the holder knows and records its lease: a killed holder's slot is then given back
-# by that lease, exactly once. Prefect's default term: the holder renews it while it lives, the server frees it after.
+# A slot is held by a lease that the holder acquires, renews and releases with the parts
+# prefect.concurrency.sync.concurrency is made of (and emits the same events), so that it knows and records its lease:
+# a killed holder's slot is then given back by that lease, exactly once. The holder renews the lease while it lives;
+# a server with the repossessor service (`prefect server start`) frees it this long after the last renewal.
 LEASE_SECONDS = 300.0
+
+
+def _server(client) -> str:
+    """Which slot counts ``client`` reads and writes: its server's API, or for a server of its own (ephemeral, started
+    by the process) the database every such server of this machine shares."""
+    if client.server_type != ServerType.EPHEMERAL:
+        return str(client.api_url)
+    url = get_current_settings().server.database.connection_url
+    return "ephemeral:" + hashlib.sha256(str(url.get_secret_value() if url else "").encode()).hexdigest()[:16]
 
 
 def _dead_holder(name: str) -> dict | None:
@@ -68,9 +80,19 @@ def _dead_holder(name: str) -> dict | None:
     return holder if gone else None
 
 
+def _drop_record(name: str, lease: str | None) -> None:
+    """Delete slot ``name``'s holder record if it is still the one of ``lease`` (not a later holder's)."""
+    try:
+        if json.loads(holder_file(name).read_text()).get("lease") == lease:
+            holder_file(name).unlink(missing_ok=True)
+    except (OSError, ValueError):
+        pass
+
+
 @contextmanager
 def _machine_guard(name: str) -> Iterator[None]:
-    """One process of this machine at a time looks for (and gives back) a dead holder's slot ``name``."""
+    """One process of this machine at a time writes, deletes or acts on slot ``name``'s holder record (each does a
+    few quick steps under it)."""
     path = holder_file(name).with_suffix(".guard")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
@@ -81,33 +103,40 @@ def _machine_guard(name: str) -> Iterator[None]:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
+def _known_lease(client, holder: dict) -> UUID | None:
+    """The dead holder's lease when the server still holds it (renewing it tells), else None."""
+    try:
+        lease = UUID(str(holder.get("lease")))
+        client.renew_concurrency_lease(lease, lease_duration=60)
+    except ValueError:   # a record of an older version, or damaged: it names no lease
+        return None
+    except PrefectHTTPStatusError as err:
+        if err.response.status_code not in (404, 410):   # gone: freed on expiry, or another server's
+            raise
+        return None
+    return lease
+
+
 def _give_back(client, name: str) -> None:
-    """Give back slot ``name`` when its holder on this machine was killed while holding it, by the lease that holder
-    recorded: the server frees that lease's slot once, whoever asks first (before, the count was reset to 0, and the
-    server's repossessor freed the dead lease again when it expired: a second holder got in beside the next one).
-    A lease the server no longer knows was either freed on expiry already (a server that outlives its clients:
-    nothing to give back) or died with the holder's own ephemeral server, whose slot count outlives it in the local
-    database: then one slot is given back."""
+    """Give back slot ``name`` when its holder on this machine was killed while holding it (a record of a holder
+    that talked to another server is left alone). By the lease it recorded, when the server holds it: the server
+    frees that lease's slot once (a repossessor that comes to it later finds nothing). A lease the server does not
+    hold was either freed on expiry (nothing to give back) or was held by the dead holder's own ephemeral server,
+    where no repossessor runs and which the slot count outlives in the database this machine's ephemeral servers
+    share: one slot is given back."""
     with _machine_guard(name):
         holder = _dead_holder(name)
-        if holder is None:
+        if holder is None or holder.get("server") != _server(client):
             return
-        known = False
-        if holder.get("lease"):
-            try:
-                client.renew_concurrency_lease(UUID(holder["lease"]), lease_duration=60)
-                known = True
-            except PrefectHTTPStatusError as err:
-                if err.response.status_code != 410:   # Gone: expired and freed, or never known to this server
-                    raise
-        if known:
+        lease = _known_lease(client, holder)
+        _drop_record(name, holder.get("lease"))   # before the slot is free: a next holder's record stays
+        if lease is not None:
             print(f"lock {name!r}: its holder on this machine is gone (killed while holding it); freeing its lease")
-            client.release_concurrency_slots_with_lease(UUID(holder["lease"]))
-        elif client.server_type == ServerType.EPHEMERAL:
-            print(f"lock {name!r}: its holder on this machine is gone with its lease; freeing its slot")
-            held = time.time() - float(holder.get("since", 0))   # the server's occupancy statistics want > 0 s
+            client.release_concurrency_slots_with_lease(lease)
+        elif holder.get("ephemeral"):
+            print(f"lock {name!r}: its holder on this machine is gone with its ephemeral server; freeing its slot")
+            held = time.time() - float(holder.get("since") or time.time())   # occupancy statistics: > 0 s
             client.release_concurrency_slots([name], slots=1, occupancy_seconds=max(held, 0.001))
-        holder_file(name).unlink(missing_ok=True)
 
 
 @contextmanager
@@ -126,24 +155,29 @@ def _slot(name: str, timeout_seconds: float, busy: str) -> Iterator[None]:
         else:
             if limit.active_slots:
                 _give_back(client, name)
+        server, ephemeral = _server(client), client.server_type == ServerType.EPHEMERAL
     try:
-        lease = acquire_concurrency_slots_with_lease([name], 1, timeout_seconds=timeout_seconds,
-                                                     lease_duration=LEASE_SECONDS, strict=True)
+        acquired = acquire_concurrency_slots_with_lease([name], 1, timeout_seconds=timeout_seconds,
+                                                        lease_duration=LEASE_SECONDS, strict=True)
     except TimeoutError as err:
         raise RegistryBusy(busy) from err
+    events = emit_concurrency_acquisition_events(acquired.limits, 1)
+    lease = str(acquired.lease_id)
     try:
-        with maintain_concurrency_lease(lease.lease_id, LEASE_SECONDS, raise_on_lease_renewal_failure=True):
-            record = holder_file(name)
-            record.parent.mkdir(parents=True, exist_ok=True)
-            record.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                          "started": _started(os.getpid()), "lease": str(lease.lease_id),
-                                          "since": time.time()}))
+        with maintain_concurrency_lease(acquired.lease_id, LEASE_SECONDS, raise_on_lease_renewal_failure=True):
+            with _machine_guard(name):
+                record = holder_file(name)
+                record.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
+                                              "started": _started(os.getpid()), "lease": lease, "since": time.time(),
+                                              "server": server, "ephemeral": ephemeral}))
             try:
                 yield
             finally:
-                record.unlink(missing_ok=True)
+                with _machine_guard(name):
+                    _drop_record(name, lease)
     finally:
-        release_concurrency_slots_with_lease(lease.lease_id)
+        release_concurrency_slots_with_lease(acquired.lease_id)
+        emit_concurrency_release_events(acquired.limits, 1, events)
 
 
 @contextmanager

@@ -32,9 +32,9 @@ class NoStage(PipelineError):
 def _stage_file(root: Path) -> Path:
     """``root/dvc.yaml``, or a one-line error naming it when ``root`` is no project folder."""
     path = Path(root) / "dvc.yaml"
-    if not path.is_file():
-        raise PipelineError(f"{path}: no such file: {Path(root).resolve()} is not a project folder (its dvc.yaml "
-                            "holds the stages)")   # resolved: `--root .` names the folder
+    if not path.is_file():   # named resolved: `--root .` names the folder
+        raise PipelineError(f"{path.resolve()}: no such file: {Path(root).resolve()} is not a project folder (its "
+                            "dvc.yaml holds the stages)")
     return path
 
 

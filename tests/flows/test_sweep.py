@@ -202,33 +202,37 @@ def test_a_data_lock_whose_holder_was_killed_is_freed(prefect_server, tmp_path):
         pass
 
 
-@pytest.mark.parametrize("server_type, given_back", [("EPHEMERAL", 1), ("SERVER", 0)])
-def test_a_dead_holders_lease_the_server_no_longer_knows(prefect_server, tmp_path, server_type, given_back):
-    """An ephemeral server frees no expired lease (its repossessor does not run there) and the dead holder's lease
-    died with that holder's own server: the slot is given back. A server that outlives its clients freed the lease
-    on expiry already: nothing is given back (its slot may be another machine's holder's by now)."""
+@pytest.mark.parametrize("holder, given_back", [("ephemeral", 1), ("server", 0), ("another server", 0)])
+def test_a_dead_holders_lease_the_server_does_not_hold(prefect_server, holder, given_back):
+    """A holder on an ephemeral server of its own: no repossessor runs there and the lease was that server's alone,
+    so its slot is given back. On a server that outlives its clients the lease was freed on expiry (by now the slot
+    may be another machine's holder's): nothing is given back. A record of a holder of another server is left alone."""
     import json
     import socket
     import uuid
 
     from prefect import get_client
-    from prefect.client.base import ServerType
     from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate, GlobalConcurrencyLimitUpdate
 
-    from flows.registry_lock import _give_back, holder_file
+    from flows.registry_lock import _give_back, _server, holder_file
 
     name = f"data-test-{uuid.uuid4().hex[:12]}"
     record = holder_file(name)
     record.parent.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps({"host": socket.gethostname(), "pid": 2 ** 22 + 1, "started": "0",
-                                  "lease": str(uuid.uuid4())}))   # a process that is gone, a lease never known here
     with get_client(sync_client=True) as client:
+        server = "http://elsewhere:4200/api" if holder == "another server" else _server(client)
+        record.write_text(json.dumps({"host": socket.gethostname(), "pid": 2 ** 22 + 1, "started": "0",  # gone
+                                      "lease": str(uuid.uuid4()), "since": time.time() - 5, "server": server,
+                                      "ephemeral": holder == "ephemeral"}))   # a lease this server never held
         client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
-        client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=1))
-        client.server_type = ServerType[server_type]   # which kind of server this client is talking to
-        _give_back(client, name)
-        assert client.read_global_concurrency_limit_by_name(name).active_slots == 1 - given_back
-    assert not record.exists()
+        try:
+            client.update_global_concurrency_limit(name, GlobalConcurrencyLimitUpdate(active_slots=1))
+            _give_back(client, name)
+            assert client.read_global_concurrency_limit_by_name(name).active_slots == 1 - given_back
+        finally:
+            client.delete_global_concurrency_limit_by_name(name)
+    assert record.exists() == (holder == "another server")
+    record.unlink(missing_ok=True)
 
 
 def test_which_recipes_may_be_chosen_is_decided_on_validation_scores(raw_params):
