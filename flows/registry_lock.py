@@ -1,9 +1,10 @@
-"""One promotion at a time per registered model, across processes and machines: a Prefect global concurrency limit.
+"""One holder at a time, across processes and machines: a one-slot Prefect global concurrency limit.
 
 MLflow's registry has no compare-and-set: two runs that read "no champion", register and move the alias at the same
 time leave a history in which both claim to have followed the same champion. Holding a one-slot Prefect limit
 named after the model around read-champion → score → register → move-alias serialises them on the Prefect server
-(the ephemeral one on a laptop, the shared one past it), which every run already talks to.
+(the ephemeral one on a laptop, the shared one past it), which every run already talks to. A family's data of a
+project is held the same way (``data_lock``): by ingestion, a pipeline run or a sweep.
 """
 from __future__ import annotations
 
@@ -40,9 +41,9 @@ def lock_name(model: str) -> str:
     return "registry-" + re.sub(r"[^A-Za-z0-9_.-]", "-", model)  # limit names may not hold / % & > <
 
 
-def holder_file(name: str) -> Path:
-    """Where this machine records which of its processes holds slot ``name``."""
-    return Path(tempfile.gettempdir()) / "kdq-locks" / f"{name}.json"
+def holder_file(name: str, server: str) -> Path:
+    """Where this machine records which of its processes holds slot ``name`` of ``server`` (``_server``)."""
+    return Path(tempfile.gettempdir()) / "kdq-locks" / f"{name}-{hashlib.sha256(server.encode()).hexdigest()[:12]}.json"
 
 
 def _started(pid: int) -> str | None:
@@ -55,45 +56,46 @@ def _started(pid: int) -> str | None:
 
 # A slot is held by a lease that the holder acquires, renews and releases with the parts
 # prefect.concurrency.sync.concurrency is made of (and emits the same events), so that it knows and records its lease:
-# a killed holder's slot is then given back by that lease, exactly once. The holder renews the lease while it lives;
-# a server with the repossessor service (`prefect server start`) frees it this long after the last renewal.
+# a killed holder's slot is then given back by that lease, and a server's repossessor that comes to the dead lease
+# later finds nothing more to free. The holder renews the lease while it lives; a server with the repossessor
+# service (`prefect server start`) frees it this long after the last renewal.
 LEASE_SECONDS = 300.0
+GIVE_BACK_EVERY = 15.0   # s: a run waiting for a slot looks this often whether its holder was killed meanwhile
 
 
-def _server(client) -> str:
-    """Which slot counts ``client`` reads and writes: its server's API, or for a server of its own (ephemeral, started
-    by the process) the database every such server of this machine shares."""
-    if client.server_type != ServerType.EPHEMERAL:
-        return str(client.api_url)
+def _server(server_type: ServerType, api_url: object) -> str:
+    """Which slot counts a client reads and writes: its server's API, or for a server of its own (ephemeral, started
+    by the process) the database every such server of this machine with the same PREFECT_HOME shares."""
+    if server_type != ServerType.EPHEMERAL:
+        return str(api_url)
     url = get_current_settings().server.database.connection_url
     return "ephemeral:" + hashlib.sha256(str(url.get_secret_value() if url else "").encode()).hexdigest()[:16]
 
 
-def _dead_holder(name: str) -> dict | None:
-    """The record of slot ``name``'s holder when that holder was a process of this machine that is gone (killed
-    while holding it), else None."""
+def _dead_holder(record: Path) -> dict | None:
+    """The holder ``record`` names when it was a process of this machine that is gone (killed while holding the
+    slot), else None (a live holder; no record; a record that does not read)."""
     try:
-        holder = json.loads(holder_file(name).read_text())
-    except (OSError, ValueError):
+        holder = json.loads(record.read_text())
+        pid = int(holder.get("pid", 0))
+    except (OSError, ValueError, TypeError, AttributeError):
         return None
-    gone = holder.get("host") == socket.gethostname() and _started(int(holder.get("pid", 0))) != holder.get("started")
-    return holder if gone else None
+    return holder if holder.get("host") == socket.gethostname() and _started(pid) != holder.get("started") else None
 
 
-def _drop_record(name: str, lease: str | None) -> None:
-    """Delete slot ``name``'s holder record if it is still the one of ``lease`` (not a later holder's)."""
+def _drop_record(record: Path, lease: object) -> None:
+    """Delete ``record`` if it still names ``lease`` (not a later holder's)."""
     try:
-        if json.loads(holder_file(name).read_text()).get("lease") == lease:
-            holder_file(name).unlink(missing_ok=True)
-    except (OSError, ValueError):
+        if json.loads(record.read_text()).get("lease") == lease:
+            record.unlink(missing_ok=True)
+    except (OSError, ValueError, AttributeError):
         pass
 
 
 @contextmanager
-def _machine_guard(name: str) -> Iterator[None]:
-    """One process of this machine at a time writes, deletes or acts on slot ``name``'s holder record (each does a
-    few quick steps under it)."""
-    path = holder_file(name).with_suffix(".guard")
+def _machine_guard(record: Path) -> Iterator[None]:
+    """One process of this machine at a time writes, deletes or acts on ``record`` (a few quick steps each)."""
+    path = record.with_suffix(".guard")
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
@@ -108,73 +110,83 @@ def _known_lease(client, holder: dict) -> UUID | None:
     try:
         lease = UUID(str(holder.get("lease")))
         client.renew_concurrency_lease(lease, lease_duration=60)
-    except ValueError:   # a record of an older version, or damaged: it names no lease
+    except ValueError:   # a damaged record: it names no lease
         return None
     except PrefectHTTPStatusError as err:
-        if err.response.status_code not in (404, 410):   # gone: freed on expiry, or another server's
+        if err.response.status_code not in (404, 410):   # gone: freed on expiry, or never this server's
             raise
         return None
     return lease
 
 
 def _give_back(client, name: str) -> None:
-    """Give back slot ``name`` when its holder on this machine was killed while holding it (a record of a holder
-    that talked to another server is left alone). By the lease it recorded, when the server holds it: the server
-    frees that lease's slot once (a repossessor that comes to it later finds nothing). A lease the server does not
-    hold was either freed on expiry (nothing to give back) or was held by the dead holder's own ephemeral server,
-    where no repossessor runs and which the slot count outlives in the database this machine's ephemeral servers
-    share: one slot is given back."""
-    with _machine_guard(name):
-        holder = _dead_holder(name)
-        if holder is None or holder.get("server") != _server(client):
+    """Give back slot ``name`` when its holder on this machine (recorded for this client's server) was killed while
+    holding it: by the lease it recorded, when the server still holds it (the server frees that lease's slot; its
+    repossessor, coming to the lease later, finds nothing). A lease the server does not hold was freed on expiry
+    already (nothing to give back), or was held by the dead holder's own ephemeral server, where no repossessor runs
+    and whose slot count outlives it in the database this machine's ephemeral servers share: one slot is given back.
+    Not given back: a slot held by a lease a restarted server forgot (Prefect keeps leases in memory by default),
+    or by a holder killed before it recorded itself — RegistryBusy's message says how to free one by hand."""
+    record = holder_file(name, _server(client.server_type, client.api_url))
+    with _machine_guard(record):
+        holder = _dead_holder(record)
+        if holder is None:
             return
         lease = _known_lease(client, holder)
-        _drop_record(name, holder.get("lease"))   # before the slot is free: a next holder's record stays
+        _drop_record(record, holder.get("lease"))   # before the slot is free: a next holder's record stays
         if lease is not None:
             print(f"lock {name!r}: its holder on this machine is gone (killed while holding it); freeing its lease")
             client.release_concurrency_slots_with_lease(lease)
         elif holder.get("ephemeral"):
             print(f"lock {name!r}: its holder on this machine is gone with its ephemeral server; freeing its slot")
-            held = time.time() - float(holder.get("since") or time.time())   # occupancy statistics: > 0 s
-            client.release_concurrency_slots([name], slots=1, occupancy_seconds=max(held, 0.001))
+            try:
+                held = time.time() - float(holder.get("since"))
+            except (TypeError, ValueError):
+                held = 0.0
+            client.release_concurrency_slots([name], slots=1, occupancy_seconds=max(held, 0.001))   # must be > 0
 
 
 @contextmanager
 def _slot(name: str, timeout_seconds: float, busy: str) -> Iterator[None]:
     """Hold the one slot of Prefect global concurrency limit ``name`` (created on first use); raise
     ``RegistryBusy(busy)`` when it stays taken for ``timeout_seconds``. A slot whose holder on this machine was
-    killed is given back first (``_give_back``)."""
+    killed is given back (``_give_back``): first, and every ``GIVE_BACK_EVERY`` seconds while waiting."""
     with get_client(sync_client=True) as client:
         try:
-            limit = client.read_global_concurrency_limit_by_name(name)
+            client.read_global_concurrency_limit_by_name(name)
         except ObjectNotFound:  # first use: create it; a concurrent creator may win that race, which is fine
             try:
                 client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
             except ObjectAlreadyExists:
                 pass
-        else:
-            if limit.active_slots:
-                _give_back(client, name)
-        server, ephemeral = _server(client), client.server_type == ServerType.EPHEMERAL
-    try:
-        acquired = acquire_concurrency_slots_with_lease([name], 1, timeout_seconds=timeout_seconds,
-                                                        lease_duration=LEASE_SECONDS, strict=True)
-    except TimeoutError as err:
-        raise RegistryBusy(busy) from err
+        ephemeral = client.server_type == ServerType.EPHEMERAL
+        record = holder_file(name, server := _server(client.server_type, client.api_url))
+    deadline = time.monotonic() + timeout_seconds
+    while True:
+        with get_client(sync_client=True) as client:
+            _give_back(client, name)
+        try:
+            acquired = acquire_concurrency_slots_with_lease(
+                [name], 1, timeout_seconds=max(min(GIVE_BACK_EVERY, deadline - time.monotonic()), 0.001),
+                lease_duration=LEASE_SECONDS, strict=True)
+            break
+        except TimeoutError as err:
+            if time.monotonic() >= deadline:
+                raise RegistryBusy(f"{busy} (if no run holds it any more: `prefect gcl update {name} --active-slots "
+                                   "0` frees it)") from err
     events = emit_concurrency_acquisition_events(acquired.limits, 1)
     lease = str(acquired.lease_id)
     try:
         with maintain_concurrency_lease(acquired.lease_id, LEASE_SECONDS, raise_on_lease_renewal_failure=True):
-            with _machine_guard(name):
-                record = holder_file(name)
+            with _machine_guard(record):
                 record.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                                               "started": _started(os.getpid()), "lease": lease, "since": time.time(),
                                               "server": server, "ephemeral": ephemeral}))
             try:
                 yield
             finally:
-                with _machine_guard(name):
-                    _drop_record(name, lease)
+                with _machine_guard(record):
+                    _drop_record(record, lease)
     finally:
         release_concurrency_slots_with_lease(acquired.lease_id)
         emit_concurrency_release_events(acquired.limits, 1, events)

@@ -179,7 +179,7 @@ def test_a_data_lock_whose_holder_was_killed_is_freed(prefect_server, tmp_path):
     from prefect import get_client
     from prefect.settings import PREFECT_API_URL
 
-    from flows.registry_lock import RegistryBusy, data_lock, data_lock_name, holder_file
+    from flows.registry_lock import RegistryBusy, _server, data_lock, data_lock_name, holder_file
 
     script = ("import sys, time; from pathlib import Path; from flows.registry_lock import data_lock\n"
               f"with data_lock(Path({str(tmp_path)!r}), ['recsys'], 60):\n    print('held', flush=True); time.sleep(600)")
@@ -191,7 +191,9 @@ def test_a_data_lock_whose_holder_was_killed_is_freed(prefect_server, tmp_path):
         holder.send_signal(signal.SIGKILL)
         holder.wait()
     name = data_lock_name(tmp_path, "recsys")
-    dead_lease = UUID(json.loads(holder_file(name).read_text())["lease"])
+    with get_client(sync_client=True) as client:
+        record = holder_file(name, _server(client.server_type, client.api_url))
+    dead_lease = UUID(json.loads(record.read_text())["lease"])
     with data_lock(tmp_path, ["recsys"], timeout_seconds=5):
         with get_client(sync_client=True) as client:
             client.release_concurrency_slots_with_lease(dead_lease)   # the repossessor, when the dead lease expires
@@ -206,7 +208,8 @@ def test_a_data_lock_whose_holder_was_killed_is_freed(prefect_server, tmp_path):
 def test_a_dead_holders_lease_the_server_does_not_hold(prefect_server, holder, given_back):
     """A holder on an ephemeral server of its own: no repossessor runs there and the lease was that server's alone,
     so its slot is given back. On a server that outlives its clients the lease was freed on expiry (by now the slot
-    may be another machine's holder's): nothing is given back. A record of a holder of another server is left alone."""
+    may be another machine's holder's): nothing is given back. A record of a holder of another server is left alone.
+    (The session's test server stands in for the dead holder's: "ephemeral" is what that holder recorded of it.)"""
     import json
     import socket
     import uuid
@@ -217,10 +220,11 @@ def test_a_dead_holders_lease_the_server_does_not_hold(prefect_server, holder, g
     from flows.registry_lock import _give_back, _server, holder_file
 
     name = f"data-test-{uuid.uuid4().hex[:12]}"
-    record = holder_file(name)
-    record.parent.mkdir(parents=True, exist_ok=True)
     with get_client(sync_client=True) as client:
-        server = "http://elsewhere:4200/api" if holder == "another server" else _server(client)
+        server = "http://elsewhere:4200/api" if holder == "another server" else _server(client.server_type,
+                                                                                          client.api_url)
+        record = holder_file(name, server)
+        record.parent.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps({"host": socket.gethostname(), "pid": 2 ** 22 + 1, "started": "0",  # gone
                                       "lease": str(uuid.uuid4()), "since": time.time() - 5, "server": server,
                                       "ephemeral": holder == "ephemeral"}))   # a lease this server never held
@@ -233,6 +237,24 @@ def test_a_dead_holders_lease_the_server_does_not_hold(prefect_server, holder, g
             client.delete_global_concurrency_limit_by_name(name)
     assert record.exists() == (holder == "another server")
     record.unlink(missing_ok=True)
+
+
+def test_ephemeral_servers_share_slots_only_through_one_database(tmp_path):
+    """A process's own (ephemeral) server keeps its slot counts in PREFECT_HOME's database: two processes with one
+    home share them, so a dead holder's record is theirs to act on; another home is another set of slots."""
+    from prefect.client.base import ServerType
+    from prefect.settings import PREFECT_API_DATABASE_CONNECTION_URL, PREFECT_HOME, temporary_settings
+
+    from flows.registry_lock import _server, holder_file
+
+    def ephemeral(home):
+        # (the session's test server, when this process started it, set a database of its own: back to the default)
+        with temporary_settings(updates={PREFECT_HOME: home}, restore_defaults={PREFECT_API_DATABASE_CONNECTION_URL}):
+            return _server(ServerType.EPHEMERAL, "http://127.0.0.1:8123/api")   # each process's own port
+
+    assert ephemeral(tmp_path / "a") == ephemeral(tmp_path / "a") != ephemeral(tmp_path / "b")
+    assert _server(ServerType.SERVER, "http://prefect:4200/api") == "http://prefect:4200/api"
+    assert holder_file("registry-m", ephemeral(tmp_path / "a")) != holder_file("registry-m", ephemeral(tmp_path / "b"))
 
 
 def test_which_recipes_may_be_chosen_is_decided_on_validation_scores(raw_params):
