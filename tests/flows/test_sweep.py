@@ -162,13 +162,14 @@ def test_ingestion_and_a_pipeline_run_never_hold_one_family_data_at_once(prefect
 
 
 @pytest.mark.fault("data", "a run killed (SIGKILL) while it holds a family's data lock",
-                   "the next run on the machine finds the holder gone and gives back its lease, instead of waiting "
-                   "pipeline.data_lock_timeout_seconds and failing; once: when the server's repossessor later frees "
-                   "the dead lease on expiry, the slot stays the next holder's")
-def test_a_data_lock_whose_holder_was_killed_is_freed(prefect_server, tmp_path):
+                   "the next run on the machine (one already waiting too) finds the holder gone and gives back its "
+                   "lease, instead of waiting pipeline.data_lock_timeout_seconds and failing; once: when the server's "
+                   "repossessor later frees the dead lease on expiry, the slot stays the next holder's")
+def test_a_data_lock_whose_holder_was_killed_is_freed(prefect_server, tmp_path, monkeypatch):
     """Before: the slot count was reset to 0, and a Prefect server that frees expired leases (``prefect server
     start``'s repossessor) freed the dead run's lease again five minutes later: a second holder got in beside the
-    next one (an ingestion changing the snapshot under a running pipeline)."""
+    next one (an ingestion changing the snapshot under a running pipeline). And a run already waiting when the
+    holder was killed looked for a dead holder only before it began to wait."""
     import json
     import os
     import signal
@@ -179,27 +180,43 @@ def test_a_data_lock_whose_holder_was_killed_is_freed(prefect_server, tmp_path):
     from prefect import get_client
     from prefect.settings import PREFECT_API_URL
 
-    from flows.registry_lock import RegistryBusy, _server, data_lock, data_lock_name, holder_file
+    from flows import registry_lock
+    from flows.registry_lock import RegistryBusy, data_lock, data_lock_name, holder_file
 
     script = ("import sys, time; from pathlib import Path; from flows.registry_lock import data_lock\n"
               f"with data_lock(Path({str(tmp_path)!r}), ['recsys'], 60):\n    print('held', flush=True); time.sleep(600)")
     holder = subprocess.Popen([sys.executable, "-c", script], env={**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value()},
                               stdout=subprocess.PIPE, text=True)
+    name = data_lock_name(tmp_path, "recsys")
+    monkeypatch.setattr(registry_lock, "GIVE_BACK_EVERY", 1.0)
+    got, leave = threading.Event(), threading.Event()
+
+    def wait_for_it() -> None:   # a run that started waiting before the holder was killed
+        with data_lock(tmp_path, ["recsys"], timeout_seconds=60):
+            got.set()
+            leave.wait(60)
+
+    waiter = threading.Thread(target=wait_for_it)
     try:
         assert holder.stdout.readline().strip() == "held"
+        with get_client(sync_client=True) as client:
+            record = holder_file(name, registry_lock._server(client.server_type, client.api_url))
+        dead_lease = UUID(json.loads(record.read_text())["lease"])
+        waiter.start()
+        assert not got.wait(3)
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
-    name = data_lock_name(tmp_path, "recsys")
-    with get_client(sync_client=True) as client:
-        record = holder_file(name, _server(client.server_type, client.api_url))
-    dead_lease = UUID(json.loads(record.read_text())["lease"])
-    with data_lock(tmp_path, ["recsys"], timeout_seconds=5):
+    try:
+        assert got.wait(30)   # found the holder gone while it waited (not at the end of its 60 s)
         with get_client(sync_client=True) as client:
             client.release_concurrency_slots_with_lease(dead_lease)   # the repossessor, when the dead lease expires
             assert client.read_global_concurrency_limit_by_name(name).active_slots == 1
         with pytest.raises(RegistryBusy), data_lock(tmp_path, ["recsys"], timeout_seconds=1):
             pass
+    finally:
+        leave.set()
+        waiter.join()
     with data_lock(tmp_path, ["recsys"], timeout_seconds=5):
         pass
 
