@@ -133,7 +133,7 @@ def _give_back(client, name: str) -> None:
         if holder is None:
             return
         lease = _known_lease(client, holder)
-        _drop_record(record, holder.get("lease"))   # before the slot is free: a next holder's record stays
+        record.unlink(missing_ok=True)   # before the slot is free (a next holder's record stays), under the guard
         if lease is not None:
             print(f"lock {name!r}: its holder on this machine is gone (killed while holding it); freeing its lease")
             client.release_concurrency_slots_with_lease(lease)
@@ -151,7 +151,7 @@ def _slot(name: str, timeout_seconds: float, busy: str) -> Iterator[None]:
     """Hold the one slot of Prefect global concurrency limit ``name`` (created on first use); raise
     ``RegistryBusy(busy)`` when it stays taken for ``timeout_seconds``. A slot whose holder on this machine was
     killed is given back (``_give_back``): first, and every ``GIVE_BACK_EVERY`` seconds while waiting."""
-    with get_client(sync_client=True) as client:
+    with get_client(sync_client=True) as client:   # (an ephemeral server starts here: not in the wait)
         try:
             client.read_global_concurrency_limit_by_name(name)
         except ObjectNotFound:  # first use: create it; a concurrent creator may win that race, which is fine
@@ -160,20 +160,19 @@ def _slot(name: str, timeout_seconds: float, busy: str) -> Iterator[None]:
             except ObjectAlreadyExists:
                 pass
         ephemeral = client.server_type == ServerType.EPHEMERAL
-        record = holder_file(name, server := _server(client.server_type, client.api_url))
-    deadline = time.monotonic() + timeout_seconds
-    while True:
-        with get_client(sync_client=True) as client:
+        record = holder_file(name, _server(client.server_type, client.api_url))
+        deadline = time.monotonic() + timeout_seconds
+        while True:
             _give_back(client, name)
-        try:
-            acquired = acquire_concurrency_slots_with_lease(
-                [name], 1, timeout_seconds=max(min(GIVE_BACK_EVERY, deadline - time.monotonic()), 0.001),
-                lease_duration=LEASE_SECONDS, strict=True)
-            break
-        except TimeoutError as err:
-            if time.monotonic() >= deadline:
-                raise RegistryBusy(f"{busy} (if no run holds it any more: `prefect gcl update {name} --active-slots "
-                                   "0` frees it)") from err
+            try:
+                acquired = acquire_concurrency_slots_with_lease(
+                    [name], 1, timeout_seconds=max(min(GIVE_BACK_EVERY, deadline - time.monotonic()), 0.001),
+                    lease_duration=LEASE_SECONDS, strict=True)
+                break
+            except TimeoutError as err:
+                if time.monotonic() >= deadline:
+                    raise RegistryBusy(f"{busy} (if no run holds it any more: `prefect gcl update {name} "
+                                       "--active-slots 0` frees it)") from err
     events = emit_concurrency_acquisition_events(acquired.limits, 1)
     lease = str(acquired.lease_id)
     try:
@@ -181,7 +180,7 @@ def _slot(name: str, timeout_seconds: float, busy: str) -> Iterator[None]:
             with _machine_guard(record):
                 record.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                                               "started": _started(os.getpid()), "lease": lease, "since": time.time(),
-                                              "server": server, "ephemeral": ephemeral}))
+                                              "ephemeral": ephemeral}))   # the file's name says which server
             try:
                 yield
             finally:

@@ -243,7 +243,7 @@ def test_a_dead_holders_lease_the_server_does_not_hold(prefect_server, holder, g
         record = holder_file(name, server)
         record.parent.mkdir(parents=True, exist_ok=True)
         record.write_text(json.dumps({"host": socket.gethostname(), "pid": 2 ** 22 + 1, "started": "0",  # gone
-                                      "lease": str(uuid.uuid4()), "since": time.time() - 5, "server": server,
+                                      "lease": str(uuid.uuid4()), "since": time.time() - 5,
                                       "ephemeral": holder == "ephemeral"}))   # a lease this server never held
         client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=name, limit=1))
         try:
