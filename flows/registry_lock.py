@@ -69,7 +69,25 @@ def _server(server_type: ServerType, api_url: object) -> str:
     if server_type != ServerType.EPHEMERAL:
         return str(api_url)
     url = get_current_settings().server.database.connection_url
-    return "ephemeral:" + hashlib.sha256(str(url.get_secret_value() if url else "").encode()).hexdigest()[:16]
+    database = _absolute_sqlite(url.get_secret_value() if url else "")
+    return "ephemeral:" + hashlib.sha256(database.encode()).hexdigest()[:16]
+
+
+def _absolute_sqlite(url: str) -> str:
+    """``url`` with a relative SQLite file (a relative PREFECT_HOME gives one) made absolute: the same URL written in
+    two working directories is two databases, two sets of slot counts."""
+    # (imported here: only an ephemeral server's lock pays for it, ~0.3 s)
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return url
+    if (parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:"
+            or parsed.database.startswith("file:")):   # (SQLite URI mode: left as written)
+        return url
+    return parsed.set(database=str(Path(parsed.database).expanduser().resolve())).render_as_string(hide_password=False)
 
 
 def _dead_holder(record: Path) -> dict | None:

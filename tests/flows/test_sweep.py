@@ -256,7 +256,7 @@ def test_a_dead_holders_lease_the_server_does_not_hold(prefect_server, holder, g
     record.unlink(missing_ok=True)
 
 
-def test_ephemeral_servers_share_slots_only_through_one_database(tmp_path):
+def test_ephemeral_servers_share_slots_only_through_one_database(tmp_path, monkeypatch):
     """A process's own (ephemeral) server keeps its slot counts in PREFECT_HOME's database: two processes with one
     home share them, so a dead holder's record is theirs to act on; another home is another set of slots."""
     from prefect.client.base import ServerType
@@ -272,6 +272,15 @@ def test_ephemeral_servers_share_slots_only_through_one_database(tmp_path):
     assert ephemeral(tmp_path / "a") == ephemeral(tmp_path / "a") != ephemeral(tmp_path / "b")
     assert _server(ServerType.SERVER, "http://prefect:4200/api") == "http://prefect:4200/api"
     assert holder_file("registry-m", ephemeral(tmp_path / "a")) != holder_file("registry-m", ephemeral(tmp_path / "b"))
+    # Before: a relative PREFECT_HOME was hashed as written, so processes in two folders, each with its own database,
+    # took each other's dead holders' records for theirs (and gave back a slot of the wrong database).
+    (tmp_path / "one").mkdir(), (tmp_path / "two").mkdir()
+    with monkeypatch.context() as folder:
+        folder.chdir(tmp_path / "one")
+        in_one = ephemeral("home")
+        assert in_one == ephemeral(tmp_path / "one" / "home")
+        folder.chdir(tmp_path / "two")
+        assert ephemeral("home") != in_one
 
 
 def test_which_recipes_may_be_chosen_is_decided_on_validation_scores(raw_params):
