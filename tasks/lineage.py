@@ -36,24 +36,41 @@ def params_hash(cfg: Any) -> str:
 
 def data_params(cfg: Any, family: str) -> str:
     """The SHA-256 of ``data.<family>``: the params that decide which rows are training, validation and test (two
-    models split by different ones may each have trained on the other's test rows). Fields the data block's class
-    lists in ``LOCATION`` (where the pinned files are found, what a published set is expected to hold) decide no
-    row and are left out: moving the data, or a release adding such a field, keeps a champion comparable. So are the
-    fields it lists in ``ADDED`` (added in a later release) while they hold the value that reads the data as before:
-    a champion registered before them stays comparable until one is used."""
-    block = cfg.block("data", family)
-    dumped = block.model_dump(by_alias=True, exclude=set(getattr(type(block), "LOCATION", ())))
-    for key, before in getattr(type(block), "ADDED", {}).items():
-        if dumped.get(key) == before:
-            del dumped[key]
-    return _digest(dumped)
+    models split by different ones may each have trained on the other's test rows). Fields the data block's class,
+    or the class of a block inside it, lists in ``LOCATION`` (where the pinned files are found, what a published set
+    is expected to hold) decide no row and are left out: moving the data, or a release adding such a field, keeps a
+    champion comparable. So are the fields it lists in ``ADDED`` (added in a later release) while they hold the
+    value that reads the data as before: a champion registered before them stays comparable until one is used."""
+    return _digest(_row_params(cfg.block("data", family), _locations(cfg.block("data", family))))
 
 
 def same_split(recorded: str | None, cfg: Any, family: str) -> bool:
-    """Whether ``recorded`` (a champion's ``data_params``) is today's, or the one the same params gave before
-    ``LOCATION`` fields were left out (the whole block's hash, recorded until 2026-12-04)."""
+    """Whether ``recorded`` (a champion's ``data_params``) is today's, or the one the same params gave before: with
+    only the data block's own ``LOCATION`` fields left out (recorded 2026-12-04 to 2026-12-06), or the whole block's
+    hash (recorded until 2026-12-04)."""
     block = cfg.block("data", family)
-    return recorded in (data_params(cfg, family), _digest(block.model_dump(by_alias=True)))
+    top = set(getattr(type(block), "LOCATION", ()))
+    return recorded in (data_params(cfg, family), _digest(_row_params(block, top)),
+                        _digest(block.model_dump(by_alias=True)))
+
+
+def _row_params(block: Any, exclude: Any) -> dict[str, Any]:
+    dumped = block.model_dump(by_alias=True, exclude=exclude)
+    for key, before in getattr(type(block), "ADDED", {}).items():
+        if dumped.get(key) == before:
+            del dumped[key]
+    return dumped
+
+
+def _locations(block: Any) -> dict[str, Any]:
+    """The fields ``block`` and the blocks inside it list in ``LOCATION``, as pydantic's nested ``exclude``."""
+    from pydantic import BaseModel
+
+    exclude: dict[str, Any] = dict.fromkeys(getattr(type(block), "LOCATION", ()), True)
+    for name in type(block).model_fields:
+        if name not in exclude and isinstance(inner := getattr(block, name), BaseModel) and (found := _locations(inner)):
+            exclude[name] = found
+    return exclude
 
 
 def _digest(params: dict[str, Any]) -> str:

@@ -3,7 +3,7 @@ data block that also pins where ``fetch_clicks`` takes the ratings from (the Mov
 wheel, never installed) and how it turns a rating into a click."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 from pydantic import Field, model_validator
 
@@ -23,6 +23,8 @@ Rating = Annotated[int, Field(ge=1, le=5)]
 class Source(Strict):
     """What ``fetch_clicks`` writes the table from: RecBole's MovieLens-100K files, each pinned by SHA-256."""
 
+    # where the pinned files are found: no row depends on them (tasks.lineage.data_params)
+    LOCATION: ClassVar[frozenset[str]] = frozenset({"wheel", "download_cache"})
     wheel: WheelFolder                 # its member_dir holds ml-100k.{inter,user,item}
     download_cache: ProjectPath
     sha256: dict[str, Sha256]

@@ -396,6 +396,35 @@ def test_a_champion_registered_before_numeric_columns_and_na_values_stays_compar
     assert not same_split("b49c10289a3fe387bc8c45eda697d62ef835e61b5690368804e1eef1fceeb3cd", marked, "clicks")
 
 
+def test_where_a_blocks_inner_source_is_found_leaves_the_data_params_as_they_were(raw_params):
+    """Before: only the data block's own ``LOCATION`` fields were left out of the data params digest, so moving the
+    clicks family's download cache (``data.clicks.source.download_cache``) or the digits' image folder made a
+    champion read as split by other params, and the gate compared a candidate with none. What decides rows still
+    counts; a digest recorded by that release (the digits' below) is still today's split."""
+    import copy
+
+    from tasks.config import parse_config
+    from tasks.lineage import data_params, same_split
+
+    def changed(family, *path_value):
+        raw = copy.deepcopy(raw_params)
+        *keys, value = path_value
+        block = raw["data"][family]
+        for key in keys[:-1]:
+            block = block[key]
+        block[keys[-1]] = value
+        return parse_config(raw)
+
+    today = parse_config(raw_params)
+    for family, *moved in (("clicks", "source", "download_cache", "elsewhere/ml-100k"),
+                           ("clicks", "source", "wheel", "version", "1.2.0"),
+                           ("digits", "image_folder", "path", "/mnt/digits")):
+        assert data_params(changed(family, *moved), family) == data_params(today, family), moved
+    assert data_params(changed("clicks", "source", "positive_min_rating", 5), "clicks") != data_params(today, "clicks")
+    assert data_params(changed("digits", "image_folder", "val_fraction", 0.2), "digits") != data_params(today, "digits")
+    assert same_split("739cd400050d0665957c96c557f7f1837831a8266b7e5a613e557d2197da60da", today, "digits")
+
+
 def test_a_model_learns_what_only_a_numeric_column_says(tmp_path):
     from tasks.ctr.ctr_training import CtrSplit, evaluate_ctr, load_ctr_data
 
