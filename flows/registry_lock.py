@@ -69,13 +69,14 @@ def _server(server_type: ServerType, api_url: object) -> str:
     if server_type != ServerType.EPHEMERAL:
         return str(api_url)
     url = get_current_settings().server.database.connection_url
-    database = _absolute_sqlite(url.get_secret_value() if url else "")
+    database = _database_identity(url.get_secret_value() if url else "")
     return "ephemeral:" + hashlib.sha256(database.encode()).hexdigest()[:16]
 
 
-def _absolute_sqlite(url: str) -> str:
-    """``url`` with a relative SQLite file (a relative PREFECT_HOME gives one) made absolute: the same URL written in
-    two working directories is two databases, two sets of slot counts."""
+def _database_identity(url: str) -> str:
+    """``url`` as the name of one database: a relative SQLite file (a relative PREFECT_HOME gives one) is the
+    working directory's, so processes in two folders name two databases; an in-memory one is the process's own.
+    Any other URL (an absolute file, PostgreSQL) is its own name, as written."""
     # (imported here: only an ephemeral server's lock pays for it, ~0.3 s)
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
@@ -84,10 +85,14 @@ def _absolute_sqlite(url: str) -> str:
         parsed = make_url(url)
     except ArgumentError:
         return url
-    if (parsed.get_backend_name() != "sqlite" or not parsed.database or parsed.database == ":memory:"
-            or parsed.database.startswith("file:")):   # (SQLite URI mode: left as written)
+    if parsed.get_backend_name() != "sqlite":
         return url
-    return parsed.set(database=str(Path(parsed.database).expanduser().resolve())).render_as_string(hide_password=False)
+    database = parsed.database or ""
+    if database in ("", ":memory:") or database.startswith("file::memory:") or parsed.query.get("mode") == "memory":
+        return f"{url} (process {os.getpid()})"
+    if not os.path.isabs(database.removeprefix("file:")):   # (as SQLite opens it: no ~ expanded)
+        return f"{url} (in {os.getcwd()})"
+    return url
 
 
 def _dead_holder(record: Path) -> dict | None:

@@ -50,8 +50,6 @@ class ImageFolder(Strict):
     split when there is no test folder, ``val_fraction`` the validation split from what is left when there is no
     val folder (``val_size`` and ``pixels`` beside it are the IDX files'). ``sha256``: optional pin of
     the folder's content (printed in the manifest's source)."""
-    # where the images are found: no row depends on it (tasks.lineage.data_params)
-    LOCATION: ClassVar[frozenset[str]] = frozenset({"path"})
     path: str
     channels: Literal[1, 3] | None = None
     size: Annotated[list[Positive], Field(min_length=2, max_length=2)] | None = None
