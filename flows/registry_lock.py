@@ -65,7 +65,7 @@ GIVE_BACK_EVERY = 15.0   # s: a run waiting for a slot looks this often whether 
 
 def _server(server_type: ServerType, api_url: object) -> str:
     """Which slot counts a client reads and writes: its server's API, or for a server of its own (ephemeral, started
-    by the process) the database every such server of this machine with the same PREFECT_HOME shares."""
+    by the process) the database every such server of this machine with the same database file shares."""
     if server_type != ServerType.EPHEMERAL:
         return str(api_url)
     url = get_current_settings().server.database.connection_url
@@ -74,9 +74,10 @@ def _server(server_type: ServerType, api_url: object) -> str:
 
 
 def _database_identity(url: str) -> str:
-    """``url`` as the name of one database: a relative SQLite file (a relative PREFECT_HOME gives one) is the
-    working directory's, so processes in two folders name two databases; an in-memory one is the process's own.
-    Any other URL (an absolute file, PostgreSQL) is its own name, as written."""
+    """``url`` as the name of one database: a relative SQLite file (a relative PREFECT_HOME gives one) is named as
+    the absolute URL of the same file is written, so processes in two folders name two databases and a process
+    naming the file absolutely names the same one; an in-memory database is the process's own. Any other URL (an
+    absolute file, PostgreSQL) is its own name, as written."""
     # (imported here: only an ephemeral server's lock pays for it, ~0.3 s)
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import ArgumentError
@@ -88,10 +89,13 @@ def _database_identity(url: str) -> str:
     if parsed.get_backend_name() != "sqlite":
         return url
     database = parsed.database or ""
-    if database in ("", ":memory:") or database.startswith("file::memory:") or parsed.query.get("mode") == "memory":
+    uri = parsed.query.get("uri") == "true"   # (SQLite URI mode: "file:" names the file; without it, it is a name)
+    path = database.removeprefix("file:") if uri else database
+    if path in ("", ":memory:") or (uri and parsed.query.get("mode") == "memory"):
         return f"{url} (process {os.getpid()})"
-    if not os.path.isabs(database.removeprefix("file:")):   # (as SQLite opens it: no ~ expanded)
-        return f"{url} (in {os.getcwd()})"
+    if not os.path.isabs(path):   # (made absolute as SQLite opens it: against the working directory, no ~ expanded)
+        absolute = database[:len(database) - len(path)] + os.path.abspath(path)
+        return parsed.set(database=absolute).render_as_string(hide_password=False)
     return url
 
 

@@ -279,15 +279,16 @@ def test_ephemeral_servers_share_slots_only_through_one_database(tmp_path, monke
     with monkeypatch.context() as folder:
         folder.chdir(tmp_path / "one")
         in_one = ephemeral("home")
-        assert in_one == ephemeral("home")
+        assert in_one == ephemeral(tmp_path / "one" / "home")   # the same file named absolutely: the same database
         folder.chdir(tmp_path / "two")
         assert ephemeral("home") != in_one
     # an in-memory database is its process's own: no other process shares its slots or acts on its holders' records
-    with temporary_settings(updates={PREFECT_API_DATABASE_CONNECTION_URL: "sqlite+aiosqlite:///:memory:"}):
-        here = _server(ServerType.EPHEMERAL, "http://127.0.0.1:8123/api")
-        with monkeypatch.context() as another:
-            another.setattr(os, "getpid", lambda: 1)
-            assert _server(ServerType.EPHEMERAL, "http://127.0.0.1:8123/api") != here
+    for memory in ("sqlite+aiosqlite:///:memory:", "sqlite+aiosqlite:///file::memory:?cache=shared&uri=true"):
+        with temporary_settings(updates={PREFECT_API_DATABASE_CONNECTION_URL: memory}):
+            here = _server(ServerType.EPHEMERAL, "http://127.0.0.1:8123/api")
+            with monkeypatch.context() as another:
+                another.setattr(os, "getpid", lambda: 1)
+                assert _server(ServerType.EPHEMERAL, "http://127.0.0.1:8123/api") != here, memory
 
 
 def test_which_recipes_may_be_chosen_is_decided_on_validation_scores(raw_params):
