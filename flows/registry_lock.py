@@ -146,15 +146,15 @@ def _known_lease(client, holder: dict) -> UUID | None:
     return lease
 
 
-def _give_back(client, name: str) -> None:
-    """Give back slot ``name`` when its holder on this machine (recorded for this client's server) was killed while
-    holding it: by the lease it recorded, when the server still holds it (the server frees that lease's slot; its
-    repossessor, coming to the lease later, finds nothing). A lease the server does not hold was freed on expiry
-    already (nothing to give back), or was held by the dead holder's own ephemeral server, where no repossessor runs
-    and whose slot count outlives it in the database this machine's ephemeral servers share: one slot is given back.
+def _give_back(client, name: str, record: Path) -> None:
+    """Give back slot ``name`` when its holder on this machine (recorded in ``record``, the file of this client's
+    server) was killed while holding it: by the lease it recorded, when the server still holds it (the server frees
+    that lease's slot; its repossessor, coming to the lease later, finds nothing). A lease the server does not hold
+    was freed on expiry already (nothing to give back), or was held by the dead holder's own ephemeral server, where
+    no repossessor runs and whose slot count outlives it in the database this machine's ephemeral servers share: one
+    slot is given back.
     Not given back: a slot held by a lease a restarted server forgot (Prefect keeps leases in memory by default),
     or by a holder killed before it recorded itself — RegistryBusy's message says how to free one by hand."""
-    record = holder_file(name, _server(client.server_type, client.api_url))
     with _machine_guard(record):
         holder = _dead_holder(record)
         if holder is None:
@@ -190,7 +190,7 @@ def _slot(name: str, timeout_seconds: float, busy: str) -> Iterator[None]:
         record = holder_file(name, _server(client.server_type, client.api_url))
         deadline = time.monotonic() + timeout_seconds
         while True:
-            _give_back(client, name)
+            _give_back(client, name, record)
             try:
                 acquired = acquire_concurrency_slots_with_lease(
                     [name], 1, timeout_seconds=max(min(GIVE_BACK_EVERY, deadline - time.monotonic()), 0.001),
