@@ -41,7 +41,8 @@ def data_params(cfg: Any, family: str) -> str:
     is expected to hold) decide no row and are left out: moving the data, or a release adding such a field, keeps a
     champion comparable. So are the fields it lists in ``ADDED`` (added in a later release) while they hold the
     value that reads the data as before: a champion registered before them stays comparable until one is used."""
-    return _digest(_row_params(cfg.block("data", family), _locations(cfg.block("data", family))))
+    block = cfg.block("data", family)
+    return _digest(_row_params(block, _locations(block)))
 
 
 def same_split(recorded: str | None, cfg: Any, family: str) -> bool:
