@@ -172,7 +172,6 @@ def test_a_data_lock_whose_holder_was_killed_is_freed(prefect_server, tmp_path, 
     next one (an ingestion changing the snapshot under a running pipeline). And a run already waiting when the
     holder was killed looked for a dead holder only before it began to wait."""
     import json
-    import os
     import signal
     import subprocess
     import sys
