@@ -58,11 +58,15 @@ def decoupled_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
 
 
 def hint_loss(student_map: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
-    """MSE between an adapted student map and the teacher's, pooled to the smaller spatial size."""
+    """MSE in fp32 between an adapted student map and the teacher's, pooled to the smaller spatial size."""
     size = min(student_map.shape[-1], teacher_map.shape[-1])
-    s = F.adaptive_avg_pool2d(student_map.float(), size)
-    t = F.adaptive_avg_pool2d(teacher_map.float(), size)
-    return F.mse_loss(s, t)
+    return F.mse_loss(_pooled(student_map.float(), size), _pooled(teacher_map.float(), size))
+
+
+def _pooled(x: torch.Tensor, size: int) -> torch.Tensor:
+    """``x`` average-pooled to ``size`` x ``size``; as it is when already that size, where pooling is an identity
+    computed forward and backward for nothing."""
+    return x if tuple(x.shape[-2:]) == (size, size) else F.adaptive_avg_pool2d(x, size)
 
 
 def loss_config(kd: DistillImages, distill: bool, label_smoothing: float) -> DistillImages:
@@ -117,12 +121,13 @@ class Distiller(FrozenTeacher):
 
     @torch.no_grad()
     def teacher_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        """The frozen teacher's logits and feature maps, in bf16 when ``teacher_bf16`` and the CPU has it natively: it
-        is inference only, and there bf16 inference is ~1.3x faster than fp32 while the student may train in fp32
-        (faster for depthwise convs)."""
+        """The frozen teacher's logits (fp32) and feature maps, computed in bf16 when ``teacher_bf16`` and the CPU has
+        it natively: it is inference only, and there bf16 inference is ~1.3x faster than fp32 while the student may
+        train in fp32 (faster for depthwise convs). The maps stay as computed: ``hint_loss`` reads the ones it pairs
+        in fp32; the others need no cast."""
         with autocast(self.cfg.teacher_bf16, x.device.type):
             logits, maps = self.teacher.forward_features(x)
-        return logits.float(), [m.float() for m in maps]
+        return logits.float(), maps
 
     def loss(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         """(total loss, student logits, each weighted term) for one batch."""

@@ -85,6 +85,29 @@ def test_hint_loss_pools_to_the_smaller_map():
     assert hint_loss(torch.ones(2, 3, 8, 8), torch.ones(2, 3, 4, 4)) == 0
 
 
+def _graph(loss: torch.Tensor) -> set[str]:
+    """The names of the autograd nodes ``loss`` was computed through."""
+    seen, todo = set(), [loss.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is not None and node not in seen:
+            seen.add(node)
+            todo.extend(n for n, _ in node.next_functions)
+    return {type(n).__name__ for n in seen}
+
+
+def test_hint_loss_pools_no_map_that_already_has_the_size():
+    # The vision pair (student block 2, teacher stage 1) is 7x7 on both sides: pooling both to 7x7 was an identity
+    # computed forward and backward in every distillation step.
+    student = torch.randn(4, 3, 7, 7, requires_grad=True)
+    teacher = torch.randn(4, 3, 7, 7).bfloat16()   # as a bf16 teacher computes it
+    loss = hint_loss(student, teacher)
+    assert not any("Pool" in name for name in _graph(loss))
+    torch.testing.assert_close(loss, F.mse_loss(student, teacher.float()), rtol=0, atol=0)
+    pooled = hint_loss(torch.randn(4, 3, 14, 14, requires_grad=True), teacher)   # the larger map is still pooled
+    assert any("AdaptiveAvgPool2D" in name for name in _graph(pooled))
+
+
 def test_teacher_frozen_and_only_student_and_adapters_learn():
     cfg, data = _kd_cfg(), _data()
     model = _pair(cfg, data.inputs(slice(2)))
