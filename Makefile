@@ -8,7 +8,7 @@ export PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS ?= 120
 # No phoning home from the embedded server (these machines are offline; it would only log a failed lookup).
 export PREFECT_SERVER_ANALYTICS_ENABLED ?= false
 
-.PHONY: run test check smoke serve faults benchmark benchmark-export benchmark-recsys benchmark-replay benchmark-speedup benchmark-sweep benchmark-teacher benchmark-teacher-recipe benchmark-text ablation sweep deploy worker \
+.PHONY: run test check smoke serve faults benchmark benchmark-export benchmark-recsys benchmark-replay benchmark-speedup benchmark-step benchmark-sweep benchmark-teacher benchmark-teacher-recipe benchmark-text ablation sweep deploy worker \
         data-source services clean-results
 
 run: $(STAMP) data-source
@@ -59,6 +59,12 @@ benchmark-speedup: $(STAMP)
 # FAMILY=<image family>, in the shape of its data (after `dvc repro prepare_<family>`).
 benchmark-teacher: $(STAMP)
 	$(PY) -m flows.teacher_benchmark --family $(or $(FAMILY),vision) --out reports/benchmarks/teacher_$(or $(FAMILY),vision).json
+
+# Where an image family's training step spends its time (teacher step, distillation step), by part: batch,
+# augmentation, frozen teacher, forward / backward convolutions, batch norm, activations, optimizer
+# (after `dvc repro prepare_<family>`).
+benchmark-step: $(STAMP)
+	$(PY) -m flows.step_profile --family $(or $(FAMILY),vision) --out reports/benchmarks/step_$(or $(FAMILY),vision).json
 
 # The teacher's recipe arms (params; + random erasing), each with its moving average and flip TTA, on validation.
 benchmark-teacher-recipe: $(STAMP)
