@@ -1,14 +1,16 @@
 """Benchmark: where an image family's training step spends its time, for the teacher and for distillation.
 
-Runs the training loop's own step (``tasks.image_training``'s batch, augmentation and ``train_step``) on the family's
-processed data (``--data``, by default what its teacher stage reads: run ``dvc repro prepare_<family>`` first) with
-``teacher.<family>``'s recipe (the teacher trained from fresh weights) and ``distill.<family>``'s (its student
-against a frozen teacher of the params' architecture, fresh weights too: speed does not depend on them), at the
-stages' threads, bf16 and memory layout on this machine. Times ``--steps`` steps plainly (the wall time per step),
-then again under PyTorch's profiler, whose operators are summed by part: building the batch, augmentation, the
-frozen teacher's forward, the forward and the backward pass split into convolutions, batch norm, activations and
-the rest (losses, additions, copies), and the optimizer (zeroing gradients and the update). Prints a markdown table;
-``--out`` writes JSON too.
+Runs the training loop itself (``tasks.image_training.train_epoch``: the batch made and augmented, ``train_step``,
+the schedule's step) over ``--steps`` batches of the family's processed data (``--data``, by default what its
+teacher stage reads: run ``dvc repro prepare_<family>`` first) with ``teacher.<family>``'s recipe (a teacher from
+fresh weights) and ``distill.<family>``'s (its student against a frozen teacher of the params' architecture, fresh
+weights too: speed does not depend on them), at the stages' threads, bf16 and memory layout, on the CPU (the
+profiler times CPU work; a moving average of the weights, where set, is left out). The steps are timed plainly (the
+wall time per step), then again under PyTorch's profiler, each operator's own time summed into the part of the
+first labelled region above it: building the batch, augmentation, the frozen teacher's forward, an autograd
+backward function, the optimizer (zeroing gradients and the update), else the forward pass; forward and backward
+split by the operator's name into convolutions, batch norm, activations and the rest (losses, additions, copies,
+casts). Prints a markdown table; ``--out`` writes JSON too.
 
     python -m flows.step_profile --family vision [--steps 20] [--out step_profile.json]
 """
@@ -30,13 +32,14 @@ from flows.stage_graph import stage_paths
 from tasks.config import Config, load_config
 from tasks.distillation import Distiller, distillation_loss, loss_config
 from tasks.errors import ConfigError, run_cli
-from tasks.image_training import Split, augment, memory_format, on
+from tasks.hardware import native_bf16
+from tasks.image_training import AUGMENT, BATCH, Split, memory_format, train_epoch
 from tasks.images.arch_config import ResNetArch
 from tasks.images.config import TrainingRecipe
 from tasks.images.models import MobileStudent, ResNetTeacher
-from tasks.training import LossFn, cross_entropy_loss, make_optimizer, on_device, train_step
+from tasks.training import LossFn, cross_entropy_loss, make_optimizer, make_scheduler
 
-BATCH, AUGMENT, TEACHER = "batch: uint8 to normalised float", "augmentation", "frozen teacher forward"
+TEACHER = "frozen teacher forward"
 KINDS = ("convolutions", "batch norm", "activations", "other")
 PARTS = (BATCH, AUGMENT, TEACHER, *(f"forward: {k}" for k in KINDS), *(f"backward: {k}" for k in KINDS),
          "optimizer")
@@ -45,8 +48,9 @@ BACKWARD = "autograd::engine::evaluate_function"
 
 
 def kind(op: str) -> str:
-    """The kind of a PyTorch operator or autograd function (``aten::mkldnn_convolution``,
-    ``aten::native_batch_norm_backward``, ``...evaluate_function: ConvolutionBackward0``)."""
+    """The kind of a PyTorch operator (``aten::mkldnn_convolution``, ``aten::native_batch_norm_backward``) or autograd
+    function (``...evaluate_function: ConvolutionBackward0``), by its name: the copies, casts and allocations inside a
+    convolution's backward are "other"."""
     op = op.lower().replace("_", "")
     if "conv" in op:
         return "convolutions"
@@ -58,8 +62,8 @@ def kind(op: str) -> str:
 
 
 def part(event: Any) -> str:
-    """The part of the step a profiled operator belongs to: that of the first labelled region above it (batch,
-    augmentation, teacher, optimizer, an autograd backward function), else the forward pass."""
+    """The part of the step a profiled event belongs to: that of the first labelled region above it (itself
+    included: batch, augmentation, teacher, optimizer, an autograd backward function), else the forward pass."""
     parent = event
     while parent is not None:
         if parent.name in (BATCH, AUGMENT, TEACHER):
@@ -93,66 +97,69 @@ def _labelled_teacher(model: nn.Module) -> Iterator[None]:
 
 def profile_step(model: nn.Module, train: Split, spec: TrainingRecipe, loss_fn: LossFn, steps: int
                  ) -> dict[str, Any]:
-    """Milliseconds per step of ``model``'s training step on ``train`` batches as ``spec`` makes them: the plain
-    ``wall`` time and the profiled time by part (``parts``; their sum is ``profiled``)."""
-    with on_device(model, spec, memory_format) as device:
-        opt = make_optimizer(model, spec.optimizer)
-        gen = torch.Generator().manual_seed(spec.seed)
-        order = torch.randperm(len(train.y), generator=gen)
-        batches = max(1, len(order) // spec.batch_size)
-        model.train()
+    """Milliseconds per step of ``train_epoch`` over ``steps`` batches of ``train`` as ``spec`` makes them, on the
+    CPU: the plain ``wall`` time, the ``profiled`` time (the profiler's top-level events) and its ``parts``."""
+    spec = spec.model_copy(update={"device": "cpu"})
+    data = train.head(steps * spec.batch_size)
+    steps = -(-len(data.y) // spec.batch_size)   # fewer where the data has fewer images
+    opt = make_optimizer(model, spec.optimizer)
+    sched = make_scheduler(opt, spec.schedule, 2 + 2 * steps)
+    gen = torch.Generator().manual_seed(spec.seed)
+    cpu = torch.device("cpu")
 
-        def run(count: int, first: int) -> None:
-            for i in range(first, first + count):
-                start = (i % batches) * spec.batch_size
-                idx = order[start:start + spec.batch_size]
-                with torch.profiler.record_function(BATCH):
-                    x = train.inputs(idx)
-                with torch.profiler.record_function(AUGMENT):
-                    x = augment(x, spec.augmentation, gen, train.pixels)
-                train_step(model, on(x, device), train.y[idx].to(device), opt, loss_fn, spec.bf16)
+    def run(split: Split) -> None:
+        train_epoch(model, split, spec, opt, sched, gen, loss_fn, "profile", cpu)
 
-        with _labelled_teacher(model):
-            run(2, 0)   # warm-up: first-call allocations and kernel choices
-            start = time.perf_counter()
-            run(steps, 2)
-            wall = (time.perf_counter() - start) / steps
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-                run(steps, 2 + steps)
+    with _labelled_teacher(model):
+        run(train.head(2 * spec.batch_size))   # warm-up: first-call allocations and kernel choices
+        start = time.perf_counter()
+        run(data)
+        wall = (time.perf_counter() - start) / steps
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+            run(data)
     parts = dict.fromkeys(PARTS, 0.0)
-    for event in prof.events():   # each event's own time, its operators' excluded: onnxruntime's teacher, Python
+    events = prof.events()
+    for event in events:   # each event's own time, its operators' excluded: onnxruntime's teacher, Python
         parts[part(event)] += event.self_cpu_time_total / 1000 / steps
-    return {"wall": wall * 1000, "profiled": sum(parts.values()), "parts": parts}
+    profiled = sum(e.cpu_time_total for e in events if e.cpu_parent is None) / 1000 / steps
+    return {"steps": steps, "wall": wall * 1000, "profiled": profiled, "parts": parts}
 
 
 def measure(cfg: Config, family: str, train: Split, steps: int) -> dict[str, dict[str, Any]]:
     """``profile_step`` of the teacher's training step and of a distillation step (``teacher.<family>`` and
     ``distill.<family>``, fresh weights) at each stage's threads."""
-    teach, kd = cfg.block("teacher", family), cfg.block("distill", family).resolved()
-    shape = train.model_shape()
+    teach, kd = cfg.block("teacher", family), cfg.block("distill", family).resolved("cpu")
+    shape, threads, bf16 = train.model_shape(), torch.get_num_threads(), native_bf16()
     result = {}
-    torch.set_num_threads(teach.threads)
-    torch.manual_seed(teach.seed)
-    teacher = ResNetTeacher(teach.arch, **shape).to(memory_format=memory_format())
-    result["teacher"] = profile_step(teacher, train, teach, cross_entropy_loss(teach.label_smoothing), steps)
-    result["teacher"].update(threads=teach.threads, batch=teach.batch_size, bf16=teach.bf16)
-    torch.set_num_threads(kd.threads)
-    torch.manual_seed(kd.seed)
-    student = MobileStudent(kd.student, **shape).to(memory_format=memory_format())
-    distiller = Distiller(student, teacher.eval(), loss_config(kd, True, kd.label_smoothing), train.inputs(slice(2)))
-    result["distillation"] = profile_step(distiller, train, kd, distillation_loss, steps)
-    result["distillation"].update(threads=kd.threads, batch=kd.batch_size, bf16=kd.bf16,
-                                  teacher_runtime=kd.teacher_runtime, teacher_bf16=kd.teacher_bf16)
+    try:
+        torch.set_num_threads(teach.threads)
+        torch.manual_seed(teach.seed)
+        teacher = ResNetTeacher(teach.arch, **shape).to(memory_format=memory_format())
+        result["teacher"] = profile_step(teacher, train, teach, cross_entropy_loss(teach.label_smoothing), steps)
+        result["teacher"].update(threads=teach.threads, batch=teach.batch_size, bf16=teach.bf16 and bf16)
+        torch.set_num_threads(kd.threads)
+        torch.manual_seed(kd.seed)
+        frozen = ResNetTeacher(teach.arch, **shape).to(memory_format=memory_format()).eval()
+        student = MobileStudent(kd.student, **shape).to(memory_format=memory_format())
+        distiller = Distiller(student, frozen, loss_config(kd, True, kd.label_smoothing), train.inputs(slice(2)))
+        result["distillation"] = profile_step(distiller, train, kd, distillation_loss, steps)
+        result["distillation"].update(threads=kd.threads, batch=kd.batch_size, bf16=kd.bf16 and bf16,
+                                      teacher_runtime=kd.teacher_runtime,
+                                      teacher_bf16=kd.teacher_bf16 and bf16 and kd.teacher_runtime == "pytorch")
+    finally:
+        torch.set_num_threads(threads)
     return result
 
 
-def table(result: dict[str, dict[str, Any]], family: str, steps: int) -> str:
+def table(result: dict[str, dict[str, Any]], family: str) -> str:
     teacher, kd = result["teacher"], result["distillation"]
-    teacher_bf16 = ", bf16" if kd["teacher_bf16"] and kd["teacher_runtime"] == "pytorch" else ""
+    teacher_bf16 = ", bf16" if kd["teacher_bf16"] else ""
     settings = (f"(teacher: batch {teacher['batch']}, {teacher['threads']} thread(s), bf16 {teacher['bf16']}; "
                 f"distillation: batch {kd['batch']}, {kd['threads']} thread(s), student bf16 {kd['bf16']}, teacher run "
                 f"by {kd['teacher_runtime']}{teacher_bf16})")
-    lines = [f"Training-step profile ({family}), {date.today()}, {machine()}; {steps} steps each", settings, "", "| part of a step | teacher ms | % | distillation ms | % |", "|---|---:|---:|---:|---:|"]
+    title = (f"Training-step profile ({family}), {date.today()}, {machine()}; steps: teacher {teacher['steps']}, "
+             f"distillation {kd['steps']}")
+    lines = [title, settings, "", "| part of a step | teacher ms | % | distillation ms | % |", "|---|---:|---:|---:|---:|"]
 
     def cells(r: dict[str, Any], name: str) -> str:
         ms = r["parts"][name]
@@ -173,6 +180,8 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--out", type=Path, help="also write the numbers as JSON here")
     args = parser.parse_args()
+    if args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
     cfg = load_config(args.params)
     if args.family not in cfg.families or not isinstance(getattr(cfg.block("teacher", args.family), "arch", None),
                                                          ResNetArch):
@@ -180,7 +189,7 @@ def main() -> None:
                           f"of its own (families: {', '.join(cfg.families)})")
     data = args.data or args.params.parent / stage_paths(args.params.parent, f"train_teacher_{args.family}")["data"]
     result = measure(cfg, args.family, Split.load(data, "train"), args.steps)
-    print(table(result, args.family, args.steps))
+    print(table(result, args.family))
     if args.out:
         write_result(args.out, {"family": args.family, "steps": args.steps, "milliseconds": result})
 

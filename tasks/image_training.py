@@ -231,8 +231,8 @@ def _fit(model: nn.Module, train: Split, val: Split, spec: TrainingRecipe, check
     for epoch in range(len(history), spec.epochs):
         if before_epoch:
             before_epoch(epoch)
-        metrics = _train_epoch(model, train, spec, opt, sched, gen, loss_fn, f"epoch {epoch + 1}/{spec.epochs}",
-                               device, after_step)
+        metrics = train_epoch(model, train, spec, opt, sched, gen, loss_fn, f"epoch {epoch + 1}/{spec.epochs}",
+                              device, after_step)
         metrics.update({f"val_{k}": v for k, v in evaluate(scored, val, spec.eval_batch_size, spec.bf16).items()})
         metrics["lr"] = sched.get_last_lr()[0]
         history.append(metrics)
@@ -248,9 +248,15 @@ def _fit(model: nn.Module, train: Split, val: Split, spec: TrainingRecipe, check
     return history
 
 
-def _train_epoch(model: nn.Module, train: Split, spec: TrainingRecipe, opt: torch.optim.Optimizer,
-                 sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator, loss_fn: LossFn,
-                 desc: str, device: torch.device, after_step: Callable[[], None] | None = None) -> dict[str, float]:
+# Profiler regions of a training step (``flows.step_profile``); without a profiler running they cost nothing measurable
+BATCH, AUGMENT = "batch: uint8 to normalised float", "augmentation"
+
+
+def train_epoch(model: nn.Module, train: Split, spec: TrainingRecipe, opt: torch.optim.Optimizer,
+                sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator, loss_fn: LossFn,
+                desc: str, device: torch.device, after_step: Callable[[], None] | None = None) -> dict[str, float]:
+    """One pass over ``train`` in a random order (from ``gen``), a step per batch of ``spec.batch_size``: the batch
+    made, augmented, moved to ``device``, one ``train_step``, the schedule's step, ``after_step``."""
     model.train()
     order = torch.randperm(len(train.y), generator=gen)
     seen, correct, loss_sum = 0, 0, 0.0
@@ -259,8 +265,11 @@ def _train_epoch(model: nn.Module, train: Split, spec: TrainingRecipe, opt: torc
                disable=None)
     for start in bar:
         idx = order[start:start + spec.batch_size]
-        x, y = augment(train.inputs(idx), spec.augmentation, gen, train.pixels), train.y[idx]
-        x, y = on(x, device), y.to(device)
+        with torch.profiler.record_function(BATCH):
+            x = train.inputs(idx)
+        with torch.profiler.record_function(AUGMENT):
+            x = augment(x, spec.augmentation, gen, train.pixels)
+        x, y = on(x, device), train.y[idx].to(device)
         loss, logits = train_step(model, x, y, opt, loss_fn, spec.bf16)
         sched.step()
         if after_step:
