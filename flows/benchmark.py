@@ -23,7 +23,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from flows.workspace import copy_project
-from tasks.config import load_config
+from tasks.config import Config, load_config
+from tasks.errors import ConfigError
 
 
 def run_pipeline(root: Path, families: list[str] | None = None) -> tuple[float, dict[str, Any]]:
@@ -58,6 +59,18 @@ def target_rows(targets: tuple[tuple[str, str, float, str], ...], ratios: dict[s
         met = value >= threshold if op == ">=" else value <= threshold
         lines.append(f"| {what} | {value:.{digits}f} | {op} {threshold:g} | {'met' if met else 'MISSED'} |")
     return lines
+
+
+def image_teacher_config(params: Path, family: str) -> Config:
+    """``params`` loaded, for a benchmark of ``family``'s trained image teacher: a ConfigError unless the family is
+    an image family of it whose teacher has an architecture of its own (not an imported one)."""
+    from tasks.images.arch_config import ResNetArch
+
+    cfg = load_config(params)
+    if family not in cfg.families or not isinstance(getattr(cfg.block("teacher", family), "arch", None), ResNetArch):
+        raise ConfigError(f"{params}: --family {family} is no image family with a teacher architecture of its own "
+                          f"(families: {', '.join(cfg.families)})")
+    return cfg
 
 
 def write_result(out: Path, doc: dict) -> None:

@@ -27,14 +27,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from flows.benchmark import machine, write_result
+from flows.benchmark import image_teacher_config, machine, write_result
 from flows.stage_graph import stage_paths
-from tasks.config import Config, load_config
+from tasks.config import Config
 from tasks.distillation import Distiller, distillation_loss, loss_config
-from tasks.errors import ConfigError, run_cli
+from tasks.errors import run_cli
 from tasks.hardware import native_bf16
 from tasks.image_training import AUGMENT, BATCH, Split, memory_format, train_epoch
-from tasks.images.arch_config import ResNetArch
 from tasks.images.config import TrainingRecipe
 from tasks.images.models import MobileStudent, ResNetTeacher
 from tasks.training import LossFn, cross_entropy_loss, make_optimizer, make_scheduler
@@ -182,11 +181,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
-    cfg = load_config(args.params)
-    if args.family not in cfg.families or not isinstance(getattr(cfg.block("teacher", args.family), "arch", None),
-                                                         ResNetArch):
-        raise ConfigError(f"{args.params}: --family {args.family} is no image family with a teacher architecture "
-                          f"of its own (families: {', '.join(cfg.families)})")
+    cfg = image_teacher_config(args.params, args.family)
     data = args.data or args.params.parent / stage_paths(args.params.parent, f"train_teacher_{args.family}")["data"]
     result = measure(cfg, args.family, Split.load(data, "train"), args.steps)
     print(table(result, args.family))

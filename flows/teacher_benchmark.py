@@ -23,14 +23,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from flows.benchmark import machine, write_result
+from flows.benchmark import image_teacher_config, machine, write_result
 from flows.stage_graph import stage_paths
-from tasks.config import Config, load_config
+from tasks.config import Config
 from tasks.distillation import Distiller
-from tasks.errors import ConfigError, run_cli
+from tasks.errors import run_cli
 from tasks.hardware import native_bf16
 from tasks.image_training import model_shape
-from tasks.images.arch_config import ResNetArch
 from tasks.images.models import MobileStudent, ResNetTeacher
 from tasks.imported_teacher import onnx_twin
 from tasks.training import autocast
@@ -106,11 +105,7 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--out", type=Path, help="also write the numbers as JSON here")
     args = parser.parse_args()
-    cfg = load_config(args.params)
-    if args.family not in cfg.families or not isinstance(getattr(cfg.block("teacher", args.family), "arch", None),
-                                                         ResNetArch):
-        raise ConfigError(f"{args.params}: --family {args.family} is no image family with a teacher architecture "
-                          f"of its own (families: {', '.join(cfg.families)})")
+    cfg = image_teacher_config(args.params, args.family)
     threads = cfg.block("distill", args.family).threads
     data = args.data or args.params.parent / stage_paths(args.params.parent, f"distill_{args.family}")["data"]
     result = measure(cfg, args.family, model_shape(data), args.batch, args.steps, args.repeats)

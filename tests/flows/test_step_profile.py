@@ -48,17 +48,3 @@ def test_the_teacher_region_is_the_distillers_only_while_profiled(smoke_config):
         distiller.loss(torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.long))
     assert TEACHER in {e.name for e in prof.events()}
     assert "teacher_outputs" not in vars(distiller)   # the class's method again
-
-
-@pytest.mark.fault("params", "the training-step profile asked for a family that is no image family (recsys) or "
-                   "none of params.yaml", "ConfigError naming the family and the families there; nothing profiled")
-@pytest.mark.parametrize("family", ["recsys", "audio"])
-def test_the_profile_refuses_a_family_without_an_image_teacher(family, monkeypatch):
-    import sys
-
-    from flows.step_profile import main
-    from tasks.errors import ConfigError
-
-    monkeypatch.setattr(sys, "argv", ["step_profile", "--family", family])
-    with pytest.raises(ConfigError, match=rf"--family {family} is no image family .*families: vision, recsys"):
-        main()

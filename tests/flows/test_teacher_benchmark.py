@@ -41,15 +41,18 @@ def test_the_benchmark_times_the_teachers_and_prints_their_ratios(raw_params, na
     assert ("| onnxruntime / pytorch bf16 |" in printed) is native_bf16
 
 
-@pytest.mark.fault("params", "the teacher benchmark asked for a family that is no image family (recsys) or none of "
-                   "params.yaml", "ConfigError naming the family and the families there; nothing timed")
+@pytest.mark.fault("params", "a benchmark of the image teacher (the teacher benchmark, the training-step profile) "
+                   "asked for a family that is no image family (recsys) or none of params.yaml",
+                   "ConfigError naming the family and the families there; nothing timed")
 @pytest.mark.parametrize("family", ["recsys", "audio"])
-def test_the_benchmark_refuses_a_family_without_an_image_teacher(family, monkeypatch):
+@pytest.mark.parametrize("command", ["teacher_benchmark", "step_profile"])
+def test_the_benchmarks_refuse_a_family_without_an_image_teacher(command, family, monkeypatch):
+    import importlib
     import sys
 
-    from flows.teacher_benchmark import main
     from tasks.errors import ConfigError
 
-    monkeypatch.setattr(sys, "argv", ["teacher_benchmark", "--family", family])
+    main = importlib.import_module(f"flows.{command}").main
+    monkeypatch.setattr(sys, "argv", [command, "--family", family])
     with pytest.raises(ConfigError, match=rf"--family {family} is no image family .*families: vision, recsys"):
         main()
