@@ -31,7 +31,7 @@ from flows.benchmark import image_teacher_config, machine, write_result
 from flows.stage_graph import stage_paths
 from tasks.config import Config
 from tasks.distillation import Distiller, distillation_loss, loss_config
-from tasks.errors import run_cli
+from tasks.errors import DataFormatError, run_cli
 from tasks.hardware import native_bf16
 from tasks.image_training import AUGMENT, BATCH, Split, memory_format, train_epoch
 from tasks.images.config import TrainingRecipe
@@ -99,8 +99,11 @@ def profile_step(model: nn.Module, train: Split, spec: TrainingRecipe, loss_fn: 
     """Milliseconds per step of ``train_epoch`` over ``steps`` batches of ``train`` as ``spec`` makes them, on the
     CPU: the plain ``wall`` time, the ``profiled`` time (the profiler's top-level events) and its ``parts``."""
     spec = spec.model_copy(update={"device": "cpu"})
+    if not len(train.y):
+        raise DataFormatError("no training images to profile a step on")
+    # whole batches only (fewer where the data has fewer images; one smaller batch where it has less than one)
+    steps = max(1, min(steps, len(train.y) // spec.batch_size))
     data = train.head(steps * spec.batch_size)
-    steps = -(-len(data.y) // spec.batch_size)   # fewer where the data has fewer images
     opt = make_optimizer(model, spec.optimizer)
     sched = make_scheduler(opt, spec.schedule, 2 + 2 * steps)
     gen = torch.Generator().manual_seed(spec.seed)
@@ -186,7 +189,7 @@ def main() -> None:
     result = measure(cfg, args.family, Split.load(data, "train"), args.steps)
     print(table(result, args.family))
     if args.out:
-        write_result(args.out, {"family": args.family, "steps": args.steps, "milliseconds": result})
+        write_result(args.out, {"family": args.family, "milliseconds": result})
 
 
 if __name__ == "__main__":

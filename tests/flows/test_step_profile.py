@@ -48,3 +48,14 @@ def test_the_teacher_region_is_the_distillers_only_while_profiled(smoke_config):
         distiller.loss(torch.zeros(2, 1, 28, 28), torch.zeros(2, dtype=torch.long))
     assert TEACHER in {e.name for e in prof.events()}
     assert "teacher_outputs" not in vars(distiller)   # the class's method again
+
+
+def test_the_profile_takes_whole_batches_only(smoke_config):
+    """300 images in batches of 128: two whole batches profiled, not a third of 44 images of another shape."""
+    from flows.step_profile import profile_step
+    from tasks.training import cross_entropy_loss
+
+    spec = smoke_config.teacher.vision
+    train = Split(torch.zeros(300, 28, 28, dtype=torch.uint8), torch.zeros(300, dtype=torch.long))
+    result = profile_step(ResNetTeacher(spec.arch), train, spec, cross_entropy_loss(0.0), steps=5)
+    assert spec.batch_size == 128 and result["steps"] == 2
