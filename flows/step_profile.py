@@ -10,9 +10,10 @@ wall time per step), then again under PyTorch's profiler, each operator's own ti
 first labelled region above it: building the batch, augmentation, the frozen teacher's forward, an autograd
 backward function, the optimizer (zeroing gradients and the update), else the forward pass; forward and backward
 split by the operator's name into convolutions, batch norm, activations and the rest (losses, additions, copies,
-casts). Prints a markdown table; ``--out`` writes JSON too.
+casts); and the ``--top`` slowest operators by own time with their input shapes (where a part's time goes).
+Prints markdown tables; ``--out`` writes JSON too.
 
-    python -m flows.step_profile --family vision [--steps 20] [--out step_profile.json]
+    python -m flows.step_profile --family vision [--steps 20] [--top 10] [--out step_profile.json]
 """
 from __future__ import annotations
 
@@ -94,10 +95,11 @@ def _labelled_teacher(model: nn.Module) -> Iterator[None]:
         del model.teacher_outputs
 
 
-def profile_step(model: nn.Module, train: Split, spec: TrainingRecipe, loss_fn: LossFn, steps: int
+def profile_step(model: nn.Module, train: Split, spec: TrainingRecipe, loss_fn: LossFn, steps: int, top: int = 0
                  ) -> dict[str, Any]:
     """Milliseconds per step of ``train_epoch`` over ``steps`` batches of ``train`` as ``spec`` makes them, on the
-    CPU: the plain ``wall`` time, the ``profiled`` time (the profiler's top-level events) and its ``parts``."""
+    CPU: the plain ``wall`` time, the ``profiled`` time (the profiler's top-level events) and its ``parts``; and the
+    ``top`` operators by own time, each with its input shapes (``operators``)."""
     spec = spec.model_copy(update={"device": "cpu"})
     if not len(train.y):
         raise DataFormatError("no training images to profile a step on")
@@ -117,17 +119,21 @@ def profile_step(model: nn.Module, train: Split, spec: TrainingRecipe, loss_fn: 
         start = time.perf_counter()
         run(data)
         wall = (time.perf_counter() - start) / steps
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=top > 0) as prof:
             run(data)
     parts = dict.fromkeys(PARTS, 0.0)
     events = prof.events()
     for event in events:   # each event's own time, its operators' excluded: onnxruntime's teacher, Python
         parts[part(event)] += event.self_cpu_time_total / 1000 / steps
     profiled = sum(e.cpu_time_total for e in events if e.cpu_parent is None) / 1000 / steps
-    return {"steps": steps, "wall": wall * 1000, "profiled": profiled, "parts": parts}
+    ops = sorted((a for a in prof.key_averages(group_by_input_shape=True) if a.key.startswith("aten::")),
+                 key=lambda a: a.self_cpu_time_total, reverse=True)[:top]
+    operators = [{"operator": a.key, "input_shapes": [list(shape) for shape in a.input_shapes if shape],
+                  "ms": a.self_cpu_time_total / 1000 / steps, "calls": a.count / steps} for a in ops]
+    return {"steps": steps, "wall": wall * 1000, "profiled": profiled, "parts": parts, "operators": operators}
 
 
-def measure(cfg: Config, family: str, train: Split, steps: int) -> dict[str, dict[str, Any]]:
+def measure(cfg: Config, family: str, train: Split, steps: int, top: int = 0) -> dict[str, dict[str, Any]]:
     """``profile_step`` of the teacher's training step and of a distillation step (``teacher.<family>`` and
     ``distill.<family>``, fresh weights) at each stage's threads."""
     teach, kd = cfg.block("teacher", family), cfg.block("distill", family).resolved("cpu")
@@ -137,14 +143,15 @@ def measure(cfg: Config, family: str, train: Split, steps: int) -> dict[str, dic
         torch.set_num_threads(teach.threads)
         torch.manual_seed(teach.seed)
         teacher = ResNetTeacher(teach.arch, **shape).to(memory_format=memory_format())
-        result["teacher"] = profile_step(teacher, train, teach, cross_entropy_loss(teach.label_smoothing), steps)
+        result["teacher"] = profile_step(teacher, train, teach, cross_entropy_loss(teach.label_smoothing), steps,
+                                         top)
         result["teacher"].update(threads=teach.threads, batch=teach.batch_size, bf16=teach.bf16 and bf16)
         torch.set_num_threads(kd.threads)
         torch.manual_seed(kd.seed)
         frozen = ResNetTeacher(teach.arch, **shape).to(memory_format=memory_format()).eval()
         student = MobileStudent(kd.student, **shape).to(memory_format=memory_format())
         distiller = Distiller(student, frozen, loss_config(kd, True, kd.label_smoothing), train.inputs(slice(2)))
-        result["distillation"] = profile_step(distiller, train, kd, distillation_loss, steps)
+        result["distillation"] = profile_step(distiller, train, kd, distillation_loss, steps, top)
         result["distillation"].update(threads=kd.threads, batch=kd.batch_size, bf16=kd.bf16 and bf16,
                                       teacher_runtime=kd.teacher_runtime,
                                       teacher_bf16=kd.teacher_bf16 and bf16 and kd.teacher_runtime == "pytorch")
@@ -171,6 +178,12 @@ def table(result: dict[str, dict[str, Any]], family: str) -> str:
               if teacher["parts"][name] or kd["parts"][name]]
     lines.append(f"| **profiled step** | **{teacher['profiled']:.1f}** | 100 | **{kd['profiled']:.1f}** | 100 |")
     lines.append(f"| step without the profiler | {teacher['wall']:.1f} | | {kd['wall']:.1f} | |")
+    for name, r in (("teacher", teacher), ("distillation", kd)):
+        if r["operators"]:
+            lines += ["", f"Slowest operators of the {name} step, by own time and input shapes:", "",
+                      "| operator | input shapes | ms a step | calls a step |", "|---|---|---:|---:|"]
+            lines += [f"| {op['operator']} | {' '.join(map(str, op['input_shapes']))} | {op['ms']:.1f} | "
+                      f"{op['calls']:g} |" for op in r["operators"]]
     return "\n".join(lines)
 
 
@@ -179,6 +192,8 @@ def main() -> None:
     parser.add_argument("--family", required=True, help="an image family of params.yaml")
     parser.add_argument("--data", type=Path, help="its processed data (default: what train_teacher_<family> reads)")
     parser.add_argument("--steps", type=int, default=20, help="steps timed, then profiled")
+    parser.add_argument("--top", type=int, default=10, help="also list this many slowest operators with their input "
+                        "shapes (0: none)")
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--out", type=Path, help="also write the numbers as JSON here")
     args = parser.parse_args()
@@ -186,7 +201,7 @@ def main() -> None:
         parser.error(f"--steps must be at least 1, got {args.steps}")
     cfg = image_teacher_config(args.params, args.family)
     data = args.data or args.params.parent / stage_paths(args.params.parent, f"train_teacher_{args.family}")["data"]
-    result = measure(cfg, args.family, Split.load(data, "train"), args.steps)
+    result = measure(cfg, args.family, Split.load(data, "train"), args.steps, args.top)
     print(table(result, args.family))
     if args.out:
         write_result(args.out, {"family": args.family, "milliseconds": result})
