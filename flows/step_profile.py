@@ -10,7 +10,8 @@ wall time per step), then again under PyTorch's profiler, each operator's own ti
 first labelled region above it: building the batch, augmentation, the frozen teacher's forward, an autograd
 backward function, the optimizer (zeroing gradients and the update), else the forward pass; forward and backward
 split by the operator's name into convolutions, batch norm, activations and the rest (losses, additions, copies,
-casts); and the ``--top`` slowest operators by own time with their input shapes (where a part's time goes).
+casts); and, from one more profiled pass that records input shapes (which slows it), the ``--top`` slowest
+operators by own time with their shapes (where a part's time goes).
 Prints markdown tables; ``--out`` writes JSON too.
 
     python -m flows.step_profile --family vision [--steps 20] [--top 10] [--out step_profile.json]
@@ -99,7 +100,8 @@ def profile_step(model: nn.Module, train: Split, spec: TrainingRecipe, loss_fn: 
                  ) -> dict[str, Any]:
     """Milliseconds per step of ``train_epoch`` over ``steps`` batches of ``train`` as ``spec`` makes them, on the
     CPU: the plain ``wall`` time, the ``profiled`` time (the profiler's top-level events) and its ``parts``; and the
-    ``top`` operators by own time, each with its input shapes (``operators``)."""
+    ``top`` operators by own time in a further profiled pass that records input shapes (``operators``; the shapes
+    of tensor arguments, None and scalars left out)."""
     spec = spec.model_copy(update={"device": "cpu"})
     if not len(train.y):
         raise DataFormatError("no training images to profile a step on")
@@ -107,7 +109,7 @@ def profile_step(model: nn.Module, train: Split, spec: TrainingRecipe, loss_fn: 
     steps = max(1, min(steps, len(train.y) // spec.batch_size))
     data = train.head(steps * spec.batch_size)
     opt = make_optimizer(model, spec.optimizer)
-    sched = make_scheduler(opt, spec.schedule, 2 + 2 * steps)
+    sched = make_scheduler(opt, spec.schedule, 2 + 3 * steps)
     gen = torch.Generator().manual_seed(spec.seed)
     cpu = torch.device("cpu")
 
@@ -119,15 +121,18 @@ def profile_step(model: nn.Module, train: Split, spec: TrainingRecipe, loss_fn: 
         start = time.perf_counter()
         run(data)
         wall = (time.perf_counter() - start) / steps
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=top > 0) as prof:
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
             run(data)
+        if top:   # recording shapes slows the profiled step (~5-15 %): a pass of its own, apart from the parts
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as shaped:
+                run(data)
     parts = dict.fromkeys(PARTS, 0.0)
     events = prof.events()
     for event in events:   # each event's own time, its operators' excluded: onnxruntime's teacher, Python
         parts[part(event)] += event.self_cpu_time_total / 1000 / steps
     profiled = sum(e.cpu_time_total for e in events if e.cpu_parent is None) / 1000 / steps
-    ops = sorted((a for a in prof.key_averages(group_by_input_shape=True) if a.key.startswith("aten::")),
-                 key=lambda a: a.self_cpu_time_total, reverse=True)[:top]
+    ops = sorted((a for a in shaped.key_averages(group_by_input_shape=True) if a.key.startswith("aten::")),
+                 key=lambda a: a.self_cpu_time_total, reverse=True)[:top] if top else []
     operators = [{"operator": a.key, "input_shapes": [list(shape) for shape in a.input_shapes if shape],
                   "ms": a.self_cpu_time_total / 1000 / steps, "calls": a.count / steps} for a in ops]
     return {"steps": steps, "wall": wall * 1000, "profiled": profiled, "parts": parts, "operators": operators}
@@ -181,7 +186,7 @@ def table(result: dict[str, dict[str, Any]], family: str) -> str:
     for name, r in (("teacher", teacher), ("distillation", kd)):
         if r["operators"]:
             lines += ["", f"Slowest operators of the {name} step, by own time and input shapes:", "",
-                      "| operator | input shapes | ms a step | calls a step |", "|---|---|---:|---:|"]
+                      "| operator | input shapes (tensors) | ms a step | calls a step |", "|---|---|---:|---:|"]
             lines += [f"| {op['operator']} | {' '.join(map(str, op['input_shapes']))} | {op['ms']:.1f} | "
                       f"{op['calls']:g} |" for op in r["operators"]]
     return "\n".join(lines)
@@ -197,8 +202,8 @@ def main() -> None:
     parser.add_argument("--params", type=Path, default=Path("params.yaml"))
     parser.add_argument("--out", type=Path, help="also write the numbers as JSON here")
     args = parser.parse_args()
-    if args.steps < 1:
-        parser.error(f"--steps must be at least 1, got {args.steps}")
+    if args.steps < 1 or args.top < 0:
+        parser.error(f"--steps must be at least 1 and --top at least 0, got {args.steps} and {args.top}")
     cfg = image_teacher_config(args.params, args.family)
     data = args.data or args.params.parent / stage_paths(args.params.parent, f"train_teacher_{args.family}")["data"]
     result = measure(cfg, args.family, Split.load(data, "train"), args.steps, args.top)

@@ -23,7 +23,8 @@ def test_the_profile_splits_both_steps_into_their_parts(raw_params, runtime):
     gen = torch.Generator().manual_seed(0)
     train = Split(torch.randint(0, 256, (64, 28, 28), dtype=torch.uint8, generator=gen),
                   torch.randint(0, 10, (64,), generator=gen), Pixels((0.3,), (0.35,)), tuple("abcdefghij"))
-    result = measure(parse_config(raw), "vision", train, steps=2, top=3)
+    top = 3 if runtime == "pytorch" else 0   # the operator list, and without it
+    result = measure(parse_config(raw), "vision", train, steps=2, top=top)
     teacher, kd = result["teacher"], result["distillation"]
     assert kd["teacher_runtime"] == runtime
     for r in (teacher, kd):
@@ -33,14 +34,14 @@ def test_the_profile_splits_both_steps_into_their_parts(raw_params, runtime):
         for name in (BATCH, "forward: convolutions", "backward: convolutions", "backward: batch norm", "optimizer"):
             assert r["parts"][name] > 0, name
         ms = [op["ms"] for op in r["operators"]]   # the slowest operators first, each with its input shapes
-        assert len(ms) == 3 and ms == sorted(ms, reverse=True) and all(op["input_shapes"] for op in r["operators"])
+        assert len(ms) == top and ms == sorted(ms, reverse=True) and all(op["input_shapes"] for op in r["operators"])
     # the teacher's step has no frozen teacher; distillation's has one, whoever runs it: onnxruntime's work is no
     # PyTorch operator, so it counts only as the teacher region's own time (15-25 % of the step here; 0.05 % when
     # only operators were counted)
     assert teacher["parts"][TEACHER] == 0 and kd["parts"][TEACHER] > 0.01 * kd["profiled"]
     printed = table(result, "vision")
     assert f"| {TEACHER} | 0.0 | 0 |" in printed and "| **profiled step** |" in printed
-    assert "Slowest operators of the teacher step" in printed and "Slowest operators of the distillation step" in printed
+    assert ("Slowest operators of the teacher step" in printed) is (top > 0)
 
 
 def test_the_teacher_region_is_the_distillers_only_while_profiled(smoke_config):
