@@ -20,8 +20,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from datetime import date
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,7 @@ from torch import nn
 from flows.benchmark import image_teacher_config, machine, write_result
 from flows.stage_graph import stage_paths
 from tasks.config import Config
-from tasks.distillation import Distiller, distillation_loss, loss_config
+from tasks.distillation import TEACHER, Distiller, distillation_loss, loss_config
 from tasks.errors import DataFormatError, run_cli
 from tasks.hardware import native_bf16
 from tasks.image_training import AUGMENT, BATCH, Split, memory_format, train_epoch
@@ -40,7 +38,6 @@ from tasks.images.config import TrainingRecipe
 from tasks.images.models import MobileStudent, ResNetTeacher
 from tasks.training import LossFn, cross_entropy_loss, make_optimizer, make_scheduler
 
-TEACHER = "frozen teacher forward"
 KINDS = ("convolutions", "batch norm", "activations", "other")
 PARTS = (BATCH, AUGMENT, TEACHER, *(f"forward: {k}" for k in KINDS), *(f"backward: {k}" for k in KINDS),
          "optimizer")
@@ -77,25 +74,6 @@ def part(event: Any) -> str:
     return f"forward: {kind(event.name)}"
 
 
-@contextmanager
-def _labelled_teacher(model: nn.Module) -> Iterator[None]:
-    """The distiller's frozen-teacher forward inside a profiler region of its own (a no-op for a plain model)."""
-    if not isinstance(model, Distiller):
-        yield
-        return
-    outputs = model.teacher_outputs
-
-    def labelled(x: torch.Tensor) -> Any:
-        with torch.profiler.record_function(TEACHER):
-            return outputs(x)
-
-    model.teacher_outputs = labelled   # the instance's, over the class's method
-    try:
-        yield
-    finally:
-        del model.teacher_outputs
-
-
 def profile_step(model: nn.Module, train: Split, spec: TrainingRecipe, loss_fn: LossFn, steps: int, top: int = 0
                  ) -> dict[str, Any]:
     """Milliseconds per step of ``train_epoch`` over ``steps`` batches of ``train`` as ``spec`` makes them, on the
@@ -116,16 +94,15 @@ def profile_step(model: nn.Module, train: Split, spec: TrainingRecipe, loss_fn: 
     def run(split: Split) -> None:
         train_epoch(model, split, spec, opt, sched, gen, loss_fn, "profile", cpu)
 
-    with _labelled_teacher(model):
-        run(train.head(2 * spec.batch_size))   # warm-up: first-call allocations and kernel choices
-        start = time.perf_counter()
+    run(train.head(2 * spec.batch_size))   # warm-up: first-call allocations and kernel choices
+    start = time.perf_counter()
+    run(data)
+    wall = (time.perf_counter() - start) / steps
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         run(data)
-        wall = (time.perf_counter() - start) / steps
-        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+    if top:   # recording shapes slows the profiled step (~5-15 %): a pass of its own, apart from the parts
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as shaped:
             run(data)
-        if top:   # recording shapes slows the profiled step (~5-15 %): a pass of its own, apart from the parts
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as shaped:
-                run(data)
     parts = dict.fromkeys(PARTS, 0.0)
     events = prof.events()
     for event in events:   # each event's own time, its operators' excluded: onnxruntime's teacher, Python
