@@ -30,6 +30,7 @@ from torch import nn
 from flows.benchmark import image_teacher_config, machine, write_result
 from flows.stage_graph import stage_paths
 from tasks.config import Config
+from tasks.conv_grad import WEIGHT_GRAD
 from tasks.distillation import TEACHER, Distiller, distillation_loss, loss_config
 from tasks.errors import DataFormatError, run_cli
 from tasks.hardware import native_bf16
@@ -68,6 +69,8 @@ def part(event: Any) -> str:
             return parent.name
         if parent.name.startswith(OPTIMIZER):
             return "optimizer"
+        if parent.name == WEIGHT_GRAD:   # the patches gathered and the matmul: a convolution's weight gradient
+            return "backward: convolutions"
         if parent.name.startswith(BACKWARD):
             return f"backward: {kind(event.name)}"
         parent = parent.cpu_parent

@@ -22,6 +22,15 @@ def native_bf16(device_type: str = "cpu") -> bool:
     return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
 
 
+@functools.cache
+def native_amx() -> bool:
+    """Whether this CPU has AMX tiles (Intel Xeon since Sapphire Rapids): where oneDNN's bf16 kernels differ most
+    (``tasks.conv_grad``)."""
+    import torch
+
+    return torch.cpu._is_amx_tile_supported()
+
+
 def training_device(name: str, where: str = "device") -> torch.device:
     """The device a training run's ``device`` knob names: ``auto`` is the first CUDA device when this PyTorch sees
     one, else the CPU; ``cuda`` without one is a ``ConfigError`` naming ``where`` (the knob's params key)."""

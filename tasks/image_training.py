@@ -18,6 +18,7 @@ from torch import nn
 from tqdm import tqdm
 
 from tasks.checkpoints import load_checkpoint, save_checkpoint
+from tasks.conv_grad import matmul_weight_grads
 from tasks.errors import DataFormatError
 from tasks.io import read_manifest
 from tasks.observers import frozen_observers
@@ -256,26 +257,28 @@ def train_epoch(model: nn.Module, train: Split, spec: TrainingRecipe, opt: torch
                 sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator, loss_fn: LossFn,
                 desc: str, device: torch.device, after_step: Callable[[], None] | None = None) -> dict[str, float]:
     """One pass over ``train`` in a random order (from ``gen``), a step per batch of ``spec.batch_size``: the batch
-    made, augmented, moved to ``device``, one ``train_step``, the schedule's step, ``after_step``."""
+    made, augmented, moved to ``device``, one ``train_step``, the schedule's step, ``after_step``. In bf16 on a CPU
+    with AMX, small convolutions take their weight gradients by matmul (``tasks.conv_grad``)."""
     model.train()
     order = torch.randperm(len(train.y), generator=gen)
-    seen, correct, loss_sum = 0, 0, 0.0
     # disable=None: no bar when stderr is not a terminal (CI, Prefect workers, log files), where each redraw is a line
     bar = tqdm(range(0, len(order), spec.batch_size), desc=desc, unit="batch", leave=True, mininterval=2.0,
                disable=None)
-    for start in bar:
-        idx = order[start:start + spec.batch_size]
-        with torch.profiler.record_function(BATCH):
-            x = train.inputs(idx)
-        with torch.profiler.record_function(AUGMENT):
-            x = augment(x, spec.augmentation, gen, train.pixels)
-        x, y = on(x, device), train.y[idx].to(device)
-        loss, logits = train_step(model, x, y, opt, loss_fn, spec.bf16)
-        sched.step()
-        if after_step:
-            after_step()
-        seen += len(y)
-        correct += (logits.argmax(1) == y).sum().item()
-        loss_sum += loss.item() * len(y)
-        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
+    seen, correct, loss_sum = 0, 0, 0.0
+    with matmul_weight_grads(model, spec.bf16, device):
+        for start in bar:
+            idx = order[start:start + spec.batch_size]
+            with torch.profiler.record_function(BATCH):
+                x = train.inputs(idx)
+            with torch.profiler.record_function(AUGMENT):
+                x = augment(x, spec.augmentation, gen, train.pixels)
+            x, y = on(x, device), train.y[idx].to(device)
+            loss, logits = train_step(model, x, y, opt, loss_fn, spec.bf16)
+            sched.step()
+            if after_step:
+                after_step()
+            seen += len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            loss_sum += loss.item() * len(y)
+            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
     return {"train_loss": loss_sum / seen, "train_accuracy": correct / seen}
