@@ -62,14 +62,15 @@ def kind(op: str) -> str:
 
 def part(event: Any) -> str:
     """The part of the step a profiled event belongs to: that of the first labelled region above it (itself
-    included: batch, augmentation, teacher, optimizer, an autograd backward function), else the forward pass."""
+    included: batch, augmentation, teacher, optimizer, ``tasks.conv_grad``'s convolution backward, an autograd
+    backward function), else the forward pass."""
     parent = event
     while parent is not None:
         if parent.name in (BATCH, AUGMENT, TEACHER):
             return parent.name
         if parent.name.startswith(OPTIMIZER):
             return "optimizer"
-        if parent.name == WEIGHT_GRAD:   # the patches gathered and the matmul: a convolution's weight gradient
+        if parent.name == WEIGHT_GRAD:   # tasks.conv_grad's backward of a convolution: patches gathered, matmul
             return "backward: convolutions"
         if parent.name.startswith(BACKWARD):
             return f"backward: {kind(event.name)}"

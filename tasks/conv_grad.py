@@ -1,14 +1,21 @@
 """Convolution weight gradients as one matrix product, where oneDNN's own kernel is slow: bf16 training on a CPU with
 AMX, convolutions whose output map is small.
 
-Measured on 2 Intel Xeon cores with AMX (torch 2.13, batch 256, bf16, channels_last, 2026-12-06): oneDNN's
-backward-weights kernel (``brgconv_bwd_w``) took 13.7 ms for the vision teacher's 256->256 3x3 convolution at 4x4,
-4.7x its forward (2.9 ms), while gathering the 3x3 patches and one bf16 matmul took 4.7 ms; for the 128->256 stride-2
-convolution into 4x4, 8.1 -> 2.9 ms. At 7x7 outputs and larger, oneDNN was as fast or faster (128->128 at 7x7: 5.5
-vs 5.9 ms; 64->64 at 14x14: 3.8 vs 34 ms), so only outputs of at most ``MAX_POSITIONS`` positions take this path. A
-whole teacher training step: ~137 -> ~125 ms. Without AMX (AVX512-BF16 only, AVX2, CUDA) nothing changes: it was
-not measured there. The input gradient stays oneDNN's (fast); only the weight gradient changes, to the same values
-up to bf16 rounding (oneDNN rounds its fp32 sums to bf16 too; the order of the sums differs).
+Measured on 2 Intel Xeon cores with AMX (torch 2.13, batch 256, bf16, channels_last, 2026-12-06), oneDNN's
+backward-weights kernel (``brgconv_bwd_w``) against gathering the patches and one bf16 matmul (``weight_grad``):
+
+| the vision teacher's convolution | output | oneDNN ms | matmul ms |
+|---|---|---:|---:|
+| 256->256 3x3 (its forward: 2.9 ms) | 4x4 | 13.7 | 4.7 |
+| 128->256 3x3, stride 2 | 4x4 | 8.1 | 2.9 |
+| 128->256 1x1, stride 2 (the shortcut) | 4x4 | 2.3 | 0.4 |
+| 128->128 3x3 | 7x7 | 5.5 | 5.9 |
+| 64->64 3x3 | 14x14 | 3.8 | 33.6 |
+
+So only outputs of at most ``MAX_POSITIONS`` positions take this path. The teacher's training step (``make
+benchmark-step``, the same hour): 162.3 -> 134.0 ms. Without AMX (AVX512-BF16 only, AVX2, CUDA) and in fp32
+nothing changes: not measured there. The input gradient stays oneDNN's; the weight gradient is the same up to bf16
+rounding (oneDNN rounds its fp32 sums to bf16 too, in another order).
 """
 from __future__ import annotations
 
@@ -22,7 +29,8 @@ from torch import nn
 from tasks.hardware import native_amx
 
 MAX_POSITIONS = 16            # output height x width at most this: the 4x4 maps measured above
-WEIGHT_GRAD = "convolution weight gradient by matmul"   # profiler region (flows.step_profile counts it as convolution)
+WEIGHT_GRAD = "convolution backward, weights by matmul"   # profiler region: flows.step_profile counts it as
+#                                                           the convolutions' backward
 
 
 def weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
@@ -42,7 +50,7 @@ def weight_grad(x: torch.Tensor, grad: torch.Tensor, kernel: tuple[int, int], st
     return (rows.t() @ patches.view(n * ho * wo, kh * kw * c)).view(o, kh, kw, c).permute(0, 3, 1, 2)
 
 
-class _MatmulWeightGrad(torch.autograd.Function):
+class _ConvWeightGradByMatmul(torch.autograd.Function):
     """``F.conv2d`` whose backward takes the input gradient from oneDNN and the weight gradient from ``weight_grad``."""
 
     @staticmethod
@@ -55,16 +63,16 @@ class _MatmulWeightGrad(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight = ctx.saved_tensors
         stride, padding = ctx.geometry
-        grad = grad.contiguous(memory_format=torch.channels_last)
         grad_x = grad_w = grad_b = None
-        if ctx.needs_input_grad[0]:
-            grad_x = torch.ops.aten.convolution_backward(grad, x, weight, None, list(stride), list(padding), [1, 1],
-                                                         False, [0, 0], 1, [True, False, False])[0]
-        if ctx.needs_input_grad[1]:
-            with torch.profiler.record_function(WEIGHT_GRAD):
+        with torch.profiler.record_function(WEIGHT_GRAD):
+            grad = grad.contiguous(memory_format=torch.channels_last)
+            if ctx.needs_input_grad[0]:
+                grad_x = torch.ops.aten.convolution_backward(grad, x, weight, None, list(stride), list(padding),
+                                                             [1, 1], False, [0, 0], 1, [True, False, False])[0]
+            if ctx.needs_input_grad[1]:
                 grad_w = weight_grad(x, grad, weight.shape[2:], stride, padding)
-        if ctx.has_bias and ctx.needs_input_grad[2]:
-            grad_b = grad.sum((0, 2, 3))
+            if ctx.has_bias and ctx.needs_input_grad[2]:
+                grad_b = grad.sum((0, 2, 3))
         return grad_x, grad_w, grad_b, None, None
 
 
@@ -74,16 +82,17 @@ def _positions(conv: nn.Conv2d, x: torch.Tensor) -> int:
 
 
 class _Conv2d(nn.Conv2d):
-    """An ``nn.Conv2d`` (the same parameters and state dict) taking ``_MatmulWeightGrad`` where it pays: training
+    """An ``nn.Conv2d`` (the same parameters and state dict) taking ``_ConvWeightGradByMatmul`` where it pays: training
     with grad on, bf16 autocast on the CPU, an output of at most ``MAX_POSITIONS`` positions."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (self.training and torch.is_grad_enabled() and x.device.type == "cpu" and x.dim() == 4
-                and torch.is_autocast_enabled("cpu") and _positions(self, x) <= MAX_POSITIONS):
-            dtype = torch.get_autocast_dtype("cpu")
-            bias = None if self.bias is None else self.bias.to(dtype)
+                and x.dtype in (torch.float32, torch.bfloat16) and torch.is_autocast_enabled("cpu")
+                and torch.get_autocast_dtype("cpu") == torch.bfloat16 and _positions(self, x) <= MAX_POSITIONS):
+            bf16 = torch.bfloat16
+            bias = None if self.bias is None else self.bias.to(bf16)
             with torch.autocast("cpu", enabled=False):
-                return _MatmulWeightGrad.apply(x.to(dtype), self.weight.to(dtype), bias, self.stride, self.padding)
+                return _ConvWeightGradByMatmul.apply(x.to(bf16), self.weight.to(bf16), bias, self.stride, self.padding)
         return super().forward(x)
 
 
@@ -97,7 +106,8 @@ def matmul_weight_grads(model: nn.Module, bf16: bool, device: torch.device) -> I
     """Within it, ``model``'s plain convolutions (``nn.Conv2d``, groups 1, dilation 1, zero padding) take their
     weight gradients by ``weight_grad`` where their output is small, when training in bf16 (``bf16``, which
     ``tasks.training.autocast`` turns on only where native) on a CPU with AMX; elsewhere nothing changes. Yields how
-    many convolutions may take it; they are plain ``nn.Conv2d`` again on leaving."""
+    many convolutions may take it; they are plain ``nn.Conv2d`` again on leaving. Meant around a training step:
+    a copy, pickle or trace of ``model`` made inside keeps the switched class."""
     convs = [m for m in model.modules() if _plain(m)] if bf16 and device.type == "cpu" and native_amx() else []
     for conv in convs:
         conv.__class__ = _Conv2d
@@ -105,4 +115,5 @@ def matmul_weight_grads(model: nn.Module, bf16: bool, device: torch.device) -> I
         yield len(convs)
     finally:
         for conv in convs:
-            conv.__class__ = nn.Conv2d
+            if type(conv) is _Conv2d:   # not one given another class inside (a parametrization's)
+                conv.__class__ = nn.Conv2d

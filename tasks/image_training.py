@@ -265,20 +265,20 @@ def train_epoch(model: nn.Module, train: Split, spec: TrainingRecipe, opt: torch
     bar = tqdm(range(0, len(order), spec.batch_size), desc=desc, unit="batch", leave=True, mininterval=2.0,
                disable=None)
     seen, correct, loss_sum = 0, 0, 0.0
-    with matmul_weight_grads(model, spec.bf16, device):
-        for start in bar:
-            idx = order[start:start + spec.batch_size]
-            with torch.profiler.record_function(BATCH):
-                x = train.inputs(idx)
-            with torch.profiler.record_function(AUGMENT):
-                x = augment(x, spec.augmentation, gen, train.pixels)
-            x, y = on(x, device), train.y[idx].to(device)
+    for start in bar:
+        idx = order[start:start + spec.batch_size]
+        with torch.profiler.record_function(BATCH):
+            x = train.inputs(idx)
+        with torch.profiler.record_function(AUGMENT):
+            x = augment(x, spec.augmentation, gen, train.pixels)
+        x, y = on(x, device), train.y[idx].to(device)
+        with matmul_weight_grads(model, spec.bf16, device):
             loss, logits = train_step(model, x, y, opt, loss_fn, spec.bf16)
-            sched.step()
-            if after_step:
-                after_step()
-            seen += len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            loss_sum += loss.item() * len(y)
-            bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
+        sched.step()
+        if after_step:
+            after_step()
+        seen += len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        loss_sum += loss.item() * len(y)
+        bar.set_postfix(loss=f"{loss_sum / seen:.4f}", acc=f"{correct / seen:.4f}")
     return {"train_loss": loss_sum / seen, "train_accuracy": correct / seen}
