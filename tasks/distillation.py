@@ -9,6 +9,7 @@ gradients every step (``tasks.training.train_step``).
 """
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -109,12 +110,56 @@ class FrozenTeacher(nn.Module):
         return self.student(*inputs)
 
 
+class _Outputs(nn.Module):
+    """``forward_features`` of a one-input model as one tuple, ``(logits, *feature maps)``: what torch.fx traces."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits, maps = self.model.forward_features(x)
+        return (logits, *maps)
+
+
+class FoldedTeacher(nn.Module):
+    """A copy of a teacher for inference, each batch norm folded into the convolution that alone feeds it
+    (``torch.fx.experimental.optimization.fuse``): the same ``forward_features`` (up to float rounding) without the
+    batch norms' passes over the maps."""
+
+    def __init__(self, teacher: nn.Module) -> None:
+        super().__init__()
+        from torch.fx.experimental.optimization import fuse
+
+        traced = torch.fx.symbolic_trace(_Outputs(copy.deepcopy(teacher).eval()))
+        self.graph = fuse(traced, inplace=True)
+
+    def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        logits, *maps = self.graph(x)
+        return logits, maps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x)[0]
+
+
+def inference_teacher(teacher: nn.Module) -> nn.Module:
+    """``teacher`` as a ``FoldedTeacher`` when torch.fx can trace it (the image teachers built here), else itself
+    (an ``OnnxTeacher``: onnxruntime folds batch norms itself; a forward with data-dependent control flow)."""
+    if isinstance(teacher, OnnxTeacher):
+        return teacher
+    try:
+        return FoldedTeacher(teacher)
+    except torch.fx.proxy.TraceError:
+        return teacher
+
+
 class Distiller(FrozenTeacher):
     """Student plus feature adapters (FitNets hints) against a frozen vision teacher."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillImages, sample: torch.Tensor) -> None:
         if cfg.teacher_in_onnxruntime() and not isinstance(teacher, OnnxTeacher):
             teacher = onnx_twin(teacher, (sample,), feature_rank=4)
+        teacher = inference_teacher(teacher)
         super().__init__(student, teacher)
         self.cfg = cfg
         with torch.no_grad():

@@ -9,7 +9,16 @@ import torch
 import torch.nn.functional as F
 
 from tasks.config import parse_config
-from tasks.distillation import Distiller, decoupled_kd, distillation_loss, hint_loss, soft_target_kl, soft_target_mse
+from tasks.distillation import (
+    Distiller,
+    FoldedTeacher,
+    decoupled_kd,
+    distillation_loss,
+    hint_loss,
+    inference_teacher,
+    soft_target_kl,
+    soft_target_mse,
+)
 from tasks.errors import ConfigError
 from tasks.family_config import LossWeights, Optimizer, Schedule
 from tasks.image_training import Split, fit
@@ -126,6 +135,36 @@ def test_teacher_frozen_and_only_student_and_adapters_learn():
     assert any(not torch.equal(v, adapter_before[k]) for k, v in model.adapters.state_dict().items())
     assert not any(k.startswith("teacher") for k in model.state_dict())
     assert all(p.grad is not None for p in model.student.parameters())  # the student's forward ran with autograd
+
+
+def test_the_frozen_teacher_infers_with_its_batch_norms_folded():
+    """The distiller's teacher is a copy without batch norms that computes what the teacher does; the teacher handed
+    over is left as it was (its mode, its weights)."""
+    cfg, data = _kd_cfg(), _data()
+    torch.manual_seed(0)
+    teacher = ResNetTeacher(ResNetArch(stem=4, widths=[8, 12], blocks=[1, 1]))
+    for m in teacher.modules():   # statistics and scales of a trained teacher, not the identity of a fresh one
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 1.5)
+    before = copy.deepcopy(teacher.state_dict())
+    model = Distiller(MobileStudent(cfg.student), teacher.train(), cfg, data.inputs(slice(2)))
+    assert isinstance(model.teacher, FoldedTeacher) and teacher.training
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.teacher.modules())
+    assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
+    with torch.no_grad():
+        logits, maps = teacher.eval().forward_features(data.inputs())
+        folded_logits, folded_maps = model.teacher_outputs(data.inputs())
+    for want, got in zip([logits, *maps], [folded_logits, *folded_maps], strict=True):
+        assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
+def test_a_teacher_torch_fx_cannot_trace_is_used_as_it_is():
+    class Branchy(ResNetTeacher):
+        def forward_features(self, x):
+            return super().forward_features(x if x.sum() > 0 else -x)   # control flow on the data
+
+    teacher = Branchy(ResNetArch(stem=4, widths=[8, 12], blocks=[1, 1]))
+    assert inference_teacher(teacher) is teacher
 
 
 def test_gradients_are_zeroed_every_step():
