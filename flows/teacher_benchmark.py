@@ -49,8 +49,9 @@ def measure(cfg: Config, family: str, shape: dict[str, Any], batch: int, steps: 
             ) -> dict[str, dict[str, float]]:
     """Seconds of the teacher's forward and of a distillation step, per teacher kind: the median over ``repeats`` of
     the mean over ``steps``. ``shape``: the models' ``num_classes`` and ``input_shape``."""
-    # the Distiller runs each teacher as given: fp32, plus PyTorch's bf16 autocast where the CPU has native bf16
-    # (what ``teacher_bf16: true`` runs there)
+    # the Distiller runs each teacher as the stages do (PyTorch's with its batch norms folded,
+    # ``tasks.distillation.inference_teacher``): fp32, plus PyTorch's bf16 autocast where the CPU has native bf16 (what
+    # ``teacher_bf16: true`` runs there); the forward column times the teacher the Distiller runs
     kd = cfg.block("distill", family).model_copy(update={"teacher_bf16": False, "teacher_runtime": "pytorch"})
     torch.set_num_threads(kd.threads)
     torch.manual_seed(0)
@@ -73,7 +74,7 @@ def measure(cfg: Config, family: str, shape: dict[str, Any], batch: int, steps: 
                 d.loss(x, y)[0].backward()
                 o.step()
 
-            def forward(t: nn.Module = frozen, bf16: bool = bf16) -> None:
+            def forward(t: nn.Module = distiller.teacher, bf16: bool = bf16) -> None:
                 with torch.no_grad(), autocast(bf16):
                     t.forward_features(x)
 

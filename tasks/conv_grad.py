@@ -12,8 +12,8 @@ backward-weights kernel (``brgconv_bwd_w``) against gathering the patches and on
 | 128->128 3x3 | 7x7 | 5.5 | 5.9 |
 | 64->64 3x3 | 14x14 | 3.8 | 33.6 |
 
-So only outputs of at most ``MAX_POSITIONS`` positions take this path. The teacher's training step (``make
-benchmark-step``, the same hour): 162.3 -> 134.0 ms. Without AMX (AVX512-BF16 only, AVX2, CUDA) and in fp32
+So only outputs of at most ``MAX_POSITIONS`` positions take this path. The teacher's whole training step, three
+alternating rounds: 150/138/138 ms before, 129/125/126 ms after (docs/results.md). Without AMX (AVX512-BF16 only, AVX2, CUDA) and in fp32
 nothing changes: not measured there. The input gradient stays oneDNN's; the weight gradient is the same up to bf16
 rounding (oneDNN rounds its fp32 sums to bf16 too, in another order).
 """
@@ -106,8 +106,9 @@ def matmul_weight_grads(model: nn.Module, bf16: bool, device: torch.device) -> I
     """Within it, ``model``'s plain convolutions (``nn.Conv2d``, groups 1, dilation 1, zero padding) take their
     weight gradients by ``weight_grad`` where their output is small, when training in bf16 (``bf16``, which
     ``tasks.training.autocast`` turns on only where native) on a CPU with AMX; elsewhere nothing changes. Yields how
-    many convolutions may take it; they are plain ``nn.Conv2d`` again on leaving. Meant around a training step:
-    a copy, pickle or trace of ``model`` made inside keeps the switched class."""
+    many convolutions may take it; they are plain ``nn.Conv2d`` again on leaving, except one given a class of its
+    own inside (a parametrization's, which derives from the switched class and keeps it). Meant around a training
+    step: a copy, pickle or trace of ``model`` made inside keeps the switched class."""
     convs = [m for m in model.modules() if _plain(m)] if bf16 and device.type == "cpu" and native_amx() else []
     for conv in convs:
         conv.__class__ = _Conv2d

@@ -9,7 +9,9 @@ gradients every step (``tasks.training.train_step``).
 """
 from __future__ import annotations
 
+import collections
 import copy
+import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -123,34 +125,57 @@ class _Outputs(nn.Module):
 
 
 class FoldedTeacher(nn.Module):
-    """A copy of a teacher for inference, each batch norm folded into the convolution that alone feeds it
-    (``torch.fx.experimental.optimization.fuse``): the same ``forward_features`` (up to float rounding) without the
-    batch norms' passes over the maps."""
+    """A teacher for inference as a torch.fx graph of its ``forward_features`` whose batch norms are folded into
+    the convolutions before them (``inference_teacher`` makes one and checks it)."""
 
-    def __init__(self, teacher: nn.Module) -> None:
+    def __init__(self, folded: torch.fx.GraphModule) -> None:
         super().__init__()
-        from torch.fx.experimental.optimization import fuse
-
-        traced = torch.fx.symbolic_trace(_Outputs(copy.deepcopy(teacher).eval()))
-        self.graph = fuse(traced, inplace=True)
+        self.folded = folded
 
     def forward_features(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        logits, *maps = self.graph(x)
+        logits, *maps = self.folded(x)
         return logits, maps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_features(x)[0]
 
 
-def inference_teacher(teacher: nn.Module) -> nn.Module:
-    """``teacher`` as a ``FoldedTeacher`` when torch.fx can trace it (the image teachers built here), else itself
-    (an ``OnnxTeacher``: onnxruntime folds batch norms itself; a forward with data-dependent control flow)."""
+def inference_teacher(teacher: nn.Module, sample: torch.Tensor) -> nn.Module:
+    """A copy of ``teacher`` with each batch norm folded into the convolution that alone feeds it
+    (``torch.fx.experimental.optimization.fuse``): the same ``forward_features`` without the batch norms' passes,
+    checked on ``sample`` in fp32. ``teacher`` itself is left as it is; it is returned instead, with a note on
+    stderr saying why, where torch.fx cannot trace its forward, where a convolution or batch norm runs more than once
+    in it (a flip-averaged teacher: ``fuse`` would fold a batch norm into a convolution once per call) or where the copy
+    computes something else on ``sample``; and an ``OnnxTeacher`` without a note (onnxruntime folds them itself)."""
+    from torch.fx.experimental.optimization import fuse
+
     if isinstance(teacher, OnnxTeacher):
         return teacher
+    reference = copy.deepcopy(teacher).eval()
     try:
-        return FoldedTeacher(teacher)
-    except torch.fx.proxy.TraceError:
-        return teacher
+        traced = torch.fx.symbolic_trace(_Outputs(copy.deepcopy(reference)))
+    except Exception as err:  # noqa: BLE001 (torch.fx refuses with TraceError, RuntimeError, TypeError, ...)
+        return _unfolded(teacher, f"torch.fx cannot trace its forward_features ({type(err).__name__}: "
+                                  f"{str(err).splitlines()[0] if str(err) else ''})")
+    modules = dict(traced.named_modules())
+    calls = collections.Counter(n.target for n in traced.graph.nodes if n.op == "call_module"
+                                and isinstance(modules[n.target], (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)))
+    if again := [f"{name} ({count} times)" for name, count in calls.items() if count > 1]:
+        return _unfolded(teacher, f"convolutions or batch norms run more than once in one forward: "
+                                  f"{', '.join(again[:3])}")
+    folded = FoldedTeacher(fuse(traced, inplace=True, no_trace=True))
+    with torch.no_grad():
+        logits, maps = reference.forward_features(sample)
+        for name, want, got in zip(["logits", *(f"map {i}" for i in range(len(maps)))], [logits, *maps],
+                                   [*folded.folded(sample)], strict=True):
+            if not torch.allclose(got, want, rtol=1e-3, atol=1e-4 * max(1.0, want.abs().max().item())):
+                return _unfolded(teacher, f"the folded copy's {name} differ from the teacher's on the sample")
+    return folded
+
+
+def _unfolded(teacher: nn.Module, why: str) -> nn.Module:
+    print(f"note: the frozen teacher runs with its batch norms unfolded: {why}", file=sys.stderr)
+    return teacher
 
 
 class Distiller(FrozenTeacher):
@@ -159,7 +184,7 @@ class Distiller(FrozenTeacher):
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillImages, sample: torch.Tensor) -> None:
         if cfg.teacher_in_onnxruntime() and not isinstance(teacher, OnnxTeacher):
             teacher = onnx_twin(teacher, (sample,), feature_rank=4)
-        teacher = inference_teacher(teacher)
+        teacher = inference_teacher(teacher, sample)
         super().__init__(student, teacher)
         self.cfg = cfg
         with torch.no_grad():

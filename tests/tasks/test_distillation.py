@@ -137,18 +137,25 @@ def test_teacher_frozen_and_only_student_and_adapters_learn():
     assert all(p.grad is not None for p in model.student.parameters())  # the student's forward ran with autograd
 
 
-def test_the_frozen_teacher_infers_with_its_batch_norms_folded():
-    """The distiller's teacher is a copy without batch norms that computes what the teacher does; the teacher handed
-    over is left as it was (its mode, its weights)."""
+def _trained_like(teacher: ResNetTeacher) -> ResNetTeacher:
+    """Batch-norm statistics and scales of a trained teacher, not the near identity of a fresh one (where a norm
+    folded twice would go unseen)."""
+    for m in teacher.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.2, 3), m.weight.data.uniform_(0.3, 2)
+    return teacher
+
+
+def test_the_frozen_teacher_infers_with_its_batch_norms_folded(capsys):
+    """The distiller's teacher is a copy without batch norms that computes what the teacher does (channels_last, as
+    the stages run it); the teacher handed over is left as it was (its mode, its weights)."""
     cfg, data = _kd_cfg(), _data()
     torch.manual_seed(0)
-    teacher = ResNetTeacher(ResNetArch(stem=4, widths=[8, 12], blocks=[1, 1]))
-    for m in teacher.modules():   # statistics and scales of a trained teacher, not the identity of a fresh one
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.uniform_(-1, 1), m.running_var.uniform_(0.5, 2), m.weight.data.uniform_(0.5, 1.5)
+    arch = ResNetArch(stem=4, widths=[8, 12], blocks=[1, 1])
+    teacher = _trained_like(ResNetTeacher(arch)).to(memory_format=torch.channels_last)
     before = copy.deepcopy(teacher.state_dict())
     model = Distiller(MobileStudent(cfg.student), teacher.train(), cfg, data.inputs(slice(2)))
-    assert isinstance(model.teacher, FoldedTeacher) and teacher.training
+    assert isinstance(model.teacher, FoldedTeacher) and teacher.training and capsys.readouterr().err == ""
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.teacher.modules())
     assert all(torch.equal(v, before[k]) for k, v in teacher.state_dict().items())
     with torch.no_grad():
@@ -158,13 +165,35 @@ def test_the_frozen_teacher_infers_with_its_batch_norms_folded():
         assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
 
 
-def test_a_teacher_torch_fx_cannot_trace_is_used_as_it_is():
-    class Branchy(ResNetTeacher):
-        def forward_features(self, x):
-            return super().forward_features(x if x.sum() > 0 else -x)   # control flow on the data
+class _Branchy(ResNetTeacher):
+    def forward_features(self, x):
+        return super().forward_features(x if x.sum() > 0 else -x)   # control flow on the data: TraceError
 
-    teacher = Branchy(ResNetArch(stem=4, widths=[8, 12], blocks=[1, 1]))
-    assert inference_teacher(teacher) is teacher
+
+class _Noisy(ResNetTeacher):
+    def forward_features(self, x):
+        return super().forward_features(x + 0.5 * torch.randn_like(x))   # random at inference: no copy matches it
+
+
+class _Sized(ResNetTeacher):
+    def forward_features(self, x):
+        return super().forward_features(x[:len(x)])   # len() of a traced tensor: RuntimeError
+
+
+@pytest.mark.parametrize(("kind", "why"), [
+    (_Branchy, "torch.fx cannot trace its forward_features (TraceError"),
+    (_Sized, "torch.fx cannot trace its forward_features (RuntimeError"),
+    ("flip", "convolutions or batch norms run more than once in one forward: model.stem.0 (2 times)"),
+    (_Noisy, "the folded copy's logits differ from the teacher's on the sample")])
+def test_a_teacher_that_cannot_be_folded_runs_as_it_is_and_says_why(capsys, kind, why):
+    """A forward torch.fx cannot trace; a flip-averaged teacher, whose every module runs twice (fx's fuse would fold
+    each batch norm twice); a copy that does not compute what the teacher does on the sample."""
+    arch = ResNetArch(stem=4, widths=[8, 12], blocks=[1, 1], flip_average=kind == "flip")
+    teacher = _trained_like((kind if isinstance(kind, type) else ResNetTeacher)(arch)).eval()
+    x = _data().inputs(slice(4))
+    assert inference_teacher(teacher, x[:2]) is teacher
+    err = capsys.readouterr().err
+    assert err.startswith("note: the frozen teacher runs with its batch norms unfolded: ") and why in err
 
 
 def test_gradients_are_zeroed_every_step():
