@@ -113,7 +113,8 @@ class FrozenTeacher(nn.Module):
 
 
 class _Outputs(nn.Module):
-    """``forward_features`` of a one-input model as one tuple, ``(logits, *feature maps)``: what torch.fx traces."""
+    """``forward_features`` of a one-input model as one tuple, ``(logits, *feature maps)``: what torch.fx traces
+    (``tasks.imported_teacher``'s wrapper for the exporter takes ``*inputs``, which torch.fx cannot trace)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
@@ -143,33 +144,40 @@ class FoldedTeacher(nn.Module):
 def inference_teacher(teacher: nn.Module, sample: torch.Tensor) -> nn.Module:
     """A copy of ``teacher`` with each batch norm folded into the convolution that alone feeds it
     (``torch.fx.experimental.optimization.fuse``): the same ``forward_features`` without the batch norms' passes,
-    checked on ``sample`` in fp32. ``teacher`` itself is left as it is; it is returned instead, with a note on
-    stderr saying why, where torch.fx cannot trace its forward, where a convolution or batch norm runs more than once
-    in it (a flip-averaged teacher: ``fuse`` would fold a batch norm into a convolution once per call) or where the copy
-    computes something else on ``sample``; and an ``OnnxTeacher`` without a note (onnxruntime folds them itself)."""
-    from torch.fx.experimental.optimization import fuse
-
+    checked on ``sample`` without autocast. ``teacher`` itself is left as it is; it is returned instead, with a note
+    on stderr saying why, where it cannot be copied or torch.fx cannot trace its forward, where a convolution or
+    batch norm runs more than once in it (a flip-averaged teacher: ``fuse`` would fold a batch norm into a
+    convolution once per call) or where the copy computes something else on ``sample``; and an ``OnnxTeacher``
+    without a note (onnxruntime folds them itself)."""
     if isinstance(teacher, OnnxTeacher):
         return teacher
-    reference = copy.deepcopy(teacher).eval()
     try:
-        traced = torch.fx.symbolic_trace(_Outputs(copy.deepcopy(reference)))
-    except Exception as err:  # noqa: BLE001 (torch.fx refuses with TraceError, RuntimeError, TypeError, ...)
-        return _unfolded(teacher, f"torch.fx cannot trace its forward_features ({type(err).__name__}: "
-                                  f"{str(err).splitlines()[0] if str(err) else ''})")
+        folded = _fold(teacher, sample)
+    except Exception as err:  # noqa: BLE001 (deepcopy and torch.fx refuse with TraceError, RuntimeError, TypeError, ...)
+        first = str(err).splitlines()[0] if str(err) else ""
+        return _unfolded(teacher, f"it cannot be copied and traced by torch.fx ({type(err).__name__}: {first})")
+    return _unfolded(teacher, folded) if isinstance(folded, str) else folded
+
+
+def _fold(teacher: nn.Module, sample: torch.Tensor) -> FoldedTeacher | str:
+    """``inference_teacher``'s copy, or why it is refused."""
+    from torch.fx.experimental.optimization import fuse
+
+    reference = copy.deepcopy(teacher).eval()
+    traced = torch.fx.symbolic_trace(_Outputs(copy.deepcopy(reference)))
     modules = dict(traced.named_modules())
-    calls = collections.Counter(n.target for n in traced.graph.nodes if n.op == "call_module"
-                                and isinstance(modules[n.target], (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)))
+    folds = (nn.modules.conv._ConvNd, nn.modules.batchnorm._BatchNorm)
+    calls = collections.Counter(n.target for n in traced.graph.nodes
+                                if n.op == "call_module" and isinstance(modules[n.target], folds))
     if again := [f"{name} ({count} times)" for name, count in calls.items() if count > 1]:
-        return _unfolded(teacher, f"convolutions or batch norms run more than once in one forward: "
-                                  f"{', '.join(again[:3])}")
+        return f"convolutions or batch norms run more than once in one forward: {', '.join(again[:3])}"
     folded = FoldedTeacher(fuse(traced, inplace=True, no_trace=True))
     with torch.no_grad():
         logits, maps = reference.forward_features(sample)
         for name, want, got in zip(["logits", *(f"map {i}" for i in range(len(maps)))], [logits, *maps],
                                    [*folded.folded(sample)], strict=True):
             if not torch.allclose(got, want, rtol=1e-3, atol=1e-4 * max(1.0, want.abs().max().item())):
-                return _unfolded(teacher, f"the folded copy's {name} differ from the teacher's on the sample")
+                return f"the folded copy's {name} differ from the teacher's on the sample"
     return folded
 
 
@@ -179,7 +187,9 @@ def _unfolded(teacher: nn.Module, why: str) -> nn.Module:
 
 
 class Distiller(FrozenTeacher):
-    """Student plus feature adapters (FitNets hints) against a frozen vision teacher."""
+    """Student plus feature adapters (FitNets hints) against a frozen vision teacher: the teacher's ONNX twin where
+    onnxruntime runs it, else its copy with the batch norms folded (``inference_teacher``), which is what gets
+    frozen; the teacher handed over is then left in its mode (unfolded, it is frozen itself)."""
 
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillImages, sample: torch.Tensor) -> None:
         if cfg.teacher_in_onnxruntime() and not isinstance(teacher, OnnxTeacher):
@@ -196,9 +206,9 @@ class Distiller(FrozenTeacher):
     @torch.no_grad()
     def teacher_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The frozen teacher's logits (fp32) and feature maps, computed in bf16 when ``teacher_bf16`` and the CPU has
-        it natively: it is inference only, and there bf16 inference is ~1.3x faster than fp32 while the student may
-        train in fp32 (faster for depthwise convs). The maps stay as computed: ``hint_loss`` reads the ones it pairs
-        in fp32; the others need no cast."""
+        it natively: it is inference only, and there bf16 inference is faster than fp32 (~1.3x on AVX512-BF16, ~2.7x
+        on AMX: make benchmark-teacher) while the student may train in fp32 (faster for depthwise convs). The maps
+        stay as computed: ``hint_loss`` reads the ones it pairs in fp32; the others need no cast."""
         with torch.profiler.record_function(TEACHER), autocast(self.cfg.teacher_bf16, x.device.type):
             logits, maps = self.teacher.forward_features(x)
         return logits.float(), maps

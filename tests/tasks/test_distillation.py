@@ -181,15 +181,20 @@ class _Sized(ResNetTeacher):
 
 
 @pytest.mark.parametrize(("kind", "why"), [
-    (_Branchy, "torch.fx cannot trace its forward_features (TraceError"),
-    (_Sized, "torch.fx cannot trace its forward_features (RuntimeError"),
+    (_Branchy, "it cannot be copied and traced by torch.fx (TraceError"),
+    (_Sized, "it cannot be copied and traced by torch.fx (RuntimeError"),
     ("flip", "convolutions or batch norms run more than once in one forward: model.stem.0 (2 times)"),
-    (_Noisy, "the folded copy's logits differ from the teacher's on the sample")])
+    (_Noisy, "the folded copy's logits differ from the teacher's on the sample"),
+    ("uncopyable", "it cannot be copied and traced by torch.fx (RuntimeError")])
 def test_a_teacher_that_cannot_be_folded_runs_as_it_is_and_says_why(capsys, kind, why):
     """A forward torch.fx cannot trace; a flip-averaged teacher, whose every module runs twice (fx's fuse would fold
-    each batch norm twice); a copy that does not compute what the teacher does on the sample."""
+    each batch norm twice); a copy that does not compute what the teacher does on the sample; a teacher that cannot
+    be copied."""
     arch = ResNetArch(stem=4, widths=[8, 12], blocks=[1, 1], flip_average=kind == "flip")
     teacher = _trained_like((kind if isinstance(kind, type) else ResNetTeacher)(arch)).eval()
+    if kind == "uncopyable":   # the legacy weight norm's computed weight refuses deepcopy
+        torch.nn.utils.weight_norm(teacher.head)
+        teacher(torch.zeros(1, 1, 28, 28))
     x = _data().inputs(slice(4))
     assert inference_teacher(teacher, x[:2]) is teacher
     err = capsys.readouterr().err
