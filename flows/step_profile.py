@@ -8,10 +8,10 @@ weights too: speed does not depend on them), at the stages' threads, bf16 and me
 profiler times CPU work; a moving average of the weights, where set, is left out). The steps are timed plainly (the
 wall time per step), then again under PyTorch's profiler, each operator's own time summed into the part of the
 first labelled region above it: building the batch, augmentation, the frozen teacher's forward, a convolution's
-backward by matmul (``tasks.conv_grad``), an autograd backward function, the optimizer (zeroing gradients and the update), else the forward pass; forward and backward
-split by the operator's name into convolutions, batch norm, activations and the rest (losses, additions, copies,
-casts); and, from one more profiled pass that records input shapes (which slows it), the ``--top`` slowest
-operators by own time with their shapes (where a part's time goes).
+backward by matmul (``tasks.conv_grad``), an autograd backward function, the optimizer (zeroing gradients and the
+update), else the forward pass; forward and backward split by the operator's name into convolutions, batch norm,
+activations and the rest (losses, additions, copies, casts); and, from one more profiled pass that records input
+shapes (which slows it), the ``--top`` slowest operators by own time with their shapes (where a part's time goes).
 Prints markdown tables; ``--out`` writes JSON too.
 
     python -m flows.step_profile --family vision [--steps 20] [--top 10] [--out step_profile.json]

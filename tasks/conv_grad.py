@@ -14,10 +14,10 @@ backward-weights kernel (``brgconv_bwd_w``) against gathering the patches and on
 
 So only outputs of at most ``MAX_POSITIONS`` positions take this path (measured on this teacher's convolutions at
 batch 256 and 2 threads; another family's small convolutions take it too, unmeasured: ``make benchmark-step`` shows
-the step either way). The teacher's whole training step, three
-alternating rounds: 150/138/138 ms before, 129/125/126 ms after (docs/results.md). Without AMX (AVX512-BF16 only, AVX2, CUDA) and in fp32
-nothing changes: not measured there. The input gradient stays oneDNN's; the weight gradient is the same up to bf16
-rounding (oneDNN rounds its fp32 sums to bf16 too, in another order).
+the step either way). The teacher's whole training step, three alternating rounds: 150/138/138 ms before,
+129/125/126 ms after (docs/results.md). Without AMX (AVX512-BF16 only, AVX2, CUDA) and in fp32 nothing changes: not
+measured there. The input gradient stays oneDNN's; the weight gradient is the same up to bf16 rounding (oneDNN
+rounds its fp32 sums to bf16 too, in another order).
 """
 from __future__ import annotations
 

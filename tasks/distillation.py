@@ -153,7 +153,7 @@ def inference_teacher(teacher: nn.Module, sample: torch.Tensor) -> nn.Module:
         return teacher
     try:
         folded = _fold(teacher, sample)
-    except Exception as err:  # noqa: BLE001 (deepcopy and torch.fx refuse with TraceError, RuntimeError, TypeError, ...)
+    except Exception as err:  # noqa: BLE001 (deepcopy and torch.fx refuse with TraceError, RuntimeError, TypeError)
         first = str(err).splitlines()[0] if str(err) else ""
         return _unfolded(teacher, f"it cannot be copied and traced by torch.fx ({type(err).__name__}: {first})")
     return _unfolded(teacher, folded) if isinstance(folded, str) else folded

@@ -261,10 +261,10 @@ def train_epoch(model: nn.Module, train: Split, spec: TrainingRecipe, opt: torch
     with AMX, small convolutions take their weight gradients by matmul (``tasks.conv_grad``)."""
     model.train()
     order = torch.randperm(len(train.y), generator=gen)
+    seen, correct, loss_sum = 0, 0, 0.0
     # disable=None: no bar when stderr is not a terminal (CI, Prefect workers, log files), where each redraw is a line
     bar = tqdm(range(0, len(order), spec.batch_size), desc=desc, unit="batch", leave=True, mininterval=2.0,
                disable=None)
-    seen, correct, loss_sum = 0, 0, 0.0
     for start in bar:
         idx = order[start:start + spec.batch_size]
         with torch.profiler.record_function(BATCH):
