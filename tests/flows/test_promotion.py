@@ -139,8 +139,11 @@ def test_passing_candidate_becomes_champion_and_loads_from_the_registry(project,
     teacher_p50, candidate_p50 = report["teacher"]["latency_b1_p50_ms"], report["candidate"]["latency_b1_p50_ms"]
     assert teacher_p50 != EVALUATION["models"]["teacher_fp32"]["latency_b1_p50_ms"]
     assert check["value"] == report["candidate"]["speedup_vs_teacher"] and report["candidate"]["speedup_pairs"] == 3
+    # the median of the pairs' speed-ups against the ratio of the models' median latencies: close, not bound by the
+    # pairs' spread (the medians may come from rounds of different pairs; under the suite's load the ratio was 1.048
+    # with a spread of 1.020, 2026-12-06): within a factor 2 beyond the spread, the same measurement, not another's
     spread = report["candidate"]["speedup_spread"]
-    assert 1 / spread <= check["value"] / (teacher_p50 / candidate_p50) <= spread
+    assert 1 / (2 * spread) <= check["value"] / (teacher_p50 / candidate_p50) <= 2 * spread
     assert "p50 speed-up vs the teacher (median of 3 paired rounds)" in check["why"]
     version = client.get_model_version_by_alias(name, "champion")
     assert str(version.version) == "1" == str(client.get_model_version_by_alias(name, "challenger").version)
