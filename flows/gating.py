@@ -18,6 +18,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
 from flows.registry import (
+    ALIAS_MOVES,
     CHAMPION_CHAIN,
     DATA_TAG,
     FILES_SHA256,
@@ -168,13 +169,14 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
 def _interrupted(client: MlflowClient, name: str, version: Any) -> Any | None:
     """A version whose registration stopped before its aliases had moved (a registry that failed mid-way, the
     process killed): when it holds ``champion``, or a later version names it as the champion it was compared with or
-    replaced, it became champion and only the last tag was lost: it is complete; else it is deleted (the aliases it
+    replaced, or any version as the one an alias move replaced or rolled back from (a rollback moves to an earlier
+    version), it became champion and only the last tag was lost: it is complete; else it is deleted (the aliases it
     got go with it), and the candidate is gated and registered again against today's champion — a retry that found
     it by its hash would otherwise report it unchanged, tagged as champion and never promoted."""
     champion, mine = registered_version(client, name), str(version.version)
     named = any(v.tags.get(tag) == mine for v in client.search_model_versions(f"name = '{name}'")
-                if int(v.version) > int(mine)
-                for tag in CHAMPION_CHAIN)
+                if str(v.version) != mine
+                for tag in (CHAMPION_CHAIN if int(v.version) > int(mine) else ALIAS_MOVES))
     if named or (champion is not None and str(champion.version) == mine):
         # complete (it became champion: a later version was compared with it, or it holds the alias): kept as it is
         client.set_model_version_tag(name, version.version, ALIASES_TAG, "moved")
@@ -202,10 +204,11 @@ def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str, family: st
                     "test rows may be its training rows, not compared (floors and teacher only)"}
         print(champion["incomparable"])
     with tempfile.TemporaryDirectory() as tmp:
-        if champ is not None and champion is None:  # the champion and the candidate: same test data, same run
+        if champ is not None:   # made for other data (classes, shapes, normalisation): refused, whatever its split
             champion_file = download_onnx(client, champ, Path(tmp))
             check_comparable(gate.registered_model, champ, champion_file, root / where["candidate"], description,
                              family, paired=contract.paired_data is not None)
+        if champ is not None and champion is None:  # the champion and the candidate: same test data, same run
             pair = contract.paired_data(champion_file.parent, data, Path(tmp) / "paired", cfg) \
                 if contract.paired_data else None
             champion = {"version": str(champ.version), **contract.score(champion_file, pair[0] if pair else data, cfg)}

@@ -45,7 +45,9 @@ def rolled_back_tag(alias: str) -> str:
     return f"{alias}.rolled_back_from"
 
 
-CHAMPION_CHAIN = (CHAMPION_BEFORE, previous_tag("champion"), rolled_back_tag("champion"))
+#: Of those, the ones an alias move writes (on the version it moved to, an earlier one after a rollback)
+ALIAS_MOVES = (previous_tag("champion"), rolled_back_tag("champion"))
+CHAMPION_CHAIN = (CHAMPION_BEFORE, *ALIAS_MOVES)
 
 
 class RegistryError(PipelineError):

@@ -192,6 +192,25 @@ def test_a_champion_split_by_other_data_params_is_not_compared_on_todays_test_ro
     assert report["champion"] and report["champion_health"] is None
 
 
+@pytest.mark.fault("promotion", "a champion made for other data (other classes) under changed split params",
+                   "RegistryError as for any champion made for other data; before: the split check skipped it and "
+                   "the candidate became champion of a model name serving another class set")
+def test_a_champion_made_for_other_data_is_refused_even_when_split_by_other_params(project, raw_params, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    first, client = _gate(project, _lenient(raw_params), uri)
+    assert first["champion"]
+    manifest = project / "data/vision/processed/manifest.json"
+    relabelled = json.loads(manifest.read_text())
+    relabelled["image"]["classes"] = [f"part {i}" for i in range(10)]   # a user's own images under the default name
+    manifest.write_text(json.dumps(relabelled))
+    moved = copy.deepcopy(raw_params)
+    moved["data"]["vision"]["seed"] += 1
+    with pytest.raises(RegistryError, match=r"@champion \(version 1\) was made for other data: its data description "
+                                            r".*gate\.vision\.registered_model"):
+        _gate(project, _lenient(moved), uri)
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{first['name']}'")] == ["1"]
+
+
 @pytest.mark.parametrize(("family", "where"), [
     ("vision", {"source_dir": "/elsewhere/fashion-mnist", "system_package": None, "system_dir": "/mnt/idx"}),
     ("recsys", {"source_dir": "/elsewhere/ml-100k", "url": "https://mirror.example/ml-100k.zip"}),
@@ -337,6 +356,31 @@ def test_an_interrupted_registration_a_later_version_was_compared_with_is_kept(t
     client.create_model_version(name, f"runs:/{run}/model", run, tags={"audit.champion_before": "2"})    # v4
     assert _interrupted(client, name, client.get_model_version(name, "3")) is None   # never champion: redone
     assert sorted(str(v.version) for v in client.search_model_versions(f"name = '{name}'")) == ["1", "2", "4"]
+
+
+@pytest.mark.fault("promotion", "a registration interrupted after champion moved to it, then rolled back by hand "
+                   "before the retry", "the version is kept (it was champion; the rollback's target names it); "
+                   "before: deleted and the same file promoted again, undoing the rollback")
+def test_an_interrupted_registration_a_rollback_left_is_kept(tmp_path, prefect_server):
+    """The rollback's target is an earlier version: it names the version rolled back from, which a retry must not
+    delete and gate again (it would pass as before and undo the operator's rollback)."""
+    from flows.gating import _interrupted
+    from flows.promotion import rollback_champion
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client, name, root = MlflowClient(uri, registry_uri=uri), "m", str(_root_with_params(tmp_path, uri))
+    run = client.create_run(client.create_experiment("e")).info.run_id
+    client.create_registered_model(name)
+    client.create_model_version(name, f"runs:/{run}/model", run, tags={"registry.aliases": "moved"})
+    client.create_model_version(name, f"runs:/{run}/model", run,   # champion moved to it; its last tag was lost
+                                tags={"registry.aliases": "pending", "audit.champion_before": "1"})
+    client.set_registered_model_alias(name, "champion", "2")
+    rollback_champion.fn(name, "v2 misbehaves", "alice", root)
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
+    kept = _interrupted(client, name, client.get_model_version(name, "2"))
+    assert kept is not None and str(kept.version) == "2"
+    assert sorted(str(v.version) for v in client.search_model_versions(f"name = '{name}'")) == ["1", "2"]
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
 
 
 def _root_with_params(tmp_path, uri):
