@@ -170,8 +170,8 @@ def _fit_best(model: nn.Module, loss_fn: Callable, count: int, batch: Callable, 
             before_epoch(epoch)
         model.train()
         order, loss_sum = torch.randperm(count, generator=gen), 0.0
-        for start in range(0, count, spec.batch_size):
-            inputs, y = batch(order[start:start + spec.batch_size])
+        for first in range(0, count, spec.batch_size):
+            inputs, y = batch(order[first:first + spec.batch_size])
             loss, _ = train_step(model, to_device(inputs, device), y.to(device), opt, loss_fn, bf16=bf16)
             sched.step()
             loss_sum += loss.item() * len(y)

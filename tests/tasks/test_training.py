@@ -118,3 +118,39 @@ def test_a_one_step_warm_up_schedules_instead_of_dividing_by_zero(warmup, steps)
         sched.step()
         rates.append(opt.param_groups[0]["lr"])
     assert all(0 < rate <= 0.1 for rate in rates) and rates[-1] == min(rates)   # up to the peak at most, then down
+
+
+@pytest.mark.parametrize("right", [False, True])
+def test_fit_best_from_start_says_it_kept_the_starting_weights_only_when_no_epoch_beat_them(right, capsys):
+    """Before: the batch loop reused the name of the starting score, so with more rows than one batch the message
+    compared the history with the last batch's offset and said the starting weights were kept when they were not."""
+    from types import SimpleNamespace
+
+    from tasks.training import fit_best
+
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(256, 2, generator=gen)
+    y = (x[:, 0] > 0).long()
+    torch.manual_seed(0)
+    model = torch.nn.Linear(2, 2)
+    with torch.no_grad():   # starts right (nothing can beat it) or wrong (every row in the other class)
+        model.weight.copy_(torch.tensor([[-1.0, 0.0], [1.0, 0.0]]) * (1 if right else -1))
+        model.bias.zero_()
+    spec = SimpleNamespace(epochs=3, batch_size=32, seed=0, device="cpu",
+                           optimizer=Optimizer(name="sgd", lr=0.5, weight_decay=0.0),
+                           schedule=Schedule(name="constant"))
+
+    def scores():
+        with torch.no_grad():
+            return {"val_accuracy": (model(x).argmax(1) == y).float().mean().item()}
+
+    def loss_fn(m, inputs, target):
+        logits = m(inputs)
+        return torch.nn.functional.cross_entropy(logits, target), logits
+
+    start = scores()["val_accuracy"]
+    history = fit_best(model, loss_fn, len(y), lambda idx: (x[idx], y[idx]), spec, scores, "val_accuracy",
+                       from_start=True)
+    kept = "no epoch beat the starting weights" in capsys.readouterr().out
+    assert kept == (max(h["val_accuracy"] for h in history) <= start)
+    assert kept == right and scores()["val_accuracy"] == max(start, *(h["val_accuracy"] for h in history))
