@@ -66,7 +66,7 @@ def bootstrap(family: str, cfg: Any, extra: Callable[[Any], dict[str, Any]] | No
 
 
 def _digests(x: np.ndarray) -> np.ndarray:
-    flat = np.ascontiguousarray(x).reshape(len(x), -1)
+    flat = np.ascontiguousarray(x).reshape(len(x), int(np.prod(x.shape[1:])))   # (-1 cannot size no images)
     return np.array([hashlib.blake2b(row.tobytes(), digest_size=16).hexdigest() for row in flat], dtype=object)
 
 

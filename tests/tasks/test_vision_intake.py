@@ -128,6 +128,17 @@ def test_a_batch_may_not_copy_a_test_image_into_training(replayed, initial, tmp_
     assert reason == "invalid" and _failed(report) == {"copies_a_test_image"}
 
 
+@pytest.mark.fault("data", "an arriving batch folder of well-formed IDX files that hold no images",
+                   "quarantined as invalid by the row count (before: a numpy reshape error stopped the ingestion, and "
+                   "every later one, on that folder)")
+def test_an_empty_batch_of_images_is_invalid_not_a_crash(replayed, initial, tmp_path):
+    cfg, _ = replayed
+    INTAKE.write_batch({"classes": initial["classes"], "train": (np.zeros((0, 28, 28), np.uint8),
+                                                                 np.zeros(0, np.uint8))}, tmp_path / "empty")
+    reason, report = check(INTAKE, cfg, INTAKE.read_batch(tmp_path / "empty"), initial, tmp_path / "docs")
+    assert reason == "invalid" and "expect_table_row_count_to_be_between" in _failed(report)
+
+
 @pytest.mark.fault("data", "a first batch of images with fewer training images than validation takes (600 for "
                    "data.vision.val_size 5,000), or an idx4 file stored channels last",
                    "quarantined as invalid naming the count; the idx4 file refused as unreadable, naming its shape")
