@@ -114,8 +114,11 @@ def gate_only(root: str = ".", families: list[str] | None = None) -> dict[str, A
     root_path = Path(root).resolve()
     cfg = load_config(root_path / "params.yaml")
     uri = tracking_uri(cfg, root_path)
-    with pipeline_run(cfg, "gate", root_path) as parent:
-        gates = {family: retrying_promote(cfg)(family, root_path, uri, parent.run_id) for family in chosen(cfg, families)}
+    families = chosen(cfg, families)
+    # the data it scores on stays as it is meanwhile (a pipeline run or an ingestion would rewrite it), as in a run
+    with data_lock(root_path, families, cfg.pipeline.data_lock_timeout_seconds), \
+            pipeline_run(cfg, "gate", root_path) as parent:
+        gates = {family: retrying_promote(cfg)(family, root_path, uri, parent.run_id) for family in families}
     return {"stages": {}, "metrics": {}, "parent_run_id": parent.run_id, "tracking_uri": redact(uri), "gates": gates}
 
 

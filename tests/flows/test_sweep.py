@@ -162,6 +162,22 @@ def test_ingestion_and_a_pipeline_run_never_hold_one_family_data_at_once(prefect
         pass   # released
 
 
+@pytest.mark.fault("data", "`flows.pipeline --gate-only` while another run (a pipeline run, an ingestion) holds the "
+                   "family's data", "it waits for the data lock like a pipeline run and gives up after "
+                   "pipeline.data_lock_timeout_seconds, naming the lock (before: it scored the champion and the "
+                   "candidate on data another run was rewriting)")
+def test_gating_alone_holds_the_data_lock_too(prefect_server, raw_params, tmp_path):
+    from flows.pipeline import gate_only
+    from flows.registry_lock import RegistryBusy, data_lock
+
+    params = copy.deepcopy(raw_params)
+    params["pipeline"]["data_lock_timeout_seconds"] = 1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with data_lock(tmp_path, ["vision"], timeout_seconds=60):
+        with pytest.raises(RegistryBusy, match=r"the vision data was held by another run"):
+            gate_only.fn(str(tmp_path), ["vision"])
+
+
 @pytest.mark.fault("data", "a run killed (SIGKILL) while it holds a family's data lock",
                    "the next run on the machine (one already waiting too) finds the holder gone and gives back its "
                    "lease, instead of waiting pipeline.data_lock_timeout_seconds and failing; once: when the server's "
