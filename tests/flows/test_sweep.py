@@ -173,9 +173,9 @@ def test_gating_alone_holds_the_data_lock_too(prefect_server, raw_params, tmp_pa
     params = copy.deepcopy(raw_params)
     params["pipeline"]["data_lock_timeout_seconds"] = 1
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    with data_lock(tmp_path, ["vision"], timeout_seconds=60):
-        with pytest.raises(RegistryBusy, match=r"the vision data was held by another run"):
-            gate_only.fn(str(tmp_path), ["vision"])
+    with data_lock(tmp_path, ["vision"], timeout_seconds=60), \
+            pytest.raises(RegistryBusy, match=r"the vision data was held by another run"):
+        gate_only.fn(str(tmp_path), ["vision"])
 
 
 @pytest.mark.fault("data", "a run killed (SIGKILL) while it holds a family's data lock",
