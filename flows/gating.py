@@ -131,6 +131,12 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
             same = _interrupted(client, gate.registered_model, same)
         if same is not None:  # a no-change re-run: this exact file was gated and registered before
             print(f"{gate.registered_model} version {same.version} already holds this candidate; registry unchanged")
+            champion = registered_version(client, gate.registered_model)
+            if may_promote and same.tags.get("gate.passed") == "true" and str(getattr(champion, "version", "")) \
+                    != str(same.version) and same.tags.get("audit.decision") == "challenger":
+                print(f"  it passed its gate but was registered as challenger only (--no-promote, a sweep): "
+                      f"`python -m flows.promotion --family {family} --version {same.version} --reason ...` makes it "
+                      "champion")
             return {"passed": same.tags.get("gate.passed") == "true", "checks": [], "name": gate.registered_model,
                     "version": str(same.version), "champion": False, "unchanged": True}
         keep_warm_start(client, run_id, root, family, where["data"])   # a new version: what the next run may start from

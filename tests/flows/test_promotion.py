@@ -192,6 +192,26 @@ def test_a_champion_split_by_other_data_params_is_not_compared_on_todays_test_ro
     assert report["champion"] and report["champion_health"] is None
 
 
+def test_a_challenger_only_version_gated_again_says_how_to_promote_it(project, raw_params, tmp_path, capsys):
+    """Registered with --no-promote (or by a sweep), the same file found again is left as it is, and the run says
+    how to make it champion instead of only that the registry is unchanged."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = _lenient(raw_params)
+    (project / "dvc.lock").write_text(   # what DVC recorded of the export: how a re-run finds the same file
+        "schema: '2.0'\nstages:\n  export_vision:\n    outs:\n    - path: models/vision/onnx\n"
+        "      md5: 0123456789abcdef0123456789abcdef.dir\n")
+    client = MlflowClient(uri, registry_uri=uri)
+    run = client.create_run(client.create_experiment("e")).info.run_id
+    first = gate_and_register(project, cfg, client, uri, run, "parent-123", "vision", may_promote=False)
+    assert first["passed"] and not first["champion"]
+    capsys.readouterr()
+    again, _ = _gate(project, cfg, uri)
+    assert again["unchanged"] and not again["champion"]
+    said = capsys.readouterr().out
+    assert f"registered as challenger only (--no-promote, a sweep): `python -m flows.promotion --family vision " \
+           f"--version {first['version']}" in said
+
+
 @pytest.mark.fault("promotion", "a champion made for other data (other classes) under changed split params",
                    "RegistryError as for any champion made for other data; before: the split check skipped it and "
                    "the candidate became champion of a model name serving another class set")
