@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import hashlib
 import importlib
 import io
@@ -26,6 +27,7 @@ if TYPE_CHECKING:
     from tasks.images.config import QatImages
 
 PROJECT = "tasks."   # a model file names its architecture class; only this project's code is imported for it
+TASKS = Path(__file__).resolve().parent   # the project's code a checkpoint's fingerprint covers
 
 
 def arch_class(blob: dict[str, Any], path: Path) -> type[ModelArch]:
@@ -140,11 +142,22 @@ def load_model(path: Path) -> nn.Module:
     return model.eval()
 
 
-def fingerprint(configs: list[BaseModel], inputs: list[Path]) -> str:
-    """What a checkpoint must have been trained with to be resumed: these configs and these exact input files.
-    Knobs at their defaults are left out, so a knob added later (whose default trains as before) keeps checkpoints
-    resumable, and so is the device (a checkpoint resumes on another one)."""
+@functools.cache
+def code_digest(package: Path = TASKS) -> str:
+    """SHA-256 over every Python file of ``package`` (the project's ``tasks``), names and bytes."""
     digest = hashlib.sha256()
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def fingerprint(configs: list[BaseModel], inputs: list[Path]) -> str:
+    """What a checkpoint must have been trained with to be resumed: these configs, these exact input files and the
+    same code (``code_digest``: DVC re-runs a stage whose code changed, and a finished checkpoint resumed then would
+    hand back the old code's weights as the new run's). Knobs at their defaults are left out, so a knob added later
+    (whose default trains as before) keeps checkpoints resumable, and so is the device (a checkpoint resumes on
+    another one)."""
+    digest = hashlib.sha256(code_digest().encode())
     for cfg in configs:
         digest.update(cfg.model_dump_json(exclude_defaults=True, exclude={"device"}).encode())
     for path in inputs:

@@ -101,7 +101,43 @@ def test_checkpoint_of_other_params_is_not_resumed(tmp_path, capsys):
     path = tmp_path / "ck.pt"
     save_checkpoint(path, {"history": []}, "fp-a")
     assert load_checkpoint(path, "fp-b") is None
-    assert "other params or data" in capsys.readouterr().err
+    assert "other params, data or code" in capsys.readouterr().err
+
+
+@pytest.mark.fault("runs", "a stage's code changes after its training finished (DVC re-runs the stage; the params "
+                   "and data are the same)", "its finished checkpoint is not resumed: trained again from scratch, "
+                   "saying why (before: resumed after its last epoch, handing back the old code's weights as the new "
+                   "run's)")
+def test_a_checkpoint_made_by_other_code_is_not_resumed(tmp_path, monkeypatch, capsys):
+    from tasks import artifacts
+
+    train, val, data = _data(), _data(32, seed=1), tmp_path / "train_x.npy"
+    data.write_bytes(b"the same data")
+    spec = _spec(epochs=1)
+    before = artifacts.fingerprint([spec], [data])
+    fit(_model(), train, val, spec, tmp_path / "ck.pt", before)
+    assert artifacts.fingerprint([spec], [data]) == before   # nothing changed: the same checkpoint resumes
+    monkeypatch.setattr(artifacts, "code_digest", lambda package=artifacts.TASKS: "the code after an edit")
+    after = artifacts.fingerprint([spec], [data])
+    capsys.readouterr()
+    history = fit(_model(), train, val, spec, tmp_path / "ck.pt", after)
+    err = capsys.readouterr().err
+    assert after != before and len(history) == 1 and "resuming" not in err and "other params, data or code" in err
+
+
+def test_the_code_digest_covers_every_python_file_of_the_package(tmp_path):
+    from tasks.artifacts import TASKS, code_digest
+
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.py").write_text("x = 1\n")
+    (tmp_path / "sub" / "b.py").write_text("y = 2\n")
+    (tmp_path / "notes.txt").write_text("not code")
+    first = code_digest(tmp_path)
+    (tmp_path / "notes.txt").write_text("still not code")
+    assert code_digest.__wrapped__(tmp_path) == first
+    (tmp_path / "sub" / "b.py").write_text("y = 3\n")
+    assert code_digest.__wrapped__(tmp_path) != first
+    assert TASKS.name == "tasks" and (TASKS / "artifacts.py").is_file()
 
 
 @pytest.mark.parametrize("warmup,steps", [(0.25, 4), (0.5, 2), (0.1, 10), (0.3, 3)])
