@@ -51,7 +51,8 @@ def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
                               f"({type(err).__name__}); refused, nothing of it was run. Delete it to train from "
                               "scratch") from None
     if state.get("fingerprint") != fingerprint:
-        print(f"note: checkpoint {path} was made with other params, data or code; training from scratch", file=sys.stderr)
+        print(f"note: checkpoint {path} was made with other params, data or code; training from scratch",
+              file=sys.stderr)
         return None
     print(f"resuming from {path} after epoch {len(state['history'])}", file=sys.stderr)
     return state
