@@ -126,10 +126,12 @@ class _Calibration:
 
 
 def module_nodes(onnx_path: Path, modules: Sequence[str]) -> list[str]:
-    """Names of the nodes the TorchScript exporter made from these modules (it names them ``/stem/stem.0/Conv``)."""
+    """Names of the nodes the TorchScript exporter made from these modules: ``/stem/stem.0/Conv``, and for an item of
+    a ModuleList (whose own forward never runs) ``/blocks.0/conv/conv.0/Conv``; a submodule reached by attribute
+    path is ``/a/b/``."""
     import onnx
 
-    prefixes = tuple(f"/{name.replace('.', '/')}/" for name in modules)
+    prefixes = tuple({form for name in modules for form in (f"/{name}/", f"/{name.replace('.', '/')}/")})
     return [node.name for node in onnx.load(str(onnx_path)).graph.node if prefixes and node.name.startswith(prefixes)]
 
 

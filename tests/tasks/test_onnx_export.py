@@ -193,14 +193,20 @@ def test_a_4_bit_model_whose_file_holds_no_int4_weights_is_named(config, models,
         require_int4(floats, 4)
 
 
-def test_float_stem_stays_float_in_the_qat_and_ptq_int8_graphs(config, tmp_path, real_splits):
-    data, paths = _models(tmp_path, real_splits, MIXED, float_modules=("stem",))
+@pytest.mark.parametrize("floats", [("stem",), ("stem", "blocks.0")])
+def test_float_modules_stay_float_in_the_qat_and_ptq_int8_graphs(config, tmp_path, real_splits, floats):
+    """Before (``blocks.<i>``): the PTQ twin looked for nodes named ``/blocks/0/``, where the exporter writes
+    ``/blocks.0/``; a block alone found nothing and stopped the export, beside the stem it was quantized."""
+    data, paths = _models(tmp_path, real_splits, MIXED, float_modules=floats)
     # a barely trained student's logits nearly tie, so INT8 rounding may flip an image or two of 400: parity loosened
     cfg = _export_cfg(config).model_copy(update={"parity": config.export.vision.parity.model_copy(
         update={"min_top1_agreement": 0.98, "max_accuracy_delta": 0.01})})
-    checks = export_images(cfg, _qat_cfg(config, ("stem",)), data, paths["teacher"], paths["fp32"], paths["qat"],
+    checks = export_images(cfg, _qat_cfg(config, floats), data, paths["teacher"], paths["fp32"], paths["qat"],
                            tmp_path / "onnx")
     assert checks["student_int8"]["top1_agreement"] >= 0.98
+    fp32 = onnx.load(tmp_path / "onnx" / "student_fp32.onnx").graph
+    in_float = sum(n.op_type == "Conv" and n.name.startswith(tuple(f"/{m}/" for m in floats)) for n in fp32.node)
+    assert in_float == len(floats)   # the stem's convolution, and the first (fused) block's
     for name in ("student_int8", "student_ptq_int8"):
         graph = onnx.load(tmp_path / "onnx" / f"{name}.onnx").graph
         producers = {out: node for node in graph.node for out in node.output}
@@ -210,9 +216,9 @@ def test_float_stem_stays_float_in_the_qat_and_ptq_int8_graphs(config, tmp_path,
             weight = conv.input[1]  # a float initializer, or the output of a DequantizeLinear of an INT8 one
             source = producers[weight].input[0] if weight in producers else weight
             kinds.append(weights[source])
-        # the stem's convolution is the first, and the only one left in float; the fused and separable ones are INT8
-        assert kinds[0] == onnx.TensorProto.FLOAT, name
-        assert kinds[1:] and set(kinds[1:]) == {onnx.TensorProto.INT8}, name
+        # the float modules' convolutions come first and are the only ones left in float; the others are INT8
+        assert set(kinds[:in_float]) == {onnx.TensorProto.FLOAT}, name
+        assert kinds[in_float:] and set(kinds[in_float:]) == {onnx.TensorProto.INT8}, name
 
 
 def test_n_bit_activations_are_refused_rather_than_shipped_unlike_their_training(raw_params):
