@@ -57,7 +57,7 @@ def compression_pipeline(root: str = ".", families: list[str] | None = None, pro
             node.name, root_path, env, DATA_DOCS in {Path(o).name for o in node.outs}, wait,
             unchanged=node.name not in stale), finished)
         parent.set_tags({f"stage.{name}": status for name, status in statuses.items()})
-        metrics = collect_metrics(root_path)
+        metrics = collect_metrics(root_path, families)
         parent.log_metrics(metrics)
         gates = {family: retrying_promote(cfg)(family, root_path, uri, parent.run_id, promote) for family in families}
         for family, gate in gates.items():
@@ -153,12 +153,13 @@ def retrying_promote(cfg: Any) -> Any:
                                 retry_condition_fn=retry_transient)
 
 
-def collect_metrics(root: Path) -> dict[str, float]:
-    """Every numeric metric of the graph's metrics files, keyed ``<family>.<file>.<name>``."""
+def collect_metrics(root: Path, families: list[str]) -> dict[str, float]:
+    """Every numeric metric of the metrics files of ``families`` (those a run covers: another family's files are
+    another run's), keyed ``<family>.<file>.<name>``."""
     from tasks.tracking import flatten
 
     found = {}
-    for path in sorted((root / "metrics").glob("*/*.json")):
+    for path in sorted(p for family in families for p in (root / "metrics" / family).glob("*.json")):
         for key, value in flatten(f"{path.parent.name}.{path.stem}", json.loads(path.read_text())).items():
             if isinstance(value, int | float) and not isinstance(value, bool):
                 found[key] = value

@@ -95,3 +95,17 @@ def test_after_a_failure_nothing_new_starts_and_the_running_stage_finishes(prefe
     assert "export_a" not in log.started   # downstream of the failure: never started
     assert "train_b" in log.done           # running beside it: finished, its outputs recorded by DVC
     _respects_the_graph(log)
+
+
+def test_a_run_of_some_families_logs_their_metrics_only(tmp_path):
+    """Before: a ``--family recsys`` run logged and printed the vision metrics another run had left."""
+    import json
+
+    from flows.pipeline import collect_metrics
+
+    for family, value in (("vision", 0.93), ("recsys", 0.71)):
+        (tmp_path / "metrics" / family).mkdir(parents=True)
+        (tmp_path / "metrics" / family / "evaluation.json").write_text(json.dumps({"accuracy": value, "ok": True}))
+    assert collect_metrics(tmp_path, ["recsys"]) == {"recsys.evaluation.accuracy": 0.71}
+    assert collect_metrics(tmp_path, ["vision", "recsys"]).keys() == {"vision.evaluation.accuracy",
+                                                                      "recsys.evaluation.accuracy"}
