@@ -97,7 +97,7 @@ def run_seed(cfg: Config, family: str, seed: int, root: Path, work: Path) -> dic
         low_kd = qat_images(qat_low, kd, True, data, teacher, files["kd"], ckpt / f"qat_kd_{tag}.pt")[0]
 
     val, test = Split.load(data, "val"), Split.load(data, "test")
-    calibration = val.head(spec.calibration_size)
+    calibration = val.sample(spec.calibration_size)
     ce_onnx, kd_onnx = export_fp32(ce, work / "ce.onnx"), export_fp32(kd_student, work / "kd.onnx")
     models["student CE-only"] = ce, ce_onnx
     models["student KD"] = kd_student, kd_onnx

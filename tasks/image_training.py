@@ -22,6 +22,7 @@ from tasks.conv_grad import matmul_weight_grads
 from tasks.errors import DataFormatError
 from tasks.io import read_manifest
 from tasks.observers import frozen_observers
+from tasks.stratify import stratified_pick
 from tasks.training import (
     EpochHook,
     LossFn,
@@ -88,6 +89,15 @@ class Split:
     def head(self, n: int) -> Split:
         """The first ``n`` rows, same normalisation and classes."""
         return dataclasses.replace(self, x=self.x[:n], y=self.y[:n])
+
+    def sample(self, n: int, seed: int = 0) -> Split:
+        """``n`` rows drawn stratified by class (seeded), in their stored order; all of them when there are no more:
+        what calibrates quantization sees every class however the split is stored (an image folder's comes class
+        by class, so its first rows are of the first classes only)."""
+        if n >= len(self.y):
+            return self
+        index = torch.from_numpy(stratified_pick(self.y.numpy(), n, np.random.default_rng(seed)))
+        return dataclasses.replace(self, x=self.x[index], y=self.y[index])
 
 
 def model_shape(directory: Path) -> dict[str, Any]:

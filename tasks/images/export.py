@@ -64,7 +64,7 @@ def export_images(cfg: ExportImages, qat: QatImages, data_dir: Path, teacher_pat
     torch.set_num_threads(cfg.threads)
     torch.backends.quantized.engine = "x86"
     val, test = Split.load(data_dir, "val"), Split.load(data_dir, "test")
-    calibration = val.head(cfg.calibration_size)
+    calibration = val.sample(cfg.calibration_size)
     paths = {name: out / f"{name}.onnx" for name in FILES}
     teacher, fp32, final = load_model(teacher_path), load_model(fp32_path), load_model(student_path)
     export_fp32(teacher, paths["teacher_fp32"], cfg.opset)

@@ -24,20 +24,10 @@ from tasks.errors import DataFormatError
 from tasks.images.data_config import ImageData, SplitSizes
 from tasks.images.source import from_folder, from_idx
 from tasks.io import WINDOWS, save_npy, write_json
+from tasks.stratify import stratified_pick
 
 if TYPE_CHECKING:
     from tasks.intake import Intake
-
-
-def stratified_pick(labels: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
-    """Indices of ``n`` rows drawn per class in proportion to the class sizes, sorted; the rounding remainder goes to
-    the classes with the largest fractional quotas (ties: the first)."""
-    classes, counts = np.unique(labels, return_counts=True)
-    exact = counts / counts.sum() * n
-    quotas = np.floor(exact).astype(int)
-    quotas[np.argsort(-(exact - quotas), kind="stable")[: n - quotas.sum()]] += 1
-    picks = [rng.choice(np.flatnonzero(labels == c), size=q, replace=False) for c, q in zip(classes, quotas, strict=True)]
-    return np.sort(np.concatenate(picks))
 
 
 def carve(x: np.ndarray, y: np.ndarray, n: int, rng: np.random.Generator

@@ -73,7 +73,7 @@ def share_images(cfg: ShareImages, kd: DistillImages, distill: bool, data_dir: P
     history = fit(distiller, train, val, cfg, checkpoint, fingerprint([cfg, loss], inputs), on_epoch,
                   distillation_loss, before_epoch=lambda _epoch: fix_quantization(model))
     bake(model)
-    calibration = val.head(export.calibration_size)
+    calibration = val.sample(export.calibration_size)
     metrics = {"test_accuracy": evaluate(model, test, cfg.eval_batch_size)["accuracy"], "shared_layers": layers,
                "clusters": cfg.clusters, "parameters": count_parameters(model),
                "nonzero_parameters": count_nonzero(model),

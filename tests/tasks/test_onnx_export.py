@@ -95,6 +95,33 @@ def test_export_writes_int8_qdq_graphs_that_match_pytorch(config, models, tmp_pa
     # (how much smaller a real student's INT8 file is: docs/results.md; this student is tiny, its file mostly graph)
 
 
+@pytest.mark.fault("data", "validation images stored class by class (an image folder is read one class folder "
+                   "after another)", "the PTQ calibration draws every class in proportion (seeded); before: the first "
+                   "calibration_size rows, so the digits' 100 of 144 saw digits 0-6 only")
+def test_ptq_calibrates_on_every_class_however_the_validation_split_is_ordered(config, models, tmp_path,
+                                                                                monkeypatch):
+    import shutil
+
+    from tasks.images import export
+
+    source, paths = models
+    data = tmp_path / "data"
+    shutil.copytree(source, data)
+    y = np.load(data / "val_y.npy")
+    order = np.argsort(y, kind="stable")   # class by class, as prepare stores an image folder's split
+    np.save(data / "val_x.npy", np.load(data / "val_x.npy")[order])
+    np.save(data / "val_y.npy", y[order])
+    seen, quantize = [], export.quantize_ptq
+    monkeypatch.setattr(export, "quantize_ptq", lambda fp32, calibration, *rest: (
+        seen.append(calibration.y.numpy()), quantize(fp32, calibration, *rest))[1])
+    cfg = _export_cfg(config, 0.985)
+    export_images(cfg, _qat_cfg(config), data, paths["teacher"], paths["fp32"], paths["qat"], tmp_path / "onnx")
+    (labels,) = seen
+    assert len(labels) == cfg.calibration_size and set(labels) == set(y)
+    share = np.bincount(labels, minlength=10) / len(labels) - np.bincount(y, minlength=10) / len(y)
+    assert np.abs(share).max() <= 1 / cfg.calibration_size + 1e-9   # each class by its share, to a row
+
+
 def test_4_bit_weights_ship_as_int4_that_computes_what_qat_trained(config, tmp_path, real_splits):
     """qat.vision.weight_bits 4: the QAT student's file stores its weights as INT4 (opset 21), losslessly: it
     computes exactly what the same graph with INT8 storage computes, and passes parity against the fake-quantized

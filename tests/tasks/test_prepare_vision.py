@@ -15,8 +15,9 @@ import yaml
 from tasks.errors import DataFormatError, DataSourceError
 from tasks.images.data_config import SplitSizes
 from tasks.images.idx import parse_idx
-from tasks.images.prepare import planned_rows, prepare_images, split, stratified_pick
+from tasks.images.prepare import planned_rows, prepare_images, split
 from tasks.images.source import acquire, from_idx
+from tasks.stratify import stratified_pick
 from tests.conftest import ROOT, idx_bytes
 
 TRAIN_Y, TEST_X, TEST_Y = "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"
