@@ -19,6 +19,7 @@ from mlflow.tracking import MlflowClient
 
 from flows.registry import (
     ALIAS_MOVES,
+    CHAMPION_BEFORE,
     CHAMPION_CHAIN,
     DATA_TAG,
     FILES_SHA256,
@@ -131,9 +132,9 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
             same = _interrupted(client, gate.registered_model, same)
         if same is not None:  # a no-change re-run: this exact file was gated and registered before
             print(f"{gate.registered_model} version {same.version} already holds this candidate; registry unchanged")
-            champion = registered_version(client, gate.registered_model)
-            if may_promote and same.tags.get("gate.passed") == "true" and str(getattr(champion, "version", "")) \
-                    != str(same.version) and same.tags.get("audit.decision") == "challenger":
+            now = str(getattr(registered_version(client, gate.registered_model), "version", "none"))
+            if may_promote and same.tags.get("gate.passed") == "true" and same.tags.get("audit.decision") == \
+                    "challenger" and same.tags.get(CHAMPION_BEFORE) == now:   # passed against today's champion
                 print(f"  it passed its gate but was registered as challenger only (--no-promote, a sweep): "
                       f"`python -m flows.promotion --family {family} --version {same.version} --reason ...` makes it "
                       "champion")
@@ -210,10 +211,12 @@ def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str, family: st
                     "test rows may be its training rows, not compared (floors and teacher only)"}
         print(champion["incomparable"])
     with tempfile.TemporaryDirectory() as tmp:
-        if champ is not None:   # made for other data (classes, shapes, normalisation): refused, whatever its split
+        if champ is not None:   # made for other data: refused, whatever its split. Split by other params, only by
+            # its inputs and outputs: a data description holds what the split measures (pixel statistics unless pinned)
             champion_file = download_onnx(client, champ, Path(tmp))
-            check_comparable(gate.registered_model, champ, champion_file, root / where["candidate"], description,
-                             family, paired=contract.paired_data is not None)
+            check_comparable(gate.registered_model, champ, champion_file, root / where["candidate"],
+                             description if champion is None else "", family,
+                             paired=contract.paired_data is not None)
         if champ is not None and champion is None:  # the champion and the candidate: same test data, same run
             pair = contract.paired_data(champion_file.parent, data, Path(tmp) / "paired", cfg) \
                 if contract.paired_data else None

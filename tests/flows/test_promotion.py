@@ -212,23 +212,33 @@ def test_a_challenger_only_version_gated_again_says_how_to_promote_it(project, r
            f"--version {first['version']}" in said
 
 
-@pytest.mark.fault("promotion", "a champion made for other data (other classes) under changed split params",
+@pytest.mark.fault("promotion", "a champion of other inputs or outputs (3 classes, not 10) under changed split params",
                    "RegistryError as for any champion made for other data; before: the split check skipped it and "
-                   "the candidate became champion of a model name serving another class set")
+                   "the candidate became champion of a model name serving another class set. Its data description "
+                   "is not compared then: it holds what the split measures (pixel statistics, unless pinned)")
 def test_a_champion_made_for_other_data_is_refused_even_when_split_by_other_params(project, raw_params, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     first, client = _gate(project, _lenient(raw_params), uri)
     assert first["champion"]
-    manifest = project / "data/vision/processed/manifest.json"
-    relabelled = json.loads(manifest.read_text())
-    relabelled["image"]["classes"] = [f"part {i}" for i in range(10)]   # a user's own images under the default name
-    manifest.write_text(json.dumps(relabelled))
     moved = copy.deepcopy(raw_params)
     moved["data"]["vision"]["seed"] += 1
-    with pytest.raises(RegistryError, match=r"@champion \(version 1\) was made for other data: its data description "
-                                            r".*gate\.vision\.registered_model"):
+    manifest = project / "data/vision/processed/manifest.json"
+    remeasured = json.loads(manifest.read_text())
+    remeasured["image"]["mean"] = [0.2861]   # another split's pixel statistics: still the same data
+    manifest.write_text(json.dumps(remeasured))
+    report, _ = _gate(project, _lenient(moved), uri)
+    assert report["champion"] and "incomparable" in report["champion_before"]
+    torch.manual_seed(0)
+    candidate = export_fp32(MobileStudent(ARCH, num_classes=3), project / "models/vision/onnx/student_int8.onnx")
+    evaluation = project / "metrics/vision/evaluation.json"
+    recorded = json.loads(evaluation.read_text())
+    recorded["sha256"]["student_int8"] = file_digest(candidate)
+    evaluation.write_text(json.dumps(recorded))
+    moved["data"]["vision"]["seed"] += 1
+    with pytest.raises(RegistryError, match=r"@champion \(version 2\) was made for other data: it takes .* gives "
+                                            r"\[\(1, \[-1, 10\]\)\]; the candidate .* gives \[\(1, \[-1, 3\]\)\]"):
         _gate(project, _lenient(moved), uri)
-    assert [str(v.version) for v in client.search_model_versions(f"name = '{first['name']}'")] == ["1"]
+    assert sorted(str(v.version) for v in client.search_model_versions(f"name = '{first['name']}'")) == ["1", "2"]
 
 
 @pytest.mark.parametrize(("family", "where"), [
