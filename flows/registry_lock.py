@@ -4,7 +4,7 @@ MLflow's registry has no compare-and-set: two runs that read "no champion", regi
 time leave a history in which both claim to have followed the same champion. Holding a one-slot Prefect limit
 named after the model around read-champion → score → register → move-alias serialises them on the Prefect server
 (the ephemeral one on a laptop, the shared one past it), which every run already talks to. A family's data of a
-project is held the same way (``data_lock``): by ingestion, a pipeline run or a sweep.
+project is held the same way (``data_lock``): by ingestion, a pipeline run, gating alone (``--gate-only``) or a sweep.
 """
 from __future__ import annotations
 
@@ -235,7 +235,7 @@ def data_lock_name(root: Path, family: str) -> str:
 @contextmanager
 def data_lock(root: Path, families: list[str], timeout_seconds: float) -> Iterator[None]:
     """Hold the data slot of each family of the project at ``root``: ingestion changes a family's raw snapshot only
-    while no pipeline run of that project reads it, and the reverse (DVC hashes a stage's inputs after it ran: a
+    while no pipeline run (or gate, or sweep) of that project reads it, and the reverse (DVC hashes a stage's inputs after it ran: a
     batch added meanwhile would be recorded as trained on). Copies of a project (sweeps) have slots of their own."""
     with ExitStack() as stack:
         for family in sorted(families):

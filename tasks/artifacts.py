@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import functools
 import hashlib
 import importlib
 import io
@@ -27,7 +26,6 @@ if TYPE_CHECKING:
     from tasks.images.config import QatImages
 
 PROJECT = "tasks."   # a model file names its architecture class; only this project's code is imported for it
-TASKS = Path(__file__).resolve().parent   # the project's code a checkpoint's fingerprint covers
 
 
 def arch_class(blob: dict[str, Any], path: Path) -> type[ModelArch]:
@@ -142,21 +140,27 @@ def load_model(path: Path) -> nn.Module:
     return model.eval()
 
 
-@functools.cache
-def code_digest(package: Path = TASKS) -> str:
-    """SHA-256 over every Python file of ``package`` (the project's ``tasks``), names and bytes."""
+def code_digest(package: Path | None = None) -> str:
+    """SHA-256 over the Python files of ``package`` (the project's ``tasks``), names and bytes; hidden files (an
+    editor's lock file ``.#x.py``) and what is no regular file are left out. All of them, not the modules a stage
+    happens to have imported yet: that set depends on what ran before in the process (the ablation trains its arms
+    in one), and a checkpoint of the same code must always find itself again. An edit anywhere in ``tasks/`` therefore
+    restarts an interrupted training."""
+    root = package or Path(__file__).resolve().parent
     digest = hashlib.sha256()
-    for path in sorted(package.rglob("*.py")):
-        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    for path in sorted(root.rglob("*.py")):
+        name = path.relative_to(root).as_posix()
+        if not any(part.startswith(".") for part in path.relative_to(root).parts) and path.is_file():
+            digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 
 
 def fingerprint(configs: list[BaseModel], inputs: list[Path]) -> str:
     """What a checkpoint must have been trained with to be resumed: these configs, these exact input files and the
     same code (``code_digest``: DVC re-runs a stage whose code changed, and a finished checkpoint resumed then would
-    hand back the old code's weights as the new run's). Knobs at their defaults are left out, so a knob added later
-    (whose default trains as before) keeps checkpoints resumable, and so is the device (a checkpoint resumes on
-    another one)."""
+    hand back the old code's weights as the new run's).
+    Knobs at their defaults are left out, so a knob added later (whose default trains as before) keeps checkpoints
+    resumable, and so is the device (a checkpoint resumes on another one)."""
     digest = hashlib.sha256(code_digest().encode())
     for cfg in configs:
         digest.update(cfg.model_dump_json(exclude_defaults=True, exclude={"device"}).encode())

@@ -1,6 +1,6 @@
 """Training checkpoints: written atomically with a SHA-256 sidecar, loaded with ``weights_only=True``.
 
-A checkpoint is reused only when its fingerprint (hash of the params and data it was trained on) matches
+A checkpoint is reused only when its fingerprint (hash of the params, data and code it was trained with) matches
 and its content matches the recorded hash; otherwise training starts fresh and says why.
 """
 from __future__ import annotations
