@@ -228,12 +228,7 @@ def test_a_champion_made_for_other_data_is_refused_even_when_split_by_other_para
     manifest.write_text(json.dumps(remeasured))
     report, _ = _gate(project, _lenient(moved), uri)
     assert report["champion"] and "incomparable" in report["champion_before"]
-    torch.manual_seed(0)
-    candidate = export_fp32(MobileStudent(ARCH, num_classes=3), project / "models/vision/onnx/student_int8.onnx")
-    evaluation = project / "metrics/vision/evaluation.json"
-    recorded = json.loads(evaluation.read_text())
-    recorded["sha256"]["student_int8"] = file_digest(candidate)
-    evaluation.write_text(json.dumps(recorded))
+    _three_class_candidate(project)
     moved["data"]["vision"]["seed"] += 1
     with pytest.raises(RegistryError, match=r"@champion \(version 2\) was made for other data: it takes .* gives "
                                             r"\[\(1, \[-1, 10\]\)\]; the candidate .* gives \[\(1, \[-1, 3\]\)\]"):
@@ -413,6 +408,16 @@ def test_an_interrupted_registration_a_rollback_left_is_kept(tmp_path, prefect_s
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
 
 
+def _three_class_candidate(project):
+    """A candidate of other outputs (3 classes, not 10), recorded as evaluated: what the gate then reads."""
+    torch.manual_seed(0)
+    candidate = export_fp32(MobileStudent(ARCH, num_classes=3), project / "models/vision/onnx/student_int8.onnx")
+    evaluation = project / "metrics/vision/evaluation.json"
+    recorded = json.loads(evaluation.read_text())
+    recorded["sha256"]["student_int8"] = file_digest(candidate)
+    evaluation.write_text(json.dumps(recorded))
+
+
 def _root_with_params(tmp_path, uri):
     import yaml
 
@@ -499,12 +504,7 @@ def test_a_champion_made_for_other_data_is_never_compared(project, raw_params, t
     with pytest.raises(RegistryError, match=r"@champion \(version 1\) was made for other data: its data description "
                                             r".*gate\.vision\.registered_model"):
         _gate(project, _lenient(raw_params), uri)
-    torch.manual_seed(0)
-    candidate = export_fp32(MobileStudent(ARCH, num_classes=3), project / "models/vision/onnx/student_int8.onnx")
-    evaluation = project / "metrics/vision/evaluation.json"
-    recorded = json.loads(evaluation.read_text())
-    recorded["sha256"]["student_int8"] = file_digest(candidate)
-    evaluation.write_text(json.dumps(recorded))
+    _three_class_candidate(project)
     version = client.get_model_version_by_alias(report["name"], "champion")
     client.delete_model_version_tag(report["name"], version.version, "data.description")   # an older version's tags
     with pytest.raises(RegistryError, match=r"was made for other data: it takes \[\(1, \[-1, 1, 28, 28\]\)\] and "
