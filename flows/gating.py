@@ -23,6 +23,7 @@ from flows.registry import (
     CHAMPION_CHAIN,
     DATA_TAG,
     FILES_SHA256,
+    MEANING_TAG,
     MODEL_SHA256,
     SPLIT_TAG,
     RegistryError,
@@ -74,10 +75,15 @@ def verify_candidate(root: Path, family: str, evaluation: dict[str, Any], where:
                                    f"`dvc repro evaluate_{family}` (nothing was registered)")
 
 
-def data_description(family: str, data: Path) -> str:
-    """A digest of what the family says a model of ``data`` takes and answers in ("" when it says nothing)."""
-    describe = load_family(family).describe_data
-    return hashlib.sha256(json.dumps(describe(data), sort_keys=True).encode()).hexdigest() if describe else ""
+def data_description(family: str, data: Path, measured: bool = True) -> str:
+    """A digest of what the family says a model of ``data`` takes and answers in ("" when it says nothing);
+    without ``measured``: of what no split measures (``Family.measured`` left out)."""
+    contract = load_family(family)
+    if contract.describe_data is None:
+        return ""
+    described = contract.describe_data(data)
+    kept = described if measured else {k: v for k, v in described.items() if k not in contract.measured}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
 
 
 def lineage(cfg: Config, root: Path, parent_run_id: str, family: str) -> dict[str, str]:
@@ -125,6 +131,7 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
             client.log_artifact(run_id, str(root / name), LINEAGE)
     if description := data_description(family, root / where["data"]):
         tags[DATA_TAG] = description   # the gate holds the champion to it
+        tags[MEANING_TAG] = data_description(family, root / where["data"], measured=False)   # across splits
     tags[SPLIT_TAG] = data_params(cfg, family)   # a later gate compares with it only on data split the same way
     with registry_lock(gate.registered_model, cfg.tracking.registry_lock_timeout_seconds):
         same = registered_with(client, gate.registered_model, tags["onnx.hash"])
@@ -211,12 +218,13 @@ def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str, family: st
                     "test rows may be its training rows, not compared (floors and teacher only)"}
         print(champion["incomparable"])
     with tempfile.TemporaryDirectory() as tmp:
-        if champ is not None:   # made for other data: refused, whatever its split. Split by other params, only by
-            # its inputs and outputs: a data description holds what the split measures (pixel statistics unless pinned)
+        if champ is not None:   # made for other data: refused, whatever its split. Split by other params, by what
+            # no split measures (the description also holds pixel statistics measured on the training rows)
             champion_file = download_onnx(client, champ, Path(tmp))
+            across = champion is not None
             check_comparable(gate.registered_model, champ, champion_file, root / where["candidate"],
-                             description if champion is None else "", family,
-                             paired=contract.paired_data is not None)
+                             data_description(family, data, measured=False) if across else description, family,
+                             paired=contract.paired_data is not None, tag=MEANING_TAG if across else DATA_TAG)
         if champ is not None and champion is None:  # the champion and the candidate: same test data, same run
             pair = contract.paired_data(champion_file.parent, data, Path(tmp) / "paired", cfg) \
                 if contract.paired_data else None

@@ -29,6 +29,7 @@ SPLIT_TAG = "data.split_params"   # version tag: SHA-256 of the data.<family> pa
 
 
 DATA_TAG = "data.description"   # version tag: digest of what its data says a request and an answer are (Family.describe_data)
+MEANING_TAG = "data.meaning"     # the same without what the split measures (Family.measured): compared across splits
 
 # The version tags that chain champions, each naming an earlier version: the champion a version was compared with at
 # registration (audit_tags), the version an alias move replaced (``<alias>.previous``) and the one a rollback left
@@ -131,7 +132,7 @@ def split_by(client: MlflowClient, version: Any) -> str | None:
 
 
 def check_comparable(name: str, champ: Any, champion_file: Path, candidate_file: Path, description: str,
-                     family: str, paired: bool = False) -> None:
+                     family: str, paired: bool = False, tag: str = DATA_TAG) -> None:
     """Raise RegistryError when the champion was made for other data than the candidate (other inputs, outputs or
     data description): their scores on this data would compare nothing, and clients of the champion would break.
     ``paired``: the family scores a champion on the data in its own encoding (``Family.paired_data``), whose widths
@@ -140,8 +141,8 @@ def check_comparable(name: str, champ: Any, champion_file: Path, candidate_file:
         return [[(elem, len(shape)) for elem, shape in values] for values in signature] if paired else signature
 
     why = ""
-    if description and champ.tags.get(DATA_TAG, description) != description:
-        why = f"its data description ({DATA_TAG} {champ.tags[DATA_TAG][:12]}…) differs from the candidate's " \
+    if description and champ.tags.get(tag, description) != description:   # (a version without the tag: older)
+        why = f"its data description ({tag} {champ.tags[tag][:12]}…) differs from the candidate's " \
               f"({description[:12]}…)"
     elif kinds(theirs := io_signature(champion_file)) != kinds(ours := io_signature(candidate_file)):
         why = f"it takes {theirs[0]} and gives {theirs[1]}; the candidate takes {ours[0]} and gives {ours[1]}"

@@ -149,9 +149,13 @@ def code_digest(package: Path | None = None) -> str:
     root = package or Path(__file__).resolve().parent
     digest = hashlib.sha256()
     for path in sorted(root.rglob("*.py")):
-        name = path.relative_to(root).as_posix()
-        if not any(part.startswith(".") for part in path.relative_to(root).parts) and path.is_file():
-            digest.update(name.encode() + b"\0" + path.read_bytes() + b"\0")
+        name = path.relative_to(root)
+        if any(part.startswith(".") for part in name.parts) or not path.is_file():
+            continue
+        try:
+            digest.update(name.as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+        except FileNotFoundError:   # gone since it was listed (a checkout under way): not code any more
+            continue
     return digest.hexdigest()
 
 

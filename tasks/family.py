@@ -34,6 +34,9 @@ class Family:
     # what a request must look like and an answer means (e.g. image shape, normalisation, class names), from the
     # processed data folder: the gate never compares a candidate with a champion made for other data
     describe_data: Callable[[Path], dict[str, Any]] | None = None
+    # the keys of that description the data's split measures (pixel statistics of the training rows, unless params
+    # pin them): left out of what is compared with a champion split by other params
+    measured: tuple[str, ...] = ()
     # files of the processed data folder a model needs beside its ONNX file to read raw data (e.g. the recommender's
     # vocabulary): registered with every version
     model_files: tuple[str, ...] = ()

@@ -37,4 +37,5 @@ def image_family(name: str, title: str, *, ablation: bool = False) -> Family:
     """The contract of image family ``name`` (``ablation``: it has an ``ablation.<name>`` block that `make ablation`
     measures)."""
     return Family(name, title, GateSpec("latency_b1", "batch-1"), functools.partial(score, name),
-                  functools.partial(timing, name), input_example, ablation=ablation, describe_data=describe_data)
+                  functools.partial(timing, name), input_example, ablation=ablation, describe_data=describe_data,
+                  measured=("mean", "std"))

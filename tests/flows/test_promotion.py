@@ -212,27 +212,34 @@ def test_a_challenger_only_version_gated_again_says_how_to_promote_it(project, r
            f"--version {first['version']}" in said
 
 
-@pytest.mark.fault("promotion", "a champion of other inputs or outputs (3 classes, not 10) under changed split params",
-                   "RegistryError as for any champion made for other data; before: the split check skipped it and "
-                   "the candidate became champion of a model name serving another class set. Its data description "
-                   "is not compared then: it holds what the split measures (pixel statistics, unless pinned)")
+@pytest.mark.fault("promotion", "a champion made for other data (other class names, or 3 classes not 10) under "
+                   "changed split params", "RegistryError as for any champion made for other data, by what no split "
+                   "measures (data.meaning: shape, classes; not the training rows' pixel statistics), or by inputs "
+                   "and outputs for a version older than that tag; before: the split check skipped it and the "
+                   "candidate became champion of a model name serving another class set")
 def test_a_champion_made_for_other_data_is_refused_even_when_split_by_other_params(project, raw_params, tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     first, client = _gate(project, _lenient(raw_params), uri)
     assert first["champion"]
     moved = copy.deepcopy(raw_params)
-    moved["data"]["vision"]["seed"] += 1
     manifest = project / "data/vision/processed/manifest.json"
-    remeasured = json.loads(manifest.read_text())
-    remeasured["image"]["mean"] = [0.2861]   # another split's pixel statistics: still the same data
-    manifest.write_text(json.dumps(remeasured))
-    report, _ = _gate(project, _lenient(moved), uri)
+    described = json.loads(manifest.read_text())
+
+    def split_again(**image):
+        moved["data"]["vision"]["seed"] += 1
+        manifest.write_text(json.dumps({**described, "image": {**described["image"], **image}}))
+        return _gate(project, _lenient(moved), uri)[0]
+
+    report = split_again(mean=[0.2861])   # another split's pixel statistics: still the same data
     assert report["champion"] and "incomparable" in report["champion_before"]
+    with pytest.raises(RegistryError, match=r"@champion \(version 2\) was made for other data: its data description "
+                                            r"\(data\.meaning .*gate\.vision\.registered_model"):
+        split_again(classes=[f"part {i}" for i in range(10)])   # a user's own 10 classes under the default name
+    client.delete_model_version_tag(first["name"], "2", "data.meaning")   # a version registered before the tag
     _three_class_candidate(project)
-    moved["data"]["vision"]["seed"] += 1
     with pytest.raises(RegistryError, match=r"@champion \(version 2\) was made for other data: it takes .* gives "
                                             r"\[\(1, \[-1, 10\]\)\]; the candidate .* gives \[\(1, \[-1, 3\]\)\]"):
-        _gate(project, _lenient(moved), uri)
+        split_again()
     assert sorted(str(v.version) for v in client.search_model_versions(f"name = '{first['name']}'")) == ["1", "2"]
 
 
