@@ -75,15 +75,16 @@ def verify_candidate(root: Path, family: str, evaluation: dict[str, Any], where:
                                    f"`dvc repro evaluate_{family}` (nothing was registered)")
 
 
-def data_description(family: str, data: Path, measured: bool = True) -> str:
-    """A digest of what the family says a model of ``data`` takes and answers in ("" when it says nothing);
-    without ``measured``: of what no split measures (``Family.measured`` left out)."""
+def data_description(family: str, data: Path) -> tuple[str, str]:
+    """Digests of what the family says a model of ``data`` takes and answers in, whole and without what the split
+    measures (``Family.measured``: its meaning, compared across splits); ("", "") when it says nothing."""
     contract = load_family(family)
     if contract.describe_data is None:
-        return ""
+        return "", ""
     described = contract.describe_data(data)
-    kept = described if measured else {k: v for k, v in described.items() if k not in contract.measured}
-    return hashlib.sha256(json.dumps(kept, sort_keys=True).encode()).hexdigest()
+    meaning = {k: v for k, v in described.items() if k not in contract.measured}
+    whole, kept = (hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest() for d in (described, meaning))
+    return whole, kept
 
 
 def lineage(cfg: Config, root: Path, parent_run_id: str, family: str) -> dict[str, str]:
@@ -129,9 +130,9 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
     for name in LINEAGE_FILES:   # what `python -m flows.restore` needs beside the git commit to re-create the run
         if (root / name).is_file():
             client.log_artifact(run_id, str(root / name), LINEAGE)
-    if description := data_description(family, root / where["data"]):
-        tags[DATA_TAG] = description   # the gate holds the champion to it
-        tags[MEANING_TAG] = data_description(family, root / where["data"], measured=False)   # across splits
+    description, meaning = data_description(family, root / where["data"])
+    if description:   # the gate holds the champion to them: the whole on data split alike, the meaning across splits
+        tags.update({DATA_TAG: description, MEANING_TAG: meaning})
     tags[SPLIT_TAG] = data_params(cfg, family)   # a later gate compares with it only on data split the same way
     with registry_lock(gate.registered_model, cfg.tracking.registry_lock_timeout_seconds):
         same = registered_with(client, gate.registered_model, tags["onnx.hash"])
@@ -148,7 +149,7 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
             return {"passed": same.tags.get("gate.passed") == "true", "checks": [], "name": gate.registered_model,
                     "version": str(same.version), "champion": False, "unchanged": True}
         keep_warm_start(client, run_id, root, family, where["data"])   # a new version: what the next run may start from
-        report, checks, evaluation = _gate(root, cfg, client, run_id, family, where, description)
+        report, checks, evaluation = _gate(root, cfg, client, run_id, family, where, description, meaning)
         promote = report["passed"] and may_promote
         tags.update({**gate_tags(checks), **audit_tags(report["champion_before"], promote),
                      **{f"quality.{window}_{gate.metric}": repr(evaluation["models"]["student_int8"][key])
@@ -202,7 +203,7 @@ def _interrupted(client: MlflowClient, name: str, version: Any) -> Any | None:
 
 
 def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str, family: str, where: dict[str, Path],
-          description: str) -> tuple[dict[str, Any], list[Check], dict[str, Any]]:
+          description: str, meaning: str) -> tuple[dict[str, Any], list[Check], dict[str, Any]]:
     """Score the candidate and the current champion back to back, check the gate, write and log its report;
     return the report, the checks and the evaluation with the candidate's fresh scores."""
     gate, contract = cfg.block("gate", family), load_family(family)
@@ -223,7 +224,7 @@ def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str, family: st
             champion_file = download_onnx(client, champ, Path(tmp))
             across = champion is not None
             check_comparable(gate.registered_model, champ, champion_file, root / where["candidate"],
-                             data_description(family, data, measured=False) if across else description, family,
+                             meaning if across else description, family,
                              paired=contract.paired_data is not None, tag=MEANING_TAG if across else DATA_TAG)
         if champ is not None and champion is None:  # the champion and the candidate: same test data, same run
             pair = contract.paired_data(champion_file.parent, data, Path(tmp) / "paired", cfg) \
