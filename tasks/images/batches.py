@@ -101,14 +101,15 @@ def write_batch(batch: Images, folder: Path) -> None:
 
 def combine(batches: list[Images]) -> Images:
     """Every batch's training images in order; the class names and the val / test parts of the first batch that has
-    them (the contract keeps them in the first batch)."""
+    them (the contract keeps them in the first batch); ``batches``: the batches themselves (which rows ``prepare``
+    holds out as test depends on the batch each came in)."""
     def first(key: str) -> Any:
         return next((b[key] for b in batches if b.get(key) is not None), None)
 
     trains = [b["train"] for b in batches]
     return {"classes": first("classes"), "train": (np.concatenate([x for x, _ in trains]),
                                                    np.concatenate([y for _, y in trains])),
-            **{part: first(part) for part in ("val", "test") if first(part) is not None}}
+            **{part: first(part) for part in ("val", "test") if first(part) is not None}, "batches": batches}
 
 
 def rows(batch: Images) -> dict[str, int]:

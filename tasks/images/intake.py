@@ -28,6 +28,7 @@ import pandas as pd
 from tasks.errors import DataFormatError
 from tasks.expectations import expectation_types, suite
 from tasks.images.batches import PARTS, Images, combine, read_batch, rows, write_batch
+from tasks.images.prepare import from_snapshot, split, split_sizes
 from tasks.intake import Intake, Suites, jensen_shannon, linf, shares
 
 INK_LEVEL = 25        # a pixel brighter than this (of 255) is ink, not background
@@ -80,10 +81,27 @@ def _shape(x: np.ndarray) -> str:
     return "x".join(str(d) for d in x.shape[1:])
 
 
+def _across_test(data: Any, accepted: Images, batch: Images) -> set[str] | None:
+    """Digests of the images that would be on both sides of the test split ``prepare`` makes of the accepted batches
+    and ``batch`` (a test row in one place, a training or validation row in another: the golden test part, what it
+    carves, and what it holds out of each later batch); None where no split can be made of them (another image
+    shape, no test part: the contract's other checks name that)."""
+    batches = [*(accepted.get("batches") or [accepted]), {"train": batch["train"]}]
+    try:
+        _, parts, later = from_snapshot(data, batches)
+        splits, _ = split(parts, *split_sizes(data, parts, "the accepted images"), data.seed, None, later,
+                          data.batch_test_fraction)
+    except (DataFormatError, ValueError):
+        return None
+    trained = set(_digests(splits["train"][0])) | set(_digests(splits["val"][0]))
+    return trained & set(_digests(splits["test"][0]))
+
+
 def contract(family: str, batch: Images, accepted: Images | None, cfg: Any) -> Suites:
     """The batch against the accepted images: class set and names, image shape, repeated images (never a copy of a
-    test image), and — after the first batch — training images only (the golden test set stays fixed); a first
-    batch brings a test part and more training images than validation takes."""
+    test image: the first batch's, nor one ``prepare`` holds out of a later batch, nor a test row held out of this
+    batch that copies a training image), and — after the first batch — training images only (the golden test set
+    stays fixed); a first batch brings a test part and more training images than validation takes."""
     E = expectation_types()
     spec, data = settings(family, cfg), cfg.block("data", family)
     classes = (accepted or {}).get("classes") or batch.get("classes") or (
@@ -93,6 +111,8 @@ def contract(family: str, batch: Images, accepted: Images | None, cfg: Any) -> S
     known = {part: set(_digests(accepted[part][0])) for part in PARTS if (accepted or {}).get(part) is not None}
     accepted_digests = set().union(*known.values())
     tests = set(digests.get("test", [])) | known.get("test", set())
+    if accepted is not None and batch.get("train") is not None:
+        tests |= _across_test(data, accepted, batch) or set()
     within = pd.Series(np.concatenate([digests[p] for p in present])).duplicated(keep=False).to_numpy()
     frames, start = [], 0
     for part in present:
