@@ -4,7 +4,8 @@ A batch is a folder with ``ratings.csv`` (user_id, item_id, rating, timestamp) a
 introduces, ``users.csv`` (user_id, age, gender, occupation, zip_code) and ``items.csv`` (item_id, release_year,
 genres joined by ``|``) — the normalised schema of ``tasks.recsys.movielens``, so the published data set is the bootstrap
 batch. The contract checks a batch on its own and against the accepted data (every rating's user and item known,
-no rating accepted before, a user or item sent again unchanged); the drift checks compare it with the accepted
+no user rating an item twice, in the batch or after an accepted rating, whatever its timestamp; a user or item
+sent again unchanged); the drift checks compare it with the accepted
 data's profile: rating histogram, click rate, share of ratings by unseen users and items, the raters' age group,
 gender and occupation, the rated items' genres. ``replay`` cuts MovieLens-100K by its timestamps into an initial
 window and the batches that followed it.
@@ -30,6 +31,9 @@ COLUMNS = {"ratings": ["user_id", "item_id", "rating", "timestamp"],
 TYPES = {"ratings": {"user_id": "int64", "item_id": "int64", "rating": "int64", "timestamp": "int64"},
          "users": {"user_id": "int64", "age": "int64"}, "items": {"item_id": "int64", "release_year": "int64"}}
 KEYS = {"ratings": ["user_id", "item_id", "timestamp"], "users": ["user_id"], "items": ["item_id"]}
+# a user rates an item once: a second rating of the pair, at any time, would put the model's whole input (the user's
+# and the item's fields) in two splits (a rating's split is a hash of user, item and timestamp)
+RATED = ["user_id", "item_id"]
 AGE_EDGES = [18, 25, 35, 45, 50, 56]   # MovieLens-1M's age groups (as tasks.recsys.prepare encodes them)
 
 
@@ -122,7 +126,7 @@ def contract(batch: Tables, accepted: Tables | None, cfg: Any) -> Suites:
     known_users = set(users.user_id.tolist()) | set(accepted["users"].user_id.tolist() if accepted else [])
     known_items = set(items.item_id.tolist()) | set(accepted["items"].item_id.tolist() if accepted else [])
     now = int(time.time()) + 86_400   # a day of clock skew
-    rated = ratings.assign(accepted_before=_member(ratings, accepted["ratings"] if accepted else None, KEYS["ratings"]))
+    rated = ratings.assign(accepted_before=_member(ratings, accepted["ratings"] if accepted else None, RATED))
     out = [(suite("ingest_ratings", [
         E.ExpectTableRowCountToBeBetween(min_value=spec.min_rows),
         *(E.ExpectColumnValuesToNotBeNull(column=c) for c in COLUMNS["ratings"]),
@@ -130,7 +134,7 @@ def contract(batch: Tables, accepted: Tables | None, cfg: Any) -> Suites:
         E.ExpectColumnValuesToBeBetween(column="timestamp", min_value=1, max_value=now),
         E.ExpectColumnValuesToBeInSet(column="user_id", value_set=sorted(known_users)),
         E.ExpectColumnValuesToBeInSet(column="item_id", value_set=sorted(known_items)),
-        E.ExpectCompoundColumnsToBeUnique(column_list=KEYS["ratings"]),
+        E.ExpectCompoundColumnsToBeUnique(column_list=RATED),
         E.ExpectColumnValuesToBeInSet(column="accepted_before", value_set=[0])]), rated)]
     if not users.empty:
         out.append((suite("ingest_users", [

@@ -125,6 +125,33 @@ def test_a_batch_may_not_repeat_accepted_ratings_or_change_a_known_user(replayed
     assert {c for _, c in _failed(report)} == {"accepted_before", "changes_accepted"}
 
 
+@pytest.mark.fault("data", "an arriving batch re-sending accepted ratings a day later (timestamps shifted), or "
+                   "rating a pair twice within itself",
+                   "quarantined as invalid: a user rates an item once (before: duplicates were keyed on the "
+                   "timestamp too, so the twins were accepted and hashed into other splits than their originals)")
+def test_a_batch_may_not_rate_an_accepted_pair_again_at_another_time(replayed, tmp_path):
+    cfg, batches = replayed
+    first = INTAKE.read_batch(batches[0])
+
+    def resend(folder: Path) -> None:
+        ratings = pd.read_csv(folder / "ratings.csv")
+        pd.concat([ratings, first["ratings"].head(3).assign(timestamp=lambda r: r.timestamp + 86_400)]) \
+            .to_csv(folder / "ratings.csv", index=False)
+
+    folder = _week(replayed, tmp_path, resend)
+    reason, report = check(INTAKE, cfg, INTAKE.read_batch(folder), _accepted(batches[:1]), tmp_path / "docs")
+    assert reason == "invalid" and {c for _, c in _failed(report)} == {"accepted_before"}
+
+    def twice(folder: Path) -> None:
+        ratings = pd.read_csv(folder / "ratings.csv")
+        pd.concat([ratings, ratings.head(2).assign(timestamp=lambda r: r.timestamp + 60)]) \
+            .to_csv(folder / "ratings.csv", index=False)
+
+    folder = _week(replayed, tmp_path / "twice", twice)
+    reason, report = check(INTAKE, cfg, INTAKE.read_batch(folder), _accepted(batches[:1]), tmp_path / "docs2")
+    assert reason == "invalid" and _failed(report) == {("expect_compound_columns_to_be_unique", "")}
+
+
 @pytest.mark.fault("data", "an arriving batch whose ratings.csv has no timestamp column",
                    "refused as unreadable, naming the file and the columns it has")
 def test_a_batch_without_a_column_is_unreadable_and_named(replayed, tmp_path):
