@@ -17,3 +17,15 @@ def test_a_scratch_copy_carries_the_imported_teacher_files(tmp_path):
     (source / "params.yaml").write_text(yaml.safe_dump(params))
     copy = copy_project(tmp_path / "copy", {}, source=source)
     assert (copy / "models" / "mine.onnx").read_bytes() == b"onnx bytes"
+
+
+def test_a_scratch_copy_skips_an_editors_lock_file(tmp_path):
+    """Before: an editor's lock file in the sources (Emacs's ``.#x.py``, a symlink to nowhere) stopped every copy
+    (``shutil.Error``), so `make smoke`, the sweeps and the benchmarks failed while a file was open."""
+    source = tmp_path / "project"
+    (source / "tasks").mkdir(parents=True)
+    (source / "tasks" / "x.py").write_text("X = 1\n")
+    (source / "tasks" / ".#x.py").symlink_to("user@host.1234:1700000000")
+    (source / "params.yaml").write_text(yaml.safe_dump({"teacher": {}}))
+    copy = copy_project(tmp_path / "copy", {}, source=source)
+    assert (copy / "tasks" / "x.py").read_text() == "X = 1\n" and not (copy / "tasks" / ".#x.py").is_symlink()
