@@ -39,7 +39,8 @@ def copy_project(dest: Path, overrides: dict[str, Any] | None = None, source: Pa
         src = source / item
         if src.is_dir():
             # an editor's lock file (``.#x.py``) is a symlink to nowhere: not a source
-            shutil.copytree(src, dest / item, ignore=shutil.ignore_patterns("__pycache__"), ignore_dangling_symlinks=True)
+            shutil.copytree(src, dest / item, ignore=shutil.ignore_patterns("__pycache__"),
+                            ignore_dangling_symlinks=True)
         elif src.exists():
             (dest / item).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / item)
