@@ -42,7 +42,7 @@ from tasks.config import Config
 from tasks.family import load_family
 from tasks.gate import Check, champion_health, gate_checks, gate_markdown, gate_tags, health_markdown
 from tasks.io import file_digest, write_atomic, write_json
-from tasks.lineage import data_params, dvc_input_hashes, git_state, params_hash, same_split
+from tasks.lineage import data_params, dvc_input_hashes, dvc_lock_text, git_state, params_hash, same_split
 from tasks.mlflow_store import registered_version
 from tasks.speedup import paired_timing
 
@@ -87,9 +87,11 @@ def data_description(family: str, data: Path) -> tuple[str, str]:
     return whole, kept
 
 
-def lineage(cfg: Config, root: Path, parent_run_id: str, family: str) -> dict[str, str]:
-    """git commit, DVC's hash of the data and of the candidate file, the hash of every param, the parent run."""
-    hashes, where = dvc_input_hashes(f"evaluate_{family}", root), paths(root, family)
+def lineage(cfg: Config, root: Path, parent_run_id: str, family: str, lock_text: str | None = None
+            ) -> dict[str, str]:
+    """git commit, DVC's hash of the data and of the candidate file (from ``lock_text``, dvc.lock's content when
+    read already), the hash of every param, the parent run."""
+    hashes, where = dvc_input_hashes(f"evaluate_{family}", root, lock_text), paths(root, family)
     return {**git_state(root), "params.hash": params_hash(cfg),
             "data.hash": hashes.get(str(where["data"]), "unknown"),
             "onnx.hash": hashes.get(str(where["onnx"]), "unknown"), "parent_run_id": parent_run_id}
@@ -126,10 +128,15 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
     gate = cfg.block("gate", family)
     check_registry(client, uri)
     where = paths(root, family)
-    tags = {**lineage(cfg, root, parent_run_id, family), **(extra_tags or {})}
-    for name in LINEAGE_FILES:   # what `python -m flows.restore` needs beside the git commit to re-create the run
-        if (root / name).is_file():
-            client.log_artifact(run_id, str(root / name), LINEAGE)
+    lock_text = dvc_lock_text(root)   # once, whole: the tags and the logged file say the same
+    tags = {**lineage(cfg, root, parent_run_id, family, lock_text), **(extra_tags or {})}
+    with tempfile.TemporaryDirectory() as tmp:   # what `python -m flows.restore` needs beside the git commit
+        for name in LINEAGE_FILES:
+            if name == "dvc.lock" and lock_text is not None:
+                (Path(tmp) / name).write_text(lock_text)
+            elif name != "dvc.lock" and (root / name).is_file():
+                shutil.copy2(root / name, Path(tmp) / name)
+        client.log_artifacts(run_id, tmp, LINEAGE)
     description, meaning = data_description(family, root / where["data"])
     if description:   # the gate holds the champion to them: the whole on data split alike, the meaning across splits
         tags.update({DATA_TAG: description, MEANING_TAG: meaning})

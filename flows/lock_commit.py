@@ -13,12 +13,13 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import yaml
 
+from tasks.errors import PipelineError
 from tasks.io import load_yaml
+from tasks.lineage import dvc_repo_lock
 
 IDENTITY = ("-c", "user.name=kdq-pipeline", "-c", "user.email=kdq-pipeline@localhost")
 LOCK_WAIT_SECONDS = 120
@@ -39,31 +40,16 @@ def commit_lock(root: Path, message: str) -> str | None:
     DVC's lock is held only while the lock's content is read into git's object store: the commit itself (and the
     user's hooks, such as the pre-commit ``dvc status`` that ``dvc install`` writes, which takes that lock too) runs
     after it is released, from that content."""
-    from dvc.lock import LockError, make_lock
-
     if not (root / "dvc.lock").is_file() or _git(root, "rev-parse", "--is-inside-work-tree").returncode != 0:
         return None
     if _git(root, "check-ignore", "--quiet", "dvc.lock").returncode == 0:
         return None
-    if not (root / ".dvc").is_dir():   # no DVC project: no DVC command writes this lock
-        blob = _stored(root)
-    else:
-        tmp = root / ".dvc" / "tmp"
-        tmp.mkdir(exist_ok=True)
-        lock, deadline = make_lock(str(tmp / "lock"), tmp_dir=str(tmp)), time.monotonic() + LOCK_WAIT_SECONDS
-        while True:
-            try:
-                lock.lock()
-                break
-            except LockError:
-                if time.monotonic() > deadline:
-                    _warn(root, f"DVC's repository lock stayed held for {LOCK_WAIT_SECONDS} s")
-                    return None
-                time.sleep(2)
-        try:
+    try:
+        with dvc_repo_lock(root, LOCK_WAIT_SECONDS):   # no DVC project: no DVC command writes this lock
             blob = _stored(root)
-        finally:
-            lock.unlock()
+    except PipelineError as err:
+        _warn(root, str(err))
+        return None
     return _commit(root, blob, message) if blob else None
 
 

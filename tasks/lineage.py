@@ -4,10 +4,16 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from tasks.errors import PipelineError
 from tasks.io import file_digest, load_yaml
+
+DVC_LOCK_WAIT_SECONDS = 120
 
 
 def _git(root: Path, *args: str) -> str | None:
@@ -78,24 +84,59 @@ def _digest(params: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def locked_outputs(root: Path = Path(".")) -> dict[str, dict[str, Any]]:
-    """Every stage output dvc.lock records, with DVC's hash (``md5``) and its ``size`` and ``nfiles``."""
-    dvc_lock = root / "dvc.lock"
-    if not dvc_lock.exists():
+@contextmanager
+def dvc_repo_lock(root: Path, wait: float = DVC_LOCK_WAIT_SECONDS) -> Iterator[None]:
+    """Hold DVC's repository lock of ``root`` (nothing to hold without ``.dvc/``): DVC rewrites dvc.lock in place,
+    truncating it first, while it holds that lock — and releases it while a stage's command runs, so a stage of one
+    family reads dvc.lock while another family's DVC process may be writing it."""
+    from dvc.lock import LockError, make_lock
+
+    if not (root / ".dvc").is_dir():
+        yield
+        return
+    tmp = root / ".dvc" / "tmp"
+    tmp.mkdir(exist_ok=True)
+    lock, deadline = make_lock(str(tmp / "lock"), tmp_dir=str(tmp)), time.monotonic() + wait
+    while True:
+        try:
+            lock.lock()
+            break
+        except LockError as err:
+            if time.monotonic() > deadline:
+                raise PipelineError(f"{tmp / 'lock'}: DVC's repository lock stayed held for {wait:.0f} s by another "
+                                    "DVC process of the project") from err
+            time.sleep(0.5)
+    try:
+        yield
+    finally:
+        lock.unlock()
+
+
+def dvc_lock_text(root: Path = Path(".")) -> str | None:
+    """dvc.lock as DVC last wrote it, whole (read holding DVC's lock); None when there is none."""
+    with dvc_repo_lock(root):
+        return (root / "dvc.lock").read_text() if (root / "dvc.lock").is_file() else None
+
+
+def locked_outputs(root: Path = Path("."), text: str | None = None) -> dict[str, dict[str, Any]]:
+    """Every stage output dvc.lock records, with DVC's hash (``md5``) and its ``size`` and ``nfiles`` (``text``:
+    dvc.lock's content, when the caller has read it with ``dvc_lock_text``)."""
+    text = dvc_lock_text(root) if text is None else text
+    if text is None:
         return {}
     return {o["path"]: {"md5": o.get("md5", ""), **{k: o[k] for k in ("size", "nfiles") if k in o}}
-            for entry in (load_yaml(dvc_lock.read_text()) or {}).get("stages", {}).values()
+            for entry in (load_yaml(text) or {}).get("stages", {}).values()
             for o in entry.get("outs", [])}
 
 
-def dvc_inputs(stage: str, root: Path = Path(".")) -> dict[str, dict[str, Any]]:
-    """Each dep of ``stage`` with DVC's hash (``md5``): from dvc.lock for outputs of other stages (with their
-    ``size`` and ``nfiles``), else the file's md5."""
+def dvc_inputs(stage: str, root: Path = Path("."), lock_text: str | None = None) -> dict[str, dict[str, Any]]:
+    """Each dep of ``stage`` with DVC's hash (``md5``): from dvc.lock (``lock_text``: its content, read already) for
+    outputs of other stages (with their ``size`` and ``nfiles``), else the file's md5."""
     dvc_yaml = root / "dvc.yaml"
     if not dvc_yaml.exists():
         return {}
     spec = (load_yaml(dvc_yaml.read_text()) or {}).get("stages", {}).get(stage, {})
-    locked = locked_outputs(root)
+    locked = locked_outputs(root, lock_text)
     found = {}
     for dep in spec.get("deps", []):
         if dep in locked:
@@ -105,9 +146,9 @@ def dvc_inputs(stage: str, root: Path = Path(".")) -> dict[str, dict[str, Any]]:
     return found
 
 
-def dvc_input_hashes(stage: str, root: Path = Path(".")) -> dict[str, str]:
+def dvc_input_hashes(stage: str, root: Path = Path("."), lock_text: str | None = None) -> dict[str, str]:
     """DVC's hash of each dep of ``stage``: from dvc.lock for outputs of other stages, else the file's md5."""
-    return {dep: found["md5"] for dep, found in dvc_inputs(stage, root).items()}
+    return {dep: found["md5"] for dep, found in dvc_inputs(stage, root, lock_text).items()}
 
 
 DATA_ROOT = "data"   # a stage's inputs under it are data sets: MLflow dataset inputs of its run

@@ -566,3 +566,49 @@ def test_a_registered_model_names_its_requirements_without_loading_it_in_another
     log_onnx_model(client, run_id, model, {"image": np.zeros((1, 1, 28, 28), np.float32)})
     written = Path(client.download_artifacts(run_id, "model/requirements.txt", str(tmp_path))).read_text().split()
     assert sorted(written) == [f"{name}=={version(name)}" for name in ("mlflow", "numpy", "onnx", "onnxruntime")]
+
+
+@pytest.mark.fault("runs", "a gate while another family's DVC process is rewriting dvc.lock (truncated, then written)",
+                   "the gate waits for DVC's repository lock and records the whole file: its data.hash tag and the "
+                   "lineage/dvc.lock artifact agree (before: read half-written, without the lock)")
+def test_the_gate_reads_dvc_lock_whole_while_dvc_rewrites_it(project, raw_params, mlflow_uri, tmp_path,
+                                                            monkeypatch):
+    import threading
+    import time
+
+    import yaml
+    from dvc.lock import make_lock
+
+    import flows.gating
+
+    data = {"path": "data/vision/processed", "md5": "0123456789abcdef0123456789abcdef.dir", "size": 1, "nfiles": 2}
+    whole = yaml.safe_dump({"schema": "2.0", "stages": {
+        **{f"a_stage_{i}": {"cmd": "true", "outs": [{"path": f"out/{i}", "md5": f"{i:032x}"}]} for i in range(40)},
+        "prepare_vision": {"cmd": "python -m tasks.vision.prepare", "outs": [data]}}})
+    tmp = project / ".dvc" / "tmp"
+    tmp.mkdir(parents=True)
+    (project / "dvc.lock").write_text(whole)
+    lock, threads, checked = make_lock(str(tmp / "lock"), tmp_dir=str(tmp)), [], flows.gating.check_registry
+
+    def rewrite() -> None:
+        time.sleep(2)
+        (project / "dvc.lock").write_text(whole)
+        lock.unlock()
+
+    def and_then_dvc_rewrites_the_lock(*args) -> None:   # just before the gate reads its lineage
+        checked(*args)
+        lock.lock()
+        (project / "dvc.lock").write_text(whole[:len(whole) // 2])   # truncated, being written again
+        threads.append(threading.Thread(target=rewrite))
+        threads[-1].start()
+
+    monkeypatch.setattr(flows.gating, "check_registry", and_then_dvc_rewrites_the_lock)
+    try:
+        report, client = _gate(project, _lenient(raw_params), mlflow_uri)
+    finally:
+        for thread in threads:
+            thread.join()
+    version = client.get_model_version(report["name"], report["version"])
+    assert version.tags["data.hash"] == data["md5"]
+    logged = Path(client.download_artifacts(version.run_id, "lineage/dvc.lock", str(tmp_path)))
+    assert logged.read_text() == whole
