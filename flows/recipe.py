@@ -23,6 +23,7 @@ from tasks.errors import ConfigError, PipelineError
 from tasks.family import load_family
 from tasks.gate import gate_checks, gate_tags
 from tasks.io import load_yaml
+from tasks.lineage import git_state
 from tasks.mlflow_store import client_for, ensure_experiment
 from tasks.tracking import child_run
 
@@ -58,6 +59,15 @@ def link_outputs(root: Path, dest: Path, outs: list[str]) -> None:
             shutil.copytree(src, dst, copy_function=place)
         else:
             place(str(src), str(dst))
+
+
+def lock_upstream(root: Path, dest: Path) -> None:
+    """The project's dvc.lock into the copy, before its stages run: it records the upstream outputs the copy links
+    (the snapshot, the prepared data, the teacher), which the copy's own stages add to. The dvc.lock a registered
+    recipe keeps (``flows.gating.LINEAGE``) then names the data version ``flows.restore`` pulls."""
+    if not (root / "dvc.lock").is_file():
+        raise PipelineError(f"{root / 'dvc.lock'}: missing after the upstream stages ran; run them first")
+    shutil.copy2(root / "dvc.lock", dest / "dvc.lock")
 
 
 def finished_before(client: MlflowClient, experiment_id: str, sweep_run_id: str, name: str) -> dict | None:
@@ -103,14 +113,18 @@ def run_recipe(index: int, overrides: dict[str, Any], family: str, root: Path, w
     close_abandoned(client, experiment, sweep_run_id, name)
     if dest.exists():  # an earlier attempt (a retry, or a worker that died): start clean
         shutil.rmtree(dest)
+    # the copy is a git repository of its own: its commit is in no history, so the lineage names the project's
+    # commit and dirty state, read as the sources are copied
+    source = git_state(root)
     copy_project(dest, layered_overrides(raw, overrides, family, threads), source=root)
     try:
         cfg = load_config(dest / "params.yaml")
     except ConfigError as err:
         raise RecipeInvalid(f"{name} {json.dumps(overrides)}: {err}") from None
     link_outputs(root, dest, upstream_outs)
+    lock_upstream(root, dest)
     with child_run(name, cfg, {"sweep": overrides}, sweep_run_id, dest, client) as run:
-        run.set_tags({"sweep.recipe": name, "sweep.worker": worker_name(), "sweep.dir": str(dest)})
+        run.set_tags({"sweep.recipe": name, "sweep.worker": worker_name(), "sweep.dir": str(dest), **source})
         env = stage_env(dest, uri, run.run_id)
         for stage in stages:
             reproduce(stage, dest, env, log=False)
@@ -127,7 +141,7 @@ def run_recipe(index: int, overrides: dict[str, Any], family: str, root: Path, w
                     "bytes": cand["bytes"], "latency_p50_ms": cand[f"{lat}_p50_ms"],
                     "size_ratio_vs_teacher": evaluation["models"]["teacher_fp32"]["bytes"] / cand["bytes"]}
         result = {"index": index, "name": name, "overrides": overrides, "run_id": run.run_id, "dir": str(dest),
-                  "worker": worker_name(), "passed": all(c.passed for c in eligible),
+                  "source": source, "worker": worker_name(), "passed": all(c.passed for c in eligible),
                   "failed_checks": [c.name for c in eligible if not c.passed],
                   "test_gate_passed": all(c.passed for c in checks), **measured}
         run.log_metrics(measured)

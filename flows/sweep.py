@@ -36,7 +36,6 @@ from flows.stage_graph import downstream_of, family_stages, stage_graph
 from flows.sweep_report import best_passing, pareto_front, write_sweep_report
 from tasks.config import SweepConfig, load_config
 from tasks.errors import PipelineError, run_cli
-from tasks.lineage import git_state
 from tasks.mlflow_store import client_for, redact, tracking_uri
 from tasks.tracking import pipeline_run
 
@@ -139,20 +138,21 @@ def recipe_sweep(root: str = ".", family: str | None = None, address: str | None
                 parent.log_artifact(path, "sweep")
             parent.log_metrics({"sweep.recipes_ok": len(ok), "sweep.recipes_failed": len(outcomes) - len(ok),
                                 "sweep.seconds": seconds, "sweep.pareto_size": len(front)})
-            registered = _register(best, family, root_path, uri, parent.run_id) if register_best and best else None
+            registered = _register(best, family, uri, parent.run_id) if register_best and best else None
             parent.set_tag("sweep.registered", json.dumps(registered) if registered else "none")
     return {"sweep_run_id": parent.run_id, "family": family, "outcomes": outcomes, "pareto": front,
             "best": best, "registered": registered, "recipes_seconds": seconds, "tracking_uri": redact(uri)}
 
 
-def _register(best: dict[str, Any], family: str, root: Path, uri: str, sweep_run_id: str) -> dict[str, Any]:
-    """Register the best recipe's INT8 student as ``challenger`` through the pipeline's own gate."""
+def _register(best: dict[str, Any], family: str, uri: str, sweep_run_id: str) -> dict[str, Any]:
+    """Register the best recipe's INT8 student as ``challenger`` through the pipeline's own gate, with the git commit
+    and dirty state of the project its copy was made of (the copy's own commit is in no history to restore from)."""
     from flows.gating import gate_and_register
 
     where = Path(best["dir"])
     cfg, client = load_config(where / "params.yaml"), client_for(uri)
     tags = {"sweep.run_id": sweep_run_id, "sweep.recipe": json.dumps(best["overrides"], sort_keys=True),
-            "sweep.source_commit": git_state(root)["git.commit"]}
+            "sweep.source_commit": best["source"]["git.commit"], **best["source"]}
     report = gate_and_register(where, cfg, client, uri, best["run_id"], sweep_run_id, family, may_promote=False,
                                extra_tags=tags)
     return {"name": report["name"], "version": report["version"], "recipe": best["name"], "unchanged": report["unchanged"]}

@@ -340,3 +340,48 @@ def test_a_sweep_takes_the_familys_data_lock_before_it_runs_a_stage(prefect_serv
         recipe_sweep.fn(root=str(project), family="recsys", register_best=False)
     # no stage ran and no MLflow store was opened: nothing was written into the project (no data, dvc.lock, mlflow.db)
     assert listing() == before
+
+
+def test_a_version_a_sweep_registered_is_restored_from_the_projects_commit(prefect_server, tmp_path, monkeypatch,
+                                                                           capsys):
+    """Before: the version a sweep registered recorded the git commit of its recipe's scratch copy (in no history of
+    the project: ``flows.restore`` failed with "commit … is not in …'s history"), ``git.dirty`` false whatever the
+    project's, ``data.hash`` unknown, and kept a dvc.lock without the snapshot stage (no data version to pull)."""
+    import subprocess
+
+    from mlflow.tracking import MlflowClient
+
+    from flows.gating import paths
+    from flows.restore import restore
+    from flows.sweep import recipe_sweep
+    from tasks.lineage import params_hash
+    from tests.e2e.scratch import locked_outs
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)   # the project's own store: mlflow.db in it
+    monkeypatch.delenv("PIPELINE_PARENT_RUN_ID", raising=False)
+    space = {"distill.recsys.temperature": [3.0], "recipe.recsys": [["distill", "qat"]]}   # one recipe, a short one
+    project = copy_project(tmp_path / "project", {"profile": "smoke", "sweep.space.recsys": space})
+    with (project / "prefect.yaml").open("a") as edited:   # an uncommitted change the recipe's copy carries
+        edited.write("# edited, not committed\n")
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True,
+                          check=True).stdout.strip()
+
+    result = recipe_sweep(root=str(project), family="recsys", workers=1, recipes=1)
+    assert [o["status"] for o in result["outcomes"]] == ["ok"], result["outcomes"]
+    registered = result["registered"]
+    version = MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_model_version(registered["name"],
+                                                                                 registered["version"])
+    tags = version.tags
+    assert tags["git.commit"] == tags["mlflow.source.git.commit"] == tags["sweep.source_commit"] == head
+    assert tags["git.dirty"] == "true"
+    assert tags["data.hash"] == locked_outs(project)[str(paths(project, "recsys")["data"])]
+
+    restored = tmp_path / "restored"
+    assert restore(project, "recsys", registered["name"], registered["version"], restored, run=False) == 0
+    assert subprocess.run(["git", "rev-parse", "HEAD"], cwd=restored, capture_output=True, text=True,
+                          check=True).stdout.strip() == head
+    cfg = load_config(restored / "params.yaml")   # the recipe's params: its overrides applied (restore checked them)
+    assert cfg.distill.recsys.temperature == 3.0 and params_hash(cfg) == tags["params.hash"]
+    raw = "data/recsys/raw"   # the snapshot it was trained on, pulled as the project's dvc.lock records it
+    assert locked_outs(restored)[raw] == locked_outs(project)[raw] and any((restored / raw).iterdir())
+    assert "trained from uncommitted changes" in capsys.readouterr().err
