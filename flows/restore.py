@@ -30,6 +30,7 @@ from flows.gating import LINEAGE, LINEAGE_FILES
 from flows.registry import registered_model
 from tasks.config import load_config
 from tasks.errors import PipelineError, run_cli
+from tasks.io import load_yaml
 from tasks.mlflow_store import client_for, redact, tracking_uri
 
 
@@ -121,6 +122,9 @@ def restore_data(root: Path, dest: Path, family: str) -> str:
 
 def _pull(root: Path, dest: Path, stage: str, what: str) -> str:
     """``dvc pull`` the stage's outputs into DEST from the first place that has them; return which."""
+    if stage not in (load_yaml((dest / "dvc.lock").read_text()) or {}).get("stages", {}):
+        raise PipelineError(f"{dest / 'dvc.lock'} (its run's {LINEAGE}/dvc.lock) records no {stage}: which outputs "
+                            "to pull is not known; the version cannot be restored")
     dvc, env, errors = [sys.executable, "-m", "dvc"], _env(dest), []
     for url in _remote_candidates(root, dest):
         try:
@@ -147,6 +151,11 @@ def restore(root: Path, family: str, name: str, version_id: str, dest: Path, run
     commit = version.tags.get("git.commit", "none")
     if commit == "none":
         raise PipelineError(f"{name} version {version_id} records no git commit: it cannot be restored")
+    project = version.tags.get("sweep.source_commit", commit)
+    if project != commit:   # registered by a sweep before its lineage named the project's commit and data
+        raise PipelineError(f"{name} version {version_id}: git.commit {commit[:12]} is its sweep recipe's scratch "
+                            f"copy's (the project was at {project[:12]}) and its run's dvc.lock records no data "
+                            "version: it cannot be restored; re-run the sweep to register one that can")
     checkout_code(root, commit, dest)
     restore_lineage(client, version, dest)
     check_params(dest, version.tags.get("params.hash"))

@@ -385,3 +385,28 @@ def test_a_version_a_sweep_registered_is_restored_from_the_projects_commit(prefe
     raw = "data/recsys/raw"   # the snapshot it was trained on, pulled as the project's dvc.lock records it
     assert locked_outs(restored)[raw] == locked_outs(project)[raw] and any((restored / raw).iterdir())
     assert "trained from uncommitted changes" in capsys.readouterr().err
+
+
+def test_a_version_restore_cannot_bring_back_is_refused_in_one_line(mlflow_uri, tmp_path):
+    """A version a sweep registered before its lineage named the project's commit (its git.commit a scratch copy's),
+    and a run whose dvc.lock records no snapshot. Before: git's "not in …'s history" for the first, and for the
+    second whatever ``dvc pull`` of a stage the lock does not know did."""
+    from mlflow.tracking import MlflowClient
+
+    from flows.restore import restore, restore_data
+    from tasks.errors import PipelineError
+    from tests.conftest import ROOT
+
+    client = MlflowClient(mlflow_uri)
+    client.create_registered_model("ctr-old")
+    client.create_model_version("ctr-old", str(tmp_path / "model"),
+                                tags={"git.commit": "5c4a7c4" * 6, "sweep.source_commit": "4795a65" * 6})
+    with pytest.raises(PipelineError, match=r"^ctr-old version 1: git\.commit 5c4a7c45c4a7 is its sweep recipe's "
+                                            r"scratch copy's \(the project was at 4795a654795a\).*cannot be restored"):
+        restore(ROOT, "recsys", "ctr-old", "1", tmp_path / "restored", run=False)
+    assert not (tmp_path / "restored").exists()
+    project = copy_project(tmp_path / "project", {"profile": "smoke"})
+    (project / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    with pytest.raises(PipelineError, match=r"dvc\.lock \(its run's lineage/dvc\.lock\) records no snapshot_recsys: "
+                                            "which outputs to pull is not known"):
+        restore_data(ROOT, project, "recsys")
