@@ -23,7 +23,7 @@ from tasks.errors import ConfigError, PipelineError
 from tasks.family import load_family
 from tasks.gate import gate_checks, gate_tags
 from tasks.io import load_yaml
-from tasks.lineage import git_state
+from tasks.lineage import dvc_lock_text, git_state
 from tasks.mlflow_store import client_for, ensure_experiment
 from tasks.tracking import child_run
 
@@ -65,9 +65,10 @@ def lock_upstream(root: Path, dest: Path) -> None:
     """The project's dvc.lock into the copy, before its stages run: it records the upstream outputs the copy links
     (the snapshot, the prepared data, the teacher), which the copy's own stages add to. The dvc.lock a registered
     recipe keeps (``flows.gating.LINEAGE``) then names the data version ``flows.restore`` pulls."""
-    if not (root / "dvc.lock").is_file():
+    text = dvc_lock_text(root)   # whole: another family's DVC process may be rewriting it
+    if text is None:
         raise PipelineError(f"{root / 'dvc.lock'}: missing after the upstream stages ran; run them first")
-    shutil.copy2(root / "dvc.lock", dest / "dvc.lock")
+    (dest / "dvc.lock").write_text(text)
 
 
 def finished_before(client: MlflowClient, experiment_id: str, sweep_run_id: str, name: str) -> dict | None:
