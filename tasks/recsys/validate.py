@@ -3,7 +3,7 @@
 Input: ``<data>`` as written by prepare_recsys from the raw snapshot ``<snapshot>``. Output: ``<report>`` (JSON,
 every expectation with its observed value). Checked: the schema of every table; ratings within 1-5 and labels
 consistent with them; no missing value in a required field; referential integrity (every rating's user and item
-exist); no duplicate (user, item, timestamp) row; sizes derived from the snapshot's own manifest, never from the
+exist); no user rating an item twice (whatever the timestamps); sizes derived from the snapshot's own manifest, never from the
 published data set's: every rating the snapshot accepted was read, at least ``min_kept_fraction`` of them labelled,
 and each split holds its share of the labelled rows (within ``split_tolerance``, above a ``min_rows`` floor); per split the label balance within a tolerance; every
 encoded field index inside its field's range and genres multi-hot. A failed expectation stops the pipeline naming
@@ -56,7 +56,9 @@ def table_suites(tables: dict[str, Any], positive_min_rating: int) -> list[tuple
         E.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
         E.ExpectColumnValuesToBeInSet(column="user_id", value_set=users.user_id.dropna().tolist()),
         E.ExpectColumnValuesToBeInSet(column="item_id", value_set=items.item_id.dropna().tolist()),
-        E.ExpectCompoundColumnsToBeUnique(column_list=["user_id", "item_id", "timestamp"])])
+        # a user rates an item once (the intake's contract): a second rating, at any time, puts the same input in two
+        # splits
+        E.ExpectCompoundColumnsToBeUnique(column_list=["user_id", "item_id"])])
     consistent = pd.DataFrame({"label_matches_rating": (rows.label == (rows.rating >= positive_min_rating)).astype(int)})
     return [(interactions, rows),
             (suite("recsys_labels", [E.ExpectColumnValuesToBeInSet(column="label_matches_rating", value_set=[1])]),

@@ -36,6 +36,12 @@ def _duplicate_row(tables):
     tables["interactions"] = pd.concat([rows, rows.iloc[[5]]], ignore_index=True)
 
 
+def _rated_again(tables):
+    rows = tables["interactions"]
+    tables["interactions"] = pd.concat([rows, rows.iloc[[5]].assign(timestamp=rows.timestamp.iloc[5] + 86_400)],
+                                       ignore_index=True)
+
+
 def _fault(scenario: str, expected: str):
     return pytest.mark.fault("data", scenario, f"validation fails naming {expected} and the bad values")
 
@@ -49,8 +55,11 @@ def _fault(scenario: str, expected: str):
                  marks=_fault("a rating by an unknown user id", "the `user_id` set check"), id="unknown-user"),
     pytest.param(_set("item_id", 2, 4242), "expect_column_values_to_be_in_set(column=item_id",
                  marks=_fault("a rating of an unknown item id", "the `item_id` set check"), id="unknown-item"),
-    pytest.param(_duplicate_row, "expect_compound_columns_to_be_unique(column_list=['user_id', 'item_id', 'timestamp']",
+    pytest.param(_duplicate_row, "expect_compound_columns_to_be_unique(column_list=['user_id', 'item_id']",
                  marks=_fault("a duplicated rating row", "the uniqueness check"), id="duplicate-row"),
+    pytest.param(_rated_again, "expect_compound_columns_to_be_unique(column_list=['user_id', 'item_id']",
+                 marks=_fault("a user rating an item twice, a day apart (before: unique on the timestamp too, so "
+                              "accepted, each in its own split)", "the uniqueness check"), id="rated-again"),
 ])
 def test_bad_ratings_are_named(synthetic_movielens, tmp_path, corrupt, expected):
     tables, cfg = _prepared(synthetic_movielens, tmp_path)
