@@ -26,6 +26,7 @@ from flows.stage_graph import StageNode, stage_graph
 from tasks.config import Config, load_config
 from tasks.errors import PipelineError, run_cli
 from tasks.expectations import DATA_DOCS
+from tasks.lineage import dvc_lock_text, remade_since
 from tasks.mlflow_store import redact, tracking_uri
 from tasks.tracking import pipeline_run
 
@@ -110,15 +111,22 @@ def chosen(cfg: Config, families: list[str] | None) -> list[str]:
 
 @flow(name="gate-and-register", log_prints=True)
 def gate_only(root: str = ".", families: list[str] | None = None) -> dict[str, Any]:
-    """Gate and register the families' current candidates without running any stage (after ``dvc repro``)."""
+    """Gate and register the families' current candidates without running any stage (after ``dvc repro``); none
+    when dvc.lock says a stage upstream of one ran again after it was made (``tasks.lineage.remade_since``)."""
     root_path = Path(root).resolve()
     cfg = load_config(root_path / "params.yaml")
     uri = tracking_uri(cfg, root_path)
     families = chosen(cfg, families)
     # the data it scores on stays as it is meanwhile (a pipeline run or an ingestion would rewrite it), as in a run
-    with data_lock(root_path, families, cfg.pipeline.data_lock_timeout_seconds), \
-            pipeline_run(cfg, "gate", root_path) as parent:
-        gates = {family: retrying_promote(cfg)(family, root_path, uri, parent.run_id) for family in families}
+    with data_lock(root_path, families, cfg.pipeline.data_lock_timeout_seconds):
+        lock_text = dvc_lock_text(root_path)
+        for family in families:   # what is gated is what its stages made of today's inputs, or nothing is
+            if remade := remade_since(f"evaluate_{family}", lock_text):
+                raise PipelineError(f"--gate-only: {root_path / 'dvc.lock'}: {family}'s candidate was made from "
+                                    f"inputs remade since: {'; '.join(remade)}; run its stages first (`dvc repro` or "
+                                    "the pipeline)")
+        with pipeline_run(cfg, "gate", root_path) as parent:
+            gates = {family: retrying_promote(cfg)(family, root_path, uri, parent.run_id) for family in families}
     return {"stages": {}, "metrics": {}, "parent_run_id": parent.run_id, "tracking_uri": redact(uri), "gates": gates}
 
 
@@ -197,7 +205,9 @@ def main() -> None:
     parser.add_argument("--root", default=".", help="project root holding dvc.yaml and params.yaml")
     parser.add_argument("--family", action="append", dest="families",
                         help="run only this family's stages and gate (repeatable; default: every family)")
-    parser.add_argument("--gate-only", action="store_true", help="no stage: gate and register the current outputs")
+    parser.add_argument("--gate-only", action="store_true",
+                        help="no stage: gate and register the current outputs (refused when dvc.lock records an "
+                             "input of the candidate remade since it was made)")
     parser.add_argument("--no-promote", action="store_true",
                         help="register the candidate as challenger only, even when it passes the gate")
     args = parser.parse_args()

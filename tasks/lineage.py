@@ -129,6 +129,27 @@ def locked_outputs(root: Path = Path("."), text: str | None = None) -> dict[str,
             for o in entry.get("outs", [])}
 
 
+def remade_since(stage: str, lock_text: str | None) -> list[str]:
+    """The inputs of ``stage``, and of every stage it depends on, that dvc.lock (``lock_text``) records with another
+    hash than the stage making them last wrote: that stage ran again after (a new batch prepared whose validation
+    then failed, a teacher retrained and not distilled from), so ``stage``'s outputs are not what its inputs give."""
+    stages = (load_yaml(lock_text) or {}).get("stages", {}) if lock_text else {}
+    made = {o["path"]: (name, o.get("md5")) for name, entry in stages.items() for o in entry.get("outs", [])}
+    todo, seen, remade = [stage], set(), []
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        for dep in stages.get(name, {}).get("deps", []):
+            if dep["path"] in made:
+                producer, md5 = made[dep["path"]]
+                if dep.get("md5") != md5:
+                    remade.append(f"{dep['path']} (by {producer}, after {name} read it)")
+                todo.append(producer)
+    return sorted(remade)
+
+
 def dvc_inputs(stage: str, root: Path = Path("."), lock_text: str | None = None) -> dict[str, dict[str, Any]]:
     """Each dep of ``stage`` with DVC's hash (``md5``): from dvc.lock (``lock_text``: its content, read already) for
     outputs of other stages (with their ``size`` and ``nfiles``), else the file's md5."""

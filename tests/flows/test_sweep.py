@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import threading
 import time
 
@@ -16,7 +17,8 @@ from flows.sweep import draw_recipes, summary
 from flows.sweep_report import best_passing, pareto_front, write_sweep_report
 from flows.workspace import copy_project
 from tasks.config import load_config, parse_config
-from tasks.errors import ConfigError, ServiceUnavailable
+from tasks.errors import ConfigError, PipelineError, ServiceUnavailable
+from tests.conftest import ROOT
 
 SPACE = {"distill.recsys.temperature": [1.0, 2.0], "share.recsys.clusters": [64, 128, 256]}
 
@@ -175,6 +177,35 @@ def test_gating_alone_holds_the_data_lock_too(prefect_server, raw_params, tmp_pa
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     with data_lock(tmp_path, ["vision"], timeout_seconds=60), \
             pytest.raises(RegistryBusy, match=r"the vision data was held by another run"):
+        gate_only.fn(str(tmp_path), ["vision"])
+
+
+@pytest.mark.fault("data", "`flows.pipeline --gate-only` after a stage upstream of the candidate ran again (a new "
+                   "batch prepared whose validation then failed; a teacher retrained, not distilled from)",
+                   "refused before anything is gated, naming the input remade and by which stage (before: the old "
+                   "candidate was gated and registered as if made from today's data)")
+def test_gating_alone_refuses_a_candidate_made_from_inputs_remade_since(prefect_server, raw_params, tmp_path):
+    from flows.pipeline import gate_only
+    from tasks.lineage import remade_since
+
+    data, kd = "data/vision/processed", "models/vision/student_kd.pt"
+
+    def lock(prepared: str) -> str:
+        return yaml.safe_dump({"schema": "2.0", "stages": {
+            "prepare_vision": {"cmd": "p", "outs": [{"path": data, "md5": f"{prepared}.dir"}]},
+            "distill_vision": {"cmd": "d", "deps": [{"path": data, "md5": "a1.dir"}],
+                               "outs": [{"path": kd, "md5": "b2"}]},
+            "evaluate_vision": {"cmd": "e", "deps": [{"path": data, "md5": "a1.dir"}, {"path": kd, "md5": "b2"}],
+                                "outs": [{"path": "metrics/vision/evaluation.json", "md5": "c3"}]}}})
+
+    assert remade_since("evaluate_vision", lock("a1")) == []
+    assert remade_since("evaluate_vision", lock("new")) == [f"{data} (by prepare_vision, after {stage} read it)"
+                                                            for stage in ("distill_vision", "evaluate_vision")]
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_params))
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    (tmp_path / "dvc.lock").write_text(lock("new"))
+    with pytest.raises(PipelineError, match=r"--gate-only: .*dvc\.lock: vision's candidate was made from inputs "
+                                            r"remade since: data/vision/processed \(by prepare_vision"):
         gate_only.fn(str(tmp_path), ["vision"])
 
 
@@ -394,8 +425,6 @@ def test_a_version_restore_cannot_bring_back_is_refused_in_one_line(mlflow_uri, 
     from mlflow.tracking import MlflowClient
 
     from flows.restore import restore, restore_data
-    from tasks.errors import PipelineError
-    from tests.conftest import ROOT
 
     client = MlflowClient(mlflow_uri)
     client.create_registered_model("ctr-old")
