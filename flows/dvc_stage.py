@@ -21,6 +21,7 @@ from prefect.states import State
 from flows.run_artifacts import publish_data_docs
 from flows.stage_graph import below
 from tasks.errors import EXIT_USER_ERROR, PipelineError
+from tasks.expectations import DATA_DOCS
 from tasks.tracking import PARENT_ENV
 
 if TYPE_CHECKING:
@@ -107,6 +108,15 @@ def run_stage(stage: str, root: Path, env: dict[str, str], data_docs: bool = Fal
     if data_docs and ran:
         _point_at_data_docs(stage, env)
     return "ran" if ran else "cached"
+
+
+def run_node(cfg: Any, node: Any, root: Path, env: dict[str, str], unchanged: bool, submit: bool = False) -> Any:
+    """``run_stage`` of ``node`` as a run calls it (``submit``: for a future): the pipeline's retries for transient
+    failures, DVC's lock waited for as long as the family's data lock (a stage of another family holds it a moment),
+    the stage's Data Docs pointed at when its outputs hold them."""
+    retrying = run_stage.with_options(retries=cfg.pipeline.retries, retry_delay_seconds=cfg.pipeline.retry_delays())
+    args = (node.name, root, env, DATA_DOCS in {Path(o).name for o in node.outs}, cfg.pipeline.data_lock_timeout_seconds)
+    return (retrying.submit if submit else retrying)(*args, unchanged=unchanged)
 
 
 def _point_at_data_docs(stage: str, env: dict[str, str]) -> None:

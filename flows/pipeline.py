@@ -19,13 +19,12 @@ from typing import Any
 from prefect import flow, task
 from prefect.futures import PrefectFuture, as_completed
 
-from flows.dvc_stage import push_outputs, retry_transient, run_stage, stage_env, stage_logger, stale_stages
+from flows.dvc_stage import push_outputs, retry_transient, run_node, stage_env, stage_logger, stale_stages
 from flows.registry_lock import data_lock
 from flows.run_artifacts import flag_degraded_champion, publish_gate, publish_run
 from flows.stage_graph import StageNode, stage_graph
 from tasks.config import Config, load_config
 from tasks.errors import PipelineError, run_cli
-from tasks.expectations import DATA_DOCS
 from tasks.lineage import dvc_lock_text, remade_since
 from tasks.mlflow_store import redact, tracking_uri
 from tasks.tracking import pipeline_run
@@ -45,8 +44,6 @@ def compression_pipeline(root: str = ".", families: list[str] | None = None, pro
         parent.set_tag("pipeline.stages", ",".join(s.name for s in stages))
         env = stage_env(root_path, uri, parent.run_id)
         wait = cfg.pipeline.data_lock_timeout_seconds   # for DVC's lock, held a moment by a stage beside this one
-        retrying = run_stage.with_options(retries=cfg.pipeline.retries,
-                                          retry_delay_seconds=cfg.pipeline.retry_delays())
 
         def finished(stage: str) -> None:
             if stage.startswith("warm_start_") and (unpushed := push_outputs(root_path, env, stage, wait)):
@@ -54,9 +51,8 @@ def compression_pipeline(root: str = ".", families: list[str] | None = None, pro
                 stage_logger()(f"warning: {stage}'s output is not on the DVC remote: {unpushed}")
 
         stale = stale_stages(root_path, stages)
-        statuses = run_graph(stages, cfg.pipeline.parallel_stages, lambda node: retrying.submit(
-            node.name, root_path, env, DATA_DOCS in {Path(o).name for o in node.outs}, wait,
-            unchanged=node.name not in stale), finished)
+        statuses = run_graph(stages, cfg.pipeline.parallel_stages, lambda node: run_node(
+            cfg, node, root_path, env, unchanged=node.name not in stale, submit=True), finished)
         parent.set_tags({f"stage.{name}": status for name, status in statuses.items()})
         metrics = collect_metrics(root_path, families)
         parent.log_metrics(metrics)

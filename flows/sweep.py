@@ -29,7 +29,7 @@ from typing import Any
 from prefect import flow, get_client
 from prefect.futures import as_completed
 
-from flows.dvc_stage import run_stage, stage_env, stale_stages
+from flows.dvc_stage import run_node, stage_env, stale_stages
 from flows.recipe import run_recipe
 from flows.registry_lock import data_lock
 from flows.stage_graph import downstream_of, family_stages, stage_graph
@@ -119,7 +119,7 @@ def recipe_sweep(root: str = ".", family: str | None = None, address: str | None
             env = stage_env(root_path, uri, parent.run_id)
             stale = stale_stages(root_path, upstream)
             for node in upstream:  # data, validation and teacher: once, in the project, as the pipeline runs them
-                run_stage(node.name, root_path, env, unchanged=node.name not in stale)
+                run_node(cfg, node, root_path, env, unchanged=node.name not in stale)
             start = time.perf_counter()
             with this_prefect_api_for_workers():
                 outcomes = fan_out.with_options(task_runner=dask_runner(sweep, address, workers))(

@@ -377,11 +377,15 @@ def test_a_version_a_sweep_registered_is_restored_from_the_projects_commit(prefe
                                                                            capsys):
     """Before: the version a sweep registered recorded the git commit of its recipe's scratch copy (in no history of
     the project: ``flows.restore`` failed with "commit … is not in …'s history"), ``git.dirty`` false whatever the
-    project's, ``data.hash`` unknown, and kept a dvc.lock without the snapshot stage (no data version to pull)."""
+    project's, ``data.hash`` unknown, and kept a dvc.lock without the snapshot stage (no data version to pull).
+    And its upstream stages wait for DVC's lock, held a moment by another DVC process of the project, as a pipeline
+    run's do (before: the sweep failed at once, "Unable to acquire lock")."""
     import subprocess
 
+    from dvc.lock import make_lock
     from mlflow.tracking import MlflowClient
 
+    import flows.sweep
     from flows.gating import paths
     from flows.restore import restore
     from flows.sweep import recipe_sweep
@@ -397,8 +401,23 @@ def test_a_version_a_sweep_registered_is_restored_from_the_projects_commit(prefe
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=project, capture_output=True, text=True,
                           check=True).stdout.strip()
 
-    result = recipe_sweep(root=str(project), family="recsys", workers=1, recipes=1)
-    assert [o["status"] for o in result["outcomes"]] == ["ok"], result["outcomes"]
+    found_stale, holders = flows.sweep.stale_stages, []
+
+    def and_then_dvc_is_busy(*args):   # another DVC process of the project takes its lock for 8 s (DVC itself tries for 3)
+        stale = found_stale(*args)
+        lock = make_lock(str(project / ".dvc" / "tmp" / "lock"), tmp_dir=str(project / ".dvc" / "tmp"))
+        lock.lock()
+        holders.append(threading.Timer(8.0, lock.unlock))
+        holders[-1].start()
+        return stale
+
+    monkeypatch.setattr(flows.sweep, "stale_stages", and_then_dvc_is_busy)
+    try:
+        result = recipe_sweep(root=str(project), family="recsys", workers=1, recipes=1)
+    finally:
+        for holder in holders:
+            holder.join()
+    assert holders and [o["status"] for o in result["outcomes"]] == ["ok"], result["outcomes"]
     registered = result["registered"]
     version = MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_model_version(registered["name"],
                                                                                  registered["version"])
