@@ -115,7 +115,8 @@ def run_node(cfg: Any, node: Any, root: Path, env: dict[str, str], unchanged: bo
     failures, DVC's lock waited for as long as the family's data lock (a stage of another family holds it a moment),
     the stage's Data Docs pointed at when its outputs hold them."""
     retrying = run_stage.with_options(retries=cfg.pipeline.retries, retry_delay_seconds=cfg.pipeline.retry_delays())
-    args = (node.name, root, env, DATA_DOCS in {Path(o).name for o in node.outs}, cfg.pipeline.data_lock_timeout_seconds)
+    docs = DATA_DOCS in {Path(o).name for o in node.outs}
+    args = (node.name, root, env, docs, cfg.pipeline.data_lock_timeout_seconds)
     return (retrying.submit if submit else retrying)(*args, unchanged=unchanged)
 
 

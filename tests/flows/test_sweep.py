@@ -403,7 +403,7 @@ def test_a_version_a_sweep_registered_is_restored_from_the_projects_commit(prefe
 
     found_stale, holders = flows.sweep.stale_stages, []
 
-    def and_then_dvc_is_busy(*args):   # another DVC process of the project takes its lock for 8 s (DVC itself tries for 3)
+    def and_then_dvc_is_busy(*args):   # another DVC process of the project holds its lock 8 s (DVC itself tries 3)
         stale = found_stale(*args)
         lock = make_lock(str(project / ".dvc" / "tmp" / "lock"), tmp_dir=str(project / ".dvc" / "tmp"))
         lock.lock()
