@@ -12,7 +12,8 @@ runs when the snapshot, the processed data, these params or its code change (as 
 so the champion it reads is the one of that moment, and dvc.lock records what it wrote (``flows.restore`` pulls it
 back). A re-run on the same snapshot under the same policy (a code change) starts from the champion the first run of
 that data version started from, never from a model of this very data; a champion trained on data split by other
-``data.<family>`` params is never started from. With ``policy: scratch`` and ``teacher_every: 1`` it asks the
+``data.<family>`` params, or on a snapshot today's does not extend (its batches, by content, are not the first of
+today's), is never started from. With ``policy: scratch`` and ``teacher_every: 1`` it asks the
 registry nothing.
 """
 from __future__ import annotations
@@ -54,11 +55,17 @@ def plan_training(cfg: WarmStart, versions: int, champion: dict[str, Any] | None
     return plan
 
 
-def champion_files(cfg: Any, family: str, scratch: Path, pinned: str | None = None
-                   ) -> tuple[dict[str, Any], Path] | None:
+def history(manifest: dict[str, Any]) -> list[str]:
+    """A snapshot's batches in order, each by its content's digest (its id where the manifest records none)."""
+    return [b.get("digest") or b["id"] for b in manifest["batches"]]
+
+
+def champion_files(cfg: Any, family: str, scratch: Path, pinned: str | None = None,
+                   batches: list[str] | None = None) -> tuple[dict[str, Any], Path] | None:
     """The champion (version ``pinned``, else the one the alias names now), as ``plan_training`` takes it, and the
     folder its ``warm_start/`` artifacts were downloaded to; None when there is none, or when it was trained on rows
-    split by other ``data.<family>`` params (today's test rows may have been its training rows)."""
+    split by other ``data.<family>`` params or on a snapshot whose batches are not the first of today's ``batches``
+    (``history``: another bootstrap, another order; today's test rows may have been its training rows)."""
     import torch
 
     from tasks.mlflow_store import client_for, registered_version, tracking_uri
@@ -82,6 +89,13 @@ def champion_files(cfg: Any, family: str, scratch: Path, pinned: str | None = No
                f"was trained on data split by other data.{family} params (its training rows may be today's test rows)")
         print(f"note: {name} version {version.version} {why}; training from scratch", file=sys.stderr)
         return None
+    trained_on = earlier.get("history")
+    if batches is not None and (trained_on is None or batches[:len(trained_on)] != trained_on):
+        why = ("recorded no snapshot history (registered before it was)" if trained_on is None else
+               "was trained on a snapshot whose batches are not the first of today's (another bootstrap or order: "
+               "its training rows may be today's test rows)")
+        print(f"note: {name} version {version.version} {why}; training from scratch", file=sys.stderr)
+        return None
     teacher = local / FILES["teacher"]
     # what its teacher stage did (a reused teacher was trained on an earlier version), not only what was planned
     done = torch.load(teacher, map_location="cpu", weights_only=True).get(MODE) if teacher.is_file() else None
@@ -96,7 +110,8 @@ def warm_start(cfg: Any, family: str, snapshot: Path, data: Path, out: Path, ada
     stage wrote last; on the same snapshot under the same policy it keeps that plan's champion (a re-run for a code
     or params change starts where the first run of this data version did, not from a model of this very data)."""
     spec: WarmStart = cfg.block("warm_start", family)
-    versions, digest = len(read(snapshot)["batches"]), file_digest(snapshot / MANIFEST)
+    batches, digest = history(read(snapshot)), file_digest(snapshot / MANIFEST)
+    versions = len(batches)
     out.mkdir(parents=True, exist_ok=True)
     for file in FILES.values():   # what an earlier plan started from is not this one's
         (out / file).unlink(missing_ok=True)
@@ -106,7 +121,7 @@ def warm_start(cfg: Any, family: str, snapshot: Path, data: Path, out: Path, ada
     found = None
     with tempfile.TemporaryDirectory() as tmp:
         if not (spec.policy == "scratch" and spec.teacher_every == 1) and not (same and previous["champion"] is None):
-            found = champion_files(cfg, family, Path(tmp), previous["champion"] if same else None)
+            found = champion_files(cfg, family, Path(tmp), previous["champion"] if same else None, batches)
         plan = plan_training(spec, versions, found[0] if found else None)
         for role, file in FILES.items():
             if plan[role] == "scratch" or found is None:
@@ -123,7 +138,7 @@ def warm_start(cfg: Any, family: str, snapshot: Path, data: Path, out: Path, ada
             buffer = io.BytesIO()
             torch.save(fitted, buffer)
             write_atomic(out / file, buffer.getvalue())
-    plan.update(snapshot=digest, data_params=data_params(cfg, family), model=model)
+    plan.update(snapshot=digest, history=batches, data_params=data_params(cfg, family), model=model)
     write_json(out / PLAN, plan)
     return plan
 

@@ -132,7 +132,7 @@ def test_the_stage_fetches_the_champions_weights_from_its_registering_run(synthe
 
     def register(teacher_mode: str, params: str) -> str:
         """A version whose registering run kept its weights (its teacher trained as ``teacher_mode``) and its plan:
-        trained on 2 data versions, its teacher on the first."""
+        trained on 2 data versions (the snapshot's first two batches), its teacher on the first."""
         kept = tmp_path / f"kept-{teacher_mode}-{params[:4]}"
         kept.mkdir()
         model = CtrModel(cfg.teacher.recsys.arch, **old_shape)
@@ -140,7 +140,8 @@ def test_the_stage_fetches_the_champions_weights_from_its_registering_run(synthe
             path = kept / FILES[role]
             save_model(model, "ctr", model.arch, path, shape=old_shape, **({MODE: teacher_mode} if role ==
                                                                              "teacher" else {}))
-        (kept / PLAN).write_text(json.dumps({"versions": 2, "teacher_versions": 1, "data_params": params}))
+        (kept / PLAN).write_text(json.dumps({"versions": 2, "teacher_versions": 1, "data_params": params,
+                                             "history": ["b0", "b1"]}))
         (kept / VOCABULARY).write_text((old / VOCABULARY).read_text())
         run = client.create_run(experiment).info.run_id
         client.log_artifacts(run, str(kept), ARTIFACTS)
@@ -176,3 +177,40 @@ def test_the_stage_fetches_the_champions_weights_from_its_registering_run(synthe
     plan = warm_start(tuned, "recsys", snapshot, new, out, adapt)
     assert (plan["teacher"], plan["student"], plan["champion"]) == ("scratch", "scratch", None)
     assert "split by other data.recsys params" in capsys.readouterr().err
+
+
+@pytest.mark.fault("data", "a champion trained on a snapshot today's does not extend (another bootstrap, batches in "
+                   "another order), its data split by the same params",
+                   "never started from: the warm start trains from scratch and says why (before: fine-tuned from, "
+                   "though its training rows may be today's test rows)")
+def test_a_champion_of_another_snapshot_history_is_not_started_from(synthetic_movielens, tmp_path, mlflow_uri,
+                                                                    capsys):
+    _, _, cfg = synthetic_movielens
+    tuned = cfg.model_copy(update={"warm_start": cfg.warm_start.model_copy(update={"recsys": _policy(every=2)})})
+    old, new = older_and_grown(cfg, tmp_path)
+    *_, old_shape = load_ctr_data(old)
+    client = MlflowClient(mlflow_uri)
+    experiment, name = client.create_experiment("warm"), cfg.gate.recsys.registered_model
+    client.create_registered_model(name)
+    snapshot = tmp_path / "raw"
+    snapshot.mkdir()
+    (snapshot / "snapshot.json").write_text(json.dumps({"batches": [{"id": f"b{i}", "digest": f"d{i}"}
+                                                                    for i in range(3)]}))
+    for history, started in ((["dX", "d1"], False), (["d1", "d0"], False), (None, False), (["d0", "d1"], True)):
+        kept = tmp_path / f"kept-{len(list(tmp_path.iterdir()))}"
+        kept.mkdir()
+        model = CtrModel(cfg.teacher.recsys.arch, **old_shape)
+        for role in FILES:
+            save_model(model, "ctr", model.arch, kept / FILES[role], shape=old_shape)
+        plan = {"versions": 2, "teacher_versions": 2, "data_params": data_params(cfg, "recsys")}
+        (kept / PLAN).write_text(json.dumps({**plan, **({"history": history} if history else {})}))
+        (kept / VOCABULARY).write_text((old / VOCABULARY).read_text())
+        run = client.create_run(experiment).info.run_id
+        client.log_artifacts(run, str(kept), ARTIFACTS)
+        version = str(client.create_model_version(name, f"runs:/{run}/model", run).version)
+        client.set_registered_model_alias(name, "champion", version)
+        plan = warm_start(tuned, "recsys", snapshot, new, tmp_path / "out", adapt)
+        assert (plan["champion"] == version) is started, history
+        assert plan["history"] == ["d0", "d1", "d2"]   # what the next run holds its champion to
+        err = capsys.readouterr().err
+        assert started or ("not the first of today's" if history else "recorded no snapshot history") in err, err
