@@ -83,14 +83,18 @@ class CtrModel(nn.Module):
         return fake_quantize_table(module.weight) if self.fake_quant_tables else module.weight
 
     def _group_terms(self, genres: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(the groups' vectors (N, K, dim), their first-order sum (N, 1)): each group the mean of its tags' rows."""
+        """(the groups' vectors (N, K, dim), their first-order sum (N, 1)): each group the mean of its tags' rows.
+        Each group's columns are padded to all of them (zeros elsewhere) rather than the tables sliced: an exported
+        graph then reads each table whole, under its own name (sliced, ONNX's constant folding made each slice a new
+        unnamed table that ``quantize_tables`` never found: they shipped as float inside the INT8 file)."""
         table, linear = self._table(self.genre_embedding), self._table(self.genre_linear)
-        vectors, first, start = [], 0, 0
+        vectors, first, start, width = [], 0, 0, genres.shape[1]
         for size in self.groups or []:
             part = genres[:, start:start + size]
             count = part.sum(dim=1, keepdim=True).clamp(min=1.0)
-            vectors.append(part @ table[start:start + size] / count)
-            first = first + part @ linear[start:start + size] / count
+            padded = F.pad(part, (start, width - start - size))
+            vectors.append(padded @ table / count)
+            first = first + padded @ linear / count
             start += size
         return torch.stack(vectors, dim=1), first
 

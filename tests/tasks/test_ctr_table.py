@@ -494,7 +494,9 @@ def test_a_model_of_several_tag_groups_keeps_them_apart_and_exports_int8_that_ma
     from tasks.ctr.config import RecArch
     from tasks.ctr.ctr_onnx import export_ctr_int8, onnx_probabilities
     from tasks.ctr.ctr_training import CtrSplit, evaluate_ctr, load_ctr_data
-    from tasks.ctr.models import CtrModel
+    import onnx as onnx_lib
+
+    from tasks.ctr.models import TABLES, CtrModel
 
     _prepare(_table(), tmp_path, "out")
     *_, test, shape = load_ctr_data(tmp_path / "out")
@@ -513,6 +515,9 @@ def test_a_model_of_several_tag_groups_keeps_them_apart_and_exports_int8_that_ma
         reference = torch.sigmoid(int8(test.fields, test.genres)).numpy()
     diff = np.abs(onnx - reference)   # the export's parity: an activation rounded the other way moves a row a little
     assert diff.max() < 0.01 and (diff < 1e-4).mean() > 0.99
+    # every table stored as INT8, the tag groups' too (before: their slices were folded into unnamed float tables)
+    stored = {i.name for i in onnx_lib.load(str(tmp_path / "m.onnx")).graph.initializer}
+    assert {f"model.{t}.int8" for t in TABLES} <= stored, sorted(stored)
 
 
 def test_a_champion_of_an_older_table_is_scored_on_todays_test_rows_in_its_own_encoding(tmp_path):
