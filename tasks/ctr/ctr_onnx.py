@@ -87,11 +87,11 @@ def _narrow_index(graph: onnx.GraphProto, init: onnx.TensorProto) -> onnx.NodePr
 def export_ctr_int8(model: CtrModel, path: Path, opset: int = 17) -> Path:
     """``model``: a converted INT8 model (``convert_ctr_int8``) or an FP32 one whose tables are quantized after
     training (a recipe without QAT). MLP weights trained at 4 bits or fewer are stored as INT4 (``tasks.int4``;
-    the tables stay INT8)."""
+    the tables stay INT8); a model without an MLP (an FM) has none to store so."""
     export_ctr_fp32(model, path, opset)
     quantize_tables(tidy_qdq(path))
     bits = (model.qat_settings or {}).get("mlp_weight_bits", 8)
-    if bits <= 4:
+    if bits <= 4 and model.mlp is not None:
         pack_int4(path)
         tables = {f"model.{table}.int8" for table in TABLES}   # the tables stay INT8 (quantize_tables)
         require_int4(path, bits, keep=tables.__contains__)

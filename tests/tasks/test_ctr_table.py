@@ -468,15 +468,16 @@ def test_the_contract_checks_numeric_columns_missing_values_and_declared_ranges(
     assert failed[1]["unexpected_count"] > 0 and all(v > 100 for v in failed[1]["unexpected_examples"])
 
 
-def _trained_int8(shape: dict, data_dir, steps: int = 30):
-    """A DeepFM trained briefly on ``data_dir``'s training rows, QAT-trained a little more, converted to INT8."""
+def _trained_int8(shape: dict, data_dir, steps: int = 30, mlp: tuple[int, ...] = (8,), bits: int = 7):
+    """A DeepFM (``mlp``: its hidden widths; none, an FM) trained briefly on ``data_dir``'s training rows, QAT-trained
+    a little more (``bits``: its MLP's weights), converted to INT8."""
     from tasks.ctr.config import RecArch
     from tasks.ctr.ctr_training import CtrSplit
     from tasks.ctr.models import CtrModel, convert_ctr_int8, prepare_ctr_qat
 
     torch.manual_seed(0)
     train = CtrSplit.load(data_dir, "train")
-    model = CtrModel(RecArch(dim=4, fm=True, mlp=[8]), **shape)
+    model = CtrModel(RecArch(dim=4, fm=True, mlp=list(mlp)), **shape)
     for stage in ("float", "qat"):
         optimizer = torch.optim.Adam(model.parameters(), lr=0.02)
         for step in range(steps):
@@ -486,16 +487,37 @@ def _trained_int8(shape: dict, data_dir, steps: int = 30):
             loss.backward()
             optimizer.step()
         if stage == "float":
-            model = prepare_ctr_qat(model, 7, True)
+            model = prepare_ctr_qat(model, bits, True)
     return convert_ctr_int8(model.eval())
 
 
+@pytest.mark.fault("params", "a click student without an MLP (an FM) whose QAT asks for 4-bit MLP weights",
+                   "exports as INT8 tables (there is no MLP weight to store at 4 bits) with parity (before: the export "
+                   "stopped, finding no weight to store as INT4)")
+def test_an_fm_student_with_4_bit_mlp_weights_exports_its_tables_as_int8(tmp_path):
+    import onnx as onnx_lib
+
+    from tasks.ctr.ctr_onnx import export_ctr_int8, onnx_probabilities
+    from tasks.ctr.ctr_training import CtrSplit, load_ctr_data
+    from tasks.ctr.models import TABLES
+
+    _prepare(_table(), tmp_path, "out")
+    *_, test, shape = load_ctr_data(tmp_path / "out")
+    int8 = _trained_int8(shape, tmp_path / "out", mlp=(), bits=4)
+    path = export_ctr_int8(int8, tmp_path / "fm.onnx")
+    assert {f"model.{t}.int8" for t in TABLES} <= {i.name for i in onnx_lib.load(str(path)).graph.initializer}
+    with torch.no_grad():
+        reference = torch.sigmoid(int8(test.fields, test.genres)).numpy()
+    got = onnx_probabilities(path, CtrSplit.load(tmp_path / "out", "test"), threads=1)
+    assert np.abs(got - reference).max() < 1e-4
+
+
 def test_a_model_of_several_tag_groups_keeps_them_apart_and_exports_int8_that_matches(tmp_path):
+    import onnx as onnx_lib
+
     from tasks.ctr.config import RecArch
     from tasks.ctr.ctr_onnx import export_ctr_int8, onnx_probabilities
     from tasks.ctr.ctr_training import CtrSplit, evaluate_ctr, load_ctr_data
-    import onnx as onnx_lib
-
     from tasks.ctr.models import TABLES, CtrModel
 
     _prepare(_table(), tmp_path, "out")
