@@ -185,8 +185,9 @@ def onnx_logits(path: Path, split: Split, batch_size: int = 1024, threads: int =
                 ) -> np.ndarray:
     """Logits of the ONNX model at ``path`` for every image of ``split`` (``optimized``: see ``session``)."""
     sess = session(path, threads, optimized)
-    shape = sess.get_inputs()[0].shape
-    if list(shape[1:]) != list(split.image_shape):
+    shape = sess.get_inputs()[0].shape   # a dynamic axis (a name, or None): any size fits it
+    if len(shape) != len(split.image_shape) + 1 or any(
+            isinstance(dim, int) and dim != size for dim, size in zip(shape[1:], split.image_shape, strict=False)):
         expected = ", ".join(map(str, split.image_shape))
         raise OnnxError(f"{path}: input shape {shape} does not match the data (N, {expected})")
     return np.concatenate([sess.run([OUTPUT], {INPUT: split.inputs(slice(i, i + batch_size)).contiguous().numpy()})[0]

@@ -351,3 +351,18 @@ def test_missing_corrupt_or_mismatched_onnx_files_are_clear_errors(tmp_path):
     export_fp32(wide, tmp_path / "rgb.onnx", example=torch.zeros(1, 3, 28, 28))
     with pytest.raises(OnnxError, match=r"rgb\.onnx: input shape \['batch', 3, 28, 28\] does not match"):
         onnx_logits(tmp_path / "rgb.onnx", split)
+
+
+@pytest.mark.fault("params", "an imported ONNX teacher whose height and width are dynamic axes",
+                   "scored on the data's images like any other (before: the export's parity refused its input shape "
+                   "['batch', 1, 'height', 'width'] as not the data's, after it had been distilled from)")
+def test_a_model_of_dynamic_height_and_width_is_scored_on_the_datas_images(tmp_path):
+    from tasks.onnx_models import INPUT, OUTPUT
+
+    split = Split(torch.randint(0, 255, (6, 28, 28), dtype=torch.uint8), torch.zeros(6, dtype=torch.int64))
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    torch.onnx.export(model, (torch.zeros(1, 1, 20, 20),), str(tmp_path / "any.onnx"), input_names=[INPUT],
+                      output_names=[OUTPUT], dynamo=False, dynamic_axes={INPUT: {0: "batch", 2: "height", 3: "width"}})
+    with torch.no_grad():
+        expected = model(split.inputs(slice(0, 6))).numpy()
+    np.testing.assert_allclose(onnx_logits(tmp_path / "any.onnx", split), expected, rtol=1e-4, atol=1e-5)
