@@ -22,6 +22,12 @@ class ServiceUnavailable(PipelineError):
     transient = True
 
 
+class LockBusy(PipelineError):
+    """Another process held a lock the run needs (DVC's repository lock) past the wait: may pass on a later try."""
+
+    transient = True
+
+
 class AccessDenied(PipelineError):
     """A server refused the run's credentials (HTTP 401/403): a setting to fix, not worth a retry."""
 

@@ -10,7 +10,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import PipelineError
+from tasks.errors import LockBusy
 from tasks.io import file_digest, load_yaml
 
 DVC_LOCK_WAIT_SECONDS = 120
@@ -103,8 +103,8 @@ def dvc_repo_lock(root: Path, wait: float = DVC_LOCK_WAIT_SECONDS) -> Iterator[N
             break
         except LockError as err:
             if time.monotonic() > deadline:
-                raise PipelineError(f"{tmp / 'lock'}: DVC's repository lock stayed held for {wait:.0f} s by another "
-                                    "DVC process of the project") from err
+                raise LockBusy(f"{tmp / 'lock'}: DVC's repository lock stayed held for {wait:.0f} s by another DVC "
+                               "process of the project (a push, a repro); try again when it is done") from err
             time.sleep(0.5)
     try:
         yield
