@@ -16,7 +16,6 @@ as an initial set (with the test images) and batches of ``ingest.<family>.replay
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -28,7 +27,7 @@ import pandas as pd
 from tasks.errors import DataFormatError
 from tasks.expectations import expectation_types, suite
 from tasks.images.batches import PARTS, Images, combine, read_batch, rows, write_batch
-from tasks.images.prepare import from_snapshot, split, split_sizes
+from tasks.images.prepare import digests, from_snapshot, split, split_sizes
 from tasks.intake import Intake, Suites, jensen_shannon, linf, shares
 
 INK_LEVEL = 25        # a pixel brighter than this (of 255) is ink, not background
@@ -66,11 +65,6 @@ def bootstrap(family: str, cfg: Any, extra: Callable[[Any], dict[str, Any]] | No
     return source, {"classes": classes, **parts}, pins(family, cfg, extra)
 
 
-def _digests(x: np.ndarray) -> np.ndarray:
-    flat = np.ascontiguousarray(x).reshape(len(x), int(np.prod(x.shape[1:])))   # (-1 cannot size no images)
-    return np.array([hashlib.blake2b(row.tobytes(), digest_size=16).hexdigest() for row in flat], dtype=object)
-
-
 def _member(digests: np.ndarray, known: set[str]) -> np.ndarray:
     """Which of ``digests`` are in ``known``, by hashing (``np.isin`` sorts object arrays: ~2 s a call for a 5,000-image
     batch against 40,000 accepted images; two calls were most of a batch's check)."""
@@ -93,33 +87,33 @@ def _across_test(data: Any, accepted: Images, batch: Images) -> set[str] | None:
                           data.batch_test_fraction)
     except (DataFormatError, ValueError):
         return None
-    trained = set(_digests(splits["train"][0])) | set(_digests(splits["val"][0]))
-    return trained & set(_digests(splits["test"][0]))
+    trained = set(digests(splits["train"][0])) | set(digests(splits["val"][0]))
+    return trained & set(digests(splits["test"][0]))
 
 
 def contract(family: str, batch: Images, accepted: Images | None, cfg: Any) -> Suites:
     """The batch against the accepted images: class set and names, image shape, repeated images (never a copy of a
-    test image: the first batch's, nor one ``prepare`` holds out of a later batch, nor a test row held out of this
-    batch that copies a training image), and — after the first batch — training images only (the golden test set
-    stays fixed); a first batch brings a test part and more training images than validation takes."""
+    test image: the first batch's, nor one ``prepare`` holds out of a later batch; ``prepare`` never holds out a
+    repeat), and — after the first batch — training images only (the golden test set stays fixed); a first batch
+    brings a test part and more training images than validation takes."""
     E = expectation_types()
     spec, data = settings(family, cfg), cfg.block("data", family)
     classes = (accepted or {}).get("classes") or batch.get("classes") or (
         data.class_names if data.image_folder is None else None)
     present = [part for part in PARTS if batch.get(part) is not None]
-    digests = {part: _digests(batch[part][0]) for part in present}
-    known = {part: set(_digests(accepted[part][0])) for part in PARTS if (accepted or {}).get(part) is not None}
+    found = {part: digests(batch[part][0]) for part in present}
+    known = {part: set(digests(accepted[part][0])) for part in PARTS if (accepted or {}).get(part) is not None}
     accepted_digests = set().union(*known.values())
-    tests = set(digests.get("test", [])) | known.get("test", set())
+    tests = set(found.get("test", [])) | known.get("test", set())
     if accepted is not None and batch.get("train") is not None:
         tests |= _across_test(data, accepted, batch) or set()
-    within = pd.Series(np.concatenate([digests[p] for p in present])).duplicated(keep=False).to_numpy()
+    within = pd.Series(np.concatenate([found[p] for p in present])).duplicated(keep=False).to_numpy()
     frames, start = [], 0
     for part in present:
         x, y = batch[part]
-        repeated = within[start:start + len(x)] | _member(digests[part], accepted_digests)
+        repeated = within[start:start + len(x)] | _member(found[part], accepted_digests)
         start += len(x)
-        leak = np.zeros(len(x), bool) if part == "test" else _member(digests[part], tests)
+        leak = np.zeros(len(x), bool) if part == "test" else _member(found[part], tests)
         frames.append(pd.DataFrame({"part": part, "label": y.astype(np.int64), "shape": _shape(x),
                                     "repeated": repeated.astype(np.int64), "copies_a_test_image": leak.astype(np.int64)}))
     frame = pd.concat(frames, ignore_index=True)

@@ -13,6 +13,7 @@ the test split's held-out rows too — and rows per window).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,6 +43,32 @@ def carve(x: np.ndarray, y: np.ndarray, n: int, rng: np.random.Generator
 Part = tuple[np.ndarray, np.ndarray]   # (images, labels)
 
 
+def digests(x: np.ndarray) -> np.ndarray:
+    """Each image's content digest (``x``: N images of any shape; none gives none)."""
+    flat = np.ascontiguousarray(x).reshape(len(x), int(np.prod(x.shape[1:])))   # (-1 cannot size no images)
+    return np.array([hashlib.blake2b(row.tobytes(), digest_size=16).hexdigest() for row in flat], dtype=object)
+
+
+def hold_out(x: np.ndarray, y: np.ndarray, n: int, rng: np.random.Generator, seen: set[str]
+             ) -> tuple[Part, Part]:
+    """(rest, held): ``n`` test rows drawn stratified from a later batch, never an image that is a copy of one
+    ``seen`` before (the snapshot's earlier images) or of another in the batch: a repeat stays a training row, so
+    no image is a test row in one place and a training row in another (the intake contract tolerates a few
+    repeats). A batch without repeats is carved exactly as ``carve`` does."""
+    found = digests(x)
+    _, first, counts = np.unique(found, return_index=True, return_counts=True)
+    single = np.zeros(len(y), dtype=bool)
+    single[first[counts == 1]] = True
+    repeat = ~single | np.fromiter((d in seen for d in found), dtype=bool, count=len(found))
+    if not repeat.any():
+        return carve(x, y, n, rng)
+    pool = np.flatnonzero(~repeat)
+    idx = pool[stratified_pick(y[pool], min(n, len(pool)), rng)]
+    rest = np.ones(len(y), dtype=bool)
+    rest[idx] = False
+    return (x[rest], y[rest]), (x[idx], y[idx])
+
+
 def _joined(parts: list[Part]) -> Part:
     return tuple(np.concatenate(p) for p in zip(*parts, strict=True))
 
@@ -64,8 +91,11 @@ def split(parts: dict[str, Part], val_size: int, test_size: int, seed: int, subs
         train, val = carve(*train, val_size, rng)
     trains, vals, tests = [train], [val], [test]
     share = len(val[1]) / (len(val[1]) + len(train[1]))
+    seen = set(digests(_joined([train, val, test])[0])) if later else set()
     for n, (x, y) in enumerate(later or [], start=1):
-        (x, y), held = carve(x, y, round(len(y) * test_share), np.random.default_rng([seed, n, 1]))
+        batch = digests(x)
+        (x, y), held = hold_out(x, y, round(len(y) * test_share), np.random.default_rng([seed, n, 1]), seen)
+        seen.update(batch)
         rest, carved = carve(x, y, round(len(y) * share), np.random.default_rng([seed, n]))
         trains.append(rest)
         vals.append(carved)
