@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from flows.lock_commit import commit_lock
-from tasks.lineage import git_state
+from tasks.errors import LockBusy
+from tasks.lineage import dvc_repo_lock, git_state
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -74,6 +75,11 @@ def test_a_refused_commit_or_a_held_dvc_lock_leaves_the_lock_as_it_was(repo, mon
     monkeypatch.setattr(lock_commit, "LOCK_WAIT_SECONDS", 0)
     try:
         assert commit_lock(repo, "m") is None and "repository lock" in capsys.readouterr().err
+        # the gate's and a stage's read of dvc.lock: a later try may pass
+        with pytest.raises(LockBusy, match=r"DVC's repository lock stayed held for 1 s") as busy, \
+                dvc_repo_lock(repo, wait=1):
+            pass
+        assert busy.value.transient
     finally:
         held.close()
     (repo / "dvc.lock").write_text("stages: [unclosed\n")   # half-written
