@@ -32,15 +32,19 @@ def pretrained_teachers(params: dict[str, Any]) -> list[str]:
             if isinstance(block, dict) and isinstance(block.get("pretrained"), dict) and block["pretrained"].get("path")]
 
 
+def _not_sources(folder: str, names: list[str]) -> set[str]:
+    """``__pycache__``, and what points nowhere: an editor's lock file (``.#x.py``) is a symlink to nowhere
+    (``copytree``'s ``ignore_dangling_symlinks`` checks a relative link from the working folder, not the link's)."""
+    return {name for name in names if name == "__pycache__" or not (Path(folder) / name).exists()}
+
+
 def copy_project(dest: Path, overrides: dict[str, Any] | None = None, source: Path = PROJECT) -> Path:
     """Copy the pipeline sources of ``source`` to ``dest``, apply params ``overrides``, commit them; return ``dest``."""
     dest.mkdir(parents=True)
     for item in SOURCES:
         src = source / item
         if src.is_dir():
-            # an editor's lock file (``.#x.py``) is a symlink to nowhere: not a source
-            shutil.copytree(src, dest / item, ignore=shutil.ignore_patterns("__pycache__"),
-                            ignore_dangling_symlinks=True)
+            shutil.copytree(src, dest / item, ignore=_not_sources)
         elif src.exists():
             (dest / item).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / item)

@@ -18,6 +18,7 @@ from mlflow.tracking import MlflowClient
 
 from flows.pipeline import compression_pipeline
 from flows.stage_graph import stage_graph
+from tasks.lineage import remade_since
 from tests.e2e.scratch import dvc, locked_outs, make_repo, repo_env
 
 pytestmark = pytest.mark.e2e
@@ -38,6 +39,8 @@ def test_flow_runs_every_stage_and_tracks_it(flow_repo):
     names = [n.name for n in stage_graph(repo)]
     assert result["stages"] == {n: "ran" for n in names}
     assert 0.0 < result["metrics"]["vision.teacher.test_accuracy"] <= 1.0
+    for family in FAMILIES:   # the lock DVC wrote is consistent: `--gate-only` takes these candidates
+        assert remade_since(f"evaluate_{family}", (repo / "dvc.lock").read_text()) == [], family
     assert result["tracking_uri"] == f"sqlite:///{repo / 'mlflow.db'}"
 
     client = MlflowClient(result["tracking_uri"])

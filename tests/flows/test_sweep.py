@@ -6,6 +6,7 @@ import os
 import shutil
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -389,7 +390,7 @@ def test_a_version_a_sweep_registered_is_restored_from_the_projects_commit(prefe
     from flows.gating import paths
     from flows.restore import restore
     from flows.sweep import recipe_sweep
-    from tasks.lineage import params_hash
+    from tasks.lineage import params_hash, remade_since
     from tests.e2e.scratch import locked_outs
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)   # the project's own store: mlflow.db in it
@@ -418,6 +419,8 @@ def test_a_version_a_sweep_registered_is_restored_from_the_projects_commit(prefe
         for holder in holders:
             holder.join()
     assert holders and [o["status"] for o in result["outcomes"]] == ["ok"], result["outcomes"]
+    recipe = Path(result["outcomes"][0]["dir"])   # its lock as DVC left it: `--gate-only` takes its candidate
+    assert remade_since("evaluate_recsys", (recipe / "dvc.lock").read_text()) == []
     registered = result["registered"]
     version = MlflowClient(f"sqlite:///{project / 'mlflow.db'}").get_model_version(registered["name"],
                                                                                  registered["version"])

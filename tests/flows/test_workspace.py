@@ -26,6 +26,8 @@ def test_a_scratch_copy_skips_an_editors_lock_file(tmp_path):
     (source / "tasks").mkdir(parents=True)
     (source / "tasks" / "x.py").write_text("X = 1\n")
     (source / "tasks" / ".#x.py").symlink_to("user@host.1234:1700000000")
+    (source / "tasks" / "y.py").symlink_to("x.py")   # a relative link that points somewhere is copied
     (source / "params.yaml").write_text(yaml.safe_dump({"teacher": {}}))
     copy = copy_project(tmp_path / "copy", {}, source=source)
     assert (copy / "tasks" / "x.py").read_text() == "X = 1\n" and not (copy / "tasks" / ".#x.py").is_symlink()
+    assert (copy / "tasks" / "y.py").read_text() == "X = 1\n"
