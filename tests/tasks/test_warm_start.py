@@ -120,32 +120,44 @@ def test_a_champion_of_another_architecture_is_not_started_from(synthetic_moviel
     assert (mode, same) == ("scratch", spec) and "another architecture" in capsys.readouterr().err
 
 
+class _Registry:
+    """A registry holding the recommender's versions whose registering runs kept their weights and warm-start plan
+    (as ``flows.gating.keep_warm_start`` does), trained on the older data of ``older_and_grown``."""
+
+    def __init__(self, cfg, tmp_path: Path, mlflow_uri: str) -> None:
+        self.cfg, self.tmp = cfg, tmp_path
+        self.old, self.new = older_and_grown(cfg, tmp_path)
+        *_, self.shape = load_ctr_data(self.old)
+        self.client = MlflowClient(mlflow_uri)
+        self.experiment, self.name = self.client.create_experiment("warm"), cfg.gate.recsys.registered_model
+        self.client.create_registered_model(self.name)
+
+    def register(self, plan: dict, teacher_mode: str | None = None) -> str:
+        """A version whose run kept a model as teacher (trained as ``teacher_mode``) and student, and ``plan``."""
+        kept = self.tmp / f"kept-{len(list(self.tmp.iterdir()))}"
+        kept.mkdir()
+        model = CtrModel(self.cfg.teacher.recsys.arch, **self.shape)
+        for role in FILES:
+            save_model(model, "ctr", model.arch, kept / FILES[role], shape=self.shape,
+                       **({MODE: teacher_mode} if role == "teacher" and teacher_mode else {}))
+        (kept / PLAN).write_text(json.dumps(plan))
+        (kept / VOCABULARY).write_text((self.old / VOCABULARY).read_text())
+        run = self.client.create_run(self.experiment).info.run_id
+        self.client.log_artifacts(run, str(kept), ARTIFACTS)
+        return str(self.client.create_model_version(self.name, f"runs:/{run}/model", run).version)
+
+
 def test_the_stage_fetches_the_champions_weights_from_its_registering_run(synthetic_movielens, tmp_path,
                                                                           mlflow_uri, capsys):
     _, _, cfg = synthetic_movielens
     tuned = cfg.model_copy(update={"warm_start": cfg.warm_start.model_copy(update={"recsys": _policy(every=2)})})
-    old, new = older_and_grown(cfg, tmp_path)
-    *_, old_shape = load_ctr_data(old)
-    client = MlflowClient(mlflow_uri)
-    experiment, name = client.create_experiment("warm"), cfg.gate.recsys.registered_model
-    client.create_registered_model(name)
+    registry = _Registry(cfg, tmp_path, mlflow_uri)
+    client, name, new = registry.client, registry.name, registry.new
 
     def register(teacher_mode: str, params: str) -> str:
-        """A version whose registering run kept its weights (its teacher trained as ``teacher_mode``) and its plan:
-        trained on 2 data versions (the snapshot's first two batches), its teacher on the first."""
-        kept = tmp_path / f"kept-{teacher_mode}-{params[:4]}"
-        kept.mkdir()
-        model = CtrModel(cfg.teacher.recsys.arch, **old_shape)
-        for role in FILES:
-            path = kept / FILES[role]
-            save_model(model, "ctr", model.arch, path, shape=old_shape, **({MODE: teacher_mode} if role ==
-                                                                             "teacher" else {}))
-        (kept / PLAN).write_text(json.dumps({"versions": 2, "teacher_versions": 1, "data_params": params,
-                                             "history": ["b0", "b1"]}))
-        (kept / VOCABULARY).write_text((old / VOCABULARY).read_text())
-        run = client.create_run(experiment).info.run_id
-        client.log_artifacts(run, str(kept), ARTIFACTS)
-        return str(client.create_model_version(name, f"runs:/{run}/model", run).version)
+        """Trained on 2 data versions (the snapshot's first two batches), its teacher on the first."""
+        return registry.register({"versions": 2, "teacher_versions": 1, "data_params": params,
+                                  "history": ["b0", "b1"]}, teacher_mode)
 
     snapshot = tmp_path / "raw"
     snapshot.mkdir()
@@ -187,29 +199,16 @@ def test_a_champion_of_another_snapshot_history_is_not_started_from(synthetic_mo
                                                                     capsys):
     _, _, cfg = synthetic_movielens
     tuned = cfg.model_copy(update={"warm_start": cfg.warm_start.model_copy(update={"recsys": _policy(every=2)})})
-    old, new = older_and_grown(cfg, tmp_path)
-    *_, old_shape = load_ctr_data(old)
-    client = MlflowClient(mlflow_uri)
-    experiment, name = client.create_experiment("warm"), cfg.gate.recsys.registered_model
-    client.create_registered_model(name)
+    registry = _Registry(cfg, tmp_path, mlflow_uri)
     snapshot = tmp_path / "raw"
     snapshot.mkdir()
     (snapshot / "snapshot.json").write_text(json.dumps({"batches": [{"id": f"b{i}", "digest": f"d{i}"}
                                                                     for i in range(3)]}))
     for history, started in ((["dX", "d1"], False), (["d1", "d0"], False), (None, False), (["d0", "d1"], True)):
-        kept = tmp_path / f"kept-{len(list(tmp_path.iterdir()))}"
-        kept.mkdir()
-        model = CtrModel(cfg.teacher.recsys.arch, **old_shape)
-        for role in FILES:
-            save_model(model, "ctr", model.arch, kept / FILES[role], shape=old_shape)
         plan = {"versions": 2, "teacher_versions": 2, "data_params": data_params(cfg, "recsys")}
-        (kept / PLAN).write_text(json.dumps({**plan, **({"history": history} if history else {})}))
-        (kept / VOCABULARY).write_text((old / VOCABULARY).read_text())
-        run = client.create_run(experiment).info.run_id
-        client.log_artifacts(run, str(kept), ARTIFACTS)
-        version = str(client.create_model_version(name, f"runs:/{run}/model", run).version)
-        client.set_registered_model_alias(name, "champion", version)
-        plan = warm_start(tuned, "recsys", snapshot, new, tmp_path / "out", adapt)
+        version = registry.register({**plan, **({"history": history} if history else {})})
+        registry.client.set_registered_model_alias(registry.name, "champion", version)
+        plan = warm_start(tuned, "recsys", snapshot, registry.new, tmp_path / "out", adapt)
         assert (plan["champion"] == version) is started, history
         assert plan["history"] == ["d0", "d1", "d2"]   # what the next run holds its champion to
         err = capsys.readouterr().err
