@@ -157,6 +157,8 @@ def dvc_inputs(stage: str, root: Path = Path("."), lock_text: str | None = None)
     if not dvc_yaml.exists():
         return {}
     spec = (load_yaml(dvc_yaml.read_text()) or {}).get("stages", {}).get(stage, {})
+    if not spec.get("deps"):   # no stage of the graph (a gate's run): nothing to look up
+        return {}
     locked = locked_outputs(root, lock_text)
     found = {}
     for dep in spec.get("deps", []):

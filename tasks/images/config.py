@@ -278,6 +278,12 @@ def check(cfg: Config, family: str) -> None:
         if pair.student >= len(kd.student.widths):
             raise ValueError(f"distill.{family}.feature_pairs.{i}.student: student block {pair.student} does not "
                              f"exist (the student has blocks 0..{len(kd.student.widths) - 1})")
+    ingest = getattr(getattr(cfg, "ingest", None), family, None)
+    held = cfg.block("data", family).batch_test_fraction
+    if ingest is not None and ingest.max_repeated_fraction + held > 1:   # prepare holds out no repeated image
+        raise ValueError(f"ingest.{family}.max_repeated_fraction ({ingest.max_repeated_fraction}) plus "
+                         f"data.{family}.batch_test_fraction ({held}) exceeds 1: a batch of repeats could not give "
+                         "its test rows")
     if kd.feature_pairs and kd.weights.feature == 0:
         raise ValueError(f"distill.{family}.weights.feature is 0 but feature_pairs are set; set a weight or drop the "
                          "pairs")

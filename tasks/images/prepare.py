@@ -49,13 +49,13 @@ def digests(x: np.ndarray) -> np.ndarray:
     return np.array([hashlib.blake2b(row.tobytes(), digest_size=16).hexdigest() for row in flat], dtype=object)
 
 
-def hold_out(x: np.ndarray, y: np.ndarray, n: int, rng: np.random.Generator, seen: set[str]
-             ) -> tuple[Part, Part]:
+def hold_out(x: np.ndarray, y: np.ndarray, n: int, rng: np.random.Generator, seen: set[str],
+             found: np.ndarray | None = None) -> tuple[Part, Part]:
     """(rest, held): ``n`` test rows drawn stratified from a later batch, never an image that is a copy of one
     ``seen`` before (the snapshot's earlier images) or of another in the batch: a repeat stays a training row, so
     no image is a test row in one place and a training row in another (the intake contract tolerates a few
-    repeats). A batch without repeats is carved exactly as ``carve`` does."""
-    found = digests(x)
+    repeats). A batch without repeats is carved exactly as ``carve`` does. ``found``: the images' ``digests``."""
+    found = digests(x) if found is None else found
     _, first, counts = np.unique(found, return_index=True, return_counts=True)
     single = np.zeros(len(y), dtype=bool)
     single[first[counts == 1]] = True
@@ -63,7 +63,10 @@ def hold_out(x: np.ndarray, y: np.ndarray, n: int, rng: np.random.Generator, see
     if not repeat.any():
         return carve(x, y, n, rng)
     pool = np.flatnonzero(~repeat)
-    idx = pool[stratified_pick(y[pool], min(n, len(pool)), rng)]
+    if len(pool) < n:
+        raise DataFormatError(f"a batch of {len(y)} images holds only {len(pool)} seen neither before nor twice in it, "
+                              f"fewer than the {n} test rows data.<family>.batch_test_fraction holds out of it")
+    idx = pool[stratified_pick(y[pool], n, rng)] if n else np.zeros(0, dtype=np.int64)
     rest = np.ones(len(y), dtype=bool)
     rest[idx] = False
     return (x[rest], y[rest]), (x[idx], y[idx])
@@ -94,7 +97,7 @@ def split(parts: dict[str, Part], val_size: int, test_size: int, seed: int, subs
     seen = set(digests(_joined([train, val, test])[0])) if later else set()
     for n, (x, y) in enumerate(later or [], start=1):
         batch = digests(x)
-        (x, y), held = hold_out(x, y, round(len(y) * test_share), np.random.default_rng([seed, n, 1]), seen)
+        (x, y), held = hold_out(x, y, round(len(y) * test_share), np.random.default_rng([seed, n, 1]), seen, batch)
         seen.update(batch)
         rest, carved = carve(x, y, round(len(y) * share), np.random.default_rng([seed, n]))
         trains.append(rest)

@@ -181,3 +181,21 @@ def test_the_stage_cli_reports_inconsistent_files_in_one_line_and_exits_2(synthe
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert len(errors) == 1 and errors[0].startswith("error: DataFormatError: ") and "has 599 labels" in errors[0]
     assert not (tmp_path / "data" / "raw").exists() and not list((tmp_path / "data").rglob("*.gz"))
+
+
+def test_a_later_batch_holds_out_no_repeat_and_one_without_repeats_splits_as_before():
+    from tasks.images.prepare import carve, digests, hold_out
+
+    gen = np.random.default_rng(0)
+    x, y = gen.integers(0, 256, (200, 4, 4), dtype=np.uint8), np.arange(200) % 5
+    plain = carve(x, y, 30, np.random.default_rng([7, 1, 1]))
+    same = hold_out(x, y, 30, np.random.default_rng([7, 1, 1]), set())
+    for a, b in zip((*plain[0], *plain[1]), (*same[0], *same[1]), strict=True):   # bit for bit
+        np.testing.assert_array_equal(a, b)
+    repeated = x.copy()
+    repeated[:10] = x[10:20]   # ten pairs within the batch, and ten images seen in an earlier batch
+    seen = set(digests(x[20:30]))
+    _, (held, labels) = hold_out(repeated, y, 30, np.random.default_rng([7, 1, 1]), seen)
+    assert len(labels) == 30 and not set(digests(held)) & (seen | set(digests(x[10:20])))
+    with pytest.raises(DataFormatError, match=r"a batch of 200 images holds only 20 seen neither before nor twice"):
+        hold_out(x, y, 30, np.random.default_rng(0), set(digests(x[20:])))

@@ -125,7 +125,7 @@ class _Registry:
     (as ``flows.gating.keep_warm_start`` does), trained on the older data of ``older_and_grown``."""
 
     def __init__(self, cfg, tmp_path: Path, mlflow_uri: str) -> None:
-        self.cfg, self.tmp = cfg, tmp_path
+        self.cfg, self.tmp, self.kept = cfg, tmp_path, 0
         self.old, self.new = older_and_grown(cfg, tmp_path)
         *_, self.shape = load_ctr_data(self.old)
         self.client = MlflowClient(mlflow_uri)
@@ -134,7 +134,8 @@ class _Registry:
 
     def register(self, plan: dict, teacher_mode: str | None = None) -> str:
         """A version whose run kept a model as teacher (trained as ``teacher_mode``) and student, and ``plan``."""
-        kept = self.tmp / f"kept-{len(list(self.tmp.iterdir()))}"
+        self.kept += 1
+        kept = self.tmp / f"kept-{self.kept}"
         kept.mkdir()
         model = CtrModel(self.cfg.teacher.recsys.arch, **self.shape)
         for role in FILES:
