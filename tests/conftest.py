@@ -5,6 +5,8 @@ import gzip
 import hashlib
 import os
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +84,28 @@ def imported_by(code: str, watched: tuple[str, ...]) -> list[str]:
     probe = f"import sys\n{code}\nprint(','.join(m for m in {watched!r} if m in sys.modules))"
     found = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, check=True)
     return [m for m in found.stdout.strip().split(",") if m]
+
+
+def dvc_lock(project: Path):
+    """DVC's repository lock of ``project``, taken as another DVC process holds it (DVC's own kind of lock file);
+    ``close`` gives it back."""
+    import zc.lockfile
+
+    (project / ".dvc" / "tmp").mkdir(parents=True, exist_ok=True)
+    return zc.lockfile.LockFile(str(project / ".dvc" / "tmp" / "lock"))
+
+
+def release_after(lock, seconds: float, then: Callable[[], None] | None = None) -> threading.Timer:
+    """A started timer that, after ``seconds``, runs ``then`` (what the holder finishes writing) and closes
+    ``lock``; join it."""
+    def release() -> None:
+        if then is not None:
+            then()
+        lock.close()
+
+    timer = threading.Timer(seconds, release)
+    timer.start()
+    return timer
 
 
 def idx_bytes(arr: np.ndarray) -> bytes:

@@ -59,9 +59,8 @@ def test_an_ignored_lock_or_a_folder_outside_git_gets_no_commit(repo, tmp_path):
 
 
 def test_a_refused_commit_or_a_held_dvc_lock_leaves_the_lock_as_it_was(repo, monkeypatch, capsys):
-    import zc.lockfile
-
     from flows import lock_commit
+    from tests.conftest import dvc_lock
 
     (repo / "dvc.lock").write_text("stages: {}\n")
     hook = repo / ".git" / "hooks" / "pre-commit"
@@ -70,8 +69,7 @@ def test_a_refused_commit_or_a_held_dvc_lock_leaves_the_lock_as_it_was(repo, mon
     assert commit_lock(repo, "m") is None and "no commits today" in capsys.readouterr().err
     assert _git(repo, "status", "--porcelain", "--", "dvc.lock") == "?? dvc.lock"   # not left staged
     hook.unlink()
-    (repo / ".dvc" / "tmp").mkdir(parents=True, exist_ok=True)
-    held = zc.lockfile.LockFile(str(repo / ".dvc" / "tmp" / "lock"))   # a DVC command writing the lock now
+    held = dvc_lock(repo)   # a DVC command writing the lock now
     monkeypatch.setattr(lock_commit, "LOCK_WAIT_SECONDS", 0)
     try:
         assert commit_lock(repo, "m") is None and "repository lock" in capsys.readouterr().err

@@ -573,34 +573,23 @@ def test_a_registered_model_names_its_requirements_without_loading_it_in_another
                    "lineage/dvc.lock artifact agree (before: read half-written, without the lock)")
 def test_the_gate_reads_dvc_lock_whole_while_dvc_rewrites_it(project, raw_params, mlflow_uri, tmp_path,
                                                             monkeypatch):
-    import threading
-    import time
-
     import yaml
-    from dvc.lock import make_lock
 
     import flows.gating
+    from tests.conftest import dvc_lock, release_after
 
     data = {"path": "data/vision/processed", "md5": "0123456789abcdef0123456789abcdef.dir", "size": 1, "nfiles": 2}
     whole = yaml.safe_dump({"schema": "2.0", "stages": {
         **{f"a_stage_{i}": {"cmd": "true", "outs": [{"path": f"out/{i}", "md5": f"{i:032x}"}]} for i in range(40)},
         "prepare_vision": {"cmd": "python -m tasks.vision.prepare", "outs": [data]}}})
-    tmp = project / ".dvc" / "tmp"
-    tmp.mkdir(parents=True)
     (project / "dvc.lock").write_text(whole)
-    lock, threads, checked = make_lock(str(tmp / "lock"), tmp_dir=str(tmp)), [], flows.gating.check_registry
-
-    def rewrite() -> None:
-        time.sleep(2)
-        (project / "dvc.lock").write_text(whole)
-        lock.unlock()
+    threads, checked = [], flows.gating.check_registry
 
     def and_then_dvc_rewrites_the_lock(*args) -> None:   # just before the gate reads its lineage
         checked(*args)
-        lock.lock()
+        lock = dvc_lock(project)
         (project / "dvc.lock").write_text(whole[:len(whole) // 2])   # truncated, being written again
-        threads.append(threading.Thread(target=rewrite))
-        threads[-1].start()
+        threads.append(release_after(lock, 2.0, lambda: (project / "dvc.lock").write_text(whole)))
 
     monkeypatch.setattr(flows.gating, "check_registry", and_then_dvc_rewrites_the_lock)
     try:

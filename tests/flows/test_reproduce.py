@@ -40,16 +40,14 @@ def test_a_stage_waits_a_bounded_time_for_a_dvc_lock_another_process_holds(tmp_p
     """Before: every DVC call ran with ``--wait-for-lock``, which waits forever: an ingestion whose ``dvc commit``
     met a lock another process kept hung (the continuous-training e2e test did) instead of leaving the snapshot as it
     was. Now a stage tries again while the lock is busy, for at most ``lock_wait`` seconds; other calls fail at once."""
-    import threading
     import time
 
-    import zc.lockfile
-
     from flows.dvc_stage import LOCK_BUSY, StageFailed
+    from tests.conftest import dvc_lock, release_after
 
     root = tmp_path / "repo"
     env = _repo(root, lines=1)
-    lock = zc.lockfile.LockFile(str(root / ".dvc" / "tmp" / "lock"))
+    lock = dvc_lock(root)
     try:
         with pytest.raises(StageFailed, match=LOCK_BUSY) as failed:   # no wait: at once, and worth a retry
             reproduce("talk", root, env, log=False)
@@ -60,9 +58,9 @@ def test_a_stage_waits_a_bounded_time_for_a_dvc_lock_another_process_holds(tmp_p
         assert time.monotonic() - start < 30
     finally:
         lock.close()
-    lock = zc.lockfile.LockFile(str(root / ".dvc" / "tmp" / "lock"))
-    threading.Timer(2.0, lock.close).start()   # released while the stage waits: it runs
+    release = release_after(dvc_lock(root), 2.0)   # released while the stage waits: it runs
     assert reproduce("talk", root, env, log=False, lock_wait=60) is True
+    release.join()
     assert (root / "out.txt").read_text() == "x"
 
 

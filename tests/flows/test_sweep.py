@@ -19,7 +19,7 @@ from flows.sweep_report import best_passing, pareto_front, write_sweep_report
 from flows.workspace import copy_project
 from tasks.config import load_config, parse_config
 from tasks.errors import ConfigError, PipelineError, ServiceUnavailable
-from tests.conftest import ROOT
+from tests.conftest import ROOT, dvc_lock, release_after
 
 SPACE = {"distill.recsys.temperature": [1.0, 2.0], "share.recsys.clusters": [64, 128, 256]}
 
@@ -383,7 +383,6 @@ def test_a_version_a_sweep_registered_is_restored_from_the_projects_commit(prefe
     run's do (before: the sweep failed at once, "Unable to acquire lock")."""
     import subprocess
 
-    from dvc.lock import make_lock
     from mlflow.tracking import MlflowClient
 
     import flows.sweep
@@ -406,10 +405,7 @@ def test_a_version_a_sweep_registered_is_restored_from_the_projects_commit(prefe
 
     def and_then_dvc_is_busy(*args):   # another DVC process of the project holds its lock 8 s (DVC itself tries 3)
         stale = found_stale(*args)
-        lock = make_lock(str(project / ".dvc" / "tmp" / "lock"), tmp_dir=str(project / ".dvc" / "tmp"))
-        lock.lock()
-        holders.append(threading.Timer(8.0, lock.unlock))
-        holders[-1].start()
+        holders.append(release_after(dvc_lock(project), 8.0))
         return stale
 
     monkeypatch.setattr(flows.sweep, "stale_stages", and_then_dvc_is_busy)

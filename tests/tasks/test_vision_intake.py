@@ -35,6 +35,12 @@ def initial(replayed):
     return INTAKE.read_batch(replayed[1][0])
 
 
+@pytest.fixture(scope="module")
+def later(replayed):
+    """The two replayed batches after the initial set, as read."""
+    return [INTAKE.read_batch(folder) for folder in replayed[1][1:3]]
+
+
 def _failed(report: dict) -> set[str]:
     return {c["kwargs"].get("column", c["expectation"]) for part in ("contract", "drift")
             if report.get(part) for c in report[part]["checks"] if not c["success"]}
@@ -131,16 +137,15 @@ def test_a_batch_may_not_copy_a_test_image_into_training(replayed, initial, tmp_
 @pytest.mark.fault("data", "an arriving batch that copies 20 images prepare held out of an earlier batch as test rows",
                    "quarantined as invalid: no image is a test row in one place and a training row in another "
                    "(before: only the first batch's test part was known as test, and under 1 % repeats passed)")
-def test_a_batch_may_not_copy_a_held_out_test_image(replayed, initial, tmp_path):
-    cfg, batches = replayed
-    data = cfg.data.vision
-    first, second = initial, INTAKE.read_batch(batches[1])
+def test_a_batch_may_not_copy_a_held_out_test_image(replayed, initial, later, tmp_path):
+    cfg, _ = replayed
+    (first, second, third), data = (initial, *later), cfg.data.vision
     accepted = INTAKE.combine([first, second])
-    assert check(INTAKE, cfg, INTAKE.read_batch(batches[2]), accepted, None)[0] == ""   # as replayed: accepted
+    assert check(INTAKE, cfg, third, accepted, None)[0] == ""   # as replayed: accepted
     splits = _split(data, first, second)
     test_rows = {x.tobytes() for x in splits["test"][0][len(first["test"][1]):]}   # what the second held out
     copies = np.stack([x for x in second["train"][0] if x.tobytes() in test_rows][:20])
-    third_x, third_y = INTAKE.read_batch(batches[2])["train"]
+    third_x, third_y = third["train"]
     copying = {"train": (np.concatenate([third_x[:-20], copies]), third_y)}
     reason, report = check(INTAKE, cfg, copying, accepted, tmp_path / "docs")
     assert reason == "invalid" and _failed(report) == {"copies_a_test_image"}
@@ -150,11 +155,10 @@ def test_a_batch_may_not_copy_a_held_out_test_image(replayed, initial, tmp_path)
                    "some where prepare would otherwise hold out its test rows",
                    "accepted, and every repeat stays a training row: prepare never holds out a copy of an image seen "
                    "before or twice in its batch (before: a repeat could become a test row beside its training twin)")
-def test_a_repeated_training_image_is_never_held_out_as_test(replayed, initial, tmp_path):
-    cfg, batches = replayed
-    data = cfg.data.vision
-    first, second = initial, INTAKE.read_batch(batches[1])
-    third_x, third_y = INTAKE.read_batch(batches[2])["train"]
+def test_a_repeated_training_image_is_never_held_out_as_test(replayed, initial, later, tmp_path):
+    cfg, _ = replayed
+    (first, second, third), data = (initial, *later), cfg.data.vision
+    third_x, third_y = third["train"]
     held = {x.tobytes() for x in _split(data, first, second, {"train": (third_x, third_y)})["test"][0]}
     at = [i for i, x in enumerate(third_x) if x.tobytes() in held][:40]   # where its test rows were drawn
     x = third_x.copy()
