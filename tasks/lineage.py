@@ -88,7 +88,9 @@ def _digest(params: dict[str, Any]) -> str:
 def dvc_repo_lock(root: Path, wait: float = DVC_LOCK_WAIT_SECONDS) -> Iterator[None]:
     """Hold DVC's repository lock of ``root`` (nothing to hold without ``.dvc/``): DVC rewrites dvc.lock in place,
     truncating it first, while it holds that lock — and releases it while a stage's command runs, so a stage of one
-    family reads dvc.lock while another family's DVC process may be writing it."""
+    family reads dvc.lock while another family's DVC process may be writing it. The lock is of the kind DVC takes
+    there: a hard-link lock where the project's DVC config sets ``core.hardlink_lock`` (NFS), else a file lock."""
+    from dvc.config import Config
     from dvc.lock import LockError, make_lock
 
     if not (root / ".dvc").is_dir():
@@ -96,7 +98,9 @@ def dvc_repo_lock(root: Path, wait: float = DVC_LOCK_WAIT_SECONDS) -> Iterator[N
         return
     tmp = root / ".dvc" / "tmp"
     tmp.mkdir(exist_ok=True)
-    lock, deadline = make_lock(str(tmp / "lock"), tmp_dir=str(tmp)), time.monotonic() + wait
+    hardlink = Config(dvc_dir=str(root / ".dvc"))["core"].get("hardlink_lock", False)
+    lock = make_lock(str(tmp / "lock"), tmp_dir=str(tmp), hardlink_lock=hardlink)
+    deadline = time.monotonic() + wait
     while True:
         try:
             lock.lock()

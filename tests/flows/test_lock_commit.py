@@ -113,3 +113,24 @@ def test_a_dvc_project_in_a_folder_of_the_repository_commits_its_own_lock(repo):
     assert commit_lock(project, "m") is not None
     assert _git(repo, "show", "--name-only", "--format=", "HEAD").splitlines() == ["proj/dvc.lock"]
     assert _git(repo, "status", "--porcelain") == ""
+
+
+@pytest.mark.fault("runs", "a project whose DVC config sets core.hardlink_lock (NFS) while a DVC process holds its lock",
+                   "the gate's, a stage's and the lock commit's reads of dvc.lock wait for DVC's own kind of lock "
+                   "(before: they took a file lock DVC's hardlink lock does not see, and read while it wrote)")
+def test_reads_of_dvc_lock_take_the_kind_of_lock_the_projects_dvc_config_names(repo):
+    from dvc.lock import LockError
+    from dvc.repo import Repo
+
+    (repo / ".dvc").mkdir()
+    (repo / ".dvc" / "config").write_text("[core]\n    hardlink_lock = true\n")
+    with Repo(str(repo)) as dvc:   # a DVC command of the project, holding its lock as DVC makes it
+        dvc.lock.lock()
+        try:
+            with pytest.raises(LockBusy, match="repository lock stayed held"), dvc_repo_lock(repo, wait=1):
+                pass
+        finally:
+            dvc.lock.unlock()
+    with dvc_repo_lock(repo, wait=1):   # given back: taken at once
+        with Repo(str(repo)) as dvc, pytest.raises(LockError, match="Unable to acquire lock"):
+            dvc.lock.lock()   # and DVC sees ours
