@@ -131,6 +131,6 @@ def test_reads_of_dvc_lock_take_the_kind_of_lock_the_projects_dvc_config_names(r
                 pass
         finally:
             dvc.lock.unlock()
-    with dvc_repo_lock(repo, wait=1):   # given back: taken at once
-        with Repo(str(repo)) as dvc, pytest.raises(LockError, match="Unable to acquire lock"):
-            dvc.lock.lock()   # and DVC sees ours
+    with dvc_repo_lock(repo, wait=1), Repo(str(repo)) as dvc, \
+            pytest.raises(LockError, match="Unable to acquire lock"):   # given back: ours taken, and DVC sees it
+        dvc.lock.lock()
