@@ -18,7 +18,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.metrics import log_loss, roc_auc_score
 from torch import nn
 
 from tasks.ctr.config import DistillCtr
@@ -68,7 +67,22 @@ def predict_logits(model: nn.Module, split: CtrSplit, batch_size: int = 8192) ->
 
 def ctr_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
     p = np.clip(probabilities.astype(np.float64), 1e-7, 1 - 1e-7)
-    return {"auc": float(roc_auc_score(labels, p)), "logloss": float(log_loss(labels, p, labels=[0, 1]))}
+    y = np.asarray(labels, dtype=np.float64)
+    return {"auc": roc_auc(y, p), "logloss": float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))}
+
+
+def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """The area under the ROC curve of binary ``labels``: the chance that a positive row scores above a negative
+    one, ties counted half (the Mann-Whitney statistic, from the scores' average ranks; scikit-learn's
+    ``roc_auc_score`` to rounding, without importing it: ~1.2 CPU-s in each training stage's process)."""
+    positive = np.asarray(labels) == 1
+    n_pos, n_neg = int(positive.sum()), int((~positive).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("only one class present in the labels: the ROC AUC is not defined")
+    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+    average_rank = np.cumsum(counts) - (counts - 1) / 2   # 1-based rank of each distinct score, ties averaged
+    rank_sum = float(average_rank[inverse.ravel()][positive].sum())
+    return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 
 def evaluate_ctr(model: nn.Module, split: CtrSplit, batch_size: int = 8192) -> dict[str, float]:

@@ -182,3 +182,27 @@ def test_a_model_file_saved_before_the_click_through_kit_still_loads(tmp_path):
     loaded = load_model(tmp_path / "old.pt")
     fields, genres = torch.randint(0, SHAPE["vocabulary"], (4, SHAPE["fields"])), torch.rand(4, SHAPE["genres"])
     assert isinstance(loaded, CtrModel) and torch.equal(loaded(fields, genres), model.eval()(fields, genres))
+
+
+def test_auc_and_logloss_are_scikit_learns_and_the_training_stages_do_not_import_it():
+    """The metrics every epoch of a CTR stage reads: computed with numpy (before: scikit-learn's, ~1.2 CPU-s of
+    imports in each training and export stage's process), to rounding its values, ties and clipping included."""
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    from tasks.ctr.ctr_training import ctr_metrics
+    from tests.conftest import imported_by
+
+    rng = np.random.default_rng(0)
+    for decimals in (None, 2, 0):   # distinct scores; many ties; all but two values tied (0 and 1, then clipped)
+        y = (rng.random(4000) < 0.3).astype(np.float32)
+        p = (rng.random(4000) * 0.8 + 0.1 * y).astype(np.float32)
+        p = p if decimals is None else np.round(p, decimals)
+        clipped = np.clip(p.astype(np.float64), 1e-7, 1 - 1e-7)
+        ours = ctr_metrics(y, p)
+        assert ours["auc"] == pytest.approx(roc_auc_score(y, clipped), abs=1e-12)
+        assert ours["logloss"] == pytest.approx(log_loss(y, clipped, labels=[0, 1]), rel=1e-12)
+    with pytest.raises(ValueError, match="only one class"):
+        ctr_metrics(np.ones(5, dtype=np.float32), np.full(5, 0.5))
+    stages = ("tasks.recsys.train_teacher", "tasks.recsys.distill", "tasks.recsys.prune", "tasks.recsys.qat",
+              "tasks.recsys.export", "tasks.clicks.distill")
+    assert imported_by("\n".join(f"import {stage}" for stage in stages), ("sklearn",)) == []
