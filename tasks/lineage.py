@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -14,6 +15,9 @@ from tasks.errors import LockBusy
 from tasks.io import file_digest, load_yaml
 
 DVC_LOCK_WAIT_SECONDS = 120
+#: set for the stage processes of a scratch copy (a sweep's recipe): the git state (JSON) of the project it was copied
+#: from, which their runs record in place of the copy's own commit (in no history of the project)
+SOURCE_GIT_ENV = "KDQ_SOURCE_GIT"
 
 
 def _git(root: Path, *args: str) -> str | None:
@@ -203,9 +207,12 @@ def dataset_inputs(found: dict[str, dict[str, Any]], root: Path, context: str) -
 
 def lineage_tags(stage: str | None, cfg: Any, root: Path = Path("."),
                  inputs: dict[str, dict[str, Any]] | None = None) -> dict[str, str]:
-    """git state, ``params.hash`` of ``cfg`` and, for a stage, DVC's hash of each of its inputs (``inputs``: what
-    ``dvc_inputs`` returned for it, when the caller has read them already)."""
+    """git state (in a scratch copy, its project's: ``SOURCE_GIT_ENV``), ``params.hash`` of ``cfg`` and, for a
+    stage, DVC's hash of each of its inputs (``inputs``: what ``dvc_inputs`` returned for it, when the caller has read
+    them already)."""
     tags = {**git_state(root), "params.hash": params_hash(cfg)}
+    if source := os.environ.get(SOURCE_GIT_ENV):   # a scratch copy: the project's state, the copy's commit beside
+        tags = {**tags, "git.scratch_commit": tags["git.commit"], **json.loads(source)}
     if stage is not None:
         found = dvc_inputs(stage, root) if inputs is None else inputs
         tags.update({f"dvc.dep.{path}": entry["md5"] for path, entry in found.items()})

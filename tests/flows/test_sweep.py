@@ -424,6 +424,14 @@ def test_a_version_a_sweep_registered_is_restored_from_the_projects_commit(prefe
     assert tags["git.commit"] == tags["mlflow.source.git.commit"] == tags["sweep.source_commit"] == head
     assert tags["git.dirty"] == "true"
     assert tags["data.hash"] == locked_outs(project)[str(paths(project, "recsys")["data"])]
+    # so does each stage run of the recipe (its copy's own commit kept beside: in no history of the project)
+    client, recipe_run = MlflowClient(f"sqlite:///{project / 'mlflow.db'}"), result["outcomes"][0]["run_id"]
+    stage_runs = client.search_runs([client.get_run(recipe_run).info.experiment_id],
+                                    f"tags.mlflow.parentRunId = '{recipe_run}'")
+    assert {r.data.tags["pipeline.stage"] for r in stage_runs} >= {"distill_recsys", "qat_recsys", "evaluate_recsys"}
+    for stage_run in stage_runs:
+        assert (stage_run.data.tags["git.commit"], stage_run.data.tags["git.dirty"]) == (head, "true")
+        assert stage_run.data.tags["git.scratch_commit"] not in ("none", head)
 
     restored = tmp_path / "restored"
     assert restore(project, "recsys", registered["name"], registered["version"], restored, run=False) == 0
