@@ -23,7 +23,7 @@ from tasks.errors import ConfigError, PipelineError
 from tasks.family import load_family
 from tasks.gate import gate_checks, gate_tags
 from tasks.io import load_yaml
-from tasks.lineage import SOURCE_GIT_ENV, dvc_lock_text, git_state
+from tasks.lineage import dvc_lock_text, git_state, source_git_env
 from tasks.mlflow_store import client_for, ensure_experiment
 from tasks.tracking import child_run
 
@@ -125,8 +125,9 @@ def run_recipe(index: int, overrides: dict[str, Any], family: str, root: Path, w
     link_outputs(root, dest, upstream_outs)
     lock_upstream(root, dest)
     with child_run(name, cfg, {"sweep": overrides}, sweep_run_id, dest, client) as run:
-        run.set_tags({"sweep.recipe": name, "sweep.worker": worker_name(), "sweep.dir": str(dest), **source})
-        env = {**stage_env(dest, uri, run.run_id), SOURCE_GIT_ENV: json.dumps(source)}   # its stage runs' lineage
+        run.set_tags({"sweep.recipe": name, "sweep.worker": worker_name(), "sweep.dir": str(dest), **source,
+                      "git.scratch_commit": git_state(dest)["git.commit"]})
+        env = {**stage_env(dest, uri, run.run_id), **source_git_env(dest, source)}   # its stage runs' lineage
         for stage in stages:
             reproduce(stage, dest, env, log=False)
         evaluation = json.loads((dest / "metrics" / family / "evaluation.json").read_text())

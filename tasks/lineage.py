@@ -11,12 +11,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import LockBusy
+from tasks.errors import ConfigError, LockBusy
 from tasks.io import file_digest, load_yaml
 
 DVC_LOCK_WAIT_SECONDS = 120
-#: set for the stage processes of a scratch copy (a sweep's recipe): the git state (JSON) of the project it was copied
-#: from, which their runs record in place of the copy's own commit (in no history of the project)
+#: set for the stage processes of a scratch copy (a sweep's recipe): the git state of the project it was copied from,
+#: which their runs record in place of the copy's own commit (in no history of the project); ``source_git_env``
 SOURCE_GIT_ENV = "KDQ_SOURCE_GIT"
 
 
@@ -36,6 +36,20 @@ def git_state(root: Path = Path(".")) -> dict[str, str]:
     # (flows.lock_commit), and each registered version keeps the one it was made with
     dirty = _git(root, "status", "--porcelain", "--untracked-files=no", "--", ":(exclude)dvc.lock")
     return {"git.commit": commit, "mlflow.source.git.commit": commit, "git.dirty": str(bool(dirty)).lower()}
+
+
+def source_git_env(copy: Path, source: dict[str, str]) -> dict[str, str]:
+    """The environment entry that makes runs in ``copy`` record ``source`` (``git_state`` of the project it was
+    copied from): it names the copy, so a process elsewhere that inherits it records its own state."""
+    return {SOURCE_GIT_ENV: json.dumps({"copy": str(copy.resolve()), "state": source})}
+
+
+def _copied_from(root: Path) -> dict[str, str] | None:
+    recorded = os.environ.get(SOURCE_GIT_ENV)
+    if not recorded:
+        return None
+    entry = json.loads(recorded)
+    return entry["state"] if Path(entry["copy"]) == root.resolve() else None
 
 
 def params_hash(cfg: Any) -> str:
@@ -95,6 +109,7 @@ def dvc_repo_lock(root: Path, wait: float = DVC_LOCK_WAIT_SECONDS) -> Iterator[N
     family reads dvc.lock while another family's DVC process may be writing it. The lock is of the kind DVC takes
     there: a hard-link lock where the project's DVC config sets ``core.hardlink_lock`` (NFS), else a file lock."""
     from dvc.config import Config
+    from dvc.exceptions import DvcException
     from dvc.lock import LockError, make_lock
 
     if not (root / ".dvc").is_dir():
@@ -102,7 +117,10 @@ def dvc_repo_lock(root: Path, wait: float = DVC_LOCK_WAIT_SECONDS) -> Iterator[N
         return
     tmp = root / ".dvc" / "tmp"
     tmp.mkdir(exist_ok=True)
-    hardlink = Config(dvc_dir=str(root / ".dvc"))["core"].get("hardlink_lock", False)
+    try:
+        hardlink = Config(dvc_dir=str(root / ".dvc"))["core"].get("hardlink_lock", False)
+    except DvcException as err:   # DVC's own commands refuse the same config
+        raise ConfigError(f"{root / '.dvc'}: DVC's config does not load: {err}") from None
     lock = make_lock(str(tmp / "lock"), tmp_dir=str(tmp), hardlink_lock=hardlink)
     deadline = time.monotonic() + wait
     while True:
@@ -211,8 +229,9 @@ def lineage_tags(stage: str | None, cfg: Any, root: Path = Path("."),
     stage, DVC's hash of each of its inputs (``inputs``: what ``dvc_inputs`` returned for it, when the caller has read
     them already)."""
     tags = {**git_state(root), "params.hash": params_hash(cfg)}
-    if source := os.environ.get(SOURCE_GIT_ENV):   # a scratch copy: the project's state, the copy's commit beside
-        tags = {**tags, "git.scratch_commit": tags["git.commit"], **json.loads(source)}
+    if (source := _copied_from(root)) is not None:   # a scratch copy: the project's state, the copy's commit beside
+        tags = {**{k: v for k, v in tags.items() if k != "mlflow.source.git.commit"},
+                "git.scratch_commit": tags["git.commit"], **source}
     if stage is not None:
         found = dvc_inputs(stage, root) if inputs is None else inputs
         tags.update({f"dvc.dep.{path}": entry["md5"] for path, entry in found.items()})

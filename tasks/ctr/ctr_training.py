@@ -66,22 +66,32 @@ def predict_logits(model: nn.Module, split: CtrSplit, batch_size: int = 8192) ->
 
 
 def ctr_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
-    p = np.clip(probabilities.astype(np.float64), 1e-7, 1 - 1e-7)
-    y = np.asarray(labels, dtype=np.float64)
+    """AUC and logloss of binary ``labels`` (0 or 1) against ``probabilities`` (clipped to [1e-7, 1 - 1e-7]); the
+    AUC is NaN when the labels hold one class only, as scikit-learn's is."""
+    y = np.asarray(labels, dtype=np.float64).ravel()
+    p = np.asarray(probabilities, dtype=np.float64).ravel()
+    if y.shape != p.shape:
+        raise ValueError(f"{len(y)} labels but {len(p)} probabilities")
+    if not np.isin(y, (0.0, 1.0)).all():
+        raise ValueError(f"labels must be 0 or 1, found {sorted(set(np.unique(y)) - {0.0, 1.0})[:5]}")
+    if not np.isfinite(p).all():
+        raise ValueError(f"{int((~np.isfinite(p)).sum())} of {len(p)} probabilities are not finite")
+    p = np.clip(p, 1e-7, 1 - 1e-7)
     return {"auc": roc_auc(y, p), "logloss": float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))}
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
-    """The area under the ROC curve of binary ``labels``: the chance that a positive row scores above a negative
-    one, ties counted half (the Mann-Whitney statistic, from the scores' average ranks; scikit-learn's
-    ``roc_auc_score`` to rounding, without importing it: ~1.2 CPU-s in each training stage's process)."""
-    positive = np.asarray(labels) == 1
+    """The area under the ROC curve of binary ``labels`` (NaN for one class): the chance that a positive row scores
+    above a negative one, ties counted half (the Mann-Whitney statistic, from the scores' average ranks;
+    scikit-learn's ``roc_auc_score`` to rounding, without importing it: ~1.2 CPU-s in each training stage's
+    process)."""
+    positive = np.asarray(labels).ravel() == 1
     n_pos, n_neg = int(positive.sum()), int((~positive).sum())
     if n_pos == 0 or n_neg == 0:
-        raise ValueError("only one class present in the labels: the ROC AUC is not defined")
-    _, inverse, counts = np.unique(scores, return_inverse=True, return_counts=True)
+        return float("nan")
+    _, inverse, counts = np.unique(np.asarray(scores).ravel(), return_inverse=True, return_counts=True)
     average_rank = np.cumsum(counts) - (counts - 1) / 2   # 1-based rank of each distinct score, ties averaged
-    rank_sum = float(average_rank[inverse.ravel()][positive].sum())
+    rank_sum = float(average_rank[inverse][positive].sum())
     return (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
 
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from flows.lock_commit import commit_lock
-from tasks.errors import LockBusy
-from tasks.lineage import dvc_repo_lock, git_state
+from tasks.errors import ConfigError, LockBusy
+from tasks.lineage import dvc_repo_lock, git_state, lineage_tags, source_git_env
 
 
 def _git(repo: Path, *args: str) -> str:
@@ -134,3 +134,23 @@ def test_reads_of_dvc_lock_take_the_kind_of_lock_the_projects_dvc_config_names(r
     with dvc_repo_lock(repo, wait=1), Repo(str(repo)) as dvc, \
             pytest.raises(LockError, match="Unable to acquire lock"):   # given back: ours taken, and DVC sees it
         dvc.lock.lock()
+    (repo / ".dvc" / "config").write_text("[core]\n    hardlink_lock = maybe\n")   # DVC refuses it too
+    with pytest.raises(ConfigError, match=r"\.dvc: DVC's config does not load"), dvc_repo_lock(repo, wait=1):
+        pass
+
+
+def test_runs_in_a_scratch_copy_record_its_projects_git_state_and_no_other_folders_runs_do(repo, tmp_path, config,
+                                                                                          monkeypatch):
+    """A sweep recipe's stage runs: the project's commit and dirty state, the copy's own commit beside (before:
+    the copy's alone, in no history of the project). A process elsewhere that inherits the entry records its own."""
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    _git(copy, "init", "--quiet")
+    _git(copy, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "--allow-empty", "-m", "scratch")
+    project = {**git_state(repo), "git.dirty": "true"}
+    monkeypatch.setenv(*next(iter(source_git_env(copy, project).items())))
+    tags = lineage_tags(None, config, copy)
+    assert {k: tags[k] for k in project} == project and tags["git.scratch_commit"] == git_state(copy)["git.commit"]
+    assert tags["mlflow.source.git.commit"] == project["git.commit"] != tags["git.scratch_commit"]
+    assert {k: v for k, v in lineage_tags(None, config, repo).items() if k.startswith(("git.", "mlflow."))} == \
+        git_state(repo)   # the project itself (any other folder): its own state, no scratch commit

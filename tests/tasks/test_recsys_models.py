@@ -201,8 +201,15 @@ def test_auc_and_logloss_are_scikit_learns_and_the_training_stages_do_not_import
         ours = ctr_metrics(y, p)
         assert ours["auc"] == pytest.approx(roc_auc_score(y, clipped), abs=1e-12)
         assert ours["logloss"] == pytest.approx(log_loss(y, clipped, labels=[0, 1]), rel=1e-12)
-    with pytest.raises(ValueError, match="only one class"):
-        ctr_metrics(np.ones(5, dtype=np.float32), np.full(5, 0.5))
+    assert np.isnan(ctr_metrics(np.ones(5, dtype=np.float32), np.full(5, 0.5))["auc"])   # scikit-learn's: NaN
+    for labels, probabilities, refused in ((np.ones(3), np.ones((3, 1)), None), (np.ones(3), np.ones(4), "3 labels"),
+                                           ([0, 2, 1], np.ones(3), "must be 0 or 1"),
+                                           ([0, 1, 1], [0.1, np.nan, 0.2], "1 of 3 probabilities are not finite")):
+        if refused is None:   # a column of probabilities is read as the vector it is
+            assert ctr_metrics(labels, probabilities)["logloss"] == pytest.approx(-np.log(1 - 1e-7))
+        else:
+            with pytest.raises(ValueError, match=refused):
+                ctr_metrics(labels, probabilities)
     stages = ("tasks.recsys.train_teacher", "tasks.recsys.distill", "tasks.recsys.prune", "tasks.recsys.qat",
               "tasks.recsys.export", "tasks.clicks.distill")
     assert imported_by("\n".join(f"import {stage}" for stage in stages), ("sklearn",)) == []
