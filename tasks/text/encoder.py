@@ -46,7 +46,8 @@ def _verified(files: dict[str, bytes], cfg: PretrainedEncoder, source: str) -> d
         actual = hashlib.sha256(blob).hexdigest()
         if actual != cfg.sha256[name]:
             raise ChecksumError(f"{source}: {name} has SHA-256 {actual}, expected {cfg.sha256[name]} "
-                                f"(teacher.text.encoder.sha256); it is not the published {cfg.name}")
+                                f"(teacher.text.encoder.sha256); it is not the published {cfg.name} (delete the "
+                                f"cached copy under {cfg.download_cache} to fetch it again)")
     return files
 
 

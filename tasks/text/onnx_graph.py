@@ -105,7 +105,7 @@ def feeds(ids: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
 
 def onnx_text_logits(path: Path, texts: list[str], batch_size: int = 512, threads: int = 2) -> np.ndarray:
     """Logits of the ONNX file for every text, encoded by the file's own tokenizer, in batches of similar length
-    (exact: the models do not depend on padding)."""
+    (padding changes nothing; the INT8 file's dynamic activation ranges are each batch's own)."""
     sess = session(path, threads)
     ids, lengths = tokenizer_of(path).encode(texts)
     order = np.argsort(lengths, kind="stable")
