@@ -6,7 +6,7 @@ table lacks, a label that is no click and a numeric value that is no number stop
 one.) Checked: each categorical and numeric column's missing values within ``validate.<family>.max_missing`` (none
 by default), each numeric column's values within its ``ranges`` entry, if any; every row read into a split, each
 split above its ``min_rows`` floor and, hashed or by time, within ``split_tolerance`` of its share; per split the
-label balance within ``positive_tolerance`` of ``positive_fraction``, labels 0/1, every encoded field index inside
+label balance within ``positive_tolerance`` of ``positive_fraction``, labels 0/1 and both of them, every encoded field index inside
 its field's rows and the multi-hot columns 0/1. A failed expectation stops the pipeline naming it and the values.
 """
 from __future__ import annotations
@@ -68,6 +68,8 @@ def split_suites(family: str, found: dict[str, Any], data: TableData, rules: Tab
         out.append((suite(f"{family}_{split}", [
             E.ExpectTableRowCountToBeBetween(min_value=low, max_value=high),
             E.ExpectColumnValuesToBeInSet(column=LABEL_COLUMN, value_set=[0.0, 1.0]),
+            # both classes: a split of one class has no AUC (validation: no best epoch to choose; test: no gate)
+            E.ExpectColumnDistinctValuesToEqualSet(column=LABEL_COLUMN, value_set=[0.0, 1.0]),
             E.ExpectColumnMeanToBeBetween(column=LABEL_COLUMN,
                                           min_value=rules.positive_fraction - rules.positive_tolerance,
                                           max_value=rules.positive_fraction + rules.positive_tolerance),

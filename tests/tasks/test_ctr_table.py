@@ -453,6 +453,19 @@ def test_the_contract_passes_a_good_table_and_names_a_column_with_too_many_missi
     assert validate_table("mine", table, load_splits(tmp_path / "t"), cfg, relaxed)["success"]
 
 
+def test_the_contract_refuses_a_split_of_one_class(tmp_path):
+    """Before: a validation split without a click passed the contract (its share of clicks within a wide
+    tolerance), its AUC was NaN every epoch, and training kept the untrained weights without a word."""
+    _prepare(_table(), tmp_path, "t")
+    cfg, found = _schema("t.csv"), load_splits(tmp_path / "t")
+    found["val"]["y"] = np.zeros_like(found["val"]["y"])
+    wide = RULES.model_copy(update={"positive_tolerance": 0.5})
+    report = validate_table("mine", read_table(cfg, WHERE, tmp_path), found, cfg, wide)
+    failed = [c for c in report["checks"] if not c["success"]]
+    assert [(c["suite"], c["expectation"]) for c in failed] == [
+        ("mine_val", "expect_column_distinct_values_to_equal_set")], failed
+
+
 def test_the_contract_checks_numeric_columns_missing_values_and_declared_ranges(tmp_path):
     frame = _priced()
     frame.loc[frame.index[:10], "price"] = np.nan          # 0.5 % missing
