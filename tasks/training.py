@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tasks.errors import PipelineError
 from tasks.family_config import Optimizer, Schedule
 from tasks.hardware import native_bf16, training_device
 
@@ -178,6 +179,9 @@ def _fit_best(model: nn.Module, loss_fn: Callable, count: int, batch: Callable, 
         metrics = {"train_loss": loss_sum / count, **scores(), "lr": sched.get_last_lr()[0]}
         history.append(metrics)
         print(f"epoch {epoch + 1}/{spec.epochs}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
+        if math.isnan(metrics[key]):   # never better than anything: the start's weights would be kept, untrained
+            raise PipelineError(f"{key} is not a number after epoch {epoch + 1} (a validation split of one class has "
+                                "no AUC; a diverged loss gives NaN): no epoch can be chosen by it")
         if metrics[key] > best[0]:
             best = (metrics[key], copy.deepcopy(model.state_dict()))
         if on_epoch:

@@ -197,3 +197,25 @@ def test_fit_best_from_start_says_it_kept_the_starting_weights_only_when_no_epoc
     kept = "no epoch beat the starting weights" in capsys.readouterr().out
     assert kept == (max(h["val_accuracy"] for h in history) <= start)
     assert kept == right and scores()["val_accuracy"] == max(start, *(h["val_accuracy"] for h in history))
+
+
+def test_fit_best_refuses_a_validation_score_that_is_not_a_number():
+    """Before: a NaN score (the AUC of a validation split of one class) never beat the start's -inf, so training
+    ended on the weights it started from, untrained, without a word."""
+    from types import SimpleNamespace
+
+    from tasks.errors import PipelineError
+    from tasks.training import fit_best
+
+    x, y = torch.randn(64, 2, generator=torch.Generator().manual_seed(0)), torch.zeros(64, dtype=torch.long)
+    model = torch.nn.Linear(2, 2)
+    spec = SimpleNamespace(epochs=2, batch_size=32, seed=0, device="cpu",
+                           optimizer=Optimizer(name="sgd", lr=0.5, weight_decay=0.0), schedule=Schedule(name="constant"))
+
+    def loss_fn(m, inputs, target):
+        logits = m(inputs)
+        return torch.nn.functional.cross_entropy(logits, target), logits
+
+    with pytest.raises(PipelineError, match=r"^val_auc is not a number after epoch 1 .*one class"):
+        fit_best(model, loss_fn, len(y), lambda idx: (x[idx], y[idx]), spec, lambda: {"val_auc": float("nan")},
+                 "val_auc")
