@@ -27,11 +27,14 @@ from tasks.io import write_json
 
 def ctr_parity(name: str, reference: np.ndarray, onnx: np.ndarray, labels: np.ndarray, cfg: ExportCtr) -> dict:
     """Probability agreement and AUC delta of ``onnx`` against ``reference``; raise ParityError on failure."""
+    if not np.isfinite(onnx).all():
+        raise ParityError(f"{name}: {int((~np.isfinite(onnx)).sum())} of {len(onnx)} test rows' probabilities are "
+                          "not finite")
     diff = np.abs(reference - onnx)
     within = float((diff <= cfg.parity.max_probability_diff).mean())
     delta = abs(ctr_metrics(labels, onnx)["auc"] - ctr_metrics(labels, reference)["auc"])
     result = {"rows_within": within, "auc_delta": delta, "max_probability_diff": float(diff.max())}
-    if within < cfg.parity.min_rows_within or delta > cfg.parity.max_auc_delta:
+    if within < cfg.parity.min_rows_within or not delta <= cfg.parity.max_auc_delta:   # a NaN delta fails too
         worst = np.argsort(-diff)[:10]
         shown = ", ".join(f"#{i} (torch {reference[i]:.4f}, onnx {onnx[i]:.4f})" for i in worst)
         raise ParityError(f"{name}: {within:.4%} of test rows within {cfg.parity.max_probability_diff} (min "

@@ -213,3 +213,19 @@ def test_auc_and_logloss_are_scikit_learns_and_the_training_stages_do_not_import
     stages = ("tasks.recsys.train_teacher", "tasks.recsys.distill", "tasks.recsys.prune", "tasks.recsys.qat",
               "tasks.recsys.export", "tasks.clicks.distill")
     assert imported_by("\n".join(f"import {stage}" for stage in stages), ("sklearn",)) == []
+
+
+def test_ctr_parity_fails_on_probabilities_that_are_not_finite_or_an_auc_delta_that_is_not_a_number():
+    """Before: a NaN AUC delta (test labels of one class) compared False with the limit, and parity passed."""
+    from tasks.ctr.config import ExportCtr
+    from tasks.ctr.export import ctr_parity
+    from tasks.errors import ParityError
+
+    cfg = ExportCtr.model_validate({"opset": 17, "threads": 1, "parity": {
+        "min_rows_within": 0.99, "max_probability_diff": 0.01, "max_auc_delta": 0.001}})
+    p = np.linspace(0.1, 0.9, 8)
+    assert ctr_parity("f", p, p, np.array([0, 1] * 4), cfg)["auc_delta"] == 0.0
+    with pytest.raises(ParityError, match=r"AUC delta nan"):
+        ctr_parity("f", p, p, np.zeros(8), cfg)
+    with pytest.raises(ParityError, match=r"^f: 1 of 8 test rows' probabilities are not finite"):
+        ctr_parity("f", p, np.where(p > 0.85, np.nan, p), np.array([0, 1] * 4), cfg)
