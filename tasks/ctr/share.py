@@ -19,16 +19,23 @@ from tasks.ctr.config import DistillCtr, ShareCtr
 from tasks.ctr.ctr_training import ctr_trainer, evaluate_ctr, fit_ctr, load_ctr_data
 from tasks.ctr.models import CtrModel
 from tasks.ctr.stage import ctr_compression_stage
+from tasks.errors import ConfigError
 from tasks.observers import freeze_observers
 
 
 def share_ctr(cfg: ShareCtr, kd: DistillCtr, distill: bool, data_dir: Path, teacher_path: Path,
-                 student_path: Path, on_epoch: Callable[[int, dict[str, float]], None] | None = None
-                 ) -> tuple[CtrModel, dict[str, int], list[dict[str, float]], dict[str, float]]:
+                 student_path: Path, on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+                 where: str = "share") -> tuple[CtrModel, dict[str, int], list[dict[str, float]], dict[str, float]]:
+    """``where``: the params block ``cfg`` is (``share.<family>``), named when its ``clusters`` cannot work."""
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
+    student = load_model(student_path)
+    rows = len(student.row_map) if student.row_map is not None else student.embedding.num_embeddings
+    if cfg.clusters >= rows:   # before any data is read or trained on: k-means needs fewer centroids than rows
+        raise ConfigError(f"{where}.clusters ({cfg.clusters}) must be fewer than the {rows} embedding rows of "
+                          f"{student_path} (its data's ids): lower it")
     train, val, test, shape = load_ctr_data(data_dir)
-    student = share_rows(load_model(student_path), cfg.clusters, cfg.seed)
+    student = share_rows(student, cfg.clusters, cfg.seed)
     freeze_observers(student)  # a QAT student's ranges stay where QAT left them
     shared_auc = evaluate_ctr(student, test, cfg.eval_batch_size)["auc"]
     history = fit_ctr(*ctr_trainer(student, load_model(teacher_path), kd if distill else None), train, val, cfg,
@@ -44,7 +51,7 @@ def main(family: str) -> None:
         family, "share", __doc__,
         lambda cfg, args, on_epoch: share_ctr(cfg.block("share", family), cfg.block("distill", family),
                                               "distill" in cfg.block("recipe", family), args.data, args.teacher,
-                                              args.student, on_epoch),
+                                              args.student, on_epoch, f"share.{family}"),
         lambda m: f"shared student: {m['ids']} ids on {m['shared_rows']} rows, test AUC {m['test_auc']:.4f} "
                   f"({m['test_auc_before_fine_tuning']:.4f} before fine-tuning)")
 

@@ -229,3 +229,20 @@ def test_ctr_parity_fails_on_probabilities_that_are_not_finite_or_an_auc_delta_t
         ctr_parity("f", p, p, np.zeros(8), cfg)
     with pytest.raises(ParityError, match=r"^f: 1 of 8 test rows' probabilities are not finite"):
         ctr_parity("f", p, np.where(p > 0.85, np.nan, p), np.array([0, 1] * 4), cfg)
+
+
+def test_sharing_into_as_many_clusters_as_rows_is_refused_in_one_line_before_any_data_is_read(tmp_path, raw_params):
+    """Before: scikit-learn's k-means ValueError, a traceback, after the teacher, distillation, pruning and QAT had
+    run (the smoke profile's 128 clusters on a small table of ~70 ids)."""
+    from tasks.artifacts import save_model
+    from tasks.ctr.config import DistillCtr, ShareCtr
+    from tasks.ctr.share import share_ctr
+    from tasks.errors import ConfigError
+
+    model = _model()
+    save_model(model, "ctr", model.arch, tmp_path / "student.pt", shape=SHAPE)
+    cfg = ShareCtr.model_validate({**raw_params["share"]["recsys"], "clusters": 60})
+    kd = DistillCtr.model_validate(raw_params["distill"]["recsys"])
+    with pytest.raises(ConfigError, match=r"^share\.clicks\.clusters \(60\) must be fewer than the 60 embedding rows"):
+        share_ctr(cfg, kd, True, tmp_path / "no-data", tmp_path / "no-teacher.pt", tmp_path / "student.pt",
+                  where="share.clicks")
