@@ -61,22 +61,24 @@ def params_hash(cfg: Any) -> str:
 def data_params(cfg: Any, family: str) -> str:
     """The SHA-256 of ``data.<family>``: the params that decide which rows are training, validation and test (two
     models split by different ones may each have trained on the other's test rows). Fields the data block's class,
-    or the class of a block inside it, lists in ``LOCATION`` (where the pinned files are found, what a published set
-    is expected to hold) decide no row and are left out: moving the data, or a release adding such a field, keeps a
-    champion comparable. So are the fields it lists in ``ADDED`` (added in a later release) while they hold the
-    value that reads the data as before: a champion registered before them stays comparable until one is used."""
+    or the class of a block inside it (or of the blocks a list of it holds), lists in ``LOCATION`` (where the pinned
+    files are found, what a published set is expected to hold) or ``ENCODING`` (how a row is encoded, never which
+    split it is in: the gate scores a champion of another encoding in its own) decide no row and are left out:
+    moving the data, or a release adding such a field, keeps a champion comparable. So are the fields it lists in
+    ``ADDED`` (added in a later release) while they hold the value that reads the data as before: a champion
+    registered before them stays comparable until one is used."""
     block = cfg.block("data", family)
-    return _digest(_row_params(block, _locations(block)))
+    return _digest(_row_params(block, _left_out(block, ("LOCATION", "ENCODING"))))
 
 
 def same_split(recorded: str | None, cfg: Any, family: str) -> bool:
     """Whether ``recorded`` (a champion's ``data_params``) is today's, or the one the same params gave before: with
-    only the data block's own ``LOCATION`` fields left out (recorded 2026-12-04 to 2026-12-06), or the whole block's
-    hash (recorded until 2026-12-04)."""
+    ``ENCODING`` fields hashed (recorded until 2026-12-06), with only the data block's own ``LOCATION`` fields left
+    out (recorded 2026-12-04 to 2026-12-06), or the whole block's hash (recorded until 2026-12-04)."""
     block = cfg.block("data", family)
     top = set(getattr(type(block), "LOCATION", ()))
-    return recorded in (data_params(cfg, family), _digest(_row_params(block, top)),
-                        _digest(block.model_dump(by_alias=True)))
+    return recorded in (data_params(cfg, family), _digest(_row_params(block, _left_out(block, ("LOCATION",)))),
+                        _digest(_row_params(block, top)), _digest(block.model_dump(by_alias=True)))
 
 
 def _row_params(block: Any, exclude: Any) -> dict[str, Any]:
@@ -87,14 +89,21 @@ def _row_params(block: Any, exclude: Any) -> dict[str, Any]:
     return dumped
 
 
-def _locations(block: Any) -> dict[str, Any]:
-    """The fields ``block`` and the blocks inside it list in ``LOCATION``, as pydantic's nested ``exclude``."""
+def _left_out(block: Any, kinds: tuple[str, ...]) -> dict[str, Any]:
+    """The fields ``block``, the blocks inside it and the blocks its lists hold list in the ClassVars ``kinds``
+    (``LOCATION``, ``ENCODING``), as pydantic's nested ``exclude``."""
     from pydantic import BaseModel
 
-    exclude: dict[str, Any] = dict.fromkeys(getattr(type(block), "LOCATION", ()), True)
+    exclude: dict[str, Any] = {name: True for kind in kinds for name in getattr(type(block), kind, ())}
     for name in type(block).model_fields:
-        if name not in exclude and isinstance(inner := getattr(block, name), BaseModel) and (found := _locations(inner)):
+        inner = getattr(block, name)
+        if name in exclude:
+            continue
+        if isinstance(inner, BaseModel) and (found := _left_out(inner, kinds)):
             exclude[name] = found
+        elif isinstance(inner, list) and inner and isinstance(inner[0], BaseModel) and (
+                found := _left_out(inner[0], kinds)):   # a list holds blocks of one class
+            exclude[name] = {"__all__": found}
     return exclude
 
 

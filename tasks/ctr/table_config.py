@@ -36,6 +36,8 @@ class Numeric(Strict):
     """A numeric column (a price, an age, a count): its training values cut at ``buckets`` quantiles into bins, one
     embedding row each (bins of equal edges merge), after row 0, which a missing value takes."""
 
+    # how its values encode, not which split a row is in (tasks.lineage.data_params)
+    ENCODING: ClassVar[frozenset[str]] = frozenset({"buckets"})
     column: str = Field(min_length=1)
     buckets: Annotated[int, Field(ge=2, le=1000)] = 10
 
@@ -85,6 +87,8 @@ class TableData(Strict):
 
     # where the file is found: no row depends on it (tasks.lineage.data_params)
     LOCATION: ClassVar[frozenset[str]] = frozenset({"table"})
+    # how values encode, not which split a row is in: the gate scores a champion of other ones in its own vocabulary
+    ENCODING: ClassVar[frozenset[str]] = frozenset({"min_count"})
     # added after table families had registered models, with the value that reads a table as before them: the data
     # params digest leaves them out while they hold it (tasks.lineage.data_params)
     ADDED: ClassVar[dict[str, Any]] = {"numeric": [], "na_values": []}

@@ -425,6 +425,30 @@ def test_where_a_blocks_inner_source_is_found_leaves_the_data_params_as_they_wer
         assert not same_split(data_params(today, family), changed(family, *other), family), other
 
 
+def test_how_values_encode_leaves_the_data_params_as_they_were(raw_params):
+    """Before: ``min_count`` and a numeric column's ``buckets`` (how values encode; no row changes split) counted as
+    split params: changing one made the champion read as split otherwise, and the gate compared a candidate with
+    none (it scores a champion of another vocabulary in its own). A digest recorded before (2dac..., today's params
+    at 6d66c9e) is still today's split."""
+    import copy
+
+    from tasks.config import parse_config
+    from tasks.lineage import data_params, same_split
+
+    def clicks(**changes):
+        raw = copy.deepcopy(raw_params)
+        raw["data"]["clicks"].update(changes)
+        return parse_config(raw)
+
+    today, priced = clicks(), clicks(numeric=[{"column": "timestamp", "buckets": 10}])
+    assert same_split("2dac4f714d2d858dd01e29b7ab88c620ce97934c3d2c0f1a48b30287242da256", today, "clicks")
+    assert data_params(clicks(min_count=5), "clicks") == data_params(today, "clicks")
+    assert data_params(clicks(numeric=[{"column": "timestamp", "buckets": 40}]), "clicks") == data_params(priced,
+                                                                                                           "clicks")
+    assert data_params(priced, "clicks") != data_params(today, "clicks")   # which columns are read still counts
+    assert not same_split(data_params(today, "clicks"), clicks(seed=1), "clicks")
+
+
 def test_a_model_learns_what_only_a_numeric_column_says(tmp_path):
     from tasks.ctr.ctr_training import CtrSplit, evaluate_ctr, load_ctr_data
 
