@@ -181,7 +181,7 @@ def _fit_best(model: nn.Module, loss_fn: Callable, count: int, batch: Callable, 
         print(f"epoch {epoch + 1}/{spec.epochs}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()), flush=True)
         if math.isnan(metrics[key]):   # never better than anything: the start's weights would be kept, untrained
             raise PipelineError(f"{key} is not a number after epoch {epoch + 1} (a validation split of one class has "
-                                "no AUC; a diverged loss gives NaN): no epoch can be chosen by it")
+                                "no AUC): no epoch can be chosen by it")
         if metrics[key] > best[0]:
             best = (metrics[key], copy.deepcopy(model.state_dict()))
         if on_epoch:

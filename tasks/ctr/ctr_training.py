@@ -22,6 +22,7 @@ from torch import nn
 
 from tasks.ctr.config import DistillCtr
 from tasks.distillation import FrozenTeacher
+from tasks.errors import PipelineError
 from tasks.family_config import OnnxArch, Training
 from tasks.observers import frozen_observers
 from tasks.training import device_of, fit_best, to_device
@@ -74,8 +75,9 @@ def ctr_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, floa
         raise ValueError(f"{len(y)} labels but {len(p)} probabilities")
     if not np.isin(y, (0.0, 1.0)).all():
         raise ValueError(f"labels must be 0 or 1, found {sorted(set(np.unique(y)) - {0.0, 1.0})[:5]}")
-    if not np.isfinite(p).all():
-        raise ValueError(f"{int((~np.isfinite(p)).sum())} of {len(p)} probabilities are not finite")
+    if not np.isfinite(p).all():   # a diverged model (or broken inputs): no retry makes it finite
+        raise PipelineError(f"{int((~np.isfinite(p)).sum())} of {len(p)} probabilities are not finite: a model that "
+                            "diverged (lower the learning rate) or inputs it cannot read")
     p = np.clip(p, 1e-7, 1 - 1e-7)
     return {"auc": roc_auc(y, p), "logloss": float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))}
 

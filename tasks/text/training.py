@@ -124,9 +124,9 @@ class TextDistiller(nn.Module):
              y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         w = self.weights
         logits, features = self.student.forward_features(ids, lengths)
-        # zero, on the student's graph: a batch no weighted term reads (transfer copies alone, labels alone weighted)
-        # is a step that changes nothing, not an error in backward
-        total = logits.sum() * 0.0
+        # a zero that backpropagates to nothing: a batch no weighted term reads (transfer copies alone, labels alone
+        # weighted) leaves every parameter's gradient None, so the optimizer skips it (not an error in backward)
+        total = logits.new_zeros((), dtype=torch.float32, requires_grad=True)
         labelled = y >= 0
         if w.ground_truth and labelled.any():
             total = total + w.ground_truth * F.cross_entropy(logits[labelled], y[labelled])

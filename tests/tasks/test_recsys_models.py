@@ -190,6 +190,7 @@ def test_auc_and_logloss_are_scikit_learns_and_the_training_stages_do_not_import
     from sklearn.metrics import log_loss, roc_auc_score
 
     from tasks.ctr.ctr_training import ctr_metrics
+    from tasks.errors import PipelineError
     from tests.conftest import imported_by
 
     rng = np.random.default_rng(0)
@@ -207,8 +208,8 @@ def test_auc_and_logloss_are_scikit_learns_and_the_training_stages_do_not_import
                                            ([0, 1, 1], [0.1, np.nan, 0.2], "1 of 3 probabilities are not finite")):
         if refused is None:   # a column of probabilities is read as the vector it is
             assert ctr_metrics(labels, probabilities)["logloss"] == pytest.approx(-np.log(1 - 1e-7))
-        else:
-            with pytest.raises(ValueError, match=refused):
+        else:   # a diverged model's NaN is a PipelineError (the stage is not retried for it), the others bugs
+            with pytest.raises(PipelineError if "finite" in refused else ValueError, match=refused):
                 ctr_metrics(labels, probabilities)
     stages = ("tasks.recsys.train_teacher", "tasks.recsys.distill", "tasks.recsys.prune", "tasks.recsys.qat",
               "tasks.recsys.export", "tasks.clicks.distill")
