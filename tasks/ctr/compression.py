@@ -41,6 +41,11 @@ def prune_dimensions(model: CtrModel, keep: int) -> CtrModel:
     return narrow
 
 
+def id_rows(model: CtrModel) -> int:
+    """How many embedding rows ``share_rows`` clusters: one per id (an already shared table: what each id sees)."""
+    return len(model.row_map) if model.row_map is not None else model.embedding.num_embeddings
+
+
 def share_rows(model: CtrModel, clusters: int, seed: int = 0) -> CtrModel:
     """A copy of ``model`` whose field-embedding rows are ``clusters`` k-means centroids shared through ``row_map``."""
     from sklearn.cluster import KMeans
@@ -48,8 +53,8 @@ def share_rows(model: CtrModel, clusters: int, seed: int = 0) -> CtrModel:
     weight = model.embedding.weight.detach()
     if model.row_map is not None:            # already shared: cluster what each id sees
         weight = weight[model.row_map]
-    if clusters >= len(weight):
-        raise ValueError(f"clusters ({clusters}) must be fewer than the table's {len(weight)} rows")
+    if clusters >= id_rows(model):
+        raise ValueError(f"clusters ({clusters}) must be fewer than the table's {id_rows(model)} rows")
     kmeans = KMeans(n_clusters=clusters, n_init=1, random_state=seed).fit(weight.numpy().astype(np.float64))
     shared = copy.deepcopy(model)
     shared.arch = model.arch.model_copy(update={"shared_rows": clusters})

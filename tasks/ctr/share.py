@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from tasks.artifacts import count_parameters, load_model
-from tasks.ctr.compression import share_rows
+from tasks.ctr.compression import id_rows, share_rows
 from tasks.ctr.config import DistillCtr, ShareCtr
 from tasks.ctr.ctr_training import ctr_trainer, evaluate_ctr, fit_ctr, load_ctr_data
 from tasks.ctr.models import CtrModel
@@ -30,8 +30,8 @@ def share_ctr(cfg: ShareCtr, kd: DistillCtr, distill: bool, data_dir: Path, teac
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     student = load_model(student_path)
-    rows = len(student.row_map) if student.row_map is not None else student.embedding.num_embeddings
-    if cfg.clusters >= rows:   # before any data is read or trained on: k-means needs fewer centroids than rows
+    # before any data is read or trained on: k-means needs fewer centroids than rows
+    if cfg.clusters >= (rows := id_rows(student)):
         raise ConfigError(f"{where}.clusters ({cfg.clusters}) must be fewer than the {rows} embedding rows of "
                           f"{student_path} (its data's ids): lower it")
     train, val, test, shape = load_ctr_data(data_dir)

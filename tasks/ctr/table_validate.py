@@ -6,8 +6,9 @@ table lacks, a label that is no click and a numeric value that is no number stop
 one.) Checked: each categorical and numeric column's missing values within ``validate.<family>.max_missing`` (none
 by default), each numeric column's values within its ``ranges`` entry, if any; every row read into a split, each
 split above its ``min_rows`` floor and, hashed or by time, within ``split_tolerance`` of its share; per split the
-label balance within ``positive_tolerance`` of ``positive_fraction``, labels 0/1 and both of them, every encoded field index inside
-its field's rows and the multi-hot columns 0/1. A failed expectation stops the pipeline naming it and the values.
+label balance within ``positive_tolerance`` of ``positive_fraction``, labels 0/1 and both of them, every encoded
+field index inside its field's rows and the multi-hot columns 0/1. A failed expectation stops the pipeline naming
+it and the values.
 """
 from __future__ import annotations
 

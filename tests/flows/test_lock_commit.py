@@ -115,7 +115,8 @@ def test_a_dvc_project_in_a_folder_of_the_repository_commits_its_own_lock(repo):
     assert _git(repo, "status", "--porcelain") == ""
 
 
-@pytest.mark.fault("runs", "a project whose DVC config sets core.hardlink_lock (NFS) while a DVC process holds its lock",
+@pytest.mark.fault("runs", "a project whose DVC config sets core.hardlink_lock (NFS) while a DVC process holds its "
+                   "lock",
                    "the gate's, a stage's and the lock commit's reads of dvc.lock wait for DVC's own kind of lock "
                    "(before: they took a file lock DVC's hardlink lock does not see, and read while it wrote)")
 def test_reads_of_dvc_lock_take_the_kind_of_lock_the_projects_dvc_config_names(repo):

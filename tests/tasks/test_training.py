@@ -210,7 +210,8 @@ def test_fit_best_refuses_a_validation_score_that_is_not_a_number():
     x, y = torch.randn(64, 2, generator=torch.Generator().manual_seed(0)), torch.zeros(64, dtype=torch.long)
     model = torch.nn.Linear(2, 2)
     spec = SimpleNamespace(epochs=2, batch_size=32, seed=0, device="cpu",
-                           optimizer=Optimizer(name="sgd", lr=0.5, weight_decay=0.0), schedule=Schedule(name="constant"))
+                           optimizer=Optimizer(name="sgd", lr=0.5, weight_decay=0.0),
+                           schedule=Schedule(name="constant"))
 
     def loss_fn(m, inputs, target):
         logits = m(inputs)
