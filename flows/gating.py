@@ -140,7 +140,7 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
     description, meaning = data_description(family, root / where["data"])
     if description:   # the gate holds the champion to them: the whole on data split alike, the meaning across splits
         tags.update({DATA_TAG: description, MEANING_TAG: meaning})
-    tags[SPLIT_TAG] = data_params(cfg, family)   # a later gate compares with it only on data split the same way
+    tags[SPLIT_TAG] = data_params(cfg, family, root)   # a later gate compares with it only on data split the same way
     with registry_lock(gate.registered_model, cfg.tracking.registry_lock_timeout_seconds):
         same = registered_with(client, gate.registered_model, tags["onnx.hash"])
         if same is not None and same.tags.get(ALIASES_TAG) == "pending":
@@ -219,7 +219,8 @@ def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str, family: st
     verify_candidate(root, family, evaluation, where)
     champ = registered_version(client, gate.registered_model)
     champion = None
-    if champ is not None and (theirs := split_by(client, champ)) is not None and not same_split(theirs, cfg, family):
+    theirs = split_by(client, champ) if champ is not None else None
+    if theirs is not None and not same_split(theirs, cfg, family, root):
         # other split params: today's test rows may be the champion's training rows, its scores would flatter it
         champion = {"version": str(champ.version), "incomparable":
                     f"champion v{champ.version} was split by other data.{family} params ({theirs[:12]}…): today's "

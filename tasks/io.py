@@ -33,6 +33,21 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
     return digest.hexdigest()
 
 
+def content_digest(path: Path) -> str | None:
+    """SHA-256 of a file's bytes, or of a folder's visible files (hidden files and folders, whose names start with a
+    dot, are left out): each one's path inside it and its content's SHA-256, in sorted order. None: neither there."""
+    if path.is_file():
+        return file_digest(path)
+    if not path.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        inner = file.relative_to(path)
+        if not any(part.startswith(".") for part in inner.parts):
+            digest.update(f"{inner.as_posix()}\0{file_digest(file)}\n".encode())
+    return digest.hexdigest()
+
+
 def digests(folder: Path, pattern: str) -> dict[str, str]:
     """SHA-256 of every file of ``folder`` matching ``pattern``, by stem: what a stage evaluated, for the gate to
     check that the file it registers is that file."""

@@ -11,8 +11,8 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from tasks.errors import ConfigError, LockBusy
-from tasks.io import file_digest, load_yaml
+from tasks.errors import ConfigError, DataSourceError, LockBusy
+from tasks.io import content_digest, file_digest, load_yaml
 
 DVC_LOCK_WAIT_SECONDS = 120
 #: set for the stage processes of a scratch copy (a sweep's recipe): the git state of the project it was copied from,
@@ -58,7 +58,7 @@ def params_hash(cfg: Any) -> str:
     return hashlib.sha256(json.dumps(cfg.model_dump(by_alias=True), sort_keys=True, default=str).encode()).hexdigest()
 
 
-def data_params(cfg: Any, family: str) -> str:
+def data_params(cfg: Any, family: str, root: Path = Path(".")) -> str:
     """The SHA-256 of ``data.<family>``: the params that decide which rows are training, validation and test (two
     models split by different ones may each have trained on the other's test rows). Fields the data block's class,
     or the class of a block inside it (or of the blocks a list of it holds), lists in ``LOCATION`` (where the pinned
@@ -66,19 +66,52 @@ def data_params(cfg: Any, family: str) -> str:
     split it is in: the gate scores a champion of another encoding in its own) decide no row and are left out:
     moving the data, or a release adding such a field, keeps a champion comparable. So are the fields it lists in
     ``ADDED`` (added in a later release) while they hold the value that reads the data as before: a champion
-    registered before them stays comparable until one is used."""
+    registered before them stays comparable until one is used. A field a block lists in ``CONTENT`` names a file or
+    folder (relative to ``root``) whose content decides the rows: its content's SHA-256
+    (``tasks.io.content_digest``) is hashed in its place, so the same data moved keeps a champion comparable and
+    data edited in place does not."""
     block = cfg.block("data", family)
-    return _digest(_row_params(block, _left_out(block, ("LOCATION", "ENCODING"))))
+    dumped = _row_params(block, _left_out(block, ("LOCATION", "ENCODING")))
+    for keys, value in _contents(block):
+        found = content_digest(root / value)
+        if found is None:
+            raise DataSourceError(f"data.{family}.{'.'.join(keys)}: {root / value} is no file or folder (its content "
+                                  "decides which rows are test rows)")
+        inner = dumped
+        for key in keys[:-1]:
+            inner = inner[key]
+        inner[keys[-1]] = {"sha256": found}
+    return _digest(dumped)
 
 
-def same_split(recorded: str | None, cfg: Any, family: str) -> bool:
+def same_split(recorded: str | None, cfg: Any, family: str, root: Path = Path(".")) -> bool:
     """Whether ``recorded`` (a champion's ``data_params``) is today's, or the one the same params gave before: with
     ``ENCODING`` fields hashed (recorded until 2026-12-06), with only the data block's own ``LOCATION`` fields left
-    out (recorded 2026-12-04 to 2026-12-06), or the whole block's hash (recorded until 2026-12-04)."""
+    out (recorded 2026-12-04 to 2026-12-06), or the whole block's hash (recorded until 2026-12-04). Those earlier
+    forms hashed a ``CONTENT`` field's path, which says nothing of the rows: while one is set, only today's counts."""
     block = cfg.block("data", family)
+    if recorded == data_params(cfg, family, root):
+        return True
+    if _contents(block):
+        return False
     top = set(getattr(type(block), "LOCATION", ()))
-    return recorded in (data_params(cfg, family), _digest(_row_params(block, _left_out(block, ("LOCATION",)))),
+    return recorded in (_digest(_row_params(block, _left_out(block, ("LOCATION",)))),
                         _digest(_row_params(block, top)), _digest(block.model_dump(by_alias=True)))
+
+
+def _contents(block: Any, keys: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], str]]:
+    """(keys in the dumped block, value) of every ``CONTENT`` field that is set, in ``block`` and the blocks inside
+    it."""
+    from pydantic import BaseModel
+
+    found = []
+    for name, field in type(block).model_fields.items():
+        inner, key = getattr(block, name), field.alias or name
+        if name in getattr(type(block), "CONTENT", ()) and inner is not None:
+            found.append(((*keys, key), inner))
+        elif isinstance(inner, BaseModel):
+            found.extend(_contents(inner, (*keys, key)))
+    return found
 
 
 def _row_params(block: Any, exclude: Any) -> dict[str, Any]:

@@ -50,6 +50,8 @@ class ImageFolder(Strict):
     split when there is no test folder, ``val_fraction`` the validation split from what is left when there is no
     val folder (``val_size`` and ``pixels`` beside it are the IDX files'). ``sha256``: optional pin of
     the folder's content (printed in the manifest's source)."""
+    # its content, not its path, is a split param (tasks.lineage.data_params): a seeded carve splits its images
+    CONTENT: ClassVar[frozenset[str]] = frozenset({"path"})
     path: str
     channels: Literal[1, 3] | None = None
     size: Annotated[list[Positive], Field(min_length=2, max_length=2)] | None = None

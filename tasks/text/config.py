@@ -33,6 +33,8 @@ class TextData(Strict):
 
     # where the pinned wheel is found (a source_file is not pinned: its content decides the rows)
     LOCATION: ClassVar[frozenset[str]] = frozenset({"wheel", "download_cache"})
+    # its content, not its path, is a split param (tasks.lineage.data_params): a seeded permutation splits its rows
+    CONTENT: ClassVar[frozenset[str]] = frozenset({"source_file"})
     source_file: str | None = None     # a CSV with text and category columns (bz2/gz by extension); else the wheel
     wheel: TextWheel
     download_cache: ProjectPath

@@ -192,6 +192,28 @@ def test_a_champion_split_by_other_data_params_is_not_compared_on_todays_test_ro
     assert report["champion"] and report["champion_health"] is None
 
 
+def test_a_champion_of_an_image_folder_edited_since_is_not_compared(project, raw_params, tmp_path):
+    """The folder's content is a split param (``tasks.lineage.data_params``), read from the project the gate gates
+    (its path is relative to it, not to the gate's working directory): an image added moves the seeded carve's
+    images between splits, so the champion is held to the floors and the teacher only."""
+    import shutil
+
+    from tests.tasks.test_image_folder import image_folder
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    image_folder(project / "photos", per_class=4)
+    raw = copy.deepcopy(raw_params)
+    raw["data"]["vision"]["image_folder"] = {"path": "photos"}
+    cfg = _lenient(raw)
+    first, _ = _gate(project, cfg, uri)
+    same, _ = _gate(project, cfg, uri)
+    assert first["champion"] and "test_accuracy" in same["champion_before"]
+    shutil.copy(project / "photos/cat/0.png", project / "photos/cat/copy.png")
+    report, _ = _gate(project, cfg, uri)
+    assert report["champion_before"] == {"version": "2", "incomparable": report["champion_before"]["incomparable"]}
+    assert report["champion"]
+
+
 def test_a_challenger_only_version_gated_again_says_how_to_promote_it(project, raw_params, tmp_path, capsys):
     """Registered with --no-promote (or by a sweep), the same file found again is left as it is, and the run says
     how to make it champion instead of only that the registry is unchanged."""

@@ -96,6 +96,29 @@ def test_an_imbalanced_folder_passes_its_own_class_mix(tmp_path, raw_params):
     assert validate_images(load_arrays(tmp_path / "data", "vision"), cfg, "vision", manifest=manifest)["success"]
 
 
+
+def test_images_added_to_a_folder_split_it_otherwise_and_moving_it_does_not(tmp_path, raw_params):
+    """Before: the data params digest hashed the folder's path, so images added to it kept a champion comparable
+    while the seeded carve had moved images between splits; with the pixel statistics pinned, the gate scored the
+    champion on images it may have trained on. Its content is hashed in place of the path: the same images in
+    another folder keep the champion comparable. Hidden files are not images read, and change nothing."""
+    import shutil
+
+    from tasks.lineage import data_params, same_split
+
+    root = image_folder(tmp_path / "photos", per_class=10)
+    cfg = folder_config(raw_params, root)
+    before = data_params(cfg, "vision")
+    (root / ".DS_Store").write_bytes(b"finder")
+    assert data_params(cfg, "vision") == before
+    shutil.copytree(root, tmp_path / "elsewhere")
+    assert data_params(folder_config(raw_params, tmp_path / "elsewhere"), "vision") == before
+    image_folder(tmp_path / "more", per_class=1, seed=5)
+    shutil.copy(tmp_path / "more/cat/0.png", root / "cat/new.png")
+    assert not same_split(before, cfg, "vision")
+    (root / "cat/new.png").unlink()
+    shutil.copy(tmp_path / "more/cat/0.png", root / "cat/0.png")   # an image changed in place
+    assert not same_split(before, cfg, "vision")
 @pytest.mark.fault("data", "an image folder that is not usable (unreadable image, mixed sizes, one class, a nested or "
                            "unknown folder, a class missing from a split, a content digest that differs from its pin)",
                    "a one-line error naming the file or folder")

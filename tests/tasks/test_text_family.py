@@ -168,6 +168,45 @@ def test_a_users_corpus_passes_the_data_gate_split_stratified_without_leakage(te
     assert manifest["labels"] == ["rotten", "fresh"] and manifest["vocabulary"][:2] == ["<pad>", "<unk>"]
 
 
+@pytest.mark.fault("promotion", "a user's corpus edited in place (same path, rows added)",
+                   "its data params change: the champion, split from the old rows, is not scored on today's test rows")
+def test_an_edited_corpus_splits_otherwise_and_a_moved_one_does_not(text_csv, tmp_path):
+    """Before: the data params digest hashed ``source_file``'s path, so a corpus edited in place kept a champion
+    comparable while the seeded permutation had moved its rows (one sentence added: one in six of today's test
+    rows were training rows before), and the gate scored the champion on rows it may have trained on. The file's content
+    decides the rows, so its SHA-256 is hashed in place of the path: moved, the same file keeps the champion
+    comparable; a digest recorded from the path alone no longer passes for a file that says nothing of its content."""
+    import hashlib
+    import json
+
+    import pandas as pd
+
+    from tasks.errors import DataSourceError
+    from tasks.lineage import data_params, same_split
+    from tasks.text.prepare import prepare_text
+
+    rows, write, cfg = text_csv
+    before = data_params(cfg, "text")
+    path_only = hashlib.sha256(json.dumps(cfg.data.text.model_dump(by_alias=True, exclude={"wheel", "download_cache"}),
+                                          sort_keys=True, default=str).encode()).hexdigest()   # recorded until today
+    prepare_text(cfg.data.text, tmp_path / "first")
+    write(rows + [("a late review of the film", "fresh")])
+    prepare_text(cfg.data.text, tmp_path / "second")
+    first, second = (pd.read_csv(tmp_path / name / "sentences.csv").set_index("text").split
+                     for name in ("first", "second"))
+    test_now = second[second == "test"].index
+    assert (first.reindex(test_now) == "train").mean() > 0.1   # the rows moved (1 in 6 here)
+    assert not same_split(before, cfg, "text") and data_params(cfg, "text") != before
+    assert not same_split(path_only, cfg, "text")
+
+    edited = data_params(cfg, "text")
+    (tmp_path / "corpus.csv").rename(tmp_path / "moved.csv")
+    moved = cfg.model_copy(update={"data": cfg.data.model_copy(update={"text": cfg.data.text.model_copy(
+        update={"source_file": str(tmp_path / "moved.csv")})})})
+    assert data_params(moved, "text") == edited and same_split(edited, moved, "text")
+    with pytest.raises(DataSourceError, match=r"^data\.text\.source_file: .*corpus\.csv is no file or folder"):
+        data_params(cfg, "text")
+
 def _failed(report: dict) -> list[tuple[str, str]]:
     return [(c["suite"], c["expectation"]) for c in report["checks"] if not c["success"]]
 
