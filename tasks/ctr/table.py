@@ -9,7 +9,9 @@ of each row's ``split.key`` values (a row keeps its split when the table grows),
 time: the newest rows by the split column's times are test, the ones before them val (a row's split moves forward as
 newer rows arrive; a champion trained on an older table never saw today's test rows if rows arrive in time order).
 Encoding, from the training rows only: a categorical field gets one embedding row per value seen at least
-``min_count`` times there, after row 0, which every other value (unseen, rare, missing) shares; a numeric field one
+``min_count`` times there (a whole number written as a float, "196.0" as pandas writes an integer column beside
+nulls, is the integer "196": a CSV, its Parquet twin and a client's typed 196 take one row; the split hash reads the
+text as written), after row 0, which every other value (unseen, rare, missing) shares; a numeric field one
 row per bin between the edges at its ``buckets`` quantiles there (a value on an edge goes to the bin above it), after
 row 0, which a missing value takes (a value that is not a finite number stops the stage naming rows); a multi-hot
 column one column per tag seen that often (other tags are dropped; a column left with none keeps one all-zero
@@ -26,6 +28,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +43,7 @@ from tasks.io import save_npy, write_atomic, write_json
 
 VOCABULARY, FEATURES, TEST_ROWS = "vocabulary.json", "features.json", "test_rows.parquet"
 OTHER = "<other>"   # a field's row 0: any value the training rows did not hold often enough
+_WHOLE_FLOAT = re.compile(r"-?[0-9]+\.0+")
 TRUE, FALSE = frozenset({"1", "1.0", "true", "True", "TRUE"}), frozenset({"0", "0.0", "false", "False", "FALSE"})
 
 
@@ -71,6 +75,17 @@ def _cell_text(value: Any) -> str | None:
     if isinstance(value, float | np.floating) and float(value).is_integer():
         return str(int(value))
     return str(value)
+
+
+def categories(column: pd.Series) -> pd.Series:
+    """A categorical column's values as categories: a text of a whole number written as a float ("196.0", "-3.00")
+    is the integer's ("196", "-3"), as a Parquet float is read (``_cell_text``); any other value as it is."""
+    found = column.dropna().unique()
+    return column.map({v: _whole(v) if isinstance(v, str) else v for v in found})
+
+
+def _whole(text: str) -> str:
+    return str(int(text.partition(".")[0])) if _WHOLE_FLOAT.fullmatch(text) else text
 
 
 def read_table(cfg: TableData, where: str, root: Path = Path()) -> pd.DataFrame:
@@ -163,7 +178,7 @@ def vocabulary(train: pd.DataFrame, cfg: TableData) -> dict[str, Any]:
 
     fields, offset = [], 0
     for name in cfg.categorical:
-        values = frequent(train[name].dropna())
+        values = frequent(categories(train[name]).dropna())
         fields.append({"name": name, "kind": "categorical", "offset": offset, "size": 1 + len(values),
                        "values": values})
         offset += 1 + len(values)
@@ -205,8 +220,9 @@ def encode_with(frame: pd.DataFrame, vocab: dict[str, Any]) -> tuple[np.ndarray,
             bins = np.searchsorted(np.asarray(field["edges"], np.float64), values, side="right") + 1
             codes.append(np.where(np.isnan(values), 0, bins).astype(np.int64) + field["offset"])
             continue
-        index = {v: i + 1 for i, v in enumerate(field["values"])}
-        codes.append(frame[field["name"]].map(index).fillna(0).to_numpy(np.int64) + field["offset"])
+        # (a vocabulary written before whole floats were integers holds "196.0": its values are read alike)
+        index = {_whole(v): i + 1 for i, v in enumerate(field["values"])}
+        codes.append(categories(frame[field["name"]]).map(index).fillna(0).to_numpy(np.int64) + field["offset"])
     genres = np.zeros((len(frame), sum(g["size"] for g in vocab["groups"])), dtype=np.float32)
     for group in vocab["groups"]:
         if not group["name"]:

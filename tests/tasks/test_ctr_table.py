@@ -121,6 +121,34 @@ def test_typed_cells_read_as_the_training_rows_text_value_by_value(tmp_path):
         "1234567890123456789", "1234567890123456790", None, "7"]
 
 
+def test_integer_ids_a_csv_writes_as_floats_encode_as_the_parquet_files_and_a_clients(tmp_path):
+    """pandas writes an integer column with nulls as floats ("196.0"). Before: a CSV's vocabulary kept "196.0", so
+    the same frame as Parquet (196) encoded other embedding rows, and a client's typed 196 fell to the 'other' row.
+    A whole number written as a float is that integer as a category, in the vocabulary and when encoding; a
+    vocabulary written before (values "196.0") encodes 196, "196" and "196.0" alike. The text a row's split is
+    hashed from stays as written: no row moves between splits."""
+    frame = _table()
+    frame["country"] = (frame.event % 37).astype(float)
+    frame.loc[[7, 8], "country"] = np.nan
+    frame.to_csv(tmp_path / "t.csv", index=False)
+    frame.to_parquet(tmp_path / "t.parquet", index=False)
+    assert ",12.0," in (tmp_path / "t.csv").read_text()
+    for kind in ("csv", "parquet"):
+        prepare_table(_schema(f"t.{kind}"), tmp_path / kind, WHERE, tmp_path)
+    for name in ("train_fields", "test_fields"):
+        assert np.array_equal(np.load(tmp_path / "csv" / f"{name}.npy"), np.load(tmp_path / "parquet" / f"{name}.npy"))
+    csv, parquet = (json.loads((tmp_path / kind / "vocabulary.json").read_text()) for kind in ("csv", "parquet"))
+    assert csv["fields"][1]["values"] == parquet["fields"][1]["values"] and "12" in csv["fields"][1]["values"]
+    rows = pd.read_parquet(tmp_path / "csv" / "test_rows.parquet")
+    assert set(rows.country.dropna()) <= {f"{i}.0" for i in range(37)}   # as written: each row's split hash as before
+    fields = np.load(tmp_path / "csv" / "test_fields.npy")
+    typed = rows.assign(country=pd.to_numeric(rows.country))            # a client's JSON: 12, not "12.0"
+    for request, vocab in ((typed, csv), (rows.assign(country=typed.country.astype("Int64").astype(str)), csv),
+                           (typed, {**csv, "fields": [csv["fields"][0], {**csv["fields"][1], "values": [
+                               f"{v}.0" for v in csv["fields"][1]["values"]]}]})):   # a vocabulary written before
+        assert np.array_equal(encode_with(request, vocab)[0], fields)
+    assert (fields[:, 1] > csv["fields"][1]["offset"]).mean() > 0.9   # known ids, not the 'other' row
+
 def test_fields_and_tags_are_encoded_from_the_training_rows_with_a_row_for_other_values(tmp_path):
     frame = _table()
     frame["part"] = np.where(frame.index >= 1950, "test", np.where(frame.index >= 1750, "val", "train"))
