@@ -1,6 +1,7 @@
 """A scratch copy of this project's pipeline sources as its own git + DVC repo (benchmarks and e2e tests)."""
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -30,6 +31,45 @@ def pretrained_teachers(params: dict[str, Any]) -> list[str]:
     teachers = resolved.get("teacher") or {}
     return [block["pretrained"]["path"] for block in teachers.values()
             if isinstance(block, dict) and isinstance(block.get("pretrained"), dict) and block["pretrained"].get("path")]
+
+
+def data_paths(params_file: Path) -> list[str]:
+    """The files and folders the data blocks of ``params_file`` name by their content (``CONTENT``: a user's corpus,
+    an image folder); none when the params do not load (a recipe's invalid overrides are named where they are
+    loaded)."""
+    from tasks.config import load_config
+    from tasks.errors import ConfigError
+    from tasks.lineage import content_paths
+
+    try:
+        return content_paths(load_config(params_file))
+    except ConfigError:
+        return []
+
+
+def _stage_outs(dvc_yaml: Path) -> list[Path]:
+    stages = (load_yaml(dvc_yaml.read_text()) or {}).get("stages", {}) if dvc_yaml.is_file() else {}
+    return [Path(next(iter(out)) if isinstance(out, dict) else out) for stage in stages.values()
+            for out in stage.get("outs", [])]
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """Hard-link (else copy: another file system) the file or folder ``src`` to ``dst``, replacing what is there."""
+    def place(a: str, b: str) -> None:
+        try:
+            os.link(a, b)
+        except OSError:
+            shutil.copy2(a, b)
+
+    if dst.is_dir() and not dst.is_symlink():
+        shutil.rmtree(dst)
+    elif dst.exists() or dst.is_symlink():
+        dst.unlink()
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if src.is_dir():
+        shutil.copytree(src, dst, copy_function=place)
+    else:
+        place(str(src), str(dst))
 
 
 def _not_sources(folder: str, names: list[str]) -> set[str]:
@@ -66,6 +106,11 @@ def copy_project(dest: Path, overrides: dict[str, Any] | None = None, source: Pa
         if not Path(teacher).is_absolute() and (source / teacher).is_file():
             (dest / teacher).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source / teacher, dest / teacher)
+    made = _stage_outs(dest / "dvc.yaml")   # (the copy's own stages make those: a sweep links them from the project)
+    for data in data_paths(dest / "params.yaml"):   # a user's corpus or image folder: data of the project too
+        if (not Path(data).is_absolute() and (source / data).exists() and not (dest / data).exists()
+                and not any(out == Path(data) or out in Path(data).parents for out in made)):
+            link_tree(source / data, dest / data)
     git = ["git", "-c", "user.name=kdq-pipeline", "-c", "user.email=kdq-pipeline@localhost"]
     for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "scratch copy of the pipeline"]):
         subprocess.run(git + cmd, cwd=dest, check=True, capture_output=True)

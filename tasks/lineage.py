@@ -99,6 +99,11 @@ def same_split(recorded: str | None, cfg: Any, family: str, root: Path = Path(".
                         _digest(_row_params(block, top)), _digest(block.model_dump(by_alias=True)))
 
 
+def content_paths(cfg: Any) -> list[str]:
+    """Every file or folder a family's data block names as ``CONTENT`` (a user's corpus, an image folder)."""
+    return [value for family in cfg.families for _, value in _contents(cfg.block("data", family))]
+
+
 def _contents(block: Any, keys: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], str]]:
     """(keys in the dumped block, value) of every ``CONTENT`` field that is set, in ``block`` and the blocks inside
     it."""

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import yaml
 
+from flows.workspace import PROJECT as ROOT
 from flows.workspace import copy_project
 
 
@@ -31,3 +32,32 @@ def test_a_scratch_copy_skips_an_editors_lock_file(tmp_path):
     copy = copy_project(tmp_path / "copy", {}, source=source)
     assert (copy / "tasks" / "x.py").read_text() == "X = 1\n" and not (copy / "tasks" / ".#x.py").is_symlink()
     assert (copy / "tasks" / "y.py").read_text() == "X = 1\n"
+
+
+def test_a_scratch_copy_carries_the_data_files_its_split_params_name(tmp_path, raw_params):
+    """A user's corpus (``data.text.source_file``) and image folder (``image_folder.path``) inside the project are
+    data of the project, not sources: the copy hard-links them, and its data params (their content) are the
+    project's. Before: the copy lacked them, so a sweep's registration in its recipe's copy stopped on the missing
+    file, and a benchmark's copy could not prepare the data."""
+    import copy as copying
+
+    from tasks.config import parse_config
+    from tasks.lineage import data_params
+    from tests.tasks.test_image_folder import image_folder
+
+    source = tmp_path / "project"
+    (source / "data/mine").mkdir(parents=True)
+    (source / "data/mine/corpus.csv").write_text("text,category\ngood film,fresh\nbad film,rotten\n")
+    image_folder(source / "data/photos", per_class=2)
+    raw = copying.deepcopy(raw_params)
+    raw["data"]["text"]["source_file"] = "data/mine/corpus.csv"
+    raw["data"]["vision"]["image_folder"] = {"path": "data/photos"}
+    (source / "params.yaml").write_text(yaml.safe_dump(raw))
+    (source / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    image_folder(source / "data/digits/images", per_class=1)   # the digits' folder: an output of fetch_digits
+    copy = copy_project(tmp_path / "copy", {}, source=source)
+    assert (copy / "data/mine/corpus.csv").stat().st_ino == (source / "data/mine/corpus.csv").stat().st_ino
+    cfg = parse_config(raw)
+    for family in ("text", "vision"):
+        assert data_params(cfg, family, copy) == data_params(cfg, family, source)
+    assert not (copy / "data/digits").exists()   # made by its own stage (fetch_digits) in the copy
