@@ -4,7 +4,8 @@ new data version, and what was trained on it, is committed — so ``git log dvc.
 
 Only ``dvc.lock`` goes into the commit; anything else, staged or not, stays as it was. Its content is read holding
 DVC's repository lock (DVC rewrites ``dvc.lock`` in place: another family's run must not be writing it), and only a
-lock that parses is committed. The user's git identity and hooks apply; without an identity the commit is signed
+lock that parses is committed; none while a merge, cherry-pick, revert or rebase is under way in the work tree (git
+would conclude it with only dvc.lock changed). The user's git identity and hooks apply; without an identity the commit is signed
 ``kdq-pipeline``. A project that keeps ``dvc.lock`` out of git (``.gitignore``) or is no git work tree gets no commit.
 """
 from __future__ import annotations
@@ -44,6 +45,9 @@ def commit_lock(root: Path, message: str) -> str | None:
         return None
     if _git(root, "check-ignore", "--quiet", "dvc.lock").returncode == 0:
         return None
+    if (underway := _underway(root)) is not None:   # git commit would conclude it, dropping what it brings
+        _warn(root, f"{underway} is under way in this work tree; it is committed by a later run once that is done")
+        return None
     try:
         with dvc_repo_lock(root, LOCK_WAIT_SECONDS):   # no DVC project: no DVC command writes this lock
             blob = _stored(root)
@@ -51,6 +55,20 @@ def commit_lock(root: Path, message: str) -> str | None:
         _warn(root, str(err))
         return None
     return _commit(root, blob, message) if blob else None
+
+
+#: what a commit in the work tree would conclude (``git commit`` reads them, whatever index it is given)
+UNDERWAY = {"MERGE_HEAD": "a merge", "CHERRY_PICK_HEAD": "a cherry-pick", "REVERT_HEAD": "a revert",
+            "rebase-merge": "a rebase", "rebase-apply": "a rebase or git am"}
+
+
+def _underway(root: Path) -> str | None:
+    """The git operation under way in ``root``'s work tree (a merge with conflicts to resolve, ...), or None."""
+    for name, what in UNDERWAY.items():
+        found = _git(root, "rev-parse", "--git-path", name).stdout.strip()
+        if found and (root / found).exists():
+            return what
+    return None
 
 
 def _stored(root: Path) -> str | None:

@@ -58,6 +58,37 @@ def test_an_ignored_lock_or_a_folder_outside_git_gets_no_commit(repo, tmp_path):
     assert commit_lock(outside, "m") is None
 
 
+@pytest.mark.fault("runs", "a run commits dvc.lock while the user resolves a merge in the same work tree",
+                   "no commit, said on stderr (before: git concluded the merge with HEAD's tree plus dvc.lock, the other "
+                   "branch's changes lost); committed by the first run after the merge")
+def test_no_commit_while_a_merge_or_a_cherry_pick_is_under_way(repo, capsys):
+    """Before: ``git commit`` through the pipeline's own index still read ``MERGE_HEAD``, so a lock committed while
+    the user was resolving a merge concluded it as a two-parent commit of HEAD's tree plus dvc.lock: the other
+    branch recorded as merged, its changes lost. Now the lock waits (uncommitted, said on stderr) until the user
+    has finished."""
+    def user_commit(*args: str) -> None:
+        _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", *args)
+
+    (repo / "f").write_text("base\n")
+    user_commit("add", "f")
+    user_commit("commit", "--quiet", "-m", "f")
+    _git(repo, "checkout", "--quiet", "-b", "other")
+    (repo / "f").write_text("theirs\n")
+    user_commit("commit", "--quiet", "-am", "theirs")
+    _git(repo, "checkout", "--quiet", "-")
+    (repo / "f").write_text("ours\n")
+    user_commit("commit", "--quiet", "-am", "ours")
+    merge = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "merge", "other"]
+    assert subprocess.run(merge, cwd=repo, capture_output=True, check=False).returncode == 1   # a conflict
+    head = _git(repo, "rev-parse", "HEAD")
+    (repo / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    assert commit_lock(repo, "vision: batch accepted") is None
+    assert _git(repo, "rev-parse", "HEAD") == head and (repo / ".git/MERGE_HEAD").is_file()
+    assert "a merge is under way" in capsys.readouterr().err
+    _git(repo, "merge", "--abort")
+    assert commit_lock(repo, "vision: batch accepted") == _git(repo, "rev-parse", "HEAD") != head
+
+
 def test_a_refused_commit_or_a_held_dvc_lock_leaves_the_lock_as_it_was(repo, monkeypatch, capsys):
     from flows import lock_commit
     from tests.conftest import dvc_lock

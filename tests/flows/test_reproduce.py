@@ -34,7 +34,7 @@ def test_a_stage_that_prints_more_than_the_kept_tail_is_still_reported_as_ran(tm
 
 @pytest.mark.fault("runs", "another process keeps the project's DVC lock (a stuck dvc command, a test holding it)",
                    "a stage tries again for at most pipeline.data_lock_timeout_seconds, then fails as a retryable "
-                   "StageFailed naming the busy lock; an ingestion's dvc commit fails at once and leaves the "
+                   "StageFailed naming the busy lock; an ingestion's dvc commit waits as long, then leaves the "
                    "snapshot as it was; nothing waits forever")
 def test_a_stage_waits_a_bounded_time_for_a_dvc_lock_another_process_holds(tmp_path):
     """Before: every DVC call ran with ``--wait-for-lock``, which waits forever: an ingestion whose ``dvc commit``
