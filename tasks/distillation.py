@@ -199,9 +199,15 @@ class Distiller(FrozenTeacher):
         teacher = inference_teacher(teacher, sample)
         super().__init__(student, teacher)
         self.cfg = cfg
-        with torch.no_grad():
-            _, s_maps = student.forward_features(sample)
+        # the maps' widths only: read in eval mode without fake quantization, so that no quantization range starts
+        # from the two-image sample and no batch norm counts it as a batch
+        from tasks.observers import float_pass
+
+        training = student.training
+        with torch.no_grad(), float_pass(student):
+            _, s_maps = student.eval().forward_features(sample)
             _, t_maps = teacher.forward_features(sample)
+        student.train(training)
         self.adapters = nn.ModuleList(nn.Conv2d(s_maps[p.student].shape[1], t_maps[p.teacher].shape[1], 1)
                                       for p in cfg.feature_pairs)
 

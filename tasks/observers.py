@@ -40,3 +40,20 @@ def frozen_observers(model: nn.Module) -> Iterator[None]:
              if not (torch.equal(q.scale, scale) and torch.equal(q.zero_point, zero))]
     if moved:
         raise RuntimeError(f"an evaluation pass moved the quantization ranges of fake quantizers {moved}")
+
+
+@contextmanager
+def float_pass(model: nn.Module) -> Iterator[None]:
+    """Fake quantization and its observers off for a pass that only reads shapes (the model as the float one it
+    wraps; a quantizer that has observed nothing yet has no range to apply), each quantizer's flags restored after."""
+    quantizers = fake_quantizers(model)
+    flags = [(q.observer_enabled.clone(), q.fake_quant_enabled.clone()) for q in quantizers]
+    for q in quantizers:
+        q.disable_observer()
+        q.disable_fake_quant()
+    try:
+        yield
+    finally:
+        for q, (observing, quantizing) in zip(quantizers, flags, strict=True):
+            q.observer_enabled.copy_(observing)
+            q.fake_quant_enabled.copy_(quantizing)

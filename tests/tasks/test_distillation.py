@@ -242,3 +242,24 @@ def test_bad_distillation_params_are_rejected_at_load(raw_params, change, patter
     raw = {**raw_params, "distill": {**raw_params["distill"], "vision": {**raw_params["distill"]["vision"], **change}}}
     with pytest.raises(ConfigError, match=pattern):
         parse_config(raw)
+
+
+def test_building_the_distiller_moves_no_quantization_range_or_batch_norm_statistic():
+    """Before: the Distiller ran the student on its two-image sample to read its feature maps' widths, in train mode
+    with observers on: every activation range of a QAT student started from two un-augmented images (~53 % of the
+    shipped range of the digits' INT8 student, whose ranges freeze after 63 steps), and each batch norm counted a
+    batch. Now it reads them in eval mode with the observers off, and hands the student back in its mode."""
+    from tasks.observers import fake_quantizers
+    from tasks.quantization import prepare_qat
+
+    cfg = _kd_cfg()
+    torch.backends.quantized.engine = "x86"
+    x = _data().inputs(slice(2))
+    student = prepare_qat(MobileStudent(cfg.student), 8, x, [], 8).train()
+    before = copy.deepcopy(student.state_dict())
+    teacher = ResNetTeacher(ResNetArch(stem=4, widths=[8, 12], blocks=[1, 1]))
+    Distiller(student, teacher, cfg, x)
+    after = student.state_dict()
+    moved = [k for k, v in before.items() if not torch.equal(v, after[k])]
+    assert not moved and student.training and fake_quantizers(student)
+    assert all(bool(q.observer_enabled) for q in fake_quantizers(student))
