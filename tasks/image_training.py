@@ -219,7 +219,7 @@ def _fit(model: nn.Module, train: Split, val: Split, spec: TrainingRecipe, check
          on_epoch: EpochHook | None, loss_fn: LossFn | None, before_epoch: Callable[[int], None] | None,
          device: torch.device) -> list[dict[str, float]]:
     loss_fn = loss_fn or cross_entropy_loss(spec.label_smoothing)
-    steps_per_epoch = math.ceil(len(train.y) / spec.batch_size)
+    steps_per_epoch = len(batch_starts(len(train.y), spec.batch_size))
     opt = make_optimizer(model, spec.optimizer)
     sched = make_scheduler(opt, spec.schedule, spec.epochs * steps_per_epoch)
     gen = torch.Generator().manual_seed(spec.seed)
@@ -263,20 +263,28 @@ def _fit(model: nn.Module, train: Split, val: Split, spec: TrainingRecipe, check
 BATCH, AUGMENT = "batch: uint8 to normalised float", "augmentation"
 
 
+def batch_starts(rows: int, batch_size: int) -> list[int]:
+    """Where each training batch of an epoch starts: every ``batch_size`` rows, but a last batch of one row joins
+    the one before it (a batch norm cannot normalise one value per channel: a 1x1 map of a single image)."""
+    starts = list(range(0, rows, batch_size))
+    return starts[:-1] if len(starts) > 1 and rows - starts[-1] == 1 else starts
+
+
 def train_epoch(model: nn.Module, train: Split, spec: TrainingRecipe, opt: torch.optim.Optimizer,
                 sched: torch.optim.lr_scheduler.LRScheduler, gen: torch.Generator, loss_fn: LossFn,
                 desc: str, device: torch.device, after_step: Callable[[], None] | None = None) -> dict[str, float]:
-    """One pass over ``train`` in a random order (from ``gen``), a step per batch of ``spec.batch_size``: the batch
-    made, augmented, moved to ``device``, one ``train_step``, the schedule's step, ``after_step``. In bf16 on a CPU
+    """One pass over ``train`` in a random order (from ``gen``), a step per batch of ``spec.batch_size``
+    (``batch_starts``): the batch made, augmented, moved to ``device``, one ``train_step``, the schedule's step,
+    ``after_step``. In bf16 on a CPU
     with AMX, small convolutions take their weight gradients by matmul (``tasks.conv_grad``)."""
     model.train()
     order = torch.randperm(len(train.y), generator=gen)
     seen, correct, loss_sum = 0, 0, 0.0
     # disable=None: no bar when stderr is not a terminal (CI, Prefect workers, log files), where each redraw is a line
-    bar = tqdm(range(0, len(order), spec.batch_size), desc=desc, unit="batch", leave=True, mininterval=2.0,
-               disable=None)
-    for start in bar:
-        idx = order[start:start + spec.batch_size]
+    starts = batch_starts(len(order), spec.batch_size)
+    bar = tqdm(starts, desc=desc, unit="batch", leave=True, mininterval=2.0, disable=None)
+    for start, end in zip(bar, [*starts[1:], len(order)], strict=True):
+        idx = order[start:end]
         with torch.profiler.record_function(BATCH):
             x = train.inputs(idx)
         with torch.profiler.record_function(AUGMENT):

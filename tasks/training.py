@@ -34,11 +34,12 @@ def make_optimizer(model: nn.Module, cfg: Optimizer) -> torch.optim.Optimizer:
 def make_scheduler(opt: torch.optim.Optimizer, cfg: Schedule, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
     if cfg.name == "onecycle":
         pct = max(cfg.warmup_fraction, 0.01)
-        if math.isclose(pct * total_steps, 1.0):
-            # a warm-up of exactly one step: torch's first phase would end on the step it starts at and divide by
-            # zero there (e.g. 0.25 of 4 steps: one epoch of 400 images in batches of 128); a hair longer, it is
-            # the one-step warm-up meant (the first step at the start rate, the second at the peak)
-            pct *= 1 + 1e-6
+        if total_steps < 3:   # too short for a cycle: it runs at the peak rate (torch's would end at its floor)
+            return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        # torch's peak is at step pct * total - 1: at least 1, so that the first step warms up at the start rate and
+        # the cycle has a rise at all (shorter, a tiny data set trained at the floor rate; exactly 0, it divided by
+        # zero: 0.25 of 4 steps, one epoch of 400 images in batches of 128)
+        pct = max(pct, 2.0 / total_steps)
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
                                                    total_steps=total_steps, pct_start=pct)
     if cfg.name == "cosine":

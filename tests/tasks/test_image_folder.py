@@ -244,3 +244,23 @@ def test_throughput_counts_the_images_that_ran_when_the_test_split_is_smaller_th
     monkeypatch.setattr(evaluate_vision, "timed_runs", lambda sess, feeds, warmup, repeats: np.full(repeats, 0.01))
     split = Split(torch.zeros(5, 3, 12, 10, dtype=torch.uint8), torch.zeros(5, dtype=torch.int64))
     assert evaluate_vision.latency(path, split, cfg)["throughput_b64_ips"] == pytest.approx(500)
+
+
+def test_a_last_batch_of_one_image_joins_the_batch_before_it(raw_params):
+    """Before: with one training image past a whole number of batches, the epoch's last batch held one image, and a
+    student whose last map is 1x1 (8x8 images) stopped in its batch norm ("Expected more than 1 value per channel
+    when training"): one data version in every ``batch_size`` of a growing folder. That image now joins the batch
+    before it; every image is still seen once an epoch."""
+    from tasks.config import parse_config
+    from tasks.image_training import Split, train_epoch
+    from tasks.images.models import MobileStudent
+    from tasks.training import cross_entropy_loss, make_optimizer, make_scheduler
+
+    spec = parse_config(raw_params).distill.vision.model_copy(update={"batch_size": 8, "bf16": False})
+    spec = spec.model_copy(update={"augmentation": spec.augmentation.model_copy(update={"crop_padding": 0})})
+    model = MobileStudent(spec.student, 3, (1, 8, 8))
+    train = Split(torch.randint(0, 256, (17, 8, 8), dtype=torch.uint8), torch.arange(17) % 3)
+    opt = make_optimizer(model, spec.optimizer)
+    metrics = train_epoch(model, train, spec, opt, make_scheduler(opt, spec.schedule, 2), torch.Generator(),
+                          cross_entropy_loss(0.0), "test", torch.device("cpu"))
+    assert abs(metrics["train_accuracy"] * 17 - round(metrics["train_accuracy"] * 17)) < 1e-9   # of all 17

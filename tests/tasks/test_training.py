@@ -163,6 +163,24 @@ def test_a_one_step_warm_up_schedules_instead_of_dividing_by_zero(warmup, steps)
     assert all(0 < rate <= 0.1 for rate in rates) and rates[-1] == min(rates)   # up to the peak at most, then down
 
 
+@pytest.mark.parametrize("steps", [1, 2, 3, 5])
+def test_a_warm_up_shorter_than_a_step_still_reaches_the_peak_rate(steps):
+    """Before: a run of fewer steps than one warm-up step needs (a tiny image folder, a one-batch fine-tune: 3 steps
+    at 0.25 warm-up) had no warm-up phase: with one step it trained at the schedule's floor (4e-7 for lr 0.1),
+    learning nothing and saying nothing; with 5, no step reached the peak. Now the warm-up lasts a step at
+    least: the first at the start rate, the second at the peak; one or two steps run at the peak."""
+    from tasks.training import make_scheduler
+
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    sched = make_scheduler(opt, Schedule(name="onecycle", warmup_fraction=0.25), steps)
+    rates = [opt.param_groups[0]["lr"]]
+    for _ in range(steps - 1):
+        opt.step()
+        sched.step()
+        rates.append(opt.param_groups[0]["lr"])
+    assert max(rates) == pytest.approx(0.1) and rates.index(max(rates)) == (1 if steps >= 3 else 0)
+
+
 @pytest.mark.parametrize("right", [False, True])
 def test_fit_best_from_start_says_it_kept_the_starting_weights_only_when_no_epoch_beat_them(right, capsys):
     """Before: the batch loop reused the name of the starting score, so with more rows than one batch the message
