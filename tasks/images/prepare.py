@@ -232,6 +232,7 @@ def prepare_images(cfg: ImageData, out_dir: Path, family: str, snapshot: tuple[s
     manifest = {"source": source, "image": {"channels": channels, "height": int(x_train.shape[-2]),
                                             "width": int(x_train.shape[-1]), **pixels, "classes": classes},
                 "splits": {}, "windows": {name: len(rows) for name, rows in windows.items()},
+                "given_splits": [name for name in ("val", "test") if name in parts],   # the others were carved
                 **({"declared_classes": declared} if declared else {}),
                 **({"skipped_files": skipped} if skipped else {})}
     for name, (x, y) in splits.items():

@@ -80,7 +80,8 @@ def class_shares(cfg: Config, family: str, manifest: dict | None, num_classes: i
                  ) -> dict[str, list[float]]:
     """Each class's expected share of each split: equal for a published IDX data set balanced by publication
     (``data.<family>.published.balanced``; one that is not: its own mix, as for batches);
-    else the data's own class mix — an image folder's over all its images (the splits are stratified), for images
+    else the data's own class mix — an image folder's over the splits carved from its training images (stratified),
+    a split it gives (``test/``, ``val/``) its own, for images
     that arrived in batches the mix of the training and validation images (carved stratified per batch), while the
     test split is its own mix, or, when its first batch's fixed part is the published one, equal shares over those
     (golden) rows plus the mix of the rows later batches held out (stratified by each batch's own mix)."""
@@ -94,8 +95,10 @@ def class_shares(cfg: Config, family: str, manifest: dict | None, num_classes: i
         counts = np.sum([manifest["splits"][s]["class_counts"] for s in splits], axis=0)
         return (counts / counts.sum()).tolist()
 
-    if folder:
-        return dict.fromkeys(SPLITS, mix(*SPLITS))
+    if folder:   # a split the folder gives: its own mix; the ones carved from train (stratified): theirs together
+        given = manifest.get("given_splits", [])
+        carved = [s for s in SPLITS if s not in given]
+        return {s: mix(s) if s in given else mix(*carved) for s in SPLITS}
     if not (snapshot is not None and starts_published(snapshot)) or not balanced:
         return {"train": mix("train", "val"), "val": mix("train", "val"), "test": mix("test")}
     test = manifest["splits"]["test"]

@@ -119,6 +119,22 @@ def test_images_added_to_a_folder_split_it_otherwise_and_moving_it_does_not(tmp_
     (root / "cat/new.png").unlink()
     shutil.copy(tmp_path / "more/cat/0.png", root / "cat/0.png")   # an image changed in place
     assert not same_split(before, cfg, "vision")
+def test_a_test_folder_of_another_class_mix_than_training_passes_the_data_gate(tmp_path, raw_params):
+    """Before: every split of an image folder was held to the class mix of all its images, so a test/ folder
+    the user gave with another mix than train/ (here balanced, where training is 30:30:6) stopped validate_<family>
+    on class balance. A split the folder gives is held to its own mix; the carved ones (stratified) to theirs."""
+    root = tmp_path / "photos"
+    image_folder(root / "train", per_class=30)
+    for f in sorted((root / "train/fox").iterdir())[6:]:
+        f.unlink()
+    image_folder(root / "test", per_class=8, seed=3)
+    cfg = folder_config(raw_params, root)
+    manifest = prepare_images(cfg.data.vision, tmp_path / "data", "vision")
+    assert manifest["given_splits"] == ["test"]
+    report = validate_images(load_arrays(tmp_path / "data", "vision"), cfg, "vision", manifest=manifest)
+    assert report["success"], [c for c in report["checks"] if not c["success"]]
+
+
 @pytest.mark.fault("data", "an image folder that is not usable (unreadable image, mixed sizes, one class, a nested or "
                            "unknown folder, a class missing from a split, a content digest that differs from its pin)",
                    "a one-line error naming the file or folder")
