@@ -138,6 +138,14 @@ def push_outputs(root: Path, env: dict[str, str], stage: str, lock_wait: float =
     return "" if code == 0 else f"dvc push {stage} failed in {root}: {tail.strip()[-800:]}"
 
 
+def push_warm_start(root: Path, env: dict[str, str], stage: str, lock_wait: float = 0.0) -> None:
+    """``push_outputs`` of a warm start stage (the weights a warm-started model began from, where ``flows.restore``
+    on another machine finds them), after a pipeline run or a sweep ran it; one that fails is a warning in the
+    run's log. Any other stage: nothing."""
+    if stage.startswith("warm_start_") and (unpushed := push_outputs(root, env, stage, lock_wait)):
+        stage_logger()(f"warning: {stage}'s output is not on the DVC remote: {unpushed}")
+
+
 def reproduce(stage: str, root: Path, env: dict[str, str], log: bool = True, lock_wait: float = 0.0) -> bool:
     """``dvc repro --single-item stage`` in ``root`` (its output to the run's log when ``log``); return whether the
     stage ran, False when DVC found it up to date; raise ``StageFailed`` naming the stage's own error lines."""

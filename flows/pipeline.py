@@ -19,7 +19,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.futures import PrefectFuture, as_completed
 
-from flows.dvc_stage import push_outputs, retry_transient, run_node, stage_env, stage_logger, stale_stages
+from flows.dvc_stage import push_warm_start, retry_transient, run_node, stage_env, stale_stages
 from flows.registry_lock import data_lock
 from flows.run_artifacts import flag_degraded_champion, publish_gate, publish_run
 from flows.stage_graph import StageNode, stage_graph
@@ -46,9 +46,7 @@ def compression_pipeline(root: str = ".", families: list[str] | None = None, pro
         wait = cfg.pipeline.data_lock_timeout_seconds   # for DVC's lock, held a moment by a stage beside this one
 
         def finished(stage: str) -> None:
-            if stage.startswith("warm_start_") and (unpushed := push_outputs(root_path, env, stage, wait)):
-                # the weights a warm-started model began from, where flows.restore on another machine finds them
-                stage_logger()(f"warning: {stage}'s output is not on the DVC remote: {unpushed}")
+            push_warm_start(root_path, env, stage, wait)
 
         stale = stale_stages(root_path, stages)
         statuses = run_graph(stages, cfg.pipeline.parallel_stages, lambda node: run_node(

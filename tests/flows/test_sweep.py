@@ -382,6 +382,7 @@ def test_a_version_a_sweep_registered_is_restored_from_the_projects_commit(prefe
     And its upstream stages wait for DVC's lock, held a moment by another DVC process of the project, as a pipeline
     run's do (before: the sweep failed at once, "Unable to acquire lock")."""
     import subprocess
+    import sys
 
     from mlflow.tracking import MlflowClient
 
@@ -442,6 +443,11 @@ def test_a_version_a_sweep_registered_is_restored_from_the_projects_commit(prefe
     raw = "data/recsys/raw"   # the snapshot it was trained on, pulled as the project's dvc.lock records it
     assert locked_outs(restored)[raw] == locked_outs(project)[raw] and any((restored / raw).iterdir())
     assert "trained from uncommitted changes" in capsys.readouterr().err
+    # the warm start the version began from is on the project's DVC remote, as a pipeline run pushes it: restored on
+    # another machine, it is pulled from there (before: the sweep left it in this machine's cache alone)
+    pushed = subprocess.run([sys.executable, "-m", "dvc", "status", "--cloud", "warm_start_recsys"], cwd=project,
+                            capture_output=True, text=True, check=True).stdout
+    assert "models/recsys/warm_start" not in pushed, pushed
 
 
 def test_a_version_restore_cannot_bring_back_is_refused_in_one_line(mlflow_uri, tmp_path):
