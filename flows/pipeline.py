@@ -19,10 +19,10 @@ from typing import Any
 from prefect import flow, task
 from prefect.futures import PrefectFuture, as_completed
 
-from flows.dvc_stage import push_warm_start, retry_transient, run_node, stage_env, stale_stages
+from flows.dvc_stage import changed_stages, push_warm_start, retry_transient, run_node, stage_env, stale_stages
 from flows.registry_lock import data_lock
 from flows.run_artifacts import flag_degraded_champion, publish_gate, publish_run
-from flows.stage_graph import StageNode, stage_graph
+from flows.stage_graph import StageNode, below, stage_graph, upstream_of
 from tasks.config import Config, load_config
 from tasks.errors import PipelineError, run_cli
 from tasks.lineage import dvc_lock_text, remade_since
@@ -106,7 +106,8 @@ def chosen(cfg: Config, families: list[str] | None) -> list[str]:
 @flow(name="gate-and-register", log_prints=True)
 def gate_only(root: str = ".", families: list[str] | None = None) -> dict[str, Any]:
     """Gate and register the families' current candidates without running any stage (after ``dvc repro``); none
-    when dvc.lock says a stage upstream of one ran again after it was made (``tasks.lineage.remade_since``)."""
+    when dvc.lock says a stage upstream of one ran again after it was made (``tasks.lineage.remade_since``), or DVC
+    finds one of the stages that make it out of date (a param, code or data changed since)."""
     root_path = Path(root).resolve()
     cfg = load_config(root_path / "params.yaml")
     uri = tracking_uri(cfg, root_path)
@@ -114,11 +115,18 @@ def gate_only(root: str = ".", families: list[str] | None = None) -> dict[str, A
     # the data it scores on stays as it is meanwhile (a pipeline run or an ingestion would rewrite it), as in a run
     with data_lock(root_path, families, cfg.pipeline.data_lock_timeout_seconds):
         lock_text = dvc_lock_text(root_path)
+        nodes: list[StageNode] = []
         for family in families:   # what is gated is what its stages made of today's inputs, or nothing is
             if remade := remade_since(f"evaluate_{family}", lock_text):
                 raise PipelineError(f"--gate-only: {root_path / 'dvc.lock'}: {family}'s candidate was made from "
                                     f"inputs remade since: {'; '.join(remade)}; run its stages first (`dvc repro` or "
                                     "the pipeline)")
+            # and of today's params and code: the version records them (params.hash, lineage/params.yaml)
+            making = upstream_of(nodes := nodes or stage_graph(root_path), f"evaluate_{family}")
+            if stale := below(making, changed_stages(root_path, [n.name for n in making])):
+                raise PipelineError(f"--gate-only: {family}'s candidate is not what its stages make of today's params, "
+                                    f"code and data: DVC finds {', '.join(n.name for n in making if n.name in stale)} "
+                                    "out of date; run them first (`dvc repro` or the pipeline)")
         with pipeline_run(cfg, "gate", root_path) as parent:
             gates = {family: retrying_promote(cfg)(family, root_path, uri, parent.run_id) for family in families}
     return {"stages": {}, "metrics": {}, "parent_run_id": parent.run_id, "tracking_uri": redact(uri), "gates": gates}

@@ -103,6 +103,18 @@ def downstream_of(nodes: list[StageNode], stage: str) -> list[StageNode]:
     return [n for n in nodes if n.name in found]
 
 
+def upstream_of(nodes: list[StageNode], stage: str) -> list[StageNode]:
+    """``stage`` and every stage of ``nodes`` it depends on, directly or not, in graph order."""
+    found, todo = set(), [stage]
+    by_name = {n.name: n for n in nodes}
+    while todo:
+        name = todo.pop()
+        if name not in found and name in by_name:
+            found.add(name)
+            todo.extend(by_name[name].upstream)
+    return [n for n in nodes if n.name in found]
+
+
 def mermaid(nodes: list[StageNode]) -> str:
     """The stage graph as a mermaid flowchart, reduced to its direct dependencies (an edge implied by a longer
     path is left out: ``dvc dag --mermaid`` draws every one), in graph order."""

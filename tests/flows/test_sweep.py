@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from flows.dvc_stage import StageFailed, retry_transient
+from flows.pipeline import gate_only
 from flows.recipe import RecipeInvalid, layered_overrides
 from flows.registry_lock import registry_lock
 from flows.sweep import draw_recipes, summary
@@ -170,7 +171,6 @@ def test_ingestion_and_a_pipeline_run_never_hold_one_family_data_at_once(prefect
                    "pipeline.data_lock_timeout_seconds, naming the lock (before: it scored the champion and the "
                    "candidate on data another run was rewriting)")
 def test_gating_alone_holds_the_data_lock_too(prefect_server, raw_params, tmp_path):
-    from flows.pipeline import gate_only
     from flows.registry_lock import RegistryBusy, data_lock
 
     params = copy.deepcopy(raw_params)
@@ -186,7 +186,6 @@ def test_gating_alone_holds_the_data_lock_too(prefect_server, raw_params, tmp_pa
                    "refused before anything is gated, naming the input remade and by which stage (before: the old "
                    "candidate was gated and registered as if made from today's data)")
 def test_gating_alone_refuses_a_candidate_made_from_inputs_remade_since(prefect_server, raw_params, tmp_path):
-    from flows.pipeline import gate_only
     from tasks.lineage import remade_since
 
     data, kd = "data/vision/processed", "models/vision/student_kd.pt"
@@ -207,6 +206,31 @@ def test_gating_alone_refuses_a_candidate_made_from_inputs_remade_since(prefect_
     (tmp_path / "dvc.lock").write_text(lock("new"))
     with pytest.raises(PipelineError, match=r"--gate-only: .*dvc\.lock: vision's candidate was made from inputs "
                                             r"remade since: data/vision/processed \(by prepare_vision"):
+        gate_only.fn(str(tmp_path), ["vision"])
+
+
+@pytest.mark.fault("promotion", "`flows.pipeline --gate-only` after params.yaml changed a param a stage of the candidate "
+                   "reads (the KD temperature edited after `dvc repro`)",
+                   "refused before anything is gated, naming the stages DVC finds out of date (before: the old "
+                   "candidate was registered under the edited params' hash and params.yaml, so a restore re-ran "
+                   "other params than it was made with)")
+def test_gating_alone_refuses_a_candidate_its_params_no_longer_make(prefect_server, raw_params, tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_params))
+    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "distill_vision": {"cmd": "echo kd > kd.txt", "params": ["distill.vision.temperature"], "outs": ["kd.txt"]},
+        "evaluate_vision": {"cmd": "cp kd.txt e.txt", "deps": ["kd.txt"], "outs": ["e.txt"]}}}))
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
+                [sys.executable, "-m", "dvc", "repro", "-q"]):
+        subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True)
+    edited = copy.deepcopy(raw_params)
+    edited["distill"]["vision"]["temperature"] += 1.0
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(edited))
+    with pytest.raises(PipelineError, match=r"--gate-only: vision's candidate is not what its stages make of today's "
+                                            r"params, code and data: DVC finds distill_vision, evaluate_vision out of "
+                                            r"date; run them first"):
         gate_only.fn(str(tmp_path), ["vision"])
 
 
