@@ -145,6 +145,12 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
         same = registered_with(client, gate.registered_model, tags["onnx.hash"])
         if same is not None and same.tags.get(ALIASES_TAG) == "pending":
             same = _interrupted(client, gate.registered_model, same)
+        if same is not None and same.tags.get("parent_run_id") == parent_run_id and (
+                gated := root / where["reports"] / "gate.json").is_file():
+            # a retry of this run's promote task that failed after its registration was complete: that registration
+            now = registered_version(client, gate.registered_model)
+            return {**json.loads(gated.read_text()), "name": gate.registered_model, "version": str(same.version),
+                    "champion": now is not None and str(now.version) == str(same.version), "unchanged": False}
         if same is not None:  # a no-change re-run: this exact file was gated and registered before
             print(f"{gate.registered_model} version {same.version} already holds this candidate; registry unchanged")
             now = str(getattr(registered_version(client, gate.registered_model), "version", "none"))
@@ -178,13 +184,14 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
         # marked pending (never an alias on an untagged one), which the retry registers again (``_interrupted``).
         version = client.create_model_version(gate.registered_model, source, run_id,
                                               tags={**tags, ALIASES_TAG: "pending"})
+        report.update(name=gate.registered_model, version=str(version.version), champion=promote, unchanged=False)
+        # the report before the aliases: a failure here leaves the version pending, gated again by the retry
+        write_report(root, cfg, evaluation, report, tags, family, where)
+        client.log_artifact(run_id, str(root / where["reports"] / "report.html"))
         client.set_registered_model_alias(gate.registered_model, "challenger", version.version)
         if promote:
             client.set_registered_model_alias(gate.registered_model, "champion", version.version)
         client.set_model_version_tag(gate.registered_model, version.version, ALIASES_TAG, "moved")
-    report.update(name=gate.registered_model, version=str(version.version), champion=promote, unchanged=False)
-    write_report(root, cfg, evaluation, report, tags, family, where)
-    client.log_artifact(run_id, str(root / where["reports"] / "report.html"))
     return report
 
 

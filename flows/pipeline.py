@@ -158,7 +158,8 @@ def promote(family: str, root: Path, uri: str, parent_run_id: str, may_promote: 
 
 def retrying_promote(cfg: Any) -> Any:
     """The promote task with the pipeline's retries for transient failures (a registry that did not answer);
-    a retry after a partial registration finds its version by the candidate's hash and changes nothing."""
+    a retry finds its version by the candidate's hash: registered in part, it is gated and registered again
+    (``flows.gating._interrupted``); complete, the retry reports that registration and changes nothing."""
     return promote.with_options(retries=cfg.pipeline.retries, retry_delay_seconds=cfg.pipeline.retry_delays(),
                                 retry_condition_fn=retry_transient)
 

@@ -118,10 +118,12 @@ def _lenient(raw_params, **gate):
                                "vs_teacher": {"max_accuracy_drop": 1.0, "min_speedup": 0.01}, **gate})
 
 
-def _gate(project, cfg, uri):
+def _gate(project, cfg, uri, parent=None):
+    """Gate as a pipeline run does: its own parent run (``parent``: a retry of that run's promote task)."""
     client = MlflowClient(uri, registry_uri=uri)
     run = client.create_run(client.create_experiment(f"e{len(client.search_experiments())}"))
-    return gate_and_register(project, cfg, client, uri, run.info.run_id, "parent-123", "vision"), client
+    parent = parent or f"parent-{len(client.search_experiments())}"
+    return gate_and_register(project, cfg, client, uri, run.info.run_id, parent, "vision"), client
 
 
 def test_passing_candidate_becomes_champion_and_loads_from_the_registry(project, raw_params, mlflow_uri):
@@ -148,7 +150,7 @@ def test_passing_candidate_becomes_champion_and_loads_from_the_registry(project,
     version = client.get_model_version_by_alias(name, "champion")
     assert str(version.version) == "1" == str(client.get_model_version_by_alias(name, "challenger").version)
     assert version.tags["gate.passed"] == "true" and version.tags["gate.accuracy"] == "pass"
-    assert version.tags["parent_run_id"] == "parent-123" and len(version.tags["params.hash"]) == 64
+    assert version.tags["parent_run_id"].startswith("parent-") and len(version.tags["params.hash"]) == 64
     assert {"git.commit", "data.hash", "onnx.hash"} <= set(version.tags)
     gate_md = (project / "reports/vision/gate.md").read_text()
     assert "Gate: **PASS**" in gate_md and "| size_ratio_vs_teacher |" in gate_md
@@ -212,6 +214,30 @@ def test_a_champion_of_an_image_folder_edited_since_is_not_compared(project, raw
     report, _ = _gate(project, cfg, uri)
     assert report["champion_before"] == {"version": "2", "incomparable": report["champion_before"]["incomparable"]}
     assert report["champion"]
+
+
+@pytest.mark.fault("promotion", "the promote task fails after its registration completed (a metric or artifact MLflow "
+                                "did not take), and Prefect retries it",
+                   "the retry reports the version, champion and checks this run registered (before: 'registry "
+                   "unchanged', no checks published); a later run finds the same file unchanged")
+def test_a_retry_after_the_registration_completed_reports_it_as_registered(project, raw_params, tmp_path):
+    """Before: when the promote task failed after the version's aliases had moved (a metric MLflow did not take, the
+    Prefect artifact), its retry found the version by the candidate's hash and reported "unchanged": the run said
+    the registry was untouched while its champion had just moved, with no checks to publish. The retry of the same
+    pipeline run (its parent run) now reports the registration it made; another run still finds it unchanged."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = _lenient(raw_params)
+    (project / "dvc.lock").write_text(   # what DVC recorded of the export: how a re-run finds the same file
+        "schema: '2.0'\nstages:\n  export_vision:\n    outs:\n    - path: models/vision/onnx\n"
+        "      md5: 0123456789abcdef0123456789abcdef.dir\n")
+    first, client = _gate(project, cfg, uri, parent="run-1")
+    retried, _ = _gate(project, cfg, uri, parent="run-1")
+    assert first["champion"] and not first["unchanged"]
+    assert (retried["version"], retried["champion"], retried["unchanged"]) == (first["version"], True, False)
+    assert [c["name"] for c in retried["checks"]] == [c["name"] for c in first["checks"]] and retried["passed"]
+    assert len(client.search_model_versions(f"name = '{cfg.gate.vision.registered_model}'")) == 1
+    later, _ = _gate(project, cfg, uri, parent="run-2")
+    assert later["unchanged"] and not later["champion"]
 
 
 def test_a_challenger_only_version_gated_again_says_how_to_promote_it(project, raw_params, tmp_path, capsys):
