@@ -46,15 +46,19 @@ def _env(dest: Path) -> dict[str, str]:
             "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 
 
-def checkout_code(root: Path, commit: str, dest: Path) -> None:
-    """DEST as a clone of ``root``'s repository at ``commit`` (detached)."""
+def checkout_code(root: Path, commit: str, dest: Path) -> Path:
+    """DEST as a clone of ``root``'s repository at ``commit`` (detached); return the project in it: DEST, or the
+    folder of DEST that ``root`` is of its repository (a DVC project in a folder of a monorepo)."""
     if dest.exists() and any(dest.iterdir()):
         raise PipelineError(f"{dest}: not empty; restore writes into an empty or new folder")
-    _run(["git", "clone", "--quiet", "--no-checkout", str(root), str(dest)], root, "git clone")
+    top = _run(["git", "rev-parse", "--show-toplevel"], root, "git rev-parse")
+    where = _run(["git", "rev-parse", "--show-prefix"], root, "git rev-parse")
+    _run(["git", "clone", "--quiet", "--no-checkout", top, str(dest)], root, "git clone")
     try:
         _run(["git", "checkout", "--quiet", "--detach", commit], dest, f"git checkout {commit}")
     except PipelineError as err:
         raise PipelineError(f"commit {commit} is not in {root}'s history (was it pushed?): {err}") from err
+    return dest / where if where else dest
 
 
 def restore_lineage(client, version, dest: Path) -> None:
@@ -156,7 +160,7 @@ def restore(root: Path, family: str, name: str, version_id: str, dest: Path, run
         raise PipelineError(f"{name} version {version_id}: git.commit {commit[:12]} is its sweep recipe's scratch "
                             f"copy's (the project was at {project[:12]}) and its run's dvc.lock records no data "
                             "version: it cannot be restored; re-run the sweep to register one that can")
-    checkout_code(root, commit, dest)
+    dest = checkout_code(root, commit, dest)   # the project's folder of the clone
     restore_lineage(client, version, dest)
     check_params(dest, version.tags.get("params.hash"))
     source = restore_data(root, dest, family)

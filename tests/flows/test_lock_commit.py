@@ -146,6 +146,23 @@ def test_a_dvc_project_in_a_folder_of_the_repository_commits_its_own_lock(repo):
     assert _git(repo, "status", "--porcelain") == ""
 
 
+def test_a_dvc_project_in_a_folder_of_the_repository_is_restored_as_that_folder(repo, tmp_path):
+    """Before: ``flows.restore`` cloned the project's folder, which in a monorepo is no repository ("repository
+    '.../proj' does not exist"), while its lock was committed there. It clones the repository and restores the
+    project as the same folder of the clone."""
+    from flows.restore import checkout_code
+
+    (repo / "proj").mkdir()
+    (repo / "proj" / "params.yaml").write_text("b: 1\n")
+    _git(repo, "add", "proj")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "project")
+    commit = _git(repo, "rev-parse", "HEAD")
+    (repo / "proj" / "params.yaml").write_text("b: 2\n")   # uncommitted: not restored
+    project = checkout_code(repo / "proj", commit, tmp_path / "restored")
+    assert project == tmp_path / "restored" / "proj" and (project / "params.yaml").read_text() == "b: 1\n"
+    assert checkout_code(repo, commit, tmp_path / "whole") == tmp_path / "whole"
+
+
 @pytest.mark.fault("runs", "a project whose DVC config sets core.hardlink_lock (NFS) while a DVC process holds its "
                    "lock",
                    "the gate's, a stage's and the lock commit's reads of dvc.lock wait for DVC's own kind of lock "
