@@ -174,17 +174,36 @@ def changed_stages(root: Path, stages: list[str]) -> set[str]:
     reports any error itself."""
     if not (root / "dvc.lock").exists():
         return set(stages)
+    try:
+        return out_of_date(root, stages)
+    except PipelineError as err:
+        stage_logger()(f"warning: {err}; every stage goes through dvc repro")
+        return set(stages)
+
+
+def out_of_date(root: Path, stages: list[str], wait: float = 0.0) -> set[str]:
+    """Those of ``stages`` DVC finds out of date, asked holding DVC's lock (waited for up to ``wait`` seconds while
+    another DVC process holds it); a PipelineError (``LockBusy`` for the lock) when DVC cannot tell."""
+    from dvc.lock import LockError
     from dvc.repo import Repo
     from dvc.stage import PipelineStage
 
-    try:
-        with Repo(str(root)) as repo, repo.lock:
-            found = {s.name: s for s in repo.index.stages if isinstance(s, PipelineStage) and s.name in stages}
-            return {name for name in stages if name not in found or found[name].status()}
-    except Exception as err:  # noqa: BLE001 - DVC cannot tell: every stage is reproduced, and reports its own error
-        stage_logger()(f"warning: DVC could not tell which stages are up to date ({type(err).__name__}: {err}); "
-                       "every stage goes through dvc repro")
-        return set(stages)
+    from tasks.errors import LockBusy
+
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            with Repo(str(root)) as repo, repo.lock:
+                found = {s.name: s for s in repo.index.stages if isinstance(s, PipelineStage) and s.name in stages}
+                return {name for name in stages if name not in found or found[name].status()}
+        except LockError as err:
+            if time.monotonic() > deadline:
+                raise LockBusy(f"DVC could not tell which stages of {root} are up to date: its lock is busy "
+                               f"({err})") from None
+            time.sleep(1.0)
+        except Exception as err:  # noqa: BLE001 - DVC's own errors, named in one line
+            raise PipelineError(f"DVC could not tell which stages of {root} are up to date ({type(err).__name__}: "
+                                f"{err})") from None
 
 
 def stage_env(root: Path, uri: str, parent_run_id: str) -> dict[str, str]:

@@ -149,6 +149,9 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
                 gated := root / where["reports"] / "gate.json").is_file():
             # a retry of this run's promote task that failed after its registration was complete: that registration
             now = registered_version(client, gate.registered_model)
+            for made in (gated, root / where["reports"] / "report.html"):   # on this try's run too
+                if made.is_file():
+                    client.log_artifact(run_id, str(made))
             return {**json.loads(gated.read_text()), "name": gate.registered_model, "version": str(same.version),
                     "champion": now is not None and str(now.version) == str(same.version), "unchanged": False}
         if same is not None:  # a no-change re-run: this exact file was gated and registered before

@@ -4,9 +4,10 @@ new data version, and what was trained on it, is committed — so ``git log dvc.
 
 Only ``dvc.lock`` goes into the commit; anything else, staged or not, stays as it was. Its content is read holding
 DVC's repository lock (DVC rewrites ``dvc.lock`` in place: another family's run must not be writing it), and only a
-lock that parses is committed; none while a merge, cherry-pick, revert or rebase is under way in the work tree (git
-would conclude it with only dvc.lock changed). The user's git identity and hooks apply; without an identity the commit is signed
-``kdq-pipeline``. A project that keeps ``dvc.lock`` out of git (``.gitignore``) or is no git work tree gets no commit.
+lock that parses is committed; none while a merge, cherry-pick, revert or rebase is under way in the work tree
+(git would conclude it with only dvc.lock changed). The user's git identity and hooks apply; without an identity
+the commit is signed ``kdq-pipeline``. A project that keeps ``dvc.lock`` out of git (``.gitignore``) or is no git
+work tree gets no commit.
 """
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.futures import PrefectFuture, as_completed
 
-from flows.dvc_stage import changed_stages, push_warm_start, retry_transient, run_node, stage_env, stale_stages
+from flows.dvc_stage import out_of_date, push_warm_start, retry_transient, run_node, stage_env, stale_stages
 from flows.registry_lock import data_lock
 from flows.run_artifacts import flag_degraded_champion, publish_gate, publish_run
 from flows.stage_graph import StageNode, below, stage_graph, upstream_of
@@ -121,9 +121,12 @@ def gate_only(root: str = ".", families: list[str] | None = None) -> dict[str, A
                 raise PipelineError(f"--gate-only: {root_path / 'dvc.lock'}: {family}'s candidate was made from "
                                     f"inputs remade since: {'; '.join(remade)}; run its stages first (`dvc repro` or "
                                     "the pipeline)")
+            if lock_text is None:   # no stage recorded: nothing to tell what made the candidate
+                continue
             # and of today's params and code: the version records them (params.hash, lineage/params.yaml)
             making = upstream_of(nodes := nodes or stage_graph(root_path), f"evaluate_{family}")
-            if stale := below(making, changed_stages(root_path, [n.name for n in making])):
+            wait = cfg.pipeline.data_lock_timeout_seconds   # DVC's lock: held a moment by another family's stage
+            if stale := below(making, out_of_date(root_path, [n.name for n in making], wait)):
                 raise PipelineError(f"--gate-only: {family}'s candidate is not what its stages make of today's params, "
                                     f"code and data: DVC finds {', '.join(n.name for n in making if n.name in stale)} "
                                     "out of date; run them first (`dvc repro` or the pipeline)")

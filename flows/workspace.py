@@ -106,12 +106,27 @@ def copy_project(dest: Path, overrides: dict[str, Any] | None = None, source: Pa
         if not Path(teacher).is_absolute() and (source / teacher).is_file():
             (dest / teacher).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(source / teacher, dest / teacher)
-    made = _stage_outs(dest / "dvc.yaml")   # (the copy's own stages make those: a sweep links them from the project)
-    for data in data_paths(dest / "params.yaml"):   # a user's corpus or image folder: data of the project too
-        if (not Path(data).is_absolute() and (source / data).exists() and not (dest / data).exists()
-                and not any(out == Path(data) or out in Path(data).parents for out in made)):
-            link_tree(source / data, dest / data)
+    linked = _link_data(source, dest)
     git = ["git", "-c", "user.name=kdq-pipeline", "-c", "user.email=kdq-pipeline@localhost"]
-    for cmd in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "scratch copy of the pipeline"]):
+    subprocess.run([*git, "init", "-q"], cwd=dest, check=True, capture_output=True)
+    with (dest / ".git" / "info" / "exclude").open("a") as exclude:   # data, not sources of the copy's commit
+        exclude.writelines(f"/{data}\n" for data in linked)
+    for cmd in (["add", "-A"], ["commit", "-qm", "scratch copy of the pipeline"]):
         subprocess.run(git + cmd, cwd=dest, check=True, capture_output=True)
     return dest
+
+
+def _link_data(source: Path, dest: Path) -> list[str]:
+    """Symlink into ``dest`` the files and folders inside ``source`` that its data params name by their content (a
+    user's corpus, an image folder: its gate reads them), unless a stage of the copy makes them; return them."""
+    made, inside, linked = _stage_outs(dest / "dvc.yaml"), source.resolve(), []
+    for data in data_paths(dest / "params.yaml"):
+        path = Path(data)
+        if (path.is_absolute() or ".." in path.parts or not (source / path).exists() or (dest / path).exists()
+                or not (source / path).resolve().is_relative_to(inside)   # (a link out of the project: as it is)
+                or any(out == path or out in path.parents for out in made)):
+            continue
+        (dest / path).parent.mkdir(parents=True, exist_ok=True)
+        (dest / path).symlink_to((source / path).resolve(), target_is_directory=(source / path).is_dir())
+        linked.append(path.as_posix())
+    return linked

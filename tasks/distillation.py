@@ -204,10 +204,12 @@ class Distiller(FrozenTeacher):
         from tasks.observers import float_pass
 
         training = student.training
-        with torch.no_grad(), float_pass(student):
-            _, s_maps = student.eval().forward_features(sample)
-            _, t_maps = teacher.forward_features(sample)
-        student.train(training)
+        try:
+            with torch.no_grad(), float_pass(student):
+                _, s_maps = student.eval().forward_features(sample)
+                _, t_maps = teacher.forward_features(sample)
+        finally:
+            student.train(training)
         self.adapters = nn.ModuleList(nn.Conv2d(s_maps[p.student].shape[1], t_maps[p.teacher].shape[1], 1)
                                       for p in cfg.feature_pairs)
 

@@ -34,17 +34,20 @@ def file_digest(path: Path, algorithm: str = "sha256") -> str:
 
 
 def content_digest(path: Path) -> str | None:
-    """SHA-256 of a file's bytes, or of a folder's visible files (hidden files and folders, whose names start with a
-    dot, are left out): each one's path inside it and its content's SHA-256, in sorted order. None: neither there."""
+    """SHA-256 of a file's bytes, or of a folder's visible files, symlinked folders followed (hidden files and
+    folders, whose names start with a dot, are left out; any other file counts, a README too): each one's path inside
+    it and its content's SHA-256, in sorted order. None: neither there."""
     if path.is_file():
         return file_digest(path)
     if not path.is_dir():
         return None
+    files = []
+    for folder, dirs, names in os.walk(path, followlinks=True):   # a symlinked class or split folder is read too
+        dirs[:] = [d for d in dirs if not d.startswith(".")]
+        files += [Path(folder, n) for n in names if not n.startswith(".") and Path(folder, n).is_file()]
     digest = hashlib.sha256()
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        inner = file.relative_to(path)
-        if not any(part.startswith(".") for part in inner.parts):
-            digest.update(f"{inner.as_posix()}\0{file_digest(file)}\n".encode())
+    for file in sorted(files):
+        digest.update(f"{file.relative_to(path).as_posix()}\0{file_digest(file)}\n".encode())
     return digest.hexdigest()
 
 

@@ -59,8 +59,10 @@ def test_an_ignored_lock_or_a_folder_outside_git_gets_no_commit(repo, tmp_path):
 
 
 @pytest.mark.fault("runs", "a run commits dvc.lock while the user resolves a merge in the same work tree",
-                   "no commit, said on stderr (before: git concluded the merge with HEAD's tree plus dvc.lock, the other "
-                   "branch's changes lost); committed by the first run after the merge")
+                   "no commit, said on stderr (before: git concluded the merge with HEAD's tree plus dvc.lock, the "
+                   "other branch's changes lost); committed by the first run after the merge")
+
+
 def test_no_commit_while_a_merge_or_a_cherry_pick_is_under_way(repo, capsys):
     """Before: ``git commit`` through the pipeline's own index still read ``MERGE_HEAD``, so a lock committed while
     the user was resolving a merge concluded it as a two-parent commit of HEAD's tree plus dvc.lock: the other

@@ -209,8 +209,8 @@ def test_gating_alone_refuses_a_candidate_made_from_inputs_remade_since(prefect_
         gate_only.fn(str(tmp_path), ["vision"])
 
 
-@pytest.mark.fault("promotion", "`flows.pipeline --gate-only` after params.yaml changed a param a stage of the candidate "
-                   "reads (the KD temperature edited after `dvc repro`)",
+@pytest.mark.fault("promotion", "`flows.pipeline --gate-only` after params.yaml changed a param a stage of the "
+                   "candidate reads (the KD temperature edited after `dvc repro`)",
                    "refused before anything is gated, naming the stages DVC finds out of date (before: the old "
                    "candidate was registered under the edited params' hash and params.yaml, so a restore re-ran "
                    "other params than it was made with)")

@@ -1,6 +1,8 @@
 """Scratch copies of the project (make smoke, benchmarks, sweeps, the e2e tests) carry what a run needs."""
 from __future__ import annotations
 
+import subprocess
+
 import yaml
 
 from flows.workspace import PROJECT as ROOT
@@ -36,9 +38,9 @@ def test_a_scratch_copy_skips_an_editors_lock_file(tmp_path):
 
 def test_a_scratch_copy_carries_the_data_files_its_split_params_name(tmp_path, raw_params):
     """A user's corpus (``data.text.source_file``) and image folder (``image_folder.path``) inside the project are
-    data of the project, not sources: the copy hard-links them, and its data params (their content) are the
-    project's. Before: the copy lacked them, so a sweep's registration in its recipe's copy stopped on the missing
-    file, and a benchmark's copy could not prepare the data."""
+    data of the project, not sources: the copy links them (out of its git), and its data params (their content)
+    are the project's. Before: the copy lacked them, so a sweep's registration in its recipe's copy stopped on the
+    missing file, and a benchmark's copy could not prepare the data."""
     import copy as copying
 
     from tasks.config import parse_config
@@ -56,7 +58,9 @@ def test_a_scratch_copy_carries_the_data_files_its_split_params_name(tmp_path, r
     (source / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
     image_folder(source / "data/digits/images", per_class=1)   # the digits' folder: an output of fetch_digits
     copy = copy_project(tmp_path / "copy", {}, source=source)
-    assert (copy / "data/mine/corpus.csv").stat().st_ino == (source / "data/mine/corpus.csv").stat().st_ino
+    assert (copy / "data/mine/corpus.csv").resolve() == (source / "data/mine/corpus.csv").resolve()   # linked
+    assert "photos" not in subprocess.run(["git", "ls-files"], cwd=copy, capture_output=True, text=True,
+                                          check=True).stdout   # not in the copy's commit
     cfg = parse_config(raw)
     for family in ("text", "vision"):
         assert data_params(cfg, family, copy) == data_params(cfg, family, source)

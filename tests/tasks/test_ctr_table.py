@@ -149,6 +149,7 @@ def test_integer_ids_a_csv_writes_as_floats_encode_as_the_parquet_files_and_a_cl
         assert np.array_equal(encode_with(request, vocab)[0], fields)
     assert (fields[:, 1] > csv["fields"][1]["offset"]).mean() > 0.9   # known ids, not the 'other' row
 
+
 def test_fields_and_tags_are_encoded_from_the_training_rows_with_a_row_for_other_values(tmp_path):
     frame = _table()
     frame["part"] = np.where(frame.index >= 1950, "test", np.where(frame.index >= 1750, "val", "train"))

@@ -262,4 +262,4 @@ def test_building_the_distiller_moves_no_quantization_range_or_batch_norm_statis
     after = student.state_dict()
     moved = [k for k, v in before.items() if not torch.equal(v, after[k])]
     assert not moved and student.training and fake_quantizers(student)
-    assert all(bool(q.observer_enabled) for q in fake_quantizers(student))
+    assert all(bool(q.observer_enabled) and bool(q.fake_quant_enabled) for q in fake_quantizers(student))

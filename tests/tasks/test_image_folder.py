@@ -96,7 +96,6 @@ def test_an_imbalanced_folder_passes_its_own_class_mix(tmp_path, raw_params):
     assert validate_images(load_arrays(tmp_path / "data", "vision"), cfg, "vision", manifest=manifest)["success"]
 
 
-
 def test_images_added_to_a_folder_split_it_otherwise_and_moving_it_does_not(tmp_path, raw_params):
     """Before: the data params digest hashed the folder's path, so images added to it kept a champion comparable
     while the seeded carve had moved images between splits; with the pixel statistics pinned, the gate scored the
@@ -119,6 +118,13 @@ def test_images_added_to_a_folder_split_it_otherwise_and_moving_it_does_not(tmp_
     (root / "cat/new.png").unlink()
     shutil.copy(tmp_path / "more/cat/0.png", root / "cat/0.png")   # an image changed in place
     assert not same_split(before, cfg, "vision")
+    shutil.move(root / "dog", tmp_path / "dogs")
+    (root / "dog").symlink_to(tmp_path / "dogs")   # a class folder on another disk: read, and hashed, through it
+    linked = data_params(cfg, "vision")
+    shutil.copy(tmp_path / "more/dog/0.png", tmp_path / "dogs/new.png")
+    assert data_params(cfg, "vision") != linked
+
+
 def test_a_test_folder_of_another_class_mix_than_training_passes_the_data_gate(tmp_path, raw_params):
     """Before: every split of an image folder was held to the class mix of all its images, so a test/ folder
     the user gave with another mix than train/ (here balanced, where training is 30:30:6) stopped validate_<family>
