@@ -96,8 +96,9 @@ def main(family: str) -> None:
     kd = cfg.block("distill", family).resolved(prune.device)   # the teacher beside this stage's student
     from tasks.tracking import stage_run
 
+    # the distillation loss it trains with (the teacher's runtime resolved), as QAT logs it
     with stage_run(f"prune_{family}", cfg, {f"prune.{family}": prune, f"recipe.{family}": recipe,
-                                         f"distill.{family}.teacher_runtime": kd.teacher_runtime}) as run:
+                                         f"distill.{family}": kd}) as run:
         if "prune" not in recipe:
             pass_through(run, args, f"prune_{family}")
             return

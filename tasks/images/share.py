@@ -90,7 +90,7 @@ def main(family: str) -> None:
     export, qat = cfg.block("export", family), cfg.block("qat", family)
     params = {f"share.{family}": share, f"recipe.{family}": recipe, f"export.{family}": export,
               f"qat.{family}.float_modules": qat.float_modules, f"qat.{family}.weight_bits": qat.weight_bits,
-              f"distill.{family}.teacher_runtime": kd.teacher_runtime}
+              f"distill.{family}": kd}   # the distillation loss it trains with, as QAT logs it
     with stage_run(f"share_{family}", cfg, params) as run:
         if "share" not in recipe:
             pass_through(run, args, f"share_{family}")

@@ -55,9 +55,10 @@ def _observing(model) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, FakeQuantizeBase) and m.observer_enabled.item()]
 
 
-def test_structured_pruning_then_qat_share_and_export_load_the_narrower_student(project, monkeypatch):
+def test_structured_pruning_then_qat_share_and_export_load_the_narrower_student(project, monkeypatch, mlflow_uri):
     """Before: qat_vision published the un-pruned architecture, so loading its model failed (state_dict size
-    mismatch) in share, export and evaluate after structured pruning."""
+    mismatch) in share, export and evaluate after structured pruning. And prune and share, which train with the
+    distillation loss, logged only ``distill.vision.teacher_runtime`` of it: their runs now log the block, as QAT's."""
     import tasks.images.prune as prune_vision
     import tasks.images.qat as qat_vision
     import tasks.images.share as share_vision
@@ -91,6 +92,14 @@ def test_structured_pruning_then_qat_share_and_export_load_the_narrower_student(
     shared = json.loads((project / "shared.json").read_text())  # what ships: the INT8 file, measured
     assert shared["shipped_bytes_saved"] == shared["onnx_int8_bytes_before"] - shared["onnx_int8_bytes"]
     assert shared["shipped_gzip_bytes_saved"] > 0
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(mlflow_uri)
+    runs = {r.data.tags.get("pipeline.stage"): r.data.params
+            for r in client.search_runs([e.experiment_id for e in client.search_experiments()])}
+    kd = {k: v for k, v in runs["qat_vision"].items() if k.startswith("distill.vision.")}
+    assert "distill.vision.temperature" in kd
+    assert all(kd.items() <= runs[stage].items() for stage in ("prune_vision", "share_vision"))
 
 
 def test_qat_follows_the_recipes_distill_flag(project, monkeypatch):
