@@ -82,7 +82,7 @@ def data_params(cfg: Any, family: str, root: Path = Path(".")) -> str:
         inner = dumped
         for key in keys[:-1]:
             inner = inner[key]
-        inner[keys[-1]] = {"sha256": found}
+        inner[keys[-1]] = {"sha256": found} if found else {"unknown": os.urandom(16).hex()}   # equal to none
     return _digest(dumped)
 
 

@@ -205,7 +205,8 @@ def test_an_edited_corpus_splits_otherwise_and_a_moved_one_does_not(text_csv, tm
     moved = cfg.model_copy(update={"data": cfg.data.model_copy(update={"text": cfg.data.text.model_copy(
         update={"source_file": str(tmp_path / "moved.csv")})})})
     assert data_params(moved, "text") == edited and same_split(edited, moved, "text")
-    assert data_params(cfg, "text") not in (before, edited)   # gone: its content unknown, no champion compared
+    gone = data_params(cfg, "text")   # its content unknown: equal to no digest, not even another gone file's
+    assert gone not in (before, edited) and data_params(cfg, "text") != gone
     assert "data.text.source_file: " in capsys.readouterr().err
 
 
