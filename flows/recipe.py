@@ -8,6 +8,7 @@ overlay (``profiles.<profile>``), else the base values.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ from mlflow.tracking import MlflowClient
 from prefect import task
 
 from flows.dvc_stage import reproduce, retry_transient, stage_env
-from flows.workspace import copy_project, link_tree
+from flows.workspace import copy_project
 from tasks.config import load_config, parse_config
 from tasks.errors import ConfigError, PipelineError
 from tasks.family import load_family
@@ -43,11 +44,21 @@ def layered_overrides(raw: dict[str, Any], overrides: dict[str, Any], family: st
 
 def link_outputs(root: Path, dest: Path, outs: list[str]) -> None:
     """Hard-link (else copy) the upstream stage outputs ``outs`` from ``root`` into ``dest``."""
+    def place(src: str, dst: str) -> None:
+        try:
+            os.link(src, dst)
+        except OSError:  # another file system (a shared work_dir elsewhere)
+            shutil.copy2(src, dst)
+
     for out in outs:
-        src = root / out
+        src, dst = root / out, dest / out
         if not src.exists():
             raise PipelineError(f"{src}: upstream output missing; run the family's upstream stages first")
-        link_tree(src, dest / out)
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if src.is_dir():
+            shutil.copytree(src, dst, copy_function=place)
+        else:
+            place(str(src), str(dst))
 
 
 def lock_upstream(root: Path, dest: Path) -> None:

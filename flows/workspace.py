@@ -1,7 +1,6 @@
 """A scratch copy of this project's pipeline sources as its own git + DVC repo (benchmarks and e2e tests)."""
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -51,25 +50,6 @@ def _stage_outs(dvc_yaml: Path) -> list[Path]:
     stages = (load_yaml(dvc_yaml.read_text()) or {}).get("stages", {}) if dvc_yaml.is_file() else {}
     return [Path(next(iter(out)) if isinstance(out, dict) else out) for stage in stages.values()
             for out in stage.get("outs", [])]
-
-
-def link_tree(src: Path, dst: Path) -> None:
-    """Hard-link (else copy: another file system) the file or folder ``src`` to ``dst``, replacing what is there."""
-    def place(a: str, b: str) -> None:
-        try:
-            os.link(a, b)
-        except OSError:
-            shutil.copy2(a, b)
-
-    if dst.is_dir() and not dst.is_symlink():
-        shutil.rmtree(dst)
-    elif dst.exists() or dst.is_symlink():
-        dst.unlink()
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    if src.is_dir():
-        shutil.copytree(src, dst, copy_function=place)
-    else:
-        place(str(src), str(dst))
 
 
 def _not_sources(folder: str, names: list[str]) -> set[str]:
