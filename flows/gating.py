@@ -165,7 +165,8 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
             return {"passed": same.tags.get("gate.passed") == "true", "checks": [], "name": gate.registered_model,
                     "version": str(same.version), "champion": False, "unchanged": True}
         keep_warm_start(client, run_id, root, family, where["data"])   # a new version: what the next run may start from
-        report, checks, evaluation = _gate(root, cfg, client, run_id, family, where, description, meaning)
+        report, checks, evaluation = _gate(root, cfg, client, run_id, family, where, description, meaning,
+                                           tags[SPLIT_TAG])
         promote = report["passed"] and may_promote
         tags.update({**gate_tags(checks), **audit_tags(report["champion_before"], promote),
                      **{f"quality.{window}_{gate.metric}": repr(evaluation["models"]["student_int8"][key])
@@ -220,9 +221,10 @@ def _interrupted(client: MlflowClient, name: str, version: Any) -> Any | None:
 
 
 def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str, family: str, where: dict[str, Path],
-          description: str, meaning: str) -> tuple[dict[str, Any], list[Check], dict[str, Any]]:
+          description: str, meaning: str, split: str) -> tuple[dict[str, Any], list[Check], dict[str, Any]]:
     """Score the candidate and the current champion back to back, check the gate, write and log its report;
-    return the report, the checks and the evaluation with the candidate's fresh scores."""
+    return the report, the checks and the evaluation with the candidate's fresh scores. ``split``: today's data
+    params (``tasks.lineage.data_params``, the candidate's tag), which the champion's must equal to be compared."""
     gate, contract = cfg.block("gate", family), load_family(family)
     data = root / where["data"]
     evaluation = json.loads((root / where["evaluation"]).read_text())
@@ -230,7 +232,7 @@ def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str, family: st
     champ = registered_version(client, gate.registered_model)
     champion = None
     theirs = split_by(client, champ) if champ is not None else None
-    if theirs is not None and not same_split(theirs, cfg, family, root):
+    if theirs is not None and not same_split(theirs, cfg, family, root, split):
         # other split params: today's test rows may be the champion's training rows, its scores would flatter it
         champion = {"version": str(champ.version), "incomparable":
                     f"champion v{champ.version} was split by other data.{family} params ({theirs[:12]}…): today's "

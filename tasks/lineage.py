@@ -86,13 +86,14 @@ def data_params(cfg: Any, family: str, root: Path = Path(".")) -> str:
     return _digest(dumped)
 
 
-def same_split(recorded: str | None, cfg: Any, family: str, root: Path = Path(".")) -> bool:
+def same_split(recorded: str | None, cfg: Any, family: str, root: Path = Path("."), today: str | None = None) -> bool:
     """Whether ``recorded`` (a champion's ``data_params``) is today's, or the one the same params gave before: with
     ``ENCODING`` fields hashed (recorded until 2026-12-06), with only the data block's own ``LOCATION`` fields left
     out (recorded 2026-12-04 to 2026-12-06), or the whole block's hash (recorded until 2026-12-04). Those earlier
-    forms hashed a ``CONTENT`` field's path, which says nothing of the rows: while one is set, only today's counts."""
+    forms hashed a ``CONTENT`` field's path, which says nothing of the rows: while one is set, only today's counts.
+    ``today``: ``data_params`` of these params, when the caller has it (hashing a folder's content again is I/O)."""
     block = cfg.block("data", family)
-    if recorded == data_params(cfg, family, root):
+    if recorded == (today or data_params(cfg, family, root)):
         return True
     if _contents(block):
         return False
