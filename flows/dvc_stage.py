@@ -20,7 +20,7 @@ from prefect.states import State
 
 from flows.run_artifacts import publish_data_docs
 from flows.stage_graph import below
-from tasks.errors import EXIT_USER_ERROR, PipelineError
+from tasks.errors import EXIT_USER_ERROR, LockBusy, PipelineError
 from tasks.expectations import DATA_DOCS
 from tasks.tracking import PARENT_ENV
 
@@ -187,8 +187,6 @@ def out_of_date(root: Path, stages: list[str], wait: float = 0.0) -> set[str]:
     from dvc.lock import LockError
     from dvc.repo import Repo
     from dvc.stage import PipelineStage
-
-    from tasks.errors import LockBusy
 
     deadline = time.monotonic() + wait
     while True:

@@ -65,11 +65,8 @@ UNDERWAY = {"MERGE_HEAD": "a merge", "CHERRY_PICK_HEAD": "a cherry-pick", "REVER
 
 def _underway(root: Path) -> str | None:
     """The git operation under way in ``root``'s work tree (a merge with conflicts to resolve, ...), or None."""
-    for name, what in UNDERWAY.items():
-        found = _git(root, "rev-parse", "--git-path", name).stdout.strip()
-        if found and (root / found).exists():
-            return what
-    return None
+    found = _git(root, "rev-parse", *(arg for name in UNDERWAY for arg in ("--git-path", name))).stdout.splitlines()
+    return next((what for path, what in zip(found, UNDERWAY.values()) if path and (root / path).exists()), None)
 
 
 def _stored(root: Path) -> str | None:

@@ -116,6 +116,7 @@ def gate_only(root: str = ".", families: list[str] | None = None) -> dict[str, A
     with data_lock(root_path, families, cfg.pipeline.data_lock_timeout_seconds):
         lock_text = dvc_lock_text(root_path)
         nodes: list[StageNode] = []
+        wait = cfg.pipeline.data_lock_timeout_seconds   # for DVC's lock: held a moment by another family's stage
         for family in families:   # what is gated is what its stages made of today's inputs, or nothing is
             if remade := remade_since(f"evaluate_{family}", lock_text):
                 raise PipelineError(f"--gate-only: {root_path / 'dvc.lock'}: {family}'s candidate was made from "
@@ -125,7 +126,6 @@ def gate_only(root: str = ".", families: list[str] | None = None) -> dict[str, A
                 continue
             # and of today's params and code: the version records them (params.hash, lineage/params.yaml)
             making = upstream_of(nodes := nodes or stage_graph(root_path), f"evaluate_{family}")
-            wait = cfg.pipeline.data_lock_timeout_seconds   # DVC's lock: held a moment by another family's stage
             if stale := below(making, out_of_date(root_path, [n.name for n in making], wait)):
                 raise PipelineError(f"--gate-only: {family}'s candidate is not what its stages make of today's params, "
                                     f"code and data: DVC finds {', '.join(n.name for n in making if n.name in stale)} "

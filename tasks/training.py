@@ -32,21 +32,18 @@ def make_optimizer(model: nn.Module, cfg: Optimizer) -> torch.optim.Optimizer:
 
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: Schedule, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-    if cfg.name == "onecycle":
-        pct = max(cfg.warmup_fraction, 0.01)
-        if total_steps < 3:   # too short for a cycle: it runs at the peak rate (torch's would end at its floor)
-            return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    if cfg.name == "onecycle" and total_steps >= 3:   # (shorter, no cycle: the peak rate, as constant, below)
         # torch's peak is at step pct * total - 1: at least 1, so that the first step warms up at the start rate and
         # the cycle has a rise at all (shorter, a tiny data set trained at the floor rate; exactly 0, it divided by
         # zero: 0.25 of 4 steps, one epoch of 400 images in batches of 128)
-        pct = max(pct, 2.0 / total_steps)
+        pct = max(cfg.warmup_fraction, 0.01, 2.0 / total_steps)
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
                                                    total_steps=total_steps, pct_start=pct)
     if cfg.name == "cosine":
         warm = max(1, int(cfg.warmup_fraction * total_steps))
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(
             math.pi * min(s, total_steps) / total_steps))))
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)   # constant, or a one-cycle of 1-2 steps
 
 
 def autocast(bf16: bool, device_type: str = "cpu") -> torch.autocast:
