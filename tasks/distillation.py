@@ -65,15 +65,16 @@ def decoupled_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
 
 
 def hint_loss(student_map: torch.Tensor, teacher_map: torch.Tensor) -> torch.Tensor:
-    """MSE in fp32 between an adapted student map and the teacher's, pooled to the smaller spatial size."""
-    size = min(student_map.shape[-1], teacher_map.shape[-1])
+    """MSE in fp32 between an adapted student map and the teacher's, pooled to the smaller height and the smaller
+    width (a non-square image's maps keep their aspect)."""
+    size = tuple(min(s, t) for s, t in zip(student_map.shape[-2:], teacher_map.shape[-2:], strict=True))
     return F.mse_loss(_pooled(student_map.float(), size), _pooled(teacher_map.float(), size))
 
 
-def _pooled(x: torch.Tensor, size: int) -> torch.Tensor:
-    """``x`` average-pooled to ``size`` x ``size``; as it is when already that size, where pooling is an identity
-    computed forward and backward for nothing."""
-    return x if tuple(x.shape[-2:]) == (size, size) else F.adaptive_avg_pool2d(x, size)
+def _pooled(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """``x`` average-pooled to ``size`` (height, width); as it is when already that size, where pooling is an
+    identity computed forward and backward for nothing."""
+    return x if tuple(x.shape[-2:]) == size else F.adaptive_avg_pool2d(x, size)
 
 
 def loss_config(kd: DistillImages, distill: bool, label_smoothing: float) -> DistillImages:

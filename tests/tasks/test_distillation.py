@@ -117,6 +117,18 @@ def test_hint_loss_pools_no_map_that_already_has_the_size():
     assert any("AdaptiveAvgPool2D" in name for name in _graph(pooled))
 
 
+
+def test_hint_loss_keeps_a_non_square_maps_aspect():
+    """Maps of an image folder's non-square images (32x48: 8x12 at stride 4). Before: both were pooled to a square the
+    width's size, 12x12, stretching the height 8 -> 12 (even maps already alike were resampled)."""
+    student, teacher = torch.randn(2, 3, 8, 12), torch.randn(2, 3, 8, 12)
+    torch.testing.assert_close(hint_loss(student, teacher), F.mse_loss(student, teacher), rtol=0, atol=0)
+    larger = torch.randn(2, 3, 16, 24)   # a map of twice the resolution: each 2x2 block against the teacher's cell
+    torch.testing.assert_close(hint_loss(larger, teacher), F.mse_loss(F.avg_pool2d(larger, 2), teacher))
+    tall = torch.randn(2, 3, 12, 6)   # smaller on one side each: pooled to the smaller of each side, 8x6
+    torch.testing.assert_close(hint_loss(tall, teacher),
+                               F.mse_loss(F.adaptive_avg_pool2d(tall, (8, 6)), F.adaptive_avg_pool2d(teacher, (8, 6))))
+
 def test_teacher_frozen_and_only_student_and_adapters_learn():
     cfg, data = _kd_cfg(), _data()
     model = _pair(cfg, data.inputs(slice(2)))
