@@ -54,6 +54,12 @@ def compression_pipeline(root: str = ".", families: list[str] | None = None, pro
         parent.set_tags({f"stage.{name}": status for name, status in statuses.items()})
         metrics = collect_metrics(root_path, families)
         parent.log_metrics(metrics)
+        # what is gated was made of one set of params, code and data: each stage read them as it started, so an
+        # edit while the run went on leaves candidates no params make (the gate reads params.yaml as it is now)
+        if changed := out_of_date(root_path, [s.name for s in stages], wait):
+            raise PipelineError(f"{root_path}: params, code or data changed while the pipeline ran: DVC finds "
+                                f"{', '.join(s.name for s in stages if s.name in changed)} out of date; nothing "
+                                "gated or registered; run the pipeline again")
         gates = {family: retrying_promote(cfg)(family, root_path, uri, parent.run_id, promote) for family in families}
         for family, gate in gates.items():
             parent.set_tags({f"gate.{family}.passed": str(gate["passed"]).lower(),

@@ -209,6 +209,23 @@ def test_gating_alone_refuses_a_candidate_made_from_inputs_remade_since(prefect_
         gate_only.fn(str(tmp_path), ["vision"])
 
 
+def _two_stage_project(root: Path, params: dict, evaluate: str = "cp kd.txt e.txt") -> None:
+    """A git + DVC project whose ``distill_vision`` reads the KD temperature and whose ``evaluate_vision`` runs
+    ``evaluate``; ``edit.py`` in it raises the temperature in params.yaml, as a user would edit it."""
+    import subprocess
+    import sys
+
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    (root / "edit.py").write_text("import yaml\nwith open('params.yaml') as f:\n    params = yaml.safe_load(f)\n"
+                                  "params['distill']['vision']['temperature'] += 1.0\n"
+                                  "with open('params.yaml', 'w') as f:\n    yaml.safe_dump(params, f)\n")
+    (root / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
+        "distill_vision": {"cmd": "echo kd > kd.txt", "params": ["distill.vision.temperature"], "outs": ["kd.txt"]},
+        "evaluate_vision": {"cmd": evaluate, "deps": ["kd.txt"], "outs": ["e.txt"]}}}))
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        subprocess.run(cmd, cwd=root, check=True, capture_output=True)
+
+
 @pytest.mark.fault("promotion", "`flows.pipeline --gate-only` after params.yaml changed a param a stage of the "
                    "candidate reads (the KD temperature edited after `dvc repro`)",
                    "refused before anything is gated, naming the stages DVC finds out of date (before: the old "
@@ -218,20 +235,31 @@ def test_gating_alone_refuses_a_candidate_its_params_no_longer_make(prefect_serv
     import subprocess
     import sys
 
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_params))
-    (tmp_path / "dvc.yaml").write_text(yaml.safe_dump({"stages": {
-        "distill_vision": {"cmd": "echo kd > kd.txt", "params": ["distill.vision.temperature"], "outs": ["kd.txt"]},
-        "evaluate_vision": {"cmd": "cp kd.txt e.txt", "deps": ["kd.txt"], "outs": ["e.txt"]}}}))
-    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
-                [sys.executable, "-m", "dvc", "repro", "-q"]):
-        subprocess.run(cmd, cwd=tmp_path, check=True, capture_output=True)
-    edited = copy.deepcopy(raw_params)
-    edited["distill"]["vision"]["temperature"] += 1.0
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(edited))
+    _two_stage_project(tmp_path, raw_params)
+    for cmd in (["-m", "dvc", "repro", "-q"], ["edit.py"]):   # made, then the temperature edited
+        subprocess.run([sys.executable, *cmd], cwd=tmp_path, check=True, capture_output=True)
     with pytest.raises(PipelineError, match=r"--gate-only: vision's candidate is not what its stages make of today's "
                                             r"params, code and data: DVC finds distill_vision, evaluate_vision out of "
                                             r"date; run them first"):
         gate_only.fn(str(tmp_path), ["vision"])
+
+
+@pytest.mark.fault("promotion", "params.yaml edited while a pipeline run goes on (the KD temperature changed after "
+                   "distillation, while a later stage ran)",
+                   "the run gates and registers nothing, naming the stages DVC finds out of date (before: the gate "
+                   "read the edited params and registered the candidate under their hash, beside a student distilled "
+                   "with the temperature before the edit)")
+def test_a_run_whose_params_were_edited_while_it_ran_gates_nothing(prefect_server, raw_params, tmp_path,
+                                                                   monkeypatch):
+    from flows.pipeline import compression_pipeline
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)   # the project's own store
+    monkeypatch.delenv("PIPELINE_PARENT_RUN_ID", raising=False)
+    _two_stage_project(tmp_path, raw_params, evaluate="cp kd.txt e.txt && python edit.py")   # edited meanwhile
+    with pytest.raises(PipelineError, match=r"params, code or data changed while the pipeline ran: DVC finds "
+                                            r"distill_vision out of date; nothing gated or registered"):
+        compression_pipeline(str(tmp_path), ["vision"])
+    assert not (tmp_path / "reports").exists()
 
 
 @pytest.mark.fault("data", "a run killed (SIGKILL) while it holds a family's data lock",
