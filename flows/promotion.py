@@ -66,10 +66,11 @@ def _registry(root: str) -> tuple[MlflowClient, str, Config]:
 
 def _move_alias(client: MlflowClient, uri: str, name: str, version: str, alias: str, reason: str,
                 who: str | None, rollback: bool = False) -> dict[str, str]:
-    """Point ``alias`` at ``version`` and tag it with who, why and when. ``<alias>.previous`` names the version it
-    replaced, what a rollback returns to — except after a rollback (the version rolled back from is recorded as
-    ``<alias>.rolled_back_from``: the next rollback goes further back, not forth) and on a version that already held
-    the alias (it keeps the one it replaced then)."""
+    """Point ``alias`` at ``version`` and tag it with who, why and when. ``<alias>.previous`` names the champion it
+    replaced, what a rollback returns to — except after a rollback, or a move by hand to an earlier version than the
+    champion (a rollback to a chosen version): the version moved back from is recorded as ``<alias>.rolled_back_from``
+    and the next rollback goes further back, not forth; and on a version that already held the alias (it keeps the
+    one it replaced then). Another alias than champion records no version replaced."""
     try:
         client.get_model_version(name, version)
     except MlflowException as err:
@@ -79,9 +80,9 @@ def _move_alias(client: MlflowClient, uri: str, name: str, version: str, alias: 
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")
     client.set_registered_model_alias(name, alias, version)
     tags = {f"{alias}.set_by": who, f"{alias}.reason": reason or "(none given)", f"{alias}.set_at": when}
-    if rollback:
+    if previous is not None and (rollback or int(version) < int(previous)):
         tags[rolled_back_tag(alias)] = str(previous)
-    elif str(previous) != str(version):
+    elif previous is not None and str(previous) != str(version):
         tags[previous_tag(alias)] = str(previous)
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)

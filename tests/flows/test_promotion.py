@@ -340,7 +340,7 @@ def test_failing_candidate_is_registered_as_challenger_only(project, raw_params,
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
     v1 = client.get_model_version(name, "1").tags
     assert v1["champion.set_by"] == "alice" and v1["champion.reason"] == "rollback: v2 misbehaves"
-    assert v1["champion.previous"] == "2"
+    assert v1["champion.rolled_back_from"] == "2" and "champion.previous" not in v1   # back by hand: a rollback
     with pytest.raises(RegistryError, match="version 9 does not exist"):
         promote_model.fn(name, "9", "champion", "", "alice", str(_root_with_params(tmp_path, uri)))
     assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
@@ -414,6 +414,32 @@ def test_each_rollback_goes_one_champion_further_back_and_a_repeated_promotion_k
     client.set_model_version_tag(name, "2", "champion.previous", "2")   # what the old code wrote on a re-promotion
     rollback_champion.fn(name, "", "bob", root)
     assert champion() == "1"   # its audit.champion_before, not a refusal
+
+
+def test_a_hand_move_to_an_earlier_version_is_a_rollback_the_next_rollback_goes_further_back_from(tmp_path,
+                                                                                               prefect_server):
+    """The gate promoted v1, v2, v3. An operator moved champion back to v2 by hand, then forth to v3; two rollbacks
+    reach v1. Before: the hand move recorded v3 as what v2 replaced, so the second rollback brought v3 back (the model
+    the operator had taken out), and a loop v2 <-> v3 followed."""
+    from flows.promotion import rollback_champion
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client, name, root = MlflowClient(uri, registry_uri=uri), "m", str(_root_with_params(tmp_path, uri))
+    run = client.create_run(client.create_experiment("e")).info.run_id
+    client.create_registered_model(name)
+    for v in (1, 2, 3):
+        client.create_model_version(name, f"runs:/{run}/model", run,
+                                    tags={"audit.champion_before": str(v - 1) if v > 1 else "none"})
+    client.set_registered_model_alias(name, "champion", "3")
+    champion = lambda: str(client.get_model_version_by_alias(name, "champion").version)  # noqa: E731
+    promote_model.fn(name, "2", "champion", "v3 misbehaves", "alice", root)
+    assert client.get_model_version(name, "2").tags["champion.rolled_back_from"] == "3"
+    promote_model.fn(name, "3", "champion", "fixed upstream", "alice", root)
+    for expected in ("2", "1"):
+        rollback_champion.fn(name, "", "bob", root)
+        assert champion() == expected
+    promote_model.fn(name, "1", "challenger", "", "bob", root)   # no champion moved: nothing recorded as replaced
+    assert not {"challenger.previous", "challenger.rolled_back_from"} & set(client.get_model_version(name, "1").tags)
 
 
 def test_an_interrupted_registration_a_later_version_was_compared_with_is_kept(tmp_path):
