@@ -61,7 +61,7 @@ def ranking(path: Path, catalog: Catalog, interactions: pd.DataFrame, users: pd.
         scores = sess.run([OUTPUT], catalog.request(user_index.get_loc(user_id), item_index.get_indexer(candidates)))[0]
         top = candidates[np.argsort(-scores, kind="stable")[:k]]
         hits = np.isin(top, list(relevant))
-        ndcg.append(float((hits * discounts).sum() / discounts[:min(k, len(relevant))].sum()))
+        ndcg.append(float((hits * discounts[:len(top)]).sum() / discounts[:min(k, len(relevant))].sum()))
         recall.append(float(hits.sum() / min(k, len(relevant))))
     return {f"test_ndcg_at_{k}": float(np.mean(ndcg)), f"test_recall_at_{k}": float(np.mean(recall)),
             "ranked_users": len(ndcg)}

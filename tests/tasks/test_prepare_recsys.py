@@ -6,6 +6,7 @@ import json
 import re
 import zipfile
 from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -165,33 +166,53 @@ def test_ages_outside_the_age_groups_reach_validation(synthetic_movielens, tmp_p
     assert not report["success"] and "expect_column_values_to_be_between(column=age" in failure_message(report)
 
 
-def test_ranking_a_seeded_sample_of_users_is_reproducible_and_all_of_them_when_as_large(synthetic_movielens,
-                                                                                     tmp_path):
-    """``evaluate.recsys.ranking_users`` (the smoke profile's): NDCG and Recall over a seeded sample of the test users
-    with positives, drawn from the test rows alone (so the same users for each model, which the means cannot show);
-    the same sample on every call; a sample as large as all of them is all of them."""
+def _ranked(synthetic_movielens, tmp_path: Path, k: int) -> tuple[tuple, list[Path]]:
+    """(the arguments of ``ranking`` after the model's path, at ``k``; two small seeded models' ONNX files) on the
+    synthetic MovieLens data prepared."""
     import torch
 
     from tasks.ctr.config import RecArch
     from tasks.ctr.ctr_onnx import export_ctr_fp32
     from tasks.ctr.ctr_training import load_ctr_data
     from tasks.ctr.models import CtrModel
-    from tasks.recsys.evaluate import Catalog, ranking
+    from tasks.recsys.evaluate import Catalog
 
     _, _, cfg = synthetic_movielens
     data = tmp_path / "out"
     prepare_recsys(cfg.data.recsys, data)
     tables = {name: pd.read_csv(data / f"{name}.csv", dtype={"zip_code": str})
               for name in ("interactions", "users", "items")}
-    args = (Catalog(data), tables["interactions"], tables["users"], tables["items"], 5, 1)
     paths = []
     for seed in (0, 1):
         torch.manual_seed(seed)
         paths.append(export_ctr_fp32(CtrModel(RecArch(dim=4, fm=True, mlp=[8]), **load_ctr_data(data)[3]),
                                      tmp_path / f"model{seed}.onnx"))
+    return (Catalog(data), tables["interactions"], tables["users"], tables["items"], k, 1), paths
+
+
+def test_ranking_a_seeded_sample_of_users_is_reproducible_and_all_of_them_when_as_large(synthetic_movielens,
+                                                                                     tmp_path):
+    """``evaluate.recsys.ranking_users`` (the smoke profile's): NDCG and Recall over a seeded sample of the test users
+    with positives, drawn from the test rows alone (so the same users for each model, which the means cannot show);
+    the same sample on every call; a sample as large as all of them is all of them."""
+    from tasks.recsys.evaluate import ranking
+
+    args, paths = _ranked(synthetic_movielens, tmp_path, 5)
     every = ranking(paths[0], *args)
     assert every["ranked_users"] > 6
     assert ranking(paths[0], *args, sample=every["ranked_users"]) == every
     sampled = [ranking(path, *args, sample=6) for path in paths]
     assert [r["ranked_users"] for r in sampled] == [6, 6] and ranking(paths[0], *args, sample=6) == sampled[0]
     assert sampled[0] != every   # another mean: fewer users
+
+
+def test_ranking_at_more_items_than_a_user_has_left_to_rank_ranks_them_all(synthetic_movielens, tmp_path):
+    """A small catalogue (a shop's first weeks): k above the items a user has not rated. Before: the top list's hits
+    were weighed by all k discounts — a broadcast error for most users, and for a user with one candidate its hit
+    counted k times (NDCG@10 4.5)."""
+    from tasks.recsys.evaluate import ranking
+
+    args, (path, _) = _ranked(synthetic_movielens, tmp_path, 10)
+    items = len(args[3])
+    found = ranking(path, *args[:4], items + 5, 1)   # every unrated item is in each user's top list
+    assert found[f"test_recall_at_{items + 5}"] == 1.0 and 0.0 < found[f"test_ndcg_at_{items + 5}"] <= 1.0
