@@ -10,6 +10,7 @@ split). Each model tokenizes the text itself, with the tokenizer it ships with (
 """
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -65,7 +66,9 @@ def prepare_text(cfg: TextData, out: Path) -> dict:
         part = rows[rows.split == name]
         manifest["splits"][name] = {"rows": len(part),
                                     "class_fraction": {c: float((part.category == c).mean()) for c in labels}}
-    write_atomic(out / "sentences.csv", rows.to_csv(index=False, lineterminator="\n").encode())
+    # every text quoted: a bare carriage return in a sentence is a line break to a CSV reader unless it is quoted
+    write_atomic(out / "sentences.csv", rows.to_csv(index=False, lineterminator="\n",
+                                                    quoting=csv.QUOTE_NONNUMERIC).encode())
     write_json(out / "manifest.json", manifest)
     return manifest
 

@@ -168,10 +168,22 @@ def test_a_users_corpus_passes_the_data_gate_split_stratified_without_leakage(te
     assert manifest["labels"] == ["rotten", "fresh"] and manifest["vocabulary"][:2] == ["<pad>", "<unk>"]
 
 
+def test_a_sentence_holding_a_carriage_return_reads_back_as_it_was_written(text_csv, tmp_path):
+    """A bare carriage return inside a quoted sentence of a user's corpus. Before: sentences.csv left it unquoted and
+    reading it back broke the sentence into two rows (one without category, label or split): the data gate stopped a
+    corpus that is fine, and the fragment was a training sentence."""
+    from tasks.text.training import TextSplit
+
+    rows, write, cfg = text_csv
+    write([("a good film\rreally", "fresh"), *rows[1:]])
+    report = _prepare_and_validate(cfg, tmp_path)
+    assert report["success"], [c for c in report["checks"] if not c["success"]]
+    texts = [t for name in ("train", "val", "test") for t in TextSplit.load(tmp_path / "out", name).texts]
+    assert sorted(texts) == sorted(["a good film\rreally", *(t for t, _ in rows[1:])])
+
+
 @pytest.mark.fault("promotion", "a user's corpus edited in place (same path, rows added)",
                    "its data params change: the champion, split from the old rows, is not scored on today's test rows")
-
-
 def test_an_edited_corpus_splits_otherwise_and_a_moved_one_does_not(text_csv, tmp_path, capsys):
     """Before: the data params digest hashed ``source_file``'s path, so a corpus edited in place kept a champion
     comparable while the seeded permutation had moved its rows (one sentence added: one in six of today's test
