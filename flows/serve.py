@@ -1,8 +1,10 @@
 """``make serve``: the registry's champion of a family over HTTP, with MLflow's own scoring server.
 
-``mlflow models serve -m models:/<gate.<family>.registered_model>@champion --env-manager local`` against this
-project's tracking store (``$MLFLOW_TRACKING_URI``, else ``tracking.uri``, else the embedded SQLite store), in this
-virtualenv (the ONNX flavor needs onnxruntime only). ``POST /invocations`` takes the signature's named tensors::
+The version ``<gate.<family>.registered_model>@champion`` names in this project's tracking store
+(``$MLFLOW_TRACKING_URI``, else ``tracking.uri``, else the embedded SQLite store) when it starts, fetched and checked
+against the SHA-256s the version records (as the gate checks a champion before it runs one: a file altered in the
+artifact store is refused), then ``mlflow models serve -m <that copy> --env-manager local`` in this virtualenv (the
+ONNX flavor needs onnxruntime only). ``POST /invocations`` takes the signature's named tensors::
 
     curl -s localhost:5001/invocations -H 'Content-Type: application/json' \\
          -d '{"inputs": {"fields": [[0, 943, 2626, 2633, 2653, 2738, 2782]], "genres": [[0, 0, 0, 1, 0, ...]]}}'
@@ -15,25 +17,38 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import tempfile
 from pathlib import Path
 
-from flows.registry import registered_model
+from mlflow.exceptions import MlflowException
+
+from flows.registry import RegistryError, download_onnx, registered_model
 from tasks.config import Config, load_config
 from tasks.errors import run_cli
-from tasks.mlflow_store import tracking_uri
+from tasks.mlflow_store import client_for, redact, server_error, tracking_uri
 
 
-def serve_command(cfg: Config, root: Path, family: str | None, host: str, port: int,
-                  alias: str = "champion") -> tuple[list[str], dict[str, str]]:
+def serve_command(cfg: Config, root: Path, family: str | None, host: str, port: int, alias: str = "champion",
+                  dest: Path | None = None) -> tuple[list[str], dict[str, str], str]:
     """The ``mlflow models serve`` command line and environment that serve ``family``'s ``alias`` (default: the first
-    of params.yaml's families)."""
+    of params.yaml's families), and which version that is: the version's model fetched into ``dest`` (default: a new
+    temporary folder) and checked (``flows.registry.download_onnx``); a RegistryError when the alias names none or
+    a file differs from what the version records."""
     bin_dir = Path(sys.executable).parent
-    model = registered_model(cfg, family)
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(cfg, root),
+    model, uri = registered_model(cfg, family), tracking_uri(cfg, root)
+    client = client_for(uri)
+    try:
+        version = client.get_model_version_by_alias(model, alias)
+    except MlflowException as err:
+        if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):   # a server that failed
+            raise server_error(err, f"the registry at {redact(uri)}", "nothing served") from None
+        raise RegistryError(f"{model}@{alias}: no such version in {redact(uri)}; nothing served") from None
+    served = download_onnx(client, version, dest or Path(tempfile.mkdtemp(prefix="kdq-serve-"))).parent
+    env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}   # the scoring server runs uvicorn from here
-    cmd = [str(bin_dir / "mlflow"), "models", "serve", "-m", f"models:/{model}@{alias}", "--env-manager", "local",
+    cmd = [str(bin_dir / "mlflow"), "models", "serve", "-m", str(served), "--env-manager", "local",
            "--host", host, "--port", str(port)]
-    return cmd, env
+    return cmd, env, f"{model}@{alias} (version {version.version})"
 
 
 def main() -> None:
@@ -45,8 +60,9 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path("."), help="project root holding params.yaml")
     args = parser.parse_args()
     root = args.root.resolve()
-    cmd, env = serve_command(load_config(root / "params.yaml"), root, args.family, args.host, args.port, args.alias)
-    print(f"serving {cmd[4]} on http://{args.host}:{args.port}/invocations", file=sys.stderr, flush=True)
+    cmd, env, served = serve_command(load_config(root / "params.yaml"), root, args.family, args.host, args.port,
+                                     args.alias)
+    print(f"serving {served} on http://{args.host}:{args.port}/invocations", file=sys.stderr, flush=True)
     os.execve(cmd[0], cmd, env)
 
 

@@ -570,6 +570,35 @@ def test_a_champion_altered_in_the_artifact_store_is_never_run(project, raw_para
     assert [str(v.version) for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
 
 
+@pytest.mark.fault("promotion", "the champion's ONNX file altered in the artifact store, then `make serve`",
+                   "RegistryError naming the version and both SHA-256s; no server started (before: MLflow's scoring "
+                   "server loaded and served the altered file)")
+def test_make_serve_serves_the_champions_checked_copy_and_never_an_altered_file(project, raw_params, tmp_path,
+                                                                               monkeypatch):
+    from urllib.parse import urlparse
+
+    from flows.serve import serve_command
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    cfg = _lenient(raw_params)
+    name = cfg.gate.vision.registered_model
+    with pytest.raises(RegistryError, match=rf"{name}@champion: no such version in sqlite:///.*; nothing served"):
+        serve_command(cfg, tmp_path, "vision", "127.0.0.1", 5001)
+    report, client = _gate(project, cfg, uri)
+    assert report["champion"]
+    cmd, env, served = serve_command(cfg, tmp_path, "vision", "127.0.0.1", 5001, dest=tmp_path / "serve")
+    assert served == f"{name}@champion (version 1)" and env["MLFLOW_TRACKING_URI"] == uri
+    model = Path(cmd[cmd.index("-m") + 1])   # the checked copy, which the scoring server reads as it is
+    assert (model / "MLmodel").is_file() and (model / "model.onnx").read_bytes() == (
+        project / "models/vision/onnx/student_int8.onnx").read_bytes()
+    run = client.get_run(client.get_model_version(name, report["version"]).run_id)
+    _other_model(Path(urlparse(run.info.artifact_uri).path) / "model" / "model.onnx")
+    with pytest.raises(RegistryError, match=rf"{name} version 1: its stored ONNX file has SHA-256 [0-9a-f]{{64}}, "
+                                            r"but the version records [0-9a-f]{64}"):
+        serve_command(cfg, tmp_path, "vision", "127.0.0.1", 5001, dest=tmp_path / "again")
+
+
 @pytest.mark.fault("promotion", "a champion made for other data (other classes, or other input/output shapes)",
                    "RegistryError naming the champion, what differs and the params key to rename; nothing registered")
 def test_a_champion_made_for_other_data_is_never_compared(project, raw_params, tmp_path):
