@@ -67,8 +67,9 @@ def champion_files(cfg: Any, family: str, scratch: Path, pinned: str | None = No
     split by other ``data.<family>`` params or on a snapshot whose batches are not the first of today's ``batches``
     (``history``: another bootstrap, another order; today's test rows may have been its training rows)."""
     import torch
+    from mlflow.exceptions import MlflowException
 
-    from tasks.mlflow_store import client_for, registered_version, tracking_uri
+    from tasks.mlflow_store import client_for, is_server_call_error, registered_version, server_error, tracking_uri
 
     client, name = client_for(tracking_uri(cfg)), cfg.block("gate", family).registered_model
     version = registered_version(client, name, pinned)
@@ -77,11 +78,20 @@ def champion_files(cfg: Any, family: str, scratch: Path, pinned: str | None = No
             print(f"note: {name} version {pinned}, which this data version's first run started from, is gone; "
                   "training from scratch", file=sys.stderr)
         return None
-    try:
-        local = Path(client.download_artifacts(version.run_id, ARTIFACTS, str(scratch)))
-    except Exception as err:  # noqa: BLE001 — any store's "not found" (MLflow, local files, S3)
-        print(f"note: {name} version {version.version}: no {ARTIFACTS}/ weights to read ({type(err).__name__}: "
-              f"{str(err)[:200]}); training from scratch", file=sys.stderr)
+    try:   # listed first: a store that fails is not a champion without weights (every store lists none as [])
+        kept = client.list_artifacts(version.run_id, ARTIFACTS)
+        local = Path(client.download_artifacts(version.run_id, ARTIFACTS, str(scratch))) if kept else None
+    except Exception as err:
+        if isinstance(err, MlflowException) and err.error_code == "RESOURCE_DOES_NOT_EXIST":   # its run deleted
+            local = None
+        elif is_server_call_error(err):   # transient: the stage is retried, not planned from scratch
+            raise server_error(err, f"the artifact store of {name} version {version.version}",
+                               "no warm start planned") from None
+        else:
+            raise
+    if local is None:
+        print(f"note: {name} version {version.version}: no {ARTIFACTS}/ weights to read (its run kept none); "
+              "training from scratch", file=sys.stderr)
         return None
     earlier = read_plan(local) if (local / PLAN).is_file() else {}
     if not same_split(earlier.get("data_params"), cfg, family):

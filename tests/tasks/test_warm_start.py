@@ -192,6 +192,45 @@ def test_the_stage_fetches_the_champions_weights_from_its_registering_run(synthe
     assert "split by other data.recsys params" in capsys.readouterr().err
 
 
+@pytest.mark.fault("runs", "the artifact store fails while the warm start fetches the champion's weights",
+                   "a transient error (the stage is retried), no plan written; a champion whose run kept no weights "
+                   "trains from scratch, said on stderr (before: a failing store read as that, so the data version "
+                   "trained from scratch and its re-runs never asked the registry again)")
+def test_an_artifact_store_that_fails_is_not_read_as_a_champion_without_weights(synthetic_movielens, tmp_path,
+                                                                                mlflow_uri, monkeypatch, capsys):
+    from mlflow.exceptions import MlflowException
+
+    from tasks.errors import ServiceUnavailable
+
+    _, _, cfg = synthetic_movielens
+    tuned = cfg.model_copy(update={"warm_start": cfg.warm_start.model_copy(update={"recsys": _policy(every=2)})})
+    registry = _Registry(cfg, tmp_path, mlflow_uri)
+    champion = registry.register({"versions": 2, "teacher_versions": 1, "data_params": data_params(cfg, "recsys"),
+                                  "history": ["b0", "b1"]}, "fine_tune")
+    registry.client.set_registered_model_alias(registry.name, "champion", champion)
+    snapshot, out = tmp_path / "raw", tmp_path / "out"
+    snapshot.mkdir()
+    (snapshot / "snapshot.json").write_text(json.dumps({"batches": [{"id": f"b{i}"} for i in range(3)]}))
+
+    def unanswered(self, *args, **kwargs):
+        raise MlflowException("the artifact store did not answer")
+
+    with monkeypatch.context() as broken:
+        broken.setattr(MlflowClient, "download_artifacts", unanswered)
+        with pytest.raises(ServiceUnavailable, match=rf"the artifact store of {registry.name} version {champion} is "
+                                                     r"not reachable .*; no warm start planned"):
+            warm_start(tuned, "recsys", snapshot, registry.new, out, adapt)
+    assert not (out / PLAN).exists()
+    assert warm_start(tuned, "recsys", snapshot, registry.new, out, adapt)["champion"] == champion   # answered now
+
+    run = registry.client.create_run(registry.experiment).info.run_id   # a version whose run kept no weights
+    bare = registry.client.create_model_version(registry.name, f"runs:/{run}/model", run).version
+    registry.client.set_registered_model_alias(registry.name, "champion", str(bare))
+    plan = warm_start(tuned, "recsys", snapshot, registry.new, out, adapt)
+    assert (plan["teacher"], plan["student"], plan["champion"]) == ("scratch", "scratch", None)
+    assert f"version {bare}: no warm_start/ weights to read" in capsys.readouterr().err
+
+
 @pytest.mark.fault("data", "a champion trained on a snapshot today's does not extend (another bootstrap, batches in "
                    "another order), its data split by the same params",
                    "never started from: the warm start trains from scratch and says why (before: fine-tuned from, "
