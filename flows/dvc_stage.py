@@ -138,11 +138,12 @@ def push_outputs(root: Path, env: dict[str, str], stage: str, lock_wait: float =
     return "" if code == 0 else f"dvc push {stage} failed in {root}: {tail.strip()[-800:]}"
 
 
-def push_warm_start(root: Path, env: dict[str, str], stage: str, lock_wait: float = 0.0) -> None:
-    """``push_outputs`` of a warm start stage (the weights a warm-started model began from, where ``flows.restore``
-    on another machine finds them), after a pipeline run or a sweep ran it; one that fails is a warning in the
-    run's log. Any other stage: nothing."""
-    if stage.startswith("warm_start_") and (unpushed := push_outputs(root, env, stage, lock_wait)):
+def push_versioned(root: Path, env: dict[str, str], stage: str, lock_wait: float = 0.0) -> None:
+    """``push_outputs`` of a snapshot stage (a data version it made: the bootstrap, one remade from new pins) or a
+    warm start stage (the weights a warm-started model began from): where ``flows.restore`` on another machine finds
+    them, after a pipeline run, a sweep or an ingestion ran it (an accepted batch pushes its own version); one that
+    fails is a warning in the run's log. Any other stage: nothing (its outputs are made again from those)."""
+    if stage.startswith(("snapshot_", "warm_start_")) and (unpushed := push_outputs(root, env, stage, lock_wait)):
         stage_logger()(f"warning: {stage}'s output is not on the DVC remote: {unpushed}")
 
 

@@ -35,7 +35,7 @@ from typing import Any
 from prefect import flow
 
 from flows.batch_admission import ingest_batch, snapshot_stage
-from flows.dvc_stage import reproduce, stage_env, stage_logger
+from flows.dvc_stage import push_versioned, reproduce, stage_env, stage_logger
 from flows.lock_commit import commit_lock
 from flows.pipeline import compression_pipeline
 from flows.registry_lock import data_lock
@@ -73,6 +73,7 @@ def ingest(root: str, family: str, batches: list[str] | None = None,
     with data_lock(root_path, [family], cfg.pipeline.data_lock_timeout_seconds):   # no pipeline run reads it now
         # the snapshot exists and is intact before anything joins it (DVC's lock: waited for, as ingest_batch does)
         reproduce(stage, root_path, env, lock_wait=cfg.pipeline.data_lock_timeout_seconds)
+        push_versioned(root_path, env, stage, cfg.pipeline.data_lock_timeout_seconds)   # a bootstrap it made
         for folder in folders:
             outcome = ingest_batch(root_path, family, cfg, folder, env)
             log(f"{outcome.batch}: {outcome.status}" + (f" ({outcome.reason})" if outcome.reason else "")

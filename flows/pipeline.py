@@ -19,7 +19,7 @@ from typing import Any
 from prefect import flow, task
 from prefect.futures import PrefectFuture, as_completed
 
-from flows.dvc_stage import out_of_date, push_warm_start, retry_transient, run_node, stage_env, stale_stages
+from flows.dvc_stage import out_of_date, push_versioned, retry_transient, run_node, stage_env, stale_stages
 from flows.registry_lock import data_lock
 from flows.run_artifacts import flag_degraded_champion, publish_gate, publish_run
 from flows.stage_graph import StageNode, below, stage_graph, upstream_of
@@ -46,7 +46,7 @@ def compression_pipeline(root: str = ".", families: list[str] | None = None, pro
         wait = cfg.pipeline.data_lock_timeout_seconds   # for DVC's lock, held a moment by a stage beside this one
 
         def finished(stage: str) -> None:
-            push_warm_start(root_path, env, stage, wait)
+            push_versioned(root_path, env, stage, wait)
 
         stale = stale_stages(root_path, stages)
         statuses = run_graph(stages, cfg.pipeline.parallel_stages, lambda node: run_node(

@@ -29,7 +29,7 @@ from typing import Any
 from prefect import flow, get_client
 from prefect.futures import as_completed
 
-from flows.dvc_stage import push_warm_start, run_node, stage_env, stale_stages
+from flows.dvc_stage import push_versioned, run_node, stage_env, stale_stages
 from flows.recipe import run_recipe
 from flows.registry_lock import data_lock
 from flows.stage_graph import downstream_of, family_stages, stage_graph
@@ -120,7 +120,7 @@ def recipe_sweep(root: str = ".", family: str | None = None, address: str | None
             stale = stale_stages(root_path, upstream)
             for node in upstream:  # data, validation and teacher: once, in the project, as the pipeline runs them
                 run_node(cfg, node, root_path, env, unchanged=node.name not in stale)
-                push_warm_start(root_path, env, node.name, cfg.pipeline.data_lock_timeout_seconds)
+                push_versioned(root_path, env, node.name, cfg.pipeline.data_lock_timeout_seconds)
             start = time.perf_counter()
             with this_prefect_api_for_workers():
                 outcomes = fan_out.with_options(task_runner=dask_runner(sweep, address, workers))(

@@ -495,11 +495,12 @@ def test_a_version_a_sweep_registered_is_restored_from_the_projects_commit(prefe
     raw = "data/recsys/raw"   # the snapshot it was trained on, pulled as the project's dvc.lock records it
     assert locked_outs(restored)[raw] == locked_outs(project)[raw] and any((restored / raw).iterdir())
     assert "trained from uncommitted changes" in capsys.readouterr().err
-    # the warm start the version began from is on the project's DVC remote, as a pipeline run pushes it: restored on
-    # another machine, it is pulled from there (before: the sweep left it in this machine's cache alone)
-    pushed = subprocess.run([sys.executable, "-m", "dvc", "status", "--cloud", "warm_start_recsys"], cwd=project,
-                            capture_output=True, text=True, check=True).stdout
-    assert "models/recsys/warm_start" not in pushed, pushed
+    # the warm start the version began from and the snapshot's bootstrap the sweep made are on the project's DVC
+    # remote, as a pipeline run and an ingestion push them: restored on another machine, they are pulled from there
+    # (before: the sweep left them in this machine's cache alone)
+    pushed = subprocess.run([sys.executable, "-m", "dvc", "status", "--cloud", "snapshot_recsys", "warm_start_recsys"],
+                            cwd=project, capture_output=True, text=True, check=True).stdout
+    assert "models/recsys/warm_start" not in pushed and raw not in pushed, pushed
 
 
 def test_a_version_restore_cannot_bring_back_is_refused_in_one_line(mlflow_uri, tmp_path):
