@@ -87,6 +87,7 @@ def ingest_batch(root: Path, family: str, cfg: Config, folder: Path, env: dict[s
         shutil.rmtree(reports)
     reports.mkdir(parents=True)
     docs = reports / DATA_DOCS
+    files = folder_digests(folder)   # what is checked: the copy the snapshot keeps must be this
     try:
         batch = intake.read_batch(folder)
     except DataFormatError as err:
@@ -101,7 +102,6 @@ def ingest_batch(root: Path, family: str, cfg: Config, folder: Path, env: dict[s
     with pipeline_run(cfg, f"ingest_{family}", root, launcher="ingest") as run:
         run.set_tags({"ingest.family": family, "ingest.batch": folder.name, "ingest.status": report["status"],
                       "ingest.reason": reason or "none"})
-        files = folder_digests(folder)
         _log_batch(run, folder, batch_digest(files))
         distances = (report.get("drift") or {}).get("distances") or {}
         run.log_metrics({f"drift.{k}": v for k, v in distances.items()})
@@ -119,12 +119,19 @@ def ingest_batch(root: Path, family: str, cfg: Config, folder: Path, env: dict[s
         before = (snapshot / MANIFEST).read_bytes()
         entry = add_batch(snapshot, folder.name, folder, {"rows": intake.rows(batch), "source": str(folder.resolve())})
         wait = cfg.pipeline.data_lock_timeout_seconds   # for DVC's lock, held a moment by another family's run
-        try:   # dvc.lock and the cache hold the new version: the next `dvc repro` trains on it
+        why = "versioning"
+        try:
+            if entry["files"] != files:   # written to while it was checked (a producer not done): unchecked rows
+                why = "changed"
+                changed = sorted(n for n in {*files, *entry["files"]} if files.get(n) != entry["files"].get(n))
+                raise PipelineError(f"{folder}: {', '.join(changed)} changed while the batch was checked (its "
+                                    "producer still writing?); it is checked again when it is ingested next")
+            # dvc.lock and the cache hold the new version: the next `dvc repro` trains on it
             _dvc(root, env, "commit", "--force", stage, lock_wait=wait)
         except PipelineError as err:   # not versioned: the batch leaves the snapshot again, to be ingested anew
             write_atomic(snapshot / MANIFEST, before)
             shutil.rmtree(snapshot / folder.name, ignore_errors=True)
-            run.set_tags({"ingest.status": "failed", "ingest.reason": "versioning"})
+            run.set_tags({"ingest.status": "failed", "ingest.reason": why})
             raise PipelineError(f"batch {folder.name} was not accepted, the snapshot is as it was: {err}") from err
         report["digest"] = entry["digest"]
         if unpushed := push_outputs(root, env, stage, wait):
