@@ -382,12 +382,9 @@ def test_a_retry_after_an_interrupted_registration_promotes_the_candidate(projec
     assert again["unchanged"] and again["version"] == "2"
 
 
-def test_each_rollback_goes_one_champion_further_back_and_a_repeated_promotion_keeps_the_chain(tmp_path,
-                                                                                               prefect_server):
-    """The gate promoted v1, v2, v3 in turn (each compared with the one before). Rolling back twice reaches v1, not
-    v3 again; promoting the champion once more (a retry) leaves what it replaced, so a rollback still works."""
-    from flows.promotion import rollback_champion
-
+def _gated_three(tmp_path) -> tuple[MlflowClient, str, str]:
+    """(client, model name, a root whose params name the store) of a registry where the gate promoted v1, v2, v3 in
+    turn, each recording the champion it was compared with."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     client, name, root = MlflowClient(uri, registry_uri=uri), "m", str(_root_with_params(tmp_path, uri))
     run = client.create_run(client.create_experiment("e")).info.run_id
@@ -396,6 +393,16 @@ def test_each_rollback_goes_one_champion_further_back_and_a_repeated_promotion_k
         client.create_model_version(name, f"runs:/{run}/model", run,
                                     tags={"audit.champion_before": str(v - 1) if v > 1 else "none"})
     client.set_registered_model_alias(name, "champion", "3")
+    return client, name, root
+
+
+def test_each_rollback_goes_one_champion_further_back_and_a_repeated_promotion_keeps_the_chain(tmp_path,
+                                                                                               prefect_server):
+    """The gate promoted v1, v2, v3 in turn (each compared with the one before). Rolling back twice reaches v1, not
+    v3 again; promoting the champion once more (a retry) leaves what it replaced, so a rollback still works."""
+    from flows.promotion import rollback_champion
+
+    client, name, root = _gated_three(tmp_path)
     champion = lambda: str(client.get_model_version_by_alias(name, "champion").version)
     rollback_champion.fn(name, "v3 misbehaves", "alice", root)
     assert champion() == "2" and client.get_model_version(name, "2").tags["champion.rolled_back_from"] == "3"
@@ -423,14 +430,7 @@ def test_a_hand_move_to_an_earlier_version_is_a_rollback_the_next_rollback_goes_
     the operator had taken out), and a loop v2 <-> v3 followed."""
     from flows.promotion import rollback_champion
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    client, name, root = MlflowClient(uri, registry_uri=uri), "m", str(_root_with_params(tmp_path, uri))
-    run = client.create_run(client.create_experiment("e")).info.run_id
-    client.create_registered_model(name)
-    for v in (1, 2, 3):
-        client.create_model_version(name, f"runs:/{run}/model", run,
-                                    tags={"audit.champion_before": str(v - 1) if v > 1 else "none"})
-    client.set_registered_model_alias(name, "champion", "3")
+    client, name, root = _gated_three(tmp_path)
     champion = lambda: str(client.get_model_version_by_alias(name, "champion").version)  # noqa: E731
     promote_model.fn(name, "2", "champion", "v3 misbehaves", "alice", root)
     assert client.get_model_version(name, "2").tags["champion.rolled_back_from"] == "3"
