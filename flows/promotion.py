@@ -8,6 +8,7 @@ import argparse
 import getpass
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -44,14 +45,31 @@ def rollback_champion(name: str, reason: str = "", who: str | None = None, root:
         current = registered_version(client, name)
         if current is None:
             raise RegistryError(f"{name} has no champion in {redact(uri)}; nothing to roll back")
-        # (a version re-promoted by hand before 2026-12-06 may name itself as champion.previous: not a predecessor)
-        before = next((tag for tag in (current.tags.get(previous_tag("champion")), current.tags.get(CHAMPION_BEFORE))
-                       if tag not in (None, "", "None", "none", str(current.version))), None)
-        if before is None:
+        if (before := _before(current)) is None:
             raise RegistryError(f"{name}@champion (version {current.version}) records no earlier champion "
                                 f"(tags {previous_tag('champion')} / {CHAMPION_BEFORE}); nothing was changed")
         return _move_alias(client, uri, name, before, "champion",
                            reason or f"rollback from version {current.version}", who, rollback=True)
+
+
+def _before(version: Any) -> str | None:
+    """The champion ``version`` replaced, as a rollback reads it: ``champion.previous`` (a move by hand), else the
+    champion the gate compared it with; None when it records none. (A version re-promoted by hand before 2026-12-06
+    may name itself as champion.previous: not a predecessor.)"""
+    return next((tag for tag in (version.tags.get(previous_tag("champion")), version.tags.get(CHAMPION_BEFORE))
+                 if tag not in (None, "", "None", "none", str(version.version))), None)
+
+
+def _earlier_champions(client: MlflowClient, name: str, current: Any) -> set[str]:
+    """The champions before ``current``, as rollback after rollback would reach them."""
+    found: set[str] = set()
+    while (before := _before(current)) is not None and before not in found:
+        found.add(before)
+        try:
+            current = client.get_model_version(name, before)
+        except MlflowException:   # deleted since: the chain ends there
+            break
+    return found
 
 
 def _registry(root: str) -> tuple[MlflowClient, str, Config]:
@@ -67,20 +85,24 @@ def _registry(root: str) -> tuple[MlflowClient, str, Config]:
 def _move_alias(client: MlflowClient, uri: str, name: str, version: str, alias: str, reason: str,
                 who: str | None, rollback: bool = False) -> dict[str, str]:
     """Point ``alias`` at ``version`` and tag it with who, why and when. ``<alias>.previous`` names the champion it
-    replaced, what a rollback returns to — except after a rollback, or a move by hand to an earlier version than the
-    champion (a rollback to a chosen version): the version moved back from is recorded as ``<alias>.rolled_back_from``
-    and the next rollback goes further back, not forth; and on a version that already held the alias (it keeps the
-    one it replaced then). Another alias than champion records no version replaced."""
+    replaced, what a rollback returns to — except after a rollback, or a move by hand to one of the champions before
+    the current one (a rollback to a chosen version): the version moved back from is recorded as
+    ``<alias>.rolled_back_from`` and the next rollback goes further back, not forth; and on a version that already
+    held the alias (it keeps the one it replaced then). Another alias than champion records no version replaced."""
     try:
         client.get_model_version(name, version)
     except MlflowException as err:
         raise RegistryError(f"{name} version {version} does not exist in {redact(uri)}; nothing was changed") from err
-    previous = getattr(registered_version(client, name), "version", None) if alias == "champion" else None
+    champion = registered_version(client, name) if alias == "champion" else None
+    previous = getattr(champion, "version", None)
+    # back by hand to a champion before the current one: a rollback to a chosen version (not any older version: a
+    # challenger registered before the champion never replaced it)
+    back = rollback or (champion is not None and str(version) in _earlier_champions(client, name, champion))
     who = who or getpass.getuser()
     when = datetime.now(timezone.utc).isoformat(timespec="seconds")
     client.set_registered_model_alias(name, alias, version)
     tags = {f"{alias}.set_by": who, f"{alias}.reason": reason or "(none given)", f"{alias}.set_at": when}
-    if previous is not None and (rollback or int(version) < int(previous)):
+    if previous is not None and back:
         tags[rolled_back_tag(alias)] = str(previous)
     elif previous is not None and str(previous) != str(version):
         tags[previous_tag(alias)] = str(previous)

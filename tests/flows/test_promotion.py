@@ -426,7 +426,7 @@ def test_each_rollback_goes_one_champion_further_back_and_a_repeated_promotion_k
 def test_a_hand_move_to_an_earlier_version_is_a_rollback_the_next_rollback_goes_further_back_from(tmp_path,
                                                                                                prefect_server):
     """The gate promoted v1, v2, v3. An operator moved champion back to v2 by hand, then forth to v3; two rollbacks
-    reach v1. Before: the hand move recorded v3 as what v2 replaced, so the second rollback brought v3 back (the model
+    reach v1 (a move by hand to an older version that never was champion is not one). Before: the hand move recorded v3 as what v2 replaced, so the second rollback brought v3 back (the model
     the operator had taken out), and a loop v2 <-> v3 followed."""
     from flows.promotion import rollback_champion
 
@@ -438,6 +438,16 @@ def test_a_hand_move_to_an_earlier_version_is_a_rollback_the_next_rollback_goes_
     for expected in ("2", "1"):
         rollback_champion.fn(name, "", "bob", root)
         assert champion() == expected
+    # v4 a challenger (gated against v3, failed), v5 champion after v3: v4 is older than v5 but never was champion,
+    # so moving to it by hand is a promotion, and a rollback from it returns to v5
+    run = client.get_model_version(name, "3").run_id
+    for v, before in ((4, "3"), (5, "3")):
+        client.create_model_version(name, f"runs:/{run}/model", run, tags={"audit.champion_before": before})
+    client.set_registered_model_alias(name, "champion", "5")
+    promote_model.fn(name, "4", "champion", "the sweep's best", "alice", root)
+    assert client.get_model_version(name, "4").tags["champion.previous"] == "5"
+    rollback_champion.fn(name, "", "bob", root)
+    assert champion() == "5"
     promote_model.fn(name, "1", "challenger", "", "bob", root)   # no champion moved: nothing recorded as replaced
     assert not {"challenger.previous", "challenger.rolled_back_from"} & set(client.get_model_version(name, "1").tags)
 
