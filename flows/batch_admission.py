@@ -31,8 +31,8 @@ QUARANTINE = "quarantine"
 @dataclass
 class Outcome:
     batch: str
-    status: str            # accepted | quarantined | skipped
-    reason: str = ""       # quarantined: invalid | drift | unreadable; skipped: why
+    status: str            # accepted | quarantined | skipped | deferred
+    reason: str = ""       # quarantined: invalid | drift | unreadable; skipped: why; deferred: changed
     detail: str = ""       # the failed checks, one per line
     report: str = ""       # where the report and Data Docs are
 
@@ -105,6 +105,8 @@ def ingest_batch(root: Path, family: str, cfg: Config, folder: Path, env: dict[s
         _log_batch(run, folder, batch_digest(files))
         distances = (report.get("drift") or {}).get("distances") or {}
         run.log_metrics({f"drift.{k}": v for k, v in distances.items()})
+        if reason and (changed := _changed(folder, files, folder_digests(folder))):
+            return _deferred(run, folder, changed)
         if reason:
             target = quarantine / folder.name
             if target.exists():
@@ -119,19 +121,16 @@ def ingest_batch(root: Path, family: str, cfg: Config, folder: Path, env: dict[s
         before = (snapshot / MANIFEST).read_bytes()
         entry = add_batch(snapshot, folder.name, folder, {"rows": intake.rows(batch), "source": str(folder.resolve())})
         wait = cfg.pipeline.data_lock_timeout_seconds   # for DVC's lock, held a moment by another family's run
-        why = "versioning"
-        try:
-            if entry["files"] != files:   # written to while it was checked (a producer not done): unchecked rows
-                why = "changed"
-                changed = sorted(n for n in {*files, *entry["files"]} if files.get(n) != entry["files"].get(n))
-                raise PipelineError(f"{folder}: {', '.join(changed)} changed while the batch was checked (its "
-                                    "producer still writing?); it is checked again when it is ingested next")
-            # dvc.lock and the cache hold the new version: the next `dvc repro` trains on it
+        if changed := _changed(folder, files, entry["files"]):   # the copy kept holds rows no check saw
+            write_atomic(snapshot / MANIFEST, before)
+            shutil.rmtree(snapshot / folder.name, ignore_errors=True)
+            return _deferred(run, folder, changed)
+        try:   # dvc.lock and the cache hold the new version: the next `dvc repro` trains on it
             _dvc(root, env, "commit", "--force", stage, lock_wait=wait)
         except PipelineError as err:   # not versioned: the batch leaves the snapshot again, to be ingested anew
             write_atomic(snapshot / MANIFEST, before)
             shutil.rmtree(snapshot / folder.name, ignore_errors=True)
-            run.set_tags({"ingest.status": "failed", "ingest.reason": why})
+            run.set_tags({"ingest.status": "failed", "ingest.reason": "versioning"})
             raise PipelineError(f"batch {folder.name} was not accepted, the snapshot is as it was: {err}") from err
         report["digest"] = entry["digest"]
         if unpushed := push_outputs(root, env, stage, wait):
@@ -143,6 +142,20 @@ def ingest_batch(root: Path, family: str, cfg: Config, folder: Path, env: dict[s
             run.log_artifacts(docs, DATA_DOCS)
         run.log_data([str(snapshot.relative_to(root))], root, "snapshot")
     return Outcome(folder.name, "accepted", "", "", str(reports))
+
+
+def _changed(folder: Path, checked: dict[str, str], now: dict[str, str]) -> str:
+    """The files of ``folder`` whose digests ``now`` differ from those its checks read (``checked``), as one line;
+    "" when none."""
+    names = sorted(n for n in {*checked, *now} if checked.get(n) != now.get(n))
+    return f"{folder}: {', '.join(names)} changed while the batch was checked" if names else ""
+
+
+def _deferred(run: Any, folder: Path, changed: str) -> Outcome:
+    """A batch written to while it was checked (its producer not done): neither accepted nor quarantined (what is
+    kept would hold rows no check saw); left where it is, it is checked again when it is ingested next."""
+    run.set_tags({"ingest.status": "deferred", "ingest.reason": "changed"})
+    return Outcome(folder.name, "deferred", "changed", f"{changed}; it is checked again when it is ingested next")
 
 
 def _log_batch(run: Any, folder: Path, digest: str) -> None:

@@ -160,8 +160,8 @@ def test_arriving_weeks_are_versioned_trained_on_and_gated_and_bad_ones_quaranti
 
 
 @pytest.mark.fault("data", "a batch's file written to while its checks ran (a producer not done)",
-                   "not accepted, the snapshot as it was, the files named in one line; ingested again later, it is "
-                   "checked again (before: the copy kept held rows no check saw)")
+                   "deferred: neither accepted nor quarantined, the snapshot as it was, the files named in one line; "
+                   "ingested again later, it is checked again (before: the copy kept held rows no check saw)")
 @pytest.mark.fault("data", "DVC cannot record an accepted batch (its repository lock held by another DVC process "
                    "beyond pipeline.data_lock_timeout_seconds)",
                    "the batch leaves the snapshot again, named in one line; ingested again later, it is accepted; a "
@@ -173,6 +173,7 @@ def test_a_batch_dvc_cannot_version_leaves_the_snapshot_as_it_was(tmp_path, monk
 
     import zc.lockfile
 
+    import flows.batch_admission as admission
     from flows.batch_admission import ingest_batch
     from tasks.config import load_config
     from tasks.errors import PipelineError
@@ -193,23 +194,23 @@ def test_a_batch_dvc_cannot_version_leaves_the_snapshot_as_it_was(tmp_path, monk
     assert json.loads((repo / SNAPSHOT / "snapshot.json").read_text())["batches"] == []
     assert not (repo / SNAPSHOT / first.name).exists()
 
-    import flows.batch_admission as admission   # the producer writes the file once more after the checks read it
-
+    # the producer writes the file once more after the checks read it
     checked, ratings = admission.check, first / "ratings.csv"
     written = ratings.read_text()
+    for verdict in ("", "invalid"):   # the rows read pass their checks, or fail them (a partial file, say)
 
-    def and_then_written_to(*args):   # (the checks have the rows read before: this one they never see)
-        ratings.write_text(written + written.splitlines()[1] + "\n")   # a duplicated row the contract refuses
-        return checked(*args)
+        def and_then_written_to(*args, verdict=verdict):   # (the checks have the rows read before: not this one)
+            ratings.write_text(written + written.splitlines()[1] + "\n")   # a duplicated row the contract refuses
+            return verdict, checked(*args)[1]
 
-    monkeypatch.setattr(admission, "check", and_then_written_to)
-    with pytest.raises(PipelineError, match=rf"batch {first.name} was not accepted, the snapshot is as it was: "
-                                            rf".*{first.name}: ratings.csv changed while the batch was checked"):
-        ingest_batch(repo, "recsys", cfg, first, repo_env(repo))
+        monkeypatch.setattr(admission, "check", and_then_written_to)
+        outcome = ingest_batch(repo, "recsys", cfg, first, repo_env(repo))
+        assert (outcome.status, outcome.reason) == ("deferred", "changed"), outcome
+        assert f"{first}: ratings.csv changed while the batch was checked" in outcome.detail
+        assert json.loads((repo / SNAPSHOT / "snapshot.json").read_text())["batches"] == []
+        assert not (repo / SNAPSHOT / first.name).exists() and not (repo / "data/recsys/quarantine").exists()
+        ratings.write_text(written)   # as the producer meant it
     monkeypatch.setattr(admission, "check", checked)
-    ratings.write_text(written)   # as the producer meant it
-    assert json.loads((repo / SNAPSHOT / "snapshot.json").read_text())["batches"] == []
-    assert not (repo / SNAPSHOT / first.name).exists()
     lock = zc.lockfile.LockFile(str(repo / ".dvc" / "tmp" / "lock"))
     threading.Timer(6.0, lock.close).start()   # held beyond DVC's own few seconds, within the 15 s waited for
     assert ingest_batch(repo, "recsys", cfg, first, repo_env(repo)).status == "accepted"
