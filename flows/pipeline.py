@@ -4,7 +4,8 @@ unless DVC found it up to date when the run started.
 Running a stage through DVC keeps one source of truth for caching: a stage whose deps, params and outputs are
 unchanged is skipped by the flow as by ``dvc repro``. DVC is asked once, at the start, which stages are out of date;
 those and every stage downstream of them go through ``dvc repro --single-item``, the others are ``cached`` without a
-DVC process of their own (so a file edited while the run goes on counts from the next run).
+DVC process of their own. DVC is asked again before the gates: a param, code or data edited while the run went on
+gates and registers nothing.
 The flow owns the MLflow parent run; each stage process logs a child run under it.
 """
 from __future__ import annotations
@@ -33,7 +34,8 @@ from tasks.tracking import pipeline_run
 @flow(name="compression-pipeline", log_prints=True)
 def compression_pipeline(root: str = ".", families: list[str] | None = None, promote: bool = True) -> dict[str, Any]:
     """Run every stage of ``root/dvc.yaml`` (of ``families`` only, when given) in dependency order under one MLflow
-    parent run, then gate and register each family's INT8 student (as ``challenger`` only when not ``promote``)."""
+    parent run, then gate and register each family's INT8 student (as ``challenger`` only when not ``promote``) —
+    unless DVC finds a stage out of date by then (an edit while the run went on): then nothing is gated."""
     root_path = Path(root).resolve()
     cfg = load_config(root_path / "params.yaml")
     uri = tracking_uri(cfg, root_path)
@@ -45,18 +47,24 @@ def compression_pipeline(root: str = ".", families: list[str] | None = None, pro
         env = stage_env(root_path, uri, parent.run_id)
         wait = cfg.pipeline.data_lock_timeout_seconds   # for DVC's lock, held a moment by a stage beside this one
 
-        def finished(stage: str) -> None:
-            push_versioned(root_path, env, stage, wait)
-
-        stale = stale_stages(root_path, stages)
-        statuses = run_graph(stages, cfg.pipeline.parallel_stages, lambda node: run_node(
-            cfg, node, root_path, env, unchanged=node.name not in stale, submit=True), finished)
+        stale, finished = stale_stages(root_path, stages), []
+        try:
+            statuses = run_graph(stages, cfg.pipeline.parallel_stages, lambda node: run_node(
+                cfg, node, root_path, env, unchanged=node.name not in stale, submit=True), finished.append)
+        finally:   # the data versions and warm starts made, on the DVC remote: after the graph, never beside a
+            for stage in finished:   # running stage (a push holds DVC's lock while it uploads)
+                push_versioned(root_path, env, stage, wait)
         parent.set_tags({f"stage.{name}": status for name, status in statuses.items()})
         metrics = collect_metrics(root_path, families)
         parent.log_metrics(metrics)
         # what is gated was made of one set of params, code and data: each stage read them as it started, so an
         # edit while the run went on leaves candidates no params make (the gate reads params.yaml as it is now)
-        if changed := out_of_date(root_path, [s.name for s in stages], wait):
+        try:
+            changed = out_of_date(root_path, [s.name for s in stages], wait)
+        except PipelineError as err:
+            raise PipelineError(f"{root_path}: nothing gated or registered: whether params, code or data changed while "
+                                f"the pipeline ran is unknown ({err}); run it again (what ran is cached)") from None
+        if changed:
             raise PipelineError(f"{root_path}: params, code or data changed while the pipeline ran: DVC finds "
                                 f"{', '.join(s.name for s in stages if s.name in changed)} out of date; nothing "
                                 "gated or registered; run the pipeline again")

@@ -426,8 +426,9 @@ def test_each_rollback_goes_one_champion_further_back_and_a_repeated_promotion_k
 def test_a_hand_move_to_an_earlier_version_is_a_rollback_the_next_rollback_goes_further_back_from(tmp_path,
                                                                                                prefect_server):
     """The gate promoted v1, v2, v3. An operator moved champion back to v2 by hand, then forth to v3; two rollbacks
-    reach v1 (a move by hand to an older version that never was champion is not one). Before: the hand move recorded v3 as what v2 replaced, so the second rollback brought v3 back (the model
-    the operator had taken out), and a loop v2 <-> v3 followed."""
+    reach v1 (a move by hand to an older version that never was champion is not one). Before: the hand move recorded
+    v3 as what v2 replaced, so the second rollback brought v3 back (the model the operator had taken out), and a loop
+    v2 <-> v3 followed."""
     from flows.promotion import rollback_champion
 
     client, name, root = _gated_three(tmp_path)

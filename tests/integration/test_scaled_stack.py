@@ -138,8 +138,9 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
 
 
 def test_the_champion_serves_over_http_with_mlflows_scoring_server(stack, pipeline):
-    """``make serve`` (``python -m flows.serve``): models:/<model>@champion from the MLflow server and S3, answered
-    by MLflow's scoring server; real test rows get the evaluation's probabilities, bad requests a 400."""
+    """``make serve`` (``python -m flows.serve``): the version <model>@champion names, fetched from the MLflow server
+    and S3 and checked, answered by MLflow's scoring server; real test rows get the evaluation's probabilities, bad
+    requests a 400."""
     import numpy as np
 
     from tasks.ctr.ctr_onnx import onnx_probabilities
