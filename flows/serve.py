@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -25,15 +26,15 @@ from mlflow.exceptions import MlflowException
 from flows.registry import RegistryError, download_onnx, registered_model
 from tasks.config import Config, load_config
 from tasks.errors import run_cli
-from tasks.mlflow_store import client_for, redact, server_error, tracking_uri
+from tasks.mlflow_store import client_for, is_server_call_error, redact, server_error, tracking_uri
 
 
 def serve_command(cfg: Config, root: Path, family: str | None, host: str, port: int, alias: str = "champion",
                   dest: Path | None = None) -> tuple[list[str], dict[str, str], str]:
     """The ``mlflow models serve`` command line and environment that serve ``family``'s ``alias`` (default: the first
-    of params.yaml's families), and which version that is: the version's model fetched into ``dest`` (default: a new
-    temporary folder) and checked (``flows.registry.download_onnx``); a RegistryError when the alias names none or
-    a file differs from what the version records."""
+    of params.yaml's families), and which version that is: the version's model fetched into ``dest`` (default: a
+    folder of the version under the temporary directory) and checked (``flows.registry.download_onnx``); a
+    RegistryError when the alias names none or a file differs from what the version records."""
     bin_dir = Path(sys.executable).parent
     model, uri = registered_model(cfg, family), tracking_uri(cfg, root)
     client = client_for(uri)
@@ -43,7 +44,16 @@ def serve_command(cfg: Config, root: Path, family: str | None, host: str, port: 
         if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):   # a server that failed
             raise server_error(err, f"the registry at {redact(uri)}", "nothing served") from None
         raise RegistryError(f"{model}@{alias}: no such version in {redact(uri)}; nothing served") from None
-    served = download_onnx(client, version, dest or Path(tempfile.mkdtemp(prefix="kdq-serve-"))).parent
+    # one copy per version, replaced on each start (the server replaces this process: nothing would remove it)
+    dest = dest or Path(tempfile.gettempdir()) / "kdq-serve" / f"{model}-v{version.version}"
+    shutil.rmtree(dest, ignore_errors=True)
+    try:
+        served = download_onnx(client, version, dest).parent
+    except Exception as err:
+        if isinstance(err, RegistryError) or not is_server_call_error(err):
+            raise
+        raise server_error(err, f"the artifact store of {model} version {version.version}", "nothing served") \
+            from None
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}   # the scoring server runs uvicorn from here
     cmd = [str(bin_dir / "mlflow"), "models", "serve", "-m", str(served), "--env-manager", "local",
