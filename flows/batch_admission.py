@@ -32,7 +32,7 @@ QUARANTINE = "quarantine"
 class Outcome:
     batch: str
     status: str            # accepted | quarantined | skipped | deferred
-    reason: str = ""       # quarantined: invalid | drift | unreadable; skipped: why; deferred: changed
+    reason: str = ""       # quarantined: invalid | drift | unreadable; skipped: why; deferred: changed | order
     detail: str = ""       # the failed checks, one per line
     report: str = ""       # where the report and Data Docs are
 
@@ -105,13 +105,14 @@ def ingest_batch(root: Path, family: str, cfg: Config, folder: Path, env: dict[s
         _log_batch(run, folder, batch_digest(files))
         distances = (report.get("drift") or {}).get("distances") or {}
         run.log_metrics({f"drift.{k}": v for k, v in distances.items()})
-        if reason and (changed := _changed(folder, files, folder_digests(folder))):
-            return _deferred(run, folder, changed)
         if reason:
             target = quarantine / folder.name
             if target.exists():
                 shutil.rmtree(target)
             shutil.copytree(folder, target / "batch")
+            if changed := _changed(folder, files, folder_digests(target / "batch")):   # the copy kept, as checked
+                shutil.rmtree(target)
+                return _deferred(run, folder, changed)
             write_json(reports / "report.json", report)
             shutil.copytree(reports, target, dirs_exist_ok=True)
             run.log_artifact(reports / "report.json")

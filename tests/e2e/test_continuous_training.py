@@ -160,13 +160,14 @@ def test_arriving_weeks_are_versioned_trained_on_and_gated_and_bad_ones_quaranti
 
 
 @pytest.mark.fault("data", "a batch's file written to while its checks ran (a producer not done)",
-                   "deferred: neither accepted nor quarantined, the snapshot as it was, the files named in one line; "
-                   "ingested again later, it is checked again (before: the copy kept held rows no check saw)")
+                   "deferred: neither accepted nor quarantined, the snapshot as it was, the files named in one line, "
+                   "the batches after it deferred too (they join in order); ingested again later, it is checked "
+                   "again (before: the copy kept held rows no check saw)")
 @pytest.mark.fault("data", "DVC cannot record an accepted batch (its repository lock held by another DVC process "
                    "beyond pipeline.data_lock_timeout_seconds)",
                    "the batch leaves the snapshot again, named in one line; ingested again later, it is accepted; a "
                    "lock held a moment (another family's stage saving its outputs) is waited for")
-def test_a_batch_dvc_cannot_version_leaves_the_snapshot_as_it_was(tmp_path, monkeypatch):
+def test_a_batch_dvc_cannot_version_leaves_the_snapshot_as_it_was(tmp_path, monkeypatch, prefect_server):
     """Before: the batch stayed in snapshot.json unversioned, and every later run skipped it as already accepted.
     And a lock held for a second made the batch fail at once, where a pipeline run waits for it."""
     import threading
@@ -175,6 +176,7 @@ def test_a_batch_dvc_cannot_version_leaves_the_snapshot_as_it_was(tmp_path, monk
 
     import flows.batch_admission as admission
     from flows.batch_admission import ingest_batch
+    from flows.ingest import ingest
     from tasks.config import load_config
     from tasks.errors import PipelineError
     from tasks.recsys.intake import INTAKE
@@ -183,7 +185,7 @@ def test_a_batch_dvc_cannot_version_leaves_the_snapshot_as_it_was(tmp_path, monk
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlflow.db'}")
     monkeypatch.delenv("PIPELINE_PARENT_RUN_ID", raising=False)
     cfg = load_config(repo / "params.yaml")
-    first = INTAKE.replay(cfg, tmp_path / "all")[0]
+    first, second = INTAKE.replay(cfg, tmp_path / "all")[:2]
     assert dvc(repo, "repro", "snapshot_recsys").returncode == 0
     lock = zc.lockfile.LockFile(str(repo / ".dvc" / "tmp" / "lock"))
     try:
@@ -197,19 +199,27 @@ def test_a_batch_dvc_cannot_version_leaves_the_snapshot_as_it_was(tmp_path, monk
     # the producer writes the file once more after the checks read it
     checked, ratings = admission.check, first / "ratings.csv"
     written = ratings.read_text()
-    for verdict in ("", "invalid"):   # the rows read pass their checks, or fail them (a partial file, say)
 
-        def and_then_written_to(*args, verdict=verdict):   # (the checks have the rows read before: not this one)
+    def written_to(verdict: str):   # the rows read pass their checks (""), or fail them (a partial file, say)
+        def check(*args):   # (the checks have the rows read before: not this one)
             ratings.write_text(written + written.splitlines()[1] + "\n")   # a duplicated row the contract refuses
             return verdict, checked(*args)[1]
+        return check
 
-        monkeypatch.setattr(admission, "check", and_then_written_to)
+    for verdict in ("", "invalid"):
+        monkeypatch.setattr(admission, "check", written_to(verdict))
         outcome = ingest_batch(repo, "recsys", cfg, first, repo_env(repo))
         assert (outcome.status, outcome.reason) == ("deferred", "changed"), outcome
         assert f"{first}: ratings.csv changed while the batch was checked" in outcome.detail
         assert json.loads((repo / SNAPSHOT / "snapshot.json").read_text())["batches"] == []
-        assert not (repo / SNAPSHOT / first.name).exists() and not (repo / "data/recsys/quarantine").exists()
+        assert not (repo / SNAPSHOT / first.name).exists()
+        assert not (repo / "data/recsys/quarantine" / first.name).exists()
         ratings.write_text(written)   # as the producer meant it
+    monkeypatch.setattr(admission, "check", written_to(""))   # the batch after a deferred one waits for it
+    outcomes = ingest.fn(str(repo), "recsys", batches=[str(first), str(second)])
+    assert [(o["batch"], o["status"], o["reason"]) for o in outcomes] == [
+        (first.name, "deferred", "changed"), (second.name, "deferred", "order")]
+    ratings.write_text(written)
     monkeypatch.setattr(admission, "check", checked)
     lock = zc.lockfile.LockFile(str(repo / ".dvc" / "tmp" / "lock"))
     threading.Timer(6.0, lock.close).start()   # held beyond DVC's own few seconds, within the 15 s waited for
