@@ -11,6 +11,7 @@ The flow owns the MLflow parent run; each stage process logs a child run under i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 from collections.abc import Callable
@@ -48,12 +49,19 @@ def compression_pipeline(root: str = ".", families: list[str] | None = None, pro
         wait = cfg.pipeline.data_lock_timeout_seconds   # for DVC's lock, held a moment by a stage beside this one
 
         stale, finished = stale_stages(root_path, stages), []
+
+        def push_made() -> None:   # the data versions and warm starts made, on the DVC remote: after the graph, never
+            for stage in finished:   # beside a running stage (a push holds DVC's lock while it uploads)
+                push_versioned(root_path, env, stage, wait)
+
         try:
             statuses = run_graph(stages, cfg.pipeline.parallel_stages, lambda node: run_node(
                 cfg, node, root_path, env, unchanged=node.name not in stale, submit=True), finished.append)
-        finally:   # the data versions and warm starts made, on the DVC remote: after the graph, never beside a
-            for stage in finished:   # running stage (a push holds DVC's lock while it uploads)
-                push_versioned(root_path, env, stage, wait)
+        except Exception:   # a stage failed once the others ended (not on an interrupt: stages may still run)
+            with contextlib.suppress(Exception):   # the stage's failure is what the run reports
+                push_made()
+            raise
+        push_made()
         parent.set_tags({f"stage.{name}": status for name, status in statuses.items()})
         metrics = collect_metrics(root_path, families)
         parent.log_metrics(metrics)
@@ -61,9 +69,9 @@ def compression_pipeline(root: str = ".", families: list[str] | None = None, pro
         # edit while the run went on leaves candidates no params make (the gate reads params.yaml as it is now)
         try:
             changed = out_of_date(root_path, [s.name for s in stages], wait)
-        except PipelineError as err:
-            raise PipelineError(f"{root_path}: nothing gated or registered: whether params, code or data changed while "
-                                f"the pipeline ran is unknown ({err}); run it again (what ran is cached)") from None
+        except PipelineError as err:   # of its kind: DVC's lock busy is transient
+            raise type(err)(f"{root_path}: nothing gated or registered: whether params, code or data changed while "
+                            f"the pipeline ran is unknown ({err}); run it again (what ran is cached)") from err
         if changed:
             raise PipelineError(f"{root_path}: params, code or data changed while the pipeline ran: DVC finds "
                                 f"{', '.join(s.name for s in stages if s.name in changed)} out of date; nothing "
