@@ -61,13 +61,12 @@ def _before(version: Any) -> str | None:
 
 
 def _earlier_champions(client: MlflowClient, name: str, current: Any) -> set[str]:
-    """The champions before ``current``, as rollback after rollback would reach them."""
-    found: set[str] = set()
-    while (before := _before(current)) is not None and before not in found:
+    """The champions before ``current``, as rollback after rollback would reach them (not ``current`` itself, which
+    tags written before 2026-12-07 may lead back to)."""
+    found, start = set(), str(current.version)
+    while (before := _before(current)) is not None and before not in found and before != start:
         found.add(before)
-        try:
-            current = client.get_model_version(name, before)
-        except MlflowException:   # deleted since: the chain ends there
+        if (current := registered_version(client, name, before)) is None:   # deleted since: the chain ends there
             break
     return found
 
