@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -33,7 +32,7 @@ def serve_command(cfg: Config, root: Path, family: str | None, host: str, port: 
                   dest: Path | None = None) -> tuple[list[str], dict[str, str], str]:
     """The ``mlflow models serve`` command line and environment that serve ``family``'s ``alias`` (default: the first
     of params.yaml's families), and which version that is: the version's model fetched into ``dest`` (default: a
-    folder of the version under the temporary directory) and checked (``flows.registry.download_onnx``); a
+    new folder under the temporary directory) and checked (``flows.registry.download_onnx``); a
     RegistryError when the alias names none or a file differs from what the version records."""
     bin_dir = Path(sys.executable).parent
     model, uri = registered_model(cfg, family), tracking_uri(cfg, root)
@@ -44,13 +43,19 @@ def serve_command(cfg: Config, root: Path, family: str | None, host: str, port: 
         if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):   # a server that failed
             raise server_error(err, f"the registry at {redact(uri)}", "nothing served") from None
         raise RegistryError(f"{model}@{alias}: no such version in {redact(uri)}; nothing served") from None
-    # one copy per version, replaced on each start (the server replaces this process: nothing would remove it)
-    dest = dest or Path(tempfile.gettempdir()) / "kdq-serve" / f"{model}-v{version.version}"
-    shutil.rmtree(dest, ignore_errors=True)
+    # a folder of this start's own (no other user or server can write it between the check and the load); the
+    # server replaces this process, so nothing removes it: one copy of the model per start, under the temp directory
+    dest = dest or Path(tempfile.mkdtemp(prefix=f"kdq-serve-{model}-v{version.version}-"))
     try:
         served = download_onnx(client, version, dest).parent
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            raise RegistryError(f"{model} version {version.version}: its model is not in the artifact store "
+                                f"({err.message[:200]}); nothing served") from None
+        raise server_error(err, f"the artifact store of {model} version {version.version}", "nothing served") \
+            from None
     except Exception as err:
-        if isinstance(err, RegistryError) or not is_server_call_error(err):
+        if not is_server_call_error(err):
             raise
         raise server_error(err, f"the artifact store of {model} version {version.version}", "nothing served") \
             from None
