@@ -48,14 +48,11 @@ def serve_command(cfg: Config, root: Path, family: str | None, host: str, port: 
     dest = dest or Path(tempfile.mkdtemp(prefix=f"kdq-serve-{model}-v{version.version}-"))
     try:
         served = download_onnx(client, version, dest).parent
-    except MlflowException as err:
-        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+    except Exception as err:
+        if isinstance(err, MlflowException) and err.error_code == "RESOURCE_DOES_NOT_EXIST":
             raise RegistryError(f"{model} version {version.version}: its model is not in the artifact store "
                                 f"({err.message[:200]}); nothing served") from None
-        raise server_error(err, f"the artifact store of {model} version {version.version}", "nothing served") \
-            from None
-    except Exception as err:
-        if not is_server_call_error(err):
+        if not is_server_call_error(err):   # (an MlflowException is one)
             raise
         raise server_error(err, f"the artifact store of {model} version {version.version}", "nothing served") \
             from None
