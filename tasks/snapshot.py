@@ -7,7 +7,8 @@ Layout of ``<snapshot>`` (``data/<family>/raw``, a DVC output with ``persist: tr
 
 The stage creates an absent snapshot: the family's published data set (read from its pinned, checksum-verified
 sources) as batch ``0000-bootstrap``, or no batch at all when ``ingest.<family>.bootstrap`` is ``empty`` (data that
-only arrives by ``python -m flows.ingest``). An existing snapshot is verified: every batch's files must have the
+only arrives by ``python -m flows.ingest``); not when dvc.lock records a version of more files (batches accepted on
+top: a clone not yet pulled), which ``dvc pull`` restores. An existing snapshot is verified: every batch's files must have the
 digests it was accepted with, and a published bootstrap must come from today's pinned sources (a snapshot that
 holds only its bootstrap is remade from the sources params pin now; one with accepted batches is refused). ``flows.ingest``
 adds batches that passed their contract and drift checks and records the new version with ``dvc commit``, so
@@ -135,8 +136,12 @@ def add_batch(snapshot: Path, batch_id: str, source: Path, entry: dict[str, Any]
     return record
 
 
-def create(snapshot: Path, family: str, intake: Intake, cfg: Any) -> dict[str, Any]:
-    """A new snapshot in ``snapshot``: the published data as its first batch, or none (``bootstrap: empty``)."""
+def create(snapshot: Path, family: str, intake: Intake, cfg: Any, recorded: dict[str, Any] | None = None
+           ) -> dict[str, Any]:
+    """A new snapshot in ``snapshot``: the published data as its first batch, or none (``bootstrap: empty``).
+    ``recorded``: what dvc.lock records of the folder (DVC's ``nfiles``), if anything; a version of more files than
+    the new one holds batches accepted on top of it (a clone without ``dvc pull``, the folder deleted): refused,
+    never silently replaced by one without them."""
     spec = intake.settings(cfg)
     snapshot.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=snapshot.parent, prefix=f".{snapshot.name}."))
@@ -150,6 +155,13 @@ def create(snapshot: Path, family: str, intake: Intake, cfg: Any) -> dict[str, A
             batches.append({"id": BOOTSTRAP, "files": files, "digest": batch_digest(files), "source": source,
                             "pins": pins, "rows": intake.rows(found)})
         write_json(scratch / MANIFEST, {"family": family, "bootstrap": spec.bootstrap, "batches": batches})
+        made = sum(1 for p in scratch.rglob("*") if p.is_file())
+        if recorded and int(recorded.get("nfiles", 0)) > made:
+            raise DataFormatError(
+                f"{snapshot}: missing, and dvc.lock records a version of it of {recorded['nfiles']} files (a new one "
+                f"would hold {made}: the batches accepted since would drop out of the data); restore it with "
+                f"`dvc pull {snapshot}` (`dvc checkout {snapshot}` when DVC's cache holds it), or delete its stage's "
+                "entry from dvc.lock to start anew")
         os.replace(scratch, snapshot)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -157,12 +169,14 @@ def create(snapshot: Path, family: str, intake: Intake, cfg: Any) -> dict[str, A
     return read(snapshot)
 
 
-def ensure(snapshot: Path, family: str, intake: Intake, cfg: Any) -> dict[str, Any]:
-    """Create the snapshot when it is absent, else verify it (and that a published bootstrap is today's)."""
+def ensure(snapshot: Path, family: str, intake: Intake, cfg: Any, recorded: dict[str, Any] | None = None
+           ) -> dict[str, Any]:
+    """Create the snapshot when it is absent (``recorded``: what dvc.lock records of it, see ``create``), else
+    verify it (and that a published bootstrap is today's)."""
     for left in snapshot.parent.glob(f".{snapshot.name}.old.*"):   # a remade bootstrap's old copy, left by a kill
         shutil.rmtree(left, ignore_errors=True)
     if not snapshot.exists():
-        return create(snapshot, family, intake, cfg)
+        return create(snapshot, family, intake, cfg, recorded)
     manifest = verify(snapshot)
     if manifest.get("family") != family:
         raise DataFormatError(f"{snapshot / MANIFEST}: holds family {manifest.get('family')!r}, not {family!r}")
@@ -207,10 +221,13 @@ def stage_main(family: str, intake: Intake) -> None:
     parser.add_argument("--snapshot", type=Path, required=True)
     args = parser.parse_args()
     cfg = load_config(args.params)
+    from tasks.lineage import locked_outputs
     from tasks.tracking import stage_run
 
+    # dvc.lock's paths are relative to the project (the stage's working directory)
+    recorded = locked_outputs(Path(".")).get(Path(os.path.relpath(args.snapshot.absolute())).as_posix())
     with stage_run(f"snapshot_{family}", cfg, params={f"ingest.{family}.bootstrap": intake.settings(cfg).bootstrap}) as run:
-        manifest = ensure(args.snapshot, family, intake, cfg)
+        manifest = ensure(args.snapshot, family, intake, cfg, recorded)
         run.log_metrics({"batches": len(manifest["batches"])})
         if manifest["batches"] and manifest["batches"][0]["id"] == BOOTSTRAP:
             run.set_tag("data.source", manifest["batches"][0]["source"])

@@ -4,6 +4,7 @@ quarantined with nothing else changed; with nothing new, nothing runs."""
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -163,6 +164,10 @@ def test_arriving_weeks_are_versioned_trained_on_and_gated_and_bad_ones_quaranti
                    "deferred: neither accepted nor quarantined, the snapshot as it was, the files named in one line, "
                    "the batches after it deferred too (they join in order); ingested again later, it is checked "
                    "again (before: the copy kept held rows no check saw)")
+@pytest.mark.fault("data", "the snapshot folder missing while dvc.lock records a version with accepted batches (a "
+                   "clone not yet pulled, the folder deleted)",
+                   "the snapshot stage stops naming `dvc pull`; dvc.lock keeps the version (before: a new snapshot "
+                   "without the accepted batches silently became the data version trained on)")
 @pytest.mark.fault("data", "DVC cannot record an accepted batch (its repository lock held by another DVC process "
                    "beyond pipeline.data_lock_timeout_seconds)",
                    "the batch leaves the snapshot again, named in one line; ingested again later, it is accepted; a "
@@ -225,3 +230,15 @@ def test_a_batch_dvc_cannot_version_leaves_the_snapshot_as_it_was(tmp_path, monk
     threading.Timer(6.0, lock.close).start()   # held beyond DVC's own few seconds, within the 15 s waited for
     assert ingest_batch(repo, "recsys", cfg, first, repo_env(repo)).status == "accepted"
     assert locked_outs(repo)[SNAPSHOT] and (repo / ".dvc-storage").is_dir()   # versioned, and pushed to the remote
+
+    # a clone not yet pulled (the folder missing): the snapshot stage refuses a new one without the accepted batch
+    version = locked_outs(repo)[SNAPSHOT]
+    shutil.rmtree(repo / SNAPSHOT)
+    proc = dvc(repo, "repro", "snapshot_recsys")
+    said = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and re.search(rf"{SNAPSHOT}: missing, and dvc.lock records a version of it of [2-9] "
+                                              rf"files \(a new one would hold 1:.*`dvc pull {SNAPSHOT}`", said), said[-3000:]
+    assert not (repo / SNAPSHOT).exists() and locked_outs(repo)[SNAPSHOT] == version
+    assert dvc(repo, "pull", SNAPSHOT).returncode == 0
+    assert dvc(repo, "repro", "snapshot_recsys").returncode == 0 and locked_outs(repo)[SNAPSHOT] == version
+    assert [b["id"] for b in json.loads((repo / SNAPSHOT / "snapshot.json").read_text())["batches"]] == [first.name]
