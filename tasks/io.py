@@ -57,6 +57,14 @@ def digests(folder: Path, pattern: str) -> dict[str, str]:
     return {path.stem: file_digest(path) for path in sorted(folder.glob(pattern))}
 
 
+def write_csv(path: Path, frame: Any) -> None:
+    """A pandas frame as CSV (no index, ``\\n`` line ends), written atomically, every text field quoted: a bare
+    carriage return in a field is a line break to a CSV reader unless it is quoted."""
+    import csv
+
+    write_atomic(path, frame.to_csv(index=False, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC).encode())
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary file of its own beside ``path``, then move it into place: a reader (or another
     writer of the same file, such as two runs filling a shared download cache) never sees half a file."""

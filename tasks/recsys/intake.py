@@ -22,7 +22,7 @@ import pandas as pd
 from tasks.errors import DataFormatError
 from tasks.expectations import expectation_types, suite
 from tasks.intake import Intake, Suites, Tables, jensen_shannon, linf, shares
-from tasks.io import write_atomic
+from tasks.io import write_csv
 from tasks.recsys.movielens import GENRES, acquire, typed
 
 COLUMNS = {"ratings": ["user_id", "item_id", "rating", "timestamp"],
@@ -84,7 +84,7 @@ def write_batch(tables: Tables, folder: Path) -> None:
         frame = tables.get(name)
         if frame is None or (name != "ratings" and frame.empty):
             continue
-        write_atomic(folder / f"{name}.csv", _sorted(name, frame[columns]).to_csv(index=False, lineterminator="\n").encode())
+        write_csv(folder / f"{name}.csv", _sorted(name, frame[columns]))
 
 
 def combine(batches: list[Tables]) -> Tables:

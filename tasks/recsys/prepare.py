@@ -29,7 +29,7 @@ import pandas as pd
 
 from tasks.config import stage_args
 from tasks.errors import run_cli
-from tasks.io import WINDOWS, save_npy, write_atomic, write_json
+from tasks.io import WINDOWS, save_npy, write_csv, write_json
 from tasks.recsys.config import RecsysData
 from tasks.recsys.movielens import GENRES, acquire
 
@@ -169,7 +169,7 @@ def prepare_recsys(cfg: RecsysData, out: Path, found: Source | None = None,
     save_npy(out / "items.npy", item_codes)
     save_npy(out / "items_genres.npy", item_genres)
     for name, frame in (("interactions", rows), ("users", users), ("items", items)):
-        write_atomic(out / f"{name}.csv", frame.to_csv(index=False, lineterminator="\n").encode())
+        write_csv(out / f"{name}.csv", frame)
     write_json(out / VOCABULARY, vocabulary(users, items, cfg))   # shipped with every registered model
     write_json(out / "features.json", manifest)
     return manifest

@@ -10,7 +10,6 @@ split). Each model tokenizes the text itself, with the tokenizer it ships with (
 """
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pandas as pd
 
 from tasks.config import stage_args
 from tasks.errors import run_cli
-from tasks.io import write_atomic, write_json
+from tasks.io import write_csv, write_json
 from tasks.text.config import TextData
 from tasks.text.data import TOKEN, acquire, build_vocabulary, tokenize
 
@@ -66,9 +65,7 @@ def prepare_text(cfg: TextData, out: Path) -> dict:
         part = rows[rows.split == name]
         manifest["splits"][name] = {"rows": len(part),
                                     "class_fraction": {c: float((part.category == c).mean()) for c in labels}}
-    # every text quoted: a bare carriage return in a sentence is a line break to a CSV reader unless it is quoted
-    write_atomic(out / "sentences.csv", rows.to_csv(index=False, lineterminator="\n",
-                                                    quoting=csv.QUOTE_NONNUMERIC).encode())
+    write_csv(out / "sentences.csv", rows)
     write_json(out / "manifest.json", manifest)
     return manifest
 

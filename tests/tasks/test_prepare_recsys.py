@@ -216,3 +216,21 @@ def test_ranking_at_more_items_than_a_user_has_left_to_rank_ranks_them_all(synth
     items = len(args[3])
     found = ranking(path, *args[:4], items + 5, 1)   # every unrated item is in each user's top list
     assert found[f"test_recall_at_{items + 5}"] == 1.0 and 0.0 < found[f"test_ndcg_at_{items + 5}"] <= 1.0
+
+
+def test_a_user_field_holding_a_carriage_return_reads_back_as_it_was_written(synthetic_movielens, tmp_path):
+    """A batch's users.csv may quote an occupation or zip code with a bare carriage return in it (the contract asks
+    only for a non-empty string). Before: the snapshot's and the prepared tables were written unquoted, and read back
+    the row split in two."""
+    from tasks.recsys.intake import INTAKE
+
+    _, _, cfg = synthetic_movielens
+    source, tables = acquire(cfg.data.recsys)
+    users = tables["users"].copy()
+    users.loc[0, "occupation"], users.loc[1, "zip_code"] = "writer\rpoet", "12\r345"
+    tables = {**tables, "users": users}
+    INTAKE.write_batch(tables, tmp_path / "batch")
+    pd.testing.assert_frame_equal(INTAKE.read_batch(tmp_path / "batch")["users"], users.reset_index(drop=True))
+    prepare_recsys(cfg.data.recsys, tmp_path / "out", (source, tables))
+    found = pd.read_csv(tmp_path / "out" / "users.csv", dtype={"zip_code": str})
+    assert len(found) == len(users) and {"writer\rpoet", "12\r345"} <= set(found.occupation) | set(found.zip_code)
