@@ -10,12 +10,17 @@ ONNX flavor needs onnxruntime only). ``POST /invocations`` takes the signature's
          -d '{"inputs": {"fields": [[0, 943, 2626, 2633, 2653, 2738, 2782]], "genres": [[0, 0, 0, 1, 0, ...]]}}'
 
 and answers ``{"predictions": {...}}``; a request of the wrong shape or dtype gets a 400 naming what is wrong, and
-the server goes on serving. ``GET /ping`` is its health check.
+the server goes on serving. ``GET /ping`` is its health check. The copy lives in a new folder of this start's own
+under the temporary directory; Ctrl-C, SIGTERM or SIGHUP stop the server (and every process it started) and remove it.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import shutil
+import signal
+import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -43,8 +48,7 @@ def serve_command(cfg: Config, root: Path, family: str | None, host: str, port: 
         if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):   # a server that failed
             raise server_error(err, f"the registry at {redact(uri)}", "nothing served") from None
         raise RegistryError(f"{model}@{alias}: no such version in {redact(uri)}; nothing served") from None
-    # a folder of this start's own (no other user or server can write it between the check and the load); the
-    # server replaces this process, so nothing removes it: one copy of the model per start, under the temp directory
+    # a folder of this start's own (no other user or server can write it between the check and the load)
     dest = dest or Path(tempfile.mkdtemp(prefix=f"kdq-serve-{model}-v{version.version}-"))
     try:
         served = download_onnx(client, version, dest).parent
@@ -72,10 +76,31 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path("."), help="project root holding params.yaml")
     args = parser.parse_args()
     root = args.root.resolve()
-    cmd, env, served = serve_command(load_config(root / "params.yaml"), root, args.family, args.host, args.port,
-                                     args.alias)
-    print(f"serving {served} on http://{args.host}:{args.port}/invocations", file=sys.stderr, flush=True)
-    os.execve(cmd[0], cmd, env)
+    cfg = load_config(root / "params.yaml")
+    dest = Path(tempfile.mkdtemp(prefix="kdq-serve-"))
+    try:
+        cmd, env, served = serve_command(cfg, root, args.family, args.host, args.port, args.alias, dest)
+        print(f"serving {served} on http://{args.host}:{args.port}/invocations", file=sys.stderr, flush=True)
+        sys.exit(_run_until_stopped(cmd, env))
+    finally:
+        shutil.rmtree(dest, ignore_errors=True)
+
+
+def _run_until_stopped(cmd: list[str], env: dict[str, str]) -> int:
+    """Run the server in a process group of its own (its CLI starts the web server as another process) and pass it
+    Ctrl-C, SIGTERM and SIGHUP; its exit code once it has stopped."""
+    proc = subprocess.Popen(cmd, env=env, process_group=0)
+
+    def forward(signum: int, _frame: object) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, forward)
+    code = proc.wait()
+    with contextlib.suppress(ProcessLookupError):   # a web server left behind by a CLI that died first
+        os.killpg(proc.pid, signal.SIGTERM)
+    return code if code >= 0 else 128 - code   # stopped by a signal: the shell's convention
 
 
 if __name__ == "__main__":

@@ -603,11 +603,48 @@ def test_make_serve_serves_the_champions_checked_copy_and_never_an_altered_file(
     model = Path(cmd[cmd.index("-m") + 1])   # the checked copy, which the scoring server reads as it is
     assert (model / "MLmodel").is_file() and (model / "model.onnx").read_bytes() == (
         project / "models/vision/onnx/student_int8.onnx").read_bytes()
+    _served_then_stopped(_root_with_params(tmp_path, uri), tmp_path)
     run = client.get_run(client.get_model_version(name, report["version"]).run_id)
     _other_model(Path(urlparse(run.info.artifact_uri).path) / "model" / "model.onnx")
     with pytest.raises(RegistryError, match=rf"{name} version 1: its stored ONNX file has SHA-256 [0-9a-f]{{64}}, "
                                             r"but the version records [0-9a-f]{64}"):
         serve_command(cfg, tmp_path, "vision", "127.0.0.1", 5001, dest=tmp_path / "again")
+
+
+def _served_then_stopped(root: Path, tmp_path: Path) -> None:
+    """``python -m flows.serve`` answers; SIGTERM stops it, its web server too, and removes its copy of the model
+    (before: the server replaced the process and every start left a copy under the temporary directory)."""
+    import os
+    import signal
+    import socket
+    import subprocess
+    import sys
+    import time
+
+    from tests.conftest import ROOT
+    from tests.integration.servers import free_port, wait_http
+
+    tmp, log, port = tmp_path / "tmp", tmp_path / "serve.log", free_port()
+    tmp.mkdir()
+    proc = subprocess.Popen([sys.executable, "-m", "flows.serve", "--family", "vision", "--root", str(root),
+                             "--port", str(port)], cwd=ROOT, stdout=log.open("wb"), stderr=subprocess.STDOUT,
+                            env={**os.environ, "TMPDIR": str(tmp), "PYTHONPATH": str(ROOT)})
+    try:
+        wait_http(f"http://127.0.0.1:{port}/ping", proc, log, timeout=180)
+        assert [p.name for p in tmp.glob("kdq-serve-*/**/model.onnx")] == ["model.onnx"]
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(timeout=60)
+    assert not list(tmp.glob("kdq-serve-*")) and code == 128 + signal.SIGTERM, log.read_text()[-2000:]
+    deadline = time.monotonic() + 20
+    while True:   # the web server stopped with its CLI: the port is free again
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+                break
+            except OSError:
+                assert time.monotonic() < deadline, f"port {port} still held after the server stopped"
+                time.sleep(0.5)
 
 
 @pytest.mark.fault("promotion", "a champion made for other data (other classes, or other input/output shapes)",
