@@ -40,11 +40,16 @@ class Check:
         return asdict(self)
 
 
-def _check(name: str, value: float, op: str, threshold: float, what: str) -> Check:
-    """A value within floating-point error of its threshold meets it: a drop is the difference of two rounded means
-    (0.935 - 0.925 = 0.010000000000000009), and a limit says "at most"."""
+def meets(value: float, op: str, threshold: float) -> bool:
+    """``value op threshold`` (``op``: ">=" or "<="), a value within floating-point error of its threshold meeting
+    it: a drop is the difference of two rounded means (0.935 - 0.925 = 0.010000000000000009), and a limit says "at
+    most". NaN meets nothing."""
     passed = value >= threshold if op == ">=" else value <= threshold
-    passed = passed or math.isclose(value, threshold, rel_tol=1e-9, abs_tol=1e-12)
+    return passed or math.isclose(value, threshold, rel_tol=1e-9, abs_tol=1e-12)
+
+
+def _check(name: str, value: float, op: str, threshold: float, what: str) -> Check:
+    passed = meets(value, op, threshold)
     verdict = "meets" if passed else "fails"
     return Check(name, value, op, threshold, passed, f"{what} {value:.4g} {verdict} {op} {threshold:.4g}")
 
@@ -110,16 +115,17 @@ def champion_health(champion: dict | None, registered: dict[str, float], cfg: Ga
     window = "recent_known" if "recent_known_rows" in (champion or {}) else "recent"
     key = f"{window}_{cfg.metric}"
     baseline = "recent" if "recent" in registered else "test"
-    if champion is None or cfg.champion_health is None or baseline not in registered or key not in champion:
+    if (champion is None or cfg.champion_health is None or baseline not in registered or key not in champion
+            or not math.isfinite(registered[baseline])):   # a score recorded as NaN is no score to compare with
         return None
     rows, least = int(champion.get(f"{window}_rows", 0)), cfg.windows.min_rows if cfg.windows else 1
     drop = registered[baseline] - champion[key]
-    compared = rows >= least
+    compared = rows >= least and math.isfinite(drop)   # a window it cannot be scored on (NaN): not judged
     return {"version": champion["version"], "baseline": f"registered {baseline} {cfg.metric}",
             f"registered_{cfg.metric}": registered[baseline], f"recent_{cfg.metric}": champion[key], "window": window,
             "recent_rows": rows,
             "drop": drop, "max_drop": cfg.champion_health.max_drop, "compared": compared,
-            "degraded": compared and drop > cfg.champion_health.max_drop}
+            "degraded": compared and not meets(drop, "<=", cfg.champion_health.max_drop)}
 
 
 def health_markdown(health: dict | None, passed: bool) -> str:

@@ -169,3 +169,18 @@ def test_the_champion_moves_only_when_the_challenger_is_not_worse_on_either_wind
     assert not judged["degraded"] and judged["drop"] == pytest.approx(0.01)
     assert "(120 test rows whose users and items it knows): healthy" in health_markdown(judged, False)
     assert champion_health(champion, {}, gate) is None   # registered before versions recorded their score
+
+
+def test_champion_health_at_its_limit_is_healthy_and_an_unmeasured_score_is_not_judged(raw_params):
+    """Before: a drop of exactly max_drop (0.935 - 0.885, a difference of rounded scores) raised the ALERT the gate's
+    own checks would not; a recorded score of NaN read as "healthy" (every comparison with NaN is False)."""
+    from tasks.config import parse_config
+    from tasks.gate import champion_health
+
+    gate = parse_config(raw_params).gate.recsys
+    champion = {"version": "3", "recent_auc": 0.885, "recent_rows": 500}
+    at_limit = champion_health(champion, {"recent": 0.935}, gate)
+    assert at_limit["drop"] > gate.champion_health.max_drop == 0.05 and not at_limit["degraded"]
+    assert champion_health(champion, {"recent": float("nan")}, gate) is None   # nothing to compare with
+    unmeasured = champion_health({**champion, "recent_auc": float("nan")}, {"recent": 0.935}, gate)
+    assert not unmeasured["compared"] and not unmeasured["degraded"]
