@@ -7,6 +7,7 @@ choices are made on validation data. The test score is shown beside it, as the n
 """
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,9 @@ def _dominates(a: dict[str, Any], b: dict[str, Any], score: str) -> bool:
 
 def pareto_front(measured: list[dict[str, Any]], metric: str) -> list[str]:
     """Names of the recipes no other recipe beats on every axis at once (validation ``metric``, bytes, latency),
-    best validation ``metric`` first."""
+    best validation ``metric`` first. A recipe without a validation score (NaN: nothing dominates it) is none."""
     score = f"val_{metric}"
+    measured = [p for p in measured if math.isfinite(p[score])]
     front = [p for p in measured if not any(_dominates(q, p, score) for q in measured if q is not p)]
     return [p["name"] for p in sorted(front, key=lambda p: (-p[score], p["bytes"]))]
 

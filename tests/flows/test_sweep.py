@@ -53,6 +53,9 @@ def test_pareto_front_keeps_exactly_the_undominated_recipes():
     points = [_o("a", 0.85, 70_000, 0.8), _o("b", 0.84, 20_000, 0.9), _o("c", 0.83, 30_000, 1.0),  # c < b everywhere
               _o("d", 0.85, 70_000, 0.7)]                                                         # d beats a on latency
     assert pareto_front(points, "auc") == ["d", "b"]
+    # a recipe without a validation score (NaN) is no point of the front: before, nothing dominated it, and it
+    # was listed first
+    assert pareto_front([_o("nan", float("nan"), 900, 5.0), *points], "auc") == ["d", "b"]
 
 
 def test_best_is_the_highest_metric_among_passing_recipes_that_ran():
