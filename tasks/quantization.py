@@ -27,6 +27,22 @@ from torch.ao.quantization import (
 from tasks.observers import freeze_observers
 
 
+class PerChannelWeightObserver(MovingAveragePerChannelMinMaxObserver):
+    """torch's per-channel min/max observer, but a channel whose weights are all zero (pruned away, or a dead unit)
+    gets the layer's largest scale instead of float eps: its weights are zero at any scale, while the exporter
+    stores the channel's bias as INT32 at (input scale x weight scale), which at eps overflowed and wrapped (a bias
+    of 50 shipped as about -10)."""
+
+    @torch.jit.export
+    def calculate_qparams(self):
+        scale, zero_point = super().calculate_qparams()
+        empty = (self.min_val == 0) & (self.max_val == 0)
+        if empty.any() and scale.dim() == 1 and empty.shape == scale.shape:
+            largest = scale[~empty].max() if (~empty).any() else torch.ones((), dtype=scale.dtype)
+            scale = torch.where(empty, largest.to(scale.device), scale)
+        return scale, zero_point
+
+
 def qat_qconfig(activation_bits: int, float_modules: Sequence[str] = (), weight_bits: int = 8) -> QConfigMapping:
     """Per-channel symmetric weights on the narrow range (``weight_bits`` 8: [-127, 127]; 7: [-63, 63]; 4: [-7, 7]); unsigned
     ``activation_bits`` activations (8: full range, no reduce_range; the pipeline refuses fewer, see QatImages).
@@ -41,7 +57,7 @@ def qat_qconfig(activation_bits: int, float_modules: Sequence[str] = (), weight_
     # layer's INT8 weights then sat one step from the trained ones and one-signed channels were re-centred
     # (measured on small students: 3-87 % of test images changed class between the trained and the INT8 model).
     weight = FakeQuantize.with_args(
-        observer=MovingAveragePerChannelMinMaxObserver, quant_min=-(2 ** (weight_bits - 1) - 1),
+        observer=PerChannelWeightObserver, quant_min=-(2 ** (weight_bits - 1) - 1),
         quant_max=2 ** (weight_bits - 1) - 1, dtype=torch.qint8,
         qscheme=torch.per_channel_symmetric)
     mapping = QConfigMapping().set_global(QConfig(activation=activation, weight=weight))

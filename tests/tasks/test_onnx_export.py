@@ -366,3 +366,28 @@ def test_a_model_of_dynamic_height_and_width_is_scored_on_the_datas_images(tmp_p
     with torch.no_grad():
         expected = model(split.inputs(slice(0, 6))).numpy()
     np.testing.assert_allclose(onnx_logits(tmp_path / "any.onnx", split), expected, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("weight_bits", [8, 4])
+def test_a_channel_pruned_to_zero_keeps_its_bias_in_the_int8_file(tmp_path, real_splits, weight_bits):
+    """Unstructured pruning can zero every weight of an output channel. Its per-channel weight scale was then float
+    eps, and the exporter's INT32 bias (bias / (input scale x weight scale)) overflowed and wrapped: a bias of 4.0
+    shipped as -3.8 (every image's logits wrong, no top-1 agreement left)."""
+    from tasks.onnx_models import export_int8, session
+
+    images = to_input(torch.from_numpy(real_splits["val"][0][:64].copy()), fashion_pixels())
+    torch.manual_seed(0)
+    model = MobileStudent(MobileArch(stem=8, widths=[8, 16], strides=[2, 2]))
+    with torch.no_grad():
+        model.blocks[1].pointwise[0].weight[5] = 0.0
+        model.blocks[1].pointwise[1].bias[5] = 50.0   # over 256 x the input scale
+    qat = prepare_qat(model, 8, images[:2], weight_bits=weight_bits).train()
+    with torch.no_grad():
+        for i in range(0, 64, 16):
+            qat(images[i:i + 16])
+    freeze_observers(qat)
+    qat.eval()
+    with torch.no_grad():
+        trained = qat(images).numpy()
+    out = session(export_int8(qat, tmp_path / "student.onnx"), 1).run(None, {"image": images.numpy()})[0]
+    assert np.abs(out - trained).max() < 0.05 and (out.argmax(1) == trained.argmax(1)).mean() == 1.0
