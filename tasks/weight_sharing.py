@@ -13,7 +13,9 @@ from torch.nn.utils import parametrize
 
 
 def kmeans_1d(values: torch.Tensor, k: int, iterations: int = 25) -> tuple[torch.Tensor, torch.Tensor]:
-    """(centroids, index) of 1-D k-means with linear initialisation between min and max."""
+    """(centroids, index) of 1-D k-means with linear initialisation between min and max (none of no values)."""
+    if values.numel() == 0 or k == 0:   # a layer pruned to all zeros: only its fixed zero is left
+        return values.new_zeros(0), torch.zeros(values.numel(), dtype=torch.long)
     centroids = torch.linspace(float(values.min()), float(values.max()), k)
     for _ in range(iterations):
         index = (values[:, None] - centroids[None, :]).abs().argmin(dim=1)

@@ -35,6 +35,16 @@ def test_shared_layer_has_k_values_keeps_zeros_and_pools_gradients():
     torch.testing.assert_close(shared.centroids.grad, pooled, atol=1e-4, rtol=1e-4)
 
 
+def test_a_layer_pruned_to_all_zeros_is_shared_as_its_fixed_zero():
+    """Before: k-means of no values (``min()`` of an empty tensor) stopped the share stage with a traceback."""
+    model = nn.Sequential(nn.Linear(4, 3), nn.Linear(3, 2))
+    nn.init.zeros_(model[0].weight)
+    assert share_weights(model, 4) == 2
+    assert (model[0].weight == 0).all() and len(model[0].parametrizations.weight[0].centroids) == 0
+    model(torch.randn(5, 4)).sum().backward()   # it trains (nothing to learn in the empty layer) and bakes
+    assert bake(model)[0][1] == 1 and (model[0].weight == 0).all()
+
+
 def test_bake_leaves_plain_parameters_holding_the_shared_values():
     torch.manual_seed(0)
     layer = nn.Linear(64, 16)
