@@ -21,8 +21,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from tasks.errors import PipelineError
 from tasks.layer_widths import KINDS
 from tasks.pruning import bake
+
+
+class StructuredPruningError(PipelineError, ValueError):
+    """A model structured pruning cannot cut whole (a layer it cannot rebuild, a group left without channels, a cut
+    that changes what the model computes): the stage stops with this one line, no model written."""
 
 
 def output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
@@ -67,7 +73,7 @@ def channel_groups(model: nn.Module, example: torch.Tensor) -> ChannelGroups:
             layer = item.dep.target.module
             if isinstance(layer, nn.Module) and not isinstance(layer, KINDS) and any(
                     True for _ in layer.parameters(recurse=False)):
-                raise ValueError(f"{names.get(layer, layer)}: a {type(layer).__name__} shares channels with "
+                raise StructuredPruningError(f"{names.get(layer, layer)}: a {type(layer).__name__} shares channels with "
                                  f"{names[_root(group)[0]]}; structured pruning rebuilds only Conv2d, Linear and "
                                  "BatchNorm layers (use unstructured pruning for this model)")
     return ChannelGroups(graph, groups)
@@ -138,7 +144,7 @@ def _mask(graph: Any, group: Any, root_idxs: list[int]) -> None:
 
 def shrink(model: nn.Module, example: torch.Tensor) -> nn.Module:
     """A plain copy of masked ``model`` (put in eval mode) without its dropped channels: physically narrower, same
-    function, checked on ``example``: a result that computes anything else is a ValueError."""
+    function, checked on ``example``: a result that computes anything else is a StructuredPruningError."""
     model.eval()
     dropped = {name: dropped_channels(m) for name, m in model.named_modules() if hasattr(m, "weight_mask")}
     small = bake(model)
@@ -149,7 +155,7 @@ def shrink(model: nn.Module, example: torch.Tensor) -> nn.Module:
         root, handler = _root(group)
         channels = dropped.get(names[root], torch.zeros(0, dtype=torch.long)).tolist()
         if len(channels) >= root.weight.shape[0]:   # the root's output channels: the group's
-            raise ValueError(f"{names[root]}: every output channel of its group was dropped")
+            raise StructuredPruningError(f"{names[root]}: every output channel of its group was dropped")
         planned.append((root, handler, channels))
     for root, handler, channels in planned:
         if channels:
@@ -158,6 +164,6 @@ def shrink(model: nn.Module, example: torch.Tensor) -> nn.Module:
         want, got = model(example), small.eval()(example)
     same = want.shape == got.shape and torch.allclose(got, want, rtol=1e-3, atol=1e-4 * (1 + float(want.abs().max())))
     if not same:
-        raise ValueError(f"cutting the dropped channels changed what the model computes (output {tuple(want.shape)} "
+        raise StructuredPruningError(f"cutting the dropped channels changed what the model computes (output {tuple(want.shape)} "
                          f"-> {tuple(got.shape)}): its classifier may not be the layer that makes its output")
     return small

@@ -216,14 +216,21 @@ class _ConvClassifier(torch.nn.Module):
 
 @pytest.mark.fault("data", "structured pruning asked of a CNN it cannot rebuild or whose classifier it cannot find "
                    "(a GroupNorm in a channel group; a 1x1-conv classifier averaged into the output)",
-                   "ValueError naming the layer, or saying the shrunk model computes something else; no model written")
-def test_a_model_structured_pruning_cannot_keep_whole_is_refused_not_changed():
+                   "one line (exit 2) naming the layer, or saying the shrunk model computes something else; no "
+                   "model written (before: a ValueError's traceback)")
+def test_a_model_structured_pruning_cannot_keep_whole_is_refused_not_changed(capsys):
     """Review finding: a GroupNorm's statistics mix kept and dropped channels and its width is not in the model file;
     a classifier that is no output layer was pruned too, silently turning 10 logits into 5."""
+    from tasks.errors import EXIT_USER_ERROR, run_cli
+
     x = torch.randn(2, 1, 12, 12)
     with pytest.raises(ValueError, match=r"norm: a GroupNorm shares channels with conv; structured pruning rebuilds "
                                          r"only Conv2d, Linear and BatchNorm"):
         channel_groups(_GroupNormNet(), x)
+    with pytest.raises(SystemExit) as stopped:   # a stage's command line: one line, a user error
+        run_cli(lambda: channel_groups(_GroupNormNet(), x))
+    assert stopped.value.code == EXIT_USER_ERROR
+    assert capsys.readouterr().err.startswith("error: StructuredPruningError: norm: a GroupNorm shares channels")
     model = _ConvClassifier()
     attach_masks(model)
     prune_channels(channel_groups(model, x), 0.5, min_channels=1)
