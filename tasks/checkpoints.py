@@ -22,7 +22,8 @@ def _sidecar(path: Path) -> Path:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any], fingerprint: str) -> None:
-    """Write ``state`` to ``path`` so that a kill at any moment leaves either the old or the new checkpoint."""
+    """Write ``state`` to ``path`` so that a kill at any moment leaves either the old or the new checkpoint (a kill
+    between the two renames leaves the new one's sidecar beside it, which ``load_checkpoint`` completes)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     torch.save({**state, "fingerprint": fingerprint}, tmp)
@@ -37,9 +38,13 @@ def load_checkpoint(path: Path, fingerprint: str) -> dict[str, Any] | None:
     """Return the checkpoint's state, or None (with the reason on stderr) when it must not be resumed."""
     if not path.exists():
         return None
-    side = _sidecar(path)
+    side, left = _sidecar(path), _sidecar(path.with_name(path.name + ".tmp"))
     recorded = side.read_text().strip() if side.exists() else None
     actual = file_digest(path)
+    if recorded != actual and left.exists() and left.read_text().strip() == actual:
+        # killed between the checkpoint's rename and its sidecar's: the new one is whole, its sidecar waits beside
+        os.replace(left, side)
+        recorded = actual
     if recorded != actual:
         print(f"warning: checkpoint {path} does not match its recorded SHA-256 "
               f"({recorded or 'no sidecar'} != {actual}); not loading it, training from scratch", file=sys.stderr)

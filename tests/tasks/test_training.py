@@ -95,6 +95,32 @@ def test_corrupted_checkpoint_is_not_loaded(tmp_path, capsys):
     assert "does not match its recorded SHA-256" in capsys.readouterr().err
 
 
+@pytest.mark.fault("runs", "a kill between the checkpoint's rename and its SHA-256 sidecar's",
+                   "the new checkpoint is resumed, its sidecar completed (before: it mismatched the old sidecar and "
+                   "training started from scratch)")
+def test_a_kill_between_the_two_renames_of_a_checkpoint_loses_no_epoch(tmp_path, monkeypatch):
+    from tasks import checkpoints
+
+    path = tmp_path / "ck.pt"
+    save_checkpoint(path, {"history": [{"a": 1.0}]}, "fp")
+    renames = []
+
+    def killed_after_one(src, dst):
+        if renames:
+            raise KeyboardInterrupt   # the kill
+        renames.append(dst)
+        return real(src, dst)
+
+    real = checkpoints.os.replace
+    monkeypatch.setattr(checkpoints.os, "replace", killed_after_one)
+    with pytest.raises(KeyboardInterrupt):
+        save_checkpoint(path, {"history": [{"a": 1.0}, {"a": 2.0}]}, "fp")
+    monkeypatch.setattr(checkpoints.os, "replace", real)
+    assert load_checkpoint(path, "fp")["history"] == [{"a": 1.0}, {"a": 2.0}]
+    assert load_checkpoint(path, "fp")["history"] == [{"a": 1.0}, {"a": 2.0}]   # its sidecar is in place now
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ck.pt", "ck.pt.sha256"]
+
+
 @pytest.mark.fault("runs", "a checkpoint made with other params or data",
                    "not resumed (fingerprint mismatch), training starts fresh and says why")
 def test_checkpoint_of_other_params_is_not_resumed(tmp_path, capsys):
