@@ -220,6 +220,18 @@ def _interrupted(client: MlflowClient, name: str, version: Any) -> Any | None:
     return None
 
 
+def pair_latencies(root: Path, cfg: Config, family: str, evaluation: dict[str, Any], where: dict[str, Path]) -> None:
+    """The candidate's and the teacher's latencies in ``evaluation`` measured again, in pairs of alternating rounds
+    (tasks.speedup), with the speed-up they give: a load that changes while they are measured weighs on both alike
+    (the evaluate stage timed them minutes apart, each beside whatever ran then)."""
+    gate, contract, data = cfg.block("gate", family), load_family(family), root / where["data"]
+    mine, theirs, speed = paired_timing(lambda: contract.timing(root / where["candidate"], data, cfg),
+                                        lambda: contract.timing(root / where["teacher"], data, cfg),
+                                        gate.vs_teacher.speedup_pairs, f"{contract.gate.latency}_p50_ms")
+    evaluation["models"]["student_int8"].update({**mine, **speed})
+    evaluation["models"]["teacher_fp32"].update(theirs)
+
+
 def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str, family: str, where: dict[str, Path],
           description: str, meaning: str, split: str) -> tuple[dict[str, Any], list[Check], dict[str, Any]]:
     """Score the candidate and the current champion back to back, check the gate, write and log its report;
@@ -252,15 +264,8 @@ def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str, family: st
             champion = {"version": str(champ.version), **contract.score(champion_file, pair[0] if pair else data, cfg)}
             if pair:   # it reads the data in its own encoding: both are compared on the rows it can read
                 champion["candidate"] = contract.score(root / where["candidate"], pair[1], cfg)
-    candidate, teacher = evaluation["models"]["student_int8"], evaluation["models"]["teacher_fp32"]
-    candidate.update(contract.score(root / where["candidate"], data, cfg))
-    # the latencies again, the candidate's and the teacher's in pairs of alternating rounds (tasks.speedup): a load
-    # that changes while the gate measures weighs on both alike
-    mine, theirs, speed = paired_timing(lambda: contract.timing(root / where["candidate"], data, cfg),
-                                        lambda: contract.timing(root / where["teacher"], data, cfg),
-                                        gate.vs_teacher.speedup_pairs, f"{contract.gate.latency}_p50_ms")
-    candidate.update({**mine, **speed})
-    teacher.update(theirs)
+    evaluation["models"]["student_int8"].update(contract.score(root / where["candidate"], data, cfg))
+    pair_latencies(root, cfg, family, evaluation, where)
     checks = gate_checks(evaluation, champion, gate, contract.gate)
     passed = all(c.passed for c in checks)
     health = champion_health(champion, registered_scores(champ, gate.metric), gate)

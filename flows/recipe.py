@@ -17,11 +17,12 @@ from mlflow.tracking import MlflowClient
 from prefect import task
 
 from flows.dvc_stage import reproduce, retry_transient, stage_env
+from flows.gating import pair_latencies, paths
 from flows.workspace import copy_project
-from tasks.config import load_config, parse_config
+from tasks.config import Config, load_config, parse_config
 from tasks.errors import ConfigError, PipelineError
 from tasks.family import load_family
-from tasks.gate import gate_checks, gate_tags
+from tasks.gate import Check, gate_checks, gate_tags
 from tasks.io import load_yaml
 from tasks.lineage import dvc_lock_text, git_state, source_git_env
 from tasks.mlflow_store import client_for, ensure_experiment
@@ -130,22 +131,32 @@ def run_recipe(index: int, overrides: dict[str, Any], family: str, root: Path, w
         env = {**stage_env(dest, uri, run.run_id), **source_git_env(dest, source)}   # its stage runs' lineage
         for stage in stages:
             reproduce(stage, dest, env, log=False)
-        evaluation = json.loads((dest / "metrics" / family / "evaluation.json").read_text())
-        gate = cfg.block("gate", family)
-        # Which recipes may be chosen is a choice too: the gate's thresholds on the validation scores decide it
-        # ("passed"); the test gate is reported beside it and decides only at registration, for the chosen one.
-        spec = load_family(family).gate
-        eligible = gate_checks(evaluation, None, gate, spec, split="val")
-        checks = gate_checks(evaluation, None, gate, spec)
-        cand, lat = evaluation["models"]["student_int8"], spec.latency
-        # val_<metric> is what the sweep ranks recipes by; test_<metric> is reported (and gated) only
-        measured = {**{f"{split}_{gate.metric}": cand[f"{split}_{gate.metric}"] for split in ("val", "test")},
-                    "bytes": cand["bytes"], "latency_p50_ms": cand[f"{lat}_p50_ms"],
-                    "size_ratio_vs_teacher": evaluation["models"]["teacher_fp32"]["bytes"] / cand["bytes"]}
+        verdict, measured, checks = judge_recipe(dest, cfg, family)
         result = {"index": index, "name": name, "overrides": overrides, "run_id": run.run_id, "dir": str(dest),
-                  "source": source, "worker": worker_name(), "passed": all(c.passed for c in eligible),
-                  "failed_checks": [c.name for c in eligible if not c.passed],
-                  "test_gate_passed": all(c.passed for c in checks), **measured}
+                  "source": source, "worker": worker_name(), **verdict, **measured}
         run.log_metrics(measured)
         run.set_tags({**gate_tags(checks), "sweep.result": json.dumps(result)})
     return result
+
+
+def judge_recipe(dest: Path, cfg: Config, family: str) -> tuple[dict[str, Any], dict[str, float], list[Check]]:
+    """A recipe's verdict (``passed``: the gate's thresholds on its validation scores, ``failed_checks``,
+    ``test_gate_passed``), its measurements, and the test gate's checks, from its evaluation with the candidate's and
+    the teacher's latencies measured again in pairs (as the gate does: the evaluate stage timed them apart, beside
+    other recipes' training)."""
+    where = paths(dest, family)
+    evaluation = json.loads((dest / where["evaluation"]).read_text())
+    pair_latencies(dest, cfg, family, evaluation, where)
+    gate, spec = cfg.block("gate", family), load_family(family).gate
+    # Which recipes may be chosen is a choice too: the gate's thresholds on the validation scores decide it
+    # ("passed"); the test gate is reported beside it and decides only at registration, for the chosen one.
+    eligible = gate_checks(evaluation, None, gate, spec, split="val")
+    checks = gate_checks(evaluation, None, gate, spec)
+    cand = evaluation["models"]["student_int8"]
+    # val_<metric> is what the sweep ranks recipes by; test_<metric> is reported (and gated) only
+    measured = {**{f"{split}_{gate.metric}": cand[f"{split}_{gate.metric}"] for split in ("val", "test")},
+                "bytes": cand["bytes"], "latency_p50_ms": cand[f"{spec.latency}_p50_ms"],
+                "size_ratio_vs_teacher": evaluation["models"]["teacher_fp32"]["bytes"] / cand["bytes"]}
+    verdict = {"passed": all(c.passed for c in eligible), "failed_checks": [c.name for c in eligible if not c.passed],
+               "test_gate_passed": all(c.passed for c in checks)}
+    return verdict, measured, checks

@@ -611,6 +611,26 @@ def test_make_serve_serves_the_champions_checked_copy_and_never_an_altered_file(
         serve_command(cfg, tmp_path, "vision", "127.0.0.1", 5001, dest=tmp_path / "again")
 
 
+def test_a_sweep_recipe_is_judged_on_latencies_measured_in_pairs_not_the_evaluations(project, raw_params):
+    """Before: which recipes a sweep may choose was decided on the speed-up of evaluation.json's p50s, timed minutes
+    apart beside other recipes' training: a load on the teacher's turn (here a recorded 0.001x) failed a recipe
+    whose models the gate's paired rounds time at their real ratio."""
+    from flows.recipe import judge_recipe
+
+    evaluation = copy.deepcopy(EVALUATION)
+    evaluation["models"]["teacher_fp32"]["latency_b1_p50_ms"] = 0.0001   # candidate 0.1 ms: a 0.001x speed-up
+    evaluation["sha256"] = json.loads((project / "metrics/vision/evaluation.json").read_text())["sha256"]
+    write_json(project / "metrics/vision/evaluation.json", evaluation)
+    cfg = _lenient(raw_params)
+    assert not next(c for c in gate_checks(evaluation, None, cfg.gate.vision, VISION, split="val")
+                    if c.name == "speedup_vs_teacher").passed
+    verdict, measured, checks = judge_recipe(project, cfg, "vision")
+    assert verdict == {"passed": True, "failed_checks": [], "test_gate_passed": True}
+    check = next(c for c in checks if c.name == "speedup_vs_teacher")
+    assert check.value > 0.1   # the pairs' ratio, not the recorded 0.001
+    assert measured["latency_p50_ms"] != 0.1   # the candidate's p50 from the pairs too
+
+
 def _served_then_stopped(root: Path, tmp_path: Path) -> None:
     """``python -m flows.serve`` answers; SIGTERM stops it, its web server too, and removes its copy of the model
     (before: the server replaced the process and every start left a copy under the temporary directory)."""
