@@ -228,8 +228,8 @@ def pair_latencies(root: Path, cfg: Config, family: str, evaluation: dict[str, A
     mine, theirs, speed = paired_timing(lambda: contract.timing(root / where["candidate"], data, cfg),
                                         lambda: contract.timing(root / where["teacher"], data, cfg),
                                         gate.vs_teacher.speedup_pairs, f"{contract.gate.latency}_p50_ms")
-    evaluation["models"]["student_int8"].update({**mine, **speed})
-    evaluation["models"]["teacher_fp32"].update(theirs)
+    evaluation["models"]["student_int8"].update({**mine, **speed, "latency_timed_by": "gate"})
+    evaluation["models"]["teacher_fp32"].update({**theirs, "latency_timed_by": "gate"})
 
 
 def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str, family: str, where: dict[str, Path],

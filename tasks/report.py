@@ -59,6 +59,10 @@ def _table(header: list[str], rows: list[list[Any]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
+#: Who measured a model's latencies (``latency_timed_by`` in its evaluation entry, else the evaluate stage)
+TIMED_BY = {"gate": "the gate, in paired rounds"}
+
+
 def models_table(models: dict[str, dict[str, float]], view: ReportView) -> str:
     first = next(iter(models.values()))
     tp = next((k for k in first if k.startswith("throughput_")), None)
@@ -66,9 +70,11 @@ def models_table(models: dict[str, dict[str, float]], view: ReportView) -> str:
     rows = [[LABELS.get(n, n), f"{m[f'val_{metric}']:.4f}", f"{m[f'test_{metric}']:.4f}", f"{m['bytes']:,}",
              f"{m['gzip_bytes']:,}", f"{m.get('parameters', 0):,}",
              *(f"{m[f'{lat}_{q}_ms']:.3f}" for q in ("p50", "p95", "p99")),
-             *([f"{m[tp]:,.0f}"] if tp else [])] for n, m in models.items()]
+             *([f"{m[tp]:,.0f}"] if tp else []),
+             TIMED_BY.get(str(m.get("latency_timed_by")), "the evaluate stage")] for n, m in models.items()]
     return _table(["model", f"val {metric}", f"test {metric}", "bytes", "gzip bytes", "parameters",
-                   f"{view.latency_what} p50 ms", "p95 ms", "p99 ms", *([tp.replace("_", " ")] if tp else [])], rows)
+                   f"{view.latency_what} p50 ms", "p95 ms", "p99 ms", *([tp.replace("_", " ")] if tp else []),
+                   "latencies timed by"], rows)
 
 
 def gate_table(gate: dict[str, Any]) -> str:
@@ -110,6 +116,7 @@ def render_report(evaluation: dict[str, Any], gate: dict[str, Any], ablation: di
         f"<h2>Test {metric} vs size and latency (the Pareto view)</h2><div class='plots'>",
         pareto_svg(models, "bytes", "ONNX size (KB)", metric, 1 / 1024),
         pareto_svg(models, f"{view.latency}_p50_ms", f"{view.latency_what} p50 latency (ms)", metric), "</div>",
+        "<p>Latencies compare best within one measurement: the Models table says which timed each model.</p>",
         "<h2>Models</h2>", models_table(models, view), "<h2>Gate</h2>", gate_table(gate)]
     if view.ablation:
         parts += ["<h2>Ablation</h2>", ablation_table(ablation) if ablation else

@@ -50,3 +50,14 @@ def test_the_recommender_gets_the_same_report_on_its_own_metric_and_latency():
     page = render_report(evaluation, GATE, None, {"git commit": "abc"}, view)
     assert page.count("<svg") == 2 and "Recsys compression report" in page and "test auc" in page
     assert "<td>0.8512</td>" in page and "one-request p50 ms" in page and "Ablation" not in page
+
+
+def test_each_models_latencies_say_which_measurement_they_come_from():
+    """Before: the gate's paired timings of the candidate and the teacher stood in one table (and one latency plot)
+    with the evaluate stage's timings of the other models, taken at another time under another load, unmarked."""
+    gated = {"models": {"teacher_fp32": {**EVALUATION["models"]["teacher_fp32"], "latency_timed_by": "gate"},
+                        "student_fp32": MEASURED,
+                        "student_int8": {**MEASURED, "latency_timed_by": "gate"}}}
+    page = render_report(gated, GATE, None, {}, IMAGES)
+    assert page.count("<td>the gate, in paired rounds</td>") == 2 and page.count("<td>the evaluate stage</td>") == 1
+    assert "latencies timed by" in page
