@@ -412,6 +412,21 @@ def test_a_vocabulary_written_before_numeric_fields_encodes_as_it_did(tmp_path):
     assert same_encoding(older, vocab) and not same_encoding(older, {**vocab, "na_values": ["x"]})
 
 
+def test_the_clicks_default_split_keeps_a_pair_clicked_twice_in_one_split(config):
+    """A click log may hold a user's clicks on one item at several times. Before: the default key hashed the
+    timestamp too, so a pair's rows fell in different splits, and the model (which reads user and item, not time) was
+    tested on the very inputs it trained on."""
+    from tasks.ctr.table_split import assign_splits
+
+    rng = np.random.default_rng(0)
+    pairs = pd.DataFrame({"user_id": rng.integers(1, 900, 400), "item_id": rng.integers(1, 1600, 400)})
+    clicks = pd.concat([pairs.assign(timestamp=rng.integers(8.8e8, 8.9e8, 400)) for _ in range(3)], ignore_index=True)
+    names, _ = assign_splits(clicks.astype(str), config.data.clicks)
+    per_pair = pd.DataFrame({"pair": clicks.user_id.astype(str) + "/" + clicks.item_id.astype(str), "split": names})
+    assert per_pair.groupby("pair").split.nunique().max() == 1
+    assert set(names) == {"train", "val", "test"}
+
+
 def test_a_champion_registered_before_numeric_columns_and_na_values_stays_comparable(config, raw_params):
     """The clicks family's data params digest before these fields existed (c5bd6f0) is still today's while they hold
     their defaults; before the fix every table family's champion read as made for another split, and the gate
@@ -419,9 +434,13 @@ def test_a_champion_registered_before_numeric_columns_and_na_values_stays_compar
     from tasks.config import parse_config
     from tasks.lineage import same_split
 
-    assert same_split("b49c10289a3fe387bc8c45eda697d62ef835e61b5690368804e1eef1fceeb3cd", config, "clicks")
     data = raw_params["data"]
-    marked = parse_config({**raw_params, "data": {**data, "clicks": {**data["clicks"], "na_values": ["unkonwn"]}}})
+    # the split key of then (the timestamp in it: a split since changed)
+    then = {**data["clicks"], "split": {**data["clicks"]["split"], "key": ["user_id", "item_id", "timestamp"]}}
+    assert same_split("b49c10289a3fe387bc8c45eda697d62ef835e61b5690368804e1eef1fceeb3cd",
+                      parse_config({**raw_params, "data": {**data, "clicks": then}}), "clicks")
+    assert not same_split("b49c10289a3fe387bc8c45eda697d62ef835e61b5690368804e1eef1fceeb3cd", config, "clicks")
+    marked = parse_config({**raw_params, "data": {**data, "clicks": {**then, "na_values": ["unkonwn"]}}})
     assert not same_split("b49c10289a3fe387bc8c45eda697d62ef835e61b5690368804e1eef1fceeb3cd", marked, "clicks")
 
 
@@ -455,8 +474,8 @@ def test_where_a_blocks_inner_source_is_found_leaves_the_data_params_as_they_wer
 def test_how_values_encode_leaves_the_data_params_as_they_were(raw_params):
     """Before: ``min_count`` and a numeric column's ``buckets`` (how values encode; no row changes split) counted as
     split params: changing one made the champion read as split otherwise, and the gate compared a candidate with
-    none (it scores a champion of another vocabulary in its own). A digest recorded before (2dac..., today's params
-    at 6d66c9e) is still today's split."""
+    none (it scores a champion of another vocabulary in its own). A digest recorded before (2dac..., the params at
+    6d66c9e, whose split key held the timestamp) is still that split."""
     import copy
 
     from tasks.config import parse_config
@@ -464,6 +483,7 @@ def test_how_values_encode_leaves_the_data_params_as_they_were(raw_params):
 
     def clicks(**changes):
         raw = copy.deepcopy(raw_params)
+        raw["data"]["clicks"]["split"]["key"] = ["user_id", "item_id", "timestamp"]
         raw["data"]["clicks"].update(changes)
         return parse_config(raw)
 
