@@ -25,14 +25,23 @@ class WheelFolder(Strict):
 class Optimizer(Strict):
     name: Literal["sgd", "adamw"]
     lr: Annotated[float, Field(gt=0.0)]
-    momentum: Fraction = 0.9
+    momentum: Fraction = 0.9           # sgd; under a one-cycle that cycles momentum, the cycle's instead
     nesterov: bool = True
     weight_decay: Annotated[float, Field(ge=0.0)]
+
+    @model_validator(mode="after")
+    def _nesterov_needs_momentum(self) -> Optimizer:
+        if self.name == "sgd" and self.nesterov and self.momentum == 0:
+            raise ValueError("nesterov needs a momentum above 0: set nesterov: false to train without momentum")
+        return self
 
 
 class Schedule(Strict):
     name: Literal["onecycle", "cosine", "constant"]
     warmup_fraction: Fraction = 0.0
+    # onecycle: the momentum (sgd; adamw: beta1) cycles from the high value down to the low one as the rate rises, and
+    # back (torch's OneCycleLR: [0.85, 0.95]); null: the optimizer's momentum throughout
+    cycle_momentum: Annotated[list[Fraction], Field(min_length=2, max_length=2)] | None = [0.85, 0.95]
 
 
 class Training(Strict):
@@ -49,6 +58,17 @@ class Training(Strict):
     # bf16 and the GPU computes it), else the CPU; cuda on a machine without one stops the stage before it starts.
     # Models are saved, scored on test and exported on the CPU either way.
     device: Literal["auto", "cpu", "cuda"] = "auto"
+
+    @model_validator(mode="after")
+    def _one_momentum(self) -> Training:
+        # (a momentum at its default is let be: a round trip through model_dump writes every default out)
+        if (self.schedule.name == "onecycle" and self.schedule.cycle_momentum is not None
+                and self.optimizer.momentum != Optimizer.model_fields["momentum"].default):
+            low, high = self.schedule.cycle_momentum
+            raise ValueError(f"optimizer.momentum {self.optimizer.momentum} is not used: schedule onecycle cycles the "
+                             f"momentum between {low} and {high} (schedule.cycle_momentum); leave momentum out, or "
+                             "set cycle_momentum: null to train at it")
+        return self
 
 
 class PretrainedTeacher(Strict):

@@ -37,8 +37,11 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: Schedule, total_steps: int) 
         # the cycle has a rise at all (shorter, a tiny data set trained at the floor rate; exactly 0, it divided by
         # zero: 0.25 of 4 steps, one epoch of 400 images in batches of 128)
         pct = max(cfg.warmup_fraction, 0.01, 2.0 / total_steps)
+        low, high = cfg.cycle_momentum or (0.85, 0.95)   # (unused without cycling)
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups],
-                                                   total_steps=total_steps, pct_start=pct)
+                                                   total_steps=total_steps, pct_start=pct,
+                                                   cycle_momentum=cfg.cycle_momentum is not None,
+                                                   base_momentum=low, max_momentum=high)
     if cfg.name == "cosine":
         warm = max(1, int(cfg.warmup_fraction * total_steps))
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(

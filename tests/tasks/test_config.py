@@ -72,6 +72,25 @@ def test_bad_student_arch_is_rejected_at_load(raw_params, change, pattern):
         parse_config(raw)
 
 
+@pytest.mark.fault("params", "an optimizer momentum a one-cycle schedule would not use, or momentum 0 with nesterov",
+                   "ConfigError naming the key and the setting that makes it count (before: the one-cycle silently "
+                   "cycled 0.85-0.95 whatever momentum said; momentum 0 stopped the stage with torch's traceback)")
+@pytest.mark.parametrize("optimizer,schedule,pattern", [
+    ({"momentum": 0.5}, {}, (r"teacher\.vision: .*optimizer\.momentum 0\.5 is not used: schedule onecycle cycles "
+                             r"the momentum between 0\.85 and 0\.95")),
+    ({"momentum": 0.0}, {"name": "cosine"}, r"teacher\.vision\.optimizer: .*nesterov needs a momentum above 0"),
+])
+def test_a_momentum_that_would_not_count_is_refused_at_load(raw_params, optimizer, schedule, pattern):
+    block = raw_params["teacher"]["vision"]
+    raw = {**raw_params, "teacher": {**raw_params["teacher"], "vision": {
+        **block, "optimizer": {**block["optimizer"], **optimizer}, "schedule": {**block["schedule"], **schedule}}}}
+    with pytest.raises(ConfigError, match=pattern):
+        parse_config(raw)
+    raw["teacher"]["vision"]["schedule"]["cycle_momentum"] = None   # a momentum the run then uses
+    if optimizer["momentum"]:
+        assert parse_config(raw).teacher.vision.optimizer.momentum == 0.5
+
+
 def test_malformed_and_missing_files(tmp_path):
     bad = tmp_path / "params.yaml"
     bad.write_text("teacher: [unclosed\n")

@@ -82,6 +82,26 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
         assert torch.equal(a, b), name
 
 
+def test_a_one_cycle_trains_at_the_momentum_it_is_given():
+    """Before: torch's OneCycleLR cycled every SGD momentum between 0.85 and 0.95 whatever the params said."""
+    from torch import nn
+
+    from tasks.training import make_optimizer, make_scheduler
+
+    def momenta(schedule: Schedule) -> list[float]:
+        opt = make_optimizer(nn.Linear(3, 2), Optimizer(name="sgd", lr=0.1, momentum=0.5, weight_decay=0.0))
+        scheduler, seen = make_scheduler(opt, schedule, 20), []
+        for _ in range(20):
+            seen.append(opt.param_groups[0]["momentum"])
+            opt.step()
+            scheduler.step()
+        return seen
+
+    assert set(momenta(Schedule(name="onecycle", warmup_fraction=0.25, cycle_momentum=None))) == {0.5}
+    cycled = momenta(Schedule(name="onecycle", warmup_fraction=0.25, cycle_momentum=[0.8, 0.9]))
+    assert cycled[0] == pytest.approx(0.9) and min(cycled) == pytest.approx(0.8)
+
+
 @pytest.mark.fault("runs", "a corrupted checkpoint (one byte changed)",
                    "SHA-256 mismatch detected, the checkpoint is not loaded, training starts fresh and says why")
 def test_corrupted_checkpoint_is_not_loaded(tmp_path, capsys):
