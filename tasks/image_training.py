@@ -19,7 +19,7 @@ from tqdm import tqdm
 
 from tasks.checkpoints import load_checkpoint, save_checkpoint
 from tasks.conv_grad import matmul_weight_grads
-from tasks.errors import DataFormatError
+from tasks.errors import DataFormatError, PipelineError
 from tasks.io import read_manifest
 from tasks.observers import frozen_observers
 from tasks.stratify import stratified_pick
@@ -98,6 +98,10 @@ class Split:
             return self
         index = torch.from_numpy(stratified_pick(self.y.numpy(), n, np.random.default_rng(seed)))
         return dataclasses.replace(self, x=self.x[index], y=self.y[index])
+
+
+class TrainingDiverged(PipelineError):
+    """A training run whose loss is no longer finite: every later epoch would train NaN weights."""
 
 
 def model_shape(directory: Path) -> dict[str, Any]:
@@ -244,6 +248,10 @@ def _fit(model: nn.Module, train: Split, val: Split, spec: TrainingRecipe, check
             before_epoch(epoch)
         metrics = train_epoch(model, train, spec, opt, sched, gen, loss_fn, f"epoch {epoch + 1}/{spec.epochs}",
                               device, after_step)
+        if not math.isfinite(metrics["train_loss"]):   # no later epoch comes back from NaN weights
+            raise TrainingDiverged(f"epoch {epoch + 1}/{spec.epochs}: the training loss is {metrics['train_loss']}: "
+                                   f"the run diverged at learning rate {spec.optimizer.lr:g} (lower it); nothing of "
+                                   "this epoch was kept")
         metrics.update({f"val_{k}": v for k, v in evaluate(scored, val, spec.eval_batch_size, spec.bf16).items()})
         metrics["lr"] = sched.get_last_lr()[0]
         history.append(metrics)

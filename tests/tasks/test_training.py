@@ -41,6 +41,19 @@ def test_teacher_shapes_and_features():
     assert count_parameters(model) > 0
 
 
+@pytest.mark.fault("runs", "a learning rate at which the image training diverges (its loss NaN)",
+                   "TrainingDiverged naming the epoch and the rate, no checkpoint of NaN weights (before: every "
+                   "later epoch trained NaN weights and the stage shipped them)")
+def test_a_diverged_image_run_stops_at_the_epoch_it_diverged(tmp_path):
+    from tasks.image_training import TrainingDiverged
+
+    spec = _spec(epochs=3).model_copy(update={"optimizer": Optimizer(name="sgd", lr=1e12, weight_decay=5e-4)})
+    with pytest.raises(TrainingDiverged, match=r"epoch 1/3: the training loss is nan: the run diverged at learning "
+                                               r"rate 1e\+12 \(lower it\)"):
+        fit(_model(), _data(), _data(32, seed=1), spec, tmp_path / "ck.pt", "fp")
+    assert not (tmp_path / "ck.pt").exists()
+
+
 def test_augment_keeps_shape_and_is_seeded():
     x = _data(8).inputs()
     cfg = Augmentation(crop_padding=2, horizontal_flip=True)
