@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -41,15 +42,37 @@ def redact(uri: str) -> str:
                                             + (f":{parts.port}" if parts.port else "")))
 
 
+_CREDENTIALS = re.compile(r"(?<=://)([^/\s:@]+):[^/\s@]+@")
+
+
+def redact_text(text: str) -> str:
+    """``text`` with the password of every URL in it masked (a server's error names the URL it called)."""
+    return _CREDENTIALS.sub(r"\1:***@", text)
+
+
+class RequestRefused(PipelineError):
+    """A server answered that the request itself is wrong (a name it does not accept, a state it is not in): the
+    same request fails again, so it is not retried."""
+
+
+#: MLflow error codes of a request the server refused as it was: none of them passes on a retry
+REFUSED = ("BAD_REQUEST", "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
+           "INVALID_STATE", "MALFORMED_REQUEST")
+
+
 def server_error(err: Exception, what: str, outcome: str) -> PipelineError:
     """The error to raise for a failed call to a tracking, registry or artifact server: refused credentials are
-    the user's to fix (never retried); anything else is a server that did not answer (transient, retried)."""
+    the user's to fix and a request refused as it was is the caller's (neither is retried); anything else is a
+    server that did not answer (transient, retried). Credentials in the server's message are masked."""
     code = getattr(err, "error_code", None)
     if code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
         return AccessDenied(f"{what} refused the credentials ({code}): set MLFLOW_TRACKING_USERNAME and "
                             f"MLFLOW_TRACKING_PASSWORD for an account with access; {outcome}")
+    if code in REFUSED:
+        message = getattr(err, "message", str(err))
+        return RequestRefused(f"{what} refused the request ({code}: {redact_text(message)[:300]}); {outcome}")
     return ServiceUnavailable(f"{what} is not reachable after the bounded retries of tracking.http "
-                              f"({type(err).__name__}: {err}); {outcome}")
+                              f"({type(err).__name__}: {redact_text(str(err))}); {outcome}")
 
 
 def is_server_call_error(err: Exception) -> bool:

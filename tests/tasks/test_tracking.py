@@ -273,3 +273,33 @@ def test_a_tracking_server_lost_mid_run_fails_the_stage_cleanly(synthetic_moviel
     assert last.startswith(f"error: ServiceUnavailable: tracking server {url} is not reachable") and "log metrics" in last
     assert not (tmp_path / "out" / "teacher.pt").exists() and not (tmp_path / "out" / "teacher.json").exists()
     assert not list(tmp_path.rglob(".staging"))
+
+
+@pytest.mark.fault("security", "the tracking server's password in its URI, the server unreachable",
+                   "the one-line error names the server with the password masked, in its own words too (before: "
+                   "MLflow's message, quoted, carried the URI with the password)")
+def test_a_servers_own_message_never_carries_the_password(config, monkeypatch):
+    from tasks.errors import ServiceUnavailable
+    from tasks.mlflow_store import ensure_experiment
+
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
+    with pytest.raises(ServiceUnavailable) as refused:
+        ensure_experiment(MlflowClient("http://alice:s3cretPW@127.0.0.1:9"), config)
+    assert "s3cretPW" not in str(refused.value) and "alice:***@127.0.0.1:9" in str(refused.value)
+
+
+def test_a_request_the_store_refuses_as_it_is_is_no_unreachable_server(mlflow_uri):
+    """Before: every MLflow error read as "not reachable" (transient): a metric name the store refuses was retried
+    as an outage."""
+    from mlflow.exceptions import MlflowException
+
+    from tasks.mlflow_store import RequestRefused, server_error
+
+    client = MlflowClient(mlflow_uri)
+    run = client.create_run(client.create_experiment("e")).info.run_id
+    with pytest.raises(MlflowException) as raised:
+        client.log_metric(run, "acc\nshoes", 1.0)
+    error = server_error(raised.value, "tracking server x", "could not log")
+    assert isinstance(error, RequestRefused) and not error.transient
+    assert str(error).startswith("tracking server x refused the request (INVALID_PARAMETER_VALUE: ")
