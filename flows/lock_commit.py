@@ -25,6 +25,7 @@ from tasks.lineage import dvc_repo_lock
 
 IDENTITY = ("-c", "user.name=kdq-pipeline", "-c", "user.email=kdq-pipeline@localhost")
 LOCK_WAIT_SECONDS = 120
+COMMIT_ATTEMPTS = 3   # a commit that raced another one is made again on top of it
 
 
 def _git(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -92,17 +93,25 @@ def _commit(root: Path, blob: str, message: str) -> str | None:
     """A commit of HEAD with ``dvc.lock`` replaced by ``blob``, made through an index of its own (what the user has
     staged stays staged, and out of it); the user's index then holds ``dvc.lock`` as committed."""
     identity = [] if _git(root, "config", "user.email").stdout.strip() else list(IDENTITY)
-    with tempfile.TemporaryDirectory() as scratch:
-        env = {**os.environ, "GIT_INDEX_FILE": str(Path(scratch) / "index")}
-        has_head = _git(root, "rev-parse", "--verify", "--quiet", "HEAD").returncode == 0
-        where = _git(root, "rev-parse", "--show-prefix").stdout.strip()   # a DVC project in a folder of the repo
-        steps = [["read-tree", "HEAD" if has_head else "--empty"],
-                 ["update-index", "--add", "--cacheinfo", f"100644,{blob},{where}dvc.lock"],
-                 [*identity, "commit", "--quiet", "-m", message]]
-        for step in steps:
-            done = subprocess.run(["git", *step], cwd=root, env=env, capture_output=True, text=True, check=False)
-            if done.returncode != 0:
-                _warn(root, (done.stderr or done.stdout).strip()[-400:])
-                return None
+    where = _git(root, "rev-parse", "--show-prefix").stdout.strip()   # a DVC project in a folder of the repo
+    for attempt in range(1, COMMIT_ATTEMPTS + 1):
+        with tempfile.TemporaryDirectory() as scratch:
+            env = {**os.environ, "GIT_INDEX_FILE": str(Path(scratch) / "index")}
+            has_head = _git(root, "rev-parse", "--verify", "--quiet", "HEAD").returncode == 0
+            steps = [["read-tree", "HEAD" if has_head else "--empty"],
+                     ["update-index", "--add", "--cacheinfo", f"100644,{blob},{where}dvc.lock"],
+                     [*identity, "commit", "--quiet", "-m", message]]
+            for step in steps:
+                done = subprocess.run(["git", *step], cwd=root, env=env, capture_output=True, text=True, check=False)
+                if done.returncode != 0:
+                    break
+        why = (done.stderr or done.stdout).strip()
+        # another commit landed while this one ran (its hooks take seconds): git refuses to move HEAD past it,
+        # and the lock is committed again on top of it
+        if done.returncode == 0 or "cannot lock ref 'HEAD'" not in why or attempt == COMMIT_ATTEMPTS:
+            break
+    if done.returncode != 0:
+        _warn(root, why[-400:])
+        return None
     _git(root, "reset", "--quiet", "--", "dvc.lock")   # the index entry: the committed lock, as git status shows it
     return _git(root, "rev-parse", "HEAD").stdout.strip()
