@@ -41,17 +41,26 @@ def _stage_file(root: Path) -> Path:
 def stage_graph(root: Path) -> list[StageNode]:
     """Every pipeline stage of ``root/dvc.yaml`` with its upstream stages, in a deterministic topological order
     (level by level of the graph)."""
-    from dvc.exceptions import NotDvcRepoError
+    from dvc.exceptions import DvcException, NotDvcRepoError
     from dvc.repo import Repo
     from dvc.stage import PipelineStage
+
+    from tasks.lineage import dvc_repo_lock
 
     _stage_file(root)
     try:
         repo = Repo(str(root))
     except NotDvcRepoError:
         raise PipelineError(f"{root}: not a DVC project (no .dvc folder; `dvc init` makes one)") from None
-    with repo:
-        graph = repo.index.graph  # an edge points from a stage to a stage it depends on
+    # the stages come with what dvc.lock records of them: read holding DVC's lock, which a DVC process holds while
+    # it rewrites the file in place (another family's stage finishing)
+    with dvc_repo_lock(Path(root)), repo:
+        try:
+            graph = repo.index.graph  # an edge points from a stage to a stage it depends on
+        except DvcException as err:
+            name = "dvc.lock" if "dvc.lock" in str(err) else "dvc.yaml"
+            raise PipelineError(f"{Path(root) / name}: DVC cannot read it ({' '.join(str(err).split())[:300]})") \
+                from None
         stages = {s.name: s for s in graph.nodes if isinstance(s, PipelineStage)}
         upstream = {name: tuple(sorted(u.name for u in graph.successors(s) if isinstance(u, PipelineStage)))
                     for name, s in stages.items()}

@@ -207,3 +207,34 @@ def test_a_folder_that_is_no_project_is_a_one_line_error(tmp_path, monkeypatch):
     monkeypatch.chdir(elsewhere)   # `--root .` names the folder it means (it read "... . is not a project folder")
     with pytest.raises(PipelineError, match=f"{re.escape(str(elsewhere.resolve()))} is not a project folder"):
         stage_graph(Path("."))
+
+
+@pytest.mark.fault("runs", "a flow starts while another family's DVC process is rewriting dvc.lock",
+                   "the graph is read once DVC's lock is free; a dvc.lock DVC cannot read is a one-line error naming "
+                   "it (before: DVC's LockfileCorruptedError traceback at the flow's start)")
+def test_the_graph_is_read_holding_dvcs_lock_while_dvc_lock_is_rewritten(tmp_path):
+    import subprocess
+    import sys
+    import threading
+
+    import zc.lockfile
+
+    from tasks.errors import PipelineError
+
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=tmp_path, check=True)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  a:\n    cmd: echo a > a.txt\n    outs: [a.txt]\n"
+                                       "  b:\n    cmd: cp a.txt b.txt\n    deps: [a.txt]\n    outs: [b.txt]\n")
+    whole = ("schema: '2.0'\nstages:\n  a:\n    cmd: echo a > a.txt\n    outs:\n    - path: a.txt\n"
+             "      hash: md5\n      md5: 60b725f10c9c85c70d97880dfe8191b3\n      size: 2\n")
+    (tmp_path / "dvc.lock").write_text(whole[:60])   # DVC truncates it, then writes it, holding its lock
+    lock = zc.lockfile.LockFile(str(tmp_path / ".dvc" / "tmp" / "lock"))
+
+    def written():
+        (tmp_path / "dvc.lock").write_text(whole)
+        lock.close()
+
+    threading.Timer(2.0, written).start()
+    assert [(n.name, n.upstream) for n in stage_graph(tmp_path)] == [("a", ()), ("b", ("a",))]
+    (tmp_path / "dvc.lock").write_text(whole[:60])   # left so: the user's to mend
+    with pytest.raises(PipelineError, match=rf"{tmp_path / 'dvc.lock'}: DVC cannot read it"):
+        stage_graph(tmp_path)
