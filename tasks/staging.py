@@ -19,7 +19,7 @@ import hashlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
@@ -28,6 +28,17 @@ from tasks.errors import PipelineError
 
 STAGING = ".staging"
 _ACTIVE: ContextVar[dict[Path, Path] | None] = ContextVar("staged_outputs", default=None)
+_AFTER: ContextVar[list[Callable[[bool], None]] | None] = ContextVar("after_commit", default=None)
+
+
+def after_commit(done: Callable[[bool], None]) -> bool:
+    """Call ``done(True)`` once the stage's outputs are in place, ``done(False)`` when they could not be put there
+    (the stage fails); False, calling nothing, when no ``atomic_outputs`` is active (the caller does it now)."""
+    waiting = _AFTER.get()
+    if waiting is None:
+        return False
+    waiting.append(done)
+    return True
 
 
 def _remove(path: Path) -> None:
@@ -147,7 +158,8 @@ def atomic_outputs() -> Iterator[None]:
     are moved into place on success, dropped on failure."""
     _recover()
     outputs: dict[Path, Path] = {}
-    token = _ACTIVE.set(outputs)
+    waiting: list[Callable[[bool], None]] = []
+    token, after = _ACTIVE.set(outputs), _AFTER.set(waiting)
     try:
         yield
     except BaseException:
@@ -156,6 +168,14 @@ def atomic_outputs() -> Iterator[None]:
             _tidy(path.parent)
         raise
     else:
-        _commit(outputs)
+        try:
+            _commit(outputs)
+        except BaseException:
+            for done in waiting:
+                done(False)
+            raise
+        for done in waiting:
+            done(True)
     finally:
         _ACTIVE.reset(token)
+        _AFTER.reset(after)

@@ -26,6 +26,7 @@ from tasks.errors import ArtifactStoreError, PipelineError
 from tasks.hardware import check_device, host_tags
 from tasks.lineage import data_context, dataset_inputs, dvc_inputs, lineage_tags, locked_outputs
 from tasks.mlflow_store import client_for, ensure_experiment, is_server_call_error, redact, server_error, tracking_uri
+from tasks.staging import after_commit
 
 PARENT_ENV = "PIPELINE_PARENT_RUN_ID"
 
@@ -156,7 +157,9 @@ def _run(client: MlflowClient, cfg: Config, name: str, tags: dict[str, str], roo
         except PipelineError as err:  # the server went away too: say so, but report the failure that happened first
             print(f"warning: run {run.info.run_id} could not be marked FAILED ({err})", file=sys.stderr)
         raise
-    logger.end("FINISHED")
+    # FINISHED once the stage's outputs are in place (tasks.staging), FAILED if they could not be put there
+    if not after_commit(lambda committed: logger.end("FINISHED" if committed else "FAILED")):
+        logger.end("FINISHED")
 
 
 @contextmanager

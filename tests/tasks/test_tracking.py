@@ -110,6 +110,24 @@ def test_params_hash_means_the_whole_resolved_params_on_every_run(config, smoke_
     assert params_hash(smoke_config) != params_hash(config)
 
 
+def test_a_stage_whose_outputs_are_not_committed_is_a_failed_run(config, mlflow_uri, tmp_path, monkeypatch):
+    """The run is FINISHED once the stage's outputs are in place. Before: it was marked FINISHED as the stage's main
+    returned, and an output then missing failed the stage beside a successful-looking run."""
+    from tasks.errors import PipelineError
+    from tasks.staging import atomic_outputs, staged
+
+    monkeypatch.chdir(tmp_path)
+    with (pytest.raises(PipelineError, match="the stage finished without writing"), atomic_outputs(),
+          stage_run("validate_vision", config, {}) as run):
+        staged(tmp_path / "report.json")   # given out, never written
+    assert MlflowClient(mlflow_uri).get_run(run.run_id).info.status == "FAILED"
+    with atomic_outputs():
+        with stage_run("validate_vision", config, {}) as run:
+            staged(tmp_path / "report.json").write_text("{}")
+        assert MlflowClient(mlflow_uri).get_run(run.run_id).info.status == "RUNNING"   # its outputs not yet in place
+    assert MlflowClient(mlflow_uri).get_run(run.run_id).info.status == "FINISHED"
+
+
 def test_failed_stage_is_marked_failed(config, mlflow_uri, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(RuntimeError):
