@@ -102,6 +102,7 @@ def run_stage(stage: str, root: Path, env: dict[str, str], data_docs: bool = Fal
     try:
         ran = reproduce(stage, root, env, lock_wait=lock_wait)
     except StageFailed:
+        _close_killed_runs(stage, env)
         if data_docs:
             _point_at_data_docs(stage, env)
         raise
@@ -118,6 +119,25 @@ def run_node(cfg: Any, node: Any, root: Path, env: dict[str, str], unchanged: bo
     docs = DATA_DOCS in {Path(o).name for o in node.outs}
     args = (node.name, root, env, docs, cfg.pipeline.data_lock_timeout_seconds)
     return (retrying.submit if submit else retrying)(*args, unchanged=unchanged)
+
+
+def _close_killed_runs(stage: str, env: dict[str, str]) -> None:
+    """Mark KILLED the runs of ``stage`` under this pipeline run still RUNNING once its process has ended (killed by
+    a signal, the out-of-memory killer: nothing in it could end them); never failing the stage for it."""
+    if PARENT_ENV not in env or "MLFLOW_TRACKING_URI" not in env:
+        return
+    try:
+        from tasks.mlflow_store import client_for
+
+        client = client_for(env["MLFLOW_TRACKING_URI"])
+        parent = client.get_run(env[PARENT_ENV])
+        query = (f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.`pipeline.stage` = '{stage}' "
+                 "and attributes.status = 'RUNNING'")
+        for run in client.search_runs([parent.info.experiment_id], query):
+            client.set_tag(run.info.run_id, "pipeline.killed", "its stage process ended without ending the run")
+            client.set_terminated(run.info.run_id, "KILLED")
+    except Exception as err:  # noqa: BLE001 - a run left RUNNING is not worth hiding the stage's own failure
+        stage_logger()(f"warning: {stage}'s runs left RUNNING were not marked KILLED ({type(err).__name__}: {err})")
 
 
 def _point_at_data_docs(stage: str, env: dict[str, str]) -> None:

@@ -122,3 +122,33 @@ def test_dvc_reads_yaml_with_libyamls_parser():
 
     assert YAML(typ="safe").Parser.__module__.startswith("ruamel.yaml.clib")
     assert parse_yaml("a: [1, 2]\n", "x.yaml") == {"a": [1, 2]}
+
+
+@pytest.mark.fault("runs", "a stage process killed (SIGKILL: the out-of-memory killer) after its MLflow run started",
+                   "the stage fails as retryable and its run under the pipeline run is marked KILLED (before: it "
+                   "stayed RUNNING for ever beside the run that retried it)")
+def test_a_killed_stages_run_is_marked_killed(tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    from flows.dvc_stage import StageFailed, run_stage
+    from tasks.tracking import PARENT_ENV
+    from tests.conftest import ROOT
+
+    env = _repo(tmp_path / "repo", lines=1)
+    repo = tmp_path / "repo"
+    (repo / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    (repo / "killed.py").write_text("import os\nfrom tasks.config import load_config\nfrom tasks.tracking import "
+                                    "stage_run\nwith stage_run('talk', load_config('params.yaml'), {}):\n"
+                                    "    os.kill(os.getpid(), 9)\n")
+    (repo / "dvc.yaml").write_text("stages:\n  talk:\n    cmd: python killed.py\n    deps: [killed.py]\n"
+                                   "    outs: [out.txt]\n")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    parent = client.create_run(client.create_experiment("model-compression")).info.run_id
+    env = {**env, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": uri, PARENT_ENV: parent}
+    with pytest.raises(StageFailed) as failed:
+        run_stage.fn("talk", repo, env)
+    assert not failed.value.deterministic
+    (child,) = client.search_runs([client.get_run(parent).info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent}'")
+    assert child.info.status == "KILLED" and child.data.tags["pipeline.stage"] == "talk"
