@@ -85,6 +85,13 @@ class TrainTeacherImages(TrainingRecipe):
     arch: ResNetArch
     pretrained: PretrainedTeacher | None = None
 
+    @model_validator(mode="after")
+    def _mirror_keeps_the_label(self) -> TrainTeacherImages:
+        if self.arch.flip_average and not self.augmentation.horizontal_flip:
+            raise ValueError("arch.flip_average averages each image with its mirror: only for data whose mirror "
+                             "keeps the label, which augmentation.horizontal_flip: false says this data's does not")
+        return self
+
     def feature_stages(self) -> int:
         """How many feature maps the teacher offers to feature distillation."""
         if self.pretrained and self.pretrained.format != "state_dict":
