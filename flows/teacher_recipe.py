@@ -22,13 +22,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import ValidationError
 
 from flows.benchmark import machine, write_result
 from flows.stage_graph import stage_paths
 from tasks.config import load_config
 from tasks.errors import ConfigError, run_cli
 from tasks.image_training import Split, evaluate
-from tasks.images.config import Ema, Erasing, TrainTeacherImages
+from tasks.images.config import TrainTeacherImages
 from tasks.images.models import ResNetTeacher
 from tasks.images.train_teacher import train_teacher_images
 
@@ -36,11 +37,17 @@ ARMS = ("params", "erasing")
 
 
 def arm_recipe(teacher: TrainTeacherImages, arm: str, epochs: int, erasing: float, ema: float) -> TrainTeacherImages:
-    """``teacher`` for ``epochs`` with a moving average of decay ``ema``, and for ``erasing`` random erasing."""
-    augmentation = teacher.augmentation
+    """``teacher`` for ``epochs`` with a moving average of decay ``ema``, and for ``erasing`` random erasing; checked
+    as params.yaml's recipes are (a ConfigError naming the flags)."""
+    augmentation = teacher.augmentation.model_dump()
     if arm == "erasing":
-        augmentation = augmentation.model_copy(update={"erasing": Erasing(probability=erasing)})
-    return teacher.model_copy(update={"epochs": epochs, "ema": Ema(decay=ema), "augmentation": augmentation})
+        augmentation["erasing"] = {"probability": erasing}
+    try:
+        return TrainTeacherImages.model_validate({**teacher.model_dump(), "epochs": epochs, "ema": {"decay": ema},
+                                                  "augmentation": augmentation})
+    except ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in err.errors())
+        raise ConfigError(f"--epochs {epochs} --ema {ema} --erasing {erasing}: {problems}") from None
 
 
 def score_arm(cfg: TrainTeacherImages, data: Path, checkpoint: Path) -> dict[str, Any]:

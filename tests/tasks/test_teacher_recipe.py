@@ -116,6 +116,9 @@ def test_a_checkpoint_resumes_on_another_device_and_after_a_knob_added_at_its_de
 
 def test_teacher_recipe_knobs_are_checked_at_load(raw_params):
     teacher = raw_params["teacher"]
+    digits = {**teacher["digits"], "arch": {**teacher["digits"]["arch"], "flip_average": True}}
+    with pytest.raises(ConfigError, match=r"teacher\.digits: .*arch\.flip_average averages each image with its mirror"):
+        parse_config({**raw_params, "teacher": {**teacher, "digits": digits}})   # a mirrored digit is another glyph
     for change, pattern in [({"ema": {"decay": 1.0}}, r"teacher\.vision\.ema\.decay"),
                             ({"augmentation": {"crop_padding": 2, "horizontal_flip": True,
                                                "erasing": {"probability": 0.5, "area": [0.4, 0.1]}}},
@@ -135,3 +138,16 @@ def test_a_slow_average_still_follows_a_short_schedule(tmp_path):
     history = fit(model, data, data, _spec(epochs=2).model_copy(update={"ema": Ema(decay=0.998)}),
                   tmp_path / "ck.pt", "fp")
     assert history[-1]["val_accuracy"] > 0.8
+
+
+def test_the_teacher_recipe_benchmarks_arms_checked_like_params(config):
+    """Before: ``--epochs 0`` ran a table of untrained models and ``--ema 1.0`` ended in pydantic's traceback: the
+    arms were made without the checks params.yaml gets."""
+    from flows.teacher_recipe import arm_recipe
+
+    teacher = config.teacher.vision
+    assert arm_recipe(teacher, "erasing", 3, 0.5, 0.99).augmentation.erasing.probability == 0.5
+    for epochs, ema, pattern in ((0, 0.99, r"epochs: Input should be greater than 0"),
+                                 (3, 1.0, r"ema\.decay: Input should be less than 1")):
+        with pytest.raises(ConfigError, match=rf"--epochs {epochs} --ema {ema} --erasing 0\.5: .*{pattern}"):
+            arm_recipe(teacher, "erasing", epochs, 0.5, ema)
