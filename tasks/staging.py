@@ -166,16 +166,28 @@ def atomic_outputs() -> Iterator[None]:
         for path in outputs.values():
             _remove(path)
             _tidy(path.parent)
+        _tell(waiting, False)   # (a run ended well, then the stage failed after it: its outputs are not kept)
         raise
     else:
         try:
             _commit(outputs)
         except BaseException:
-            for done in waiting:
-                done(False)
+            _tell(waiting, False)
             raise
-        for done in waiting:
-            done(True)
+        _tell(waiting, True, strict=True)
     finally:
         _ACTIVE.reset(token)
         _AFTER.reset(after)
+
+
+def _tell(waiting: list[Callable[[bool], None]], committed: bool, strict: bool = False) -> None:
+    """Call every waiting ``done(committed)``, each whatever the others do; ``strict``: then raise the first error
+    (a run that could not be marked FINISHED fails the stage, as it would have inside it)."""
+    errors = []
+    for done in waiting:
+        try:
+            done(committed)
+        except Exception as err:  # noqa: BLE001 - the others are told all the same
+            errors.append(err)
+    if errors and strict:
+        raise errors[0]

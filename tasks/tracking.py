@@ -145,7 +145,10 @@ class RunLogger:
 
 
 @contextmanager
-def _run(client: MlflowClient, cfg: Config, name: str, tags: dict[str, str], root: Path) -> Iterator[RunLogger]:
+def _run(client: MlflowClient, cfg: Config, name: str, tags: dict[str, str], root: Path,
+         with_outputs: bool = False) -> Iterator[RunLogger]:
+    """A run ended FAILED when its body raises, else FINISHED: ``with_outputs`` (a stage's run) once the stage's
+    outputs are in place (``tasks.staging.after_commit``), FAILED if they could not be put there."""
     experiment = ensure_experiment(client, cfg, root)
     run = guarded(client, "start a run", lambda: client.create_run(experiment, run_name=name, tags=tags))
     logger = RunLogger(client, run.info.run_id, run.info.experiment_id)
@@ -157,8 +160,7 @@ def _run(client: MlflowClient, cfg: Config, name: str, tags: dict[str, str], roo
         except PipelineError as err:  # the server went away too: say so, but report the failure that happened first
             print(f"warning: run {run.info.run_id} could not be marked FAILED ({err})", file=sys.stderr)
         raise
-    # FINISHED once the stage's outputs are in place (tasks.staging), FAILED if they could not be put there
-    if not after_commit(lambda committed: logger.end("FINISHED" if committed else "FAILED")):
+    if not (with_outputs and after_commit(lambda committed: logger.end("FINISHED" if committed else "FAILED"))):
         logger.end("FINISHED")
 
 
@@ -174,7 +176,8 @@ def stage_run(stage: str, cfg: Config, params: dict[str, Any], client: MlflowCli
     tags = {"pipeline.stage": stage, **lineage_tags(stage, cfg, inputs=inputs), **host_tags()}
     parent = os.environ.get(PARENT_ENV)
     tags.update({"mlflow.parentRunId": parent} if parent else {"pipeline.launcher": "dvc"})
-    with _run(client, cfg, stage, tags, Path(".")) as logger, system_metrics(logger, cfg.tracking.system_metrics_seconds):
+    with (_run(client, cfg, stage, tags, Path("."), with_outputs=True) as logger,
+          system_metrics(logger, cfg.tracking.system_metrics_seconds)):
         logger.log_params(flat)
         logger.log_datasets(inputs, Path("."), data_context(stage))
         yield logger

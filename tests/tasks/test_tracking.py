@@ -126,6 +126,16 @@ def test_a_stage_whose_outputs_are_not_committed_is_a_failed_run(config, mlflow_
             staged(tmp_path / "report.json").write_text("{}")
         assert MlflowClient(mlflow_uri).get_run(run.run_id).info.status == "RUNNING"   # its outputs not yet in place
     assert MlflowClient(mlflow_uri).get_run(run.run_id).info.status == "FINISHED"
+    # the command fails after the stage's run ended well: its outputs are not kept, nor is the run left RUNNING
+    with pytest.raises(SystemExit), atomic_outputs():
+        with stage_run("validate_vision", config, {}) as run:
+            staged(tmp_path / "report.json").write_text("{}")
+        raise SystemExit(2)
+    assert MlflowClient(mlflow_uri).get_run(run.run_id).info.status == "FAILED"
+    with atomic_outputs():   # a flow's own run has no outputs to wait for
+        with pipeline_run(config, "gate", tmp_path) as flow_run:
+            pass
+        assert MlflowClient(mlflow_uri).get_run(flow_run.run_id).info.status == "FINISHED"
 
 
 def test_failed_stage_is_marked_failed(config, mlflow_uri, tmp_path, monkeypatch):
