@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import yaml
@@ -50,13 +51,24 @@ def commit_lock(root: Path, message: str) -> str | None:
     if (underway := _underway(root)) is not None:   # git commit would conclude it, dropping what it brings
         _warn(root, f"{underway} is under way in this work tree; it is committed by a later run once that is done")
         return None
-    try:
-        with dvc_repo_lock(root, LOCK_WAIT_SECONDS):   # no DVC project: no DVC command writes this lock
-            blob = _stored(root)
-    except PipelineError as err:
-        _warn(root, str(err))
-        return None
-    return _commit(root, blob, message) if blob else None
+    for attempt in range(1, COMMIT_ATTEMPTS + 1):
+        try:
+            with dvc_repo_lock(root, LOCK_WAIT_SECONDS):   # no DVC project: no DVC command writes this lock
+                blob = _stored(root)
+        except PipelineError as err:
+            _warn(root, str(err))
+            return None
+        if not blob:   # nothing new (another commit, racing this one, took the lock as it is now)
+            return None
+        commit, why = _commit(root, blob, message)
+        # another commit landed while this one ran (its hooks take seconds): git refuses to move HEAD past it; the
+        # lock is read again (that commit may hold a newer one) and committed on top of it
+        if commit is not None or "cannot lock ref 'HEAD'" not in why or attempt == COMMIT_ATTEMPTS:
+            break
+        time.sleep(0.5 * attempt)
+    if commit is None:
+        _warn(root, why[-400:])
+    return commit
 
 
 #: what a commit in the work tree would conclude (``git commit`` reads them, whatever index it is given)
@@ -89,29 +101,21 @@ def _stored(root: Path) -> str | None:
     return done.stdout.decode().strip()
 
 
-def _commit(root: Path, blob: str, message: str) -> str | None:
-    """A commit of HEAD with ``dvc.lock`` replaced by ``blob``, made through an index of its own (what the user has
-    staged stays staged, and out of it); the user's index then holds ``dvc.lock`` as committed."""
+def _commit(root: Path, blob: str, message: str) -> tuple[str | None, str]:
+    """(a commit of HEAD with ``dvc.lock`` replaced by ``blob``, or None and why not), made through an index of its
+    own (what the user has staged stays staged, and out of it); the user's index then holds ``dvc.lock`` as
+    committed."""
     identity = [] if _git(root, "config", "user.email").stdout.strip() else list(IDENTITY)
     where = _git(root, "rev-parse", "--show-prefix").stdout.strip()   # a DVC project in a folder of the repo
-    for attempt in range(1, COMMIT_ATTEMPTS + 1):
-        with tempfile.TemporaryDirectory() as scratch:
-            env = {**os.environ, "GIT_INDEX_FILE": str(Path(scratch) / "index")}
-            has_head = _git(root, "rev-parse", "--verify", "--quiet", "HEAD").returncode == 0
-            steps = [["read-tree", "HEAD" if has_head else "--empty"],
-                     ["update-index", "--add", "--cacheinfo", f"100644,{blob},{where}dvc.lock"],
-                     [*identity, "commit", "--quiet", "-m", message]]
-            for step in steps:
-                done = subprocess.run(["git", *step], cwd=root, env=env, capture_output=True, text=True, check=False)
-                if done.returncode != 0:
-                    break
-        why = (done.stderr or done.stdout).strip()
-        # another commit landed while this one ran (its hooks take seconds): git refuses to move HEAD past it,
-        # and the lock is committed again on top of it
-        if done.returncode == 0 or "cannot lock ref 'HEAD'" not in why or attempt == COMMIT_ATTEMPTS:
-            break
-    if done.returncode != 0:
-        _warn(root, why[-400:])
-        return None
+    with tempfile.TemporaryDirectory() as scratch:
+        env = {**os.environ, "GIT_INDEX_FILE": str(Path(scratch) / "index")}
+        has_head = _git(root, "rev-parse", "--verify", "--quiet", "HEAD").returncode == 0
+        steps = [["read-tree", "HEAD" if has_head else "--empty"],
+                 ["update-index", "--add", "--cacheinfo", f"100644,{blob},{where}dvc.lock"],
+                 [*identity, "commit", "--quiet", "-m", message]]
+        for step in steps:
+            done = subprocess.run(["git", *step], cwd=root, env=env, capture_output=True, text=True, check=False)
+            if done.returncode != 0:
+                return None, (done.stderr or done.stdout).strip()
     _git(root, "reset", "--quiet", "--", "dvc.lock")   # the index entry: the committed lock, as git status shows it
-    return _git(root, "rev-parse", "HEAD").stdout.strip()
+    return _git(root, "rev-parse", "HEAD").stdout.strip(), ""

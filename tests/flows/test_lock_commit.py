@@ -47,24 +47,32 @@ def test_the_lock_alone_is_committed_with_the_pipelines_identity(repo):
     assert git_state(repo)["git.dirty"] == "false"
 
 
-@pytest.mark.fault("runs", "the user commits while the pipeline's commit of dvc.lock runs (its hooks take seconds)",
-                   "the lock is committed again on top of the user's commit, whose changes stay in (before: git "
-                   "refused to move HEAD past it and the lock's commit was dropped with a warning)")
-def test_a_commit_made_while_the_lock_is_committed_stays_in(repo):
+@pytest.mark.fault("runs", "the user (or another family's run) commits while the pipeline's commit of dvc.lock runs "
+                   "(its hooks take seconds)",
+                   "the lock is read again and committed on top of that commit, whose changes stay in; a newer lock "
+                   "it committed is kept (before: git refused to move HEAD past it and the lock's commit was dropped "
+                   "with a warning)")
+@pytest.mark.parametrize("newer_lock", [False, True])
+def test_a_commit_made_while_the_lock_is_committed_stays_in(repo, newer_lock):
     (repo / "b.txt").write_text("before\n")
     _git(repo, "add", "b.txt")
     _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "b")
-    hook = repo / ".git" / "hooks" / "pre-commit"   # the user commits while the hook runs, once
+    newer = "echo \"schema: '2.0'\" > dvc.lock && echo 'stages: {b: {}}' >> dvc.lock && git add dvc.lock && "
+    hook = repo / ".git" / "hooks" / "pre-commit"   # someone commits while the hook runs, once
     hook.write_text("#!/bin/sh\n[ -e .git/raced ] && exit 0\ntouch .git/raced\nunset GIT_INDEX_FILE\n"
-                    "echo after > b.txt && git add b.txt && "
+                    f"echo after > b.txt && git add b.txt && {newer if newer_lock else ''}"
                     "git -c user.name=u -c user.email=u@u commit --quiet --no-verify -m user\n")
     hook.chmod(0o755)
     (repo / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
     commit = commit_lock(repo, "recsys: trained")
-    assert commit == _git(repo, "rev-parse", "HEAD") and (repo / ".git" / "raced").exists()
-    assert _git(repo, "log", "--format=%s", "-3").splitlines() == ["recsys: trained", "user", "b"]
-    assert _git(repo, "show", "HEAD:b.txt") == "after" and _git(repo, "show", "--name-only", "--format=", "HEAD") \
-        == "dvc.lock"
+    assert (repo / ".git" / "raced").exists() and _git(repo, "show", "HEAD:b.txt") == "after"
+    if newer_lock:   # what it read is older than what the other commit holds: nothing of it is committed
+        assert commit is None and _git(repo, "log", "--format=%s", "-2").splitlines() == ["user", "b"]
+        assert _git(repo, "show", "HEAD:dvc.lock") == "schema: '2.0'\nstages: {b: {}}"
+    else:
+        assert commit == _git(repo, "rev-parse", "HEAD")
+        assert _git(repo, "log", "--format=%s", "-3").splitlines() == ["recsys: trained", "user", "b"]
+        assert _git(repo, "show", "--name-only", "--format=", "HEAD") == "dvc.lock"
     assert _git(repo, "status", "--porcelain") == ""
 
 
