@@ -77,30 +77,29 @@ def main() -> None:
     args = parser.parse_args()
     root = args.root.resolve()
     cfg = load_config(root / "params.yaml")
+    server: list[subprocess.Popen] = []
+
+    def on_signal(signum: int, _frame: object) -> None:
+        if not server:   # still fetching: stop here (the copy is removed below)
+            raise SystemExit(128 + signum)
+        with contextlib.suppress(ProcessLookupError):   # passed to the server and every process it started
+            os.killpg(server[0].pid, signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, on_signal)
     dest = Path(tempfile.mkdtemp(prefix="kdq-serve-"))
     try:
         cmd, env, served = serve_command(cfg, root, args.family, args.host, args.port, args.alias, dest)
         print(f"serving {served} on http://{args.host}:{args.port}/invocations", file=sys.stderr, flush=True)
-        sys.exit(_run_until_stopped(cmd, env))
+        # a process group of its own: its CLI starts the web server as another process, and both get the signal
+        server.append(subprocess.Popen(cmd, env=env, process_group=0))
+        code = server[0].wait()
+        sys.exit(code if code >= 0 else 128 - code)   # stopped by a signal: the shell's convention
     finally:
+        if server:   # a web server left behind by a CLI that died first
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(server[0].pid, signal.SIGTERM)
         shutil.rmtree(dest, ignore_errors=True)
-
-
-def _run_until_stopped(cmd: list[str], env: dict[str, str]) -> int:
-    """Run the server in a process group of its own (its CLI starts the web server as another process) and pass it
-    Ctrl-C, SIGTERM and SIGHUP; its exit code once it has stopped."""
-    proc = subprocess.Popen(cmd, env=env, process_group=0)
-
-    def forward(signum: int, _frame: object) -> None:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signum)
-
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(signum, forward)
-    code = proc.wait()
-    with contextlib.suppress(ProcessLookupError):   # a web server left behind by a CLI that died first
-        os.killpg(proc.pid, signal.SIGTERM)
-    return code if code >= 0 else 128 - code   # stopped by a signal: the shell's convention
 
 
 if __name__ == "__main__":
