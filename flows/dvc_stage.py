@@ -134,7 +134,7 @@ def _close_killed_runs(stage: str, env: dict[str, str]) -> None:
         query = (f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.`pipeline.stage` = '{stage}' "
                  "and attributes.status = 'RUNNING'")
         for run in client.search_runs([parent.info.experiment_id], query):
-            client.set_tag(run.info.run_id, "pipeline.killed", "its stage process ended without ending the run")
+            client.set_tag(run.info.run_id, "pipeline.killed", "left RUNNING when its stage failed")
             client.set_terminated(run.info.run_id, "KILLED")
     except Exception as err:  # noqa: BLE001 - a run left RUNNING is not worth hiding the stage's own failure
         stage_logger()(f"warning: {stage}'s runs left RUNNING were not marked KILLED ({type(err).__name__}: {err})")

@@ -43,6 +43,12 @@ class Schedule(Strict):
     # back (torch's OneCycleLR: [0.85, 0.95]); null: the optimizer's momentum throughout
     cycle_momentum: Annotated[list[Fraction], Field(min_length=2, max_length=2)] | None = [0.85, 0.95]
 
+    @model_validator(mode="after")
+    def _low_then_high(self) -> Schedule:
+        if self.cycle_momentum is not None and self.cycle_momentum[0] > self.cycle_momentum[1]:
+            raise ValueError(f"cycle_momentum {self.cycle_momentum} is [low, high]: the low value first")
+        return self
+
 
 class Training(Strict):
     """The knobs of one supervised training run that every family shares."""

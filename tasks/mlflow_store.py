@@ -55,9 +55,10 @@ class RequestRefused(PipelineError):
     same request fails again, so it is not retried."""
 
 
-#: MLflow error codes of a request the server refused as it was: none of them passes on a retry
-REFUSED = ("BAD_REQUEST", "INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST",
-           "INVALID_STATE", "MALFORMED_REQUEST")
+#: MLflow error codes of a request the server refused as it was: none of them passes on a retry (not BAD_REQUEST:
+#: MLflow's database store reports any database error so, a concurrent insert's conflict too, which a retry passes)
+REFUSED = ("INVALID_PARAMETER_VALUE", "RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST", "INVALID_STATE",
+           "MALFORMED_REQUEST")
 
 
 def server_error(err: Exception, what: str, outcome: str) -> PipelineError:

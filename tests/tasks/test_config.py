@@ -79,6 +79,8 @@ def test_bad_student_arch_is_rejected_at_load(raw_params, change, pattern):
     ({"momentum": 0.5}, {}, (r"teacher\.vision: .*optimizer\.momentum 0\.5 is not used: schedule onecycle cycles "
                              r"the momentum between 0\.85 and 0\.95")),
     ({"momentum": 0.0}, {"name": "cosine"}, r"teacher\.vision\.optimizer: .*nesterov needs a momentum above 0"),
+    ({}, {"cycle_momentum": [0.95, 0.85]},
+     r"teacher\.vision\.schedule: .*cycle_momentum \[0\.95, 0\.85\] is \[low, high\]"),
 ])
 def test_a_momentum_that_would_not_count_is_refused_at_load(raw_params, optimizer, schedule, pattern):
     block = raw_params["teacher"]["vision"]
@@ -87,7 +89,7 @@ def test_a_momentum_that_would_not_count_is_refused_at_load(raw_params, optimize
     with pytest.raises(ConfigError, match=pattern):
         parse_config(raw)
     raw["teacher"]["vision"]["schedule"]["cycle_momentum"] = None   # a momentum the run then uses
-    if optimizer["momentum"]:
+    if optimizer.get("momentum"):
         assert parse_config(raw).teacher.vision.optimizer.momentum == 0.5
 
 
