@@ -3,12 +3,16 @@ from __future__ import annotations
 
 import itertools
 import shlex
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import networkx as nx
 
 from tasks.errors import PipelineError
+
+#: waits before reading the stage graph again when dvc.lock was found cut short (DVC rewriting it: about 1 s)
+READ_RETRY_DELAYS = (0.25, 0.5, 1.0, 2.0, 4.0)
 
 
 @dataclass(frozen=True)
@@ -45,26 +49,30 @@ def stage_graph(root: Path) -> list[StageNode]:
     from dvc.repo import Repo
     from dvc.stage import PipelineStage
 
-    from tasks.lineage import dvc_repo_lock
-
     _stage_file(root)
-    try:
-        repo = Repo(str(root))
-    except NotDvcRepoError:
-        raise PipelineError(f"{root}: not a DVC project (no .dvc folder; `dvc init` makes one)") from None
-    # the stages come with what dvc.lock records of them: read holding DVC's lock, which a DVC process holds while
-    # it rewrites the file in place (another family's stage finishing)
-    with dvc_repo_lock(Path(root)), repo:
+    # the stages come with what dvc.lock records of them, which a DVC process rewrites in place (another family's
+    # stage finishing: a second or so): a read that finds it cut short is tried again (not under DVC's lock, which
+    # a push holds for minutes), a file still unreadable after that is named
+    for delay in (*READ_RETRY_DELAYS, None):
         try:
-            graph = repo.index.graph  # an edge points from a stage to a stage it depends on
-        except DvcException as err:
-            name = "dvc.lock" if "dvc.lock" in str(err) else "dvc.yaml"
-            raise PipelineError(f"{Path(root) / name}: DVC cannot read it ({' '.join(str(err).split())[:300]})") \
-                from None
-        stages = {s.name: s for s in graph.nodes if isinstance(s, PipelineStage)}
-        upstream = {name: tuple(sorted(u.name for u in graph.successors(s) if isinstance(u, PipelineStage)))
-                    for name, s in stages.items()}
-        outs = {name: tuple(str(o.def_path) for o in s.outs) for name, s in stages.items()}
+            repo = Repo(str(root))
+        except NotDvcRepoError:
+            raise PipelineError(f"{root}: not a DVC project (no .dvc folder; `dvc init` makes one)") from None
+        with repo:
+            try:
+                graph = repo.index.graph  # an edge points from a stage to a stage it depends on
+            except DvcException as err:
+                if delay is None:
+                    name = "dvc.lock" if "dvc.lock" in str(err) else "dvc.yaml"
+                    raise PipelineError(f"{Path(root) / name}: DVC cannot read it "
+                                        f"({' '.join(str(err).split())[:300]})") from None
+            else:
+                stages = {s.name: s for s in graph.nodes if isinstance(s, PipelineStage)}
+                upstream = {name: tuple(sorted(u.name for u in graph.successors(s) if isinstance(u, PipelineStage)))
+                            for name, s in stages.items()}
+                outs = {name: tuple(str(o.def_path) for o in s.outs) for name, s in stages.items()}
+                break
+        time.sleep(delay)
     order = nx.DiGraph()
     order.add_nodes_from(upstream)
     order.add_edges_from((u, name) for name, ups in upstream.items() for u in ups)

@@ -210,9 +210,9 @@ def test_a_folder_that_is_no_project_is_a_one_line_error(tmp_path, monkeypatch):
 
 
 @pytest.mark.fault("runs", "a flow starts while another family's DVC process is rewriting dvc.lock",
-                   "the graph is read once DVC's lock is free; a dvc.lock DVC cannot read is a one-line error naming "
-                   "it (before: DVC's LockfileCorruptedError traceback at the flow's start)")
-def test_the_graph_is_read_holding_dvcs_lock_while_dvc_lock_is_rewritten(tmp_path):
+                   "the graph is read again until the file is whole; a dvc.lock DVC still cannot read is a one-line "
+                   "error naming it (before: DVC's validation error's traceback at the flow's start)")
+def test_the_graph_is_read_again_while_dvc_lock_is_rewritten(tmp_path):
     import subprocess
     import sys
     import threading
