@@ -73,9 +73,10 @@ def channel_groups(model: nn.Module, example: torch.Tensor) -> ChannelGroups:
             layer = item.dep.target.module
             if isinstance(layer, nn.Module) and not isinstance(layer, KINDS) and any(
                     True for _ in layer.parameters(recurse=False)):
-                raise StructuredPruningError(f"{names.get(layer, layer)}: a {type(layer).__name__} shares channels with "
-                                 f"{names[_root(group)[0]]}; structured pruning rebuilds only Conv2d, Linear and "
-                                 "BatchNorm layers (use unstructured pruning for this model)")
+                raise StructuredPruningError(
+                    f"{names.get(layer, layer)}: a {type(layer).__name__} shares channels with "
+                    f"{names[_root(group)[0]]}; structured pruning rebuilds only Conv2d, Linear and BatchNorm layers "
+                    "(use unstructured pruning for this model)")
     return ChannelGroups(graph, groups)
 
 
@@ -164,6 +165,7 @@ def shrink(model: nn.Module, example: torch.Tensor) -> nn.Module:
         want, got = model(example), small.eval()(example)
     same = want.shape == got.shape and torch.allclose(got, want, rtol=1e-3, atol=1e-4 * (1 + float(want.abs().max())))
     if not same:
-        raise StructuredPruningError(f"cutting the dropped channels changed what the model computes (output {tuple(want.shape)} "
-                         f"-> {tuple(got.shape)}): its classifier may not be the layer that makes its output")
+        raise StructuredPruningError(f"cutting the dropped channels changed what the model computes (output "
+                                     f"{tuple(want.shape)} -> {tuple(got.shape)}): its classifier may not be the "
+                                     "layer that makes its output")
     return small

@@ -8,11 +8,11 @@ Layout of ``<snapshot>`` (``data/<family>/raw``, a DVC output with ``persist: tr
 The stage creates an absent snapshot: the family's published data set (read from its pinned, checksum-verified
 sources) as batch ``0000-bootstrap``, or no batch at all when ``ingest.<family>.bootstrap`` is ``empty`` (data that
 only arrives by ``python -m flows.ingest``); not when dvc.lock records a version of more files (batches accepted on
-top: a clone not yet pulled), which ``dvc pull`` restores. An existing snapshot is verified: every batch's files must have the
-digests it was accepted with, and a published bootstrap must come from today's pinned sources (a snapshot that
-holds only its bootstrap is remade from the sources params pin now; one with accepted batches is refused). ``flows.ingest``
-adds batches that passed their contract and drift checks and records the new version with ``dvc commit``, so
-``dvc.lock`` holds the snapshot's hash and every stage downstream re-runs on the new data.
+top: a clone not yet pulled), which ``dvc pull`` restores. An existing snapshot is verified: every batch's files
+must have the digests it was accepted with, and a published bootstrap must come from today's pinned sources (a
+snapshot that holds only its bootstrap is remade from the sources params pin now; one with accepted batches is
+refused). ``flows.ingest`` adds batches that passed their contract and drift checks and records the new version with
+``dvc commit``, so ``dvc.lock`` holds the snapshot's hash and every stage downstream re-runs on the new data.
 
 What a family's files hold is its ``tasks/<family>/intake.py``'s business (``tasks.intake.Intake``); this module only
 stores, hashes and lists them.
@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.config import load_config
-from tasks.errors import DataFormatError
+from tasks.errors import DataFormatError, PipelineError
 from tasks.intake import Intake
 from tasks.io import file_digest, write_json
 
@@ -143,25 +143,35 @@ def create(snapshot: Path, family: str, intake: Intake, cfg: Any, recorded: dict
     the new one holds batches accepted on top of it (a clone without ``dvc pull``, the folder deleted): refused,
     never silently replaced by one without them."""
     spec = intake.settings(cfg)
-    snapshot.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(dir=snapshot.parent, prefix=f".{snapshot.name}."))
-    scratch.chmod(0o755)
-    try:
-        batches = []
-        if spec.bootstrap == "published":
-            source, found, pins = intake.bootstrap(cfg)
-            intake.write_batch(found, scratch / BOOTSTRAP)
-            files = folder_digests(scratch / BOOTSTRAP)
-            batches.append({"id": BOOTSTRAP, "files": files, "digest": batch_digest(files), "source": source,
-                            "pins": pins, "rows": intake.rows(found)})
-        write_json(scratch / MANIFEST, {"family": family, "bootstrap": spec.bootstrap, "batches": batches})
-        made = sum(1 for p in scratch.rglob("*") if p.is_file())
+
+    def refuse(made: int) -> None:
         if recorded and int(recorded.get("nfiles", 0)) > made:
             raise DataFormatError(
                 f"{snapshot}: missing, and dvc.lock records a version of it of {recorded['nfiles']} files (a new one "
                 f"would hold {made}: the batches accepted since would drop out of the data); restore it with "
                 f"`dvc pull {snapshot}` (`dvc checkout {snapshot}` when DVC's cache holds it), or delete its stage's "
                 "entry from dvc.lock to start anew")
+
+    if spec.bootstrap == "empty":
+        refuse(1)   # (its manifest alone): said before anything is made
+    snapshot.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=snapshot.parent, prefix=f".{snapshot.name}."))
+    scratch.chmod(0o755)
+    try:
+        batches = []
+        if spec.bootstrap == "published":
+            try:
+                source, found, pins = intake.bootstrap(cfg)
+            except PipelineError as err:   # offline, say: the version dvc.lock records may be what is wanted
+                if recorded:
+                    err.args = (f"{err}; dvc.lock records a version of {snapshot}: `dvc pull {snapshot}` restores it",)
+                raise
+            intake.write_batch(found, scratch / BOOTSTRAP)
+            files = folder_digests(scratch / BOOTSTRAP)
+            batches.append({"id": BOOTSTRAP, "files": files, "digest": batch_digest(files), "source": source,
+                            "pins": pins, "rows": intake.rows(found)})
+        write_json(scratch / MANIFEST, {"family": family, "bootstrap": spec.bootstrap, "batches": batches})
+        refuse(sum(1 for p in scratch.rglob("*") if p.is_file()))
         os.replace(scratch, snapshot)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -213,6 +213,22 @@ def test_a_batch_named_like_what_the_snapshot_keeps_for_itself_is_refused(replay
     assert [b["id"] for b in ensure(snapshot, "recsys", INTAKE, empty)["batches"]] == [batches[0].name]
 
 
+def test_a_missing_snapshot_that_dvc_lock_records_with_more_files_is_not_made_anew(config, tmp_path):
+    """The stage's own refusal (the e2e test runs it under DVC): an empty bootstrap is refused before anything is
+    made; a published one once it is built, if it holds fewer files than the version dvc.lock records."""
+    snapshot = tmp_path / "raw"
+    empty = config.model_copy(update={"ingest": config.ingest.model_copy(update={
+        "recsys": config.ingest.recsys.model_copy(update={"bootstrap": "empty"})})})
+    with pytest.raises(DataFormatError, match=r"raw: missing, and dvc\.lock records a version of it of 3 files \(a "
+                                              r"new one would hold 1: .*`dvc pull .*raw`"):
+        create(snapshot, "recsys", INTAKE, empty, {"nfiles": 3})
+    assert list(tmp_path.iterdir()) == []
+    with pytest.raises(DataFormatError, match=r"of 9 files \(a new one would hold 4: "):
+        create(snapshot, "recsys", INTAKE, config, {"nfiles": 9})
+    assert list(tmp_path.iterdir()) == []   # its scratch copy gone too
+    assert [b["id"] for b in create(snapshot, "recsys", INTAKE, config, {"nfiles": 4})["batches"]] == [BOOTSTRAP]
+
+
 def test_the_ingest_flow_refuses_an_unfit_batch_name_before_reading_anything(tmp_path):
     """``python -m flows.ingest --batch …/0000-bootstrap`` stops at once, naming the folder: no snapshot stage, no
     check, no MLflow run, nothing copied (before: refused only when the checked batch was added, which aborted the
