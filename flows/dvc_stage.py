@@ -122,8 +122,8 @@ def run_node(cfg: Any, node: Any, root: Path, env: dict[str, str], unchanged: bo
 
 
 def _close_killed_runs(stage: str, env: dict[str, str]) -> None:
-    """Mark KILLED the runs of ``stage`` under this pipeline run still RUNNING once its process has ended (killed by
-    a signal, the out-of-memory killer: nothing in it could end them); never failing the stage for it."""
+    """Mark KILLED the runs of ``stage`` under this pipeline run still RUNNING once it has failed (its process killed
+    by a signal, the out-of-memory killer, could not end them); never failing the stage for it."""
     if PARENT_ENV not in env or "MLFLOW_TRACKING_URI" not in env:
         return
     try:

@@ -27,6 +27,7 @@ from tasks.lineage import dvc_repo_lock
 IDENTITY = ("-c", "user.name=kdq-pipeline", "-c", "user.email=kdq-pipeline@localhost")
 LOCK_WAIT_SECONDS = 120
 COMMIT_ATTEMPTS = 3   # a commit that raced another one is made again on top of it
+RACED = "cannot lock ref 'HEAD'"   # git's words when HEAD moved under a commit
 
 
 def _git(root: Path, *args: str) -> subprocess.CompletedProcess[str]:
@@ -55,15 +56,16 @@ def commit_lock(root: Path, message: str) -> str | None:
         try:
             with dvc_repo_lock(root, LOCK_WAIT_SECONDS):   # no DVC project: no DVC command writes this lock
                 blob = _stored(root)
+                head = _head(root)
         except PipelineError as err:
             _warn(root, str(err))
             return None
         if not blob:   # nothing new (another commit, racing this one, took the lock as it is now)
             return None
-        commit, why = _commit(root, blob, message)
-        # another commit landed while this one ran (its hooks take seconds): git refuses to move HEAD past it; the
-        # lock is read again (that commit may hold a newer one) and committed on top of it
-        if commit is not None or "cannot lock ref 'HEAD'" not in why or attempt == COMMIT_ATTEMPTS:
+        commit, why = _commit(root, blob, message, head)
+        # another commit landed since the lock was read (the user's hooks take seconds): git refuses to move HEAD
+        # past it; the lock is read again (that commit may hold a newer one) and committed on top of it
+        if commit is not None or RACED not in why or attempt == COMMIT_ATTEMPTS:
             break
         time.sleep(0.5 * attempt)
     if commit is None:
@@ -101,21 +103,28 @@ def _stored(root: Path) -> str | None:
     return done.stdout.decode().strip()
 
 
-def _commit(root: Path, blob: str, message: str) -> tuple[str | None, str]:
-    """(a commit of HEAD with ``dvc.lock`` replaced by ``blob``, or None and why not), made through an index of its
-    own (what the user has staged stays staged, and out of it); the user's index then holds ``dvc.lock`` as
-    committed."""
+def _head(root: Path) -> str | None:
+    return _git(root, "rev-parse", "--verify", "--quiet", "HEAD").stdout.strip() or None
+
+
+def _commit(root: Path, blob: str, message: str, head: str | None) -> tuple[str | None, str]:
+    """(a commit on ``head`` — HEAD when the lock was read — with ``dvc.lock`` replaced by ``blob``, or None and why
+    not: ``RACED`` when HEAD moved since), made through an index of its own (what the user has staged stays staged,
+    and out of it); the user's index then holds ``dvc.lock`` as committed."""
     identity = [] if _git(root, "config", "user.email").stdout.strip() else list(IDENTITY)
     where = _git(root, "rev-parse", "--show-prefix").stdout.strip()   # a DVC project in a folder of the repo
     with tempfile.TemporaryDirectory() as scratch:
-        env = {**os.environ, "GIT_INDEX_FILE": str(Path(scratch) / "index")}
-        has_head = _git(root, "rev-parse", "--verify", "--quiet", "HEAD").returncode == 0
-        steps = [["read-tree", "HEAD" if has_head else "--empty"],
+        # LC_ALL=C: git's own words, whatever the user's locale, for RACED
+        env = {**os.environ, "GIT_INDEX_FILE": str(Path(scratch) / "index"), "LC_ALL": "C"}
+        steps = [["read-tree", head or "--empty"],
                  ["update-index", "--add", "--cacheinfo", f"100644,{blob},{where}dvc.lock"],
                  [*identity, "commit", "--quiet", "-m", message]]
         for step in steps:
+            # the commit still on ``head``? (git commit itself refuses a HEAD that moves once it has started)
+            if step is steps[-1] and _head(root) != head:
+                return None, f"{RACED}: HEAD moved since the lock was read"
             done = subprocess.run(["git", *step], cwd=root, env=env, capture_output=True, text=True, check=False)
             if done.returncode != 0:
-                return None, (done.stderr or done.stdout).strip()
+                return None, (done.stderr or done.stdout).strip() or f"git {step[0]} failed"
     _git(root, "reset", "--quiet", "--", "dvc.lock")   # the index entry: the committed lock, as git status shows it
     return _git(root, "rev-parse", "HEAD").stdout.strip(), ""

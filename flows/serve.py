@@ -78,28 +78,38 @@ def main() -> None:
     root = args.root.resolve()
     cfg = load_config(root / "params.yaml")
     server: list[subprocess.Popen] = []
+    stop: list[int] = []   # a signal that came while the champion was being fetched
 
     def on_signal(signum: int, _frame: object) -> None:
-        if not server:   # still fetching: stop here (the copy is removed below)
-            raise SystemExit(128 + signum)
+        if not server:   # still fetching (MLflow's download threads would outlive an exception): stop after it
+            stop.append(signum)
+            return
         with contextlib.suppress(ProcessLookupError):   # passed to the server and every process it started
             os.killpg(server[0].pid, signum)
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, on_signal)
-    dest = Path(tempfile.mkdtemp(prefix="kdq-serve-"))
+    dest = None
     try:
+        dest = Path(tempfile.mkdtemp(prefix="kdq-serve-"))
         cmd, env, served = serve_command(cfg, root, args.family, args.host, args.port, args.alias, dest)
+        if stop:
+            sys.exit(128 + stop[0])
         print(f"serving {served} on http://{args.host}:{args.port}/invocations", file=sys.stderr, flush=True)
         # a process group of its own: its CLI starts the web server as another process, and both get the signal
         server.append(subprocess.Popen(cmd, env=env, process_group=0))
+        if stop:   # came while it was being started
+            os.killpg(server[0].pid, stop[0])
         code = server[0].wait()
         sys.exit(code if code >= 0 else 128 - code)   # stopped by a signal: the shell's convention
     finally:
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):   # the clean-up is not cut short
+            signal.signal(signum, signal.SIG_IGN)
         if server:   # a web server left behind by a CLI that died first
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(server[0].pid, signal.SIGTERM)
-        shutil.rmtree(dest, ignore_errors=True)
+        if dest is not None:
+            shutil.rmtree(dest, ignore_errors=True)
 
 
 if __name__ == "__main__":

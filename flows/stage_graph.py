@@ -62,8 +62,8 @@ def stage_graph(root: Path) -> list[StageNode]:
             try:
                 graph = repo.index.graph  # an edge points from a stage to a stage it depends on
             except DvcException as err:
-                if delay is None:
-                    name = "dvc.lock" if "dvc.lock" in str(err) else "dvc.yaml"
+                name = "dvc.lock" if "dvc.lock" in str(err) else "dvc.yaml"   # (dvc.yaml's errors do not pass)
+                if delay is None or name != "dvc.lock":
                     raise PipelineError(f"{Path(root) / name}: DVC cannot read it "
                                         f"({' '.join(str(err).split())[:300]})") from None
             else:

@@ -69,9 +69,12 @@ def server_error(err: Exception, what: str, outcome: str) -> PipelineError:
     if code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
         return AccessDenied(f"{what} refused the credentials ({code}): set MLFLOW_TRACKING_USERNAME and "
                             f"MLFLOW_TRACKING_PASSWORD for an account with access; {outcome}")
+    message = redact_text(getattr(err, "message", str(err)))
     if code in REFUSED:
-        message = getattr(err, "message", str(err))
-        return RequestRefused(f"{what} refused the request ({code}: {redact_text(message)[:300]}); {outcome}")
+        return RequestRefused(f"{what} refused the request ({code}: {message[:300]}); {outcome}")
+    if code == "BAD_REQUEST":   # what a database store says of any error of its database: a conflict passes later
+        return ServiceUnavailable(f"{what} answered BAD_REQUEST ({message[:300]}); retried, as a concurrent "
+                                  f"write's conflict passes on a later try; {outcome}")
     return ServiceUnavailable(f"{what} is not reachable after the bounded retries of tracking.http "
                               f"({type(err).__name__}: {redact_text(str(err))}); {outcome}")
 

@@ -236,7 +236,8 @@ def stage_main(family: str, intake: Intake) -> None:
 
     # dvc.lock's paths are relative to the project (the stage's working directory)
     recorded = locked_outputs(Path(".")).get(Path(os.path.relpath(args.snapshot.absolute())).as_posix())
-    with stage_run(f"snapshot_{family}", cfg, params={f"ingest.{family}.bootstrap": intake.settings(cfg).bootstrap}) as run:
+    bootstrap = {f"ingest.{family}.bootstrap": intake.settings(cfg).bootstrap}
+    with stage_run(f"snapshot_{family}", cfg, params=bootstrap) as run:
         manifest = ensure(args.snapshot, family, intake, cfg, recorded)
         run.log_metrics({"batches": len(manifest["batches"])})
         if manifest["batches"] and manifest["batches"][0]["id"] == BOOTSTRAP:

@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -163,10 +164,12 @@ def atomic_outputs() -> Iterator[None]:
     try:
         yield
     except BaseException:
-        for path in outputs.values():
-            _remove(path)
-            _tidy(path.parent)
-        _tell(waiting, False)   # (a run ended well, then the stage failed after it: its outputs are not kept)
+        try:
+            for path in outputs.values():
+                _remove(path)
+                _tidy(path.parent)
+        finally:
+            _tell(waiting, False)   # (a run ended well, then the stage failed after it: its outputs are not kept)
         raise
     else:
         try:
@@ -191,3 +194,5 @@ def _tell(waiting: list[Callable[[bool], None]], committed: bool, strict: bool =
             errors.append(err)
     if errors and strict:
         raise errors[0]
+    for err in errors:   # the stage's own failure is what it reports
+        print(f"warning: {err}", file=sys.stderr)

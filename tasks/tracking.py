@@ -165,7 +165,8 @@ def _run(client: MlflowClient, cfg: Config, name: str, tags: dict[str, str], roo
 
 
 @contextmanager
-def stage_run(stage: str, cfg: Config, params: dict[str, Any], client: MlflowClient | None = None) -> Iterator[RunLogger]:
+def stage_run(stage: str, cfg: Config, params: dict[str, Any], client: MlflowClient | None = None
+              ) -> Iterator[RunLogger]:
     """A child run of the pipeline's parent run (or a top-level run under plain ``dvc repro``). ``params``: the
     blocks the stage reads, its own first (``prune.vision`` for ``prune_vision``)."""
     if params:   # before any run exists: a device this machine lacks is a params error

@@ -216,6 +216,7 @@ def test_the_graph_is_read_again_while_dvc_lock_is_rewritten(tmp_path):
     import subprocess
     import sys
     import threading
+    import time
 
     import zc.lockfile
 
@@ -226,15 +227,21 @@ def test_the_graph_is_read_again_while_dvc_lock_is_rewritten(tmp_path):
                                        "  b:\n    cmd: cp a.txt b.txt\n    deps: [a.txt]\n    outs: [b.txt]\n")
     whole = ("schema: '2.0'\nstages:\n  a:\n    cmd: echo a > a.txt\n    outs:\n    - path: a.txt\n"
              "      hash: md5\n      md5: 60b725f10c9c85c70d97880dfe8191b3\n      size: 2\n")
-    (tmp_path / "dvc.lock").write_text(whole[:60])   # DVC truncates it, then writes it, holding its lock
+    (tmp_path / "dvc.lock").write_text(whole[:60])   # DVC truncates it, then writes it
+    # DVC's lock held all along (a push holds it for minutes): the graph is read without waiting for it
     lock = zc.lockfile.LockFile(str(tmp_path / ".dvc" / "tmp" / "lock"))
-
-    def written():
-        (tmp_path / "dvc.lock").write_text(whole)
+    threading.Timer(1.0, lambda: (tmp_path / "dvc.lock").write_text(whole)).start()
+    start = time.monotonic()
+    try:
+        assert [(n.name, n.upstream) for n in stage_graph(tmp_path)] == [("a", ()), ("b", ("a",))]
+    finally:
         lock.close()
-
-    threading.Timer(2.0, written).start()
-    assert [(n.name, n.upstream) for n in stage_graph(tmp_path)] == [("a", ()), ("b", ("a",))]
+    assert time.monotonic() - start < 6.0
     (tmp_path / "dvc.lock").write_text(whole[:60])   # left so: the user's to mend
     with pytest.raises(PipelineError, match=rf"{tmp_path / 'dvc.lock'}: DVC cannot read it"):
         stage_graph(tmp_path)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  a:\n    cmd: [\n")   # dvc.yaml's own error: said at once
+    start = time.monotonic()
+    with pytest.raises(PipelineError, match=rf"{tmp_path / 'dvc.yaml'}: DVC cannot read it"):
+        stage_graph(tmp_path)
+    assert time.monotonic() - start < 5.0

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 
 from flows.batch_admission import check
-from tasks.errors import DataFormatError
+from tasks.errors import DataFormatError, DataSourceError
 from tasks.expectations import ephemeral_context, run_suites
 from tasks.recsys.intake import INTAKE
 from tasks.recsys.prepare import prepare_recsys
@@ -227,6 +227,18 @@ def test_a_missing_snapshot_that_dvc_lock_records_with_more_files_is_not_made_an
         create(snapshot, "recsys", INTAKE, config, {"nfiles": 9})
     assert list(tmp_path.iterdir()) == []   # its scratch copy gone too
     assert [b["id"] for b in create(snapshot, "recsys", INTAKE, config, {"nfiles": 4})["batches"]] == [BOOTSTRAP]
+
+    class Offline:   # the published files cannot be fetched (no network, no cache): the version may be pulled
+        settings = INTAKE.settings
+
+        @staticmethod
+        def bootstrap(cfg):
+            raise DataSourceError("ml-100k: no source reachable")
+
+    with pytest.raises(DataSourceError, match=r"no source reachable; dvc\.lock records a version of .*other: "
+                                              r"`dvc pull .*other` restores it"):
+        create(tmp_path / "other", "recsys", Offline, config, {"nfiles": 4})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
 
 
 def test_the_ingest_flow_refuses_an_unfit_batch_name_before_reading_anything(tmp_path):

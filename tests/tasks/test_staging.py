@@ -145,3 +145,26 @@ def test_a_stage_killed_while_committing_is_rolled_forward_by_the_next(tmp_path,
     assert recovered.returncode == 0, recovered.stderr[-3000:]
     assert _outputs(tmp_path) == NEW
     assert not list(tmp_path.rglob(".staging")) and not list(tmp_path.rglob("*.old"))
+
+
+def test_everything_waiting_for_the_outputs_is_told_even_when_one_of_them_fails(tmp_path, capsys):
+    from tasks.staging import after_commit, atomic_outputs, staged
+
+    assert after_commit(lambda committed: None) is False   # no stage's outputs to wait for: the caller acts now
+    told: list[tuple[str, bool]] = []
+
+    def failing(committed: bool) -> None:
+        told.append(("first", committed))
+        raise RuntimeError("the tracking server went away")
+
+    with pytest.raises(RuntimeError, match="went away"), atomic_outputs():   # in place, then the error is the stage's
+        staged(tmp_path / "a.txt").write_text("a")
+        after_commit(failing)
+        after_commit(lambda committed: told.append(("second", committed)))
+    assert told == [("first", True), ("second", True)] and (tmp_path / "a.txt").read_text() == "a"
+    told.clear()
+    with pytest.raises(KeyError), atomic_outputs():   # the stage fails: each is told, the stage's error is reported
+        after_commit(failing)
+        after_commit(lambda committed: told.append(("second", committed)))
+        raise KeyError("boom")
+    assert told == [("first", False), ("second", False)] and "went away" in capsys.readouterr().err

@@ -331,3 +331,9 @@ def test_a_request_the_store_refuses_as_it_is_is_no_unreachable_server(mlflow_ur
     error = server_error(raised.value, "tracking server x", "could not log")
     assert isinstance(error, RequestRefused) and not error.transient
     assert str(error).startswith("tracking server x refused the request (INVALID_PARAMETER_VALUE: ")
+    # a database store's error (a concurrent insert's conflict among them) passes on a later try: not refused
+    from mlflow.protos.databricks_pb2 import BAD_REQUEST
+
+    conflict = server_error(MlflowException("(IntegrityError) UNIQUE constraint failed", error_code=BAD_REQUEST),
+                            "tracking server x", "could not log")
+    assert conflict.transient and "answered BAD_REQUEST ((IntegrityError) UNIQUE constraint failed)" in str(conflict)
