@@ -234,8 +234,10 @@ def stage_main(family: str, intake: Intake) -> None:
     from tasks.lineage import locked_outputs
     from tasks.tracking import stage_run
 
-    # dvc.lock's paths are relative to the project (the stage's working directory)
-    recorded = locked_outputs(Path(".")).get(Path(os.path.relpath(args.snapshot.absolute())).as_posix())
+    # what dvc.lock records of an absent snapshot (its paths are relative to the project, the stage's working
+    # directory); an existing one is verified against its own manifest, and dvc.lock is not read for it
+    recorded = None if args.snapshot.exists() else \
+        locked_outputs(Path(".")).get(Path(os.path.relpath(args.snapshot.absolute())).as_posix())
     bootstrap = {f"ingest.{family}.bootstrap": intake.settings(cfg).bootstrap}
     with stage_run(f"snapshot_{family}", cfg, params=bootstrap) as run:
         manifest = ensure(args.snapshot, family, intake, cfg, recorded)
