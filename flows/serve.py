@@ -33,12 +33,13 @@ from tasks.errors import run_cli
 from tasks.mlflow_store import client_for, is_server_call_error, redact, server_error, tracking_uri
 
 
-def serve_command(cfg: Config, root: Path, family: str | None, host: str, port: int, alias: str = "champion",
-                  dest: Path | None = None) -> tuple[list[str], dict[str, str], str]:
+def serve_command(cfg: Config, root: Path, family: str | None, host: str, port: int, dest: Path,
+                  alias: str = "champion") -> tuple[list[str], dict[str, str], str]:
     """The ``mlflow models serve`` command line and environment that serve ``family``'s ``alias`` (default: the first
-    of params.yaml's families), and which version that is: the version's model fetched into ``dest`` (default: a
-    new folder under the temporary directory) and checked (``flows.registry.download_onnx``); a
-    RegistryError when the alias names none or a file differs from what the version records."""
+    of params.yaml's families), and which version that is: the version's model fetched into ``dest`` (a folder of
+    this start's own: no other user or server can write it between the check and the load) and checked
+    (``flows.registry.download_onnx``); a RegistryError when the alias names none or a file differs from what the
+    version records."""
     bin_dir = Path(sys.executable).parent
     model, uri = registered_model(cfg, family), tracking_uri(cfg, root)
     client = client_for(uri)
@@ -48,8 +49,6 @@ def serve_command(cfg: Config, root: Path, family: str | None, host: str, port: 
         if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):   # a server that failed
             raise server_error(err, f"the registry at {redact(uri)}", "nothing served") from None
         raise RegistryError(f"{model}@{alias}: no such version in {redact(uri)}; nothing served") from None
-    # a folder of this start's own (no other user or server can write it between the check and the load)
-    dest = dest or Path(tempfile.mkdtemp(prefix=f"kdq-serve-{model}-v{version.version}-"))
     try:
         served = download_onnx(client, version, dest).parent
     except Exception as err:
@@ -92,7 +91,7 @@ def main() -> None:
     dest = None
     try:
         dest = Path(tempfile.mkdtemp(prefix="kdq-serve-"))
-        cmd, env, served = serve_command(cfg, root, args.family, args.host, args.port, args.alias, dest)
+        cmd, env, served = serve_command(cfg, root, args.family, args.host, args.port, dest, args.alias)
         if stop:
             sys.exit(128 + stop[0])
         print(f"serving {served} on http://{args.host}:{args.port}/invocations", file=sys.stderr, flush=True)

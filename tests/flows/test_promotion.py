@@ -595,7 +595,7 @@ def test_make_serve_serves_the_champions_checked_copy_and_never_an_altered_file(
     cfg = _lenient(raw_params)
     name = cfg.gate.vision.registered_model
     with pytest.raises(RegistryError, match=rf"{name}@champion: no such version in sqlite:///.*; nothing served"):
-        serve_command(cfg, tmp_path, "vision", "127.0.0.1", 5001)
+        serve_command(cfg, tmp_path, "vision", "127.0.0.1", 5001, dest=tmp_path / "serve")
     report, client = _gate(project, cfg, uri)
     assert report["champion"]
     cmd, env, served = serve_command(cfg, tmp_path, "vision", "127.0.0.1", 5001, dest=tmp_path / "serve")
