@@ -74,14 +74,20 @@ def check(intake: Intake, cfg: Config, batch: Any, accepted: Any, docs: Path | N
     return ("" if drift["success"] else "drift"), report
 
 
+def skipped(root: Path, family: str, folder: Path) -> Outcome | None:
+    """``folder``'s outcome when it is never ingested again (accepted or quarantined before), else None."""
+    _, snapshot = snapshot_stage(root, family)
+    seen = _seen(snapshot, snapshot.parent / QUARANTINE, folder)
+    return Outcome(folder.name, "skipped", seen) if seen else None
+
+
 def ingest_batch(root: Path, family: str, cfg: Config, folder: Path, env: dict[str, str]) -> Outcome:
     """Check one batch folder; add it to the snapshot or quarantine it; log it to MLflow."""
+    if outcome := skipped(root, family, folder):
+        return outcome
     intake = load_intake(family)
     stage, snapshot = snapshot_stage(root, family)
     quarantine = snapshot.parent / QUARANTINE
-    seen = _seen(snapshot, quarantine, folder)
-    if seen:
-        return Outcome(folder.name, "skipped", seen)
     reports = root / "reports" / family / "ingest" / folder.name
     if reports.exists():
         shutil.rmtree(reports)

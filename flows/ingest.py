@@ -34,7 +34,7 @@ from typing import Any
 
 from prefect import flow
 
-from flows.batch_admission import Outcome, ingest_batch, snapshot_stage
+from flows.batch_admission import Outcome, ingest_batch, skipped, snapshot_stage
 from flows.dvc_stage import push_versioned, reproduce, stage_env, stage_logger
 from flows.lock_commit import commit_lock
 from flows.pipeline import compression_pipeline
@@ -76,8 +76,9 @@ def ingest(root: str, family: str, batches: list[str] | None = None,
         push_versioned(root_path, env, stage, cfg.pipeline.data_lock_timeout_seconds)   # a bootstrap it made
         deferred = None
         for folder in folders:   # in order: after a deferred batch none is accepted (the snapshot keeps the order)
-            outcome = ingest_batch(root_path, family, cfg, folder, env) if deferred is None else Outcome(
-                folder.name, "deferred", "order", f"after {deferred}, deferred: batches join the snapshot in order")
+            outcome = ingest_batch(root_path, family, cfg, folder, env) if deferred is None else skipped(
+                root_path, family, folder) or Outcome(folder.name, "deferred", "order",
+                                                      f"after {deferred}, deferred: batches join the snapshot in order")
             deferred = deferred or (outcome.batch if outcome.status == "deferred" else None)
             log(f"{outcome.batch}: {outcome.status}" + (f" ({outcome.reason})" if outcome.reason else "")
                 + (f"\n{outcome.detail}" if outcome.detail else ""))

@@ -162,7 +162,7 @@ def test_arriving_weeks_are_versioned_trained_on_and_gated_and_bad_ones_quaranti
 
 @pytest.mark.fault("data", "a batch's file written to while its checks ran (a producer not done)",
                    "deferred: neither accepted nor quarantined, the snapshot as it was, the files named in one line, "
-                   "the batches after it deferred too (they join in order); ingested again later, it is checked "
+                   "the batches after it deferred too (they join in order; one accepted before is skipped); ingested again later, it is checked "
                    "again (before: the copy kept held rows no check saw)")
 @pytest.mark.fault("data", "the snapshot folder missing while dvc.lock records a version with accepted batches (a "
                    "clone not yet pulled, the folder deleted)",
@@ -190,7 +190,7 @@ def test_a_batch_dvc_cannot_version_leaves_the_snapshot_as_it_was(tmp_path, monk
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{repo / 'mlflow.db'}")
     monkeypatch.delenv("PIPELINE_PARENT_RUN_ID", raising=False)
     cfg = load_config(repo / "params.yaml")
-    first, second = INTAKE.replay(cfg, tmp_path / "all")[:2]
+    first, second, third = INTAKE.replay(cfg, tmp_path / "all")[:3]
     assert dvc(repo, "repro", "snapshot_recsys").returncode == 0
     lock = zc.lockfile.LockFile(str(repo / ".dvc" / "tmp" / "lock"))
     try:
@@ -242,3 +242,10 @@ def test_a_batch_dvc_cannot_version_leaves_the_snapshot_as_it_was(tmp_path, monk
     assert dvc(repo, "pull", SNAPSHOT).returncode == 0
     assert dvc(repo, "repro", "snapshot_recsys").returncode == 0 and locked_outs(repo)[SNAPSHOT] == version
     assert [b["id"] for b in json.loads((repo / SNAPSHOT / "snapshot.json").read_text())["batches"]] == [first.name]
+
+    # a batch accepted before, ingested again after a deferred one, is skipped as accepted (before: "deferred, order")
+    ratings, written = third / "ratings.csv", (third / "ratings.csv").read_text()
+    monkeypatch.setattr(admission, "check", written_to(""))
+    outcomes = ingest.fn(str(repo), "recsys", batches=[str(third), str(first)])
+    assert [(o["batch"], o["status"], o["reason"]) for o in outcomes] == [
+        (third.name, "deferred", "changed"), (first.name, "skipped", f"already accepted as {first.name}")]
