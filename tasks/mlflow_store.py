@@ -8,7 +8,6 @@ import os
 import re
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
@@ -33,21 +32,14 @@ def bound_http_retries(cfg: Config) -> None:
         os.environ.setdefault(name, str(value))
 
 
-def redact(uri: str) -> str:
-    """``uri`` without a password it may carry (``https://user:secret@host`` -> ``https://user:***@host``)."""
-    parts = urlsplit(uri)
-    if parts.password is None:
-        return uri
-    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{parts.hostname}"
-                                            + (f":{parts.port}" if parts.port else "")))
-
-
-_CREDENTIALS = re.compile(r"(?<=://)([^/\s:@]+):[^/\s@]+@")
-
-
-def redact_text(text: str) -> str:
-    """``text`` with the password of every URL in it masked (a server's error names the URL it called)."""
+def redact(text: str) -> str:
+    """``text`` (a URI, or a server's error naming the URL it called) with the password of every URL in it masked
+    (``https://user:secret@host`` -> ``https://user:***@host``; a raw "@" in the user name or password too)."""
     return _CREDENTIALS.sub(r"\1:***@", text)
+
+
+#: user:password@ right after a scheme: up to the last "@" before the host's "/" (a password may hold "@" and ":")
+_CREDENTIALS = re.compile(r"(?<=://)([^/\s:]+):[^/\s]+@")
 
 
 class RequestRefused(PipelineError):
@@ -69,14 +61,14 @@ def server_error(err: Exception, what: str, outcome: str) -> PipelineError:
     if code in ("UNAUTHENTICATED", "PERMISSION_DENIED"):
         return AccessDenied(f"{what} refused the credentials ({code}): set MLFLOW_TRACKING_USERNAME and "
                             f"MLFLOW_TRACKING_PASSWORD for an account with access; {outcome}")
-    message = redact_text(getattr(err, "message", str(err)))
+    message = redact(getattr(err, "message", str(err)))
     if code in REFUSED:
         return RequestRefused(f"{what} refused the request ({code}: {message[:300]}); {outcome}")
     if code == "BAD_REQUEST":   # what a database store says of any error of its database: a conflict passes later
         return ServiceUnavailable(f"{what} answered BAD_REQUEST ({message[:300]}); retried, as a concurrent "
                                   f"write's conflict passes on a later try; {outcome}")
     return ServiceUnavailable(f"{what} is not reachable after the bounded retries of tracking.http "
-                              f"({type(err).__name__}: {redact_text(str(err))}); {outcome}")
+                              f"({type(err).__name__}: {redact(str(err))}); {outcome}")
 
 
 def is_server_call_error(err: Exception) -> bool:

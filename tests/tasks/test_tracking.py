@@ -304,17 +304,19 @@ def test_a_tracking_server_lost_mid_run_fails_the_stage_cleanly(synthetic_moviel
 
 
 @pytest.mark.fault("security", "the tracking server's password in its URI, the server unreachable",
-                   "the one-line error names the server with the password masked, in its own words too (before: "
-                   "MLflow's message, quoted, carried the URI with the password)")
+                   "the one-line error names the server with the password masked, in its own words too, a raw '@' in "
+                   "it or the user name too (before: MLflow's message, quoted, carried the URI with the password)")
 def test_a_servers_own_message_never_carries_the_password(config, monkeypatch):
     from tasks.errors import ServiceUnavailable
     from tasks.mlflow_store import ensure_experiment
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
-    with pytest.raises(ServiceUnavailable) as refused:
-        ensure_experiment(MlflowClient("http://alice:s3cretPW@127.0.0.1:9"), config)
-    assert "s3cretPW" not in str(refused.value) and "alice:***@127.0.0.1:9" in str(refused.value)
+    for user, password in (("alice", "s3cretPW"), ("alice", "s3c@ret:PW"), ("alice@corp", "s3c@retPW")):
+        with pytest.raises(ServiceUnavailable) as refused:   # (a raw "@" in either: before, the rest of it showed)
+            ensure_experiment(MlflowClient(f"http://{user}:{password}@127.0.0.1:9"), config)
+        said = str(refused.value)
+        assert "s3c" not in said and "PW" not in said and f"{user}:***@127.0.0.1:9" in said, said
 
 
 def test_a_request_the_store_refuses_as_it_is_is_no_unreachable_server(mlflow_uri):
