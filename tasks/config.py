@@ -103,8 +103,9 @@ class Config(Strict):
         return getattr(getattr(self, "validate_" if key == "validate" else key), family)
 
     def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        # the model class is built at load time (config_model): a pickle rebuilds it from the families
-        return _rebuild, (tuple(self.families), self.model_dump(by_alias=True))
+        # the model class is built at load time (config_model): a pickle rebuilds it from the families, and from
+        # the keys params gave (a block may be checked on which it was given: a column split refuses `val`)
+        return _rebuild, (tuple(self.families), self.model_dump(by_alias=True, exclude_unset=True))
 
     @model_validator(mode="after")
     def _families_consistent(self) -> Config:

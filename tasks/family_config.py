@@ -8,7 +8,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from tasks.config_types import Fraction, ModelArch, Positive, Strict, distinct
+from tasks.config_types import Fraction, ModelArch, Positive, Seed, Strict, distinct
 
 Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
@@ -57,7 +57,7 @@ class Training(Strict):
     batch_size: Positive
     optimizer: Optimizer
     schedule: Schedule
-    seed: int
+    seed: Seed
     threads: Positive
     eval_batch_size: Positive = 1024
     # Where it trains: auto is the first CUDA device when PyTorch sees one (bf16 autocast there when the recipe has

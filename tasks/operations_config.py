@@ -5,7 +5,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field, model_validator
 
-from tasks.config_types import Positive, ProjectPath, Strict
+from tasks.config_types import Positive, ProjectPath, Seed, Strict
 
 SWEEPABLE = ("distill", "prune", "qat", "share", "recipe")   # sections a recipe may change: never data or teacher
 
@@ -16,7 +16,7 @@ class SweepConfig(Strict):
     family: str = Field(min_length=1)          # one of params.yaml's families (checked with them)
     method: Literal["grid", "random"]          # grid: every combination; random: `recipes` of them, drawn with `seed`
     recipes: Positive
-    seed: Annotated[int, Field(ge=0)]
+    seed: Seed
     workers: Positive                          # a Dask LocalCluster of this many single-process workers ...
     threads_per_worker: Positive               # ... each recipe's stages limited to this many torch threads
     address: str | None = None                 # ... unless an existing scheduler is named (tcp://host:8786)

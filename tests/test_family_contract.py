@@ -3,12 +3,13 @@ of params.yaml has a contract module."""
 from __future__ import annotations
 
 import ast
+import copy
 import re
 from pathlib import Path
 
 import pytest
 
-from tasks.config import load_config
+from tasks.config import load_config, parse_config
 from tasks.errors import ConfigError
 from tasks.family import Family, load_family
 
@@ -85,7 +86,6 @@ def test_every_family_of_params_has_a_contract():
 def test_a_family_without_a_contract_module_is_named(raw_params):
     with pytest.raises(ConfigError, match=r"families: 'audio' has no family module tasks/audio/family.py"):
         load_family("audio")
-    from tasks.config import parse_config
 
     with pytest.raises(ConfigError, match=r"families: 'audio' has no config module tasks/audio/config.py"):
         parse_config({**raw_params, "families": ["vision", "recsys", "audio"]})
@@ -109,12 +109,17 @@ def test_a_project_of_one_family_needs_only_that_familys_blocks(raw_params):
         parse_config({**only, "distill": raw_params["distill"]})
 
 
-def test_a_config_built_from_the_families_survives_pickling(config):
+def test_a_config_built_from_the_families_survives_pickling(config, raw_params):
     """Its model class is made at load time: a pickle (a process pool, a Dask worker) must rebuild it by families."""
     import pickle
 
     again = pickle.loads(pickle.dumps(config))
     assert again == config and type(again) is type(config)
+    # a block checked on which keys it was given (a column split refuses `val`): rebuilt from those alone
+    raw = copy.deepcopy(raw_params)
+    raw["data"]["clicks"]["split"] = {"method": "column", "column": "split"}
+    column = parse_config(raw)
+    assert pickle.loads(pickle.dumps(column)) == column   # before: "['key', 'test', 'val'] would be ignored"
 
 
 def test_stages_that_only_read_a_familys_data_import_neither_great_expectations_nor_pytorch():

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
-from tasks.config_types import Fraction, Positive, ProjectPath, Strict, distinct
+from tasks.config_types import Fraction, Positive, ProjectPath, Seed, Strict, distinct
 from tasks.ctr.config import SECTIONS as CTR_SECTIONS
 from tasks.ctr.config import check as check_ctr
 
@@ -105,7 +105,7 @@ class TableData(Strict):
                          | Annotated[dict[str, Annotated[list[str], distinct("na value")]], Tag("mapping")],
                          Discriminator(lambda v: "mapping" if isinstance(v, dict) else "list")] = []
     split: TableSplit
-    seed: int
+    seed: Seed
     min_count: Positive = 1
     subset: Positive | None = None     # a seeded sample of this many rows (the smoke profile)
 
@@ -116,7 +116,7 @@ class TableData(Strict):
         it must hash as [] does (the data params digest a champion records)."""
         if isinstance(value, dict):
             value = {column: listed for column, listed in value.items() if listed != []}
-        return value or []
+        return [] if value is None or value == {} else value   # (False, 0 or "" are no list: refused)
 
     @model_validator(mode="after")
     def _columns_once(self) -> TableData:
@@ -128,6 +128,9 @@ class TableData(Strict):
             raise ValueError(f"columns {twice} are declared more than once (label, categorical, numeric, multi_hot, "
                              "split column)")
         features = self.feature_columns()
+        if self.label in self.split.key:
+            raise ValueError(f"split.key holds the label {self.label!r}: a corrected label would move its row to "
+                             "another split (a key identifies the row: its feature columns)")
         if taken := sorted({*self.categorical, *self.numeric_columns()} & set(VALIDATION_COLUMNS)):
             raise ValueError(f"categorical or numeric columns may not be named {taken}: rename the column in the "
                              f"table (the validation's own columns beside the fields: {list(VALIDATION_COLUMNS)})")

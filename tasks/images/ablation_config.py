@@ -6,7 +6,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import Field
 
-from tasks.config_types import Fraction, Positive, Strict, distinct
+from tasks.config_types import Fraction, Positive, Seed, Strict, distinct
 
 
 class AblationTargets(Strict):
@@ -30,7 +30,7 @@ class AblationImages(Strict):
     """The ablation benchmark: every arm trained once per seed with the stage recipes, where ``distill``, ``prune``,
     ``qat`` and ``share`` hold overrides of ``<stage>.<family>`` for the ablation only (e.g. fewer epochs)."""
 
-    seeds: Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1), distinct("seed")]
+    seeds: Annotated[list[Seed], Field(min_length=1), distinct("seed")]
     calibration_size: Positive         # validation images that calibrate the PTQ baseline (never test images)
     distill: dict[str, Any] = {}
     prune: dict[str, Any] = {}

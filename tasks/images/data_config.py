@@ -7,7 +7,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from tasks.config_types import Fraction, Positive, ProjectPath, Strict
+from tasks.config_types import Fraction, Positive, ProjectPath, Seed, Strict
 from tasks.family_config import Sha256
 
 IDX_FILES = ("train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")
@@ -82,7 +82,7 @@ class ImageData(Strict):
     # each batch after the first holds out this share of its images as test rows (the recent window of the run it
     # arrives in: images no model trained on); 0: later batches only grow training and validation
     batch_test_fraction: Fraction = 0.0
-    seed: int
+    seed: Seed
     subset: SplitSizes | None = None   # of the test split: of the first batch's test rows (the golden window)
 
     @model_validator(mode="after")

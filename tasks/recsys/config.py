@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from tasks.config_types import Fraction, Positive, ProjectPath, Strict
+from tasks.config_types import Fraction, Positive, ProjectPath, Seed, Strict
 from tasks.ctr.config import SECTIONS as CTR_SECTIONS
 
 # model files saved before the kit (tasks.ctr) name their architecture tasks.recsys.config:RecArch
@@ -51,7 +51,7 @@ class RecsysData(Strict):
     zip_prefix_length: Annotated[int, Field(ge=1, le=5)]
     year_bucket: Positive              # release years grouped into buckets of this many years
     split: RecsysSplit
-    seed: int
+    seed: Seed
 
     @model_validator(mode="after")
     def _consistent(self) -> RecsysData:

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
-from tasks.config_types import Fraction, ModelArch, Positive, ProjectPath, Strict
+from tasks.config_types import Fraction, ModelArch, Positive, ProjectPath, Seed, Strict
 from tasks.family_config import Floors, Gate, LossWeights, Parity, Score, Sha256, Training, VsTeacher, WheelFolder
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ class TextData(Strict):
     labels: dict[str, Annotated[int, Field(ge=0)]]
     drop: list[str] = []
     split: SplitShares
-    seed: int
+    seed: Seed
     max_tokens: Annotated[int, Field(ge=8, le=512)]      # longer sentences are cut (validation bounds the length)
     min_count: Positive                # a training token seen fewer times maps to <unk>
     max_vocabulary: Annotated[int, Field(ge=16)]
@@ -66,6 +66,13 @@ class TextValidation(Strict):
     max_chars: Positive
     min_class_fraction: Fraction       # every class at least this share of every split
     min_rows: dict[Literal["train", "val", "test"], Positive]
+
+    @model_validator(mode="after")
+    def _chars_ordered(self) -> TextValidation:
+        if self.min_chars > self.max_chars:
+            raise ValueError(f"min_chars {self.min_chars} is above max_chars {self.max_chars}: every sentence would "
+                             "be refused")
+        return self
 
 
 class TransformerArch(ModelArch):

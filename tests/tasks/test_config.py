@@ -170,3 +170,29 @@ def test_paths_the_pipeline_writes_cannot_leave_the_project(raw_params, section,
     node[key] = value
     with pytest.raises(ConfigError, match=rf"{section}\.{key}: .*leaves the project"):
         parse_config(raw)
+
+
+@pytest.mark.fault("params", "a value no stage can run with though its type is right (a negative seed, min_chars "
+                   "above max_chars, the label in a table's split key, na_values that is no list)",
+                   "ConfigError at load naming the key (before: accepted, then a traceback in the stage, every "
+                   "sentence refused, a relabelled row moving split, or a wrong type read as none)")
+@pytest.mark.parametrize("dotted,value,pattern", [
+    ("data.text.seed", -1, r"data\.text\.seed: Input should be greater than or equal to 0"),
+    ("data.vision.seed", -1, r"data\.vision\.seed: Input should be greater than or equal to 0"),
+    ("data.recsys.seed", -1, r"data\.recsys\.seed: Input should be greater than or equal to 0"),
+    ("data.clicks.seed", -1, r"data\.clicks\.seed: Input should be greater than or equal to 0"),
+    ("distill.vision.seed", -1, r"distill\.vision\.seed: Input should be greater than or equal to 0"),
+    ("validate.text.min_chars", 500, r"validate\.text: .*min_chars 500 is above max_chars 400"),
+    ("data.clicks.split.key", ["user_id", "click"], r"data\.clicks: .*split\.key holds the label 'click'"),
+    ("data.clicks.na_values", False, r"data\.clicks\.na_values"),
+    ("data.clicks.na_values", "", r"data\.clicks\.na_values"),
+])
+def test_values_a_stage_cannot_run_with_are_refused_at_load(raw_params, dotted, value, pattern):
+    import copy
+
+    from flows.workspace import set_param
+
+    raw = copy.deepcopy(raw_params)
+    set_param(raw, dotted, value)
+    with pytest.raises(ConfigError, match=pattern):
+        parse_config(raw)
