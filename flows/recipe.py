@@ -19,7 +19,7 @@ from prefect import task
 from flows.dvc_stage import reproduce, retry_transient, stage_env
 from flows.gating import pair_latencies, paths
 from flows.workspace import copy_project
-from tasks.config import Config, load_config, parse_config
+from tasks.config import Config, family_config, load_config, parse_config
 from tasks.errors import ConfigError, PipelineError
 from tasks.family import load_family
 from tasks.gate import Check, gate_checks, gate_tags
@@ -39,7 +39,9 @@ def layered_overrides(raw: dict[str, Any], overrides: dict[str, Any], family: st
     """Dotted overrides for ``copy_project``: the recipe's and the thread limit, in the layer that wins."""
     profile = raw.get("profile", "full")
     prefix = "" if profile == "full" else f"profiles.{profile}."
-    limits = {f"{section}.{family}.threads": threads for section in THREADED}
+    sections = family_config(family).SECTIONS   # (the text family has no prune, qat or share)
+    limits = {f"{section}.{family}.threads": threads for section in THREADED
+              if "threads" in getattr(sections.get(section), "model_fields", {})}
     return {f"{prefix}{key}": value for key, value in {**limits, **overrides}.items()}
 
 

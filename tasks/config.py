@@ -11,6 +11,7 @@ no family.
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import importlib
 import re
@@ -19,7 +20,7 @@ from types import ModuleType
 from typing import Annotated, Any
 
 import yaml
-from pydantic import Field, ValidationError, create_model, model_validator
+from pydantic import Field, TypeAdapter, ValidationError, create_model, model_validator
 
 from tasks.config_types import Positive, ProjectPath, Strict, distinct
 from tasks.errors import ConfigError
@@ -128,12 +129,17 @@ class Config(Strict):
             raise ValueError(f"sweep: {family!r} is not one of families {self.families}")
         params = self.model_dump(by_alias=True)
         for family, space in self.sweep.space.items():
-            for key in space:
+            for key, values in space.items():
                 node: Any = params
                 for part in key.split("."):
                     if not isinstance(node, dict) or part not in node:
                         raise ValueError(f"sweep.space.{family}: {key!r} is not a key of params.yaml")
                     node = node[part]
+                section, _, *rest = key.split(".", 2)
+                path = rest[0] if rest else ""
+                for value in values:   # each value as its block takes it (what spans blocks: when a recipe loads)
+                    _check_value(family_config(family).SECTIONS[section], params[section][family], path, value,
+                                 f"sweep.space.{family}: {key}")
         return self
 
 
@@ -155,6 +161,25 @@ def config_model(families: tuple[str, ...]) -> type[Config]:
     return create_model("ProjectConfig", __base__=Config, **fields)
 
 
+def _check_value(kind: Any, block: Any, path: str, value: Any, where: str) -> None:
+    """``block`` with ``value`` at dotted ``path`` ("" for the whole block) validated as ``kind`` (a params class)."""
+    if path:
+        block = copy.deepcopy(block)
+        *parents, leaf = path.split(".")
+        node = block
+        for part in parents:
+            node = node[part]
+        node[leaf] = value
+    else:
+        block = value
+    try:
+        TypeAdapter(kind).validate_python(block)
+    except ValidationError as err:
+        first = err.errors()[0]
+        at = ".".join(str(p) for p in first["loc"])
+        raise ValueError(f"{where}: {value!r} is not a value it takes: {at + ': ' if at else ''}{first['msg']}") from None
+
+
 def _rebuild(families: tuple[str, ...], params: dict[str, Any]) -> Config:
     return config_model(families).model_validate(params)
 
@@ -173,10 +198,17 @@ def deep_merge(base: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
 def resolve_profile(raw: dict[str, Any], source: str) -> dict[str, Any]:
     """Apply the overlay named by ``profile`` (``full`` means no overlay)."""
     profile, profiles = raw.get("profile", "full"), raw.get("profiles") or {}
+    if not isinstance(profiles, dict):
+        raise ConfigError(f"{source}: profiles: a mapping of profile names to overlays is required, got {profiles!r}")
+    if not isinstance(profile, str):
+        raise ConfigError(f"{source}: profile: a profile name is required (full or one of {sorted(profiles)}), got "
+                          f"{profile!r}")
     if profile == "full":
         return raw
-    if not isinstance(profiles, dict) or profile not in profiles:
+    if profile not in profiles:
         raise ConfigError(f"{source}: profile: unknown profile {profile!r}; choose 'full' or one of {sorted(profiles)}")
+    if not isinstance(profiles[profile], dict):
+        raise ConfigError(f"{source}: profiles.{profile}: an overlay of params is a mapping, got {profiles[profile]!r}")
     return deep_merge(raw, profiles[profile])
 
 
@@ -194,10 +226,19 @@ def _format_errors(err: ValidationError, source: str, profile: str) -> str:
 
 
 def parse_config(raw: Any, source: str = "params.yaml") -> Config:
-    """Validate a raw params mapping; errors name every offending key path."""
+    """Validate a raw params mapping, under its selected profile and under every other one a run may select
+    (``dvc exp run -S profile=...``); errors name every offending key path, and the profile."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: top level must be a mapping, got {type(raw).__name__}")
-    merged = resolve_profile(raw, source)
+    config = _validated(resolve_profile(raw, source), source)
+    for other in ["full", *(raw.get("profiles") or {})]:
+        if other != config.profile:
+            _validated(resolve_profile({**raw, "profile": other}, source), source)
+    return config
+
+
+def _validated(merged: dict[str, Any], source: str) -> Config:
+    """The model of one profile's merged params."""
     families = merged.get("families")
     if not isinstance(families, list) or not families or not all(isinstance(f, str) for f in families):
         raise ConfigError(f"{source}: families: a list of family names is required, got {families!r}")

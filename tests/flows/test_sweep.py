@@ -99,6 +99,11 @@ def test_overrides_land_in_the_layer_that_wins(tmp_path, raw_params):
     assert cfg.share.recsys.clusters == 64 and cfg.distill.recsys.threads == 1
     full = layered_overrides(raw_params, {"share.recsys.clusters": 64}, "recsys", 2)
     assert full["share.recsys.clusters"] == 64
+    # a family without some of the threaded sections (text: no prune, qat, share) gets limits only where it has them
+    text = layered_overrides(raw_params, {"distill.text.temperature": 2.0}, "text", 1)
+    assert "prune.text.threads" not in text and text["distill.text.threads"] == 1
+    copy_project(tmp_path / "text", text, source=tmp_path)   # before: "prune.text: Extra inputs are not permitted"
+    assert load_config(tmp_path / "text" / "params.yaml").distill.text.temperature == 2.0
 
 
 @pytest.mark.parametrize("key, message", [
@@ -112,6 +117,20 @@ def test_a_sweep_space_key_that_is_not_a_compression_knob_fails_at_load(raw_para
     raw = copy.deepcopy(raw_params)
     raw["sweep"]["space"]["recsys"] = {key: [1, 2]}
     with pytest.raises(ConfigError, match=message):
+        parse_config(raw)
+
+
+@pytest.mark.fault("params", "a sweep value its knob does not take (clusters: 1, a temperature of 0)",
+                   "ConfigError at load naming the key and the value (before: the recipes drawing it failed after "
+                   "the upstream stages had run)")
+def test_every_sweep_value_is_checked_at_load(raw_params):
+    raw = copy.deepcopy(raw_params)
+    raw["sweep"]["space"]["recsys"]["share.recsys.clusters"] = [64, 1]
+    with pytest.raises(ConfigError, match=r"sweep\.space\.recsys: share\.recsys\.clusters: 1 is not a value it "
+                                          r"takes: clusters: Input should be greater than or equal to 2"):
+        parse_config(raw)
+    raw["sweep"]["space"]["recsys"] = {"recipe.recsys": [["distill", "qat"], ["distill", "sharpen"]]}
+    with pytest.raises(ConfigError, match=r"sweep\.space\.recsys: recipe\.recsys: \['distill', 'sharpen'\] is not"):
         parse_config(raw)
 
 

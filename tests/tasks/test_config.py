@@ -37,6 +37,28 @@ def test_profile_overlay_errors_say_which_profile(raw_params):
         parse_config(raw)
 
 
+@pytest.mark.fault("params", "an error in a profile the params do not select (a typo under profiles.smoke while "
+                   "profile is full), a profile that is no name, an overlay that is no mapping",
+                   "ConfigError at load naming the profile and the key (before: accepted until a run switched to it; "
+                   "a list or a null overlay stopped the load with a TypeError or AttributeError traceback)")
+def test_every_profile_is_checked_at_load_whichever_is_selected(raw_params):
+    import copy
+
+    raw = copy.deepcopy(raw_params)
+    raw["profiles"]["smoke"]["teacher"]["vision"]["epochz"] = 1
+    for selected in ("full", "smoke"):
+        with pytest.raises(ConfigError, match=r"after applying profile 'smoke'.*\n.*teacher\.vision\.epochz: Extra"):
+            parse_config({**raw, "profile": selected})
+    raw = copy.deepcopy(raw_params)   # the base values are checked under a profile too
+    raw["teacher"]["vision"]["epochs"] = "ten"   # (the smoke overlay sets it: the smoke run itself would start)
+    with pytest.raises(ConfigError, match=r"params\.yaml is invalid:\n.*teacher\.vision\.epochs: .*got 'ten'"):
+        parse_config({**raw, "profile": "smoke"})
+    with pytest.raises(ConfigError, match=r"profile: a profile name is required \(full or one of \['smoke'\]\), got "):
+        parse_config({**raw_params, "profile": ["smoke"]})
+    with pytest.raises(ConfigError, match=r"profiles\.smoke: an overlay of params is a mapping, got None"):
+        parse_config({**raw_params, "profile": "smoke", "profiles": {"smoke": None}})
+
+
 def test_unknown_profile_lists_choices(raw_params):
     with pytest.raises(ConfigError, match=r"unknown profile 'tiny'.*'smoke'"):
         parse_config({**raw_params, "profile": "tiny"})
