@@ -265,35 +265,40 @@ def ablation_recipes(cfg: Config, seed: int, family: str, resolve: bool = True) 
 
 
 def check(cfg: Config, family: str) -> None:
-    """What no single section of ``family`` can check: the ablation's overrides, QAT's float modules, the feature
-    pairs."""
-    if cfg.ablation is not None and (ablation := getattr(cfg.ablation, family, None)) is not None:
-        ablation_recipes(cfg, ablation.seeds[0], family, resolve=False)
+    """What no single section of ``family`` can check: QAT's float modules and the feature pairs (of the stage blocks
+    and of the ablation's recipes, the blocks with its overrides), the ingest's repeats."""
     kd, qat, teacher = (cfg.block(key, family) for key in ("distill", "qat", "teacher"))
-    blocks = len(kd.student.widths)
-    for i, name in enumerate(qat.float_modules):
-        if name.startswith("blocks.") and int(name.split(".")[1]) >= blocks:
-            raise ValueError(f"qat.{family}.float_modules.{i}: {name} does not exist (the student has blocks "
-                             f"0..{blocks - 1})")
-    stages = teacher.feature_stages()
-    offered = f"stages 0..{stages - 1}" if stages else \
-        f"no feature maps: name them in teacher.{family}.pretrained.features"
-    for i, pair in enumerate(kd.feature_pairs):
-        if pair.teacher >= stages:
-            raise ValueError(f"distill.{family}.feature_pairs.{i}.teacher: teacher stage {pair.teacher} does not "
-                             f"exist (the teacher has {offered})")
-        if pair.student >= len(kd.student.widths):
-            raise ValueError(f"distill.{family}.feature_pairs.{i}.student: student block {pair.student} does not "
-                             f"exist (the student has blocks 0..{len(kd.student.widths) - 1})")
+    _check_recipe(kd, qat, teacher, f"distill.{family}", f"qat.{family}", f"teacher.{family}")
+    if cfg.ablation is not None and (ablation := getattr(cfg.ablation, family, None)) is not None:
+        recipes = ablation_recipes(cfg, ablation.seeds[0], family, resolve=False)
+        _check_recipe(recipes["distill"], recipes["qat"], teacher, f"ablation.{family}.distill",
+                      f"ablation.{family}.qat", f"teacher.{family}")
     ingest = getattr(getattr(cfg, "ingest", None), family, None)
     held = cfg.block("data", family).batch_test_fraction
     if ingest is not None and ingest.max_repeated_fraction + held > 1:   # prepare holds out no repeated image
         raise ValueError(f"ingest.{family}.max_repeated_fraction ({ingest.max_repeated_fraction}) plus "
                          f"data.{family}.batch_test_fraction ({held}) exceeds 1: a batch of repeats could not give "
                          "its test rows")
+
+
+def _check_recipe(kd: DistillImages, qat: QatImages, teacher: TrainTeacherImages, at_kd: str, at_qat: str,
+                  at_teacher: str) -> None:
+    """A distillation and QAT recipe against the student and teacher they train (``at_*``: where each is in params)."""
+    blocks = len(kd.student.widths)
+    for i, name in enumerate(qat.float_modules):
+        if name.startswith("blocks.") and int(name.split(".")[1]) >= blocks:
+            raise ValueError(f"{at_qat}.float_modules.{i}: {name} does not exist (the student has blocks "
+                             f"0..{blocks - 1})")
+    stages = teacher.feature_stages()
+    offered = f"stages 0..{stages - 1}" if stages else f"no feature maps: name them in {at_teacher}.pretrained.features"
+    for i, pair in enumerate(kd.feature_pairs):
+        if pair.teacher >= stages:
+            raise ValueError(f"{at_kd}.feature_pairs.{i}.teacher: teacher stage {pair.teacher} does not exist (the "
+                             f"teacher has {offered})")
+        if pair.student >= blocks:
+            raise ValueError(f"{at_kd}.feature_pairs.{i}.student: student block {pair.student} does not exist (the "
+                             f"student has blocks 0..{blocks - 1})")
     if kd.feature_pairs and kd.weights.feature == 0:
-        raise ValueError(f"distill.{family}.weights.feature is 0 but feature_pairs are set; set a weight or drop the "
-                         "pairs")
+        raise ValueError(f"{at_kd}.weights.feature is 0 but feature_pairs are set; set a weight or drop the pairs")
     if kd.weights.feature > 0 and not kd.feature_pairs:
-        raise ValueError(f"distill.{family}.weights.feature > 0 needs at least one entry in "
-                         f"distill.{family}.feature_pairs")
+        raise ValueError(f"{at_kd}.weights.feature > 0 needs at least one entry in {at_kd}.feature_pairs")

@@ -148,6 +148,13 @@ def test_reading_params_imports_no_pytorch():
     ({"prune": {"steps": 9}}, r"ablation\.vision\.prune .*must cover steps"),
     ({"seeds": [1, 1]}, r"ablation\.vision\.seeds: .*lists a seed twice"),
     ({"seeds": []}, r"ablation\.vision\.seeds: "),
+    # what spans the stage blocks, checked on the ablation's recipes too (before: a traceback mid-ablation, or a float
+    # module silently ignored)
+    ({"distill": {"feature_pairs": []}},
+     r"ablation\.vision\.distill\.weights\.feature > 0 needs at least one entry in ablation\.vision\.distill\.fea"),
+    ({"distill": {"feature_pairs": [{"teacher": 1, "student": 9}]}},
+     r"ablation\.vision\.distill\.feature_pairs\.0\.student: student block 9 does not exist"),
+    ({"qat": {"float_modules": ["blocks.9"]}}, r"ablation\.vision\.qat\.float_modules\.0: blocks\.9 does not exist"),
 ])
 def test_bad_ablation_overrides_fail_at_load(raw_params, override, pattern):
     raw = {**raw_params, "ablation": {**raw_params["ablation"], "vision": {**raw_params["ablation"]["vision"], **override}}}
