@@ -25,8 +25,8 @@ class WheelFolder(Strict):
 class Optimizer(Strict):
     name: Literal["sgd", "adamw"]
     lr: Annotated[float, Field(gt=0.0)]
-    momentum: Fraction = 0.9           # sgd; under a one-cycle that cycles momentum, the cycle's instead
-    nesterov: bool = True
+    momentum: Fraction = 0.9           # sgd's momentum, adamw's beta1; under a one-cycle that cycles it, the cycle's
+    nesterov: bool = True              # sgd
     weight_decay: Annotated[float, Field(ge=0.0)]
 
     @model_validator(mode="after")
@@ -38,7 +38,7 @@ class Optimizer(Strict):
 
 class Schedule(Strict):
     name: Literal["onecycle", "cosine", "constant"]
-    warmup_fraction: Fraction = 0.0
+    warmup_fraction: Fraction = 0.0    # of the steps: the rate rises linearly to its peak (onecycle: pct_start)
     # onecycle: the momentum (sgd; adamw: beta1) cycles from the high value down to the low one as the rate rises, and
     # back (torch's OneCycleLR: [0.85, 0.95]); null: the optimizer's momentum throughout
     cycle_momentum: Annotated[list[Fraction], Field(min_length=2, max_length=2)] | None = [0.85, 0.95]

@@ -28,7 +28,7 @@ def make_optimizer(model: nn.Module, cfg: Optimizer) -> torch.optim.Optimizer:
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.name == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
-    return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.momentum, 0.999))   # momentum: its beta1
 
 
 def make_scheduler(opt: torch.optim.Optimizer, cfg: Schedule, total_steps: int) -> torch.optim.lr_scheduler.LRScheduler:
@@ -46,7 +46,9 @@ def make_scheduler(opt: torch.optim.Optimizer, cfg: Schedule, total_steps: int) 
         warm = max(1, int(cfg.warmup_fraction * total_steps))
         return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(
             math.pi * min(s, total_steps) / total_steps))))
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)   # constant, or a one-cycle of 1-2 steps
+    # constant (after a linear warm-up over warmup_fraction of the steps), or a one-cycle of 1-2 steps
+    warm = max(1, int(cfg.warmup_fraction * total_steps)) if cfg.name == "constant" else 1
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min((s + 1) / warm, 1.0))
 
 
 def autocast(bf16: bool, device_type: str = "cpu") -> torch.autocast:

@@ -115,6 +115,25 @@ def test_a_one_cycle_trains_at_the_momentum_it_is_given():
     assert cycled[0] == pytest.approx(0.9) and min(cycled) == pytest.approx(0.8)
 
 
+def test_adamw_and_a_constant_rate_train_with_the_knobs_they_are_given():
+    """Before: AdamW ran at torch's beta1 0.9 whatever optimizer.momentum said, and a constant schedule ignored its
+    warmup_fraction: both accepted at load, neither used."""
+    from torch import nn
+
+    from tasks.training import make_optimizer, make_scheduler
+
+    adamw = make_optimizer(nn.Linear(3, 2), Optimizer(name="adamw", lr=0.1, momentum=0.8, weight_decay=0.0))
+    assert adamw.param_groups[0]["betas"] == (0.8, 0.999)
+    opt = make_optimizer(nn.Linear(3, 2), Optimizer(name="sgd", lr=0.1, weight_decay=0.0))
+    scheduler, rates = make_scheduler(opt, Schedule(name="constant", warmup_fraction=0.5), 8), []
+    for _ in range(8):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        scheduler.step()
+    assert rates == pytest.approx([0.025, 0.05, 0.075, 0.1, 0.1, 0.1, 0.1, 0.1])
+    assert make_scheduler(opt, Schedule(name="constant"), 8).get_last_lr() == [0.1, 0.1]   # no warm-up: at once
+
+
 @pytest.mark.fault("runs", "a corrupted checkpoint (one byte changed)",
                    "SHA-256 mismatch detected, the checkpoint is not loaded, training starts fresh and says why")
 def test_corrupted_checkpoint_is_not_loaded(tmp_path, capsys):
