@@ -88,7 +88,8 @@ def main(family: str) -> None:
     from tasks.tracking import stage_run
 
     export, qat = cfg.block("export", family), cfg.block("qat", family)
-    params = {f"share.{family}": share, f"recipe.{family}": recipe, f"export.{family}": export,
+    params = {f"share.{family}": share, f"recipe.{family}": recipe, f"export.{family}.opset": export.opset,
+              f"export.{family}.calibration_size": export.calibration_size,
               f"qat.{family}.float_modules": qat.float_modules, f"qat.{family}.weight_bits": qat.weight_bits,
               f"distill.{family}": kd}   # the distillation loss it trains with, as QAT logs it
     with stage_run(f"share_{family}", cfg, params) as run:

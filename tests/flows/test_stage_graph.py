@@ -149,6 +149,16 @@ def test_the_vision_teacher_does_not_depend_on_recommender_code_params_or_unrela
                 assert node is None or f"profiles.{profile}.{key}" in keys, f"{name}: profiles.{profile}.{key}"
 
 
+def test_weight_sharing_tracks_only_the_export_params_it_reads():
+    """Before: editing export.<family>.parity or .threads (what the export stage checks and times with) re-ran the
+    image families' weight-sharing fine-tune, which reads only the ONNX opset and calibration size."""
+    stages = _dvc_stages()
+    for family in ("vision", "digits"):
+        _, params, _ = stages[f"share_{family}"]
+        tracked = [p for p in params if p.split(".", 2)[:2] == ["export", family] or "smoke.export" in p]
+        assert sorted(tracked) == [f"export.{family}.calibration_size", f"export.{family}.opset"], tracked
+
+
 def test_the_readmes_stage_graph_is_dvc_yamls():
     from flows.stage_graph import mermaid
 
