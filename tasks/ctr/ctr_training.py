@@ -67,8 +67,8 @@ def predict_logits(model: nn.Module, split: CtrSplit, batch_size: int = 8192) ->
 
 
 def ctr_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, float]:
-    """AUC and logloss of binary ``labels`` (0 or 1) against ``probabilities`` (clipped to [1e-7, 1 - 1e-7]); the
-    AUC is NaN when the labels hold one class only, as scikit-learn's is."""
+    """AUC and logloss of binary ``labels`` (0 or 1) against ``probabilities`` (for the logloss clipped to [1e-7,
+    1 - 1e-7]); the AUC is NaN when the labels hold one class only, as scikit-learn's is."""
     y = np.asarray(labels, dtype=np.float64).ravel()
     p = np.asarray(probabilities, dtype=np.float64).ravel()
     if y.shape != p.shape:
@@ -78,8 +78,8 @@ def ctr_metrics(labels: np.ndarray, probabilities: np.ndarray) -> dict[str, floa
     if not np.isfinite(p).all():   # a diverged model (or broken inputs): no retry makes it finite
         raise PipelineError(f"{int((~np.isfinite(p)).sum())} of {len(p)} probabilities are not finite: a model that "
                             "diverged (lower the learning rate) or inputs it cannot read")
-    p = np.clip(p, 1e-7, 1 - 1e-7)
-    return {"auc": roc_auc(y, p), "logloss": float(-np.mean(y * np.log(p) + (1 - y) * np.log1p(-p)))}
+    clipped = np.clip(p, 1e-7, 1 - 1e-7)   # for the logloss: the AUC ranks the scores as they are (no ties made)
+    return {"auc": roc_auc(y, p), "logloss": float(-np.mean(y * np.log(clipped) + (1 - y) * np.log1p(-clipped)))}
 
 
 def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:

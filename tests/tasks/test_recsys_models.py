@@ -186,7 +186,8 @@ def test_a_model_file_saved_before_the_click_through_kit_still_loads(tmp_path):
 
 def test_auc_and_logloss_are_scikit_learns_and_the_training_stages_do_not_import_it():
     """The metrics every epoch of a CTR stage reads: computed with numpy (before: scikit-learn's, ~1.2 CPU-s of
-    imports in each training and export stage's process), to rounding its values, ties and clipping included."""
+    imports in each training and export stage's process), to rounding its values, ties and clipping
+    (the logloss's) included."""
     from sklearn.metrics import log_loss, roc_auc_score
 
     from tasks.ctr.ctr_training import ctr_metrics
@@ -200,9 +201,11 @@ def test_auc_and_logloss_are_scikit_learns_and_the_training_stages_do_not_import
         p = p if decimals is None else np.round(p, decimals)
         clipped = np.clip(p.astype(np.float64), 1e-7, 1 - 1e-7)
         ours = ctr_metrics(y, p)
-        assert ours["auc"] == pytest.approx(roc_auc_score(y, clipped), abs=1e-12)
+        assert ours["auc"] == pytest.approx(roc_auc_score(y, p), abs=1e-12)
         assert ours["logloss"] == pytest.approx(log_loss(y, clipped, labels=[0, 1]), rel=1e-12)
     assert np.isnan(ctr_metrics(np.ones(5, dtype=np.float32), np.full(5, 0.5))["auc"])   # scikit-learn's: NaN
+    # the ranking of a confident model's scores, clipped only for the logloss (before: tied by the clip, AUC 0.5)
+    assert ctr_metrics(np.array([1, 0, 1, 0]), np.array([1.0, 1 - 1e-8, 1e-9, 1e-10]))["auc"] == 0.75
     for labels, probabilities, refused in ((np.ones(3), np.ones((3, 1)), None), (np.ones(3), np.ones(4), "3 labels"),
                                            ([0, 2, 1], np.ones(3), "must be 0 or 1"),
                                            ([0, 1, 1], [0.1, np.nan, 0.2], "1 of 3 probabilities are not finite")):
