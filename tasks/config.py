@@ -226,19 +226,12 @@ def _format_errors(err: ValidationError, source: str, profile: str) -> str:
 
 
 def parse_config(raw: Any, source: str = "params.yaml") -> Config:
-    """Validate a raw params mapping, under its selected profile and under every other one a run may select
-    (``dvc exp run -S profile=...``); errors name every offending key path, and the profile."""
+    """Validate a raw params mapping under its selected profile; errors name every offending key path, and the
+    profile. (Another profile is checked when a run selects it: one a project never runs, left inconsistent with
+    values edited for its own data, does not stop the runs it does.)"""
     if not isinstance(raw, dict):
         raise ConfigError(f"{source}: top level must be a mapping, got {type(raw).__name__}")
-    config = _validated(resolve_profile(raw, source), source)
-    for other in ["full", *(raw.get("profiles") or {})]:
-        if other != config.profile:
-            _validated(resolve_profile({**raw, "profile": other}, source), source)
-    return config
-
-
-def _validated(merged: dict[str, Any], source: str) -> Config:
-    """The model of one profile's merged params."""
+    merged = resolve_profile(raw, source)
     families = merged.get("families")
     if not isinstance(families, list) or not families or not all(isinstance(f, str) for f in families):
         raise ConfigError(f"{source}: families: a list of family names is required, got {families!r}")
