@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -81,7 +82,10 @@ class FolderReader:
         from PIL import Image, ImageOps, UnidentifiedImageError
 
         blob = path.read_bytes()
-        self.digest.update(path.relative_to(self.root).as_posix().encode() + b"\0" + hashlib.sha256(blob).digest())
+        # the name's bytes on disk: a Latin-1 name (from an unzipped Windows archive) is no UTF-8 text, and a UTF-8
+        # one hashes as it always did
+        self.digest.update(os.fsencode(path.relative_to(self.root).as_posix()) + b"\0"
+                           + hashlib.sha256(blob).digest())
         try:
             with Image.open(io.BytesIO(blob)) as img:
                 img = ImageOps.exif_transpose(img)

@@ -47,7 +47,8 @@ def content_digest(path: Path) -> str | None:
         files += [Path(folder, n) for n in names if not n.startswith(".") and Path(folder, n).is_file()]
     digest = hashlib.sha256()
     for file in sorted(files):
-        digest.update(f"{file.relative_to(path).as_posix()}\0{file_digest(file)}\n".encode())
+        # the name's bytes (a Latin-1 name is no UTF-8 text; a UTF-8 one hashes as it always did)
+        digest.update(os.fsencode(file.relative_to(path).as_posix()) + f"\0{file_digest(file)}\n".encode())
     return digest.hexdigest()
 
 
@@ -63,6 +64,14 @@ def write_csv(path: Path, frame: Any) -> None:
     import csv
 
     write_atomic(path, frame.to_csv(index=False, lineterminator="\n", quoting=csv.QUOTE_NONNUMERIC).encode())
+
+
+def read_csv(path: Path, **options: Any) -> Any:
+    """A CSV that ``write_csv`` wrote, its text as written: only an empty field is missing ("NA", "None", "null" or
+    "nan" is text like any other, as the intake that accepted it read it)."""
+    import pandas as pd
+
+    return pd.read_csv(path, keep_default_na=False, na_values=[""], **options)
 
 
 def write_atomic(path: Path, data: bytes) -> None:

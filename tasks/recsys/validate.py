@@ -23,6 +23,7 @@ import pandas as pd
 from tasks.config import Config, stage_args
 from tasks.errors import DataFormatError, run_cli
 from tasks.expectations import ephemeral_context, publish_validation, run_suites, suite
+from tasks.io import read_csv
 from tasks.recsys.config import RecsysValidation
 
 E = gx.expectations
@@ -34,8 +35,8 @@ COLUMNS = {"interactions": ["user_id", "item_id", "rating", "timestamp", "label"
 
 def load_tables(data_dir: Path) -> dict[str, Any]:
     try:
-        tables: dict[str, Any] = {name: pd.read_csv(data_dir / f"{name}.csv", dtype={"zip_code": str},
-                                                    keep_default_na=True) for name in COLUMNS}
+        tables: dict[str, Any] = {name: read_csv(data_dir / f"{name}.csv", dtype={"zip_code": str})
+                                  for name in COLUMNS}
         tables["features"] = json.loads((data_dir / "features.json").read_text())
         for split in SPLITS:
             tables[split] = {p: np.load(data_dir / f"{split}_{p}.npy", allow_pickle=False)

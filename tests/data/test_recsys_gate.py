@@ -100,3 +100,22 @@ def test_each_split_holds_its_share_of_the_labelled_rows(synthetic_movielens, tm
     tables["train"] = {k: np.concatenate([v, tables["test"][k][:half]]) for k, v in tables["train"].items()}
     tables["test"] = {k: v[half:] for k, v in tables["test"].items()}
     assert "[recsys_test] expect_table_row_count_to_be_between" in failure_message(validate_recsys(tables, cfg))
+
+
+@pytest.mark.fault("data", "an accepted batch of users whose occupation is \"None\", \"N/A\", \"null\" or \"nan\" and "
+                   "whose zip code is \"NA\"",
+                   "validation passes: the prepared tables are read as the intake read them, text as written (before: "
+                   "read as missing, the null checks failed on every later run)")
+def test_text_that_pandas_would_read_as_missing_passes_as_written(synthetic_movielens, tmp_path):
+    from tasks.recsys.movielens import acquire
+
+    _, _, cfg = synthetic_movielens
+    source, tables = acquire(cfg.data.recsys)
+    users = tables["users"].copy()
+    users.loc[:3, "occupation"] = ["None", "N/A", "null", "nan"]
+    users.loc[4, "zip_code"] = "NA"
+    prepare_recsys(cfg.data.recsys, tmp_path / "out", (source, {**tables, "users": users}))
+    loaded = load_tables(tmp_path / "out")
+    assert loaded["users"].occupation.tolist()[:4] == ["None", "N/A", "null", "nan"]
+    report = validate_recsys(loaded, cfg)
+    assert report["success"], failure_message(report)

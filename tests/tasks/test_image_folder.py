@@ -179,6 +179,26 @@ def test_bad_folders_are_named(tmp_path, raw_params):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.fault("data", "an image folder whose file names are Latin-1 bytes (as unzip leaves a Windows archive's "
+                           "accented names)",
+                   "prepared, and its content digest hashes the names' bytes (before: a UnicodeEncodeError traceback "
+                   "from the digest)")
+def test_a_file_name_that_is_not_utf8_is_read_and_hashed_as_its_bytes(tmp_path, raw_params):
+    import os
+
+    from tasks.lineage import data_params
+
+    root = image_folder(tmp_path / "photos")
+    cfg = folder_config(raw_params, root)
+    utf8 = prepare_images(cfg.data.vision, tmp_path / "utf8", "vision")["source"]
+    before = data_params(cfg, "vision")
+    (root / "cat" / "0.png").rename(root / "cat" / os.fsdecode(b"caf\xe9.png"))
+    (root / "fox" / os.fsdecode(b"caf\xe9.txt")).write_text("")   # skipped, and listed
+    manifest = prepare_images(cfg.data.vision, tmp_path / "data", "vision")
+    assert manifest["source"] != utf8 and len(manifest["skipped_files"]) == 1
+    assert data_params(cfg, "vision") != before
+
+
 def run(monkeypatch, module, *args: str) -> None:
     monkeypatch.setattr(sys, "argv", [module.__name__, *args])
     module.main("vision")
