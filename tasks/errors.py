@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import sys
+import zlib
 from collections.abc import Callable
 
 #: Exit code of a stage that failed on bad input or config: deterministic, so never retried.
 EXIT_USER_ERROR = 2
 #: Exit code of a failure that may pass on a later try (a server down): the flow retries it.
 EXIT_TRANSIENT = 75
+#: What reading a truncated (EOFError) or corrupted (zlib.error) .gz / .bz2 file raises that is neither an OSError nor
+#: a ValueError: catch it with those wherever a compressed file is read.
+CORRUPT_STREAM = (EOFError, zlib.error)
 
 
 class PipelineError(Exception):

@@ -38,7 +38,7 @@ import pandas as pd
 from tasks.config import stage_args
 from tasks.ctr.table_config import SPLITS, TableData, TableFile
 from tasks.ctr.table_split import assign_splits
-from tasks.errors import DataFormatError, DataSourceError
+from tasks.errors import CORRUPT_STREAM, DataFormatError, DataSourceError
 from tasks.io import save_npy, write_atomic, write_json
 
 VOCABULARY, FEATURES, TEST_ROWS = "vocabulary.json", "features.json", "test_rows.parquet"
@@ -101,7 +101,7 @@ def read_table(cfg: TableData, where: str, root: Path = Path()) -> pd.DataFrame:
             frame = pd.read_parquet(path, dtype_backend="numpy_nullable")
         else:   # only an empty cell is missing: "NA" or "null" is a value, as it is in Parquet
             frame = pd.read_csv(path, dtype=str, keep_default_na=False, na_values=[""])
-    except (OSError, ValueError, ImportError) as err:   # pandas' ParserError is a ValueError; pyarrow's errors too
+    except (OSError, ValueError, ImportError, *CORRUPT_STREAM) as err:   # pandas' ParserError and pyarrow's: ValueError
         raise DataFormatError(f"{cfg.table.path}: cannot be read as {fmt} ({' '.join(str(err).split())[:300]})"
                               ) from err
     missing = [c for c in wanted if c not in frame.columns]

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from tasks.config import stage_args
-from tasks.errors import ChecksumError, DataFormatError, DataSourceError, run_cli
+from tasks.errors import CORRUPT_STREAM, ChecksumError, DataFormatError, DataSourceError, run_cli
 
 LEVELS = 16   # the bundle's ink levels run 0..16
 
@@ -33,7 +33,7 @@ def read_bundle(path: Path, sha256: str) -> tuple[np.ndarray, np.ndarray]:
     """(images (N, 8, 8) uint8 0-255, labels (N,)) of the bundle at ``path``, verified against ``sha256``."""
     try:
         payload = gzip.decompress(path.read_bytes())
-    except (OSError, EOFError, gzip.BadGzipFile) as err:
+    except (OSError, *CORRUPT_STREAM) as err:   # gzip.BadGzipFile is an OSError
         raise DataSourceError(f"{path}: cannot be read ({err})") from err
     if (actual := hashlib.sha256(payload).hexdigest()) != sha256:
         raise ChecksumError(f"{path}: SHA-256 of its content is {actual}, expected {sha256} (data.digits.bundle.sha256 "

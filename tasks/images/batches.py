@@ -75,7 +75,7 @@ def read_batch(folder: Path) -> Images:
     if (folder / CLASSES).is_file():
         try:
             classes = json.loads((folder / CLASSES).read_text())
-        except (OSError, ValueError) as err:
+        except (OSError, ValueError, RecursionError) as err:   # RecursionError: lists nested thousands deep
             raise DataFormatError(f"{folder / CLASSES}: cannot be read ({err})") from err
         if not isinstance(classes, list) or not classes or not all(isinstance(c, str) and c for c in classes) \
                 or len(set(classes)) != len(classes):

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import gzip
-import zlib
+import math
 
 import numpy as np
 
-from tasks.errors import DataFormatError
+from tasks.errors import CORRUPT_STREAM, DataFormatError
 
 _UBYTE = 0x08
 
@@ -15,7 +15,7 @@ def gunzip(raw: bytes, name: str) -> bytes:
     """Decompress a .gz payload; a truncated or corrupted file raises DataFormatError naming it."""
     try:
         return gzip.decompress(raw)
-    except (EOFError, OSError, zlib.error) as err:
+    except (OSError, *CORRUPT_STREAM) as err:
         raise DataFormatError(f"{name}: not a valid gzip stream ({err}); the file is truncated or corrupted, "
                               "delete it so it is fetched again") from err
 
@@ -31,7 +31,7 @@ def parse_idx(payload: bytes, name: str, ndim: int) -> np.ndarray:
     if len(payload) < header:
         raise DataFormatError(f"{name}: IDX header truncated ({len(payload)} bytes)")
     dims = tuple(int.from_bytes(payload[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    expected = header + int(np.prod(dims))
+    expected = header + math.prod(dims)   # Python ints: numpy's int64 product wraps (2**31 * 2**31 * 4 is 0)
     if len(payload) != expected:
         raise DataFormatError(f"{name}: IDX declares shape {dims} ({expected} bytes) but has {len(payload)} bytes")
     return np.frombuffer(payload, dtype=np.uint8, offset=header).reshape(dims)

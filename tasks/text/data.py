@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from tasks.errors import ChecksumError, DataFormatError, DataSourceError
+from tasks.errors import CORRUPT_STREAM, ChecksumError, DataFormatError, DataSourceError
 from tasks.io import pip_wheel
 from tasks.text.config import TextData, TransferSet
 
@@ -168,7 +168,7 @@ def parse(name: str, blob: bytes, cfg: TextData) -> pd.DataFrame:
         frame = pd.read_csv(io.StringIO(_decompress(name, blob).decode("utf-8")), dtype=str, keep_default_na=False)
     except UnicodeDecodeError as err:
         raise DataFormatError(f"not UTF-8 text (byte {err.start}: {err.reason}); save it as UTF-8") from None
-    except (OSError, ValueError, EOFError, pd.errors.ParserError) as err:
+    except (OSError, ValueError, *CORRUPT_STREAM, pd.errors.ParserError) as err:
         raise DataFormatError(f"cannot be read as a CSV ({type(err).__name__}: {err})") from None
     missing = [c for c in (cfg.text_column, cfg.label_column) if c not in frame.columns]
     if missing:

@@ -6,6 +6,7 @@ files, real Great Expectations, PyTorch and onnxruntime."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -230,6 +231,26 @@ def test_a_table_that_does_not_match_its_schema_is_refused_in_one_line(tmp_path)
     with pytest.raises(DataFormatError, match=r"numeric column 'price' holds no value in the training rows"):
         prepare_table(_schema("no-price.csv", **NUMERIC), tmp_path / "d", WHERE, tmp_path)
     assert not any((tmp_path / name).exists() for name in "abcd")
+
+
+def _flipped(blob: bytes) -> bytes:
+    """``blob`` with bytes in its first deflate block inverted: the gzip header reads, the stream does not."""
+    return blob[:30] + bytes(b ^ 0xFF for b in blob[30:60]) + blob[60:]
+
+
+@pytest.mark.fault("data", "a user's click table that is a truncated or corrupted .gz / .bz2 file",
+                   "the prepare stage stops in one line naming the file (before: an EOFError or zlib.error traceback)")
+@pytest.mark.parametrize("name,damage", [("cut.csv.gz", lambda b: b[:len(b) // 2]), ("flipped.csv.gz", _flipped),
+                                         ("cut.csv.bz2", lambda b: b[:-20])])
+def test_a_truncated_or_corrupted_compressed_table_is_a_one_line_error_naming_it(tmp_path, name, damage):
+    import bz2
+    import gzip
+
+    text = _table().to_csv(index=False).encode()
+    blob = bz2.compress(text) if name.endswith(".bz2") else gzip.compress(text)
+    (tmp_path / name).write_bytes(damage(blob))
+    with pytest.raises(DataFormatError, match=rf"^{re.escape(name)}: cannot be read as csv \(.+\)$"):
+        read_table(_schema(name), WHERE, tmp_path)
 
 
 def test_a_split_setting_the_method_would_ignore_is_refused():

@@ -11,7 +11,7 @@ import yaml
 
 from tasks.config import parse_config
 from tasks.digits.fetch import bundle_path, read_bundle, write_folder
-from tasks.errors import ChecksumError, ConfigError
+from tasks.errors import ChecksumError, ConfigError, DataSourceError
 from tasks.image_folder import read_folder
 
 ROOT = __import__("pathlib").Path(__file__).resolve().parents[2]
@@ -55,6 +55,17 @@ def test_a_bundle_that_is_not_the_pinned_one_is_refused_before_anything_is_writt
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
     assert "ChecksumError" in proc.stderr and "data.digits.bundle.sha256" in proc.stderr
     assert not (tmp_path / "images").exists()
+
+
+@pytest.mark.fault("data", "the digits bundle is a corrupted or truncated gzip file",
+                   "DataSourceError in one line naming the file (before: a zlib.error traceback for a corrupted one)")
+def test_a_corrupted_or_truncated_bundle_is_a_one_line_error_naming_it(pinned, tmp_path):
+    blob = bundle_path().read_bytes()
+    flipped = blob[:30] + bytes(b ^ 0xFF for b in blob[30:60]) + blob[60:]   # the header reads, the stream does not
+    for damaged in (flipped, blob[:len(blob) // 2]):
+        (tmp_path / "digits.csv.gz").write_bytes(damaged)
+        with pytest.raises(DataSourceError, match=r"digits\.csv\.gz: cannot be read \([^\n]+\)$"):
+            read_bundle(tmp_path / "digits.csv.gz", pinned)
 
 
 def test_the_digits_are_read_as_an_image_folder_only(raw_params):

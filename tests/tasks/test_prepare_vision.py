@@ -42,6 +42,17 @@ def test_parse_idx_rejects_malformed(mutate, pattern):
         parse_idx(payload, "f.gz", 3)
 
 
+@pytest.mark.fault("data", "a crafted IDX header whose dimensions multiply to 2**64 (0 in 64-bit integers), with no "
+                   "pixel after it",
+                   "DataFormatError naming the file, the declared shape and its size (before: the size check passed "
+                   "and a numpy reshape error stopped the stage)")
+def test_an_idx_header_whose_size_wraps_in_64_bits_is_refused_naming_its_shape():
+    header = b"\x00\x00\x08\x03" + b"".join(d.to_bytes(4, "big") for d in (2**31, 2**31, 4))
+    with pytest.raises(DataFormatError, match=r"^f\.gz: IDX declares shape \(2147483648, 2147483648, 4\) "
+                                              rf"\({16 + 2**64} bytes\) but has 16 bytes$"):
+        parse_idx(header, "f.gz", 3)
+
+
 def test_prepare_prefers_source_dir_and_writes_splits(synthetic_source, tmp_path):
     src, cfg = synthetic_source
     manifest = prepare_images(cfg.data.vision, tmp_path / "out", "vision")

@@ -280,6 +280,16 @@ def test_a_batch_folder_that_does_not_fit_together_is_unreadable_and_named(repla
         INTAKE.read_batch(folder)
 
 
+@pytest.mark.fault("data", "an arriving batch whose classes.json nests a list 100,000 deep",
+                   "refused as unreadable, naming classes.json (before: a RecursionError traceback stopped the "
+                   "ingestion, and every later one, on that folder)")
+def test_a_classes_file_nested_too_deep_to_parse_is_unreadable_and_named(replayed, tmp_path):
+    folder = _batch(replayed, tmp_path)
+    (folder / "classes.json").write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(DataFormatError, match=r"classes\.json: cannot be read \(maximum recursion depth exceeded"):
+        INTAKE.read_batch(folder)
+
+
 def test_the_published_snapshot_prepares_exactly_what_the_published_files_did(config, tmp_path):
     """The snapshot is Fashion-MNIST, stored: training on it changes no number."""
     snapshot = tmp_path / "raw"
