@@ -24,7 +24,7 @@ from tasks.ctr.ctr_onnx import MODELS, OUTPUT, onnx_probabilities
 from tasks.ctr.ctr_training import CtrSplit, ctr_metrics
 from tasks.ctr.scores import log_int8_curves, ratios, split_quality
 from tasks.errors import run_cli
-from tasks.io import read_windows
+from tasks.io import read_csv, read_windows
 from tasks.onnx_models import file_sizes, percentiles_ms, session, timed_runs
 from tasks.recsys.config import EvaluateRecsys
 from tasks.recsys.prepare import assemble_fields
@@ -113,7 +113,7 @@ def score_onnx(path: Path, data_dir: Path, cfg: EvaluateRecsys) -> dict[str, flo
 def evaluate_recsys(cfg: EvaluateRecsys, data_dir: Path, onnx_dir: Path, models: dict[str, Path]) -> dict[str, dict]:
     torch.set_num_threads(cfg.threads)
     catalog = Catalog(data_dir)
-    tables = {name: pd.read_csv(data_dir / f"{name}.csv", dtype={"zip_code": str})
+    tables = {name: read_csv(data_dir / f"{name}.csv", dtype={"zip_code": str})
               for name in ("interactions", "users", "items")}
     results = {}
     for name in MODELS:

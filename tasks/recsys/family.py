@@ -11,7 +11,7 @@ import pandas as pd
 from tasks.errors import PipelineError
 from tasks.family import Family
 from tasks.gate import GateSpec
-from tasks.io import WINDOWS, read_windows, save_npy, write_json
+from tasks.io import WINDOWS, read_csv, read_windows, save_npy, write_json
 from tasks.recsys.evaluate import STANDS_FOR, Catalog, request_latency, score_onnx
 from tasks.recsys.prepare import VOCABULARY, assemble_fields, encode_with
 
@@ -55,7 +55,7 @@ def paired_data(champion: Path, data: Path, scratch: Path, cfg: Any) -> tuple[Pa
     theirs, ours = json.loads(theirs_file.read_text()), json.loads((data / VOCABULARY).read_text())
     if theirs == ours:
         return None
-    tables = {name: pd.read_csv(data / f"{name}.csv", dtype={"zip_code": str}) for name in ("users", "items")}
+    tables = {name: read_csv(data / f"{name}.csv", dtype={"zip_code": str}) for name in ("users", "items")}
     rows = pd.read_csv(data / "interactions.csv", usecols=["user_id", "item_id", "split"])
     users, items, layout = encode_with(tables["users"], tables["items"], cfg.data.recsys, theirs)
     known_users, known_items = (users >= 0).all(axis=1), (items >= 0).all(axis=1)

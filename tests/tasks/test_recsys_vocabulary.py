@@ -51,6 +51,28 @@ def test_a_champion_of_an_older_snapshot_reads_the_rows_it_knows_in_its_own_enco
     assert paired_data(champion, tmp_path / "new", tmp_path / "none", cfg) is None   # registered without one
 
 
+def test_a_users_text_pandas_would_read_as_missing_is_the_value_a_champion_knows(synthetic_movielens, tmp_path,
+                                                                                  monkeypatch):
+    """Before: the champion's pairing read users.csv with pandas' missing-value strings, so an occupation "None" or
+    "N/A" (a value the vocabulary holds) was unknown to the champion and its users' rows were left out."""
+    from tasks.recsys import movielens
+
+    _, _, cfg = synthetic_movielens
+    acquire_real = movielens.acquire
+
+    def with_none(data_cfg):
+        source, tables = acquire_real(data_cfg)
+        users = tables["users"].assign(occupation=np.where(tables["users"].user_id % 2 == 0, "None", "N/A"))
+        return source, {**tables, "users": users}
+
+    monkeypatch.setattr(movielens, "acquire", with_none)
+    champion, theirs, _ = _older_champion(cfg, tmp_path)
+    assert {"None", "N/A"} <= set(theirs["occupation"])
+    paired, _ = paired_data(champion, tmp_path / "new", tmp_path / "scratch", known_rows_only(cfg))
+    read = {row[FIELDS.index("occupation")] for row in _decode(np.load(paired / "test_fields.npy"), theirs)}
+    assert read == {"None", "N/A"}
+
+
 def test_a_champion_scores_users_and_items_it_never_saw_as_the_mean_over_known_ones(synthetic_movielens, tmp_path):
     """Before: a champion of an older snapshot was compared on the test rows whose users and items it knew only; a
     replayed MovieLens week's recent window (mostly new users) then held too few of them to decide on, every week."""
