@@ -5,8 +5,8 @@ trained with, and whoever loads it from the registry turns text into its inputs 
 WordPiece ids and the student's word ids differ, and each file says which it takes).
 
 The INT8 student is onnxruntime's dynamic quantization of the FP32 export: INT8 weights for the LSTMs
-(``DynamicQuantizeLSTM``), the matrix products, the convolutions and the embedding table, activations quantized per
-batch at run time.
+(``DynamicQuantizeLSTM``), the matrix products, the convolutions and the embedding table, activations quantized with
+each run's own ranges (so it is scored one sentence per run, as it is served).
 """
 from __future__ import annotations
 
@@ -103,11 +103,42 @@ def feeds(ids: np.ndarray, lengths: np.ndarray) -> dict[str, np.ndarray]:
     return {"ids": np.asarray(ids, dtype=np.int64), "lengths": np.asarray(lengths, dtype=np.int64)}
 
 
+# onnxruntime's dynamic quantization: activation ranges computed at run time over the whole input tensor
+DYNAMIC_OPS = frozenset({"DynamicQuantizeLinear", "DynamicQuantizeLSTM", "DynamicQuantizeMatMul", "QAttention"})
+
+
+def _graphs(graph):
+    """``graph`` and every subgraph of its nodes (If, Loop, Scan bodies), depth first."""
+    yield graph
+    for node in graph.node:
+        for attr in node.attribute:
+            for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+                yield from _graphs(sub)
+
+
+def quantizes_per_run(path: Path) -> bool:
+    """Whether the ONNX file quantizes activations with ranges of each run's own input (a dynamic quantization op,
+    or a QuantizeLinear whose scale or zero point is computed): then a row's output depends on its batch-mates."""
+    import onnx
+
+    graphs = list(_graphs(onnx.load(str(path), load_external_data=False).graph))
+    constants = {t.name for g in graphs for t in g.initializer} | {
+        out for g in graphs for n in g.node if n.op_type == "Constant" for out in n.output}
+    return any(node.op_type in DYNAMIC_OPS or node.op_type == "QuantizeLinear" and any(
+        name and name not in constants for name in node.input[1:]) for g in graphs for node in g.node)
+
+
 def onnx_text_logits(path: Path, texts: list[str], batch_size: int = 512, threads: int = 2) -> np.ndarray:
-    """Logits of the ONNX file for every text, encoded by the file's own tokenizer, in batches of similar length
-    (padding changes nothing; the INT8 file's dynamic activation ranges are each batch's own)."""
+    """Logits of the ONNX file for every text, encoded by the file's own tokenizer: a file that quantizes
+    activations per run (the dynamic INT8 student) one sentence per run, unpadded, as a client sends it (in a
+    batch its ranges would be the batch's, and a sentence's logits its batch-mates'); any other in batches of
+    similar length (padding changes nothing)."""
     sess = session(path, threads)
     ids, lengths = tokenizer_of(path).encode(texts)
+    if quantizes_per_run(path):
+        rows = [sess.run([OUTPUT], feeds(ids[i:i + 1, :max(int(n), 1)], lengths[i:i + 1]))[0]
+                for i, n in enumerate(lengths)]
+        return np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
     order = np.argsort(lengths, kind="stable")
     out = []
     for i in range(0, len(texts), batch_size):

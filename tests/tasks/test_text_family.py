@@ -271,6 +271,26 @@ def test_a_corpus_in_another_encoding_is_refused_in_one_line(text_csv, tmp_path)
         prepare_text(bad, tmp_path / "out")
 
 
+@pytest.mark.fault("data", "a text corpus that is a corrupted or truncated .gz file",
+                   "DataFormatError in one line naming the file; nothing is written (before: a zlib.error traceback "
+                   "for a corrupted one)")
+def test_a_corrupted_or_truncated_gzip_corpus_is_a_one_line_error_naming_it(text_csv, tmp_path):
+    import gzip
+
+    from tasks.text.prepare import prepare_text
+
+    rows, _, cfg = text_csv
+    blob = gzip.compress(("text,category\n" + "".join(f'"{t}",{c}\n' for t, c in rows)).encode())
+    flipped = blob[:30] + bytes(b ^ 0xFF for b in blob[30:60]) + blob[60:]   # the header reads, the stream does not
+    for name, damaged in (("flipped.csv.gz", flipped), ("cut.csv.gz", blob[:len(blob) // 2])):
+        (tmp_path / name).write_bytes(damaged)
+        bad = cfg.data.text.model_copy(update={"source_file": str(tmp_path / name)})
+        with pytest.raises(DataFormatError, match=rf"^params data\.text\.source_file \(.*{name}\): cannot be read "
+                                                  r"as a CSV \([^\n]+\)$"):
+            prepare_text(bad, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
 def test_leaked_test_sentences_and_a_wheel_that_is_not_the_published_one_are_refused(text_csv, tmp_path):
     rows, write, cfg = text_csv
     write(rows + [(rows[0][0].upper() + " ", rows[0][1]) for _ in range(1)])   # the same words, spelt differently
@@ -331,7 +351,7 @@ def test_the_students_embeddings_can_start_from_the_teachers_word_pieces():
 def test_static_int8_quantizes_the_matrix_products_and_leaves_the_lstm_float(tmp_path):
     import onnx
 
-    from tasks.text.onnx_graph import export_text_fp32, onnx_text_logits, quantize_text_static
+    from tasks.text.onnx_graph import export_text_fp32, onnx_text_logits, quantize_text_static, quantizes_per_run
     from tasks.text.training import predict
 
     student = _students()[0].eval()
@@ -339,6 +359,7 @@ def test_static_int8_quantizes_the_matrix_products_and_leaves_the_lstm_float(tmp
     static = quantize_text_static(fp32, tmp_path / "static.onnx", student.tokenizer, SENTENCES)
     ops = [n.op_type for n in onnx.load(str(static)).graph.node]
     assert "QuantizeLinear" in ops and "LSTM" in ops and "DynamicQuantizeLSTM" not in ops
+    assert not quantizes_per_run(static)   # calibrated ranges: batched scoring is what a sentence alone gets
     from tasks.text.onnx_graph import attach_tokenizer
 
     attach_tokenizer(static, student.tokenizer, ["rotten", "fresh"])
@@ -395,3 +416,34 @@ def test_a_pretrained_encoder_can_keep_only_its_first_layers(tmp_path, monkeypat
     assert shallow.eval()(ids, lengths).shape == (2, 2)
     with pytest.raises(ConfigError, match=r"^teacher.text.encoder.layers: 4, but the encoder has 3 layers$"):
         pretrained_classifier(PretrainedEncoder(**spec, layers=4), classes=2, seed=0)
+
+
+def test_the_dynamic_int8_file_is_scored_one_sentence_per_run_as_clients_send_it(tmp_path):
+    """onnxruntime's dynamic INT8 quantizes activations over each run's whole input, so a sentence's logits in a
+    batch depend on its batch-mates: accuracy is measured on the model served, one unpadded sentence per request.
+    Before: scored in batches of 512, logits differed from the served ones."""
+    from tasks.onnx_models import session
+    from tasks.text.onnx_graph import (
+        attach_tokenizer,
+        export_text_fp32,
+        feeds,
+        onnx_text_logits,
+        quantize_text_int8,
+        quantizes_per_run,
+    )
+
+    rng = np.random.default_rng(0)
+    words = [f"w{i}" for i in range(300)]
+    texts = [" ".join(rng.choice(words, rng.integers(0, 40))) for _ in range(300)]
+    torch.manual_seed(0)
+    student = RecurrentStudent(RecurrentArch(kind="bilstm", embedding=16, hidden=16, head=8),
+                               build_vocabulary(words * 2, min_count=1, max_size=400), 48, 2).eval()
+    fp32 = export_text_fp32(student, tmp_path / "student_fp32.onnx", 17, texts)
+    int8 = quantize_text_int8(fp32, tmp_path / "student_int8.onnx")
+    attach_tokenizer(int8, student.tokenizer, ["rotten", "fresh"])
+    assert quantizes_per_run(int8) and not quantizes_per_run(fp32)   # the FP32 file keeps its batches
+    sess = session(int8)
+    alone = np.concatenate([sess.run(["logits"], feeds(*student.tokenizer.encode([text])))[0] for text in texts])
+    scored = onnx_text_logits(int8, texts)
+    np.testing.assert_allclose(scored, alone, rtol=1e-6, atol=1e-6)
+    assert np.array_equal(scored.argmax(1), alone.argmax(1))
