@@ -25,7 +25,7 @@ from torch import nn
 
 from tasks.errors import ChecksumError, DataSourceError, PipelineError
 from tasks.family_config import OnnxArch, PretrainedTeacher
-from tasks.onnx_teacher import OnnxTeacher, graph_inputs, graph_macs
+from tasks.onnx_teacher import OnnxTeacher, external_tensors, graph_inputs, graph_macs
 
 
 class TeacherImportError(PipelineError):
@@ -70,9 +70,16 @@ def import_onnx(blob: bytes, sha256: str, file: str, logits: str | None, feature
 
     try:
         model = onnx.load_from_string(blob)
-        onnx.checker.check_model(model)
+        outside = external_tensors(model.graph)
+        if not outside:   # the checker would look for the files
+            onnx.checker.check_model(model)
     except Exception as err:  # onnx raises DecodeError, ValidationError, ...
         raise TeacherImportError(f"{file}: not a valid ONNX model ({str(err).splitlines()[0]})") from err
+    if outside:   # weights the pinned SHA-256 does not cover
+        name, location = next(iter(outside.items()))
+        raise TeacherImportError(f"{file}: tensor {name!r} is stored as external data ({location}), which its pinned "
+                                 f"SHA-256 does not cover ({len(outside)} such tensor(s)); save the model as one file "
+                                 "(onnx.save_model(model, path, save_as_external_data=False)) and pin its checksum")
     inputs = [i.name for i in graph_inputs(model.graph)]
     if len(inputs) != len(examples):
         raise TeacherImportError(f"{file}: the family's teacher takes {len(examples)} input(s), this graph takes "

@@ -1,6 +1,6 @@
 """A frozen teacher computed by onnxruntime from an ONNX graph: what an imported ONNX teacher (``tasks.imported_teacher``)
 and a trained teacher's ONNX twin run as during distillation, and the graph a teacher's ONNX file is exported from;
-with what is read from such a graph (its real inputs, its multiply-accumulates).
+with what is read from such a graph (its real inputs, its multiply-accumulates, its tensors kept outside it).
 """
 from __future__ import annotations
 
@@ -19,6 +19,25 @@ def graph_inputs(graph: Any) -> list[Any]:
     """The graph's real inputs (older exporters also list the initializers as inputs)."""
     initializers = {t.name for t in graph.initializer}
     return [i for i in graph.input if i.name not in initializers]
+
+
+def external_tensors(graph: Any) -> dict[str, str]:
+    """Name -> location of each tensor of ``graph`` stored as external data (a file beside the model): initializers,
+    sparse ones, tensors of node attributes (``Constant``), and those of every subgraph (If, Loop, Scan bodies)."""
+    from onnx import TensorProto
+
+    tensors = [*graph.initializer, *(t for s in graph.sparse_initializer for t in (s.values, s.indices))]
+    found: dict[str, str] = {}
+    for attr in (a for node in graph.node for a in node.attribute):
+        sparse = ([attr.sparse_tensor] if attr.HasField("sparse_tensor") else []) + list(attr.sparse_tensors)
+        tensors += ([attr.t] if attr.HasField("t") else []) + list(attr.tensors)
+        tensors += [t for s in sparse for t in (s.values, s.indices)]
+        for sub in ([attr.g] if attr.HasField("g") else []) + list(attr.graphs):
+            found |= external_tensors(sub)
+    for t in tensors:
+        if t.data_location == TensorProto.EXTERNAL or len(t.external_data):
+            found[t.name] = {e.key: e.value for e in t.external_data}.get("location", "?")
+    return found
 
 
 def graph_macs(model: Any, examples: tuple[torch.Tensor, ...]) -> int:

@@ -261,6 +261,52 @@ def test_an_onnx_file_that_does_not_fit_is_refused_with_what_is_wrong(teacher_an
         import_onnx(b"not onnx", sha, "junk.onnx", None, [], sample, [10], 4)
 
 
+@pytest.mark.fault("security", "an imported ONNX teacher keeping tensors as external data (weights.bin beside it, a "
+                   "constant in a subgraph), outside the file its SHA-256 pins",
+                   "TeacherImportError naming the key, the file and the tensor, saying to save it as one file; no "
+                   "weight read (before: the unverified weights were read, relative to the working directory)")
+def test_an_onnx_teacher_with_external_data_is_refused_as_weights_its_checksum_does_not_cover(teacher_and_data,
+                                                                                                tmp_path, monkeypatch):
+    import onnx
+    from onnx import TensorProto, helper
+    from onnx.external_data_helper import convert_model_to_external_data
+
+    teacher, _, val = teacher_and_data
+    sample = (val.inputs(slice(2)),)
+    export_teacher(teacher, tmp_path / "t.onnx")
+    model = onnx.load(str(tmp_path / "t.onnx"))
+    convert_model_to_external_data(model, location="weights.bin", size_threshold=0)
+    onnx.save_model(model, str(tmp_path / "split.onnx"))
+    assert (tmp_path / "weights.bin").stat().st_size > 0
+    monkeypatch.chdir(tmp_path)   # where the weights are found (before: read, unverified)
+    blob = (tmp_path / "split.onnx").read_bytes()
+    spec = PretrainedTeacher(path=str(tmp_path / "split.onnx"), sha256=hashlib.sha256(blob).hexdigest(), format="onnx",
+                             logits="scores")
+    with pytest.raises(TeacherImportError, match=r"^teacher\.vision\.pretrained: .*split\.onnx: tensor .* is stored "
+                       r"as external data \(weights\.bin\).*save_as_external_data=False"):
+        load_pretrained(spec, "teacher.vision.pretrained", sample, [10], 4, build=lambda: ResNetTeacher(ARCH))
+    # a constant of an If branch kept outside the file
+    constant = helper.make_tensor("c", TensorProto.FLOAT, [10], [0.0] * 10)
+    constant.data_location = TensorProto.EXTERNAL
+    constant.ClearField("float_data")
+    constant.external_data.add(key="location", value="c.bin")
+    branch = helper.make_graph([helper.make_node("Constant", [], ["c"], value=constant)], "then", [],
+                               [helper.make_tensor_value_info("c", TensorProto.FLOAT, [10])])
+    other = helper.make_graph([helper.make_node("Constant", [], ["z"], value_floats=[0.0] * 10)], "else", [],
+                              [helper.make_tensor_value_info("z", TensorProto.FLOAT, [10])])
+    graph = helper.make_graph(
+        [helper.make_node("Flatten", ["x"], ["f"]), helper.make_node("MatMul", ["f", "w"], ["m"]),
+         helper.make_node("If", ["yes"], ["b"], then_branch=branch, else_branch=other),
+         helper.make_node("Add", ["m", "b"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 1, 28, 28])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 10])],
+        [helper.make_tensor("w", TensorProto.FLOAT, [784, 10], [0.0] * 7840),
+         helper.make_tensor("yes", TensorProto.BOOL, [], [True])])
+    nested = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]).SerializeToString()
+    with pytest.raises(TeacherImportError, match=r"^nested\.onnx: tensor 'c' is stored as external data \(c\.bin\)"):
+        import_onnx(nested, "0" * 64, "nested.onnx", None, [], sample, [10], 4)
+
+
 @pytest.mark.fault("data", "an imported teacher state dict that does not fit teacher.<family>.arch",
                    "TeacherImportError naming the file and the mismatching tensor")
 def test_a_state_dict_must_fit_the_architecture_in_params(teacher_and_data, tmp_path):
