@@ -183,13 +183,23 @@ def session(path: Path, threads: int = 2, optimized: bool = True):
 
 def onnx_logits(path: Path, split: Split, batch_size: int = 1024, threads: int = 2, optimized: bool = True
                 ) -> np.ndarray:
-    """Logits of the ONNX model at ``path`` for every image of ``split`` (``optimized``: see ``session``)."""
+    """Logits of the ONNX model at ``path`` for every image of ``split`` (``optimized``: see ``session``), once its
+    input and output are the pipeline's and fit the data."""
     sess = session(path, threads, optimized)
+    inputs, outputs = [i.name for i in sess.get_inputs()], [o.name for o in sess.get_outputs()]
+    if inputs != [INPUT] or OUTPUT not in outputs:
+        raise OnnxError(f"{path}: inputs {inputs} and outputs {outputs}; expected the one input {INPUT!r} and an "
+                        f"output {OUTPUT!r} (export it with these names)")
     shape = sess.get_inputs()[0].shape   # a dynamic axis (a name, or None): any size fits it
     if len(shape) != len(split.image_shape) + 1 or any(
             isinstance(dim, int) and dim != size for dim, size in zip(shape[1:], split.image_shape, strict=False)):
         expected = ", ".join(map(str, split.image_shape))
         raise OnnxError(f"{path}: input shape {shape} does not match the data (N, {expected})")
+    out = next(o.shape for o in sess.get_outputs() if o.name == OUTPUT)
+    seen = int(split.y.max()) + 1 if len(split.y) else 0   # without class names, the labels bound them from below
+    if len(out) == 2 and isinstance(out[1], int) and (out[1] != len(split.classes) if split.classes else out[1] < seen):
+        data = len(split.classes) if split.classes else f"at least {seen}"
+        raise OnnxError(f"{path}: output {OUTPUT!r} has {out[1]} classes, the data {data}")
     return np.concatenate([sess.run([OUTPUT], {INPUT: split.inputs(slice(i, i + batch_size)).contiguous().numpy()})[0]
                            for i in range(0, len(split.y), batch_size)])
 

@@ -1,6 +1,8 @@
 """Export to ONNX and measurement in a real onnxruntime: parity, INT8 QDQ graphs, sizes, latency, bad files."""
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import pytest
@@ -351,6 +353,23 @@ def test_missing_corrupt_or_mismatched_onnx_files_are_clear_errors(tmp_path):
     export_fp32(wide, tmp_path / "rgb.onnx", example=torch.zeros(1, 3, 28, 28))
     with pytest.raises(OnnxError, match=r"rgb\.onnx: input shape \['batch', 3, 28, 28\] does not match"):
         onnx_logits(tmp_path / "rgb.onnx", split)
+    # another exporter's names (before: onnxruntime's ValueError traceback), or another number of classes (before:
+    # scored silently, its argmax over 4 columns read as the data's 10 classes)
+    gray = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+    for name, names in (("in.onnx", ["input", "logits"]), ("out.onnx", ["image", "output"])):
+        torch.onnx.export(gray, (torch.zeros(1, 1, 28, 28),), str(tmp_path / name), input_names=names[:1],
+                          output_names=names[1:], dynamo=False, dynamic_axes={names[0]: {0: "n"}})
+    with pytest.raises(OnnxError, match=r"in\.onnx: inputs \['input'\] and outputs \['logits'\]; expected the "
+                                        r"one input 'image'"):
+        onnx_logits(tmp_path / "in.onnx", split)
+    with pytest.raises(OnnxError, match=r"out\.onnx: inputs \['image'\] and outputs \['output'\]; .* an "
+                                        r"output 'logits'"):
+        onnx_logits(tmp_path / "out.onnx", split)
+    export_fp32(gray, tmp_path / "four.onnx", example=torch.zeros(1, 1, 28, 28))
+    ten = dataclasses.replace(split, classes=tuple(str(c) for c in range(10)))
+    with pytest.raises(OnnxError, match=r"four\.onnx: output 'logits' has 4 classes, the data 10"):
+        onnx_logits(tmp_path / "four.onnx", ten)
+    assert onnx_logits(tmp_path / "four.onnx", split).shape == (4, 4)   # no class names: labels 0 only
 
 
 @pytest.mark.fault("params", "an imported ONNX teacher whose height and width are dynamic axes",
