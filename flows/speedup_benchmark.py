@@ -68,6 +68,8 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path("."))
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.repeats < 1:
+        parser.error(f"--repeats must be at least 1, got {args.repeats}")
     result = measure(args.root, args.family, args.repeats)
     print(f"{args.family}: the gate's speed-up, {date.today()}, {machine()}\n")
     print(table(result))

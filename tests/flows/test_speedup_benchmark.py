@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 
 from tasks.images.arch_config import MobileArch, ResNetArch
@@ -36,3 +37,17 @@ def test_the_command_tables_both_measurements_on_the_exported_files(tmp_path, re
     result = json.loads(out.read_text())
     assert result["pairs"] == 3 and result["floor"] == 0.01 and "machine" in result
     assert all(len(result[k]["speedup"]) == 2 and min(result[k]["speedup"]) > 0 for k in ("before", "paired"))
+
+
+@pytest.mark.fault("params", "the speed-up benchmark asked for no repeat (`--repeats 0`, or negative)",
+                   "a usage error naming the option, exit 2, before anything is read or timed (before: numpy's "
+                   "ValueError traceback after loading the family)")
+def test_no_repeats_is_a_usage_error_before_anything_is_read(tmp_path, monkeypatch, capsys):
+    from flows.speedup_benchmark import main
+
+    monkeypatch.setattr(sys, "argv", ["speedup_benchmark", "--family", "vision", "--repeats", "0",
+                                      "--root", str(tmp_path)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    assert "--repeats must be at least 1, got 0" in capsys.readouterr().err

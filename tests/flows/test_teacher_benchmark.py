@@ -56,3 +56,28 @@ def test_the_benchmarks_refuse_a_family_without_an_image_teacher(command, family
     monkeypatch.setattr(sys, "argv", [command, "--family", family])
     with pytest.raises(ConfigError, match=rf"--family {family} is no image family .*families: vision, recsys"):
         main()
+
+
+def test_a_batch_of_one_is_timed_like_any_other(raw_params):
+    """Before: the ONNX twin was exported from the first two images of the batch, and a batch of one was refused as
+    a teacher that cannot run on a batch of 2."""
+    shape = {"num_classes": 10, "input_shape": [1, 8, 8]}
+    result = measure(parse_config(raw_params), "digits", shape, batch=1, steps=1, repeats=1)
+    assert all(r["forward"] > 0 and r["step"] > 0 for r in result.values())
+
+
+@pytest.mark.fault("params", "a benchmark asked for no batch, no step or no repeat (`--batch 0`, `--steps 0`, "
+                   "`--repeats 0`, or negative)",
+                   "a usage error naming the option, exit 2, before anything is read or timed (before: "
+                   "ZeroDivisionError, statistics' or numpy's traceback, or a misleading refusal of the teacher)")
+@pytest.mark.parametrize("option", ["--batch", "--steps", "--repeats"])
+def test_the_benchmark_refuses_non_positive_counts_as_a_usage_error(option, monkeypatch, capsys):
+    import sys
+
+    from flows.teacher_benchmark import main
+
+    monkeypatch.setattr(sys, "argv", ["teacher_benchmark", "--family", "vision", option, "0"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    assert f"{option} must be at least 1, got 0" in capsys.readouterr().err
