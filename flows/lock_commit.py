@@ -22,7 +22,7 @@ import yaml
 
 from tasks.errors import PipelineError
 from tasks.io import load_yaml
-from tasks.lineage import dvc_repo_lock
+from tasks.lineage import dvc_repo_lock, git_refusal
 
 IDENTITY = ("-c", "user.name=kdq-pipeline", "-c", "user.email=kdq-pipeline@localhost")
 LOCK_WAIT_SECONDS = 120
@@ -45,7 +45,11 @@ def commit_lock(root: Path, message: str) -> str | None:
     DVC's lock is held only while the lock's content is read into git's object store: the commit itself (and the
     user's hooks, such as the pre-commit ``dvc status`` that ``dvc install`` writes, which takes that lock too) runs
     after it is released, from that content."""
-    if not (root / "dvc.lock").is_file() or _git(root, "rev-parse", "--is-inside-work-tree").returncode != 0:
+    if not (root / "dvc.lock").is_file():
+        return None
+    if _git(root, "rev-parse", "--is-inside-work-tree").returncode != 0:
+        if (why := git_refusal(root)) is not None:   # else no work tree
+            _warn(root, f"git refuses its repository ({why})")
         return None
     if _git(root, "check-ignore", "--quiet", "dvc.lock").returncode == 0:
         return None

@@ -29,9 +29,26 @@ def _git(root: Path, *args: str) -> str | None:
     return out.stdout.strip()
 
 
+def git_refusal(root: Path) -> str | None:
+    """git's reason for refusing the repository ``root`` is in (a checkout another user owns: "dubious ownership"),
+    or None when git accepts it or ``root`` is in no repository."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "--git-dir"], cwd=root, capture_output=True, text=True,
+                              timeout=30, check=False, env={**os.environ, "LC_ALL": "C"})   # git's own English
+    except (OSError, subprocess.SubprocessError):
+        return None
+    why = next(iter(done.stderr.strip().splitlines()), "").removeprefix("fatal: ")
+    if done.returncode == 0 or "not a git repository" in why:
+        return None
+    return why or f"git rev-parse exited {done.returncode}"
+
+
 def git_state(root: Path = Path(".")) -> dict[str, str]:
     commit = _git(root, "rev-parse", "HEAD")
     if commit is None:
+        if (why := git_refusal(root)) is not None:   # else no repository, or one with no commit yet
+            print(f"warning: {root}: git refuses its repository ({why}); the run records git.commit none and "
+                  "cannot be restored", file=sys.stderr)
         return {"git.commit": "none", "git.dirty": "unknown"}
     # dvc.lock records data and results, not code: it changes with every run and is committed after it
     # (flows.lock_commit), and each registered version keeps the one it was made with

@@ -234,3 +234,23 @@ def test_runs_in_a_scratch_copy_record_its_projects_git_state_and_no_other_folde
     assert tags["mlflow.source.git.commit"] == project["git.commit"] != tags["git.scratch_commit"]
     assert {k: v for k, v in lineage_tags(None, config, repo).items() if k.startswith(("git.", "mlflow."))} == \
         git_state(repo)   # the project itself (any other folder): its own state, no scratch commit
+
+
+@pytest.mark.fault("runs", "the pipeline container runs as another user than the bind-mounted checkout's owner (git: "
+                   "\"dubious ownership\")",
+                   "git's refusal is said on stderr by the lineage tags and the lock commit (before: silently "
+                   "`git.commit: none`, so restore refused every version, and no dvc.lock commit)")
+def test_a_repository_git_refuses_is_said_not_taken_for_no_repository(repo, monkeypatch, capsys):
+    (repo / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    monkeypatch.setenv("GIT_TEST_ASSUME_DIFFERENT_OWNER", "1")   # git's own switch: the owner is someone else
+    assert git_state(repo) == {"git.commit": "none", "git.dirty": "unknown"}
+    assert "dubious ownership" in capsys.readouterr().err
+    assert commit_lock(repo, "m") is None
+    err = capsys.readouterr().err
+    assert "dubious ownership" in err and len(err.strip().splitlines()) == 1
+    monkeypatch.delenv("GIT_TEST_ASSUME_DIFFERENT_OWNER")
+    plain = repo.parent / "plain"   # no repository at all: nothing to say
+    plain.mkdir()
+    (plain / "dvc.lock").write_text("stages: {}\n")
+    assert git_state(plain)["git.commit"] == "none" and commit_lock(plain, "m") is None
+    assert capsys.readouterr().err == ""
