@@ -10,9 +10,10 @@ by DEST's own code; the raw data is the version of the family's snapshot stage (
 ``dvc.lock`` records (and the champion's weights a warm-started run began from, ``warm_start_<family>``), pulled
 from DEST's default DVC remote, else this project's, else this project's DVC cache (a
 family without a snapshot stage reads its pinned, checksum-verified sources). The re-run is DEST's own
-``python -m flows.pipeline --family F --no-promote``, tracked where ``MLFLOW_TRACKING_URI`` points (else DEST's own
-store): a re-run that builds the same INT8 file finds it already registered and changes nothing; one that differs
-(another CPU, other threads) is registered as a challenger and never moves ``champion``.
+``python -m flows.pipeline --family F --no-promote``, tracked in this project's store (``MLFLOW_TRACKING_URI``, else
+its ``tracking.uri``, else its ``mlflow.db``): a re-run that builds the same INT8 file finds it already registered and
+changes nothing; one that differs (another CPU, other threads) is registered as a challenger and never moves
+``champion``.
 """
 from __future__ import annotations
 
@@ -31,13 +32,21 @@ from flows.registry import registered_model
 from tasks.config import load_config
 from tasks.errors import PipelineError, run_cli
 from tasks.io import load_yaml
-from tasks.mlflow_store import client_for, redact, tracking_uri
+from tasks.mlflow_store import client_for, is_server_call_error, redact, server_error, tracking_uri
+
+NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"
+PARAMS_HASH = ("from tasks.config import load_config; from tasks.lineage import params_hash; "
+               "print(params_hash(load_config('params.yaml')))")
 
 
 def _run(args: list[str], cwd: Path, what: str, env: dict[str, str] | None = None) -> str:
     done = subprocess.run(args, cwd=cwd, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
-        raise PipelineError(f"{what} failed in {cwd}: {(done.stderr or done.stdout).strip()[-800:]}")
+        said = (done.stderr or done.stdout).strip().splitlines()
+        # DVC's reason: from its first "ERROR:" line on (the files it names and its hint follow it), in one line
+        first = next((i for i, line in enumerate(said) if line.startswith("ERROR: ")), None)
+        why = " ".join(said[first:])[:800] if first is not None else " ".join(said)[-800:]
+        raise PipelineError(f"{what} failed in {cwd}: {why}")
     return done.stdout.strip()
 
 
@@ -67,8 +76,12 @@ def restore_lineage(client, version, dest: Path) -> None:
         try:
             local = Path(client.download_artifacts(version.run_id, LINEAGE, tmp))
         except Exception as err:  # noqa: BLE001 — any store's "not found"
+            if is_server_call_error(err) and getattr(err, "error_code", None) != NOT_FOUND:
+                raise server_error(err, f"tracking server {redact(client.tracking_uri)}",
+                                   f"{version.name} version {version.version} was not restored") from None
             raise PipelineError(f"{version.name} version {version.version}: its run {version.run_id} holds no "
-                                f"{LINEAGE}/ artifacts (registered before they were logged): {err}") from err
+                                f"{LINEAGE}/ artifacts (registered before they were logged): {redact(str(err))}"
+                                ) from None
         for name in LINEAGE_FILES:
             if (local / name).is_file():
                 shutil.copy2(local / name, dest / name)
@@ -80,26 +93,27 @@ def restore_lineage(client, version, dest: Path) -> None:
 
 def check_params(dest: Path, expected: str | None) -> None:
     """The restored params resolve to the hash the version records (computed by DEST's own code)."""
-    got = _run([sys.executable, "-c", "from tasks.config import load_config; from tasks.lineage import params_hash; "
-                "print(params_hash(load_config('params.yaml')))"], dest, "hashing the restored params", _env(dest))
+    got = _run([sys.executable, "-c", PARAMS_HASH], dest, "hashing the restored params", _env(dest))
     if expected and got.splitlines()[-1] != expected:
         raise PipelineError(f"{dest / 'params.yaml'}: resolves to params.hash {got[:12]}…, the version records "
                             f"{expected[:12]}…")
 
 
-def _remote_candidates(root: Path, dest: Path) -> list[str | None]:
-    """Where the data can come from: DEST's default remote (None), this project's default remote, its cache."""
-    found: list[str | None] = [None]
-    env = _env(root)
+def _remote_candidates(root: Path) -> list[dict[str, str] | None]:
+    """Where the data can come from: DEST's default remote (None), this project's default remote with all its
+    settings (of every level of its DVC config: an ``endpointurl`` set with ``dvc remote modify --local`` too, without
+    which an S3 remote is AWS's), its cache."""
+    found: list[dict[str, str] | None] = [None]
     try:
-        default = _run([sys.executable, "-m", "dvc", "remote", "default"], root, "dvc remote default", env)
-        for line in _run([sys.executable, "-m", "dvc", "remote", "list"], root, "dvc remote list", env).splitlines():
-            name, url, *_ = line.split()
-            if name == default:
-                found.append(url)
-    except (PipelineError, ValueError):
-        pass
-    found.append(str((root / ".dvc" / "cache").resolve()))
+        listed = _run([sys.executable, "-m", "dvc", "config", "--list"], root, "dvc config --list", _env(root))
+    except PipelineError:
+        listed = ""
+    config = dict(line.split("=", 1) for line in listed.splitlines() if "=" in line)   # relative URLs resolved
+    prefix = f"remote.{config.get('core.remote')}."
+    remote = {key.removeprefix(prefix): value for key, value in config.items() if key.startswith(prefix)}
+    if "url" in remote:
+        found.append(remote)
+    found.append({"url": str((root / ".dvc" / "cache").resolve())})
     return found
 
 
@@ -130,16 +144,21 @@ def _pull(root: Path, dest: Path, stage: str, what: str) -> str:
         raise PipelineError(f"{dest / 'dvc.lock'} (its run's {LINEAGE}/dvc.lock) records no {stage}: which outputs "
                             "to pull is not known; the version cannot be restored")
     dvc, env, errors = [sys.executable, "-m", "dvc"], _env(dest), []
-    for url in _remote_candidates(root, dest):
+    for remote in _remote_candidates(root):
         try:
-            if url is None:
-                _run([*dvc, "pull", "--quiet", stage], dest, f"dvc pull {stage}", env)
+            if remote is None:
+                _run([*dvc, "pull", stage], dest, f"dvc pull {stage}", env)
                 return "DEST's default DVC remote"
+            url = remote["url"]   # --force: replaces the settings of the remote tried before
             _run([*dvc, "remote", "add", "--local", "--force", "restore-source", url], dest, "dvc remote add", env)
-            _run([*dvc, "pull", "--quiet", "-r", "restore-source", stage], dest, f"dvc pull {stage}", env)
+            for key, value in remote.items():
+                if key != "url":
+                    _run([*dvc, "remote", "modify", "--local", "restore-source", key, value], dest,
+                         f"dvc remote modify {key}", env)
+            _run([*dvc, "pull", "-r", "restore-source", stage], dest, f"dvc pull {stage} from {url}", env)
             return url
         except PipelineError as err:
-            errors.append(str(err).splitlines()[-1])
+            errors.append(str(err))
     raise PipelineError(f"{stage}: {what} is in no DVC remote or cache tried ({'; '.join(errors)})")
 
 
@@ -150,8 +169,11 @@ def restore(root: Path, family: str, name: str, version_id: str, dest: Path, run
     try:
         version = client.get_model_version(name, version_id)
     except MlflowException as err:
+        if err.error_code != NOT_FOUND:   # a server that did not answer, refused credentials, a malformed version
+            raise server_error(err, f"registry {redact(uri)}", f"{name} version {version_id} was not restored"
+                               ) from None
         raise PipelineError(f"--version {version_id}: {name} has no such version in {redact(uri)} "
-                            f"({err.error_code})") from err
+                            f"({err.error_code})") from None
     commit = version.tags.get("git.commit", "none")
     if commit == "none":
         raise PipelineError(f"{name} version {version_id} records no git commit: it cannot be restored")
@@ -171,9 +193,15 @@ def restore(root: Path, family: str, name: str, version_id: str, dest: Path, run
           f"{version.run_id}, data from {source}")
     if not run:
         return 0
+    return rerun(dest, family, uri)
+
+
+def rerun(dest: Path, family: str, uri: str) -> int:
+    """DEST's pipeline for ``family``, tracked and registered at ``uri`` (the project's store: DEST's own would be
+    a new one, where the version it rebuilds is not); its exit code."""
     # a rebuild never moves champion: built elsewhere (other CPU, other threads) it may differ from what was gated
     return subprocess.run([sys.executable, "-m", "flows.pipeline", "--family", family, "--no-promote"], cwd=dest,
-                          env=_env(dest), check=False).returncode
+                          env={**_env(dest), "MLFLOW_TRACKING_URI": uri}, check=False).returncode
 
 
 def main() -> None:
