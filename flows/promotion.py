@@ -5,8 +5,7 @@ same promotion lock as the gate (``flows.gating``, which registers versions and 
 from __future__ import annotations
 
 import argparse
-import getpass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +17,7 @@ from flows.registry import (
     CHAMPION_BEFORE,
     RegistryError,
     check_registry,
+    current_user,
     previous_tag,
     registered_model,
     rolled_back_tag,
@@ -97,8 +97,8 @@ def _move_alias(client: MlflowClient, uri: str, name: str, version: str, alias: 
     # back by hand to a champion before the current one: a rollback to a chosen version (not any older version: a
     # challenger registered before the champion never replaced it)
     back = rollback or (champion is not None and str(version) in _earlier_champions(client, name, champion))
-    who = who or getpass.getuser()
-    when = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    who = who or current_user()
+    when = datetime.now(UTC).isoformat(timespec="seconds")
     client.set_registered_model_alias(name, alias, version)
     tags = {f"{alias}.set_by": who, f"{alias}.reason": reason or "(none given)", f"{alias}.set_at": when}
     if previous is not None and back:

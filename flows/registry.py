@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import getpass
 import json
+import os
 import shutil
 import socket
 import tempfile
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -75,7 +76,10 @@ def download_onnx(client: MlflowClient, version: Any, dest: Path) -> Path:
         raise RegistryError(f"version {version.version} has source {version.source}, not a run artifact of this "
                             "pipeline; promote a version registered by the pipeline")
     local = Path(client.download_artifacts(version.run_id, version.source.removeprefix(prefix), str(dest)))
-    path = next(local.rglob("*.onnx"))
+    path = next(local.rglob("*.onnx"), None)
+    if path is None:
+        raise RegistryError(f"{version.name} version {version.version}: its artifact {version.source} holds no .onnx "
+                            "file; it was not registered by the pipeline's gate and cannot be run")
     recorded, actual = version.tags.get(MODEL_SHA256), file_digest(path)
     if recorded != actual:
         raise RegistryError(f"{version.name} version {version.version}: its stored ONNX file has SHA-256 {actual}, "
@@ -111,7 +115,7 @@ def io_signature(path: Path) -> list[list[tuple[str, int, list[int]]]]:
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    spec = lambda v: (v.type.tensor_type.elem_type, [d.dim_value if d.HasField("dim_value") else -1  # noqa: E731
+    spec = lambda v: (v.type.tensor_type.elem_type, [d.dim_value if d.HasField("dim_value") else -1
                                                     for d in v.type.tensor_type.shape.dim])
     return [[spec(v) for v in graph.input], [spec(v) for v in graph.output]]
 
@@ -195,6 +199,15 @@ def registered_scores(version: Any | None, metric: str) -> dict[str, float]:
     return {k: v for k, v in found.items() if v is not None}
 
 
+def current_user() -> str:
+    """Who runs this process, for the audit tags: the login name, else ``$USER``, else ``uid<N>`` (a uid with no
+    passwd entry, as a pod's ``runAsUser`` gives, has no name: getpass raises)."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return os.environ.get("USER") or f"uid{os.getuid()}"
+
+
 def audit_tags(champion_before: dict | None, promoted: bool) -> dict[str, str]:
     """Who registered a version, when, from which flow run, against which champion, and what became of it."""
     from prefect.context import FlowRunContext
@@ -202,8 +215,8 @@ def audit_tags(champion_before: dict | None, promoted: bool) -> dict[str, str]:
     flow_run = FlowRunContext.get()
     return {CHAMPION_BEFORE: champion_before["version"] if champion_before else "none",
             "audit.decision": "champion" if promoted else "challenger",
-            "audit.registered_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
-            "audit.registered_by": f"{getpass.getuser()}@{socket.gethostname()}",
+            "audit.registered_at": datetime.now(UTC).isoformat(timespec="milliseconds"),
+            "audit.registered_by": f"{current_user()}@{socket.gethostname()}",
             "audit.flow_run_id": str(flow_run.flow_run.id) if flow_run and flow_run.flow_run else "none"}
 
 

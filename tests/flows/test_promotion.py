@@ -332,7 +332,7 @@ def test_failing_candidate_is_registered_as_challenger_only(project, raw_params,
     tags = client.get_model_version(name, "2").tags
     assert tags["gate.passed"] == "false" and tags["gate.accuracy"] == "fail"
     gate = json.loads((project / "reports/vision/gate.json").read_text())
-    assert [c["name"] for c in gate["checks"] if not c["passed"]][0] == "accuracy"
+    assert next(c["name"] for c in gate["checks"] if not c["passed"]) == "accuracy"
 
     # The promotion flow: force version 2 in by hand, then roll back to 1, recording who and why.
     for version, reason in (("2", "hotfix accepted by review"), ("1", "rollback: v2 misbehaves")):
@@ -432,7 +432,7 @@ def test_a_hand_move_to_an_earlier_version_is_a_rollback_the_next_rollback_goes_
     from flows.promotion import rollback_champion
 
     client, name, root = _gated_three(tmp_path)
-    champion = lambda: str(client.get_model_version_by_alias(name, "champion").version)  # noqa: E731
+    champion = lambda: str(client.get_model_version_by_alias(name, "champion").version)
     promote_model.fn(name, "2", "champion", "v3 misbehaves", "alice", root)
     assert client.get_model_version(name, "2").tags["champion.rolled_back_from"] == "3"
     promote_model.fn(name, "3", "champion", "fixed upstream", "alice", root)
@@ -537,7 +537,7 @@ def test_unreachable_registry_is_a_clear_error_and_nothing_is_written(project, r
 
 def test_recommender_gate_reads_auc_and_request_latency(raw_params):
 
-    measured = lambda auc, ms, size: {"test_auc": auc, "latency_p50_ms": ms, "latency_p95_ms": ms * 1.2, "bytes": size}  # noqa: E731
+    measured = lambda auc, ms, size: {"test_auc": auc, "latency_p50_ms": ms, "latency_p95_ms": ms * 1.2, "bytes": size}
     evaluation = {"models": {"teacher_fp32": measured(0.86, 2.5, 770_000), "student_int8": measured(0.852, 0.7, 75_000)}}
     checks = {c.name: c for c in gate_checks(evaluation, None, _cfg(raw_params).gate.recsys, load_family("recsys").gate)}
     assert list(checks) == ["auc", "p95_latency_ms", "size_kb", "auc_drop_vs_teacher", "speedup_vs_teacher",
@@ -770,3 +770,43 @@ def test_the_gate_reads_dvc_lock_whole_while_dvc_rewrites_it(project, raw_params
     assert version.tags["data.hash"] == data["md5"]
     logged = Path(client.download_artifacts(version.run_id, "lineage/dvc.lock", str(tmp_path)))
     assert logged.read_text() == whole
+
+
+def test_a_version_whose_artifact_holds_no_onnx_file_is_a_registry_error(tmp_path):
+    """Before: a bare StopIteration from looking for the file."""
+    from flows.registry import download_onnx
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("e", artifact_location=str(tmp_path / "artifacts"))).info.run_id
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "weights.pt").write_text("not a graph")
+    client.log_artifacts(run_id, str(tmp_path / "model"), "model")
+    client.create_registered_model("m")
+    version = client.create_model_version("m", f"runs:/{run_id}/model", run_id)
+    with pytest.raises(RegistryError, match=r"^m version 1: its artifact runs:/\w+/model holds no \.onnx file"):
+        download_onnx(client, version, tmp_path / "fetched")
+
+
+@pytest.mark.fault("promotion", "a promotion or a registration run by a uid with no passwd entry (Kubernetes "
+                   "runAsUser)",
+                   "recorded as $USER, else uid<N> (before: KeyError from getpass.getuser)")
+def test_who_moved_an_alias_is_recorded_for_a_uid_without_a_passwd_entry(tmp_path, monkeypatch):
+    import getpass
+    import os
+
+    from flows.promotion import _move_alias
+    from flows.registry import audit_tags
+
+    def no_entry() -> str:
+        raise KeyError(f"getpwuid(): uid not found: {os.getuid()}")
+
+    monkeypatch.setattr(getpass, "getuser", no_entry)
+    monkeypatch.delenv("USER", raising=False)
+    assert audit_tags(None, True)["audit.registered_by"].startswith(f"uid{os.getuid()}@")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    client.create_registered_model("m")
+    client.create_model_version("m", str(tmp_path), None)
+    monkeypatch.setenv("USER", "runner")
+    _move_alias(client, uri, "m", "1", "champion", "canary ok", None)
+    assert client.get_model_version("m", "1").tags["champion.set_by"] == "runner"
