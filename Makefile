@@ -128,5 +128,8 @@ services:
 	    chromium-headless-shell fonts-dejavu-core >/dev/null; \
 	fi
 
+# Every family of params.yaml (its `families: [...]` line) keeps what its stages write under data/<family>.
+FAMILIES = $(shell sed -n 's/^families: *\[\(.*\)\].*/\1/p' params.yaml | tr ',' ' ')
 clean-results:
-	rm -rf data/vision data/recsys data/text data/digits models metrics plots reports checkpoints mlflow.db mlartifacts
+	$(if $(strip $(FAMILIES)),,$(error params.yaml has no `families: [...]` line to read the families from))rm -rf \
+	  $(addprefix data/,$(FAMILIES)) models metrics plots reports checkpoints mlflow.db mlartifacts

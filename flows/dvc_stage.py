@@ -22,6 +22,7 @@ from flows.run_artifacts import publish_data_docs
 from flows.stage_graph import below
 from tasks.errors import EXIT_USER_ERROR, LockBusy, PipelineError
 from tasks.expectations import DATA_DOCS
+from tasks.mlflow_store import redact
 from tasks.tracking import PARENT_ENV
 
 if TYPE_CHECKING:
@@ -137,7 +138,8 @@ def _close_killed_runs(stage: str, env: dict[str, str]) -> None:
             client.set_tag(run.info.run_id, "pipeline.killed", "left RUNNING when its stage failed")
             client.set_terminated(run.info.run_id, "KILLED")
     except Exception as err:  # noqa: BLE001 - a run left RUNNING is not worth hiding the stage's own failure
-        stage_logger()(f"warning: {stage}'s runs left RUNNING were not marked KILLED ({type(err).__name__}: {err})")
+        stage_logger()(f"warning: {stage}'s runs left RUNNING were not marked KILLED "
+                       f"({type(err).__name__}: {redact(str(err))})")
 
 
 def _point_at_data_docs(stage: str, env: dict[str, str]) -> None:
@@ -145,7 +147,8 @@ def _point_at_data_docs(stage: str, env: dict[str, str]) -> None:
     try:
         publish_data_docs(stage, env["MLFLOW_TRACKING_URI"], env[PARENT_ENV])
     except Exception as err:  # noqa: BLE001 - a missing pointer is not worth a failed stage
-        stage_logger()(f"warning: no Prefect artifact for {stage}'s Data Docs ({type(err).__name__}: {err})")
+        stage_logger()(f"warning: no Prefect artifact for {stage}'s Data Docs ({type(err).__name__}: "
+                       f"{redact(str(err))})")
 
 
 def push_outputs(root: Path, env: dict[str, str], stage: str, lock_wait: float = 0.0) -> str:

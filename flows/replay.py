@@ -23,8 +23,9 @@ def main() -> None:
     cfg = load_config(args.params)
     if args.family not in cfg.families:
         raise PipelineError(f"--family: {args.family!r} is not one of families {cfg.families}")
-    if args.landing.exists() and any(args.landing.iterdir()):
-        raise PipelineError(f"{args.landing}: not empty; replay writes into an empty or new folder")
+    if args.landing.exists() and (not args.landing.is_dir() or any(args.landing.iterdir())):
+        what = "not empty" if args.landing.is_dir() else "not a folder"
+        raise PipelineError(f"{args.landing}: {what}; replay writes into an empty or new folder")
     written = load_intake(args.family).replay(cfg, args.landing)
     print(f"{len(written)} batches in {args.landing}: {', '.join(p.name for p in written)}")
 

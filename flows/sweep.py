@@ -85,10 +85,11 @@ def fan_out(recipes: list[dict[str, Any]], family: str, root: str, work: str, ur
         i = futures[future]
         try:
             outcomes[i] = {"status": "ok", **future.result()}
-        except Exception as err:  # the task failed (bad params, a stage error) or its worker died too often
-            print(f"recipe-{i:03d} failed: {type(err).__name__}: {err}")
+        except Exception as err:  # noqa: BLE001 - the task failed (bad params, a stage error) or its worker died
+            why = f"{type(err).__name__}: {redact(str(err))}"   # a server's error names the URL, password and all
+            print(f"recipe-{i:03d} failed: {why}")
             outcomes[i] = {"index": i, "name": f"recipe-{i:03d}", "overrides": recipes[i], "status": "failed",
-                           "error": f"{type(err).__name__}: {err}"[-4000:]}
+                           "error": why[-4000:]}
     return [outcomes[i] for i in range(len(recipes))]
 
 
@@ -161,8 +162,8 @@ def _register(best: dict[str, Any], family: str, uri: str, sweep_run_id: str) ->
 
 def summary(result: dict[str, Any]) -> str:
     ok = [o for o in result["outcomes"] if o["status"] == "ok"]
-    lines = ["", f"=== recipe sweep ({result['family']}): {len(ok)} of {len(result['outcomes'])} recipes ran, "
-                 f"{result['recipes_seconds']:.1f} s ===",
+    lines = ["", (f"=== recipe sweep ({result['family']}): {len(ok)} of {len(result['outcomes'])} recipes ran, "
+                  f"{result['recipes_seconds']:.1f} s ==="),
              f"Pareto front: {', '.join(result['pareto']) or '(empty)'}",
              f"report: reports/sweep/{result['family']}/sweep.md and pareto.png; MLflow run {result['sweep_run_id']}"]
     lines += [f"  {o['name']} FAILED: {o['error'].splitlines()[-1] if o['error'] else ''}"

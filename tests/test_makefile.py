@@ -14,3 +14,16 @@ def test_every_module_the_makefile_runs_exists():
     assert {"flows.pipeline", "tasks.recsys.benchmark", "flows.ablation"} <= modules
     missing = sorted(m for m in modules if m not in ("pip", "pytest") and importlib.util.find_spec(m) is None)
     assert not missing, f"Makefile runs modules that do not exist: {missing}"
+
+
+def test_clean_results_removes_every_familys_data():
+    """Before: the families were listed by hand and data/clicks, added later, was left behind."""
+    import subprocess
+
+    import yaml
+
+    families = yaml.safe_load((ROOT / "params.yaml").read_text())["families"]
+    dry = subprocess.run(["make", "-n", "clean-results"], cwd=ROOT, capture_output=True, text=True, check=True)
+    removed = dry.stdout.split()
+    assert removed[:2] == ["rm", "-rf"] and {"models", "mlflow.db"} <= set(removed)
+    assert {f"data/{family}" for family in families} <= set(removed), removed
