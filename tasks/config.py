@@ -11,7 +11,6 @@ no family.
 from __future__ import annotations
 
 import argparse
-import copy
 import functools
 import importlib
 import re
@@ -161,23 +160,28 @@ def config_model(families: tuple[str, ...]) -> type[Config]:
     return create_model("ProjectConfig", __base__=Config, **fields)
 
 
-def _check_value(kind: Any, block: Any, path: str, value: Any, where: str) -> None:
-    """``block`` with ``value`` at dotted ``path`` ("" for the whole block) validated as ``kind`` (a params class)."""
-    if path:
-        block = copy.deepcopy(block)
-        *parents, leaf = path.split(".")
-        node = block
-        for part in parents:
-            node = node[part]
-        node[leaf] = value
-    else:
-        block = value
+def _check_value(kind: Any, current: Any, path: str, value: Any, where: str) -> None:
+    """``value`` as the field at dotted ``path`` of the params class ``kind`` ("" for the whole block) takes it on its
+    own: its type and limits, strictly. A mapping is merged over the ``current`` value, as a profile's overlay merges
+    it. Rules that tie it to the block's other knobs (which the sweep may change too) are checked when a recipe
+    loads."""
+    annotation: Any = kind
+    for part in path.split(".") if path else []:
+        fields = getattr(annotation, "model_fields", None)
+        if not isinstance(fields, dict) or part not in fields:   # inside a free-form mapping: nothing to check it by
+            return
+        field = fields[part]
+        annotation = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
+        current = current.get(part) if isinstance(current, dict) else None
+    if isinstance(value, dict) and isinstance(current, dict):
+        value = deep_merge(current, value)
     try:
-        TypeAdapter(kind).validate_python(block)
+        TypeAdapter(annotation).validate_python(value, strict=True)
     except ValidationError as err:
         first = err.errors()[0]
         at = ".".join(str(p) for p in first["loc"])
-        raise ValueError(f"{where}: {value!r} is not a value it takes: {at + ': ' if at else ''}{first['msg']}") from None
+        raise ValueError(f"{where}: {value!r} is not a value it takes: {at + ': ' if at else ''}"
+                         f"{first['msg'].removeprefix('Value error, ')}") from None
 
 
 def _rebuild(families: tuple[str, ...], params: dict[str, Any]) -> Config:

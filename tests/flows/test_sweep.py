@@ -17,7 +17,7 @@ from flows.recipe import RecipeInvalid, layered_overrides
 from flows.registry_lock import registry_lock
 from flows.sweep import draw_recipes, summary
 from flows.sweep_report import best_passing, pareto_front, write_sweep_report
-from flows.workspace import copy_project
+from flows.workspace import copy_project, set_param
 from tasks.config import load_config, parse_config
 from tasks.errors import ConfigError, PipelineError, ServiceUnavailable
 from tests.conftest import ROOT, dvc_lock, release_after
@@ -127,7 +127,20 @@ def test_every_sweep_value_is_checked_at_load(raw_params):
     raw = copy.deepcopy(raw_params)
     raw["sweep"]["space"]["recsys"]["share.recsys.clusters"] = [64, 1]
     with pytest.raises(ConfigError, match=r"sweep\.space\.recsys: share\.recsys\.clusters: 1 is not a value it "
-                                          r"takes: clusters: Input should be greater than or equal to 2"):
+                                          r"takes: Input should be greater than or equal to 2"):
+        parse_config(raw)
+    # knobs a rule ties together are each checked alone: a space whose values are valid in some combinations loads, and
+    # so does each recipe of a valid combination (the rule checks the recipe's own values when it loads)
+    raw["prune"]["recsys"]["epochs"] = 8
+    raw["sweep"]["space"]["recsys"] = {"prune.recsys.steps": [2, 4], "prune.recsys.epochs": [6, 8],
+                                       "distill.recsys.weights": [{"target": 1.0}]}
+    parse_config(raw)
+    recipe = copy.deepcopy(raw)
+    for key, value in layered_overrides(raw, {"prune.recsys.steps": 4, "prune.recsys.epochs": 8}, "recsys", 1).items():
+        set_param(recipe, key, value)
+    assert parse_config(recipe).prune.recsys.steps == 4
+    raw["sweep"]["space"]["recsys"] = {"share.recsys.clusters": [64, "2"]}   # strictly, as params.yaml is read
+    with pytest.raises(ConfigError, match=r"clusters: '2' is not a value it takes: Input should be a valid integer"):
         parse_config(raw)
     raw["sweep"]["space"]["recsys"] = {"recipe.recsys": [["distill", "qat"], ["distill", "sharpen"]]}
     with pytest.raises(ConfigError, match=r"sweep\.space\.recsys: recipe\.recsys: \['distill', 'sharpen'\] is not"):
