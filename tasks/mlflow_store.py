@@ -38,8 +38,9 @@ def redact(text: str) -> str:
     return _CREDENTIALS.sub(r"\1:***@", text)
 
 
-#: user:password@ right after a scheme: up to the last "@" before the host's "/" (a password may hold "@" and ":")
-_CREDENTIALS = re.compile(r"(?<=://)([^/\s:]+):[^/\s]+@")
+#: user:password@ right after a scheme, as urlsplit reads a URL's user info: up to the last "@" before the path, query
+#: or fragment (a password may hold "@" and ":"; the user name may be empty, a token alone)
+_CREDENTIALS = re.compile(r"(?<=://)([^/\s:?#]*):[^/\s?#]+@")
 
 
 class RequestRefused(PipelineError):
