@@ -8,7 +8,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 Fraction = Annotated[float, Field(ge=0.0, lt=1.0)]
 Positive = Annotated[int, Field(gt=0)]
-Seed = Annotated[int, Field(ge=0)]   # numpy, torch and scikit-learn take none below 0
+Seed = Annotated[int, Field(ge=0)]   # numpy and scikit-learn take none below 0 (torch does): one rule for all
 
 
 def _inside_project(path: str) -> str:

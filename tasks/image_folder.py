@@ -52,6 +52,12 @@ def class_dirs(directory: Path) -> list[Path]:
     dirs = [p for p in visible(directory) if p.is_dir()]
     if not dirs:
         raise DataFormatError(f"{directory}: no class folders; put each class's images in a sub-folder named after it")
+    for path in dirs:   # a class name labels the model's outputs, its reports and figures: text
+        try:
+            path.name.encode()
+        except UnicodeEncodeError:
+            raise DataFormatError(f"{directory}: class folder {os.fsencode(path.name)!r} has a name that is not UTF-8 "
+                                  "text (from an archive made with another encoding?); rename it") from None
     return dirs
 
 

@@ -197,6 +197,11 @@ def test_a_file_name_that_is_not_utf8_is_read_and_hashed_as_its_bytes(tmp_path, 
     manifest = prepare_images(cfg.data.vision, tmp_path / "data", "vision")
     assert manifest["source"] != utf8 and len(manifest["skipped_files"]) == 1
     assert data_params(cfg, "vision") != before
+    # a class is named by its folder, and the name labels the model's outputs, reports and figures: it must be text
+    # (before: prepared, then the evaluation's figure stopped with a TypeError after every training stage had run)
+    (root / "fox").rename(root / os.fsdecode(b"f\xe9x"))
+    with pytest.raises(DataFormatError, match=r"class folder b'f\\xe9x' .*is not UTF-8 text"):
+        prepare_images(cfg.data.vision, tmp_path / "latin", "vision")
 
 
 def run(monkeypatch, module, *args: str) -> None:
