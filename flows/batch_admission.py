@@ -1,7 +1,8 @@
 """One arriving batch of a family's raw data, checked and admitted to its snapshot or quarantined (``flows.ingest``).
 
 ``check`` runs the family's contract suites (Great Expectations, through Checkpoints, with Data Docs) on the batch
-alone and against the accepted data, then, for a valid batch, its drift suites against the accepted data's profile.
+alone and against the accepted data, then, for a valid batch, its drift suites against the accepted data's profile
+and, when the family has them, its aggregate suites on the accepted data with the batch (the snapshot as it would be).
 ``ingest_batch`` adds a passing batch to the snapshot and records the new version with ``dvc commit`` (undone if DVC
 fails), or copies a failing one to ``data/<family>/quarantine/<batch>/`` with its report and Data Docs; either way
 the batch gets an MLflow run ``ingest_<family>``.
@@ -19,7 +20,7 @@ from flows.dvc_stage import push_outputs, run_dvc
 from flows.stage_graph import stage_paths
 from tasks.config import Config
 from tasks.errors import DataFormatError, PipelineError
-from tasks.expectations import DATA_DOCS, ephemeral_context, failure_message, run_suites
+from tasks.expectations import DATA_DOCS, ephemeral_context, failure_message, render_docs, run_suites
 from tasks.intake import Intake, load_intake
 from tasks.io import write_atomic, write_json
 from tasks.snapshot import MANIFEST, add_batch, batch_digest, batch_tables, folder_digests, read
@@ -32,7 +33,8 @@ QUARANTINE = "quarantine"
 class Outcome:
     batch: str
     status: str            # accepted | quarantined | skipped | deferred
-    reason: str = ""       # quarantined: invalid | drift | unreadable; skipped: why; deferred: changed | order
+    reason: str = ""       # quarantined: invalid | drift | aggregate | unreadable; skipped: why;
+    #                        deferred: changed | order
     detail: str = ""       # the failed checks, one per line
     report: str = ""       # where the report and Data Docs are
 
@@ -59,19 +61,35 @@ def _seen(snapshot: Path, quarantine: Path, folder: Path) -> str | None:
 
 
 def check(intake: Intake, cfg: Config, batch: Any, accepted: Any, docs: Path | None) -> tuple[str, dict[str, Any]]:
-    """("" when the batch passes, else ``invalid`` or ``drift``; the report) — contract first, drift only for a
-    valid batch against accepted data; Data Docs rendered into ``docs`` when given."""
+    """("" when the batch passes, else ``invalid``, ``drift`` or ``aggregate``; the report) — contract first, drift
+    only for a valid batch against accepted data, then the family's aggregate checks (if any) on the accepted data
+    with the batch: batches each within the drift limits may still, one after another, carry the snapshot out of the
+    limits its validation stage holds it to. Data Docs of every check that ran rendered into ``docs`` when given."""
     context = ephemeral_context()
-    contract = run_suites(context, "contract", intake.contract(batch, accepted, cfg), docs)
-    report: dict[str, Any] = {"contract": contract, "drift": None, "profile": None}
+    reason, report = _checks(context, intake, cfg, batch, accepted)
+    if docs is not None:
+        render_docs(context, docs)
+    return reason, report
+
+
+def _checks(context: Any, intake: Intake, cfg: Config, batch: Any, accepted: Any) -> tuple[str, dict[str, Any]]:
+    contract = run_suites(context, "contract", intake.contract(batch, accepted, cfg))
+    report: dict[str, Any] = {"contract": contract, "drift": None, "profile": None, "aggregate": None}
     if not contract["success"]:
         return "invalid", report
-    if accepted is None:
+    if accepted is not None:
+        stats, suites = intake.drift(batch, accepted, cfg)
+        drift = run_suites(context, "drift", suites)
+        report.update(drift={**drift, "distances": stats}, profile=intake.profile(accepted, cfg))
+        if not drift["success"]:
+            return "drift", report
+    if intake.aggregate is None:
         return "", report
-    stats, suites = intake.drift(batch, accepted, cfg)
-    drift = run_suites(context, "drift", suites, docs)
-    report.update(drift={**drift, "distances": stats}, profile=intake.profile(accepted, cfg))
-    return ("" if drift["success"] else "drift"), report
+    suites = intake.aggregate(intake.combine([batch] if accepted is None else [accepted, batch]), cfg)
+    if not suites:   # nothing to hold the whole to yet
+        return "", report
+    report["aggregate"] = run_suites(context, "aggregate", suites)
+    return ("" if report["aggregate"]["success"] else "aggregate"), report
 
 
 def skipped(root: Path, family: str, folder: Path) -> Outcome | None:
@@ -186,5 +204,6 @@ def _dvc(root: Path, env: dict[str, str], *args: str, lock_wait: float = 0.0) ->
 def _detail(report: dict[str, Any]) -> str:
     if "error" in report:
         return report["error"]
-    failed = report["contract"] if not report["contract"]["success"] else report.get("drift")
-    return failure_message(failed).split("\n", 1)[1] if failed and not failed["success"] else ""
+    failed = next((report[part] for part in ("contract", "drift", "aggregate")
+                   if report.get(part) and not report[part]["success"]), None)
+    return failure_message(failed).split("\n", 1)[1] if failed else ""

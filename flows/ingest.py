@@ -9,12 +9,15 @@ Each batch (``flows.batch_admission``) is checked with Great Expectations (throu
 - the **contract** (``tasks/<family>/intake.py``): schema, types, ranges, label set, referential integrity,
   duplicates — on the batch alone and against the data already accepted;
 - the **reference profile** of the accepted data (drift): distances TFX's data validation uses, each under its
-  ``ingest.<family>.drift`` limit.
+  ``ingest.<family>.drift`` limit;
+- when the family has them, the **aggregate** limits: the accepted data with the batch, against what the family's
+  validation stage holds the whole snapshot to.
 
 A batch that passes joins the snapshot (``data/<family>/raw``, the output of stage ``snapshot_<family>``) and
 ``dvc commit`` records the new version in ``dvc.lock`` (and its cache), so the next ``dvc repro`` trains on it. A
 batch that fails is **quarantined**: copied to ``data/<family>/quarantine/<batch>/`` with its report and Data Docs,
-named as ``invalid`` (the contract), ``drift`` (valid but shifted) or ``unreadable``; nothing else changes. Each
+named as ``invalid`` (the contract), ``drift`` (valid but shifted), ``aggregate`` (the snapshot with it would fail
+its validation) or ``unreadable``; nothing else changes. Each
 batch gets an MLflow run (``ingest_<family>``: status, reason, drift distances, the report, the Data Docs, the batch
 as a dataset input); the Prefect flow ``ingest`` runs the same code, and ``continuous-training`` (``--run``) follows
 it with the compression pipeline when a batch was accepted or the family's stages are out of date (with nothing new

@@ -3,9 +3,12 @@
 A family that takes arriving data describes it with an ``Intake``: how its published data set bootstraps the
 snapshot, how a batch folder is read and written, how batches combine, and which Great Expectations suites check a
 new batch — the **contract** (schema, types, ranges, label set, referential integrity, duplicates) and the **drift**
-against the reference profile of the data already accepted. ``tasks.snapshot`` and ``flows.ingest`` are generic
-and ask a family only through this. The distances are the ones TFX's data validation uses: L-infinity between
-categorical distributions, Jensen-Shannon divergence (base 2, so 0 to 1) between distributions of values.
+against the reference profile of the data already accepted — and, optionally, which check the **aggregate**: the
+accepted data with the batch, against the limits the family's validation stage holds the whole snapshot to (so
+batches each within their drift limits cannot, one after another, carry the snapshot out of them).
+``tasks.snapshot`` and ``flows.ingest`` are generic and ask a family only through this. The distances are the ones
+TFX's data validation uses: L-infinity between categorical distributions, Jensen-Shannon divergence (base 2, so 0 to
+1) between distributions of values.
 """
 from __future__ import annotations
 
@@ -38,6 +41,7 @@ class Intake:
     profile: Callable[[Tables, Any], dict[str, Any]]         # reference statistics of accepted data
     drift: Callable[[Tables, Tables, Any], tuple[dict[str, float], Suites]]   # (batch, accepted) -> (stats, suites)
     replay: Callable[[Any, Path], list[Path]]                # Config, landing folder -> batch folders written
+    aggregate: Callable[[Tables, Any], Suites] | None = None   # (accepted data with the batch, Config) -> suites
 
 
 def load_intake(family: str) -> Intake:

@@ -7,8 +7,9 @@ batch. The contract checks a batch on its own and against the accepted data (eve
 no user rating an item twice, in the batch or after an accepted rating, whatever its timestamp; a user or item
 sent again unchanged); the drift checks compare it with the accepted
 data's profile: rating histogram, click rate, share of ratings by unseen users and items, the raters' age group,
-gender and occupation, the rated items' genres. ``replay`` cuts MovieLens-100K by its timestamps into an initial
-window and the batches that followed it.
+gender and occupation, the rated items' genres; the aggregate checks label and split the accepted ratings with the
+batch's as ``prepare_recsys`` does and hold them to ``validate.recsys``'s limits (``tasks.recsys.limits``). ``replay``
+cuts MovieLens-100K by its timestamps into an initial window and the batches that followed it.
 """
 from __future__ import annotations
 
@@ -23,7 +24,9 @@ from tasks.errors import DataFormatError
 from tasks.expectations import expectation_types, suite
 from tasks.intake import Intake, Suites, Tables, jensen_shannon, linf, shares
 from tasks.io import write_csv
+from tasks.recsys.limits import SPLITS, kept_expectation, split_expectations
 from tasks.recsys.movielens import GENRES, acquire, typed
+from tasks.recsys.prepare import assign_splits, label
 
 COLUMNS = {"ratings": ["user_id", "item_id", "rating", "timestamp"],
            "users": ["user_id", "age", "gender", "occupation", "zip_code"],
@@ -210,6 +213,21 @@ def drift(batch: Tables, accepted: Tables, cfg: Any) -> tuple[dict[str, float], 
                     frame)]
 
 
+def aggregate(tables: Tables, cfg: Any) -> Suites:
+    """The snapshot ``tables`` would be, labelled and split as prepare_recsys does, against validate_recsys's limits
+    on the whole: the labelled share, each split's share and label balance. No suites until every split holds its
+    ``min_rows`` (validate_recsys names a snapshot that small, and more batches are the way out)."""
+    rows = label(tables["ratings"], cfg.data.recsys)
+    parts = {name: part[["label"]] for name, part in rows.groupby(assign_splits(rows, cfg.data.recsys))}
+    rules = cfg.validate_.recsys
+    if any(len(parts.get(name, ())) < rules.min_rows.get(name, 1) for name in SPLITS):
+        return []
+    sizes = pd.DataFrame({"ratings_labelled": [len(rows)]})
+    return [(suite("ingest_aggregate_sizes", [kept_expectation(rules, len(tables["ratings"]))]), sizes),
+            *((suite(f"ingest_aggregate_{name}", split_expectations(cfg, name, len(rows))), parts[name])
+              for name in SPLITS)]
+
+
 def replay(cfg: Any, landing: Path) -> list[Path]:
     """MovieLens-100K as it arrived: the oldest ``initial_fraction`` of ratings as batch ``0000-initial``, then one
     batch per ``period_days`` (a period with fewer than ``min_rows`` ratings joins the next); each batch carries the
@@ -250,4 +268,4 @@ def replay(cfg: Any, landing: Path) -> list[Path]:
 
 INTAKE = Intake(settings=settings, pins_key="data.recsys.sha256", pins=pins, bootstrap=bootstrap,
                 read_batch=read_batch, write_batch=write_batch, combine=combine, rows=rows, contract=contract,
-                profile=profile, drift=drift, replay=replay)
+                profile=profile, drift=drift, replay=replay, aggregate=aggregate)

@@ -7,12 +7,12 @@ exist); no user rating an item twice (whatever the timestamps); sizes derived fr
 published data set's: every rating the snapshot accepted was read, at least ``min_kept_fraction`` of them labelled,
 and each split holds its share of the labelled rows (within ``split_tolerance``, above a ``min_rows`` floor); per split the label balance within a tolerance; every
 encoded field index inside its field's range and genres multi-hot. A failed expectation stops the pipeline naming
-it and the values.
+it and the values. The limits on the labelled rows as a whole (``tasks.recsys.limits``) are the ones the intake holds
+the snapshot to as each batch arrives.
 """
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -25,9 +25,9 @@ from tasks.errors import DataFormatError, run_cli
 from tasks.expectations import ephemeral_context, publish_validation, run_suites, suite
 from tasks.io import read_csv
 from tasks.recsys.config import RecsysValidation
+from tasks.recsys.limits import SPLITS, kept_expectation, split_expectations
 
 E = gx.expectations
-SPLITS = ("train", "val", "test")
 COLUMNS = {"interactions": ["user_id", "item_id", "rating", "timestamp", "label", "split"],
            "users": ["user_id", "age", "gender", "occupation", "zip_code"],
            "items": ["item_id", "release_year", "genres"]}
@@ -80,14 +80,12 @@ def size_suite(tables: dict[str, Any], rules: RecsysValidation, ratings: int) ->
     frame = pd.DataFrame({"ratings_read": [read], "ratings_labelled": [labelled]})
     return suite("recsys_sizes", [
         E.ExpectColumnValuesToBeInSet(column="ratings_read", value_set=[ratings]),
-        E.ExpectColumnValuesToBeBetween(column="ratings_labelled", min_value=math.ceil(rules.min_kept_fraction * ratings),
-                                        max_value=ratings)]), frame
+        kept_expectation(rules, ratings)]), frame
 
 
 def split_suites(tables: dict[str, Any], cfg: Config) -> list[tuple[gx.ExpectationSuite, pd.DataFrame]]:
     """Per split: row count, label balance, and the encoded arrays against the field layout."""
     rows, layout, out = tables["interactions"], tables["features"]["fields"], []
-    rules, sizes = cfg.validate_.recsys, dict(zip(SPLITS, cfg.data.recsys.split.sizes(len(rows)), strict=True))
     for split in SPLITS:
         part, arrays = rows[rows.split == split], tables[split]
         fields = arrays["fields"]
@@ -97,11 +95,7 @@ def split_suites(tables: dict[str, Any], cfg: Config) -> list[tuple[gx.Expectati
         frame["label"] = arrays["y"].astype(np.float64)
         out.append((suite(f"recsys_{split}", [
             E.ExpectTableRowCountToEqual(value=len(part)),     # the arrays hold the split's rows ...
-            E.ExpectTableRowCountToBeBetween(                  # ... and the split its share of the labelled rows
-                min_value=max(rules.min_rows.get(split, 1), math.floor(sizes[split] - rules.split_tolerance * len(rows))),
-                max_value=math.ceil(sizes[split] + rules.split_tolerance * len(rows))),
-            E.ExpectColumnMeanToBeBetween(column="label", min_value=rules.positive_fraction - rules.positive_tolerance,
-                                          max_value=rules.positive_fraction + rules.positive_tolerance),
+            *split_expectations(cfg, split, len(rows)),        # ... the split its share, and its label balance
             E.ExpectColumnValuesToBeInSet(column="genres_binary", value_set=[1]),
             *(E.ExpectColumnValuesToBeBetween(column=f["name"], min_value=f["offset"],
                                               max_value=f["offset"] + f["size"] - 1) for f in layout)]), frame))

@@ -33,7 +33,7 @@ def _accepted(batches: list[Path]):
 
 
 def _failed(report: dict) -> set[tuple[str, str]]:
-    return {(c["expectation"], c["kwargs"].get("column", "")) for part in ("contract", "drift")
+    return {(c["expectation"], c["kwargs"].get("column", "")) for part in ("contract", "drift", "aggregate")
             if report.get(part) for c in report[part]["checks"] if not c["success"]}
 
 
@@ -103,6 +103,43 @@ def test_a_valid_but_shifted_batch_is_drift_not_corruption(replayed, tmp_path):
     assert {c for _, c in _failed(report)} == {"rating_linf", "click_rate_delta"}
     assert report["drift"]["distances"]["rating_linf"] > 0.9
     assert report["profile"]["ratings"] == len(INTAKE.read_batch(batches[0])["ratings"])
+
+
+def _flipped(tables: dict, rng: np.random.Generator) -> dict:
+    """``tables`` with 70 % of its 5-star ratings sent as 1s: valid, and shifted less than the drift limits."""
+    ratings = tables["ratings"].copy()
+    five = np.flatnonzero(ratings.rating.to_numpy() == 5)
+    ratings.loc[rng.choice(five, size=int(len(five) * 0.7), replace=False), "rating"] = 1
+    return {**tables, "ratings": ratings}
+
+
+@pytest.mark.fault("data", "real weeks each within the drift limits that together shift the label balance (70 % of "
+                   "each week's 5-star ratings sent as 1s, weeks 1-4)",
+                   "the week that would take a split's positive fraction out of validate.recsys's bounds is "
+                   "quarantined as aggregate, naming the split's label mean, with Data Docs; the snapshot of the weeks "
+                   "before it passes validate_recsys (before: every week was accepted and validate_recsys failed on "
+                   "the snapshot for ever)")
+def test_weeks_within_the_drift_limits_may_not_together_break_the_label_balance(replayed, tmp_path):
+    from tasks.recsys.validate import load_tables, validate_recsys
+
+    cfg, batches = replayed
+    rng = np.random.default_rng(0)
+    accepted, reasons = [INTAKE.read_batch(batches[0])], []
+    for folder in batches[1:5]:
+        batch, docs = _flipped(INTAKE.read_batch(folder), rng), tmp_path / "docs" / folder.name
+        reason, report = check(INTAKE, cfg, batch, INTAKE.combine(accepted), docs)
+        reasons.append(reason)
+        if reason:
+            break
+        accepted.append(batch)
+    *passed, refused = reasons
+    assert passed and set(passed) == {""} and refused == "aggregate", reasons
+    assert report["contract"]["success"] and report["drift"]["success"]   # the week alone is valid and within limits
+    assert {(c["suite"], c["expectation"], c["kwargs"].get("column")) for c in report["aggregate"]["checks"]
+            if not c["success"]} == {("ingest_aggregate_test", "expect_column_mean_to_be_between", "label")}
+    assert (docs / "index.html").is_file()
+    prepare_recsys(cfg.data.recsys, tmp_path / "processed", ("replay", INTAKE.combine(accepted)))
+    assert validate_recsys(load_tables(tmp_path / "processed"), cfg)["success"]
 
 
 @pytest.mark.fault("data", "an arriving batch re-sending accepted ratings, or a known user with another age",
