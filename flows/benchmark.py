@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from flows.workspace import copy_project
 from tasks.config import Config, load_config
 from tasks.errors import ConfigError
+from tasks.gate import meets
 
 
 def run_pipeline(root: Path, families: list[str] | None = None) -> tuple[float, dict[str, Any]]:
@@ -56,7 +57,7 @@ def target_rows(targets: tuple[tuple[str, str, float, str], ...], ratios: dict[s
     lines = ["| target | measured | threshold | |", "|---|---:|---:|---|"]
     for key, op, threshold, what in targets:
         value = ratios[key]
-        met = value >= threshold if op == ">=" else value <= threshold
+        met = meets(value, op, threshold)   # as the gate judges it: within floating-point error counts
         lines.append(f"| {what} | {value:.{digits}f} | {op} {threshold:g} | {'met' if met else 'MISSED'} |")
     return lines
 
@@ -99,9 +100,10 @@ def teacher_rows(cold: dict, scores: dict[str, str], targets: dict[str, float], 
         floor, limit = targets.get(family), seconds.get(family)
         lines.append(
             f"| {family} | {metric} {score:.4f} | "
-            f"{'' if floor is None else f'≥ {floor:.4f}'} | {verdict(None if floor is None else score >= floor)} | "
+            f"{'' if floor is None else f'≥ {floor:.4f}'} | "
+            f"{verdict(None if floor is None else meets(score, '>=', floor))} | "
             f"{wall:.0f} | {'' if limit is None else f'≤ {limit:.0f}'} | "
-            f"{verdict(None if limit is None else wall <= limit)} | "
+            f"{verdict(None if limit is None else meets(wall, '<=', limit))} | "
             f"{cold['metrics'].get(f'{family}.teacher.parameters', 0):,.0f} |")
     return lines
 
