@@ -126,6 +126,9 @@ def main() -> None:
     parser.add_argument("--kind", choices=["bilstm", "cnn"], default="bilstm")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:   # a repeated seed is no independent run
+        parser.error(f"--seeds {' '.join(map(str, args.seeds))}: distinct seeds of 0 or more (each a run of its own, "
+                     "the spread over them reported)")
     result = measure(args.root, args.data, args.teacher, args.seeds, args.kind)
     print(table(result))
     if args.out:

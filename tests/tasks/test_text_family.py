@@ -447,3 +447,17 @@ def test_the_dynamic_int8_file_is_scored_one_sentence_per_run_as_clients_send_it
     scored = onnx_text_logits(int8, texts)
     np.testing.assert_allclose(scored, alone, rtol=1e-6, atol=1e-6)
     assert np.array_equal(scored.argmax(1), alone.argmax(1))
+
+
+@pytest.mark.parametrize("seeds", [["0", "0"], ["1", "-1"]])
+def test_the_text_benchmark_refuses_a_seed_twice_before_training_anything(seeds, monkeypatch, capsys):
+    """Before: ``--seeds 0 0 0`` trained one seed three times and reported it as 3 seeds with a spread of 0."""
+    import sys
+
+    from tasks.text import benchmark
+
+    monkeypatch.setattr(benchmark, "measure", lambda *a: pytest.fail("trained"))
+    monkeypatch.setattr(sys, "argv", ["benchmark", "--seeds", *seeds])
+    with pytest.raises(SystemExit) as stopped:
+        benchmark.main()
+    assert stopped.value.code == 2 and "distinct seeds of 0 or more" in capsys.readouterr().err
