@@ -5,7 +5,8 @@ user's image folder or a published data set's IDX files, verified by checksum: `
 ``flows.ingest`` accepted. The first batch's test part is the test split's golden window; each later batch holds
 out ``data.<family>.batch_test_fraction`` of its images as test rows too (the newest batch's are the recent window:
 images no model was trained on), then gives validation the share the first batch's training images gave it (seeded
-per batch, so a batch's split never moves).
+per batch, so a batch's split never moves); an image repeated from an earlier batch stays in the split its original
+is in (a copy of a test image is refused at intake).
 Outputs: ``<out>/{train,val,test}_{x,y}.npy`` (uint8 images, one channel as (N, H, W), more as (N, C, H, W)),
 ``<out>/windows.json`` (the test rows of each evaluation window, by position: ``golden``, ``recent``) and
 ``<out>/manifest.json`` (source, image shape, pixel statistics, class names, rows and class counts per split — of
@@ -72,6 +73,31 @@ def hold_out(x: np.ndarray, y: np.ndarray, n: int, rng: np.random.Generator, see
     return (x[rest], y[rest]), (x[idx], y[idx])
 
 
+def carve_validation(x: np.ndarray, y: np.ndarray, n: int, rng: np.random.Generator, trained: set[str],
+                     validated: set[str]) -> tuple[Part, Part]:
+    """(rest, val): ``n`` validation rows of a later batch (once its test rows left it), no image of them a training
+    row elsewhere: a copy of an earlier validation image is one of them (up to ``n``), the others are drawn stratified
+    from the images seen neither before nor twice in the batch; a copy of an earlier training image, or an image the
+    batch holds twice, stays a training row (the intake contract tolerates a few repeats). A batch without repeats is
+    carved exactly as ``carve`` does."""
+    found = digests(x)
+    copies = np.fromiter((d in validated for d in found), dtype=bool, count=len(found))
+    _, inverse, counts = np.unique(found, return_inverse=True, return_counts=True)
+    kept = (counts[inverse] > 1) | np.fromiter((d in trained for d in found), dtype=bool, count=len(found))
+    if not (copies | kept).any():
+        return carve(x, y, n, rng)
+    given = np.flatnonzero(copies)[:n]
+    pool = np.flatnonzero(~(copies | kept))
+    if len(pool) < n - len(given):
+        raise DataFormatError(f"a batch of {len(y)} training images holds only {len(pool)} seen neither before nor "
+                              f"twice in it, fewer than the {n - len(given)} validation rows it owes")
+    picked = pool[stratified_pick(y[pool], n - len(given), rng)] if n > len(given) else given[:0]
+    idx = np.sort(np.concatenate([given, picked]))
+    rest = np.ones(len(y), dtype=bool)
+    rest[idx] = False
+    return (x[rest], y[rest]), (x[idx], y[idx])
+
+
 def _joined(parts: list[Part]) -> Part:
     return tuple(np.concatenate(p) for p in zip(*parts, strict=True))
 
@@ -94,12 +120,18 @@ def split(parts: dict[str, Part], val_size: int, test_size: int, seed: int, subs
         train, val = carve(*train, val_size, rng)
     trains, vals, tests = [train], [val], [test]
     share = len(val[1]) / (len(val[1]) + len(train[1]))
-    seen = set(digests(_joined([train, val, test])[0])) if later else set()
+    trained, validated = (set(digests(part[0])) if later else set() for part in (train, val))
+    seen = trained | validated | (set(digests(test[0])) if later else set())
     for n, (x, y) in enumerate(later or [], start=1):
         batch = digests(x)
         (x, y), held = hold_out(x, y, round(len(y) * test_share), np.random.default_rng([seed, n, 1]), seen, batch)
+        # its validation rows never copies of training images, nor copies of validation images training rows: the
+        # scores recipes are chosen on would read them as unseen (a batch without repeats: carved as it always was)
+        rest, carved = carve_validation(x, y, round(len(y) * share), np.random.default_rng([seed, n]), trained,
+                                        validated)
         seen.update(batch)
-        rest, carved = carve(x, y, round(len(y) * share), np.random.default_rng([seed, n]))
+        trained.update(digests(rest[0]))
+        validated.update(digests(carved[0]))
         trains.append(rest)
         vals.append(carved)
         tests.append(held)

@@ -210,3 +210,22 @@ def test_a_later_batch_holds_out_no_repeat_and_one_without_repeats_splits_as_bef
     assert len(labels) == 30 and not set(digests(held)) & (seen | set(digests(x[10:20])))
     with pytest.raises(DataFormatError, match=r"a batch of 200 images holds only 20 seen neither before nor twice"):
         hold_out(x, y, 30, np.random.default_rng(0), set(digests(x[20:])))
+
+
+def test_a_later_batchs_validation_rows_are_never_copies_of_training_images():
+    """Before: the test rows of a later batch left out repeated images, its validation rows did not: a copy of a
+    training image could be a validation row, and the scores recipes are chosen on read it as unseen."""
+    from tasks.images.prepare import digests, split
+
+    gen = np.random.default_rng(0)
+    x, y = gen.integers(0, 256, (100, 4, 4), dtype=np.uint8), np.arange(100) % 2
+    test = (gen.integers(0, 256, (20, 4, 4), dtype=np.uint8), np.arange(20) % 2)
+    fresh = gen.integers(0, 256, (30, 4, 4), dtype=np.uint8)
+    later = [(np.concatenate([x[:10], fresh]), np.concatenate([y[:10], np.arange(30) % 2]))]   # 10 repeats
+    splits, _ = split({"train": (x, y), "test": test}, 20, 0, 0, None, later, test_share=0.1)
+    train, val = (set(digests(splits[name][0])) for name in ("train", "val"))
+    assert len(splits["val"][1]) == 20 + round(36 * 20 / 100) and not train & val
+    plain = [(fresh, np.arange(30) % 2)]   # a batch without repeats: split as it always was
+    before, _ = split({"train": (x, y), "test": test}, 20, 0, 0, None, plain, test_share=0.1)
+    for name, (images, labels) in before.items():
+        assert len(labels) == {"train": 80 + 27 - 5, "val": 20 + 5, "test": 23}[name], name
