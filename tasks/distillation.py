@@ -54,10 +54,12 @@ def decoupled_kd(student_logits: torch.Tensor, teacher_logits: torch.Tensor, lab
     t = temperature
     s, te = student_logits.float() / t, teacher_logits.float() / t
     target = F.one_hot(labels, s.shape[1]).bool()
-    p_s, p_t = F.softmax(s, dim=1), F.softmax(te, dim=1)
-    b_s = torch.stack([p_s[target], (p_s * ~target).sum(dim=1)], dim=1)
-    b_t = torch.stack([p_t[target], (p_t * ~target).sum(dim=1)], dim=1)
-    tckd = F.kl_div(b_s.clamp_min(1e-12).log(), b_t, reduction="batchmean")
+
+    def target_and_rest(z: torch.Tensor) -> torch.Tensor:   # log p(target), log p(rest): in log space, so a student
+        log_p = F.log_softmax(z, dim=1)                      # far surer than its teacher keeps its gradient
+        return torch.stack([log_p[target], log_p.masked_fill(target, float("-inf")).logsumexp(dim=1)], dim=1)
+
+    tckd = F.kl_div(target_and_rest(s), target_and_rest(te), reduction="batchmean", log_target=True)
     hidden = 1000.0 * target   # the target class out of both softmaxes: exp(-1000) is 0 in float32
     nckd = F.kl_div(F.log_softmax(s - hidden, dim=1), F.log_softmax(te - hidden, dim=1), reduction="batchmean",
                     log_target=True)

@@ -79,6 +79,31 @@ def test_decoupled_kd_splits_kl_into_target_and_non_target_parts():
     torch.testing.assert_close(decoupled_kd(s, t, y, 4.0, 2.0, 8.0), 2.0 * parts[0] + 8.0 * parts[1])
 
 
+def test_decoupled_kd_keeps_pulling_a_student_far_more_confident_than_its_teacher():
+    """Before: the student's non-target probability was floored at 1e-12 before its log, so once the student's gold
+    logit stood ~30 T above the rest, TCKD stopped growing and gave that logit no gradient at all."""
+    s = torch.zeros(1, 10, dtype=torch.float64)
+    s[0, 3] = 35.0
+    t = torch.zeros(1, 10)
+    t[0, 3] = 2.0
+    y = torch.tensor([3])
+
+    def reference(z: torch.Tensor) -> torch.Tensor:   # TCKD in float64 log space
+        def two_way(logits: torch.Tensor) -> torch.Tensor:
+            lp = torch.log_softmax(logits.double(), dim=1)
+            return torch.stack([lp[0, 3], torch.cat([lp[0, :3], lp[0, 4:]]).logsumexp(0)])
+        p, q = two_way(t), two_way(z)
+        return (p.exp() * (p - q)).sum()
+
+    ours = s.clone().requires_grad_(True)
+    loss = decoupled_kd(ours, t, y, 1.0, 1.0, 0.0)
+    loss.backward()
+    mirror = s.clone().requires_grad_(True)
+    reference(mirror).backward()
+    assert float(loss) == pytest.approx(17.3252, abs=1e-3)
+    assert float(ours.grad[0, 3]) == pytest.approx(float(mirror.grad[0, 3]), rel=1e-4) and float(ours.grad[0, 3]) > 0.5
+
+
 def test_distiller_trains_on_decoupled_kd():
     cfg, data = _kd_cfg().model_copy(update={"target_loss": "dkd"}), _data()
     model = _pair(cfg, data.inputs(slice(2)))
