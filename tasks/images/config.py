@@ -112,6 +112,13 @@ class Dkd(Strict):
     alpha: Annotated[float, Field(ge=0.0)] = 1.0
     beta: Annotated[float, Field(ge=0.0)] = 8.0
 
+    @model_validator(mode="after")
+    def _some_weight(self) -> Dkd:
+        if self.alpha == 0 and self.beta == 0:
+            raise ValueError("alpha and beta are both 0: the soft-target term would be 0 (weigh one, or set "
+                             "weights.target: 0)")
+        return self
+
 
 class DistillImages(TrainingRecipe):
     student: MobileArch

@@ -274,6 +274,7 @@ def test_fit_trains_a_distiller_end_to_end(tmp_path):
     ({"feature_pairs": []}, r"weights\.feature > 0 needs at least one"),
     ({"temperature": 0}, r"distill\.vision\.temperature"),
     ({"target_loss": "kld"}, r"distill\.vision\.target_loss"),
+    ({"target_loss": "dkd", "dkd": {"alpha": 0.0, "beta": 0.0}}, r"distill\.vision\.dkd: .*alpha and beta are both 0"),
 ])
 def test_bad_distillation_params_are_rejected_at_load(raw_params, change, pattern):
     raw = {**raw_params, "distill": {**raw_params["distill"], "vision": {**raw_params["distill"]["vision"], **change}}}
