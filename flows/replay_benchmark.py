@@ -142,8 +142,9 @@ def summary(results: dict[str, dict[str, Any]], metric: str) -> str:
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for name, result in results.items():
         rows = [r for r in result["batches"] if r["decision"] != "not trained"]
-        last = rows[-1] if rows else {}
-        final = last.get("challenger_golden") if last.get("decision") == "promoted" else last.get("champion_golden")
+        goldens = [r.get("challenger_golden") if r.get("decision") == "promoted" else r.get("champion_golden")
+                   for r in rows]   # an unchanged batch's report carries none: the champion's score before it
+        final = next((g for g in reversed(goldens) if g is not None), None)
         seconds = sum(r["seconds"] for r in rows)
         lines.append(f"| {name} | {len(rows)} | {seconds:.0f} | {seconds / max(len(rows), 1):.0f} | "
                      f"{mean([r.get('challenger_val') for r in rows])} | "
