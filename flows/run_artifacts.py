@@ -8,6 +8,7 @@ per run, so a model's gate history is one click away.
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -18,9 +19,10 @@ from tasks.expectations import DATA_DOCS
 from tasks.gate import Check, gate_markdown, health_markdown
 from tasks.mlflow_store import redact
 
-# Per-model columns of the evaluation table, in this order, where the family's evaluation has them
-_COLUMNS = ("val_accuracy", "test_accuracy", "val_auc", "test_auc", "test_logloss", "test_ndcg_at_10",
-            "latency_b1_p95_ms", "latency_p95_ms", "bytes", "parameters", "nonzero_parameters")
+# Per-model columns of the evaluation table, in this order, where the family's evaluation has them (a pattern: each
+# key it matches, the ranking's cut-off and the latency's unit of work being the family's own)
+_COLUMNS = ("val_accuracy", "test_accuracy", "val_auc", "test_auc", "test_logloss", re.compile(r"test_ndcg_at_\d+"),
+            re.compile(r"(\w+_)?p95_ms"), "bytes", "parameters", "nonzero_parameters")
 
 
 def evaluation_rows(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
@@ -29,9 +31,10 @@ def evaluation_rows(evaluation: dict[str, Any]) -> list[dict[str, Any]]:
     for model, measured in evaluation["models"].items():
         row: dict[str, Any] = {"model": model}
         for column in _COLUMNS:
-            if column in measured:
-                value = measured[column]
-                row[column] = round(value, 4) if isinstance(value, float) else value
+            for key in ([column] if isinstance(column, str) else sorted(k for k in measured if column.fullmatch(k))):
+                if key in measured:
+                    value = measured[key]
+                    row[key] = round(value, 4) if isinstance(value, float) else value
         rows.append(row)
     return rows
 

@@ -16,6 +16,12 @@ def test_evaluation_rows_hold_each_models_scores_latency_and_size_rounded():
                      "latency_b1_p95_ms": 1.2346, "bytes": 1000},
                     {"model": "student_int8", "val_accuracy": 0.88, "test_accuracy": 0.9,
                      "latency_b1_p95_ms": 0.5, "bytes": 100}]
+    # a family's own ranking cut-off and unit of latency (before: only NDCG@10 and batch or request latency showed)
+    text = evaluation_rows({"models": {"student_int8": {"test_accuracy": 0.8, "sentence_p95_ms": 0.21}}})
+    recsys = evaluation_rows({"models": {"teacher_fp32": {"test_auc": 0.85, "test_ndcg_at_5": 0.41,
+                                                         "latency_p95_ms": 2.5, "latency_p50_ms": 2.0}}})
+    assert text == [{"model": "student_int8", "test_accuracy": 0.8, "sentence_p95_ms": 0.21}]
+    assert recsys == [{"model": "teacher_fp32", "test_auc": 0.85, "test_ndcg_at_5": 0.41, "latency_p95_ms": 2.5}]
 
 
 def test_an_mlflow_link_points_at_the_servers_run_page_and_never_carries_credentials():
