@@ -226,6 +226,16 @@ def percentiles_ms(times: np.ndarray, prefix: str) -> dict[str, float]:
     return {f"{prefix}_p50_ms": float(p50), f"{prefix}_p95_ms": float(p95), f"{prefix}_p99_ms": float(p99)}
 
 
+def check_finite(name: str, reference: np.ndarray, onnx: np.ndarray, rows: str) -> None:
+    """Parity compares numbers: a ParityError when either model's logits for some of the ``rows`` are not finite
+    (two files that both answer NaN would agree on every row's argmax)."""
+    from tasks.errors import ParityError
+
+    for who, logits in (("the ONNX file", onnx), ("PyTorch", reference)):
+        if bad := int((~np.isfinite(logits)).any(axis=1).sum()):
+            raise ParityError(f"{name}: {who} gives logits that are not finite for {bad} of {len(logits)} {rows}")
+
+
 def accuracy_delta(reference: np.ndarray, onnx: np.ndarray, labels: np.ndarray) -> float:
     """|accuracy of ``onnx`` - accuracy of ``reference``| (two arrays of logits), from their counts of correct rows:
     the difference of two rounded means lands above a limit it equals (0.8725 - 0.8625 = 0.010000000000000009)."""

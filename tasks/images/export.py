@@ -27,7 +27,7 @@ from tasks.image_training import Split
 from tasks.images.config import ExportImages, QatImages
 from tasks.io import write_json
 from tasks.observers import frozen_observers
-from tasks.onnx_models import accuracy_delta, export_fp32, export_student_int8, onnx_logits, quantize_ptq
+from tasks.onnx_models import accuracy_delta, check_finite, export_fp32, export_student_int8, onnx_logits, quantize_ptq
 from tasks.quantization import QatModel
 
 FILES = ("teacher_fp32", "student_fp32", "student_int8", "student_ptq_int8")
@@ -43,6 +43,7 @@ def torch_logits(model: nn.Module, split: Split, batch_size: int = 1024) -> np.n
 
 def parity(name: str, reference: np.ndarray, onnx: np.ndarray, labels: np.ndarray, cfg: ExportImages) -> dict:
     """Top-1 agreement and accuracy delta of ``onnx`` logits against ``reference``; raise ParityError on failure."""
+    check_finite(name, reference, onnx, "test images")
     ref_top, onnx_top = reference.argmax(1), onnx.argmax(1)
     agreement = float((ref_top == onnx_top).mean())
     delta = accuracy_delta(reference, onnx, labels)

@@ -17,7 +17,7 @@ from tasks.artifacts import load_model
 from tasks.config import stage_args
 from tasks.errors import ParityError, run_cli
 from tasks.io import write_json
-from tasks.onnx_models import accuracy_delta
+from tasks.onnx_models import accuracy_delta, check_finite
 from tasks.text.config import ExportText
 from tasks.text.onnx_graph import attach_tokenizer, export_text_fp32, onnx_text_logits, quantize_text_int8
 from tasks.text.training import TextSplit, manifest, predict
@@ -28,6 +28,7 @@ MODELS = ("teacher_fp32", "student_fp32", "student_int8")
 def text_parity(name: str, reference: np.ndarray, onnx: np.ndarray, labels: np.ndarray, cfg: ExportText,
                 texts: list[str]) -> dict:
     """Top-1 agreement and accuracy delta of ``onnx`` logits against ``reference``; raise ParityError on failure."""
+    check_finite(name, reference, onnx, "test sentences")
     agree = reference.argmax(1) == onnx.argmax(1)
     delta = accuracy_delta(reference, onnx, labels)
     result = {"top1_agreement": float(agree.mean()), "accuracy_delta": delta,

@@ -315,6 +315,11 @@ def test_parity_failure_names_the_disagreeing_images(config):
     with pytest.raises(ParityError, match=r"student_int8: top-1 agreement 0\.98.*2 test images disagree, e\.g\. #3"):
         parity("student_int8", reference, broken, labels, config.export.vision)
     assert parity("student_int8", reference, reference, labels, config.export.vision)["top1_agreement"] == 1.0
+    # two models that both answer NaN agree on every argmax (before: parity passed them)
+    nan = reference.copy()
+    nan[:4] = np.nan
+    with pytest.raises(ParityError, match=r"student_int8: the ONNX file gives logits that are not finite for 4 of 100"):
+        parity("student_int8", nan, nan, labels, config.export.vision)
 
 
 def test_evaluation_measures_every_model(config, models, tmp_path):
