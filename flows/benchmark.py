@@ -23,8 +23,8 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from flows.workspace import copy_project
-from tasks.config import Config, load_config
-from tasks.errors import ConfigError
+from tasks.config import PARAMS_FILE, Config, load_config
+from tasks.errors import ConfigError, run_cli
 from tasks.gate import meets
 
 
@@ -147,6 +147,9 @@ def main() -> None:
     args = parser.parse_args()
     targets = family_values(args.teacher_target, "--teacher-target")
     seconds = family_values(args.teacher_seconds, "--teacher-seconds")
+    mine = load_config(PARAMS_FILE, args.profile)
+    if unknown := [f for f in args.families or [] if f not in mine.families]:   # before anything is copied or run
+        raise ConfigError(f"--family {unknown[0]} is not one of families {mine.families}")
     with tempfile.TemporaryDirectory(prefix="kdq-bench-") as tmp:
         root = copy_project(Path(tmp) / "project", {"profile": args.profile})
         cfg = load_config(root / "params.yaml")
@@ -159,4 +162,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -27,7 +27,8 @@ from typing import Any
 
 from flows.benchmark import machine, write_result
 from flows.workspace import copy_project
-from tasks.config import load_config
+from tasks.config import PARAMS_FILE, load_config
+from tasks.errors import ConfigError, run_cli
 from tasks.intake import load_intake
 
 
@@ -206,9 +207,16 @@ def main() -> None:
     args = parser.parse_args()
     for name in ("MLFLOW_TRACKING_URI", "PIPELINE_PARENT_RUN_ID"):   # the scratch copy's own store, its own runs
         os.environ.pop(name, None)
-    own = getattr(load_config().warm_start, args.family)
+    # what it replays, checked before any folder is made: the profile's params, a family that takes batches and
+    # warm-starts
+    cfg = load_config(PARAMS_FILE, args.profile)
+    with_warm = [f for f in cfg.families if getattr(cfg.warm_start, f, None) is not None]
+    if args.family not in with_warm:
+        raise ConfigError(f"--family {args.family}: replay compares warm-start policies; {args.family} has no "
+                          f"warm_start block (families with one: {', '.join(with_warm)})")
+    own = getattr(cfg.warm_start, args.family)
     policies = args.policy or [{"policy": own.policy, "teacher_every": own.teacher_every}]
-    metric = getattr(load_config().gate, args.family).metric
+    metric = getattr(cfg.gate, args.family).metric
     results: dict[str, dict[str, Any]] = {}
 
     def record() -> None:
@@ -239,4 +247,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

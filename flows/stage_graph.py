@@ -144,9 +144,15 @@ def mermaid(nodes: list[StageNode]) -> str:
     return "\n".join(["flowchart LR", *(f"  {u} --> {v}" for u, v in edges)])
 
 
-if __name__ == "__main__":
+def main() -> None:
     import argparse
 
     parser = argparse.ArgumentParser(description="Print the stage graph of dvc.yaml as a mermaid flowchart.")
     parser.add_argument("--root", type=Path, default=Path("."))
     print(mermaid(stage_graph(parser.parse_args().root)))
+
+
+if __name__ == "__main__":
+    from tasks.errors import run_cli
+
+    run_cli(main)

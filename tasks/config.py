@@ -249,8 +249,8 @@ def parse_config(raw: Any, source: str = "params.yaml") -> Config:
         raise ConfigError(_format_errors(err, source, merged.get("profile", "full"))) from None
 
 
-def load_config(path: Path | str = PARAMS_FILE) -> Config:
-    """Read and validate params.yaml."""
+def load_config(path: Path | str = PARAMS_FILE, profile: str | None = None) -> Config:
+    """Read and validate params.yaml (under ``profile`` instead of the one it selects, when given)."""
     path = Path(path)
     try:
         raw = load_yaml(path.read_text())
@@ -258,6 +258,8 @@ def load_config(path: Path | str = PARAMS_FILE) -> Config:
         raise ConfigError(f"{path}: not found; run from the project root or pass the params file") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if profile is not None and isinstance(raw, dict):
+        raw = {**raw, "profile": profile}
     return parse_config(raw, str(path))
 
 
