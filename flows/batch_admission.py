@@ -89,7 +89,16 @@ def _checks(context: Any, intake: Intake, cfg: Config, batch: Any, accepted: Any
     if not suites:   # nothing to hold the whole to yet
         return "", report
     report["aggregate"] = run_suites(context, "aggregate", suites)
-    return ("" if report["aggregate"]["success"] else "aggregate"), report
+    if report["aggregate"]["success"]:
+        return "", report
+    # outside the limits already without the batch (accepted before this check, or the limits edited): the batch
+    # did not carry it there, and refusing it would refuse every batch after it, one bringing the data back too
+    # (checked in a context of its own: the suites have the same names)
+    if accepted is not None and (before := intake.aggregate(accepted, cfg)) \
+            and not run_suites(ephemeral_context(), "aggregate", before)["success"]:
+        report["aggregate"]["outside_before"] = True
+        return "", report
+    return "aggregate", report
 
 
 def skipped(root: Path, family: str, folder: Path) -> Outcome | None:

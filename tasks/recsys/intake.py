@@ -216,7 +216,11 @@ def drift(batch: Tables, accepted: Tables, cfg: Any) -> tuple[dict[str, float], 
 def aggregate(tables: Tables, cfg: Any) -> Suites:
     """The snapshot ``tables`` would be, labelled and split as prepare_recsys does, against validate_recsys's limits
     on the whole: the labelled share, each split's share and label balance. No suites until every split holds its
-    ``min_rows`` (validate_recsys names a snapshot that small, and more batches are the way out)."""
+    ``min_rows`` (validate_recsys names a snapshot that small, and more batches are the way out), and none for a
+    temporal split: its validation and test rows are the newest, their balance the last weeks', which the next batch
+    moves again (validate_recsys judges the snapshot)."""
+    if cfg.data.recsys.split.method != "hash":
+        return []
     rows = label(tables["ratings"], cfg.data.recsys)
     parts = {name: part[["label"]] for name, part in rows.groupby(assign_splits(rows, cfg.data.recsys))}
     rules = cfg.validate_.recsys
