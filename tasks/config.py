@@ -14,6 +14,7 @@ import argparse
 import functools
 import importlib
 import re
+import typing
 from pathlib import Path
 from types import ModuleType
 from typing import Annotated, Any
@@ -138,7 +139,7 @@ class Config(Strict):
                 path = rest[0] if rest else ""
                 for value in values:   # each value as its block takes it (what spans blocks: when a recipe loads)
                     _check_value(family_config(family).SECTIONS[section], params[section][family], path, value,
-                                 f"sweep.space.{family}: {key}")
+                                 f"sweep.space.{family}: {key}", merged=self.profile != "full")
         return self
 
 
@@ -160,20 +161,20 @@ def config_model(families: tuple[str, ...]) -> type[Config]:
     return create_model("ProjectConfig", __base__=Config, **fields)
 
 
-def _check_value(kind: Any, current: Any, path: str, value: Any, where: str) -> None:
+def _check_value(kind: Any, current: Any, path: str, value: Any, where: str, merged: bool) -> None:
     """``value`` as the field at dotted ``path`` of the params class ``kind`` ("" for the whole block) takes it on its
-    own: its type and limits, strictly. A mapping is merged over the ``current`` value, as a profile's overlay merges
-    it. Rules that tie it to the block's other knobs (which the sweep may change too) are checked when a recipe
-    loads."""
+    own: its type and limits, strictly. A mapping replaces the ``current`` value, or is ``merged`` over it (a recipe's
+    value in a profile's overlay, which is deep-merged), as the recipe will. Rules that tie it to the block's other
+    knobs (which the sweep may change too) are checked when a recipe loads."""
     annotation: Any = kind
     for part in path.split(".") if path else []:
-        fields = getattr(annotation, "model_fields", None)
-        if not isinstance(fields, dict) or part not in fields:   # inside a free-form mapping: nothing to check it by
+        model = _model(annotation)
+        if model is None or part not in model.model_fields:   # inside a free-form mapping: nothing to check it by
             return
-        field = fields[part]
+        field = model.model_fields[part]
         annotation = Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation
         current = current.get(part) if isinstance(current, dict) else None
-    if isinstance(value, dict) and isinstance(current, dict):
+    if merged and isinstance(value, dict) and isinstance(current, dict):
         value = deep_merge(current, value)
     try:
         TypeAdapter(annotation).validate_python(value, strict=True)
@@ -182,6 +183,14 @@ def _check_value(kind: Any, current: Any, path: str, value: Any, where: str) -> 
         at = ".".join(str(p) for p in first["loc"])
         raise ValueError(f"{where}: {value!r} is not a value it takes: {at + ': ' if at else ''}"
                          f"{first['msg'].removeprefix('Value error, ')}") from None
+
+
+def _model(annotation: Any) -> Any:
+    """The params class ``annotation`` is, or holds beside None (``Ema | None``); None for any other type."""
+    if isinstance(getattr(annotation, "model_fields", None), dict):
+        return annotation
+    found = [a for a in typing.get_args(annotation) if isinstance(getattr(a, "model_fields", None), dict)]
+    return found[0] if len(found) == 1 else None
 
 
 def _rebuild(families: tuple[str, ...], params: dict[str, Any]) -> Config:

@@ -132,8 +132,7 @@ def test_every_sweep_value_is_checked_at_load(raw_params):
     # knobs a rule ties together are each checked alone: a space whose values are valid in some combinations loads, and
     # so does each recipe of a valid combination (the rule checks the recipe's own values when it loads)
     raw["prune"]["recsys"]["epochs"] = 8
-    raw["sweep"]["space"]["recsys"] = {"prune.recsys.steps": [2, 4], "prune.recsys.epochs": [6, 8],
-                                       "distill.recsys.weights": [{"target": 1.0}]}
+    raw["sweep"]["space"]["recsys"] = {"prune.recsys.steps": [2, 4], "prune.recsys.epochs": [6, 8]}
     parse_config(raw)
     recipe = copy.deepcopy(raw)
     for key, value in layered_overrides(raw, {"prune.recsys.steps": 4, "prune.recsys.epochs": 8}, "recsys", 1).items():
@@ -145,6 +144,18 @@ def test_every_sweep_value_is_checked_at_load(raw_params):
     raw["sweep"]["space"]["recsys"] = {"recipe.recsys": [["distill", "qat"], ["distill", "sharpen"]]}
     with pytest.raises(ConfigError, match=r"sweep\.space\.recsys: recipe\.recsys: \['distill', 'sharpen'\] is not"):
         parse_config(raw)
+    # a knob inside an optional block (ema: null or a mapping) is checked too
+    raw["sweep"]["space"]["recsys"] = {"share.recsys.clusters": [64]}
+    raw["distill"]["vision"]["ema"] = {"decay": 0.998}
+    raw["sweep"]["space"]["vision"] = {"distill.vision.ema.decay": [0.99, 5.0]}
+    with pytest.raises(ConfigError, match=r"distill\.vision\.ema\.decay: 5\.0 is not a value it takes"):
+        parse_config(raw)
+    # a mapping is checked as the recipe applies it: replacing the block's (full profile), merged over it (a profile)
+    raw["sweep"]["space"]["vision"] = {"distill.vision.temperature": [2.0]}
+    raw["sweep"]["space"]["recsys"] = {"distill.recsys.weights": [{"target": 1.0}]}
+    with pytest.raises(ConfigError, match=r"distill\.recsys\.weights: \{'target': 1\.0\} is not a value it takes"):
+        parse_config(raw)
+    assert parse_config({**raw, "profile": "smoke"}).sweep.space["recsys"]
 
 
 @pytest.mark.fault("runs", "transient vs deterministic failures under Prefect retries",
