@@ -38,9 +38,10 @@ def redact(text: str) -> str:
     return _CREDENTIALS.sub(r"\1:***@", text)
 
 
-#: user:password@ right after a scheme, as urlsplit reads a URL's user info: up to the last "@" before the path, query
-#: or fragment (a password may hold "@" and ":"; the user name may be empty, a token alone)
-_CREDENTIALS = re.compile(r"(?<=://)([^/\s:?#]*):[^/\s?#]+@")
+#: user:password@ right after a scheme: the password up to the last "@" before the path (it may hold "@", ":", and
+#: even a raw "#" or "?"; the user name may be empty, a token alone). An "@" in a query without a path before it
+#: masks the host too: a host hidden rather than a password shown
+_CREDENTIALS = re.compile(r"(?<=://)([^/\s:?#]*):[^/\s]+@")
 
 
 class RequestRefused(PipelineError):
