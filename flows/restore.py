@@ -155,8 +155,8 @@ def _pull(root: Path, dest: Path, stage: str, what: str) -> str:
                 if key != "url":
                     _run([*dvc, "remote", "modify", "--local", "restore-source", key, value], dest,
                          f"dvc remote modify {key}", env)
-            _run([*dvc, "pull", "-r", "restore-source", stage], dest, f"dvc pull {stage} from {url}", env)
-            return url
+            _run([*dvc, "pull", "-r", "restore-source", stage], dest, f"dvc pull {stage} from {redact(url)}", env)
+            return redact(url)   # named in messages: a URL's password masked
         except PipelineError as err:
             errors.append(str(err))
     raise PipelineError(f"{stage}: {what} is in no DVC remote or cache tried ({'; '.join(errors)})")

@@ -126,3 +126,24 @@ def test_data_is_pulled_from_the_projects_remote_with_all_its_settings(s3, tmp_p
     reasons = str(nowhere.value).split("; ")   # DVC's, for each place tried (before: none, as of --quiet)
     assert len(reasons) == 3 and all("Checkout failed for following targets: data/x.txt" in r for r in reasons)
     assert "from s3://dvc/cache failed" in reasons[1]
+
+
+def test_a_remote_urls_password_is_masked_where_restore_names_it(tmp_path, monkeypatch):
+    """Before: a pull that failed named the project's remote URL as it is, password and all."""
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
+    root = tmp_path / "root"
+    root.mkdir()
+    subprocess.run(["git", "init", "--quiet"], cwd=root, check=True)
+    _dvc(root, "init", "--quiet")
+    (root / "dvc.yaml").write_text("stages:\n  snapshot_recsys:\n    cmd: python -c \"open('x.txt', 'w').write('r')\"\n"
+                                   "    outs: [x.txt]\n")
+    _dvc(root, "repro", "--quiet")
+    _dvc(root, "remote", "add", "--local", "--default", "storage", "https://user:s3cret@127.0.0.1:9/dvc")
+    subprocess.run(["git", "add", "-A"], cwd=root, check=True)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "p"], cwd=root,
+                   check=True)
+    subprocess.run(["git", "clone", "--quiet", str(root), str(tmp_path / "dest")], check=True)
+    shutil.rmtree(root / ".dvc" / "cache")
+    with pytest.raises(PipelineError, match="is in no DVC remote or cache tried") as nowhere:
+        restore_data(root, tmp_path / "dest", "recsys")
+    assert "s3cret" not in str(nowhere.value) and "https://user:***@127.0.0.1:9/dvc" in str(nowhere.value)
