@@ -76,7 +76,9 @@ def hold_out(x: np.ndarray, y: np.ndarray, n: int, rng: np.random.Generator, see
 def carve_validation(x: np.ndarray, y: np.ndarray, n: int, rng: np.random.Generator, trained: set[str],
                      validated: set[str]) -> tuple[Part, Part]:
     """(rest, val): ``n`` validation rows of a later batch (once its test rows left it), no image of them a training
-    row elsewhere: a copy of an earlier validation image is one of them (up to ``n``), the others are drawn stratified
+    row elsewhere: a copy of an earlier validation image is one of them (up to ``n``: more stay training rows, as the
+    rows each split holds are planned; the intake's ``max_repeated_fraction`` keeps repeats far below a batch's
+    validation share), the others are drawn stratified
     from the images seen neither before nor twice in the batch; a copy of an earlier training image, or an image the
     batch holds twice, stays a training row (the intake contract tolerates a few repeats). A batch without repeats is
     carved exactly as ``carve`` does."""
