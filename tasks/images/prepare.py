@@ -78,10 +78,9 @@ def carve_validation(x: np.ndarray, y: np.ndarray, n: int, rng: np.random.Genera
     """(rest, val): ``n`` validation rows of a later batch (once its test rows left it), no image of them a training
     row elsewhere: a copy of an earlier validation image is one of them (up to ``n``: more stay training rows, as the
     rows each split holds are planned; the intake's ``max_repeated_fraction`` keeps repeats far below a batch's
-    validation share), the others are drawn stratified
-    from the images seen neither before nor twice in the batch; a copy of an earlier training image, or an image the
-    batch holds twice, stays a training row (the intake contract tolerates a few repeats). A batch without repeats is
-    carved exactly as ``carve`` does."""
+    validation share), the others are drawn stratified from the images seen neither before nor twice in the batch; a
+    copy of an earlier training image, or an image the batch holds twice, stays a training row (the intake contract
+    tolerates a few repeats). A batch without repeats is carved exactly as ``carve`` does."""
     found = digests(x)
     copies = np.fromiter((d in validated for d in found), dtype=bool, count=len(found))
     _, inverse, counts = np.unique(found, return_inverse=True, return_counts=True)
