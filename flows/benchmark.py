@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from mlflow.tracking import MlflowClient
 
-from flows.workspace import copy_project
+from flows.workspace import PROJECT, copy_project
 from tasks.config import PARAMS_FILE, Config, load_config
 from tasks.errors import ConfigError, run_cli
 from tasks.gate import meets
@@ -147,7 +147,7 @@ def main() -> None:
     args = parser.parse_args()
     targets = family_values(args.teacher_target, "--teacher-target")
     seconds = family_values(args.teacher_seconds, "--teacher-seconds")
-    mine = load_config(PARAMS_FILE, args.profile)
+    mine = load_config(PROJECT / PARAMS_FILE, args.profile)   # the params the scratch copy is made from
     if unknown := [f for f in args.families or [] if f not in mine.families]:   # before anything is copied or run
         raise ConfigError(f"--family {unknown[0]} is not one of families {mine.families}")
     with tempfile.TemporaryDirectory(prefix="kdq-bench-") as tmp:

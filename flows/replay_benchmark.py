@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from flows.benchmark import machine, write_result
-from flows.workspace import copy_project
+from flows.workspace import PROJECT, copy_project
 from tasks.config import PARAMS_FILE, load_config
 from tasks.errors import ConfigError, run_cli
 from tasks.intake import load_intake
@@ -209,7 +209,7 @@ def main() -> None:
         os.environ.pop(name, None)
     # what it replays, checked before any folder is made: the profile's params, a family that takes batches and
     # warm-starts
-    cfg = load_config(PARAMS_FILE, args.profile)
+    cfg = load_config(PROJECT / PARAMS_FILE, args.profile)   # the params the scratch copy is made from
     with_warm = [f for f in cfg.families if getattr(cfg.warm_start, f, None) is not None]
     if args.family not in with_warm:
         raise ConfigError(f"--family {args.family}: replay compares warm-start policies; {args.family} has no "
