@@ -142,8 +142,14 @@ def test_weeks_within_the_drift_limits_may_not_together_break_the_label_balance(
     assert validate_recsys(load_tables(tmp_path / "processed"), cfg)["success"]
     # a snapshot outside the limits already (accepted before this check): a week that did not carry it there is not
     # refused for it (every week would be, one bringing it back too, and each later week with the users it brought)
-    outside = INTAKE.combine([*accepted, batch])
-    assert check(INTAKE, cfg, INTAKE.read_batch(batches[5]), outside, None)[0] == ""
+    outside, week = INTAKE.combine([*accepted, batch]), INTAKE.read_batch(batches[5])
+    reason, report = check(INTAKE, cfg, {**week, "ratings": week["ratings"].head(500)}, outside, None)
+    assert reason == "" and report["aggregate"]["outside_before"] == [
+        "ingest_aggregate_test expect_column_mean_to_be_between label"]
+    # ... but one that also breaks a limit the accepted data meets is refused (the whole real week takes the
+    # training split's balance out too)
+    reason, report = check(INTAKE, cfg, week, outside, None)
+    assert reason == "aggregate" and "outside_before" not in report["aggregate"]
     # a temporal split's validation and test rows are the newest: their balance is the last weeks', which the next
     # week moves again; it is not held against a batch (validate_recsys judges the snapshot)
     data = cfg.data.recsys.model_copy(update={"split": cfg.data.recsys.split.model_copy(update={"method": "temporal"})})
