@@ -25,6 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from configobj import ConfigObj  # DVC reads and writes its config files with it
 from mlflow.exceptions import MlflowException
 
 from flows.gating import LINEAGE, LINEAGE_FILES
@@ -138,6 +139,18 @@ def restore_data(root: Path, dest: Path, family: str) -> str:
     return source
 
 
+def _use_remote(dest: Path, remote: dict[str, str]) -> None:
+    """DEST's local DVC config (``.dvc/config.local``, readable by its owner only) names ``remote`` as
+    ``restore-source``, replacing the settings of the remote tried before. Written to the file, not passed to
+    ``dvc remote modify``: a secret on a command line is seen by every user of the machine (``ps``)."""
+    path = dest / ".dvc" / "config.local"
+    path.touch(mode=0o600)
+    path.chmod(0o600)
+    config = ConfigObj(str(path), encoding="utf-8")
+    config['remote "restore-source"'] = dict(remote)
+    config.write()
+
+
 def _pull(root: Path, dest: Path, stage: str, what: str) -> str:
     """``dvc pull`` the stage's outputs into DEST from the first place that has them; return which."""
     if stage not in (load_yaml((dest / "dvc.lock").read_text()) or {}).get("stages", {}):
@@ -149,12 +162,8 @@ def _pull(root: Path, dest: Path, stage: str, what: str) -> str:
             if remote is None:
                 _run([*dvc, "pull", stage], dest, f"dvc pull {stage}", env)
                 return "DEST's default DVC remote"
-            url = remote["url"]   # --force: replaces the settings of the remote tried before
-            _run([*dvc, "remote", "add", "--local", "--force", "restore-source", url], dest, "dvc remote add", env)
-            for key, value in remote.items():
-                if key != "url":
-                    _run([*dvc, "remote", "modify", "--local", "restore-source", key, value], dest,
-                         f"dvc remote modify {key}", env)
+            url = remote["url"]
+            _use_remote(dest, remote)
             _run([*dvc, "pull", "-r", "restore-source", stage], dest, f"dvc pull {stage} from {redact(url)}", env)
             return redact(url)   # named in messages: a URL's password masked
         except PipelineError as err:

@@ -12,12 +12,14 @@ from types import SimpleNamespace
 import pytest
 from mlflow.tracking import MlflowClient
 
+from flows import restore as restore_module
 from flows.restore import rerun, restore, restore_data, restore_lineage
 from tasks.errors import PipelineError, ServiceUnavailable
 from tasks.mlflow_store import RequestRefused
 from tests.conftest import ROOT
 
 DOWN = "http://admin:s3cret@127.0.0.1:9"   # nothing listens on port 9
+SECRET = "restore-secret-key-0451"
 
 
 @pytest.fixture
@@ -110,6 +112,8 @@ def test_data_is_pulled_from_the_projects_remote_with_all_its_settings(s3, tmp_p
     _dvc(root, "repro", "--quiet")
     _dvc(root, "remote", "add", "--local", "--default", "storage", "s3://dvc/cache")
     _dvc(root, "remote", "modify", "--local", "storage", "endpointurl", s3)
+    _dvc(root, "remote", "modify", "--local", "storage", "access_key_id", "AKIDRESTORE")
+    _dvc(root, "remote", "modify", "--local", "storage", "secret_access_key", SECRET)
     _dvc(root, "push", "--quiet")
     subprocess.run(["git", "add", "-A"], cwd=root, check=True)
     subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "p"], cwd=root,
@@ -118,8 +122,16 @@ def test_data_is_pulled_from_the_projects_remote_with_all_its_settings(s3, tmp_p
     subprocess.run(["git", "clone", "--quiet", str(root), str(dest)], check=True)   # no local config, no cache
     for cache in (root / ".dvc" / "cache", root / "data"):
         shutil.rmtree(cache)   # on the remote only
+    commands = []
+    real_run = restore_module._run
+    monkeypatch.setattr(restore_module, "_run", lambda args, *rest: commands.append(args) or real_run(args, *rest))
     assert restore_data(root, dest, "recsys") == "s3://dvc/cache"
     assert (dest / "data" / "x.txt").read_text() == "rows"
+    # the secret reaches DVC in DEST's local config, readable by its owner only, and on no command line (before:
+    # `dvc remote modify ... secret_access_key <secret>`, which `ps` shows every user of the machine)
+    assert not [args for args in commands if any(SECRET in arg for arg in args)]
+    local = dest / ".dvc" / "config.local"
+    assert SECRET in local.read_text() and local.stat().st_mode & 0o077 == 0
     (dest / "dvc.lock").write_text((dest / "dvc.lock").read_text().replace("md5: ", "md5: 0"))   # in no store
     with pytest.raises(PipelineError, match="is in no DVC remote or cache tried") as nowhere:
         restore_data(root, dest, "recsys")
