@@ -192,15 +192,20 @@ def test_the_image_entry_point_makes_a_shared_volume_a_dvc_checkout_that_keeps_o
 def test_the_mlflow_entrypoint_writes_an_auth_config_mlflow_reads_with_the_credential_cache_on(tmp_path, monkeypatch):
     """MLflow's default (no cache) checks the password's PBKDF2 hash on every request: stages logging system metrics
     every second kept the integration stack's server workers busy for minutes of CPU. The entrypoint turns MLflow's own
-    cache on (a TTL, overridable); what it writes is read by MLflow's own config reader."""
+    cache on (a TTL, overridable); what it writes is read by MLflow's own config reader. A password with URL
+    characters is still the password of both database URLs (before: "p@ss" made host "ss@postgres"), and is on no
+    command line."""
     from mlflow.server.auth.config import read_auth_config
+    from sqlalchemy.engine import make_url
 
     seen = tmp_path / "seen.ini"
     stub = tmp_path / "bin"
     stub.mkdir()   # stands in for the image's `mlflow server` only: records the config it would have been given
-    (stub / "mlflow").write_text(f'#!/bin/sh\ncp "$MLFLOW_AUTH_CONFIG_PATH" {seen}\n')
+    (stub / "mlflow").write_text(f'#!/bin/sh\ncp "$MLFLOW_AUTH_CONFIG_PATH" {seen}\n'
+                                 f'printf "%s\\n" "$MLFLOW_BACKEND_STORE_URI" "$*" > {tmp_path / "seen.txt"}\n')
     (stub / "mlflow").chmod(0o755)
-    base = {"PATH": f"{stub}{os.pathsep}{os.environ['PATH']}", "POSTGRES_USER": "u", "POSTGRES_PASSWORD": "p",
+    password = PASSWORD
+    base = {"PATH": f"{stub}{os.pathsep}{os.environ['PATH']}", "POSTGRES_USER": "u", "POSTGRES_PASSWORD": password,
             "MLFLOW_ADMIN_PASSWORD": "secret"}
     for extra, ttl in (({}, 60), ({"MLFLOW_AUTH_CACHE_TTL_SECONDS": "0"}, 0)):
         done = subprocess.run(["sh", str(INFRA / "mlflow" / "entrypoint.sh")], env={**base, **extra}, check=False,
@@ -209,7 +214,49 @@ def test_the_mlflow_entrypoint_writes_an_auth_config_mlflow_reads_with_the_crede
         monkeypatch.setenv("MLFLOW_AUTH_CONFIG_PATH", str(seen))
         config = read_auth_config()
         assert config.auth_cache_ttl_seconds == ttl
-        assert config.database_uri == "postgresql+psycopg2://u:p@postgres:5432/mlflow_auth"
+        store, argv = (tmp_path / "seen.txt").read_text().splitlines()
+        for uri, database in ((config.database_uri, "mlflow_auth"), (store, "mlflow")):
+            url = make_url(uri)
+            assert (url.drivername, url.username, url.password, url.host, url.port, url.database) == \
+                ("postgresql+psycopg2", "u", password, "postgres", 5432, database)
+        assert "p@ss" not in argv and "--backend-store-uri" not in argv
+    unset = subprocess.run(["sh", str(INFRA / "mlflow" / "entrypoint.sh")], check=False, capture_output=True,
+                           text=True, timeout=60, env={k: v for k, v in base.items() if k != "POSTGRES_PASSWORD"})
+    assert unset.returncode != 0 and "POSTGRES_PASSWORD: is not set" in unset.stderr
+
+
+PASSWORD = "p@ss:w/rd%41"   # URL characters: before, the server's URL put host "ss" and a wrong password
+
+
+def _prefect_database_url(environment: dict[str, str], monkeypatch) -> object:
+    """The database URL Prefect's own settings make of a server container's environment."""
+    from prefect.settings import Settings
+    from sqlalchemy.engine import make_url
+
+    for name in [n for n in os.environ if n.startswith(("PREFECT_API_DATABASE", "PREFECT_SERVER_DATABASE"))]:
+        monkeypatch.delenv(name)
+    for name, value in environment.items():
+        monkeypatch.setenv(name, value)
+    return make_url(Settings().server.database.connection_url.get_secret_value())
+
+
+@pytest.mark.fault("security", "the database password holds URL characters (@, :, /, %)",
+                   "MLflow's and Prefect's servers (compose and Kubernetes) connect with it as it is (before: "
+                   "pasted into URLs, it made another host and password, and MLflow's config reader stopped at %)")
+def test_a_database_password_with_url_characters_reaches_prefect_as_it_is(monkeypatch):
+    from string import Template
+
+    compose = yaml.safe_load((INFRA / "compose.yaml").read_text())["services"]["prefect-server"]["environment"]
+    secrets = {"POSTGRES_USER": "kdq", "POSTGRES_PASSWORD": PASSWORD}
+    interpolated = {k: Template(str(v)).substitute(secrets) for k, v in compose.items()}
+    (server,) = containers({doc["metadata"]["name"]: doc for _, doc in k8s_documents()
+                            if doc["kind"] == "Deployment"}["prefect-server"])
+    pod = {e["name"]: e["value"] if "value" in e else secrets[e["valueFrom"]["secretKeyRef"]["key"]]
+           for e in server["env"]}
+    for environment in (interpolated, pod):
+        url = _prefect_database_url(environment, monkeypatch)
+        assert (url.drivername, url.username, url.password, url.host, url.database) == \
+            ("postgresql+asyncpg", "kdq", PASSWORD, "postgres", "prefect")
 
 
 def _dockerignored(path: str, patterns: list[str]) -> bool:
