@@ -8,6 +8,7 @@ weights are read with ``safetensors`` (tensors only, never a pickle).
 from __future__ import annotations
 
 import hashlib
+import http.client
 import json
 import re
 import urllib.request
@@ -73,7 +74,7 @@ def _from_url(cfg: PretrainedEncoder) -> tuple[str, dict[str, bytes]] | str:
             try:
                 with urllib.request.urlopen(f"{cfg.url.rstrip('/')}/{name}", timeout=60) as resp:
                     write_atomic(target, resp.read())
-            except OSError as err:
+            except (OSError, ValueError, http.client.HTTPException) as err:   # unreachable, not a URL, cut short
                 return f"download of {name} failed: {err}"
     return str(folder), _verified({name: (folder / name).read_bytes() for name in ENCODER_FILES}, cfg, str(folder))
 
@@ -117,6 +118,9 @@ def pretrained_classifier(cfg: PretrainedEncoder, classes: int, seed: int) -> tu
 
     source, files = encoder_files(cfg)
     arch = bert_arch(json.loads(files["config.json"]), cfg.dropout, cfg.layers)
+    if cfg.max_tokens > arch.positions:   # a longer sentence would index past the position table, mid-training
+        raise ConfigError(f"teacher.text.encoder.max_tokens: {cfg.max_tokens} exceeds the {arch.positions} positions "
+                          f"of {cfg.name} (max_position_embeddings in its config.json)")
     vocabulary = files["vocab.txt"].decode("utf-8").splitlines()
     torch.manual_seed(seed)
     model = BertClassifier(arch, vocabulary, cfg.max_tokens, classes)

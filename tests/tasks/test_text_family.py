@@ -418,6 +418,25 @@ def test_a_pretrained_encoder_can_keep_only_its_first_layers(tmp_path, monkeypat
         pretrained_classifier(PretrainedEncoder(**spec, layers=4), classes=2, seed=0)
 
 
+def test_an_encoder_that_cannot_be_fetched_or_is_too_short_is_refused_before_training(tmp_path, monkeypatch):
+    """Before: a URL without a scheme ended in urllib's ValueError traceback, and ``max_tokens`` beyond the
+    encoder's position table in an IndexError at the first long sentence, mid-training."""
+    from tasks.errors import ConfigError, DataSourceError
+    from tasks.text.config import PretrainedEncoder
+    from tasks.text.encoder import encoder_files, pretrained_classifier
+
+    monkeypatch.chdir(tmp_path)
+    pins = _tiny_bert_source(tmp_path / "dl" / "tiny", layers=1)   # 16 positions
+    unfetched = PretrainedEncoder(name="other", wheels=[], url="example.org/encoder", download_cache="dl",
+                                  sha256=pins, max_tokens=8)
+    with pytest.raises(DataSourceError, match=r"example.org/encoder: download of .* failed: unknown url type"):
+        encoder_files(unfetched)
+    long = PretrainedEncoder(name="tiny", wheels=[], url="http://127.0.0.1:9", download_cache="dl", sha256=pins,
+                             max_tokens=32)
+    with pytest.raises(ConfigError, match=r"^teacher.text.encoder.max_tokens: 32 exceeds the 16 positions of tiny "):
+        pretrained_classifier(long, classes=2, seed=0)
+
+
 def test_the_dynamic_int8_file_is_scored_one_sentence_per_run_as_clients_send_it(tmp_path):
     """onnxruntime's dynamic INT8 quantizes activations over each run's whole input, so a sentence's logits in a
     batch depend on its batch-mates: accuracy is measured on the model served, one unpadded sentence per request.
