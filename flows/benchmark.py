@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import subprocess
@@ -20,12 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from flows.workspace import PROJECT, copy_project
 from tasks.config import PARAMS_FILE, Config, load_config
 from tasks.errors import ConfigError, run_cli
 from tasks.gate import meets
+from tasks.io import load_yaml
 
 
 def run_pipeline(root: Path, families: list[str] | None = None) -> tuple[float, dict[str, Any]]:
@@ -40,10 +43,33 @@ def run_pipeline(root: Path, families: list[str] | None = None) -> tuple[float, 
         raise SystemExit(f"pipeline failed in {root} (exit {proc.returncode})")
     client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
     parent = client.search_runs(["1"], "tags.`pipeline.launcher` = 'prefect'", order_by=["start_time DESC"])[0]
-    children = client.search_runs(["1"], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    stages = {r.data.tags["pipeline.stage"]: (r.info.end_time - r.info.start_time) / 1000 for r in children}
     statuses = {k.removeprefix("stage."): v for k, v in parent.data.tags.items() if k.startswith("stage.")}
-    return wall, {"statuses": statuses, "stage_seconds": stages, "metrics": parent.data.metrics}
+    return wall, {"statuses": statuses, "stage_seconds": stage_seconds(client, parent),
+                  "metrics": parent.data.metrics}
+
+
+def stage_seconds(client: MlflowClient, parent: Run) -> dict[str, float]:
+    """Wall seconds of each stage's child run of ``parent``: its newest finished one (a retried stage's failed
+    attempts before it are not what the stage took)."""
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'",
+                                  order_by=["start_time DESC"])
+    seconds: dict[str, float] = {}
+    for run in children:
+        if run.info.status == "FINISHED":
+            seconds.setdefault(run.data.tags["pipeline.stage"], (run.info.end_time - run.info.start_time) / 1000)
+    return seconds
+
+
+def scratch_copy(dest: Path, profile: str, overrides: dict[str, Any] | None = None, source: Path = PROJECT) -> Path:
+    """``source`` copied to ``dest`` on ``profile`` with ``overrides``, tracking into the copy's own SQLite store
+    (what a benchmark reads) whatever params.yaml or the profile name: a tracking server of the project would
+    get the copy's runs and registrations, promotions included. ``tracking.uri`` and ``overrides`` go into the
+    profile's overlay too, which would otherwise win over them (an unknown profile stays unknown)."""
+    pinned = {"tracking.uri": None, **(overrides or {})}
+    profiles = (load_yaml((source / PARAMS_FILE).read_text()) or {}).get("profiles")
+    overlay = isinstance(profiles, dict) and isinstance(profiles.get(profile), dict)   # else named when loaded
+    in_profile = {f"profiles.{profile}.{k}": v for k, v in pinned.items()} if overlay else {}
+    return copy_project(dest, {"profile": profile, **pinned, **in_profile}, source)
 
 
 def machine() -> str:
@@ -120,8 +146,9 @@ def table(cold: tuple[float, dict], warm: tuple[float, dict], scores: dict[str, 
     return "\n".join([*lines, *teacher_rows(cold[1], scores, targets or {}, seconds or {})])
 
 
-def family_values(pairs: list[str], option: str) -> dict[str, float]:
-    """``["vision=0.95", ...]`` as ``{"vision": 0.95}``; anything else is a one-line error naming the option."""
+def family_values(pairs: list[str], option: str, families: list[str]) -> dict[str, float]:
+    """``["vision=0.95", ...]`` as ``{"vision": 0.95}``; anything else (a family not of ``families``, a number that
+    is not finite: a target nothing meets) is a one-line error naming the option."""
     found = {}
     for pair in pairs:
         family, _, value = pair.partition("=")
@@ -129,8 +156,10 @@ def family_values(pairs: list[str], option: str) -> dict[str, float]:
             found[family] = float(value)
         except ValueError:
             family = ""
-        if not family:
-            raise SystemExit(f"{option} {pair!r}: expected FAMILY=NUMBER")
+        if not family or not math.isfinite(found[family]):
+            raise SystemExit(f"{option} {pair!r}: expected FAMILY=NUMBER, a finite number")
+        if family not in families:
+            raise ConfigError(f"{option} {pair!r}: {family} is not one of families {families}")
     return found
 
 
@@ -145,13 +174,14 @@ def main() -> None:
                         help="the teacher stage's wall time to stay within (repeatable), e.g. <family>=900")
     parser.add_argument("--out", type=Path, help="also write the numbers as JSON here")
     args = parser.parse_args()
-    targets = family_values(args.teacher_target, "--teacher-target")
-    seconds = family_values(args.teacher_seconds, "--teacher-seconds")
     mine = load_config(PROJECT / PARAMS_FILE, args.profile)   # the params the scratch copy is made from
-    if unknown := [f for f in args.families or [] if f not in mine.families]:   # before anything is copied or run
+    # checked before anything is copied or run
+    if unknown := [f for f in args.families or [] if f not in mine.families]:
         raise ConfigError(f"--family {unknown[0]} is not one of families {mine.families}")
+    targets = family_values(args.teacher_target, "--teacher-target", mine.families)
+    seconds = family_values(args.teacher_seconds, "--teacher-seconds", mine.families)
     with tempfile.TemporaryDirectory(prefix="kdq-bench-") as tmp:
-        root = copy_project(Path(tmp) / "project", {"profile": args.profile})
+        root = scratch_copy(Path(tmp) / "project", args.profile)
         cfg = load_config(root / "params.yaml")
         scores = {family: cfg.block("gate", family).metric for family in cfg.families}
         cold, warm = run_pipeline(root, args.families), run_pipeline(root, args.families)

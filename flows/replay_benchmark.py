@@ -25,8 +25,8 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from flows.benchmark import machine, write_result
-from flows.workspace import PROJECT, copy_project
+from flows.benchmark import machine, scratch_copy, write_result
+from flows.workspace import PROJECT
 from tasks.config import PARAMS_FILE, load_config
 from tasks.errors import ConfigError, run_cli
 from tasks.intake import load_intake
@@ -73,8 +73,8 @@ def replay_benchmark(family: str, profile: str, batches: int | None, work: Path,
     (``record(rows)`` after each batch, so a failure keeps what was measured)."""
     from flows.ingest import continuous_training
 
-    root = copy_project(work / "project", {"profile": profile, f"ingest.{family}.bootstrap": "empty",
-                                           **{f"warm_start.{family}.{k}": v for k, v in policy.items()}})
+    root = scratch_copy(work / "project", profile, {f"ingest.{family}.bootstrap": "empty",
+                                                    **{f"warm_start.{family}.{k}": v for k, v in policy.items()}})
     cfg = load_config(root / "params.yaml")
     metric = cfg.block("gate", family).metric
     released = load_intake(family).replay(cfg, work / "released")[:batches]

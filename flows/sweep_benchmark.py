@@ -12,14 +12,15 @@ well recipes spread over workers, the target being >= 1.7x with 2 workers on 2 c
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 from datetime import date
 from pathlib import Path
 from typing import Any
 
-from flows.benchmark import machine, target_rows, write_result
+from flows.benchmark import machine, scratch_copy, target_rows, write_result
 from flows.sweep import recipe_sweep
-from flows.workspace import copy_project
+from flows.workspace import PROJECT
 from tasks.config import load_config
 from tasks.errors import ConfigError, run_cli
 
@@ -29,19 +30,27 @@ TARGET = (("speedup", ">=", 1.7, "recipe phase, 1 worker / N workers"),)
 def timed_sweep(root: Path, family: str, recipes: int, workers: int) -> dict[str, Any]:
     result = recipe_sweep(str(root), family, None, workers, recipes, register_best=False)
     ok = [o for o in result["outcomes"] if o["status"] == "ok"]
-    return {"workers": workers, "seconds": result["recipes_seconds"], "ok": len(ok),
-            "failed": len(result["outcomes"]) - len(ok), "pareto": result["pareto"]}
+    return {"workers": workers, "seconds": result["recipes_seconds"], "recipes": len(result["outcomes"]),
+            "ok": len(ok), "failed": len(result["outcomes"]) - len(ok), "pareto": result["pareto"]}
 
 
-def table(runs: list[dict[str, Any]], family: str, recipes: int) -> str:
-    base = runs[0]["seconds"]
-    lines = [f"Sweep benchmark, {date.today()}, {machine()}; {recipes} smoke-profile {family} recipes, Dask "
-             "LocalCluster of single-threaded worker processes", "",
+def sweep_copy(dest: Path, source: Path = PROJECT) -> Path:
+    """``source`` copied to ``dest`` on the smoke profile, its recipes on a LocalCluster of the benchmark's workers
+    (a scheduler named by ``sweep.address`` would run both sweeps on one cluster, whose workers cannot see ``dest``)
+    and tracked in the copy's own store."""
+    return scratch_copy(dest, "smoke", {"sweep.address": None}, source)
+
+
+def table(runs: list[dict[str, Any]], family: str) -> str:
+    """Each sweep's row, its time per recipe over the recipes it ran (a grid may hold fewer than were asked)."""
+    base, ran = runs[0]["seconds"], runs[0]["recipes"]
+    lines = [(f"Sweep benchmark, {date.today()}, {machine()}; {ran} smoke-profile {family} recipes, "
+              "Dask LocalCluster of single-threaded worker processes"), "",
              "| workers | recipes ok | failed | recipe phase (s) | s per recipe | speed-up |",
              "|---:|---:|---:|---:|---:|---:|"]
     for r in runs:
         lines.append(f"| {r['workers']} | {r['ok']} | {r['failed']} | {r['seconds']:.1f} | "
-                     f"{r['seconds'] / recipes:.1f} | {base / r['seconds']:.2f}x |")
+                     f"{r['seconds'] / max(r['recipes'], 1):.1f} | {base / r['seconds']:.2f}x |")
     lines += ["", *target_rows(TARGET, {"speedup": base / runs[-1]["seconds"]}, 2)]
     return "\n".join(lines)
 
@@ -58,10 +67,12 @@ def main() -> None:
     if args.family not in cfg.families or args.family not in cfg.sweep.space:
         raise ConfigError(f"params.yaml: --family {args.family} has no sweep.space entry (families with one: "
                           f"{', '.join(f for f in cfg.families if f in cfg.sweep.space)})")
+    for name in ("MLFLOW_TRACKING_URI", "PIPELINE_PARENT_RUN_ID"):   # the scratch copy's own store, its own runs
+        os.environ.pop(name, None)
     with tempfile.TemporaryDirectory(prefix="kdq-sweep-bench-") as tmp:
-        root = copy_project(Path(tmp) / "project", {"profile": "smoke"})
+        root = sweep_copy(Path(tmp) / "project")
         runs = [timed_sweep(root, args.family, args.recipes, w) for w in (1, args.workers)]
-    print(table(runs, args.family, args.recipes))
+    print(table(runs, args.family))
     if args.out:
         write_result(args.out, {"family": args.family, "recipes": args.recipes, "runs": runs,
                                 "speedup": runs[0]["seconds"] / runs[-1]["seconds"]})
