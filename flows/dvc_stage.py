@@ -103,7 +103,7 @@ def run_stage(stage: str, root: Path, env: dict[str, str], data_docs: bool = Fal
     try:
         ran = reproduce(stage, root, env, lock_wait=lock_wait)
     except StageFailed:
-        _close_killed_runs(stage, env)
+        close_killed_runs(stage, env)
         if data_docs:
             _point_at_data_docs(stage, env)
         raise
@@ -122,7 +122,7 @@ def run_node(cfg: Any, node: Any, root: Path, env: dict[str, str], unchanged: bo
     return (retrying.submit if submit else retrying)(*args, unchanged=unchanged)
 
 
-def _close_killed_runs(stage: str, env: dict[str, str]) -> None:
+def close_killed_runs(stage: str, env: dict[str, str]) -> None:
     """Mark KILLED the runs of ``stage`` under this pipeline run still RUNNING once it has failed (its process killed
     by a signal, the out-of-memory killer, could not end them); never failing the stage for it."""
     if PARENT_ENV not in env or "MLFLOW_TRACKING_URI" not in env:

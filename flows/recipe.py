@@ -16,7 +16,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 from prefect import task
 
-from flows.dvc_stage import reproduce, retry_transient, stage_env
+from flows.dvc_stage import StageFailed, close_killed_runs, reproduce, retry_transient, stage_env
 from flows.gating import pair_latencies, paths
 from flows.workspace import copy_project
 from tasks.config import Config, family_config, load_config, parse_config
@@ -132,7 +132,11 @@ def run_recipe(index: int, overrides: dict[str, Any], family: str, root: Path, w
                       "git.scratch_commit": git_state(dest)["git.commit"]})
         env = {**stage_env(dest, uri, run.run_id), **source_git_env(dest, source)}   # its stage runs' lineage
         for stage in stages:
-            reproduce(stage, dest, env, log=False)
+            try:
+                reproduce(stage, dest, env, log=False)
+            except StageFailed:   # its process killed (a signal, out of memory) could not end its run: as a pipeline
+                close_killed_runs(stage, env)   # run's stage does (the recipe run ends FAILED: no retry looks here)
+                raise
         verdict, measured, checks = judge_recipe(dest, cfg, family)
         result = {"index": index, "name": name, "overrides": overrides, "run_id": run.run_id, "dir": str(dest),
                   "source": source, "worker": worker_name(), **verdict, **measured}

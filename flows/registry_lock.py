@@ -238,7 +238,7 @@ def data_lock(root: Path, families: list[str], timeout_seconds: float) -> Iterat
     while no pipeline run (or gate, or sweep) of that project reads it, and the reverse (DVC hashes a stage's inputs after it ran: a
     batch added meanwhile would be recorded as trained on). Copies of a project (sweeps) have slots of their own."""
     with ExitStack() as stack:
-        for family in sorted(families):
+        for family in sorted(set(families)):   # a family named twice: one slot (a second request waited for the first)
             name = data_lock_name(root, family)
             stack.enter_context(_slot(name, timeout_seconds, f"{root}: the {family} data was held by another run "
                                       f"(ingestion or a pipeline run, lock {name!r}) for more than {timeout_seconds:g} s "

@@ -3,25 +3,27 @@
     python -m flows.sweep [--root .] [--family recsys] [--address tcp://host:8786] [--workers 2] [--recipes 8]
 
 A recipe is a set of params overrides drawn from ``sweep.space.<family>`` (every combination, or ``recipes`` of them
-drawn with ``seed``). The family's upstream stages (data, validation, teacher) run once in the project, as in the
-pipeline flow; each recipe then runs the family's compression, export and evaluation stages of dvc.yaml in a
-scratch copy of the project (``flows.workspace``) that shares those upstream outputs, on a Dask worker
-(``prefect-dask``: a LocalCluster by default, an existing scheduler when ``address`` is given). A recipe's stage
-runs are children of its recipe run, itself a child of the sweep run. A recipe that fails is recorded as failed
-and the sweep goes on; one whose worker died is run again elsewhere by Dask. Then the sweep writes the Pareto front
-(quality up, bytes down, latency down) to ``reports/sweep/<family>/`` with a plot, logs it, and registers the best
-recipe that passes the gate's floors and teacher-relative goals as ``challenger`` (``champion`` is the promotion
-flow's to move).
+drawn with ``seed``), each without the knobs no stage of its recipe reads, so that no recipe runs twice. The family's
+upstream stages (data, validation, teacher) run once in the project, as in the pipeline flow; each recipe then runs
+the family's compression, export and evaluation stages of dvc.yaml in a scratch copy of the project
+(``flows.workspace``) that shares those upstream outputs, on a Dask worker (``prefect-dask``: a LocalCluster by
+default, an existing scheduler when ``address`` is given). A recipe's stage runs are children of its recipe run,
+itself a child of the sweep run. A recipe that fails is recorded as failed and the sweep goes on; one whose worker
+died is run again elsewhere by Dask. Then the sweep writes the Pareto front (quality up, bytes down, latency down) to
+``reports/sweep/<family>/`` with a plot, logs it, and registers the best recipe that passes the gate's floors and
+teacher-relative goals as ``challenger`` (``champion`` is the promotion flow's to move).
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import os
 import random
+import re
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
@@ -34,17 +36,66 @@ from flows.recipe import run_recipe
 from flows.registry_lock import data_lock
 from flows.stage_graph import downstream_of, family_stages, stage_graph
 from flows.sweep_report import best_passing, pareto_front, write_sweep_report
-from tasks.config import SweepConfig, load_config
+from tasks.config import Config, SweepConfig, load_config
 from tasks.errors import PipelineError, run_cli
+from tasks.io import load_yaml
 from tasks.mlflow_store import client_for, redact, tracking_uri
 from tasks.tracking import pipeline_run
 
+#: Stages a recipe may leave out: ``<stage>_<family>`` then passes the student through (tasks/ctr/stage.py,
+#: tasks/images/prune.py, ...). Distillation always runs: without ``distill`` the student learns from the labels.
+PASSED_THROUGH = ("prune", "qat", "share")
 
-def draw_recipes(space: dict[str, list[Any]], method: str, count: int, seed: int) -> list[dict[str, Any]]:
-    """The recipes of a sweep: every combination of ``space`` (grid) or ``count`` of them drawn with ``seed``."""
+
+class UsageError(PipelineError):
+    """A command-line value the sweep cannot take."""
+
+
+def draw_recipes(space: dict[str, list[Any]], method: str, count: int, seed: int,
+                 in_effect: Callable[[dict[str, Any]], dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """The recipes of a sweep: every combination of ``space`` (grid) or the first ``count`` of them in an order
+    shuffled with ``seed``. Each combination is reduced to what it changes (``in_effect``), and one that does what an
+    earlier one does is dropped: no recipe runs twice. Drawn from the whole product, a recipe list keeps its share of
+    the draws (a short recipe, with fewer knobs to tell its combinations apart, is not crowded out by long ones)."""
     keys = sorted(space)
     grid = [dict(zip(keys, combo)) for combo in itertools.product(*(space[k] for k in keys))]
-    return grid if method == "grid" else random.Random(seed).sample(grid, min(count, len(grid)))
+    if method != "grid":
+        grid = random.Random(seed).sample(grid, len(grid))
+    distinct = {json.dumps(r, sort_keys=True): r for r in map(in_effect or dict, grid)}   # first seen, in order
+    recipes = list(distinct.values())
+    return recipes if method == "grid" else recipes[:count]
+
+
+def stage_params(root: Path, stages: list[str]) -> dict[str, list[str]]:
+    """The params.yaml keys each of ``stages`` reads, as dvc.yaml lists them (a profile's overlay of a key: the
+    key)."""
+    listed = (load_yaml((root / "dvc.yaml").read_text()) or {}).get("stages", {})
+    return {name: sorted({re.sub(r"^profiles\.[^.]+\.", "", key) for key in listed.get(name, {}).get("params", [])
+                          if isinstance(key, str)}) for name in stages}
+
+
+def in_effect(combo: dict[str, Any], family: str, recipe: list[str], reads: dict[str, list[str]]) -> dict[str, Any]:
+    """``combo`` without the keys only stages its recipe (its ``recipe.<family>``, else ``recipe``) passes through
+    read: ``prune.<family>.*`` does nothing in a ``[distill, qat]`` recipe. A key a stage that runs reads too stays
+    (export reads ``qat.<family>``'s weight bits for its PTQ baseline), and so does one no stage lists."""
+    stages = combo.get(f"recipe.{family}", recipe)
+    idle = {name for name in reads if (step := name.rsplit("_", 1)[0]) in PASSED_THROUGH and step not in stages}
+
+    def read_by(key: str, name: str) -> bool:
+        return any(key == p or key.startswith(f"{p}.") or p.startswith(f"{key}.") for p in reads[name])
+
+    def runs(key: str) -> bool:
+        readers = [name for name in reads if read_by(key, name)]
+        return not readers or any(name not in idle for name in readers)
+
+    return {key: value for key, value in combo.items() if runs(key)}
+
+
+def sweep_recipes(root: Path, cfg: Config, family: str, stages: list[str], count: int) -> list[dict[str, Any]]:
+    """``draw_recipes`` of ``sweep.space.<family>``, each recipe reduced to the knobs its ``stages`` read."""
+    effect = functools.partial(in_effect, family=family, recipe=list(cfg.block("recipe", family)),
+                               reads=stage_params(root, stages))
+    return draw_recipes(cfg.sweep.space[family], cfg.sweep.method, count, cfg.sweep.seed, effect)
 
 
 def dask_runner(sweep: SweepConfig, address: str | None, workers: int | None) -> Any:
@@ -53,8 +104,9 @@ def dask_runner(sweep: SweepConfig, address: str | None, workers: int | None) ->
 
     if address or sweep.address:
         return DaskTaskRunner(address=address or sweep.address)
-    return DaskTaskRunner(cluster_kwargs={"n_workers": workers or sweep.workers, "threads_per_worker": 1,
-                                          "processes": True, "dashboard_address": None})
+    workers = sweep.workers if workers is None else workers
+    return DaskTaskRunner(cluster_kwargs={"n_workers": workers, "threads_per_worker": 1, "processes": True,
+                                          "dashboard_address": None})
 
 
 @contextmanager
@@ -103,18 +155,25 @@ def recipe_sweep(root: str = ".", family: str | None = None, address: str | None
     family = family or sweep.family
     if family not in cfg.families or family not in sweep.space:
         raise PipelineError(f"family: {family!r} has no sweep.space entry; choose one of {sorted(sweep.space)}")
-    drawn = draw_recipes(sweep.space[family], sweep.method, recipes or sweep.recipes, sweep.seed)
+    for option, value in (("recipes", recipes), ("workers", workers)):
+        if value is not None and value < 1:   # (the CLI refuses them too)
+            raise UsageError(f"{option}: {value}; a sweep needs at least 1")
+    workers = sweep.workers if workers is None else workers
     uri = tracking_uri(cfg, root_path)
     nodes = family_stages(stage_graph(root_path), family)
     below = downstream_of(nodes, f"train_teacher_{family}")
     upstream = [n for n in nodes if n not in below]
+    count = sweep.recipes if recipes is None else recipes
+    drawn = sweep_recipes(root_path, cfg, family, [n.name for n in below], count)
+    if recipes is not None and sweep.method == "grid":
+        print(f"note: sweep.method is grid: all {len(drawn)} distinct recipes run, not --recipes {recipes}")
     # the family's data lock, as a pipeline run holds it, from before its MLflow run (a busy lock starts nothing)
     # until the last recipe ended: the upstream stages read the raw snapshot and every recipe links their outputs
     # (flows.recipe.link_outputs) when it starts; the report and the registration read only the recipes' copies
     with ExitStack() as data_held:
         data_held.enter_context(data_lock(root_path, [family], cfg.pipeline.data_lock_timeout_seconds))
         with pipeline_run(cfg, f"sweep-{family}", root_path) as parent:
-            scheduler = address or sweep.address or f"LocalCluster({workers or sweep.workers})"
+            scheduler = address or sweep.address or f"LocalCluster({workers})"
             parent.set_tags({"sweep.family": family, "sweep.method": sweep.method, "sweep.recipes": str(len(drawn)),
                              "sweep.scheduler": scheduler})
             env = stage_env(root_path, uri, parent.run_id)
@@ -157,7 +216,8 @@ def _register(best: dict[str, Any], family: str, uri: str, sweep_run_id: str) ->
             "sweep.source_commit": best["source"]["git.commit"], **best["source"]}
     report = gate_and_register(where, cfg, client, uri, best["run_id"], sweep_run_id, family, may_promote=False,
                                extra_tags=tags)
-    return {"name": report["name"], "version": report["version"], "recipe": best["name"], "unchanged": report["unchanged"]}
+    return {"name": report["name"], "version": report["version"], "recipe": best["name"],
+            "unchanged": report["unchanged"]}
 
 
 def summary(result: dict[str, Any]) -> str:
@@ -169,7 +229,10 @@ def summary(result: dict[str, Any]) -> str:
     lines += [f"  {o['name']} FAILED: {o['error'].splitlines()[-1] if o['error'] else ''}"
               for o in result["outcomes"] if o["status"] != "ok"]
     reg, best = result["registered"], result["best"]
-    if reg:
+    if reg and reg.get("unchanged"):   # its file was registered before: no version made, no alias moved
+        lines.append(f"best recipe {reg['recipe']} is already {reg['name']} version {reg['version']}; "
+                     "registry unchanged")
+    elif reg:
         lines.append(f"registered {reg['name']} version {reg['version']} ({reg['recipe']}) as challenger")
     elif best:   # only with --no-register: a passing best is otherwise always registered
         lines.append(f"best recipe passing the gate on validation: {best['name']} (not registered: --no-register)")
@@ -178,15 +241,27 @@ def summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def positive(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    if not re.fullmatch(r"\s*\+?\d+\s*", text) or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number of at least 1")
+    return int(text)
+
+
 def main() -> None:
-    parser = argparse.ArgumentParser(description="Sweep compression recipes on Dask (see sweep in params.yaml).")
+    parser = argparse.ArgumentParser(description="Sweep compression recipes on Dask (see sweep in params.yaml).",
+                                     exit_on_error=False)
     parser.add_argument("--root", default=".")
     parser.add_argument("--family", default=None, help="default: sweep.family")
     parser.add_argument("--address", default=None, help="an existing Dask scheduler (default: sweep.address)")
-    parser.add_argument("--workers", type=int, default=None, help="LocalCluster workers (default: sweep.workers)")
-    parser.add_argument("--recipes", type=int, default=None, help="random draws (default: sweep.recipes)")
+    parser.add_argument("--workers", type=positive, default=None, help="LocalCluster workers (default: sweep.workers)")
+    parser.add_argument("--recipes", type=positive, default=None,
+                        help="random draws (default: sweep.recipes; method grid runs them all)")
     parser.add_argument("--no-register", dest="register_best", action="store_false")
-    args = parser.parse_args()
+    try:
+        args = parser.parse_args()
+    except argparse.ArgumentError as err:   # one line, as run_cli prints a user's error (not usage and a traceback)
+        raise UsageError(str(err)) from None
     print(summary(recipe_sweep(args.root, args.family, args.address, args.workers, args.recipes, args.register_best)))
 
 

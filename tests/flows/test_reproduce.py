@@ -156,13 +156,13 @@ def test_a_killed_stages_run_is_marked_killed(tmp_path, monkeypatch):
 
 def test_a_tracking_server_down_after_a_stage_is_warned_of_without_its_password(monkeypatch, capsys):
     """Before: the warnings printed MLflow's own message, which names the URL it called, password included."""
-    from flows.dvc_stage import _close_killed_runs, _point_at_data_docs
+    from flows.dvc_stage import _point_at_data_docs, close_killed_runs
     from tasks.tracking import PARENT_ENV
 
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     env = {"MLFLOW_TRACKING_URI": "http://admin:s3cret@127.0.0.1:9", PARENT_ENV: "0123abcd"}
-    _close_killed_runs("talk", env)
+    close_killed_runs("talk", env)
     _point_at_data_docs("validate_talk", env)
     warned = capsys.readouterr().err.splitlines()
     assert len(warned) == 2 and all(w.startswith("warning: ") and "admin:***@127.0.0.1:9" in w for w in warned)

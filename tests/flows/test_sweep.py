@@ -34,6 +34,44 @@ def test_grid_is_every_combination_and_random_draws_are_seeded_and_distinct():
     assert len(draw_recipes(SPACE, "random", 50, 0)) == 6   # never more than the grid holds
 
 
+def test_a_sweep_draws_each_recipe_once_without_the_knobs_its_stages_pass_over(raw_params):
+    """Before: the grid was every combination of the space, with prune and share knobs also beside a [distill, qat]
+    recipe, whose prune and share stages pass the student through: the default recsys space's 48 recipes were 30
+    in effect, and a random draw of 8 (seed 0) ran one recipe twice (as recipe-000 and recipe-006)."""
+    import json
+
+    from flows.stage_graph import downstream_of, family_stages, stage_graph
+    from flows.sweep import in_effect, stage_params, sweep_recipes
+
+    def runs(family):   # the stages each recipe runs: what follows the teacher
+        return [n.name for n in downstream_of(family_stages(stage_graph(ROOT), family), f"train_teacher_{family}")]
+
+    def effect(recipe):   # what the recipe's stages read once it is applied: the blocks of the stages that train
+        raw = copy.deepcopy(raw_params)
+        for key, value in recipe.items():
+            set_param(raw, key, value)
+        steps = parse_config(raw).recipe.recsys
+        blocks = {s: parse_config(raw).block(s, "recsys").model_dump() for s in ("distill", "export", *steps)}
+        return json.dumps({"recipe": steps, **blocks}, sort_keys=True, default=str)
+
+    stages = runs("recsys")
+    grid = sweep_recipes(ROOT, parse_config({**raw_params, "sweep": {**raw_params["sweep"], "method": "grid"}}),
+                         "recsys", stages, 8)
+    assert len(grid) == 30 and len({effect(r) for r in grid}) == 30   # 2 x 3 [distill, qat] + 2 x 3 x 2 x 2 full
+    assert {tuple(sorted(r)) for r in grid if r["recipe.recsys"] == ["distill", "qat"]} == {
+        ("distill.recsys.temperature", "distill.recsys.weights.target", "recipe.recsys")}
+    drawn = sweep_recipes(ROOT, parse_config(raw_params), "recsys", stages, 8)   # method random, seed 0
+    assert drawn == sweep_recipes(ROOT, parse_config(raw_params), "recsys", stages, 8)
+    assert len({effect(r) for r in drawn}) == 8 and all(r in grid for r in drawn)
+    # a knob of a stage the recipe leaves out stays when a stage that runs reads it too: export_vision quantizes its
+    # PTQ baseline with qat.vision's weight bits
+    reads = stage_params(ROOT, runs("vision"))
+    combo = {"qat.vision.weight_bits": 6, "qat.vision.epochs": 2, "recipe.vision": ["distill"]}
+    assert in_effect(combo, "vision", ["distill", "qat"], reads) == {"qat.vision.weight_bits": 6,
+                                                                     "recipe.vision": ["distill"]}
+    assert in_effect({"qat.vision.epochs": 2}, "vision", ["distill", "qat"], reads) == {"qat.vision.epochs": 2}
+
+
 def _o(name, auc, size, ms, passed=True, status="ok", test_auc=None):
     """A recipe's outcome: ``auc`` is its validation AUC (what a sweep ranks by); the test AUC is reported only."""
     return {"name": name, "status": status, "val_auc": auc, "test_auc": auc if test_auc is None else test_auc,
@@ -74,6 +112,73 @@ def test_the_summary_names_the_passing_best_even_when_it_is_not_registered():
     assert "no recipe passed the gate" in summary({**result, "best": None})
     registered = {"name": "ctr", "version": 3, "recipe": "recipe-002"}
     assert "registered ctr version 3 (recipe-002) as challenger" in summary({**result, "registered": registered})
+
+
+def test_the_summary_says_when_the_best_recipe_was_registered_before():
+    """Before: a sweep whose best recipe's file was already a version said "registered ... as challenger", although
+    no version was made and the challenger alias had not moved."""
+    best = _o("recipe-002", 0.85, 70_000, 0.8)
+    result = {"family": "recsys", "outcomes": [best], "recipes_seconds": 1.0, "pareto": ["recipe-002"],
+              "sweep_run_id": "abc", "best": best,
+              "registered": {"name": "ctr", "version": "3", "recipe": "recipe-002", "unchanged": True}}
+    text = summary(result)
+    assert "best recipe recipe-002 is already ctr version 3; registry unchanged" in text and "challenger" not in text
+
+
+@pytest.mark.fault("runs", "a recipe's stage process killed (a signal, out of memory) in the middle of its MLflow run",
+                   "the recipe fails and the stage's run is marked KILLED (before: it stayed RUNNING for good: the "
+                   "recipe run ended FAILED, and a retry closes runs under RUNNING recipe runs only)")
+def test_a_killed_stage_of_a_recipe_leaves_no_run_running(mlflow_uri, tmp_path, monkeypatch):
+    """Before: run_recipe called ``reproduce`` itself, so the pipeline's closing of a failed stage's runs never ran."""
+    from mlflow.tracking import MlflowClient
+
+    import flows.recipe
+    from flows.recipe import run_recipe
+    from tasks.mlflow_store import ensure_experiment
+    from tasks.tracking import PARENT_ENV
+
+    project = copy_project(tmp_path / "project", {"profile": "smoke"})
+    (project / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    client = MlflowClient(mlflow_uri)
+    experiment = ensure_experiment(client, load_config(project / "params.yaml"), project)
+    sweep_run = client.create_run(experiment, run_name="sweep-recsys").info.run_id
+    stage_runs = []
+
+    def killed(stage, root, env, log=True, lock_wait=0.0):   # its process started its run, then was killed
+        stage_runs.append(client.create_run(experiment, run_name=stage, tags={
+            "mlflow.parentRunId": env[PARENT_ENV], "pipeline.stage": stage}).info.run_id)
+        raise StageFailed(stage, "Killed", deterministic=False)
+
+    monkeypatch.setattr(flows.recipe, "reproduce", killed)
+    with pytest.raises(StageFailed, match="distill_recsys"):
+        run_recipe.fn(0, {}, "recsys", project, tmp_path / "work", mlflow_uri, sweep_run, [], ["distill_recsys"], 1)
+    stage_run = client.get_run(stage_runs[0])
+    recipe_run = client.get_run(stage_run.data.tags["mlflow.parentRunId"])
+    assert (recipe_run.data.tags["sweep.recipe"], recipe_run.info.status) == ("recipe-000", "FAILED")
+    assert stage_run.info.status == "KILLED" and "pipeline.killed" in stage_run.data.tags
+
+
+@pytest.mark.fault("params", "a sweep asked for no recipe or no worker, or a negative count (`--recipes -1`, "
+                   "`--recipes 0`, `--workers 0`)", "a one-line usage error naming the option, exit 2, before "
+                   "anything runs (before: a ValueError traceback for -1; 0 fell back to params' default without a "
+                   "word; --workers -1 reached Dask)")
+@pytest.mark.parametrize("option, value", [("--recipes", "-1"), ("--recipes", "0"), ("--workers", "0"),
+                                           ("--workers", "-1")])
+def test_a_sweep_refuses_counts_below_one_in_one_line(option, value, monkeypatch, capsys):
+    import sys
+
+    from flows.sweep import UsageError, main, recipe_sweep
+    from tasks.errors import run_cli
+
+    monkeypatch.setattr(sys, "argv", ["flows.sweep", "--root", str(ROOT), option, value])
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"error: UsageError: argument {option}: '{value}' is not a whole number of at least 1"), err
+    # a caller of the flow is refused too, before a stage or a run starts (0 no longer means "params' default")
+    with pytest.raises(UsageError, match=rf"^{option[2:]}: {value}; a sweep needs at least 1"):
+        recipe_sweep.fn(root=str(ROOT), family="recsys", **{option[2:]: int(value)})
 
 
 def test_report_files_list_failed_recipes_and_mark_the_front(tmp_path):
@@ -210,6 +315,15 @@ def test_ingestion_and_a_pipeline_run_never_hold_one_family_data_at_once(prefect
             pass   # another project's data, another family's data: free
     with data_lock(project, ["recsys"], timeout_seconds=30):
         pass   # released
+
+
+def test_a_family_named_twice_takes_its_data_lock_once(prefect_server, tmp_path):
+    """Before: ``flows.pipeline --family vision --family vision`` asked the family's one-slot lock twice in one
+    process; the second request waited pipeline.data_lock_timeout_seconds and blamed "another run"."""
+    from flows.registry_lock import data_lock
+
+    with data_lock(tmp_path, ["recsys", "recsys"], timeout_seconds=5):
+        pass
 
 
 @pytest.mark.fault("data", "`flows.pipeline --gate-only` while another run (a pipeline run, an ingestion) holds the "
