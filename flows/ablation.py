@@ -17,6 +17,7 @@ logs both, with per-arm metrics, to one MLflow run. Re-running resumes: every ar
 from __future__ import annotations
 
 import argparse
+import codecs
 import os
 import subprocess
 import sys
@@ -32,7 +33,7 @@ from flows.benchmark import machine
 from flows.stage_graph import stage_paths
 from tasks.artifacts import count_nonzero, count_parameters, load_model, qat_extra, save_model
 from tasks.config import Config, load_config
-from tasks.errors import ConfigError
+from tasks.errors import ConfigError, PipelineError
 from tasks.image_training import Split, model_shape
 from tasks.images.config import QatImages, ablation_recipes
 from tasks.images.distill import distill_images
@@ -132,13 +133,31 @@ def ablated_family(cfg: Config, family: str | None) -> str:
     return family
 
 
+def repro_teacher(root: Path, family: str) -> None:
+    """``dvc repro train_teacher_<family>`` in ``root``, its output shown as it runs; a failure is a PipelineError
+    naming the stage, DVC's exit code and its last ERROR line (before: a CalledProcessError traceback)."""
+    stage, tail = f"train_teacher_{family}", ""
+    decode = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    with subprocess.Popen([sys.executable, "-m", "dvc", "repro", stage], cwd=root, stderr=subprocess.PIPE) as proc:
+        while chunk := proc.stderr.read1(1 << 16):   # passed on as it comes (progress bars too); the end kept
+            text = decode.decode(chunk)
+            sys.stderr.write(text)
+            sys.stderr.flush()
+            tail = (tail + text)[-8192:]
+    if proc.returncode:
+        lines = [line.strip() for line in tail.splitlines() if line.strip()]
+        said = next((line for line in reversed(lines) if line.startswith("ERROR")), lines[-1] if lines else "")
+        raise PipelineError(f"dvc repro {stage} failed (exit {proc.returncode}) in {root}"
+                            + (f": {said[:400]}" if said else ""))
+
+
 def ablation(root: Path, out: Path, family: str | None = None, repro: bool = True) -> dict:
     """Run the whole ablation of ``family`` in ``root``; return the JSON document it writes."""
     cfg = load_config(root / "params.yaml")
     family = ablated_family(cfg, family)
     spec = cfg.block("ablation", family)
     if repro:  # the data and teacher of the one graph; DVC decides whether anything needs to run
-        subprocess.run([sys.executable, "-m", "dvc", "repro", f"train_teacher_{family}"], cwd=root, check=True)
+        repro_teacher(root, family)
     start = time.perf_counter()
     per_seed = {seed: run_seed(cfg, family, seed, root, out / "work" / family / f"seed{seed}") for seed in spec.seeds}
     data, teacher_file = inputs(root, family)
@@ -183,12 +202,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", help="an image family with an ablation block (default: the first one)")
     parser.add_argument("--root", type=Path, default=Path("."), help="project root (params.yaml, dvc.yaml)")
-    parser.add_argument("--out", type=Path, default=None, help="default: <root>/reports/ablation")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="default: <root>/reports/ablation (a relative --out is from the current folder)")
     parser.add_argument("--skip-repro", action="store_true", help="use the data and teacher already on disk")
     args = parser.parse_args()
     root = args.root.resolve()
+    out = (args.out or root / "reports" / "ablation").resolve()   # a relative --out: from where it was typed
     os.chdir(root)
-    ablation(root, (args.out or root / "reports" / "ablation").resolve(), args.family, repro=not args.skip_repro)
+    ablation(root, out, args.family, repro=not args.skip_repro)
 
 
 if __name__ == "__main__":

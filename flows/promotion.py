@@ -5,6 +5,8 @@ same promotion lock as the gate (``flows.gating``, which registers versions and 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -25,7 +27,7 @@ from flows.registry import (
 from flows.registry_lock import registry_lock
 from tasks.config import Config, load_config
 from tasks.errors import run_cli
-from tasks.mlflow_store import client_for, redact, registered_version
+from tasks.mlflow_store import client_for, redact, registered_version, server_error
 
 
 @flow(name="promote-model", log_prints=True)
@@ -33,7 +35,7 @@ def promote_model(name: str, version: str, alias: str = "champion", reason: str 
                   root: str = ".") -> dict[str, str]:
     """Point ``alias`` of registered model ``name`` at ``version`` (a promotion or a rollback), recording who/why."""
     client, uri, cfg = _registry(root)
-    with registry_lock(name, cfg.tracking.registry_lock_timeout_seconds):
+    with registry_lock(name, cfg.tracking.registry_lock_timeout_seconds), _answered(uri, name, alias):
         return _move_alias(client, uri, name, version, alias, reason, who)
 
 
@@ -41,7 +43,7 @@ def promote_model(name: str, version: str, alias: str = "champion", reason: str 
 def rollback_champion(name: str, reason: str = "", who: str | None = None, root: str = ".") -> dict[str, str]:
     """Point ``champion`` back at the version it pointed at before the current one (as recorded on that version)."""
     client, uri, cfg = _registry(root)
-    with registry_lock(name, cfg.tracking.registry_lock_timeout_seconds):
+    with registry_lock(name, cfg.tracking.registry_lock_timeout_seconds), _answered(uri, name, "champion"):
         current = registered_version(client, name)
         if current is None:
             raise RegistryError(f"{name} has no champion in {redact(uri)}; nothing to roll back")
@@ -50,6 +52,18 @@ def rollback_champion(name: str, reason: str = "", who: str | None = None, root:
                                 f"(tags {previous_tag('champion')} / {CHAMPION_BEFORE}); nothing was changed")
         return _move_alias(client, uri, name, before, "champion",
                            reason or f"rollback from version {current.version}", who, rollback=True)
+
+
+@contextmanager
+def _answered(uri: str, name: str, alias: str) -> Iterator[None]:
+    """A registry call that failed (a server that did not answer, a request refused) as one line naming the
+    registry, not MLflow's traceback. The alias moves last, so it is where it was unless that very call failed, and
+    the same command again completes the move."""
+    try:
+        yield
+    except MlflowException as err:
+        raise server_error(err, f"the registry at {redact(uri)}", f"{name}@{alias} was not moved, or its move is "
+                           "not fully recorded: run the same command again") from None
 
 
 def _before(version: Any) -> str | None:
@@ -88,10 +102,8 @@ def _move_alias(client: MlflowClient, uri: str, name: str, version: str, alias: 
     the current one (a rollback to a chosen version): the version moved back from is recorded as
     ``<alias>.rolled_back_from`` and the next rollback goes further back, not forth; and on a version that already
     held the alias (it keeps the one it replaced then). Another alias than champion records no version replaced."""
-    try:
-        client.get_model_version(name, version)
-    except MlflowException as err:
-        raise RegistryError(f"{name} version {version} does not exist in {redact(uri)}; nothing was changed") from err
+    if registered_version(client, name, version) is None:   # (a server that failed raises: not "does not exist")
+        raise RegistryError(f"{name} version {version} does not exist in {redact(uri)}; nothing was changed")
     champion = registered_version(client, name) if alias == "champion" else None
     previous = getattr(champion, "version", None)
     # back by hand to a champion before the current one: a rollback to a chosen version (not any older version: a
@@ -99,14 +111,17 @@ def _move_alias(client: MlflowClient, uri: str, name: str, version: str, alias: 
     back = rollback or (champion is not None and str(version) in _earlier_champions(client, name, champion))
     who = who or current_user()
     when = datetime.now(UTC).isoformat(timespec="seconds")
-    client.set_registered_model_alias(name, alias, version)
     tags = {f"{alias}.set_by": who, f"{alias}.reason": reason or "(none given)", f"{alias}.set_at": when}
     if previous is not None and back:
         tags[rolled_back_tag(alias)] = str(previous)
     elif previous is not None and str(previous) != str(version):
         tags[previous_tag(alias)] = str(previous)
+    # the tags first, the alias last: a failure in between leaves the alias where it was, and the same command again
+    # records the champion replaced (the alias moved first, a rerun found the version champion already and recorded
+    # none, so a rollback skipped it)
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
+    client.set_registered_model_alias(name, alias, version)
     print(f"{name}@{alias} -> version {version} (was {previous}); by {who}: {reason or '(no reason given)'}")
     return {"name": name, "alias": alias, "version": str(version), "previous": str(previous)}
 
@@ -119,11 +134,14 @@ def main() -> None:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--version")
     target.add_argument("--rollback", action="store_true", help="champion back to the version before the current one")
-    parser.add_argument("--alias", default="champion")
+    parser.add_argument("--alias", default="champion", help="the alias --version moves (a rollback moves champion)")
     parser.add_argument("--reason", default="")
     parser.add_argument("--who", default=None)
     parser.add_argument("--root", default=".")
     args = parser.parse_args()
+    if args.rollback and args.alias != "champion":   # it would move champion, not the alias named
+        parser.error(f"--rollback moves champion only (it reads champion's history), not --alias {args.alias}: "
+                     f"move {args.alias} with --version V --alias {args.alias}")
     name = args.name or registered_model(load_config(Path(args.root) / "params.yaml"), args.family)
     if args.rollback:
         rollback_champion(name, args.reason, args.who, args.root)

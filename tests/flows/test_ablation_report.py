@@ -75,3 +75,48 @@ def test_the_ablation_runs_a_family_that_has_an_ablation_block(config, family):
     assert ablated_family(config, "digits") == "digits"
     with pytest.raises(ConfigError, match=rf"no ablation\.{family} block \(families with one: vision, digits\)"):
         ablated_family(config, family)
+
+
+@pytest.mark.fault("runs", "the ablation's dvc repro of the teacher fails (a stage that exits non-zero)",
+                   "PipelineError naming the stage, DVC's exit code, the root and DVC's ERROR line; exit 2 (before: a "
+                   "CalledProcessError traceback)")
+def test_a_failing_dvc_repro_ends_the_ablation_with_one_error_line(tmp_path, monkeypatch, capsys):
+    import re
+    import subprocess
+    import sys
+
+    from flows.ablation import main
+    from tasks.errors import run_cli
+    from tests.conftest import ROOT
+
+    root = tmp_path / "project"
+    root.mkdir()
+    (root / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    (root / "dvc.yaml").write_text("stages:\n  train_teacher_digits:\n    cmd: python -c 'raise SystemExit(3)'\n")
+    subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, check=True)
+    monkeypatch.chdir(tmp_path)   # main changes into --root; the test's own folder comes back after
+    monkeypatch.setattr(sys, "argv", ["flows.ablation", "--root", "project", "--family", "digits"])
+    with pytest.raises(SystemExit) as exit_:
+        run_cli(main)
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert exit_.value.code == 2 and len(errors) == 1, errors
+    assert re.fullmatch(rf"error: PipelineError: dvc repro train_teacher_digits failed \(exit \d+\) in {root}: "
+                        r"ERROR: failed to reproduce 'train_teacher_digits': .*exited with 3", errors[0]), errors
+
+
+def test_a_relative_out_is_the_callers_folder_not_the_roots(tmp_path, monkeypatch):
+    """Before: --out was resolved after main changed into --root: ``--out results`` wrote <root>/results."""
+    import sys
+
+    import flows.ablation
+
+    seen = {}
+    monkeypatch.setattr(flows.ablation, "ablation", lambda root, out, family, repro: seen.update(root=root, out=out))
+    (tmp_path / "project").mkdir()
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["flows.ablation", "--root", "project", "--out", "results", "--skip-repro"])
+    flows.ablation.main()
+    assert seen == {"root": tmp_path / "project", "out": tmp_path / "results"}
+    monkeypatch.setattr(sys, "argv", ["flows.ablation", "--root", str(tmp_path / "project"), "--skip-repro"])
+    flows.ablation.main()
+    assert seen["out"] == tmp_path / "project" / "reports" / "ablation"   # the default: under --root

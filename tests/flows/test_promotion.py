@@ -16,7 +16,7 @@ from flows.gating import CandidateAltered, gate_and_register
 from flows.promotion import promote_model
 from flows.registry import RegistryError
 from tasks.config import parse_config
-from tasks.errors import ConfigError
+from tasks.errors import ConfigError, ServiceUnavailable
 from tasks.family import load_family
 from tasks.gate import gate_checks
 from tasks.images.arch_config import MobileArch, ResNetArch
@@ -366,7 +366,7 @@ def test_a_retry_after_an_interrupted_registration_promotes_the_candidate(projec
         return honest(self, model, alias, version)
 
     monkeypatch.setattr(MlflowClient, "set_registered_model_alias", refused)
-    with pytest.raises(MlflowException, match="did not answer"):
+    with pytest.raises(ServiceUnavailable, match="did not answer"):   # transient: the promote task retries it
         _gate(project, cfg, uri)
     monkeypatch.setattr(MlflowClient, "set_registered_model_alias", honest)
     client = MlflowClient(uri, registry_uri=uri)
@@ -451,6 +451,66 @@ def test_a_hand_move_to_an_earlier_version_is_a_rollback_the_next_rollback_goes_
     assert champion() == "5"
     promote_model.fn(name, "1", "challenger", "", "bob", root)   # no champion moved: nothing recorded as replaced
     assert not {"challenger.previous", "challenger.rolled_back_from"} & set(client.get_model_version(name, "1").tags)
+
+
+@pytest.mark.fault("promotion", "the registry fails during a hand promotion (a connection reset on a tag write), "
+                   "then the same command is run again",
+                   "ServiceUnavailable naming the registry, champion not moved; the rerun records the champion it "
+                   "replaced and a rollback returns to it (before: MLflow's traceback, champion already moved, the "
+                   "rerun recorded nothing and a rollback skipped the replaced champion)")
+def test_a_hand_promotion_the_registry_failed_in_is_completed_by_the_same_command_again(tmp_path, prefect_server,
+                                                                                      monkeypatch):
+    """v1 champion, v2 a challenger, v3 champion after v1; v2 promoted by hand. Before: the alias moved first, the
+    tag write failed after it; the rerun found v2 champion already and wrote no champion.previous, so a rollback
+    went to v1 (what the gate compared v2 with), skipping v3. Now the tags go first and the alias last."""
+    from flows.promotion import rollback_champion
+    from tasks.errors import ServiceUnavailable
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client, name, root = MlflowClient(uri, registry_uri=uri), "m", str(_root_with_params(tmp_path, uri))
+    run = client.create_run(client.create_experiment("e")).info.run_id
+    client.create_registered_model(name)
+    for before in ("none", "1", "1"):   # v1; v2 gated against v1 (a challenger); v3 gated against v1 (champion)
+        client.create_model_version(name, f"runs:/{run}/model", run, tags={"audit.champion_before": before})
+    client.set_registered_model_alias(name, "champion", "3")
+    champion = lambda: str(client.get_model_version_by_alias(name, "champion").version)
+    honest, failed = MlflowClient.set_model_version_tag, []
+
+    def reset_once(self, *args, **kwargs):
+        if not failed:
+            failed.append(args)
+            raise MlflowException("API request to endpoint /api/2.0/mlflow/model-versions/set-tag failed: "
+                                  "Connection reset by peer")
+        return honest(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "set_model_version_tag", reset_once)
+    with pytest.raises(ServiceUnavailable, match=r"^the registry at sqlite:///\S+ is not reachable .*Connection reset "
+                                                 r"by peer.*; m@champion was not moved.*run the same command again"):
+        promote_model.fn(name, "2", "champion", "the sweep's best", "alice", root)
+    assert failed and champion() == "3"
+    promote_model.fn(name, "2", "champion", "the sweep's best", "alice", root)   # the same command again
+    assert champion() == "2" and client.get_model_version(name, "2").tags["champion.previous"] == "3"
+    rollback_champion.fn(name, "", "bob", root)
+    assert champion() == "3"
+
+
+@pytest.mark.fault("promotion", "python -m flows.promotion --rollback --alias challenger",
+                   "a usage error (exit 2) naming --alias; no alias moved (before: --alias ignored, champion rolled "
+                   "back)")
+def test_a_rollback_of_another_alias_than_champion_is_a_usage_error(tmp_path, prefect_server, monkeypatch, capsys):
+    """Before: --alias was ignored with --rollback and champion moved back, while the operator meant challenger."""
+    import sys
+
+    from flows.promotion import main
+
+    client, name, root = _gated_three(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["flows.promotion", "--name", name, "--root", root, "--rollback",
+                                      "--alias", "challenger", "--reason", "bad canary"])
+    with pytest.raises(SystemExit) as exit_:
+        main()
+    assert exit_.value.code == 2 and "--rollback moves champion only" in capsys.readouterr().err
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "3"
+    assert not any(v.aliases for v in client.search_model_versions(f"name = '{name}'") if str(v.version) != "3")
 
 
 def test_an_interrupted_registration_a_later_version_was_compared_with_is_kept(tmp_path):
