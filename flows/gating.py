@@ -3,13 +3,15 @@ candidate and the current ``champion`` on the same test data in the same run, wr
 ``reports/<family>/gate.{json,md}`` and ``report.html``, registers the candidate as a new version of
 ``gate.<family>.registered_model`` (``flows.registry``) tagged with every gate result and its lineage, points
 ``challenger`` at it, and moves ``champion`` only when every check passes. The registry is checked for reachability
-before anything is written."""
+before anything is written; its failures, and the artifact store's, are one-line errors (``store_errors``)."""
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import shutil
 import tempfile
+from collections.abc import Iterator
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -39,11 +41,12 @@ from flows.registry import (
 from flows.registry_lock import registry_lock
 from flows.stage_graph import NoStage, stage_paths
 from tasks.config import Config
+from tasks.errors import ArtifactStoreError, PipelineError
 from tasks.family import load_family
 from tasks.gate import Check, champion_health, gate_checks, gate_markdown, gate_tags, health_markdown
 from tasks.io import file_digest, write_atomic, write_json
 from tasks.lineage import data_params, dvc_input_hashes, dvc_lock_text, git_state, params_hash, same_split
-from tasks.mlflow_store import registered_version
+from tasks.mlflow_store import is_server_call_error, redact, registered_version, server_error
 from tasks.speedup import paired_timing
 
 LINEAGE, LINEAGE_FILES = "lineage", ("params.yaml", "dvc.lock")   # artifacts of the registering run
@@ -97,6 +100,43 @@ def lineage(cfg: Config, root: Path, parent_run_id: str, family: str, lock_text:
             "onnx.hash": hashes.get(str(where["onnx"]), "unknown"), "parent_run_id": parent_run_id}
 
 
+@contextlib.contextmanager
+def store_errors(client: MlflowClient, name: str, champion: Any = None) -> Iterator[None]:
+    """The registry's and the artifact store's failures in the block as one-line errors, so that only those that may
+    pass are retried (the promote task retries anything else too, and the CLI showed a traceback): ``champion``'s
+    model gone from the artifact store a RegistryError naming the fix; another failed call through ``server_error``
+    (ServiceUnavailable, retried, when the server did not answer); a file not written or read an ArtifactStoreError."""
+    what, outcome = (f"the artifact store of {name} version {champion.version}", "nothing was registered") \
+        if champion is not None else (f"the registry at {redact(client.tracking_uri)}",
+                                      "a registration it stopped is gated and registered again by the next try")
+    try:
+        yield
+    except Exception as err:
+        if is_server_call_error(err):   # first: a requests error is an OSError too
+            if champion is not None and getattr(err, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
+                raise RegistryError(
+                    f"{name} version {champion.version}, the champion: its model is not in the artifact store "
+                    f"({redact(str(err))[:200]}); nothing was registered; move champion to a version whose model is "
+                    f"there (`python -m flows.promotion --name {name} --rollback --reason ...`, or `--version N`)"
+                ) from None
+            raise server_error(err, what, outcome) from None
+        if isinstance(err, OSError):   # a full or read-only store (or disk)
+            raise ArtifactStoreError(f"{name}: a file was not written or read ({type(err).__name__}: {err}); "
+                                     f"{outcome}") from None
+        raise
+
+
+def log_lineage(client: MlflowClient, run_id: str, root: Path, lock_text: str | None) -> None:
+    """What `python -m flows.restore` needs beside the git commit, as artifacts of the registering run."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in LINEAGE_FILES:
+            if name == "dvc.lock" and lock_text is not None:
+                (Path(tmp) / name).write_text(lock_text)
+            elif name != "dvc.lock" and (root / name).is_file():
+                shutil.copy2(root / name, Path(tmp) / name)
+        client.log_artifacts(run_id, tmp, LINEAGE)
+
+
 def keep_warm_start(client: MlflowClient, run_id: str, root: Path, family: str, data: Path) -> None:
     """What the next run's warm start reads should this version become champion (``tasks.warm_start``): its teacher
     and FP32 student, the plan they came from, the files its model reads data with; for a family whose stage graph
@@ -128,20 +168,18 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
     gate = cfg.block("gate", family)
     check_registry(client, uri)
     where = paths(root, family)
+    if not (root / where["evaluation"]).is_file():   # else read under the registry's lock, an ArtifactStoreError there
+        raise PipelineError(f"{root}: nothing evaluated yet for {family} (no {where['evaluation']}): run `dvc repro "
+                            f"evaluate_{family}` or the pipeline; nothing was registered")
     lock_text = dvc_lock_text(root)   # once, whole: the tags and the logged file say the same
     tags = {**lineage(cfg, root, parent_run_id, family, lock_text), **(extra_tags or {})}
-    with tempfile.TemporaryDirectory() as tmp:   # what `python -m flows.restore` needs beside the git commit
-        for name in LINEAGE_FILES:
-            if name == "dvc.lock" and lock_text is not None:
-                (Path(tmp) / name).write_text(lock_text)
-            elif name != "dvc.lock" and (root / name).is_file():
-                shutil.copy2(root / name, Path(tmp) / name)
-        client.log_artifacts(run_id, tmp, LINEAGE)
     description, meaning = data_description(family, root / where["data"])
     if description:   # the gate holds the champion to them: the whole on data split alike, the meaning across splits
         tags.update({DATA_TAG: description, MEANING_TAG: meaning})
     tags[SPLIT_TAG] = data_params(cfg, family, root)   # a later gate compares with it only on data split the same way
-    with registry_lock(gate.registered_model, cfg.tracking.registry_lock_timeout_seconds):
+    with registry_lock(gate.registered_model, cfg.tracking.registry_lock_timeout_seconds), \
+            store_errors(client, gate.registered_model):
+        log_lineage(client, run_id, root, lock_text)
         same = registered_with(client, gate.registered_model, tags["onnx.hash"])
         if same is not None and same.tags.get(ALIASES_TAG) == "pending":
             same = _interrupted(client, gate.registered_model, same)
@@ -253,7 +291,8 @@ def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str, family: st
     with tempfile.TemporaryDirectory() as tmp:
         if champ is not None:   # made for other data: refused, whatever its split. Split by other params, by what
             # no split measures (the description also holds pixel statistics measured on the training rows)
-            champion_file = download_onnx(client, champ, Path(tmp))
+            with store_errors(client, gate.registered_model, champ):
+                champion_file = download_onnx(client, champ, Path(tmp))
             across = champion is not None
             check_comparable(gate.registered_model, champ, champion_file, root / where["candidate"],
                              meaning if across else description, family,

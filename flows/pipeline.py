@@ -24,7 +24,7 @@ from prefect.futures import PrefectFuture, as_completed
 from flows.dvc_stage import out_of_date, push_versioned, retry_transient, run_node, stage_env, stale_stages
 from flows.registry_lock import data_lock
 from flows.run_artifacts import flag_degraded_champion, publish_gate, publish_run
-from flows.stage_graph import StageNode, below, stage_graph, upstream_of
+from flows.stage_graph import StageNode, below, stage_graph, stage_paths, upstream_of
 from tasks.config import Config, load_config
 from tasks.errors import PipelineError, run_cli
 from tasks.lineage import dvc_lock_text, remade_since
@@ -118,18 +118,20 @@ def run_graph(stages: list[StageNode], width: int, submit: Callable[[StageNode],
 
 
 def chosen(cfg: Config, families: list[str] | None) -> list[str]:
-    """The families a run covers: those given (each one of params.yaml's ``families``), else all of those."""
+    """The families a run covers, each once (``--family vision --family vision`` asked its data lock twice and
+    gated it twice): those given (each one of params.yaml's ``families``), else all of those."""
     unknown = sorted(set(families or ()) - set(cfg.families))
     if unknown:
         raise PipelineError(f"families: unknown {unknown}; choose from {cfg.families} (params.yaml's families)")
-    return list(families or cfg.families)
+    return list(dict.fromkeys(families or cfg.families))
 
 
 @flow(name="gate-and-register", log_prints=True)
 def gate_only(root: str = ".", families: list[str] | None = None) -> dict[str, Any]:
     """Gate and register the families' current candidates without running any stage (after ``dvc repro``); none
-    when dvc.lock says a stage upstream of one ran again after it was made (``tasks.lineage.remade_since``), or DVC
-    finds one of the stages that make it out of date (a param, code or data changed since)."""
+    when nothing was evaluated yet (no dvc.lock, no evaluation file), dvc.lock says a stage upstream of one ran again
+    after it was made (``tasks.lineage.remade_since``), or DVC finds one of the stages that make it out of date (a
+    param, code or data changed since)."""
     root_path = Path(root).resolve()
     cfg = load_config(root_path / "params.yaml")
     uri = tracking_uri(cfg, root_path)
@@ -144,17 +146,25 @@ def gate_only(root: str = ".", families: list[str] | None = None) -> dict[str, A
                 raise PipelineError(f"--gate-only: {root_path / 'dvc.lock'}: {family}'s candidate was made from "
                                     f"inputs remade since: {'; '.join(remade)}; run its stages first (`dvc repro` or "
                                     "the pipeline)")
-            if lock_text is None:   # no stage recorded: nothing to tell what made the candidate
-                continue
+            if lock_text is None:   # no stage recorded: nothing made a candidate here
+                raise unevaluated(root_path, family, "dvc.lock")
             # and of today's params and code: the version records them (params.hash, lineage/params.yaml)
             making = upstream_of(nodes := nodes or stage_graph(root_path), f"evaluate_{family}")
             if stale := below(making, out_of_date(root_path, [n.name for n in making], wait)):
                 raise PipelineError(f"--gate-only: {family}'s candidate is not what its stages make of today's params, "
                                     f"code and data: DVC finds {', '.join(n.name for n in making if n.name in stale)} "
                                     "out of date; run them first (`dvc repro` or the pipeline)")
+            if not (root_path / (evaluation := stage_paths(root_path, f"evaluate_{family}")["metrics"])).is_file():
+                raise unevaluated(root_path, family, evaluation)
         with pipeline_run(cfg, "gate", root_path) as parent:
             gates = {family: retrying_promote(cfg)(family, root_path, uri, parent.run_id) for family in families}
     return {"stages": {}, "metrics": {}, "parent_run_id": parent.run_id, "tracking_uri": redact(uri), "gates": gates}
+
+
+def unevaluated(root: Path, family: str, missing: Path | str) -> PipelineError:
+    """``--gate-only`` with no candidate evaluated to gate (before: the gate's FileNotFoundError, retried twice)."""
+    return PipelineError(f"--gate-only: {root}: nothing evaluated yet for {family} (no {missing}): run `dvc repro "
+                         f"evaluate_{family}` or the pipeline")
 
 
 @task(task_run_name="promote_{family}")
