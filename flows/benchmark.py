@@ -28,7 +28,6 @@ from flows.workspace import PROJECT, copy_project
 from tasks.config import PARAMS_FILE, Config, load_config
 from tasks.errors import ConfigError, run_cli
 from tasks.gate import meets
-from tasks.io import load_yaml
 
 
 def run_pipeline(root: Path, families: list[str] | None = None) -> tuple[float, dict[str, Any]]:
@@ -63,13 +62,8 @@ def stage_seconds(client: MlflowClient, parent: Run) -> dict[str, float]:
 def scratch_copy(dest: Path, profile: str, overrides: dict[str, Any] | None = None, source: Path = PROJECT) -> Path:
     """``source`` copied to ``dest`` on ``profile`` with ``overrides``, tracking into the copy's own SQLite store
     (what a benchmark reads) whatever params.yaml or the profile name: a tracking server of the project would
-    get the copy's runs and registrations, promotions included. ``tracking.uri`` and ``overrides`` go into the
-    profile's overlay too, which would otherwise win over them (an unknown profile stays unknown)."""
-    pinned = {"tracking.uri": None, **(overrides or {})}
-    profiles = (load_yaml((source / PARAMS_FILE).read_text()) or {}).get("profiles")
-    overlay = isinstance(profiles, dict) and isinstance(profiles.get(profile), dict)   # else named when loaded
-    in_profile = {f"profiles.{profile}.{k}": v for k, v in pinned.items()} if overlay else {}
-    return copy_project(dest, {"profile": profile, **pinned, **in_profile}, source)
+    get the copy's runs and registrations, promotions included."""
+    return copy_project(dest, {"profile": profile, "tracking.uri": None, **(overrides or {})}, source)
 
 
 def machine() -> str:

@@ -59,7 +59,9 @@ def _not_sources(folder: str, names: list[str]) -> set[str]:
 
 
 def copy_project(dest: Path, overrides: dict[str, Any] | None = None, source: Path = PROJECT) -> Path:
-    """Copy the pipeline sources of ``source`` to ``dest``, apply params ``overrides``, commit them; return ``dest``."""
+    """Copy the pipeline sources of ``source`` to ``dest``, apply params ``overrides``, commit them; return ``dest``.
+    An override is written into the overlay of the copy's profile too, when it has one: merged last, the overlay
+    would otherwise win over it (a smoke profile naming a team's tracking server sent a smoke copy's runs there)."""
     dest.mkdir(parents=True)
     for item in SOURCES:
         src = source / item
@@ -69,8 +71,11 @@ def copy_project(dest: Path, overrides: dict[str, Any] | None = None, source: Pa
             (dest / item).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(src, dest / item)
     params = load_yaml((dest / "params.yaml").read_text())
+    profile = (overrides or {}).get("profile", params.get("profile", "full"))
+    layers = [""] + ([f"profiles.{profile}."] if isinstance((params.get("profiles") or {}).get(profile), dict) else [])
     for dotted, value in (overrides or {}).items():
-        set_param(params, dotted, value)
+        for layer in layers if dotted != "profile" and not dotted.startswith("profiles.") else [""]:
+            set_param(params, layer + dotted, value)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # the download caches: pinned by checksum and moved in whole, so copies share the project's instead of each
     # fetching the same files again

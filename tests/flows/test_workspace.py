@@ -65,3 +65,19 @@ def test_a_scratch_copy_carries_the_data_files_its_split_params_name(tmp_path, r
     for family in ("text", "vision"):
         assert data_params(cfg, family, copy) == data_params(cfg, family, source)
     assert not (copy / "data/digits").exists()   # made by its own stage (fetch_digits) in the copy
+
+
+def test_an_override_wins_over_the_copys_profile_overlay(tmp_path, raw_params):
+    """Before: overrides went to the top level only, and the profile's overlay, merged last, won: a smoke profile
+    naming the team's tracking server sent `make smoke`'s runs, registrations and promotions there."""
+    from tasks.config import load_config
+    from tasks.mlflow_store import tracking_uri
+
+    source = tmp_path / "project"
+    source.mkdir()
+    raw_params["profiles"]["smoke"]["tracking"] = {"uri": "http://team-mlflow:5000"}
+    (source / "params.yaml").write_text(yaml.safe_dump(raw_params, sort_keys=False))
+    copy = copy_project(tmp_path / "copy", {"profile": "smoke", "tracking.uri": None}, source=source)
+    assert tracking_uri(load_config(copy / "params.yaml"), copy) == f"sqlite:///{copy / 'mlflow.db'}"
+    written = yaml.safe_load((copy / "params.yaml").read_text())
+    assert written["profile"] == "smoke" and "profile" not in written["profiles"]["smoke"]
