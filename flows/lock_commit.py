@@ -91,7 +91,8 @@ def _underway(root: Path) -> str | None:
 def _stored(root: Path) -> str | None:
     """The object id of ``dvc.lock``'s content, written to git's object store; None when it has not changed since
     the last commit or does not parse (said on stderr)."""
-    if not _git(root, "status", "--porcelain", "--", "dvc.lock").stdout.strip():
+    # untracked files listed whatever status.showUntrackedFiles says (with "no", a first lock was never committed)
+    if not _git(root, "status", "--porcelain", "--untracked-files=normal", "--", "dvc.lock").stdout.strip():
         return None
     content = (root / "dvc.lock").read_bytes()
     try:

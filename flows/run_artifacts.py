@@ -12,6 +12,7 @@ import re
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
+from urllib.request import url2pathname
 
 from prefect.artifacts import create_link_artifact, create_markdown_artifact, create_table_artifact
 
@@ -44,8 +45,14 @@ def mlflow_run_link(uri: str, experiment_id: str, run_id: str) -> str | None:
     parts = urlsplit(uri)
     if parts.scheme not in ("http", "https"):
         return None
-    host = parts.hostname + (f":{parts.port}" if parts.port else "")   # user and password left out
+    host = parts.netloc.rpartition("@")[2]   # user and password left out; an IPv6 address keeps its brackets
     return f"{urlunsplit(parts._replace(netloc=host)).rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def local_index(artifact_uri: str) -> str:
+    """The Data Docs' index page in a run's local artifact folder, as a path that exists (the URI's escapes, a
+    space as %20, undone: the page named before did not exist in a project whose path had one)."""
+    return str(Path(url2pathname(urlsplit(artifact_uri).path)) / DATA_DOCS / "index.html")
 
 
 def publish_run(statuses: dict[str, str], root: Path, families: list[str], uri: str, experiment_id: str,
@@ -131,7 +138,7 @@ def publish_data_docs(stage: str, uri: str, parent_run_id: str) -> None:
         create_link_artifact(f"{link}/artifacts/{DATA_DOCS}/index.html", link_text=what, key=key,
                              description="Every expectation with its observed value; failures with the offending values")
     else:
-        index = f"{run.info.artifact_uri.removeprefix('file://')}/{DATA_DOCS}/index.html"
+        index = local_index(run.info.artifact_uri)
         create_markdown_artifact(f"{what}: open `{index}` in a browser (MLflow run `{run.info.run_id}`, artifact "
                                  f"folder `{DATA_DOCS}`).", key=key,
                                  description="Every expectation with its observed value; failures with the offending values")

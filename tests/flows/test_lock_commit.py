@@ -47,6 +47,14 @@ def test_the_lock_alone_is_committed_with_the_pipelines_identity(repo):
     assert git_state(repo)["git.dirty"] == "false"
 
 
+def test_a_first_lock_is_committed_whatever_git_status_shows_of_untracked_files(repo):
+    """Before: with ``status.showUntrackedFiles=no`` git status listed nothing for the new dvc.lock and it was never
+    committed."""
+    _git(repo, "config", "status.showUntrackedFiles", "no")
+    (repo / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+    assert commit_lock(repo, "first lock") == _git(repo, "rev-parse", "HEAD")
+
+
 @pytest.mark.fault("runs", "the user (or another family's run) commits while the pipeline's commit of dvc.lock runs "
                    "(its hooks take seconds)",
                    "the lock is read again and committed on top of that commit, whose changes stay in; a newer lock "

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from flows.run_artifacts import evaluation_rows, mlflow_run_link
 
@@ -29,6 +30,18 @@ def test_an_mlflow_link_points_at_the_servers_run_page_and_never_carries_credent
     assert mlflow_run_link("https://admin:s3cret@mlflow.example.org", "1", "r") == \
         "https://mlflow.example.org/#/experiments/1/runs/r"
     assert mlflow_run_link("sqlite:///tmp/mlflow.db", "1", "r") is None  # a local store has no page to link
+    # before: the brackets of an IPv6 address were dropped (http://::1:5000/...)
+    assert mlflow_run_link("http://u:p@[::1]:5000", "1", "r") == "http://[::1]:5000/#/experiments/1/runs/r"
+
+
+def test_the_data_docs_of_a_local_store_are_named_by_a_path_that_exists(tmp_path):
+    """Before: the artifact URI's escapes were kept: a project path with a space named `sp%20ace/...`."""
+    from flows.run_artifacts import local_index
+
+    page = tmp_path / "sp ace" / "art" / "data_docs" / "index.html"
+    page.parent.mkdir(parents=True)
+    page.write_text("<html/>")
+    assert Path(local_index((tmp_path / "sp ace" / "art").as_uri())).is_file()
 
 
 def _health(degraded: bool) -> dict:
