@@ -15,7 +15,8 @@ from flows.dvc_stage import StageFailed, retry_transient
 from flows.pipeline import gate_only
 from flows.recipe import RecipeInvalid, layered_overrides
 from flows.registry_lock import registry_lock
-from flows.sweep import draw_recipes, summary
+from flows.sweep import summary
+from flows.sweep_space import draw_recipes
 from flows.sweep_report import best_passing, pareto_front, write_sweep_report
 from flows.workspace import copy_project, set_param
 from tasks.config import load_config, parse_config
@@ -41,7 +42,7 @@ def test_a_sweep_draws_each_recipe_once_without_the_knobs_its_stages_pass_over(r
     import json
 
     from flows.stage_graph import downstream_of, family_stages, stage_graph
-    from flows.sweep import in_effect, stage_params, sweep_recipes
+    from flows.sweep_space import in_effect, stage_params, sweep_recipes
 
     def runs(family):   # the stages each recipe runs: what follows the teacher
         return [n.name for n in downstream_of(family_stages(stage_graph(ROOT), family), f"train_teacher_{family}")]
