@@ -138,7 +138,10 @@ def repro_teacher(root: Path, family: str) -> None:
     naming the stage, DVC's exit code and its last ERROR line (before: a CalledProcessError traceback)."""
     stage, tail = f"train_teacher_{family}", ""
     decode = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    with subprocess.Popen([sys.executable, "-m", "dvc", "repro", stage], cwd=root, stderr=subprocess.PIPE) as proc:
+    # the stages' `python` is this interpreter, as in a pipeline run (else whichever one comes first on PATH)
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    with subprocess.Popen([sys.executable, "-m", "dvc", "repro", stage], cwd=root, env=env,
+                          stderr=subprocess.PIPE) as proc:
         while chunk := proc.stderr.read1(1 << 16):   # passed on as it comes (progress bars too); the end kept
             text = decode.decode(chunk)
             sys.stderr.write(text)

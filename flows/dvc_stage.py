@@ -5,6 +5,7 @@ the default remote, and the environment stage processes get (one tracking store,
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 import time
@@ -178,7 +179,7 @@ def reproduce(stage: str, root: Path, env: dict[str, str], log: bool = True, loc
     if code != 0:
         errors = [ln for ln in tail.splitlines() if ln.startswith(("error:", "ERROR:", "  "))]
         raise StageFailed(stage, "\n".join(errors[-40:]) or tail[-2000:],
-                          deterministic=f"exited with {EXIT_USER_ERROR}" in tail)
+                          deterministic=re.search(rf"exited with {EXIT_USER_ERROR}\b", tail) is not None)
     return ran
 
 

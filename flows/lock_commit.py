@@ -120,7 +120,9 @@ def _commit(root: Path, blob: str, message: str, head: str | None) -> tuple[str 
     where = _git(root, "rev-parse", "--show-prefix").stdout.strip()   # a DVC project in a folder of the repo
     with tempfile.TemporaryDirectory() as scratch:
         # LC_ALL=C: git's own words, whatever the user's locale, for RACED
-        env = {**os.environ, "GIT_INDEX_FILE": str(Path(scratch) / "index"), "LC_ALL": "C"}
+        # and this interpreter's tools first on PATH: the `dvc` of the hooks `dvc install` puts in .git/hooks
+        env = {**os.environ, "GIT_INDEX_FILE": str(Path(scratch) / "index"), "LC_ALL": "C",
+               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         steps = [["read-tree", head or "--empty"],
                  ["update-index", "--add", "--cacheinfo", f"100644,{blob},{where}dvc.lock"],
                  [*identity, "commit", "--quiet", "-m", message]]

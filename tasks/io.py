@@ -74,6 +74,15 @@ def read_csv(path: Path, **options: Any) -> Any:
     return pd.read_csv(path, keep_default_na=False, na_values=[""], **options)
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+UMASK = _umask()   # read once, at import (setting it is process-wide)
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary file of its own beside ``path``, then move it into place: a reader (or another
     writer of the same file, such as two runs filling a shared download cache) never sees half a file."""
@@ -82,6 +91,7 @@ def write_atomic(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~UMASK)   # as open() makes a file (mkstemp's are the owner's only)
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
         os.replace(tmp, path)

@@ -92,7 +92,10 @@ def test_a_failing_dvc_repro_ends_the_ablation_with_one_error_line(tmp_path, mon
     root = tmp_path / "project"
     root.mkdir()
     (root / "params.yaml").write_text((ROOT / "params.yaml").read_text())
-    (root / "dvc.yaml").write_text("stages:\n  train_teacher_digits:\n    cmd: python -c 'raise SystemExit(3)'\n")
+    # the stage's `python` is the ablation's interpreter (before: whichever came first on PATH, here none)
+    (root / "dvc.yaml").write_text("stages:\n  train_teacher_digits:\n    cmd: python -c 'import torch; "
+                                   "raise SystemExit(3)'\n")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
     subprocess.run([sys.executable, "-m", "dvc", "init", "--no-scm", "-q"], cwd=root, check=True)
     monkeypatch.chdir(tmp_path)   # main changes into --root; the test's own folder comes back after
     monkeypatch.setattr(sys, "argv", ["flows.ablation", "--root", "project", "--family", "digits"])

@@ -22,6 +22,19 @@ def _repo(root: Path, lines: int) -> dict[str, str]:
     return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
 
+@pytest.mark.parametrize(("code", "deterministic"), [(2, True), (24, False), (255, False)])
+def test_only_a_stage_exiting_with_the_user_error_code_is_never_retried(tmp_path, code, deterministic):
+    """Before: "exited with 24" (or 255: a killed interpreter's) contains "exited with 2", the code of bad input:
+    such a stage was never retried."""
+    from flows.dvc_stage import StageFailed
+
+    env = _repo(tmp_path / "repo", lines=1)
+    (tmp_path / "repo" / "dvc.yaml").write_text(f"stages:\n  talk:\n    cmd: python -c \"raise SystemExit({code})\"\n")
+    with pytest.raises(StageFailed) as failed:
+        reproduce("talk", tmp_path / "repo", env, log=False)
+    assert failed.value.deterministic is deterministic
+
+
 @pytest.mark.slow
 def test_a_stage_that_prints_more_than_the_kept_tail_is_still_reported_as_ran(tmp_path):
     """Before: whether a stage ran was read from the last 400 lines of output, where DVC's "Running stage" line is

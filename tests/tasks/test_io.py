@@ -49,3 +49,14 @@ def test_a_cached_wheel_is_found_under_its_normalised_file_name(tmp_path, monkey
     monkeypatch.setenv("PIP_NO_INDEX", "1")   # no download possible: only the cache can answer
     assert pip_wheel(tmp_path, package, "0.1.0") == cached
     assert isinstance(pip_wheel(tmp_path, package, "0.2.0"), str)   # another version is not that file
+
+
+def test_a_file_written_whole_gets_the_mode_the_umask_gives(tmp_path):
+    """Before: every file written through a temporary one kept mkstemp's 0600, whatever the umask: metrics, data
+    and the shared download cache were unreadable to the other users of a team machine (or pods of another uid)."""
+    import os
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    write_atomic(tmp_path / "metrics.json", b"{}")
+    assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == 0o666 & ~umask
