@@ -41,7 +41,7 @@ from flows.registry import (
 from flows.registry_lock import registry_lock
 from flows.stage_graph import NoStage, stage_paths
 from tasks.config import Config
-from tasks.errors import ArtifactStoreError, PipelineError
+from tasks.errors import ArtifactStoreError, PipelineError, ServiceUnavailable
 from tasks.family import load_family
 from tasks.gate import Check, champion_health, gate_checks, gate_markdown, gate_tags, health_markdown
 from tasks.io import file_digest, write_atomic, write_json
@@ -101,29 +101,55 @@ def lineage(cfg: Config, root: Path, parent_run_id: str, family: str, lock_text:
 
 
 @contextlib.contextmanager
-def store_errors(client: MlflowClient, name: str, champion: Any = None) -> Iterator[None]:
+def store_errors(client: MlflowClient, name: str, champion: Any = None, root: Path | None = None) -> Iterator[None]:
     """The registry's and the artifact store's failures in the block as one-line errors, so that only those that may
     pass are retried (the promote task retries anything else too, and the CLI showed a traceback): ``champion``'s
-    model gone from the artifact store a RegistryError naming the fix; another failed call through ``server_error``
-    (ServiceUnavailable, retried, when the server did not answer); a file not written or read an ArtifactStoreError."""
-    what, outcome = (f"the artifact store of {name} version {champion.version}", "nothing was registered") \
-        if champion is not None else (f"the registry at {redact(client.tracking_uri)}",
-                                      "a registration it stopped is gated and registered again by the next try")
+    model gone from the artifact store a RegistryError naming the fix; another failed call, a connection reset or a
+    timeout through ``server_error`` (ServiceUnavailable, retried, when the server did not answer); a file of the
+    project at ``root`` not read or written a PipelineError naming it; another file an ArtifactStoreError."""
+    what = f"the artifact store of {name} version {champion.version}" if champion is not None else \
+        f"the registry at {redact(client.tracking_uri)}"
+
+    def outcome(transient: bool) -> str:   # a retry follows a transient error only
+        return "nothing was registered" if champion is not None else "a registration it stopped is gated and " \
+            f"registered again by the next {'try' if transient else 'run, once that is fixed (not retried)'}"
+
     try:
         yield
     except Exception as err:
-        if is_server_call_error(err):   # first: a requests error is an OSError too
-            if champion is not None and getattr(err, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
+        # MLflow's runs:/ download answers any failure (a reset connection, a 5xx) RESOURCE_DOES_NOT_EXIST: a model
+        # still listed is a download that failed, not a model gone
+        if champion is not None and getattr(err, "error_code", None) == "RESOURCE_DOES_NOT_EXIST":
+            if model_gone(client, champion):
                 raise RegistryError(
                     f"{name} version {champion.version}, the champion: its model is not in the artifact store "
                     f"({redact(str(err))[:200]}); nothing was registered; move champion to a version whose model is "
                     f"there (`python -m flows.promotion --name {name} --rollback --reason ...`, or `--version N`)"
                 ) from None
-            raise server_error(err, what, outcome) from None
+            raise ServiceUnavailable(f"{what} lists its model but did not give it ({redact(str(err))[:200]}); "
+                                     f"{outcome(True)}") from None
+        # before the OSErrors: a requests error is one too; and so is a reset connection or a timeout of any client
+        if is_server_call_error(err) or isinstance(err, (ConnectionError, TimeoutError)):
+            error = server_error(err, what, outcome(True))
+            raise (error if error.transient else server_error(err, what, outcome(False))) from None
+        if isinstance(err, OSError) and root is not None and isinstance(err.filename, str) and \
+                Path(err.filename).resolve().is_relative_to(root.resolve()):   # the project's file, not the store's
+            raise PipelineError(f"{err.filename}: {err.strerror or err} ({type(err).__name__}); the gate of {name} "
+                                f"stopped; {outcome(False)}") from None
         if isinstance(err, OSError):   # a full or read-only store (or disk)
             raise ArtifactStoreError(f"{name}: a file was not written or read ({type(err).__name__}: {err}); "
-                                     f"{outcome}") from None
+                                     f"{outcome(False)}") from None
         raise
+
+
+def model_gone(client: MlflowClient, version: Any) -> bool:
+    """Whether the artifact store lists no ONNX file in a registered version's model folder (its ``runs:/`` source);
+    False when it does not answer that either (not known gone)."""
+    try:
+        listed = client.list_artifacts(version.run_id, version.source.removeprefix(f"runs:/{version.run_id}/"))
+    except Exception:  # noqa: BLE001 - any store's failure (MLflow, requests, S3, local files): not known gone
+        return False
+    return not any(f.path.endswith(".onnx") for f in listed)
 
 
 def log_lineage(client: MlflowClient, run_id: str, root: Path, lock_text: str | None) -> None:
@@ -178,7 +204,7 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
         tags.update({DATA_TAG: description, MEANING_TAG: meaning})
     tags[SPLIT_TAG] = data_params(cfg, family, root)   # a later gate compares with it only on data split the same way
     with registry_lock(gate.registered_model, cfg.tracking.registry_lock_timeout_seconds), \
-            store_errors(client, gate.registered_model):
+            store_errors(client, gate.registered_model, root=root):
         log_lineage(client, run_id, root, lock_text)
         same = registered_with(client, gate.registered_model, tags["onnx.hash"])
         if same is not None and same.tags.get(ALIASES_TAG) == "pending":

@@ -129,7 +129,7 @@ def chosen(cfg: Config, families: list[str] | None) -> list[str]:
 @flow(name="gate-and-register", log_prints=True)
 def gate_only(root: str = ".", families: list[str] | None = None) -> dict[str, Any]:
     """Gate and register the families' current candidates without running any stage (after ``dvc repro``); none
-    when nothing was evaluated yet (no dvc.lock, no evaluation file), dvc.lock says a stage upstream of one ran again
+    when nothing was evaluated yet (no evaluation file), dvc.lock says a stage upstream of one ran again
     after it was made (``tasks.lineage.remade_since``), or DVC finds one of the stages that make it out of date (a
     param, code or data changed since)."""
     root_path = Path(root).resolve()
@@ -146,22 +146,22 @@ def gate_only(root: str = ".", families: list[str] | None = None) -> dict[str, A
                 raise PipelineError(f"--gate-only: {root_path / 'dvc.lock'}: {family}'s candidate was made from "
                                     f"inputs remade since: {'; '.join(remade)}; run its stages first (`dvc repro` or "
                                     "the pipeline)")
-            if lock_text is None:   # no stage recorded: nothing made a candidate here
-                raise unevaluated(root_path, family, "dvc.lock")
-            # and of today's params and code: the version records them (params.hash, lineage/params.yaml)
-            making = upstream_of(nodes := nodes or stage_graph(root_path), f"evaluate_{family}")
-            if stale := below(making, out_of_date(root_path, [n.name for n in making], wait)):
+            # and of today's params and code: the version records them (params.hash, lineage/params.yaml). No stage
+            # recorded (no dvc.lock: a copy of a project, its candidate evaluated): nothing to tell what made it
+            making = [] if lock_text is None else upstream_of(nodes := nodes or stage_graph(root_path),
+                                                              f"evaluate_{family}")
+            if making and (stale := below(making, out_of_date(root_path, [n.name for n in making], wait))):
                 raise PipelineError(f"--gate-only: {family}'s candidate is not what its stages make of today's params, "
                                     f"code and data: DVC finds {', '.join(n.name for n in making if n.name in stale)} "
                                     "out of date; run them first (`dvc repro` or the pipeline)")
             if not (root_path / (evaluation := stage_paths(root_path, f"evaluate_{family}")["metrics"])).is_file():
-                raise unevaluated(root_path, family, evaluation)
+                raise unevaluated(root_path, family, evaluation)   # with or without a dvc.lock
         with pipeline_run(cfg, "gate", root_path) as parent:
             gates = {family: retrying_promote(cfg)(family, root_path, uri, parent.run_id) for family in families}
     return {"stages": {}, "metrics": {}, "parent_run_id": parent.run_id, "tracking_uri": redact(uri), "gates": gates}
 
 
-def unevaluated(root: Path, family: str, missing: Path | str) -> PipelineError:
+def unevaluated(root: Path, family: str, missing: Path) -> PipelineError:
     """``--gate-only`` with no candidate evaluated to gate (before: the gate's FileNotFoundError, retried twice)."""
     return PipelineError(f"--gate-only: {root}: nothing evaluated yet for {family} (no {missing}): run `dvc repro "
                          f"evaluate_{family}` or the pipeline")

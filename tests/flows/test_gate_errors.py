@@ -2,7 +2,9 @@
 gating needs: one-line errors, retried only when a later try may pass."""
 from __future__ import annotations
 
+import copy
 import errno
+import re
 import shutil
 import subprocess
 import sys
@@ -10,12 +12,14 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import pytest
+import requests
 import yaml
+from mlflow.store.artifact.local_artifact_repo import LocalArtifactRepository
 from mlflow.tracking import MlflowClient
 
 from flows.pipeline import chosen, gate_only
 from flows.registry import RegistryError
-from tasks.errors import ArtifactStoreError, PipelineError
+from tasks.errors import ArtifactStoreError, PipelineError, ServiceUnavailable
 from tests.flows.test_promotion import _gate, _lenient, project  # noqa: F401 - the fixture, used by name
 from tests.flows.test_sweep import _two_stage_project
 
@@ -42,6 +46,36 @@ def test_a_champion_whose_model_left_the_artifact_store_is_a_registry_error(proj
     assert [str(v.version) for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
 
 
+@pytest.mark.fault("promotion", "the artifact store fails while the champion's model is downloaded (a connection "
+                   "reset: MLflow's runs:/ download reports any failure as RESOURCE_DOES_NOT_EXIST)",
+                   "ServiceUnavailable, retried, the champion left as it is; the next try gates the candidate against "
+                   "it (before: a RegistryError telling the operator to roll back a healthy champion)")
+def test_a_champion_download_that_failed_is_transient_not_a_model_gone(project, raw_params, tmp_path,  # noqa: F811
+                                                                         monkeypatch):
+    """Before: ``RunsArtifactRepository.download_artifacts`` swallows the store's error (here requests'
+    ConnectionError) and raises RESOURCE_DOES_NOT_EXIST, which the gate took for a model gone: not retried, and the
+    fix it named was a rollback of a champion whose model was there all along."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    cfg = _lenient(raw_params)
+    report, client = _gate(project, cfg, uri)
+    assert report["champion"]
+    name, download, resets = cfg.gate.vision.registered_model, LocalArtifactRepository._download_file, [None]
+
+    def reset_once(self, remote_file_path, local_path):   # the first file's download only
+        if resets and resets.pop() is None:
+            raise requests.ConnectionError("Connection reset by peer")
+        return download(self, remote_file_path, local_path)
+
+    monkeypatch.setattr(LocalArtifactRepository, "_download_file", reset_once)
+    with pytest.raises(ServiceUnavailable, match=rf"^the artifact store of {name} version 1 lists its model but did "
+                                                 r"not give it \(.*\); nothing was registered$") as raised:
+        _gate(project, cfg, uri)
+    assert raised.value.transient and not resets
+    assert [str(v.version) for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
+    again, _ = _gate(project, cfg, uri)   # what the retry does: the champion is there, the candidate compared with it
+    assert again["version"] == "2" and again["champion_before"]["version"] == "1"
+
+
 @pytest.mark.fault("promotion", "the artifact store refuses the gate's writes (no space left on device)",
                    "ArtifactStoreError naming the model and the OS error, not retried (before: the OSError went out "
                    "as it was, the whole gate retried, then a traceback)")
@@ -56,7 +90,42 @@ def test_an_artifact_store_that_refuses_writes_is_an_artifact_store_error(projec
     with pytest.raises(ArtifactStoreError, match=rf"^{cfg.gate.vision.registered_model}: a file was not written or "
                                                  r"read \(OSError: \[Errno 28\] No space left on device") as raised:
         _gate(project, cfg, f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert not raised.value.transient
+    assert not raised.value.transient and str(raised.value).endswith("by the next run, once that is fixed (not "
+                                                                      "retried)")
+
+
+@pytest.mark.fault("promotion", "the connection to the artifact store reset (or timed out) while the gate writes",
+                   "ServiceUnavailable, retried: its registration is gated and registered again by the next try "
+                   "(before: an ArtifactStoreError, not retried, saying the next try would register it)")
+def test_a_connection_reset_while_gating_is_transient(project, raw_params, tmp_path, monkeypatch):  # noqa: F811
+    """Before: a ConnectionResetError is an OSError: it became an ArtifactStoreError (not retried) whose message
+    promised a next try."""
+    def reset(self, *args, **kwargs):
+        raise ConnectionResetError(errno.ECONNRESET, "Connection reset by peer")
+
+    monkeypatch.setattr(MlflowClient, "log_artifacts", reset)
+    with pytest.raises(ServiceUnavailable, match=r"^the registry at sqlite:///\S+ is not reachable after the "
+                                                 r"bounded retries of tracking\.http \(ConnectionResetError: .*"
+                                                 r"Connection reset by peer\); a registration it stopped is gated and "
+                                                 r"registered again by the next try$") as raised:
+        _gate(project, _lenient(raw_params), f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert raised.value.transient
+
+
+@pytest.mark.fault("promotion", "the candidate file missing from the project when the gate reads it (deleted after "
+                   "its evaluation)", "a PipelineError naming the file, not retried; nothing registered (before: an "
+                   "ArtifactStoreError blaming the artifact store)")
+def test_a_missing_candidate_file_is_named_not_blamed_on_the_store(project, raw_params, tmp_path):  # noqa: F811
+    """Before: any OSError in the gate was an ArtifactStoreError ("a file was not written or read"), the project's
+    own missing file too."""
+    candidate = project / "models/vision/onnx/student_int8.onnx"
+    candidate.unlink()
+    with pytest.raises(PipelineError, match=rf"^{re.escape(str(candidate))}: No such file or directory "
+                                            r"\(FileNotFoundError\); the gate of \S+ stopped; .*not retried\)$") \
+            as raised:
+        _gate(project, _lenient(raw_params), f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert type(raised.value) is PipelineError and not raised.value.transient
+    assert not MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}").search_registered_models()
 
 
 @pytest.mark.fault("promotion", "`flows.pipeline --gate-only` in a project where nothing ran yet (no dvc.lock)",
@@ -68,9 +137,27 @@ def test_gating_alone_with_nothing_evaluated_is_refused(prefect_server, raw_para
 
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw_params))
     shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
-    with pytest.raises(PipelineError, match=r"^--gate-only: \S+: nothing evaluated yet for vision \(no dvc\.lock\): "
-                                            r"run `dvc repro evaluate_vision` or the pipeline$"):
+    with pytest.raises(PipelineError, match=r"^--gate-only: \S+: nothing evaluated yet for vision \(no "
+                                            r"metrics/vision/evaluation\.json\): run `dvc repro evaluate_vision` or "
+                                            r"the pipeline$"):
         gate_only.fn(str(tmp_path), ["vision"])
+
+
+@pytest.mark.fault("promotion", "`flows.pipeline --gate-only` in a project without a dvc.lock whose candidate was "
+                   "evaluated (a copy of a project, its lock left out: the scaled stack's concurrent promotions)",
+                   "gated and registered (a project without a dvc.lock records nothing to check); only a missing "
+                   "evaluation file is refused (before: refused for want of a dvc.lock)")
+def test_gating_alone_without_a_dvc_lock_gates_the_evaluated_candidate(project, raw_params, mlflow_uri):  # noqa: F811
+    """Before: ``--gate-only`` refused any project without a dvc.lock, "nothing evaluated yet", though its
+    evaluation file was there (the scaled stack gates 8 such copies at once)."""
+    params = copy.deepcopy(raw_params)   # the gate `_lenient` sets: passed by the untrained fixture models
+    params["gate"]["vision"]["floors"].update(min_accuracy=0.0, max_p95_latency_ms=1000.0)
+    params["gate"]["vision"]["vs_teacher"].update(max_accuracy_drop=1.0, min_speedup=0.01)
+    params["evaluate"]["vision"].update(warmup=1, repeats=10, throughput_repeats=3)
+    (project / "params.yaml").write_text(yaml.safe_dump(params))
+    assert not (project / "dvc.lock").exists()
+    gated = gate_only.fn(str(project), ["vision"])["gates"]["vision"]
+    assert gated["version"] == "1" and gated["passed"] and gated["champion"]
 
 
 @pytest.mark.fault("promotion", "the gate of a family whose evaluation file is missing",
