@@ -57,8 +57,8 @@ def rollback_champion(name: str, reason: str = "", who: str | None = None, root:
 @contextmanager
 def _answered(uri: str, name: str, alias: str) -> Iterator[None]:
     """A registry call that failed (a server that did not answer, a request refused) as one line naming the
-    registry, not MLflow's traceback. The alias moves last, so it is where it was unless that very call failed, and
-    the same command again completes the move."""
+    registry, not MLflow's traceback. The alias moves last, so it is where it was unless that very call failed (and
+    _set_alias read it back where it was), and the same command again completes the move."""
     try:
         yield
     except MlflowException as err:
@@ -121,9 +121,40 @@ def _move_alias(client: MlflowClient, uri: str, name: str, version: str, alias: 
     # none, so a rollback skipped it)
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
-    client.set_registered_model_alias(name, alias, version)
-    print(f"{name}@{alias} -> version {version} (was {previous}); by {who}: {reason or '(no reason given)'}")
+    confirmed = _set_alias(client, uri, name, alias, version, previous, rollback)
+    print(f"{name}@{alias} -> version {version} (was {previous}); by {who}: {reason or '(no reason given)'}"
+          f"{confirmed}")
     return {"name": name, "alias": alias, "version": str(version), "previous": str(previous)}
+
+
+def _set_alias(client: MlflowClient, uri: str, name: str, alias: str, version: str, previous: str | None,
+               rollback: bool) -> str:
+    """Point ``alias`` at ``version``: "" when the registry answered, a note when its answer was lost but the alias
+    reads back at ``version``. A server may apply the move and its answer be lost (a read timeout), and a rollback
+    run again then went one champion further back, from the new one; so a failed move is read back: done is done,
+    not moved is an error (the same command again completes it), and unreadable is for the operator to check."""
+    try:
+        client.set_registered_model_alias(name, alias, version)
+        return ""
+    except MlflowException as err:
+        try:
+            now = registered_version(client, name, alias=alias)
+        except MlflowException:
+            raise server_error(err, f"the registry at {redact(uri)}", _unconfirmed(name, alias, version, previous,
+                                                                                   rollback)) from None
+        if now is not None and str(now.version) == str(version):
+            return f" (the registry's answer was lost: {name}@{alias} read back at version {version}, the move is done)"
+        raise   # not moved: where it was, and _answered says to run the same command again
+
+
+def _unconfirmed(name: str, alias: str, version: str, previous: str | None, rollback: bool) -> str:
+    """What to do after a move whose answer was lost and whose alias could not be read back either."""
+    if not rollback:   # a move to a named version: the same command again moves it there, moved or not
+        return (f"{name}@{alias} may have moved to version {version} (reading it back failed too): run the same "
+                "command again")
+    return (f"{name}@{alias} may have moved to version {version} (reading it back failed too): check where it is "
+            f"(MLflow UI, or MlflowClient.get_model_version_by_alias) before rolling back again: at version {version} "
+            f"the rollback is done, at version {previous} run the same command again")
 
 
 def main() -> None:

@@ -23,6 +23,7 @@ from tasks.mlflow_store import redact, server_error
 from tasks.onnx_models import session
 
 MODEL_SHA256 = "model.sha256"   # version tag: SHA-256 of the registered ONNX file, checked before it is run
+MODEL_FILE = "model.onnx"   # the ONNX file mlflow.onnx writes in a model's folder: the one hashed and run
 FILES_SHA256 = "model.files.sha256"   # version tag: {name: SHA-256} of the files registered beside it (a vocabulary)
 
 
@@ -70,16 +71,17 @@ def check_registry(client: MlflowClient, uri: str) -> None:
 
 def download_onnx(client: MlflowClient, version: Any, dest: Path) -> Path:
     """The ONNX file of a registered version, fetched through ``client`` (its ``runs:/`` source) and checked
-    against the SHA-256 recorded on the version before anything runs it."""
+    against the SHA-256 recorded on the version before anything runs it: ``model.onnx``, by name, the file
+    ``log_onnx_model`` hashed (any other .onnx file in the folder is neither checked nor run)."""
     prefix = f"runs:/{version.run_id}/"
     if not version.source.startswith(prefix):
         raise RegistryError(f"version {version.version} has source {version.source}, not a run artifact of this "
                             "pipeline; promote a version registered by the pipeline")
     local = Path(client.download_artifacts(version.run_id, version.source.removeprefix(prefix), str(dest)))
-    path = next(local.rglob("*.onnx"), None)
-    if path is None:
-        raise RegistryError(f"{version.name} version {version.version}: its artifact {version.source} holds no .onnx "
-                            "file; it was not registered by the pipeline's gate and cannot be run")
+    path = local / MODEL_FILE
+    if not path.is_file():
+        raise RegistryError(f"{version.name} version {version.version}: its artifact {version.source} holds no "
+                            f"{MODEL_FILE}; it was not registered by the pipeline's gate and cannot be run")
     recorded, actual = version.tags.get(MODEL_SHA256), file_digest(path)
     if recorded != actual:
         raise RegistryError(f"{version.name} version {version.version}: its stored ONNX file has SHA-256 {actual}, "

@@ -3,15 +3,20 @@
 The version ``<gate.<family>.registered_model>@champion`` names in this project's tracking store
 (``$MLFLOW_TRACKING_URI``, else ``tracking.uri``, else the embedded SQLite store) when it starts, fetched and checked
 against the SHA-256s the version records (as the gate checks a champion before it runs one: a file altered in the
-artifact store is refused), then ``mlflow models serve -m <that copy> --env-manager local`` in this virtualenv (the
-ONNX flavor needs onnxruntime only). ``POST /invocations`` takes the signature's named tensors::
+artifact store is refused), then ``mlflow models serve -m <a folder made from the checked model.onnx alone>
+--env-manager local`` in this virtualenv (the ONNX flavor needs onnxruntime only; the stored MLmodel, which names the
+file and the code the server loads and which no SHA-256 pins, is not used). ``POST /invocations`` takes the
+signature's named tensors::
 
     curl -s localhost:5001/invocations -H 'Content-Type: application/json' \\
          -d '{"inputs": {"fields": [[0, 943, 2626, 2633, 2653, 2738, 2782]], "genres": [[0, 0, 0, 1, 0, ...]]}}'
 
-and answers ``{"predictions": {...}}``; a request of the wrong shape or dtype gets a 400 naming what is wrong, and
-the server goes on serving. ``GET /ping`` is its health check. The copy lives in a new folder of this start's own
-under the temporary directory; Ctrl-C, SIGTERM or SIGHUP stop the server (and every process it started) and remove it.
+and answers ``{"predictions": {...}}``. A missing input, a wrong shape or a value that cannot be cast to the input's
+type (a word, a null) gets a 400 naming what is wrong, and the server goes on serving; what MLflow can cast it casts
+and answers (a float id truncated, a string of digits parsed, a bool as 0/1), and ids are not range-checked (past a
+table's end: onnxruntime's 400; a negative one counts back from its end and is answered). ``GET /ping`` is its
+health check. The folder is a new one of this start's own under the temporary directory; Ctrl-C, SIGTERM or SIGHUP
+stop the server (and every process it started) and remove it.
 """
 from __future__ import annotations
 
@@ -24,10 +29,11 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from mlflow.exceptions import MlflowException
 
-from flows.registry import RegistryError, download_onnx, registered_model
+from flows.registry import MODEL_FILE, RegistryError, download_onnx, registered_model, requirements
 from tasks.config import Config, load_config
 from tasks.errors import run_cli
 from tasks.mlflow_store import client_for, is_server_call_error, redact, server_error, tracking_uri
@@ -37,9 +43,9 @@ def serve_command(cfg: Config, root: Path, family: str | None, host: str, port: 
                   alias: str = "champion") -> tuple[list[str], dict[str, str], str]:
     """The ``mlflow models serve`` command line and environment that serve ``family``'s ``alias`` (default: the first
     of params.yaml's families), and which version that is: the version's model fetched into ``dest`` (a folder of
-    this start's own: no other user or server can write it between the check and the load) and checked
-    (``flows.registry.download_onnx``); a RegistryError when the alias names none or a file differs from what the
-    version records."""
+    this start's own: no other user or server can write it between the check and the load), checked
+    (``flows.registry.download_onnx``) and served from a folder made of the checked file alone (``served_copy``); a
+    RegistryError when the alias names none or a file differs from what the version records."""
     bin_dir = Path(sys.executable).parent
     model, uri = registered_model(cfg, family), tracking_uri(cfg, root)
     client = client_for(uri)
@@ -50,7 +56,7 @@ def serve_command(cfg: Config, root: Path, family: str | None, host: str, port: 
             raise server_error(err, f"the registry at {redact(uri)}", "nothing served") from None
         raise RegistryError(f"{model}@{alias}: no such version in {redact(uri)}; nothing served") from None
     try:
-        served = download_onnx(client, version, dest).parent
+        checked = download_onnx(client, version, dest / "fetched")
     except Exception as err:
         if isinstance(err, MlflowException) and err.error_code == "RESOURCE_DOES_NOT_EXIST":
             raise RegistryError(f"{model} version {version.version}: its model is not in the artifact store "
@@ -59,11 +65,42 @@ def serve_command(cfg: Config, root: Path, family: str | None, host: str, port: 
             raise
         raise server_error(err, f"the artifact store of {model} version {version.version}", "nothing served") \
             from None
+    served = served_copy(checked, dest / "model")
+    shutil.rmtree(dest / "fetched")
     env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
            "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}   # the scoring server runs uvicorn from here
     cmd = [str(bin_dir / "mlflow"), "models", "serve", "-m", str(served), "--env-manager", "local",
            "--host", host, "--port", str(port)]
     return cmd, env, f"{model}@{alias} (version {version.version})"
+
+
+def served_copy(checked: Path, folder: Path) -> Path:
+    """``folder``: what the scoring server loads, made here from the checked ONNX file alone, with an MLmodel written
+    by this environment's ``mlflow.onnx`` and the graph's inputs as its signature. The stored folder's own MLmodel is
+    not used: it names the file the server loads, the module that loads it, code to import and onnxruntime's options,
+    and no SHA-256 pins it: pointed at an added file, it would have the server load that file unchecked."""
+    import mlflow.onnx
+    import onnx
+
+    model = onnx.load(str(checked), load_external_data=False)
+    mlflow.onnx.save_model(model, str(folder), signature=graph_inputs(model), save_as_external_data=False,
+                           pip_requirements=requirements())
+    shutil.copyfile(checked, folder / MODEL_FILE)   # the checked bytes themselves, not onnx's re-serialisation
+    return folder
+
+
+def graph_inputs(model: Any) -> Any:
+    """The signature the scoring server checks a request against: each input the ONNX graph declares (its name,
+    element type and shape, an open axis -1), as ``flows.registry.graph_signature`` registered it."""
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import Schema, TensorSpec
+    from onnx.helper import tensor_dtype_to_np_dtype
+
+    weights = {w.name for w in model.graph.initializer}   # (older exporters list the weights as inputs too)
+    return ModelSignature(Schema([
+        TensorSpec(tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type),
+                   tuple(d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim), v.name)
+        for v in model.graph.input if v.name not in weights]))
 
 
 def main() -> None:

@@ -494,6 +494,85 @@ def test_a_hand_promotion_the_registry_failed_in_is_completed_by_the_same_comman
     assert champion() == "3"
 
 
+def _alias_move_failing(monkeypatch, applied: bool) -> list:
+    """``set_registered_model_alias`` failing once with a read timeout, after the server applied the move (its answer
+    lost) or before; the list it returns records the failure."""
+    honest, failed = MlflowClient.set_registered_model_alias, []
+
+    def timed_out_once(self, *args, **kwargs):
+        if failed:
+            return honest(self, *args, **kwargs)
+        if applied:
+            honest(self, *args, **kwargs)
+        failed.append(args)
+        raise MlflowException("API request to endpoint /api/2.0/mlflow/registered-models/alias failed: Read timed out")
+
+    monkeypatch.setattr(MlflowClient, "set_registered_model_alias", timed_out_once)
+    return failed
+
+
+@pytest.mark.fault("promotion", "a rollback whose alias move the registry applied but whose answer was lost (a read "
+                   "timeout)", "the alias read back at the target: the rollback is done, champion one step back "
+                   "(before: ServiceUnavailable saying to run the same command again, which rolled back one further)")
+def test_a_rollback_whose_answer_was_lost_is_read_back_as_done(tmp_path, prefect_server, monkeypatch, capsys):
+    """v1 <- v2 <- v3, champion v3; the server moves champion to v2 and its answer is lost. Before: ServiceUnavailable
+    "run the same command again", and that command rolled back from v2, the new champion, to v1."""
+    from flows.promotion import rollback_champion
+
+    client, name, root = _gated_three(tmp_path)
+    failed = _alias_move_failing(monkeypatch, applied=True)
+    moved = rollback_champion.fn(name, "v3 misbehaves", "alice", root)
+    assert failed and moved["version"] == "2" and moved["previous"] == "3"
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "2"
+    assert client.get_model_version(name, "2").tags["champion.rolled_back_from"] == "3"
+    assert "m@champion read back at version 2, the move is done" in capsys.readouterr().out
+
+
+@pytest.mark.fault("promotion", "a rollback whose alias move fails (a read timeout) and reading the alias back fails "
+                   "too", "ServiceUnavailable: champion may have moved to the target, check it before rolling back "
+                   "again (before: 'run the same command again', which rolled back one further if it had moved)")
+@pytest.mark.parametrize("applied", [True, False], ids=["applied", "not-applied"])
+def test_a_rollback_that_cannot_be_read_back_says_to_check_champion_first(tmp_path, prefect_server, monkeypatch,
+                                                                        applied):
+    """Before: "m@champion was not moved ...: run the same command again" whether or not the server had moved it; had
+    it, the same command rolled back from v2 to v1."""
+    from flows.promotion import rollback_champion
+
+    client, name, root = _gated_three(tmp_path)
+    failed = _alias_move_failing(monkeypatch, applied)
+    honest = MlflowClient.get_model_version_by_alias
+
+    def unreadable_after_the_move(self, *args, **kwargs):
+        if failed:
+            raise MlflowException("API request to endpoint /api/2.0/mlflow/registered-models/alias failed: "
+                                  "Connection refused")
+        return honest(self, *args, **kwargs)
+
+    monkeypatch.setattr(MlflowClient, "get_model_version_by_alias", unreadable_after_the_move)
+    with pytest.raises(ServiceUnavailable, match=r"^the registry at sqlite:///\S+ is not reachable .*Read timed out.*; "
+                                                 r"m@champion may have moved to version 2 .*check where it is .*before "
+                                                 r"rolling back again: at version 2 the rollback is done, at version 3 "
+                                                 r"run the same command again$") as error:
+        rollback_champion.fn(name, "v3 misbehaves", "alice", root)
+    assert "\n" not in str(error.value) and "was not moved" not in str(error.value)
+    monkeypatch.undo()
+    assert str(client.get_model_version_by_alias(name, "champion").version) == ("2" if applied else "3")
+
+
+def test_a_rollback_the_registry_did_not_apply_is_completed_by_the_same_command(tmp_path, prefect_server, monkeypatch):
+    """The alias move timed out before the server applied it and champion reads back at v3: not moved, and the same
+    command again rolls back to v2 (the read-back must not take a move not done for done)."""
+    from flows.promotion import rollback_champion
+
+    client, name, root = _gated_three(tmp_path)
+    failed = _alias_move_failing(monkeypatch, applied=False)
+    with pytest.raises(ServiceUnavailable, match=r"m@champion was not moved.*run the same command again"):
+        rollback_champion.fn(name, "v3 misbehaves", "alice", root)
+    assert failed and str(client.get_model_version_by_alias(name, "champion").version) == "3"
+    rollback_champion.fn(name, "v3 misbehaves", "alice", root)
+    assert str(client.get_model_version_by_alias(name, "champion").version) == "2"
+
+
 @pytest.mark.fault("promotion", "python -m flows.promotion --rollback --alias challenger",
                    "a usage error (exit 2) naming --alias; no alias moved (before: --alias ignored, champion rolled "
                    "back)")
@@ -843,8 +922,100 @@ def test_a_version_whose_artifact_holds_no_onnx_file_is_a_registry_error(tmp_pat
     client.log_artifacts(run_id, str(tmp_path / "model"), "model")
     client.create_registered_model("m")
     version = client.create_model_version("m", f"runs:/{run_id}/model", run_id)
-    with pytest.raises(RegistryError, match=r"^m version 1: its artifact runs:/\w+/model holds no \.onnx file"):
+    with pytest.raises(RegistryError, match=r"^m version 1: its artifact runs:/\w+/model holds no model\.onnx;"):
         download_onnx(client, version, tmp_path / "fetched")
+
+
+def _scaling_model(path: Path, factor: float) -> Path:
+    """An ONNX graph ``y = x * factor`` over float32 ``(batch, 3)``: tells by its answer which file was served."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("Mul", ["x", "factor"], ["y"])], "scale",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 3])],
+        [helper.make_tensor("factor", TensorProto.FLOAT, [], [factor])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(path))
+    return path
+
+
+def _served_champion(tmp_path: Path, raw_params: dict, monkeypatch) -> tuple:
+    """``gate.vision.registered_model``@champion registered as the gate does (``log_onnx_model``, its SHA-256 tag) in
+    a real SQLite store: the config, and the folder the artifact store holds it in."""
+    from urllib.parse import urlparse
+
+    from flows.registry import MODEL_SHA256, log_onnx_model
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    cfg, client = _lenient(raw_params), MlflowClient(uri)
+    run_id = client.create_run(client.create_experiment("e", artifact_location=str(tmp_path / "artifacts"))).info.run_id
+    source, digest = log_onnx_model(client, run_id, _scaling_model(tmp_path / "good.onnx", 1.0),
+                                    {"x": np.zeros((1, 3), np.float32)})
+    name = cfg.gate.vision.registered_model
+    client.create_registered_model(name)
+    version = client.create_model_version(name, source, run_id, tags={MODEL_SHA256: digest})
+    client.set_registered_model_alias(name, "champion", version.version)
+    return cfg, Path(urlparse(client.get_run(run_id).info.artifact_uri).path) / "model"
+
+
+def _answer(cmd: list[str]) -> list:
+    """What the folder ``cmd`` serves answers to x = [[1, 1, 1]], through MLflow's scoring server in this process."""
+    import mlflow.pyfunc
+    from fastapi.testclient import TestClient
+    from mlflow.pyfunc import scoring_server
+
+    app = scoring_server.init(mlflow.pyfunc.load_model(cmd[cmd.index("-m") + 1]))
+    answer = TestClient(app).post("/invocations", json={"inputs": {"x": [[1, 1, 1]]}})
+    assert answer.status_code == 200, answer.text
+    return answer.json()["predictions"]["y"]
+
+
+@pytest.mark.fault("security", "the champion's stored MLmodel pointed at an added sub/evil.onnx (its loader module "
+                   "and code to import too), then `make serve`",
+                   "the checked model.onnx served, from a folder whose MLmodel is written at start: the stored MLmodel "
+                   "and the added file unused (before: the scoring server loaded the unchecked file)")
+def test_make_serve_serves_the_checked_model_onnx_whatever_the_stored_mlmodel_names(tmp_path, raw_params,
+                                                                                  monkeypatch):
+    """Before: download_onnx checked the first .onnx file it found (model.onnx), and the scoring server loaded the
+    file MLmodel names, which no SHA-256 pins: here sub/evil.onnx, answering x * 1000."""
+    import yaml
+
+    from flows.serve import serve_command
+
+    cfg, stored = _served_champion(tmp_path, raw_params, monkeypatch)
+    (stored / "sub").mkdir()
+    _scaling_model(stored / "sub" / "evil.onnx", 1000.0)
+    mlmodel = yaml.safe_load((stored / "MLmodel").read_text())
+    mlmodel["flavors"]["onnx"]["data"] = mlmodel["flavors"]["python_function"]["data"] = "sub/evil.onnx"
+    for folder in (stored, stored / "sub"):   # (mlflow.onnx reads its options from the MLmodel beside the file)
+        (folder / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+    cmd, _, _ = serve_command(cfg, tmp_path, "vision", "127.0.0.1", 5001, dest=tmp_path / "serve")
+    served = yaml.safe_load((Path(cmd[cmd.index("-m") + 1]) / "MLmodel").read_text())["flavors"]
+    assert _answer(cmd) == [[1.0, 1.0, 1.0]]
+    assert served["python_function"]["loader_module"] == "mlflow.onnx" and "code" not in served["python_function"]
+    assert served["python_function"]["data"] == served["onnx"]["data"] == "model.onnx"
+    assert not list((tmp_path / "serve").rglob("evil.onnx"))
+
+
+@pytest.mark.fault("promotion", "another .onnx file beside a champion's model.onnx in the artifact store, then "
+                   "`make serve`", "model.onnx checked and served by name, the other file ignored (before: whichever "
+                   ".onnx file the folder listed first was checked, and a valid champion was refused)")
+def test_another_onnx_file_beside_a_champions_model_onnx_is_neither_checked_nor_served(tmp_path, raw_params,
+                                                                                     monkeypatch):
+    """Before: the first of rglob("*.onnx") was checked against the version's SHA-256: an added a.onnx (listed first)
+    made a valid champion "altered" and nothing was served."""
+    from flows.serve import serve_command
+
+    cfg, stored = _served_champion(tmp_path, raw_params, monkeypatch)
+    for name in ("a", "b", "other", "z", "student"):
+        _scaling_model(stored / f"{name}.onnx", 1000.0)
+    cmd, _, served = serve_command(cfg, tmp_path, "vision", "127.0.0.1", 5001, dest=tmp_path / "serve")
+    assert served.endswith("@champion (version 1)") and _answer(cmd) == [[1.0, 1.0, 1.0]]
+    assert [p.name for p in (tmp_path / "serve").rglob("*.onnx")] == ["model.onnx"]
 
 
 @pytest.mark.fault("promotion", "a promotion or a registration run by a uid with no passwd entry (Kubernetes "
