@@ -48,6 +48,17 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     items.sort(key=lambda item: rank.get(item.path.resolve().relative_to(ROOT).as_posix(), len(rank)))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def checkout_left_clean():
+    """Tests keep their stores and artifacts in folders of their own. An MLflow experiment made without an artifact
+    location puts its artifacts in ./mlruns of the working directory: the checkout (before: the gate tests left tens
+    of MB there)."""
+    before = (ROOT / "mlruns").exists()
+    yield
+    assert before or not (ROOT / "mlruns").exists(), \
+        f"a test wrote MLflow artifacts into {ROOT / 'mlruns'}: give its experiment an artifact_location"
+
+
 @pytest.fixture(scope="session")
 def prefect_server():
     """One temporary Prefect server for the whole session (starting one costs ~20 s). The flows that tests start

@@ -121,7 +121,9 @@ def _lenient(raw_params, **gate):
 def _gate(project, cfg, uri, parent=None):
     """Gate as a pipeline run does: its own parent run (``parent``: a retry of that run's promote task)."""
     client = MlflowClient(uri, registry_uri=uri)
-    run = client.create_run(client.create_experiment(f"e{len(client.search_experiments())}"))
+    # artifacts beside the store (without a location: ./mlruns of the working directory, the checkout)
+    run = client.create_run(client.create_experiment(f"e{len(client.search_experiments())}",
+                                                     artifact_location=(project / "mlartifacts").as_uri()))
     parent = parent or f"parent-{len(client.search_experiments())}"
     return gate_and_register(project, cfg, client, uri, run.info.run_id, parent, "vision"), client
 
@@ -249,7 +251,7 @@ def test_a_challenger_only_version_gated_again_says_how_to_promote_it(project, r
         "schema: '2.0'\nstages:\n  export_vision:\n    outs:\n    - path: models/vision/onnx\n"
         "      md5: 0123456789abcdef0123456789abcdef.dir\n")
     client = MlflowClient(uri, registry_uri=uri)
-    run = client.create_run(client.create_experiment("e")).info.run_id
+    run = client.create_run(client.create_experiment("e", (project / "mlartifacts").as_uri())).info.run_id
     first = gate_and_register(project, cfg, client, uri, run, "parent-123", "vision", may_promote=False)
     assert first["passed"] and not first["champion"]
     capsys.readouterr()
