@@ -101,12 +101,14 @@ def lineage(cfg: Config, root: Path, parent_run_id: str, family: str, lock_text:
 
 
 @contextlib.contextmanager
-def store_errors(client: MlflowClient, name: str, champion: Any = None, root: Path | None = None) -> Iterator[None]:
+def store_errors(client: MlflowClient, name: str, champion: Any = None, root: Path | None = None,
+                 store: Path | None = None) -> Iterator[None]:
     """The registry's and the artifact store's failures in the block as one-line errors, so that only those that may
     pass are retried (the promote task retries anything else too, and the CLI showed a traceback): ``champion``'s
     model gone from the artifact store a RegistryError naming the fix; another failed call, a connection reset or a
     timeout through ``server_error`` (ServiceUnavailable, retried, when the server did not answer); a file of the
-    project at ``root`` not read or written a PipelineError naming it; another file an ArtifactStoreError."""
+    project at ``root`` not read or written a PipelineError naming it; another file (or one of the local artifact
+    ``store`` in it) an ArtifactStoreError."""
     what = f"the artifact store of {name} version {champion.version}" if champion is not None else \
         f"the registry at {redact(client.tracking_uri)}"
 
@@ -132,8 +134,9 @@ def store_errors(client: MlflowClient, name: str, champion: Any = None, root: Pa
         if is_server_call_error(err) or isinstance(err, (ConnectionError, TimeoutError)):
             error = server_error(err, what, outcome(True))
             raise (error if error.transient else server_error(err, what, outcome(False))) from None
-        if isinstance(err, OSError) and root is not None and isinstance(err.filename, str) and \
-                Path(err.filename).resolve().is_relative_to(root.resolve()):   # the project's file, not the store's
+        where = Path(err.filename).resolve() if isinstance(err, OSError) and isinstance(err.filename, str) else None
+        if where is not None and root is not None and where.is_relative_to(root.resolve()) and \
+                not (store is not None and where.is_relative_to(store.resolve())):   # the project's, not the store's
             raise PipelineError(f"{err.filename}: {err.strerror or err} ({type(err).__name__}); the gate of {name} "
                                 f"stopped; {outcome(False)}") from None
         if isinstance(err, OSError):   # a full or read-only store (or disk)
@@ -204,7 +207,7 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
         tags.update({DATA_TAG: description, MEANING_TAG: meaning})
     tags[SPLIT_TAG] = data_params(cfg, family, root)   # a later gate compares with it only on data split the same way
     with registry_lock(gate.registered_model, cfg.tracking.registry_lock_timeout_seconds), \
-            store_errors(client, gate.registered_model, root=root):
+            store_errors(client, gate.registered_model, root=root, store=root / cfg.tracking.artifact_root):
         log_lineage(client, run_id, root, lock_text)
         same = registered_with(client, gate.registered_model, tags["onnx.hash"])
         if same is not None and same.tags.get(ALIASES_TAG) == "pending":

@@ -79,11 +79,13 @@ def test_a_champion_download_that_failed_is_transient_not_a_model_gone(project, 
 @pytest.mark.fault("promotion", "the artifact store refuses the gate's writes (no space left on device)",
                    "ArtifactStoreError naming the model and the OS error, not retried (before: the OSError went out "
                    "as it was, the whole gate retried, then a traceback)")
+@pytest.mark.parametrize("store", ["/store/artifacts", "mlartifacts"], ids=["elsewhere", "in-the-project"])
 def test_an_artifact_store_that_refuses_writes_is_an_artifact_store_error(project, raw_params, tmp_path,  # noqa: F811
-                                                                           monkeypatch):
-    """Before: the OSError of ``log_artifacts`` went out as it was (retried as transient, a traceback)."""
+                                                                           monkeypatch, store):
+    """Before: the OSError of ``log_artifacts`` went out as it was (retried as transient, a traceback). The default
+    local store (``tracking.artifact_root``) is a folder of the project, and still the store."""
     def full(self, *args, **kwargs):
-        raise OSError(errno.ENOSPC, "No space left on device", "/store/artifacts/lineage")
+        raise OSError(errno.ENOSPC, "No space left on device", str(project / store / "lineage"))
 
     monkeypatch.setattr(MlflowClient, "log_artifacts", full)
     cfg = _lenient(raw_params)
