@@ -129,7 +129,8 @@ class _Registry:
         self.old, self.new = older_and_grown(cfg, tmp_path)
         *_, self.shape = load_ctr_data(self.old)
         self.client = MlflowClient(mlflow_uri)
-        self.experiment, self.name = self.client.create_experiment("warm", (tmp_path / "art").as_uri()), cfg.gate.recsys.registered_model
+        self.experiment = self.client.create_experiment("warm", (tmp_path / "art").as_uri())
+        self.name = cfg.gate.recsys.registered_model
         self.client.create_registered_model(self.name)
 
     def register(self, plan: dict, teacher_mode: str | None = None) -> str:
