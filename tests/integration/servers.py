@@ -75,6 +75,12 @@ class Processes:
             pass
         proc.wait(timeout=30)
 
+    def stop(self, name: str, timeout: float = 60) -> int:
+        """SIGTERM a process alone (a shutdown: what it started is its to stop); its exit code."""
+        proc = self.procs.pop(name)
+        proc.terminate()
+        return proc.wait(timeout=timeout)
+
     def stop_all(self) -> None:
         for name, proc in reversed(list(self.procs.items())):
             try:

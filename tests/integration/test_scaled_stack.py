@@ -168,7 +168,11 @@ def test_the_champion_serves_over_http_with_mlflows_scoring_server(stack, pipeli
     assert 400 <= status < 500 and "user-1" in answer["message"], answer
     status, answer = _post(f"{url}/invocations", body)
     assert status == 200 and proc.poll() is None
-    procs.kill("serve")
+    # SIGTERM stops the scoring server too (before: the test SIGKILLed `flows.serve`, whose server, in a process group
+    # of its own, went on serving after the suite)
+    procs.stop("serve")
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{url}/ping", timeout=5)
 
 
 def test_dvc_pushes_the_pipeline_outputs_to_the_s3_remote(stack, pipeline):
