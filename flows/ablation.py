@@ -42,7 +42,7 @@ from tasks.images.export import parity, torch_logits
 from tasks.images.prune import prune_images, pruned_extra
 from tasks.images.qat import qat_images
 from tasks.images.share import share_images
-from tasks.io import write_atomic, write_json
+from tasks.io import tools_env, write_atomic, write_json
 from tasks.onnx_models import export_fp32, export_int8, file_sizes, onnx_accuracy, onnx_logits, quantize_ptq
 
 
@@ -139,8 +139,7 @@ def repro_teacher(root: Path, family: str) -> None:
     stage, tail = f"train_teacher_{family}", ""
     decode = codecs.getincrementaldecoder("utf-8")(errors="replace")
     # the stages' `python` is this interpreter, as in a pipeline run (else whichever one comes first on PATH)
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    with subprocess.Popen([sys.executable, "-m", "dvc", "repro", stage], cwd=root, env=env,
+    with subprocess.Popen([sys.executable, "-m", "dvc", "repro", stage], cwd=root, env=tools_env(),
                           stderr=subprocess.PIPE) as proc:
         while chunk := proc.stderr.read1(1 << 16):   # passed on as it comes (progress bars too); the end kept
             text = decode.decode(chunk)

@@ -4,7 +4,6 @@ the default remote, and the environment stage processes get (one tracking store,
 """
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
@@ -23,6 +22,7 @@ from flows.run_artifacts import publish_data_docs
 from flows.stage_graph import below
 from tasks.errors import EXIT_USER_ERROR, LockBusy, PipelineError
 from tasks.expectations import DATA_DOCS
+from tasks.io import tools_env
 from tasks.mlflow_store import redact
 from tasks.tracking import PARENT_ENV
 
@@ -231,7 +231,4 @@ def out_of_date(root: Path, stages: list[str], wait: float = 0.0) -> set[str]:
 
 def stage_env(root: Path, uri: str, parent_run_id: str) -> dict[str, str]:
     """Environment for stage processes: this interpreter's tools first, one tracking store, the parent run."""
-    env = dict(os.environ)
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
-    env.update({"MLFLOW_TRACKING_URI": uri, PARENT_ENV: parent_run_id, "PYTHONPATH": str(root)})
-    return env
+    return {**tools_env(), "MLFLOW_TRACKING_URI": uri, PARENT_ENV: parent_run_id, "PYTHONPATH": str(root)}

@@ -11,7 +11,6 @@ work tree gets no commit.
 """
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import tempfile
@@ -21,7 +20,7 @@ from pathlib import Path
 import yaml
 
 from tasks.errors import PipelineError
-from tasks.io import load_yaml
+from tasks.io import load_yaml, tools_env
 from tasks.lineage import dvc_repo_lock, git_refusal
 
 IDENTITY = ("-c", "user.name=kdq-pipeline", "-c", "user.email=kdq-pipeline@localhost")
@@ -121,8 +120,7 @@ def _commit(root: Path, blob: str, message: str, head: str | None) -> tuple[str 
     with tempfile.TemporaryDirectory() as scratch:
         # LC_ALL=C: git's own words, whatever the user's locale, for RACED
         # and this interpreter's tools first on PATH: the `dvc` of the hooks `dvc install` puts in .git/hooks
-        env = {**os.environ, "GIT_INDEX_FILE": str(Path(scratch) / "index"), "LC_ALL": "C",
-               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        env = {**tools_env(), "GIT_INDEX_FILE": str(Path(scratch) / "index"), "LC_ALL": "C"}
         steps = [["read-tree", head or "--empty"],
                  ["update-index", "--add", "--cacheinfo", f"100644,{blob},{where}dvc.lock"],
                  [*identity, "commit", "--quiet", "-m", message]]

@@ -18,7 +18,6 @@ changes nothing; one that differs (another CPU, other threads) is registered as 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import subprocess
 import sys
@@ -32,7 +31,7 @@ from flows.gating import LINEAGE, LINEAGE_FILES
 from flows.registry import registered_model
 from tasks.config import load_config
 from tasks.errors import PipelineError, run_cli
-from tasks.io import load_yaml
+from tasks.io import load_yaml, tools_env
 from tasks.mlflow_store import client_for, is_server_call_error, redact, server_error, tracking_uri
 
 NOT_FOUND = "RESOURCE_DOES_NOT_EXIST"
@@ -52,8 +51,7 @@ def _run(args: list[str], cwd: Path, what: str, env: dict[str, str] | None = Non
 
 
 def _env(dest: Path) -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(dest),
-            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    return {**tools_env(), "PYTHONPATH": str(dest)}
 
 
 def checkout_code(root: Path, commit: str, dest: Path) -> Path:

@@ -36,6 +36,7 @@ from mlflow.exceptions import MlflowException
 from flows.registry import MODEL_FILE, RegistryError, download_onnx, registered_model, requirements
 from tasks.config import Config, load_config
 from tasks.errors import run_cli
+from tasks.io import tools_env
 from tasks.mlflow_store import client_for, is_server_call_error, redact, server_error, tracking_uri
 
 
@@ -67,8 +68,7 @@ def serve_command(cfg: Config, root: Path, family: str | None, host: str, port: 
             from None
     served = served_copy(checked, dest / "model")
     shutil.rmtree(dest / "fetched")
-    env = {**os.environ, "MLFLOW_TRACKING_URI": uri,
-           "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}   # the scoring server runs uvicorn from here
+    env = {**tools_env(), "MLFLOW_TRACKING_URI": uri}   # the scoring server runs uvicorn from this virtualenv
     cmd = [str(bin_dir / "mlflow"), "models", "serve", "-m", str(served), "--env-manager", "local",
            "--host", host, "--port", str(port)]
     return cmd, env, f"{model}@{alias} (version {version.version})"

@@ -83,6 +83,13 @@ def _umask() -> int:
 UMASK = _umask()   # read once, at import (setting it is process-wide)
 
 
+def tools_env() -> dict[str, str]:
+    """This process's environment with this interpreter's folder first on PATH: the ``python``, ``dvc`` and
+    ``mlflow`` a child process starts (a stage's command, a git hook of ``dvc install``, the scoring server) are this
+    virtualenv's, activated or not."""
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+
+
 def write_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to a temporary file of its own beside ``path``, then move it into place: a reader (or another
     writer of the same file, such as two runs filling a shared download cache) never sees half a file."""
