@@ -98,6 +98,11 @@ def download_onnx(client: MlflowClient, version: Any, dest: Path) -> Path:
     return path
 
 
+def declared_shape(value: Any) -> list[int]:
+    """An ONNX graph value's shape as its graph declares it: an axis left open (the batch, a length) is -1."""
+    return [d.dim_value if d.HasField("dim_value") else -1 for d in value.type.tensor_type.shape.dim]
+
+
 def graph_signature(model: Any, inferred: Any) -> Any:
     """``inferred`` (from one request) with each input's shape as the ONNX graph declares it: an axis the graph
     leaves open (the batch, a variable length) is -1, so the scoring server takes any size there, not only the
@@ -105,8 +110,7 @@ def graph_signature(model: Any, inferred: Any) -> Any:
     from mlflow.models import ModelSignature
     from mlflow.types.schema import Schema, TensorSpec
 
-    declared = {i.name: [d.dim_value if d.HasField("dim_value") else -1 for d in i.type.tensor_type.shape.dim]
-                for i in model.graph.input}
+    declared = {i.name: declared_shape(i) for i in model.graph.input}
     inputs = [TensorSpec(spec.type, tuple(declared.get(spec.name, spec.shape)), spec.name)
               for spec in inferred.inputs.inputs]
     return ModelSignature(Schema(inputs), inferred.outputs)
@@ -117,8 +121,7 @@ def io_signature(path: Path) -> list[list[tuple[str, int, list[int]]]]:
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
-    spec = lambda v: (v.type.tensor_type.elem_type, [d.dim_value if d.HasField("dim_value") else -1
-                                                    for d in v.type.tensor_type.shape.dim])
+    spec = lambda v: (v.type.tensor_type.elem_type, declared_shape(v))
     return [[spec(v) for v in graph.input], [spec(v) for v in graph.output]]
 
 

@@ -33,7 +33,14 @@ from typing import Any
 
 from mlflow.exceptions import MlflowException
 
-from flows.registry import MODEL_FILE, RegistryError, download_onnx, registered_model, requirements
+from flows.registry import (
+    MODEL_FILE,
+    RegistryError,
+    declared_shape,
+    download_onnx,
+    registered_model,
+    requirements,
+)
 from tasks.config import Config, load_config
 from tasks.errors import run_cli
 from tasks.io import tools_env
@@ -98,8 +105,7 @@ def graph_inputs(model: Any) -> Any:
 
     weights = {w.name for w in model.graph.initializer}   # (older exporters list the weights as inputs too)
     return ModelSignature(Schema([
-        TensorSpec(tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type),
-                   tuple(d.dim_value if d.HasField("dim_value") else -1 for d in v.type.tensor_type.shape.dim), v.name)
+        TensorSpec(tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type), tuple(declared_shape(v)), v.name)
         for v in model.graph.input if v.name not in weights]))
 
 
