@@ -28,12 +28,22 @@ from flows.workspace import PROJECT, copy_project
 from tasks.config import PARAMS_FILE, Config, load_config
 from tasks.errors import ConfigError, run_cli
 from tasks.gate import meets
+from tasks.tracking import PARENT_ENV
+
+#: what ties a process to the project's tracking store and pipeline run: a scratch copy's runs go to its own
+PROJECT_RUN_ENV = ("MLFLOW_TRACKING_URI", PARENT_ENV)
+
+
+def leave_project_runs() -> None:
+    """Drop PROJECT_RUN_ENV from this process's environment (a benchmark in a scratch copy started from a run)."""
+    for name in PROJECT_RUN_ENV:
+        os.environ.pop(name, None)
 
 
 def run_pipeline(root: Path, families: list[str] | None = None) -> tuple[float, dict[str, Any]]:
     """Run the pipeline as a user would (``families`` only, when given); return (wall seconds, per-stage info of the
     newest parent run)."""
-    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "PIPELINE_PARENT_RUN_ID")}
+    env = {k: v for k, v in os.environ.items() if k not in PROJECT_RUN_ENV}
     start = time.perf_counter()
     only = [arg for family in families or [] for arg in ("--family", family)]
     proc = subprocess.run([sys.executable, "-m", "flows.pipeline", "--root", str(root), *only], cwd=root, env=env)

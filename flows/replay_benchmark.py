@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -25,7 +24,7 @@ from datetime import date
 from pathlib import Path
 from typing import Any
 
-from flows.benchmark import machine, scratch_copy, write_result
+from flows.benchmark import leave_project_runs, machine, scratch_copy, write_result
 from flows.workspace import PROJECT
 from tasks.config import PARAMS_FILE, load_config
 from tasks.errors import ConfigError, run_cli
@@ -205,8 +204,7 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, help="also draw the scores per batch into this PNG")
     parser.add_argument("--keep", type=Path, help="work in this (new) folder and keep it, instead of a temporary one")
     args = parser.parse_args()
-    for name in ("MLFLOW_TRACKING_URI", "PIPELINE_PARENT_RUN_ID"):   # the scratch copy's own store, its own runs
-        os.environ.pop(name, None)
+    leave_project_runs()   # the scratch copy's own store, its own runs
     # what it replays, checked before any folder is made: the profile's params, a family that takes batches and
     # warm-starts
     cfg = load_config(PROJECT / PARAMS_FILE, args.profile)   # the params the scratch copy is made from

@@ -12,13 +12,12 @@ well recipes spread over workers, the target being >= 1.7x with 2 workers on 2 c
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 from datetime import date
 from pathlib import Path
 from typing import Any
 
-from flows.benchmark import machine, scratch_copy, target_rows, write_result
+from flows.benchmark import leave_project_runs, machine, scratch_copy, target_rows, write_result
 from flows.sweep import recipe_sweep
 from flows.workspace import PROJECT
 from tasks.config import load_config
@@ -67,8 +66,7 @@ def main() -> None:
     if args.family not in cfg.families or args.family not in cfg.sweep.space:
         raise ConfigError(f"params.yaml: --family {args.family} has no sweep.space entry (families with one: "
                           f"{', '.join(f for f in cfg.families if f in cfg.sweep.space)})")
-    for name in ("MLFLOW_TRACKING_URI", "PIPELINE_PARENT_RUN_ID"):   # the scratch copy's own store, its own runs
-        os.environ.pop(name, None)
+    leave_project_runs()   # the scratch copy's own store, its own runs
     with tempfile.TemporaryDirectory(prefix="kdq-sweep-bench-") as tmp:
         root = sweep_copy(Path(tmp) / "project")
         runs = [timed_sweep(root, args.family, args.recipes, w) for w in (1, args.workers)]
