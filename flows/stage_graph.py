@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import itertools
+import re
 import shlex
 import time
 from dataclasses import dataclass
@@ -98,6 +99,16 @@ def stage_paths(root: Path, stage: str) -> dict[str, Path]:
     words = shlex.split(stages[stage]["cmd"])
     return {flag[2:].replace("-", "_"): Path(value) for flag, value in itertools.pairwise(words)
             if flag.startswith("--") and not value.startswith("--")}
+
+
+def stage_params(root: Path, stages: list[str]) -> dict[str, list[str]]:
+    """The params.yaml keys each of ``stages`` reads, as ``root/dvc.yaml`` lists them (a profile's overlay of a key:
+    the key)."""
+    from tasks.io import load_yaml
+
+    listed = (load_yaml(_stage_file(root).read_text()) or {}).get("stages", {})
+    return {name: sorted({re.sub(r"^profiles\.[^.]+\.", "", key) for key in listed.get(name, {}).get("params", [])
+                          if isinstance(key, str)}) for name in stages}
 
 
 def family_stages(nodes: list[StageNode], family: str) -> list[StageNode]:

@@ -6,13 +6,12 @@ import functools
 import itertools
 import json
 import random
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from flows.stage_graph import stage_params
 from tasks.config import Config
-from tasks.io import load_yaml
 
 #: Stages a recipe may leave out: ``<stage>_<family>`` then passes the student through (tasks/ctr/stage.py,
 #: tasks/images/prune.py, ...). Distillation always runs: without ``distill`` the student learns from the labels.
@@ -32,14 +31,6 @@ def draw_recipes(space: dict[str, list[Any]], method: str, count: int, seed: int
     distinct = {json.dumps(r, sort_keys=True): r for r in map(in_effect or dict, grid)}   # first seen, in order
     recipes = list(distinct.values())
     return recipes if method == "grid" else recipes[:count]
-
-
-def stage_params(root: Path, stages: list[str]) -> dict[str, list[str]]:
-    """The params.yaml keys each of ``stages`` reads, as dvc.yaml lists them (a profile's overlay of a key: the
-    key)."""
-    listed = (load_yaml((root / "dvc.yaml").read_text()) or {}).get("stages", {})
-    return {name: sorted({re.sub(r"^profiles\.[^.]+\.", "", key) for key in listed.get(name, {}).get("params", [])
-                          if isinstance(key, str)}) for name in stages}
 
 
 def in_effect(combo: dict[str, Any], family: str, recipe: list[str], reads: dict[str, list[str]]) -> dict[str, Any]:

@@ -16,8 +16,8 @@ from flows.pipeline import gate_only
 from flows.recipe import RecipeInvalid, layered_overrides
 from flows.registry_lock import registry_lock
 from flows.sweep import summary
-from flows.sweep_space import draw_recipes
 from flows.sweep_report import best_passing, pareto_front, write_sweep_report
+from flows.sweep_space import draw_recipes
 from flows.workspace import copy_project, set_param
 from tasks.config import load_config, parse_config
 from tasks.errors import ConfigError, PipelineError, ServiceUnavailable
@@ -41,8 +41,8 @@ def test_a_sweep_draws_each_recipe_once_without_the_knobs_its_stages_pass_over(r
     in effect, and a random draw of 8 (seed 0) ran one recipe twice (as recipe-000 and recipe-006)."""
     import json
 
-    from flows.stage_graph import downstream_of, family_stages, stage_graph
-    from flows.sweep_space import in_effect, stage_params, sweep_recipes
+    from flows.stage_graph import downstream_of, family_stages, stage_graph, stage_params
+    from flows.sweep_space import in_effect, sweep_recipes
 
     def runs(family):   # the stages each recipe runs: what follows the teacher
         return [n.name for n in downstream_of(family_stages(stage_graph(ROOT), family), f"train_teacher_{family}")]
