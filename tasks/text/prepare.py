@@ -1,7 +1,9 @@
 """Stage ``prepare_text``: the raw corpus -> de-duplicated, split, tokenized sentences.
 
 The categories of ``data.text.drop`` are left out (the corpus's plot summaries); every other row is kept as it is,
-an empty text or an unknown category included, for validate_text to name. Duplicate texts are dropped (first kept).
+an empty text or an unknown category included, for validate_text to name. Duplicate texts are dropped (first kept):
+texts whose words are the same once tokenized ("Great movie!" and "great movie !") are one sentence to every model,
+and two copies in different splits would be a leak validate_text refuses.
 Split: seeded, stratified by category, ``train/val/test``. The vocabulary is built on the training split only.
 
 Outputs in ``<out>``: ``sentences.csv`` (text, category, label (-1 for an unknown category), split, tokens: the
@@ -38,9 +40,10 @@ def assign_splits(rows: pd.DataFrame, cfg: TextData) -> pd.Series:
 
 
 def select(rows: pd.DataFrame, cfg: TextData) -> pd.DataFrame:
-    """Rows kept for the data set: dropped categories out, duplicate texts out, the smoke subset (stratified)."""
+    """Rows kept for the data set: dropped categories out, duplicate texts (the same once tokenized) out, the smoke
+    subset (stratified)."""
     kept = rows[~rows.category.isin(cfg.drop)]
-    kept = kept[~kept.text.duplicated()].reset_index(drop=True)
+    kept = kept[~kept.text.map(lambda t: " ".join(tokenize(t))).duplicated()].reset_index(drop=True)
     if cfg.subset is not None and cfg.subset < len(kept):
         share = cfg.subset / len(kept)
         rng = np.random.default_rng(cfg.seed)

