@@ -34,6 +34,7 @@ from flows.registry import (
     check_registry,
     download_onnx,
     log_onnx_model,
+    model_gone,
     registered_scores,
     registered_with,
     split_by,
@@ -143,16 +144,6 @@ def store_errors(client: MlflowClient, name: str, champion: Any = None, root: Pa
             raise ArtifactStoreError(f"{name}: a file was not written or read ({type(err).__name__}: {err}); "
                                      f"{outcome(False)}") from None
         raise
-
-
-def model_gone(client: MlflowClient, version: Any) -> bool:
-    """Whether the artifact store lists no ONNX file in a registered version's model folder (its ``runs:/`` source);
-    False when it does not answer that either (not known gone)."""
-    try:
-        listed = client.list_artifacts(version.run_id, version.source.removeprefix(f"runs:/{version.run_id}/"))
-    except Exception:  # noqa: BLE001 - any store's failure (MLflow, requests, S3, local files): not known gone
-        return False
-    return not any(f.path.endswith(".onnx") for f in listed)
 
 
 def log_lineage(client: MlflowClient, run_id: str, root: Path, lock_text: str | None) -> None:

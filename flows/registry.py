@@ -69,6 +69,17 @@ def check_registry(client: MlflowClient, uri: str) -> None:
         raise (RegistryUnreachable(str(error)) if error.transient else error) from err
 
 
+def model_gone(client: MlflowClient, version: Any) -> bool:
+    """Whether the artifact store lists no ONNX file in a registered version's model folder (its ``runs:/`` source);
+    False when it does not answer that either (not known gone). MLflow's ``runs:/`` download reports any failure (a
+    reset connection, a 5xx) as RESOURCE_DOES_NOT_EXIST: a model still listed is a download that failed."""
+    try:
+        listed = client.list_artifacts(version.run_id, version.source.removeprefix(f"runs:/{version.run_id}/"))
+    except Exception:  # noqa: BLE001 - any store's failure (MLflow, requests, S3, local files): not known gone
+        return False
+    return not any(f.path.endswith(".onnx") for f in listed)
+
+
 def download_onnx(client: MlflowClient, version: Any, dest: Path) -> Path:
     """The ONNX file of a registered version, fetched through ``client`` (its ``runs:/`` source) and checked
     against the SHA-256 recorded on the version before anything runs it: ``model.onnx``, by name, the file

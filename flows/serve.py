@@ -38,11 +38,12 @@ from flows.registry import (
     RegistryError,
     declared_shape,
     download_onnx,
+    model_gone,
     registered_model,
     requirements,
 )
 from tasks.config import Config, load_config
-from tasks.errors import run_cli
+from tasks.errors import ServiceUnavailable, run_cli
 from tasks.io import tools_env
 from tasks.mlflow_store import client_for, is_server_call_error, redact, server_error, tracking_uri
 
@@ -67,8 +68,11 @@ def serve_command(cfg: Config, root: Path, family: str | None, host: str, port: 
         checked = download_onnx(client, version, dest / "fetched")
     except Exception as err:
         if isinstance(err, MlflowException) and err.error_code == "RESOURCE_DOES_NOT_EXIST":
-            raise RegistryError(f"{model} version {version.version}: its model is not in the artifact store "
-                                f"({err.message[:200]}); nothing served") from None
+            if model_gone(client, version):
+                raise RegistryError(f"{model} version {version.version}: its model is not in the artifact store "
+                                    f"({redact(err.message)[:200]}); nothing served") from None
+            raise ServiceUnavailable(f"the artifact store of {model} version {version.version} lists its model but "
+                                     f"did not give it ({redact(err.message)[:200]}); nothing served") from None
         if not is_server_call_error(err):   # (an MlflowException is one)
             raise
         raise server_error(err, f"the artifact store of {model} version {version.version}", "nothing served") \

@@ -76,6 +76,40 @@ def test_a_champion_download_that_failed_is_transient_not_a_model_gone(project, 
     assert again["version"] == "2" and again["champion_before"]["version"] == "1"
 
 
+@pytest.mark.fault("promotion", "the artifact store fails while `make serve` downloads the champion's model (a "
+                   "connection reset), then the model is really gone from it",
+                   "ServiceUnavailable saying the store lists the model but did not give it, then a RegistryError "
+                   "saying it is not in the store; nothing served either way (before: a failed download was also "
+                   "reported as a model not in the artifact store)")
+def test_make_serve_tells_a_download_that_failed_from_a_model_gone(project, raw_params, tmp_path,  # noqa: F811
+                                                                   monkeypatch):
+    from flows.serve import serve_command
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    cfg = _lenient(raw_params)
+    report, client = _gate(project, cfg, uri)
+    assert report["champion"]
+    name, download, resets = cfg.gate.vision.registered_model, LocalArtifactRepository._download_file, [None]
+
+    def reset_once(self, remote_file_path, local_path):   # the first file's download only
+        if resets and resets.pop() is None:
+            raise requests.ConnectionError("Connection reset by peer")
+        return download(self, remote_file_path, local_path)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(LocalArtifactRepository, "_download_file", reset_once)
+        with pytest.raises(ServiceUnavailable, match=rf"^the artifact store of {name} version 1 lists its model but "
+                                                     r"did not give it \(.*\); nothing served$") as raised:
+            serve_command(cfg, tmp_path, "vision", "127.0.0.1", 5001, dest=tmp_path / "serve")
+    assert raised.value.transient and not resets
+    run = client.get_run(client.get_model_version(name, "1").run_id)
+    shutil.rmtree(Path(urlparse(run.info.artifact_uri).path) / "model")
+    with pytest.raises(RegistryError, match=rf"^{name} version 1: its model is not in the artifact store \(.*\); "
+                                            r"nothing served$"):
+        serve_command(cfg, tmp_path, "vision", "127.0.0.1", 5001, dest=tmp_path / "again")
+
+
 @pytest.mark.fault("promotion", "the artifact store refuses the gate's writes (no space left on device)",
                    "ArtifactStoreError naming the model and the OS error, not retried (before: the OSError went out "
                    "as it was, the whole gate retried, then a traceback)")
