@@ -34,16 +34,17 @@ def pretrained_teachers(params: dict[str, Any]) -> list[str]:
 
 def data_paths(params_file: Path) -> list[str]:
     """The files and folders the data blocks of ``params_file`` name by their content (``CONTENT``: a user's corpus,
-    an image folder); none when the params do not load (a recipe's invalid overrides are named where they are
-    loaded)."""
+    an image folder) or as the stages' inputs (``INPUTS``: a user's table, a folder of source files); none when the
+    params do not load (a recipe's invalid overrides are named where they are loaded)."""
     from tasks.config import load_config
     from tasks.errors import ConfigError
     from tasks.lineage import content_paths
 
     try:
-        return content_paths(load_config(params_file))
+        cfg = load_config(params_file)
     except ConfigError:
         return []
+    return content_paths(cfg) + content_paths(cfg, "INPUTS")
 
 
 def _stage_outs(dvc_yaml: Path) -> list[Path]:
@@ -102,8 +103,8 @@ def copy_project(dest: Path, overrides: dict[str, Any] | None = None, source: Pa
 
 
 def _link_data(source: Path, dest: Path) -> list[str]:
-    """Symlink into ``dest`` the files and folders inside ``source`` that its data params name by their content (a
-    user's corpus, an image folder: its gate reads them), unless a stage of the copy makes them; return them."""
+    """Symlink into ``dest`` the files and folders inside ``source`` that its data params name (``data_paths``: a
+    user's corpus, image folder or table), unless a stage of the copy makes them; return them."""
     made, inside, linked = _stage_outs(dest / "dvc.yaml"), source.resolve(), []
     for data in data_paths(dest / "params.yaml"):
         path = Path(data)

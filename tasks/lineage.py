@@ -119,23 +119,25 @@ def same_split(recorded: str | None, cfg: Any, family: str, root: Path = Path(".
                         _digest(_row_params(block, top)), _digest(block.model_dump(by_alias=True)))
 
 
-def content_paths(cfg: Any) -> list[str]:
-    """Every file or folder a family's data block names as ``CONTENT`` (a user's corpus, an image folder)."""
-    return [value for family in cfg.families for _, value in _contents(cfg.block("data", family))]
+def content_paths(cfg: Any, kind: str = "CONTENT") -> list[str]:
+    """Every file or folder a family's data block names as ``CONTENT`` (a user's corpus, an image folder), or as
+    ``kind``: ``INPUTS`` names the files the stages read that decide no split (a user's table, a folder of the
+    published files: where they are is a ``LOCATION``), which a copy of the project needs all the same."""
+    return [value for family in cfg.families for _, value in _contents(cfg.block("data", family), kind=kind)]
 
 
-def _contents(block: Any, keys: tuple[str, ...] = ()) -> list[tuple[tuple[str, ...], str]]:
-    """(keys in the dumped block, value) of every ``CONTENT`` field that is set, in ``block`` and the blocks inside
+def _contents(block: Any, keys: tuple[str, ...] = (), kind: str = "CONTENT") -> list[tuple[tuple[str, ...], str]]:
+    """(keys in the dumped block, value) of every ``kind`` field that is set, in ``block`` and the blocks inside
     it."""
     from pydantic import BaseModel
 
     found = []
     for name, field in type(block).model_fields.items():
         inner, key = getattr(block, name), field.alias or name
-        if name in getattr(type(block), "CONTENT", ()) and inner is not None:
+        if name in getattr(type(block), kind, ()) and inner is not None:
             found.append(((*keys, key), inner))
         elif isinstance(inner, BaseModel):
-            found.extend(_contents(inner, (*keys, key)))
+            found.extend(_contents(inner, (*keys, key), kind))
     return found
 
 

@@ -21,6 +21,9 @@ SPLITS = ("train", "val", "test")
 
 
 class TableFile(Strict):
+    # a file the stages read (no split param: where it is, tasks.lineage.data_params): a copy of the project (make
+    # smoke, a sweep's recipe) links it when no stage of the copy makes it
+    INPUTS: ClassVar[frozenset[str]] = frozenset({"path"})
     path: ProjectPath                  # relative to the project (a stage output, or a file the user tracks)
     format: Literal["csv", "parquet"] | None = None   # None: from the suffix (.csv, .csv.gz, .parquet, .pq)
 

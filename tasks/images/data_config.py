@@ -67,6 +67,7 @@ class ImageData(Strict):
     # where the pinned files are found and what the published set holds: no row depends on them (tasks.lineage)
     LOCATION: ClassVar[frozenset[str]] = frozenset({"source_dir", "system_dir", "system_package", "url",
                                                     "download_cache", "published"})
+    INPUTS: ClassVar[frozenset[str]] = frozenset({"source_dir"})   # read by the stages: a project's copy links it
     image_folder: ImageFolder | None = None
     source_dir: str | None = None
     system_dir: str | None = None

@@ -41,6 +41,7 @@ class RecsysData(Strict):
 
     # where the pinned files are found: no row depends on them (tasks.lineage.data_params)
     LOCATION: ClassVar[frozenset[str]] = frozenset({"source_dir", "wheel", "url", "download_cache"})
+    INPUTS: ClassVar[frozenset[str]] = frozenset({"source_dir"})   # read by the stages: a project's copy links it
     source_dir: str | None = None      # ml-100k.{inter,user,item} (RecBole) or ml-100k.zip (GroupLens)
     wheel: WheelFolder                 # its member_dir holds ml-100k.{inter,user,item}
     url: str                           # the GroupLens zip

@@ -67,6 +67,36 @@ def test_a_scratch_copy_carries_the_data_files_its_split_params_name(tmp_path, r
     assert not (copy / "data/digits").exists()   # made by its own stage (fetch_digits) in the copy
 
 
+def test_a_scratch_copy_carries_the_users_table_and_source_folders(tmp_path, raw_params):
+    """A user's table (``data.<family>.table.path``) and a folder of the published files (``source_dir``) inside the
+    project are read by the stages but split nothing: the copy links them too. Before: only the data params' content
+    fields were linked, so `make smoke --family <a table family>` and every sweep recipe of it stopped at its
+    prepare stage on a missing table. A table a stage of the copy makes (fetch_clicks's) is made there."""
+    import copy as copying
+
+    source = tmp_path / "project"
+    (source / "data/mine").mkdir(parents=True)
+    (source / "data/mine/clicks.csv").write_text("click,user_id\n1,7\n")
+    (source / "data/ml100k").mkdir(parents=True)
+    (source / "data/ml100k/ml-100k.inter").write_text("user_id:token\n")
+    raw = copying.deepcopy(raw_params)
+    raw["data"]["clicks"]["table"] = {"path": "data/mine/clicks.csv"}
+    raw["data"]["recsys"]["source_dir"] = "data/ml100k"
+    (source / "params.yaml").write_text(yaml.safe_dump(raw))
+    (source / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
+    copy = copy_project(tmp_path / "copy", {}, source=source)
+    assert (copy / "data/mine/clicks.csv").resolve() == (source / "data/mine/clicks.csv").resolve()
+    assert (copy / "data/ml100k/ml-100k.inter").is_file()
+    assert "data/" not in subprocess.run(["git", "ls-files"], cwd=copy, capture_output=True, text=True,
+                                         check=True).stdout   # not in the copy's commit
+
+    raw["data"]["clicks"]["table"] = {"path": "data/clicks/table/ratings.parquet"}   # fetch_clicks's output
+    (source / "data/clicks/table").mkdir(parents=True)
+    (source / "data/clicks/table/ratings.parquet").write_bytes(b"PAR1")
+    (source / "params.yaml").write_text(yaml.safe_dump(raw))
+    assert not (copy_project(tmp_path / "again", {}, source=source) / "data/clicks").exists()
+
+
 def test_an_override_wins_over_the_copys_profile_overlay(tmp_path, raw_params):
     """Before: overrides went to the top level only, and the profile's overlay, merged last, won: a smoke profile
     naming the team's tracking server sent `make smoke`'s runs, registrations and promotions there."""
