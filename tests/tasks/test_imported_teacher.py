@@ -667,3 +667,26 @@ def test_feature_pairs_need_features_the_onnx_teacher_names(raw_params):
             parse_config(params)
     teacher["pretrained"]["features"] = ["a", "b", "c", "d"]
     parse_config(params)
+
+
+def test_the_onnx_export_snippet_of_the_docs_makes_a_teacher_the_import_takes(tmp_path, monkeypatch):
+    """docs/byom.md's step 1 (ONNX), run as written on a small model. Before: without ``dynamo=False`` torch 2.13
+    wrote the weights beside the file (``.onnx.data``), and the import refused the teacher the docs told users to
+    make."""
+    from tasks.imported_teacher import load_pretrained
+
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "byom.md").read_text()
+    step = docs.split("## Step by step (ONNX)", 1)[1]
+    snippet = re.search(r"```python\n(.*?)```", step, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10)).eval()
+    exec(compile("import torch\n" + "\n".join(line.strip() for line in snippet.splitlines()), "byom.md", "exec"),
+         {"model": model})
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["my_teacher.onnx"]
+    spec = PretrainedTeacher(path="models/my_teacher.onnx", format="onnx", logits="scores", features=[],
+                             sha256=hashlib.sha256((tmp_path / "models/my_teacher.onnx").read_bytes()).hexdigest())
+    x = torch.rand(3, 1, 28, 28)
+    teacher = load_pretrained(spec, "teacher.vision.pretrained", (x,), [10], 4, lambda: None)
+    with torch.no_grad():
+        assert torch.allclose(teacher(x)[0] if isinstance(teacher(x), tuple) else teacher(x), model(x), atol=1e-5)
