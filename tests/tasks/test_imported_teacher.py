@@ -677,7 +677,7 @@ def test_the_onnx_export_snippet_of_the_docs_makes_a_teacher_the_import_takes(tm
 
     docs = (Path(__file__).resolve().parents[2] / "docs" / "byom.md").read_text()
     step = docs.split("## Step by step (ONNX)", 1)[1]
-    snippet = re.search(r"```python\n(.*?)```", step, re.S).group(1)
+    snippet = re.search(r"```python\n(.*?)```", step, re.DOTALL).group(1)
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").mkdir()
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10)).eval()
@@ -689,4 +689,5 @@ def test_the_onnx_export_snippet_of_the_docs_makes_a_teacher_the_import_takes(tm
     x = torch.rand(3, 1, 28, 28)
     teacher = load_pretrained(spec, "teacher.vision.pretrained", (x,), [10], 4, lambda: None)
     with torch.no_grad():
-        assert torch.allclose(teacher(x)[0] if isinstance(teacher(x), tuple) else teacher(x), model(x), atol=1e-5)
+        scores = teacher(x)
+        assert torch.allclose(scores[0] if isinstance(scores, tuple) else scores, model(x), atol=1e-5)
