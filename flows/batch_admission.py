@@ -4,14 +4,16 @@
 alone and against the accepted data, then, for a valid batch, its drift suites against the accepted data's profile
 and, when the family has them, its aggregate suites on the accepted data with the batch (the snapshot as it would be).
 ``ingest_batch`` adds a passing batch to the snapshot and records the new version with ``dvc commit`` (undone if DVC
-fails), or copies a failing one to ``data/<family>/quarantine/<batch>/`` with its report and Data Docs; either way
-the batch gets an MLflow run ``ingest_<family>``.
+fails or the ingestion is interrupted), or copies a failing one to ``data/<family>/quarantine/<batch>/`` with its
+report and Data Docs (whole, or not at all); either way the batch gets an MLflow run ``ingest_<family>``.
 """
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -151,14 +153,8 @@ def ingest_batch(root: Path, family: str, cfg: Config, folder: Path, env: dict[s
                   f"this batch ({'; '.join(outside)}); the batch breaks no other, so it is accepted", file=sys.stderr)
         if reason:
             target = quarantine / folder.name
-            if target.exists():
-                shutil.rmtree(target)
-            shutil.copytree(folder, target / "batch")
-            if changed := _changed(folder, files, folder_digests(target / "batch")):   # the copy kept, as checked
-                shutil.rmtree(target)
+            if changed := _quarantine(folder, files, report, reports, target):
                 return _deferred(run, folder, changed)
-            write_json(reports / "report.json", report)
-            shutil.copytree(reports, target, dirs_exist_ok=True)
             run.log_artifact(reports / "report.json")
             if docs.is_dir():
                 run.log_artifacts(docs, DATA_DOCS)
@@ -166,16 +162,26 @@ def ingest_batch(root: Path, family: str, cfg: Config, folder: Path, env: dict[s
         before = (snapshot / MANIFEST).read_bytes()
         entry = add_batch(snapshot, folder.name, folder, {"rows": intake.rows(batch), "source": str(folder.resolve())})
         wait = cfg.pipeline.data_lock_timeout_seconds   # for DVC's lock, held a moment by another family's run
-        if changed := _changed(folder, files, entry["files"]):   # the copy kept holds rows no check saw
+
+        def leave() -> None:   # the batch leaves the snapshot again, to be ingested anew
             write_atomic(snapshot / MANIFEST, before)
             shutil.rmtree(snapshot / folder.name, ignore_errors=True)
-            return _deferred(run, folder, changed)
-        try:   # dvc.lock and the cache hold the new version: the next `dvc repro` trains on it
+
+        try:
+            if changed := _changed(folder, files, entry["files"]):   # the copy kept holds rows no check saw
+                leave()
+                return _deferred(run, folder, changed)
+            # dvc.lock and the cache hold the new version: the next `dvc repro` trains on it
             _dvc(root, env, "commit", "--force", stage, lock_wait=wait)
-        except PipelineError as err:   # not versioned: the batch leaves the snapshot again, to be ingested anew
-            write_atomic(snapshot / MANIFEST, before)
-            shutil.rmtree(snapshot / folder.name, ignore_errors=True)
-            run.set_tags({"ingest.status": "failed", "ingest.reason": "versioning"})
+        except BaseException as err:
+            # not versioned: DVC failed, or the ingestion was interrupted (Ctrl-C, a cancelled flow run). Before, an
+            # interruption (DVC may wait half an hour for its lock) left the batch listed but unversioned: skipped as
+            # accepted by every later ingestion, and versioned by the next `dvc repro` with no report and no commit
+            leave()
+            run.set_tags({"ingest.status": "failed",
+                          "ingest.reason": "versioning" if isinstance(err, PipelineError) else "interrupted"})
+            if not isinstance(err, PipelineError):
+                raise
             raise PipelineError(f"batch {folder.name} was not accepted, the snapshot is as it was: {err}") from err
         report["digest"] = entry["digest"]
         if unpushed := push_outputs(root, env, stage, wait):
@@ -187,6 +193,32 @@ def ingest_batch(root: Path, family: str, cfg: Config, folder: Path, env: dict[s
             run.log_artifacts(docs, DATA_DOCS)
         run.log_data([str(snapshot.relative_to(root))], root, "snapshot")
     return Outcome(folder.name, "accepted", "", "", str(reports))
+
+
+def _quarantine(folder: Path, checked: dict[str, str], report: dict[str, Any], reports: Path, target: Path) -> str:
+    """Copy ``folder`` (as ``batch/``) and its ``reports`` (``report`` as report.json, Data Docs) to ``target`` whole:
+    built in a hidden folder beside it, then renamed, so an interruption leaves no quarantine entry without its report
+    (one every later ingestion skipped as quarantined, no report saying why); return ``_changed``'s line when the copy
+    is not what the checks read (nothing is quarantined then)."""
+    for left in target.parent.glob(f".{target.name}.*"):   # an interrupted quarantine's
+        shutil.rmtree(left, ignore_errors=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    try:
+        shutil.copytree(folder, scratch / "batch")
+        if changed := _changed(folder, checked, folder_digests(scratch / "batch")):   # the copy kept, as checked
+            shutil.rmtree(scratch)
+            return changed
+        write_json(reports / "report.json", report)
+        shutil.copytree(reports, scratch, dirs_exist_ok=True)
+        scratch.chmod(0o755)   # mkdtemp makes it private
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(scratch, target)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    return ""
 
 
 def _changed(folder: Path, checked: dict[str, str], now: dict[str, str]) -> str:

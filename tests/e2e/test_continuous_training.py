@@ -160,6 +160,12 @@ def test_arriving_weeks_are_versioned_trained_on_and_gated_and_bad_ones_quaranti
     assert f"already {version.name} version {warm_version}" in again.stdout, again.stdout[-3000:]
 
 
+@pytest.mark.fault("data", "an ingestion interrupted (Ctrl-C, a cancelled flow run) while DVC records an accepted batch",
+                   "the batch leaves the snapshot again and is ingested anew later (before: listed but unversioned, "
+                   "skipped as accepted by every later ingestion, versioned by the next `dvc repro` with no report)")
+@pytest.mark.fault("data", "an ingestion interrupted while it quarantines a bad batch (the batch copied, its report not)",
+                   "no quarantine entry is left: the next ingestion quarantines it whole, with its report (before: "
+                   "the batch alone, skipped for good as quarantined, no report saying why)")
 @pytest.mark.fault("data", "a batch's file written to while its checks ran (a producer not done)",
                    "deferred: neither accepted nor quarantined, the snapshot as it was, the files named in one line, "
                    "the batches after it deferred too (they join in order; one accepted before is skipped); ingested again later, it is checked "
@@ -200,6 +206,33 @@ def test_a_batch_dvc_cannot_version_leaves_the_snapshot_as_it_was(tmp_path, monk
         lock.close()
     assert json.loads((repo / SNAPSHOT / "snapshot.json").read_text())["batches"] == []
     assert not (repo / SNAPSHOT / first.name).exists()
+    # interrupted while DVC records it (Ctrl-C; a cancelled flow run's SIGTERM is raised the same way); before, the
+    # batch stayed listed, unversioned, and every later ingestion skipped it as already accepted
+    dvc_run = admission._dvc
+
+    def interrupted(root, env, *args, **kwargs):
+        if args[0] == "commit":
+            raise KeyboardInterrupt
+        return dvc_run(root, env, *args, **kwargs)
+
+    with monkeypatch.context() as patched:
+        patched.setattr(admission, "_dvc", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            ingest_batch(repo, "recsys", cfg, first, repo_env(repo))
+    assert json.loads((repo / SNAPSHOT / "snapshot.json").read_text())["batches"] == []
+    assert not (repo / SNAPSHOT / first.name).exists() and admission.skipped(repo, "recsys", first) is None
+    # a bad batch interrupted while it is quarantined (its copy landed, its report not yet): no entry without its
+    # report (before: the batch alone, skipped by every later ingestion as quarantined, no report saying why)
+    broken = tmp_path / "0002-z-broken"
+    _copy_week(third, broken, lambda r: r.assign(rating=7))
+    with monkeypatch.context() as patched:
+        patched.setattr(admission, "write_json", lambda *args: (_ for _ in ()).throw(KeyboardInterrupt))
+        with pytest.raises(KeyboardInterrupt):
+            ingest_batch(repo, "recsys", cfg, broken, repo_env(repo))
+    quarantine = repo / "data/recsys/quarantine"
+    assert not [p.name for p in quarantine.iterdir()] and admission.skipped(repo, "recsys", broken) is None
+    outcome = ingest_batch(repo, "recsys", cfg, broken, repo_env(repo))
+    assert outcome.status == "quarantined" and (quarantine / broken.name / "report.json").is_file()
 
     # the producer writes the file once more after the checks read it
     checked, ratings = admission.check, first / "ratings.csv"
