@@ -22,7 +22,7 @@ from torch import nn
 
 from tasks.ctr.config import DistillCtr
 from tasks.distillation import FrozenTeacher
-from tasks.errors import PipelineError
+from tasks.errors import ConfigError, PipelineError
 from tasks.family_config import OnnxArch, Training
 from tasks.observers import frozen_observers
 from tasks.training import device_of, fit_best, to_device
@@ -116,9 +116,7 @@ class CtrDistiller(FrozenTeacher):
     def __init__(self, student: nn.Module, teacher: nn.Module, cfg: DistillCtr) -> None:
         super().__init__(student, teacher)
         self.temperature, self.weights = cfg.temperature, cfg.weights
-        # an imported ONNX teacher's field vectors are as wide as its graph says
-        width = teacher.arch.feature_shapes[0][-1] if isinstance(teacher.arch, OnnxArch) else teacher.arch.dim
-        self.adapter = nn.Linear(student.arch.dim, width) if cfg.weights.feature else None
+        self.adapter = nn.Linear(student.arch.dim, _vector_width(teacher)) if cfg.weights.feature else None
 
     def loss(self, fields: torch.Tensor, genres: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         w, t = self.weights, self.temperature
@@ -137,6 +135,18 @@ class CtrDistiller(FrozenTeacher):
         if w.label:
             total = total + w.label * F.binary_cross_entropy_with_logits(s_logits, (t_logits > 0).float())
         return total, s_logits
+
+
+def _vector_width(teacher: nn.Module) -> int:
+    """How wide the teacher's field vectors are: an imported ONNX teacher's as its graph says (asked only when
+    feature distillation is on: a teacher imported without ``features`` has none)."""
+    if not isinstance(teacher.arch, OnnxArch):
+        return teacher.arch.dim
+    if not teacher.arch.feature_shapes:   # params validation refuses this; a teacher file from other params may not
+        raise ConfigError("distill.<family>.weights.feature > 0 aligns the teacher's field vectors, but the imported "
+                          "teacher exposes none: name them in teacher.<family>.pretrained.features (and rerun its "
+                          "stage) or set the weight to 0")
+    return teacher.arch.feature_shapes[0][-1]
 
 
 def distilled_loss(model: CtrDistiller, inputs: tuple[torch.Tensor, torch.Tensor], y: torch.Tensor):

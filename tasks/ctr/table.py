@@ -108,6 +108,8 @@ def read_table(cfg: TableData, where: str, root: Path = Path()) -> pd.DataFrame:
     if missing:
         raise DataFormatError(f"{cfg.table.path}: has no column {', '.join(missing)} declared in {where} (its "
                               f"columns: {', '.join(map(str, frame.columns))[:300]})")
+    if frame.empty:   # nothing to split or encode (a header alone would fail deep inside the hash split)
+        raise DataFormatError(f"{cfg.table.path}: no rows")
     frame = pd.DataFrame({c: as_text(frame[c], cfg.table.path) if fmt == "parquet"
                           else frame[c].astype(object).where(frame[c].notna(), None) for c in wanted})
     frame = mark_missing(frame, cfg.na_values, [*cfg.categorical, *(m.column for m in cfg.multi_hot)],

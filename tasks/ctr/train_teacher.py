@@ -19,10 +19,11 @@ from torch import nn
 from tasks.artifacts import count_parameters, publish_training
 from tasks.config import stage_args
 from tasks.ctr.config import TrainTeacherCtr, warm_start_policy
-from tasks.ctr.ctr_training import evaluate_ctr, fit_ctr, label_loss, load_ctr_data
+from tasks.ctr.ctr_training import CtrSplit, evaluate_ctr, fit_ctr, label_loss, load_ctr_data
 from tasks.ctr.models import CtrModel
 from tasks.family_config import WarmStart
-from tasks.imported_teacher import load_pretrained, publish_imported
+from tasks.imported_teacher import TeacherImportError, load_pretrained, publish_imported
+from tasks.onnx_teacher import OnnxTeacher
 from tasks.warm_plan import MODE, start_from, warm_tags
 
 
@@ -49,12 +50,36 @@ def import_ctr_teacher(cfg: TrainTeacherCtr, data_dir: Path, where: str
     spec = cfg.pretrained
     assert spec is not None
     torch.set_num_threads(cfg.threads)
-    _, val, test, shape = load_ctr_data(data_dir)
+    train, val, test, shape = load_ctr_data(data_dir)
     model = load_pretrained(spec, where, val.batch(slice(0, 2))[:2], logits_shape=[],
                             feature_rank=3, build=lambda: CtrModel(cfg.arch, **shape))
+    if isinstance(model, OnnxTeacher):   # a state dict was loaded into a model of the data's own shape
+        check_fits_data(model, shape, (train, val, test), f"{where}: {spec.path}")
     metrics = {f"{name}_{k}": v for name, split in (("val", val), ("test", test))
                for k, v in evaluate_ctr(model, split, cfg.eval_batch_size).items()}
     return model, shape, {**metrics, "parameters": count_parameters(model)}
+
+
+def check_fits_data(teacher: OnnxTeacher, shape: dict[str, int], splits: tuple[CtrSplit, ...], where: str) -> None:
+    """Refuse (naming ``where``) an imported teacher made for other data: one whose field vectors are not one per
+    field and multi-hot group (the student's, which distillation aligns them with: another count would broadcast), or
+    whose embedding tables stop short of the data's ids (onnxruntime would fail mid-distillation, on a training row
+    the import never scored)."""
+    vectors = shape["fields"] + len(shape.get("groups", [None]))
+    if teacher.arch.feature_shapes and teacher.arch.feature_shapes[0][0] != vectors:
+        raise TeacherImportError(f"{where}: feature {teacher.arch.features[0]!r} has shape "
+                                 f"{['N', *teacher.arch.feature_shapes[0]]}; the data's field vectors are "
+                                 f"[N, {vectors}, dim] (its fields and multi-hot groups): a teacher made for other "
+                                 "data")
+    fields = torch.cat([split.fields for split in splits])
+    genres = torch.cat([split.genres for split in splits])
+    extremes = (torch.stack([fields.amin(0), fields.amax(0)]), torch.stack([genres.amin(0), genres.amax(0)]))
+    try:
+        teacher(*extremes)
+    except Exception as err:  # onnxruntime's own error types
+        raise TeacherImportError(f"{where}: onnxruntime cannot run it on the data's largest ids "
+                                 f"{extremes[0][1].tolist()} (vocabulary {shape['vocabulary']}): a teacher made for "
+                                 f"other data? ({str(err).splitlines()[0]})") from err
 
 
 def main(family: str) -> None:

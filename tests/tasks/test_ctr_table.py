@@ -233,6 +233,22 @@ def test_a_table_that_does_not_match_its_schema_is_refused_in_one_line(tmp_path)
     assert not any((tmp_path / name).exists() for name in "abcd")
 
 
+@pytest.mark.fault("data", "a user's click table with a header (CSV) or a schema (Parquet) and no rows",
+                   "the prepare stage stops in one line naming the file (before: ValueError: Item wrong length 2 "
+                   "instead of 0, from the hash split)")
+def test_a_table_without_rows_is_refused_in_one_line(tmp_path):
+    """Before: a header alone went on to the hash split, where the hash of no rows came out as one value per key
+    column (``ValueError: Item wrong length 2 instead of 0``)."""
+    empty = _table().iloc[:0]
+    empty.to_csv(tmp_path / "empty.csv", index=False)
+    empty.to_parquet(tmp_path / "empty.parquet", index=False)
+    for name in ("empty.csv", "empty.parquet"):
+        with pytest.raises(DataFormatError, match=rf"^{re.escape(name)}: no rows$"):
+            prepare_table(_schema(name, split={"method": "hash", "key": ["event", "device"]}), tmp_path / "out",
+                          WHERE, tmp_path)
+    assert not (tmp_path / "out").exists()
+
+
 def _flipped(blob: bytes) -> bytes:
     """``blob`` with bytes in its first deflate block inverted: the gzip header reads, the stream does not."""
     return blob[:30] + bytes(b ^ 0xFF for b in blob[30:60]) + blob[60:]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 
 import numpy as np
@@ -192,3 +193,96 @@ def test_a_ctr_state_dict_is_imported_into_the_arch_of_params(tmp_path):
     with pytest.raises(TeacherImportError, match="w.pt: does not fit"):
         import_state_dict((tmp_path / "w.pt").read_bytes(), "w.pt",
                           lambda: CtrModel(RecArch(dim=4, fm=True, mlp=[16]), **SHAPE))
+
+
+def test_an_onnx_ctr_teacher_without_features_is_distilled_from_with_the_feature_weight_at_0(
+        synthetic_movielens, mlflow_uri, tmp_path, monkeypatch):
+    """What docs/byom.md tells a user whose teacher exposes no field vectors: ``features: []`` and
+    ``distill.recsys.weights.feature: 0``; the teacher and distill stages then run on its logits alone.
+    Before: the distiller read the width of the teacher's first feature whatever the weight, and every such
+    distill stage died with ``IndexError: list index out of range``."""
+    import tasks.ctr.distill as distill_ctr
+    import tasks.ctr.train_teacher as train_ctr_teacher
+    from tasks.recsys.prepare import prepare_recsys
+
+    _, _, cfg = synthetic_movielens
+    prepare_recsys(cfg.data.recsys, tmp_path / "data")
+    *_, shape = load_ctr_data(tmp_path / "data")
+    torch.manual_seed(0)
+    sha = export_teacher(CtrModel(RecArch(dim=8, fm=True, mlp=[16]), **shape).eval(), tmp_path / "mine.onnx")
+    params = cfg.model_dump(by_alias=True)
+    params["teacher"]["recsys"]["pretrained"] = {"path": "mine.onnx", "sha256": sha, "format": "onnx",
+                                                 "logits": "logit", "features": []}
+    params["distill"]["recsys"] |= {"epochs": 1, "threads": 1}
+    params["distill"]["recsys"]["weights"] |= {"feature": 0.0, "target": 0.7, "ground_truth": 0.3}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    monkeypatch.setattr(sys, "argv", ["train_teacher_recsys", "--data", "data", "--model", "teacher.pt",
+                                      "--metrics", "teacher.json", "--plots", "teacher.csv"])
+    train_ctr_teacher.main("recsys")
+    assert model_meta(tmp_path / "teacher.pt")["arch"].features == []
+    monkeypatch.setattr(sys, "argv", ["distill_recsys", "--data", "data", "--teacher", "teacher.pt",
+                                      "--model", "student.pt", "--metrics", "student.json", "--plots", "student.csv"])
+    distill_ctr.main("recsys")
+    student = json.loads((tmp_path / "student.json").read_text())
+    assert 0.0 <= student["test_auc"] <= 1.0
+    assert student["teacher_test_auc"] == json.loads((tmp_path / "teacher.json").read_text())["test_auc"]
+
+
+class OneVector(nn.Module):
+    """A teacher whose "field vectors" are one vector per row: (N, 1, dim), not one per field and genre group."""
+
+    def __init__(self, teacher: CtrModel) -> None:
+        super().__init__()
+        self.teacher = teacher
+
+    def forward(self, fields: torch.Tensor, genres: torch.Tensor):
+        logit, vectors = self.teacher.forward_features(fields, genres)
+        return logit, vectors.mean(dim=1, keepdim=True)
+
+
+@pytest.mark.fault("data", "an imported click-through teacher made for other data: field vectors not one per field "
+                   "and genre group, or embedding tables smaller than the data's vocabulary",
+                   "the teacher stage stops in one line naming teacher.<family>.pretrained (before: the feature loss "
+                   "broadcast silently, or distillation died in an onnxruntime Gather traceback)")
+@pytest.mark.parametrize("made_for", ["one_vector_per_row", "a_smaller_vocabulary"])
+def test_an_onnx_ctr_teacher_made_for_other_data_is_refused_at_import(made_for, synthetic_movielens, tmp_path):
+    """Before: the import checked the feature's rank and scored two validation rows only. A (N, 1, dim) feature
+    passed and the feature loss broadcast it over every field (a UserWarning); a teacher with fewer embedding rows
+    than the data's vocabulary passed, then the distill stage died on a training row with onnxruntime's
+    "Gather ... idx=311 must be within the inclusive range"."""
+    from tasks.ctr.train_teacher import import_ctr_teacher
+    from tasks.family_config import PretrainedTeacher
+    from tasks.recsys.prepare import prepare_recsys
+
+    _, _, cfg = synthetic_movielens
+    prepare_recsys(cfg.data.recsys, tmp_path / "data")
+    train, val, test, shape = load_ctr_data(tmp_path / "data")
+    arch = RecArch(dim=8, fm=True, mlp=[16])
+    key = "teacher.recsys.pretrained"
+
+    def imported(name: str, module: nn.Module):
+        example = (val.fields[:2], val.genres[:2])
+        torch.onnx.export(module.eval(), example, str(tmp_path / name), input_names=["fields", "genres"],
+                          output_names=["logit", "vectors"], opset_version=17, dynamo=False,
+                          dynamic_axes={n: {0: "n"} for n in ("fields", "genres", "logit", "vectors")})
+        spec = PretrainedTeacher(path=name, sha256=hashlib.sha256((tmp_path / name).read_bytes()).hexdigest(),
+                                 format="onnx", logits="logit", features=["vectors"])
+        return import_ctr_teacher(cfg.teacher.recsys.model_copy(update={"pretrained": spec}), tmp_path / "data", key)
+
+    torch.manual_seed(0)
+    model, _, metrics = imported("fits.onnx", WithVectors(CtrModel(arch, **shape)))   # this data's own shape
+    assert model.arch.feature_shapes == [[shape["fields"] + 1, 8]] and 0.0 <= metrics["test_auc"] <= 1.0
+    if made_for == "one_vector_per_row":
+        with pytest.raises(TeacherImportError, match=rf"^{re.escape(key)}: other\.onnx: feature 'vectors' has shape "
+                                                     rf"\['N', 1, 8\]; the data's field vectors are \[N, "
+                                                     rf"{shape['fields'] + 1}, dim\]"):
+            imported("other.onnx", OneVector(CtrModel(arch, **shape)))
+        return
+    # a table that holds the two rows the import runs first, not the data's largest ids
+    rows = int(val.fields[:2].max()) + 1
+    assert rows <= int(torch.cat([train.fields, val.fields, test.fields]).max())
+    with pytest.raises(TeacherImportError, match=rf"^{re.escape(key)}: other\.onnx: onnxruntime cannot run it on the "
+                                                 rf"data's largest ids \[.+\] \(vocabulary {shape['vocabulary']}\): "
+                                                 r"a teacher made for other data\? \(.*Gather"):
+        imported("other.onnx", WithVectors(CtrModel(arch, **{**shape, "vocabulary": rows})))
