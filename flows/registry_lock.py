@@ -41,9 +41,38 @@ def lock_name(model: str) -> str:
     return "registry-" + re.sub(r"[^A-Za-z0-9_.-]", "-", model)  # limit names may not hold / % & > <
 
 
+def lock_folder() -> Path:
+    """This user's lock records and guards on this machine: a folder per user, owner-only (another user's run could
+    neither write in a folder the first user made nor be let give back this user's slots). Per user loses nothing:
+    a record serves only to give back a slot of a dead holder of this machine, and another user's dead holder is
+    either on an ephemeral server of its own, whose database (in its PREFECT_HOME) this user's runs do not share, or
+    on a shared server, whose repossessor frees its lease on expiry (``LEASE_SECONDS``)."""
+    return Path(tempfile.gettempdir()) / f"kdq-locks-{os.getuid()}"
+
+
 def holder_file(name: str, server: str) -> Path:
     """Where this machine records which of its processes holds slot ``name`` of ``server`` (``_server``)."""
-    return Path(tempfile.gettempdir()) / "kdq-locks" / f"{name}-{hashlib.sha256(server.encode()).hexdigest()[:12]}.json"
+    return lock_folder() / f"{name}-{hashlib.sha256(server.encode()).hexdigest()[:12]}.json"
+
+
+@contextmanager
+def _lock_files(path: Path) -> Iterator[None]:
+    """An OSError on a lock file (``path``) as one line naming it: a folder to fix, not a failure to retry."""
+    try:
+        yield
+    except OSError as err:
+        raise PipelineError(f"{path}: this user's lock files cannot be written ({err.strerror or err}); make "
+                            f"{lock_folder()} a folder of yours, or set TMPDIR to another temp dir") from err
+
+
+def _own_folder(folder: Path) -> None:
+    """Make ``folder`` owner-only; refuse one another user made (its records could name leases for us to free)."""
+    with _lock_files(folder):
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        owner = folder.lstat().st_uid
+    if owner != os.getuid():
+        raise PipelineError(f"{folder}: this user's lock folder belongs to user {owner}; remove it, or set TMPDIR "
+                            "to another temp dir")
 
 
 def _started(pid: int) -> str | None:
@@ -123,9 +152,11 @@ def _drop_record(record: Path, lease: object) -> None:
 def _machine_guard(record: Path) -> Iterator[None]:
     """One process of this machine at a time writes, deletes or acts on ``record`` (a few quick steps each)."""
     path = record.with_suffix(".guard")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+    _own_folder(path.parent)
+    with ExitStack() as stack:
+        with _lock_files(path):
+            fh = stack.enter_context(open(path, "a"))
+            fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
         finally:
@@ -160,7 +191,8 @@ def _give_back(client, name: str, record: Path) -> None:
         if holder is None:
             return
         lease = _known_lease(client, holder)
-        record.unlink(missing_ok=True)   # before the slot is free (a next holder's record stays), under the guard
+        with _lock_files(record):
+            record.unlink(missing_ok=True)   # before the slot is free (a next holder's record stays), under the guard
         if lease is not None:
             print(f"lock {name!r}: its holder on this machine is gone (killed while holding it); freeing its lease")
             client.release_concurrency_slots_with_lease(lease)
@@ -204,7 +236,7 @@ def _slot(name: str, timeout_seconds: float, busy: str) -> Iterator[None]:
     lease = str(acquired.lease_id)
     try:
         with maintain_concurrency_lease(acquired.lease_id, LEASE_SECONDS, raise_on_lease_renewal_failure=True):
-            with _machine_guard(record):
+            with _machine_guard(record), _lock_files(record):
                 record.write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
                                               "started": _started(os.getpid()), "lease": lease, "since": time.time(),
                                               "ephemeral": ephemeral}))   # the file's name says which server

@@ -550,6 +550,92 @@ def test_ephemeral_servers_share_slots_only_through_one_database(tmp_path, monke
                 assert _server(ServerType.EPHEMERAL, "http://127.0.0.1:8123/api") != here, memory
 
 
+@pytest.fixture
+def shared_tmp(monkeypatch):
+    """A temp dir every user may write in, as /tmp is (sticky, 1777), made this process's TMPDIR."""
+    import tempfile
+
+    shared = Path(tempfile.mkdtemp(prefix="kdq-shared-tmp-"))
+    shared.chmod(0o1777)
+    monkeypatch.setenv("TMPDIR", str(shared))
+    monkeypatch.setattr(tempfile, "tempdir", str(shared))   # (gettempdir caches the first answer)
+    yield shared
+    shutil.rmtree(shared, ignore_errors=True)
+
+
+def _as_another_user(uid: int, then) -> str:
+    """Run ``then()`` in a fork of this process switched to user ``uid`` (a fork: an interpreter started as that user
+    may not read this one, e.g. under /root); return what it raised as one line, or "" when it returned."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:   # the child: never returns into pytest
+        try:
+            os.setgroups([])
+            os.setgid(uid)
+            os.setuid(uid)
+            then()
+            os.write(write, b"")
+        except BaseException as err:   # noqa: BLE001 (whatever it was, the parent reports it)
+            os.write(write, f"{type(err).__name__}: {err}".encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as answer:
+        said = answer.read()
+    os.waitpid(pid, 0)
+    return said
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="taking the guard as another user needs root (setuid)")
+@pytest.mark.fault("security", "two users of one machine take a lock (a pipeline run each, one shared TMPDIR)",
+                   "each user's lock records and guards are in a folder of its own (owner-only): both take theirs")
+def test_two_users_of_one_machine_each_take_their_machine_guard(shared_tmp):
+    """Before: the records and guards were in one $TMPDIR/kdq-locks/, made 0755 (its files 0644) by the first user
+    to take a lock; any other user's run failed with a PermissionError traceback on the guard file (at the data
+    lock before any stage ran, or at the registry lock in the gate, where the promote task retried it)."""
+    import stat
+
+    from flows.registry_lock import _machine_guard, holder_file
+
+    def take_the_guard() -> None:
+        with _machine_guard(holder_file("registry-m", "http://prefect:4200/api")):
+            pass
+
+    record = holder_file("registry-m", "http://prefect:4200/api")
+    with _machine_guard(record):   # held by root while the other user takes its own
+        assert _as_another_user(65534, take_the_guard) == ""
+    assert stat.S_IMODE(record.parent.stat().st_mode) == 0o700   # no other user reads or writes a record of ours
+    theirs = [p for p in shared_tmp.iterdir() if p.stat().st_uid == 65534]
+    assert len(theirs) == 1 and stat.S_IMODE(theirs[0].stat().st_mode) == 0o700
+    with _machine_guard(record):   # and taken again after them
+        pass
+
+
+@pytest.mark.parametrize("folder", ["a file in its place", "another user's folder"])
+@pytest.mark.fault("security", "the lock folder in TMPDIR cannot be used (a file in its place; made by another user)",
+                   "the run stops before taking the lock with one line naming the folder, not retried (before: an "
+                   "OSError traceback, retried by the promote task)")
+def test_an_unusable_lock_folder_is_named_in_one_line(shared_tmp, folder):
+    """The machine guard is what a data or registry lock takes first (``_give_back``), before it waits for a slot.
+    Before: the OSError of creating or opening the guard came out raw (a traceback), and retry_transient took it
+    for a passing failure."""
+    from flows.registry_lock import _machine_guard, holder_file
+
+    record = holder_file("registry-m", "http://prefect:4200/api")
+    where = record.parent
+    if folder == "a file in its place":
+        where.write_text("")
+    else:
+        if os.geteuid() != 0:
+            pytest.skip("handing a folder to another user needs root (chown)")
+        where.mkdir(mode=0o777)
+        os.chown(where, 65534, 65534)
+    with pytest.raises(PipelineError) as err, _machine_guard(record):
+        pass
+    assert type(err.value) is PipelineError and not err.value.transient and "\n" not in str(err.value)
+    assert str(where) in str(err.value)
+
+
 def test_which_recipes_may_be_chosen_is_decided_on_validation_scores(raw_params):
     """Before: a recipe was eligible only if it passed the gate on its test scores, so the test split filtered the
     choice; now the gate's thresholds are read on validation scores for that, and the test gate is reported."""
