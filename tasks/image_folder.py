@@ -22,8 +22,8 @@ import numpy as np
 from tasks.errors import ChecksumError, DataFormatError, DataSourceError
 
 MODES = {1: "L", 3: "RGB"}
-EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm", ".ppm", ".pbm",
-                        ".pnm"})
+EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".jfif", ".jpe", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".pgm",
+                        ".ppm", ".pbm", ".pnm"})   # each one Pillow registers (.jfif and .jpe: JPEG files too)
 SPLITS = {"train": ("train",), "val": ("val", "valid", "validation"), "test": ("test",)}
 
 
@@ -83,15 +83,20 @@ class FolderReader:
                 self.skipped.append(path.relative_to(self.root).as_posix())
         return files
 
-    def decode(self, path: Path) -> np.ndarray:
-        """One image as uint8 (H, W) for one channel or (H, W, 3)."""
-        from PIL import Image, ImageOps, UnidentifiedImageError
-
+    def hash(self, path: Path) -> bytes:
+        """The file's bytes, its path and content hashed into the folder's digest."""
         blob = path.read_bytes()
         # the name's bytes on disk: a Latin-1 name (from an unzipped Windows archive) is no UTF-8 text, and a UTF-8
         # one hashes as it always did
         self.digest.update(os.fsencode(path.relative_to(self.root).as_posix()) + b"\0"
                            + hashlib.sha256(blob).digest())
+        return blob
+
+    def decode(self, path: Path) -> np.ndarray:
+        """One image as uint8 (H, W) for one channel or (H, W, 3)."""
+        from PIL import Image, ImageOps, UnidentifiedImageError
+
+        blob = self.hash(path)
         try:
             with Image.open(io.BytesIO(blob)) as img:
                 img = ImageOps.exif_transpose(img)
@@ -125,6 +130,21 @@ class FolderReader:
             raise DataFormatError(f"{path}: an image of {shape[0]}x{shape[1]} pixels, but {self.first[0]} has "
                                   f"{self.first[1][0]}x{self.first[1][1]}; give {self.key}.size in params.yaml to "
                                   "resize every image to one size")
+
+
+def folder_digest(root: Path, key: str) -> str | None:
+    """The content digest ``read_folder`` gives the folder (its image files' paths and bytes, in the order it reads
+    them), without decoding an image: what an unpinned folder's snapshot is compared with; None: no folder there."""
+    if not root.is_dir():
+        return None
+    dirs = split_dirs(root)
+    classes = [p.name for p in class_dirs(dirs["train"])]
+    reader = FolderReader(root, None, None, key)
+    for directory in dirs.values():
+        for name in classes:
+            for path in reader.files(directory / name) if (directory / name).is_dir() else []:
+                reader.hash(path)
+    return reader.digest.hexdigest()
 
 
 def as_channels_first(images: list[np.ndarray]) -> np.ndarray:

@@ -7,11 +7,14 @@ Layout of ``<snapshot>`` (``data/<family>/raw``, a DVC output with ``persist: tr
 
 The stage creates an absent snapshot: the family's published data set (read from its pinned, checksum-verified
 sources) as batch ``0000-bootstrap``, or no batch at all when ``ingest.<family>.bootstrap`` is ``empty`` (data that
-only arrives by ``python -m flows.ingest``); not when dvc.lock records a version of more files (batches accepted on
-top: a clone not yet pulled), which ``dvc pull`` restores. An existing snapshot is verified: every batch's files
+only arrives by ``python -m flows.ingest``); not when dvc.lock records a version with batches accepted on top (a
+clone not yet pulled), which ``dvc pull`` restores: DVC's cache lists that version's batches where it holds it, else
+a version of more files than the new one is taken to have them. The files the bootstrap's source holds that are no
+data it reads (``skipped``) are recorded with it and printed. An existing snapshot is verified: every batch's files
 must have the digests it was accepted with, and a published bootstrap must come from today's pinned sources (a
 snapshot that holds only its bootstrap is remade from the sources params pin now; one with accepted batches is
-refused). ``flows.ingest`` adds batches that passed their contract and drift checks and records the new version with
+refused; a pin the sources cannot give here, an unpinned image folder absent on this machine, is not compared).
+``flows.ingest`` adds batches that passed their contract and drift checks and records the new version with
 ``dvc commit``, so ``dvc.lock`` holds the snapshot's hash and every stage downstream re-runs on the new data.
 
 What a family's files hold is its ``tasks/<family>/intake.py``'s business (``tasks.intake.Intake``); this module only
@@ -35,6 +38,7 @@ from tasks.io import file_digest, write_json
 
 MANIFEST = "snapshot.json"
 BOOTSTRAP = "0000-bootstrap"
+SHOWN = 20   # the skipped files a snapshot's manifest names (it counts them all)
 
 
 def read(snapshot: Path) -> dict[str, Any]:
@@ -139,18 +143,29 @@ def add_batch(snapshot: Path, batch_id: str, source: Path, entry: dict[str, Any]
 def create(snapshot: Path, family: str, intake: Intake, cfg: Any, recorded: dict[str, Any] | None = None
            ) -> dict[str, Any]:
     """A new snapshot in ``snapshot``: the published data as its first batch, or none (``bootstrap: empty``).
-    ``recorded``: what dvc.lock records of the folder (DVC's ``nfiles``), if anything; a version of more files than
-    the new one holds batches accepted on top of it (a clone without ``dvc pull``, the folder deleted): refused,
-    never silently replaced by one without them."""
+    ``recorded``: what dvc.lock records of the folder (``recorded_version``), if anything; a version that holds
+    batches accepted on top of the bootstrap (a clone without ``dvc pull``, the folder deleted) is refused, never
+    silently replaced by one without them: its ``batches`` where DVC's cache lists them (one of the bootstrap alone
+    is made anew from today's sources, fewer files or not), else any version of more files than the new one."""
     spec = intake.settings(cfg)
 
     def refuse(made: int) -> None:
-        if recorded and int(recorded.get("nfiles", 0)) > made:
-            raise DataFormatError(
-                f"{snapshot}: missing, and dvc.lock records a version of it of {recorded['nfiles']} files (a new one "
-                f"would hold {made}: the batches accepted since would drop out of the data); restore it with "
-                f"`dvc pull {snapshot}` (`dvc checkout {snapshot}` when DVC's cache holds it), or delete its stage's "
-                "entry from dvc.lock to start anew")
+        held, nfiles = (recorded or {}).get("batches"), int((recorded or {}).get("nfiles", 0))
+        accepted = [b for b in held or [] if b != BOOTSTRAP]
+        if not accepted and (held is not None or nfiles <= made):
+            return
+        if accepted:
+            why = (f"the batches accepted since ({', '.join(accepted[:3])}{' ...' if len(accepted) > 3 else ''}) "
+                   "would drop out of the data")
+            fix = "or delete its stage's entry from dvc.lock to start anew"
+        else:   # DVC's cache does not list that version here: it may have held the bootstrap alone
+            why = ("the batches accepted since would drop out of the data; or, if it held the bootstrap alone, its "
+                   "source now gives fewer files")
+            fix = "or, if it held the bootstrap alone, delete its stage's entry from dvc.lock to make it anew"
+        raise DataFormatError(
+            f"{snapshot}: missing, and dvc.lock records a version of it of {nfiles} files (a new one would hold "
+            f"{made}: {why}); restore it with `dvc pull {snapshot}` (`dvc checkout {snapshot}` when DVC's cache "
+            f"holds it), {fix}")
 
     if spec.bootstrap == "empty":
         refuse(1)   # (its manifest alone): said before anything is made
@@ -168,8 +183,10 @@ def create(snapshot: Path, family: str, intake: Intake, cfg: Any, recorded: dict
                 raise
             intake.write_batch(found, scratch / BOOTSTRAP)
             files = folder_digests(scratch / BOOTSTRAP)
+            skipped = found.get("skipped") or []   # the source's files that are no data it reads (not stored)
             batches.append({"id": BOOTSTRAP, "files": files, "digest": batch_digest(files), "source": source,
-                            "pins": pins, "rows": intake.rows(found)})
+                            "pins": pins, "rows": intake.rows(found),
+                            **({"skipped": {"count": len(skipped), "files": skipped[:SHOWN]}} if skipped else {})})
         write_json(scratch / MANIFEST, {"family": family, "bootstrap": spec.bootstrap, "batches": batches})
         refuse(sum(1 for p in scratch.rglob("*") if p.is_file()))
         os.replace(scratch, snapshot)
@@ -199,11 +216,22 @@ def ensure(snapshot: Path, family: str, intake: Intake, cfg: Any, recorded: dict
     for left in snapshot.glob(".*"):   # a batch's scratch copy left by a kill: never part of the snapshot
         if left.is_dir():
             shutil.rmtree(left, ignore_errors=True)
-    if first is not None and first["id"] == BOOTSTRAP and first.get("pins") != intake.pins(cfg):
+    if first is not None and first["id"] == BOOTSTRAP and first.get("pins") != (pins := intake.pins(cfg)):
+        was = first.get("pins") or {}
+        changed = sorted(k for k in was.keys() | pins.keys() if was.get(k) != pins.get(k))
+        # the pins both give agree, and one gives more: today's sources cannot give a pin here (an unpinned image
+        # folder absent on this machine), or the snapshot was recorded before a release added one; neither says the
+        # data changed, so a snapshot with accepted batches is kept (one of the bootstrap alone is remade)
+        agree = all(was[k] == pins[k] for k in was.keys() & pins.keys())
+        if agree and (pins.keys() < was.keys() or pins.keys() > was.keys() and len(manifest["batches"]) > 1):
+            print(f"note: {snapshot}: its bootstrap's {', '.join(changed)} not compared (not given "
+                  f"{'here' if pins.keys() < was.keys() else 'when it was made'})")
+            return manifest
         if len(manifest["batches"]) > 1:
             raise DataFormatError(f"{snapshot}: was bootstrapped from other published files than params.yaml pins "
-                                  f"now ({intake.pins_key}) and holds accepted batches; move the folder away to "
-                                  "bootstrap it anew")
+                                  f"now ({intake.pins_key}; {', '.join(changed)} differ) and holds accepted batches; "
+                                  "put those files back as they were (new data joins as a batch: `python -m "
+                                  "flows.ingest`), or move the folder away to bootstrap it anew")
         # nothing arrived on top of the published data: the snapshot is remade from what params pin now (the
         # version it replaces stays in DVC's cache and dvc.lock's history)
         old = Path(tempfile.mkdtemp(dir=snapshot.parent, prefix=f".{snapshot.name}.old."))
@@ -219,6 +247,39 @@ def ensure(snapshot: Path, family: str, intake: Intake, cfg: Any, recorded: dict
     return manifest
 
 
+def recorded_version(root: Path, snapshot: Path) -> dict[str, Any] | None:
+    """What ``root``'s dvc.lock records of the folder ``snapshot`` (DVC's ``md5``, ``nfiles``), with the ``batches``
+    that version holds when the project's DVC cache lists it (a clone not yet pulled has no listing: None)."""
+    from tasks.lineage import locked_outputs
+
+    recorded = locked_outputs(root).get(Path(os.path.relpath(snapshot.absolute(), root.absolute())).as_posix())
+    if not recorded:
+        return None
+    return {**recorded, "batches": _listed_batches(root, str(recorded.get("md5", "")))}
+
+
+def _listed_batches(root: Path, md5: str) -> list[str] | None:
+    """The batch folders of the folder version ``md5`` (``<hash>.dir``) in DVC's cache of ``root``, else None."""
+    try:
+        from dvc.exceptions import DvcException
+        from dvc.repo import Repo
+    except ImportError:
+        return None
+    try:
+        with Repo(str(root)) as repo:
+            listing = Path(repo.cache.local.path, md5[:2], md5[2:])
+        files = json.loads(listing.read_text()) if md5.endswith(".dir") else None
+        return sorted({f["relpath"].split("/")[0] for f in files if "/" in f["relpath"]}) if files is not None else None
+    except (DvcException, OSError, ValueError, KeyError, TypeError, AttributeError):   # not listed here: unknown
+        return None
+
+
+def bootstrap_skipped(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """``{"count", "files"}``: the files of the bootstrap's source that are no data it reads, if any."""
+    first = next(iter(manifest["batches"]), None)
+    return first.get("skipped") if first is not None and first["id"] == BOOTSTRAP else None
+
+
 def describe(manifest: dict[str, Any]) -> str:
     return "; ".join(f"{b['id']} ({', '.join(f'{k} {v}' for k, v in b.get('rows', {}).items())})"
                      for b in manifest["batches"]) or "no batch yet"
@@ -231,13 +292,11 @@ def stage_main(family: str, intake: Intake) -> None:
     parser.add_argument("--snapshot", type=Path, required=True)
     args = parser.parse_args()
     cfg = load_config(args.params)
-    from tasks.lineage import locked_outputs
     from tasks.tracking import stage_run
 
     # what dvc.lock records of an absent snapshot (its paths are relative to the project, the stage's working
     # directory); an existing one is verified against its own manifest, and dvc.lock is not read for it
-    recorded = None if args.snapshot.exists() else \
-        locked_outputs(Path(".")).get(Path(os.path.relpath(args.snapshot.absolute())).as_posix())
+    recorded = None if args.snapshot.exists() else recorded_version(Path("."), args.snapshot)
     bootstrap = {f"ingest.{family}.bootstrap": intake.settings(cfg).bootstrap}
     with stage_run(f"snapshot_{family}", cfg, params=bootstrap) as run:
         manifest = ensure(args.snapshot, family, intake, cfg, recorded)
@@ -246,3 +305,9 @@ def stage_main(family: str, intake: Intake) -> None:
             run.set_tag("data.source", manifest["batches"][0]["source"])
         run.log_artifact(args.snapshot / MANIFEST)
     print(f"{args.snapshot}: {len(manifest['batches'])} batch(es): {describe(manifest)}")
+    first = next(iter(manifest["batches"]), {})
+    if first.get("id") == BOOTSTRAP and (content := (first.get("pins") or {}).get("content_sha256")):
+        print(f"{BOOTSTRAP}: its image folder's content digest is {content} (pin it as image_folder.sha256)")
+    if skipped := bootstrap_skipped(manifest):
+        print(f"{BOOTSTRAP}: skipped {skipped['count']} file(s) of its source that it does not read: "
+              f"{', '.join(skipped['files'][:5])}{' ...' if skipped['count'] > 5 else ''}")

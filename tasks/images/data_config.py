@@ -49,7 +49,7 @@ class ImageFolder(Strict):
     [height, width] resizes every image, null requires one size. ``test_fraction`` carves a seeded stratified test
     split when there is no test folder, ``val_fraction`` the validation split from what is left when there is no
     val folder (``val_size`` and ``pixels`` beside it are the IDX files'). ``sha256``: optional pin of
-    the folder's content (printed in the manifest's source)."""
+    the folder's content (the snapshot stage prints it)."""
     # its content, not its path, is a split param (tasks.lineage.data_params): a seeded carve splits its images
     CONTENT: ClassVar[frozenset[str]] = frozenset({"path"})
     path: str

@@ -40,29 +40,39 @@ def settings(family: str, cfg: Any) -> Any:
 
 
 def pins(family: str, cfg: Any, extra: Callable[[Any], dict[str, Any]] | None = None) -> dict[str, Any]:
-    """What the published bootstrap was read from: the IDX files' pins, or the image folder's settings; plus
-    ``extra(cfg)``, what else the family says the images come from (a bootstrap is remade when any of it changes)."""
+    """What the published bootstrap was read from: the IDX files' pins, or the image folder's settings (an unpinned
+    folder's path and the content digest it has now, left out where no folder is there: a snapshot pulled to a
+    machine without it is kept); plus ``extra(cfg)``, what else the family says the images come from (a bootstrap is
+    remade when any of it changes)."""
+    from tasks.image_folder import folder_digest
+
     data = cfg.block("data", family)
     folder = data.image_folder
     more = extra(cfg) if extra is not None else {}
-    if folder is not None:   # a pinned folder is its content, wherever it lies
-        return {"channels": folder.channels, "size": folder.size,
-                **({"sha256": folder.sha256} if folder.sha256 else {"image_folder": folder.path}), **more}
+    if folder is not None and folder.sha256:   # a pinned folder is its content, wherever it lies
+        return {"channels": folder.channels, "size": folder.size, "sha256": folder.sha256, **more}
+    if folder is not None:   # unpinned: images added to it, or edited, remake the bootstrap (one without batches)
+        content = folder_digest(Path(folder.path), f"data.{family}.image_folder")
+        return {"channels": folder.channels, "size": folder.size, "image_folder": folder.path,
+                **({"content_sha256": content} if content else {}), **more}
     return {**data.sha256, "class_names": data.class_names, **more}
 
 
 def bootstrap(family: str, cfg: Any, extra: Callable[[Any], dict[str, Any]] | None = None
               ) -> tuple[str, Images, dict[str, Any]]:
-    """The published images (IDX files or the image folder) as one batch."""
+    """The published images (IDX files or the image folder) as one batch; an image folder's files that are no
+    image it reads (no image extension) are listed under ``skipped`` (``tasks.snapshot`` records and prints them)."""
     from tasks.images.source import from_folder, from_idx
 
     data = cfg.block("data", family)
+    skipped: list[str] = []
     if data.image_folder is not None:
-        source, classes, parts, _ = from_folder(data.image_folder, f"data.{family}.image_folder")
+        source, classes, parts, skipped = from_folder(data.image_folder, f"data.{family}.image_folder")
     else:   # the declared names only: a label past them is validate_<family>'s to refuse, not a class to name
         source, _, parts = from_idx(data, f"data.{family}")
         classes = data.class_names
-    return source, {"classes": classes, **parts}, pins(family, cfg, extra)
+    return source, {"classes": classes, **parts, **({"skipped": skipped} if skipped else {})}, \
+        pins(family, cfg, extra)
 
 
 def _member(digests: np.ndarray, known: set[str]) -> np.ndarray:

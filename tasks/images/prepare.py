@@ -235,14 +235,17 @@ def declared_classes(cfg: ImageData, first: dict) -> list[str]:
     return first.get("classes") or (cfg.class_names if cfg.image_folder is None else None) or []
 
 
-def prepare_images(cfg: ImageData, out_dir: Path, family: str, snapshot: tuple[str, list[dict]] | None = None
-                   ) -> dict:
+def prepare_images(cfg: ImageData, out_dir: Path, family: str, snapshot: tuple[str, list[dict]] | None = None,
+                   skipped: dict | None = None) -> dict:
     """Split a snapshot's images (``(source, batches)``; default: the published images, read and verified now, as
-    its one batch) into ``out_dir``; return the manifest. ``cfg`` is ``data.<family>``."""
-    skipped: list[str] = []
+    its one batch) into ``out_dir``; return the manifest. ``cfg`` is ``data.<family>``; ``skipped``: the files of the
+    snapshot's image folder that were not read (``{"count", "files"}``, ``tasks.snapshot.bootstrap_skipped``), named
+    in the manifest as when the folder is read here."""
     if snapshot is None:
+        skipped = None
         if cfg.image_folder:
-            source, classes, parts, skipped = from_folder(cfg.image_folder, f"data.{family}.image_folder")
+            source, classes, parts, names = from_folder(cfg.image_folder, f"data.{family}.image_folder")
+            skipped = {"count": len(names), "files": names} if names else None
         else:
             source, classes, parts = from_idx(cfg, f"data.{family}")
         later: list[tuple[np.ndarray, np.ndarray]] = []
@@ -267,7 +270,7 @@ def prepare_images(cfg: ImageData, out_dir: Path, family: str, snapshot: tuple[s
                 "splits": {}, "windows": {name: len(rows) for name, rows in windows.items()},
                 "given_splits": [name for name in ("val", "test") if name in parts],   # the others were carved
                 **({"declared_classes": declared} if declared else {}),
-                **({"skipped_files": skipped} if skipped else {})}
+                **({"skipped_files": skipped["files"], "skipped_count": skipped["count"]} if skipped else {})}
     for name, (x, y) in splits.items():
         for part, arr in (("x", x), ("y", y)):
             save_npy(out_dir / f"{name}_{part}.npy", arr)
@@ -279,21 +282,22 @@ def prepare_images(cfg: ImageData, out_dir: Path, family: str, snapshot: tuple[s
     write_json(out_dir / WINDOWS, windows)
     write_json(out_dir / "manifest.json", manifest)
     if skipped:
-        print(f"skipped {len(skipped)} file(s) without an image extension: {', '.join(skipped[:5])}"
-              + (" ..." if len(skipped) > 5 else ""))
+        print(f"skipped {skipped['count']} file(s) without an image extension: {', '.join(skipped['files'][:5])}"
+              + (" ..." if skipped["count"] > 5 else ""))
     return manifest
 
 
 def main(family: str, intake: Intake) -> None:
     """The stage of image family ``family`` whose batches ``intake`` reads (its ``tasks/<family>/intake.py``)."""
     args, cfg = stage_args(__doc__, "--raw", "--out")
-    from tasks.snapshot import stage_batches
+    from tasks.snapshot import bootstrap_skipped, read, stage_batches
     from tasks.tracking import stage_run
 
     data = cfg.block("data", family)
     with stage_run(f"prepare_{family}", cfg, params={f"data.{family}": data}) as run:
         source, batches = stage_batches(args.raw, intake)
-        manifest = prepare_images(data, args.out, family, (source, [t for _, t in batches]))
+        manifest = prepare_images(data, args.out, family, (source, [t for _, t in batches]),
+                                  bootstrap_skipped(read(args.raw)))
         run.log_metrics({f"{s}_rows": v["rows"] for s, v in manifest["splits"].items()}
                         | {f"{w}_test_rows": n for w, n in manifest["windows"].items()})
         run.set_tag("data.source", manifest["source"])

@@ -294,6 +294,79 @@ def test_a_missing_snapshot_that_dvc_lock_records_with_more_files_is_not_made_an
     assert sorted(p.name for p in tmp_path.iterdir()) == ["raw"]
 
 
+def _dvc_records(project: Path, folder: str) -> None:
+    """``folder`` committed to ``project``'s DVC cache and recorded in its dvc.lock, as the snapshot stage's output
+    (``dvc add`` caches it as ``dvc repro`` does; its entry is the one dvc.lock holds)."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    subprocess.run([sys.executable, "-m", "dvc", "add", "-q", folder], cwd=project, check=True, capture_output=True)
+    out = yaml.safe_load((project / f"{folder}.dvc").read_text())["outs"][0]   # its path relative to the .dvc file
+    (project / "dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": {"snapshot_vision": {
+        "cmd": "python -m tasks.vision.snapshot", "outs": [{**out, "path": folder}]}}}))
+
+
+@pytest.mark.fault("data", "an unpinned image folder's snapshot deleted to be made anew after a split folder (val/) "
+                   "left the folder: the new one holds fewer files than the version dvc.lock records",
+                   "made anew (DVC's cache lists that version: the bootstrap alone); one with accepted batches is "
+                   "refused naming them; where the cache lacks the listing (a clone not yet pulled) the refusal "
+                   "names both causes and the fix of each")
+def test_a_deleted_snapshot_of_the_bootstrap_alone_is_made_anew_even_with_fewer_files(raw_params, tmp_path):
+    """Before: docs/byom.md's `rm -r data/vision/raw` after a change to an unpinned folder was refused when the folder
+    lost a split folder, blaming accepted batches that did not exist ("a version of it of 8 files (a new one would
+    hold 6: the batches accepted since would drop out …"): dvc.lock's file count was all the check knew."""
+    import subprocess
+    import sys
+
+    from tasks.images.batches import write_batch
+    from tasks.snapshot import recorded_version
+    from tasks.vision.intake import INTAKE as IMAGES
+    from tests.tasks.test_image_folder import folder_config, image_folder
+
+    root, project = tmp_path / "photos", tmp_path / "project"
+    for split, n, seed in (("train", 12, 0), ("val", 3, 1), ("test", 3, 2)):
+        image_folder(root / split, per_class=n, mode="L", seed=seed)
+    cfg = folder_config(raw_params, root)
+    project.mkdir()
+    subprocess.run([sys.executable, "-m", "dvc", "init", "-q", "--no-scm"], cwd=project, check=True)
+    snapshot = project / "data/vision/raw"
+    ensure(snapshot, "vision", IMAGES, cfg)
+    _dvc_records(project, "data/vision/raw")
+    bootstrap_only, lock = recorded_version(project, snapshot), (project / "dvc.lock").read_text()
+    assert (bootstrap_only["nfiles"], bootstrap_only["batches"]) == (8, [BOOTSTRAP])
+    x, y = IMAGES.read_batch(snapshot / BOOTSTRAP)["train"]
+    write_batch({"train": (x[:6], y[:6])}, tmp_path / "0001-more")
+    add_batch(snapshot, "0001-more", tmp_path / "0001-more", {"rows": {"train": 6}})
+    _dvc_records(project, "data/vision/raw")
+    with_batch = recorded_version(project, snapshot)
+    assert with_batch["batches"] == [BOOTSTRAP, "0001-more"]
+
+    shutil.rmtree(snapshot)
+    shutil.rmtree(root / "val")   # the folder now gives train/ and test/: 6 files where dvc.lock records 8
+    with pytest.raises(DataFormatError, match=r"raw: missing, and dvc\.lock records a version of it of 10 files \(a "
+                                              r"new one would hold 6: the batches accepted since \(0001-more\) would "
+                                              r"drop out of the data\); restore it with `dvc pull .*raw`"):
+        create(snapshot, "vision", IMAGES, cfg, with_batch)
+    assert not snapshot.exists()
+    made = create(snapshot, "vision", IMAGES, cfg, bootstrap_only)
+    assert [b["id"] for b in made["batches"]] == [BOOTSTRAP] and made["batches"][0]["rows"] == {"train": 36, "test": 9}
+
+    # a clone not yet pulled: DVC's cache does not list the version dvc.lock records, its file count is all there is
+    shutil.rmtree(snapshot)
+    shutil.rmtree(project / ".dvc" / "cache")
+    (project / "dvc.lock").write_text(lock)
+    unlisted = recorded_version(project, snapshot)
+    assert unlisted == {**bootstrap_only, "batches": None}
+    with pytest.raises(DataFormatError, match=r"of 8 files \(a new one would hold 6: the batches accepted since would "
+                                              r"drop out of the data; or, if it held the bootstrap alone, its source "
+                                              r"now gives fewer files\); restore it with `dvc pull .*raw` .*, or, if "
+                                              r"it held the bootstrap alone, delete its stage's entry from dvc\.lock"):
+        create(snapshot, "vision", IMAGES, cfg, unlisted)
+    assert not snapshot.exists()
+
+
 def test_the_ingest_flow_refuses_an_unfit_batch_name_before_reading_anything(tmp_path):
     """``python -m flows.ingest --batch …/0000-bootstrap`` stops at once, naming the folder: no snapshot stage, no
     check, no MLflow run, nothing copied (before: refused only when the checked batch was added, which aborted the
