@@ -52,11 +52,14 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def checkout_left_clean():
     """Tests keep their stores and artifacts in folders of their own. An MLflow experiment made without an artifact
     location puts its artifacts in ./mlruns of the working directory: the checkout (before: the gate tests left tens
-    of MB there)."""
-    before = (ROOT / "mlruns").exists()
+    of MB there); one the project creates on a local store, in its ``tracking.artifact_root`` (./mlartifacts); and a
+    default store is ./mlflow.db."""
+    stores = [ROOT / name for name in ("mlruns", "mlartifacts", "mlflow.db")]
+    before = {path for path in stores if path.exists()}
     yield
-    assert before or not (ROOT / "mlruns").exists(), \
-        f"a test wrote MLflow artifacts into {ROOT / 'mlruns'}: give its experiment an artifact_location"
+    made = [str(path) for path in stores if path.exists() and path not in before]
+    assert not made, f"tests wrote MLflow stores or artifacts into the checkout ({', '.join(made)}): give them a " \
+                     "tracking URI and an experiment artifact_location of their own"
 
 
 @pytest.fixture(scope="session")
