@@ -73,21 +73,24 @@ def ingest(root: str, family: str, batches: list[str] | None = None,
     log = stage_logger()
     stage, _ = snapshot_stage(root_path, family)
     outcomes = []
-    with data_lock(root_path, [family], cfg.pipeline.data_lock_timeout_seconds):   # no pipeline run reads it now
-        # the snapshot exists and is intact before anything joins it (DVC's lock: waited for, as ingest_batch does)
-        reproduce(stage, root_path, env, lock_wait=cfg.pipeline.data_lock_timeout_seconds)
-        push_versioned(root_path, env, stage, cfg.pipeline.data_lock_timeout_seconds)   # a bootstrap it made
-        deferred = None
-        for folder in folders:   # in order: after a deferred batch none is accepted (the snapshot keeps the order)
-            outcome = ingest_batch(root_path, family, cfg, folder, env) if deferred is None else skipped(
-                root_path, family, folder) or Outcome(folder.name, "deferred", "order",
-                                                      f"after {deferred}, deferred: batches join the snapshot in order")
-            deferred = deferred or (outcome.batch if outcome.status == "deferred" else None)
-            log(f"{outcome.batch}: {outcome.status}" + (f" ({outcome.reason})" if outcome.reason else "")
-                + (f"\n{outcome.detail}" if outcome.detail else ""))
-            outcomes.append(asdict(outcome))
-    if (accepted := [o["batch"] for o in outcomes if o["status"] == "accepted"]) and cfg.pipeline.commit_lock:
-        commit_lock(root_path, f"{family}: batches {', '.join(accepted)} accepted into the snapshot")
+    try:
+        with data_lock(root_path, [family], cfg.pipeline.data_lock_timeout_seconds):   # no pipeline run reads it now
+            # the snapshot exists and is intact before anything joins it (DVC's lock: waited for, as ingest_batch
+            # does)
+            reproduce(stage, root_path, env, lock_wait=cfg.pipeline.data_lock_timeout_seconds)
+            push_versioned(root_path, env, stage, cfg.pipeline.data_lock_timeout_seconds)   # a bootstrap it made
+            deferred = None
+            for folder in folders:   # in order: after a deferred batch none is accepted (the snapshot keeps the order)
+                outcome = ingest_batch(root_path, family, cfg, folder, env) if deferred is None else skipped(
+                    root_path, family, folder) or Outcome(folder.name, "deferred", "order", f"after {deferred}, "
+                                                          "deferred: batches join the snapshot in order")
+                deferred = deferred or (outcome.batch if outcome.status == "deferred" else None)
+                log(f"{outcome.batch}: {outcome.status}" + (f" ({outcome.reason})" if outcome.reason else "")
+                    + (f"\n{outcome.detail}" if outcome.detail else ""))
+                outcomes.append(asdict(outcome))
+    finally:   # what was accepted is committed, also when a later batch failed (before: left for another run's commit)
+        if (accepted := [o["batch"] for o in outcomes if o["status"] == "accepted"]) and cfg.pipeline.commit_lock:
+            commit_lock(root_path, f"{family}: batches {', '.join(accepted)} accepted into the snapshot")
     return outcomes
 
 
