@@ -46,6 +46,20 @@ def test_a_champion_whose_model_left_the_artifact_store_is_a_registry_error(proj
     assert [str(v.version) for v in client.search_model_versions(f"name = '{name}'")] == ["1"]
 
 
+def _reset_first_download(monkeypatch) -> list:
+    """The artifact store's connection reset while the first file downloads (only that one); the list empties when
+    it happened."""
+    download, resets = LocalArtifactRepository._download_file, [None]
+
+    def reset_once(self, remote_file_path, local_path):
+        if resets and resets.pop() is None:
+            raise requests.ConnectionError("Connection reset by peer")
+        return download(self, remote_file_path, local_path)
+
+    monkeypatch.setattr(LocalArtifactRepository, "_download_file", reset_once)
+    return resets
+
+
 @pytest.mark.fault("promotion", "the artifact store fails while the champion's model is downloaded (a connection "
                    "reset: MLflow's runs:/ download reports any failure as RESOURCE_DOES_NOT_EXIST)",
                    "ServiceUnavailable, retried, the champion left as it is; the next try gates the candidate against "
@@ -59,14 +73,8 @@ def test_a_champion_download_that_failed_is_transient_not_a_model_gone(project, 
     cfg = _lenient(raw_params)
     report, client = _gate(project, cfg, uri)
     assert report["champion"]
-    name, download, resets = cfg.gate.vision.registered_model, LocalArtifactRepository._download_file, [None]
-
-    def reset_once(self, remote_file_path, local_path):   # the first file's download only
-        if resets and resets.pop() is None:
-            raise requests.ConnectionError("Connection reset by peer")
-        return download(self, remote_file_path, local_path)
-
-    monkeypatch.setattr(LocalArtifactRepository, "_download_file", reset_once)
+    name = cfg.gate.vision.registered_model
+    resets = _reset_first_download(monkeypatch)
     with pytest.raises(ServiceUnavailable, match=rf"^the artifact store of {name} version 1 lists its model but did "
                                                  r"not give it \(.*\); nothing was registered$") as raised:
         _gate(project, cfg, uri)
@@ -90,15 +98,9 @@ def test_make_serve_tells_a_download_that_failed_from_a_model_gone(project, raw_
     cfg = _lenient(raw_params)
     report, client = _gate(project, cfg, uri)
     assert report["champion"]
-    name, download, resets = cfg.gate.vision.registered_model, LocalArtifactRepository._download_file, [None]
-
-    def reset_once(self, remote_file_path, local_path):   # the first file's download only
-        if resets and resets.pop() is None:
-            raise requests.ConnectionError("Connection reset by peer")
-        return download(self, remote_file_path, local_path)
-
+    name = cfg.gate.vision.registered_model
     with monkeypatch.context() as patched:
-        patched.setattr(LocalArtifactRepository, "_download_file", reset_once)
+        resets = _reset_first_download(patched)
         with pytest.raises(ServiceUnavailable, match=rf"^the artifact store of {name} version 1 lists its model but "
                                                      r"did not give it \(.*\); nothing served$") as raised:
             serve_command(cfg, tmp_path, "vision", "127.0.0.1", 5001, dest=tmp_path / "serve")
