@@ -25,6 +25,7 @@ from tasks.errors import DataFormatError, PipelineError
 from tasks.expectations import DATA_DOCS, ephemeral_context, failure_message, render_docs, run_suites
 from tasks.intake import Intake, load_intake
 from tasks.io import write_atomic, write_json
+from tasks.lineage import locked_outputs
 from tasks.snapshot import MANIFEST, add_batch, batch_digest, batch_tables, folder_digests, read
 from tasks.tracking import pipeline_run
 
@@ -167,6 +168,7 @@ def ingest_batch(root: Path, family: str, cfg: Config, folder: Path, env: dict[s
             write_atomic(snapshot / MANIFEST, before)
             shutil.rmtree(snapshot / folder.name, ignore_errors=True)
 
+        recorded = _recorded(root, snapshot)
         try:
             if changed := _changed(folder, files, entry["files"]):   # the copy kept holds rows no check saw
                 leave()
@@ -174,12 +176,16 @@ def ingest_batch(root: Path, family: str, cfg: Config, folder: Path, env: dict[s
             # dvc.lock and the cache hold the new version: the next `dvc repro` trains on it
             _dvc(root, env, "commit", "--force", stage, lock_wait=wait)
         except BaseException as err:
-            # not versioned: DVC failed, or the ingestion was interrupted (Ctrl-C, a cancelled flow run). Before, an
-            # interruption (DVC may wait half an hour for its lock) left the batch listed but unversioned: skipped as
-            # accepted by every later ingestion, and versioned by the next `dvc repro` with no report and no commit
+            # DVC failed, or the ingestion was interrupted (Ctrl-C, a cancelled flow run; DVC is stopped first, so
+            # nothing writes after this): unless dvc.lock records the new version already, the batch leaves the
+            # snapshot. Before, an interruption (DVC may wait half an hour for its lock) left the batch listed but
+            # unversioned: skipped as accepted by every later ingestion, then versioned by the next `dvc repro` with
+            # no report and no commit
+            if _recorded(root, snapshot) != recorded:   # versioned: accepted, though its report was not written
+                raise
             leave()
             run.set_tags({"ingest.status": "failed",
-                          "ingest.reason": "versioning" if isinstance(err, PipelineError) else "interrupted"})
+                          "ingest.reason": "interrupted" if not isinstance(err, Exception) else "versioning"})
             if not isinstance(err, PipelineError):
                 raise
             raise PipelineError(f"batch {folder.name} was not accepted, the snapshot is as it was: {err}") from err
@@ -193,6 +199,13 @@ def ingest_batch(root: Path, family: str, cfg: Config, folder: Path, env: dict[s
             run.log_artifacts(docs, DATA_DOCS)
         run.log_data([str(snapshot.relative_to(root))], root, "snapshot")
     return Outcome(folder.name, "accepted", "", "", str(reports))
+
+
+def _recorded(root: Path, snapshot: Path) -> dict[str, Any] | None:
+    """What dvc.lock records of the snapshot folder now (read as it is: no DVC process writes it at this point)."""
+    lock = root / "dvc.lock"
+    text = lock.read_text() if lock.is_file() else None
+    return locked_outputs(root, text).get(snapshot.relative_to(root).as_posix()) if text is not None else None
 
 
 def _quarantine(folder: Path, checked: dict[str, str], report: dict[str, Any], reports: Path, target: Path) -> str:

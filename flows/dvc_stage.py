@@ -4,7 +4,9 @@ the default remote, and the environment stage processes get (one tracking store,
 """
 from __future__ import annotations
 
+import contextlib
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -66,12 +68,39 @@ def _run_dvc_once(root: Path, env: dict[str, str], args: tuple[str, ...], log: C
                             stderr=subprocess.STDOUT, text=True, errors="replace")
     tail: deque[str] = deque(maxlen=_TAIL_LINES)
     seen = False
-    for line in proc.stdout:
-        tail.append(line)
-        seen = seen or (marker is not None and line.startswith(marker))
-        if log is not None:
-            log(line.rstrip("\n"))
+    try:
+        for line in proc.stdout:
+            tail.append(line)
+            seen = seen or (marker is not None and line.startswith(marker))
+            if log is not None:
+                log(line.rstrip("\n"))
+    except BaseException:
+        stop(proc)   # interrupted (Ctrl-C, a cancelled run): DVC is not left writing after the caller moved on
+        raise
     return proc.wait(), "".join(tail), seen
+
+
+def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """End ``proc`` and what it started as Ctrl-C in a terminal would (the stage's command first: DVC ignores SIGINT
+    while one runs, and never passes a signal on), then harder, and wait for them: whatever the caller does next
+    (undoing what it started, say) happens after them, never beside them."""
+    import psutil
+
+    try:
+        family = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+    except psutil.NoSuchProcess:
+        family = []
+    for send in ("send_signal", "terminate", "kill"):
+        alive = [p for p in family if p.is_running()]
+        if not alive:
+            break
+        for member in alive:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                member.send_signal(signal.SIGINT) if send == "send_signal" else getattr(member, send)()
+        _, alive = psutil.wait_procs(alive, timeout=grace)
+        if not alive:
+            break
+    proc.poll()
 
 
 def stage_logger() -> Callable[[str], None]:

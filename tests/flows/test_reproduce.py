@@ -19,7 +19,8 @@ def _repo(root: Path, lines: int) -> dict[str, str]:
         "stages:\n  talk:\n"
         f"    cmd: python -c \"import sys; [print('epoch', i) for i in range({lines})]; open('out.txt', 'w').write('x')\"\n"
         "    outs: [out.txt]\n")
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+            "DVC_NO_ANALYTICS": "1"}   # (as the project's .dvc/config says: no report daemon left by each command)
 
 
 @pytest.mark.parametrize(("code", "deterministic"), [(2, True), (24, False), (255, False)])
@@ -180,3 +181,32 @@ def test_a_tracking_server_down_after_a_stage_is_warned_of_without_its_password(
     warned = capsys.readouterr().err.splitlines()
     assert len(warned) == 2 and all(w.startswith("warning: ") and "admin:***@127.0.0.1:9" in w for w in warned)
     assert "s3cret" not in "".join(warned)
+
+
+@pytest.mark.fault("runs", "the flow process interrupted (Ctrl-C, a cancelled run) while `dvc repro` runs a stage",
+                   "DVC and the stage's command are stopped before the interruption goes on (before: both kept "
+                   "running, DVC free to write dvc.lock after its caller had undone its work; DVC passes no signal "
+                   "on to the stage's command)")
+def test_an_interrupted_dvc_command_is_stopped_with_the_stage_it_runs(tmp_path):
+    import psutil
+
+    from flows.dvc_stage import run_dvc
+
+    root = tmp_path / "repo"
+    env = _repo(root, lines=1)
+    (root / "dvc.yaml").write_text(
+        "stages:\n  talk:\n    cmd: python -c \"import time; print('started', flush=True); time.sleep(60); "
+        "open('out.txt', 'w').write('x')\"\n    outs: [out.txt]\n")
+
+    def interrupt(line: str) -> None:
+        if line.strip() == "started":   # the stage runs: Ctrl-C
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_dvc(root, env, "repro", "talk", log=interrupt)
+    here = []
+    for process in psutil.process_iter(["cwd", "cmdline"]):
+        if process.info["cwd"] == str(root):
+            here.append(process.info["cmdline"])
+            process.kill()
+    assert here == [] and not (root / "out.txt").exists() and not (root / "dvc.lock").exists()
