@@ -42,7 +42,7 @@ from flows.dvc_stage import push_versioned, reproduce, stage_env, stage_logger
 from flows.lock_commit import commit_lock
 from flows.pipeline import compression_pipeline
 from flows.registry_lock import data_lock
-from tasks.config import load_config
+from tasks.config import Config, load_config
 from tasks.errors import EXIT_USER_ERROR, PipelineError, run_cli
 from tasks.mlflow_store import tracking_uri
 from tasks.snapshot import unfit_batch_name
@@ -55,12 +55,9 @@ def landed(landing: Path) -> list[Path]:
     return sorted(p for p in landing.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
-@flow(name="ingest", log_prints=True)
-def ingest(root: str, family: str, batches: list[str] | None = None,
-           landing: str | None = None) -> list[dict[str, str]]:
-    """Ingest ``batches`` (folders) or every new batch of ``landing`` into ``family``'s snapshot, in order."""
-    root_path = Path(root).resolve()
-    cfg = load_config(root_path / "params.yaml")
+def batch_folders(cfg: Config, family: str, batches: list[str] | None, landing: str | None) -> list[Path]:
+    """The batch folders an ingestion takes, in order: ``batches``, then the new ones of ``landing``; refused before
+    anything is read, checked or copied: an unknown family, a folder missing or a name no batch may have."""
     if family not in cfg.families:
         raise PipelineError(f"--family: {family!r} is not one of families {cfg.families}")
     # absolute: "." is the folder's own name; a symlink keeps its name
@@ -68,7 +65,17 @@ def ingest(root: str, family: str, batches: list[str] | None = None,
     if missing := [str(f) for f in folders if not f.is_dir()]:
         raise PipelineError(f"not a batch folder: {', '.join(missing)}")
     if unfit := [f"{f}: {problem}" for f in folders if (problem := unfit_batch_name(f.name))]:
-        raise PipelineError("; ".join(unfit))   # before anything is read, checked or copied
+        raise PipelineError("; ".join(unfit))
+    return folders
+
+
+@flow(name="ingest", log_prints=True)
+def ingest(root: str, family: str, batches: list[str] | None = None,
+           landing: str | None = None) -> list[dict[str, str]]:
+    """Ingest ``batches`` (folders) or every new batch of ``landing`` into ``family``'s snapshot, in order."""
+    root_path = Path(root).resolve()
+    cfg = load_config(root_path / "params.yaml")
+    folders = batch_folders(cfg, family, batches, landing)
     env = stage_env(root_path, tracking_uri(cfg, root_path), "")   # no parent: the snapshot stage's run stands alone
     log = stage_logger()
     stage, _ = snapshot_stage(root_path, family)
@@ -141,9 +148,12 @@ def main() -> None:
     args = parser.parse_args()
     if not args.batches and args.landing is None:
         parser.error("name batch folders or --landing")
+    if args.run and args.batches:
+        parser.error("--run takes --landing only")
+    # refused here, before the flow starts Prefect (a temporary server, ~15 s, then a traceback in its log)
+    batch_folders(load_config(args.root / "params.yaml"), args.family, [str(b) for b in args.batches],
+                  str(args.landing) if args.landing else None)
     if args.run:
-        if args.batches:
-            parser.error("--run takes --landing only")
         result = continuous_training(str(args.root), args.family, str(args.landing.resolve()))
         outcomes = result["ingested"]
     else:

@@ -238,6 +238,16 @@ def summary(result: dict[str, Any], root: Path) -> str:
     return "\n".join(lines)
 
 
+def preflight(root: Path, families: list[str] | None, gate_only: bool = False) -> None:
+    """What a run refuses before it starts anything: no params.yaml (a root that is no project), a family it does not
+    name, and for a run of the stages a dvc.yaml DVC cannot read. The CLI checks them before the flow starts Prefect
+    (a temporary server, ~15 s, then the refusal's traceback in its log); the flows check them again (a deployment
+    calls them directly)."""
+    chosen(load_config(root / "params.yaml"), families)
+    if not gate_only:
+        stage_graph(root)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Run the compression pipeline (every stage of dvc.yaml).")
     parser.add_argument("--root", default=".", help="project root holding dvc.yaml and params.yaml")
@@ -251,6 +261,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.gate_only and args.no_promote:
         parser.error("--no-promote runs the stages; --gate-only does not")
+    preflight(Path(args.root).resolve(), args.families, args.gate_only)
     result = gate_only(args.root, args.families) if args.gate_only else \
         compression_pipeline(args.root, args.families, not args.no_promote)
     print(summary(result, Path(args.root).resolve()))

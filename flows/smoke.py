@@ -12,9 +12,9 @@ import shutil
 from pathlib import Path
 
 from flows.benchmark import run_pipeline
-from flows.workspace import copy_project
-from tasks.config import load_config
-from tasks.errors import PipelineError, run_cli
+from flows.workspace import PROJECT, copy_project
+from tasks.config import PARAMS_FILE, load_config
+from tasks.errors import ConfigError, PipelineError, run_cli
 
 # In every smoke copy, the only kind of folder a new smoke run may replace (inside .git: an untracked file would
 # mark the copy's runs dirty)
@@ -25,6 +25,11 @@ def smoke(dest: Path, families: list[str] | None = None) -> tuple[float, dict]:
     """Copy the project to ``dest`` (replacing an older smoke copy) on the smoke profile, with the copy's own
     SQLite tracking store whatever params.yaml names, and run the pipeline there; return its wall seconds and the
     per-stage statuses, seconds and metrics of its MLflow parent run."""
+    # checked before an older copy (its runs and results) is removed and a pipeline process (Prefect's temporary
+    # server) started only to refuse the family
+    mine = load_config(PROJECT / PARAMS_FILE, "smoke")   # the params the copy is made from
+    if unknown := [f for f in families or [] if f not in mine.families]:
+        raise ConfigError(f"--family {unknown[0]} is not one of families {mine.families}")
     if dest.exists():
         if not (dest / MARK).exists():
             raise PipelineError(f"{dest}: exists and is not a smoke copy; give --dir a new folder (nothing was removed)")

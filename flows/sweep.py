@@ -91,6 +91,16 @@ def fan_out(recipes: list[dict[str, Any]], family: str, root: str, work: str, ur
     return [outcomes[i] for i in range(len(recipes))]
 
 
+def swept_family(cfg: Any, family: str | None) -> str:
+    """``family`` (default ``sweep.family``) when params give it a ``sweep.space`` entry; else a UsageError naming
+    the families that have one (before anything is copied or started)."""
+    family = family or cfg.sweep.family
+    if family not in cfg.families or family not in cfg.sweep.space:
+        raise UsageError(f"--family: {family!r} has no sweep.space entry; choose one of "
+                         f"{sorted(f for f in cfg.families if f in cfg.sweep.space)}")
+    return family
+
+
 @flow(name="recipe-sweep", log_prints=True)
 def recipe_sweep(root: str = ".", family: str | None = None, address: str | None = None, workers: int | None = None,
                  recipes: int | None = None, register_best: bool = True) -> dict[str, Any]:
@@ -98,9 +108,7 @@ def recipe_sweep(root: str = ".", family: str | None = None, address: str | None
     root_path = Path(root).resolve()
     cfg = load_config(root_path / "params.yaml")
     sweep = cfg.sweep
-    family = family or sweep.family
-    if family not in cfg.families or family not in sweep.space:
-        raise PipelineError(f"family: {family!r} has no sweep.space entry; choose one of {sorted(sweep.space)}")
+    family = swept_family(cfg, family)
     for option, value in (("recipes", recipes), ("workers", workers)):
         if value is not None and value < 1:   # (the CLI refuses them too)
             raise UsageError(f"{option}: {value}; a sweep needs at least 1")
@@ -208,6 +216,9 @@ def main() -> None:
         args = parser.parse_args()
     except argparse.ArgumentError as err:   # one line, as run_cli prints a user's error (not usage and a traceback)
         raise UsageError(str(err)) from None
+    # what the flow refuses first, refused before it starts Prefect (a temporary server, ~15 s, then a traceback)
+    swept_family(load_config(Path(args.root) / "params.yaml"), args.family)
+    stage_graph(Path(args.root))   # a dvc.yaml DVC can read
     print(summary(recipe_sweep(args.root, args.family, args.address, args.workers, args.recipes, args.register_best)))
 
 

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from flows.benchmark import leave_project_runs, machine, scratch_copy, target_rows, write_result
-from flows.sweep import recipe_sweep
+from flows.sweep import positive, recipe_sweep, swept_family
 from flows.workspace import PROJECT
 from tasks.config import load_config
-from tasks.errors import ConfigError, run_cli
+from tasks.errors import run_cli
 
 TARGET = (("speedup", ">=", 1.7, "recipe phase, 1 worker / N workers"),)
 
@@ -57,15 +57,14 @@ def table(runs: list[dict[str, Any]], family: str) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", help="default: sweep.family of params.yaml")
-    parser.add_argument("--recipes", type=int, default=8)
-    parser.add_argument("--workers", type=int, default=2)
+    # at least 1 each, refused as they are read: `--workers 0` ran a whole 1-worker sweep before its second sweep
+    # refused it
+    parser.add_argument("--recipes", type=positive, default=8)
+    parser.add_argument("--workers", type=positive, default=2)
     parser.add_argument("--out", type=Path, help="also write the numbers as JSON here")
     args = parser.parse_args()
     cfg = load_config(Path("params.yaml"))
-    args.family = args.family or cfg.sweep.family
-    if args.family not in cfg.families or args.family not in cfg.sweep.space:
-        raise ConfigError(f"params.yaml: --family {args.family} has no sweep.space entry (families with one: "
-                          f"{', '.join(f for f in cfg.families if f in cfg.sweep.space)})")
+    args.family = swept_family(cfg, args.family)
     leave_project_runs()   # the scratch copy's own store, its own runs
     with tempfile.TemporaryDirectory(prefix="kdq-sweep-bench-") as tmp:
         root = sweep_copy(Path(tmp) / "project")

@@ -27,8 +27,10 @@ def test_the_sweep_benchmark_refuses_a_family_without_a_sweep_space(family, monk
 
     monkeypatch.chdir(ROOT)
     monkeypatch.setattr(sys, "argv", ["sweep_benchmark", "--family", family])
-    with pytest.raises(ConfigError, match=rf"--family {family} has no sweep\.space entry \(families with one: "
-                                          r"vision, recsys\)"):
+    from flows.sweep import UsageError
+
+    with pytest.raises(UsageError, match=rf"--family: '{family}' has no sweep\.space entry; choose one of "
+                                         r"\['recsys', 'vision'\]"):
         main()
 
 

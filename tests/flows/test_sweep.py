@@ -771,3 +771,30 @@ def test_a_version_restore_cannot_bring_back_is_refused_in_one_line(mlflow_uri, 
     with pytest.raises(PipelineError, match=r"dvc\.lock \(its run's lineage/dvc\.lock\) records no snapshot_recsys: "
                                             "which outputs to pull is not known"):
         restore_data(ROOT, project, "recsys")
+
+
+@pytest.mark.fault("params", "`flows.sweep_benchmark` asked for no worker or no recipe (`--workers 0`, "
+                   "`--recipes 0`, `--recipes -1`)", "a usage error naming the option, exit 2, before the project "
+                   "is copied (before: a whole 1-worker sweep ran, then the second sweep refused --workers 0)")
+@pytest.mark.parametrize("option, value", [("--workers", "0"), ("--recipes", "0"), ("--recipes", "-1")])
+def test_the_sweep_benchmark_refuses_counts_below_one_before_it_copies_the_project(option, value, monkeypatch,
+                                                                                    capsys):
+    """Before: `--workers 0` and `--recipes 0` were taken (type int): the project was copied and a whole sweep with
+    1 worker ran (upstream stages, every recipe) before the second sweep refused 0 workers."""
+    import sys
+
+    import flows.sweep_benchmark
+    from flows.benchmark import PROJECT_RUN_ENV
+
+    for name in PROJECT_RUN_ENV:   # the benchmark drops them from this process: given back after the test
+        monkeypatch.delenv(name, raising=False)
+
+    def no_copy(*args, **kwargs):
+        raise AssertionError("the project was copied for a sweep")
+
+    monkeypatch.setattr(flows.sweep_benchmark, "sweep_copy", no_copy)
+    monkeypatch.setattr(sys, "argv", ["flows.sweep_benchmark", option, value])
+    with pytest.raises(SystemExit) as exit_info:
+        flows.sweep_benchmark.main()
+    assert exit_info.value.code == 2
+    assert f"argument {option}: '{value}' is not a whole number of at least 1" in capsys.readouterr().err
