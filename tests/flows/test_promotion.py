@@ -314,7 +314,9 @@ def test_where_the_data_is_found_is_no_split_param(raw_params, family, where):
     cfg = parse_config(raw_params)
     before = hashlib.sha256(json.dumps(cfg.block("data", family).model_dump(by_alias=True), sort_keys=True,
                                        default=str).encode()).hexdigest()
-    assert same_split(before, cfg, family) and same_split(data_params(cfg, family), cfg, family)
+    # (text: no longer, since prepare_text's row rules changed, data.text's ROWS: its earlier champions saw other
+    # splits, and may have trained on today's test rows)
+    assert same_split(before, cfg, family) is (family != "text") and same_split(data_params(cfg, family), cfg, family)
     moved["data"][family]["seed"] += 1
     assert data_params(parse_config(moved), family) != data_params(parse_config(raw_params), family)
     assert not same_split(before, parse_config(moved), family) and not same_split(None, cfg, family)
