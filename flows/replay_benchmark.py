@@ -27,7 +27,7 @@ from typing import Any
 from flows.benchmark import leave_project_runs, machine, scratch_copy, write_result
 from flows.workspace import PROJECT
 from tasks.config import PARAMS_FILE, load_config
-from tasks.errors import ConfigError, run_cli
+from tasks.errors import ConfigError, PipelineError, run_cli
 from tasks.intake import load_intake
 
 
@@ -192,6 +192,19 @@ def plot(results: dict[str, dict[str, Any]], metric: str, path: Path, title: str
     plt.close(fig)
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """The flags refused before anything replays (a policy's replay takes ~40 minutes): a policy given twice, fewer
+    than one batch (a slice would replay none, or all but the last), a ``--keep`` folder an earlier run worked in."""
+    names = [policy_name(policy) for policy in args.policy or []]
+    if twice := sorted({name for name in names if names.count(name) > 1}):
+        raise PipelineError(f"--policy {', '.join(twice)}: given twice (each policy replays once)")
+    if args.batches is not None and args.batches < 1:
+        raise PipelineError(f"--batches {args.batches}: replay at least 1 batch (or leave it out: all of them)")
+    if args.keep is not None and args.keep.exists() and (not args.keep.is_dir() or any(args.keep.glob("policy-*"))):
+        raise PipelineError(f"--keep {args.keep}: not a new folder (an earlier replay's work is in it, or it is a "
+                            "file); name another one")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--family", required=True)
@@ -204,6 +217,7 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, help="also draw the scores per batch into this PNG")
     parser.add_argument("--keep", type=Path, help="work in this (new) folder and keep it, instead of a temporary one")
     args = parser.parse_args()
+    check_args(args)
     leave_project_runs()   # the scratch copy's own store, its own runs
     # what it replays, checked before any folder is made: the profile's params, a family that takes batches and
     # warm-starts
@@ -225,8 +239,6 @@ def main() -> None:
         work = args.keep or Path(tmp)
         for index, policy in enumerate(policies):
             name = policy_name(policy)
-            if name in results:
-                parser.error(f"--policy {name} given twice")
             print(f"\n{name}:")
             results[name] = {**policy, "batches": []}
             started = time.perf_counter()

@@ -100,13 +100,15 @@ def main() -> None:
     if not isinstance(teacher, TrainTeacherImages):
         raise ConfigError(f"{args.params}: --family {args.family} is no image family (families: "
                           f"{', '.join(cfg.families)})")
-    if args.threads:
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ConfigError(f"--threads {args.threads}: at least 1 (or leave it out: teacher.{args.family}.threads)")
         teacher = teacher.model_copy(update={"threads": args.threads})
     data = args.data or args.params.parent / stage_paths(args.params.parent, f"train_teacher_{args.family}")["data"]
-    results = {}
-    for arm in args.arm or ARMS:
-        recipe = arm_recipe(teacher, arm, args.epochs, args.erasing, args.ema)
-        results[arm] = score_arm(recipe, data, args.work / args.family / arm / "last.pt")
+    # every arm's recipe checked before any trains: a bad flag is refused at once, not after the first arm trained
+    recipes = {arm: arm_recipe(teacher, arm, args.epochs, args.erasing, args.ema) for arm in args.arm or ARMS}
+    results = {arm: score_arm(recipe, data, args.work / args.family / arm / "last.pt")
+               for arm, recipe in recipes.items()}
     print(table(results, args.family, args.epochs, teacher.threads))
     if args.out:
         write_result(args.out, {"family": args.family, "epochs": args.epochs, "ema": args.ema,

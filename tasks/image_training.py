@@ -20,7 +20,7 @@ from tqdm import tqdm
 from tasks.checkpoints import load_checkpoint, save_checkpoint
 from tasks.conv_grad import matmul_weight_grads
 from tasks.errors import DataFormatError, PipelineError
-from tasks.io import read_manifest
+from tasks.io import read_manifest, read_prepared
 from tasks.observers import frozen_observers
 from tasks.stratify import stratified_pick
 from tasks.training import (
@@ -62,9 +62,9 @@ class Split:
     @classmethod
     def load(cls, directory: Path, name: str) -> Split:
         """Load ``<name>_x.npy`` (uint8 images) and ``<name>_y.npy`` (labels) with ``manifest.json``'s pixel
-        statistics and classes, as the family's prepare stage wrote them."""
-        x = np.load(directory / f"{name}_x.npy", allow_pickle=False)
-        y = np.load(directory / f"{name}_y.npy", allow_pickle=False)
+        statistics and classes, as the family's prepare stage wrote them; a file missing or unreadable, one line
+        naming it."""
+        x, y = (read_array(directory / f"{name}_{part}.npy") for part in "xy")
         image = image_manifest(directory)
         return cls(torch.from_numpy(x.copy()), torch.from_numpy(y.astype(np.int64)),
                    Pixels(tuple(image["mean"]), tuple(image["std"])), tuple(image["classes"]))
@@ -111,6 +111,11 @@ def model_shape(directory: Path) -> dict[str, Any]:
 
 
 PREPARE = "its prepare stage (prepare_<family>)"   # what wrote a processed image folder
+
+
+def read_array(path: Path) -> np.ndarray:
+    """One array of processed image data (``tasks.io.read_prepared``: missing or unreadable, one line naming it)."""
+    return read_prepared(path, lambda found: np.load(found, allow_pickle=False), PREPARE)
 
 
 def image_manifest(directory: Path) -> dict[str, Any]:

@@ -8,6 +8,7 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -116,12 +117,18 @@ def write_json(path: Path, obj: Any) -> None:
 def read_manifest(data_dir: Path, stage: str) -> dict[str, Any]:
     """``<data_dir>/manifest.json`` as the prepare ``stage`` wrote it; unreadable, one line naming it and the stage
     to re-run."""
-    from tasks.errors import DataFormatError
+    return read_prepared(data_dir / "manifest.json", lambda path: json.loads(path.read_text()), stage)
+
+
+def read_prepared(path: Path, read: Callable[[Path], Any], stage: str) -> Any:
+    """``read(path)`` of a file the prepare ``stage`` wrote; missing or unreadable (a stage run before it, a wrong
+    ``--data``, a file cut short), a DataFormatError naming the file and the stage to re-run, not a traceback."""
+    from tasks.errors import CORRUPT_STREAM, DataFormatError
 
     try:
-        return json.loads((data_dir / "manifest.json").read_text())
-    except (OSError, ValueError) as err:
-        raise DataFormatError(f"{data_dir}/manifest.json: cannot be read ({err}); re-run {stage}") from err
+        return read(path)
+    except (OSError, ValueError, *CORRUPT_STREAM) as err:   # (pandas' ParserError and EmptyDataError: ValueErrors)
+        raise DataFormatError(f"{path}: cannot be read ({err}); re-run {stage}") from err
 
 
 WINDOWS = "windows.json"   # beside prepared data: {window: positions in its test split} (golden, recent)

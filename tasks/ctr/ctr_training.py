@@ -24,8 +24,11 @@ from tasks.ctr.config import DistillCtr
 from tasks.distillation import FrozenTeacher
 from tasks.errors import ConfigError, PipelineError
 from tasks.family_config import OnnxArch, Training
+from tasks.io import read_prepared
 from tasks.observers import frozen_observers
 from tasks.training import device_of, fit_best, to_device
+
+PREPARE = "its prepare stage (prepare_<family>)"   # what wrote a processed click-through folder
 
 
 @dataclass(frozen=True)
@@ -36,7 +39,10 @@ class CtrSplit:
 
     @classmethod
     def load(cls, directory: Path, name: str) -> CtrSplit:
-        arrays = [np.load(directory / f"{name}_{part}.npy", allow_pickle=False) for part in ("fields", "genres", "y")]
+        """``<name>_fields.npy``, ``<name>_genres.npy`` and ``<name>_y.npy`` as the prepare stage wrote them; a file
+        missing or unreadable, one line naming it."""
+        arrays = [read_prepared(directory / f"{name}_{part}.npy", lambda path: np.load(path, allow_pickle=False),
+                                PREPARE) for part in ("fields", "genres", "y")]
         return cls(*(torch.from_numpy(a.copy()) for a in arrays))
 
     def __len__(self) -> int:
@@ -49,7 +55,7 @@ class CtrSplit:
 def load_ctr_data(data_dir: Path) -> tuple[CtrSplit, CtrSplit, CtrSplit, dict[str, int]]:
     """(train, val, test, model shape: vocabulary, fields, genres, and the multi-hot groups' sizes when the data has
     several) from a prepare stage's folder."""
-    features = json.loads((data_dir / "features.json").read_text())
+    features = read_prepared(data_dir / "features.json", lambda path: json.loads(path.read_text()), PREPARE)
     shape = {"vocabulary": features["vocabulary"], "fields": len(features["fields"]), "genres": len(features["genres"])}
     if len(features.get("groups", [])) > 1:
         shape["groups"] = [group["size"] for group in features["groups"]]

@@ -1,9 +1,10 @@
 """Benchmark of the recommender family in one run: our own LR and FM baselines trained now, next to the pipeline's
 teacher and students measured back to back in onnxruntime, and RecBole's published ML-1M figures for orientation.
 
-Reads what ``dvc repro evaluate_recsys`` (or ``make run``) leaves: ``data/recsys/processed`` and
-``models/recsys/onnx``. The baselines train with ``distill.recsys``'s recipe on labels alone and are exported to
-ONNX like the others, so every AUC in the table is an onnxruntime AUC on the same test split.
+Reads what ``dvc repro evaluate_recsys`` (or ``make run``) leaves in ``--root``: the processed data and the ONNX
+folder its evaluate stage reads (``data/recsys/processed``, ``models/recsys/onnx``). The baselines train with
+``distill.recsys``'s recipe on labels alone and are exported to ONNX like the others, so every AUC in the table is
+an onnxruntime AUC on the same test split.
 
     python -m tasks.recsys.benchmark [--out reports/benchmarks/recsys.json]
 """
@@ -17,13 +18,14 @@ from pathlib import Path
 import torch
 
 from flows.benchmark import machine, target_rows, write_result
+from flows.stage_graph import stage_paths
 from tasks.config import load_config
 from tasks.ctr.config import RecArch
 from tasks.ctr.ctr_onnx import MODELS, export_ctr_fp32
 from tasks.ctr.ctr_training import fit_ctr, label_loss, load_ctr_data
 from tasks.ctr.models import CtrModel
 from tasks.ctr.scores import ratios, split_quality
-from tasks.errors import run_cli
+from tasks.errors import PipelineError, run_cli
 from tasks.onnx_models import file_sizes
 from tasks.recsys.evaluate import score_onnx
 
@@ -33,6 +35,8 @@ BASELINES = {"LR (ours)": RecArch(dim=1, fm=False), "FM (ours)": RecArch(dim=16,
 TARGETS = (("test_auc_drop_vs_teacher", "<=", 0.005, "student INT8 AUC drop vs teacher"),
            ("size_ratio_vs_teacher", ">=", 8.0, "teacher FP32 / student INT8 ONNX size"),
            ("speedup_p50_vs_teacher", ">=", 3.0, "1,000-candidate request p50 speed-up vs teacher"))
+#: the processed files it reads besides the splits (a missing split is named when loaded, before any training)
+DATA_FILES = ("features.json", "users.npy", "items.npy", "items_genres.npy")
 
 
 def train_baselines(root: Path, data: Path, out: Path) -> dict[str, Path]:
@@ -73,14 +77,26 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def check_inputs(onnx_dir: Path, data: Path) -> None:
+    """What the benchmark reads is there, checked before the baselines train (minutes): one line naming what is
+    missing and the stage that makes it."""
+    needed = [data / name for name in DATA_FILES] + [onnx_dir / f"{name}.onnx" for name in MODELS]
+    if missing := [str(path) for path in needed if not path.is_file()]:
+        raise PipelineError(f"{', '.join(missing)}: no such file; make them with `dvc repro export_recsys` (it "
+                            "prepares the data too), or name their folders with --data and --onnx-dir")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path("."))
-    parser.add_argument("--onnx-dir", type=Path, default=Path("models/recsys/onnx"))
-    parser.add_argument("--data", type=Path, default=Path("data/recsys/processed"))
+    parser.add_argument("--onnx-dir", type=Path, help="default: the ONNX folder evaluate_recsys reads, in --root")
+    parser.add_argument("--data", type=Path, help="default: the processed data evaluate_recsys reads, in --root")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    result = measure(args.root, args.onnx_dir, args.data)
+    where = stage_paths(args.root, "evaluate_recsys")
+    onnx_dir, data = args.onnx_dir or args.root / where["onnx"], args.data or args.root / where["data"]
+    check_inputs(onnx_dir, data)
+    result = measure(args.root, onnx_dir, data)
     print(table(result))
     if args.out:
         write_result(args.out, result)

@@ -3,9 +3,10 @@ student, each student also as the INT8 file it ships as (onnxruntime dynamic INT
 QDQ INT8, the alternative), over several student seeds, all measured as ONNX in
 onnxruntime on the same splits (accuracy mean ± std over seeds; bytes and one-sentence latency of the first seed).
 
-Reads what ``dvc repro train_teacher_text`` (or ``make run``) leaves: ``data/text/processed`` and
-``models/text/teacher.pt``. The students train with ``distill.text``'s recipe and the seed changed (student
-initialisation, transfer set, batch order); nothing here is chosen: the test split is only reported.
+Reads what ``dvc repro train_teacher_text`` (or ``make run``) leaves in ``--root``: the processed data and the
+teacher distill_text reads (``data/text/processed``, ``models/text/teacher.pt``). The students train with
+``distill.text``'s recipe and the seed changed (student initialisation, transfer set, batch order); nothing here is
+chosen: the test split is only reported.
 
     python -m tasks.text.benchmark [--seeds 0 1 2] [--kind bilstm|cnn] [--out reports/benchmarks/text.json]
 """
@@ -19,9 +20,10 @@ from pathlib import Path
 import numpy as np
 
 from flows.benchmark import machine, target_rows, write_result
+from flows.stage_graph import stage_paths
 from tasks.artifacts import count_parameters, load_model
 from tasks.config import load_config
-from tasks.errors import run_cli
+from tasks.errors import PipelineError, run_cli
 from tasks.onnx_models import file_sizes
 from tasks.text.distill import distill_text
 from tasks.text.evaluate import sentence_latency
@@ -117,11 +119,20 @@ def table(result: dict) -> str:
     return "\n".join(lines)
 
 
+def check_inputs(data: Path, teacher: Path) -> None:
+    """What the benchmark reads is there, checked before any student trains: one line naming what is missing and
+    the stage that makes it."""
+    needed = [data / "manifest.json", data / "sentences.csv", teacher]
+    if missing := [str(path) for path in needed if not path.is_file()]:
+        raise PipelineError(f"{', '.join(missing)}: no such file; make them with `dvc repro train_teacher_text` (it "
+                            "prepares the data too), or name them with --data and --teacher")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--root", type=Path, default=Path("."))
-    parser.add_argument("--data", type=Path, default=Path("data/text/processed"))
-    parser.add_argument("--teacher", type=Path, default=Path("models/text/teacher.pt"))
+    parser.add_argument("--data", type=Path, help="default: the processed data distill_text reads, in --root")
+    parser.add_argument("--teacher", type=Path, help="default: the teacher distill_text reads, in --root")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--kind", choices=["bilstm", "cnn"], default="bilstm")
     parser.add_argument("--out", type=Path)
@@ -129,7 +140,10 @@ def main() -> None:
     if len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:   # a repeated seed is no independent run
         parser.error(f"--seeds {' '.join(map(str, args.seeds))}: distinct seeds of 0 or more (each a run of its own, "
                      "the spread over them reported)")
-    result = measure(args.root, args.data, args.teacher, args.seeds, args.kind)
+    where = stage_paths(args.root, "distill_text")
+    data, teacher = args.data or args.root / where["data"], args.teacher or args.root / where["teacher"]
+    check_inputs(data, teacher)
+    result = measure(args.root, data, teacher, args.seeds, args.kind)
     print(table(result))
     if args.out:
         write_result(args.out, result)

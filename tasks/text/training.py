@@ -22,8 +22,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasks.distillation import soft_target_kl
+from tasks.errors import DataFormatError
 from tasks.family_config import LossWeights, Training
-from tasks.io import read_manifest
+from tasks.io import read_manifest, read_prepared
 from tasks.training import autocast, device_of, fit_best, to_device
 
 SPLITS = ("train", "val", "test")
@@ -36,7 +37,13 @@ class TextSplit:
 
     @classmethod
     def load(cls, directory: Path, name: str) -> TextSplit:
-        rows = pd.read_csv(directory / "sentences.csv", dtype={"text": str}, keep_default_na=False)
+        """The ``name`` rows of ``sentences.csv`` as prepare_text wrote it; the file missing or unreadable (a stage
+        run before prepare_text, a wrong ``--data``), one line naming it rather than pandas' traceback."""
+        path = directory / "sentences.csv"
+        rows = read_prepared(path, lambda found: pd.read_csv(found, dtype={"text": str}, keep_default_na=False),
+                             "prepare_text")
+        if missing := sorted({"text", "label", "split"} - set(rows.columns)):
+            raise DataFormatError(f"{path}: no column {', '.join(missing)}; re-run prepare_text")
         rows = rows[rows.split == name]
         return cls(rows.text.tolist(), torch.tensor(rows.label.to_numpy(np.int64)))
 
