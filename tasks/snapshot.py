@@ -216,9 +216,17 @@ def ensure(snapshot: Path, family: str, intake: Intake, cfg: Any, recorded: dict
     for left in snapshot.glob(".*"):   # a batch's scratch copy left by a kill: never part of the snapshot
         if left.is_dir():
             shutil.rmtree(left, ignore_errors=True)
-    if first is not None and first["id"] == BOOTSTRAP and first.get("pins") != (pins := intake.pins(cfg)):
+    if first is not None and first["id"] == BOOTSTRAP and _as_pinned(first.get("pins")) != _as_pinned(
+            pins := intake.pins(cfg)):
         was = first.get("pins") or {}
         changed = sorted(k for k in was.keys() | pins.keys() if was.get(k) != pins.get(k))
+        if changed == [CONTENT] and CONTENT in was and CONTENT in pins and len(manifest["batches"]) > 1:
+            # the unpinned folder changed (or was re-encoded) since it bootstrapped a snapshot that has taken batches
+            # since: the snapshot is the data's version now; new images join it as batches
+            print(f"warning: {snapshot}: its bootstrap's image folder changed since it was read ({CONTENT} "
+                  f"{str(was[CONTENT])[:12]}… now {str(pins[CONTENT])[:12]}…); the snapshot keeps the images it read "
+                  "and the batches accepted since (new images join as a batch: `python -m flows.ingest`)")
+            return manifest
         # the pins both give agree, and one gives more: today's sources cannot give a pin here (an unpinned image
         # folder absent on this machine), or the snapshot was recorded before a release added one; neither says the
         # data changed, so a snapshot with accepted batches is kept (one of the bootstrap alone is remade)
@@ -245,6 +253,17 @@ def ensure(snapshot: Path, family: str, intake: Intake, cfg: Any, recorded: dict
             raise
         shutil.rmtree(old, ignore_errors=True)
     return manifest
+
+
+CONTENT = "content_sha256"   # an unpinned image folder's content digest, among a bootstrap's pins
+
+
+def _as_pinned(pins: dict[str, Any] | None) -> dict[str, Any] | None:
+    """``pins`` as they read once the folder is pinned: an unpinned folder's path and content digest recorded, then
+    its digest pinned as ``sha256`` (the snapshot stage prints it to pin) are the same images."""
+    if not pins or CONTENT not in pins:
+        return pins
+    return {**{k: v for k, v in pins.items() if k not in (CONTENT, "image_folder")}, "sha256": pins[CONTENT]}
 
 
 def recorded_version(root: Path, snapshot: Path) -> dict[str, Any] | None:
@@ -306,7 +325,7 @@ def stage_main(family: str, intake: Intake) -> None:
         run.log_artifact(args.snapshot / MANIFEST)
     print(f"{args.snapshot}: {len(manifest['batches'])} batch(es): {describe(manifest)}")
     first = next(iter(manifest["batches"]), {})
-    if first.get("id") == BOOTSTRAP and (content := (first.get("pins") or {}).get("content_sha256")):
+    if first.get("id") == BOOTSTRAP and (content := (first.get("pins") or {}).get(CONTENT)):
         print(f"{BOOTSTRAP}: its image folder's content digest is {content} (pin it as image_folder.sha256)")
     if skipped := bootstrap_skipped(manifest):
         print(f"{BOOTSTRAP}: skipped {skipped['count']} file(s) of its source that it does not read: "

@@ -123,10 +123,11 @@ def test_files_an_image_folder_leaves_out_are_named_through_the_snapshot_stage(t
 
 @pytest.mark.fault("data", "images added to (or edited in) an unpinned image folder, the snapshot stage run again "
                    "(the folder a dvc.yaml dependency of it)",
-                   "a snapshot of the folder alone is remade from it; one with accepted batches is refused in one "
-                   "line naming the digest that changed and the fixes; a folder absent here keeps the snapshot "
+                   "a snapshot of the folder alone is remade from it; one with accepted batches is kept, warned of "
+                   "(the snapshot is the data's version; new images join as batches); a folder absent here, or one "
+                   "pinned with the digest the stage printed, keeps the snapshot "
                    "(before: the old images kept, silently, and nothing re-trained)")
-def test_an_unpinned_folder_that_changed_remakes_its_bootstrap(tmp_path, raw_params):
+def test_an_unpinned_folder_that_changed_remakes_its_bootstrap(tmp_path, raw_params, capsys):
     """Before: an unpinned folder's bootstrap recorded its path and settings alone, so the snapshot stage, re-run by
     DVC when the folder changed, found nothing changed and kept the old images (train 60 after 2 were added)."""
     import shutil
@@ -150,12 +151,17 @@ def test_an_unpinned_folder_that_changed_remakes_its_bootstrap(tmp_path, raw_par
     x, y = INTAKE.read_batch(snapshot / BOOTSTRAP)["train"]
     write_batch({"train": (x[:6], y[:6])}, tmp_path / "0001-more")
     add_batch(snapshot, "0001-more", tmp_path / "0001-more", {"rows": {"train": 6}})
+    # with batches taken since, the snapshot is the data's version: a changed folder is warned of, never re-read
     shutil.copy(tmp_path / "more/fox/0.png", root / "fox/new.png")
-    with pytest.raises(DataFormatError, match=r"raw: was bootstrapped from other published files than params\.yaml "
-                                              r"pins now \(.*; content_sha256 differ\) and holds accepted batches; "
-                                              r"put those files back .*`python -m flows\.ingest`.*move the folder"):
-        ensure(snapshot, "vision", INTAKE, cfg)
+    kept = ensure(snapshot, "vision", INTAKE, cfg)
+    assert [b["id"] for b in kept["batches"]] == [BOOTSTRAP, "0001-more"] and kept["batches"][0] == again
+    assert "its bootstrap's image folder changed since it was read" in capsys.readouterr().out
     (root / "fox/new.png").unlink()
+    # pinned as the snapshot stage advises (its digest as image_folder.sha256): the same images, kept
+    pinned = folder_config(raw_params, root, sha256=again["pins"]["content_sha256"])
+    assert [b["id"] for b in ensure(snapshot, "vision", INTAKE, pinned)["batches"]] == [BOOTSTRAP, "0001-more"]
+    for name in ("cat", "dog", "fox"):   # a folder that no longer reads as one (its images moved on): not compared
+        shutil.rmtree(root / name)
     assert [b["id"] for b in ensure(snapshot, "vision", INTAKE, cfg)["batches"]] == [BOOTSTRAP, "0001-more"]
     shutil.move(root, tmp_path / "elsewhere")   # a machine without the folder: the snapshot is the data's version
     assert [b["id"] for b in ensure(snapshot, "vision", INTAKE, cfg)["batches"]] == [BOOTSTRAP, "0001-more"]
