@@ -5,6 +5,7 @@ same promotion lock as the gate (``flows.gating``, which registers versions and 
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
@@ -26,7 +27,7 @@ from flows.registry import (
 )
 from flows.registry_lock import registry_lock
 from tasks.config import Config, load_config
-from tasks.errors import run_cli
+from tasks.errors import PipelineError, run_cli
 from tasks.mlflow_store import client_for, redact, registered_version, server_error
 
 
@@ -102,6 +103,7 @@ def _move_alias(client: MlflowClient, uri: str, name: str, version: str, alias: 
     the current one (a rollback to a chosen version): the version moved back from is recorded as
     ``<alias>.rolled_back_from`` and the next rollback goes further back, not forth; and on a version that already
     held the alias (it keeps the one it replaced then). Another alias than champion records no version replaced."""
+    version = _checked_target(name, version, alias)
     if registered_version(client, name, version) is None:   # (a server that failed raises: not "does not exist")
         raise RegistryError(f"{name} version {version} does not exist in {redact(uri)}; nothing was changed")
     champion = registered_version(client, name) if alias == "champion" else None
@@ -125,6 +127,24 @@ def _move_alias(client: MlflowClient, uri: str, name: str, version: str, alias: 
     print(f"{name}@{alias} -> version {version} (was {previous}); by {who}: {reason or '(no reason given)'}"
           f"{confirmed}")
     return {"name": name, "alias": alias, "version": str(version), "previous": str(previous)}
+
+
+def _checked_target(name: str, version: str, alias: str) -> str:
+    """``version`` as a version number, once ``alias`` is one the registry accepts; a PipelineError before anything is
+    written otherwise. The registry checks an alias only when it is set, after the tags: a refused "latest" or "v<N>"
+    read back as a version (the newest, version N) and could pass for a move done, and the tags stayed on a version
+    no command could ever move such an alias to."""
+    from mlflow.utils.validation import _validate_model_alias_name, _validate_model_alias_name_reserved
+
+    try:   # MLflow's own rules (its stores check them on a move): word characters and dashes, not latest or v<N>
+        _validate_model_alias_name(alias)
+        _validate_model_alias_name_reserved(alias)
+    except MlflowException as err:
+        raise PipelineError(f"--alias {alias!r}: {err.message.rstrip('.')}; nothing was changed in {name}") from None
+    if not re.fullmatch(r"[0-9]+", str(version)) or int(version) < 1:
+        raise PipelineError(f"--version {version!r}: not a version number (a positive integer); nothing was changed "
+                            f"in {name}")
+    return str(int(version))
 
 
 def _set_alias(client: MlflowClient, uri: str, name: str, alias: str, version: str, previous: str | None,
@@ -177,6 +197,7 @@ def main() -> None:
     if args.rollback:
         rollback_champion(name, args.reason, args.who, args.root)
     else:
+        _checked_target(name, args.version, args.alias)   # in one line, before a flow (and Prefect's log) starts
         promote_model(name, args.version, args.alias, args.reason, args.who, args.root)
 
 

@@ -13,7 +13,7 @@ family without a snapshot stage reads its pinned, checksum-verified sources). Th
 ``python -m flows.pipeline --family F --no-promote``, tracked in this project's store (``MLFLOW_TRACKING_URI``, else
 its ``tracking.uri``, else its ``mlflow.db``): a re-run that builds the same INT8 file finds it already registered and
 changes nothing; one that differs (another CPU, other threads) is registered as a challenger and never moves
-``champion``.
+``champion``. A refusal leaves DEST as it was found: the folder it created removed, an empty one left empty.
 """
 from __future__ import annotations
 
@@ -22,7 +22,10 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from configobj import ConfigObj  # DVC reads and writes its config files with it
 from mlflow.exceptions import MlflowException
@@ -54,11 +57,41 @@ def _env(dest: Path) -> dict[str, str]:
     return {**tools_env(), "PYTHONPATH": str(dest)}
 
 
+def check_dest(dest: Path) -> None:
+    """DEST is an empty folder or none yet (before: a file was a NotADirectoryError traceback)."""
+    if dest.exists() and not dest.is_dir():
+        raise PipelineError(f"{dest}: a file, not a folder; restore writes into an empty or new folder")
+    if dest.exists() and any(dest.iterdir()):
+        raise PipelineError(f"{dest}: not empty; restore writes into an empty or new folder")
+
+
+@contextmanager
+def as_found_on_failure(dest: Path) -> Iterator[None]:
+    """DEST as this run found it when what runs inside fails (a refusal, Ctrl-C): the folder this run created removed
+    (with the parents it created), a folder that was empty emptied again, any other left alone. Before: a refusal
+    after the clone left DEST a full clone, and the same command again said "not empty"."""
+    created = dest
+    while not created.parent.exists():   # git clone creates DEST's missing parents too
+        created = created.parent
+    existed, was_empty = dest.exists(), dest.is_dir() and not any(dest.iterdir())
+    try:
+        yield
+    except BaseException:
+        if not existed:
+            shutil.rmtree(created, ignore_errors=True)
+        elif was_empty:
+            for child in list(dest.iterdir()):
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        raise
+
+
 def checkout_code(root: Path, commit: str, dest: Path) -> Path:
     """DEST as a clone of ``root``'s repository at ``commit`` (detached); return the project in it: DEST, or the
     folder of DEST that ``root`` is of its repository (a DVC project in a folder of a monorepo)."""
-    if dest.exists() and any(dest.iterdir()):
-        raise PipelineError(f"{dest}: not empty; restore writes into an empty or new folder")
+    check_dest(dest)
     top = _run(["git", "rev-parse", "--show-toplevel"], root, "git rev-parse")
     where = _run(["git", "rev-parse", "--show-prefix"], root, "git rev-parse")
     _run(["git", "clone", "--quiet", "--no-checkout", top, str(dest)], root, "git clone")
@@ -170,8 +203,35 @@ def _pull(root: Path, dest: Path, stage: str, what: str) -> str:
 
 
 def restore(root: Path, family: str, name: str, version_id: str, dest: Path, run: bool) -> int:
+    check_dest(dest)
     cfg = load_config(root / "params.yaml")
     uri = tracking_uri(cfg, root)
+    client, version, commit = _restorable(uri, name, version_id)
+    with tempfile.TemporaryDirectory() as lineage, as_found_on_failure(dest):
+        # the run's lineage/ first: a version registered without it is refused before anything is cloned
+        restore_lineage(client, version, Path(lineage))
+        dest = checkout_code(root, commit, dest)   # the project's folder of the clone
+        for file in LINEAGE_FILES:
+            shutil.copy2(Path(lineage) / file, dest / file)
+        check_params(dest, version.tags.get("params.hash"))
+        source = restore_data(root, dest, family)
+    if version.tags.get("git.dirty") == "true":
+        print(f"warning: version {version_id} was trained from uncommitted changes on top of {commit[:12]}; "
+              "only the commit is restored", file=sys.stderr)
+    print(f"restored {name} version {version_id} into {dest}: code {commit[:12]}, params and dvc.lock of run "
+          f"{version.run_id}, data from {source}")
+    if not run:
+        return 0
+    return rerun(dest, family, uri)
+
+
+def _restorable(uri: str, name: str, version_id: str) -> tuple[Any, Any, str]:
+    """A client of the store at ``uri``, version ``version_id`` of ``name`` in it and the commit it records; a
+    PipelineError when it is not there or records no commit it can be restored from."""
+    database = uri.removeprefix("sqlite:///")
+    if uri.startswith("sqlite:///") and not Path(database).is_file():   # opening it would create an empty store
+        raise PipelineError(f"no tracking store at {redact(uri)}: {database} does not exist; set MLFLOW_TRACKING_URI "
+                            f"or tracking.uri to the store {name} version {version_id} was registered in")
     client = client_for(uri)
     try:
         version = client.get_model_version(name, version_id)
@@ -189,18 +249,7 @@ def restore(root: Path, family: str, name: str, version_id: str, dest: Path, run
         raise PipelineError(f"{name} version {version_id}: git.commit {commit[:12]} is its sweep recipe's scratch "
                             f"copy's (the project was at {project[:12]}) and its run's dvc.lock records no data "
                             "version: it cannot be restored; re-run the sweep to register one that can")
-    dest = checkout_code(root, commit, dest)   # the project's folder of the clone
-    restore_lineage(client, version, dest)
-    check_params(dest, version.tags.get("params.hash"))
-    source = restore_data(root, dest, family)
-    if version.tags.get("git.dirty") == "true":
-        print(f"warning: version {version_id} was trained from uncommitted changes on top of {commit[:12]}; "
-              "only the commit is restored", file=sys.stderr)
-    print(f"restored {name} version {version_id} into {dest}: code {commit[:12]}, params and dvc.lock of run "
-          f"{version.run_id}, data from {source}")
-    if not run:
-        return 0
-    return rerun(dest, family, uri)
+    return client, version, commit
 
 
 def rerun(dest: Path, family: str, uri: str) -> int:
@@ -222,7 +271,8 @@ def main() -> None:
     args = parser.parse_args()
     root = args.root.resolve()
     cfg = load_config(root / "params.yaml")
-    name = args.name or registered_model(cfg, args.family)
+    model = registered_model(cfg, args.family)   # an unknown --family refused, with --name too
+    name = args.name or model
     family = args.family or next((f for f in cfg.families if cfg.block("gate", f).registered_model == name), None)
     if family is None:
         raise PipelineError(f"--name {name}: no family of params.yaml registers it; name it with --family")

@@ -22,9 +22,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -43,7 +45,7 @@ from flows.registry import (
     requirements,
 )
 from tasks.config import Config, load_config
-from tasks.errors import ServiceUnavailable, run_cli
+from tasks.errors import PipelineError, ServiceUnavailable, run_cli
 from tasks.io import tools_env
 from tasks.mlflow_store import client_for, is_server_call_error, redact, server_error, tracking_uri
 
@@ -113,16 +115,46 @@ def graph_inputs(model: Any) -> Any:
         for v in model.graph.input if v.name not in weights]))
 
 
+def check_port(host: str, port: int) -> None:
+    """``host:port`` is free for the scoring server: each address ``host`` names is bound and released as uvicorn will
+    bind it (SO_REUSEADDR), before the champion is fetched; a one-line PipelineError when one cannot be. Before, a port
+    in use was found by uvicorn after the fetch, and MLflow's CLI died with a traceback."""
+    try:
+        addresses = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        for family, kind, proto, _, address in addresses:
+            with socket.socket(family, kind, proto) as probe:
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                probe.bind(address)
+    except OSError as err:
+        if err.errno == errno.EADDRINUSE:
+            raise PipelineError(f"--port {port}: {host}:{port} is in use by another process; stop it or choose "
+                                "another --port; nothing served") from None
+        raise PipelineError(f"--host {host} --port {port}: cannot serve on {host}:{port} ({err.strerror or err}); "
+                            "nothing served") from None
+
+
+def _port(text: str) -> int:
+    """A TCP port number, 1-65535 (argparse's type for --port)."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = 0
+    if not 1 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a TCP port number (1-65535)")
+    return port
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--family", default=None, help="default: the first of params.yaml's families")
     parser.add_argument("--alias", default="champion")
     parser.add_argument("--host", default="127.0.0.1")
-    parser.add_argument("--port", type=int, default=5001)
+    parser.add_argument("--port", type=_port, default=5001)
     parser.add_argument("--root", type=Path, default=Path("."), help="project root holding params.yaml")
     args = parser.parse_args()
     root = args.root.resolve()
     cfg = load_config(root / "params.yaml")
+    check_port(args.host, args.port)
     server: list[subprocess.Popen] = []
     stop: list[int] = []   # a signal that came while the champion was being fetched
 

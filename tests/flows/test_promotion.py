@@ -1045,3 +1045,42 @@ def test_who_moved_an_alias_is_recorded_for_a_uid_without_a_passwd_entry(tmp_pat
     monkeypatch.setenv("USER", "runner")
     _move_alias(client, uri, "m", "1", "champion", "canary ok", None)
     assert client.get_model_version("m", "1").tags["champion.set_by"] == "runner"
+
+
+@pytest.mark.fault("promotion", "python -m flows.promotion --alias latest, --alias v3, --alias 'bad alias!' or "
+                   "--version abc",
+                   "a one-line error naming --alias or --version; no tag written, no alias moved (before: latest "
+                   "read back at the newest version as a move done, exit 0; v3 and 'bad alias!' left their tags on "
+                   "the version and said to run the same command again, which could never succeed)")
+@pytest.mark.parametrize(("alias", "version", "refused"), [
+    ("latest", "1", r"^--alias 'latest': 'latest' alias name \(case insensitive\) is reserved; nothing was changed in m$"),
+    ("v3", "1", r"^--alias 'v3': Version alias name 'v3' is reserved; nothing was changed in m$"),
+    ("bad alias!", "1", r"^--alias 'bad alias!': Invalid alias name: 'bad alias!'\. Names may only contain"),
+    ("champion", "abc", r"^--version 'abc': not a version number \(a positive integer\); nothing was changed in m$"),
+    ("champion", "0", r"^--version '0': not a version number"),
+], ids=["latest", "v3", "bad-alias", "version-abc", "version-0"])
+def test_an_alias_or_version_the_registry_cannot_take_is_refused_before_anything_is_written(tmp_path, prefect_server,
+                                                                                           monkeypatch, alias,
+                                                                                           version, refused):
+    """Before: the registry refused the alias only at the move, after the tags were written: ``latest`` read back at
+    the newest version and was reported done with no alias set; ``v3`` and ``bad alias!`` left their
+    ``<alias>.set_by/reason/set_at`` tags and said to run the same command again; ``--version abc`` said the same.
+    Now refused by the command before its flow starts, and by the move itself."""
+    import sys
+
+    from flows.promotion import _move_alias, main
+    from tasks.errors import PipelineError
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    client.create_registered_model("m")
+    for _ in range(3):
+        client.create_model_version("m", str(tmp_path), None)
+    monkeypatch.setattr(sys, "argv", ["flows.promotion", "--name", "m", "--root", str(_root_with_params(tmp_path, uri)),
+                                      "--version", version, "--alias", alias, "--reason", "canary ok"])
+    with pytest.raises(PipelineError, match=refused):
+        main()
+    with pytest.raises(PipelineError, match=refused) as error:
+        _move_alias(client, uri, "m", version, alias, "canary ok", "alice")
+    assert "\n" not in str(error.value)
+    assert not any(v.tags or v.aliases for v in client.search_model_versions("name = 'm'"))

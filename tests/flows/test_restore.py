@@ -159,3 +159,88 @@ def test_a_remote_urls_password_is_masked_where_restore_names_it(tmp_path, monke
     with pytest.raises(PipelineError, match="is in no DVC remote or cache tried") as nowhere:
         restore_data(root, tmp_path / "dest", "recsys")
     assert "s3cret" not in str(nowhere.value) and "https://user:***@127.0.0.1:9/dvc" in str(nowhere.value)
+
+
+def _version(tmp_path: Path, params_hash: str | None = None) -> MlflowClient:
+    """Version 1 of ``ctr`` in the store at $MLFLOW_TRACKING_URI, recording this project's HEAD; its run holds the
+    lineage/ artifacts (HEAD's params.yaml) when ``params_hash`` is given, and that hash is the version's."""
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=True)
+    client = MlflowClient()
+    run = client.create_run(client.create_experiment("e", artifact_location=(tmp_path / "art").as_uri())).info.run_id
+    tags = {"git.commit": head.stdout.strip()}
+    if params_hash is not None:
+        lineage = tmp_path / "lineage"
+        lineage.mkdir()
+        shown = subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=ROOT, capture_output=True, text=True,
+                               check=True)
+        (lineage / "params.yaml").write_text(shown.stdout)
+        (lineage / "dvc.lock").write_text("schema: '2.0'\nstages: {}\n")
+        client.log_artifacts(run, str(lineage), "lineage")
+        tags["params.hash"] = params_hash
+    client.create_registered_model("ctr")
+    client.create_model_version("ctr", f"runs:/{run}/model", run, tags=tags)
+    return client
+
+
+@pytest.mark.fault("runs", "restoring a version whose run holds no lineage/ artifacts",
+                   "a one-line PipelineError before anything is cloned: DEST (and the parent it would create) not "
+                   "there, and the same command again gives the same answer (before: DEST left a full clone, and the "
+                   "same command said \"not empty\")")
+def test_a_version_without_lineage_is_refused_before_dest_is_made(mlflow_uri, tmp_path):
+    """Before: the code was cloned into DEST first; the refusal that followed left the clone there."""
+    _version(tmp_path)
+    dest = tmp_path / "new" / "dest"   # its parent created by the clone too
+    for _ in range(2):   # the same command again: the same refusal, not "not empty"
+        with pytest.raises(PipelineError, match=r"^ctr version 1: its run \w+ holds no lineage/ artifacts"):
+            restore(ROOT, "recsys", "ctr", "1", dest, run=False)
+        assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.fault("runs", "restoring a version whose params resolve to another params.hash than it records (found "
+                   "by DEST's own code, after the clone)",
+                   "a one-line PipelineError and DEST as it was found: a new one removed, an empty one left there "
+                   "and empty (before: DEST left a full clone, and the same command said \"not empty\")")
+def test_a_restore_refused_after_the_clone_leaves_dest_as_it_was_found(mlflow_uri, tmp_path):
+    """Before: a params.hash that differs was found by DEST's own code, after the clone, and the clone stayed."""
+    _version(tmp_path, params_hash="0" * 64)
+    empty, new = tmp_path / "empty", tmp_path / "new"
+    empty.mkdir()
+    for dest in (empty, new, empty):
+        with pytest.raises(PipelineError, match=r"params\.yaml: resolves to params\.hash [0-9a-f]{12}…, the version "
+                                                r"records 000000000000…$"):
+            restore(ROOT, "recsys", "ctr", "1", dest, run=False)
+    assert empty.is_dir() and not list(empty.iterdir()) and not new.exists()
+
+
+@pytest.mark.fault("runs", "python -m flows.restore into a DEST that is a file",
+                   "a one-line PipelineError naming DEST, before the registry is asked (before: NotADirectoryError "
+                   "and its traceback)")
+def test_a_dest_that_is_a_file_is_refused_in_one_line(mlflow_uri, tmp_path):
+    _version(tmp_path)
+    dest = tmp_path / "afile"
+    dest.write_text("mine")
+    with pytest.raises(PipelineError, match=rf"^{dest}: a file, not a folder; restore writes into an empty or new "
+                                            "folder$"):
+        restore(ROOT, "recsys", "ctr", "1", dest, run=False)
+    assert dest.read_text() == "mine"
+
+
+@pytest.mark.fault("runs", "python -m flows.restore with a tracking store that does not exist (a SQLite file not "
+                   "there), or --name with a --family params.yaml does not have",
+                   "a one-line PipelineError naming the store or --family; no store created (before: an empty "
+                   "mlflow.db and its lock created, then \"no such version\"; --family unchecked)")
+def test_a_store_that_is_not_there_is_not_created_and_family_is_checked_with_name(tmp_path, monkeypatch):
+    from flows.restore import main
+
+    database = tmp_path / "none" / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{database}")
+    with pytest.raises(PipelineError, match=rf"^no tracking store at sqlite:///{database}: {database} does not "
+                                            "exist; set MLFLOW_TRACKING_URI or tracking.uri to the store ctr version "
+                                            "1 was registered in$"):
+        restore(ROOT, "recsys", "ctr", "1", tmp_path / "dest", run=False)
+    assert not (tmp_path / "none").exists() and not (tmp_path / "dest").exists()
+    monkeypatch.setattr(sys, "argv", ["flows.restore", str(tmp_path / "dest"), "--version", "1", "--name", "ctr",
+                                      "--family", "nope", "--root", str(ROOT), "--no-run"])
+    with pytest.raises(PipelineError, match=r"^--family: 'nope' is not one of params\.yaml's families"):
+        main()
+    assert not (tmp_path / "none").exists()
