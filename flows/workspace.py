@@ -105,11 +105,12 @@ def copy_project(dest: Path, overrides: dict[str, Any] | None = None, source: Pa
 def _link_data(source: Path, dest: Path) -> list[str]:
     """Symlink into ``dest`` the files and folders inside ``source`` that its data params name (``data_paths``: a
     user's corpus, image folder or table), unless a stage of the copy makes them; return them."""
-    made, inside, linked = _stage_outs(dest / "dvc.yaml"), source.resolve(), []
+    made, linked = _stage_outs(dest / "dvc.yaml"), []
     for data in data_paths(dest / "params.yaml"):
         path = Path(data)
+        # a path of the project as params write it; it may be a link out of it (DVC's symlink cache type with a
+        # shared cache elsewhere, a big disk): linked all the same (before: left out, and the copy's stage stopped)
         if (path.is_absolute() or ".." in path.parts or not (source / path).exists() or (dest / path).exists()
-                or not (source / path).resolve().is_relative_to(inside)   # (a link out of the project: as it is)
                 or any(out == path or out in path.parents for out in made)):
             continue
         (dest / path).parent.mkdir(parents=True, exist_ok=True)

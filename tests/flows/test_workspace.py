@@ -80,13 +80,18 @@ def test_a_scratch_copy_carries_the_users_table_and_source_folders(tmp_path, raw
     (source / "data/ml100k").mkdir(parents=True)
     (source / "data/ml100k/ml-100k.inter").write_text("user_id:token\n")
     raw = copying.deepcopy(raw_params)
+    (tmp_path / "shared-cache").mkdir()   # DVC's symlink cache type, the cache outside the project
+    (tmp_path / "shared-cache/ab12").write_text("click,user_id\n0,8\n")
+    (source / "data/mine/linked.csv").symlink_to(tmp_path / "shared-cache/ab12")
     raw["data"]["clicks"]["table"] = {"path": "data/mine/clicks.csv"}
     raw["data"]["recsys"]["source_dir"] = "data/ml100k"
+    raw["data"]["text"]["source_file"] = "data/mine/linked.csv"
     (source / "params.yaml").write_text(yaml.safe_dump(raw))
     (source / "dvc.yaml").write_text((ROOT / "dvc.yaml").read_text())
     copy = copy_project(tmp_path / "copy", {}, source=source)
     assert (copy / "data/mine/clicks.csv").resolve() == (source / "data/mine/clicks.csv").resolve()
     assert (copy / "data/ml100k/ml-100k.inter").is_file()
+    assert (copy / "data/mine/linked.csv").read_text() == "click,user_id\n0,8\n"   # (before: left out)
     assert "data/" not in subprocess.run(["git", "ls-files"], cwd=copy, capture_output=True, text=True,
                                          check=True).stdout   # not in the copy's commit
 
