@@ -216,7 +216,12 @@ def empty_checkpoint(paths: argparse.Namespace) -> None:
 def pass_through(run: Any, paths: argparse.Namespace, stage: str) -> None:
     """A compression stage left out of the recipe: its output is its input, so the graph stays coherent (its
     checkpoint folder, if it has one, created empty)."""
-    write_atomic(paths.model, paths.student.read_bytes())
+    try:
+        student = paths.student.read_bytes()
+    except OSError as err:   # (a stage run before the one that writes its input: one line, not a traceback)
+        raise CheckpointError(f"{paths.student}: cannot be read ({err.strerror or err}); re-run the stage that "
+                              "writes it") from err
+    write_atomic(paths.model, student)
     empty_checkpoint(paths)
     write_json(paths.metrics, {"pass_through": 1})
     write_atomic(paths.plots, b"epoch\n")

@@ -24,7 +24,7 @@ from tasks.ctr.ctr_onnx import MODELS, OUTPUT, onnx_probabilities
 from tasks.ctr.ctr_training import CtrSplit, ctr_metrics
 from tasks.ctr.scores import log_int8_curves, ratios, split_quality
 from tasks.errors import run_cli
-from tasks.io import read_csv, read_windows
+from tasks.io import read_csv, read_prepared, read_windows
 from tasks.onnx_models import file_sizes, percentiles_ms, session, timed_runs
 from tasks.recsys.config import EvaluateRecsys
 from tasks.recsys.prepare import assemble_fields
@@ -34,9 +34,9 @@ class Catalog:
     """Every user's and item's encoded fields: builds the rows of one user against many items."""
 
     def __init__(self, data_dir: Path) -> None:
-        self.users = np.load(data_dir / "users.npy")
-        self.items = np.load(data_dir / "items.npy")
-        self.item_genres = np.load(data_dir / "items_genres.npy")
+        self.users, self.items, self.item_genres = (
+            read_prepared(data_dir / f"{name}.npy", lambda path: np.load(path, allow_pickle=False), "prepare_recsys")
+            for name in ("users", "items", "items_genres"))
 
     def request(self, user: int, items: np.ndarray) -> dict[str, np.ndarray]:
         """Inputs scoring ``items`` (0-based) for ``user`` (0-based), in the FIELDS order of prepare_recsys."""

@@ -126,3 +126,25 @@ def test_the_text_benchmark_reads_root_and_names_missing_inputs_before_training(
                                             rf"{project}/models/text/teacher\.pt: no such file; make them with `dvc "
                                             r"repro train_teacher_text`"):
         benchmark.main()
+
+
+@pytest.mark.fault("data", "evaluate_recsys, or a prune or share stage left out of the recipe, run before what writes "
+                   "its input (the user and item tables, the student model)",
+                   "one line naming the file and what writes it, exit 2 (before: numpy's or Python's "
+                   "FileNotFoundError traceback)")
+def test_the_recommenders_tables_and_a_passed_through_student_missing_are_one_line(tmp_path):
+    """Before: ``Catalog`` (evaluate_recsys, the speed-up benchmark) loaded users.npy with a bare ``np.load``, and a
+    stage left out of the recipe read its student with ``read_bytes``: tracebacks."""
+    from argparse import Namespace
+
+    from tasks.artifacts import pass_through
+    from tasks.errors import CheckpointError
+    from tasks.recsys.evaluate import Catalog
+
+    with pytest.raises(DataFormatError, match=rf"^{tmp_path}/users\.npy: cannot be read .*; re-run prepare_recsys$"):
+        Catalog(tmp_path)
+    paths = Namespace(student=tmp_path / "student_kd.pt", model=tmp_path / "student_pruned.pt")
+    with pytest.raises(CheckpointError, match=rf"^{tmp_path}/student_kd\.pt: cannot be read \(No such file or "
+                                              r"directory\); re-run the stage that writes it$"):
+        pass_through(None, paths, "prune_vision")
+    assert not paths.model.exists()
