@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -68,38 +69,58 @@ def _run_dvc_once(root: Path, env: dict[str, str], args: tuple[str, ...], log: C
                             stderr=subprocess.STDOUT, text=True, errors="replace")
     tail: deque[str] = deque(maxlen=_TAIL_LINES)
     seen = False
+    with _RUNNING_LOCK:
+        _RUNNING.add(proc)
     try:
         for line in proc.stdout:
             tail.append(line)
             seen = seen or (marker is not None and line.startswith(marker))
             if log is not None:
                 log(line.rstrip("\n"))
-    except BaseException:
-        stop(proc)   # interrupted (Ctrl-C, a cancelled run): DVC is not left writing after the caller moved on
+    except BaseException as err:   # interrupted in this thread (Ctrl-C, a cancelled run): DVC is not left writing
+        # after the caller moved on; its output still read meanwhile (a stage blocked on a full pipe cannot end)
+        threading.Thread(target=lambda: [None for _ in proc.stdout], daemon=True).start()
+        stop(proc, settle=_SETTLE if isinstance(err, KeyboardInterrupt) else 0.0)
         raise
+    finally:
+        with _RUNNING_LOCK:
+            _RUNNING.discard(proc)
     return proc.wait(), "".join(tail), seen
 
 
-def stop(proc: subprocess.Popen, grace: float = 10.0) -> None:
+_RUNNING: set[subprocess.Popen] = set()   # the DVC commands of this process, for an interruption to stop
+_RUNNING_LOCK = threading.Lock()
+_SETTLE = 5.0   # Ctrl-C in a terminal reached the stage too: its own clean-up is given this long before a second one
+
+
+def stop_running() -> None:
+    """Stop every DVC command this process runs (``stop``): an interruption reaches the main thread only, while the
+    stages of a run are read by worker threads, which go on reading until their commands end."""
+    with _RUNNING_LOCK:
+        running = list(_RUNNING)
+    for proc in running:
+        stop(proc, settle=_SETTLE)
+
+
+def stop(proc: subprocess.Popen, grace: float = 10.0, settle: float = 0.0) -> None:
     """End ``proc`` and what it started as Ctrl-C in a terminal would (the stage's command first: DVC ignores SIGINT
     while one runs, and never passes a signal on), then harder, and wait for them: whatever the caller does next
-    (undoing what it started, say) happens after them, never beside them."""
+    (undoing what it started, say) happens after them, never beside them. ``settle``: seconds given first for them
+    to end on their own (a Ctrl-C at the terminal reached them already: a second would cut their clean-up short)."""
     import psutil
 
     try:
         family = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
     except psutil.NoSuchProcess:
         family = []
+    _, alive = psutil.wait_procs(family, timeout=settle) if settle and family else ([], family)
     for send in ("send_signal", "terminate", "kill"):
-        alive = [p for p in family if p.is_running()]
         if not alive:
             break
         for member in alive:
             with contextlib.suppress(psutil.NoSuchProcess):
                 member.send_signal(signal.SIGINT) if send == "send_signal" else getattr(member, send)()
         _, alive = psutil.wait_procs(alive, timeout=grace)
-        if not alive:
-            break
     proc.poll()
 
 

@@ -21,7 +21,15 @@ from typing import Any
 from prefect import flow, task
 from prefect.futures import PrefectFuture, as_completed
 
-from flows.dvc_stage import out_of_date, push_versioned, retry_transient, run_node, stage_env, stale_stages
+from flows.dvc_stage import (
+    out_of_date,
+    push_versioned,
+    retry_transient,
+    run_node,
+    stage_env,
+    stale_stages,
+    stop_running,
+)
 from flows.registry_lock import data_lock
 from flows.run_artifacts import flag_degraded_champion, publish_gate, publish_run
 from flows.stage_graph import StageNode, below, stage_graph, stage_paths, upstream_of
@@ -60,6 +68,9 @@ def compression_pipeline(root: str = ".", families: list[str] | None = None, pro
         except Exception:   # a stage failed once the others ended (not on an interrupt: stages may still run)
             with contextlib.suppress(Exception):   # the stage's failure is what the run reports
                 push_made()
+            raise
+        except BaseException:   # interrupted (Ctrl-C, a cancelled run: the main thread only): the stages' DVC
+            stop_running()      # commands end before the data lock is given back (worker threads still read them)
             raise
         push_made()
         parent.set_tags({f"stage.{name}": status for name, status in statuses.items()})

@@ -188,9 +188,9 @@ def test_a_tracking_server_down_after_a_stage_is_warned_of_without_its_password(
                    "running, DVC free to write dvc.lock after its caller had undone its work; DVC passes no signal "
                    "on to the stage's command)")
 def test_an_interrupted_dvc_command_is_stopped_with_the_stage_it_runs(tmp_path):
-    import psutil
+    import threading
 
-    from flows.dvc_stage import run_dvc
+    from flows.dvc_stage import run_dvc, stop_running
 
     root = tmp_path / "repo"
     env = _repo(root, lines=1)
@@ -204,9 +204,26 @@ def test_an_interrupted_dvc_command_is_stopped_with_the_stage_it_runs(tmp_path):
 
     with pytest.raises(KeyboardInterrupt):
         run_dvc(root, env, "repro", "talk", log=interrupt)
+    assert _left_running(root) == [] and not (root / "out.txt").exists() and not (root / "dvc.lock").exists()
+
+    # a run's stages are read by worker threads, and an interruption reaches the main thread only: it stops them
+    started = threading.Event()
+    worker = threading.Thread(target=run_dvc, args=(root, env, "repro", "talk"),
+                              kwargs={"log": lambda line: line.strip() == "started" and started.set()})
+    worker.start()
+    assert started.wait(60)
+    stop_running()
+    worker.join(30)
+    assert not worker.is_alive() and _left_running(root) == [] and not (root / "out.txt").exists()
+
+
+def _left_running(root: Path) -> list:
+    """The command lines of the processes working in ``root`` (killed: a test leaves none behind)."""
+    import psutil
+
     here = []
     for process in psutil.process_iter(["cwd", "cmdline"]):
         if process.info["cwd"] == str(root):
             here.append(process.info["cmdline"])
             process.kill()
-    assert here == [] and not (root / "out.txt").exists() and not (root / "dvc.lock").exists()
+    return here
