@@ -217,7 +217,9 @@ def ensure(snapshot: Path, family: str, intake: Intake, cfg: Any, recorded: dict
         if left.is_dir():
             shutil.rmtree(left, ignore_errors=True)
     if first is not None and first["id"] == BOOTSTRAP and _as_pinned(first.get("pins")) != _as_pinned(
-            pins := intake.pins(cfg)):
+            pins := _pins_now(snapshot, intake, cfg, len(manifest["batches"]) > 1)):
+        if pins is None:   # its source does not read now, and batches were accepted since: kept, as said
+            return manifest
         was = first.get("pins") or {}
         changed = sorted(k for k in was.keys() | pins.keys() if was.get(k) != pins.get(k))
         if changed == [CONTENT] and CONTENT in was and CONTENT in pins and len(manifest["batches"]) > 1:
@@ -256,6 +258,20 @@ def ensure(snapshot: Path, family: str, intake: Intake, cfg: Any, recorded: dict
 
 
 CONTENT = "content_sha256"   # an unpinned image folder's content digest, among a bootstrap's pins
+
+
+def _pins_now(snapshot: Path, intake: Intake, cfg: Any, batches: bool) -> dict[str, Any] | None:
+    """The pins of the bootstrap's sources today; None, said on stdout, when they do not read (an unpinned folder
+    emptied or reorganised) under a snapshot that has taken ``batches`` since (it is the data's version now; one of
+    the bootstrap alone is remade from its source, whose error is raised)."""
+    try:
+        return intake.pins(cfg)
+    except DataFormatError as err:
+        if not batches:
+            raise
+        print(f"warning: {snapshot}: its bootstrap's source does not read now ({err}); the snapshot keeps the "
+              "images it read and the batches accepted since")
+        return None
 
 
 def _as_pinned(pins: dict[str, Any] | None) -> dict[str, Any] | None:

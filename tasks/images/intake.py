@@ -52,10 +52,8 @@ def pins(family: str, cfg: Any, extra: Callable[[Any], dict[str, Any]] | None = 
     if folder is not None and folder.sha256:   # a pinned folder is its content, wherever it lies
         return {"channels": folder.channels, "size": folder.size, "sha256": folder.sha256, **more}
     if folder is not None:   # unpinned: images added to it, or edited, remake the bootstrap (one without batches)
-        try:   # (a family's own pins that fix the content already, such as the digits' bundle: not re-hashed)
-            content = None if more else folder_digest(Path(folder.path), f"data.{family}.image_folder")
-        except DataFormatError:   # a folder that no longer reads as one (emptied, reorganised): not compared
-            content = None
+        # (a family's own pins that fix the content already, such as the digits' bundle: not hashed again)
+        content = None if more else folder_digest(Path(folder.path), f"data.{family}.image_folder")
         return {"channels": folder.channels, "size": folder.size, "image_folder": folder.path,
                 **({"content_sha256": content} if content else {}), **more}
     return {**data.sha256, "class_names": data.class_names, **more}

@@ -165,6 +165,14 @@ def test_an_unpinned_folder_that_changed_remakes_its_bootstrap(tmp_path, raw_par
     assert [b["id"] for b in ensure(snapshot, "vision", INTAKE, cfg)["batches"]] == [BOOTSTRAP, "0001-more"]
     shutil.move(root, tmp_path / "elsewhere")   # a machine without the folder: the snapshot is the data's version
     assert [b["id"] for b in ensure(snapshot, "vision", INTAKE, cfg)["batches"]] == [BOOTSTRAP, "0001-more"]
+    # a snapshot of the folder alone whose folder no longer reads: its error, not the old images kept unsaid
+    other = image_folder(tmp_path / "other", per_class=4, mode="L")
+    alone = folder_config(raw_params, other)
+    ensure(tmp_path / "raw2", "vision", INTAKE, alone)
+    for name in ("cat", "dog", "fox"):
+        shutil.rmtree(other / name)
+    with pytest.raises(DataFormatError, match=rf"{other}"):
+        ensure(tmp_path / "raw2", "vision", INTAKE, alone)
 
 
 def test_an_imbalanced_folder_passes_its_own_class_mix(tmp_path, raw_params):
