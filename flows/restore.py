@@ -228,7 +228,7 @@ def restore(root: Path, family: str, name: str, version_id: str, dest: Path, run
 def _restorable(uri: str, name: str, version_id: str) -> tuple[Any, Any, str]:
     """A client of the store at ``uri``, version ``version_id`` of ``name`` in it and the commit it records; a
     PipelineError when it is not there or records no commit it can be restored from."""
-    database = uri.removeprefix("sqlite:///")
+    database = uri.removeprefix("sqlite:///").split("?", 1)[0]   # (a URL's query: SQLAlchemy's options)
     if uri.startswith("sqlite:///") and not Path(database).is_file():   # opening it would create an empty store
         raise PipelineError(f"no tracking store at {redact(uri)}: {database} does not exist; set MLFLOW_TRACKING_URI "
                             f"or tracking.uri to the store {name} version {version_id} was registered in")

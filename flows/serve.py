@@ -124,12 +124,15 @@ def check_port(host: str, port: int) -> None:
         for family, kind, proto, _, address in addresses:
             with socket.socket(family, kind, proto) as probe:
                 probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:   # as asyncio binds it: IPv6 alone (an IPv4 listener is no clash)
+                    probe.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
                 probe.bind(address)
     except OSError as err:
+        where = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         if err.errno == errno.EADDRINUSE:
-            raise PipelineError(f"--port {port}: {host}:{port} is in use by another process; stop it or choose "
+            raise PipelineError(f"--port {port}: {where} is in use by another process; stop it or choose "
                                 "another --port; nothing served") from None
-        raise PipelineError(f"--host {host} --port {port}: cannot serve on {host}:{port} ({err.strerror or err}); "
+        raise PipelineError(f"--host {host} --port {port}: cannot serve on {where} ({err.strerror or err}); "
                             "nothing served") from None
 
 

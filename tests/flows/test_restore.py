@@ -239,6 +239,13 @@ def test_a_store_that_is_not_there_is_not_created_and_family_is_checked_with_nam
                                             "1 was registered in$"):
         restore(ROOT, "recsys", "ctr", "1", tmp_path / "dest", run=False)
     assert not (tmp_path / "none").exists() and not (tmp_path / "dest").exists()
+    (tmp_path / "none").mkdir()
+    database.touch()   # there, named with SQLAlchemy's options: asked, not refused as missing
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{database}?timeout=30")
+    with pytest.raises(PipelineError, match=r"^--version 1: ctr has no such version in sqlite:///"):
+        restore(ROOT, "recsys", "ctr", "1", tmp_path / "dest", run=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{database}")
+    shutil.rmtree(tmp_path / "none")
     monkeypatch.setattr(sys, "argv", ["flows.restore", str(tmp_path / "dest"), "--version", "1", "--name", "ctr",
                                       "--family", "nope", "--root", str(ROOT), "--no-run"])
     with pytest.raises(PipelineError, match=r"^--family: 'nope' is not one of params\.yaml's families"):

@@ -39,3 +39,22 @@ def test_a_port_that_cannot_be_served_on_is_refused_before_anything_is_fetched(t
         assert said[0].startswith("usage: ") and [line for line in said if "error" in line] == said[-1:]
         assert said[-1].endswith(f"argument --port: {port!r} is not a TCP port number (1-65535)")
     assert not (tmp_path / "mlflow.db").exists()   # the registry was not asked
+
+
+def test_an_ipv6_host_is_free_beside_an_ipv4_listener_on_its_port():
+    """Before: the probe bound IPv6 without IPV6_V6ONLY, which uvicorn's asyncio sets: ``--host ::`` was refused as
+    in use when only 127.0.0.1 listened on the port, and the address was printed ``:::port``."""
+    from flows.serve import check_port
+    from tasks.errors import PipelineError
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        number = taken.getsockname()[1]
+        check_port("::", number)
+        with socket.socket(socket.AF_INET6) as also:
+            also.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            also.bind(("::", number))
+            also.listen()
+            with pytest.raises(PipelineError, match=rf"^--port {number}: \[::\]:{number} is in use"):
+                check_port("::", number)
