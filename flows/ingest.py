@@ -45,7 +45,7 @@ from flows.registry_lock import data_lock
 from tasks.config import Config, load_config
 from tasks.errors import EXIT_USER_ERROR, PipelineError, run_cli
 from tasks.mlflow_store import tracking_uri
-from tasks.snapshot import unfit_batch_name
+from tasks.snapshot import read, unfit_batch_name
 
 
 def landed(landing: Path) -> list[Path]:
@@ -78,15 +78,15 @@ def ingest(root: str, family: str, batches: list[str] | None = None,
     folders = batch_folders(cfg, family, batches, landing)
     env = stage_env(root_path, tracking_uri(cfg, root_path), "")   # no parent: the snapshot stage's run stands alone
     log = stage_logger()
-    stage, _ = snapshot_stage(root_path, family)
-    outcomes = []
+    stage, snapshot = snapshot_stage(root_path, family)
+    outcomes, held = [], None
     try:
         with data_lock(root_path, [family], cfg.pipeline.data_lock_timeout_seconds):   # no pipeline run reads it now
             # the snapshot exists and is intact before anything joins it (DVC's lock: waited for, as ingest_batch
             # does)
             reproduce(stage, root_path, env, lock_wait=cfg.pipeline.data_lock_timeout_seconds)
             push_versioned(root_path, env, stage, cfg.pipeline.data_lock_timeout_seconds)   # a bootstrap it made
-            deferred = None
+            held, deferred = _batch_ids(snapshot), None
             for folder in folders:   # in order: after a deferred batch none is accepted (the snapshot keeps the order)
                 outcome = ingest_batch(root_path, family, cfg, folder, env) if deferred is None else skipped(
                     root_path, family, folder) or Outcome(folder.name, "deferred", "order", f"after {deferred}, "
@@ -96,9 +96,20 @@ def ingest(root: str, family: str, batches: list[str] | None = None,
                     + (f"\n{outcome.detail}" if outcome.detail else ""))
                 outcomes.append(asdict(outcome))
     finally:   # what was accepted is committed, also when a later batch failed (before: left for another run's commit)
-        if (accepted := [o["batch"] for o in outcomes if o["status"] == "accepted"]) and cfg.pipeline.commit_lock:
+        accepted = [o["batch"] for o in outcomes if o["status"] == "accepted"]
+        if held is not None:   # and a batch DVC versioned before an interruption, whose outcome never came back
+            accepted += [b for b in _batch_ids(snapshot) if b not in held and b not in accepted]
+        if accepted and cfg.pipeline.commit_lock:
             commit_lock(root_path, f"{family}: batches {', '.join(accepted)} accepted into the snapshot")
     return outcomes
+
+
+def _batch_ids(snapshot: Path) -> list[str]:
+    """The batches the snapshot's manifest lists (none when it cannot be read)."""
+    try:
+        return [batch["id"] for batch in read(snapshot)["batches"]]
+    except (OSError, ValueError, KeyError, PipelineError):
+        return []
 
 
 @flow(name="continuous-training", log_prints=True)

@@ -302,7 +302,8 @@ def test_a_batch_dvc_cannot_version_leaves_the_snapshot_as_it_was(tmp_path, monk
     assert _lock_log(repo)[0] == f"recsys: batches {second.name} accepted into the snapshot"
     assert not _git(repo, "status", "--porcelain", "--", "dvc.lock")
 
-    # interrupted once DVC has recorded the version: the batch stays, accepted (its version is in dvc.lock)
+    # interrupted once DVC has recorded the version: the batch stays, accepted (its version is in dvc.lock), and the
+    # ingestion commits the lock with it though its outcome never came back
     monkeypatch.setattr(ingesting, "ingest_batch", accept)
 
     def versioned_then_interrupted(root, env, *args, **kwargs):
@@ -312,8 +313,9 @@ def test_a_batch_dvc_cannot_version_leaves_the_snapshot_as_it_was(tmp_path, monk
 
     monkeypatch.setattr(admission, "_dvc", versioned_then_interrupted)
     with pytest.raises(KeyboardInterrupt):
-        ingest_batch(repo, "recsys", cfg, third, repo_env(repo))
+        ingest.fn(str(repo), "recsys", batches=[str(third)])
     assert third.name in [b["id"] for b in json.loads((repo / SNAPSHOT / "snapshot.json").read_text())["batches"]]
+    assert _lock_log(repo)[0] == f"recsys: batches {third.name} accepted into the snapshot"
     assert admission.skipped(repo, "recsys", third).reason == f"already accepted as {third.name}"
     status = dvc(repo, "status", "--json", "snapshot_recsys")
     assert status.returncode == 0 and json.loads(status.stdout or "{}") == {}, status.stdout
