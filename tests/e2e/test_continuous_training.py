@@ -160,10 +160,12 @@ def test_arriving_weeks_are_versioned_trained_on_and_gated_and_bad_ones_quaranti
     assert f"already {version.name} version {warm_version}" in again.stdout, again.stdout[-3000:]
 
 
-@pytest.mark.fault("data", "an ingestion interrupted (Ctrl-C, a cancelled flow run) while DVC records an accepted batch",
+@pytest.mark.fault("data", "an ingestion interrupted (Ctrl-C, a cancelled flow run) while DVC records an accepted "
+                   "batch",
                    "the batch leaves the snapshot again and is ingested anew later (before: listed but unversioned, "
                    "skipped as accepted by every later ingestion, versioned by the next `dvc repro` with no report)")
-@pytest.mark.fault("data", "an ingestion interrupted while it quarantines a bad batch (the batch copied, its report not)",
+@pytest.mark.fault("data", "an ingestion interrupted while it quarantines a bad batch (the batch copied, its report "
+                   "not)",
                    "no quarantine entry is left: the next ingestion quarantines it whole, with its report (before: "
                    "the batch alone, skipped for good as quarantined, no report saying why)")
 @pytest.mark.fault("data", "a batch's file written to while its checks ran (a producer not done)",

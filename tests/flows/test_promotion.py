@@ -1053,7 +1053,8 @@ def test_who_moved_an_alias_is_recorded_for_a_uid_without_a_passwd_entry(tmp_pat
                    "read back at the newest version as a move done, exit 0; v3 and 'bad alias!' left their tags on "
                    "the version and said to run the same command again, which could never succeed)")
 @pytest.mark.parametrize(("alias", "version", "refused"), [
-    ("latest", "1", r"^--alias 'latest': 'latest' alias name \(case insensitive\) is reserved; nothing was changed in m$"),
+    ("latest", "1",
+     r"^--alias 'latest': 'latest' alias name \(case insensitive\) is reserved; nothing was changed in m$"),
     ("v3", "1", r"^--alias 'v3': Version alias name 'v3' is reserved; nothing was changed in m$"),
     ("bad alias!", "1", r"^--alias 'bad alias!': Invalid alias name: 'bad alias!'\. Names may only contain"),
     ("champion", "abc", r"^--version 'abc': not a version number \(a positive integer\); nothing was changed in m$"),

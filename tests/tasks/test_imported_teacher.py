@@ -681,8 +681,8 @@ def test_the_onnx_export_snippet_of_the_docs_makes_a_teacher_the_import_takes(tm
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").mkdir()
     model = nn.Sequential(nn.Flatten(), nn.Linear(784, 10)).eval()
-    exec(compile("import torch\n" + "\n".join(line.strip() for line in snippet.splitlines()), "byom.md", "exec"),  # noqa: S102 - the docs' snippet, run as written
-         {"model": model})
+    code = compile("import torch\n" + "\n".join(line.strip() for line in snippet.splitlines()), "byom.md", "exec")
+    exec(code, {"model": model})  # noqa: S102 - the docs' snippet, run as written
     assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["my_teacher.onnx"]
     spec = PretrainedTeacher(path="models/my_teacher.onnx", format="onnx", logits="scores", features=[],
                              sha256=hashlib.sha256((tmp_path / "models/my_teacher.onnx").read_bytes()).hexdigest())
