@@ -110,18 +110,26 @@ def stop(proc: subprocess.Popen, grace: float = 10.0, settle: float = 0.0) -> No
     import psutil
 
     try:
-        family = [*psutil.Process(proc.pid).children(recursive=True), psutil.Process(proc.pid)]
+        below = psutil.Process(proc.pid).children(recursive=True)
     except psutil.NoSuchProcess:
-        family = []
-    _, alive = psutil.wait_procs(family, timeout=settle) if settle and family else ([], family)
+        below = []
+
+    def ended_within(seconds: float) -> list:   # those still running (DVC itself waited for as the Popen it is:
+        deadline = time.monotonic() + seconds   # reaped by psutil, its exit status would read 0)
+        _, running = psutil.wait_procs(below, timeout=seconds)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(max(deadline - time.monotonic(), 0.0))
+        return [*running, *([proc] if proc.poll() is None else [])]
+
+    alive = ended_within(settle) if settle else [*below, proc]
     for send in ("send_signal", "terminate", "kill"):
         if not alive:
             break
         for member in alive:
-            with contextlib.suppress(psutil.NoSuchProcess):
+            with contextlib.suppress(psutil.NoSuchProcess, ProcessLookupError):
                 member.send_signal(signal.SIGINT) if send == "send_signal" else getattr(member, send)()
-        _, alive = psutil.wait_procs(alive, timeout=grace)
-    proc.poll()
+        below = [p for p in alive if p is not proc]
+        alive = ended_within(grace)
 
 
 def stage_logger() -> Callable[[str], None]:

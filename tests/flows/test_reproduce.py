@@ -207,14 +207,15 @@ def test_an_interrupted_dvc_command_is_stopped_with_the_stage_it_runs(tmp_path):
     assert _left_running(root) == [] and not (root / "out.txt").exists() and not (root / "dvc.lock").exists()
 
     # a run's stages are read by worker threads, and an interruption reaches the main thread only: it stops them
-    started = threading.Event()
-    worker = threading.Thread(target=run_dvc, args=(root, env, "repro", "talk"),
-                              kwargs={"log": lambda line: line.strip() == "started" and started.set()})
+    started, codes = threading.Event(), []
+    worker = threading.Thread(target=lambda: codes.append(run_dvc(root, env, "repro", "talk", log=lambda line: (
+        line.strip() == "started" and started.set()))[0]))
     worker.start()
     assert started.wait(60)
     stop_running()
     worker.join(30)
     assert not worker.is_alive() and _left_running(root) == [] and not (root / "out.txt").exists()
+    assert codes and codes[0] != 0   # the stopped command's own exit status, not a reaped one's 0
 
 
 def _left_running(root: Path) -> list:
