@@ -20,8 +20,9 @@ import numpy as np
 from flows.benchmark import machine, write_result
 from flows.stage_graph import stage_paths
 from tasks.config import load_config
-from tasks.errors import PipelineError, run_cli
+from tasks.errors import run_cli
 from tasks.family import load_family
+from tasks.io import require
 from tasks.speedup import paired_timing
 
 
@@ -29,9 +30,8 @@ def measure(root: Path, family: str, repeats: int) -> dict:
     cfg = load_config(root / "params.yaml")
     contract, where = load_family(family), stage_paths(root, f"evaluate_{family}")
     onnx, data = root / where["onnx"], root / where["data"]
-    needed = (onnx / "student_int8.onnx", onnx / "teacher_fp32.onnx", data)
-    if missing := [str(path) for path in needed if not path.exists()]:   # before a timing's traceback
-        raise PipelineError(f"{', '.join(missing)}: no such file or folder; make them with `dvc repro export_{family}`")
+    require([onnx / "student_int8.onnx", onnx / "teacher_fp32.onnx", data],   # before a timing's traceback
+            f"make them with `dvc repro export_{family}`")
     rel = cfg.block("gate", family).vs_teacher
     key, pairs = f"{contract.gate.latency}_p50_ms", rel.speedup_pairs
     candidate = lambda: contract.timing(onnx / "student_int8.onnx", data, cfg)

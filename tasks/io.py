@@ -120,6 +120,15 @@ def read_manifest(data_dir: Path, stage: str) -> dict[str, Any]:
     return read_prepared(data_dir / "manifest.json", lambda path: json.loads(path.read_text()), stage)
 
 
+def require(paths: list[Path], make: str) -> None:
+    """Every one of ``paths`` is there (a file or folder), checked before the work that reads them starts; else one
+    line naming those missing and ``make``, how to make them."""
+    from tasks.errors import PipelineError
+
+    if missing := [str(path) for path in paths if not path.exists()]:
+        raise PipelineError(f"{', '.join(missing)}: no such file or folder; {make}")
+
+
 def read_prepared(path: Path, read: Callable[[Path], Any], stage: str) -> Any:
     """``read(path)`` of a file the prepare ``stage`` wrote; missing or unreadable (a stage run before it, a wrong
     ``--data``, a file cut short), a DataFormatError naming the file and the stage to re-run, not a traceback."""

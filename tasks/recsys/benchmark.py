@@ -25,7 +25,8 @@ from tasks.ctr.ctr_onnx import MODELS, export_ctr_fp32
 from tasks.ctr.ctr_training import fit_ctr, label_loss, load_ctr_data
 from tasks.ctr.models import CtrModel
 from tasks.ctr.scores import ratios, split_quality
-from tasks.errors import PipelineError, run_cli
+from tasks.errors import run_cli
+from tasks.io import require
 from tasks.onnx_models import file_sizes
 from tasks.recsys.evaluate import score_onnx
 
@@ -80,10 +81,9 @@ def table(result: dict) -> str:
 def check_inputs(onnx_dir: Path, data: Path) -> None:
     """What the benchmark reads is there, checked before the baselines train (minutes): one line naming what is
     missing and the stage that makes it."""
-    needed = [data / name for name in DATA_FILES] + [onnx_dir / f"{name}.onnx" for name in MODELS]
-    if missing := [str(path) for path in needed if not path.is_file()]:
-        raise PipelineError(f"{', '.join(missing)}: no such file; make them with `dvc repro export_recsys` (it "
-                            "prepares the data too), or name their folders with --data and --onnx-dir")
+    require([data / name for name in DATA_FILES] + [onnx_dir / f"{name}.onnx" for name in MODELS],
+            "make them with `dvc repro export_recsys` (it prepares the data too), or name their folders with --data "
+            "and --onnx-dir")
 
 
 def main() -> None:

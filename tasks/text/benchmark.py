@@ -23,7 +23,8 @@ from flows.benchmark import machine, target_rows, write_result
 from flows.stage_graph import stage_paths
 from tasks.artifacts import count_parameters, load_model
 from tasks.config import load_config
-from tasks.errors import PipelineError, run_cli
+from tasks.errors import run_cli
+from tasks.io import require
 from tasks.onnx_models import file_sizes
 from tasks.text.distill import distill_text
 from tasks.text.evaluate import sentence_latency
@@ -122,10 +123,8 @@ def table(result: dict) -> str:
 def check_inputs(data: Path, teacher: Path) -> None:
     """What the benchmark reads is there, checked before any student trains: one line naming what is missing and
     the stage that makes it."""
-    needed = [data / "manifest.json", data / "sentences.csv", teacher]
-    if missing := [str(path) for path in needed if not path.is_file()]:
-        raise PipelineError(f"{', '.join(missing)}: no such file; make them with `dvc repro train_teacher_text` (it "
-                            "prepares the data too), or name them with --data and --teacher")
+    require([data / "manifest.json", data / "sentences.csv", teacher], "make them with `dvc repro "
+            "train_teacher_text` (it prepares the data too), or name them with --data and --teacher")
 
 
 def main() -> None:

@@ -105,8 +105,8 @@ def test_the_recsys_benchmark_reads_root_and_names_missing_inputs_before_trainin
     monkeypatch.setattr(benchmark, "train_baselines", lambda *a: pytest.fail("trained before its inputs were checked"))
     monkeypatch.setattr(sys, "argv", ["benchmark", "--root", str(project)])
     with pytest.raises(PipelineError, match=rf"^{project}/data/recsys/processed/features\.json, .*"
-                                            rf"{project}/models/recsys/onnx/student_int8\.onnx: no such file; make "
-                                            r"them with `dvc repro export_recsys`"):
+                                            rf"{project}/models/recsys/onnx/student_int8\.onnx: no such file or "
+                                            r"folder; make them with `dvc repro export_recsys`"):
         benchmark.main()
 
 
@@ -123,8 +123,8 @@ def test_the_text_benchmark_reads_root_and_names_missing_inputs_before_training(
     monkeypatch.setattr(benchmark, "measure", lambda *a: pytest.fail("measured before its inputs were checked"))
     monkeypatch.setattr(sys, "argv", ["benchmark", "--root", str(project), "--seeds", "0"])
     with pytest.raises(PipelineError, match=rf"^{project}/data/text/processed/manifest\.json, .*"
-                                            rf"{project}/models/text/teacher\.pt: no such file; make them with `dvc "
-                                            r"repro train_teacher_text`"):
+                                            rf"{project}/models/text/teacher\.pt: no such file or folder; make "
+                                            r"them with `dvc repro train_teacher_text`"):
         benchmark.main()
 
 
