@@ -207,8 +207,8 @@ def ensure(snapshot: Path, family: str, intake: Intake, cfg: Any, recorded: dict
     manifest = verify(snapshot)
     if manifest.get("family") != family:
         raise DataFormatError(f"{snapshot / MANIFEST}: holds family {manifest.get('family')!r}, not {family!r}")
-    first = next(iter(manifest["batches"]), None)
-    made = manifest.get("bootstrap", "published" if first is not None and first["id"] == BOOTSTRAP else "empty")
+    first = bootstrap_entry(manifest)
+    made = manifest.get("bootstrap", "published" if first is not None else "empty")
     wanted = intake.settings(cfg).bootstrap
     if made != wanted:
         raise DataFormatError(f"{snapshot}: was created with ingest.{family}.bootstrap {made}, params.yaml says "
@@ -216,7 +216,7 @@ def ensure(snapshot: Path, family: str, intake: Intake, cfg: Any, recorded: dict
     for left in snapshot.glob(".*"):   # a batch's scratch copy left by a kill: never part of the snapshot
         if left.is_dir():
             shutil.rmtree(left, ignore_errors=True)
-    if first is not None and first["id"] == BOOTSTRAP and _as_pinned(first.get("pins")) != _as_pinned(
+    if first is not None and _as_pinned(first.get("pins")) != _as_pinned(
             pins := _pins_now(snapshot, intake, cfg, len(manifest["batches"]) > 1)):
         if pins is None:   # its source does not read now, and batches were accepted since: kept, as said
             return manifest
@@ -309,10 +309,15 @@ def _listed_batches(root: Path, md5: str) -> list[str] | None:
         return None
 
 
+def bootstrap_entry(manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """The manifest's entry of batch ``0000-bootstrap`` (its first, when it has one)."""
+    first = next(iter(manifest["batches"]), None)
+    return first if first is not None and first["id"] == BOOTSTRAP else None
+
+
 def bootstrap_skipped(manifest: dict[str, Any]) -> dict[str, Any] | None:
     """``{"count", "files"}``: the files of the bootstrap's source that are no data it reads, if any."""
-    first = next(iter(manifest["batches"]), None)
-    return first.get("skipped") if first is not None and first["id"] == BOOTSTRAP else None
+    return (bootstrap_entry(manifest) or {}).get("skipped")
 
 
 def describe(manifest: dict[str, Any]) -> str:
@@ -336,12 +341,11 @@ def stage_main(family: str, intake: Intake) -> None:
     with stage_run(f"snapshot_{family}", cfg, params=bootstrap) as run:
         manifest = ensure(args.snapshot, family, intake, cfg, recorded)
         run.log_metrics({"batches": len(manifest["batches"])})
-        if manifest["batches"] and manifest["batches"][0]["id"] == BOOTSTRAP:
-            run.set_tag("data.source", manifest["batches"][0]["source"])
+        if (first := bootstrap_entry(manifest)) is not None:
+            run.set_tag("data.source", first["source"])
         run.log_artifact(args.snapshot / MANIFEST)
     print(f"{args.snapshot}: {len(manifest['batches'])} batch(es): {describe(manifest)}")
-    first = next(iter(manifest["batches"]), {})
-    if first.get("id") == BOOTSTRAP and (content := (first.get("pins") or {}).get(CONTENT)):
+    if content := ((first or {}).get("pins") or {}).get(CONTENT):
         print(f"{BOOTSTRAP}: its image folder's content digest is {content} (pin it as image_folder.sha256)")
     if skipped := bootstrap_skipped(manifest):
         print(f"{BOOTSTRAP}: skipped {skipped['count']} file(s) of its source that it does not read: "
