@@ -1,7 +1,9 @@
 """Typed errors a user can cause, and the CLI wrapper that prints them without a traceback."""
 from __future__ import annotations
 
+import signal
 import sys
+import threading
 import zlib
 from collections.abc import Callable
 
@@ -68,13 +70,28 @@ class CheckpointError(PipelineError):
     """A checkpoint exists but cannot be used."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (``kill``, a container or job stopped): met as Ctrl-C is, so the stage's clean-up runs."""
+
+
+def _terminated(signum: int, _frame: object) -> None:
+    signal.signal(signum, signal.SIG_DFL)   # a second one is not asked twice: it ends the process there and then
+    raise Terminated(f"stopped by {signal.Signals(signum).name}")
+
+
 def run_cli(main: Callable[[], object]) -> None:
-    """Run a stage's ``main`` with atomic outputs; print a PipelineError as one message and exit non-zero."""
+    """Run a stage's ``main`` with atomic outputs; print a PipelineError as one message and exit non-zero. A SIGTERM
+    ends it as Ctrl-C does (outputs dropped, its MLflow run marked KILLED), not as the default's instant death."""
     from tasks.staging import atomic_outputs
 
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _terminated)
     try:
         with atomic_outputs():
             main()
     except PipelineError as err:
         print(f"error: {type(err).__name__}: {err}", file=sys.stderr)
         sys.exit(EXIT_TRANSIENT if err.transient else EXIT_USER_ERROR)
+    except Terminated as err:
+        print(f"error: {err}; previous outputs kept", file=sys.stderr)
+        sys.exit(128 + signal.SIGTERM)

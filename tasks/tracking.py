@@ -147,18 +147,19 @@ class RunLogger:
 @contextmanager
 def _run(client: MlflowClient, cfg: Config, name: str, tags: dict[str, str], root: Path,
          with_outputs: bool = False) -> Iterator[RunLogger]:
-    """A run ended FAILED when its body raises, else FINISHED: ``with_outputs`` (a stage's run) once the stage's
+    """A run ended FAILED when its body raises (KILLED when interrupted), else FINISHED: ``with_outputs`` (a stage's run) once the stage's
     outputs are in place (``tasks.staging.after_commit``), FAILED if they could not be put there."""
     experiment = ensure_experiment(client, cfg, root)
     run = guarded(client, "start a run", lambda: client.create_run(experiment, run_name=name, tags=tags))
     logger = RunLogger(client, run.info.run_id, run.info.experiment_id)
     try:
         yield logger
-    except BaseException:
+    except BaseException as err:
+        status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"   # Ctrl-C, SIGTERM: stopped, not broken
         try:
-            logger.end("FAILED")
-        except PipelineError as err:  # the server went away too: say so, but report the failure that happened first
-            print(f"warning: run {run.info.run_id} could not be marked FAILED ({err})", file=sys.stderr)
+            logger.end(status)
+        except PipelineError as lost:  # the server went away too: say so, but report the failure that happened first
+            print(f"warning: run {run.info.run_id} could not be marked {status} ({lost})", file=sys.stderr)
         raise
     if not (with_outputs and after_commit(lambda committed: logger.end("FINISHED" if committed else "FAILED"))):
         logger.end("FINISHED")

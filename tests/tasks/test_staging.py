@@ -168,3 +168,47 @@ def test_everything_waiting_for_the_outputs_is_told_even_when_one_of_them_fails(
         after_commit(lambda committed: told.append(("second", committed)))
         raise KeyError("boom")
     assert told == [("first", False), ("second", False)] and "went away" in capsys.readouterr().err
+
+
+@pytest.mark.fault("runs", "a stage sent SIGTERM (`kill`, a container or job stopped) while it runs",
+                   "ended as Ctrl-C ends it: one line, exit 143, staged outputs dropped and the previous ones kept, "
+                   "its MLflow run marked KILLED (before: Python's default death, the run RUNNING for good)")
+def test_a_terminated_stage_cleans_up_and_its_run_is_marked_killed(tmp_path):
+    import signal
+
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "model.bin").write_text("old")
+    (tmp_path / "stage.py").write_text(textwrap.dedent("""
+        import time
+        from pathlib import Path
+        from tasks.config import load_config
+        from tasks.errors import run_cli
+        from tasks.staging import staged
+        from tasks.tracking import stage_run
+
+        def main():
+            with stage_run("talk", load_config("params.yaml"), {}):
+                staged(Path("data/model.bin")).write_text("new")
+                print("ready", flush=True)
+                time.sleep(120)
+
+        run_cli(main)
+        """))
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "MLFLOW_TRACKING_URI": uri}
+    env.pop("PIPELINE_PARENT_RUN_ID", None)
+    proc = subprocess.Popen([sys.executable, "stage.py"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert err.strip().splitlines()[-1] == "error: stopped by SIGTERM; previous outputs kept"
+    assert "Traceback" not in err
+    assert (tmp_path / "data" / "model.bin").read_text() == "old" and not list(tmp_path.rglob(".staging"))
+    (run,) = MlflowClient(uri).search_runs(["1"])
+    assert run.info.status == "KILLED"
