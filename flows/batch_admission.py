@@ -25,7 +25,8 @@ from tasks.errors import DataFormatError, PipelineError
 from tasks.expectations import DATA_DOCS, ephemeral_context, failure_message, render_docs, run_suites
 from tasks.intake import Intake, load_intake
 from tasks.io import write_atomic, write_json
-from tasks.lineage import locked_outputs
+from tasks.pending_batch import joining
+from tasks.pending_batch import recorded as pending_recorded
 from tasks.snapshot import MANIFEST, add_batch, batch_digest, batch_tables, folder_digests, read
 from tasks.tracking import pipeline_run
 
@@ -160,36 +161,11 @@ def ingest_batch(root: Path, family: str, cfg: Config, folder: Path, env: dict[s
             if docs.is_dir():
                 run.log_artifacts(docs, DATA_DOCS)
             return Outcome(folder.name, "quarantined", reason, detail, str(target))
-        before = (snapshot / MANIFEST).read_bytes()
-        entry = add_batch(snapshot, folder.name, folder, {"rows": intake.rows(batch), "source": str(folder.resolve())})
         wait = cfg.pipeline.data_lock_timeout_seconds   # for DVC's lock, held a moment by another family's run
-
-        def leave() -> None:   # the batch leaves the snapshot again, to be ingested anew
-            write_atomic(snapshot / MANIFEST, before)
-            shutil.rmtree(snapshot / folder.name, ignore_errors=True)
-
-        recorded = _recorded(root, snapshot)
-        try:
-            if changed := _changed(folder, files, entry["files"]):   # the copy kept holds rows no check saw
-                leave()
-                return _deferred(run, folder, changed)
-            # dvc.lock and the cache hold the new version: the next `dvc repro` trains on it
-            _dvc(root, env, "commit", "--force", stage, lock_wait=wait)
-        except BaseException as err:
-            # DVC failed, or the ingestion was interrupted (Ctrl-C, a cancelled flow run; DVC is stopped first, so
-            # nothing writes after this): unless dvc.lock records the new version already, the batch leaves the
-            # snapshot. Before, an interruption (DVC may wait half an hour for its lock) left the batch listed but
-            # unversioned: skipped as accepted by every later ingestion, then versioned by the next `dvc repro` with
-            # no report and no commit
-            if _recorded(root, snapshot) != recorded:   # versioned: accepted, though its report was not written
-                raise
-            leave()
-            run.set_tags({"ingest.status": "failed",
-                          "ingest.reason": "interrupted" if not isinstance(err, Exception) else "versioning"})
-            if not isinstance(err, PipelineError):
-                raise
-            raise PipelineError(f"batch {folder.name} was not accepted, the snapshot is as it was: {err}") from err
-        report["digest"] = entry["digest"]
+        changed, digest = _admit(root, snapshot, stage, intake, batch, folder, files, env, run, wait)
+        if changed:
+            return _deferred(run, folder, changed)
+        report["digest"] = digest
         if unpushed := push_outputs(root, env, stage, wait):
             print(f"warning: batch {folder.name} is accepted but not on the DVC remote: {unpushed}", file=sys.stderr)
             run.set_tag("ingest.pushed", "false")
@@ -201,11 +177,40 @@ def ingest_batch(root: Path, family: str, cfg: Config, folder: Path, env: dict[s
     return Outcome(folder.name, "accepted", "", "", str(reports))
 
 
-def _recorded(root: Path, snapshot: Path) -> dict[str, Any] | None:
-    """What dvc.lock records of the snapshot folder now (read as it is: no DVC process writes it at this point)."""
-    lock = root / "dvc.lock"
-    text = lock.read_text() if lock.is_file() else None
-    return locked_outputs(root, text).get(snapshot.relative_to(root).as_posix()) if text is not None else None
+def _admit(root: Path, snapshot: Path, stage: str, intake: Intake, batch: Any, folder: Path, files: dict[str, str],
+           env: dict[str, str], run: Any, wait: float) -> tuple[str, str]:
+    """Add the checked ``folder`` to the snapshot and version it (``wait``: for DVC's lock); ``_changed``'s line when the copy is not what the checks read (the batch left again), else "",
+    and the batch's digest."""
+    manifest = snapshot / MANIFEST
+    before = manifest.read_bytes()
+
+    def leave() -> None:   # the batch leaves the snapshot again, to be ingested anew
+        write_atomic(manifest, before)
+        shutil.rmtree(snapshot / folder.name, ignore_errors=True)
+
+    with joining(root, snapshot, manifest, folder.name) as recorded:   # on record until versioned or left again
+        entry = add_batch(snapshot, folder.name, folder, {"rows": intake.rows(batch), "source": str(folder.resolve())})
+        try:
+            if changed := _changed(folder, files, entry["files"]):   # the copy kept holds rows no check saw
+                leave()
+                return changed, ""
+            # dvc.lock and the cache hold the new version: the next `dvc repro` trains on it
+            _dvc(root, env, "commit", "--force", stage, lock_wait=wait)
+        except BaseException as err:
+            # DVC failed, or the ingestion was interrupted (Ctrl-C, a cancelled flow run; DVC is stopped first, so
+            # nothing writes after this): unless dvc.lock records the new version already, the batch leaves the
+            # snapshot. Before, an interruption (DVC may wait half an hour for its lock) left the batch listed but
+            # unversioned: skipped as accepted by every later ingestion, then versioned by the next `dvc repro` with
+            # no report and no commit (a kill no clean-up survives: ``tasks.pending_batch``)
+            if pending_recorded(root, snapshot) != recorded:   # versioned: accepted, though its report was not written
+                raise
+            leave()
+            run.set_tags({"ingest.status": "failed",
+                          "ingest.reason": "interrupted" if not isinstance(err, Exception) else "versioning"})
+            if not isinstance(err, PipelineError):
+                raise
+            raise PipelineError(f"batch {folder.name} was not accepted, the snapshot is as it was: {err}") from err
+    return "", entry["digest"]
 
 
 def _quarantine(folder: Path, checked: dict[str, str], report: dict[str, Any], reports: Path, target: Path) -> str:

@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -35,6 +36,7 @@ from tasks.config import load_config
 from tasks.errors import DataFormatError, PipelineError
 from tasks.intake import Intake
 from tasks.io import file_digest, write_json
+from tasks.pending_batch import settle
 
 MANIFEST = "snapshot.json"
 BOOTSTRAP = "0000-bootstrap"
@@ -334,6 +336,8 @@ def stage_main(family: str, intake: Intake) -> None:
     cfg = load_config(args.params)
     from tasks.tracking import stage_run
 
+    if left := settle(Path("."), args.snapshot, args.snapshot / MANIFEST):   # by an ingestion killed mid-way
+        print(f"warning: {left}", file=sys.stderr)
     # what dvc.lock records of an absent snapshot (its paths are relative to the project, the stage's working
     # directory); an existing one is verified against its own manifest, and dvc.lock is not read for it
     recorded = None if args.snapshot.exists() else recorded_version(Path("."), args.snapshot)

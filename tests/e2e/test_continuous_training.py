@@ -164,6 +164,10 @@ def test_arriving_weeks_are_versioned_trained_on_and_gated_and_bad_ones_quaranti
                    "batch",
                    "the batch leaves the snapshot again and is ingested anew later (before: listed but unversioned, "
                    "skipped as accepted by every later ingestion, versioned by the next `dvc repro` with no report)")
+@pytest.mark.fault("data", "an ingestion killed (SIGKILL: no clean-up runs) while DVC records an accepted batch",
+                   "the next snapshot stage (the first of every pipeline run, `dvc repro` and ingestion) takes the "
+                   "batch out again, saying so, and it is ingested anew (before: listed but unversioned, skipped as "
+                   "accepted by every later ingestion, versioned by the next `dvc repro` with no report)")
 @pytest.mark.fault("data", "an ingestion interrupted while it quarantines a bad batch (the batch copied, its report "
                    "not)",
                    "no quarantine entry is left: the next ingestion quarantines it whole, with its report (before: "
@@ -223,6 +227,22 @@ def test_a_batch_dvc_cannot_version_leaves_the_snapshot_as_it_was(tmp_path, monk
             ingest_batch(repo, "recsys", cfg, first, repo_env(repo))
     assert json.loads((repo / SNAPSHOT / "snapshot.json").read_text())["batches"] == []
     assert not (repo / SNAPSHOT / first.name).exists() and admission.skipped(repo, "recsys", first) is None
+    # killed while DVC records it (SIGKILL, the out-of-memory killer: no clean-up runs): the next snapshot stage (the
+    # first of every run and ingestion) takes the batch out again; before, it stayed listed but unversioned
+    killed = ("import os, sys\nfrom pathlib import Path\nimport flows.batch_admission as admission\n"
+              "from tasks.config import load_config\n"
+              "admission._dvc = lambda root, env, *args, **kw: os.kill(os.getpid(), 9) if args[0] == 'commit' else None\n"
+              "repo = Path(sys.argv[1])\nadmission.ingest_batch(repo, 'recsys', load_config(repo / 'params.yaml'), "
+              "Path(sys.argv[2]), dict(os.environ))\n")
+    proc = subprocess.run([sys.executable, "-c", killed, str(repo), str(first)], cwd=repo, env=repo_env(repo),
+                          capture_output=True, text=True)
+    listed = json.loads((repo / SNAPSHOT / "snapshot.json").read_text())["batches"]
+    assert proc.returncode == -9 and [b["id"] for b in listed] == [first.name], proc.stderr[-3000:]
+    proc = dvc(repo, "repro", "snapshot_recsys")
+    assert proc.returncode == 0 and f"batch {first.name} was left in" in proc.stderr, proc.stderr[-3000:]
+    assert json.loads((repo / SNAPSHOT / "snapshot.json").read_text())["batches"] == []
+    assert not (repo / SNAPSHOT / first.name).exists() and admission.skipped(repo, "recsys", first) is None
+    assert not list((repo / SNAPSHOT).parent.glob(".*.pending.json"))
     # a bad batch interrupted while it is quarantined (its copy landed, its report not yet): no entry without its
     # report (before: the batch alone, skipped by every later ingestion as quarantined, no report saying why)
     broken = tmp_path / "0002-z-broken"
