@@ -98,7 +98,7 @@ deploy: $(STAMP)
 	$(VENV)/bin/prefect --no-prompt deploy --all
 
 worker: $(STAMP)
-	KDQ_PROJECT_DIR=$(CURDIR) $(VENV)/bin/prefect worker start --pool kdq-process
+	KDQ_PROJECT_DIR='$(CURDIR)' $(VENV)/bin/prefect worker start --pool kdq-process
 
 # Every compression arm x ablation.<family>.seeds on the full data, measured as ONNX; writes reports/ablation/.
 # FAMILY=<name>: an image family with an ablation block (default: the first one in params.yaml).

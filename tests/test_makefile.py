@@ -31,3 +31,25 @@ def test_clean_results_removes_every_familys_data():
     removed = dry.stdout.split()
     assert removed[:2] == ["rm", "-rf"] and {"models", "mlflow.db"} <= set(removed)
     assert {f"data/{family}" for family in families} <= set(removed), removed
+
+
+def test_make_worker_passes_a_project_folder_with_spaces_whole(tmp_path):
+    """Before: ``KDQ_PROJECT_DIR=$(CURDIR)`` unquoted: in "My Projects/kdq" the shell ran "Projects/kdq" as a command
+    (exit 127) and no worker started."""
+    import os
+    import subprocess
+
+    project = tmp_path / "My Projects" / "Modèles kdq"
+    (project / "venv" / "bin").mkdir(parents=True)
+    (project / "Makefile").write_text((ROOT / "Makefile").read_text())
+    for name in ("pyproject.toml", "constraints.txt"):   # the install stamp's prerequisites, older than the stamp
+        (project / name).write_text("")
+    (project / "venv" / ".installed").write_text("")
+    prefect = project / "venv" / "bin" / "prefect"   # stands in for Prefect's CLI: says what it was given
+    prefect.write_text('#!/bin/sh\nprintf "%s\\n" "$KDQ_PROJECT_DIR" "$*"\n')
+    prefect.chmod(0o755)
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+    done = subprocess.run(["make", "--no-print-directory", "-s", "worker", "VENV=venv"], cwd=project, env=env,
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.splitlines() == [str(project), "worker start --pool kdq-process"]
