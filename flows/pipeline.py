@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -31,7 +32,7 @@ from flows.dvc_stage import (
     stop_running,
 )
 from flows.registry_lock import data_lock
-from flows.run_artifacts import flag_degraded_champion, publish_gate, publish_run
+from flows.run_artifacts import flag_degraded_champion, mlflow_ui_command, publish_gate, publish_run
 from flows.stage_graph import StageNode, below, stage_graph, stage_paths, upstream_of
 from tasks.config import Config, load_config
 from tasks.errors import PipelineError, run_cli
@@ -243,9 +244,9 @@ def summary(result: dict[str, Any], root: Path) -> str:
     lines += [f"results: models/ metrics/ plots/ reports/ under {root}",
               f"MLflow parent run {result['parent_run_id']} in {result['tracking_uri']}",
               "open the MLflow UI:",
-              f"  {bin_dir}/mlflow ui --backend-store-uri {result['tracking_uri']} --port 5000",
+              f"  {mlflow_ui_command(result['tracking_uri'], str(bin_dir / 'mlflow'))} --port 5000",
               "open the Prefect UI (the ephemeral runs are kept in Prefect's local database):",
-              f"  {bin_dir}/prefect server start   # then http://127.0.0.1:4200"]
+              f"  {shlex.join([str(bin_dir / 'prefect'), 'server', 'start'])}   # then http://127.0.0.1:4200"]
     return "\n".join(lines)
 
 

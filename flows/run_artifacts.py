@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -73,8 +74,14 @@ def publish_run(statuses: dict[str, str], root: Path, families: list[str], uri: 
     else:
         create_markdown_artifact(
             f"MLflow parent run `{parent_run_id}` (experiment {experiment_id}) in `{redact(uri)}`.\n\n"
-            f"Open it with `mlflow ui --backend-store-uri {redact(uri)}`.",
+            f"Open it with `{mlflow_ui_command(redact(uri))}`.",
             key="mlflow-run", description="Every stage's child run, metrics, figures and models")
+
+
+
+def mlflow_ui_command(uri: str, mlflow: str = "mlflow") -> str:
+    """The command line that opens MLflow's UI on the store ``uri``, quoted for a shell (a project folder's spaces)."""
+    return shlex.join([mlflow, "ui", "--backend-store-uri", uri])
 
 
 def publish_gate(family: str, report: dict[str, Any]) -> None:

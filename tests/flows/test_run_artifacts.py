@@ -44,6 +44,30 @@ def test_the_data_docs_of_a_local_store_are_named_by_a_path_that_exists(tmp_path
     assert Path(local_index((tmp_path / "sp ace" / "art").as_uri())).is_file()
 
 
+def test_the_commands_a_run_prints_open_a_store_in_a_folder_with_spaces(tmp_path, monkeypatch):
+    """The MLflow and Prefect UI commands of the run's summary and of its Prefect artifact are quoted for a shell.
+    Before: pasted as printed, ``mlflow ui --backend-store-uri sqlite:////home/me/My Projects/kdq/mlflow.db`` failed
+    (``Got unexpected extra arguments``)."""
+    import shlex
+    import sys
+
+    import flows.run_artifacts as artifacts
+    from flows.pipeline import summary
+
+    uri = f"sqlite:///{tmp_path / 'My Projects' / 'Modèles kdq' / 'mlflow.db'}"
+    said = []
+    monkeypatch.setattr(artifacts, "create_table_artifact", lambda *args, **kwargs: None)
+    monkeypatch.setattr(artifacts, "create_markdown_artifact", lambda text, **kwargs: said.append(text))
+    artifacts.publish_run({}, tmp_path, [], uri, "1", "r")
+    (command,) = [part for part in said[0].split("`") if part.startswith("mlflow ui")]
+    assert shlex.split(command) == ["mlflow", "ui", "--backend-store-uri", uri]
+    text = summary({"stages": {}, "metrics": {}, "parent_run_id": "r", "tracking_uri": uri, "gates": {}}, tmp_path)
+    mlflow, prefect = (line for line in text.splitlines() if "ui --backend-store-uri" in line or "server start" in line)
+    bin_dir = Path(sys.executable).parent
+    assert shlex.split(mlflow) == [str(bin_dir / "mlflow"), "ui", "--backend-store-uri", uri, "--port", "5000"]
+    assert shlex.split(prefect, comments=True) == [str(bin_dir / "prefect"), "server", "start"]
+
+
 def _health(degraded: bool) -> dict:
     return {"version": "3", "degraded": degraded, "drop": 0.08 if degraded else 0.01, "max_drop": 0.05}
 
