@@ -70,11 +70,19 @@ def this_prefect_api_for_workers() -> Iterator[None]:
         del os.environ["PREFECT_API_URL"]
 
 
+def project_tracking_uri(root: Path) -> str:
+    """The tracking URI of the project at ``root``, password and all, as a pipeline run derives it (its params and
+    ``$MLFLOW_TRACKING_URI``). The recipes' subflow derives it here rather than taking it as a parameter: Prefect
+    stores a subflow's parameters verbatim and shows them in its UI."""
+    return tracking_uri(load_config(root / "params.yaml"), root)
+
+
 @flow(name="sweep-recipes")
-def fan_out(recipes: list[dict[str, Any]], family: str, root: str, work: str, uri: str, sweep_run_id: str,
+def fan_out(recipes: list[dict[str, Any]], family: str, root: str, work: str, sweep_run_id: str,
             upstream_outs: list[str], stages: list[str], threads: int,
             retry_delays: list[float]) -> list[dict[str, Any]]:
     """Every recipe as one task on the flow's (Dask) task runner; a failed recipe is recorded, never fatal."""
+    uri = project_tracking_uri(Path(root))   # a task's arguments, unlike a flow's, are not stored by Prefect
     task = run_recipe.with_options(retries=len(retry_delays), retry_delay_seconds=retry_delays)
     futures = {task.submit(i, r, family, Path(root), Path(work), uri, sweep_run_id, upstream_outs, stages,
                            threads): i for i, r in enumerate(recipes)}
@@ -113,7 +121,7 @@ def recipe_sweep(root: str = ".", family: str | None = None, address: str | None
         if value is not None and value < 1:   # (the CLI refuses them too)
             raise UsageError(f"{option}: {value}; a sweep needs at least 1")
     workers = sweep.workers if workers is None else workers
-    uri = tracking_uri(cfg, root_path)
+    uri = project_tracking_uri(root_path)
     nodes = family_stages(stage_graph(root_path), family)
     below = downstream_of(nodes, f"train_teacher_{family}")
     upstream = [n for n in nodes if n not in below]
@@ -138,7 +146,7 @@ def recipe_sweep(root: str = ".", family: str | None = None, address: str | None
             start = time.perf_counter()
             with this_prefect_api_for_workers():
                 outcomes = fan_out.with_options(task_runner=dask_runner(sweep, address, workers))(
-                    drawn, family, str(root_path), str(root_path / sweep.work_dir / parent.run_id), uri, parent.run_id,
+                    drawn, family, str(root_path), str(root_path / sweep.work_dir / parent.run_id), parent.run_id,
                     [o for n in upstream for o in n.outs], [n.name for n in below], sweep.threads_per_worker,
                     cfg.pipeline.retry_delays(sweep.recipe_retries))
             seconds = time.perf_counter() - start
