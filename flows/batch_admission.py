@@ -24,7 +24,7 @@ from tasks.config import Config
 from tasks.errors import DataFormatError, PipelineError
 from tasks.expectations import DATA_DOCS, ephemeral_context, failure_message, render_docs, run_suites
 from tasks.intake import Intake, load_intake
-from tasks.io import write_atomic, write_json
+from tasks.io import UMASK, write_atomic, write_json
 from tasks.pending_batch import joining
 from tasks.pending_batch import recorded as pending_recorded
 from tasks.snapshot import MANIFEST, add_batch, batch_digest, batch_tables, folder_digests, read
@@ -229,7 +229,7 @@ def _quarantine(folder: Path, checked: dict[str, str], report: dict[str, Any], r
             return changed
         write_json(reports / "report.json", report)
         shutil.copytree(reports, scratch, dirs_exist_ok=True)
-        scratch.chmod(0o755)   # mkdtemp makes it private
+        scratch.chmod(0o777 & ~UMASK)   # mkdtemp makes it private; as mkdir would make it
         if target.exists():
             shutil.rmtree(target)
         os.replace(scratch, target)

@@ -35,7 +35,7 @@ from typing import Any
 from tasks.config import load_config
 from tasks.errors import DataFormatError, PipelineError
 from tasks.intake import Intake
-from tasks.io import file_digest, write_json
+from tasks.io import UMASK, file_digest, write_json
 from tasks.pending_batch import settle
 
 MANIFEST = "snapshot.json"
@@ -126,7 +126,7 @@ def add_batch(snapshot: Path, batch_id: str, source: Path, entry: dict[str, Any]
     if target.exists():   # an unlisted folder left by a kill between the copy and the manifest
         shutil.rmtree(target)
     scratch = Path(tempfile.mkdtemp(dir=snapshot, prefix=f".{batch_id}."))
-    scratch.chmod(0o755)   # mkdtemp makes it private
+    scratch.chmod(0o777 & ~UMASK)   # mkdtemp makes it private; as mkdir would make it
     try:
         for path in sorted(source.iterdir()):
             if path.is_file() and not path.name.startswith("."):
@@ -173,7 +173,7 @@ def create(snapshot: Path, family: str, intake: Intake, cfg: Any, recorded: dict
         refuse(1)   # (its manifest alone): said before anything is made
     snapshot.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(dir=snapshot.parent, prefix=f".{snapshot.name}."))
-    scratch.chmod(0o755)
+    scratch.chmod(0o777 & ~UMASK)   # as mkdir would make it
     try:
         batches = []
         if spec.bootstrap == "published":

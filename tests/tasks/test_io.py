@@ -1,6 +1,7 @@
 """Small file helpers under concurrency: what several processes sharing a folder (a download cache) rely on."""
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -60,3 +61,41 @@ def test_a_file_written_whole_gets_the_mode_the_umask_gives(tmp_path):
     os.umask(umask)
     write_atomic(tmp_path / "metrics.json", b"{}")
     assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == 0o666 & ~umask
+
+
+@pytest.mark.parametrize("umask", [0o002, 0o077])
+def test_snapshot_batch_and_quarantine_folders_get_the_mode_the_umask_gives(tmp_path, umask):
+    """Made in a private temporary folder and moved into place, they get the mode mkdir would give them. Before: 0755
+    whatever the umask: under 077 the batch names were listable by every user, under 002 (a group-shared project) a
+    teammate's ingestion could not add its batch to the snapshot."""
+    import stat
+    import subprocess
+    import sys
+    import textwrap
+
+    from tests.conftest import ROOT
+
+    (tmp_path / "week").mkdir()
+    (tmp_path / "week" / "ratings.csv").write_text("user_id,item_id,rating,timestamp\n1,1,5,0\n")
+    script = textwrap.dedent(f"""
+        import os
+        os.umask({umask:#o})
+        from pathlib import Path
+        from flows.batch_admission import _quarantine
+        from tasks.config import load_config
+        from tasks.recsys.intake import INTAKE
+        from tasks.snapshot import add_batch, create, folder_digests
+        cfg = load_config({str(ROOT / "params.yaml")!r})
+        cfg = cfg.model_copy(update={{"ingest": cfg.ingest.model_copy(update={{
+            "recsys": cfg.ingest.recsys.model_copy(update={{"bootstrap": "empty"}})}})}})
+        create(Path("raw"), "recsys", INTAKE, cfg)
+        add_batch(Path("raw"), "week", Path("week"), {{"rows": {{}}}})
+        Path("reports").mkdir()
+        _quarantine(Path("week"), folder_digests(Path("week")), {{}}, Path("reports"), Path("quarantine/week"))
+        """)
+    done = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)},
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
+    modes = {name: oct(stat.S_IMODE((tmp_path / name).stat().st_mode))
+             for name in ("raw", "raw/week", "quarantine/week")}
+    assert modes == dict.fromkeys(modes, oct(0o777 & ~umask))
