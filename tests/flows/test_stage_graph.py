@@ -255,3 +255,13 @@ def test_the_graph_is_read_again_while_dvc_lock_is_rewritten(tmp_path):
     with pytest.raises(PipelineError, match=rf"{tmp_path / 'dvc.yaml'}: DVC cannot read it"):
         stage_graph(tmp_path)
     assert time.monotonic() - start < 5.0
+
+
+def test_the_docs_run_dvc_with_the_projects_python_first_on_path():
+    """A stage's command is ``python -m tasks...``: DVC runs whichever ``python`` is first on PATH. Before, the README
+    said ``.venv/bin/dvc exp run ...`` (and docs/byom.md ``.venv/bin/dvc repro``), which, without the venv activated,
+    ran the stages with the system's Python: ``No module named 'pandas'``."""
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    bare = [f"{page.relative_to(ROOT)}:{n}" for page in pages
+            for n, line in enumerate(page.read_text().splitlines(), 1) if ".venv/bin/dvc " in line]
+    assert not bare, f"run DVC in a shell with `source .venv/bin/activate`, not as .venv/bin/dvc: {bare}"
