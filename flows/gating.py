@@ -302,11 +302,14 @@ def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str, family: st
     champ = registered_version(client, gate.registered_model)
     champion = None
     theirs = split_by(client, champ) if champ is not None else None
-    if theirs is not None and not same_split(theirs, cfg, family, root, split):
-        # other split params: today's test rows may be the champion's training rows, its scores would flatter it
+    if champ is not None and (theirs is None or not same_split(theirs, cfg, family, root, split)):
+        # other split params, or none recorded (registered before they were, or by hand): today's test rows may be
+        # the champion's training rows, its scores would flatter it (warm_start.champion_files refuses it alike)
+        how = f"was split by other data.{family} params ({theirs[:12]}…)" if theirs is not None else \
+            f"records no split params (no {SPLIT_TAG} tag, no warm start plan naming them)"
         champion = {"version": str(champ.version), "incomparable":
-                    f"champion v{champ.version} was split by other data.{family} params ({theirs[:12]}…): today's "
-                    "test rows may be its training rows, not compared (floors and teacher only)"}
+                    f"champion v{champ.version} {how}: today's test rows may be its training rows, not compared "
+                    "(floors and teacher only)"}
         print(champion["incomparable"])
     with tempfile.TemporaryDirectory() as tmp:
         if champ is not None:   # made for other data: refused, whatever its split. Split by other params, by what
