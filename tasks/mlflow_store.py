@@ -1,6 +1,7 @@
 """Where MLflow's tracking store and registry live and how this code reaches them: the URI (``$MLFLOW_TRACKING_URI``,
 else ``tracking.uri`` in params.yaml, else ``sqlite:///mlflow.db``), bounded HTTP retries, a client (SQLite stores
-created under a lock), the experiment, credentials kept out of messages, and which failures are the server's."""
+created under a lock; a store of another MLflow version named in one line), the experiment, credentials kept out of
+messages, and which failures are the server's."""
 from __future__ import annotations
 
 import fcntl
@@ -34,14 +35,17 @@ def bound_http_retries(cfg: Config) -> None:
 
 def redact(text: str) -> str:
     """``text`` (a URI, or a server's error naming the URL it called) with the password of every URL in it masked
-    (``https://user:secret@host`` -> ``https://user:***@host``; a raw "@" in the user name or password too)."""
+    (``https://user:secret@host`` -> ``https://user:***@host``; a raw "@" in the user name or password too, and a
+    "/" in the password: ``openssl rand -base64`` gives them)."""
     return _CREDENTIALS.sub(r"\1:***@", text)
 
 
 #: user:password@ right after a scheme: the password up to the last "@" before the path (it may hold "@", ":", and
 #: even a raw "#" or "?"; the user name may be empty, a token alone). An "@" in a query without a path before it
-#: masks the host too: a host hidden rather than a password shown
-_CREDENTIALS = re.compile(r"(?<=://)([^/\s:?#]*):[^/\s]+@")
+#: masks the host too: a host hidden rather than a password shown. No "@" before the first "/": the password holds
+#: a "/" (base64 passwords do), masked up to the last "@" of the URI (its whitespace-delimited text), the host and
+#: path before an "@" in the path too
+_CREDENTIALS = re.compile(r"(?<=://)([^/\s:?#]*):(?:[^/\s]+|\S+)@")
 
 
 class RequestRefused(PipelineError):
@@ -95,11 +99,55 @@ def registered_version(client: MlflowClient, name: str, version: str | None = No
         raise
 
 
+class StoreSchemaMismatch(PipelineError):
+    """A SQL tracking store's database schema is another MLflow version's: an operator migrates it (or runs the
+    MLflow that wrote it); every try fails alike, so it is not retried."""
+
+
+#: what MLflow's SQL stores raise when the database's schema revision is not this MLflow's
+#: (``mlflow.store.db.utils._verify_schema``): the revision found and the one expected
+_SCHEMA = re.compile(r"^Detected out-of-date database schema \(found version (\S+), but expected (\S+)\)")
+
+
 def client_for(uri: str) -> MlflowClient:
-    """A client of the tracking store and registry at ``uri``. MLflow opens (and on a new SQLite file creates and
-    migrates) the store in the constructor; on SQLite that happens under an exclusive lock on a file beside the
-    database, since runs starting together on a new store otherwise race on the migrations and all but one fail
-    (alembic: "expected to match one row"; seen with 4 concurrent runs)."""
+    """A client of the tracking store and registry at ``uri``; StoreSchemaMismatch, in one line saying how to
+    migrate it, when its database's schema is another MLflow version's (MLflow's own error is a traceback)."""
+    try:
+        return _client(uri)
+    except MlflowException as err:
+        if not (found := _SCHEMA.match(err.message)):
+            raise
+        raise _schema_mismatch(uri, *found.groups()) from None
+
+
+def _schema_mismatch(uri: str, found: str, expected: str) -> StoreSchemaMismatch:
+    """What to do about a store at schema revision ``found`` where this MLflow expects ``expected``: upgrade an
+    older one (after a backup: the migration is not undone), use the MLflow of a newer one (no downgrade exists)."""
+    import shlex
+
+    import mlflow
+    from alembic.script import ScriptDirectory
+    from alembic.util import CommandError
+    from mlflow.store.db.utils import _get_alembic_config
+
+    shown = redact(uri)
+    what = f"tracking store {shown}: its database schema (revision {found})"
+    try:   # ("None": tables without a recorded revision, as a store older than migrations left them)
+        ScriptDirectory.from_config(_get_alembic_config("")).get_revision(None if found == "None" else found)
+    except CommandError:   # a revision this MLflow has no migration to: written by a later MLflow
+        return StoreSchemaMismatch(f"{what} is a later MLflow's than this one ({mlflow.__version__}, revision "
+                                   f"{expected}): run with the MLflow version that wrote it; nothing read or written")
+    password = " (the password where *** stands)" if shown != uri else ""
+    return StoreSchemaMismatch(f"{what} is older than this MLflow's ({mlflow.__version__}, revision {expected}): "
+                               f"back the database up, then run `mlflow db upgrade {shlex.quote(shown)}`{password}; "
+                               "nothing read or written")
+
+
+def _client(uri: str) -> MlflowClient:
+    """MLflow opens (and on a new SQLite file creates and migrates) the store in the constructor; on SQLite that
+    happens under an exclusive lock on a file beside the database, since runs starting together on a new store
+    otherwise race on the migrations and all but one fail (alembic: "expected to match one row"; seen with 4
+    concurrent runs)."""
     if not uri.startswith("sqlite:///"):
         return MlflowClient(uri, registry_uri=uri)
     database = Path(uri.removeprefix("sqlite:///"))
