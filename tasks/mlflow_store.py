@@ -18,9 +18,31 @@ from tasks.errors import AccessDenied, PipelineError, ServiceUnavailable
 
 
 def tracking_uri(cfg: Config, root: Path = Path(".")) -> str:
-    """Where runs and the registry live; also bounds how long MLflow retries a server that does not answer."""
+    """Where runs and the registry live; also bounds how long MLflow retries a server that does not answer. A SQLite
+    store's relative path is made absolute (from the environment: against the working directory; from params:
+    against the project): processes started in another folder (a restore's re-run, a sweep's recipes, a pipeline
+    run's stages under ``--root``) log to the same store, not to a new one of their own."""
     bound_http_retries(cfg)
-    return os.environ.get("MLFLOW_TRACKING_URI") or cfg.tracking.uri or f"sqlite:///{(root / 'mlflow.db').resolve()}"
+    if uri := os.environ.get("MLFLOW_TRACKING_URI"):
+        return _absolute(uri, Path.cwd(), "$MLFLOW_TRACKING_URI")
+    if cfg.tracking.uri:
+        return _absolute(cfg.tracking.uri, root, "tracking.uri")
+    return _absolute("sqlite:///mlflow.db", root, "the project's folder")
+
+
+def _absolute(uri: str, base: Path, source: str) -> str:
+    """``uri`` with a SQLite database path relative to ``base`` made absolute; a path SQLAlchemy would read as
+    another (it cuts at "?", decodes "%XX": runs would go to another file, maybe another project's) is refused."""
+    if not uri.startswith("sqlite:///"):
+        return uri
+    path, sep, query = uri.removeprefix("sqlite:///").partition("?")
+    if path not in ("", ":memory:") and not path.startswith("/"):
+        path = str((base / path).resolve())
+        if "?" in path or "%" in path:
+            raise PipelineError(f"{source}: the SQLite store's path {path} holds '?' or '%', which its URI cannot "
+                                "name (SQLAlchemy would open another file): move the project, or set "
+                                "$MLFLOW_TRACKING_URI to a store elsewhere")
+    return f"sqlite:///{path}{sep}{query}"
 
 
 def bound_http_retries(cfg: Config) -> None:

@@ -80,3 +80,38 @@ def test_a_password_holding_a_slash_is_masked():
     assert redact("https://alice:pw@host:5000/x?next=a@b") == "https://alice:***@host:5000/x?next=a@b"
     assert redact("http://127.0.0.1:5000/api/2.0/mlflow/runs/get failed") == \
         "http://127.0.0.1:5000/api/2.0/mlflow/runs/get failed"
+
+
+def test_a_relative_sqlite_store_is_the_same_file_from_every_folder(tmp_path, monkeypatch, config):
+    """Before: ``MLFLOW_TRACKING_URI=sqlite:///mlflow.db`` (or a relative ``tracking.uri``) was passed as it was to
+    processes started in another folder (a restore's re-run in DEST, a sweep's recipes in their copies, stages under
+    ``--root``), which each logged to a new, empty store of their own."""
+    from tasks.mlflow_store import tracking_uri
+
+    here, project = tmp_path / "here", tmp_path / "project"
+    here.mkdir()
+    project.mkdir()
+    monkeypatch.chdir(here)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///mlflow.db")
+    assert tracking_uri(config, project) == f"sqlite:///{here / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "sqlite:///:memory:")
+    assert tracking_uri(config, project) == "sqlite:///:memory:"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    stored = config.model_copy(update={"tracking": config.tracking.model_copy(update={"uri": "sqlite:///s/m.db"})})
+    assert tracking_uri(stored, project) == f"sqlite:///{project / 's' / 'm.db'}"
+    assert tracking_uri(config, project) == f"sqlite:///{project / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow:5000")   # a server: as it is
+    assert tracking_uri(stored, project) == "http://mlflow:5000"
+
+
+@pytest.mark.fault("runs", "a project in a folder whose path holds '?' or '%' (its own SQLite store)",
+                   "one line naming the path and what to do (before: SQLAlchemy cut the path at '?' or decoded '%41': "
+                   "the runs went to another file, outside the project, maybe another project's store)")
+@pytest.mark.parametrize("folder", ["a?b", "p%41"])
+def test_a_project_path_its_sqlite_uri_cannot_name_is_refused(tmp_path, monkeypatch, config, folder):
+    from tasks.errors import PipelineError
+    from tasks.mlflow_store import tracking_uri
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    with pytest.raises(PipelineError, match=r"the project's folder: the SQLite store's path .* holds '\?' or '%'"):
+        tracking_uri(config, tmp_path / folder / "project")
