@@ -252,10 +252,30 @@ def parse_config(raw: Any, source: str = "params.yaml") -> Config:
     if bad := [f for f in families if not FAMILY_NAME.fullmatch(f)]:
         raise ConfigError(f"{source}: families: {bad[0]!r} is not a family name (lower-case letters and digits, a "
                           "letter first: it names the package tasks/<name>/ and ends its stages' names <kind>_<name>)")
+    if unlisted := _unlisted_families(merged, families):
+        names = sorted(unlisted)
+        paths = [path for name in names for path in unlisted[name]]
+        raise ConfigError(f"{source}: {', '.join(names)} {'is' if len(names) == 1 else 'are'} not in families "
+                          f"{families}, yet it holds blocks of {'it' if len(names) == 1 else 'them'} "
+                          f"({', '.join(paths[:4])}{', ...' if len(paths) > 4 else ''}): add "
+                          f"{'it' if len(names) == 1 else 'them'} to families, or delete the blocks and the stages "
+                          "in dvc.yaml; to run some families only, `python -m flows.pipeline --family <name>`")
     try:
         return config_model(tuple(families)).model_validate(merged)
     except ValidationError as err:
         raise ConfigError(_format_errors(err, source, merged.get("profile", "full"))) from None
+
+
+def _unlisted_families(merged: dict[str, Any], families: list[str]) -> dict[str, list[str]]:
+    """The family packages (``tasks/<name>/config.py``) ``families`` leaves out that blocks of ``merged`` name
+    (``data.<name>``, ...), each with those blocks' key paths: a family taken off the list, not a mistyped key."""
+    found: dict[str, list[str]] = {}
+    for key, section in merged.items():
+        for name in section if isinstance(section, dict) else ():
+            if (isinstance(name, str) and name not in families and FAMILY_NAME.fullmatch(name)
+                    and (Path(__file__).parent / name / "config.py").is_file()):
+                found.setdefault(name, []).append(f"{key}.{name}")
+    return found
 
 
 def load_config(path: Path | str = PARAMS_FILE, profile: str | None = None) -> Config:

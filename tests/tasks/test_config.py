@@ -22,6 +22,28 @@ def test_unknown_key_names_its_path(raw_params):
         parse_config(raw)
 
 
+@pytest.mark.fault("params", "a family taken off `families` while its blocks stay in params.yaml (to run one family)",
+                   "one line naming the families left out, blocks of them, and the two ways on (add them back, or "
+                   "delete their blocks and stages; `--family` to run some only); before: 'Extra inputs are not "
+                   "permitted' for every block, each with its whole value (15 KB for four families)")
+def test_a_family_taken_off_the_list_is_one_line_saying_what_to_do(raw_params):
+    import copy
+
+    raw = copy.deepcopy(raw_params)
+    raw["families"] = ["vision", "recsys"]
+    with pytest.raises(ConfigError) as refused:
+        parse_config(raw)
+    message = str(refused.value)
+    assert "\n" not in message and len(message) < 400, message
+    assert message.startswith("params.yaml: clicks, digits, text are not in families ['vision', 'recsys'], yet it "
+                              "holds blocks of them (data.clicks, ")
+    assert "add them to families" in message and "--family <name>" in message
+    raw["data"]["vison"] = raw["data"]["vision"]   # a mistyped key is not taken for a family: named as before
+    raw["families"] = raw_params["families"]
+    with pytest.raises(ConfigError, match="data.vison: Extra inputs are not permitted"):
+        parse_config(raw)
+
+
 @pytest.mark.fault("params", "a value of the wrong type",
                    "ConfigError at load naming the key path and the value")
 def test_wrong_type_names_its_path_and_value(raw_params):
