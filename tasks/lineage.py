@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import os
 import subprocess
@@ -110,9 +111,11 @@ def data_params(cfg: Any, family: str, root: Path = Path(".")) -> str:
 def same_split(recorded: str | None, cfg: Any, family: str, root: Path = Path("."), today: str | None = None) -> bool:
     """Whether ``recorded`` (a champion's ``data_params``) is today's, or the one the same params gave before: with
     ``ENCODING`` fields hashed (recorded until 2026-12-06), with only the data block's own ``LOCATION`` fields left
-    out (recorded 2026-12-04 to 2026-12-06), or the whole block's hash (recorded until 2026-12-04). Those earlier
-    forms hashed a ``CONTENT`` field's path, which says nothing of the rows, and no ``ROWS``: while either is set, only
-    today's counts.
+    out (recorded 2026-12-04 to 2026-12-06), or the whole block's hash (recorded until 2026-12-04: every field of the
+    block as it was then, by alias). A block of then lacked the ``LOCATION`` fields added since (where the files are
+    found, what a published set holds), which decide no row whatever they hold: the whole block's hash counts with
+    any of them left out, never with another field left out or changed. Those earlier forms hashed a ``CONTENT``
+    field's path, which says nothing of the rows, and no ``ROWS``: while either is set, only today's counts.
     ``today``: ``data_params`` of these params, when the caller has it (hashing a folder's content again is I/O)."""
     block = cfg.block("data", family)
     if recorded == (today or data_params(cfg, family, root)):
@@ -121,7 +124,15 @@ def same_split(recorded: str | None, cfg: Any, family: str, root: Path = Path(".
         return False
     top = set(getattr(type(block), "LOCATION", ()))
     return recorded in (_digest(_row_params(block, _left_out(block, ("LOCATION",)))),
-                        _digest(_row_params(block, top)), _digest(block.model_dump(by_alias=True)))
+                        _digest(_row_params(block, top)), *_whole_block_digests(block, sorted(top)))
+
+
+def _whole_block_digests(block: Any, location: list[str]) -> Iterator[str]:
+    """The whole-block hash (the first ``data_params``) of ``block`` lacking each set of its ``location`` fields:
+    which of them a block of then lacked (releases added them one by one) no class records."""
+    for size in range(len(location) + 1):
+        for lacked in itertools.combinations(location, size):
+            yield _digest(block.model_dump(by_alias=True, exclude=set(lacked)))
 
 
 def content_paths(cfg: Any, kind: str = "CONTENT") -> list[str]:

@@ -322,6 +322,42 @@ def test_where_the_data_is_found_is_no_split_param(raw_params, family, where):
     assert not same_split(before, parse_config(moved), family) and not same_split(None, cfg, family)
 
 
+# data.vision as params.yaml held it at commit 9314760 (2026-12-03), the first to tag data.split_params
+VISION_20261203 = {
+    "image_folder": None, "source_dir": None, "system_dir": "/usr/share/datasets/fashion-mnist",
+    "url": "http://fashion-mnist.s3-website.eu-central-1.amazonaws.com",
+    "download_cache": ".cache/downloads/fashion-mnist",
+    "sha256": {"train-images-idx3-ubyte": "c59f468a2f672dc815687fe0f83887768d799fd8a3f3276145d20f83aa44d888",
+               "train-labels-idx1-ubyte": "bad3541b69d912435c50bb6ba87bec294ff4f6a2e1246121d8633921760443d9",
+               "t10k-images-idx3-ubyte": "5b4141f0afbad91edebe8549f8fcffe087ea10ca49f1dbef5c9a5cd8815ce37b",
+               "t10k-labels-idx1-ubyte": "0402a96d92fd2663957122ceb108a494c5af83dab82d92729df917d7dec38c34"},
+    "class_names": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                    "Ankle boot"],
+    "pixels": {"mean": [0.2860], "std": [0.3530]}, "val_size": 5000, "batch_test_fraction": 0.15, "seed": 42,
+    "subset": None}
+
+
+@pytest.mark.parametrize("recorded", [
+    # by 9314760's data_params (sha256 of json.dumps(data.vision.model_dump(by_alias=True), sort_keys=True,
+    # default=str)) from the block above: VisionData had no system_package nor published yet
+    "67c4ba7d98f9c871cbcc6b87880e6a80c30da914343c3464a7069bb5db5fcad1",
+    # by 8301bd0's (2026-12-04, the same function) from the block above with system_package: dataset-fashion-mnist,
+    # which 2a84553 added; published came with a0a6474
+    "3b97a081713807478ed8ffaa2edcf3e6ca28c62cf778335fd656a7344cfb95d5"], ids=["9314760", "8301bd0"])
+def test_a_champion_tagged_before_the_location_fields_were_added_keeps_its_split(raw_params, recorded):
+    """Before: ``same_split`` compared the whole-block hash a champion recorded until 2026-12-04 with today's whole
+    block, which holds ``system_package`` and ``published`` (added since; where the files are found, what the
+    published set holds): no vision champion of then matched, though the docs said it still did."""
+    from tasks.lineage import same_split
+
+    raw = copy.deepcopy(raw_params)
+    raw["data"]["vision"] = {**VISION_20261203, "system_package": "dataset-fashion-mnist",
+                             "published": {"train": 60000, "test": 10000, "height": 28, "width": 28, "balanced": True}}
+    assert same_split(recorded, parse_config(raw), "vision")
+    raw["data"]["vision"]["seed"] += 1   # other split params: other test rows
+    assert not same_split(recorded, parse_config(raw), "vision")
+
+
 @pytest.mark.fault("promotion", "a candidate that fails a gate check",
                    "registered as challenger only, champion unchanged, the failing check in its tags")
 def test_failing_candidate_is_registered_as_challenger_only(project, raw_params, tmp_path):
