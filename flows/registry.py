@@ -94,10 +94,12 @@ def download_onnx(client: MlflowClient, version: Any, dest: Path) -> Path:
         raise RegistryError(f"{version.name} version {version.version}: its artifact {version.source} holds no "
                             f"{MODEL_FILE}; it was not registered by the pipeline's gate and cannot be run")
     recorded, actual = version.tags.get(MODEL_SHA256), file_digest(path)
+    if not recorded:   # nothing to check it against: not a sign that it was altered
+        raise RegistryError(_unchecked(version, actual))
     if recorded != actual:
         raise RegistryError(f"{version.name} version {version.version}: its stored ONNX file has SHA-256 {actual}, "
-                            f"but the version records {recorded or 'none'} ({MODEL_SHA256}); the file was altered in "
-                            "the artifact store (or registered outside the pipeline) and is not run")
+                            f"but the version records {recorded} ({MODEL_SHA256}); the file was altered in the "
+                            "artifact store (or registered outside the pipeline) and is not run")
     # the files it reads data with (a version registered before they were pinned carries none)
     for name, pinned in json.loads(version.tags.get(FILES_SHA256, "{}")).items():
         found = path.parent / name
@@ -107,6 +109,21 @@ def download_onnx(client: MlflowClient, version: Any, dest: Path) -> Path:
                                 f"but the version records {pinned} ({FILES_SHA256}); the file was altered in the "
                                 "artifact store and the model is not run")
     return path
+
+
+def _unchecked(version: Any, digest: str) -> str:
+    """Why a version without a ``model.sha256`` tag is not run, and the ways out: its alias (champion when it holds
+    that one too) moved to a version that records one, the alias deleted, or the tag set by hand to ``digest`` (its
+    file's) once the file is checked."""
+    name, aliases = version.name, list(getattr(version, "aliases", None) or [])
+    alias = "champion" if "champion" in aliases or not aliases else aliases[0]
+    held = f" (@{alias})" if aliases else ""
+    return (f"{name} version {version.version}{held} records no {MODEL_SHA256} (registered before 2026-11-30, "
+            f"or outside the pipeline): its ONNX file cannot be checked and is not run; move {alias} to a version "
+            f"that records one (`python -m flows.promotion --name {name} --alias {alias} --version N`), or delete "
+            f"the alias (`MlflowClient().delete_registered_model_alias('{name}', '{alias}')`), or, once you have "
+            f"checked its file, set the tag to that file's digest (`MlflowClient().set_model_version_tag('{name}', "
+            f"'{version.version}', '{MODEL_SHA256}', '{digest}')`)")
 
 
 def declared_shape(value: Any) -> list[int]:
