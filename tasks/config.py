@@ -252,17 +252,11 @@ def parse_config(raw: Any, source: str = "params.yaml") -> Config:
     if bad := [f for f in families if not FAMILY_NAME.fullmatch(f)]:
         raise ConfigError(f"{source}: families: {bad[0]!r} is not a family name (lower-case letters and digits, a "
                           "letter first: it names the package tasks/<name>/ and ends its stages' names <kind>_<name>)")
-    if unlisted := _unlisted_families(merged, families):
-        names = sorted(unlisted)
-        paths = [path for name in names for path in unlisted[name]]
-        raise ConfigError(f"{source}: {', '.join(names)} {'is' if len(names) == 1 else 'are'} not in families "
-                          f"{families}, yet it holds blocks of {'it' if len(names) == 1 else 'them'} "
-                          f"({', '.join(paths[:4])}{', ...' if len(paths) > 4 else ''}): add "
-                          f"{'it' if len(names) == 1 else 'them'} to families, or delete the blocks and the stages "
-                          "in dvc.yaml; to run some families only, `python -m flows.pipeline --family <name>`")
     try:
         return config_model(tuple(families)).model_validate(merged)
     except ValidationError as err:
+        if unlisted := _unlisted_families(merged, families):   # said once, not as every block's "extra input"
+            raise ConfigError(_unlisted_message(source, families, unlisted)) from None
         raise ConfigError(_format_errors(err, source, merged.get("profile", "full"))) from None
 
 
@@ -276,6 +270,16 @@ def _unlisted_families(merged: dict[str, Any], families: list[str]) -> dict[str,
                     and (Path(__file__).parent / name / "config.py").is_file()):
                 found.setdefault(name, []).append(f"{key}.{name}")
     return found
+
+
+def _unlisted_message(source: str, families: list[str], unlisted: dict[str, list[str]]) -> str:
+    names = sorted(unlisted)
+    paths = [path for name in names for path in unlisted[name]]
+    them = "it" if len(names) == 1 else "them"
+    return (f"{source}: {', '.join(names)} {'is' if len(names) == 1 else 'are'} not in families {families}, yet it "
+            f"holds blocks of {them} ({', '.join(paths[:4])}{', ...' if len(paths) > 4 else ''}): add {them} to "
+            "families, or delete the blocks and the stages in dvc.yaml; to run some families only, `python -m "
+            "flows.pipeline --family <name>`")
 
 
 def load_config(path: Path | str = PARAMS_FILE, profile: str | None = None) -> Config:

@@ -105,7 +105,8 @@ def test_a_project_of_one_family_needs_only_that_familys_blocks(raw_params):
     cfg = parse_config(only)
     assert cfg.families == ["recsys"] and not hasattr(cfg.distill, "vision") and cfg.distill.recsys.epochs > 0
     assert parse_config({k: v for k, v in only.items() if k != "ablation"}).ablation is None   # no family has one
-    with pytest.raises(ConfigError, match=r"distill\.vision: Extra inputs are not permitted"):
+    with pytest.raises(ConfigError, match=r"vision are not in families \['recsys'\], yet it holds blocks of them "
+                       r"\(distill\.clicks, distill\.digits, distill\.text, distill\.vision\): add them to families"):
         parse_config({**only, "distill": raw_params["distill"]})
 
 
