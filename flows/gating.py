@@ -225,7 +225,7 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
         keep_warm_start(client, run_id, root, family, where["data"])   # a new version: what the next run may start from
         report, checks, evaluation = _gate(root, cfg, client, run_id, family, where, description, meaning,
                                            tags[SPLIT_TAG])
-        promote = report["passed"] and may_promote
+        promote = report["passed"] and may_promote and not (report["champion_before"] or {}).get("unverified")
         tags.update({**gate_tags(checks), **audit_tags(report["champion_before"], promote),
                      **{f"quality.{window}_{gate.metric}": repr(evaluation["models"]["student_int8"][key])
                         for window in ("test", "recent")
@@ -305,11 +305,15 @@ def _gate(root: Path, cfg: Config, client: MlflowClient, run_id: str, family: st
     if champ is not None and (theirs is None or not same_split(theirs, cfg, family, root, split)):
         # other split params, or none recorded (registered before they were, or by hand): today's test rows may be
         # the champion's training rows, its scores would flatter it (warm_start.champion_files refuses it alike)
+        # (split otherwise, a candidate may replace it on the floors alone; of a split no one knows, as the champion
+        # the operator chose, it is not replaced but by hand: registered as challenger only)
         how = f"was split by other data.{family} params ({theirs[:12]}…)" if theirs is not None else \
             f"records no split params (no {SPLIT_TAG} tag, no warm start plan naming them)"
+        held = "" if theirs is not None else "; so it is not replaced automatically: a passing candidate is " \
+            "registered as challenger, made champion by hand (`python -m flows.promotion --version N`)"
         champion = {"version": str(champ.version), "incomparable":
                     f"champion v{champ.version} {how}: today's test rows may be its training rows, not compared "
-                    "(floors and teacher only)"}
+                    f"(floors and teacher only){held}", **({"unverified": True} if theirs is None else {})}
         print(champion["incomparable"])
     with tempfile.TemporaryDirectory() as tmp:
         if champ is not None:   # made for other data: refused, whatever its split. Split by other params, by what
