@@ -30,18 +30,23 @@ def tracking_uri(cfg: Config, root: Path = Path(".")) -> str:
     return _absolute("sqlite:///mlflow.db", root, "the project's folder")
 
 
+#: what SQLAlchemy decodes in a URL's database path (``make_url``): "%41" is "A", a lone "%" stays as it is
+_ESCAPE = re.compile(r"%[0-9A-Fa-f]{2}")
+
+
 def _absolute(uri: str, base: Path, source: str) -> str:
     """``uri`` with a SQLite database path relative to ``base`` made absolute; a path SQLAlchemy would read as
-    another (it cuts at "?", decodes "%XX": runs would go to another file, maybe another project's) is refused."""
+    another (it cuts at "?" and decodes "%XX", a "%" and two hex digits: runs would go to another file, maybe another
+    project's) is refused."""
     if not uri.startswith("sqlite:///"):
         return uri
     path, sep, query = uri.removeprefix("sqlite:///").partition("?")
     if path not in ("", ":memory:") and not path.startswith("/"):
         path = str((base / path).resolve())
-        if "?" in path or "%" in path:
-            raise PipelineError(f"{source}: the SQLite store's path {path} holds '?' or '%', which its URI cannot "
-                                "name (SQLAlchemy would open another file): move the project, or set "
-                                "$MLFLOW_TRACKING_URI to a store elsewhere")
+        if "?" in path or _ESCAPE.search(path):
+            raise PipelineError(f"{source}: the SQLite store's path {path} holds '?' or '%' and two hex digits, "
+                                "which its URI cannot name (SQLAlchemy would open another file): move the project, "
+                                "or set $MLFLOW_TRACKING_URI to a store elsewhere")
     return f"sqlite:///{path}{sep}{query}"
 
 

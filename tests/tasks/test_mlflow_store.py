@@ -113,5 +113,7 @@ def test_a_project_path_its_sqlite_uri_cannot_name_is_refused(tmp_path, monkeypa
     from tasks.mlflow_store import tracking_uri
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    with pytest.raises(PipelineError, match=r"the project's folder: the SQLite store's path .* holds '\?' or '%'"):
+    with pytest.raises(PipelineError, match=r"the project's folder: the SQLite store's path .* holds '\?' or '%' and"):
         tracking_uri(config, tmp_path / folder / "project")
+    done = tmp_path / "100% done"   # a "%" SQLAlchemy keeps as it is: the project's store, where it always was
+    assert tracking_uri(config, done) == f"sqlite:///{done / 'mlflow.db'}"
