@@ -78,7 +78,6 @@ def publish_run(statuses: dict[str, str], root: Path, families: list[str], uri: 
             key="mlflow-run", description="Every stage's child run, metrics, figures and models")
 
 
-
 def mlflow_ui_command(uri: str, mlflow: str = "mlflow") -> str:
     """The command line that opens MLflow's UI on the store ``uri``, quoted for a shell (a project folder's spaces)."""
     return shlex.join([mlflow, "ui", "--backend-store-uri", uri])

@@ -147,8 +147,9 @@ class RunLogger:
 @contextmanager
 def _run(client: MlflowClient, cfg: Config, name: str, tags: dict[str, str], root: Path,
          with_outputs: bool = False) -> Iterator[RunLogger]:
-    """A run ended FAILED when its body raises (KILLED when interrupted), else FINISHED: ``with_outputs`` (a stage's run) once the stage's
-    outputs are in place (``tasks.staging.after_commit``), FAILED if they could not be put there."""
+    """A run ended FAILED when its body raises (KILLED when interrupted), else FINISHED: ``with_outputs`` (a stage's
+    run) once the stage's outputs are in place (``tasks.staging.after_commit``), FAILED if they could not be put
+    there."""
     experiment = ensure_experiment(client, cfg, root)
     run = guarded(client, "start a run", lambda: client.create_run(experiment, run_name=name, tags=tags))
     logger = RunLogger(client, run.info.run_id, run.info.experiment_id)
