@@ -179,8 +179,8 @@ def ingest_batch(root: Path, family: str, cfg: Config, folder: Path, env: dict[s
 
 def _admit(root: Path, snapshot: Path, stage: str, intake: Intake, batch: Any, folder: Path, files: dict[str, str],
            env: dict[str, str], run: Any, wait: float) -> tuple[str, str]:
-    """Add the checked ``folder`` to the snapshot and version it (``wait``: for DVC's lock); ``_changed``'s line when the copy is not what the checks read (the batch left again), else "",
-    and the batch's digest."""
+    """Add the checked ``folder`` to the snapshot and version it (``wait``: for DVC's lock); ``_changed``'s line
+    when the copy is not what the checks read (the batch left again), else "", and the batch's digest."""
     manifest = snapshot / MANIFEST
     before = manifest.read_bytes()
 
@@ -188,11 +188,12 @@ def _admit(root: Path, snapshot: Path, stage: str, intake: Intake, batch: Any, f
         write_atomic(manifest, before)
         shutil.rmtree(snapshot / folder.name, ignore_errors=True)
 
-    with joining(root, snapshot, manifest, folder.name) as recorded:   # on record until versioned or left again
+    with joining(root, snapshot, manifest, folder.name) as (recorded, done):   # on record until versioned or left
         entry = add_batch(snapshot, folder.name, folder, {"rows": intake.rows(batch), "source": str(folder.resolve())})
         try:
             if changed := _changed(folder, files, entry["files"]):   # the copy kept holds rows no check saw
                 leave()
+                done()
                 return changed, ""
             # dvc.lock and the cache hold the new version: the next `dvc repro` trains on it
             _dvc(root, env, "commit", "--force", stage, lock_wait=wait)
@@ -203,13 +204,16 @@ def _admit(root: Path, snapshot: Path, stage: str, intake: Intake, batch: Any, f
             # unversioned: skipped as accepted by every later ingestion, then versioned by the next `dvc repro` with
             # no report and no commit (a kill no clean-up survives: ``tasks.pending_batch``)
             if pending_recorded(root, snapshot) != recorded:   # versioned: accepted, though its report was not written
+                done()
                 raise
             leave()
+            done()   # (after leave: interrupted in it, the record stays for the next snapshot stage to settle)
             run.set_tags({"ingest.status": "failed",
                           "ingest.reason": "interrupted" if not isinstance(err, Exception) else "versioning"})
             if not isinstance(err, PipelineError):
                 raise
             raise PipelineError(f"batch {folder.name} was not accepted, the snapshot is as it was: {err}") from err
+        done()
     return "", entry["digest"]
 
 

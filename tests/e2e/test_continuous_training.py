@@ -231,11 +231,12 @@ def test_a_batch_dvc_cannot_version_leaves_the_snapshot_as_it_was(tmp_path, monk
     # first of every run and ingestion) takes the batch out again; before, it stayed listed but unversioned
     killed = ("import os, sys\nfrom pathlib import Path\nimport flows.batch_admission as admission\n"
               "from tasks.config import load_config\n"
-              "admission._dvc = lambda root, env, *args, **kw: os.kill(os.getpid(), 9) if args[0] == 'commit' else None\n"
+              "admission._dvc = lambda root, env, *args, **kw: os.kill(os.getpid(), 9) if args[0] == 'commit' "
+              "else None\n"
               "repo = Path(sys.argv[1])\nadmission.ingest_batch(repo, 'recsys', load_config(repo / 'params.yaml'), "
               "Path(sys.argv[2]), dict(os.environ))\n")
     proc = subprocess.run([sys.executable, "-c", killed, str(repo), str(first)], cwd=repo, env=repo_env(repo),
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, check=False)
     listed = json.loads((repo / SNAPSHOT / "snapshot.json").read_text())["batches"]
     assert proc.returncode == -9 and [b["id"] for b in listed] == [first.name], proc.stderr[-3000:]
     proc = dvc(repo, "repro", "snapshot_recsys")
