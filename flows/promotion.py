@@ -48,10 +48,9 @@ def rollback_champion(name: str, reason: str = "", who: str | None = None, root:
         current = registered_version(client, name)
         if current is None:
             raise RegistryError(f"{name} has no champion in {redact(uri)}; nothing to roll back")
-        if (before := _before(client, name, current)) is None:
+        if (before := _before(current)) is None:
             raise RegistryError(f"{name}@champion (version {current.version}) records no earlier champion "
-                                f"(tags {previous_tag('champion')} / {CHAMPION_BEFORE}){_skipped(current)}; "
-                                "nothing was changed")
+                                f"(tags {previous_tag('champion')} / {CHAMPION_BEFORE}); nothing was changed")
         return _move_alias(client, uri, name, before, "champion",
                            reason or f"rollback from version {current.version}", who, rollback=True)
 
@@ -68,65 +67,19 @@ def _answered(uri: str, name: str, alias: str) -> Iterator[None]:
                            "not fully recorded: run the same command again") from None
 
 
-def _before(client: MlflowClient, name: str, version: Any, known: dict[str, str | None] | None = None,
-            pending: frozenset[str] = frozenset()) -> str | None:
+def _before(version: Any) -> str | None:
     """The champion ``version`` replaced, as a rollback reads it: ``champion.previous`` (a move by hand), else the
-    champion the gate compared it with; None when it records none. Not a champion.previous naming the version itself
-    (a re-promotion by hand before 2026-12-06), nor one whose own earlier champions lead back to this version: this
-    one was champion before it, and the tag is what a rollback (before 2026-12-05) or a move back by hand (until
-    2026-12-07) recorded of the version moved back from; followed, it brought back the model the operator took out.
-    ``known``: the answers found so far; ``pending``: the versions whose answer is being found (a chain of such
-    records loops back to them: there their champion.previous is not followed)."""
-    known = {} if known is None else known
-    own = str(version.version)
-    if own in known:
-        return known[own]
-    previous, compared = (version.tags.get(tag) for tag in (previous_tag("champion"), CHAMPION_BEFORE))
-    if _names_another(previous, own) and own not in pending and \
-            not _leads_to(client, name, previous, own, known, pending | {own}):
-        found = previous
-    else:
-        found = compared if _names_another(compared, own) else None
-    if own not in pending:
-        known[own] = found
-    return found
-
-
-def _names_another(tag: str | None, own: str) -> bool:
-    return tag not in (None, "", "None", "none", own)
-
-
-def _leads_to(client: MlflowClient, name: str, start: str, target: str, known: dict[str, str | None],
-              pending: frozenset[str]) -> bool:
-    """Whether rollback after rollback from version ``start`` reaches version ``target``."""
-    seen, at = set(), start
-    while at is not None and at not in seen:
-        if at == target:
-            return True
-        seen.add(at)
-        if at in known:
-            at = known[at]
-        elif not at.isdigit() or (version := registered_version(client, name, at)) is None:   # deleted since
-            return False
-        else:
-            at = _before(client, name, version, known, pending)
-    return False
-
-
-def _skipped(version: Any) -> str:
-    """What a refused rollback says of a champion.previous it did not follow (an old rollback's record)."""
-    previous = version.tags.get(previous_tag("champion"))
-    if not _names_another(previous, str(version.version)):
-        return ""
-    return (f"; its {previous_tag('champion')} {previous} is a version it was champion before, the version a "
-            "rollback or a move back before 2026-12-07 left, not one it replaced")
+    champion the gate compared it with; None when it records none. (A version re-promoted by hand before 2026-12-06
+    may name itself as champion.previous: not a predecessor.)"""
+    return next((tag for tag in (version.tags.get(previous_tag("champion")), version.tags.get(CHAMPION_BEFORE))
+                 if tag not in (None, "", "None", "none", str(version.version))), None)
 
 
 def _earlier_champions(client: MlflowClient, name: str, current: Any) -> set[str]:
     """The champions before ``current``, as rollback after rollback would reach them (not ``current`` itself, which
     tags written before 2026-12-07 may lead back to)."""
-    found, start, known = set(), str(current.version), {}
-    while (before := _before(client, name, current, known)) is not None and before not in found and before != start:
+    found, start = set(), str(current.version)
+    while (before := _before(current)) is not None and before not in found and before != start:
         found.add(before)
         if (current := registered_version(client, name, before)) is None:   # deleted since: the chain ends there
             break

@@ -23,53 +23,6 @@ def _registry(tmp_path, befores: tuple[str, ...], champion: str) -> tuple[Mlflow
     return client, name, root
 
 
-def _moved_back_by_old_rule(client: MlflowClient, name: str, to: str, from_: str) -> None:
-    """What a rollback before 2026-12-05 (or a move back with --version until 2026-12-07) wrote: the target tagged
-    with the version moved back FROM as its champion.previous."""
-    for key, value in {"champion.set_by": "ops", "champion.reason": f"v{from_} is broken",
-                       "champion.previous": from_}.items():
-        client.set_model_version_tag(name, to, key, value)
-    client.set_registered_model_alias(name, "champion", to)
-
-
-@pytest.mark.fault("promotion", "a rollback from a champion an old rollback moved back to (it recorded the version "
-                   "left as champion.previous)", "refused: records no earlier champion, the old record named; "
-                   "champion unchanged (before: champion moved forward to the version the operator had removed)")
-def test_a_rollback_never_follows_an_old_rollbacks_record_forward(tmp_path, prefect_server):
-    """v1, then v2 compared with v1; v2 found bad and champion moved back to v1 by the old rule (v1 champion.previous
-    = 2). Before: today's rollback from v1 read that tag as "the champion v1 replaced" and put v2 back
-    ("m@champion -> version 2 (was 1)")."""
-    client, name, root = _registry(tmp_path, ("none", "1"), champion="2")
-    _moved_back_by_old_rule(client, name, to="1", from_="2")
-    with pytest.raises(RegistryError, match=r"^m@champion \(version 1\) records no earlier champion .*its "
-                                            r"champion\.previous 2 is a version it was champion before.*; nothing "
-                                            r"was changed$"):
-        rollback_champion.fn(name, "go further back", "alice", root)
-    assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
-
-
-def test_a_rollback_past_old_rollbacks_records_goes_further_back(tmp_path, prefect_server):
-    """v1 <- v2 <- v3 (each compared with the one before), champion v3. By the old rule champion went back to v2
-    (v2 champion.previous = 3); a rollback now goes to v1, what v2 was compared with. After a second old move back,
-    to v1 (v1 champion.previous = 2), a rollback has nowhere to go. Before: v3, then v2: forward, to models taken
-    out."""
-    client, name, root = _registry(tmp_path, ("none", "1", "2"), champion="3")
-    champion = lambda: str(client.get_model_version_by_alias(name, "champion").version)
-    _moved_back_by_old_rule(client, name, to="2", from_="3")
-    rollback_champion.fn(name, "", "alice", root)
-    assert champion() == "1"
-
-    client.set_registered_model_alias(name, "champion", "2")
-    _moved_back_by_old_rule(client, name, to="1", from_="2")   # v1 -> v2 -> v3 -> v2 in tags: a loop, not a chain
-    with pytest.raises(RegistryError, match="records no earlier champion"):
-        rollback_champion.fn(name, "", "alice", root)
-    assert champion() == "1"
-    promote_model.fn(name, "3", "champion", "v3 fixed", "alice", root)   # forth again: it replaces v1 (before: a
-    assert client.get_model_version(name, "3").tags["champion.previous"] == "1"   # move back, by the old tags)
-    rollback_champion.fn(name, "", "alice", root)
-    assert champion() == "1"
-
-
 def test_a_champion_previous_naming_a_version_compared_with_this_one_is_still_followed(tmp_path, prefect_server):
     """The rule that skips an old rollback's record reads the chain as rollbacks do, not which version was compared
     with which: v2 and v3 challengers (v3 compared with v2); v3, then v2 promoted by hand. v2 replaced v3 (its
