@@ -189,7 +189,12 @@ def _admit(root: Path, snapshot: Path, stage: str, intake: Intake, batch: Any, f
         shutil.rmtree(snapshot / folder.name, ignore_errors=True)
 
     with joining(root, snapshot, manifest, folder.name) as (recorded, done):   # on record until versioned or left
-        entry = add_batch(snapshot, folder.name, folder, {"rows": intake.rows(batch), "source": str(folder.resolve())})
+        try:
+            entry = add_batch(snapshot, folder.name, folder, {"rows": intake.rows(batch),
+                                                              "source": str(folder.resolve())})
+        except Exception:   # refused: the snapshot as it was (at most an unlisted folder), nothing to settle
+            done()
+            raise
         try:
             if changed := _changed(folder, files, entry["files"]):   # the copy kept holds rows no check saw
                 leave()

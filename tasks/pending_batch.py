@@ -78,17 +78,29 @@ def settle(root: Path, snapshot: Path, manifest: Path) -> str | None:
             return None
         state = json.load(fh)
         batch = Path(state["batch"]).name
+        held = [b["id"] for b in json.loads(state["manifest"]).get("batches", [])]
         if _versioned(root, snapshot, batch, state["recorded"]):
             line = f"batch {batch} was versioned by an ingestion killed before it wrote its report; it stays accepted"
+        elif _listed(manifest) not in (held, [*held, batch]):   # another version checked out since: not this one's
+            line = (f"batch {batch} was being ingested into {snapshot} by a process killed since, but the snapshot "
+                    f"lists other batches now (another version checked out?): left as it is; check that {batch} is "
+                    "where it should be")
         else:
             write_atomic(manifest, state["manifest"].encode())
-            if batch not in {b["id"] for b in json.loads(state["manifest"]).get("batches", [])}:   # (one held before:
-                shutil.rmtree(snapshot / batch, ignore_errors=True)                              # never removed)
+            if batch not in held:   # (a batch held before the record was made is never removed)
+                shutil.rmtree(snapshot / batch, ignore_errors=True)
             line = (f"batch {batch} was left in {snapshot} unversioned by an ingestion killed while DVC recorded "
                     "it; it left the snapshot again, to be ingested anew")
         with contextlib.suppress(FileNotFoundError):
             path.unlink()
     return line
+
+
+def _listed(manifest: Path) -> list[str] | None:
+    try:
+        return [b["id"] for b in json.loads(manifest.read_text()).get("batches", [])]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
 
 
 def _versioned(root: Path, snapshot: Path, batch: str, before: dict[str, Any] | None) -> bool:

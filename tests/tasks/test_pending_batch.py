@@ -92,3 +92,39 @@ def test_a_batch_stays_only_when_the_recorded_version_holds_it(tmp_path):
             manifest.write_text(before)
         _lock_with(tmp_path, snapshot, "a" * 32 + ".dir")
         assert not pending_path(snapshot).exists()
+
+
+def test_a_snapshot_another_version_replaced_is_left_as_it_is(tmp_path):
+    """Before: a killed ingestion's record restored the manifest it saved over whatever the snapshot held since (a
+    teammate's version checked out): their batch dropped out of training, blamed on the kill."""
+    snapshot, manifest = _snapshot(tmp_path, ["0000-bootstrap"])
+    with joining(tmp_path, snapshot, manifest, "0001-week"):
+        _joined(snapshot, manifest, "0001-week")
+    theirs = json.dumps({"batches": [{"id": "0000-bootstrap"}, {"id": "0002-theirs"}]})
+    manifest.write_text(theirs)   # `git pull` + `dvc checkout`: another version of the folder
+    (snapshot / "0002-theirs").mkdir()
+    said = settle(tmp_path, snapshot, manifest)
+    assert "lists other batches now" in said and "left as it is" in said
+    assert manifest.read_text() == theirs and (snapshot / "0002-theirs").is_dir()
+    assert not pending_path(snapshot).exists()
+
+
+def test_a_batch_the_snapshot_refuses_leaves_no_record(tmp_path, monkeypatch):
+    """add_batch refusing (a disk full, a name taken) leaves the snapshot as it was. Before: the record stayed, and
+    the next snapshot stage warned of an ingestion "killed while DVC recorded it"."""
+    import flows.batch_admission as admission
+
+    snapshot, _ = _snapshot(tmp_path, ["0000-bootstrap"])
+
+    def full(*args):
+        raise OSError(28, "No space left on device")
+
+    class Intake:   # what _admit asks of the family's intake before the copy
+        @staticmethod
+        def rows(batch):
+            return {}
+
+    monkeypatch.setattr(admission, "add_batch", full)
+    with pytest.raises(OSError, match="No space left"):
+        admission._admit(tmp_path, snapshot, "snapshot_x", Intake(), None, tmp_path / "week", {}, {}, None, 0.0)
+    assert not pending_path(snapshot).exists()
