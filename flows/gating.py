@@ -12,7 +12,7 @@ import json
 import shutil
 import tempfile
 from collections.abc import Iterator
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -217,7 +217,8 @@ def gate_and_register(root: Path, cfg: Config, client: MlflowClient, uri: str, r
             now = str(getattr(registered_version(client, gate.registered_model), "version", "none"))
             if may_promote and same.tags.get("gate.passed") == "true" and same.tags.get("audit.decision") == \
                     "challenger" and same.tags.get(CHAMPION_BEFORE) == now:   # passed against today's champion
-                print(f"  it passed its gate but was registered as challenger only (--no-promote, a sweep): "
+                print(f"  it passed its gate but was registered as challenger only (--no-promote, a sweep, or a "
+                      f"champion of unknown split params): "
                       f"`python -m flows.promotion --family {family} --version {same.version} --reason ...` makes it "
                       "champion")
             return {"passed": same.tags.get("gate.passed") == "true", "checks": [], "name": gate.registered_model,
@@ -356,7 +357,7 @@ def write_report(root: Path, cfg: Config, evaluation: dict, report: dict, tags: 
                       contract.gate.latency_what, ablation=contract.ablation)
     ablation_file = root / "reports" / "ablation" / f"{family}.json"
     ablation = json.loads(ablation_file.read_text()) if ablation_file.exists() else None
-    context = {"date": datetime.now(timezone.utc).isoformat(timespec="seconds"), "profile": cfg.profile,
+    context = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "profile": cfg.profile,
                "git commit": tags["git.commit"], "pipeline run": tags["parent_run_id"],
                "registered": f"{report['name']} version {report['version']}"
                              + (" (champion)" if report["champion"] else " (challenger only)")}
