@@ -265,3 +265,20 @@ def test_the_docs_run_dvc_with_the_projects_python_first_on_path():
     bare = [f"{page.relative_to(ROOT)}:{n}" for page in pages
             for n, line in enumerate(page.read_text().splitlines(), 1) if ".venv/bin/dvc " in line]
     assert not bare, f"run DVC in a shell with `source .venv/bin/activate`, not as .venv/bin/dvc: {bare}"
+
+
+def test_every_metrics_file_is_kept_by_git_or_by_dvc():
+    """``dvc metrics diff``, ``dvc exp show`` and ``dvc metrics show -a`` read a metrics file of another revision from
+    git or from DVC's cache. Before: each family's evaluation.json (the INT8 student's scores, latency, size) was
+    ``cache: false`` and gitignored (``/metrics/``): kept by neither, so every diff showed ``old: None`` and every
+    experiment row ``FileNotFoundError``."""
+    import subprocess
+
+    import yaml
+
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    uncached = [next(iter(out)) for stage in stages.values() for kind in ("metrics", "plots")
+                for out in stage.get(kind, []) if isinstance(out, dict) and next(iter(out.values())).get("cache") is False]
+    ignored = subprocess.run(["git", "check-ignore", "--no-index", *uncached], cwd=ROOT, capture_output=True,
+                             text=True, check=False).stdout.split() if uncached else []
+    assert not ignored, f"metrics kept by neither git (ignored) nor DVC (cache: false): {ignored}"
