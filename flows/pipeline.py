@@ -192,15 +192,27 @@ def promote(family: str, root: Path, uri: str, parent_run_id: str, may_promote: 
     with child_run(f"promote_{family}", cfg, params, parent_run_id, root, client) as run:
         run.log_data_inputs(f"evaluate_{family}", root, "evaluation")   # the gate scores on evaluate's data
         report = gate_and_register(root, cfg, client, uri, run.run_id, parent_run_id, family, may_promote)
-        run.log_metrics({f"gate.{c['name']}": c["value"] for c in report["checks"]})
-        run.set_tag("registry.unchanged", str(report["unchanged"]).lower())
-        run.set_tags({"gate.passed": str(report["passed"]).lower(), "registry.version": report["version"]})
-        if (health := report.get("champion_health")) is not None:
-            run.set_tag("champion.health", "degraded" if health["degraded"] else "healthy")
-            run.log_metrics({"champion.recent_drop": health["drop"]})
+        metrics, tags = gate_record(report)
+        run.log_metrics(metrics)
+        run.set_tags(tags)
     publish_gate(family, report)
     flag_degraded_champion(family, report)
     return report
+
+
+def gate_record(report: dict[str, Any]) -> tuple[dict[str, float], dict[str, str]]:
+    """What the promote run logs of a gate ``report``: each check's value (not the one that compared nothing with
+    no champion, or one not compared: a 0.0 there read as "no drop"), and the champion's health as the report says
+    it, "not judged" included (before: tagged healthy, its unmeasured drop logged as measured)."""
+    metrics = {f"gate.{c['name']}": c["value"] for c in report["checks"] if c["name"] != "vs_champion"}
+    tags = {"registry.unchanged": str(report["unchanged"]).lower(), "gate.passed": str(report["passed"]).lower(),
+            "registry.version": report["version"]}
+    if (health := report.get("champion_health")) is not None:
+        tags["champion.health"] = ("not judged" if not health["compared"] else
+                                   "degraded" if health["degraded"] else "healthy")
+        if health["compared"]:
+            metrics["champion.recent_drop"] = health["drop"]
+    return metrics, tags
 
 
 def retrying_promote(cfg: Any) -> Any:

@@ -107,3 +107,22 @@ def test_a_degraded_champion_that_stays_champion_flags_the_flow_run(prefect_serv
     alerts = list({id(r): r for r in caplog.records if "ALERT" in r.getMessage()}.values())
     assert [r.levelno for r in alerts] == [logging.ERROR]
     assert "ALERT: vision champion v3 degraded on the recent window (drop 0.08 > 0.05)" in alerts[0].getMessage()
+
+
+def test_a_champion_not_judged_on_its_recent_window_is_recorded_so():
+    """The promote run's tags and metrics say what the gate's report says. Before: a champion whose recent window
+    held too few rows was tagged ``champion.health = healthy`` (gate.md: "not judged") and its unmeasured drop logged
+    as ``champion.recent_drop``; with no champion yet, ``gate.vs_champion`` was logged as a 0.0 drop."""
+    from flows.pipeline import gate_record
+
+    health = {"version": "3", "drop": 0.3, "max_drop": 0.05, "compared": False, "degraded": False, "recent_rows": 40}
+    report = {"passed": True, "unchanged": False, "version": "4", "champion_health": health,
+              "checks": [{"name": "vs_champion", "value": 0.0}, {"name": "auc_drop_vs_teacher", "value": 0.01}]}
+    metrics, tags = gate_record(report)
+    assert tags["champion.health"] == "not judged" and "champion.recent_drop" not in metrics
+    assert metrics == {"gate.auc_drop_vs_teacher": 0.01}
+    assert tags["gate.passed"] == "true" and tags["registry.version"] == "4" and tags["registry.unchanged"] == "false"
+    judged = gate_record({**report, "champion_health": {**health, "compared": True, "degraded": True}})
+    assert judged[1]["champion.health"] == "degraded" and judged[0]["champion.recent_drop"] == 0.3
+    fine = gate_record({**report, "champion_health": {**health, "compared": True, "drop": 0.01}})
+    assert fine[1]["champion.health"] == "healthy"
