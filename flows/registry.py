@@ -3,9 +3,7 @@ reachability, the ONNX flavor with a signature and an input example, the SHA-256
 checked against before it runs, and what a version records of its data, scores and audit trail."""
 from __future__ import annotations
 
-import getpass
 import json
-import os
 import shutil
 import socket
 import tempfile
@@ -21,6 +19,7 @@ from tasks.errors import PipelineError, ServiceUnavailable
 from tasks.io import file_digest
 from tasks.mlflow_store import redact, server_error
 from tasks.onnx_models import session
+from tasks.tracking import current_user
 
 MODEL_SHA256 = "model.sha256"   # version tag: SHA-256 of the registered ONNX file, checked before it is run
 MODEL_FILE = "model.onnx"   # the ONNX file mlflow.onnx writes in a model's folder: the one hashed and run
@@ -230,15 +229,6 @@ def registered_scores(version: Any | None, metric: str) -> dict[str, float]:
         except (KeyError, ValueError):
             continue
     return {k: v for k, v in found.items() if v is not None}
-
-
-def current_user() -> str:
-    """Who runs this process, for the audit tags: the login name, else ``$USER``, else ``uid<N>`` (a uid with no
-    passwd entry, as a pod's ``runAsUser`` gives, has no name: getpass raises)."""
-    try:
-        return getpass.getuser()
-    except (KeyError, OSError):
-        return os.environ.get("USER") or f"uid{os.getuid()}"
 
 
 def audit_tags(champion_before: dict | None, promoted: bool) -> dict[str, str]:

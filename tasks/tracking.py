@@ -144,6 +144,27 @@ class RunLogger:
         self._call(f"mark the run {status}", lambda: self.client.set_terminated(self.run_id, status))
 
 
+def current_user() -> str:
+    """Who runs this process, for runs and the audit tags: the login name, else ``$USER``, else ``uid<N>`` (a uid
+    with no passwd entry, as a pod's ``runAsUser`` gives, has no name: getpass raises)."""
+    import getpass
+
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return os.environ.get("USER") or f"uid{os.getuid()}"
+
+
+def _who_and_where() -> dict[str, str]:
+    """The tags MLflow's own ``start_run`` gives a run (its UI's User and Source columns; "unknown" without them):
+    set here, since MLflow's default provider asks getpass, which fails for a uid with no name."""
+    from mlflow.entities import SourceType
+    from mlflow.utils.mlflow_tags import MLFLOW_SOURCE_NAME, MLFLOW_SOURCE_TYPE, MLFLOW_USER
+
+    return {MLFLOW_USER: current_user(), MLFLOW_SOURCE_NAME: sys.argv[0] or "python",
+            MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.LOCAL)}
+
+
 @contextmanager
 def _run(client: MlflowClient, cfg: Config, name: str, tags: dict[str, str], root: Path,
          with_outputs: bool = False) -> Iterator[RunLogger]:
@@ -151,7 +172,8 @@ def _run(client: MlflowClient, cfg: Config, name: str, tags: dict[str, str], roo
     run) once the stage's outputs are in place (``tasks.staging.after_commit``), FAILED if they could not be put
     there."""
     experiment = ensure_experiment(client, cfg, root)
-    run = guarded(client, "start a run", lambda: client.create_run(experiment, run_name=name, tags=tags))
+    run = guarded(client, "start a run", lambda: client.create_run(experiment, run_name=name,
+                                                                   tags={**_who_and_where(), **tags}))
     logger = RunLogger(client, run.info.run_id, run.info.experiment_id)
     try:
         yield logger
