@@ -197,7 +197,8 @@ def log_onnx_model(client: MlflowClient, run_id: str, path: Path, sample: dict[s
     import onnx
     from mlflow.models import infer_signature
 
-    outputs = session(path).run(None, sample)[0]
+    answered = session(path)   # every output by its name: the signature says what the server answers with
+    outputs = dict(zip([o.name for o in answered.get_outputs()], answered.run(None, sample), strict=True))
     model = onnx.load(str(path))
     with tempfile.TemporaryDirectory() as tmp:
         local = Path(tmp) / "model"

@@ -916,6 +916,24 @@ def test_a_registered_model_names_its_requirements_without_loading_it_in_another
     assert sorted(written) == [f"{name}=={version(name)}" for name in ("mlflow", "numpy", "onnx", "onnxruntime")]
 
 
+def test_a_registered_models_signature_names_what_it_answers_with(tmp_path):
+    """The scoring server answers with the graph's outputs by name (``{"logits": ...}``). Before: the signature held
+    the first output's array alone, unnamed, and a second output would not have been in it."""
+    import onnx
+    from mlflow.models import Model
+
+    from flows.registry import log_onnx_model
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("e", artifact_location=str(tmp_path / "artifacts"))).info.run_id
+    model = export_fp32(MobileStudent(ARCH), tmp_path / "student.onnx")
+    names = [o.name for o in onnx.load(str(model)).graph.output]
+    log_onnx_model(client, run_id, model, {"image": np.zeros((1, 1, 28, 28), np.float32)})
+    logged = Model.load(client.download_artifacts(run_id, "model/MLmodel", str(tmp_path)))
+    assert logged.signature.outputs.input_names() == names == ["logits"]
+    assert logged.signature.inputs.input_names() == ["image"]
+
+
 @pytest.mark.fault("runs", "a gate while another family's DVC process is rewriting dvc.lock (truncated, then written)",
                    "the gate waits for DVC's repository lock and records the whole file: its data.hash tag and the "
                    "lineage/dvc.lock artifact agree (before: read half-written, without the lock)")
