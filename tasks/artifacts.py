@@ -190,13 +190,27 @@ def history_csv(history: list[dict[str, float]]) -> str:
     return out.getvalue()
 
 
+def logged_metrics(history: list[dict[str, float]], metrics: dict[str, float]) -> dict[str, float]:
+    """What a training stage logs to MLflow without a step: ``metrics``, a score named like a per-epoch curve
+    (``val_accuracy``) as ``best_<name>``, and the kept weights' ``best_epoch`` and ``best_val_*``
+    (``tasks.training.History``). MLflow's run value of a metric is its highest step's: the curve's own name would
+    show the last epoch, or, logged again at step 0, put a bogus first point on the curve."""
+    curves = set(history[0]) if history else set()
+    kept_epoch = getattr(history, "kept_epoch", None) if history else None
+    best = {} if kept_epoch is None else {"best_epoch": kept_epoch,
+                                          **{f"best_{k}": v for k, v in history.kept.items()}}
+    return best | {f"best_{k}" if k in curves else k: v for k, v in metrics.items()}
+
+
 def publish_training(run: Any, model: nn.Module, kind: str, arch: ModelArch, history: list[dict[str, float]],
                      metrics: dict[str, float], paths: argparse.Namespace, **extra: Any) -> None:
     """Write a training stage's outputs (``paths.model``, ``.metrics``, ``.plots``) and log them to ``run``."""
     save_model(model, kind, arch, paths.model, **extra)
     write_json(paths.metrics, metrics)
     write_atomic(paths.plots, history_csv(history).encode())
-    run.log_metrics(metrics)
+    run.log_metrics(logged_metrics(history, metrics))
+    if history and getattr(history, "kept_epoch", None) == 0:   # a warm start's weights that no epoch beat
+        run.set_tag("training.kept", "start")
     run.log_text(f"{model}\n\nparameters: {metrics['parameters']:,}\n", "model_summary.txt")
     for path in (paths.model, paths.metrics, paths.plots):
         run.log_artifact(path)

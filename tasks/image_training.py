@@ -25,6 +25,7 @@ from tasks.observers import frozen_observers
 from tasks.stratify import stratified_pick
 from tasks.training import (
     EpochHook,
+    History,
     LossFn,
     autocast,
     cross_entropy_loss,
@@ -213,11 +214,12 @@ def evaluate(model: nn.Module, split: Split, batch_size: int, bf16: bool = False
 
 def fit(model: nn.Module, train: Split, val: Split, spec: TrainingRecipe, checkpoint: Path, fingerprint: str,
         on_epoch: EpochHook | None = None, loss_fn: LossFn | None = None,
-        before_epoch: Callable[[int], None] | None = None) -> list[dict[str, float]]:
+        before_epoch: Callable[[int], None] | None = None) -> History:
     """Train ``model``; checkpoint after every epoch and resume from ``checkpoint`` when its fingerprint matches.
 
     ``loss_fn`` defaults to cross-entropy with the spec's label smoothing; distillation passes its own.
-    ``before_epoch(epoch)`` runs at the start of every epoch, resumed ones included (QAT freezes observers there).
+    ``before_epoch(epoch)`` runs at the start of every epoch, resumed ones included (QAT freezes observers there);
+    ``on_epoch(epoch, metrics)`` after every epoch, a resumed run's restored ones first (its curves are whole).
     Trains on ``spec.device`` (``tasks.training.on_device``); the model is back on the CPU at the end.
     """
     with on_device(model, spec, memory_format) as device:
@@ -226,7 +228,7 @@ def fit(model: nn.Module, train: Split, val: Split, spec: TrainingRecipe, checkp
 
 def _fit(model: nn.Module, train: Split, val: Split, spec: TrainingRecipe, checkpoint: Path, fingerprint: str,
          on_epoch: EpochHook | None, loss_fn: LossFn | None, before_epoch: Callable[[int], None] | None,
-         device: torch.device) -> list[dict[str, float]]:
+         device: torch.device) -> History:
     loss_fn = loss_fn or cross_entropy_loss(spec.label_smoothing)
     steps_per_epoch = len(batch_starts(len(train.y), spec.batch_size))
     opt = make_optimizer(model, spec.optimizer)
@@ -246,6 +248,9 @@ def _fit(model: nn.Module, train: Split, val: Split, spec: TrainingRecipe, check
         history = list(state["history"])
         if average is not None:
             average.load_state_dict(state["ema"])
+        if on_epoch:   # the restored epochs too: a resumed run's curves start at epoch 1, not at the resumed one
+            for epoch, metrics in enumerate(history):
+                on_epoch(epoch, metrics)
     scored = average.module if average is not None else model
     after_step = (lambda: average.update_parameters(kept)) if average is not None else None
     for epoch in range(len(history), spec.epochs):
@@ -269,7 +274,8 @@ def _fit(model: nn.Module, train: Split, val: Split, spec: TrainingRecipe, check
             on_epoch(epoch, metrics)
     if average is not None:   # the average is the model trained
         kept.load_state_dict(average.module.state_dict())
-    return history
+    # the last epoch is kept (no best epoch restored): its val_* scored the weights kept, the average's with ``ema``
+    return History(history, len(history), history[-1] if history else {})
 
 
 # Profiler regions of a training step (``flows.step_profile``); without a profiler running they cost nothing measurable

@@ -122,6 +122,18 @@ EpochHook = Callable[[int, dict[str, float]], None]
 LossFn = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
+class History(list[dict[str, float]]):
+    """A training run's per-epoch scores (a list, one dict an epoch, as the plots CSV has them) and which weights it
+    kept: ``kept_epoch`` (1-based; 0 for the starting weights of a warm start that no epoch beat) and ``kept``, their
+    ``val_*`` scores. MLflow's run value of a per-epoch metric is its last epoch's; ``publish_training`` logs these
+    as ``best_epoch`` and ``best_val_*``, so the runs table also shows the model the stage wrote."""
+
+    def __init__(self, rows: list[dict[str, float]], kept_epoch: int, kept: dict[str, float]) -> None:
+        super().__init__(rows)
+        self.kept_epoch = kept_epoch
+        self.kept = {k: v for k, v in kept.items() if k.startswith("val_")}
+
+
 def cross_entropy_loss(label_smoothing: float) -> LossFn:
     def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(x)
@@ -146,13 +158,13 @@ def fit_best(model: nn.Module, loss_fn: Callable, count: int,
              batch: Callable[[torch.Tensor], tuple[torch.Tensor | tuple[torch.Tensor, ...], torch.Tensor]],
              spec: Any, scores: Callable[[], dict[str, float]], key: str, on_epoch: EpochHook | None = None,
              before_epoch: Callable[[int], None] | None = None, bf16: bool = False,
-             from_start: bool = False) -> list[dict[str, float]]:
+             from_start: bool = False) -> History:
     """Train ``model`` in place for ``spec.epochs`` over ``count`` rows, ``batch(indices)`` giving a batch's inputs
     and targets in a seeded order; after each epoch ``scores()`` (``train_*`` and ``val_*``, in eval mode, on the
     model's device). The epoch with the best ``key`` (a validation score: higher is better) is restored at the end;
     return the history. ``from_start``: the weights it starts from (a warm start's) compete too, scored before the
-    first epoch. On ``spec.device``, the model back on the CPU at the end. The loop of the families whose training
-    takes minutes (no checkpoint to resume)."""
+    first epoch; the history says which weights were kept. On ``spec.device``, the model back on the CPU at the end.
+    The loop of the families whose training takes minutes (no checkpoint to resume)."""
     with on_device(model, spec) as device:
         return _fit_best(model, loss_fn, count, batch, spec, scores, key, on_epoch, before_epoch, bf16, from_start,
                          device)
@@ -161,14 +173,16 @@ def fit_best(model: nn.Module, loss_fn: Callable, count: int,
 def _fit_best(model: nn.Module, loss_fn: Callable, count: int, batch: Callable, spec: Any,
               scores: Callable[[], dict[str, float]], key: str, on_epoch: EpochHook | None,
               before_epoch: Callable[[int], None] | None, bf16: bool, from_start: bool, device: torch.device
-              ) -> list[dict[str, float]]:
+              ) -> History:
     steps = math.ceil(count / spec.batch_size)
     opt = make_optimizer(model, spec.optimizer)
     sched = make_scheduler(opt, spec.schedule, spec.epochs * steps)
     gen = torch.Generator().manual_seed(spec.seed)
     history: list[dict[str, float]] = []
-    start = scores()[key] if from_start else -math.inf
-    best: tuple[float, dict] = (start, copy.deepcopy(model.state_dict()))
+    start_scores = scores() if from_start else {key: -math.inf}
+    start = start_scores[key]
+    # (score, weights, epoch: 0 for the start's, its scores)
+    best: tuple[float, dict, int, dict[str, float]] = (start, copy.deepcopy(model.state_dict()), 0, start_scores)
     for epoch in range(spec.epochs):
         if before_epoch:
             before_epoch(epoch)
@@ -186,12 +200,12 @@ def _fit_best(model: nn.Module, loss_fn: Callable, count: int, batch: Callable, 
             raise PipelineError(f"{key} is not a number after epoch {epoch + 1} (a validation split of one class has "
                                 "no AUC): no epoch can be chosen by it")
         if metrics[key] > best[0]:
-            best = (metrics[key], copy.deepcopy(model.state_dict()))
+            best = (metrics[key], copy.deepcopy(model.state_dict()), epoch + 1, metrics)
         if on_epoch:
             on_epoch(epoch, metrics)
     if from_start and not any(m[key] > start for m in history):
         print(f"no epoch beat the starting weights' {key} {best[0]:.4f}: kept them", flush=True)
     model.load_state_dict(best[1])
-    return history
+    return History(history, best[2], best[3])
 
 

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -78,6 +80,8 @@ class _Interrupt(Exception):
 
 
 def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
+    """Before: the resumed run called ``on_epoch`` for its new epochs only, so a finished run's MLflow curves started
+    at the epoch it resumed from."""
     train, val = _data(), _data(32, seed=1)
     uninterrupted = _model()
     fit(uninterrupted, train, val, _spec(), tmp_path / "a.pt", "fp")
@@ -88,9 +92,11 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path):
 
     with pytest.raises(_Interrupt):
         fit(_model(), train, val, _spec(), tmp_path / "b.pt", "fp", on_epoch=stop_after_first)
-    resumed = _model()
-    history = fit(resumed, train, val, _spec(), tmp_path / "b.pt", "fp")
+    resumed, logged = _model(), []
+    history = fit(resumed, train, val, _spec(), tmp_path / "b.pt", "fp",
+                  on_epoch=lambda epoch, metrics: logged.append((epoch, metrics)))
     assert len(history) == 2
+    assert logged == list(enumerate(history))   # every epoch, the restored one too, with its own step
     for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values(), strict=True):
         assert torch.equal(a, b), name
 
@@ -316,3 +322,52 @@ def test_fit_best_refuses_a_validation_score_that_is_not_a_number():
     with pytest.raises(PipelineError, match=r"^val_auc is not a number after epoch 1 .*one class"):
         fit_best(model, loss_fn, len(y), lambda idx: (x[idx], y[idx]), spec, lambda: {"val_auc": float("nan")},
                  "val_auc")
+
+
+@pytest.mark.parametrize(("from_start", "scores", "kept"), [(False, [0.6, 0.9, 0.7], 2),
+                                                            (True, [0.95, 0.6, 0.9, 0.7], 0)])
+def test_a_training_run_logs_the_kept_weights_scores_as_best_and_its_curves_from_epoch_one(
+        mlflow_uri, tmp_path, from_start, scores, kept):
+    """Before: the run value of ``val_accuracy`` (the runs table's, ``search_runs``'s) was the last epoch's, not the
+    best epoch's that was kept; a text stage logged the kept model's ``val_accuracy`` again at step 0, a bogus first
+    point on its curve; and nothing said when a warm start's weights won."""
+    from argparse import Namespace
+    from types import SimpleNamespace
+
+    from mlflow import MlflowClient
+
+    from tasks.artifacts import publish_training
+    from tasks.tracking import RunLogger
+    from tasks.training import fit_best
+
+    x, y = torch.randn(64, 2, generator=torch.Generator().manual_seed(0)), torch.zeros(64, dtype=torch.long)
+    model = torch.nn.Linear(2, 2)
+    spec = SimpleNamespace(epochs=3, batch_size=32, seed=0, device="cpu",
+                           optimizer=Optimizer(name="sgd", lr=0.5, weight_decay=0.0),
+                           schedule=Schedule(name="constant"))
+    client = MlflowClient(mlflow_uri)
+    experiment = client.create_experiment("training", artifact_location=(tmp_path / "artifacts").as_uri())
+    run = RunLogger(client, client.create_run(experiment).info.run_id, experiment)
+    validation = iter(scores)   # the validation score of the start (from_start) and of each epoch in turn
+
+    def loss_fn(m, inputs, target):
+        logits = m(inputs)
+        return torch.nn.functional.cross_entropy(logits, target), logits
+
+    history = fit_best(model, loss_fn, len(y), lambda idx: (x[idx], y[idx]), spec,
+                       lambda: {"val_accuracy": next(validation)}, "val_accuracy",
+                       lambda epoch, m: run.log_metrics(m, step=epoch + 1), from_start=from_start)
+    # as a text stage publishes it: the kept model scored again on val and test
+    metrics = {"val_accuracy": scores[kept - (not from_start)], "test_accuracy": 0.5,
+               "parameters": count_parameters(model)}
+    paths = Namespace(model=tmp_path / "m.pt", metrics=tmp_path / "m.json", plots=tmp_path / "m.csv")
+    publish_training(run, model, "linear", ARCH, history, metrics, paths)
+
+    logged = client.get_run(run.run_id).data
+    best = max(scores)
+    assert logged.metrics["best_val_accuracy"] == best and logged.metrics["best_epoch"] == kept
+    assert logged.metrics["val_accuracy"] == 0.7   # the curve's last point, as MLflow takes it
+    assert sorted(m.step for m in client.get_metric_history(run.run_id, "val_accuracy")) == [1, 2, 3]
+    assert [m.value for m in client.get_metric_history(run.run_id, "best_val_accuracy")] == [best]
+    assert logged.tags.get("training.kept") == ("start" if kept == 0 else None)
+    assert json.loads(paths.metrics.read_text())["val_accuracy"] == best   # the DVC metrics file as before
