@@ -192,7 +192,7 @@ def _admit(root: Path, snapshot: Path, stage: str, intake: Intake, batch: Any, f
         try:
             entry = add_batch(snapshot, folder.name, folder, {"rows": intake.rows(batch),
                                                               "source": str(folder.resolve())})
-        except Exception:   # refused: the snapshot as it was (at most an unlisted folder), nothing to settle
+        except Exception:   # refused: the snapshot as it was, nothing to settle
             done()
             raise
         try:

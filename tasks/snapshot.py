@@ -135,10 +135,14 @@ def add_batch(snapshot: Path, batch_id: str, source: Path, entry: dict[str, Any]
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise
-    files = folder_digests(target)
-    record = {"id": batch_id, "files": files, "digest": batch_digest(files),
-              "accepted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **entry}
-    write_json(snapshot / MANIFEST, {**manifest, "batches": [*manifest["batches"], record]})
+    try:
+        files = folder_digests(target)
+        record = {"id": batch_id, "files": files, "digest": batch_digest(files),
+                  "accepted_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **entry}
+        write_json(snapshot / MANIFEST, {**manifest, "batches": [*manifest["batches"], record]})
+    except Exception:   # not listed (a disk full, an unreadable file): the folder leaves again, never versioned
+        shutil.rmtree(target, ignore_errors=True)
+        raise
     return record
 
 

@@ -128,3 +128,29 @@ def test_a_batch_the_snapshot_refuses_leaves_no_record(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         admission._admit(tmp_path, snapshot, "snapshot_x", Intake(), None, tmp_path / "week", {}, {}, None, 0.0)
     assert not pending_path(snapshot).exists()
+
+
+def test_a_batch_whose_listing_fails_leaves_no_folder_behind(tmp_path, monkeypatch):
+    """Before: add_batch moved the copied folder into the snapshot, then failed writing the manifest (a disk full):
+    the folder stayed, unlisted, and the next snapshot stage versioned it with the data."""
+    import tasks.snapshot as snapshots
+    from tasks.config import load_config
+    from tasks.recsys.intake import INTAKE
+    from tests.conftest import ROOT
+
+    cfg = load_config(ROOT / "params.yaml")
+    cfg = cfg.model_copy(update={"ingest": cfg.ingest.model_copy(update={
+        "recsys": cfg.ingest.recsys.model_copy(update={"bootstrap": "empty"})})})
+    snapshot = tmp_path / "raw"
+    snapshots.create(snapshot, "recsys", INTAKE, cfg)
+    before = (snapshot / "snapshot.json").read_text()
+    (tmp_path / "week").mkdir()
+    (tmp_path / "week" / "ratings.csv").write_text("user_id,item_id,rating,timestamp\n1,1,5,0\n")
+
+    def full(path, obj):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(snapshots, "write_json", full)
+    with pytest.raises(OSError, match="No space left"):
+        snapshots.add_batch(snapshot, "week", tmp_path / "week", {"rows": {}})
+    assert not (snapshot / "week").exists() and (snapshot / "snapshot.json").read_text() == before
