@@ -258,8 +258,8 @@ def test_a_challenger_only_version_gated_again_says_how_to_promote_it(project, r
     again, _ = _gate(project, cfg, uri)
     assert again["unchanged"] and not again["champion"]
     said = capsys.readouterr().out
-    assert f"registered as challenger only (--no-promote, a sweep): `python -m flows.promotion --family vision " \
-           f"--version {first['version']}" in said
+    assert "registered as challenger only (--no-promote, a sweep, or a champion of unknown split params): `python " \
+           f"-m flows.promotion --family vision --version {first['version']}" in said
 
 
 @pytest.mark.fault("promotion", "a champion made for other data (other class names, or 3 classes not 10) under "
