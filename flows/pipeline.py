@@ -204,8 +204,7 @@ def gate_record(report: dict[str, Any]) -> tuple[dict[str, float], dict[str, str
     """What the promote run logs of a gate ``report``: each check's value (not the one that compared nothing with
     no champion, or one not compared: a 0.0 there read as "no drop"), and the champion's health as the report says
     it, "not judged" included (before: tagged healthy, its unmeasured drop logged as measured)."""
-    metrics = {f"gate.{c['name']}": c["value"] for c in report["checks"]   # (vs_champion: the placeholder of a
-               if c["name"] != "vs_champion" and "not compared" not in c["why"]}   # champion none is compared with)
+    metrics = {f"gate.{c['name']}": c["value"] for c in report["checks"] if c.get("compared", True)}
     tags = {"registry.unchanged": str(report["unchanged"]).lower(), "gate.passed": str(report["passed"]).lower(),
             "registry.version": report["version"]}
     if (health := report.get("champion_health")) is not None:

@@ -35,6 +35,7 @@ class Check:
     threshold: float
     passed: bool
     why: str
+    compared: bool = True   # False: a placeholder that compared nothing (no champion, a window too small)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -82,7 +83,7 @@ def gate_checks(evaluation: dict, champion: dict | None, cfg: Gate, spec: GateSp
     max_drop = getattr(cfg.vs_champion, f"max_{metric}_drop")
     if champion is None or "incomparable" in champion:
         checks.append(Check("vs_champion", 0.0, "<=", max_drop, True, (champion or {}).get(
-            "incomparable", "no champion yet: nothing to be worse than")))
+            "incomparable", "no champion yet: nothing to be worse than"), compared=False))
     else:
         # a champion reading the data in its own encoding (an older vocabulary) is compared on the rows it can read
         mine = champion.get("candidate", cand)
@@ -102,7 +103,7 @@ def gate_checks(evaluation: dict, champion: dict | None, cfg: Gate, spec: GateSp
                 checks.append(Check(name, 0.0, "<=", windows.max_drop, True,
                                     f"{window} window not compared: {rows} test rows both read"
                                     + (f" (fewer than {windows.min_rows})" if rows < windows.min_rows else
-                                       " of one class only")))
+                                       " of one class only"), compared=False))
     return checks
 
 

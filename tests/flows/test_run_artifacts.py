@@ -117,10 +117,13 @@ def test_a_champion_not_judged_on_its_recent_window_is_recorded_so():
 
     health = {"version": "3", "drop": 0.3, "max_drop": 0.05, "compared": False, "degraded": False, "recent_rows": 40}
     report = {"passed": True, "unchanged": False, "version": "4", "champion_health": health,
-              "checks": [{"name": "vs_champion", "value": 0.0, "why": "no champion yet: nothing to be worse than"},
-                         {"name": "auc_drop_vs_teacher", "value": 0.01, "why": "test auc drop vs the teacher"},
+              "checks": [{"name": "vs_champion", "value": 0.0, "why": "no champion yet: nothing to be worse than",
+                          "compared": False},
+                         {"name": "auc_drop_vs_teacher", "value": 0.01, "why": "test auc drop vs the teacher",
+                          "compared": True},
                          {"name": "auc_drop_vs_champion_recent", "value": 0.0,   # a window too small to compare on
-                          "why": "recent window not compared: 40 test rows both read (fewer than 100)"}]}
+                          "why": "recent window not compared: 40 test rows both read (fewer than 100)",
+                          "compared": False}]}
     metrics, tags = gate_record(report)
     assert tags["champion.health"] == "not judged" and "champion.recent_drop" not in metrics
     assert metrics == {"gate.auc_drop_vs_teacher": 0.01}
