@@ -331,6 +331,26 @@ def test_nothing_changed_means_nothing_recomputed(flow_repo):
     assert locked_outs(repo) == before
 
 
+@pytest.mark.fault("runs", "a teammate's `git clone` + `dvc pull` of a finished run",
+                   "every output comes back from the DVC remote: `dvc status` finds nothing to re-run (before: the "
+                   "checkpoints and Data Docs, declared outputs DVC did not cache, were missing, so every training "
+                   "and validation stage of every family would run again)")
+def test_a_clone_pulls_every_output_and_has_nothing_to_rerun(flow_repo, tmp_path):
+    repo, _, _ = flow_repo
+    pushed = dvc(repo, "push")   # the flow pushes the data versions; the rest, as the user shares them
+    assert pushed.returncode == 0, pushed.stderr[-3000:]
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "--quiet", str(repo), str(clone)], check=True)
+    shutil.copy(repo / "dvc.lock", clone / "dvc.lock")   # as the user commits it (not in this scratch copy's git)
+    # the repo's remote (.dvc/config: ../.dvc-storage, relative to the .dvc folder: the clone's own otherwise)
+    assert dvc(clone, "remote", "modify", "--local", "local", "url", str(repo / ".dvc-storage")).returncode == 0
+    pulled = dvc(clone, "pull")
+    assert pulled.returncode == 0, pulled.stderr[-3000:]
+    status = dvc(clone, "status")
+    assert status.returncode == 0, status.stderr[-3000:]
+    assert "Data and pipelines are up to date" in status.stdout, status.stdout[-3000:]
+
+
 def test_make_smoke_runs_a_family_in_its_own_copy_with_the_flows_outputs(flow_repo, tmp_path):
     """``python -m flows.smoke`` (``make smoke``): a fresh scratch copy, its own stores, and the very bytes the
     flow wrote: every stage is deterministic across processes. (One family: the other runs the same generic stage

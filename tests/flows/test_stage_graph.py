@@ -53,6 +53,7 @@ def test_config_sections_are_all_read_by_some_stage():
     assert sections <= read
 
 
+@pytest.mark.slow
 def test_every_family_is_validated_before_any_family_trains():
     order = [n.name for n in stage_graph(ROOT)]
     validations = [i for i, name in enumerate(order) if name.startswith("validate_")]
@@ -82,6 +83,7 @@ def _dvc_stages():
                          {k for d in s.deps if hasattr(d, "params") for k in (d.params or [])}, s.cmd) for s in stages}
 
 
+@pytest.mark.slow
 def test_every_stage_depends_on_exactly_the_code_it_imports():
     """Before: evaluate_recsys missed tasks/recsys/prepare.py, the recsys compression stages tasks/distillation.py,
     validate_vision tasks/expectations.py (so DVC served stale results), and every vision stage depended on the
@@ -186,6 +188,7 @@ def test_the_gate_finds_each_familys_files_where_dvc_yaml_puts_them(raw_params):
         stage_paths(ROOT, "evaluate_audio")
 
 
+@pytest.mark.slow
 def test_a_folder_that_is_no_project_is_a_one_line_error(tmp_path, monkeypatch):
     """Before: ``flows.export_benchmark --root <a folder with params.yaml alone>`` ended in FileNotFoundError's
     traceback, and the flows reading the graph (pipeline, sweep, ingest) in DVC's NotDvcRepoError."""
@@ -219,6 +222,7 @@ def test_a_folder_that_is_no_project_is_a_one_line_error(tmp_path, monkeypatch):
         stage_graph(Path("."))
 
 
+@pytest.mark.slow
 @pytest.mark.fault("runs", "a flow starts while another family's DVC process is rewriting dvc.lock",
                    "the graph is read again until the file is whole; a dvc.lock DVC still cannot read is a one-line "
                    "error naming it (before: DVC's validation error's traceback at the flow's start)")
@@ -267,18 +271,20 @@ def test_the_docs_run_dvc_with_the_projects_python_first_on_path():
     assert not bare, f"run DVC in a shell with `source .venv/bin/activate`, not as .venv/bin/dvc: {bare}"
 
 
-def test_every_metrics_file_is_kept_by_git_or_by_dvc():
+def test_every_output_is_kept_by_git_or_by_dvc():
     """``dvc metrics diff``, ``dvc exp show`` and ``dvc metrics show -a`` read a metrics file of another revision from
     git or from DVC's cache. Before: each family's evaluation.json (the INT8 student's scores, latency, size) was
     ``cache: false`` and gitignored (``/metrics/``): kept by neither, so every diff showed ``old: None`` and every
-    experiment row ``FileNotFoundError``."""
+    experiment row ``FileNotFoundError``. The same for every output: a clone's ``dvc pull`` restores none DVC does
+    not cache, and a missing output is a changed stage: the training checkpoints and the Data Docs (``cache: false``
+    until 2026-12-07) had every clone re-run each family's training and validation."""
     import subprocess
 
     import yaml
 
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
-    uncached = [next(iter(out)) for stage in stages.values() for kind in ("metrics", "plots")
+    uncached = [next(iter(out)) for stage in stages.values() for kind in ("outs", "metrics", "plots")
                 for out in stage.get(kind, []) if isinstance(out, dict) and next(iter(out.values())).get("cache") is False]
     ignored = subprocess.run(["git", "check-ignore", "--no-index", *uncached], cwd=ROOT, capture_output=True,
                              text=True, check=False).stdout.split() if uncached else []
-    assert not ignored, f"metrics kept by neither git (ignored) nor DVC (cache: false): {ignored}"
+    assert not ignored, f"outputs kept by neither git (ignored) nor DVC (cache: false): {ignored}"
