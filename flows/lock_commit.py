@@ -7,7 +7,8 @@ DVC's repository lock (DVC rewrites ``dvc.lock`` in place: another family's run 
 lock that parses is committed; none while a merge, cherry-pick, revert or rebase is under way in the work tree
 (git would conclude it with only dvc.lock changed). The user's git identity and hooks apply; without an identity
 the commit is signed ``kdq-pipeline``. A project that keeps ``dvc.lock`` out of git (``.gitignore``) or is no git
-work tree gets no commit.
+work tree gets no commit. A lock that records params or code the commit does not hold (edited, not committed) is
+committed with a warning naming those files.
 """
 from __future__ import annotations
 
@@ -73,7 +74,26 @@ def commit_lock(root: Path, message: str) -> str | None:
         time.sleep(0.5 * attempt)
     if commit is None:
         _warn(root, why[-400:])
+    elif unrecorded := _uncommitted_inputs(root, blob):
+        print(f"warning: dvc.lock, committed in {root} as {commit[:10]}, records uncommitted changes to "
+              f"{', '.join(unrecorded[:5])}{' ...' if len(unrecorded) > 5 else ''}: commit them too, or that commit "
+              "does not reproduce this run", file=sys.stderr)
     return commit
+
+
+def _uncommitted_inputs(root: Path, blob: str) -> list[str]:
+    """The files the committed lock (``blob``) records as inputs (params files, code, any dependency git tracks)
+    that differ from the commit: what it recorded of them is in no commit."""
+    try:
+        stages = load_yaml(_git(root, "cat-file", "blob", blob).stdout).get("stages") or {}
+        paths = sorted({path for stage in stages.values()
+                        for path in [d["path"] for d in stage.get("deps", [])] + list(stage.get("params", {}))})
+    except (yaml.YAMLError, AttributeError, KeyError, TypeError):   # an odd lock: no note rather than a failure
+        return []
+    if not paths:
+        return []
+    status = _git(root, "status", "--porcelain", "--untracked-files=no", "--", *paths).stdout.splitlines()
+    return [line[3:] for line in status]
 
 
 #: what a commit in the work tree would conclude (``git commit`` reads them, whatever index it is given)

@@ -47,6 +47,31 @@ def test_the_lock_alone_is_committed_with_the_pipelines_identity(repo):
     assert git_state(repo)["git.dirty"] == "false"
 
 
+@pytest.mark.fault("runs", "a run's dvc.lock is committed while params.yaml or code it records is uncommitted",
+                   "the lock is committed and a warning names the uncommitted files it records (before: silent; "
+                   "`dvc params diff` against that commit showed nothing of values no commit held)")
+def test_a_lock_recording_uncommitted_params_or_code_is_committed_with_a_warning_naming_them(repo, capsys):
+    (repo / "train.py").write_text("print(1)\n")
+    _git(repo, "add", "train.py")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "code")
+    lock = ("schema: '2.0'\nstages:\n  train:\n    cmd: python train.py\n    deps:\n    - path: train.py\n"
+            "      md5: {md5}\n    - path: data/raw\n      md5: 0\n    params:\n      params.yaml:\n        a: {a}\n")
+    (repo / "dvc.lock").write_text(lock.format(md5=1, a=1))
+    assert commit_lock(repo, "clean") is not None
+    assert "warning" not in capsys.readouterr().err   # what it records is what HEAD holds
+
+    (repo / "params.yaml").write_text("a: 2\n")   # the user's edits, one staged, neither committed
+    (repo / "train.py").write_text("print(2)\n")
+    _git(repo, "add", "train.py")
+    (repo / "dvc.lock").write_text(lock.format(md5=2, a=2))
+    commit = commit_lock(repo, "dirty")
+    assert commit == _git(repo, "rev-parse", "HEAD")
+    err = capsys.readouterr().err.strip()
+    assert err == (f"warning: dvc.lock, committed in {repo} as {commit[:10]}, records uncommitted changes to "
+                   "params.yaml, train.py: commit them too, or that commit does not reproduce this run")
+    assert _git(repo, "show", "--name-only", "--format=", "HEAD") == "dvc.lock"   # still the lock alone
+
+
 def test_a_first_lock_is_committed_whatever_git_status_shows_of_untracked_files(repo):
     """Before: with ``status.showUntrackedFiles=no`` git status listed nothing for the new dvc.lock and it was never
     committed."""
@@ -128,6 +153,7 @@ def test_no_commit_while_a_merge_or_a_cherry_pick_is_under_way(repo, capsys):
     assert commit_lock(repo, "vision: batch accepted") == _git(repo, "rev-parse", "HEAD") != head
 
 
+@pytest.mark.slow
 def test_a_refused_commit_or_a_held_dvc_lock_leaves_the_lock_as_it_was(repo, monkeypatch, capsys):
     from flows import lock_commit
     from tests.conftest import dvc_lock
@@ -156,6 +182,7 @@ def test_a_refused_commit_or_a_held_dvc_lock_leaves_the_lock_as_it_was(repo, mon
     assert commit_lock(repo, "m") is not None
 
 
+@pytest.mark.slow
 def test_the_lock_is_committed_where_dvc_install_put_dvcs_git_hooks(repo, monkeypatch):
     """DVC's pre-commit hook runs ``dvc status``, which takes DVC's repository lock: the commit was made holding that
     lock, so with the hooks installed every commit failed ("Unable to acquire lock") and dvc.lock was never
@@ -203,6 +230,7 @@ def test_a_dvc_project_in_a_folder_of_the_repository_is_restored_as_that_folder(
     assert checkout_code(repo, commit, tmp_path / "whole") == tmp_path / "whole"
 
 
+@pytest.mark.slow
 @pytest.mark.fault("runs", "a project whose DVC config sets core.hardlink_lock (NFS) while a DVC process holds its "
                    "lock",
                    "the gate's, a stage's and the lock commit's reads of dvc.lock wait for DVC's own kind of lock "
