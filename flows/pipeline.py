@@ -34,7 +34,7 @@ from flows.dvc_stage import (
 from flows.registry_lock import data_lock
 from flows.run_artifacts import flag_degraded_champion, mlflow_ui_command, publish_gate, publish_run
 from flows.stage_graph import StageNode, below, stage_graph, stage_paths, upstream_of
-from tasks.config import Config, load_config
+from tasks.config import Config, check_profile_tracked, load_config
 from tasks.errors import PipelineError, run_cli
 from tasks.lineage import dvc_lock_text, remade_since
 from tasks.mlflow_store import redact, tracking_uri
@@ -264,11 +264,13 @@ def summary(result: dict[str, Any], root: Path) -> str:
 
 def preflight(root: Path, families: list[str] | None, gate_only: bool = False) -> None:
     """What a run refuses before it starts anything: no params.yaml (a root that is no project), a family it does not
-    name, and for a run of the stages a dvc.yaml DVC cannot read. The CLI checks them before the flow starts Prefect
-    (a temporary server, ~15 s, then the refusal's traceback in its log); the flows check them again (a deployment
-    calls them directly)."""
-    chosen(load_config(root / "params.yaml"), families)
+    name, and for a run of the stages a profile dvc.yaml does not track or a dvc.yaml DVC cannot read. The CLI checks
+    them before the flow starts Prefect (a temporary server, ~15 s, then the refusal's traceback in its log); the
+    flows check them again (a deployment calls them directly)."""
+    cfg = load_config(root / "params.yaml")
+    chosen(cfg, families)
     if not gate_only:
+        check_profile_tracked(cfg, root / "params.yaml")
         stage_graph(root)
 
 

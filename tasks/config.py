@@ -300,6 +300,22 @@ def load_config(path: Path | str = PARAMS_FILE, profile: str | None = None) -> C
 OUTPUT_FLAGS = ("--out", "--model", "--metrics", "--plots", "--report", "--docs")
 
 
+def check_profile_tracked(cfg: Config, params: Path | str) -> None:
+    """The selected profile is one whose overlay the stage graph beside ``params`` (its dvc.yaml) tracks: its stages
+    list ``profiles.<name>.*`` params, so that DVC re-runs a stage when its part of the overlay changes. A ConfigError
+    otherwise (before: a profile added to params.yaml ran, and its later edits left every output stale, silently).
+    ``full`` (no overlay) and a params file with no dvc.yaml beside it (no DVC project) pass."""
+    graph = Path(params).parent / "dvc.yaml"
+    if cfg.profile == "full" or not graph.is_file():
+        return
+    tracked = sorted(set(re.findall(r"^\s*-\s*profiles\.([^.\s#]+)", graph.read_text(), re.MULTILINE)))
+    if cfg.profile not in tracked:
+        raise ConfigError(f"{params}: profile: {cfg.profile!r} is not tracked by {graph} (its stages list the params "
+                          f"of {', '.join(tracked) or 'no profile'}): DVC would not re-run a stage when "
+                          f"profiles.{cfg.profile} changes; list its blocks beside those in dvc.yaml, or choose 'full'"
+                          f"{''.join(f' or {name!r}' for name in tracked)}")
+
+
 def stage_args(doc: str, *path_flags: str, optional: tuple[str, ...] = ()) -> tuple[argparse.Namespace, Config]:
     """A stage CLI's arguments: ``--params`` plus required path flags (and ``optional`` ones, None when absent);
     returns (args, validated config). Under ``run_cli`` the output paths are staging paths (``tasks.staging``)."""
@@ -313,6 +329,7 @@ def stage_args(doc: str, *path_flags: str, optional: tuple[str, ...] = ()) -> tu
         parser.add_argument(flag, type=Path, default=None)
     args = parser.parse_args()
     cfg = load_config(args.params)
+    check_profile_tracked(cfg, args.params)
     for flag in set(path_flags) & set(OUTPUT_FLAGS):  # written to staging, moved into place when the stage succeeds
         name = flag.removeprefix("--").replace("-", "_")
         setattr(args, name, staged(getattr(args, name)))

@@ -83,6 +83,44 @@ def test_unknown_profile_lists_choices(raw_params):
         parse_config({**raw_params, "profile": "tiny"})
 
 
+@pytest.mark.fault("params", "a profile added to params.yaml (`profiles.quick`, `profile: quick`) that dvc.yaml "
+                   "does not track", "refused by the pipeline's checks and by every stage in one line naming the "
+                   "profile and what to do (before: it ran, and its later edits left every output stale, silently)")
+def test_a_profile_dvc_yaml_does_not_track_is_refused_before_anything_runs(raw_params, tmp_path, monkeypatch):
+    import shutil
+    import sys
+
+    import yaml
+
+    from flows.pipeline import preflight
+    from tasks.config import stage_args
+    from tests.conftest import ROOT
+
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    (tmp_path / ".dvc").mkdir()
+    (tmp_path / ".dvc" / "config").write_text("[core]\n    no_scm = true\n")
+    quick = {**raw_params, "profile": "quick", "profiles": {**raw_params["profiles"],
+                                                            "quick": raw_params["profiles"]["smoke"]}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(quick, sort_keys=False))
+    refusal = (r"params.yaml: profile: 'quick' is not tracked by (\S+/)?dvc.yaml \(its stages list the params "
+               r"of smoke\): DVC would not re-run a stage when profiles.quick changes; list its blocks beside those "
+               r"in dvc.yaml, or choose 'full' or 'smoke'$")
+    with pytest.raises(ConfigError, match=refusal):
+        preflight(tmp_path, None)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["stage"])
+    with pytest.raises(ConfigError, match=refusal):
+        stage_args("a stage")
+    preflight(tmp_path, None, gate_only=True)   # no stage runs: nothing to go stale
+
+    graph = (tmp_path / "dvc.yaml").read_text()   # tracked (one block is enough to say so), or no DVC project: runs
+    (tmp_path / "dvc.yaml").write_text(graph.replace("- profiles.smoke.data.vision\n",
+                                                     "- profiles.smoke.data.vision\n      - profiles.quick.data.vision\n", 1))
+    assert stage_args("a stage")[1].profile == "quick"
+    (tmp_path / "dvc.yaml").unlink()
+    assert stage_args("a stage")[1].profile == "quick"
+
+
 @pytest.mark.parametrize("field,value,pattern", [
     ("sha256", {"train-images-idx3-ubyte": "0" * 64}, r"sha256 must pin exactly"),
     ("val_size", 0, r"data\.vision\.val_size"),
