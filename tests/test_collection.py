@@ -4,9 +4,12 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT
 
 
+@pytest.mark.slow
 def test_tests_named_through_a_symlink_to_the_checkout_are_collected(tmp_path):
     """Before: the ordering of the collected tests took their paths relative to the resolved checkout, and a path
     through a symlink (a CI job's /check/work/main) stopped the collection with a ValueError."""

@@ -65,6 +65,7 @@ def _kits() -> list[Path]:
     return [p for p in sorted((ROOT / "tasks").iterdir()) if (p / "__init__.py").is_file() and p.name not in families]
 
 
+@pytest.mark.slow
 def test_generic_modules_name_no_family():
     kits = [module for kit in _kits() for module in kit.glob("*.py")]
     assert kits, "the image kit (tasks/images) is generic code too"

@@ -197,6 +197,7 @@ def _entrypoint(env: dict[str, str], *cmd: str) -> subprocess.CompletedProcess:
                           text=True, check=False)
 
 
+@pytest.mark.slow
 def test_the_image_entry_point_makes_a_shared_volume_a_dvc_checkout_that_keeps_outputs(tmp_path):
     image = copy_project(tmp_path / "image")          # what the Dockerfile copies and commits
     for name in ("pyproject.toml", "constraints.txt"):
@@ -341,6 +342,7 @@ def test_the_kubernetes_worker_that_syncs_the_sources_is_replaced_not_rolled():
     assert docs["prefect-worker"]["spec"]["strategy"] == {"type": "Recreate"}
 
 
+@pytest.mark.slow
 def test_kubernetes_pods_reach_the_dvc_remote_at_the_in_cluster_minio(tmp_path):
     """.dvc/config's S3 remote names the host's MinIO (localhost:9000); in the cluster it is minio:9000. Before: a
     pod's `dvc push -r storage` went to localhost."""

@@ -77,6 +77,7 @@ def test_label_balance_outside_its_tolerance_fails(synthetic_movielens, tmp_path
     assert "[recsys_test] expect_column_mean_to_be_between(column=label" in failure_message(report)
 
 
+@pytest.mark.slow
 @pytest.mark.fault("data", "processed ratings that do not account for the raw snapshot's (a batch lost on the way, "
                    "or a labelling that drops most ratings)",
                    "validation fails naming the size check against the snapshot's manifest")

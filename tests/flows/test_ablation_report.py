@@ -77,6 +77,7 @@ def test_the_ablation_runs_a_family_that_has_an_ablation_block(config, family):
         ablated_family(config, family)
 
 
+@pytest.mark.slow
 @pytest.mark.fault("runs", "the ablation's dvc repro of the teacher fails (a stage that exits non-zero)",
                    "PipelineError naming the stage, DVC's exit code, the root and DVC's ERROR line; exit 2 (before: a "
                    "CalledProcessError traceback)")

@@ -25,6 +25,7 @@ def refusal(command: list[str]) -> str:
     return lines[0]
 
 
+@pytest.mark.slow
 @pytest.mark.fault("params", "`flows.pipeline`, `flows.ingest` or `flows.sweep` given a --root that is no project, "
                    "a family params.yaml does not name, or a batch or landing folder that does not exist",
                    "one `error:` line naming the argument, exit 2, before Prefect is reached (before: a Prefect "

@@ -70,6 +70,7 @@ def test_a_target_of_an_unknown_family_or_not_finite_is_refused(pair, error, mes
         family_values([pair], "--teacher-target", FAMILIES)
 
 
+@pytest.mark.slow
 @pytest.mark.fault("runs", "a stage retried after a failed attempt",
                    "the benchmark shows the finished attempt's time, not the failed one's")
 def test_a_retried_stage_is_timed_by_its_newest_finished_attempt(tmp_path):

@@ -632,6 +632,7 @@ def test_a_rollback_of_another_alias_than_champion_is_a_usage_error(tmp_path, pr
     assert not any(v.aliases for v in client.search_model_versions(f"name = '{name}'") if str(v.version) != "3")
 
 
+@pytest.mark.slow
 def test_an_interrupted_registration_a_later_version_was_compared_with_is_kept(tmp_path):
     """A pending version that a later one names as the champion it was compared with did become champion: deleted,
     a rollback would name a deleted version. One no later version names is registered again."""
@@ -868,6 +869,7 @@ def test_a_champion_made_for_other_data_is_never_compared(project, raw_params, t
     assert [str(v.version) for v in client.search_model_versions(f"name = '{report['name']}'")] == ["1"]
 
 
+@pytest.mark.slow
 @pytest.mark.fault("promotion", "the vocabulary registered beside a champion altered in the artifact store",
                    "RegistryError naming the version, the file and both SHA-256s before the model reads any data")
 def test_a_file_registered_beside_a_model_is_checked_like_the_model(tmp_path):
@@ -916,6 +918,7 @@ def test_a_registered_model_names_its_requirements_without_loading_it_in_another
     assert sorted(written) == [f"{name}=={version(name)}" for name in ("mlflow", "numpy", "onnx", "onnxruntime")]
 
 
+@pytest.mark.slow
 def test_a_registered_models_signature_names_what_it_answers_with(tmp_path):
     """The scoring server answers with the graph's outputs by name (``{"logits": ...}``). Before: the signature held
     the first output's array alone, unnamed, and a second output would not have been in it."""
@@ -969,6 +972,7 @@ def test_the_gate_reads_dvc_lock_whole_while_dvc_rewrites_it(project, raw_params
     assert logged.read_text() == whole
 
 
+@pytest.mark.slow
 def test_a_version_whose_artifact_holds_no_onnx_file_is_a_registry_error(tmp_path):
     """Before: a bare StopIteration from looking for the file."""
     from flows.registry import download_onnx
@@ -1032,6 +1036,7 @@ def _answer(cmd: list[str]) -> list:
     return answer.json()["predictions"]["y"]
 
 
+@pytest.mark.slow
 @pytest.mark.fault("security", "the champion's stored MLmodel pointed at an added sub/evil.onnx (its loader module "
                    "and code to import too), then `make serve`",
                    "the checked model.onnx served, from a folder whose MLmodel is written at start: the stored MLmodel "
@@ -1059,6 +1064,7 @@ def test_make_serve_serves_the_checked_model_onnx_whatever_the_stored_mlmodel_na
     assert not list((tmp_path / "serve").rglob("evil.onnx"))
 
 
+@pytest.mark.slow
 @pytest.mark.fault("promotion", "another .onnx file beside a champion's model.onnx in the artifact store, then "
                    "`make serve`", "model.onnx checked and served by name, the other file ignored (before: whichever "
                    ".onnx file the folder listed first was checked, and a valid champion was refused)")
@@ -1076,6 +1082,7 @@ def test_another_onnx_file_beside_a_champions_model_onnx_is_neither_checked_nor_
     assert [p.name for p in (tmp_path / "serve").rglob("*.onnx")] == ["model.onnx"]
 
 
+@pytest.mark.slow
 @pytest.mark.fault("promotion", "a promotion or a registration run by a uid with no passwd entry (Kubernetes "
                    "runAsUser)",
                    "recorded as $USER, else uid<N> (before: KeyError from getpass.getuser)")

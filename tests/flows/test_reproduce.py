@@ -23,6 +23,7 @@ def _repo(root: Path, lines: int) -> dict[str, str]:
             "DVC_NO_ANALYTICS": "1"}   # (as the project's .dvc/config says: no report daemon left by each command)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("code", "deterministic"), [(2, True), (24, False), (255, False)])
 def test_only_a_stage_exiting_with_the_user_error_code_is_never_retried(tmp_path, code, deterministic):
     """Before: "exited with 24" (or 255: a killed interpreter's) contains "exited with 2", the code of bad input:
@@ -46,6 +47,7 @@ def test_a_stage_that_prints_more_than_the_kept_tail_is_still_reported_as_ran(tm
     assert reproduce("talk", tmp_path / "repo", env, log=False) is False   # nothing changed: DVC skips it
 
 
+@pytest.mark.slow
 @pytest.mark.fault("runs", "another process keeps the project's DVC lock (a stuck dvc command, a test holding it)",
                    "a stage tries again for at most pipeline.data_lock_timeout_seconds, then fails as a retryable "
                    "StageFailed naming the busy lock; an ingestion's dvc commit waits as long, then leaves the "
@@ -138,6 +140,7 @@ def test_dvc_reads_yaml_with_libyamls_parser():
     assert parse_yaml("a: [1, 2]\n", "x.yaml") == {"a": [1, 2]}
 
 
+@pytest.mark.slow
 @pytest.mark.fault("runs", "a stage process killed (SIGKILL: the out-of-memory killer) after its MLflow run started",
                    "the stage fails as retryable and its run under the pipeline run is marked KILLED (before: it "
                    "stayed RUNNING for ever beside the run that retried it)")
@@ -183,6 +186,7 @@ def test_a_tracking_server_down_after_a_stage_is_warned_of_without_its_password(
     assert "s3cret" not in "".join(warned)
 
 
+@pytest.mark.slow
 @pytest.mark.fault("runs", "the flow process interrupted (Ctrl-C, a cancelled run) while `dvc repro` runs a stage",
                    "DVC and the stage's command are stopped before the interruption goes on (before: both kept "
                    "running, DVC free to write dvc.lock after its caller had undone its work; DVC passes no signal "

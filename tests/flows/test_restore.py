@@ -43,6 +43,7 @@ def test_a_registry_that_does_not_answer_is_transient_and_keeps_its_password(unr
     assert "s3cret" not in str(down.value) and down.value.transient
 
 
+@pytest.mark.slow
 def test_a_version_or_lineage_that_is_not_there_is_still_the_users_error(mlflow_uri, tmp_path):
     client = MlflowClient(mlflow_uri)
     client.create_registered_model("ctr")
@@ -96,6 +97,7 @@ def s3(monkeypatch) -> str:
     server.stop()
 
 
+@pytest.mark.slow
 @pytest.mark.fault("data", "restoring a version on a machine whose default DVC remote is S3 on MinIO (endpointurl "
                    "set with `dvc remote modify --local`)",
                    "DEST's pull uses the remote with all its settings; a failed pull says DVC's reason (before: the "
@@ -140,6 +142,7 @@ def test_data_is_pulled_from_the_projects_remote_with_all_its_settings(s3, tmp_p
     assert "from s3://dvc/cache failed" in reasons[1]
 
 
+@pytest.mark.slow
 def test_a_remote_urls_password_is_masked_where_restore_names_it(tmp_path, monkeypatch):
     """Before: a pull that failed named the project's remote URL as it is, password and all."""
     monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
@@ -182,6 +185,7 @@ def _version(tmp_path: Path, params_hash: str | None = None) -> MlflowClient:
     return client
 
 
+@pytest.mark.slow
 @pytest.mark.fault("runs", "restoring a version whose run holds no lineage/ artifacts",
                    "a one-line PipelineError before anything is cloned: DEST (and the parent it would create) not "
                    "there, and the same command again gives the same answer (before: DEST left a full clone, and the "
@@ -196,6 +200,7 @@ def test_a_version_without_lineage_is_refused_before_dest_is_made(mlflow_uri, tm
         assert not (tmp_path / "new").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.fault("runs", "restoring a version whose params resolve to another params.hash than it records (found "
                    "by DEST's own code, after the clone)",
                    "a one-line PipelineError and DEST as it was found: a new one removed, an empty one left there "
@@ -212,6 +217,7 @@ def test_a_restore_refused_after_the_clone_leaves_dest_as_it_was_found(mlflow_ur
     assert empty.is_dir() and not list(empty.iterdir()) and not new.exists()
 
 
+@pytest.mark.slow
 @pytest.mark.fault("runs", "python -m flows.restore into a DEST that is a file",
                    "a one-line PipelineError naming DEST, before the registry is asked (before: NotADirectoryError "
                    "and its traceback)")

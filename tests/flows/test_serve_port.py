@@ -17,6 +17,7 @@ def _serve(tmp_path, port: str) -> subprocess.CompletedProcess:
                           env=env, capture_output=True, text=True, timeout=300, check=False)
 
 
+@pytest.mark.slow
 @pytest.mark.fault("promotion", "`make serve` with --port -1, --port 70000, or a port another process listens on",
                    "exit 2 with one line naming the port (and host), before the champion is fetched (before: the "
                    "champion was fetched, 'serving ... on http://127.0.0.1:-1/invocations' printed, then uvicorn "

@@ -18,6 +18,7 @@ from tests.conftest import write_processed
 ROOT = Path(__file__).resolve().parents[2]
 
 
+@pytest.mark.slow
 def test_the_command_tables_both_measurements_on_the_exported_files(tmp_path, real_splits):
     shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")   # where the exported files are
     params = (ROOT / "params.yaml").read_text()   # how often to time them: the smoke profile's few runs

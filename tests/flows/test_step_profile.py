@@ -15,6 +15,7 @@ from tasks.image_training import Pixels, Split
 from tasks.images.models import MobileStudent, ResNetTeacher
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runtime", ["pytorch", "onnxruntime"])
 def test_the_profile_splits_both_steps_into_their_parts(raw_params, runtime):
     raw = copy.deepcopy(raw_params)

@@ -35,6 +35,7 @@ def test_grid_is_every_combination_and_random_draws_are_seeded_and_distinct():
     assert len(draw_recipes(SPACE, "random", 50, 0)) == 6   # never more than the grid holds
 
 
+@pytest.mark.slow
 def test_a_sweep_draws_each_recipe_once_without_the_knobs_its_stages_pass_over(raw_params):
     """Before: the grid was every combination of the space, with prune and share knobs also beside a [distill, qat]
     recipe, whose prune and share stages pass the student through: the default recsys space's 48 recipes were 30
@@ -126,6 +127,7 @@ def test_the_summary_says_when_the_best_recipe_was_registered_before():
     assert "best recipe recipe-002 is already ctr version 3; registry unchanged" in text and "challenger" not in text
 
 
+@pytest.mark.slow
 @pytest.mark.fault("runs", "a recipe's stage process killed (a signal, out of memory) in the middle of its MLflow run",
                    "the recipe fails and the stage's run is marked KILLED (before: it stayed RUNNING for good: the "
                    "recipe run ended FAILED, and a retry closes runs under RUNNING recipe runs only)")

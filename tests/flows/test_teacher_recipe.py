@@ -15,6 +15,7 @@ TINY = {"arch": {"stem": 4, "widths": [8, 16], "blocks": [1, 1]}, "batch_size": 
         "eval_batch_size": 64}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("family,flips", [("vision", True), ("digits", False)])
 def test_every_arm_is_scored_on_validation_and_resumes(raw_params, tmp_path, monkeypatch, capsys, family, flips):
     rng = np.random.default_rng(0)

@@ -533,6 +533,7 @@ def test_how_values_encode_leaves_the_data_params_as_they_were(raw_params):
     assert not same_split(data_params(today, "clicks"), clicks(seed=1), "clicks")
 
 
+@pytest.mark.slow
 def test_a_model_learns_what_only_a_numeric_column_says(tmp_path):
     from tasks.ctr.ctr_training import CtrSplit, evaluate_ctr, load_ctr_data
 
@@ -542,6 +543,7 @@ def test_a_model_learns_what_only_a_numeric_column_says(tmp_path):
     assert len(CtrSplit.load(tmp_path / "out", "train")) == 3200
 
 
+@pytest.mark.slow
 def test_the_contract_passes_a_good_table_and_names_a_column_with_too_many_missing_values(tmp_path):
     frame = _table()
     _prepare(frame, tmp_path, "t")

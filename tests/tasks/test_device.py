@@ -58,6 +58,7 @@ def test_a_gpu_asked_for_without_one_stops_the_stage_before_its_run(raw_params, 
     assert not (tmp_path / "m.pt").exists()
 
 
+@pytest.mark.slow
 @NO_GPU
 def test_only_the_stages_own_block_decides_its_device(config, mlflow_uri, tmp_path, monkeypatch):
     """A QAT stage on the CPU runs though ``distill.vision`` (whose teacher settings it reads) asks for a GPU."""

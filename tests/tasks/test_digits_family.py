@@ -36,6 +36,7 @@ def test_the_bundle_written_out_reads_back_as_the_same_images_and_labels(pinned,
     assert ours == theirs
 
 
+@pytest.mark.slow
 @pytest.mark.fault("data", "the digits bundle is not the content params pin (another scikit-learn's, or edited)",
                    "ChecksumError naming the file, both digests and data.digits.bundle.sha256; exit 2, no folder")
 def test_a_bundle_that_is_not_the_pinned_one_is_refused_before_anything_is_written(pinned, tmp_path):

@@ -86,6 +86,7 @@ def test_given_splits_are_kept_grey_stays_one_channel_and_other_files_are_skippe
     assert any(0 < a.max() < 255 and a.min() == 0 for a in train_x)   # the 16-bit image kept its gradient
 
 
+@pytest.mark.slow
 @pytest.mark.fault("data", "an image folder with files the reader leaves out (a notes.txt; JPEGs named .jfif), read "
                    "through the snapshot stage", ".jfif and .jpe are read as the JPEG files they are; the other files "
                    "are counted and named in snapshot.json, by the snapshot stage and in the prepared manifest "
@@ -342,6 +343,7 @@ def test_a_three_class_rgb_folder_runs_from_teacher_to_an_int8_onnx_file(tmp_pat
     assert evaluation["models"]["student_int8"]["test_accuracy"] >= 0.9, evaluation["models"]["student_int8"]
 
 
+@pytest.mark.slow
 def test_images_small_enough_to_leave_one_pixel_before_the_head_still_export_to_int8(tmp_path, raw_params):
     """Before: on 8x8 images (scikit-learn's digits) the default student's last map is 1x1, and torch's INT8 model
     cannot take the mean of a 1x1 quantized map: export_vision died ("required rank 4 tensor to use channels_last

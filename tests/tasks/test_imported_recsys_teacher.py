@@ -101,6 +101,7 @@ def test_an_onnx_ctr_teacher_must_take_the_familys_two_inputs_and_give_a_logit_p
         import_onnx(blob, sha, "t.onnx", "vectors", [], (data.fields[:2], data.genres[:2]), [], 3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("form", ["onnx", "torchscript", "exported_program"])
 def test_the_recsys_stages_import_distil_from_and_export_an_imported_teacher(form, synthetic_movielens, mlflow_uri,
                                                                              tmp_path, monkeypatch):
@@ -195,6 +196,7 @@ def test_a_ctr_state_dict_is_imported_into_the_arch_of_params(tmp_path):
                           lambda: CtrModel(RecArch(dim=4, fm=True, mlp=[16]), **SHAPE))
 
 
+@pytest.mark.slow
 def test_an_onnx_ctr_teacher_without_features_is_distilled_from_with_the_feature_weight_at_0(
         synthetic_movielens, mlflow_uri, tmp_path, monkeypatch):
     """What docs/byom.md tells a user whose teacher exposes no field vectors: ``features: []`` and

@@ -76,6 +76,7 @@ def _kd(target: float, label: float, feature: float = 0.0, pairs=()) -> DistillI
                                   "teacher_runtime": "pytorch"})
 
 
+@pytest.mark.slow
 def test_an_onnx_teacher_computes_the_losses_of_the_torch_teacher_it_came_from(teacher_and_data, tmp_path):
     teacher, _, val = teacher_and_data
     sha = export_teacher(teacher, tmp_path / "t.onnx")
@@ -151,6 +152,7 @@ def save_torchscript(module: nn.Module, path, example: torch.Tensor, script: boo
     return path.read_bytes()
 
 
+@pytest.mark.slow
 def test_target_and_label_distillation_from_an_onnx_teacher_teach_the_student_its_answers(teacher_and_data, tmp_path):
     teacher, train, val = teacher_and_data
     sha = export_teacher(teacher, tmp_path / "t.onnx")
@@ -158,6 +160,7 @@ def test_target_and_label_distillation_from_an_onnx_teacher_teach_the_student_it
     assert_students_learn_its_answers(imported, train)
 
 
+@pytest.mark.slow
 def test_a_torchscript_teacher_runs_as_its_onnx_export_and_teaches_the_student_its_answers(teacher_and_data, tmp_path):
     """A traced module returning (logits, *stage maps): the teacher gives the module's logits and named maps, and
     target and label distillation from it teach the student its answers."""
@@ -426,6 +429,7 @@ def save_exported(module: nn.Module, path, example: torch.Tensor, dynamic: bool 
     return path.read_bytes()
 
 
+@pytest.mark.slow
 def test_a_torch_export_program_runs_as_its_onnx_export_and_teaches_the_student_its_answers(teacher_and_data,
                                                                                            tmp_path):
     """``torch.export.save`` of a module returning (logits, *stage maps), the ``.pt2`` format PyTorch 2 saves: the
@@ -475,6 +479,7 @@ class Planted:
         return (Path(self.path).write_text, ("pwned",))
 
 
+@pytest.mark.slow
 @pytest.mark.fault("security", "an imported torch.export program carrying pickles (planted sample inputs, a payload "
                    "stored as a pickle)",
                    "the sample inputs are never read; a pickled payload is refused with TeacherImportError naming "
@@ -538,6 +543,7 @@ def on_device(program: bytes, device: str) -> bytes:
     return out.getvalue()
 
 
+@pytest.mark.slow
 @pytest.mark.fault("data", "an imported torch.export program exported with a fixed batch size, in train mode or "
                    "on a GPU, or not a program; a teacher file in another format than its setting says (a .pt2 or a "
                    "torch.save file as torchscript, TorchScript as a state dict, any of them as ONNX)",
@@ -599,6 +605,7 @@ def test_a_teacher_file_in_another_format_or_a_program_that_does_not_fit_is_refu
         load_pretrained(spec, key, sample, [10], 4, build=lambda: ResNetTeacher(ARCH))
 
 
+@pytest.mark.slow
 def test_the_teacher_stage_imports_an_onnx_teacher_that_distillation_and_export_then_use(
         teacher_and_data, synthetic_source, raw_params, mlflow_uri, tmp_path, monkeypatch):
     """The stages as ``dvc repro`` runs them: train_teacher_vision with ``pretrained`` set publishes a model file of

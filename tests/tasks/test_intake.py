@@ -92,6 +92,7 @@ def test_a_broken_batch_is_invalid_and_names_what_is_broken(replayed, tmp_path):
     assert (tmp_path / "docs" / "index.html").is_file()
 
 
+@pytest.mark.slow
 @pytest.mark.fault("data", "an arriving batch that is valid but shifted (every rating a 1)",
                    "quarantined as drift, not as invalid: the rating histogram's and click rate's distances named")
 def test_a_valid_but_shifted_batch_is_drift_not_corruption(replayed, tmp_path):
@@ -113,6 +114,7 @@ def _flipped(tables: dict, rng: np.random.Generator) -> dict:
     return {**tables, "ratings": ratings}
 
 
+@pytest.mark.slow
 @pytest.mark.fault("data", "real weeks each within the drift limits that together shift the label balance (70 % of "
                    "each week's 5-star ratings sent as 1s, weeks 1-4)",
                    "the week that would take a split's positive fraction out of validate.recsys's bounds is "
@@ -178,6 +180,7 @@ def test_a_batch_may_not_repeat_accepted_ratings_or_change_a_known_user(replayed
     assert {c for _, c in _failed(report)} == {"accepted_before", "changes_accepted"}
 
 
+@pytest.mark.slow
 @pytest.mark.fault("data", "an arriving batch re-sending accepted ratings a day later (timestamps shifted), or "
                    "rating a pair twice within itself",
                    "quarantined as invalid: a user rates an item once (before: duplicates were keyed on the "
@@ -213,6 +216,7 @@ def test_a_batch_without_a_column_is_unreadable_and_named(replayed, tmp_path):
         INTAKE.read_batch(folder)
 
 
+@pytest.mark.slow
 def test_the_published_snapshot_prepares_exactly_what_the_published_files_did(config, tmp_path):
     """The snapshot is the published data set, stored: training on it changes no number."""
     snapshot = tmp_path / "raw"
@@ -308,6 +312,7 @@ def _dvc_records(project: Path, folder: str) -> None:
         "cmd": "python -m tasks.vision.snapshot", "outs": [{**out, "path": folder}]}}}))
 
 
+@pytest.mark.slow
 @pytest.mark.fault("data", "an unpinned image folder's snapshot deleted to be made anew after a split folder (val/) "
                    "left the folder: the new one holds fewer files than the version dvc.lock records",
                    "made anew (DVC's cache lists that version: the bootstrap alone); one with accepted batches is "

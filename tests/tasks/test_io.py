@@ -63,6 +63,7 @@ def test_a_file_written_whole_gets_the_mode_the_umask_gives(tmp_path):
     assert (tmp_path / "metrics.json").stat().st_mode & 0o777 == 0o666 & ~umask
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("umask", [0o002, 0o077])
 def test_snapshot_batch_and_quarantine_folders_get_the_mode_the_umask_gives(tmp_path, umask):
     """Made in a private temporary folder and moved into place, they get the mode mkdir would give them. Before: 0755

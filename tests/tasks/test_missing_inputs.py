@@ -62,6 +62,7 @@ def test_missing_or_malformed_sentences_are_one_line_naming_the_file(tmp_path):
         TextSplit.load(tmp_path, "test")
 
 
+@pytest.mark.slow
 @pytest.mark.fault("data", "a stage run with --data naming no folder (export_digits, as dvc.yaml runs it)",
                    "one `error: DataFormatError` line naming the file, exit 2 (before: a traceback, exit 1)")
 def test_a_stage_with_no_data_exits_2_with_one_error_line(tmp_path):

@@ -27,6 +27,7 @@ def _at_revision(tmp_path, revision: str) -> str:
     return uri
 
 
+@pytest.mark.slow
 @pytest.mark.fault("runs", "a SQLite (or other SQL) MLflow store with an older schema (MLflow upgraded since)",
                    "StoreSchemaMismatch in one line naming the store and `mlflow db upgrade <uri>` after a backup, "
                    "not retried (before: MLflow's exception, a 17-frame traceback, the stage retried as transient)")
@@ -53,6 +54,7 @@ def test_a_store_of_an_older_mlflow_says_how_to_upgrade_it(tmp_path, monkeypatch
     assert err.startswith("error: StoreSchemaMismatch: tracking store ") and err.count("\n") == 1 and "Trace" not in err
 
 
+@pytest.mark.slow
 @pytest.mark.fault("runs", "a SQLite MLflow store written by a later MLflow than the project's",
                    "StoreSchemaMismatch in one line: run with the MLflow that wrote it (no `mlflow db upgrade`, "
                    "which cannot go back)")

@@ -75,6 +75,7 @@ def _export_cfg(config: Config, min_top1_agreement: float | None = None):
         update={"min_top1_agreement": min_top1_agreement, "max_accuracy_delta": 0.01})})
 
 
+@pytest.mark.slow
 def test_export_writes_int8_qdq_graphs_that_match_pytorch(config, models, tmp_path):
     data, paths = models
     checks = export_images(_export_cfg(config, 0.985), _qat_cfg(config), data, paths["teacher"], paths["fp32"],
@@ -97,6 +98,7 @@ def test_export_writes_int8_qdq_graphs_that_match_pytorch(config, models, tmp_pa
     # (how much smaller a real student's INT8 file is: docs/results.md; this student is tiny, its file mostly graph)
 
 
+@pytest.mark.slow
 @pytest.mark.fault("data", "validation images stored class by class (an image folder is read one class folder "
                    "after another)", "the PTQ calibration draws every class in proportion (seeded); before: the first "
                    "calibration_size rows, so the digits' 100 of 144 saw digits 0-6 only")
@@ -124,6 +126,7 @@ def test_ptq_calibrates_on_every_class_however_the_validation_split_is_ordered(c
     assert np.abs(share).max() <= 1 / cfg.calibration_size + 1e-9   # each class by its share, to a row
 
 
+@pytest.mark.slow
 def test_4_bit_weights_ship_as_int4_that_computes_what_qat_trained(config, tmp_path, real_splits):
     """qat.vision.weight_bits 4: the QAT student's file stores its weights as INT4 (opset 21), losslessly: it
     computes exactly what the same graph with INT8 storage computes, and passes parity against the fake-quantized
@@ -161,6 +164,7 @@ def test_4_bit_weights_ship_as_int4_that_computes_what_qat_trained(config, tmp_p
     assert packed <= wide / 2 + sum(weight_types(int4).values()) and int4.stat().st_size < unpacked.stat().st_size
 
 
+@pytest.mark.slow
 def test_biases_stored_as_floats_compute_the_same_numbers_in_fewer_bytes(config, models, tmp_path, real_splits):
     """The exporter writes each quantized bias as INT32 values, scales and zero points (12 bytes a channel); stored
     as the floats they dequantize to (4 bytes), the INT8 file computes exactly the same logits with the INT8
@@ -222,6 +226,7 @@ def test_a_4_bit_model_whose_file_holds_no_int4_weights_is_named(config, models,
         require_int4(floats, 4)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("floats", [("stem",), ("stem", "blocks.0")])
 def test_float_modules_stay_float_in_the_qat_and_ptq_int8_graphs(config, tmp_path, real_splits, floats):
     """Before (``blocks.<i>``): the PTQ twin looked for nodes named ``/blocks/0/``, where the exporter writes

@@ -55,6 +55,7 @@ def test_unstructured_pruning_hits_the_target(scope):
         assert all(v == pytest.approx(0.6, abs=0.1) for k, v in report.items() if k != "overall")
 
 
+@pytest.mark.slow
 def test_masks_hold_through_training_and_bake_into_a_plain_model():
     model = _student().train()
     prune_unstructured(model, 0.5, "global")
@@ -90,6 +91,7 @@ def _pruned_and_shrunk(model, fraction):
 RESNET = ResNetArch(stem=8, widths=[16, 32], blocks=[2, 1])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("arch", [ARCH, MIXED, RESNET], ids=["separable", "fused+separable", "resnet"])
 def test_structured_pruning_removes_channels_of_any_cnn_and_keeps_the_function(arch, tmp_path):
     """Before: channel pruning knew one class (MobileStudent: its blocks, producers and readers named in code); the

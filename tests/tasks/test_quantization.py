@@ -102,6 +102,7 @@ def test_bad_qat_params_are_rejected_at_load(raw_params, change, pattern):
 
 
 
+@pytest.mark.slow
 def test_the_int8_model_computes_with_the_weights_that_were_trained(real_splits):
     """Before: convert_fx re-quantized each folded weight on its own — with the observer's scales where the fused
     fake-quant op had trained on others, an affine zero point for a channel whose weights share a sign, and no clamp
@@ -134,6 +135,7 @@ def test_the_int8_model_computes_with_the_weights_that_were_trained(real_splits)
     assert gap.max() <= 1.01 * step and (gap > 1e-6).float().mean() < 0.005, (float(gap.max()), step)
 
 
+@pytest.mark.slow
 def test_fx_quantization_of_either_family_imports_no_compiler_and_keeps_the_fx_setting():
     """FX tracing captured a Python stack trace for every node, and symbolizing the first one imported
     torch._dynamo and torch._inductor: ~2.5 s at the start of every QAT, export and evaluation stage process."""

@@ -184,6 +184,7 @@ def test_a_model_file_saved_before_the_click_through_kit_still_loads(tmp_path):
     assert isinstance(loaded, CtrModel) and torch.equal(loaded(fields, genres), model.eval()(fields, genres))
 
 
+@pytest.mark.slow
 def test_auc_and_logloss_are_scikit_learns_and_the_training_stages_do_not_import_it():
     """The metrics every epoch of a CTR stage reads: computed with numpy (before: scikit-learn's, ~1.2 CPU-s of
     imports in each training and export stage's process), to rounding its values, ties and clipping

@@ -1,6 +1,8 @@
 """The per-run HTML report: plots inlined, tables filled, a stale ablation file named instead of failing."""
 from __future__ import annotations
 
+import pytest
+
 from tasks.report import ReportView, ablation_table, render_report
 
 MEASURED = {"val_accuracy": 0.931, "test_accuracy": 0.93, "bytes": 120_000, "gzip_bytes": 90_000, "parameters": 87_866, "macs": 5_000_000,
@@ -41,6 +43,7 @@ def test_stale_ablation_file_is_named_not_fatal():
     assert "re-run" in render_report(EVALUATION, GATE, stale, {}, IMAGES)
 
 
+@pytest.mark.slow
 def test_the_recommender_gets_the_same_report_on_its_own_metric_and_latency():
     measured = {"val_auc": 0.85, "test_auc": 0.8512, "bytes": 20_000, "gzip_bytes": 15_000, "parameters": 10_840,
                 "latency_p50_ms": 1.0, "latency_p95_ms": 1.1, "latency_p99_ms": 1.2}

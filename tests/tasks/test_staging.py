@@ -170,6 +170,7 @@ def test_everything_waiting_for_the_outputs_is_told_even_when_one_of_them_fails(
     assert told == [("first", False), ("second", False)] and "went away" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.fault("runs", "a stage sent SIGTERM (`kill`, a container or job stopped) while it runs",
                    "ended as Ctrl-C ends it: one line, exit 143, staged outputs dropped and the previous ones kept, "
                    "its MLflow run marked KILLED (before: Python's default death, the run RUNNING for good)")

@@ -9,6 +9,7 @@ from mlflow.tracking import MlflowClient
 from tasks.tracking import PARENT_ENV, pipeline_run, stage_run
 
 
+@pytest.mark.slow
 def test_stage_runs_nest_under_the_pipeline_run(config, mlflow_uri, tmp_path, monkeypatch):
     import torch  # a stage that computes with PyTorch (it imported it) records the host's facts below
 
@@ -42,6 +43,7 @@ def _lock_data(root, path: str, size: int, nfiles: int) -> str:
     return md5
 
 
+@pytest.mark.slow
 def test_a_stage_run_names_the_data_it_read_as_mlflow_dataset_inputs(config, mlflow_uri, tmp_path, monkeypatch):
     import mlflow.data
     import yaml
@@ -71,6 +73,7 @@ def test_a_stage_run_names_the_data_it_read_as_mlflow_dataset_inputs(config, mlf
     assert [d.dataset.digest for d in client.get_run(other.run_id).inputs.dataset_inputs] == [md5]
 
 
+@pytest.mark.slow
 def test_a_stage_run_records_system_metrics_while_it_works(config, mlflow_uri, tmp_path, monkeypatch):
     import time
 
@@ -89,6 +92,7 @@ def test_a_stage_run_records_system_metrics_while_it_works(config, mlflow_uri, t
     assert not [k for k in MlflowClient(mlflow_uri).get_run(quiet.run_id).data.metrics if k.startswith("system/")]
 
 
+@pytest.mark.slow
 def test_params_hash_means_the_whole_resolved_params_on_every_run(config, smoke_config, mlflow_uri, tmp_path,
                                                                    monkeypatch):
     """Before: a stage run hashed the params it logged, the registered version the whole config: one tag, two
@@ -110,6 +114,7 @@ def test_params_hash_means_the_whole_resolved_params_on_every_run(config, smoke_
     assert params_hash(smoke_config) != params_hash(config)
 
 
+@pytest.mark.slow
 def test_a_stage_whose_outputs_are_not_committed_is_a_failed_run(config, mlflow_uri, tmp_path, monkeypatch):
     """The run is FINISHED once the stage's outputs are in place. Before: it was marked FINISHED as the stage's main
     returned, and an output then missing failed the stage beside a successful-looking run."""
@@ -345,6 +350,7 @@ def test_a_request_the_store_refuses_as_it_is_is_no_unreachable_server(mlflow_ur
     assert conflict.transient and "answered BAD_REQUEST ((IntegrityError) UNIQUE constraint failed)" in str(conflict)
 
 
+@pytest.mark.slow
 def test_a_run_records_who_ran_it_and_from_what(config, mlflow_uri, tmp_path, monkeypatch):
     """What MLflow's own ``start_run`` records and its UI shows in the User and Source columns. Before: runs made with
     ``create_run`` had none of it: every run's user was "unknown"."""

@@ -324,6 +324,7 @@ def test_fit_best_refuses_a_validation_score_that_is_not_a_number():
                  "val_auc")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("from_start", "scores", "kept"), [(False, [0.6, 0.9, 0.7], 2),
                                                             (True, [0.95, 0.6, 0.9, 0.7], 0)])
 def test_a_training_run_logs_the_kept_weights_scores_as_best_and_its_curves_from_epoch_one(

@@ -58,6 +58,7 @@ def _batch(replayed, tmp_path: Path, change=None, labels=None) -> Path:
     return folder
 
 
+@pytest.mark.slow
 def test_the_replay_releases_the_training_images_as_an_initial_set_and_batches(replayed, initial):
     cfg, batches = replayed
     assert batches[0].name == "0000-initial" and len(batches) == 7
@@ -69,6 +70,7 @@ def test_the_replay_releases_the_training_images_as_an_initial_set_and_batches(r
     assert len(everything["train"][1]) == 60_000 and len(everything["test"][1]) == 10_000
 
 
+@pytest.mark.slow
 def test_every_replayed_batch_passes_its_contract_and_the_drift_limits(replayed, initial):
     cfg, batches = replayed
     accepted = [initial]
@@ -103,6 +105,7 @@ def test_a_later_batch_may_not_bring_test_images_or_repeat_accepted_ones(replaye
     assert reason == "invalid" and _failed(report) == {"part", "repeated"}
 
 
+@pytest.mark.slow
 @pytest.mark.fault("data", "an arriving batch whose classes.json names other classes than the accepted data's, or "
                    "than params' class_names where no accepted batch named them",
                    "quarantined as invalid: the contract names the classes (before: accepted when the first batch "
@@ -134,6 +137,7 @@ def test_a_batch_may_not_copy_a_test_image_into_training(replayed, initial, tmp_
     assert reason == "invalid" and _failed(report) == {"copies_a_test_image"}
 
 
+@pytest.mark.slow
 @pytest.mark.fault("data", "an arriving batch that copies 20 images prepare held out of an earlier batch as test rows",
                    "quarantined as invalid: no image is a test row in one place and a training row in another "
                    "(before: only the first batch's test part was known as test, and under 1 % repeats passed)")
@@ -151,6 +155,7 @@ def test_a_batch_may_not_copy_a_held_out_test_image(replayed, initial, later, tm
     assert reason == "invalid" and _failed(report) == {"copies_a_test_image"}
 
 
+@pytest.mark.slow
 @pytest.mark.fault("data", "an arriving batch repeating 40 accepted training images (under max_repeated_fraction), "
                    "some where prepare would otherwise hold out its test rows",
                    "accepted, and every repeat stays a training row: prepare never holds out a copy of an image seen "
@@ -290,6 +295,7 @@ def test_a_classes_file_nested_too_deep_to_parse_is_unreadable_and_named(replaye
         INTAKE.read_batch(folder)
 
 
+@pytest.mark.slow
 def test_the_published_snapshot_prepares_exactly_what_the_published_files_did(config, tmp_path):
     """The snapshot is Fashion-MNIST, stored: training on it changes no number."""
     snapshot = tmp_path / "raw"
@@ -303,6 +309,7 @@ def test_the_published_snapshot_prepares_exactly_what_the_published_files_did(co
         assert path.read_bytes() == (tmp_path / "from_snapshot" / path.name).read_bytes(), path.name
 
 
+@pytest.mark.slow
 def test_arriving_batches_grow_every_split_hold_out_a_recent_window_and_no_image_changes_split(replayed, tmp_path):
     cfg, batches = replayed
     assert cfg.data.vision.batch_test_fraction == 0.15

@@ -55,6 +55,7 @@ def _observing(model) -> list[str]:
     return [name for name, m in model.named_modules() if isinstance(m, FakeQuantizeBase) and m.observer_enabled.item()]
 
 
+@pytest.mark.slow
 def test_structured_pruning_then_qat_share_and_export_load_the_narrower_student(project, monkeypatch, mlflow_uri):
     """Before: qat_vision published the un-pruned architecture, so loading its model failed (state_dict size
     mismatch) in share, export and evaluate after structured pruning. And prune and share, which train with the
@@ -102,6 +103,7 @@ def test_structured_pruning_then_qat_share_and_export_load_the_narrower_student(
     assert all(kd.items() <= runs[stage].items() for stage in ("prune_vision", "share_vision"))
 
 
+@pytest.mark.slow
 def test_qat_follows_the_recipes_distill_flag(project, monkeypatch):
     """Before: QAT read its own ``qat.vision.distill`` (true), so the CE-only recipe was distilled during QAT."""
     import tasks.images.qat as qat_vision
@@ -117,6 +119,7 @@ def test_qat_follows_the_recipes_distill_flag(project, monkeypatch):
     assert same(labels_only.state_dict()) and not same(distilled.state_dict())
 
 
+@pytest.mark.slow
 def test_qat_ships_frozen_ranges_that_no_evaluation_moves(project, monkeypatch):
     """Before: observers stayed on when ``freeze_observers_after`` was not reached, and every evaluation pass (val
     each epoch, test, export) moved the ranges that ship."""
@@ -146,6 +149,7 @@ def test_observer_freeze_must_fall_inside_training(raw_params, epochs, freeze, p
         parse_config({**raw_params, "qat": {**raw_params["qat"], "vision": qat}})
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runtime", ["onnxruntime", "auto"])
 def test_distill_and_qat_stages_run_with_the_teacher_in_onnxruntime(project, monkeypatch, mlflow_uri, runtime):
     """distill.vision.teacher_runtime: onnxruntime, through the stages' CLIs: each distils from the teacher's ONNX
@@ -173,6 +177,7 @@ def test_distill_and_qat_stages_run_with_the_teacher_in_onnxruntime(project, mon
     assert load_model(project / "qat.pt") is not None
 
 
+@pytest.mark.slow
 def test_a_reused_teacher_is_the_champions_and_its_stage_still_writes_every_output(project, monkeypatch):
     """Before: a teacher reused by the warm-start plan left its checkpoint folder (a DVC output) uncreated, so DVC
     failed the stage in any fresh workspace."""

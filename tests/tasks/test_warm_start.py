@@ -149,6 +149,7 @@ class _Registry:
         return str(self.client.create_model_version(self.name, f"runs:/{run}/model", run).version)
 
 
+@pytest.mark.slow
 def test_the_stage_fetches_the_champions_weights_from_its_registering_run(synthetic_movielens, tmp_path,
                                                                           mlflow_uri, capsys):
     _, _, cfg = synthetic_movielens
@@ -193,6 +194,7 @@ def test_the_stage_fetches_the_champions_weights_from_its_registering_run(synthe
     assert "split by other data.recsys params" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.fault("runs", "the artifact store fails while the warm start fetches the champion's weights",
                    "a transient error (the stage is retried), no plan written; a champion whose run kept no weights "
                    "trains from scratch, said on stderr (before: a failing store read as that, so the data version "
@@ -232,6 +234,7 @@ def test_an_artifact_store_that_fails_is_not_read_as_a_champion_without_weights(
     assert f"version {bare}: no warm_start/ weights to read" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 @pytest.mark.fault("data", "a champion trained on a snapshot today's does not extend (another bootstrap, batches in "
                    "another order), its data split by the same params",
                    "never started from: the warm start trains from scratch and says why (before: fine-tuned from, "
