@@ -19,6 +19,7 @@ from tasks.ctr.config import DistillCtr, PruneCtr
 from tasks.ctr.ctr_training import ctr_trainer, evaluate_ctr, fit_ctr, load_ctr_data
 from tasks.ctr.models import CtrModel
 from tasks.ctr.stage import ctr_compression_stage
+from tasks.training import History
 
 
 def kept_dimensions(cfg: PruneCtr, dim: int, step: int) -> int:
@@ -33,19 +34,23 @@ def prune_ctr(cfg: PruneCtr, kd: DistillCtr, distill: bool, data_dir: Path, teac
     torch.manual_seed(cfg.seed)
     train, val, test, shape = load_ctr_data(data_dir)
     teacher, student = load_model(teacher_path), load_model(student_path)
-    before, history = student.arch.dim, []
+    before, history, kept = student.arch.dim, [], None
 
-    def tune(model: CtrModel, epochs: int) -> None:
+    def tune(model: CtrModel, epochs: int) -> tuple[int, dict[str, float]]:
         offset = len(history)
-        history.extend(fit_ctr(*ctr_trainer(model, teacher, kd if distill else None), train, val,
-                               cfg.model_copy(update={"epochs": epochs}),
-                               on_epoch and (lambda epoch, m: on_epoch(offset + epoch, m))))
+        tuned = fit_ctr(*ctr_trainer(model, teacher, kd if distill else None), train, val,
+                        cfg.model_copy(update={"epochs": epochs}),
+                        on_epoch and (lambda epoch, m: on_epoch(offset + epoch, m)))
+        history.extend(tuned)
+        return offset + tuned.kept_epoch, tuned.kept   # the weights it kept: its best epoch's, counted over all calls
 
     for step in range(1, cfg.steps + 1):
         student = prune_dimensions(student, kept_dimensions(cfg, before, step))
-        tune(student, cfg.epochs_per_step)
+        kept = tune(student, cfg.epochs_per_step)
     if cfg.epochs > cfg.steps * cfg.epochs_per_step:
-        tune(student, cfg.epochs - cfg.steps * cfg.epochs_per_step)
+        kept = tune(student, cfg.epochs - cfg.steps * cfg.epochs_per_step)
+    if kept is not None:   # the student written: the last call's kept weights (logged as best_epoch, best_val_*)
+        history = History(history, *kept)
     metrics = {f"test_{k}": v for k, v in evaluate_ctr(student, test, cfg.eval_batch_size).items()}
     metrics.update(dimensions_before=before, dimensions_after=student.arch.dim, parameters=count_parameters(student))
     return student, shape, history, metrics

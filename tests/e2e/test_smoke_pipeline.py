@@ -23,6 +23,7 @@ from tests.e2e.scratch import dvc, locked_outs, make_repo, repo_env
 
 pytestmark = pytest.mark.e2e
 FAMILIES = ["vision", "recsys", "text", "digits", "clicks"]   # params.yaml's, in its order
+TRAINING_STAGES = ("train_teacher_", "distill_", "prune_", "qat_", "share_")
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +75,10 @@ def test_flow_runs_every_stage_and_tracks_it(flow_repo):
                        "evaluate_vision": {"student_int8_confusion.png"},
                        "evaluate_recsys": {"student_int8_roc_pr_calibration.png"},
                        "qat_recsys": {"learning_curves.png"}}
+    trained = [stage for stage, run in by_stage.items() if stage.startswith(TRAINING_STAGES)
+               and run.data.tags.get("stage.pass_through") != "true"]   # (digits' recipe leaves prune and share out)
+    assert {"prune_recsys", "prune_clicks", "distill_text"} < set(trained)   # (before: the click-through kit's
+    assert [s for s in trained if "best_epoch" not in by_stage[s].data.metrics] == []   # prune runs had none)
     validation = {a.path for a in client.list_artifacts(by_stage["validate_vision"].info.run_id)}
     assert {"validation.json", "data_docs"} <= validation   # GE's Data Docs beside the report
     assert (repo / "reports/vision/data_docs/index.html").exists()
