@@ -24,6 +24,7 @@ from pydantic import BaseModel
 from tasks.config import Config
 from tasks.errors import ArtifactStoreError, PipelineError
 from tasks.hardware import check_device, host_tags
+from tasks.io import load_yaml
 from tasks.lineage import data_context, dataset_inputs, dvc_inputs, lineage_tags, locked_outputs
 from tasks.mlflow_store import client_for, ensure_experiment, is_server_call_error, redact, server_error, tracking_uri
 from tasks.staging import after_commit
@@ -188,6 +189,32 @@ def _run(client: MlflowClient, cfg: Config, name: str, tags: dict[str, str], roo
         logger.end("FINISHED")
 
 
+def tracked_params(stage: str, cfg: Config, logged: dict[str, Any], root: Path = Path(".")) -> dict[str, Any]:
+    """The params keys dvc.yaml lists for ``stage`` that ``logged`` (the blocks its code logs) does not hold, with
+    their values as the stage reads them (the profile applied): a run logs every param DVC re-runs it for (before:
+    a distillation run named its own blocks, not the teacher's architecture it read, nor a validation its data
+    params). The profile's overlay keys (``profiles.*``) are in the values already; keys of another params file, or
+    that the config does not hold, are left out."""
+    dvc_yaml = root / "dvc.yaml"
+    if not dvc_yaml.is_file():
+        return {}
+    keys = ((load_yaml(dvc_yaml.read_text()) or {}).get("stages", {}).get(stage) or {}).get("params") or []
+    resolved, found = cfg.model_dump(by_alias=True), {}
+    for key in keys:
+        if not isinstance(key, str) or key.split(".")[0] in ("profile", "profiles") or any(
+                key == have or key.startswith(f"{have}.") for have in logged):
+            continue
+        value: Any = resolved
+        for part in key.split("."):
+            value = value.get(part, _MISSING) if isinstance(value, dict) else _MISSING
+        if value is not _MISSING:
+            found[key] = value
+    return found
+
+
+_MISSING = object()
+
+
 @contextmanager
 def stage_run(stage: str, cfg: Config, params: dict[str, Any], client: MlflowClient | None = None
               ) -> Iterator[RunLogger]:
@@ -196,7 +223,7 @@ def stage_run(stage: str, cfg: Config, params: dict[str, Any], client: MlflowCli
     if params:   # before any run exists: a device this machine lacks is a params error
         check_device(*next(iter(params.items())))
     client = client or client_for(tracking_uri(cfg))
-    flat = flatten("", params)
+    flat = flatten("", tracked_params(stage, cfg, params)) | flatten("", params)   # (what the stage logs wins)
     inputs = dvc_inputs(stage)   # read once: for the lineage tags and the dataset inputs
     tags = {"pipeline.stage": stage, **lineage_tags(stage, cfg, inputs=inputs), **host_tags()}
     parent = os.environ.get(PARENT_ENV)

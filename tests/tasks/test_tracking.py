@@ -374,3 +374,27 @@ def test_a_run_records_who_ran_it_and_from_what(config, mlflow_uri, tmp_path, mo
     with stage_run("validate_vision", config, {}) as run:
         pass
     assert MlflowClient(mlflow_uri).get_run(run.run_id).info.user_id == "pipeline"
+
+
+def test_a_stage_run_logs_every_param_dvc_re_runs_it_for(config, smoke_config, mlflow_uri, tmp_path, monkeypatch):
+    """Before: a run logged the blocks its code named: validate_vision not the data params it checks the split with,
+    distill_vision not the teacher architecture it reads, so two runs DVC ran for different params looked alike in
+    MLflow. Values are the ones the stage reads (the profile applied); what the stage logs itself wins."""
+    import shutil
+
+    from tests.conftest import ROOT
+
+    shutil.copy(ROOT / "dvc.yaml", tmp_path / "dvc.yaml")
+    monkeypatch.chdir(tmp_path)
+    with stage_run("validate_vision", smoke_config, {"validate.vision": smoke_config.validate_.vision}) as run:
+        pass
+    params = MlflowClient(mlflow_uri).get_run(run.run_id).data.params
+    assert params["data.vision.val_size"] == str(smoke_config.data.vision.val_size)
+    assert params["data.vision.subset.train"] == "3000" == str(smoke_config.data.vision.subset.train)   # smoke's
+    assert not [key for key in params if key.startswith(("profile", "profiles."))]
+
+    with stage_run("distill_vision", config, {"distill.vision": config.distill.vision}) as run:
+        pass
+    params = MlflowClient(mlflow_uri).get_run(run.run_id).data.params
+    assert json.loads(params["teacher.vision.arch.widths"]) == config.teacher.vision.arch.widths   # the teacher read
+    assert params["distill.vision.temperature"] == str(config.distill.vision.temperature)
