@@ -12,11 +12,13 @@ committed with a warning naming those files.
 """
 from __future__ import annotations
 
+import hashlib
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import yaml
 
@@ -82,18 +84,76 @@ def commit_lock(root: Path, message: str) -> str | None:
 
 
 def _uncommitted_inputs(root: Path, blob: str) -> list[str]:
-    """The files the committed lock (``blob``) records as inputs (params files, code, any dependency git tracks)
-    that differ from the commit: what it recorded of them is in no commit."""
+    """The inputs the committed lock (``blob``) records that the commit (HEAD) does not hold as recorded: a file
+    dependency whose content there is not the md5 the lock records (edited since, or not in git at all while git
+    would track it), a params file whose values there differ from the lock's. Folders (data DVC versions), files git
+    ignores (DVC outputs) and paths outside the repository are DVC's to version, not git's."""
     try:
-        stages = load_yaml(_git(root, "cat-file", "blob", blob).stdout).get("stages") or {}
-        paths = sorted({path for stage in stages.values()
-                        for path in [d["path"] for d in stage.get("deps", [])] + list(stage.get("params", {}))})
-    except (yaml.YAMLError, AttributeError, KeyError, TypeError):   # an odd lock: no note rather than a failure
+        stages = (load_yaml(_git(root, "cat-file", "blob", blob).stdout) or {}).get("stages") or {}
+        files = {d["path"]: d["md5"] for stage in stages.values() for d in stage.get("deps") or []
+                 if isinstance(d.get("md5"), str) and not d["md5"].endswith(".dir")}
+        params: dict[str, dict[str, Any]] = {}
+        for stage in stages.values():
+            for name, values in (stage.get("params") or {}).items():
+                params.setdefault(name, {}).update(values or {})
+    except (yaml.YAMLError, AttributeError, KeyError, TypeError):   # an odd lock: no warning rather than a failure
         return []
+    top = Path(_git(root, "rev-parse", "--show-toplevel").stdout.strip()).resolve()
+    in_repo = {path: (root / path).resolve().relative_to(top).as_posix() for path in {*files, *params}
+               if "://" not in path and (root / path).resolve().is_relative_to(top)}
+    committed = _committed_contents(root, list(in_repo.values()))
+    ignored = set(_git(root, "check-ignore", "--", *[p for p in in_repo.values() if p not in committed]).stdout
+                  .splitlines()) if len(committed) < len(in_repo) else set()
+    differ = []
+    for path, repo_path in in_repo.items():
+        content = committed.get(repo_path)
+        if content is None:
+            if repo_path not in ignored:
+                differ.append(path)
+        elif path in params:
+            try:
+                held = load_yaml(content.decode()) or {}
+            except (yaml.YAMLError, UnicodeDecodeError):
+                held = {}
+            if any(_dotted(held, key) != value for key, value in params[path].items()):
+                differ.append(path)
+        elif hashlib.md5(content).hexdigest() != files[path]:
+            differ.append(path)
+    return sorted(differ)
+
+
+def _dotted(tree: Any, key: str) -> Any:
+    """The value at a dotted params key (as dvc.lock names it), or a marker no value equals."""
+    for part in key.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return _ABSENT
+        tree = tree[part]
+    return tree
+
+
+_ABSENT = object()
+
+
+def _committed_contents(root: Path, paths: list[str]) -> dict[str, bytes]:
+    """The content HEAD holds of each of ``paths`` (repository-relative; git's filters not applied: git 2.39's
+    ``--batch --filters`` refuses ``HEAD:<path>``); the paths HEAD does not hold are left out. One ``git cat-file``
+    for all of them."""
     if not paths:
-        return []
-    status = _git(root, "status", "--porcelain", "--untracked-files=no", "--", *paths).stdout.splitlines()
-    return [line[3:] for line in status]
+        return {}
+    done = subprocess.run(["git", "cat-file", "--batch"], cwd=root, capture_output=True, check=False,
+                          input="".join(f"HEAD:{path}\n" for path in paths).encode())
+    out, at, found = done.stdout, 0, {}
+    for path in paths:
+        end = out.find(b"\n", at)
+        if end < 0:
+            break
+        header = out[at:end].split()
+        at = end + 1
+        if len(header) == 3 and header[1] == b"blob":
+            size = int(header[2])
+            found[path] = out[at:at + size]
+            at += size + 1
+    return found
 
 
 #: what a commit in the work tree would conclude (``git commit`` reads them, whatever index it is given)

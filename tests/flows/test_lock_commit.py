@@ -50,25 +50,41 @@ def test_the_lock_alone_is_committed_with_the_pipelines_identity(repo):
 @pytest.mark.fault("runs", "a run's dvc.lock is committed while params.yaml or code it records is uncommitted",
                    "the lock is committed and a warning names the uncommitted files it records (before: silent; "
                    "`dvc params diff` against that commit showed nothing of values no commit held)")
-def test_a_lock_recording_uncommitted_params_or_code_is_committed_with_a_warning_naming_them(repo, capsys):
+def test_a_lock_recording_uncommitted_params_or_code_is_committed_with_a_warning_naming_them(repo, tmp_path, capsys):
+    import hashlib
+
+    def md5(text: str) -> str:
+        return hashlib.md5(text.encode()).hexdigest()
+
+    (repo / ".gitignore").write_text("/models/\n")
     (repo / "train.py").write_text("print(1)\n")
-    _git(repo, "add", "train.py")
+    _git(repo, "add", "train.py", ".gitignore")
     _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "code")
-    lock = ("schema: '2.0'\nstages:\n  train:\n    cmd: python train.py\n    deps:\n    - path: train.py\n"
-            "      md5: {md5}\n    - path: data/raw\n      md5: 0\n    params:\n      params.yaml:\n        a: {a}\n")
-    (repo / "dvc.lock").write_text(lock.format(md5=1, a=1))
+    (tmp_path / "outside.csv").write_text("x\n")   # a dependency outside the repository (a user's data folder)
+
+    def lock(code: str, a: int, more: str = "") -> str:
+        deps = [("train.py", md5(code)), ("data/raw", "0" * 32 + ".dir"), ("models/m.pt", md5("weights")),
+                (str(tmp_path / "outside.csv"), md5("x\n"))]
+        return ("schema: '2.0'\nstages:\n  train:\n    cmd: python train.py\n    deps:\n"
+                + "".join(f"    - path: {path}\n      hash: md5\n      md5: {digest}\n" for path, digest in deps)
+                + more + f"    params:\n      params.yaml:\n        a: {a}\n")
+
+    (repo / "dvc.lock").write_text(lock("print(1)\n", 1))
+    (repo / "params.yaml").write_text("a: 1\nb: 2\n")   # an edit of a key no stage records: nothing to say
     assert commit_lock(repo, "clean") is not None
     assert "warning" not in capsys.readouterr().err   # what it records is what HEAD holds
 
-    (repo / "params.yaml").write_text("a: 2\n")   # the user's edits, one staged, neither committed
+    (repo / "params.yaml").write_text("a: 2\n")   # the user's edits, one staged, none committed, one file never added
     (repo / "train.py").write_text("print(2)\n")
     _git(repo, "add", "train.py")
-    (repo / "dvc.lock").write_text(lock.format(md5=2, a=2))
+    (repo / "new_family.py").write_text("x = 1\n")
+    new = f"    - path: new_family.py\n      hash: md5\n      md5: {md5('x = 1' + chr(10))}\n"
+    (repo / "dvc.lock").write_text(lock("print(2)\n", 2, new))
     commit = commit_lock(repo, "dirty")
     assert commit == _git(repo, "rev-parse", "HEAD")
     err = capsys.readouterr().err.strip()
     assert err == (f"warning: dvc.lock, committed in {repo} as {commit[:10]}, records uncommitted changes to "
-                   "params.yaml, train.py: commit them too, or that commit does not reproduce this run")
+                   "new_family.py, params.yaml, train.py: commit them too, or that commit does not reproduce this run")
     assert _git(repo, "show", "--name-only", "--format=", "HEAD") == "dvc.lock"   # still the lock alone
 
 
