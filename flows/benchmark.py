@@ -25,7 +25,7 @@ from mlflow.entities import Run
 from mlflow.tracking import MlflowClient
 
 from flows.workspace import PROJECT, copy_project
-from tasks.config import PARAMS_FILE, Config, load_config
+from tasks.config import PARAMS_FILE, Config, check_profile_tracked, load_config
 from tasks.errors import ConfigError, run_cli
 from tasks.gate import meets
 from tasks.tracking import PARENT_ENV
@@ -179,6 +179,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, help="also write the numbers as JSON here")
     args = parser.parse_args()
     mine = load_config(PROJECT / PARAMS_FILE, args.profile)   # the params the scratch copy is made from
+    check_profile_tracked(mine, PROJECT / PARAMS_FILE)   # as its stages would in the copy, once it is made
     # checked before anything is copied or run
     if unknown := [f for f in args.families or [] if f not in mine.families]:
         raise ConfigError(f"--family {unknown[0]} is not one of families {mine.families}")

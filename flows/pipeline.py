@@ -48,6 +48,7 @@ def compression_pipeline(root: str = ".", families: list[str] | None = None, pro
     unless DVC finds a stage out of date by then (an edit while the run went on): then nothing is gated."""
     root_path = Path(root).resolve()
     cfg = load_config(root_path / "params.yaml")
+    check_profile_tracked(cfg, root_path / "params.yaml")   # (the CLI's preflight too; a deployment calls this)
     uri = tracking_uri(cfg, root_path)
     families = chosen(cfg, families)
     stages = [node for node in stage_graph(root_path) if node.family in families]

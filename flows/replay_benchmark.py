@@ -26,7 +26,7 @@ from typing import Any
 
 from flows.benchmark import leave_project_runs, machine, scratch_copy, write_result
 from flows.workspace import PROJECT
-from tasks.config import PARAMS_FILE, load_config
+from tasks.config import PARAMS_FILE, check_profile_tracked, load_config
 from tasks.errors import ConfigError, PipelineError, run_cli
 from tasks.intake import load_intake
 
@@ -222,6 +222,7 @@ def main() -> None:
     # what it replays, checked before any folder is made: the profile's params, a family that takes batches and
     # warm-starts
     cfg = load_config(PROJECT / PARAMS_FILE, args.profile)   # the params the scratch copy is made from
+    check_profile_tracked(cfg, PROJECT / PARAMS_FILE)   # as its stages would in the copy, once it is made
     with_warm = [f for f in cfg.families if getattr(cfg.warm_start, f, None) is not None]
     if args.family not in with_warm:
         raise ConfigError(f"--family {args.family}: replay compares warm-start policies; {args.family} has no "

@@ -15,6 +15,7 @@ import functools
 import importlib
 import re
 import typing
+from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
 from typing import Annotated, Any
@@ -301,19 +302,60 @@ OUTPUT_FLAGS = ("--out", "--model", "--metrics", "--plots", "--report", "--docs"
 
 
 def check_profile_tracked(cfg: Config, params: Path | str) -> None:
-    """The selected profile is one whose overlay the stage graph beside ``params`` (its dvc.yaml) tracks: its stages
-    list ``profiles.<name>.*`` params, so that DVC re-runs a stage when its part of the overlay changes. A ConfigError
-    otherwise (before: a profile added to params.yaml ran, and its later edits left every output stale, silently).
-    ``full`` (no overlay) and a params file with no dvc.yaml beside it (no DVC project) pass."""
+    """Every value the selected profile's overlay sets is tracked by the stage graph beside ``params`` (its
+    dvc.yaml) wherever a stage reads it: a stage listing a params key the overlay sets (``teacher.vision``, or a key
+    above or under it) lists the overlay's key too (``profiles.<name>.teacher.vision``, or a key above it), so DVC
+    re-runs the stage when the profile's value changes. A ConfigError naming the first stage and value that is not
+    (before: a profile added to params.yaml ran, and its later edits left outputs stale, silently). ``full`` (no
+    overlay) and a params file with no dvc.yaml beside it (no DVC project) pass."""
     graph = Path(params).parent / "dvc.yaml"
     if cfg.profile == "full" or not graph.is_file():
         return
-    tracked = sorted(set(re.findall(r"^\s*-\s*profiles\.([^.\s#]+)", graph.read_text(), re.MULTILINE)))
-    if cfg.profile not in tracked:
-        raise ConfigError(f"{params}: profile: {cfg.profile!r} is not tracked by {graph} (its stages list the params "
-                          f"of {', '.join(tracked) or 'no profile'}): DVC would not re-run a stage when "
-                          f"profiles.{cfg.profile} changes; list its blocks beside those in dvc.yaml, or choose 'full'"
-                          f"{''.join(f' or {name!r}' for name in tracked)}")
+    name, mine = cfg.profile, f"profiles.{cfg.profile}"
+    leaves = list(_leaf_keys("", cfg.profiles.get(name) or {}))
+    missed = []
+    for stage, spec in ((load_yaml(graph.read_text()) or {}).get("stages") or {}).items():
+        keys = _stage_params(spec, Path(params).name)
+        if "profiles" in keys or mine in keys:
+            continue
+        covered = [key.removeprefix(f"{mine}.") for key in keys if key.startswith(f"{mine}.")]
+        read = [key for key in keys if key.split(".")[0] not in ("profile", "profiles")]
+        for leaf in leaves:
+            if any(leaf == c or leaf.startswith(f"{c}.") for c in covered):
+                continue
+            if (key := next((k for k in read if _overlap(leaf, k)), None)) is not None:
+                missed.append((stage, leaf, key))
+    if missed:
+        stage, leaf, key = missed[0]
+        more = f" (and {len(missed) - 1} more)" if len(missed) > 1 else ""
+        raise ConfigError(f"{params}: profile: {name!r} sets {mine}.{leaf}, which {graph} does not track for stage "
+                          f"{stage} (it reads {key}){more}: DVC would not re-run the stage when that value changes; "
+                          f"list {mine}.{key} in the stage's params beside {key}, or choose 'full'")
+
+
+def _leaf_keys(prefix: str, tree: Any) -> Iterator[str]:
+    """The dotted keys of the values a params overlay sets (mappings gone into, anything else a value)."""
+    if isinstance(tree, dict) and tree:
+        for key, sub in tree.items():
+            yield from _leaf_keys(f"{prefix}.{key}" if prefix else str(key), sub)
+    elif prefix:
+        yield prefix
+
+
+def _stage_params(spec: Any, params_name: str) -> list[str]:
+    """The keys of ``params_name`` a dvc.yaml stage lists (``- key`` entries, and ``- <params_name>: [keys]``)."""
+    keys: list[str] = []
+    for entry in (spec.get("params") or []) if isinstance(spec, dict) else []:
+        if isinstance(entry, str):
+            keys.append(entry)
+        elif isinstance(entry, dict):
+            keys += [k for k in entry.get(params_name) or [] if isinstance(k, str)]
+    return keys
+
+
+def _overlap(a: str, b: str) -> bool:
+    """Dotted params keys of which one is the other or holds it."""
+    return a == b or a.startswith(f"{b}.") or b.startswith(f"{a}.")
 
 
 def stage_args(doc: str, *path_flags: str, optional: tuple[str, ...] = ()) -> tuple[argparse.Namespace, Config]:

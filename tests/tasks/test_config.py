@@ -84,9 +84,11 @@ def test_unknown_profile_lists_choices(raw_params):
 
 
 @pytest.mark.fault("params", "a profile added to params.yaml (`profiles.quick`, `profile: quick`) that dvc.yaml "
-                   "does not track", "refused by the pipeline's checks and by every stage in one line naming the "
-                   "profile and what to do (before: it ran, and its later edits left every output stale, silently)")
+                   "does not track, or tracks for some stages or keys only", "refused by the pipeline's checks and "
+                   "by every stage in one line naming the first stage and key untracked and what to list (before: it "
+                   "ran, and its later edits left outputs stale, silently)")
 def test_a_profile_dvc_yaml_does_not_track_is_refused_before_anything_runs(raw_params, tmp_path, monkeypatch):
+    import re
     import shutil
     import sys
 
@@ -102,9 +104,9 @@ def test_a_profile_dvc_yaml_does_not_track_is_refused_before_anything_runs(raw_p
     quick = {**raw_params, "profile": "quick", "profiles": {**raw_params["profiles"],
                                                             "quick": raw_params["profiles"]["smoke"]}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(quick, sort_keys=False))
-    refusal = (r"params.yaml: profile: 'quick' is not tracked by (\S+/)?dvc.yaml \(its stages list the params "
-               r"of smoke\): DVC would not re-run a stage when profiles.quick changes; list its blocks beside those "
-               r"in dvc.yaml, or choose 'full' or 'smoke'$")
+    refusal = (r"params.yaml: profile: 'quick' sets profiles.quick.(\S+), which (\S+/)?dvc.yaml does not track for "
+               r"stage (\w+) \(it reads (\S+)\) \(and \d+ more\): DVC would not re-run the stage when that value "
+               r"changes; list profiles.quick.\4 in the stage's params beside \4, or choose 'full'$")
     with pytest.raises(ConfigError, match=refusal):
         preflight(tmp_path, None)
     monkeypatch.chdir(tmp_path)
@@ -113,9 +115,16 @@ def test_a_profile_dvc_yaml_does_not_track_is_refused_before_anything_runs(raw_p
         stage_args("a stage")
     preflight(tmp_path, None, gate_only=True)   # no stage runs: nothing to go stale
 
-    graph = (tmp_path / "dvc.yaml").read_text()   # tracked (one block is enough to say so), or no DVC project: runs
+    graph = (tmp_path / "dvc.yaml").read_text()   # one block tracked: the rest would still go stale
     (tmp_path / "dvc.yaml").write_text(graph.replace("- profiles.smoke.data.vision\n",
                                                      "- profiles.smoke.data.vision\n      - profiles.quick.data.vision\n", 1))
+    with pytest.raises(ConfigError, match=refusal):
+        stage_args("a stage")
+    # each stage lists the profile's keys it reads, as it lists smoke's; or the whole `profiles` tree; or no DVC
+    (tmp_path / "dvc.yaml").write_text(re.sub(r"^(\s*- )profiles\.smoke\.(\S+)$", r"\1profiles.smoke.\2\n\1profiles.quick.\2",
+                                              graph, flags=re.MULTILINE))
+    assert stage_args("a stage")[1].profile == "quick"
+    (tmp_path / "dvc.yaml").write_text(re.sub(r"^(\s*- )profiles\.smoke\.(\S+)$", r"\1profiles", graph, flags=re.MULTILINE))
     assert stage_args("a stage")[1].profile == "quick"
     (tmp_path / "dvc.yaml").unlink()
     assert stage_args("a stage")[1].profile == "quick"
