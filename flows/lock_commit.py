@@ -12,7 +12,6 @@ committed with a warning naming those files.
 """
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from typing import Any
 import yaml
 
 from tasks.errors import PipelineError
-from tasks.io import load_yaml, tools_env
+from tasks.io import file_digest, load_yaml, tools_env
 from tasks.lineage import dvc_repo_lock, git_refusal
 
 IDENTITY = ("-c", "user.name=kdq-pipeline", "-c", "user.email=kdq-pipeline@localhost")
@@ -84,42 +83,65 @@ def commit_lock(root: Path, message: str) -> str | None:
 
 
 def _uncommitted_inputs(root: Path, blob: str) -> list[str]:
-    """The inputs the committed lock (``blob``) records that the commit (HEAD) does not hold as recorded: a file
-    dependency whose content there is not the md5 the lock records (edited since, or not in git at all while git
-    would track it), a params file whose values there differ from the lock's. Folders (data DVC versions), files git
-    ignores (DVC outputs) and paths outside the repository are DVC's to version, not git's."""
+    """The inputs the committed lock (``blob``) records as they are in the work tree but that the commit (HEAD) does
+    not hold so: a file dependency whose work-tree content has the md5 the lock records and that git finds modified,
+    staged or untracked; a params file whose work-tree values of a key the lock records are the recorded ones and
+    differ from HEAD's. Entries recording something else (another family's stages, not run since) say nothing of
+    this run; folders (data DVC versions), files git ignores (DVC outputs), paths outside the repository and entries
+    hashed otherwise than ``md5`` (DVC 2's ``md5-dos2unix``) are left out."""
     try:
-        stages = (load_yaml(_git(root, "cat-file", "blob", blob).stdout) or {}).get("stages") or {}
-        files = {d["path"]: d["md5"] for stage in stages.values() for d in stage.get("deps") or []
-                 if isinstance(d.get("md5"), str) and not d["md5"].endswith(".dir")}
-        params: dict[str, dict[str, Any]] = {}
-        for stage in stages.values():
-            for name, values in (stage.get("params") or {}).items():
-                params.setdefault(name, {}).update(values or {})
-    except (yaml.YAMLError, AttributeError, KeyError, TypeError):   # an odd lock: no warning rather than a failure
+        stages = (_yaml12(_git(root, "cat-file", "blob", blob).stdout) or {}).get("stages") or {}
+        files = {(d["path"], d["md5"]) for stage in stages.values() for d in stage.get("deps") or []
+                 if d.get("hash") == "md5" and isinstance(d.get("md5"), str) and not d["md5"].endswith(".dir")}
+        recorded = [(name, values) for stage in stages.values() for name, values in (stage.get("params") or {}).items()]
+    except Exception:  # noqa: BLE001 - an odd lock: no warning rather than a failed commit
         return []
     top = Path(_git(root, "rev-parse", "--show-toplevel").stdout.strip()).resolve()
-    in_repo = {path: (root / path).resolve().relative_to(top).as_posix() for path in {*files, *params}
-               if "://" not in path and (root / path).resolve().is_relative_to(top)}
-    committed = _committed_contents(root, list(in_repo.values()))
-    ignored = set(_git(root, "check-ignore", "--", *[p for p in in_repo.values() if p not in committed]).stdout
-                  .splitlines()) if len(committed) < len(in_repo) else set()
-    differ = []
-    for path, repo_path in in_repo.items():
-        content = committed.get(repo_path)
-        if content is None:
-            if repo_path not in ignored:
-                differ.append(path)
-        elif path in params:
-            try:
-                held = load_yaml(content.decode()) or {}
-            except (yaml.YAMLError, UnicodeDecodeError):
-                held = {}
-            if any(_dotted(held, key) != value for key, value in params[path].items()):
-                differ.append(path)
-        elif hashlib.md5(content).hexdigest() != files[path]:
-            differ.append(path)
+
+    def in_repo(path: str) -> bool:
+        return "://" not in path and "\n" not in path and (root / path).resolve().is_relative_to(top)
+
+    paths = {path for path, _ in files if in_repo(path) and (root / path).is_file()}
+    current = sorted(path for path in paths if (path, file_digest(root / path, "md5")) in files)
+    differ = set(_git_changed(root, top, current))
+    for name in {name for name, _ in recorded if in_repo(name) and name not in differ and (root / name).is_file()}:
+        held = _git(root, "show", f"HEAD:{(root / name).resolve().relative_to(top).as_posix()}")
+        now = _yaml12((root / name).read_text(errors="replace"))
+        then = _yaml12(held.stdout) if held.returncode == 0 else {}
+        if not isinstance(now, dict) or not isinstance(then, dict):   # no YAML mapping (or unreadable): not judged
+            continue
+        if any(_dotted(now, key) == value and _dotted(then, key) != value
+               for params_file, values in recorded if params_file == name for key, value in values.items()):
+            differ.add(name)
     return sorted(differ)
+
+
+def _yaml12(text: str) -> Any:
+    """``text`` read as DVC reads YAML (1.2: ``5e-05`` is a float, as DVC writes it in dvc.lock); None when it does
+    not parse."""
+    from dvc.utils.serialize import loads_yaml
+
+    try:
+        return loads_yaml(text) or {}
+    except Exception:  # noqa: BLE001 - DVC's parse errors have no common base it exports
+        return None
+
+
+def _git_changed(root: Path, top: Path, paths: list[str]) -> list[str]:
+    """Which of ``paths`` (relative to ``root``) git finds modified, staged or untracked (not ignored)."""
+    if not paths:
+        return []
+    done = subprocess.run(["git", "--literal-pathspecs", "status", "--porcelain", "-z", "--untracked-files=all",
+                           "--", *paths], cwd=root, capture_output=True, check=False)
+    entries = done.stdout.decode(errors="surrogateescape").split("\0")
+    changed, skip = set(), False
+    for entry in entries:
+        if skip or len(entry) < 4:   # a rename's second path; the end
+            skip = False
+            continue
+        skip = entry[0] in "RC"
+        changed.add(entry[3:])   # relative to the repository's top
+    return [path for path in paths if (root / path).resolve().relative_to(top).as_posix() in changed]
 
 
 def _dotted(tree: Any, key: str) -> Any:
@@ -132,28 +154,6 @@ def _dotted(tree: Any, key: str) -> Any:
 
 
 _ABSENT = object()
-
-
-def _committed_contents(root: Path, paths: list[str]) -> dict[str, bytes]:
-    """The content HEAD holds of each of ``paths`` (repository-relative; git's filters not applied: git 2.39's
-    ``--batch --filters`` refuses ``HEAD:<path>``); the paths HEAD does not hold are left out. One ``git cat-file``
-    for all of them."""
-    if not paths:
-        return {}
-    done = subprocess.run(["git", "cat-file", "--batch"], cwd=root, capture_output=True, check=False,
-                          input="".join(f"HEAD:{path}\n" for path in paths).encode())
-    out, at, found = done.stdout, 0, {}
-    for path in paths:
-        end = out.find(b"\n", at)
-        if end < 0:
-            break
-        header = out[at:end].split()
-        at = end + 1
-        if len(header) == 3 and header[1] == b"blob":
-            size = int(header[2])
-            found[path] = out[at:at + size]
-            at += size + 1
-    return found
 
 
 #: what a commit in the work tree would conclude (``git commit`` reads them, whatever index it is given)

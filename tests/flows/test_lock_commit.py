@@ -58,34 +58,60 @@ def test_a_lock_recording_uncommitted_params_or_code_is_committed_with_a_warning
 
     (repo / ".gitignore").write_text("/models/\n")
     (repo / "train.py").write_text("print(1)\n")
-    _git(repo, "add", "train.py", ".gitignore")
+    (repo / "params.yaml").write_text("a: 1\nlr: 0.00005\n")
+    _git(repo, "add", "train.py", ".gitignore", "params.yaml")
     _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "code")
+    (repo / "models").mkdir()
+    (repo / "models" / "m.pt").write_text("weights")
     (tmp_path / "outside.csv").write_text("x\n")   # a dependency outside the repository (a user's data folder)
 
-    def lock(code: str, a: int, more: str = "") -> str:
+    def stage(name: str, code: str, a: int, more: str = "") -> str:
         deps = [("train.py", md5(code)), ("data/raw", "0" * 32 + ".dir"), ("models/m.pt", md5("weights")),
                 (str(tmp_path / "outside.csv"), md5("x\n"))]
-        return ("schema: '2.0'\nstages:\n  train:\n    cmd: python train.py\n    deps:\n"
+        return (f"  {name}:\n    cmd: python train.py\n    deps:\n"
                 + "".join(f"    - path: {path}\n      hash: md5\n      md5: {digest}\n" for path, digest in deps)
-                + more + f"    params:\n      params.yaml:\n        a: {a}\n")
+                + more + f"    params:\n      params.yaml:\n        a: {a}\n        lr: 5e-05\n")   # as DVC writes it
 
-    (repo / "dvc.lock").write_text(lock("print(1)\n", 1))
-    (repo / "params.yaml").write_text("a: 1\nb: 2\n")   # an edit of a key no stage records: nothing to say
+    # another family's stage, not run since the code and params it records were edited and committed: not this run's
+    older = stage("train_other", "print(0)\n", 0)
+    (repo / "dvc.lock").write_text(f"schema: '2.0'\nstages:\n{stage('train', 'print(1)' + chr(10), 1)}{older}")
+    (repo / "params.yaml").write_text("a: 1\nlr: 0.00005\nb: 2\n")   # an edit of a key no stage records
     assert commit_lock(repo, "clean") is not None
     assert "warning" not in capsys.readouterr().err   # what it records is what HEAD holds
 
-    (repo / "params.yaml").write_text("a: 2\n")   # the user's edits, one staged, none committed, one file never added
-    (repo / "train.py").write_text("print(2)\n")
+    (repo / "params.yaml").write_text("a: 2\nlr: 0.00005\n")   # the user's edits, one staged, none committed, one
+    (repo / "train.py").write_text("print(2)\n")               # file never added
     _git(repo, "add", "train.py")
     (repo / "new_family.py").write_text("x = 1\n")
     new = f"    - path: new_family.py\n      hash: md5\n      md5: {md5('x = 1' + chr(10))}\n"
-    (repo / "dvc.lock").write_text(lock("print(2)\n", 2, new))
+    (repo / "dvc.lock").write_text(f"schema: '2.0'\nstages:\n{stage('train', 'print(2)' + chr(10), 2, new)}{older}")
     commit = commit_lock(repo, "dirty")
     assert commit == _git(repo, "rev-parse", "HEAD")
     err = capsys.readouterr().err.strip()
     assert err == (f"warning: dvc.lock, committed in {repo} as {commit[:10]}, records uncommitted changes to "
                    "new_family.py, params.yaml, train.py: commit them too, or that commit does not reproduce this run")
     assert _git(repo, "show", "--name-only", "--format=", "HEAD") == "dvc.lock"   # still the lock alone
+
+
+def test_a_lock_of_a_dvc_project_in_a_folder_of_the_repository_names_its_own_uncommitted_files(repo, capsys):
+    import hashlib
+
+    project = repo / "proj"
+    (project / "models").mkdir(parents=True)
+    (project / ".gitignore").write_text("/models/\n")
+    (project / "models" / "m.pt").write_text("weights")
+    (project / "train.py").write_text("print(1)\n")
+    _git(repo, "add", "proj")
+    _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "project")
+    (project / "train.py").write_text("print(2)\n")
+    deps = {"train.py": "print(2)\n", "models/m.pt": "weights"}
+    (project / "dvc.lock").write_text("schema: '2.0'\nstages:\n  train:\n    cmd: python train.py\n    deps:\n" + "".join(
+        f"    - path: {path}\n      hash: md5\n      md5: {hashlib.md5(text.encode()).hexdigest()}\n"
+        for path, text in deps.items()))
+    commit = commit_lock(project, "in a folder")
+    assert capsys.readouterr().err.strip() == (
+        f"warning: dvc.lock, committed in {project} as {commit[:10]}, records uncommitted changes to train.py: commit "
+        "them too, or that commit does not reproduce this run")   # the ignored output is DVC's, not named
 
 
 def test_a_first_lock_is_committed_whatever_git_status_shows_of_untracked_files(repo):
