@@ -315,7 +315,7 @@ def check_profile_tracked(cfg: Config, params: Path | str) -> None:
     leaves = list(_leaf_keys("", cfg.profiles.get(name) or {}))
     missed = []
     for stage, spec in ((load_yaml(graph.read_text()) or {}).get("stages") or {}).items():
-        keys = _stage_params(spec, Path(params).name)
+        keys = listed_params(spec, Path(params).name)
         if "profiles" in keys or mine in keys:
             continue
         covered = [key.removeprefix(f"{mine}.") for key in keys if key.startswith(f"{mine}.")]
@@ -328,21 +328,22 @@ def check_profile_tracked(cfg: Config, params: Path | str) -> None:
     if missed:
         stage, leaf, key = missed[0]
         more = f" (and {len(missed) - 1} more)" if len(missed) > 1 else ""
+        listed = leaf if key.startswith(f"{leaf}.") else key   # the overlay's key where it stops above the read one
         raise ConfigError(f"{params}: profile: {name!r} sets {mine}.{leaf}, which {graph} does not track for stage "
                           f"{stage} (it reads {key}){more}: DVC would not re-run the stage when that value changes; "
-                          f"list {mine}.{key} in the stage's params beside {key}, or choose 'full'")
+                          f"list {mine}.{listed} in the stage's params beside {key}, or choose 'full'")
 
 
 def _leaf_keys(prefix: str, tree: Any) -> Iterator[str]:
     """The dotted keys of the values a params overlay sets (mappings gone into, anything else a value)."""
-    if isinstance(tree, dict) and tree:
+    if isinstance(tree, dict):   # (an empty mapping sets nothing: a deep merge leaves the base as it is)
         for key, sub in tree.items():
             yield from _leaf_keys(f"{prefix}.{key}" if prefix else str(key), sub)
     elif prefix:
         yield prefix
 
 
-def _stage_params(spec: Any, params_name: str) -> list[str]:
+def listed_params(spec: Any, params_name: str) -> list[str]:
     """The keys of ``params_name`` a dvc.yaml stage lists (``- key`` entries, and ``- <params_name>: [keys]``)."""
     keys: list[str] = []
     for entry in (spec.get("params") or []) if isinstance(spec, dict) else []:

@@ -21,7 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
-from tasks.config import Config
+from tasks.config import PARAMS_FILE, Config, listed_params
 from tasks.errors import ArtifactStoreError, PipelineError
 from tasks.hardware import check_device, host_tags
 from tasks.io import load_yaml
@@ -198,10 +198,10 @@ def tracked_params(stage: str, cfg: Config, logged: dict[str, Any], root: Path =
     dvc_yaml = root / "dvc.yaml"
     if not dvc_yaml.is_file():
         return {}
-    keys = ((load_yaml(dvc_yaml.read_text()) or {}).get("stages", {}).get(stage) or {}).get("params") or []
+    keys = listed_params((load_yaml(dvc_yaml.read_text()) or {}).get("stages", {}).get(stage), PARAMS_FILE.name)
     resolved, found = cfg.model_dump(by_alias=True), {}
     for key in keys:
-        if not isinstance(key, str) or key.split(".")[0] in ("profile", "profiles") or any(
+        if key.split(".")[0] in ("profile", "profiles") or any(
                 key == have or key.startswith(f"{have}.") for have in logged):
             continue
         value: Any = resolved

@@ -128,6 +128,10 @@ def test_a_profile_dvc_yaml_does_not_track_is_refused_before_anything_runs(raw_p
     assert stage_args("a stage")[1].profile == "quick"
     (tmp_path / "dvc.yaml").unlink()
     assert stage_args("a stage")[1].profile == "quick"
+    (tmp_path / "dvc.yaml").write_text(graph)   # an overlay that sets nothing (an empty block) has nothing to track
+    empty = {**quick, "profile": "empty", "profiles": {**quick["profiles"], "empty": {"teacher": {"vision": {}}}}}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(empty, sort_keys=False))
+    assert stage_args("a stage")[1].profile == "empty"
 
 
 @pytest.mark.parametrize("field,value,pattern", [
