@@ -12,6 +12,7 @@ committed with a warning naming those files.
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import tempfile
@@ -84,11 +85,12 @@ def commit_lock(root: Path, message: str) -> str | None:
 
 def _uncommitted_inputs(root: Path, blob: str) -> list[str]:
     """The inputs the committed lock (``blob``) records as they are in the work tree but that the commit (HEAD) does
-    not hold so: a file dependency whose work-tree content has the md5 the lock records and that git finds modified,
-    staged or untracked; a params file whose work-tree values of a key the lock records are the recorded ones and
+    not hold so: a file dependency git finds modified, staged or untracked whose work-tree content has an md5 the lock
+    records; a params file git finds so whose work-tree values of a key the lock records are the recorded ones and
     differ from HEAD's. Entries recording something else (another family's stages, not run since) say nothing of
     this run; folders (data DVC versions), files git ignores (DVC outputs), paths outside the repository and entries
-    hashed otherwise than ``md5`` (DVC 2's ``md5-dos2unix``) are left out."""
+    hashed otherwise than ``md5`` (DVC 2's ``md5-dos2unix``) are left out. (Not named: content edited again between
+    the run and this commit, which the lock records and neither HEAD nor the work tree holds.)"""
     try:
         stages = (_yaml12(_git(root, "cat-file", "blob", blob).stdout) or {}).get("stages") or {}
         files = {(d["path"], d["md5"]) for stage in stages.values() for d in stage.get("deps") or []
@@ -97,22 +99,28 @@ def _uncommitted_inputs(root: Path, blob: str) -> list[str]:
     except Exception:  # noqa: BLE001 - an odd lock: no warning rather than a failed commit
         return []
     top = Path(_git(root, "rev-parse", "--show-toplevel").stdout.strip()).resolve()
-
-    def in_repo(path: str) -> bool:
-        return "://" not in path and "\n" not in path and (root / path).resolve().is_relative_to(top)
-
-    paths = {path for path, _ in files if in_repo(path) and (root / path).is_file()}
-    current = sorted(path for path in paths if (path, file_digest(root / path, "md5")) in files)
-    differ = set(_git_changed(root, top, current))
-    for name in {name for name, _ in recorded if in_repo(name) and name not in differ and (root / name).is_file()}:
-        held = _git(root, "show", f"HEAD:{(root / name).resolve().relative_to(top).as_posix()}")
-        now = _yaml12((root / name).read_text(errors="replace"))
-        then = _yaml12(held.stdout) if held.returncode == 0 else {}
-        if not isinstance(now, dict) or not isinstance(then, dict):   # no YAML mapping (or unreadable): not judged
+    here = root.resolve()
+    in_repo = {}   # a lock path -> git's names of it (top-relative: a symlink's own, and the file it points to)
+    for path in {path for path, _ in files} | {name for name, _ in recorded}:
+        if "://" in path or "\n" in path:
             continue
-        if any(_dotted(now, key) == value and _dotted(then, key) != value
-               for params_file, values in recorded if params_file == name for key, value in values.items()):
-            differ.add(name)
+        names = [full.relative_to(top).as_posix() for full in (Path(os.path.normpath(here / path)),
+                                                                 (here / path).resolve()) if full.is_relative_to(top)]
+        if names:
+            in_repo[path] = names
+    differ = []
+    for path in _git_changed(top, in_repo):
+        if (root / path).is_file() and (path, file_digest(root / path, "md5")) in files:
+            differ.append(path)
+        elif any(name == path for name, _ in recorded) and (root / path).is_file():
+            held = subprocess.run(["git", "show", f"HEAD:{in_repo[path][0]}"], cwd=root, capture_output=True,
+                                  check=False)
+            now = _yaml12((root / path).read_text(errors="replace"))
+            then = _yaml12(held.stdout.decode(errors="replace")) if held.returncode == 0 else {}
+            if isinstance(now, dict) and isinstance(then, dict) and any(   # (no YAML mapping: not judged)
+                    _dotted(now, key) == value and _dotted(then, key) != value
+                    for name, values in recorded if name == path for key, value in values.items()):
+                differ.append(path)
     return sorted(differ)
 
 
@@ -127,21 +135,25 @@ def _yaml12(text: str) -> Any:
         return None
 
 
-def _git_changed(root: Path, top: Path, paths: list[str]) -> list[str]:
-    """Which of ``paths`` (relative to ``root``) git finds modified, staged or untracked (not ignored)."""
+def _git_changed(top: Path, paths: dict[str, list[str]]) -> list[str]:
+    """Which of ``paths`` (a name -> its paths relative to the repository's ``top``) git finds modified, staged or
+    untracked (not ignored) under one of its paths; none when git cannot say. No optional lock: git status would
+    otherwise rewrite the index under the user's own git commands."""
     if not paths:
         return []
-    done = subprocess.run(["git", "--literal-pathspecs", "status", "--porcelain", "-z", "--untracked-files=all",
-                           "--", *paths], cwd=root, capture_output=True, check=False)
-    entries = done.stdout.decode(errors="surrogateescape").split("\0")
+    names = sorted({name for found in paths.values() for name in found})
+    done = subprocess.run(["git", "--no-optional-locks", "--literal-pathspecs", "status", "--porcelain", "-z",
+                           "--untracked-files=all", "--", *names], cwd=top, capture_output=True, check=False)
+    if done.returncode != 0:
+        return []
     changed, skip = set(), False
-    for entry in entries:
-        if skip or len(entry) < 4:   # a rename's second path; the end
+    for entry in done.stdout.decode(errors="surrogateescape").split("\0"):
+        if skip or len(entry) < 4:   # a rename's or copy's source path; the end
             skip = False
             continue
-        skip = entry[0] in "RC"
+        skip = "R" in entry[:2] or "C" in entry[:2]
         changed.add(entry[3:])   # relative to the repository's top
-    return [path for path in paths if (root / path).resolve().relative_to(top).as_posix() in changed]
+    return [path for path, found in paths.items() if changed.intersection(found)]
 
 
 def _dotted(tree: Any, key: str) -> Any:
@@ -171,7 +183,8 @@ def _stored(root: Path) -> str | None:
     """The object id of ``dvc.lock``'s content, written to git's object store; None when it has not changed since
     the last commit or does not parse (said on stderr)."""
     # untracked files listed whatever status.showUntrackedFiles says (with "no", a first lock was never committed)
-    if not _git(root, "status", "--porcelain", "--untracked-files=normal", "--", "dvc.lock").stdout.strip():
+    if not _git(root, "--no-optional-locks", "status", "--porcelain", "--untracked-files=normal", "--",
+                "dvc.lock").stdout.strip():
         return None
     content = (root / "dvc.lock").read_bytes()
     try:

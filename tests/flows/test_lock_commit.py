@@ -56,21 +56,25 @@ def test_a_lock_recording_uncommitted_params_or_code_is_committed_with_a_warning
     def md5(text: str) -> str:
         return hashlib.md5(text.encode()).hexdigest()
 
-    (repo / ".gitignore").write_text("/models/\n")
+    (repo / ".gitignore").write_text("/models/\n/made.yaml\n")
     (repo / "train.py").write_text("print(1)\n")
-    (repo / "params.yaml").write_text("a: 1\nlr: 0.00005\n")
-    _git(repo, "add", "train.py", ".gitignore", "params.yaml")
+    (repo / "params.yaml").write_bytes(b"# \xe9t\xe9 (Latin-1)\na: 1\nlr: 0.00005\n")
+    (repo / "real.py").write_text("r = 1\n")
+    (repo / "link.py").symlink_to("real.py")
+    (repo / "made.yaml").write_text("c: 1\n")   # a params file git ignores (a stage writes it): DVC's, not named
+    _git(repo, "add", "train.py", ".gitignore", "params.yaml", "real.py", "link.py")
     _git(repo, "-c", "user.name=t", "-c", "user.email=t@t", "commit", "--quiet", "-m", "code")
     (repo / "models").mkdir()
     (repo / "models" / "m.pt").write_text("weights")
     (tmp_path / "outside.csv").write_text("x\n")   # a dependency outside the repository (a user's data folder)
 
-    def stage(name: str, code: str, a: int, more: str = "") -> str:
+    def stage(name: str, code: str, a: int, more: str = "", linked: str = "r = 1\n") -> str:
         deps = [("train.py", md5(code)), ("data/raw", "0" * 32 + ".dir"), ("models/m.pt", md5("weights")),
-                (str(tmp_path / "outside.csv"), md5("x\n"))]
+                (str(tmp_path / "outside.csv"), md5("x\n")), ("link.py", md5(linked))]
         return (f"  {name}:\n    cmd: python train.py\n    deps:\n"
                 + "".join(f"    - path: {path}\n      hash: md5\n      md5: {digest}\n" for path, digest in deps)
-                + more + f"    params:\n      params.yaml:\n        a: {a}\n        lr: 5e-05\n")   # as DVC writes it
+                + more + f"    params:\n      params.yaml:\n        a: {a}\n        lr: 5e-05\n"   # as DVC writes it
+                + "      made.yaml:\n        c: 1\n")
 
     # another family's stage, not run since the code and params it records were edited and committed: not this run's
     older = stage("train_other", "print(0)\n", 0)
@@ -83,13 +87,16 @@ def test_a_lock_recording_uncommitted_params_or_code_is_committed_with_a_warning
     (repo / "train.py").write_text("print(2)\n")               # file never added
     _git(repo, "add", "train.py")
     (repo / "new_family.py").write_text("x = 1\n")
+    (repo / "real.py").write_text("r = 2\n")   # read through a symlink git holds
     new = f"    - path: new_family.py\n      hash: md5\n      md5: {md5('x = 1' + chr(10))}\n"
-    (repo / "dvc.lock").write_text(f"schema: '2.0'\nstages:\n{stage('train', 'print(2)' + chr(10), 2, new)}{older}")
+    (repo / "dvc.lock").write_text(
+        f"schema: '2.0'\nstages:\n{stage('train', 'print(2)' + chr(10), 2, new, 'r = 2' + chr(10))}{older}")
     commit = commit_lock(repo, "dirty")
     assert commit == _git(repo, "rev-parse", "HEAD")
     err = capsys.readouterr().err.strip()
     assert err == (f"warning: dvc.lock, committed in {repo} as {commit[:10]}, records uncommitted changes to "
-                   "new_family.py, params.yaml, train.py: commit them too, or that commit does not reproduce this run")
+                   "link.py, new_family.py, params.yaml, train.py: commit them too, or that commit does not reproduce "
+                   "this run")
     assert _git(repo, "show", "--name-only", "--format=", "HEAD") == "dvc.lock"   # still the lock alone
 
 
