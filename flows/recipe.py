@@ -35,14 +35,14 @@ class RecipeInvalid(PipelineError):
     """A recipe's overrides do not make a valid params.yaml: never retried (PipelineError is not transient)."""
 
 
-def layered_overrides(raw: dict[str, Any], overrides: dict[str, Any], family: str, threads: int) -> dict[str, Any]:
-    """Dotted overrides for ``copy_project``: the recipe's and the thread limit, in the layer that wins."""
-    profile = raw.get("profile", "full")
-    prefix = "" if profile == "full" else f"profiles.{profile}."
+def layered_overrides(overrides: dict[str, Any], family: str, threads: int) -> dict[str, Any]:
+    """Dotted overrides for ``copy_project``: the recipe's and the thread limit (``copy_project`` writes each into
+    the profile's overlay too where that overlay sets it, so that it wins there, and into the base values only
+    elsewhere, so that the copy's dvc.yaml tracks every value its overlay sets)."""
     sections = family_config(family).SECTIONS   # (the text family has no prune, qat or share)
     limits = {f"{section}.{family}.threads": threads for section in THREADED
               if "threads" in getattr(sections.get(section), "model_fields", {})}
-    return {f"{prefix}{key}": value for key, value in {**limits, **overrides}.items()}
+    return {**limits, **overrides}
 
 
 def link_outputs(root: Path, dest: Path, outs: list[str]) -> None:
@@ -120,7 +120,7 @@ def run_recipe(index: int, overrides: dict[str, Any], family: str, root: Path, w
     # the copy is a git repository of its own: its commit is in no history, so the lineage names the project's
     # commit and dirty state, read as the sources are copied
     source = git_state(root)
-    copy_project(dest, layered_overrides(raw, overrides, family, threads), source=root)
+    copy_project(dest, layered_overrides(overrides, family, threads), source=root)
     try:
         cfg = load_config(dest / "params.yaml")
     except ConfigError as err:

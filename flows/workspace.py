@@ -8,6 +8,7 @@ from typing import Any
 
 import yaml
 
+from tasks.config import keys_overlap, leaf_keys
 from tasks.io import load_yaml
 
 PROJECT = Path(__file__).resolve().parents[1]
@@ -61,8 +62,10 @@ def _not_sources(folder: str, names: list[str]) -> set[str]:
 
 def copy_project(dest: Path, overrides: dict[str, Any] | None = None, source: Path = PROJECT) -> Path:
     """Copy the pipeline sources of ``source`` to ``dest``, apply params ``overrides``, commit them; return ``dest``.
-    An override is written into the overlay of the copy's profile too, when it has one: merged last, the overlay
-    would otherwise win over it (a smoke profile naming a team's tracking server sent a smoke copy's runs there)."""
+    An override is written into the overlay of the copy's profile too where that overlay sets the key (or a key
+    above or under it): merged last, the overlay would otherwise win over it (a smoke profile naming a team's
+    tracking server sent a smoke copy's runs there). Elsewhere the overlay is left as it is, so that the copy's
+    dvc.yaml tracks every value it sets (``tasks.config.check_profile_tracked``)."""
     dest.mkdir(parents=True)
     for item in SOURCES:
         src = source / item
@@ -73,10 +76,13 @@ def copy_project(dest: Path, overrides: dict[str, Any] | None = None, source: Pa
             shutil.copy2(src, dest / item)
     params = load_yaml((dest / "params.yaml").read_text())
     profile = (overrides or {}).get("profile", params.get("profile", "full"))
-    layers = [""] + ([f"profiles.{profile}."] if isinstance((params.get("profiles") or {}).get(profile), dict) else [])
+    overlay = (params.get("profiles") or {}).get(profile)
+    set_by_overlay = list(leaf_keys("", overlay)) if isinstance(overlay, dict) else []
     for dotted, value in (overrides or {}).items():
-        for layer in layers if dotted != "profile" and not dotted.startswith("profiles.") else [""]:
-            set_param(params, layer + dotted, value)
+        set_param(params, dotted, value)
+        if dotted != "profile" and not dotted.startswith("profiles.") and any(
+                keys_overlap(dotted, key) for key in set_by_overlay):
+            set_param(params, f"profiles.{profile}.{dotted}", value)
     (dest / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     # the download caches: pinned by checksum and moved in whole, so copies share the project's instead of each
     # fetching the same files again

@@ -312,7 +312,7 @@ def check_profile_tracked(cfg: Config, params: Path | str) -> None:
     if cfg.profile == "full" or not graph.is_file():
         return
     name, mine = cfg.profile, f"profiles.{cfg.profile}"
-    leaves = list(_leaf_keys("", cfg.profiles.get(name) or {}))
+    leaves = list(leaf_keys("", cfg.profiles.get(name) or {}))
     missed = []
     for stage, spec in ((load_yaml(graph.read_text()) or {}).get("stages") or {}).items():
         keys = listed_params(spec, Path(params).name)
@@ -323,7 +323,7 @@ def check_profile_tracked(cfg: Config, params: Path | str) -> None:
         for leaf in leaves:
             if any(leaf == c or leaf.startswith(f"{c}.") for c in covered):
                 continue
-            if (key := next((k for k in read if _overlap(leaf, k)), None)) is not None:
+            if (key := next((k for k in read if keys_overlap(leaf, k)), None)) is not None:
                 missed.append((stage, leaf, key))
     if missed:
         stage, leaf, key = missed[0]
@@ -334,11 +334,11 @@ def check_profile_tracked(cfg: Config, params: Path | str) -> None:
                           f"list {mine}.{listed} in the stage's params beside {key}, or choose 'full'")
 
 
-def _leaf_keys(prefix: str, tree: Any) -> Iterator[str]:
+def leaf_keys(prefix: str, tree: Any) -> Iterator[str]:
     """The dotted keys of the values a params overlay sets (mappings gone into, anything else a value)."""
     if isinstance(tree, dict):   # (an empty mapping sets nothing: a deep merge leaves the base as it is)
         for key, sub in tree.items():
-            yield from _leaf_keys(f"{prefix}.{key}" if prefix else str(key), sub)
+            yield from leaf_keys(f"{prefix}.{key}" if prefix else str(key), sub)
     elif prefix:
         yield prefix
 
@@ -354,7 +354,7 @@ def listed_params(spec: Any, params_name: str) -> list[str]:
     return keys
 
 
-def _overlap(a: str, b: str) -> bool:
+def keys_overlap(a: str, b: str) -> bool:
     """Dotted params keys of which one is the other or holds it."""
     return a == b or a.startswith(f"{b}.") or b.startswith(f"{a}.")
 
