@@ -22,6 +22,7 @@ from typing import Any
 
 import yaml
 
+from tasks.config import param_at
 from tasks.errors import PipelineError
 from tasks.io import file_digest, load_yaml, tools_env
 from tasks.lineage import dvc_repo_lock, git_refusal
@@ -118,7 +119,7 @@ def _uncommitted_inputs(root: Path, blob: str) -> list[str]:
             now = _yaml12((root / path).read_text(errors="replace"))
             then = _yaml12(held.stdout.decode(errors="replace")) if held.returncode == 0 else {}
             if isinstance(now, dict) and isinstance(then, dict) and any(   # (no YAML mapping: not judged)
-                    _dotted(now, key) == value and _dotted(then, key) != value
+                    param_at(now, key) == value and param_at(then, key) != value
                     for name, values in recorded if name == path for key, value in values.items()):
                 differ.append(path)
     return sorted(differ)
@@ -154,18 +155,6 @@ def _git_changed(top: Path, paths: dict[str, list[str]]) -> list[str]:
         skip = "R" in entry[:2] or "C" in entry[:2]
         changed.add(entry[3:])   # relative to the repository's top
     return [path for path, found in paths.items() if changed.intersection(found)]
-
-
-def _dotted(tree: Any, key: str) -> Any:
-    """The value at a dotted params key (as dvc.lock names it), or a marker no value equals."""
-    for part in key.split("."):
-        if not isinstance(tree, dict) or part not in tree:
-            return _ABSENT
-        tree = tree[part]
-    return tree
-
-
-_ABSENT = object()
 
 
 #: what a commit in the work tree would conclude (``git commit`` reads them, whatever index it is given)

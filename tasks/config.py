@@ -354,6 +354,19 @@ def listed_params(spec: Any, params_name: str) -> list[str]:
     return keys
 
 
+#: what ``param_at`` gives for a key the params do not hold (no value equals it)
+ABSENT: Any = object()
+
+
+def param_at(tree: Any, dotted: str) -> Any:
+    """The value at a dotted params key (``teacher.vision.arch``) of nested mappings, or ``ABSENT``."""
+    for part in dotted.split("."):
+        if not isinstance(tree, dict) or part not in tree:
+            return ABSENT
+        tree = tree[part]
+    return tree
+
+
 def keys_overlap(a: str, b: str) -> bool:
     """Dotted params keys of which one is the other or holds it."""
     return a == b or a.startswith(f"{b}.") or b.startswith(f"{a}.")

@@ -21,7 +21,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from pydantic import BaseModel
 
-from tasks.config import PARAMS_FILE, Config, listed_params
+from tasks.config import ABSENT, PARAMS_FILE, Config, listed_params, param_at
 from tasks.errors import ArtifactStoreError, PipelineError
 from tasks.hardware import check_device, host_tags
 from tasks.io import load_yaml
@@ -204,15 +204,9 @@ def tracked_params(stage: str, cfg: Config, logged: dict[str, Any], root: Path =
         if key.split(".")[0] in ("profile", "profiles") or any(
                 key == have or key.startswith(f"{have}.") for have in logged):
             continue
-        value: Any = resolved
-        for part in key.split("."):
-            value = value.get(part, _MISSING) if isinstance(value, dict) else _MISSING
-        if value is not _MISSING:
+        if (value := param_at(resolved, key)) is not ABSENT:
             found[key] = value
     return found
-
-
-_MISSING = object()
 
 
 @contextmanager
