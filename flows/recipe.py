@@ -19,7 +19,7 @@ from prefect import task
 from flows.dvc_stage import StageFailed, close_killed_runs, reproduce, retry_transient, stage_env
 from flows.gating import pair_latencies, paths
 from flows.workspace import copy_project
-from tasks.config import Config, family_config, load_config, parse_config
+from tasks.config import Config, deep_merge, family_config, keys_overlap, leaf_keys, load_config, param_at, parse_config
 from tasks.errors import ConfigError, PipelineError
 from tasks.family import load_family
 from tasks.gate import Check, gate_checks, gate_tags
@@ -35,14 +35,28 @@ class RecipeInvalid(PipelineError):
     """A recipe's overrides do not make a valid params.yaml: never retried (PipelineError is not transient)."""
 
 
-def layered_overrides(overrides: dict[str, Any], family: str, threads: int) -> dict[str, Any]:
-    """Dotted overrides for ``copy_project``: the recipe's and the thread limit (``copy_project`` writes each into
-    the profile's overlay too where that overlay sets it, so that it wins there, and into the base values only
-    elsewhere, so that the copy's dvc.yaml tracks every value its overlay sets)."""
+def layered_overrides(raw: dict[str, Any], overrides: dict[str, Any], family: str, threads: int) -> dict[str, Any]:
+    """Dotted overrides for ``copy_project``: the recipe's and the thread limit, each where it wins and where the
+    copy's dvc.yaml tracks it. Under a profile, a value goes into the profile's overlay where that overlay sets the
+    key (merged over the base values, as the overlay is), else into the base values (a mapping merged over the one
+    there, as the overlay would merge it: what ``sweep.space`` values are checked as); under ``full``, into the base
+    values as it is. (Before 2026-12-07 every value went into the overlay, where dvc.yaml tracks only the keys the
+    project's overlay sets: the copy's stages refuse a profile value dvc.yaml does not track.)"""
+    profile = raw.get("profile", "full")
+    overlay = (raw.get("profiles") or {}).get(profile) if profile != "full" else None
+    set_by_overlay = list(leaf_keys("", overlay)) if isinstance(overlay, dict) else []
     sections = family_config(family).SECTIONS   # (the text family has no prune, qat or share)
     limits = {f"{section}.{family}.threads": threads for section in THREADED
               if "threads" in getattr(sections.get(section), "model_fields", {})}
-    return {**limits, **overrides}
+    layered: dict[str, Any] = {}
+    for key, value in {**limits, **overrides}.items():
+        if any(keys_overlap(key, leaf) for leaf in set_by_overlay):
+            layered[f"profiles.{profile}.{key}"] = value
+        elif overlay is not None and isinstance(value, dict) and isinstance(current := param_at(raw, key), dict):
+            layered[key] = deep_merge(current, value)
+        else:
+            layered[key] = value
+    return layered
 
 
 def link_outputs(root: Path, dest: Path, outs: list[str]) -> None:
@@ -120,7 +134,7 @@ def run_recipe(index: int, overrides: dict[str, Any], family: str, root: Path, w
     # the copy is a git repository of its own: its commit is in no history, so the lineage names the project's
     # commit and dirty state, read as the sources are copied
     source = git_state(root)
-    copy_project(dest, layered_overrides(overrides, family, threads), source=root)
+    copy_project(dest, layered_overrides(raw, overrides, family, threads), source=root)
     try:
         cfg = load_config(dest / "params.yaml")
     except ConfigError as err:

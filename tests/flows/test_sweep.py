@@ -200,18 +200,24 @@ def test_report_files_list_failed_recipes_and_mark_the_front(tmp_path):
 def test_overrides_land_in_the_layer_that_wins(tmp_path, raw_params):
     smoke = {**copy.deepcopy(raw_params), "profile": "smoke"}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(smoke))
-    dotted = layered_overrides({"share.recsys.clusters": 64, "qat.recsys.mlp_weight_bits": 8}, "recsys", 1)
-    assert dotted["share.recsys.clusters"] == 64 and dotted["qat.recsys.threads"] == 1
+    dotted = layered_overrides(smoke, {"share.recsys.clusters": 64, "qat.recsys.mlp_weight_bits": 8,
+                                       "distill.recsys.weights": {"target": 0.5}}, "recsys", 1)
+    assert dotted["profiles.smoke.share.recsys.clusters"] == 64 and dotted["profiles.smoke.qat.recsys.threads"] == 1
     repo = copy_project(tmp_path / "copy", dotted, source=tmp_path)
     cfg = load_config(repo / "params.yaml")   # the smoke overlay sets clusters: 128 too; the recipe's value wins
     assert cfg.share.recsys.clusters == 64 and cfg.distill.recsys.threads == 1 and cfg.qat.recsys.mlp_weight_bits == 8
+    # a mapping is merged over the one it replaces under a profile, wherever it lands (as sweep values are checked)
+    assert cfg.distill.recsys.weights.target == 0.5
+    assert cfg.distill.recsys.weights.ground_truth == raw_params["distill"]["recsys"]["weights"]["ground_truth"]
     written = yaml.safe_load((repo / "params.yaml").read_text())
     assert written["profiles"]["smoke"]["share"]["recsys"]["clusters"] == 64   # where the overlay sets it ...
     assert "mlp_weight_bits" not in written["profiles"]["smoke"]["qat"]["recsys"]   # ... only there
     # (before: every knob went into the overlay, where dvc.yaml tracks only the keys the project's overlay sets: the
     # copy's stages refuse a profile value dvc.yaml does not track)
+    full = layered_overrides(raw_params, {"share.recsys.clusters": 64}, "recsys", 2)
+    assert full["share.recsys.clusters"] == 64
     # a family without some of the threaded sections (text: no prune, qat, share) gets limits only where it has them
-    text = layered_overrides({"distill.text.temperature": 2.0}, "text", 1)
+    text = layered_overrides(raw_params, {"distill.text.temperature": 2.0}, "text", 1)
     assert "prune.text.threads" not in text and text["distill.text.threads"] == 1
     copy_project(tmp_path / "text", text, source=tmp_path)   # before: "prune.text: Extra inputs are not permitted"
     assert load_config(tmp_path / "text" / "params.yaml").distill.text.temperature == 2.0
@@ -246,7 +252,7 @@ def test_every_sweep_value_is_checked_at_load(raw_params):
     raw["sweep"]["space"]["recsys"] = {"prune.recsys.steps": [2, 4], "prune.recsys.epochs": [6, 8]}
     parse_config(raw)
     recipe = copy.deepcopy(raw)
-    for key, value in layered_overrides({"prune.recsys.steps": 4, "prune.recsys.epochs": 8}, "recsys", 1).items():
+    for key, value in layered_overrides(raw, {"prune.recsys.steps": 4, "prune.recsys.epochs": 8}, "recsys", 1).items():
         set_param(recipe, key, value)
     assert parse_config(recipe).prune.recsys.steps == 4
     raw["sweep"]["space"]["recsys"] = {"share.recsys.clusters": [64, "2"]}   # strictly, as params.yaml is read
